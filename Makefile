@@ -1,0 +1,73 @@
+# kimi_linear — PostgreSQL extension + inference engine.
+#
+#   make               the extension (kimi_linear.so), and the CUDA backend where nvcc exists
+#   make install       install the extension into the PostgreSQL found by pg_config
+#   make cli           the command-line tool ./kl (engine only, no PostgreSQL needed at run time)
+#   make check-engine  the engine's C unit tests (TAP, run by prove)
+#   make test          everything: engine tests, then pg_regress + pgTAP against a throwaway cluster
+#
+# The engine (src/engine) is plain C11; the PostgreSQL glue (src/pg) is built with PGXS.
+
+EXTENSION   = kimi_linear
+EXTVERSION  = $(shell grep default_version $(EXTENSION).control | sed -e "s/default_version[[:space:]]*=[[:space:]]*'\([^']*\)'/\1/")
+MODULE_big  = kimi_linear
+
+ENGINE_SRCS := $(sort $(wildcard src/engine/*.c))
+PG_SRCS     := $(sort $(wildcard src/pg/*.c))
+ENGINE_OBJS := $(ENGINE_SRCS:.c=.o)
+OBJS         = $(ENGINE_OBJS) $(PG_SRCS:.c=.o)
+
+DATA        = $(wildcard sql/$(EXTENSION)--*.sql)
+REGRESS     = $(patsubst sql/%.sql,%,$(filter-out sql/$(EXTENSION)--%,$(sort $(wildcard sql/*.sql))))
+REGRESS_OPTS = --inputdir=. --load-extension=$(EXTENSION)
+
+OPENBLAS_INC ?= /usr/include/x86_64-linux-gnu/openblas-pthread
+ENGINE_LIBS  = -lopenblas -lpcre2-8 -ljansson -lisal -lcrypto -lpthread -ldl -lm
+
+# -O3 for the numeric code; SIMD paths are selected at run time (target attributes), so no -march.
+PG_CFLAGS   = -O3 -std=gnu11 -Wall -Wno-declaration-after-statement -MMD -MP
+PG_CPPFLAGS = -Isrc/engine -I$(OPENBLAS_INC)
+SHLIB_LINK  = $(ENGINE_LIBS)
+
+# The engine has nothing to gain from LLVM bitcode for JIT inlining, and Debian's
+# clang may be absent.
+override with_llvm := no
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+# ---------------------------------------------------------------- CLI and unit tests
+CLI_SRCS := $(sort $(wildcard src/cli/*.c))
+
+cli: kl
+kl: $(CLI_SRCS:.c=.o) $(ENGINE_OBJS)
+	$(CC) $(CFLAGS) -o $@ $^ $(ENGINE_LIBS)
+
+src/cli/%.o: src/cli/%.c
+	$(CC) $(CFLAGS) $(PG_CFLAGS) $(PG_CPPFLAGS) -c -o $@ $<
+
+ENGINE_TEST_SRCS := $(sort $(wildcard test/engine/test_*.c))
+ENGINE_TEST_BINS := $(patsubst test/engine/%.c,test/engine/bin/%.t,$(ENGINE_TEST_SRCS))
+
+test/engine/bin/%.t: test/engine/%.c test/engine/tap.h $(ENGINE_OBJS)
+	@mkdir -p test/engine/bin
+	$(CC) $(CFLAGS) $(PG_CFLAGS) $(PG_CPPFLAGS) -Itest/engine -o $@ $< $(ENGINE_OBJS) $(ENGINE_LIBS)
+
+engine-tests: $(ENGINE_TEST_BINS)
+
+# KL_SHARED points at the golden data, models and corpus (../shared by default).
+check-engine: engine-tests cli
+	prove --exec '' $(ENGINE_TEST_BINS)
+
+test: all cli engine-tests
+	bash test/run-tests.sh
+
+bench: cli
+	bash bench/run-bench.sh
+
+EXTRA_CLEAN = kl test/engine/bin src/cli/*.o src/*/*.d
+
+-include $(wildcard src/*/*.d)
+
+.PHONY: cli engine-tests check-engine test bench

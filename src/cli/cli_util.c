@@ -1,0 +1,83 @@
+#include "cli_util.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void
+cli_common_init(cli_common *co)
+{
+	co->model = NULL;
+	co->device = "cpu";
+	co->threads = 0;
+}
+
+bool
+cli_common_arg(cli_common *co, int argc, char **argv, int *i)
+{
+	if (strcmp(argv[*i], "--model") == 0 && *i + 1 < argc)
+		co->model = argv[++*i];
+	else if (strcmp(argv[*i], "--device") == 0 && *i + 1 < argc)
+		co->device = argv[++*i];
+	else if (strcmp(argv[*i], "--threads") == 0 && *i + 1 < argc)
+		co->threads = atoi(argv[++*i]);
+	else
+		return false;
+	return true;
+}
+
+int
+cli_load(const cli_common *co, kl_model **m, kl_err *err)
+{
+	kl_load_opts opts = {0};
+
+	kl_set_threads(co->threads);
+	opts.device = co->device;
+	return kl_model_load(co->model, &opts, m, err);
+}
+
+int
+cli_parse_ids(const char *s, int32_t **ids, int *n)
+{
+	size_t		cap = 64;
+	int32_t    *v = malloc(cap * sizeof(int32_t));
+	int			k = 0;
+
+	if (!v)
+		return -1;
+	while (*s)
+	{
+		char	   *end;
+		long		x;
+
+		while (*s == ',' || isspace((unsigned char) *s))
+			s++;
+		if (!*s)
+			break;
+		errno = 0;
+		x = strtol(s, &end, 10);
+		if (end == s || errno != 0 || x < 0 || x > INT32_MAX)
+		{
+			free(v);
+			return -1;
+		}
+		if ((size_t) k == cap)
+		{
+			int32_t    *nv = realloc(v, (cap *= 2) * sizeof(int32_t));
+
+			if (!nv)
+			{
+				free(v);
+				return -1;
+			}
+			v = nv;
+		}
+		v[k++] = (int32_t) x;
+		s = end;
+	}
+	*ids = v;
+	*n = k;
+	return 0;
+}

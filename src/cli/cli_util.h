@@ -1,0 +1,27 @@
+/*
+ * cli_util.h — option parsing shared by the ./kl subcommands.
+ */
+#ifndef KL_CLI_UTIL_H
+#define KL_CLI_UTIL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "kl.h"
+
+typedef struct cli_common
+{
+	const char *model;			/* --model DIR */
+	const char *device;			/* --device cpu|cuda|auto */
+	int			threads;		/* --threads N (0 = all cores) */
+} cli_common;
+
+void		cli_common_init(cli_common *co);
+/* If argv[*i] is a common option, consume it (and its value) and return true. */
+bool		cli_common_arg(cli_common *co, int argc, char **argv, int *i);
+/* Apply --threads and load --model. */
+int			cli_load(const cli_common *co, kl_model **m, kl_err *err);
+/* "1,2,3" (commas or whitespace) -> malloc'd ids; 0 on success */
+int			cli_parse_ids(const char *s, int32_t **ids, int *n);
+
+#endif

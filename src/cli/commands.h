@@ -1,0 +1,19 @@
+/*
+ * commands.h — the subcommands of the ./kl command-line tool.  kl.c parses the
+ * first argument and calls one of these with the remaining arguments
+ * (argv[0] is the subcommand name).  Each returns the process exit status.
+ */
+#ifndef KL_CLI_COMMANDS_H
+#define KL_CLI_COMMANDS_H
+
+int			cmd_logits(int argc, char **argv);
+int			cmd_generate(int argc, char **argv);
+int			cmd_bench(int argc, char **argv);
+int			cmd_state(int argc, char **argv);
+
+/* tokenizer commands (cmd_tokenizer.c) */
+int			cmd_tokenize(int argc, char **argv);
+int			cmd_detokenize(int argc, char **argv);
+int			cmd_bench_tokenizer(int argc, char **argv);
+
+#endif

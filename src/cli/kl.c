@@ -1,0 +1,424 @@
+/*
+ * kl.c — the command-line tool: ./kl COMMAND [options].
+ *
+ *   logits      logits of every position of a token sequence, as safetensors
+ *   generate    generate a continuation (ids, and text with a tokenizer)
+ *   bench       prefill / decode throughput table (bench.c)
+ *   tokenize, detokenize, bench-tokenizer   (cmd_tokenizer.c)
+ *
+ * Used by the tests and benchmarks; a thin layer over the engine (kl.h).
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli_util.h"
+#include "commands.h"
+#include "kl.h"
+#if __has_include("tokenizer.h")
+#include "tokenizer.h"
+#define HAVE_TOKENIZER 1
+#endif
+
+static void
+usage(void)
+{
+	fprintf(stderr,
+			"usage: kl COMMAND [options]\n"
+			"  logits     --model DIR --ids 1,2,3 [--split N] [--recurrent] --out FILE\n"
+			"  generate   --model DIR (--ids 1,2,3 | --prompt TEXT | --chat TEXT [--system TEXT])\n"
+			"             [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--min-p P]\n"
+			"             [--repetition-penalty R] [--seed S] [--stop-ids a,b] [--ignore-eos]\n"
+			"  bench      --model DIR | --config FILE  [--prefill 512,4096] [--decode 0,4096] [--dtype bf16]\n"
+			"  tokenize   --model DIR [--special]        (text on stdin, ids on stdout)\n"
+			"  detokenize --model DIR                    (ids on stdin, text on stdout)\n"
+			"  bench-tokenizer --model DIR --corpus FILE\n"
+			"common options: --threads N (default: all cores), --device cpu|cuda|auto\n");
+}
+
+/* ------------------------------------------------------------------ logits */
+
+/* Write one F32 tensor "logits" [rows, cols] as a safetensors file. */
+static int
+write_logits(const char *path, const float *data, int rows, int cols)
+{
+	char		header[256];
+	size_t		bytes = sizeof(float) * (size_t) rows * cols;
+	int			n = snprintf(header, sizeof(header),
+							 "{\"logits\":{\"dtype\":\"F32\",\"shape\":[%d,%d],\"data_offsets\":[0,%zu]}}",
+							 rows, cols, bytes);
+	uint64_t	hlen;
+	FILE	   *f;
+
+	/* pad the header with spaces so that the data is 8-byte aligned */
+	while ((8 + n) % 8 != 0)
+		header[n++] = ' ';
+	hlen = (uint64_t) n;
+	f = fopen(path, "wb");
+	if (!f)
+	{
+		fprintf(stderr, "kl: cannot write %s: %s\n", path, strerror(errno));
+		return 1;
+	}
+	if (fwrite(&hlen, 8, 1, f) != 1 || fwrite(header, 1, (size_t) n, f) != (size_t) n ||
+		fwrite(data, 1, bytes, f) != bytes || fclose(f) != 0)
+	{
+		fprintf(stderr, "kl: error writing %s\n", path);
+		return 1;
+	}
+	return 0;
+}
+
+int
+cmd_logits(int argc, char **argv)
+{
+	cli_common co;
+	const char *ids_s = NULL,
+			   *out = NULL;
+	int			split = -1;
+	bool		recurrent = false;
+	kl_err		err;
+	kl_model   *m = NULL;
+	kl_ctx	   *ctx = NULL;
+	kl_seq	   *seq = NULL;
+	int32_t    *ids = NULL;
+	int			n = 0;
+	float	   *logits = NULL;
+	int			rc = 1;
+
+	cli_common_init(&co);
+	for (int i = 1; i < argc; i++)
+	{
+		if (cli_common_arg(&co, argc, argv, &i))
+			continue;
+		if (strcmp(argv[i], "--ids") == 0 && i + 1 < argc)
+			ids_s = argv[++i];
+		else if (strcmp(argv[i], "--out") == 0 && i + 1 < argc)
+			out = argv[++i];
+		else if (strcmp(argv[i], "--split") == 0 && i + 1 < argc)
+			split = atoi(argv[++i]);
+		else if (strcmp(argv[i], "--recurrent") == 0)
+			recurrent = true;
+		else
+		{
+			fprintf(stderr, "kl logits: unknown or incomplete option %s\n", argv[i]);
+			return 2;
+		}
+	}
+	if (!co.model || !ids_s || !out)
+	{
+		fprintf(stderr, "kl logits: --model, --ids and --out are required\n");
+		return 2;
+	}
+	if (cli_parse_ids(ids_s, &ids, &n) != 0 || n == 0)
+	{
+		fprintf(stderr, "kl logits: --ids must be a non-empty comma-separated list of token ids\n");
+		return 2;
+	}
+	if (split > n)
+	{
+		fprintf(stderr, "kl logits: --split %d is beyond the %d ids\n", split, n);
+		goto out;
+	}
+	if (cli_load(&co, &m, &err) != KL_OK || kl_ctx_new(m, 0, &ctx, &err) != KL_OK ||
+		kl_seq_new(m, &seq, &err) != KL_OK)
+		goto fail;
+	kl_ctx_force_recurrent(ctx, recurrent);
+	logits = malloc(sizeof(float) * (size_t) n * kl_model_config(m)->vocab_size);
+	if (!logits)
+	{
+		fprintf(stderr, "kl: out of memory\n");
+		goto out;
+	}
+	{
+		int			first = split > 0 ? split : n;
+		kl_batch_item it = {seq, ids, first, logits, true};
+
+		if (kl_forward(ctx, &it, 1, &err) != KL_OK)
+			goto fail;
+		if (split > 0 && split < n)
+		{
+			/* through the serializer: save, drop the sequence, restore, go on */
+			uint8_t    *blob;
+			size_t		len;
+			kl_blob		part;
+
+			if (kl_state_save(seq, 0, &blob, &len, &err) != KL_OK)
+				goto fail;
+			kl_seq_free(seq);
+			seq = NULL;
+			if (kl_seq_new(m, &seq, &err) != KL_OK)
+			{
+				free(blob);
+				goto fail;
+			}
+			part.data = blob;
+			part.len = len;
+			if (kl_state_load(seq, &part, 1, &err) != KL_OK)
+			{
+				free(blob);
+				goto fail;
+			}
+			free(blob);
+			it.seq = seq;
+			it.ids = ids + split;
+			it.n = n - split;
+			it.logits = logits + (size_t) split * kl_model_config(m)->vocab_size;
+			if (kl_forward(ctx, &it, 1, &err) != KL_OK)
+				goto fail;
+		}
+	}
+	rc = write_logits(out, logits, n, kl_model_config(m)->vocab_size);
+	goto out;
+fail:
+	fprintf(stderr, "kl: %s\n", err.msg);
+out:
+	free(ids);
+	free(logits);
+	kl_seq_free(seq);
+	kl_ctx_free(ctx);
+	kl_model_free(m);
+	return rc;
+}
+
+/* ------------------------------------------------------------------ generate */
+
+int
+cmd_generate(int argc, char **argv)
+{
+	cli_common co;
+	const char *ids_s = NULL,
+			   *prompt = NULL,
+			   *chat = NULL,
+			   *system_msg = NULL,
+			   *stop_s = NULL;
+	kl_gen_params gp;
+	kl_err		err;
+	kl_model   *m = NULL;
+	kl_ctx	   *ctx = NULL;
+	kl_seq	   *seq = NULL;
+	int32_t    *ids = NULL,
+			   *stops = NULL;
+	int			n = 0,
+				n_stops = 0;
+	kl_tokens	out = {0};
+	int			rc = 1;
+	double		t0,
+				t1;
+
+	memset(&gp, 0, sizeof(gp));
+	kl_sampling_default(&gp.sampling);
+	gp.max_tokens = 64;
+	cli_common_init(&co);
+	for (int i = 1; i < argc; i++)
+	{
+		if (cli_common_arg(&co, argc, argv, &i))
+			continue;
+		if (strcmp(argv[i], "--ids") == 0 && i + 1 < argc)
+			ids_s = argv[++i];
+		else if (strcmp(argv[i], "--prompt") == 0 && i + 1 < argc)
+			prompt = argv[++i];
+		else if (strcmp(argv[i], "--chat") == 0 && i + 1 < argc)
+			chat = argv[++i];
+		else if (strcmp(argv[i], "--system") == 0 && i + 1 < argc)
+			system_msg = argv[++i];
+		else if (strcmp(argv[i], "--max-tokens") == 0 && i + 1 < argc)
+			gp.max_tokens = atoi(argv[++i]);
+		else if (strcmp(argv[i], "--temperature") == 0 && i + 1 < argc)
+			gp.sampling.temperature = strtof(argv[++i], NULL);
+		else if (strcmp(argv[i], "--top-k") == 0 && i + 1 < argc)
+			gp.sampling.top_k = atoi(argv[++i]);
+		else if (strcmp(argv[i], "--top-p") == 0 && i + 1 < argc)
+			gp.sampling.top_p = strtof(argv[++i], NULL);
+		else if (strcmp(argv[i], "--min-p") == 0 && i + 1 < argc)
+			gp.sampling.min_p = strtof(argv[++i], NULL);
+		else if (strcmp(argv[i], "--repetition-penalty") == 0 && i + 1 < argc)
+			gp.sampling.repetition_penalty = strtof(argv[++i], NULL);
+		else if (strcmp(argv[i], "--seed") == 0 && i + 1 < argc)
+			gp.sampling.seed = strtoull(argv[++i], NULL, 10);
+		else if (strcmp(argv[i], "--stop-ids") == 0 && i + 1 < argc)
+			stop_s = argv[++i];
+		else if (strcmp(argv[i], "--ignore-eos") == 0)
+			gp.ignore_eos = true;
+		else
+		{
+			fprintf(stderr, "kl generate: unknown or incomplete option %s\n", argv[i]);
+			return 2;
+		}
+	}
+	if (!co.model || (!!ids_s + !!prompt + !!chat) != 1)
+	{
+		fprintf(stderr, "kl generate: --model and exactly one of --ids, --prompt, --chat are required\n");
+		return 2;
+	}
+	if (stop_s && cli_parse_ids(stop_s, &stops, &n_stops) != 0)
+	{
+		fprintf(stderr, "kl generate: --stop-ids must be comma-separated token ids\n");
+		return 2;
+	}
+	if (cli_load(&co, &m, &err) != KL_OK || kl_ctx_new(m, 0, &ctx, &err) != KL_OK ||
+		kl_seq_new(m, &seq, &err) != KL_OK)
+		goto fail;
+
+	if (ids_s)
+	{
+		if (cli_parse_ids(ids_s, &ids, &n) != 0)
+		{
+			fprintf(stderr, "kl generate: --ids must be comma-separated token ids\n");
+			goto out;
+		}
+	}
+#ifdef HAVE_TOKENIZER
+	else
+	{
+		const kl_tokenizer *tok = kl_model_tokenizer(m);
+		kl_ids		enc = {0};
+
+		if (!tok)
+		{
+			fprintf(stderr, "kl generate: %s has no tokenizer (tiktoken.model); use --ids\n", co.model);
+			goto out;
+		}
+		if (prompt)
+		{
+			/* a fresh text prompt starts with the bos token, as the model was trained */
+			if (kl_tokenizer_bos(tok) >= 0 && kl_ids_push(&enc, kl_tokenizer_bos(tok), &err) != KL_OK)
+				goto fail;
+			if (kl_encode(tok, prompt, strlen(prompt), 0, &enc, &err) != KL_OK)
+				goto fail;
+		}
+		else
+		{
+			kl_chat_message msgs[2];
+			size_t		nm = 0;
+			int32_t		chat_stops[8];
+			int			ns;
+
+			if (system_msg)
+			{
+				msgs[nm].role = "system";
+				msgs[nm].content = system_msg;
+				msgs[nm++].content_len = strlen(system_msg);
+			}
+			msgs[nm].role = "user";
+			msgs[nm].content = chat;
+			msgs[nm++].content_len = strlen(chat);
+			if (kl_chat_render(tok, msgs, nm, 1, &enc, &err) != KL_OK)
+				goto fail;
+			/* a chat reply ends at the chat stop tokens */
+			ns = kl_tokenizer_stop_ids(tok, chat_stops, 8);
+			stops = realloc(stops, sizeof(int32_t) * (size_t) (n_stops + ns));
+			for (int i = 0; i < ns; i++)
+				stops[n_stops++] = chat_stops[i];
+		}
+		ids = enc.ids;
+		n = (int) enc.n;
+	}
+#else
+	else
+	{
+		fprintf(stderr, "kl generate: this build has no tokenizer; use --ids\n");
+		goto out;
+	}
+#endif
+	gp.stop_ids = stops;
+	gp.n_stop_ids = n_stops;
+
+	t0 = kl_now();
+	if (kl_generate(ctx, seq, ids, n, &gp, &out, NULL, NULL, &err) != KL_OK)
+		goto fail;
+	t1 = kl_now();
+	for (size_t i = 0; i < out.n; i++)
+		printf("%s%d", i ? "," : "", out.ids[i]);
+	printf("\n");
+#ifdef HAVE_TOKENIZER
+	if (kl_model_tokenizer(m))
+	{
+		char	   *text;
+		size_t		len;
+
+		if (kl_decode(kl_model_tokenizer(m), out.ids, out.n, &text, &len, &err) == KL_OK)
+		{
+			fwrite(text, 1, len, stdout);
+			printf("\n");
+			free(text);
+		}
+	}
+#endif
+	fprintf(stderr, "kl: %d prompt tokens, %zu generated in %.3f s\n", n, out.n, t1 - t0);
+	rc = 0;
+	goto out;
+fail:
+	fprintf(stderr, "kl: %s\n", err.msg);
+out:
+	free(ids);
+	free(stops);
+	kl_tokens_free(&out);
+	kl_seq_free(seq);
+	kl_ctx_free(ctx);
+	kl_model_free(m);
+	return rc;
+}
+
+/* ------------------------------------------------------------------ main */
+
+/* Until the tokenizer commands are linked in (cmd_tokenizer.c). */
+__attribute__((weak)) int
+cmd_tokenize(int argc, char **argv)
+{
+	(void) argc;
+	(void) argv;
+	fprintf(stderr, "kl: tokenize is not built in\n");
+	return 2;
+}
+
+__attribute__((weak)) int
+cmd_detokenize(int argc, char **argv)
+{
+	return cmd_tokenize(argc, argv);
+}
+
+__attribute__((weak)) int
+cmd_bench_tokenizer(int argc, char **argv)
+{
+	return cmd_tokenize(argc, argv);
+}
+
+__attribute__((weak)) int
+cmd_bench(int argc, char **argv)
+{
+	(void) argc;
+	(void) argv;
+	fprintf(stderr, "kl: bench is not built in\n");
+	return 2;
+}
+
+int
+main(int argc, char **argv)
+{
+	static const struct
+	{
+		const char *name;
+		int			(*fn) (int, char **);
+	}			cmds[] = {
+		{"logits", cmd_logits},
+		{"generate", cmd_generate},
+		{"bench", cmd_bench},
+		{"tokenize", cmd_tokenize},
+		{"detokenize", cmd_detokenize},
+		{"bench-tokenizer", cmd_bench_tokenizer},
+	};
+
+	if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)
+	{
+		usage();
+		return argc < 2 ? 2 : 0;
+	}
+	for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
+		if (strcmp(argv[1], cmds[i].name) == 0)
+			return cmds[i].fn(argc - 1, argv + 1);
+	fprintf(stderr, "kl: unknown command \"%s\"\n", argv[1]);
+	usage();
+	return 2;
+}

@@ -1,0 +1,350 @@
+/*
+ * backend_cpu.c — the CPU implementation of backend.h: memory, weights,
+ * matrix products and the element-wise ops.  The mixers live in cpu_kda.c,
+ * cpu_mla.c and cpu_moe.c.
+ *
+ * Matrix products: a few rows (decode) stream the weights through our own
+ * GEMV kernels (simd.c), reading bf16 directly; many rows (prefill) go to
+ * OpenBLAS sgemm, bf16 weights widened to fp32 one block of rows at a time.
+ * OpenBLAS runs single-threaded inside our thread pool's tasks, so one pool
+ * owns all the cores.
+ */
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_ops.h"
+#include "threadpool.h"
+
+#define GEMV_MAX_ROWS 8			/* inputs up to this many rows take the GEMV path */
+#define SGEMM_BLOCK 128			/* weight rows per sgemm task */
+
+/* ------------------------------------------------------------------ scratch */
+
+#define SCRATCH_SLOTS 8
+static __thread float *tls_scratch[SCRATCH_SLOTS];
+static __thread size_t tls_scratch_cap[SCRATCH_SLOTS];
+
+float *
+cpu_scratch(int slot, size_t floats)
+{
+	if (tls_scratch_cap[slot] < floats)
+	{
+		size_t		cap = floats + floats / 4 + 64;
+
+		free(tls_scratch[slot]);
+		if (posix_memalign((void **) &tls_scratch[slot], 64, cap * sizeof(float)) != 0)
+		{
+			/* Out of memory inside a kernel has no error path: fail loudly. */
+			tls_scratch[slot] = NULL;
+			tls_scratch_cap[slot] = 0;
+			abort();
+		}
+		tls_scratch_cap[slot] = cap;
+	}
+	return tls_scratch[slot];
+}
+
+/* ------------------------------------------------------------------ memory */
+
+static void *
+cpu_alloc(kl_backend *be, size_t bytes)
+{
+	void	   *p = NULL;
+	size_t		rounded = (bytes + 63) & ~(size_t) 63;
+
+	(void) be;
+	if (rounded < bytes || posix_memalign(&p, 64, rounded ? rounded : 64) != 0)
+		return NULL;
+	memset(p, 0, rounded ? rounded : 64);
+	return p;
+}
+
+static void
+cpu_release(kl_backend *be, void *p)
+{
+	(void) be;
+	free(p);
+}
+
+static void
+cpu_memcpy(kl_backend *be, void *dst, const void *src, size_t bytes)
+{
+	(void) be;
+	if (dst != src)
+		memcpy(dst, src, bytes);
+}
+
+static int
+cpu_load_weight(kl_backend *be, kl_weight *w, kl_err *err)
+{
+	(void) be;
+	if (w->dtype == KL_DT_F16)
+	{
+		/* No f16 kernels: widen once to f32 (exact). */
+		size_t		n = (size_t) w->rows * w->cols;
+		float	   *f = kl_aligned_alloc(n * sizeof(float), err);
+
+		if (!f)
+			return KL_FAIL;
+		for (size_t i = 0; i < n; i++)
+			f[i] = kl_f16_to_f32(((const uint16_t *) w->host)[i]);
+		w->dev = f;
+		w->dtype = KL_DT_F32;
+		return KL_OK;
+	}
+	w->dev = (void *) w->host;
+	return KL_OK;
+}
+
+static void
+cpu_unload_weight(kl_backend *be, kl_weight *w)
+{
+	(void) be;
+	if (w->dev && w->dev != w->host)
+		free(w->dev);
+	w->dev = NULL;
+}
+
+/* ------------------------------------------------------------------ matmul */
+
+void
+cpu_sgemm(bool ta, bool tb, int m, int n, int k, float alpha, const float *A, int lda,
+		  const float *B, int ldb, float beta, float *C, int ldc)
+{
+	if (m <= 0 || n <= 0)
+		return;
+	if (k <= 0)
+	{
+		for (int i = 0; i < m; i++)
+			for (int j = 0; j < n; j++)
+				C[(size_t) i * ldc + j] = beta == 0 ? 0 : beta * C[(size_t) i * ldc + j];
+		return;
+	}
+	cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+				m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+typedef struct matmul_job
+{
+	float	   *y;
+	int			ldy;
+	const float *x;
+	int			ldx;
+	int			n;
+	const kl_weight *W;
+	int			row_block;
+	int			n_row_blocks;
+	int			n_block;		/* input rows per task (sgemm path) */
+	const kl_simd *simd;
+} matmul_job;
+
+static void
+gemv_task(void *arg, int t, int thread)
+{
+	matmul_job *j = arg;
+	int			r0 = t * j->row_block;
+	int			r1 = r0 + j->row_block < j->W->rows ? r0 + j->row_block : j->W->rows;
+
+	(void) thread;
+	if (j->W->dtype == KL_DT_BF16)
+		j->simd->gemv_bf16(j->y, j->ldy, j->W->dev, j->W->cols, j->x, j->ldx, j->n, r0, r1);
+	else
+		j->simd->gemv_f32(j->y, j->ldy, j->W->dev, j->W->cols, j->x, j->ldx, j->n, r0, r1);
+}
+
+static void
+sgemm_task(void *arg, int t, int thread)
+{
+	matmul_job *j = arg;
+	int			rb = t % j->n_row_blocks;
+	int			nb = t / j->n_row_blocks;
+	int			r0 = rb * j->row_block;
+	int			nr = j->W->rows - r0 < j->row_block ? j->W->rows - r0 : j->row_block;
+	int			i0 = nb * j->n_block;
+	int			ni = j->n - i0 < j->n_block ? j->n - i0 : j->n_block;
+	int			cols = j->W->cols;
+	const float *Wb;
+
+	(void) thread;
+	if (j->W->dtype == KL_DT_BF16)
+	{
+		float	   *panel = cpu_scratch(0, (size_t) nr * cols);
+
+		j->simd->bf16_to_f32(panel, (const uint16_t *) j->W->dev + (size_t) r0 * cols, (size_t) nr * cols);
+		Wb = panel;
+	}
+	else
+		Wb = (const float *) j->W->dev + (size_t) r0 * cols;
+	cpu_sgemm(false, true, ni, nr, cols, 1.0f, j->x + (size_t) i0 * j->ldx, j->ldx,
+			  Wb, cols, 0.0f, j->y + (size_t) i0 * j->ldy + r0, j->ldy);
+}
+
+void
+cpu_matmul(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W)
+{
+	matmul_job	j;
+	int			threads = kl_pool_threads();
+
+	(void) be;
+	if (n <= 0)
+		return;
+	j.y = y;
+	j.ldy = ldy;
+	j.x = x;
+	j.ldx = ldx;
+	j.n = n;
+	j.W = W;
+	j.simd = kl_simd_get();
+	if (n <= GEMV_MAX_ROWS)
+	{
+		/* ~8 tasks per thread for balance, rows a multiple of 4 for the kernel */
+		int			rb = W->rows / (threads * 8);
+
+		rb = rb < 16 ? 16 : (rb + 3) & ~3;
+		j.row_block = rb;
+		kl_parallel_for((W->rows + rb - 1) / rb, gemv_task, &j);
+		return;
+	}
+	j.row_block = SGEMM_BLOCK;
+	j.n_row_blocks = (W->rows + SGEMM_BLOCK - 1) / SGEMM_BLOCK;
+	j.n_block = n;
+	if (j.n_row_blocks < 2 * threads)
+	{
+		/* few weight rows (low-rank projections): split the inputs too */
+		int			parts = (2 * threads + j.n_row_blocks - 1) / j.n_row_blocks;
+
+		j.n_block = (n + parts - 1) / parts;
+		if (j.n_block < 16)
+			j.n_block = 16;
+	}
+	kl_parallel_for(j.n_row_blocks * ((n + j.n_block - 1) / j.n_block), sgemm_task, &j);
+}
+
+/* ------------------------------------------------------------------ element-wise */
+
+static void
+cpu_embed(kl_backend *be, float *x, const kl_weight *E, const int32_t *ids, int n)
+{
+	const kl_simd *simd = kl_simd_get();
+	int			D = E->cols;
+
+	(void) be;
+	for (int r = 0; r < n; r++)
+	{
+		if (E->dtype == KL_DT_BF16)
+			simd->bf16_to_f32(x + (size_t) r * D, (const uint16_t *) E->dev + (size_t) ids[r] * D, (size_t) D);
+		else
+			memcpy(x + (size_t) r * D, (const float *) E->dev + (size_t) ids[r] * D, sizeof(float) * D);
+	}
+}
+
+typedef struct rows_job
+{
+	float	   *y;
+	int			ldy;
+	const float *x;
+	int			ldx;
+	const float *w;
+	int			rows,
+				d;
+	float		eps;
+} rows_job;
+
+static void
+rmsnorm_task(void *arg, int t, int thread)
+{
+	rows_job   *j = arg;
+	const kl_simd *simd = kl_simd_get();
+	int			per = 32;
+
+	(void) thread;
+	for (int r = t * per; r < j->rows && r < (t + 1) * per; r++)
+	{
+		const float *x = j->x + (size_t) r * j->ldx;
+		float	   *y = j->y + (size_t) r * j->ldy;
+		float		ss = simd->dot(x, x, j->d);
+		float		inv = 1.0f / sqrtf(ss / (float) j->d + j->eps);
+
+		for (int c = 0; c < j->d; c++)
+			y[c] = j->w[c] * (x[c] * inv);
+	}
+}
+
+static void
+cpu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const float *w,
+			int rows, int d, float eps)
+{
+	rows_job	j = {y, ldy, x, ldx, w, rows, d, eps};
+
+	(void) be;
+	kl_parallel_for((rows + 31) / 32, rmsnorm_task, &j);
+}
+
+static void
+cpu_add(kl_backend *be, float *y, const float *x, size_t count)
+{
+	(void) be;
+	for (size_t i = 0; i < count; i++)
+		y[i] += x[i];
+}
+
+static void
+cpu_swiglu(kl_backend *be, float *h, const float *g, const float *u, int rows, int width, int ld)
+{
+	(void) be;
+	for (int r = 0; r < rows; r++)
+		for (int c = 0; c < width; c++)
+			h[(size_t) r * width + c] = kl_silu(g[(size_t) r * ld + c]) * u[(size_t) r * ld + c];
+}
+
+static void
+cpu_sync(kl_backend *be)
+{
+	(void) be;
+}
+
+static void
+cpu_destroy(kl_backend *be)
+{
+	free(be);
+}
+
+static const kl_backend_ops cpu_ops = {
+	.name = "cpu",
+	.alloc = cpu_alloc,
+	.release = cpu_release,
+	.upload = cpu_memcpy,
+	.download = cpu_memcpy,
+	.copy = cpu_memcpy,
+	.load_weight = cpu_load_weight,
+	.unload_weight = cpu_unload_weight,
+	.prepare_mla = cpu_prepare_mla,
+	.release_mla = cpu_release_mla,
+	.embed = cpu_embed,
+	.rmsnorm = cpu_rmsnorm,
+	.matmul = cpu_matmul,
+	.add = cpu_add,
+	.swiglu = cpu_swiglu,
+	.kda = cpu_kda,
+	.mla = cpu_mla,
+	.moe = cpu_moe,
+	.sync = cpu_sync,
+	.destroy = cpu_destroy,
+};
+
+int
+kl_backend_cpu_create(const kl_config *cfg, kl_backend **out, kl_err *err)
+{
+	kl_backend *be = kl_calloc(1, sizeof(kl_backend), err);
+
+	if (!be)
+		return KL_FAIL;
+	/* all parallelism comes from our pool; OpenBLAS runs inside its tasks */
+	openblas_set_num_threads(1);
+	be->ops = &cpu_ops;
+	be->cfg = cfg;
+	*out = be;
+	return KL_OK;
+}

@@ -1,0 +1,374 @@
+/*
+ * cpu_mla.c — multi-head latent attention on the CPU, in the absorbed form.
+ *
+ * The cache keeps one row per position: the normalized latent c [R] and the
+ * shared k_pe [Dr].  Keys and values are never expanded: with W_uk_h and W_uv_h
+ * the head-h blocks of kv_b_proj,
+ *
+ *     q_nope . (W_uk_h c_s)  =  (W_uk_h^T q_nope) . c_s
+ *     sum_s p_s W_uv_h c_s   =  W_uv_h (sum_s p_s c_s)
+ *
+ * so every head attends over the same rows [c_s, k_pe_s] with the query
+ * [W_uk_h^T q_nope, q_pe]: multi-query attention over R+Dr numbers a key.
+ * The (token, head) query rows of a sequence are processed in blocks against
+ * the cache pages with an online softmax (no n x n matrix); when there are
+ * fewer blocks than threads (one long sequence decoding) the keys are split
+ * too and the partial softmax sums merged.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_ops.h"
+#include "threadpool.h"
+
+#define BLOCK_ROWS 64			/* query rows per task */
+#define MIN_SPLIT_KEYS 1024		/* keys per task when splitting one block */
+
+/* fp32 copy of kv_b: absorbed attention multiplies by W_uk^T, which the GEMV
+ * kernels (x W^T only) cannot do on bf16 data. */
+int
+cpu_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err)
+{
+	size_t		n = (size_t) w->kv_b.rows * w->kv_b.cols;
+	float	   *f = kl_aligned_alloc(n * sizeof(float), err);
+
+	(void) be;
+	if (!f)
+		return KL_FAIL;
+	if (w->kv_b.dtype == KL_DT_BF16)
+		kl_simd_get()->bf16_to_f32(f, w->kv_b.dev, n);
+	else
+		memcpy(f, w->kv_b.dev, n * sizeof(float));
+	w->prepared = f;
+	return KL_OK;
+}
+
+void
+cpu_release_mla(kl_backend *be, kl_mla_layer *w)
+{
+	(void) be;
+	free(w->prepared);
+	w->prepared = NULL;
+}
+
+typedef struct mla_task
+{
+	int			seq;
+	int			b0,
+				b1;				/* query rows of the sequence (row = token * Ha + head) */
+	int			k0,
+				k1;				/* keys (positions) */
+	int			part;			/* index of this task's partial result */
+} mla_task;
+
+typedef struct mla_job
+{
+	const kl_step *st;
+	const kl_mla_args *a;
+	const kl_config *cfg;
+	const float *kv_b;			/* fp32 [Ha*(Dn+Dv), R] */
+	float	   *qabs;			/* [n_tokens * Ha, R+Dr] */
+	float	   *olat;			/* [n_tokens * Ha, R] */
+	mla_task   *tasks;
+	int			n_tasks;
+	int		   *block_first;	/* per block: first task; tasks of a block are consecutive */
+	int		   *block_ntasks;
+	int			n_blocks;
+	float	   *part_acc;		/* [n_tasks, BLOCK_ROWS, R] */
+	float	   *part_m;			/* [n_tasks, BLOCK_ROWS] */
+	float	   *part_l;
+} mla_job;
+
+/* per (seq, head): absorbed queries [W_uk^T q_nope, q_pe] */
+static void
+query_task(void *arg, int t, int thread)
+{
+	mla_job    *j = arg;
+	const kl_config *c = j->cfg;
+	int			Ha = c->mla_heads,
+				Dn = c->qk_nope_dim,
+				Dr = c->qk_rope_dim,
+				Dv = c->v_head_dim,
+				R = c->kv_lora_rank;
+	int			si = t / Ha,
+				h = t % Ha;
+	int			r0 = j->st->row0[si],
+				n = j->st->row0[si + 1] - r0;
+	int			Wq = Ha * (Dn + Dr),
+				Wa = R + Dr;
+	const float *q = j->a->q + (size_t) r0 * Wq + (size_t) h * (Dn + Dr);
+	float	   *qa = j->qabs + ((size_t) r0 * Ha + h) * Wa;
+
+	(void) thread;
+	cpu_sgemm(false, false, n, R, Dn, 1.0f, q, Wq, j->kv_b + (size_t) h * (Dn + Dv) * R, R,
+			  0.0f, qa, Ha * Wa);
+	for (int i = 0; i < n; i++)
+		memcpy(qa + (size_t) i * Ha * Wa + R, q + (size_t) i * Wq + Dn, sizeof(float) * Dr);
+}
+
+/* a block of query rows against keys [k0, k1): partial online softmax */
+static void
+attend_task(void *arg, int t, int thread)
+{
+	mla_job    *j = arg;
+	const kl_config *c = j->cfg;
+	const kl_simd *simd = kl_simd_get();
+	const mla_task *tk = &j->tasks[t];
+	int			Ha = c->mla_heads,
+				R = c->kv_lora_rank,
+				Wa = R + c->qk_rope_dim;
+	kl_seq	   *seq = j->st->seqs[tk->seq];
+	kl_mla_cache *mc = &seq->mla[j->a->mla_index];
+	int64_t		pos0 = j->st->pos0[tk->seq];
+	int			r0 = j->st->row0[tk->seq];
+	int			nr = tk->b1 - tk->b0;
+	const float *Q = j->qabs + ((size_t) r0 * Ha + tk->b0) * Wa;
+	float	   *acc = j->part_acc + (size_t) tk->part * BLOCK_ROWS * R;
+	float	   *m = j->part_m + (size_t) tk->part * BLOCK_ROWS;
+	float	   *l = j->part_l + (size_t) tk->part * BLOCK_ROWS;
+	float	   *S = cpu_scratch(1, (size_t) BLOCK_ROWS * KL_MLA_PAGE);
+	float		scale = 1.0f / sqrtf((float) (c->qk_nope_dim + c->qk_rope_dim));
+
+	(void) thread;
+	for (int i = 0; i < nr; i++)
+	{
+		m[i] = -INFINITY;
+		l[i] = 0;
+	}
+	memset(acc, 0, sizeof(float) * (size_t) nr * R);
+
+	for (int kb = tk->k0; kb < tk->k1; kb += KL_MLA_PAGE)
+	{
+		const float *Kp = mc->pages[kb / KL_MLA_PAGE];
+		int			nk = tk->k1 - kb < KL_MLA_PAGE ? tk->k1 - kb : KL_MLA_PAGE;
+
+		cpu_sgemm(false, true, nr, nk, Wa, scale, Q, Wa, Kp, Wa, 0.0f, S, nk);
+		for (int i = 0; i < nr; i++)
+		{
+			float	   *s = S + (size_t) i * nk;
+			int64_t		pos = pos0 + (tk->b0 + i) / Ha;
+			int			nv = pos - kb + 1 < nk ? (int) (pos - kb + 1) : nk;
+			float		mx = m[i],
+						corr,
+						sum = 0;
+
+			if (nv <= 0)
+			{
+				memset(s, 0, sizeof(float) * nk);
+				continue;
+			}
+			for (int x = 0; x < nv; x++)
+				mx = s[x] > mx ? s[x] : mx;
+			corr = m[i] == -INFINITY ? 0.0f : expf(m[i] - mx);
+			for (int x = 0; x < nv; x++)
+				s[x] -= mx;
+			simd->vexp(s, s, nv);
+			for (int x = 0; x < nv; x++)
+				sum += s[x];
+			for (int x = nv; x < nk; x++)
+				s[x] = 0;
+			l[i] = l[i] * corr + sum;
+			if (corr != 1.0f)
+				simd->scale(acc + (size_t) i * R, corr, R);
+			m[i] = mx;
+		}
+		/* acc += P C, C = the latent part of the key rows */
+		cpu_sgemm(false, false, nr, R, nk, 1.0f, S, nk, Kp, Wa, 1.0f, acc, R);
+	}
+}
+
+/* merge a block's partial results into olat */
+static void
+merge_task(void *arg, int b, int thread)
+{
+	mla_job    *j = arg;
+	const kl_config *c = j->cfg;
+	int			R = c->kv_lora_rank,
+				Ha = c->mla_heads;
+	int			first = j->block_first[b],
+				nt = j->block_ntasks[b];
+	const mla_task *t0 = &j->tasks[first];
+	int			nr = t0->b1 - t0->b0;
+	float	   *out = j->olat + ((size_t) j->st->row0[t0->seq] * Ha + t0->b0) * R;
+
+	(void) thread;
+	for (int i = 0; i < nr; i++)
+	{
+		float		M = -INFINITY,
+					L = 0;
+		float	   *o = out + (size_t) i * R;
+
+		for (int p = 0; p < nt; p++)
+		{
+			float		mp = j->part_m[(size_t) (t0->part + p) * BLOCK_ROWS + i];
+
+			M = mp > M ? mp : M;
+		}
+		memset(o, 0, sizeof(float) * R);
+		for (int p = 0; p < nt; p++)
+		{
+			int			part = t0->part + p;
+			float		mp = j->part_m[(size_t) part * BLOCK_ROWS + i];
+			float		w;
+
+			if (mp == -INFINITY)
+				continue;
+			w = expf(mp - M);
+			L += w * j->part_l[(size_t) part * BLOCK_ROWS + i];
+			kl_simd_get()->axpy(o, w, j->part_acc + ((size_t) part * BLOCK_ROWS + i) * R, R);
+		}
+		kl_simd_get()->scale(o, 1.0f / L, R);
+	}
+}
+
+/* per (seq, head): out_h = olat_h W_uv_h^T */
+static void
+output_task(void *arg, int t, int thread)
+{
+	mla_job    *j = arg;
+	const kl_config *c = j->cfg;
+	int			Ha = c->mla_heads,
+				Dn = c->qk_nope_dim,
+				Dv = c->v_head_dim,
+				R = c->kv_lora_rank;
+	int			si = t / Ha,
+				h = t % Ha;
+	int			r0 = j->st->row0[si],
+				n = j->st->row0[si + 1] - r0;
+
+	(void) thread;
+	cpu_sgemm(false, true, n, Dv, R, 1.0f, j->olat + ((size_t) r0 * Ha + h) * R, Ha * R,
+			  j->kv_b + ((size_t) h * (Dn + Dv) + Dn) * R, R, 0.0f,
+			  j->a->out + (size_t) r0 * Ha * Dv + (size_t) h * Dv, Ha * Dv);
+}
+
+/* grow-only buffers, used by the driving thread only */
+static float *
+grow(float **buf, size_t *cap, size_t n)
+{
+	if (*cap < n)
+	{
+		free(*buf);
+		*cap = n + n / 4;
+		if (posix_memalign((void **) buf, 64, *cap * sizeof(float)) != 0)
+			abort();
+	}
+	return *buf;
+}
+
+void
+cpu_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a)
+{
+	static float *qabs,
+			   *olat,
+			   *pacc,
+			   *pm,
+			   *pl;
+	static size_t cap_q,
+				cap_o,
+				cap_a,
+				cap_m,
+				cap_l;
+	const kl_config *c = be->cfg;
+	int			Ha = c->mla_heads,
+				R = c->kv_lora_rank,
+				Wa = R + c->qk_rope_dim;
+	int			threads = kl_pool_threads();
+	mla_job		j;
+	int			total_blocks = 0;
+
+	/* 1. append the new latent rows to the caches */
+	for (int s = 0; s < st->n_seqs; s++)
+	{
+		kl_mla_cache *mc = &st->seqs[s]->mla[a->mla_index];
+
+		for (int r = st->row0[s]; r < st->row0[s + 1]; r++)
+		{
+			int64_t		pos = st->pos0[s] + (r - st->row0[s]);
+
+			memcpy(mc->pages[pos / KL_MLA_PAGE] + (size_t) (pos % KL_MLA_PAGE) * Wa,
+				   a->kv + (size_t) r * Wa, sizeof(float) * Wa);
+		}
+	}
+
+	j.st = st;
+	j.a = a;
+	j.cfg = c;
+	j.kv_b = a->w->prepared;
+	j.qabs = grow(&qabs, &cap_q, (size_t) st->n_tokens * Ha * Wa);
+	j.olat = grow(&olat, &cap_o, (size_t) st->n_tokens * Ha * R);
+
+	/* 2. plan: blocks of query rows, split over keys when there are few blocks */
+	for (int s = 0; s < st->n_seqs; s++)
+		total_blocks += ((st->row0[s + 1] - st->row0[s]) * Ha + BLOCK_ROWS - 1) / BLOCK_ROWS;
+	{
+		int			max_tasks = 0;
+
+		for (int s = 0; s < st->n_seqs; s++)
+		{
+			int64_t		keys = st->pos0[s] + (st->row0[s + 1] - st->row0[s]);
+
+			max_tasks += ((st->row0[s + 1] - st->row0[s]) * Ha + BLOCK_ROWS - 1) / BLOCK_ROWS *
+				(int) ((keys + MIN_SPLIT_KEYS - 1) / MIN_SPLIT_KEYS);
+		}
+		j.tasks = malloc(sizeof(mla_task) * (size_t) max_tasks);
+		j.block_first = malloc(sizeof(int) * (size_t) total_blocks);
+		j.block_ntasks = malloc(sizeof(int) * (size_t) total_blocks);
+		if (!j.tasks || !j.block_first || !j.block_ntasks)
+			abort();
+	}
+	j.n_tasks = 0;
+	j.n_blocks = 0;
+	for (int s = 0; s < st->n_seqs; s++)
+	{
+		int			rows = (st->row0[s + 1] - st->row0[s]) * Ha;
+
+		for (int b0 = 0; b0 < rows; b0 += BLOCK_ROWS)
+		{
+			int			b1 = b0 + BLOCK_ROWS < rows ? b0 + BLOCK_ROWS : rows;
+			int			keys = (int) (st->pos0[s] + (b1 - 1) / Ha + 1);	/* causal limit of the block */
+			int			split = 1;
+
+			if (total_blocks < threads)
+			{
+				int			want = (2 * threads + total_blocks - 1) / total_blocks;
+				int			most = (keys + MIN_SPLIT_KEYS - 1) / MIN_SPLIT_KEYS;
+
+				split = want < most ? want : most;
+			}
+			j.block_first[j.n_blocks] = j.n_tasks;
+			j.block_ntasks[j.n_blocks] = split;
+			j.n_blocks++;
+			for (int p = 0; p < split; p++)
+			{
+				/* page-aligned key ranges */
+				int			pages = (keys + KL_MLA_PAGE - 1) / KL_MLA_PAGE;
+				int			pg0 = (int) ((int64_t) pages * p / split);
+				int			pg1 = (int) ((int64_t) pages * (p + 1) / split);
+				mla_task   *t = &j.tasks[j.n_tasks];
+
+				t->seq = s;
+				t->b0 = b0;
+				t->b1 = b1;
+				t->k0 = pg0 * KL_MLA_PAGE;
+				t->k1 = pg1 * KL_MLA_PAGE < keys ? pg1 * KL_MLA_PAGE : keys;
+				t->part = j.n_tasks;
+				j.n_tasks++;
+			}
+		}
+	}
+	j.part_acc = grow(&pacc, &cap_a, (size_t) j.n_tasks * BLOCK_ROWS * R);
+	j.part_m = grow(&pm, &cap_m, (size_t) j.n_tasks * BLOCK_ROWS);
+	j.part_l = grow(&pl, &cap_l, (size_t) j.n_tasks * BLOCK_ROWS);
+
+	/* 3. queries, attention, merge, output projection */
+	kl_parallel_for(st->n_seqs * Ha, query_task, &j);
+	kl_parallel_for(j.n_tasks, attend_task, &j);
+	kl_parallel_for(j.n_blocks, merge_task, &j);
+	kl_parallel_for(st->n_seqs * Ha, output_task, &j);
+
+	free(j.tasks);
+	free(j.block_first);
+	free(j.block_ntasks);
+}

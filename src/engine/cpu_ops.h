@@ -1,0 +1,43 @@
+/*
+ * cpu_ops.h — internal interface between the CPU backend's files:
+ * backend_cpu.c (memory, matmul, element-wise ops), cpu_kda.c (the KDA mixer),
+ * cpu_mla.c (the MLA mixer), cpu_moe.c (mixture of experts).
+ */
+#ifndef KL_CPU_OPS_H
+#define KL_CPU_OPS_H
+
+#include "backend.h"
+#include <math.h>
+
+#include "simd.h"
+
+/* y[n, W.rows] (stride ldy) = x[n, W.cols] (stride ldx) W^T, using all threads */
+void		cpu_matmul(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
+
+/* Single-threaded fp32 GEMM for use inside a task: C[m,n] = alpha A op B + beta C,
+ * row-major, with A [m,k] (or [k,m] if ta) and B [k,n] (or [n,k] if tb). */
+void		cpu_sgemm(bool ta, bool tb, int m, int n, int k, float alpha, const float *A, int lda,
+					  const float *B, int ldb, float beta, float *C, int ldc);
+
+void		cpu_kda(kl_backend *be, const kl_step *step, const kl_kda_args *a);
+void		cpu_mla(kl_backend *be, const kl_step *step, const kl_mla_args *a);
+int			cpu_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err);
+void		cpu_release_mla(kl_backend *be, kl_mla_layer *w);
+void		cpu_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n);
+
+/* per-thread scratch memory (grows, never shrinks); slot lets one task hold several */
+float	   *cpu_scratch(int slot, size_t floats);
+
+static inline float
+kl_sigmoid(float x)
+{
+	return 1.0f / (1.0f + expf(-x));
+}
+
+static inline float
+kl_silu(float x)
+{
+	return x / (1.0f + expf(-x));
+}
+
+#endif

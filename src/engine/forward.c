@@ -1,0 +1,496 @@
+/*
+ * forward.c — the Kimi Linear forward pass, top to bottom.
+ *
+ *     h = embed_tokens[token]
+ *     for each layer i:  h = h + Mixer_i(RMSNorm(h; input_layernorm))      KDA or MLA
+ *                        h = h + FFN_i(RMSNorm(h; post_attention_layernorm)) dense MLP or MoE
+ *     logits = lm_head(RMSNorm(h; model.norm))
+ *
+ * (../shared/spec/ARCHITECTURE.md has the math.)  A step runs a ragged batch:
+ * the rows of all sequences go through the linear layers together, so a
+ * weight matrix is read once per step whatever the number of sequences; the
+ * mixers work per sequence.  All arithmetic is fp32; the backend (backend.h)
+ * does the work.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "model.h"
+
+#define DEFAULT_STEP_TOKENS 512
+#define LOGIT_ROWS 64			/* lm_head rows computed at once for all_logits */
+
+struct kl_ctx
+{
+	kl_model   *m;
+	kl_backend *be;
+	int			max_tokens;
+	bool		force_recurrent;
+
+	/* activations, [max_tokens, width] each (backend memory) */
+	float	   *x;				/* the residual stream h */
+	float	   *xn;				/* normalized input of a block */
+	float	   *p1,
+			   *p2,
+			   *p3,
+			   *p4,
+			   *p5,
+			   *p6,
+			   *p7,
+			   *p8;				/* projections (roles per mixer below) */
+	float	   *lrows;			/* rows whose logits are wanted [LOGIT_ROWS, D] */
+	float	   *logits;			/* [LOGIT_ROWS, vocab] */
+	float	   *logits_host;	/* staging for download */
+
+	/* host-side step description */
+	int32_t    *ids;			/* [max_tokens] */
+	int		   *row0;
+	int64_t    *pos0;
+	kl_seq	  **seqs;
+};
+
+static inline int
+imax(int a, int b)
+{
+	return a > b ? a : b;
+}
+
+/* ------------------------------------------------------------------ the mixers */
+
+/*
+ * KDA: projections, then the backend's fused op (short conv, normalization,
+ * decay, delta rule, gated norm), then o_proj.
+ *   p1 = q, p2 = k, p3 = v (pre-conv), p4 = f (decay, pre-softplus),
+ *   p5 = gate (pre-sigmoid), p6 = low-rank scratch, p8 = beta (pre-sigmoid),
+ *   p7 = mixer output before o_proj.
+ */
+static void
+kda_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
+{
+	kl_backend *be = c->be;
+	const kl_kda_layer *w = &L->kda;
+	const kl_config *cfg = &c->m->cfg;
+	int			n = st->n_tokens;
+	int			D = cfg->hidden_size;
+	int			HK = cfg->kda_heads * cfg->kda_head_dim;
+	int			K = cfg->kda_head_dim;
+	kl_kda_args a;
+
+	be->ops->matmul(be, c->p1, HK, c->xn, D, n, &w->q_proj);
+	be->ops->matmul(be, c->p2, HK, c->xn, D, n, &w->k_proj);
+	be->ops->matmul(be, c->p3, HK, c->xn, D, n, &w->v_proj);
+	be->ops->matmul(be, c->p6, K, c->xn, D, n, &w->f_a);
+	be->ops->matmul(be, c->p4, HK, c->p6, K, n, &w->f_b);
+	be->ops->matmul(be, c->p6, K, c->xn, D, n, &w->g_a);
+	be->ops->matmul(be, c->p5, HK, c->p6, K, n, &w->g_b);
+	be->ops->matmul(be, c->p8, cfg->kda_heads, c->xn, D, n, &w->b_proj);
+
+	a.w = w;
+	a.kda_index = L->kind_index;
+	a.q = c->p1;
+	a.k = c->p2;
+	a.v = c->p3;
+	a.f = c->p4;
+	a.b = c->p8;
+	a.gate = c->p5;
+	a.out = c->p7;
+	be->ops->kda(be, st, &a);
+
+	be->ops->matmul(be, c->xn, D, c->p7, HK, n, &w->o_proj);
+}
+
+/*
+ * MLA: q (directly or through the low-rank q_a/q_b), the latent row
+ * [c, k_pe] = kv_a_proj_with_mqa(x) with c normalized by kv_a_layernorm, then
+ * the backend's attention over the latent cache, then o_proj.
+ *   p1 = q, p2 = latent rows, p6 = q low-rank scratch, p3 = attention output.
+ */
+static void
+mla_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
+{
+	kl_backend *be = c->be;
+	const kl_mla_layer *w = &L->mla;
+	const kl_config *cfg = &c->m->cfg;
+	int			n = st->n_tokens;
+	int			D = cfg->hidden_size;
+	int			Ha = cfg->mla_heads;
+	int			Dq = cfg->qk_nope_dim + cfg->qk_rope_dim;
+	int			Wkv = kl_mla_row(cfg);
+	kl_mla_args a;
+
+	if (cfg->q_lora_rank > 0)
+	{
+		be->ops->matmul(be, c->p6, cfg->q_lora_rank, c->xn, D, n, &w->q_a);
+		be->ops->rmsnorm(be, c->p6, cfg->q_lora_rank, c->p6, cfg->q_lora_rank, w->q_a_norm, n,
+						 cfg->q_lora_rank, cfg->rms_norm_eps);
+		be->ops->matmul(be, c->p1, Ha * Dq, c->p6, cfg->q_lora_rank, n, &w->q_b);
+	}
+	else
+		be->ops->matmul(be, c->p1, Ha * Dq, c->xn, D, n, &w->q_proj);
+
+	be->ops->matmul(be, c->p2, Wkv, c->xn, D, n, &w->kv_a);
+	/* normalize the first R numbers of each row in place; k_pe stays raw */
+	be->ops->rmsnorm(be, c->p2, Wkv, c->p2, Wkv, w->kv_a_norm, n, cfg->kv_lora_rank, cfg->rms_norm_eps);
+
+	a.w = w;
+	a.mla_index = L->kind_index;
+	a.q = c->p1;
+	a.kv = c->p2;
+	a.out = c->p3;
+	be->ops->mla(be, st, &a);
+
+	be->ops->matmul(be, c->xn, D, c->p3, Ha * cfg->v_head_dim, n, &w->o_proj);
+}
+
+/* ------------------------------------------------------------------ feed-forward */
+
+/* Dense SwiGLU MLP: down(silu(gate x) * up x).  p1 = gate, p2 = up, p3 = h. */
+static void
+dense_mlp(kl_ctx *c, int n, const kl_mlp *mlp, int I)
+{
+	kl_backend *be = c->be;
+	int			D = c->m->cfg.hidden_size;
+
+	be->ops->matmul(be, c->p1, I, c->xn, D, n, &mlp->gate);
+	be->ops->matmul(be, c->p2, I, c->xn, D, n, &mlp->up);
+	be->ops->swiglu(be, c->p3, c->p1, c->p2, n, I, I);
+	be->ops->matmul(be, c->xn, D, c->p3, I, n, &mlp->down);
+}
+
+static void
+ffn(kl_ctx *c, int n, const kl_layer *L)
+{
+	if (L->is_moe)
+	{
+		/* result into p1, then back to xn */
+		c->be->ops->moe(c->be, &c->m->cfg, &L->moe, c->p1, c->xn, n);
+		c->be->ops->copy(c->be, c->xn, c->p1, sizeof(float) * (size_t) n * c->m->cfg.hidden_size);
+	}
+	else
+		dense_mlp(c, n, &L->mlp, c->m->cfg.intermediate_size);
+}
+
+/* ------------------------------------------------------------------ one step */
+
+/*
+ * Run the layers over the rows of one step; afterwards ctx->x holds the final
+ * hidden states (before model.norm).
+ */
+static int
+run_layers(kl_ctx *c, const kl_step *st, kl_err *err)
+{
+	kl_model   *m = c->m;
+	kl_backend *be = c->be;
+	const kl_config *cfg = &m->cfg;
+	int			n = st->n_tokens;
+	int			D = cfg->hidden_size;
+	size_t		nD = (size_t) n * D;
+
+	be->ops->embed(be, c->x, &m->embed, c->ids, n);
+	for (int i = 0; i < cfg->n_layers; i++)
+	{
+		const kl_layer *L = &m->layers[i];
+
+		be->ops->rmsnorm(be, c->xn, D, c->x, D, L->input_norm, n, D, cfg->rms_norm_eps);
+		if (L->kind == KL_LAYER_KDA)
+			kda_mixer(c, st, L);
+		else
+			mla_mixer(c, st, L);
+		be->ops->add(be, c->x, c->xn, nD);
+
+		be->ops->rmsnorm(be, c->xn, D, c->x, D, L->post_norm, n, D, cfg->rms_norm_eps);
+		ffn(c, n, L);
+		be->ops->add(be, c->x, c->xn, nD);
+
+		if (be->failed)
+		{
+			kl_errf(err, "layer %d: %s", i, be->err.msg);
+			be->failed = false;
+			return KL_FAIL;
+		}
+	}
+	return KL_OK;
+}
+
+/*
+ * Logits are computed for a list of (row of ctx->x, host destination) pairs,
+ * LOGIT_ROWS at a time, so that a batch's last-token rows share one pass over
+ * lm_head (the largest matrix of small models).
+ */
+typedef struct logit_queue
+{
+	int			n;
+	int			row[LOGIT_ROWS];
+	float	   *dst[LOGIT_ROWS];
+} logit_queue;
+
+static void
+logits_flush(kl_ctx *c, logit_queue *q)
+{
+	kl_backend *be = c->be;
+	const kl_config *cfg = &c->m->cfg;
+	int			D = cfg->hidden_size;
+	int			V = cfg->vocab_size;
+
+	if (q->n == 0)
+		return;
+	for (int r = 0; r < q->n; r++)
+		be->ops->copy(be, c->lrows + (size_t) r * D, c->x + (size_t) q->row[r] * D,
+					  sizeof(float) * (size_t) D);
+	be->ops->rmsnorm(be, c->lrows, D, c->lrows, D, c->m->final_norm, q->n, D, cfg->rms_norm_eps);
+	be->ops->matmul(be, c->logits, V, c->lrows, D, q->n, &c->m->lm_head);
+	be->ops->download(be, c->logits_host, c->logits, sizeof(float) * (size_t) q->n * V);
+	for (int r = 0; r < q->n; r++)
+		memcpy(q->dst[r], c->logits_host + (size_t) r * V, sizeof(float) * (size_t) V);
+	q->n = 0;
+}
+
+static void
+logits_want(kl_ctx *c, logit_queue *q, int row, float *dst)
+{
+	q->row[q->n] = row;
+	q->dst[q->n] = dst;
+	if (++q->n == LOGIT_ROWS)
+		logits_flush(c, q);
+}
+
+/* ------------------------------------------------------------------ sequences' caches */
+
+/* Make room in every MLA layer's cache of `s` for positions up to `upto`. */
+static int
+reserve_mla(kl_ctx *c, kl_seq *s, int64_t upto, kl_err *err)
+{
+	const kl_config *cfg = &c->m->cfg;
+	int64_t		need = (upto + KL_MLA_PAGE - 1) / KL_MLA_PAGE;
+	size_t		page_bytes = sizeof(float) * (size_t) KL_MLA_PAGE * kl_mla_row(cfg);
+
+	for (int j = 0; j < cfg->n_mla_layers; j++)
+	{
+		kl_mla_cache *mc = &s->mla[j];
+
+		if (need > INT32_MAX / 2)
+			return kl_errf(err, "sequence too long");
+		if (need > mc->cap_pages)
+		{
+			int			cap = mc->cap_pages ? mc->cap_pages : 4;
+			float	  **np;
+
+			while (cap < need)
+				cap *= 2;
+			np = realloc(mc->pages, sizeof(float *) * (size_t) cap);
+			if (!np)
+				return kl_errf(err, "out of memory growing the attention cache");
+			mc->pages = np;
+			mc->cap_pages = cap;
+		}
+		while (mc->n_pages < need)
+		{
+			float	   *p = c->be->ops->alloc(c->be, page_bytes);
+
+			if (!p)
+				return kl_errf(err, "out of %s memory for the attention cache (%lld positions)",
+							   c->be->ops->name, (long long) upto);
+			mc->pages[mc->n_pages++] = p;
+		}
+	}
+	return KL_OK;
+}
+
+/* ------------------------------------------------------------------ public */
+
+int
+kl_ctx_new(kl_model *m, int max_step_tokens, kl_ctx **out, kl_err *err)
+{
+	const kl_config *cfg = &m->cfg;
+	kl_backend *be = m->be;
+	kl_ctx	   *c;
+	int			T = max_step_tokens > 0 ? max_step_tokens : DEFAULT_STEP_TOKENS;
+	int			HK = cfg->kda_heads * cfg->kda_head_dim;
+	int			Ha = cfg->mla_heads;
+	int			Dq = cfg->qk_nope_dim + cfg->qk_rope_dim;
+	int			I = imax(cfg->intermediate_size, cfg->n_shared_experts * cfg->moe_intermediate);
+	size_t		w1,
+				w2,
+				w3,
+				w6;
+
+	*out = NULL;
+	if (T > (1 << 20))
+		return kl_errf(err, "max_step_tokens %d is too large", T);
+	c = kl_calloc(1, sizeof(kl_ctx), err);
+	if (!c)
+		return KL_FAIL;
+	c->m = m;
+	c->be = be;
+	c->max_tokens = T;
+	w1 = (size_t) imax(imax(HK, Ha * Dq), I);
+	w2 = (size_t) imax(imax(HK, kl_mla_row(cfg)), I);
+	w3 = (size_t) imax(imax(HK, Ha * cfg->v_head_dim), I);
+	w6 = (size_t) imax(cfg->kda_head_dim, cfg->q_lora_rank);
+#define ALLOC(field, count) \
+	do { \
+		c->field = be->ops->alloc(be, sizeof(float) * (size_t) (count)); \
+		if (!c->field) { kl_errf(err, "out of %s memory for activations (%d tokens per step)", \
+								 be->ops->name, T); goto fail; } \
+	} while (0)
+	ALLOC(x, (size_t) T * cfg->hidden_size);
+	ALLOC(xn, (size_t) T * cfg->hidden_size);
+	ALLOC(p1, T * w1);
+	ALLOC(p2, T * w2);
+	ALLOC(p3, T * w3);
+	ALLOC(p4, (size_t) T * imax(HK, 1));
+	ALLOC(p5, (size_t) T * imax(HK, 1));
+	ALLOC(p6, T * imax((int) w6, 1));
+	ALLOC(p7, (size_t) T * imax(HK, 1));
+	ALLOC(p8, (size_t) T * imax(cfg->kda_heads, 1));
+	ALLOC(lrows, (size_t) LOGIT_ROWS * cfg->hidden_size);
+	ALLOC(logits, (size_t) LOGIT_ROWS * cfg->vocab_size);
+#undef ALLOC
+	c->ids = kl_calloc((size_t) T, sizeof(int32_t), err);
+	c->row0 = kl_calloc((size_t) T + 1, sizeof(int), err);
+	c->pos0 = kl_calloc((size_t) T, sizeof(int64_t), err);
+	c->seqs = kl_calloc((size_t) T, sizeof(kl_seq *), err);
+	c->logits_host = kl_malloc(sizeof(float) * (size_t) LOGIT_ROWS * cfg->vocab_size, err);
+	if (!c->ids || !c->row0 || !c->pos0 || !c->seqs || !c->logits_host)
+		goto fail;
+	*out = c;
+	return KL_OK;
+fail:
+	kl_ctx_free(c);
+	return KL_FAIL;
+}
+
+void
+kl_ctx_free(kl_ctx *c)
+{
+	if (!c)
+		return;
+	float	   *bufs[] = {c->x, c->xn, c->p1, c->p2, c->p3, c->p4, c->p5, c->p6, c->p7, c->p8,
+	c->lrows, c->logits};
+
+	for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
+		if (bufs[i])
+			c->be->ops->release(c->be, bufs[i]);
+	free(c->ids);
+	free(c->row0);
+	free(c->pos0);
+	free(c->seqs);
+	free(c->logits_host);
+	free(c);
+}
+
+void
+kl_ctx_force_recurrent(kl_ctx *c, bool on)
+{
+	c->force_recurrent = on;
+}
+
+/*
+ * Split the batch into steps of at most max_tokens rows.  Each step takes the
+ * next tokens of every item in turn; an item's logits come from the step that
+ * holds its last token (or from every step, for all_logits).
+ */
+int
+kl_forward(kl_ctx *c, kl_batch_item *items, int n_items, kl_err *err)
+{
+	const kl_config *cfg = &c->m->cfg;
+	int			V = cfg->vocab_size;
+	int		   *done;
+	int			rc = KL_FAIL;
+
+	if (n_items < 0 || (n_items > 0 && !items))
+		return kl_errf(err, "invalid batch");
+	for (int i = 0; i < n_items; i++)
+	{
+		kl_batch_item *it = &items[i];
+
+		if (!it->seq || it->seq->model != c->m)
+			return kl_errf(err, "batch item %d: sequence missing or of another model", i);
+		if (it->n < 0 || (it->n > 0 && !it->ids))
+			return kl_errf(err, "batch item %d: invalid token count %d", i, it->n);
+		if (it->n == 0 && it->logits)
+			return kl_errf(err, "batch item %d: logits requested for zero tokens", i);
+		for (int j = 0; j < it->n; j++)
+			if (it->ids[j] < 0 || it->ids[j] >= V)
+				return kl_errf(err, "token id %d at position %d is outside the vocabulary [0, %d)",
+							   it->ids[j], j, V);
+		for (int j = 0; j < i; j++)
+			if (items[j].seq == it->seq)
+				return kl_errf(err, "a sequence appears twice in one batch");
+		if (reserve_mla(c, it->seq, it->seq->pos + it->n, err) != KL_OK)
+			return KL_FAIL;
+	}
+	done = kl_calloc((size_t) (n_items > 0 ? n_items : 1), sizeof(int), err);
+	if (!done)
+		return KL_FAIL;
+
+	for (;;)
+	{
+		kl_step		st;
+		int			rows = 0,
+					ns = 0;
+		int			item_of_seq[1024];	/* step seq -> item */
+		int			n_take[1024];
+
+		for (int i = 0; i < n_items && rows < c->max_tokens && ns < 1024; i++)
+		{
+			int			take = items[i].n - done[i];
+
+			if (take <= 0)
+				continue;
+			if (take > c->max_tokens - rows)
+				take = c->max_tokens - rows;
+			c->seqs[ns] = items[i].seq;
+			c->row0[ns] = rows;
+			c->pos0[ns] = items[i].seq->pos;
+			memcpy(c->ids + rows, items[i].ids + done[i], sizeof(int32_t) * (size_t) take);
+			item_of_seq[ns] = i;
+			n_take[ns] = take;
+			rows += take;
+			ns++;
+		}
+		if (ns == 0)
+			break;
+		c->row0[ns] = rows;
+		st.n_tokens = rows;
+		st.n_seqs = ns;
+		st.seqs = c->seqs;
+		st.row0 = c->row0;
+		st.pos0 = c->pos0;
+		st.force_recurrent = c->force_recurrent;
+
+		if (run_layers(c, &st, err) != KL_OK)
+			goto out;
+
+		/* logits wanted from this step */
+		{
+			logit_queue q;
+
+			q.n = 0;
+			for (int s = 0; s < ns; s++)
+			{
+				int			i = item_of_seq[s];
+				kl_batch_item *it = &items[i];
+
+				if (!it->logits)
+					continue;
+				if (it->all_logits)
+					for (int r = 0; r < n_take[s]; r++)
+						logits_want(c, &q, c->row0[s] + r, it->logits + (size_t) (done[i] + r) * V);
+				else if (done[i] + n_take[s] == it->n)
+					logits_want(c, &q, c->row0[s + 1] - 1, it->logits);
+			}
+			logits_flush(c, &q);
+		}
+		for (int s = 0; s < ns; s++)
+		{
+			c->seqs[s]->pos += n_take[s];
+			done[item_of_seq[s]] += n_take[s];
+		}
+	}
+	c->be->ops->sync(c->be);
+	rc = KL_OK;
+out:
+	free(done);
+	return rc;
+}

@@ -1,0 +1,124 @@
+#include "kl_util.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include <isa-l/crc.h>
+
+int
+kl_errf(kl_err *err, const char *fmt,...)
+{
+	if (err)
+	{
+		va_list		ap;
+
+		va_start(ap, fmt);
+		vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
+		va_end(ap);
+	}
+	return KL_FAIL;
+}
+
+int
+kl_err_prefix(kl_err *err, const char *fmt,...)
+{
+	if (err)
+	{
+		char		prefix[512];
+		char		old[sizeof(err->msg)];
+		va_list		ap;
+
+		va_start(ap, fmt);
+		vsnprintf(prefix, sizeof(prefix), fmt, ap);
+		va_end(ap);
+		memcpy(old, err->msg, sizeof(old));
+		snprintf(err->msg, sizeof(err->msg), "%s: %s", prefix, old);
+	}
+	return KL_FAIL;
+}
+
+void *
+kl_malloc(size_t n, kl_err *err)
+{
+	void	   *p = malloc(n ? n : 1);
+
+	if (!p)
+		kl_errf(err, "out of memory allocating %zu bytes", n);
+	return p;
+}
+
+void *
+kl_calloc(size_t count, size_t size, kl_err *err)
+{
+	void	   *p = calloc(count ? count : 1, size ? size : 1);
+
+	if (!p)
+		kl_errf(err, "out of memory allocating %zu x %zu bytes", count, size);
+	return p;
+}
+
+void *
+kl_aligned_alloc(size_t n, kl_err *err)
+{
+	void	   *p = NULL;
+	size_t		rounded = (n + 63) & ~(size_t) 63;
+
+	if (rounded < n || posix_memalign(&p, 64, rounded ? rounded : 64) != 0)
+	{
+		kl_errf(err, "out of memory allocating %zu bytes", n);
+		return NULL;
+	}
+	memset(p, 0, rounded ? rounded : 64);
+	return p;
+}
+
+float
+kl_f16_to_f32(uint16_t h)
+{
+	uint32_t	sign = (uint32_t) (h & 0x8000) << 16;
+	uint32_t	exp = (h >> 10) & 0x1f;
+	uint32_t	mant = h & 0x3ff;
+	uint32_t	u;
+	float		f;
+
+	if (exp == 0)
+	{
+		/* zero or subnormal: value = mant * 2^-24 */
+		f = (float) mant * (1.0f / 16777216.0f);
+		return sign ? -f : f;
+	}
+	if (exp == 31)
+		u = sign | 0x7f800000u | (mant << 13);
+	else
+		u = sign | ((exp + 112) << 23) | (mant << 13);
+	memcpy(&f, &u, 4);
+	return f;
+}
+
+double
+kl_now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+uint32_t
+kl_crc32c(const void *p, size_t n)
+{
+	const unsigned char *b = p;
+	uint32_t	crc = 0xFFFFFFFFu;
+
+	while (n > 0)
+	{
+		int			len = n > (1u << 30) ? (1 << 30) : (int) n;
+
+		crc = crc32_iscsi((unsigned char *) b, len, crc);
+		b += len;
+		n -= (size_t) len;
+	}
+	return crc ^ 0xFFFFFFFFu;
+}

@@ -1,0 +1,79 @@
+/*
+ * kl_util.h — small things every engine file needs: the error type, checked
+ * allocation, bf16/f16 conversion.
+ *
+ * The engine is plain C11 with no PostgreSQL headers.  It never aborts on bad
+ * input: every function that can fail returns KL_OK or KL_FAIL and writes a
+ * message into a kl_err that says what was wrong and, where it helps, what to
+ * do.  Callers (the CLI, the PostgreSQL glue) turn that into their own error
+ * reporting.
+ */
+#ifndef KL_UTIL_H
+#define KL_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define KL_OK 0
+#define KL_FAIL (-1)
+
+typedef struct kl_err
+{
+	char		msg[1024];
+} kl_err;
+
+/* Set the message (printf style).  Always returns KL_FAIL so that
+ * `return kl_errf(err, ...)` reads naturally. */
+int			kl_errf(kl_err *err, const char *fmt,...) __attribute__((format(printf, 2, 3)));
+
+/* Prefix an existing message: "context: old message". Returns KL_FAIL. */
+int			kl_err_prefix(kl_err *err, const char *fmt,...) __attribute__((format(printf, 2, 3)));
+
+/* malloc/calloc that report failure through err (and return NULL). */
+void	   *kl_malloc(size_t n, kl_err *err);
+void	   *kl_calloc(size_t count, size_t size, kl_err *err);
+/* 64-byte aligned allocation, zeroed; free with free(). */
+void	   *kl_aligned_alloc(size_t n, kl_err *err);
+
+/* Overflow-checked size arithmetic: returns 0 on overflow. */
+static inline int
+kl_mul_ok(size_t a, size_t b, size_t *out)
+{
+	return !__builtin_mul_overflow(a, b, out);
+}
+
+/* bf16 is the high half of an IEEE binary32: conversion to f32 is exact. */
+static inline float
+kl_bf16_to_f32(uint16_t h)
+{
+	uint32_t	u = (uint32_t) h << 16;
+	float		f;
+
+	memcpy(&f, &u, 4);
+	return f;
+}
+
+/* Round-to-nearest-even f32 -> bf16 (NaN stays NaN). */
+static inline uint16_t
+kl_f32_to_bf16(float f)
+{
+	uint32_t	u;
+
+	memcpy(&u, &f, 4);
+	if ((u & 0x7fffffffu) > 0x7f800000u)
+		return (uint16_t) ((u >> 16) | 0x40);
+	u += 0x7fffu + ((u >> 16) & 1);
+	return (uint16_t) (u >> 16);
+}
+
+float		kl_f16_to_f32(uint16_t h);
+
+/* CRC-32C (Castagnoli), as in iSCSI and PostgreSQL's WAL: computed by
+ * ISA-L (Debian's libisal), which uses the CPU's crc32 instruction. */
+uint32_t	kl_crc32c(const void *p, size_t n);
+
+/* Monotonic clock in seconds. */
+double		kl_now(void);
+
+#endif

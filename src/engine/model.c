@@ -1,0 +1,559 @@
+/*
+ * model.c — loading a checkpoint: config.json + safetensors -> kl_model.
+ *
+ * Every tensor the config implies is looked up by its Hugging Face name and
+ * checked for dtype and shape; tensors the config does not explain are an
+ * error (a checkpoint that does not match its config would otherwise load and
+ * produce garbage).  Matrices stay in the mapped files (the backend may
+ * convert or upload them); small vectors become fp32 copies.
+ */
+#include "model.h"
+
+#include <openssl/evp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#if __has_include("tokenizer.h")
+#include "tokenizer.h"
+#else
+/* TEMPORARY until tokenizer.c lands */
+static int kl_tokenizer_load(const char *d, kl_tokenizer **t, kl_err *e) { (void) d; *t = NULL; (void) e; return KL_OK; }
+static void kl_tokenizer_free(kl_tokenizer *t) { (void) t; }
+#endif
+
+typedef struct binder
+{
+	kl_model   *m;
+	kl_err	   *err;
+	EVP_MD_CTX *fp;				/* fingerprint hash */
+} binder;
+
+static void
+fp_update(binder *b, const void *p, size_t n)
+{
+	EVP_DigestUpdate(b->fp, p, n);
+}
+
+/* Hash a tensor's identity and a sample of its bytes (not all of them:
+ * hashing a 90 GB checkpoint at every load would take minutes). */
+static void
+fp_tensor(binder *b, const kl_st_tensor *t)
+{
+	size_t		sample = 64;
+	int			points = 16;
+
+	fp_update(b, t->name, strlen(t->name) + 1);
+	fp_update(b, &t->dtype, sizeof(t->dtype));
+	fp_update(b, t->shape, sizeof(int64_t) * (size_t) t->ndim);
+	for (int i = 0; i < points; i++)
+	{
+		size_t		off = t->nbytes <= sample ? 0 : (t->nbytes - sample) / (size_t) (points - 1) * (size_t) i;
+		size_t		len = t->nbytes - off < sample ? t->nbytes - off : sample;
+
+		fp_update(b, (const uint8_t *) t->data + off, len);
+		if (t->nbytes <= sample)
+			break;
+	}
+}
+
+static kl_st_tensor *
+find(binder *b, const char *name)
+{
+	kl_st_tensor *t = kl_st_find(&b->m->st, name);
+
+	if (!t)
+	{
+		kl_errf(b->err, "%s: tensor \"%s\" is missing (the checkpoint does not match its config.json)",
+				b->m->dir, name);
+		return NULL;
+	}
+	if (t->used)
+	{
+		kl_errf(b->err, "%s: tensor \"%s\" bound twice", b->m->dir, name);
+		return NULL;
+	}
+	t->used = true;
+	b->m->n_params += t->numel;
+	b->m->weight_bytes += t->nbytes;
+	fp_tensor(b, t);
+	return t;
+}
+
+static const char *
+shape_str(const kl_st_tensor *t, char *buf, size_t len)
+{
+	size_t		o = 0;
+
+	o += snprintf(buf + o, len - o, "[");
+	for (int i = 0; i < t->ndim && o < len; i++)
+		o += snprintf(buf + o, len - o, "%s%lld", i ? ", " : "", (long long) t->shape[i]);
+	if (o < len)
+		snprintf(buf + o, len - o, "]");
+	return buf;
+}
+
+static int
+bind_matrix(binder *b, kl_weight *w, int rows, int cols, const char *fmt,...)
+	__attribute__((format(printf, 5, 6)));
+
+static int
+bind_matrix(binder *b, kl_weight *w, int rows, int cols, const char *fmt,...)
+{
+	char		name[256];
+	char		sbuf[128];
+	va_list		ap;
+	kl_st_tensor *t;
+
+	va_start(ap, fmt);
+	vsnprintf(name, sizeof(name), fmt, ap);
+	va_end(ap);
+	if (!(t = find(b, name)))
+		return KL_FAIL;
+	if (t->ndim != 2 || t->shape[0] != rows || t->shape[1] != cols)
+		return kl_errf(b->err, "%s: tensor \"%s\" has shape %s, but config.json implies [%d, %d]",
+					   b->m->dir, name, shape_str(t, sbuf, sizeof(sbuf)), rows, cols);
+	if (t->dtype != KL_DT_F32 && t->dtype != KL_DT_BF16 && t->dtype != KL_DT_F16)
+		return kl_errf(b->err, "%s: tensor \"%s\" has dtype %s; weights must be F32, BF16 or F16",
+					   b->m->dir, name, kl_dtype_name(t->dtype));
+	memset(w, 0, sizeof(*w));
+	w->name = t->name;
+	w->dtype = t->dtype;
+	w->rows = rows;
+	w->cols = cols;
+	w->host = t->data;
+	if (b->m->be->ops->load_weight(b->m->be, w, b->err) != KL_OK)
+		return kl_err_prefix(b->err, "%s: tensor \"%s\"", b->m->dir, name);
+	return KL_OK;
+}
+
+/*
+ * A vector parameter of n elements.  Checkpoints store some with extra unit
+ * dimensions (A_log is [1, 1, H, 1], conv kernels [H*K, 1, W]): any shape
+ * whose dimensions other than 1 are `dims` is accepted.
+ */
+static int
+bind_vector(binder *b, float **out, int n, const int *dims, int ndims, const char *fmt,...)
+	__attribute__((format(printf, 6, 7)));
+
+static int
+bind_vector(binder *b, float **out, int n, const int *dims, int ndims, const char *fmt,...)
+{
+	char		name[256];
+	char		sbuf[128];
+	va_list		ap;
+	kl_st_tensor *t;
+	int			j = 0;
+	float	   *tmp;
+	kl_model   *m = b->m;
+
+	va_start(ap, fmt);
+	vsnprintf(name, sizeof(name), fmt, ap);
+	va_end(ap);
+	if (!(t = find(b, name)))
+		return KL_FAIL;
+	for (int i = 0; i < t->ndim; i++)
+	{
+		if (t->shape[i] == 1 && !(j < ndims && dims[j] == 1))
+			continue;
+		if (j >= ndims || t->shape[i] != dims[j])
+			goto bad;
+		j++;
+	}
+	if (j != ndims || t->numel != n)
+		goto bad;
+	tmp = kl_malloc(sizeof(float) * (size_t) n, b->err);
+	if (!tmp)
+		return KL_FAIL;
+	if (kl_st_to_f32(t, tmp, b->err) != KL_OK)
+	{
+		free(tmp);
+		return kl_err_prefix(b->err, "%s", m->dir);
+	}
+	if (m->n_vecs == m->cap_vecs)
+	{
+		int			cap = m->cap_vecs ? m->cap_vecs * 2 : 64;
+		float	  **nv = realloc(m->vecs, sizeof(float *) * (size_t) cap);
+
+		if (!nv)
+		{
+			free(tmp);
+			return kl_errf(b->err, "out of memory");
+		}
+		m->vecs = nv;
+		m->cap_vecs = cap;
+	}
+	*out = m->be->ops->alloc(m->be, sizeof(float) * (size_t) n);
+	if (!*out)
+	{
+		free(tmp);
+		return kl_errf(b->err, "%s: out of %s memory for tensor \"%s\"", m->dir, m->be->ops->name, name);
+	}
+	m->be->ops->upload(m->be, *out, tmp, sizeof(float) * (size_t) n);
+	m->vecs[m->n_vecs++] = *out;
+	free(tmp);
+	return KL_OK;
+bad:
+	{
+		char		want[128];
+		size_t		o = 0;
+
+		o += snprintf(want + o, sizeof(want) - o, "[");
+		for (int i = 0; i < ndims && o < sizeof(want); i++)
+			o += snprintf(want + o, sizeof(want) - o, "%s%d", i ? ", " : "", dims[i]);
+		if (o < sizeof(want))
+			snprintf(want + o, sizeof(want) - o, "]");
+		return kl_errf(b->err, "%s: tensor \"%s\" has shape %s, but config.json implies %s",
+					   m->dir, name, shape_str(t, sbuf, sizeof(sbuf)), want);
+	}
+}
+
+#define VEC1(b, out, n0, ...) \
+	bind_vector(b, out, (n0), (int[]){n0}, 1, __VA_ARGS__)
+#define VEC2(b, out, n0, n1, ...) \
+	bind_vector(b, out, (n0) * (n1), (int[]){n0, n1}, 2, __VA_ARGS__)
+
+static int
+bind_mlp(binder *b, kl_mlp *mlp, int D, int I, const char *prefix, const char *gate,
+		 const char *up, const char *down)
+{
+	if (bind_matrix(b, &mlp->gate, I, D, "%s.%s.weight", prefix, gate) != KL_OK ||
+		bind_matrix(b, &mlp->up, I, D, "%s.%s.weight", prefix, up) != KL_OK ||
+		bind_matrix(b, &mlp->down, D, I, "%s.%s.weight", prefix, down) != KL_OK)
+		return KL_FAIL;
+	return KL_OK;
+}
+
+static int
+bind_layer(binder *b, int i, int *n_kda, int *n_mla)
+{
+	const kl_config *c = &b->m->cfg;
+	kl_layer   *L = &b->m->layers[i];
+	int			D = c->hidden_size;
+	char		p[128];
+
+	snprintf(p, sizeof(p), "model.layers.%d", i);
+	L->kind = c->layer_kind[i];
+	if (VEC1(b, &L->input_norm, D, "%s.input_layernorm.weight", p) != KL_OK ||
+		VEC1(b, &L->post_norm, D, "%s.post_attention_layernorm.weight", p) != KL_OK)
+		return KL_FAIL;
+
+	if (L->kind == KL_LAYER_KDA)
+	{
+		kl_kda_layer *k = &L->kda;
+		int			H = c->kda_heads,
+					K = c->kda_head_dim,
+					HK = H * K,
+					W = c->conv_kernel;
+
+		L->kind_index = (*n_kda)++;
+		if (bind_matrix(b, &k->q_proj, HK, D, "%s.self_attn.q_proj.weight", p) != KL_OK ||
+			bind_matrix(b, &k->k_proj, HK, D, "%s.self_attn.k_proj.weight", p) != KL_OK ||
+			bind_matrix(b, &k->v_proj, HK, D, "%s.self_attn.v_proj.weight", p) != KL_OK ||
+			bind_matrix(b, &k->f_a, K, D, "%s.self_attn.f_a_proj.weight", p) != KL_OK ||
+			bind_matrix(b, &k->f_b, HK, K, "%s.self_attn.f_b_proj.weight", p) != KL_OK ||
+			bind_matrix(b, &k->b_proj, H, D, "%s.self_attn.b_proj.weight", p) != KL_OK ||
+			bind_matrix(b, &k->g_a, K, D, "%s.self_attn.g_a_proj.weight", p) != KL_OK ||
+			bind_matrix(b, &k->g_b, HK, K, "%s.self_attn.g_b_proj.weight", p) != KL_OK ||
+			bind_matrix(b, &k->o_proj, D, HK, "%s.self_attn.o_proj.weight", p) != KL_OK ||
+			VEC2(b, &k->conv_q, HK, W, "%s.self_attn.q_conv1d.weight", p) != KL_OK ||
+			VEC2(b, &k->conv_k, HK, W, "%s.self_attn.k_conv1d.weight", p) != KL_OK ||
+			VEC2(b, &k->conv_v, HK, W, "%s.self_attn.v_conv1d.weight", p) != KL_OK ||
+			VEC1(b, &k->A_log, H, "%s.self_attn.A_log", p) != KL_OK ||
+			VEC1(b, &k->dt_bias, HK, "%s.self_attn.dt_bias", p) != KL_OK ||
+			VEC1(b, &k->o_norm, K, "%s.self_attn.o_norm.weight", p) != KL_OK)
+			return KL_FAIL;
+	}
+	else
+	{
+		kl_mla_layer *a = &L->mla;
+		int			Ha = c->mla_heads,
+					R = c->kv_lora_rank,
+					Dq = c->qk_nope_dim + c->qk_rope_dim;
+
+		L->kind_index = (*n_mla)++;
+		if (c->q_lora_rank > 0)
+		{
+			if (bind_matrix(b, &a->q_a, c->q_lora_rank, D, "%s.self_attn.q_a_proj.weight", p) != KL_OK ||
+				VEC1(b, &a->q_a_norm, c->q_lora_rank, "%s.self_attn.q_a_layernorm.weight", p) != KL_OK ||
+				bind_matrix(b, &a->q_b, Ha * Dq, c->q_lora_rank, "%s.self_attn.q_b_proj.weight", p) != KL_OK)
+				return KL_FAIL;
+		}
+		else if (bind_matrix(b, &a->q_proj, Ha * Dq, D, "%s.self_attn.q_proj.weight", p) != KL_OK)
+			return KL_FAIL;
+		if (bind_matrix(b, &a->kv_a, R + c->qk_rope_dim, D, "%s.self_attn.kv_a_proj_with_mqa.weight", p) != KL_OK ||
+			VEC1(b, &a->kv_a_norm, R, "%s.self_attn.kv_a_layernorm.weight", p) != KL_OK ||
+			bind_matrix(b, &a->kv_b, Ha * (c->qk_nope_dim + c->v_head_dim), R,
+						"%s.self_attn.kv_b_proj.weight", p) != KL_OK ||
+			bind_matrix(b, &a->o_proj, D, Ha * c->v_head_dim, "%s.self_attn.o_proj.weight", p) != KL_OK)
+			return KL_FAIL;
+		if (b->m->be->ops->prepare_mla(b->m->be, a, b->err) != KL_OK)
+			return kl_err_prefix(b->err, "%s: layer %d", b->m->dir, i);
+	}
+
+	L->is_moe = kl_layer_is_moe(c, i);
+	if (!L->is_moe)
+	{
+		snprintf(p, sizeof(p), "model.layers.%d.mlp", i);
+		return bind_mlp(b, &L->mlp, D, c->intermediate_size, p, "gate_proj", "up_proj", "down_proj");
+	}
+	else
+	{
+		kl_moe_layer *moe = &L->moe;
+		int			E = c->n_experts,
+					F = c->moe_intermediate;
+
+		snprintf(p, sizeof(p), "model.layers.%d.block_sparse_moe", i);
+		if (bind_matrix(b, &moe->router, E, D, "%s.gate.weight", p) != KL_OK ||
+			VEC1(b, &moe->score_bias, E, "%s.gate.e_score_correction_bias", p) != KL_OK)
+			return KL_FAIL;
+		moe->experts = kl_calloc((size_t) E, sizeof(kl_mlp), b->err);
+		if (!moe->experts)
+			return KL_FAIL;
+		for (int e = 0; e < E; e++)
+		{
+			char		ep[160];
+
+			snprintf(ep, sizeof(ep), "%s.experts.%d", p, e);
+			if (bind_mlp(b, &moe->experts[e], D, F, ep, "w1", "w3", "w2") != KL_OK)
+				return KL_FAIL;
+		}
+		if (c->n_shared_experts > 0)
+		{
+			char		sp[160];
+
+			snprintf(sp, sizeof(sp), "%s.shared_experts", p);
+			moe->has_shared = true;
+			if (bind_mlp(b, &moe->shared, D, F * c->n_shared_experts, sp,
+						 "gate_proj", "up_proj", "down_proj") != KL_OK)
+				return KL_FAIL;
+		}
+	}
+	return KL_OK;
+}
+
+static void
+fp_config(binder *b, const kl_config *c)
+{
+	char		buf[1024];
+	int			n;
+
+	n = snprintf(buf, sizeof(buf),
+				 "kl-fingerprint-v1 %s V%d D%d L%d I%d eps%a kda%d/%d/%d mla%d/%d/%d/%d/%d/%d "
+				 "moe%d/%d/%d/%d/%d/%d/%d/%d/%a/%d/%d/%d",
+				 c->model_type, c->vocab_size, c->hidden_size, c->n_layers, c->intermediate_size,
+				 c->rms_norm_eps, c->kda_heads, c->kda_head_dim, c->conv_kernel,
+				 c->mla_heads, c->q_lora_rank, c->kv_lora_rank, c->qk_nope_dim, c->qk_rope_dim,
+				 c->v_head_dim, c->n_experts, c->experts_per_token, c->n_shared_experts,
+				 c->moe_intermediate, c->first_k_dense, c->moe_layer_freq, c->router_softmax,
+				 c->moe_renormalize, c->routed_scaling, c->n_expert_groups, c->topk_groups,
+				 c->bias_in_weights);
+	fp_update(b, buf, (size_t) n);
+	for (int i = 0; i < c->n_layers; i++)
+		buf[i % sizeof(buf)] = (char) c->layer_kind[i];
+	fp_update(b, buf, (size_t) (c->n_layers < (int) sizeof(buf) ? c->n_layers : (int) sizeof(buf)));
+}
+
+static bool
+dir_has(const char *dir, const char *file)
+{
+	char		path[4096];
+	struct stat sb;
+
+	snprintf(path, sizeof(path), "%s/%s", dir, file);
+	return stat(path, &sb) == 0;
+}
+
+int
+kl_model_load(const char *dir, const kl_load_opts *opts, kl_model **out, kl_err *err)
+{
+	kl_model   *m;
+	binder		b;
+	char		path[4096];
+	const char *device = (opts && opts->device) ? opts->device : "cpu";
+	int			n_kda = 0,
+				n_mla = 0;
+	struct stat sb;
+	uint8_t		digest[EVP_MAX_MD_SIZE];
+	unsigned	dlen = 0;
+
+	*out = NULL;
+	if (!dir || !*dir)
+		return kl_errf(err, "no model directory given");
+	if (strlen(dir) > 3000)
+		return kl_errf(err, "model directory path is too long");
+	if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
+		return kl_errf(err, "%s is not a directory (a model is a directory with config.json and "
+					   "safetensors weights)", dir);
+	m = kl_calloc(1, sizeof(kl_model), err);
+	if (!m)
+		return KL_FAIL;
+	m->dir = strdup(dir);
+	snprintf(path, sizeof(path), "%s/config.json", dir);
+	if (!m->dir || kl_config_load(path, &m->cfg, err) != KL_OK)
+		goto fail;
+
+	if (strcmp(device, "cpu") == 0)
+	{
+		if (kl_backend_cpu_create(&m->cfg, &m->be, err) != KL_OK)
+			goto fail;
+	}
+	else if (strcmp(device, "cuda") == 0 || strcmp(device, "auto") == 0)
+	{
+		if (kl_backend_cuda_create(&m->cfg, &m->be, err) != KL_OK)
+		{
+			if (strcmp(device, "cuda") == 0)
+				goto fail;
+			if (kl_backend_cpu_create(&m->cfg, &m->be, err) != KL_OK)
+				goto fail;
+		}
+	}
+	else
+	{
+		kl_errf(err, "unknown device \"%s\" (use cpu, cuda or auto)", device);
+		goto fail;
+	}
+
+	if (kl_st_open_dir(dir, &m->st, err) != KL_OK)
+		goto fail;
+
+	b.m = m;
+	b.err = err;
+	b.fp = EVP_MD_CTX_new();
+	if (!b.fp || EVP_DigestInit_ex(b.fp, EVP_sha256(), NULL) != 1)
+	{
+		kl_errf(err, "cannot initialize SHA-256");
+		EVP_MD_CTX_free(b.fp);
+		goto fail;
+	}
+	fp_config(&b, &m->cfg);
+	m->layers = kl_calloc((size_t) m->cfg.n_layers, sizeof(kl_layer), err);
+	if (!m->layers ||
+		bind_matrix(&b, &m->embed, m->cfg.vocab_size, m->cfg.hidden_size, "model.embed_tokens.weight") != KL_OK)
+		goto fail_fp;
+	for (int i = 0; i < m->cfg.n_layers; i++)
+		if (bind_layer(&b, i, &n_kda, &n_mla) != KL_OK)
+			goto fail_fp;
+	if (VEC1(&b, &m->final_norm, m->cfg.hidden_size, "model.norm.weight") != KL_OK ||
+		bind_matrix(&b, &m->lm_head, m->cfg.vocab_size, m->cfg.hidden_size, "lm_head.weight") != KL_OK)
+		goto fail_fp;
+	for (int i = 0; i < m->st.n_tensors; i++)
+		if (!m->st.tensors[i].used)
+		{
+			kl_errf(err, "%s: unexpected tensor \"%s\" in %s (the checkpoint does not match its config.json)",
+					dir, m->st.tensors[i].name, m->st.files[m->st.tensors[i].file].path);
+			goto fail_fp;
+		}
+	EVP_DigestFinal_ex(b.fp, digest, &dlen);
+	EVP_MD_CTX_free(b.fp);
+	memcpy(m->fingerprint, digest, 16);
+
+	if (!(opts && opts->no_tokenizer) && dir_has(dir, "tiktoken.model"))
+	{
+		if (kl_tokenizer_load(dir, &m->tok, err) != KL_OK)
+			goto fail;
+	}
+	*out = m;
+	return KL_OK;
+
+fail_fp:
+	EVP_MD_CTX_free(b.fp);
+fail:
+	kl_model_free(m);
+	return KL_FAIL;
+}
+
+static void
+unload_mlp(kl_backend *be, kl_mlp *mlp)
+{
+	be->ops->unload_weight(be, &mlp->gate);
+	be->ops->unload_weight(be, &mlp->up);
+	be->ops->unload_weight(be, &mlp->down);
+}
+
+void
+kl_model_free(kl_model *m)
+{
+	if (!m)
+		return;
+	if (m->tok)
+		kl_tokenizer_free(m->tok);
+	if (m->be)
+	{
+		kl_backend *be = m->be;
+
+		if (m->layers)
+			for (int i = 0; i < m->cfg.n_layers; i++)
+			{
+				kl_layer   *L = &m->layers[i];
+				kl_weight  *ws[] = {&L->kda.q_proj, &L->kda.k_proj, &L->kda.v_proj, &L->kda.f_a,
+					&L->kda.f_b, &L->kda.b_proj, &L->kda.g_a, &L->kda.g_b, &L->kda.o_proj,
+					&L->mla.q_proj, &L->mla.q_a, &L->mla.q_b, &L->mla.kv_a, &L->mla.kv_b, &L->mla.o_proj,
+				&L->moe.router};
+
+				if (L->mla.prepared)
+					be->ops->release_mla(be, &L->mla);
+				for (size_t j = 0; j < sizeof(ws) / sizeof(ws[0]); j++)
+					be->ops->unload_weight(be, ws[j]);
+				unload_mlp(be, &L->mlp);
+				if (L->moe.experts)
+					for (int e = 0; e < m->cfg.n_experts; e++)
+						unload_mlp(be, &L->moe.experts[e]);
+				unload_mlp(be, &L->moe.shared);
+				free(L->moe.experts);
+			}
+		be->ops->unload_weight(be, &m->embed);
+		be->ops->unload_weight(be, &m->lm_head);
+		for (int i = 0; i < m->n_vecs; i++)
+			be->ops->release(be, m->vecs[i]);
+		be->ops->destroy(be);
+	}
+	free(m->vecs);
+	free(m->layers);
+	kl_st_close(&m->st);
+	free(m->dir);
+	free(m);
+}
+
+const kl_config *
+kl_model_config(const kl_model *m)
+{
+	return &m->cfg;
+}
+
+const char *
+kl_model_dir(const kl_model *m)
+{
+	return m->dir;
+}
+
+const char *
+kl_model_device(const kl_model *m)
+{
+	return m->be->ops->name;
+}
+
+int64_t
+kl_model_n_params(const kl_model *m)
+{
+	return m->n_params;
+}
+
+uint64_t
+kl_model_weight_bytes(const kl_model *m)
+{
+	return m->weight_bytes;
+}
+
+const uint8_t *
+kl_model_fingerprint(const kl_model *m)
+{
+	return m->fingerprint;
+}
+
+const kl_tokenizer *
+kl_model_tokenizer(const kl_model *m)
+{
+	return m->tok;
+}

@@ -1,0 +1,570 @@
+/*
+ * safetensors.c — see safetensors.h for the format.
+ */
+#include "safetensors.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define MAX_HEADER (256u << 20)		/* a header larger than this is not a checkpoint */
+#define MAX_TENSORS (1 << 22)
+
+static const struct
+{
+	const char *name;
+	kl_dtype	t;
+	size_t		size;
+}			dtypes[] = {
+	{"F32", KL_DT_F32, 4},
+	{"BF16", KL_DT_BF16, 2},
+	{"F16", KL_DT_F16, 2},
+	{"F64", KL_DT_F64, 8},
+	{"I64", KL_DT_I64, 8},
+	{"I32", KL_DT_I32, 4},
+	{"I16", KL_DT_I16, 2},
+	{"I8", KL_DT_I8, 1},
+	{"U8", KL_DT_U8, 1},
+	{"BOOL", KL_DT_BOOL, 1},
+};
+
+const char *
+kl_dtype_name(kl_dtype t)
+{
+	for (size_t i = 0; i < sizeof(dtypes) / sizeof(dtypes[0]); i++)
+		if (dtypes[i].t == t)
+			return dtypes[i].name;
+	return "?";
+}
+
+size_t
+kl_dtype_size(kl_dtype t)
+{
+	for (size_t i = 0; i < sizeof(dtypes) / sizeof(dtypes[0]); i++)
+		if (dtypes[i].t == t)
+			return dtypes[i].size;
+	return 0;
+}
+
+static bool
+dtype_from_name(const char *s, kl_dtype *t)
+{
+	for (size_t i = 0; i < sizeof(dtypes) / sizeof(dtypes[0]); i++)
+		if (strcmp(dtypes[i].name, s) == 0)
+		{
+			*t = dtypes[i].t;
+			return true;
+		}
+	return false;
+}
+
+static uint64_t
+hash_name(const char *s)
+{
+	uint64_t	h = 1469598103934665603ull;
+
+	while (*s)
+		h = (h ^ (unsigned char) *s++) * 1099511628211ull;
+	return h;
+}
+
+kl_st_tensor *
+kl_st_find(const kl_safetensors *st, const char *name)
+{
+	uint64_t	h;
+	int			i;
+
+	if (st->hash_size == 0)
+		return NULL;
+	h = hash_name(name);
+	for (i = (int) (h & (uint64_t) (st->hash_size - 1));; i = (i + 1) & (st->hash_size - 1))
+	{
+		int			slot = st->hash[i];
+
+		if (slot == 0)
+			return NULL;
+		if (strcmp(st->tensors[slot - 1].name, name) == 0)
+			return &st->tensors[slot - 1];
+	}
+}
+
+static int
+build_hash(kl_safetensors *st, kl_err *err)
+{
+	int			size = 16;
+
+	while (size < st->n_tensors * 2)
+		size *= 2;
+	free(st->hash);
+	st->hash = kl_calloc((size_t) size, sizeof(int), err);
+	if (!st->hash)
+		return KL_FAIL;
+	st->hash_size = size;
+	for (int t = 0; t < st->n_tensors; t++)
+	{
+		uint64_t	h = hash_name(st->tensors[t].name);
+		int			i = (int) (h & (uint64_t) (size - 1));
+
+		while (st->hash[i] != 0)
+		{
+			if (strcmp(st->tensors[st->hash[i] - 1].name, st->tensors[t].name) == 0)
+				return kl_errf(err, "tensor \"%s\" appears in both %s and %s: a checkpoint must "
+							   "name each tensor once",
+							   st->tensors[t].name, st->files[st->tensors[st->hash[i] - 1].file].path,
+							   st->files[st->tensors[t].file].path);
+			i = (i + 1) & (size - 1);
+		}
+		st->hash[i] = t + 1;
+	}
+	return KL_OK;
+}
+
+typedef struct span
+{
+	uint64_t	begin,
+				end;
+	int			idx;
+} span;
+
+static int
+cmp_span(const void *a, const void *b)
+{
+	const span *x = a,
+			   *y = b;
+
+	return x->begin < y->begin ? -1 : x->begin > y->begin ? 1 : 0;
+}
+
+/*
+ * Parse and validate the header of a safetensors image (base, size).  With st
+ * non-NULL, append its tensors (pointing into base) tagged with file index
+ * `file`.
+ */
+static int
+parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors *st, int file, kl_err *err)
+{
+	uint64_t	hlen;
+	uint64_t	data_size;
+	json_t	   *root;
+	json_error_t jerr;
+	const char *key;
+	json_t	   *val;
+	span	   *spans = NULL;
+	int			n = 0;
+	int			cap;
+	int			rc = KL_FAIL;
+
+	if (size < 8)
+		return kl_errf(err, "%s: file is %zu bytes, too short for a safetensors header "
+					   "(truncated or not a safetensors file)", what, size);
+	memcpy(&hlen, base, 8);		/* little-endian host assumed (x86-64, arm64) */
+	if (hlen < 2 || hlen > MAX_HEADER)
+		return kl_errf(err, "%s: header length %llu is not plausible (corrupt or not a safetensors file)",
+					   what, (unsigned long long) hlen);
+	if (hlen > size - 8)
+		return kl_errf(err, "%s: header length %llu runs past the end of the %zu-byte file (truncated?)",
+					   what, (unsigned long long) hlen, size);
+	data_size = size - 8 - hlen;
+
+	root = json_loadb((const char *) base + 8, (size_t) hlen, JSON_REJECT_DUPLICATES, &jerr);
+	if (!root)
+		return kl_errf(err, "%s: header is not valid JSON (line %d column %d: %s)", what,
+					   jerr.line, jerr.column, jerr.text);
+	if (!json_is_object(root))
+	{
+		json_decref(root);
+		return kl_errf(err, "%s: header must be a JSON object", what);
+	}
+	cap = (int) json_object_size(root);
+	if (cap > MAX_TENSORS)
+	{
+		json_decref(root);
+		return kl_errf(err, "%s: %d tensors is more than supported", what, cap);
+	}
+	spans = kl_calloc((size_t) cap + 1, sizeof(span), err);
+	if (!spans)
+		goto out;
+	if (st)
+	{
+		kl_st_tensor *nt = realloc(st->tensors, sizeof(kl_st_tensor) * ((size_t) st->n_tensors + cap + 1));
+
+		if (!nt)
+		{
+			kl_errf(err, "out of memory reading %s", what);
+			goto out;
+		}
+		st->tensors = nt;
+	}
+
+	json_object_foreach(root, key, val)
+	{
+		json_t	   *jd,
+				   *js,
+				   *jo;
+		kl_dtype	dt;
+		kl_st_tensor t;
+		uint64_t	b,
+					e,
+					numel = 1;
+		size_t		i;
+
+		if (strcmp(key, "__metadata__") == 0)
+		{
+			if (!json_is_object(val))
+			{
+				kl_errf(err, "%s: __metadata__ must be an object", what);
+				goto out;
+			}
+			continue;
+		}
+		if (!json_is_object(val))
+		{
+			kl_errf(err, "%s: entry for tensor \"%s\" is not an object", what, key);
+			goto out;
+		}
+		jd = json_object_get(val, "dtype");
+		js = json_object_get(val, "shape");
+		jo = json_object_get(val, "data_offsets");
+		if (!json_is_string(jd) || !json_is_array(js) || !json_is_array(jo) || json_array_size(jo) != 2)
+		{
+			kl_errf(err, "%s: tensor \"%s\" needs \"dtype\" (string), \"shape\" (list) and "
+					"\"data_offsets\" ([begin, end])", what, key);
+			goto out;
+		}
+		if (!dtype_from_name(json_string_value(jd), &dt))
+		{
+			kl_errf(err, "%s: tensor \"%s\" has unsupported dtype \"%s\"", what, key, json_string_value(jd));
+			goto out;
+		}
+		memset(&t, 0, sizeof(t));
+		t.dtype = dt;
+		if (json_array_size(js) > KL_ST_MAX_DIMS)
+		{
+			kl_errf(err, "%s: tensor \"%s\" has %zu dimensions (at most %d supported)", what, key,
+					json_array_size(js), KL_ST_MAX_DIMS);
+			goto out;
+		}
+		t.ndim = (int) json_array_size(js);
+		for (i = 0; i < (size_t) t.ndim; i++)
+		{
+			json_t	   *d = json_array_get(js, i);
+
+			if (!json_is_integer(d) || json_integer_value(d) < 0)
+			{
+				kl_errf(err, "%s: tensor \"%s\" has an invalid shape (dimension %zu)", what, key, i);
+				goto out;
+			}
+			t.shape[i] = json_integer_value(d);
+			if (__builtin_mul_overflow(numel, (uint64_t) t.shape[i], &numel))
+			{
+				kl_errf(err, "%s: tensor \"%s\" shape overflows", what, key);
+				goto out;
+			}
+		}
+		if (!json_is_integer(json_array_get(jo, 0)) || !json_is_integer(json_array_get(jo, 1)) ||
+			json_integer_value(json_array_get(jo, 0)) < 0 || json_integer_value(json_array_get(jo, 1)) < 0)
+		{
+			kl_errf(err, "%s: tensor \"%s\" has invalid data_offsets", what, key);
+			goto out;
+		}
+		b = (uint64_t) json_integer_value(json_array_get(jo, 0));
+		e = (uint64_t) json_integer_value(json_array_get(jo, 1));
+		if (b > e || e > data_size)
+		{
+			kl_errf(err, "%s: tensor \"%s\" data_offsets [%llu, %llu] lie outside the %llu bytes of data "
+					"(file truncated or header corrupt)", what, key, (unsigned long long) b,
+					(unsigned long long) e, (unsigned long long) data_size);
+			goto out;
+		}
+		{
+			uint64_t	want;
+
+			if (__builtin_mul_overflow(numel, (uint64_t) kl_dtype_size(dt), &want) || want != e - b)
+			{
+				kl_errf(err, "%s: tensor \"%s\" has %llu bytes of data but its shape and dtype %s need %llu",
+						what, key, (unsigned long long) (e - b), kl_dtype_name(dt),
+						(unsigned long long) (numel * kl_dtype_size(dt)));
+				goto out;
+			}
+		}
+		spans[n].begin = b;
+		spans[n].end = e;
+		spans[n].idx = n;
+		n++;
+		if (st)
+		{
+			const uint8_t *p = base + 8 + hlen + b;
+
+			t.numel = (int64_t) numel;
+			t.nbytes = (size_t) (e - b);
+			t.file = file;
+			t.name = strdup(key);
+			if (!t.name)
+			{
+				kl_errf(err, "out of memory");
+				goto out;
+			}
+			if (((uintptr_t) p % kl_dtype_size(dt)) != 0)
+			{
+				/* Kernels assume element alignment: keep an aligned copy. */
+				t.owned = kl_aligned_alloc(t.nbytes, err);
+				if (!t.owned)
+				{
+					free(t.name);
+					goto out;
+				}
+				memcpy(t.owned, p, t.nbytes);
+				p = t.owned;
+			}
+			t.data = p;
+			st->tensors[st->n_tensors++] = t;
+		}
+	}
+
+	/* No two tensors may share bytes. */
+	qsort(spans, (size_t) n, sizeof(span), cmp_span);
+	for (int i = 1; i < n; i++)
+		if (spans[i].begin < spans[i - 1].end)
+		{
+			kl_errf(err, "%s: tensor data regions overlap at offset %llu (corrupt header)", what,
+					(unsigned long long) spans[i].begin);
+			goto out;
+		}
+	rc = KL_OK;
+out:
+	free(spans);
+	json_decref(root);
+	return rc;
+}
+
+int
+kl_st_parse_header(const uint8_t *buf, size_t size, const char *what, kl_err *err)
+{
+	return parse_header(buf, size, what, NULL, 0, err);
+}
+
+static int
+map_file(const char *path, kl_st_file *f, kl_err *err)
+{
+	int			fd;
+	struct stat sb;
+
+	memset(f, 0, sizeof(*f));
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return kl_errf(err, "cannot open %s: %s", path, strerror(errno));
+	if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode))
+	{
+		close(fd);
+		return kl_errf(err, "%s is not a regular file", path);
+	}
+	f->size = (size_t) sb.st_size;
+	if (f->size > 0)
+	{
+		f->map = mmap(NULL, f->size, PROT_READ, MAP_PRIVATE, fd, 0);
+		if (f->map == MAP_FAILED)
+		{
+			f->map = NULL;
+			close(fd);
+			return kl_errf(err, "cannot map %s: %s", path, strerror(errno));
+		}
+	}
+	close(fd);
+	f->path = strdup(path);
+	if (!f->path)
+		return kl_errf(err, "out of memory");
+	return KL_OK;
+}
+
+static int
+add_file(kl_safetensors *st, const char *path, kl_err *err)
+{
+	kl_st_file *nf = realloc(st->files, sizeof(kl_st_file) * (size_t) (st->n_files + 1));
+
+	if (!nf)
+		return kl_errf(err, "out of memory");
+	st->files = nf;
+	if (map_file(path, &st->files[st->n_files], err) != KL_OK)
+		return KL_FAIL;
+	st->n_files++;
+	return parse_header(st->files[st->n_files - 1].map, st->files[st->n_files - 1].size,
+						path, st, st->n_files - 1, err);
+}
+
+int
+kl_st_open_file(const char *path, kl_safetensors *st, kl_err *err)
+{
+	memset(st, 0, sizeof(*st));
+	if (add_file(st, path, err) != KL_OK || build_hash(st, err) != KL_OK)
+	{
+		kl_st_close(st);
+		return KL_FAIL;
+	}
+	return KL_OK;
+}
+
+static bool
+file_exists(const char *path)
+{
+	struct stat sb;
+
+	return stat(path, &sb) == 0;
+}
+
+/* Shard names come from a file: they must be plain names inside the directory. */
+static bool
+plain_file_name(const char *s)
+{
+	return s[0] != 0 && strchr(s, '/') == NULL && strcmp(s, ".") != 0 && strcmp(s, "..") != 0;
+}
+
+static int
+open_sharded(const char *dir, const char *index_path, kl_safetensors *st, kl_err *err)
+{
+	json_error_t jerr;
+	json_t	   *root = json_load_file(index_path, JSON_REJECT_DUPLICATES, &jerr);
+	json_t	   *map;
+	const char *key;
+	json_t	   *val;
+	int			rc = KL_FAIL;
+	char		path[4096];
+
+	if (!root)
+		return kl_errf(err, "%s: not valid JSON (line %d: %s)", index_path, jerr.line, jerr.text);
+	map = json_object_get(root, "weight_map");
+	if (!json_is_object(map) || json_object_size(map) == 0)
+	{
+		kl_errf(err, "%s: \"weight_map\" (tensor name -> shard file) is missing or empty", index_path);
+		goto out;
+	}
+	/* Open each shard named by the map once, in order of first appearance. */
+	json_object_foreach(map, key, val)
+	{
+		const char *shard;
+		bool		seen = false;
+
+		if (!json_is_string(val) || !plain_file_name(json_string_value(val)))
+		{
+			kl_errf(err, "%s: weight_map entry for \"%s\" must be a file name in the model directory",
+					index_path, key);
+			goto out;
+		}
+		shard = json_string_value(val);
+		snprintf(path, sizeof(path), "%s/%s", dir, shard);
+		for (int i = 0; i < st->n_files; i++)
+			if (strcmp(st->files[i].path, path) == 0)
+				seen = true;
+		if (!seen && add_file(st, path, err) != KL_OK)
+			goto out;
+	}
+	if (build_hash(st, err) != KL_OK)
+		goto out;
+	/* The map and the shards must agree exactly. */
+	json_object_foreach(map, key, val)
+	{
+		kl_st_tensor *t = kl_st_find(st, key);
+
+		snprintf(path, sizeof(path), "%s/%s", dir, json_string_value(val));
+		if (!t)
+		{
+			kl_errf(err, "%s: tensor \"%s\" is listed in weight_map under %s but no shard contains it",
+					index_path, key, json_string_value(val));
+			goto out;
+		}
+		if (strcmp(st->files[t->file].path, path) != 0)
+		{
+			kl_errf(err, "%s: weight_map puts tensor \"%s\" in %s, but it is in %s", index_path, key,
+					json_string_value(val), st->files[t->file].path);
+			goto out;
+		}
+	}
+	for (int i = 0; i < st->n_tensors; i++)
+		if (!json_object_get(map, st->tensors[i].name))
+		{
+			kl_errf(err, "%s: tensor \"%s\" is in shard %s but not in the index's weight_map", index_path,
+					st->tensors[i].name, st->files[st->tensors[i].file].path);
+			goto out;
+		}
+	rc = KL_OK;
+out:
+	json_decref(root);
+	return rc;
+}
+
+int
+kl_st_open_dir(const char *dir, kl_safetensors *st, kl_err *err)
+{
+	char		path[4096];
+
+	memset(st, 0, sizeof(*st));
+	if (strlen(dir) > 3000)
+		return kl_errf(err, "model directory path is too long");
+	snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
+	if (file_exists(path))
+	{
+		if (open_sharded(dir, path, st, err) != KL_OK)
+		{
+			kl_st_close(st);
+			return KL_FAIL;
+		}
+		return KL_OK;
+	}
+	snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+	if (!file_exists(path))
+		return kl_errf(err, "%s has neither model.safetensors nor model.safetensors.index.json", dir);
+	return kl_st_open_file(path, st, err);
+}
+
+void
+kl_st_close(kl_safetensors *st)
+{
+	for (int i = 0; i < st->n_tensors; i++)
+	{
+		free(st->tensors[i].name);
+		free(st->tensors[i].owned);
+	}
+	for (int i = 0; i < st->n_files; i++)
+	{
+		if (st->files[i].map)
+			munmap(st->files[i].map, st->files[i].size);
+		free(st->files[i].path);
+	}
+	free(st->tensors);
+	free(st->files);
+	free(st->hash);
+	memset(st, 0, sizeof(*st));
+}
+
+int
+kl_st_to_f32(const kl_st_tensor *t, float *out, kl_err *err)
+{
+	int64_t		n = t->numel;
+
+	switch (t->dtype)
+	{
+		case KL_DT_F32:
+			memcpy(out, t->data, (size_t) n * 4);
+			return KL_OK;
+		case KL_DT_BF16:
+			for (int64_t i = 0; i < n; i++)
+				out[i] = kl_bf16_to_f32(((const uint16_t *) t->data)[i]);
+			return KL_OK;
+		case KL_DT_F16:
+			for (int64_t i = 0; i < n; i++)
+				out[i] = kl_f16_to_f32(((const uint16_t *) t->data)[i]);
+			return KL_OK;
+		case KL_DT_F64:
+			for (int64_t i = 0; i < n; i++)
+				out[i] = (float) ((const double *) t->data)[i];
+			return KL_OK;
+		default:
+			return kl_errf(err, "tensor \"%s\" has dtype %s where a floating-point tensor is needed",
+						   t->name, kl_dtype_name(t->dtype));
+	}
+}

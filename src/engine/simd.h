@@ -1,0 +1,44 @@
+/*
+ * simd.h — the CPU's vector kernels, chosen once at run time by CPU features:
+ * AVX-512 (F, BW, VL), AVX2 + FMA, or portable C.  The build uses no -march
+ * flag; each variant is compiled with a target attribute.
+ *
+ * All arithmetic is fp32 (bf16 weights are widened exactly, never the
+ * activations narrowed), so every variant matches the reference to float
+ * rounding.
+ */
+#ifndef KL_SIMD_H
+#define KL_SIMD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct kl_simd
+{
+	const char *name;
+	/* sum a[i] * b[i] */
+	float		(*dot) (const float *a, const float *b, int n);
+	/* y[i] += a * x[i] */
+	void		(*axpy) (float *y, float a, const float *x, int n);
+	/* y[i] *= a */
+	void		(*scale) (float *y, float a, int n);
+	/*
+	 * GEMV over a block of weight rows: for each input j < nx and row r in
+	 * [r0, r1): y[j*ldy + r] = dot(W[r, :], x[j*ldx, :]), W [rows, cols] row-major.
+	 */
+	void		(*gemv_bf16) (float *y, int ldy, const uint16_t *W, int cols,
+							  const float *x, int ldx, int nx, int r0, int r1);
+	void		(*gemv_f32) (float *y, int ldy, const float *W, int cols,
+							 const float *x, int ldx, int nx, int r0, int r1);
+	/* out[i] = (float) in[i] */
+	void		(*bf16_to_f32) (float *out, const uint16_t *in, size_t n);
+	/* y[i] = exp(x[i]) to within 2 ulp (y may be x); exp(-inf) = 0 */
+	void		(*vexp) (float *y, const float *x, int n);
+} kl_simd;
+
+/* The best variant for this CPU (KL_SIMD=avx512|avx2|scalar overrides). */
+const kl_simd *kl_simd_get(void);
+/* A named variant, or NULL if the CPU lacks it (tests compare variants). */
+const kl_simd *kl_simd_variant(const char *name);
+
+#endif
