@@ -185,6 +185,9 @@ typedef struct kl_backend_ops
 	/* called once per weight at model load; sets w->dev */
 	int			(*load_weight) (kl_backend *be, kl_weight *w, kl_err *err);
 	void		(*unload_weight) (kl_backend *be, kl_weight *w);
+	/* a weight with random values (uniform, standard deviation `scale`), made in
+	 * backend memory: w->dtype, rows, cols set, w->host NULL; sets w->dev */
+	int			(*init_random_weight) (kl_backend *be, kl_weight *w, uint64_t seed, float scale, kl_err *err);
 	/* called once per MLA layer after its weights are loaded; sets/frees w->prepared */
 	int			(*prepare_mla) (kl_backend *be, kl_mla_layer *w, kl_err *err);
 	void		(*release_mla) (kl_backend *be, kl_mla_layer *w);
@@ -207,6 +210,12 @@ typedef struct kl_backend_ops
 	/* y[n, D] = MoE(x[n, D]) including the shared experts */
 	void		(*moe) (kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n);
 
+	/* optional (NULL on the CPU): called before and after the layers of each
+	 * step, e.g. to upload the step's row offsets and page tables once, or to
+	 * capture/replay a graph of the step's kernels */
+	int			(*begin_step) (kl_backend *be, const kl_step *step, kl_err *err);
+	void		(*end_step) (kl_backend *be, const kl_step *step);
+
 	/* wait for queued work (no-op on the CPU) */
 	void		(*sync) (kl_backend *be);
 	void		(*destroy) (kl_backend *be);
@@ -222,9 +231,16 @@ struct kl_backend
 	bool		failed;
 };
 
-int			kl_backend_cpu_create(const kl_config *cfg, kl_backend **out, kl_err *err);
+/* Options a backend is created with (from kl_load_opts). */
+typedef struct kl_backend_opts
+{
+	const char *precision;		/* "fp32" (default) or "bf16" (matrix products with bf16 activations) */
+	int			device_index;	/* which GPU (CUDA) */
+} kl_backend_opts;
+
+int			kl_backend_cpu_create(const kl_config *cfg, const kl_backend_opts *opts, kl_backend **out, kl_err *err);
 /* dlopen()s the CUDA backend library; a clear error where there is none or no GPU. */
-int			kl_backend_cuda_create(const kl_config *cfg, kl_backend **out, kl_err *err);
+int			kl_backend_cuda_create(const kl_config *cfg, const kl_backend_opts *opts, kl_backend **out, kl_err *err);
 
 /*
  * MoE routing, shared by every backend (ARCHITECTURE.md, FFN): from the

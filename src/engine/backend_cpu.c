@@ -98,6 +98,58 @@ cpu_load_weight(kl_backend *be, kl_weight *w, kl_err *err)
 	return KL_OK;
 }
 
+typedef struct random_job
+{
+	kl_weight  *w;
+	uint64_t	seed;
+	float		scale;
+	size_t		n;
+} random_job;
+
+static void
+random_task(void *arg, int t, int thread)
+{
+	random_job *j = arg;
+	size_t		per = (j->n + 255) / 256;
+	size_t		i0 = (size_t) t * per,
+				i1 = i0 + per < j->n ? i0 + per : j->n;
+	uint64_t	x = j->seed ^ (0x9e3779b97f4a7c15ull * (uint64_t) (t + 1));
+	/* uniform in [-a, a] has standard deviation a / sqrt(3) */
+	float		a = j->scale * 1.7320508f;
+
+	(void) thread;
+	for (size_t i = i0; i < i1; i++)
+	{
+		float		u;
+
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		u = (float) (x >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
+		if (j->w->dtype == KL_DT_BF16)
+			((uint16_t *) j->w->dev)[i] = kl_f32_to_bf16(u * a);
+		else
+			((float *) j->w->dev)[i] = u * a;
+	}
+}
+
+static int
+cpu_init_random_weight(kl_backend *be, kl_weight *w, uint64_t seed, float scale, kl_err *err)
+{
+	random_job	j;
+
+	(void) be;
+	j.n = (size_t) w->rows * w->cols;
+	w->dev = kl_aligned_alloc(j.n * kl_dtype_size(w->dtype), err);
+	if (!w->dev)
+		return KL_FAIL;
+	j.w = w;
+	j.seed = seed;
+	j.scale = scale;
+	kl_parallel_for(256, random_task, &j);
+	return KL_OK;
+}
+
 static void
 cpu_unload_weight(kl_backend *be, kl_weight *w)
 {
@@ -320,6 +372,7 @@ static const kl_backend_ops cpu_ops = {
 	.copy = cpu_memcpy,
 	.load_weight = cpu_load_weight,
 	.unload_weight = cpu_unload_weight,
+	.init_random_weight = cpu_init_random_weight,
 	.prepare_mla = cpu_prepare_mla,
 	.release_mla = cpu_release_mla,
 	.embed = cpu_embed,
@@ -335,9 +388,13 @@ static const kl_backend_ops cpu_ops = {
 };
 
 int
-kl_backend_cpu_create(const kl_config *cfg, kl_backend **out, kl_err *err)
+kl_backend_cpu_create(const kl_config *cfg, const kl_backend_opts *opts, kl_backend **out, kl_err *err)
 {
-	kl_backend *be = kl_calloc(1, sizeof(kl_backend), err);
+	kl_backend *be;
+
+	/* the CPU computes in fp32 throughout; a bf16 request is honoured as fp32 */
+	(void) opts;
+	be = kl_calloc(1, sizeof(kl_backend), err);
 
 	if (!be)
 		return KL_FAIL;

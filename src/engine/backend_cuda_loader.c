@@ -21,7 +21,7 @@
 #define CUDA_LIB_NAME "kimi_linear_cuda.so"
 
 /* The library's entry point: same contract as kl_backend_cpu_create. */
-typedef int (*cuda_create_fn) (const kl_config *cfg, kl_backend **out, kl_err *err);
+typedef int (*cuda_create_fn) (const kl_config *cfg, const kl_backend_opts *opts, kl_backend **out, kl_err *err);
 
 static void *cuda_lib;
 
@@ -36,7 +36,7 @@ try_open(const char *path, char *why, size_t whylen)
 }
 
 int
-kl_backend_cuda_create(const kl_config *cfg, kl_backend **out, kl_err *err)
+kl_backend_cuda_create(const kl_config *cfg, const kl_backend_opts *opts, kl_backend **out, kl_err *err)
 {
 	char		why[512] = "";
 	cuda_create_fn create;
@@ -68,5 +68,5 @@ kl_backend_cuda_create(const kl_config *cfg, kl_backend **out, kl_err *err)
 	create = (cuda_create_fn) dlsym(cuda_lib, "kl_cuda_backend_create");
 	if (!create)
 		return kl_errf(err, "%s does not export kl_cuda_backend_create: rebuild it", CUDA_LIB_NAME);
-	return create(cfg, out, err);
+	return create(cfg, opts, out, err);
 }

@@ -459,8 +459,12 @@ kl_forward(kl_ctx *c, kl_batch_item *items, int n_items, kl_err *err)
 		st.pos0 = c->pos0;
 		st.force_recurrent = c->force_recurrent;
 
+		if (c->be->ops->begin_step && c->be->ops->begin_step(c->be, &st, err) != KL_OK)
+			goto out;
 		if (run_layers(c, &st, err) != KL_OK)
 			goto out;
+		if (c->be->ops->end_step)
+			c->be->ops->end_step(c->be, &st);
 
 		/* logits wanted from this step */
 		{

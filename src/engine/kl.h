@@ -42,10 +42,19 @@ int			kl_get_threads(void);
 typedef struct kl_load_opts
 {
 	const char *device;			/* "cpu" (default), "cuda", or "auto" */
+	const char *precision;		/* "fp32" (default) or "bf16": activations in matrix products (CUDA) */
+	int			device_index;	/* which GPU (default 0) */
 	bool		no_tokenizer;	/* skip tiktoken.model / tokenizer_config.json */
 } kl_load_opts;
 
 int			kl_model_load(const char *dir, const kl_load_opts *opts, kl_model **out, kl_err *err);
+/*
+ * A model of the shape in config_path with random weights (dtype "bf16" or
+ * "f32"), made directly in backend memory: for benchmarks of shapes for which
+ * no checkpoint exists here.  No tokenizer.
+ */
+int			kl_model_create_random(const char *config_path, const kl_load_opts *opts, const char *dtype,
+								   uint64_t seed, kl_model **out, kl_err *err);
 void		kl_model_free(kl_model *m);
 
 const kl_config *kl_model_config(const kl_model *m);

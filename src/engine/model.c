@@ -9,7 +9,9 @@
  */
 #include "model.h"
 
+#include <math.h>
 #include <openssl/evp.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,7 +30,58 @@ typedef struct binder
 	kl_model   *m;
 	kl_err	   *err;
 	EVP_MD_CTX *fp;				/* fingerprint hash */
+	/* random-weight models (benchmarks): no files, weights made by the backend */
+	bool		random;
+	kl_dtype	random_dtype;
+	kl_rng		rng;
 } binder;
+
+/* Names of random-model tensors must outlive binding (kl_weight.name). */
+static const char *
+keep_name(binder *b, const char *name)
+{
+	kl_model   *m = b->m;
+
+	if (m->n_names == m->cap_names)
+	{
+		int			cap = m->cap_names ? m->cap_names * 2 : 256;
+		char	  **nn = realloc(m->names, sizeof(char *) * (size_t) cap);
+
+		if (!nn)
+			return NULL;
+		m->names = nn;
+		m->cap_names = cap;
+	}
+	m->names[m->n_names] = strdup(name);
+	return m->names[m->n_names] ? m->names[m->n_names++] : NULL;
+}
+
+/*
+ * Values for a random model's vector parameters, chosen so that the forward
+ * pass behaves like a trained model's numerically (decays in the range the
+ * reference initializes them to, unit norms, zero router bias).
+ */
+static float
+random_vector_value(binder *b, const char *name, int i)
+{
+	double		u = (double) (kl_rng_next(&b->rng) >> 11) * (1.0 / 9007199254740992.0);
+
+	(void) i;
+	if (strstr(name, "A_log"))
+		return logf((float) (1.0 + 15.0 * u));
+	if (strstr(name, "dt_bias"))
+	{
+		/* softplus^-1 of dt, dt log-uniform in [0.001, 0.1] */
+		double		dt = exp(log(0.001) + u * (log(0.1) - log(0.001)));
+
+		return (float) (dt + log(-expm1(-dt)));
+	}
+	if (strstr(name, "conv1d"))
+		return (float) ((u * 2 - 1) * 0.5);
+	if (strstr(name, "e_score_correction_bias"))
+		return 0.0f;
+	return 1.0f;				/* norm weights */
+}
 
 static void
 fp_update(binder *b, const void *p, size_t n)
@@ -109,6 +162,22 @@ bind_matrix(binder *b, kl_weight *w, int rows, int cols, const char *fmt,...)
 	va_start(ap, fmt);
 	vsnprintf(name, sizeof(name), fmt, ap);
 	va_end(ap);
+	if (b->random)
+	{
+		memset(w, 0, sizeof(*w));
+		w->name = keep_name(b, name);
+		w->dtype = b->random_dtype;
+		w->rows = rows;
+		w->cols = cols;
+		if (!w->name)
+			return kl_errf(b->err, "out of memory");
+		b->m->n_params += (int64_t) rows * cols;
+		b->m->weight_bytes += (uint64_t) rows * cols * kl_dtype_size(w->dtype);
+		if (b->m->be->ops->init_random_weight(b->m->be, w, kl_rng_next(&b->rng),
+											  1.0f / sqrtf((float) cols), b->err) != KL_OK)
+			return kl_err_prefix(b->err, "random tensor \"%s\"", name);
+		return KL_OK;
+	}
 	if (!(t = find(b, name)))
 		return KL_FAIL;
 	if (t->ndim != 2 || t->shape[0] != rows || t->shape[1] != cols)
@@ -151,6 +220,18 @@ bind_vector(binder *b, float **out, int n, const int *dims, int ndims, const cha
 	va_start(ap, fmt);
 	vsnprintf(name, sizeof(name), fmt, ap);
 	va_end(ap);
+	if (b->random)
+	{
+		t = NULL;
+		tmp = kl_malloc(sizeof(float) * (size_t) n, b->err);
+		if (!tmp)
+			return KL_FAIL;
+		for (int i = 0; i < n; i++)
+			tmp[i] = random_vector_value(b, name, i);
+		b->m->n_params += n;
+		b->m->weight_bytes += sizeof(float) * (size_t) n;
+		goto upload;
+	}
 	if (!(t = find(b, name)))
 		return KL_FAIL;
 	for (int i = 0; i < t->ndim; i++)
@@ -171,6 +252,7 @@ bind_vector(binder *b, float **out, int n, const int *dims, int ndims, const cha
 		free(tmp);
 		return kl_err_prefix(b->err, "%s", m->dir);
 	}
+upload:
 	if (m->n_vecs == m->cap_vecs)
 	{
 		int			cap = m->cap_vecs ? m->cap_vecs * 2 : 64;
@@ -365,18 +447,83 @@ dir_has(const char *dir, const char *file)
 	return stat(path, &sb) == 0;
 }
 
+static int
+create_backend(kl_model *m, const kl_load_opts *opts, kl_err *err)
+{
+	const char *device = (opts && opts->device) ? opts->device : "cpu";
+	kl_backend_opts bo;
+
+	bo.precision = (opts && opts->precision) ? opts->precision : "fp32";
+	bo.device_index = opts ? opts->device_index : 0;
+	if (strcmp(bo.precision, "fp32") != 0 && strcmp(bo.precision, "bf16") != 0)
+		return kl_errf(err, "unknown precision \"%s\" (use fp32 or bf16)", bo.precision);
+	if (strcmp(device, "cpu") == 0)
+		return kl_backend_cpu_create(&m->cfg, &bo, &m->be, err);
+	if (strcmp(device, "cuda") == 0 || strcmp(device, "auto") == 0)
+	{
+		if (kl_backend_cuda_create(&m->cfg, &bo, &m->be, err) == KL_OK)
+			return KL_OK;
+		if (strcmp(device, "cuda") == 0)
+			return KL_FAIL;
+		/* auto: no usable GPU, run on the CPU */
+		return kl_backend_cpu_create(&m->cfg, &bo, &m->be, err);
+	}
+	return kl_errf(err, "unknown device \"%s\" (use cpu, cuda or auto)", device);
+}
+
+/* Bind every tensor the config implies (from the files, or random). */
+static int
+bind_all(kl_model *m, binder *b, kl_err *err)
+{
+	int			n_kda = 0,
+				n_mla = 0;
+	uint8_t		digest[EVP_MAX_MD_SIZE];
+	unsigned	dlen = 0;
+	int			rc = KL_FAIL;
+
+	b->m = m;
+	b->err = err;
+	b->fp = EVP_MD_CTX_new();
+	if (!b->fp || EVP_DigestInit_ex(b->fp, EVP_sha256(), NULL) != 1)
+	{
+		EVP_MD_CTX_free(b->fp);
+		return kl_errf(err, "cannot initialize SHA-256");
+	}
+	fp_config(b, &m->cfg);
+	if (b->random)
+		fp_update(b, &b->rng, sizeof(b->rng));
+	m->layers = kl_calloc((size_t) m->cfg.n_layers, sizeof(kl_layer), err);
+	if (!m->layers ||
+		bind_matrix(b, &m->embed, m->cfg.vocab_size, m->cfg.hidden_size, "model.embed_tokens.weight") != KL_OK)
+		goto out;
+	for (int i = 0; i < m->cfg.n_layers; i++)
+		if (bind_layer(b, i, &n_kda, &n_mla) != KL_OK)
+			goto out;
+	if (VEC1(b, &m->final_norm, m->cfg.hidden_size, "model.norm.weight") != KL_OK ||
+		bind_matrix(b, &m->lm_head, m->cfg.vocab_size, m->cfg.hidden_size, "lm_head.weight") != KL_OK)
+		goto out;
+	for (int i = 0; i < m->st.n_tensors; i++)
+		if (!m->st.tensors[i].used)
+		{
+			kl_errf(err, "%s: unexpected tensor \"%s\" in %s (the checkpoint does not match its config.json)",
+					m->dir, m->st.tensors[i].name, m->st.files[m->st.tensors[i].file].path);
+			goto out;
+		}
+	EVP_DigestFinal_ex(b->fp, digest, &dlen);
+	memcpy(m->fingerprint, digest, 16);
+	rc = KL_OK;
+out:
+	EVP_MD_CTX_free(b->fp);
+	return rc;
+}
+
 int
 kl_model_load(const char *dir, const kl_load_opts *opts, kl_model **out, kl_err *err)
 {
 	kl_model   *m;
 	binder		b;
 	char		path[4096];
-	const char *device = (opts && opts->device) ? opts->device : "cpu";
-	int			n_kda = 0,
-				n_mla = 0;
 	struct stat sb;
-	uint8_t		digest[EVP_MAX_MD_SIZE];
-	unsigned	dlen = 0;
 
 	*out = NULL;
 	if (!dir || !*dir)
@@ -391,77 +538,53 @@ kl_model_load(const char *dir, const kl_load_opts *opts, kl_model **out, kl_err 
 		return KL_FAIL;
 	m->dir = strdup(dir);
 	snprintf(path, sizeof(path), "%s/config.json", dir);
-	if (!m->dir || kl_config_load(path, &m->cfg, err) != KL_OK)
+	if (!m->dir || kl_config_load(path, &m->cfg, err) != KL_OK ||
+		create_backend(m, opts, err) != KL_OK ||
+		kl_st_open_dir(dir, &m->st, err) != KL_OK)
 		goto fail;
-
-	if (strcmp(device, "cpu") == 0)
-	{
-		if (kl_backend_cpu_create(&m->cfg, &m->be, err) != KL_OK)
-			goto fail;
-	}
-	else if (strcmp(device, "cuda") == 0 || strcmp(device, "auto") == 0)
-	{
-		if (kl_backend_cuda_create(&m->cfg, &m->be, err) != KL_OK)
-		{
-			if (strcmp(device, "cuda") == 0)
-				goto fail;
-			if (kl_backend_cpu_create(&m->cfg, &m->be, err) != KL_OK)
-				goto fail;
-		}
-	}
-	else
-	{
-		kl_errf(err, "unknown device \"%s\" (use cpu, cuda or auto)", device);
+	memset(&b, 0, sizeof(b));
+	if (bind_all(m, &b, err) != KL_OK)
 		goto fail;
-	}
-
-	if (kl_st_open_dir(dir, &m->st, err) != KL_OK)
+	if (!(opts && opts->no_tokenizer) && dir_has(dir, "tiktoken.model") &&
+		kl_tokenizer_load(dir, &m->tok, err) != KL_OK)
 		goto fail;
-
-	b.m = m;
-	b.err = err;
-	b.fp = EVP_MD_CTX_new();
-	if (!b.fp || EVP_DigestInit_ex(b.fp, EVP_sha256(), NULL) != 1)
-	{
-		kl_errf(err, "cannot initialize SHA-256");
-		EVP_MD_CTX_free(b.fp);
-		goto fail;
-	}
-	fp_config(&b, &m->cfg);
-	m->layers = kl_calloc((size_t) m->cfg.n_layers, sizeof(kl_layer), err);
-	if (!m->layers ||
-		bind_matrix(&b, &m->embed, m->cfg.vocab_size, m->cfg.hidden_size, "model.embed_tokens.weight") != KL_OK)
-		goto fail_fp;
-	for (int i = 0; i < m->cfg.n_layers; i++)
-		if (bind_layer(&b, i, &n_kda, &n_mla) != KL_OK)
-			goto fail_fp;
-	if (VEC1(&b, &m->final_norm, m->cfg.hidden_size, "model.norm.weight") != KL_OK ||
-		bind_matrix(&b, &m->lm_head, m->cfg.vocab_size, m->cfg.hidden_size, "lm_head.weight") != KL_OK)
-		goto fail_fp;
-	for (int i = 0; i < m->st.n_tensors; i++)
-		if (!m->st.tensors[i].used)
-		{
-			kl_errf(err, "%s: unexpected tensor \"%s\" in %s (the checkpoint does not match its config.json)",
-					dir, m->st.tensors[i].name, m->st.files[m->st.tensors[i].file].path);
-			goto fail_fp;
-		}
-	EVP_DigestFinal_ex(b.fp, digest, &dlen);
-	EVP_MD_CTX_free(b.fp);
-	memcpy(m->fingerprint, digest, 16);
-
-	if (!(opts && opts->no_tokenizer) && dir_has(dir, "tiktoken.model"))
-	{
-		if (kl_tokenizer_load(dir, &m->tok, err) != KL_OK)
-			goto fail;
-	}
 	*out = m;
 	return KL_OK;
-
-fail_fp:
-	EVP_MD_CTX_free(b.fp);
 fail:
 	kl_model_free(m);
 	return KL_FAIL;
+}
+
+int
+kl_model_create_random(const char *config_path, const kl_load_opts *opts, const char *dtype,
+					   uint64_t seed, kl_model **out, kl_err *err)
+{
+	kl_model   *m;
+	binder		b;
+
+	*out = NULL;
+	memset(&b, 0, sizeof(b));
+	b.random = true;
+	if (!dtype || strcmp(dtype, "bf16") == 0)
+		b.random_dtype = KL_DT_BF16;
+	else if (strcmp(dtype, "f32") == 0)
+		b.random_dtype = KL_DT_F32;
+	else
+		return kl_errf(err, "random weights dtype must be bf16 or f32, not \"%s\"", dtype);
+	kl_rng_seed(&b.rng, seed);
+	m = kl_calloc(1, sizeof(kl_model), err);
+	if (!m)
+		return KL_FAIL;
+	m->dir = strdup(config_path);
+	if (!m->dir || kl_config_load(config_path, &m->cfg, err) != KL_OK ||
+		create_backend(m, opts, err) != KL_OK ||
+		bind_all(m, &b, err) != KL_OK)
+	{
+		kl_model_free(m);
+		return KL_FAIL;
+	}
+	*out = m;
+	return KL_OK;
 }
 
 static void
@@ -510,6 +633,9 @@ kl_model_free(kl_model *m)
 		be->ops->destroy(be);
 	}
 	free(m->vecs);
+	for (int i = 0; i < m->n_names; i++)
+		free(m->names[i]);
+	free(m->names);
 	free(m->layers);
 	kl_st_close(&m->st);
 	free(m->dir);

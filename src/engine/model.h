@@ -24,6 +24,11 @@ struct kl_model
 	kl_weight	lm_head;		/* [vocab, D] */
 	kl_layer   *layers;			/* [L] */
 
+	/* names of random-model tensors (no files to point into) */
+	char	  **names;
+	int			n_names,
+				cap_names;
+
 	/* small fp32 vectors the backend holds, freed at unload */
 	float	  **vecs;
 	int			n_vecs;
