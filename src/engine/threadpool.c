@@ -35,6 +35,7 @@ static struct
 	atomic_int	next;			/* next task index to hand out */
 	atomic_int	active;			/* workers still inside the job */
 	atomic_uint generation;		/* bumped for each job */
+	unsigned	start_generation;	/* generation when the current workers were created */
 	atomic_int	stop;
 }			pool = {
 	.mu = PTHREAD_MUTEX_INITIALIZER,
@@ -58,7 +59,9 @@ static void *
 worker_main(void *p)
 {
 	int			thread = (int) (intptr_t) p;
-	unsigned	seen = atomic_load(&pool.generation);
+
+	/* not the generation now: a job may have been published since creation */
+	unsigned	seen = pool.start_generation;
 
 	for (;;)
 	{
@@ -115,6 +118,7 @@ start_workers(int total)
 	/* Threads inherit the creator's mask: block everything while creating. */
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
+	pool.start_generation = atomic_load(&pool.generation);
 	for (int i = 0; i < total - 1; i++)
 	{
 		if (pthread_create(&pool.tid[i], NULL, worker_main, (void *) (intptr_t) (i + 1)) != 0)

@@ -13,6 +13,9 @@
 static int	tap_n = 0;
 static int	tap_failed = 0;
 
+static inline int tap_ok(int cond, const char *fmt,...) __attribute__((format(printf, 2, 3)));
+static inline void tap_diag(const char *fmt,...) __attribute__((format(printf, 1, 2)));
+
 static inline int
 tap_ok(int cond, const char *fmt,...)
 {
