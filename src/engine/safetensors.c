@@ -293,10 +293,14 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 				goto out;
 			}
 		}
-		spans[n].begin = b;
-		spans[n].end = e;
-		spans[n].idx = n;
-		n++;
+		if (e > b)
+		{
+			/* empty tensors occupy no bytes and overlap nothing */
+			spans[n].begin = b;
+			spans[n].end = e;
+			spans[n].idx = n;
+			n++;
+		}
 		if (st)
 		{
 			const uint8_t *p = base + 8 + hlen + b;

@@ -303,25 +303,25 @@ kl_state_info_read(const uint8_t *blob, size_t len, kl_state_info *info, kl_err 
 
 /* Everything about a part that depends on the model. */
 static int
-check_part(const kl_seq *s, const state_header *h, int index, kl_err *err)
+check_part(const kl_seq *s, const state_header *h, kl_err *err)
 {
 	const kl_config *c = &s->model->cfg;
 	bool		ok;
 	uint64_t	want;
 
 	if (memcmp(h->fingerprint, s->model->fingerprint, 16) != 0)
-		return kl_errf(err, "state part %d was made by a different model (fingerprint mismatch): resume it "
-					   "with the model that produced it", index + 1);
+		return kl_errf(err, "the state was made by a different model (fingerprint mismatch): resume it "
+					   "with the model that produced it");
 	if (h->n_kda != (uint32_t) c->n_kda_layers || h->H != (uint32_t) c->kda_heads ||
 		h->K != (uint32_t) c->kda_head_dim || h->W != (uint32_t) c->conv_kernel ||
 		h->n_mla != (uint32_t) c->n_mla_layers || h->mla_row != (uint32_t) kl_mla_row(c))
-		return kl_errf(err, "state part %d has dimensions that do not match the model", index + 1);
+		return kl_errf(err, "the state's dimensions do not match the model");
 	want = payload_size(c, h->kind, h->from_pos, h->to_pos, &ok);
 	if (!ok || want != h->payload)
-		return kl_errf(err, "state part %d has %llu bytes of data where its header implies %llu",
-					   index + 1, (unsigned long long) h->payload, (unsigned long long) want);
+		return kl_errf(err, "the state has %llu bytes of data where its header implies %llu",
+					   (unsigned long long) h->payload, (unsigned long long) want);
 	if (h->kind == KL_STATE_HEAD && h->pending >= c->vocab_size)
-		return kl_errf(err, "state pending token %d is outside the vocabulary", h->pending);
+		return kl_errf(err, "the state's pending token %d is outside the vocabulary", h->pending);
 	return KL_OK;
 }
 
@@ -396,14 +396,13 @@ kl_state_load(kl_seq *s, const kl_blob *parts, int n_parts, kl_err *err)
 		return KL_FAIL;
 	for (int i = 0; i < n_parts; i++)
 	{
-		if (read_header(parts[i].data, parts[i].len, &hs[i], err) != KL_OK)
+		if (read_header(parts[i].data, parts[i].len, &hs[i], err) != KL_OK ||
+			check_part(s, &hs[i], err) != KL_OK)
 		{
 			if (n_parts > 1)
-				kl_err_prefix(err, "state part %d", i + 1);
+				kl_err_prefix(err, "state part %d of %d", i + 1, n_parts);
 			goto fail;
 		}
-		if (check_part(s, &hs[i], i, err) != KL_OK)
-			goto fail;
 		if ((i < n_parts - 1) != (hs[i].kind == KL_STATE_ROWS))
 		{
 			kl_errf(err, "state parts must be pages of rows followed by one head; part %d is a %s",
