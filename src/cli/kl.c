@@ -385,14 +385,7 @@ cmd_bench_tokenizer(int argc, char **argv)
 	return cmd_tokenize(argc, argv);
 }
 
-__attribute__((weak)) int
-cmd_bench(int argc, char **argv)
-{
-	(void) argc;
-	(void) argv;
-	fprintf(stderr, "kl: bench is not built in\n");
-	return 2;
-}
+
 
 int
 main(int argc, char **argv)

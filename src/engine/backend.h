@@ -38,6 +38,17 @@ typedef struct kl_weight
 	void	   *dev;			/* what the backend computes with */
 } kl_weight;
 
+/* One product of a batch: y[n, W.rows] (stride ldy) = x[n, W.cols] (stride ldx) W^T */
+typedef struct kl_matmul_job
+{
+	float	   *y;
+	int			ldy;
+	const float *x;
+	int			ldx;
+	int			n;
+	const kl_weight *W;
+} kl_matmul_job;
+
 typedef struct kl_kda_layer
 {
 	kl_weight	q_proj,
@@ -200,6 +211,9 @@ typedef struct kl_backend_ops
 							int rows, int d, float eps);
 	/* y[n, W.rows] (row stride ldy) = x[n, W.cols] (row stride ldx) W^T */
 	void		(*matmul) (kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
+	/* several independent products at once (one dispatch for all: decode
+	 * reads many small matrices, and per-product overheads add up) */
+	void		(*matmul_batch) (kl_backend *be, const kl_matmul_job *jobs, int count);
 	/* y += x */
 	void		(*add) (kl_backend *be, float *y, const float *x, size_t count);
 	/* h[r, c] = silu(g[r, c]) * u[r, c]; g and u with row stride ld, h with width */

@@ -178,100 +178,144 @@ cpu_sgemm(bool ta, bool tb, int m, int n, int k, float alpha, const float *A, in
 				m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-typedef struct matmul_job
+/*
+ * A batch of products runs as one parallel job.  Each product is cut into
+ * tasks: blocks of weight rows (and, when a matrix has few rows, blocks of
+ * input rows too); task t of the batch maps back to (product, block) through
+ * the prefix sums in `first`.
+ */
+#define MAX_BATCH 64
+
+typedef struct matmul_batch
 {
-	float	   *y;
-	int			ldy;
-	const float *x;
-	int			ldx;
-	int			n;
-	const kl_weight *W;
-	int			row_block;
-	int			n_row_blocks;
-	int			n_block;		/* input rows per task (sgemm path) */
+	const kl_matmul_job *jobs;
+	int			count;
+	int			first[MAX_BATCH + 1];	/* first task of each job */
+	int			row_block[MAX_BATCH];
+	int			n_row_blocks[MAX_BATCH];
+	int			n_block[MAX_BATCH];	/* input rows per task */
 	const kl_simd *simd;
-} matmul_job;
+} matmul_batch;
 
 static void
-gemv_task(void *arg, int t, int thread)
+matmul_task(void *arg, int t, int thread)
 {
-	matmul_job *j = arg;
-	int			r0 = t * j->row_block;
-	int			r1 = r0 + j->row_block < j->W->rows ? r0 + j->row_block : j->W->rows;
+	matmul_batch *b = arg;
+	int			k = 0;
+	const kl_matmul_job *j;
+	const kl_weight *W;
+	int			rb,
+				nb,
+				r0,
+				nr,
+				i0,
+				ni;
 
 	(void) thread;
-	if (j->W->dtype == KL_DT_BF16)
-		j->simd->gemv_bf16(j->y, j->ldy, j->W->dev, j->W->cols, j->x, j->ldx, j->n, r0, r1);
-	else
-		j->simd->gemv_f32(j->y, j->ldy, j->W->dev, j->W->cols, j->x, j->ldx, j->n, r0, r1);
+	while (t >= b->first[k + 1])
+		k++;
+	t -= b->first[k];
+	j = &b->jobs[k];
+	W = j->W;
+	rb = t % b->n_row_blocks[k];
+	nb = t / b->n_row_blocks[k];
+	r0 = rb * b->row_block[k];
+	nr = W->rows - r0 < b->row_block[k] ? W->rows - r0 : b->row_block[k];
+	i0 = nb * b->n_block[k];
+	ni = j->n - i0 < b->n_block[k] ? j->n - i0 : b->n_block[k];
+
+	if (j->n <= GEMV_MAX_ROWS)
+	{
+		/* decode: stream the weight rows once, bf16 read directly */
+		if (W->dtype == KL_DT_BF16)
+			b->simd->gemv_bf16(j->y, j->ldy, W->dev, W->cols, j->x, j->ldx, j->n, r0, r0 + nr);
+		else
+			b->simd->gemv_f32(j->y, j->ldy, W->dev, W->cols, j->x, j->ldx, j->n, r0, r0 + nr);
+		return;
+	}
+	/* prefill: sgemm on a block of weight rows (bf16 widened to f32 first) */
+	{
+		int			cols = W->cols;
+		const float *Wb;
+
+		if (W->dtype == KL_DT_BF16)
+		{
+			float	   *panel = cpu_scratch(0, (size_t) nr * cols);
+
+			b->simd->bf16_to_f32(panel, (const uint16_t *) W->dev + (size_t) r0 * cols, (size_t) nr * cols);
+			Wb = panel;
+		}
+		else
+			Wb = (const float *) W->dev + (size_t) r0 * cols;
+		cpu_sgemm(false, true, ni, nr, cols, 1.0f, j->x + (size_t) i0 * j->ldx, j->ldx,
+				  Wb, cols, 0.0f, j->y + (size_t) i0 * j->ldy + r0, j->ldy);
+	}
 }
 
-static void
-sgemm_task(void *arg, int t, int thread)
+void
+cpu_matmul_batch(kl_backend *be, const kl_matmul_job *jobs, int count)
 {
-	matmul_job *j = arg;
-	int			rb = t % j->n_row_blocks;
-	int			nb = t / j->n_row_blocks;
-	int			r0 = rb * j->row_block;
-	int			nr = j->W->rows - r0 < j->row_block ? j->W->rows - r0 : j->row_block;
-	int			i0 = nb * j->n_block;
-	int			ni = j->n - i0 < j->n_block ? j->n - i0 : j->n_block;
-	int			cols = j->W->cols;
-	const float *Wb;
+	matmul_batch b;
+	int			threads = kl_pool_threads();
+	int			total = 0;
 
-	(void) thread;
-	if (j->W->dtype == KL_DT_BF16)
+	(void) be;
+	for (int c0 = 0; c0 < count; c0 += MAX_BATCH)
 	{
-		float	   *panel = cpu_scratch(0, (size_t) nr * cols);
+		b.jobs = jobs + c0;
+		b.count = count - c0 < MAX_BATCH ? count - c0 : MAX_BATCH;
+		b.simd = kl_simd_get();
+		total = 0;
+		for (int k = 0; k < b.count; k++)
+		{
+			const kl_matmul_job *j = &b.jobs[k];
+			int			rows = j->W->rows;
 
-		j->simd->bf16_to_f32(panel, (const uint16_t *) j->W->dev + (size_t) r0 * cols, (size_t) nr * cols);
-		Wb = panel;
+			b.first[k] = total;
+			if (j->n <= 0)
+			{
+				b.n_row_blocks[k] = 1;
+				b.row_block[k] = rows;
+				b.n_block[k] = 1;
+				continue;		/* no tasks */
+			}
+			if (j->n <= GEMV_MAX_ROWS)
+			{
+				/* ~8 tasks per thread over the batch, rows a multiple of 4 */
+				int			rb = rows * b.count / (threads * 8);
+
+				rb = rb < 16 ? 16 : (rb + 3) & ~3;
+				b.row_block[k] = rb;
+				b.n_block[k] = j->n;
+			}
+			else
+			{
+				b.row_block[k] = SGEMM_BLOCK;
+				b.n_block[k] = j->n;
+			}
+			b.n_row_blocks[k] = (rows + b.row_block[k] - 1) / b.row_block[k];
+			if (j->n > GEMV_MAX_ROWS && b.n_row_blocks[k] * b.count < 2 * threads)
+			{
+				/* few weight rows (low-rank projections): split the inputs too */
+				int			parts = (2 * threads + b.n_row_blocks[k] - 1) / b.n_row_blocks[k];
+
+				b.n_block[k] = (j->n + parts - 1) / parts;
+				if (b.n_block[k] < 16)
+					b.n_block[k] = 16;
+			}
+			total += b.n_row_blocks[k] * ((j->n + b.n_block[k] - 1) / b.n_block[k]);
+		}
+		b.first[b.count] = total;
+		kl_parallel_for(total, matmul_task, &b);
 	}
-	else
-		Wb = (const float *) j->W->dev + (size_t) r0 * cols;
-	cpu_sgemm(false, true, ni, nr, cols, 1.0f, j->x + (size_t) i0 * j->ldx, j->ldx,
-			  Wb, cols, 0.0f, j->y + (size_t) i0 * j->ldy + r0, j->ldy);
 }
 
 void
 cpu_matmul(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W)
 {
-	matmul_job	j;
-	int			threads = kl_pool_threads();
+	kl_matmul_job j = {y, ldy, x, ldx, n, W};
 
-	(void) be;
-	if (n <= 0)
-		return;
-	j.y = y;
-	j.ldy = ldy;
-	j.x = x;
-	j.ldx = ldx;
-	j.n = n;
-	j.W = W;
-	j.simd = kl_simd_get();
-	if (n <= GEMV_MAX_ROWS)
-	{
-		/* ~8 tasks per thread for balance, rows a multiple of 4 for the kernel */
-		int			rb = W->rows / (threads * 8);
-
-		rb = rb < 16 ? 16 : (rb + 3) & ~3;
-		j.row_block = rb;
-		kl_parallel_for((W->rows + rb - 1) / rb, gemv_task, &j);
-		return;
-	}
-	j.row_block = SGEMM_BLOCK;
-	j.n_row_blocks = (W->rows + SGEMM_BLOCK - 1) / SGEMM_BLOCK;
-	j.n_block = n;
-	if (j.n_row_blocks < 2 * threads)
-	{
-		/* few weight rows (low-rank projections): split the inputs too */
-		int			parts = (2 * threads + j.n_row_blocks - 1) / j.n_row_blocks;
-
-		j.n_block = (n + parts - 1) / parts;
-		if (j.n_block < 16)
-			j.n_block = 16;
-	}
-	kl_parallel_for(j.n_row_blocks * ((n + j.n_block - 1) / j.n_block), sgemm_task, &j);
+	cpu_matmul_batch(be, &j, 1);
 }
 
 /* ------------------------------------------------------------------ element-wise */
@@ -378,6 +422,7 @@ static const kl_backend_ops cpu_ops = {
 	.embed = cpu_embed,
 	.rmsnorm = cpu_rmsnorm,
 	.matmul = cpu_matmul,
+	.matmul_batch = cpu_matmul_batch,
 	.add = cpu_add,
 	.swiglu = cpu_swiglu,
 	.kda = cpu_kda,

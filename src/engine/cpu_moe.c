@@ -30,17 +30,6 @@ swiglu_rows(float *h, const float *g, const float *u, size_t count)
 		h[i] = kl_silu(g[i]) * u[i];
 }
 
-/* y[m, D] = down(silu(gate x) * up x) for m rows; scratch g, u of m*F */
-static void
-expert_mlp(kl_backend *be, const kl_mlp *mlp, float *y, const float *x, int m, int D, int F,
-		   float *g, float *u)
-{
-	cpu_matmul(be, g, F, x, D, m, &mlp->gate);
-	cpu_matmul(be, u, F, x, D, m, &mlp->up);
-	swiglu_rows(g, g, u, (size_t) m * F);
-	cpu_matmul(be, y, D, g, F, m, &mlp->down);
-}
-
 void
 cpu_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n)
 {
@@ -63,6 +52,7 @@ cpu_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, c
 			   *count,
 			   *start,
 			   *order;
+	static kl_matmul_job *jobs;
 	static size_t c_sel,
 				c_count;
 	int			E = cfg->n_experts,
@@ -70,15 +60,18 @@ cpu_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, c
 				D = cfg->hidden_size,
 				F = cfg->moe_intermediate;
 	int			Fs = F * cfg->n_shared_experts;
+	size_t		nk = (size_t) n * k;
+	size_t		hrows;			/* rows of the intermediate buffers: routed pairs, then shared */
+	int			nj;
 
 	grow(&logits, &c_logits, (size_t) n * E);
 	grow(&scratch, &c_scr, (size_t) 2 * E);
-	grow(&wts, &c_w, (size_t) n * k);
-	if (c_sel < (size_t) n * k)
+	grow(&wts, &c_w, nk);
+	if (c_sel < nk)
 	{
 		free(sel);
 		free(order);
-		c_sel = (size_t) n * k;
+		c_sel = nk;
 		sel = malloc(sizeof(int) * c_sel);
 		order = malloc(sizeof(int) * c_sel);
 		if (!sel || !order)
@@ -88,22 +81,24 @@ cpu_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, c
 	{
 		free(count);
 		free(start);
+		free(jobs);
 		c_count = (size_t) E + 1;
 		count = malloc(sizeof(int) * c_count);
 		start = malloc(sizeof(int) * c_count);
-		if (!count || !start)
+		jobs = malloc(sizeof(kl_matmul_job) * (2 * c_count + 2));
+		if (!count || !start || !jobs)
 			abort();
 	}
 
-	/* route */
+	/* 1. route */
 	cpu_matmul(be, logits, E, x, D, n, &w->router);
 	for (int t = 0; t < n; t++)
 		kl_moe_route(cfg, logits + (size_t) t * E, w->score_bias, sel + (size_t) t * k,
 					 wts + (size_t) t * k, scratch);
 
-	/* group the (token, slot) pairs by expert */
+	/* 2. group the (token, slot) pairs by expert and gather their rows */
 	memset(count, 0, sizeof(int) * (size_t) (E + 1));
-	for (int i = 0; i < n * k; i++)
+	for (size_t i = 0; i < nk; i++)
 		count[sel[i]]++;
 	start[0] = 0;
 	for (int e = 0; e < E; e++)
@@ -114,42 +109,67 @@ cpu_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, c
 		if (!fill)
 			abort();
 		memcpy(fill, start, sizeof(int) * (size_t) E);
-		for (int i = 0; i < n * k; i++)
-			order[fill[sel[i]]++] = i;
+		for (size_t i = 0; i < nk; i++)
+			order[fill[sel[i]]++] = (int) i;
 		free(fill);
 	}
+	hrows = nk * F + (w->has_shared ? (size_t) n * Fs : 0);
+	grow(&xe, &c_xe, nk * D);
+	grow(&ye, &c_ye, (nk + n) * D);
+	grow(&gbuf, &c_g, hrows);
+	grow(&ubuf, &c_u, hrows);
+	for (size_t i = 0; i < nk; i++)
+		memcpy(xe + i * D, x + (size_t) (order[i] / k) * D, sizeof(float) * D);
 
-	memset(y, 0, sizeof(float) * (size_t) n * D);
-	{
-		int			maxm = 0;
-
-		for (int e = 0; e < E; e++)
-			maxm = count[e] > maxm ? count[e] : maxm;
-		grow(&xe, &c_xe, (size_t) maxm * D);
-		grow(&ye, &c_ye, (size_t) (maxm > n ? maxm : n) * D);
-		grow(&gbuf, &c_g, (size_t) (maxm > n ? maxm : n) * (F > Fs ? F : Fs));
-		grow(&ubuf, &c_u, (size_t) (maxm > n ? maxm : n) * (F > Fs ? F : Fs));
-	}
+	/* 3. gate and up of every used expert (and the shared one) in one batch */
+	nj = 0;
 	for (int e = 0; e < E; e++)
 	{
-		int			m = count[e];
+		kl_matmul_job g = {gbuf + (size_t) start[e] * F, F, xe + (size_t) start[e] * D, D, count[e], &w->experts[e].gate};
+		kl_matmul_job u = {ubuf + (size_t) start[e] * F, F, xe + (size_t) start[e] * D, D, count[e], &w->experts[e].up};
 
-		if (m == 0)
+		if (count[e] == 0)
 			continue;
-		for (int i = 0; i < m; i++)
-			memcpy(xe + (size_t) i * D, x + (size_t) (order[start[e] + i] / k) * D, sizeof(float) * D);
-		expert_mlp(be, &w->experts[e], ye, xe, m, D, F, gbuf, ubuf);
-		for (int i = 0; i < m; i++)
-		{
-			int			pair = order[start[e] + i];
-
-			kl_simd_get()->axpy(y + (size_t) (pair / k) * D, wts[pair], ye + (size_t) i * D, D);
-		}
+		jobs[nj++] = g;
+		jobs[nj++] = u;
 	}
 	if (w->has_shared)
 	{
-		expert_mlp(be, &w->shared, ye, x, n, D, Fs, gbuf, ubuf);
-		for (size_t i = 0; i < (size_t) n * D; i++)
-			y[i] += ye[i];
+		kl_matmul_job g = {gbuf + nk * F, Fs, x, D, n, &w->shared.gate};
+		kl_matmul_job u = {ubuf + nk * F, Fs, x, D, n, &w->shared.up};
+
+		jobs[nj++] = g;
+		jobs[nj++] = u;
 	}
+	cpu_matmul_batch(be, jobs, nj);
+	swiglu_rows(gbuf, gbuf, ubuf, hrows);
+
+	/* 4. down projections in one batch: routed rows into ye, shared into ye + nk rows */
+	nj = 0;
+	for (int e = 0; e < E; e++)
+	{
+		kl_matmul_job d = {ye + (size_t) start[e] * D, D, gbuf + (size_t) start[e] * F, F, count[e], &w->experts[e].down};
+
+		if (count[e] > 0)
+			jobs[nj++] = d;
+	}
+	if (w->has_shared)
+	{
+		kl_matmul_job d = {ye + nk * D, D, gbuf + nk * F, Fs, n, &w->shared.down};
+
+		jobs[nj++] = d;
+	}
+	cpu_matmul_batch(be, jobs, nj);
+
+	/* 5. y = sum of weighted expert outputs (+ shared) */
+	memset(y, 0, sizeof(float) * (size_t) n * D);
+	for (size_t i = 0; i < nk; i++)
+	{
+		int			pair = order[i];
+
+		kl_simd_get()->axpy(y + (size_t) (pair / k) * D, wts[pair], ye + i * D, D);
+	}
+	if (w->has_shared)
+		for (size_t i = 0; i < (size_t) n * D; i++)
+			y[i] += ye[nk * D + i];
 }

@@ -13,6 +13,8 @@
 
 /* y[n, W.rows] (stride ldy) = x[n, W.cols] (stride ldx) W^T, using all threads */
 void		cpu_matmul(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
+/* several products in one parallel dispatch */
+void		cpu_matmul_batch(kl_backend *be, const kl_matmul_job *jobs, int count);
 
 /* Single-threaded fp32 GEMM for use inside a task: C[m,n] = alpha A op B + beta C,
  * row-major, with A [m,k] (or [k,m] if ta) and B [k,n] (or [n,k] if tb). */

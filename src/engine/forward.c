@@ -26,6 +26,8 @@ struct kl_ctx
 	kl_backend *be;
 	int			max_tokens;
 	bool		force_recurrent;
+	bool		profile;
+	double		prof[KL_PROF_N];
 
 	/* activations, [max_tokens, width] each (backend memory) */
 	float	   *x;				/* the residual stream h */
@@ -37,7 +39,8 @@ struct kl_ctx
 			   *p5,
 			   *p6,
 			   *p7,
-			   *p8;				/* projections (roles per mixer below) */
+			   *p8,
+			   *p9;				/* projections (roles per mixer below) */
 	float	   *lrows;			/* rows whose logits are wanted [LOGIT_ROWS, D] */
 	float	   *logits;			/* [LOGIT_ROWS, vocab] */
 	float	   *logits_host;	/* staging for download */
@@ -55,14 +58,37 @@ imax(int a, int b)
 	return a > b ? a : b;
 }
 
+/* Run an op, charging its time to a part when profiling. */
+#define TIMED(c, part, ...) \
+	do { \
+		double		t0_ = (c)->profile ? kl_now() : 0; \
+		__VA_ARGS__; \
+		if ((c)->profile) \
+		{ \
+			(c)->be->ops->sync((c)->be); \
+			(c)->prof[part] += kl_now() - t0_; \
+		} \
+	} while (0)
+
+/* Several products of one stage at once (one dispatch on the CPU). */
+static void
+matmuls(kl_ctx *c, const kl_matmul_job *jobs, int count)
+{
+	if (c->be->ops->matmul_batch)
+		c->be->ops->matmul_batch(c->be, jobs, count);
+	else
+		for (int i = 0; i < count; i++)
+			c->be->ops->matmul(c->be, jobs[i].y, jobs[i].ldy, jobs[i].x, jobs[i].ldx, jobs[i].n, jobs[i].W);
+}
+
 /* ------------------------------------------------------------------ the mixers */
 
 /*
  * KDA: projections, then the backend's fused op (short conv, normalization,
  * decay, delta rule, gated norm), then o_proj.
  *   p1 = q, p2 = k, p3 = v (pre-conv), p4 = f (decay, pre-softplus),
- *   p5 = gate (pre-sigmoid), p6 = low-rank scratch, p8 = beta (pre-sigmoid),
- *   p7 = mixer output before o_proj.
+ *   p5 = gate (pre-sigmoid), p6, p9 = the low-rank halves of f and gate,
+ *   p8 = beta (pre-sigmoid), p7 = mixer output before o_proj.
  */
 static void
 kda_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
@@ -76,14 +102,23 @@ kda_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
 	int			K = cfg->kda_head_dim;
 	kl_kda_args a;
 
-	be->ops->matmul(be, c->p1, HK, c->xn, D, n, &w->q_proj);
-	be->ops->matmul(be, c->p2, HK, c->xn, D, n, &w->k_proj);
-	be->ops->matmul(be, c->p3, HK, c->xn, D, n, &w->v_proj);
-	be->ops->matmul(be, c->p6, K, c->xn, D, n, &w->f_a);
-	be->ops->matmul(be, c->p4, HK, c->p6, K, n, &w->f_b);
-	be->ops->matmul(be, c->p6, K, c->xn, D, n, &w->g_a);
-	be->ops->matmul(be, c->p5, HK, c->p6, K, n, &w->g_b);
-	be->ops->matmul(be, c->p8, cfg->kda_heads, c->xn, D, n, &w->b_proj);
+	TIMED(c, KL_PROF_LINEAR, {
+		kl_matmul_job from_x[] = {
+			{c->p1, HK, c->xn, D, n, &w->q_proj},
+			{c->p2, HK, c->xn, D, n, &w->k_proj},
+			{c->p3, HK, c->xn, D, n, &w->v_proj},
+			{c->p6, K, c->xn, D, n, &w->f_a},
+			{c->p9, K, c->xn, D, n, &w->g_a},
+			{c->p8, cfg->kda_heads, c->xn, D, n, &w->b_proj},
+		};
+		kl_matmul_job low_rank[] = {
+			{c->p4, HK, c->p6, K, n, &w->f_b},
+			{c->p5, HK, c->p9, K, n, &w->g_b},
+		};
+
+		matmuls(c, from_x, 6);
+		matmuls(c, low_rank, 2);
+	});
 
 	a.w = w;
 	a.kda_index = L->kind_index;
@@ -94,9 +129,9 @@ kda_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
 	a.b = c->p8;
 	a.gate = c->p5;
 	a.out = c->p7;
-	be->ops->kda(be, st, &a);
+	TIMED(c, KL_PROF_KDA, be->ops->kda(be, st, &a));
 
-	be->ops->matmul(be, c->xn, D, c->p7, HK, n, &w->o_proj);
+	TIMED(c, KL_PROF_LINEAR, be->ops->matmul(be, c->xn, D, c->p7, HK, n, &w->o_proj));
 }
 
 /*
@@ -118,28 +153,38 @@ mla_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
 	int			Wkv = kl_mla_row(cfg);
 	kl_mla_args a;
 
-	if (cfg->q_lora_rank > 0)
-	{
-		be->ops->matmul(be, c->p6, cfg->q_lora_rank, c->xn, D, n, &w->q_a);
-		be->ops->rmsnorm(be, c->p6, cfg->q_lora_rank, c->p6, cfg->q_lora_rank, w->q_a_norm, n,
-						 cfg->q_lora_rank, cfg->rms_norm_eps);
-		be->ops->matmul(be, c->p1, Ha * Dq, c->p6, cfg->q_lora_rank, n, &w->q_b);
-	}
-	else
-		be->ops->matmul(be, c->p1, Ha * Dq, c->xn, D, n, &w->q_proj);
+	TIMED(c, KL_PROF_LINEAR, {
+		kl_matmul_job from_x[2] = {
+			{c->p2, Wkv, c->xn, D, n, &w->kv_a},
+			{c->p1, Ha * Dq, c->xn, D, n, &w->q_proj},
+		};
 
-	be->ops->matmul(be, c->p2, Wkv, c->xn, D, n, &w->kv_a);
-	/* normalize the first R numbers of each row in place; k_pe stays raw */
-	be->ops->rmsnorm(be, c->p2, Wkv, c->p2, Wkv, w->kv_a_norm, n, cfg->kv_lora_rank, cfg->rms_norm_eps);
+		if (cfg->q_lora_rank > 0)
+		{
+			kl_matmul_job qa = {c->p6, cfg->q_lora_rank, c->xn, D, n, &w->q_a};
+
+			from_x[1] = qa;
+		}
+		matmuls(c, from_x, 2);
+		if (cfg->q_lora_rank > 0)
+		{
+			be->ops->rmsnorm(be, c->p6, cfg->q_lora_rank, c->p6, cfg->q_lora_rank, w->q_a_norm, n,
+							 cfg->q_lora_rank, cfg->rms_norm_eps);
+			be->ops->matmul(be, c->p1, Ha * Dq, c->p6, cfg->q_lora_rank, n, &w->q_b);
+		}
+
+		/* normalize the first R numbers of each row in place; k_pe stays raw */
+		be->ops->rmsnorm(be, c->p2, Wkv, c->p2, Wkv, w->kv_a_norm, n, cfg->kv_lora_rank, cfg->rms_norm_eps);
+	});
 
 	a.w = w;
 	a.mla_index = L->kind_index;
 	a.q = c->p1;
 	a.kv = c->p2;
 	a.out = c->p3;
-	be->ops->mla(be, st, &a);
+	TIMED(c, KL_PROF_MLA, be->ops->mla(be, st, &a));
 
-	be->ops->matmul(be, c->xn, D, c->p3, Ha * cfg->v_head_dim, n, &w->o_proj);
+	TIMED(c, KL_PROF_LINEAR, be->ops->matmul(be, c->xn, D, c->p3, Ha * cfg->v_head_dim, n, &w->o_proj));
 }
 
 /* ------------------------------------------------------------------ feed-forward */
@@ -151,8 +196,12 @@ dense_mlp(kl_ctx *c, int n, const kl_mlp *mlp, int I)
 	kl_backend *be = c->be;
 	int			D = c->m->cfg.hidden_size;
 
-	be->ops->matmul(be, c->p1, I, c->xn, D, n, &mlp->gate);
-	be->ops->matmul(be, c->p2, I, c->xn, D, n, &mlp->up);
+	kl_matmul_job gate_up[] = {
+		{c->p1, I, c->xn, D, n, &mlp->gate},
+		{c->p2, I, c->xn, D, n, &mlp->up},
+	};
+
+	matmuls(c, gate_up, 2);
 	be->ops->swiglu(be, c->p3, c->p1, c->p2, n, I, I);
 	be->ops->matmul(be, c->xn, D, c->p3, I, n, &mlp->down);
 }
@@ -163,11 +212,13 @@ ffn(kl_ctx *c, int n, const kl_layer *L)
 	if (L->is_moe)
 	{
 		/* result into p1, then back to xn */
-		c->be->ops->moe(c->be, &c->m->cfg, &L->moe, c->p1, c->xn, n);
-		c->be->ops->copy(c->be, c->xn, c->p1, sizeof(float) * (size_t) n * c->m->cfg.hidden_size);
+		TIMED(c, KL_PROF_MOE, {
+			c->be->ops->moe(c->be, &c->m->cfg, &L->moe, c->p1, c->xn, n);
+			c->be->ops->copy(c->be, c->xn, c->p1, sizeof(float) * (size_t) n * c->m->cfg.hidden_size);
+		});
 	}
 	else
-		dense_mlp(c, n, &L->mlp, c->m->cfg.intermediate_size);
+		TIMED(c, KL_PROF_LINEAR, dense_mlp(c, n, &L->mlp, c->m->cfg.intermediate_size));
 }
 
 /* ------------------------------------------------------------------ one step */
@@ -186,21 +237,21 @@ run_layers(kl_ctx *c, const kl_step *st, kl_err *err)
 	int			D = cfg->hidden_size;
 	size_t		nD = (size_t) n * D;
 
-	be->ops->embed(be, c->x, &m->embed, c->ids, n);
+	TIMED(c, KL_PROF_OTHER, be->ops->embed(be, c->x, &m->embed, c->ids, n));
 	for (int i = 0; i < cfg->n_layers; i++)
 	{
 		const kl_layer *L = &m->layers[i];
 
-		be->ops->rmsnorm(be, c->xn, D, c->x, D, L->input_norm, n, D, cfg->rms_norm_eps);
+		TIMED(c, KL_PROF_OTHER, be->ops->rmsnorm(be, c->xn, D, c->x, D, L->input_norm, n, D, cfg->rms_norm_eps));
 		if (L->kind == KL_LAYER_KDA)
 			kda_mixer(c, st, L);
 		else
 			mla_mixer(c, st, L);
-		be->ops->add(be, c->x, c->xn, nD);
+		TIMED(c, KL_PROF_OTHER, be->ops->add(be, c->x, c->xn, nD));
 
-		be->ops->rmsnorm(be, c->xn, D, c->x, D, L->post_norm, n, D, cfg->rms_norm_eps);
+		TIMED(c, KL_PROF_OTHER, be->ops->rmsnorm(be, c->xn, D, c->x, D, L->post_norm, n, D, cfg->rms_norm_eps));
 		ffn(c, n, L);
-		be->ops->add(be, c->x, c->xn, nD);
+		TIMED(c, KL_PROF_OTHER, be->ops->add(be, c->x, c->xn, nD));
 
 		if (be->failed)
 		{
@@ -232,6 +283,8 @@ logits_flush(kl_ctx *c, logit_queue *q)
 	int			D = cfg->hidden_size;
 	int			V = cfg->vocab_size;
 
+	double		t0 = kl_now();
+
 	if (q->n == 0)
 		return;
 	for (int r = 0; r < q->n; r++)
@@ -243,6 +296,8 @@ logits_flush(kl_ctx *c, logit_queue *q)
 	for (int r = 0; r < q->n; r++)
 		memcpy(q->dst[r], c->logits_host + (size_t) r * V, sizeof(float) * (size_t) V);
 	q->n = 0;
+	if (c->profile)
+		c->prof[KL_PROF_LOGITS] += kl_now() - t0;
 }
 
 static void
@@ -343,6 +398,7 @@ kl_ctx_new(kl_model *m, int max_step_tokens, kl_ctx **out, kl_err *err)
 	ALLOC(p6, T * imax((int) w6, 1));
 	ALLOC(p7, (size_t) T * imax(HK, 1));
 	ALLOC(p8, (size_t) T * imax(cfg->kda_heads, 1));
+	ALLOC(p9, (size_t) T * imax(cfg->kda_head_dim, 1));
 	ALLOC(lrows, (size_t) LOGIT_ROWS * cfg->hidden_size);
 	ALLOC(logits, (size_t) LOGIT_ROWS * cfg->vocab_size);
 #undef ALLOC
@@ -365,7 +421,7 @@ kl_ctx_free(kl_ctx *c)
 {
 	if (!c)
 		return;
-	float	   *bufs[] = {c->x, c->xn, c->p1, c->p2, c->p3, c->p4, c->p5, c->p6, c->p7, c->p8,
+	float	   *bufs[] = {c->x, c->xn, c->p1, c->p2, c->p3, c->p4, c->p5, c->p6, c->p7, c->p8, c->p9,
 	c->lrows, c->logits};
 
 	for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
@@ -383,6 +439,19 @@ void
 kl_ctx_force_recurrent(kl_ctx *c, bool on)
 {
 	c->force_recurrent = on;
+}
+
+void
+kl_ctx_profile(kl_ctx *c, bool on)
+{
+	c->profile = on;
+	memset(c->prof, 0, sizeof(c->prof));
+}
+
+void
+kl_ctx_profile_read(const kl_ctx *c, double out[KL_PROF_N])
+{
+	memcpy(out, c->prof, sizeof(c->prof));
 }
 
 /*

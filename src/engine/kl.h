@@ -121,6 +121,23 @@ int			kl_forward(kl_ctx *ctx, kl_batch_item *items, int n_items, kl_err *err);
  * chunkwise form for multi-token inputs (tests compare the two). */
 void		kl_ctx_force_recurrent(kl_ctx *ctx, bool on);
 
+/* Time spent per part of the forward pass (benchmarks).  Profiling waits for
+ * each op to finish, so it slows a GPU down; off by default. */
+typedef enum kl_prof_part
+{
+	KL_PROF_LINEAR,				/* matrix products of the projections and dense MLPs */
+	KL_PROF_KDA,				/* the KDA mixer core (conv, delta rule, gated norm) */
+	KL_PROF_MLA,				/* the MLA attention core */
+	KL_PROF_MOE,				/* mixture of experts, routing included */
+	KL_PROF_LOGITS,				/* final norm and lm_head */
+	KL_PROF_OTHER,				/* embedding, norms, residual adds */
+	KL_PROF_N
+} kl_prof_part;
+
+void		kl_ctx_profile(kl_ctx *ctx, bool on);
+/* seconds per part since profiling was switched on */
+void		kl_ctx_profile_read(const kl_ctx *ctx, double out[KL_PROF_N]);
+
 /* ------------------------------------------------------------------ sampling */
 
 typedef struct kl_sampling

@@ -207,6 +207,13 @@ gemv_bf16_avx2(float *y, int ldy, const uint16_t *W, int cols, const float *x, i
 			{
 				__m256		xv = _mm256_loadu_ps(xj + c);
 
+				if (j == 0 && (c & 31) == 0)
+				{
+					_mm_prefetch((const char *) (w0 + 8 * cols + c), _MM_HINT_T0);
+					_mm_prefetch((const char *) (w1 + 8 * cols + c), _MM_HINT_T0);
+					_mm_prefetch((const char *) (w2 + 8 * cols + c), _MM_HINT_T0);
+					_mm_prefetch((const char *) (w3 + 8 * cols + c), _MM_HINT_T0);
+				}
 				a0 = _mm256_fmadd_ps(bf16x8(w0 + c), xv, a0);
 				a1 = _mm256_fmadd_ps(bf16x8(w1 + c), xv, a1);
 				a2 = _mm256_fmadd_ps(bf16x8(w2 + c), xv, a2);
@@ -330,6 +337,9 @@ static const kl_simd simd_avx2 = {
 /* ------------------------------------------------------------------ AVX-512 */
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#ifndef PF_DIST
+#define PF_DIST 8				/* rows ahead to prefetch in the GEMV kernels */
+#endif
 
 AVX512 static inline __m512
 bf16x16(const uint16_t *p)
@@ -432,6 +442,14 @@ gemv_bf16_avx512(float *y, int ldy, const uint16_t *W, int cols, const float *x,
 			{
 				__m512		xv = _mm512_loadu_ps(xj + c);
 
+				if (j == 0 && (c & 31) == 0)
+				{
+					/* the next four rows, a block ahead: keeps more misses in flight */
+					_mm_prefetch((const char *) (w0 + PF_DIST * cols + c), _MM_HINT_T0);
+					_mm_prefetch((const char *) (w1 + PF_DIST * cols + c), _MM_HINT_T0);
+					_mm_prefetch((const char *) (w2 + PF_DIST * cols + c), _MM_HINT_T0);
+					_mm_prefetch((const char *) (w3 + PF_DIST * cols + c), _MM_HINT_T0);
+				}
 				a0 = _mm512_fmadd_ps(bf16x16(w0 + c), xv, a0);
 				a1 = _mm512_fmadd_ps(bf16x16(w1 + c), xv, a1);
 				a2 = _mm512_fmadd_ps(bf16x16(w2 + c), xv, a2);

@@ -88,12 +88,19 @@ worker_main(void *p)
 	}
 }
 
+/* sysconf reads /sys on every call (tens of microseconds): ask once */
 static int
 online_cores(void)
 {
-	long		n = sysconf(_SC_NPROCESSORS_ONLN);
+	static int	cores;
 
-	return n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : (int) n;
+	if (cores == 0)
+	{
+		long		n = sysconf(_SC_NPROCESSORS_ONLN);
+
+		cores = n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : (int) n;
+	}
+	return cores;
 }
 
 static void
