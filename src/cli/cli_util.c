@@ -81,3 +81,39 @@ cli_parse_ids(const char *s, int32_t **ids, int *n)
 	*n = k;
 	return 0;
 }
+
+uint8_t *
+cli_read_file(const char *path, size_t *len)
+{
+	FILE	   *f = fopen(path, "rb");
+	uint8_t    *b = NULL;
+	long		n;
+
+	if (!f)
+		return NULL;
+	if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0 &&
+		(b = malloc((size_t) n + 1)) != NULL && fread(b, 1, (size_t) n, f) == (size_t) n)
+		*len = (size_t) n;
+	else
+	{
+		free(b);
+		b = NULL;
+	}
+	fclose(f);
+	return b;
+}
+
+int
+cli_write_file(const char *path, const void *data, size_t len)
+{
+	FILE	   *f = fopen(path, "wb");
+
+	if (!f)
+		return -1;
+	if (fwrite(data, 1, len, f) != len)
+	{
+		fclose(f);
+		return -1;
+	}
+	return fclose(f) == 0 ? 0 : -1;
+}

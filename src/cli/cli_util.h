@@ -24,4 +24,8 @@ int			cli_load(const cli_common *co, kl_model **m, kl_err *err);
 /* "1,2,3" (commas or whitespace) -> malloc'd ids; 0 on success */
 int			cli_parse_ids(const char *s, int32_t **ids, int *n);
 
+/* whole file -> malloc'd bytes (NULL on error); write bytes to a file (0 on success) */
+uint8_t    *cli_read_file(const char *path, size_t *len);
+int			cli_write_file(const char *path, const void *data, size_t len);
+
 #endif

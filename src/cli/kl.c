@@ -30,6 +30,7 @@ usage(void)
 			"  generate   --model DIR (--ids 1,2,3 | --prompt TEXT | --chat TEXT [--system TEXT])\n"
 			"             [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--min-p P]\n"
 			"             [--repetition-penalty R] [--seed S] [--stop-ids a,b] [--ignore-eos]\n"
+			"             [--state-in FILE] [--state-out FILE]   (resume from / save the sequence state)\n"
 			"  bench      --model DIR | --config FILE  [--prefill 512,4096] [--decode 0,4096] [--dtype bf16]\n"
 			"  tokenize   --model DIR [--special]        (text on stdin, ids on stdout)\n"
 			"  detokenize --model DIR                    (ids on stdin, text on stdout)\n"
@@ -192,7 +193,9 @@ cmd_generate(int argc, char **argv)
 			   *prompt = NULL,
 			   *chat = NULL,
 			   *system_msg = NULL,
-			   *stop_s = NULL;
+			   *stop_s = NULL,
+			   *state_in = NULL,
+			   *state_out = NULL;
 	kl_gen_params gp;
 	kl_err		err;
 	kl_model   *m = NULL;
@@ -241,15 +244,20 @@ cmd_generate(int argc, char **argv)
 			stop_s = argv[++i];
 		else if (strcmp(argv[i], "--ignore-eos") == 0)
 			gp.ignore_eos = true;
+		else if (strcmp(argv[i], "--state-in") == 0 && i + 1 < argc)
+			state_in = argv[++i];
+		else if (strcmp(argv[i], "--state-out") == 0 && i + 1 < argc)
+			state_out = argv[++i];
 		else
 		{
 			fprintf(stderr, "kl generate: unknown or incomplete option %s\n", argv[i]);
 			return 2;
 		}
 	}
-	if (!co.model || (!!ids_s + !!prompt + !!chat) != 1)
+	if (!co.model || (!!ids_s + !!prompt + !!chat) > 1 || (!ids_s && !prompt && !chat && !state_in))
 	{
-		fprintf(stderr, "kl generate: --model and exactly one of --ids, --prompt, --chat are required\n");
+		fprintf(stderr, "kl generate: --model and one of --ids, --prompt, --chat are required "
+				"(none only with --state-in: continue the saved generation)\n");
 		return 2;
 	}
 	if (stop_s && cli_parse_ids(stop_s, &stops, &n_stops) != 0)
@@ -260,8 +268,30 @@ cmd_generate(int argc, char **argv)
 	if (cli_load(&co, &m, &err) != KL_OK || kl_ctx_new(m, 0, &ctx, &err) != KL_OK ||
 		kl_seq_new(m, &seq, &err) != KL_OK)
 		goto fail;
+	if (state_in)
+	{
+		size_t		len;
+		uint8_t    *blob = cli_read_file(state_in, &len);
+		kl_blob		part = {blob, len};
+		int			rc_load;
 
-	if (ids_s)
+		if (!blob)
+		{
+			fprintf(stderr, "kl generate: cannot read %s\n", state_in);
+			goto out;
+		}
+		rc_load = kl_state_load(seq, &part, 1, &err);
+		free(blob);
+		if (rc_load != KL_OK)
+		{
+			kl_err_prefix(&err, "%s", state_in);
+			goto fail;
+		}
+	}
+
+	if (!ids_s && !prompt && !chat)
+		n = 0;					/* continue from the state's pending token */
+	else if (ids_s)
 	{
 		if (cli_parse_ids(ids_s, &ids, &n) != 0)
 		{
@@ -283,7 +313,8 @@ cmd_generate(int argc, char **argv)
 		if (prompt)
 		{
 			/* a fresh text prompt starts with the bos token, as the model was trained */
-			if (kl_tokenizer_bos(tok) >= 0 && kl_ids_push(&enc, kl_tokenizer_bos(tok), &err) != KL_OK)
+			if (kl_seq_positions(seq) == 0 && kl_seq_pending(seq) < 0 && kl_tokenizer_bos(tok) >= 0 &&
+				kl_ids_push(&enc, kl_tokenizer_bos(tok), &err) != KL_OK)
 				goto fail;
 			if (kl_encode(tok, prompt, strlen(prompt), 0, &enc, &err) != KL_OK)
 				goto fail;
@@ -329,6 +360,21 @@ cmd_generate(int argc, char **argv)
 	if (kl_generate(ctx, seq, ids, n, &gp, &out, NULL, NULL, &err) != KL_OK)
 		goto fail;
 	t1 = kl_now();
+	if (state_out)
+	{
+		uint8_t    *blob;
+		size_t		len;
+
+		if (kl_state_save(seq, 0, &blob, &len, &err) != KL_OK)
+			goto fail;
+		if (cli_write_file(state_out, blob, len) != 0)
+		{
+			free(blob);
+			fprintf(stderr, "kl generate: cannot write %s\n", state_out);
+			goto out;
+		}
+		free(blob);
+	}
 	for (size_t i = 0; i < out.n; i++)
 		printf("%s%d", i ? "," : "", out.ids[i]);
 	printf("\n");

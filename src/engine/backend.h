@@ -115,7 +115,7 @@ typedef struct kl_layer
  * of MLA layer j holds positions [p*KL_MLA_PAGE, (p+1)*KL_MLA_PAGE), each a
  * row of R+Dr floats (the normalized latent c, then k_pe).
  */
-#define KL_MLA_PAGE 256
+#define KL_MLA_PAGE 1024
 
 typedef struct kl_mla_cache
 {

@@ -47,6 +47,15 @@
 /*
  * One head, n tokens.  q, k, g: rows of K (stride ld), v: rows of V (stride
  * ld), beta[n]; o: rows of V (stride ldo).  S [K x V] is updated in place.
+ *
+ * The step above, regrouped so that S is read once and written once per
+ * token (with a = exp(g_t), D = diag(a)):
+ *
+ *     w = (D S)^T k = S^T (a * k)         z = S^T (a * q)     (read-only pass)
+ *     u = beta (v - w)                    o = z + u (k . q)
+ *     S = D S + k u^T                                         (update pass)
+ *
+ * since o = (D S + k u^T)^T q = S^T (a * q) + u (k . q).
  */
 CLONES static void
 kda_recurrent(float *S, int K, int V, int n, const float *q, const float *k, const float *v,
@@ -60,11 +69,32 @@ kda_recurrent(float *S, int K, int V, int n, const float *q, const float *k, con
 		const float *kt = k + (size_t) t * ld;
 		const float *vt = v + (size_t) t * ld;
 		float	   *ot = o + (size_t) t * ldo;
+		float		kq = 0;
 
 		simd->vexp(a, g + (size_t) t * ld, K);
-		/* decay, and w = S^T k with the decayed S */
 		for (int x = 0; x < V; x++)
+		{
 			w[x] = 0;
+			ot[x] = 0;
+		}
+		for (int c = 0; c < K; c++)
+		{
+			const float *Sc = S + (size_t) c * V;
+			float		ak = a[c] * kt[c],
+						aq = a[c] * qt[c];
+
+			kq += kt[c] * qt[c];
+			for (int x = 0; x < V; x++)
+			{
+				w[x] += ak * Sc[x];
+				ot[x] += aq * Sc[x];
+			}
+		}
+		for (int x = 0; x < V; x++)
+		{
+			w[x] = beta[t] * (vt[x] - w[x]);	/* now u */
+			ot[x] += w[x] * kq;
+		}
 		for (int c = 0; c < K; c++)
 		{
 			float	   *Sc = S + (size_t) c * V;
@@ -72,28 +102,7 @@ kda_recurrent(float *S, int K, int V, int n, const float *q, const float *k, con
 						kc = kt[c];
 
 			for (int x = 0; x < V; x++)
-			{
-				Sc[x] *= ac;
-				w[x] += kc * Sc[x];
-			}
-		}
-		/* u = beta (v - w); S += k u^T; o = S^T q */
-		for (int x = 0; x < V; x++)
-		{
-			w[x] = beta[t] * (vt[x] - w[x]);
-			ot[x] = 0;
-		}
-		for (int c = 0; c < K; c++)
-		{
-			float	   *Sc = S + (size_t) c * V;
-			float		kc = kt[c],
-						qc = qt[c];
-
-			for (int x = 0; x < V; x++)
-			{
-				Sc[x] += kc * w[x];
-				ot[x] += qc * Sc[x];
-			}
+				Sc[x] = ac * Sc[x] + kc * w[x];
 		}
 	}
 }

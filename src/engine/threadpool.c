@@ -1,57 +1,98 @@
 /*
  * threadpool.c — see threadpool.h.
  *
- * Workers spin briefly after a job (decode steps come every few hundred
- * microseconds and waking a sleeping thread costs tens of microseconds), then
- * sleep on a condition variable.
+ * Tasks are claimed through one 64-bit word holding (job generation, next
+ * task index): a worker that wakes up late cannot claim a task of a newer job
+ * by mistake, since its compare-and-swap names the generation it saw.  The
+ * submitter runs tasks too and then waits only until every task is *done* —
+ * never for workers that did not show up.  When the machine is oversubscribed
+ * (inside PostgreSQL, other processes want the cores) a descheduled worker
+ * therefore costs nothing: the submitter does its share.
+ *
+ * Waiting is adaptive: decode steps come every few hundred microseconds and
+ * waking a sleeping thread costs tens of microseconds, so workers spin (with
+ * the CPU's pause hint) for a short while after a job, then sleep on a
+ * condition variable; the submitter likewise for the last running tasks.
  */
 #include "threadpool.h"
 
+#include <immintrin.h>
 #include <pthread.h>
-#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <unistd.h>
 
 #include "kl.h"
 
 #define MAX_THREADS 256
-#define SPIN_ITERS 20000
+#define WORKER_SPIN 4000		/* pause iterations (~0.1 ms) before a worker sleeps */
+#define SUBMIT_SPIN 4000		/* before the submitter sleeps waiting for running tasks */
 
 static struct
 {
 	pthread_mutex_t mu;
-	pthread_cond_t wake;
+	pthread_cond_t wake;		/* a new job (or stop) for the workers */
+	pthread_cond_t done;		/* the last task of a job finished */
 	pthread_t	tid[MAX_THREADS];
 	int			n_workers;		/* threads besides the caller */
 	int			want_threads;	/* configured total (0 = cores) */
 
-	/* the current job */
+	/* the current job; fn, arg and n_tasks change only between jobs */
 	kl_task_fn	fn;
 	void	   *arg;
 	int			n_tasks;
-	atomic_int	next;			/* next task index to hand out */
-	atomic_int	active;			/* workers still inside the job */
+	_Atomic uint64_t claim;		/* generation << 32 | next task index */
+	atomic_int	finished;		/* tasks done in the current job */
 	atomic_uint generation;		/* bumped for each job */
 	unsigned	start_generation;	/* generation when the current workers were created */
 	atomic_int	stop;
+	bool		submitter_waiting;	/* under mu */
 }			pool = {
 	.mu = PTHREAD_MUTEX_INITIALIZER,
 	.wake = PTHREAD_COND_INITIALIZER,
+	.done = PTHREAD_COND_INITIALIZER,
 };
 
-static void
-run_tasks(int thread)
+static inline void
+cpu_relax(void)
 {
+#if defined(__x86_64__) || defined(__i386__)
+	_mm_pause();
+#endif
+}
+
+/* Claim the next task of job `gen`; -1 when none is left (or the job is over). */
+static int
+claim_task(unsigned gen)
+{
+	uint64_t	v = atomic_load(&pool.claim);
+
 	for (;;)
 	{
-		int			i = atomic_fetch_add(&pool.next, 1);
+		unsigned	g = (unsigned) (v >> 32);
+		int			i = (int) (v & 0xffffffffu);
 
-		if (i >= pool.n_tasks)
-			break;
-		pool.fn(pool.arg, i, thread);
+		if (g != gen || i >= pool.n_tasks)
+			return -1;
+		/* on success job gen cannot end before this task does: fn/arg stay valid */
+		if (atomic_compare_exchange_weak(&pool.claim, &v, v + 1))
+			return i;
+	}
+}
+
+static void
+task_done(void)
+{
+	if (atomic_fetch_add(&pool.finished, 1) + 1 == pool.n_tasks)
+	{
+		/* the last task wakes the submitter if it went to sleep */
+		pthread_mutex_lock(&pool.mu);
+		if (pool.submitter_waiting)
+			pthread_cond_signal(&pool.done);
+		pthread_mutex_unlock(&pool.mu);
 	}
 }
 
@@ -67,24 +108,29 @@ worker_main(void *p)
 	{
 		unsigned	g;
 		int			spins = 0;
+		int			i;
 
 		while ((g = atomic_load(&pool.generation)) == seen && !atomic_load(&pool.stop))
 		{
-			if (++spins > SPIN_ITERS)
+			if (++spins < WORKER_SPIN)
 			{
-				pthread_mutex_lock(&pool.mu);
-				while ((g = atomic_load(&pool.generation)) == seen && !atomic_load(&pool.stop))
-					pthread_cond_wait(&pool.wake, &pool.mu);
-				pthread_mutex_unlock(&pool.mu);
-				break;
+				cpu_relax();
+				continue;
 			}
-			sched_yield();
+			pthread_mutex_lock(&pool.mu);
+			while ((g = atomic_load(&pool.generation)) == seen && !atomic_load(&pool.stop))
+				pthread_cond_wait(&pool.wake, &pool.mu);
+			pthread_mutex_unlock(&pool.mu);
+			break;
 		}
 		if (atomic_load(&pool.stop))
 			return NULL;
 		seen = g;
-		run_tasks(thread);
-		atomic_fetch_sub(&pool.active, 1);
+		while ((i = claim_task(g)) >= 0)
+		{
+			pool.fn(pool.arg, i, thread);
+			task_done();
+		}
 	}
 }
 
@@ -177,25 +223,48 @@ kl_get_threads(void)
 void
 kl_parallel_for(int n_tasks, kl_task_fn fn, void *arg)
 {
+	unsigned	gen;
+	int			spins = 0;
+	int			i;
+
 	if (n_tasks <= 0)
 		return;
 	ensure_pool();
 	if (n_tasks == 1 || pool.n_workers == 0)
 	{
-		for (int i = 0; i < n_tasks; i++)
+		for (i = 0; i < n_tasks; i++)
 			fn(arg, i, 0);
 		return;
 	}
+	/* no task of the previous job is running: safe to replace the job */
 	pool.fn = fn;
 	pool.arg = arg;
 	pool.n_tasks = n_tasks;
-	atomic_store(&pool.next, 0);
-	atomic_store(&pool.active, pool.n_workers);
+	atomic_store(&pool.finished, 0);
+	gen = atomic_load(&pool.generation) + 1;
+	atomic_store(&pool.claim, (uint64_t) gen << 32);
 	pthread_mutex_lock(&pool.mu);
-	atomic_fetch_add(&pool.generation, 1);
+	atomic_store(&pool.generation, gen);
 	pthread_cond_broadcast(&pool.wake);
 	pthread_mutex_unlock(&pool.mu);
-	run_tasks(0);
-	while (atomic_load(&pool.active) > 0)
-		;
+
+	while ((i = claim_task(gen)) >= 0)
+	{
+		fn(arg, i, 0);
+		task_done();
+	}
+	while (atomic_load(&pool.finished) < n_tasks)
+	{
+		if (++spins < SUBMIT_SPIN)
+		{
+			cpu_relax();
+			continue;
+		}
+		pthread_mutex_lock(&pool.mu);
+		pool.submitter_waiting = true;
+		while (atomic_load(&pool.finished) < n_tasks)
+			pthread_cond_wait(&pool.done, &pool.mu);
+		pool.submitter_waiting = false;
+		pthread_mutex_unlock(&pool.mu);
+	}
 }

@@ -1,0 +1,53 @@
+/*
+ * libFuzzer harness: decoding a state blob into a sequence of the golden
+ * tiny_a model (KL_SHARED or ../shared), then one forward step on it when it
+ * loads.  Inputs may be one part or several, split at "KLSTATE" magics.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "kl.h"
+
+int			LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static kl_model *model;
+static kl_ctx *ctx;
+static kl_seq *seq;
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	kl_err		err;
+	kl_blob		parts[8];
+	int			n = 0;
+	size_t		start = 0;
+
+	if (!model)
+	{
+		char		dir[1024];
+		const char *shared = getenv("KL_SHARED");
+
+		snprintf(dir, sizeof(dir), "%s/golden/tiny_a", shared ? shared : "../shared");
+		kl_set_threads(1);
+		if (kl_model_load(dir, NULL, &model, &err) != KL_OK || kl_ctx_new(model, 64, &ctx, &err) != KL_OK ||
+			kl_seq_new(model, &seq, &err) != KL_OK)
+			abort();
+	}
+	for (size_t i = 1; i + 8 <= size && n < 7; i++)
+		if (memcmp(data + i, "KLSTATE", 8) == 0)
+		{
+			parts[n].data = data + start;
+			parts[n++].len = i - start;
+			start = i;
+		}
+	parts[n].data = data + start;
+	parts[n++].len = size - start;
+	if (kl_state_load(seq, parts, n, &err) == KL_OK)
+	{
+		int32_t		tok = 1;
+		kl_batch_item it = {seq, &tok, 1, NULL, false};
+
+		(void) kl_forward(ctx, &it, 1, &err);
+	}
+	return 0;
+}
