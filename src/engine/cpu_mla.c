@@ -24,6 +24,7 @@
 
 #define BLOCK_ROWS 64			/* query rows per task */
 #define MIN_SPLIT_KEYS 1024		/* keys per task when splitting one block */
+#define FEW_ROWS 16				/* query blocks this small use the decode kernels (simd.c) */
 
 /* fp32 copy of kv_b: absorbed attention multiplies by W_uk^T, which the GEMV
  * kernels (x W^T only) cannot do on bf16 data. */
@@ -143,7 +144,10 @@ attend_task(void *arg, int t, int thread)
 		const float *Kp = mc->pages[kb / KL_MLA_PAGE];
 		int			nk = tk->k1 - kb < KL_MLA_PAGE ? tk->k1 - kb : KL_MLA_PAGE;
 
-		cpu_sgemm(false, true, nr, nk, Wa, scale, Q, Wa, Kp, Wa, 0.0f, S, nk);
+		if (nr <= FEW_ROWS && simd->few_scores)
+			simd->few_scores(S, nk, Q, Wa, nr, Kp, Wa, nk, Wa, scale);
+		else
+			cpu_sgemm(false, true, nr, nk, Wa, scale, Q, Wa, Kp, Wa, 0.0f, S, nk);
 		for (int i = 0; i < nr; i++)
 		{
 			float	   *s = S + (size_t) i * nk;
@@ -158,16 +162,15 @@ attend_task(void *arg, int t, int thread)
 				memset(s, 0, sizeof(float) * nk);
 				continue;
 			}
-			for (int x = 0; x < nv; x++)
-				mx = s[x] > mx ? s[x] : mx;
+			{
+				float		bm = simd->vmax(s, nv);
+
+				mx = bm > mx ? bm : mx;
+			}
 			corr = m[i] == -INFINITY ? 0.0f : expf(m[i] - mx);
-			for (int x = 0; x < nv; x++)
-				s[x] -= mx;
-			simd->vexp(s, s, nv);
-			for (int x = 0; x < nv; x++)
-				sum += s[x];
-			for (int x = nv; x < nk; x++)
-				s[x] = 0;
+			sum = simd->exp_shift_sum(s, s, mx, nv);
+			if (nv < nk)
+				memset(s + nv, 0, sizeof(float) * (size_t) (nk - nv));
 			l[i] = l[i] * corr + sum;
 			if (corr != 1.0f)
 				simd->scale(acc + (size_t) i * R, corr, R);

@@ -83,9 +83,29 @@ vexp_scalar(float *y, const float *x, int n)
 		y[i] = expf(x[i]);
 }
 
+static float
+vmax_scalar(const float *x, int n)
+{
+	float		m = x[0];
+
+	for (int i = 1; i < n; i++)
+		m = x[i] > m ? x[i] : m;
+	return m;
+}
+
+static float
+exp_shift_sum_scalar(float *y, const float *x, float shift, int n)
+{
+	float		s = 0;
+
+	for (int i = 0; i < n; i++)
+		s += (y[i] = expf(x[i] - shift));
+	return s;
+}
+
 static const kl_simd simd_scalar = {
 	"scalar", dot_scalar, axpy_scalar, scale_scalar, gemv_bf16_scalar, gemv_f32_scalar,
-	bf16_to_f32_scalar, vexp_scalar
+	bf16_to_f32_scalar, vexp_scalar, vmax_scalar, exp_shift_sum_scalar, NULL
 };
 
 /*
@@ -329,14 +349,54 @@ vexp_avx2(float *y, const float *x, int n)
 	}
 }
 
+AVX2 static float
+vmax_avx2(const float *x, int n)
+{
+	__m256		m = _mm256_set1_ps(x[0]);
+	int			i = 0;
+	float		buf[8],
+				r;
+
+	for (; i + 8 <= n; i += 8)
+		m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+	_mm256_storeu_ps(buf, m);
+	r = buf[0];
+	for (int k = 1; k < 8; k++)
+		r = buf[k] > r ? buf[k] : r;
+	for (; i < n; i++)
+		r = x[i] > r ? x[i] : r;
+	return r;
+}
+
+AVX2 static float
+exp_shift_sum_avx2(float *y, const float *x, float shift, int n)
+{
+	__m256		sh = _mm256_set1_ps(shift),
+				acc = _mm256_setzero_ps();
+	int			i = 0;
+	float		s;
+
+	for (; i + 8 <= n; i += 8)
+	{
+		__m256		e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
+
+		_mm256_storeu_ps(y + i, e);
+		acc = _mm256_add_ps(acc, e);
+	}
+	s = hsum256(acc);
+	for (; i < n; i++)
+		s += (y[i] = expf(x[i] - shift));
+	return s;
+}
+
 static const kl_simd simd_avx2 = {
 	"avx2", dot_avx2, axpy_avx2, scale_avx2, gemv_bf16_avx2, gemv_f32_avx2, bf16_to_f32_avx2,
-	vexp_avx2
+	vexp_avx2, vmax_avx2, exp_shift_sum_avx2, NULL
 };
 
 /* ------------------------------------------------------------------ AVX-512 */
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 #ifndef PF_DIST
 #define PF_DIST 8				/* rows ahead to prefetch in the GEMV kernels */
 #endif
@@ -600,9 +660,146 @@ vexp_avx512(float *y, const float *x, int n)
 	}
 }
 
+/* four horizontal sums at once: {sum a, sum b, sum c, sum d} */
+AVX512 static inline __m128
+hsum4(__m512 a, __m512 b, __m512 c, __m512 d)
+{
+	__m256		a2 = _mm256_add_ps(_mm512_castps512_ps256(a),
+								   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+	__m256		b2 = _mm256_add_ps(_mm512_castps512_ps256(b),
+								   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)));
+	__m256		c2 = _mm256_add_ps(_mm512_castps512_ps256(c),
+								   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1)));
+	__m256		d2 = _mm256_add_ps(_mm512_castps512_ps256(d),
+								   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
+	__m256		ab = _mm256_hadd_ps(a2, b2);
+	__m256		cd = _mm256_hadd_ps(c2, d2);
+	__m256		abcd = _mm256_hadd_ps(ab, cd);
+
+	return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+/*
+ * Scores of up to 4 query rows against 4 keys at a time: 16 accumulators,
+ * 8 loads per 16 FMAs, one tree reduction per 4 results.
+ */
+AVX512 static void
+few_scores_avx512(float *S, int lds, const float *Q, int ldq, int nr,
+				  const float *K, int ldk, int nk, int d, float scale)
+{
+	int			tail = d & 15;
+	int			body = d - tail;
+	__mmask16	m = (__mmask16) ((1u << tail) - 1);
+
+	for (int r0 = 0; r0 < nr; r0 += 4)
+	{
+		int			rn = nr - r0 < 4 ? nr - r0 : 4;
+		const float *q0 = Q + (size_t) r0 * ldq;
+		const float *q1 = Q + (size_t) (r0 + (rn > 1 ? 1 : 0)) * ldq;
+		const float *q2 = Q + (size_t) (r0 + (rn > 2 ? 2 : 0)) * ldq;
+		const float *q3 = Q + (size_t) (r0 + (rn > 3 ? 3 : 0)) * ldq;
+		int			j = 0;
+
+		for (; j + 4 <= nk; j += 4)
+		{
+			const float *k0 = K + (size_t) j * ldk,
+					   *k1 = k0 + ldk,
+					   *k2 = k1 + ldk,
+					   *k3 = k2 + ldk;
+			__m512		a[16];
+			__m128		res[4];
+
+			for (int i = 0; i < 16; i++)
+				a[i] = _mm512_setzero_ps();
+			for (int c = 0; c <= body; c += 16)
+			{
+				__m512		kv0,
+							kv1,
+							kv2,
+							kv3,
+							qv;
+
+				if (c == body)
+				{
+					if (!tail)
+						break;
+					kv0 = _mm512_maskz_loadu_ps(m, k0 + c);
+					kv1 = _mm512_maskz_loadu_ps(m, k1 + c);
+					kv2 = _mm512_maskz_loadu_ps(m, k2 + c);
+					kv3 = _mm512_maskz_loadu_ps(m, k3 + c);
+				}
+				else
+				{
+					kv0 = _mm512_loadu_ps(k0 + c);
+					kv1 = _mm512_loadu_ps(k1 + c);
+					kv2 = _mm512_loadu_ps(k2 + c);
+					kv3 = _mm512_loadu_ps(k3 + c);
+				}
+#define ROW(i, q) \
+				qv = c == body ? _mm512_maskz_loadu_ps(m, (q) + c) : _mm512_loadu_ps((q) + c); \
+				a[4 * i + 0] = _mm512_fmadd_ps(qv, kv0, a[4 * i + 0]); \
+				a[4 * i + 1] = _mm512_fmadd_ps(qv, kv1, a[4 * i + 1]); \
+				a[4 * i + 2] = _mm512_fmadd_ps(qv, kv2, a[4 * i + 2]); \
+				a[4 * i + 3] = _mm512_fmadd_ps(qv, kv3, a[4 * i + 3])
+				ROW(0, q0);
+				ROW(1, q1);
+				ROW(2, q2);
+				ROW(3, q3);
+#undef ROW
+			}
+			for (int i = 0; i < 4; i++)
+				res[i] = _mm_mul_ps(hsum4(a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]), _mm_set1_ps(scale));
+			for (int i = 0; i < rn; i++)
+				_mm_storeu_ps(S + (size_t) (r0 + i) * lds + j, res[i]);
+		}
+		for (; j < nk; j++)
+			for (int i = 0; i < rn; i++)
+				S[(size_t) (r0 + i) * lds + j] = scale * dot_avx512(Q + (size_t) (r0 + i) * ldq,
+																	 K + (size_t) j * ldk, d);
+	}
+}
+
+AVX512 static float
+vmax_avx512(const float *x, int n)
+{
+	__m512		m = _mm512_set1_ps(x[0]);
+	int			i = 0;
+
+	for (; i + 16 <= n; i += 16)
+		m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+	if (i < n)
+		m = _mm512_mask_max_ps(m, (__mmask16) ((1u << (n - i)) - 1), m, _mm512_maskz_loadu_ps((__mmask16) ((1u << (n - i)) - 1), x + i));
+	return _mm512_reduce_max_ps(m);
+}
+
+AVX512 static float
+exp_shift_sum_avx512(float *y, const float *x, float shift, int n)
+{
+	__m512		sh = _mm512_set1_ps(shift),
+				acc = _mm512_setzero_ps();
+	int			i = 0;
+
+	for (; i + 16 <= n; i += 16)
+	{
+		__m512		e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh));
+
+		_mm512_storeu_ps(y + i, e);
+		acc = _mm512_add_ps(acc, e);
+	}
+	if (i < n)
+	{
+		__mmask16	m = (__mmask16) ((1u << (n - i)) - 1);
+		__m512		e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), sh)));
+
+		_mm512_mask_storeu_ps(y + i, m, e);
+		acc = _mm512_add_ps(acc, e);
+	}
+	return _mm512_reduce_add_ps(acc);
+}
+
 static const kl_simd simd_avx512 = {
 	"avx512", dot_avx512, axpy_avx512, scale_avx512, gemv_bf16_avx512, gemv_f32_avx512,
-	bf16_to_f32_avx512, vexp_avx512
+	bf16_to_f32_avx512, vexp_avx512, vmax_avx512, exp_shift_sum_avx512, few_scores_avx512
 };
 
 /* ------------------------------------------------------------------ dispatch */

@@ -34,6 +34,19 @@ typedef struct kl_simd
 	void		(*bf16_to_f32) (float *out, const uint16_t *in, size_t n);
 	/* y[i] = exp(x[i]) to within 2 ulp (y may be x); exp(-inf) = 0 */
 	void		(*vexp) (float *y, const float *x, int n);
+	/* max of x[0..n) (n >= 1) */
+	float		(*vmax) (const float *x, int n);
+	/* y[i] = exp(x[i] - shift), returns the sum of the y[i] (y may be x): a softmax's numerator */
+	float		(*exp_shift_sum) (float *y, const float *x, float shift, int n);
+
+	/*
+	 * Attention scores with few query rows (decode), keys row-major as stored
+	 * in the MLA cache, where a general GEMM spends its time packing the keys:
+	 * S[r, j] = scale * dot(Q[r, :d], K[j, :d]) for r < nr, j < nk.
+	 * NULL in variants without the kernel (callers use sgemm).
+	 */
+	void		(*few_scores) (float *S, int lds, const float *Q, int ldq, int nr,
+							   const float *K, int ldk, int nk, int d, float scale);
 } kl_simd;
 
 /* The best variant for this CPU (KL_SIMD=avx512|avx2|scalar overrides). */
