@@ -20,30 +20,76 @@
 #define GEMV_MAX_ROWS 8			/* inputs up to this many rows take the GEMV path */
 #define SGEMM_BLOCK 128			/* weight rows per sgemm task */
 
-/* ------------------------------------------------------------------ scratch */
+/* ------------------------------------------------------------------ working memory */
 
-#define SCRATCH_SLOTS 8
-static __thread float *tls_scratch[SCRATCH_SLOTS];
-static __thread size_t tls_scratch_cap[SCRATCH_SLOTS];
+#define MAX_POOL_THREADS 256
+
+typedef struct cpu_state
+{
+	float	   *scratch[MAX_POOL_THREADS][SCRATCH_SLOTS];
+	size_t		scratch_cap[MAX_POOL_THREADS][SCRATCH_SLOTS];
+	void	   *buf[BUF_COUNT];
+	size_t		buf_cap[BUF_COUNT];
+} cpu_state;
+
+static void *
+aligned_or_null(size_t bytes)
+{
+	void	   *p = NULL;
+
+	return posix_memalign(&p, 64, bytes ? bytes : 64) == 0 ? p : NULL;
+}
+
+bool
+cpu_scratch_reserve(kl_backend *be, int slot, size_t floats)
+{
+	cpu_state  *cs = be->impl;
+	int			threads = kl_pool_threads();
+
+	for (int t = 0; t < threads && t < MAX_POOL_THREADS; t++)
+		if (cs->scratch_cap[t][slot] < floats)
+		{
+			size_t		cap = floats + floats / 4 + 64;
+
+			free(cs->scratch[t][slot]);
+			cs->scratch_cap[t][slot] = 0;
+			if ((cs->scratch[t][slot] = aligned_or_null(cap * sizeof(float))) == NULL)
+			{
+				be->failed = true;
+				kl_errf(&be->err, "out of memory for %zu MB of working memory", cap * sizeof(float) >> 20);
+				return false;
+			}
+			cs->scratch_cap[t][slot] = cap;
+		}
+	return true;
+}
 
 float *
-cpu_scratch(int slot, size_t floats)
+cpu_scratch(kl_backend *be, int slot, int thread)
 {
-	if (tls_scratch_cap[slot] < floats)
-	{
-		size_t		cap = floats + floats / 4 + 64;
+	return ((cpu_state *) be->impl)->scratch[thread][slot];
+}
 
-		free(tls_scratch[slot]);
-		if (posix_memalign((void **) &tls_scratch[slot], 64, cap * sizeof(float)) != 0)
+void *
+cpu_buffer(kl_backend *be, int id, size_t bytes)
+{
+	cpu_state  *cs = be->impl;
+
+	if (cs->buf_cap[id] < bytes)
+	{
+		size_t		cap = bytes + bytes / 4 + 256;
+
+		free(cs->buf[id]);
+		cs->buf_cap[id] = 0;
+		if ((cs->buf[id] = aligned_or_null(cap)) == NULL)
 		{
-			/* Out of memory inside a kernel has no error path: fail loudly. */
-			tls_scratch[slot] = NULL;
-			tls_scratch_cap[slot] = 0;
-			abort();
+			be->failed = true;
+			kl_errf(&be->err, "out of memory for %zu MB of working memory", cap >> 20);
+			return NULL;
 		}
-		tls_scratch_cap[slot] = cap;
+		cs->buf_cap[id] = cap;
 	}
-	return tls_scratch[slot];
+	return cs->buf[id];
 }
 
 /* ------------------------------------------------------------------ memory */
@@ -188,6 +234,7 @@ cpu_sgemm(bool ta, bool tb, int m, int n, int k, float alpha, const float *A, in
 
 typedef struct matmul_batch
 {
+	kl_backend *be;
 	const kl_matmul_job *jobs;
 	int			count;
 	int			first[MAX_BATCH + 1];	/* first task of each job */
@@ -202,6 +249,7 @@ matmul_task(void *arg, int t, int thread)
 {
 	matmul_batch *b = arg;
 	int			k = 0;
+	int			th = thread;
 	const kl_matmul_job *j;
 	const kl_weight *W;
 	int			rb,
@@ -211,7 +259,6 @@ matmul_task(void *arg, int t, int thread)
 				i0,
 				ni;
 
-	(void) thread;
 	while (t >= b->first[k + 1])
 		k++;
 	t -= b->first[k];
@@ -240,7 +287,7 @@ matmul_task(void *arg, int t, int thread)
 
 		if (W->dtype == KL_DT_BF16)
 		{
-			float	   *panel = cpu_scratch(0, (size_t) nr * cols);
+			float	   *panel = cpu_scratch(b->be, SCRATCH_PANEL, th);
 
 			b->simd->bf16_to_f32(panel, (const uint16_t *) W->dev + (size_t) r0 * cols, (size_t) nr * cols);
 			Wb = panel;
@@ -258,8 +305,19 @@ cpu_matmul_batch(kl_backend *be, const kl_matmul_job *jobs, int count)
 	matmul_batch b;
 	int			threads = kl_pool_threads();
 	int			total = 0;
+	size_t		panel = 0;
 
-	(void) be;
+	/* the widest block of bf16 weights a prefill task widens to f32 */
+	for (int k = 0; k < count; k++)
+		if (jobs[k].n > GEMV_MAX_ROWS && jobs[k].W->dtype == KL_DT_BF16)
+		{
+			size_t		need = (size_t) (jobs[k].W->rows < SGEMM_BLOCK ? jobs[k].W->rows : SGEMM_BLOCK) * jobs[k].W->cols;
+
+			panel = need > panel ? need : panel;
+		}
+	if (panel && !cpu_scratch_reserve(be, SCRATCH_PANEL, panel))
+		return;
+	b.be = be;
 	for (int c0 = 0; c0 < count; c0 += MAX_BATCH)
 	{
 		b.jobs = jobs + c0;
@@ -404,6 +462,14 @@ cpu_sync(kl_backend *be)
 static void
 cpu_destroy(kl_backend *be)
 {
+	cpu_state  *cs = be->impl;
+
+	for (int t = 0; t < MAX_POOL_THREADS; t++)
+		for (int k = 0; k < SCRATCH_SLOTS; k++)
+			free(cs->scratch[t][k]);
+	for (int k = 0; k < BUF_COUNT; k++)
+		free(cs->buf[k]);
+	free(cs);
 	free(be);
 }
 
@@ -440,9 +506,14 @@ kl_backend_cpu_create(const kl_config *cfg, const kl_backend_opts *opts, kl_back
 	/* the CPU computes in fp32 throughout; a bf16 request is honoured as fp32 */
 	(void) opts;
 	be = kl_calloc(1, sizeof(kl_backend), err);
-
 	if (!be)
 		return KL_FAIL;
+	be->impl = kl_calloc(1, sizeof(cpu_state), err);
+	if (!be->impl)
+	{
+		free(be);
+		return KL_FAIL;
+	}
 	/* all parallelism comes from our pool; OpenBLAS runs inside its tasks */
 	openblas_set_num_threads(1);
 	be->ops = &cpu_ops;

@@ -272,6 +272,7 @@ kda_chunk(float *S, int K, int V, int C, const float *q, const float *k, const f
 
 typedef struct kda_job
 {
+	kl_backend *be;
 	const kl_step *st;
 	const kl_kda_args *a;
 	const kl_config *cfg;
@@ -354,12 +355,11 @@ kda_task(void *arg, int task, int thread)
 	float	   *g = a->f + (size_t) r0 * HK + (size_t) h * K;
 	float	   *o = a->out + (size_t) r0 * HK + (size_t) h * K;
 	const float *gate = a->gate + (size_t) r0 * HK + (size_t) h * K;
-	float	   *old = cpu_scratch(1, (size_t) K * W);
-	float	   *beta = cpu_scratch(2, (size_t) n);
+	float	   *old = cpu_scratch(j->be, SCRATCH_A, thread);
+	float	   *beta = cpu_scratch(j->be, SCRATCH_B, thread);
 	float		A = -expf(a->w->A_log[h]);
 	float		qscale = 1.0f / sqrtf((float) K);
 
-	(void) thread;
 	/* 1. short conv + silu on q, k, v (the tails of this head's channels) */
 	short_conv(q, n, HK, K, a->w->conv_q + (size_t) h * K * W, W, conv + (size_t) h * K * W, old);
 	short_conv(k, n, HK, K, a->w->conv_k + (size_t) h * K * W, W, conv + (size_t) HK * W + (size_t) h * K * W, old);
@@ -381,10 +381,11 @@ kda_task(void *arg, int task, int thread)
 
 	/* 5. the delta rule */
 	if (n <= RECURRENT_MAX || j->st->force_recurrent)
-		kda_recurrent(S, K, V, n, q, k, v, g, HK, beta, o, HK, cpu_scratch(3, K), cpu_scratch(4, V));
+		kda_recurrent(S, K, V, n, q, k, v, g, HK, beta, o, HK, cpu_scratch(j->be, SCRATCH_C, thread),
+					  cpu_scratch(j->be, SCRATCH_D, thread));
 	else
 	{
-		float	   *ws = cpu_scratch(3, kda_chunk_scratch(K, V));
+		float	   *ws = cpu_scratch(j->be, SCRATCH_C, thread);
 
 		for (int c0 = 0; c0 < n; c0 += CHUNK)
 		{
@@ -414,7 +415,17 @@ kda_task(void *arg, int task, int thread)
 void
 cpu_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 {
-	kda_job		j = {st, a, be->cfg};
+	kda_job		j = {be, st, a, be->cfg};
+	int			K = be->cfg->kda_head_dim;
+	int			max_n = 0;
 
+	for (int s = 0; s < st->n_seqs; s++)
+		if (st->row0[s + 1] - st->row0[s] > max_n)
+			max_n = st->row0[s + 1] - st->row0[s];
+	if (!cpu_scratch_reserve(be, SCRATCH_A, (size_t) K * be->cfg->conv_kernel) ||
+		!cpu_scratch_reserve(be, SCRATCH_B, (size_t) max_n) ||
+		!cpu_scratch_reserve(be, SCRATCH_C, kda_chunk_scratch(K, K)) ||
+		!cpu_scratch_reserve(be, SCRATCH_D, (size_t) K))
+		return;
 	kl_parallel_for(st->n_seqs * be->cfg->kda_heads, kda_task, &j);
 }

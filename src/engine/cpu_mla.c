@@ -65,6 +65,7 @@ typedef struct mla_task
 
 typedef struct mla_job
 {
+	kl_backend *be;
 	const kl_step *st;
 	const kl_mla_args *a;
 	const kl_config *cfg;
@@ -128,10 +129,9 @@ attend_task(void *arg, int t, int thread)
 	float	   *acc = j->part_acc + (size_t) tk->part * BLOCK_ROWS * R;
 	float	   *m = j->part_m + (size_t) tk->part * BLOCK_ROWS;
 	float	   *l = j->part_l + (size_t) tk->part * BLOCK_ROWS;
-	float	   *S = cpu_scratch(1, (size_t) BLOCK_ROWS * KL_MLA_PAGE);
+	float	   *S = cpu_scratch(j->be, SCRATCH_A, thread);
 	float		scale = 1.0f / sqrtf((float) (c->qk_nope_dim + c->qk_rope_dim));
 
-	(void) thread;
 	for (int i = 0; i < nr; i++)
 	{
 		m[i] = -INFINITY;
@@ -246,33 +246,9 @@ output_task(void *arg, int t, int thread)
 			  j->a->out + (size_t) r0 * Ha * Dv + (size_t) h * Dv, Ha * Dv);
 }
 
-/* grow-only buffers, used by the driving thread only */
-static float *
-grow(float **buf, size_t *cap, size_t n)
-{
-	if (*cap < n)
-	{
-		free(*buf);
-		*cap = n + n / 4;
-		if (posix_memalign((void **) buf, 64, *cap * sizeof(float)) != 0)
-			abort();
-	}
-	return *buf;
-}
-
 void
 cpu_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a)
 {
-	static float *qabs,
-			   *olat,
-			   *pacc,
-			   *pm,
-			   *pl;
-	static size_t cap_q,
-				cap_o,
-				cap_a,
-				cap_m,
-				cap_l;
 	const kl_config *c = be->cfg;
 	int			Ha = c->mla_heads,
 				R = c->kv_lora_rank,
@@ -295,12 +271,15 @@ cpu_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a)
 		}
 	}
 
+	j.be = be;
 	j.st = st;
 	j.a = a;
 	j.cfg = c;
 	j.kv_b = a->w->prepared;
-	j.qabs = grow(&qabs, &cap_q, (size_t) st->n_tokens * Ha * Wa);
-	j.olat = grow(&olat, &cap_o, (size_t) st->n_tokens * Ha * R);
+	j.qabs = cpu_buffer(be, BUF_MLA_QABS, sizeof(float) * (size_t) st->n_tokens * Ha * Wa);
+	j.olat = cpu_buffer(be, BUF_MLA_OLAT, sizeof(float) * (size_t) st->n_tokens * Ha * R);
+	if (!j.qabs || !j.olat || !cpu_scratch_reserve(be, SCRATCH_A, (size_t) BLOCK_ROWS * KL_MLA_PAGE))
+		return;
 
 	/* 2. plan: blocks of query rows, split over keys when there are few blocks */
 	for (int s = 0; s < st->n_seqs; s++)
@@ -315,11 +294,11 @@ cpu_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a)
 			max_tasks += ((st->row0[s + 1] - st->row0[s]) * Ha + BLOCK_ROWS - 1) / BLOCK_ROWS *
 				(int) ((keys + MIN_SPLIT_KEYS - 1) / MIN_SPLIT_KEYS);
 		}
-		j.tasks = malloc(sizeof(mla_task) * (size_t) max_tasks);
-		j.block_first = malloc(sizeof(int) * (size_t) total_blocks);
-		j.block_ntasks = malloc(sizeof(int) * (size_t) total_blocks);
-		if (!j.tasks || !j.block_first || !j.block_ntasks)
-			abort();
+		j.tasks = cpu_buffer(be, BUF_MLA_TASKS, sizeof(mla_task) * (size_t) max_tasks);
+		j.block_first = cpu_buffer(be, BUF_MLA_BLOCKS, sizeof(int) * 2 * (size_t) total_blocks);
+		if (!j.tasks || !j.block_first)
+			return;
+		j.block_ntasks = j.block_first + total_blocks;
 	}
 	j.n_tasks = 0;
 	j.n_blocks = 0;
@@ -361,17 +340,15 @@ cpu_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a)
 			}
 		}
 	}
-	j.part_acc = grow(&pacc, &cap_a, (size_t) j.n_tasks * BLOCK_ROWS * R);
-	j.part_m = grow(&pm, &cap_m, (size_t) j.n_tasks * BLOCK_ROWS);
-	j.part_l = grow(&pl, &cap_l, (size_t) j.n_tasks * BLOCK_ROWS);
+	j.part_acc = cpu_buffer(be, BUF_MLA_ACC, sizeof(float) * (size_t) j.n_tasks * BLOCK_ROWS * R);
+	j.part_m = cpu_buffer(be, BUF_MLA_M, sizeof(float) * (size_t) j.n_tasks * BLOCK_ROWS);
+	j.part_l = cpu_buffer(be, BUF_MLA_L, sizeof(float) * (size_t) j.n_tasks * BLOCK_ROWS);
+	if (!j.part_acc || !j.part_m || !j.part_l)
+		return;
 
 	/* 3. queries, attention, merge, output projection */
 	kl_parallel_for(st->n_seqs * Ha, query_task, &j);
 	kl_parallel_for(j.n_tasks, attend_task, &j);
 	kl_parallel_for(j.n_blocks, merge_task, &j);
 	kl_parallel_for(st->n_seqs * Ha, output_task, &j);
-
-	free(j.tasks);
-	free(j.block_first);
-	free(j.block_ntasks);
 }

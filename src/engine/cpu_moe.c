@@ -10,19 +10,6 @@
 
 #include "cpu_ops.h"
 
-static float *
-grow(float **buf, size_t *cap, size_t n)
-{
-	if (*cap < n)
-	{
-		free(*buf);
-		*cap = n + n / 4 + 16;
-		if (posix_memalign((void **) buf, 64, *cap * sizeof(float)) != 0)
-			abort();
-	}
-	return *buf;
-}
-
 static void
 swiglu_rows(float *h, const float *g, const float *u, size_t count)
 {
@@ -33,65 +20,37 @@ swiglu_rows(float *h, const float *g, const float *u, size_t count)
 void
 cpu_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n)
 {
-	/* grow-only buffers, used by the driving thread only */
-	static float *logits,
-			   *xe,
-			   *ye,
-			   *gbuf,
-			   *ubuf,
-			   *wts,
-			   *scratch;
-	static size_t c_scr,
-				c_logits,
-				c_xe,
-				c_ye,
-				c_g,
-				c_u,
-				c_w;
-	static int *sel,
-			   *count,
-			   *start,
-			   *order;
-	static kl_matmul_job *jobs;
-	static size_t c_sel,
-				c_count;
 	int			E = cfg->n_experts,
 				k = cfg->experts_per_token,
 				D = cfg->hidden_size,
 				F = cfg->moe_intermediate;
 	int			Fs = F * cfg->n_shared_experts;
 	size_t		nk = (size_t) n * k;
-	size_t		hrows;			/* rows of the intermediate buffers: routed pairs, then shared */
+	size_t		hrows = nk * F + (w->has_shared ? (size_t) n * Fs : 0);	/* routed pairs, then shared */
+	float	   *logits = cpu_buffer(be, BUF_MOE_LOGITS, sizeof(float) * (size_t) n * E);
+	float	   *scratch = cpu_buffer(be, BUF_MOE_SCRATCH, sizeof(float) * 2 * (size_t) E);
+	float	   *wts = cpu_buffer(be, BUF_MOE_WEIGHTS, sizeof(float) * nk);
+	int		   *sel = cpu_buffer(be, BUF_MOE_SEL, sizeof(int) * nk);
+	int		   *order = cpu_buffer(be, BUF_MOE_ORDER, sizeof(int) * nk);
+	int		   *count = cpu_buffer(be, BUF_MOE_COUNT, sizeof(int) * 2 * ((size_t) E + 1));
+	int		   *fill = cpu_buffer(be, BUF_MOE_FILL, sizeof(int) * (size_t) E);
+	kl_matmul_job *jobs = cpu_buffer(be, BUF_MOE_JOBS, sizeof(kl_matmul_job) * (2 * (size_t) E + 2));
+	float	   *xe = cpu_buffer(be, BUF_MOE_X, sizeof(float) * nk * D);
+	float	   *ye = cpu_buffer(be, BUF_MOE_Y, sizeof(float) * (nk + n) * D);
+	float	   *gbuf = cpu_buffer(be, BUF_MOE_G, sizeof(float) * hrows);
+	float	   *ubuf = cpu_buffer(be, BUF_MOE_U, sizeof(float) * hrows);
+	int		   *start;
 	int			nj;
 
-	grow(&logits, &c_logits, (size_t) n * E);
-	grow(&scratch, &c_scr, (size_t) 2 * E);
-	grow(&wts, &c_w, nk);
-	if (c_sel < nk)
-	{
-		free(sel);
-		free(order);
-		c_sel = nk;
-		sel = malloc(sizeof(int) * c_sel);
-		order = malloc(sizeof(int) * c_sel);
-		if (!sel || !order)
-			abort();
-	}
-	if (c_count < (size_t) E + 1)
-	{
-		free(count);
-		free(start);
-		free(jobs);
-		c_count = (size_t) E + 1;
-		count = malloc(sizeof(int) * c_count);
-		start = malloc(sizeof(int) * c_count);
-		jobs = malloc(sizeof(kl_matmul_job) * (2 * c_count + 2));
-		if (!count || !start || !jobs)
-			abort();
-	}
+	if (!logits || !scratch || !wts || !sel || !order || !count || !fill || !jobs || !xe || !ye ||
+		!gbuf || !ubuf)
+		return;
+	start = count + E + 1;
 
 	/* 1. route */
 	cpu_matmul(be, logits, E, x, D, n, &w->router);
+	if (be->failed)
+		return;
 	for (int t = 0; t < n; t++)
 		kl_moe_route(cfg, logits + (size_t) t * E, w->score_bias, sel + (size_t) t * k,
 					 wts + (size_t) t * k, scratch);
@@ -103,21 +62,9 @@ cpu_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, c
 	start[0] = 0;
 	for (int e = 0; e < E; e++)
 		start[e + 1] = start[e] + count[e];
-	{
-		int		   *fill = malloc(sizeof(int) * (size_t) E);
-
-		if (!fill)
-			abort();
-		memcpy(fill, start, sizeof(int) * (size_t) E);
-		for (size_t i = 0; i < nk; i++)
-			order[fill[sel[i]]++] = (int) i;
-		free(fill);
-	}
-	hrows = nk * F + (w->has_shared ? (size_t) n * Fs : 0);
-	grow(&xe, &c_xe, nk * D);
-	grow(&ye, &c_ye, (nk + n) * D);
-	grow(&gbuf, &c_g, hrows);
-	grow(&ubuf, &c_u, hrows);
+	memcpy(fill, start, sizeof(int) * (size_t) E);
+	for (size_t i = 0; i < nk; i++)
+		order[fill[sel[i]]++] = (int) i;
 	for (size_t i = 0; i < nk; i++)
 		memcpy(xe + i * D, x + (size_t) (order[i] / k) * D, sizeof(float) * D);
 

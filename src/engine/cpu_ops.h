@@ -27,8 +27,51 @@ int			cpu_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err);
 void		cpu_release_mla(kl_backend *be, kl_mla_layer *w);
 void		cpu_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n);
 
-/* per-thread scratch memory (grows, never shrinks); slot lets one task hold several */
-float	   *cpu_scratch(int slot, size_t floats);
+/*
+ * Working memory.  Kernels never allocate inside tasks: the driving thread
+ * reserves what a parallel job will need first, so that running out of
+ * memory is an error message (be->failed, be->err), not a crash.
+ *   cpu_scratch_reserve  every thread's slot `slot` holds >= floats (driving thread)
+ *   cpu_scratch          that slot, inside a task running on `thread`
+ *   cpu_buffer           a grow-only buffer of the backend, by id (driving thread)
+ */
+enum cpu_scratch_slot
+{
+	SCRATCH_PANEL,				/* matmul: a block of weights widened to f32 */
+	SCRATCH_A,
+	SCRATCH_B,
+	SCRATCH_C,
+	SCRATCH_D,
+	SCRATCH_SLOTS
+};
+
+enum cpu_buffer_id
+{
+	BUF_MLA_QABS,
+	BUF_MLA_OLAT,
+	BUF_MLA_ACC,
+	BUF_MLA_M,
+	BUF_MLA_L,
+	BUF_MLA_TASKS,
+	BUF_MLA_BLOCKS,
+	BUF_MOE_LOGITS,
+	BUF_MOE_SCRATCH,
+	BUF_MOE_WEIGHTS,
+	BUF_MOE_SEL,
+	BUF_MOE_ORDER,
+	BUF_MOE_COUNT,
+	BUF_MOE_FILL,
+	BUF_MOE_JOBS,
+	BUF_MOE_X,
+	BUF_MOE_Y,
+	BUF_MOE_G,
+	BUF_MOE_U,
+	BUF_COUNT
+};
+
+bool		cpu_scratch_reserve(kl_backend *be, int slot, size_t floats);
+float	   *cpu_scratch(kl_backend *be, int slot, int thread);
+void	   *cpu_buffer(kl_backend *be, int id, size_t bytes);
 
 static inline float
 kl_sigmoid(float x)
