@@ -16,10 +16,7 @@
 #include "cli_util.h"
 #include "commands.h"
 #include "kl.h"
-#if __has_include("tokenizer.h")
 #include "tokenizer.h"
-#define HAVE_TOKENIZER 1
-#endif
 
 static void
 usage(void)
@@ -299,7 +296,6 @@ cmd_generate(int argc, char **argv)
 			goto out;
 		}
 	}
-#ifdef HAVE_TOKENIZER
 	else
 	{
 		const kl_tokenizer *tok = kl_model_tokenizer(m);
@@ -346,13 +342,6 @@ cmd_generate(int argc, char **argv)
 		ids = enc.ids;
 		n = (int) enc.n;
 	}
-#else
-	else
-	{
-		fprintf(stderr, "kl generate: this build has no tokenizer; use --ids\n");
-		goto out;
-	}
-#endif
 	gp.stop_ids = stops;
 	gp.n_stop_ids = n_stops;
 
@@ -378,7 +367,6 @@ cmd_generate(int argc, char **argv)
 	for (size_t i = 0; i < out.n; i++)
 		printf("%s%d", i ? "," : "", out.ids[i]);
 	printf("\n");
-#ifdef HAVE_TOKENIZER
 	if (kl_model_tokenizer(m))
 	{
 		char	   *text;
@@ -391,7 +379,6 @@ cmd_generate(int argc, char **argv)
 			free(text);
 		}
 	}
-#endif
 	fprintf(stderr, "kl: %d prompt tokens, %zu generated in %.3f s\n", n, out.n, t1 - t0);
 	rc = 0;
 	goto out;
@@ -408,30 +395,6 @@ out:
 }
 
 /* ------------------------------------------------------------------ main */
-
-/* Until the tokenizer commands are linked in (cmd_tokenizer.c). */
-__attribute__((weak)) int
-cmd_tokenize(int argc, char **argv)
-{
-	(void) argc;
-	(void) argv;
-	fprintf(stderr, "kl: tokenize is not built in\n");
-	return 2;
-}
-
-__attribute__((weak)) int
-cmd_detokenize(int argc, char **argv)
-{
-	return cmd_tokenize(argc, argv);
-}
-
-__attribute__((weak)) int
-cmd_bench_tokenizer(int argc, char **argv)
-{
-	return cmd_tokenize(argc, argv);
-}
-
-
 
 int
 main(int argc, char **argv)

@@ -17,13 +17,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#if __has_include("tokenizer.h")
 #include "tokenizer.h"
-#else
-/* TEMPORARY until tokenizer.c lands */
-static int kl_tokenizer_load(const char *d, kl_tokenizer **t, kl_err *e) { (void) d; *t = NULL; (void) e; return KL_OK; }
-static void kl_tokenizer_free(kl_tokenizer *t) { (void) t; }
-#endif
 
 typedef struct binder
 {
