@@ -66,8 +66,15 @@ test: all cli engine-tests
 bench: cli
 	bash bench/run-bench.sh
 
+# The bundled model: installed where kimi_linear.model_dir points by default.
+MODEL_DIR_INSTALL = $(DESTDIR)$(datadir)/kimi_linear/models
+install: install-models
+install-models:
+	$(MKDIR_P) '$(MODEL_DIR_INSTALL)/pgdocs-kimi-18m'
+	$(INSTALL_DATA) models/pgdocs-kimi-18m/* '$(MODEL_DIR_INSTALL)/pgdocs-kimi-18m/'
+
 EXTRA_CLEAN = kl test/engine/bin src/cli/*.o src/*/*.d
 
 -include $(wildcard src/*/*.d)
 
-.PHONY: cli engine-tests check-engine test bench
+.PHONY: cli engine-tests check-engine test bench install-models
