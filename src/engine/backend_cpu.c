@@ -17,7 +17,12 @@
 #include "cpu_ops.h"
 #include "threadpool.h"
 
-#define GEMV_MAX_ROWS 8			/* inputs up to this many rows take the GEMV path */
+/*
+ * Inputs of up to this many rows take the GEMV path, which computes every
+ * row with the same instructions whatever the other rows: a sequence decoding
+ * in a batch of up to 64 gets bit-for-bit the logits it would get alone.
+ */
+#define GEMV_MAX_ROWS 64
 #define SGEMM_BLOCK 128			/* weight rows per sgemm task */
 
 /* ------------------------------------------------------------------ working memory */

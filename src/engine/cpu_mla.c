@@ -23,7 +23,7 @@
 #include "threadpool.h"
 
 #define BLOCK_ROWS 64			/* query rows per task */
-#define MIN_SPLIT_KEYS 1024		/* keys per task when splitting one block */
+#define SPLIT_KEYS 2048			/* keys per task: long contexts split into parts of this many */
 #define FEW_ROWS 16				/* query blocks this small use the decode kernels (simd.c) */
 
 /* fp32 copy of kv_b: absorbed attention multiplies by W_uk^T, which the GEMV
@@ -253,7 +253,6 @@ cpu_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a)
 	int			Ha = c->mla_heads,
 				R = c->kv_lora_rank,
 				Wa = R + c->qk_rope_dim;
-	int			threads = kl_pool_threads();
 	mla_job		j;
 	int			total_blocks = 0;
 
@@ -292,7 +291,7 @@ cpu_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a)
 			int64_t		keys = st->pos0[s] + (st->row0[s + 1] - st->row0[s]);
 
 			max_tasks += ((st->row0[s + 1] - st->row0[s]) * Ha + BLOCK_ROWS - 1) / BLOCK_ROWS *
-				(int) ((keys + MIN_SPLIT_KEYS - 1) / MIN_SPLIT_KEYS);
+				(int) ((keys + SPLIT_KEYS - 1) / SPLIT_KEYS);
 		}
 		j.tasks = cpu_buffer(be, BUF_MLA_TASKS, sizeof(mla_task) * (size_t) max_tasks);
 		j.block_first = cpu_buffer(be, BUF_MLA_BLOCKS, sizeof(int) * 2 * (size_t) total_blocks);
@@ -310,15 +309,14 @@ cpu_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a)
 		{
 			int			b1 = b0 + BLOCK_ROWS < rows ? b0 + BLOCK_ROWS : rows;
 			int			keys = (int) (st->pos0[s] + (b1 - 1) / Ha + 1);	/* causal limit of the block */
-			int			split = 1;
 
-			if (total_blocks < threads)
-			{
-				int			want = (2 * threads + total_blocks - 1) / total_blocks;
-				int			most = (keys + MIN_SPLIT_KEYS - 1) / MIN_SPLIT_KEYS;
+			/*
+			 * Long key ranges are split in fixed-size parts whose softmax sums
+			 * are merged: decided by the block alone, never by the rest of the
+			 * batch, so a sequence's result does not depend on its neighbours.
+			 */
+			int			split = (keys + SPLIT_KEYS - 1) / SPLIT_KEYS;
 
-				split = want < most ? want : most;
-			}
 			j.block_first[j.n_blocks] = j.n_tasks;
 			j.block_ntasks[j.n_blocks] = split;
 			j.n_blocks++;
