@@ -63,6 +63,18 @@ check-engine: engine-tests cli
 test: all cli engine-tests
 	bash test/run-tests.sh
 
+# libFuzzer harnesses for the parsers (needs clang; see test/fuzz/README.md)
+FUZZ_CC ?= clang-14
+FUZZ_FLAGS = -g -O1 -std=gnu11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -Isrc/engine -I$(OPENBLAS_INC)
+FUZZ_ENGINE = $(ENGINE_SRCS)
+fuzz: test/fuzz/bin/fuzz_safetensors test/fuzz/bin/fuzz_config test/fuzz/bin/fuzz_state test/fuzz/bin/fuzz_state_crc
+test/fuzz/bin/fuzz_state_crc: test/fuzz/fuzz_state.c $(ENGINE_SRCS)
+	@mkdir -p test/fuzz/bin
+	$(FUZZ_CC) $(FUZZ_FLAGS) -DFIX_CRC -o $@ $< $(FUZZ_ENGINE) $(ENGINE_LIBS)
+test/fuzz/bin/%: test/fuzz/%.c $(ENGINE_SRCS)
+	@mkdir -p test/fuzz/bin
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(FUZZ_ENGINE) $(ENGINE_LIBS)
+
 bench: cli
 	bash bench/run-bench.sh
 
@@ -73,8 +85,8 @@ install-models:
 	$(MKDIR_P) '$(MODEL_DIR_INSTALL)/pgdocs-kimi-18m'
 	$(INSTALL_DATA) models/pgdocs-kimi-18m/* '$(MODEL_DIR_INSTALL)/pgdocs-kimi-18m/'
 
-EXTRA_CLEAN = kl test/engine/bin src/cli/*.o src/*/*.d
+EXTRA_CLEAN = kl test/engine/bin test/fuzz/bin src/cli/*.o src/*/*.d
 
 -include $(wildcard src/*/*.d)
 
-.PHONY: cli engine-tests check-engine test bench install-models
+.PHONY: fuzz cli engine-tests check-engine test bench install-models

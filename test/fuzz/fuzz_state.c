@@ -2,7 +2,9 @@
  * libFuzzer harness: decoding a state blob into a sequence of the golden
  * tiny_a model (KL_SHARED or ../shared), then one forward step on it when it
  * loads.  Inputs may be one part or several, split at "KLSTATE" magics.
+ * Built twice: as is, and with FIX_CRC (fuzz_state_crc).
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -42,6 +44,36 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		}
 	parts[n].data = data + start;
 	parts[n++].len = size - start;
+#ifdef FIX_CRC
+	/*
+	 * Variant fuzz_state_crc: rewrite each part's trailing checksum so that
+	 * mutations reach the header and payload checks behind it.
+	 */
+	{
+		static uint8_t *copy;
+		static size_t cap;
+
+		if (cap < size)
+		{
+			free(copy);
+			copy = malloc(size);
+			cap = size;
+		}
+		memcpy(copy, data, size);
+		for (int i = 0; i < n; i++)
+		{
+			uint8_t    *p = copy + (parts[i].data - data);
+
+			parts[i].data = p;
+			if (parts[i].len >= 8)
+			{
+				uint32_t	crc = kl_crc32c(p, parts[i].len - 4);
+
+				memcpy(p + parts[i].len - 4, &crc, 4);
+			}
+		}
+	}
+#endif
 	if (kl_state_load(seq, parts, n, &err) == KL_OK)
 	{
 		int32_t		tok = 1;
