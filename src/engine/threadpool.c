@@ -73,13 +73,13 @@ claim_task(unsigned gen)
 	for (;;)
 	{
 		unsigned	g = (unsigned) (v >> 32);
-		int			i = (int) (v & 0xffffffffu);
+		uint32_t	i = (uint32_t) (v & 0xffffffffu);
 
-		if (g != gen || i >= pool.n_tasks)
+		if (g != gen || i >= (uint32_t) pool.n_tasks)
 			return -1;
 		/* on success job gen cannot end before this task does: fn/arg stay valid */
 		if (atomic_compare_exchange_weak(&pool.claim, &v, v + 1))
-			return i;
+			return (int) i;
 	}
 }
 
@@ -236,12 +236,18 @@ kl_parallel_for(int n_tasks, kl_task_fn fn, void *arg)
 			fn(arg, i, 0);
 		return;
 	}
-	/* no task of the previous job is running: safe to replace the job */
+	/*
+	 * No task of the previous job is running, but a worker may still be about
+	 * to try a claim on it.  Retire the old claim word first (new generation,
+	 * nothing claimable), so that such a claim fails whatever it then reads of
+	 * n_tasks; only then replace the job and open it.
+	 */
+	gen = atomic_load(&pool.generation) + 1;
+	atomic_store(&pool.claim, ((uint64_t) gen << 32) | 0xffffffffu);
 	pool.fn = fn;
 	pool.arg = arg;
 	pool.n_tasks = n_tasks;
 	atomic_store(&pool.finished, 0);
-	gen = atomic_load(&pool.generation) + 1;
 	atomic_store(&pool.claim, (uint64_t) gen << 32);
 	pthread_mutex_lock(&pool.mu);
 	atomic_store(&pool.generation, gen);

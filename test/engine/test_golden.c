@@ -296,6 +296,7 @@ check_case(const char *name)
 				continue;
 			ls = run_split(&g, splits[i]);
 			e = rel_err(ls, l, (size_t) g.T * g.V);
+			if (e > TOL) tap_diag("split %d: rel err %.3g", splits[i], e);
 			worst = e > worst ? e : worst;
 			n++;
 			free(ls);
