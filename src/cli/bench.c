@@ -229,22 +229,42 @@ state_bytes(const kl_config *c, double ctx)
 	return kda + mla;
 }
 
-/* FLOPs of the mixers' cores for n new tokens after `past` positions */
+/*
+ * FLOPs of the mixers' cores for n new tokens after `past` positions, counted
+ * the way the CPU engine computes them: KDA in chunks of 64; MLA absorbed for
+ * short inputs (per (token, head, key) a score over R + Dr and a value
+ * accumulation over R), expanded for prompts of 64 tokens or more (keys and
+ * values expanded once per step of `step` tokens, then Dn + Dr and Dv per pair).
+ */
 static double
-mixer_flops(const kl_config *c, double past, double n)
+mixer_flops(const kl_config *c, double past, double n, double step)
 {
 	double		K = c->kda_head_dim,
 				C = 64;
 	double		kda = c->n_kda_layers * c->kda_heads * n * 2 * (3 * K * K + C * K + C * K);
 	double		R = c->kv_lora_rank,
-				Dr = c->qk_rope_dim;
-	/* absorbed attention: per (token, head) query and output projections,
-	 * per (token, head, key) a score and a value accumulation */
-	double		pairs = n * past + n * (n + 1) / 2;
-	double		mla = c->n_mla_layers * c->mla_heads *
-		(n * 2 * R * (c->qk_nope_dim + c->v_head_dim) + pairs * 2 * (2 * R + Dr));
+				Dr = c->qk_rope_dim,
+				Dn = c->qk_nope_dim,
+				Dv = c->v_head_dim,
+				Ha = c->mla_heads;
+	double		mla = 0;
 
-	return kda + mla;
+	if (n < 64)
+	{
+		double		pairs = n * past + n * (n + 1) / 2;
+
+		mla = Ha * (n * 2 * R * (Dn + Dv) + pairs * 2 * (2 * R + Dr));
+	}
+	else
+		for (double done = 0; done < n; done += step)
+		{
+			double		s = n - done < step ? n - done : step;
+			double		keys = past + done + s;
+			double		pairs = s * (past + done) + s * (s + 1) / 2;
+
+			mla += Ha * (keys * 2 * R * (Dn + Dv) + pairs * 2 * (Dn + Dr + Dv));
+		}
+	return kda + c->n_mla_layers * mla;
 }
 
 /*
@@ -489,7 +509,7 @@ cmd_bench(int argc, char **argv)
 			dt = kl_now() - t0;
 			kl_ctx_profile_read(ctx, prof);
 			kl_ctx_profile(ctx, false);
-			flops = wf * T + mixer_flops(c, 0, T);
+			flops = wf * T + mixer_flops(c, 0, T, 512);
 			per_tok[i] = dt / T * 1e3;
 			per_tok_nomla[i] = (dt - prof[KL_PROF_MLA]) / T * 1e3;
 			printf("| prefill | %d | %.1f | %.3f s | %.3f | %ld MB | %.1f | %.0f%% |\n", T, T / dt, dt,
@@ -505,7 +525,7 @@ cmd_bench(int argc, char **argv)
 						dt;
 			int32_t		tok = ids[C];
 			double		bytes = wb + state_bytes(c, C + steps / 2.0);
-			double		flops = wf + mixer_flops(c, C + steps / 2.0, 1);
+			double		flops = wf + mixer_flops(c, C + steps / 2.0, 1, 1);
 			/* the step is bound by whichever is slower: bytes or arithmetic */
 			double		floor_s = bytes / (bw * 1e9) > flops / (gflops * 1e9) ?
 				bytes / (bw * 1e9) : flops / (gflops * 1e9);
