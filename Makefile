@@ -67,7 +67,8 @@ test: all cli engine-tests
 FUZZ_CC ?= clang-14
 FUZZ_FLAGS = -g -O1 -std=gnu11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -Isrc/engine -I$(OPENBLAS_INC)
 FUZZ_ENGINE = $(ENGINE_SRCS)
-fuzz: test/fuzz/bin/fuzz_safetensors test/fuzz/bin/fuzz_config test/fuzz/bin/fuzz_state test/fuzz/bin/fuzz_state_crc
+fuzz: test/fuzz/bin/fuzz_safetensors test/fuzz/bin/fuzz_config test/fuzz/bin/fuzz_state test/fuzz/bin/fuzz_state_crc \
+      test/fuzz/bin/fuzz_tokenizer
 test/fuzz/bin/fuzz_state_crc: test/fuzz/fuzz_state.c $(ENGINE_SRCS)
 	@mkdir -p test/fuzz/bin
 	$(FUZZ_CC) $(FUZZ_FLAGS) -DFIX_CRC -o $@ $< $(FUZZ_ENGINE) $(ENGINE_LIBS)
@@ -90,3 +91,64 @@ EXTRA_CLEAN = kl test/engine/bin test/fuzz/bin src/cli/*.o src/*/*.d
 -include $(wildcard src/*/*.d)
 
 .PHONY: fuzz cli engine-tests check-engine test bench install-models
+
+# ================================================================ CUDA backend (kimi_linear_cuda.so)
+# Built by `make` where nvcc exists (CUDA 13), skipped silently otherwise;
+# `make install` puts it next to kimi_linear.so, where the engine's loader
+# (src/engine/backend_cuda_loader.c) looks for it.  The engine itself never
+# links CUDA.  Kernels: kernels/*.cu; host code: src/cuda/*.c (plain C).
+NVCC         ?= $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc 2>/dev/null))
+CUDA_HOME    ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+CUDA_LIB     := kimi_linear_cuda.so
+# Hopper (sm_90a: wgmma etc.; sm_90), and PTX for any GPU from Ampere on
+CUDA_GENCODE ?= -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_90,code=sm_90 \
+                -gencode=arch=compute_80,code=compute_80
+CUDA_KERNEL_SRCS := $(sort $(wildcard kernels/*.cu))
+CUDA_HOST_SRCS   := $(filter-out src/cuda/device_blas_shim.c,$(sort $(wildcard src/cuda/*.c)))
+CUDA_OBJS        := $(CUDA_KERNEL_SRCS:.cu=.o) $(CUDA_HOST_SRCS:.c=.o)
+CUDA_CFLAGS  = -O2 -std=gnu11 -Wall -Wno-declaration-after-statement -fPIC -fvisibility=hidden -MMD -MP \
+               -Isrc/engine -I$(OPENBLAS_INC) -I$(CUDA_HOME)/include
+NVCC_FLAGS   = -O3 -std=c++17 $(CUDA_GENCODE) -Xcompiler -fPIC,-fvisibility=hidden
+# cudart linked statically and kept private (--exclude-libs), cuBLAS found through the rpath
+CUDA_LDLIBS  = -L$(CUDA_HOME)/lib64 -lcublas -Xlinker --exclude-libs,ALL -Xlinker -rpath -Xlinker $(CUDA_HOME)/lib64
+
+ifneq ($(NVCC),)
+all: $(CUDA_LIB)
+install: install-cuda
+endif
+
+cuda: $(CUDA_LIB)
+$(CUDA_LIB): $(CUDA_OBJS)
+	$(NVCC) -shared $(CUDA_GENCODE) -o $@ $(CUDA_OBJS) $(CUDA_LDLIBS)
+
+kernels/%.o: kernels/%.cu kernels/kernels.h kernels/common.cuh
+	$(NVCC) $(NVCC_FLAGS) -c -o $@ $<
+
+src/cuda/%.o: src/cuda/%.c
+	$(CC) $(CUDA_CFLAGS) -c -o $@ $<
+
+install-cuda: $(CUDA_LIB)
+	$(MKDIR_P) '$(DESTDIR)$(pkglibdir)'
+	$(INSTALL_SHLIB) $(CUDA_LIB) '$(DESTDIR)$(pkglibdir)/'
+
+# Programs for the GPU machine (bench/bench-cuda.sh carries them there in
+# .gpu/): it has no OpenBLAS, so they link the plain-C stand-in
+# src/cuda/device_blas_shim.c, and PCRE2, Jansson, OpenSSL statically.
+GPU_DIR     ?= .gpu
+DEVICE_LIBS  = src/cuda/device_blas_shim.o -Wl,-Bstatic -lpcre2-8 -ljansson -lcrypto -Wl,-Bdynamic -lisal \
+               -lpthread -ldl -lm
+cuda-device-bins: $(CUDA_LIB) $(GPU_DIR)/bin/test_cuda.t $(GPU_DIR)/bin/bench_cuda $(GPU_DIR)/bin/kl
+$(GPU_DIR)/bin/test_cuda.t: test/engine/test_cuda.c test/engine/tap.h $(ENGINE_OBJS) src/cuda/device_blas_shim.o
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(PG_CFLAGS) $(PG_CPPFLAGS) -Itest/engine -o $@ $< $(ENGINE_OBJS) $(DEVICE_LIBS)
+$(GPU_DIR)/bin/bench_cuda: bench/bench_cuda.c $(ENGINE_OBJS) src/cuda/device_blas_shim.o
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(PG_CFLAGS) $(PG_CPPFLAGS) -I$(CUDA_HOME)/include -o $@ $< $(ENGINE_OBJS) $(DEVICE_LIBS) \
+		-L$(CUDA_HOME)/lib64 -lcudart -Wl,-rpath,$(CUDA_HOME)/lib64
+$(GPU_DIR)/bin/kl: $(CLI_SRCS:.c=.o) $(ENGINE_OBJS) src/cuda/device_blas_shim.o
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $(CLI_SRCS:.c=.o) $(ENGINE_OBJS) $(DEVICE_LIBS)
+
+EXTRA_CLEAN += $(CUDA_LIB) kernels/*.o src/cuda/*.o src/cuda/*.d
+.PHONY: cuda install-cuda cuda-device-bins
+# ================================================================ end of the CUDA section
