@@ -54,6 +54,44 @@ LANGUAGE C VOLATILE PARALLEL RESTRICTED ROWS 64;
 COMMENT ON FUNCTION generate_stream(text, int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
 'Like generate, one row per piece of text as it is produced (always complete UTF-8 characters).';
 
+CREATE FUNCTION generate_tokens(
+    prompt text,
+    max_tokens int DEFAULT 256,
+    temperature float8 DEFAULT 0,
+    top_p float8 DEFAULT 1,
+    top_k int DEFAULT 0,
+    seed bigint DEFAULT NULL,
+    stop text[] DEFAULT NULL,
+    model text DEFAULT NULL,
+    repetition_penalty float8 DEFAULT 1,
+    min_p float8 DEFAULT 0,
+    ignore_eos boolean DEFAULT false)
+RETURNS int[]
+AS 'MODULE_PATHNAME', 'kl_sql_generate_tokens'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+
+COMMENT ON FUNCTION generate_tokens(text, int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
+'Like generate, but returns the generated token ids (the prompt is encoded after the model''s bos token, as ./kl generate --prompt does).';
+
+CREATE FUNCTION generate_ids(
+    prompt int[],
+    max_tokens int DEFAULT 256,
+    temperature float8 DEFAULT 0,
+    top_p float8 DEFAULT 1,
+    top_k int DEFAULT 0,
+    seed bigint DEFAULT NULL,
+    stop text[] DEFAULT NULL,
+    model text DEFAULT NULL,
+    repetition_penalty float8 DEFAULT 1,
+    min_p float8 DEFAULT 0,
+    ignore_eos boolean DEFAULT false)
+RETURNS int[]
+AS 'MODULE_PATHNAME', 'kl_sql_generate_ids'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+
+COMMENT ON FUNCTION generate_ids(int[], int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
+'Continue a sequence of token ids (used as given: no bos is added) and return the generated ids; works for models without a tokenizer (stop must be NULL).';
+
 CREATE FUNCTION chat(
     messages jsonb,
     max_tokens int DEFAULT 256,
@@ -95,6 +133,8 @@ CREATE AGGREGATE summarize_agg(text, int) (
 
 COMMENT ON AGGREGATE summarize_agg(text) IS
 'Summarize the documents of a group together (joined with blank lines, in the order given: use ORDER BY inside the call).';
+COMMENT ON AGGREGATE summarize_agg(text, int) IS
+'summarize_agg with the summary''s max_tokens.';
 
 -------------------------------------------------------------------- tokens
 
@@ -137,6 +177,27 @@ LANGUAGE C VOLATILE PARALLEL RESTRICTED;
 COMMENT ON FUNCTION generate_with_state(bytea, text, int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
 'Continue a sequence from its state (NULL: a new one) with prompt; returns the reply and the new state. Only the new tokens are computed. The state is checked (checksum, model) before use.';
 
+CREATE FUNCTION chat_with_state(
+    state bytea,
+    messages jsonb,
+    max_tokens int DEFAULT 256,
+    temperature float8 DEFAULT 0,
+    top_p float8 DEFAULT 1,
+    top_k int DEFAULT 0,
+    seed bigint DEFAULT NULL,
+    stop text[] DEFAULT NULL,
+    model text DEFAULT NULL,
+    repetition_penalty float8 DEFAULT 1,
+    min_p float8 DEFAULT 0,
+    ignore_eos boolean DEFAULT false,
+    OUT reply text,
+    OUT new_state bytea)
+AS 'MODULE_PATHNAME', 'kl_sql_chat_with_state'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+
+COMMENT ON FUNCTION chat_with_state(bytea, jsonb, int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
+'One chat turn on a state the caller keeps (NULL: a new conversation): the new messages are rendered in the chat format after the history the state holds; returns the reply and the new state. say() runs the same turn on a stored conversation.';
+
 -------------------------------------------------------------------- models
 
 CREATE FUNCTION load_model(name text, path text) RETURNS void
@@ -149,6 +210,9 @@ COMMENT ON FUNCTION load_model(text, text) IS
 CREATE FUNCTION unload_model(name text) RETURNS void
 AS 'MODULE_PATHNAME', 'kl_sql_unload_model'
 LANGUAGE C VOLATILE;
+
+COMMENT ON FUNCTION unload_model(text) IS
+'Unload a model from every inference worker; requests running on it fail. Superusers and members of kimi_linear_admin only.';
 
 REVOKE ALL ON FUNCTION load_model(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION unload_model(text) FROM PUBLIC;
@@ -172,15 +236,25 @@ COMMENT ON VIEW models IS 'Models registered with the inference workers.';
 CREATE FUNCTION _activity(
     OUT worker int, OUT request_id bigint, OUT backend_pid int, OUT model text, OUT phase text,
     OUT prompt_tokens_done bigint, OUT prompt_tokens bigint, OUT generated_tokens bigint,
-    OUT tokens_per_second float8, OUT submitted_at timestamptz)
+    OUT max_tokens bigint, OUT tokens_per_second float8, OUT submitted_at timestamptz,
+    OUT started_at timestamptz)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'kl_sql_activity'
 LANGUAGE C VOLATILE;
 
 CREATE VIEW activity AS SELECT * FROM _activity();
-COMMENT ON VIEW activity IS 'Every inference request in flight: phase (queued, prefill, decode) and progress.';
+COMMENT ON VIEW activity IS 'Every inference request in flight: its worker, backend, phase (queued, prefill, decode, finishing), prompt tokens done of total, tokens generated, and the current rate (prompt tokens/s while prefilling, generated tokens/s while decoding).';
 
-GRANT SELECT ON models, activity TO PUBLIC;
+CREATE FUNCTION _workers(OUT worker int, OUT pid int, OUT active_requests int, OUT restarts int,
+    OUT started_at timestamptz, OUT steps bigint, OUT tokens bigint)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'kl_sql_workers'
+LANGUAGE C VOLATILE;
+
+CREATE VIEW workers AS SELECT * FROM _workers();
+COMMENT ON VIEW workers IS 'The inference background workers (pid NULL while one restarts).';
+
+GRANT SELECT ON models, activity, workers TO PUBLIC;
 
 -------------------------------------------------------------------- conversations
 
@@ -221,6 +295,10 @@ CREATE TABLE messages (
 );
 CREATE INDEX messages_conversation ON messages (conversation_id, id);
 
+-- states are floating-point numbers: compression would only cost time
+ALTER TABLE conversations ALTER COLUMN state SET STORAGE EXTERNAL;
+ALTER TABLE conversation_pages ALTER COLUMN data SET STORAGE EXTERNAL;
+
 ALTER TABLE conversations ENABLE ROW LEVEL SECURITY;
 ALTER TABLE conversation_pages ENABLE ROW LEVEL SECURITY;
 ALTER TABLE messages ENABLE ROW LEVEL SECURITY;
@@ -233,15 +311,6 @@ GRANT USAGE ON SEQUENCE conversations_id_seq, messages_id_seq TO PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('conversations', '');
 SELECT pg_catalog.pg_extension_config_dump('conversation_pages', '');
 SELECT pg_catalog.pg_extension_config_dump('messages', '');
-
-CREATE FUNCTION _chat_turn(
-    model text, page_size int, pages bytea[], head bytea, system text, message text,
-    max_tokens int, temperature float8, top_p float8, top_k int, seed bigint, stop text[],
-    unused_model text, repetition_penalty float8, min_p float8, ignore_eos boolean,
-    OUT reply text, OUT reply_ids int[], OUT head bytea, OUT new_pages bytea[],
-    OUT pages_from bigint, OUT positions bigint)
-AS 'MODULE_PATHNAME', 'kl_sql_chat_turn'
-LANGUAGE C VOLATILE;
 
 CREATE FUNCTION new_conversation(model text DEFAULT NULL, system text DEFAULT NULL)
 RETURNS bigint
@@ -273,45 +342,14 @@ CREATE FUNCTION say(
     top_k int DEFAULT 0,
     seed bigint DEFAULT NULL,
     stop text[] DEFAULT NULL,
-    repetition_penalty float8 DEFAULT 1)
+    repetition_penalty float8 DEFAULT 1,
+    min_p float8 DEFAULT 0,
+    ignore_eos boolean DEFAULT false)
 RETURNS text
-LANGUAGE plpgsql VOLATILE
-SET search_path = @extschema@, pg_catalog
-AS $$
-DECLARE
-  c conversations;
-  r record;
-BEGIN
-  IF say.conversation_id IS NULL THEN
-    RAISE EXCEPTION 'conversation_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-  END IF;
-  -- the row lock serializes turns: two sessions never lose one
-  SELECT * INTO c FROM conversations WHERE id = say.conversation_id FOR UPDATE;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'conversation % does not exist', say.conversation_id
-      USING ERRCODE = 'undefined_object', HINT = 'Create one with kimi_linear.new_conversation().';
-  END IF;
-  r := _chat_turn(c.model, c.page_size,
-                  ARRAY(SELECT p.data FROM conversation_pages p
-                        WHERE p.conversation_id = c.id ORDER BY p.page_no),
-                  c.state, CASE WHEN c.state IS NULL THEN c.system END, say.message,
-                  say.max_tokens, say.temperature, say.top_p, say.top_k, say.seed, say.stop,
-                  NULL, say.repetition_penalty, 0, false);
-  INSERT INTO conversation_pages (conversation_id, page_no, data)
-  SELECT c.id, (r.pages_from / c.page_size)::int + t.i - 1, t.p
-  FROM unnest(r.new_pages) WITH ORDINALITY AS t(p, i);
-  UPDATE conversations
-     SET state = r.head, positions = r.positions, turns = turns + 1, updated_at = now()
-   WHERE id = c.id;
-  INSERT INTO messages (conversation_id, turn, role, content)
-  VALUES (c.id, c.turns + 1, 'user', say.message);
-  INSERT INTO messages (conversation_id, turn, role, content, token_ids)
-  VALUES (c.id, c.turns + 1, 'assistant', r.reply, r.reply_ids);
-  RETURN r.reply;
-END
-$$;
+AS 'MODULE_PATHNAME', 'kl_sql_say'
+LANGUAGE C VOLATILE;
 
-COMMENT ON FUNCTION say(bigint, text, int, float8, float8, int, bigint, text[], float8) IS
+COMMENT ON FUNCTION say(bigint, text, int, float8, float8, int, bigint, text[], float8, float8, boolean) IS
 'Add a user message to a conversation and return the reply. Only the new turn is computed; the new state is stored in the caller''s transaction (a rollback undoes the turn).';
 
 CREATE FUNCTION fork_conversation(conversation_id bigint)

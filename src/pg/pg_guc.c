@@ -1,18 +1,19 @@
 /*
- * pg_guc.c — the kimi_linear.* settings.
+ * pg_guc.c — defining the kimi_linear.* settings.
  *
- * Who may change what: model_dir, default_model and the limits are for
- * superusers (SUSET) — an ordinary user must not point the server at other
- * files or lift the limits that protect it; workers, max_requests need a
- * restart (they size shared memory and processes); device, threads and
- * prefill_chunk take effect at a reload (SIGHUP).
+ * Who may change what: the model directory and the limits are superuser-only
+ * (PGC_SUSET), so an ordinary user can lower nothing that protects the
+ * server and raise nothing at all; worker shape (number, request slots) is
+ * fixed at server start; engine threads and prefill chunking apply at reload.
  */
 #include "postgres.h"
+
+#include <limits.h>
 
 #include "miscadmin.h"
 #include "utils/guc.h"
 
-#include "pg_shmem.h"
+#include "pg_guc.h"
 
 char	   *kl_guc_model_dir = NULL;
 char	   *kl_guc_default_model = NULL;
@@ -23,9 +24,8 @@ int			kl_max_context = 131072;
 int			kl_max_new_tokens = 4096;
 int			kl_max_requests = 64;
 int			kl_prefill_chunk = 512;
-int			kl_page_size = 4096;
-
-static char default_model_dir[MAXPGPATH];
+int			kl_page_size = 1024;
+int			kl_state_cache_mb = 256;
 
 static const struct config_enum_entry device_options[] = {
 	{"cpu", KL_DEVICE_CPU, false},
@@ -34,18 +34,45 @@ static const struct config_enum_entry device_options[] = {
 	{NULL, 0, false}
 };
 
+/* boot value of model_dir: <sharedir>/kimi_linear/models, where `make install` puts the bundled model */
+static char default_model_dir[MAXPGPATH];
+
 const char *
 kl_device_name(int device)
 {
-	return device == KL_DEVICE_CUDA ? "cuda" : device == KL_DEVICE_AUTO ? "auto" : "cpu";
+	switch (device)
+	{
+		case KL_DEVICE_CUDA:
+			return "cuda";
+		case KL_DEVICE_AUTO:
+			return "auto";
+		default:
+			return "cpu";
+	}
 }
 
 static bool
 check_model_dir(char **newval, void **extra, GucSource source)
 {
-	if (*newval == NULL || (*newval)[0] != '/')
+	if (*newval == NULL || (*newval)[0] == '\0')
 	{
-		GUC_check_errmsg("kimi_linear.model_dir must be an absolute path");
+		GUC_check_errdetail("kimi_linear.model_dir must not be empty.");
+		return false;
+	}
+	if (!is_absolute_path(*newval))
+	{
+		GUC_check_errdetail("kimi_linear.model_dir must be an absolute path.");
+		return false;
+	}
+	return true;
+}
+
+static bool
+check_prefill_chunk(int *newval, void **extra, GucSource source)
+{
+	if (*newval % 64 != 0)
+	{
+		GUC_check_errdetail("kimi_linear.prefill_chunk must be a multiple of 64 (the KDA chunk length).");
 		return false;
 	}
 	return true;
@@ -60,43 +87,57 @@ kl_define_gucs(void)
 	snprintf(default_model_dir, sizeof(default_model_dir), "%s/kimi_linear/models", share);
 
 	DefineCustomStringVariable("kimi_linear.model_dir",
-							   "Directory that models are loaded from; the only place they may come from.",
-							   "load_model paths are relative to it, or must resolve inside it.",
-							   &kl_guc_model_dir, default_model_dir, PGC_SUSET, 0,
-							   check_model_dir, NULL, NULL);
+							   "Directory from which models may be loaded.",
+							   "Paths given to kimi_linear.load_model are relative to it, or must resolve inside it.",
+							   &kl_guc_model_dir, default_model_dir,
+							   PGC_SUSET, 0, check_model_dir, NULL, NULL);
 	DefineCustomStringVariable("kimi_linear.default_model",
-							   "Model used when a function is not given one.",
-							   "A name of a loaded model, or a directory under model_dir loaded on first use. "
-							   "Empty: the bundled pgdocs-kimi-18m when no other model is loaded.",
-							   &kl_guc_default_model, "", PGC_SUSET, 0, NULL, NULL, NULL);
+							   "Model used by calls that name none.",
+							   "Empty: the only loaded model, or the bundled model " KL_BUNDLED_MODEL
+							   " (loaded on first use) when none is loaded.",
+							   &kl_guc_default_model, "",
+							   PGC_USERSET, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("kimi_linear.workers",
 							"Number of inference background workers.",
-							NULL, &kl_workers, 1, 1, KL_MAX_WORKERS, PGC_POSTMASTER, 0,
-							NULL, NULL, NULL);
+							NULL, &kl_workers, 1, 1, 16,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	DefineCustomEnumVariable("kimi_linear.device",
-							 "Where models run: cpu, cuda, or auto (cuda where a GPU is present).",
-							 "Applies to models loaded afterwards.",
-							 &kl_device, KL_DEVICE_CPU, device_options, PGC_SIGHUP, 0,
-							 NULL, NULL, NULL);
+							 "Device that kimi_linear.load_model puts models on (cpu, cuda, auto).",
+							 "auto uses a GPU when one is usable and the CPU otherwise.",
+							 &kl_device, KL_DEVICE_CPU, device_options,
+							 PGC_SUSET, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("kimi_linear.threads",
-							"CPU threads per inference worker (0 = all cores).",
-							NULL, &kl_threads, 0, 0, 1024, PGC_SIGHUP, 0, NULL, NULL, NULL);
+							"Engine threads per inference worker (0 = all cores).",
+							NULL, &kl_threads, 0, 0, 1024,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("kimi_linear.max_context",
-							"Most positions (tokens) one sequence may hold.",
-							NULL, &kl_max_context, 131072, 16, 1 << 24, PGC_SUSET, 0, NULL, NULL, NULL);
+							"Most positions (tokens) one sequence or conversation may hold.",
+							NULL, &kl_max_context, 131072, 16, INT_MAX,
+							PGC_SUSET, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("kimi_linear.max_new_tokens",
-							"Most tokens one request may generate.",
-							NULL, &kl_max_new_tokens, 4096, 1, 1 << 20, PGC_SUSET, 0, NULL, NULL, NULL);
+							"Most tokens one call may generate (the limit on max_tokens).",
+							NULL, &kl_max_new_tokens, 4096, 1, INT_MAX,
+							PGC_SUSET, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("kimi_linear.max_requests",
-							"Most inference requests in flight at once (all sessions together).",
-							"Further requests fail at once instead of waiting.",
-							&kl_max_requests, 64, 1, 4096, PGC_POSTMASTER, 0, NULL, NULL, NULL);
+							"Most inference requests in flight at once, over all sessions.",
+							"A call beyond it fails at once rather than waiting.",
+							&kl_max_requests, 64, 1, 4096,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("kimi_linear.prefill_chunk",
-							"Prompt tokens a worker processes per step, between decode steps of other requests.",
-							NULL, &kl_prefill_chunk, 512, 16, 65536, PGC_SIGHUP, 0, NULL, NULL, NULL);
+							"Prompt tokens a worker processes per step for one sequence.",
+							"Long prompts are processed in chunks of this size between decode steps of other requests.",
+							&kl_prefill_chunk, 512, 64, 65536,
+							PGC_SIGHUP, 0, check_prefill_chunk, NULL, NULL);
 	DefineCustomIntVariable("kimi_linear.page_size",
 							"Positions per stored page of a conversation's attention cache.",
-							"A conversation's state is stored as pages that never change plus a head that each turn rewrites.",
-							&kl_page_size, 4096, 256, 1 << 20, PGC_SUSET, 0, NULL, NULL, NULL);
+							"Pages are written once; each turn rewrites the head: the KDA state plus up to this many positions.",
+							&kl_page_size, 1024, 64, 1 << 20,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("kimi_linear.state_cache",
+							"Memory per worker for keeping recent conversations' states (0 = off).",
+							"A new turn whose stored state matches a cached one skips reloading the history.",
+							&kl_state_cache_mb, 256, 0, INT_MAX / 2,
+							PGC_SIGHUP, GUC_UNIT_MB, NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("kimi_linear");
 }

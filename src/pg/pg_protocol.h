@@ -1,23 +1,32 @@
 /*
  * pg_protocol.h — the request protocol between backends and inference
- * workers: the one place that defines it.
+ * workers.  This is the one place that defines it.
  *
- * A backend that wants inference:
- *   1. creates a DSM segment holding two shm_mq rings (request: backend ->
- *      worker, reply: worker -> backend) and takes a free request slot in the
- *      control area (pg_shmem.h), naming the segment and the chosen worker;
- *   2. sets the worker's latch and sends ONE request message (below);
- *   3. reads reply messages until DONE or ERROR, waiting on its latch.
- * The worker admits the request into its batch, streams TOKENS messages as it
- * generates, and ends with STATE parts (if asked) and DONE, or with ERROR.
+ * A backend that wants inference (pg_request.c):
+ *   1. creates a DSM segment laid out as
+ *          KlRequest | data area (arrays, at offsets given in KlRequest) | reply shm_mq
+ *      and attaches to the reply queue as its receiver;
+ *   2. takes a free request slot in the control area (pg_shmem.h) under the
+ *      lock, naming the segment and a worker, marks it SUBMITTED, and sets
+ *      that worker's latch.  No free slot: an immediate ERROR, never a wait;
+ *   3. reads reply messages (below) until DONE or ERROR, waiting on its latch,
+ *      honouring cancellation and noticing a dead worker.
+ * The worker (pg_worker.c, pg_batch.c) attaches to the segment, reads the
+ * request in place (no copy through a ring: a prompt or state may be large),
+ * runs it in its batch and streams the reply through the queue:
+ *       TOKENS*  STATE*  DONE        or, at any point,  ERROR
+ * STATE parts come only when KL_REQ_WANT_STATE is set: the rows pages that
+ * the turn completed, in position order, then one head.
  *
- * Cancellation: the backend sets the slot's cancel flag (or simply detaches,
- * e.g. at transaction abort); the worker checks both before every step and
- * drops the sequence.  A dead worker is noticed by the backend through the
- * worker's generation counter in the control area.
+ * Cancellation: the backend sets the slot's cancel flag (it does so from a
+ * DSM detach callback, so an aborted transaction cancels too) and wakes the
+ * worker, which drops the sequence before its next step.  A dead worker is
+ * noticed through the queue (the sender detached without DONE) or, for a
+ * request it had not yet taken, is simply replaced: the restarted worker
+ * takes the request.
  *
- * All messages are native-endian structs (both ends are on one machine, same
- * binary) followed by arrays.  Sizes are validated on receipt anyway.
+ * Everything is native-endian (both ends run the same binary on one
+ * machine); the worker still validates every size and offset it reads.
  */
 #ifndef KL_PG_PROTOCOL_H
 #define KL_PG_PROTOCOL_H
@@ -25,104 +34,138 @@
 #include <stdint.h>
 
 #define KL_PROTOCOL_MAGIC 0x4b4c5251	/* "KLRQ" */
-#define KL_PROTOCOL_VERSION 1
+#define KL_PROTOCOL_VERSION 2
 
-#define KL_MAX_STOP_IDS 16
-#define KL_MAX_STOP_STRINGS 8
-#define KL_MAX_STOP_LEN 128
 #define KL_MODEL_NAME_LEN 64
+#define KL_MAX_STOP_IDS 64
+#define KL_MAX_STOP_STRINGS 16
+#define KL_MAX_STOP_LEN 256
+#define KL_REPLY_QUEUE_SIZE (1024 * 1024)	/* at least; more for replies with a state */
 
 /* request flags */
 #define KL_REQ_WANT_STATE	0x01	/* reply with the sequence's state (STATE messages) */
-#define KL_REQ_CHAT_TURN	0x02	/* the prompt is a chat turn: close an unfinished reply first */
+#define KL_REQ_WANT_TEXT	0x02	/* detokenize: TOKENS messages carry text */
+#define KL_REQ_SKIP_STOP_TEXT 0x04	/* no text for a final eos / stop id (it is markup) */
+#define KL_REQ_STREAM		0x08	/* send tokens as they come (else: all in one message at the end,
+									 * sparing the backend a wake-up per token) */
 
-/* Backend -> worker: the request header, then
- *   int32 stop_ids[n_stop_ids], int32 prompt[n_prompt],
- *   then n_state_parts x (uint64 length, bytes): rows pages in order, then one head. */
 typedef struct KlRequest
 {
 	uint32_t	magic;
 	uint32_t	version;
+	uint64_t	request_id;
 	char		model[KL_MODEL_NAME_LEN];
+	uint32_t	model_generation;	/* the registry entry the backend resolved */
 	uint32_t	flags;
 
-	/* sampling (see kl_sampling) */
+	/* sampling (kl_sampling), validated by the backend and again by the worker */
 	float		temperature;
-	int32_t		top_k;
 	float		top_p;
 	float		min_p;
 	float		repetition_penalty;
+	int32_t		top_k;
+	int32_t		ignore_eos;
 	uint64_t	seed;
 	int32_t		max_tokens;
-	int32_t		ignore_eos;
+	int32_t		_pad;
+	int64_t		max_context;	/* positions the sequence may reach */
 
-	int32_t		n_stop_ids;
-	int32_t		n_stop_strings;
-	char		stop_strings[KL_MAX_STOP_STRINGS][KL_MAX_STOP_LEN];	/* NUL-terminated */
-
-	int32_t		n_prompt;
-	int32_t		n_state_parts;
 	/*
-	 * Conversations keep their early MLA rows in pages of page_size positions
-	 * that never change; the reply then carries the pages completed by this
-	 * turn and a head from the last page boundary.  0: one complete head.
+	 * Paging of the returned state (conversations): the given head starts at
+	 * pages_upto (everything before it is in the given rows parts); the reply
+	 * carries rows parts of page_size positions from pages_upto up to the last
+	 * page boundary reached, then a head from there.  page_size 0: one
+	 * complete head (from_pos 0).
 	 */
-	int32_t		page_size;
+	int64_t		page_size;
+	int64_t		pages_upto;
+
+	/* worker-side cache of conversation states (0: none) */
+	int64_t		cache_key;
+
+	/* arrays in the data area: offsets from the start of the segment */
+	int32_t		n_prompt;		/* int32 ids */
+	int32_t		n_stop_ids;		/* int32 ids */
+	int32_t		n_stop_strings; /* each: uint32 length, bytes, padded to 4 */
+	int32_t		n_parts;		/* each: uint64 length, bytes, padded to 8 */
+	uint64_t	prompt_off;
+	uint64_t	stop_ids_off;
+	uint64_t	stop_strings_off;
+	uint64_t	parts_off;
+	uint64_t	data_end;		/* end of the data area */
+
+	uint64_t	mq_off;			/* the reply queue */
+	uint64_t	mq_size;
+
+	/*
+	 * Set by the backend once it has read DONE or ERROR: the worker has
+	 * nothing more to say, so the backend may free the slot itself when it
+	 * detaches (the worker only ever touches a slot whose request id is its
+	 * request's).
+	 */
+	uint32_t	reply_complete;
 } KlRequest;
 
-/* Worker -> backend message types (first byte of each message) */
-#define KL_MSG_TOKENS	'T'			/* KlMsgTokens: ids and the text they completed */
-#define KL_MSG_STATE	'S'			/* KlMsgState + blob */
-#define KL_MSG_DONE		'D'			/* KlMsgDone */
-#define KL_MSG_ERROR	'E'			/* KlMsgError + message text */
+/* Worker -> backend messages: the first byte is the type. */
+#define KL_MSG_TOKENS	'T'
+#define KL_MSG_STATE	'S'
+#define KL_MSG_DONE		'D'
+#define KL_MSG_ERROR	'E'
 
+/* TOKENS: int32 ids[n_ids] then char text[text_len] (complete UTF-8 characters) */
 typedef struct KlMsgTokens
 {
-	char		type;			/* KL_MSG_TOKENS */
+	char		type;
 	int32_t		n_ids;
 	int32_t		text_len;
-	/* int32 ids[n_ids]; char text[text_len] (complete UTF-8) */
 } KlMsgTokens;
 
+/* STATE: one serialized part (engine state format), bytes[len] */
 typedef struct KlMsgState
 {
-	char		type;			/* KL_MSG_STATE */
-	int32_t		kind;			/* KL_STATE_ROWS (a page) or KL_STATE_HEAD */
+	char		type;
+	int32_t		kind;			/* KL_STATE_ROWS or KL_STATE_HEAD */
 	int64_t		from_pos;
 	int64_t		to_pos;
 	uint64_t	len;
-	/* uint8 blob[len] */
 } KlMsgState;
 
 /* why generation ended */
+#define KL_STOP_NONE		0	/* max_tokens 0: prompt only */
 #define KL_STOP_EOS			1
 #define KL_STOP_STOP_ID		2
 #define KL_STOP_STRING		3
 #define KL_STOP_MAX_TOKENS	4
+#define KL_STOP_CONTEXT		5	/* reached max_context */
 
 typedef struct KlMsgDone
 {
-	char		type;			/* KL_MSG_DONE */
+	char		type;
 	int32_t		reason;
 	int32_t		prompt_tokens;
 	int32_t		generated;
 	int64_t		positions;		/* the sequence's positions afterwards */
+	int32_t		pending;		/* its pending token */
+	int32_t		cache_hit;		/* the state came from the worker's cache */
+	double		queue_seconds;
 	double		prefill_seconds;
 	double		decode_seconds;
 } KlMsgDone;
 
-/* errcodes the worker reports (mapped to SQLSTATEs by the backend) */
-#define KL_ERR_INVALID		1		/* bad argument or state: invalid_parameter_value */
-#define KL_ERR_RESOURCES	2		/* out of memory, too long: program_limit_exceeded */
-#define KL_ERR_MODEL		3		/* model not loaded / failed: undefined_object */
-#define KL_ERR_INTERNAL		4		/* anything else: internal_error */
+/* ERROR: char message[msg_len], char hint[hint_len] (not NUL-terminated) */
+#define KL_ERR_INVALID		1	/* bad argument or state: invalid_parameter_value */
+#define KL_ERR_RESOURCES	2	/* out of memory, too long: program_limit_exceeded */
+#define KL_ERR_MODEL		3	/* model not loaded / unloaded: undefined_object */
+#define KL_ERR_INTERNAL		4	/* anything else: internal_error */
+#define KL_ERR_SHUTDOWN		5	/* the worker is stopping: admin_shutdown */
+#define KL_ERR_CACHE_MISS	6	/* the request relied on a cached state that is gone: resend it whole */
 
 typedef struct KlMsgError
 {
-	char		type;			/* KL_MSG_ERROR */
+	char		type;
 	int32_t		code;
-	int32_t		len;
-	/* char message[len] */
+	int32_t		msg_len;
+	int32_t		hint_len;
 } KlMsgError;
 
 #endif

@@ -26,7 +26,7 @@ kl_shmem_request(void)
 	RequestNamedLWLockTranche("kimi_linear", 1);
 }
 
-/* shmem_startup_hook: create (postmaster) or attach (EXEC_BACKEND children) */
+/* shmem_startup_hook: create the area (postmaster), after a crash restart too */
 void
 kl_shmem_startup(void)
 {
@@ -39,6 +39,7 @@ kl_shmem_startup(void)
 		memset(kl_shared, 0, control_size());
 		kl_shared->lock = &(GetNamedLWLockTranche("kimi_linear"))->lock;
 		kl_shared->next_request_id = 1;
+		kl_shared->next_model_generation = 1;
 		kl_shared->n_workers = kl_workers;
 		kl_shared->n_slots = kl_max_requests;
 		for (int i = 0; i < kl_max_requests; i++)
@@ -56,7 +57,7 @@ kl_require_shared(void)
 	if (kl_shared == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("kimi_linear is not loaded at server start"),
+				 errmsg("kimi_linear was not loaded at server start"),
 				 errhint("Add kimi_linear to shared_preload_libraries in postgresql.conf and restart the server.")));
 }
 
@@ -72,5 +73,19 @@ kl_wake_workers(int w)
 		p = kl_shared->workers[i].proc;
 		if (p && kl_shared->workers[i].pid != 0)
 			SetLatch(&p->procLatch);
+	}
+}
+
+void
+kl_slot_release_locked(KlSlot *slot)
+{
+	if (slot->state != KL_SLOT_FREE && slot->backend_done && slot->worker_done)
+	{
+		slot->state = KL_SLOT_FREE;
+		slot->request_id = 0;
+		slot->handle = DSM_HANDLE_INVALID;
+		slot->backend_pid = 0;
+		slot->backend_proc = NULL;
+		pg_atomic_write_u32(&slot->cancel, 0);
 	}
 }

@@ -1,10 +1,12 @@
 /*
- * pg_shmem.h — the control area in shared memory: the settings, the model
- * registry, the inference workers' status and the request slots.
+ * pg_shmem.h — the control area in shared memory: the model registry, the
+ * inference workers' status and the request slots.
  *
  * The postmaster reserves it (shared_preload_libraries); backends and workers
- * attach.  Registry and slot allocation are protected by one LWLock; a slot's
- * progress fields by its spinlock; cancel flags are atomics.
+ * attach.  The registry, worker entries and slot allocation are protected by
+ * one LWLock (kl_shared->lock); a slot's progress fields by its spinlock;
+ * cancel flags are atomics.  Nothing here points into process memory except
+ * the PGPROC pointers (themselves in shared memory) used to set latches.
  */
 #ifndef KL_PG_SHMEM_H
 #define KL_PG_SHMEM_H
@@ -18,30 +20,11 @@
 #include "storage/proc.h"
 #include "storage/spin.h"
 
+#include "pg_guc.h"
 #include "pg_protocol.h"
 
 #define KL_MAX_WORKERS 16
 #define KL_MAX_MODELS 16
-
-/* ------------------------------------------------------------------ settings (pg_guc.c) */
-
-extern char *kl_guc_model_dir;
-extern char *kl_guc_default_model;
-extern int	kl_workers;
-extern int	kl_device;
-extern int	kl_threads;
-extern int	kl_max_context;
-extern int	kl_max_new_tokens;
-extern int	kl_max_requests;
-extern int	kl_prefill_chunk;
-extern int	kl_page_size;
-
-#define KL_DEVICE_CPU 0
-#define KL_DEVICE_CUDA 1
-#define KL_DEVICE_AUTO 2
-
-void		kl_define_gucs(void);
-const char *kl_device_name(int device);
 
 /* ------------------------------------------------------------------ registry */
 
@@ -54,7 +37,7 @@ typedef enum KlModelState
 	KL_MODEL_UNLOADING			/* workers are releasing it */
 } KlModelState;
 
-/* per worker: has it loaded this entry? */
+/* per worker: what it has done with this entry */
 #define KL_WLOAD_NONE 0
 #define KL_WLOAD_READY 1
 #define KL_WLOAD_FAILED 2
@@ -62,17 +45,18 @@ typedef enum KlModelState
 typedef struct KlModelEntry
 {
 	KlModelState state;
-	uint32		generation;		/* changes whenever the entry is reused */
+	uint32		generation;		/* new value whenever the entry is (re)used */
 	char		name[KL_MODEL_NAME_LEN];
-	char		path[MAXPGPATH];
-	int			device;			/* as requested at load time */
+	char		path[MAXPGPATH];	/* resolved (realpath) directory */
+	int			device;			/* KL_DEVICE_* requested at load time */
 	uint8		wload[KL_MAX_WORKERS];
-	char		error[512];
+	char		error[1024];	/* why loading failed */
 	/* filled by the first worker that loads it */
 	int64		n_params;
 	int64		bytes;
 	char		device_name[16];	/* where it actually runs */
 	int32		vocab_size;
+	bool		has_tokenizer;
 	TimestampTz loaded_at;
 } KlModelEntry;
 
@@ -82,8 +66,12 @@ typedef struct KlWorkerInfo
 {
 	pid_t		pid;			/* 0 when not running */
 	PGPROC	   *proc;			/* for its latch */
-	uint32		generation;		/* bumped at every (re)start: backends notice deaths */
-	int			active;			/* requests admitted and not finished */
+	uint32		generation;		/* bumped at every start */
+	int			restarts;		/* starts after the first */
+	TimestampTz started_at;
+	int			active;			/* requests taken and not finished */
+	int64		steps;			/* forward steps run (observability) */
+	int64		tokens;			/* tokens processed */
 } KlWorkerInfo;
 
 /* ------------------------------------------------------------------ request slots */
@@ -91,9 +79,8 @@ typedef struct KlWorkerInfo
 typedef enum KlSlotState
 {
 	KL_SLOT_FREE = 0,
-	KL_SLOT_SUBMITTED,			/* backend has sent the request; worker not yet admitted it */
-	KL_SLOT_RUNNING,			/* admitted by the worker */
-	KL_SLOT_FINISHED			/* the worker is done with it (backend frees it) */
+	KL_SLOT_SUBMITTED,			/* sent; the worker has not taken it yet */
+	KL_SLOT_RUNNING				/* taken by the worker */
 } KlSlotState;
 
 typedef enum KlPhase
@@ -101,21 +88,22 @@ typedef enum KlPhase
 	KL_PHASE_QUEUED = 0,
 	KL_PHASE_PREFILL,
 	KL_PHASE_DECODE,
-	KL_PHASE_DONE
+	KL_PHASE_FINISHING			/* sending the state back */
 } KlPhase;
 
 typedef struct KlSlot
 {
-	/* set by the backend under the LWLock */
+	/* under kl_shared->lock */
 	KlSlotState state;
 	uint64		request_id;
 	int			worker;
-	uint32		worker_generation;
 	dsm_handle	handle;
 	pid_t		backend_pid;
 	PGPROC	   *backend_proc;
+	bool		backend_done;	/* the backend has let go of the request */
+	bool		worker_done;	/* the worker has let go of it */
 	char		model[KL_MODEL_NAME_LEN];
-	pg_atomic_uint32 cancel;	/* backend: stop this request */
+	pg_atomic_uint32 cancel;	/* set by the backend: stop this request */
 
 	/* progress, written by the worker under the spinlock (the activity view) */
 	slock_t		mutex;
@@ -123,8 +111,9 @@ typedef struct KlSlot
 	int64		prompt_done;
 	int64		prompt_total;
 	int64		generated;
+	int64		max_tokens;
 	TimestampTz submitted_at;
-	TimestampTz started_at;
+	TimestampTz started_at;		/* taken by the worker */
 	double		tokens_per_second;
 } KlSlot;
 
@@ -132,6 +121,7 @@ typedef struct KlShared
 {
 	LWLock	   *lock;
 	uint64		next_request_id;
+	uint32		next_model_generation;
 	int			n_workers;
 	KlWorkerInfo workers[KL_MAX_WORKERS];
 	KlModelEntry models[KL_MAX_MODELS];
@@ -145,8 +135,9 @@ void		kl_shmem_request(void);
 void		kl_shmem_startup(void);
 /* error unless the library was preloaded (the control area exists) */
 void		kl_require_shared(void);
-
-/* wake a worker (or all when w < 0) */
+/* wake one worker, or all when w < 0 */
 void		kl_wake_workers(int w);
+/* free a slot once both sides are done with it; caller holds the lock */
+void		kl_slot_release_locked(KlSlot *slot);
 
 #endif

@@ -1,0 +1,1215 @@
+/*
+ * pg_batch.c — the inference worker's scheduler (see pg_batch.h).
+ *
+ * Memory: bookkeeping of a request lives in its own memory context; engine
+ * objects (sequences, state blobs, detokenized text) are malloc'd by the
+ * engine and freed here explicitly.  Nothing in this file lets an ERROR
+ * escape for a request's bad input: such problems become an ERROR message
+ * to that request's backend, and the worker goes on with the others.
+ */
+#include "postgres.h"
+
+#include "miscadmin.h"
+#include "storage/latch.h"
+#include "storage/shm_mq.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "pg_batch.h"
+
+KlWModel	kl_wmodels[KL_MAX_MODELS];
+int			kl_worker_index = -1;
+
+typedef enum KlReqPhase
+{
+	RQ_PREFILL,
+	RQ_DECODE,
+	RQ_FINISHING,				/* replies queued; detach when delivered */
+} KlReqPhase;
+
+/* a reply message waiting to be (completely) sent */
+typedef struct KlOut
+{
+	struct KlOut *next;
+	char	   *head;			/* palloc'd */
+	Size		head_len;
+	char	   *body;			/* palloc'd or malloc'd (body_malloced) */
+	Size		body_len;
+	bool		body_malloced;
+} KlOut;
+
+typedef struct KlReq
+{
+	struct KlReq *next;
+	MemoryContext cxt;
+	int			slot;
+	uint64		request_id;
+	dsm_segment *seg;
+	shm_mq_handle *mqh;
+	KlRequest	req;			/* copy of the header */
+	KlWModel   *wm;
+	kl_seq	   *seq;
+	KlReqPhase	phase;
+
+	int32	   *input;			/* pending token (if any) + prompt */
+	int			n_input;
+	int			fed;
+	int32		next_token;		/* decode: the token to feed */
+
+	int32	   *stop_ids;
+	int			n_stop_ids;
+	char	  **stops;			/* stop strings */
+	int		   *stop_lens;
+	int			n_stops;
+
+	kl_sampling sampling;
+	kl_rng		rng;
+	kl_tokens	recent;			/* repetition penalty window (malloc'd) */
+	int			generated;
+	int			reason;
+	bool		want_text;
+
+	/* detokenized text not yet sent (held back while it could start a stop string) */
+	kl_detok_stream detok;
+	char	   *text;			/* malloc'd by the engine */
+	size_t		text_len,
+				text_cap;
+
+	KlOut	   *out_head,
+			   *out_tail;
+
+	/* not streaming: ids and text gathered for one TOKENS message */
+	int32	   *acc_ids;
+	int			n_acc,
+				cap_acc;
+	StringInfoData acc_text;
+
+	bool		cache_hit;
+	double		t_submitted,
+				t_start,
+				t_decode,
+				t_end;
+} KlReq;
+
+static KlReq *requests = NULL;	/* all requests this worker holds, oldest first */
+static int	n_requests = 0;
+static MemoryContext batch_cxt = NULL;
+static uint64 prefill_rr = 0;	/* round-robin position among prefilling requests */
+
+/* ------------------------------------------------------------------ conversation state cache */
+
+/*
+ * A finished conversation turn leaves its sequence here, keyed by the
+ * conversation id, with a copy of the head it returned.  The next turn that
+ * presents the same head (byte for byte) continues from the cached sequence
+ * instead of rebuilding it from the stored pages; a rolled-back turn simply
+ * presents an older head and misses.
+ */
+typedef struct KlCacheEntry
+{
+	struct KlCacheEntry *next;
+	int64		key;
+	KlWModel   *wm;
+	uint32		generation;
+	kl_seq	   *seq;
+	char	   *head;			/* malloc'd copy */
+	size_t		head_len;
+	size_t		bytes;			/* accounted size */
+	double		used;
+} KlCacheEntry;
+
+static KlCacheEntry *cache = NULL;
+static size_t cache_bytes = 0;
+
+static size_t
+seq_bytes(const kl_seq *seq, size_t head_len)
+{
+	/* the head covers the KDA state; the pages about 1/1 of the positions' rows */
+	return head_len * 2 + (size_t) kl_seq_positions(seq) * 64;
+}
+
+static void
+cache_free_entry(KlCacheEntry *e)
+{
+	kl_seq_free(e->seq);
+	free(e->head);
+	cache_bytes -= e->bytes;
+	pfree(e);
+}
+
+void
+kl_cache_drop_model(KlWModel *wm)
+{
+	KlCacheEntry **pp = &cache;
+
+	while (*pp)
+	{
+		KlCacheEntry *e = *pp;
+
+		if (wm == NULL || e->wm == wm)
+		{
+			*pp = e->next;
+			cache_free_entry(e);
+		}
+		else
+			pp = &e->next;
+	}
+}
+
+void
+kl_cache_trim(void)
+{
+	size_t		limit = (size_t) kl_state_cache_mb * 1024 * 1024;
+
+	while (cache && cache_bytes > limit)
+	{
+		KlCacheEntry **pp = &cache,
+				  **oldest = &cache;
+
+		for (; *pp; pp = &(*pp)->next)
+			if ((*pp)->used < (*oldest)->used)
+				oldest = pp;
+		{
+			KlCacheEntry *e = *oldest;
+
+			*oldest = e->next;
+			cache_free_entry(e);
+		}
+	}
+}
+
+/* Take the cached sequence of `key` if its head is exactly `head`. */
+static kl_seq *
+cache_take(int64 key, KlWModel *wm, const char *head, size_t head_len)
+{
+	KlCacheEntry **pp;
+
+	for (pp = &cache; *pp; pp = &(*pp)->next)
+	{
+		KlCacheEntry *e = *pp;
+
+		if (e->key != key)
+			continue;
+		*pp = e->next;
+		if (e->wm == wm && e->generation == wm->generation && e->head_len == head_len &&
+			memcmp(e->head, head, head_len) == 0)
+		{
+			kl_seq	   *seq = e->seq;
+
+			e->seq = NULL;
+			cache_bytes -= e->bytes;
+			free(e->head);
+			pfree(e);
+			return seq;
+		}
+		cache_free_entry(e);
+		return NULL;
+	}
+	return NULL;
+}
+
+/* Keep seq (ownership passes) as the state after `head`; copies head. */
+static void
+cache_put(int64 key, KlWModel *wm, kl_seq *seq, const char *head, size_t head_len)
+{
+	KlCacheEntry *e;
+	char	   *copy;
+
+	if (kl_state_cache_mb <= 0 || (copy = malloc(head_len)) == NULL)
+	{
+		kl_seq_free(seq);
+		return;
+	}
+	(void) cache_take(key, wm, "", 0);	/* drop an older entry of this key */
+	memcpy(copy, head, head_len);
+	e = MemoryContextAllocZero(batch_cxt, sizeof(KlCacheEntry));
+	e->key = key;
+	e->wm = wm;
+	e->generation = wm->generation;
+	e->seq = seq;
+	e->head = copy;
+	e->head_len = head_len;
+	e->bytes = seq_bytes(seq, head_len);
+	e->used = kl_now();
+	e->next = cache;
+	cache = e;
+	cache_bytes += e->bytes;
+	kl_cache_trim();
+}
+
+/* ------------------------------------------------------------------ replies */
+
+static void
+out_push(KlReq *r, const void *head, Size head_len, char *body, Size body_len, bool body_malloced)
+{
+	KlOut	   *o = MemoryContextAllocZero(r->cxt, sizeof(KlOut));
+
+	o->head = MemoryContextAlloc(r->cxt, head_len);
+	memcpy(o->head, head, head_len);
+	o->head_len = head_len;
+	o->body = body;
+	o->body_len = body_len;
+	o->body_malloced = body_malloced;
+	if (r->out_tail)
+		r->out_tail->next = o;
+	else
+		r->out_head = o;
+	r->out_tail = o;
+}
+
+static void
+send_error(KlReq *r, int code, const char *msg, const char *hint)
+{
+	KlMsgError e;
+	Size		ml = strlen(msg),
+				hl = hint ? strlen(hint) : 0;
+	char	   *body = MemoryContextAlloc(r->cxt, ml + hl + 1);
+
+	memset(&e, 0, sizeof(e));
+	e.type = KL_MSG_ERROR;
+	e.code = code;
+	e.msg_len = (int32) ml;
+	e.hint_len = (int32) hl;
+	memcpy(body, msg, ml);
+	if (hl)
+		memcpy(body + ml, hint, hl);
+	out_push(r, &e, sizeof(e), body, ml + hl, false);
+	r->phase = RQ_FINISHING;
+}
+
+/* Map an engine message to an error class: the engine words them consistently. */
+static int
+engine_code(const char *msg)
+{
+	if (strstr(msg, "out of") != NULL || strstr(msg, "too large") != NULL)
+		return KL_ERR_RESOURCES;
+	return KL_ERR_INVALID;
+}
+
+static void queue_tokens(KlReq *r, const int32 *ids, int n_ids, const char *text, size_t text_len);
+
+/* what the generation produced: streamed at once, or gathered until the end (flush_tokens) */
+static void
+send_tokens(KlReq *r, const int32 *ids, int n_ids, const char *text, size_t text_len)
+{
+	MemoryContext old;
+
+	if (r->req.flags & KL_REQ_STREAM)
+	{
+		queue_tokens(r, ids, n_ids, text, text_len);
+		return;
+	}
+	old = MemoryContextSwitchTo(r->cxt);
+	if (r->acc_text.data == NULL)
+		initStringInfo(&r->acc_text);
+	if (r->n_acc + n_ids > r->cap_acc)
+	{
+		r->cap_acc = Max(256, 2 * (r->n_acc + n_ids));
+		r->acc_ids = r->acc_ids ? repalloc(r->acc_ids, sizeof(int32) * r->cap_acc)
+			: palloc(sizeof(int32) * r->cap_acc);
+	}
+	memcpy(r->acc_ids + r->n_acc, ids, sizeof(int32) * n_ids);
+	r->n_acc += n_ids;
+	if (text_len > 0)
+		appendBinaryStringInfo(&r->acc_text, text, (int) text_len);
+	MemoryContextSwitchTo(old);
+}
+
+static void
+flush_tokens(KlReq *r)
+{
+	if (r->n_acc > 0 || (r->acc_text.data && r->acc_text.len > 0))
+		queue_tokens(r, r->acc_ids, r->n_acc, r->acc_text.data, r->acc_text.len);
+	r->n_acc = 0;
+	if (r->acc_text.data)
+		resetStringInfo(&r->acc_text);
+}
+
+static void
+queue_tokens(KlReq *r, const int32 *ids, int n_ids, const char *text, size_t text_len)
+{
+	KlMsgTokens t;
+	char	   *body;
+
+	memset(&t, 0, sizeof(t));
+	t.type = KL_MSG_TOKENS;
+	t.n_ids = n_ids;
+	t.text_len = (int32) text_len;
+	body = MemoryContextAlloc(r->cxt, sizeof(int32) * n_ids + text_len + 1);
+	memcpy(body, ids, sizeof(int32) * n_ids);
+	if (text_len)
+		memcpy(body + sizeof(int32) * n_ids, text, text_len);
+	out_push(r, &t, sizeof(t), body, sizeof(int32) * n_ids + text_len, false);
+}
+
+/*
+ * Deliver queued messages, without blocking: a reader that falls behind only
+ * holds up its own request.  Returns false when the backend has gone away.
+ */
+static bool
+flush(KlReq *r)
+{
+	while (r->out_head)
+	{
+		KlOut	   *o = r->out_head;
+		shm_mq_iovec iov[2];
+		shm_mq_result res;
+
+		iov[0].data = o->head;
+		iov[0].len = o->head_len;
+		iov[1].data = o->body;
+		iov[1].len = o->body_len;
+		res = shm_mq_sendv(r->mqh, iov, o->body_len ? 2 : 1, true, true);
+		if (res == SHM_MQ_WOULD_BLOCK)
+			return true;
+		if (res == SHM_MQ_DETACHED)
+			return false;
+		r->out_head = o->next;
+		if (!r->out_head)
+			r->out_tail = NULL;
+		if (o->body_malloced)
+			free(o->body);
+		else if (o->body)
+			pfree(o->body);
+		pfree(o->head);
+		pfree(o);
+	}
+	return true;
+}
+
+/* ------------------------------------------------------------------ request lifetime */
+
+static void
+progress(KlReq *r, KlPhase phase)
+{
+	KlSlot	   *s = &kl_shared->slots[r->slot];
+	double		now = kl_now();
+	double		tps = 0;
+
+	if (phase == KL_PHASE_DECODE && r->generated > 0 && now > r->t_decode)
+		tps = r->generated / (now - r->t_decode);
+	else if (phase == KL_PHASE_PREFILL && r->fed > 0 && now > r->t_start)
+		tps = r->fed / (now - r->t_start);
+	SpinLockAcquire(&s->mutex);
+	s->phase = phase;
+	s->prompt_done = r->fed;
+	s->prompt_total = r->n_input;
+	s->generated = r->generated;
+	s->tokens_per_second = tps;
+	SpinLockRelease(&s->mutex);
+}
+
+/* Let go of a request: detach, release the slot, free everything. */
+static void
+release(KlReq *r)
+{
+	KlReq	  **pp;
+
+	for (pp = &requests; *pp; pp = &(*pp)->next)
+		if (*pp == r)
+		{
+			*pp = r->next;
+			break;
+		}
+	n_requests--;
+	if (r->seg)
+		dsm_detach(r->seg);
+	LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
+	{
+		KlSlot	   *s = &kl_shared->slots[r->slot];
+
+		if (s->request_id == r->request_id)
+		{
+			PGPROC	   *p = s->backend_proc;
+
+			s->worker_done = true;
+			kl_slot_release_locked(s);
+			if (p)
+				SetLatch(&p->procLatch);
+		}
+		if (kl_shared->workers[kl_worker_index].active > 0)
+			kl_shared->workers[kl_worker_index].active--;
+	}
+	LWLockRelease(kl_shared->lock);
+	for (KlOut *o = r->out_head; o; o = o->next)
+		if (o->body_malloced)
+			free(o->body);
+	kl_seq_free(r->seq);
+	kl_tokens_free(&r->recent);
+	free(r->text);
+	MemoryContextDelete(r->cxt);
+}
+
+/* Validate the request in the segment and set up its sequence; false: r got an error reply. */
+static bool
+setup(KlReq *r)
+{
+	const char *base = dsm_segment_address(r->seg);
+	Size		seg_size = dsm_segment_map_length(r->seg);
+	KlRequest  *q = &r->req;
+	kl_err		err;
+	kl_blob    *parts = NULL;
+	int			pending;
+	int64		positions;
+	KlWModel   *wm = NULL;
+	MemoryContext old;
+
+	memcpy(q, base, sizeof(KlRequest));
+	if (q->magic != KL_PROTOCOL_MAGIC || q->version != KL_PROTOCOL_VERSION ||
+		q->n_prompt < 0 || q->n_stop_ids < 0 || q->n_stop_ids > KL_MAX_STOP_IDS ||
+		q->n_stop_strings < 0 || q->n_stop_strings > KL_MAX_STOP_STRINGS || q->n_parts < 0 ||
+		q->data_end > q->mq_off || q->mq_off > seg_size ||
+		q->prompt_off + sizeof(int32) * (uint64) q->n_prompt > q->data_end ||
+		q->stop_ids_off + sizeof(int32) * (uint64) q->n_stop_ids > q->data_end ||
+		q->stop_strings_off > q->data_end || q->parts_off > q->data_end)
+	{
+		send_error(r, KL_ERR_INTERNAL, "malformed kimi_linear request", NULL);
+		return false;
+	}
+	q->model[KL_MODEL_NAME_LEN - 1] = '\0';
+	for (int i = 0; i < KL_MAX_MODELS; i++)
+		if (kl_wmodels[i].in_use && strcmp(kl_wmodels[i].name, q->model) == 0 &&
+			kl_wmodels[i].generation == q->model_generation)
+			wm = &kl_wmodels[i];
+	if (!wm)
+	{
+		char		msg[256];
+
+		snprintf(msg, sizeof(msg), "model \"%s\" is not loaded (it was unloaded or replaced)", q->model);
+		send_error(r, KL_ERR_MODEL, msg, "Load it with kimi_linear.load_model(name, path) and retry.");
+		return false;
+	}
+	r->wm = wm;
+	old = MemoryContextSwitchTo(r->cxt);
+
+	/* sampling and limits */
+	kl_sampling_default(&r->sampling);
+	r->sampling.temperature = q->temperature;
+	r->sampling.top_p = q->top_p;
+	r->sampling.top_k = q->top_k;
+	r->sampling.min_p = q->min_p;
+	r->sampling.repetition_penalty = q->repetition_penalty;
+	r->sampling.seed = q->seed;
+	if (kl_sampling_validate(&r->sampling, &err) != KL_OK)
+	{
+		send_error(r, KL_ERR_INVALID, err.msg, NULL);
+		goto fail;
+	}
+	if (q->max_tokens < 0)
+	{
+		send_error(r, KL_ERR_INVALID, "max_tokens must not be negative", NULL);
+		goto fail;
+	}
+	kl_rng_seed(&r->rng, q->seed);
+	r->want_text = (q->flags & KL_REQ_WANT_TEXT) != 0 && wm->tok != NULL;
+
+	/* stop ids and strings */
+	r->n_stop_ids = q->n_stop_ids;
+	r->stop_ids = palloc(sizeof(int32) * (q->n_stop_ids + 1));
+	memcpy(r->stop_ids, base + q->stop_ids_off, sizeof(int32) * q->n_stop_ids);
+	r->n_stops = q->n_stop_strings;
+	r->stops = palloc(sizeof(char *) * (q->n_stop_strings + 1));
+	r->stop_lens = palloc(sizeof(int) * (q->n_stop_strings + 1));
+	{
+		uint64		off = q->stop_strings_off;
+
+		for (int i = 0; i < q->n_stop_strings; i++)
+		{
+			uint32		len;
+
+			if (off + 4 > q->data_end)
+				goto malformed;
+			memcpy(&len, base + off, 4);
+			if (len == 0 || len > KL_MAX_STOP_LEN || off + 4 + len > q->data_end)
+				goto malformed;
+			r->stops[i] = pnstrdup(base + off + 4, len);
+			r->stop_lens[i] = (int) len;
+			off += 4 + ((len + 3) & ~(uint32) 3);
+		}
+	}
+	if (r->n_stops > 0 && wm->tok == NULL)
+	{
+		send_error(r, KL_ERR_INVALID, "stop strings need a model with a tokenizer", "Use stop token ids instead.");
+		goto fail;
+	}
+
+	/* state parts */
+	if (q->n_parts > 0)
+	{
+		uint64		off = q->parts_off;
+
+		parts = palloc(sizeof(kl_blob) * q->n_parts);
+		for (int i = 0; i < q->n_parts; i++)
+		{
+			uint64		len;
+
+			if (off + 8 > q->data_end)
+				goto malformed;
+			memcpy(&len, base + off, 8);
+			if (len > q->data_end - off - 8)
+				goto malformed;
+			parts[i].data = (const uint8_t *) base + off + 8;
+			parts[i].len = len;
+			off += 8 + ((len + 7) & ~(uint64) 7);
+		}
+	}
+
+	/* the sequence: from the cache, from the parts, or fresh */
+	if (q->cache_key != 0 && q->n_parts > 0)
+		r->seq = cache_take(q->cache_key, wm, (const char *) parts[q->n_parts - 1].data,
+							parts[q->n_parts - 1].len);
+	if (r->seq)
+		r->cache_hit = true;
+	else
+	{
+		if (kl_seq_new(wm->m, &r->seq, &err) != KL_OK)
+		{
+			send_error(r, KL_ERR_RESOURCES, err.msg, NULL);
+			goto fail;
+		}
+		if (q->n_parts > 0)
+		{
+			kl_state_info info;
+
+			/* a head alone that does not start at 0 was sent hoping for the cache */
+			if (q->cache_key != 0 &&
+				kl_state_info_read(parts[q->n_parts - 1].data, parts[q->n_parts - 1].len, &info, &err) == KL_OK &&
+				info.kind == KL_STATE_HEAD && info.from_pos > 0 && q->n_parts == 1)
+			{
+				send_error(r, KL_ERR_CACHE_MISS, "conversation state is not cached", NULL);
+				goto fail;
+			}
+			if (kl_state_load(r->seq, parts, q->n_parts, &err) != KL_OK)
+			{
+				send_error(r, KL_ERR_INVALID, err.msg,
+						   "The state must come from this model (kimi_linear.generate_with_state or a conversation) and be passed back unchanged.");
+				goto fail;
+			}
+		}
+	}
+
+	/* input = pending token (if any) + prompt, exactly as kl_generate */
+	pending = kl_seq_pending(r->seq);
+	positions = kl_seq_positions(r->seq);
+	r->n_input = q->n_prompt + (pending >= 0 ? 1 : 0);
+	if (r->n_input == 0)
+	{
+		send_error(r, KL_ERR_INVALID, "empty prompt: there is nothing to continue from",
+				   "Give a non-empty prompt.");
+		goto fail;
+	}
+	if (positions + r->n_input > q->max_context)
+	{
+		char		msg[256];
+
+		snprintf(msg, sizeof(msg),
+				 "the input does not fit in the context: %lld positions of history + %d new tokens > kimi_linear.max_context (%lld)",
+				 (long long) positions, r->n_input, (long long) q->max_context);
+		send_error(r, KL_ERR_RESOURCES, msg, "Shorten the prompt, start a new conversation, or raise kimi_linear.max_context.");
+		goto fail;
+	}
+	r->input = palloc(sizeof(int32) * r->n_input);
+	if (pending >= 0)
+		r->input[0] = pending;
+	memcpy(r->input + (pending >= 0 ? 1 : 0), base + q->prompt_off, sizeof(int32) * q->n_prompt);
+	for (int i = 0; i < r->n_input; i++)
+		if (r->input[i] < 0 || r->input[i] >= wm->vocab)
+		{
+			char		msg[256];
+
+			snprintf(msg, sizeof(msg), "token id %d is outside the vocabulary of model \"%s\" [0, %d)",
+					 r->input[i], wm->name, wm->vocab);
+			send_error(r, KL_ERR_INVALID, msg, NULL);
+			goto fail;
+		}
+	/* the repetition penalty sees the prompt, not the pending token (as kl_generate) */
+	for (int i = 0; i < q->n_prompt; i++)
+		if (kl_tokens_push(&r->recent, r->input[i + (pending >= 0 ? 1 : 0)], &err) != KL_OK)
+		{
+			send_error(r, KL_ERR_RESOURCES, err.msg, NULL);
+			goto fail;
+		}
+	kl_seq_set_pending(r->seq, -1);
+	if (r->want_text)
+		kl_detok_stream_init(&r->detok, wm->tok);
+	r->phase = RQ_PREFILL;
+	MemoryContextSwitchTo(old);
+	return true;
+
+malformed:
+	send_error(r, KL_ERR_INTERNAL, "malformed kimi_linear request", NULL);
+fail:
+	MemoryContextSwitchTo(old);
+	return false;
+}
+
+void
+kl_batch_init(void)
+{
+	batch_cxt = AllocSetContextCreate(TopMemoryContext, "kimi_linear worker", ALLOCSET_DEFAULT_SIZES);
+}
+
+int
+kl_batch_count(void)
+{
+	return n_requests;
+}
+
+void
+kl_batch_admit(void)
+{
+	for (;;)
+	{
+		int			found = -1;
+		dsm_handle	handle = 0;
+		uint64		rid = 0;
+		KlReq	   *r;
+		shm_mq	   *mq;
+
+		LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
+		for (int i = 0; i < kl_shared->n_slots; i++)
+		{
+			KlSlot	   *s = &kl_shared->slots[i];
+
+			if (s->state == KL_SLOT_SUBMITTED && s->worker == kl_worker_index)
+			{
+				/* oldest first: request ids grow */
+				if (found < 0 || s->request_id < kl_shared->slots[found].request_id)
+					found = i;
+			}
+		}
+		if (found >= 0)
+		{
+			KlSlot	   *s = &kl_shared->slots[found];
+
+			s->state = KL_SLOT_RUNNING;
+			handle = s->handle;
+			rid = s->request_id;
+			kl_shared->workers[kl_worker_index].active++;
+			SpinLockAcquire(&s->mutex);
+			s->started_at = GetCurrentTimestamp();
+			SpinLockRelease(&s->mutex);
+		}
+		LWLockRelease(kl_shared->lock);
+		if (found < 0)
+			return;
+
+		r = MemoryContextAllocZero(batch_cxt, sizeof(KlReq));
+		r->cxt = AllocSetContextCreate(batch_cxt, "kimi_linear request", ALLOCSET_SMALL_SIZES);
+		r->slot = found;
+		r->request_id = rid;
+		r->t_submitted = r->t_start = kl_now();
+		r->next = NULL;
+		/* append: the list stays in arrival order */
+		{
+			KlReq	  **pp = &requests;
+
+			while (*pp)
+				pp = &(*pp)->next;
+			*pp = r;
+		}
+		n_requests++;
+
+		r->seg = dsm_attach(handle);
+		if (r->seg == NULL)
+		{
+			/* the backend already gave up */
+			release(r);
+			continue;
+		}
+		if (pg_atomic_read_u32(&kl_shared->slots[found].cancel))
+		{
+			release(r);
+			continue;
+		}
+		{
+			KlRequest  *q = dsm_segment_address(r->seg);
+
+			if (q->mq_size < KL_REPLY_QUEUE_SIZE || q->mq_off + q->mq_size > dsm_segment_map_length(r->seg) ||
+				q->request_id != rid)
+			{
+				release(r);
+				continue;
+			}
+			mq = (shm_mq *) ((char *) q + q->mq_off);
+		}
+		shm_mq_set_sender(mq, MyProc);
+		r->mqh = shm_mq_attach(mq, r->seg, NULL);
+		if (setup(r))
+			progress(r, KL_PHASE_PREFILL);
+	}
+}
+
+/* ------------------------------------------------------------------ generation */
+
+static bool
+is_stop_id(KlReq *r, int32 id)
+{
+	if (!r->req.ignore_eos && r->wm->eos >= 0 && id == r->wm->eos)
+	{
+		r->reason = KL_STOP_EOS;
+		return true;
+	}
+	for (int i = 0; i < r->n_stop_ids; i++)
+		if (r->stop_ids[i] == id)
+		{
+			r->reason = KL_STOP_STOP_ID;
+			return true;
+		}
+	return false;
+}
+
+/* Longest tail of text that is a proper prefix of some stop string (held back). */
+static size_t
+holdback(KlReq *r)
+{
+	size_t		best = 0;
+
+	for (int i = 0; i < r->n_stops; i++)
+	{
+		size_t		maxk = Min((size_t) r->stop_lens[i] - 1, r->text_len);
+
+		for (size_t k = maxk; k > best; k--)
+			if (memcmp(r->text + r->text_len - k, r->stops[i], k) == 0)
+			{
+				best = k;
+				break;
+			}
+	}
+	return best;
+}
+
+/* Find a stop string in text[from...]; returns its offset or -1. */
+static ssize_t
+find_stop(KlReq *r, size_t from)
+{
+	ssize_t		best = -1;
+
+	for (int i = 0; i < r->n_stops; i++)
+	{
+		size_t		l = r->stop_lens[i];
+
+		for (size_t p = from; p + l <= r->text_len; p++)
+			if (memcmp(r->text + p, r->stops[i], l) == 0)
+			{
+				if (best < 0 || (ssize_t) p < best)
+					best = p;
+				break;
+			}
+	}
+	return best;
+}
+
+/* Send what of the text can no longer become part of a stop string (all at the end). */
+static void
+emit(KlReq *r, const int32 *ids, int n_ids, bool final)
+{
+	size_t		n = final ? r->text_len : r->text_len - holdback(r);
+
+	if (n == 0 && n_ids == 0)
+		return;
+	send_tokens(r, ids, n_ids, r->text, n);
+	memmove(r->text, r->text + n, r->text_len - n);
+	r->text_len -= n;
+}
+
+static void
+finish(KlReq *r)
+{
+	KlMsgDone	d;
+	kl_err		err;
+
+	r->t_end = kl_now();
+	if (r->want_text)
+	{
+		if (r->reason != KL_STOP_STRING &&
+			kl_detok_stream_finish(&r->detok, &r->text, &r->text_len, &r->text_cap, &err) != KL_OK)
+		{
+			send_error(r, KL_ERR_INTERNAL, err.msg, NULL);
+			return;
+		}
+		emit(r, NULL, 0, true);
+	}
+	flush_tokens(r);
+	progress(r, KL_PHASE_FINISHING);
+
+	if (r->req.flags & KL_REQ_WANT_STATE)
+	{
+		int64		pos = kl_seq_positions(r->seq);
+		int64		upto = 0;
+		uint8_t    *blob;
+		size_t		len;
+
+		if (r->req.page_size > 0)
+		{
+			int64		ps = r->req.page_size;
+
+			upto = Max(r->req.pages_upto, 0);
+			if (upto > pos)
+				upto = pos;
+			while (upto + ps <= pos)
+			{
+				KlMsgState s;
+
+				if (kl_state_save_rows(r->seq, upto, upto + ps, &blob, &len, &err) != KL_OK)
+				{
+					send_error(r, engine_code(err.msg), err.msg, NULL);
+					return;
+				}
+				memset(&s, 0, sizeof(s));
+				s.type = KL_MSG_STATE;
+				s.kind = KL_STATE_ROWS;
+				s.from_pos = upto;
+				s.to_pos = upto + ps;
+				s.len = len;
+				out_push(r, &s, sizeof(s), (char *) blob, len, true);
+				upto += ps;
+			}
+		}
+		if (kl_state_save(r->seq, upto, &blob, &len, &err) != KL_OK)
+		{
+			send_error(r, engine_code(err.msg), err.msg, NULL);
+			return;
+		}
+		{
+			KlMsgState s;
+
+			memset(&s, 0, sizeof(s));
+			s.type = KL_MSG_STATE;
+			s.kind = KL_STATE_HEAD;
+			s.from_pos = upto;
+			s.to_pos = pos;
+			s.len = len;
+			out_push(r, &s, sizeof(s), (char *) blob, len, true);
+		}
+		/* keep the sequence for the conversation's next turn */
+		if (r->req.cache_key != 0 && kl_state_cache_mb > 0)
+		{
+			cache_put(r->req.cache_key, r->wm, r->seq, (const char *) blob, len);
+			r->seq = NULL;
+		}
+	}
+
+	memset(&d, 0, sizeof(d));
+	d.type = KL_MSG_DONE;
+	d.reason = r->reason;
+	d.prompt_tokens = r->req.n_prompt;
+	d.generated = r->generated;
+	d.positions = r->seq ? kl_seq_positions(r->seq) : 0;
+	d.pending = r->seq ? kl_seq_pending(r->seq) : -1;
+	if (!r->seq && r->out_tail)
+	{
+		/* the head we just queued knows */
+		kl_state_info info;
+		KlOut	   *o = r->out_tail;
+
+		if (kl_state_info_read((const uint8_t *) o->body, o->body_len, &info, &err) == KL_OK)
+		{
+			d.positions = info.positions;
+			d.pending = info.pending;
+		}
+	}
+	d.cache_hit = r->cache_hit;
+	d.queue_seconds = r->t_start - r->t_submitted;
+	d.prefill_seconds = (r->t_decode ? r->t_decode : r->t_end) - r->t_start;
+	d.decode_seconds = r->t_decode ? r->t_end - r->t_decode : 0;
+	out_push(r, &d, sizeof(d), NULL, 0, false);
+	r->phase = RQ_FINISHING;
+}
+
+/*
+ * A token was sampled: record it, stream its text, decide whether to stop.
+ * Mirrors the loop body of kl_generate().
+ */
+static void
+accept_token(KlReq *r, int32 tok)
+{
+	kl_err		err;
+	bool		stop;
+	bool		id_stop;
+	int64		pos = kl_seq_positions(r->seq);
+
+	r->generated++;
+	if (kl_tokens_push(&r->recent, tok, &err) != KL_OK)
+	{
+		send_error(r, KL_ERR_RESOURCES, err.msg, NULL);
+		return;
+	}
+	id_stop = is_stop_id(r, tok);
+	stop = id_stop;
+	if (!stop && r->generated >= r->req.max_tokens)
+	{
+		stop = true;
+		r->reason = KL_STOP_MAX_TOKENS;
+	}
+	if (!stop && pos + 1 > r->req.max_context)
+	{
+		/* feeding this token would pass the context limit */
+		stop = true;
+		r->reason = KL_STOP_CONTEXT;
+	}
+
+	if (r->want_text && !(id_stop && (r->req.flags & KL_REQ_SKIP_STOP_TEXT)))
+	{
+		size_t		before = r->text_len;
+
+		if (kl_detok_stream_push(&r->detok, tok, &r->text, &r->text_len, &r->text_cap, &err) != KL_OK)
+		{
+			send_error(r, KL_ERR_INTERNAL, err.msg, NULL);
+			return;
+		}
+		if (r->n_stops > 0)
+		{
+			size_t		maxl = 0;
+			ssize_t		at;
+
+			for (int i = 0; i < r->n_stops; i++)
+				maxl = Max(maxl, (size_t) r->stop_lens[i]);
+			at = find_stop(r, before >= maxl ? before - maxl + 1 : 0);
+			if (at >= 0)
+			{
+				r->text_len = at;
+				stop = true;
+				r->reason = KL_STOP_STRING;
+			}
+		}
+	}
+	if (stop)
+	{
+		kl_seq_set_pending(r->seq, tok);
+		if (r->want_text)
+			emit(r, &tok, 1, false);
+		else
+			send_tokens(r, &tok, 1, NULL, 0);
+		finish(r);
+		return;
+	}
+	if (r->want_text)
+		emit(r, &tok, 1, false);
+	else
+		send_tokens(r, &tok, 1, NULL, 0);
+	r->next_token = tok;
+}
+
+/* ------------------------------------------------------------------ scheduling */
+
+void
+kl_batch_poll(void)
+{
+	KlReq	   *r = requests;
+
+	while (r)
+	{
+		KlReq	   *next = r->next;
+
+		if (pg_atomic_read_u32(&kl_shared->slots[r->slot].cancel) || !r->mqh)
+		{
+			release(r);
+			r = next;
+			continue;
+		}
+		if (!flush(r))
+		{
+			release(r);			/* the backend went away */
+			r = next;
+			continue;
+		}
+		if (r->phase == RQ_FINISHING && r->out_head == NULL)
+			release(r);
+		r = next;
+	}
+}
+
+bool
+kl_batch_runnable(void)
+{
+	for (KlReq *r = requests; r; r = r->next)
+		if (r->phase == RQ_PREFILL || (r->phase == RQ_DECODE && r->out_head == NULL))
+			return true;
+	return false;
+}
+
+static void
+fail_group(KlReq **group, int n, const char *msg)
+{
+	for (int i = 0; i < n; i++)
+		send_error(group[i], engine_code(msg), msg, NULL);
+}
+
+/* Make sure a model's ctx can take steps of `tokens` rows. */
+static bool
+ensure_ctx(KlWModel *wm, int tokens, kl_err *err)
+{
+	if (wm->ctx && wm->ctx_tokens >= tokens)
+		return true;
+	kl_ctx_free(wm->ctx);
+	wm->ctx = NULL;
+	if (kl_ctx_new(wm->m, tokens, &wm->ctx, err) != KL_OK)
+		return false;
+	wm->ctx_tokens = tokens;
+	return true;
+}
+
+static void
+decode_group(KlWModel *wm, KlReq **group, int n)
+{
+	kl_batch_item items[KL_DECODE_GROUP];
+	kl_err		err;
+
+	for (int i = 0; i < n; i++)
+	{
+		items[i].seq = group[i]->seq;
+		items[i].ids = &group[i]->next_token;
+		items[i].n = 1;
+		items[i].logits = wm->logits + (size_t) i * wm->vocab;
+		items[i].all_logits = false;
+	}
+	if (!ensure_ctx(wm, Max(kl_prefill_chunk, KL_DECODE_GROUP), &err) ||
+		kl_forward(wm->ctx, items, n, &err) != KL_OK)
+	{
+		fail_group(group, n, err.msg);
+		return;
+	}
+	kl_shared->workers[kl_worker_index].steps++;
+	kl_shared->workers[kl_worker_index].tokens += n;
+	for (int i = 0; i < n; i++)
+	{
+		KlReq	   *r = group[i];
+		int32		tok = kl_sample(&r->sampling, &r->rng, items[i].logits, wm->vocab,
+									r->recent.ids, (int) r->recent.n);
+
+		accept_token(r, tok);
+		progress(r, r->phase == RQ_FINISHING ? KL_PHASE_FINISHING : KL_PHASE_DECODE);
+	}
+}
+
+static void
+prefill_chunk(KlReq *r)
+{
+	KlWModel   *wm = r->wm;
+	int			chunk = kl_prefill_chunk;
+	int			take = chunk - r->fed % chunk;
+	bool		last;
+	kl_batch_item item;
+	kl_err		err;
+
+	if (take > r->n_input - r->fed)
+		take = r->n_input - r->fed;
+	last = r->fed + take == r->n_input;
+	item.seq = r->seq;
+	item.ids = r->input + r->fed;
+	item.n = take;
+	item.logits = last && r->req.max_tokens > 0 ? wm->logits : NULL;
+	item.all_logits = false;
+	if (!ensure_ctx(wm, Max(chunk, KL_DECODE_GROUP), &err) ||
+		kl_forward(wm->ctx, &item, 1, &err) != KL_OK)
+	{
+		send_error(r, engine_code(err.msg), err.msg, NULL);
+		return;
+	}
+	kl_shared->workers[kl_worker_index].steps++;
+	kl_shared->workers[kl_worker_index].tokens += take;
+	r->fed += take;
+	if (!last)
+	{
+		progress(r, KL_PHASE_PREFILL);
+		return;
+	}
+	r->t_decode = kl_now();
+	if (r->req.max_tokens == 0)
+	{
+		r->reason = KL_STOP_NONE;
+		finish(r);
+		return;
+	}
+	r->phase = RQ_DECODE;
+	accept_token(r, kl_sample(&r->sampling, &r->rng, wm->logits, wm->vocab,
+							  r->recent.ids, (int) r->recent.n));
+	progress(r, r->phase == RQ_FINISHING ? KL_PHASE_FINISHING : KL_PHASE_DECODE);
+}
+
+void
+kl_batch_step(void)
+{
+	/* 1. decode: every decoding sequence one token, grouped per model */
+	for (int mi = 0; mi < KL_MAX_MODELS; mi++)
+	{
+		KlWModel   *wm = &kl_wmodels[mi];
+		KlReq	   *group[KL_DECODE_GROUP];
+		int			n = 0;
+
+		if (!wm->in_use)
+			continue;
+		for (KlReq *r = requests; r; r = r->next)
+		{
+			/* a reader that has not taken the last tokens waits (backpressure) */
+			if (r->wm != wm || r->phase != RQ_DECODE || r->out_head != NULL)
+				continue;
+			group[n++] = r;
+			if (n == KL_DECODE_GROUP)
+			{
+				decode_group(wm, group, n);
+				n = 0;
+			}
+		}
+		if (n > 0)
+			decode_group(wm, group, n);
+	}
+
+	/* 2. prefill: chunks of waiting prompts, round-robin, up to one chunk's worth of tokens */
+	{
+		int			n_pre = 0;
+		int			budget = kl_prefill_chunk;
+		KlReq	   *order[1024];
+
+		for (KlReq *r = requests; r && n_pre < 1024; r = r->next)
+			if (r->phase == RQ_PREFILL)
+				order[n_pre++] = r;
+		for (int k = 0; k < n_pre && budget > 0; k++)
+		{
+			KlReq	   *r = order[(prefill_rr + k) % n_pre];
+			int			before = r->fed;
+
+			prefill_chunk(r);
+			budget -= Max(r->fed - before, 1);
+		}
+		prefill_rr++;
+	}
+	/* push out what the step produced */
+	for (KlReq *r = requests; r; r = r->next)
+		(void) flush(r);
+}
+
+void
+kl_batch_fail_all(KlWModel *wm, int code, const char *msg, const char *hint)
+{
+	for (KlReq *r = requests; r; r = r->next)
+	{
+		if (wm && r->wm != wm)
+			continue;
+		if (!(r->phase == RQ_FINISHING && r->out_tail && r->out_tail->head[0] == KL_MSG_DONE))
+			send_error(r, code, msg, hint);
+		/* nothing computes for it any more; its sequence may belong to a model about to be freed */
+		if (r->phase == RQ_FINISHING)
+		{
+			kl_seq_free(r->seq);
+			r->seq = NULL;
+			if (wm)
+				r->wm = NULL;
+		}
+	}
+}
+
+void
+kl_batch_drain(int timeout_ms)
+{
+	double		until = kl_now() + timeout_ms / 1000.0;
+
+	while (requests && kl_now() < until)
+	{
+		kl_batch_poll();
+		if (!requests)
+			break;
+		pg_usleep(1000);
+	}
+}

@@ -1,0 +1,528 @@
+/*
+ * pg_request.c — the backend side of the request protocol (pg_protocol.h).
+ *
+ * Why a DSM segment per request: a request may carry a 100k-token prompt or
+ * a conversation's state (megabytes), which the worker reads in place; the
+ * reply queue lives in the same segment, so one detach ends everything, and
+ * the detach callback (run on commit, abort or backend exit alike) is the one
+ * place that cancels a request and releases its slot.
+ */
+#include "postgres.h"
+
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/latch.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "pg_request.h"
+#include "pg_shmem.h"
+
+struct KlCall
+{
+	dsm_segment *seg;
+	shm_mq_handle *mqh;
+	KlRequest  *req;
+	int			slot;
+	uint64		request_id;
+	bool		submitted;
+	bool		done;
+	bool		cache_miss_ok;
+	bool		cache_miss;
+	char	   *parts_cursor;
+	int			parts_left;
+};
+
+static inline uint64
+align8(uint64 x)
+{
+	return (x + 7) & ~(uint64) 7;
+}
+
+/*
+ * Runs whenever this backend detaches from the request's segment: after a
+ * normal end, at transaction abort (cancel, statement_timeout, any ERROR),
+ * at backend exit.  The worker sees the flag before its next step.
+ */
+static void
+call_detach_cb(dsm_segment *seg, Datum arg)
+{
+	int			i = DatumGetInt32(arg);
+	KlRequest  *req = dsm_segment_address(seg);
+	KlSlot	   *slot;
+	int			worker = -1;
+
+	if (kl_shared == NULL || i < 0 || i >= kl_shared->n_slots)
+		return;
+	slot = &kl_shared->slots[i];
+	LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
+	if (slot->state != KL_SLOT_FREE && slot->request_id == req->request_id)
+	{
+		if (slot->state == KL_SLOT_SUBMITTED || req->reply_complete)
+		{
+			/* the worker never saw it, or has said all it had to say */
+			slot->worker_done = true;
+		}
+		else
+		{
+			pg_atomic_write_u32(&slot->cancel, 1);
+			worker = slot->worker;
+		}
+		slot->backend_done = true;
+		kl_slot_release_locked(slot);
+	}
+	LWLockRelease(kl_shared->lock);
+	if (worker >= 0)
+		kl_wake_workers(worker);
+}
+
+KlCall *
+kl_call_begin(const KlReqSpec *spec, Size parts_bytes, int n_parts)
+{
+	KlCall	   *call = palloc0(sizeof(KlCall));
+	uint64		off = MAXALIGN(sizeof(KlRequest));
+	uint64		prompt_off,
+				stop_ids_off,
+				stop_strings_off,
+				parts_off,
+				data_end,
+				mq_off,
+				mq_size,
+				total;
+	KlRequest  *r;
+	char	   *base;
+	shm_mq	   *mq;
+
+	kl_require_shared();
+
+	/* lay out the data area */
+	prompt_off = off;
+	off = align8(off + sizeof(int32) * (uint64) spec->n_prompt);
+	stop_ids_off = off;
+	off = align8(off + sizeof(int32) * (uint64) spec->n_stop_ids);
+	stop_strings_off = off;
+	for (int i = 0; i < spec->n_stop_strings; i++)
+		off += 4 + ((strlen(spec->stop_strings[i]) + 3) & ~(Size) 3);
+	off = align8(off);
+	parts_off = off;
+	off += (uint64) n_parts * 8 + parts_bytes + (uint64) n_parts * 8;	/* length words, data, padding */
+	data_end = align8(off);
+	mq_off = MAXALIGN(data_end);
+	/*
+	 * A reply carrying a state gets a queue that holds it whole (the caller's
+	 * estimate), up to 64 MB: fewer round trips per megabyte.  (The segment
+	 * is allocated up front, so the estimate is of the reply, not of all the
+	 * pages sent.)
+	 */
+	mq_size = KL_REPLY_QUEUE_SIZE;
+	if (spec->flags & KL_REQ_WANT_STATE)
+		mq_size = Min(MAXALIGN(spec->reply_hint) + KL_REPLY_QUEUE_SIZE, (Size) 64 * 1024 * 1024);
+	total = mq_off + mq_size;
+
+	call->seg = dsm_create(total, DSM_CREATE_NULL_IF_MAXSEGMENTS);
+	if (call->seg == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
+				 errmsg("too many dynamic shared memory segments for a kimi_linear request"),
+				 errhint("Lower the number of concurrent requests, or raise max_connections.")));
+	base = dsm_segment_address(call->seg);
+	r = (KlRequest *) base;
+	memset(r, 0, sizeof(KlRequest));
+	r->magic = KL_PROTOCOL_MAGIC;
+	r->version = KL_PROTOCOL_VERSION;
+	strlcpy(r->model, spec->model, KL_MODEL_NAME_LEN);
+	r->model_generation = spec->model_generation;
+	r->flags = spec->flags;
+	r->temperature = spec->temperature;
+	r->top_p = spec->top_p;
+	r->min_p = spec->min_p;
+	r->repetition_penalty = spec->repetition_penalty;
+	r->top_k = spec->top_k;
+	r->ignore_eos = spec->ignore_eos ? 1 : 0;
+	r->seed = spec->seed;
+	r->max_tokens = spec->max_tokens;
+	r->max_context = spec->max_context;
+	r->page_size = spec->page_size;
+	r->pages_upto = spec->pages_upto;
+	r->cache_key = spec->cache_key;
+	r->n_prompt = spec->n_prompt;
+	r->n_stop_ids = spec->n_stop_ids;
+	r->n_stop_strings = spec->n_stop_strings;
+	r->n_parts = n_parts;
+	r->prompt_off = prompt_off;
+	r->stop_ids_off = stop_ids_off;
+	r->stop_strings_off = stop_strings_off;
+	r->parts_off = parts_off;
+	r->data_end = data_end;
+	r->mq_off = mq_off;
+	r->mq_size = mq_size;
+
+	if (spec->n_prompt > 0)
+		memcpy(base + prompt_off, spec->prompt, sizeof(int32) * spec->n_prompt);
+	if (spec->n_stop_ids > 0)
+		memcpy(base + stop_ids_off, spec->stop_ids, sizeof(int32) * spec->n_stop_ids);
+	{
+		char	   *p = base + stop_strings_off;
+
+		for (int i = 0; i < spec->n_stop_strings; i++)
+		{
+			uint32		len = (uint32) strlen(spec->stop_strings[i]);
+
+			memcpy(p, &len, 4);
+			memcpy(p + 4, spec->stop_strings[i], len);
+			p += 4 + ((len + 3) & ~(uint32) 3);
+		}
+	}
+	call->req = r;
+	call->parts_cursor = base + parts_off;
+	call->parts_left = n_parts;
+
+	mq = shm_mq_create(base + mq_off, mq_size);
+	shm_mq_set_receiver(mq, MyProc);
+	call->mqh = shm_mq_attach(mq, call->seg, NULL);
+	call->slot = -1;
+	return call;
+}
+
+void
+kl_call_add_part(KlCall *call, const void *data, Size len)
+{
+	uint64		l = len;
+
+	if (call->parts_left <= 0)
+		elog(ERROR, "kimi_linear: more state parts than announced");
+	memcpy(call->parts_cursor, &l, 8);
+	memcpy(call->parts_cursor + 8, data, len);
+	call->parts_cursor += 8 + align8(len);
+	call->parts_left--;
+}
+
+/* The live worker with the fewest requests; a dead one if none lives (it restarts). */
+static int
+choose_worker(void)
+{
+	int			best = 0;
+	int			best_score = INT_MAX;
+
+	for (int i = 0; i < kl_shared->n_workers; i++)
+	{
+		KlWorkerInfo *w = &kl_shared->workers[i];
+		int			score = w->active + (w->pid == 0 ? 1000000 : 0);
+
+		if (score < best_score)
+		{
+			best = i;
+			best_score = score;
+		}
+	}
+	return best;
+}
+
+void
+kl_call_submit(KlCall *call)
+{
+	int			found = -1;
+	int			worker;
+
+	if (call->parts_left != 0)
+		elog(ERROR, "kimi_linear: %d announced state parts were not added", call->parts_left);
+
+	LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < kl_shared->n_slots; i++)
+		if (kl_shared->slots[i].state == KL_SLOT_FREE)
+		{
+			found = i;
+			break;
+		}
+	if (found < 0)
+	{
+		LWLockRelease(kl_shared->lock);
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("too many kimi_linear requests in flight (kimi_linear.max_requests = %d)",
+						kl_shared->n_slots),
+				 errhint("Retry later, or raise kimi_linear.max_requests (needs a server restart).")));
+	}
+	{
+		KlSlot	   *s = &kl_shared->slots[found];
+
+		worker = choose_worker();
+		/* a conversation goes to the worker that may hold its state in cache */
+		if (call->req->cache_key != 0)
+		{
+			int			w = (int) ((uint64) call->req->cache_key % (uint64) kl_shared->n_workers);
+
+			if (kl_shared->workers[w].pid != 0)
+				worker = w;
+		}
+		call->request_id = kl_shared->next_request_id++;
+		call->req->request_id = call->request_id;
+		s->state = KL_SLOT_SUBMITTED;
+		s->request_id = call->request_id;
+		s->worker = worker;
+		s->handle = dsm_segment_handle(call->seg);
+		s->backend_pid = MyProcPid;
+		s->backend_proc = MyProc;
+		s->backend_done = false;
+		s->worker_done = false;
+		strlcpy(s->model, call->req->model, KL_MODEL_NAME_LEN);
+		pg_atomic_write_u32(&s->cancel, 0);
+		SpinLockAcquire(&s->mutex);
+		s->phase = KL_PHASE_QUEUED;
+		s->prompt_done = 0;
+		s->prompt_total = call->req->n_prompt;
+		s->generated = 0;
+		s->max_tokens = call->req->max_tokens;
+		s->submitted_at = GetCurrentTimestamp();
+		s->started_at = 0;
+		s->tokens_per_second = 0;
+		SpinLockRelease(&s->mutex);
+	}
+	LWLockRelease(kl_shared->lock);
+	call->slot = found;
+	call->submitted = true;
+	on_dsm_detach(call->seg, call_detach_cb, Int32GetDatum(found));
+	kl_wake_workers(worker);
+}
+
+static void
+worker_error(KlCall *call, const char *data, Size nbytes)
+{
+	KlMsgError e;
+	char	   *msg,
+			   *hint;
+	int			sqlstate;
+
+	if (nbytes < sizeof(KlMsgError))
+		elog(ERROR, "kimi_linear: malformed error message from the inference worker");
+	memcpy(&e, data, sizeof(e));
+	if (e.msg_len < 0 || e.hint_len < 0 || sizeof(KlMsgError) + (Size) e.msg_len + e.hint_len > nbytes)
+		elog(ERROR, "kimi_linear: malformed error message from the inference worker");
+	call->req->reply_complete = 1;
+	if (e.code == KL_ERR_CACHE_MISS && call->cache_miss_ok)
+	{
+		call->cache_miss = true;
+		call->done = true;
+		return;
+	}
+	msg = pnstrdup(data + sizeof(KlMsgError), e.msg_len);
+	hint = pnstrdup(data + sizeof(KlMsgError) + e.msg_len, e.hint_len);
+	switch (e.code)
+	{
+		case KL_ERR_INVALID:
+			sqlstate = ERRCODE_INVALID_PARAMETER_VALUE;
+			break;
+		case KL_ERR_RESOURCES:
+			sqlstate = ERRCODE_PROGRAM_LIMIT_EXCEEDED;
+			break;
+		case KL_ERR_MODEL:
+			sqlstate = ERRCODE_UNDEFINED_OBJECT;
+			break;
+		case KL_ERR_SHUTDOWN:
+			sqlstate = ERRCODE_OPERATOR_INTERVENTION;
+			break;
+		case KL_ERR_CACHE_MISS:
+			sqlstate = ERRCODE_T_R_SERIALIZATION_FAILURE;
+			break;
+		default:
+			sqlstate = ERRCODE_INTERNAL_ERROR;
+			break;
+	}
+	call->done = true;
+	kl_call_end(call);
+	ereport(ERROR,
+			(errcode(sqlstate),
+			 errmsg("%s", msg),
+			 hint[0] ? errhint("%s", hint) : 0));
+}
+
+static void
+worker_gone(KlCall *call)
+{
+	kl_call_end(call);
+	ereport(ERROR,
+			(errcode(ERRCODE_OPERATOR_INTERVENTION),
+			 errmsg("the kimi_linear inference worker stopped before finishing this request"),
+			 errdetail("The worker was terminated (pg_terminate_backend, server shutdown) or failed; it is restarted automatically."),
+			 errhint("Run the statement again.")));
+}
+
+bool
+kl_call_next(KlCall *call, KlEvent *ev)
+{
+	bool		let_go = false;
+
+	Assert(call->submitted);
+	if (call->done)
+		return false;
+	for (;;)
+	{
+		Size		nbytes;
+		void	   *data;
+		shm_mq_result res = shm_mq_receive(call->mqh, &nbytes, &data, true);
+
+		if (res == SHM_MQ_SUCCESS)
+		{
+			const char *d = data;
+
+			if (nbytes < 1)
+				elog(ERROR, "kimi_linear: empty message from the inference worker");
+			memset(ev, 0, sizeof(*ev));
+			switch (d[0])
+			{
+				case KL_MSG_TOKENS:
+					{
+						KlMsgTokens t;
+
+						if (nbytes < sizeof(t))
+							break;
+						memcpy(&t, d, sizeof(t));
+						if (t.n_ids < 0 || t.text_len < 0 ||
+							sizeof(t) + sizeof(int32) * (Size) t.n_ids + t.text_len > nbytes)
+							break;
+						ev->type = KL_EV_TOKENS;
+						ev->n_ids = t.n_ids;
+						ev->ids = (const int32 *) (d + sizeof(t));
+						ev->text = d + sizeof(t) + sizeof(int32) * t.n_ids;
+						ev->text_len = t.text_len;
+						return true;
+					}
+				case KL_MSG_STATE:
+					{
+						KlMsgState s;
+
+						if (nbytes < sizeof(s))
+							break;
+						memcpy(&s, d, sizeof(s));
+						if (s.len > nbytes - sizeof(s))
+							break;
+						ev->type = KL_EV_STATE;
+						ev->state_kind = s.kind;
+						ev->from_pos = s.from_pos;
+						ev->to_pos = s.to_pos;
+						ev->state = d + sizeof(s);
+						ev->state_len = s.len;
+						return true;
+					}
+				case KL_MSG_DONE:
+					if (nbytes < sizeof(KlMsgDone))
+						break;
+					ev->type = KL_EV_DONE;
+					memcpy(&ev->done, d, sizeof(KlMsgDone));
+					call->done = true;
+					call->req->reply_complete = 1;
+					return false;
+				case KL_MSG_ERROR:
+					worker_error(call, d, nbytes);
+					return false;	/* a cache miss the caller handles */
+			}
+			elog(ERROR, "kimi_linear: malformed message (type %d, %zu bytes) from the inference worker",
+				 d[0], nbytes);
+		}
+		if (res == SHM_MQ_DETACHED)
+			worker_gone(call);
+
+		/*
+		 * Nothing yet.  A worker that took the request and died before
+		 * attaching to the queue is noticed through worker_done (set by the
+		 * dying worker, or by its successor at start).  It may have let go
+		 * after sending everything, so poll the queue once more first.
+		 */
+		if (let_go)
+			worker_gone(call);
+		{
+			KlSlot	   *s = &kl_shared->slots[call->slot];
+
+			LWLockAcquire(kl_shared->lock, LW_SHARED);
+			let_go = s->request_id == call->request_id && s->state == KL_SLOT_RUNNING && s->worker_done;
+			LWLockRelease(kl_shared->lock);
+			if (let_go)
+				continue;
+		}
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 1000,
+						 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+}
+
+void
+kl_call_end(KlCall *call)
+{
+	if (call->seg)
+	{
+		dsm_segment *seg = call->seg;
+
+		call->seg = NULL;
+		call->mqh = NULL;
+		dsm_detach(seg);
+	}
+}
+
+void
+kl_run(const KlReqSpec *spec, const char *const *parts, const Size *part_lens, int n_parts, int run_flags,
+	   KlRunResult *out)
+{
+	Size		total = 0;
+	KlCall	   *call;
+	KlEvent		ev;
+	StringInfoData text;
+	int			cap_ids = 64,
+				cap_parts = 4;
+
+	memset(out, 0, sizeof(*out));
+	for (int i = 0; i < n_parts; i++)
+		total += part_lens[i];
+	call = kl_call_begin(spec, total, n_parts);
+	call->cache_miss_ok = (run_flags & KL_RUN_CACHE_MISS_OK) != 0;
+	for (int i = 0; i < n_parts; i++)
+		kl_call_add_part(call, parts[i], part_lens[i]);
+	kl_call_submit(call);
+
+	initStringInfo(&text);
+	out->ids = palloc(sizeof(int32) * cap_ids);
+	out->parts = palloc(sizeof(KlStatePart) * cap_parts);
+	while (kl_call_next(call, &ev))
+	{
+		if (ev.type == KL_EV_TOKENS)
+		{
+			if (out->n_ids + ev.n_ids > cap_ids)
+			{
+				cap_ids = Max(cap_ids * 2, out->n_ids + ev.n_ids);
+				out->ids = repalloc(out->ids, sizeof(int32) * cap_ids);
+			}
+			memcpy(out->ids + out->n_ids, ev.ids, sizeof(int32) * ev.n_ids);
+			out->n_ids += ev.n_ids;
+			appendBinaryStringInfo(&text, ev.text, ev.text_len);
+		}
+		else if (ev.type == KL_EV_STATE)
+		{
+			KlStatePart *p;
+
+			if (ev.state_len > MaxAllocSize - VARHDRSZ)
+				ereport(ERROR,
+						(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+						 errmsg("a state of %zu bytes exceeds the 1 GB limit of a value", ev.state_len),
+						 errhint("Use a conversation (kimi_linear.say), which stores long histories in pages.")));
+			if (out->n_parts == cap_parts)
+			{
+				cap_parts *= 2;
+				out->parts = repalloc(out->parts, sizeof(KlStatePart) * cap_parts);
+			}
+			p = &out->parts[out->n_parts++];
+			p->kind = ev.state_kind;
+			p->from_pos = ev.from_pos;
+			p->to_pos = ev.to_pos;
+			p->blob = palloc(VARHDRSZ + ev.state_len);
+			SET_VARSIZE(p->blob, VARHDRSZ + ev.state_len);
+			memcpy(VARDATA(p->blob), ev.state, ev.state_len);
+		}
+	}
+	out->cache_miss = call->cache_miss;
+	if (!call->cache_miss)
+		out->done = ev.done;
+	kl_call_end(call);
+	out->text = text.data;
+	out->text_len = text.len;
+}

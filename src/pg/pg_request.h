@@ -1,0 +1,118 @@
+/*
+ * pg_request.h — the backend side of the request protocol (pg_protocol.h):
+ * build a request, submit it to a worker, read its reply.
+ *
+ *     KlCall *c = kl_call_begin(&spec, parts_bytes, n_parts);
+ *     kl_call_add_part(c, data, len);  ...            (state parts, in order)
+ *     kl_call_submit(c);
+ *     while (kl_call_next(c, &ev)) { ... }             (TOKENS, STATE events)
+ *     ... ev.done has the summary ...
+ *     kl_call_end(c);
+ *
+ * Any failure (the worker's error, cancellation, a dead worker, a full
+ * request table) is an ereport(ERROR); the transaction's cleanup then detaches
+ * the segment, whose detach callback cancels the request and frees its slot.
+ */
+#ifndef KL_PG_REQUEST_H
+#define KL_PG_REQUEST_H
+
+#include "postgres.h"
+
+#include "storage/dsm.h"
+#include "storage/shm_mq.h"
+
+#include "pg_protocol.h"
+
+/* What a SQL function asks for. */
+typedef struct KlReqSpec
+{
+	const char *model;
+	uint32		model_generation;
+	uint32		flags;			/* KL_REQ_* */
+
+	float		temperature;
+	float		top_p;
+	float		min_p;
+	float		repetition_penalty;
+	int32		top_k;
+	bool		ignore_eos;
+	uint64		seed;
+	int32		max_tokens;
+	int64		max_context;
+
+	const int32 *prompt;
+	int			n_prompt;
+	const int32 *stop_ids;
+	int			n_stop_ids;
+	char	  **stop_strings;
+	int			n_stop_strings;
+
+	int64		page_size;
+	int64		pages_upto;
+	int64		cache_key;
+	Size		reply_hint;		/* expected size of the returned state (sizes the reply queue) */
+} KlReqSpec;
+
+typedef enum KlEventType
+{
+	KL_EV_TOKENS,
+	KL_EV_STATE,
+	KL_EV_DONE
+} KlEventType;
+
+/* Pointers are valid until the next kl_call_next. */
+typedef struct KlEvent
+{
+	KlEventType type;
+	/* TOKENS */
+	int			n_ids;
+	const int32 *ids;
+	const char *text;
+	int			text_len;
+	/* STATE */
+	int			state_kind;
+	int64		from_pos;
+	int64		to_pos;
+	const char *state;
+	Size		state_len;
+	/* DONE */
+	KlMsgDone	done;
+} KlEvent;
+
+typedef struct KlCall KlCall;
+
+/* Everything a finished call returned (palloc'd in the caller's context). */
+typedef struct KlStatePart
+{
+	int			kind;			/* KL_STATE_ROWS or KL_STATE_HEAD */
+	int64		from_pos,
+				to_pos;
+	bytea	   *blob;
+} KlStatePart;
+
+typedef struct KlRunResult
+{
+	char	   *text;			/* UTF-8, NUL-terminated */
+	int			text_len;
+	int32	   *ids;			/* generated ids */
+	int			n_ids;
+	KlStatePart *parts;
+	int			n_parts;
+	KlMsgDone	done;
+	bool		cache_miss;		/* only with KL_RUN_CACHE_MISS_OK */
+} KlRunResult;
+
+#define KL_RUN_CACHE_MISS_OK 0x01
+
+/* Submit, read to the end, detach.  parts: state parts in order (may be NULL). */
+void		kl_run(const KlReqSpec *spec, const char *const *parts, const Size *part_lens, int n_parts,
+				   int run_flags, KlRunResult *out);
+
+KlCall	   *kl_call_begin(const KlReqSpec *spec, Size parts_bytes, int n_parts);
+void		kl_call_add_part(KlCall *call, const void *data, Size len);
+void		kl_call_submit(KlCall *call);
+/* false once DONE has been read (ev->done filled) */
+bool		kl_call_next(KlCall *call, KlEvent *ev);
+void		kl_call_end(KlCall *call);
+
+#endif

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# test/pg/concurrency.sh — tests that need several sessions at once, against
+# the cluster test/run-tests.sh started (PGHOST/PGPORT/PGUSER set).  TAP output.
+#   1. 8 sessions generating at once get the same ids as each alone
+#   2. a full request table is an immediate ERROR, not a wait
+#   3. a terminated worker: waiting sessions fail at once, the worker comes back
+#   4. a long prefill shows its progress in kimi_linear.activity and does not stall a short request
+#   5. pgbench: say() on a few shared conversations for 30 s loses no turn
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+DB=kl_conc
+W=$(mktemp -d)
+trap 'rm -rf "$W"' EXIT
+n=0
+failed=0
+ok() { n=$((n + 1)); if [ "$1" = 0 ]; then echo "ok $n - $2"; else echo "not ok $n - $2"; failed=1; fi; }
+q() { psql -XAtq -d $DB -v ON_ERROR_STOP=1 "$@"; }
+now() { date +%s.%N; }
+
+psql -Xq -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/dev/null 2>&1
+q -c "CREATE EXTENSION kimi_linear"
+q -c "SELECT kimi_linear._resolve_model(NULL)" >/dev/null
+
+# ------------------------------------------------------------------ 1. same results together as alone
+prompts=("The VACUUM command" "CREATE TABLE" "Indexes" "The planner" "Write-ahead logging" "pg_dump" "Replication" "A transaction")
+for i in "${!prompts[@]}"; do
+  q -c "SELECT kimi_linear.generate_tokens('${prompts[$i]}', max_tokens => 64, ignore_eos => true)" >"$W/alone.$i"
+  q -c "SELECT kimi_linear.generate_tokens('${prompts[$i]}', max_tokens => 64, temperature => 0.8, seed => $i, ignore_eos => true)" >"$W/alone_s.$i"
+done
+for i in "${!prompts[@]}"; do
+  q -c "SELECT kimi_linear.generate_tokens('${prompts[$i]}', max_tokens => 64, ignore_eos => true)" >"$W/together.$i" &
+  q -c "SELECT kimi_linear.generate_tokens('${prompts[$i]}', max_tokens => 64, temperature => 0.8, seed => $i, ignore_eos => true)" >"$W/together_s.$i" &
+done
+wait
+same=0
+for i in "${!prompts[@]}"; do
+  cmp -s "$W/alone.$i" "$W/together.$i" || { same=1; echo "# greedy differs for '${prompts[$i]}'"; }
+  cmp -s "$W/alone_s.$i" "$W/together_s.$i" || { same=1; echo "# seeded differs for '${prompts[$i]}'"; }
+done
+ok $same "16 concurrent sessions (8 greedy, 8 seeded) get the ids each gets alone"
+
+# ------------------------------------------------------------------ 2. full request table
+max=$(q -c "SHOW kimi_linear.max_requests")
+for i in $(seq 1 $((max + 4))); do
+  ( t0=$(now); q -c "SELECT length(kimi_linear.generate('x', max_tokens => 400, ignore_eos => true))" >/dev/null 2>"$W/full.$i"
+    echo "$t0 $(now)" >"$W/full_t.$i" ) &
+done
+wait
+refused=$(grep -l "too many kimi_linear requests in flight" "$W"/full.* 2>/dev/null | wc -l)
+fast=1
+for f in $(grep -l "too many kimi_linear requests" "$W"/full.* 2>/dev/null); do
+  t=$(cat "${f/full./full_t.}"); awk -v a="${t% *}" -v b="${t#* }" 'BEGIN { exit !(b - a < 2.0) }' && fast=0
+done
+[ "$refused" -ge 1 ] && [ "$fast" = 0 ]; ok $? "with $((max + 4)) sessions and max_requests = $max, $refused are refused at once with a clear error"
+ok "$(q -c "SELECT count(*) FROM kimi_linear.activity" | grep -qx 0; echo $?)" "every slot is free again"
+
+# ------------------------------------------------------------------ 3. worker terminated mid-request
+old_pid=$(q -c "SELECT pid FROM kimi_linear.workers WHERE worker = 0")
+for i in 1 2 3; do
+  ( q -c "SELECT kimi_linear.generate('x', max_tokens => 4000, ignore_eos => true)" >/dev/null 2>"$W/kill.$i"; now >"$W/kill_t.$i" ) &
+done
+sleep 1
+t_kill=$(now)
+q -c "SELECT pg_terminate_backend($old_pid)" >/dev/null
+wait
+all_failed=0
+for i in 1 2 3; do
+  grep -q "inference worker was terminated" "$W/kill.$i" || { all_failed=1; cat "$W/kill.$i"; }
+  awk -v a="$t_kill" -v b="$(cat "$W/kill_t.$i")" 'BEGIN { exit !(b - a < 1.0) }' || all_failed=1
+done
+ok $all_failed "sessions waiting on a terminated worker fail within a second with a clear error"
+back=1
+for _ in $(seq 1 50); do
+  new_pid=$(q -c "SELECT pid FROM kimi_linear.workers WHERE worker = 0")
+  if [ -n "$new_pid" ] && [ "$new_pid" != "$old_pid" ] && q -c "SELECT kimi_linear.generate('x', max_tokens => 2)" >/dev/null 2>&1; then back=0; break; fi
+  sleep 0.2
+done
+ok $back "the worker is restarted (pid $old_pid -> ${new_pid:-none}) and serves again"
+
+# ------------------------------------------------------------------ 4. long prefill: progress, no stall
+page_sql="SELECT text FROM kl_docs_conc"
+q -c "CREATE TABLE kl_docs_conc AS SELECT repeat('The autovacuum daemon checks tables and runs VACUUM and ANALYZE when needed. ', 900) AS text" >/dev/null
+( q -c "SELECT length(kimi_linear.generate(text, max_tokens => 4)) FROM kl_docs_conc" >"$W/long.out" 2>&1 ) &
+long=$!
+prog=()
+for _ in $(seq 1 40); do
+  p=$(q -c "SELECT prompt_tokens_done || '/' || prompt_tokens FROM kimi_linear.activity WHERE phase = 'prefill' AND prompt_tokens > 5000")
+  [ -n "$p" ] && prog+=("$p")
+  [ ${#prog[@]} -ge 2 ] && [ "${prog[0]}" != "${prog[-1]}" ] && break
+  sleep 0.25
+done
+t0=$(now)
+q -c "SELECT kimi_linear.generate('Short', max_tokens => 4)" >/dev/null
+t_short=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
+still_running=$(kill -0 $long 2>/dev/null && echo 1 || echo 0)
+wait $long
+[ ${#prog[@]} -ge 2 ] && [ "${prog[0]}" != "${prog[-1]}" ]; ok $? "a long prefill shows its progress in kimi_linear.activity (${prog[*]:-nothing})"
+[ "$still_running" = 1 ]; ok $? "a short request during it completes in ${t_short}s, before the long prefill ends"
+grep -qE '^[0-9]+$' "$W/long.out"; ok $? "the long request completes"
+
+# ------------------------------------------------------------------ 5. pgbench: no lost turns
+q -c "CREATE TABLE kl_bench_conv (k int PRIMARY KEY, id bigint)" \
+  -c "INSERT INTO kl_bench_conv SELECT k, kimi_linear.new_conversation(NULL, 'Conversation ' || k) FROM generate_series(1, 3) k" >/dev/null
+cat >"$W/say.sql" <<'SQL'
+\set k random(1, 3)
+SELECT kimi_linear.say((SELECT id FROM kl_bench_conv WHERE k = :k), 'Tell me more about it.', max_tokens => 8);
+SQL
+secs=${KL_PGBENCH_SECONDS:-30}
+"$(pg_config --bindir)/pgbench" -n -c 8 -j 2 -T "$secs" -f "$W/say.sql" $DB >"$W/pgbench.out" 2>&1
+pgb_rc=$?
+done_tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$W/pgbench.out")
+failed_tx=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$W/pgbench.out")
+turns=$(q -c "SELECT sum(turns) FROM kimi_linear.conversations c JOIN kl_bench_conv b ON b.id = c.id")
+msgs=$(q -c "SELECT count(*) FROM kimi_linear.messages m JOIN kl_bench_conv b ON b.id = m.conversation_id WHERE role <> 'system'")
+grep -E "^(number of|latency average|tps)|error" "$W/pgbench.out" | head -20 | sed "s/^/# /"
+[ $pgb_rc = 0 ] && [ -n "$done_tx" ] && [ "$done_tx" -gt 0 ] && [ "${failed_tx:-0}" = 0 ] && [ "$turns" = "$done_tx" ] && [ "$msgs" = $((2 * done_tx)) ]
+ok $? "pgbench: $done_tx say() calls in ${secs}s on 3 shared conversations, $turns turns stored, $msgs messages"
+ok "$(q -c "SELECT bool_and(positions > 0 AND state IS NOT NULL) FROM kimi_linear.conversations c JOIN kl_bench_conv b ON b.id = c.id" | grep -qx t; echo $?)" "every conversation has its state"
+
+echo "1..$n"
+exit $failed

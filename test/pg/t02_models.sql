@@ -1,0 +1,81 @@
+-- Models: loading from kimi_linear.model_dir only, who may load, the models
+-- view, a model without tokenizer, states of another model, devices.
+BEGIN;
+SELECT plan(29);
+
+SELECT pid AS worker_pid FROM kimi_linear.workers WHERE worker = 0 \gset
+SELECT kimi_linear._resolve_model(NULL);  -- the bundled model, loaded on first use
+
+SELECT lives_ok($$SELECT kimi_linear.load_model('tiny', 'tiny_a')$$, 'load the golden tiny model');
+SELECT results_eq($$SELECT name, status, device, parameters > 0 FROM kimi_linear.models ORDER BY name$$,
+                  $$VALUES ('pgdocs-kimi-18m'::text, 'ready'::text, 'cpu'::text, true), ('tiny', 'ready', 'cpu', true)$$,
+                  'the models view lists both');
+SELECT lives_ok($$SELECT kimi_linear.load_model('tiny', 'tiny_a')$$, 'loading the same model again is a no-op');
+SELECT throws_like($$SELECT kimi_linear.load_model('tiny', 'pgdocs-kimi-18m')$$, '%already loaded from another directory%',
+                   'a name is not silently reused');
+
+-- a model without tokenizer: token ids only
+SELECT is(array_length(kimi_linear.generate_ids(ARRAY[1, 2, 3, 4], max_tokens => 6, model => 'tiny', ignore_eos => true), 1), 6,
+          'generate_ids works on a model without tokenizer');
+SELECT throws_like($$SELECT kimi_linear.generate('hello', model => 'tiny')$$, '%has no tokenizer%',
+                   'text needs a tokenizer');
+
+-- with two models loaded, a call must say which (or the default setting does)
+SELECT throws_like($$SELECT kimi_linear.generate('hello')$$, '%several models are loaded%', 'ambiguous default model');
+SET LOCAL kimi_linear.default_model = 'pgdocs-kimi-18m';
+SELECT lives_ok($$SELECT kimi_linear.generate('hello', max_tokens => 2)$$, 'kimi_linear.default_model picks one');
+RESET kimi_linear.default_model;
+
+-- a state made by another model
+SELECT throws_like($$SELECT kimi_linear.generate_with_state((SELECT data FROM kl_files WHERE name = 'tiny_state'), 'x', model => 'pgdocs-kimi-18m')$$,
+                   '%different model (fingerprint mismatch)%', 'a state of another model is refused');
+
+-- paths: only under model_dir, symbolic links resolved first
+SELECT throws_like($$SELECT kimi_linear.load_model('x', '../outside/tiny_copy')$$, '%outside kimi_linear.model_dir%', '../ escape');
+SELECT throws_like(format($$SELECT kimi_linear.load_model('x', %L)$$, (SELECT path FROM kl_files WHERE name = 'outside')),
+                   '%outside kimi_linear.model_dir%', 'absolute path outside');
+SELECT throws_like($$SELECT kimi_linear.load_model('x', 'escape')$$, '%outside kimi_linear.model_dir%', 'symbolic link pointing outside');
+SELECT throws_like($$SELECT kimi_linear.load_model('x', 'tiny_a/../../outside/tiny_copy')$$, '%outside kimi_linear.model_dir%', 'nested ../');
+SELECT throws_like($$SELECT kimi_linear.load_model('x', '.')$$, '%outside kimi_linear.model_dir%', 'model_dir itself');
+SELECT throws_like($$SELECT kimi_linear.load_model('x', 'no_such_dir')$$, '%does not exist%', 'missing directory');
+SELECT throws_like($$SELECT kimi_linear.load_model('x', 'broken')$$, 'could not load model "x": %', 'a broken checkpoint');
+SELECT ok(NOT EXISTS (SELECT FROM kimi_linear.models WHERE name = 'x'), 'failed loads leave nothing behind');
+
+-- who may load: superusers and kimi_linear_admin members; functions are not even executable by others
+CREATE ROLE kl_tap_user;
+CREATE ROLE kl_tap_granted;
+GRANT USAGE ON SCHEMA kimi_linear TO kl_tap_user, kl_tap_granted;
+GRANT EXECUTE ON FUNCTION kimi_linear.load_model(text, text) TO kl_tap_granted;
+SET LOCAL ROLE kl_tap_user;
+SELECT throws_ok($$SELECT kimi_linear.load_model('y', 'tiny_a')$$, '42501', NULL, 'an ordinary user cannot load');
+SELECT throws_ok($$SELECT kimi_linear.unload_model('tiny')$$, '42501', NULL, 'nor unload');
+RESET ROLE;
+SET LOCAL ROLE kl_tap_granted;
+SELECT throws_like($$SELECT kimi_linear.load_model('y', 'tiny_a')$$, 'permission denied to load or unload kimi_linear models',
+                   'EXECUTE alone is not enough: the function checks the role too');
+RESET ROLE;
+GRANT kimi_linear_admin TO kl_tap_user;
+SET LOCAL ROLE kl_tap_user;
+SELECT lives_ok($$SELECT kimi_linear.load_model('y', 'tiny_a')$$, 'a kimi_linear_admin member can load');
+SELECT lives_ok($$SELECT kimi_linear.unload_model('y')$$, 'and unload');
+RESET ROLE;
+
+-- devices: cuda without a GPU is a clear error; auto falls back to the CPU
+SET LOCAL kimi_linear.device = 'auto';
+SELECT lives_ok($$SELECT kimi_linear.load_model('tiny_auto', 'tiny_a')$$, 'device auto loads');
+SELECT ok((SELECT device IN ('cpu', 'cuda') FROM kimi_linear.models WHERE name = 'tiny_auto'), 'and says where it runs');
+SELECT lives_ok($$SELECT kimi_linear.unload_model('tiny_auto')$$, 'unload it');
+SET LOCAL kimi_linear.device = 'cuda';
+SELECT CASE WHEN (SELECT size IS NOT NULL FROM pg_stat_file('/dev/nvidia0', true))
+            THEN skip('a GPU is present', 1)
+            ELSE throws_like($$SELECT kimi_linear.load_model('tiny_cuda', 'tiny_a')$$, '%CUDA%', 'device cuda without a GPU: a clear error') END;
+RESET kimi_linear.device;
+
+-- unload: gone from the view, calls fail clearly
+SELECT lives_ok($$SELECT kimi_linear.unload_model('tiny')$$, 'unload tiny');
+SELECT throws_like($$SELECT kimi_linear.generate_ids(ARRAY[1], model => 'tiny')$$, '%is not loaded%', 'an unloaded model is not used');
+
+SELECT is((SELECT pid FROM kimi_linear.workers WHERE worker = 0), :worker_pid, 'the worker never restarted');
+
+SELECT * FROM finish();
+ROLLBACK;
