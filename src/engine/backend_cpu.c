@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "cpu_ops.h"
+#include "kl.h"
 #include "threadpool.h"
 
 /*
@@ -22,7 +23,7 @@
  * row with the same instructions whatever the other rows: a sequence decoding
  * in a batch of up to 64 gets bit-for-bit the logits it would get alone.
  */
-#define GEMV_MAX_ROWS 64
+#define GEMV_MAX_ROWS KL_BATCH_INVARIANT_ROWS
 #define SGEMM_BLOCK 128			/* weight rows per sgemm task */
 
 /* ------------------------------------------------------------------ working memory */

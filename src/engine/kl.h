@@ -117,6 +117,14 @@ typedef struct kl_batch_item
 
 int			kl_forward(kl_ctx *ctx, kl_batch_item *items, int n_items, kl_err *err);
 
+/*
+ * Batch invariance: in a kl_forward of at most this many rows in all, every
+ * row is computed with the same arithmetic whatever the other rows, so a
+ * sequence decoded among others gets bit-for-bit the logits it gets alone.
+ * (Larger steps use blocked matrix products, exact to float rounding only.)
+ */
+#define KL_BATCH_INVARIANT_ROWS 64
+
 /* Run the KDA layers through the per-token recurrence instead of the
  * chunkwise form for multi-token inputs (tests compare the two). */
 void		kl_ctx_force_recurrent(kl_ctx *ctx, bool on);

@@ -473,6 +473,80 @@ scale_avx512(float *y, float a, int n)
 	}
 }
 
+/*
+ * Four weight rows against four inputs at once: 16 accumulators; each weight
+ * chunk is loaded and widened once for all four inputs.  Every (row, input)
+ * accumulates lane by lane in the same order as the one-input path, and is
+ * reduced the same way, so the result for a row does not depend on how many
+ * inputs are processed together (batch invariance).
+ */
+AVX512 static inline void
+gemv4x4_bf16_avx512(float *y, int ldy, const uint16_t *w0, int cols, const float *x, int ldx, int r,
+					bool prefetch)
+{
+	int			tail = cols & 15;
+	int			body = cols - tail;
+	__mmask16	m = (__mmask16) ((1u << tail) - 1);
+	const uint16_t *w1 = w0 + cols,
+			   *w2 = w1 + cols,
+			   *w3 = w2 + cols;
+	const float *x0 = x,
+			   *x1 = x + ldx,
+			   *x2 = x + 2 * (size_t) ldx,
+			   *x3 = x + 3 * (size_t) ldx;
+	__m512		a[16];
+
+	for (int i = 0; i < 16; i++)
+		a[i] = _mm512_setzero_ps();
+	for (int c = 0; c <= body; c += 16)
+	{
+		__m512		wv0,
+					wv1,
+					wv2,
+					wv3,
+					xv;
+		bool		last = c == body;
+
+		if (last && !tail)
+			break;
+		if (last)
+		{
+			wv0 = bf16x16_mask(w0 + c, m);
+			wv1 = bf16x16_mask(w1 + c, m);
+			wv2 = bf16x16_mask(w2 + c, m);
+			wv3 = bf16x16_mask(w3 + c, m);
+		}
+		else
+		{
+			if (prefetch && (c & 31) == 0)
+			{
+				_mm_prefetch((const char *) (w0 + PF_DIST * cols + c), _MM_HINT_T0);
+				_mm_prefetch((const char *) (w1 + PF_DIST * cols + c), _MM_HINT_T0);
+				_mm_prefetch((const char *) (w2 + PF_DIST * cols + c), _MM_HINT_T0);
+				_mm_prefetch((const char *) (w3 + PF_DIST * cols + c), _MM_HINT_T0);
+			}
+			wv0 = bf16x16(w0 + c);
+			wv1 = bf16x16(w1 + c);
+			wv2 = bf16x16(w2 + c);
+			wv3 = bf16x16(w3 + c);
+		}
+#define INPUT(j, xp) \
+		xv = last ? _mm512_maskz_loadu_ps(m, (xp) + c) : _mm512_loadu_ps((xp) + c); \
+		a[4 * (j) + 0] = _mm512_fmadd_ps(wv0, xv, a[4 * (j) + 0]); \
+		a[4 * (j) + 1] = _mm512_fmadd_ps(wv1, xv, a[4 * (j) + 1]); \
+		a[4 * (j) + 2] = _mm512_fmadd_ps(wv2, xv, a[4 * (j) + 2]); \
+		a[4 * (j) + 3] = _mm512_fmadd_ps(wv3, xv, a[4 * (j) + 3])
+		INPUT(0, x0);
+		INPUT(1, x1);
+		INPUT(2, x2);
+		INPUT(3, x3);
+#undef INPUT
+	}
+	for (int j = 0; j < 4; j++)
+		for (int i = 0; i < 4; i++)
+			y[(size_t) j * ldy + r + i] = _mm512_reduce_add_ps(a[4 * j + i]);
+}
+
 AVX512 static void
 gemv_bf16_avx512(float *y, int ldy, const uint16_t *W, int cols, const float *x, int ldx,
 				 int nx, int r0, int r1)
@@ -488,8 +562,12 @@ gemv_bf16_avx512(float *y, int ldy, const uint16_t *W, int cols, const float *x,
 		const uint16_t *w1 = w0 + cols,
 				   *w2 = w1 + cols,
 				   *w3 = w2 + cols;
+		int			j = 0;
 
-		for (int j = 0; j < nx; j++)
+		/* inputs four at a time, then one at a time */
+		for (; j + 4 <= nx; j += 4)
+			gemv4x4_bf16_avx512(y + (size_t) j * ldy, ldy, w0, cols, x + (size_t) j * ldx, ldx, r, j == 0);
+		for (; j < nx; j++)
 		{
 			const float *xj = x + (size_t) j * ldx;
 			__m512		a0 = _mm512_setzero_ps(),
@@ -504,7 +582,7 @@ gemv_bf16_avx512(float *y, int ldy, const uint16_t *W, int cols, const float *x,
 
 				if (j == 0 && (c & 31) == 0)
 				{
-					/* the next four rows, a block ahead: keeps more misses in flight */
+					/* the next rows, a block ahead: keeps more misses in flight */
 					_mm_prefetch((const char *) (w0 + PF_DIST * cols + c), _MM_HINT_T0);
 					_mm_prefetch((const char *) (w1 + PF_DIST * cols + c), _MM_HINT_T0);
 					_mm_prefetch((const char *) (w2 + PF_DIST * cols + c), _MM_HINT_T0);

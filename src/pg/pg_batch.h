@@ -34,7 +34,7 @@
 
 #include "pg_shmem.h"
 
-#define KL_DECODE_GROUP 64
+#define KL_DECODE_GROUP KL_BATCH_INVARIANT_ROWS
 
 /* A model as this worker holds it. */
 typedef struct KlWModel

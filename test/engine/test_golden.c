@@ -385,11 +385,107 @@ check_pgdocs(void)
 	kl_model_free(m);
 }
 
+/*
+ * Batch invariance: a sequence decoded together with seven others gets
+ * bit-for-bit the logits it gets alone (the PostgreSQL workers batch
+ * sessions; results must not depend on who else is running).
+ */
+static void
+check_batch_invariance(void)
+{
+	char		dir[1024];
+	kl_err		err;
+	kl_model   *m;
+	kl_ctx	   *ctx;
+	kl_seq	   *alone,
+			   *seqs[8];
+	int			V,
+				steps = 24;
+	float	   *la,
+			   *lb;
+	int32_t		toks[8],
+				tok_alone;
+	bool		same = true;
+
+	snprintf(dir, sizeof(dir), "%s/models/pgdocs-kimi-18m", tap_shared_dir());
+	if (kl_model_load(dir, NULL, &m, &err) != KL_OK || kl_ctx_new(m, 0, &ctx, &err) != KL_OK)
+	{
+		tap_ok(0, "batch invariance: %s", err.msg);
+		return;
+	}
+	V = kl_model_config(m)->vocab_size;
+	la = malloc(sizeof(float) * V);
+	lb = malloc(sizeof(float) * V * 8);
+	kl_seq_new(m, &alone, &err);
+	for (int i = 0; i < 8; i++)
+		kl_seq_new(m, &seqs[i], &err);
+	{
+		/* different prompts of different lengths; sequence 0 is the one compared */
+		int32_t		p0[] = {3840, 1445, 2270, 522};
+		kl_batch_item it = {alone, p0, 4, la, false};
+
+		kl_forward(ctx, &it, 1, &err);
+		for (int i = 0; i < 8; i++)
+		{
+			int32_t		p[12];
+			int			n = i == 0 ? 4 : 3 + i;
+			kl_batch_item bi = {seqs[i], p, n, lb + (size_t) i * V, false};
+
+			for (int k = 0; k < n; k++)
+				p[k] = i == 0 ? p0[k] : 3840 + (k > 0) * (100 + 37 * i + k);
+			kl_forward(ctx, &bi, 1, &err);
+		}
+	}
+	for (int st = 0; st < steps && same; st++)
+	{
+		kl_batch_item items[8];
+		kl_batch_item one;
+
+		if (memcmp(la, lb, sizeof(float) * V) != 0)
+			same = false;
+		tok_alone = 0;
+		for (int v = 1; v < V; v++)
+			if (la[v] > la[tok_alone])
+				tok_alone = v;
+		for (int i = 0; i < 8; i++)
+		{
+			const float *l = lb + (size_t) i * V;
+
+			toks[i] = 0;
+			for (int v = 1; v < V; v++)
+				if (l[v] > l[toks[i]])
+					toks[i] = v;
+			items[i].seq = seqs[i];
+			items[i].ids = &toks[i];
+			items[i].n = 1;
+			items[i].logits = lb + (size_t) i * V;
+			items[i].all_logits = false;
+		}
+		one.seq = alone;
+		one.ids = &tok_alone;
+		one.n = 1;
+		one.logits = la;
+		one.all_logits = false;
+		kl_forward(ctx, &one, 1, &err);
+		kl_forward(ctx, items, 8, &err);
+	}
+	tap_ok(same, "batch invariance: a sequence decoded in a batch of 8 has bit-for-bit the logits it has alone "
+		   "(%d steps)", steps);
+	for (int i = 0; i < 8; i++)
+		kl_seq_free(seqs[i]);
+	kl_seq_free(alone);
+	free(la);
+	free(lb);
+	kl_ctx_free(ctx);
+	kl_model_free(m);
+}
+
 int
 main(void)
 {
 	check_case("tiny_a");
 	check_case("tiny_c");
 	check_pgdocs();
+	check_batch_invariance();
 	return tap_done();
 }
