@@ -121,6 +121,48 @@ query_task(void *arg, int t, int thread)
 		memcpy(qa + (size_t) i * Ha * Wa + R, q + (size_t) i * Wq + Dn, sizeof(float) * Dr);
 }
 
+/*
+ * The online-softmax step shared by both forms: S [nq x kn] holds the scaled
+ * scores of nq query rows against keys k0 .. k0+kn-1; query row i sits at
+ * position pos(i) = pos_base + (row_off + i) / rows_per_pos and sees keys up
+ * to it.  Masks later keys, turns S into exp(score - running max) in place,
+ * updates the running max m and sum l, and rescales the rows of acc [nq x dv]
+ * whose max moved.  acc += S V is left to the caller.
+ */
+static void
+online_softmax(float *S, int nq, int kn, int64_t k0, int64_t pos_base, int row_off, int rows_per_pos,
+			   float *m, float *l, float *acc, int dv)
+{
+	const kl_simd *simd = kl_simd_get();
+
+	for (int i = 0; i < nq; i++)
+	{
+		float	   *s = S + (size_t) i * kn;
+		int64_t		pos = pos_base + (row_off + i) / rows_per_pos;
+		int			nv = pos - k0 + 1 < kn ? (int) (pos - k0 + 1) : kn;
+		float		mx = m[i],
+					corr;
+
+		if (nv <= 0)
+		{
+			memset(s, 0, sizeof(float) * kn);
+			continue;
+		}
+		{
+			float		bm = simd->vmax(s, nv);
+
+			mx = bm > mx ? bm : mx;
+		}
+		corr = m[i] == -INFINITY ? 0.0f : expf(m[i] - mx);
+		l[i] = l[i] * corr + simd->exp_shift_sum(s, s, mx, nv);
+		if (nv < kn)
+			memset(s + nv, 0, sizeof(float) * (size_t) (kn - nv));
+		if (corr != 1.0f)
+			simd->scale(acc + (size_t) i * dv, corr, dv);
+		m[i] = mx;
+	}
+}
+
 /* a block of query rows against keys [k0, k1): partial online softmax */
 static void
 attend_task(void *arg, int t, int thread)
@@ -160,34 +202,7 @@ attend_task(void *arg, int t, int thread)
 			simd->few_scores(S, nk, Q, Wa, nr, Kp, Wa, nk, Wa, scale);
 		else
 			cpu_sgemm(false, true, nr, nk, Wa, scale, Q, Wa, Kp, Wa, 0.0f, S, nk);
-		for (int i = 0; i < nr; i++)
-		{
-			float	   *s = S + (size_t) i * nk;
-			int64_t		pos = pos0 + (tk->b0 + i) / Ha;
-			int			nv = pos - kb + 1 < nk ? (int) (pos - kb + 1) : nk;
-			float		mx = m[i],
-						corr,
-						sum = 0;
-
-			if (nv <= 0)
-			{
-				memset(s, 0, sizeof(float) * nk);
-				continue;
-			}
-			{
-				float		bm = simd->vmax(s, nv);
-
-				mx = bm > mx ? bm : mx;
-			}
-			corr = m[i] == -INFINITY ? 0.0f : expf(m[i] - mx);
-			sum = simd->exp_shift_sum(s, s, mx, nv);
-			if (nv < nk)
-				memset(s + nv, 0, sizeof(float) * (size_t) (nk - nv));
-			l[i] = l[i] * corr + sum;
-			if (corr != 1.0f)
-				simd->scale(acc + (size_t) i * R, corr, R);
-			m[i] = mx;
-		}
+		online_softmax(S, nr, nk, kb, pos0, tk->b0, Ha, m, l, acc, R);
 		/* acc += P C, C = the latent part of the key rows */
 		cpu_sgemm(false, false, nr, R, nk, 1.0f, S, nk, Kp, Wa, 1.0f, acc, R);
 	}
@@ -310,7 +325,6 @@ expanded_attend_task(void *arg, int t, int thread)
 {
 	exp_job    *j = arg;
 	const kl_config *c = j->cfg;
-	const kl_simd *simd = kl_simd_get();
 	int			Ha = c->mla_heads,
 				Dn = c->qk_nope_dim,
 				Dr = c->qk_rope_dim,
@@ -341,32 +355,7 @@ expanded_attend_task(void *arg, int t, int thread)
 		const float *V = j->V + ((size_t) h * j->m + k0) * Dv;
 
 		cpu_sgemm(false, true, nq, kn, Dk, scale, Q, Ha * Dk, K, Dk, 0.0f, S, kn);
-		for (int i = 0; i < nq; i++)
-		{
-			float	   *s = S + (size_t) i * kn;
-			int64_t		pos = j->pos0 + t0 + i;
-			int			nv = pos - k0 + 1 < kn ? (int) (pos - k0 + 1) : kn;
-			float		mx = m[i],
-						corr;
-
-			if (nv <= 0)
-			{
-				memset(s, 0, sizeof(float) * kn);
-				continue;
-			}
-			{
-				float		bm = simd->vmax(s, nv);
-
-				mx = bm > mx ? bm : mx;
-			}
-			corr = m[i] == -INFINITY ? 0.0f : expf(m[i] - mx);
-			l[i] = l[i] * corr + simd->exp_shift_sum(s, s, mx, nv);
-			if (nv < kn)
-				memset(s + nv, 0, sizeof(float) * (size_t) (kn - nv));
-			if (corr != 1.0f)
-				simd->scale(acc + (size_t) i * Dv, corr, Dv);
-			m[i] = mx;
-		}
+		online_softmax(S, nq, kn, k0, j->pos0 + t0, 0, 1, m, l, acc, Dv);
 		cpu_sgemm(false, false, nq, Dv, kn, 1.0f, S, kn, V, Dv, 1.0f, acc, Dv);
 	}
 	for (int i = 0; i < nq; i++)
