@@ -112,9 +112,12 @@ NVCC_FLAGS   = -O3 -std=c++17 $(CUDA_GENCODE) -Xcompiler -fPIC,-fvisibility=hidd
 # cudart linked statically and kept private (--exclude-libs), cuBLAS found through the rpath
 CUDA_LDLIBS  = -L$(CUDA_HOME)/lib64 -lcublas -Xlinker --exclude-libs,ALL -Xlinker -rpath -Xlinker $(CUDA_HOME)/lib64
 
+# (only where nvcc exists and the kernel sources are present)
 ifneq ($(NVCC),)
+ifneq ($(CUDA_KERNEL_SRCS),)
 all: $(CUDA_LIB)
 install: install-cuda
+endif
 endif
 
 cuda: $(CUDA_LIB)

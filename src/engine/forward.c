@@ -454,6 +454,18 @@ kl_ctx_profile_read(const kl_ctx *c, double out[KL_PROF_N])
 	memcpy(out, c->prof, sizeof(c->prof));
 }
 
+/* An op that failed outside run_layers' per-layer check (a GPU backend's
+ * end_step or download): report it for this call. */
+static bool
+backend_failed(kl_ctx *c, kl_err *err)
+{
+	if (!c->be->failed)
+		return false;
+	kl_errf(err, "%s", c->be->err.msg);
+	c->be->failed = false;
+	return true;
+}
+
 /*
  * Split the batch into steps of at most max_tokens rows.  Each step takes the
  * next tokens of every item in turn; an item's logits come from the step that
@@ -534,6 +546,8 @@ kl_forward(kl_ctx *c, kl_batch_item *items, int n_items, kl_err *err)
 			goto out;
 		if (c->be->ops->end_step)
 			c->be->ops->end_step(c->be, &st);
+		if (backend_failed(c, err))
+			goto out;
 
 		/* logits wanted from this step */
 		{
@@ -555,6 +569,8 @@ kl_forward(kl_ctx *c, kl_batch_item *items, int n_items, kl_err *err)
 			}
 			logits_flush(c, &q);
 		}
+		if (backend_failed(c, err))	/* e.g. a GPU fault seen by the logits download */
+			goto out;
 		for (int s = 0; s < ns; s++)
 		{
 			c->seqs[s]->pos += n_take[s];
@@ -562,6 +578,8 @@ kl_forward(kl_ctx *c, kl_batch_item *items, int n_items, kl_err *err)
 		}
 	}
 	c->be->ops->sync(c->be);
+	if (backend_failed(c, err))
+		goto out;
 	rc = KL_OK;
 out:
 	free(done);

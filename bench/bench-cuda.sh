@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# bench-cuda.sh — the CUDA backend on the GPU machine: build check, correctness
+# tests, benchmarks (results: bench/results/cuda.md, notes: bench/notes-cuda.md).
+#
+# On the development machine (no GPU needed):
+#   bash bench/bench-cuda.sh pack
+#       builds kimi_linear_cuda.so and the GPU-machine programs (make cuda
+#       cuda-device-bins) and packs them, libisal, the golden data and
+#       flash-linear-attention's Python package (fetched source in $FLA_SRC,
+#       never committed) into .gpu/pack/kl-gpu.tar.xz, which is ignored and
+#       travels with the device tool's `carry`.
+# On the GPU machine (repository root; carry .gpu/pack):
+#   bash bench/bench-cuda.sh check          the library loads and finds the GPU
+#   bash bench/bench-cuda.sh test           test_cuda.t (TAP), log in $OUT/test.log
+#   bash bench/bench-cuda.sh ceilings       copy bandwidth, bf16 GEMM rate
+#   bash bench/bench-cuda.sh kda T1,T2,..   our KDA op and fla's chunk_kda, H=32 K=128 (FLA=0: ours only)
+#   bash bench/bench-cuda.sh model CONFIG [options of bench_cuda model]
+#   bash bench/bench-cuda.sh layers N       write /tmp/kl/48b-N.json: the 48B config cut to N layers
+#   bash bench/bench-cuda.sh ncu ARGS       per-kernel GPU times of `bench_cuda ARGS` (Nsight Compute)
+# Every command prints RESULT lines and appends them to $OUT/results.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PACK=.gpu/pack/kl-gpu.tar.xz
+K=/tmp/kl
+OUT=${OUT:-/tmp/kl-out}
+cmd=${1:-}
+shift || true
+
+unpack() {
+	if [ ! -f $K/.unpacked ]; then
+		mkdir -p $K
+		tar xJf $PACK -C $K
+		touch $K/.unpacked
+	fi
+	export LD_LIBRARY_PATH=$K/lib:${LD_LIBRARY_PATH:-}
+	export KL_CUDA_LIB=$K/kimi_linear_cuda.so KL_SHARED=$K/shared KL_REQUIRE_GPU=1
+	mkdir -p "$OUT"
+	# a library built elsewhere may not load here: build it here then (nvcc is on the GPU machine)
+	if ldd $KL_CUDA_LIB | grep -q "not found"; then
+		echo "kimi_linear_cuda.so does not load here; building it on this machine" >&2
+		ldd $KL_CUDA_LIB >&2
+		build_here
+	fi
+}
+
+# The CUDA section of the Makefile, without PGXS (no pg_config here).
+build_here() {
+	local nvcc=/usr/local/cuda/bin/nvcc cu=/usr/local/cuda objs=()
+	local gen="-gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_80,code=compute_80"
+	mkdir -p $K/build
+	for f in kernels/*.cu; do
+		$nvcc -O3 -std=c++17 $gen -Xcompiler -fPIC,-fvisibility=hidden -c -o $K/build/$(basename $f).o $f &
+		objs+=($K/build/$(basename $f).o)
+	done
+	for f in src/cuda/cuda_*.c; do
+		gcc -O2 -std=gnu11 -fPIC -fvisibility=hidden -Isrc/engine -I$cu/include -c -o $K/build/$(basename $f).o $f &
+		objs+=($K/build/$(basename $f).o)
+	done
+	wait
+	$nvcc -shared $gen -o $KL_CUDA_LIB "${objs[@]}" -L$cu/lib64 -lcublas -Xlinker --exclude-libs,ALL \
+		-Xlinker -rpath -Xlinker $cu/lib64
+}
+
+log() { tee -a "$OUT/results.log"; }
+
+case "$cmd" in
+pack)
+	FLA_SRC=${FLA_SRC:-/work/.mirror/fla-org+flash-linear-attention/repo}
+	SHARED=${KL_SHARED:-../shared}
+	make cuda cuda-device-bins -j"$(nproc)"
+	tmp=$(mktemp -d)
+	mkdir -p $tmp/bin $tmp/lib $tmp/shared/golden $tmp/fla
+	for b in test_cuda.t bench_cuda kl; do strip -o $tmp/bin/$b .gpu/bin/$b; done
+	cp kimi_linear_cuda.so $tmp/
+	cp -L /lib/x86_64-linux-gnu/libisal.so.2 $tmp/lib/
+	cp -r $SHARED/golden/tiny_a $SHARED/golden/tiny_c $tmp/shared/golden/
+	# fla: the Python package without its model and layer zoo (not needed for chunk_kda)
+	git -C "$FLA_SRC" archive HEAD fla | tar x -C $tmp/fla
+	rm -rf $tmp/fla/fla/models $tmp/fla/fla/layers
+	cp /work/shared/spec/kimi-linear-48b-a3b.config.json $tmp/ 2>/dev/null || cp $SHARED/spec/kimi-linear-48b-a3b.config.json $tmp/
+	mkdir -p .gpu/pack
+	tar cJf $PACK -C $tmp .
+	chmod -R u+w $tmp; rm -rf $tmp
+	ls -la $PACK
+	;;
+check)
+	unpack
+	nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | log
+	$K/bin/kl generate --model $KL_SHARED/golden/tiny_c --ids 1,2,3 --max-tokens 4 --device cuda 2>&1 | log || true
+	;;
+test)
+	unpack
+	set +e
+	$K/bin/test_cuda.t 2>&1 | tee "$OUT/test.log"
+	rc=${PIPESTATUS[0]}
+	set -e
+	echo "RESULT kind=test failed=$(grep -c '^not ok' "$OUT/test.log") passed=$(grep -c '^ok' "$OUT/test.log") rc=$rc" | log
+	;;
+ceilings)
+	unpack
+	$K/bin/bench_cuda ceilings 2>&1 | log
+	;;
+kda)
+	unpack
+	Ts=${1:-4096,32768,131072}
+	$K/bin/bench_cuda kda 32 128 "$Ts" 2>&1 | log
+	[ "${FLA:-1}" = 0 ] && exit 0
+	# Triton compiles (and autotunes) fla's kernels on first use: bounded
+	PYTHONUNBUFFERED=1 timeout ${FLA_TIMEOUT:-300} python3 bench/bench_cuda_fla.py $K/fla 32 128 "$Ts" 2>&1 |
+		grep -v "^\s*$" | log || echo "RESULT kind=fla error=\"timed out or failed\"" | log
+	;;
+ncu)
+	# per-kernel GPU time of a bench_cuda run (Nsight Compute, clocks left alone)
+	unpack
+	ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+	timeout 300 "$ncu" --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+		$K/bin/bench_cuda "$@" > "$OUT/ncu.log" 2>&1 || true
+	grep -E "^  [a-zA-Z_].*\(|gpu__time_duration.sum" "$OUT/ncu.log" | sed 's/^ *//' | cut -c1-150 | log
+	;;
+layers)
+	unpack
+	n=$1
+	python3 - "$n" <<'PY'
+import json, sys
+n = int(sys.argv[1])
+c = json.load(open('/tmp/kl/kimi-linear-48b-a3b.config.json'))
+c['num_hidden_layers'] = n
+lac = c['linear_attn_config']
+lac['kda_layers'] = [i for i in lac['kda_layers'] if i <= n]
+lac['full_attn_layers'] = [i for i in lac['full_attn_layers'] if i <= n]
+json.dump(c, open(f'/tmp/kl/48b-{n}.json', 'w'), indent=1)
+print(f'/tmp/kl/48b-{n}.json: {n} layers, {len(lac["kda_layers"])} KDA, {len(lac["full_attn_layers"])} MLA')
+PY
+	;;
+model)
+	unpack
+	config=$1
+	shift
+	$K/bin/bench_cuda model "$config" "$@" 2>&1 | log
+	;;
+*)
+	sed -n '2,22p' "$0"
+	exit 2
+	;;
+esac

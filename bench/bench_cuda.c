@@ -1,0 +1,589 @@
+/*
+ * bench_cuda.c — throughput of the CUDA backend against its rooflines
+ * (bench/bench-cuda.sh runs it on the GPU machine and assembles
+ * bench/results/cuda.md).
+ *
+ *   bench_cuda ceilings
+ *       device-to-device copy bandwidth (bytes read + written) and the bf16
+ *       GEMM rate of an 8192^3 product through the backend's matmul
+ *   bench_cuda model CONFIG [--prefill 4096,32768] [--decode-ctx 4096,32768]
+ *                    [--batches 1,8,32,64] [--steps N] [--step-tokens N] [--profile 1]
+ *       a random bf16 model of CONFIG's shape made on the GPU
+ *       (kl_model_create_random, precision bf16): prefill tokens/s for each
+ *       length (a fresh sequence, one kl_forward), then for each decode
+ *       context the time per output token at each batch size (the prefilled
+ *       sequence cloned batch times; graphs warm; logits downloaded every
+ *       step, as generation does); --profile 1 adds, per decode point, the
+ *       time per part of the step (graphs off and every op waited for)
+ *   bench_cuda kda H K T1,T2,...
+ *       the KDA mixer op alone (conv, norms, decay, chunkwise delta rule,
+ *       gated norm) for one sequence of T tokens, H heads of K, fp32
+ *
+ * Output: lines "RESULT key=value ..." that the script turns into tables.
+ * Timing: the backend's sync around the timed region, host monotonic clock,
+ * after warm-up; the median of several repetitions where they are cheap.
+ * Roofline terms are computed here from the config (see the comments at
+ * decode_bytes and prefill_flops).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cuda_runtime_api.h>
+
+#include "backend.h"
+#include "model.h"
+
+static void
+fail(const char *what, const kl_err *err)
+{
+	fprintf(stderr, "bench_cuda: %s: %s\n", what, err ? err->msg : "");
+	exit(1);
+}
+
+static int
+parse_list(const char *s, long *out, int max)
+{
+	int			n = 0;
+
+	while (s && *s && n < max)
+	{
+		char	   *e;
+
+		out[n++] = strtol(s, &e, 10);
+		s = *e == ',' ? e + 1 : NULL;
+	}
+	return n;
+}
+
+static double
+gpu_used_gb(void)
+{
+	size_t		f = 0,
+				t = 0;
+
+	cudaMemGetInfo(&f, &t);
+	return (double) (t - f) / 1e9;
+}
+
+static int
+cmp_double(const void *a, const void *b)
+{
+	double		x = *(const double *) a,
+				y = *(const double *) b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* ------------------------------------------------------------------ ceilings */
+
+static void
+ceilings(void)
+{
+	kl_load_opts o = {0};
+	kl_model   *m;
+	kl_err		err;
+	kl_backend *be;
+	size_t		n = (size_t) 2 << 30;
+	void	   *a,
+			   *b;
+	double		best = 0;
+	char		cfgpath[] = "/tmp/kl_bench_ceil_XXXXXX";
+	int			fd = mkstemp(cfgpath);
+	const char *cfg =
+	"{\"model_type\": \"kimi_linear\", \"vocab_size\": 8192, \"hidden_size\": 8192, \"num_hidden_layers\": 1,"
+	" \"intermediate_size\": 8192, \"rms_norm_eps\": 1e-5, \"linear_attn_config\": {\"kda_layers\": [1],"
+	" \"full_attn_layers\": [], \"num_heads\": 1, \"head_dim\": 128, \"short_conv_kernel_size\": 4},"
+	" \"num_attention_heads\": 1, \"kv_lora_rank\": 64, \"qk_nope_head_dim\": 64, \"qk_rope_head_dim\": 64,"
+	" \"v_head_dim\": 64, \"num_experts\": null}";
+
+	if (fd < 0 || write(fd, cfg, strlen(cfg)) != (ssize_t) strlen(cfg))
+		fail("temporary config", NULL);
+	close(fd);
+	o.device = "cuda";
+	o.precision = "bf16";
+	/* a 1-layer model whose lm_head is an 8192 x 8192 bf16 matrix */
+	if (kl_model_create_random(cfgpath, &o, "bf16", 1, &m, &err) != KL_OK)
+		fail("model", &err);
+	unlink(cfgpath);
+	be = m->be;
+
+	a = be->ops->alloc(be, n);
+	b = be->ops->alloc(be, n);
+	if (!a || !b)
+		fail("alloc", NULL);
+	for (int r = 0; r < 6; r++)
+	{
+		double		t0,
+					dt;
+
+		be->ops->sync(be);
+		t0 = kl_now();
+		be->ops->copy(be, b, a, n);
+		be->ops->sync(be);
+		dt = kl_now() - t0;
+		if (r > 0 && 2.0 * n / dt > best)
+			best = 2.0 * n / dt;
+	}
+	printf("RESULT kind=ceiling what=copy_GBps value=%.1f\n", best / 1e9);
+	be->ops->release(be, a);
+	be->ops->release(be, b);
+
+	{
+		int			N = 8192;
+		size_t		xs = (size_t) N * N;
+		float	   *hx = malloc(sizeof(float) * xs);
+		float	   *x = be->ops->alloc(be, sizeof(float) * xs),
+				   *y = be->ops->alloc(be, sizeof(float) * xs);
+		uint64_t	s = 88172645463325252ull;
+		double		times[7];
+
+		for (size_t i = 0; i < xs; i++)
+		{
+			s ^= s << 13;
+			s ^= s >> 7;
+			s ^= s << 17;
+			hx[i] = (float) ((s >> 40) * (1.0 / 16777216.0) * 2 - 1);
+		}
+		be->ops->upload(be, x, hx, sizeof(float) * xs);
+		free(hx);
+		for (int r = 0; r < 7; r++)
+		{
+			double		t0;
+
+			be->ops->sync(be);
+			t0 = kl_now();
+			be->ops->matmul(be, y, N, x, N, N, &m->lm_head);
+			be->ops->sync(be);
+			times[r] = kl_now() - t0;
+		}
+		qsort(times + 1, 6, sizeof(double), cmp_double);
+		printf("RESULT kind=ceiling what=bf16_gemm_TFLOPs value=%.1f\n", 2.0 * N * (double) N * N / times[3] / 1e12);
+		/* our GEMV: one row against the 134 MB matrix (more than L2 holds) */
+		for (int r = 0; r < 7; r++)
+		{
+			double		t0;
+
+			be->ops->sync(be);
+			t0 = kl_now();
+			for (int i = 0; i < 10; i++)
+				be->ops->matmul(be, y, N, x, N, 1, &m->lm_head);
+			be->ops->sync(be);
+			times[r] = (kl_now() - t0) / 10;
+		}
+		qsort(times + 1, 6, sizeof(double), cmp_double);
+		printf("RESULT kind=ceiling what=gemv_bf16_GBps value=%.1f\n", 2.0 * N * (double) N / times[3] / 1e9);
+		if (be->failed)
+			fail("matmul", &be->err);
+		be->ops->release(be, x);
+		be->ops->release(be, y);
+	}
+	kl_model_free(m);
+}
+
+/* ------------------------------------------------------------------ KDA alone */
+
+static void
+kda_alone(int H, int K, const long *Ts, int nT)
+{
+	char		cfgpath[] = "/tmp/kl_bench_kda_XXXXXX";
+	char		cfg[2048];
+	int			fd = mkstemp(cfgpath);
+	kl_load_opts o = {0};
+	kl_model   *m;
+	kl_err		err;
+	kl_backend *be;
+	long		Tmax = 0;
+
+	for (int i = 0; i < nT; i++)
+		Tmax = Ts[i] > Tmax ? Ts[i] : Tmax;
+	snprintf(cfg, sizeof(cfg),
+			 "{\"model_type\": \"kimi_linear\", \"vocab_size\": 64, \"hidden_size\": 64, \"num_hidden_layers\": 1,"
+			 " \"intermediate_size\": 64, \"rms_norm_eps\": 1e-5, \"linear_attn_config\": {\"kda_layers\": [1],"
+			 " \"full_attn_layers\": [], \"num_heads\": %d, \"head_dim\": %d, \"short_conv_kernel_size\": 4},"
+			 " \"num_attention_heads\": 1, \"kv_lora_rank\": 64, \"qk_nope_head_dim\": 64, \"qk_rope_head_dim\": 64,"
+			 " \"v_head_dim\": 64, \"num_experts\": null}", H, K);
+	if (fd < 0 || write(fd, cfg, strlen(cfg)) != (ssize_t) strlen(cfg))
+		fail("temporary config", NULL);
+	close(fd);
+	o.device = "cuda";
+	o.precision = "fp32";
+	if (kl_model_create_random(cfgpath, &o, "f32", 3, &m, &err) != KL_OK)
+		fail("model", &err);
+	unlink(cfgpath);
+	be = m->be;
+
+	{
+		int			HK = H * K;
+		/* inputs: random fp32 [Tmax, HK] made on the device by the random-weight op */
+		kl_weight	in[6];
+		float	   *fcopy,
+				   *out;
+		kl_seq	   *seq;
+		const float scales[6] = {1.0f, 1.0f, 1.0f, 3.0f, 2.0f, 2.0f};	/* q, k, v, f, b, gate */
+
+		for (int i = 0; i < 6; i++)
+		{
+			memset(&in[i], 0, sizeof(kl_weight));
+			in[i].dtype = KL_DT_F32;
+			in[i].rows = (int) Tmax;
+			in[i].cols = i == 4 ? H : HK;
+			if (be->ops->init_random_weight(be, &in[i], 1000 + i, scales[i], &err) != KL_OK)
+				fail("inputs", &err);
+		}
+		fcopy = be->ops->alloc(be, sizeof(float) * (size_t) Tmax * HK);
+		out = be->ops->alloc(be, sizeof(float) * (size_t) Tmax * HK);
+		if (!fcopy || !out || kl_seq_new(m, &seq, &err) != KL_OK)
+			fail("buffers", NULL);
+
+		for (int ti = 0; ti < nT; ti++)
+		{
+			int			T = (int) Ts[ti];
+			int			row0[2] = {0, T};
+			int64_t		pos0[1] = {0};
+			kl_seq	   *seqs[1] = {seq};
+			kl_step		st = {T, 1, seqs, row0, pos0, false};
+			kl_kda_args a;
+			double		times[5];
+			int			reps = T >= 65536 ? 3 : 5;
+
+			a.w = &m->layers[0].kda;
+			a.kda_index = 0;
+			a.q = in[0].dev;
+			a.k = in[1].dev;
+			a.v = in[2].dev;
+			a.f = fcopy;		/* overwritten with the decay: restored before each run */
+			a.b = in[4].dev;
+			a.gate = in[5].dev;
+			a.out = out;
+			for (int r = 0; r < reps; r++)
+			{
+				double		t0;
+
+				kl_seq_reset(seq);
+				be->ops->copy(be, fcopy, in[3].dev, sizeof(float) * (size_t) T * HK);
+				if (be->ops->begin_step(be, &st, &err) != KL_OK)
+					fail("begin_step", &err);
+				be->ops->sync(be);
+				t0 = kl_now();
+				be->ops->kda(be, &st, &a);
+				be->ops->sync(be);
+				times[r] = kl_now() - t0;
+				be->ops->end_step(be, &st);
+				if (be->failed)
+					fail("kda", &be->err);
+			}
+			qsort(times, reps, sizeof(double), cmp_double);
+			printf("RESULT kind=kda H=%d K=%d T=%d ms=%.3f tokens_per_s=%.0f gpu_GB=%.1f\n", H, K, T,
+				   times[reps / 2] * 1e3, T / times[reps / 2], gpu_used_gb());
+			fflush(stdout);
+		}
+		kl_seq_free(seq);
+		be->ops->release(be, fcopy);
+		be->ops->release(be, out);
+		for (int i = 0; i < 6; i++)
+			be->ops->unload_weight(be, &in[i]);
+	}
+	kl_model_free(m);
+}
+
+/* ------------------------------------------------------------------ the model */
+
+/*
+ * Bytes one decode step must move, batch b, context ctx (bf16 weights):
+ * every matrix that is not an expert, the experts that the batch's tokens
+ * choose (expected number of distinct experts when each token picks k of E
+ * uniformly: E (1 - (1 - k/E)^b)), the embedding rows, and per sequence the
+ * KDA state read and written plus its MLA cache read.
+ */
+static double
+decode_bytes(const kl_config *c, int b, long ctx)
+{
+	double		D = c->hidden_size,
+				HK = (double) c->kda_heads * c->kda_head_dim,
+				K = c->kda_head_dim,
+				Dq = c->qk_nope_dim + c->qk_rope_dim,
+				Wa = kl_mla_row(c);
+	double		w = 0,
+				st = 0;
+
+	for (int i = 0; i < c->n_layers; i++)
+	{
+		if (c->layer_kind[i] == KL_LAYER_KDA)
+			w += 3 * HK * D + 2 * K * D + 2 * HK * K + c->kda_heads * D + D * HK;
+		else
+			w += c->mla_heads * Dq * D + Wa * D + (double) c->mla_heads * (c->qk_nope_dim + c->v_head_dim) * c->kv_lora_rank +
+				D * c->mla_heads * c->v_head_dim;
+		if (kl_layer_is_moe(c, i))
+		{
+			double		used = c->n_experts * (1 - pow(1 - (double) c->experts_per_token / c->n_experts, b));
+
+			w += (double) c->n_experts * D + 3 * D * c->moe_intermediate * (used + c->n_shared_experts);
+		}
+		else
+			w += 3 * D * c->intermediate_size;
+	}
+	w += (double) c->vocab_size * D + b * D;	/* lm_head, embedding rows */
+	st = c->n_kda_layers * (2 * HK * K * 4 + 2 * 3 * HK * c->conv_kernel * 4) + c->n_mla_layers * (double) ctx * Wa * 4;
+	return 2 * w + b * st;
+}
+
+/* FLOPs of prefilling T tokens from position 0 in steps of S: the matrix
+ * products (2 per weight per token, experts: k + shared per token), the MLA
+ * attention in its expanded form (scores and values over the causal half),
+ * the re-expansion of the cached keys and values at every step, and the KDA
+ * chunk arithmetic (about 10 K V per token and head). */
+static double
+prefill_flops(const kl_config *c, long T, long S)
+{
+	double		D = c->hidden_size,
+				HK = (double) c->kda_heads * c->kda_head_dim,
+				K = c->kda_head_dim,
+				Dq = c->qk_nope_dim + c->qk_rope_dim,
+				Wa = kl_mla_row(c);
+	double		per_tok = 0,
+				f;
+
+	for (int i = 0; i < c->n_layers; i++)
+	{
+		if (c->layer_kind[i] == KL_LAYER_KDA)
+			per_tok += 3 * HK * D + 2 * K * D + 2 * HK * K + c->kda_heads * D + D * HK + 10 * HK * K;
+		else
+			per_tok += c->mla_heads * Dq * D + Wa * D + D * c->mla_heads * c->v_head_dim;
+		if (kl_layer_is_moe(c, i))
+			per_tok += (double) c->n_experts * D + 3 * D * c->moe_intermediate * (c->experts_per_token + c->n_shared_experts);
+		else
+			per_tok += 3 * D * c->intermediate_size;
+	}
+	per_tok += (double) c->vocab_size * D / T;	/* logits of the last token only */
+	f = 2 * per_tok * T;
+	f += c->n_mla_layers * (double) T * (T + 1) / 2 * c->mla_heads * 2 * (Dq + c->v_head_dim);
+	for (long p = 0; p < T; p += S)
+	{
+		long		m = p + (T - p < S ? T - p : S);
+
+		f += c->n_mla_layers * 2.0 * m * c->kv_lora_rank * c->mla_heads * (c->qk_nope_dim + c->v_head_dim);
+	}
+	return f;
+}
+
+static void
+model_bench(const char *config, const long *pre, int npre, const long *ctxs, int nctx, const long *batches,
+			int nb, int steps, int step_tokens, bool profile)
+{
+	kl_load_opts o = {0};
+	kl_model   *m;
+	kl_err		err;
+	kl_ctx	   *ctx;
+	const kl_config *c;
+	int			V;
+	double		t0;
+	long		maxlen = 0;
+	int32_t    *ids;
+	int			maxb = 1;
+
+	o.device = "cuda";
+	o.precision = "bf16";
+	t0 = kl_now();
+	if (kl_model_create_random(config, &o, "bf16", 42, &m, &err) != KL_OK)
+		fail("random model", &err);
+	m->be->ops->sync(m->be);
+	c = kl_model_config(m);
+	V = c->vocab_size;
+	printf("RESULT kind=model layers=%d params=%lld weight_GB=%.2f create_s=%.1f gpu_GB=%.1f\n", c->n_layers,
+		   (long long) kl_model_n_params(m), kl_model_weight_bytes(m) / 1e9, kl_now() - t0, gpu_used_gb());
+	fflush(stdout);
+	if (kl_ctx_new(m, step_tokens, &ctx, &err) != KL_OK)
+		fail("context", &err);
+	for (int i = 0; i < npre; i++)
+		maxlen = pre[i] > maxlen ? pre[i] : maxlen;
+	for (int i = 0; i < nctx; i++)
+		maxlen = ctxs[i] > maxlen ? ctxs[i] : maxlen;
+	for (int i = 0; i < nb; i++)
+		maxb = batches[i] > maxb ? (int) batches[i] : maxb;
+	ids = malloc(sizeof(int32_t) * (size_t) (maxlen + 1024));
+	for (long i = 0; i < maxlen + 1024; i++)
+		ids[i] = (int32_t) ((i * 2654435761u) % (unsigned) V);
+
+	/* prefill: a fresh sequence, the logits of its last token */
+	for (int i = 0; i < npre; i++)
+	{
+		kl_seq	   *s;
+		float	   *lg = malloc(sizeof(float) * V);
+		kl_batch_item it;
+		double		dt;
+
+		if (kl_seq_new(m, &s, &err) != KL_OK)
+			fail("sequence", &err);
+		/* warm-up: kernel loading, cuBLAS heuristics, working memory */
+		it = (kl_batch_item) {s, ids, (int) (pre[i] < step_tokens ? pre[i] : step_tokens), lg, false};
+		if (kl_forward(ctx, &it, 1, &err) != KL_OK)
+			fail("warm-up", &err);
+		kl_seq_reset(s);
+		it = (kl_batch_item) {s, ids, (int) pre[i], lg, false};
+		m->be->ops->sync(m->be);
+		t0 = kl_now();
+		if (kl_forward(ctx, &it, 1, &err) != KL_OK)
+		{
+			printf("RESULT kind=prefill T=%ld error=\"%s\"\n", pre[i], err.msg);
+			kl_seq_free(s);
+			free(lg);
+			continue;
+		}
+		dt = kl_now() - t0;
+		printf("RESULT kind=prefill T=%ld s=%.3f tokens_per_s=%.0f tflops=%.1f flops=%.4g gpu_GB=%.1f\n", pre[i], dt,
+			   pre[i] / dt, prefill_flops(c, pre[i], step_tokens) / dt / 1e12, prefill_flops(c, pre[i], step_tokens),
+			   gpu_used_gb());
+		fflush(stdout);
+		kl_seq_free(s);
+		free(lg);
+	}
+
+	/* decode: one sequence prefilled to the context, cloned for the batch */
+	for (int ci = 0; ci < nctx; ci++)
+	{
+		kl_seq	   *base;
+		kl_batch_item it;
+
+		if (kl_seq_new(m, &base, &err) != KL_OK)
+			fail("sequence", &err);
+		it = (kl_batch_item) {base, ids, (int) ctxs[ci], NULL, false};
+		if (kl_forward(ctx, &it, 1, &err) != KL_OK)
+			fail("context prefill", &err);
+		for (int bi = 0; bi < nb; bi++)
+		{
+			int			b = (int) batches[bi];
+			kl_seq	  **seqs = calloc((size_t) b, sizeof(kl_seq *));
+			kl_batch_item *items = calloc((size_t) b, sizeof(kl_batch_item));
+			float	   *lg = malloc(sizeof(float) * (size_t) V * b);
+			int32_t    *tok = malloc(sizeof(int32_t) * (size_t) b);
+			bool		ok = true;
+			double		dt = 0;
+
+			for (int s = 0; s < b && ok; s++)
+				if (kl_seq_clone(base, &seqs[s], &err) != KL_OK)
+				{
+					printf("RESULT kind=decode ctx=%ld batch=%d error=\"%s\"\n", ctxs[ci], b, err.msg);
+					ok = false;
+				}
+			for (int step = -3; step < steps && ok; step++)
+			{
+				if (step == 0)
+				{
+					m->be->ops->sync(m->be);
+					t0 = kl_now();
+				}
+				for (int s = 0; s < b; s++)
+				{
+					tok[s] = ids[(ctxs[ci] + step + 3 + s) % maxlen];
+					items[s] = (kl_batch_item) {seqs[s], &tok[s], 1, lg + (size_t) s * V, false};
+				}
+				if (kl_forward(ctx, items, b, &err) != KL_OK)
+				{
+					printf("RESULT kind=decode ctx=%ld batch=%d error=\"%s\"\n", ctxs[ci], b, err.msg);
+					ok = false;
+				}
+			}
+			if (ok)
+			{
+				double		bytes = decode_bytes(c, b, ctxs[ci]);
+
+				dt = (kl_now() - t0) / steps;
+				printf("RESULT kind=decode ctx=%ld batch=%d ms_per_step=%.3f tokens_per_s=%.1f bytes=%.4g "
+					   "gpu_GB=%.1f\n", ctxs[ci], b, dt * 1e3, b / dt, bytes, gpu_used_gb());
+			}
+			if (ok && profile)
+			{
+				/* where a step's time goes: graphs off, every op waited for */
+				double		parts[KL_PROF_N];
+				int			ps = 5;
+
+				setenv("KL_CUDA_GRAPHS", "0", 1);
+				kl_ctx_profile(ctx, true);
+				t0 = kl_now();
+				for (int step = 0; step < ps && ok; step++)
+				{
+					for (int s = 0; s < b; s++)
+					{
+						tok[s] = ids[(ctxs[ci] + steps + step + 3 + s) % maxlen];
+						items[s] = (kl_batch_item) {seqs[s], &tok[s], 1, lg + (size_t) s * V, false};
+					}
+					ok = kl_forward(ctx, items, b, &err) == KL_OK;
+				}
+				dt = (kl_now() - t0) / ps;
+				kl_ctx_profile_read(ctx, parts);
+				kl_ctx_profile(ctx, false);
+				unsetenv("KL_CUDA_GRAPHS");
+				printf("RESULT kind=decode_parts ctx=%ld batch=%d ms_per_step_nograph_synced=%.3f linear=%.3f kda=%.3f "
+					   "mla=%.3f moe=%.3f logits=%.3f other=%.3f\n", ctxs[ci], b, dt * 1e3,
+					   parts[KL_PROF_LINEAR] * 1e3 / ps, parts[KL_PROF_KDA] * 1e3 / ps, parts[KL_PROF_MLA] * 1e3 / ps,
+					   parts[KL_PROF_MOE] * 1e3 / ps, parts[KL_PROF_LOGITS] * 1e3 / ps, parts[KL_PROF_OTHER] * 1e3 / ps);
+			}
+			fflush(stdout);
+			for (int s = 0; s < b; s++)
+				if (seqs[s])
+					kl_seq_free(seqs[s]);
+			free(seqs);
+			free(items);
+			free(lg);
+			free(tok);
+		}
+		kl_seq_free(base);
+	}
+	(void) maxb;
+	kl_ctx_free(ctx);
+	kl_model_free(m);
+	free(ids);
+}
+
+int
+main(int argc, char **argv)
+{
+	if (argc >= 2 && strcmp(argv[1], "ceilings") == 0)
+		ceilings();
+	else if (argc >= 5 && strcmp(argv[1], "kda") == 0)
+	{
+		long		T[16];
+		int			n = parse_list(argv[4], T, 16);
+
+		kda_alone(atoi(argv[2]), atoi(argv[3]), T, n);
+	}
+	else if (argc >= 3 && strcmp(argv[1], "model") == 0)
+	{
+		long		pre[16],
+					ctxs[16],
+					bat[16];
+		int			npre = parse_list("4096,32768,131072", pre, 16),
+					nctx = parse_list("4096,32768", ctxs, 16),
+					nb = parse_list("1,8,32,64", bat, 16),
+					steps = 20,
+					step_tokens = 8192;
+		bool		profile = false;
+
+		for (int i = 3; i + 1 < argc; i += 2)
+		{
+			if (strcmp(argv[i], "--prefill") == 0)
+				npre = strcmp(argv[i + 1], "none") == 0 ? 0 : parse_list(argv[i + 1], pre, 16);
+			else if (strcmp(argv[i], "--decode-ctx") == 0)
+				nctx = strcmp(argv[i + 1], "none") == 0 ? 0 : parse_list(argv[i + 1], ctxs, 16);
+			else if (strcmp(argv[i], "--batches") == 0)
+				nb = parse_list(argv[i + 1], bat, 16);
+			else if (strcmp(argv[i], "--steps") == 0)
+				steps = atoi(argv[i + 1]);
+			else if (strcmp(argv[i], "--step-tokens") == 0)
+				step_tokens = atoi(argv[i + 1]);
+			else if (strcmp(argv[i], "--profile") == 0)
+				profile = atoi(argv[i + 1]) != 0;
+		}
+		model_bench(argv[2], pre, npre, ctxs, nctx, bat, nb, steps, step_tokens, profile);
+	}
+	else
+	{
+		fprintf(stderr, "usage: bench_cuda ceilings | kda H K T1,T2,... | model CONFIG [--prefill L,...] "
+				"[--decode-ctx C,...] [--batches B,...] [--steps N] [--step-tokens N] [--profile 0|1]\n");
+		return 2;
+	}
+	return 0;
+}

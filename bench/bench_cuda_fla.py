@@ -1,0 +1,62 @@
+"""bench_cuda_fla.py — flash-linear-attention's chunk_kda (Triton), the reference
+KDA prefill kernels, timed on the same GPU and shape as our KDA op
+(bench_cuda kda), for bench/results/cuda.md.
+
+    python3 bench/bench_cuda_fla.py FLA_DIR H K T1,T2,...
+
+FLA_DIR holds the `fla` package (fetched source, carried to the GPU machine,
+never committed).  chunk_kda runs with the gate, the q/k L2 norm and the beta
+sigmoid fused in its kernels (as our op does them), an initial state and the
+final state out; inputs bf16 (its usual precision) and, separately, fp32.
+Our op additionally does the short convolutions and the gated output norm.
+Time: triton.testing.do_bench, median, after warm-up.  Prints
+"RESULT kind=fla ..." lines.
+"""
+import math
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, sys.argv[1])
+H, K = int(sys.argv[2]), int(sys.argv[3])
+Ts = [int(t) for t in sys.argv[4].split(",")]
+
+try:
+    from fla.ops.kda import chunk_kda
+except Exception as e:  # noqa: BLE001 - report any import failure and stop
+    print(f"RESULT kind=fla error=\"import failed: {type(e).__name__}: {e}\"", flush=True)
+    sys.exit(0)
+
+torch.manual_seed(0)
+dev = "cuda"
+for dtype in (torch.bfloat16, torch.float32):
+    for T in Ts:
+        try:
+            q = torch.randn(1, T, H, K, device=dev, dtype=dtype)
+            k = torch.randn(1, T, H, K, device=dev, dtype=dtype)
+            v = torch.randn(1, T, H, K, device=dev, dtype=dtype)
+            g = (torch.randn(1, T, H, K, device=dev) * 3).to(dtype)
+            beta = (torch.randn(1, T, H, device=dev) * 2).to(dtype)
+            A_log = torch.log(1 + 15 * torch.rand(H, device=dev, dtype=torch.float32))
+            dt = torch.exp(math.log(1e-3) + torch.rand(H * K, device=dev) * (math.log(0.1) - math.log(1e-3)))
+            dt_bias = (dt + torch.log(-torch.expm1(-dt))).float()
+            h0 = torch.zeros(1, H, K, K, device=dev, dtype=torch.float32)
+
+            def run():
+                return chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                 use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                                 use_beta_sigmoid_in_kernel=True, A_log=A_log, dt_bias=dt_bias)
+
+            o, ht = run()
+            torch.cuda.synchronize()
+            ok = bool(torch.isfinite(o).all()) and bool(torch.isfinite(ht).all())
+            ms = triton.testing.do_bench(run, warmup=50, rep=300, return_mode="median")
+            print(f"RESULT kind=fla dtype={str(dtype).split('.')[-1]} H={H} K={K} T={T} ms={ms:.3f} "
+                  f"tokens_per_s={T / ms * 1e3:.0f} finite={int(ok)}", flush=True)
+            del q, k, v, g, beta, o, ht
+            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - one failing size must not stop the others
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            print(f"RESULT kind=fla dtype={str(dtype).split('.')[-1]} H={H} K={K} T={T} error=\"{msg}\"", flush=True)
+            torch.cuda.empty_cache()

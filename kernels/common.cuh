@@ -1,0 +1,140 @@
+/*
+ * common.cuh — small device helpers shared by the kernels: bf16 conversion
+ * (bit-exact with kl_util.h's host functions), reductions, the activations
+ * in the same float formulas as the CPU backend (cpu_ops.h).
+ *
+ * Built without --use_fast_math: expf, sqrtf and divisions are the accurate
+ * ones, so the fp32 path stays within rounding of the CPU engine.
+ */
+#ifndef KL_KERNELS_COMMON_CUH
+#define KL_KERNELS_COMMON_CUH
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kernels.h"
+
+/* bf16 is the high half of an IEEE binary32 */
+__device__ __forceinline__ float
+bf16_to_f32(uint16_t h)
+{
+	return __uint_as_float(((uint32_t) h) << 16);
+}
+
+/* round to nearest even, NaN stays NaN (kl_f32_to_bf16) */
+__device__ __forceinline__ uint16_t
+f32_to_bf16(float f)
+{
+	uint32_t	u = __float_as_uint(f);
+
+	if ((u & 0x7fffffffu) > 0x7f800000u)
+		return (uint16_t) ((u >> 16) | 0x40);
+	u += 0x7fffu + ((u >> 16) & 1);
+	return (uint16_t) (u >> 16);
+}
+
+/* 8 consecutive weights as floats, from one 16-byte (bf16) or two (f32) loads */
+__device__ __forceinline__ void
+unpack8_bf16(uint4 v, float *w)
+{
+	w[0] = __uint_as_float(v.x << 16);
+	w[1] = __uint_as_float(v.x & 0xffff0000u);
+	w[2] = __uint_as_float(v.y << 16);
+	w[3] = __uint_as_float(v.y & 0xffff0000u);
+	w[4] = __uint_as_float(v.z << 16);
+	w[5] = __uint_as_float(v.z & 0xffff0000u);
+	w[6] = __uint_as_float(v.w << 16);
+	w[7] = __uint_as_float(v.w & 0xffff0000u);
+}
+
+__device__ __forceinline__ float
+warp_sum(float v)
+{
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1)
+		v += __shfl_xor_sync(0xffffffffu, v, o);
+	return v;
+}
+
+__device__ __forceinline__ float
+warp_max(float v)
+{
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1)
+		v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+	return v;
+}
+
+/* Sum over the block; every thread gets the result.  `red` has room for 32
+ * floats; blockDim.x is a multiple of 32. */
+__device__ __forceinline__ float
+block_sum(float v, float *red)
+{
+	int			lane = threadIdx.x & 31,
+				warp = threadIdx.x >> 5,
+				nw = blockDim.x >> 5;
+
+	v = warp_sum(v);
+	__syncthreads();
+	if (lane == 0)
+		red[warp] = v;
+	__syncthreads();
+	v = lane < nw ? red[lane] : 0.0f;
+	return warp_sum(v);
+}
+
+__device__ __forceinline__ float
+sigmoidf_(float x)
+{
+	return 1.0f / (1.0f + expf(-x));
+}
+
+__device__ __forceinline__ float
+siluf_(float x)
+{
+	return x / (1.0f + expf(-x));
+}
+
+/* torch.nn.functional.softplus (beta 1, threshold 20) */
+__device__ __forceinline__ float
+softplusf_(float x)
+{
+	return x > 20.0f ? x : log1pf(expf(x));
+}
+
+/*
+ * Asynchronous 16-byte copies global -> shared (cp.async, sm_80+): a thread
+ * issues all of its copies, then waits once, instead of waiting for every
+ * load before it can store (which left most copy loops latency-bound).
+ * Both addresses 16-byte aligned.
+ */
+__device__ __forceinline__ void
+cp_async16(void *smem, const void *gmem)
+{
+	unsigned	s = (unsigned) __cvta_generic_to_shared(smem);
+
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"::"r"(s), "l"(gmem));
+}
+
+/* wait for this thread's copies; a __syncthreads() must follow before others read */
+__device__ __forceinline__ void
+cp_async_wait_all(void)
+{
+	asm volatile("cp.async.wait_all;\n":::"memory");
+}
+
+/* n floats (a multiple of 4) from global to shared, the block's threads striding */
+__device__ __forceinline__ void
+copy_f4_async(float *dst, const float *src, int n)
+{
+	for (int e = threadIdx.x * 4; e < n; e += blockDim.x * 4)
+		cp_async16(dst + e, src + e);
+}
+
+static inline unsigned
+ceil_div(size_t a, size_t b)
+{
+	return (unsigned) ((a + b - 1) / b);
+}
+
+#endif

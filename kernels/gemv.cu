@@ -1,0 +1,363 @@
+/*
+ * gemv.cu — matrix products for a few input rows (decode), y = x W^T, where
+ * the weights must stream from memory once at full bandwidth.
+ *
+ * One warp per weight row; each lane reads 16-byte pieces of the row (8 bf16
+ * or 4+4 f32) and keeps four pieces in flight before using them, so that the
+ * memory system always has enough outstanding requests; the few input rows
+ * (fp32, at most 8 per pass) are read through the read-only cache, where they
+ * stay resident.  Partial sums are reduced across the warp at the end.
+ *
+ * The expert variant runs the same inner loop for mixture-of-experts decode:
+ * grid.y indexes the list of experts that received tokens (made on the
+ * device by the routing kernels; sized for the most that can be active), so
+ * a whole MoE layer's expert products are one launch with no host round trip
+ * (and can be captured in a CUDA graph).
+ */
+#include "common.cuh"
+
+#define GEMV_WARPS 8			/* weight rows per block */
+#define GEMV_MAX_NR 8			/* input rows per pass */
+
+/* acc[r] += W[row] . x_r over cols, for NR input rows */
+template <int NR, bool BF16>
+__device__ __forceinline__ void
+dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int cols, int lane, bool vec)
+{
+	if (vec)
+	{
+		int			nch = cols >> 3;
+		int			ch = lane;
+
+		/* four 16-byte (bf16) pieces in flight per lane */
+		for (; ch + 96 < nch; ch += 128)
+		{
+			float		w[4][8];
+
+			if (BF16)
+			{
+				const uint4 *wp = (const uint4 *) Wrow;
+				uint4		v0 = __ldg(wp + ch),
+							v1 = __ldg(wp + ch + 32),
+							v2 = __ldg(wp + ch + 64),
+							v3 = __ldg(wp + ch + 96);
+
+				unpack8_bf16(v0, w[0]);
+				unpack8_bf16(v1, w[1]);
+				unpack8_bf16(v2, w[2]);
+				unpack8_bf16(v3, w[3]);
+			}
+			else
+			{
+				const float4 *wp = (const float4 *) Wrow;
+
+#pragma unroll
+				for (int u = 0; u < 4; u++)
+				{
+					float4		a = __ldg(wp + 2 * (ch + 32 * u)),
+								b = __ldg(wp + 2 * (ch + 32 * u) + 1);
+
+					w[u][0] = a.x;
+					w[u][1] = a.y;
+					w[u][2] = a.z;
+					w[u][3] = a.w;
+					w[u][4] = b.x;
+					w[u][5] = b.y;
+					w[u][6] = b.z;
+					w[u][7] = b.w;
+				}
+			}
+#pragma unroll
+			for (int u = 0; u < 4; u++)
+#pragma unroll
+				for (int r = 0; r < NR; r++)
+				{
+					const float4 *xp = (const float4 *) xr[r] + 2 * (ch + 32 * u);
+					float4		a = __ldg(xp),
+								b = __ldg(xp + 1);
+					float		s = acc[r];
+
+					s = fmaf(w[u][0], a.x, s);
+					s = fmaf(w[u][1], a.y, s);
+					s = fmaf(w[u][2], a.z, s);
+					s = fmaf(w[u][3], a.w, s);
+					s = fmaf(w[u][4], b.x, s);
+					s = fmaf(w[u][5], b.y, s);
+					s = fmaf(w[u][6], b.z, s);
+					s = fmaf(w[u][7], b.w, s);
+					acc[r] = s;
+				}
+		}
+		for (; ch < nch; ch += 32)
+		{
+			float		w[8];
+
+			if (BF16)
+				unpack8_bf16(__ldg((const uint4 *) Wrow + ch), w);
+			else
+			{
+				float4		a = __ldg((const float4 *) Wrow + 2 * ch),
+							b = __ldg((const float4 *) Wrow + 2 * ch + 1);
+
+				w[0] = a.x;
+				w[1] = a.y;
+				w[2] = a.z;
+				w[3] = a.w;
+				w[4] = b.x;
+				w[5] = b.y;
+				w[6] = b.z;
+				w[7] = b.w;
+			}
+#pragma unroll
+			for (int r = 0; r < NR; r++)
+			{
+				const float4 *xp = (const float4 *) xr[r] + 2 * ch;
+				float4		a = __ldg(xp),
+							b = __ldg(xp + 1);
+				float		s = acc[r];
+
+				s = fmaf(w[0], a.x, s);
+				s = fmaf(w[1], a.y, s);
+				s = fmaf(w[2], a.z, s);
+				s = fmaf(w[3], a.w, s);
+				s = fmaf(w[4], b.x, s);
+				s = fmaf(w[5], b.y, s);
+				s = fmaf(w[6], b.z, s);
+				s = fmaf(w[7], b.w, s);
+				acc[r] = s;
+			}
+		}
+	}
+	else
+	{
+		/* unaligned shapes (never for the models seen so far): scalar loads */
+		for (int c = lane; c < cols; c += 32)
+		{
+			float		w = BF16 ? bf16_to_f32(((const uint16_t *) Wrow)[c]) : ((const float *) Wrow)[c];
+
+#pragma unroll
+			for (int r = 0; r < NR; r++)
+				acc[r] = fmaf(w, xr[r][c], acc[r]);
+		}
+	}
+}
+
+template <int NR, bool BF16>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx,
+			const void *__restrict__ W, int rows, int cols, bool vec)
+{
+	int			row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+	int			lane = threadIdx.x & 31;
+	float		acc[NR];
+	const float *xr[NR];
+	const void *Wrow;
+
+	if (row >= rows)
+		return;
+	Wrow = BF16 ? (const void *) ((const uint16_t *) W + (size_t) row * cols)
+		: (const void *) ((const float *) W + (size_t) row * cols);
+#pragma unroll
+	for (int r = 0; r < NR; r++)
+	{
+		acc[r] = 0;
+		xr[r] = x + (size_t) r * ldx;
+	}
+	dot_rows<NR, BF16>(acc, Wrow, xr, cols, lane, vec);
+#pragma unroll
+	for (int r = 0; r < NR; r++)
+	{
+		float		s = warp_sum(acc[r]);
+
+		if (lane == 0)
+			y[(size_t) r * ldy + row] = s;
+	}
+}
+
+template <bool BF16>
+static void
+gemv_launch(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int nr, const void *W, int rows,
+			int cols, bool vec)
+{
+	dim3		grid(ceil_div(rows, GEMV_WARPS));
+
+	switch (nr)
+	{
+#define CASE(N) case N: gemv_kernel<N, BF16><<<grid, GEMV_WARPS * 32, 0, s>>>(y, ldy, x, ldx, W, rows, cols, vec); break;
+			CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+	}
+}
+
+static bool
+vector_ok(const float *x, int ldx, const void *W, int cols)
+{
+	return cols % 8 == 0 && ldx % 4 == 0 && ((uintptr_t) x & 15) == 0 && ((uintptr_t) W & 15) == 0;
+}
+
+extern "C" void
+kk_gemv(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int bf16, int rows, int cols)
+{
+	bool		vec = vector_ok(x, ldx, W, cols);
+
+	for (int r0 = 0; r0 < n; r0 += GEMV_MAX_NR)
+	{
+		int			nr = n - r0 < GEMV_MAX_NR ? n - r0 : GEMV_MAX_NR;
+
+		if (bf16)
+			gemv_launch<true>(s, y + (size_t) r0 * ldy, ldy, x + (size_t) r0 * ldx, ldx, nr, W, rows, cols, vec);
+		else
+			gemv_launch<false>(s, y + (size_t) r0 * ldy, ldy, x + (size_t) r0 * ldx, ldx, nr, W, rows, cols, vec);
+	}
+}
+
+/*
+ * Several independent products of the same few rows in one launch (the
+ * projections of a layer that all read the normalized input): block b
+ * belongs to the job whose range of blocks holds it.
+ */
+template <int NR>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_batch_kernel(kk_gemv_batch b)
+{
+	int			j = 0;
+	int			lane = threadIdx.x & 31;
+	float		acc[NR];
+	const float *xr[NR];
+
+	while (j + 1 < b.count && (int) blockIdx.x >= b.first_block[j + 1])
+		j++;
+	{
+		const kk_gemv_job *jb = &b.job[j];
+		int			row = ((int) blockIdx.x - b.first_block[j]) * GEMV_WARPS + (threadIdx.x >> 5);
+
+		if (row >= jb->rows)
+			return;
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+		{
+			acc[r] = 0;
+			xr[r] = jb->x + (size_t) r * jb->ldx;
+		}
+		if (jb->bf16)
+			dot_rows<NR, true>(acc, (const uint16_t *) jb->W + (size_t) row * jb->cols, xr, jb->cols, lane, jb->vec);
+		else
+			dot_rows<NR, false>(acc, (const float *) jb->W + (size_t) row * jb->cols, xr, jb->cols, lane, jb->vec);
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+		{
+			float		v = warp_sum(acc[r]);
+
+			if (lane == 0)
+				jb->y[(size_t) r * jb->ldy + row] = v;
+		}
+	}
+}
+
+extern "C" void
+kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b)
+{
+	int			blocks = 0;
+
+	if (b->count <= 0 || b->n <= 0)
+		return;
+	for (int j = 0; j < b->count; j++)
+	{
+		kk_gemv_job *jb = &b->job[j];
+
+		jb->vec = vector_ok(jb->x, jb->ldx, jb->W, jb->cols);
+		b->first_block[j] = blocks;
+		blocks += ceil_div(jb->rows, GEMV_WARPS);
+	}
+	b->first_block[b->count] = blocks;
+	switch (b->n)
+	{
+#define CASE(N) case N: gemv_batch_kernel<N><<<blocks, GEMV_WARPS * 32, 0, s>>>(*b); break;
+			CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+	}
+}
+
+/* ------------------------------------------------------------------ experts */
+
+template <int NR, bool BF16>
+__device__ __forceinline__ void
+expert_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const void *Wrow, int row, int cols,
+			int i0, int lane, bool vec)
+{
+	float		acc[NR];
+	const float *xr[NR];
+
+#pragma unroll
+	for (int r = 0; r < NR; r++)
+	{
+		acc[r] = 0;
+		xr[r] = x + (size_t) (xrow ? xrow[i0 + r] : i0 + r) * ldx;
+	}
+	dot_rows<NR, BF16>(acc, Wrow, xr, cols, lane, vec);
+#pragma unroll
+	for (int r = 0; r < NR; r++)
+	{
+		float		s = warp_sum(acc[r]);
+
+		if (lane == 0)
+			y[(size_t) (i0 + r) * ldy + row] = s;
+	}
+}
+
+template <bool BF16>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+expert_gemv_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
+				   const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
+				   const int *__restrict__ active, bool vec)
+{
+	int			e,
+				first,
+				count;
+	/* with two matrices, the second half of the blocks takes the second */
+	int			per = (rows + GEMV_WARPS - 1) / GEMV_WARPS;
+	int			m = W1 && (int) blockIdx.x >= per;
+	int			row = ((int) blockIdx.x - m * per) * GEMV_WARPS + (threadIdx.x >> 5);
+	int			lane = threadIdx.x & 31;
+
+	if ((int) blockIdx.y >= active[0] || row >= rows)
+		return;
+	e = active[1 + blockIdx.y];
+	first = start[e];
+	count = start[e + 1] - first;
+	{
+		const void *W = m ? W1[e] : W0[e];
+		const void *Wrow = BF16 ? (const void *) ((const uint16_t *) W + (size_t) row * cols)
+			: (const void *) ((const float *) W + (size_t) row * cols);
+		float	   *y = m ? y1 : y0;
+
+		for (int p = 0; p < count; p += GEMV_MAX_NR)
+		{
+			int			nr = count - p < GEMV_MAX_NR ? count - p : GEMV_MAX_NR;
+
+			switch (nr)
+			{
+#define CASE(N) case N: expert_pass<N, BF16>(y, ldy, x, ldx, xrow, Wrow, row, cols, first + p, lane, vec); break;
+					CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+			}
+		}
+	}
+}
+
+extern "C" void
+kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
+			   const void *const *W0, const void *const *W1, int bf16, int rows, int cols, const int *start,
+			   const int *active, int max_active)
+{
+	/* expert matrices are separate allocations (256-byte aligned) */
+	bool		vec = cols % 8 == 0 && ldx % 4 == 0 && ((uintptr_t) x & 15) == 0;
+	dim3		grid(ceil_div(rows, GEMV_WARPS) * (W1 ? 2 : 1), max_active);
+
+	if (max_active <= 0)
+		return;
+	if (bf16)
+		expert_gemv_kernel<true><<<grid, GEMV_WARPS * 32, 0, s>>>(y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
+	else
+		expert_gemv_kernel<false><<<grid, GEMV_WARPS * 32, 0, s>>>(y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
+}

@@ -1,0 +1,967 @@
+/*
+ * kda.cu — Kimi Delta Attention on the GPU (the math: src/engine/cpu_kda.c's
+ * header comment, which these kernels follow step for step).
+ *
+ *   kda_prep          per (row, head): short conv + silu on q, k, v (reading
+ *                     the conv tails for positions before the step), L2 norm
+ *                     of q (times K^-1/2) and k, decay g = -exp(A_log) *
+ *                     softplus(f + dt_bias) in place of f, beta = sigmoid(b)
+ *   kda_tails         the new conv tails (last W raw inputs), after kda_prep
+ *   kda_recurrent     the per-token delta rule for sequences with few rows
+ *                     (decode): one block per (sequence, head, 32 columns of
+ *                     V); the block's slice of S stays in registers across
+ *                     its tokens, S is read and written once per call
+ *   kda_chunk_prep    chunkwise form, the parts that do not depend on the
+ *                     state entering the chunk, for all chunks in parallel:
+ *                     A = beta k.Gamma k (strictly lower), P = q.Gamma k
+ *                     (lower), the WY solution W = (I+A)^-1 (beta Gam k) and
+ *                     U0 = (I+A)^-1 (beta v), Qg = Gam q, Kt = k Gamma(end, j)
+ *   kda_chunk_state   the sequential part, chunk after chunk, per (head, 16
+ *                     columns of V): keep the entering state Hc, U = U0 - W S,
+ *                     S = Gam_end S + Kt^T U
+ *   kda_chunk_out     o = Qg Hc + P U, all chunks in parallel
+ *   kda_gated_norm    per-head RMSNorm times sigmoid(gate)
+ *
+ * Decay factors are products of a = exp(g), never exponentials of cumulative
+ * sums (cpu_kda.c explains why): pairs inside a 16-token sub-chunk build
+ * Gamma(i, j) by running products, pairs across sub-chunks go through the
+ * reference point just before the later sub-chunk, Gamma(i, j) = F_i R_j
+ * with both factors <= 1.
+ */
+#include "common.cuh"
+
+#define KDA_CHUNK 64
+#define KDA_SUB 16
+#define KDA_SLICE 32			/* columns of V per block in the state kernels */
+
+/* ------------------------------------------------------------------ prep */
+
+__global__ void
+kda_prep_kernel(int H, int K, int W, const float *__restrict__ q, const float *__restrict__ k,
+				const float *__restrict__ v, float *f, const float *__restrict__ b,
+				float *qo, float *ko, float *vo, float *beta,
+				const float *__restrict__ conv_q, const float *__restrict__ conv_k,
+				const float *__restrict__ conv_v, const float *__restrict__ A_log,
+				const float *__restrict__ dt_bias, const int *__restrict__ row_seq,
+				const int *__restrict__ row0, float *const *conv_tab, float qscale, int write_tails)
+{
+	__shared__ float red[32];
+	int			t = blockIdx.x,
+				h = blockIdx.y,
+				c = threadIdx.x;
+	int			HK = H * K;
+	int			s = row_seq[t];
+	int			r0 = row0[s],
+				i = t - r0;
+	float	   *tail = conv_tab[s];
+	bool		act = c < K;
+	int			ch = h * K + c;
+	float		qv = 0,
+				kv = 0,
+				vv = 0;
+
+	if (act)
+	{
+		float		sq = 0,
+					sk = 0,
+					sv = 0;
+
+		for (int j = 0; j < W; j++)
+		{
+			int			idx = i - W + 1 + j;	/* < 0 reaches into the tail */
+			float		xq,
+						xk,
+						xv;
+
+			if (idx >= 0)
+			{
+				size_t		off = (size_t) (r0 + idx) * HK + ch;
+
+				xq = q[off];
+				xk = k[off];
+				xv = v[off];
+			}
+			else
+			{
+				xq = tail[(size_t) ch * W + W + idx];
+				xk = tail[(size_t) (HK + ch) * W + W + idx];
+				xv = tail[(size_t) (2 * HK + ch) * W + W + idx];
+			}
+			sq += conv_q[(size_t) ch * W + j] * xq;
+			sk += conv_k[(size_t) ch * W + j] * xk;
+			sv += conv_v[(size_t) ch * W + j] * xv;
+		}
+		qv = siluf_(sq);
+		kv = siluf_(sk);
+		vv = siluf_(sv);
+		if (write_tails)
+		{
+			/* every sequence has this one row (decode): the new tail is the old
+			 * one shifted by one, this thread's channel only, read above */
+			size_t		off = (size_t) t * HK + ch;
+
+			for (int j = 0; j + 1 < W; j++)
+			{
+				tail[(size_t) ch * W + j] = tail[(size_t) ch * W + j + 1];
+				tail[(size_t) (HK + ch) * W + j] = tail[(size_t) (HK + ch) * W + j + 1];
+				tail[(size_t) (2 * HK + ch) * W + j] = tail[(size_t) (2 * HK + ch) * W + j + 1];
+			}
+			tail[(size_t) ch * W + W - 1] = q[off];
+			tail[(size_t) (HK + ch) * W + W - 1] = k[off];
+			tail[(size_t) (2 * HK + ch) * W + W - 1] = v[off];
+		}
+	}
+	{
+		float		ssq = block_sum(act ? qv * qv : 0.0f, red);
+		float		ssk = block_sum(act ? kv * kv : 0.0f, red);
+
+		if (act)
+		{
+			size_t		off = (size_t) t * HK + ch;
+			float		A = -expf(A_log[h]);
+
+			qo[off] = qv * (qscale / sqrtf(ssq + 1e-6f));
+			ko[off] = kv * (1.0f / sqrtf(ssk + 1e-6f));
+			vo[off] = vv;
+			f[off] = A * softplusf_(f[off] + dt_bias[ch]);
+		}
+	}
+	if (c == 0)
+		beta[(size_t) t * H + h] = sigmoidf_(b[(size_t) t * H + h]);
+}
+
+extern "C" void
+kk_kda_prep(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q, const float *k, const float *v,
+			float *f, const float *b, float *qo, float *ko, float *vo, float *beta,
+			const float *conv_q, const float *conv_k, const float *conv_v, const float *A_log,
+			const float *dt_bias, const int *row_seq, const int *row0, float *const *conv_tab, int write_tails)
+{
+	dim3		grid(n_tokens, H);
+
+	if (n_tokens > 0)
+		kda_prep_kernel<<<grid, (K + 31) / 32 * 32, 0, s>>>(H, K, W, q, k, v, f, b, qo, ko, vo, beta, conv_q, conv_k,
+															 conv_v, A_log, dt_bias, row_seq, row0, conv_tab,
+															 1.0f / sqrtf((float) K), write_tails);
+}
+
+/* new tail = the last W raw inputs of (old tail ++ the sequence's rows) */
+__global__ void
+kda_tails_kernel(int n_seqs, int HK, int W, const float *q, const float *k, const float *v,
+				 const int *row0, float *const *conv_tab)
+{
+	size_t		gid = blockIdx.x * (size_t) blockDim.x + threadIdx.x;
+	int			s,
+				which,
+				ch,
+				r0,
+				n;
+	const float *u;
+	float	   *tail;
+	float		old[8];
+
+	if (gid >= (size_t) n_seqs * 3 * HK)
+		return;
+	s = (int) (gid / (3 * (size_t) HK));
+	which = (int) (gid % (3 * (size_t) HK)) / HK;
+	ch = (int) (gid % HK);
+	u = which == 0 ? q : which == 1 ? k : v;
+	r0 = row0[s];
+	n = row0[s + 1] - r0;
+	tail = conv_tab[s] + (size_t) (which * HK + ch) * W;
+	for (int j = 0; j < W; j++)
+		old[j] = tail[j];
+	for (int j = 0; j < W; j++)
+	{
+		int			t = n - W + j;
+
+		tail[j] = t >= 0 ? u[(size_t) (r0 + t) * HK + ch] : old[W + t];
+	}
+}
+
+extern "C" void
+kk_kda_tails(cudaStream_t s, int n_seqs, int HK, int W, const float *q, const float *k, const float *v,
+			 const int *row0, float *const *conv_tab)
+{
+	size_t		n = (size_t) n_seqs * 3 * HK;
+
+	if (n > 0)
+		kda_tails_kernel<<<ceil_div(n, 256), 256, 0, s>>>(n_seqs, HK, W, q, k, v, row0, conv_tab);
+}
+
+/* ------------------------------------------------------------------ per-token recurrence */
+
+/*
+ * Block (sequence, head, slice of 32 columns); warp w holds rows c = w + 8 i
+ * of the slice, lane = column.  Per token (cpu_kda.c, kda_recurrent):
+ *   w = S^T (a k), z = S^T (a q), u = beta (v - w), o = z + u (k.q),
+ *   S = diag(a) S + k u^T.
+ */
+template <int K>
+__global__ void __launch_bounds__(256)
+kda_recurrent_kernel(int H, const float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v,
+					 const float *__restrict__ g, const float *__restrict__ beta, float *o,
+					 const int *__restrict__ row0, float *const *S_tab, int max_rows)
+{
+	constexpr int V = K;
+	constexpr int RPT = K / 8;
+	__shared__ float sq[K],
+				sk[K],
+				sa[K];
+	__shared__ float pw[8][32],
+				pz[8][32];
+	__shared__ float skq;
+	int			s = blockIdx.x,
+				h = blockIdx.y,
+				x = blockIdx.z * KDA_SLICE + (threadIdx.x & 31);
+	int			lane = threadIdx.x & 31,
+				cg = threadIdx.x >> 5;
+	int			r0 = row0[s],
+				n = row0[s + 1] - r0;
+	int			HK = H * K;
+	float	   *S;
+	float		st[RPT];
+
+	if (n > max_rows)
+		return;					/* taken by the chunkwise kernels */
+	S = S_tab[s] + (size_t) h * K * V;
+#pragma unroll
+	for (int i = 0; i < RPT; i++)
+		st[i] = S[(size_t) (cg + 8 * i) * V + x];
+
+	for (int t = 0; t < n; t++)
+	{
+		size_t		off = (size_t) (r0 + t) * HK + (size_t) h * K;
+		float		w = 0,
+					z = 0,
+					W_ = 0,
+					Z_ = 0,
+					u;
+
+		__syncthreads();		/* the previous token's reads of the vectors are done */
+		for (int c = threadIdx.x; c < K; c += blockDim.x)
+		{
+			sq[c] = q[off + c];
+			sk[c] = k[off + c];
+			sa[c] = expf(g[off + c]);
+		}
+		__syncthreads();
+		if (cg == 0)
+		{
+			float		kq = 0;
+
+			for (int c = lane; c < K; c += 32)
+				kq += sk[c] * sq[c];
+			kq = warp_sum(kq);
+			if (lane == 0)
+				skq = kq;
+		}
+#pragma unroll
+		for (int i = 0; i < RPT; i++)
+		{
+			int			c = cg + 8 * i;
+
+			w += sa[c] * sk[c] * st[i];
+			z += sa[c] * sq[c] * st[i];
+		}
+		pw[cg][lane] = w;
+		pz[cg][lane] = z;
+		__syncthreads();
+#pragma unroll
+		for (int j = 0; j < 8; j++)
+		{
+			W_ += pw[j][lane];
+			Z_ += pz[j][lane];
+		}
+		u = beta[(size_t) (r0 + t) * H + h] * (v[off + x] - W_);
+		if (cg == 0)
+			o[off + x] = Z_ + u * skq;
+#pragma unroll
+		for (int i = 0; i < RPT; i++)
+		{
+			int			c = cg + 8 * i;
+
+			st[i] = sa[c] * st[i] + sk[c] * u;
+		}
+	}
+#pragma unroll
+	for (int i = 0; i < RPT; i++)
+		S[(size_t) (cg + 8 * i) * V + x] = st[i];
+}
+
+extern "C" int
+kk_kda_recurrent(cudaStream_t s, int n_seqs, int H, int K, const float *q, const float *k, const float *v,
+				 const float *g, const float *beta, float *o, const int *row0, float *const *S_tab, int max_rows)
+{
+	dim3		grid(n_seqs, H, K / KDA_SLICE);
+
+	if (n_seqs <= 0)
+		return 0;
+	switch (K)
+	{
+		case 32:
+			kda_recurrent_kernel<32><<<grid, 256, 0, s>>>(H, q, k, v, g, beta, o, row0, S_tab, max_rows);
+			return 0;
+		case 64:
+			kda_recurrent_kernel<64><<<grid, 256, 0, s>>>(H, q, k, v, g, beta, o, row0, S_tab, max_rows);
+			return 0;
+		case 128:
+			kda_recurrent_kernel<128><<<grid, 256, 0, s>>>(H, q, k, v, g, beta, o, row0, S_tab, max_rows);
+			return 0;
+	}
+	return -1;
+}
+
+/* ------------------------------------------------------------------ chunkwise: prep */
+
+/* floats of dynamic shared memory of kda_chunk_prep_kernel<K> */
+static size_t
+chunk_prep_smem(int K)
+{
+	size_t		C = KDA_CHUNK;
+	size_t		pairs = (size_t) (KDA_SUB + KDA_SUB + (KDA_CHUNK - KDA_SUB)) * (K + 1) + 2 * 16 * 16 * 16;
+	size_t		solve = C * (2 * K) + C * C + 3 * 16 * 16;	/* X, (I+A)^-1, block products */
+
+	return 3 * C * K + 2 * C * C + C + (pairs > solve ? pairs : solve);
+}
+
+template <int K>
+__global__ void __launch_bounds__(256)
+kda_chunk_prep_kernel(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
+					  const float *__restrict__ v, const float *__restrict__ g, const float *__restrict__ beta,
+					  float *Wk, float *U0, float *Qg, float *Kt, float *Pout, float *glast)
+{
+	constexpr int C = KDA_CHUNK;
+	constexpr int V = K;
+	constexpr int KP = K + 1;	/* padded rows: threads reading different rows, same column */
+	constexpr int CS = K / 16;	/* channels per slice in the diagonal blocks */
+	extern __shared__ float smem[];
+	float	   *sq = smem;		/* [C][K] */
+	float	   *sk = sq + C * K;	/* [C][K] */
+	float	   *sa = sk + C * K;	/* [C][K] a = exp(g) */
+	float	   *sA = sa + C * K;	/* [C][C] */
+	float	   *sP = sA + C * C;	/* [C][C] */
+	float	   *sb = sP + C * C;	/* [C] beta */
+	float	   *un = sb + C;	/* union: pair scratch, then the solve */
+	float	   *X1 = un;		/* [16][KP] */
+	float	   *X2 = X1 + KDA_SUB * KP; /* [16][KP] */
+	float	   *Kr = X2 + KDA_SUB * KP; /* [48][KP] */
+	float	   *redp = Kr + (C - KDA_SUB) * KP;	/* [16][16][16] */
+	float	   *reda = redp + 16 * 16 * 16;
+	float	   *X = un;			/* [C][K + V] */
+	int			chunk = blockIdx.x,
+				h = blockIdx.y;
+	int			tid = threadIdx.x;
+	int			HK = H * K;
+	int			t0 = chunk * C;
+	int			Cn = n - t0 < C ? n - t0 : C;	/* real rows of this chunk */
+	size_t		tile = (size_t) chunk * H + h;
+
+	/* 1. load (asynchronous copies of the rows); rows past the end: k = q = 0,
+	 * a = 1, beta = 0 (they change nothing) */
+	for (int e = tid; e < C * (K / 4); e += blockDim.x)
+	{
+		int			t = e / (K / 4),
+					c = 4 * (e % (K / 4));
+
+		if (t < Cn)
+		{
+			size_t		off = (size_t) (t0 + t) * HK + (size_t) h * K + c;
+
+			cp_async16(sq + t * K + c, q + off);
+			cp_async16(sk + t * K + c, k + off);
+			cp_async16(sa + t * K + c, g + off);
+		}
+		else
+		{
+			*(float4 *) (sq + t * K + c) = make_float4(0, 0, 0, 0);
+			*(float4 *) (sk + t * K + c) = make_float4(0, 0, 0, 0);
+		}
+	}
+	for (int e = tid; e < C * C; e += blockDim.x)
+	{
+		sA[e] = 0;
+		sP[e] = 0;
+	}
+	if (tid < C)
+		sb[tid] = tid < Cn ? beta[(size_t) (t0 + tid) * H + h] : 0.0f;
+	cp_async_wait_all();
+	__syncthreads();
+	for (int e = tid; e < C * K; e += blockDim.x)
+		sa[e] = e / K < Cn ? expf(sa[e]) : 1.0f;
+	__syncthreads();
+
+	/* 2a. pairs inside each sub-chunk: thread (j, slice) runs the product
+	 * Gamma(i, j) over i and writes per-slice partial dots */
+	for (int b = 0; b < C / KDA_SUB; b++)
+	{
+		int			jj = tid / 16,
+					sl = tid % 16;
+		int			j = b * KDA_SUB + jj;
+		float		d[CS],
+					kj[CS];
+
+		/* slice sl holds channels sl, sl + 16, ...: the 16 slices of a row read
+		 * 16 consecutive words (no bank conflicts) */
+#pragma unroll
+		for (int cs = 0; cs < CS; cs++)
+		{
+			d[cs] = 1.0f;
+			kj[cs] = sk[j * K + sl + 16 * cs];
+		}
+		for (int ii = jj; ii < KDA_SUB; ii++)
+		{
+			int			i = b * KDA_SUB + ii;
+			float		pp = 0,
+						aa = 0;
+
+#pragma unroll
+			for (int cs = 0; cs < CS; cs++)
+			{
+				int			c = sl + 16 * cs;
+
+				if (ii > jj)
+					d[cs] *= sa[i * K + c];
+				pp += sq[i * K + c] * (kj[cs] * d[cs]);
+				aa += sk[i * K + c] * (kj[cs] * d[cs]);
+			}
+			redp[(ii * 16 + jj) * 16 + sl] = pp;
+			reda[(ii * 16 + jj) * 16 + sl] = aa;
+		}
+		__syncthreads();
+		{
+			int			ii = tid / 16;
+
+			/* jj = tid % 16 */
+			if (tid % 16 <= ii)
+			{
+				int			jj2 = tid % 16;
+				float		pp = 0,
+							aa = 0;
+
+				for (int s2 = 0; s2 < 16; s2++)
+				{
+					pp += redp[(ii * 16 + jj2) * 16 + s2];
+					aa += reda[(ii * 16 + jj2) * 16 + s2];
+				}
+				sP[(b * KDA_SUB + ii) * C + b * KDA_SUB + jj2] = pp;
+				if (jj2 < ii)
+					sA[(b * KDA_SUB + ii) * C + b * KDA_SUB + jj2] = sb[b * KDA_SUB + ii] * aa;
+			}
+		}
+		__syncthreads();
+	}
+
+	/* 2b. pairs across sub-chunks, through r = s0 - 1:
+	 * X1 = q_i F_i, X2 = k_i F_i (i in the sub-chunk), Kr = k_j R_j (j <= r) */
+	for (int b = 1; b < C / KDA_SUB; b++)
+	{
+		int			s0 = b * KDA_SUB;
+
+		for (int c = tid; c < K; c += blockDim.x)
+		{
+			float		F = 1.0f,
+						R = 1.0f;
+
+			for (int ii = 0; ii < KDA_SUB; ii++)
+			{
+				int			i = s0 + ii;
+
+				F *= sa[i * K + c];
+				X1[ii * KP + c] = sq[i * K + c] * F;
+				X2[ii * KP + c] = sk[i * K + c] * F;
+			}
+			for (int j = s0 - 1; j >= 0; j--)
+			{
+				Kr[j * KP + c] = sk[j * K + c] * R;
+				R *= sa[j * K + c];
+			}
+		}
+		__syncthreads();
+		for (int p = tid; p < KDA_SUB * s0; p += blockDim.x)
+		{
+			int			ii = p / s0,
+						j = p % s0;
+			float		pp = 0,
+						aa = 0;
+
+#pragma unroll 8
+			for (int c = 0; c < K; c++)
+			{
+				float		kr = Kr[j * KP + c];
+
+				pp += X1[ii * KP + c] * kr;
+				aa += X2[ii * KP + c] * kr;
+			}
+			sP[(s0 + ii) * C + j] = pp;
+			sA[(s0 + ii) * C + j] = sb[s0 + ii] * aa;
+		}
+		__syncthreads();
+	}
+
+	/* 3. Gam (decay since the chunk start) by running products per channel:
+	 * Qg = q Gam, the solve's right-hand side [beta Gam k | beta v], Kt = k
+	 * Gamma(end, j), glast = Gamma(end, -1) */
+	for (int c = tid; c < K; c += blockDim.x)
+	{
+		float		run = 1.0f;
+		float	   *qg = Qg + tile * C * K;
+		float	   *kt = Kt + tile * C * K;
+
+		for (int t = 0; t < C; t++)
+		{
+			run *= sa[t * K + c];
+			qg[t * K + c] = sq[t * K + c] * run;
+			X[t * (K + V) + c] = sb[t] * sk[t * K + c] * run;
+		}
+		glast[tile * K + c] = run;
+		run = 1.0f;
+		for (int t = C - 1; t >= 0; t--)
+		{
+			kt[t * K + c] = sk[t * K + c] * run;
+			run *= sa[t * K + c];
+		}
+	}
+	for (int e = tid; e < C * (V / 4); e += blockDim.x)
+	{
+		int			t = e / (V / 4),
+					x = 4 * (e % (V / 4));
+
+		if (t < Cn)
+			cp_async16(X + t * (K + V) + K + x, v + (size_t) (t0 + t) * HK + (size_t) h * K + x);
+		else
+			*(float4 *) (X + t * (K + V) + K + x) = make_float4(0, 0, 0, 0);
+	}
+	cp_async_wait_all();
+	__syncthreads();
+	for (int e = tid; e < C * V; e += blockDim.x)
+		X[(e / V) * (K + V) + K + e % V] *= sb[e / V];
+	__syncthreads();
+
+	/*
+	 * 4. X = (I + A)^-1 X.  The inverse of the unit lower-triangular I + A by
+	 * 16 x 16 blocks: the diagonal blocks by substitution (one column per
+	 * thread), then Li_ij = -Li_ii sum_{k=j..i-1} A_ik Li_kj in order of
+	 * block distance; then one register-tiled product.  (A dependent chain of
+	 * 2016 FMAs per column, the substitution over the whole chunk, was the
+	 * slowest part of this kernel.)
+	 */
+	{
+		float	   *Li = X + C * (K + V);	/* [C][C] */
+		float	   *Tb = Li + C * C;	/* [3][16][16] */
+
+		for (int e = tid; e < C * C; e += blockDim.x)
+			Li[e] = 0.0f;
+		__syncthreads();
+		if (tid < C)
+		{
+			int			b = tid / KDA_SUB,
+						j = tid % KDA_SUB,
+						o = b * KDA_SUB;
+
+			for (int i = j; i < KDA_SUB; i++)
+			{
+				float		x = i == j ? 1.0f : 0.0f;
+
+				for (int m = j; m < i; m++)
+					x -= sA[(o + i) * C + o + m] * Li[(o + m) * C + o + j];
+				Li[(o + i) * C + o + j] = x;
+			}
+		}
+		__syncthreads();
+		for (int d = 1; d < C / KDA_SUB; d++)
+		{
+			int			np = C / KDA_SUB - d;
+
+			for (int e = tid; e < np * 256; e += blockDim.x)
+			{
+				int			j = e / 256,
+							i = j + d,
+							rr = (e % 256) / 16,
+							cc = e % 16;
+				float		t = 0;
+
+				for (int k = j; k < i; k++)
+					for (int m = 0; m < KDA_SUB; m++)
+						t += sA[(KDA_SUB * i + rr) * C + KDA_SUB * k + m] * Li[(KDA_SUB * k + m) * C + KDA_SUB * j + cc];
+				Tb[e] = t;
+			}
+			__syncthreads();
+			for (int e = tid; e < np * 256; e += blockDim.x)
+			{
+				int			j = e / 256,
+							i = j + d,
+							rr = (e % 256) / 16,
+							cc = e % 16;
+				float		t = 0;
+
+				for (int m = 0; m < KDA_SUB; m++)
+					t += Li[(KDA_SUB * i + rr) * C + KDA_SUB * i + m] * Tb[j * 256 + m * 16 + cc];
+				Li[(KDA_SUB * i + rr) * C + KDA_SUB * j + cc] = -t;
+			}
+			__syncthreads();
+		}
+		{
+			constexpr int QUADS = (K + V) / 4;
+			constexpr int RGS = 256 / QUADS;
+			constexpr int RPG = C / RGS;
+			int			cq = tid % QUADS,
+						rg = tid / QUADS;
+			float4		acc[RPG];
+
+#pragma unroll
+			for (int r = 0; r < RPG; r++)
+				acc[r] = make_float4(0, 0, 0, 0);
+			/* Li is lower triangular: rows of this group need k < (rg + 1) RPG */
+			for (int k = 0; k < (rg + 1) * RPG; k++)
+			{
+				float4		x4 = *(const float4 *) (X + k * (K + V) + 4 * cq);
+
+#pragma unroll
+				for (int r = 0; r < RPG; r++)
+				{
+					float		l = Li[(rg * RPG + r) * C + k];
+
+					acc[r].x += l * x4.x;
+					acc[r].y += l * x4.y;
+					acc[r].z += l * x4.z;
+					acc[r].w += l * x4.w;
+				}
+			}
+			__syncthreads();
+#pragma unroll
+			for (int r = 0; r < RPG; r++)
+				*(float4 *) (X + (rg * RPG + r) * (K + V) + 4 * cq) = acc[r];
+		}
+	}
+	__syncthreads();
+
+	/* 5. W, U0, P out */
+	for (int e = tid; e < C * K; e += blockDim.x)
+	{
+		int			t = e / K,
+					c = e % K;
+
+		Wk[tile * C * K + e] = X[t * (K + V) + c];
+		U0[tile * C * V + e] = X[t * (K + V) + K + c];
+	}
+	for (int e = tid; e < C * C; e += blockDim.x)
+		Pout[tile * C * C + e] = sP[e];
+}
+
+/* ------------------------------------------------------------------ chunkwise: state */
+
+#define KDA_VS 16				/* columns of V per block of the state kernel */
+
+static size_t
+chunk_state_smem(int K)
+{
+	size_t		C = KDA_CHUNK;
+
+	return 2 * C * K + C * KDA_VS + (size_t) K * KDA_VS + K;
+}
+
+/*
+ * The only part that is sequential over chunks: per (head, 16 columns of V),
+ * with S the state entering the chunk,
+ *     Hc[chunk] = S;   U = U0 - W S (in place of U0);   S = Gam_end S + Kt^T U.
+ * The outputs then come from kda_chunk_out for all chunks in parallel.
+ * Shared memory ~72 KB (K = 128): two blocks per SM, one loading while the
+ * other computes.  Thread mapping: U rows 4g..4g+3 (g = tid / 16), S rows
+ * 8g..8g+7, column x = tid % 16; products read 16-byte vectors of W and Kt.
+ */
+template <int K>
+__global__ void __launch_bounds__(256)
+kda_chunk_state_kernel(int n, int H, const float *__restrict__ Wk, float *U, const float *__restrict__ Kt,
+					   const float *__restrict__ glast, float *S, float *Hc)
+{
+	constexpr int C = KDA_CHUNK;
+	constexpr int V = K;
+	extern __shared__ float smem[];
+	float	   *sW = smem;		/* [C][K] */
+	float	   *sK = sW + C * K;	/* [C][K] */
+	float	   *sU = sK + C * K;	/* [C][VS] */
+	float	   *sS = sU + C * KDA_VS;	/* [K][VS] */
+	float	   *sg = sS + K * KDA_VS;	/* [K] */
+	int			h = blockIdx.x,
+				x0 = blockIdx.y * KDA_VS;
+	int			tid = threadIdx.x,
+				x = tid % KDA_VS,
+				g = tid / KDA_VS;
+	int			nc = (n + C - 1) / C;
+	float	   *Sh = S + (size_t) h * K * V;
+
+	for (int e = tid; e < K * KDA_VS; e += blockDim.x)
+		sS[e] = Sh[(size_t) (e / KDA_VS) * V + x0 + e % KDA_VS];
+	__syncthreads();
+
+	for (int chunk = 0; chunk < nc; chunk++)
+	{
+		size_t		tile = (size_t) chunk * H + h;
+		float	   *Ut = U + tile * C * V;
+
+		{
+			float	   *hc = Hc + tile * K * V;
+
+			copy_f4_async(sW, Wk + tile * C * K, C * K);
+			copy_f4_async(sK, Kt + tile * C * K, C * K);
+			copy_f4_async(sg, glast + tile * K, K);
+			for (int e = tid; e < C * KDA_VS / 4; e += blockDim.x)
+				cp_async16(sU + 4 * e, Ut + (size_t) (e / (KDA_VS / 4)) * V + x0 + 4 * (e % (KDA_VS / 4)));
+			/* the state entering this chunk, for the output kernel */
+			for (int e = tid; e < K * KDA_VS; e += blockDim.x)
+				hc[(size_t) (e / KDA_VS) * V + x0 + e % KDA_VS] = sS[e];
+			cp_async_wait_all();
+		}
+		__syncthreads();
+
+		/* U = U0 - W S */
+		{
+			float		acc[4];
+
+#pragma unroll
+			for (int r = 0; r < 4; r++)
+				acc[r] = sU[(4 * g + r) * KDA_VS + x];
+			for (int c = 0; c < K; c += 4)
+			{
+				float		s0 = sS[(c + 0) * KDA_VS + x],
+							s1 = sS[(c + 1) * KDA_VS + x],
+							s2 = sS[(c + 2) * KDA_VS + x],
+							s3 = sS[(c + 3) * KDA_VS + x];
+
+#pragma unroll
+				for (int r = 0; r < 4; r++)
+				{
+					float4		w4 = *(const float4 *) (sW + (4 * g + r) * K + c);
+
+					acc[r] -= w4.x * s0 + w4.y * s1 + w4.z * s2 + w4.w * s3;
+				}
+			}
+			__syncthreads();	/* everyone has read U0 */
+#pragma unroll
+			for (int r = 0; r < 4; r++)
+			{
+				sU[(4 * g + r) * KDA_VS + x] = acc[r];
+				Ut[(size_t) (4 * g + r) * V + x0 + x] = acc[r];
+			}
+		}
+		__syncthreads();
+
+		/* S = Gam_end S + Kt^T U */
+		{
+			float		acc[8];
+			bool		rows = 8 * g < K;	/* K < 128: some threads have no rows */
+
+#pragma unroll
+			for (int i = 0; i < 8; i++)
+				acc[i] = rows ? sg[8 * g + i] * sS[(8 * g + i) * KDA_VS + x] : 0.0f;
+			if (rows)
+				for (int j = 0; j < C; j++)
+				{
+					float		u = sU[j * KDA_VS + x];
+					float4		a = *(const float4 *) (sK + j * K + 8 * g),
+								b = *(const float4 *) (sK + j * K + 8 * g + 4);
+
+					acc[0] += a.x * u;
+					acc[1] += a.y * u;
+					acc[2] += a.z * u;
+					acc[3] += a.w * u;
+					acc[4] += b.x * u;
+					acc[5] += b.y * u;
+					acc[6] += b.z * u;
+					acc[7] += b.w * u;
+				}
+			__syncthreads();	/* everyone has read S */
+			if (rows)
+#pragma unroll
+				for (int i = 0; i < 8; i++)
+					sS[(8 * g + i) * KDA_VS + x] = acc[i];
+		}
+		__syncthreads();
+	}
+	for (int e = tid; e < K * KDA_VS; e += blockDim.x)
+		Sh[(size_t) (e / KDA_VS) * V + x0 + e % KDA_VS] = sS[e];
+}
+
+/* ------------------------------------------------------------------ chunkwise: outputs */
+
+static size_t
+chunk_out_smem(int K)
+{
+	size_t		C = KDA_CHUNK;
+
+	return C * K + (size_t) K * K + C * C + C * (size_t) K;
+}
+
+/*
+ * o = Qg Hc + P U for every (chunk, head) in parallel.  Thread: 4 adjacent
+ * columns (one float4) of RPT rows; 16-byte shared loads on both operands.
+ */
+template <int K>
+__global__ void __launch_bounds__(256)
+kda_chunk_out_kernel(int n, int H, const float *__restrict__ Qg, const float *__restrict__ Hc,
+					 const float *__restrict__ Pm, const float *__restrict__ U, float *o)
+{
+	constexpr int C = KDA_CHUNK;
+	constexpr int V = K;
+	constexpr int QUADS = V / 4;
+	constexpr int RG = 256 / QUADS;
+	constexpr int RPT = C / RG;
+	extern __shared__ float smem[];
+	float	   *sQ = smem;		/* [C][K] */
+	float	   *sH = sQ + C * K;	/* [K][V] */
+	float	   *sP = sH + K * V;	/* [C][C] */
+	float	   *sU = sP + C * C;	/* [C][V] */
+	int			chunk = blockIdx.x,
+				h = blockIdx.y;
+	int			tid = threadIdx.x,
+				xq = tid % QUADS,
+				rg = tid / QUADS;
+	size_t		tile = (size_t) chunk * H + h;
+	int			t0 = chunk * C;
+	float4		acc[RPT];
+
+	copy_f4_async(sQ, Qg + tile * C * K, C * K);
+	copy_f4_async(sU, U + tile * C * V, C * V);
+	copy_f4_async(sH, Hc + tile * K * V, K * V);
+	copy_f4_async(sP, Pm + tile * C * C, C * C);
+	cp_async_wait_all();
+	__syncthreads();
+
+#pragma unroll
+	for (int r = 0; r < RPT; r++)
+		acc[r] = make_float4(0, 0, 0, 0);
+	for (int c = 0; c < K; c += 4)
+	{
+		float4		h0 = *(const float4 *) (sH + (c + 0) * V + 4 * xq),
+					h1 = *(const float4 *) (sH + (c + 1) * V + 4 * xq),
+					h2 = *(const float4 *) (sH + (c + 2) * V + 4 * xq),
+					h3 = *(const float4 *) (sH + (c + 3) * V + 4 * xq);
+
+#pragma unroll
+		for (int r = 0; r < RPT; r++)
+		{
+			float4		q4 = *(const float4 *) (sQ + (rg * RPT + r) * K + c);
+
+			acc[r].x += q4.x * h0.x + q4.y * h1.x + q4.z * h2.x + q4.w * h3.x;
+			acc[r].y += q4.x * h0.y + q4.y * h1.y + q4.z * h2.y + q4.w * h3.y;
+			acc[r].z += q4.x * h0.z + q4.y * h1.z + q4.z * h2.z + q4.w * h3.z;
+			acc[r].w += q4.x * h0.w + q4.y * h1.w + q4.z * h2.w + q4.w * h3.w;
+		}
+	}
+	for (int j = 0; j < C; j += 4)
+	{
+		float4		u0 = *(const float4 *) (sU + (j + 0) * V + 4 * xq),
+					u1 = *(const float4 *) (sU + (j + 1) * V + 4 * xq),
+					u2 = *(const float4 *) (sU + (j + 2) * V + 4 * xq),
+					u3 = *(const float4 *) (sU + (j + 3) * V + 4 * xq);
+
+#pragma unroll
+		for (int r = 0; r < RPT; r++)
+		{
+			float4		p4 = *(const float4 *) (sP + (rg * RPT + r) * C + j);
+
+			acc[r].x += p4.x * u0.x + p4.y * u1.x + p4.z * u2.x + p4.w * u3.x;
+			acc[r].y += p4.x * u0.y + p4.y * u1.y + p4.z * u2.y + p4.w * u3.y;
+			acc[r].z += p4.x * u0.z + p4.y * u1.z + p4.z * u2.z + p4.w * u3.z;
+			acc[r].w += p4.x * u0.w + p4.y * u1.w + p4.z * u2.w + p4.w * u3.w;
+		}
+	}
+#pragma unroll
+	for (int r = 0; r < RPT; r++)
+	{
+		int			t = rg * RPT + r;
+
+		if (t0 + t < n)
+			*(float4 *) (o + (size_t) (t0 + t) * H * V + (size_t) h * V + 4 * xq) = acc[r];
+	}
+}
+
+/* Scratch floats the chunkwise form needs for n rows: W, U, Qg, Kt, P, glast, Hc. */
+extern "C" size_t
+kk_kda_chunk_scratch(int n, int H, int K)
+{
+	size_t		nc = (size_t) (n + KDA_CHUNK - 1) / KDA_CHUNK;
+
+	return nc * H * ((size_t) 4 * KDA_CHUNK * K + (size_t) KDA_CHUNK * KDA_CHUNK + K + (size_t) K * K);
+}
+
+template <int K>
+static int
+chunked_launch(cudaStream_t s, int n, int H, const float *q, const float *k, const float *v, const float *g,
+			   const float *beta, float *S, float *o, float *scratch)
+{
+	size_t		nc = (size_t) (n + KDA_CHUNK - 1) / KDA_CHUNK;
+	size_t		tiles = nc * H;
+	float	   *Wk = scratch;
+	float	   *U = Wk + tiles * KDA_CHUNK * K;
+	float	   *Qg = U + tiles * KDA_CHUNK * K;
+	float	   *Kt = Qg + tiles * KDA_CHUNK * K;
+	float	   *P = Kt + tiles * KDA_CHUNK * K;
+	float	   *gl = P + tiles * KDA_CHUNK * KDA_CHUNK;
+	float	   *Hc = gl + tiles * K;
+	size_t		sm1 = chunk_prep_smem(K) * sizeof(float),
+				sm2 = chunk_state_smem(K) * sizeof(float),
+				sm3 = chunk_out_smem(K) * sizeof(float);
+	cudaError_t e;
+
+	if ((e = cudaFuncSetAttribute(kda_chunk_prep_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm1)) != cudaSuccess ||
+		(e = cudaFuncSetAttribute(kda_chunk_state_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm2)) != cudaSuccess ||
+		(e = cudaFuncSetAttribute(kda_chunk_out_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm3)) != cudaSuccess)
+		return (int) e;
+	kda_chunk_prep_kernel<K><<<dim3((unsigned) nc, H), 256, sm1, s>>>(n, H, q, k, v, g, beta, Wk, U, Qg, Kt, P, gl);
+	kda_chunk_state_kernel<K><<<dim3(H, K / KDA_VS), 256, sm2, s>>>(n, H, Wk, U, Kt, gl, S, Hc);
+	kda_chunk_out_kernel<K><<<dim3((unsigned) nc, H), 256, sm3, s>>>(n, H, Qg, Hc, P, U, o);
+	return 0;
+}
+
+/*
+ * The chunkwise form for one sequence of n rows (q, k, v, g rows of stride
+ * H*K starting at its first row; beta rows of stride H); S its [H][K][V]
+ * state.  Returns 0, -1 for an unsupported head size, or a CUDA error code.
+ */
+extern "C" int
+kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v, const float *g,
+			   const float *beta, float *S, float *o, float *scratch)
+{
+	if (n <= 0)
+		return 0;
+	switch (K)
+	{
+		case 32:
+			return chunked_launch<32>(s, n, H, q, k, v, g, beta, S, o, scratch);
+		case 64:
+			return chunked_launch<64>(s, n, H, q, k, v, g, beta, S, o, scratch);
+		case 128:
+			return chunked_launch<128>(s, n, H, q, k, v, g, beta, S, o, scratch);
+	}
+	return -1;
+}
+
+/* ------------------------------------------------------------------ gated norm */
+
+__global__ void
+kda_gated_norm_kernel(int H, int V, const float *o, const float *gate, const float *w, float eps, float *out)
+{
+	__shared__ float red[32];
+	int			t = blockIdx.x,
+				h = blockIdx.y,
+				x = threadIdx.x;
+	size_t		off = (size_t) t * H * V + (size_t) h * V + x;
+	float		ov = x < V ? o[off] : 0.0f;
+	float		ss = block_sum(ov * ov, red);
+
+	if (x < V)
+	{
+		float		inv = 1.0f / sqrtf(ss / (float) V + eps);
+
+		out[off] = w[x] * (ov * inv) * sigmoidf_(gate[off]);
+	}
+}
+
+extern "C" void
+kk_kda_gated_norm(cudaStream_t s, int n_tokens, int H, int V, const float *o, const float *gate, const float *w,
+				  float eps, float *out)
+{
+	if (n_tokens > 0)
+		kda_gated_norm_kernel<<<dim3(n_tokens, H), (V + 31) / 32 * 32, 0, s>>>(H, V, o, gate, w, eps, out);
+}

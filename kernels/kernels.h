@@ -1,0 +1,128 @@
+/*
+ * kernels.h — the launchers of the CUDA kernels (kernels/NAME.cu), callable from
+ * the C host code of the backend (src/cuda/).  Every launcher enqueues work on
+ * the given stream and returns at once; the caller checks cudaGetLastError().
+ * Launchers that return int give 0, -1 for a shape they do not support, or a
+ * CUDA error code.
+ *
+ * All pointers are device pointers unless a comment says otherwise.
+ * Activations are fp32 row-major; `bf16` flags say whether a weight matrix is
+ * bf16 (else fp32).
+ */
+#ifndef KL_CUDA_KERNELS_H
+#define KL_CUDA_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <cuda_runtime_api.h>
+
+/* rows per page of the MLA latent cache: must equal KL_MLA_PAGE (backend.h) */
+#define KK_MLA_PAGE 1024
+
+#ifdef __cplusplus
+extern "C"
+{
+#endif
+
+/* elementwise.cu */
+void		kk_embed(cudaStream_t s, float *x, const void *E, int bf16, int D, const int32_t *ids, int n);
+void		kk_rmsnorm(cudaStream_t s, float *y, int ldy, const float *x, int ldx, const float *w, int rows, int d,
+					   float eps);
+void		kk_add(cudaStream_t s, float *y, const float *x, size_t n);
+/* x += a, then y = rmsnorm(x) (contiguous rows of d; y may be a) */
+void		kk_add_rmsnorm(cudaStream_t s, float *y, float *x, const float *a, const float *w, int rows, int d,
+						   float eps);
+void		kk_swiglu(cudaStream_t s, float *h, const float *g, const float *u, int rows, int width, int ld);
+void		kk_f32_to_bf16(cudaStream_t s, uint16_t *dst, int ldd, const float *src, int lds, int rows, int cols);
+void		kk_bf16_to_f32(cudaStream_t s, float *dst, const uint16_t *src, size_t n);
+void		kk_fill_random(cudaStream_t s, void *dst, int bf16, size_t n, uint64_t seed, float scale);
+
+/* gemv.cu: y[n, rows] (ldy) = x[n, cols] (ldx) W^T for few rows n */
+void		kk_gemv(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int bf16,
+					int rows, int cols);
+/* up to KK_GEMV_JOBS products of the same n <= 8 rows in one launch */
+#define KK_GEMV_JOBS 8
+typedef struct kk_gemv_job
+{
+	float	   *y;
+	const float *x;
+	const void *W;
+	int			ldy,
+				ldx,
+				rows,
+				cols,
+				bf16,
+				vec;			/* set by the launcher */
+} kk_gemv_job;
+typedef struct kk_gemv_batch
+{
+	kk_gemv_job job[KK_GEMV_JOBS];
+	int			first_block[KK_GEMV_JOBS + 1];	/* set by the launcher */
+	int			count,
+				n;
+} kk_gemv_batch;
+void		kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b);
+/*
+ * Expert products: for each expert e listed in active (active[0] = how many,
+ * then the ids; at most max_active), for the pairs i in [start[e], start[e+1]):
+ * y0[i] = W0[e] x[xrow[i]] and, when W1 is not NULL, y1[i] = W1[e] x[xrow[i]]
+ * (xrow NULL: x row i).  W0, W1: device arrays of device pointers.
+ */
+void		kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
+						   const void *const *W0, const void *const *W1, int bf16, int rows, int cols,
+						   const int *start, const int *active, int max_active);
+
+/* kda.cu (step metadata: row_seq [n_tokens], row0 [n_seqs + 1]; conv_tab and
+ * S_tab: per sequence, that sequence's conv tails / state of this layer) */
+void		kk_kda_prep(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q, const float *k,
+						const float *v, float *f, const float *b, float *qo, float *ko, float *vo, float *beta,
+						const float *conv_q, const float *conv_k, const float *conv_v, const float *A_log,
+						const float *dt_bias, const int *row_seq, const int *row0, float *const *conv_tab,
+						int write_tails);	/* write_tails: every sequence has one row; no kk_kda_tails */
+void		kk_kda_tails(cudaStream_t s, int n_seqs, int HK, int W, const float *q, const float *k, const float *v,
+						 const int *row0, float *const *conv_tab);
+/* sequences with more than max_rows rows are left to kk_kda_chunked */
+int			kk_kda_recurrent(cudaStream_t s, int n_seqs, int H, int K, const float *q, const float *k,
+							 const float *v, const float *g, const float *beta, float *o, const int *row0,
+							 float *const *S_tab, int max_rows);
+size_t		kk_kda_chunk_scratch(int n, int H, int K);
+int			kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
+						   const float *g, const float *beta, float *S, float *o, float *scratch);
+void		kk_kda_gated_norm(cudaStream_t s, int n_tokens, int H, int V, const float *o, const float *gate,
+							  const float *w, float eps, float *out);
+
+/* mla.cu (pages: for each sequence, page_cap page pointers of this layer) */
+void		kk_mla_append(cudaStream_t s, int n_tokens, int Wa, const float *kv, const int *row_seq,
+						  const int *row0, const int64_t *pos0, float *const *pages, int page_cap);
+void		kk_mla_gather(cudaStream_t s, float *dst, int64_t m, int Wa, float *const *pages);
+void		kk_mla_absorb_q(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *q,
+							const void *kv_b, int bf16, float *qabs, const int *row_seq, const int *absorbed);
+int			kk_mla_attend_supported(int Ha, int R, int Dr);
+int			kk_mla_attend(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R, int Dr,
+						  const float *qabs, float scale, const int *row_seq, const int *row0, const int64_t *pos0,
+						  const int *absorbed, float *const *pages, int page_cap, float *part_acc, float *part_ml);
+void		kk_mla_merge(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R,
+						 const float *part_acc, const float *part_ml, const int *row_seq, const int *row0,
+						 const int64_t *pos0, const int *absorbed, float *olat);
+void		kk_mla_out(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dv, int R, const float *olat,
+					   const void *kv_b, int bf16, float *out, const int *row_seq, const int *absorbed);
+void		kk_mla_softmax(cudaStream_t s, float *S, uint16_t *P16, int Ha, int nq, int kb, int64_t first_pos);
+
+/* moe.cu */
+/* k <= 64 experts per token; shared memory (2E + G) floats + (E + G) ints */
+void		kk_moe_route(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
+						 int bias_in_w, float scaling, const float *logits, const float *bias, int *sel, float *wts);
+/* shared_rows > 0: the shared expert becomes expert E (start[E+2], rows nk..nk+shared_rows) */
+void		kk_moe_group(cudaStream_t s, int nk, int E, int k, int shared_rows, const int *sel, int *start, int *xrow,
+						 int *inv, int *active);
+void		kk_moe_combine(cudaStream_t s, float *y, int n, int D, int k, const float *wts, const int *inv,
+						   const float *ye, const float *ys);
+void		kk_gather_rows(cudaStream_t s, float *dst, const float *src, int ld, const int *rows, int n, int D);
+void		kk_gather_rows_bf16(cudaStream_t s, uint16_t *dst, const float *src, int ld, const int *rows, int n, int D);
+void		kk_swiglu_bf16(cudaStream_t s, uint16_t *h, const float *g, const float *u, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

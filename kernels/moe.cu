@@ -1,0 +1,357 @@
+/*
+ * moe.cu — mixture-of-experts routing and bookkeeping on the device.
+ *
+ *   moe_route     one block per token: exactly kl_moe_route's rule
+ *                 (src/engine/moe_route.c): sigmoid or softmax scores, the
+ *                 score-correction bias, group selection, top k by repeated
+ *                 selection (ties to the lower expert id), weights with or
+ *                 without the bias, renormalized, scaled
+ *   moe_group     (decode sizes) the (token, slot) pairs grouped by expert,
+ *                 stable, in one block: start[E+1], the gathered token rows,
+ *                 the inverse map and the list of experts that got tokens;
+ *                 optionally the shared expert as expert E over all tokens
+ *                 (rows nk .. nk+n), so that its products join the same launches
+ *   moe_combine   y[t] = sum over slots of w * (expert output) (+ shared)
+ * Prefill batches group on the host instead (cuda_moe.c), which needs the
+ * counts there anyway to size one cuBLAS product per expert.
+ */
+#include "common.cuh"
+
+/* (value, index) pair order of the top-k selection: larger value first, then
+ * the lower index, which is what kl_moe_route's strict ">" scan picks */
+__device__ __forceinline__ bool
+better(float v, int i, float bv, int bi)
+{
+	return bi < 0 || v > bv || (v == bv && i >= 0 && i < bi);
+}
+
+/*
+ * One block per token (blockDim.x a multiple of 32, at most 1024).  Shared:
+ * s[E], choice[E], taken[E], gscore[G], keep[G].
+ */
+__global__ void
+moe_route_kernel(int E, int k, int G, int Tg, int use_softmax, int renorm, int bias_in_w, float scaling,
+				 const float *__restrict__ logits, const float *__restrict__ bias, int *sel, float *wts)
+{
+	extern __shared__ float sh[];
+	__shared__ float rv[32],
+				red[32],
+				wsel[64];
+	__shared__ int ri[32];
+	float	   *s = sh,
+			   *choice = s + E,
+			   *gscore = choice + E;
+	int		   *taken = (int *) (gscore + G),
+			   *keep = taken + E;
+	int			t = blockIdx.x,
+				tid = threadIdx.x,
+				lane = tid & 31,
+				w = tid >> 5,
+				nw = blockDim.x >> 5;
+	const float *lg = logits + (size_t) t * E;
+
+	if (use_softmax)
+	{
+		float		mx = -INFINITY,
+					z = 0;
+
+		for (int e = tid; e < E; e += blockDim.x)
+			mx = fmaxf(mx, lg[e]);
+		mx = warp_max(mx);
+		if (lane == 0)
+			rv[w] = mx;
+		__syncthreads();
+		mx = -INFINITY;
+		for (int i = 0; i < nw; i++)
+			mx = fmaxf(mx, rv[i]);
+		for (int e = tid; e < E; e += blockDim.x)
+			z += expf(lg[e] - mx);
+		z = block_sum(z, red);
+		for (int e = tid; e < E; e += blockDim.x)
+			s[e] = expf(lg[e] - mx) / z;
+	}
+	else
+		for (int e = tid; e < E; e += blockDim.x)
+			s[e] = 1.0f / (1.0f + expf(-lg[e]));
+	for (int e = tid; e < E; e += blockDim.x)
+	{
+		choice[e] = s[e] + bias[e];
+		taken[e] = 0;
+	}
+	__syncthreads();
+
+	if (G > 1 && Tg < G)
+	{
+		int			per = E / G;
+
+		/* group score: the sum of the group's two largest choices */
+		for (int g = tid; g < G; g += blockDim.x)
+		{
+			float		b1 = -INFINITY,
+						b2 = -INFINITY;
+
+			for (int e = g * per; e < (g + 1) * per; e++)
+			{
+				if (choice[e] > b1)
+				{
+					b2 = b1;
+					b1 = choice[e];
+				}
+				else if (choice[e] > b2)
+					b2 = choice[e];
+			}
+			gscore[g] = per >= 2 ? b1 + b2 : b1;
+			keep[g] = 0;
+		}
+		__syncthreads();
+		if (tid == 0)
+			for (int r = 0; r < Tg; r++)
+			{
+				int			best = -1;
+
+				for (int g = 0; g < G; g++)
+					if (!keep[g] && (best < 0 || gscore[g] > gscore[best]))
+						best = g;
+				keep[best] = 1;
+			}
+		__syncthreads();
+		for (int e = tid; e < E; e += blockDim.x)
+			if (!keep[e / per])
+				choice[e] = 0.0f;
+		__syncthreads();
+	}
+
+	/* top k, one block-wide argmax per pick */
+	for (int r = 0; r < k; r++)
+	{
+		float		bv = -INFINITY;
+		int			bi = -1;
+
+		for (int e = tid; e < E; e += blockDim.x)
+			if (!taken[e] && better(choice[e], e, bv, bi))
+			{
+				bv = choice[e];
+				bi = e;
+			}
+#pragma unroll
+		for (int o = 16; o > 0; o >>= 1)
+		{
+			float		ov = __shfl_xor_sync(0xffffffffu, bv, o);
+			int			oi = __shfl_xor_sync(0xffffffffu, bi, o);
+
+			if (oi >= 0 && better(ov, oi, bv, bi))
+			{
+				bv = ov;
+				bi = oi;
+			}
+		}
+		if (lane == 0)
+		{
+			rv[w] = bv;
+			ri[w] = bi;
+		}
+		__syncthreads();
+		if (tid == 0)
+		{
+			for (int i = 1; i < nw; i++)
+				if (ri[i] >= 0 && better(rv[i], ri[i], bv, bi))
+				{
+					bv = rv[i];
+					bi = ri[i];
+				}
+			taken[bi] = 1;
+			sel[(size_t) t * k + r] = bi;
+			wsel[r] = bias_in_w ? s[bi] + bias[bi] : s[bi];
+		}
+		__syncthreads();
+	}
+	if (tid == 0)
+	{
+		float		sum = 0;
+
+		for (int r = 0; r < k; r++)
+			sum += wsel[r];
+		for (int r = 0; r < k; r++)
+		{
+			float		x = wsel[r];
+
+			if (renorm && k > 1)
+				x /= (sum + 1e-20f);
+			wts[(size_t) t * k + r] = x * scaling;
+		}
+	}
+}
+
+extern "C" void
+kk_moe_route(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax, int renorm, int bias_in_w,
+			 float scaling, const float *logits, const float *bias, int *sel, float *wts)
+{
+	size_t		sm = sizeof(float) * (2 * (size_t) E + G) + sizeof(int) * ((size_t) E + G);
+	int			threads = E >= 256 ? 256 : (E + 31) / 32 * 32;
+
+	if (n > 0)
+		moe_route_kernel<<<n, threads, sm, s>>>(E, k, G, Tg, use_softmax, renorm, bias_in_w, scaling, logits, bias,
+												sel, wts);
+}
+
+/*
+ * One block of 1024 threads, E <= 1024.  Pair i (token i / k, slot i % k)
+ * goes to position start[e] + (pairs before i with the same expert): the
+ * CPU backend's stable order (cpu_moe.c).
+ */
+__global__ void __launch_bounds__(1024)
+moe_group_kernel(int nk, int E, int k, int shared_rows, const int *__restrict__ sel, int *start, int *xrow, int *inv,
+				 int *active)
+{
+	__shared__ int cnt[1024],
+				act[1024];
+	int			tid = threadIdx.x;
+
+	for (int e = tid; e < 1024; e += blockDim.x)
+		cnt[e] = 0;
+	__syncthreads();
+	for (int i = tid; i < nk; i += blockDim.x)
+		atomicAdd(&cnt[sel[i]], 1);
+	__syncthreads();
+	act[tid] = tid < E && cnt[tid] > 0;
+	__syncthreads();
+	/* inclusive scans of counts and of the active flags (Hillis-Steele) */
+	for (int o = 1; o < 1024; o <<= 1)
+	{
+		int			c = tid >= o ? cnt[tid - o] : 0,
+					a = tid >= o ? act[tid - o] : 0;
+
+		__syncthreads();
+		cnt[tid] += c;
+		act[tid] += a;
+		__syncthreads();
+	}
+	if (tid < E)
+	{
+		int			before = tid ? cnt[tid - 1] : 0;
+
+		start[tid] = before;
+		if (cnt[tid] > before)
+			active[1 + (act[tid] - 1)] = tid;
+	}
+	if (tid == 0)
+	{
+		start[E] = cnt[E - 1];
+		active[0] = act[E - 1];
+		if (shared_rows > 0)
+		{
+			/* the shared expert as expert E, over every token */
+			start[E + 1] = cnt[E - 1] + shared_rows;
+			active[1 + act[E - 1]] = E;
+			active[0]++;
+		}
+	}
+	for (int t = tid; t < shared_rows; t += blockDim.x)
+		xrow[nk + t] = t;
+	for (int i = tid; i < nk; i += blockDim.x)
+	{
+		int			e = sel[i];
+		int			rank = 0;
+
+		for (int j = 0; j < i; j++)
+			rank += sel[j] == e;
+		{
+			int			p = (e ? cnt[e - 1] : 0) + rank;
+
+			xrow[p] = i / k;
+			inv[i] = p;
+		}
+	}
+}
+
+extern "C" void
+kk_moe_group(cudaStream_t s, int nk, int E, int k, int shared_rows, const int *sel, int *start, int *xrow, int *inv,
+			 int *active)
+{
+	moe_group_kernel<<<1, 1024, 0, s>>>(nk, E, k, shared_rows, sel, start, xrow, inv, active);
+}
+
+__global__ void
+moe_combine_kernel(float *y, int n, int D, int k, const float *__restrict__ wts, const int *__restrict__ inv,
+				   const float *__restrict__ ye, const float *__restrict__ ys)
+{
+	size_t		total = (size_t) n * D;
+
+	for (size_t e = blockIdx.x * (size_t) blockDim.x + threadIdx.x; e < total; e += (size_t) gridDim.x * blockDim.x)
+	{
+		size_t		t = e / D,
+					d = e % D;
+		float		acc = 0;
+
+		for (int r = 0; r < k; r++)
+			acc += wts[t * k + r] * ye[(size_t) inv[t * k + r] * D + d];
+		if (ys)
+			acc += ys[e];
+		y[e] = acc;
+	}
+}
+
+extern "C" void
+kk_moe_combine(cudaStream_t s, float *y, int n, int D, int k, const float *wts, const int *inv, const float *ye,
+			   const float *ys)
+{
+	unsigned	blocks = ceil_div((size_t) n * D, 256);
+
+	if (n > 0)
+		moe_combine_kernel<<<blocks < 8192 ? blocks : 8192, 256, 0, s>>>(y, n, D, k, wts, inv, ye, ys);
+}
+
+__global__ void
+gather_rows_kernel(float *dst, const float *src, int ld, const int *rows, int n, int D)
+{
+	size_t		total = (size_t) n * D;
+
+	for (size_t e = blockIdx.x * (size_t) blockDim.x + threadIdx.x; e < total; e += (size_t) gridDim.x * blockDim.x)
+		dst[e] = src[(size_t) rows[e / D] * ld + e % D];
+}
+
+extern "C" void
+kk_gather_rows(cudaStream_t s, float *dst, const float *src, int ld, const int *rows, int n, int D)
+{
+	unsigned	blocks = ceil_div((size_t) n * D, 256);
+
+	if (n > 0)
+		gather_rows_kernel<<<blocks < 16384 ? blocks : 16384, 256, 0, s>>>(dst, src, ld, rows, n, D);
+}
+
+/* dst (bf16) [n, D] = src rows rows[i] (fp32, row stride ld): the gathered
+ * expert inputs of a prefill batch, ready for bf16 products */
+__global__ void
+gather_rows_bf16_kernel(uint16_t *dst, const float *src, int ld, const int *rows, int n, int D)
+{
+	size_t		total = (size_t) n * D;
+
+	for (size_t e = blockIdx.x * (size_t) blockDim.x + threadIdx.x; e < total; e += (size_t) gridDim.x * blockDim.x)
+		dst[e] = f32_to_bf16(src[(size_t) rows[e / D] * ld + e % D]);
+}
+
+extern "C" void
+kk_gather_rows_bf16(cudaStream_t s, uint16_t *dst, const float *src, int ld, const int *rows, int n, int D)
+{
+	unsigned	blocks = ceil_div((size_t) n * D, 256);
+
+	if (n > 0)
+		gather_rows_bf16_kernel<<<blocks < 16384 ? blocks : 16384, 256, 0, s>>>(dst, src, ld, rows, n, D);
+}
+
+/* h (bf16) = silu(g) * u, contiguous [n, F] */
+__global__ void
+swiglu_bf16_kernel(uint16_t *h, const float *g, const float *u, size_t n)
+{
+	for (size_t i = blockIdx.x * (size_t) blockDim.x + threadIdx.x; i < n; i += (size_t) gridDim.x * blockDim.x)
+		h[i] = f32_to_bf16(siluf_(g[i]) * u[i]);
+}
+
+extern "C" void
+kk_swiglu_bf16(cudaStream_t s, uint16_t *h, const float *g, const float *u, size_t n)
+{
+	unsigned	blocks = ceil_div(n, 256);
+
+	if (n > 0)
+		swiglu_bf16_kernel<<<blocks < 16384 ? blocks : 16384, 256, 0, s>>>(h, g, u, n);
+}

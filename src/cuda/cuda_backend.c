@@ -1,0 +1,558 @@
+/*
+ * cuda_backend.c — the CUDA implementation of backend.h, built as the shared
+ * library kimi_linear_cuda.so that the engine loads with dlopen()
+ * (backend_cuda_loader.c); its only export is kl_cuda_backend_create.
+ *
+ * This file: creation, device memory, weights (upload, conversion for the
+ * precision mode, random weights made on the device), the element-wise ops,
+ * synchronization and the ops table.  One CUDA stream carries all the work,
+ * so every op is ordered after the previous one without host waits; upload
+ * and download wait for the stream.
+ *
+ * Precision: weights stay as stored (bf16 or fp32).  "fp32" computes in fp32
+ * with TF32 off (cuBLAS pedantic math), to match the CPU engine within
+ * rounding.  "bf16" feeds the products of bf16 weights bf16 activations with
+ * fp32 accumulation; fp32 weights are not rounded to bf16 (that would change
+ * the model itself: the tiny_a checkpoint's logits move by 20% as expert
+ * choices flip) and their products use TF32 tensor cores instead.
+ *
+ * The library is self-contained: it uses the engine's headers for the data
+ * structures and inline helpers but calls no engine function, because the
+ * executable that loads it need not export its symbols.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_internal.h"
+
+_Static_assert(KK_MLA_PAGE == KL_MLA_PAGE, "kernels/kernels.h and backend.h disagree on the MLA page size");
+
+#define BLAS_WORKSPACE ((size_t) 32 << 20)
+
+/* ------------------------------------------------------------------ errors */
+
+static void
+set_err(kl_err *err, const char *fmt, va_list ap)
+{
+	vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
+}
+
+static int
+errf(kl_err *err, const char *fmt,...) __attribute__((format(printf, 2, 3)));
+
+static int
+errf(kl_err *err, const char *fmt,...)
+{
+	va_list		ap;
+
+	va_start(ap, fmt);
+	set_err(err, fmt, ap);
+	va_end(ap);
+	return KL_FAIL;
+}
+
+void
+cuda_fail(kl_backend *be, const char *fmt,...)
+{
+	va_list		ap;
+
+	if (be->failed)
+		return;					/* keep the first error: later ones are its consequences */
+	va_start(ap, fmt);
+	set_err(&be->err, fmt, ap);
+	va_end(ap);
+	be->failed = true;
+	cuda_abort_capture(be);
+}
+
+bool
+cuda_ok(kl_backend *be, cudaError_t e, const char *what)
+{
+	if (e == cudaSuccess)
+		return true;
+	cuda_fail(be, "CUDA error in %s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+	return false;
+}
+
+bool
+cuda_launched(kl_backend *be, const char *what)
+{
+	return cuda_ok(be, cudaGetLastError(), what);
+}
+
+bool
+blas_ok(kl_backend *be, cublasStatus_t st, const char *what)
+{
+	if (st == CUBLAS_STATUS_SUCCESS)
+		return true;
+	cuda_fail(be, "cuBLAS error in %s: %s", what, cublasGetStatusString(st));
+	return false;
+}
+
+/* ------------------------------------------------------------------ scratch */
+
+static void
+defer_free(kl_backend *be, void *p)
+{
+	cuda_state *cs = CS(be);
+
+	if (cs->n_deferred == cs->cap_deferred)
+	{
+		int			cap = cs->cap_deferred ? cs->cap_deferred * 2 : 16;
+		void	  **nd = realloc(cs->deferred, sizeof(void *) * (size_t) cap);
+
+		if (!nd)
+			return;				/* leak rather than free memory a graph uses */
+		cs->deferred = nd;
+		cs->cap_deferred = cap;
+	}
+	cs->deferred[cs->n_deferred++] = p;
+}
+
+static bool
+graphs_exist(cuda_state *cs)
+{
+	if (cs->mode == GM_CAPTURE)
+		return true;
+	for (int i = 0; i < CUDA_MAX_GRAPHS; i++)
+		if (cs->graphs[i].exec)
+			return true;
+	return false;
+}
+
+void *
+cuda_buf(kl_backend *be, int id, size_t bytes)
+{
+	cuda_state *cs = CS(be);
+
+	if (cs->buf_cap[id] < bytes)
+	{
+		size_t		cap = bytes + bytes / 4 + 4096;
+		void	   *p = NULL;
+
+		if (!cuda_ok(be, cudaMalloc(&p, cap), "cudaMalloc (working memory)"))
+		{
+			kl_err		e = be->err;
+
+			be->failed = false;
+			cuda_fail(be, "out of GPU memory for %zu MB of working memory (%s)", cap >> 20, e.msg);
+			return NULL;
+		}
+		if (cs->buf[id])
+		{
+			/* a captured graph may still point at the old buffer */
+			if (graphs_exist(cs))
+				defer_free(be, cs->buf[id]);
+			else
+				cudaFree(cs->buf[id]);
+		}
+		cs->buf[id] = p;
+		cs->buf_cap[id] = cap;
+	}
+	return cs->buf[id];
+}
+
+/* ------------------------------------------------------------------ memory */
+
+static void *
+cu_alloc(kl_backend *be, size_t bytes)
+{
+	cuda_state *cs = CS(be);
+	void	   *p;
+	size_t		rounded = (bytes + 255) & ~(size_t) 255;
+
+	if (rounded < bytes || !(p = cuda_pool_alloc(be, rounded)))
+		return NULL;
+	/* zeroed in stream order: after any earlier user of recycled memory */
+	if (cudaMemsetAsync(p, 0, rounded ? rounded : 256, cs->stream) != cudaSuccess)
+	{
+		cudaGetLastError();
+		cuda_pool_free(be, p);
+		return NULL;
+	}
+	return p;
+}
+
+static void
+cu_release(kl_backend *be, void *p)
+{
+	if (!p)
+		return;
+	cuda_flush_add(be);
+	cuda_graphs_forget_buffer(be, p);
+	cuda_pool_free(be, p);
+}
+
+bool
+cuda_upload_sync(kl_backend *be, void *dst, const void *src, size_t bytes)
+{
+	cuda_state *cs = CS(be);
+
+	return cuda_ok(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cs->stream), "upload") &&
+		cuda_ok(be, cudaStreamSynchronize(cs->stream), "upload");
+}
+
+static void
+cu_upload(kl_backend *be, void *dst, const void *src, size_t bytes)
+{
+	cuda_flush_add(be);
+	if (bytes)
+		cuda_upload_sync(be, dst, src, bytes);
+}
+
+static void
+cu_download(kl_backend *be, void *dst, const void *src, size_t bytes)
+{
+	cuda_state *cs = CS(be);
+
+	cuda_flush_add(be);
+	if (bytes == 0)
+		return;
+	if (!cuda_ok(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cs->stream), "download") ||
+		!cuda_ok(be, cudaStreamSynchronize(cs->stream), "download"))
+		memset(dst, 0, bytes);	/* never hand out uninitialized host memory */
+}
+
+static void
+cu_copy(kl_backend *be, void *dst, const void *src, size_t bytes)
+{
+	if (cuda_step_skip(be, OP_COPY, (uintptr_t) dst, (uintptr_t) src, bytes, 0))
+		return;
+	if (dst != src && bytes)
+		cuda_ok(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, CS(be)->stream), "copy");
+}
+
+/* ------------------------------------------------------------------ weights */
+
+/* (the engine's kl_dtype_size is not callable from this library) */
+static size_t
+dtype_size(kl_dtype t)
+{
+	return t == KL_DT_F32 ? 4 : 2;
+}
+
+static int
+cu_load_weight(kl_backend *be, kl_weight *w, kl_err *err)
+{
+	size_t		n = (size_t) w->rows * w->cols;
+	float	   *widened = NULL;
+	const void *src = w->host;
+	size_t		bytes;
+	void	   *p = NULL;
+
+	if (w->dtype == KL_DT_F16)
+	{
+		/* no f16 kernels: widen once to f32 (exact), as the CPU backend does */
+		const uint16_t *h = w->host;
+
+		widened = malloc(n * sizeof(float));
+		if (!widened)
+			return errf(err, "out of host memory converting an f16 weight");
+		for (size_t i = 0; i < n; i++)
+		{
+			uint16_t	x = h[i];
+			uint32_t	sign = (uint32_t) (x >> 15) << 31,
+						e = (x >> 10) & 31,
+						m = x & 1023,
+						u;
+			float		f;
+
+			if (e == 0)
+			{
+				f = (float) m * (1.0f / 16777216.0f);	/* subnormal: m * 2^-24 */
+				widened[i] = sign ? -f : f;
+				continue;
+			}
+			u = e == 31 ? sign | 0x7f800000u | (m << 13) : sign | ((e + 112) << 23) | (m << 13);
+			memcpy(&f, &u, 4);
+			widened[i] = f;
+		}
+		src = widened;
+		w->dtype = KL_DT_F32;
+	}
+	bytes = n * dtype_size(w->dtype);
+	if (!(p = cuda_pool_alloc(be, bytes)))
+	{
+		free(widened);
+		return errf(err, "out of GPU memory for a %d x %d weight", w->rows, w->cols);
+	}
+	if (!cuda_upload_sync(be, p, src, bytes))
+	{
+		free(widened);
+		cuda_pool_free(be, p);
+		be->failed = false;
+		return errf(err, "loading onto the GPU: %s", be->err.msg);
+	}
+	free(widened);
+	w->dev = p;
+	return KL_OK;
+}
+
+static int
+cu_init_random_weight(kl_backend *be, kl_weight *w, uint64_t seed, float scale, kl_err *err)
+{
+	cuda_state *cs = CS(be);
+	size_t		n = (size_t) w->rows * w->cols;
+	void	   *p = NULL;
+
+	if (w->dtype == KL_DT_F16)
+		w->dtype = KL_DT_F32;
+	if (!(p = cuda_pool_alloc(be, n * dtype_size(w->dtype))))
+		return errf(err, "out of GPU memory for a %d x %d weight", w->rows, w->cols);
+	kk_fill_random(cs->stream, p, w->dtype == KL_DT_BF16, n, seed, scale);
+	if (!cuda_launched(be, "fill_random"))
+	{
+		cuda_pool_free(be, p);
+		be->failed = false;
+		return errf(err, "%s", be->err.msg);
+	}
+	w->dev = p;
+	return KL_OK;
+}
+
+static void
+cu_unload_weight(kl_backend *be, kl_weight *w)
+{
+	if (w->dev)
+		cuda_pool_free(be, w->dev);
+	w->dev = NULL;
+}
+
+/* ------------------------------------------------------------------ element-wise */
+
+/*
+ * The residual add h += x is held back: forward.c follows it with the
+ * rmsnorm of h, and one kernel does both (a launch and a pass over h
+ * saved per add).  Any other op launches a held-back add first.
+ */
+void
+cuda_flush_add(kl_backend *be)
+{
+	cuda_state *cs = CS(be);
+
+	if (!cs->pend)
+		return;
+	cs->pend = false;
+	if (be->failed)
+		return;
+	kk_add(cs->stream, cs->pend_y, cs->pend_x, cs->pend_n);
+	cuda_launched(be, "add");
+}
+
+static void
+cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int rows, int d, float eps)
+{
+	cuda_state *cs = CS(be);
+
+	if (cuda_step_skip(be, OP_RMSNORM, (uintptr_t) y, (uintptr_t) x, (uintptr_t) w, (uintptr_t) rows * 65536 + d))
+		return;
+	if (cs->pend && cs->pend_y == x && ldx == d && ldy == d && cs->pend_n == (size_t) rows * d && cs->pend_x != x)
+	{
+		cs->pend = false;
+		kk_add_rmsnorm(cs->stream, y, cs->pend_y, cs->pend_x, w, rows, d, eps);
+		cuda_launched(be, "add_rmsnorm");
+		return;
+	}
+	cuda_flush_add(be);
+	kk_rmsnorm(cs->stream, y, ldy, x, ldx, w, rows, d, eps);
+	cuda_launched(be, "rmsnorm");
+}
+
+static void
+cu_add(kl_backend *be, float *y, const float *x, size_t count)
+{
+	cuda_state *cs = CS(be);
+
+	if (cuda_step_skip(be, OP_ADD, (uintptr_t) y, (uintptr_t) x, count, 0))
+		return;
+	cuda_flush_add(be);
+	cs->pend = true;
+	cs->pend_y = y;
+	cs->pend_x = x;
+	cs->pend_n = count;
+}
+
+static void
+cu_swiglu(kl_backend *be, float *h, const float *g, const float *u, int rows, int width, int ld)
+{
+	if (cuda_step_skip(be, OP_SWIGLU, (uintptr_t) h, (uintptr_t) g, (uintptr_t) u, (uintptr_t) rows * 65536 + width))
+		return;
+	kk_swiglu(CS(be)->stream, h, g, u, rows, width, ld);
+	cuda_launched(be, "swiglu");
+}
+
+static void
+cu_sync(kl_backend *be)
+{
+	cuda_state *cs = CS(be);
+
+	/* inside a step that is being captured or replayed there is nothing to wait for yet */
+	if (cs->mode != GM_EAGER)
+		return;
+	cuda_flush_add(be);
+	cuda_ok(be, cudaStreamSynchronize(cs->stream), "synchronize");
+}
+
+static void
+cu_destroy(kl_backend *be)
+{
+	cuda_state *cs = CS(be);
+
+	cudaStreamSynchronize(cs->stream);
+	cuda_graphs_destroy(be);
+	cuda_moe_free(be);
+	for (int i = 0; i < CB_COUNT; i++)
+		cudaFree(cs->buf[i]);
+	for (int i = 0; i < cs->n_deferred; i++)
+		cudaFree(cs->deferred[i]);
+	free(cs->deferred);
+	cudaFreeHost(cs->meta_host);
+	cudaFree(cs->meta_dev);
+	cudaFreeHost(cs->ids_host);
+	cudaFree(cs->ids_dev);
+	cudaEventDestroy(cs->meta_done);
+	cudaEventDestroy(cs->ids_done);
+	free(cs->h_absorbed);
+	free(cs->h_sel);
+	free(cs->h_xrow);
+	free(cs->h_inv);
+	free(cs->h_start);
+	cuda_pool_destroy(be);
+	cublasDestroy(cs->blas);
+	cudaFree(cs->blas_ws);
+	cudaStreamDestroy(cs->stream);
+	free(cs);
+	free(be);
+}
+
+static const kl_backend_ops cuda_ops = {
+	.name = "cuda",
+	.alloc = cu_alloc,
+	.release = cu_release,
+	.upload = cu_upload,
+	.download = cu_download,
+	.copy = cu_copy,
+	.load_weight = cu_load_weight,
+	.unload_weight = cu_unload_weight,
+	.init_random_weight = cu_init_random_weight,
+	.prepare_mla = cuda_prepare_mla,
+	.release_mla = cuda_release_mla,
+	.embed = cuda_embed,
+	.rmsnorm = cu_rmsnorm,
+	.matmul = cuda_matmul,
+	.matmul_batch = cuda_matmul_batch,
+	.add = cu_add,
+	.swiglu = cu_swiglu,
+	.kda = cuda_kda,
+	.mla = cuda_mla,
+	.moe = cuda_moe,
+	.begin_step = cuda_begin_step,
+	.end_step = cuda_end_step,
+	.sync = cu_sync,
+	.destroy = cu_destroy,
+};
+
+/* Shapes the kernels do not cover are refused at creation, with the reason. */
+static int
+check_config(const kl_config *cfg, kl_err *err)
+{
+	int			K = cfg->kda_head_dim;
+
+	if (cfg->n_kda_layers > 0 && K != 32 && K != 64 && K != 128)
+		return errf(err, "the CUDA backend supports KDA head sizes 32, 64 and 128, not %d", K);
+	if (cfg->n_kda_layers > 0 && (cfg->conv_kernel < 1 || cfg->conv_kernel > 8))
+		return errf(err, "the CUDA backend supports short convolutions of 1 to 8 taps, not %d", cfg->conv_kernel);
+	if (cfg->n_experts > 1024)
+		return errf(err, "the CUDA backend supports at most 1024 experts, not %d", cfg->n_experts);
+	if (cfg->n_experts > 0 && cfg->experts_per_token > 64)
+		return errf(err, "the CUDA backend supports at most 64 experts per token, not %d", cfg->experts_per_token);
+	return KL_OK;
+}
+
+__attribute__((visibility("default"))) int
+kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_backend **out, kl_err *err)
+{
+	int			ndev = 0,
+				idx = opts ? opts->device_index : 0;
+	const char *prec = opts && opts->precision ? opts->precision : "fp32";
+	cudaError_t e;
+	kl_backend *be;
+	cuda_state *cs;
+
+	*out = NULL;
+	if (check_config(cfg, err) != KL_OK)
+		return KL_FAIL;
+	e = cudaGetDeviceCount(&ndev);
+	if (e != cudaSuccess || ndev == 0)
+	{
+		cudaGetLastError();
+		return errf(err, "no usable CUDA GPU: %s", e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+	}
+	if (idx < 0 || idx >= ndev)
+		return errf(err, "GPU %d does not exist (this machine has %d)", idx, ndev);
+	if (strcmp(prec, "fp32") != 0 && strcmp(prec, "bf16") != 0)
+		return errf(err, "unknown precision \"%s\" (use fp32 or bf16)", prec);
+	if ((e = cudaSetDevice(idx)) != cudaSuccess)
+		return errf(err, "cannot use GPU %d: %s", idx, cudaGetErrorString(e));
+
+	be = calloc(1, sizeof(kl_backend));
+	cs = calloc(1, sizeof(cuda_state));
+	if (!be || !cs)
+	{
+		free(be);
+		free(cs);
+		return errf(err, "out of memory");
+	}
+	be->ops = &cuda_ops;
+	be->cfg = cfg;
+	be->impl = cs;
+	cs->device = idx;
+	cs->bf16 = strcmp(prec, "bf16") == 0;
+	cs->mode = GM_EAGER;
+	cs->cur = -1;
+	cs->graphs_enabled = true;	/* until a capture fails; KL_CUDA_GRAPHS=0: cuda_step.c */
+	{
+		/* KL_CUDA_GROUPED_GEMM=0: experts of prefill batches one product at a time (tests compare) */
+		const char *gg = getenv("KL_CUDA_GROUPED_GEMM");
+
+		cs->no_grouped_gemm = gg && strcmp(gg, "0") == 0;
+	}
+	cudaDeviceGetAttribute(&cs->sm_count, cudaDevAttrMultiProcessorCount, idx);
+	if (cs->sm_count <= 0)
+		cs->sm_count = 100;
+
+	if ((e = cudaStreamCreateWithFlags(&cs->stream, cudaStreamNonBlocking)) != cudaSuccess ||
+		(e = cudaEventCreateWithFlags(&cs->meta_done, cudaEventDisableTiming)) != cudaSuccess ||
+		(e = cudaEventCreateWithFlags(&cs->ids_done, cudaEventDisableTiming)) != cudaSuccess ||
+		(e = cudaMalloc(&cs->blas_ws, BLAS_WORKSPACE)) != cudaSuccess)
+	{
+		errf(err, "initializing GPU %d: %s", idx, cudaGetErrorString(e));
+		goto fail;
+	}
+	if (cublasCreate(&cs->blas) != CUBLAS_STATUS_SUCCESS ||
+		cublasSetStream(cs->blas, cs->stream) != CUBLAS_STATUS_SUCCESS ||
+		cublasSetWorkspace(cs->blas, cs->blas_ws, BLAS_WORKSPACE) != CUBLAS_STATUS_SUCCESS ||
+		/* fp32: no TF32 or other reduced-precision shortcuts; bf16: TF32 for fp32 weights */
+		cublasSetMathMode(cs->blas, cs->bf16 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_PEDANTIC_MATH) != CUBLAS_STATUS_SUCCESS)
+	{
+		errf(err, "initializing cuBLAS on GPU %d failed", idx);
+		goto fail;
+	}
+	*out = be;
+	return KL_OK;
+fail:
+	if (cs->blas)
+		cublasDestroy(cs->blas);
+	cudaFree(cs->blas_ws);
+	if (cs->meta_done)
+		cudaEventDestroy(cs->meta_done);
+	if (cs->ids_done)
+		cudaEventDestroy(cs->ids_done);
+	if (cs->stream)
+		cudaStreamDestroy(cs->stream);
+	free(cs);
+	free(be);
+	return KL_FAIL;
+}

@@ -1,0 +1,238 @@
+/*
+ * cuda_internal.h — what the host files of the CUDA backend share:
+ *   cuda_backend.c  creation, memory, weights, element-wise ops, the ops table
+ *   cuda_matmul.c   matrix products (our GEMV for few rows, cuBLAS otherwise)
+ *   cuda_step.c     per-step metadata on the device, CUDA graphs for decode
+ *   cuda_pool.c     device memory by size class (no per-object page rounding)
+ *   cuda_kda.c, cuda_mla.c, cuda_moe.c   the mixers and the MoE feed-forward
+ * The kernels are in kernels/ (launchers: kernels/kernels.h).
+ *
+ * Errors: every CUDA and cuBLAS call is checked; a failure sets be->failed and
+ * a message in be->err (backend.h), which forward.c turns into an error of the
+ * forward pass.  Nothing here aborts the process: it runs inside PostgreSQL
+ * background workers.
+ */
+#ifndef KL_CUDA_INTERNAL_H
+#define KL_CUDA_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+#include <cublas_v2.h>
+
+#include "backend.h"
+#include "model.h"
+#include "../../kernels/kernels.h"
+
+/* scratch buffers of the backend, by id (grow-only) */
+enum cuda_buf_id
+{
+	CB_X_BF16,					/* matmul: activations rounded to bf16 */
+	CB_PANEL,					/* matmul: bf16 weight rows widened to fp32 */
+	CB_KDA_Q,
+	CB_KDA_K,
+	CB_KDA_V,
+	CB_KDA_BETA,
+	CB_KDA_O,
+	CB_KDA_CHUNK,
+	CB_MLA_QABS,
+	CB_MLA_OLAT,
+	CB_MLA_PACC,
+	CB_MLA_PML,
+	CB_MLA_LAT,
+	CB_MLA_LAT16,
+	CB_MLA_KV,
+	CB_MLA_Q16,
+	CB_MLA_S,
+	CB_MLA_P16,
+	CB_MOE_LOGITS,
+	CB_MOE_SEL,
+	CB_MOE_WTS,
+	CB_MOE_START,
+	CB_MOE_XROW,
+	CB_MOE_INV,
+	CB_MOE_ACTIVE,
+	CB_MOE_G,
+	CB_MOE_U,
+	CB_MOE_Y,
+	CB_MOE_X,
+	CB_MOE_H16,
+	CB_MOE_PTRS,
+	CB_MOE_SG,
+	CB_MOE_SU,
+	CB_MOE_SY,
+	CB_COUNT
+};
+
+/* device tables of one MoE layer's expert matrices */
+typedef struct cuda_moe_tables
+{
+	const kl_moe_layer *w;
+	void	  **dev;			/* [3][E]: gate, up, down device pointers */
+} cuda_moe_tables;
+
+/* backend-private form of an MLA layer's kv_b (kl_mla_layer.prepared) */
+typedef struct cuda_mla_prep
+{
+	const void *kv_b;			/* [Ha*(Dn+Dv), R], fp32 or bf16 */
+	bool		bf16;
+	void	   *owned;			/* our fp32 copy, when the weight is bf16 in fp32 mode */
+} cuda_mla_prep;
+
+typedef enum cuda_graph_mode
+{
+	GM_EAGER,					/* ops run as called */
+	GM_PENDING,					/* a decode step: embed decides */
+	GM_CAPTURE,					/* ops are recorded into a new graph */
+	GM_REPLAY					/* ops are skipped; end_step launches a recorded graph */
+} cuda_graph_mode;
+
+#define CUDA_MAX_GRAPHS 32
+
+typedef struct cuda_graph
+{
+	int			n_tokens,
+				n_seqs,
+				page_cap;
+	const float *x;				/* the context's residual buffer: identifies the kl_ctx */
+	uint64_t	trace;			/* hash of the ops and their arguments */
+	cudaGraphExec_t exec;		/* NULL: seen once, not captured yet */
+	uint64_t	last_use;
+} cuda_graph;
+
+typedef struct cuda_pool cuda_pool;	/* cuda_pool.c */
+
+typedef struct cuda_state
+{
+	int			device;
+	int			sm_count;
+	bool		bf16;			/* precision "bf16": weights and matmul activations */
+	cudaStream_t stream;
+	cublasHandle_t blas;
+	void	   *blas_ws;
+
+	cuda_pool  *pool;			/* weights, states, pages, activations */
+	void	   *buf[CB_COUNT];
+	size_t		buf_cap[CB_COUNT];
+	void	  **deferred;		/* replaced buffers that a graph may still use */
+	int			n_deferred,
+				cap_deferred;
+
+	/* this step's metadata (device), uploaded by begin_step */
+	void	   *meta_host;		/* pinned */
+	void	   *meta_dev;
+	size_t		meta_cap;
+	cudaEvent_t meta_done;
+	int			n_seqs,
+				n_tokens,
+				page_cap;
+	int		   *d_row0,
+			   *d_row_seq,
+			   *d_absorbed;
+	int64_t    *d_pos0;
+	float	  **d_kda_S,
+			  **d_kda_conv,
+			  **d_pages;
+	int		   *h_absorbed;		/* host copy, [n_seqs] */
+	int			h_absorbed_cap;
+	bool		any_absorbed,
+				any_expanded;
+
+	/* token ids for embed */
+	int32_t    *ids_host;		/* pinned */
+	int32_t    *ids_dev;
+	int			ids_cap;
+	cudaEvent_t ids_done;
+
+	cuda_moe_tables *moe;
+	int			n_moe,
+				cap_moe;
+
+	/* graphs of decode steps */
+	bool		graphs_enabled;
+	cuda_graph_mode mode;
+	uint64_t	trace;
+	int			cur;			/* graph entry of the step (PENDING/CAPTURE/REPLAY) */
+	cuda_graph	graphs[CUDA_MAX_GRAPHS];
+	uint64_t	clock;
+
+	/* a residual add held back to be fused into the rmsnorm that follows it */
+	bool		pend;
+	float	   *pend_y;
+	const float *pend_x;
+	size_t		pend_n;
+
+	bool		no_grouped_gemm;	/* cuBLAS here lacks bf16 grouped GEMM: loop instead */
+
+	/* host staging for MoE grouping of prefill batches */
+	int		   *h_sel,
+			   *h_xrow,
+			   *h_inv,
+			   *h_start;
+	size_t		h_moe_cap;
+} cuda_state;
+
+static inline cuda_state *
+CS(kl_backend *be)
+{
+	return (cuda_state *) be->impl;
+}
+
+/* error reporting: false (and be->failed set) when the call failed */
+bool		cuda_ok(kl_backend *be, cudaError_t e, const char *what);
+bool		cuda_launched(kl_backend *be, const char *what);
+bool		blas_ok(kl_backend *be, cublasStatus_t st, const char *what);
+void		cuda_fail(kl_backend *be, const char *fmt,...) __attribute__((format(printf, 2, 3)));
+
+/* a scratch buffer of at least `bytes` (contents undefined); NULL on failure */
+void	   *cuda_buf(kl_backend *be, int id, size_t bytes);
+/* cuda_pool.c: device objects carved from slabs by size (see there) */
+void	   *cuda_pool_alloc(kl_backend *be, size_t bytes);
+void		cuda_pool_free(kl_backend *be, void *p);
+void		cuda_pool_destroy(kl_backend *be);
+
+/* host -> device, synchronous */
+bool		cuda_upload_sync(kl_backend *be, void *dst, const void *src, size_t bytes);
+
+/* Returns true when the op must not run now: the backend failed, or a graph
+ * replay is pending (the op is traced instead).  Every op that a forward step
+ * calls starts with it. */
+bool		cuda_step_skip(kl_backend *be, int op, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d);
+/* launch a held-back residual add (any op but the fusing rmsnorm calls it first) */
+void		cuda_flush_add(kl_backend *be);
+
+enum cuda_op
+{
+	OP_EMBED = 1, OP_RMSNORM, OP_MATMUL, OP_ADD, OP_SWIGLU, OP_KDA, OP_MLA, OP_MOE, OP_COPY
+};
+
+/* cuda_matmul.c */
+void		cuda_matmul(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
+void		cuda_matmul_batch(kl_backend *be, const kl_matmul_job *jobs, int count);
+void		cuda_matmul_batch_raw(kl_backend *be, const kl_matmul_job *jobs, int count);
+/* the product itself, without the step bookkeeping (for the mixers) */
+void		cuda_matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
+/* the same in fp32 arithmetic whatever the precision mode (MoE routing) */
+void		cuda_matmul_fp32(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
+/* C (bf16) [n, rows] = x16 [n, cols] (bf16, ldx) W^T, W bf16 */
+bool		cuda_gemm_bf16_out(kl_backend *be, uint16_t *y, int ldy, const uint16_t *x, int ldx, int n,
+							   const void *W, int rows, int cols);
+
+/* cuda_step.c */
+int			cuda_begin_step(kl_backend *be, const kl_step *st, kl_err *err);
+void		cuda_end_step(kl_backend *be, const kl_step *st);
+void		cuda_embed(kl_backend *be, float *x, const kl_weight *E, const int32_t *ids, int n);
+void		cuda_graphs_forget_buffer(kl_backend *be, const void *p);
+void		cuda_graphs_destroy(kl_backend *be);
+void		cuda_abort_capture(kl_backend *be);
+
+/* cuda_kda.c, cuda_mla.c, cuda_moe.c */
+void		cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a);
+void		cuda_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a);
+int			cuda_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err);
+void		cuda_release_mla(kl_backend *be, kl_mla_layer *w);
+void		cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n);
+void		cuda_moe_free(kl_backend *be);
+
+#endif

@@ -1,0 +1,300 @@
+/*
+ * cuda_mla.c — the MLA mixer op on the GPU (the math: src/engine/cpu_mla.c).
+ *
+ * The new latent rows go into the paged cache first (one launch for the
+ * batch).  Then, as on the CPU, each sequence takes one of two forms, decided
+ * by its own row count only:
+ *   absorbed (fewer than 64 rows: decode, short inputs) — kernels/mla.cu,
+ *     one launch each for the whole batch, all heads of a token attending to
+ *     the shared latent rows, long contexts split over many blocks;
+ *   expanded (64 rows or more: prompts) — keys and values expanded once per
+ *     step through kv_b (one GEMM), then blocks of query rows: scores for all
+ *     heads (strided-batched GEMM, plus a second one for the shared k_pe),
+ *     causal softmax, output (strided-batched GEMM).  The score block is
+ *     bounded (SCORE_BYTES): no n x n matrix is ever held.
+ * In bf16 mode (with bf16 weights) the expanded products take bf16 operands
+ * with fp32 accumulation; otherwise they are SGEMMs (without TF32 in fp32 mode).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "cuda_internal.h"
+
+#define SPLIT_MIN_KEYS 64		/* decode: keys per block at least */
+/* prefill: fp32 scores of one query block: a quarter of the free memory, within these bounds */
+#define SCORE_BYTES_MIN ((size_t) 256 << 20)
+#define SCORE_BYTES_MAX ((size_t) 4 << 30)
+
+int
+cuda_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err)
+{
+	cuda_state *cs = CS(be);
+	cuda_mla_prep *p = calloc(1, sizeof(cuda_mla_prep));
+	size_t		n = (size_t) w->kv_b.rows * w->kv_b.cols;
+
+	if (!p)
+	{
+		snprintf(err->msg, sizeof(err->msg), "out of memory");
+		return KL_FAIL;
+	}
+	if (w->kv_b.dtype == KL_DT_BF16 && !cs->bf16)
+	{
+		/* fp32 mode: the attention kernels read W_uk, W_uv in fp32 */
+		if (!cuda_ok(be, cudaMalloc(&p->owned, n * sizeof(float)), "cudaMalloc (kv_b)"))
+			goto fail;
+		kk_bf16_to_f32(cs->stream, p->owned, w->kv_b.dev, n);
+		if (!cuda_launched(be, "bf16_to_f32") || !cuda_ok(be, cudaStreamSynchronize(cs->stream), "prepare_mla"))
+			goto fail;
+		p->kv_b = p->owned;
+		p->bf16 = false;
+	}
+	else
+	{
+		p->kv_b = w->kv_b.dev;
+		p->bf16 = w->kv_b.dtype == KL_DT_BF16;
+	}
+	w->prepared = p;
+	return KL_OK;
+fail:
+	cudaFree(p->owned);
+	free(p);
+	be->failed = false;
+	snprintf(err->msg, sizeof(err->msg), "%s", be->err.msg);
+	return KL_FAIL;
+}
+
+void
+cuda_release_mla(kl_backend *be, kl_mla_layer *w)
+{
+	cuda_mla_prep *p = w->prepared;
+
+	(void) be;
+	if (!p)
+		return;
+	cudaFree(p->owned);
+	free(p);
+	w->prepared = NULL;
+}
+
+/* ------------------------------------------------------------------ absorbed form */
+
+static void
+mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pages)
+{
+	cuda_state *cs = CS(be);
+	const kl_config *c = be->cfg;
+	const cuda_mla_prep *p = a->w->prepared;
+	int			Ha = c->mla_heads,
+				Dn = c->qk_nope_dim,
+				Dr = c->qk_rope_dim,
+				Dv = c->v_head_dim,
+				R = c->kv_lora_rank,
+				Wa = R + Dr;
+	int			n = st->n_tokens;
+	/*
+	 * Key ranges per token: enough blocks to fill the GPU four times, decided by
+	 * the page-table capacity and the token count alone (a recorded graph
+	 * stays valid as positions grow within that capacity).
+	 */
+	int64_t		max_keys = (int64_t) cs->page_cap * KL_MLA_PAGE;
+	int			want = (4 * cs->sm_count + n - 1) / n;
+	int64_t		split = (max_keys + want - 1) / want;
+	int			max_splits;
+	float	   *qabs,
+			   *olat,
+			   *pacc,
+			   *pml;
+	int			rc;
+
+	split = (split + 31) / 32 * 32;
+	if (split < SPLIT_MIN_KEYS)
+		split = SPLIT_MIN_KEYS;
+	max_splits = (int) ((max_keys + split - 1) / split);
+	qabs = cuda_buf(be, CB_MLA_QABS, sizeof(float) * (size_t) n * Ha * Wa);
+	olat = cuda_buf(be, CB_MLA_OLAT, sizeof(float) * (size_t) n * Ha * R);
+	pacc = cuda_buf(be, CB_MLA_PACC, sizeof(float) * (size_t) n * max_splits * Ha * R);
+	pml = cuda_buf(be, CB_MLA_PML, sizeof(float) * 2 * (size_t) n * max_splits * Ha);
+	if (!qabs || !olat || !pacc || !pml)
+		return;
+
+	kk_mla_absorb_q(cs->stream, n, Ha, Dn, Dr, Dv, R, a->q, p->kv_b, p->bf16, qabs, cs->d_row_seq, cs->d_absorbed);
+	if (!cuda_launched(be, "mla_absorb_q"))
+		return;
+	rc = kk_mla_attend(cs->stream, n, max_splits, (int) split, Ha, R, Dr, qabs, 1.0f / sqrtf((float) (Dn + Dr)),
+					   cs->d_row_seq, cs->d_row0, cs->d_pos0, cs->d_absorbed, pages, cs->page_cap, pacc, pml);
+	if (rc != 0)
+	{
+		cuda_ok(be, (cudaError_t) rc, "mla_attend");
+		return;
+	}
+	if (!cuda_launched(be, "mla_attend"))
+		return;
+	kk_mla_merge(cs->stream, n, max_splits, (int) split, Ha, R, pacc, pml, cs->d_row_seq, cs->d_row0, cs->d_pos0,
+				 cs->d_absorbed, olat);
+	if (!cuda_launched(be, "mla_merge"))
+		return;
+	kk_mla_out(cs->stream, n, Ha, Dn, Dv, R, olat, p->kv_b, p->bf16, a->out, cs->d_row_seq, cs->d_absorbed);
+	cuda_launched(be, "mla_out");
+}
+
+/* ------------------------------------------------------------------ expanded form */
+
+static void
+mla_expanded(kl_backend *be, const kl_step *st, const kl_mla_args *a, int s, float **seq_pages)
+{
+	cuda_state *cs = CS(be);
+	const kl_config *c = be->cfg;
+	const cuda_mla_prep *p = a->w->prepared;
+	int			Ha = c->mla_heads,
+				Dn = c->qk_nope_dim,
+				Dr = c->qk_rope_dim,
+				Dv = c->v_head_dim,
+				R = c->kv_lora_rank,
+				Wa = R + Dr,
+				Dq = Dn + Dr,
+				L = Ha * (Dn + Dv);
+	int			r0 = st->row0[s],
+				nr = st->row0[s + 1] - r0;
+	int64_t		pos0 = st->pos0[s],
+				m = pos0 + nr;
+	const float *q = a->q + (size_t) r0 * Ha * Dq;
+	float	   *out = a->out + (size_t) r0 * Ha * Dv;
+	float		scale = 1.0f / sqrtf((float) Dq);
+	const float one = 1.0f,
+				zero = 0.0f;
+	int			nq;
+	float	   *lat,
+			   *S,
+			   *kvf = NULL;
+	uint16_t   *lat16 = NULL,
+			   *kv16 = NULL,
+			   *q16 = NULL,
+			   *P16 = NULL;
+	bool		use16 = cs->bf16 && p->bf16;	/* bf16 operands (else fp32, TF32 in bf16 mode) */
+
+	if (m > INT32_MAX / 2)
+	{
+		cuda_fail(be, "sequence too long for the GPU attention (%lld positions)", (long long) m);
+		return;
+	}
+	{
+		size_t		fr = 0,
+					tot = 0,
+					budget;
+
+		cudaMemGetInfo(&fr, &tot);
+		budget = fr / 4;
+		budget = budget < SCORE_BYTES_MIN ? SCORE_BYTES_MIN : budget > SCORE_BYTES_MAX ? SCORE_BYTES_MAX : budget;
+		nq = (int) (budget / (sizeof(float) * (size_t) Ha * (size_t) m));
+		if (nq >= 128)
+			nq &= ~63;			/* whole tensor-core tiles */
+		nq = nq < 1 ? 1 : nq > nr ? nr : nq;
+	}
+	lat = cuda_buf(be, CB_MLA_LAT, sizeof(float) * (size_t) m * Wa);
+	S = cuda_buf(be, CB_MLA_S, sizeof(float) * (size_t) Ha * nq * m);
+	if (!lat || !S)
+		return;
+	kk_mla_gather(cs->stream, lat, m, Wa, seq_pages);
+	if (!cuda_launched(be, "mla_gather"))
+		return;
+
+	/* keys and values of every head: KV [m, Ha*(Dn+Dv)] = C kv_b^T */
+	if (use16)
+	{
+		lat16 = cuda_buf(be, CB_MLA_LAT16, sizeof(uint16_t) * (size_t) m * Wa);
+		kv16 = cuda_buf(be, CB_MLA_KV, sizeof(uint16_t) * (size_t) m * L);
+		q16 = cuda_buf(be, CB_MLA_Q16, sizeof(uint16_t) * (size_t) nr * Ha * Dq);
+		P16 = cuda_buf(be, CB_MLA_P16, sizeof(uint16_t) * (size_t) Ha * nq * m);
+		if (!lat16 || !kv16 || !q16 || !P16)
+			return;
+		kk_f32_to_bf16(cs->stream, lat16, Wa, lat, Wa, (int) m, Wa);
+		kk_f32_to_bf16(cs->stream, q16, Ha * Dq, q, Ha * Dq, nr, Ha * Dq);
+		if (!cuda_launched(be, "f32_to_bf16") || !cuda_gemm_bf16_out(be, kv16, L, lat16, Wa, (int) m, p->kv_b, L, R))
+			return;
+	}
+	else
+	{
+		kl_weight	view = {0};
+
+		view.dtype = p->bf16 ? KL_DT_BF16 : KL_DT_F32;
+		view.rows = L;
+		view.cols = R;
+		view.dev = (void *) p->kv_b;
+		kvf = cuda_buf(be, CB_MLA_KV, sizeof(float) * (size_t) m * L);
+		if (!kvf)
+			return;
+		cuda_matmul_raw(be, kvf, L, lat, Wa, (int) m, &view);
+		if (be->failed)
+			return;
+	}
+
+	for (int i0 = 0; i0 < nr && !be->failed; i0 += nq)
+	{
+		int			nb = nr - i0 < nq ? nr - i0 : nq;
+		int			kb = (int) (pos0 + i0 + nb);	/* keys the block's last query sees */
+		long long	sS = (long long) nb * kb;
+
+		/* S_h = scale (K_nope_h Q_nope_h^T + K_pe Q_pe_h^T), column-major [kb, nb] per head */
+		if (use16)
+		{
+			if (!blas_ok(be, cublasGemmStridedBatchedEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, kb, nb, Dn, &scale,
+														 kv16, CUDA_R_16BF, L, Dn + Dv,
+														 q16 + (size_t) i0 * Ha * Dq, CUDA_R_16BF, Ha * Dq, Dq, &zero,
+														 S, CUDA_R_32F, kb, sS, Ha, CUBLAS_COMPUTE_32F,
+														 CUBLAS_GEMM_DEFAULT), "attention scores (nope)") ||
+				!blas_ok(be, cublasGemmStridedBatchedEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, kb, nb, Dr, &scale,
+														 lat16 + R, CUDA_R_16BF, Wa, 0,
+														 q16 + (size_t) i0 * Ha * Dq + Dn, CUDA_R_16BF, Ha * Dq, Dq,
+														 &one, S, CUDA_R_32F, kb, sS, Ha, CUBLAS_COMPUTE_32F,
+														 CUBLAS_GEMM_DEFAULT), "attention scores (pe)"))
+				return;
+		}
+		else if (!blas_ok(be, cublasSgemmStridedBatched(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, kb, nb, Dn, &scale,
+														kvf, L, Dn + Dv, q + (size_t) i0 * Ha * Dq, Ha * Dq, Dq,
+														&zero, S, kb, sS, Ha), "attention scores (nope)") ||
+				 !blas_ok(be, cublasSgemmStridedBatched(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, kb, nb, Dr, &scale,
+														lat + R, Wa, 0, q + (size_t) i0 * Ha * Dq + Dn, Ha * Dq, Dq,
+														&one, S, kb, sS, Ha), "attention scores (pe)"))
+			return;
+
+		kk_mla_softmax(cs->stream, S, P16, Ha, nb, kb, pos0 + i0);
+		if (!cuda_launched(be, "mla_softmax"))
+			return;
+
+		/* O_h [nb, Dv] = P_h V_h: column-major O^T = V^T P^T */
+		if (use16)
+			blas_ok(be, cublasGemmStridedBatchedEx(cs->blas, CUBLAS_OP_N, CUBLAS_OP_N, Dv, nb, kb, &one,
+												   kv16 + Dn, CUDA_R_16BF, L, Dn + Dv, P16, CUDA_R_16BF, kb, sS,
+												   &zero, out + (size_t) i0 * Ha * Dv, CUDA_R_32F, Ha * Dv, Dv, Ha,
+												   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "attention output");
+		else
+			blas_ok(be, cublasSgemmStridedBatched(cs->blas, CUBLAS_OP_N, CUBLAS_OP_N, Dv, nb, kb, &one,
+												  kvf + Dn, L, Dn + Dv, S, kb, sS, &zero,
+												  out + (size_t) i0 * Ha * Dv, Ha * Dv, Dv, Ha), "attention output");
+	}
+}
+
+/* ------------------------------------------------------------------ the op */
+
+void
+cuda_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a)
+{
+	cuda_state *cs = CS(be);
+	const kl_config *c = be->cfg;
+	int			Wa = c->kv_lora_rank + c->qk_rope_dim;
+	float	  **pages = cs->d_pages + (size_t) a->mla_index * cs->n_seqs * cs->page_cap;
+
+	if (cuda_step_skip(be, OP_MLA, (uintptr_t) a->q, (uintptr_t) a->kv, (uintptr_t) a->out,
+					   (uintptr_t) a->mla_index))
+		return;
+	kk_mla_append(cs->stream, st->n_tokens, Wa, a->kv, cs->d_row_seq, cs->d_row0, cs->d_pos0, pages, cs->page_cap);
+	if (!cuda_launched(be, "mla_append"))
+		return;
+	if (cs->any_absorbed)
+		mla_absorbed(be, st, a, pages);
+	if (cs->any_expanded)
+		for (int s = 0; s < st->n_seqs && !be->failed; s++)
+			if (!cs->h_absorbed[s])
+				mla_expanded(be, st, a, s, pages + (size_t) s * cs->page_cap);
+}

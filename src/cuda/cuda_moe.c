@@ -1,0 +1,434 @@
+/*
+ * cuda_moe.c — the mixture-of-experts feed-forward on the GPU.
+ *
+ * Routing runs on the device (kernels/moe.cu, the same rule as
+ * src/engine/moe_route.c).  Then:
+ *   decode-sized batches (at most 64 tokens): the pairs are grouped by expert
+ *     on the device and each used expert's matrices stream once through the
+ *     expert GEMV kernel — no host round trip, so the step can be a graph;
+ *   larger batches: the choices come to the host, which groups them (stable,
+ *     as cpu_moe.c does); in bf16 mode the gathered rows go through three
+ *     grouped cuBLAS products (gate, up; down) for all used experts at once,
+ *     otherwise one product per used expert through the ordinary matmul path.
+ * The shared experts are a plain SwiGLU MLP over all tokens; the combine
+ * kernel sums each token's weighted expert outputs and the shared one.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_internal.h"
+
+#define MOE_DEVICE_MAX_TOKENS 64
+
+/* ------------------------------------------------------------------ expert tables */
+
+static const cuda_moe_tables *
+moe_tables(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w)
+{
+	cuda_state *cs = CS(be);
+	int			E = cfg->n_experts;
+	cuda_moe_tables *t;
+	void	  **host;
+
+	for (int i = 0; i < cs->n_moe; i++)
+		if (cs->moe[i].w == w)
+			return &cs->moe[i];
+	if (cs->mode == GM_CAPTURE)
+	{
+		cuda_fail(be, "internal error: MoE tables built during graph capture");
+		return NULL;
+	}
+	if (cs->n_moe == cs->cap_moe)
+	{
+		int			cap = cs->cap_moe ? cs->cap_moe * 2 : 16;
+		cuda_moe_tables *nt = realloc(cs->moe, sizeof(cuda_moe_tables) * (size_t) cap);
+
+		if (!nt)
+		{
+			cuda_fail(be, "out of memory");
+			return NULL;
+		}
+		cs->moe = nt;
+		cs->cap_moe = cap;
+	}
+	t = &cs->moe[cs->n_moe];
+	/* [3][E+1]: gate, up, down of each expert; entry E is the shared expert */
+	host = calloc(3 * ((size_t) E + 1), sizeof(void *));
+	if (!host)
+	{
+		cuda_fail(be, "out of memory");
+		return NULL;
+	}
+	for (int e = 0; e <= E; e++)
+	{
+		const kl_mlp *x = e < E ? &w->experts[e] : w->has_shared ? &w->shared : NULL;
+
+		if (!x)
+			continue;
+		host[e] = x->gate.dev;
+		host[(E + 1) + e] = x->up.dev;
+		host[2 * (E + 1) + e] = x->down.dev;
+	}
+	t->w = w;
+	t->dev = NULL;
+	if (!cuda_ok(be, cudaMalloc((void **) &t->dev, sizeof(void *) * 3 * ((size_t) E + 1)), "cudaMalloc (expert table)") ||
+		!cuda_upload_sync(be, t->dev, host, sizeof(void *) * 3 * ((size_t) E + 1)))
+	{
+		cudaFree(t->dev);
+		free(host);
+		return NULL;
+	}
+	free(host);
+	cs->n_moe++;
+	return t;
+}
+
+void
+cuda_moe_free(kl_backend *be)
+{
+	cuda_state *cs = CS(be);
+
+	for (int i = 0; i < cs->n_moe; i++)
+		cudaFree(cs->moe[i].dev);
+	free(cs->moe);
+	cs->moe = NULL;
+	cs->n_moe = cs->cap_moe = 0;
+}
+
+/* ------------------------------------------------------------------ host grouping (prefill) */
+
+static bool
+host_group(kl_backend *be, int n, int E, int k, const int *d_sel, int *d_xrow, int *d_inv)
+{
+	cuda_state *cs = CS(be);
+	size_t		nk = (size_t) n * k;
+	int		   *fill;
+
+	if (cs->h_moe_cap < nk || !cs->h_start)
+	{
+		size_t		cap = nk * 2;
+
+		free(cs->h_sel);
+		free(cs->h_xrow);
+		free(cs->h_inv);
+		free(cs->h_start);
+		cs->h_sel = malloc(sizeof(int) * cap);
+		cs->h_xrow = malloc(sizeof(int) * cap);
+		cs->h_inv = malloc(sizeof(int) * cap);
+		cs->h_start = malloc(sizeof(int) * 2 * ((size_t) E + 1));
+		cs->h_moe_cap = cap;
+		if (!cs->h_sel || !cs->h_xrow || !cs->h_inv || !cs->h_start)
+		{
+			cs->h_moe_cap = 0;
+			cuda_fail(be, "out of memory grouping experts");
+			return false;
+		}
+	}
+	if (!cuda_ok(be, cudaMemcpyAsync(cs->h_sel, d_sel, sizeof(int) * nk, cudaMemcpyDeviceToHost, cs->stream),
+				 "expert choices download") ||
+		!cuda_ok(be, cudaStreamSynchronize(cs->stream), "expert choices download"))
+		return false;
+	fill = cs->h_start + E + 1;
+	memset(cs->h_start, 0, sizeof(int) * ((size_t) E + 1));
+	for (size_t i = 0; i < nk; i++)
+	{
+		if (cs->h_sel[i] < 0 || cs->h_sel[i] >= E)
+		{
+			cuda_fail(be, "internal error: expert id %d out of range", cs->h_sel[i]);
+			return false;
+		}
+		cs->h_start[cs->h_sel[i] + 1]++;
+	}
+	for (int e = 0; e < E; e++)
+		cs->h_start[e + 1] += cs->h_start[e];
+	memcpy(fill, cs->h_start, sizeof(int) * (size_t) E);
+	for (size_t i = 0; i < nk; i++)
+	{
+		int			p = fill[cs->h_sel[i]]++;
+
+		cs->h_xrow[p] = (int) (i / k);
+		cs->h_inv[i] = p;
+	}
+	return cuda_ok(be, cudaMemcpyAsync(d_xrow, cs->h_xrow, sizeof(int) * nk, cudaMemcpyHostToDevice, cs->stream),
+				   "expert grouping upload") &&
+		cuda_ok(be, cudaMemcpyAsync(d_inv, cs->h_inv, sizeof(int) * nk, cudaMemcpyHostToDevice, cs->stream),
+				"expert grouping upload") &&
+		cuda_ok(be, cudaStreamSynchronize(cs->stream), "expert grouping upload");
+}
+
+/* ------------------------------------------------------------------ grouped products (prefill, bf16) */
+
+/*
+ * One cublasGemmGroupedBatchedEx per stage instead of a product per used
+ * expert: Y_g [cnt, rows] = X_g [cnt, cols] W_g^T for the listed groups
+ * (bf16 operands, fp32 results).  Returns false with be->failed clear when
+ * cuBLAS does not support it here (the caller then loops).
+ */
+typedef struct moe_group_list
+{
+	int			n;
+	const void **W;
+	const uint16_t **X;
+	float	  **Y;
+	int		   *cnt;
+} moe_group_list;
+
+static bool
+grouped_gemm(kl_backend *be, const moe_group_list *g, int rows, int cols)
+{
+	cuda_state *cs = CS(be);
+	int			n = g->n;
+	cublasOperation_t *ta = malloc(sizeof(cublasOperation_t) * (size_t) n),
+			   *tb = malloc(sizeof(cublasOperation_t) * (size_t) n);
+	int		   *m = malloc(sizeof(int) * (size_t) n * 7);
+	float	   *ab = malloc(sizeof(float) * 2 * (size_t) n);
+	void	  **host = malloc(sizeof(void *) * 3 * (size_t) n);
+	void	  **dev = cuda_buf(be, CB_MOE_PTRS, sizeof(void *) * 3 * (size_t) n);
+	cublasStatus_t st = CUBLAS_STATUS_ALLOC_FAILED;
+	bool		ok = false;
+
+	if (!ta || !tb || !m || !ab || !host || !dev)
+		goto out;
+	for (int i = 0; i < n; i++)
+	{
+		ta[i] = CUBLAS_OP_T;
+		tb[i] = CUBLAS_OP_N;
+		m[i] = rows;			/* m */
+		m[n + i] = g->cnt[i];	/* n */
+		m[2 * n + i] = cols;	/* k */
+		m[3 * n + i] = cols;	/* lda */
+		m[4 * n + i] = cols;	/* ldb */
+		m[5 * n + i] = rows;	/* ldc */
+		m[6 * n + i] = 1;		/* group size */
+		ab[i] = 1.0f;
+		ab[n + i] = 0.0f;
+		host[i] = (void *) g->W[i];
+		host[n + i] = (void *) g->X[i];
+		host[2 * n + i] = g->Y[i];
+	}
+	if (!cuda_upload_sync(be, dev, host, sizeof(void *) * 3 * (size_t) n))
+		goto out;
+	st = cublasGemmGroupedBatchedEx(cs->blas, ta, tb, m, m + n, m + 2 * n, ab, (const void *const *) dev,
+									CUDA_R_16BF, m + 3 * n, (const void *const *) (dev + n), CUDA_R_16BF, m + 4 * n,
+									ab + n, dev + 2 * n, CUDA_R_32F, m + 5 * n, n, m + 6 * n, CUBLAS_COMPUTE_32F);
+	if (st == CUBLAS_STATUS_NOT_SUPPORTED)
+		cs->no_grouped_gemm = true;
+	else
+		ok = blas_ok(be, st, "GemmGroupedBatchedEx (experts)");
+out:
+	free(ta);
+	free(tb);
+	free(m);
+	free(ab);
+	free(host);
+	return ok;
+}
+
+/* the experts of a prefill batch in bf16: three grouped products */
+static bool
+experts_grouped(kl_backend *be, const kl_moe_layer *w, const int *st, int E, int D, int F, const float *x,
+				const int *xrow, size_t nk, float *g, float *u, float *ye)
+{
+	cuda_state *cs = CS(be);
+	uint16_t   *x16 = cuda_buf(be, CB_MOE_X, sizeof(uint16_t) * nk * D);
+	uint16_t   *h16 = cuda_buf(be, CB_MOE_H16, sizeof(uint16_t) * nk * F);
+	moe_group_list gl;
+	bool		ok = false;
+	int			na = 0;
+
+	gl.W = malloc(sizeof(void *) * 2 * (size_t) E);
+	gl.X = malloc(sizeof(void *) * 2 * (size_t) E);
+	gl.Y = malloc(sizeof(void *) * 2 * (size_t) E);
+	gl.cnt = malloc(sizeof(int) * 2 * (size_t) E);
+	if (!x16 || !h16 || !gl.W || !gl.X || !gl.Y || !gl.cnt)
+		goto out;
+	kk_gather_rows_bf16(cs->stream, x16, x, D, xrow, (int) nk, D);
+	if (!cuda_launched(be, "gather rows (bf16)"))
+		goto out;
+	for (int e = 0; e < E; e++)
+		if (st[e + 1] > st[e])
+		{
+			gl.W[na] = w->experts[e].gate.dev;
+			gl.X[na] = x16 + (size_t) st[e] * D;
+			gl.Y[na] = g + (size_t) st[e] * F;
+			gl.cnt[na++] = st[e + 1] - st[e];
+			gl.W[na] = w->experts[e].up.dev;
+			gl.X[na] = x16 + (size_t) st[e] * D;
+			gl.Y[na] = u + (size_t) st[e] * F;
+			gl.cnt[na++] = st[e + 1] - st[e];
+		}
+	gl.n = na;
+	if (!grouped_gemm(be, &gl, F, D))
+		goto out;
+	kk_swiglu_bf16(cs->stream, h16, g, u, nk * F);
+	if (!cuda_launched(be, "swiglu (bf16)"))
+		goto out;
+	na = 0;
+	for (int e = 0; e < E; e++)
+		if (st[e + 1] > st[e])
+		{
+			gl.W[na] = w->experts[e].down.dev;
+			gl.X[na] = h16 + (size_t) st[e] * F;
+			gl.Y[na] = ye + (size_t) st[e] * D;
+			gl.cnt[na++] = st[e + 1] - st[e];
+		}
+	gl.n = na;
+	ok = grouped_gemm(be, &gl, D, F);
+out:
+	free(gl.W);
+	free(gl.X);
+	free(gl.Y);
+	free(gl.cnt);
+	return ok;
+}
+
+/* ------------------------------------------------------------------ the op */
+
+void
+cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n)
+{
+	cuda_state *cs = CS(be);
+	int			E = cfg->n_experts,
+				k = cfg->experts_per_token,
+				D = cfg->hidden_size,
+				F = cfg->moe_intermediate,
+				G = cfg->n_expert_groups > 0 ? cfg->n_expert_groups : 1;
+	int			Fs = F * cfg->n_shared_experts;
+	size_t		nk = (size_t) n * k;
+	const cuda_moe_tables *tab;
+	float	   *logits,
+			   *wts,
+			   *g,
+			   *u,
+			   *ye,
+			   *sy = NULL;
+	int		   *sel,
+			   *start,
+			   *xrow,
+			   *inv,
+			   *active;
+	bool		wbf = w->experts[0].gate.dtype == KL_DT_BF16;
+
+	if (cuda_step_skip(be, OP_MOE, (uintptr_t) y, (uintptr_t) x, (uintptr_t) w, (uintptr_t) n))
+		return;
+	if (n <= 0)
+		return;
+	if (!(tab = moe_tables(be, cfg, w)))
+		return;
+	logits = cuda_buf(be, CB_MOE_LOGITS, sizeof(float) * (size_t) n * E);
+	sel = cuda_buf(be, CB_MOE_SEL, sizeof(int) * nk);
+	wts = cuda_buf(be, CB_MOE_WTS, sizeof(float) * nk);
+	start = cuda_buf(be, CB_MOE_START, sizeof(int) * ((size_t) E + 2));
+	xrow = cuda_buf(be, CB_MOE_XROW, sizeof(int) * (nk + n));
+	inv = cuda_buf(be, CB_MOE_INV, sizeof(int) * nk);
+	active = cuda_buf(be, CB_MOE_ACTIVE, sizeof(int) * ((size_t) E + 2));
+	/* rows: the routed pairs, then (decode, fused) the shared expert's */
+	g = cuda_buf(be, CB_MOE_G, sizeof(float) * (nk + n) * F);
+	u = cuda_buf(be, CB_MOE_U, sizeof(float) * (nk + n) * F);
+	ye = cuda_buf(be, CB_MOE_Y, sizeof(float) * (nk + n) * D);
+	if (!logits || !sel || !wts || !start || !xrow || !inv || !active || !g || !u || !ye)
+		return;
+
+	/* 1. route, in fp32 (logits included, in either precision mode) */
+	cuda_matmul_fp32(be, logits, E, x, D, n, &w->router);
+	kk_moe_route(cs->stream, n, E, k, G, cfg->topk_groups, cfg->router_softmax, cfg->moe_renormalize,
+				 cfg->bias_in_weights, cfg->routed_scaling, logits, w->score_bias, sel, wts);
+	if (be->failed || !cuda_launched(be, "moe_route"))
+		return;
+
+	if (n <= MOE_DEVICE_MAX_TOKENS)
+	{
+		/*
+		 * 2. group on the device; each used expert's weights stream once.
+		 * A shared expert of the routed experts' width (S = 1) joins as
+		 * expert E over all tokens: its products share the launches.
+		 */
+		bool		fuse = w->has_shared && Fs == F && w->shared.gate.dtype == w->experts[0].gate.dtype &&
+			w->shared.down.dtype == w->experts[0].down.dtype;
+		int			rows = (int) nk + (fuse ? n : 0);
+		int			max_active = (int) (nk < (size_t) E ? nk : (size_t) E) + (fuse ? 1 : 0);
+
+		kk_moe_group(cs->stream, (int) nk, E, k, fuse ? n : 0, sel, start, xrow, inv, active);
+		if (!cuda_launched(be, "moe_group"))
+			return;
+		kk_expert_gemv(cs->stream, g, u, F, x, D, xrow, (const void *const *) tab->dev,
+					   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active);
+		if (!cuda_launched(be, "expert gate/up"))
+			return;
+		kk_swiglu(cs->stream, g, g, u, rows, F, F);
+		kk_expert_gemv(cs->stream, ye, NULL, D, g, F, NULL, (const void *const *) (tab->dev + 2 * (E + 1)), NULL, wbf,
+					   D, F, start, active, max_active);
+		if (!cuda_launched(be, "expert down"))
+			return;
+		if (fuse)
+		{
+			kk_moe_combine(cs->stream, y, n, D, k, wts, inv, ye, ye + nk * D);
+			cuda_launched(be, "moe_combine");
+			return;
+		}
+	}
+	else
+	{
+		/* 2. group on the host; one product per used expert */
+		float	   *xe = cuda_buf(be, CB_MOE_X, sizeof(float) * nk * D);
+		const int  *st;
+
+		if (!xe || !host_group(be, n, E, k, sel, xrow, inv))
+			return;
+		st = cs->h_start;
+		if (cs->bf16 && wbf && !cs->no_grouped_gemm &&
+			experts_grouped(be, w, st, E, D, F, x, xrow, nk, g, u, ye))
+			goto shared;
+		if (be->failed)
+			return;
+		kk_gather_rows(cs->stream, xe, x, D, xrow, (int) nk, D);
+		if (!cuda_launched(be, "gather rows"))
+			return;
+		for (int e = 0; e < E && !be->failed; e++)
+		{
+			int			c = st[e + 1] - st[e];
+
+			if (c == 0)
+				continue;
+			cuda_matmul_raw(be, g + (size_t) st[e] * F, F, xe + (size_t) st[e] * D, D, c, &w->experts[e].gate);
+			cuda_matmul_raw(be, u + (size_t) st[e] * F, F, xe + (size_t) st[e] * D, D, c, &w->experts[e].up);
+		}
+		kk_swiglu(cs->stream, g, g, u, (int) nk, F, F);
+		if (!cuda_launched(be, "swiglu"))
+			return;
+		for (int e = 0; e < E && !be->failed; e++)
+		{
+			int			c = st[e + 1] - st[e];
+
+			if (c > 0)
+				cuda_matmul_raw(be, ye + (size_t) st[e] * D, D, g + (size_t) st[e] * F, F, c, &w->experts[e].down);
+		}
+		if (be->failed)
+			return;
+	}
+
+	/* 3. shared experts: a SwiGLU MLP of width F*S over all tokens */
+shared:
+	if (w->has_shared)
+	{
+		float	   *sg = cuda_buf(be, CB_MOE_SG, sizeof(float) * (size_t) n * Fs);
+		float	   *su = cuda_buf(be, CB_MOE_SU, sizeof(float) * (size_t) n * Fs);
+
+		sy = cuda_buf(be, CB_MOE_SY, sizeof(float) * (size_t) n * D);
+		if (!sg || !su || !sy)
+			return;
+		kl_matmul_job gu[2] = {{sg, Fs, x, D, n, &w->shared.gate}, {su, Fs, x, D, n, &w->shared.up}};
+
+		cuda_matmul_batch_raw(be, gu, 2);
+		kk_swiglu(cs->stream, sg, sg, su, n, Fs, Fs);
+		if (!cuda_launched(be, "swiglu"))
+			return;
+		cuda_matmul_raw(be, sy, D, sg, Fs, n, &w->shared.down);
+		if (be->failed)
+			return;
+	}
+
+	/* 4. y = sum of weighted expert outputs (+ shared) */
+	kk_moe_combine(cs->stream, y, n, D, k, wts, inv, ye, sy);
+	cuda_launched(be, "moe_combine");
+}
