@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# pg-e2e.sh — the extension end to end on the GPU machine: PostgreSQL started by
+# ../shared/device/pg-on-device.sh with kimi_linear preloaded, the bundled model
+# loaded twice (kimi_linear.device = cpu and = cuda), then generate, say and
+# state hand-over between the devices, each checked; prints "N passed, N failed".
+#
+# On the development machine (see bench/results/cuda.md for the last run):
+#   EXTRA_DEBS=libisal2 bash ../shared/device/make-pg-runtime.sh .gpu/pg-runtime.tar.xz
+#   make && make install DESTDIR=$PWD/.gpu/stage && rm -rf .gpu/stage/usr/share/postgresql/15/kimi_linear/models
+# On the GPU machine, from the repository root (carry .gpu/pg-runtime.tar.xz and .gpu/stage):
+#   bash test/gpu/pg-e2e.sh   (copy ../shared/device/pg-on-device.sh to .gpu/ when ../shared is not there)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+share=.gpu/stage/usr/share/postgresql/15/kimi_linear/models
+mkdir -p $share && cp -r models/pgdocs-kimi-18m $share/
+start=.gpu/pg-on-device.sh		# a copy of ../shared/device/pg-on-device.sh
+[ -f $start ] || start=../shared/device/pg-on-device.sh
+PG_CONF="shared_preload_libraries='kimi_linear'" bash $start .gpu/pg-runtime.tar.xz .gpu/stage || exit 1
+. /tmp/pgenv
+pass=0 fail=0
+q() { psql -X -qAt -v ON_ERROR_STOP=1 -c "$1" 2>&1; }
+check() {	# check WHAT GOT WANT
+	if [ "$2" = "$3" ]; then pass=$((pass + 1)); echo "ok - $1"
+	else fail=$((fail + 1)); echo "not ok - $1: got [$2] want [$3]"; fi
+}
+q "CREATE EXTENSION kimi_linear" >/dev/null
+q "SET kimi_linear.device = 'cpu'; SELECT kimi_linear.load_model('cpu', 'pgdocs-kimi-18m')" >/dev/null
+out=$(q "SET kimi_linear.device = 'cuda'; SELECT kimi_linear.load_model('gpu', 'pgdocs-kimi-18m')")
+check "load_model on cuda" "$out" ""
+q "SELECT name, device, status, pg_size_pretty(bytes) FROM kimi_linear.models ORDER BY name"
+check "the models view says cuda" "$(q "SELECT device FROM kimi_linear.models WHERE name = 'gpu'")" "cuda"
+for p in 'The VACUUM command' 'CREATE INDEX builds' 'To restore a dump, run'; do
+	c=$(q "SELECT kimi_linear.generate_tokens('$p', max_tokens => 48, model => 'cpu', ignore_eos => true)")
+	g=$(q "SELECT kimi_linear.generate_tokens('$p', max_tokens => 48, model => 'gpu', ignore_eos => true)")
+	check "generate '$p': 48 greedy ids on cuda = on cpu" "$g" "$c"
+done
+echo "--- generate on the GPU:"
+q "SELECT kimi_linear.generate('The VACUUM command', max_tokens => 40, model => 'gpu')"
+# a conversation on each device: three turns, replies identical
+for dev in cpu gpu; do
+	cid=$(q "SELECT kimi_linear.new_conversation(model => '$dev', system => 'You are a helpful PostgreSQL expert.')")
+	r=""
+	for m in 'What does VACUUM do?' 'And ANALYZE?' 'Thanks. What about REINDEX?'; do
+		r="$r|$(q "SELECT kimi_linear.say($cid, '$m', max_tokens => 32)")"
+	done
+	eval "replies_$dev=\$r"
+	eval "cid_$dev=$cid"
+done
+echo "--- say on the GPU:"; echo "$replies_gpu" | tr '|' '\n'
+check "say: three turns on cuda = on cpu" "$replies_gpu" "$replies_cpu"
+check "say: turns stored" "$(q "SELECT turns FROM kimi_linear.conversations WHERE id = $cid_gpu")" "3"
+# state hand-over: a state made on the GPU continued on the CPU and the other way
+s1=$(q "SELECT encode(new_state, 'hex') FROM kimi_linear.generate_with_state(NULL, 'The VACUUM command', max_tokens => 16, model => 'gpu')")
+a=$(q "SELECT reply FROM kimi_linear.generate_with_state(decode('$s1', 'hex'), ' Also,', max_tokens => 24, model => 'cpu')")
+b=$(q "SELECT reply FROM kimi_linear.generate_with_state(decode('$s1', 'hex'), ' Also,', max_tokens => 24, model => 'gpu')")
+check "a state saved on cuda continues on cpu as on cuda" "$a" "$b"
+s2=$(q "SELECT encode(new_state, 'hex') FROM kimi_linear.generate_with_state(NULL, 'The VACUUM command', max_tokens => 16, model => 'cpu')")
+a=$(q "SELECT reply FROM kimi_linear.generate_with_state(decode('$s2', 'hex'), ' Also,', max_tokens => 24, model => 'gpu')")
+b=$(q "SELECT reply FROM kimi_linear.generate_with_state(decode('$s2', 'hex'), ' Also,', max_tokens => 24, model => 'cpu')")
+check "a state saved on cpu continues on cuda as on cpu" "$a" "$b"
+# a rolled-back say on the GPU leaves the conversation unchanged
+before=$(q "SELECT md5(state) FROM kimi_linear.conversations WHERE id = $cid_gpu")
+q "BEGIN; SELECT kimi_linear.say($cid_gpu, 'Roll me back', max_tokens => 8); ROLLBACK" >/dev/null
+check "rolled-back say on cuda" "$(q "SELECT md5(state) FROM kimi_linear.conversations WHERE id = $cid_gpu")" "$before"
+q "SELECT count(*) FROM kimi_linear.workers" >/dev/null && check "server up" "$(q 'SELECT 1')" "1"
+grep -iE "error|fatal|panic" /tmp/pg.log | head -5
+echo "$pass passed, $fail failed"
+[ $fail = 0 ]
