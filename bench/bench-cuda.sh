@@ -113,7 +113,7 @@ ncu)
 	# per-kernel GPU time of a bench_cuda run (Nsight Compute, clocks left alone)
 	unpack
 	ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-	timeout 300 "$ncu" --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+	timeout 300 "$ncu" --clock-control none --cache-control ${NCU_CACHE:-all} --metrics gpu__time_duration.sum --print-summary per-kernel \
 		$K/bin/bench_cuda "$@" > "$OUT/ncu.log" 2>&1 || true
 	grep -E "^  [a-zA-Z_].*\(|gpu__time_duration.sum" "$OUT/ncu.log" | sed 's/^ *//' | cut -c1-150 | log
 	;;
