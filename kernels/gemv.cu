@@ -305,7 +305,31 @@ expert_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const v
 	}
 }
 
-template <bool BF16>
+/* expert_pass for nr (1..N) input rows: instantiates only the sizes up to N */
+template <int N, bool BF16>
+__device__ __forceinline__ void
+expert_pass_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *xrow, const void *Wrow, int row,
+				 int cols, int i0, int lane, bool vec)
+{
+	if constexpr (N > 1)
+	{
+		if (nr < N)
+		{
+			expert_pass_upto<N - 1, BF16>(nr, y, ldy, x, ldx, xrow, Wrow, row, cols, i0, lane, vec);
+			return;
+		}
+	}
+	expert_pass<N, BF16>(y, ldy, x, ldx, xrow, Wrow, row, cols, i0, lane, vec);
+}
+
+/*
+ * MAXNR: the most tokens any expert can have in this launch (the step's
+ * token count, capped at GEMV_MAX_NR per pass).  Instantiating only the pass
+ * sizes up to it keeps the register count of the batch-1 kernel that of the
+ * plain GEMV (31 against 90 with all eight sizes), so that four times as
+ * many warps stream weights per SM.
+ */
+template <bool BF16, int MAXNR>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 expert_gemv_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
 				   const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
@@ -331,24 +355,45 @@ expert_gemv_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, i
 			: (const void *) ((const float *) W + (size_t) row * cols);
 		float	   *y = m ? y1 : y0;
 
-		for (int p = 0; p < count; p += GEMV_MAX_NR)
+		for (int p = 0; p < count; p += MAXNR)
 		{
-			int			nr = count - p < GEMV_MAX_NR ? count - p : GEMV_MAX_NR;
+			int			nr = count - p < MAXNR ? count - p : MAXNR;
 
-			switch (nr)
-			{
-#define CASE(N) case N: expert_pass<N, BF16>(y, ldy, x, ldx, xrow, Wrow, row, cols, first + p, lane, vec); break;
-					CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
-#undef CASE
-			}
+			expert_pass_upto<MAXNR, BF16>(nr, y, ldy, x, ldx, xrow, Wrow, row, cols, first + p, lane, vec);
 		}
 	}
+}
+
+template <bool BF16, int MAXNR>
+static void
+expert_launch(cudaStream_t s, dim3 grid, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
+			  const void *const *W0, const void *const *W1, int rows, int cols, const int *start, const int *active,
+			  bool vec)
+{
+	expert_gemv_kernel<BF16, MAXNR><<<grid, GEMV_WARPS * 32, 0, s>>>(y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
+																	   start, active, vec);
+}
+
+template <bool BF16>
+static void
+expert_dispatch(cudaStream_t s, int max_count, dim3 grid, float *y0, float *y1, int ldy, const float *x, int ldx,
+				const int *xrow, const void *const *W0, const void *const *W1, int rows, int cols, const int *start,
+				const int *active, bool vec)
+{
+	if (max_count <= 1)
+		expert_launch<BF16, 1>(s, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
+	else if (max_count <= 2)
+		expert_launch<BF16, 2>(s, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
+	else if (max_count <= 4)
+		expert_launch<BF16, 4>(s, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
+	else
+		expert_launch<BF16, GEMV_MAX_NR>(s, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
 }
 
 extern "C" void
 kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
 			   const void *const *W0, const void *const *W1, int bf16, int rows, int cols, const int *start,
-			   const int *active, int max_active)
+			   const int *active, int max_active, int max_count)
 {
 	/* expert matrices are separate allocations (256-byte aligned) */
 	bool		vec = cols % 8 == 0 && ldx % 4 == 0 && ((uintptr_t) x & 15) == 0;
@@ -357,7 +402,7 @@ kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, in
 	if (max_active <= 0)
 		return;
 	if (bf16)
-		expert_gemv_kernel<true><<<grid, GEMV_WARPS * 32, 0, s>>>(y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
+		expert_dispatch<true>(s, max_count, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
 	else
-		expert_gemv_kernel<false><<<grid, GEMV_WARPS * 32, 0, s>>>(y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
+		expert_dispatch<false>(s, max_count, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
 }

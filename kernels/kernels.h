@@ -67,10 +67,11 @@ void		kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b);
  * then the ids; at most max_active), for the pairs i in [start[e], start[e+1]):
  * y0[i] = W0[e] x[xrow[i]] and, when W1 is not NULL, y1[i] = W1[e] x[xrow[i]]
  * (xrow NULL: x row i).  W0, W1: device arrays of device pointers.
+ * max_count: the most rows any one expert can have (the step's token count).
  */
 void		kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
 						   const void *const *W0, const void *const *W1, int bf16, int rows, int cols,
-						   const int *start, const int *active, int max_active);
+						   const int *start, const int *active, int max_active, int max_count);
 
 /* kda.cu (step metadata: row_seq [n_tokens], row0 [n_seqs + 1]; conv_tab and
  * S_tab: per sequence, that sequence's conv tails / state of this layer) */

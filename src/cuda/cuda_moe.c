@@ -352,12 +352,12 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		if (!cuda_launched(be, "moe_group"))
 			return;
 		kk_expert_gemv(cs->stream, g, u, F, x, D, xrow, (const void *const *) tab->dev,
-					   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active);
+					   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active, n);
 		if (!cuda_launched(be, "expert gate/up"))
 			return;
 		kk_swiglu(cs->stream, g, g, u, rows, F, F);
 		kk_expert_gemv(cs->stream, ye, NULL, D, g, F, NULL, (const void *const *) (tab->dev + 2 * (E + 1)), NULL, wbf,
-					   D, F, start, active, max_active);
+					   D, F, start, active, max_active, n);
 		if (!cuda_launched(be, "expert down"))
 			return;
 		if (fuse)
