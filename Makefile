@@ -56,8 +56,14 @@ test/engine/bin/%.t: test/engine/%.c test/engine/tap.h $(ENGINE_OBJS)
 
 engine-tests: $(ENGINE_TEST_BINS)
 
-# KL_SHARED points at the golden data, models and corpus (../shared by default).
-check-engine: engine-tests cli
+# The tests' data live in test/fixtures; the manual corpus is kept xz-compressed
+# and decompressed here (xz-utils).
+CORPUS = test/fixtures/corpus/pgdocs.json
+corpus: $(CORPUS)
+$(CORPUS): $(CORPUS).xz
+	xz -dc $< >$@.tmp && mv $@.tmp $@
+
+check-engine: engine-tests cli corpus
 	prove --exec '' $(ENGINE_TEST_BINS)
 
 test: all cli engine-tests
@@ -86,11 +92,11 @@ install-models:
 	$(MKDIR_P) '$(MODEL_DIR_INSTALL)/pgdocs-kimi-18m'
 	$(INSTALL_DATA) models/pgdocs-kimi-18m/* '$(MODEL_DIR_INSTALL)/pgdocs-kimi-18m/'
 
-EXTRA_CLEAN = kl test/engine/bin test/fuzz/bin src/cli/*.o src/*/*.d
+EXTRA_CLEAN = kl test/engine/bin test/fuzz/bin src/cli/*.o src/*/*.d $(CORPUS)
 
 -include $(wildcard src/*/*.d)
 
-.PHONY: fuzz cli engine-tests check-engine test bench install-models
+.PHONY: fuzz cli corpus engine-tests check-engine test bench install-models
 
 # ================================================================ CUDA backend (kimi_linear_cuda.so)
 # Built by `make` where nvcc exists (CUDA 13), skipped silently otherwise;

@@ -33,7 +33,7 @@ unpack() {
 		touch $K/.unpacked
 	fi
 	export LD_LIBRARY_PATH=$K/lib:${LD_LIBRARY_PATH:-}
-	export KL_CUDA_LIB=$K/kimi_linear_cuda.so KL_SHARED=$K/shared KL_REQUIRE_GPU=1
+	export KL_CUDA_LIB=$K/kimi_linear_cuda.so KL_FIXTURES=$K/fixtures KL_MODELS=$PWD/models KL_REQUIRE_GPU=1
 	mkdir -p "$OUT"
 	# a library built elsewhere may not load here: build it here then (nvcc is on the GPU machine)
 	if ldd $KL_CUDA_LIB | grep -q "not found"; then
@@ -66,18 +66,17 @@ log() { tee -a "$OUT/results.log"; }
 case "$cmd" in
 pack)
 	FLA_SRC=${FLA_SRC:-/work/.mirror/fla-org+flash-linear-attention/repo}
-	SHARED=${KL_SHARED:-../shared}
 	make cuda cuda-device-bins -j"$(nproc)"
 	tmp=$(mktemp -d)
-	mkdir -p $tmp/bin $tmp/lib $tmp/shared/golden $tmp/fla
+	mkdir -p $tmp/bin $tmp/lib $tmp/fixtures/golden $tmp/fla
 	for b in test_cuda.t bench_cuda kl; do strip -o $tmp/bin/$b .gpu/bin/$b; done
 	cp kimi_linear_cuda.so $tmp/
 	cp -L /lib/x86_64-linux-gnu/libisal.so.2 $tmp/lib/
-	cp -r $SHARED/golden/tiny_a $SHARED/golden/tiny_c $tmp/shared/golden/
+	cp -r test/fixtures/golden/tiny_a test/fixtures/golden/tiny_c $tmp/fixtures/golden/
 	# fla: the Python package without its model and layer zoo (not needed for chunk_kda)
 	git -C "$FLA_SRC" archive HEAD fla | tar x -C $tmp/fla
 	rm -rf $tmp/fla/fla/models $tmp/fla/fla/layers
-	cp /work/shared/spec/kimi-linear-48b-a3b.config.json $tmp/ 2>/dev/null || cp $SHARED/spec/kimi-linear-48b-a3b.config.json $tmp/
+	cp bench/configs/kimi-linear-48b-a3b.json $tmp/kimi-linear-48b-a3b.config.json
 	mkdir -p .gpu/pack
 	tar cJf $PACK -C $tmp .
 	chmod -R u+w $tmp; rm -rf $tmp
@@ -86,7 +85,7 @@ pack)
 check)
 	unpack
 	nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | log
-	$K/bin/kl generate --model $KL_SHARED/golden/tiny_c --ids 1,2,3 --max-tokens 4 --device cuda 2>&1 | log || true
+	$K/bin/kl generate --model $KL_FIXTURES/golden/tiny_c --ids 1,2,3 --max-tokens 4 --device cuda 2>&1 | log || true
 	;;
 test)
 	unpack

@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
 # Tokenizer throughput: `./kl bench-tokenizer` encodes every page of the
-# PostgreSQL manual (../shared/corpus/pgdocs.json) with the bundled model's
+# PostgreSQL manual (test/fixtures/corpus/pgdocs.json, made by `make corpus`) with the bundled model's
 # vocabulary on one thread, best of three runs, once with the scanner that
 # kl_encode uses and once with PCRE2 running the pattern, and checks that both
 # give the same ids.  The reference is tiktoken's 8.7 MB/s.
 #
 # Run from anywhere; writes bench/results/tokenizer.md and prints it.
-#   KL_SHARED=/path/to/shared bash bench/bench-tokenizer.sh
+#   bash bench/bench-tokenizer.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-make -s cli >/dev/null
-shared=${KL_SHARED:-../shared}
-corpus="$shared/corpus/pgdocs.json"
+make -s cli corpus >/dev/null
+corpus=test/fixtures/corpus/pgdocs.json
 model=models/pgdocs-kimi-18m
 table=$(./kl bench-tokenizer --model "$model" --corpus "$corpus")
 pcre2=$(pcre2-config --version 2>/dev/null || dpkg-query -W -f='${Version}' libpcre2-8-0 2>/dev/null || echo unknown)

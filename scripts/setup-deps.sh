@@ -10,4 +10,4 @@ $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends \
   build-essential make gcc ca-certificates util-linux \
   postgresql-15 postgresql-server-dev-15 postgresql-15-pgtap libtap-parser-sourcehandler-pgtap-perl \
-  libopenblas-dev libpcre2-dev libjansson-dev libisal-dev libssl-dev
+  libopenblas-dev libpcre2-dev libjansson-dev libisal-dev libssl-dev xz-utils

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # test/run-tests.sh — the whole test suite (make test runs it):
 #   1. the engine's C tests (make check-engine)
-#   2. build and install the extension (make, make install: run as root, or
-#      with write access to the PostgreSQL installation)
+#   2. build the extension and install it into a private copy of the
+#      PostgreSQL installation (.test-cluster/pg: kl_stage_pg in cluster.sh),
+#      never into the system's
 #   3. a throwaway cluster run by an unprivileged OS user (kltest, created if
 #      missing) with kimi_linear preloaded, a test model directory, fixtures
 #      computed with the ./kl CLI
@@ -10,13 +11,15 @@
 #   5. the concurrency tests (test/pg/concurrency.sh)
 # Exits non-zero on any failure and ends with each runner's summary.
 #
-# Environment: KL_SHARED (golden data, corpus: default ../shared),
-# KL_SKIP_ENGINE=1 (skip step 1), KL_SKIP_CONCURRENCY=1, KL_TAP_FILES (a subset).
+# Test data: test/fixtures (golden checkpoints and outputs, the manual corpus).
+# Environment: KL_SKIP_ENGINE=1 (skip step 1), KL_SKIP_CONCURRENCY=1, KL_TAP_FILES (a subset).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
-export KL_SHARED=${KL_SHARED:-$(cd "$REPO/.." && pwd)/shared}
+FIXTURES=$REPO/test/fixtures
 source test/pg/cluster.sh
+LOGS=$KL_CLUSTER_DIR/test-logs		# each runner's whole output
+rm -rf "$LOGS"; mkdir -p "$LOGS"
 
 declare -a SUMMARY=()
 FAILED=0
@@ -28,22 +31,22 @@ T0=$(date +%s)
 # ------------------------------------------------------------------ 1. engine
 if [ "${KL_SKIP_ENGINE:-0}" != 1 ]; then
   step "engine tests (make check-engine)"
-  if make -s check-engine 2>&1 | tee /tmp/kl-engine-tests.log | tail -25; [ "${PIPESTATUS[0]}" = 0 ]; then
-    note "engine: $(grep -E '^Result|^Files=' /tmp/kl-engine-tests.log | tr '\n' ' ')"
+  if make -s check-engine 2>&1 | tee $LOGS/engine-tests.log | tail -25; [ "${PIPESTATUS[0]}" = 0 ]; then
+    note "engine: $(grep -E '^Result|^Files=' $LOGS/engine-tests.log | tr '\n' ' ')"
   else
-    fail "engine tests ($(grep -E '^Result|^Files=' /tmp/kl-engine-tests.log | tr '\n' ' '))"
+    fail "engine tests ($(grep -E '^Result|^Files=' $LOGS/engine-tests.log | tr '\n' ' '))"
   fi
 fi
 
 # ------------------------------------------------------------------ 2. build, install
 step "build and install"
-if ! make -s -j"$(nproc)" all cli >/tmp/kl-build.log 2>&1 || ! make -s install >>/tmp/kl-build.log 2>&1; then
-  tail -40 /tmp/kl-build.log
-  fail "build/install (see /tmp/kl-build.log)"
+if ! make -s -j"$(nproc)" all cli corpus >$LOGS/build.log 2>&1 || ! kl_stage_pg "$KL_CLUSTER_DIR/pg" >>$LOGS/build.log 2>&1; then
+  tail -40 $LOGS/build.log
+  fail "build/install (see $LOGS/build.log)"
   printf '%s\n' "${SUMMARY[@]}"
   exit 1
 fi
-grep -i "warning" /tmp/kl-build.log | grep "src/pg" && echo "(build warnings above)"
+grep -i "warning" $LOGS/build.log | grep "src/pg" && echo "(build warnings above)"
 
 # ------------------------------------------------------------------ 3. cluster, models, fixtures
 step "cluster"
@@ -54,8 +57,8 @@ mkdir -p "$TM" "$KL_CLUSTER_DIR/outside" "$KL_CLUSTER_DIR/fixtures"
 cp -r models/pgdocs-kimi-18m "$TM/"
 # the golden tiny model (no tokenizer): a second model, and a source of foreign states
 mkdir -p "$TM/tiny_a" "$KL_CLUSTER_DIR/outside/tiny_copy"
-cp "$KL_SHARED/golden/tiny_a/config.json" "$KL_SHARED/golden/tiny_a/model.safetensors" "$TM/tiny_a/"
-cp "$KL_SHARED/golden/tiny_a/config.json" "$KL_SHARED/golden/tiny_a/model.safetensors" "$KL_CLUSTER_DIR/outside/tiny_copy/"
+cp "$FIXTURES/golden/tiny_a/config.json" "$FIXTURES/golden/tiny_a/model.safetensors" "$TM/tiny_a/"
+cp "$FIXTURES/golden/tiny_a/config.json" "$FIXTURES/golden/tiny_a/model.safetensors" "$KL_CLUSTER_DIR/outside/tiny_copy/"
 # a broken checkpoint, and escapes: a symbolic link out of the directory
 mkdir -p "$TM/broken"
 echo '{"model_type": "kimi_linear", "hidden_size": -1}' >"$TM/broken/config.json"
@@ -88,7 +91,7 @@ EOF
   echo "INSERT INTO kl_files VALUES ('model_dir', NULL, '$TM'), ('outside', NULL, '$KL_CLUSTER_DIR/outside/tiny_copy');"
   # the longest pages of the manual, loaded with COPY from the corpus file
   echo "CREATE TABLE kl_corpus_raw (n serial, line text);"
-  echo "\\copy kl_corpus_raw (line) FROM '$KL_SHARED/corpus/pgdocs.json' WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
+  echo "\\copy kl_corpus_raw (line) FROM '$FIXTURES/corpus/pgdocs.json' WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
   echo "CREATE TABLE kl_docs AS SELECT d->>'page' AS page, d->>'text' AS text
         FROM (SELECT string_agg(line, E'\\n' ORDER BY n)::jsonb AS j FROM kl_corpus_raw) r, jsonb_array_elements(r.j) d;"
   echo "DROP TABLE kl_corpus_raw;"
@@ -97,11 +100,11 @@ EOF
 # ------------------------------------------------------------------ 4a. pg_regress
 step "pg_regress (installcheck)"
 rm -rf results regression.diffs regression.out
-if make -s installcheck PGHOST="$PGHOST" PGPORT="$PGPORT" PGUSER="$PGUSER" 2>&1 | tee /tmp/kl-regress.log | tail -25; [ "${PIPESTATUS[0]}" = 0 ]; then
-  note "pg_regress: $(grep -E 'tests passed|All [0-9]+ tests' /tmp/kl-regress.log | tail -1 | sed 's/[= ]*$//; s/^[= ]*//')"
+if make -s installcheck PGHOST="$PGHOST" PGPORT="$PGPORT" PGUSER="$PGUSER" 2>&1 | tee $LOGS/regress.log | tail -25; [ "${PIPESTATUS[0]}" = 0 ]; then
+  note "pg_regress: $(grep -E 'tests passed|All [0-9]+ tests' $LOGS/regress.log | tail -1 | sed 's/[= ]*$//; s/^[= ]*//')"
 else
   [ -f regression.diffs ] && head -150 regression.diffs
-  fail "pg_regress: $(grep -E 'failed|passed' /tmp/kl-regress.log | tail -1 | sed 's/[= ]*$//; s/^[= ]*//')"
+  fail "pg_regress: $(grep -E 'failed|passed' $LOGS/regress.log | tail -1 | sed 's/[= ]*$//; s/^[= ]*//')"
 fi
 kl_cluster_alive || fail "server down after pg_regress"
 
@@ -109,26 +112,26 @@ kl_cluster_alive || fail "server down after pg_regress"
 step "pgTAP (pg_prove)"
 psql -Xq -c "DROP DATABASE IF EXISTS kl_tap" -c "CREATE DATABASE kl_tap" >/dev/null
 if ! psql -Xq -v ON_ERROR_STOP=1 -d kl_tap -c "CREATE EXTENSION pgtap" -c "CREATE EXTENSION kimi_linear" \
-     -f "$FIX/fixtures.sql" >/tmp/kl-fixtures.log 2>&1; then
-  cat /tmp/kl-fixtures.log
+     -f "$FIX/fixtures.sql" >$LOGS/fixtures.log 2>&1; then
+  cat $LOGS/fixtures.log
   fail "fixtures"
 fi
 TAP_FILES=${KL_TAP_FILES:-$(ls test/pg/t*.sql)}
 # shellcheck disable=SC2086
-if pg_prove -d kl_tap --timer $TAP_FILES 2>&1 | tee /tmp/kl-tap.log; [ "${PIPESTATUS[0]}" = 0 ]; then
-  note "pgTAP: $(grep -E '^Files=' /tmp/kl-tap.log) $(grep -E '^Result' /tmp/kl-tap.log)"
+if pg_prove -d kl_tap --timer $TAP_FILES 2>&1 | tee $LOGS/tap.log; [ "${PIPESTATUS[0]}" = 0 ]; then
+  note "pgTAP: $(grep -E '^Files=' $LOGS/tap.log) $(grep -E '^Result' $LOGS/tap.log)"
 else
-  fail "pgTAP: $(grep -E '^Files=' /tmp/kl-tap.log) $(grep -E '^Result' /tmp/kl-tap.log)"
+  fail "pgTAP: $(grep -E '^Files=' $LOGS/tap.log) $(grep -E '^Result' $LOGS/tap.log)"
 fi
 kl_cluster_alive || fail "server down after pgTAP"
 
 # ------------------------------------------------------------------ 5. concurrency
 if [ "${KL_SKIP_CONCURRENCY:-0}" != 1 ]; then
   step "concurrency"
-  if bash test/pg/concurrency.sh 2>&1 | tee /tmp/kl-concurrency.log; [ "${PIPESTATUS[0]}" = 0 ]; then
-    note "concurrency: $(grep -c '^ok' /tmp/kl-concurrency.log) passed"
+  if bash test/pg/concurrency.sh 2>&1 | tee $LOGS/concurrency.log; [ "${PIPESTATUS[0]}" = 0 ]; then
+    note "concurrency: $(grep -c '^ok' $LOGS/concurrency.log) passed"
   else
-    fail "concurrency: $(grep -c '^not ok' /tmp/kl-concurrency.log) of $(grep -cE '^(not )?ok' /tmp/kl-concurrency.log) failed"
+    fail "concurrency: $(grep -c '^not ok' $LOGS/concurrency.log) of $(grep -cE '^(not )?ok' $LOGS/concurrency.log) failed"
   fi
 fi
 
@@ -145,12 +148,12 @@ if [ $FAILED = 0 ]; then echo "ALL TESTS PASSED"; else echo "SOME TESTS FAILED";
 # one closing line over every runner's individual tests
 prove_total() { sed -n 's/^Files=[0-9]*, Tests=\([0-9]*\),.*/\1/p' "$1" 2>/dev/null | tail -1; }
 prove_failed() { grep -oE 'Failed [0-9]+/[0-9]+ subtests' "$1" 2>/dev/null | awk -F'[ /]' '{s += $2} END {print s + 0}'; }
-e_total=$(prove_total /tmp/kl-engine-tests.log); e_bad=$(prove_failed /tmp/kl-engine-tests.log)
-t_total=$(prove_total /tmp/kl-tap.log); t_bad=$(prove_failed /tmp/kl-tap.log)
-r_ok=$(grep -cE '^(test| ) *[a-z_]+ +\.\.\. ok' /tmp/kl-regress.log 2>/dev/null || true)
-r_bad=$(grep -cE '\.\.\. FAILED' /tmp/kl-regress.log 2>/dev/null || true)
-c_ok=$(grep -c '^ok' /tmp/kl-concurrency.log 2>/dev/null || true)
-c_bad=$(grep -c '^not ok' /tmp/kl-concurrency.log 2>/dev/null || true)
+e_total=$(prove_total $LOGS/engine-tests.log); e_bad=$(prove_failed $LOGS/engine-tests.log)
+t_total=$(prove_total $LOGS/tap.log); t_bad=$(prove_failed $LOGS/tap.log)
+r_ok=$(grep -cE '^(test| ) *[a-z_]+ +\.\.\. ok' $LOGS/regress.log 2>/dev/null || true)
+r_bad=$(grep -cE '\.\.\. FAILED' $LOGS/regress.log 2>/dev/null || true)
+c_ok=$(grep -c '^ok' $LOGS/concurrency.log 2>/dev/null || true)
+c_bad=$(grep -c '^not ok' $LOGS/concurrency.log 2>/dev/null || true)
 n_ok=$(( ${e_total:-0} - e_bad + ${t_total:-0} - t_bad + r_ok + c_ok ))
 n_bad=$(( e_bad + t_bad + r_bad + c_bad ))
 [ $FAILED = 0 ] || [ $n_bad -gt 0 ] || n_bad=1

@@ -61,13 +61,27 @@ tap_done(void)
 	return tap_failed ? 1 : 0;
 }
 
-/* Where ../shared lives: $KL_SHARED, else ../shared relative to the repo. */
+/*
+ * The test data (test/fixtures: golden checkpoints and outputs, tokenizer
+ * encodings, chat renders, the manual corpus decompressed by `make`), relative
+ * to the repository root where the tests run; $KL_FIXTURES overrides it (the
+ * GPU machine's copy).
+ */
 static inline const char *
-tap_shared_dir(void)
+tap_fixture_dir(void)
 {
-	const char *s = getenv("KL_SHARED");
+	const char *s = getenv("KL_FIXTURES");
 
-	return s ? s : "../shared";
+	return s ? s : "test/fixtures";
+}
+
+/* The bundled trained model: $KL_MODELS/pgdocs-kimi-18m, default models/. */
+static inline const char *
+tap_models_dir(void)
+{
+	const char *s = getenv("KL_MODELS");
+
+	return s ? s : "models";
 }
 
 #endif

@@ -485,7 +485,7 @@ test_states(void)
 		tap_ok(bad == 200, "200 random byte strings: all rejected");
 	}
 	/* a state from another model */
-	snprintf(other_dir, sizeof(other_dir), "%s/golden/tiny_c", tap_shared_dir());
+	snprintf(other_dir, sizeof(other_dir), "%s/golden/tiny_c", tap_fixture_dir());
 	if (kl_model_load(other_dir, NULL, &other, &err) == KL_OK)
 	{
 		kl_seq	   *o;
@@ -585,7 +585,7 @@ main(void)
 	snprintf(tmpdir, sizeof(tmpdir), "/tmp/kl-bad-input-XXXXXX");
 	if (!mkdtemp(tmpdir))
 		return 1;
-	snprintf(src_dir, sizeof(src_dir), "%s/golden/tiny_a", tap_shared_dir());
+	snprintf(src_dir, sizeof(src_dir), "%s/golden/tiny_a", tap_fixture_dir());
 	kl_set_threads(2);
 	test_checkpoints();
 	test_states();

@@ -163,7 +163,7 @@ check_golden(const char *name, const char *prec)
 	const kl_st_tensor *ref;
 
 	memset(&g, 0, sizeof(g));
-	snprintf(g.dir, sizeof(g.dir), "%s/golden/%s", tap_shared_dir(), name);
+	snprintf(g.dir, sizeof(g.dir), "%s/golden/%s", tap_fixture_dir(), name);
 	snprintf(path, sizeof(path), "%s/golden.safetensors", g.dir);
 	if (kl_st_open_file(path, &g.st, &err) != KL_OK)
 		die("golden data", &err);
@@ -631,7 +631,7 @@ check_pgdocs(const char *prec)
 	int			sample = 0;
 	bool		fp32 = strcmp(prec, "fp32") == 0;
 
-	snprintf(dir, sizeof(dir), "%s/models/pgdocs-kimi-18m", tap_shared_dir());
+	snprintf(dir, sizeof(dir), "%s/pgdocs-kimi-18m", tap_models_dir());
 	if (access(dir, R_OK) != 0)
 		snprintf(dir, sizeof(dir), "models/pgdocs-kimi-18m");
 	m = load(dir, "cuda", prec);
@@ -712,7 +712,7 @@ main(void)
 	const char *req = getenv("KL_REQUIRE_GPU");
 
 	/* is there a GPU and the library? */
-	snprintf(dir, sizeof(dir), "%s/golden/tiny_c", tap_shared_dir());
+	snprintf(dir, sizeof(dir), "%s/golden/tiny_c", tap_fixture_dir());
 	o.device = "cuda";
 	if (kl_model_load(dir, &o, &m, &err) != KL_OK)
 	{

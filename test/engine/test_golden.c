@@ -1,6 +1,6 @@
 /*
  * test_golden.c — the engine against the reference implementation's outputs
- * (../shared/golden, see its README) and the trained model's reference samples.
+ * (test/fixtures/golden, see its README) and the trained model's reference samples.
  *
  * Tolerance: 1e-5 relative error (||ours - ref|| / ||ref|| over a tensor);
  * the reference's own rounding puts a float32 implementation near 1.6e-6
@@ -153,7 +153,7 @@ check_case(const char *name)
 	const kl_config *c;
 
 	memset(&g, 0, sizeof(g));
-	snprintf(g.dir, sizeof(g.dir), "%s/golden/%s", tap_shared_dir(), name);
+	snprintf(g.dir, sizeof(g.dir), "%s/golden/%s", tap_fixture_dir(), name);
 	snprintf(path, sizeof(path), "%s/golden.safetensors", g.dir);
 	if (kl_st_open_file(path, &g.st, &err) != KL_OK)
 	{
@@ -325,7 +325,7 @@ check_pgdocs(void)
 	const char *p;
 	int			sample = 0;
 
-	snprintf(dir, sizeof(dir), "%s/models/pgdocs-kimi-18m", tap_shared_dir());
+	snprintf(dir, sizeof(dir), "%s/pgdocs-kimi-18m", tap_models_dir());
 	if (!tap_ok(kl_model_load(dir, NULL, &m, &err) == KL_OK, "pgdocs-kimi-18m loads (sharded, bf16)"))
 	{
 		tap_diag("%s", err.msg);
@@ -407,7 +407,7 @@ check_batch_invariance(void)
 				tok_alone;
 	bool		same = true;
 
-	snprintf(dir, sizeof(dir), "%s/models/pgdocs-kimi-18m", tap_shared_dir());
+	snprintf(dir, sizeof(dir), "%s/pgdocs-kimi-18m", tap_models_dir());
 	if (kl_model_load(dir, NULL, &m, &err) != KL_OK || kl_ctx_new(m, 0, &ctx, &err) != KL_OK)
 	{
 		tap_ok(0, "batch invariance: %s", err.msg);

@@ -204,7 +204,7 @@ golden_cases(void)
 				rt = 0,
 				st = 0;
 
-	snprintf(path, sizeof(path), "%s/golden/tokenizer/golden_encodings.json", tap_shared_dir());
+	snprintf(path, sizeof(path), "%s/golden/tokenizer/golden_encodings.json", tap_fixture_dir());
 	root = json_load_file(path, 0, &jerr);
 	if (!tap_ok(root != NULL, "golden encodings load (%s)", root ? path : jerr.text))
 		return;
@@ -271,7 +271,7 @@ corpus_roundtrip(void)
 				bytes = 0,
 				tokens = 0;
 
-	snprintf(path, sizeof(path), "%s/corpus/pgdocs.json", tap_shared_dir());
+	snprintf(path, sizeof(path), "%s/corpus/pgdocs.json", tap_fixture_dir());
 	corpus = json_load_file(path, 0, &jerr);
 	if (!tap_ok(corpus != NULL && json_is_array(corpus), "corpus loads (%s)", corpus ? path : jerr.text))
 		return;
@@ -1008,7 +1008,7 @@ main(void)
 	kl_err		err;
 	double		t0;
 
-	snprintf(model_dir, sizeof(model_dir), "%s/models/pgdocs-kimi-18m", tap_shared_dir());
+	snprintf(model_dir, sizeof(model_dir), "%s/pgdocs-kimi-18m", tap_models_dir());
 	t0 = kl_now();
 	if (!tap_ok(kl_tokenizer_load(model_dir, &tok, &err) == KL_OK, "tokenizer of pgdocs-kimi-18m loads"))
 	{

@@ -1,6 +1,6 @@
 /*
  * libFuzzer harness: decoding a state blob into a sequence of the golden
- * tiny_a model (KL_SHARED or ../shared), then one forward step on it when it
+ * tiny_a model (test/fixtures, or $KL_FIXTURES), then one forward step on it when it
  * loads.  Inputs may be one part or several, split at "KLSTATE" magics.
  * Built twice: as is, and with FIX_CRC (fuzz_state_crc).
  */
@@ -27,9 +27,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (!model)
 	{
 		char		dir[1024];
-		const char *shared = getenv("KL_SHARED");
+		const char *fixtures = getenv("KL_FIXTURES");
 
-		snprintf(dir, sizeof(dir), "%s/golden/tiny_a", shared ? shared : "../shared");
+		snprintf(dir, sizeof(dir), "%s/golden/tiny_a", fixtures ? fixtures : "test/fixtures");
 		kl_set_threads(1);
 		if (kl_model_load(dir, NULL, &model, &err) != KL_OK || kl_ctx_new(model, 64, &ctx, &err) != KL_OK ||
 			kl_seq_new(model, &seq, &err) != KL_OK)

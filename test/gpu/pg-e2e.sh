@@ -1,21 +1,19 @@
 #!/usr/bin/env bash
 # pg-e2e.sh — the extension end to end on the GPU machine: PostgreSQL started by
-# ../shared/device/pg-on-device.sh with kimi_linear preloaded, the bundled model
+# test/gpu/pg-on-device.sh with kimi_linear preloaded, the bundled model
 # loaded twice (kimi_linear.device = cpu and = cuda), then generate, say and
 # state hand-over between the devices, each checked; prints "N passed, N failed".
 #
 # On the development machine (see bench/results/cuda.md for the last run):
-#   EXTRA_DEBS=libisal2 bash ../shared/device/make-pg-runtime.sh .gpu/pg-runtime.tar.xz
+#   EXTRA_DEBS=libisal2 bash test/gpu/make-pg-runtime.sh .gpu/pg-runtime.tar.xz
 #   make && make install DESTDIR=$PWD/.gpu/stage && rm -rf .gpu/stage/usr/share/postgresql/15/kimi_linear/models
 # On the GPU machine, from the repository root (carry .gpu/pg-runtime.tar.xz and .gpu/stage):
-#   bash test/gpu/pg-e2e.sh   (copy ../shared/device/pg-on-device.sh to .gpu/ when ../shared is not there)
+#   bash test/gpu/pg-e2e.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 share=.gpu/stage/usr/share/postgresql/15/kimi_linear/models
 mkdir -p $share && cp -r models/pgdocs-kimi-18m $share/
-start=.gpu/pg-on-device.sh		# a copy of ../shared/device/pg-on-device.sh
-[ -f $start ] || start=../shared/device/pg-on-device.sh
-PG_CONF="shared_preload_libraries='kimi_linear'" bash $start .gpu/pg-runtime.tar.xz .gpu/stage || exit 1
+PG_CONF="shared_preload_libraries='kimi_linear'" bash test/gpu/pg-on-device.sh .gpu/pg-runtime.tar.xz .gpu/stage || exit 1
 . /tmp/pgenv
 pass=0 fail=0
 q() { psql -X -qAt -v ON_ERROR_STOP=1 -c "$1" 2>&1; }

@@ -8,6 +8,8 @@
 #   KL_PORT         port (default: a free one from 54330)
 #   KL_MODEL_DIR    kimi_linear.model_dir (default: the installed one)
 #   KL_EXTRA_CONF   more postgresql.conf lines
+#   KL_PGBIN        the server's binaries (default: pg_config --bindir; kl_stage_pg
+#                   points it at a staged copy)
 #
 # After kl_cluster_start: PGHOST, PGPORT, PGUSER are exported for psql & co.
 
@@ -15,6 +17,26 @@ KL_REPO=${KL_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 KL_CLUSTER_DIR=${KL_CLUSTER_DIR:-$KL_REPO/.test-cluster}
 KL_PGUSER=${KL_PGUSER:-kltest}
 KL_PGBIN=${KL_PGBIN:-$(pg_config --bindir)}
+
+# kl_stage_pg ROOT: a private PostgreSQL installation under ROOT with this
+# checkout's build installed into it (make install DESTDIR=ROOT), so that tests
+# never touch the system's PostgreSQL and several checkouts can test at once.
+# The server binaries are copied (PostgreSQL finds its share and lib
+# directories relative to its own executable, after resolving links); the
+# system's libraries and share files are linked, except kimi_linear's own.
+kl_stage_pg() {
+  local root=$1 bindir libdir sharedir
+  bindir=$(pg_config --bindir); libdir=$(pg_config --pkglibdir); sharedir=$(pg_config --sharedir)
+  rm -rf "$root"
+  mkdir -p "$root$bindir" "$(dirname "$root$libdir")" "$(dirname "$root$sharedir")"
+  cp -a "$bindir/." "$root$bindir/"
+  cp -as "$libdir" "$root$(dirname "$libdir")/"
+  cp -as "$sharedir" "$root$(dirname "$sharedir")/"
+  rm -rf "$root$libdir"/kimi_linear*.so "$root$sharedir"/extension/kimi_linear* "$root$sharedir/kimi_linear"
+  make -s -C "$KL_REPO" install DESTDIR="$root" >/dev/null || return 1
+  chmod -R a+rX "$root"
+  KL_PGBIN=$root$bindir
+}
 
 # run a command as the cluster's OS user (directly when we are that user)
 kl_as_user() {

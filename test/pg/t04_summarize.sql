@@ -1,5 +1,5 @@
 -- Summarize a real long page of the PostgreSQL manual (kl_docs, loaded from
--- ../shared/corpus/pgdocs.json by test/run-tests.sh), and the aggregate.
+-- test/fixtures/corpus/pgdocs.json by test/run-tests.sh), and the aggregate.
 BEGIN;
 SELECT plan(7);
 
