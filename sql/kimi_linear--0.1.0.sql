@@ -200,12 +200,12 @@ COMMENT ON FUNCTION chat_with_state(bytea, jsonb, int, float8, float8, int, bigi
 
 -------------------------------------------------------------------- models
 
-CREATE FUNCTION load_model(name text, path text) RETURNS void
+CREATE FUNCTION load_model(name text, path text, moe_routing text DEFAULT NULL) RETURNS void
 AS 'MODULE_PATHNAME', 'kl_sql_load_model'
 LANGUAGE C VOLATILE;
 
-COMMENT ON FUNCTION load_model(text, text) IS
-'Load the model in directory path (relative to kimi_linear.model_dir, or inside it) under name. Superusers and members of kimi_linear_admin only.';
+COMMENT ON FUNCTION load_model(text, text, text) IS
+'Load the model in directory path (relative to kimi_linear.model_dir, or inside it) under name. moe_routing (MoE models): ''select'' (default: the router bias chooses the experts, the scores weight them, as the serving engines do) or ''reference'' (the bias is also added into the weights, as the released kimi_linear code does). Superusers and members of kimi_linear_admin only.';
 
 CREATE FUNCTION unload_model(name text) RETURNS void
 AS 'MODULE_PATHNAME', 'kl_sql_unload_model'
@@ -214,9 +214,9 @@ LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION unload_model(text) IS
 'Unload a model from every inference worker; requests running on it fail. Superusers and members of kimi_linear_admin only.';
 
-REVOKE ALL ON FUNCTION load_model(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION load_model(text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION unload_model(text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION load_model(text, text) TO kimi_linear_admin;
+GRANT EXECUTE ON FUNCTION load_model(text, text, text) TO kimi_linear_admin;
 GRANT EXECUTE ON FUNCTION unload_model(text) TO kimi_linear_admin;
 
 CREATE FUNCTION _resolve_model(name text DEFAULT NULL) RETURNS text
@@ -225,7 +225,7 @@ LANGUAGE C VOLATILE;
 
 CREATE FUNCTION _models(
     OUT name text, OUT path text, OUT parameters bigint, OUT bytes bigint, OUT device text,
-    OUT status text, OUT loaded_at timestamptz, OUT error text)
+    OUT moe_routing text, OUT status text, OUT loaded_at timestamptz, OUT error text)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'kl_sql_models'
 LANGUAGE C VOLATILE;

@@ -83,6 +83,12 @@ Indexes are a common way to enhance database performance|40|0|0|0|1
 The autovacuum daemon|40|0.9|7|40|0.95
 PostgreSQL|40|1.0|1234|0|0.9
 EOF
+  # the tiny MoE model's greedy ids under each routing rule
+  echo "CREATE TABLE kl_routing (rule text, ids int[]);"
+  for rule in select reference; do
+    ids=$(./kl generate --model "$TM/tiny_a" --moe-routing $rule --ids 1,2,3,4 --max-tokens 12 --ignore-eos 2>/dev/null | head -1)
+    echo "INSERT INTO kl_routing VALUES ('$rule', '{$ids}');"
+  done
   # a state made by another model (the tiny golden model, via the CLI)
   ./kl generate --model "$TM/tiny_a" --ids 1,2,3,4 --max-tokens 3 --state-out "$FIX/tiny.state" >/dev/null 2>&1
   echo "CREATE TABLE kl_files (name text PRIMARY KEY, data bytea, path text);"

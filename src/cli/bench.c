@@ -437,9 +437,8 @@ cmd_bench(int argc, char **argv)
 	}
 	else
 	{
-		kl_load_opts opts = {0};
+		kl_load_opts opts = cli_load_opts(&co);
 
-		opts.device = co.device;
 		if (kl_model_create_random(config, &opts, dtype, 42, &m, &err) != KL_OK)
 			goto fail;
 	}

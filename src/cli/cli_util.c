@@ -12,6 +12,7 @@ cli_common_init(cli_common *co)
 	co->model = NULL;
 	co->device = "cpu";
 	co->threads = 0;
+	co->moe_routing = NULL;
 }
 
 bool
@@ -23,18 +24,29 @@ cli_common_arg(cli_common *co, int argc, char **argv, int *i)
 		co->device = argv[++*i];
 	else if (strcmp(argv[*i], "--threads") == 0 && *i + 1 < argc)
 		co->threads = atoi(argv[++*i]);
+	else if (strcmp(argv[*i], "--moe-routing") == 0 && *i + 1 < argc)
+		co->moe_routing = argv[++*i];
 	else
 		return false;
 	return true;
 }
 
-int
-cli_load(const cli_common *co, kl_model **m, kl_err *err)
+kl_load_opts
+cli_load_opts(const cli_common *co)
 {
 	kl_load_opts opts = {0};
 
-	kl_set_threads(co->threads);
 	opts.device = co->device;
+	opts.moe_routing = co->moe_routing;
+	return opts;
+}
+
+int
+cli_load(const cli_common *co, kl_model **m, kl_err *err)
+{
+	kl_load_opts opts = cli_load_opts(co);
+
+	kl_set_threads(co->threads);
 	return kl_model_load(co->model, &opts, m, err);
 }
 

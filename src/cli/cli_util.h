@@ -14,11 +14,14 @@ typedef struct cli_common
 	const char *model;			/* --model DIR */
 	const char *device;			/* --device cpu|cuda|auto */
 	int			threads;		/* --threads N (0 = all cores) */
+	const char *moe_routing;	/* --moe-routing select|reference (NULL: the default, select) */
 } cli_common;
 
 void		cli_common_init(cli_common *co);
 /* If argv[*i] is a common option, consume it (and its value) and return true. */
 bool		cli_common_arg(cli_common *co, int argc, char **argv, int *i);
+/* The load options the common options set (device, MoE routing). */
+kl_load_opts cli_load_opts(const cli_common *co);
 /* Apply --threads and load --model. */
 int			cli_load(const cli_common *co, kl_model **m, kl_err *err);
 /* "1,2,3" (commas or whitespace) -> malloc'd ids; 0 on success */

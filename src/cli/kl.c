@@ -32,7 +32,10 @@ usage(void)
 			"  tokenize   --model DIR [--special]        (text on stdin, ids on stdout)\n"
 			"  detokenize --model DIR                    (ids on stdin, text on stdout)\n"
 			"  bench-tokenizer --model DIR --corpus FILE\n"
-			"common options: --threads N (default: all cores), --device cpu|cuda|auto\n");
+			"common options: --threads N (default: all cores), --device cpu|cuda|auto,\n"
+			"                --moe-routing select|reference (MoE models: select = the router bias chooses\n"
+			"                the experts, the scores weight them (default); reference = the bias is added\n"
+			"                into the weights too, as the released kimi_linear code does)\n");
 }
 
 /* ------------------------------------------------------------------ logits */

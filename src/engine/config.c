@@ -207,11 +207,8 @@ kl_config_parse(const char *text, size_t len, const char *what, kl_config *c, kl
 	s = get_str(&r, root, "model_type", "kimi_linear");
 	if (!r.failed)
 	{
-		if (strcmp(s, "kimi_linear") == 0)
-			c->bias_in_weights = true;
-		else if (strcmp(s, "kimi_k3") == 0)
-			c->bias_in_weights = false;
-		else
+		c->bias_in_weights = false;		/* the default routing rule; see config.h */
+		if (strcmp(s, "kimi_linear") != 0 && strcmp(s, "kimi_k3") != 0)
 		{
 			r.failed = true;
 			kl_errf(err, "%s: model_type \"%s\" is not supported (expected \"kimi_linear\")", what, s);

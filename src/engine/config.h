@@ -56,8 +56,14 @@ typedef struct kl_config
 	float		routed_scaling;
 	int			n_expert_groups;	/* G */
 	int			topk_groups;	/* Tg */
-	/* kimi_linear adds the score-correction bias into the expert weights;
-	 * kimi_k3 uses it for selection only (ARCHITECTURE.md, FFN). */
+	/*
+	 * The MoE routing rule (docs/engine.md, "MoE routing"): false (the
+	 * default, how vLLM, SGLang, llama.cpp and kimi_k3 serve the model): the
+	 * score-correction bias chooses the experts and the plain scores weight
+	 * them; true (the released kimi_linear reference code): the bias is added
+	 * into the weights too.  Not a config.json field: chosen at load
+	 * (kl_load_opts.moe_routing).
+	 */
 	bool		bias_in_weights;
 
 	kl_layer_kind layer_kind[KL_MAX_LAYERS];

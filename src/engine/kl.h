@@ -44,6 +44,15 @@ typedef struct kl_load_opts
 	const char *device;			/* "cpu" (default), "cuda", or "auto" */
 	const char *precision;		/* "fp32" (default) or "bf16": activations in matrix products (CUDA) */
 	int			device_index;	/* which GPU (default 0) */
+	/*
+	 * MoE routing rule (ignored by dense models): NULL or "select" (default:
+	 * the router's score-correction bias chooses the experts, the plain
+	 * sigmoid scores weight them, as the serving engines run Kimi Linear) or
+	 * "reference" (the released kimi_linear reference code: the bias is added
+	 * into the weights too; the golden data of that code need it).  States
+	 * made under one rule are refused under the other.
+	 */
+	const char *moe_routing;
 	bool		no_tokenizer;	/* skip tiktoken.model / tokenizer_config.json */
 } kl_load_opts;
 
@@ -62,7 +71,9 @@ const char *kl_model_dir(const kl_model *m);
 const char *kl_model_device(const kl_model *m);			/* "cpu" or "cuda" */
 int64_t		kl_model_n_params(const kl_model *m);
 uint64_t	kl_model_weight_bytes(const kl_model *m);	/* bytes of all tensors as stored */
-/* 16 bytes identifying the architecture and weights; states carry it. */
+/* The MoE routing rule in force: "select" or "reference"; NULL for a dense model. */
+const char *kl_model_moe_routing(const kl_model *m);
+/* 16 bytes identifying the architecture, weights and routing rule; states carry it. */
 const uint8_t *kl_model_fingerprint(const kl_model *m);
 /* NULL when the directory has no tokenizer files (or no_tokenizer was set). */
 const kl_tokenizer *kl_model_tokenizer(const kl_model *m);

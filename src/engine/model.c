@@ -24,6 +24,7 @@ typedef struct binder
 	kl_model   *m;
 	kl_err	   *err;
 	EVP_MD_CTX *fp;				/* fingerprint hash */
+	EVP_MD_CTX *fp_other;		/* the same under the other MoE routing rule (MoE models), else NULL */
 	/* random-weight models (benchmarks): no files, weights made by the backend */
 	bool		random;
 	kl_dtype	random_dtype;
@@ -81,6 +82,8 @@ static void
 fp_update(binder *b, const void *p, size_t n)
 {
 	EVP_DigestUpdate(b->fp, p, n);
+	if (b->fp_other)
+		EVP_DigestUpdate(b->fp_other, p, n);
 }
 
 /* Hash a tensor's identity and a sample of its bytes (not all of them:
@@ -409,13 +412,16 @@ bind_layer(binder *b, int i, int *n_kda, int *n_mla)
 	return KL_OK;
 }
 
-static void
-fp_config(binder *b, const kl_config *c)
+/*
+ * The configuration's part of the fingerprint.  `routing` is the routing
+ * flag hashed: for MoE models the rule in force (1 = reference), for dense
+ * models, where no rule applies, the value this recipe has always hashed
+ * (1 for kimi_linear, 0 for kimi_k3), so that their states stay valid.
+ */
+static int
+fp_config_string(const kl_config *c, int routing, char *buf, size_t size)
 {
-	char		buf[1024];
-	int			n;
-
-	n = snprintf(buf, sizeof(buf),
+	return snprintf(buf, size,
 				 "kl-fingerprint-v1 %s V%d D%d L%d I%d eps%a kda%d/%d/%d mla%d/%d/%d/%d/%d/%d "
 				 "moe%d/%d/%d/%d/%d/%d/%d/%d/%a/%d/%d/%d",
 				 c->model_type, c->vocab_size, c->hidden_size, c->n_layers, c->intermediate_size,
@@ -424,8 +430,22 @@ fp_config(binder *b, const kl_config *c)
 				 c->v_head_dim, c->n_experts, c->experts_per_token, c->n_shared_experts,
 				 c->moe_intermediate, c->first_k_dense, c->moe_layer_freq, c->router_softmax,
 				 c->moe_renormalize, c->routed_scaling, c->n_expert_groups, c->topk_groups,
-				 c->bias_in_weights);
-	fp_update(b, buf, (size_t) n);
+				 routing);
+}
+
+static void
+fp_config(binder *b, const kl_config *c)
+{
+	char		buf[1024];
+	int			routing = c->n_experts > 0 ? c->bias_in_weights : strcmp(c->model_type, "kimi_linear") == 0;
+	int			n = fp_config_string(c, routing, buf, sizeof(buf));
+
+	EVP_DigestUpdate(b->fp, buf, (size_t) n);
+	if (b->fp_other)
+	{
+		n = fp_config_string(c, !routing, buf, sizeof(buf));
+		EVP_DigestUpdate(b->fp_other, buf, (size_t) n);
+	}
 	for (int i = 0; i < c->n_layers; i++)
 		buf[i % sizeof(buf)] = (char) c->layer_kind[i];
 	fp_update(b, buf, (size_t) (c->n_layers < (int) sizeof(buf) ? c->n_layers : (int) sizeof(buf)));
@@ -478,9 +498,12 @@ bind_all(kl_model *m, binder *b, kl_err *err)
 	b->m = m;
 	b->err = err;
 	b->fp = EVP_MD_CTX_new();
-	if (!b->fp || EVP_DigestInit_ex(b->fp, EVP_sha256(), NULL) != 1)
+	b->fp_other = m->cfg.n_experts > 0 ? EVP_MD_CTX_new() : NULL;
+	if (!b->fp || EVP_DigestInit_ex(b->fp, EVP_sha256(), NULL) != 1 ||
+		(m->cfg.n_experts > 0 && (!b->fp_other || EVP_DigestInit_ex(b->fp_other, EVP_sha256(), NULL) != 1)))
 	{
 		EVP_MD_CTX_free(b->fp);
+		EVP_MD_CTX_free(b->fp_other);
 		return kl_errf(err, "cannot initialize SHA-256");
 	}
 	fp_config(b, &m->cfg);
@@ -505,10 +528,34 @@ bind_all(kl_model *m, binder *b, kl_err *err)
 		}
 	EVP_DigestFinal_ex(b->fp, digest, &dlen);
 	memcpy(m->fingerprint, digest, 16);
+	if (b->fp_other)
+	{
+		EVP_DigestFinal_ex(b->fp_other, digest, &dlen);
+		memcpy(m->fingerprint_other_routing, digest, 16);
+		m->has_other_routing = true;
+	}
 	rc = KL_OK;
 out:
 	EVP_MD_CTX_free(b->fp);
+	EVP_MD_CTX_free(b->fp_other);
 	return rc;
+}
+
+/* The load options that change the computation (checked before anything is bound). */
+static int
+apply_routing(kl_config *c, const kl_load_opts *opts, kl_err *err)
+{
+	const char *r = opts ? opts->moe_routing : NULL;
+
+	if (!r || strcmp(r, "select") == 0)
+		c->bias_in_weights = false;
+	else if (strcmp(r, "reference") == 0)
+		c->bias_in_weights = true;
+	else
+		return kl_errf(err, "MoE routing \"%.64s\" is unknown: use \"select\" (the default: the router bias "
+					   "chooses the experts, the scores weight them) or \"reference\" (the bias is added into "
+					   "the weights too, as the released kimi_linear code does)", r);
+	return KL_OK;
 }
 
 int
@@ -533,6 +580,7 @@ kl_model_load(const char *dir, const kl_load_opts *opts, kl_model **out, kl_err 
 	m->dir = strdup(dir);
 	snprintf(path, sizeof(path), "%s/config.json", dir);
 	if (!m->dir || kl_config_load(path, &m->cfg, err) != KL_OK ||
+		apply_routing(&m->cfg, opts, err) != KL_OK ||
 		create_backend(m, opts, err) != KL_OK ||
 		kl_st_open_dir(dir, &m->st, err) != KL_OK)
 		goto fail;
@@ -571,6 +619,7 @@ kl_model_create_random(const char *config_path, const kl_load_opts *opts, const 
 		return KL_FAIL;
 	m->dir = strdup(config_path);
 	if (!m->dir || kl_config_load(config_path, &m->cfg, err) != KL_OK ||
+		apply_routing(&m->cfg, opts, err) != KL_OK ||
 		create_backend(m, opts, err) != KL_OK ||
 		bind_all(m, &b, err) != KL_OK)
 	{
@@ -646,6 +695,14 @@ const char *
 kl_model_dir(const kl_model *m)
 {
 	return m->dir;
+}
+
+const char *
+kl_model_moe_routing(const kl_model *m)
+{
+	if (m->cfg.n_experts <= 0)
+		return NULL;
+	return m->cfg.bias_in_weights ? "reference" : "select";
 }
 
 const char *

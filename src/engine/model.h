@@ -37,6 +37,10 @@ struct kl_model
 	int64_t		n_params;
 	uint64_t	weight_bytes;
 	uint8_t		fingerprint[16];
+	/* the fingerprint the same weights have under the other MoE routing rule
+	 * (MoE models only), so that a refused state can say why */
+	uint8_t		fingerprint_other_routing[16];
+	bool		has_other_routing;
 };
 
 #endif

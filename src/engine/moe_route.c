@@ -7,9 +7,11 @@
  *   groups of E/G experts score the sum of their top two choices; the best Tg
  *   groups stay, the other experts' choices become 0 (as the reference masks)
  *   top k experts by choice
- *   weights = choice (kimi_linear: the reference adds the bias in place) or s
- *             (kimi_k3), renormalized to sum 1 when k > 1 and asked for, then
- *             times routed_scaling_factor.
+ *   weights = s (the default rule, "select": the bias chooses, the scores
+ *             weight, as vLLM, SGLang, llama.cpp and kimi_k3 compute it) or
+ *             s + bias ("reference": the released kimi_linear code adds the
+ *             bias in place; cfg->bias_in_weights), renormalized to sum 1
+ *             when k > 1 and asked for, then times routed_scaling_factor.
  */
 #include <math.h>
 

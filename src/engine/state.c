@@ -310,8 +310,17 @@ check_part(const kl_seq *s, const state_header *h, kl_err *err)
 	uint64_t	want;
 
 	if (memcmp(h->fingerprint, s->model->fingerprint, 16) != 0)
+	{
+		const kl_model *m = s->model;
+
+		if (m->has_other_routing && memcmp(h->fingerprint, m->fingerprint_other_routing, 16) == 0)
+			return kl_errf(err, "the state was made by this model under the MoE routing rule \"%s\", and the "
+						   "model is loaded with \"%s\": load it with moe_routing \"%s\" to resume this state",
+						   c->bias_in_weights ? "select" : "reference", kl_model_moe_routing(m),
+						   c->bias_in_weights ? "select" : "reference");
 		return kl_errf(err, "the state was made by a different model (fingerprint mismatch): resume it "
 					   "with the model that produced it");
+	}
 	if (h->n_kda != (uint32_t) c->n_kda_layers || h->H != (uint32_t) c->kda_heads ||
 		h->K != (uint32_t) c->kda_head_dim || h->W != (uint32_t) c->conv_kernel ||
 		h->n_mla != (uint32_t) c->n_mla_layers || h->mla_row != (uint32_t) kl_mla_row(c))

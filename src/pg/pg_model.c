@@ -153,11 +153,12 @@ wait_loaded(int e, uint32 gen, const char *name)
 }
 
 void
-kl_model_register(const char *name, const char *path, bool check_privilege)
+kl_model_register(const char *name, const char *path, const char *moe_routing, bool check_privilege)
 {
 	char		real[MAXPGPATH];
 	int			e = -1;
 	uint32		gen;
+	const char *routing = moe_routing ? moe_routing : "";
 
 	kl_require_shared();
 	if (check_privilege)
@@ -169,6 +170,15 @@ kl_model_register(const char *name, const char *path, bool check_privilege)
 				 errhint("A name has 1 to %d letters, digits, '_', '-' or '.'.", KL_MODEL_NAME_LEN - 1)));
 	if (path[0] == '\0')
 		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("model path must not be empty")));
+	if (routing[0] && strcmp(routing, "select") != 0 && strcmp(routing, "reference") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("moe_routing must be 'select' or 'reference', got '%s'", routing),
+				 errhint("'select' (the default): the router bias chooses the experts and the scores weight them, "
+						 "as vLLM, SGLang and llama.cpp run Kimi Linear; 'reference': the bias is added into the "
+						 "weights too, as the released kimi_linear reference code does.")));
+	if (strcmp(routing, "select") == 0)
+		routing = "";			/* the default, spelled out */
 	resolve_model_path(path, real);
 
 	LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
@@ -176,6 +186,7 @@ kl_model_register(const char *name, const char *path, bool check_privilege)
 	if (e >= 0)
 	{
 		bool		same = strcmp(kl_shared->models[e].path, real) == 0;
+		bool		same_routing = strcmp(kl_shared->models[e].moe_routing, routing) == 0;
 
 		gen = kl_shared->models[e].generation;
 		LWLockRelease(kl_shared->lock);
@@ -184,6 +195,12 @@ kl_model_register(const char *name, const char *path, bool check_privilege)
 					(errcode(ERRCODE_DUPLICATE_OBJECT),
 					 errmsg("a model named \"%s\" is already loaded from another directory", name),
 					 errhint("Unload it first with kimi_linear.unload_model('%s').", name)));
+		if (!same_routing)
+			ereport(ERROR,
+					(errcode(ERRCODE_DUPLICATE_OBJECT),
+					 errmsg("the model \"%s\" is already loaded with another MoE routing rule", name),
+					 errhint("Unload it first with kimi_linear.unload_model('%s'), or load it under another name.",
+							 name)));
 		/* the same model again: nothing to do once it is ready */
 		wait_loaded(e, gen, name);
 		return;
@@ -210,6 +227,8 @@ kl_model_register(const char *name, const char *path, bool check_privilege)
 		strlcpy(me->name, name, sizeof(me->name));
 		strlcpy(me->path, real, sizeof(me->path));
 		me->device = kl_device;
+		strlcpy(me->moe_routing, routing, sizeof(me->moe_routing));
+		me->routing_in_force[0] = '\0';
 		memset(me->wload, 0, sizeof(me->wload));
 		me->error[0] = '\0';
 		me->n_params = me->bytes = 0;
@@ -321,7 +340,7 @@ kl_model_resolve(const char *name, KlModelRef *out)
 					 errmsg("model \"%s\" is not loaded", want),
 					 errhint("Load it with kimi_linear.load_model('%s', 'directory under kimi_linear.model_dir').", want)));
 		/* (registering is idempotent: two sessions may do this at once) */
-		kl_model_register(KL_BUNDLED_MODEL, KL_BUNDLED_MODEL, false);
+		kl_model_register(KL_BUNDLED_MODEL, KL_BUNDLED_MODEL, NULL, false);
 		LWLockAcquire(kl_shared->lock, LW_SHARED);
 		e = find_entry(KL_BUNDLED_MODEL);
 		gen = e >= 0 ? kl_shared->models[e].generation : 0;
@@ -402,8 +421,9 @@ kl_sql_load_model(PG_FUNCTION_ARGS)
 {
 	char	   *name = required_arg(fcinfo, 0, "name");
 	char	   *path = required_arg(fcinfo, 1, "path");
+	char	   *routing = PG_NARGS() > 2 && !PG_ARGISNULL(2) ? text_to_cstring(PG_GETARG_TEXT_PP(2)) : NULL;
 
-	kl_model_register(name, path, true);
+	kl_model_register(name, path, routing, true);
 	PG_RETURN_VOID();
 }
 
@@ -425,7 +445,7 @@ kl_sql_resolve_model(PG_FUNCTION_ARGS)
 	PG_RETURN_TEXT_P(cstring_to_text(ref.name));
 }
 
-/* _models() -> (name, path, parameters, bytes, device, status, loaded_at, error) */
+/* _models() -> (name, path, parameters, bytes, device, moe_routing, status, loaded_at, error) */
 Datum
 kl_sql_models(PG_FUNCTION_ARGS)
 {
@@ -437,8 +457,8 @@ kl_sql_models(PG_FUNCTION_ARGS)
 	for (int e = 0; e < KL_MAX_MODELS; e++)
 	{
 		KlModelEntry me;
-		Datum		v[8];
-		bool		nulls[8] = {0};
+		Datum		v[9];
+		bool		nulls[9] = {0};
 
 		LWLockAcquire(kl_shared->lock, LW_SHARED);
 		memcpy(&me, &kl_shared->models[e], sizeof(me));
@@ -450,15 +470,21 @@ kl_sql_models(PG_FUNCTION_ARGS)
 		v[2] = Int64GetDatum(me.n_params);
 		v[3] = Int64GetDatum(me.bytes);
 		v[4] = CStringGetTextDatum(me.device_name[0] ? me.device_name : kl_device_name(me.device));
-		v[5] = CStringGetTextDatum(states[me.state]);
+		/* the rule in force once loaded (NULL for a dense model); the one asked for before */
 		if (me.loaded_at)
-			v[6] = TimestampTzGetDatum(me.loaded_at);
+			v[5] = CStringGetTextDatum(me.routing_in_force);
 		else
-			nulls[6] = true;
-		if (me.error[0])
-			v[7] = CStringGetTextDatum(me.error);
+			v[5] = CStringGetTextDatum(me.moe_routing[0] ? me.moe_routing : "select");
+		nulls[5] = me.loaded_at && !me.routing_in_force[0];
+		v[6] = CStringGetTextDatum(states[me.state]);
+		if (me.loaded_at)
+			v[7] = TimestampTzGetDatum(me.loaded_at);
 		else
 			nulls[7] = true;
+		if (me.error[0])
+			v[8] = CStringGetTextDatum(me.error);
+		else
+			nulls[8] = true;
 		if (me.state != KL_MODEL_READY)
 		{
 			nulls[2] = nulls[3] = true;

@@ -49,12 +49,14 @@ typedef struct KlModelEntry
 	char		name[KL_MODEL_NAME_LEN];
 	char		path[MAXPGPATH];	/* resolved (realpath) directory */
 	int			device;			/* KL_DEVICE_* requested at load time */
+	char		moe_routing[16];	/* load_model's moe_routing ("" = the default) */
 	uint8		wload[KL_MAX_WORKERS];
 	char		error[1024];	/* why loading failed */
 	/* filled by the first worker that loads it */
 	int64		n_params;
 	int64		bytes;
 	char		device_name[16];	/* where it actually runs */
+	char		routing_in_force[16];	/* "select", "reference", "" for a dense model */
 	int32		vocab_size;
 	bool		has_tokenizer;
 	TimestampTz loaded_at;

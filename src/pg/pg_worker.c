@@ -97,6 +97,7 @@ sync_models(void)
 		uint8		mine;
 		char		path[MAXPGPATH];
 		char		name[KL_MODEL_NAME_LEN];
+		char		routing[sizeof(e->moe_routing)];
 		int			device;
 
 		LWLockAcquire(kl_shared->lock, LW_SHARED);
@@ -106,6 +107,7 @@ sync_models(void)
 		strlcpy(path, e->path, sizeof(path));
 		strlcpy(name, e->name, sizeof(name));
 		device = e->device;
+		strlcpy(routing, e->moe_routing, sizeof(routing));
 		LWLockRelease(kl_shared->lock);
 
 		/* held but no longer wanted */
@@ -139,6 +141,7 @@ sync_models(void)
 
 			memset(&opts, 0, sizeof(opts));
 			opts.device = kl_device_name(device);
+			opts.moe_routing = routing[0] ? routing : NULL;
 			pgstat_report_activity(STATE_RUNNING, "loading a model");
 			rc = kl_model_load(path, &opts, &m, &err);
 			if (rc == KL_OK)
@@ -198,6 +201,8 @@ sync_models(void)
 					e->n_params = kl_model_n_params(m);
 					e->bytes = (int64) kl_model_weight_bytes(m);
 					strlcpy(e->device_name, kl_model_device(m), sizeof(e->device_name));
+					strlcpy(e->routing_in_force, kl_model_moe_routing(m) ? kl_model_moe_routing(m) : "",
+							sizeof(e->routing_in_force));
 					e->vocab_size = wm->vocab;
 					e->has_tokenizer = wm->tok != NULL;
 					e->loaded_at = GetCurrentTimestamp();

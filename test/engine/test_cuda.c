@@ -71,8 +71,9 @@ die(const char *what, const kl_err *err)
 	exit(tap_done());
 }
 
+/* load with a MoE routing rule (NULL: the default) */
 static kl_model *
-load(const char *dir, const char *device, const char *precision)
+load_routed(const char *dir, const char *device, const char *precision, const char *routing)
 {
 	kl_load_opts o = {0};
 	kl_model   *m;
@@ -80,9 +81,16 @@ load(const char *dir, const char *device, const char *precision)
 
 	o.device = device;
 	o.precision = precision;
+	o.moe_routing = routing;
 	if (kl_model_load(dir, &o, &m, &err) != KL_OK)
 		die("model load", &err);
 	return m;
+}
+
+static kl_model *
+load(const char *dir, const char *device, const char *precision)
+{
+	return load_routed(dir, device, precision, NULL);
 }
 
 /* feed ids[0..T) in pieces of `step` (0 = one call); all logits into out */
@@ -148,9 +156,15 @@ gt(golden *g, const char *name)
 	return t;
 }
 
+/*
+ * One golden file: golden.safetensors is the reference code's output (MoE
+ * routing "reference"); golden_route_select.safetensors the default rule's,
+ * without KDA states.
+ */
 static void
-check_golden(const char *name, const char *prec)
+check_golden(const char *model, const char *file, const char *prec)
 {
+	char		name[160];
 	golden		g;
 	kl_err		err;
 	char		path[1200];
@@ -162,12 +176,13 @@ check_golden(const char *name, const char *prec)
 	double		tol = fp32 ? TOL_FP32 : TOL_BF16;
 	const kl_st_tensor *ref;
 
+	snprintf(name, sizeof(name), "%s%s", model, strcmp(file, "golden.safetensors") == 0 ? "" : " (routing select)");
 	memset(&g, 0, sizeof(g));
-	snprintf(g.dir, sizeof(g.dir), "%s/golden/%s", tap_fixture_dir(), name);
-	snprintf(path, sizeof(path), "%s/golden.safetensors", g.dir);
+	snprintf(g.dir, sizeof(g.dir), "%s/golden/%s", tap_fixture_dir(), model);
+	snprintf(path, sizeof(path), "%s/%s", g.dir, file);
 	if (kl_st_open_file(path, &g.st, &err) != KL_OK)
 		die("golden data", &err);
-	m = load(g.dir, "cuda", prec);
+	m = load_routed(g.dir, "cuda", prec, strcmp(file, "golden.safetensors") == 0 ? "reference" : NULL);
 	c = kl_model_config(m);
 	g.V = c->vocab_size;
 	g.T = (int) gt(&g, "input_ids")->numel;
@@ -181,7 +196,8 @@ check_golden(const char *name, const char *prec)
 		tap_ok(e <= tol, "%s %s: logits of all %d positions, one call (rel err %.2e)", name, prec, g.T, e);
 	}
 
-	/* KDA states after the prompt, downloaded from the GPU */
+	/* KDA states after the prompt, downloaded from the GPU (where the file has them) */
+	if (kl_st_find(&g.st, "state.layers.0.recurrent") || kl_st_find(&g.st, "state.layers.1.recurrent"))
 	{
 		int			HK = c->kda_heads * c->kda_head_dim,
 					W = c->conv_kernel;
@@ -727,10 +743,12 @@ main(void)
 	}
 	kl_model_free(m);
 
-	check_golden("tiny_a", "fp32");
-	check_golden("tiny_c", "fp32");
-	check_golden("tiny_a", "bf16");
-	check_golden("tiny_c", "bf16");
+	check_golden("tiny_a", "golden.safetensors", "fp32");
+	check_golden("tiny_a", "golden_route_select.safetensors", "fp32");
+	check_golden("tiny_c", "golden.safetensors", "fp32");
+	check_golden("tiny_a", "golden.safetensors", "bf16");
+	check_golden("tiny_a", "golden_route_select.safetensors", "bf16");
+	check_golden("tiny_c", "golden.safetensors", "bf16");
 	check_big_shapes();
 	check_pgdocs("fp32");
 	check_pgdocs("bf16");

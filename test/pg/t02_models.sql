@@ -1,7 +1,8 @@
 -- Models: loading from kimi_linear.model_dir only, who may load, the models
--- view, a model without tokenizer, states of another model, devices.
+-- view, a model without tokenizer, states of another model, devices, the MoE
+-- routing rule.
 BEGIN;
-SELECT plan(29);
+SELECT plan(36);
 
 SELECT pid AS worker_pid FROM kimi_linear.workers WHERE worker = 0 \gset
 SELECT kimi_linear._resolve_model(NULL);  -- the bundled model, loaded on first use
@@ -13,6 +14,23 @@ SELECT results_eq($$SELECT name, status, device, parameters > 0 FROM kimi_linear
 SELECT lives_ok($$SELECT kimi_linear.load_model('tiny', 'tiny_a')$$, 'loading the same model again is a no-op');
 SELECT throws_like($$SELECT kimi_linear.load_model('tiny', 'pgdocs-kimi-18m')$$, '%already loaded from another directory%',
                    'a name is not silently reused');
+
+-- MoE routing: 'select' by default, 'reference' on request; the same ids as ./kl under each rule
+-- (a state made under one rule and refused under the other: test_golden.c; these models take no text)
+SELECT lives_ok($$SELECT kimi_linear.load_model('tiny_ref', 'tiny_a', moe_routing => 'reference')$$,
+                'load a MoE model under the reference routing rule');
+SELECT results_eq($$SELECT name, moe_routing FROM kimi_linear.models ORDER BY name$$,
+                  $$VALUES ('pgdocs-kimi-18m'::text, NULL::text), ('tiny', 'select'), ('tiny_ref', 'reference')$$,
+                  'the models view shows the rule in force (none for a dense model)');
+SELECT throws_like($$SELECT kimi_linear.load_model('tiny', 'tiny_a', moe_routing => 'reference')$$,
+                   '%already loaded with another MoE routing rule%', 'a loaded name does not silently change its rule');
+SELECT throws_like($$SELECT kimi_linear.load_model('z', 'tiny_a', moe_routing => 'bias')$$,
+                   'moe_routing must be ''select'' or ''reference'', got ''bias''', 'an unknown rule is refused');
+SELECT is(kimi_linear.generate_ids(ARRAY[1, 2, 3, 4], max_tokens => 12, model => 'tiny', ignore_eos => true),
+          (SELECT ids FROM kl_routing WHERE rule = 'select'), 'default rule: the ids ./kl generate gives');
+SELECT is(kimi_linear.generate_ids(ARRAY[1, 2, 3, 4], max_tokens => 12, model => 'tiny_ref', ignore_eos => true),
+          (SELECT ids FROM kl_routing WHERE rule = 'reference'), 'reference rule: the ids ./kl generate --moe-routing reference gives');
+SELECT lives_ok($$SELECT kimi_linear.unload_model('tiny_ref')$$, 'unload it');
 
 -- a model without tokenizer: token ids only
 SELECT is(array_length(kimi_linear.generate_ids(ARRAY[1, 2, 3, 4], max_tokens => 6, model => 'tiny', ignore_eos => true), 1), 6,
@@ -45,7 +63,7 @@ SELECT ok(NOT EXISTS (SELECT FROM kimi_linear.models WHERE name = 'x'), 'failed 
 CREATE ROLE kl_tap_user;
 CREATE ROLE kl_tap_granted;
 GRANT USAGE ON SCHEMA kimi_linear TO kl_tap_user, kl_tap_granted;
-GRANT EXECUTE ON FUNCTION kimi_linear.load_model(text, text) TO kl_tap_granted;
+GRANT EXECUTE ON FUNCTION kimi_linear.load_model(text, text, text) TO kl_tap_granted;
 SET LOCAL ROLE kl_tap_user;
 SELECT throws_ok($$SELECT kimi_linear.load_model('y', 'tiny_a')$$, '42501', NULL, 'an ordinary user cannot load');
 SELECT throws_ok($$SELECT kimi_linear.unload_model('tiny')$$, '42501', NULL, 'nor unload');
