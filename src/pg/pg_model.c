@@ -32,6 +32,7 @@
 PG_FUNCTION_INFO_V1(kl_sql_load_model);
 PG_FUNCTION_INFO_V1(kl_sql_unload_model);
 PG_FUNCTION_INFO_V1(kl_sql_resolve_model);
+PG_FUNCTION_INFO_V1(kl_sql_chat_model);
 PG_FUNCTION_INFO_V1(kl_sql_models);
 
 static void
@@ -422,6 +423,33 @@ kl_sql_resolve_model(PG_FUNCTION_ARGS)
 	KlModelRef	ref;
 
 	kl_model_resolve(PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0)), &ref);
+	PG_RETURN_TEXT_P(cstring_to_text(ref.name));
+}
+
+/*
+ * _chat_model(name) -> the model a new conversation naming it would use.
+ * new_conversation() calls it so that a model that cannot hold a
+ * conversation (no tokenizer, or one without the chat format) is refused
+ * when the conversation starts, not at its first say().
+ */
+Datum
+kl_sql_chat_model(PG_FUNCTION_ARGS)
+{
+	KlModelRef	ref;
+	const kl_tokenizer *tok;
+
+	kl_model_resolve(PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0)), &ref);
+	if (!ref.has_tokenizer)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("model \"%s\" cannot hold a conversation: it has no tokenizer", ref.name),
+				 errhint("Conversations are text: use a model whose directory has tiktoken.model and tokenizer_config.json.")));
+	tok = kl_ref_tokenizer(&ref);
+	if (kl_tokenizer_special_id(tok, "<|im_end|>") < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("model \"%s\" cannot hold a conversation: its tokenizer has no chat format (no <|im_end|> token)",
+						ref.name)));
 	PG_RETURN_TEXT_P(cstring_to_text(ref.name));
 }
 

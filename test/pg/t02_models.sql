@@ -1,7 +1,7 @@
 -- Models: loading from kimi_linear.model_dir only, who may load, the models
 -- view, a model without tokenizer, states of another model, devices.
 BEGIN;
-SELECT plan(29);
+SELECT plan(30);
 
 SELECT pid AS worker_pid FROM kimi_linear.workers WHERE worker = 0 \gset
 SELECT kimi_linear._resolve_model(NULL);  -- the bundled model, loaded on first use
@@ -19,6 +19,8 @@ SELECT is(array_length(kimi_linear.generate_ids(ARRAY[1, 2, 3, 4], max_tokens =>
           'generate_ids works on a model without tokenizer');
 SELECT throws_like($$SELECT kimi_linear.generate('hello', model => 'tiny')$$, '%has no tokenizer%',
                    'text needs a tokenizer');
+SELECT throws_like($$SELECT kimi_linear.new_conversation('tiny')$$, 'model "tiny" cannot hold a conversation: it has no tokenizer',
+                   'a conversation cannot start on a model without tokenizer');
 
 -- with two models loaded, a call must say which (or the default setting does)
 SELECT throws_like($$SELECT kimi_linear.generate('hello')$$, '%several models are loaded%', 'ambiguous default model');
