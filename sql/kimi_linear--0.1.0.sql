@@ -339,9 +339,13 @@ GRANT INSERT (conversation_id, turn, role, content, token_ids, owner, created_at
     ON messages TO PUBLIC;
 GRANT USAGE ON SEQUENCE conversations_id_seq, messages_id_seq TO PUBLIC;
 
+-- pg_dump saves the tables' rows and the sequences' positions (without the
+-- sequences, a restored database would hand out ids that are taken)
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.conversations', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.conversation_pages', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.messages', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.conversations_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.messages_id_seq', '');
 
 CREATE FUNCTION _chat_model(name text DEFAULT NULL) RETURNS text
 AS 'MODULE_PATHNAME', 'kl_sql_chat_model'
