@@ -77,6 +77,14 @@ void		kl_seq_reset(kl_seq *s);
 int			kl_seq_clone(const kl_seq *src, kl_seq **out, kl_err *err);
 /* Number of tokens fed so far. */
 int64_t		kl_seq_positions(const kl_seq *s);
+/*
+ * Bytes the sequence holds in its backend's memory (host memory on the CPU,
+ * device memory on a GPU), bookkeeping included: per KDA layer the recurrent
+ * state and conv tails; per MLA layer its latent-cache pages, allocated
+ * KL_MLA_PAGE (1024) positions x (kv_lora_rank + qk_rope_head_dim) floats at
+ * a time.  What a cache of sequences must charge for keeping one.
+ */
+size_t		kl_seq_bytes(const kl_seq *s);
 
 /*
  * The pending token: generation samples a token and stops before feeding it
