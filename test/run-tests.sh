@@ -15,7 +15,7 @@
 #
 # Test data: test/fixtures (golden checkpoints and outputs, the manual corpus).
 # Environment: KL_SKIP_ENGINE=1 (skip step 1), KL_SKIP_CONCURRENCY=1 (skip
-# concurrency.sh), KL_SHELL_TESTS (the shell tests to run, names without .sh;
+# concurrency.sh), KL_SHELL_TESTS (the shell tests to run, names without .sh, empty: none;
 # default all), KL_TAP_FILES (a subset).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +67,18 @@ cp "$FIXTURES/golden/tiny_a/config.json" "$FIXTURES/golden/tiny_a/model.safetens
 mkdir -p "$TM/broken"
 echo '{"model_type": "kimi_linear", "hidden_size": -1}' >"$TM/broken/config.json"
 ln -s "$KL_CLUSTER_DIR/outside/tiny_copy" "$TM/escape"
+# ... and files of a model directory linked out of it (the directory itself is inside)
+mkdir -p "$TM/linked_config" "$TM/linked_tokenizer" "$KL_CLUSTER_DIR/outside/tokenizer"
+cp "$FIXTURES/golden/tiny_a/model.safetensors" "$TM/linked_config/"
+ln -s "$KL_CLUSTER_DIR/outside/tiny_copy/config.json" "$TM/linked_config/config.json"
+cp models/pgdocs-kimi-18m/tiktoken.model "$KL_CLUSTER_DIR/outside/tokenizer/"
+cp "$FIXTURES/golden/tiny_a/config.json" "$FIXTURES/golden/tiny_a/model.safetensors" \
+   models/pgdocs-kimi-18m/tokenizer_config.json "$TM/linked_tokenizer/"
+ln -s "$KL_CLUSTER_DIR/outside/tokenizer/tiktoken.model" "$TM/linked_tokenizer/tiktoken.model"
+# a "config.json" that is not one: its content must never appear in an error
+mkdir -p "$TM/not_a_config"
+cp "$FIXTURES/golden/tiny_a/model.safetensors" "$TM/not_a_config/"
+echo 'KL-SECRET-CONTENT: this is not JSON' >"$TM/not_a_config/config.json"
 chmod -R a+rX "$KL_CLUSTER_DIR"
 
 KL_MODEL_DIR=$TM KL_EXTRA_CONF="kimi_linear.max_requests = 16" kl_cluster_start || { fail "cluster start"; exit 1; }
@@ -132,7 +144,7 @@ kl_cluster_alive || fail "server down after pgTAP"
 # ------------------------------------------------------------------ 5. shell tests
 # (they run the cluster's own binaries: restart.sh restarts it)
 export KL_PGBIN KL_CLUSTER_DIR
-SHELL_TESTS=${KL_SHELL_TESTS:-concurrency dump_restore state_cache}
+SHELL_TESTS=${KL_SHELL_TESTS-concurrency dump_restore state_cache}
 [ "${KL_SKIP_CONCURRENCY:-0}" != 1 ] || SHELL_TESTS=$(echo " $SHELL_TESTS " | sed 's/ concurrency / /')
 for t in $SHELL_TESTS; do
   step "$t"

@@ -45,8 +45,20 @@ typedef struct kl_load_opts
 	const char *precision;		/* "fp32" (default) or "bf16": activations in matrix products (CUDA) */
 	int			device_index;	/* which GPU (default 0) */
 	bool		no_tokenizer;	/* skip tiktoken.model / tokenizer_config.json */
+	/*
+	 * NULL, or a directory that the model directory and every file loaded
+	 * from it (config.json, the index and the shards it names, the tokenizer
+	 * files) must resolve into, symbolic links followed (kl_file.h); a file
+	 * resolving elsewhere is reported exactly as a missing one.  The
+	 * PostgreSQL workers pass kimi_linear.model_dir.
+	 */
+	const char *root;
 } kl_load_opts;
 
+/*
+ * Load the checkpoint in dir.  Errors name the file and what is wrong with
+ * it; they never quote the file's content.
+ */
 int			kl_model_load(const char *dir, const kl_load_opts *opts, kl_model **out, kl_err *err);
 /*
  * A model of the shape in config_path with random weights (dtype "bf16" or

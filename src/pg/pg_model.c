@@ -7,7 +7,10 @@
  * running workers have it, FAILED with the first worker's error otherwise.
  * Only superusers and members of kimi_linear_admin may load or unload, and
  * only from under kimi_linear.model_dir, checked after resolving symbolic
- * links.
+ * links; the workers and the backends' tokenizers then open every file of
+ * the model confined to that directory (kl_load_opts.root), so a link inside
+ * the model directory cannot lead out of it either.  A path outside gets the
+ * error of a missing one: load_model does not tell what exists elsewhere.
  */
 #include "postgres.h"
 
@@ -69,9 +72,13 @@ check_admin(void)
 						 GetUserNameFromId(GetUserId(), false))));
 }
 
-/* path -> canonical absolute directory inside model_dir, or ERROR */
+/*
+ * path -> canonical absolute directory inside model_dir (out), and model_dir
+ * itself resolved (root), or ERROR.  Missing, not a directory, and outside
+ * (through "..", an absolute path or a symbolic link) are one error.
+ */
 static void
-resolve_model_path(const char *path, char *out)
+resolve_model_path(const char *path, char *out, char *root)
 {
 	char		candidate[MAXPGPATH];
 	char		dir[PATH_MAX];
@@ -88,18 +95,16 @@ resolve_model_path(const char *path, char *out)
 		strlcpy(candidate, path, sizeof(candidate));
 	else
 		snprintf(candidate, sizeof(candidate), "%s/%s", kl_guc_model_dir, path);
-	if (!realpath(candidate, real) || stat(real, &sb) != 0 || !S_ISDIR(sb.st_mode))
+	dl = strlen(dir);
+	if (!realpath(candidate, real) || !(strncmp(real, dir, dl) == 0 && real[dl] == '/') ||
+		stat(real, &sb) != 0 || !S_ISDIR(sb.st_mode))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_FILE),
-				 errmsg("model directory \"%s\" does not exist", candidate),
-				 errhint("Paths are relative to kimi_linear.model_dir (%s).", kl_guc_model_dir)));
-	dl = strlen(dir);
-	if (!(strncmp(real, dir, dl) == 0 && real[dl] == '/'))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("model path \"%s\" is outside kimi_linear.model_dir (%s)", path, dir),
-				 errhint("Models load only from a directory under kimi_linear.model_dir; symbolic links are resolved before the check.")));
+				 errmsg("model directory \"%s\" does not exist in kimi_linear.model_dir", candidate),
+				 errhint("Paths are relative to kimi_linear.model_dir (%s) and must stay inside it, symbolic links included.",
+						 kl_guc_model_dir)));
 	strlcpy(out, real, MAXPGPATH);
+	strlcpy(root, dir, MAXPGPATH);
 }
 
 /* caller holds the lock */
@@ -157,6 +162,7 @@ void
 kl_model_register(const char *name, const char *path, bool check_privilege)
 {
 	char		real[MAXPGPATH];
+	char		root[MAXPGPATH];
 	int			e = -1;
 	uint32		gen;
 
@@ -170,7 +176,7 @@ kl_model_register(const char *name, const char *path, bool check_privilege)
 				 errhint("A name has 1 to %d letters, digits, '_', '-' or '.'.", KL_MODEL_NAME_LEN - 1)));
 	if (path[0] == '\0')
 		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("model path must not be empty")));
-	resolve_model_path(path, real);
+	resolve_model_path(path, real, root);
 
 	LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
 	e = find_entry(name);
@@ -210,6 +216,7 @@ kl_model_register(const char *name, const char *path, bool check_privilege)
 		gen = me->generation;
 		strlcpy(me->name, name, sizeof(me->name));
 		strlcpy(me->path, real, sizeof(me->path));
+		strlcpy(me->root, root, sizeof(me->root));
 		me->device = kl_device;
 		memset(me->wload, 0, sizeof(me->wload));
 		me->error[0] = '\0';
@@ -354,6 +361,7 @@ const kl_tokenizer *
 kl_ref_tokenizer(const KlModelRef *ref)
 {
 	char		path[MAXPGPATH];
+	char		root[MAXPGPATH];
 	kl_err		err;
 	kl_tokenizer *t;
 	int			e = ref->entry;
@@ -367,13 +375,14 @@ kl_ref_tokenizer(const KlModelRef *ref)
 				 errhint("Its directory has no tiktoken.model; call generate_ids with token ids instead of text.")));
 	LWLockAcquire(kl_shared->lock, LW_SHARED);
 	strlcpy(path, kl_shared->models[e].path, sizeof(path));
+	strlcpy(root, kl_shared->models[e].root, sizeof(root));
 	LWLockRelease(kl_shared->lock);
 	if (tok_cache[e].tok)
 	{
 		kl_tokenizer_free(tok_cache[e].tok);
 		tok_cache[e].tok = NULL;
 	}
-	if (kl_tokenizer_load(path, &t, &err) != KL_OK)
+	if (kl_tokenizer_load_under(path, root, &t, &err) != KL_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("could not load the tokenizer of model \"%s\": %s", ref->name, err.msg)));

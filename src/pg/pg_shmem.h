@@ -48,6 +48,8 @@ typedef struct KlModelEntry
 	uint32		generation;		/* new value whenever the entry is (re)used */
 	char		name[KL_MODEL_NAME_LEN];
 	char		path[MAXPGPATH];	/* resolved (realpath) directory */
+	char		root[MAXPGPATH];	/* resolved kimi_linear.model_dir it was checked against:
+									 * every file of the model must resolve inside it */
 	int			device;			/* KL_DEVICE_* requested at load time */
 	uint8		wload[KL_MAX_WORKERS];
 	char		error[1024];	/* why loading failed */

@@ -96,6 +96,7 @@ sync_models(void)
 		uint32		gen;
 		uint8		mine;
 		char		path[MAXPGPATH];
+		char		root[MAXPGPATH];
 		char		name[KL_MODEL_NAME_LEN];
 		int			device;
 
@@ -104,6 +105,7 @@ sync_models(void)
 		gen = e->generation;
 		mine = e->wload[me];
 		strlcpy(path, e->path, sizeof(path));
+		strlcpy(root, e->root, sizeof(root));
 		strlcpy(name, e->name, sizeof(name));
 		device = e->device;
 		LWLockRelease(kl_shared->lock);
@@ -139,6 +141,8 @@ sync_models(void)
 
 			memset(&opts, 0, sizeof(opts));
 			opts.device = kl_device_name(device);
+			/* every file of the model must resolve inside kimi_linear.model_dir */
+			opts.root = root;
 			pgstat_report_activity(STATE_RUNNING, "loading a model");
 			rc = kl_model_load(path, &opts, &m, &err);
 			if (rc == KL_OK)
