@@ -10,7 +10,7 @@
 #   4. pg_regress (sql/, expected/) and pgTAP (test/pg/*.sql, by pg_prove)
 #   5. the shell tests, TAP output each: concurrency (test/pg/concurrency.sh),
 #      pg_dump/pg_restore (dump_restore.sh), the state cache's memory bound
-#      (state_cache.sh)
+#      (state_cache.sh), and last, a server restart (restart.sh)
 # Exits non-zero on any failure and ends with each runner's summary.
 #
 # Test data: test/fixtures (golden checkpoints and outputs, the manual corpus).
@@ -144,7 +144,7 @@ kl_cluster_alive || fail "server down after pgTAP"
 # ------------------------------------------------------------------ 5. shell tests
 # (they run the cluster's own binaries: restart.sh restarts it)
 export KL_PGBIN KL_CLUSTER_DIR
-SHELL_TESTS=${KL_SHELL_TESTS-concurrency dump_restore state_cache}
+SHELL_TESTS=${KL_SHELL_TESTS-concurrency dump_restore state_cache restart}
 [ "${KL_SKIP_CONCURRENCY:-0}" != 1 ] || SHELL_TESTS=$(echo " $SHELL_TESTS " | sed 's/ concurrency / /')
 for t in $SHELL_TESTS; do
   step "$t"

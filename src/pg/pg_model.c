@@ -30,6 +30,7 @@
 
 #include "pg_guc.h"
 #include "pg_model.h"
+#include "pg_registry.h"
 #include "pg_shmem.h"
 
 PG_FUNCTION_INFO_V1(kl_sql_load_model);
@@ -107,6 +108,16 @@ resolve_model_path(const char *path, char *out, char *root)
 	strlcpy(root, dir, MAXPGPATH);
 }
 
+/* caller holds the lock exclusively: the entry becomes free (a new generation) */
+static void
+free_entry_locked(int e)
+{
+	kl_shared->models[e].state = KL_MODEL_FREE;
+	kl_shared->models[e].generation = kl_shared->next_model_generation++;
+	kl_shared->models[e].persisted = false;
+	memset(kl_shared->models[e].wload, 0, sizeof(kl_shared->models[e].wload));
+}
+
 /* caller holds the lock */
 static int
 find_entry(const char *name)
@@ -117,9 +128,14 @@ find_entry(const char *name)
 	return -1;
 }
 
-/* Wait until the entry is READY (returns) or FAILED / gone (ERROR). */
+/*
+ * Wait until the entry is READY (returns) or FAILED / gone (ERROR).
+ * forget_failed: a FAILED entry is freed first (load_model's own attempt, so
+ * that a corrected model can be loaded under the name); a call that only
+ * uses the model leaves it listed with its error.
+ */
 static void
-wait_loaded(int e, uint32 gen, const char *name)
+wait_loaded(int e, uint32 gen, const char *name, bool forget_failed)
 {
 	for (;;)
 	{
@@ -134,17 +150,14 @@ wait_loaded(int e, uint32 gen, const char *name)
 			return;
 		if (st == KL_MODEL_FAILED)
 		{
-			/* forget the failed entry so that a corrected model can be loaded under the name */
-			LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
-			if (kl_shared->models[e].generation == gen && kl_shared->models[e].state == KL_MODEL_FAILED)
+			if (forget_failed)
 			{
-				kl_shared->models[e].state = KL_MODEL_UNLOADING;
-				kl_shared->models[e].generation = kl_shared->next_model_generation++;
-				memset(kl_shared->models[e].wload, 0, sizeof(kl_shared->models[e].wload));
-				kl_shared->models[e].state = KL_MODEL_FREE;
+				LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
+				if (kl_shared->models[e].generation == gen && kl_shared->models[e].state == KL_MODEL_FAILED)
+					free_entry_locked(e);
+				LWLockRelease(kl_shared->lock);
+				kl_wake_workers(-1);
 			}
-			LWLockRelease(kl_shared->lock);
-			kl_wake_workers(-1);
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("could not load model \"%s\": %s", name, error),
@@ -161,10 +174,17 @@ wait_loaded(int e, uint32 gen, const char *name)
 void
 kl_model_register(const char *name, const char *path, bool check_privilege)
 {
+	kl_model_register_with(name, path, "", check_privilege);
+}
+
+void
+kl_model_register_with(const char *name, const char *path, const char *options, bool check_privilege)
+{
 	char		real[MAXPGPATH];
 	char		root[MAXPGPATH];
 	int			e = -1;
 	uint32		gen;
+	bool		dropped_persisted = false;
 
 	kl_require_shared();
 	if (check_privilege)
@@ -176,23 +196,40 @@ kl_model_register(const char *name, const char *path, bool check_privilege)
 				 errhint("A name has 1 to %d letters, digits, '_', '-' or '.'.", KL_MODEL_NAME_LEN - 1)));
 	if (path[0] == '\0')
 		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("model path must not be empty")));
+	if (strlen(options) >= KL_MODEL_OPTIONS_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the load options of a model take at most %d bytes", KL_MODEL_OPTIONS_LEN - 1)));
 	resolve_model_path(path, real, root);
 
 	LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
 	e = find_entry(name);
+	if (e >= 0 && kl_shared->models[e].state == KL_MODEL_FAILED)
+	{
+		/* it failed to load (at server start, from the registry file): try again */
+		dropped_persisted = kl_shared->models[e].persisted;
+		free_entry_locked(e);
+		e = -1;
+	}
 	if (e >= 0)
 	{
-		bool		same = strcmp(kl_shared->models[e].path, real) == 0;
+		bool		same_dir = strcmp(kl_shared->models[e].path, real) == 0;
+		bool		same_options = strcmp(kl_shared->models[e].options, options) == 0;
 
 		gen = kl_shared->models[e].generation;
 		LWLockRelease(kl_shared->lock);
-		if (!same)
+		if (!same_dir)
 			ereport(ERROR,
 					(errcode(ERRCODE_DUPLICATE_OBJECT),
 					 errmsg("a model named \"%s\" is already loaded from another directory", name),
 					 errhint("Unload it first with kimi_linear.unload_model('%s').", name)));
+		if (!same_options)
+			ereport(ERROR,
+					(errcode(ERRCODE_DUPLICATE_OBJECT),
+					 errmsg("a model named \"%s\" is already loaded with other options", name),
+					 errhint("Unload it first with kimi_linear.unload_model('%s').", name)));
 		/* the same model again: nothing to do once it is ready */
-		wait_loaded(e, gen, name);
+		wait_loaded(e, gen, name, true);
 		return;
 	}
 	for (int i = 0; i < KL_MAX_MODELS; i++)
@@ -204,6 +241,8 @@ kl_model_register(const char *name, const char *path, bool check_privilege)
 	if (e < 0)
 	{
 		LWLockRelease(kl_shared->lock);
+		if (dropped_persisted)
+			kl_registry_save();
 		ereport(ERROR,
 				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
 				 errmsg("too many models loaded (at most %d)", KL_MAX_MODELS),
@@ -217,6 +256,8 @@ kl_model_register(const char *name, const char *path, bool check_privilege)
 		strlcpy(me->name, name, sizeof(me->name));
 		strlcpy(me->path, real, sizeof(me->path));
 		strlcpy(me->root, root, sizeof(me->root));
+		strlcpy(me->options, options, sizeof(me->options));
+		me->persisted = false;
 		me->device = kl_device;
 		memset(me->wload, 0, sizeof(me->wload));
 		me->error[0] = '\0';
@@ -229,7 +270,16 @@ kl_model_register(const char *name, const char *path, bool check_privilege)
 	}
 	LWLockRelease(kl_shared->lock);
 	kl_wake_workers(-1);
-	wait_loaded(e, gen, name);
+	if (dropped_persisted)
+		kl_registry_save();		/* the failed entry is gone from the file until this load succeeds */
+	wait_loaded(e, gen, name, true);
+
+	/* loaded: remember it across restarts */
+	LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
+	if (kl_shared->models[e].generation == gen && kl_shared->models[e].state == KL_MODEL_READY)
+		kl_shared->models[e].persisted = true;
+	LWLockRelease(kl_shared->lock);
+	kl_registry_save();
 }
 
 void
@@ -270,15 +320,17 @@ kl_model_unregister(const char *name)
 					any = true;
 			if (!any)
 			{
-				kl_shared->models[e].state = KL_MODEL_FREE;
-				kl_shared->models[e].generation = kl_shared->next_model_generation++;
-				memset(kl_shared->models[e].wload, 0, sizeof(kl_shared->models[e].wload));
+				free_entry_locked(e);
 				gone = true;
 			}
 		}
 		LWLockRelease(kl_shared->lock);
 		if (gone)
+		{
+			/* (an unloading entry is no longer written: the file may be rewritten now) */
+			kl_registry_save();
 			return;
+		}
 		wait_a_bit();
 	}
 }
@@ -340,7 +392,7 @@ kl_model_resolve(const char *name, KlModelRef *out)
 					 errmsg("no model is loaded"),
 					 errhint("Load one with kimi_linear.load_model(name, path).")));
 	}
-	wait_loaded(e, gen, want ? want : KL_BUNDLED_MODEL);
+	wait_loaded(e, gen, want ? want : KL_BUNDLED_MODEL, false);
 	LWLockAcquire(kl_shared->lock, LW_SHARED);
 	out->entry = e;
 	out->generation = kl_shared->models[e].generation;
