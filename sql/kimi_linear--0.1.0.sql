@@ -6,7 +6,7 @@
 -- Members of kimi_linear_admin (and superusers) may load and unload models.
 DO $$
 BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'kimi_linear_admin') THEN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'kimi_linear_admin') THEN
     CREATE ROLE kimi_linear_admin NOLOGIN;
   END IF;
 END
