@@ -348,7 +348,12 @@ kl_model_resolve(const char *name, KlModelRef *out)
 
 	LWLockAcquire(kl_shared->lock, LW_SHARED);
 	if (want)
+	{
 		e = find_entry(want);
+		/* the bundled model loads by itself: a failed load of it is retried, as on first use */
+		if (e >= 0 && kl_shared->models[e].state == KL_MODEL_FAILED && strcmp(want, KL_BUNDLED_MODEL) == 0)
+			e = -1;
+	}
 	else
 	{
 		int			n = 0;
