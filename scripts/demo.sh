@@ -5,7 +5,9 @@
 #   kimi_linear preloaded (run by an unprivileged user, kltest), then runs a
 #   real generation and a two-turn conversation and prints the results.
 # Run as root from the repository.  KL_DEMO_SKIP_DEPS=1 skips the packages;
-# KL_DEMO_KEEP=1 leaves the cluster running (connection settings are printed).
+# KL_DEMO_KEEP=1 leaves the cluster running (connection settings are printed);
+# KL_CLUSTER_DIR (default /tmp/kimi-linear-demo) is created by the demo, and
+# no other directory's permissions are changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${KL_DEMO_SKIP_DEPS:-0}" = 1 ] || bash scripts/setup-deps.sh
@@ -13,8 +15,23 @@ make -s -j"$(nproc)"
 make -s install
 KL_CLUSTER_DIR=${KL_CLUSTER_DIR:-/tmp/kimi-linear-demo}
 source test/pg/cluster.sh
-chmod 755 "$(dirname "$KL_CLUSTER_DIR")" 2>/dev/null || true
+# The cluster's directory is the demo's own: created here, marked, and the
+# only one whose permissions the demo sets.  Directories above it (/tmp by
+# default) are never touched: the unprivileged user must already be able to
+# pass through them.
+MARK="$KL_CLUSTER_DIR/.kimi-linear-demo"
+if [ -e "$KL_CLUSTER_DIR" ] && [ ! -e "$MARK" ]; then
+  echo "$KL_CLUSTER_DIR exists and is not a kimi_linear demo cluster; set KL_CLUSTER_DIR to a new directory" >&2
+  exit 1
+fi
 mkdir -p "$KL_CLUSTER_DIR"
+touch "$MARK"
+kl_ensure_user
+if ! runuser -u "$KL_PGUSER" -- test -x "$(dirname "$KL_CLUSTER_DIR")"; then
+  echo "the user $KL_PGUSER cannot reach $KL_CLUSTER_DIR (a directory above it is closed to it);" \
+       "set KL_CLUSTER_DIR to a directory under one it can enter, such as /tmp" >&2
+  exit 1
+fi
 echo "== starting PostgreSQL 15 in $KL_CLUSTER_DIR with shared_preload_libraries = 'kimi_linear'"
 kl_cluster_start
 [ "${KL_DEMO_KEEP:-0}" = 1 ] || trap 'kl_cluster_stop >/dev/null' EXIT

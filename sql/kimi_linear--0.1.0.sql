@@ -6,7 +6,7 @@
 -- Members of kimi_linear_admin (and superusers) may load and unload models.
 DO $$
 BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'kimi_linear_admin') THEN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'kimi_linear_admin') THEN
     CREATE ROLE kimi_linear_admin NOLOGIN;
   END IF;
 END
@@ -230,7 +230,7 @@ RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'kl_sql_models'
 LANGUAGE C VOLATILE;
 
-CREATE VIEW models AS SELECT * FROM _models();
+CREATE VIEW models AS SELECT * FROM @extschema@._models();
 COMMENT ON VIEW models IS 'Models registered with the inference workers.';
 
 CREATE FUNCTION _activity(
@@ -242,7 +242,7 @@ RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'kl_sql_activity'
 LANGUAGE C VOLATILE;
 
-CREATE VIEW activity AS SELECT * FROM _activity();
+CREATE VIEW activity AS SELECT * FROM @extschema@._activity();
 COMMENT ON VIEW activity IS 'Every inference request in flight: its worker, backend, phase (queued, prefill, decode, finishing), prompt tokens done of total, tokens generated, and the current rate (prompt tokens/s while prefilling, generated tokens/s while decoding).';
 
 CREATE FUNCTION _workers(OUT worker int, OUT pid int, OUT active_requests int, OUT restarts int,
@@ -251,7 +251,7 @@ RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'kl_sql_workers'
 LANGUAGE C VOLATILE;
 
-CREATE VIEW workers AS SELECT * FROM _workers();
+CREATE VIEW workers AS SELECT * FROM @extschema@._workers();
 COMMENT ON VIEW workers IS 'The inference background workers (pid NULL while one restarts).';
 
 GRANT SELECT ON models, activity, workers TO PUBLIC;
@@ -260,38 +260,50 @@ GRANT SELECT ON models, activity, workers TO PUBLIC;
 
 -- A conversation's state is a head (the KDA state and the attention rows since
 -- the last page boundary, rewritten every turn) plus pages of attention rows
--- (page_size positions each, written once).  Each role sees only its own
--- conversations (row-level security).
+-- (page_size positions each, written once).
+--
+-- Who may do what (row-level security and column privileges):
+--   * a role sees, changes and deletes only rows it owns (owner = current_user);
+--   * it adds pages and messages only under a conversation it owns: the
+--     policies' WITH CHECK looks the parent conversation up (as the role, so
+--     another role's conversation is invisible: its id gets the same error
+--     as a missing one, never a foreign-key or duplicate-key error);
+--   * ids come from the sequences only: no role may write an id column, so
+--     none can take an id before its owner gets it, or learn which ids exist
+--     from a duplicate-key error.
+-- Every name in expressions and function bodies is schema-qualified, and the
+-- functions run with search_path = pg_catalog, pg_temp: nothing a role puts
+-- in another schema (or a temporary table) stands in for the extension's own.
 CREATE TABLE conversations (
     id bigserial PRIMARY KEY,
-    owner name NOT NULL DEFAULT current_user,
+    owner name NOT NULL DEFAULT CURRENT_USER,
     model text NOT NULL,
     system text,
     page_size int NOT NULL,
     state bytea,
     positions bigint NOT NULL DEFAULT 0,
     turns int NOT NULL DEFAULT 0,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
 CREATE TABLE conversation_pages (
-    conversation_id bigint NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    conversation_id bigint NOT NULL REFERENCES @extschema@.conversations(id) ON DELETE CASCADE,
     page_no int NOT NULL,
-    owner name NOT NULL DEFAULT current_user,
+    owner name NOT NULL DEFAULT CURRENT_USER,
     data bytea NOT NULL,
     PRIMARY KEY (conversation_id, page_no)
 );
 
 CREATE TABLE messages (
     id bigserial PRIMARY KEY,
-    conversation_id bigint NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    conversation_id bigint NOT NULL REFERENCES @extschema@.conversations(id) ON DELETE CASCADE,
     turn int NOT NULL,
     role text NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
     content text NOT NULL,
     token_ids int[],
-    owner name NOT NULL DEFAULT current_user,
-    created_at timestamptz NOT NULL DEFAULT now()
+    owner name NOT NULL DEFAULT CURRENT_USER,
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 CREATE INDEX messages_conversation ON messages (conversation_id, id);
 
@@ -302,29 +314,61 @@ ALTER TABLE conversation_pages ALTER COLUMN data SET STORAGE EXTERNAL;
 ALTER TABLE conversations ENABLE ROW LEVEL SECURITY;
 ALTER TABLE conversation_pages ENABLE ROW LEVEL SECURITY;
 ALTER TABLE messages ENABLE ROW LEVEL SECURITY;
-CREATE POLICY own_conversations ON conversations USING (owner = current_user) WITH CHECK (owner = current_user);
-CREATE POLICY own_pages ON conversation_pages USING (owner = current_user) WITH CHECK (owner = current_user);
-CREATE POLICY own_messages ON messages USING (owner = current_user) WITH CHECK (owner = current_user);
-GRANT SELECT, INSERT, UPDATE, DELETE ON conversations, conversation_pages, messages TO PUBLIC;
+CREATE POLICY own_conversations ON conversations
+    USING (owner OPERATOR(pg_catalog.=) CURRENT_USER)
+    WITH CHECK (owner OPERATOR(pg_catalog.=) CURRENT_USER);
+CREATE POLICY own_pages ON conversation_pages
+    USING (owner OPERATOR(pg_catalog.=) CURRENT_USER)
+    WITH CHECK (owner OPERATOR(pg_catalog.=) CURRENT_USER AND EXISTS (
+        SELECT FROM @extschema@.conversations c
+         WHERE c.id OPERATOR(pg_catalog.=) conversation_pages.conversation_id
+           AND c.owner OPERATOR(pg_catalog.=) CURRENT_USER));
+CREATE POLICY own_messages ON messages
+    USING (owner OPERATOR(pg_catalog.=) CURRENT_USER)
+    WITH CHECK (owner OPERATOR(pg_catalog.=) CURRENT_USER AND EXISTS (
+        SELECT FROM @extschema@.conversations c
+         WHERE c.id OPERATOR(pg_catalog.=) messages.conversation_id
+           AND c.owner OPERATOR(pg_catalog.=) CURRENT_USER));
+GRANT SELECT, DELETE ON conversations, conversation_pages, messages TO PUBLIC;
+GRANT INSERT (owner, model, system, page_size, state, positions, turns, created_at, updated_at),
+      UPDATE (owner, model, system, page_size, state, positions, turns, created_at, updated_at)
+    ON conversations TO PUBLIC;
+GRANT INSERT, UPDATE ON conversation_pages TO PUBLIC;
+GRANT INSERT (conversation_id, turn, role, content, token_ids, owner, created_at),
+      UPDATE (conversation_id, turn, role, content, token_ids, owner, created_at)
+    ON messages TO PUBLIC;
 GRANT USAGE ON SEQUENCE conversations_id_seq, messages_id_seq TO PUBLIC;
 
-SELECT pg_catalog.pg_extension_config_dump('conversations', '');
-SELECT pg_catalog.pg_extension_config_dump('conversation_pages', '');
-SELECT pg_catalog.pg_extension_config_dump('messages', '');
+-- pg_dump saves the tables' rows and the sequences' positions (without the
+-- sequences, a restored database would hand out ids that are taken)
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.conversations', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.conversation_pages', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.messages', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.conversations_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.messages_id_seq', '');
+
+CREATE FUNCTION _chat_model(name text DEFAULT NULL) RETURNS text
+AS 'MODULE_PATHNAME', 'kl_sql_chat_model'
+LANGUAGE C VOLATILE;
+
+COMMENT ON FUNCTION _chat_model(text) IS
+'The model a conversation started with this name would use; an error unless it has a tokenizer with a chat format.';
 
 CREATE FUNCTION new_conversation(model text DEFAULT NULL, system text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
-SET search_path = @extschema@, pg_catalog
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   cid bigint;
 BEGIN
-  INSERT INTO conversations (model, system, page_size)
-  VALUES (_resolve_model(model), system, current_setting('kimi_linear.page_size')::int)
+  INSERT INTO @extschema@.conversations (model, system, page_size)
+  VALUES (@extschema@._chat_model(new_conversation.model), new_conversation.system,
+          pg_catalog.current_setting('kimi_linear.page_size')::int)
   RETURNING id INTO cid;
-  IF system IS NOT NULL THEN
-    INSERT INTO messages (conversation_id, turn, role, content) VALUES (cid, 0, 'system', system);
+  IF new_conversation.system IS NOT NULL THEN
+    INSERT INTO @extschema@.messages (conversation_id, turn, role, content)
+    VALUES (cid, 0, 'system', new_conversation.system);
   END IF;
   RETURN cid;
 END
@@ -355,24 +399,25 @@ COMMENT ON FUNCTION say(bigint, text, int, float8, float8, int, bigint, text[], 
 CREATE FUNCTION fork_conversation(conversation_id bigint)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
-SET search_path = @extschema@, pg_catalog
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   nid bigint;
 BEGIN
-  INSERT INTO conversations (model, system, page_size, state, positions, turns)
-  SELECT model, system, page_size, state, positions, turns FROM conversations
-   WHERE id = fork_conversation.conversation_id
+  INSERT INTO @extschema@.conversations (model, system, page_size, state, positions, turns)
+  SELECT c.model, c.system, c.page_size, c.state, c.positions, c.turns FROM @extschema@.conversations c
+   WHERE c.id = fork_conversation.conversation_id
   RETURNING id INTO nid;
   IF nid IS NULL THEN
     RAISE EXCEPTION 'conversation % does not exist', fork_conversation.conversation_id
       USING ERRCODE = 'undefined_object';
   END IF;
-  INSERT INTO conversation_pages (conversation_id, page_no, data)
-  SELECT nid, page_no, data FROM conversation_pages WHERE conversation_pages.conversation_id = fork_conversation.conversation_id;
-  INSERT INTO messages (conversation_id, turn, role, content, token_ids)
-  SELECT nid, turn, role, content, token_ids FROM messages
-   WHERE messages.conversation_id = fork_conversation.conversation_id ORDER BY id;
+  INSERT INTO @extschema@.conversation_pages (conversation_id, page_no, data)
+  SELECT nid, p.page_no, p.data FROM @extschema@.conversation_pages p
+   WHERE p.conversation_id = fork_conversation.conversation_id;
+  INSERT INTO @extschema@.messages (conversation_id, turn, role, content, token_ids)
+  SELECT nid, m.turn, m.role, m.content, m.token_ids FROM @extschema@.messages m
+   WHERE m.conversation_id = fork_conversation.conversation_id ORDER BY m.id;
   RETURN nid;
 END
 $$;

@@ -8,11 +8,15 @@
 #      missing) with kimi_linear preloaded, a test model directory, fixtures
 #      computed with the ./kl CLI
 #   4. pg_regress (sql/, expected/) and pgTAP (test/pg/*.sql, by pg_prove)
-#   5. the concurrency tests (test/pg/concurrency.sh)
+#   5. the shell tests, TAP output each: concurrency (test/pg/concurrency.sh),
+#      pg_dump/pg_restore (dump_restore.sh), the state cache's memory bound
+#      (state_cache.sh), and last, a server restart (restart.sh)
 # Exits non-zero on any failure and ends with each runner's summary.
 #
 # Test data: test/fixtures (golden checkpoints and outputs, the manual corpus).
-# Environment: KL_SKIP_ENGINE=1 (skip step 1), KL_SKIP_CONCURRENCY=1, KL_TAP_FILES (a subset).
+# Environment: KL_SKIP_ENGINE=1 (skip step 1), KL_SKIP_CONCURRENCY=1 (skip
+# concurrency.sh), KL_SHELL_TESTS (the shell tests to run, names without .sh, empty: none;
+# default all), KL_TAP_FILES (a subset).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -63,6 +67,18 @@ cp "$FIXTURES/golden/tiny_a/config.json" "$FIXTURES/golden/tiny_a/model.safetens
 mkdir -p "$TM/broken"
 echo '{"model_type": "kimi_linear", "hidden_size": -1}' >"$TM/broken/config.json"
 ln -s "$KL_CLUSTER_DIR/outside/tiny_copy" "$TM/escape"
+# ... and files of a model directory linked out of it (the directory itself is inside)
+mkdir -p "$TM/linked_config" "$TM/linked_tokenizer" "$KL_CLUSTER_DIR/outside/tokenizer"
+cp "$FIXTURES/golden/tiny_a/model.safetensors" "$TM/linked_config/"
+ln -s "$KL_CLUSTER_DIR/outside/tiny_copy/config.json" "$TM/linked_config/config.json"
+cp models/pgdocs-kimi-18m/tiktoken.model "$KL_CLUSTER_DIR/outside/tokenizer/"
+cp "$FIXTURES/golden/tiny_a/config.json" "$FIXTURES/golden/tiny_a/model.safetensors" \
+   models/pgdocs-kimi-18m/tokenizer_config.json "$TM/linked_tokenizer/"
+ln -s "$KL_CLUSTER_DIR/outside/tokenizer/tiktoken.model" "$TM/linked_tokenizer/tiktoken.model"
+# a "config.json" that is not one: its content must never appear in an error
+mkdir -p "$TM/not_a_config"
+cp "$FIXTURES/golden/tiny_a/model.safetensors" "$TM/not_a_config/"
+echo 'KL-SECRET-CONTENT: this is not JSON' >"$TM/not_a_config/config.json"
 chmod -R a+rX "$KL_CLUSTER_DIR"
 
 KL_MODEL_DIR=$TM KL_EXTRA_CONF="kimi_linear.max_requests = 16" kl_cluster_start || { fail "cluster start"; exit 1; }
@@ -131,15 +147,20 @@ else
 fi
 kl_cluster_alive || fail "server down after pgTAP"
 
-# ------------------------------------------------------------------ 5. concurrency
-if [ "${KL_SKIP_CONCURRENCY:-0}" != 1 ]; then
-  step "concurrency"
-  if bash test/pg/concurrency.sh 2>&1 | tee $LOGS/concurrency.log; [ "${PIPESTATUS[0]}" = 0 ]; then
-    note "concurrency: $(grep -c '^ok' $LOGS/concurrency.log) passed"
+# ------------------------------------------------------------------ 5. shell tests
+# (they run the cluster's own binaries: restart.sh restarts it)
+export KL_PGBIN KL_CLUSTER_DIR
+SHELL_TESTS=${KL_SHELL_TESTS-concurrency dump_restore state_cache restart}
+[ "${KL_SKIP_CONCURRENCY:-0}" != 1 ] || SHELL_TESTS=$(echo " $SHELL_TESTS " | sed 's/ concurrency / /')
+for t in $SHELL_TESTS; do
+  step "$t"
+  if bash test/pg/$t.sh 2>&1 | tee $LOGS/shell-$t.log; [ "${PIPESTATUS[0]}" = 0 ]; then
+    note "$t: $(grep -c '^ok' $LOGS/shell-$t.log) passed"
   else
-    fail "concurrency: $(grep -c '^not ok' $LOGS/concurrency.log) of $(grep -cE '^(not )?ok' $LOGS/concurrency.log) failed"
+    fail "$t: $(grep -c '^not ok' $LOGS/shell-$t.log) of $(grep -cE '^(not )?ok' $LOGS/shell-$t.log) failed"
   fi
-fi
+  kl_cluster_alive || fail "server down after $t"
+done
 
 # ------------------------------------------------------------------ end
 step "stop"
@@ -158,8 +179,8 @@ e_total=$(prove_total $LOGS/engine-tests.log); e_bad=$(prove_failed $LOGS/engine
 t_total=$(prove_total $LOGS/tap.log); t_bad=$(prove_failed $LOGS/tap.log)
 r_ok=$(grep -cE '^(test| ) *[a-z_]+ +\.\.\. ok' $LOGS/regress.log 2>/dev/null || true)
 r_bad=$(grep -cE '\.\.\. FAILED' $LOGS/regress.log 2>/dev/null || true)
-c_ok=$(grep -c '^ok' $LOGS/concurrency.log 2>/dev/null || true)
-c_bad=$(grep -c '^not ok' $LOGS/concurrency.log 2>/dev/null || true)
+c_ok=$(cat $LOGS/shell-*.log 2>/dev/null | grep -c '^ok' || true)
+c_bad=$(cat $LOGS/shell-*.log 2>/dev/null | grep -c '^not ok' || true)
 n_ok=$(( ${e_total:-0} - e_bad + ${t_total:-0} - t_bad + r_ok + c_ok ))
 n_bad=$(( e_bad + t_bad + r_bad + c_bad ))
 [ $FAILED = 0 ] || [ $n_bad -gt 0 ] || n_bad=1

@@ -17,8 +17,14 @@
  * minimum each step; long pieces (a 300-character run of one letter, pages of
  * spaces) use a doubly linked list of parts and an indexed min-heap of pair
  * ranks, so they cost n log n instead of n^2.
+ *
+ * tiktoken.model is read through kl_file.h (confined to a root when the
+ * loader has one); errors about its lines give the line number and the rule,
+ * never the line's text.
  */
 #include "tokenizer_internal.h"
+
+#include "kl_file.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -169,46 +175,6 @@ b64_decode(const char *s, size_t n, uint8_t *out, const char **why)
 	return o;
 }
 
-static char *
-read_whole_file(const char *path, size_t *len, kl_err *err)
-{
-	FILE	   *f = fopen(path, "rb");
-	char	   *b;
-	long		n;
-
-	if (!f)
-	{
-		kl_errf(err, "cannot open %s: %s (is this a model directory?)", path, strerror(errno));
-		return NULL;
-	}
-	if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0)
-	{
-		kl_errf(err, "cannot read %s: %s", path, strerror(errno));
-		fclose(f);
-		return NULL;
-	}
-	if (n > MAX_VOCAB_FILE)
-	{
-		kl_errf(err, "%s is %ld bytes: larger than any vocabulary file (1 GB)", path, n);
-		fclose(f);
-		return NULL;
-	}
-	b = kl_malloc((size_t) n + 1, err);
-	if (b && fread(b, 1, (size_t) n, f) != (size_t) n)
-	{
-		kl_errf(err, "cannot read %s: %s", path, ferror(f) ? strerror(errno) : "file shrank while reading");
-		free(b);
-		b = NULL;
-	}
-	fclose(f);
-	if (b)
-	{
-		b[n] = 0;
-		*len = (size_t) n;
-	}
-	return b;
-}
-
 /* Parse the lines into t->pool / t->off (rank order). */
 static int
 parse_ranks(kl_tokenizer *t, const char *path, char *text, size_t len, kl_err *err)
@@ -267,8 +233,8 @@ parse_ranks(kl_tokenizer *t, const char *path, char *text, size_t len, kl_err *e
 		{
 			if (*q < '0' || *q > '9')
 			{
-				kl_errf(err, "%s line %d: the rank \"%.*s\" is not a non-negative decimal number", path, line,
-						(int) (stop - sp - 1 > 40 ? 40 : stop - sp - 1), sp + 1);
+				kl_errf(err, "%s line %d: the rank (after the space) is not a non-negative decimal number", path,
+						line);
 				goto out;
 			}
 			rank = rank * 10 + (uint64_t) (*q - '0');
@@ -277,16 +243,14 @@ parse_ranks(kl_tokenizer *t, const char *path, char *text, size_t len, kl_err *e
 		}
 		if (rank >= max_lines)
 		{
-			kl_errf(err, "%s line %d: rank %.*s is out of range: the file has at most %zu tokens, so ranks run "
-					"from 0 to %zu", path, line, (int) (stop - sp - 1 > 40 ? 40 : stop - sp - 1), sp + 1,
-					max_lines, max_lines - 1);
+			kl_errf(err, "%s line %d: the rank is out of range: the file has at most %zu tokens, so ranks run "
+					"from 0 to %zu", path, line, max_lines, max_lines - 1);
 			goto out;
 		}
 		nb = b64_decode(p, (size_t) (sp - p), scratch + used, &why);
 		if (nb < 0)
 		{
-			kl_errf(err, "%s line %d: invalid base64 token \"%.*s\": %s", path, line,
-					(int) (sp - p > 40 ? 40 : sp - p), p, why);
+			kl_errf(err, "%s line %d: the token (before the space) is not valid base64: %s", path, line, why);
 			goto out;
 		}
 		if (tok_start[rank] != UINT32_MAX)
@@ -443,13 +407,13 @@ build_pair_table(kl_tokenizer *t, kl_err *err)
 }
 
 int
-kl_tok_build_tables(kl_tokenizer *t, const char *path, kl_err *err)
+kl_tok_build_tables(kl_tokenizer *t, const char *root, const char *path, kl_err *err)
 {
 	size_t		len;
-	char	   *text = read_whole_file(path, &len, err);
+	char	   *text;
 	int			rc;
 
-	if (!text)
+	if (kl_file_read(root, path, MAX_VOCAB_FILE, "a vocabulary file", &text, &len, err) != KL_OK)
 		return KL_FAIL;
 	rc = parse_ranks(t, path, text, len, err);
 	free(text);

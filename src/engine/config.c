@@ -5,10 +5,13 @@
  * lists, so that later code can size buffers from the config without further
  * checks.  Limits are generous (far above any released model) but finite, so
  * that a hostile config cannot make the loader allocate absurd amounts.
+ * Errors name the field and the rule; they never quote the file's text (a
+ * file that is not a config at all must not have its start shown).
  */
 #include "config.h"
 
 #include <errno.h>
+#include "kl_file.h"
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -193,7 +196,7 @@ kl_config_parse(const char *text, size_t len, const char *what, kl_config *c, kl
 	root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
 	if (!root)
 		return kl_errf(err, "%s: not valid JSON at line %d column %d: %s",
-					   what, jerr.line, jerr.column, jerr.text);
+					   what, jerr.line, jerr.column, kl_json_error_kind(&jerr));
 	if (!json_is_object(root))
 	{
 		json_decref(root);
@@ -211,7 +214,7 @@ kl_config_parse(const char *text, size_t len, const char *what, kl_config *c, kl
 		if (strcmp(s, "kimi_linear") != 0 && strcmp(s, "kimi_k3") != 0)
 		{
 			r.failed = true;
-			kl_errf(err, "%s: model_type \"%s\" is not supported (expected \"kimi_linear\")", what, s);
+			kl_errf(err, "%s: this model_type is not supported (expected \"kimi_linear\")", what);
 		}
 		if (!r.failed)
 			snprintf(c->model_type, sizeof(c->model_type), "%s", s);
@@ -220,7 +223,7 @@ kl_config_parse(const char *text, size_t len, const char *what, kl_config *c, kl
 	if (!r.failed && strcmp(s, "silu") != 0)
 	{
 		r.failed = true;
-		kl_errf(err, "%s: hidden_act \"%s\" is not supported (only \"silu\")", what, s);
+		kl_errf(err, "%s: this hidden_act is not supported (only \"silu\")", what);
 	}
 	if (!r.failed && !get_bool(&r, root, "mla_use_nope", true) && !r.failed)
 	{
@@ -304,7 +307,7 @@ kl_config_parse(const char *text, size_t len, const char *what, kl_config *c, kl
 			else
 			{
 				r.failed = true;
-				kl_errf(err, "%s: moe_router_activation_func \"%s\" is not supported (sigmoid or softmax)", what, s);
+				kl_errf(err, "%s: this moe_router_activation_func is not supported (sigmoid or softmax)", what);
 			}
 		}
 		if (!r.failed && c->n_experts % c->n_expert_groups != 0)
@@ -332,40 +335,21 @@ kl_config_parse(const char *text, size_t len, const char *what, kl_config *c, kl
 }
 
 int
-kl_config_load(const char *path, kl_config *c, kl_err *err)
+kl_config_load_under(const char *root, const char *path, kl_config *c, kl_err *err)
 {
-	FILE	   *f = fopen(path, "rb");
 	char	   *buf;
-	long		n;
+	size_t		n;
 	int			rc;
 
-	if (!f)
-		return kl_errf(err, "cannot open %s: %s", path, strerror(errno));
-	if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0)
-	{
-		fclose(f);
-		return kl_errf(err, "cannot read %s", path);
-	}
-	if (n > (16 << 20))
-	{
-		fclose(f);
-		return kl_errf(err, "%s is %ld bytes, too large for a config file", path, n);
-	}
-	buf = kl_malloc((size_t) n + 1, err);
-	if (!buf)
-	{
-		fclose(f);
+	if (kl_file_read(root, path, 16 << 20, "a config file", &buf, &n, err) != KL_OK)
 		return KL_FAIL;
-	}
-	if (fread(buf, 1, (size_t) n, f) != (size_t) n)
-	{
-		fclose(f);
-		free(buf);
-		return kl_errf(err, "cannot read %s", path);
-	}
-	fclose(f);
-	buf[n] = 0;
-	rc = kl_config_parse(buf, (size_t) n, path, c, err);
+	rc = kl_config_parse(buf, n, path, c, err);
 	free(buf);
 	return rc;
+}
+
+int
+kl_config_load(const char *path, kl_config *c, kl_err *err)
+{
+	return kl_config_load_under(NULL, path, c, err);
 }

@@ -73,6 +73,8 @@ typedef struct kl_config
 
 /* Parse and validate dir/config.json (or the given file). */
 int			kl_config_load(const char *path, kl_config *cfg, kl_err *err);
+/* The same, reading the file only if it resolves inside root (kl_file.h; root NULL: anywhere). */
+int			kl_config_load_under(const char *root, const char *path, kl_config *cfg, kl_err *err);
 /* Parse from a JSON text (tests, fuzzing). `what` names the source in errors. */
 int			kl_config_parse(const char *json, size_t len, const char *what, kl_config *cfg, kl_err *err);
 

@@ -54,8 +54,20 @@ typedef struct kl_load_opts
 	 */
 	const char *moe_routing;
 	bool		no_tokenizer;	/* skip tiktoken.model / tokenizer_config.json */
+	/*
+	 * NULL, or a directory that the model directory and every file loaded
+	 * from it (config.json, the index and the shards it names, the tokenizer
+	 * files) must resolve into, symbolic links followed (kl_file.h); a file
+	 * resolving elsewhere is reported exactly as a missing one.  The
+	 * PostgreSQL workers pass kimi_linear.model_dir.
+	 */
+	const char *root;
 } kl_load_opts;
 
+/*
+ * Load the checkpoint in dir.  Errors name the file and what is wrong with
+ * it; they never quote the file's content.
+ */
 int			kl_model_load(const char *dir, const kl_load_opts *opts, kl_model **out, kl_err *err);
 /*
  * A model of the shape in config_path with random weights (dtype "bf16" or
@@ -88,6 +100,14 @@ void		kl_seq_reset(kl_seq *s);
 int			kl_seq_clone(const kl_seq *src, kl_seq **out, kl_err *err);
 /* Number of tokens fed so far. */
 int64_t		kl_seq_positions(const kl_seq *s);
+/*
+ * Bytes the sequence holds in its backend's memory (host memory on the CPU,
+ * device memory on a GPU), bookkeeping included: per KDA layer the recurrent
+ * state and conv tails; per MLA layer its latent-cache pages, allocated
+ * KL_MLA_PAGE (1024) positions x (kv_lora_rank + qk_rope_head_dim) floats at
+ * a time.  What a cache of sequences must charge for keeping one.
+ */
+size_t		kl_seq_bytes(const kl_seq *s);
 
 /*
  * The pending token: generation samples a token and stops before feeding it

@@ -6,6 +6,9 @@
  * error (a checkpoint that does not match its config would otherwise load and
  * produce garbage).  Matrices stay in the mapped files (the backend may
  * convert or upload them); small vectors become fp32 copies.
+ *
+ * Every file is opened through kl_file.h: with kl_load_opts.root, nothing
+ * that resolves outside that directory is read.
  */
 #include "model.h"
 
@@ -16,7 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include "kl_file.h"
 #include "tokenizer.h"
 
 typedef struct binder
@@ -451,14 +456,45 @@ fp_config(binder *b, const kl_config *c)
 	fp_update(b, buf, (size_t) (c->n_layers < (int) sizeof(buf) ? c->n_layers : (int) sizeof(buf)));
 }
 
+/* whether dir has an entry by this name (a link counts, wherever it points: kl_file_present) */
 static bool
 dir_has(const char *dir, const char *file)
 {
 	char		path[4096];
-	struct stat sb;
 
 	snprintf(path, sizeof(path), "%s/%s", dir, file);
-	return stat(path, &sb) == 0;
+	return kl_file_present(path);
+}
+
+/*
+ * dir must be a directory, and with a root, resolve inside it: a directory
+ * outside (through a link) gets the error of a missing one.
+ */
+static int
+check_dir(const char *dir, const char *root, kl_err *err)
+{
+	struct stat sb;
+	int			fd;
+
+	if (root)
+	{
+		/* opening the directory itself, confined, answers both questions */
+		if (kl_file_open(root, dir, &fd, err) != KL_OK)
+			return kl_errf(err, "%s is not a directory (a model is a directory with config.json and "
+						   "safetensors weights)", dir);
+		if (fstat(fd, &sb) != 0 || !S_ISDIR(sb.st_mode))
+		{
+			close(fd);
+			return kl_errf(err, "%s is not a directory (a model is a directory with config.json and "
+						   "safetensors weights)", dir);
+		}
+		close(fd);
+		return KL_OK;
+	}
+	if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
+		return kl_errf(err, "%s is not a directory (a model is a directory with config.json and "
+					   "safetensors weights)", dir);
+	return KL_OK;
 }
 
 static int
@@ -564,31 +600,30 @@ kl_model_load(const char *dir, const kl_load_opts *opts, kl_model **out, kl_err 
 	kl_model   *m;
 	binder		b;
 	char		path[4096];
-	struct stat sb;
+	const char *root = opts ? opts->root : NULL;
 
 	*out = NULL;
 	if (!dir || !*dir)
 		return kl_errf(err, "no model directory given");
 	if (strlen(dir) > 3000)
 		return kl_errf(err, "model directory path is too long");
-	if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
-		return kl_errf(err, "%s is not a directory (a model is a directory with config.json and "
-					   "safetensors weights)", dir);
+	if (check_dir(dir, root, err) != KL_OK)
+		return KL_FAIL;
 	m = kl_calloc(1, sizeof(kl_model), err);
 	if (!m)
 		return KL_FAIL;
 	m->dir = strdup(dir);
 	snprintf(path, sizeof(path), "%s/config.json", dir);
-	if (!m->dir || kl_config_load(path, &m->cfg, err) != KL_OK ||
+	if (!m->dir || kl_config_load_under(root, path, &m->cfg, err) != KL_OK ||
 		apply_routing(&m->cfg, opts, err) != KL_OK ||
 		create_backend(m, opts, err) != KL_OK ||
-		kl_st_open_dir(dir, &m->st, err) != KL_OK)
+		kl_st_open_dir(dir, root, &m->st, err) != KL_OK)
 		goto fail;
 	memset(&b, 0, sizeof(b));
 	if (bind_all(m, &b, err) != KL_OK)
 		goto fail;
 	if (!(opts && opts->no_tokenizer) && dir_has(dir, "tiktoken.model") &&
-		kl_tokenizer_load(dir, &m->tok, err) != KL_OK)
+		kl_tokenizer_load_under(dir, root, &m->tok, err) != KL_OK)
 		goto fail;
 	*out = m;
 	return KL_OK;

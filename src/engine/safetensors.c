@@ -1,9 +1,16 @@
 /*
  * safetensors.c — see safetensors.h for the format.
+ *
+ * Errors name the file, the tensor and the rule broken; they quote nothing
+ * else of the file (not the header length, which is its first 8 bytes, nor
+ * the text of a header that does not parse), so a file that is not a
+ * checkpoint never has its start shown.  Files are opened through
+ * kl_file.h, confined to a root directory when the caller gives one.
  */
 #include "safetensors.h"
 
 #include <errno.h>
+#include "kl_file.h"
 #include <fcntl.h>
 #include <jansson.h>
 #include <stdio.h>
@@ -165,17 +172,17 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 					   "(truncated or not a safetensors file)", what, size);
 	memcpy(&hlen, base, 8);		/* little-endian host assumed (x86-64, arm64) */
 	if (hlen < 2 || hlen > MAX_HEADER)
-		return kl_errf(err, "%s: header length %llu is not plausible (corrupt or not a safetensors file)",
-					   what, (unsigned long long) hlen);
+		return kl_errf(err, "%s: the header length (the first 8 bytes) is not plausible "
+					   "(corrupt or not a safetensors file)", what);
 	if (hlen > size - 8)
-		return kl_errf(err, "%s: header length %llu runs past the end of the %zu-byte file (truncated?)",
-					   what, (unsigned long long) hlen, size);
+		return kl_errf(err, "%s: the header length runs past the end of the %zu-byte file (truncated?)",
+					   what, size);
 	data_size = size - 8 - hlen;
 
 	root = json_loadb((const char *) base + 8, (size_t) hlen, JSON_REJECT_DUPLICATES, &jerr);
 	if (!root)
 		return kl_errf(err, "%s: header is not valid JSON (line %d column %d: %s)", what,
-					   jerr.line, jerr.column, jerr.text);
+					   jerr.line, jerr.column, kl_json_error_kind(&jerr));
 	if (!json_is_object(root))
 	{
 		json_decref(root);
@@ -239,7 +246,8 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 		}
 		if (!dtype_from_name(json_string_value(jd), &dt))
 		{
-			kl_errf(err, "%s: tensor \"%s\" has unsupported dtype \"%s\"", what, key, json_string_value(jd));
+			kl_errf(err, "%s: tensor \"%s\" has an unsupported dtype (supported: F32, BF16, F16, F64, I64, I32, "
+					"I16, I8, U8, BOOL)", what, key);
 			goto out;
 		}
 		memset(&t, 0, sizeof(t));
@@ -277,9 +285,8 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 		e = (uint64_t) json_integer_value(json_array_get(jo, 1));
 		if (b > e || e > data_size)
 		{
-			kl_errf(err, "%s: tensor \"%s\" data_offsets [%llu, %llu] lie outside the %llu bytes of data "
-					"(file truncated or header corrupt)", what, key, (unsigned long long) b,
-					(unsigned long long) e, (unsigned long long) data_size);
+			kl_errf(err, "%s: tensor \"%s\" data_offsets lie outside the %llu bytes of data "
+					"(file truncated or header corrupt)", what, key, (unsigned long long) data_size);
 			goto out;
 		}
 		{
@@ -354,15 +361,14 @@ kl_st_parse_header(const uint8_t *buf, size_t size, const char *what, kl_err *er
 }
 
 static int
-map_file(const char *path, kl_st_file *f, kl_err *err)
+map_file(const char *root, const char *path, kl_st_file *f, kl_err *err)
 {
 	int			fd;
 	struct stat sb;
 
 	memset(f, 0, sizeof(*f));
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return kl_errf(err, "cannot open %s: %s", path, strerror(errno));
+	if (kl_file_open(root, path, &fd, err) != KL_OK)
+		return KL_FAIL;
 	if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode))
 	{
 		close(fd);
@@ -387,14 +393,14 @@ map_file(const char *path, kl_st_file *f, kl_err *err)
 }
 
 static int
-add_file(kl_safetensors *st, const char *path, kl_err *err)
+add_file(kl_safetensors *st, const char *root, const char *path, kl_err *err)
 {
 	kl_st_file *nf = realloc(st->files, sizeof(kl_st_file) * (size_t) (st->n_files + 1));
 
 	if (!nf)
 		return kl_errf(err, "out of memory");
 	st->files = nf;
-	if (map_file(path, &st->files[st->n_files], err) != KL_OK)
+	if (map_file(root, path, &st->files[st->n_files], err) != KL_OK)
 		return KL_FAIL;
 	st->n_files++;
 	return parse_header(st->files[st->n_files - 1].map, st->files[st->n_files - 1].size,
@@ -405,20 +411,12 @@ int
 kl_st_open_file(const char *path, kl_safetensors *st, kl_err *err)
 {
 	memset(st, 0, sizeof(*st));
-	if (add_file(st, path, err) != KL_OK || build_hash(st, err) != KL_OK)
+	if (add_file(st, NULL, path, err) != KL_OK || build_hash(st, err) != KL_OK)
 	{
 		kl_st_close(st);
 		return KL_FAIL;
 	}
 	return KL_OK;
-}
-
-static bool
-file_exists(const char *path)
-{
-	struct stat sb;
-
-	return stat(path, &sb) == 0;
 }
 
 /* Shard names come from a file: they must be plain names inside the directory. */
@@ -429,10 +427,9 @@ plain_file_name(const char *s)
 }
 
 static int
-open_sharded(const char *dir, const char *index_path, kl_safetensors *st, kl_err *err)
+open_sharded(const char *dir, const char *confine, const char *index_path, kl_safetensors *st, kl_err *err)
 {
-	json_error_t jerr;
-	json_t	   *root = json_load_file(index_path, JSON_REJECT_DUPLICATES, &jerr);
+	json_t	   *root = kl_json_parse_file(confine, index_path, MAX_HEADER, err);
 	json_t	   *map;
 	const char *key;
 	json_t	   *val;
@@ -440,7 +437,7 @@ open_sharded(const char *dir, const char *index_path, kl_safetensors *st, kl_err
 	char		path[4096];
 
 	if (!root)
-		return kl_errf(err, "%s: not valid JSON (line %d: %s)", index_path, jerr.line, jerr.text);
+		return KL_FAIL;
 	map = json_object_get(root, "weight_map");
 	if (!json_is_object(map) || json_object_size(map) == 0)
 	{
@@ -464,7 +461,7 @@ open_sharded(const char *dir, const char *index_path, kl_safetensors *st, kl_err
 		for (int i = 0; i < st->n_files; i++)
 			if (strcmp(st->files[i].path, path) == 0)
 				seen = true;
-		if (!seen && add_file(st, path, err) != KL_OK)
+		if (!seen && add_file(st, confine, path, err) != KL_OK)
 			goto out;
 	}
 	if (build_hash(st, err) != KL_OK)
@@ -502,7 +499,7 @@ out:
 }
 
 int
-kl_st_open_dir(const char *dir, kl_safetensors *st, kl_err *err)
+kl_st_open_dir(const char *dir, const char *root, kl_safetensors *st, kl_err *err)
 {
 	char		path[4096];
 
@@ -510,9 +507,9 @@ kl_st_open_dir(const char *dir, kl_safetensors *st, kl_err *err)
 	if (strlen(dir) > 3000)
 		return kl_errf(err, "model directory path is too long");
 	snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
-	if (file_exists(path))
+	if (kl_file_present(path))
 	{
-		if (open_sharded(dir, path, st, err) != KL_OK)
+		if (open_sharded(dir, root, path, st, err) != KL_OK)
 		{
 			kl_st_close(st);
 			return KL_FAIL;
@@ -520,9 +517,14 @@ kl_st_open_dir(const char *dir, kl_safetensors *st, kl_err *err)
 		return KL_OK;
 	}
 	snprintf(path, sizeof(path), "%s/model.safetensors", dir);
-	if (!file_exists(path))
+	if (!kl_file_present(path))
 		return kl_errf(err, "%s has neither model.safetensors nor model.safetensors.index.json", dir);
-	return kl_st_open_file(path, st, err);
+	if (add_file(st, root, path, err) != KL_OK || build_hash(st, err) != KL_OK)
+	{
+		kl_st_close(st);
+		return KL_FAIL;
+	}
+	return KL_OK;
 }
 
 void

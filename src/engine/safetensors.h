@@ -67,8 +67,12 @@ typedef struct kl_safetensors
 const char *kl_dtype_name(kl_dtype t);
 size_t		kl_dtype_size(kl_dtype t);
 
-/* A model directory: model.safetensors.index.json + shards, or model.safetensors. */
-int			kl_st_open_dir(const char *dir, kl_safetensors *st, kl_err *err);
+/*
+ * A model directory: model.safetensors.index.json + shards, or
+ * model.safetensors.  root: NULL, or the directory every file opened must
+ * resolve into (kl_file.h).
+ */
+int			kl_st_open_dir(const char *dir, const char *root, kl_safetensors *st, kl_err *err);
 /* One file. */
 int			kl_st_open_file(const char *path, kl_safetensors *st, kl_err *err);
 /* Parse a header held in memory (fuzzing): checks everything but maps nothing. */

@@ -168,6 +168,29 @@ fail:
 	return KL_FAIL;
 }
 
+/* what one allocation of n bytes costs at least (backends align to 64 bytes) */
+static size_t
+aligned_bytes(size_t n)
+{
+	return (n + 63) & ~(size_t) 63;
+}
+
+size_t
+kl_seq_bytes(const kl_seq *s)
+{
+	const kl_config *c = &s->model->cfg;
+	size_t		page_bytes = aligned_bytes(sizeof(float) * (size_t) KL_MLA_PAGE * kl_mla_row(c));
+	size_t		n = sizeof(kl_seq);
+
+	n += 2 * ((size_t) c->n_kda_layers + 1) * sizeof(float *);
+	n += ((size_t) c->n_mla_layers + 1) * sizeof(kl_mla_cache);
+	n += (size_t) c->n_kda_layers * (aligned_bytes(sizeof(float) * kda_state_floats(c)) +
+									 aligned_bytes(sizeof(float) * kda_conv_floats(c)));
+	for (int j = 0; j < c->n_mla_layers; j++)
+		n += (size_t) s->mla[j].cap_pages * sizeof(float *) + (size_t) s->mla[j].n_pages * page_bytes;
+	return n;
+}
+
 int64_t
 kl_seq_positions(const kl_seq *s)
 {

@@ -19,6 +19,7 @@
  */
 #include "tokenizer_internal.h"
 
+#include "kl_file.h"
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -292,8 +293,8 @@ named_token(kl_tokenizer *t, json_t *root, const char *path, const char *key, in
 		return kl_errf(err, "%s: \"%s\" must be a token's text (or {\"content\": text})", path, key);
 	*id = kl_tokenizer_special_id(t, text);
 	if (*id < 0)
-		return kl_errf(err, "%s: %s \"%s\" is not one of the tokens of added_tokens_decoder; add it there or "
-					   "fix the name", path, key, text);
+		return kl_errf(err, "%s: the text of %s is not one of the tokens of added_tokens_decoder; add it there or "
+					   "fix the name", path, key);
 	return KL_OK;
 }
 
@@ -329,10 +330,9 @@ add_special(kl_tokenizer *t, int *cap, const char *text, int32_t id, kl_err *err
 }
 
 static int
-load_config(kl_tokenizer *t, const char *path, kl_err *err)
+load_config(kl_tokenizer *t, const char *confine, const char *path, kl_err *err)
 {
-	json_error_t jerr;
-	json_t	   *root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+	json_t	   *root = kl_json_parse_file(confine, path, 64 << 20, err);
 	json_t	   *added;
 	const char *key;
 	json_t	   *val;
@@ -341,11 +341,7 @@ load_config(kl_tokenizer *t, const char *path, kl_err *err)
 	int32_t		max_id = t->n_base - 1;
 
 	if (!root)
-	{
-		if (jerr.line <= 0)
-			return kl_errf(err, "%s: %s", path, jerr.text);
-		return kl_errf(err, "%s line %d column %d: not valid JSON: %s", path, jerr.line, jerr.column, jerr.text);
-	}
+		return KL_FAIL;
 	if (!json_is_object(root))
 	{
 		kl_errf(err, "%s: expected a JSON object at the top", path);
@@ -367,8 +363,8 @@ load_config(kl_tokenizer *t, const char *path, kl_err *err)
 		id = (*key >= '0' && *key <= '9') ? strtol(key, &endp, 10) : -1;
 		if (id < 0 || *endp != 0 || id < t->n_base || id >= (long) t->n_base + MAX_SPECIALS)
 		{
-			kl_errf(err, "%s: added_tokens_decoder id \"%s\" must be a number from %d to %d: special tokens come "
-					"after the %d ordinary tokens of tiktoken.model", path, key, t->n_base,
+			kl_errf(err, "%s: every id of added_tokens_decoder must be a number from %d to %d: special tokens "
+					"come after the %d ordinary tokens of tiktoken.model", path, t->n_base,
 					t->n_base + MAX_SPECIALS - 1, t->n_base);
 			goto out;
 		}
@@ -405,8 +401,8 @@ load_config(kl_tokenizer *t, const char *path, kl_err *err)
 	for (int k = 0; k < t->n_specials; k++)
 		if (kl_tokenizer_special_id(t, t->specials[k].text) != t->specials[k].id)
 		{
-			kl_errf(err, "%s: added tokens %d and %d have the same text \"%s\"", path,
-					kl_tokenizer_special_id(t, t->specials[k].text), t->specials[k].id, t->specials[k].text);
+			kl_errf(err, "%s: added tokens %d and %d have the same text", path,
+					kl_tokenizer_special_id(t, t->specials[k].text), t->specials[k].id);
 			goto out;
 		}
 	/* placeholders for ids that the file leaves out */
@@ -455,6 +451,12 @@ out:
 int
 kl_tokenizer_load(const char *dir, kl_tokenizer **out, kl_err *err)
 {
+	return kl_tokenizer_load_under(dir, NULL, out, err);
+}
+
+int
+kl_tokenizer_load_under(const char *dir, const char *root, kl_tokenizer **out, kl_err *err)
+{
 	kl_tokenizer *t;
 	char		path[4096];
 
@@ -470,10 +472,10 @@ kl_tokenizer_load(const char *dir, kl_tokenizer **out, kl_err *err)
 		kl_errf(err, "the model directory name is too long");
 		goto fail;
 	}
-	if (kl_tok_build_tables(t, path, err) != KL_OK)
+	if (kl_tok_build_tables(t, root, path, err) != KL_OK)
 		goto fail;
 	snprintf(path, sizeof(path), "%s/tokenizer_config.json", dir);
-	if (load_config(t, path, err) != KL_OK)
+	if (load_config(t, root, path, err) != KL_OK)
 		goto fail;
 	if (kl_tok_split_init(t, err) != KL_OK)
 		goto fail;

@@ -32,9 +32,12 @@ void		kl_ids_free(kl_ids *v);
 
 /*
  * Read model_dir/tiktoken.model and model_dir/tokenizer_config.json.  Every
- * malformed line or field is an error naming the file (and line).
+ * malformed line or field is an error naming the file (and line), never
+ * quoting its text.
  */
 int			kl_tokenizer_load(const char *model_dir, kl_tokenizer **out, kl_err *err);
+/* The same, reading the files only if they resolve inside root (kl_file.h; NULL: anywhere). */
+int			kl_tokenizer_load_under(const char *model_dir, const char *root, kl_tokenizer **out, kl_err *err);
 void		kl_tokenizer_free(kl_tokenizer *tok);
 
 /* Number of ids (max id + 1): ordinary tokens, then the special tokens. */

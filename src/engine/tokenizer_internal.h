@@ -88,7 +88,8 @@ struct kl_tokenizer
 
 /* bpe.c */
 int32_t		kl_tok_lookup(const kl_tokenizer *t, const uint8_t *p, size_t n);
-int			kl_tok_build_tables(kl_tokenizer *t, const char *path, kl_err *err);
+/* Read tiktoken.model at path (confined to root unless NULL: kl_file.h) into t's tables. */
+int			kl_tok_build_tables(kl_tokenizer *t, const char *root, const char *path, kl_err *err);
 int			kl_tok_bpe(const kl_tokenizer *t, const uint8_t *p, size_t n, kl_ids *out, kl_err *err);
 
 /* tokenizer_split.c */

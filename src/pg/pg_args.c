@@ -14,6 +14,7 @@
 #include "mb/pg_wchar.h"
 #include "utils/memutils.h"
 #include "utils/builtins.h"
+#include "utils/float.h"
 #include "lib/stringinfo.h"
 #include "utils/lsyscache.h"
 
@@ -22,16 +23,67 @@
 
 #define ARG_GIVEN(i) (PG_NARGS() > (i) && !PG_ARGISNULL(i))
 
-static float
-float_arg(FunctionCallInfo fcinfo, int i, const char *what)
+/*
+ * The sampling settings in floating point, with their valid ranges.  A value
+ * is checked as the caller passed it (double precision) and again as the
+ * sampler will use it (single precision): 1e-300 is a valid top_p in double
+ * but 0 in single, and 100.0001 an invalid temperature that rounds to a
+ * valid 100.  Either way the error reports the value as passed.
+ */
+typedef struct KlSettingRange
 {
-	double		v = PG_GETARG_FLOAT8(i);
+	const char *name;
+	const char *range;			/* as the message says it */
+	double		lo,
+				hi;
+	bool		lo_open,
+				hi_open;
+} KlSettingRange;
 
+static const KlSettingRange setting_ranges[] = {
+	{"temperature", "between 0 and 100 (0 = greedy)", 0, 100, false, false},
+	{"top_p", "in (0, 1] (1 = no limit)", 0, 1, true, false},
+	{"min_p", "in [0, 1) (0 = no limit)", 0, 1, false, true},
+	{"repetition_penalty", "in (0, 100] (1 = none)", 0, 100, true, false},
+};
+
+static bool
+in_range(const KlSettingRange *r, double v)
+{
+	return (r->lo_open ? v > r->lo : v >= r->lo) && (r->hi_open ? v < r->hi : v <= r->hi);
+}
+
+float
+kl_sampling_setting(const char *name, double v)
+{
+	const KlSettingRange *r = NULL;
+
+	for (size_t i = 0; i < lengthof(setting_ranges); i++)
+		if (strcmp(setting_ranges[i].name, name) == 0)
+			r = &setting_ranges[i];
+	if (r == NULL)
+		elog(ERROR, "kimi_linear: unknown sampling setting \"%s\"", name);
 	if (isnan(v) || isinf(v))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("%s must be a finite number", what)));
+				 errmsg("%s must be a finite number", name)));
+	if (!in_range(r, v))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be %s, got %s", name, r->range, float8out_internal(v))));
+	if (!in_range(r, (double) (float) v))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be %s, got %s", name, r->range, float8out_internal(v)),
+				 errdetail("The sampler computes in single precision, where %s is %s.",
+						   float8out_internal(v), float8out_internal((double) (float) v))));
 	return (float) v;
+}
+
+static float
+float_arg(FunctionCallInfo fcinfo, int i, const char *what)
+{
+	return kl_sampling_setting(what, PG_GETARG_FLOAT8(i));
 }
 
 void
@@ -120,24 +172,15 @@ kl_read_gen_args(FunctionCallInfo fcinfo, int first, bool has_model, int default
 void
 kl_check_sampling(const kl_sampling *s)
 {
-	const char *what = NULL,
-			   *range = NULL;
-	double		v = 0;
-
-	if (!(s->temperature >= 0 && s->temperature <= 100))
-		what = "temperature", range = "between 0 and 100 (0 = greedy)", v = s->temperature;
-	else if (s->top_k < 0)
-		what = "top_k", range = "0 (no limit) or more", v = s->top_k;
-	else if (!(s->top_p > 0 && s->top_p <= 1))
-		what = "top_p", range = "in (0, 1] (1 = no limit)", v = s->top_p;
-	else if (!(s->min_p >= 0 && s->min_p < 1))
-		what = "min_p", range = "in [0, 1) (0 = no limit)", v = s->min_p;
-	else if (!(s->repetition_penalty > 0 && s->repetition_penalty <= 100))
-		what = "repetition_penalty", range = "in (0, 100] (1 = none)", v = s->repetition_penalty;
-	if (what)
+	if (s->top_k < 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("%s must be %s, got %g", what, range, v)));
+				 errmsg("top_k must be 0 (no limit) or more, got %d", s->top_k)));
+	/* the others were checked as they were read (kl_sampling_setting); again, as floats */
+	(void) kl_sampling_setting("temperature", s->temperature);
+	(void) kl_sampling_setting("top_p", s->top_p);
+	(void) kl_sampling_setting("min_p", s->min_p);
+	(void) kl_sampling_setting("repetition_penalty", s->repetition_penalty);
 }
 
 char *

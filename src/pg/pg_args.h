@@ -39,6 +39,12 @@ void		kl_read_gen_args(FunctionCallInfo fcinfo, int first, bool has_model, int d
 
 /* ERROR naming the setting and its range when a sampling setting is out of range */
 void		kl_check_sampling(const kl_sampling *s);
+/*
+ * A floating-point sampling setting (temperature, top_p, min_p,
+ * repetition_penalty) as the sampler's float: ERROR, reporting v as given,
+ * unless v is in the setting's range both as given and in single precision.
+ */
+float		kl_sampling_setting(const char *name, double v);
 
 /* A text argument that must not be NULL (nor empty unless allowed), as UTF-8. */
 char	   *kl_text_arg(FunctionCallInfo fcinfo, int i, const char *what, bool allow_empty);

@@ -9,6 +9,10 @@
  */
 #include "postgres.h"
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #include "miscadmin.h"
 #include "storage/latch.h"
 #include "storage/shm_mq.h"
@@ -114,18 +118,22 @@ typedef struct KlCacheEntry
 	kl_seq	   *seq;
 	char	   *head;			/* malloc'd copy */
 	size_t		head_len;
-	size_t		bytes;			/* accounted size */
+	size_t		bytes;			/* what it holds: seq_bytes() */
 	double		used;
 } KlCacheEntry;
 
 static KlCacheEntry *cache = NULL;
 static size_t cache_bytes = 0;
 
+/*
+ * What keeping a sequence costs: what the engine allocated for it (KDA state
+ * and MLA pages, kl_seq_bytes), the copy of its head, the entry.  The cache's
+ * total of these stays within kimi_linear.state_cache.
+ */
 static size_t
 seq_bytes(const kl_seq *seq, size_t head_len)
 {
-	/* the head covers the KDA state; the pages about 1/1 of the positions' rows */
-	return head_len * 2 + (size_t) kl_seq_positions(seq) * 64;
+	return kl_seq_bytes(seq) + head_len + sizeof(KlCacheEntry);
 }
 
 static void
@@ -160,6 +168,7 @@ void
 kl_cache_trim(void)
 {
 	size_t		limit = (size_t) kl_state_cache_mb * 1024 * 1024;
+	bool		freed = false;
 
 	while (cache && cache_bytes > limit)
 	{
@@ -174,8 +183,19 @@ kl_cache_trim(void)
 
 			*oldest = e->next;
 			cache_free_entry(e);
+			freed = true;
 		}
 	}
+#ifdef __GLIBC__
+	/*
+	 * Give the freed pages back to the system: glibc keeps freed heap memory
+	 * (the MLA pages are below its adaptive mmap threshold once one was
+	 * freed), so without this a smaller cache would not make a smaller
+	 * worker.
+	 */
+	if (freed)
+		malloc_trim(0);
+#endif
 }
 
 /* Take the cached sequence of `key` if its head is exactly `head`. */

@@ -14,6 +14,12 @@
  * A turn is the user message in the chat format, after closing the previous
  * reply if it was cut off (max_tokens): exactly the tokens the whole history
  * rendered with the chat template would have.
+ *
+ * The statements run over SPI name every object with its schema (the
+ * extension's, looked up and quoted; pg_catalog for functions and
+ * operators): whatever the caller's search_path, and whatever another role
+ * put in a schema on it, only the extension's tables and PostgreSQL's own
+ * functions are used.
  */
 #include "postgres.h"
 
@@ -24,6 +30,7 @@
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
 
 #include "pg_args.h"
 #include "pg_guc.h"
@@ -90,6 +97,21 @@ check_head(const char *data, Size len, kl_state_info *info, const char *what)
 
 /* ------------------------------------------------------------------ say */
 
+/*
+ * The extension's schema as an SQL identifier (quoted where needed): the
+ * schema of the SQL function being called, which the install script created
+ * there with the tables.
+ */
+static const char *
+ext_schema(FunctionCallInfo fcinfo)
+{
+	char	   *nsp = get_namespace_name(get_func_namespace(fcinfo->flinfo->fn_oid));
+
+	if (nsp == NULL)
+		elog(ERROR, "kimi_linear: the extension's schema does not exist");
+	return quote_identifier(nsp);
+}
+
 /* say(conversation_id, message, max_tokens, temperature, top_p, top_k, seed, stop,
  *     repetition_penalty, min_p, ignore_eos) -> text */
 Datum
@@ -121,6 +143,7 @@ kl_sql_say(PG_FUNCTION_ARGS)
 	Datum		args[6];
 	bool		isnull;
 	int64		n_pages = 0;
+	const char *nsp;
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("conversation_id must not be NULL")));
@@ -129,6 +152,7 @@ kl_sql_say(PG_FUNCTION_ARGS)
 	kl_read_gen_args(fcinfo, 2, false, 256, &g);
 
 	SPI_connect();
+	nsp = ext_schema(fcinfo);
 	argtypes[0] = INT8OID;
 	args[0] = Int64GetDatum(cid);
 	/*
@@ -137,8 +161,9 @@ kl_sql_say(PG_FUNCTION_ARGS)
 	 * returns that turn's row version, and only a new statement's snapshot
 	 * also sees the pages that turn added.
 	 */
-	if (SPI_execute_with_args("SELECT model, system, page_size, state, turns, owner"
-							  " FROM kimi_linear.conversations c WHERE id = $1 FOR UPDATE",
+	if (SPI_execute_with_args(psprintf("SELECT c.model, c.system, c.page_size, c.state, c.turns, c.owner"
+									   " FROM %s.conversations c WHERE c.id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+									   nsp),
 							  1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "kimi_linear: could not read the conversation");
 	if (SPI_processed == 0)
@@ -160,7 +185,8 @@ kl_sql_say(PG_FUNCTION_ARGS)
 		turns = DatumGetInt32(SPI_getbinval(t, d, 5, &isnull));
 		owner = SPI_getvalue(t, d, 6);
 	}
-	if (SPI_execute_with_args("SELECT count(*) FROM kimi_linear.conversation_pages WHERE conversation_id = $1",
+	if (SPI_execute_with_args(psprintf("SELECT pg_catalog.count(*) FROM %s.conversation_pages p"
+									   " WHERE p.conversation_id OPERATOR(pg_catalog.=) $1", nsp),
 							  1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "kimi_linear: could not count the conversation's pages");
 	n_pages = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
@@ -231,8 +257,9 @@ kl_sql_say(PG_FUNCTION_ARGS)
 
 		if (n_pages > 0)
 		{
-			if (SPI_execute_with_args("SELECT page_no, data FROM kimi_linear.conversation_pages"
-									  " WHERE conversation_id = $1 ORDER BY page_no",
+			if (SPI_execute_with_args(psprintf("SELECT p.page_no, p.data FROM %s.conversation_pages p"
+											   " WHERE p.conversation_id OPERATOR(pg_catalog.=) $1"
+											   " ORDER BY p.page_no", nsp),
 									  1, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
 				elog(ERROR, "kimi_linear: could not read the conversation's pages");
 			if ((int64) SPI_processed != n_pages)
@@ -283,8 +310,9 @@ kl_sql_say(PG_FUNCTION_ARGS)
 			args[1] = Int32GetDatum((int32) (p->from_pos / page_size));
 			args[2] = PointerGetDatum(p->blob);
 			args[3] = DirectFunctionCall1(namein, CStringGetDatum(owner));
-			if (SPI_execute_with_args("INSERT INTO kimi_linear.conversation_pages (conversation_id, page_no, data, owner)"
-									  " VALUES ($1, $2, $3, $4)", 4, argtypes, args, NULL, false, 0) != SPI_OK_INSERT)
+			if (SPI_execute_with_args(psprintf("INSERT INTO %s.conversation_pages (conversation_id, page_no, data, owner)"
+											   " VALUES ($1, $2, $3, $4)", nsp),
+									  4, argtypes, args, NULL, false, 0) != SPI_OK_INSERT)
 				elog(ERROR, "kimi_linear: could not store a conversation page");
 			added++;
 		}
@@ -295,8 +323,9 @@ kl_sql_say(PG_FUNCTION_ARGS)
 		args[0] = Int64GetDatum(cid);
 		args[1] = PointerGetDatum(new_head);
 		args[2] = Int64GetDatum(res.done.positions);
-		if (SPI_execute_with_args("UPDATE kimi_linear.conversations SET state = $2, positions = $3,"
-								  " turns = turns + 1, updated_at = now() WHERE id = $1",
+		if (SPI_execute_with_args(psprintf("UPDATE %s.conversations c SET state = $2, positions = $3,"
+										   " turns = c.turns OPERATOR(pg_catalog.+) 1, updated_at = pg_catalog.now()"
+										   " WHERE c.id OPERATOR(pg_catalog.=) $1", nsp),
 								  3, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)
 			elog(ERROR, "kimi_linear: could not store the conversation state");
 
@@ -324,8 +353,9 @@ kl_sql_say(PG_FUNCTION_ARGS)
 				nulls[4] = 'n';
 			else
 				args[4] = PointerGetDatum(kl_ids_to_array(res.ids, res.n_ids));
-			if (SPI_execute_with_args("INSERT INTO kimi_linear.messages (conversation_id, turn, role, content, token_ids, owner)"
-									  " VALUES ($1, $2, $3, $4, $5, $6)", 6, argtypes, args, nulls, false, 0) != SPI_OK_INSERT)
+			if (SPI_execute_with_args(psprintf("INSERT INTO %s.messages (conversation_id, turn, role, content, token_ids, owner)"
+											   " VALUES ($1, $2, $3, $4, $5, $6)", nsp),
+									  6, argtypes, args, nulls, false, 0) != SPI_OK_INSERT)
 				elog(ERROR, "kimi_linear: could not store the messages");
 		}
 		(void) added;

@@ -7,7 +7,10 @@
  * running workers have it, FAILED with the first worker's error otherwise.
  * Only superusers and members of kimi_linear_admin may load or unload, and
  * only from under kimi_linear.model_dir, checked after resolving symbolic
- * links.
+ * links; the workers and the backends' tokenizers then open every file of
+ * the model confined to that directory (kl_load_opts.root), so a link inside
+ * the model directory cannot lead out of it either.  A path outside gets the
+ * error of a missing one: load_model does not tell what exists elsewhere.
  */
 #include "postgres.h"
 
@@ -25,13 +28,16 @@
 
 #include "kl.h"
 
+#include "pg_load_options.h"
 #include "pg_guc.h"
 #include "pg_model.h"
+#include "pg_registry.h"
 #include "pg_shmem.h"
 
 PG_FUNCTION_INFO_V1(kl_sql_load_model);
 PG_FUNCTION_INFO_V1(kl_sql_unload_model);
 PG_FUNCTION_INFO_V1(kl_sql_resolve_model);
+PG_FUNCTION_INFO_V1(kl_sql_chat_model);
 PG_FUNCTION_INFO_V1(kl_sql_models);
 
 static void
@@ -68,9 +74,13 @@ check_admin(void)
 						 GetUserNameFromId(GetUserId(), false))));
 }
 
-/* path -> canonical absolute directory inside model_dir, or ERROR */
+/*
+ * path -> canonical absolute directory inside model_dir (out), and model_dir
+ * itself resolved (root), or ERROR.  Missing, not a directory, and outside
+ * (through "..", an absolute path or a symbolic link) are one error.
+ */
 static void
-resolve_model_path(const char *path, char *out)
+resolve_model_path(const char *path, char *out, char *root)
 {
 	char		candidate[MAXPGPATH];
 	char		dir[PATH_MAX];
@@ -87,18 +97,26 @@ resolve_model_path(const char *path, char *out)
 		strlcpy(candidate, path, sizeof(candidate));
 	else
 		snprintf(candidate, sizeof(candidate), "%s/%s", kl_guc_model_dir, path);
-	if (!realpath(candidate, real) || stat(real, &sb) != 0 || !S_ISDIR(sb.st_mode))
+	dl = strlen(dir);
+	if (!realpath(candidate, real) || !(strncmp(real, dir, dl) == 0 && real[dl] == '/') ||
+		stat(real, &sb) != 0 || !S_ISDIR(sb.st_mode))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_FILE),
-				 errmsg("model directory \"%s\" does not exist", candidate),
-				 errhint("Paths are relative to kimi_linear.model_dir (%s).", kl_guc_model_dir)));
-	dl = strlen(dir);
-	if (!(strncmp(real, dir, dl) == 0 && real[dl] == '/'))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("model path \"%s\" is outside kimi_linear.model_dir (%s)", path, dir),
-				 errhint("Models load only from a directory under kimi_linear.model_dir; symbolic links are resolved before the check.")));
+				 errmsg("model directory \"%s\" does not exist in kimi_linear.model_dir", candidate),
+				 errhint("Paths are relative to kimi_linear.model_dir (%s) and must stay inside it, symbolic links included.",
+						 kl_guc_model_dir)));
 	strlcpy(out, real, MAXPGPATH);
+	strlcpy(root, dir, MAXPGPATH);
+}
+
+/* caller holds the lock exclusively: the entry becomes free (a new generation) */
+static void
+free_entry_locked(int e)
+{
+	kl_shared->models[e].state = KL_MODEL_FREE;
+	kl_shared->models[e].generation = kl_shared->next_model_generation++;
+	kl_shared->models[e].persisted = false;
+	memset(kl_shared->models[e].wload, 0, sizeof(kl_shared->models[e].wload));
 }
 
 /* caller holds the lock */
@@ -111,9 +129,14 @@ find_entry(const char *name)
 	return -1;
 }
 
-/* Wait until the entry is READY (returns) or FAILED / gone (ERROR). */
+/*
+ * Wait until the entry is READY (returns) or FAILED / gone (ERROR).
+ * forget_failed: a FAILED entry is freed first (load_model's own attempt, so
+ * that a corrected model can be loaded under the name); a call that only
+ * uses the model leaves it listed with its error.
+ */
 static void
-wait_loaded(int e, uint32 gen, const char *name)
+wait_loaded(int e, uint32 gen, const char *name, bool forget_failed)
 {
 	for (;;)
 	{
@@ -128,17 +151,14 @@ wait_loaded(int e, uint32 gen, const char *name)
 			return;
 		if (st == KL_MODEL_FAILED)
 		{
-			/* forget the failed entry so that a corrected model can be loaded under the name */
-			LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
-			if (kl_shared->models[e].generation == gen && kl_shared->models[e].state == KL_MODEL_FAILED)
+			if (forget_failed)
 			{
-				kl_shared->models[e].state = KL_MODEL_UNLOADING;
-				kl_shared->models[e].generation = kl_shared->next_model_generation++;
-				memset(kl_shared->models[e].wload, 0, sizeof(kl_shared->models[e].wload));
-				kl_shared->models[e].state = KL_MODEL_FREE;
+				LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
+				if (kl_shared->models[e].generation == gen && kl_shared->models[e].state == KL_MODEL_FAILED)
+					free_entry_locked(e);
+				LWLockRelease(kl_shared->lock);
+				kl_wake_workers(-1);
 			}
-			LWLockRelease(kl_shared->lock);
-			kl_wake_workers(-1);
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("could not load model \"%s\": %s", name, error),
@@ -153,12 +173,19 @@ wait_loaded(int e, uint32 gen, const char *name)
 }
 
 void
-kl_model_register(const char *name, const char *path, const char *moe_routing, bool check_privilege)
+kl_model_register(const char *name, const char *path, bool check_privilege)
+{
+	kl_model_register_with(name, path, "", check_privilege);
+}
+
+void
+kl_model_register_with(const char *name, const char *path, const char *options, bool check_privilege)
 {
 	char		real[MAXPGPATH];
+	char		root[MAXPGPATH];
 	int			e = -1;
 	uint32		gen;
-	const char *routing = moe_routing ? moe_routing : "";
+	bool		dropped_persisted = false;
 
 	kl_require_shared();
 	if (check_privilege)
@@ -170,39 +197,44 @@ kl_model_register(const char *name, const char *path, const char *moe_routing, b
 				 errhint("A name has 1 to %d letters, digits, '_', '-' or '.'.", KL_MODEL_NAME_LEN - 1)));
 	if (path[0] == '\0')
 		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("model path must not be empty")));
-	if (routing[0] && strcmp(routing, "select") != 0 && strcmp(routing, "reference") != 0)
+	if (strlen(options) >= KL_MODEL_OPTIONS_LEN)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("moe_routing must be 'select' or 'reference', got '%s'", routing),
-				 errhint("'select' (the default): the router bias chooses the experts and the scores weight them, "
-						 "as vLLM, SGLang and llama.cpp run Kimi Linear; 'reference': the bias is added into the "
-						 "weights too, as the released kimi_linear reference code does.")));
-	if (strcmp(routing, "select") == 0)
-		routing = "";			/* the default, spelled out */
-	resolve_model_path(path, real);
+				 errmsg("the load options of a model take at most %d bytes", KL_MODEL_OPTIONS_LEN - 1)));
+	resolve_model_path(path, real, root);
 
 	LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
 	e = find_entry(name);
+	if (e >= 0 && kl_shared->models[e].state == KL_MODEL_FAILED)
+	{
+		/* it failed to load (at server start, from the registry file): try again */
+		dropped_persisted = kl_shared->models[e].persisted;
+		free_entry_locked(e);
+		e = -1;
+	}
 	if (e >= 0)
 	{
-		bool		same = strcmp(kl_shared->models[e].path, real) == 0;
-		bool		same_routing = strcmp(kl_shared->models[e].moe_routing, routing) == 0;
+		bool		same_dir = strcmp(kl_shared->models[e].path, real) == 0;
+		bool		same_options = strcmp(kl_shared->models[e].options, options) == 0;
+		char		loaded_options[KL_MODEL_OPTIONS_LEN];
 
+		strlcpy(loaded_options, kl_shared->models[e].options, sizeof(loaded_options));
 		gen = kl_shared->models[e].generation;
 		LWLockRelease(kl_shared->lock);
-		if (!same)
+		if (!same_dir)
 			ereport(ERROR,
 					(errcode(ERRCODE_DUPLICATE_OBJECT),
 					 errmsg("a model named \"%s\" is already loaded from another directory", name),
 					 errhint("Unload it first with kimi_linear.unload_model('%s').", name)));
-		if (!same_routing)
+		if (!same_options)
 			ereport(ERROR,
 					(errcode(ERRCODE_DUPLICATE_OBJECT),
-					 errmsg("the model \"%s\" is already loaded with another MoE routing rule", name),
-					 errhint("Unload it first with kimi_linear.unload_model('%s'), or load it under another name.",
-							 name)));
+					 errmsg("a model named \"%s\" is already loaded with other options", name),
+					 errdetail("Loaded with \"%s\", asked for \"%s\" (\"\" = the defaults).",
+							   loaded_options, options),
+					 errhint("Unload it first with kimi_linear.unload_model('%s').", name)));
 		/* the same model again: nothing to do once it is ready */
-		wait_loaded(e, gen, name);
+		wait_loaded(e, gen, name, true);
 		return;
 	}
 	for (int i = 0; i < KL_MAX_MODELS; i++)
@@ -214,6 +246,8 @@ kl_model_register(const char *name, const char *path, const char *moe_routing, b
 	if (e < 0)
 	{
 		LWLockRelease(kl_shared->lock);
+		if (dropped_persisted)
+			kl_registry_save();
 		ereport(ERROR,
 				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
 				 errmsg("too many models loaded (at most %d)", KL_MAX_MODELS),
@@ -226,8 +260,10 @@ kl_model_register(const char *name, const char *path, const char *moe_routing, b
 		gen = me->generation;
 		strlcpy(me->name, name, sizeof(me->name));
 		strlcpy(me->path, real, sizeof(me->path));
+		strlcpy(me->root, root, sizeof(me->root));
+		strlcpy(me->options, options, sizeof(me->options));
+		me->persisted = false;
 		me->device = kl_device;
-		strlcpy(me->moe_routing, routing, sizeof(me->moe_routing));
 		me->routing_in_force[0] = '\0';
 		memset(me->wload, 0, sizeof(me->wload));
 		me->error[0] = '\0';
@@ -240,7 +276,16 @@ kl_model_register(const char *name, const char *path, const char *moe_routing, b
 	}
 	LWLockRelease(kl_shared->lock);
 	kl_wake_workers(-1);
-	wait_loaded(e, gen, name);
+	if (dropped_persisted)
+		kl_registry_save();		/* the failed entry is gone from the file until this load succeeds */
+	wait_loaded(e, gen, name, true);
+
+	/* loaded: remember it across restarts */
+	LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
+	if (kl_shared->models[e].generation == gen && kl_shared->models[e].state == KL_MODEL_READY)
+		kl_shared->models[e].persisted = true;
+	LWLockRelease(kl_shared->lock);
+	kl_registry_save();
 }
 
 void
@@ -281,15 +326,17 @@ kl_model_unregister(const char *name)
 					any = true;
 			if (!any)
 			{
-				kl_shared->models[e].state = KL_MODEL_FREE;
-				kl_shared->models[e].generation = kl_shared->next_model_generation++;
-				memset(kl_shared->models[e].wload, 0, sizeof(kl_shared->models[e].wload));
+				free_entry_locked(e);
 				gone = true;
 			}
 		}
 		LWLockRelease(kl_shared->lock);
 		if (gone)
+		{
+			/* (an unloading entry is no longer written: the file may be rewritten now) */
+			kl_registry_save();
 			return;
+		}
 		wait_a_bit();
 	}
 }
@@ -307,7 +354,12 @@ kl_model_resolve(const char *name, KlModelRef *out)
 
 	LWLockAcquire(kl_shared->lock, LW_SHARED);
 	if (want)
+	{
 		e = find_entry(want);
+		/* the bundled model loads by itself: a failed load of it is retried, as on first use */
+		if (e >= 0 && kl_shared->models[e].state == KL_MODEL_FAILED && strcmp(want, KL_BUNDLED_MODEL) == 0)
+			e = -1;
+	}
 	else
 	{
 		int			n = 0;
@@ -340,7 +392,7 @@ kl_model_resolve(const char *name, KlModelRef *out)
 					 errmsg("model \"%s\" is not loaded", want),
 					 errhint("Load it with kimi_linear.load_model('%s', 'directory under kimi_linear.model_dir').", want)));
 		/* (registering is idempotent: two sessions may do this at once) */
-		kl_model_register(KL_BUNDLED_MODEL, KL_BUNDLED_MODEL, NULL, false);
+		kl_model_register(KL_BUNDLED_MODEL, KL_BUNDLED_MODEL, false);
 		LWLockAcquire(kl_shared->lock, LW_SHARED);
 		e = find_entry(KL_BUNDLED_MODEL);
 		gen = e >= 0 ? kl_shared->models[e].generation : 0;
@@ -351,7 +403,7 @@ kl_model_resolve(const char *name, KlModelRef *out)
 					 errmsg("no model is loaded"),
 					 errhint("Load one with kimi_linear.load_model(name, path).")));
 	}
-	wait_loaded(e, gen, want ? want : KL_BUNDLED_MODEL);
+	wait_loaded(e, gen, want ? want : KL_BUNDLED_MODEL, false);
 	LWLockAcquire(kl_shared->lock, LW_SHARED);
 	out->entry = e;
 	out->generation = kl_shared->models[e].generation;
@@ -372,6 +424,7 @@ const kl_tokenizer *
 kl_ref_tokenizer(const KlModelRef *ref)
 {
 	char		path[MAXPGPATH];
+	char		root[MAXPGPATH];
 	kl_err		err;
 	kl_tokenizer *t;
 	int			e = ref->entry;
@@ -385,13 +438,14 @@ kl_ref_tokenizer(const KlModelRef *ref)
 				 errhint("Its directory has no tiktoken.model; call generate_ids with token ids instead of text.")));
 	LWLockAcquire(kl_shared->lock, LW_SHARED);
 	strlcpy(path, kl_shared->models[e].path, sizeof(path));
+	strlcpy(root, kl_shared->models[e].root, sizeof(root));
 	LWLockRelease(kl_shared->lock);
 	if (tok_cache[e].tok)
 	{
 		kl_tokenizer_free(tok_cache[e].tok);
 		tok_cache[e].tok = NULL;
 	}
-	if (kl_tokenizer_load(path, &t, &err) != KL_OK)
+	if (kl_tokenizer_load_under(path, root, &t, &err) != KL_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("could not load the tokenizer of model \"%s\": %s", ref->name, err.msg)));
@@ -422,8 +476,12 @@ kl_sql_load_model(PG_FUNCTION_ARGS)
 	char	   *name = required_arg(fcinfo, 0, "name");
 	char	   *path = required_arg(fcinfo, 1, "path");
 	char	   *routing = PG_NARGS() > 2 && !PG_ARGISNULL(2) ? text_to_cstring(PG_GETARG_TEXT_PP(2)) : NULL;
+	KlLoadOptions lo;
+	char		options[KL_MODEL_OPTIONS_LEN];
 
-	kl_model_register(name, path, routing, true);
+	kl_load_options_from_args(routing, &lo);
+	kl_load_options_format(&lo, options, sizeof(options));
+	kl_model_register_with(name, path, options, true);
 	PG_RETURN_VOID();
 }
 
@@ -442,6 +500,33 @@ kl_sql_resolve_model(PG_FUNCTION_ARGS)
 	KlModelRef	ref;
 
 	kl_model_resolve(PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0)), &ref);
+	PG_RETURN_TEXT_P(cstring_to_text(ref.name));
+}
+
+/*
+ * _chat_model(name) -> the model a new conversation naming it would use.
+ * new_conversation() calls it so that a model that cannot hold a
+ * conversation (no tokenizer, or one without the chat format) is refused
+ * when the conversation starts, not at its first say().
+ */
+Datum
+kl_sql_chat_model(PG_FUNCTION_ARGS)
+{
+	KlModelRef	ref;
+	const kl_tokenizer *tok;
+
+	kl_model_resolve(PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0)), &ref);
+	if (!ref.has_tokenizer)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("model \"%s\" cannot hold a conversation: it has no tokenizer", ref.name),
+				 errhint("Conversations are text: use a model whose directory has tiktoken.model and tokenizer_config.json.")));
+	tok = kl_ref_tokenizer(&ref);
+	if (kl_tokenizer_special_id(tok, "<|im_end|>") < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("model \"%s\" cannot hold a conversation: its tokenizer has no chat format (no <|im_end|> token)",
+						ref.name)));
 	PG_RETURN_TEXT_P(cstring_to_text(ref.name));
 }
 
@@ -474,7 +559,13 @@ kl_sql_models(PG_FUNCTION_ARGS)
 		if (me.loaded_at)
 			v[5] = CStringGetTextDatum(me.routing_in_force);
 		else
-			v[5] = CStringGetTextDatum(me.moe_routing[0] ? me.moe_routing : "select");
+		{
+			KlLoadOptions lo;
+			char		why[128];
+
+			v[5] = CStringGetTextDatum(kl_load_options_parse(me.options, &lo, why, sizeof(why)) &&
+									   lo.moe_routing[0] ? lo.moe_routing : "select");
+		}
 		nulls[5] = me.loaded_at && !me.routing_in_force[0];
 		v[6] = CStringGetTextDatum(states[me.state]);
 		if (me.loaded_at)

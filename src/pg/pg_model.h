@@ -31,11 +31,16 @@ typedef struct KlModelRef
 void		kl_model_resolve(const char *name, KlModelRef *out);
 
 /*
- * Register and load a model (path relative to kimi_linear.model_dir, or inside
- * it).  moe_routing: NULL (the default rule) or "select" / "reference".
+ * Register and load a model (path relative to kimi_linear.model_dir, or
+ * inside it).  Once loaded it is in the registry file (pg_registry.h) and
+ * loaded again after a server restart.  options: the load options, a string
+ * kept in the entry and replayed verbatim at restart ("" for none); loading
+ * a name again is a no-op only with the same directory and options.
  */
-void		kl_model_register(const char *name, const char *path, const char *moe_routing,
-							  bool check_privilege);
+void		kl_model_register(const char *name, const char *path, bool check_privilege);
+void		kl_model_register_with(const char *name, const char *path, const char *options,
+								   bool check_privilege);
+/* Unload a model from every worker (and from the registry file). */
 void		kl_model_unregister(const char *name);
 
 /* The tokenizer of a resolved model, loaded by this backend on first use; ERROR if it has none. */

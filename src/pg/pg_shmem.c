@@ -8,6 +8,7 @@
 #include "storage/latch.h"
 #include "storage/shmem.h"
 
+#include "pg_registry.h"
 #include "pg_shmem.h"
 
 KlShared   *kl_shared = NULL;
@@ -23,10 +24,13 @@ void
 kl_shmem_request(void)
 {
 	RequestAddinShmemSpace(control_size());
-	RequestNamedLWLockTranche("kimi_linear", 1);
+	RequestNamedLWLockTranche("kimi_linear", 2);
 }
 
-/* shmem_startup_hook: create the area (postmaster), after a crash restart too */
+/*
+ * shmem_startup_hook: create the area (postmaster), after a crash restart too,
+ * with the registry as the registry file left it.
+ */
 void
 kl_shmem_startup(void)
 {
@@ -37,7 +41,8 @@ kl_shmem_startup(void)
 	if (!found)
 	{
 		memset(kl_shared, 0, control_size());
-		kl_shared->lock = &(GetNamedLWLockTranche("kimi_linear"))->lock;
+		kl_shared->lock = &(GetNamedLWLockTranche("kimi_linear"))[0].lock;
+		kl_shared->registry_lock = &(GetNamedLWLockTranche("kimi_linear"))[1].lock;
 		kl_shared->next_request_id = 1;
 		kl_shared->next_model_generation = 1;
 		kl_shared->n_workers = kl_workers;
@@ -47,6 +52,8 @@ kl_shmem_startup(void)
 			SpinLockInit(&kl_shared->slots[i].mutex);
 			pg_atomic_init_u32(&kl_shared->slots[i].cancel, 0);
 		}
+		/* the models loaded before the restart: the workers load them as they start */
+		kl_registry_restore();
 	}
 	LWLockRelease(AddinShmemInitLock);
 }

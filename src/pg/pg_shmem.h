@@ -2,7 +2,8 @@
  * pg_shmem.h — the control area in shared memory: the model registry, the
  * inference workers' status and the request slots.
  *
- * The postmaster reserves it (shared_preload_libraries); backends and workers
+ * The postmaster reserves it (shared_preload_libraries) and fills the
+ * registry from the registry file (pg_registry.h); backends and workers
  * attach.  The registry, worker entries and slot allocation are protected by
  * one LWLock (kl_shared->lock); a slot's progress fields by its spinlock;
  * cancel flags are atomics.  Nothing here points into process memory except
@@ -25,6 +26,7 @@
 
 #define KL_MAX_WORKERS 16
 #define KL_MAX_MODELS 16
+#define KL_MODEL_OPTIONS_LEN 256
 
 /* ------------------------------------------------------------------ registry */
 
@@ -48,8 +50,12 @@ typedef struct KlModelEntry
 	uint32		generation;		/* new value whenever the entry is (re)used */
 	char		name[KL_MODEL_NAME_LEN];
 	char		path[MAXPGPATH];	/* resolved (realpath) directory */
+	char		root[MAXPGPATH];	/* resolved kimi_linear.model_dir it was checked against:
+									 * every file of the model must resolve inside it */
 	int			device;			/* KL_DEVICE_* requested at load time */
-	char		moe_routing[16];	/* load_model's moe_routing ("" = the default) */
+	char		options[KL_MODEL_OPTIONS_LEN];	/* load options, kept and replayed verbatim
+												 * (pg_registry.h) */
+	bool		persisted;		/* in the registry file: loaded again after a restart */
 	uint8		wload[KL_MAX_WORKERS];
 	char		error[1024];	/* why loading failed */
 	/* filled by the first worker that loads it */
@@ -122,6 +128,7 @@ typedef struct KlSlot
 typedef struct KlShared
 {
 	LWLock	   *lock;
+	LWLock	   *registry_lock;	/* serializes writers of the registry file (pg_registry.c) */
 	uint64		next_request_id;
 	uint32		next_model_generation;
 	int			n_workers;

@@ -312,7 +312,7 @@ summarize_text(const char *doc_utf8, int max_tokens, const char *model, double t
 
 	memset(&g, 0, sizeof(g));
 	kl_sampling_default(&g.sampling);
-	g.sampling.temperature = (float) temperature;
+	g.sampling.temperature = kl_sampling_setting("temperature", temperature);
 	g.max_tokens = max_tokens;
 	if (max_tokens < 0 || max_tokens > kl_max_new_tokens)
 		ereport(ERROR,

@@ -36,6 +36,7 @@
 #include "kl.h"
 #include "tokenizer.h"
 
+#include "pg_load_options.h"
 #include "pg_batch.h"
 #include "pg_worker.h"
 
@@ -96,8 +97,9 @@ sync_models(void)
 		uint32		gen;
 		uint8		mine;
 		char		path[MAXPGPATH];
+		char		root[MAXPGPATH];
 		char		name[KL_MODEL_NAME_LEN];
-		char		routing[sizeof(e->moe_routing)];
+		char		options[KL_MODEL_OPTIONS_LEN];
 		int			device;
 
 		LWLockAcquire(kl_shared->lock, LW_SHARED);
@@ -105,9 +107,10 @@ sync_models(void)
 		gen = e->generation;
 		mine = e->wload[me];
 		strlcpy(path, e->path, sizeof(path));
+		strlcpy(root, e->root, sizeof(root));
 		strlcpy(name, e->name, sizeof(name));
 		device = e->device;
-		strlcpy(routing, e->moe_routing, sizeof(routing));
+		strlcpy(options, e->options, sizeof(options));
 		LWLockRelease(kl_shared->lock);
 
 		/* held but no longer wanted */
@@ -134,6 +137,7 @@ sync_models(void)
 		if ((state == KL_MODEL_LOADING || state == KL_MODEL_READY) && mine == KL_WLOAD_NONE && !wm->in_use)
 		{
 			kl_load_opts opts;
+			KlLoadOptions lo;
 			kl_model   *m = NULL;
 			kl_err		err;
 			int			rc;
@@ -141,9 +145,17 @@ sync_models(void)
 
 			memset(&opts, 0, sizeof(opts));
 			opts.device = kl_device_name(device);
-			opts.moe_routing = routing[0] ? routing : NULL;
+			/* every file of the model must resolve inside kimi_linear.model_dir */
+			opts.root = root;
 			pgstat_report_activity(STATE_RUNNING, "loading a model");
-			rc = kl_model_load(path, &opts, &m, &err);
+			/* the options come from the backend or the registry file: checked again */
+			if (!kl_load_options_parse(options, &lo, err.msg, sizeof(err.msg)))
+				rc = KL_FAIL;
+			else
+			{
+				kl_load_options_apply(&lo, &opts);
+				rc = kl_model_load(path, &opts, &m, &err);
+			}
 			if (rc == KL_OK)
 			{
 				const kl_config *cfg = kl_model_config(m);

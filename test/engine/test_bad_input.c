@@ -6,6 +6,12 @@
  * directory with one thing wrong each (truncated, bit-flipped, wrong shape,
  * missing or extra tensor, bad config, bad shard index).  States are made by
  * the engine and then damaged.  Random mutations (fixed seed) run many times.
+ *
+ * Files of a model are confined: with kl_load_opts.root, no file that
+ * resolves outside the root is read (symbolic links to config.json, weights,
+ * shards, tokenizer files, or the directory itself), and such a path gets the
+ * error of a missing one.  Errors never quote a file's content: files full of
+ * a "secret" marker, broken in every way, must give errors without it.
  */
 #include <dirent.h>
 #include <jansson.h>
@@ -557,15 +563,340 @@ test_states(void)
 }
 
 static void
+copy_file(const char *from, const char *to)
+{
+	size_t		len;
+	uint8_t    *b = slurp(from, &len);
+
+	if (!b)
+	{
+		tap_diag("cannot read %s", from);
+		exit(1);
+	}
+	spit(to, b, len);
+	free(b);
+}
+
+/* dir/name <- the file of the same name in the golden tiny model or the bundled model */
+static void
+copy_in(const char *dir, const char *name, bool from_pgdocs)
+{
+	char		from[1100],
+				to[1100];
+
+	if (from_pgdocs)
+		snprintf(from, sizeof(from), "%s/pgdocs-kimi-18m/%s", tap_models_dir(), name);
+	else
+		snprintf(from, sizeof(from), "%s/%s", src_dir, name);
+	snprintf(to, sizeof(to), "%s/%s", dir, name);
+	unlink(to);					/* a link there is replaced, not written through */
+	copy_file(from, to);
+}
+
+/* A complete model directory (the tiny model's weights, the bundled model's tokenizer files). */
+static const char *
+full_model(const char *parent, const char *name)
+{
+	static char dir[700];
+
+	snprintf(dir, sizeof(dir), "%s/%s", parent, name);
+	mkdir(dir, 0700);
+	copy_in(dir, "config.json", false);
+	copy_in(dir, "model.safetensors", false);
+	copy_in(dir, "tiktoken.model", true);
+	copy_in(dir, "tokenizer_config.json", true);
+	return dir;
+}
+
+static void
+put(const char *dir, const char *name, const char *text)
+{
+	char		p[1100];
+
+	snprintf(p, sizeof(p), "%s/%s", dir, name);
+	unlink(p);
+	spit_str(p, text);
+}
+
+static void
+link_to(const char *dir, const char *name, const char *target)
+{
+	char		p[1100];
+
+	snprintf(p, sizeof(p), "%s/%s", dir, name);
+	unlink(p);
+	if (symlink(target, p) != 0)
+	{
+		tap_diag("cannot link %s", p);
+		exit(1);
+	}
+}
+
+#define SECRET "TOPSECRET"
+
+/* Load must fail, and the message must not contain `secret`. */
+static void
+expect_no_echo(const char *dir, const char *secret, const char *what)
+{
+	kl_model   *m = NULL;
+	kl_err		err = {{0}};
+	int			rc = kl_model_load(dir, NULL, &m, &err);
+
+	if (!tap_ok(rc == KL_FAIL && strstr(err.msg, secret) == NULL, "%s: an error that quotes nothing of the file", what))
+		tap_diag("got rc=%d message \"%s\"", rc, err.msg);
+	else
+		tap_diag("%s", err.msg);
+	kl_model_free(m);
+}
+
+static void
+test_no_echo(void)
+{
+	char		parent[600];
+	const char *d;
+	uint8_t		junk[64];
+	char		num[32];
+	uint64_t	first8;
+
+	snprintf(parent, sizeof(parent), "%s/echo", tmpdir);
+	mkdir(parent, 0700);
+	d = full_model(parent, "m");
+
+	put(d, "config.json", SECRET "-1 this file is not JSON at all");
+	expect_no_echo(d, SECRET, "config.json that is not JSON");
+	put(d, "config.json", "{\"model_type\": \"" SECRET "-2\", \"vocab_size\": 512}");
+	expect_no_echo(d, SECRET, "config.json with an unknown model_type");
+	put(d, "config.json", "{\"vocab_size\": 512, \"vocab_size\": \"" SECRET "-3\"}");
+	expect_no_echo(d, SECRET, "config.json with a key twice");
+	copy_in(d, "config.json", false);
+
+	/* weights: the first 8 bytes are the header length; it must not be printed either */
+	memset(junk, 'x', sizeof(junk));
+	memcpy(junk, SECRET "-4", 11);
+	memcpy(&first8, junk, 8);
+	snprintf(num, sizeof(num), "%llu", (unsigned long long) first8);
+	{
+		char		p[1100];
+
+		snprintf(p, sizeof(p), "%s/model.safetensors", d);
+		spit(p, junk, sizeof(junk));
+	}
+	expect_no_echo(d, SECRET, "model.safetensors that is not one");
+	expect_no_echo(d, num, "... nor its first bytes as a number");
+	{
+		/* a plausible length, then a header that is not JSON */
+		uint64_t	hlen = 40;
+		char		p[1100];
+		uint8_t		b[8 + 40];
+
+		memcpy(b, &hlen, 8);
+		memset(b + 8, ' ', 40);
+		memcpy(b + 8, SECRET "-5 {", 13);
+		snprintf(p, sizeof(p), "%s/model.safetensors", d);
+		spit(p, b, sizeof(b));
+	}
+	expect_no_echo(d, SECRET, "a safetensors header that is not JSON");
+	copy_in(d, "model.safetensors", false);
+
+	put(d, "model.safetensors.index.json", SECRET "-6 [");
+	expect_no_echo(d, SECRET, "an index that is not JSON");
+	{
+		char		p[1100];
+
+		snprintf(p, sizeof(p), "%s/model.safetensors.index.json", d);
+		unlink(p);
+	}
+
+	put(d, "tiktoken.model", "QQ== " SECRET "-7\n");
+	expect_no_echo(d, SECRET, "tiktoken.model with a bad rank");
+	put(d, "tiktoken.model", SECRET "7A== 0\n");
+	expect_no_echo(d, SECRET, "tiktoken.model with bad base64");
+	copy_in(d, "tiktoken.model", true);
+	put(d, "tokenizer_config.json", SECRET "-8 }");
+	expect_no_echo(d, SECRET, "tokenizer_config.json that is not JSON");
+	put(d, "tokenizer_config.json", "{\"bos_token\": \"" SECRET "-9\"}");
+	expect_no_echo(d, SECRET, "tokenizer_config.json naming an unknown token");
+}
+
+
+/* With root: the load fails with the error of a missing file, and never mentions the target. */
+static void
+expect_confined(const char *dir, const char *root, const char *needle, const char *what)
+{
+	kl_model   *m = NULL;
+	kl_err		err = {{0}};
+	kl_load_opts o = {0};
+	int			rc;
+
+	o.root = root;
+	rc = kl_model_load(dir, &o, &m, &err);
+	if (!tap_ok(rc == KL_FAIL && strstr(err.msg, needle) != NULL && strstr(err.msg, "outside") == NULL,
+				"%s: refused as missing", what))
+		tap_diag("got rc=%d message \"%s\" (wanted \"%s\")", rc, err.msg, needle);
+	else
+		tap_diag("%s", err.msg);
+	kl_model_free(m);
+}
+
+static bool
+loads(const char *dir, const char *root)
+{
+	kl_model   *m = NULL;
+	kl_err		err = {{0}};
+	kl_load_opts o = {0};
+	int			rc;
+
+	o.root = root;
+	rc = kl_model_load(dir, &o, &m, &err);
+	if (rc != KL_OK)
+		tap_diag("load %s: %s", dir, err.msg);
+	kl_model_free(m);
+	return rc == KL_OK;
+}
+
+static void
+test_confinement(void)
+{
+	char		root[600],
+				outside[600],
+				target[1100];
+	const char *out,
+			   *d;
+	const char *missing = "no such file in the model directory";
+
+	snprintf(root, sizeof(root), "%s/root", tmpdir);
+	snprintf(outside, sizeof(outside), "%s/outside", tmpdir);
+	mkdir(root, 0700);
+	mkdir(outside, 0700);
+	out = full_model(outside, "m");
+	snprintf(target, sizeof(target), "%s", out);
+	d = full_model(root, "m");
+	tap_ok(loads(d, root), "a complete model inside the root loads");
+
+	/* each file, in turn a link to its copy outside */
+	{
+		const char *files[] = {"config.json", "model.safetensors", "tiktoken.model", "tokenizer_config.json"};
+
+		for (int i = 0; i < 4; i++)
+		{
+			char		t[1200];
+			char		what[200];
+
+			snprintf(t, sizeof(t), "%s/%s", target, files[i]);
+			link_to(d, files[i], t);
+			tap_ok(loads(d, NULL), "without a root, a link to %s outside is followed (the CLI)", files[i]);
+			snprintf(what, sizeof(what), "%s linked outside the root", files[i]);
+			expect_confined(d, root, missing, what);
+			copy_in(d, files[i], i >= 2);
+		}
+	}
+	/* the same file missing: the same error */
+	{
+		char		p[1100];
+
+		snprintf(p, sizeof(p), "%s/tiktoken.model", d);
+		unlink(p);
+		link_to(d, "tiktoken.model", "/nonexistent/tiktoken.model");
+		expect_confined(d, root, missing, "tiktoken.model linked to nothing");
+		copy_in(d, "tiktoken.model", true);
+	}
+	/* a shard named by the index, linked outside */
+	{
+		char		t[1200];
+
+		put(d, "model.safetensors.index.json", "{\"weight_map\": {}}");
+		link_to(outside, "shard.safetensors", "m/model.safetensors");
+		{
+			/* an index listing every tensor of the tiny model in one shard */
+			char		ip[1100];
+			uint8_t    *data;
+			size_t		dlen;
+			json_t	   *h = orig_header(&data, &dlen),
+					   *idx = json_object(),
+					   *wm = json_object();
+			const char *k;
+			json_t	   *v;
+
+			json_object_foreach(h, k, v)
+				if (strcmp(k, "__metadata__") != 0)
+				json_object_set_new(wm, k, json_string("shard.safetensors"));
+			json_object_set_new(idx, "weight_map", wm);
+			snprintf(ip, sizeof(ip), "%s/model.safetensors.index.json", d);
+			json_dump_file(idx, ip, 0);
+			json_decref(idx);
+			json_decref(h);
+			free(data);
+		}
+		snprintf(t, sizeof(t), "%s/m/model.safetensors", outside);
+		link_to(d, "shard.safetensors", t);
+		tap_ok(loads(d, NULL), "without a root, a sharded model whose shard links outside loads");
+		expect_confined(d, root, missing, "a shard linked outside the root");
+		link_to(d, "shard.safetensors", "model.safetensors");
+		tap_ok(loads(d, root), "a shard linked to a file inside the root loads");
+		{
+			char		ip[1100];
+
+			snprintf(ip, sizeof(ip), "%s/model.safetensors.index.json", d);
+			unlink(ip);
+		}
+	}
+	/* the model directory itself a link outside, and a missing one: the same error */
+	{
+		char		ld[700],
+					md[700];
+		kl_model   *m = NULL;
+		kl_err		e1 = {{0}},
+					e2 = {{0}};
+		kl_load_opts o = {0};
+		char	   *p1,
+				   *p2;
+
+		snprintf(ld, sizeof(ld), "%s/escape", root);
+		snprintf(md, sizeof(md), "%s/nothere", root);
+		if (symlink(target, ld) != 0)
+			exit(1);
+		tap_ok(loads(ld, NULL), "without a root, a model directory linked outside loads");
+		o.root = root;
+		kl_model_load(ld, &o, &m, &e1);
+		kl_model_free(m);
+		m = NULL;
+		kl_model_load(md, &o, &m, &e2);
+		kl_model_free(m);
+		/* the messages, with the directory names cut out, are the same */
+		p1 = strstr(e1.msg, "escape");
+		p2 = strstr(e2.msg, "nothere");
+		if (!tap_ok(p1 && p2 && strcmp(p1 + strlen("escape"), p2 + strlen("nothere")) == 0 &&
+					strstr(e1.msg, "outside") == NULL,
+					"a model directory linked outside gets the error of a missing one"))
+			tap_diag("\"%s\" vs \"%s\"", e1.msg, e2.msg);
+		else
+			tap_diag("%s", e1.msg);
+	}
+	/* a link that stays inside the root is fine */
+	{
+		char		in[700];
+
+		snprintf(in, sizeof(in), "%s/m2", root);
+		mkdir(in, 0700);
+		link_to(in, "config.json", "../m/config.json");
+		link_to(in, "model.safetensors", "../m/model.safetensors");
+		tap_ok(loads(in, root), "links that stay inside the root are followed");
+	}
+}
+
+
+
+static void
 rm_rf(const char *path)
 {
-	DIR		   *d = opendir(path);
+	DIR		   *d;
 	struct dirent *e;
 	char		p[1024];
+	struct stat sb;
 
-	if (!d)
+	if (lstat(path, &sb) != 0 || !S_ISDIR(sb.st_mode) || (d = opendir(path)) == NULL)
 	{
-		unlink(path);
+		unlink(path);			/* files and symbolic links (never followed) */
 		return;
 	}
 	while ((e = readdir(d)) != NULL)
@@ -588,6 +919,10 @@ main(void)
 	snprintf(src_dir, sizeof(src_dir), "%s/golden/tiny_a", tap_fixture_dir());
 	kl_set_threads(2);
 	test_checkpoints();
+	test_no_echo();
+
+	test_confinement();
+
 	test_states();
 	rm_rf(tmpdir);
 	return tap_done();

@@ -570,9 +570,81 @@ check_batch_invariance(void)
 	kl_model_free(m);
 }
 
+/*
+ * kl_seq_bytes reports what a sequence really holds: its KDA state at once,
+ * then per MLA layer one page of 1024 positions x (R + Dr) floats for every
+ * 1024 positions started (the workers' state cache charges this).
+ */
+static void
+check_seq_bytes(void)
+{
+	char		dir[1024];
+	kl_err		err;
+	kl_model   *m;
+	kl_ctx	   *ctx;
+	kl_seq	   *s,
+			   *copy;
+	const kl_config *c;
+	size_t		kda,
+				page,
+				b0,
+				b1,
+				b1024,
+				b1025;
+	int32_t    *ids;
+
+	snprintf(dir, sizeof(dir), "%s/pgdocs-kimi-18m", tap_models_dir());
+	if (kl_model_load(dir, NULL, &m, &err) != KL_OK || kl_ctx_new(m, 0, &ctx, &err) != KL_OK ||
+		kl_seq_new(m, &s, &err) != KL_OK)
+	{
+		tap_ok(0, "sequence bytes: %s", err.msg);
+		return;
+	}
+	c = kl_model_config(m);
+	kda = sizeof(float) * (size_t) c->n_kda_layers * c->kda_heads * c->kda_head_dim *
+		(c->kda_head_dim + 3 * c->conv_kernel);
+	page = sizeof(float) * 1024 * (size_t) (c->kv_lora_rank + c->qk_rope_dim);
+	ids = malloc(sizeof(int32_t) * 1025);
+	for (int i = 0; i < 1025; i++)
+		ids[i] = 100 + i % 3000;
+	b0 = kl_seq_bytes(s);
+	{
+		kl_batch_item it = {s, ids, 1, NULL, false};
+
+		kl_forward(ctx, &it, 1, &err);
+		b1 = kl_seq_bytes(s);
+		it.ids = ids + 1;
+		it.n = 1023;
+		kl_forward(ctx, &it, 1, &err);
+		b1024 = kl_seq_bytes(s);
+		it.ids = ids + 1024;
+		it.n = 1;
+		kl_forward(ctx, &it, 1, &err);
+		b1025 = kl_seq_bytes(s);
+	}
+	tap_ok(b0 >= kda && b0 < kda + 4096, "a new sequence holds its KDA state: %zu bytes (state %zu)", b0, kda);
+	tap_ok(b1 - b0 >= (size_t) c->n_mla_layers * page && b1 - b0 < (size_t) c->n_mla_layers * page + 1024,
+		   "one position: one page per MLA layer (+%zu bytes, %d x %zu)", b1 - b0, c->n_mla_layers, page);
+	tap_ok(b1024 == b1, "up to 1024 positions: the same pages (%zu bytes)", b1024);
+	tap_ok(b1025 - b1024 == (size_t) c->n_mla_layers * page, "position 1025: a new page per MLA layer (+%zu bytes)",
+		   b1025 - b1024);
+	if (kl_seq_clone(s, &copy, &err) == KL_OK)
+	{
+		tap_ok(kl_seq_bytes(copy) <= b1025, "a copy holds no more (%zu bytes)", kl_seq_bytes(copy));
+		kl_seq_free(copy);
+	}
+	else
+		tap_ok(0, "clone: %s", err.msg);
+	free(ids);
+	kl_seq_free(s);
+	kl_ctx_free(ctx);
+	kl_model_free(m);
+}
+
 int
 main(void)
 {
+	check_seq_bytes();
 	check_case("tiny_a", "golden.safetensors", "reference");
 	check_case("tiny_a", "golden_route_select.safetensors", NULL);
 	check_case("tiny_c", "golden.safetensors", NULL);	/* dense: no routing */

@@ -61,6 +61,7 @@ kl_cluster_start() {
   kl_cluster_stop >/dev/null 2>&1 || true
   rm -rf "$KL_CLUSTER_DIR/data" "$KL_CLUSTER_DIR/run"
   mkdir -p "$KL_CLUSTER_DIR/run" "$KL_CLUSTER_DIR/log"
+  rm -f "$KL_CLUSTER_DIR/log/server.log"	# a fresh cluster, a fresh log (run-tests.sh looks for crashes in it)
   chown "$KL_PGUSER" "$KL_CLUSTER_DIR" "$KL_CLUSTER_DIR/run" "$KL_CLUSTER_DIR/log" 2>/dev/null || true
   chmod 755 "$KL_CLUSTER_DIR"
   KL_PORT=$(kl_free_port)

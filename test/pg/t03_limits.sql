@@ -2,7 +2,7 @@
 -- frees its slot; inputs beyond the limits are errors; the worker survives
 -- all of it.
 BEGIN;
-SELECT plan(12);
+SELECT plan(18);
 SELECT pid AS worker_pid FROM kimi_linear.workers WHERE worker = 0 \gset
 SELECT kimi_linear._resolve_model(NULL);
 
@@ -54,6 +54,21 @@ SELECT throws_like($$SELECT kimi_linear.generate('x', max_tokens => 9)$$, 'max_t
 RESET kimi_linear.max_new_tokens;
 
 SELECT throws_ok($$SELECT kimi_linear.generate_ids(array_fill(1, ARRAY[200000]))$$, '54000', NULL, 'a huge id array');
+
+-- settings are checked as given (double precision) and reported as given, before the
+-- sampler's single precision: a value that only looks valid after rounding is refused
+SELECT throws_ok($$SELECT kimi_linear.generate('x', top_p => 1e-300)$$, '22023',
+                 'top_p must be in (0, 1] (1 = no limit), got 1e-300', 'top_p 1e-300 (0 in single precision)');
+SELECT throws_ok($$SELECT kimi_linear.generate('x', temperature => 100.0001)$$, '22023',
+                 'temperature must be between 0 and 100 (0 = greedy), got 100.0001', 'temperature 100.0001 (100 in single precision)');
+SELECT throws_ok($$SELECT kimi_linear.generate('x', min_p => 0.9999999999)$$, '22023',
+                 'min_p must be in [0, 1) (0 = no limit), got 0.9999999999', 'min_p just below 1 (1 in single precision)');
+SELECT throws_ok($$SELECT kimi_linear.generate('x', repetition_penalty => 1e-60)$$, '22023',
+                 'repetition_penalty must be in (0, 100] (1 = none), got 1e-60', 'repetition_penalty 1e-60');
+SELECT throws_ok($$SELECT kimi_linear.say(1, 'x', top_p => 1.0000001)$$, '22023',
+                 'top_p must be in (0, 1] (1 = no limit), got 1.0000001', 'say checks them the same way');
+SELECT lives_ok($$SELECT kimi_linear.generate('x', max_tokens => 1, top_p => 1e-30, temperature => 99.99999)$$,
+                'small and large values that single precision holds are accepted');
 
 SELECT is((SELECT count(*)::int FROM kimi_linear.activity), 0, 'nothing left in flight');
 SELECT is((SELECT pid FROM kimi_linear.workers WHERE worker = 0), :worker_pid, 'the worker never restarted');

@@ -1,0 +1,63 @@
+/*
+ * pg_load_options.c — load_model's options as a canonical string and back
+ * (contract in pg_load_options.h).
+ */
+#include "pg_load_options.h"
+
+static const char *const routing_hint =
+"'select' (the default): the router bias chooses the experts and the scores weight them, as vLLM, SGLang "
+"and llama.cpp run Kimi Linear; 'reference': the bias is added into the weights too, as the released "
+"kimi_linear reference code does.";
+
+void
+kl_load_options_from_args(const char *moe_routing, KlLoadOptions *out)
+{
+	memset(out, 0, sizeof(*out));
+	if (moe_routing && strcmp(moe_routing, "reference") == 0)
+		strlcpy(out->moe_routing, "reference", sizeof(out->moe_routing));
+	else if (moe_routing && strcmp(moe_routing, "select") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("moe_routing must be 'select' or 'reference', got '%s'", moe_routing),
+				 errhint("%s", routing_hint)));
+}
+
+void
+kl_load_options_format(const KlLoadOptions *o, char *out, size_t size)
+{
+	out[0] = '\0';
+	if (o->moe_routing[0])
+		snprintf(out, size, "moe_routing=%s", o->moe_routing);
+}
+
+bool
+kl_load_options_parse(const char *s, KlLoadOptions *out, char *errbuf, size_t errsize)
+{
+	char		buf[256];
+	char	   *save = NULL;
+
+	memset(out, 0, sizeof(*out));
+	if (strlen(s) >= sizeof(buf))
+	{
+		snprintf(errbuf, errsize, "the load options are too long");
+		return false;
+	}
+	strlcpy(buf, s, sizeof(buf));
+	for (char *tok = strtok_r(buf, " ", &save); tok; tok = strtok_r(NULL, " ", &save))
+	{
+		if (strcmp(tok, "moe_routing=reference") == 0)
+			strlcpy(out->moe_routing, "reference", sizeof(out->moe_routing));
+		else
+		{
+			snprintf(errbuf, errsize, "unknown load option \"%.64s\"", tok);
+			return false;
+		}
+	}
+	return true;
+}
+
+void
+kl_load_options_apply(const KlLoadOptions *o, kl_load_opts *opts)
+{
+	opts->moe_routing = o->moe_routing[0] ? o->moe_routing : NULL;
+}
