@@ -261,7 +261,7 @@ kl_config_parse(const char *text, size_t len, const char *what, kl_config *c, kl
 		read_layer_list(&r, lac, "full_attn_layers", c->n_layers, mark, KL_LAYER_MLA);
 		for (i = 0; i < c->n_layers && !r.failed; i++)
 		{
-			/* ARCHITECTURE.md: KDA iff listed in kda_layers, otherwise MLA. */
+			/* docs/model.md: KDA iff listed in kda_layers, otherwise MLA. */
 			c->layer_kind[i] = mark[i] == KL_LAYER_KDA ? KL_LAYER_KDA : KL_LAYER_MLA;
 			if (c->layer_kind[i] == KL_LAYER_KDA)
 				c->n_kda_layers++;

@@ -1,7 +1,7 @@
 /*
  * config.h — the model hyper-parameters that the forward pass needs, read from
  * a Hugging Face style config.json (model_type kimi_linear).
- * ../shared/spec/ARCHITECTURE.md lists the fields.
+ * docs/model.md lists the fields.
  */
 #ifndef KL_CONFIG_H
 #define KL_CONFIG_H
@@ -57,7 +57,7 @@ typedef struct kl_config
 	int			n_expert_groups;	/* G */
 	int			topk_groups;	/* Tg */
 	/* kimi_linear adds the score-correction bias into the expert weights;
-	 * kimi_k3 uses it for selection only (ARCHITECTURE.md, FFN). */
+	 * kimi_k3 uses it for selection only (docs/model.md, "Routing"). */
 	bool		bias_in_weights;
 
 	kl_layer_kind layer_kind[KL_MAX_LAYERS];

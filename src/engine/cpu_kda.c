@@ -1,6 +1,6 @@
 /*
  * cpu_kda.c — Kimi Delta Attention on the CPU: the one place where the KDA
- * recurrence is written down (ARCHITECTURE.md, "KDA mixer").
+ * recurrence is written down (docs/model.md, "KDA").
  *
  * Per head, with state S [K x V] (row c belongs to key channel c):
  *

@@ -1,5 +1,5 @@
 /*
- * moe_route.c — choosing experts (ARCHITECTURE.md, FFN), shared by every
+ * moe_route.c — choosing experts (docs/model.md, "Routing"), shared by every
  * backend so that the rule exists once.
  *
  *   s      = sigmoid(router logits)   (or softmax)
