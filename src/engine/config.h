@@ -12,6 +12,8 @@
 #include "kl_util.h"
 
 #define KL_MAX_LAYERS 512
+/* kl_moe_route keeps one score per expert group on the stack */
+#define KL_MAX_EXPERT_GROUPS 1024
 
 typedef enum kl_layer_kind
 {
