@@ -55,8 +55,7 @@ echo "== decode throughput"
   echo "| sessions | wall time (s) | aggregate tokens/s | per session tokens/s | vs 1 session | engine alone, n sequences per step |"
   echo "|---:|---:|---:|---:|---:|---:|"
 } >>"$OUT"
-cc -O2 -Isrc/engine -I/usr/include/x86_64-linux-gnu/openblas-pthread -o "$W/engine-batch" bench/engine-batch.c src/engine/*.o \
-  -lopenblas -lpcre2-8 -ljansson -lisal -lcrypto -lpthread -ldl -lm
+make -s bench/bin/engine-batch
 q -c "CREATE TABLE bench_t (run text, sessions int, t0 timestamptz, n int, t1 timestamptz)"
 base=""
 for n in 1 2 4 8; do
@@ -75,7 +74,7 @@ for n in 1 2 4 8; do
   done
   tps=$(awk -v n="$n" -v k="$TOKENS" -v t="$best" 'BEGIN { printf "%.0f", n * k / t }')
   [ -z "$base" ] && base=$tps
-  eng=$("$W/engine-batch" models/pgdocs-kimi-18m "$n" "$TOKENS")
+  eng=$(bench/bin/engine-batch models/pgdocs-kimi-18m "$n" "$TOKENS")
   echo "| $n | $best | $tps | $(awk -v a="$tps" -v n="$n" 'BEGIN { printf "%.0f", a / n }') | $(awk -v a="$tps" -v b="$base" 'BEGIN { printf "%.2fx", a / b }') | $eng |" >>"$OUT"
   echo "  $n sessions: $tps tokens/s"
 done
