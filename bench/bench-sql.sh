@@ -5,8 +5,9 @@
 #   3. memory of 8 connected backends while a model is loaded (PSS, smaps_rollup)
 #   4. time of a new conversation turn with 1k, 8k and 32k tokens of history,
 #      against re-running the history
-# Needs the extension built and installed (make && make install) and ./kl
-# (make cli); runs its own cluster (test/pg/cluster.sh) as user kltest.
+# Builds the extension and ./kl, installs them into a private copy of
+# PostgreSQL (kl_stage_pg, as make test does; never the system's) and runs its
+# own cluster (test/pg/cluster.sh) as user kltest.
 # KL_BENCH_HISTORIES="1024 8192 32768" and KL_BENCH_TOKENS=256 adjust the work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,8 @@ HISTORIES=${KL_BENCH_HISTORIES:-"1024 8192 32768"}
 KL_CLUSTER_DIR=${KL_CLUSTER_DIR:-/tmp/kimi-linear-bench}
 source test/pg/cluster.sh
 mkdir -p "$KL_CLUSTER_DIR" bench/results
+make -s -j"$(nproc)" all cli >/dev/null
+kl_stage_pg "$KL_CLUSTER_DIR/pg"
 kl_cluster_start
 trap 'kl_cluster_stop >/dev/null 2>&1' EXIT
 W=$(mktemp -d)
