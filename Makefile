@@ -188,12 +188,17 @@ install-models:
 	$(MKDIR_P) '$(MODEL_DIR_INSTALL)/pgdocs-kimi-18m'
 	$(INSTALL_DATA) models/pgdocs-kimi-18m/* '$(MODEL_DIR_INSTALL)/pgdocs-kimi-18m/'
 
+# Our build outputs.  PGXS's clean tests EXTRA_CLEAN where it is included,
+# before this point, so our own clean-local removes them.
 EXTRA_CLEAN = kl build bench/bin test/engine/bin test/fuzz/bin src/cli/*.o src/*/*.d $(CORPUS)
+clean: clean-local
+clean-local:
+	rm -rf $(EXTRA_CLEAN)
 
 -include $(wildcard src/*/*.d build/*/engine/*.d)
 
 .PHONY: fuzz fuzz-run cli corpus engine-tests check-engine check-engine-asan check-engine-tsan test bench install-models \
-        test-regress test-tap test-concurrency bench-bins plots
+        test-regress test-tap test-concurrency bench-bins plots clean-local
 
 # ================================================================ CUDA backend (kimi_linear_cuda.so)
 # Built by `make` where nvcc exists (CUDA 13), skipped silently otherwise;
