@@ -3,8 +3,12 @@
 #   make               the extension (kimi_linear.so), and the CUDA backend where nvcc exists
 #   make install       install the extension into the PostgreSQL found by pg_config
 #   make cli           the command-line tool ./kl (engine only, no PostgreSQL needed at run time)
-#   make check-engine  the engine's C unit tests (TAP, run by prove)
+#   make check-engine  the engine's C unit tests (TAP, run by prove); TESTS=test_golden for one
 #   make test          everything: engine tests, then pg_regress + pgTAP against a throwaway cluster
+#   make test-regress REGRESS=basic, make test-tap PROVE_TESTS=test/pg/t01_generate.sql:
+#                      one pg_regress test / pgTAP file on the throwaway cluster
+#   make check-engine-asan, check-engine-tsan, fuzz, fuzz-run: sanitizers and fuzzers (CI)
+#   see the README, "Developing"
 #
 # The engine (src/engine) is plain C11; the PostgreSQL glue (src/pg) is built with PGXS.
 
@@ -24,8 +28,15 @@ REGRESS_OPTS = --inputdir=. --load-extension=$(EXTENSION)
 OPENBLAS_INC ?= /usr/include/x86_64-linux-gnu/openblas-pthread
 ENGINE_LIBS  = -lopenblas -lpcre2-8 -ljansson -lisal -lcrypto -lpthread -ldl -lm
 
+# Our own sources compile with -Wall -Wextra -Werror (on top of PGXS's warning
+# flags).  `make WERROR=` keeps the warnings but lets a build go on, for a
+# compiler newer than the ones CI uses.
+WERROR     ?= -Werror
+KL_WARN     = -Wall -Wextra $(WERROR)
+
 # -O3 for the numeric code; SIMD paths are selected at run time (target attributes), so no -march.
-PG_CFLAGS   = -O3 -std=gnu11 -Wall -Wno-declaration-after-statement -MMD -MP
+# (C99 declarations are our style, hence -Wno-declaration-after-statement.)
+PG_CFLAGS   = -O3 -std=gnu11 $(KL_WARN) -Wno-declaration-after-statement -MMD -MP
 PG_CPPFLAGS = -Isrc/engine -I$(OPENBLAS_INC)
 SHLIB_LINK  = $(ENGINE_LIBS)
 
@@ -36,6 +47,12 @@ override with_llvm := no
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# The one exception to -Wextra, for the PostgreSQL glue only: PostgreSQL's own
+# headers (lib/ilist.h, storage/bufpage.h: static inline functions) have unused
+# parameters, and so do the callbacks whose signatures PostgreSQL prescribes
+# (GUC check hooks, on_shmem_exit); PostgreSQL itself builds without -Wextra.
+src/pg/%.o: override CFLAGS += -Wno-unused-parameter
 
 # ---------------------------------------------------------------- CLI and unit tests
 CLI_SRCS := $(sort $(wildcard src/cli/*.c))
@@ -63,27 +80,110 @@ corpus: $(CORPUS)
 $(CORPUS): $(CORPUS).xz
 	xz -dc $< >$@.tmp && mv $@.tmp $@
 
-check-engine: engine-tests cli corpus
-	prove --exec '' $(ENGINE_TEST_BINS)
+# TESTS="test_golden test_tokenizer": only those (here and in the sanitizer checks)
+TESTS ?=
+ENGINE_TESTS_RUN = $(if $(TESTS),$(patsubst %,test/engine/bin/%.t,$(TESTS)),$(ENGINE_TEST_BINS))
+check-engine: $(ENGINE_TESTS_RUN) cli corpus
+	prove --exec '' $(ENGINE_TESTS_RUN)
 
 test: all cli engine-tests
 	bash test/run-tests.sh
 
-# libFuzzer harnesses for the parsers (needs clang; see test/fuzz/README.md)
+# One part of `make test` on its throwaway cluster (test/run-tests.sh):
+#   make test-regress [REGRESS="basic state"]   pg_regress (sql/NAME.sql, expected/NAME.out)
+#   make test-tap [PROVE_TESTS=test/pg/t05_conversation.sql]   pgTAP files
+#   make test-concurrency                        the multi-session tests
+#   make test-shell [SHELL_TESTS="dump_restore restart"]   the shell tests (test/pg/*.sh)
+# KL_KEEP_CLUSTER=1 leaves the cluster running, for `make installcheck REGRESS=...`.
+PROVE_TESTS ?= $(sort $(wildcard test/pg/t*.sql))
+test-regress: all cli
+	KL_SKIP_ENGINE=1 KL_SKIP_TAP=1 KL_SHELL_TESTS= KL_REGRESS="$(REGRESS)" bash test/run-tests.sh
+test-tap: all cli
+	KL_SKIP_ENGINE=1 KL_SKIP_REGRESS=1 KL_SHELL_TESTS= KL_TAP_FILES="$(PROVE_TESTS)" bash test/run-tests.sh
+test-concurrency: all cli
+	KL_SKIP_ENGINE=1 KL_SKIP_REGRESS=1 KL_SKIP_TAP=1 KL_SHELL_TESTS=concurrency bash test/run-tests.sh
+SHELL_TESTS ?= concurrency dump_restore state_cache restart
+test-shell: all cli
+	KL_SKIP_ENGINE=1 KL_SKIP_REGRESS=1 KL_SKIP_TAP=1 KL_SHELL_TESTS="$(SHELL_TESTS)" bash test/run-tests.sh
+
+# ---------------------------------------------------------------- sanitizer builds
+# The engine and its tests built again into build/asan/ (AddressSanitizer +
+# UndefinedBehaviorSanitizer) and build/tsan/ (ThreadSanitizer), beside the
+# optimized build, and run under prove.  Any report fails the test program.
+#   make check-engine-asan     every engine test
+#   make check-engine-tsan     the tests that run threads: the thread-pool stress
+#                              test and the golden tests (batch invariance, chunked
+#                              prefill: every op through the pool)
+SAN_CFLAGS   = -O1 -g -fno-omit-frame-pointer -std=gnu11 -D_GNU_SOURCE $(KL_WARN) -Wno-declaration-after-statement \
+               -MMD -MP $(PG_CPPFLAGS)
+SAN_asan     = -fsanitize=address,undefined -fno-sanitize-recover=all
+SAN_tsan     = -fsanitize=thread
+TSAN_TESTS   = test_threadpool test_golden
+ASAN_TEST_BINS = $(patsubst test/engine/bin/%,build/asan/test/%,$(ENGINE_TESTS_RUN))
+TSAN_TEST_BINS = $(patsubst %,build/tsan/test/%.t,$(if $(TESTS),$(filter $(TESTS),$(TSAN_TESTS)),$(TSAN_TESTS)))
+# halt at the first report; leaks count (the engine lives inside long-running
+# server processes); OpenBLAS's own threads off (it is not instrumented, and
+# the engine calls it single-threaded anyway)
+SAN_ENV      = ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1 \
+               UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+               TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 OPENBLAS_NUM_THREADS=1
+
+define SAN_VARIANT
+$(1)_ENGINE_OBJS := $$(patsubst src/engine/%.c,build/$(1)/engine/%.o,$$(ENGINE_SRCS))
+build/$(1)/engine/%.o: src/engine/%.c
+	@mkdir -p $$(@D)
+	$$(CC) $$(SAN_CFLAGS) $$(SAN_$(1)) -c -o $$@ $$<
+build/$(1)/test/%.t: test/engine/%.c test/engine/tap.h $$($(1)_ENGINE_OBJS)
+	@mkdir -p $$(@D)
+	$$(CC) $$(SAN_CFLAGS) $$(SAN_$(1)) -Itest/engine -o $$@ $$< $$($(1)_ENGINE_OBJS) $$(ENGINE_LIBS)
+endef
+$(eval $(call SAN_VARIANT,asan))
+$(eval $(call SAN_VARIANT,tsan))
+
+check-engine-asan: $(ASAN_TEST_BINS) cli corpus
+	$(SAN_ENV) prove --exec '' $(ASAN_TEST_BINS)
+check-engine-tsan: $(TSAN_TEST_BINS) cli corpus
+	$(SAN_ENV) prove --exec '' $(TSAN_TEST_BINS)
+
+# ---------------------------------------------------------------- fuzzing
+# libFuzzer harnesses for every parser (clang; see test/fuzz/README.md), with
+# ASan + UBSan.  The engine is compiled once into build/fuzz/engine/.
+#   make fuzz                      build test/fuzz/bin/*
+#   make fuzz-run FUZZ_SECONDS=60  each harness for that long over its committed
+#                                  seeds (test/fuzz/seeds/NAME); new inputs go to
+#                                  build/fuzz/corpus/NAME, crashes to build/fuzz/crashes/
 FUZZ_CC ?= clang-14
-FUZZ_FLAGS = -g -O1 -std=gnu11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -Isrc/engine -I$(OPENBLAS_INC)
-FUZZ_ENGINE = $(ENGINE_SRCS)
-fuzz: test/fuzz/bin/fuzz_safetensors test/fuzz/bin/fuzz_config test/fuzz/bin/fuzz_state test/fuzz/bin/fuzz_state_crc \
-      test/fuzz/bin/fuzz_tokenizer
-test/fuzz/bin/fuzz_state_crc: test/fuzz/fuzz_state.c $(ENGINE_SRCS)
+FUZZ_FLAGS = -g -O1 -std=gnu11 -D_GNU_SOURCE $(KL_WARN) -Wno-declaration-after-statement \
+             -fsanitize=fuzzer-no-link,address,undefined -Isrc/engine -I$(OPENBLAS_INC)
+FUZZ_NAMES = fuzz_safetensors fuzz_config fuzz_state fuzz_state_crc fuzz_tokenizer
+FUZZ_BINS = $(addprefix test/fuzz/bin/,$(FUZZ_NAMES))
+FUZZ_ENGINE_OBJS = $(patsubst src/engine/%.c,build/fuzz/engine/%.o,$(ENGINE_SRCS))
+FUZZ_SECONDS ?= 60
+fuzz: $(FUZZ_BINS)
+build/fuzz/engine/%.o: src/engine/%.c
+	@mkdir -p $(@D)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -c -o $@ $<
+test/fuzz/bin/fuzz_state_crc: test/fuzz/fuzz_state.c $(FUZZ_ENGINE_OBJS)
 	@mkdir -p test/fuzz/bin
-	$(FUZZ_CC) $(FUZZ_FLAGS) -DFIX_CRC -o $@ $< $(FUZZ_ENGINE) $(ENGINE_LIBS)
-test/fuzz/bin/%: test/fuzz/%.c $(ENGINE_SRCS)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer -DFIX_CRC -o $@ $< $(FUZZ_ENGINE_OBJS) $(ENGINE_LIBS)
+test/fuzz/bin/%: test/fuzz/%.c $(FUZZ_ENGINE_OBJS)
 	@mkdir -p test/fuzz/bin
-	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(FUZZ_ENGINE) $(ENGINE_LIBS)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer -o $@ $< $(FUZZ_ENGINE_OBJS) $(ENGINE_LIBS)
+fuzz-run: fuzz corpus
+	bash test/fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_NAMES)
 
 bench: cli
 	bash bench/run-bench.sh
+
+# bench/engine-batch.c (bench-sql.sh's engine-alone column)
+bench-bins: bench/bin/engine-batch
+bench/bin/engine-batch: bench/engine-batch.c $(ENGINE_OBJS)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(PG_CPPFLAGS) -o $@ $< $(ENGINE_OBJS) $(ENGINE_LIBS)
+
+# the README's pictures (docs/img/*.png) from bench/results/*.md (python3-matplotlib)
+plots:
+	/usr/bin/python3 bench/plots.py
 
 # The bundled model: installed where kimi_linear.model_dir points by default.
 MODEL_DIR_INSTALL = $(DESTDIR)$(datadir)/kimi_linear/models
@@ -92,11 +192,17 @@ install-models:
 	$(MKDIR_P) '$(MODEL_DIR_INSTALL)/pgdocs-kimi-18m'
 	$(INSTALL_DATA) models/pgdocs-kimi-18m/* '$(MODEL_DIR_INSTALL)/pgdocs-kimi-18m/'
 
-EXTRA_CLEAN = kl test/engine/bin test/fuzz/bin src/cli/*.o src/*/*.d $(CORPUS)
+# Our build outputs.  PGXS's clean tests EXTRA_CLEAN where it is included,
+# before this point, so our own clean-local removes them.
+EXTRA_CLEAN = kl build bench/bin test/engine/bin test/fuzz/bin src/cli/*.o src/*/*.d $(CORPUS)
+clean: clean-local
+clean-local:
+	rm -rf $(EXTRA_CLEAN)
 
--include $(wildcard src/*/*.d)
+-include $(wildcard src/*/*.d build/*/engine/*.d)
 
-.PHONY: fuzz cli corpus engine-tests check-engine test bench install-models
+.PHONY: fuzz fuzz-run cli corpus engine-tests check-engine check-engine-asan check-engine-tsan test bench install-models \
+        test-regress test-tap test-concurrency test-shell bench-bins plots clean-local
 
 # ================================================================ CUDA backend (kimi_linear_cuda.so)
 # Built by `make` where nvcc exists (CUDA 13), skipped silently otherwise;
@@ -112,7 +218,7 @@ CUDA_GENCODE ?= -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_90,c
 CUDA_KERNEL_SRCS := $(sort $(wildcard kernels/*.cu))
 CUDA_HOST_SRCS   := $(filter-out src/cuda/device_blas_shim.c,$(sort $(wildcard src/cuda/*.c)))
 CUDA_OBJS        := $(CUDA_KERNEL_SRCS:.cu=.o) $(CUDA_HOST_SRCS:.c=.o)
-CUDA_CFLAGS  = -O2 -std=gnu11 -Wall -Wno-declaration-after-statement -fPIC -fvisibility=hidden -MMD -MP \
+CUDA_CFLAGS  = -O2 -std=gnu11 $(KL_WARN) -Wno-declaration-after-statement -fPIC -fvisibility=hidden -MMD -MP \
                -Isrc/engine -I$(OPENBLAS_INC) -I$(CUDA_HOME)/include
 NVCC_FLAGS   = -O3 -std=c++17 $(CUDA_GENCODE) -Xcompiler -fPIC,-fvisibility=hidden
 # cudart linked statically and kept private (--exclude-libs), cuBLAS found through the rpath

@@ -5,8 +5,9 @@
 #   3. memory of 8 connected backends while a model is loaded (PSS, smaps_rollup)
 #   4. time of a new conversation turn with 1k, 8k and 32k tokens of history,
 #      against re-running the history
-# Needs the extension built and installed (make && make install) and ./kl
-# (make cli); runs its own cluster (test/pg/cluster.sh) as user kltest.
+# Builds the extension and ./kl, installs them into a private copy of
+# PostgreSQL (kl_stage_pg, as make test does; never the system's) and runs its
+# own cluster (test/pg/cluster.sh) as user kltest.
 # KL_BENCH_HISTORIES="1024 8192 32768" and KL_BENCH_TOKENS=256 adjust the work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,8 @@ HISTORIES=${KL_BENCH_HISTORIES:-"1024 8192 32768"}
 KL_CLUSTER_DIR=${KL_CLUSTER_DIR:-/tmp/kimi-linear-bench}
 source test/pg/cluster.sh
 mkdir -p "$KL_CLUSTER_DIR" bench/results
+make -s -j"$(nproc)" all cli >/dev/null
+kl_stage_pg "$KL_CLUSTER_DIR/pg"
 kl_cluster_start
 trap 'kl_cluster_stop >/dev/null 2>&1' EXIT
 W=$(mktemp -d)
@@ -55,8 +58,7 @@ echo "== decode throughput"
   echo "| sessions | wall time (s) | aggregate tokens/s | per session tokens/s | vs 1 session | engine alone, n sequences per step |"
   echo "|---:|---:|---:|---:|---:|---:|"
 } >>"$OUT"
-cc -O2 -Isrc/engine -I/usr/include/x86_64-linux-gnu/openblas-pthread -o "$W/engine-batch" bench/engine-batch.c src/engine/*.o \
-  -lopenblas -lpcre2-8 -ljansson -lisal -lcrypto -lpthread -ldl -lm
+make -s bench/bin/engine-batch
 q -c "CREATE TABLE bench_t (run text, sessions int, t0 timestamptz, n int, t1 timestamptz)"
 base=""
 for n in 1 2 4 8; do
@@ -75,7 +77,7 @@ for n in 1 2 4 8; do
   done
   tps=$(awk -v n="$n" -v k="$TOKENS" -v t="$best" 'BEGIN { printf "%.0f", n * k / t }')
   [ -z "$base" ] && base=$tps
-  eng=$("$W/engine-batch" models/pgdocs-kimi-18m "$n" "$TOKENS")
+  eng=$(bench/bin/engine-batch models/pgdocs-kimi-18m "$n" "$TOKENS")
   echo "| $n | $best | $tps | $(awk -v a="$tps" -v n="$n" 'BEGIN { printf "%.0f", a / n }') | $(awk -v a="$tps" -v b="$base" 'BEGIN { printf "%.2fx", a / b }') | $eng |" >>"$OUT"
   echo "  $n sessions: $tps tokens/s"
 done

@@ -11,12 +11,19 @@
 #   5. the shell tests, TAP output each: concurrency (test/pg/concurrency.sh),
 #      pg_dump/pg_restore (dump_restore.sh), the state cache's memory bound
 #      (state_cache.sh), and last, a server restart (restart.sh)
-# Exits non-zero on any failure and ends with each runner's summary.
+# Exits non-zero on any failure and ends with each runner's summary (with its
+# wall time) and one line "N passed, N failed" over all of them.
 #
 # Test data: test/fixtures (golden checkpoints and outputs, the manual corpus).
-# Environment: KL_SKIP_ENGINE=1 (skip step 1), KL_SKIP_CONCURRENCY=1 (skip
-# concurrency.sh), KL_SHELL_TESTS (the shell tests to run, names without .sh, empty: none;
-# default all), KL_TAP_FILES (a subset).
+# Environment (the Makefile's test-* targets set these; see the README, "Developing"):
+#   KL_SKIP_ENGINE=1, KL_SKIP_REGRESS=1, KL_SKIP_TAP=1, KL_SKIP_CONCURRENCY=1   skip a step
+#   KL_ENGINE_TESTS="test_golden ..."   a subset of the engine tests
+#   KL_REGRESS="basic state"            a subset of the pg_regress tests
+#   KL_TAP_FILES="test/pg/t01_generate.sql ..."   a subset of the pgTAP files
+#   KL_SHELL_TESTS="dump_restore ..."   the shell tests to run (names without .sh; empty: none; default all)
+#   KL_SANITIZE=1        also the engine tests under ASan+UBSan and (threads) TSan (CI)
+#   KL_FUZZ_SECONDS=N    also every fuzzer for N seconds over its seeds (CI)
+#   KL_KEEP_CLUSTER=1    leave the cluster running at the end (for make installcheck)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -27,18 +34,43 @@ rm -rf "$LOGS"; mkdir -p "$LOGS"
 
 declare -a SUMMARY=()
 FAILED=0
-note() { SUMMARY+=("$1"); echo "$1"; }
+STEP_T0=$(date +%s)
+note() { SUMMARY+=("$1 ($(( $(date +%s) - STEP_T0 )) s)"); echo "$1"; }
 fail() { FAILED=1; note "FAIL: $1"; }
-step() { echo; echo "======== $* ($(date +%T))"; }
+step() { STEP_T0=$(date +%s); echo; echo "======== $* ($(date +%T))"; }
 T0=$(date +%s)
+# prove's closing lines, on one line
+prove_result() { grep -E '^Result|^Files=' "$1" | tr '\n' ' '; }
 
 # ------------------------------------------------------------------ 1. engine
 if [ "${KL_SKIP_ENGINE:-0}" != 1 ]; then
   step "engine tests (make check-engine)"
-  if make -s check-engine 2>&1 | tee $LOGS/engine-tests.log | tail -25; [ "${PIPESTATUS[0]}" = 0 ]; then
-    note "engine: $(grep -E '^Result|^Files=' $LOGS/engine-tests.log | tr '\n' ' ')"
+  if make -s check-engine TESTS="${KL_ENGINE_TESTS:-}" 2>&1 | tee $LOGS/engine-tests.log | tail -25; [ "${PIPESTATUS[0]}" = 0 ]; then
+    note "engine: $(prove_result $LOGS/engine-tests.log)"
   else
-    fail "engine tests ($(grep -E '^Result|^Files=' $LOGS/engine-tests.log | tr '\n' ' '))"
+    fail "engine tests ($(prove_result $LOGS/engine-tests.log))"
+  fi
+fi
+
+# ------------------------------------------------------------------ 1b. sanitizers, fuzzers (CI)
+if [ "${KL_SANITIZE:-0}" = 1 ]; then
+  for san in asan tsan; do
+    step "engine tests under ${san} (make check-engine-$san)"
+    if make -s -j"$(nproc)" check-engine-$san TESTS="${KL_ENGINE_TESTS:-}" >$LOGS/engine-$san.log 2>&1; then
+      tail -8 $LOGS/engine-$san.log
+      note "engine ($san): $(prove_result $LOGS/engine-$san.log)"
+    else
+      grep -vE '^(gcc|cc) ' $LOGS/engine-$san.log | tail -60
+      fail "engine ($san): $(prove_result $LOGS/engine-$san.log) (see $LOGS/engine-$san.log)"
+    fi
+  done
+fi
+if [ -n "${KL_FUZZ_SECONDS:-}" ]; then
+  step "fuzzers, ${KL_FUZZ_SECONDS} s each (make fuzz-run)"
+  if make -s -j"$(nproc)" fuzz-run FUZZ_SECONDS="$KL_FUZZ_SECONDS" 2>&1 | tee $LOGS/fuzz.log | grep -vE '^(clang|gcc)'; [ "${PIPESTATUS[0]}" = 0 ]; then
+    note "fuzz: $(grep -c '^ok' $LOGS/fuzz.log) harnesses, no finding"
+  else
+    fail "fuzz: $(grep -c '^not ok' $LOGS/fuzz.log) of $(grep -cE '^(not )?ok' $LOGS/fuzz.log) harnesses found something (build/fuzz/*.log)"
   fi
 fi
 
@@ -84,8 +116,9 @@ chmod -R a+rX "$KL_CLUSTER_DIR"
 KL_MODEL_DIR=$TM KL_EXTRA_CONF="kimi_linear.max_requests = 16" kl_cluster_start || { fail "cluster start"; exit 1; }
 echo "cluster on port $PGPORT, data in $KL_CLUSTER_DIR/data, model_dir $TM"
 
-# fixtures: what the CLI computes for the same prompts and settings
+# fixtures for pgTAP: what the CLI computes for the same prompts and settings
 FIX=$KL_CLUSTER_DIR/fixtures
+if [ "${KL_SKIP_TAP:-0}" != 1 ]; then
 cli_ids() { ./kl generate --model models/pgdocs-kimi-18m "$@" 2>/dev/null | head -1; }
 {
   echo "CREATE TABLE kl_cli (prompt text, max_tokens int, temperature float8, seed bigint, top_k int, top_p float8, ids int[]);"
@@ -118,19 +151,24 @@ EOF
         FROM (SELECT string_agg(line, E'\\n' ORDER BY n)::jsonb AS j FROM kl_corpus_raw) r, jsonb_array_elements(r.j) d;"
   echo "DROP TABLE kl_corpus_raw;"
 } >"$FIX/fixtures.sql"
+fi
 
 # ------------------------------------------------------------------ 4a. pg_regress
+if [ "${KL_SKIP_REGRESS:-0}" != 1 ]; then
 step "pg_regress (installcheck)"
 rm -rf results regression.diffs regression.out
-if make -s installcheck PGHOST="$PGHOST" PGPORT="$PGPORT" PGUSER="$PGUSER" 2>&1 | tee $LOGS/regress.log | tail -25; [ "${PIPESTATUS[0]}" = 0 ]; then
+# shellcheck disable=SC2086
+if make -s installcheck ${KL_REGRESS:+REGRESS="$KL_REGRESS"} PGHOST="$PGHOST" PGPORT="$PGPORT" PGUSER="$PGUSER" 2>&1 | tee $LOGS/regress.log | tail -25; [ "${PIPESTATUS[0]}" = 0 ]; then
   note "pg_regress: $(grep -E 'tests passed|All [0-9]+ tests' $LOGS/regress.log | tail -1 | sed 's/[= ]*$//; s/^[= ]*//')"
 else
   [ -f regression.diffs ] && head -150 regression.diffs
   fail "pg_regress: $(grep -E 'failed|passed' $LOGS/regress.log | tail -1 | sed 's/[= ]*$//; s/^[= ]*//')"
 fi
 kl_cluster_alive || fail "server down after pg_regress"
+fi
 
 # ------------------------------------------------------------------ 4b. pgTAP
+if [ "${KL_SKIP_TAP:-0}" != 1 ]; then
 step "pgTAP (pg_prove)"
 psql -Xq -c "DROP DATABASE IF EXISTS kl_tap" -c "CREATE DATABASE kl_tap" >/dev/null
 if ! psql -Xq -v ON_ERROR_STOP=1 -d kl_tap -c "CREATE EXTENSION pgtap" -c "CREATE EXTENSION kimi_linear" \
@@ -146,6 +184,7 @@ else
   fail "pgTAP: $(grep -E '^Files=' $LOGS/tap.log) $(grep -E '^Result' $LOGS/tap.log)"
 fi
 kl_cluster_alive || fail "server down after pgTAP"
+fi
 
 # ------------------------------------------------------------------ 5. shell tests
 # (they run the cluster's own binaries: restart.sh restarts it)
@@ -167,7 +206,17 @@ step "stop"
 if grep -E "PANIC|server process .* was terminated by signal|terminated by signal" "$KL_CLUSTER_DIR/log/server.log"; then
   fail "the server log shows a crash"
 fi
-kl_cluster_stop >/dev/null || fail "cluster stop"
+if [ "${KL_KEEP_CLUSTER:-0}" = 1 ]; then
+  echo "the cluster is left running; for example:"
+  echo "  PGHOST=$PGHOST PGPORT=$PGPORT PGUSER=$PGUSER make installcheck REGRESS=basic"
+  # the pgTAP database (extensions and fixtures) exists when that step ran
+  if [ "${KL_SKIP_TAP:-0}" != 1 ]; then
+    echo "  PGHOST=$PGHOST PGPORT=$PGPORT PGUSER=$PGUSER pg_prove -d kl_tap test/pg/t01_generate.sql"
+  fi
+  echo "  bash -c 'source test/pg/cluster.sh && kl_cluster_stop'      (stop it)"
+else
+  kl_cluster_stop >/dev/null || fail "cluster stop"
+fi
 echo
 echo "======== summary ($(( $(date +%s) - T0 )) s)"
 printf '%s\n' "${SUMMARY[@]}"
@@ -176,13 +225,19 @@ if [ $FAILED = 0 ]; then echo "ALL TESTS PASSED"; else echo "SOME TESTS FAILED";
 prove_total() { sed -n 's/^Files=[0-9]*, Tests=\([0-9]*\),.*/\1/p' "$1" 2>/dev/null | tail -1; }
 prove_failed() { grep -oE 'Failed [0-9]+/[0-9]+ subtests' "$1" 2>/dev/null | awk -F'[ /]' '{s += $2} END {print s + 0}'; }
 e_total=$(prove_total $LOGS/engine-tests.log); e_bad=$(prove_failed $LOGS/engine-tests.log)
+for san in asan tsan; do
+  e_total=$(( ${e_total:-0} + $(prove_total $LOGS/engine-$san.log || true) + 0 ))
+  e_bad=$(( e_bad + $(prove_failed $LOGS/engine-$san.log) ))
+done
+f_ok=$(grep -c '^ok' $LOGS/fuzz.log 2>/dev/null || true)
+f_bad=$(grep -c '^not ok' $LOGS/fuzz.log 2>/dev/null || true)
 t_total=$(prove_total $LOGS/tap.log); t_bad=$(prove_failed $LOGS/tap.log)
 r_ok=$(grep -cE '^(test| ) *[a-z_]+ +\.\.\. ok' $LOGS/regress.log 2>/dev/null || true)
 r_bad=$(grep -cE '\.\.\. FAILED' $LOGS/regress.log 2>/dev/null || true)
 c_ok=$(cat $LOGS/shell-*.log 2>/dev/null | grep -c '^ok' || true)
 c_bad=$(cat $LOGS/shell-*.log 2>/dev/null | grep -c '^not ok' || true)
-n_ok=$(( ${e_total:-0} - e_bad + ${t_total:-0} - t_bad + r_ok + c_ok ))
-n_bad=$(( e_bad + t_bad + r_bad + c_bad ))
+n_ok=$(( ${e_total:-0} - e_bad + ${t_total:-0} - t_bad + r_ok + c_ok + f_ok ))
+n_bad=$(( e_bad + t_bad + r_bad + c_bad + f_bad ))
 [ $FAILED = 0 ] || [ $n_bad -gt 0 ] || n_bad=1
 echo "$n_ok passed, $n_bad failed"
 exit $FAILED

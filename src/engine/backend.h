@@ -257,7 +257,7 @@ int			kl_backend_cpu_create(const kl_config *cfg, const kl_backend_opts *opts, k
 int			kl_backend_cuda_create(const kl_config *cfg, const kl_backend_opts *opts, kl_backend **out, kl_err *err);
 
 /*
- * MoE routing, shared by every backend (ARCHITECTURE.md, FFN): from the
+ * MoE routing, shared by every backend (docs/model.md, "Routing"): from the
  * router logits of one token choose k experts and their weights.
  * logits[E] in, experts[k] and weights[k] out; scratch has room for 2*E floats.
  */

@@ -261,7 +261,7 @@ kl_config_parse(const char *text, size_t len, const char *what, kl_config *c, kl
 		read_layer_list(&r, lac, "full_attn_layers", c->n_layers, mark, KL_LAYER_MLA);
 		for (i = 0; i < c->n_layers && !r.failed; i++)
 		{
-			/* ARCHITECTURE.md: KDA iff listed in kda_layers, otherwise MLA. */
+			/* docs/model.md: KDA iff listed in kda_layers, otherwise MLA. */
 			c->layer_kind[i] = mark[i] == KL_LAYER_KDA ? KL_LAYER_KDA : KL_LAYER_MLA;
 			if (c->layer_kind[i] == KL_LAYER_KDA)
 				c->n_kda_layers++;
@@ -295,7 +295,8 @@ kl_config_parse(const char *text, size_t len, const char *what, kl_config *c, kl
 		c->moe_layer_freq = get_int(&r, root, "moe_layer_freq", 1, KL_MAX_LAYERS, 1);
 		c->moe_renormalize = get_bool(&r, root, "moe_renormalize", true);
 		c->routed_scaling = (float) get_num(&r, root, "routed_scaling_factor", 0.0, 1e6, 1.0, false);
-		c->n_expert_groups = get_int(&r, root, "num_expert_group", 1, c->n_experts, 1);
+		c->n_expert_groups = get_int(&r, root, "num_expert_group", 1,
+									 c->n_experts < KL_MAX_EXPERT_GROUPS ? c->n_experts : KL_MAX_EXPERT_GROUPS, 1);
 		c->topk_groups = get_int(&r, root, "topk_group", 1, c->n_experts, 1);
 		s = get_str(&r, root, "moe_router_activation_func", "sigmoid");
 		if (!r.failed)

@@ -1,7 +1,7 @@
 /*
  * config.h — the model hyper-parameters that the forward pass needs, read from
  * a Hugging Face style config.json (model_type kimi_linear).
- * ../shared/spec/ARCHITECTURE.md lists the fields.
+ * docs/model.md lists the fields.
  */
 #ifndef KL_CONFIG_H
 #define KL_CONFIG_H
@@ -12,6 +12,8 @@
 #include "kl_util.h"
 
 #define KL_MAX_LAYERS 512
+/* kl_moe_route keeps one score per expert group on the stack */
+#define KL_MAX_EXPERT_GROUPS 1024
 
 typedef enum kl_layer_kind
 {
@@ -57,7 +59,7 @@ typedef struct kl_config
 	int			n_expert_groups;	/* G */
 	int			topk_groups;	/* Tg */
 	/*
-	 * The MoE routing rule (docs/engine.md, "MoE routing"): false (the
+	 * The MoE routing rule (docs/model.md, "Routing"): false (the
 	 * default, how vLLM, SGLang, llama.cpp and kimi_k3 serve the model): the
 	 * score-correction bias chooses the experts and the plain scores weight
 	 * them; true (the released kimi_linear reference code): the bias is added

@@ -1,6 +1,6 @@
 /*
  * cpu_kda.c — Kimi Delta Attention on the CPU: the one place where the KDA
- * recurrence is written down (ARCHITECTURE.md, "KDA mixer").
+ * recurrence is written down (docs/model.md, "KDA").
  *
  * Per head, with state S [K x V] (row c belongs to key channel c):
  *
@@ -40,7 +40,19 @@
 #define SUB 16
 #define RECURRENT_MAX 16		/* inputs this short run token by token */
 
+/*
+ * Each CLONES function is compiled for AVX-512, AVX2 and baseline x86-64, the
+ * copy chosen at load time by an ifunc resolver.  Under ThreadSanitizer (the
+ * check-engine-tsan build) GCC instruments those resolvers too, and they run
+ * during relocation, before the sanitizer's runtime exists: the program dies
+ * before main.  That build takes the baseline copy only; the threading it
+ * checks is the same.
+ */
+#ifdef __SANITIZE_THREAD__
+#define CLONES
+#else
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 
 /* ------------------------------------------------------------------ per-token recurrence */
 

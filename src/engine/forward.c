@@ -6,7 +6,7 @@
  *                        h = h + FFN_i(RMSNorm(h; post_attention_layernorm)) dense MLP or MoE
  *     logits = lm_head(RMSNorm(h; model.norm))
  *
- * (../shared/spec/ARCHITECTURE.md has the math.)  A step runs a ragged batch:
+ * (docs/model.md has the math.)  A step runs a ragged batch:
  * the rows of all sequences go through the linear layers together, so a
  * weight matrix is read once per step whatever the number of sequences; the
  * mixers work per sequence.  All arithmetic is fp32; the backend (backend.h)

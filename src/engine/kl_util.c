@@ -34,7 +34,9 @@ kl_err_prefix(kl_err *err, const char *fmt,...)
 		vsnprintf(prefix, sizeof(prefix), fmt, ap);
 		va_end(ap);
 		memcpy(old, err->msg, sizeof(old));
-		snprintf(err->msg, sizeof(err->msg), "%s: %s", prefix, old);
+		/* a message longer than the buffer is cut; its end says so */
+		if (snprintf(err->msg, sizeof(err->msg), "%s: %s", prefix, old) >= (int) sizeof(err->msg))
+			memcpy(err->msg + sizeof(err->msg) - 4, "...", 4);
 	}
 	return KL_FAIL;
 }

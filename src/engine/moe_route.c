@@ -1,5 +1,5 @@
 /*
- * moe_route.c — choosing experts (ARCHITECTURE.md, FFN), shared by every
+ * moe_route.c — choosing experts (docs/model.md, "Routing"), shared by every
  * backend so that the rule exists once.
  *
  *   s      = sigmoid(router logits)   (or softmax)
@@ -50,10 +50,10 @@ kl_moe_route(const kl_config *cfg, const float *logits, const float *bias,
 	if (G > 1 && cfg->topk_groups < G)
 	{
 		/* group score: sum of the two largest choices in the group */
-		float		gscore[1024];
-		bool		keep[1024];
+		float		gscore[KL_MAX_EXPERT_GROUPS];	/* G <= this: config.c checks */
+		bool		keep[KL_MAX_EXPERT_GROUPS];
 
-		for (int g = 0; g < G && g < 1024; g++)
+		for (int g = 0; g < G; g++)
 		{
 			float		b1 = -INFINITY,
 						b2 = -INFINITY;
@@ -75,12 +75,12 @@ kl_moe_route(const kl_config *cfg, const float *logits, const float *bias,
 		{
 			int			best = -1;
 
-			for (int g = 0; g < G && g < 1024; g++)
+			for (int g = 0; g < G; g++)
 				if (!keep[g] && (best < 0 || gscore[g] > gscore[best]))
 					best = g;
 			keep[best] = true;
 		}
-		for (int g = 0; g < G && g < 1024; g++)
+		for (int g = 0; g < G; g++)
 			if (!keep[g])
 				for (int e = g * per; e < (g + 1) * per; e++)
 					choice[e] = 0.0f;

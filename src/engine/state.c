@@ -1,6 +1,6 @@
 /*
- * state.c — the serialized form of a sequence's state (DESIGN.md, "State
- * format").  The one place that defines it.
+ * state.c — the serialized form of a sequence's state (docs/engine.md, "The
+ * state format").  The one place that defines it.
  *
  * A state is one or more parts.  Every part is
  *

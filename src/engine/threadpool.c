@@ -40,10 +40,16 @@ static struct
 	int			n_workers;		/* threads besides the caller */
 	int			want_threads;	/* configured total (0 = cores) */
 
-	/* the current job; fn, arg and n_tasks change only between jobs */
+	/*
+	 * The current job; fn, arg and n_tasks change only between jobs.  A
+	 * worker reads fn and arg only after claiming a task (the claim orders
+	 * them), but it may read n_tasks late, in claim_task() or task_done(),
+	 * while the submitter is already replacing the job: so n_tasks is atomic
+	 * (relaxed: a late value only makes a claim fail that would fail anyway).
+	 */
 	kl_task_fn	fn;
 	void	   *arg;
-	int			n_tasks;
+	atomic_int	n_tasks;
 	_Atomic uint64_t claim;		/* generation << 32 | next task index */
 	atomic_int	finished;		/* tasks done in the current job */
 	atomic_uint generation;		/* bumped for each job */
@@ -75,7 +81,7 @@ claim_task(unsigned gen)
 		unsigned	g = (unsigned) (v >> 32);
 		uint32_t	i = (uint32_t) (v & 0xffffffffu);
 
-		if (g != gen || i >= (uint32_t) pool.n_tasks)
+		if (g != gen || i >= (uint32_t) atomic_load_explicit(&pool.n_tasks, memory_order_relaxed))
 			return -1;
 		/* on success job gen cannot end before this task does: fn/arg stay valid */
 		if (atomic_compare_exchange_weak(&pool.claim, &v, v + 1))
@@ -86,7 +92,11 @@ claim_task(unsigned gen)
 static void
 task_done(void)
 {
-	if (atomic_fetch_add(&pool.finished, 1) + 1 == pool.n_tasks)
+	/*
+	 * n_tasks is this job's or, when this was the last task and the submitter
+	 * saw that without sleeping, already the next job's: then nobody waits.
+	 */
+	if (atomic_fetch_add(&pool.finished, 1) + 1 == atomic_load_explicit(&pool.n_tasks, memory_order_relaxed))
 	{
 		/* the last task wakes the submitter if it went to sleep */
 		pthread_mutex_lock(&pool.mu);
@@ -246,7 +256,7 @@ kl_parallel_for(int n_tasks, kl_task_fn fn, void *arg)
 	atomic_store(&pool.claim, ((uint64_t) gen << 32) | 0xffffffffu);
 	pool.fn = fn;
 	pool.arg = arg;
-	pool.n_tasks = n_tasks;
+	atomic_store_explicit(&pool.n_tasks, n_tasks, memory_order_relaxed);
 	atomic_store(&pool.finished, 0);
 	atomic_store(&pool.claim, (uint64_t) gen << 32);
 	pthread_mutex_lock(&pool.mu);

@@ -1,6 +1,6 @@
 /*
  * tokenizer.h — the byte-level BPE tokenizer of Kimi models (tiktoken
- * style), its special tokens and the chat format.  ARCHITECTURE.md,
+ * style), its special tokens and the chat format.  docs/model.md,
  * "Tokenizer", is the definition; tokenizer.c has the overview of the
  * implementation.
  *

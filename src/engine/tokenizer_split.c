@@ -2,7 +2,7 @@
  * tokenizer_split.c — the pre-tokenizer: cutting text into the pieces that
  * byte-pair merging then works on.
  *
- * The definition is the reference's pattern (ARCHITECTURE.md), matched
+ * The definition is the reference's pattern (docs/model.md), matched
  * repeatedly from the start of the text.  Two implementations:
  *
  *  - PCRE2 (JIT), running the pattern translated to PCRE2 syntax.  The

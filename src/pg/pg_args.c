@@ -216,7 +216,7 @@ kl_utf8_to_text(const char *s, int len)
 	}
 	c = pg_any_to_server(s, len, PG_UTF8);
 
-	return cstring_to_text_with_len(c, c == s ? len : strlen(c));
+	return cstring_to_text_with_len(c, c == s ? len : (int) strlen(c));
 }
 
 char *

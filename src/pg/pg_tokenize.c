@@ -22,7 +22,7 @@ kl_sql_tokenize(PG_FUNCTION_ARGS)
 	const kl_tokenizer *tok;
 	kl_ids		ids = {0};
 	kl_err		err;
-	ArrayType  *a;
+	ArrayType  *volatile a;		/* set inside PG_TRY, read after it */
 
 	kl_model_resolve(model, &ref);
 	tok = kl_ref_tokenizer(&ref);
@@ -53,7 +53,7 @@ kl_sql_detokenize(PG_FUNCTION_ARGS)
 	char	   *txt;
 	size_t		len;
 	kl_err		err;
-	text	   *out;
+	text	   *volatile out;	/* set inside PG_TRY, read after it */
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("ids must not be NULL")));

@@ -227,6 +227,16 @@ test_checkpoints(void)
 		expect_load_error(make_model("cfgtopk", txt, NULL, 0), "num_experts_per_token", "top-k above the expert count");
 		free(txt);
 		json_decref(c);
+
+		/* more expert groups than routing supports (it wrote out of bounds) */
+		c = json_loads(cfg, 0, NULL);
+		json_object_set_new(c, "num_experts", json_integer(2048));
+		json_object_set_new(c, "num_expert_group", json_integer(2048));
+		json_object_set_new(c, "topk_group", json_integer(1100));
+		txt = json_dumps(c, 0);
+		expect_load_error(make_model("cfggroups", txt, NULL, 0), "num_expert_group", "more expert groups than supported");
+		free(txt);
+		json_decref(c);
 		free(cfg);
 	}
 

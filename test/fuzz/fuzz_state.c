@@ -53,11 +53,14 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		static uint8_t *copy;
 		static size_t cap;
 
-		if (cap < size)
+		if (copy == NULL || cap < size)
 		{
+			/* (an empty input too gets a buffer: memcpy wants a pointer) */
 			free(copy);
-			copy = malloc(size);
+			copy = malloc(size ? size : 1);
 			cap = size;
+			if (copy == NULL)
+				abort();
 		}
 		memcpy(copy, data, size);
 		for (int i = 0; i < n; i++)
