@@ -8,13 +8,20 @@
  *       GEMM rate of an 8192^3 product through the backend's matmul
  *   bench_cuda model CONFIG [--prefill 4096,32768] [--decode-ctx 4096,32768]
  *                    [--batches 1,8,32,64] [--steps N] [--step-tokens N] [--profile 1]
+ *                    [--sample logits|greedy|topp]
  *       a random bf16 model of CONFIG's shape made on the GPU
  *       (kl_model_create_random, precision bf16): prefill tokens/s for each
  *       length (a fresh sequence, one kl_forward), then for each decode
  *       context the time per output token at each batch size (the prefilled
- *       sequence cloned batch times; graphs warm; logits downloaded every
- *       step, as generation does); --profile 1 adds, per decode point, the
- *       time per part of the step (graphs off and every op waited for)
+ *       sequence cloned batch times; graphs warm); every step ends as
+ *       generation does: --sample logits downloads each sequence's logits
+ *       (the host samples), greedy / topp (temperature 0.8, top-p 0.9, the
+ *       default) sample on the device and download only the ids; the kernels
+ *       of a step's graph are counted; --profile 1 adds, per decode point,
+ *       the time per part of the step (graphs off and every op waited for).
+ *       KL_BENCH_NCU_STEPS=N: N more decode steps inside cudaProfilerStart /
+ *       Stop (bench-cuda.sh ncu-step profiles just those); KL_BENCH_TAG=x
+ *       labels the RESULT lines (variants of one table)
  *   bench_cuda kda H K T1,T2,...
  *       the KDA mixer op alone (conv, norms, decay, chunkwise delta rule,
  *       gated norm) for one sequence of T tokens, H heads of K, fp32
@@ -31,6 +38,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 
 #include "backend.h"
@@ -299,7 +307,7 @@ kda_alone(int H, int K, const long *Ts, int nT)
  * KDA state read and written plus its MLA cache read.
  */
 static double
-decode_bytes(const kl_config *c, int b, long ctx)
+decode_bytes(const kl_config *c, int b, long ctx, int cache_bytes)
 {
 	double		D = c->hidden_size,
 				HK = (double) c->kda_heads * c->kda_head_dim,
@@ -326,7 +334,8 @@ decode_bytes(const kl_config *c, int b, long ctx)
 			w += 3 * D * c->intermediate_size;
 	}
 	w += (double) c->vocab_size * D + b * D;	/* lm_head, embedding rows */
-	st = c->n_kda_layers * (2 * HK * K * 4 + 2 * 3 * HK * c->conv_kernel * 4) + c->n_mla_layers * (double) ctx * Wa * 4;
+	st = c->n_kda_layers * (2 * HK * K * 4 + 2 * 3 * HK * c->conv_kernel * 4) +
+		c->n_mla_layers * (double) ctx * Wa * cache_bytes;
 	return 2 * w + b * st;
 }
 
@@ -369,10 +378,30 @@ prefill_flops(const kl_config *c, long T, long S)
 	return f;
 }
 
+/* one decode step of the batch, ending as generation does (see the header) */
+static int
+decode_step(kl_ctx *ctx, kl_batch_item *items, int b, const char *sample, const kl_sample_req *const *reqs,
+			int32_t *sampled, kl_err *err)
+{
+	if (strcmp(sample, "logits") == 0)
+		return kl_forward(ctx, items, b, err);
+	for (int s = 0; s < b; s++)
+		items[s].logits = NULL;
+	return kl_forward_sample(ctx, items, b, reqs, sampled, err);
+}
+
 static void
 model_bench(const char *config, const long *pre, int npre, const long *ctxs, int nctx, const long *batches,
-			int nb, int steps, int step_tokens, bool profile)
+			int nb, int steps, int step_tokens, bool profile, const char *sample)
 {
+	const char *tag = getenv("KL_BENCH_TAG") ? getenv("KL_BENCH_TAG") : "";
+	int			ncu_steps = getenv("KL_BENCH_NCU_STEPS") ? atoi(getenv("KL_BENCH_NCU_STEPS")) : 0;
+	kl_sampling sp;
+	kl_rng		rng;
+	kl_sample_req req;
+	const kl_sample_req **reqs = NULL;
+	int32_t    *sampled = NULL;
+
 	kl_load_opts o = {0};
 	kl_model   *m;
 	kl_err		err;
@@ -386,6 +415,16 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 
 	o.device = "cuda";
 	o.precision = "bf16";
+	kl_sampling_default(&sp);
+	if (strcmp(sample, "topp") == 0)
+	{
+		sp.temperature = 0.8f;
+		sp.top_p = 0.9f;
+	}
+	kl_rng_seed(&rng, 1);
+	memset(&req, 0, sizeof(req));
+	req.sampling = &sp;
+	req.rng = &rng;
 	t0 = kl_now();
 	if (kl_model_create_random(config, &o, "bf16", 42, &m, &err) != KL_OK)
 		fail("random model", &err);
@@ -403,6 +442,10 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 		maxlen = ctxs[i] > maxlen ? ctxs[i] : maxlen;
 	for (int i = 0; i < nb; i++)
 		maxb = batches[i] > maxb ? (int) batches[i] : maxb;
+	reqs = calloc((size_t) maxb, sizeof(*reqs));
+	sampled = calloc((size_t) maxb, sizeof(int32_t));
+	for (int i = 0; i < maxb; i++)
+		reqs[i] = &req;
 	ids = malloc(sizeof(int32_t) * (size_t) (maxlen + 1024));
 	for (long i = 0; i < maxlen + 1024; i++)
 		ids[i] = (int32_t) ((i * 2654435761u) % (unsigned) V);
@@ -480,7 +523,7 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 					tok[s] = ids[(ctxs[ci] + step + 3 + s) % maxlen];
 					items[s] = (kl_batch_item) {seqs[s], &tok[s], 1, lg + (size_t) s * V, false};
 				}
-				if (kl_forward(ctx, items, b, &err) != KL_OK)
+				if (decode_step(ctx, items, b, sample, reqs, sampled, &err) != KL_OK)
 				{
 					printf("RESULT kind=decode ctx=%ld batch=%d error=\"%s\"\n", ctxs[ci], b, err.msg);
 					ok = false;
@@ -488,11 +531,31 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 			}
 			if (ok)
 			{
-				double		bytes = decode_bytes(c, b, ctxs[ci]);
+				double		bytes = decode_bytes(c, b, ctxs[ci], m->be->mla_cache_bf16 ? 2 : 4);
 
 				dt = (kl_now() - t0) / steps;
-				printf("RESULT kind=decode ctx=%ld batch=%d ms_per_step=%.3f tokens_per_s=%.1f bytes=%.4g "
-					   "gpu_GB=%.1f\n", ctxs[ci], b, dt * 1e3, b / dt, bytes, gpu_used_gb());
+				printf("RESULT kind=decode tag=%s sample=%s ctx=%ld batch=%d ms_per_step=%.3f tokens_per_s=%.1f "
+					   "bytes=%.4g kernels=%d gpu_GB=%.1f\n", tag[0] ? tag : "-", sample, ctxs[ci], b, dt * 1e3,
+					   b / dt, bytes, m->be->step_kernels, gpu_used_gb());
+			}
+			if (ok && ncu_steps > 0)
+			{
+				/* a few more steps for Nsight Compute (--profile-from-start off) */
+				m->be->ops->sync(m->be);
+				cudaProfilerStart();
+				for (int step = 0; step < ncu_steps && ok; step++)
+				{
+					for (int s = 0; s < b; s++)
+					{
+						tok[s] = ids[(ctxs[ci] + steps + step + 3 + s) % maxlen];
+						items[s] = (kl_batch_item) {seqs[s], &tok[s], 1, lg + (size_t) s * V, false};
+					}
+					ok = decode_step(ctx, items, b, sample, reqs, sampled, &err) == KL_OK;
+				}
+				m->be->ops->sync(m->be);
+				cudaProfilerStop();
+				printf("RESULT kind=ncu_range tag=%s ctx=%ld batch=%d steps=%d\n", tag[0] ? tag : "-", ctxs[ci], b,
+					   ncu_steps);
 			}
 			if (ok && profile)
 			{
@@ -510,14 +573,14 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 						tok[s] = ids[(ctxs[ci] + steps + step + 3 + s) % maxlen];
 						items[s] = (kl_batch_item) {seqs[s], &tok[s], 1, lg + (size_t) s * V, false};
 					}
-					ok = kl_forward(ctx, items, b, &err) == KL_OK;
+					ok = decode_step(ctx, items, b, sample, reqs, sampled, &err) == KL_OK;
 				}
 				dt = (kl_now() - t0) / ps;
 				kl_ctx_profile_read(ctx, parts);
 				kl_ctx_profile(ctx, false);
 				unsetenv("KL_CUDA_GRAPHS");
-				printf("RESULT kind=decode_parts ctx=%ld batch=%d ms_per_step_nograph_synced=%.3f linear=%.3f kda=%.3f "
-					   "mla=%.3f moe=%.3f logits=%.3f other=%.3f\n", ctxs[ci], b, dt * 1e3,
+				printf("RESULT kind=decode_parts tag=%s ctx=%ld batch=%d ms_per_step_nograph_synced=%.3f linear=%.3f "
+					   "kda=%.3f mla=%.3f moe=%.3f logits=%.3f other=%.3f\n", tag[0] ? tag : "-", ctxs[ci], b, dt * 1e3,
 					   parts[KL_PROF_LINEAR] * 1e3 / ps, parts[KL_PROF_KDA] * 1e3 / ps, parts[KL_PROF_MLA] * 1e3 / ps,
 					   parts[KL_PROF_MOE] * 1e3 / ps, parts[KL_PROF_LOGITS] * 1e3 / ps, parts[KL_PROF_OTHER] * 1e3 / ps);
 			}
@@ -533,6 +596,8 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 		kl_seq_free(base);
 	}
 	(void) maxb;
+	free(reqs);
+	free(sampled);
 	kl_ctx_free(ctx);
 	kl_model_free(m);
 	free(ids);
@@ -561,6 +626,7 @@ main(int argc, char **argv)
 					steps = 20,
 					step_tokens = 8192;
 		bool		profile = false;
+		const char *sample = "topp";
 
 		for (int i = 3; i + 1 < argc; i += 2)
 		{
@@ -576,13 +642,21 @@ main(int argc, char **argv)
 				step_tokens = atoi(argv[i + 1]);
 			else if (strcmp(argv[i], "--profile") == 0)
 				profile = atoi(argv[i + 1]) != 0;
+			else if (strcmp(argv[i], "--sample") == 0)
+				sample = argv[i + 1];
 		}
-		model_bench(argv[2], pre, npre, ctxs, nctx, bat, nb, steps, step_tokens, profile);
+		if (strcmp(sample, "logits") != 0 && strcmp(sample, "greedy") != 0 && strcmp(sample, "topp") != 0)
+		{
+			fprintf(stderr, "bench_cuda: --sample logits, greedy or topp\n");
+			return 2;
+		}
+		model_bench(argv[2], pre, npre, ctxs, nctx, bat, nb, steps, step_tokens, profile, sample);
 	}
 	else
 	{
 		fprintf(stderr, "usage: bench_cuda ceilings | kda H K T1,T2,... | model CONFIG [--prefill L,...] "
-				"[--decode-ctx C,...] [--batches B,...] [--steps N] [--step-tokens N] [--profile 0|1]\n");
+				"[--decode-ctx C,...] [--batches B,...] [--steps N] [--step-tokens N] [--profile 0|1] "
+				"[--sample logits|greedy|topp]\n");
 		return 2;
 	}
 	return 0;
