@@ -19,8 +19,21 @@
 #define GEMV_WARPS 8			/* weight rows per block */
 #define GEMV_MAX_NR 8			/* input rows per pass */
 
-/* acc[r] += W[row] . x_r over cols, for NR input rows */
-template <int NR, bool BF16>
+/* set by kk_set_gemv_wide: bf16 GEMVs keep eight 16-byte loads in flight per lane (else four) */
+int			kk_gemv_wide = 0;
+
+extern "C" void
+kk_set_gemv_wide(int on)
+{
+	kk_gemv_wide = on;
+}
+
+/*
+ * acc[r] += W[row] . x_r over cols, for NR input rows.  WIDE (bf16): eight
+ * pieces a lane in flight, unpacked one at a time; every lane adds its pieces
+ * in the same order either way, so the results are the same.
+ */
+template <int NR, bool BF16, bool WIDE = false>
 __device__ __forceinline__ void
 dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int cols, int lane, bool vec)
 {
@@ -28,6 +41,42 @@ dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int 
 	{
 		int			nch = cols >> 3;
 		int			ch = lane;
+
+		if (BF16 && WIDE)
+			for (; ch + 224 < nch; ch += 256)
+			{
+				const uint4 *wp = (const uint4 *) Wrow;
+				uint4		raw[8];
+
+#pragma unroll
+				for (int u = 0; u < 8; u++)
+					raw[u] = __ldg(wp + ch + 32 * u);
+#pragma unroll
+				for (int u = 0; u < 8; u++)
+				{
+					float		w[8];
+
+					unpack8_bf16(raw[u], w);
+#pragma unroll
+					for (int r = 0; r < NR; r++)
+					{
+						const float4 *xp = (const float4 *) xr[r] + 2 * (ch + 32 * u);
+						float4		a = __ldg(xp),
+									b = __ldg(xp + 1);
+						float		t = acc[r];
+
+						t = fmaf(w[0], a.x, t);
+						t = fmaf(w[1], a.y, t);
+						t = fmaf(w[2], a.z, t);
+						t = fmaf(w[3], a.w, t);
+						t = fmaf(w[4], b.x, t);
+						t = fmaf(w[5], b.y, t);
+						t = fmaf(w[6], b.z, t);
+						t = fmaf(w[7], b.w, t);
+						acc[r] = t;
+					}
+				}
+			}
 
 		/* four 16-byte (bf16) pieces in flight per lane */
 		for (; ch + 96 < nch; ch += 128)
@@ -142,7 +191,7 @@ dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int 
 	}
 }
 
-template <int NR, bool BF16>
+template <int NR, bool BF16, bool WIDE>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx,
 			const void *__restrict__ W, int rows, int cols, bool vec)
@@ -153,6 +202,10 @@ gemv_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx
 	const float *xr[NR];
 	const void *Wrow = BF16 ? (const void *) ((const uint16_t *) W + (size_t) row * cols)
 		: (const void *) ((const float *) W + (size_t) row * cols);
+
+	/* grid.y: passes of NR input rows in one launch */
+	x += (size_t) blockIdx.y * NR * ldx;
+	y += (size_t) blockIdx.y * NR * ldy;
 
 	/* the weights do not depend on earlier kernels: start fetching them */
 	if (row < rows)
@@ -167,7 +220,7 @@ gemv_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx
 		acc[r] = 0;
 		xr[r] = x + (size_t) r * ldx;
 	}
-	dot_rows<NR, BF16>(acc, Wrow, xr, cols, lane, vec);
+	dot_rows<NR, BF16, WIDE>(acc, Wrow, xr, cols, lane, vec);
 #pragma unroll
 	for (int r = 0; r < NR; r++)
 	{
@@ -181,13 +234,18 @@ gemv_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx
 template <bool BF16>
 static void
 gemv_launch(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int nr, const void *W, int rows,
-			int cols, bool vec)
+			int cols, bool vec, int passes = 1)
 {
-	dim3		grid(ceil_div(rows, GEMV_WARPS));
+	dim3		grid(ceil_div(rows, GEMV_WARPS), passes);
 
 	switch (nr)
 	{
-#define CASE(N) case N: kk_launch(gemv_kernel<N, BF16>, grid, dim3(GEMV_WARPS * 32), 0, s, y, ldy, x, ldx, W, rows, cols, vec); break;
+#define CASE(N) case N: \
+		if (BF16 && kk_gemv_wide) \
+			kk_launch(gemv_kernel<N, BF16, true>, grid, dim3(GEMV_WARPS * 32), 0, s, y, ldy, x, ldx, W, rows, cols, vec); \
+		else \
+			kk_launch(gemv_kernel<N, BF16, false>, grid, dim3(GEMV_WARPS * 32), 0, s, y, ldy, x, ldx, W, rows, cols, vec); \
+		break;
 			CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
 	}
@@ -203,7 +261,21 @@ extern "C" void
 kk_gemv(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int bf16, int rows, int cols)
 {
 	bool		vec = vector_ok(x, ldx, W, cols);
+	int			full = n / GEMV_MAX_NR;
 
+	/* the full passes of GEMV_MAX_NR rows in one launch (grid.y), then the rest */
+	if (full > 1)
+	{
+		if (bf16)
+			gemv_launch<true>(s, y, ldy, x, ldx, GEMV_MAX_NR, W, rows, cols, vec, full);
+		else
+			gemv_launch<false>(s, y, ldy, x, ldx, GEMV_MAX_NR, W, rows, cols, vec, full);
+		if (n == full * GEMV_MAX_NR)
+			return;
+		y += (size_t) full * GEMV_MAX_NR * ldy;
+		x += (size_t) full * GEMV_MAX_NR * ldx;
+		n -= full * GEMV_MAX_NR;
+	}
 	for (int r0 = 0; r0 < n; r0 += GEMV_MAX_NR)
 	{
 		int			nr = n - r0 < GEMV_MAX_NR ? n - r0 : GEMV_MAX_NR;
@@ -220,7 +292,7 @@ kk_gemv(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const
  * projections of a layer that all read the normalized input): block b
  * belongs to the job whose range of blocks holds it.
  */
-template <int NR>
+template <int NR, bool WIDE>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_batch_kernel(kk_gemv_batch b)
 {
@@ -249,7 +321,8 @@ gemv_batch_kernel(kk_gemv_batch b)
 			xr[r] = jb->x + (size_t) r * jb->ldx;
 		}
 		if (jb->bf16)
-			dot_rows<NR, true>(acc, (const uint16_t *) jb->W + (size_t) row * jb->cols, xr, jb->cols, lane, jb->vec);
+			dot_rows<NR, true, WIDE>(acc, (const uint16_t *) jb->W + (size_t) row * jb->cols, xr, jb->cols, lane,
+									 jb->vec);
 		else
 			dot_rows<NR, false>(acc, (const float *) jb->W + (size_t) row * jb->cols, xr, jb->cols, lane, jb->vec);
 #pragma unroll
@@ -281,7 +354,12 @@ kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b)
 	b->first_block[b->count] = blocks;
 	switch (b->n)
 	{
-#define CASE(N) case N: kk_launch(gemv_batch_kernel<N>, dim3(blocks), dim3(GEMV_WARPS * 32), 0, s, *b); break;
+#define CASE(N) case N: \
+		if (kk_gemv_wide) \
+			kk_launch(gemv_batch_kernel<N, true>, dim3(blocks), dim3(GEMV_WARPS * 32), 0, s, *b); \
+		else \
+			kk_launch(gemv_batch_kernel<N, false>, dim3(blocks), dim3(GEMV_WARPS * 32), 0, s, *b); \
+		break;
 			CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
 	}
@@ -300,7 +378,7 @@ kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b)
 #define EXPERT_TWO 1
 #define EXPERT_SWIGLU 2
 
-template <int NR, bool BF16, int MODE>
+template <int NR, bool BF16, int MODE, bool WIDE>
 __device__ __forceinline__ void
 expert_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const void *Wrow, const void *Wrow2,
 			int row, int cols, int i0, int lane, bool vec)
@@ -316,9 +394,9 @@ expert_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const v
 		acc2[r] = 0;
 		xr[r] = x + (size_t) (xrow ? xrow[i0 + r] : i0 + r) * ldx;
 	}
-	dot_rows<NR, BF16>(acc, Wrow, xr, cols, lane, vec);
+	dot_rows<NR, BF16, WIDE>(acc, Wrow, xr, cols, lane, vec);
 	if (MODE == EXPERT_SWIGLU)
-		dot_rows<NR, BF16>(acc2, Wrow2, xr, cols, lane, vec);
+		dot_rows<NR, BF16, WIDE>(acc2, Wrow2, xr, cols, lane, vec);
 #pragma unroll
 	for (int r = 0; r < NR; r++)
 	{
@@ -336,7 +414,7 @@ expert_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const v
 }
 
 /* expert_pass for nr (1..N) input rows: instantiates only the sizes up to N */
-template <int N, bool BF16, int MODE>
+template <int N, bool BF16, int MODE, bool WIDE>
 __device__ __forceinline__ void
 expert_pass_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *xrow, const void *Wrow,
 				 const void *Wrow2, int row, int cols, int i0, int lane, bool vec)
@@ -345,11 +423,11 @@ expert_pass_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *
 	{
 		if (nr < N)
 		{
-			expert_pass_upto<N - 1, BF16, MODE>(nr, y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, i0, lane, vec);
+			expert_pass_upto<N - 1, BF16, MODE, WIDE>(nr, y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, i0, lane, vec);
 			return;
 		}
 	}
-	expert_pass<N, BF16, MODE>(y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, i0, lane, vec);
+	expert_pass<N, BF16, MODE, WIDE>(y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, i0, lane, vec);
 }
 
 /*
@@ -359,7 +437,7 @@ expert_pass_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *
  * plain GEMV (31 against 90 with all eight sizes), so that four times as
  * many warps stream weights per SM.
  */
-template <bool BF16, int MAXNR, int MODE>
+template <bool BF16, int MAXNR, int MODE, bool WIDE>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 expert_gemv_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
 				   const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
@@ -379,9 +457,12 @@ expert_gemv_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, i
 	kk_dep_launch();
 	if ((int) blockIdx.y >= active[0] || row >= rows)
 		return;
+	/* work item: expert e, rows chunk * MAXNR ..; at most MAXNR rows (kk_moe_group's P) */
 	e = active[1 + blockIdx.y];
-	first = start[e];
-	count = start[e + 1] - first;
+	first = start[e >> 6] + (e & 63) * MAXNR;
+	count = start[(e >> 6) + 1] - first;
+	count = count < MAXNR ? count : MAXNR;
+	e >>= 6;
 	{
 		const void *W = m ? W1[e] : W0[e];
 		const void *W2 = MODE == EXPERT_SWIGLU ? W1[e] : NULL;
@@ -394,8 +475,8 @@ expert_gemv_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, i
 		{
 			int			nr = count - p < MAXNR ? count - p : MAXNR;
 
-			expert_pass_upto<MAXNR, BF16, MODE>(nr, y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, first + p, lane,
-												vec);
+			expert_pass_upto<MAXNR, BF16, MODE, WIDE>(nr, y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, first + p,
+													  lane, vec);
 		}
 	}
 }
@@ -406,8 +487,12 @@ expert_launch(cudaStream_t s, dim3 grid, float *y0, float *y1, int ldy, const fl
 			  const void *const *W0, const void *const *W1, int rows, int cols, const int *start, const int *active,
 			  bool vec)
 {
-	kk_launch(expert_gemv_kernel<BF16, MAXNR, MODE>, grid, dim3(GEMV_WARPS * 32), 0, s, y0, y1, ldy, x, ldx, xrow,
-			  W0, W1, rows, cols, start, active, vec);
+	if (BF16 && kk_gemv_wide)
+		kk_launch(expert_gemv_kernel<BF16, MAXNR, MODE, true>, grid, dim3(GEMV_WARPS * 32), 0, s, y0, y1, ldy, x, ldx,
+				  xrow, W0, W1, rows, cols, start, active, vec);
+	else
+		kk_launch(expert_gemv_kernel<BF16, MAXNR, MODE, false>, grid, dim3(GEMV_WARPS * 32), 0, s, y0, y1, ldy, x,
+				  ldx, xrow, W0, W1, rows, cols, start, active, vec);
 }
 
 template <bool BF16, int MODE>
@@ -427,6 +512,24 @@ expert_dispatch(cudaStream_t s, int max_count, dim3 grid, float *y0, float *y1, 
 											   vec);
 }
 
+/* the most input rows of one expert pass (KL_CUDA_EXPERT_NR: 1, 2, 4 or 8) */
+int			kk_expert_nr = 4;
+
+/* the rows of one expert pass (and work item) for a step of max_count tokens */
+extern "C" int
+kk_expert_pass_rows(int max_count)
+{
+	int			nr = max_count <= 1 ? 1 : max_count <= 2 ? 2 : max_count <= 4 ? 4 : GEMV_MAX_NR;
+
+	return nr < kk_expert_nr ? nr : kk_expert_nr;
+}
+
+extern "C" void
+kk_set_expert_nr(int nr)
+{
+	kk_expert_nr = nr == 1 || nr == 2 || nr == 4 || nr == 8 ? nr : 4;
+}
+
 extern "C" void
 kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
 			   const void *const *W0, const void *const *W1, int bf16, int rows, int cols, const int *start,
@@ -440,6 +543,13 @@ kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, in
 
 	if (max_active <= 0)
 		return;
+	/*
+	 * Passes of at most kk_expert_nr rows: a kernel holding 8 rows' sums for
+	 * every weight piece has twice the registers (half the resident warps),
+	 * and at batch 64 an expert has ~2.3 tokens on average; the results are
+	 * the same (each row's sum is made the same way in any pass size).
+	 */
+	max_count = kk_expert_pass_rows(max_count);
 #define DISPATCH(M) \
 	do { \
 		if (bf16) \

@@ -208,7 +208,7 @@ template <int K>
 __global__ void __launch_bounds__(256)
 kda_recurrent_kernel(int H, const float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v,
 					 const float *__restrict__ g, const float *__restrict__ beta, float *o,
-					 const int *__restrict__ row0, float *const *S_tab, int max_rows)
+					 const int *__restrict__ row0, float *const *S_tab, int max_rows, int round16)
 {
 	constexpr int V = K;
 	constexpr int RPT = K / 8;
@@ -295,14 +295,17 @@ kda_recurrent_kernel(int H, const float *__restrict__ q, const float *__restrict
 			st[i] = sa[c] * st[i] + sk[c] * u;
 		}
 	}
+	/* round16: store the state rounded to bf16 (a measurement of what a bf16
+	 * state would cost in accuracy; bench_cuda drift) */
 #pragma unroll
 	for (int i = 0; i < RPT; i++)
-		S[(size_t) (cg + 8 * i) * V + x] = st[i];
+		S[(size_t) (cg + 8 * i) * V + x] = round16 ? bf16_to_f32(f32_to_bf16(st[i])) : st[i];
 }
 
 extern "C" int
 kk_kda_recurrent(cudaStream_t s, int n_seqs, int H, int K, const float *q, const float *k, const float *v,
-				 const float *g, const float *beta, float *o, const int *row0, float *const *S_tab, int max_rows)
+				 const float *g, const float *beta, float *o, const int *row0, float *const *S_tab, int max_rows,
+				 int round16)
 {
 	dim3		grid(n_seqs, H, K / KDA_SLICE);
 
@@ -311,13 +314,16 @@ kk_kda_recurrent(cudaStream_t s, int n_seqs, int H, int K, const float *q, const
 	switch (K)
 	{
 		case 32:
-			kk_launch(kda_recurrent_kernel<32>, grid, dim3(256), 0, s, H, q, k, v, g, beta, o, row0, S_tab, max_rows);
+			kk_launch(kda_recurrent_kernel<32>, grid, dim3(256), 0, s, H, q, k, v, g, beta, o, row0, S_tab, max_rows,
+					  round16);
 			return 0;
 		case 64:
-			kk_launch(kda_recurrent_kernel<64>, grid, dim3(256), 0, s, H, q, k, v, g, beta, o, row0, S_tab, max_rows);
+			kk_launch(kda_recurrent_kernel<64>, grid, dim3(256), 0, s, H, q, k, v, g, beta, o, row0, S_tab, max_rows,
+					  round16);
 			return 0;
 		case 128:
-			kk_launch(kda_recurrent_kernel<128>, grid, dim3(256), 0, s, H, q, k, v, g, beta, o, row0, S_tab, max_rows);
+			kk_launch(kda_recurrent_kernel<128>, grid, dim3(256), 0, s, H, q, k, v, g, beta, o, row0, S_tab, max_rows,
+					  round16);
 			return 0;
 	}
 	return -1;

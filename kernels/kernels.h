@@ -46,6 +46,12 @@ void		kk_bf16_to_f32(cudaStream_t s, float *dst, const uint16_t *src, size_t n);
 void		kk_fill_random(cudaStream_t s, void *dst, int bf16, size_t n, uint64_t seed, float scale);
 
 /* gemv.cu: y[n, rows] (ldy) = x[n, cols] (ldx) W^T for few rows n */
+/* bf16 GEMVs with eight 16-byte loads in flight per lane instead of four (same results) */
+void		kk_set_gemv_wide(int on);
+/* the most input rows an expert GEMV pass takes (1, 2, 4 or 8; default 4) */
+void		kk_set_expert_nr(int nr);
+/* P: the rows of one expert work item for a step of max_count tokens */
+int			kk_expert_pass_rows(int max_count);
 void		kk_gemv(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int bf16,
 					int rows, int cols);
 /* up to KK_GEMV_JOBS products of the same n <= 8 rows in one launch */
@@ -71,8 +77,10 @@ typedef struct kk_gemv_batch
 } kk_gemv_batch;
 void		kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b);
 /*
- * Expert products: for each expert e listed in active (active[0] = how many,
- * then the ids; at most max_active), for the pairs i in [start[e], start[e+1]):
+ * Expert products: for each work item listed in active (active[0] = how many,
+ * then items e * 64 + c; at most max_active): expert e's pairs i in
+ * [start[e] + c P, ...) up to P of them and start[e+1] (P =
+ * kk_expert_pass_rows(max_count)):
  * y0[i] = W0[e] x[xrow[i]] and, when W1 is not NULL, y1[i] = W1[e] x[xrow[i]]
  * (xrow NULL: x row i).  W0, W1: device arrays of device pointers.
  * W1 given and y1 NULL: SwiGLU, y0[i] = silu(W0[e] x) * (W1[e] x).
@@ -92,9 +100,10 @@ void		kk_kda_prep(cudaStream_t s, int n_tokens, int H, int K, int W, const float
 void		kk_kda_tails(cudaStream_t s, int n_seqs, int HK, int W, const float *q, const float *k, const float *v,
 						 const int *row0, float *const *conv_tab);
 /* sequences with more than max_rows rows are left to kk_kda_chunked */
+/* round16: store the state rounded to bf16 (measuring a bf16 state; KL_CUDA_KDA_STATE_ROUND=bf16) */
 int			kk_kda_recurrent(cudaStream_t s, int n_seqs, int H, int K, const float *q, const float *k,
 							 const float *v, const float *g, const float *beta, float *o, const int *row0,
-							 float *const *S_tab, int max_rows);
+							 float *const *S_tab, int max_rows, int round16);
 size_t		kk_kda_chunk_scratch(int n, int H, int K);
 int			kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
 						   const float *g, const float *beta, float *S, float *o, float *scratch);
@@ -124,16 +133,17 @@ void		kk_mla_softmax(cudaStream_t s, float *S, uint16_t *P16, int Ha, int nq, in
 /* k <= 64 experts per token; shared memory (2E + G) floats + (E + G) ints */
 void		kk_moe_route(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
 						 int bias_in_w, float scaling, const float *logits, const float *bias, int *sel, float *wts);
-/* shared_rows > 0: the shared expert becomes expert E (start[E+2], rows nk..nk+shared_rows) */
-void		kk_moe_group(cudaStream_t s, int nk, int E, int k, int shared_rows, const int *sel, int *start, int *xrow,
-						 int *inv, int *active);
+/* shared_rows > 0: the shared expert becomes expert E (start[E+2], rows nk..nk+shared_rows);
+ * active: the work list of kk_expert_gemv, items of at most P rows */
+void		kk_moe_group(cudaStream_t s, int nk, int E, int k, int shared_rows, int P, const int *sel, int *start,
+						 int *xrow, int *inv, int *active);
 void		kk_moe_combine(cudaStream_t s, float *y, int n, int D, int k, const float *wts, const int *inv,
 						   const float *ye, const float *ys);
 /* kk_moe_route then kk_moe_group in one launch (decode sizes): -1 when the
  * shape is not covered (k > 32, E > 1024, n k > 4096), else 0 or a CUDA error */
 int			kk_moe_route_group(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
 							   int bias_in_w, float scaling, const float *logits, const float *bias, int *sel,
-							   float *wts, int shared_rows, int *start, int *xrow, int *inv, int *active);
+							   float *wts, int shared_rows, int P, int *start, int *xrow, int *inv, int *active);
 /* kk_moe_combine into y, then x += y and xn = rmsnorm(x; w) (kk_add_rmsnorm), without y in memory */
 void		kk_moe_combine_add_rmsnorm(cudaStream_t s, float *xn, float *x, int n, int D, int k, const float *wts,
 									   const int *inv, const float *ye, const float *ys, const float *w, float eps);

@@ -8,7 +8,11 @@
  *                 without the bias, renormalized, scaled
  *   moe_group     (decode sizes) the (token, slot) pairs grouped by expert,
  *                 stable, in one block: start[E+1], the gathered token rows,
- *                 the inverse map and the list of experts that got tokens;
+ *                 the inverse map and the work list of the expert products:
+ *                 one item per P rows of an expert (expert * 64 + chunk), so
+ *                 that an expert with many tokens (the shared one: all of
+ *                 them) spreads over many blocks instead of making one block
+ *                 loop;
  *                 optionally the shared expert as expert E over all tokens
  *                 (rows nk .. nk+n), so that its products join the same launches
  *   moe_combine   y[t] = sum over slots of w * (expert output) (+ shared)
@@ -206,7 +210,8 @@ kk_moe_route(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax
  * CPU backend's stable order (cpu_moe.c).
  */
 __device__ __forceinline__ void
-group_pairs(int nk, int E, int k, int shared_rows, const int *sel, int *start, int *xrow, int *inv, int *active)
+group_pairs(int nk, int E, int k, int shared_rows, int P, const int *sel, int *start, int *xrow, int *inv,
+			int *active)
 {
 	__shared__ int cnt[1024],
 				act[1024];
@@ -218,9 +223,9 @@ group_pairs(int nk, int E, int k, int shared_rows, const int *sel, int *start, i
 	for (int i = tid; i < nk; i += blockDim.x)
 		atomicAdd(&cnt[sel[i]], 1);
 	__syncthreads();
-	act[tid] = tid < E && cnt[tid] > 0;
+	act[tid] = tid < E ? (cnt[tid] + P - 1) / P : 0;	/* work items of the expert */
 	__syncthreads();
-	/* inclusive scans of counts and of the active flags (Hillis-Steele) */
+	/* inclusive scans of counts and of the work items (Hillis-Steele) */
 	for (int o = 1; o < 1024; o <<= 1)
 	{
 		int			c = tid >= o ? cnt[tid - o] : 0,
@@ -233,23 +238,25 @@ group_pairs(int nk, int E, int k, int shared_rows, const int *sel, int *start, i
 	}
 	if (tid < E)
 	{
-		int			before = tid ? cnt[tid - 1] : 0;
+		int			before = tid ? cnt[tid - 1] : 0,
+					items = (cnt[tid] - before + P - 1) / P,
+					first = act[tid] - items;
 
 		start[tid] = before;
-		if (cnt[tid] > before)
-			active[1 + (act[tid] - 1)] = tid;
+		for (int j = 0; j < items; j++)
+			active[1 + first + j] = tid * 64 + j;
 	}
 	if (tid == 0)
 	{
+		int			items = (shared_rows + P - 1) / P;
+
 		start[E] = cnt[E - 1];
-		active[0] = act[E - 1];
+		active[0] = act[E - 1] + items;
+		/* the shared expert as expert E, over every token */
 		if (shared_rows > 0)
-		{
-			/* the shared expert as expert E, over every token */
 			start[E + 1] = cnt[E - 1] + shared_rows;
-			active[1 + act[E - 1]] = E;
-			active[0]++;
-		}
+		for (int j = 0; j < items; j++)
+			active[1 + act[E - 1] + j] = E * 64 + j;
 	}
 	for (int t = tid; t < shared_rows; t += blockDim.x)
 		xrow[nk + t] = t;
@@ -270,19 +277,19 @@ group_pairs(int nk, int E, int k, int shared_rows, const int *sel, int *start, i
 }
 
 __global__ void __launch_bounds__(1024)
-moe_group_kernel(int nk, int E, int k, int shared_rows, const int *__restrict__ sel, int *start, int *xrow, int *inv,
-				 int *active)
+moe_group_kernel(int nk, int E, int k, int shared_rows, int P, const int *__restrict__ sel, int *start, int *xrow,
+				 int *inv, int *active)
 {
 	kk_dep_wait();
 	kk_dep_launch();
-	group_pairs(nk, E, k, shared_rows, sel, start, xrow, inv, active);
+	group_pairs(nk, E, k, shared_rows, P, sel, start, xrow, inv, active);
 }
 
 extern "C" void
-kk_moe_group(cudaStream_t s, int nk, int E, int k, int shared_rows, const int *sel, int *start, int *xrow, int *inv,
-			 int *active)
+kk_moe_group(cudaStream_t s, int nk, int E, int k, int shared_rows, int P, const int *sel, int *start, int *xrow,
+			 int *inv, int *active)
 {
-	kk_launch(moe_group_kernel, dim3(1), dim3(1024), 0, s, nk, E, k, shared_rows, sel, start, xrow, inv, active);
+	kk_launch(moe_group_kernel, dim3(1), dim3(1024), 0, s, nk, E, k, shared_rows, P, sel, start, xrow, inv, active);
 }
 
 __global__ void
@@ -389,7 +396,7 @@ kk_swiglu_bf16(cudaStream_t s, uint16_t *h, const float *g, const float *u, size
 __global__ void __launch_bounds__(1024)
 moe_route_group_kernel(int n, int E, int k, int G, int Tg, int use_softmax, int renorm, int bias_in_w, float scaling,
 					   const float *__restrict__ logits, const float *__restrict__ bias, int rw, int *sel,
-					   float *wts, int shared_rows, int *start, int *xrow, int *inv, int *active)
+					   float *wts, int shared_rows, int P, int *start, int *xrow, int *inv, int *active)
 {
 	extern __shared__ float sh[];
 	int			tid = threadIdx.x,
@@ -538,13 +545,13 @@ moe_route_group_kernel(int n, int E, int k, int G, int Tg, int use_softmax, int 
 		}
 	}
 	__syncthreads();
-	group_pairs(n * k, E, k, shared_rows, ssel, start, xrow, inv, active);
+	group_pairs(n * k, E, k, shared_rows, P, ssel, start, xrow, inv, active);
 }
 
 extern "C" int
 kk_moe_route_group(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax, int renorm, int bias_in_w,
 				   float scaling, const float *logits, const float *bias, int *sel, float *wts, int shared_rows,
-				   int *start, int *xrow, int *inv, int *active)
+				   int P, int *start, int *xrow, int *inv, int *active)
 {
 	size_t		per_warp = sizeof(float) * ((size_t) E + 2 * (size_t) G);
 	size_t		fixed = sizeof(float) * ((size_t) n * E + E) + sizeof(int) * (size_t) n * k;
@@ -562,7 +569,7 @@ kk_moe_route_group(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_s
 	if ((e = cudaFuncSetAttribute(moe_route_group_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm)) != cudaSuccess)
 		return (int) e;
 	kk_launch(moe_route_group_kernel, dim3(1), dim3(1024), sm, s, n, E, k, G, Tg, use_softmax, renorm, bias_in_w,
-			  scaling, logits, bias, rw, sel, wts, shared_rows, start, xrow, inv, active);
+			  scaling, logits, bias, rw, sel, wts, shared_rows, P, start, xrow, inv, active);
 	return 0;
 }
 

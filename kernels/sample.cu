@@ -132,7 +132,42 @@ struct key_prob
 		*w = kl_sample_fix(v);
 		return *k >= lo;
 	}
+	__device__ key_prob at(uint64_t l) const
+	{
+		key_prob	r = *this;
+
+		r.lo = l;
+		return r;
+	}
 };
+
+/* the same candidates copied to shared memory (the fast path) */
+struct key_list
+{
+	const uint64_t *k;
+	const uint64_t *w;
+	uint64_t	lo;
+	__device__ bool get(int i, uint64_t *key, uint64_t *wt) const
+	{
+		*key = k[i];
+		*wt = w[i];
+		return *key >= lo;
+	}
+	__device__ key_list at(uint64_t l) const
+	{
+		key_list	r = *this;
+
+		r.lo = l;
+		return r;
+	}
+};
+
+/* the probability a ranking key (kl_sample_key of a positive value) was made of */
+__device__ __forceinline__ float
+key_prob_of(uint64_t key)
+{
+	return __uint_as_float((uint32_t) (key >> 32) & 0x7fffffffu);
+}
 
 struct key_id
 {
@@ -296,6 +331,121 @@ totals(const KEY &kf, int V, int *count, uint64_t *weight, sample_smem *sm)
 	*weight = block_sum_u64(w, sm->red_u);
 }
 
+/*
+ * Step 5a (draw_sorted's rule) over the candidates `all` (n elements to scan):
+ * the head mass, the top-p prefix, the min-p cut, the draw.  n_pos counts every
+ * positive candidate, n_cand every candidate.  With `bound` > 0 the elements
+ * are only those of probability >= bound (the fast path): returns false, all
+ * threads alike, when the rule needs anything below it.
+ */
+template <typename L>
+__device__ bool
+ranked(const L &all, int n, int n_pos, int n_cand, int cnt, float bound, const kk_sample_row &p, sample_smem *sm,
+	   int32_t *res)
+{
+	int			head = n_cand < KL_SAMPLE_HEAD ? n_cand : KL_SAMPLE_HEAD;
+	uint64_t	target = kl_sample_fix_target(p.top_p);
+	int			m = n_pos,
+				keep,
+				c;
+	uint64_t	thr_m = 0,
+				thr_keep,
+				z,
+				u,
+				x,
+				w;
+
+	if (head < n_cand)
+	{
+		int			k1 = n_pos < head ? n_pos : head;
+		uint64_t	t1,
+					mass;
+
+		if (k1 > cnt)
+		{
+			/*
+			 * The head reaches below the bound, so its mass is unknown here; it
+			 * cannot matter when the top-p prefix or the min-p cut ends inside
+			 * the listed candidates (a prefix of the ranking, shorter than the
+			 * head): m beyond the list makes the checks below give up otherwise.
+			 */
+			m = cnt + 1;
+		}
+		else
+		{
+			t1 = k1 < cnt ? descend(all, n, 56, false, (uint64_t) k1, false, sm) : 0;
+			totals(all.at(t1), n, &c, &mass, sm);
+			if (mass >= target)
+			{
+				m = k1;
+				thr_m = t1;
+			}
+		}
+	}
+	keep = m;
+	thr_keep = thr_m;
+	if (p.top_p < 1.0f)
+	{
+		uint64_t	wm;
+
+		/* (m beyond the list: the whole list, thr_m 0) */
+		totals(all.at(thr_m), n, &c, &wm, sm);
+		if (wm >= target)
+		{
+			/* the shortest prefix whose mass reaches top_p ends at key x */
+			x = descend(all.at(thr_m), n, 56, true, target, false, sm);
+			totals(all.at(x), n, &c, &w, sm);
+			keep = c;
+			thr_keep = x;
+		}
+		else if (m > cnt)
+			return false;		/* the prefix runs below the bound */
+	}
+	if (p.min_p > 0.0f)
+	{
+		/* rank 0 is the largest probability; those >= min_p times it are a prefix */
+		float		top = 0.0f,
+					fl;
+		int			cc = 0;
+
+		for (int i = threadIdx.x; i < n; i += ST)
+		{
+			uint64_t	key,
+						wi;
+
+			if (all.get(i, &key, &wi))
+				top = fmaxf(top, key_prob_of(key));
+		}
+		top = block_max_f(top, sm->red_f);
+		fl = KL_S_FMUL(p.min_p, top);
+		if (fl < bound)
+			return false;		/* the cut may lie below the bound */
+		for (int i = threadIdx.x; i < n; i += ST)
+		{
+			uint64_t	key,
+						wi;
+
+			if (all.get(i, &key, &wi))
+				cc += key_prob_of(key) >= fl;
+		}
+		cc = block_sum_i(cc, sm->red_i);
+		if (cc < keep)
+		{
+			keep = cc;
+			thr_keep = cc < cnt ? descend(all, n, 56, false, (uint64_t) cc, false, sm) : 0;
+		}
+	}
+	if (keep > cnt)
+		return false;
+	totals(all.at(thr_keep), n, &c, &z, sm);
+	u = kl_sample_fix_point(p.u0, z);
+	x = descend(all.at(thr_keep), n, 56, true, u, true, sm);
+	*res = kl_sample_key_id(x);
+	return true;
+}
+
+#define FAST_MAX 2048			/* candidates the fast path holds in shared memory */
+
 __global__ void __launch_bounds__(ST)
 sample_kernel(float *logits, int V, const kk_sample_row *P, const int32_t *recent, const uint32_t *masks,
 			  float *scratch, int32_t *out)
@@ -447,110 +597,146 @@ sample_kernel(float *logits, int V, const kk_sample_row *P, const int32_t *recen
 
 	if (p.top_p < 1.0f || p.min_p > 0.0f)
 	{
-		/* 5a. ranked candidates of positive probability (draw_sorted) */
+		/*
+		 * 5a. ranked candidates of positive probability (draw_sorted).  Fast
+		 * path first: the candidates from the largest probability down to a
+		 * power-of-two bound, at most FAST_MAX of them, copied to shared memory
+		 * (for a peaked distribution the whole rule lives there); else every
+		 * descent scans the vocabulary.
+		 */
+		__shared__ uint64_t fk[FAST_MAX],
+					fw[FAST_MAX];
+		__shared__ int	fcnt,
+					fexp;
 		int			n_cand = topk ? p.top_k : V;
-		int			head = n_cand < KL_SAMPLE_HEAD ? n_cand : KL_SAMPLE_HEAD;
-		uint64_t	target = kl_sample_fix_target(p.top_p);
-		key_prob	all = {pr, 0};
-		int			n_pos,
-					m,
-					keep;
-		uint64_t	wall,
-					thr_m = 0,
-					thr_keep,
-					z,
-					u,
-					x;
+		int			n_pos = 0,
+					lane = tid & 31;
+		int32_t		res = 0;
+		bool		ok;
 
-		totals(all, V, &n_pos, &wall, &sm);
-		m = n_pos;
-		if (head < n_cand)
+		/* candidates by float exponent: the bound keeps at most FAST_MAX */
+		for (int b = tid; b < 256; b += ST)
+			sm.hist[b] = 0;
+		__syncthreads();
+		for (int base = 0; base < V; base += ST)
 		{
-			int			k1 = n_pos < head ? n_pos : head;
-			uint64_t	t1 = k1 < n_pos ? descend(all, V, 56, false, (uint64_t) k1, false, &sm) : 0,
-						mass;
-			key_prob	first = {pr, t1};
-			int			c1;
+			int			i = base + tid,
+						bucket = -1;
+			unsigned	peers;
 
-			totals(first, V, &c1, &mass, &sm);
-			if (mass >= target)
-			{
-				m = k1;
-				thr_m = t1;
-			}
+			if (i < V && pr[i] > 0.0f)
+				bucket = (int) (__float_as_uint(pr[i]) >> 23);
+			if (!__any_sync(0xffffffffu, bucket >= 0))
+				continue;
+			peers = __match_any_sync(0xffffffffu, bucket);
+			if (bucket >= 0 && lane == __ffs(peers) - 1)
+				atomicAdd(&sm.hist[bucket], (unsigned) __popc(peers));
 		}
-		keep = m;
-		thr_keep = thr_m;
-		if (p.top_p < 1.0f)
+		__syncthreads();
+		if (tid == 0)
 		{
-			key_prob	inm = {pr, thr_m};
-			int			cm;
-			uint64_t	wm;
+			int			cum = 0,
+						e = 256;
 
-			totals(inm, V, &cm, &wm, &sm);
-			if (wm >= target)
+			for (int b = 255; b >= 0; b--)
 			{
-				/* the shortest prefix whose mass reaches top_p ends at key x */
-				key_prob	pre;
-				int			c;
-				uint64_t	w;
-
-				x = descend(inm, V, 56, true, target, false, &sm);
-				pre.p = pr;
-				pre.lo = x;
-				totals(pre, V, &c, &w, &sm);
-				keep = c;
-				thr_keep = x;
+				if (cum + (int) sm.hist[b] > FAST_MAX)
+					break;
+				cum += sm.hist[b];
+				if (sm.hist[b])
+					e = b;
 			}
+			fexp = e;
+			fcnt = 0;
+			for (int b = 0; b < 256; b++)
+				n_pos += sm.hist[b];
+			sm.done = n_pos;
 		}
-		if (p.min_p > 0.0f)
+		__syncthreads();
+		n_pos = sm.done;
+		ok = false;
+		if (fexp < 256)
 		{
-			/* rank 0 is the largest probability; those >= min_p times it are a prefix */
-			float		top = -INFINITY,
-						fl;
-			int			c = 0;
+			int			e = fexp;
 
 			for (int i = tid; i < V; i += ST)
-				top = fmaxf(top, pr[i]);
-			top = block_max_f(top, sm.red_f);
-			fl = KL_S_FMUL(p.min_p, top);
-			for (int i = tid; i < V; i += ST)
-				c += pr[i] > 0.0f && pr[i] >= fl;
-			c = block_sum_i(c, sm.red_i);
-			if (c < keep)
 			{
-				keep = c;
-				thr_keep = c < n_pos ? descend(all, V, 56, false, (uint64_t) c, false, &sm) : 0;
+				float		v = pr[i];
+
+				if (v > 0.0f && (int) (__float_as_uint(v) >> 23) >= e)
+				{
+					int			at = atomicAdd(&fcnt, 1);
+
+					if (at < FAST_MAX)
+					{
+						fk[at] = kl_sample_key(v, i);
+						fw[at] = kl_sample_fix(v);
+					}
+				}
+			}
+			__syncthreads();
+			{
+				key_list	lst = {fk, fw, 0};
+				int			cnt = fcnt < FAST_MAX ? fcnt : FAST_MAX;
+
+				ok = ranked(lst, cnt, n_pos, n_cand, cnt, __uint_as_float((uint32_t) e << 23), p, &sm, &res);
 			}
 		}
+		if (!ok)
 		{
-			key_prob	kept = {pr, thr_keep};
-			int			c;
+			key_prob	all = {pr, 0};
 
-			totals(kept, V, &c, &z, &sm);
-			u = kl_sample_fix_point(p.u0, z);
-			x = descend(kept, V, 56, true, u, true, &sm);
+			ranked(all, V, n_pos, n_cand, n_pos, 0.0f, p, &sm, &res);
 		}
 		if (tid == 0)
-			out[blockIdx.x] = kl_sample_key_id(x);
-		(void) keep;
-		(void) wall;
+			out[blockIdx.x] = res;
 		return;
 	}
 
-	/* 5b. the draw over the candidates in id order */
+	/*
+	 * 5b. the draw over the candidates in id order: thread t sums the weights
+	 * of ids [t cs, (t + 1) cs), a block scan gives each range its start, and
+	 * the thread whose range holds the point finds the id (all exact integers)
+	 */
 	{
-		key_id		ids = {pr};
-		int			c;
-		uint64_t	z,
-					u,
-					x;
+		unsigned long long *scan = (unsigned long long *) sm.part;	/* (the chunk sums are done) */
+		int			cs = (V + ST - 1) / ST,
+					i0 = tid * cs,
+					i1 = i0 + cs < V ? i0 + cs : V;
+		uint64_t	mine = 0,
+					before,
+					z,
+					u;
 
-		totals(ids, V, &c, &z, &sm);
+		for (int i = i0; i < i1; i++)
+			mine += kl_sample_fix(pr[i]);
+		scan[tid] = mine;
+		__syncthreads();
+		for (int o = 1; o < ST; o <<= 1)
+		{
+			unsigned long long v = tid >= o ? scan[tid - o] : 0;
+
+			__syncthreads();
+			scan[tid] += v;
+			__syncthreads();
+		}
+		z = scan[ST - 1];
+		before = scan[tid] - mine;
 		u = kl_sample_fix_point(p.u0, z);
-		x = descend(ids, V, 24, true, u, true, &sm);
-		if (tid == 0)
-			out[blockIdx.x] = (int32_t) (0xffffffffu - (uint32_t) x);
+		if (before <= u && u < before + mine)
+		{
+			uint64_t	acc = before;
+
+			for (int i = i0; i < i1; i++)
+			{
+				acc += kl_sample_fix(pr[i]);
+				if (acc > u)
+				{
+					out[blockIdx.x] = i;
+					break;
+				}
+			}
+		}
 	}
 }
 

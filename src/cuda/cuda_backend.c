@@ -636,19 +636,27 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->sm_count = 100;
 	{
 		/*
-		 * Decode-step switches: KL_CUDA_PDL=1 launches with programmatic
-		 * dependent launch (Hopper and later; off by default: measured
-		 * slower, bench/notes-cuda.md), KL_CUDA_MOE_FUSE=0 runs the MoE as
-		 * separate kernels,
-		 * KL_CUDA_MLA_CACHE=fp32 keeps an fp32 latent cache in bf16 mode.
+		 * Decode-step switches: KL_CUDA_PDL=0 launches without programmatic
+		 * dependent launch (Hopper and later only; a small gain at batch 1,
+		 * bench/notes-cuda.md), KL_CUDA_MOE_FUSE=0 runs the MoE as separate
+		 * kernels,
+		 * KL_CUDA_MLA_CACHE=fp32 keeps an fp32 latent cache in bf16 mode,
+		 * KL_CUDA_GEMV_WIDE=1 keeps eight loads in flight per lane in bf16 GEMVs,
+		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass.
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
-				   *mc = getenv("KL_CUDA_MLA_CACHE");
+				   *mc = getenv("KL_CUDA_MLA_CACHE"),
+				   *gw = getenv("KL_CUDA_GEMV_WIDE"),
+				   *enr = getenv("KL_CUDA_EXPERT_NR"),
+				   *kr = getenv("KL_CUDA_KDA_STATE_ROUND");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
-		kk_set_pdl(major >= 9 && pdl && strcmp(pdl, "1") == 0);
+		kk_set_pdl(major >= 9 && !(pdl && strcmp(pdl, "0") == 0));
+		kk_set_gemv_wide(gw && strcmp(gw, "1") == 0);
+		kk_set_expert_nr(enr ? atoi(enr) : 4);
+		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);

@@ -179,6 +179,9 @@ typedef struct cuda_state
 
 	/* decode-step switches (KL_CUDA_MOE_FUSE=0, KL_CUDA_PDL=0 turn them off) */
 	bool		fuse_moe;
+	/* KL_CUDA_KDA_STATE_ROUND=bf16: the per-token recurrence stores its state
+	 * rounded to bf16 (measures a bf16 state's drift; the storage stays fp32) */
+	int			kda_round16;
 
 	/* sampling: staging (pinned) and its device copy (cuda_sample.c) */
 	void	   *smp_host;

@@ -326,7 +326,7 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 	start = cuda_buf(be, CB_MOE_START, sizeof(int) * ((size_t) E + 2));
 	xrow = cuda_buf(be, CB_MOE_XROW, sizeof(int) * (nk + n));
 	inv = cuda_buf(be, CB_MOE_INV, sizeof(int) * nk);
-	active = cuda_buf(be, CB_MOE_ACTIVE, sizeof(int) * ((size_t) E + 2));
+	active = cuda_buf(be, CB_MOE_ACTIVE, sizeof(int) * ((size_t) E + nk + (size_t) n + 4));
 	/* rows: the routed pairs, then (decode, fused) the shared expert's */
 	g = cuda_buf(be, CB_MOE_G, sizeof(float) * (nk + n) * F);
 	u = cuda_buf(be, CB_MOE_U, sizeof(float) * (nk + n) * F);
@@ -349,13 +349,15 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		bool		fuse = w->has_shared && Fs == F && w->shared.gate.dtype == w->experts[0].gate.dtype &&
 			w->shared.down.dtype == w->experts[0].down.dtype;
 		int			rows = (int) nk + (fuse ? n : 0);
-		int			max_active = (int) (nk < (size_t) E ? nk : (size_t) E) + (fuse ? 1 : 0);
+		/* work items of at most P rows: an expert with c pairs makes ceil(c / P) */
+		int			P = kk_expert_pass_rows(n);
+		int			max_active = (int) (nk < (size_t) E ? nk : (size_t) E) + (int) nk / P + 1 + (fuse ? (n + P - 1) / P : 0);
 		int			rc = -1;
 
 		if (cs->fuse_moe)
 			rc = kk_moe_route_group(cs->stream, n, E, k, G, cfg->topk_groups, cfg->router_softmax,
 									cfg->moe_renormalize, cfg->bias_in_weights, cfg->routed_scaling, logits,
-									w->score_bias, sel, wts, fuse ? n : 0, start, xrow, inv, active);
+									w->score_bias, sel, wts, fuse ? n : 0, P, start, xrow, inv, active);
 		if (rc > 0)
 		{
 			cuda_ok(be, (cudaError_t) rc, "moe_route_group");
@@ -367,12 +369,14 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 						 cfg->bias_in_weights, cfg->routed_scaling, logits, w->score_bias, sel, wts);
 			if (!cuda_launched(be, "moe_route"))
 				return;
-			kk_moe_group(cs->stream, (int) nk, E, k, fuse ? n : 0, sel, start, xrow, inv, active);
+			kk_moe_group(cs->stream, (int) nk, E, k, fuse ? n : 0, P, sel, start, xrow, inv, active);
 		}
 		if (!cuda_launched(be, "moe_route_group"))
 			return;
-		if (cs->fuse_moe)
-			/* gate and up of each row in one warp: h = silu(gate) * up into g */
+		if (cs->fuse_moe && n <= 4)
+			/* gate and up of each row in one warp: h = silu(gate) * up into g (for few
+			 * tokens: with more, the warp's registers for both products cost occupancy,
+			 * 3.4 ms a step at batch 64) */
 			kk_expert_gemv(cs->stream, g, NULL, F, x, D, xrow, (const void *const *) tab->dev,
 						   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active, n);
 		else
