@@ -22,6 +22,17 @@
  *       KL_BENCH_NCU_STEPS=N: N more decode steps inside cudaProfilerStart /
  *       Stop (bench-cuda.sh ncu-step profiles just those); KL_BENCH_TAG=x
  *       labels the RESULT lines (variants of one table)
+ *   bench_cuda sample V B1,B2,...
+ *       the device sampler alone (backend op sample) on V logits per row for
+ *       each batch size: greedy, temperature, top-k, top-p, min-p on peaked
+ *       logits (a trained model's shape: a few likely tokens) and on flat ones
+ *       (random weights: top-p keeps most of the vocabulary)
+ *   bench_cuda drift MODEL_DIR STEPS PRECISION
+ *       the drift a bf16 KDA state would cause: the model loaded twice on
+ *       the GPU, once storing the per-token recurrence's state rounded to bf16
+ *       (KL_CUDA_KDA_STATE_ROUND=bf16); a 64-token prompt, then STEPS tokens,
+ *       each the fp32-state model's greedy choice fed to both; the logits'
+ *       relative difference and the greedy agreement over the steps
  *   bench_cuda kda H K T1,T2,...
  *       the KDA mixer op alone (conv, norms, decay, chunkwise delta rule,
  *       gated norm) for one sequence of T tokens, H heads of K, fp32
@@ -297,6 +308,206 @@ kda_alone(int H, int K, const long *Ts, int nT)
 	kl_model_free(m);
 }
 
+/* ------------------------------------------------------------------ the sampler alone */
+
+static void
+sample_alone(int V, const long *bs, int nb)
+{
+	kl_load_opts o = {0};
+	kl_model   *m;
+	kl_err		err;
+	kl_backend *be;
+	char		dir[] = "/tmp/kl/fixtures/golden/tiny_c";
+	int			maxb = 1;
+	float	   *host,
+			   *dev;
+	uint64_t	x = 7;
+	static const char *names[5] = {"greedy", "temperature", "top_k40", "top_p0.9", "min_p0.05"};
+
+	o.device = "cuda";
+	o.precision = "bf16";
+	if (kl_model_load(getenv("KL_BENCH_SAMPLE_MODEL") ? getenv("KL_BENCH_SAMPLE_MODEL") : dir, &o, &m, &err) != KL_OK)
+		fail("model (for its backend)", &err);
+	be = m->be;
+	for (int i = 0; i < nb; i++)
+		maxb = bs[i] > maxb ? (int) bs[i] : maxb;
+	host = malloc(sizeof(float) * (size_t) V * maxb);
+	dev = be->ops->alloc(be, sizeof(float) * (size_t) V * maxb);
+	if (!host || !dev)
+		fail("buffers", NULL);
+	for (int shape = 0; shape < 2; shape++)
+	{
+		for (size_t i = 0; i < (size_t) V * maxb; i++)
+		{
+			double		g;
+
+			x ^= x << 13;
+			x ^= x >> 7;
+			x ^= x << 17;
+			g = ((x >> 11) * (1.0 / 9007199254740992.0) - 0.5) * 2.0;
+			/* peaked: a spread like a trained model's logits; flat: a random model's */
+			host[i] = (float) (shape == 0 ? 6.0 * g * g * g * 3.0 : 0.01 * g);
+		}
+		for (int si = 0; si < 5; si++)
+		{
+			kl_sampling sp;
+
+			kl_sampling_default(&sp);
+			if (si > 0)
+				sp.temperature = 0.8f;
+			if (si == 2)
+				sp.top_k = 40;
+			if (si == 3)
+				sp.top_p = 0.9f;
+			if (si == 4)
+				sp.min_p = 0.05f;
+			for (int bi = 0; bi < nb; bi++)
+			{
+				int			b = (int) bs[bi];
+				kl_sample_row *rows = calloc((size_t) b, sizeof(kl_sample_row));
+				int32_t    *ids = calloc((size_t) b, sizeof(int32_t));
+				double		times[7];
+
+				for (int r = 0; r < b; r++)
+				{
+					rows[r].row = r;
+					rows[r].s = &sp;
+					rows[r].u0 = 0.37 + 0.001 * r;
+				}
+				for (int rep = 0; rep < 7; rep++)
+				{
+					double		t0;
+
+					be->ops->upload(be, dev, host, sizeof(float) * (size_t) V * b);
+					be->ops->sync(be);
+					t0 = kl_now();
+					if (be->ops->sample(be, dev, V, rows, b, ids, &err) != KL_OK)
+						fail("sample", &err);
+					times[rep] = kl_now() - t0;
+				}
+				qsort(times + 1, 6, sizeof(double), cmp_double);
+				printf("RESULT kind=sample logits=%s setting=%s V=%d batch=%d ms=%.3f\n", shape == 0 ? "peaked" : "flat",
+					   names[si], V, b, times[3] * 1e3);
+				fflush(stdout);
+				free(rows);
+				free(ids);
+			}
+		}
+	}
+	be->ops->release(be, dev);
+	free(host);
+	kl_model_free(m);
+}
+
+/* ------------------------------------------------------------------ bf16 KDA state drift */
+
+static double
+rel_diff(const float *a, const float *ref, int n)
+{
+	double		num = 0,
+				den = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		double		d = (double) a[i] - ref[i];
+
+		num += d * d;
+		den += (double) ref[i] * ref[i];
+	}
+	return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static int
+argmax_of(const float *x, int n)
+{
+	int			b = 0;
+
+	for (int i = 1; i < n; i++)
+		if (x[i] > x[b])
+			b = i;
+	return b;
+}
+
+static void
+drift(const char *dir, int steps, const char *prec)
+{
+	kl_load_opts o = {0};
+	kl_model   *m[2];
+	kl_ctx	   *ctx[2];
+	kl_seq	   *seq[2];
+	kl_err		err;
+	int			V;
+	float	   *lg[2];
+	int32_t		prompt[64];
+	int			agree = 0;
+	double		first = 0,
+				last = 0,
+				worst = 0;
+	int			n_first = 0,
+				n_last = 0;
+
+	o.device = "cuda";
+	o.precision = prec;
+	for (int i = 0; i < 2; i++)
+	{
+		if (i == 1)
+			setenv("KL_CUDA_KDA_STATE_ROUND", "bf16", 1);
+		if (kl_model_load(dir, &o, &m[i], &err) != KL_OK || kl_ctx_new(m[i], 0, &ctx[i], &err) != KL_OK ||
+			kl_seq_new(m[i], &seq[i], &err) != KL_OK)
+			fail("model", &err);
+		unsetenv("KL_CUDA_KDA_STATE_ROUND");
+	}
+	V = kl_model_config(m[0])->vocab_size;
+	for (int i = 0; i < 64; i++)
+		prompt[i] = (int32_t) ((i * 7919 + 13) % V);
+	lg[0] = malloc(sizeof(float) * V);
+	lg[1] = malloc(sizeof(float) * V);
+	for (int i = 0; i < 2; i++)
+	{
+		kl_batch_item it = {seq[i], prompt, 64, lg[i], false};
+
+		if (kl_forward(ctx[i], &it, 1, &err) != KL_OK)
+			fail("prompt", &err);
+	}
+	for (int t = 0; t < steps; t++)
+	{
+		int32_t		tok = argmax_of(lg[0], V);
+		double		e;
+
+		agree += argmax_of(lg[1], V) == tok;
+		for (int i = 0; i < 2; i++)
+		{
+			kl_batch_item it = {seq[i], &tok, 1, lg[i], false};
+
+			if (kl_forward(ctx[i], &it, 1, &err) != KL_OK)
+				fail("decode", &err);
+		}
+		e = rel_diff(lg[1], lg[0], V);
+		worst = e > worst ? e : worst;
+		if (t < 100)
+		{
+			first += e;
+			n_first++;
+		}
+		if (t >= steps - 100)
+		{
+			last += e;
+			n_last++;
+		}
+	}
+	printf("RESULT kind=drift model=%s precision=%s steps=%d relerr_first100=%.3e relerr_last100=%.3e "
+		   "relerr_max=%.3e greedy_agree=%d\n", strrchr(dir, '/') ? strrchr(dir, '/') + 1 : dir, prec, steps,
+		   first / (n_first ? n_first : 1), last / (n_last ? n_last : 1), worst, agree);
+	fflush(stdout);
+	for (int i = 0; i < 2; i++)
+	{
+		kl_seq_free(seq[i]);
+		kl_ctx_free(ctx[i]);
+		kl_model_free(m[i]);
+		free(lg[i]);
+	}
+}
+
 /* ------------------------------------------------------------------ the model */
 
 /*
@@ -554,8 +765,8 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 				}
 				m->be->ops->sync(m->be);
 				cudaProfilerStop();
-				printf("RESULT kind=ncu_range tag=%s ctx=%ld batch=%d steps=%d\n", tag[0] ? tag : "-", ctxs[ci], b,
-					   ncu_steps);
+				printf("RESULT kind=ncu_range tag=%s sample=%s ctx=%ld batch=%d steps=%d\n", tag[0] ? tag : "-", sample,
+					   ctxs[ci], b, ncu_steps);
 			}
 			if (ok && profile)
 			{
@@ -608,6 +819,15 @@ main(int argc, char **argv)
 {
 	if (argc >= 2 && strcmp(argv[1], "ceilings") == 0)
 		ceilings();
+	else if (argc >= 5 && strcmp(argv[1], "drift") == 0)
+		drift(argv[2], atoi(argv[3]), argv[4]);
+	else if (argc >= 4 && strcmp(argv[1], "sample") == 0)
+	{
+		long		b[16];
+		int			n = parse_list(argv[3], b, 16);
+
+		sample_alone(atoi(argv[2]), b, n);
+	}
 	else if (argc >= 5 && strcmp(argv[1], "kda") == 0)
 	{
 		long		T[16];
@@ -654,7 +874,7 @@ main(int argc, char **argv)
 	}
 	else
 	{
-		fprintf(stderr, "usage: bench_cuda ceilings | kda H K T1,T2,... | model CONFIG [--prefill L,...] "
+		fprintf(stderr, "usage: bench_cuda ceilings | sample V B1,B2,... | drift DIR STEPS fp32|bf16 | kda H K T1,T2,... | model CONFIG [--prefill L,...] "
 				"[--decode-ctx C,...] [--batches B,...] [--steps N] [--step-tokens N] [--profile 0|1] "
 				"[--sample logits|greedy|topp]\n");
 		return 2;

@@ -36,7 +36,9 @@ for rec in csv.reader(rows):
     a[1] += ns
 total = sum(v[1] for v in agg.values())
 for name, (n, ns) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
-    print(f'RESULT kind=kernel tag={rng.get("tag", "-")} ctx={rng.get("ctx", "?")} batch={rng.get("batch", "?")} '
-          f'name="{name.replace(chr(34), "")}" per_step={n / steps:.2f} us_per_step={ns / steps / 1e3:.2f}')
-print(f'RESULT kind=kernel_total tag={rng.get("tag", "-")} ctx={rng.get("ctx", "?")} batch={rng.get("batch", "?")} '
-      f'launches_per_step={sum(v[0] for v in agg.values()) / steps:.1f} us_per_step={total / steps / 1e3:.1f}')
+    print(f'RESULT kind=kernel tag={rng.get("tag", "-")} sample={rng.get("sample", "greedy")} ctx={rng.get("ctx", "?")} '
+          f'batch={rng.get("batch", "?")} name="{name.replace(chr(34), "")}" per_step={n / steps:.2f} '
+          f'us_per_step={ns / steps / 1e3:.2f}')
+print(f'RESULT kind=kernel_total tag={rng.get("tag", "-")} sample={rng.get("sample", "greedy")} ctx={rng.get("ctx", "?")} '
+      f'batch={rng.get("batch", "?")} launches_per_step={sum(v[0] for v in agg.values()) / steps:.1f} '
+      f'us_per_step={total / steps / 1e3:.1f}')
