@@ -14,7 +14,10 @@
  *   5. cumulative probabilities are exact fixed-point sums, so no sort is
  *      needed: the top-p prefix, the min-p cut and the draw are found by radix
  *      descents over the ranking keys whose buckets carry counts and
- *      fixed-point sums (a warp's lanes in the same bucket add theirs first)
+ *      fixed-point sums (a warp's lanes in the same bucket add theirs first);
+ *      first tried in shared memory on the candidates above a power-of-two
+ *      bound (a peaked distribution); the draw without top-p / min-p is one
+ *      scan of per-thread id ranges
  * Ties in value are broken by id, so every selection is one set whatever the
  * order in which threads meet the candidates.
  */
@@ -105,7 +108,6 @@ block_sum_u64(uint64_t v, unsigned long long *red)
  * its ranking key and its fixed-point weight:
  *   key_scaled  scaled values over all ids (top-k)
  *   key_prob    positive probabilities with key >= lo, ranked (prob, lower id)
- *   key_id      positive probabilities in id order
  */
 struct key_scaled
 {
@@ -168,21 +170,6 @@ key_prob_of(uint64_t key)
 {
 	return __uint_as_float((uint32_t) (key >> 32) & 0x7fffffffu);
 }
-
-struct key_id
-{
-	const float *p;
-	__device__ bool get(int i, uint64_t *k, uint64_t *w) const
-	{
-		float		v = p[i];
-
-		if (!(v > 0.0f))
-			return false;
-		*k = 0xffffffffu - (uint32_t) i;
-		*w = kl_sample_fix(v);
-		return true;
-	}
-};
 
 /*
  * MSB-first radix descent over the taking-part keys (all below 2^(top + 8)),
