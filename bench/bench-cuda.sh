@@ -17,6 +17,8 @@
 #   bash bench/bench-cuda.sh model CONFIG [options of bench_cuda model]
 #   bash bench/bench-cuda.sh layers N       write /tmp/kl/48b-N.json: the 48B config cut to N layers
 #   bash bench/bench-cuda.sh ncu ARGS       per-kernel GPU times of `bench_cuda ARGS` (Nsight Compute)
+#   bash bench/bench-cuda.sh ncu-step ARGS  per-kernel GPU times of NCU_STEPS (2) decode steps of
+#                                           `bench_cuda model ARGS` (one ctx and batch), as RESULT lines
 # Every command prints RESULT lines and appends them to $OUT/results.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,9 +75,14 @@ pack)
 	cp kimi_linear_cuda.so $tmp/
 	cp -L /lib/x86_64-linux-gnu/libisal.so.2 $tmp/lib/
 	cp -r test/fixtures/golden/tiny_a test/fixtures/golden/tiny_c $tmp/fixtures/golden/
-	# fla: the Python package without its model and layer zoo (not needed for chunk_kda)
-	git -C "$FLA_SRC" archive HEAD fla | tar x -C $tmp/fla
-	rm -rf $tmp/fla/fla/models $tmp/fla/fla/layers
+	# fla: the Python package without its model and layer zoo (not needed for chunk_kda);
+	# without its source here the pack goes without it (`kda` then needs FLA=0)
+	if [ -d "$FLA_SRC" ]; then
+		git -C "$FLA_SRC" archive HEAD fla | tar x -C $tmp/fla
+		rm -rf $tmp/fla/fla/models $tmp/fla/fla/layers
+	else
+		echo "no flash-linear-attention source at $FLA_SRC: packed without it" >&2
+	fi
 	cp bench/configs/kimi-linear-48b-a3b.json $tmp/kimi-linear-48b-a3b.config.json
 	mkdir -p .gpu/pack
 	tar cJf $PACK -C $tmp .
@@ -116,6 +123,15 @@ ncu)
 		$K/bin/bench_cuda "$@" > "$OUT/ncu.log" 2>&1 || true
 	grep -E "^  [a-zA-Z_].*\(|gpu__time_duration.sum" "$OUT/ncu.log" | sed 's/^ *//' | cut -c1-150 | log
 	;;
+ncu-step)
+	unpack
+	ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+	KL_BENCH_NCU_STEPS=${NCU_STEPS:-2} timeout ${NCU_TIMEOUT:-300} "$ncu" --profile-from-start off --clock-control none \
+		--cache-control none --metrics gpu__time_duration.sum --csv --print-units base \
+		$K/bin/bench_cuda model "$@" > "$OUT/ncu-step.csv" 2> "$OUT/ncu-step.err" || true
+	grep "^RESULT" "$OUT/ncu-step.csv" | log || true
+	python3 bench/ncu-kernels.py "$OUT/ncu-step.csv" ${NCU_STEPS:-2} | log
+	;;
 layers)
 	unpack
 	n=$1
@@ -138,7 +154,7 @@ model)
 	$K/bin/bench_cuda model "$config" "$@" 2>&1 | log
 	;;
 *)
-	sed -n '2,22p' "$0"
+	sed -n '2,24p' "$0"
 	exit 2
 	;;
 esac

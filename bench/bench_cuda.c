@@ -8,13 +8,31 @@
  *       GEMM rate of an 8192^3 product through the backend's matmul
  *   bench_cuda model CONFIG [--prefill 4096,32768] [--decode-ctx 4096,32768]
  *                    [--batches 1,8,32,64] [--steps N] [--step-tokens N] [--profile 1]
+ *                    [--sample logits|greedy|topp]
  *       a random bf16 model of CONFIG's shape made on the GPU
  *       (kl_model_create_random, precision bf16): prefill tokens/s for each
  *       length (a fresh sequence, one kl_forward), then for each decode
  *       context the time per output token at each batch size (the prefilled
- *       sequence cloned batch times; graphs warm; logits downloaded every
- *       step, as generation does); --profile 1 adds, per decode point, the
- *       time per part of the step (graphs off and every op waited for)
+ *       sequence cloned batch times; graphs warm); every step ends as
+ *       generation does: --sample logits downloads each sequence's logits
+ *       (the host samples), greedy / topp (temperature 0.8, top-p 0.9, the
+ *       default) sample on the device and download only the ids; the kernels
+ *       of a step's graph are counted; --profile 1 adds, per decode point,
+ *       the time per part of the step (graphs off and every op waited for).
+ *       KL_BENCH_NCU_STEPS=N: N more decode steps inside cudaProfilerStart /
+ *       Stop (bench-cuda.sh ncu-step profiles just those); KL_BENCH_TAG=x
+ *       labels the RESULT lines (variants of one table)
+ *   bench_cuda sample V B1,B2,...
+ *       the device sampler alone (backend op sample) on V logits per row for
+ *       each batch size: greedy, temperature, top-k, top-p, min-p on peaked
+ *       logits (a trained model's shape: a few likely tokens) and on flat ones
+ *       (random weights: top-p keeps most of the vocabulary)
+ *   bench_cuda drift MODEL_DIR STEPS PRECISION
+ *       the drift a bf16 KDA state would cause: the model loaded twice on
+ *       the GPU, once storing the per-token recurrence's state rounded to bf16
+ *       (KL_CUDA_KDA_STATE_ROUND=bf16); a 64-token prompt, then STEPS tokens,
+ *       each the fp32-state model's greedy choice fed to both; the logits'
+ *       relative difference and the greedy agreement over the steps
  *   bench_cuda kda H K T1,T2,...
  *       the KDA mixer op alone (conv, norms, decay, chunkwise delta rule,
  *       gated norm) for one sequence of T tokens, H heads of K, fp32
@@ -31,6 +49,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 
 #include "backend.h"
@@ -289,6 +308,206 @@ kda_alone(int H, int K, const long *Ts, int nT)
 	kl_model_free(m);
 }
 
+/* ------------------------------------------------------------------ the sampler alone */
+
+static void
+sample_alone(int V, const long *bs, int nb)
+{
+	kl_load_opts o = {0};
+	kl_model   *m;
+	kl_err		err;
+	kl_backend *be;
+	char		dir[] = "/tmp/kl/fixtures/golden/tiny_c";
+	int			maxb = 1;
+	float	   *host,
+			   *dev;
+	uint64_t	x = 7;
+	static const char *names[5] = {"greedy", "temperature", "top_k40", "top_p0.9", "min_p0.05"};
+
+	o.device = "cuda";
+	o.precision = "bf16";
+	if (kl_model_load(getenv("KL_BENCH_SAMPLE_MODEL") ? getenv("KL_BENCH_SAMPLE_MODEL") : dir, &o, &m, &err) != KL_OK)
+		fail("model (for its backend)", &err);
+	be = m->be;
+	for (int i = 0; i < nb; i++)
+		maxb = bs[i] > maxb ? (int) bs[i] : maxb;
+	host = malloc(sizeof(float) * (size_t) V * maxb);
+	dev = be->ops->alloc(be, sizeof(float) * (size_t) V * maxb);
+	if (!host || !dev)
+		fail("buffers", NULL);
+	for (int shape = 0; shape < 2; shape++)
+	{
+		for (size_t i = 0; i < (size_t) V * maxb; i++)
+		{
+			double		g;
+
+			x ^= x << 13;
+			x ^= x >> 7;
+			x ^= x << 17;
+			g = ((x >> 11) * (1.0 / 9007199254740992.0) - 0.5) * 2.0;
+			/* peaked: a spread like a trained model's logits; flat: a random model's */
+			host[i] = (float) (shape == 0 ? 6.0 * g * g * g * 3.0 : 0.01 * g);
+		}
+		for (int si = 0; si < 5; si++)
+		{
+			kl_sampling sp;
+
+			kl_sampling_default(&sp);
+			if (si > 0)
+				sp.temperature = 0.8f;
+			if (si == 2)
+				sp.top_k = 40;
+			if (si == 3)
+				sp.top_p = 0.9f;
+			if (si == 4)
+				sp.min_p = 0.05f;
+			for (int bi = 0; bi < nb; bi++)
+			{
+				int			b = (int) bs[bi];
+				kl_sample_row *rows = calloc((size_t) b, sizeof(kl_sample_row));
+				int32_t    *ids = calloc((size_t) b, sizeof(int32_t));
+				double		times[7];
+
+				for (int r = 0; r < b; r++)
+				{
+					rows[r].row = r;
+					rows[r].s = &sp;
+					rows[r].u0 = 0.37 + 0.001 * r;
+				}
+				for (int rep = 0; rep < 7; rep++)
+				{
+					double		t0;
+
+					be->ops->upload(be, dev, host, sizeof(float) * (size_t) V * b);
+					be->ops->sync(be);
+					t0 = kl_now();
+					if (be->ops->sample(be, dev, V, rows, b, ids, &err) != KL_OK)
+						fail("sample", &err);
+					times[rep] = kl_now() - t0;
+				}
+				qsort(times + 1, 6, sizeof(double), cmp_double);
+				printf("RESULT kind=sample logits=%s setting=%s V=%d batch=%d ms=%.3f\n", shape == 0 ? "peaked" : "flat",
+					   names[si], V, b, times[3] * 1e3);
+				fflush(stdout);
+				free(rows);
+				free(ids);
+			}
+		}
+	}
+	be->ops->release(be, dev);
+	free(host);
+	kl_model_free(m);
+}
+
+/* ------------------------------------------------------------------ bf16 KDA state drift */
+
+static double
+rel_diff(const float *a, const float *ref, int n)
+{
+	double		num = 0,
+				den = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		double		d = (double) a[i] - ref[i];
+
+		num += d * d;
+		den += (double) ref[i] * ref[i];
+	}
+	return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static int
+argmax_of(const float *x, int n)
+{
+	int			b = 0;
+
+	for (int i = 1; i < n; i++)
+		if (x[i] > x[b])
+			b = i;
+	return b;
+}
+
+static void
+drift(const char *dir, int steps, const char *prec)
+{
+	kl_load_opts o = {0};
+	kl_model   *m[2];
+	kl_ctx	   *ctx[2];
+	kl_seq	   *seq[2];
+	kl_err		err;
+	int			V;
+	float	   *lg[2];
+	int32_t		prompt[64];
+	int			agree = 0;
+	double		first = 0,
+				last = 0,
+				worst = 0;
+	int			n_first = 0,
+				n_last = 0;
+
+	o.device = "cuda";
+	o.precision = prec;
+	for (int i = 0; i < 2; i++)
+	{
+		if (i == 1)
+			setenv("KL_CUDA_KDA_STATE_ROUND", "bf16", 1);
+		if (kl_model_load(dir, &o, &m[i], &err) != KL_OK || kl_ctx_new(m[i], 0, &ctx[i], &err) != KL_OK ||
+			kl_seq_new(m[i], &seq[i], &err) != KL_OK)
+			fail("model", &err);
+		unsetenv("KL_CUDA_KDA_STATE_ROUND");
+	}
+	V = kl_model_config(m[0])->vocab_size;
+	for (int i = 0; i < 64; i++)
+		prompt[i] = (int32_t) ((i * 7919 + 13) % V);
+	lg[0] = malloc(sizeof(float) * V);
+	lg[1] = malloc(sizeof(float) * V);
+	for (int i = 0; i < 2; i++)
+	{
+		kl_batch_item it = {seq[i], prompt, 64, lg[i], false};
+
+		if (kl_forward(ctx[i], &it, 1, &err) != KL_OK)
+			fail("prompt", &err);
+	}
+	for (int t = 0; t < steps; t++)
+	{
+		int32_t		tok = argmax_of(lg[0], V);
+		double		e;
+
+		agree += argmax_of(lg[1], V) == tok;
+		for (int i = 0; i < 2; i++)
+		{
+			kl_batch_item it = {seq[i], &tok, 1, lg[i], false};
+
+			if (kl_forward(ctx[i], &it, 1, &err) != KL_OK)
+				fail("decode", &err);
+		}
+		e = rel_diff(lg[1], lg[0], V);
+		worst = e > worst ? e : worst;
+		if (t < 100)
+		{
+			first += e;
+			n_first++;
+		}
+		if (t >= steps - 100)
+		{
+			last += e;
+			n_last++;
+		}
+	}
+	printf("RESULT kind=drift model=%s precision=%s steps=%d relerr_first100=%.3e relerr_last100=%.3e "
+		   "relerr_max=%.3e greedy_agree=%d\n", strrchr(dir, '/') ? strrchr(dir, '/') + 1 : dir, prec, steps,
+		   first / (n_first ? n_first : 1), last / (n_last ? n_last : 1), worst, agree);
+	fflush(stdout);
+	for (int i = 0; i < 2; i++)
+	{
+		kl_seq_free(seq[i]);
+		kl_ctx_free(ctx[i]);
+		kl_model_free(m[i]);
+		free(lg[i]);
+	}
+}
+
 /* ------------------------------------------------------------------ the model */
 
 /*
@@ -299,7 +518,7 @@ kda_alone(int H, int K, const long *Ts, int nT)
  * KDA state read and written plus its MLA cache read.
  */
 static double
-decode_bytes(const kl_config *c, int b, long ctx)
+decode_bytes(const kl_config *c, int b, long ctx, int cache_bytes)
 {
 	double		D = c->hidden_size,
 				HK = (double) c->kda_heads * c->kda_head_dim,
@@ -326,7 +545,8 @@ decode_bytes(const kl_config *c, int b, long ctx)
 			w += 3 * D * c->intermediate_size;
 	}
 	w += (double) c->vocab_size * D + b * D;	/* lm_head, embedding rows */
-	st = c->n_kda_layers * (2 * HK * K * 4 + 2 * 3 * HK * c->conv_kernel * 4) + c->n_mla_layers * (double) ctx * Wa * 4;
+	st = c->n_kda_layers * (2 * HK * K * 4 + 2 * 3 * HK * c->conv_kernel * 4) +
+		c->n_mla_layers * (double) ctx * Wa * cache_bytes;
 	return 2 * w + b * st;
 }
 
@@ -369,10 +589,30 @@ prefill_flops(const kl_config *c, long T, long S)
 	return f;
 }
 
+/* one decode step of the batch, ending as generation does (see the header) */
+static int
+decode_step(kl_ctx *ctx, kl_batch_item *items, int b, const char *sample, const kl_sample_req *const *reqs,
+			int32_t *sampled, kl_err *err)
+{
+	if (strcmp(sample, "logits") == 0)
+		return kl_forward(ctx, items, b, err);
+	for (int s = 0; s < b; s++)
+		items[s].logits = NULL;
+	return kl_forward_sample(ctx, items, b, reqs, sampled, err);
+}
+
 static void
 model_bench(const char *config, const long *pre, int npre, const long *ctxs, int nctx, const long *batches,
-			int nb, int steps, int step_tokens, bool profile)
+			int nb, int steps, int step_tokens, bool profile, const char *sample)
 {
+	const char *tag = getenv("KL_BENCH_TAG") ? getenv("KL_BENCH_TAG") : "";
+	int			ncu_steps = getenv("KL_BENCH_NCU_STEPS") ? atoi(getenv("KL_BENCH_NCU_STEPS")) : 0;
+	kl_sampling sp;
+	kl_rng		rng;
+	kl_sample_req req;
+	const kl_sample_req **reqs = NULL;
+	int32_t    *sampled = NULL;
+
 	kl_load_opts o = {0};
 	kl_model   *m;
 	kl_err		err;
@@ -386,6 +626,16 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 
 	o.device = "cuda";
 	o.precision = "bf16";
+	kl_sampling_default(&sp);
+	if (strcmp(sample, "topp") == 0)
+	{
+		sp.temperature = 0.8f;
+		sp.top_p = 0.9f;
+	}
+	kl_rng_seed(&rng, 1);
+	memset(&req, 0, sizeof(req));
+	req.sampling = &sp;
+	req.rng = &rng;
 	t0 = kl_now();
 	if (kl_model_create_random(config, &o, "bf16", 42, &m, &err) != KL_OK)
 		fail("random model", &err);
@@ -403,6 +653,10 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 		maxlen = ctxs[i] > maxlen ? ctxs[i] : maxlen;
 	for (int i = 0; i < nb; i++)
 		maxb = batches[i] > maxb ? (int) batches[i] : maxb;
+	reqs = calloc((size_t) maxb, sizeof(*reqs));
+	sampled = calloc((size_t) maxb, sizeof(int32_t));
+	for (int i = 0; i < maxb; i++)
+		reqs[i] = &req;
 	ids = malloc(sizeof(int32_t) * (size_t) (maxlen + 1024));
 	for (long i = 0; i < maxlen + 1024; i++)
 		ids[i] = (int32_t) ((i * 2654435761u) % (unsigned) V);
@@ -480,7 +734,7 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 					tok[s] = ids[(ctxs[ci] + step + 3 + s) % maxlen];
 					items[s] = (kl_batch_item) {seqs[s], &tok[s], 1, lg + (size_t) s * V, false};
 				}
-				if (kl_forward(ctx, items, b, &err) != KL_OK)
+				if (decode_step(ctx, items, b, sample, reqs, sampled, &err) != KL_OK)
 				{
 					printf("RESULT kind=decode ctx=%ld batch=%d error=\"%s\"\n", ctxs[ci], b, err.msg);
 					ok = false;
@@ -488,11 +742,31 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 			}
 			if (ok)
 			{
-				double		bytes = decode_bytes(c, b, ctxs[ci]);
+				double		bytes = decode_bytes(c, b, ctxs[ci], m->be->mla_cache_bf16 ? 2 : 4);
 
 				dt = (kl_now() - t0) / steps;
-				printf("RESULT kind=decode ctx=%ld batch=%d ms_per_step=%.3f tokens_per_s=%.1f bytes=%.4g "
-					   "gpu_GB=%.1f\n", ctxs[ci], b, dt * 1e3, b / dt, bytes, gpu_used_gb());
+				printf("RESULT kind=decode tag=%s sample=%s ctx=%ld batch=%d ms_per_step=%.3f tokens_per_s=%.1f "
+					   "bytes=%.4g kernels=%d gpu_GB=%.1f\n", tag[0] ? tag : "-", sample, ctxs[ci], b, dt * 1e3,
+					   b / dt, bytes, m->be->step_kernels, gpu_used_gb());
+			}
+			if (ok && ncu_steps > 0)
+			{
+				/* a few more steps for Nsight Compute (--profile-from-start off) */
+				m->be->ops->sync(m->be);
+				cudaProfilerStart();
+				for (int step = 0; step < ncu_steps && ok; step++)
+				{
+					for (int s = 0; s < b; s++)
+					{
+						tok[s] = ids[(ctxs[ci] + steps + step + 3 + s) % maxlen];
+						items[s] = (kl_batch_item) {seqs[s], &tok[s], 1, lg + (size_t) s * V, false};
+					}
+					ok = decode_step(ctx, items, b, sample, reqs, sampled, &err) == KL_OK;
+				}
+				m->be->ops->sync(m->be);
+				cudaProfilerStop();
+				printf("RESULT kind=ncu_range tag=%s sample=%s ctx=%ld batch=%d steps=%d\n", tag[0] ? tag : "-", sample,
+					   ctxs[ci], b, ncu_steps);
 			}
 			if (ok && profile)
 			{
@@ -510,14 +784,14 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 						tok[s] = ids[(ctxs[ci] + steps + step + 3 + s) % maxlen];
 						items[s] = (kl_batch_item) {seqs[s], &tok[s], 1, lg + (size_t) s * V, false};
 					}
-					ok = kl_forward(ctx, items, b, &err) == KL_OK;
+					ok = decode_step(ctx, items, b, sample, reqs, sampled, &err) == KL_OK;
 				}
 				dt = (kl_now() - t0) / ps;
 				kl_ctx_profile_read(ctx, parts);
 				kl_ctx_profile(ctx, false);
 				unsetenv("KL_CUDA_GRAPHS");
-				printf("RESULT kind=decode_parts ctx=%ld batch=%d ms_per_step_nograph_synced=%.3f linear=%.3f kda=%.3f "
-					   "mla=%.3f moe=%.3f logits=%.3f other=%.3f\n", ctxs[ci], b, dt * 1e3,
+				printf("RESULT kind=decode_parts tag=%s ctx=%ld batch=%d ms_per_step_nograph_synced=%.3f linear=%.3f "
+					   "kda=%.3f mla=%.3f moe=%.3f logits=%.3f other=%.3f\n", tag[0] ? tag : "-", ctxs[ci], b, dt * 1e3,
 					   parts[KL_PROF_LINEAR] * 1e3 / ps, parts[KL_PROF_KDA] * 1e3 / ps, parts[KL_PROF_MLA] * 1e3 / ps,
 					   parts[KL_PROF_MOE] * 1e3 / ps, parts[KL_PROF_LOGITS] * 1e3 / ps, parts[KL_PROF_OTHER] * 1e3 / ps);
 			}
@@ -533,6 +807,8 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 		kl_seq_free(base);
 	}
 	(void) maxb;
+	free(reqs);
+	free(sampled);
 	kl_ctx_free(ctx);
 	kl_model_free(m);
 	free(ids);
@@ -543,6 +819,15 @@ main(int argc, char **argv)
 {
 	if (argc >= 2 && strcmp(argv[1], "ceilings") == 0)
 		ceilings();
+	else if (argc >= 5 && strcmp(argv[1], "drift") == 0)
+		drift(argv[2], atoi(argv[3]), argv[4]);
+	else if (argc >= 4 && strcmp(argv[1], "sample") == 0)
+	{
+		long		b[16];
+		int			n = parse_list(argv[3], b, 16);
+
+		sample_alone(atoi(argv[2]), b, n);
+	}
 	else if (argc >= 5 && strcmp(argv[1], "kda") == 0)
 	{
 		long		T[16];
@@ -561,6 +846,7 @@ main(int argc, char **argv)
 					steps = 20,
 					step_tokens = 8192;
 		bool		profile = false;
+		const char *sample = "topp";
 
 		for (int i = 3; i + 1 < argc; i += 2)
 		{
@@ -576,13 +862,21 @@ main(int argc, char **argv)
 				step_tokens = atoi(argv[i + 1]);
 			else if (strcmp(argv[i], "--profile") == 0)
 				profile = atoi(argv[i + 1]) != 0;
+			else if (strcmp(argv[i], "--sample") == 0)
+				sample = argv[i + 1];
 		}
-		model_bench(argv[2], pre, npre, ctxs, nctx, bat, nb, steps, step_tokens, profile);
+		if (strcmp(sample, "logits") != 0 && strcmp(sample, "greedy") != 0 && strcmp(sample, "topp") != 0)
+		{
+			fprintf(stderr, "bench_cuda: --sample logits, greedy or topp\n");
+			return 2;
+		}
+		model_bench(argv[2], pre, npre, ctxs, nctx, bat, nb, steps, step_tokens, profile, sample);
 	}
 	else
 	{
-		fprintf(stderr, "usage: bench_cuda ceilings | kda H K T1,T2,... | model CONFIG [--prefill L,...] "
-				"[--decode-ctx C,...] [--batches B,...] [--steps N] [--step-tokens N] [--profile 0|1]\n");
+		fprintf(stderr, "usage: bench_cuda ceilings | sample V B1,B2,... | drift DIR STEPS fp32|bf16 | kda H K T1,T2,... | model CONFIG [--prefill L,...] "
+				"[--decode-ctx C,...] [--batches B,...] [--steps N] [--step-tokens N] [--profile 0|1] "
+				"[--sample logits|greedy|topp]\n");
 		return 2;
 	}
 	return 0;

@@ -18,20 +18,44 @@ m = next((r for r in rows if r["kind"] == "model"), None)
 if m:
     print(f"Model: {m['layers']} layers, {int(m['params'])/1e9:.1f} B parameters, "
           f"{m['weight_GB']} GB of bf16 weights (random, made on the GPU)\n")
-print("| decode | ctx | batch | ms / step | tokens/s | roofline ms | of roofline | GPU memory |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
+print("| decode | variant | sample | ctx | batch | ms / step | tokens/s | roofline ms | of roofline | kernels / step "
+      "| GPU memory |")
+print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 done = set()
+step_ms = {}
 for r in rows:
-    if r["kind"] != "decode" or (r["ctx"], r["batch"]) in done:
+    if r["kind"] != "decode":
         continue
-    done.add((r["ctx"], r["batch"]))
+    key = (r.get("tag", "-"), r.get("sample", "logits"), r["ctx"], r["batch"])
+    if key in done:
+        continue
+    done.add(key)
     if "error" in r:
-        print(f"| | {r['ctx']} | {r['batch']} | {r['error']} | | | | |")
+        print(f"| | {key[0]} | {key[1]} | {r['ctx']} | {r['batch']} | {r['error']} | | | | | |")
         continue
     roof = float(r["bytes"]) / (bw * 1e9) * 1e3
     ms = float(r["ms_per_step"])
-    print(f"| | {r['ctx']} | {r['batch']} | {ms:.2f} | {float(r['tokens_per_s']):.0f} | {roof:.2f} "
-          f"| {roof / ms:.0%} | {r['gpu_GB']} GB |")
+    step_ms[(key[0], key[1], r["ctx"], r["batch"])] = ms
+    print(f"| | {key[0]} | {key[1]} | {r['ctx']} | {r['batch']} | {ms:.2f} | {float(r['tokens_per_s']):.0f} "
+          f"| {roof:.2f} | {roof / ms:.0%} | {r.get('kernels', '')} | {r['gpu_GB']} GB |")
+kern = [r for r in rows if r["kind"] == "kernel"]
+for key in sorted({(r["tag"], r.get("sample", "greedy"), r["ctx"], r["batch"]) for r in kern},
+                  key=lambda k: (k[2], int(k[3]), k[0] != "base")):
+    ms = step_ms.get(key)
+    tot = next((r for r in rows if r["kind"] == "kernel_total" and
+                (r["tag"], r.get("sample", "greedy"), r["ctx"], r["batch"]) == key), None)
+    print(f"\nKernels of a decode step ({key[0]}, {key[1]}, ctx {key[2]}, batch {key[3]}; Nsight Compute, one kernel "
+          "at a time"
+          + (f"; {tot['launches_per_step']} launches, {float(tot['us_per_step']) / 1e3:.2f} ms of kernel time"
+             if tot else "") + (f" in a {ms:.2f} ms step" if ms else "") + "):\n")
+    print("| kernel | per step | µs per step | share of step |")
+    print("|---|---:|---:|---:|")
+    for r in kern:
+        if (r["tag"], r.get("sample", "greedy"), r["ctx"], r["batch"]) != key:
+            continue
+        us = float(r["us_per_step"])
+        share = f"{us / (ms * 1e3):.1%}" if ms else ""
+        print(f"| `{r['name'].strip(chr(34))}` | {r['per_step']} | {us:.1f} | {share} |")
 print("\n| prefill | tokens | s | tokens/s | TFLOP/s | roofline s | of roofline | GPU memory |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 seen = set()
@@ -42,12 +66,26 @@ for r in rows:
     roof = float(r["flops"]) / (gemm * 1e12)
     print(f"| | {r['T']} | {float(r['s']):.3f} | {r['tokens_per_s']} | {r['tflops']} | {roof:.3f} "
           f"| {roof / float(r['s']):.0%} | {r['gpu_GB']} GB |")
-parts = [r for r in rows if r["kind"] == "decode_parts"]
-if parts:
-    p = parts[-1]
-    print(f"\nDecode step by part (ctx {p['ctx']}, batch {p['batch']}; graphs off, every op waited for, "
-          f"{p['ms_per_step_nograph_synced']} ms in all): " +
+for p in [r for r in rows if r["kind"] == "decode_parts"]:
+    print(f"\nDecode step by part ({p.get('tag', '-')}, ctx {p['ctx']}, batch {p['batch']}; graphs off, every op "
+          f"waited for, {p['ms_per_step_nograph_synced']} ms in all): " +
           ", ".join(f"{k} {p[k]} ms" for k in ("linear", "kda", "mla", "moe", "logits", "other")))
+smp = [r for r in rows if r["kind"] == "sample"]
+if smp:
+    bs = sorted({int(r["batch"]) for r in smp})
+    print(f"\n| device sampler alone (V {smp[0]['V']}) | logits | " + " | ".join(f"batch {b} ms" for b in bs) + " |")
+    print("|---|---|" + "---:|" * len(bs))
+    for key in dict.fromkeys((r["setting"], r["logits"]) for r in smp):
+        vals = {int(r["batch"]): r["ms"] for r in smp if (r["setting"], r["logits"]) == key}
+        print(f"| {key[0]} | {key[1]} | " + " | ".join(vals.get(b, "") for b in bs) + " |")
+dr = [r for r in rows if r["kind"] == "drift"]
+if dr:
+    print("\n| bf16 KDA state (rounded at every store) vs fp32 state | precision | steps | logits rel. diff., first 100 "
+          "| last 100 | max | greedy ids agreeing |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in dr:
+        print(f"| {r['model']} | {r['precision']} | {r['steps']} | {r['relerr_first100']} | {r['relerr_last100']} "
+              f"| {r['relerr_max']} | {r['greedy_agree']} of {r['steps']} |")
 kda = {r["T"]: float(r["ms"]) for r in rows if r["kind"] == "kda"}
 fla = {r["T"]: float(r["ms"]) for r in rows if r["kind"] == "fla" and "ms" in r}
 if kda:

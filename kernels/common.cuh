@@ -137,4 +137,64 @@ ceil_div(size_t a, size_t b)
 	return (unsigned) ((a + b - 1) / b);
 }
 
+/*
+ * Programmatic dependent launch (Hopper): a kernel launched with kk_launch
+ * may be started while the kernel before it in the stream is still
+ * finishing, so that its launch, block setup and weight prefetches overlap
+ * that kernel's tail (a decode step is hundreds of short dependent kernels).
+ * The rule that keeps this correct: every kernel launched through kk_launch
+ * calls kk_dep_wait() before it touches memory that an earlier kernel
+ * writes or reads (only constant data, the weights, may be read before), and
+ * it waits before it exits.  kk_dep_wait() returns once the previous grid
+ * has completed and its memory is visible; since that grid waited for its
+ * own predecessor, the whole stream before it is complete too.
+ * kk_dep_launch() lets the next kernel start launching now.  Both are no-ops
+ * on older GPUs and for kernels launched without the attribute.
+ */
+__device__ __forceinline__ void
+kk_dep_wait(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("griddepcontrol.wait;\n":::"memory");
+#endif
+}
+
+__device__ __forceinline__ void
+kk_dep_launch(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("griddepcontrol.launch_dependents;\n":::"memory");
+#endif
+}
+
+/* prefetch the 128-byte lines of [p, p + bytes) into L2, the warp's lanes striding */
+__device__ __forceinline__ void
+kk_prefetch_l2(const void *p, size_t bytes, int lane)
+{
+	for (size_t o = (size_t) lane * 128; o < bytes; o += 32 * 128)
+		asm volatile("prefetch.global.L2 [%0];\n"::"l"((const char *) p + o));
+}
+
+/* set by kk_set_pdl (elementwise.cu): launch with the PDL attribute */
+extern int	kk_pdl_on;
+
+/* kern<<<grid, block, smem, s>>>(args...), with programmatic dependent launch when on */
+template <typename... P, typename... A>
+static inline void
+kk_launch(void (*kern) (P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args)
+{
+	cudaLaunchConfig_t cfg;
+	cudaLaunchAttribute at[1];
+
+	cfg.gridDim = grid;
+	cfg.blockDim = block;
+	cfg.dynamicSmemBytes = smem;
+	cfg.stream = s;
+	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+	at[0].val.programmaticStreamSerializationAllowed = 1;
+	cfg.attrs = at;
+	cfg.numAttrs = kk_pdl_on ? 1 : 0;
+	cudaLaunchKernelEx(&cfg, kern, ((P) args)...);
+}
+
 #endif

@@ -5,15 +5,26 @@
  */
 #include "common.cuh"
 
+int			kk_pdl_on = 0;
+
+extern "C" void
+kk_set_pdl(int on)
+{
+	kk_pdl_on = on;
+}
+
 /* ------------------------------------------------------------------ embed */
 
 __global__ void
 embed_kernel(float *x, const void *E, int bf16, int D, const int32_t *ids)
 {
 	int			r = blockIdx.x;
-	size_t		base = (size_t) ids[r] * D;
+	size_t		base;
 	float	   *y = x + (size_t) r * D;
 
+	kk_dep_wait();
+	kk_dep_launch();
+	base = (size_t) ids[r] * D;
 	for (int c = threadIdx.x; c < D; c += blockDim.x)
 		y[c] = bf16 ? bf16_to_f32(((const uint16_t *) E)[base + c]) : ((const float *) E)[base + c];
 }
@@ -22,10 +33,149 @@ extern "C" void
 kk_embed(cudaStream_t s, float *x, const void *E, int bf16, int D, const int32_t *ids, int n)
 {
 	if (n > 0)
-		embed_kernel<<<n, 256, 0, s>>>(x, E, bf16, D, ids);
+		kk_launch(embed_kernel, dim3(n), dim3(256), 0, s, x, E, bf16, D, ids);
 }
 
 /* ------------------------------------------------------------------ rmsnorm */
+
+/*
+ * Row kernels of decode (a few rows of a few thousand numbers): one block per
+ * row with a thread per 4 numbers, every load of the row issued before any
+ * use, so that a row costs one memory round trip (a loop over the row with a
+ * run-time trip count paid one per iteration: ~9 us per 2304-wide row).
+ *   MODE 0  y = rmsnorm(x)                  (rows of stride ldx / ldy; y may be x)
+ *   MODE 1  x += a; y = rmsnorm(x)          (contiguous rows of d)
+ *   MODE 2  x += sum_r wts[r] ye[inv[r]] (+ ys); y = rmsnorm(x)   (the MoE combine)
+ * Needs d % 4 == 0, d <= 4 * ROW_V4 * 1024, 16-byte aligned rows.
+ */
+#define ROW_V4 4
+
+template <int MODE>
+__global__ void __launch_bounds__(1024)
+row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const float *__restrict__ w, int d, float eps,
+				int k, const float *__restrict__ wts, const int *__restrict__ inv, const float *__restrict__ ye,
+				const float *__restrict__ ys)
+{
+	__shared__ float red[32];
+	size_t		t = blockIdx.x;
+	int			nc = d >> 2;
+	float4	   *xr = (float4 *) (x + t * ldx);
+	float4		v[ROW_V4];
+	float		ss = 0,
+				iv;
+
+	kk_dep_wait();
+	kk_dep_launch();
+#pragma unroll
+	for (int j = 0; j < ROW_V4; j++)
+	{
+		int			c = threadIdx.x + j * blockDim.x;
+
+		if (c < nc)
+		{
+			float4		val = xr[c];
+
+			if (MODE == 1)
+			{
+				float4		b = ((const float4 *) (a + t * d))[c];
+
+				val.x += b.x;
+				val.y += b.y;
+				val.z += b.z;
+				val.w += b.w;
+			}
+			if (MODE == 2)
+			{
+				float4		acc = make_float4(0, 0, 0, 0);
+
+#pragma unroll 8
+				for (int r = 0; r < k; r++)
+				{
+					float		wr = wts[t * k + r];
+					float4		e = ((const float4 *) (ye + (size_t) inv[t * k + r] * d))[c];
+
+					acc.x = fmaf(wr, e.x, acc.x);
+					acc.y = fmaf(wr, e.y, acc.y);
+					acc.z = fmaf(wr, e.z, acc.z);
+					acc.w = fmaf(wr, e.w, acc.w);
+				}
+				if (ys)
+				{
+					float4		s = ((const float4 *) (ys + t * d))[c];
+
+					acc.x += s.x;
+					acc.y += s.y;
+					acc.z += s.z;
+					acc.w += s.w;
+				}
+				val.x += acc.x;
+				val.y += acc.y;
+				val.z += acc.z;
+				val.w += acc.w;
+			}
+			v[j] = val;
+			ss += val.x * val.x + val.y * val.y + val.z * val.z + val.w * val.w;
+		}
+	}
+	ss = block_sum(ss, red);
+	iv = 1.0f / sqrtf(ss / (float) d + eps);
+#pragma unroll
+	for (int j = 0; j < ROW_V4; j++)
+	{
+		int			c = threadIdx.x + j * blockDim.x;
+
+		if (c < nc)
+		{
+			float4		wv = ((const float4 *) w)[c],
+						o;
+
+			if (MODE >= 1)
+				xr[c] = v[j];
+			o.x = wv.x * (v[j].x * iv);
+			o.y = wv.y * (v[j].y * iv);
+			o.z = wv.z * (v[j].z * iv);
+			o.w = wv.w * (v[j].w * iv);
+			((float4 *) (y + t * ldy))[c] = o;
+		}
+	}
+}
+
+static bool
+row_ok(int d, int ld1, int ld2, const void *p1, const void *p2, const void *p3, const void *p4)
+{
+	return d % 4 == 0 && d <= 4 * ROW_V4 * 1024 && ld1 % 4 == 0 && ld2 % 4 == 0 &&
+		(((uintptr_t) p1 | (uintptr_t) p2 | (uintptr_t) p3 | (uintptr_t) p4) & 15) == 0;
+}
+
+static unsigned
+row_threads(int d)
+{
+	int			per = (d / 4 + ROW_V4 - 1) / ROW_V4;	/* threads if each takes ROW_V4 */
+	int			th = d / 4 <= 1024 ? d / 4 : per;
+
+	th = (th + 31) / 32 * 32;
+	return th < 32 ? 32 : th > 1024 ? 1024 : th;
+}
+
+extern "C" int
+kk_row_norm(cudaStream_t s, int mode, float *y, int ldy, float *x, int ldx, const float *a, const float *w, int rows,
+			int d, float eps, int k, const float *wts, const int *inv, const float *ye, const float *ys)
+{
+	if (rows <= 0)
+		return 0;
+	if (!row_ok(d, ldx, ldy, y, x, w, a) || (mode == 2 && !row_ok(d, 4, 4, ye, ys, NULL, NULL)))
+		return -1;
+	if (mode == 0)
+		kk_launch(row_norm_kernel<0>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
+				  inv, ye, ys);
+	else if (mode == 1)
+		kk_launch(row_norm_kernel<1>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
+				  inv, ye, ys);
+	else
+		kk_launch(row_norm_kernel<2>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
+				  inv, ye, ys);
+	return 0;
+}
 
 /* One block per row.  In place is safe: each element is read, then written,
  * by the same thread. */
@@ -37,6 +187,8 @@ rmsnorm_kernel(float *y, int ldy, const float *x, int ldx, const float *w, int d
 	float	   *yr = y + (size_t) blockIdx.x * ldy;
 	float		ss = 0;
 
+	kk_dep_wait();
+	kk_dep_launch();
 	for (int c = threadIdx.x; c < d; c += blockDim.x)
 		ss += xr[c] * xr[c];
 	ss = block_sum(ss, red);
@@ -51,8 +203,10 @@ rmsnorm_kernel(float *y, int ldy, const float *x, int ldx, const float *w, int d
 extern "C" void
 kk_rmsnorm(cudaStream_t s, float *y, int ldy, const float *x, int ldx, const float *w, int rows, int d, float eps)
 {
+	if (kk_row_norm(s, 0, y, ldy, (float *) x, ldx, NULL, w, rows, d, eps, 0, NULL, NULL, NULL, NULL) == 0)
+		return;
 	if (rows > 0)
-		rmsnorm_kernel<<<rows, d >= 1024 ? 256 : 128, 0, s>>>(y, ldy, x, ldx, w, d, eps);
+		kk_launch(rmsnorm_kernel, dim3(rows), dim3(d >= 1024 ? 256 : 128), 0, s, y, ldy, x, ldx, w, d, eps);
 }
 
 /* The residual add fused with the next norm: x += a; y = w * x / rms(x). */
@@ -65,6 +219,8 @@ add_rmsnorm_kernel(float *y, float *x, const float *a, const float *w, int d, fl
 	float	   *yr = y + (size_t) blockIdx.x * d;
 	float		ss = 0;
 
+	kk_dep_wait();
+	kk_dep_launch();
 	for (int c = threadIdx.x; c < d; c += blockDim.x)
 	{
 		float		v = xr[c] + ar[c];
@@ -84,8 +240,10 @@ add_rmsnorm_kernel(float *y, float *x, const float *a, const float *w, int d, fl
 extern "C" void
 kk_add_rmsnorm(cudaStream_t s, float *y, float *x, const float *a, const float *w, int rows, int d, float eps)
 {
+	if (kk_row_norm(s, 1, y, d, x, d, a, w, rows, d, eps, 0, NULL, NULL, NULL, NULL) == 0)
+		return;
 	if (rows > 0)
-		add_rmsnorm_kernel<<<rows, d >= 1024 ? 256 : 128, 0, s>>>(y, x, a, w, d, eps);
+		kk_launch(add_rmsnorm_kernel, dim3(rows), dim3(d >= 1024 ? 256 : 128), 0, s, y, x, a, w, d, eps);
 }
 
 /* ------------------------------------------------------------------ add, swiglu */
@@ -93,6 +251,8 @@ kk_add_rmsnorm(cudaStream_t s, float *y, float *x, const float *a, const float *
 __global__ void
 add_kernel(float *y, const float *x, size_t n)
 {
+	kk_dep_wait();
+	kk_dep_launch();
 	for (size_t i = blockIdx.x * (size_t) blockDim.x + threadIdx.x; i < n; i += (size_t) gridDim.x * blockDim.x)
 		y[i] += x[i];
 }
@@ -104,7 +264,7 @@ kk_add(cudaStream_t s, float *y, const float *x, size_t n)
 
 	if (n == 0)
 		return;
-	add_kernel<<<blocks < 4096 ? blocks : 4096, 256, 0, s>>>(y, x, n);
+	kk_launch(add_kernel, dim3(blocks < 4096 ? blocks : 4096), dim3(256), 0, s, y, x, n);
 }
 
 __global__ void
@@ -112,6 +272,8 @@ swiglu_kernel(float *h, const float *g, const float *u, int rows, int width, int
 {
 	size_t		n = (size_t) rows * width;
 
+	kk_dep_wait();
+	kk_dep_launch();
 	for (size_t i = blockIdx.x * (size_t) blockDim.x + threadIdx.x; i < n; i += (size_t) gridDim.x * blockDim.x)
 	{
 		size_t		r = i / width,
@@ -128,7 +290,7 @@ kk_swiglu(cudaStream_t s, float *h, const float *g, const float *u, int rows, in
 
 	if (rows <= 0 || width <= 0)
 		return;
-	swiglu_kernel<<<blocks < 8192 ? blocks : 8192, 256, 0, s>>>(h, g, u, rows, width, ld);
+	kk_launch(swiglu_kernel, dim3(blocks < 8192 ? blocks : 8192), dim3(256), 0, s, h, g, u, rows, width, ld);
 }
 
 /* ------------------------------------------------------------------ conversions */
@@ -138,6 +300,8 @@ f32_to_bf16_kernel(uint16_t *dst, int ldd, const float *src, int lds, int rows, 
 {
 	size_t		n = (size_t) rows * cols;
 
+	kk_dep_wait();
+	kk_dep_launch();
 	for (size_t i = blockIdx.x * (size_t) blockDim.x + threadIdx.x; i < n; i += (size_t) gridDim.x * blockDim.x)
 	{
 		size_t		r = i / cols,
@@ -154,7 +318,7 @@ kk_f32_to_bf16(cudaStream_t s, uint16_t *dst, int ldd, const float *src, int lds
 
 	if (rows <= 0 || cols <= 0)
 		return;
-	f32_to_bf16_kernel<<<blocks < 16384 ? blocks : 16384, 256, 0, s>>>(dst, ldd, src, lds, rows, cols);
+	kk_launch(f32_to_bf16_kernel, dim3(blocks < 16384 ? blocks : 16384), dim3(256), 0, s, dst, ldd, src, lds, rows, cols);
 }
 
 __global__ void

@@ -19,8 +19,21 @@
 #define GEMV_WARPS 8			/* weight rows per block */
 #define GEMV_MAX_NR 8			/* input rows per pass */
 
-/* acc[r] += W[row] . x_r over cols, for NR input rows */
-template <int NR, bool BF16>
+/* set by kk_set_gemv_wide: bf16 GEMVs keep eight 16-byte loads in flight per lane (else four) */
+int			kk_gemv_wide = 0;
+
+extern "C" void
+kk_set_gemv_wide(int on)
+{
+	kk_gemv_wide = on;
+}
+
+/*
+ * acc[r] += W[row] . x_r over cols, for NR input rows.  WIDE (bf16): eight
+ * pieces a lane in flight, unpacked one at a time; every lane adds its pieces
+ * in the same order either way, so the results are the same.
+ */
+template <int NR, bool BF16, bool WIDE = false>
 __device__ __forceinline__ void
 dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int cols, int lane, bool vec)
 {
@@ -28,6 +41,42 @@ dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int 
 	{
 		int			nch = cols >> 3;
 		int			ch = lane;
+
+		if (BF16 && WIDE)
+			for (; ch + 224 < nch; ch += 256)
+			{
+				const uint4 *wp = (const uint4 *) Wrow;
+				uint4		raw[8];
+
+#pragma unroll
+				for (int u = 0; u < 8; u++)
+					raw[u] = __ldg(wp + ch + 32 * u);
+#pragma unroll
+				for (int u = 0; u < 8; u++)
+				{
+					float		w[8];
+
+					unpack8_bf16(raw[u], w);
+#pragma unroll
+					for (int r = 0; r < NR; r++)
+					{
+						const float4 *xp = (const float4 *) xr[r] + 2 * (ch + 32 * u);
+						float4		a = __ldg(xp),
+									b = __ldg(xp + 1);
+						float		t = acc[r];
+
+						t = fmaf(w[0], a.x, t);
+						t = fmaf(w[1], a.y, t);
+						t = fmaf(w[2], a.z, t);
+						t = fmaf(w[3], a.w, t);
+						t = fmaf(w[4], b.x, t);
+						t = fmaf(w[5], b.y, t);
+						t = fmaf(w[6], b.z, t);
+						t = fmaf(w[7], b.w, t);
+						acc[r] = t;
+					}
+				}
+			}
 
 		/* four 16-byte (bf16) pieces in flight per lane */
 		for (; ch + 96 < nch; ch += 128)
@@ -142,7 +191,7 @@ dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int 
 	}
 }
 
-template <int NR, bool BF16>
+template <int NR, bool BF16, bool WIDE>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx,
 			const void *__restrict__ W, int rows, int cols, bool vec)
@@ -151,19 +200,27 @@ gemv_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx
 	int			lane = threadIdx.x & 31;
 	float		acc[NR];
 	const float *xr[NR];
-	const void *Wrow;
+	const void *Wrow = BF16 ? (const void *) ((const uint16_t *) W + (size_t) row * cols)
+		: (const void *) ((const float *) W + (size_t) row * cols);
 
+	/* grid.y: passes of NR input rows in one launch */
+	x += (size_t) blockIdx.y * NR * ldx;
+	y += (size_t) blockIdx.y * NR * ldy;
+
+	/* the weights do not depend on earlier kernels: start fetching them */
+	if (row < rows)
+		kk_prefetch_l2(Wrow, (size_t) cols * (BF16 ? 2 : 4), lane);
+	kk_dep_wait();
+	kk_dep_launch();
 	if (row >= rows)
 		return;
-	Wrow = BF16 ? (const void *) ((const uint16_t *) W + (size_t) row * cols)
-		: (const void *) ((const float *) W + (size_t) row * cols);
 #pragma unroll
 	for (int r = 0; r < NR; r++)
 	{
 		acc[r] = 0;
 		xr[r] = x + (size_t) r * ldx;
 	}
-	dot_rows<NR, BF16>(acc, Wrow, xr, cols, lane, vec);
+	dot_rows<NR, BF16, WIDE>(acc, Wrow, xr, cols, lane, vec);
 #pragma unroll
 	for (int r = 0; r < NR; r++)
 	{
@@ -177,13 +234,18 @@ gemv_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx
 template <bool BF16>
 static void
 gemv_launch(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int nr, const void *W, int rows,
-			int cols, bool vec)
+			int cols, bool vec, int passes = 1)
 {
-	dim3		grid(ceil_div(rows, GEMV_WARPS));
+	dim3		grid(ceil_div(rows, GEMV_WARPS), passes);
 
 	switch (nr)
 	{
-#define CASE(N) case N: gemv_kernel<N, BF16><<<grid, GEMV_WARPS * 32, 0, s>>>(y, ldy, x, ldx, W, rows, cols, vec); break;
+#define CASE(N) case N: \
+		if (BF16 && kk_gemv_wide) \
+			kk_launch(gemv_kernel<N, BF16, true>, grid, dim3(GEMV_WARPS * 32), 0, s, y, ldy, x, ldx, W, rows, cols, vec); \
+		else \
+			kk_launch(gemv_kernel<N, BF16, false>, grid, dim3(GEMV_WARPS * 32), 0, s, y, ldy, x, ldx, W, rows, cols, vec); \
+		break;
 			CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
 	}
@@ -199,7 +261,21 @@ extern "C" void
 kk_gemv(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int bf16, int rows, int cols)
 {
 	bool		vec = vector_ok(x, ldx, W, cols);
+	int			full = n / GEMV_MAX_NR;
 
+	/* the full passes of GEMV_MAX_NR rows in one launch (grid.y), then the rest */
+	if (full > 1)
+	{
+		if (bf16)
+			gemv_launch<true>(s, y, ldy, x, ldx, GEMV_MAX_NR, W, rows, cols, vec, full);
+		else
+			gemv_launch<false>(s, y, ldy, x, ldx, GEMV_MAX_NR, W, rows, cols, vec, full);
+		if (n == full * GEMV_MAX_NR)
+			return;
+		y += (size_t) full * GEMV_MAX_NR * ldy;
+		x += (size_t) full * GEMV_MAX_NR * ldx;
+		n -= full * GEMV_MAX_NR;
+	}
 	for (int r0 = 0; r0 < n; r0 += GEMV_MAX_NR)
 	{
 		int			nr = n - r0 < GEMV_MAX_NR ? n - r0 : GEMV_MAX_NR;
@@ -216,7 +292,7 @@ kk_gemv(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const
  * projections of a layer that all read the normalized input): block b
  * belongs to the job whose range of blocks holds it.
  */
-template <int NR>
+template <int NR, bool WIDE>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_batch_kernel(kk_gemv_batch b)
 {
@@ -231,6 +307,11 @@ gemv_batch_kernel(kk_gemv_batch b)
 		const kk_gemv_job *jb = &b.job[j];
 		int			row = ((int) blockIdx.x - b.first_block[j]) * GEMV_WARPS + (threadIdx.x >> 5);
 
+		if (row < jb->rows)
+			kk_prefetch_l2((const char *) jb->W + (size_t) row * jb->cols * (jb->bf16 ? 2 : 4),
+						   (size_t) jb->cols * (jb->bf16 ? 2 : 4), lane);
+		kk_dep_wait();
+		kk_dep_launch();
 		if (row >= jb->rows)
 			return;
 #pragma unroll
@@ -240,7 +321,8 @@ gemv_batch_kernel(kk_gemv_batch b)
 			xr[r] = jb->x + (size_t) r * jb->ldx;
 		}
 		if (jb->bf16)
-			dot_rows<NR, true>(acc, (const uint16_t *) jb->W + (size_t) row * jb->cols, xr, jb->cols, lane, jb->vec);
+			dot_rows<NR, true, WIDE>(acc, (const uint16_t *) jb->W + (size_t) row * jb->cols, xr, jb->cols, lane,
+									 jb->vec);
 		else
 			dot_rows<NR, false>(acc, (const float *) jb->W + (size_t) row * jb->cols, xr, jb->cols, lane, jb->vec);
 #pragma unroll
@@ -272,7 +354,12 @@ kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b)
 	b->first_block[b->count] = blocks;
 	switch (b->n)
 	{
-#define CASE(N) case N: gemv_batch_kernel<N><<<blocks, GEMV_WARPS * 32, 0, s>>>(*b); break;
+#define CASE(N) case N: \
+		if (kk_gemv_wide) \
+			kk_launch(gemv_batch_kernel<N, true>, dim3(blocks), dim3(GEMV_WARPS * 32), 0, s, *b); \
+		else \
+			kk_launch(gemv_batch_kernel<N, false>, dim3(blocks), dim3(GEMV_WARPS * 32), 0, s, *b); \
+		break;
 			CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
 	}
@@ -280,46 +367,67 @@ kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b)
 
 /* ------------------------------------------------------------------ experts */
 
-template <int NR, bool BF16>
+/*
+ * Modes of the expert kernel: one matrix (W0 -> y0); two matrices, the
+ * second half of the blocks taking W1 -> y1; or SwiGLU: the warp computes the
+ * gate row (W0) and the up row (W1) of the same output and writes
+ * silu(gate) * up to y0 (the values the separate swiglu kernel would make
+ * from the two products, without their round trip through memory).
+ */
+#define EXPERT_ONE 0
+#define EXPERT_TWO 1
+#define EXPERT_SWIGLU 2
+
+template <int NR, bool BF16, int MODE, bool WIDE>
 __device__ __forceinline__ void
-expert_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const void *Wrow, int row, int cols,
-			int i0, int lane, bool vec)
+expert_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const void *Wrow, const void *Wrow2,
+			int row, int cols, int i0, int lane, bool vec)
 {
-	float		acc[NR];
+	float		acc[NR],
+				acc2[NR];
 	const float *xr[NR];
 
 #pragma unroll
 	for (int r = 0; r < NR; r++)
 	{
 		acc[r] = 0;
+		acc2[r] = 0;
 		xr[r] = x + (size_t) (xrow ? xrow[i0 + r] : i0 + r) * ldx;
 	}
-	dot_rows<NR, BF16>(acc, Wrow, xr, cols, lane, vec);
+	dot_rows<NR, BF16, WIDE>(acc, Wrow, xr, cols, lane, vec);
+	if (MODE == EXPERT_SWIGLU)
+		dot_rows<NR, BF16, WIDE>(acc2, Wrow2, xr, cols, lane, vec);
 #pragma unroll
 	for (int r = 0; r < NR; r++)
 	{
 		float		s = warp_sum(acc[r]);
 
+		if (MODE == EXPERT_SWIGLU)
+		{
+			float		u = warp_sum(acc2[r]);
+
+			s = siluf_(s) * u;
+		}
 		if (lane == 0)
 			y[(size_t) (i0 + r) * ldy + row] = s;
 	}
 }
 
 /* expert_pass for nr (1..N) input rows: instantiates only the sizes up to N */
-template <int N, bool BF16>
+template <int N, bool BF16, int MODE, bool WIDE>
 __device__ __forceinline__ void
-expert_pass_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *xrow, const void *Wrow, int row,
-				 int cols, int i0, int lane, bool vec)
+expert_pass_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *xrow, const void *Wrow,
+				 const void *Wrow2, int row, int cols, int i0, int lane, bool vec)
 {
 	if constexpr (N > 1)
 	{
 		if (nr < N)
 		{
-			expert_pass_upto<N - 1, BF16>(nr, y, ldy, x, ldx, xrow, Wrow, row, cols, i0, lane, vec);
+			expert_pass_upto<N - 1, BF16, MODE, WIDE>(nr, y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, i0, lane, vec);
 			return;
 		}
 	}
-	expert_pass<N, BF16>(y, ldy, x, ldx, xrow, Wrow, row, cols, i0, lane, vec);
+	expert_pass<N, BF16, MODE, WIDE>(y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, i0, lane, vec);
 }
 
 /*
@@ -329,7 +437,7 @@ expert_pass_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *
  * plain GEMV (31 against 90 with all eight sizes), so that four times as
  * many warps stream weights per SM.
  */
-template <bool BF16, int MAXNR>
+template <bool BF16, int MAXNR, int MODE, bool WIDE>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 expert_gemv_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
 				   const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
@@ -340,54 +448,86 @@ expert_gemv_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, i
 				count;
 	/* with two matrices, the second half of the blocks takes the second */
 	int			per = (rows + GEMV_WARPS - 1) / GEMV_WARPS;
-	int			m = W1 && (int) blockIdx.x >= per;
+	int			m = MODE == EXPERT_TWO && (int) blockIdx.x >= per;
 	int			row = ((int) blockIdx.x - m * per) * GEMV_WARPS + (threadIdx.x >> 5);
 	int			lane = threadIdx.x & 31;
 
+	/* which experts run depends on the routing kernel before: wait first */
+	kk_dep_wait();
+	kk_dep_launch();
 	if ((int) blockIdx.y >= active[0] || row >= rows)
 		return;
+	/* work item: expert e, rows chunk * MAXNR ..; at most MAXNR rows (kk_moe_group's P) */
 	e = active[1 + blockIdx.y];
-	first = start[e];
-	count = start[e + 1] - first;
+	first = start[e >> 6] + (e & 63) * MAXNR;
+	count = start[(e >> 6) + 1] - first;
+	count = count < MAXNR ? count : MAXNR;
+	e >>= 6;
 	{
 		const void *W = m ? W1[e] : W0[e];
-		const void *Wrow = BF16 ? (const void *) ((const uint16_t *) W + (size_t) row * cols)
-			: (const void *) ((const float *) W + (size_t) row * cols);
+		const void *W2 = MODE == EXPERT_SWIGLU ? W1[e] : NULL;
+		size_t		esz = BF16 ? 2 : 4;
+		const void *Wrow = (const char *) W + (size_t) row * cols * esz;
+		const void *Wrow2 = W2 ? (const void *) ((const char *) W2 + (size_t) row * cols * esz) : NULL;
 		float	   *y = m ? y1 : y0;
 
 		for (int p = 0; p < count; p += MAXNR)
 		{
 			int			nr = count - p < MAXNR ? count - p : MAXNR;
 
-			expert_pass_upto<MAXNR, BF16>(nr, y, ldy, x, ldx, xrow, Wrow, row, cols, first + p, lane, vec);
+			expert_pass_upto<MAXNR, BF16, MODE, WIDE>(nr, y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, first + p,
+													  lane, vec);
 		}
 	}
 }
 
-template <bool BF16, int MAXNR>
+template <bool BF16, int MAXNR, int MODE>
 static void
 expert_launch(cudaStream_t s, dim3 grid, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
 			  const void *const *W0, const void *const *W1, int rows, int cols, const int *start, const int *active,
 			  bool vec)
 {
-	expert_gemv_kernel<BF16, MAXNR><<<grid, GEMV_WARPS * 32, 0, s>>>(y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
-																	   start, active, vec);
+	if (BF16 && kk_gemv_wide)
+		kk_launch(expert_gemv_kernel<BF16, MAXNR, MODE, true>, grid, dim3(GEMV_WARPS * 32), 0, s, y0, y1, ldy, x, ldx,
+				  xrow, W0, W1, rows, cols, start, active, vec);
+	else
+		kk_launch(expert_gemv_kernel<BF16, MAXNR, MODE, false>, grid, dim3(GEMV_WARPS * 32), 0, s, y0, y1, ldy, x,
+				  ldx, xrow, W0, W1, rows, cols, start, active, vec);
 }
 
-template <bool BF16>
+template <bool BF16, int MODE>
 static void
 expert_dispatch(cudaStream_t s, int max_count, dim3 grid, float *y0, float *y1, int ldy, const float *x, int ldx,
 				const int *xrow, const void *const *W0, const void *const *W1, int rows, int cols, const int *start,
 				const int *active, bool vec)
 {
 	if (max_count <= 1)
-		expert_launch<BF16, 1>(s, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
+		expert_launch<BF16, 1, MODE>(s, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
 	else if (max_count <= 2)
-		expert_launch<BF16, 2>(s, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
+		expert_launch<BF16, 2, MODE>(s, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
 	else if (max_count <= 4)
-		expert_launch<BF16, 4>(s, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
+		expert_launch<BF16, 4, MODE>(s, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
 	else
-		expert_launch<BF16, GEMV_MAX_NR>(s, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
+		expert_launch<BF16, GEMV_MAX_NR, MODE>(s, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active,
+											   vec);
+}
+
+/* the most input rows of one expert pass (KL_CUDA_EXPERT_NR: 1, 2, 4 or 8) */
+int			kk_expert_nr = 4;
+
+/* the rows of one expert pass (and work item) for a step of max_count tokens */
+extern "C" int
+kk_expert_pass_rows(int max_count)
+{
+	int			nr = max_count <= 1 ? 1 : max_count <= 2 ? 2 : max_count <= 4 ? 4 : GEMV_MAX_NR;
+
+	return nr < kk_expert_nr ? nr : kk_expert_nr;
+}
+
+extern "C" void
+kk_set_expert_nr(int nr)
+{
+	kk_expert_nr = nr == 1 || nr == 2 || nr == 4 || nr == 8 ? nr : 4;
 }
 
 extern "C" void
@@ -397,12 +537,31 @@ kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, in
 {
 	/* expert matrices are separate allocations (256-byte aligned) */
 	bool		vec = cols % 8 == 0 && ldx % 4 == 0 && ((uintptr_t) x & 15) == 0;
-	dim3		grid(ceil_div(rows, GEMV_WARPS) * (W1 ? 2 : 1), max_active);
+	bool		swiglu = W1 && !y1;
+	int			mode = !W1 ? EXPERT_ONE : swiglu ? EXPERT_SWIGLU : EXPERT_TWO;
+	dim3		grid(ceil_div(rows, GEMV_WARPS) * (mode == EXPERT_TWO ? 2 : 1), max_active);
 
 	if (max_active <= 0)
 		return;
-	if (bf16)
-		expert_dispatch<true>(s, max_count, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
+	/*
+	 * Passes of at most kk_expert_nr rows: a kernel holding 8 rows' sums for
+	 * every weight piece has twice the registers (half the resident warps),
+	 * and at batch 64 an expert has ~2.3 tokens on average; the results are
+	 * the same (each row's sum is made the same way in any pass size).
+	 */
+	max_count = kk_expert_pass_rows(max_count);
+#define DISPATCH(M) \
+	do { \
+		if (bf16) \
+			expert_dispatch<true, M>(s, max_count, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec); \
+		else \
+			expert_dispatch<false, M>(s, max_count, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec); \
+	} while (0)
+	if (mode == EXPERT_ONE)
+		DISPATCH(EXPERT_ONE);
+	else if (mode == EXPERT_TWO)
+		DISPATCH(EXPERT_TWO);
 	else
-		expert_dispatch<false>(s, max_count, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, vec);
+		DISPATCH(EXPERT_SWIGLU);
+#undef DISPATCH
 }

@@ -25,6 +25,8 @@ extern "C"
 #endif
 
 /* elementwise.cu */
+/* launch the decode kernels with programmatic dependent launch (common.cuh) */
+void		kk_set_pdl(int on);
 void		kk_embed(cudaStream_t s, float *x, const void *E, int bf16, int D, const int32_t *ids, int n);
 void		kk_rmsnorm(cudaStream_t s, float *y, int ldy, const float *x, int ldx, const float *w, int rows, int d,
 					   float eps);
@@ -32,12 +34,24 @@ void		kk_add(cudaStream_t s, float *y, const float *x, size_t n);
 /* x += a, then y = rmsnorm(x) (contiguous rows of d; y may be a) */
 void		kk_add_rmsnorm(cudaStream_t s, float *y, float *x, const float *a, const float *w, int rows, int d,
 						   float eps);
+/* the row kernels behind kk_rmsnorm (mode 0), kk_add_rmsnorm (1) and
+ * kk_moe_combine_add_rmsnorm (2), for rows they cover (d % 4 == 0, aligned):
+ * 0 when launched, -1 when the caller must use the general kernel */
+int			kk_row_norm(cudaStream_t s, int mode, float *y, int ldy, float *x, int ldx, const float *a, const float *w,
+						int rows, int d, float eps, int k, const float *wts, const int *inv, const float *ye,
+						const float *ys);
 void		kk_swiglu(cudaStream_t s, float *h, const float *g, const float *u, int rows, int width, int ld);
 void		kk_f32_to_bf16(cudaStream_t s, uint16_t *dst, int ldd, const float *src, int lds, int rows, int cols);
 void		kk_bf16_to_f32(cudaStream_t s, float *dst, const uint16_t *src, size_t n);
 void		kk_fill_random(cudaStream_t s, void *dst, int bf16, size_t n, uint64_t seed, float scale);
 
 /* gemv.cu: y[n, rows] (ldy) = x[n, cols] (ldx) W^T for few rows n */
+/* bf16 GEMVs with eight 16-byte loads in flight per lane instead of four (same results) */
+void		kk_set_gemv_wide(int on);
+/* the most input rows an expert GEMV pass takes (1, 2, 4 or 8; default 4) */
+void		kk_set_expert_nr(int nr);
+/* P: the rows of one expert work item for a step of max_count tokens */
+int			kk_expert_pass_rows(int max_count);
 void		kk_gemv(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int bf16,
 					int rows, int cols);
 /* up to KK_GEMV_JOBS products of the same n <= 8 rows in one launch */
@@ -63,10 +77,13 @@ typedef struct kk_gemv_batch
 } kk_gemv_batch;
 void		kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b);
 /*
- * Expert products: for each expert e listed in active (active[0] = how many,
- * then the ids; at most max_active), for the pairs i in [start[e], start[e+1]):
+ * Expert products: for each work item listed in active (active[0] = how many,
+ * then items e * 64 + c; at most max_active): expert e's pairs i in
+ * [start[e] + c P, ...) up to P of them and start[e+1] (P =
+ * kk_expert_pass_rows(max_count)):
  * y0[i] = W0[e] x[xrow[i]] and, when W1 is not NULL, y1[i] = W1[e] x[xrow[i]]
  * (xrow NULL: x row i).  W0, W1: device arrays of device pointers.
+ * W1 given and y1 NULL: SwiGLU, y0[i] = silu(W0[e] x) * (W1[e] x).
  * max_count: the most rows any one expert can have (the step's token count).
  */
 void		kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
@@ -83,25 +100,28 @@ void		kk_kda_prep(cudaStream_t s, int n_tokens, int H, int K, int W, const float
 void		kk_kda_tails(cudaStream_t s, int n_seqs, int HK, int W, const float *q, const float *k, const float *v,
 						 const int *row0, float *const *conv_tab);
 /* sequences with more than max_rows rows are left to kk_kda_chunked */
+/* round16: store the state rounded to bf16 (measuring a bf16 state; KL_CUDA_KDA_STATE_ROUND=bf16) */
 int			kk_kda_recurrent(cudaStream_t s, int n_seqs, int H, int K, const float *q, const float *k,
 							 const float *v, const float *g, const float *beta, float *o, const int *row0,
-							 float *const *S_tab, int max_rows);
+							 float *const *S_tab, int max_rows, int round16);
 size_t		kk_kda_chunk_scratch(int n, int H, int K);
 int			kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
 						   const float *g, const float *beta, float *S, float *o, float *scratch);
 void		kk_kda_gated_norm(cudaStream_t s, int n_tokens, int H, int V, const float *o, const float *gate,
 							  const float *w, float eps, float *out);
 
-/* mla.cu (pages: for each sequence, page_cap page pointers of this layer) */
+/* mla.cu (pages: for each sequence, page_cap page pointers of this layer;
+ * c16: the cache rows are bf16, else fp32) */
 void		kk_mla_append(cudaStream_t s, int n_tokens, int Wa, const float *kv, const int *row_seq,
-						  const int *row0, const int64_t *pos0, float *const *pages, int page_cap);
-void		kk_mla_gather(cudaStream_t s, float *dst, int64_t m, int Wa, float *const *pages);
+						  const int *row0, const int64_t *pos0, float *const *pages, int page_cap, int c16);
+void		kk_mla_gather(cudaStream_t s, float *dst, int64_t m, int Wa, float *const *pages, int c16);
 void		kk_mla_absorb_q(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *q,
 							const void *kv_b, int bf16, float *qabs, const int *row_seq, const int *absorbed);
 int			kk_mla_attend_supported(int Ha, int R, int Dr);
 int			kk_mla_attend(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R, int Dr,
 						  const float *qabs, float scale, const int *row_seq, const int *row0, const int64_t *pos0,
-						  const int *absorbed, float *const *pages, int page_cap, float *part_acc, float *part_ml);
+						  const int *absorbed, float *const *pages, int page_cap, float *part_acc, float *part_ml,
+						  int c16);
 void		kk_mla_merge(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R,
 						 const float *part_acc, const float *part_ml, const int *row_seq, const int *row0,
 						 const int64_t *pos0, const int *absorbed, float *olat);
@@ -113,14 +133,42 @@ void		kk_mla_softmax(cudaStream_t s, float *S, uint16_t *P16, int Ha, int nq, in
 /* k <= 64 experts per token; shared memory (2E + G) floats + (E + G) ints */
 void		kk_moe_route(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
 						 int bias_in_w, float scaling, const float *logits, const float *bias, int *sel, float *wts);
-/* shared_rows > 0: the shared expert becomes expert E (start[E+2], rows nk..nk+shared_rows) */
-void		kk_moe_group(cudaStream_t s, int nk, int E, int k, int shared_rows, const int *sel, int *start, int *xrow,
-						 int *inv, int *active);
+/* shared_rows > 0: the shared expert becomes expert E (start[E+2], rows nk..nk+shared_rows);
+ * active: the work list of kk_expert_gemv, items of at most P rows */
+void		kk_moe_group(cudaStream_t s, int nk, int E, int k, int shared_rows, int P, const int *sel, int *start,
+						 int *xrow, int *inv, int *active);
 void		kk_moe_combine(cudaStream_t s, float *y, int n, int D, int k, const float *wts, const int *inv,
 						   const float *ye, const float *ys);
+/* kk_moe_route then kk_moe_group in one launch (decode sizes): -1 when the
+ * shape is not covered (k > 32, E > 1024, n k > 4096), else 0 or a CUDA error */
+int			kk_moe_route_group(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
+							   int bias_in_w, float scaling, const float *logits, const float *bias, int *sel,
+							   float *wts, int shared_rows, int P, int *start, int *xrow, int *inv, int *active);
+/* kk_moe_combine into y, then x += y and xn = rmsnorm(x; w) (kk_add_rmsnorm), without y in memory */
+void		kk_moe_combine_add_rmsnorm(cudaStream_t s, float *xn, float *x, int n, int D, int k, const float *wts,
+									   const int *inv, const float *ye, const float *ys, const float *w, float eps);
 void		kk_gather_rows(cudaStream_t s, float *dst, const float *src, int ld, const int *rows, int n, int D);
 void		kk_gather_rows_bf16(cudaStream_t s, uint16_t *dst, const float *src, int ld, const int *rows, int n, int D);
 void		kk_swiglu_bf16(cudaStream_t s, uint16_t *h, const float *g, const float *u, size_t n);
+
+/* sample.cu: one row of a sampling call (src/cuda/cuda_sample.c fills it) */
+typedef struct kk_sample_row
+{
+	int			row;			/* row of the logits matrix */
+	float		temperature,
+				top_p,
+				min_p,
+				penalty;
+	int			top_k;
+	double		u0;				/* the uniform draw (kl_sample_uniform) */
+	int			recent_off,		/* distinct penalty ids: recent[recent_off ..] */
+				n_recent;
+	int			mask_off;		/* allowed-token bits at masks[mask_off ..], -1: all allowed */
+} kk_sample_row;
+/* out[i] = kl_sample_draw's choice for rows[i] (rows: device memory);
+ * scratch [n, V] floats; the logits rows are modified */
+int			kk_sample(cudaStream_t s, float *logits, int V, int n, const kk_sample_row *rows, const int32_t *recent,
+					  const uint32_t *masks, float *scratch, int32_t *out);
 
 #ifdef __cplusplus
 }

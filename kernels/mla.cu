@@ -18,35 +18,62 @@
  * Per-row and per-sequence step metadata (row_seq, row0, pos0, the absorbed
  * flag, the page table) live on the device, uploaded once per step, so that
  * a decode step can be replayed as a CUDA graph whatever the positions.
+ *
+ * The cache holds fp32 rows, or bf16 rows (c16, the bf16 precision mode:
+ * half the memory and half the bytes to read per step); bf16 rows are
+ * widened to fp32 on load, so the arithmetic is the same.
  */
 #include "common.cuh"
 
 #define ATT_TK 32				/* keys per tile in mla_attend */
 #define ATT_MAXHPT 16			/* heads per thread in the accumulator */
+#define ATT_C16_LOADS 12		/* 16-byte loads per thread for a bf16 key tile: Wa <= 768 */
 
 /* ------------------------------------------------------------------ append, gather */
 
+template <bool C16>
 __global__ void
 mla_append_kernel(int Wa, const float *__restrict__ kv, const int *__restrict__ row_seq,
 				  const int *__restrict__ row0, const int64_t *__restrict__ pos0, float *const *pages, int page_cap)
 {
 	int			t = blockIdx.x;
-	int			s = row_seq[t];
-	int64_t	pos = pos0[s] + (t - row0[s]);
-	float	   *dst = pages[(size_t) s * page_cap + pos / KK_MLA_PAGE] + (size_t) (pos % KK_MLA_PAGE) * Wa;
+	int			s;
+	int64_t		pos;
+	size_t		off;
+	void	   *page;
 
+	kk_dep_wait();
+	kk_dep_launch();
+	s = row_seq[t];
+	pos = pos0[s] + (t - row0[s]);
+	page = pages[(size_t) s * page_cap + pos / KK_MLA_PAGE];
+	off = (size_t) (pos % KK_MLA_PAGE) * Wa;
 	for (int c = threadIdx.x; c < Wa; c += blockDim.x)
-		dst[c] = kv[(size_t) t * Wa + c];
+	{
+		float		v = kv[(size_t) t * Wa + c];
+
+		if (C16)
+			((uint16_t *) page)[off + c] = f32_to_bf16(v);
+		else
+			((float *) page)[off + c] = v;
+	}
 }
 
 extern "C" void
 kk_mla_append(cudaStream_t s, int n_tokens, int Wa, const float *kv, const int *row_seq, const int *row0,
-			  const int64_t *pos0, float *const *pages, int page_cap)
+			  const int64_t *pos0, float *const *pages, int page_cap, int c16)
 {
-	if (n_tokens > 0)
-		mla_append_kernel<<<n_tokens, 128, 0, s>>>(Wa, kv, row_seq, row0, pos0, pages, page_cap);
+	if (n_tokens <= 0)
+		return;
+	if (c16)
+		kk_launch(mla_append_kernel<true>, dim3(n_tokens), dim3(128), 0, s, Wa, kv, row_seq, row0, pos0, pages,
+				  page_cap);
+	else
+		kk_launch(mla_append_kernel<false>, dim3(n_tokens), dim3(128), 0, s, Wa, kv, row_seq, row0, pos0, pages,
+				  page_cap);
 }
 
+template <bool C16>
 __global__ void
 mla_gather_kernel(float *dst, int64_t m, int Wa, float *const *pages)
 {
@@ -56,18 +83,24 @@ mla_gather_kernel(float *dst, int64_t m, int Wa, float *const *pages)
 	{
 		size_t		i = e / Wa,
 					c = e % Wa;
+		const void *page = pages[i / KK_MLA_PAGE];
 
-		dst[e] = pages[i / KK_MLA_PAGE][(i % KK_MLA_PAGE) * Wa + c];
+		dst[e] = C16 ? bf16_to_f32(((const uint16_t *) page)[(i % KK_MLA_PAGE) * Wa + c])
+			: ((const float *) page)[(i % KK_MLA_PAGE) * Wa + c];
 	}
 }
 
 extern "C" void
-kk_mla_gather(cudaStream_t s, float *dst, int64_t m, int Wa, float *const *pages)
+kk_mla_gather(cudaStream_t s, float *dst, int64_t m, int Wa, float *const *pages, int c16)
 {
 	unsigned	blocks = ceil_div((size_t) m * Wa, 256);
 
-	if (m > 0)
-		mla_gather_kernel<<<blocks < 16384 ? blocks : 16384, 256, 0, s>>>(dst, m, Wa, pages);
+	if (m <= 0)
+		return;
+	if (c16)
+		mla_gather_kernel<true><<<blocks < 16384 ? blocks : 16384, 256, 0, s>>>(dst, m, Wa, pages);
+	else
+		mla_gather_kernel<false><<<blocks < 16384 ? blocks : 16384, 256, 0, s>>>(dst, m, Wa, pages);
 }
 
 /* ------------------------------------------------------------------ absorbed queries */
@@ -99,6 +132,8 @@ mla_absorb_q_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const f
 	bool		any = false;
 	float		acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 
+	kk_dep_wait();
+	kk_dep_launch();
 	for (int r = 0; r < nr; r++)
 		any |= absorbed[row_seq[t0 + r]] != 0;
 	if (!any)
@@ -152,9 +187,11 @@ kk_mla_absorb_q(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, in
 	if (n_tokens <= 0)
 		return;
 	if (bf16)
-		mla_absorb_q_kernel<true><<<grid, 256, sm, s>>>(n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, qabs, row_seq, absorbed);
+		kk_launch(mla_absorb_q_kernel<true>, grid, dim3(256), sm, s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, qabs, row_seq,
+				  absorbed);
 	else
-		mla_absorb_q_kernel<false><<<grid, 256, sm, s>>>(n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, qabs, row_seq, absorbed);
+		kk_launch(mla_absorb_q_kernel<false>, grid, dim3(256), sm, s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, qabs,
+				  row_seq, absorbed);
 }
 
 /* ------------------------------------------------------------------ decode attention */
@@ -173,6 +210,7 @@ attend_smem(int Ha, int Wa)
  * j against heads w, w+8, ...; softmax: warp per head; accumulator: thread
  * (head group, 4 columns of R) holds up to ATT_MAXHPT heads x 4 floats.
  */
+template <bool C16>
 __global__ void __launch_bounds__(256)
 mla_attend_kernel(int split_keys, int max_splits, int Ha, int R, int Dr, const float *__restrict__ qabs,
 				  float scale, const int *__restrict__ row_seq, const int *__restrict__ row0,
@@ -193,9 +231,9 @@ mla_attend_kernel(int split_keys, int max_splits, int Ha, int R, int Dr, const f
 	int			tid = threadIdx.x,
 				lane = tid & 31,
 				w = tid >> 5;
-	int			s = row_seq[t];
-	int64_t	pos = pos0[s] + (t - row0[s]);
-	int64_t	k0 = (int64_t) p * split_keys,
+	int			s;
+	int64_t		pos;
+	int64_t		k0 = (int64_t) p * split_keys,
 				k1;
 	int			RQ = R / 4;		/* column quads of the accumulator */
 	int			HG = 256 / RQ;	/* head groups */
@@ -203,6 +241,10 @@ mla_attend_kernel(int split_keys, int max_splits, int Ha, int R, int Dr, const f
 				hg = tid / RQ;
 	float4		acc[ATT_MAXHPT];
 
+	kk_dep_wait();
+	kk_dep_launch();
+	s = row_seq[t];
+	pos = pos0[s] + (t - row0[s]);
 	if (!absorbed[s] || k0 > pos)
 		return;
 	k1 = k0 + split_keys < pos + 1 ? k0 + split_keys : pos + 1;
@@ -222,18 +264,57 @@ mla_attend_kernel(int split_keys, int max_splits, int Ha, int R, int Dr, const f
 	{
 		int			nk = k1 - kb < ATT_TK ? (int) (k1 - kb) : ATT_TK;
 		/* tiles start at multiples of ATT_TK, which divides the page size: one page each */
-		const float *src = pages[(size_t) s * page_cap + kb / KK_MLA_PAGE] + (size_t) (kb % KK_MLA_PAGE) * Wa;
+		const void *page = pages[(size_t) s * page_cap + kb / KK_MLA_PAGE];
 
 		__syncthreads();		/* the previous tile is consumed */
-		for (int e = tid; e < ATT_TK * (Wa / 4); e += blockDim.x)
+		if (C16)
 		{
-			int			j = e / (Wa / 4),
-						c4 = e % (Wa / 4);
+			/* bf16 rows: 8 numbers a load, all of the thread's loads issued
+			 * before the first is widened into the fp32 tile */
+			const uint16_t *src = (const uint16_t *) page + (size_t) (kb % KK_MLA_PAGE) * Wa;
+			uint4		raw[ATT_C16_LOADS];
+			int			n8 = ATT_TK * (Wa / 8);
 
-			if (j < nk)
-				cp_async16(skey + j * WaP + 4 * c4, src + (size_t) j * Wa + 4 * c4);
-			else
-				*(float4 *) (skey + j * WaP + 4 * c4) = make_float4(0, 0, 0, 0);
+#pragma unroll
+			for (int q = 0; q < ATT_C16_LOADS; q++)
+			{
+				int			e = tid + q * 256,
+							j = e / (Wa / 8),
+							c8 = e % (Wa / 8);
+
+				raw[q] = make_uint4(0, 0, 0, 0);
+				if (e < n8 && j < nk)
+					raw[q] = __ldg((const uint4 *) (src + (size_t) j * Wa + 8 * c8));
+			}
+#pragma unroll
+			for (int q = 0; q < ATT_C16_LOADS; q++)
+			{
+				int			e = tid + q * 256,
+							j = e / (Wa / 8),
+							c8 = e % (Wa / 8);
+				float		v[8];
+
+				if (e >= n8)
+					break;
+				unpack8_bf16(raw[q], v);
+				*(float4 *) (skey + j * WaP + 8 * c8) = make_float4(v[0], v[1], v[2], v[3]);
+				*(float4 *) (skey + j * WaP + 8 * c8 + 4) = make_float4(v[4], v[5], v[6], v[7]);
+			}
+		}
+		else
+		{
+			const float *src = (const float *) page + (size_t) (kb % KK_MLA_PAGE) * Wa;
+
+			for (int e = tid; e < ATT_TK * (Wa / 4); e += blockDim.x)
+			{
+				int			j = e / (Wa / 4),
+							c4 = e % (Wa / 4);
+
+				if (j < nk)
+					cp_async16(skey + j * WaP + 4 * c4, src + (size_t) j * Wa + 4 * c4);
+				else
+					*(float4 *) (skey + j * WaP + 4 * c4) = make_float4(0, 0, 0, 0);
+			}
 		}
 		cp_async_wait_all();	/* (the queries' copies, the first time) */
 		__syncthreads();
@@ -368,6 +449,7 @@ kk_mla_attend_supported(int Ha, int R, int Dr)
 {
 	int			RQ = R / 4;
 
+	/* (a bf16 cache needs (R + Dr) % 8 == 0 and R + Dr <= 768 too: the backend checks) */
 	if (R % 4 || Dr % 4 || RQ > 256 || RQ < 1)
 		return 0;
 	return (Ha + 256 / RQ - 1) / (256 / RQ) <= ATT_MAXHPT && attend_smem(Ha, R + Dr) * sizeof(float) <= 227 * 1024;
@@ -376,59 +458,83 @@ kk_mla_attend_supported(int Ha, int R, int Dr)
 extern "C" int
 kk_mla_attend(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R, int Dr,
 			  const float *qabs, float scale, const int *row_seq, const int *row0, const int64_t *pos0,
-			  const int *absorbed, float *const *pages, int page_cap, float *part_acc, float *part_ml)
+			  const int *absorbed, float *const *pages, int page_cap, float *part_acc, float *part_ml, int c16)
 {
 	size_t		sm = attend_smem(Ha, R + Dr) * sizeof(float);
 	cudaError_t e;
+	void		(*kern) (int, int, int, int, int, const float *, float, const int *, const int *, const int64_t *,
+						 const int *, float *const *, int, float *, float *) =
+		c16 ? mla_attend_kernel<true> : mla_attend_kernel<false>;
 
 	if (n_tokens <= 0)
 		return 0;
-	if ((e = cudaFuncSetAttribute(mla_attend_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm)) != cudaSuccess)
+	if ((e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm)) != cudaSuccess)
 		return (int) e;
-	mla_attend_kernel<<<dim3(n_tokens, max_splits), 256, sm, s>>>(split_keys, max_splits, Ha, R, Dr, qabs, scale,
-																   row_seq, row0, pos0, absorbed, pages, page_cap,
-																   part_acc, part_ml);
+	kk_launch(kern, dim3(n_tokens, max_splits), dim3(256), sm, s, split_keys, max_splits, Ha, R, Dr, qabs, scale,
+			  row_seq, row0, pos0, absorbed, pages, page_cap, part_acc, part_ml);
 	return 0;
 }
 
-/* olat[t, h] = sum over key ranges of exp(m_p - M) acc_p / sum of exp(m_p - M) l_p */
+/*
+ * olat[t, h] = sum over key ranges of exp(m_p - M) acc_p / sum of exp(m_p - M) l_p.
+ * The ranges' (m, l) are read by all threads at once and their weights made
+ * once in shared memory (dynamic: max_splits floats); then each thread sums
+ * its column over the ranges with the loads unrolled (one round trip per 16).
+ */
 __global__ void
 mla_merge_kernel(int split_keys, int max_splits, int Ha, int R, const float *part_acc, const float *part_ml,
 				 const int *row_seq, const int *row0, const int64_t *pos0, const int *absorbed, float *olat)
 {
+	extern __shared__ float wsc[];	/* [max_splits] weights exp(m_p - M) */
+	__shared__ float red[32];
 	int			t = blockIdx.x,
 				h = blockIdx.y;
-	int			s = row_seq[t];
-	int64_t	pos = pos0[s] + (t - row0[s]);
-	int			np = (int) (pos / split_keys) + 1;
+	int			s;
+	int64_t		pos;
+	int			np;
 	size_t		base = (size_t) t * max_splits * Ha;
 	float		M = -INFINITY,
 				L = 0;
 
+	kk_dep_wait();
+	kk_dep_launch();
+	s = row_seq[t];
+	pos = pos0[s] + (t - row0[s]);
+	np = (int) (pos / split_keys) + 1;
 	if (!absorbed[s])
 		return;
-	for (int p = 0; p < np; p++)
-		M = fmaxf(M, part_ml[(base + (size_t) p * Ha + h) * 2]);
-	for (int p = 0; p < np; p++)
+	for (int p = threadIdx.x; p < np; p += blockDim.x)
 	{
 		float		mp = part_ml[(base + (size_t) p * Ha + h) * 2];
 
-		if (mp != -INFINITY)
-			L += expf(mp - M) * part_ml[(base + (size_t) p * Ha + h) * 2 + 1];
+		wsc[p] = mp;
+		M = fmaxf(M, mp);
 	}
+	M = warp_max(M);
+	if ((threadIdx.x & 31) == 0)
+		red[threadIdx.x >> 5] = M;
+	__syncthreads();
+	M = -INFINITY;
+	for (int i = 0; i < (int) (blockDim.x >> 5); i++)
+		M = fmaxf(M, red[i]);
+	__syncthreads();
+	for (int p = threadIdx.x; p < np; p += blockDim.x)
+	{
+		float		mp = wsc[p],
+					wp = mp != -INFINITY ? expf(mp - M) : 0.0f;
+
+		wsc[p] = wp;
+		L += wp * part_ml[(base + (size_t) p * Ha + h) * 2 + 1];
+	}
+	L = block_sum(L, red);
+	__syncthreads();
 	for (int c = threadIdx.x; c < R; c += blockDim.x)
 	{
 		float		o = 0;
 
-#pragma unroll 8
+#pragma unroll 16
 		for (int p = 0; p < np; p++)
-		{
-			float		mp = part_ml[(base + (size_t) p * Ha + h) * 2];
-			float		a = part_acc[(base + (size_t) p * Ha + h) * R + c];
-
-			if (mp != -INFINITY)
-				o += expf(mp - M) * a;
-		}
+			o += wsc[p] * part_acc[(base + (size_t) p * Ha + h) * R + c];
 		olat[((size_t) t * Ha + h) * R + c] = o * (1.0f / L);
 	}
 }
@@ -439,8 +545,8 @@ kk_mla_merge(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int H
 			 float *olat)
 {
 	if (n_tokens > 0)
-		mla_merge_kernel<<<dim3(n_tokens, Ha), R >= 512 ? 512 : 256, 0, s>>>(split_keys, max_splits, Ha, R, part_acc, part_ml, row_seq,
-															 row0, pos0, absorbed, olat);
+		kk_launch(mla_merge_kernel, dim3(n_tokens, Ha), dim3(R >= 512 ? 512 : 256), sizeof(float) * (size_t) max_splits,
+				  s, split_keys, max_splits, Ha, R, part_acc, part_ml, row_seq, row0, pos0, absorbed, olat);
 }
 
 /* ------------------------------------------------------------------ output projection */
@@ -462,6 +568,8 @@ mla_out_kernel(int n_tokens, int Ha, int Dn, int Dv, int R, const float *__restr
 	int			x = blockIdx.y * 8 + w;
 	bool		any = false;
 
+	kk_dep_wait();
+	kk_dep_launch();
 	for (int r = 0; r < nr; r++)
 		any |= absorbed[row_seq[t0 + r]] != 0;
 	if (!any)
@@ -509,9 +617,11 @@ kk_mla_out(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dv, int R, const fl
 	if (n_tokens <= 0)
 		return;
 	if (bf16)
-		mla_out_kernel<true><<<grid, 256, sm, s>>>(n_tokens, Ha, Dn, Dv, R, olat, kv_b, out, row_seq, absorbed);
+		kk_launch(mla_out_kernel<true>, grid, dim3(256), sm, s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out, row_seq,
+				  absorbed);
 	else
-		mla_out_kernel<false><<<grid, 256, sm, s>>>(n_tokens, Ha, Dn, Dv, R, olat, kv_b, out, row_seq, absorbed);
+		kk_launch(mla_out_kernel<false>, grid, dim3(256), sm, s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out, row_seq,
+				  absorbed);
 }
 
 /* ------------------------------------------------------------------ prefill softmax */

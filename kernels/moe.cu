@@ -8,10 +8,18 @@
  *                 without the bias, renormalized, scaled
  *   moe_group     (decode sizes) the (token, slot) pairs grouped by expert,
  *                 stable, in one block: start[E+1], the gathered token rows,
- *                 the inverse map and the list of experts that got tokens;
+ *                 the inverse map and the work list of the expert products:
+ *                 one item per P rows of an expert (expert * 64 + chunk), so
+ *                 that an expert with many tokens (the shared one: all of
+ *                 them) spreads over many blocks instead of making one block
+ *                 loop;
  *                 optionally the shared expert as expert E over all tokens
  *                 (rows nk .. nk+n), so that its products join the same launches
  *   moe_combine   y[t] = sum over slots of w * (expert output) (+ shared)
+ *   moe_route_group   (decode) both of the first two in one launch: a warp
+ *                 routes a token, then the block groups the pairs
+ *   moe_combine_add_rmsnorm   (decode) the combine fused with the residual
+ *                 add and the next layer's input norm: x += y, xn = norm(x)
  * Prefill batches group on the host instead (cuda_moe.c), which needs the
  * counts there anyway to size one cuBLAS product per expert.
  */
@@ -50,6 +58,8 @@ moe_route_kernel(int E, int k, int G, int Tg, int use_softmax, int renorm, int b
 				nw = blockDim.x >> 5;
 	const float *lg = logits + (size_t) t * E;
 
+	kk_dep_wait();
+	kk_dep_launch();
 	if (use_softmax)
 	{
 		float		mx = -INFINITY,
@@ -190,8 +200,8 @@ kk_moe_route(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax
 	int			threads = E >= 256 ? 256 : (E + 31) / 32 * 32;
 
 	if (n > 0)
-		moe_route_kernel<<<n, threads, sm, s>>>(E, k, G, Tg, use_softmax, renorm, bias_in_w, scaling, logits, bias,
-												sel, wts);
+		kk_launch(moe_route_kernel, dim3(n), dim3(threads), sm, s, E, k, G, Tg, use_softmax, renorm, bias_in_w, scaling,
+				  logits, bias, sel, wts);
 }
 
 /*
@@ -199,9 +209,9 @@ kk_moe_route(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax
  * goes to position start[e] + (pairs before i with the same expert): the
  * CPU backend's stable order (cpu_moe.c).
  */
-__global__ void __launch_bounds__(1024)
-moe_group_kernel(int nk, int E, int k, int shared_rows, const int *__restrict__ sel, int *start, int *xrow, int *inv,
-				 int *active)
+__device__ __forceinline__ void
+group_pairs(int nk, int E, int k, int shared_rows, int P, const int *sel, int *start, int *xrow, int *inv,
+			int *active)
 {
 	__shared__ int cnt[1024],
 				act[1024];
@@ -213,9 +223,9 @@ moe_group_kernel(int nk, int E, int k, int shared_rows, const int *__restrict__ 
 	for (int i = tid; i < nk; i += blockDim.x)
 		atomicAdd(&cnt[sel[i]], 1);
 	__syncthreads();
-	act[tid] = tid < E && cnt[tid] > 0;
+	act[tid] = tid < E ? (cnt[tid] + P - 1) / P : 0;	/* work items of the expert */
 	__syncthreads();
-	/* inclusive scans of counts and of the active flags (Hillis-Steele) */
+	/* inclusive scans of counts and of the work items (Hillis-Steele) */
 	for (int o = 1; o < 1024; o <<= 1)
 	{
 		int			c = tid >= o ? cnt[tid - o] : 0,
@@ -228,23 +238,25 @@ moe_group_kernel(int nk, int E, int k, int shared_rows, const int *__restrict__ 
 	}
 	if (tid < E)
 	{
-		int			before = tid ? cnt[tid - 1] : 0;
+		int			before = tid ? cnt[tid - 1] : 0,
+					items = (cnt[tid] - before + P - 1) / P,
+					first = act[tid] - items;
 
 		start[tid] = before;
-		if (cnt[tid] > before)
-			active[1 + (act[tid] - 1)] = tid;
+		for (int j = 0; j < items; j++)
+			active[1 + first + j] = tid * 64 + j;
 	}
 	if (tid == 0)
 	{
+		int			items = (shared_rows + P - 1) / P;
+
 		start[E] = cnt[E - 1];
-		active[0] = act[E - 1];
+		active[0] = act[E - 1] + items;
+		/* the shared expert as expert E, over every token */
 		if (shared_rows > 0)
-		{
-			/* the shared expert as expert E, over every token */
 			start[E + 1] = cnt[E - 1] + shared_rows;
-			active[1 + act[E - 1]] = E;
-			active[0]++;
-		}
+		for (int j = 0; j < items; j++)
+			active[1 + act[E - 1] + j] = E * 64 + j;
 	}
 	for (int t = tid; t < shared_rows; t += blockDim.x)
 		xrow[nk + t] = t;
@@ -264,11 +276,20 @@ moe_group_kernel(int nk, int E, int k, int shared_rows, const int *__restrict__ 
 	}
 }
 
-extern "C" void
-kk_moe_group(cudaStream_t s, int nk, int E, int k, int shared_rows, const int *sel, int *start, int *xrow, int *inv,
-			 int *active)
+__global__ void __launch_bounds__(1024)
+moe_group_kernel(int nk, int E, int k, int shared_rows, int P, const int *__restrict__ sel, int *start, int *xrow,
+				 int *inv, int *active)
 {
-	moe_group_kernel<<<1, 1024, 0, s>>>(nk, E, k, shared_rows, sel, start, xrow, inv, active);
+	kk_dep_wait();
+	kk_dep_launch();
+	group_pairs(nk, E, k, shared_rows, P, sel, start, xrow, inv, active);
+}
+
+extern "C" void
+kk_moe_group(cudaStream_t s, int nk, int E, int k, int shared_rows, int P, const int *sel, int *start, int *xrow,
+			 int *inv, int *active)
+{
+	kk_launch(moe_group_kernel, dim3(1), dim3(1024), 0, s, nk, E, k, shared_rows, P, sel, start, xrow, inv, active);
 }
 
 __global__ void
@@ -277,6 +298,8 @@ moe_combine_kernel(float *y, int n, int D, int k, const float *__restrict__ wts,
 {
 	size_t		total = (size_t) n * D;
 
+	kk_dep_wait();
+	kk_dep_launch();
 	for (size_t e = blockIdx.x * (size_t) blockDim.x + threadIdx.x; e < total; e += (size_t) gridDim.x * blockDim.x)
 	{
 		size_t		t = e / D,
@@ -298,7 +321,7 @@ kk_moe_combine(cudaStream_t s, float *y, int n, int D, int k, const float *wts, 
 	unsigned	blocks = ceil_div((size_t) n * D, 256);
 
 	if (n > 0)
-		moe_combine_kernel<<<blocks < 8192 ? blocks : 8192, 256, 0, s>>>(y, n, D, k, wts, inv, ye, ys);
+		kk_launch(moe_combine_kernel, dim3(blocks < 8192 ? blocks : 8192), dim3(256), 0, s, y, n, D, k, wts, inv, ye, ys);
 }
 
 __global__ void
@@ -354,4 +377,249 @@ kk_swiglu_bf16(cudaStream_t s, uint16_t *h, const float *g, const float *u, size
 
 	if (n > 0)
 		swiglu_bf16_kernel<<<blocks < 16384 ? blocks : 16384, 256, 0, s>>>(h, g, u, n);
+}
+
+/* ------------------------------------------------------------------ decode: fused kernels */
+
+/*
+ * Route the n tokens (warp w takes tokens w, w + RW, ... for the RW routing
+ * warps) by exactly moe_route_kernel's rule, then group the pairs as
+ * moe_group_kernel does, in one block of 1024 threads.  Lane j of a warp
+ * holds experts j, j + 32, ...; k <= 32, E <= 1024.  The block first copies
+ * all router logits and the bias to shared memory in one round trip (read
+ * from global memory lane by lane they cost one round trip per 32 experts).
+ * Shared: logits [n E] (becoming the scores s), bias [E], per routing warp
+ * choice[E], gscore[G], keep[G]; then the choices [n k].
+ * (A softmax router sums its exponentials in another order than
+ * moe_route_kernel: the same within rounding.)
+ */
+__global__ void __launch_bounds__(1024)
+moe_route_group_kernel(int n, int E, int k, int G, int Tg, int use_softmax, int renorm, int bias_in_w, float scaling,
+					   const float *__restrict__ logits, const float *__restrict__ bias, int rw, int *sel,
+					   float *wts, int shared_rows, int P, int *start, int *xrow, int *inv, int *active)
+{
+	extern __shared__ float sh[];
+	int			tid = threadIdx.x,
+				lane = tid & 31,
+				w = tid >> 5;
+	int			per_warp = E + 2 * G;
+	float	   *slg = sh,
+			   *sbias = slg + (size_t) n * E;
+	int		   *ssel = (int *) (sbias + E + (size_t) rw * per_warp);
+
+	kk_dep_wait();
+	kk_dep_launch();
+	for (int i = tid; i < n * E; i += blockDim.x)
+		slg[i] = logits[i];
+	for (int i = tid; i < E; i += blockDim.x)
+		sbias[i] = bias[i];
+	__syncthreads();
+	if (w < rw)
+	{
+		float	   *choice = sbias + E + (size_t) w * per_warp,
+				   *gscore = choice + E;
+		int		   *keep = (int *) (gscore + G);
+
+		for (int t = w; t < n; t += rw)
+		{
+			const float *lg = slg + (size_t) t * E;
+			float	   *s = slg + (size_t) t * E;	/* scores replace the logits */
+			const float *bias_ = sbias;
+			uint32_t	taken = 0;
+			float		wr = 0;
+
+			if (use_softmax)
+			{
+				float		mx = -INFINITY,
+							z = 0;
+
+				for (int e = lane; e < E; e += 32)
+					mx = fmaxf(mx, lg[e]);
+				mx = warp_max(mx);
+				for (int e = lane; e < E; e += 32)
+					z += expf(lg[e] - mx);
+				z = warp_sum(z);
+				for (int e = lane; e < E; e += 32)
+					s[e] = expf(lg[e] - mx) / z;
+			}
+			else
+				for (int e = lane; e < E; e += 32)
+					s[e] = 1.0f / (1.0f + expf(-lg[e]));
+			for (int e = lane; e < E; e += 32)
+				choice[e] = s[e] + bias_[e];
+			__syncwarp();
+
+			if (G > 1 && Tg < G)
+			{
+				int			pg = E / G;
+
+				for (int g = lane; g < G; g += 32)
+				{
+					float		b1 = -INFINITY,
+								b2 = -INFINITY;
+
+					for (int e = g * pg; e < (g + 1) * pg; e++)
+					{
+						if (choice[e] > b1)
+						{
+							b2 = b1;
+							b1 = choice[e];
+						}
+						else if (choice[e] > b2)
+							b2 = choice[e];
+					}
+					gscore[g] = pg >= 2 ? b1 + b2 : b1;
+					keep[g] = 0;
+				}
+				__syncwarp();
+				if (lane == 0)
+					for (int r = 0; r < Tg; r++)
+					{
+						int			best = -1;
+
+						for (int g = 0; g < G; g++)
+							if (!keep[g] && (best < 0 || gscore[g] > gscore[best]))
+								best = g;
+						keep[best] = 1;
+					}
+				__syncwarp();
+				for (int e = lane; e < E; e += 32)
+					if (!keep[e / pg])
+						choice[e] = 0.0f;
+				__syncwarp();
+			}
+
+			/* top k: a warp-wide argmax per pick */
+			for (int r = 0; r < k; r++)
+			{
+				float		bv = -INFINITY;
+				int			bi = -1;
+
+				for (int j = 0, e = lane; e < E; j++, e += 32)
+					if (!((taken >> j) & 1u) && better(choice[e], e, bv, bi))
+					{
+						bv = choice[e];
+						bi = e;
+					}
+#pragma unroll
+				for (int o = 16; o > 0; o >>= 1)
+				{
+					float		ov = __shfl_xor_sync(0xffffffffu, bv, o);
+					int			oi = __shfl_xor_sync(0xffffffffu, bi, o);
+
+					if (oi >= 0 && better(ov, oi, bv, bi))
+					{
+						bv = ov;
+						bi = oi;
+					}
+				}
+				if (lane == (bi & 31))
+					taken |= 1u << (bi >> 5);
+				if (lane == r)
+				{
+					ssel[t * k + r] = bi;
+					wr = bias_in_w ? s[bi] + bias_[bi] : s[bi];
+				}
+			}
+			/* weights: summed in slot order, as moe_route_kernel */
+			{
+				float		sum = 0;
+
+				for (int r = 0; r < k; r++)
+				{
+					float		v = __shfl_sync(0xffffffffu, wr, r);
+
+					sum += v;
+				}
+				if (lane < k)
+				{
+					float		x = wr;
+
+					if (renorm && k > 1)
+						x /= (sum + 1e-20f);
+					wts[(size_t) t * k + lane] = x * scaling;
+					sel[(size_t) t * k + lane] = ssel[t * k + lane];
+				}
+			}
+			__syncwarp();
+		}
+	}
+	__syncthreads();
+	group_pairs(n * k, E, k, shared_rows, P, ssel, start, xrow, inv, active);
+}
+
+extern "C" int
+kk_moe_route_group(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax, int renorm, int bias_in_w,
+				   float scaling, const float *logits, const float *bias, int *sel, float *wts, int shared_rows,
+				   int P, int *start, int *xrow, int *inv, int *active)
+{
+	size_t		per_warp = sizeof(float) * ((size_t) E + 2 * (size_t) G);
+	size_t		fixed = sizeof(float) * ((size_t) n * E + E) + sizeof(int) * (size_t) n * k;
+	int			rw;
+	size_t		sm;
+	cudaError_t e;
+
+	if (n <= 0)
+		return 0;
+	if (k > 32 || E > 1024 || E < 1 || G < 1 || n * k > 4096 || fixed + per_warp > 200 * 1024)
+		return -1;
+	rw = (int) ((200 * 1024 - fixed) / per_warp);
+	rw = rw > 32 ? 32 : rw > n ? n : rw;
+	sm = fixed + per_warp * rw;
+	if ((e = cudaFuncSetAttribute(moe_route_group_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm)) != cudaSuccess)
+		return (int) e;
+	kk_launch(moe_route_group_kernel, dim3(1), dim3(1024), sm, s, n, E, k, G, Tg, use_softmax, renorm, bias_in_w,
+			  scaling, logits, bias, rw, sel, wts, shared_rows, P, start, xrow, inv, active);
+	return 0;
+}
+
+/*
+ * One block per token row: y = sum over slots of w * (expert output) (+
+ * shared), exactly as moe_combine_kernel; then x += y and xn = w_norm * x /
+ * rms(x), exactly as add_rmsnorm_kernel (same block size, same sums).
+ */
+__global__ void
+moe_combine_add_rmsnorm_kernel(float *xn, float *x, int D, int k, const float *__restrict__ wts,
+							   const int *__restrict__ inv, const float *__restrict__ ye, const float *__restrict__ ys,
+							   const float *__restrict__ w, float eps)
+{
+	__shared__ float red[32];
+	size_t		t = blockIdx.x;
+	float	   *xr = x + t * D;
+	float	   *yr = xn + t * D;
+	float		ss = 0;
+
+	kk_dep_wait();
+	kk_dep_launch();
+	for (int c = threadIdx.x; c < D; c += blockDim.x)
+	{
+		float		acc = 0,
+					v;
+
+		for (int r = 0; r < k; r++)
+			acc += wts[t * k + r] * ye[(size_t) inv[t * k + r] * D + c];
+		if (ys)
+			acc += ys[t * D + c];
+		v = xr[c] + acc;
+		xr[c] = v;
+		ss += v * v;
+	}
+	ss = block_sum(ss, red);
+	{
+		float		iv = 1.0f / sqrtf(ss / (float) D + eps);
+
+		for (int c = threadIdx.x; c < D; c += blockDim.x)
+			yr[c] = w[c] * (xr[c] * iv);
+	}
+}
+
+extern "C" void
+kk_moe_combine_add_rmsnorm(cudaStream_t s, float *xn, float *x, int n, int D, int k, const float *wts, const int *inv,
+						   const float *ye, const float *ys, const float *w, float eps)
+{
+	if (kk_row_norm(s, 2, xn, D, x, D, NULL, w, n, D, eps, k, wts, inv, ye, ys) == 0)
+		return;
+	if (n > 0)
+		kk_launch(moe_combine_add_rmsnorm_kernel, dim3(n), dim3(D >= 1024 ? 256 : 128), 0, s, xn, x, D, k, wts, inv, ye,
+				  ys, w, eps);
 }

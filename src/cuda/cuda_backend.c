@@ -215,6 +215,69 @@ cu_download(kl_backend *be, void *dst, const void *src, size_t bytes)
 		memset(dst, 0, bytes);	/* never hand out uninitialized host memory */
 }
 
+/* MLA cache rows to / from fp32 host rows (the cache may hold bf16) */
+static void
+cu_read_mla_rows(kl_backend *be, float *dst, const void *page, int row, int n, int width)
+{
+	cuda_state *cs = CS(be);
+	size_t		cnt = (size_t) n * width;
+
+	if (!cs->mla_c16)
+	{
+		cu_download(be, dst, (const float *) page + (size_t) row * width, cnt * sizeof(float));
+		return;
+	}
+	{
+		uint16_t   *tmp = malloc(cnt * sizeof(uint16_t) + 1);
+
+		if (!tmp)
+		{
+			cuda_fail(be, "out of memory reading the attention cache");
+			memset(dst, 0, cnt * sizeof(float));
+			return;
+		}
+		cu_download(be, tmp, (const uint16_t *) page + (size_t) row * width, cnt * sizeof(uint16_t));
+		for (size_t i = 0; i < cnt; i++)
+		{
+			float		f = kl_bf16_to_f32(tmp[i]);
+
+			memcpy((char *) dst + i * sizeof(float), &f, sizeof(float));	/* dst may be unaligned */
+		}
+		free(tmp);
+	}
+}
+
+static void
+cu_write_mla_rows(kl_backend *be, void *page, int row, const float *src, int n, int width)
+{
+	cuda_state *cs = CS(be);
+	size_t		cnt = (size_t) n * width;
+
+	if (!cs->mla_c16)
+	{
+		cu_upload(be, (float *) page + (size_t) row * width, src, cnt * sizeof(float));
+		return;
+	}
+	{
+		uint16_t   *tmp = malloc(cnt * sizeof(uint16_t) + 1);
+
+		if (!tmp)
+		{
+			cuda_fail(be, "out of memory writing the attention cache");
+			return;
+		}
+		for (size_t i = 0; i < cnt; i++)
+		{
+			float		f;
+
+			memcpy(&f, (const char *) src + i * sizeof(float), sizeof(float));
+			tmp[i] = kl_f32_to_bf16(f);
+		}
+		cu_upload(be, (uint16_t *) page + (size_t) row * width, tmp, cnt * sizeof(uint16_t));
+		free(tmp);
+	}
+}
+
 static void
 cu_copy(kl_backend *be, void *dst, const void *src, size_t bytes)
 {
@@ -332,6 +395,16 @@ cuda_flush_add(kl_backend *be)
 {
 	cuda_state *cs = CS(be);
 
+	if (cs->pend_moe)
+	{
+		cs->pend_moe = false;
+		if (!be->failed)
+		{
+			kk_moe_combine(cs->stream, cs->pm_y, cs->pm_n, cs->pm_D, cs->pm_k, cs->pm_wts, cs->pm_inv, cs->pm_ye,
+						   cs->pm_ys);
+			cuda_launched(be, "moe_combine");
+		}
+	}
 	if (!cs->pend)
 		return;
 	cs->pend = false;
@@ -341,6 +414,26 @@ cuda_flush_add(kl_backend *be)
 	cuda_launched(be, "add");
 }
 
+void
+cuda_defer_combine(kl_backend *be, float *y, int n, int D, int k, const float *wts, const int *inv, const float *ye,
+				   const float *ys)
+{
+	cuda_state *cs = CS(be);
+
+	cuda_flush_add(be);
+	if (be->failed)
+		return;
+	cs->pend_moe = true;
+	cs->pm_y = y;
+	cs->pm_n = n;
+	cs->pm_D = D;
+	cs->pm_k = k;
+	cs->pm_wts = wts;
+	cs->pm_inv = inv;
+	cs->pm_ye = ye;
+	cs->pm_ys = ys;
+}
+
 static void
 cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int rows, int d, float eps)
 {
@@ -348,6 +441,18 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 
 	if (cuda_step_skip(be, OP_RMSNORM, (uintptr_t) y, (uintptr_t) x, (uintptr_t) w, (uintptr_t) rows * 65536 + d))
 		return;
+	if (cs->pend && cs->pend_moe && cs->pend_x == cs->pm_y && cs->pend_y == x && ldx == d && ldy == d &&
+		rows == cs->pm_n && d == cs->pm_D && cs->pend_n == (size_t) rows * d && y != cs->pm_y)
+	{
+		/* MoE combine + residual add + norm in one kernel */
+		cs->pend = cs->pend_moe = false;
+		kk_moe_combine_add_rmsnorm(cs->stream, y, cs->pend_y, rows, d, cs->pm_k, cs->pm_wts, cs->pm_inv, cs->pm_ye,
+								   cs->pm_ys, w, eps);
+		cuda_launched(be, "moe_combine_add_rmsnorm");
+		return;
+	}
+	if (cs->pend_moe)
+		cuda_flush_add(be);
 	if (cs->pend && cs->pend_y == x && ldx == d && ldy == d && cs->pend_n == (size_t) rows * d && cs->pend_x != x)
 	{
 		cs->pend = false;
@@ -367,7 +472,9 @@ cu_add(kl_backend *be, float *y, const float *x, size_t count)
 
 	if (cuda_step_skip(be, OP_ADD, (uintptr_t) y, (uintptr_t) x, count, 0))
 		return;
-	cuda_flush_add(be);
+	/* y += (a held-back MoE combine's output): both stay held back for the norm */
+	if (!(cs->pend_moe && !cs->pend && x == cs->pm_y && count == (size_t) cs->pm_n * cs->pm_D))
+		cuda_flush_add(be);
 	cs->pend = true;
 	cs->pend_y = y;
 	cs->pend_x = x;
@@ -412,6 +519,8 @@ cu_destroy(kl_backend *be)
 	cudaFree(cs->meta_dev);
 	cudaFreeHost(cs->ids_host);
 	cudaFree(cs->ids_dev);
+	cudaFreeHost(cs->smp_host);
+	cudaFree(cs->smp_dev);
 	cudaEventDestroy(cs->meta_done);
 	cudaEventDestroy(cs->ids_done);
 	free(cs->h_absorbed);
@@ -445,9 +554,12 @@ static const kl_backend_ops cuda_ops = {
 	.matmul_batch = cuda_matmul_batch,
 	.add = cu_add,
 	.swiglu = cu_swiglu,
+	.read_mla_rows = cu_read_mla_rows,
+	.write_mla_rows = cu_write_mla_rows,
 	.kda = cuda_kda,
 	.mla = cuda_mla,
 	.moe = cuda_moe,
+	.sample = cuda_sample,
 	.begin_step = cuda_begin_step,
 	.end_step = cuda_end_step,
 	.sync = cu_sync,
@@ -522,6 +634,34 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 	cudaDeviceGetAttribute(&cs->sm_count, cudaDevAttrMultiProcessorCount, idx);
 	if (cs->sm_count <= 0)
 		cs->sm_count = 100;
+	{
+		/*
+		 * Decode-step switches: KL_CUDA_PDL=0 launches without programmatic
+		 * dependent launch (Hopper and later only; a small gain at batch 1,
+		 * bench/notes-cuda.md), KL_CUDA_MOE_FUSE=0 runs the MoE as separate
+		 * kernels,
+		 * KL_CUDA_MLA_CACHE=fp32 keeps an fp32 latent cache in bf16 mode,
+		 * KL_CUDA_GEMV_WIDE=1 keeps eight loads in flight per lane in bf16 GEMVs,
+		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass.
+		 */
+		const char *pdl = getenv("KL_CUDA_PDL"),
+				   *fm = getenv("KL_CUDA_MOE_FUSE"),
+				   *mc = getenv("KL_CUDA_MLA_CACHE"),
+				   *gw = getenv("KL_CUDA_GEMV_WIDE"),
+				   *enr = getenv("KL_CUDA_EXPERT_NR"),
+				   *kr = getenv("KL_CUDA_KDA_STATE_ROUND");
+		int			major = 0;
+
+		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
+		kk_set_pdl(major >= 9 && !(pdl && strcmp(pdl, "0") == 0));
+		kk_set_gemv_wide(gw && strcmp(gw, "1") == 0);
+		kk_set_expert_nr(enr ? atoi(enr) : 4);
+		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
+		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
+		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
+			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
+		be->mla_cache_bf16 = cs->mla_c16;
+	}
 
 	if ((e = cudaStreamCreateWithFlags(&cs->stream, cudaStreamNonBlocking)) != cudaSuccess ||
 		(e = cudaEventCreateWithFlags(&cs->meta_done, cudaEventDisableTiming)) != cudaSuccess ||

@@ -5,6 +5,7 @@
  *   cuda_step.c     per-step metadata on the device, CUDA graphs for decode
  *   cuda_pool.c     device memory by size class (no per-object page rounding)
  *   cuda_kda.c, cuda_mla.c, cuda_moe.c   the mixers and the MoE feed-forward
+ *   cuda_sample.c   choosing tokens on the device
  * The kernels are in kernels/ (launchers: kernels/kernels.h).
  *
  * Errors: every CUDA and cuBLAS call is checked; a failure sets be->failed and
@@ -62,6 +63,7 @@ enum cuda_buf_id
 	CB_MOE_SG,
 	CB_MOE_SU,
 	CB_MOE_SY,
+	CB_SAMPLE_PROB,
 	CB_COUNT
 };
 
@@ -98,6 +100,7 @@ typedef struct cuda_graph
 	const float *x;				/* the context's residual buffer: identifies the kl_ctx */
 	uint64_t	trace;			/* hash of the ops and their arguments */
 	cudaGraphExec_t exec;		/* NULL: seen once, not captured yet */
+	int			kernels;		/* kernel nodes in it */
 	uint64_t	last_use;
 } cuda_graph;
 
@@ -108,6 +111,7 @@ typedef struct cuda_state
 	int			device;
 	int			sm_count;
 	bool		bf16;			/* precision "bf16": weights and matmul activations */
+	bool		mla_c16;		/* the MLA latent cache holds bf16 (bf16 precision) */
 	cudaStream_t stream;
 	cublasHandle_t blas;
 	void	   *blas_ws;
@@ -162,6 +166,27 @@ typedef struct cuda_state
 	float	   *pend_y;
 	const float *pend_x;
 	size_t		pend_n;
+	/* a MoE combine held back likewise (cuda_defer_combine) */
+	bool		pend_moe;
+	float	   *pm_y;
+	int			pm_n,
+				pm_D,
+				pm_k;
+	const float *pm_wts,
+			   *pm_ye,
+			   *pm_ys;
+	const int  *pm_inv;
+
+	/* decode-step switches (KL_CUDA_MOE_FUSE=0, KL_CUDA_PDL=0 turn them off) */
+	bool		fuse_moe;
+	/* KL_CUDA_KDA_STATE_ROUND=bf16: the per-token recurrence stores its state
+	 * rounded to bf16 (measures a bf16 state's drift; the storage stays fp32) */
+	int			kda_round16;
+
+	/* sampling: staging (pinned) and its device copy (cuda_sample.c) */
+	void	   *smp_host;
+	void	   *smp_dev;
+	size_t		smp_cap;
 
 	bool		no_grouped_gemm;	/* cuBLAS here lacks bf16 grouped GEMM: loop instead */
 
@@ -201,6 +226,11 @@ bool		cuda_upload_sync(kl_backend *be, void *dst, const void *src, size_t bytes)
 bool		cuda_step_skip(kl_backend *be, int op, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d);
 /* launch a held-back residual add (any op but the fusing rmsnorm calls it first) */
 void		cuda_flush_add(kl_backend *be);
+/* y = the MoE combine (kk_moe_combine), held back: the residual add that reads
+ * y and the rmsnorm after it become one kernel (kk_moe_combine_add_rmsnorm);
+ * any other op launches it first */
+void		cuda_defer_combine(kl_backend *be, float *y, int n, int D, int k, const float *wts, const int *inv,
+							   const float *ye, const float *ys);
 
 enum cuda_op
 {
@@ -234,5 +264,9 @@ int			cuda_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err);
 void		cuda_release_mla(kl_backend *be, kl_mla_layer *w);
 void		cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n);
 void		cuda_moe_free(kl_backend *be);
+
+/* cuda_sample.c: the backend's sample op */
+int			cuda_sample(kl_backend *be, float *logits, int vocab, const kl_sample_row *rows, int n, int32_t *ids,
+						kl_err *err);
 
 #endif

@@ -63,7 +63,8 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 		if (!cuda_launched(be, "kda_tails"))
 			return;
 	}
-	if (kk_kda_recurrent(cs->stream, ns, H, K, qo, ko, vo, a->f, beta, o, cs->d_row0, S_tab, max_rows) != 0)
+	if (kk_kda_recurrent(cs->stream, ns, H, K, qo, ko, vo, a->f, beta, o, cs->d_row0, S_tab, max_rows,
+						 cs->kda_round16) != 0)
 	{
 		cuda_fail(be, "KDA head size %d is not supported on the GPU", K);
 		return;

@@ -14,6 +14,8 @@
  *     bounded (SCORE_BYTES): no n x n matrix is ever held.
  * In bf16 mode (with bf16 weights) the expanded products take bf16 operands
  * with fp32 accumulation; otherwise they are SGEMMs (without TF32 in fp32 mode).
+ * In bf16 mode the cache itself holds bf16 rows (cs->mla_c16): the kernels
+ * widen them on load; the state format keeps fp32 (cuda_backend.c converts).
  */
 #include <math.h>
 #include <stdio.h>
@@ -122,7 +124,8 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 	if (!cuda_launched(be, "mla_absorb_q"))
 		return;
 	rc = kk_mla_attend(cs->stream, n, max_splits, (int) split, Ha, R, Dr, qabs, 1.0f / sqrtf((float) (Dn + Dr)),
-					   cs->d_row_seq, cs->d_row0, cs->d_pos0, cs->d_absorbed, pages, cs->page_cap, pacc, pml);
+					   cs->d_row_seq, cs->d_row0, cs->d_pos0, cs->d_absorbed, pages, cs->page_cap, pacc, pml,
+					   cs->mla_c16);
 	if (rc != 0)
 	{
 		cuda_ok(be, (cudaError_t) rc, "mla_attend");
@@ -195,7 +198,7 @@ mla_expanded(kl_backend *be, const kl_step *st, const kl_mla_args *a, int s, flo
 	S = cuda_buf(be, CB_MLA_S, sizeof(float) * (size_t) Ha * nq * m);
 	if (!lat || !S)
 		return;
-	kk_mla_gather(cs->stream, lat, m, Wa, seq_pages);
+	kk_mla_gather(cs->stream, lat, m, Wa, seq_pages, cs->mla_c16);
 	if (!cuda_launched(be, "mla_gather"))
 		return;
 
@@ -288,7 +291,8 @@ cuda_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a)
 	if (cuda_step_skip(be, OP_MLA, (uintptr_t) a->q, (uintptr_t) a->kv, (uintptr_t) a->out,
 					   (uintptr_t) a->mla_index))
 		return;
-	kk_mla_append(cs->stream, st->n_tokens, Wa, a->kv, cs->d_row_seq, cs->d_row0, cs->d_pos0, pages, cs->page_cap);
+	kk_mla_append(cs->stream, st->n_tokens, Wa, a->kv, cs->d_row_seq, cs->d_row0, cs->d_pos0, pages, cs->page_cap,
+				  cs->mla_c16);
 	if (!cuda_launched(be, "mla_append"))
 		return;
 	if (cs->any_absorbed)

@@ -12,6 +12,11 @@
  *     otherwise one product per used expert through the ordinary matmul path.
  * The shared experts are a plain SwiGLU MLP over all tokens; the combine
  * kernel sums each token's weighted expert outputs and the shared one.
+ *
+ * Decode (unless KL_CUDA_MOE_FUSE=0): routing and grouping are one launch,
+ * the gate and up products write silu(gate) * up directly, and the combine
+ * is held back (cuda_defer_combine) to run inside the residual add and norm
+ * that follow: router, route+group, gate/up, down — four launches a layer.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -321,7 +326,7 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 	start = cuda_buf(be, CB_MOE_START, sizeof(int) * ((size_t) E + 2));
 	xrow = cuda_buf(be, CB_MOE_XROW, sizeof(int) * (nk + n));
 	inv = cuda_buf(be, CB_MOE_INV, sizeof(int) * nk);
-	active = cuda_buf(be, CB_MOE_ACTIVE, sizeof(int) * ((size_t) E + 2));
+	active = cuda_buf(be, CB_MOE_ACTIVE, sizeof(int) * ((size_t) E + nk + (size_t) n + 4));
 	/* rows: the routed pairs, then (decode, fused) the shared expert's */
 	g = cuda_buf(be, CB_MOE_G, sizeof(float) * (nk + n) * F);
 	u = cuda_buf(be, CB_MOE_U, sizeof(float) * (nk + n) * F);
@@ -331,9 +336,7 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 
 	/* 1. route, in fp32 (logits included, in either precision mode) */
 	cuda_matmul_fp32(be, logits, E, x, D, n, &w->router);
-	kk_moe_route(cs->stream, n, E, k, G, cfg->topk_groups, cfg->router_softmax, cfg->moe_renormalize,
-				 cfg->bias_in_weights, cfg->routed_scaling, logits, w->score_bias, sel, wts);
-	if (be->failed || !cuda_launched(be, "moe_route"))
+	if (be->failed)
 		return;
 
 	if (n <= MOE_DEVICE_MAX_TOKENS)
@@ -346,30 +349,62 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		bool		fuse = w->has_shared && Fs == F && w->shared.gate.dtype == w->experts[0].gate.dtype &&
 			w->shared.down.dtype == w->experts[0].down.dtype;
 		int			rows = (int) nk + (fuse ? n : 0);
-		int			max_active = (int) (nk < (size_t) E ? nk : (size_t) E) + (fuse ? 1 : 0);
+		/* work items of at most P rows: an expert with c pairs makes ceil(c / P) */
+		int			P = kk_expert_pass_rows(n);
+		int			max_active = (int) (nk < (size_t) E ? nk : (size_t) E) + (int) nk / P + 1 + (fuse ? (n + P - 1) / P : 0);
+		int			rc = -1;
 
-		kk_moe_group(cs->stream, (int) nk, E, k, fuse ? n : 0, sel, start, xrow, inv, active);
-		if (!cuda_launched(be, "moe_group"))
+		if (cs->fuse_moe)
+			rc = kk_moe_route_group(cs->stream, n, E, k, G, cfg->topk_groups, cfg->router_softmax,
+									cfg->moe_renormalize, cfg->bias_in_weights, cfg->routed_scaling, logits,
+									w->score_bias, sel, wts, fuse ? n : 0, P, start, xrow, inv, active);
+		if (rc > 0)
+		{
+			cuda_ok(be, (cudaError_t) rc, "moe_route_group");
 			return;
-		kk_expert_gemv(cs->stream, g, u, F, x, D, xrow, (const void *const *) tab->dev,
-					   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active, n);
+		}
+		if (rc < 0)
+		{
+			kk_moe_route(cs->stream, n, E, k, G, cfg->topk_groups, cfg->router_softmax, cfg->moe_renormalize,
+						 cfg->bias_in_weights, cfg->routed_scaling, logits, w->score_bias, sel, wts);
+			if (!cuda_launched(be, "moe_route"))
+				return;
+			kk_moe_group(cs->stream, (int) nk, E, k, fuse ? n : 0, P, sel, start, xrow, inv, active);
+		}
+		if (!cuda_launched(be, "moe_route_group"))
+			return;
+		if (cs->fuse_moe && n <= 4)
+			/* gate and up of each row in one warp: h = silu(gate) * up into g (for few
+			 * tokens: with more, the warp's registers for both products cost occupancy,
+			 * 3.4 ms a step at batch 64) */
+			kk_expert_gemv(cs->stream, g, NULL, F, x, D, xrow, (const void *const *) tab->dev,
+						   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active, n);
+		else
+		{
+			kk_expert_gemv(cs->stream, g, u, F, x, D, xrow, (const void *const *) tab->dev,
+						   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active, n);
+			kk_swiglu(cs->stream, g, g, u, rows, F, F);
+		}
 		if (!cuda_launched(be, "expert gate/up"))
 			return;
-		kk_swiglu(cs->stream, g, g, u, rows, F, F);
 		kk_expert_gemv(cs->stream, ye, NULL, D, g, F, NULL, (const void *const *) (tab->dev + 2 * (E + 1)), NULL, wbf,
 					   D, F, start, active, max_active, n);
 		if (!cuda_launched(be, "expert down"))
 			return;
 		if (fuse)
 		{
-			kk_moe_combine(cs->stream, y, n, D, k, wts, inv, ye, ye + nk * D);
-			cuda_launched(be, "moe_combine");
+			cuda_defer_combine(be, y, n, D, k, wts, inv, ye, ye + nk * D);
 			return;
 		}
 	}
 	else
 	{
 		/* 2. group on the host; one product per used expert */
+		kk_moe_route(cs->stream, n, E, k, G, cfg->topk_groups, cfg->router_softmax, cfg->moe_renormalize,
+					 cfg->bias_in_weights, cfg->routed_scaling, logits, w->score_bias, sel, wts);
+		if (!cuda_launched(be, "moe_route"))
+			return;
+
 		float	   *xe = cuda_buf(be, CB_MOE_X, sizeof(float) * nk * D);
 		const int  *st;
 
@@ -429,6 +464,5 @@ shared:
 	}
 
 	/* 4. y = sum of weighted expert outputs (+ shared) */
-	kk_moe_combine(cs->stream, y, n, D, k, wts, inv, ye, sy);
-	cuda_launched(be, "moe_combine");
+	cuda_defer_combine(be, y, n, D, k, wts, inv, ye, sy);
 }

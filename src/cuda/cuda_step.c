@@ -165,7 +165,8 @@ cuda_begin_step(kl_backend *be, const kl_step *st, kl_err *err)
 		return KL_FAIL;
 	}
 	cuda_abort_capture(be);		/* a step that failed half-way may have left one open */
-	cs->pend = false;			/* (and an add held back) */
+	cs->pend = false;			/* (and an add or a combine held back) */
+	cs->pend_moe = false;
 	cs->mode = GM_EAGER;
 	cudaSetDevice(cs->device);
 	for (int s = 0; s < ns; s++)
@@ -300,6 +301,27 @@ cuda_end_step(kl_backend *be, const kl_step *st)
 			drop_graph(g);
 			return;
 		}
+		{
+			/* count its kernels (benchmarks report kernels per step) */
+			size_t		nn = 0;
+			cudaGraphNode_t *nodes;
+
+			g->kernels = 0;
+			if (cudaGraphGetNodes(graph, NULL, &nn) == cudaSuccess && nn > 0 &&
+				(nodes = malloc(sizeof(cudaGraphNode_t) * nn)) != NULL)
+			{
+				if (cudaGraphGetNodes(graph, nodes, &nn) == cudaSuccess)
+					for (size_t i = 0; i < nn; i++)
+					{
+						enum cudaGraphNodeType t;
+
+						if (cudaGraphNodeGetType(nodes[i], &t) == cudaSuccess && t == cudaGraphNodeTypeKernel)
+							g->kernels++;
+					}
+				free(nodes);
+			}
+			cudaGetLastError();
+		}
 		e = cudaGraphInstantiate(&g->exec, graph, 0);
 		cudaGraphDestroy(graph);
 		if (!cuda_ok(be, e, "cudaGraphInstantiate"))
@@ -324,6 +346,7 @@ cuda_end_step(kl_backend *be, const kl_step *st)
 	else
 		return;
 	g->last_use = ++cs->clock;
+	be->step_kernels = g->kernels;
 	if (cuda_ok(be, cudaGraphLaunch(g->exec, cs->stream), "cudaGraphLaunch"))
 		cuda_ok(be, cudaEventRecord(cs->ids_done, cs->stream), "graph launch");
 }

@@ -21,6 +21,7 @@
 #include <stdint.h>
 
 #include "config.h"
+#include "kl.h"
 #include "kl_util.h"
 #include "safetensors.h"
 
@@ -113,7 +114,9 @@ typedef struct kl_layer
 /*
  * Per-sequence state in backend memory.  The MLA latent cache is paged: page p
  * of MLA layer j holds positions [p*KL_MLA_PAGE, (p+1)*KL_MLA_PAGE), each a
- * row of R+Dr floats (the normalized latent c, then k_pe).
+ * row of R+Dr numbers (the normalized latent c, then k_pe): floats, or bf16
+ * where the backend says so (kl_backend.mla_cache_bf16; the pointers are
+ * then to bf16 data, and rows reach the host through read_mla_rows).
  */
 #define KL_MLA_PAGE 1024
 
@@ -182,6 +185,22 @@ typedef struct kl_mla_args
 	float	   *out;
 } kl_mla_args;
 
+/*
+ * One row of a device sampling call (backend op `sample`): the row of the
+ * logits matrix, the settings, the uniform draw already taken
+ * (kl_sample_uniform), the repetition-penalty ids and the optional
+ * allowed-token bitmask (host memory, as kl_sample_masked).
+ */
+typedef struct kl_sample_row
+{
+	int			row;
+	const kl_sampling *s;
+	double		u0;
+	const int32_t *recent;
+	int			n_recent;
+	const uint32_t *allowed;
+} kl_sample_row;
+
 typedef struct kl_backend_ops
 {
 	const char *name;
@@ -219,10 +238,28 @@ typedef struct kl_backend_ops
 	/* h[r, c] = silu(g[r, c]) * u[r, c]; g and u with row stride ld, h with width */
 	void		(*swiglu) (kl_backend *be, float *h, const float *g, const float *u, int rows, int width, int ld);
 
+	/*
+	 * optional (NULL: plain download / upload, the cache holds fp32): rows
+	 * [row, row + n) of an MLA cache page to / from fp32 host rows of `width`
+	 * numbers, converting the backend's cache format (the state format and
+	 * the CPU keep fp32)
+	 */
+	void		(*read_mla_rows) (kl_backend *be, float *dst, const void *page, int row, int n, int width);
+	void		(*write_mla_rows) (kl_backend *be, void *page, int row, const float *src, int n, int width);
+
 	void		(*kda) (kl_backend *be, const kl_step *step, const kl_kda_args *a);
 	void		(*mla) (kl_backend *be, const kl_step *step, const kl_mla_args *a);
 	/* y[n, D] = MoE(x[n, D]) including the shared experts */
 	void		(*moe) (kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n);
+
+	/*
+	 * optional (NULL: forward.c downloads the logits and samples on the
+	 * host): choose one token per listed row of logits [*, vocab] (backend
+	 * memory; may be overwritten) exactly as kl_sample_draw would; ids[i] for
+	 * rows[i] into host memory.  Only the ids come back.
+	 */
+	int			(*sample) (kl_backend *be, float *logits, int vocab, const kl_sample_row *rows, int n,
+						   int32_t *ids, kl_err *err);
 
 	/* optional (NULL on the CPU): called before and after the layers of each
 	 * step, e.g. to upload the step's row offsets and page tables once, or to
@@ -243,7 +280,18 @@ struct kl_backend
 	/* set by an op that failed (out of device memory, ...); checked by forward */
 	kl_err		err;
 	bool		failed;
+	/* the MLA latent cache holds bf16 numbers (set at creation; see struct kl_seq) */
+	bool		mla_cache_bf16;
+	/* kernels in the graph of the last decode step run as one (0: none), for benchmarks */
+	int			step_kernels;
 };
+
+/* bytes of one page of an MLA layer's latent cache */
+static inline size_t
+kl_mla_page_bytes(const kl_backend *be, const kl_config *c)
+{
+	return (size_t) KL_MLA_PAGE * (c->kv_lora_rank + c->qk_rope_dim) * (be->mla_cache_bf16 ? 2 : 4);
+}
 
 /* Options a backend is created with (from kl_load_opts). */
 typedef struct kl_backend_opts

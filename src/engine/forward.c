@@ -206,19 +206,18 @@ dense_mlp(kl_ctx *c, int n, const kl_mlp *mlp, int I)
 	be->ops->matmul(be, c->xn, D, c->p3, I, n, &mlp->down);
 }
 
-static void
+/* The feed-forward block of layer L; returns the buffer holding its output
+ * (the MoE writes p1, so that no copy back to xn is needed). */
+static float *
 ffn(kl_ctx *c, int n, const kl_layer *L)
 {
 	if (L->is_moe)
 	{
-		/* result into p1, then back to xn */
-		TIMED(c, KL_PROF_MOE, {
-			c->be->ops->moe(c->be, &c->m->cfg, &L->moe, c->p1, c->xn, n);
-			c->be->ops->copy(c->be, c->xn, c->p1, sizeof(float) * (size_t) n * c->m->cfg.hidden_size);
-		});
+		TIMED(c, KL_PROF_MOE, c->be->ops->moe(c->be, &c->m->cfg, &L->moe, c->p1, c->xn, n));
+		return c->p1;
 	}
-	else
-		TIMED(c, KL_PROF_LINEAR, dense_mlp(c, n, &L->mlp, c->m->cfg.intermediate_size));
+	TIMED(c, KL_PROF_LINEAR, dense_mlp(c, n, &L->mlp, c->m->cfg.intermediate_size));
+	return c->xn;
 }
 
 /* ------------------------------------------------------------------ one step */
@@ -250,8 +249,11 @@ run_layers(kl_ctx *c, const kl_step *st, kl_err *err)
 		TIMED(c, KL_PROF_OTHER, be->ops->add(be, c->x, c->xn, nD));
 
 		TIMED(c, KL_PROF_OTHER, be->ops->rmsnorm(be, c->xn, D, c->x, D, L->post_norm, n, D, cfg->rms_norm_eps));
-		ffn(c, n, L);
-		TIMED(c, KL_PROF_OTHER, be->ops->add(be, c->x, c->xn, nD));
+		{
+			float	   *out = ffn(c, n, L);
+
+			TIMED(c, KL_PROF_OTHER, be->ops->add(be, c->x, out, nD));
+		}
 
 		if (be->failed)
 		{
@@ -266,47 +268,138 @@ run_layers(kl_ctx *c, const kl_step *st, kl_err *err)
 /*
  * Logits are computed for a list of (row of ctx->x, host destination) pairs,
  * LOGIT_ROWS at a time, so that a batch's last-token rows share one pass over
- * lm_head (the largest matrix of small models).
+ * lm_head (the largest matrix of small models).  A row may also carry a
+ * sampling request (kl_batch_item.sample): its token is chosen on the device
+ * where the backend can (only the id comes back), else on the host.
+ *
+ * Computing (final norm, lm_head) and delivering (download, sampling) are
+ * separate: a step computes its logits before end_step, so that a decode
+ * step's graph holds them, and delivers them after.
  */
 typedef struct logit_queue
 {
 	int			n;
+	bool		computed;		/* the queued rows' logits are in ctx->logits */
 	int			row[LOGIT_ROWS];
 	float	   *dst[LOGIT_ROWS];
+	const kl_sample_req *req[LOGIT_ROWS];	/* sampling request of this row, or NULL */
+	int32_t    *token[LOGIT_ROWS];	/* where its token goes */
 } logit_queue;
 
 static void
-logits_flush(kl_ctx *c, logit_queue *q)
+logits_compute(kl_ctx *c, logit_queue *q)
 {
 	kl_backend *be = c->be;
 	const kl_config *cfg = &c->m->cfg;
 	int			D = cfg->hidden_size;
 	int			V = cfg->vocab_size;
-
+	bool		in_order = true;
 	double		t0 = kl_now();
 
-	if (q->n == 0)
+	if (q->n == 0 || q->computed)
 		return;
 	for (int r = 0; r < q->n; r++)
-		be->ops->copy(be, c->lrows + (size_t) r * D, c->x + (size_t) q->row[r] * D,
-					  sizeof(float) * (size_t) D);
-	be->ops->rmsnorm(be, c->lrows, D, c->lrows, D, c->m->final_norm, q->n, D, cfg->rms_norm_eps);
+		in_order &= q->row[r] == r;
+	if (in_order)
+	{
+		/* rows 0 .. n-1 (decode): normalized straight out of the residual stream */
+		be->ops->rmsnorm(be, c->lrows, D, c->x, D, c->m->final_norm, q->n, D, cfg->rms_norm_eps);
+	}
+	else
+	{
+		for (int r = 0; r < q->n; r++)
+			be->ops->copy(be, c->lrows + (size_t) r * D, c->x + (size_t) q->row[r] * D,
+						  sizeof(float) * (size_t) D);
+		be->ops->rmsnorm(be, c->lrows, D, c->lrows, D, c->m->final_norm, q->n, D, cfg->rms_norm_eps);
+	}
 	be->ops->matmul(be, c->logits, V, c->lrows, D, q->n, &c->m->lm_head);
-	be->ops->download(be, c->logits_host, c->logits, sizeof(float) * (size_t) q->n * V);
-	for (int r = 0; r < q->n; r++)
-		memcpy(q->dst[r], c->logits_host + (size_t) r * V, sizeof(float) * (size_t) V);
-	q->n = 0;
+	q->computed = true;
 	if (c->profile)
+	{
+		be->ops->sync(be);
 		c->prof[KL_PROF_LOGITS] += kl_now() - t0;
+	}
 }
 
-static void
-logits_want(kl_ctx *c, logit_queue *q, int row, float *dst)
+static int
+logits_deliver(kl_ctx *c, logit_queue *q, kl_err *err)
 {
+	kl_backend *be = c->be;
+	int			V = c->m->cfg.vocab_size;
+	bool		any_dst = false,
+				any_sample = false;
+	double		t0 = kl_now();
+	int			rc = KL_OK;
+
+	if (q->n == 0)
+		return KL_OK;
+	logits_compute(c, q);
+	for (int r = 0; r < q->n; r++)
+	{
+		any_dst |= q->dst[r] != NULL;
+		any_sample |= q->req[r] != NULL;
+	}
+	if (any_dst || (any_sample && !be->ops->sample))
+	{
+		be->ops->download(be, c->logits_host, c->logits, sizeof(float) * (size_t) q->n * V);
+		for (int r = 0; r < q->n; r++)
+			if (q->dst[r])
+				memcpy(q->dst[r], c->logits_host + (size_t) r * V, sizeof(float) * (size_t) V);
+	}
+	if (any_sample && be->ops->sample)
+	{
+		kl_sample_row rows[LOGIT_ROWS];
+		int32_t		ids[LOGIT_ROWS];
+		int			ns = 0;
+
+		for (int r = 0; r < q->n; r++)
+			if (q->req[r])
+			{
+				const kl_sample_req *req = q->req[r];
+
+				rows[ns].row = r;
+				rows[ns].s = req->sampling;
+				rows[ns].u0 = kl_sample_uniform(req->sampling, req->rng);
+				rows[ns].recent = req->recent;
+				rows[ns].n_recent = req->n_recent;
+				rows[ns].allowed = req->allowed;
+				ns++;
+			}
+		rc = be->ops->sample(be, c->logits, V, rows, ns, ids, err);
+		ns = 0;
+		for (int r = 0; r < q->n && rc == KL_OK; r++)
+			if (q->req[r])
+				*q->token[r] = ids[ns++];
+	}
+	else if (any_sample)
+		for (int r = 0; r < q->n; r++)
+			if (q->req[r])
+			{
+				const kl_sample_req *req = q->req[r];
+
+				*q->token[r] = kl_sample_masked(req->sampling, req->rng, c->logits_host + (size_t) r * V, V,
+													 req->recent, req->n_recent, req->allowed);
+			}
+	q->n = 0;
+	q->computed = false;
+	if (c->profile)
+		c->prof[KL_PROF_LOGITS] += kl_now() - t0;
+	return rc;
+}
+
+/* queue a row; a full queue is delivered first (never the case in a decode
+ * step, which has at most LOGIT_ROWS rows) */
+static int
+logits_want(kl_ctx *c, logit_queue *q, int row, float *dst, const kl_sample_req *req, int32_t *token, kl_err *err)
+{
+	if (q->n == LOGIT_ROWS && logits_deliver(c, q, err) != KL_OK)
+		return KL_FAIL;
 	q->row[q->n] = row;
 	q->dst[q->n] = dst;
-	if (++q->n == LOGIT_ROWS)
-		logits_flush(c, q);
+	q->req[q->n] = req;
+	q->token[q->n] = token;
+	q->n++;
+	return KL_OK;
 }
 
 /* ------------------------------------------------------------------ sequences' caches */
@@ -317,7 +410,7 @@ reserve_mla(kl_ctx *c, kl_seq *s, int64_t upto, kl_err *err)
 {
 	const kl_config *cfg = &c->m->cfg;
 	int64_t		need = (upto + KL_MLA_PAGE - 1) / KL_MLA_PAGE;
-	size_t		page_bytes = sizeof(float) * (size_t) KL_MLA_PAGE * kl_mla_row(cfg);
+	size_t		page_bytes = kl_mla_page_bytes(c->be, cfg);
 
 	for (int j = 0; j < cfg->n_mla_layers; j++)
 	{
@@ -474,10 +567,18 @@ backend_failed(kl_ctx *c, kl_err *err)
 int
 kl_forward(kl_ctx *c, kl_batch_item *items, int n_items, kl_err *err)
 {
+	return kl_forward_sample(c, items, n_items, NULL, NULL, err);
+}
+
+int
+kl_forward_sample(kl_ctx *c, kl_batch_item *items, int n_items, const kl_sample_req *const *reqs, int32_t *tokens,
+				  kl_err *err)
+{
 	const kl_config *cfg = &c->m->cfg;
 	int			V = cfg->vocab_size;
 	int		   *done;
 	int			rc = KL_FAIL;
+	logit_queue q;
 
 	if (n_items < 0 || (n_items > 0 && !items))
 		return kl_errf(err, "invalid batch");
@@ -489,8 +590,23 @@ kl_forward(kl_ctx *c, kl_batch_item *items, int n_items, kl_err *err)
 			return kl_errf(err, "batch item %d: sequence missing or of another model", i);
 		if (it->n < 0 || (it->n > 0 && !it->ids))
 			return kl_errf(err, "batch item %d: invalid token count %d", i, it->n);
-		if (it->n == 0 && it->logits)
+		if (it->n == 0 && (it->logits || (reqs && reqs[i])))
 			return kl_errf(err, "batch item %d: logits requested for zero tokens", i);
+		if (reqs && reqs[i])
+		{
+			const kl_sample_req *sr = reqs[i];
+			kl_err		why;
+
+			if (it->all_logits)
+				return kl_errf(err, "batch item %d: sampling is for the last token only, not with all_logits", i);
+			if (!tokens)
+				return kl_errf(err, "sampling requested without room for the tokens");
+			if (!sr->sampling || (sr->sampling->temperature != 0.0f && !sr->rng) ||
+				sr->n_recent < 0 || (sr->n_recent > 0 && !sr->recent))
+				return kl_errf(err, "batch item %d: invalid sampling request (settings, generator or ids missing)", i);
+			if (kl_sampling_validate(sr->sampling, &why) != KL_OK)
+				return kl_errf(err, "batch item %d: %s", i, why.msg);
+		}
 		for (int j = 0; j < it->n; j++)
 			if (it->ids[j] < 0 || it->ids[j] >= V)
 				return kl_errf(err, "token id %d at position %d is outside the vocabulary [0, %d)",
@@ -544,31 +660,38 @@ kl_forward(kl_ctx *c, kl_batch_item *items, int n_items, kl_err *err)
 			goto out;
 		if (run_layers(c, &st, err) != KL_OK)
 			goto out;
+
+		/* logits wanted from this step: computed inside the step (a decode
+		 * step's graph holds them), delivered after it */
+		q.n = 0;
+		q.computed = false;
+		for (int s = 0; s < ns; s++)
+		{
+			int			i = item_of_seq[s];
+			kl_batch_item *it = &items[i];
+
+			const kl_sample_req *req = reqs ? reqs[i] : NULL;
+
+			if (!it->logits && !req)
+				continue;
+			if (it->all_logits)
+			{
+				for (int r = 0; r < n_take[s]; r++)
+					if (logits_want(c, &q, c->row0[s] + r, it->logits + (size_t) (done[i] + r) * V, NULL, NULL,
+									err) != KL_OK)
+						goto out;
+			}
+			else if (done[i] + n_take[s] == it->n &&
+					 logits_want(c, &q, c->row0[s + 1] - 1, it->logits, req, req ? &tokens[i] : NULL, err) != KL_OK)
+				goto out;
+		}
+		logits_compute(c, &q);
 		if (c->be->ops->end_step)
 			c->be->ops->end_step(c->be, &st);
 		if (backend_failed(c, err))
 			goto out;
-
-		/* logits wanted from this step */
-		{
-			logit_queue q;
-
-			q.n = 0;
-			for (int s = 0; s < ns; s++)
-			{
-				int			i = item_of_seq[s];
-				kl_batch_item *it = &items[i];
-
-				if (!it->logits)
-					continue;
-				if (it->all_logits)
-					for (int r = 0; r < n_take[s]; r++)
-						logits_want(c, &q, c->row0[s] + r, it->logits + (size_t) (done[i] + r) * V);
-				else if (done[i] + n_take[s] == it->n)
-					logits_want(c, &q, c->row0[s + 1] - 1, it->logits);
-			}
-			logits_flush(c, &q);
-		}
+		if (logits_deliver(c, &q, err) != KL_OK)
+			goto out;
 		if (backend_failed(c, err))	/* e.g. a GPU fault seen by the logits download */
 			goto out;
 		for (int s = 0; s < ns; s++)

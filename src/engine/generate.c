@@ -51,12 +51,13 @@ kl_generate(kl_ctx *ctx, kl_seq *seq, const int32_t *prompt, int n_prompt,
 			const kl_gen_params *p, kl_tokens *out, kl_token_cb cb, void *cb_arg, kl_err *err)
 {
 	const kl_config *cfg = kl_model_config(seq->model);
-	int			V = cfg->vocab_size;
-	float	   *logits = NULL;
 	int32_t    *input = NULL;
 	kl_tokens	recent = {0};
 	kl_rng		rng;
+	kl_sample_req req;
+	const kl_sample_req *reqs[1] = {&req};
 	kl_batch_item item;
+	int32_t		token = -1;
 	int			n_in = 0;
 	int			rc = KL_FAIL;
 
@@ -70,8 +71,7 @@ kl_generate(kl_ctx *ctx, kl_seq *seq, const int32_t *prompt, int n_prompt,
 		return kl_errf(err, "empty prompt: there is nothing to continue from");
 
 	input = kl_malloc(sizeof(int32_t) * ((size_t) n_prompt + 1), err);
-	logits = kl_malloc(sizeof(float) * (size_t) V, err);
-	if (!input || !logits)
+	if (!input)
 		goto out;
 	if (seq->pending >= 0)
 		input[n_in++] = seq->pending;
@@ -83,18 +83,23 @@ kl_generate(kl_ctx *ctx, kl_seq *seq, const int32_t *prompt, int n_prompt,
 			goto out;
 	kl_rng_seed(&rng, p->sampling.seed);
 
+	/* the forward pass samples (on the device where it can: only ids come back) */
+	memset(&req, 0, sizeof(req));
+	req.sampling = &p->sampling;
+	req.rng = &rng;
+	memset(&item, 0, sizeof(item));
 	item.seq = seq;
 	item.ids = input;
 	item.n = n_in;
-	item.logits = p->max_tokens > 0 ? logits : NULL;
-	item.all_logits = false;
-	if (kl_forward(ctx, &item, 1, err) != KL_OK)
+	req.recent = recent.ids;
+	req.n_recent = (int) recent.n;
+	if (kl_forward_sample(ctx, &item, 1, p->max_tokens > 0 ? reqs : NULL, &token, err) != KL_OK)
 		goto out;
 	seq->pending = -1;
 
 	for (int i = 0; i < p->max_tokens; i++)
 	{
-		int32_t		tok = kl_sample(&p->sampling, &rng, logits, V, recent.ids, (int) recent.n);
+		int32_t		tok = token;
 		bool		stop;
 
 		if (kl_tokens_push(out, tok, err) != KL_OK || kl_tokens_push(&recent, tok, err) != KL_OK)
@@ -109,13 +114,14 @@ kl_generate(kl_ctx *ctx, kl_seq *seq, const int32_t *prompt, int n_prompt,
 		}
 		item.ids = &tok;
 		item.n = 1;
-		if (kl_forward(ctx, &item, 1, err) != KL_OK)
+		req.recent = recent.ids;
+		req.n_recent = (int) recent.n;
+		if (kl_forward_sample(ctx, &item, 1, reqs, &token, err) != KL_OK)
 			goto out;
 	}
 	rc = KL_OK;
 out:
 	free(input);
-	free(logits);
 	kl_tokens_free(&recent);
 	return rc;
 }

@@ -149,6 +149,19 @@ typedef struct kl_batch_item
 int			kl_forward(kl_ctx *ctx, kl_batch_item *items, int n_items, kl_err *err);
 
 /*
+ * The same, also sampling each item's next token from its last token's
+ * logits inside the pass: on the device where the backend can (only the ids
+ * come back, no logits), else on the host; the same choice either way
+ * (kl_sample_draw).  reqs[i] (kl_sample_req, below) NULL: item i is not
+ * sampled; tokens[i] receives item i's token.  An item's logits pointer may
+ * be NULL; when it is not, it receives the raw logits (before penalty and
+ * mask).  Not with all_logits.
+ */
+struct kl_sample_req;
+int			kl_forward_sample(kl_ctx *ctx, kl_batch_item *items, int n_items,
+							  const struct kl_sample_req *const *reqs, int32_t *tokens, kl_err *err);
+
+/*
  * Batch invariance: in a kl_forward of at most this many rows in all, every
  * row is computed with the same arithmetic whatever the other rows, so a
  * sequence decoded among others gets bit-for-bit the logits it gets alone.
@@ -208,6 +221,29 @@ uint64_t	kl_rng_next(kl_rng *rng);
  */
 int32_t		kl_sample(const kl_sampling *s, kl_rng *rng, float *logits, int vocab,
 					  const int32_t *recent, int n_recent);
+/* The same with an optional allowed-token bitmask (constrained decoding):
+ * token i is allowed when bit i % 32 of allowed[i / 32] is set; NULL allows
+ * all.  Disallowed tokens are never chosen while any allowed token has a
+ * finite logit (if none has, the first allowed id is returned). */
+int32_t		kl_sample_masked(const kl_sampling *s, kl_rng *rng, float *logits, int vocab,
+							 const int32_t *recent, int n_recent, const uint32_t *allowed);
+/* The uniform number in [0, 1) a sampling step draws from rng (none, 0, when
+ * greedy), and the choice given it: kl_sample_masked = kl_sample_draw with
+ * kl_sample_uniform.  A GPU backend's sampler chooses exactly what
+ * kl_sample_draw chooses for the same logits and draw (sample.c). */
+double		kl_sample_uniform(const kl_sampling *s, kl_rng *rng);
+int32_t		kl_sample_draw(const kl_sampling *s, double u0, float *logits, int vocab,
+						   const int32_t *recent, int n_recent, const uint32_t *allowed);
+
+/* A batch item's request to sample inside kl_forward_sample. */
+typedef struct kl_sample_req
+{
+	const kl_sampling *sampling;
+	kl_rng	   *rng;			/* advanced by one draw per token when temperature > 0 */
+	const int32_t *recent;		/* the ids the repetition penalty applies to */
+	int			n_recent;
+	const uint32_t *allowed;	/* optional vocabulary bitmask, as kl_sample_masked; NULL = all */
+} kl_sample_req;
 
 /* ------------------------------------------------------------------ generation */
 

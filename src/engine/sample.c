@@ -1,17 +1,43 @@
 /*
  * sample.c — choosing the next token from logits.
  *
- * Order (as Hugging Face's generate applies them): repetition penalty,
- * temperature, top-k, softmax, top-p (nucleus), min-p, then a draw from the
- * remaining candidates with a xoshiro256** generator seeded by splitmix64, so
- * a seed reproduces a run exactly.  Temperature 0 is greedy (argmax, lowest id
- * on ties) and ignores the other settings except the repetition penalty.
+ * Order (as Hugging Face's generate applies them): repetition penalty, the
+ * allowed-token mask, temperature, top-k, softmax, top-p (nucleus), min-p,
+ * then a draw from the remaining candidates with one uniform number from a
+ * xoshiro256** generator seeded by splitmix64, so a seed reproduces a run
+ * exactly.  Temperature 0 is greedy (argmax, lowest id on ties) and ignores
+ * the other settings except the repetition penalty and the mask.
+ *
+ * The arithmetic is defined exactly (sample_core.h: our own exp, one fixed
+ * order for the softmax sum, cumulative probabilities in exact fixed point, a
+ * total order on candidates), so the CUDA backend's sampler
+ * (kernels/sample.cu), which computes the same quantities in parallel, picks
+ * the same token for the same logits and draw.
+ *
+ * The rule, precisely (kl_sample_draw):
+ *   1. each distinct id of `recent` once: logit / penalty if positive, else
+ *      logit * penalty; disallowed ids (mask) -inf
+ *   2. temperature 0: the first largest logit
+ *   3. p = logit / temperature (NaN -> -inf); candidates: the top_k by
+ *      (p, lower id), or all; e = exp(p - max p) for candidates, 0 otherwise;
+ *      z = the chunked double sum of e (sample_core.h); prob = e / z (float)
+ *   4. with top_p < 1 or min_p > 0: the candidates of positive probability
+ *      ranked by (prob, lower id); of the first min(#candidates, 1024) the
+ *      mass (fixed point); when that reaches top_p only those take part
+ *      further, else all; keep the shortest prefix whose mass reaches top_p;
+ *      then, while ranks 1.. have prob >= min_p * prob of rank 0; draw over
+ *      the kept prefix in rank order
+ *      otherwise: draw over all candidates in id order
+ *   5. the draw: Z = the fixed-point sum of the kept probabilities,
+ *      U = kl_sample_fix_point(u0, Z); the first candidate (in that order)
+ *      whose running fixed-point sum exceeds U.
  */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kl.h"
+#include "sample_core.h"
 
 void
 kl_sampling_default(kl_sampling *s)
@@ -81,15 +107,20 @@ kl_rng_next(kl_rng *rng)
 	return result;
 }
 
-/* uniform in [0, 1) with 53 random bits */
-static double
-rng_uniform(kl_rng *rng)
+double
+kl_sample_uniform(const kl_sampling *s, kl_rng *rng)
 {
+	/* uniform in [0, 1) with 53 random bits; greedy sampling draws nothing */
+	if (s->temperature == 0.0f)
+		return 0.0;
 	return (double) (kl_rng_next(rng) >> 11) * (1.0 / 9007199254740992.0);
 }
 
+/* ------------------------------------------------------------------ candidates */
+
 typedef struct cand
 {
+	uint64_t	key;			/* kl_sample_key: rank order, larger first */
 	float		p;
 	int32_t		id;
 } cand;
@@ -100,12 +131,11 @@ cmp_cand_desc(const void *a, const void *b)
 	const cand *x = a,
 			   *y = b;
 
-	if (x->p != y->p)
-		return x->p > y->p ? -1 : 1;
-	return x->id < y->id ? -1 : x->id > y->id;
+	return x->key > y->key ? -1 : x->key < y->key;
 }
 
-/* Move the k largest (by p) to the front, in no order: quickselect. */
+/* Move the k first (largest key) to the front, in no order: quickselect.
+ * Keys are distinct, so the set is unique. */
 static void
 select_top(cand *c, int n, int k)
 {
@@ -114,15 +144,15 @@ select_top(cand *c, int n, int k)
 
 	while (lo < hi)
 	{
-		float		pivot = c[(lo + hi) / 2].p;
+		uint64_t	pivot = c[(lo + hi) / 2].key;
 		int			i = lo,
 					j = hi;
 
 		while (i <= j)
 		{
-			while (c[i].p > pivot)
+			while (c[i].key > pivot)
 				i++;
-			while (c[j].p < pivot)
+			while (c[j].key < pivot)
 				j--;
 			if (i <= j)
 			{
@@ -143,17 +173,141 @@ select_top(cand *c, int n, int k)
 	}
 }
 
-int32_t
-kl_sample(const kl_sampling *s, kl_rng *rng, float *logits, int vocab,
-		  const int32_t *recent, int n_recent)
+/* Greedy: the first largest logit (a NaN at id 0 wins, as a plain scan does). */
+static int32_t
+argmax_first(const float *logits, int vocab)
 {
-	cand	   *c;
-	int			n;
-	float		mx;
-	double		z = 0,
-				acc,
-				u;
 	int32_t		best = 0;
+
+	for (int i = 1; i < vocab; i++)
+		if (logits[i] > logits[best])
+			best = i;
+	return best;
+}
+
+/* Sum of x over the vocabulary in the fixed chunk order (sample_core.h):
+ * chunk t holds ids t, t + KL_SAMPLE_CHUNKS, ...; then the chunks in order. */
+static double
+chunked_sum(const float *x, int vocab)
+{
+	double		z = 0;
+
+	for (int t = 0; t < KL_SAMPLE_CHUNKS; t++)
+	{
+		double		pt = 0;
+
+		for (int i = t; i < vocab; i += KL_SAMPLE_CHUNKS)
+			pt = KL_S_DADD(pt, (double) x[i]);
+		z = KL_S_DADD(z, pt);
+	}
+	return z;
+}
+
+/*
+ * Top-p and min-p over the candidates with positive probability, ranked by
+ * (probability, lower id): the first KL_SAMPLE_HEAD are sorted; their mass
+ * decides whether the rest are needed (when it falls short of top_p, all
+ * candidates take part).  n_cand counts every candidate, zero-probability
+ * ones included (they never take part in a draw).
+ */
+static int32_t
+draw_sorted(const kl_sampling *s, double u0, cand *pos, int n_pos, int n_cand)
+{
+	int			head = n_cand < KL_SAMPLE_HEAD ? n_cand : KL_SAMPLE_HEAD;
+	int			sorted = n_pos < head ? n_pos : head;
+	int			limit = n_cand,
+				m,
+				keep;
+	uint64_t	target = kl_sample_fix_target(s->top_p),
+				z = 0,
+				u,
+				acc = 0;
+
+	if (sorted < n_pos)
+		select_top(pos, n_pos, sorted);
+	qsort(pos, (size_t) sorted, sizeof(cand), cmp_cand_desc);
+	if (head < n_cand)
+	{
+		uint64_t	mass = 0;
+
+		for (int i = 0; i < sorted; i++)
+			mass += kl_sample_fix(pos[i].p);
+		if (mass >= target)
+			limit = head;
+	}
+	m = n_pos < limit ? n_pos : limit;
+	if (m > sorted)
+	{
+		qsort(pos + sorted, (size_t) (n_pos - sorted), sizeof(cand), cmp_cand_desc);
+		sorted = n_pos;
+	}
+	keep = m;
+	if (s->top_p < 1.0f)
+	{
+		uint64_t	cum = 0;
+
+		for (int i = 0; i < m; i++)
+		{
+			cum += kl_sample_fix(pos[i].p);
+			if (cum >= target)
+			{
+				keep = i + 1;
+				break;
+			}
+		}
+	}
+	if (s->min_p > 0.0f)
+	{
+		float		floor_p = KL_S_FMUL(s->min_p, pos[0].p);
+		int			k = 1;
+
+		while (k < keep && pos[k].p >= floor_p)
+			k++;
+		keep = k;
+	}
+	for (int i = 0; i < keep; i++)
+		z += kl_sample_fix(pos[i].p);
+	u = kl_sample_fix_point(u0, z);
+	for (int i = 0; i < keep; i++)
+	{
+		acc += kl_sample_fix(pos[i].p);
+		if (acc > u)
+			return pos[i].id;
+	}
+	return pos[0].id;			/* every kept weight 0 (cannot happen: rank 0 has prob >= 1/vocab) */
+}
+
+/* The draw over all candidates in id order. */
+static int32_t
+draw_plain(double u0, const float *prob, int vocab)
+{
+	uint64_t	z = 0,
+				u,
+				acc = 0;
+
+	for (int i = 0; i < vocab; i++)
+		z += kl_sample_fix(prob[i]);
+	u = kl_sample_fix_point(u0, z);
+	for (int i = 0; i < vocab; i++)
+	{
+		acc += kl_sample_fix(prob[i]);
+		if (acc > u)
+			return i;
+	}
+	return 0;					/* every weight 0 (cannot happen) */
+}
+
+int32_t
+kl_sample_draw(const kl_sampling *s, double u0, float *logits, int vocab,
+			   const int32_t *recent, int n_recent, const uint32_t *allowed)
+{
+	float	   *prob;
+	cand	   *c;
+	float		mx = -INFINITY;
+	int			n_cand = vocab,
+				n_pos = 0;
+	double		z;
+	int32_t		best;
 
 	if (s->repetition_penalty != 1.0f)
 		for (int i = 0; i < n_recent; i++)
@@ -166,108 +320,98 @@ kl_sample(const kl_sampling *s, kl_rng *rng, float *logits, int vocab,
 			for (int j = 0; j < i; j++)
 				if (recent[j] == id)
 					seen = true;
-			if (seen)
-				continue;
-			logits[id] = logits[id] > 0 ? logits[id] / s->repetition_penalty
-				: logits[id] * s->repetition_penalty;
+			if (!seen)
+				logits[id] = kl_sample_penalize(logits[id], s->repetition_penalty);
 		}
+	if (allowed)
+		for (int i = 0; i < vocab; i++)
+			if (!kl_sample_allowed(allowed, i))
+				logits[i] = -INFINITY;
 
 	if (s->temperature == 0.0f)
-	{
-		for (int i = 1; i < vocab; i++)
-			if (logits[i] > logits[best])
-				best = i;
-		return best;
-	}
+		return argmax_first(logits, vocab);
 
+	prob = malloc(sizeof(float) * (size_t) vocab);
 	c = malloc(sizeof(cand) * (size_t) vocab);
-	if (!c)
+	if (!prob || !c)
 	{
 		/* no memory for candidates: fall back to greedy rather than fail */
-		for (int i = 1; i < vocab; i++)
-			if (logits[i] > logits[best])
-				best = i;
-		return best;
+		free(prob);
+		free(c);
+		return argmax_first(logits, vocab);
 	}
-	mx = -INFINITY;
 	for (int i = 0; i < vocab; i++)
 	{
-		c[i].p = logits[i] / s->temperature;
-		c[i].id = i;
-		mx = c[i].p > mx ? c[i].p : mx;
+		prob[i] = kl_sample_scaled(logits[i], s->temperature);
+		mx = prob[i] > mx ? prob[i] : mx;
 	}
-	n = vocab;
-	if (s->top_k > 0 && s->top_k < n)
+	if (mx == -INFINITY)
 	{
-		select_top(c, n, s->top_k);
-		n = s->top_k;
+		/* nothing is possible: the first allowed token */
+		best = 0;
+		while (best < vocab - 1 && !kl_sample_allowed(allowed, best))
+			best++;
+		goto out;
 	}
-	for (int i = 0; i < n; i++)
+
+	/* top-k: the set of the k first by (value, lower id) */
+	if (s->top_k > 0 && s->top_k < vocab)
 	{
-		c[i].p = expf(c[i].p - mx);
-		z += c[i].p;
+		for (int i = 0; i < vocab; i++)
+		{
+			c[i].key = kl_sample_key(prob[i], i);
+			c[i].id = i;
+		}
+		select_top(c, vocab, s->top_k);
+		n_cand = s->top_k;
+		for (int i = 0; i < n_cand; i++)
+			c[i].p = prob[c[i].id];
+		memset(prob, 0, sizeof(float) * (size_t) vocab);
+		for (int i = 0; i < n_cand; i++)
+			prob[c[i].id] = kl_sample_exp(KL_S_FSUB(c[i].p, mx));
 	}
-	for (int i = 0; i < n; i++)
-		c[i].p = (float) (c[i].p / z);
+	else
+		for (int i = 0; i < vocab; i++)
+			prob[i] = kl_sample_exp(KL_S_FSUB(prob[i], mx));
+
+	/* softmax over the candidates (non-candidates hold 0) */
+	z = chunked_sum(prob, vocab);
+	for (int i = 0; i < vocab; i++)
+		if (prob[i] > 0)
+			prob[i] = KL_S_D2F(KL_S_DDIV((double) prob[i], z));
 
 	if (s->top_p < 1.0f || s->min_p > 0.0f)
 	{
-		/* sort the likely head first; fall back to all if it is not enough */
-		int			head = n > 1024 ? 1024 : n;
-		double		mass = 0;
-
-		if (head < n)
-		{
-			select_top(c, n, head);
-			for (int i = 0; i < head; i++)
-				mass += c[i].p;
-			if (mass < s->top_p)
-				head = n;
-		}
-		qsort(c, (size_t) head, sizeof(cand), cmp_cand_desc);
-		n = head;
-		if (s->top_p < 1.0f)
-		{
-			double		cum = 0;
-			int			keep = n;
-
-			for (int i = 0; i < n; i++)
+		for (int i = 0; i < vocab; i++)
+			if (prob[i] > 0)
 			{
-				cum += c[i].p;
-				if (cum >= s->top_p)
-				{
-					keep = i + 1;
-					break;
-				}
+				c[n_pos].p = prob[i];
+				c[n_pos].id = i;
+				c[n_pos].key = kl_sample_key(prob[i], i);
+				n_pos++;
 			}
-			n = keep;
-		}
-		if (s->min_p > 0.0f)
-		{
-			float		floor_p = s->min_p * c[0].p;
-			int			keep = 1;
-
-			while (keep < n && c[keep].p >= floor_p)
-				keep++;
-			n = keep;
-		}
+		best = n_pos > 0 ? draw_sorted(s, u0, c, n_pos, n_cand) : 0;
 	}
-
-	z = 0;
-	for (int i = 0; i < n; i++)
-		z += c[i].p;
-	u = rng_uniform(rng) * z;
-	acc = 0;
-	best = c[n - 1].id;
-	for (int i = 0; i < n; i++)
-	{
-		acc += c[i].p;
-		if (u < acc)
-		{
-			best = c[i].id;
-			break;
-		}
-	}
+	else
+		best = draw_plain(u0, prob, vocab);
+out:
+	free(prob);
 	free(c);
 	return best;
+}
+
+int32_t
+kl_sample_masked(const kl_sampling *s, kl_rng *rng, float *logits, int vocab,
+				 const int32_t *recent, int n_recent, const uint32_t *allowed)
+{
+	double		u0 = kl_sample_uniform(s, rng);
+
+	return kl_sample_draw(s, u0, logits, vocab, recent, n_recent, allowed);
+}
+
+int32_t
+kl_sample(const kl_sampling *s, kl_rng *rng, float *logits, int vocab,
+		  const int32_t *recent, int n_recent)
+{
+	return kl_sample_masked(s, rng, logits, vocab, recent, n_recent, NULL);
 }

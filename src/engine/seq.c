@@ -127,7 +127,7 @@ kl_seq_clone(const kl_seq *src, kl_seq **out, kl_err *err)
 	const kl_config *c = &src->model->cfg;
 	kl_backend *be = src->model->be;
 	kl_seq	   *s;
-	size_t		page_bytes = sizeof(float) * (size_t) KL_MLA_PAGE * kl_mla_row(c);
+	size_t		page_bytes = kl_mla_page_bytes(be, c);
 
 	if (kl_seq_new(src->model, &s, err) != KL_OK)
 		return KL_FAIL;
@@ -179,7 +179,7 @@ size_t
 kl_seq_bytes(const kl_seq *s)
 {
 	const kl_config *c = &s->model->cfg;
-	size_t		page_bytes = aligned_bytes(sizeof(float) * (size_t) KL_MLA_PAGE * kl_mla_row(c));
+	size_t		page_bytes = aligned_bytes(kl_mla_page_bytes(s->model->be, c));
 	size_t		n = sizeof(kl_seq);
 
 	n += 2 * ((size_t) c->n_kda_layers + 1) * sizeof(float *);

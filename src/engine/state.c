@@ -167,8 +167,12 @@ write_rows(const kl_seq *s, int64_t from, int64_t to, uint8_t *dst)
 			int64_t		in_page = KL_MLA_PAGE - p % KL_MLA_PAGE;
 			int64_t		n = to - p < in_page ? to - p : in_page;
 
-			be->ops->download(be, dst, (const uint8_t *) s->mla[j].pages[p / KL_MLA_PAGE] +
-							  (size_t) (p % KL_MLA_PAGE) * rowb, (size_t) n * rowb);
+			if (be->ops->read_mla_rows)
+				be->ops->read_mla_rows(be, (float *) dst, s->mla[j].pages[p / KL_MLA_PAGE], (int) (p % KL_MLA_PAGE),
+									   (int) n, kl_mla_row(c));
+			else
+				be->ops->download(be, dst, (const uint8_t *) s->mla[j].pages[p / KL_MLA_PAGE] +
+								  (size_t) (p % KL_MLA_PAGE) * rowb, (size_t) n * rowb);
 			dst += (size_t) n * rowb;
 			p += n;
 		}
@@ -347,8 +351,12 @@ read_rows(kl_seq *s, int64_t from, int64_t to, const uint8_t *src)
 			int64_t		in_page = KL_MLA_PAGE - p % KL_MLA_PAGE;
 			int64_t		n = to - p < in_page ? to - p : in_page;
 
-			be->ops->upload(be, (uint8_t *) s->mla[j].pages[p / KL_MLA_PAGE] + (size_t) (p % KL_MLA_PAGE) * rowb,
-							src, (size_t) n * rowb);
+			if (be->ops->write_mla_rows)
+				be->ops->write_mla_rows(be, s->mla[j].pages[p / KL_MLA_PAGE], (int) (p % KL_MLA_PAGE),
+										(const float *) src, (int) n, kl_mla_row(c));
+			else
+				be->ops->upload(be, (uint8_t *) s->mla[j].pages[p / KL_MLA_PAGE] + (size_t) (p % KL_MLA_PAGE) * rowb,
+								src, (size_t) n * rowb);
 			src += (size_t) n * rowb;
 			p += n;
 		}
@@ -361,7 +369,7 @@ reserve_pages(kl_seq *s, int64_t upto, kl_err *err)
 	const kl_config *c = &s->model->cfg;
 	kl_backend *be = s->model->be;
 	int64_t		need = (upto + KL_MLA_PAGE - 1) / KL_MLA_PAGE;
-	size_t		page_bytes = sizeof(float) * (size_t) KL_MLA_PAGE * kl_mla_row(c);
+	size_t		page_bytes = kl_mla_page_bytes(be, c);
 
 	for (int j = 0; j < c->n_mla_layers; j++)
 	{

@@ -20,6 +20,15 @@
  * backends checks the kernels' large-shape paths against the CPU, including
  * a ragged batch that mixes prefill and decode.  The trained
  * pgdocs-kimi-18m's three greedy samples must come out token for token.
+ * In bf16 precision the MLA cache holds bf16 rows: states move between the
+ * GPU and the CPU through the fp32 state format (checked both ways).
+ *
+ * The device sampler must choose exactly what the CPU sampler
+ * (kl_sample_draw) chooses for the same logits and draw: checked on
+ * vocabularies of 384, 1000 and 163840 with peaked, flat, tied, huge and
+ * NaN/-inf logits, greedy, temperature, top-k, top-p, min-p, repetition
+ * penalty, allowed-token masks and their combinations; and through
+ * kl_forward_sample on a batch of sequences with different settings.
  */
 #include <math.h>
 #include <stdio.h>
@@ -307,8 +316,8 @@ check_golden(const char *model, const char *file, const char *prec)
 		}
 	}
 
-	/* states between devices: GPU -> CPU and CPU -> GPU, continuing after `split` */
-	if (fp32)
+	/* states between devices: GPU -> CPU and CPU -> GPU, continuing after `split`
+	 * (bf16: the GPU's cache holds bf16 rows, converted at the boundary) */
 	{
 		kl_model   *cpu = load(g.dir, "cpu", "fp32");
 		kl_model   *from[2] = {m, cpu},
@@ -553,6 +562,52 @@ check_big_shapes(void)
 		}
 		tap_ok(worst <= TOL_FP32, "K=128/R=512 shapes: ragged batch (prefill + decode together, then 5 batched "
 			   "decode steps), GPU vs CPU (worst rel err %.2e)", worst);
+		/* 12 sequences decoding together: experts with more tokens than one pass
+		 * takes (the shared expert has all 12) split over several work items */
+		{
+			kl_seq	   *g12[12],
+					   *c12[12];
+			double		w12 = 0;
+
+			for (int s = 0; s < 12; s++)
+			{
+				if (kl_seq_new(gpu, &g12[s], &err) != KL_OK || kl_seq_new(cpu, &c12[s], &err) != KL_OK)
+					die("sequence", &err);
+				feed(cg, g12[s], ids + s, 3, 0, V, NULL);
+				feed(cc, c12[s], ids + s, 3, 0, V, NULL);
+			}
+			for (int round = 0; round < 4; round++)
+			{
+				kl_batch_item bg[12],
+							bc[12];
+				float	   *og_ = malloc(sizeof(float) * 12 * V),
+						   *oc_ = malloc(sizeof(float) * 12 * V);
+
+				for (int s = 0; s < 12; s++)
+				{
+					const int32_t *p = ids + 20 + s + round;
+
+					bg[s] = (kl_batch_item) {g12[s], p, 1, og_ + (size_t) s * V, false};
+					bc[s] = (kl_batch_item) {c12[s], p, 1, oc_ + (size_t) s * V, false};
+				}
+				if (kl_forward(cg, bg, 12, &err) != KL_OK || kl_forward(cc, bc, 12, &err) != KL_OK)
+					die("batched forward", &err);
+				{
+					double		e = rel_err(og_, oc_, 12 * (size_t) V);
+
+					w12 = e > w12 ? e : w12;
+				}
+				free(og_);
+				free(oc_);
+			}
+			tap_ok(w12 <= TOL_FP32, "K=128/R=512 shapes: 12 sequences decoding together (experts split over work "
+				   "items), GPU vs CPU (worst rel err %.2e)", w12);
+			for (int s = 0; s < 12; s++)
+			{
+				kl_seq_free(g12[s]);
+				kl_seq_free(c12[s]);
+			}
+		}
 		for (int s = 0; s < 3; s++)
 		{
 			kl_seq_free(sg[s]);
@@ -628,6 +683,242 @@ check_big_shapes(void)
 	free(ids);
 	kl_model_free(cpu);
 	kl_model_free(gpu);
+}
+
+/* ------------------------------------------------------------------ the sampler */
+
+static uint64_t
+mix_rand(uint64_t *x)
+{
+	uint64_t	z = (*x += 0x9e3779b97f4a7c15ull);
+
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+static double
+unif(uint64_t *x)
+{
+	return (double) (mix_rand(x) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+#define SROWS 8
+
+/* row r of a family of logits: the shapes that stress a sampler */
+static void
+make_logits(float *l, int V, int r, uint64_t *rs)
+{
+	for (int i = 0; i < V; i++)
+	{
+		double		g = (unif(rs) + unif(rs) + unif(rs) - 1.5) * 2.0;	/* roughly normal */
+
+		switch (r)
+		{
+			case 0:
+				l[i] = (float) (3.0 * g);
+				break;
+			case 1:				/* flat: top-p needs most of the vocabulary */
+				l[i] = (float) (0.01 * g);
+				break;
+			case 2:				/* ties everywhere */
+				l[i] = (float) (0.5 * (int) (4.0 * g));
+				break;
+			case 3:
+				l[i] = (float) g;
+				break;
+			case 4:				/* impossible tokens */
+				l[i] = i % 3 == 0 ? -INFINITY : (float) (2.0 * g);
+				break;
+			case 5:				/* all equal */
+				l[i] = 1.5f;
+				break;
+			case 6:
+				l[i] = (float) (30.0 * g);
+				break;
+			default:
+				l[i] = (float) (g - 5.0);
+				break;
+		}
+	}
+	if (r == 3)
+		l[(int) (unif(rs) * V)] = 20.0f;	/* one dominant token */
+	if (r == 7 && V > 10)
+		l[7] = NAN;
+}
+
+static void
+check_sampler(void)
+{
+	char		dir[1024];
+	kl_model   *m;
+	kl_backend *be;
+	static const int Vs[3] = {384, 1000, 163840};
+	kl_sampling set[14];
+	int			n_set = 0;
+	int32_t		recent[12] = {3, 5, 3, 7, 100, -4, 999999, 11, 5, 250, 2, 42};
+
+	snprintf(dir, sizeof(dir), "%s/golden/tiny_c", tap_fixture_dir());
+	m = load(dir, "cuda", "fp32");
+	be = m->be;
+	if (!be->ops->sample)
+	{
+		tap_ok(0, "the CUDA backend samples on the device");
+		kl_model_free(m);
+		return;
+	}
+	for (int i = 0; i < 14; i++)
+		kl_sampling_default(&set[i]);
+	n_set = 0;
+	n_set++;					/* greedy */
+	set[n_set++].temperature = 1.0f;
+	set[n_set].temperature = 0.7f, set[n_set++].top_k = 1;
+	set[n_set].temperature = 0.7f, set[n_set++].top_k = 50;
+	set[n_set].temperature = 1.3f, set[n_set++].top_k = 5000;
+	set[n_set].temperature = 0.8f, set[n_set++].top_p = 0.9f;
+	set[n_set].temperature = 1.0f, set[n_set++].top_p = 0.5f;
+	set[n_set].temperature = 1.0f, set[n_set++].top_p = 0.999f;
+	set[n_set].temperature = 1.0f, set[n_set++].min_p = 0.05f;
+	set[n_set].temperature = 0.9f, set[n_set].top_p = 0.95f, set[n_set++].min_p = 0.2f;
+	set[n_set].temperature = 0.7f, set[n_set].top_k = 40, set[n_set].top_p = 0.9f, set[n_set++].min_p = 0.01f;
+	set[n_set].temperature = 1.0f, set[n_set++].repetition_penalty = 1.3f;
+	set[n_set].temperature = 0.5f, set[n_set].top_k = 10, set[n_set++].repetition_penalty = 0.8f;
+	set[n_set++].repetition_penalty = 1.5f;	/* greedy with a penalty */
+
+	for (int vi = 0; vi < 3; vi++)
+	{
+		int			V = Vs[vi];
+		size_t		words = ((size_t) V + 31) / 32;
+		float	   *base = malloc(sizeof(float) * (size_t) SROWS * V),
+				   *tmp = malloc(sizeof(float) * (size_t) V);
+		uint32_t   *masks = calloc(3 * words, sizeof(uint32_t));
+		float	   *dev = be->ops->alloc(be, sizeof(float) * (size_t) SROWS * V);
+		uint64_t	rs = 12345 + V;
+		int			calls = 0,
+					wrong = 0,
+					diag = 0;
+		kl_err		err;
+
+		for (int r = 0; r < SROWS; r++)
+			make_logits(base + (size_t) r * V, V, r, &rs);
+		/* masks: about half allowed; 20 allowed; only impossible ones (row 4's -inf) and one */
+		for (int i = 0; i < V; i++)
+		{
+			if (unif(&rs) < 0.5)
+				masks[i >> 5] |= 1u << (i & 31);
+			if (i % (V / 20) == 1)
+				masks[words + (i >> 5)] |= 1u << (i & 31);
+			if (i % 3 == 0)
+				masks[2 * words + (i >> 5)] |= 1u << (i & 31);
+		}
+		for (int si = 0; si < n_set; si++)
+			for (int mk = -1; mk < 3; mk++)
+			{
+				kl_sample_row rows[SROWS];
+				int32_t		ids[SROWS];
+
+				for (int r = 0; r < SROWS; r++)
+				{
+					rows[r].row = r;
+					rows[r].s = &set[si];
+					rows[r].u0 = set[si].temperature == 0.0f ? 0.0 : r == 0 ? 0.0 : r == 1 ? 0.99999999999 : unif(&rs);
+					rows[r].recent = recent;
+					rows[r].n_recent = 12;
+					rows[r].allowed = mk < 0 ? NULL : masks + (size_t) mk * words;
+				}
+				be->ops->upload(be, dev, base, sizeof(float) * (size_t) SROWS * V);
+				if (be->ops->sample(be, dev, V, rows, SROWS, ids, &err) != KL_OK)
+				{
+					tap_diag("sample: %s", err.msg);
+					wrong += SROWS;
+					continue;
+				}
+				for (int r = 0; r < SROWS; r++)
+				{
+					int32_t		want;
+
+					memcpy(tmp, base + (size_t) r * V, sizeof(float) * (size_t) V);
+					want = kl_sample_draw(&set[si], rows[r].u0, tmp, V, recent, 12, rows[r].allowed);
+					calls++;
+					if (want != ids[r])
+					{
+						wrong++;
+						if (diag++ < 8)
+							tap_diag("V %d setting %d mask %d row %d: GPU %d, CPU %d", V, si, mk, r, ids[r], want);
+					}
+				}
+			}
+		tap_ok(wrong == 0, "GPU sampler = CPU sampler, vocabulary %d: %d of %d choices differ", V, wrong, calls);
+		be->ops->release(be, dev);
+		free(base);
+		free(tmp);
+		free(masks);
+	}
+
+	/* inside the forward pass: three sequences, three settings, tokens fed back */
+	{
+		kl_ctx	   *ctx;
+		kl_seq	   *seq[3];
+		int			V = kl_model_config(m)->vocab_size;
+		float	   *lg = malloc(sizeof(float) * 3 * (size_t) V);
+		kl_sampling ss[3];
+		kl_rng		rng[3],
+					mirror[3];
+		kl_sample_req req[3];
+		const kl_sample_req *reqs[3] = {&req[0], &req[1], &req[2]};
+		int32_t		tok[3] = {1, 2, 3},
+					out[3];
+		int			wrong = 0,
+					n = 0;
+		kl_err		err;
+
+		if (kl_ctx_new(m, 0, &ctx, &err) != KL_OK)
+			die("context", &err);
+		for (int s = 0; s < 3; s++)
+		{
+			if (kl_seq_new(m, &seq[s], &err) != KL_OK)
+				die("sequence", &err);
+			kl_sampling_default(&ss[s]);
+			kl_rng_seed(&rng[s], 100 + s);
+			mirror[s] = rng[s];
+			memset(&req[s], 0, sizeof(req[s]));
+			req[s].sampling = &ss[s];
+			req[s].rng = &rng[s];
+			req[s].recent = tok;
+			req[s].n_recent = 3;
+		}
+		ss[1].temperature = 0.9f;
+		ss[1].top_p = 0.8f;
+		ss[2].temperature = 1.2f;
+		ss[2].top_k = 20;
+		ss[2].repetition_penalty = 1.2f;
+		for (int step = 0; step < 12; step++)
+		{
+			kl_batch_item it[3];
+
+			for (int s = 0; s < 3; s++)
+				it[s] = (kl_batch_item) {seq[s], &tok[s], 1, lg + (size_t) s * V, false};
+			if (kl_forward_sample(ctx, it, 3, reqs, out, &err) != KL_OK)
+				die("forward with sampling", &err);
+			for (int s = 0; s < 3; s++)
+			{
+				double		u0 = kl_sample_uniform(&ss[s], &mirror[s]);
+				int32_t		want = kl_sample_draw(&ss[s], u0, lg + (size_t) s * V, V, tok, 3, NULL);
+
+				wrong += want != out[s];
+				n++;
+			}
+			for (int s = 0; s < 3; s++)
+				tok[s] = out[s];
+		}
+		tap_ok(wrong == 0, "kl_forward_sample on the GPU: %d of %d tokens differ from the CPU sampler's on the same "
+			   "logits", wrong, n);
+		for (int s = 0; s < 3; s++)
+			kl_seq_free(seq[s]);
+		kl_ctx_free(ctx);
+		free(lg);
+	}
+	kl_model_free(m);
 }
 
 /* ------------------------------------------------------------------ the trained model */
@@ -743,6 +1034,7 @@ main(void)
 	}
 	kl_model_free(m);
 
+	check_sampler();
 	check_golden("tiny_a", "golden.safetensors", "fp32");
 	check_golden("tiny_a", "golden_route_select.safetensors", "fp32");
 	check_golden("tiny_c", "golden.safetensors", "fp32");

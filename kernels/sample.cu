@@ -1,0 +1,738 @@
+/*
+ * sample.cu — choosing the next token on the device, one block of 1024
+ * threads per row of logits: exactly the choice of kl_sample_draw
+ * (src/engine/sample.c, whose header states the rule) for the same logits
+ * and uniform draw, with the arithmetic of sample_core.h.  Only the chosen
+ * ids leave the device.
+ *
+ *   1. repetition penalty (the host passes each id once), allowed-token mask
+ *   2. temperature 0: argmax, the first on ties
+ *   3. p = logit / T; the top-k set by radix selection of the k-th key in
+ *      (value, lower id) order; e = exp(p - max) for the candidates
+ *   4. softmax: thread t owns chunk t (ids t, t + 1024, ...) of the fixed
+ *      summation order; prob = e / z
+ *   5. cumulative probabilities are exact fixed-point sums, so no sort is
+ *      needed: the top-p prefix, the min-p cut and the draw are found by radix
+ *      descents over the ranking keys whose buckets carry counts and
+ *      fixed-point sums (a warp's lanes in the same bucket add theirs first);
+ *      first tried in shared memory on the candidates above a power-of-two
+ *      bound (a peaked distribution); the draw without top-p / min-p is one
+ *      scan of per-thread id ranges
+ * Ties in value are broken by id, so every selection is one set whatever the
+ * order in which threads meet the candidates.
+ */
+#include "common.cuh"
+#include "../src/engine/sample_core.h"
+
+#define ST 1024					/* threads per block = KL_SAMPLE_CHUNKS */
+
+static_assert(ST == KL_SAMPLE_CHUNKS, "one thread per summation chunk");
+
+struct sample_smem
+{
+	double		part[ST];
+	unsigned	hist[256];
+	unsigned long long hsum[256];
+	float		red_f[32];
+	int			red_i[32];
+	unsigned long long red_u[32];
+	uint64_t	prefix,
+				mask,
+				rem,
+				found;
+	int			done,
+				single;
+	float		mx;
+	double		z;
+};
+
+/* block-wide max of v (every thread gets it) */
+__device__ __forceinline__ float
+block_max_f(float v, float *red)
+{
+	int			lane = threadIdx.x & 31,
+				w = threadIdx.x >> 5;
+
+	v = warp_max(v);
+	__syncthreads();
+	if (lane == 0)
+		red[w] = v;
+	__syncthreads();
+	v = lane < (int) (blockDim.x >> 5) ? red[lane] : -INFINITY;
+	return warp_max(v);
+}
+
+__device__ __forceinline__ int
+block_sum_i(int v, int *red)
+{
+	int			lane = threadIdx.x & 31,
+				w = threadIdx.x >> 5;
+
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1)
+		v += __shfl_xor_sync(0xffffffffu, v, o);
+	__syncthreads();
+	if (lane == 0)
+		red[w] = v;
+	__syncthreads();
+	v = lane < (int) (blockDim.x >> 5) ? red[lane] : 0;
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1)
+		v += __shfl_xor_sync(0xffffffffu, v, o);
+	return v;
+}
+
+/* exact: integer additions */
+__device__ __forceinline__ uint64_t
+block_sum_u64(uint64_t v, unsigned long long *red)
+{
+	int			lane = threadIdx.x & 31,
+				w = threadIdx.x >> 5;
+
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1)
+		v += __shfl_xor_sync(0xffffffffu, v, o);
+	__syncthreads();
+	if (lane == 0)
+		red[w] = v;
+	__syncthreads();
+	v = lane < (int) (blockDim.x >> 5) ? red[lane] : 0;
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1)
+		v += __shfl_xor_sync(0xffffffffu, v, o);
+	return v;
+}
+
+/*
+ * The keys of the selections.  get(i, &key, &w) says whether id i takes part,
+ * its ranking key and its fixed-point weight:
+ *   key_scaled  scaled values over all ids (top-k)
+ *   key_prob    positive probabilities with key >= lo, ranked (prob, lower id)
+ */
+struct key_scaled
+{
+	const float *p;
+	__device__ bool get(int i, uint64_t *k, uint64_t *w) const
+	{
+		*k = kl_sample_key(p[i], i);
+		*w = 0;
+		return true;
+	}
+};
+
+struct key_prob
+{
+	const float *p;
+	uint64_t	lo;
+	__device__ bool get(int i, uint64_t *k, uint64_t *w) const
+	{
+		float		v = p[i];
+
+		if (!(v > 0.0f))
+			return false;
+		*k = kl_sample_key(v, i);
+		*w = kl_sample_fix(v);
+		return *k >= lo;
+	}
+	__device__ key_prob at(uint64_t l) const
+	{
+		key_prob	r = *this;
+
+		r.lo = l;
+		return r;
+	}
+};
+
+/* the same candidates copied to shared memory (the fast path) */
+struct key_list
+{
+	const uint64_t *k;
+	const uint64_t *w;
+	uint64_t	lo;
+	__device__ bool get(int i, uint64_t *key, uint64_t *wt) const
+	{
+		*key = k[i];
+		*wt = w[i];
+		return *key >= lo;
+	}
+	__device__ key_list at(uint64_t l) const
+	{
+		key_list	r = *this;
+
+		r.lo = l;
+		return r;
+	}
+};
+
+/* the probability a ranking key (kl_sample_key of a positive value) was made of */
+__device__ __forceinline__ float
+key_prob_of(uint64_t key)
+{
+	return __uint_as_float((uint32_t) (key >> 32) & 0x7fffffffu);
+}
+
+/*
+ * MSB-first radix descent over the taking-part keys (all below 2^(top + 8)),
+ * 8 bits a pass; each bucket of a pass counts its keys and, by_sum, adds
+ * their weights (a warp's lanes of one bucket combine first: counts by
+ * popcount, weights by three 21-bit reductions).
+ *   by_sum false: the target-th largest key; returns a threshold t with
+ *     exactly `target` keys >= t (the descent stops once a bucket is taken
+ *     whole)
+ *   by_sum true: the largest key X whose running weight (over keys >= X)
+ *     reaches target (>= target, or > target when strict); returns X exactly
+ * The caller guarantees such a key exists.
+ */
+template <typename KEY>
+__device__ uint64_t
+descend(const KEY &kf, int V, int top, bool by_sum, uint64_t target, bool strict, sample_smem *sm)
+{
+	int			tid = threadIdx.x,
+				lane = tid & 31;
+
+	if (tid == 0)
+	{
+		sm->prefix = 0;
+		sm->mask = 0;
+		sm->rem = target;
+		sm->done = 0;
+		sm->single = 0;
+		sm->found = 0;
+	}
+	__syncthreads();
+	for (int shift = top; shift >= 0; shift -= 8)
+	{
+		uint64_t	prefix,
+					mask;
+
+		for (int b = tid; b < 256; b += ST)
+		{
+			sm->hist[b] = 0;
+			sm->hsum[b] = 0;
+		}
+		__syncthreads();
+		prefix = sm->prefix;
+		mask = sm->mask;
+		for (int base = 0; base < V; base += ST)
+		{
+			int			i = base + tid,
+						bucket = -1;
+			uint64_t	key = 0,
+						w = 0;
+			unsigned	peers;
+
+			if (i < V && kf.get(i, &key, &w) && (key & mask) == prefix)
+				bucket = (int) ((key >> shift) & 255);
+			else
+				w = 0;
+			if (!__any_sync(0xffffffffu, bucket >= 0))
+				continue;		/* (later passes: most warps hold no key of the prefix) */
+			peers = __match_any_sync(0xffffffffu, bucket);
+			if (by_sum)
+			{
+				unsigned	s0 = __reduce_add_sync(peers, (unsigned) (w & 0x1fffff)),
+							s1 = __reduce_add_sync(peers, (unsigned) ((w >> 21) & 0x1fffff)),
+							s2 = __reduce_add_sync(peers, (unsigned) (w >> 42));
+
+				w = (uint64_t) s0 + ((uint64_t) s1 << 21) + ((uint64_t) s2 << 42);
+			}
+			if (bucket >= 0 && lane == __ffs(peers) - 1)
+			{
+				atomicAdd(&sm->hist[bucket], (unsigned) __popc(peers));
+				if (by_sum)
+					atomicAdd(&sm->hsum[bucket], (unsigned long long) w);
+			}
+		}
+		__syncthreads();
+		if (tid == 0)
+		{
+			uint64_t	rem = sm->rem,
+						acc = 0;
+			int			d = 255;
+
+			for (; d > 0; d--)
+			{
+				uint64_t	v = by_sum ? (uint64_t) sm->hsum[d] : (uint64_t) sm->hist[d];
+
+				if (by_sum ? (strict ? acc + v > rem : acc + v >= rem) : acc + v >= rem)
+					break;
+				acc += v;
+			}
+			sm->rem = rem - acc;
+			sm->prefix = prefix | ((uint64_t) d << shift);
+			sm->mask = mask | ((uint64_t) 255 << shift);
+			sm->done = by_sum ? sm->hist[d] == 1 : (uint64_t) sm->hist[d] == rem - acc;
+			sm->single = by_sum && sm->hist[d] == 1;
+		}
+		__syncthreads();
+		if (sm->done)
+			break;
+	}
+	if (sm->single)
+	{
+		/* the one key of the chosen bucket */
+		uint64_t	prefix = sm->prefix,
+					mask = sm->mask;
+
+		for (int i = tid; i < V; i += ST)
+		{
+			uint64_t	key,
+						w;
+
+			if (kf.get(i, &key, &w) && (key & mask) == prefix)
+				sm->found = key;
+		}
+		__syncthreads();
+	}
+	else if (tid == 0)
+		sm->found = sm->prefix;
+	__syncthreads();
+	{
+		uint64_t	r = sm->found;
+
+		__syncthreads();
+		return r;
+	}
+}
+
+/* count and fixed-point weight of the taking-part keys */
+template <typename KEY>
+__device__ void
+totals(const KEY &kf, int V, int *count, uint64_t *weight, sample_smem *sm)
+{
+	int			c = 0;
+	uint64_t	w = 0;
+
+	for (int i = threadIdx.x; i < V; i += ST)
+	{
+		uint64_t	key,
+					wi;
+
+		if (kf.get(i, &key, &wi))
+		{
+			c++;
+			w += wi;
+		}
+	}
+	*count = block_sum_i(c, sm->red_i);
+	*weight = block_sum_u64(w, sm->red_u);
+}
+
+/*
+ * Step 5a (draw_sorted's rule) over the candidates `all` (n elements to scan):
+ * the head mass, the top-p prefix, the min-p cut, the draw.  n_pos counts every
+ * positive candidate, n_cand every candidate.  With `bound` > 0 the elements
+ * are only those of probability >= bound (the fast path): returns false, all
+ * threads alike, when the rule needs anything below it.
+ */
+template <typename L>
+__device__ bool
+ranked(const L &all, int n, int n_pos, int n_cand, int cnt, float bound, const kk_sample_row &p, sample_smem *sm,
+	   int32_t *res)
+{
+	int			head = n_cand < KL_SAMPLE_HEAD ? n_cand : KL_SAMPLE_HEAD;
+	uint64_t	target = kl_sample_fix_target(p.top_p);
+	int			m = n_pos,
+				keep,
+				c;
+	uint64_t	thr_m = 0,
+				thr_keep,
+				z,
+				u,
+				x,
+				w;
+
+	if (head < n_cand)
+	{
+		int			k1 = n_pos < head ? n_pos : head;
+		uint64_t	t1,
+					mass;
+
+		if (k1 > cnt)
+		{
+			/*
+			 * The head reaches below the bound, so its mass is unknown here; it
+			 * cannot matter when the top-p prefix or the min-p cut ends inside
+			 * the listed candidates (a prefix of the ranking, shorter than the
+			 * head): m beyond the list makes the checks below give up otherwise.
+			 */
+			m = cnt + 1;
+		}
+		else
+		{
+			t1 = k1 < cnt ? descend(all, n, 56, false, (uint64_t) k1, false, sm) : 0;
+			totals(all.at(t1), n, &c, &mass, sm);
+			if (mass >= target)
+			{
+				m = k1;
+				thr_m = t1;
+			}
+		}
+	}
+	keep = m;
+	thr_keep = thr_m;
+	if (p.top_p < 1.0f)
+	{
+		uint64_t	wm;
+
+		/* (m beyond the list: the whole list, thr_m 0) */
+		totals(all.at(thr_m), n, &c, &wm, sm);
+		if (wm >= target)
+		{
+			/* the shortest prefix whose mass reaches top_p ends at key x */
+			x = descend(all.at(thr_m), n, 56, true, target, false, sm);
+			totals(all.at(x), n, &c, &w, sm);
+			keep = c;
+			thr_keep = x;
+		}
+		else if (m > cnt)
+			return false;		/* the prefix runs below the bound */
+	}
+	if (p.min_p > 0.0f)
+	{
+		/* rank 0 is the largest probability; those >= min_p times it are a prefix */
+		float		top = 0.0f,
+					fl;
+		int			cc = 0;
+
+		for (int i = threadIdx.x; i < n; i += ST)
+		{
+			uint64_t	key,
+						wi;
+
+			if (all.get(i, &key, &wi))
+				top = fmaxf(top, key_prob_of(key));
+		}
+		top = block_max_f(top, sm->red_f);
+		fl = KL_S_FMUL(p.min_p, top);
+		if (fl < bound)
+			return false;		/* the cut may lie below the bound */
+		for (int i = threadIdx.x; i < n; i += ST)
+		{
+			uint64_t	key,
+						wi;
+
+			if (all.get(i, &key, &wi))
+				cc += key_prob_of(key) >= fl;
+		}
+		cc = block_sum_i(cc, sm->red_i);
+		if (cc < keep)
+		{
+			keep = cc;
+			thr_keep = cc < cnt ? descend(all, n, 56, false, (uint64_t) cc, false, sm) : 0;
+		}
+	}
+	if (keep > cnt)
+		return false;
+	totals(all.at(thr_keep), n, &c, &z, sm);
+	u = kl_sample_fix_point(p.u0, z);
+	x = descend(all.at(thr_keep), n, 56, true, u, true, sm);
+	*res = kl_sample_key_id(x);
+	return true;
+}
+
+#define FAST_MAX 2048			/* candidates the fast path holds in shared memory */
+
+__global__ void __launch_bounds__(ST)
+sample_kernel(float *logits, int V, const kk_sample_row *P, const int32_t *recent, const uint32_t *masks,
+			  float *scratch, int32_t *out)
+{
+	__shared__ sample_smem sm;
+	const kk_sample_row p = P[blockIdx.x];
+	float	   *l = logits + (size_t) p.row * V;
+	float	   *pr = scratch + (size_t) blockIdx.x * V;
+	const uint32_t *allowed = p.mask_off >= 0 ? masks + p.mask_off : NULL;
+	int			tid = threadIdx.x;
+	bool		topk = p.top_k > 0 && p.top_k < V;
+	uint64_t	kth = 0;
+
+	/* 1. penalty (each id once), mask */
+	if (p.penalty != 1.0f)
+		for (int j = tid; j < p.n_recent; j += ST)
+		{
+			int32_t		id = recent[p.recent_off + j];
+
+			if (id >= 0 && id < V)
+				l[id] = kl_sample_penalize(l[id], p.penalty);
+		}
+	__syncthreads();
+	if (allowed)
+		for (int i = tid; i < V; i += ST)
+			if (!kl_sample_allowed(allowed, i))
+				l[i] = -INFINITY;
+	__syncthreads();
+
+	/* 2. greedy: the first largest (a NaN at id 0 wins, as the plain scan) */
+	if (p.temperature == 0.0f)
+	{
+		float		bv = -INFINITY;
+		int			bi = -1;
+
+		for (int i = tid; i < V; i += ST)
+		{
+			float		v = l[i];
+
+			if (v == v && (bi < 0 || v > bv))
+			{
+				bv = v;
+				bi = i;
+			}
+		}
+#pragma unroll
+		for (int o = 16; o > 0; o >>= 1)
+		{
+			float		ov = __shfl_xor_sync(0xffffffffu, bv, o);
+			int			oi = __shfl_xor_sync(0xffffffffu, bi, o);
+
+			if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi)))
+			{
+				bv = ov;
+				bi = oi;
+			}
+		}
+		if ((tid & 31) == 0)
+		{
+			sm.red_f[tid >> 5] = bv;
+			sm.red_i[tid >> 5] = bi;
+		}
+		__syncthreads();
+		if (tid == 0)
+		{
+			for (int w = 0; w < ST / 32; w++)
+			{
+				float		ov = sm.red_f[w];
+				int			oi = sm.red_i[w];
+
+				if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi)))
+				{
+					bv = ov;
+					bi = oi;
+				}
+			}
+			out[blockIdx.x] = (l[0] != l[0] || bi < 0) ? 0 : bi;
+		}
+		return;
+	}
+
+	/* 3. scaled values, their max */
+	{
+		float		m = -INFINITY;
+
+		for (int i = tid; i < V; i += ST)
+		{
+			float		v = kl_sample_scaled(l[i], p.temperature);
+
+			pr[i] = v;
+			m = v > m ? v : m;
+		}
+		m = block_max_f(m, sm.red_f);
+		if (m == -INFINITY)
+		{
+			/* nothing is possible: the first allowed token */
+			if (tid == 0)
+			{
+				int			b = 0;
+
+				while (b < V - 1 && !kl_sample_allowed(allowed, b))
+					b++;
+				out[blockIdx.x] = b;
+			}
+			return;
+		}
+		if (tid == 0)
+			sm.mx = m;
+		__syncthreads();
+	}
+	if (topk)
+	{
+		key_scaled	kf = {pr};
+
+		kth = descend(kf, V, 56, false, (uint64_t) p.top_k, false, &sm);
+	}
+
+	/* 4. e = exp(p - max) for the candidates, z by chunks, prob = e / z */
+	{
+		double		acc = 0;
+		float		mx = sm.mx;
+
+		for (int i = tid; i < V; i += ST)
+		{
+			float		v = pr[i],
+						e = 0.0f;
+
+			if (!topk || kl_sample_key(v, i) >= kth)
+				e = kl_sample_exp(KL_S_FSUB(v, mx));
+			pr[i] = e;
+			acc = KL_S_DADD(acc, (double) e);
+		}
+		sm.part[tid] = acc;
+		__syncthreads();
+		if (tid == 0)
+		{
+			double		z = 0;
+
+			for (int t = 0; t < ST; t++)
+				z = KL_S_DADD(z, sm.part[t]);
+			sm.z = z;
+		}
+		__syncthreads();
+		for (int i = tid; i < V; i += ST)
+			if (pr[i] > 0.0f)
+				pr[i] = KL_S_D2F(KL_S_DDIV((double) pr[i], sm.z));
+		__syncthreads();
+	}
+
+	if (p.top_p < 1.0f || p.min_p > 0.0f)
+	{
+		/*
+		 * 5a. ranked candidates of positive probability (draw_sorted).  Fast
+		 * path first: the candidates from the largest probability down to a
+		 * power-of-two bound, at most FAST_MAX of them, copied to shared memory
+		 * (for a peaked distribution the whole rule lives there); else every
+		 * descent scans the vocabulary.
+		 */
+		__shared__ uint64_t fk[FAST_MAX],
+					fw[FAST_MAX];
+		__shared__ int	fcnt,
+					fexp;
+		int			n_cand = topk ? p.top_k : V;
+		int			n_pos = 0,
+					lane = tid & 31;
+		int32_t		res = 0;
+		bool		ok;
+
+		/* candidates by float exponent: the bound keeps at most FAST_MAX */
+		for (int b = tid; b < 256; b += ST)
+			sm.hist[b] = 0;
+		__syncthreads();
+		for (int base = 0; base < V; base += ST)
+		{
+			int			i = base + tid,
+						bucket = -1;
+			unsigned	peers;
+
+			if (i < V && pr[i] > 0.0f)
+				bucket = (int) (__float_as_uint(pr[i]) >> 23);
+			if (!__any_sync(0xffffffffu, bucket >= 0))
+				continue;
+			peers = __match_any_sync(0xffffffffu, bucket);
+			if (bucket >= 0 && lane == __ffs(peers) - 1)
+				atomicAdd(&sm.hist[bucket], (unsigned) __popc(peers));
+		}
+		__syncthreads();
+		if (tid == 0)
+		{
+			int			cum = 0,
+						e = 256;
+
+			for (int b = 255; b >= 0; b--)
+			{
+				if (cum + (int) sm.hist[b] > FAST_MAX)
+					break;
+				cum += sm.hist[b];
+				if (sm.hist[b])
+					e = b;
+			}
+			fexp = e;
+			fcnt = 0;
+			for (int b = 0; b < 256; b++)
+				n_pos += sm.hist[b];
+			sm.done = n_pos;
+		}
+		__syncthreads();
+		n_pos = sm.done;
+		ok = false;
+		if (fexp < 256)
+		{
+			int			e = fexp;
+
+			for (int i = tid; i < V; i += ST)
+			{
+				float		v = pr[i];
+
+				if (v > 0.0f && (int) (__float_as_uint(v) >> 23) >= e)
+				{
+					int			at = atomicAdd(&fcnt, 1);
+
+					if (at < FAST_MAX)
+					{
+						fk[at] = kl_sample_key(v, i);
+						fw[at] = kl_sample_fix(v);
+					}
+				}
+			}
+			__syncthreads();
+			{
+				key_list	lst = {fk, fw, 0};
+				int			cnt = fcnt < FAST_MAX ? fcnt : FAST_MAX;
+
+				ok = ranked(lst, cnt, n_pos, n_cand, cnt, __uint_as_float((uint32_t) e << 23), p, &sm, &res);
+			}
+		}
+		if (!ok)
+		{
+			key_prob	all = {pr, 0};
+
+			ranked(all, V, n_pos, n_cand, n_pos, 0.0f, p, &sm, &res);
+		}
+		if (tid == 0)
+			out[blockIdx.x] = res;
+		return;
+	}
+
+	/*
+	 * 5b. the draw over the candidates in id order: thread t sums the weights
+	 * of ids [t cs, (t + 1) cs), a block scan gives each range its start, and
+	 * the thread whose range holds the point finds the id (all exact integers)
+	 */
+	{
+		unsigned long long *scan = (unsigned long long *) sm.part;	/* (the chunk sums are done) */
+		int			cs = (V + ST - 1) / ST,
+					i0 = tid * cs,
+					i1 = i0 + cs < V ? i0 + cs : V;
+		uint64_t	mine = 0,
+					before,
+					z,
+					u;
+
+		for (int i = i0; i < i1; i++)
+			mine += kl_sample_fix(pr[i]);
+		scan[tid] = mine;
+		__syncthreads();
+		for (int o = 1; o < ST; o <<= 1)
+		{
+			unsigned long long v = tid >= o ? scan[tid - o] : 0;
+
+			__syncthreads();
+			scan[tid] += v;
+			__syncthreads();
+		}
+		z = scan[ST - 1];
+		before = scan[tid] - mine;
+		u = kl_sample_fix_point(p.u0, z);
+		if (before <= u && u < before + mine)
+		{
+			uint64_t	acc = before;
+
+			for (int i = i0; i < i1; i++)
+			{
+				acc += kl_sample_fix(pr[i]);
+				if (acc > u)
+				{
+					out[blockIdx.x] = i;
+					break;
+				}
+			}
+		}
+	}
+}
+
+extern "C" int
+kk_sample(cudaStream_t s, float *logits, int V, int n, const kk_sample_row *rows, const int32_t *recent,
+		  const uint32_t *masks, float *scratch, int32_t *out)
+{
+	if (n <= 0)
+		return 0;
+	sample_kernel<<<n, ST, 0, s>>>(logits, V, rows, recent, masks, scratch, out);
+	return 0;
+}
