@@ -74,7 +74,7 @@ FUZZ_CC ?= clang-14
 FUZZ_FLAGS = -g -O1 -std=gnu11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -Isrc/engine -I$(OPENBLAS_INC)
 FUZZ_ENGINE = $(ENGINE_SRCS)
 fuzz: test/fuzz/bin/fuzz_safetensors test/fuzz/bin/fuzz_config test/fuzz/bin/fuzz_state test/fuzz/bin/fuzz_state_crc \
-      test/fuzz/bin/fuzz_tokenizer
+      test/fuzz/bin/fuzz_tokenizer test/fuzz/bin/fuzz_json_schema test/fuzz/bin/fuzz_tool_calls
 test/fuzz/bin/fuzz_state_crc: test/fuzz/fuzz_state.c $(ENGINE_SRCS)
 	@mkdir -p test/fuzz/bin
 	$(FUZZ_CC) $(FUZZ_FLAGS) -DFIX_CRC -o $@ $< $(FUZZ_ENGINE) $(ENGINE_LIBS)

@@ -3,11 +3,13 @@
  * callers).  The PostgreSQL workers run their own loop that batches many
  * sequences per step, with the same semantics: feed the pending token and the
  * prompt, sample, feed each sampled token except the last, which becomes the
- * sequence's pending token.
+ * sequence's pending token.  With an output constraint, each step samples
+ * among the tokens it allows and advances it.
  */
 #include <stdlib.h>
 #include <string.h>
 
+#include "json_constraint.h"
 #include "model.h"
 
 int
@@ -55,6 +57,7 @@ kl_generate(kl_ctx *ctx, kl_seq *seq, const int32_t *prompt, int n_prompt,
 	float	   *logits = NULL;
 	int32_t    *input = NULL;
 	kl_tokens	recent = {0};
+	uint32_t   *mask = NULL;
 	kl_rng		rng;
 	kl_batch_item item;
 	int			n_in = 0;
@@ -69,9 +72,14 @@ kl_generate(kl_ctx *ctx, kl_seq *seq, const int32_t *prompt, int n_prompt,
 	if (n_prompt == 0 && seq->pending < 0)
 		return kl_errf(err, "empty prompt: there is nothing to continue from");
 
+	if (p->constraint && kl_constraint_n_ids(p->constraint) != V)
+		return kl_errf(err, "the output constraint was made for %d token ids, the model has %d",
+					   kl_constraint_n_ids(p->constraint), V);
 	input = kl_malloc(sizeof(int32_t) * ((size_t) n_prompt + 1), err);
 	logits = kl_malloc(sizeof(float) * (size_t) V, err);
-	if (!input || !logits)
+	if (p->constraint)
+		mask = kl_malloc(sizeof(uint32_t) * kl_mask_words(V), err);
+	if (!input || !logits || (p->constraint && !mask))
 		goto out;
 	if (seq->pending >= 0)
 		input[n_in++] = seq->pending;
@@ -94,8 +102,14 @@ kl_generate(kl_ctx *ctx, kl_seq *seq, const int32_t *prompt, int n_prompt,
 
 	for (int i = 0; i < p->max_tokens; i++)
 	{
-		int32_t		tok = kl_sample(&p->sampling, &rng, logits, V, recent.ids, (int) recent.n);
+		int32_t		tok;
 		bool		stop;
+
+		if (p->constraint && kl_constraint_mask(p->constraint, mask, NULL, err) != KL_OK)
+			goto out;
+		tok = kl_sample_masked(&p->sampling, &rng, logits, V, recent.ids, (int) recent.n, mask);
+		if (p->constraint && kl_constraint_accept(p->constraint, tok, err) != KL_OK)
+			goto out;
 
 		if (kl_tokens_push(out, tok, err) != KL_OK || kl_tokens_push(&recent, tok, err) != KL_OK)
 			goto out;
@@ -116,6 +130,7 @@ kl_generate(kl_ctx *ctx, kl_seq *seq, const int32_t *prompt, int n_prompt,
 out:
 	free(input);
 	free(logits);
+	free(mask);
 	kl_tokens_free(&recent);
 	return rc;
 }

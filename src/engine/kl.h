@@ -188,8 +188,17 @@ uint64_t	kl_rng_next(kl_rng *rng);
  */
 int32_t		kl_sample(const kl_sampling *s, kl_rng *rng, float *logits, int vocab,
 					  const int32_t *recent, int n_recent);
+/*
+ * The same among the ids allowed by a mask: one bit per vocabulary id,
+ * 1 = allowed (bit id & 31 of uint32_t word id >> 5), NULL = all (then
+ * exactly kl_sample).  The caller makes sure at least one id is allowed.
+ */
+int32_t		kl_sample_masked(const kl_sampling *s, kl_rng *rng, float *logits, int vocab,
+							 const int32_t *recent, int n_recent, const uint32_t *allowed);
 
 /* ------------------------------------------------------------------ generation */
+
+typedef struct kl_constraint kl_constraint;
 
 typedef struct kl_gen_params
 {
@@ -198,6 +207,7 @@ typedef struct kl_gen_params
 	const int32_t *stop_ids;	/* generation ends after producing one of these */
 	int			n_stop_ids;
 	bool		ignore_eos;		/* do not stop at the model's eos id */
+	kl_constraint *constraint;	/* NULL, or the output constraint (json_constraint.h), advanced here */
 } kl_gen_params;
 
 /* Called for each generated token; return true to stop early. */

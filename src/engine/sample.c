@@ -6,6 +6,8 @@
  * remaining candidates with a xoshiro256** generator seeded by splitmix64, so
  * a seed reproduces a run exactly.  Temperature 0 is greedy (argmax, lowest id
  * on ties) and ignores the other settings except the repetition penalty.
+ * An optional mask of allowed ids (constrained decoding, json_constraint.h)
+ * restricts the candidates.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -143,9 +145,28 @@ select_top(cand *c, int n, int k)
 	}
 }
 
+static inline bool
+allowed_id(const uint32_t *allowed, int id)
+{
+	return !allowed || ((allowed[id >> 5] >> (id & 31)) & 1);
+}
+
 int32_t
 kl_sample(const kl_sampling *s, kl_rng *rng, float *logits, int vocab,
 		  const int32_t *recent, int n_recent)
+{
+	return kl_sample_masked(s, rng, logits, vocab, recent, n_recent, NULL);
+}
+
+/*
+ * With a mask, the candidates are the allowed ids only, in id order, and
+ * everything else is unchanged: the same penalty, the same top-k / top-p /
+ * min-p over what remains, one draw from the generator per sampled token.
+ * Without one the code path is exactly the unmasked sampler's.
+ */
+int32_t
+kl_sample_masked(const kl_sampling *s, kl_rng *rng, float *logits, int vocab,
+				 const int32_t *recent, int n_recent, const uint32_t *allowed)
 {
 	cand	   *c;
 	int			n;
@@ -154,6 +175,13 @@ kl_sample(const kl_sampling *s, kl_rng *rng, float *logits, int vocab,
 				acc,
 				u;
 	int32_t		best = 0;
+
+	if (allowed)
+	{
+		/* the lowest allowed id starts the argmax (ties go to the lowest id) */
+		while (best < vocab - 1 && !allowed_id(allowed, best))
+			best++;
+	}
 
 	if (s->repetition_penalty != 1.0f)
 		for (int i = 0; i < n_recent; i++)
@@ -174,8 +202,8 @@ kl_sample(const kl_sampling *s, kl_rng *rng, float *logits, int vocab,
 
 	if (s->temperature == 0.0f)
 	{
-		for (int i = 1; i < vocab; i++)
-			if (logits[i] > logits[best])
+		for (int i = best + 1; i < vocab; i++)
+			if (logits[i] > logits[best] && allowed_id(allowed, i))
 				best = i;
 		return best;
 	}
@@ -184,19 +212,27 @@ kl_sample(const kl_sampling *s, kl_rng *rng, float *logits, int vocab,
 	if (!c)
 	{
 		/* no memory for candidates: fall back to greedy rather than fail */
-		for (int i = 1; i < vocab; i++)
-			if (logits[i] > logits[best])
+		for (int i = best + 1; i < vocab; i++)
+			if (logits[i] > logits[best] && allowed_id(allowed, i))
 				best = i;
 		return best;
 	}
 	mx = -INFINITY;
+	n = 0;
 	for (int i = 0; i < vocab; i++)
 	{
-		c[i].p = logits[i] / s->temperature;
-		c[i].id = i;
-		mx = c[i].p > mx ? c[i].p : mx;
+		if (!allowed_id(allowed, i))
+			continue;
+		c[n].p = logits[i] / s->temperature;
+		c[n].id = i;
+		mx = c[n].p > mx ? c[n].p : mx;
+		n++;
 	}
-	n = vocab;
+	if (n == 0)
+	{
+		free(c);
+		return best;
+	}
 	if (s->top_k > 0 && s->top_k < n)
 	{
 		select_top(c, n, s->top_k);
