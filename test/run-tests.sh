@@ -7,7 +7,8 @@
 #   3. a throwaway cluster run by an unprivileged OS user (kltest, created if
 #      missing) with kimi_linear preloaded, a test model directory, fixtures
 #      computed with the ./kl CLI
-#   4. pg_regress (sql/, expected/) and pgTAP (test/pg/*.sql, by pg_prove)
+#   4. pg_regress (sql/, expected/) and pgTAP (test/pg/*.sql, by pg_prove);
+#      pg_dump and restore of an agent conversation (test/pg/dump.sh)
 #   5. the concurrency tests (test/pg/concurrency.sh)
 # Exits non-zero on any failure and ends with each runner's summary.
 #
@@ -131,6 +132,14 @@ else
 fi
 kl_cluster_alive || fail "server down after pgTAP"
 
+# ------------------------------------------------------------------ 4c. pg_dump and restore
+step "pg_dump and restore (test/pg/dump.sh)"
+if bash test/pg/dump.sh 2>&1 | tee $LOGS/dump.log; [ "${PIPESTATUS[0]}" = 0 ]; then
+  note "dump/restore: $(grep -c '^ok' $LOGS/dump.log) passed"
+else
+  fail "dump/restore: $(grep -c '^not ok' $LOGS/dump.log) of $(grep -cE '^(not )?ok' $LOGS/dump.log) failed"
+fi
+
 # ------------------------------------------------------------------ 5. concurrency
 if [ "${KL_SKIP_CONCURRENCY:-0}" != 1 ]; then
   step "concurrency"
@@ -160,8 +169,10 @@ r_ok=$(grep -cE '^(test| ) *[a-z_]+ +\.\.\. ok' $LOGS/regress.log 2>/dev/null ||
 r_bad=$(grep -cE '\.\.\. FAILED' $LOGS/regress.log 2>/dev/null || true)
 c_ok=$(grep -c '^ok' $LOGS/concurrency.log 2>/dev/null || true)
 c_bad=$(grep -c '^not ok' $LOGS/concurrency.log 2>/dev/null || true)
-n_ok=$(( ${e_total:-0} - e_bad + ${t_total:-0} - t_bad + r_ok + c_ok ))
-n_bad=$(( e_bad + t_bad + r_bad + c_bad ))
+d_ok=$(grep -c '^ok' $LOGS/dump.log 2>/dev/null || true)
+d_bad=$(grep -c '^not ok' $LOGS/dump.log 2>/dev/null || true)
+n_ok=$(( ${e_total:-0} - e_bad + ${t_total:-0} - t_bad + r_ok + c_ok + d_ok ))
+n_bad=$(( e_bad + t_bad + r_bad + c_bad + d_bad ))
 [ $FAILED = 0 ] || [ $n_bad -gt 0 ] || n_bad=1
 echo "$n_ok passed, $n_bad failed"
 exit $FAILED
