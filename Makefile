@@ -102,7 +102,7 @@ test-tap: all cli
 	KL_SKIP_ENGINE=1 KL_SKIP_REGRESS=1 KL_SHELL_TESTS= KL_TAP_FILES="$(PROVE_TESTS)" bash test/run-tests.sh
 test-concurrency: all cli
 	KL_SKIP_ENGINE=1 KL_SKIP_REGRESS=1 KL_SKIP_TAP=1 KL_SHELL_TESTS=concurrency bash test/run-tests.sh
-SHELL_TESTS ?= concurrency dump_restore state_cache restart
+SHELL_TESTS ?= concurrency dump_restore dump state_cache restart
 test-shell: all cli
 	KL_SKIP_ENGINE=1 KL_SKIP_REGRESS=1 KL_SKIP_TAP=1 KL_SHELL_TESTS="$(SHELL_TESTS)" bash test/run-tests.sh
 
@@ -155,7 +155,7 @@ check-engine-tsan: $(TSAN_TEST_BINS) cli corpus
 FUZZ_CC ?= clang-14
 FUZZ_FLAGS = -g -O1 -std=gnu11 -D_GNU_SOURCE $(KL_WARN) -Wno-declaration-after-statement \
              -fsanitize=fuzzer-no-link,address,undefined -Isrc/engine -I$(OPENBLAS_INC)
-FUZZ_NAMES = fuzz_safetensors fuzz_config fuzz_state fuzz_state_crc fuzz_tokenizer
+FUZZ_NAMES = fuzz_safetensors fuzz_config fuzz_state fuzz_state_crc fuzz_tokenizer fuzz_json_schema fuzz_tool_calls
 FUZZ_BINS = $(addprefix test/fuzz/bin/,$(FUZZ_NAMES))
 FUZZ_ENGINE_OBJS = $(patsubst src/engine/%.c,build/fuzz/engine/%.o,$(ENGINE_SRCS))
 FUZZ_SECONDS ?= 60

@@ -27,13 +27,14 @@ CREATE FUNCTION generate(
     model text DEFAULT NULL,
     repetition_penalty float8 DEFAULT 1,
     min_p float8 DEFAULT 0,
-    ignore_eos boolean DEFAULT false)
+    ignore_eos boolean DEFAULT false,
+    json_schema jsonb DEFAULT NULL)
 RETURNS text
 AS 'MODULE_PATHNAME', 'kl_sql_generate'
 LANGUAGE C VOLATILE PARALLEL RESTRICTED;
 
-COMMENT ON FUNCTION generate(text, int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
-'Continue prompt with up to max_tokens tokens. temperature 0 is greedy; a seed makes sampling reproducible; generation ends at the model''s end token (unless ignore_eos), at a stop string (not included in the result) or at max_tokens.';
+COMMENT ON FUNCTION generate(text, int, float8, float8, int, bigint, text[], text, float8, float8, boolean, jsonb) IS
+'Continue prompt with up to max_tokens tokens. temperature 0 is greedy; a seed makes sampling reproducible; generation ends at the model''s end token (unless ignore_eos), at a stop string (not included in the result) or at max_tokens. json_schema: the continuation is one JSON value matching the schema (decoding is constrained to it).';
 
 CREATE FUNCTION generate_stream(
     prompt text,
@@ -103,13 +104,51 @@ CREATE FUNCTION chat(
     model text DEFAULT NULL,
     repetition_penalty float8 DEFAULT 1,
     min_p float8 DEFAULT 0,
-    ignore_eos boolean DEFAULT false)
+    ignore_eos boolean DEFAULT false,
+    tools jsonb DEFAULT NULL,
+    tool_choice text DEFAULT NULL,
+    json_schema jsonb DEFAULT NULL)
 RETURNS text
 AS 'MODULE_PATHNAME', 'kl_sql_chat'
 LANGUAGE C VOLATILE PARALLEL RESTRICTED;
 
-COMMENT ON FUNCTION chat(jsonb, int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
-'The assistant''s reply to a conversation given as [{"role": "system"|"user"|"assistant", "content": "..."}], rendered in the model''s chat format.';
+COMMENT ON FUNCTION chat(jsonb, int, float8, float8, int, bigint, text[], text, float8, float8, boolean, jsonb, text, jsonb) IS
+'The assistant''s reply to a conversation given as [{"role": "system"|"user"|"assistant", "content": "..."}], rendered in the model''s chat format. With tools (OpenAI function declarations), tool_choice or json_schema, the full Kimi format (tool messages, tool calls) and constrained decoding; the reply is returned as the model wrote it (chat_json parses it).';
+
+CREATE FUNCTION chat_json(
+    messages jsonb,
+    max_tokens int DEFAULT 256,
+    temperature float8 DEFAULT 0,
+    top_p float8 DEFAULT 1,
+    top_k int DEFAULT 0,
+    seed bigint DEFAULT NULL,
+    stop text[] DEFAULT NULL,
+    model text DEFAULT NULL,
+    repetition_penalty float8 DEFAULT 1,
+    min_p float8 DEFAULT 0,
+    ignore_eos boolean DEFAULT false,
+    tools jsonb DEFAULT NULL,
+    tool_choice text DEFAULT NULL,
+    json_schema jsonb DEFAULT NULL)
+RETURNS jsonb
+AS 'MODULE_PATHNAME', 'kl_sql_chat_json'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+
+COMMENT ON FUNCTION chat_json(jsonb, int, float8, float8, int, bigint, text[], text, float8, float8, boolean, jsonb, text, jsonb) IS
+'chat, with the reply as jsonb: {"content", "tool_calls": [{"id", "type", "function": {"name", "arguments": text}, "name", "arguments": {...}}], "finish_reason"} (plus "invalid_tool_calls" for calls cut off or with arguments that are not JSON, and "parsed" with json_schema). Messages may be the full OpenAI form: tool messages with tool_call_id, assistant messages with tool_calls, content parts, names.';
+
+CREATE FUNCTION @extschema@.extract(
+    body text,
+    schema jsonb,
+    instructions text DEFAULT NULL,
+    model text DEFAULT NULL,
+    max_tokens int DEFAULT 512)
+RETURNS jsonb
+AS 'MODULE_PATHNAME', 'kl_sql_extract'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+
+COMMENT ON FUNCTION @extschema@.extract(text, jsonb, text, text, int) IS
+'The fields a JSON schema describes, read out of a document by the model (greedy decoding constrained to the schema): SELECT kimi_linear.extract(body, schema) FROM docs. NULL body: NULL.';
 
 CREATE FUNCTION summarize(doc text, max_tokens int DEFAULT 200, model text DEFAULT NULL, temperature float8 DEFAULT 0)
 RETURNS text
@@ -284,7 +323,8 @@ CREATE TABLE conversations (
     positions bigint NOT NULL DEFAULT 0,
     turns int NOT NULL DEFAULT 0,
     created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    tools jsonb
 );
 
 CREATE TABLE conversation_pages (
@@ -299,11 +339,15 @@ CREATE TABLE messages (
     id bigserial PRIMARY KEY,
     conversation_id bigint NOT NULL REFERENCES @extschema@.conversations(id) ON DELETE CASCADE,
     turn int NOT NULL,
-    role text NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    role text NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
     content text NOT NULL,
     token_ids int[],
     owner name NOT NULL DEFAULT CURRENT_USER,
-    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    tool_calls jsonb,
+    tool_call_id text,
+    CHECK ((tool_call_id IS NOT NULL) OPERATOR(pg_catalog.=) (role OPERATOR(pg_catalog.=) 'tool')
+           AND (tool_calls IS NULL OR role OPERATOR(pg_catalog.=) 'assistant'))
 );
 CREATE INDEX messages_conversation ON messages (conversation_id, id);
 
@@ -330,12 +374,12 @@ CREATE POLICY own_messages ON messages
          WHERE c.id OPERATOR(pg_catalog.=) messages.conversation_id
            AND c.owner OPERATOR(pg_catalog.=) CURRENT_USER));
 GRANT SELECT, DELETE ON conversations, conversation_pages, messages TO PUBLIC;
-GRANT INSERT (owner, model, system, page_size, state, positions, turns, created_at, updated_at),
-      UPDATE (owner, model, system, page_size, state, positions, turns, created_at, updated_at)
+GRANT INSERT (owner, model, system, page_size, state, positions, turns, created_at, updated_at, tools),
+      UPDATE (owner, model, system, page_size, state, positions, turns, created_at, updated_at, tools)
     ON conversations TO PUBLIC;
 GRANT INSERT, UPDATE ON conversation_pages TO PUBLIC;
-GRANT INSERT (conversation_id, turn, role, content, token_ids, owner, created_at),
-      UPDATE (conversation_id, turn, role, content, token_ids, owner, created_at)
+GRANT INSERT (conversation_id, turn, role, content, token_ids, owner, created_at, tool_calls, tool_call_id),
+      UPDATE (conversation_id, turn, role, content, token_ids, owner, created_at, tool_calls, tool_call_id)
     ON messages TO PUBLIC;
 GRANT USAGE ON SEQUENCE conversations_id_seq, messages_id_seq TO PUBLIC;
 
@@ -354,7 +398,11 @@ LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION _chat_model(text) IS
 'The model a conversation started with this name would use; an error unless it has a tokenizer with a chat format.';
 
-CREATE FUNCTION new_conversation(model text DEFAULT NULL, system text DEFAULT NULL)
+CREATE FUNCTION _check_tools(tools jsonb) RETURNS void
+AS 'MODULE_PATHNAME', 'kl_sql_check_tools'
+LANGUAGE C STABLE;
+
+CREATE FUNCTION new_conversation(model text DEFAULT NULL, system text DEFAULT NULL, tools jsonb DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -366,6 +414,10 @@ BEGIN
   VALUES (@extschema@._chat_model(new_conversation.model), new_conversation.system,
           pg_catalog.current_setting('kimi_linear.page_size')::int)
   RETURNING id INTO cid;
+  IF new_conversation.tools IS NOT NULL THEN
+    PERFORM @extschema@._check_tools(new_conversation.tools);
+    UPDATE @extschema@.conversations c SET tools = new_conversation.tools WHERE c.id = cid;
+  END IF;
   IF new_conversation.system IS NOT NULL THEN
     INSERT INTO @extschema@.messages (conversation_id, turn, role, content)
     VALUES (cid, 0, 'system', new_conversation.system);
@@ -374,8 +426,8 @@ BEGIN
 END
 $$;
 
-COMMENT ON FUNCTION new_conversation(text, text) IS
-'Start a conversation (with an optional system message); returns its id for say().';
+COMMENT ON FUNCTION new_conversation(text, text, jsonb) IS
+'Start a conversation (with an optional system message, and the tools it may call: OpenAI function declarations, checked here); returns its id for say().';
 
 CREATE FUNCTION say(
     conversation_id bigint,
@@ -388,13 +440,131 @@ CREATE FUNCTION say(
     stop text[] DEFAULT NULL,
     repetition_penalty float8 DEFAULT 1,
     min_p float8 DEFAULT 0,
-    ignore_eos boolean DEFAULT false)
+    ignore_eos boolean DEFAULT false,
+    tool_choice text DEFAULT NULL,
+    json_schema jsonb DEFAULT NULL)
 RETURNS text
 AS 'MODULE_PATHNAME', 'kl_sql_say'
 LANGUAGE C VOLATILE;
 
-COMMENT ON FUNCTION say(bigint, text, int, float8, float8, int, bigint, text[], float8, float8, boolean) IS
-'Add a user message to a conversation and return the reply. Only the new turn is computed; the new state is stored in the caller''s transaction (a rollback undoes the turn).';
+COMMENT ON FUNCTION say(bigint, text, int, float8, float8, int, bigint, text[], float8, float8, boolean, text, jsonb) IS
+'Add a user message to a conversation and return the reply. Only the new turn is computed; the new state is stored in the caller''s transaction (a rollback undoes the turn). After a reply with tool calls, the turn first hands back their results (add_tool_results); the message may then be NULL. tool_choice and json_schema constrain the reply.';
+
+CREATE FUNCTION say_json(
+    conversation_id bigint,
+    message text DEFAULT NULL,
+    max_tokens int DEFAULT 256,
+    temperature float8 DEFAULT 0,
+    top_p float8 DEFAULT 1,
+    top_k int DEFAULT 0,
+    seed bigint DEFAULT NULL,
+    stop text[] DEFAULT NULL,
+    repetition_penalty float8 DEFAULT 1,
+    min_p float8 DEFAULT 0,
+    ignore_eos boolean DEFAULT false,
+    tool_choice text DEFAULT NULL,
+    json_schema jsonb DEFAULT NULL)
+RETURNS jsonb
+AS 'MODULE_PATHNAME', 'kl_sql_say_json'
+LANGUAGE C VOLATILE;
+
+COMMENT ON FUNCTION say_json(bigint, text, int, float8, float8, int, bigint, text[], float8, float8, boolean, text, jsonb) IS
+'say, with the reply as jsonb (as chat_json returns it): its content, its tool calls (stored with the reply in messages), finish_reason.';
+
+CREATE FUNCTION add_tool_results(conversation_id bigint, results jsonb)
+RETURNS int
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  conv record;
+  calls jsonb;
+  r jsonb;
+  n int := 0;
+BEGIN
+  IF results IS NULL OR jsonb_typeof(results) <> 'array' OR jsonb_array_length(results) = 0 THEN
+    RAISE EXCEPTION 'results must be a non-empty JSON array of {"tool_call_id": ..., "content": ...}'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  -- row-level security: only the conversation's owner sees it (and may add to it)
+  SELECT c.id, c.turns INTO conv FROM @extschema@.conversations c
+   WHERE c.id = add_tool_results.conversation_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'conversation % does not exist', add_tool_results.conversation_id
+      USING ERRCODE = 'undefined_object',
+            HINT = 'You see only your own conversations.';
+  END IF;
+  SELECT m.tool_calls INTO calls FROM @extschema@.messages m
+   WHERE m.conversation_id = conv.id AND m.role = 'assistant' AND m.turn = conv.turns
+   ORDER BY m.id DESC LIMIT 1;
+  IF calls IS NULL THEN
+    RAISE EXCEPTION 'the last reply of conversation % made no tool calls', conv.id
+      USING ERRCODE = 'object_not_in_prerequisite_state';
+  END IF;
+  FOR r IN SELECT e FROM jsonb_array_elements(results) e LOOP
+    IF jsonb_typeof(r) <> 'object' OR jsonb_typeof(r -> 'tool_call_id') IS DISTINCT FROM 'string'
+       OR coalesce(jsonb_typeof(r -> 'content'), 'null') = 'null' THEN
+      RAISE EXCEPTION 'each result must be {"tool_call_id": text, "content": text or JSON}, got %', r
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(calls) c WHERE c ->> 'id' = r ->> 'tool_call_id') THEN
+      RAISE EXCEPTION 'the last reply of conversation % has no tool call "%"', conv.id, r ->> 'tool_call_id'
+        USING ERRCODE = 'invalid_parameter_value',
+              HINT = 'Its calls: ' || (SELECT string_agg(c ->> 'id', ', ') FROM jsonb_array_elements(calls) c) || '.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM @extschema@.messages m WHERE m.conversation_id = conv.id AND m.role = 'tool'
+                AND m.turn = conv.turns + 1 AND m.tool_call_id = r ->> 'tool_call_id') THEN
+      RAISE EXCEPTION 'tool call "%" of conversation % already has a result', r ->> 'tool_call_id', conv.id
+        USING ERRCODE = 'unique_violation';
+    END IF;
+    -- the result belongs to the next turn, which hands it to the model
+    INSERT INTO @extschema@.messages (conversation_id, turn, role, content, tool_call_id)
+    VALUES (conv.id, conv.turns + 1, 'tool',
+            CASE jsonb_typeof(r -> 'content') WHEN 'string' THEN r ->> 'content' ELSE (r -> 'content')::text END,
+            r ->> 'tool_call_id');
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END
+$$;
+
+COMMENT ON FUNCTION add_tool_results(bigint, jsonb) IS
+'Store the results of the last reply''s tool calls, [{"tool_call_id": ..., "content": text or JSON}], as tool messages of the next turn (say / say_json then hands them to the model, in the order of the calls). Unknown call ids, results given twice and conversations that are not yours are errors.';
+
+CREATE FUNCTION add_tool_result(conversation_id bigint, tool_call_id text, content text)
+RETURNS void
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT @extschema@.add_tool_results($1, jsonb_build_array(jsonb_build_object('tool_call_id', $2, 'content', $3)));
+$$;
+
+COMMENT ON FUNCTION add_tool_result(bigint, text, text) IS
+'add_tool_results for one call.';
+
+CREATE FUNCTION run_query(query text, max_rows int DEFAULT 100)
+RETURNS jsonb
+AS 'MODULE_PATHNAME', 'kl_sql_run_query'
+LANGUAGE C VOLATILE;
+
+COMMENT ON FUNCTION run_query(text, int) IS
+'Run one read-only query (SELECT, VALUES, TABLE or WITH ... SELECT) with the caller''s privileges and return up to max_rows rows as a jsonb array; the statement_timeout in force when it is called limits this query (inside a function, statement_timeout alone does not). For agent loops that execute SQL a model wrote: call it under a restricted role in a read-only transaction (README).';
+
+CREATE FUNCTION conversation_messages(conversation_id bigint)
+RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT coalesce(jsonb_agg(CASE m.role
+           WHEN 'assistant' THEN jsonb_strip_nulls(jsonb_build_object('role', 'assistant', 'content', m.content,
+                                   'tool_calls', m.tool_calls, 'token_ids', to_jsonb(m.token_ids)))
+           WHEN 'tool' THEN jsonb_build_object('role', 'tool', 'tool_call_id', m.tool_call_id, 'content', m.content)
+           ELSE jsonb_build_object('role', m.role, 'content', m.content) END ORDER BY m.id), '[]'::jsonb)
+    FROM @extschema@.messages m WHERE m.conversation_id = $1;
+$$;
+
+COMMENT ON FUNCTION conversation_messages(bigint) IS
+'A conversation''s history as chat messages (for chat / chat_json): its replies with their tool calls and the token ids the model generated (rendered as they are, so that the history replays to exactly the tokens the conversation''s state holds).';
 
 CREATE FUNCTION fork_conversation(conversation_id bigint)
 RETURNS bigint
@@ -404,8 +574,8 @@ AS $$
 DECLARE
   nid bigint;
 BEGIN
-  INSERT INTO @extschema@.conversations (model, system, page_size, state, positions, turns)
-  SELECT c.model, c.system, c.page_size, c.state, c.positions, c.turns FROM @extschema@.conversations c
+  INSERT INTO @extschema@.conversations (model, system, page_size, state, positions, turns, tools)
+  SELECT c.model, c.system, c.page_size, c.state, c.positions, c.turns, c.tools FROM @extschema@.conversations c
    WHERE c.id = fork_conversation.conversation_id
   RETURNING id INTO nid;
   IF nid IS NULL THEN
@@ -415,8 +585,8 @@ BEGIN
   INSERT INTO @extschema@.conversation_pages (conversation_id, page_no, data)
   SELECT nid, p.page_no, p.data FROM @extschema@.conversation_pages p
    WHERE p.conversation_id = fork_conversation.conversation_id;
-  INSERT INTO @extschema@.messages (conversation_id, turn, role, content, token_ids)
-  SELECT nid, m.turn, m.role, m.content, m.token_ids FROM @extschema@.messages m
+  INSERT INTO @extschema@.messages (conversation_id, turn, role, content, token_ids, tool_calls, tool_call_id)
+  SELECT nid, m.turn, m.role, m.content, m.token_ids, m.tool_calls, m.tool_call_id FROM @extschema@.messages m
    WHERE m.conversation_id = fork_conversation.conversation_id ORDER BY m.id;
   RETURN nid;
 END

@@ -10,7 +10,8 @@
 #   4. pg_regress (sql/, expected/) and pgTAP (test/pg/*.sql, by pg_prove)
 #   5. the shell tests, TAP output each: concurrency (test/pg/concurrency.sh),
 #      pg_dump/pg_restore (dump_restore.sh), the state cache's memory bound
-#      (state_cache.sh), and last, a server restart (restart.sh)
+#      (state_cache.sh), pg_dump and restore of an agent conversation (dump.sh),
+#      and last, a server restart (restart.sh)
 # Exits non-zero on any failure and ends with each runner's summary (with its
 # wall time) and one line "N passed, N failed" over all of them.
 #
@@ -189,7 +190,7 @@ fi
 # ------------------------------------------------------------------ 5. shell tests
 # (they run the cluster's own binaries: restart.sh restarts it)
 export KL_PGBIN KL_CLUSTER_DIR
-SHELL_TESTS=${KL_SHELL_TESTS-concurrency dump_restore state_cache restart}
+SHELL_TESTS=${KL_SHELL_TESTS-concurrency dump_restore dump state_cache restart}
 [ "${KL_SKIP_CONCURRENCY:-0}" != 1 ] || SHELL_TESTS=$(echo " $SHELL_TESTS " | sed 's/ concurrency / /')
 for t in $SHELL_TESTS; do
   step "$t"

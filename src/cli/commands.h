@@ -16,4 +16,9 @@ int			cmd_tokenize(int argc, char **argv);
 int			cmd_detokenize(int argc, char **argv);
 int			cmd_bench_tokenizer(int argc, char **argv);
 
+/* the chat format (cmd_chat.c) and the JSON constraint's benchmark (bench_constraint.c) */
+int			cmd_render(int argc, char **argv);
+int			cmd_parse_reply(int argc, char **argv);
+int			cmd_bench_constraint(int argc, char **argv);
+
 #endif

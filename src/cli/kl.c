@@ -5,16 +5,21 @@
  *   generate    generate a continuation (ids, and text with a tokenizer)
  *   bench       prefill / decode throughput table (bench.c)
  *   tokenize, detokenize, bench-tokenizer   (cmd_tokenizer.c)
+ *   render, parse-reply   the Kimi chat format with tools (cmd_chat.c)
+ *   bench-constraint      the per-step cost of JSON constraint masks (bench_constraint.c)
  *
  * Used by the tests and benchmarks; a thin layer over the engine (kl.h).
  */
 #include <errno.h>
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "chat.h"
 #include "cli_util.h"
 #include "commands.h"
+#include "json_constraint.h"
 #include "kl.h"
 #include "tokenizer.h"
 
@@ -24,10 +29,14 @@ usage(void)
 	fprintf(stderr,
 			"usage: kl COMMAND [options]\n"
 			"  logits     --model DIR --ids 1,2,3 [--split N] [--recurrent] --out FILE\n"
-			"  generate   --model DIR (--ids 1,2,3 | --prompt TEXT | --chat TEXT [--system TEXT])\n"
+			"  generate   --model DIR (--ids 1,2,3 | --prompt TEXT | --chat TEXT [--system TEXT] | --chat-json FILE)\n"
 			"             [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--min-p P]\n"
 			"             [--repetition-penalty R] [--seed S] [--stop-ids a,b] [--ignore-eos]\n"
+			"             [--json-schema FILE] [--tool-choice auto|none|required|NAME]   (constrained output)\n"
 			"             [--state-in FILE] [--state-out FILE]   (resume from / save the sequence state)\n"
+			"  render     --chat-json FILE [--model DIR] [--ids] [--format kimi|model]   (the Kimi chat format)\n"
+			"  parse-reply [--tools FILE] < reply text      (content and tool calls as JSON)\n"
+			"  bench-constraint --model DIR [--synthetic N] [--steps N]   (JSON constraint masks per step)\n"
 			"  bench      --model DIR | --config FILE  [--prefill 512,4096] [--decode 0,4096] [--dtype bf16]\n"
 			"  tokenize   --model DIR [--special]        (text on stdin, ids on stdout)\n"
 			"  detokenize --model DIR                    (ids on stdin, text on stdout)\n"
@@ -195,8 +204,18 @@ cmd_generate(int argc, char **argv)
 			   *system_msg = NULL,
 			   *stop_s = NULL,
 			   *state_in = NULL,
-			   *state_out = NULL;
+			   *state_out = NULL,
+			   *chat_json = NULL,
+			   *schema_file = NULL,
+			   *tool_choice = NULL;
 	kl_gen_params gp;
+	kl_chat    *chat_c = NULL;
+	kl_grammar *grammar = NULL;
+	kl_vocab   *vocab = NULL;
+	kl_constraint *con = NULL;
+	char	   *spec = NULL;
+	uint8_t    *schema = NULL;
+	size_t		schema_len = 0;
 	kl_err		err;
 	kl_model   *m = NULL;
 	kl_ctx	   *ctx = NULL;
@@ -248,16 +267,28 @@ cmd_generate(int argc, char **argv)
 			state_in = argv[++i];
 		else if (strcmp(argv[i], "--state-out") == 0 && i + 1 < argc)
 			state_out = argv[++i];
+		else if (strcmp(argv[i], "--chat-json") == 0 && i + 1 < argc)
+			chat_json = argv[++i];
+		else if (strcmp(argv[i], "--json-schema") == 0 && i + 1 < argc)
+			schema_file = argv[++i];
+		else if (strcmp(argv[i], "--tool-choice") == 0 && i + 1 < argc)
+			tool_choice = argv[++i];
 		else
 		{
 			fprintf(stderr, "kl generate: unknown or incomplete option %s\n", argv[i]);
 			return 2;
 		}
 	}
-	if (!co.model || (!!ids_s + !!prompt + !!chat) > 1 || (!ids_s && !prompt && !chat && !state_in))
+	if (!co.model || (!!ids_s + !!prompt + !!chat + !!chat_json) > 1 ||
+		(!ids_s && !prompt && !chat && !chat_json && !state_in))
 	{
-		fprintf(stderr, "kl generate: --model and one of --ids, --prompt, --chat are required "
+		fprintf(stderr, "kl generate: --model and one of --ids, --prompt, --chat, --chat-json are required "
 				"(none only with --state-in: continue the saved generation)\n");
+		return 2;
+	}
+	if (schema_file && !(schema = cli_read_file(schema_file, &schema_len)))
+	{
+		fprintf(stderr, "kl generate: cannot read %s\n", schema_file);
 		return 2;
 	}
 	if (stop_s && cli_parse_ids(stop_s, &stops, &n_stops) != 0)
@@ -309,7 +340,42 @@ cmd_generate(int argc, char **argv)
 			fprintf(stderr, "kl generate: %s has no tokenizer (tiktoken.model); use --ids\n", co.model);
 			goto out;
 		}
-		if (prompt)
+		if (chat_json)
+		{
+			/* the full Kimi format: messages and tools from a file (cmd_chat.c's forms) */
+			size_t		len;
+			uint8_t    *file = cli_read_file(chat_json, &len);
+			json_t	   *j = file ? json_loadb((const char *) file, len, 0, NULL) : NULL;
+			json_t	   *m = json_is_array(j) ? j : json_object_get(j, "messages");
+			json_t	   *t = json_is_object(j) ? json_object_get(j, "tools") : NULL;
+			char	   *ms = m ? json_dumps(m, JSON_COMPACT) : NULL,
+					   *ts = t && !json_is_null(t) ? json_dumps(t, JSON_COMPACT) : NULL;
+			kl_chat_format f;
+			kl_chat_render_opts o = {0};
+			int32_t		chat_stops[8];
+			int			ns,
+						rc_parse;
+
+			free(file);
+			json_decref(j);
+			rc_parse = kl_chat_parse(ms, ms ? strlen(ms) : 0, ts, ts ? strlen(ts) : 0, false, &chat_c, &err);
+			free(ms);
+			free(ts);
+			if (rc_parse != KL_OK)
+				goto fail;
+			kl_chat_format_of(tok, &f);
+			o.format = &f;
+			o.add_generation_prompt = true;
+			if (kl_chat_render_ids(tok, chat_c, &o, &enc, &err) != KL_OK ||
+				kl_chat_grammar_spec(chat_c, tool_choice, (const char *) schema, schema_len,
+									 kl_chat_count_calls(chat_c), &spec, &err) != KL_OK)
+				goto fail;
+			ns = kl_tokenizer_stop_ids(tok, chat_stops, 8);
+			stops = realloc(stops, sizeof(int32_t) * (size_t) (n_stops + ns));
+			for (int i = 0; i < ns; i++)
+				stops[n_stops++] = chat_stops[i];
+		}
+		else if (prompt)
 		{
 			/* a fresh text prompt starts with the bos token, as the model was trained */
 			if (kl_seq_positions(seq) == 0 && kl_seq_pending(seq) < 0 && kl_tokenizer_bos(tok) >= 0 &&
@@ -347,6 +413,39 @@ cmd_generate(int argc, char **argv)
 	}
 	gp.stop_ids = stops;
 	gp.n_stop_ids = n_stops;
+	if (schema && !spec)
+	{
+		/* a JSON value (after a prompt or --chat): {"json_schema": ...} */
+		kl_chat    *none = NULL;
+
+		if (kl_chat_parse(NULL, 0, NULL, 0, false, &none, &err) != KL_OK ||
+			kl_chat_grammar_spec(none, NULL, (const char *) schema, schema_len, 0, &spec, &err) != KL_OK)
+		{
+			kl_chat_free(none);
+			goto fail;
+		}
+		kl_chat_free(none);
+	}
+	if (spec)
+	{
+		int32_t		ends[72];
+		int			n_ends = 0;
+
+		if (!kl_model_tokenizer(m))
+		{
+			fprintf(stderr, "kl generate: constrained output needs a model with a tokenizer\n");
+			goto out;
+		}
+		if (!gp.ignore_eos && kl_model_config(m)->eos_id >= 0)
+			ends[n_ends++] = kl_model_config(m)->eos_id;
+		for (int i = 0; i < n_stops && n_ends < 72; i++)
+			ends[n_ends++] = stops[i];
+		if (kl_grammar_compile(spec, strlen(spec), &grammar, &err) != KL_OK ||
+			kl_vocab_from_tokenizer(kl_model_tokenizer(m), kl_model_config(m)->vocab_size, &vocab, &err) != KL_OK ||
+			kl_constraint_new(grammar, vocab, ends, n_ends, &con, &err) != KL_OK)
+			goto fail;
+		gp.constraint = con;
+	}
 
 	t0 = kl_now();
 	if (kl_generate(ctx, seq, ids, n, &gp, &out, NULL, NULL, &err) != KL_OK)
@@ -381,6 +480,21 @@ cmd_generate(int argc, char **argv)
 			printf("\n");
 			free(text);
 		}
+		if (chat_c && chat_c->n_tools > 0)
+		{
+			/* the reply parsed: content and tool calls */
+			kl_chat_reply *r;
+			char	   *json;
+			size_t		jl;
+
+			if (kl_chat_parse_reply_ids(kl_model_tokenizer(m), out.ids, out.n, chat_c, &r, &err) == KL_OK &&
+				kl_chat_reply_json(r, &json, &jl, &err) == KL_OK)
+			{
+				printf("%s\n", json);
+				free(json);
+			}
+			kl_chat_reply_free(r);
+		}
 	}
 	fprintf(stderr, "kl: %d prompt tokens, %zu generated in %.3f s\n", n, out.n, t1 - t0);
 	rc = 0;
@@ -391,6 +505,12 @@ out:
 	free(ids);
 	free(stops);
 	kl_tokens_free(&out);
+	kl_constraint_free(con);
+	kl_grammar_free(grammar);
+	kl_vocab_free(vocab);
+	kl_chat_free(chat_c);
+	free(spec);
+	free(schema);
 	kl_seq_free(seq);
 	kl_ctx_free(ctx);
 	kl_model_free(m);
@@ -413,6 +533,9 @@ main(int argc, char **argv)
 		{"tokenize", cmd_tokenize},
 		{"detokenize", cmd_detokenize},
 		{"bench-tokenizer", cmd_bench_tokenizer},
+		{"render", cmd_render},
+		{"parse-reply", cmd_parse_reply},
+		{"bench-constraint", cmd_bench_constraint},
 	};
 
 	if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)

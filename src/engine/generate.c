@@ -3,11 +3,13 @@
  * callers).  The PostgreSQL workers run their own loop that batches many
  * sequences per step, with the same semantics: feed the pending token and the
  * prompt, sample, feed each sampled token except the last, which becomes the
- * sequence's pending token.
+ * sequence's pending token.  With an output constraint, each step samples
+ * among the tokens it allows and advances it.
  */
 #include <stdlib.h>
 #include <string.h>
 
+#include "json_constraint.h"
 #include "model.h"
 
 int
@@ -51,8 +53,10 @@ kl_generate(kl_ctx *ctx, kl_seq *seq, const int32_t *prompt, int n_prompt,
 			const kl_gen_params *p, kl_tokens *out, kl_token_cb cb, void *cb_arg, kl_err *err)
 {
 	const kl_config *cfg = kl_model_config(seq->model);
+	int			V = cfg->vocab_size;
 	int32_t    *input = NULL;
 	kl_tokens	recent = {0};
+	uint32_t   *mask = NULL;
 	kl_rng		rng;
 	kl_sample_req req;
 	const kl_sample_req *reqs[1] = {&req};
@@ -70,8 +74,13 @@ kl_generate(kl_ctx *ctx, kl_seq *seq, const int32_t *prompt, int n_prompt,
 	if (n_prompt == 0 && seq->pending < 0)
 		return kl_errf(err, "empty prompt: there is nothing to continue from");
 
+	if (p->constraint && kl_constraint_n_ids(p->constraint) != V)
+		return kl_errf(err, "the output constraint was made for %d token ids, the model has %d",
+					   kl_constraint_n_ids(p->constraint), V);
 	input = kl_malloc(sizeof(int32_t) * ((size_t) n_prompt + 1), err);
-	if (!input)
+	if (p->constraint)
+		mask = kl_malloc(sizeof(uint32_t) * kl_mask_words(V), err);
+	if (!input || (p->constraint && !mask))
 		goto out;
 	if (seq->pending >= 0)
 		input[n_in++] = seq->pending;
@@ -93,6 +102,9 @@ kl_generate(kl_ctx *ctx, kl_seq *seq, const int32_t *prompt, int n_prompt,
 	item.n = n_in;
 	req.recent = recent.ids;
 	req.n_recent = (int) recent.n;
+	req.allowed = mask;			/* the constraint's mask for the token the step samples */
+	if (p->constraint && p->max_tokens > 0 && kl_constraint_mask(p->constraint, mask, NULL, err) != KL_OK)
+		goto out;
 	if (kl_forward_sample(ctx, &item, 1, p->max_tokens > 0 ? reqs : NULL, &token, err) != KL_OK)
 		goto out;
 	seq->pending = -1;
@@ -101,6 +113,9 @@ kl_generate(kl_ctx *ctx, kl_seq *seq, const int32_t *prompt, int n_prompt,
 	{
 		int32_t		tok = token;
 		bool		stop;
+
+		if (p->constraint && kl_constraint_accept(p->constraint, tok, err) != KL_OK)
+			goto out;
 
 		if (kl_tokens_push(out, tok, err) != KL_OK || kl_tokens_push(&recent, tok, err) != KL_OK)
 			goto out;
@@ -116,12 +131,15 @@ kl_generate(kl_ctx *ctx, kl_seq *seq, const int32_t *prompt, int n_prompt,
 		item.n = 1;
 		req.recent = recent.ids;
 		req.n_recent = (int) recent.n;
+		if (p->constraint && kl_constraint_mask(p->constraint, mask, NULL, err) != KL_OK)
+			goto out;
 		if (kl_forward_sample(ctx, &item, 1, reqs, &token, err) != KL_OK)
 			goto out;
 	}
 	rc = KL_OK;
 out:
 	free(input);
+	free(mask);
 	kl_tokens_free(&recent);
 	return rc;
 }

@@ -247,6 +247,8 @@ typedef struct kl_sample_req
 
 /* ------------------------------------------------------------------ generation */
 
+typedef struct kl_constraint kl_constraint;
+
 typedef struct kl_gen_params
 {
 	kl_sampling sampling;
@@ -254,6 +256,7 @@ typedef struct kl_gen_params
 	const int32_t *stop_ids;	/* generation ends after producing one of these */
 	int			n_stop_ids;
 	bool		ignore_eos;		/* do not stop at the model's eos id */
+	kl_constraint *constraint;	/* NULL, or the output constraint (json_constraint.h), advanced here */
 } kl_gen_params;
 
 /* Called for each generated token; return true to stop early. */

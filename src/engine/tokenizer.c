@@ -10,6 +10,7 @@
  *   4. turn each piece into tokens by byte-pair merging (bpe.c).
  * Decoding concatenates the tokens' bytes; the streaming decoder holds back
  * an incomplete UTF-8 character until the token that completes it arrives.
+ * (The chat format built on these ids is chat.c.)
  *
  * Special tokens: every entry of added_tokens_decoder is one, whatever its
  * "special" flag says (as in the reference's tokenizer, which makes all
@@ -440,6 +441,15 @@ load_config(kl_tokenizer *t, const char *confine, const char *path, kl_err *err)
 		named_token(t, root, path, "unk_token", &t->unk, err) != KL_OK)
 		goto out;
 	t->eos_alt = kl_tokenizer_special_id(t, "[EOS]");
+	{
+		json_t	   *tmpl = json_object_get(root, "chat_template");
+
+		if (json_is_string(tmpl) && !(t->chat_template = strdup(json_string_value(tmpl))))
+		{
+			kl_errf(err, "out of memory");
+			goto out;
+		}
+	}
 	rc = KL_OK;
 out:
 	json_decref(root);
@@ -502,6 +512,7 @@ kl_tokenizer_free(kl_tokenizer *t)
 	free(t->rank_slots);
 	free(t->pair_keys);
 	free(t->pair_ranks);
+	free(t->chat_template);
 	kl_tok_split_free(t);
 	free(t);
 }
@@ -552,6 +563,24 @@ kl_tokenizer_stop_ids(const kl_tokenizer *t, int32_t *out, int cap)
 	if (t->eos_alt >= 0 && t->eos_alt != t->eos && n < cap)
 		out[n++] = t->eos_alt;
 	return n;
+}
+
+const uint8_t *
+kl_tokenizer_token_bytes(const kl_tokenizer *t, int32_t id, size_t *len)
+{
+	if (id < 0 || id >= t->n_base)
+	{
+		*len = 0;
+		return NULL;
+	}
+	*len = t->off[id + 1] - t->off[id];
+	return t->pool + t->off[id];
+}
+
+const char *
+kl_tokenizer_chat_template(const kl_tokenizer *t)
+{
+	return t->chat_template;
 }
 
 /* ------------------------------------------------------------------ encoding */
@@ -877,73 +906,5 @@ kl_decode_text(const kl_tokenizer *t, const int32_t *ids, size_t n, char **text,
 	}
 	*text = buf;
 	*len = l;
-	return KL_OK;
-}
-
-/* ------------------------------------------------------------------ chat */
-
-/*
- * What the bundled model's chat_template renders, tokenized the way the
- * reference tokenizes it (special-token texts as ids):
- *   <|im_system|>system<|im_middle|>{content}<|im_end|>   (likewise user, assistant)
- *   ... then <|im_assistant|>assistant<|im_middle|> with add_generation_prompt.
- * One deliberate difference: the reference would turn special-token texts
- * typed inside a message into control tokens; here contents are always text.
- */
-static int
-render_header(const kl_tokenizer *t, const char *role, int32_t middle, kl_ids *out, kl_err *err)
-{
-	char		open[32];
-	int32_t		open_id;
-
-	snprintf(open, sizeof(open), "<|im_%s|>", role);
-	open_id = kl_tokenizer_special_id(t, open);
-	if (open_id < 0)
-		return kl_errf(err, "this tokenizer has no %s token, so it has no Kimi chat format", open);
-	if (kl_ids_push(out, open_id, err) != KL_OK ||
-		kl_encode(t, role, strlen(role), false, out, err) != KL_OK)
-		return KL_FAIL;
-	return kl_ids_push(out, middle, err);
-}
-
-int
-kl_chat_render(const kl_tokenizer *t, const kl_chat_message *msgs, size_t n, bool add_generation_prompt,
-			   kl_ids *out, kl_err *err)
-{
-	int32_t		middle = kl_tokenizer_special_id(t, "<|im_middle|>");
-	int32_t		end = kl_tokenizer_special_id(t, "<|im_end|>");
-	size_t		n_before = out->n;
-
-	if (middle < 0 || end < 0)
-		return kl_errf(err, "this tokenizer has no <|im_middle|> or <|im_end|> token, so it has no Kimi chat "
-					   "format");
-	for (size_t i = 0; i < n; i++)
-	{
-		const char *role = msgs[i].role;
-
-		if (!role || (strcmp(role, "system") != 0 && strcmp(role, "user") != 0 && strcmp(role, "assistant") != 0))
-		{
-			out->n = n_before;
-			return kl_errf(err, "message %zu has the role \"%.64s\": the roles are system, user and assistant",
-						   i + 1, role ? role : "(none)");
-		}
-		if (msgs[i].content_len > 0 && !msgs[i].content)
-		{
-			out->n = n_before;
-			return kl_errf(err, "message %zu has no content (NULL with length %zu)", i + 1, msgs[i].content_len);
-		}
-		if (render_header(t, role, middle, out, err) != KL_OK ||
-			kl_encode(t, msgs[i].content, msgs[i].content_len, false, out, err) != KL_OK ||
-			kl_ids_push(out, end, err) != KL_OK)
-		{
-			out->n = n_before;
-			return kl_err_prefix(err, "message %zu (%s)", i + 1, role);
-		}
-	}
-	if (add_generation_prompt && render_header(t, "assistant", middle, out, err) != KL_OK)
-	{
-		out->n = n_before;
-		return KL_FAIL;
-	}
 	return KL_OK;
 }

@@ -55,6 +55,10 @@ int32_t		kl_tokenizer_special_id(const kl_tokenizer *tok, const char *text);
 const char *kl_tokenizer_special_text(const kl_tokenizer *tok, int32_t id);
 /* The ids that end a chat reply (eos, then [EOS] if present); returns how many (at most cap). */
 int			kl_tokenizer_stop_ids(const kl_tokenizer *tok, int32_t *out, int cap);
+/* The bytes of an ordinary token (not NUL-terminated), NULL for specials and ids out of range. */
+const uint8_t *kl_tokenizer_token_bytes(const kl_tokenizer *tok, int32_t id, size_t *len);
+/* tokenizer_config.json's chat_template (the Jinja text), NULL when it has none. */
+const char *kl_tokenizer_chat_template(const kl_tokenizer *tok);
 
 /*
  * Append the ids of text[0..len) to out.  allow_special: special-token texts
@@ -122,7 +126,12 @@ int			kl_detok_stream_push(kl_detok_stream *s, int32_t id, char **buf, size_t *l
 								 kl_err *err);
 int			kl_detok_stream_finish(kl_detok_stream *s, char **buf, size_t *len, size_t *cap, kl_err *err);
 
-/* The chat format: <|im_{role}|>{role}<|im_middle|>{content}<|im_end|> per message. */
+/*
+ * The chat format: <|im_{role}|>{role}<|im_middle|>{content}<|im_end|> per
+ * message.  This is the plain-text subset of the Kimi chat format that
+ * chat.h renders in full (tools, tool calls, named roles); kl_chat_render is
+ * defined in chat.c.
+ */
 typedef struct kl_chat_message
 {
 	const char *role;			/* "system", "user" or "assistant" */
@@ -135,6 +144,8 @@ typedef struct kl_chat_message
  * <|im_assistant|>assistant<|im_middle|>.  Contents are encoded as plain text:
  * special-token texts inside a message are not interpreted.  An unknown role
  * or invalid UTF-8 is an error naming the message; out then keeps what it had.
+ * The model's chat template decides whether a default system message comes
+ * first (see kl_chat_format_of in chat.h).
  */
 int			kl_chat_render(const kl_tokenizer *tok, const kl_chat_message *msgs, size_t n,
 						   bool add_generation_prompt, kl_ids *out, kl_err *err);

@@ -3,7 +3,7 @@
  * of kl_tokenizer and the functions one file provides to another.  Not part
  * of the engine's interface (that is tokenizer.h).
  *
- *   tokenizer.c        loading, specials, encode/decode, streaming, chat
+ *   tokenizer.c        loading, specials, encode/decode, streaming
  *   tokenizer_split.c  the pre-tokenizer: PCRE2 pattern and the scanner
  *   bpe.c              vocabulary hash tables and byte-pair merging
  */
@@ -77,6 +77,7 @@ struct kl_tokenizer
 				pad,
 				unk,
 				eos_alt;		/* [EOS] */
+	char	   *chat_template;	/* tokenizer_config.json's chat_template, or NULL */
 
 	/* pre-tokenizer */
 	pcre2_code *re;

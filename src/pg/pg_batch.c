@@ -68,6 +68,9 @@ typedef struct KlReq
 
 	kl_sampling sampling;
 	kl_rng		rng;
+	kl_grammar *grammar;		/* output constraint, or NULL (malloc'd by the engine) */
+	kl_constraint *con;
+	uint32_t   *mask;			/* allowed ids of the step (malloc'd) */
 	kl_tokens	recent;			/* repetition penalty window (malloc'd) */
 	int			generated;
 	int			reason;
@@ -457,7 +460,53 @@ release(KlReq *r)
 	kl_seq_free(r->seq);
 	kl_tokens_free(&r->recent);
 	free(r->text);
+	kl_constraint_free(r->con);
+	kl_grammar_free(r->grammar);
+	free(r->mask);
 	MemoryContextDelete(r->cxt);
+}
+
+/*
+ * The request's output constraint: compile the spec, and bind it to the
+ * model's vocabulary (indexed once per model, on first use) with the tokens
+ * that end it: the eos unless ignore_eos, and the stop ids.
+ */
+static bool
+setup_constraint(KlReq *r, const char *spec, int len)
+{
+	KlWModel   *wm = r->wm;
+	kl_err		err;
+	int32	   *ends = palloc(sizeof(int32) * (r->n_stop_ids + 1));
+	int			n_ends = 0;
+
+	if (!wm->tok)
+	{
+		send_error(r, KL_ERR_INVALID, "structured output needs a model with a tokenizer", NULL);
+		return false;
+	}
+	if (!wm->cvocab && kl_vocab_from_tokenizer(wm->tok, wm->vocab, &wm->cvocab, &err) != KL_OK)
+	{
+		send_error(r, engine_code(err.msg), err.msg, NULL);
+		return false;
+	}
+	if (!r->req.ignore_eos && wm->eos >= 0)
+		ends[n_ends++] = wm->eos;
+	for (int i = 0; i < r->n_stop_ids; i++)
+		if (r->stop_ids[i] != wm->eos || r->req.ignore_eos)
+			ends[n_ends++] = r->stop_ids[i];
+	r->mask = malloc(sizeof(uint32_t) * kl_mask_words(wm->vocab));
+	if (!r->mask)
+	{
+		send_error(r, KL_ERR_RESOURCES, "out of memory for a token mask", NULL);
+		return false;
+	}
+	if (kl_grammar_compile(spec, (size_t) len, &r->grammar, &err) != KL_OK ||
+		kl_constraint_new(r->grammar, wm->cvocab, ends, n_ends, &r->con, &err) != KL_OK)
+	{
+		send_error(r, KL_ERR_INVALID, err.msg, NULL);
+		return false;
+	}
+	return true;
 }
 
 /* Validate the request in the segment and set up its sequence; false: r got an error reply. */
@@ -551,6 +600,13 @@ setup(KlReq *r)
 	{
 		send_error(r, KL_ERR_INVALID, "stop strings need a model with a tokenizer", "Use stop token ids instead.");
 		goto fail;
+	}
+	if (q->n_grammar > 0)
+	{
+		if (q->n_grammar > KL_MAX_GRAMMAR_LEN || q->grammar_off + (uint64) q->n_grammar > q->data_end)
+			goto malformed;
+		if (!setup_constraint(r, base + q->grammar_off, q->n_grammar))
+			goto fail;
 	}
 
 	/* state parts */
@@ -1011,6 +1067,31 @@ accept_token(KlReq *r, int32 tok)
 	r->next_token = tok;
 }
 
+/*
+ * The next token from logits: among the tokens the output constraint allows
+ * (its mask is computed here, per step, for the sequences that have one),
+ * which it then advances by.  false: r got an error reply.
+ */
+static bool
+sample_next(KlReq *r, float *logits, int32 *tok)
+{
+	kl_err		err;
+
+	if (r->con && kl_constraint_mask(r->con, r->mask, NULL, &err) != KL_OK)
+	{
+		send_error(r, KL_ERR_INTERNAL, err.msg, NULL);
+		return false;
+	}
+	*tok = kl_sample_masked(&r->sampling, &r->rng, logits, r->wm->vocab, r->recent.ids, (int) r->recent.n,
+							r->con ? r->mask : NULL);
+	if (r->con && kl_constraint_accept(r->con, *tok, &err) != KL_OK)
+	{
+		send_error(r, KL_ERR_INTERNAL, err.msg, NULL);
+		return false;
+	}
+	return true;
+}
+
 /* ------------------------------------------------------------------ scheduling */
 
 void
@@ -1095,9 +1176,10 @@ decode_group(KlWModel *wm, KlReq **group, int n)
 	for (int i = 0; i < n; i++)
 	{
 		KlReq	   *r = group[i];
-		int32		tok = kl_sample(&r->sampling, &r->rng, items[i].logits, wm->vocab,
-									r->recent.ids, (int) r->recent.n);
+		int32		tok;
 
+		if (!sample_next(r, items[i].logits, &tok))
+			continue;
 		accept_token(r, tok);
 		progress(r, r->phase == RQ_FINISHING ? KL_PHASE_FINISHING : KL_PHASE_DECODE);
 	}
@@ -1143,8 +1225,13 @@ prefill_chunk(KlReq *r)
 		return;
 	}
 	r->phase = RQ_DECODE;
-	accept_token(r, kl_sample(&r->sampling, &r->rng, wm->logits, wm->vocab,
-							  r->recent.ids, (int) r->recent.n));
+	{
+		int32		tok;
+
+		if (!sample_next(r, wm->logits, &tok))
+			return;
+		accept_token(r, tok);
+	}
 	progress(r, r->phase == RQ_FINISHING ? KL_PHASE_FINISHING : KL_PHASE_DECODE);
 }
 

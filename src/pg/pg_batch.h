@@ -11,9 +11,10 @@
  *                         prefilling sequences up to kimi_linear.prefill_chunk
  *                         tokens, round-robin
  * Semantics per request are exactly kl_generate()'s (src/engine/generate.c):
- * feed the pending token and the prompt, sample, stop at eos (unless
- * ignore_eos), a stop id, a stop string or max_tokens; the last sampled
- * token becomes the sequence's pending token.
+ * feed the pending token and the prompt, sample (among the tokens its output
+ * constraint allows, if it has one), stop at eos (unless ignore_eos), a stop
+ * id, a stop string or max_tokens; the last sampled token becomes the
+ * sequence's pending token.
  *
  * Why groups of at most 64 and one prefill chunk per kl_forward: the CPU
  * backend computes up to 64 rows with its GEMV kernels, whose per-row results
@@ -29,6 +30,7 @@
 
 #include "postgres.h"
 
+#include "json_constraint.h"
 #include "kl.h"
 #include "tokenizer.h"
 
@@ -50,6 +52,7 @@ typedef struct KlWModel
 	int			vocab;
 	int32		eos;
 	float	   *logits;			/* [KL_DECODE_GROUP * vocab], malloc'd */
+	kl_vocab   *cvocab;			/* its vocabulary for output constraints, built on first use */
 } KlWModel;
 
 extern KlWModel kl_wmodels[KL_MAX_MODELS];

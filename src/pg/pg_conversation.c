@@ -1,6 +1,6 @@
 /*
- * pg_conversation.c — chat turns on a sequence state: say (a stored
- * conversation) and chat_with_state (a state held by the caller).
+ * pg_conversation.c — chat turns on a sequence state: say and say_json (a
+ * stored conversation) and chat_with_state (a state held by the caller).
  *
  * say(conversation_id, message, ...) runs in the caller's transaction:
  *   1. lock the conversation row (SELECT ... FOR UPDATE): concurrent turns on
@@ -14,6 +14,14 @@
  * A turn is the user message in the chat format, after closing the previous
  * reply if it was cut off (max_tokens): exactly the tokens the whole history
  * rendered with the chat template would have.
+ *
+ * Agent conversations: a conversation may declare tools (new_conversation's
+ * tools, rendered before everything in its first turn).  When a reply calls
+ * tools, add_tool_results (SQL) stores their results as 'tool' messages of
+ * the next turn; that turn then renders them, in the order of the calls,
+ * before the user's message (which may then be left out), and tool_choice /
+ * json_schema constrain its reply.  Each reply is stored with its tool calls
+ * and its token ids, so that the whole history replays to the same tokens.
  *
  * The statements run over SPI name every object with its schema (the
  * extension's, looked up and quoted; pg_catalog for functions and
@@ -29,13 +37,17 @@
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 
 #include "pg_args.h"
+#include "pg_chat.h"
 #include "pg_guc.h"
 
 PG_FUNCTION_INFO_V1(kl_sql_say);
+PG_FUNCTION_INFO_V1(kl_sql_say_json);
+PG_FUNCTION_INFO_V1(kl_sql_check_tools);
 PG_FUNCTION_INFO_V1(kl_sql_chat_with_state);
 
 /* the chat template's end-of-message token, and whether id ends a reply */
@@ -112,43 +124,164 @@ ext_schema(FunctionCallInfo fcinfo)
 	return quote_identifier(nsp);
 }
 
-/* say(conversation_id, message, max_tokens, temperature, top_p, top_k, seed, stop,
- *     repetition_penalty, min_p, ignore_eos) -> text */
-Datum
-kl_sql_say(PG_FUNCTION_ARGS)
+/*
+ * The tool calls of the conversation's last reply (ids in order, palloc'd)
+ * when that reply is in turn `turns`, and the results stored for the next
+ * turn; every call must have one before the conversation goes on.
+ */
+typedef struct PendingCalls
+{
+	int			n_calls;
+	char	  **ids;
+	char	  **results;		/* NULL: none yet */
+	int			n_results;
+	int			counter;		/* tool calls in the whole conversation */
+} PendingCalls;
+
+static void
+read_pending_calls(const char *nsp, int64 cid, int turns, PendingCalls *p)
+{
+	Oid			types[2] = {INT8OID, INT4OID};
+	Datum		args[2] = {Int64GetDatum(cid), Int32GetDatum(turns)};
+	bool		isnull;
+
+	memset(p, 0, sizeof(*p));
+	if (SPI_execute_with_args(psprintf("SELECT pg_catalog.count(*)::pg_catalog.int4 FROM %s.messages m,"
+									   " pg_catalog.jsonb_array_elements(m.tool_calls) e"
+									   " WHERE m.conversation_id OPERATOR(pg_catalog.=) $1"
+									   " AND m.tool_calls IS NOT NULL", nsp),
+							  1, types, args, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "kimi_linear: could not count the conversation's tool calls");
+	p->counter = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	/* the last reply's calls, if it is this turn's */
+	if (SPI_execute_with_args(psprintf("SELECT e.c OPERATOR(pg_catalog.->>) 'id' FROM"
+									   " (SELECT m.tool_calls FROM %s.messages m"
+									   "   WHERE m.conversation_id OPERATOR(pg_catalog.=) $1"
+									   "   AND m.role OPERATOR(pg_catalog.=) 'assistant' ORDER BY m.id DESC LIMIT 1) l,"
+									   " pg_catalog.jsonb_array_elements(l.tool_calls) WITH ORDINALITY e(c, k)"
+									   " WHERE EXISTS (SELECT 1 FROM %s.messages m"
+									   "   WHERE m.conversation_id OPERATOR(pg_catalog.=) $1"
+									   "   AND m.role OPERATOR(pg_catalog.=) 'assistant' AND m.turn OPERATOR(pg_catalog.=) $2)"
+									   " ORDER BY e.k", nsp, nsp),
+							  2, types, args, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "kimi_linear: could not read the last reply's tool calls");
+	p->n_calls = (int) SPI_processed;
+	p->ids = palloc0(sizeof(char *) * (p->n_calls + 1));
+	p->results = palloc0(sizeof(char *) * (p->n_calls + 1));
+	for (int i = 0; i < p->n_calls; i++)
+		p->ids[i] = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+	args[1] = Int32GetDatum(turns + 1);
+	if (SPI_execute_with_args(psprintf("SELECT m.tool_call_id, m.content FROM %s.messages m"
+									   " WHERE m.conversation_id OPERATOR(pg_catalog.=) $1"
+									   " AND m.role OPERATOR(pg_catalog.=) 'tool' AND m.turn OPERATOR(pg_catalog.=) $2"
+									   " ORDER BY m.id", nsp),
+							  2, types, args, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "kimi_linear: could not read the tool results");
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		char	   *id = SPI_getvalue(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1);
+
+		for (int i = 0; i < p->n_calls; i++)
+			if (id && strcmp(id, p->ids[i]) == 0)
+			{
+				p->results[i] = SPI_getvalue(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 2);
+				p->n_results++;
+			}
+	}
+	for (int i = 0; i < p->n_calls; i++)
+		if (!p->results[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("conversation %lld: tool call \"%s\" of the last reply has no result yet", (long long) cid,
+							p->ids[i]),
+					 errhint("Add the results of all the calls with kimi_linear.add_tool_result(conversation_id, "
+							 "tool_call_id, content) before the conversation goes on.")));
+}
+
+/*
+ * The turn's messages as JSON (UTF-8): the system message in a first turn,
+ * the results of the last reply's calls in their order, the user's message.
+ */
+static char *
+turn_messages(bool first, const char *system, const PendingCalls *p, const char *message)
+{
+	StringInfoData b;
+	bool		any = false;
+
+	initStringInfo(&b);
+	appendStringInfoChar(&b, '[');
+	if (first && system && system[0])
+	{
+		appendStringInfoString(&b, "{\"role\": \"system\", \"content\": ");
+		escape_json(&b, system);
+		appendStringInfoChar(&b, '}');
+		any = true;
+	}
+	for (int i = 0; i < p->n_calls; i++)
+	{
+		appendStringInfoString(&b, any ? ", " : "");
+		appendStringInfoString(&b, "{\"role\": \"tool\", \"tool_call_id\": ");
+		escape_json(&b, p->ids[i]);
+		appendStringInfoString(&b, ", \"content\": ");
+		escape_json(&b, p->results[i]);
+		appendStringInfoChar(&b, '}');
+		any = true;
+	}
+	if (message)
+	{
+		appendStringInfoString(&b, any ? ", " : "");
+		appendStringInfoString(&b, "{\"role\": \"user\", \"content\": ");
+		escape_json(&b, message);
+		appendStringInfoChar(&b, '}');
+	}
+	appendStringInfoChar(&b, ']');
+	return kl_to_utf8(b.data, b.len);
+}
+
+/*
+ * say / say_json (conversation_id, message, max_tokens, temperature, top_p, top_k, seed, stop,
+ *                 repetition_penalty, min_p, ignore_eos, tool_choice, json_schema)
+ */
+static Datum
+conversation_turn(FunctionCallInfo fcinfo, bool as_json)
 {
 	MemoryContext caller = CurrentMemoryContext;
 	int64		cid;
-	char	   *message;
+	char	   *message = NULL;
 	KlGenArgs	g;
 	KlModelRef	ref;
 	const kl_tokenizer *tok;
 	char	   *model,
 			   *system = NULL,
-			   *owner;
+			   *owner,
+			   *tools = NULL;
 	int			page_size,
 				turns;
 	bytea	   *head = NULL;
 	kl_state_info info;
-	kl_chat_message msgs[2];
-	int			n_msgs = 0,
-				n_prompt,
+	int			n_prompt,
 				n_stops;
 	int32	   *prompt,
 			   *stops;
 	KlReqSpec	spec;
 	KlRunResult res;
 	text	   *reply;
-	Oid			argtypes[6];
-	Datum		args[6];
+	Jsonb	   *reply_json = NULL;
+	Oid			argtypes[7];
+	Datum		args[7];
 	bool		isnull;
 	int64		n_pages = 0;
+	char	   *tool_choice = kl_pg_tool_choice(fcinfo, 11);
+	Jsonb	   *schema = PG_NARGS() > 12 && !PG_ARGISNULL(12) ? PG_GETARG_JSONB_P(12) : NULL;
+	PendingCalls pending;
+	kl_chat    *chat;
 	const char *nsp;
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("conversation_id must not be NULL")));
 	cid = PG_GETARG_INT64(0);
-	message = kl_text_arg(fcinfo, 1, "message", false);
+	if (!PG_ARGISNULL(1))
+		message = kl_text_arg(fcinfo, 1, "message", false);
 	kl_read_gen_args(fcinfo, 2, false, 256, &g);
 
 	SPI_connect();
@@ -161,7 +294,7 @@ kl_sql_say(PG_FUNCTION_ARGS)
 	 * returns that turn's row version, and only a new statement's snapshot
 	 * also sees the pages that turn added.
 	 */
-	if (SPI_execute_with_args(psprintf("SELECT c.model, c.system, c.page_size, c.state, c.turns, c.owner"
+	if (SPI_execute_with_args(psprintf("SELECT c.model, c.system, c.page_size, c.state, c.turns, c.owner, c.tools"
 									   " FROM %s.conversations c WHERE c.id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
 									   nsp),
 							  1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
@@ -184,6 +317,7 @@ kl_sql_say(PG_FUNCTION_ARGS)
 			head = DatumGetByteaPCopy(v);
 		turns = DatumGetInt32(SPI_getbinval(t, d, 5, &isnull));
 		owner = SPI_getvalue(t, d, 6);
+		tools = SPI_getvalue(t, d, 7);
 	}
 	if (SPI_execute_with_args(psprintf("SELECT pg_catalog.count(*) FROM %s.conversation_pages p"
 									   " WHERE p.conversation_id OPERATOR(pg_catalog.=) $1", nsp),
@@ -204,13 +338,6 @@ kl_sql_say(PG_FUNCTION_ARGS)
 		info.pending = -1;
 		if (n_pages > 0)
 			ereport(ERROR, (errcode(ERRCODE_DATA_CORRUPTED), errmsg("conversation %lld has pages but no state", (long long) cid)));
-		if (system && system[0])
-		{
-			msgs[n_msgs].role = "system";
-			msgs[n_msgs].content = kl_to_utf8(system, strlen(system));
-			msgs[n_msgs].content_len = strlen(msgs[n_msgs].content);
-			n_msgs++;
-		}
 	}
 	if (head && info.from_pos != n_pages * page_size)
 		ereport(ERROR,
@@ -218,14 +345,52 @@ kl_sql_say(PG_FUNCTION_ARGS)
 				 errmsg("conversation %lld is inconsistent: its state starts at position %lld but its %lld pages end at %lld",
 						(long long) cid, (long long) info.from_pos, (long long) n_pages,
 						(long long) (n_pages * page_size))));
-	msgs[n_msgs].role = "user";
-	msgs[n_msgs].content = message;
-	msgs[n_msgs].content_len = strlen(message);
-	n_msgs++;
-	prompt = turn_ids(tok, info.pending, msgs, n_msgs, stops, n_stops, &n_prompt);
+
+	/* the turn: [system, in the first] + the results of the last reply's calls + the user's message */
+	read_pending_calls(nsp, cid, turns, &pending);
+	if (!message && pending.n_calls == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("message must not be NULL"),
+				 tools ? errhint("Only a turn that hands back tool results may leave the message out.") : 0));
+	{
+		kl_chat_format format;
+		kl_chat_render_opts o = {0};
+		int			n;
+		int32	   *body;
+		bool		close;
+
+		chat = kl_pg_chat_text(turn_messages(head == NULL, system, &pending, message),
+							   tools ? kl_to_utf8(tools, strlen(tools)) : NULL);
+		kl_chat_format_of(tok, &format);
+		o.format = &format;
+		o.add_generation_prompt = true;
+		o.continuation = head != NULL;
+		o.call_counter = pending.counter;
+		o.pending_calls = (const char *const *) pending.ids;
+		o.n_pending = pending.n_calls;
+		body = kl_pg_render(tok, chat, &o, &n);
+		/* close a reply that was cut off (its last token, pending, is not an end token) */
+		close = info.pending >= 0 && !in_ids(info.pending, stops, n_stops);
+		prompt = palloc(sizeof(int32) * (n + 1));
+		if (close)
+			prompt[0] = end_id(tok);
+		memcpy(prompt + (close ? 1 : 0), body, sizeof(int32) * n);
+		n_prompt = n + (close ? 1 : 0);
+	}
 	kl_check_context(info.positions + (info.pending >= 0 ? 1 : 0), n_prompt);
 
 	kl_spec_init(&spec, &g, &ref);
+	spec.grammar = kl_pg_grammar(chat, tool_choice, schema, pending.counter);
+	if (spec.grammar)
+	{
+		if (g.n_stop > 0 || g.ignore_eos)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("stop strings and ignore_eos cannot be combined with tools or json_schema"),
+					 errhint("Constrained output ends by itself when its JSON value (or tool call) is complete.")));
+		spec.grammar_len = strlen(spec.grammar);
+	}
 	spec.prompt = prompt;
 	spec.n_prompt = n_prompt;
 	spec.stop_ids = stops;
@@ -334,34 +499,74 @@ kl_sql_say(PG_FUNCTION_ARGS)
 			MemoryContext spi = MemoryContextSwitchTo(caller);
 
 			reply = kl_utf8_to_text(res.text, res.text_len);
+			if (as_json || chat->n_tools > 0)
+				reply_json = kl_pg_reply(tok, &res, chat->n_tools > 0 ? chat : NULL, schema != NULL);
 			MemoryContextSwitchTo(spi);
 		}
+		if (spec.grammar && !as_json && schema &&
+			(res.done.reason == KL_STOP_MAX_TOKENS || res.done.reason == KL_STOP_CONTEXT) &&
+			!strstr(res.text, KL_TOK_SECTION_BEGIN))
+			(void) kl_pg_json_value(&res, g.max_tokens);	/* the ERROR saying it was cut off */
 		argtypes[1] = INT4OID;
 		argtypes[2] = TEXTOID;
 		argtypes[3] = TEXTOID;
 		argtypes[4] = INT4ARRAYOID;
 		argtypes[5] = NAMEOID;
+		argtypes[6] = JSONBOID;
 		args[1] = Int32GetDatum(turns + 1);
 		args[5] = DirectFunctionCall1(namein, CStringGetDatum(owner));
-		for (int m = 0; m < 2; m++)
+		for (int m = message ? 0 : 1; m < 2; m++)
 		{
-			char		nulls[7] = "      ";
+			char		nulls[8] = "      n";
+			text	   *content = reply;
 
 			args[2] = CStringGetTextDatum(m == 0 ? "user" : "assistant");
-			args[3] = m == 0 ? PointerGetDatum(PG_GETARG_TEXT_PP(1)) : PointerGetDatum(reply);
+			if (m == 1 && reply_json && kl_reply_has_calls(reply_json))
+			{
+				/* a reply with tool calls: its text outside them, and the calls */
+				content = kl_reply_content(reply_json);
+				args[6] = PointerGetDatum(kl_reply_tool_calls(reply_json));
+				nulls[6] = args[6] ? ' ' : 'n';
+			}
+			args[3] = m == 0 ? PointerGetDatum(PG_GETARG_TEXT_PP(1)) : PointerGetDatum(content);
 			if (m == 0)
 				nulls[4] = 'n';
 			else
 				args[4] = PointerGetDatum(kl_ids_to_array(res.ids, res.n_ids));
-			if (SPI_execute_with_args(psprintf("INSERT INTO %s.messages (conversation_id, turn, role, content, token_ids, owner)"
-											   " VALUES ($1, $2, $3, $4, $5, $6)", nsp),
-									  6, argtypes, args, nulls, false, 0) != SPI_OK_INSERT)
+			if (SPI_execute_with_args(psprintf("INSERT INTO %s.messages (conversation_id, turn, role, content, token_ids, owner,"
+											   " tool_calls) VALUES ($1, $2, $3, $4, $5, $6, $7)", nsp),
+									  7, argtypes, args, nulls, false, 0) != SPI_OK_INSERT)
 				elog(ERROR, "kimi_linear: could not store the messages");
 		}
 		(void) added;
 	}
 	SPI_finish();
+	if (as_json)
+		PG_RETURN_JSONB_P(reply_json);
 	PG_RETURN_TEXT_P(reply);
+}
+
+/* _check_tools(tools jsonb): ERROR naming what is wrong with a conversation's tool declarations */
+Datum
+kl_sql_check_tools(PG_FUNCTION_ARGS)
+{
+	if (!PG_ARGISNULL(0))
+		(void) kl_pg_chat(NULL, PG_GETARG_JSONB_P(0));
+	PG_RETURN_VOID();
+}
+
+/* say(...) -> text: the reply as the model wrote it */
+Datum
+kl_sql_say(PG_FUNCTION_ARGS)
+{
+	return conversation_turn(fcinfo, false);
+}
+
+/* say_json(...) -> jsonb: the reply with its tool calls */
+Datum
+kl_sql_say_json(PG_FUNCTION_ARGS)
+{
+	return conversation_turn(fcinfo, true);
 }
 
 /* ------------------------------------------------------------------ chat_with_state */

@@ -34,12 +34,13 @@
 #include <stdint.h>
 
 #define KL_PROTOCOL_MAGIC 0x4b4c5251	/* "KLRQ" */
-#define KL_PROTOCOL_VERSION 2
+#define KL_PROTOCOL_VERSION 3	/* 3: output constraints (grammar spec) */
 
 #define KL_MODEL_NAME_LEN 64
 #define KL_MAX_STOP_IDS 64
 #define KL_MAX_STOP_STRINGS 16
 #define KL_MAX_STOP_LEN 256
+#define KL_MAX_GRAMMAR_LEN (1024 * 1024)	/* an output constraint's spec (JSON text) */
 #define KL_REPLY_QUEUE_SIZE (1024 * 1024)	/* at least; more for replies with a state */
 
 /* request flags */
@@ -93,6 +94,16 @@ typedef struct KlRequest
 	uint64_t	stop_strings_off;
 	uint64_t	parts_off;
 	uint64_t	data_end;		/* end of the data area */
+
+	/*
+	 * Output constraint (json_constraint.h): its spec, JSON text of
+	 * n_grammar bytes at grammar_off (0: free output).  The worker compiles
+	 * it, computes the allowed tokens before each sampling step and samples
+	 * among them; the eos (unless ignore_eos) and the stop ids end it.
+	 */
+	int32_t		n_grammar;
+	int32_t		_pad2;
+	uint64_t	grammar_off;
 
 	uint64_t	mq_off;			/* the reply queue */
 	uint64_t	mq_size;

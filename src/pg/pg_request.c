@@ -85,6 +85,7 @@ kl_call_begin(const KlReqSpec *spec, Size parts_bytes, int n_parts)
 	uint64		prompt_off,
 				stop_ids_off,
 				stop_strings_off,
+				grammar_off,
 				parts_off,
 				data_end,
 				mq_off,
@@ -105,6 +106,8 @@ kl_call_begin(const KlReqSpec *spec, Size parts_bytes, int n_parts)
 	for (int i = 0; i < spec->n_stop_strings; i++)
 		off += 4 + ((strlen(spec->stop_strings[i]) + 3) & ~(Size) 3);
 	off = align8(off);
+	grammar_off = off;
+	off = align8(off + (spec->grammar ? spec->grammar_len : 0));
 	parts_off = off;
 	off += (uint64) n_parts * 8 + parts_bytes + (uint64) n_parts * 8;	/* length words, data, padding */
 	data_end = align8(off);
@@ -155,6 +158,8 @@ kl_call_begin(const KlReqSpec *spec, Size parts_bytes, int n_parts)
 	r->stop_strings_off = stop_strings_off;
 	r->parts_off = parts_off;
 	r->data_end = data_end;
+	r->n_grammar = spec->grammar ? (int32_t) spec->grammar_len : 0;
+	r->grammar_off = grammar_off;
 	r->mq_off = mq_off;
 	r->mq_size = mq_size;
 
@@ -174,6 +179,8 @@ kl_call_begin(const KlReqSpec *spec, Size parts_bytes, int n_parts)
 			p += 4 + ((len + 3) & ~(uint32) 3);
 		}
 	}
+	if (spec->grammar)
+		memcpy(base + grammar_off, spec->grammar, spec->grammar_len);
 	call->req = r;
 	call->parts_cursor = base + parts_off;
 	call->parts_left = n_parts;

@@ -47,6 +47,9 @@ typedef struct KlReqSpec
 	char	  **stop_strings;
 	int			n_stop_strings;
 
+	const char *grammar;		/* output constraint spec (JSON), NULL: none */
+	Size		grammar_len;
+
 	int64		page_size;
 	int64		pages_upto;
 	int64		cache_key;

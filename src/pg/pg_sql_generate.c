@@ -1,9 +1,10 @@
 /*
  * pg_sql_generate.c — the generation functions: generate, generate_stream,
- * generate_tokens, generate_ids, chat, summarize (and its aggregate),
- * generate_with_state.  Thin wrappers: check the arguments, tokenize in this
- * backend, send one request, shape the reply.  Their SQL declarations, with
- * defaults and documentation, are in sql/kimi_linear--0.1.0.sql.
+ * generate_tokens, generate_ids, chat, chat_json, extract, summarize (and its
+ * aggregate), generate_with_state.  Thin wrappers: check the arguments,
+ * tokenize in this backend, send one request, shape the reply.  Their SQL
+ * declarations, with defaults and documentation, are in
+ * sql/kimi_linear--0.1.0.sql.
  */
 #include "postgres.h"
 
@@ -15,9 +16,11 @@
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/json.h"
 #include "utils/jsonb.h"
 
 #include "pg_args.h"
+#include "pg_chat.h"
 #include "pg_guc.h"
 
 PG_FUNCTION_INFO_V1(kl_sql_generate);
@@ -25,6 +28,8 @@ PG_FUNCTION_INFO_V1(kl_sql_generate_stream);
 PG_FUNCTION_INFO_V1(kl_sql_generate_tokens);
 PG_FUNCTION_INFO_V1(kl_sql_generate_ids);
 PG_FUNCTION_INFO_V1(kl_sql_chat);
+PG_FUNCTION_INFO_V1(kl_sql_chat_json);
+PG_FUNCTION_INFO_V1(kl_sql_extract);
 PG_FUNCTION_INFO_V1(kl_sql_summarize);
 PG_FUNCTION_INFO_V1(kl_sql_summarize_agg_step);
 PG_FUNCTION_INFO_V1(kl_sql_summarize_agg_final);
@@ -53,7 +58,33 @@ run_to_text(KlReqSpec *spec)
 	return kl_utf8_to_text(res.text, res.text_len);
 }
 
-/* generate(prompt, max_tokens, temperature, top_p, top_k, seed, stop, model, repetition_penalty, min_p, ignore_eos) */
+/* A jsonb argument, NULL when absent. */
+static Jsonb *
+jsonb_arg(FunctionCallInfo fcinfo, int i)
+{
+	return PG_NARGS() > i && !PG_ARGISNULL(i) ? PG_GETARG_JSONB_P(i) : NULL;
+}
+
+/* Structured output ends when its value is complete: stop strings and ignore_eos would fight it. */
+static void
+check_constrained_args(const KlGenArgs *g)
+{
+	if (g->n_stop > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("stop strings cannot be combined with json_schema or tools"),
+				 errhint("Constrained output ends by itself when its JSON value (or tool call) is complete.")));
+	if (g->ignore_eos)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("ignore_eos cannot be combined with json_schema or tools"),
+				 errhint("Constrained output must be able to end.")));
+}
+
+/*
+ * generate(prompt, max_tokens, temperature, top_p, top_k, seed, stop, model, repetition_penalty, min_p,
+ * ignore_eos, json_schema)
+ */
 Datum
 kl_sql_generate(PG_FUNCTION_ARGS)
 {
@@ -62,6 +93,7 @@ kl_sql_generate(PG_FUNCTION_ARGS)
 	KlReqSpec	spec;
 	int			n;
 	int32	   *ids;
+	Jsonb	   *schema = jsonb_arg(fcinfo, 11);
 
 	kl_read_gen_args(fcinfo, 1, true, DEFAULT_MAX_TOKENS, &g);
 	kl_model_resolve(g.model, &ref);
@@ -69,6 +101,17 @@ kl_sql_generate(PG_FUNCTION_ARGS)
 	kl_spec_init(&spec, &g, &ref);
 	spec.prompt = ids;
 	spec.n_prompt = n;
+	if (schema)
+	{
+		KlRunResult res;
+
+		check_constrained_args(&g);
+		spec.grammar = kl_pg_grammar(kl_pg_chat(NULL, NULL), NULL, schema, 0);
+		spec.grammar_len = strlen(spec.grammar);
+		kl_run(&spec, NULL, NULL, 0, 0, &res);
+		(void) kl_pg_json_value(&res, g.max_tokens);	/* complete, or an ERROR saying it was cut off */
+		PG_RETURN_TEXT_P(kl_utf8_to_text(res.text, res.text_len));
+	}
 	PG_RETURN_TEXT_P(run_to_text(&spec));
 }
 
@@ -257,7 +300,150 @@ kl_parse_messages(Jsonb *jb, int *n_out)
 	return msgs;
 }
 
-/* chat(messages jsonb, ...settings...): the assistant's reply, stopping at the chat stop tokens */
+/*
+ * A chat turn with tools (11), tool_choice (12) and json_schema (13), in the
+ * full Kimi format: the reply's text, or (as_json) the parsed reply.
+ */
+static Datum
+chat_with_tools(FunctionCallInfo fcinfo, bool as_json)
+{
+	KlGenArgs	g;
+	KlModelRef	ref;
+	KlReqSpec	spec;
+	KlRunResult res;
+	const kl_tokenizer *tok;
+	kl_chat    *c;
+	kl_chat_format format;
+	kl_chat_render_opts o = {0};
+	Jsonb	   *tools = jsonb_arg(fcinfo, 11),
+			   *schema = jsonb_arg(fcinfo, 13);
+	char	   *choice = kl_pg_tool_choice(fcinfo, 12);
+	int			n,
+				n_stops;
+	int32	   *ids,
+			   *stops;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("messages must not be NULL")));
+	kl_read_gen_args(fcinfo, 1, true, DEFAULT_MAX_TOKENS, &g);
+	kl_model_resolve(g.model, &ref);
+	tok = kl_ref_tokenizer(&ref);
+	c = kl_pg_chat(PG_GETARG_JSONB_P(0), tools);
+	if (c->n == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("messages must be a non-empty JSON array of {\"role\": ..., \"content\": ...} objects")));
+	kl_chat_format_of(tok, &format);
+	o.format = &format;
+	o.add_generation_prompt = true;
+	ids = kl_pg_render(tok, c, &o, &n);
+	kl_check_context(0, n);
+	stops = kl_chat_stop_ids(tok, &n_stops);
+	kl_spec_init(&spec, &g, &ref);
+	spec.prompt = ids;
+	spec.n_prompt = n;
+	spec.stop_ids = stops;
+	spec.n_stop_ids = n_stops;
+	spec.grammar = kl_pg_grammar(c, choice, schema, kl_chat_count_calls(c));
+	if (spec.grammar)
+	{
+		check_constrained_args(&g);
+		spec.grammar_len = strlen(spec.grammar);
+	}
+	kl_run(&spec, NULL, NULL, 0, 0, &res);
+	if (as_json)
+		PG_RETURN_JSONB_P(kl_pg_reply(tok, &res, tools ? c : NULL, schema != NULL));
+	if (schema && (res.done.reason == KL_STOP_MAX_TOKENS || res.done.reason == KL_STOP_CONTEXT) &&
+		!strstr(res.text, KL_TOK_SECTION_BEGIN))
+		(void) kl_pg_json_value(&res, g.max_tokens);	/* the ERROR saying it was cut off */
+	PG_RETURN_TEXT_P(kl_utf8_to_text(res.text, res.text_len));
+}
+
+/* chat_json(messages jsonb, ...settings..., tools, tool_choice, json_schema) -> the reply as jsonb */
+Datum
+kl_sql_chat_json(PG_FUNCTION_ARGS)
+{
+	return chat_with_tools(fcinfo, true);
+}
+
+/*
+ * extract(body text, schema jsonb, instructions text, model text, max_tokens int) -> jsonb:
+ * the fields the schema describes, read out of a document (greedy, constrained to the schema).
+ */
+Datum
+kl_sql_extract(PG_FUNCTION_ARGS)
+{
+	KlModelRef	ref;
+	KlReqSpec	spec;
+	KlRunResult res;
+	KlGenArgs	g;
+	const kl_tokenizer *tok;
+	kl_chat    *c;
+	kl_chat_format format;
+	kl_chat_render_opts o = {0};
+	StringInfoData m;
+	char	   *schema_text;
+	int			n,
+				n_stops;
+	int32	   *ids,
+			   *stops;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();		/* over a column: no document, no fields */
+	if (PG_ARGISNULL(1))
+		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("schema must not be NULL")));
+	memset(&g, 0, sizeof(g));
+	kl_sampling_default(&g.sampling);
+	g.max_tokens = PG_ARGISNULL(4) ? 512 : PG_GETARG_INT32(4);
+	if (g.max_tokens < 1 || g.max_tokens > kl_max_new_tokens)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("max_tokens must be between 1 and %d, got %d", kl_max_new_tokens, g.max_tokens)));
+	kl_model_resolve(PG_ARGISNULL(3) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(3)), &ref);
+	tok = kl_ref_tokenizer(&ref);
+	schema_text = kl_jsonb_utf8(PG_GETARG_JSONB_P(1));
+
+	/* one user turn: what to extract, the schema, the document */
+	{
+		StringInfoData u;
+
+		initStringInfo(&u);
+		appendStringInfoString(&u, PG_ARGISNULL(2) ? "Extract the fields this JSON schema describes from the "
+							   "document below. Answer with the JSON value only."
+							   : kl_text_arg(fcinfo, 2, "instructions", false));
+		appendStringInfoString(&u, "\n\nJSON schema: ");
+		appendStringInfoString(&u, schema_text);
+		appendStringInfoString(&u, "\n\nDocument:\n");
+		appendStringInfoString(&u, kl_text_arg(fcinfo, 0, "body", true));
+		initStringInfo(&m);
+		appendStringInfoString(&m, "[{\"role\": \"user\", \"content\": ");
+		escape_json(&m, u.data);
+		appendStringInfoString(&m, "}]");
+	}
+	c = kl_pg_chat_text(m.data, NULL);
+	kl_chat_format_of(tok, &format);
+	o.format = &format;
+	o.add_generation_prompt = true;
+	ids = kl_pg_render(tok, c, &o, &n);
+	kl_check_context(0, n);
+	stops = kl_chat_stop_ids(tok, &n_stops);
+	kl_spec_init(&spec, &g, &ref);
+	spec.prompt = ids;
+	spec.n_prompt = n;
+	spec.stop_ids = stops;
+	spec.n_stop_ids = n_stops;
+	spec.grammar = kl_pg_grammar(c, NULL, PG_GETARG_JSONB_P(1), 0);
+	spec.grammar_len = strlen(spec.grammar);
+	kl_run(&spec, NULL, NULL, 0, 0, &res);
+	PG_RETURN_JSONB_P(kl_pg_json_value(&res, g.max_tokens));
+}
+
+/*
+ * chat(messages jsonb, ...settings..., tools, tool_choice, json_schema): the
+ * assistant's reply, stopping at the chat stop tokens.  Without tools,
+ * tool_choice and json_schema, the plain format (and its messages' checks)
+ * as before.
+ */
 Datum
 kl_sql_chat(PG_FUNCTION_ARGS)
 {
@@ -272,6 +458,8 @@ kl_sql_chat(PG_FUNCTION_ARGS)
 	int32	   *ids,
 			   *stops;
 
+	if (jsonb_arg(fcinfo, 11) || jsonb_arg(fcinfo, 13) || kl_pg_tool_choice(fcinfo, 12))
+		return chat_with_tools(fcinfo, false);
 	if (PG_ARGISNULL(0))
 		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("messages must not be NULL")));
 	kl_read_gen_args(fcinfo, 1, true, DEFAULT_MAX_TOKENS, &g);

@@ -75,6 +75,7 @@ free_wmodel(KlWModel *wm)
 	kl_ctx_free(wm->ctx);
 	kl_model_free(wm->m);
 	free(wm->logits);
+	kl_vocab_free(wm->cvocab);
 	memset(wm, 0, sizeof(*wm));
 }
 

@@ -13,7 +13,8 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 make -s cli >/dev/null
 rm -rf "$S"
-mkdir -p "$S"/fuzz_config "$S"/fuzz_safetensors "$S"/fuzz_state "$S"/fuzz_tokenizer
+mkdir -p "$S"/fuzz_config "$S"/fuzz_safetensors "$S"/fuzz_state "$S"/fuzz_tokenizer "$S"/fuzz_json_schema \
+  "$S"/fuzz_tool_calls
 
 # config.json: both golden models, the bundled model, the benchmark shapes
 cp $G/tiny_a/config.json "$S"/fuzz_config/tiny_a.json
@@ -51,5 +52,23 @@ printf '<|im_system|>system<|im_middle|>You are helpful.<|im_end|><|im_user|>use
 printf "it's they're we've I'm you'll he'd DON'T\n" >"$S"/fuzz_tokenizer/contractions.txt
 printf 'ok \xff\xfe broken \xc3 utf-8 \xe2\x82\n' >"$S"/fuzz_tokenizer/invalid_utf8.bin
 { xz -dc test/fixtures/corpus/pgdocs.json.xz || true; } | head -c 2048 >"$S"/fuzz_tokenizer/manual.txt
+
+# JSON schemas (then a NUL and bytes to feed through the automaton)
+printf '{"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name"]}\0{"name": "x", "age": 42}' \
+  >"$S"/fuzz_json_schema/object.bin
+printf '{"type": "array", "items": {"enum": ["a", "b", 1, null, true]}}\0["a", 1, null]' >"$S"/fuzz_json_schema/enum.bin
+printf '{"type": ["number", "boolean", "null"]}\0-1.5e+3' >"$S"/fuzz_json_schema/union.bin
+
+# model replies with tool calls (the golden parsing cases' texts) and conversations
+# (messages JSON, a NUL, tool declarations JSON: the golden renders)
+python3 - "$S"/fuzz_tool_calls <<'PY'
+import json, sys
+d = json.load(open("test/fixtures/golden/chat/kimi_chat.json"))
+for i, c in enumerate(d["tool_call_parsing"]):
+    open(f"{sys.argv[1]}/reply_{i}.txt", "w").write(c["text"])
+for i, r in enumerate(d["renders"]):
+    open(f"{sys.argv[1]}/render_{i}.bin", "wb").write(
+        json.dumps(r["messages"]).encode() + b"\0" + json.dumps(r.get("tools") or []).encode())
+PY
 
 du -sh "$S"/*
