@@ -26,7 +26,9 @@
 #include "utils/jsonb.h"
 
 #include "pg_args.h"
+#include "pg_conversation.h"
 #include "pg_guc.h"
+#include "pg_writable.h"
 
 PG_FUNCTION_INFO_V1(kl_sql_say);
 PG_FUNCTION_INFO_V1(kl_sql_chat_with_state);
@@ -88,6 +90,19 @@ check_head(const char *data, Size len, kl_state_info *info, const char *what)
 				 errmsg("invalid %s: a rows part where a head was expected", what)));
 }
 
+int32 *
+kl_chat_turn_ids(const kl_tokenizer *tok, int32 pending, const kl_chat_message *msgs, int n_msgs,
+				 const int32 *stops, int n_stops, int *n_out)
+{
+	return turn_ids(tok, pending, msgs, n_msgs, stops, n_stops, n_out);
+}
+
+void
+kl_check_state_head(const char *data, Size len, kl_state_info *info, const char *what)
+{
+	check_head(data, len, info, what);
+}
+
 /* ------------------------------------------------------------------ say */
 
 /* say(conversation_id, message, max_tokens, temperature, top_p, top_k, seed, stop,
@@ -122,6 +137,9 @@ kl_sql_say(PG_FUNCTION_ARGS)
 	bool		isnull;
 	int64		n_pages = 0;
 
+	kl_require_writable("say",
+						"say() stores the turn: it locks the conversation's row, writes its new state and pages and records both messages",
+						"On a standby, chat_with_state(state, messages) computes the same turn from the conversation's replicated state, without storing it.");
 	if (PG_ARGISNULL(0))
 		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("conversation_id must not be NULL")));
 	cid = PG_GETARG_INT64(0);

@@ -138,6 +138,7 @@ typedef struct StreamState
 {
 	KlCall	   *call;
 	bool		ended;
+	ExprContext *econtext;		/* stream_end is registered there (NULL: not) */
 } StreamState;
 
 static void
@@ -145,6 +146,15 @@ stream_end(Datum arg)
 {
 	StreamState *s = (StreamState *) DatumGetPointer(arg);
 
+	/*
+	 * s lives in the SRF's multi-call memory, which SRF_RETURN_DONE frees:
+	 * the query's end must not call back into it afterwards.
+	 */
+	if (s->econtext)
+	{
+		UnregisterExprContextCallback(s->econtext, stream_end, arg);
+		s->econtext = NULL;
+	}
 	if (!s->ended)
 	{
 		s->ended = true;
@@ -188,7 +198,10 @@ kl_sql_generate_stream(PG_FUNCTION_ARGS)
 		kl_call_submit(s->call);
 		/* a query that stops reading early (LIMIT, a closed cursor) ends the request */
 		if (rsi && IsA(rsi, ReturnSetInfo))
+		{
 			RegisterExprContextCallback(rsi->econtext, stream_end, PointerGetDatum(s));
+			s->econtext = rsi->econtext;
+		}
 		fc->user_fctx = s;
 		MemoryContextSwitchTo(old);
 	}
@@ -296,6 +309,24 @@ kl_sql_chat(PG_FUNCTION_ARGS)
  * worker, and the KDA layers' state does not grow with it), as a chat turn
  * asking for a summary: the format instruction-tuned Kimi models expect.
  */
+int32 *
+kl_summary_prompt(const kl_tokenizer *tok, const char *doc_utf8, int *n_out)
+{
+	kl_chat_message m[2];
+	StringInfoData b;
+
+	m[0].role = "system";
+	m[0].content = "You write short, accurate summaries of documents.";
+	m[0].content_len = strlen(m[0].content);
+	m[1].role = "user";
+	initStringInfo(&b);
+	appendStringInfoString(&b, "Summarize the following document in a few sentences.\n\n");
+	appendStringInfoString(&b, doc_utf8);
+	m[1].content = b.data;
+	m[1].content_len = b.len;
+	return kl_render_chat(tok, m, 2, true, n_out);
+}
+
 static text *
 summarize_text(const char *doc_utf8, int max_tokens, const char *model, double temperature)
 {
@@ -303,7 +334,6 @@ summarize_text(const char *doc_utf8, int max_tokens, const char *model, double t
 	KlModelRef	ref;
 	KlReqSpec	spec;
 	const kl_tokenizer *tok;
-	kl_chat_message m[2];
 	kl_err		err;
 	int			n,
 				n_stops;
@@ -323,20 +353,7 @@ summarize_text(const char *doc_utf8, int max_tokens, const char *model, double t
 		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("%s", err.msg)));
 	kl_model_resolve(model, &ref);
 	tok = kl_ref_tokenizer(&ref);
-	m[0].role = "system";
-	m[0].content = "You write short, accurate summaries of documents.";
-	m[0].content_len = strlen(m[0].content);
-	m[1].role = "user";
-	{
-		StringInfoData b;
-
-		initStringInfo(&b);
-		appendStringInfoString(&b, "Summarize the following document in a few sentences.\n\n");
-		appendStringInfoString(&b, doc_utf8);
-		m[1].content = b.data;
-		m[1].content_len = b.len;
-	}
-	ids = kl_render_chat(tok, m, 2, true, &n);
+	ids = kl_summary_prompt(tok, doc_utf8, &n);
 	kl_check_context(0, n);
 	stops = kl_chat_stop_ids(tok, &n_stops);
 	kl_spec_init(&spec, &g, &ref);
