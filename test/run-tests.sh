@@ -9,10 +9,11 @@
 #      computed with the ./kl CLI
 #   4. pg_regress (sql/, expected/) and pgTAP (test/pg/*.sql, by pg_prove)
 #   5. the concurrency tests (test/pg/concurrency.sh)
+#   6. a streaming-replication standby of the cluster (test/pg/standby.sh)
 # Exits non-zero on any failure and ends with each runner's summary.
 #
 # Test data: test/fixtures (golden checkpoints and outputs, the manual corpus).
-# Environment: KL_SKIP_ENGINE=1 (skip step 1), KL_SKIP_CONCURRENCY=1, KL_TAP_FILES (a subset).
+# Environment: KL_SKIP_ENGINE=1 (skip step 1), KL_SKIP_CONCURRENCY=1, KL_SKIP_STANDBY=1, KL_TAP_FILES (a subset).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -141,6 +142,16 @@ if [ "${KL_SKIP_CONCURRENCY:-0}" != 1 ]; then
   fi
 fi
 
+# ------------------------------------------------------------------ 6. standby
+if [ "${KL_SKIP_STANDBY:-0}" != 1 ]; then
+  step "standby (streaming replication)"
+  if KL_CLUSTER_DIR=$KL_CLUSTER_DIR KL_PGBIN=$KL_PGBIN bash test/pg/standby.sh 2>&1 | tee $LOGS/standby.log; [ "${PIPESTATUS[0]}" = 0 ]; then
+    note "standby: $(grep -c '^ok' $LOGS/standby.log) passed"
+  else
+    fail "standby: $(grep -c '^not ok' $LOGS/standby.log) of $(grep -cE '^(not )?ok' $LOGS/standby.log) failed"
+  fi
+fi
+
 # ------------------------------------------------------------------ end
 step "stop"
 if grep -E "PANIC|server process .* was terminated by signal|terminated by signal" "$KL_CLUSTER_DIR/log/server.log"; then
@@ -160,8 +171,10 @@ r_ok=$(grep -cE '^(test| ) *[a-z_]+ +\.\.\. ok' $LOGS/regress.log 2>/dev/null ||
 r_bad=$(grep -cE '\.\.\. FAILED' $LOGS/regress.log 2>/dev/null || true)
 c_ok=$(grep -c '^ok' $LOGS/concurrency.log 2>/dev/null || true)
 c_bad=$(grep -c '^not ok' $LOGS/concurrency.log 2>/dev/null || true)
-n_ok=$(( ${e_total:-0} - e_bad + ${t_total:-0} - t_bad + r_ok + c_ok ))
-n_bad=$(( e_bad + t_bad + r_bad + c_bad ))
+s_ok=$(grep -c '^ok' $LOGS/standby.log 2>/dev/null || true)
+s_bad=$(grep -c '^not ok' $LOGS/standby.log 2>/dev/null || true)
+n_ok=$(( ${e_total:-0} - e_bad + ${t_total:-0} - t_bad + r_ok + c_ok + s_ok ))
+n_bad=$(( e_bad + t_bad + r_bad + c_bad + s_bad ))
 [ $FAILED = 0 ] || [ $n_bad -gt 0 ] || n_bad=1
 echo "$n_ok passed, $n_bad failed"
 exit $FAILED
