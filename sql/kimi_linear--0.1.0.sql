@@ -30,6 +30,7 @@ GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
 -- server-wide state (load_model, unload_model) or that need subtransactions
 -- (the set-based *_each functions) are PARALLEL UNSAFE; see each one.
 
+-- PARALLEL SAFE: tokenizes in the calling process, sends one request, stores nothing.
 CREATE FUNCTION generate(
     prompt text,
     max_tokens int DEFAULT 256,
@@ -49,6 +50,8 @@ LANGUAGE C VOLATILE PARALLEL SAFE;
 COMMENT ON FUNCTION generate(text, int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
 'Continue prompt with up to max_tokens tokens. temperature 0 is greedy; a seed makes sampling reproducible; generation ends at the model''s end token (unless ignore_eos), at a stop string (not included in the result) or at max_tokens.';
 
+-- PARALLEL SAFE: as generate; in a parallel worker its rows pass through the Gather's queue
+-- (a cursor, the way to read them as they come, never gets a parallel plan).
 CREATE FUNCTION generate_stream(
     prompt text,
     max_tokens int DEFAULT 256,
@@ -68,6 +71,7 @@ LANGUAGE C VOLATILE PARALLEL SAFE ROWS 64;
 COMMENT ON FUNCTION generate_stream(text, int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
 'Like generate, one row per piece of text as it is produced (always complete UTF-8 characters).';
 
+-- PARALLEL SAFE: as generate.
 CREATE FUNCTION generate_tokens(
     prompt text,
     max_tokens int DEFAULT 256,
@@ -87,6 +91,7 @@ LANGUAGE C VOLATILE PARALLEL SAFE;
 COMMENT ON FUNCTION generate_tokens(text, int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
 'Like generate, but returns the generated token ids (the prompt is encoded after the model''s bos token, as ./kl generate --prompt does).';
 
+-- PARALLEL SAFE: as generate (no tokenizer at all).
 CREATE FUNCTION generate_ids(
     prompt int[],
     max_tokens int DEFAULT 256,
@@ -106,6 +111,7 @@ LANGUAGE C VOLATILE PARALLEL SAFE;
 COMMENT ON FUNCTION generate_ids(int[], int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
 'Continue a sequence of token ids (used as given: no bos is added) and return the generated ids; works for models without a tokenizer (stop must be NULL).';
 
+-- PARALLEL SAFE: as generate (the chat template is rendered in the calling process).
 CREATE FUNCTION chat(
     messages jsonb,
     max_tokens int DEFAULT 256,
@@ -125,6 +131,7 @@ LANGUAGE C VOLATILE PARALLEL SAFE;
 COMMENT ON FUNCTION chat(jsonb, int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
 'The assistant''s reply to a conversation given as [{"role": "system"|"user"|"assistant", "content": "..."}], rendered in the model''s chat format.';
 
+-- PARALLEL SAFE: as chat.
 CREATE FUNCTION summarize(doc text, max_tokens int DEFAULT 200, model text DEFAULT NULL, temperature float8 DEFAULT 0)
 RETURNS text
 AS 'MODULE_PATHNAME', 'kl_sql_summarize'
@@ -307,6 +314,7 @@ COMMENT ON FUNCTION chat_with_state_each(anycompatiblearray, bytea[], jsonb[], i
 
 -------------------------------------------------------------------- tokens
 
+-- PARALLEL SAFE: runs in the calling process with its own copy of the tokenizer; no request.
 CREATE FUNCTION tokenize(input text, model text DEFAULT NULL, special boolean DEFAULT false)
 RETURNS int[]
 AS 'MODULE_PATHNAME', 'kl_sql_tokenize'
@@ -315,6 +323,7 @@ LANGUAGE C STABLE PARALLEL SAFE;
 COMMENT ON FUNCTION tokenize(text, text, boolean) IS
 'The token ids of a text. special: special-token texts such as <|im_end|> become their ids.';
 
+-- PARALLEL SAFE: as tokenize.
 CREATE FUNCTION detokenize(ids int[], model text DEFAULT NULL)
 RETURNS text
 AS 'MODULE_PATHNAME', 'kl_sql_detokenize'
@@ -325,6 +334,7 @@ COMMENT ON FUNCTION detokenize(int[], text) IS
 
 -------------------------------------------------------------------- states
 
+-- PARALLEL SAFE: the state comes in as an argument and goes out as the result; nothing is stored.
 CREATE FUNCTION generate_with_state(
     state bytea,
     prompt text,
@@ -346,6 +356,7 @@ LANGUAGE C VOLATILE PARALLEL SAFE;
 COMMENT ON FUNCTION generate_with_state(bytea, text, int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
 'Continue a sequence from its state (NULL: a new one) with prompt; returns the reply and the new state. Only the new tokens are computed. The state is checked (checksum, model) before use.';
 
+-- PARALLEL SAFE: as generate_with_state.
 CREATE FUNCTION chat_with_state(
     state bytea,
     messages jsonb,
@@ -514,6 +525,7 @@ $$;
 COMMENT ON FUNCTION new_conversation(text, text) IS
 'Start a conversation (with an optional system message); returns its id for say().';
 
+-- PARALLEL UNSAFE (the default): locks the conversation's row and writes the turn.
 CREATE FUNCTION say(
     conversation_id bigint,
     message text,
@@ -533,6 +545,7 @@ LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION say(bigint, text, int, float8, float8, int, bigint, text[], float8, float8, boolean) IS
 'Add a user message to a conversation and return the reply. Only the new turn is computed; the new state is stored in the caller''s transaction (a rollback undoes the turn).';
 
+-- PARALLEL UNSAFE (the default): writes the copy.
 CREATE FUNCTION fork_conversation(conversation_id bigint)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
