@@ -19,7 +19,8 @@
 #   builds, installs into a private PostgreSQL copy, runs its own cluster
 #   (test/pg/cluster.sh), prints the table and writes bench/results/batch-sql.md.
 #
-# GPU machine:  bash bench/bench-batch-sql.sh --gpu      (the model on cuda; prints the table)
+# GPU machine:  bash bench/bench-batch-sql.sh --gpu      (the model on cuda; prints the table;
+#   KL_BENCH_OUT=$OUT/batch-sql-gpu.md also writes it as bench/results/batch-sql.md is written)
 #   prepared on the development machine, then carried (device tool: carry .gpu):
 #     EXTRA_DEBS=libisal2 bash test/gpu/make-pg-runtime.sh .gpu/pg-runtime.tar.xz
 #     make && make install DESTDIR=$PWD/.gpu/stage && rm -rf .gpu/stage/usr/share/postgresql/15/kimi_linear/models
@@ -69,7 +70,7 @@ else
   xz -dc test/fixtures/corpus/pgdocs.json.xz >"$CORPUS" 2>/dev/null ||
     python3 -c "import lzma, sys; sys.stdout.buffer.write(lzma.open('test/fixtures/corpus/pgdocs.json.xz').read())" >"$CORPUS"
   chmod a+r "$CORPUS"; chmod a+rx "$W"
-  MACHINE="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) CPU cores"
+  MACHINE="$( (nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo 'a GPU') | head -1), $(nproc) CPU cores"
   trap 'rm -rf "$W"' EXIT
 fi
 q() { psql -XAtq -v ON_ERROR_STOP=1 "$@"; }
