@@ -74,10 +74,21 @@ else
   trap 'rm -rf "$W"' EXIT
 fi
 q() { psql -XAtq -v ON_ERROR_STOP=1 "$@"; }
-timed() { q -c '\timing on' -c "$1" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -1 | awk '{ printf "%.3f", $1 / 1000 }'; }
+# the inference worker's CPU time (user + system, seconds), to measure work independently of the machine's load
+CLK=$(getconf CLK_TCK)
+worker_cpu() { awk -v hz="$CLK" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$(q -c "SELECT pid FROM kimi_linear.workers WHERE worker = 0")/stat"; }
+# timed SQL: prints "wall_seconds worker_cpu_seconds"
+timed() {
+  local c0 t c1
+  c0=$(worker_cpu)
+  t=$(q -c '\timing on' -c "$1" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -1)
+  c1=$(worker_cpu)
+  awk -v t="$t" -v a="$c0" -v b="$c1" 'BEGIN { printf "%.3f %.2f\n", t / 1000, b - a }'
+}
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
 per_s() { awk -v n="$1" -v t="$2" 'BEGIN { printf "%.1f", n / t }'; }
 best() { printf '%s\n' "$@" | sort -g | head -1; }
+runs() { printf '%s\n' "$@" | sort -g | paste -sd/ -; }
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 T_START=$(date +%s)
@@ -100,7 +111,7 @@ q -c "SELECT kimi_linear.summarize(body, max_tokens => $NEW) FROM docs WHERE id 
 
 # ------------------------------------------------------------------ 1. one by one
 echo "== one by one ($ROWS rows)" >&2
-t_one=$(timed "SET max_parallel_workers_per_gather = 0;
+read -r t_one c_one < <(timed "SET max_parallel_workers_per_gather = 0;
                CREATE TABLE r_one AS SELECT id, kimi_linear.summarize(body, max_tokens => $NEW) AS s FROM docs")
 
 # ------------------------------------------------------------------ 2. parallel query
@@ -109,20 +120,24 @@ PAR_SET="SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; SET min_paral
          SET max_parallel_workers_per_gather = 3; SET cpu_operator_cost = 100;"
 PAR_WORKERS=$(q -c "$PAR_SET" -c "EXPLAIN SELECT id, kimi_linear.summarize(body, max_tokens => $NEW) FROM docs" |
               sed -n 's/.*Workers Planned: \([0-9]*\).*/\1/p')
-t_par=$(timed "$PAR_SET CREATE TABLE r_par AS SELECT id, kimi_linear.summarize(body, max_tokens => $NEW) AS s FROM docs")
+read -r t_par c_par < <(timed "$PAR_SET CREATE TABLE r_par AS SELECT id, kimi_linear.summarize(body, max_tokens => $NEW) AS s FROM docs")
 
 # ------------------------------------------------------------------ 3, 4. set-based, engine
-declare -A T_SET T_ENG
+declare -A T_SET T_ENG C_SET C_ENG R_SET R_ENG
 SAME=ok
 for c in $CONCS; do
   ts=()
   te=()
+  cs=()
+  ce=()
   # alternated, so that both see the same machine (a shared machine's load drifts)
   for r in $(seq 1 "$REPEAT"); do
     echo "== summarize_each, concurrency $c (run $r)" >&2
-    ts+=("$(timed "DROP TABLE IF EXISTS r_each; CREATE TABLE r_each AS SELECT key AS id, summary AS s, tokens, error
+    read -r t cpu < <(timed "DROP TABLE IF EXISTS r_each; CREATE TABLE r_each AS SELECT key AS id, summary AS s, tokens, error
                    FROM kimi_linear.summarize_each(ARRAY(SELECT id FROM docs ORDER BY id), ARRAY(SELECT body FROM docs ORDER BY id),
-                                                   max_tokens => $NEW, concurrency => $c)")")
+                                                   max_tokens => $NEW, concurrency => $c)")
+    ts+=("$t")
+    cs+=("$cpu")
     bad=$(q -c "SELECT count(*) FROM docs d LEFT JOIN r_each e USING (id) JOIN r_one o USING (id)
                 WHERE e.s IS DISTINCT FROM o.s OR e.error IS NOT NULL")
     [ "$bad" = 0 ] || { SAME="summarize_each at $c: $bad of $ROWS summaries differ from one by one"; echo "$SAME" >&2; }
@@ -131,31 +146,36 @@ for c in $CONCS; do
     echo "== engine alone, $c in flight (run $r)" >&2
     line=$("$ENGINE" "$MODEL" "$W/docs.json" "$c" "$NEW" "$DEVICE")
     te+=("$(echo "$line" | awk '{ print $4 }')")
+    ce+=("$(echo "$line" | awk '{ print $5 }')")
     PROMPT_TOKENS=$(echo "$line" | awk '{ print $3 }')
-    [ "$(echo "$line" | awk '{ print $5 }')" = "$(cat "$W/sql_tokens")" ] ||
+    [ "$(echo "$line" | awk '{ print $6 }')" = "$(cat "$W/sql_tokens")" ] ||
       { SAME="the engine's token counts at $c differ from summarize_each's"; echo "$SAME" >&2; }
   done
   T_SET[$c]=$(best "${ts[@]}")
   T_ENG[$c]=$(best "${te[@]}")
+  C_SET[$c]=$(best "${cs[@]}")
+  C_ENG[$c]=$(best "${ce[@]}")
+  R_SET[$c]=$(runs "${ts[@]}")
+  R_ENG[$c]=$(runs "${te[@]}")
 done
 bad=$(q -c "SELECT count(*) FROM r_par p JOIN r_one o USING (id) WHERE p.s IS DISTINCT FROM o.s")
 [ "$bad" = 0 ] || SAME="the parallel plan's summaries differ from one by one ($bad)"
 
 # ------------------------------------------------------------------ the table
-row() {	# label, in flight, seconds, [engine seconds for the ratio]
-  local vs_eng=""
-  [ -n "${4:-}" ] && vs_eng=$(ratio "$4" "$3")
-  echo "| $1 | $2 | $3 | $(per_s "$ROWS" "$3") | $(per_s "$GEN" "$3") | $(ratio "$t_one" "$3") | $vs_eng |"
+row() {	# label, in flight, seconds, all runs' seconds, CPU seconds, [engine seconds, engine CPU seconds]
+  local vs_eng="" vs_cpu=""
+  [ -n "${6:-}" ] && vs_eng=$(ratio "$6" "$3") && vs_cpu=$(ratio "$7" "$5")
+  echo "| $1 | $2 | $3 | $4 | $(per_s "$ROWS" "$3") | $(per_s "$GEN" "$3") | $(ratio "$t_one" "$3") | $vs_eng | $(awk -v c="$5" 'BEGIN { printf "%.2f", c }') | $(per_s "$GEN" "$5") | $vs_cpu |"
 }
 TABLE=$W/table.md
 {
-  echo "| run | in flight | seconds | rows/s | generated tokens/s | vs one by one | set-based vs engine |"
-  echo "|---|---:|---:|---:|---:|---:|---:|"
-  row "\`SELECT summarize(body) FROM docs\` (one by one)" 1 "$t_one"
-  row "the same, parallel plan ($((PAR_WORKERS + 1)) processes)" "$((PAR_WORKERS + 1))" "$t_par"
+  echo "| run | in flight | seconds | runs (s) | rows/s | generated tokens/s | vs one by one | set-based vs engine | CPU s | tokens per CPU s | set-based vs engine, CPU |"
+  echo "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+  row "\`SELECT summarize(body) FROM docs\` (one by one)" 1 "$t_one" "$t_one" "$c_one"
+  row "the same, parallel plan ($((PAR_WORKERS + 1)) processes)" "$((PAR_WORKERS + 1))" "$t_par" "$t_par" "$c_par"
   for c in $CONCS; do
-    row "\`summarize_each(ids, bodies, concurrency => $c)\`" "$c" "${T_SET[$c]}" "${T_ENG[$c]}"
-    row "engine alone, batched loop (\`bench/engine-summarize.c\`)" "$c" "${T_ENG[$c]}"
+    row "\`summarize_each(ids, bodies, concurrency => $c)\`" "$c" "${T_SET[$c]}" "${R_SET[$c]}" "${C_SET[$c]}" "${T_ENG[$c]}" "${C_ENG[$c]}"
+    row "engine alone, batched loop (\`bench/engine-summarize.c\`)" "$c" "${T_ENG[$c]}" "${R_ENG[$c]}" "${C_ENG[$c]}"
   done
 } >"$TABLE"
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -176,8 +196,11 @@ if [ -n "$OUT" ]; then
     echo "The whole run took $(( ($(date +%s) - T_START) / 60 )) minutes; load average (1, 5, 15 min) $LOAD_START at the start, $LOAD_END at the end"
     echo "($(nproc) cores: other work shared the machine; compare rows of one run, not absolute numbers across runs)."
     echo
-    echo "Times are wall clock, best of $REPEAT for the set-based and engine runs, which alternate (one run for the others). \"vs one by one\": speed-up over"
-    echo "row 1; \"set-based vs engine\": the engine's time over summarize_each's for the same number in flight (1.00x = as fast)."
+    echo "Times are wall clock, best of $REPEAT for the set-based and engine runs, which alternate (one run for the others; \"runs\" lists"
+    echo "them all). \"vs one by one\": speed-up over row 1; \"set-based vs engine\": the engine's time over summarize_each's for the"
+    echo "same number in flight (1.00x = as fast). \"CPU s\": the CPU time (user + system, least of the runs) of the inference worker"
+    echo "for the SQL rows (the backends' tokenizing is not counted), of the engine process for the engine rows: the work done,"
+    echo "which a busy machine changes less than the wall time."
     echo "The engine run renders the same prompts (before its clock starts), prefills each on its own in 512-token chunks and"
     echo "decodes every sequence in flight in one forward step, as the inference worker does, with no PostgreSQL in between."
     echo

@@ -11,13 +11,15 @@
  *     MAX_TOKENS (the stopping token counts as generated, as in the worker),
  *     and the next document takes its place at once.
  * Prompts are rendered before the clock starts.  Prints one line:
- *   rows generated_tokens prompt_tokens seconds  n1,n2,...  (tokens per document)
+ *   rows generated_tokens prompt_tokens seconds cpu_seconds n1,n2,...  (tokens per document)
+ * (cpu_seconds: user + system time of the process over the timed part)
  * Usage: engine-summarize MODEL_DIR DOCS_JSON CONCURRENCY MAX_TOKENS [DEVICE]
  * DOCS_JSON: a JSON array of strings (the documents, UTF-8).
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include <jansson.h>
 
@@ -80,6 +82,15 @@ accept(Doc *d, int32_t tok, int max_tokens)
 	return d->generated >= max_tokens;
 }
 
+static double
+cpu_seconds(void)
+{
+	struct rusage u;
+
+	getrusage(RUSAGE_SELF, &u);
+	return u.ru_utime.tv_sec + u.ru_utime.tv_usec / 1e6 + u.ru_stime.tv_sec + u.ru_stime.tv_usec / 1e6;
+}
+
 static void
 fail(const char *what, const kl_err *err)
 {
@@ -110,7 +121,9 @@ main(int argc, char **argv)
 	kl_sampling sp;
 	kl_rng		rng;
 	double		t0,
-				t1;
+				t1,
+				c0,
+				c1;
 
 	if (argc < 5 || (conc = atoi(argv[3])) < 1 || (max_tokens = atoi(argv[4])) < 1)
 	{
@@ -150,6 +163,7 @@ main(int argc, char **argv)
 	kl_sampling_default(&sp);
 	kl_rng_seed(&rng, 0);
 
+	c0 = cpu_seconds();
 	t0 = kl_now();
 	while (done < n_docs)
 	{
@@ -221,9 +235,10 @@ main(int argc, char **argv)
 		}
 	}
 	t1 = kl_now();
+	c1 = cpu_seconds();
 	for (int i = 0; i < n_docs; i++)
 		generated += docs[i].generated;
-	printf("%d %ld %ld %.3f ", n_docs, generated, prompt_tokens, t1 - t0);
+	printf("%d %ld %ld %.3f %.3f ", n_docs, generated, prompt_tokens, t1 - t0, c1 - c0);
 	for (int i = 0; i < n_docs; i++)
 		printf("%s%d", i ? "," : "", docs[i].generated);
 	printf("\n");
