@@ -120,15 +120,15 @@ ok $? "pgbench: $done_tx say() calls in ${secs}s on 3 shared conversations, $tur
 ok "$(q -c "SELECT bool_and(positions > 0 AND state IS NOT NULL) FROM kimi_linear.conversations c JOIN kl_bench_conv b ON b.id = c.id" | grep -qx t; echo $?)" "every conversation has its state"
 
 # ------------------------------------------------------------------ 6. batch progress, pg_cancel_backend
-batch_sql="SELECT count(*) FROM kimi_linear.generate_each(ARRAY(SELECT g FROM generate_series(1, 60) g),
-             ARRAY(SELECT 'Prompt ' || g FROM generate_series(1, 60) g), max_tokens => 48, ignore_eos => true, concurrency => 4)"
+batch_sql="SELECT count(*) FROM kimi_linear.generate_each(ARRAY(SELECT g FROM generate_series(1, 120) g),
+             ARRAY(SELECT 'Prompt ' || g FROM generate_series(1, 120) g), max_tokens => 64, ignore_eos => true, concurrency => 4)"
 ( PGAPPNAME=klbatch q -c "$batch_sql" >"$W/batch.out" 2>&1; now >"$W/batch_t" ) &
 bpid=""
 seen=()
 for _ in $(seq 1 100); do
   [ -z "$bpid" ] && bpid=$(q -c "SELECT pid FROM pg_stat_activity WHERE application_name = 'klbatch' AND state = 'active'")
   p=$(q -c "SELECT max(batch_done) || '/' || max(batch_total) || ' in flight ' || count(*) FROM kimi_linear.activity WHERE batch_id IS NOT NULL")
-  case "$p" in */60*) [ "${#seen[@]}" = 0 ] || [ "${seen[-1]}" != "$p" ] && seen+=("$p") ;; esac
+  case "$p" in */120*) [ "${#seen[@]}" = 0 ] || [ "${seen[-1]}" != "$p" ] && seen+=("$p") ;; esac
   [ "${#seen[@]}" -ge 3 ] && break
   sleep 0.1
 done
