@@ -102,7 +102,7 @@ test-tap: all cli
 	KL_SKIP_ENGINE=1 KL_SKIP_REGRESS=1 KL_SHELL_TESTS= KL_TAP_FILES="$(PROVE_TESTS)" bash test/run-tests.sh
 test-concurrency: all cli
 	KL_SKIP_ENGINE=1 KL_SKIP_REGRESS=1 KL_SKIP_TAP=1 KL_SHELL_TESTS=concurrency bash test/run-tests.sh
-SHELL_TESTS ?= concurrency dump_restore dump state_cache restart
+SHELL_TESTS ?= concurrency dump_restore dump state_cache standby restart
 test-shell: all cli
 	KL_SKIP_ENGINE=1 KL_SKIP_REGRESS=1 KL_SKIP_TAP=1 KL_SHELL_TESTS="$(SHELL_TESTS)" bash test/run-tests.sh
 
@@ -253,7 +253,8 @@ install-cuda: $(CUDA_LIB)
 GPU_DIR     ?= .gpu
 DEVICE_LIBS  = src/cuda/device_blas_shim.o -Wl,-Bstatic -lpcre2-8 -ljansson -lcrypto -Wl,-Bdynamic -lisal \
                -lpthread -ldl -lm
-cuda-device-bins: $(CUDA_LIB) $(GPU_DIR)/bin/test_cuda.t $(GPU_DIR)/bin/bench_cuda $(GPU_DIR)/bin/kl
+cuda-device-bins: $(CUDA_LIB) $(GPU_DIR)/bin/test_cuda.t $(GPU_DIR)/bin/bench_cuda $(GPU_DIR)/bin/kl \
+                  $(GPU_DIR)/bin/engine-summarize
 $(GPU_DIR)/bin/test_cuda.t: test/engine/test_cuda.c test/engine/tap.h $(ENGINE_OBJS) src/cuda/device_blas_shim.o
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(PG_CFLAGS) $(PG_CPPFLAGS) -Itest/engine -o $@ $< $(ENGINE_OBJS) $(DEVICE_LIBS)
@@ -264,6 +265,10 @@ $(GPU_DIR)/bin/bench_cuda: bench/bench_cuda.c $(ENGINE_OBJS) src/cuda/device_bla
 $(GPU_DIR)/bin/kl: $(CLI_SRCS:.c=.o) $(ENGINE_OBJS) src/cuda/device_blas_shim.o
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $(CLI_SRCS:.c=.o) $(ENGINE_OBJS) $(DEVICE_LIBS)
+# the engine's side of bench/bench-batch-sql.sh --gpu
+$(GPU_DIR)/bin/engine-summarize: bench/engine-summarize.c $(ENGINE_OBJS) src/cuda/device_blas_shim.o
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(PG_CFLAGS) $(PG_CPPFLAGS) -o $@ $< $(ENGINE_OBJS) $(DEVICE_LIBS)
 
 EXTRA_CLEAN += $(CUDA_LIB) kernels/*.o src/cuda/*.o src/cuda/*.d
 .PHONY: cuda install-cuda cuda-device-bins

@@ -16,6 +16,21 @@ GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
 
 -------------------------------------------------------------------- generation
 
+-- Parallel safety.  A parallel worker can do everything these functions do:
+-- resolve the model in shared memory (and register the bundled model on first
+-- use: shared memory only, nothing written to the database), load its own copy
+-- of the tokenizer (a per-process cache, filled on first use), create a DSM
+-- segment, take a request slot and wait on its own latch for the reply.  When
+-- the leader is cancelled or fails, its workers exit, and their exit detaches
+-- the segments, which cancels their requests.  None of them writes to the
+-- database or keeps state the leader would need, so the generation functions
+-- are PARALLEL SAFE: a query over a large table can spread its rows over
+-- parallel workers, whose requests the inference worker batches together.
+-- Functions that write (say, new_conversation, fork_conversation), that change
+-- server-wide state (load_model, unload_model) or that need subtransactions
+-- (the set-based *_each functions) are PARALLEL UNSAFE; see each one.
+
+-- PARALLEL SAFE: tokenizes in the calling process, sends one request, stores nothing.
 CREATE FUNCTION generate(
     prompt text,
     max_tokens int DEFAULT 256,
@@ -31,11 +46,13 @@ CREATE FUNCTION generate(
     json_schema jsonb DEFAULT NULL)
 RETURNS text
 AS 'MODULE_PATHNAME', 'kl_sql_generate'
-LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+LANGUAGE C VOLATILE PARALLEL SAFE;
 
 COMMENT ON FUNCTION generate(text, int, float8, float8, int, bigint, text[], text, float8, float8, boolean, jsonb) IS
 'Continue prompt with up to max_tokens tokens. temperature 0 is greedy; a seed makes sampling reproducible; generation ends at the model''s end token (unless ignore_eos), at a stop string (not included in the result) or at max_tokens. json_schema: the continuation is one JSON value matching the schema (decoding is constrained to it).';
 
+-- PARALLEL SAFE: as generate; in a parallel worker its rows pass through the Gather's queue
+-- (a cursor, the way to read them as they come, never gets a parallel plan).
 CREATE FUNCTION generate_stream(
     prompt text,
     max_tokens int DEFAULT 256,
@@ -50,11 +67,12 @@ CREATE FUNCTION generate_stream(
     ignore_eos boolean DEFAULT false)
 RETURNS SETOF text
 AS 'MODULE_PATHNAME', 'kl_sql_generate_stream'
-LANGUAGE C VOLATILE PARALLEL RESTRICTED ROWS 64;
+LANGUAGE C VOLATILE PARALLEL SAFE ROWS 64;
 
 COMMENT ON FUNCTION generate_stream(text, int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
 'Like generate, one row per piece of text as it is produced (always complete UTF-8 characters).';
 
+-- PARALLEL SAFE: as generate.
 CREATE FUNCTION generate_tokens(
     prompt text,
     max_tokens int DEFAULT 256,
@@ -69,11 +87,12 @@ CREATE FUNCTION generate_tokens(
     ignore_eos boolean DEFAULT false)
 RETURNS int[]
 AS 'MODULE_PATHNAME', 'kl_sql_generate_tokens'
-LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+LANGUAGE C VOLATILE PARALLEL SAFE;
 
 COMMENT ON FUNCTION generate_tokens(text, int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
 'Like generate, but returns the generated token ids (the prompt is encoded after the model''s bos token, as ./kl generate --prompt does).';
 
+-- PARALLEL SAFE: as generate (no tokenizer at all).
 CREATE FUNCTION generate_ids(
     prompt int[],
     max_tokens int DEFAULT 256,
@@ -88,11 +107,12 @@ CREATE FUNCTION generate_ids(
     ignore_eos boolean DEFAULT false)
 RETURNS int[]
 AS 'MODULE_PATHNAME', 'kl_sql_generate_ids'
-LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+LANGUAGE C VOLATILE PARALLEL SAFE;
 
 COMMENT ON FUNCTION generate_ids(int[], int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
 'Continue a sequence of token ids (used as given: no bos is added) and return the generated ids; works for models without a tokenizer (stop must be NULL).';
 
+-- PARALLEL SAFE: as generate (the chat template is rendered in the calling process).
 CREATE FUNCTION chat(
     messages jsonb,
     max_tokens int DEFAULT 256,
@@ -110,7 +130,7 @@ CREATE FUNCTION chat(
     json_schema jsonb DEFAULT NULL)
 RETURNS text
 AS 'MODULE_PATHNAME', 'kl_sql_chat'
-LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+LANGUAGE C VOLATILE PARALLEL SAFE;
 
 COMMENT ON FUNCTION chat(jsonb, int, float8, float8, int, bigint, text[], text, float8, float8, boolean, jsonb, text, jsonb) IS
 'The assistant''s reply to a conversation given as [{"role": "system"|"user"|"assistant", "content": "..."}], rendered in the model''s chat format. With tools (OpenAI function declarations), tool_choice or json_schema, the full Kimi format (tool messages, tool calls) and constrained decoding; the reply is returned as the model wrote it (chat_json parses it).';
@@ -132,7 +152,7 @@ CREATE FUNCTION chat_json(
     json_schema jsonb DEFAULT NULL)
 RETURNS jsonb
 AS 'MODULE_PATHNAME', 'kl_sql_chat_json'
-LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+LANGUAGE C VOLATILE PARALLEL SAFE;
 
 COMMENT ON FUNCTION chat_json(jsonb, int, float8, float8, int, bigint, text[], text, float8, float8, boolean, jsonb, text, jsonb) IS
 'chat, with the reply as jsonb: {"content", "tool_calls": [{"id", "type", "function": {"name", "arguments": text}, "name", "arguments": {...}}], "finish_reason"} (plus "invalid_tool_calls" for calls cut off or with arguments that are not JSON, and "parsed" with json_schema). Messages may be the full OpenAI form: tool messages with tool_call_id, assistant messages with tool_calls, content parts, names.';
@@ -145,38 +165,215 @@ CREATE FUNCTION @extschema@.extract(
     max_tokens int DEFAULT 512)
 RETURNS jsonb
 AS 'MODULE_PATHNAME', 'kl_sql_extract'
-LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+LANGUAGE C VOLATILE PARALLEL SAFE;
 
 COMMENT ON FUNCTION @extschema@.extract(text, jsonb, text, text, int) IS
 'The fields a JSON schema describes, read out of a document by the model (greedy decoding constrained to the schema): SELECT kimi_linear.extract(body, schema) FROM docs. NULL body: NULL.';
 
+CREATE FUNCTION extract_each(
+    keys anycompatiblearray,
+    bodies text[],
+    schema jsonb,
+    instructions text DEFAULT NULL,
+    model text DEFAULT NULL,
+    max_tokens int DEFAULT 512,
+    concurrency int DEFAULT NULL,
+    on_error text DEFAULT 'row',
+    OUT key anycompatible,
+    OUT fields jsonb,
+    OUT tokens int,
+    OUT error text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'kl_sql_extract_each'
+LANGUAGE C VOLATILE PARALLEL UNSAFE ROWS 100;
+
+COMMENT ON FUNCTION extract_each(anycompatiblearray, text[], jsonb, text, text, int, int, text) IS
+'extract for many documents at once (see generate_each): one row (key, fields, tokens generated, error) per document, in the order they finish. A NULL document, or a value cut off by max_tokens, is an error on its row. PARALLEL UNSAFE like the other set-based forms (subtransactions).';
+
+-- PARALLEL SAFE: as chat.
 CREATE FUNCTION summarize(doc text, max_tokens int DEFAULT 200, model text DEFAULT NULL, temperature float8 DEFAULT 0)
 RETURNS text
 AS 'MODULE_PATHNAME', 'kl_sql_summarize'
-LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+LANGUAGE C VOLATILE PARALLEL SAFE;
 
 COMMENT ON FUNCTION summarize(text, int, text, float8) IS
 'A short summary of a (long) document. The whole document is read: long inputs are prefilled in chunks.';
 
+-- PARALLEL SAFE: the state lives in the aggregating process; with no combine
+-- function there is no partial aggregation, so a group is always aggregated,
+-- and summarized, by one process (a parallel worker or the leader).
 CREATE FUNCTION _summarize_agg_step(internal, text) RETURNS internal
-AS 'MODULE_PATHNAME', 'kl_sql_summarize_agg_step' LANGUAGE C CALLED ON NULL INPUT;
+AS 'MODULE_PATHNAME', 'kl_sql_summarize_agg_step' LANGUAGE C CALLED ON NULL INPUT PARALLEL SAFE;
 CREATE FUNCTION _summarize_agg_step(internal, text, int) RETURNS internal
-AS 'MODULE_PATHNAME', 'kl_sql_summarize_agg_step' LANGUAGE C CALLED ON NULL INPUT;
+AS 'MODULE_PATHNAME', 'kl_sql_summarize_agg_step' LANGUAGE C CALLED ON NULL INPUT PARALLEL SAFE;
 CREATE FUNCTION _summarize_agg_final(internal) RETURNS text
-AS 'MODULE_PATHNAME', 'kl_sql_summarize_agg_final' LANGUAGE C;
+AS 'MODULE_PATHNAME', 'kl_sql_summarize_agg_final' LANGUAGE C PARALLEL SAFE;
 
 CREATE AGGREGATE summarize_agg(text) (
-    SFUNC = _summarize_agg_step, STYPE = internal, FINALFUNC = _summarize_agg_final);
+    SFUNC = _summarize_agg_step, STYPE = internal, FINALFUNC = _summarize_agg_final, PARALLEL = SAFE);
 CREATE AGGREGATE summarize_agg(text, int) (
-    SFUNC = _summarize_agg_step, STYPE = internal, FINALFUNC = _summarize_agg_final);
+    SFUNC = _summarize_agg_step, STYPE = internal, FINALFUNC = _summarize_agg_final, PARALLEL = SAFE);
 
 COMMENT ON AGGREGATE summarize_agg(text) IS
 'Summarize the documents of a group together (joined with blank lines, in the order given: use ORDER BY inside the call).';
 COMMENT ON AGGREGATE summarize_agg(text, int) IS
 'summarize_agg with the summary''s max_tokens.';
 
+-------------------------------------------------------------------- set-based forms
+
+-- Many inputs in, one row per input out, the requests in flight together so
+-- that the inference worker decodes them in one batch (src/pg/pg_batch_call.c):
+--
+--   SELECT d.id, s.summary, s.error
+--   FROM kimi_linear.summarize_each(ARRAY(SELECT id FROM docs ORDER BY id),
+--                                   ARRAY(SELECT body FROM docs ORDER BY id)) s
+--   JOIN docs d ON d.id = s.key;
+--
+-- keys: any array, one key per input (returned with the input's row, to join
+-- back); rows come in the order the inputs finish.  Each input's request is
+-- exactly its single-row function's, so a row's result equals generate / chat /
+-- summarize of that input.  concurrency: requests in flight at once (NULL:
+-- kimi_linear.max_requests_per_call, which also caps it); when other sessions
+-- hold every request slot, the call waits for one instead of failing.
+-- on_error: 'row' (an input's error, such as a NULL or too long input or the
+-- worker's error for it, is reported in its row's error column) or 'abort' (it
+-- ends the statement).
+--
+-- PARALLEL UNSAFE: each input is prepared in a subtransaction (so that its error
+-- lands on its row), which PostgreSQL 15 does not allow in parallel mode; the
+-- function already runs its inputs in parallel, through the inference worker's
+-- batch.
+
+CREATE FUNCTION generate_each(
+    keys anycompatiblearray,
+    prompts text[],
+    max_tokens int DEFAULT 256,
+    temperature float8 DEFAULT 0,
+    top_p float8 DEFAULT 1,
+    top_k int DEFAULT 0,
+    seed bigint DEFAULT NULL,
+    stop text[] DEFAULT NULL,
+    model text DEFAULT NULL,
+    repetition_penalty float8 DEFAULT 1,
+    min_p float8 DEFAULT 0,
+    ignore_eos boolean DEFAULT false,
+    concurrency int DEFAULT NULL,
+    on_error text DEFAULT 'row',
+    OUT key anycompatible,
+    OUT reply text,
+    OUT tokens int,
+    OUT error text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'kl_sql_generate_each'
+LANGUAGE C VOLATILE PARALLEL UNSAFE ROWS 100;
+
+COMMENT ON FUNCTION generate_each(anycompatiblearray, text[], int, float8, float8, int, bigint, text[], text, float8, float8, boolean, int, text) IS
+'generate for many prompts at once: one row (key, reply, tokens generated, error) per prompt, in the order they finish, up to kimi_linear.max_requests_per_call requests in flight together. keys: one per prompt, returned to join the rows back. Without a seed, each prompt gets its own random seed.';
+
+CREATE FUNCTION chat_each(
+    keys anycompatiblearray,
+    messages jsonb[],
+    max_tokens int DEFAULT 256,
+    temperature float8 DEFAULT 0,
+    top_p float8 DEFAULT 1,
+    top_k int DEFAULT 0,
+    seed bigint DEFAULT NULL,
+    stop text[] DEFAULT NULL,
+    model text DEFAULT NULL,
+    repetition_penalty float8 DEFAULT 1,
+    min_p float8 DEFAULT 0,
+    ignore_eos boolean DEFAULT false,
+    concurrency int DEFAULT NULL,
+    on_error text DEFAULT 'row',
+    OUT key anycompatible,
+    OUT reply text,
+    OUT tokens int,
+    OUT error text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'kl_sql_chat_each'
+LANGUAGE C VOLATILE PARALLEL UNSAFE ROWS 100;
+
+COMMENT ON FUNCTION chat_each(anycompatiblearray, jsonb[], int, float8, float8, int, bigint, text[], text, float8, float8, boolean, int, text) IS
+'chat for many conversations at once (each element: [{"role": ..., "content": ...}, ...]): one row (key, reply, tokens generated, error) per conversation, in the order they finish.';
+
+CREATE FUNCTION summarize_each(
+    keys anycompatiblearray,
+    docs text[],
+    max_tokens int DEFAULT 200,
+    model text DEFAULT NULL,
+    temperature float8 DEFAULT 0,
+    concurrency int DEFAULT NULL,
+    on_error text DEFAULT 'row',
+    OUT key anycompatible,
+    OUT summary text,
+    OUT tokens int,
+    OUT error text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'kl_sql_summarize_each'
+LANGUAGE C VOLATILE PARALLEL UNSAFE ROWS 100;
+
+COMMENT ON FUNCTION summarize_each(anycompatiblearray, text[], int, text, float8, int, text) IS
+'summarize for many documents at once: one row (key, summary, tokens generated, error) per document, in the order they finish, up to kimi_linear.max_requests_per_call requests in flight together. Example: SELECT * FROM kimi_linear.summarize_each(ARRAY(SELECT id FROM docs), ARRAY(SELECT body FROM docs)).';
+
+CREATE FUNCTION generate_with_state_each(
+    keys anycompatiblearray,
+    states bytea[],
+    prompts text[],
+    max_tokens int DEFAULT 256,
+    temperature float8 DEFAULT 0,
+    top_p float8 DEFAULT 1,
+    top_k int DEFAULT 0,
+    seed bigint DEFAULT NULL,
+    stop text[] DEFAULT NULL,
+    model text DEFAULT NULL,
+    repetition_penalty float8 DEFAULT 1,
+    min_p float8 DEFAULT 0,
+    ignore_eos boolean DEFAULT false,
+    concurrency int DEFAULT NULL,
+    on_error text DEFAULT 'row',
+    OUT key anycompatible,
+    OUT reply text,
+    OUT new_state bytea,
+    OUT tokens int,
+    OUT error text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'kl_sql_generate_with_state_each'
+LANGUAGE C VOLATILE PARALLEL UNSAFE ROWS 100;
+
+COMMENT ON FUNCTION generate_with_state_each(anycompatiblearray, bytea[], text[], int, float8, float8, int, bigint, text[], text, float8, float8, boolean, int, text) IS
+'generate_with_state for many (state, prompt) pairs at once (a NULL state: a new sequence): one row (key, reply, new_state, tokens generated, error) per input, in the order they finish. A bad state is an error on its row.';
+
+CREATE FUNCTION chat_with_state_each(
+    keys anycompatiblearray,
+    states bytea[],
+    messages jsonb[],
+    max_tokens int DEFAULT 256,
+    temperature float8 DEFAULT 0,
+    top_p float8 DEFAULT 1,
+    top_k int DEFAULT 0,
+    seed bigint DEFAULT NULL,
+    stop text[] DEFAULT NULL,
+    model text DEFAULT NULL,
+    repetition_penalty float8 DEFAULT 1,
+    min_p float8 DEFAULT 0,
+    ignore_eos boolean DEFAULT false,
+    concurrency int DEFAULT NULL,
+    on_error text DEFAULT 'row',
+    OUT key anycompatible,
+    OUT reply text,
+    OUT new_state bytea,
+    OUT tokens int,
+    OUT error text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'kl_sql_chat_with_state_each'
+LANGUAGE C VOLATILE PARALLEL UNSAFE ROWS 100;
+
+COMMENT ON FUNCTION chat_with_state_each(anycompatiblearray, bytea[], jsonb[], int, float8, float8, int, bigint, text[], text, float8, float8, boolean, int, text) IS
+'chat_with_state for many (state, messages) pairs at once: one chat turn per input on its state (NULL: a new conversation); one row (key, reply, new_state, tokens generated, error) per input, in the order they finish.';
+
 -------------------------------------------------------------------- tokens
 
+-- PARALLEL SAFE: runs in the calling process with its own copy of the tokenizer; no request.
 CREATE FUNCTION tokenize(input text, model text DEFAULT NULL, special boolean DEFAULT false)
 RETURNS int[]
 AS 'MODULE_PATHNAME', 'kl_sql_tokenize'
@@ -185,6 +382,7 @@ LANGUAGE C STABLE PARALLEL SAFE;
 COMMENT ON FUNCTION tokenize(text, text, boolean) IS
 'The token ids of a text. special: special-token texts such as <|im_end|> become their ids.';
 
+-- PARALLEL SAFE: as tokenize.
 CREATE FUNCTION detokenize(ids int[], model text DEFAULT NULL)
 RETURNS text
 AS 'MODULE_PATHNAME', 'kl_sql_detokenize'
@@ -195,6 +393,7 @@ COMMENT ON FUNCTION detokenize(int[], text) IS
 
 -------------------------------------------------------------------- states
 
+-- PARALLEL SAFE: the state comes in as an argument and goes out as the result; nothing is stored.
 CREATE FUNCTION generate_with_state(
     state bytea,
     prompt text,
@@ -211,11 +410,12 @@ CREATE FUNCTION generate_with_state(
     OUT reply text,
     OUT new_state bytea)
 AS 'MODULE_PATHNAME', 'kl_sql_generate_with_state'
-LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+LANGUAGE C VOLATILE PARALLEL SAFE;
 
 COMMENT ON FUNCTION generate_with_state(bytea, text, int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
 'Continue a sequence from its state (NULL: a new one) with prompt; returns the reply and the new state. Only the new tokens are computed. The state is checked (checksum, model) before use.';
 
+-- PARALLEL SAFE: as generate_with_state.
 CREATE FUNCTION chat_with_state(
     state bytea,
     messages jsonb,
@@ -232,7 +432,7 @@ CREATE FUNCTION chat_with_state(
     OUT reply text,
     OUT new_state bytea)
 AS 'MODULE_PATHNAME', 'kl_sql_chat_with_state'
-LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+LANGUAGE C VOLATILE PARALLEL SAFE;
 
 COMMENT ON FUNCTION chat_with_state(bytea, jsonb, int, float8, float8, int, bigint, text[], text, float8, float8, boolean) IS
 'One chat turn on a state the caller keeps (NULL: a new conversation): the new messages are rendered in the chat format after the history the state holds; returns the reply and the new state. say() runs the same turn on a stored conversation.';
@@ -258,16 +458,20 @@ REVOKE ALL ON FUNCTION unload_model(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION load_model(text, text, text) TO kimi_linear_admin;
 GRANT EXECUTE ON FUNCTION unload_model(text) TO kimi_linear_admin;
 
+-- load_model and unload_model stay PARALLEL UNSAFE (the default): they change
+-- what every inference worker holds, rarely, and gain nothing from running in
+-- a parallel worker.  The functions below only read (or, for the bundled
+-- model on first use, register in shared memory): PARALLEL SAFE.
 CREATE FUNCTION _resolve_model(name text DEFAULT NULL) RETURNS text
 AS 'MODULE_PATHNAME', 'kl_sql_resolve_model'
-LANGUAGE C VOLATILE;
+LANGUAGE C VOLATILE PARALLEL SAFE;
 
 CREATE FUNCTION _models(
     OUT name text, OUT path text, OUT parameters bigint, OUT bytes bigint, OUT device text,
     OUT moe_routing text, OUT status text, OUT loaded_at timestamptz, OUT error text)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'kl_sql_models'
-LANGUAGE C VOLATILE;
+LANGUAGE C VOLATILE PARALLEL SAFE;
 
 CREATE VIEW models AS SELECT * FROM @extschema@._models();
 COMMENT ON VIEW models IS 'Models registered with the inference workers.';
@@ -276,19 +480,19 @@ CREATE FUNCTION _activity(
     OUT worker int, OUT request_id bigint, OUT backend_pid int, OUT model text, OUT phase text,
     OUT prompt_tokens_done bigint, OUT prompt_tokens bigint, OUT generated_tokens bigint,
     OUT max_tokens bigint, OUT tokens_per_second float8, OUT submitted_at timestamptz,
-    OUT started_at timestamptz)
+    OUT started_at timestamptz, OUT batch_id bigint, OUT batch_done bigint, OUT batch_total bigint)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'kl_sql_activity'
-LANGUAGE C VOLATILE;
+LANGUAGE C VOLATILE PARALLEL SAFE;
 
 CREATE VIEW activity AS SELECT * FROM @extschema@._activity();
-COMMENT ON VIEW activity IS 'Every inference request in flight: its worker, backend, phase (queued, prefill, decode, finishing), prompt tokens done of total, tokens generated, and the current rate (prompt tokens/s while prefilling, generated tokens/s while decoding).';
+COMMENT ON VIEW activity IS 'Every inference request in flight: its worker, backend, phase (queued, prefill, decode, finishing), prompt tokens done of total, tokens generated, and the current rate (prompt tokens/s while prefilling, generated tokens/s while decoding); for a request of a set-based call (generate_each, summarize_each, ...), the call''s batch_id and how many of its batch_total inputs are done (batch_done).';
 
 CREATE FUNCTION _workers(OUT worker int, OUT pid int, OUT active_requests int, OUT restarts int,
     OUT started_at timestamptz, OUT steps bigint, OUT tokens bigint)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'kl_sql_workers'
-LANGUAGE C VOLATILE;
+LANGUAGE C VOLATILE PARALLEL SAFE;
 
 CREATE VIEW workers AS SELECT * FROM @extschema@._workers();
 COMMENT ON VIEW workers IS 'The inference background workers (pid NULL while one restarts).';
@@ -402,6 +606,13 @@ CREATE FUNCTION _check_tools(tools jsonb) RETURNS void
 AS 'MODULE_PATHNAME', 'kl_sql_check_tools'
 LANGUAGE C STABLE;
 
+-- Functions that must write check first that they can (not on a standby, not in a
+-- read-only transaction) and say so in their own words.
+CREATE FUNCTION _require_writable(fn text, why text) RETURNS void
+AS 'MODULE_PATHNAME', 'kl_sql_require_writable'
+LANGUAGE C VOLATILE;
+
+-- new_conversation, say and fork_conversation write: PARALLEL UNSAFE (the default).
 CREATE FUNCTION new_conversation(model text DEFAULT NULL, system text DEFAULT NULL, tools jsonb DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
@@ -410,6 +621,7 @@ AS $$
 DECLARE
   cid bigint;
 BEGIN
+  PERFORM @extschema@._require_writable('new_conversation', 'new_conversation() inserts the conversation''s row');
   INSERT INTO @extschema@.conversations (model, system, page_size)
   VALUES (@extschema@._chat_model(new_conversation.model), new_conversation.system,
           pg_catalog.current_setting('kimi_linear.page_size')::int)
@@ -429,6 +641,7 @@ $$;
 COMMENT ON FUNCTION new_conversation(text, text, jsonb) IS
 'Start a conversation (with an optional system message, and the tools it may call: OpenAI function declarations, checked here); returns its id for say().';
 
+-- PARALLEL UNSAFE (the default): locks the conversation's row and writes the turn.
 CREATE FUNCTION say(
     conversation_id bigint,
     message text,
@@ -566,6 +779,7 @@ $$;
 COMMENT ON FUNCTION conversation_messages(bigint) IS
 'A conversation''s history as chat messages (for chat / chat_json): its replies with their tool calls and the token ids the model generated (rendered as they are, so that the history replays to exactly the tokens the conversation''s state holds).';
 
+-- PARALLEL UNSAFE (the default): writes the copy.
 CREATE FUNCTION fork_conversation(conversation_id bigint)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
@@ -574,6 +788,7 @@ AS $$
 DECLARE
   nid bigint;
 BEGIN
+  PERFORM @extschema@._require_writable('fork_conversation', 'fork_conversation() copies the conversation''s rows');
   INSERT INTO @extschema@.conversations (model, system, page_size, state, positions, turns, tools)
   SELECT c.model, c.system, c.page_size, c.state, c.positions, c.turns, c.tools FROM @extschema@.conversations c
    WHERE c.id = fork_conversation.conversation_id

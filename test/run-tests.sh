@@ -11,13 +11,14 @@
 #   5. the shell tests, TAP output each: concurrency (test/pg/concurrency.sh),
 #      pg_dump/pg_restore (dump_restore.sh), the state cache's memory bound
 #      (state_cache.sh), pg_dump and restore of an agent conversation (dump.sh),
-#      and last, a server restart (restart.sh)
+#      a streaming-replication standby of the cluster (standby.sh), and last, a
+#      server restart (restart.sh)
 # Exits non-zero on any failure and ends with each runner's summary (with its
 # wall time) and one line "N passed, N failed" over all of them.
 #
 # Test data: test/fixtures (golden checkpoints and outputs, the manual corpus).
 # Environment (the Makefile's test-* targets set these; see the README, "Developing"):
-#   KL_SKIP_ENGINE=1, KL_SKIP_REGRESS=1, KL_SKIP_TAP=1, KL_SKIP_CONCURRENCY=1   skip a step
+#   KL_SKIP_ENGINE=1, KL_SKIP_REGRESS=1, KL_SKIP_TAP=1, KL_SKIP_CONCURRENCY=1, KL_SKIP_STANDBY=1   skip a step
 #   KL_ENGINE_TESTS="test_golden ..."   a subset of the engine tests
 #   KL_REGRESS="basic state"            a subset of the pg_regress tests
 #   KL_TAP_FILES="test/pg/t01_generate.sql ..."   a subset of the pgTAP files
@@ -190,8 +191,9 @@ fi
 # ------------------------------------------------------------------ 5. shell tests
 # (they run the cluster's own binaries: restart.sh restarts it)
 export KL_PGBIN KL_CLUSTER_DIR
-SHELL_TESTS=${KL_SHELL_TESTS-concurrency dump_restore dump state_cache restart}
+SHELL_TESTS=${KL_SHELL_TESTS-concurrency dump_restore dump state_cache standby restart}
 [ "${KL_SKIP_CONCURRENCY:-0}" != 1 ] || SHELL_TESTS=$(echo " $SHELL_TESTS " | sed 's/ concurrency / /')
+[ "${KL_SKIP_STANDBY:-0}" != 1 ] || SHELL_TESTS=$(echo " $SHELL_TESTS " | sed 's/ standby / /')
 for t in $SHELL_TESTS; do
   step "$t"
   if bash test/pg/$t.sh 2>&1 | tee $LOGS/shell-$t.log; [ "${PIPESTATUS[0]}" = 0 ]; then

@@ -1,7 +1,8 @@
 /*
  * pg_activity.c — observability: the activity view (every request in flight,
  * its phase and progress, updated by the worker at every step, so a long
- * prefill shows how far it is) and the workers view.
+ * prefill shows how far it is; for a set-based call, how many of its inputs
+ * are done) and the workers view.
  */
 #include "postgres.h"
 
@@ -15,7 +16,8 @@ PG_FUNCTION_INFO_V1(kl_sql_activity);
 PG_FUNCTION_INFO_V1(kl_sql_workers);
 
 /* _activity() -> (worker, request_id, backend_pid, model, phase, prompt_tokens_done, prompt_tokens,
- *                 generated_tokens, max_tokens, tokens_per_second, submitted_at, started_at) */
+ *                 generated_tokens, max_tokens, tokens_per_second, submitted_at, started_at,
+ *                 batch_id, batch_done, batch_total) */
 Datum
 kl_sql_activity(PG_FUNCTION_ARGS)
 {
@@ -27,8 +29,8 @@ kl_sql_activity(PG_FUNCTION_ARGS)
 	for (int i = 0; i < kl_shared->n_slots; i++)
 	{
 		KlSlot	   *s = &kl_shared->slots[i];
-		Datum		v[12];
-		bool		nulls[12] = {0};
+		Datum		v[15];
+		bool		nulls[15] = {0};
 		KlSlotState st;
 		int			worker;
 		uint64		id;
@@ -42,6 +44,9 @@ kl_sql_activity(PG_FUNCTION_ARGS)
 		double		tps;
 		TimestampTz sub,
 					start;
+		int64		batch_id,
+					batch_done,
+					batch_total;
 
 		LWLockAcquire(kl_shared->lock, LW_SHARED);
 		st = s->state;
@@ -61,6 +66,9 @@ kl_sql_activity(PG_FUNCTION_ARGS)
 		tps = s->tokens_per_second;
 		sub = s->submitted_at;
 		start = s->started_at;
+		batch_id = s->batch_id;
+		batch_done = s->batch_done;
+		batch_total = s->batch_total;
 		SpinLockRelease(&s->mutex);
 		v[0] = Int32GetDatum(worker);
 		v[1] = Int64GetDatum((int64) id);
@@ -77,6 +85,11 @@ kl_sql_activity(PG_FUNCTION_ARGS)
 			v[11] = TimestampTzGetDatum(start);
 		else
 			nulls[11] = true;
+		/* the set-based call it belongs to: inputs finished of the batch's total */
+		v[12] = Int64GetDatum(batch_id);
+		v[13] = Int64GetDatum(batch_done);
+		v[14] = Int64GetDatum(batch_total);
+		nulls[12] = nulls[13] = nulls[14] = batch_id == 0;
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, nulls);
 	}
 	return (Datum) 0;

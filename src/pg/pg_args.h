@@ -59,6 +59,8 @@ int32	   *kl_render_chat(const kl_tokenizer *tok, const kl_chat_message *msgs, i
 						   int *n_out);
 /* messages jsonb [{"role": ..., "content": ...}] -> chat messages (UTF-8) */
 kl_chat_message *kl_parse_messages(Jsonb *jb, int *n_out);
+/* The prompt summarize sends for a document (UTF-8): a chat turn asking for a summary. */
+int32	   *kl_summary_prompt(const kl_tokenizer *tok, const char *doc_utf8, int *n_out);
 /* The ids that end a chat reply (palloc'd). */
 int32	   *kl_chat_stop_ids(const kl_tokenizer *tok, int *n_out);
 

@@ -8,6 +8,7 @@
 #include "fmgr.h"
 #include "mb/pg_wchar.h"
 #include "utils/builtins.h"
+#include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
 
@@ -185,6 +186,61 @@ kl_pg_json_value(const KlRunResult *res, int max_tokens)
 	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
 											  CStringGetDatum(text_to_cstring(kl_utf8_to_text(res->text,
 																							  res->text_len)))));
+}
+
+Jsonb *
+kl_pg_json_value_or_why(const KlRunResult *res, int max_tokens, const char **why)
+{
+	if (cut_off(res))
+	{
+		*why = psprintf("the JSON value was cut off by max_tokens (%d) before it was complete", max_tokens);
+		return NULL;
+	}
+	/* the only valid JSON that jsonb refuses: a \u0000 escape in a string */
+	if (memmem(res->text, (size_t) res->text_len, "\\u0000", 6) != NULL)
+	{
+		*why = "the JSON value has a \\u0000 escape, which jsonb cannot store";
+		return NULL;
+	}
+	*why = NULL;
+	return kl_pg_json_value(res, max_tokens);
+}
+
+void
+kl_extract_request(const kl_tokenizer *tok, const char *body, Jsonb *schema, const char *instructions,
+				   KlReqSpec *spec)
+{
+	StringInfoData u,
+				m;
+	kl_chat    *c;
+	kl_chat_format format;
+	kl_chat_render_opts o = {0};
+	int			n,
+				n_stops;
+
+	initStringInfo(&u);
+	appendStringInfoString(&u, instructions ? instructions :
+						   "Extract the fields this JSON schema describes from the document below. "
+						   "Answer with the JSON value only.");
+	appendStringInfoString(&u, "\n\nJSON schema: ");
+	appendStringInfoString(&u, kl_jsonb_utf8(schema));
+	appendStringInfoString(&u, "\n\nDocument:\n");
+	appendStringInfoString(&u, body);
+	initStringInfo(&m);
+	appendStringInfoString(&m, "[{\"role\": \"user\", \"content\": ");
+	escape_json(&m, u.data);
+	appendStringInfoString(&m, "}]");
+	c = kl_pg_chat_text(m.data, NULL);
+	kl_chat_format_of(tok, &format);
+	o.format = &format;
+	o.add_generation_prompt = true;
+	spec->prompt = kl_pg_render(tok, c, &o, &n);
+	spec->n_prompt = n;
+	kl_check_context(0, n);
+	spec->stop_ids = kl_chat_stop_ids(tok, &n_stops);
+	spec->n_stop_ids = n_stops;
+	spec->grammar = kl_pg_grammar(c, NULL, schema, 0);
+	spec->grammar_len = strlen(spec->grammar);
 }
 
 /* ------------------------------------------------------------------ reading a reply */

@@ -50,6 +50,20 @@ Jsonb	   *kl_pg_reply(const kl_tokenizer *tok, const KlRunResult *res, const kl_
 
 /* The text reply of a run whose output was constrained to JSON, as jsonb; ERROR if cut off. */
 Jsonb	   *kl_pg_json_value(const KlRunResult *res, int max_tokens);
+/*
+ * The same without an ERROR for a reply that cannot be one (the set-based
+ * forms report it on the input's row): NULL with *why set when the value was
+ * cut off by max_tokens or cannot be stored as jsonb.
+ */
+Jsonb	   *kl_pg_json_value_or_why(const KlRunResult *res, int max_tokens, const char **why);
+
+/*
+ * extract()'s request for one document (greedy, one user turn: instructions
+ * (NULL: the default ones), the schema, the document; output constrained to
+ * the schema), filled into *spec after kl_spec_init.
+ */
+void		kl_extract_request(const kl_tokenizer *tok, const char *body, Jsonb *schema,
+							   const char *instructions, KlReqSpec *spec);
 
 /* A reply's parts: has it tool calls (valid or not); its content; its valid calls (NULL: none). */
 bool		kl_reply_has_calls(Jsonb *reply);

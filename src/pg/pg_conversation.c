@@ -43,7 +43,9 @@
 
 #include "pg_args.h"
 #include "pg_chat.h"
+#include "pg_conversation.h"
 #include "pg_guc.h"
+#include "pg_writable.h"
 
 PG_FUNCTION_INFO_V1(kl_sql_say);
 PG_FUNCTION_INFO_V1(kl_sql_say_json);
@@ -105,6 +107,19 @@ check_head(const char *data, Size len, kl_state_info *info, const char *what)
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_CORRUPTED),
 				 errmsg("invalid %s: a rows part where a head was expected", what)));
+}
+
+int32 *
+kl_chat_turn_ids(const kl_tokenizer *tok, int32 pending, const kl_chat_message *msgs, int n_msgs,
+				 const int32 *stops, int n_stops, int *n_out)
+{
+	return turn_ids(tok, pending, msgs, n_msgs, stops, n_stops, n_out);
+}
+
+void
+kl_check_state_head(const char *data, Size len, kl_state_info *info, const char *what)
+{
+	check_head(data, len, info, what);
 }
 
 /* ------------------------------------------------------------------ say */
@@ -277,6 +292,9 @@ conversation_turn(FunctionCallInfo fcinfo, bool as_json)
 	kl_chat    *chat;
 	const char *nsp;
 
+	kl_require_writable("say",
+						"say() stores the turn: it locks the conversation's row, writes its new state and pages and records both messages",
+						"On a standby, chat_with_state(state, messages) computes the same turn from the conversation's replicated state, without storing it.");
 	if (PG_ARGISNULL(0))
 		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("conversation_id must not be NULL")));
 	cid = PG_GETARG_INT64(0);

@@ -23,6 +23,7 @@ int			kl_threads = 0;
 int			kl_max_context = 131072;
 int			kl_max_new_tokens = 4096;
 int			kl_max_requests = 64;
+int			kl_max_requests_per_call = 16;
 int			kl_prefill_chunk = 512;
 int			kl_page_size = 1024;
 int			kl_state_cache_mb = 256;
@@ -123,6 +124,11 @@ kl_define_gucs(void)
 							"A call beyond it fails at once rather than waiting.",
 							&kl_max_requests, 64, 1, 4096,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("kimi_linear.max_requests_per_call",
+							"Most requests one set-based call (generate_each, summarize_each, ...) keeps in flight.",
+							"Its share of kimi_linear.max_requests; the call's concurrency argument can only lower it.",
+							&kl_max_requests_per_call, 16, 1, 4096,
+							PGC_SUSET, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("kimi_linear.prefill_chunk",
 							"Prompt tokens a worker processes per step for one sequence.",
 							"Long prompts are processed in chunks of this size between decode steps of other requests.",

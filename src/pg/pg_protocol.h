@@ -8,7 +8,8 @@
  *      and attaches to the reply queue as its receiver;
  *   2. takes a free request slot in the control area (pg_shmem.h) under the
  *      lock, naming the segment and a worker, marks it SUBMITTED, and sets
- *      that worker's latch.  No free slot: an immediate ERROR, never a wait;
+ *      that worker's latch.  No free slot: an immediate ERROR, never a wait
+ *      (a set-based call, pg_batch_call.c, waits for one of its own instead);
  *   3. reads reply messages (below) until DONE or ERROR, waiting on its latch,
  *      honouring cancellation and noticing a dead worker.
  * The worker (pg_worker.c, pg_batch.c) attaches to the segment, reads the

@@ -32,6 +32,12 @@ struct KlCall
 	bool		cache_miss;
 	char	   *parts_cursor;
 	int			parts_left;
+	/* the request failed (kl_call_poll returned KL_NEXT_ERROR) */
+	KlCallError error;
+	/* batch progress shown in the activity view (0: not part of a batch) */
+	int64		batch_id;
+	int64		batch_done;
+	int64		batch_total;
 };
 
 static inline uint64
@@ -229,6 +235,17 @@ choose_worker(void)
 void
 kl_call_submit(KlCall *call)
 {
+	if (!kl_call_try_submit(call))
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("too many kimi_linear requests in flight (kimi_linear.max_requests = %d)",
+						kl_shared->n_slots),
+				 errhint("Retry later, or raise kimi_linear.max_requests (needs a server restart).")));
+}
+
+bool
+kl_call_try_submit(KlCall *call)
+{
 	int			found = -1;
 	int			worker;
 
@@ -245,11 +262,7 @@ kl_call_submit(KlCall *call)
 	if (found < 0)
 	{
 		LWLockRelease(kl_shared->lock);
-		ereport(ERROR,
-				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
-				 errmsg("too many kimi_linear requests in flight (kimi_linear.max_requests = %d)",
-						kl_shared->n_slots),
-				 errhint("Retry later, or raise kimi_linear.max_requests (needs a server restart).")));
+		return false;
 	}
 	{
 		KlSlot	   *s = &kl_shared->slots[found];
@@ -284,6 +297,9 @@ kl_call_submit(KlCall *call)
 		s->submitted_at = GetCurrentTimestamp();
 		s->started_at = 0;
 		s->tokens_per_second = 0;
+		s->batch_id = call->batch_id;
+		s->batch_done = call->batch_done;
+		s->batch_total = call->batch_total;
 		SpinLockRelease(&s->mutex);
 	}
 	LWLockRelease(kl_shared->lock);
@@ -291,15 +307,49 @@ kl_call_submit(KlCall *call)
 	call->submitted = true;
 	on_dsm_detach(call->seg, call_detach_cb, Int32GetDatum(found));
 	kl_wake_workers(worker);
+	return true;
 }
 
-static void
+void
+kl_call_set_cache_miss_ok(KlCall *call)
+{
+	call->cache_miss_ok = true;
+}
+
+bool
+kl_call_cache_miss(const KlCall *call)
+{
+	return call->cache_miss;
+}
+
+void
+kl_call_set_batch(KlCall *call, int64 batch_id, int64 done, int64 total)
+{
+	call->batch_id = batch_id;
+	call->batch_done = done;
+	call->batch_total = total;
+	if (call->submitted && call->seg)
+	{
+		KlSlot	   *s = &kl_shared->slots[call->slot];
+
+		/* the slot is ours until our detach callback frees it */
+		SpinLockAcquire(&s->mutex);
+		s->batch_id = batch_id;
+		s->batch_done = done;
+		s->batch_total = total;
+		SpinLockRelease(&s->mutex);
+	}
+}
+
+/*
+ * The worker's ERROR message: recorded in call->error (the caller throws it,
+ * or a batch puts it on the input's row).  A cache miss the caller asked to
+ * handle is not an error: the call is just done.
+ */
+static KlNext
 worker_error(KlCall *call, const char *data, Size nbytes)
 {
 	KlMsgError e;
-	char	   *msg,
-			   *hint;
-	int			sqlstate;
 
 	if (nbytes < sizeof(KlMsgError))
 		elog(ERROR, "kimi_linear: malformed error message from the inference worker");
@@ -307,150 +357,194 @@ worker_error(KlCall *call, const char *data, Size nbytes)
 	if (e.msg_len < 0 || e.hint_len < 0 || sizeof(KlMsgError) + (Size) e.msg_len + e.hint_len > nbytes)
 		elog(ERROR, "kimi_linear: malformed error message from the inference worker");
 	call->req->reply_complete = 1;
+	call->done = true;
 	if (e.code == KL_ERR_CACHE_MISS && call->cache_miss_ok)
 	{
 		call->cache_miss = true;
-		call->done = true;
-		return;
+		return KL_NEXT_DONE;
 	}
-	msg = pnstrdup(data + sizeof(KlMsgError), e.msg_len);
-	hint = pnstrdup(data + sizeof(KlMsgError) + e.msg_len, e.hint_len);
+	call->error.message = pnstrdup(data + sizeof(KlMsgError), e.msg_len);
+	call->error.hint = pnstrdup(data + sizeof(KlMsgError) + e.msg_len, e.hint_len);
+	call->error.detail = NULL;
 	switch (e.code)
 	{
 		case KL_ERR_INVALID:
-			sqlstate = ERRCODE_INVALID_PARAMETER_VALUE;
+			call->error.sqlerrcode = ERRCODE_INVALID_PARAMETER_VALUE;
 			break;
 		case KL_ERR_RESOURCES:
-			sqlstate = ERRCODE_PROGRAM_LIMIT_EXCEEDED;
+			call->error.sqlerrcode = ERRCODE_PROGRAM_LIMIT_EXCEEDED;
 			break;
 		case KL_ERR_MODEL:
-			sqlstate = ERRCODE_UNDEFINED_OBJECT;
+			call->error.sqlerrcode = ERRCODE_UNDEFINED_OBJECT;
 			break;
 		case KL_ERR_SHUTDOWN:
-			sqlstate = ERRCODE_OPERATOR_INTERVENTION;
+			call->error.sqlerrcode = ERRCODE_OPERATOR_INTERVENTION;
 			break;
 		case KL_ERR_CACHE_MISS:
-			sqlstate = ERRCODE_T_R_SERIALIZATION_FAILURE;
+			call->error.sqlerrcode = ERRCODE_T_R_SERIALIZATION_FAILURE;
 			break;
 		default:
-			sqlstate = ERRCODE_INTERNAL_ERROR;
+			call->error.sqlerrcode = ERRCODE_INTERNAL_ERROR;
 			break;
 	}
-	call->done = true;
 	kl_call_end(call);
-	ereport(ERROR,
-			(errcode(sqlstate),
-			 errmsg("%s", msg),
-			 hint[0] ? errhint("%s", hint) : 0));
+	return KL_NEXT_ERROR;
 }
 
-static void
+static KlNext
 worker_gone(KlCall *call)
 {
+	call->done = true;
+	call->error.sqlerrcode = ERRCODE_OPERATOR_INTERVENTION;
+	call->error.message = pstrdup("the kimi_linear inference worker stopped before finishing this request");
+	call->error.detail = pstrdup("The worker was terminated (pg_terminate_backend, server shutdown) or failed; it is restarted automatically.");
+	call->error.hint = pstrdup("Run the statement again.");
 	kl_call_end(call);
+	return KL_NEXT_ERROR;
+}
+
+/* One message from the queue, if there is one. */
+static KlNext
+receive(KlCall *call, KlEvent *ev, bool *nothing)
+{
+	Size		nbytes;
+	void	   *data;
+	shm_mq_result res = shm_mq_receive(call->mqh, &nbytes, &data, true);
+	const char *d = data;
+
+	*nothing = false;
+	if (res == SHM_MQ_DETACHED)
+		return worker_gone(call);
+	if (res != SHM_MQ_SUCCESS)
+	{
+		*nothing = true;
+		return KL_NEXT_WAIT;
+	}
+	if (nbytes < 1)
+		elog(ERROR, "kimi_linear: empty message from the inference worker");
+	memset(ev, 0, sizeof(*ev));
+	switch (d[0])
+	{
+		case KL_MSG_TOKENS:
+			{
+				KlMsgTokens t;
+
+				if (nbytes < sizeof(t))
+					break;
+				memcpy(&t, d, sizeof(t));
+				if (t.n_ids < 0 || t.text_len < 0 ||
+					sizeof(t) + sizeof(int32) * (Size) t.n_ids + t.text_len > nbytes)
+					break;
+				ev->type = KL_EV_TOKENS;
+				ev->n_ids = t.n_ids;
+				ev->ids = (const int32 *) (d + sizeof(t));
+				ev->text = d + sizeof(t) + sizeof(int32) * t.n_ids;
+				ev->text_len = t.text_len;
+				return KL_NEXT_EVENT;
+			}
+		case KL_MSG_STATE:
+			{
+				KlMsgState s;
+
+				if (nbytes < sizeof(s))
+					break;
+				memcpy(&s, d, sizeof(s));
+				if (s.len > nbytes - sizeof(s))
+					break;
+				ev->type = KL_EV_STATE;
+				ev->state_kind = s.kind;
+				ev->from_pos = s.from_pos;
+				ev->to_pos = s.to_pos;
+				ev->state = d + sizeof(s);
+				ev->state_len = s.len;
+				return KL_NEXT_EVENT;
+			}
+		case KL_MSG_DONE:
+			if (nbytes < sizeof(KlMsgDone))
+				break;
+			ev->type = KL_EV_DONE;
+			memcpy(&ev->done, d, sizeof(KlMsgDone));
+			call->done = true;
+			call->req->reply_complete = 1;
+			return KL_NEXT_DONE;
+		case KL_MSG_ERROR:
+			return worker_error(call, d, nbytes);
+	}
+	elog(ERROR, "kimi_linear: malformed message (type %d, %zu bytes) from the inference worker",
+		 d[0], nbytes);
+	return KL_NEXT_ERROR;		/* not reached */
+}
+
+KlNext
+kl_call_poll(KlCall *call, KlEvent *ev)
+{
+	bool		nothing;
+	bool		let_go;
+	KlNext		r;
+
+	Assert(call->submitted);
+	if (call->done)
+		return call->error.message ? KL_NEXT_ERROR : KL_NEXT_DONE;
+	r = receive(call, ev, &nothing);
+	if (!nothing)
+		return r;
+
+	/*
+	 * Nothing yet.  A worker that took the request and died before attaching
+	 * to the queue is noticed through worker_done (set by the dying worker,
+	 * or by its successor at start).  It may have let go after sending
+	 * everything, so poll the queue once more first.
+	 */
+	{
+		KlSlot	   *s = &kl_shared->slots[call->slot];
+
+		LWLockAcquire(kl_shared->lock, LW_SHARED);
+		let_go = s->request_id == call->request_id && s->state == KL_SLOT_RUNNING && s->worker_done;
+		LWLockRelease(kl_shared->lock);
+	}
+	if (!let_go)
+		return KL_NEXT_WAIT;
+	r = receive(call, ev, &nothing);
+	return nothing ? worker_gone(call) : r;
+}
+
+const KlCallError *
+kl_call_error(const KlCall *call)
+{
+	return call->error.message ? &call->error : NULL;
+}
+
+void
+kl_call_throw(const KlCallError *e)
+{
 	ereport(ERROR,
-			(errcode(ERRCODE_OPERATOR_INTERVENTION),
-			 errmsg("the kimi_linear inference worker stopped before finishing this request"),
-			 errdetail("The worker was terminated (pg_terminate_backend, server shutdown) or failed; it is restarted automatically."),
-			 errhint("Run the statement again.")));
+			(errcode(e->sqlerrcode),
+			 errmsg("%s", e->message),
+			 e->detail && e->detail[0] ? errdetail("%s", e->detail) : 0,
+			 e->hint && e->hint[0] ? errhint("%s", e->hint) : 0));
 }
 
 bool
 kl_call_next(KlCall *call, KlEvent *ev)
 {
-	bool		let_go = false;
-
-	Assert(call->submitted);
-	if (call->done)
-		return false;
 	for (;;)
 	{
-		Size		nbytes;
-		void	   *data;
-		shm_mq_result res = shm_mq_receive(call->mqh, &nbytes, &data, true);
-
-		if (res == SHM_MQ_SUCCESS)
+		switch (kl_call_poll(call, ev))
 		{
-			const char *d = data;
-
-			if (nbytes < 1)
-				elog(ERROR, "kimi_linear: empty message from the inference worker");
-			memset(ev, 0, sizeof(*ev));
-			switch (d[0])
-			{
-				case KL_MSG_TOKENS:
-					{
-						KlMsgTokens t;
-
-						if (nbytes < sizeof(t))
-							break;
-						memcpy(&t, d, sizeof(t));
-						if (t.n_ids < 0 || t.text_len < 0 ||
-							sizeof(t) + sizeof(int32) * (Size) t.n_ids + t.text_len > nbytes)
-							break;
-						ev->type = KL_EV_TOKENS;
-						ev->n_ids = t.n_ids;
-						ev->ids = (const int32 *) (d + sizeof(t));
-						ev->text = d + sizeof(t) + sizeof(int32) * t.n_ids;
-						ev->text_len = t.text_len;
-						return true;
-					}
-				case KL_MSG_STATE:
-					{
-						KlMsgState s;
-
-						if (nbytes < sizeof(s))
-							break;
-						memcpy(&s, d, sizeof(s));
-						if (s.len > nbytes - sizeof(s))
-							break;
-						ev->type = KL_EV_STATE;
-						ev->state_kind = s.kind;
-						ev->from_pos = s.from_pos;
-						ev->to_pos = s.to_pos;
-						ev->state = d + sizeof(s);
-						ev->state_len = s.len;
-						return true;
-					}
-				case KL_MSG_DONE:
-					if (nbytes < sizeof(KlMsgDone))
-						break;
-					ev->type = KL_EV_DONE;
-					memcpy(&ev->done, d, sizeof(KlMsgDone));
-					call->done = true;
-					call->req->reply_complete = 1;
-					return false;
-				case KL_MSG_ERROR:
-					worker_error(call, d, nbytes);
-					return false;	/* a cache miss the caller handles */
-			}
-			elog(ERROR, "kimi_linear: malformed message (type %d, %zu bytes) from the inference worker",
-				 d[0], nbytes);
+			case KL_NEXT_EVENT:
+				return true;
+			case KL_NEXT_DONE:
+				return false;	/* DONE read, or a cache miss the caller handles */
+			case KL_NEXT_ERROR:
+				kl_call_throw(&call->error);
+				break;
+			case KL_NEXT_WAIT:
+				(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 1000,
+								 PG_WAIT_EXTENSION);
+				ResetLatch(MyLatch);
+				CHECK_FOR_INTERRUPTS();
+				break;
 		}
-		if (res == SHM_MQ_DETACHED)
-			worker_gone(call);
-
-		/*
-		 * Nothing yet.  A worker that took the request and died before
-		 * attaching to the queue is noticed through worker_done (set by the
-		 * dying worker, or by its successor at start).  It may have let go
-		 * after sending everything, so poll the queue once more first.
-		 */
-		if (let_go)
-			worker_gone(call);
-		{
-			KlSlot	   *s = &kl_shared->slots[call->slot];
-
-			LWLockAcquire(kl_shared->lock, LW_SHARED);
-			let_go = s->request_id == call->request_id && s->state == KL_SLOT_RUNNING && s->worker_done;
-			LWLockRelease(kl_shared->lock);
-			if (let_go)
-				continue;
-		}
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 1000,
-						 PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
-		CHECK_FOR_INTERRUPTS();
 	}
 }
 

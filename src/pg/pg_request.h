@@ -12,6 +12,10 @@
  * Any failure (the worker's error, cancellation, a dead worker, a full
  * request table) is an ereport(ERROR); the transaction's cleanup then detaches
  * the segment, whose detach callback cancels the request and frees its slot.
+ *
+ * Several calls at once (pg_batch_call.h) use the non-throwing pieces:
+ * kl_call_try_submit (false when the request table is full) and kl_call_poll
+ * (never waits; a failed request is reported, not thrown).
  */
 #ifndef KL_PG_REQUEST_H
 #define KL_PG_REQUEST_H
@@ -84,6 +88,23 @@ typedef struct KlEvent
 
 typedef struct KlCall KlCall;
 
+/* Why a request failed: the worker's error, or the worker's death. */
+typedef struct KlCallError
+{
+	int			sqlerrcode;
+	char	   *message;		/* NULL: no error */
+	char	   *detail;
+	char	   *hint;
+} KlCallError;
+
+typedef enum KlNext
+{
+	KL_NEXT_EVENT,				/* ev filled (TOKENS or STATE) */
+	KL_NEXT_DONE,				/* DONE read (ev->done), or a cache miss the caller handles */
+	KL_NEXT_WAIT,				/* nothing yet: wait on the latch and poll again */
+	KL_NEXT_ERROR				/* failed: kl_call_error(); the call is ended */
+} KlNext;
+
 /* Everything a finished call returned (palloc'd in the caller's context). */
 typedef struct KlStatePart
 {
@@ -114,8 +135,23 @@ void		kl_run(const KlReqSpec *spec, const char *const *parts, const Size *part_l
 KlCall	   *kl_call_begin(const KlReqSpec *spec, Size parts_bytes, int n_parts);
 void		kl_call_add_part(KlCall *call, const void *data, Size len);
 void		kl_call_submit(KlCall *call);
-/* false once DONE has been read (ev->done filled) */
+/* false, and nothing submitted, when every request slot is taken */
+bool		kl_call_try_submit(KlCall *call);
+/* false once DONE has been read (ev->done filled); waits; throws the request's error */
 bool		kl_call_next(KlCall *call, KlEvent *ev);
+/* the next event without waiting (a submitted call) */
+KlNext		kl_call_poll(KlCall *call, KlEvent *ev);
+/* the failure kl_call_poll reported (NULL if none) */
+const KlCallError *kl_call_error(const KlCall *call);
+void		kl_call_throw(const KlCallError *e) pg_attribute_noreturn();
+/* a KL_ERR_CACHE_MISS reply ends the call (kl_call_cache_miss) instead of failing it */
+void		kl_call_set_cache_miss_ok(KlCall *call);
+bool		kl_call_cache_miss(const KlCall *call);
+/*
+ * The batch this call belongs to, shown in the activity view (batch_id,
+ * batch_done of batch_total inputs); may be called before or after submitting.
+ */
+void		kl_call_set_batch(KlCall *call, int64 batch_id, int64 done, int64 total);
 void		kl_call_end(KlCall *call);
 
 #endif

@@ -123,6 +123,10 @@ typedef struct KlSlot
 	TimestampTz submitted_at;
 	TimestampTz started_at;		/* taken by the worker */
 	double		tokens_per_second;
+	/* written by the backend: the set-based call this request is part of (0: none) */
+	int64		batch_id;
+	int64		batch_done;		/* inputs of the batch finished */
+	int64		batch_total;	/* inputs of the batch */
 } KlSlot;
 
 typedef struct KlShared

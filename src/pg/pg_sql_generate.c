@@ -181,6 +181,7 @@ typedef struct StreamState
 {
 	KlCall	   *call;
 	bool		ended;
+	ExprContext *econtext;		/* stream_end is registered there (NULL: not) */
 } StreamState;
 
 static void
@@ -188,6 +189,15 @@ stream_end(Datum arg)
 {
 	StreamState *s = (StreamState *) DatumGetPointer(arg);
 
+	/*
+	 * s lives in the SRF's multi-call memory, which SRF_RETURN_DONE frees:
+	 * the query's end must not call back into it afterwards.
+	 */
+	if (s->econtext)
+	{
+		UnregisterExprContextCallback(s->econtext, stream_end, arg);
+		s->econtext = NULL;
+	}
 	if (!s->ended)
 	{
 		s->ended = true;
@@ -231,7 +241,10 @@ kl_sql_generate_stream(PG_FUNCTION_ARGS)
 		kl_call_submit(s->call);
 		/* a query that stops reading early (LIMIT, a closed cursor) ends the request */
 		if (rsi && IsA(rsi, ReturnSetInfo))
+		{
 			RegisterExprContextCallback(rsi->econtext, stream_end, PointerGetDatum(s));
+			s->econtext = rsi->econtext;
+		}
 		fc->user_fctx = s;
 		MemoryContextSwitchTo(old);
 	}
@@ -377,16 +390,6 @@ kl_sql_extract(PG_FUNCTION_ARGS)
 	KlReqSpec	spec;
 	KlRunResult res;
 	KlGenArgs	g;
-	const kl_tokenizer *tok;
-	kl_chat    *c;
-	kl_chat_format format;
-	kl_chat_render_opts o = {0};
-	StringInfoData m;
-	char	   *schema_text;
-	int			n,
-				n_stops;
-	int32	   *ids,
-			   *stops;
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();		/* over a column: no document, no fields */
@@ -400,40 +403,9 @@ kl_sql_extract(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("max_tokens must be between 1 and %d, got %d", kl_max_new_tokens, g.max_tokens)));
 	kl_model_resolve(PG_ARGISNULL(3) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(3)), &ref);
-	tok = kl_ref_tokenizer(&ref);
-	schema_text = kl_jsonb_utf8(PG_GETARG_JSONB_P(1));
-
-	/* one user turn: what to extract, the schema, the document */
-	{
-		StringInfoData u;
-
-		initStringInfo(&u);
-		appendStringInfoString(&u, PG_ARGISNULL(2) ? "Extract the fields this JSON schema describes from the "
-							   "document below. Answer with the JSON value only."
-							   : kl_text_arg(fcinfo, 2, "instructions", false));
-		appendStringInfoString(&u, "\n\nJSON schema: ");
-		appendStringInfoString(&u, schema_text);
-		appendStringInfoString(&u, "\n\nDocument:\n");
-		appendStringInfoString(&u, kl_text_arg(fcinfo, 0, "body", true));
-		initStringInfo(&m);
-		appendStringInfoString(&m, "[{\"role\": \"user\", \"content\": ");
-		escape_json(&m, u.data);
-		appendStringInfoString(&m, "}]");
-	}
-	c = kl_pg_chat_text(m.data, NULL);
-	kl_chat_format_of(tok, &format);
-	o.format = &format;
-	o.add_generation_prompt = true;
-	ids = kl_pg_render(tok, c, &o, &n);
-	kl_check_context(0, n);
-	stops = kl_chat_stop_ids(tok, &n_stops);
 	kl_spec_init(&spec, &g, &ref);
-	spec.prompt = ids;
-	spec.n_prompt = n;
-	spec.stop_ids = stops;
-	spec.n_stop_ids = n_stops;
-	spec.grammar = kl_pg_grammar(c, NULL, PG_GETARG_JSONB_P(1), 0);
-	spec.grammar_len = strlen(spec.grammar);
+	kl_extract_request(kl_ref_tokenizer(&ref), kl_text_arg(fcinfo, 0, "body", true), PG_GETARG_JSONB_P(1),
+					   PG_ARGISNULL(2) ? NULL : kl_text_arg(fcinfo, 2, "instructions", false), &spec);
 	kl_run(&spec, NULL, NULL, 0, 0, &res);
 	PG_RETURN_JSONB_P(kl_pg_json_value(&res, g.max_tokens));
 }
@@ -484,6 +456,24 @@ kl_sql_chat(PG_FUNCTION_ARGS)
  * worker, and the KDA layers' state does not grow with it), as a chat turn
  * asking for a summary: the format instruction-tuned Kimi models expect.
  */
+int32 *
+kl_summary_prompt(const kl_tokenizer *tok, const char *doc_utf8, int *n_out)
+{
+	kl_chat_message m[2];
+	StringInfoData b;
+
+	m[0].role = "system";
+	m[0].content = "You write short, accurate summaries of documents.";
+	m[0].content_len = strlen(m[0].content);
+	m[1].role = "user";
+	initStringInfo(&b);
+	appendStringInfoString(&b, "Summarize the following document in a few sentences.\n\n");
+	appendStringInfoString(&b, doc_utf8);
+	m[1].content = b.data;
+	m[1].content_len = b.len;
+	return kl_render_chat(tok, m, 2, true, n_out);
+}
+
 static text *
 summarize_text(const char *doc_utf8, int max_tokens, const char *model, double temperature)
 {
@@ -491,7 +481,6 @@ summarize_text(const char *doc_utf8, int max_tokens, const char *model, double t
 	KlModelRef	ref;
 	KlReqSpec	spec;
 	const kl_tokenizer *tok;
-	kl_chat_message m[2];
 	kl_err		err;
 	int			n,
 				n_stops;
@@ -511,20 +500,7 @@ summarize_text(const char *doc_utf8, int max_tokens, const char *model, double t
 		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("%s", err.msg)));
 	kl_model_resolve(model, &ref);
 	tok = kl_ref_tokenizer(&ref);
-	m[0].role = "system";
-	m[0].content = "You write short, accurate summaries of documents.";
-	m[0].content_len = strlen(m[0].content);
-	m[1].role = "user";
-	{
-		StringInfoData b;
-
-		initStringInfo(&b);
-		appendStringInfoString(&b, "Summarize the following document in a few sentences.\n\n");
-		appendStringInfoString(&b, doc_utf8);
-		m[1].content = b.data;
-		m[1].content_len = b.len;
-	}
-	ids = kl_render_chat(tok, m, 2, true, &n);
+	ids = kl_summary_prompt(tok, doc_utf8, &n);
 	kl_check_context(0, n);
 	stops = kl_chat_stop_ids(tok, &n_stops);
 	kl_spec_init(&spec, &g, &ref);

@@ -6,6 +6,8 @@
 #   3. a terminated worker: waiting sessions fail at once, the worker comes back
 #   4. a long prefill shows its progress in kimi_linear.activity and does not stall a short request
 #   5. pgbench: say() on a few shared conversations for 30 s loses no turn
+#   6. a set-based call shows its progress in kimi_linear.activity; pg_cancel_backend cancels the whole batch
+#   7. a set-based call waits for request slots other sessions hold, instead of failing
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DB=kl_conc
@@ -116,6 +118,54 @@ grep -E "^(number of|latency average|tps)|error" "$W/pgbench.out" | head -20 | s
 [ $pgb_rc = 0 ] && [ -n "$done_tx" ] && [ "$done_tx" -gt 0 ] && [ "${failed_tx:-0}" = 0 ] && [ "$turns" = "$done_tx" ] && [ "$msgs" = $((2 * done_tx)) ]
 ok $? "pgbench: $done_tx say() calls in ${secs}s on 3 shared conversations, $turns turns stored, $msgs messages"
 ok "$(q -c "SELECT bool_and(positions > 0 AND state IS NOT NULL) FROM kimi_linear.conversations c JOIN kl_bench_conv b ON b.id = c.id" | grep -qx t; echo $?)" "every conversation has its state"
+
+# ------------------------------------------------------------------ 6. batch progress, pg_cancel_backend
+batch_sql="SELECT count(*) FROM kimi_linear.generate_each(ARRAY(SELECT g FROM generate_series(1, 120) g),
+             ARRAY(SELECT 'Prompt ' || g FROM generate_series(1, 120) g), max_tokens => 64, ignore_eos => true, concurrency => 4)"
+( PGAPPNAME=klbatch q -c "$batch_sql" >"$W/batch.out" 2>&1; now >"$W/batch_t" ) &
+bpid=""
+seen=()
+for _ in $(seq 1 100); do
+  [ -z "$bpid" ] && bpid=$(q -c "SELECT pid FROM pg_stat_activity WHERE application_name = 'klbatch' AND state = 'active'")
+  p=$(q -c "SELECT max(batch_done) || '/' || max(batch_total) || ' in flight ' || count(*) FROM kimi_linear.activity WHERE batch_id IS NOT NULL")
+  case "$p" in */120*) [ "${#seen[@]}" = 0 ] || [ "${seen[-1]}" != "$p" ] && seen+=("$p") ;; esac
+  [ "${#seen[@]}" -ge 3 ] && break
+  sleep 0.1
+done
+first_done=$(echo "${seen[0]:-}" | cut -d/ -f1); last_done=$(echo "${seen[-1]:-}" | cut -d/ -f1)
+[ ${#seen[@]} -ge 2 ] && [ "${last_done:-0}" -gt "${first_done:-0}" ]
+ok $? "a batch shows its progress in kimi_linear.activity (batch_done/batch_total: ${seen[*]:-nothing})"
+over=$(printf '%s\n' "${seen[@]}" | awk '{ if ($4 > 4) print }' | wc -l)
+[ "$over" = 0 ]; ok $? "concurrency => 4: never more than 4 of its requests in flight"
+t_cancel=$(now)
+q -c "SELECT pg_cancel_backend($bpid)" >/dev/null
+wait
+grep -q "canceling statement due to user request" "$W/batch.out"
+ok $? "pg_cancel_backend cancels the batch ($(head -1 "$W/batch.out"))"
+awk -v a="$t_cancel" -v b="$(cat "$W/batch_t")" 'BEGIN { exit !(b - a < 1.0) }'
+ok $? "within a second"
+idle=1
+for _ in $(seq 1 50); do
+  [ "$(q -c "SELECT count(*) FROM kimi_linear.activity")" = 0 ] && { idle=0; break; }
+  sleep 0.02
+done
+ok $idle "every request of the cancelled batch is dropped and its slot freed"
+
+# ------------------------------------------------------------------ 7. a batch waits for slots others hold
+max=$(q -c "SHOW kimi_linear.max_requests")
+for i in $(seq 1 $((max - 2))); do
+  q -c "SELECT length(kimi_linear.generate('Hold $i', max_tokens => 600, ignore_eos => true))" >/dev/null 2>"$W/hold.$i" &
+done
+for _ in $(seq 1 100); do
+  [ "$(q -c "SELECT count(*) FROM kimi_linear.activity")" -ge $((max - 2)) ] && break
+  sleep 0.05
+done
+held=$(q -c "SELECT count(*) FROM kimi_linear.activity")
+res=$(q -c "SELECT count(*) || ' rows, ' || count(error) || ' errors' FROM kimi_linear.generate_each(ARRAY(SELECT g FROM generate_series(1, 12) g),
+             ARRAY(SELECT 'Batch ' || g FROM generate_series(1, 12) g), max_tokens => 16, concurrency => 8)" 2>&1)
+wait
+[ "$res" = "12 rows, 0 errors" ] && ! grep -q ERROR "$W"/hold.*
+ok $? "with $held of $max slots held by other sessions, a batch of 12 (concurrency 8) waits for slots and completes: $res"
 
 echo "1..$n"
 exit $failed

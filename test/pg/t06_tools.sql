@@ -4,7 +4,7 @@
 -- against the schema); extract over a text column; errors that say what is
 -- wrong.
 BEGIN;
-SELECT plan(44);
+SELECT plan(47);
 
 -- a small validator for the JSON schema keywords the constraint supports
 CREATE FUNCTION pg_temp.valid(v jsonb, s jsonb) RETURNS boolean LANGUAGE plpgsql AS $$
@@ -188,6 +188,17 @@ SELECT is((SELECT count(*)::int FROM ex WHERE fields ? 'name' AND fields ->> 'ki
 SELECT ok((SELECT fields IS NULL FROM ex WHERE id = 3), 'extract of a NULL document is NULL');
 SELECT throws_like($$SELECT kimi_linear.extract('x', '{"type": "object"}', max_tokens => 0)$$,
   '%max_tokens must be between 1%', 'extract: max_tokens is checked');
+
+-- the set-based form: the same fields per document, errors on their rows
+CREATE TEMP TABLE ex_each AS SELECT * FROM kimi_linear.extract_each(ARRAY(SELECT id FROM docs ORDER BY id),
+  ARRAY(SELECT body FROM docs ORDER BY id),
+  '{"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+    "kind": {"enum": ["table", "view"]}, "rows": {"type": ["integer", "null"]}}, "required": ["name", "kind"]}');
+SELECT is((SELECT count(*)::int FROM ex_each e JOIN ex ON ex.id = e.key WHERE e.fields = ex.fields AND e.error IS NULL), 2,
+          'extract_each: each document''s fields equal extract''s');
+SELECT is((SELECT error FROM ex_each WHERE key = 3), 'body must not be NULL', 'extract_each: a NULL document is an error on its row');
+SELECT is((SELECT error FROM kimi_linear.extract_each(ARRAY[1], ARRAY['The table t.'], '{"type": "string"}', max_tokens => 2)),
+          'the JSON value was cut off by max_tokens (2) before it was complete', 'extract_each: a value cut off is an error on its row');
 
 -- ------------------------------------------------------------ the plain forms are unchanged
 SELECT is(kimi_linear.chat('[{"role": "user", "content": "What is a tablespace?"}]', max_tokens => 20),
