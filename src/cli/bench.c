@@ -140,13 +140,27 @@ measure_sgemm(void)
 static double
 wbytes(const kl_weight *w)
 {
+	if (w->q.type != KL_Q_NONE)
+		return (double) kl_q_bytes(&w->q);
 	return (double) w->rows * w->cols * (double) kl_dtype_size(w->dtype);
+}
+
+static double
+wparams(const kl_weight *w)
+{
+	return (double) w->rows * w->cols;
 }
 
 static double
 mlp_bytes(const kl_mlp *m)
 {
 	return wbytes(&m->gate) + wbytes(&m->up) + wbytes(&m->down);
+}
+
+static double
+mlp_params(const kl_mlp *m)
+{
+	return wparams(&m->gate) + wparams(&m->up) + wparams(&m->down);
 }
 
 /* Weight bytes one decode step reads (the embedding: one row; MoE: the k
@@ -197,19 +211,18 @@ active_weights(const kl_model *m, double *bytes, double *flops)
 		if (!L->is_moe)
 		{
 			b += mlp_bytes(&L->mlp);
-			params += mlp_bytes(&L->mlp) / kl_dtype_size(L->mlp.gate.dtype);
+			params += mlp_params(&L->mlp);
 		}
 		else
 		{
 			double		e = mlp_bytes(&L->moe.experts[0]);
 
 			b += wbytes(&L->moe.router) + e * c->experts_per_token;
-			params += (double) L->moe.router.rows * L->moe.router.cols +
-				e / kl_dtype_size(L->moe.experts[0].gate.dtype) * c->experts_per_token;
+			params += wparams(&L->moe.router) + mlp_params(&L->moe.experts[0]) * c->experts_per_token;
 			if (L->moe.has_shared)
 			{
 				b += mlp_bytes(&L->moe.shared);
-				params += mlp_bytes(&L->moe.shared) / kl_dtype_size(L->moe.shared.gate.dtype);
+				params += mlp_params(&L->moe.shared);
 			}
 		}
 	}
@@ -440,6 +453,7 @@ cmd_bench(int argc, char **argv)
 		kl_load_opts opts = {0};
 
 		opts.device = co.device;
+		opts.quantize = co.quantize;
 		if (kl_model_create_random(config, &opts, dtype, 42, &m, &err) != KL_OK)
 			goto fail;
 	}
@@ -468,10 +482,10 @@ cmd_bench(int argc, char **argv)
 	printf("## %s\n\n", label ? label : (co.model ? co.model : config));
 	printf("Machine: %s, %d threads (%s kernels), device %s; %s.  \n", cpu, kl_pool_threads(),
 		   kl_simd_get()->name, kl_model_device(m), date);
-	printf("Model: %.1fM parameters (%.1f MB of weights%s), %d layers (%d KDA, %d MLA)%s; "
+	printf("Model: %.1fM parameters (%.1f MB of weights%s, %s), %d layers (%d KDA, %d MLA)%s; "
 		   "a decode step reads %.1f MB of weights.  \n",
-		   kl_model_n_params(m) / 1e6, kl_model_weight_bytes(m) / 1e6, config ? ", random" : "",
-		   c->n_layers, c->n_kda_layers, c->n_mla_layers,
+		   kl_model_n_params(m) / 1e6, kl_model_resident_bytes(m) / 1e6, config ? ", random" : "",
+		   kl_model_weight_format(m), c->n_layers, c->n_kda_layers, c->n_mla_layers,
 		   c->n_experts ? ", MoE" : "", wb / 1e6);
 	printf("Ceilings measured here: memcpy %.1f GB/s (read + write), sgemm %.1f GFLOP/s. Load %.2f s.  \n",
 		   bw, gflops, t_load);

@@ -1,3 +1,6 @@
+/*
+ * cli_util.c — option parsing and file helpers shared by the ./kl subcommands.
+ */
 #include "cli_util.h"
 
 #include <ctype.h>
@@ -12,6 +15,7 @@ cli_common_init(cli_common *co)
 	co->model = NULL;
 	co->device = "cpu";
 	co->threads = 0;
+	co->quantize = NULL;
 }
 
 bool
@@ -23,6 +27,8 @@ cli_common_arg(cli_common *co, int argc, char **argv, int *i)
 		co->device = argv[++*i];
 	else if (strcmp(argv[*i], "--threads") == 0 && *i + 1 < argc)
 		co->threads = atoi(argv[++*i]);
+	else if (strcmp(argv[*i], "--quantize") == 0 && *i + 1 < argc)
+		co->quantize = argv[++*i];
 	else
 		return false;
 	return true;
@@ -35,6 +41,7 @@ cli_load(const cli_common *co, kl_model **m, kl_err *err)
 
 	kl_set_threads(co->threads);
 	opts.device = co->device;
+	opts.quantize = co->quantize;
 	return kl_model_load(co->model, &opts, m, err);
 }
 

@@ -4,6 +4,8 @@
  *   logits      logits of every position of a token sequence, as safetensors
  *   generate    generate a continuation (ids, and text with a tokenizer)
  *   bench       prefill / decode throughput table (bench.c)
+ *   perplexity  token-level perplexity over a corpus (cmd_perplexity.c)
+ *   quantize    write a quantized checkpoint, or its dequantized f32 copy (cmd_quantize.c)
  *   tokenize, detokenize, bench-tokenizer   (cmd_tokenizer.c)
  *
  * Used by the tests and benchmarks; a thin layer over the engine (kl.h).
@@ -29,10 +31,13 @@ usage(void)
 			"             [--repetition-penalty R] [--seed S] [--stop-ids a,b] [--ignore-eos]\n"
 			"             [--state-in FILE] [--state-out FILE]   (resume from / save the sequence state)\n"
 			"  bench      --model DIR | --config FILE  [--prefill 512,4096] [--decode 0,4096] [--dtype bf16]\n"
+			"  perplexity --model DIR --corpus FILE [--max-tokens N] [--save-argmax FILE] [--agree-with FILE]\n"
+			"  quantize   --model DIR (--format FMT --out DIR | --at-load fp8|int8|int4) [--dequantized DIR]\n"
 			"  tokenize   --model DIR [--special]        (text on stdin, ids on stdout)\n"
 			"  detokenize --model DIR                    (ids on stdin, text on stdout)\n"
 			"  bench-tokenizer --model DIR --corpus FILE\n"
-			"common options: --threads N (default: all cores), --device cpu|cuda|auto\n");
+			"common options: --threads N (default: all cores), --device cpu|cuda|auto,\n"
+			"                --quantize fp8|int8|int4 (quantize the weights at load)\n");
 }
 
 /* ------------------------------------------------------------------ logits */
@@ -407,6 +412,8 @@ main(int argc, char **argv)
 		{"logits", cmd_logits},
 		{"generate", cmd_generate},
 		{"bench", cmd_bench},
+		{"perplexity", cmd_perplexity},
+		{"quantize", cmd_quantize},
 		{"tokenize", cmd_tokenize},
 		{"detokenize", cmd_detokenize},
 		{"bench-tokenizer", cmd_bench_tokenizer},

@@ -45,6 +45,13 @@ typedef struct kl_load_opts
 	const char *precision;		/* "fp32" (default) or "bf16": activations in matrix products (CUDA) */
 	int			device_index;	/* which GPU (default 0) */
 	bool		no_tokenizer;	/* skip tiktoken.model / tokenizer_config.json */
+	/*
+	 * Quantize the weights at load: NULL (default) or "none", "fp8", "int8",
+	 * "int4" (method: quant.h, docs/engine.md).  For F32 / BF16 / F16
+	 * checkpoints; a checkpoint stored quantized is used as it is.  Part of
+	 * the model's fingerprint.
+	 */
+	const char *quantize;
 } kl_load_opts;
 
 int			kl_model_load(const char *dir, const kl_load_opts *opts, kl_model **out, kl_err *err);
@@ -62,6 +69,13 @@ const char *kl_model_dir(const kl_model *m);
 const char *kl_model_device(const kl_model *m);			/* "cpu" or "cuda" */
 int64_t		kl_model_n_params(const kl_model *m);
 uint64_t	kl_model_weight_bytes(const kl_model *m);	/* bytes of all tensors as stored */
+/* Bytes of the weights as the backend holds them (after quantization at load). */
+uint64_t	kl_model_resident_bytes(const kl_model *m);
+/* The weights' format in a few words: "bf16", "int4 g32 (quantized at load
+ * from bf16)", "fp8 per channel (compressed-tensors)", ... */
+const char *kl_model_weight_format(const kl_model *m);
+/* The quantization at load ("fp8", "int8", "int4"), NULL when none. */
+const char *kl_model_quantize(const kl_model *m);
 /* 16 bytes identifying the architecture and weights; states carry it. */
 const uint8_t *kl_model_fingerprint(const kl_model *m);
 /* NULL when the directory has no tokenizer files (or no_tokenizer was set). */

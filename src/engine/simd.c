@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "kl_util.h"
+#include "simd_quant.h"
 
 /* ------------------------------------------------------------------ portable C */
 
@@ -105,7 +106,7 @@ exp_shift_sum_scalar(float *y, const float *x, float shift, int n)
 
 static const kl_simd simd_scalar = {
 	"scalar", dot_scalar, axpy_scalar, scale_scalar, gemv_bf16_scalar, gemv_f32_scalar,
-	bf16_to_f32_scalar, vexp_scalar, vmax_scalar, exp_shift_sum_scalar, NULL
+	bf16_to_f32_scalar, vexp_scalar, vmax_scalar, exp_shift_sum_scalar, NULL, kl_gemv_q_scalar
 };
 
 /*
@@ -391,7 +392,7 @@ exp_shift_sum_avx2(float *y, const float *x, float shift, int n)
 
 static const kl_simd simd_avx2 = {
 	"avx2", dot_avx2, axpy_avx2, scale_avx2, gemv_bf16_avx2, gemv_f32_avx2, bf16_to_f32_avx2,
-	vexp_avx2, vmax_avx2, exp_shift_sum_avx2, NULL
+	vexp_avx2, vmax_avx2, exp_shift_sum_avx2, NULL, kl_gemv_q_avx2
 };
 
 /* ------------------------------------------------------------------ AVX-512 */
@@ -877,7 +878,8 @@ exp_shift_sum_avx512(float *y, const float *x, float shift, int n)
 
 static const kl_simd simd_avx512 = {
 	"avx512", dot_avx512, axpy_avx512, scale_avx512, gemv_bf16_avx512, gemv_f32_avx512,
-	bf16_to_f32_avx512, vexp_avx512, vmax_avx512, exp_shift_sum_avx512, few_scores_avx512
+	bf16_to_f32_avx512, vexp_avx512, vmax_avx512, exp_shift_sum_avx512, few_scores_avx512,
+	kl_gemv_q_avx512
 };
 
 /* ------------------------------------------------------------------ dispatch */

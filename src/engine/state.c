@@ -310,8 +310,18 @@ check_part(const kl_seq *s, const state_header *h, kl_err *err)
 	uint64_t	want;
 
 	if (memcmp(h->fingerprint, s->model->fingerprint, 16) != 0)
+	{
+		int			q = kl_model_quantization_of(s->model, h->fingerprint);
+		const char *mine = kl_model_quantize(s->model);
+
+		if (q >= 0)
+			return kl_errf(err, "the state was made by this model %s%s, but it is loaded %s%s: resume it "
+						   "with the quantization that produced it (fingerprint mismatch)",
+						   q ? "quantized at load to " : "without quantization", q ? kl_qtype_name(q) : "",
+						   mine ? "quantized at load to " : "without quantization", mine ? mine : "");
 		return kl_errf(err, "the state was made by a different model (fingerprint mismatch): resume it "
 					   "with the model that produced it");
+	}
 	if (h->n_kda != (uint32_t) c->n_kda_layers || h->H != (uint32_t) c->kda_heads ||
 		h->K != (uint32_t) c->kda_head_dim || h->W != (uint32_t) c->conv_kernel ||
 		h->n_mla != (uint32_t) c->n_mla_layers || h->mla_row != (uint32_t) kl_mla_row(c))
