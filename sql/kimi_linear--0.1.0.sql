@@ -200,12 +200,12 @@ COMMENT ON FUNCTION chat_with_state(bytea, jsonb, int, float8, float8, int, bigi
 
 -------------------------------------------------------------------- models
 
-CREATE FUNCTION load_model(name text, path text) RETURNS void
+CREATE FUNCTION load_model(name text, path text, quantize text DEFAULT NULL) RETURNS void
 AS 'MODULE_PATHNAME', 'kl_sql_load_model'
 LANGUAGE C VOLATILE;
 
-COMMENT ON FUNCTION load_model(text, text) IS
-'Load the model in directory path (relative to kimi_linear.model_dir, or inside it) under name. Superusers and members of kimi_linear_admin only.';
+COMMENT ON FUNCTION load_model(text, text, text) IS
+'Load the model in directory path (relative to kimi_linear.model_dir, or inside it) under name; quantize => ''fp8'', ''int8'' or ''int4'' quantizes a bf16/f32 checkpoint''s weights at load (checkpoints published quantized load as they are). Superusers and members of kimi_linear_admin only.';
 
 CREATE FUNCTION unload_model(name text) RETURNS void
 AS 'MODULE_PATHNAME', 'kl_sql_unload_model'
@@ -214,9 +214,9 @@ LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION unload_model(text) IS
 'Unload a model from every inference worker; requests running on it fail. Superusers and members of kimi_linear_admin only.';
 
-REVOKE ALL ON FUNCTION load_model(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION load_model(text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION unload_model(text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION load_model(text, text) TO kimi_linear_admin;
+GRANT EXECUTE ON FUNCTION load_model(text, text, text) TO kimi_linear_admin;
 GRANT EXECUTE ON FUNCTION unload_model(text) TO kimi_linear_admin;
 
 CREATE FUNCTION _resolve_model(name text DEFAULT NULL) RETURNS text
@@ -225,13 +225,14 @@ LANGUAGE C VOLATILE;
 
 CREATE FUNCTION _models(
     OUT name text, OUT path text, OUT parameters bigint, OUT bytes bigint, OUT device text,
-    OUT status text, OUT loaded_at timestamptz, OUT error text)
+    OUT status text, OUT loaded_at timestamptz, OUT error text,
+    OUT weight_format text, OUT weight_bytes bigint)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'kl_sql_models'
 LANGUAGE C VOLATILE;
 
 CREATE VIEW models AS SELECT * FROM _models();
-COMMENT ON VIEW models IS 'Models registered with the inference workers.';
+COMMENT ON VIEW models IS 'Models registered with the inference workers: bytes of the checkpoint''s tensors as stored; weight_format (bf16, or how the weights are quantized) and weight_bytes, the weights as the workers hold them.';
 
 CREATE FUNCTION _activity(
     OUT worker int, OUT request_id bigint, OUT backend_pid int, OUT model text, OUT phase text,

@@ -24,6 +24,7 @@
 #include "utils/wait_event.h"
 
 #include "kl.h"
+#include "quant.h"
 
 #include "pg_guc.h"
 #include "pg_model.h"
@@ -153,11 +154,14 @@ wait_loaded(int e, uint32 gen, const char *name)
 }
 
 void
-kl_model_register(const char *name, const char *path, bool check_privilege)
+kl_model_register(const char *name, const char *path, const char *quantize, bool check_privilege)
 {
 	char		real[MAXPGPATH];
 	int			e = -1;
 	uint32		gen;
+	kl_qtype	qt;
+	kl_err		err;
+	const char *q;
 
 	kl_require_shared();
 	if (check_privilege)
@@ -169,6 +173,12 @@ kl_model_register(const char *name, const char *path, bool check_privilege)
 				 errhint("A name has 1 to %d letters, digits, '_', '-' or '.'.", KL_MODEL_NAME_LEN - 1)));
 	if (path[0] == '\0')
 		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("model path must not be empty")));
+	if (kl_qtype_parse(quantize, &qt, &err) != KL_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s", err.msg),
+				 errhint("quantize => NULL (the weights as stored), 'fp8', 'int8' or 'int4'.")));
+	q = qt == KL_Q_NONE ? "" : kl_qtype_name(qt);
 	resolve_model_path(path, real);
 
 	LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
@@ -176,14 +186,23 @@ kl_model_register(const char *name, const char *path, bool check_privilege)
 	if (e >= 0)
 	{
 		bool		same = strcmp(kl_shared->models[e].path, real) == 0;
+		char		had[sizeof(kl_shared->models[e].quantize)];
 
 		gen = kl_shared->models[e].generation;
+		strlcpy(had, kl_shared->models[e].quantize, sizeof(had));
 		LWLockRelease(kl_shared->lock);
 		if (!same)
 			ereport(ERROR,
 					(errcode(ERRCODE_DUPLICATE_OBJECT),
 					 errmsg("a model named \"%s\" is already loaded from another directory", name),
 					 errhint("Unload it first with kimi_linear.unload_model('%s').", name)));
+		if (strcmp(had, q) != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_DUPLICATE_OBJECT),
+					 errmsg("model \"%s\" is already loaded %s%s", name,
+							had[0] ? "quantized to " : "without quantization", had),
+					 errhint("Unload it first with kimi_linear.unload_model('%s'), or load it under another name.",
+							 name)));
 		/* the same model again: nothing to do once it is ready */
 		wait_loaded(e, gen, name);
 		return;
@@ -210,6 +229,9 @@ kl_model_register(const char *name, const char *path, bool check_privilege)
 		strlcpy(me->name, name, sizeof(me->name));
 		strlcpy(me->path, real, sizeof(me->path));
 		me->device = kl_device;
+		strlcpy(me->quantize, q, sizeof(me->quantize));
+		me->weight_format[0] = '\0';
+		me->weight_bytes = 0;
 		memset(me->wload, 0, sizeof(me->wload));
 		me->error[0] = '\0';
 		me->n_params = me->bytes = 0;
@@ -321,7 +343,7 @@ kl_model_resolve(const char *name, KlModelRef *out)
 					 errmsg("model \"%s\" is not loaded", want),
 					 errhint("Load it with kimi_linear.load_model('%s', 'directory under kimi_linear.model_dir').", want)));
 		/* (registering is idempotent: two sessions may do this at once) */
-		kl_model_register(KL_BUNDLED_MODEL, KL_BUNDLED_MODEL, false);
+		kl_model_register(KL_BUNDLED_MODEL, KL_BUNDLED_MODEL, NULL, false);
 		LWLockAcquire(kl_shared->lock, LW_SHARED);
 		e = find_entry(KL_BUNDLED_MODEL);
 		gen = e >= 0 ? kl_shared->models[e].generation : 0;
@@ -396,14 +418,15 @@ required_arg(FunctionCallInfo fcinfo, int i, const char *what)
 	return s;
 }
 
-/* load_model(name text, path text) */
+/* load_model(name text, path text, quantize text DEFAULT NULL) */
 Datum
 kl_sql_load_model(PG_FUNCTION_ARGS)
 {
 	char	   *name = required_arg(fcinfo, 0, "name");
 	char	   *path = required_arg(fcinfo, 1, "path");
+	char	   *quantize = PG_NARGS() > 2 && !PG_ARGISNULL(2) ? text_to_cstring(PG_GETARG_TEXT_PP(2)) : NULL;
 
-	kl_model_register(name, path, true);
+	kl_model_register(name, path, quantize, true);
 	PG_RETURN_VOID();
 }
 
@@ -425,7 +448,7 @@ kl_sql_resolve_model(PG_FUNCTION_ARGS)
 	PG_RETURN_TEXT_P(cstring_to_text(ref.name));
 }
 
-/* _models() -> (name, path, parameters, bytes, device, status, loaded_at, error) */
+/* _models() -> (name, path, parameters, bytes, device, status, loaded_at, error, weight_format, weight_bytes) */
 Datum
 kl_sql_models(PG_FUNCTION_ARGS)
 {
@@ -437,8 +460,8 @@ kl_sql_models(PG_FUNCTION_ARGS)
 	for (int e = 0; e < KL_MAX_MODELS; e++)
 	{
 		KlModelEntry me;
-		Datum		v[8];
-		bool		nulls[8] = {0};
+		Datum		v[10];
+		bool		nulls[10] = {0};
 
 		LWLockAcquire(kl_shared->lock, LW_SHARED);
 		memcpy(&me, &kl_shared->models[e], sizeof(me));
@@ -459,9 +482,11 @@ kl_sql_models(PG_FUNCTION_ARGS)
 			v[7] = CStringGetTextDatum(me.error);
 		else
 			nulls[7] = true;
+		v[8] = CStringGetTextDatum(me.weight_format);
+		v[9] = Int64GetDatum(me.weight_bytes);
 		if (me.state != KL_MODEL_READY)
 		{
-			nulls[2] = nulls[3] = true;
+			nulls[2] = nulls[3] = nulls[8] = nulls[9] = true;
 		}
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, nulls);
 	}

@@ -30,8 +30,9 @@ typedef struct KlModelRef
  */
 void		kl_model_resolve(const char *name, KlModelRef *out);
 
-/* Register and load a model (path relative to kimi_linear.model_dir, or inside it). */
-void		kl_model_register(const char *name, const char *path, bool check_privilege);
+/* Register and load a model (path relative to kimi_linear.model_dir, or
+ * inside it); quantize: NULL or a quantization at load (kl_load_opts). */
+void		kl_model_register(const char *name, const char *path, const char *quantize, bool check_privilege);
 void		kl_model_unregister(const char *name);
 
 /* The tokenizer of a resolved model, loaded by this backend on first use; ERROR if it has none. */

@@ -49,12 +49,15 @@ typedef struct KlModelEntry
 	char		name[KL_MODEL_NAME_LEN];
 	char		path[MAXPGPATH];	/* resolved (realpath) directory */
 	int			device;			/* KL_DEVICE_* requested at load time */
+	char		quantize[8];	/* quantization at load ("" none; kl_load_opts.quantize) */
 	uint8		wload[KL_MAX_WORKERS];
 	char		error[1024];	/* why loading failed */
 	/* filled by the first worker that loads it */
 	int64		n_params;
 	int64		bytes;
 	char		device_name[16];	/* where it actually runs */
+	char		weight_format[160]; /* kl_model_weight_format */
+	int64		weight_bytes;	/* kl_model_resident_bytes */
 	int32		vocab_size;
 	bool		has_tokenizer;
 	TimestampTz loaded_at;

@@ -97,6 +97,7 @@ sync_models(void)
 		uint8		mine;
 		char		path[MAXPGPATH];
 		char		name[KL_MODEL_NAME_LEN];
+		char		quantize[sizeof(e->quantize)];
 		int			device;
 
 		LWLockAcquire(kl_shared->lock, LW_SHARED);
@@ -106,6 +107,7 @@ sync_models(void)
 		strlcpy(path, e->path, sizeof(path));
 		strlcpy(name, e->name, sizeof(name));
 		device = e->device;
+		strlcpy(quantize, e->quantize, sizeof(quantize));
 		LWLockRelease(kl_shared->lock);
 
 		/* held but no longer wanted */
@@ -139,6 +141,7 @@ sync_models(void)
 
 			memset(&opts, 0, sizeof(opts));
 			opts.device = kl_device_name(device);
+			opts.quantize = quantize[0] ? quantize : NULL;
 			pgstat_report_activity(STATE_RUNNING, "loading a model");
 			rc = kl_model_load(path, &opts, &m, &err);
 			if (rc == KL_OK)
@@ -198,6 +201,8 @@ sync_models(void)
 					e->n_params = kl_model_n_params(m);
 					e->bytes = (int64) kl_model_weight_bytes(m);
 					strlcpy(e->device_name, kl_model_device(m), sizeof(e->device_name));
+					strlcpy(e->weight_format, kl_model_weight_format(m), sizeof(e->weight_format));
+					e->weight_bytes = (int64) kl_model_resident_bytes(m);
 					e->vocab_size = wm->vocab;
 					e->has_tokenizer = wm->tok != NULL;
 					e->loaded_at = GetCurrentTimestamp();
