@@ -390,6 +390,7 @@ cmd_bench(int argc, char **argv)
 				n_decode = 3,
 				steps = 32;
 	bool		profile = false;
+	bool		roofline = true;	/* --no-roofline: skip measuring the ceilings (quick comparisons) */
 	kl_err		err;
 	kl_model   *m = NULL;
 	kl_ctx	   *ctx = NULL;
@@ -426,6 +427,8 @@ cmd_bench(int argc, char **argv)
 			steps = atoi(argv[++i]);
 		else if (strcmp(argv[i], "--profile") == 0)
 			profile = true;
+		else if (strcmp(argv[i], "--no-roofline") == 0)
+			roofline = false;
 		else
 		{
 			fprintf(stderr, "kl bench: unknown or incomplete option %s\n", argv[i]);
@@ -439,7 +442,9 @@ cmd_bench(int argc, char **argv)
 	}
 	cpu_name(cpu, sizeof(cpu));
 	strftime(date, sizeof(date), "%Y-%m-%d", gmtime(&now));
-	measure_ceilings(co.threads, &bw, &gflops);
+	bw = gflops = 0;
+	if (roofline)
+		measure_ceilings(co.threads, &bw, &gflops);
 	kl_set_threads(co.threads);
 
 	t_load = kl_now();
