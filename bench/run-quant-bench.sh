@@ -75,7 +75,7 @@ EOF
 # ---------------------------------------------------------------- speed
 bench_decode() {  # model-args steps quantize -> tokens/s and the weights line
   # shellcheck disable=SC2086
-  ./kl bench $1 --prefill 16 --decode 0 --decode-steps $2 $(qopt $3) 2>/dev/null
+  ./kl bench $1 --prefill 16 --decode 0 --decode-steps $2 --no-roofline $(qopt $3) 2>/dev/null
 }
 for r in $(seq 1 "$rounds"); do
   for f in $formats; do
@@ -124,7 +124,7 @@ tmp=$(mktemp)
   base=$(sed -n 's/^perplexity: //p' "$work/ppl-bf16")
   for f in $formats; do
     p=$(sed -n 's/^perplexity: //p' "$work/ppl-$f")
-    w=$(sed -n 's/^model: .* (\(.*\))$/\1/p' "$work/ppl-$f")
+    w=$(sed -n 's/^model: [^ ]* (\(.*\))$/\1/p' "$work/ppl-$f")
     a=$(sed -n 's/^greedy agreement: \([0-9.]*%\).*/\1/p' "$work/ppl-$f")
     [ $f = bf16 ] && a="-"
     fr=$(free_running $f)
