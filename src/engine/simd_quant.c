@@ -464,7 +464,12 @@ tile4_avx512(float *y, int ldy, const kl_qmat *W, const float *xp, int ldx, int 
 		{
 			if (prefetch && (b & 3) == 0)
 				for (int i = 0; i < NR; i++)
+				{
+					/* the weights and, a line at a time, the scales of the rows ahead */
 					_mm_prefetch((const char *) (w[i] + PF_ROWS * W->row_bytes + (size_t) b * 16), _MM_HINT_T0);
+					if ((b & 15) == 0)
+						_mm_prefetch((const char *) (sc[i] + PF_ROWS * W->n_groups + g), _MM_HINT_T0);
+				}
 			BLOCK4((size_t) b * 16, b * 32, false, (__mmask16) 0xffff);
 		}
 		if (have && b == nfull && (g == W->n_groups - 1 || b < (g + 1) * bpg))
