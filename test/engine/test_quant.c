@@ -12,7 +12,8 @@
  *     the golden tiny models (tiny_a f32 + MoE, tiny_c bf16 + a 90-token
  *     prompt that takes the sgemm path): their logits equal those of the
  *     dequantized f32 weights run through the f32 path (<= 1e-5 relative),
- *     one call and token by token.  The same for quantization at load.
+ *     one call and token by token.  The same for quantization at load, and
+ *     whole models under each SIMD level (KL_SIMD, through ./kl logits).
  *   - States: the fingerprint covers the quantization at load, and the
  *     refusal says which quantization made the state.
  *   - Broken quantized checkpoints and configs are clear errors.
@@ -499,6 +500,98 @@ test_published_formats(void)
 	}
 }
 
+/*
+ * Whole models under every SIMD level (KL_SIMD is read once per process, so
+ * through ./kl logits): each format of tiny_c against its dequantized copy.
+ */
+static float *
+read_logits(const char *path, size_t *n)
+{
+	kl_safetensors st;
+	kl_err		err;
+	const kl_st_tensor *t;
+	float	   *out = NULL;
+
+	if (kl_st_open_file(path, &st, &err) == KL_OK && (t = kl_st_find(&st, "logits")) != NULL)
+	{
+		out = malloc(t->nbytes);
+		memcpy(out, t->data, t->nbytes);
+		*n = (size_t) t->numel;
+	}
+	kl_st_close(&st);
+	return out;
+}
+
+static void
+test_levels_end_to_end(void)
+{
+	static const char *levels[] = {"scalar", "avx2", "avx512"};
+	static const char *cases[][3] = {	/* what, model dir (under tmpdir), --quantize */
+		{"ct-int4", "tiny_c-ct-int4", ""}, {"ct-fp8-block", "tiny_c-ct-fp8-block", ""},
+		{"ct-int8", "tiny_c-ct-int8", ""}, {"int4 at load", "", "int4"},
+	};
+	char		ids[400];
+	int			o = 0;
+
+	/* 40 tokens: the GEMV path, where the SIMD levels differ */
+	for (int i = 0; i < 40; i++)
+		o += snprintf(ids + o, sizeof(ids) - o, "%s%d", i ? "," : "", (i * 37 + 5) % 384);
+
+	for (size_t l = 0; l < 3; l++)
+	{
+		double		worst = 0;
+		bool		ran = true;
+
+		if (!kl_simd_variant(levels[l]))
+		{
+			tap_skip("this CPU lacks the SIMD level");
+			continue;
+		}
+		for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++)
+		{
+			char		qdir[600],
+						ddir[600],
+						fq[700],
+						fd[700];
+			size_t		nq = 0,
+						nd = 0;
+			float	   *lq,
+					   *ld;
+
+			if (cases[c][1][0])
+				snprintf(qdir, sizeof(qdir), "%s/%s", tmpdir, cases[c][1]);
+			else
+				snprintf(qdir, sizeof(qdir), "%s/golden/tiny_c", tap_fixture_dir());
+			snprintf(ddir, sizeof(ddir), "%s/%s-deq", tmpdir, cases[c][1][0] ? cases[c][1] : "tiny_c-at-int4");
+			snprintf(fq, sizeof(fq), "%s/lq.safetensors", tmpdir);
+			snprintf(fd, sizeof(fd), "%s/ld.safetensors", tmpdir);
+			if (cases[c][2][0])
+				snprintf(ddir, sizeof(ddir), "%s/tiny_c-at-%s", tmpdir, cases[c][2]);
+			if (run("KL_SIMD=%s %s logits --model %s %s%s --ids %s --out %s && %s logits --model %s --ids %s --out %s",
+					levels[l], kl_cli(), qdir, cases[c][2][0] ? "--quantize " : "", cases[c][2], ids, fq,
+					kl_cli(), ddir, ids, fd) != 0)
+			{
+				ran = false;
+				continue;
+			}
+			lq = read_logits(fq, &nq);
+			ld = read_logits(fd, &nd);
+			if (!lq || !ld || nq != nd)
+				ran = false;
+			else
+			{
+				double		e = rel_err(lq, ld, nq);
+
+				worst = e > worst ? e : worst;
+			}
+			free(lq);
+			free(ld);
+		}
+		tap_ok(ran && worst <= TOL, "KL_SIMD=%s: tiny_c as ct-int4, ct-fp8-block, ct-int8 and int4 at load, "
+			   "logits against the dequantized weights (worst rel err %.2e)", levels[l], worst);
+	}
+}
+
 /* ------------------------------------------------------------------ states */
 
 static void
@@ -937,6 +1030,7 @@ main(void)
 	test_packed_layout();
 	test_kernels();
 	test_published_formats();
+	test_levels_end_to_end();
 	test_state_fingerprint();
 	test_batch_invariance("int4");
 	test_batch_invariance("fp8");
