@@ -328,8 +328,8 @@ matmul_task(void *arg, int t, int thread)
 
 /*
  * The int4 GEMV kernels read each input in the order the nibbles unpack
- * (quant.h): permute the inputs of this batch's int4 jobs once, here, for
- * all the tasks.
+ * (the SIMD level's q4_permute): permute the inputs of this batch's int4
+ * jobs once, here, for all the tasks.
  */
 static bool
 permute_int4_inputs(kl_backend *be, matmul_batch *b)
@@ -342,7 +342,7 @@ permute_int4_inputs(kl_backend *be, matmul_batch *b)
 		const kl_matmul_job *j = &b->jobs[k];
 
 		if (j->W->q.type == KL_Q_INT4 && j->n > 0 && j->n <= GEMV_MAX_ROWS)
-			total += (size_t) j->n * kl_q4_xperm_len(j->W->cols);
+			total += (size_t) j->n * b->simd->q4_xlen(j->W->cols);
 	}
 	if (total == 0)
 		return true;
@@ -352,12 +352,12 @@ permute_int4_inputs(kl_backend *be, matmul_batch *b)
 	for (int k = 0; k < b->count; k++)
 	{
 		const kl_matmul_job *j = &b->jobs[k];
-		int			len = kl_q4_xperm_len(j->W->cols);
+		int			len = b->simd->q4_xlen(j->W->cols);
 
 		if (!(j->W->q.type == KL_Q_INT4 && j->n > 0 && j->n <= GEMV_MAX_ROWS))
 			continue;
 		for (int r = 0; r < j->n; r++)
-			kl_q4_permute_x(buf + (size_t) r * len, j->x + (size_t) r * j->ldx, j->W->cols);
+			b->simd->q4_permute(buf + (size_t) r * len, j->x + (size_t) r * j->ldx, j->W->cols);
 		b->xq[k] = buf;
 		b->ldxq[k] = len;
 		buf += (size_t) j->n * len;

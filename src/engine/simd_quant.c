@@ -328,13 +328,16 @@ widen16_avx512(const uint8_t *p, __mmask16 m, bool part, bool fp8)
  */
 #define CHUNK16(cc, part, m, acc) \
 	do { \
+		_Pragma("GCC unroll 4") \
 		for (int i = 0; i < NR; i++) \
 			wv[i] = post ? widen16_avx512(w[i] + (cc), m, part, fp8) : \
 				_mm512_mul_ps(widen16_avx512(w[i] + (cc), m, part, fp8), vs[i]); \
+		_Pragma("GCC unroll 2") \
 		for (int j = 0; j < NX; j++) \
 		{ \
 			const float *xj = x + (size_t) j * ldx + (cc); \
 			__m512		xv = part ? _mm512_maskz_loadu_ps(m, xj) : _mm512_loadu_ps(xj); \
+			_Pragma("GCC unroll 4") \
 			for (int i = 0; i < NR; i++) \
 				acc[j][i] = _mm512_fmadd_ps(wv[i], xv, acc[j][i]); \
 		} \
@@ -400,88 +403,122 @@ tile8_avx512(float *y, int ldy, const kl_qmat *W, const float *x, int ldx, int r
 }
 
 /*
- * One 32-column block of NR int4 rows (bytes at w[i] + off, all 16 or the
- * first `have` under mask m) against NX permuted inputs at xp + c.
+ * int4 on AVX-512 reads a row 64 bytes (128 columns, a "span") at a time:
+ * 32-bit lane k of the load holds columns 8k .. 8k+7 of the span as its 8
+ * nibbles (nibble i = column 8k + i), so shifting the lanes right by 4i
+ * puts column 8k + i in the low 4 bits of every lane at once — no byte
+ * unpacking — and vpermps (which reads only those bits) maps it through the
+ * 16 values n - 8.  The activations are laid out to match
+ * (kl_q4_permute_span): per span, xs[16 i + k] = x[8k + i].  The products
+ * accumulate per lane; lane k belongs to the 32-column block k / 4, so the
+ * group scales multiply the span's sums once, lane by lane.
  */
-#define BLOCK4(off, c, part, m) \
-	do { \
-		__m512		wl[4], \
-					wh[4]; \
-		for (int i = 0; i < NR; i++) \
-		{ \
-			const uint8_t *p_ = w[i] + (off); \
-			__m128i		by_ = (part) ? _mm_maskz_loadu_epi8(m, p_) : _mm_loadu_si128((const __m128i *) p_); \
-			__m512i		v_ = _mm512_cvtepu8_epi32(by_); \
-			/* vpermps reads the low 4 bits of each lane: the low nibble as is */ \
-			wl[i] = _mm512_permutexvar_ps(v_, tbl[i]); \
-			wh[i] = _mm512_permutexvar_ps(_mm512_srli_epi32(v_, 4), tbl[i]); \
-		} \
-		for (int j = 0; j < NX; j++) \
-		{ \
-			const float *xj_ = xp + (size_t) j * ldx + (c); \
-			__m512		xl_ = _mm512_loadu_ps(xj_), \
-						xh_ = _mm512_loadu_ps(xj_ + 16); \
-			for (int i = 0; i < NR; i++) \
-			{ \
-				a0[j][i] = _mm512_fmadd_ps(wl[i], xl_, a0[j][i]); \
-				a1[j][i] = _mm512_fmadd_ps(wh[i], xh_, a1[j][i]); \
-			} \
-		} \
-	} while (0)
+void
+kl_q4_permute_span(float *dst, const float *x, int cols)
+{
+	int			n = kl_q4_span_len(cols);
 
-/* NR rows (1..4) of an int4 matrix against NX permuted inputs (1..2);
- * the low and high nibbles accumulate apart */
+	for (int sp = 0; sp < n; sp += 128)
+		for (int i = 0; i < 8; i++)
+			for (int k = 0; k < 16; k++)
+			{
+				int			c = sp + 8 * k + i;
+
+				dst[sp + 16 * i + k] = c < cols ? x[c] : 0.0f;
+			}
+}
+
+/*
+ * The scale of every lane of a span of one row: base is the span's first
+ * group, smask the groups the span holds (for groups of 32 or 64 columns).
+ */
+AVX512 static INLINE __m512
+span_scales(const float *sc, int base, int lanes_per_group, __mmask16 smask)
+{
+	if (lanes_per_group == 0)	/* one scale per row */
+		return _mm512_set1_ps(sc[0]);
+	if (lanes_per_group >= 16)	/* the span lies in one group */
+		return _mm512_set1_ps(sc[base]);
+	/* groups of 32 or 64 columns: 4 or 2 scales, each repeated over its lanes */
+	return _mm512_permutexvar_ps(lanes_per_group == 4 ?
+								 _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0) :
+								 _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+								 _mm512_maskz_loadu_ps(smask, sc + base));
+}
+
+/* NR rows (1..4) of an int4 matrix against NX span-permuted inputs (1..2) */
 AVX512 static INLINE void
-tile4_avx512(float *y, int ldy, const kl_qmat *W, const float *xp, int ldx, int r, int NR, int NX,
+tile4_avx512(float *y, int ldy, const kl_qmat *W, const float *xs, int ldx, int r, int NR, int NX,
 			 bool prefetch)
 {
-	int			nfull = (int) (W->row_bytes / 16);	/* whole 16-byte blocks */
-	int			have = (int) (W->row_bytes % 16);	/* bytes of a last, partial block */
-	int			bpg = blocks_per_group(W);
+	int			nsp = (W->cols + 127) / 128;
+	/* lanes per scale group: 0 = one scale per row; groups are multiples of 32 columns */
+	int			lpg = W->group == W->cols ? 0 : W->group / 8;
+	int			gps = lpg == 0 || lpg >= 16 ? 1 : 16 / lpg;	/* groups per span (32, 64: 4, 2) */
 	const uint8_t *w[4];
 	const float *sc[4];
-	__m512		a0[2][4],
-				a1[2][4],
-				tbl[4];
-	/* the 16 nibble values n - 8; times a group's scale, the weights it can hold */
+	__m512		res[2][4];
+	/* the 16 nibble values n - 8 */
 	const __m512 levels = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
-	int			b = 0;
 
 	for (int i = 0; i < NR; i++)
 	{
 		w[i] = W->data + (size_t) (r + i) * W->row_bytes;
 		sc[i] = row_scales(W, r + i);
 		for (int j = 0; j < NX; j++)
-			a0[j][i] = a1[j][i] = _mm512_setzero_ps();
+			res[j][i] = _mm512_setzero_ps();
 	}
-	for (int g = 0; g < W->n_groups; g++)
+	for (int sp = 0; sp < nsp; sp++)
 	{
-		int			b1 = (g + 1) * bpg < nfull ? (g + 1) * bpg : nfull;
+		size_t		have = W->row_bytes - (size_t) sp * 64;
+		bool		part = have < 64;
+		const float *x0 = xs + (size_t) sp * 128;
+		/* the span's first group, and the groups it holds (once per span, not per row) */
+		int			base = lpg == 0 ? 0 : lpg <= 16 ? sp * gps : sp * 128 / W->group;
+		__mmask16	smask = (__mmask16) ((1u << (W->n_groups - base < gps ? W->n_groups - base : gps)) - 1);
 
+#pragma GCC unroll 4
 		for (int i = 0; i < NR; i++)
-			tbl[i] = _mm512_mul_ps(levels, _mm512_set1_ps(sc[i][g]));
-		for (; b < b1; b++)
 		{
-			if (prefetch && (b & 3) == 0)
-				for (int i = 0; i < NR; i++)
+			const uint8_t *p = w[i] + (size_t) sp * 64;
+			__m512i		v = part ? _mm512_maskz_loadu_epi8((__mmask64) ((1ull << have) - 1), p) :
+				_mm512_loadu_si512(p);
+			__m512		sv = span_scales(sc[i], base, lpg, smask);
+			__m512		a0[2],
+						a1[2];
+
+			if (prefetch)
+			{
+				_mm_prefetch((const char *) (p + PF_ROWS * W->row_bytes), _MM_HINT_T0);
+				if ((sp & 3) == 0)
+					_mm_prefetch((const char *) (sc[i] + PF_ROWS * W->n_groups + base), _MM_HINT_T0);
+			}
+			/* nibbles 0-3 into a0, 4-7 into a1: two independent chains per input */
+			for (int k = 0; k < 8; k++)
+			{
+				__m512		wk = _mm512_permutexvar_ps(k ? _mm512_srli_epi32(v, 4 * k) : v, levels);
+
+				for (int j = 0; j < NX; j++)
 				{
-					/* the weights and, a line at a time, the scales of the rows ahead */
-					_mm_prefetch((const char *) (w[i] + PF_ROWS * W->row_bytes + (size_t) b * 16), _MM_HINT_T0);
-					if ((b & 15) == 0)
-						_mm_prefetch((const char *) (sc[i] + PF_ROWS * W->n_groups + g), _MM_HINT_T0);
+					__m512		xv = _mm512_loadu_ps(x0 + (size_t) j * ldx + 16 * k);
+
+					if (k == 0)
+						a0[j] = _mm512_mul_ps(wk, xv);
+					else if (k == 4)
+						a1[j] = _mm512_mul_ps(wk, xv);
+					else if (k < 4)
+						a0[j] = _mm512_fmadd_ps(wk, xv, a0[j]);
+					else
+						a1[j] = _mm512_fmadd_ps(wk, xv, a1[j]);
 				}
-			BLOCK4((size_t) b * 16, b * 32, false, (__mmask16) 0xffff);
-		}
-		if (have && b == nfull && (g == W->n_groups - 1 || b < (g + 1) * bpg))
-		{
-			/* the row's last block is partial (its group's table is loaded) */
-			BLOCK4((size_t) b * 16, b * 32, true, (__mmask16) ((1u << have) - 1));
-			b++;
+			}
+			for (int j = 0; j < NX; j++)
+				res[j][i] = _mm512_fmadd_ps(_mm512_add_ps(a0[j], a1[j]), sv, res[j][i]);
 		}
 	}
 	for (int j = 0; j < NX; j++)
 		for (int i = 0; i < NR; i++)
-			y[(size_t) j * ldy + r + i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j][i], a1[j][i]));
+			y[(size_t) j * ldy + r + i] = _mm512_reduce_add_ps(res[j][i]);
 }
 
 /* one (NR, NX) tile of any form (the constant arguments specialize the inlined tiles) */

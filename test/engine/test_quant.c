@@ -246,7 +246,8 @@ test_kernels(void)
 		{KL_Q_INT8, 13, 384, 0}, {KL_Q_INT8, 9, 100, 0}, {KL_Q_INT8, 8, 200, 32}, {KL_Q_INT8, 5, 48, 16},
 		{KL_Q_FP8, 13, 384, 0}, {KL_Q_FP8, 7, 300, 128}, {KL_Q_FP8, 6, 20, 0}, {KL_Q_FP8, 11, 144, 48},
 		{KL_Q_INT4, 13, 384, 32}, {KL_Q_INT4, 9, 44, 0}, {KL_Q_INT4, 6, 200, 64}, {KL_Q_INT4, 5, 20, 32},
-		{KL_Q_INT4, 7, 1024, 128}, {KL_Q_INT4, 4, 72, 32},
+		{KL_Q_INT4, 7, 1024, 128}, {KL_Q_INT4, 4, 72, 32}, {KL_Q_INT4, 6, 130, 0}, {KL_Q_INT4, 5, 320, 64},
+		{KL_Q_INT4, 9, 256, 256}, {KL_Q_INT4, 3, 8, 32},
 	};
 	static const char *levels[] = {"scalar", "avx2", "avx512"};
 
@@ -268,7 +269,7 @@ test_kernels(void)
 			kl_qmat		q;
 			void	   *mem[2];
 			int			nx = 7,
-						xl = kl_q4_xperm_len(k->cols),
+						xl = s->q4_xlen(k->cols),
 						ldx = k->type == KL_Q_INT4 ? xl : k->cols;
 			float	   *x = malloc(sizeof(float) * (size_t) nx * k->cols);
 			float	   *xk = malloc(sizeof(float) * (size_t) nx * xl);
@@ -283,7 +284,7 @@ test_kernels(void)
 			for (int j = 0; j < nx; j++)
 			{
 				if (k->type == KL_Q_INT4)
-					kl_q4_permute_x(xk + (size_t) j * xl, x + (size_t) j * k->cols, k->cols);
+					s->q4_permute(xk + (size_t) j * xl, x + (size_t) j * k->cols, k->cols);
 				else
 					memcpy(xk + (size_t) j * ldx, x + (size_t) j * k->cols, sizeof(float) * k->cols);
 			}
