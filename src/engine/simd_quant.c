@@ -6,7 +6,8 @@
  * Method: weight-only.  The kernels rebuild each weight in registers as
  * the fp32 number fl(q * scale) — exactly what a checkpoint of dequantized
  * f32 weights would hold — and multiply it with the fp32 activations, as
- * the f32 kernels do (one exception below: per-channel int8 on AVX-512).  So a quantized model computes the same function as
+ * the f32 kernels do (exceptions below: per-channel int8 and int4 on
+ * AVX-512 scale integer-weight sums).  So a quantized model computes the same function as
  * its dequantized f32 copy, to float rounding, and activations keep fp32
  * precision (no per-token activation quantization).
  *
@@ -19,12 +20,13 @@
  *          the fp32 whose bits those are is the E4M3 value times 2^-120
  *          exactly (normal and subnormal codes alike), so one multiply by
  *          scale * 2^120 (exact: |scale| < 256, quant.h) gives fl(v * s);
- *   int4   zero-extend the 16 bytes of a 32-column block to 32-bit lanes;
- *          the nibbles (even columns low, odd columns high) index a table
- *          of the 16 values fl((n - 8) * s) of the group (AVX-512: one
- *          vpermps per 16 weights), or are converted and fma(n, s, -8 s) =
- *          fl((n - 8) * s) (-8 s is exact; AVX2); the activations were
- *          permuted to match (kl_q4_permute_x).
+ *   int4   AVX-512: 128 columns per load, nibbles brought to the low bits
+ *          of the 32-bit lanes by shifts and mapped through n - 8 by
+ *          vpermps; the sums scaled per group (see tile4_avx512).  AVX2:
+ *          zero-extend the 16 bytes of a 32-column block, split the nibbles
+ *          (even columns low, odd high), convert, fma(n, s, -8 s) =
+ *          fl((n - 8) * s) (-8 s is exact).  The activations are permuted
+ *          to match, once per product (kl_simd.q4_permute).
  *
  * Batch invariance: each (row, input) pair accumulates in its own vector
  * in the same order whatever the number of rows and inputs a call handles
