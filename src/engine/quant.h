@@ -83,10 +83,11 @@ uint8_t		kl_f32_to_e4m3(float f);
 void		kl_q_dequant_row(const kl_qmat *q, int r, float *out);
 
 /*
- * The int4 kernels read the activations in the order the nibbles come out of
- * a 16-byte load: per block of 32 columns, the 16 even columns, then the 16
- * odd ones.  dst has room for kl_q4_xperm_len(cols) floats; the padding of
- * the last block is zero.
+ * The portable and AVX2 int4 kernels read the activations in the order the
+ * nibbles come out of a 16-byte load: per block of 32 columns, the 16 even
+ * columns, then the 16 odd ones.  dst has room for kl_q4_xperm_len(cols)
+ * floats; the padding of the last block is zero.  (AVX-512 has its own
+ * layout: simd_quant.h; kl_simd.q4_permute is the level's.)
  */
 static inline int
 kl_q4_xperm_len(int cols)
