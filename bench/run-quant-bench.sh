@@ -42,6 +42,8 @@ trap 'rm -rf "$work"' EXIT
 qopt() { [ "$1" = bf16 ] || echo "--quantize $1"; }
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+ceilings=$(./kl bench --model $model --prefill 16 --decode 0 --decode-steps 1 2>/dev/null |
+  sed -n 's/^Ceilings measured here: \(.*\)\. Load.*/\1/p')
 
 # ---------------------------------------------------------------- quality
 for f in $formats; do
@@ -114,7 +116,8 @@ tmp=$(mktemp)
   echo "Produced by \`bash bench/run-quant-bench.sh\` on $(date -u +%Y-%m-%d) ($rounds rounds);"
   echo "machine: $(sed -n 's/^model name\t*: //p' /proc/cpuinfo | head -1), $(nproc) cores"
   echo "($(grep -o 'avx512_vnni\|avx512_bf16\|avx512f ' /proc/cpuinfo | sort -u | tr '\n' ' ')), shared with other work:"
-  echo "load average $load_before before, $load_after after."
+  echo "load average $load_before before, $load_after after; ceilings measured before: $ceilings"
+  echo "(bench/results/engine-cpu.md has the machine on a day of 63-68 GB/s)."
   echo "Kernels: $(./kl bench --model $model --prefill 16 --decode 0 --decode-steps 1 2>/dev/null | sed -n 's/.*threads (\([a-z0-9]*\) kernels.*/\1/p'); weight-only (activations stay fp32, see docs/engine.md)."
   echo
   echo "## Quality: pgdocs-kimi-18m, first $ppl_tokens tokens of the manual corpus"
