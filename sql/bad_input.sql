@@ -52,6 +52,7 @@ SELECT kimi_linear.load_model(NULL, 'x');
 SELECT kimi_linear.load_model('x', NULL);
 SELECT kimi_linear.load_model('bad name!', 'x');
 SELECT kimi_linear.load_model('x', '');
+SELECT kimi_linear.load_model('x', 'x', quantize => 'int3');
 
 -- limits: the prompt must fit in the context
 SET kimi_linear.max_context = 32;

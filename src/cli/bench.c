@@ -140,13 +140,27 @@ measure_sgemm(void)
 static double
 wbytes(const kl_weight *w)
 {
+	if (w->q.type != KL_Q_NONE)
+		return (double) kl_q_bytes(&w->q);
 	return (double) w->rows * w->cols * (double) kl_dtype_size(w->dtype);
+}
+
+static double
+wparams(const kl_weight *w)
+{
+	return (double) w->rows * w->cols;
 }
 
 static double
 mlp_bytes(const kl_mlp *m)
 {
 	return wbytes(&m->gate) + wbytes(&m->up) + wbytes(&m->down);
+}
+
+static double
+mlp_params(const kl_mlp *m)
+{
+	return wparams(&m->gate) + wparams(&m->up) + wparams(&m->down);
 }
 
 /* Weight bytes one decode step reads (the embedding: one row; MoE: the k
@@ -197,19 +211,18 @@ active_weights(const kl_model *m, double *bytes, double *flops)
 		if (!L->is_moe)
 		{
 			b += mlp_bytes(&L->mlp);
-			params += mlp_bytes(&L->mlp) / kl_dtype_size(L->mlp.gate.dtype);
+			params += mlp_params(&L->mlp);
 		}
 		else
 		{
 			double		e = mlp_bytes(&L->moe.experts[0]);
 
 			b += wbytes(&L->moe.router) + e * c->experts_per_token;
-			params += (double) L->moe.router.rows * L->moe.router.cols +
-				e / kl_dtype_size(L->moe.experts[0].gate.dtype) * c->experts_per_token;
+			params += wparams(&L->moe.router) + mlp_params(&L->moe.experts[0]) * c->experts_per_token;
 			if (L->moe.has_shared)
 			{
 				b += mlp_bytes(&L->moe.shared);
-				params += mlp_bytes(&L->moe.shared) / kl_dtype_size(L->moe.shared.gate.dtype);
+				params += mlp_params(&L->moe.shared);
 			}
 		}
 	}
@@ -377,6 +390,7 @@ cmd_bench(int argc, char **argv)
 				n_decode = 3,
 				steps = 32;
 	bool		profile = false;
+	bool		roofline = true;	/* --no-roofline: skip measuring the ceilings (quick comparisons) */
 	kl_err		err;
 	kl_model   *m = NULL;
 	kl_ctx	   *ctx = NULL;
@@ -413,6 +427,8 @@ cmd_bench(int argc, char **argv)
 			steps = atoi(argv[++i]);
 		else if (strcmp(argv[i], "--profile") == 0)
 			profile = true;
+		else if (strcmp(argv[i], "--no-roofline") == 0)
+			roofline = false;
 		else
 		{
 			fprintf(stderr, "kl bench: unknown or incomplete option %s\n", argv[i]);
@@ -426,7 +442,9 @@ cmd_bench(int argc, char **argv)
 	}
 	cpu_name(cpu, sizeof(cpu));
 	strftime(date, sizeof(date), "%Y-%m-%d", gmtime(&now));
-	measure_ceilings(co.threads, &bw, &gflops);
+	bw = gflops = 0;
+	if (roofline)
+		measure_ceilings(co.threads, &bw, &gflops);
 	kl_set_threads(co.threads);
 
 	t_load = kl_now();
@@ -467,10 +485,10 @@ cmd_bench(int argc, char **argv)
 	printf("## %s\n\n", label ? label : (co.model ? co.model : config));
 	printf("Machine: %s, %d threads (%s kernels), device %s; %s.  \n", cpu, kl_pool_threads(),
 		   kl_simd_get()->name, kl_model_device(m), date);
-	printf("Model: %.1fM parameters (%.1f MB of weights%s), %d layers (%d KDA, %d MLA)%s; "
+	printf("Model: %.1fM parameters (%.1f MB of weights%s, %s), %d layers (%d KDA, %d MLA)%s; "
 		   "a decode step reads %.1f MB of weights.  \n",
-		   kl_model_n_params(m) / 1e6, kl_model_weight_bytes(m) / 1e6, config ? ", random" : "",
-		   c->n_layers, c->n_kda_layers, c->n_mla_layers,
+		   kl_model_n_params(m) / 1e6, kl_model_resident_bytes(m) / 1e6, config ? ", random" : "",
+		   kl_model_weight_format(m), c->n_layers, c->n_kda_layers, c->n_mla_layers,
 		   c->n_experts ? ", MoE" : "", wb / 1e6);
 	printf("Ceilings measured here: memcpy %.1f GB/s (read + write), sgemm %.1f GFLOP/s. Load %.2f s.  \n",
 		   bw, gflops, t_load);

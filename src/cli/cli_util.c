@@ -1,3 +1,6 @@
+/*
+ * cli_util.c — option parsing and file helpers shared by the ./kl subcommands.
+ */
 #include "cli_util.h"
 
 #include <ctype.h>
@@ -13,6 +16,7 @@ cli_common_init(cli_common *co)
 	co->device = "cpu";
 	co->threads = 0;
 	co->moe_routing = NULL;
+	co->quantize = NULL;
 }
 
 bool
@@ -26,6 +30,8 @@ cli_common_arg(cli_common *co, int argc, char **argv, int *i)
 		co->threads = atoi(argv[++*i]);
 	else if (strcmp(argv[*i], "--moe-routing") == 0 && *i + 1 < argc)
 		co->moe_routing = argv[++*i];
+	else if (strcmp(argv[*i], "--quantize") == 0 && *i + 1 < argc)
+		co->quantize = argv[++*i];
 	else
 		return false;
 	return true;
@@ -38,6 +44,7 @@ cli_load_opts(const cli_common *co)
 
 	opts.device = co->device;
 	opts.moe_routing = co->moe_routing;
+	opts.quantize = co->quantize;
 	return opts;
 }
 

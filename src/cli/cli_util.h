@@ -15,6 +15,7 @@ typedef struct cli_common
 	const char *device;			/* --device cpu|cuda|auto */
 	int			threads;		/* --threads N (0 = all cores) */
 	const char *moe_routing;	/* --moe-routing select|reference (NULL: the default, select) */
+	const char *quantize;		/* --quantize fp8|int8|int4 (quantize the weights at load) */
 } cli_common;
 
 void		cli_common_init(cli_common *co);

@@ -10,6 +10,8 @@ int			cmd_logits(int argc, char **argv);
 int			cmd_generate(int argc, char **argv);
 int			cmd_bench(int argc, char **argv);
 int			cmd_state(int argc, char **argv);
+int			cmd_quantize(int argc, char **argv);	/* cmd_quantize.c */
+int			cmd_perplexity(int argc, char **argv);	/* cmd_perplexity.c */
 
 /* tokenizer commands (cmd_tokenizer.c) */
 int			cmd_tokenize(int argc, char **argv);

@@ -4,6 +4,8 @@
  *   logits      logits of every position of a token sequence, as safetensors
  *   generate    generate a continuation (ids, and text with a tokenizer)
  *   bench       prefill / decode throughput table (bench.c)
+ *   perplexity  token-level perplexity over a corpus (cmd_perplexity.c)
+ *   quantize    write a quantized checkpoint, or its dequantized f32 copy (cmd_quantize.c)
  *   tokenize, detokenize, bench-tokenizer   (cmd_tokenizer.c)
  *   render, parse-reply   the Kimi chat format with tools (cmd_chat.c)
  *   bench-constraint      the per-step cost of JSON constraint masks (bench_constraint.c)
@@ -38,13 +40,16 @@ usage(void)
 			"  parse-reply [--tools FILE] < reply text      (content and tool calls as JSON)\n"
 			"  bench-constraint --model DIR [--synthetic N] [--steps N]   (JSON constraint masks per step)\n"
 			"  bench      --model DIR | --config FILE  [--prefill 512,4096] [--decode 0,4096] [--dtype bf16]\n"
+			"  perplexity --model DIR --corpus FILE [--max-tokens N] [--save-argmax FILE] [--agree-with FILE]\n"
+			"  quantize   --model DIR (--format FMT --out DIR | --at-load fp8|int8|int4) [--dequantized DIR]\n"
 			"  tokenize   --model DIR [--special]        (text on stdin, ids on stdout)\n"
 			"  detokenize --model DIR                    (ids on stdin, text on stdout)\n"
 			"  bench-tokenizer --model DIR --corpus FILE\n"
 			"common options: --threads N (default: all cores), --device cpu|cuda|auto,\n"
 			"                --moe-routing select|reference (MoE models: select = the router bias chooses\n"
 			"                the experts, the scores weight them (default); reference = the bias is added\n"
-			"                into the weights too, as the released kimi_linear code does)\n");
+			"                into the weights too, as the released kimi_linear code does),\n"
+			"                --quantize fp8|int8|int4 (quantize the weights at load)\n");
 }
 
 /* ------------------------------------------------------------------ logits */
@@ -530,6 +535,8 @@ main(int argc, char **argv)
 		{"logits", cmd_logits},
 		{"generate", cmd_generate},
 		{"bench", cmd_bench},
+		{"perplexity", cmd_perplexity},
+		{"quantize", cmd_quantize},
 		{"tokenize", cmd_tokenize},
 		{"detokenize", cmd_detokenize},
 		{"bench-tokenizer", cmd_bench_tokenizer},

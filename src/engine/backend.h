@@ -23,12 +23,18 @@
 #include "config.h"
 #include "kl.h"
 #include "kl_util.h"
+#include "quant.h"
 #include "safetensors.h"
 
 typedef struct kl_backend kl_backend;
 typedef struct kl_seq kl_seq;
 
-/* A weight matrix W [rows, cols]; a linear layer computes y = x W^T. */
+/*
+ * A weight matrix W [rows, cols]; a linear layer computes y = x W^T.
+ * Quantized matrices (q.type != KL_Q_NONE, quant.h) reach only backends that
+ * set kl_backend_ops.quantized_weights; for the others the loader
+ * dequantizes them to bf16 first.
+ */
 typedef struct kl_weight
 {
 	const char *name;
@@ -37,6 +43,7 @@ typedef struct kl_weight
 				cols;
 	const void *host;			/* checkpoint data (mapped) */
 	void	   *dev;			/* what the backend computes with */
+	kl_qmat		q;				/* the quantized form (q.type KL_Q_NONE: dtype above) */
 } kl_weight;
 
 /* One product of a batch: y[n, W.rows] (stride ldy) = x[n, W.cols] (stride ldx) W^T */
@@ -270,6 +277,9 @@ typedef struct kl_backend_ops
 	/* wait for queued work (no-op on the CPU) */
 	void		(*sync) (kl_backend *be);
 	void		(*destroy) (kl_backend *be);
+
+	/* matmul takes quantized weights (kl_weight.q, quant.h) as they are */
+	bool		quantized_weights;
 } kl_backend_ops;
 
 struct kl_backend

@@ -4,8 +4,9 @@
  * cpu_mla.c and cpu_moe.c.
  *
  * Matrix products: a few rows (decode) stream the weights through our own
- * GEMV kernels (simd.c), reading bf16 directly; many rows (prefill) go to
- * OpenBLAS sgemm, bf16 weights widened to fp32 one block of rows at a time.
+ * GEMV kernels (simd.c, simd_quant.c), reading bf16 or quantized weights
+ * directly; many rows (prefill) go to OpenBLAS sgemm, bf16 and quantized
+ * weights widened to fp32 one block of rows at a time.
  * OpenBLAS runs single-threaded inside our thread pool's tasks, so one pool
  * owns all the cores.
  */
@@ -132,6 +133,12 @@ static int
 cpu_load_weight(kl_backend *be, kl_weight *w, kl_err *err)
 {
 	(void) be;
+	if (w->q.type != KL_Q_NONE)
+	{
+		/* used where the loader put it (the mapped file or its own copy) */
+		w->dev = (void *) w->q.data;
+		return KL_OK;
+	}
 	if (w->dtype == KL_DT_F16)
 	{
 		/* No f16 kernels: widen once to f32 (exact). */
@@ -206,7 +213,7 @@ static void
 cpu_unload_weight(kl_backend *be, kl_weight *w)
 {
 	(void) be;
-	if (w->dev && w->dev != w->host)
+	if (w->dev && w->dev != w->host && w->q.type == KL_Q_NONE)
 		free(w->dev);
 	w->dev = NULL;
 }
@@ -247,6 +254,8 @@ typedef struct matmul_batch
 	int			row_block[MAX_BATCH];
 	int			n_row_blocks[MAX_BATCH];
 	int			n_block[MAX_BATCH];	/* input rows per task */
+	const float *xq[MAX_BATCH];	/* int4 GEMV: the inputs permuted (kl_q4_permute_x) */
+	int			ldxq[MAX_BATCH];
 	const kl_simd *simd;
 } matmul_batch;
 
@@ -279,8 +288,12 @@ matmul_task(void *arg, int t, int thread)
 
 	if (j->n <= GEMV_MAX_ROWS)
 	{
-		/* decode: stream the weight rows once, bf16 read directly */
-		if (W->dtype == KL_DT_BF16)
+		/* decode: stream the weight rows once, bf16 or quantized read directly */
+		if (W->q.type == KL_Q_INT4)
+			b->simd->gemv_q(j->y, j->ldy, &W->q, b->xq[k], b->ldxq[k], j->n, r0, r0 + nr);
+		else if (W->q.type != KL_Q_NONE)
+			b->simd->gemv_q(j->y, j->ldy, &W->q, j->x, j->ldx, j->n, r0, r0 + nr);
+		else if (W->dtype == KL_DT_BF16)
 			b->simd->gemv_bf16(j->y, j->ldy, W->dev, W->cols, j->x, j->ldx, j->n, r0, r0 + nr);
 		else
 			b->simd->gemv_f32(j->y, j->ldy, W->dev, W->cols, j->x, j->ldx, j->n, r0, r0 + nr);
@@ -291,7 +304,15 @@ matmul_task(void *arg, int t, int thread)
 		int			cols = W->cols;
 		const float *Wb;
 
-		if (W->dtype == KL_DT_BF16)
+		if (W->q.type != KL_Q_NONE)
+		{
+			float	   *panel = cpu_scratch(b->be, SCRATCH_PANEL, th);
+
+			for (int r = 0; r < nr; r++)
+				kl_q_dequant_row(&W->q, r0 + r, panel + (size_t) r * cols);
+			Wb = panel;
+		}
+		else if (W->dtype == KL_DT_BF16)
 		{
 			float	   *panel = cpu_scratch(b->be, SCRATCH_PANEL, th);
 
@@ -305,6 +326,45 @@ matmul_task(void *arg, int t, int thread)
 	}
 }
 
+/*
+ * The int4 GEMV kernels read each input in the order the nibbles unpack
+ * (the SIMD level's q4_permute): permute the inputs of this batch's int4
+ * jobs once, here, for all the tasks.
+ */
+static bool
+permute_int4_inputs(kl_backend *be, matmul_batch *b)
+{
+	size_t		total = 0;
+	float	   *buf;
+
+	for (int k = 0; k < b->count; k++)
+	{
+		const kl_matmul_job *j = &b->jobs[k];
+
+		if (j->W->q.type == KL_Q_INT4 && j->n > 0 && j->n <= GEMV_MAX_ROWS)
+			total += (size_t) j->n * b->simd->q4_xlen(j->W->cols);
+	}
+	if (total == 0)
+		return true;
+	buf = cpu_buffer(be, BUF_Q4_X, sizeof(float) * total);
+	if (!buf)
+		return false;
+	for (int k = 0; k < b->count; k++)
+	{
+		const kl_matmul_job *j = &b->jobs[k];
+		int			len = b->simd->q4_xlen(j->W->cols);
+
+		if (!(j->W->q.type == KL_Q_INT4 && j->n > 0 && j->n <= GEMV_MAX_ROWS))
+			continue;
+		for (int r = 0; r < j->n; r++)
+			b->simd->q4_permute(buf + (size_t) r * len, j->x + (size_t) r * j->ldx, j->W->cols);
+		b->xq[k] = buf;
+		b->ldxq[k] = len;
+		buf += (size_t) j->n * len;
+	}
+	return true;
+}
+
 void
 cpu_matmul_batch(kl_backend *be, const kl_matmul_job *jobs, int count)
 {
@@ -313,9 +373,9 @@ cpu_matmul_batch(kl_backend *be, const kl_matmul_job *jobs, int count)
 	int			total = 0;
 	size_t		panel = 0;
 
-	/* the widest block of bf16 weights a prefill task widens to f32 */
+	/* the widest block of bf16 or quantized weights a prefill task widens to f32 */
 	for (int k = 0; k < count; k++)
-		if (jobs[k].n > GEMV_MAX_ROWS && jobs[k].W->dtype == KL_DT_BF16)
+		if (jobs[k].n > GEMV_MAX_ROWS && (jobs[k].W->dtype == KL_DT_BF16 || jobs[k].W->q.type != KL_Q_NONE))
 		{
 			size_t		need = (size_t) (jobs[k].W->rows < SGEMM_BLOCK ? jobs[k].W->rows : SGEMM_BLOCK) * jobs[k].W->cols;
 
@@ -370,6 +430,8 @@ cpu_matmul_batch(kl_backend *be, const kl_matmul_job *jobs, int count)
 			total += b.n_row_blocks[k] * ((j->n + b.n_block[k] - 1) / b.n_block[k]);
 		}
 		b.first[b.count] = total;
+		if (!permute_int4_inputs(be, &b))
+			return;
 		kl_parallel_for(total, matmul_task, &b);
 	}
 }
@@ -502,6 +564,7 @@ static const kl_backend_ops cpu_ops = {
 	.moe = cpu_moe,
 	.sync = cpu_sync,
 	.destroy = cpu_destroy,
+	.quantized_weights = true,
 };
 
 int

@@ -36,7 +36,7 @@
 #define EXPAND_MAX_BYTES ((size_t) 1 << 30)	/* expanded keys and values of one step, at most */
 
 /* fp32 copy of kv_b: absorbed attention multiplies by W_uk^T, which the GEMV
- * kernels (x W^T only) cannot do on bf16 data. */
+ * kernels (x W^T only) cannot do on bf16 or quantized data. */
 int
 cpu_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err)
 {
@@ -46,7 +46,10 @@ cpu_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err)
 	(void) be;
 	if (!f)
 		return KL_FAIL;
-	if (w->kv_b.dtype == KL_DT_BF16)
+	if (w->kv_b.q.type != KL_Q_NONE)
+		for (int r = 0; r < w->kv_b.rows; r++)
+			kl_q_dequant_row(&w->kv_b.q, r, f + (size_t) r * w->kv_b.cols);
+	else if (w->kv_b.dtype == KL_DT_BF16)
 		kl_simd_get()->bf16_to_f32(f, w->kv_b.dev, n);
 	else
 		memcpy(f, w->kv_b.dev, n * sizeof(float));

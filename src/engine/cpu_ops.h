@@ -69,6 +69,7 @@ enum cpu_buffer_id
 	BUF_MOE_Y,
 	BUF_MOE_G,
 	BUF_MOE_U,
+	BUF_Q4_X,					/* matmul: int4 GEMV inputs, permuted */
 	BUF_COUNT
 };
 

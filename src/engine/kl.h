@@ -62,6 +62,13 @@ typedef struct kl_load_opts
 	 * PostgreSQL workers pass kimi_linear.model_dir.
 	 */
 	const char *root;
+	/*
+	 * Quantize the weights at load: NULL (default) or "none", "fp8", "int8",
+	 * "int4" (method: quant.h, docs/engine.md).  For F32 / BF16 / F16
+	 * checkpoints; a checkpoint stored quantized is used as it is.  Part of
+	 * the model's fingerprint.
+	 */
+	const char *quantize;
 } kl_load_opts;
 
 /*
@@ -85,7 +92,15 @@ int64_t		kl_model_n_params(const kl_model *m);
 uint64_t	kl_model_weight_bytes(const kl_model *m);	/* bytes of all tensors as stored */
 /* The MoE routing rule in force: "select" or "reference"; NULL for a dense model. */
 const char *kl_model_moe_routing(const kl_model *m);
-/* 16 bytes identifying the architecture, weights and routing rule; states carry it. */
+
+/* Bytes of the weights as the backend holds them (after quantization at load). */
+uint64_t	kl_model_resident_bytes(const kl_model *m);
+/* The weights' format in a few words: "bf16", "int4 g32 (quantized at load
+ * from bf16)", "fp8 per channel (compressed-tensors)", ... */
+const char *kl_model_weight_format(const kl_model *m);
+/* The quantization at load ("fp8", "int8", "int4"), NULL when none. */
+const char *kl_model_quantize(const kl_model *m);
+/* 16 bytes identifying the architecture, weights, routing rule and quantization; states carry it. */
 const uint8_t *kl_model_fingerprint(const kl_model *m);
 /* NULL when the directory has no tokenizer files (or no_tokenizer was set). */
 const kl_tokenizer *kl_model_tokenizer(const kl_model *m);

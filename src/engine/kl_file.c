@@ -4,6 +4,7 @@
  */
 #include "kl_file.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -195,4 +196,17 @@ kl_json_parse_file(const char *root, const char *path, size_t max_bytes, kl_err 
 		kl_errf(err, "%s: not valid JSON (line %d column %d: %s)", path, jerr.line, jerr.column,
 				kl_json_error_kind(&jerr));
 	return root_value;
+}
+
+const char *
+kl_file_token(const char *s)
+{
+	size_t		n = s ? strlen(s) : 0;
+
+	if (n == 0 || n > 32)
+		return "(not shown)";
+	for (size_t i = 0; i < n; i++)
+		if (!(isalnum((unsigned char) s[i]) || s[i] == '_' || s[i] == '-' || s[i] == '.'))
+			return "(not shown)";
+	return s;
 }

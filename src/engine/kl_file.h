@@ -58,4 +58,12 @@ json_t	   *kl_json_parse_file(const char *root, const char *path, size_t max_byt
 /* jansson's error as a description that quotes nothing of the input. */
 const char *kl_json_error_kind(const json_error_t *e);
 
+/*
+ * A value read from a model's file, fit to name in an error: s itself when it
+ * is a short identifier (at most 32 letters, digits, '_', '-', '.': a method
+ * or format name such as "awq"), else "(not shown)", so that an error never
+ * carries a file's text.
+ */
+const char *kl_file_token(const char *s);
+
 #endif

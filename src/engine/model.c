@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "kl_file.h"
+#include "quant_load.h"
 #include "tokenizer.h"
 
 typedef struct binder
@@ -35,6 +36,8 @@ typedef struct binder
 	kl_dtype	random_dtype;
 	kl_rng		rng;
 } binder;
+
+
 
 /* Names of random-model tensors must outlive binding (kl_weight.name). */
 static const char *
@@ -114,7 +117,7 @@ fp_tensor(binder *b, const kl_st_tensor *t)
 }
 
 static kl_st_tensor *
-find(binder *b, const char *name)
+find_tensor(binder *b, const char *name, bool count_params)
 {
 	kl_st_tensor *t = kl_st_find(&b->m->st, name);
 
@@ -130,10 +133,17 @@ find(binder *b, const char *name)
 		return NULL;
 	}
 	t->used = true;
-	b->m->n_params += t->numel;
+	if (count_params)
+		b->m->n_params += t->numel;
 	b->m->weight_bytes += t->nbytes;
 	fp_tensor(b, t);
 	return t;
+}
+
+static kl_st_tensor *
+find(binder *b, const char *name)
+{
+	return find_tensor(b, name, true);
 }
 
 static const char *
@@ -149,6 +159,209 @@ shape_str(const kl_st_tensor *t, char *buf, size_t len)
 	return buf;
 }
 
+/* Memory the loader made for the model (quantized data, scales); freed with it. */
+static int
+keep_alloc(binder *b, void *p)
+{
+	kl_model   *m = b->m;
+
+	if (!p)
+		return KL_OK;
+	if (m->n_allocs == m->cap_allocs)
+	{
+		int			cap = m->cap_allocs ? m->cap_allocs * 2 : 256;
+		void	  **na = realloc(m->allocs, sizeof(void *) * (size_t) cap);
+
+		if (!na)
+		{
+			free(p);
+			return kl_errf(b->err, "out of memory");
+		}
+		m->allocs = na;
+		m->cap_allocs = cap;
+	}
+	m->allocs[m->n_allocs++] = p;
+	return KL_OK;
+}
+
+/* Bookkeeping once a weight has its final form, then hand it to the backend;
+ * a backend that does not compute with quantized weights gets bf16. */
+static int
+finish_weight(binder *b, kl_weight *w, const char *name)
+{
+	kl_model   *m = b->m;
+	kl_backend *be = m->be;
+	uint16_t   *tmp = NULL;
+	int			rc;
+
+	m->n_matrices++;
+	if (w->q.type != KL_Q_NONE)
+		m->n_quantized++;
+	if (w->q.type != KL_Q_NONE && !be->ops->quantized_weights)
+	{
+		/* (load_weight of such a backend copies the data before returning) */
+		tmp = kl_malloc(sizeof(uint16_t) * (size_t) w->rows * w->cols, b->err);
+		if (!tmp || kl_qload_to_bf16(&w->q, tmp, b->err) != KL_OK)
+		{
+			free(tmp);
+			return kl_err_prefix(b->err, "%s: dequantizing tensor \"%s\" for the %s backend", m->dir, name,
+								 be->ops->name);
+		}
+		memset(&w->q, 0, sizeof(w->q));
+		w->dtype = KL_DT_BF16;
+		w->host = tmp;
+		m->n_dequantized++;
+	}
+	if (w->q.type != KL_Q_NONE)
+		m->resident_bytes += kl_q_bytes(&w->q);
+	else
+		m->resident_bytes += (uint64_t) w->rows * w->cols * (w->dtype == KL_DT_BF16 ? 2 : 4);
+	rc = be->ops->load_weight(be, w, b->err);
+	if (tmp)
+	{
+		free(tmp);
+		w->host = NULL;
+	}
+	if (rc != KL_OK)
+		return kl_err_prefix(b->err, "%s: tensor \"%s\"", m->dir, name);
+	return KL_OK;
+}
+
+/* Quantize the f32/bf16/f16 matrix at src into w's quantized form. */
+static int
+quantize_at_load(binder *b, kl_weight *w, kl_qtype type, const void *src, kl_dtype dtype, const char *name)
+{
+	void	   *mem[2];
+	kl_qmat		q;
+	int			rc = kl_qload_quantize(src, dtype, w->rows, w->cols, type,
+									   kl_q_default_group(type, w->cols), &q, mem, b->err);
+
+	if (keep_alloc(b, mem[0]) != KL_OK || keep_alloc(b, mem[1]) != KL_OK || rc != KL_OK)
+		return kl_err_prefix(b->err, "quantizing tensor \"%s\"", name);
+	w->q = q;
+	return KL_OK;
+}
+
+static int
+bind_random_matrix(binder *b, kl_weight *w, int rows, int cols, const char *name)
+{
+	kl_model   *m = b->m;
+	kl_qtype	qt = kl_q_at_load(name, m->quantize);
+
+	memset(w, 0, sizeof(*w));
+	w->name = keep_name(b, name);
+	w->dtype = b->random_dtype;
+	w->rows = rows;
+	w->cols = cols;
+	if (!w->name)
+		return kl_errf(b->err, "out of memory");
+	m->n_params += (int64_t) rows * cols;
+	m->weight_bytes += (uint64_t) rows * cols * kl_dtype_size(w->dtype);
+	m->n_matrices++;
+	if (m->be->ops->init_random_weight(m->be, w, kl_rng_next(&b->rng),
+									   1.0f / sqrtf((float) cols), b->err) != KL_OK)
+		return kl_err_prefix(b->err, "random tensor \"%s\"", name);
+	if (qt == KL_Q_NONE)
+	{
+		m->resident_bytes += (uint64_t) rows * cols * kl_dtype_size(w->dtype);
+		return KL_OK;
+	}
+	/* quantize the random weights (made in host memory: the CPU backend) */
+	if (quantize_at_load(b, w, qt, w->dev, w->dtype, name) != KL_OK)
+		return KL_FAIL;
+	{
+		kl_qmat		q = w->q;
+
+		memset(&w->q, 0, sizeof(w->q));
+		m->be->ops->unload_weight(m->be, w);	/* the random f32 / bf16 copy */
+		w->q = q;
+	}
+	m->n_matrices--;			/* counted again below */
+	return finish_weight(b, w, name);
+}
+
+/*
+ * A matrix stored quantized in a published format (quant_config.h): its
+ * tensors module.weight (F8_E4M3 / I8) or module.weight_packed +
+ * weight_shape, and module.weight_scale (or weight_scale_inv).
+ */
+static int
+bind_stored_quantized(binder *b, kl_weight *w, int rows, int cols, const char *name, const char *module)
+{
+	kl_model   *m = b->m;
+	kl_qtensors qt = {0};
+	char		tn[300];
+	void	   *mem[2];
+	kl_qmat		q;
+	int			rc;
+	kl_wrole	role = kl_q_role(name);
+
+	if (m->qcfg.scheme == KL_QS_NONE)
+		return kl_errf(b->err, "%s: tensor \"%s\" is stored quantized, but config.json has no "
+					   "quantization_config saying how to read it", m->dir, name);
+	if (role == KL_W_EMBED || role == KL_W_ROUTER)
+		return kl_errf(b->err, "%s: tensor \"%s\" is quantized; quantized %s weights are not supported "
+					   "(only the linear projections, experts and lm_head may be)", m->dir, name,
+					   role == KL_W_EMBED ? "embedding" : "MoE router");
+	if (kl_qconfig_expects(&m->qcfg, module, true) == 0)
+		return kl_errf(b->err, "%s: tensor \"%s\" is stored quantized, but config.json's quantization_config "
+					   "does not quantize module %s (not targeted, or ignored)", m->dir, name, module);
+	if (m->qcfg.scheme == KL_QS_CT_PACKED)
+	{
+		snprintf(tn, sizeof(tn), "%s.weight_packed", module);
+		if (!(qt.packed = find_tensor(b, tn, false)))
+			return KL_FAIL;
+		snprintf(tn, sizeof(tn), "%s.weight_shape", module);
+		if (!(qt.shape = find_tensor(b, tn, false)))
+			return KL_FAIL;
+	}
+	else if (!(qt.weight = find_tensor(b, name, false)))
+		return KL_FAIL;
+	snprintf(tn, sizeof(tn), "%s.%s", module, m->qcfg.scheme == KL_QS_FP8_BLOCK ? "weight_scale_inv" : "weight_scale");
+	if (!(qt.scale = find_tensor(b, tn, false)))
+		return KL_FAIL;
+	m->n_params += (int64_t) rows * cols;
+	rc = kl_qload_matrix(&m->qcfg, &qt, rows, cols, &q, mem, b->err);
+	if (keep_alloc(b, mem[0]) != KL_OK || keep_alloc(b, mem[1]) != KL_OK || rc != KL_OK)
+		return kl_err_prefix(b->err, "%s: quantized matrix %s", m->dir, module);
+	memset(w, 0, sizeof(*w));
+	w->name = keep_name(b, name);
+	if (!w->name)
+		return kl_errf(b->err, "out of memory");
+	w->dtype = q.type == KL_Q_INT4 ? KL_DT_I32 : q.type == KL_Q_INT8 ? KL_DT_I8 : KL_DT_F8_E4M3;
+	w->rows = rows;
+	w->cols = cols;
+	w->q = q;
+	return finish_weight(b, w, name);
+}
+
+/* Parameters of quantization schemes the engine does not implement. */
+static int
+refuse_unsupported_parts(binder *b, const char *module)
+{
+	static const struct
+	{
+		const char *suffix;
+		const char *what;
+	}			parts[] = {
+		{"input_scale", "static activation scales"},
+		{"weight_zero_point", "zero points (asymmetric quantization)"},
+		{"weight_g_idx", "activation-order group indices"},
+		{"weight_global_scale", "global scales (NVFP4)"},
+		{"output_scale", "output activation scales"},
+		{"qweight", "AWQ / GPTQ packed weights"},
+	};
+	char		tn[300];
+
+	for (size_t i = 0; i < sizeof(parts) / sizeof(parts[0]); i++)
+	{
+		snprintf(tn, sizeof(tn), "%s.%s", module, parts[i].suffix);
+		if (kl_st_find(&b->m->st, tn))
+			return kl_errf(b->err, "%s: tensor \"%s\": %s are not supported", b->m->dir, tn, parts[i].what);
+	}
+	return KL_OK;
+}
+
 static int
 bind_matrix(binder *b, kl_weight *w, int rows, int cols, const char *fmt,...)
 	__attribute__((format(printf, 5, 6)));
@@ -157,46 +370,57 @@ static int
 bind_matrix(binder *b, kl_weight *w, int rows, int cols, const char *fmt,...)
 {
 	char		name[256];
+	char		module[256];
+	char		tn[300];
 	char		sbuf[128];
 	va_list		ap;
 	kl_st_tensor *t;
+	kl_model   *m = b->m;
+	kl_wrole	role;
+	kl_qtype	qt;
+	size_t		len;
 
 	va_start(ap, fmt);
 	vsnprintf(name, sizeof(name), fmt, ap);
 	va_end(ap);
 	if (b->random)
+		return bind_random_matrix(b, w, rows, cols, name);
+	role = kl_q_role(name);
+	len = strlen(name);
+	snprintf(module, sizeof(module), "%.*s", (int) (len > 7 ? len - 7 : len), name);	/* minus ".weight" */
+	if (refuse_unsupported_parts(b, module) != KL_OK)
+		return KL_FAIL;
+	snprintf(tn, sizeof(tn), "%s.weight_packed", module);
+	t = kl_st_find(&m->st, name);
+	if (kl_st_find(&m->st, tn) || (t && (t->dtype == KL_DT_F8_E4M3 || t->dtype == KL_DT_I8)))
 	{
-		memset(w, 0, sizeof(*w));
-		w->name = keep_name(b, name);
-		w->dtype = b->random_dtype;
-		w->rows = rows;
-		w->cols = cols;
-		if (!w->name)
-			return kl_errf(b->err, "out of memory");
-		b->m->n_params += (int64_t) rows * cols;
-		b->m->weight_bytes += (uint64_t) rows * cols * kl_dtype_size(w->dtype);
-		if (b->m->be->ops->init_random_weight(b->m->be, w, kl_rng_next(&b->rng),
-											  1.0f / sqrtf((float) cols), b->err) != KL_OK)
-			return kl_err_prefix(b->err, "random tensor \"%s\"", name);
-		return KL_OK;
+		if (m->quantize != KL_Q_NONE)
+			return kl_errf(b->err, "%s: tensor \"%s\" is already quantized; quantization at load applies to "
+						   "F32, BF16 and F16 checkpoints", m->dir, name);
+		return bind_stored_quantized(b, w, rows, cols, name, module);
 	}
 	if (!(t = find(b, name)))
 		return KL_FAIL;
 	if (t->ndim != 2 || t->shape[0] != rows || t->shape[1] != cols)
 		return kl_errf(b->err, "%s: tensor \"%s\" has shape %s, but config.json implies [%d, %d]",
-					   b->m->dir, name, shape_str(t, sbuf, sizeof(sbuf)), rows, cols);
+					   m->dir, name, shape_str(t, sbuf, sizeof(sbuf)), rows, cols);
 	if (t->dtype != KL_DT_F32 && t->dtype != KL_DT_BF16 && t->dtype != KL_DT_F16)
-		return kl_errf(b->err, "%s: tensor \"%s\" has dtype %s; weights must be F32, BF16 or F16",
-					   b->m->dir, name, kl_dtype_name(t->dtype));
+		return kl_errf(b->err, "%s: tensor \"%s\" has dtype %s; weights must be F32, BF16 or F16 (or a "
+					   "quantized format config.json's quantization_config describes)",
+					   m->dir, name, kl_dtype_name(t->dtype));
+	if (kl_qconfig_expects(&m->qcfg, module, role != KL_W_EMBED && role != KL_W_ROUTER) == 1)
+		return kl_errf(b->err, "%s: config.json's quantization_config (%s) quantizes module %s, but its "
+					   "weight is stored as %s", m->dir, m->qcfg.describe, module, kl_dtype_name(t->dtype));
 	memset(w, 0, sizeof(*w));
 	w->name = t->name;
 	w->dtype = t->dtype;
 	w->rows = rows;
 	w->cols = cols;
 	w->host = t->data;
-	if (b->m->be->ops->load_weight(b->m->be, w, b->err) != KL_OK)
-		return kl_err_prefix(b->err, "%s: tensor \"%s\"", b->m->dir, name);
-	return KL_OK;
+	qt = kl_q_at_load(name, m->quantize);
+	if (qt != KL_Q_NONE && quantize_at_load(b, w, qt, t->data, t->dtype, name) != KL_OK)
+		return kl_err_prefix(b->err, "%s", m->dir);
+	return finish_weight(b, w, name);
 }
 
 /*
@@ -276,6 +500,7 @@ upload:
 	}
 	m->be->ops->upload(m->be, *out, tmp, sizeof(float) * (size_t) n);
 	m->vecs[m->n_vecs++] = *out;
+	m->resident_bytes += sizeof(float) * (size_t) n;
 	free(tmp);
 	return KL_OK;
 bad:
@@ -456,6 +681,82 @@ fp_config(binder *b, const kl_config *c)
 	fp_update(b, buf, (size_t) (c->n_layers < (int) sizeof(buf) ? c->n_layers : (int) sizeof(buf)));
 }
 
+/*
+ * The fingerprint of a model quantized at load: the checkpoint's digest
+ * (config, tensors) hashed with the quantization method, so that a state
+ * made with one quantization is refused by another (the method's version
+ * is part of it: a change of method must change it).  Unquantized: the
+ * digest itself, as before quantization existed.
+ */
+static void
+quantized_fingerprint(const uint8_t base[32], kl_qtype q, uint8_t out[16])
+{
+	uint8_t		d[EVP_MAX_MD_SIZE];
+	unsigned	dl = 0;
+	char		how[96];
+	EVP_MD_CTX *c;
+
+	if (q == KL_Q_NONE)
+	{
+		memcpy(out, base, 16);
+		return;
+	}
+	snprintf(how, sizeof(how), "kl-quantize-v1 %s group %d lm_head", kl_qtype_name(q), kl_q_default_group(q, 0));
+	c = EVP_MD_CTX_new();
+	if (c && EVP_DigestInit_ex(c, EVP_sha256(), NULL) == 1 && EVP_DigestUpdate(c, base, 32) == 1 &&
+		EVP_DigestUpdate(c, how, strlen(how)) == 1 && EVP_DigestFinal_ex(c, d, &dl) == 1)
+		memcpy(out, d, 16);
+	else
+		memset(out, 0xff, 16);	/* (out of memory in OpenSSL: matches no state) */
+	EVP_MD_CTX_free(c);
+}
+
+/* kl_model_weight_format(): what the matrices are, in a few words */
+static void
+describe_weights(kl_model *m)
+{
+	char	   *o = m->weight_format;
+	size_t		len = sizeof(m->weight_format);
+	const char *plain;
+
+	if (m->embed.dtype == KL_DT_F32 && m->lm_head.dtype == KL_DT_F32)
+		plain = "f32";
+	else if (m->embed.dtype == KL_DT_F16)
+		plain = "f16";
+	else
+		plain = "bf16";
+	if (m->quantize != KL_Q_NONE)
+		snprintf(o, len, "%s%s (quantized at load from %s)", kl_qtype_name(m->quantize),
+				 m->quantize == KL_Q_INT4 ? " g32" : " per channel", plain);
+	else if (m->n_quantized > 0)
+		snprintf(o, len, "%s", m->qcfg.describe);
+	else
+		snprintf(o, len, "%s", plain);
+	if (m->n_dequantized > 0)
+	{
+		size_t		n = strlen(o);
+
+		snprintf(o + n, len - n, ", dequantized to bf16 on %s", m->be->ops->name);
+	}
+}
+
+int
+kl_model_quantization_of(const kl_model *m, const uint8_t fingerprint[16])
+{
+	static const kl_qtype all[] = {KL_Q_NONE, KL_Q_FP8, KL_Q_INT8, KL_Q_INT4};
+
+	for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+	{
+		uint8_t		fp[16];
+
+		quantized_fingerprint(m->base_digest, all[i], fp);
+		if (memcmp(fp, fingerprint, 16) == 0)
+			return (int) all[i];
+	}
+	return -1;
+}
+
+
 /* whether dir has an entry by this name (a link counts, wherever it points: kl_file_present) */
 static bool
 dir_has(const char *dir, const char *file)
@@ -563,13 +864,16 @@ bind_all(kl_model *m, binder *b, kl_err *err)
 			goto out;
 		}
 	EVP_DigestFinal_ex(b->fp, digest, &dlen);
-	memcpy(m->fingerprint, digest, 16);
+	memcpy(m->base_digest, digest, 32);
+	quantized_fingerprint(m->base_digest, m->quantize, m->fingerprint);
 	if (b->fp_other)
 	{
 		EVP_DigestFinal_ex(b->fp_other, digest, &dlen);
-		memcpy(m->fingerprint_other_routing, digest, 16);
+		memcpy(m->base_digest_other_routing, digest, 32);
+		quantized_fingerprint(m->base_digest_other_routing, m->quantize, m->fingerprint_other_routing);
 		m->has_other_routing = true;
 	}
+	describe_weights(m);
 	rc = KL_OK;
 out:
 	EVP_MD_CTX_free(b->fp);
@@ -616,7 +920,16 @@ kl_model_load(const char *dir, const kl_load_opts *opts, kl_model **out, kl_err 
 	snprintf(path, sizeof(path), "%s/config.json", dir);
 	if (!m->dir || kl_config_load_under(root, path, &m->cfg, err) != KL_OK ||
 		apply_routing(&m->cfg, opts, err) != KL_OK ||
-		create_backend(m, opts, err) != KL_OK ||
+		kl_qconfig_load(root, path, &m->qcfg, err) != KL_OK ||
+		kl_qtype_parse(opts ? opts->quantize : NULL, &m->quantize, err) != KL_OK)
+		goto fail;
+	if (m->quantize != KL_Q_NONE && m->qcfg.scheme != KL_QS_NONE)
+	{
+		kl_errf(err, "%s is already quantized (%s); quantization at load (%s) applies to F32, BF16 and F16 "
+				"checkpoints", dir, m->qcfg.describe, kl_qtype_name(m->quantize));
+		goto fail;
+	}
+	if (create_backend(m, opts, err) != KL_OK ||
 		kl_st_open_dir(dir, root, &m->st, err) != KL_OK)
 		goto fail;
 	memset(&b, 0, sizeof(b));
@@ -655,8 +968,20 @@ kl_model_create_random(const char *config_path, const kl_load_opts *opts, const 
 	m->dir = strdup(config_path);
 	if (!m->dir || kl_config_load(config_path, &m->cfg, err) != KL_OK ||
 		apply_routing(&m->cfg, opts, err) != KL_OK ||
-		create_backend(m, opts, err) != KL_OK ||
-		bind_all(m, &b, err) != KL_OK)
+		kl_qtype_parse(opts ? opts->quantize : NULL, &m->quantize, err) != KL_OK ||
+		create_backend(m, opts, err) != KL_OK)
+	{
+		kl_model_free(m);
+		return KL_FAIL;
+	}
+	if (m->quantize != KL_Q_NONE && !m->be->ops->quantized_weights)
+	{
+		kl_errf(err, "random weights quantized at load need the cpu device (the %s backend makes its random "
+				"weights in its own memory)", m->be->ops->name);
+		kl_model_free(m);
+		return KL_FAIL;
+	}
+	if (bind_all(m, &b, err) != KL_OK)
 	{
 		kl_model_free(m);
 		return KL_FAIL;
@@ -711,6 +1036,10 @@ kl_model_free(kl_model *m)
 		be->ops->destroy(be);
 	}
 	free(m->vecs);
+	for (int i = 0; i < m->n_allocs; i++)
+		free(m->allocs[i]);
+	free(m->allocs);
+	kl_qconfig_free(&m->qcfg);
 	for (int i = 0; i < m->n_names; i++)
 		free(m->names[i]);
 	free(m->names);
@@ -756,6 +1085,24 @@ uint64_t
 kl_model_weight_bytes(const kl_model *m)
 {
 	return m->weight_bytes;
+}
+
+uint64_t
+kl_model_resident_bytes(const kl_model *m)
+{
+	return m->resident_bytes;
+}
+
+const char *
+kl_model_weight_format(const kl_model *m)
+{
+	return m->weight_format;
+}
+
+const char *
+kl_model_quantize(const kl_model *m)
+{
+	return m->quantize == KL_Q_NONE ? NULL : kl_qtype_name(m->quantize);
 }
 
 const uint8_t *

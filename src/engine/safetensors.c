@@ -39,6 +39,7 @@ static const struct
 	{"I8", KL_DT_I8, 1},
 	{"U8", KL_DT_U8, 1},
 	{"BOOL", KL_DT_BOOL, 1},
+	{"F8_E4M3", KL_DT_F8_E4M3, 1},
 };
 
 const char *

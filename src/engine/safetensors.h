@@ -28,7 +28,8 @@ typedef enum kl_dtype
 	KL_DT_I16,
 	KL_DT_I8,
 	KL_DT_U8,
-	KL_DT_BOOL
+	KL_DT_BOOL,
+	KL_DT_F8_E4M3				/* quantized weights (quant.h) */
 } kl_dtype;
 
 #define KL_ST_MAX_DIMS 8

@@ -13,6 +13,20 @@
 #include <string.h>
 
 #include "kl_util.h"
+#include "simd_quant.h"
+
+/* int4 input layouts (quant.h, simd_quant.h), as functions for the tables */
+static int
+q4_xlen_blocks(int cols)
+{
+	return kl_q4_xperm_len(cols);
+}
+
+static int
+q4_xlen_spans(int cols)
+{
+	return kl_q4_span_len(cols);
+}
 
 /* ------------------------------------------------------------------ portable C */
 
@@ -105,7 +119,8 @@ exp_shift_sum_scalar(float *y, const float *x, float shift, int n)
 
 static const kl_simd simd_scalar = {
 	"scalar", dot_scalar, axpy_scalar, scale_scalar, gemv_bf16_scalar, gemv_f32_scalar,
-	bf16_to_f32_scalar, vexp_scalar, vmax_scalar, exp_shift_sum_scalar, NULL
+	bf16_to_f32_scalar, vexp_scalar, vmax_scalar, exp_shift_sum_scalar, NULL, kl_gemv_q_scalar,
+	q4_xlen_blocks, kl_q4_permute_x
 };
 
 /*
@@ -391,7 +406,7 @@ exp_shift_sum_avx2(float *y, const float *x, float shift, int n)
 
 static const kl_simd simd_avx2 = {
 	"avx2", dot_avx2, axpy_avx2, scale_avx2, gemv_bf16_avx2, gemv_f32_avx2, bf16_to_f32_avx2,
-	vexp_avx2, vmax_avx2, exp_shift_sum_avx2, NULL
+	vexp_avx2, vmax_avx2, exp_shift_sum_avx2, NULL, kl_gemv_q_avx2, q4_xlen_blocks, kl_q4_permute_x
 };
 
 /* ------------------------------------------------------------------ AVX-512 */
@@ -877,7 +892,8 @@ exp_shift_sum_avx512(float *y, const float *x, float shift, int n)
 
 static const kl_simd simd_avx512 = {
 	"avx512", dot_avx512, axpy_avx512, scale_avx512, gemv_bf16_avx512, gemv_f32_avx512,
-	bf16_to_f32_avx512, vexp_avx512, vmax_avx512, exp_shift_sum_avx512, few_scores_avx512
+	bf16_to_f32_avx512, vexp_avx512, vmax_avx512, exp_shift_sum_avx512, few_scores_avx512,
+	kl_gemv_q_avx512, q4_xlen_spans, kl_q4_permute_span
 };
 
 /* ------------------------------------------------------------------ dispatch */

@@ -13,6 +13,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "quant.h"
+
 typedef struct kl_simd
 {
 	const char *name;
@@ -47,6 +49,18 @@ typedef struct kl_simd
 	 */
 	void		(*few_scores) (float *S, int lds, const float *Q, int ldq, int nr,
 							   const float *K, int ldk, int nk, int d, float scale);
+
+	/*
+	 * GEMV over rows [r0, r1) of a quantized matrix (quant.h), as gemv_bf16:
+	 * y[j*ldy + r] = dot(W[r, :], x_j) with every weight fl(q * scale).  For
+	 * KL_Q_INT4, each x_j is the input permuted by this level's q4_permute.
+	 * Kernels in simd_quant.c.
+	 */
+	void		(*gemv_q) (float *y, int ldy, const kl_qmat *W, const float *x, int ldx, int nx,
+						   int r0, int r1);
+	/* the int4 kernel's input layout: q4_xlen(cols) floats, written by q4_permute */
+	int			(*q4_xlen) (int cols);
+	void		(*q4_permute) (float *dst, const float *x, int cols);
 } kl_simd;
 
 /* The best variant for this CPU (KL_SIMD=avx512|avx2|scalar overrides). */

@@ -316,12 +316,19 @@ check_part(const kl_seq *s, const state_header *h, kl_err *err)
 	if (memcmp(h->fingerprint, s->model->fingerprint, 16) != 0)
 	{
 		const kl_model *m = s->model;
+		int			q = kl_model_quantization_of(m, h->fingerprint);
+		const char *mine = kl_model_quantize(m);
 
 		if (m->has_other_routing && memcmp(h->fingerprint, m->fingerprint_other_routing, 16) == 0)
 			return kl_errf(err, "the state was made by this model under the MoE routing rule \"%s\", and the "
 						   "model is loaded with \"%s\": load it with moe_routing \"%s\" to resume this state",
 						   c->bias_in_weights ? "select" : "reference", kl_model_moe_routing(m),
 						   c->bias_in_weights ? "select" : "reference");
+		if (q >= 0)
+			return kl_errf(err, "the state was made by this model %s%s, but it is loaded %s%s: resume it "
+						   "with the quantization that produced it (fingerprint mismatch)",
+						   q ? "quantized at load to " : "without quantization", q ? kl_qtype_name(q) : "",
+						   mine ? "quantized at load to " : "without quantization", mine ? mine : "");
 		return kl_errf(err, "the state was made by a different model (fingerprint mismatch): resume it "
 					   "with the model that produced it");
 	}

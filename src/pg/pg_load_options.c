@@ -4,14 +4,19 @@
  */
 #include "pg_load_options.h"
 
+#include "quant.h"
+
 static const char *const routing_hint =
 "'select' (the default): the router bias chooses the experts and the scores weight them, as vLLM, SGLang "
 "and llama.cpp run Kimi Linear; 'reference': the bias is added into the weights too, as the released "
 "kimi_linear reference code does.";
 
 void
-kl_load_options_from_args(const char *moe_routing, KlLoadOptions *out)
+kl_load_options_from_args(const char *moe_routing, const char *quantize, KlLoadOptions *out)
 {
+	kl_qtype	qt;
+	kl_err		err;
+
 	memset(out, 0, sizeof(*out));
 	if (moe_routing && strcmp(moe_routing, "reference") == 0)
 		strlcpy(out->moe_routing, "reference", sizeof(out->moe_routing));
@@ -20,6 +25,13 @@ kl_load_options_from_args(const char *moe_routing, KlLoadOptions *out)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("moe_routing must be 'select' or 'reference', got '%s'", moe_routing),
 				 errhint("%s", routing_hint)));
+	if (kl_qtype_parse(quantize, &qt, &err) != KL_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s", err.msg),
+				 errhint("quantize => NULL (the weights as stored), 'fp8', 'int8' or 'int4'.")));
+	if (qt != KL_Q_NONE)
+		strlcpy(out->quantize, kl_qtype_name(qt), sizeof(out->quantize));
 }
 
 void
@@ -28,6 +40,8 @@ kl_load_options_format(const KlLoadOptions *o, char *out, size_t size)
 	out[0] = '\0';
 	if (o->moe_routing[0])
 		snprintf(out, size, "moe_routing=%s", o->moe_routing);
+	if (o->quantize[0])
+		snprintf(out + strlen(out), size - strlen(out), "%squantize=%s", out[0] ? " " : "", o->quantize);
 }
 
 bool
@@ -45,8 +59,14 @@ kl_load_options_parse(const char *s, KlLoadOptions *out, char *errbuf, size_t er
 	strlcpy(buf, s, sizeof(buf));
 	for (char *tok = strtok_r(buf, " ", &save); tok; tok = strtok_r(NULL, " ", &save))
 	{
+		kl_qtype	qt;
+		kl_err		err;
+
 		if (strcmp(tok, "moe_routing=reference") == 0)
 			strlcpy(out->moe_routing, "reference", sizeof(out->moe_routing));
+		else if (strncmp(tok, "quantize=", 9) == 0 && kl_qtype_parse(tok + 9, &qt, &err) == KL_OK &&
+				 qt != KL_Q_NONE)
+			strlcpy(out->quantize, kl_qtype_name(qt), sizeof(out->quantize));
 		else
 		{
 			snprintf(errbuf, errsize, "unknown load option \"%.64s\"", tok);
@@ -60,4 +80,5 @@ void
 kl_load_options_apply(const KlLoadOptions *o, kl_load_opts *opts)
 {
 	opts->moe_routing = o->moe_routing[0] ? o->moe_routing : NULL;
+	opts->quantize = o->quantize[0] ? o->quantize : NULL;
 }

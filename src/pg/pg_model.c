@@ -27,6 +27,7 @@
 #include "utils/wait_event.h"
 
 #include "kl.h"
+#include "quant.h"
 
 #include "pg_load_options.h"
 #include "pg_guc.h"
@@ -265,6 +266,8 @@ kl_model_register_with(const char *name, const char *path, const char *options, 
 		me->persisted = false;
 		me->device = kl_device;
 		me->routing_in_force[0] = '\0';
+		me->weight_format[0] = '\0';
+		me->weight_bytes = 0;
 		memset(me->wload, 0, sizeof(me->wload));
 		me->error[0] = '\0';
 		me->n_params = me->bytes = 0;
@@ -469,17 +472,18 @@ required_arg(FunctionCallInfo fcinfo, int i, const char *what)
 	return s;
 }
 
-/* load_model(name text, path text) */
+/* load_model(name text, path text, quantize text DEFAULT NULL) */
 Datum
 kl_sql_load_model(PG_FUNCTION_ARGS)
 {
 	char	   *name = required_arg(fcinfo, 0, "name");
 	char	   *path = required_arg(fcinfo, 1, "path");
 	char	   *routing = PG_NARGS() > 2 && !PG_ARGISNULL(2) ? text_to_cstring(PG_GETARG_TEXT_PP(2)) : NULL;
+	char	   *quantize = PG_NARGS() > 3 && !PG_ARGISNULL(3) ? text_to_cstring(PG_GETARG_TEXT_PP(3)) : NULL;
 	KlLoadOptions lo;
 	char		options[KL_MODEL_OPTIONS_LEN];
 
-	kl_load_options_from_args(routing, &lo);
+	kl_load_options_from_args(routing, quantize, &lo);
 	kl_load_options_format(&lo, options, sizeof(options));
 	kl_model_register_with(name, path, options, true);
 	PG_RETURN_VOID();
@@ -530,7 +534,8 @@ kl_sql_chat_model(PG_FUNCTION_ARGS)
 	PG_RETURN_TEXT_P(cstring_to_text(ref.name));
 }
 
-/* _models() -> (name, path, parameters, bytes, device, moe_routing, status, loaded_at, error) */
+/* _models() -> (name, path, parameters, bytes, device, moe_routing, status, loaded_at, error, weight_format,
+ *             weight_bytes) */
 Datum
 kl_sql_models(PG_FUNCTION_ARGS)
 {
@@ -542,8 +547,8 @@ kl_sql_models(PG_FUNCTION_ARGS)
 	for (int e = 0; e < KL_MAX_MODELS; e++)
 	{
 		KlModelEntry me;
-		Datum		v[9];
-		bool		nulls[9] = {0};
+		Datum		v[11];
+		bool		nulls[11] = {0};
 
 		LWLockAcquire(kl_shared->lock, LW_SHARED);
 		memcpy(&me, &kl_shared->models[e], sizeof(me));
@@ -576,10 +581,10 @@ kl_sql_models(PG_FUNCTION_ARGS)
 			v[8] = CStringGetTextDatum(me.error);
 		else
 			nulls[8] = true;
+		v[9] = CStringGetTextDatum(me.weight_format);
+		v[10] = Int64GetDatum(me.weight_bytes);
 		if (me.state != KL_MODEL_READY)
-		{
-			nulls[2] = nulls[3] = true;
-		}
+			nulls[2] = nulls[3] = nulls[9] = nulls[10] = true;
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, nulls);
 	}
 	return (Datum) 0;

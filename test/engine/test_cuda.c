@@ -1009,6 +1009,52 @@ check_pgdocs(const char *prec)
 	kl_model_free(m);
 }
 
+/*
+ * Quantized weights on the GPU (until it has kernels of its own): the
+ * loader dequantizes them to bf16 at upload.  Same logits as the CPU's
+ * quantized model to bf16 rounding; the format says what happened.
+ */
+static void
+check_quantized(const char *quantize)
+{
+	char		dir[1024],
+				gpath[1200];
+	kl_load_opts o = {0};
+	kl_model   *cpu,
+			   *gpu;
+	kl_err		err;
+	kl_safetensors st;
+	const kl_st_tensor *ids;
+
+	snprintf(dir, sizeof(dir), "%s/golden/tiny_c", tap_fixture_dir());
+	snprintf(gpath, sizeof(gpath), "%s/golden.safetensors", dir);
+	if (kl_st_open_file(gpath, &st, &err) != KL_OK || !(ids = kl_st_find(&st, "input_ids")))
+		die("golden data", &err);
+	o.quantize = quantize;
+	o.device = "cpu";
+	if (kl_model_load(dir, &o, &cpu, &err) != KL_OK)
+		die("quantized model on the CPU", &err);
+	o.device = "cuda";
+	if (kl_model_load(dir, &o, &gpu, &err) != KL_OK)
+		die("quantized model on the GPU", &err);
+	{
+		int			T = (int) ids->numel,
+					V = kl_model_config(cpu)->vocab_size;
+		float	   *lc = logits_of(cpu, ids->data, T, 0, false, NULL),
+				   *lg = logits_of(gpu, ids->data, T, 0, false, NULL);
+		double		e = rel_err(lg, lc, (size_t) T * V);
+
+		tap_ok(e <= TOL_BF16 && strstr(kl_model_weight_format(gpu), "dequantized to bf16 on cuda") != NULL,
+			   "tiny_c quantized at load to %s, on the GPU as bf16 (%s): logits against the CPU's quantized "
+			   "model (rel err %.2e)", quantize, kl_model_weight_format(gpu), e);
+		free(lc);
+		free(lg);
+	}
+	kl_model_free(cpu);
+	kl_model_free(gpu);
+	kl_st_close(&st);
+}
+
 int
 main(void)
 {
@@ -1044,5 +1090,7 @@ main(void)
 	check_big_shapes();
 	check_pgdocs("fp32");
 	check_pgdocs("bf16");
+	check_quantized("int4");
+	check_quantized("fp8");
 	return tap_done();
 }

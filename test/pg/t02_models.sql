@@ -2,7 +2,7 @@
 -- view, a model without tokenizer, states of another model, devices, the MoE
 -- routing rule.
 BEGIN;
-SELECT plan(41);
+SELECT plan(46);
 
 SELECT pid AS worker_pid FROM kimi_linear.workers WHERE worker = 0 \gset
 SELECT kimi_linear._resolve_model(NULL);  -- the bundled model, loaded on first use
@@ -85,7 +85,7 @@ SELECT ok(NOT EXISTS (SELECT FROM kimi_linear.models WHERE name = 'x'), 'failed 
 CREATE ROLE kl_tap_user;
 CREATE ROLE kl_tap_granted;
 GRANT USAGE ON SCHEMA kimi_linear TO kl_tap_user, kl_tap_granted;
-GRANT EXECUTE ON FUNCTION kimi_linear.load_model(text, text, text) TO kl_tap_granted;
+GRANT EXECUTE ON FUNCTION kimi_linear.load_model(text, text, text, text) TO kl_tap_granted;
 SET LOCAL ROLE kl_tap_user;
 SELECT throws_ok($$SELECT kimi_linear.load_model('y', 'tiny_a')$$, '42501', NULL, 'an ordinary user cannot load');
 SELECT throws_ok($$SELECT kimi_linear.unload_model('tiny')$$, '42501', NULL, 'nor unload');
@@ -99,6 +99,30 @@ SET LOCAL ROLE kl_tap_user;
 SELECT lives_ok($$SELECT kimi_linear.load_model('y', 'tiny_a')$$, 'a kimi_linear_admin member can load');
 SELECT lives_ok($$SELECT kimi_linear.unload_model('y')$$, 'and unload');
 RESET ROLE;
+
+-- quantization at load: the view shows the format and the bytes held; a state
+-- made under one quantization is refused by another, saying why
+SELECT lives_ok($$SELECT kimi_linear.load_model('pg4', 'pgdocs-kimi-18m', quantize => 'int4')$$,
+                'load the bundled model quantized to int4');
+SELECT results_eq($$SELECT weight_format, weight_bytes < bytes / 2 FROM kimi_linear.models WHERE name = 'pg4'$$,
+                  $$VALUES ('int4 g32 (quantized at load from bf16)'::text, true)$$,
+                  'the models view shows the weight format and the bytes held');
+SELECT is((SELECT weight_format FROM kimi_linear.models WHERE name = 'pgdocs-kimi-18m'), 'bf16', 'and bf16 for the bundled model');
+SELECT is(length((kimi_linear.generate_with_state(NULL, 'The VACUUM command', max_tokens => 8, model => 'pg4')).reply) > 0, true,
+          'the int4 model generates');
+SELECT throws_like($$SELECT kimi_linear.generate_with_state(
+                       (kimi_linear.generate_with_state(NULL, 'The VACUUM command', max_tokens => 2, model => 'pgdocs-kimi-18m')).new_state,
+                       'x', model => 'pg4')$$,
+                   '%made by this model without quantization, but it is loaded quantized at load to int4%',
+                   'a state of the unquantized model is refused by the int4 one, saying why');
+SELECT throws_like($$SELECT kimi_linear.load_model('pg4', 'pgdocs-kimi-18m', quantize => 'int8')$$,
+                   '%already loaded with other options%', 'a name is not reloaded under another quantization');
+SELECT throws_like($$SELECT kimi_linear.load_model('pgx', 'pgdocs-kimi-18m', quantize => 'int3')$$,
+                   '%unknown quantization "int3"%', 'an unknown quantization is a clear error');
+SELECT lives_ok($$SELECT kimi_linear.load_model('tiny8', 'tiny_a', quantize => 'fp8')$$, 'a quantized model without tokenizer');
+SELECT is(array_length(kimi_linear.generate_ids(ARRAY[1, 2, 3], max_tokens => 4, model => 'tiny8', ignore_eos => true), 1), 4,
+          'generates ids');
+SELECT lives_ok($$SELECT kimi_linear.unload_model('pg4'); SELECT kimi_linear.unload_model('tiny8')$$, 'unload them');
 
 -- devices: cuda without a GPU is a clear error; auto falls back to the CPU
 SET LOCAL kimi_linear.device = 'auto';
