@@ -2,7 +2,7 @@
 -- view, a model without tokenizer, states of another model, devices, the MoE
 -- routing rule.
 BEGIN;
-SELECT plan(46);
+SELECT plan(51);
 
 SELECT pid AS worker_pid FROM kimi_linear.workers WHERE worker = 0 \gset
 SELECT kimi_linear._resolve_model(NULL);  -- the bundled model, loaded on first use
