@@ -61,12 +61,13 @@ kl_backend_cuda_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 			cuda_lib = try_open(path, why, sizeof(why));
 		}
 		if (!cuda_lib)
-			return kl_errf(err, "the CUDA backend is not available: cannot load %s (%s); build it with "
+			return kl_errc(err, KL_E_UNSUPPORTED,
+						   "the CUDA backend is not available: cannot load %s (%s); build it with "
 						   "make where nvcc exists, or use device = cpu", CUDA_LIB_NAME,
 						   why[0] ? why : "not found");
 	}
 	create = (cuda_create_fn) dlsym(cuda_lib, "kl_cuda_backend_create");
 	if (!create)
-		return kl_errf(err, "%s does not export kl_cuda_backend_create: rebuild it", CUDA_LIB_NAME);
+		return kl_errc(err, KL_E_UNSUPPORTED, "%s does not export kl_cuda_backend_create: rebuild it", CUDA_LIB_NAME);
 	return create(cfg, opts, out, err);
 }
