@@ -300,13 +300,11 @@ send_error(KlReq *r, int code, const char *msg, const char *hint)
 	r->phase = RQ_FINISHING;
 }
 
-/* Map an engine message to an error class: the engine words them consistently. */
-static int
-engine_code(const char *msg)
+/* An engine error, with the code the engine gave it (pg_errors.c maps it). */
+static void
+send_engine_error(KlReq *r, const kl_err *err, const char *hint)
 {
-	if (strstr(msg, "out of") != NULL || strstr(msg, "too large") != NULL)
-		return KL_ERR_RESOURCES;
-	return KL_ERR_INVALID;
+	send_error(r, err->code, err->msg, hint);
 }
 
 static void queue_tokens(KlReq *r, const int32 *ids, int n_ids, const char *text, size_t text_len);
@@ -481,12 +479,12 @@ setup_constraint(KlReq *r, const char *spec, int len)
 
 	if (!wm->tok)
 	{
-		send_error(r, KL_ERR_INVALID, "structured output needs a model with a tokenizer", NULL);
+		send_error(r, KL_E_INVALID, "structured output needs a model with a tokenizer", NULL);
 		return false;
 	}
 	if (!wm->cvocab && kl_vocab_from_tokenizer(wm->tok, wm->vocab, &wm->cvocab, &err) != KL_OK)
 	{
-		send_error(r, engine_code(err.msg), err.msg, NULL);
+		send_engine_error(r, &err, NULL);
 		return false;
 	}
 	if (!r->req.ignore_eos && wm->eos >= 0)
@@ -497,13 +495,13 @@ setup_constraint(KlReq *r, const char *spec, int len)
 	r->mask = malloc(sizeof(uint32_t) * kl_mask_words(wm->vocab));
 	if (!r->mask)
 	{
-		send_error(r, KL_ERR_RESOURCES, "out of memory for a token mask", NULL);
+		send_error(r, KL_E_RESOURCES, "out of memory for a token mask", NULL);
 		return false;
 	}
 	if (kl_grammar_compile(spec, (size_t) len, &r->grammar, &err) != KL_OK ||
 		kl_constraint_new(r->grammar, wm->cvocab, ends, n_ends, &r->con, &err) != KL_OK)
 	{
-		send_error(r, KL_ERR_INVALID, err.msg, NULL);
+		send_engine_error(r, &err, NULL);
 		return false;
 	}
 	return true;
@@ -532,7 +530,7 @@ setup(KlReq *r)
 		q->stop_ids_off + sizeof(int32) * (uint64) q->n_stop_ids > q->data_end ||
 		q->stop_strings_off > q->data_end || q->parts_off > q->data_end)
 	{
-		send_error(r, KL_ERR_INTERNAL, "malformed kimi_linear request", NULL);
+		send_error(r, KL_E_INTERNAL, "malformed kimi_linear request", NULL);
 		return false;
 	}
 	q->model[KL_MODEL_NAME_LEN - 1] = '\0';
@@ -561,12 +559,12 @@ setup(KlReq *r)
 	r->sampling.seed = q->seed;
 	if (kl_sampling_validate(&r->sampling, &err) != KL_OK)
 	{
-		send_error(r, KL_ERR_INVALID, err.msg, NULL);
+		send_engine_error(r, &err, NULL);
 		goto fail;
 	}
 	if (q->max_tokens < 0)
 	{
-		send_error(r, KL_ERR_INVALID, "max_tokens must not be negative", NULL);
+		send_error(r, KL_E_INVALID, "max_tokens must not be negative", NULL);
 		goto fail;
 	}
 	kl_rng_seed(&r->rng, q->seed);
@@ -598,7 +596,7 @@ setup(KlReq *r)
 	}
 	if (r->n_stops > 0 && wm->tok == NULL)
 	{
-		send_error(r, KL_ERR_INVALID, "stop strings need a model with a tokenizer", "Use stop token ids instead.");
+		send_error(r, KL_E_INVALID, "stop strings need a model with a tokenizer", "Use stop token ids instead.");
 		goto fail;
 	}
 	if (q->n_grammar > 0)
@@ -640,7 +638,7 @@ setup(KlReq *r)
 	{
 		if (kl_seq_new(wm->m, &r->seq, &err) != KL_OK)
 		{
-			send_error(r, KL_ERR_RESOURCES, err.msg, NULL);
+			send_engine_error(r, &err, NULL);
 			goto fail;
 		}
 		if (q->n_parts > 0)
@@ -657,8 +655,8 @@ setup(KlReq *r)
 			}
 			if (kl_state_load(r->seq, parts, q->n_parts, &err) != KL_OK)
 			{
-				send_error(r, KL_ERR_INVALID, err.msg,
-						   "The state must come from this model (kimi_linear.generate_with_state or a conversation) and be passed back unchanged.");
+				send_engine_error(r, &err,
+								  "The state must come from this model (kimi_linear.generate_with_state or a conversation) and be passed back unchanged.");
 				goto fail;
 			}
 		}
@@ -670,7 +668,7 @@ setup(KlReq *r)
 	r->n_input = q->n_prompt + (pending >= 0 ? 1 : 0);
 	if (r->n_input == 0)
 	{
-		send_error(r, KL_ERR_INVALID, "empty prompt: there is nothing to continue from",
+		send_error(r, KL_E_INVALID, "empty prompt: there is nothing to continue from",
 				   "Give a non-empty prompt.");
 		goto fail;
 	}
@@ -681,7 +679,7 @@ setup(KlReq *r)
 		snprintf(msg, sizeof(msg),
 				 "the input does not fit in the context: %lld positions of history + %d new tokens > kimi_linear.max_context (%lld)",
 				 (long long) positions, r->n_input, (long long) q->max_context);
-		send_error(r, KL_ERR_RESOURCES, msg, "Shorten the prompt, start a new conversation, or raise kimi_linear.max_context.");
+		send_error(r, KL_E_RESOURCES, msg, "Shorten the prompt, start a new conversation, or raise kimi_linear.max_context.");
 		goto fail;
 	}
 	r->input = palloc(sizeof(int32) * r->n_input);
@@ -695,14 +693,14 @@ setup(KlReq *r)
 
 			snprintf(msg, sizeof(msg), "token id %d is outside the vocabulary of model \"%s\" [0, %d)",
 					 r->input[i], wm->name, wm->vocab);
-			send_error(r, KL_ERR_INVALID, msg, NULL);
+			send_error(r, KL_E_INVALID, msg, NULL);
 			goto fail;
 		}
 	/* the repetition penalty sees the prompt, not the pending token (as kl_generate) */
 	for (int i = 0; i < q->n_prompt; i++)
 		if (kl_tokens_push(&r->recent, r->input[i + (pending >= 0 ? 1 : 0)], &err) != KL_OK)
 		{
-			send_error(r, KL_ERR_RESOURCES, err.msg, NULL);
+			send_engine_error(r, &err, NULL);
 			goto fail;
 		}
 	kl_seq_set_pending(r->seq, -1);
@@ -713,7 +711,7 @@ setup(KlReq *r)
 	return true;
 
 malformed:
-	send_error(r, KL_ERR_INTERNAL, "malformed kimi_linear request", NULL);
+	send_error(r, KL_E_INTERNAL, "malformed kimi_linear request", NULL);
 fail:
 	MemoryContextSwitchTo(old);
 	return false;
@@ -901,7 +899,7 @@ finish(KlReq *r)
 		if (r->reason != KL_STOP_STRING &&
 			kl_detok_stream_finish(&r->detok, &r->text, &r->text_len, &r->text_cap, &err) != KL_OK)
 		{
-			send_error(r, KL_ERR_INTERNAL, err.msg, NULL);
+			send_engine_error(r, &err, NULL);
 			return;
 		}
 		emit(r, NULL, 0, true);
@@ -929,7 +927,7 @@ finish(KlReq *r)
 
 				if (kl_state_save_rows(r->seq, upto, upto + ps, &blob, &len, &err) != KL_OK)
 				{
-					send_error(r, engine_code(err.msg), err.msg, NULL);
+					send_engine_error(r, &err, NULL);
 					return;
 				}
 				memset(&s, 0, sizeof(s));
@@ -944,7 +942,7 @@ finish(KlReq *r)
 		}
 		if (kl_state_save(r->seq, upto, &blob, &len, &err) != KL_OK)
 		{
-			send_error(r, engine_code(err.msg), err.msg, NULL);
+			send_engine_error(r, &err, NULL);
 			return;
 		}
 		{
@@ -1008,7 +1006,7 @@ accept_token(KlReq *r, int32 tok)
 	r->generated++;
 	if (kl_tokens_push(&r->recent, tok, &err) != KL_OK)
 	{
-		send_error(r, KL_ERR_RESOURCES, err.msg, NULL);
+		send_engine_error(r, &err, NULL);
 		return;
 	}
 	id_stop = is_stop_id(r, tok);
@@ -1031,7 +1029,7 @@ accept_token(KlReq *r, int32 tok)
 
 		if (kl_detok_stream_push(&r->detok, tok, &r->text, &r->text_len, &r->text_cap, &err) != KL_OK)
 		{
-			send_error(r, KL_ERR_INTERNAL, err.msg, NULL);
+			send_engine_error(r, &err, NULL);
 			return;
 		}
 		if (r->n_stops > 0)
@@ -1070,7 +1068,9 @@ accept_token(KlReq *r, int32 tok)
 /*
  * The next token from logits: among the tokens the output constraint allows
  * (its mask is computed here, per step, for the sequences that have one),
- * which it then advances by.  false: r got an error reply.
+ * which it then advances by.  false: r got an error reply.  The constraint
+ * was compiled and checked in setup: failing here (a dead end, a token the
+ * mask allowed refused) is our bug, not the caller's input.
  */
 static bool
 sample_next(KlReq *r, float *logits, int32 *tok)
@@ -1079,14 +1079,14 @@ sample_next(KlReq *r, float *logits, int32 *tok)
 
 	if (r->con && kl_constraint_mask(r->con, r->mask, NULL, &err) != KL_OK)
 	{
-		send_error(r, KL_ERR_INTERNAL, err.msg, NULL);
+		send_error(r, err.code == KL_E_RESOURCES ? KL_E_RESOURCES : KL_E_INTERNAL, err.msg, NULL);
 		return false;
 	}
 	*tok = kl_sample_masked(&r->sampling, &r->rng, logits, r->wm->vocab, r->recent.ids, (int) r->recent.n,
 							r->con ? r->mask : NULL);
 	if (r->con && kl_constraint_accept(r->con, *tok, &err) != KL_OK)
 	{
-		send_error(r, KL_ERR_INTERNAL, err.msg, NULL);
+		send_error(r, KL_E_INTERNAL, err.msg, NULL);
 		return false;
 	}
 	return true;
@@ -1131,10 +1131,10 @@ kl_batch_runnable(void)
 }
 
 static void
-fail_group(KlReq **group, int n, const char *msg)
+fail_group(KlReq **group, int n, const kl_err *err)
 {
 	for (int i = 0; i < n; i++)
-		send_error(group[i], engine_code(msg), msg, NULL);
+		send_engine_error(group[i], err, NULL);
 }
 
 /* Make sure a model's ctx can take steps of `tokens` rows. */
@@ -1168,7 +1168,7 @@ decode_group(KlWModel *wm, KlReq **group, int n)
 	if (!ensure_ctx(wm, Max(kl_prefill_chunk, KL_DECODE_GROUP), &err) ||
 		kl_forward(wm->ctx, items, n, &err) != KL_OK)
 	{
-		fail_group(group, n, err.msg);
+		fail_group(group, n, &err);
 		return;
 	}
 	kl_shared->workers[kl_worker_index].steps++;
@@ -1206,7 +1206,7 @@ prefill_chunk(KlReq *r)
 	if (!ensure_ctx(wm, Max(chunk, KL_DECODE_GROUP), &err) ||
 		kl_forward(wm->ctx, &item, 1, &err) != KL_OK)
 	{
-		send_error(r, engine_code(err.msg), err.msg, NULL);
+		send_engine_error(r, &err, NULL);
 		return;
 	}
 	kl_shared->workers[kl_worker_index].steps++;

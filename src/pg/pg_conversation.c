@@ -44,6 +44,7 @@
 #include "pg_args.h"
 #include "pg_chat.h"
 #include "pg_conversation.h"
+#include "pg_errors.h"
 #include "pg_guc.h"
 #include "pg_writable.h"
 
@@ -95,18 +96,20 @@ turn_ids(const kl_tokenizer *tok, int32 pending, const kl_chat_message *msgs, in
 }
 
 static void
-check_head(const char *data, Size len, kl_state_info *info, const char *what)
+check_head(const char *data, Size len, kl_state_info *info, const char *what, kl_errcode as)
 {
 	kl_err		err;
 
 	if (kl_state_info_read((const uint8_t *) data, len, info, &err) != KL_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_DATA_CORRUPTED),
-				 errmsg("invalid %s: %s", what, err.msg)));
+	{
+		err.code = as;
+		kl_engine_error(&err, psprintf("invalid %s", what), NULL);
+	}
 	if (info->kind != KL_STATE_HEAD)
-		ereport(ERROR,
-				(errcode(ERRCODE_DATA_CORRUPTED),
-				 errmsg("invalid %s: a rows part where a head was expected", what)));
+	{
+		kl_errc(&err, as, "a rows part where a head was expected");
+		kl_engine_error(&err, psprintf("invalid %s", what), NULL);
+	}
 }
 
 int32 *
@@ -117,9 +120,9 @@ kl_chat_turn_ids(const kl_tokenizer *tok, int32 pending, const kl_chat_message *
 }
 
 void
-kl_check_state_head(const char *data, Size len, kl_state_info *info, const char *what)
+kl_check_state_head(const char *data, Size len, kl_state_info *info, const char *what, kl_errcode as)
 {
-	check_head(data, len, info, what);
+	check_head(data, len, info, what, as);
 }
 
 /* ------------------------------------------------------------------ say */
@@ -349,7 +352,7 @@ conversation_turn(FunctionCallInfo fcinfo, bool as_json)
 	tok = kl_ref_tokenizer(&ref);
 	stops = kl_chat_stop_ids(tok, &n_stops);
 	if (head)
-		check_head(VARDATA_ANY(head), VARSIZE_ANY_EXHDR(head), &info, "conversation state");
+		check_head(VARDATA_ANY(head), VARSIZE_ANY_EXHDR(head), &info, "conversation state", KL_E_CORRUPT);
 	else
 	{
 		memset(&info, 0, sizeof(info));
@@ -626,7 +629,7 @@ kl_sql_chat_with_state(PG_FUNCTION_ARGS)
 	{
 		part = VARDATA_ANY(state);
 		part_len = VARSIZE_ANY_EXHDR(state);
-		check_head(part, part_len, &info, "kimi_linear state");
+		check_head(part, part_len, &info, "kimi_linear state", KL_E_INVALID);
 		if (info.from_pos != 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

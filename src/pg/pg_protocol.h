@@ -34,8 +34,10 @@
 
 #include <stdint.h>
 
+#include "kl_util.h"			/* kl_errcode: the codes of ERROR messages */
+
 #define KL_PROTOCOL_MAGIC 0x4b4c5251	/* "KLRQ" */
-#define KL_PROTOCOL_VERSION 3	/* 3: output constraints (grammar spec) */
+#define KL_PROTOCOL_VERSION 4	/* 3: output constraints (grammar spec); 4: errors carry the engine's codes */
 
 #define KL_MODEL_NAME_LEN 64
 #define KL_MAX_STOP_IDS 64
@@ -164,13 +166,16 @@ typedef struct KlMsgDone
 	double		decode_seconds;
 } KlMsgDone;
 
-/* ERROR: char message[msg_len], char hint[hint_len] (not NUL-terminated) */
-#define KL_ERR_INVALID		1	/* bad argument or state: invalid_parameter_value */
-#define KL_ERR_RESOURCES	2	/* out of memory, too long: program_limit_exceeded */
-#define KL_ERR_MODEL		3	/* model not loaded / unloaded: undefined_object */
-#define KL_ERR_INTERNAL		4	/* anything else: internal_error */
-#define KL_ERR_SHUTDOWN		5	/* the worker is stopping: admin_shutdown */
-#define KL_ERR_CACHE_MISS	6	/* the request relied on a cached state that is gone: resend it whole */
+/*
+ * ERROR: char message[msg_len], char hint[hint_len] (not NUL-terminated).
+ * code: the engine's code of the error (kl_errcode, kl_util.h: KL_E_INVALID,
+ * KL_E_CORRUPT, KL_E_RESOURCES, KL_E_UNSUPPORTED, KL_E_INTERNAL), as the
+ * engine set it or as the worker chose for an error of its own, or one of the
+ * worker's codes below.  pg_errors.c maps each to its SQLSTATE.
+ */
+#define KL_ERR_MODEL		16	/* model not loaded / unloaded */
+#define KL_ERR_SHUTDOWN		17	/* the worker is stopping */
+#define KL_ERR_CACHE_MISS	18	/* the request relied on a cached state that is gone: resend it whole */
 
 typedef struct KlMsgError
 {

@@ -16,6 +16,7 @@
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
+#include "pg_errors.h"
 #include "pg_request.h"
 #include "pg_shmem.h"
 
@@ -366,27 +367,7 @@ worker_error(KlCall *call, const char *data, Size nbytes)
 	call->error.message = pnstrdup(data + sizeof(KlMsgError), e.msg_len);
 	call->error.hint = pnstrdup(data + sizeof(KlMsgError) + e.msg_len, e.hint_len);
 	call->error.detail = NULL;
-	switch (e.code)
-	{
-		case KL_ERR_INVALID:
-			call->error.sqlerrcode = ERRCODE_INVALID_PARAMETER_VALUE;
-			break;
-		case KL_ERR_RESOURCES:
-			call->error.sqlerrcode = ERRCODE_PROGRAM_LIMIT_EXCEEDED;
-			break;
-		case KL_ERR_MODEL:
-			call->error.sqlerrcode = ERRCODE_UNDEFINED_OBJECT;
-			break;
-		case KL_ERR_SHUTDOWN:
-			call->error.sqlerrcode = ERRCODE_OPERATOR_INTERVENTION;
-			break;
-		case KL_ERR_CACHE_MISS:
-			call->error.sqlerrcode = ERRCODE_T_R_SERIALIZATION_FAILURE;
-			break;
-		default:
-			call->error.sqlerrcode = ERRCODE_INTERNAL_ERROR;
-			break;
-	}
+	call->error.sqlerrcode = kl_sqlstate(e.code);
 	kl_call_end(call);
 	return KL_NEXT_ERROR;
 }
