@@ -507,38 +507,17 @@ setup_constraint(KlReq *r, const char *spec, int len)
 	return true;
 }
 
-/* Validate the request in the segment and set up its sequence; false: r got an error reply. */
+/* The worker's copy of the model the request names; false: r got an error reply. */
 static bool
-setup(KlReq *r)
+setup_model(KlReq *r)
 {
-	const char *base = dsm_segment_address(r->seg);
-	Size		seg_size = dsm_segment_map_length(r->seg);
 	KlRequest  *q = &r->req;
-	kl_err		err;
-	kl_blob    *parts = NULL;
-	int			pending;
-	int64		positions;
-	KlWModel   *wm = NULL;
-	MemoryContext old;
 
-	memcpy(q, base, sizeof(KlRequest));
-	if (q->magic != KL_PROTOCOL_MAGIC || q->version != KL_PROTOCOL_VERSION ||
-		q->n_prompt < 0 || q->n_stop_ids < 0 || q->n_stop_ids > KL_MAX_STOP_IDS ||
-		q->n_stop_strings < 0 || q->n_stop_strings > KL_MAX_STOP_STRINGS || q->n_parts < 0 ||
-		q->data_end > q->mq_off || q->mq_off > seg_size ||
-		q->prompt_off + sizeof(int32) * (uint64) q->n_prompt > q->data_end ||
-		q->stop_ids_off + sizeof(int32) * (uint64) q->n_stop_ids > q->data_end ||
-		q->stop_strings_off > q->data_end || q->parts_off > q->data_end)
-	{
-		send_error(r, KL_E_INTERNAL, "malformed kimi_linear request", NULL);
-		return false;
-	}
-	q->model[KL_MODEL_NAME_LEN - 1] = '\0';
 	for (int i = 0; i < KL_MAX_MODELS; i++)
 		if (kl_wmodels[i].in_use && strcmp(kl_wmodels[i].name, q->model) == 0 &&
 			kl_wmodels[i].generation == q->model_generation)
-			wm = &kl_wmodels[i];
-	if (!wm)
+			r->wm = &kl_wmodels[i];
+	if (!r->wm)
 	{
 		char		msg[256];
 
@@ -546,10 +525,16 @@ setup(KlReq *r)
 		send_error(r, KL_ERR_MODEL, msg, "Load it with kimi_linear.load_model(name, path) and retry.");
 		return false;
 	}
-	r->wm = wm;
-	old = MemoryContextSwitchTo(r->cxt);
+	return true;
+}
 
-	/* sampling and limits */
+/* Sampling settings and limits, checked again (the backend checked them first). */
+static bool
+setup_sampling(KlReq *r)
+{
+	KlRequest  *q = &r->req;
+	kl_err		err;
+
 	kl_sampling_default(&r->sampling);
 	r->sampling.temperature = q->temperature;
 	r->sampling.top_p = q->top_p;
@@ -560,117 +545,103 @@ setup(KlReq *r)
 	if (kl_sampling_validate(&r->sampling, &err) != KL_OK)
 	{
 		send_engine_error(r, &err, NULL);
-		goto fail;
+		return false;
 	}
 	if (q->max_tokens < 0)
 	{
 		send_error(r, KL_E_INVALID, "max_tokens must not be negative", NULL);
-		goto fail;
+		return false;
 	}
 	kl_rng_seed(&r->rng, q->seed);
-	r->want_text = (q->flags & KL_REQ_WANT_TEXT) != 0 && wm->tok != NULL;
+	r->want_text = (q->flags & KL_REQ_WANT_TEXT) != 0 && r->wm->tok != NULL;
+	return true;
+}
 
-	/* stop ids and strings */
-	r->n_stop_ids = q->n_stop_ids;
-	r->stop_ids = palloc(sizeof(int32) * (q->n_stop_ids + 1));
-	memcpy(r->stop_ids, base + q->stop_ids_off, sizeof(int32) * q->n_stop_ids);
-	r->n_stops = q->n_stop_strings;
-	r->stops = palloc(sizeof(char *) * (q->n_stop_strings + 1));
-	r->stop_lens = palloc(sizeof(int) * (q->n_stop_strings + 1));
+/* Stop ids and strings, copied out of the segment. */
+static bool
+setup_stops(KlReq *r, const KlReqView *v)
+{
+	r->n_stop_ids = v->hdr.n_stop_ids;
+	r->stop_ids = palloc(sizeof(int32) * (r->n_stop_ids + 1));
+	memcpy(r->stop_ids, v->stop_ids, sizeof(int32) * r->n_stop_ids);
+	r->n_stops = v->n_stops;
+	r->stops = palloc(sizeof(char *) * (v->n_stops + 1));
+	r->stop_lens = palloc(sizeof(int) * (v->n_stops + 1));
+	for (int i = 0; i < v->n_stops; i++)
 	{
-		uint64		off = q->stop_strings_off;
-
-		for (int i = 0; i < q->n_stop_strings; i++)
-		{
-			uint32		len;
-
-			if (off + 4 > q->data_end)
-				goto malformed;
-			memcpy(&len, base + off, 4);
-			if (len == 0 || len > KL_MAX_STOP_LEN || off + 4 + len > q->data_end)
-				goto malformed;
-			r->stops[i] = pnstrdup(base + off + 4, len);
-			r->stop_lens[i] = (int) len;
-			off += 4 + ((len + 3) & ~(uint32) 3);
-		}
+		r->stops[i] = pnstrdup(v->stops[i], v->stop_lens[i]);
+		r->stop_lens[i] = v->stop_lens[i];
 	}
-	if (r->n_stops > 0 && wm->tok == NULL)
+	if (r->n_stops > 0 && r->wm->tok == NULL)
 	{
 		send_error(r, KL_E_INVALID, "stop strings need a model with a tokenizer", "Use stop token ids instead.");
-		goto fail;
+		return false;
 	}
-	if (q->n_grammar > 0)
-	{
-		if (q->n_grammar > KL_MAX_GRAMMAR_LEN || q->grammar_off + (uint64) q->n_grammar > q->data_end)
-			goto malformed;
-		if (!setup_constraint(r, base + q->grammar_off, q->n_grammar))
-			goto fail;
-	}
+	return true;
+}
 
-	/* state parts */
+/* The sequence: the cached one, the one the state parts describe, or a fresh one. */
+static bool
+setup_sequence(KlReq *r, const KlReqView *v)
+{
+	const KlRequest *q = &v->hdr;
+	kl_blob    *parts = palloc(sizeof(kl_blob) * (q->n_parts + 1));
+	const kl_blob *head = NULL; /* the last part */
+	kl_err		err;
+
+	kl_request_parts(dsm_segment_address(r->seg), v, parts);
 	if (q->n_parts > 0)
-	{
-		uint64		off = q->parts_off;
-
-		parts = palloc(sizeof(kl_blob) * q->n_parts);
-		for (int i = 0; i < q->n_parts; i++)
-		{
-			uint64		len;
-
-			if (off + 8 > q->data_end)
-				goto malformed;
-			memcpy(&len, base + off, 8);
-			if (len > q->data_end - off - 8)
-				goto malformed;
-			parts[i].data = (const uint8_t *) base + off + 8;
-			parts[i].len = len;
-			off += 8 + ((len + 7) & ~(uint64) 7);
-		}
-	}
-
-	/* the sequence: from the cache, from the parts, or fresh */
-	if (q->cache_key != 0 && q->n_parts > 0)
-		r->seq = cache_take(q->cache_key, wm, (const char *) parts[q->n_parts - 1].data,
-							parts[q->n_parts - 1].len);
+		head = &parts[q->n_parts - 1];
+	if (q->cache_key != 0 && head)
+		r->seq = cache_take(q->cache_key, r->wm, (const char *) head->data, head->len);
 	if (r->seq)
-		r->cache_hit = true;
-	else
 	{
-		if (kl_seq_new(wm->m, &r->seq, &err) != KL_OK)
-		{
-			send_engine_error(r, &err, NULL);
-			goto fail;
-		}
-		if (q->n_parts > 0)
-		{
-			kl_state_info info;
+		r->cache_hit = true;
+		return true;
+	}
+	if (kl_seq_new(r->wm->m, &r->seq, &err) != KL_OK)
+	{
+		send_engine_error(r, &err, NULL);
+		return false;
+	}
+	if (head)
+	{
+		kl_state_info info;
 
-			/* a head alone that does not start at 0 was sent hoping for the cache */
-			if (q->cache_key != 0 &&
-				kl_state_info_read(parts[q->n_parts - 1].data, parts[q->n_parts - 1].len, &info, &err) == KL_OK &&
-				info.kind == KL_STATE_HEAD && info.from_pos > 0 && q->n_parts == 1)
-			{
-				send_error(r, KL_ERR_CACHE_MISS, "conversation state is not cached", NULL);
-				goto fail;
-			}
-			if (kl_state_load(r->seq, parts, q->n_parts, &err) != KL_OK)
-			{
-				send_engine_error(r, &err,
-								  "The state must come from this model (kimi_linear.generate_with_state or a conversation) and be passed back unchanged.");
-				goto fail;
-			}
+		/* a head alone that does not start at 0 was sent hoping for the cache */
+		if (q->cache_key != 0 && kl_state_info_read(head->data, head->len, &info, &err) == KL_OK &&
+			info.kind == KL_STATE_HEAD && info.from_pos > 0 && q->n_parts == 1)
+		{
+			send_error(r, KL_ERR_CACHE_MISS, "conversation state is not cached", NULL);
+			return false;
+		}
+		if (kl_state_load(r->seq, parts, q->n_parts, &err) != KL_OK)
+		{
+			send_engine_error(r, &err,
+							  "The state must come from this model (kimi_linear.generate_with_state or a conversation) and be passed back unchanged.");
+			return false;
 		}
 	}
+	return true;
+}
 
-	/* input = pending token (if any) + prompt, exactly as kl_generate */
-	pending = kl_seq_pending(r->seq);
-	positions = kl_seq_positions(r->seq);
-	r->n_input = q->n_prompt + (pending >= 0 ? 1 : 0);
+/* What to feed: the pending token (if any), then the prompt, exactly as kl_generate. */
+static bool
+setup_input(KlReq *r, const KlReqView *v)
+{
+	const KlRequest *q = &v->hdr;
+	KlWModel   *wm = r->wm;
+	int			pending = kl_seq_pending(r->seq);
+	int64		positions = kl_seq_positions(r->seq);
+	int			first = pending >= 0 ? 1 : 0;
+	kl_err		err;
+
+	r->n_input = q->n_prompt + first;
 	if (r->n_input == 0)
 	{
 		send_error(r, KL_E_INVALID, "empty prompt: there is nothing to continue from",
 				   "Give a non-empty prompt.");
-		goto fail;
+		return false;
 	}
 	if (positions + r->n_input > q->max_context)
 	{
@@ -680,12 +651,12 @@ setup(KlReq *r)
 				 "the input does not fit in the context: %lld positions of history + %d new tokens > kimi_linear.max_context (%lld)",
 				 (long long) positions, r->n_input, (long long) q->max_context);
 		send_error(r, KL_E_RESOURCES, msg, "Shorten the prompt, start a new conversation, or raise kimi_linear.max_context.");
-		goto fail;
+		return false;
 	}
 	r->input = palloc(sizeof(int32) * r->n_input);
 	if (pending >= 0)
 		r->input[0] = pending;
-	memcpy(r->input + (pending >= 0 ? 1 : 0), base + q->prompt_off, sizeof(int32) * q->n_prompt);
+	memcpy(r->input + first, v->prompt, sizeof(int32) * q->n_prompt);
 	for (int i = 0; i < r->n_input; i++)
 		if (r->input[i] < 0 || r->input[i] >= wm->vocab)
 		{
@@ -694,27 +665,40 @@ setup(KlReq *r)
 			snprintf(msg, sizeof(msg), "token id %d is outside the vocabulary of model \"%s\" [0, %d)",
 					 r->input[i], wm->name, wm->vocab);
 			send_error(r, KL_E_INVALID, msg, NULL);
-			goto fail;
+			return false;
 		}
 	/* the repetition penalty sees the prompt, not the pending token (as kl_generate) */
 	for (int i = 0; i < q->n_prompt; i++)
-		if (kl_tokens_push(&r->recent, r->input[i + (pending >= 0 ? 1 : 0)], &err) != KL_OK)
+		if (kl_tokens_push(&r->recent, r->input[i + first], &err) != KL_OK)
 		{
 			send_engine_error(r, &err, NULL);
-			goto fail;
+			return false;
 		}
 	kl_seq_set_pending(r->seq, -1);
 	if (r->want_text)
 		kl_detok_stream_init(&r->detok, wm->tok);
-	r->phase = RQ_PREFILL;
-	MemoryContextSwitchTo(old);
 	return true;
+}
 
-malformed:
-	send_error(r, KL_E_INTERNAL, "malformed kimi_linear request", NULL);
-fail:
+/*
+ * Turn a decoded request (its sizes and offsets checked: kl_request_decode)
+ * into a sequence ready to prefill, in its own memory context; false: r got
+ * an error reply.
+ */
+static bool
+setup(KlReq *r, const KlReqView *v)
+{
+	MemoryContext old = MemoryContextSwitchTo(r->cxt);
+	bool		ok;
+
+	r->req = v->hdr;
+	ok = setup_model(r) && setup_sampling(r) && setup_stops(r, v) &&
+		(v->grammar == NULL || setup_constraint(r, v->grammar, v->grammar_len)) &&
+		setup_sequence(r, v) && setup_input(r, v);
 	MemoryContextSwitchTo(old);
-	return false;
+	if (ok)
+		r->phase = RQ_PREFILL;
+	return ok;
 }
 
 void
@@ -729,87 +713,101 @@ kl_batch_count(void)
 	return n_requests;
 }
 
+/* Take the oldest request submitted to this worker: its slot (-1: none), segment and id. */
+static int
+claim_slot(dsm_handle *handle, uint64 *rid)
+{
+	int			found = -1;
+
+	LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < kl_shared->n_slots; i++)
+	{
+		KlSlot	   *s = &kl_shared->slots[i];
+
+		if (s->state == KL_SLOT_SUBMITTED && s->worker == kl_worker_index)
+		{
+			/* oldest first: request ids grow */
+			if (found < 0 || s->request_id < kl_shared->slots[found].request_id)
+				found = i;
+		}
+	}
+	if (found >= 0)
+	{
+		KlSlot	   *s = &kl_shared->slots[found];
+
+		s->state = KL_SLOT_RUNNING;
+		*handle = s->handle;
+		*rid = s->request_id;
+		kl_shared->workers[kl_worker_index].active++;
+		SpinLockAcquire(&s->mutex);
+		s->started_at = GetCurrentTimestamp();
+		SpinLockRelease(&s->mutex);
+	}
+	LWLockRelease(kl_shared->lock);
+	return found;
+}
+
+/* A new request of slot `slot`, at the end of the list (it stays in arrival order). */
+static KlReq *
+new_request(int slot, uint64 rid)
+{
+	KlReq	   *r = MemoryContextAllocZero(batch_cxt, sizeof(KlReq));
+	KlReq	  **pp = &requests;
+
+	r->cxt = AllocSetContextCreate(batch_cxt, "kimi_linear request", ALLOCSET_SMALL_SIZES);
+	r->slot = slot;
+	r->request_id = rid;
+	r->t_submitted = r->t_start = kl_now();
+	r->next = NULL;
+	while (*pp)
+		pp = &(*pp)->next;
+	*pp = r;
+	n_requests++;
+	return r;
+}
+
 void
 kl_batch_admit(void)
 {
 	for (;;)
 	{
-		int			found = -1;
 		dsm_handle	handle = 0;
 		uint64		rid = 0;
+		int			slot = claim_slot(&handle, &rid);
 		KlReq	   *r;
+		KlReqView	v;
+		KlDecodeResult res;
+		const char *why;
 		shm_mq	   *mq;
 
-		LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
-		for (int i = 0; i < kl_shared->n_slots; i++)
-		{
-			KlSlot	   *s = &kl_shared->slots[i];
-
-			if (s->state == KL_SLOT_SUBMITTED && s->worker == kl_worker_index)
-			{
-				/* oldest first: request ids grow */
-				if (found < 0 || s->request_id < kl_shared->slots[found].request_id)
-					found = i;
-			}
-		}
-		if (found >= 0)
-		{
-			KlSlot	   *s = &kl_shared->slots[found];
-
-			s->state = KL_SLOT_RUNNING;
-			handle = s->handle;
-			rid = s->request_id;
-			kl_shared->workers[kl_worker_index].active++;
-			SpinLockAcquire(&s->mutex);
-			s->started_at = GetCurrentTimestamp();
-			SpinLockRelease(&s->mutex);
-		}
-		LWLockRelease(kl_shared->lock);
-		if (found < 0)
+		if (slot < 0)
 			return;
-
-		r = MemoryContextAllocZero(batch_cxt, sizeof(KlReq));
-		r->cxt = AllocSetContextCreate(batch_cxt, "kimi_linear request", ALLOCSET_SMALL_SIZES);
-		r->slot = found;
-		r->request_id = rid;
-		r->t_submitted = r->t_start = kl_now();
-		r->next = NULL;
-		/* append: the list stays in arrival order */
-		{
-			KlReq	  **pp = &requests;
-
-			while (*pp)
-				pp = &(*pp)->next;
-			*pp = r;
-		}
-		n_requests++;
-
+		r = new_request(slot, rid);
 		r->seg = dsm_attach(handle);
-		if (r->seg == NULL)
-		{
-			/* the backend already gave up */
-			release(r);
-			continue;
-		}
-		if (pg_atomic_read_u32(&kl_shared->slots[found].cancel))
+		/* the backend already gave up, or gives up now */
+		if (r->seg == NULL || pg_atomic_read_u32(&kl_shared->slots[slot].cancel))
 		{
 			release(r);
 			continue;
 		}
+		res = kl_request_decode(dsm_segment_address(r->seg), dsm_segment_map_length(r->seg), rid, &v, &why);
+		if (res == KL_DECODE_NO_QUEUE)
 		{
-			KlRequest  *q = dsm_segment_address(r->seg);
-
-			if (q->mq_size < KL_REPLY_QUEUE_SIZE || q->mq_off + q->mq_size > dsm_segment_map_length(r->seg) ||
-				q->request_id != rid)
-			{
-				release(r);
-				continue;
-			}
-			mq = (shm_mq *) ((char *) q + q->mq_off);
+			release(r);
+			continue;
 		}
+		r->req = v.hdr;			/* (the reply, even an error, reads the flags) */
+		mq = (shm_mq *) ((char *) dsm_segment_address(r->seg) + v.hdr.mq_off);
 		shm_mq_set_sender(mq, MyProc);
 		r->mqh = shm_mq_attach(mq, r->seg, NULL);
-		if (setup(r))
+		if (res == KL_DECODE_MALFORMED)
+		{
+			char		msg[256];
+
+			snprintf(msg, sizeof(msg), "malformed kimi_linear request: %s", why);
+			send_error(r, KL_E_INTERNAL, msg, NULL);
+		}
+		else if (setup(r, &v))
 			progress(r, KL_PHASE_PREFILL);
 	}
 }
