@@ -1,7 +1,9 @@
 /*
  * cuda_backend.c — the CUDA implementation of backend.h, built as the shared
  * library kimi_linear_cuda.so that the engine loads with dlopen()
- * (backend_cuda_loader.c); its only export is kl_cuda_backend_create.
+ * (backend_cuda_loader.c); its only exports are kl_cuda_backend_create and
+ * kl_cuda_backend_abi_version (the loader refuses a library built for another
+ * KL_BACKEND_ABI_VERSION).
  *
  * This file: creation, device memory, weights (upload, conversion for the
  * precision mode, random weights made on the device), the element-wise ops,
@@ -602,6 +604,13 @@ check_config(const kl_config *cfg, kl_err *err)
 	if (cfg->n_experts > 0 && cfg->experts_per_token > 64)
 		return errf(err, KL_E_UNSUPPORTED, "the CUDA backend supports at most 64 experts per token, not %d", cfg->experts_per_token);
 	return KL_OK;
+}
+
+/* The backend.h this library was built with; the loader checks it before anything else. */
+__attribute__((visibility("default"))) int
+kl_cuda_backend_abi_version(void)
+{
+	return KL_BACKEND_ABI_VERSION;
 }
 
 __attribute__((visibility("default"))) int
