@@ -20,18 +20,18 @@ align8(uint64_t x)
 	return (x + 7) & ~(uint64_t) 7;
 }
 
-/* A stop string takes a length word and its bytes padded to 4. */
-static inline uint64_t
-stop_string_size(uint64_t len)
-{
-	return 4 + ((len + 3) & ~(uint64_t) 3);
-}
+/*
+ * Stop strings and state parts are both lists of items: a length word of
+ * STOP_WORD or PART_WORD bytes, then the item's bytes padded to that size.
+ */
+#define STOP_WORD 4
+#define PART_WORD 8
 
-/* A state part takes a length word and its bytes padded to 8. */
+/* The room an item of len bytes takes, its length word included. */
 static inline uint64_t
-part_size(uint64_t len)
+item_size(uint64_t len, uint64_t word)
 {
-	return 8 + align8(len);
+	return word + ((len + word - 1) & ~(word - 1));
 }
 
 /* ------------------------------------------------------------------ encoding (the backend) */
@@ -47,7 +47,7 @@ kl_request_layout(const KlReqSpec *spec, uint64_t parts_bytes, int n_parts, KlRe
 	off = align8(off + sizeof(int32_t) * (uint64_t) spec->n_stop_ids);
 	l->stop_strings_off = off;
 	for (int i = 0; i < spec->n_stop_strings; i++)
-		off += stop_string_size(strlen(spec->stop_strings[i]));
+		off += item_size(strlen(spec->stop_strings[i]), STOP_WORD);
 	off = align8(off);
 	l->grammar_off = off;
 	off = align8(off + (spec->grammar ? spec->grammar_len : 0));
@@ -123,9 +123,9 @@ kl_request_encode(void *seg, const KlReqSpec *spec, int n_parts, const KlReqLayo
 		{
 			uint32_t	len = (uint32_t) strlen(spec->stop_strings[i]);
 
-			memcpy(p, &len, 4);
-			memcpy(p + 4, spec->stop_strings[i], len);
-			p += stop_string_size(len);
+			memcpy(p, &len, STOP_WORD);
+			memcpy(p + STOP_WORD, spec->stop_strings[i], len);
+			p += item_size(len, STOP_WORD);
 		}
 	}
 	if (spec->grammar)
@@ -137,11 +137,11 @@ kl_request_put_part(void *seg, uint64_t at, uint64_t end, const void *data, uint
 {
 	char	   *base = seg;
 
-	if (at > end || end - at < 8 || len > end - at - 8 || part_size(len) > end - at)
+	if (at > end || end - at < PART_WORD || len > end - at - PART_WORD || item_size(len, PART_WORD) > end - at)
 		return 0;
-	memcpy(base + at, &len, 8);
-	memcpy(base + at + 8, data, len);
-	return at + part_size(len);
+	memcpy(base + at, &len, PART_WORD);
+	memcpy(base + at + PART_WORD, data, len);
+	return at + item_size(len, PART_WORD);
 }
 
 /* ------------------------------------------------------------------ decoding (the worker) */
@@ -161,50 +161,99 @@ queue_sound(const KlRequest *q, size_t seg_size, uint64_t request_id)
 		q->mq_off >= sizeof(KlRequest) && q->mq_off <= seg_size && q->mq_size <= seg_size - q->mq_off;
 }
 
+/*
+ * The length of the item at off, in a list of items with `word`-byte length
+ * words; false when the word or the item runs past end.  (Every bound is
+ * checked before an untrusted length is added to anything.)
+ */
+static bool
+item_at(const char *base, uint64_t off, uint64_t end, uint64_t word, uint64_t *len)
+{
+	if (off > end || end - off < word)
+		return false;
+	if (word == STOP_WORD)
+	{
+		uint32_t	len32;
+
+		memcpy(&len32, base + off, STOP_WORD);
+		*len = len32;
+	}
+	else
+		memcpy(len, base + off, PART_WORD);
+	return *len <= end - off - word && item_size(*len, word) <= end - off;
+}
+
+/* What is wrong with a list of items (walk_items). */
+typedef enum ItemsFault
+{
+	ITEMS_OK,
+	ITEMS_OUTSIDE,				/* the list starts outside [start, end) or unaligned */
+	ITEMS_PAST,					/* an item runs past end */
+	ITEMS_LENGTH				/* an item's length is out of [min_len, max_len] */
+} ItemsFault;
+
+/*
+ * Check a list of n items (of `word`-byte length words) from off, inside
+ * [start, end) and aligned to the word, each of min_len to max_len bytes;
+ * each item's bytes and length go to data[i] and lens[i] unless data is
+ * NULL.
+ */
+static ItemsFault
+walk_items(const char *base, uint64_t off, uint64_t start, uint64_t end, uint64_t word, int n,
+		   uint64_t min_len, uint64_t max_len, const char **data, int *lens)
+{
+	if (off < start || off > end || off % word != 0)
+		return ITEMS_OUTSIDE;
+	for (int i = 0; i < n; i++)
+	{
+		uint64_t	len;
+
+		if (!item_at(base, off, end, word, &len))
+			return ITEMS_PAST;
+		if (len < min_len || len > max_len)
+			return ITEMS_LENGTH;
+		if (data)
+		{
+			data[i] = base + off + word;
+			lens[i] = (int) len;
+		}
+		off += item_size(len, word);
+	}
+	return ITEMS_OK;
+}
+
+/* The stop strings: 1 to KL_MAX_STOP_LEN bytes each. */
 static const char *
 decode_stop_strings(const char *base, const KlRequest *q, KlReqView *v)
 {
-	uint64_t	off = q->stop_strings_off;
+	static const char *const why[] = {
+		[ITEMS_OUTSIDE] = "the stop strings lie outside the data area",
+		[ITEMS_PAST] = "a stop string runs past the data area",
+		[ITEMS_LENGTH] = "a stop string's length is out of range",
+	};
+	ItemsFault	f = walk_items(base, q->stop_strings_off, sizeof(KlRequest), q->data_end, STOP_WORD,
+							   q->n_stop_strings, 1, KL_MAX_STOP_LEN, v->stops, v->stop_lens);
 
-	if (off < sizeof(KlRequest) || off > q->data_end || off % 4 != 0)
-		return "the stop strings lie outside the data area";
-	for (int i = 0; i < q->n_stop_strings; i++)
-	{
-		uint32_t	len;
-
-		if (q->data_end - off < 4)
-			return "a stop string's length runs past the data area";
-		memcpy(&len, base + off, 4);
-		if (len == 0 || len > KL_MAX_STOP_LEN)
-			return "a stop string's length is out of range";
-		if (stop_string_size(len) > q->data_end - off)
-			return "a stop string runs past the data area";
-		v->stops[i] = base + off + 4;
-		v->stop_lens[i] = (int) len;
-		off += stop_string_size(len);
-	}
+	if (f != ITEMS_OK)
+		return why[f];
 	v->n_stops = q->n_stop_strings;
 	return NULL;
 }
 
+/* The state parts (kl_request_parts reads them). */
 static const char *
 decode_parts(const char *base, const KlRequest *q, KlReqView *v)
 {
-	uint64_t	off = q->parts_off;
+	static const char *const why[] = {
+		[ITEMS_OUTSIDE] = "the state parts lie outside the data area",
+		[ITEMS_PAST] = "a state part runs past the data area",
+		[ITEMS_LENGTH] = "a state part's length is out of range",
+	};
+	ItemsFault	f = walk_items(base, q->parts_off, sizeof(KlRequest), q->data_end, PART_WORD, q->n_parts,
+							   0, UINT64_MAX, NULL, NULL);
 
-	if (off < sizeof(KlRequest) || off > q->data_end || off % 8 != 0)
-		return "the state parts lie outside the data area";
-	for (int i = 0; i < q->n_parts; i++)
-	{
-		uint64_t	len;
-
-		if (q->data_end - off < 8)
-			return "a state part's length runs past the data area";
-		memcpy(&len, base + off, 8);
-		if (len > q->data_end - off - 8 || part_size(len) > q->data_end - off)
-			return "a state part runs past the data area";
-		off += part_size(len);
-	}
+	if (f != ITEMS_OK)
+		return why[f];
 	v->n_parts = q->n_parts;
 	return NULL;
 }
@@ -277,9 +326,9 @@ kl_request_parts(const void *seg, const KlReqView *v, kl_blob *out)
 	{
 		uint64_t	len;
 
-		memcpy(&len, base + off, 8);
-		out[i].data = (const uint8_t *) base + off + 8;
+		memcpy(&len, base + off, PART_WORD);
+		out[i].data = (const uint8_t *) base + off + PART_WORD;
 		out[i].len = len;
-		off += part_size(len);
+		off += item_size(len, PART_WORD);
 	}
 }
