@@ -155,7 +155,8 @@ check-engine-tsan: $(TSAN_TEST_BINS) cli corpus
 FUZZ_CC ?= clang-14
 FUZZ_FLAGS = -g -O1 -std=gnu11 -D_GNU_SOURCE $(KL_WARN) -Wno-declaration-after-statement \
              -fsanitize=fuzzer-no-link,address,undefined -Isrc/engine -I$(OPENBLAS_INC)
-FUZZ_NAMES = fuzz_safetensors fuzz_config fuzz_state fuzz_state_crc fuzz_tokenizer fuzz_json_schema fuzz_tool_calls
+FUZZ_NAMES = fuzz_safetensors fuzz_config fuzz_state fuzz_state_crc fuzz_tokenizer fuzz_json_schema fuzz_tool_calls \
+             fuzz_protocol
 FUZZ_BINS = $(addprefix test/fuzz/bin/,$(FUZZ_NAMES))
 FUZZ_ENGINE_OBJS = $(patsubst src/engine/%.c,build/fuzz/engine/%.o,$(ENGINE_SRCS))
 FUZZ_SECONDS ?= 60
@@ -163,6 +164,10 @@ fuzz: $(FUZZ_BINS)
 build/fuzz/engine/%.o: src/engine/%.c
 	@mkdir -p $(@D)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -c -o $@ $<
+# the request protocol's decoder: pg_protocol.c alone (no PostgreSQL, no engine code)
+test/fuzz/bin/fuzz_protocol: test/fuzz/fuzz_protocol.c src/pg/pg_protocol.c src/pg/pg_protocol.h
+	@mkdir -p test/fuzz/bin
+	$(FUZZ_CC) $(FUZZ_FLAGS) -Isrc/pg -fsanitize=fuzzer -o $@ test/fuzz/fuzz_protocol.c src/pg/pg_protocol.c
 test/fuzz/bin/fuzz_state_crc: test/fuzz/fuzz_state.c $(FUZZ_ENGINE_OBJS)
 	@mkdir -p test/fuzz/bin
 	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer -DFIX_CRC -o $@ $< $(FUZZ_ENGINE_OBJS) $(ENGINE_LIBS)

@@ -89,7 +89,7 @@ score_page(ppl_run *r, const int32_t *ids, int n, kl_err *err)
 			if (!na)
 			{
 				kl_seq_free(seq);
-				return kl_errf(err, "out of memory");
+				return kl_errc(err, KL_E_RESOURCES, "out of memory");
 			}
 			r->argmax = na;
 			r->cap = cap;

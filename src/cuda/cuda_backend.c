@@ -1,7 +1,9 @@
 /*
  * cuda_backend.c — the CUDA implementation of backend.h, built as the shared
  * library kimi_linear_cuda.so that the engine loads with dlopen()
- * (backend_cuda_loader.c); its only export is kl_cuda_backend_create.
+ * (backend_cuda_loader.c); its only exports are kl_cuda_backend_create and
+ * kl_cuda_backend_abi_version (the loader refuses a library built for another
+ * KL_BACKEND_ABI_VERSION).
  *
  * This file: creation, device memory, weights (upload, conversion for the
  * precision mode, random weights made on the device), the element-wise ops,
@@ -33,38 +35,59 @@ _Static_assert(KK_MLA_PAGE == KL_MLA_PAGE, "kernels/kernels.h and backend.h disa
 
 /* ------------------------------------------------------------------ errors */
 
+/* (kl_errc's twin: this library calls no engine function) */
 static void
-set_err(kl_err *err, const char *fmt, va_list ap)
+set_err(kl_err *err, kl_errcode code, const char *fmt, va_list ap)
 {
+	err->code = code;
 	vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
 }
 
 static int
-errf(kl_err *err, const char *fmt,...) __attribute__((format(printf, 2, 3)));
+errf(kl_err *err, kl_errcode code, const char *fmt,...) __attribute__((format(printf, 3, 4)));
 
 static int
-errf(kl_err *err, const char *fmt,...)
+errf(kl_err *err, kl_errcode code, const char *fmt,...)
 {
 	va_list		ap;
 
 	va_start(ap, fmt);
-	set_err(err, fmt, ap);
+	set_err(err, code, fmt, ap);
 	va_end(ap);
 	return KL_FAIL;
 }
 
+/* A failed CUDA call: out of device memory is KL_E_RESOURCES, anything else internal. */
+static kl_errcode
+cuda_code(cudaError_t e)
+{
+	return e == cudaErrorMemoryAllocation ? KL_E_RESOURCES : KL_E_INTERNAL;
+}
+
 void
-cuda_fail(kl_backend *be, const char *fmt,...)
+cuda_fail(kl_backend *be, kl_errcode code, const char *fmt,...)
 {
 	va_list		ap;
 
 	if (be->failed)
 		return;					/* keep the first error: later ones are its consequences */
 	va_start(ap, fmt);
-	set_err(&be->err, fmt, ap);
+	set_err(&be->err, code, fmt, ap);
 	va_end(ap);
 	be->failed = true;
 	cuda_abort_capture(be);
+}
+
+int
+cuda_take_failure(kl_backend *be, kl_err *err, const char *context)
+{
+	be->failed = false;
+	err->code = be->err.code;
+	if (context)
+		snprintf(err->msg, sizeof(err->msg), "%s: %.900s", context, be->err.msg);
+	else
+		snprintf(err->msg, sizeof(err->msg), "%s", be->err.msg);
+	return KL_FAIL;
 }
 
 bool
@@ -72,7 +95,7 @@ cuda_ok(kl_backend *be, cudaError_t e, const char *what)
 {
 	if (e == cudaSuccess)
 		return true;
-	cuda_fail(be, "CUDA error in %s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+	cuda_fail(be, cuda_code(e), "CUDA error in %s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
 	return false;
 }
 
@@ -87,7 +110,7 @@ blas_ok(kl_backend *be, cublasStatus_t st, const char *what)
 {
 	if (st == CUBLAS_STATUS_SUCCESS)
 		return true;
-	cuda_fail(be, "cuBLAS error in %s: %s", what, cublasGetStatusString(st));
+	cuda_fail(be, st == CUBLAS_STATUS_ALLOC_FAILED ? KL_E_RESOURCES : KL_E_INTERNAL, "cuBLAS error in %s: %s", what, cublasGetStatusString(st));
 	return false;
 }
 
@@ -137,7 +160,7 @@ cuda_buf(kl_backend *be, int id, size_t bytes)
 			kl_err		e = be->err;
 
 			be->failed = false;
-			cuda_fail(be, "out of GPU memory for %zu MB of working memory (%s)", cap >> 20, e.msg);
+			cuda_fail(be, KL_E_RESOURCES, "out of GPU memory for %zu MB of working memory (%s)", cap >> 20, e.msg);
 			return NULL;
 		}
 		if (cs->buf[id])
@@ -232,7 +255,7 @@ cu_read_mla_rows(kl_backend *be, float *dst, const void *page, int row, int n, i
 
 		if (!tmp)
 		{
-			cuda_fail(be, "out of memory reading the attention cache");
+			cuda_fail(be, KL_E_RESOURCES, "out of memory reading the attention cache");
 			memset(dst, 0, cnt * sizeof(float));
 			return;
 		}
@@ -263,7 +286,7 @@ cu_write_mla_rows(kl_backend *be, void *page, int row, const float *src, int n, 
 
 		if (!tmp)
 		{
-			cuda_fail(be, "out of memory writing the attention cache");
+			cuda_fail(be, KL_E_RESOURCES, "out of memory writing the attention cache");
 			return;
 		}
 		for (size_t i = 0; i < cnt; i++)
@@ -312,7 +335,7 @@ cu_load_weight(kl_backend *be, kl_weight *w, kl_err *err)
 
 		widened = malloc(n * sizeof(float));
 		if (!widened)
-			return errf(err, "out of host memory converting an f16 weight");
+			return errf(err, KL_E_RESOURCES, "out of host memory converting an f16 weight");
 		for (size_t i = 0; i < n; i++)
 		{
 			uint16_t	x = h[i];
@@ -339,14 +362,14 @@ cu_load_weight(kl_backend *be, kl_weight *w, kl_err *err)
 	if (!(p = cuda_pool_alloc(be, bytes)))
 	{
 		free(widened);
-		return errf(err, "out of GPU memory for a %d x %d weight", w->rows, w->cols);
+		return errf(err, KL_E_RESOURCES, "out of GPU memory for a %d x %d weight", w->rows, w->cols);
 	}
 	if (!cuda_upload_sync(be, p, src, bytes))
 	{
 		free(widened);
 		cuda_pool_free(be, p);
 		be->failed = false;
-		return errf(err, "loading onto the GPU: %s", be->err.msg);
+		return errf(err, be->err.code, "loading onto the GPU: %s", be->err.msg);
 	}
 	free(widened);
 	w->dev = p;
@@ -363,13 +386,13 @@ cu_init_random_weight(kl_backend *be, kl_weight *w, uint64_t seed, float scale, 
 	if (w->dtype == KL_DT_F16)
 		w->dtype = KL_DT_F32;
 	if (!(p = cuda_pool_alloc(be, n * dtype_size(w->dtype))))
-		return errf(err, "out of GPU memory for a %d x %d weight", w->rows, w->cols);
+		return errf(err, KL_E_RESOURCES, "out of GPU memory for a %d x %d weight", w->rows, w->cols);
 	kk_fill_random(cs->stream, p, w->dtype == KL_DT_BF16, n, seed, scale);
 	if (!cuda_launched(be, "fill_random"))
 	{
 		cuda_pool_free(be, p);
 		be->failed = false;
-		return errf(err, "%s", be->err.msg);
+		return errf(err, be->err.code, "%s", be->err.msg);
 	}
 	w->dev = p;
 	return KL_OK;
@@ -573,14 +596,21 @@ check_config(const kl_config *cfg, kl_err *err)
 	int			K = cfg->kda_head_dim;
 
 	if (cfg->n_kda_layers > 0 && K != 32 && K != 64 && K != 128)
-		return errf(err, "the CUDA backend supports KDA head sizes 32, 64 and 128, not %d", K);
+		return errf(err, KL_E_UNSUPPORTED, "the CUDA backend supports KDA head sizes 32, 64 and 128, not %d", K);
 	if (cfg->n_kda_layers > 0 && (cfg->conv_kernel < 1 || cfg->conv_kernel > 8))
-		return errf(err, "the CUDA backend supports short convolutions of 1 to 8 taps, not %d", cfg->conv_kernel);
+		return errf(err, KL_E_UNSUPPORTED, "the CUDA backend supports short convolutions of 1 to 8 taps, not %d", cfg->conv_kernel);
 	if (cfg->n_experts > 1024)
-		return errf(err, "the CUDA backend supports at most 1024 experts, not %d", cfg->n_experts);
+		return errf(err, KL_E_UNSUPPORTED, "the CUDA backend supports at most 1024 experts, not %d", cfg->n_experts);
 	if (cfg->n_experts > 0 && cfg->experts_per_token > 64)
-		return errf(err, "the CUDA backend supports at most 64 experts per token, not %d", cfg->experts_per_token);
+		return errf(err, KL_E_UNSUPPORTED, "the CUDA backend supports at most 64 experts per token, not %d", cfg->experts_per_token);
 	return KL_OK;
+}
+
+/* The backend.h this library was built with; the loader checks it before anything else. */
+__attribute__((visibility("default"))) int
+kl_cuda_backend_abi_version(void)
+{
+	return KL_BACKEND_ABI_VERSION;
 }
 
 __attribute__((visibility("default"))) int
@@ -600,14 +630,14 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 	if (e != cudaSuccess || ndev == 0)
 	{
 		cudaGetLastError();
-		return errf(err, "no usable CUDA GPU: %s", e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+		return errf(err, KL_E_UNSUPPORTED, "no usable CUDA GPU: %s", e != cudaSuccess ? cudaGetErrorString(e) : "none found");
 	}
 	if (idx < 0 || idx >= ndev)
-		return errf(err, "GPU %d does not exist (this machine has %d)", idx, ndev);
+		return errf(err, KL_E_INVALID, "GPU %d does not exist (this machine has %d)", idx, ndev);
 	if (strcmp(prec, "fp32") != 0 && strcmp(prec, "bf16") != 0)
-		return errf(err, "unknown precision \"%s\" (use fp32 or bf16)", prec);
+		return errf(err, KL_E_INVALID, "unknown precision \"%s\" (use fp32 or bf16)", prec);
 	if ((e = cudaSetDevice(idx)) != cudaSuccess)
-		return errf(err, "cannot use GPU %d: %s", idx, cudaGetErrorString(e));
+		return errf(err, cuda_code(e), "cannot use GPU %d: %s", idx, cudaGetErrorString(e));
 
 	be = calloc(1, sizeof(kl_backend));
 	cs = calloc(1, sizeof(cuda_state));
@@ -615,7 +645,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 	{
 		free(be);
 		free(cs);
-		return errf(err, "out of memory");
+		return errf(err, KL_E_RESOURCES, "out of memory");
 	}
 	be->ops = &cuda_ops;
 	be->cfg = cfg;
@@ -668,7 +698,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		(e = cudaEventCreateWithFlags(&cs->ids_done, cudaEventDisableTiming)) != cudaSuccess ||
 		(e = cudaMalloc(&cs->blas_ws, BLAS_WORKSPACE)) != cudaSuccess)
 	{
-		errf(err, "initializing GPU %d: %s", idx, cudaGetErrorString(e));
+		errf(err, cuda_code(e), "initializing GPU %d: %s", idx, cudaGetErrorString(e));
 		goto fail;
 	}
 	if (cublasCreate(&cs->blas) != CUBLAS_STATUS_SUCCESS ||
@@ -677,7 +707,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		/* fp32: no TF32 or other reduced-precision shortcuts; bf16: TF32 for fp32 weights */
 		cublasSetMathMode(cs->blas, cs->bf16 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_PEDANTIC_MATH) != CUBLAS_STATUS_SUCCESS)
 	{
-		errf(err, "initializing cuBLAS on GPU %d failed", idx);
+		errf(err, KL_E_INTERNAL, "initializing cuBLAS on GPU %d failed", idx);
 		goto fail;
 	}
 	*out = be;

@@ -208,7 +208,10 @@ CS(kl_backend *be)
 bool		cuda_ok(kl_backend *be, cudaError_t e, const char *what);
 bool		cuda_launched(kl_backend *be, const char *what);
 bool		blas_ok(kl_backend *be, cublasStatus_t st, const char *what);
-void		cuda_fail(kl_backend *be, const char *fmt,...) __attribute__((format(printf, 2, 3)));
+void		cuda_fail(kl_backend *be, kl_errcode code, const char *fmt,...) __attribute__((format(printf, 3, 4)));
+/* Move the failure recorded in be->err into err (after "context: ", unless
+ * context is NULL), code included, and clear it.  Returns KL_FAIL. */
+int			cuda_take_failure(kl_backend *be, kl_err *err, const char *context);
 
 /* a scratch buffer of at least `bytes` (contents undefined); NULL on failure */
 void	   *cuda_buf(kl_backend *be, int id, size_t bytes);

@@ -66,7 +66,7 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 	if (kk_kda_recurrent(cs->stream, ns, H, K, qo, ko, vo, a->f, beta, o, cs->d_row0, S_tab, max_rows,
 						 cs->kda_round16) != 0)
 	{
-		cuda_fail(be, "KDA head size %d is not supported on the GPU", K);
+		cuda_fail(be, KL_E_UNSUPPORTED, "KDA head size %d is not supported on the GPU", K);
 		return;
 	}
 	if (!cuda_launched(be, "kda_recurrent"))
@@ -84,7 +84,7 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 							st->seqs[s]->kda_S[a->kda_index], o + (size_t) r0 * HK, scratch);
 		if (rc == -1)
 		{
-			cuda_fail(be, "KDA head size %d is not supported on the GPU", K);
+			cuda_fail(be, KL_E_UNSUPPORTED, "KDA head size %d is not supported on the GPU", K);
 			return;
 		}
 		if (rc != 0)

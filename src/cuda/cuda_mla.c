@@ -37,6 +37,7 @@ cuda_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err)
 
 	if (!p)
 	{
+		err->code = KL_E_RESOURCES;
 		snprintf(err->msg, sizeof(err->msg), "out of memory");
 		return KL_FAIL;
 	}
@@ -61,9 +62,7 @@ cuda_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err)
 fail:
 	cudaFree(p->owned);
 	free(p);
-	be->failed = false;
-	snprintf(err->msg, sizeof(err->msg), "%s", be->err.msg);
-	return KL_FAIL;
+	return cuda_take_failure(be, err, NULL);
 }
 
 void
@@ -178,7 +177,7 @@ mla_expanded(kl_backend *be, const kl_step *st, const kl_mla_args *a, int s, flo
 
 	if (m > INT32_MAX / 2)
 	{
-		cuda_fail(be, "sequence too long for the GPU attention (%lld positions)", (long long) m);
+		cuda_fail(be, KL_E_RESOURCES, "sequence too long for the GPU attention (%lld positions)", (long long) m);
 		return;
 	}
 	{

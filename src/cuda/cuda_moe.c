@@ -40,7 +40,7 @@ moe_tables(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w)
 			return &cs->moe[i];
 	if (cs->mode == GM_CAPTURE)
 	{
-		cuda_fail(be, "internal error: MoE tables built during graph capture");
+		cuda_fail(be, KL_E_INTERNAL, "internal error: MoE tables built during graph capture");
 		return NULL;
 	}
 	if (cs->n_moe == cs->cap_moe)
@@ -50,7 +50,7 @@ moe_tables(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w)
 
 		if (!nt)
 		{
-			cuda_fail(be, "out of memory");
+			cuda_fail(be, KL_E_RESOURCES, "out of memory");
 			return NULL;
 		}
 		cs->moe = nt;
@@ -61,7 +61,7 @@ moe_tables(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w)
 	host = calloc(3 * ((size_t) E + 1), sizeof(void *));
 	if (!host)
 	{
-		cuda_fail(be, "out of memory");
+		cuda_fail(be, KL_E_RESOURCES, "out of memory");
 		return NULL;
 	}
 	for (int e = 0; e <= E; e++)
@@ -125,7 +125,7 @@ host_group(kl_backend *be, int n, int E, int k, const int *d_sel, int *d_xrow, i
 		if (!cs->h_sel || !cs->h_xrow || !cs->h_inv || !cs->h_start)
 		{
 			cs->h_moe_cap = 0;
-			cuda_fail(be, "out of memory grouping experts");
+			cuda_fail(be, KL_E_RESOURCES, "out of memory grouping experts");
 			return false;
 		}
 	}
@@ -139,7 +139,7 @@ host_group(kl_backend *be, int n, int E, int k, const int *d_sel, int *d_xrow, i
 	{
 		if (cs->h_sel[i] < 0 || cs->h_sel[i] >= E)
 		{
-			cuda_fail(be, "internal error: expert id %d out of range", cs->h_sel[i]);
+			cuda_fail(be, KL_E_INTERNAL, "internal error: expert id %d out of range", cs->h_sel[i]);
 			return false;
 		}
 		cs->h_start[cs->h_sel[i] + 1]++;

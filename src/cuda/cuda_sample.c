@@ -77,7 +77,7 @@ cuda_sample(kl_backend *be, float *logits, int vocab, const kl_sample_row *rows,
 		goto fail;
 	if (n_recent > 0 && !(seen = calloc(words, sizeof(uint32_t))))
 	{
-		cuda_fail(be, "out of memory");
+		cuda_fail(be, KL_E_RESOURCES, "out of memory");
 		goto fail;
 	}
 
@@ -142,13 +142,11 @@ cuda_sample(kl_backend *be, float *logits, int vocab, const kl_sample_row *rows,
 	for (int i = 0; i < n; i++)
 		if (ids[i] < 0 || ids[i] >= vocab)
 		{
-			cuda_fail(be, "internal error: the GPU sampler chose token %d of %d", ids[i], vocab);
+			cuda_fail(be, KL_E_INTERNAL, "internal error: the GPU sampler chose token %d of %d", ids[i], vocab);
 			goto fail;
 		}
 	return KL_OK;
 fail:
 	free(seen);
-	be->failed = false;
-	snprintf(err->msg, sizeof(err->msg), "sampling on the GPU: %.900s", be->err.msg);
-	return KL_FAIL;
+	return cuda_take_failure(be, err, "sampling on the GPU");
 }

@@ -159,11 +159,7 @@ cuda_begin_step(kl_backend *be, const kl_step *st, kl_err *err)
 	bool		attend_ok = kk_mla_attend_supported(cfg->mla_heads, cfg->kv_lora_rank, cfg->qk_rope_dim);
 
 	if (be->failed)
-	{
-		be->failed = false;
-		snprintf(err->msg, sizeof(err->msg), "%s", be->err.msg);
-		return KL_FAIL;
-	}
+		return cuda_take_failure(be, err, NULL);
 	cuda_abort_capture(be);		/* a step that failed half-way may have left one open */
 	cs->pend = false;			/* (and an add or a combine held back) */
 	cs->pend_moe = false;
@@ -209,7 +205,7 @@ cuda_begin_step(kl_backend *be, const kl_step *st, kl_err *err)
 
 			if (!na)
 			{
-				cuda_fail(be, "out of memory");
+				cuda_fail(be, KL_E_RESOURCES, "out of memory");
 				goto fail;
 			}
 			cs->h_absorbed = na;
@@ -269,9 +265,7 @@ cuda_begin_step(kl_backend *be, const kl_step *st, kl_err *err)
 		cs->mode = GM_PENDING;
 	return KL_OK;
 fail:
-	be->failed = false;
-	snprintf(err->msg, sizeof(err->msg), "%s", be->err.msg);
-	return KL_FAIL;
+	return cuda_take_failure(be, err, NULL);
 }
 
 void
@@ -295,7 +289,7 @@ cuda_end_step(kl_backend *be, const kl_step *st)
 			if (graph)
 				cudaGraphDestroy(graph);
 			cudaGetLastError();
-			cuda_fail(be, "capturing the decode step as a CUDA graph failed: %s (set KL_CUDA_GRAPHS=0 to run "
+			cuda_fail(be, KL_E_INTERNAL, "capturing the decode step as a CUDA graph failed: %s (set KL_CUDA_GRAPHS=0 to run "
 					  "without graphs)", cudaGetErrorString(e));
 			cs->graphs_enabled = false;
 			drop_graph(g);
@@ -336,7 +330,7 @@ cuda_end_step(kl_backend *be, const kl_step *st)
 	{
 		if (cs->trace != g->trace)
 		{
-			cuda_fail(be, "internal error: a decode step differs from its recorded CUDA graph (set "
+			cuda_fail(be, KL_E_INTERNAL, "internal error: a decode step differs from its recorded CUDA graph (set "
 					  "KL_CUDA_GRAPHS=0 to run without graphs, and please report this)");
 			cs->graphs_enabled = false;
 			cuda_graphs_destroy(be);

@@ -311,7 +311,23 @@ typedef struct kl_backend_opts
 } kl_backend_opts;
 
 int			kl_backend_cpu_create(const kl_config *cfg, const kl_backend_opts *opts, kl_backend **out, kl_err *err);
-/* dlopen()s the CUDA backend library; a clear error where there is none or no GPU. */
+
+/*
+ * The ABI between the engine and the CUDA backend library, which is built
+ * apart (kimi_linear_cuda.so) and may be older than the engine that loads it.
+ * The library returns the version it was built with from
+ * kl_cuda_backend_abi_version(); the loader refuses any other (a library
+ * without the function is version 0).  Bump it whenever this header,
+ * kl_weight, kl_backend_ops, kl_backend_opts or any structure they reach
+ * (config.h, quant.h's kl_qmat, kl_err) changes in a way that moves a field
+ * or changes a signature.
+ */
+#define KL_BACKEND_ABI_VERSION 1
+
+/*
+ * dlopen()s the CUDA backend library; a clear error where there is none, it
+ * was built for another KL_BACKEND_ABI_VERSION, or there is no GPU.
+ */
 int			kl_backend_cuda_create(const kl_config *cfg, const kl_backend_opts *opts, kl_backend **out, kl_err *err);
 
 /*

@@ -63,7 +63,8 @@ cpu_scratch_reserve(kl_backend *be, int slot, size_t floats)
 			if ((cs->scratch[t][slot] = aligned_or_null(cap * sizeof(float))) == NULL)
 			{
 				be->failed = true;
-				kl_errf(&be->err, "out of memory for %zu MB of working memory", cap * sizeof(float) >> 20);
+				kl_errc(&be->err, KL_E_RESOURCES,
+						"out of memory for %zu MB of working memory", cap * sizeof(float) >> 20);
 				return false;
 			}
 			cs->scratch_cap[t][slot] = cap;
@@ -91,7 +92,7 @@ cpu_buffer(kl_backend *be, int id, size_t bytes)
 		if ((cs->buf[id] = aligned_or_null(cap)) == NULL)
 		{
 			be->failed = true;
-			kl_errf(&be->err, "out of memory for %zu MB of working memory", cap >> 20);
+			kl_errc(&be->err, KL_E_RESOURCES, "out of memory for %zu MB of working memory", cap >> 20);
 			return NULL;
 		}
 		cs->buf_cap[id] = cap;

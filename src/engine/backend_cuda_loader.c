@@ -10,6 +10,11 @@
  * Search order: $KL_CUDA_LIB; the directory of the library or executable that
  * contains this code (PostgreSQL's pkglibdir for the extension, the repository
  * root for ./kl).
+ *
+ * The library is built apart and may be stale: before calling anything in it
+ * the loader asks its kl_cuda_backend_abi_version() and refuses (and unloads)
+ * one built for another KL_BACKEND_ABI_VERSION (backend.h), whose structures
+ * would not match the engine's.
  */
 #include <dlfcn.h>
 #include <stdlib.h>
@@ -23,6 +28,9 @@
 /* The library's entry point: same contract as kl_backend_cpu_create. */
 typedef int (*cuda_create_fn) (const kl_config *cfg, const kl_backend_opts *opts, kl_backend **out, kl_err *err);
 
+/* The library's version check: returns the KL_BACKEND_ABI_VERSION it was built with. */
+typedef int (*cuda_abi_version_fn) (void);
+
 static void *cuda_lib;
 
 static void *
@@ -35,38 +43,77 @@ try_open(const char *path, char *why, size_t whylen)
 	return h;
 }
 
+/*
+ * Whether the library at `path` was built for this engine's
+ * KL_BACKEND_ABI_VERSION (one without kl_cuda_backend_abi_version predates
+ * the check: version 0); one built for another is unloaded, not called.
+ */
+static int
+check_abi(void *lib, const char *path, kl_err *err)
+{
+	cuda_abi_version_fn version = (cuda_abi_version_fn) dlsym(lib, "kl_cuda_backend_abi_version");
+	int			v = version ? version() : 0;
+
+	if (v == KL_BACKEND_ABI_VERSION)
+		return KL_OK;
+	dlclose(lib);
+	return kl_errc(err, KL_E_UNSUPPORTED,
+				   "the CUDA backend %s was built for backend ABI version %d, this engine needs version %d: "
+				   "rebuild it with make (and install it with make install), or use device = cpu",
+				   path, v, KL_BACKEND_ABI_VERSION);
+}
+
+/*
+ * Open the library (search order above) and write where it was found to
+ * path; NULL, with err set, where there is none.
+ */
+static void *
+open_library(char *path, size_t pathlen, kl_err *err)
+{
+	char		why[512] = "";
+	const char *env = getenv("KL_CUDA_LIB");
+	Dl_info		info;
+	void	   *lib = NULL;
+
+	if (env && *env)
+	{
+		snprintf(path, pathlen, "%s", env);
+		lib = try_open(path, why, sizeof(why));
+	}
+	if (!lib && dladdr((void *) kl_backend_cuda_create, &info) && info.dli_fname)
+	{
+		const char *slash = strrchr(info.dli_fname, '/');
+
+		if (slash)
+			snprintf(path, pathlen, "%.*s/%s", (int) (slash - info.dli_fname), info.dli_fname, CUDA_LIB_NAME);
+		else
+			snprintf(path, pathlen, "./%s", CUDA_LIB_NAME);
+		lib = try_open(path, why, sizeof(why));
+	}
+	if (!lib)
+		kl_errc(err, KL_E_UNSUPPORTED,
+				"the CUDA backend is not available: cannot load %s (%s); build it with "
+				"make where nvcc exists, or use device = cpu", CUDA_LIB_NAME,
+				why[0] ? why : "not found");
+	return lib;
+}
+
 int
 kl_backend_cuda_create(const kl_config *cfg, const kl_backend_opts *opts, kl_backend **out, kl_err *err)
 {
-	char		why[512] = "";
 	cuda_create_fn create;
 
 	if (!cuda_lib)
 	{
-		const char *env = getenv("KL_CUDA_LIB");
-		Dl_info		info;
+		char		path[4096];
+		void	   *lib = open_library(path, sizeof(path), err);
 
-		if (env && *env)
-			cuda_lib = try_open(env, why, sizeof(why));
-		if (!cuda_lib && dladdr((void *) kl_backend_cuda_create, &info) && info.dli_fname)
-		{
-			char		path[4096];
-			const char *slash = strrchr(info.dli_fname, '/');
-
-			if (slash)
-				snprintf(path, sizeof(path), "%.*s/%s", (int) (slash - info.dli_fname), info.dli_fname,
-						 CUDA_LIB_NAME);
-			else
-				snprintf(path, sizeof(path), "./%s", CUDA_LIB_NAME);
-			cuda_lib = try_open(path, why, sizeof(why));
-		}
-		if (!cuda_lib)
-			return kl_errf(err, "the CUDA backend is not available: cannot load %s (%s); build it with "
-						   "make where nvcc exists, or use device = cpu", CUDA_LIB_NAME,
-						   why[0] ? why : "not found");
+		if (!lib || check_abi(lib, path, err) != KL_OK)
+			return KL_FAIL;
+		cuda_lib = lib;
 	}
 	create = (cuda_create_fn) dlsym(cuda_lib, "kl_cuda_backend_create");
 	if (!create)
-		return kl_errf(err, "%s does not export kl_cuda_backend_create: rebuild it", CUDA_LIB_NAME);
+		return kl_errc(err, KL_E_UNSUPPORTED, "%s does not export kl_cuda_backend_create: rebuild it", CUDA_LIB_NAME);
 	return create(cfg, opts, out, err);
 }

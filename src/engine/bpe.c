@@ -192,7 +192,7 @@ parse_ranks(kl_tokenizer *t, const char *path, char *text, size_t len, kl_err *e
 	for (size_t i = 0; i < len; i++)
 		max_lines += text[i] == '\n';
 	if (max_lines > INT32_MAX / 2)
-		return kl_errf(err, "%s: too many lines for a vocabulary", path);
+		return kl_errc(err, KL_E_RESOURCES, "%s: too many lines for a vocabulary", path);
 	tok_start = kl_malloc(max_lines * sizeof(uint32_t), err);
 	tok_len = kl_calloc(max_lines, sizeof(uint32_t), err);
 	tok_line = kl_calloc(max_lines, sizeof(int), err);
@@ -220,20 +220,22 @@ parse_ranks(kl_tokenizer *t, const char *path, char *text, size_t len, kl_err *e
 		sp = memchr(p, ' ', (size_t) (stop - p));
 		if (!sp)
 		{
-			kl_errf(err, "%s line %d: expected \"<base64 of the token's bytes> <rank>\"; fix or replace the file",
+			kl_errc(err, KL_E_INVALID,
+					"%s line %d: expected \"<base64 of the token's bytes> <rank>\"; fix or replace the file",
 					path, line);
 			goto out;
 		}
 		if (sp + 1 == stop)
 		{
-			kl_errf(err, "%s line %d: the rank after the space is missing", path, line);
+			kl_errc(err, KL_E_INVALID, "%s line %d: the rank after the space is missing", path, line);
 			goto out;
 		}
 		for (q = sp + 1; q < stop; q++)
 		{
 			if (*q < '0' || *q > '9')
 			{
-				kl_errf(err, "%s line %d: the rank (after the space) is not a non-negative decimal number", path,
+				kl_errc(err, KL_E_INVALID,
+						"%s line %d: the rank (after the space) is not a non-negative decimal number", path,
 						line);
 				goto out;
 			}
@@ -243,19 +245,22 @@ parse_ranks(kl_tokenizer *t, const char *path, char *text, size_t len, kl_err *e
 		}
 		if (rank >= max_lines)
 		{
-			kl_errf(err, "%s line %d: the rank is out of range: the file has at most %zu tokens, so ranks run "
+			kl_errc(err, KL_E_INVALID,
+					"%s line %d: the rank is out of range: the file has at most %zu tokens, so ranks run "
 					"from 0 to %zu", path, line, max_lines, max_lines - 1);
 			goto out;
 		}
 		nb = b64_decode(p, (size_t) (sp - p), scratch + used, &why);
 		if (nb < 0)
 		{
-			kl_errf(err, "%s line %d: the token (before the space) is not valid base64: %s", path, line, why);
+			kl_errc(err, KL_E_INVALID,
+					"%s line %d: the token (before the space) is not valid base64: %s", path, line, why);
 			goto out;
 		}
 		if (tok_start[rank] != UINT32_MAX)
 		{
-			kl_errf(err, "%s line %d: rank %llu was already given on line %d; each rank must appear once", path,
+			kl_errc(err, KL_E_INVALID,
+					"%s line %d: rank %llu was already given on line %d; each rank must appear once", path,
 					line, (unsigned long long) rank, tok_line[rank]);
 			goto out;
 		}
@@ -267,13 +272,14 @@ parse_ranks(kl_tokenizer *t, const char *path, char *text, size_t len, kl_err *e
 	}
 	if (n == 0)
 	{
-		kl_errf(err, "%s has no tokens", path);
+		kl_errc(err, KL_E_INVALID, "%s has no tokens", path);
 		goto out;
 	}
 	for (int r = 0; r < n; r++)
 		if (tok_start[r] == UINT32_MAX)
 		{
-			kl_errf(err, "%s: rank %d is missing: the %d tokens must have the ranks 0 to %d", path, r, n, n - 1);
+			kl_errc(err, KL_E_INVALID,
+					"%s: rank %d is missing: the %d tokens must have the ranks 0 to %d", path, r, n, n - 1);
 			goto out;
 		}
 	t->pool = kl_malloc(used + 1, err);
@@ -327,7 +333,8 @@ build_rank_table(kl_tokenizer *t, const char *path, kl_err *err)
 		uint32_t	i;
 
 		if (other >= 0)
-			return kl_errf(err, "%s: ranks %d and %d have the same bytes; each token must be different", path,
+			return kl_errc(err, KL_E_INVALID,
+						   "%s: ranks %d and %d have the same bytes; each token must be different", path,
 						   other, r);
 		if (n == 1)
 			t->byte_rank[bytes[0]] = r;
@@ -337,7 +344,8 @@ build_rank_table(kl_tokenizer *t, const char *path, kl_err *err)
 	}
 	for (int b = 0; b < 256; b++)
 		if (t->byte_rank[b] < 0)
-			return kl_errf(err, "%s: byte 0x%02x has no token of its own, so some texts could not be encoded; "
+			return kl_errc(err, KL_E_INVALID,
+						   "%s: byte 0x%02x has no token of its own, so some texts could not be encoded; "
 						   "a byte-level vocabulary has all 256", path, b);
 	return KL_OK;
 }
@@ -438,7 +446,7 @@ push_ids(kl_ids *out, const int32_t *ids, size_t n, kl_err *err)
 			cap *= 2;
 		p = realloc(out->ids, cap * sizeof(int32_t));
 		if (!p)
-			return kl_errf(err, "out of memory for %zu token ids", cap);
+			return kl_errc(err, KL_E_RESOURCES, "out of memory for %zu token ids", cap);
 		out->ids = p;
 		out->cap = cap;
 	}
@@ -599,10 +607,11 @@ merge_large(const kl_tokenizer *t, const uint8_t *p, size_t n_bytes, kl_ids *out
 	int			rc = KL_OK;
 
 	if (n_bytes > (size_t) INT32_MAX / 8)
-		return kl_errf(err, "a single piece of %zu bytes is too long to encode; split the text", n_bytes);
+		return kl_errc(err, KL_E_RESOURCES,
+					   "a single piece of %zu bytes is too long to encode; split the text", n_bytes);
 	block = malloc((size_t) n * 6 * sizeof(int32_t));
 	if (!block)
-		return kl_errf(err, "out of memory merging a piece of %zu bytes", n_bytes);
+		return kl_errc(err, KL_E_RESOURCES, "out of memory merging a piece of %zu bytes", n_bytes);
 	s.part = block;
 	s.next = block + n;
 	s.prev = block + 2 * (size_t) n;

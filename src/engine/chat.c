@@ -43,7 +43,8 @@ load_json(const char *text, size_t len, const char *what, kl_err *err)
 	json_t	   *v = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
 
 	if (!v)
-		kl_errf(err, "%s is not valid JSON (line %d, column %d): %s", what, jerr.line, jerr.column, jerr.text);
+		kl_errc(err, KL_E_INVALID,
+				"%s is not valid JSON (line %d, column %d): %s", what, jerr.line, jerr.column, jerr.text);
 	return v;
 }
 
@@ -62,7 +63,8 @@ read_content(json_t *c, kl_chat_msg *m, size_t i, kl_err *err)
 		return m->content ? KL_OK : KL_FAIL;
 	}
 	if (!json_is_array(c))
-		return kl_errf(err, "message %zu: \"content\" must be a string, a list of {\"type\": \"text\", \"text\": "
+		return kl_errc(err, KL_E_INVALID,
+					   "message %zu: \"content\" must be a string, a list of {\"type\": \"text\", \"text\": "
 					   "...} parts, or null", i + 1);
 	for (size_t k = 0; k < json_array_size(c); k++)
 	{
@@ -73,19 +75,21 @@ read_content(json_t *c, kl_chat_msg *m, size_t i, kl_err *err)
 		if (!json_is_object(part))
 		{
 			kl_buf_free(&b);
-			return kl_errf(err, "message %zu: content part %zu must be an object", i + 1, k + 1);
+			return kl_errc(err, KL_E_INVALID, "message %zu: content part %zu must be an object", i + 1, k + 1);
 		}
 		if (json_object_get(part, "image") || json_object_get(part, "image_url") ||
 			(json_is_string(type) && strncmp(json_string_value(type), "image", 5) == 0))
 		{
 			kl_buf_free(&b);
-			return kl_errf(err, "message %zu: content part %zu is an image; these models read text only", i + 1,
+			return kl_errc(err, KL_E_INVALID,
+						   "message %zu: content part %zu is an image; these models read text only", i + 1,
 						   k + 1);
 		}
 		if (!json_is_string(text) || (type && (!json_is_string(type) || strcmp(json_string_value(type), "text") != 0)))
 		{
 			kl_buf_free(&b);
-			return kl_errf(err, "message %zu: content part %zu must be {\"type\": \"text\", \"text\": \"...\"}",
+			return kl_errc(err, KL_E_INVALID,
+						   "message %zu: content part %zu must be {\"type\": \"text\", \"text\": \"...\"}",
 						   i + 1, k + 1);
 		}
 		kl_buf_put(&b, json_string_value(text), json_string_length(text));
@@ -109,9 +113,9 @@ read_calls(json_t *calls, kl_chat_msg *m, size_t i, kl_err *err)
 	if (!calls || json_is_null(calls))
 		return KL_OK;
 	if (!json_is_array(calls))
-		return kl_errf(err, "message %zu: \"tool_calls\" must be an array", i + 1);
+		return kl_errc(err, KL_E_INVALID, "message %zu: \"tool_calls\" must be an array", i + 1);
 	if (strcmp(m->role, "assistant") != 0)
-		return kl_errf(err, "message %zu: only assistant messages have \"tool_calls\"", i + 1);
+		return kl_errc(err, KL_E_INVALID, "message %zu: only assistant messages have \"tool_calls\"", i + 1);
 	n = json_array_size(calls);
 	if (n == 0)
 		return KL_OK;
@@ -127,16 +131,17 @@ read_calls(json_t *calls, kl_chat_msg *m, size_t i, kl_err *err)
 		kl_chat_call *c = &m->calls[m->n_calls];
 
 		if (!json_is_object(call))
-			return kl_errf(err, "message %zu: tool call %zu must be an object", i + 1, k + 1);
+			return kl_errc(err, KL_E_INVALID, "message %zu: tool call %zu must be an object", i + 1, k + 1);
 		/* OpenAI's {"function": {"name", "arguments"}}, or {"name", "arguments"} */
 		if (fn && !json_is_object(fn))
-			return kl_errf(err, "message %zu: tool call %zu: \"function\" must be an object", i + 1, k + 1);
+			return kl_errc(err, KL_E_INVALID,
+						   "message %zu: tool call %zu: \"function\" must be an object", i + 1, k + 1);
 		name = json_object_get(fn ? fn : call, "name");
 		args = json_object_get(fn ? fn : call, "arguments");
 		if (!json_is_string(name) || json_string_length(name) == 0)
-			return kl_errf(err, "message %zu: tool call %zu has no function name", i + 1, k + 1);
+			return kl_errc(err, KL_E_INVALID, "message %zu: tool call %zu has no function name", i + 1, k + 1);
 		if (!args)
-			return kl_errf(err, "message %zu: tool call %zu (%s) has no \"arguments\"", i + 1, k + 1,
+			return kl_errc(err, KL_E_INVALID, "message %zu: tool call %zu (%s) has no \"arguments\"", i + 1, k + 1,
 						   json_string_value(name));
 		if (!(c->name = dup_n(json_string_value(name), json_string_length(name), err)))
 			return KL_FAIL;
@@ -174,7 +179,8 @@ read_token_ids(json_t *ids, kl_chat_msg *m, size_t i, kl_err *err)
 	if (!ids || json_is_null(ids))
 		return KL_OK;
 	if (!json_is_array(ids) || strcmp(m->role, "assistant") != 0)
-		return kl_errf(err, "message %zu: \"token_ids\" must be an array of token ids of an assistant message",
+		return kl_errc(err, KL_E_INVALID,
+					   "message %zu: \"token_ids\" must be an array of token ids of an assistant message",
 					   i + 1);
 	n = json_array_size(ids);
 	m->token_ids = kl_malloc(sizeof(int32_t) * (n + 1), err);
@@ -185,7 +191,7 @@ read_token_ids(json_t *ids, kl_chat_msg *m, size_t i, kl_err *err)
 		json_t	   *v = json_array_get(ids, k);
 
 		if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > INT32_MAX)
-			return kl_errf(err, "message %zu: \"token_ids\" must hold non-negative integers", i + 1);
+			return kl_errc(err, KL_E_INVALID, "message %zu: \"token_ids\" must hold non-negative integers", i + 1);
 		m->token_ids[k] = (int32_t) json_integer_value(v);
 	}
 	m->n_token_ids = n;
@@ -201,27 +207,28 @@ read_message(json_t *j, kl_chat_msg *m, size_t i, kl_err *err)
 	const char *r;
 
 	if (!json_is_object(j))
-		return kl_errf(err, "message %zu must be an object {\"role\": ..., \"content\": ...}", i + 1);
+		return kl_errc(err, KL_E_INVALID, "message %zu must be an object {\"role\": ..., \"content\": ...}", i + 1);
 	if (!json_is_string(role))
-		return kl_errf(err, "message %zu has no \"role\"", i + 1);
+		return kl_errc(err, KL_E_INVALID, "message %zu has no \"role\"", i + 1);
 	r = json_string_value(role);
 	if (strcmp(r, "system") != 0 && strcmp(r, "user") != 0 && strcmp(r, "assistant") != 0 &&
 		strcmp(r, "tool") != 0)
-		return kl_errf(err, "message %zu has the role \"%.64s\": the roles are system, user, assistant and tool",
+		return kl_errc(err, KL_E_INVALID,
+					   "message %zu has the role \"%.64s\": the roles are system, user, assistant and tool",
 					   i + 1, r);
 	if (!(m->role = dup_n(r, strlen(r), err)))
 		return KL_FAIL;
 	if (name && !json_is_null(name))
 	{
 		if (!json_is_string(name))
-			return kl_errf(err, "message %zu: \"name\" must be a string", i + 1);
+			return kl_errc(err, KL_E_INVALID, "message %zu: \"name\" must be a string", i + 1);
 		if (!(m->name = dup_n(json_string_value(name), json_string_length(name), err)))
 			return KL_FAIL;
 	}
 	if (tcid && !json_is_null(tcid))
 	{
 		if (!json_is_string(tcid))
-			return kl_errf(err, "message %zu: \"tool_call_id\" must be a string", i + 1);
+			return kl_errc(err, KL_E_INVALID, "message %zu: \"tool_call_id\" must be a string", i + 1);
 		if (!(m->tool_call_id = dup_n(json_string_value(tcid), json_string_length(tcid), err)))
 			return KL_FAIL;
 	}
@@ -230,7 +237,7 @@ read_message(json_t *j, kl_chat_msg *m, size_t i, kl_err *err)
 		read_token_ids(json_object_get(j, "token_ids"), m, i, err) != KL_OK)
 		return KL_FAIL;
 	if (!m->content && strcmp(r, "assistant") != 0)
-		return kl_errf(err, "message %zu (%s) has no \"content\"", i + 1, r);
+		return kl_errc(err, KL_E_INVALID, "message %zu (%s) has no \"content\"", i + 1, r);
 	return KL_OK;
 }
 
@@ -315,9 +322,9 @@ read_tools(kl_chat *c, json_t **tools, bool conventional_order, kl_err *err)
 	size_t		n = json_array_size(t);
 
 	if (!json_is_array(t) || n == 0)
-		return kl_errf(err, "tools must be a non-empty JSON array of function declarations " TOOL_FORM);
+		return kl_errc(err, KL_E_INVALID, "tools must be a non-empty JSON array of function declarations " TOOL_FORM);
 	if (n > 256)
-		return kl_errf(err, "at most 256 tools may be declared, got %zu", n);
+		return kl_errc(err, KL_E_RESOURCES, "at most 256 tools may be declared, got %zu", n);
 	c->tools = kl_calloc(n, sizeof(kl_chat_tool), err);
 	if (!c->tools)
 		return KL_FAIL;
@@ -336,10 +343,10 @@ read_tools(kl_chat *c, json_t **tools, bool conventional_order, kl_err *err)
 
 		if (!json_is_object(d) || !json_is_string(type) || strcmp(json_string_value(type), "function") != 0 ||
 			!json_is_object(fn))
-			return kl_errf(err, "tool %zu must be a function declaration " TOOL_FORM, i + 1);
+			return kl_errc(err, KL_E_INVALID, "tool %zu must be a function declaration " TOOL_FORM, i + 1);
 		json_object_foreach(d, key, val)
 			if (!(key[0] && (strcmp(key, tool_keys[0]) == 0 || strcmp(key, tool_keys[1]) == 0)))
-			return kl_errf(err, "tool %zu has the unknown field \"%s\" (a declaration has \"type\" and "
+			return kl_errc(err, KL_E_INVALID, "tool %zu has the unknown field \"%s\" (a declaration has \"type\" and "
 						   "\"function\")", i + 1, key);
 		json_object_foreach(fn, key, val)
 		{
@@ -348,7 +355,8 @@ read_tools(kl_chat *c, json_t **tools, bool conventional_order, kl_err *err)
 			for (const char *const *k = function_keys; *k; k++)
 				known = known || strcmp(*k, key) == 0;
 			if (!known)
-				return kl_errf(err, "tool %zu: the function has the unknown field \"%s\" (name, description, "
+				return kl_errc(err, KL_E_INVALID,
+							   "tool %zu: the function has the unknown field \"%s\" (name, description, "
 							   "parameters, strict)", i + 1, key);
 		}
 		name = json_object_get(fn, "name");
@@ -356,15 +364,16 @@ read_tools(kl_chat *c, json_t **tools, bool conventional_order, kl_err *err)
 		params = json_object_get(fn, "parameters");
 		strict = json_object_get(fn, "strict");
 		if (!json_is_string(name) || !valid_tool_name(json_string_value(name), json_string_length(name)))
-			return kl_errf(err, "tool %zu: the function's \"name\" must be 1 to 64 letters, digits, _ or -", i + 1);
+			return kl_errc(err, KL_E_INVALID,
+						   "tool %zu: the function's \"name\" must be 1 to 64 letters, digits, _ or -", i + 1);
 		for (size_t k = 0; k < i; k++)
 			if (strcmp(c->tools[k].name, json_string_value(name)) == 0)
-				return kl_errf(err, "tool %zu: a function named \"%s\" is declared twice", i + 1,
+				return kl_errc(err, KL_E_INVALID, "tool %zu: a function named \"%s\" is declared twice", i + 1,
 							   json_string_value(name));
 		if (desc && !json_is_string(desc))
-			return kl_errf(err, "tool \"%s\": \"description\" must be a string", json_string_value(name));
+			return kl_errc(err, KL_E_INVALID, "tool \"%s\": \"description\" must be a string", json_string_value(name));
 		if (strict && !json_is_boolean(strict))
-			return kl_errf(err, "tool \"%s\": \"strict\" must be true or false", json_string_value(name));
+			return kl_errc(err, KL_E_INVALID, "tool \"%s\": \"strict\" must be true or false", json_string_value(name));
 		if (!(c->tools[i].name = dup_n(json_string_value(name), json_string_length(name), err)))
 			return KL_FAIL;
 		c->n_tools++;
@@ -375,10 +384,10 @@ read_tools(kl_chat *c, json_t **tools, bool conventional_order, kl_err *err)
 			snprintf(what, sizeof(what), "tool \"%s\" parameters", json_string_value(name));
 			if (!json_is_object(params) ||
 				(ptype && !(json_is_string(ptype) && strcmp(json_string_value(ptype), "object") == 0)))
-				return kl_errf(err, "%s must be a JSON schema of an object ({\"type\": \"object\", "
+				return kl_errc(err, KL_E_INVALID, "%s must be a JSON schema of an object ({\"type\": \"object\", "
 							   "\"properties\": {...}})", what);
 			if (!(c->tools[i].parameters = json_dumps(params, JSON_COMPACT | JSON_ENCODE_ANY)))
-				return kl_errf(err, "out of memory");
+				return kl_errc(err, KL_E_RESOURCES, "out of memory");
 			if (kl_json_schema_check(c->tools[i].parameters, strlen(c->tools[i].parameters), what, err) != KL_OK)
 				return KL_FAIL;
 		}
@@ -394,7 +403,7 @@ read_tools(kl_chat *c, json_t **tools, bool conventional_order, kl_err *err)
 			json_t	   *params = fn ? json_object_get(fn, "parameters") : NULL;
 
 			if (!d || !fn)
-				return kl_errf(err, "out of memory");
+				return kl_errc(err, KL_E_RESOURCES, "out of memory");
 			if (params)
 				json_object_set_new(fn, "parameters", reorder_schema(params));
 			json_object_set_new(d, "function", fn);
@@ -435,7 +444,7 @@ kl_chat_parse(const char *messages_json, size_t messages_len, const char *tools_
 			goto fail;
 		if (!json_is_array(msgs))
 		{
-			kl_errf(err, "messages must be a JSON array of {\"role\": ..., \"content\": ...} objects");
+			kl_errc(err, KL_E_INVALID, "messages must be a JSON array of {\"role\": ..., \"content\": ...} objects");
 			goto fail;
 		}
 		if (json_array_size(msgs) > 0 &&
@@ -463,7 +472,7 @@ kl_chat_parse(const char *messages_json, size_t messages_len, const char *tools_
 					known = strcmp(c->tools[t].name, c->msgs[i].calls[k].name) == 0;
 				if (!known)
 				{
-					kl_errf(err, "message %zu calls \"%.64s\", which is not a declared tool", i + 1,
+					kl_errc(err, KL_E_INVALID, "message %zu calls \"%.64s\", which is not a declared tool", i + 1,
 							c->msgs[i].calls[k].name);
 					goto fail;
 				}
@@ -621,9 +630,11 @@ sink_special(sink *s, const char *name)
 	if (id < 0)
 	{
 		s->rc = strncmp(name, "<|tool", 6) == 0
-			? kl_errf(s->err, "this model's tokenizer has no %s token, so it cannot render tools or tool calls "
+			? kl_errc(s->err, KL_E_INVALID,
+					  "this model's tokenizer has no %s token, so it cannot render tools or tool calls "
 					  "in the Kimi format (its tokenizer_config.json must declare the tool tokens)", name)
-			: kl_errf(s->err, "this model's tokenizer has no %s token, so it has no Kimi chat format", name);
+			: kl_errc(s->err, KL_E_INVALID,
+					  "this model's tokenizer has no %s token, so it has no Kimi chat format", name);
 		return;
 	}
 	if (kl_ids_push(s->ids, id, s->err) != KL_OK)
@@ -653,7 +664,7 @@ sink_reply_ids(sink *s, const int32_t *ids, size_t n)
 	for (size_t i = 0; i < n; i++)
 		if (ids[i] < 0 || ids[i] >= kl_tokenizer_n_vocab(s->tok))
 		{
-			s->rc = kl_errf(s->err, "token id %d is not in the vocabulary", ids[i]);
+			s->rc = kl_errc(s->err, KL_E_INVALID, "token id %d is not in the vocabulary", ids[i]);
 			return;
 		}
 	if (s->ids)
@@ -714,12 +725,12 @@ queue_push(call_queue *q, const char *id, kl_err *err)
 		char	  **p = realloc(q->ids, sizeof(char *) * (size_t) cap);
 
 		if (!p)
-			return kl_errf(err, "out of memory");
+			return kl_errc(err, KL_E_RESOURCES, "out of memory");
 		q->ids = p;
 		q->cap = cap;
 	}
 	if (!(q->ids[q->n] = strdup(id)))
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	q->n++;
 	return KL_OK;
 }
@@ -771,7 +782,8 @@ render_tool_result(sink *s, const kl_chat_msg *m, size_t i, int counter, call_qu
 	}
 	if (m->tool_call_id && q->head > 0 && id != fallback && strcmp(m->tool_call_id, id) != 0)
 	{
-		s->rc = kl_errf(s->err, "message %zu is the result of \"%.100s\", but the result of \"%.100s\" comes next "
+		s->rc = kl_errc(s->err, KL_E_INVALID,
+						"message %zu is the result of \"%.100s\", but the result of \"%.100s\" comes next "
 						"(results must follow the order of the calls)", i + 1, m->tool_call_id, id);
 		return;
 	}
@@ -912,7 +924,7 @@ kl_chat_render(const kl_tokenizer *tok, const kl_chat_message *msgs, size_t n, b
 
 	c.msgs = calloc(n + 1, sizeof(kl_chat_msg));
 	if (!c.msgs)
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	c.n = n;
 	for (size_t i = 0; i < n; i++)
 	{
@@ -922,18 +934,21 @@ kl_chat_render(const kl_tokenizer *tok, const kl_chat_message *msgs, size_t n, b
 		if (!role || (strcmp(role, "system") != 0 && strcmp(role, "user") != 0 && strcmp(role, "assistant") != 0))
 		{
 			free(c.msgs);
-			return kl_errf(err, "message %zu has the role \"%.64s\": the roles are system, user and assistant",
+			return kl_errc(err, KL_E_INVALID,
+						   "message %zu has the role \"%.64s\": the roles are system, user and assistant",
 						   i + 1, role ? role : "(none)");
 		}
 		if (msgs[i].content_len > 0 && !msgs[i].content)
 		{
 			free(c.msgs);
-			return kl_errf(err, "message %zu has no content (NULL with length %zu)", i + 1, msgs[i].content_len);
+			return kl_errc(err, KL_E_INVALID,
+						   "message %zu has no content (NULL with length %zu)", i + 1, msgs[i].content_len);
 		}
 		if (!kl_utf8_valid(msgs[i].content, msgs[i].content_len, &bad))
 		{
 			free(c.msgs);
-			return kl_errf(err, "message %zu (%s): the text is not valid UTF-8 at byte %zu (of %zu): give UTF-8 "
+			return kl_errc(err, KL_E_INVALID,
+						   "message %zu (%s): the text is not valid UTF-8 at byte %zu (of %zu): give UTF-8 "
 						   "text", i + 1, role, bad, msgs[i].content_len);
 		}
 		c.msgs[i].role = (char *) role;
@@ -960,7 +975,7 @@ kl_chat_grammar_spec(const kl_chat *c, const char *tool_choice, const char *sche
 
 	*spec = NULL;
 	if (tool_choice && c->n_tools == 0 && strcmp(tool_choice, "none") != 0 && strcmp(tool_choice, "auto") != 0)
-		return kl_errf(err, "tool_choice is \"%s\" but no tools are declared", tool_choice);
+		return kl_errc(err, KL_E_INVALID, "tool_choice is \"%s\" but no tools are declared", tool_choice);
 	if (tool_choice && strcmp(tool_choice, "auto") != 0 && strcmp(tool_choice, "none") != 0 &&
 		strcmp(tool_choice, "required") != 0)
 	{
@@ -969,7 +984,7 @@ kl_chat_grammar_spec(const kl_chat *c, const char *tool_choice, const char *sche
 		for (int i = 0; i < c->n_tools; i++)
 			found = found || strcmp(c->tools[i].name, tool_choice) == 0;
 		if (!found)
-			return kl_errf(err, "tool_choice names \"%s\", which is not a declared tool", tool_choice);
+			return kl_errc(err, KL_E_INVALID, "tool_choice names \"%s\", which is not a declared tool", tool_choice);
 	}
 	if (c->n_tools == 0 && !schema_json)
 		return KL_OK;			/* free text */
@@ -979,7 +994,7 @@ kl_chat_grammar_spec(const kl_chat *c, const char *tool_choice, const char *sche
 	if (!s)
 	{
 		json_decref(schema);
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	}
 	if (schema)
 		json_object_set_new(s, "json_schema", schema);
@@ -1003,7 +1018,7 @@ kl_chat_grammar_spec(const kl_chat *c, const char *tool_choice, const char *sche
 	*spec = json_dumps(s, JSON_COMPACT);
 	json_decref(s);
 	if (!*spec)
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	/* compile it once here, so that a bad schema is reported before any work */
 	if (kl_grammar_compile(*spec, strlen(*spec), &g, err) != KL_OK)
 	{

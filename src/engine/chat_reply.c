@@ -75,7 +75,7 @@ seg_add(seg_list *l, seg_kind kind, const char *text, size_t len, kl_err *err)
 		char	   *p = realloc(prev->text, prev->len + len + 1);
 
 		if (!p)
-			return kl_errf(err, "out of memory");
+			return kl_errc(err, KL_E_RESOURCES, "out of memory");
 		memcpy(p + prev->len, text, len);
 		prev->len += len;
 		p[prev->len] = 0;
@@ -88,7 +88,7 @@ seg_add(seg_list *l, seg_kind kind, const char *text, size_t len, kl_err *err)
 		segment    *p = realloc(l->s, sizeof(segment) * cap);
 
 		if (!p)
-			return kl_errf(err, "out of memory");
+			return kl_errc(err, KL_E_RESOURCES, "out of memory");
 		l->s = p;
 		l->cap = cap;
 	}
@@ -99,7 +99,7 @@ seg_add(seg_list *l, seg_kind kind, const char *text, size_t len, kl_err *err)
 	if (kind == SEG_TEXT)
 	{
 		if (!(s->text = malloc(len + 1)))
-			return kl_errf(err, "out of memory");
+			return kl_errc(err, KL_E_RESOURCES, "out of memory");
 		memcpy(s->text, text, len);
 		s->text[len] = 0;
 	}
@@ -289,14 +289,14 @@ add_call(kl_chat_reply *r, const char *id, size_t id_len, kl_err *err)
 	kl_reply_call *c;
 
 	if (!p)
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	r->calls = p;
 	c = &r->calls[r->n_calls++];
 	memset(c, 0, sizeof(*c));
 	c->id = xstrdup(id, id_len);
 	c->arguments = xstrdup("", 0);
 	if (!c->id || !c->arguments)
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	c->name = name_of_id(c->id);
 	return KL_OK;
 }
@@ -307,7 +307,7 @@ append_text(char **s, size_t *len, const char *t, size_t n, kl_err *err)
 	char	   *p = realloc(*s, *len + n + 1);
 
 	if (!p)
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	memcpy(p + *len, t, n);
 	*len += n;
 	p[*len] = 0;
@@ -331,7 +331,7 @@ read_reply(const seg_list *l, const kl_chat *tools, kl_chat_reply *r, kl_err *er
 	kl_reply_call *cur = NULL;
 
 	if (!(r->content = xstrdup("", 0)))
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	for (size_t i = 0; i < l->n; i++)
 	{
 		const segment *s = &l->s[i];
@@ -383,7 +383,7 @@ read_reply(const seg_list *l, const kl_chat *tools, kl_chat_reply *r, kl_err *er
 					cur->id = xstrdup(s->text, s->len);
 					cur->name = cur->id ? name_of_id(cur->id) : NULL;
 					if (!cur->id)
-						return kl_errf(err, "out of memory");
+						return kl_errc(err, KL_E_RESOURCES, "out of memory");
 				}
 				else if (s->kind == SEG_ARG_BEGIN)
 					st = ST_ARGS;
@@ -422,7 +422,7 @@ read_reply(const seg_list *l, const kl_chat *tools, kl_chat_reply *r, kl_err *er
 			check_call(&r->calls[i], tools);
 	for (int i = 0; i < r->n_calls; i++)
 		if (!r->calls[i].id || !r->calls[i].arguments)
-			return kl_errf(err, "out of memory");
+			return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	return KL_OK;
 }
 
@@ -631,12 +631,12 @@ kl_chat_reply_json_ex(const kl_chat_reply *r, const char *finish_reason, bool pa
 	*json = json_dumps(o, JSON_COMPACT);
 	json_decref(o);
 	if (!*json)
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	*len = strlen(*json);
 	return KL_OK;
 oom:
 	json_decref(o);
 	json_decref(calls);
 	json_decref(invalid);
-	return kl_errf(err, "out of memory");
+	return kl_errc(err, KL_E_RESOURCES, "out of memory");
 }

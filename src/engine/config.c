@@ -50,20 +50,20 @@ get_int(cfg_reader *r, json_t *obj, const char *key, int lo, int hi, int def_if_
 		if (def_if_missing != INT32_MIN)
 			return def_if_missing;
 		r->failed = true;
-		kl_errf(r->err, "%s: required field \"%s\" is missing", r->what, key);
+		kl_errc(r->err, KL_E_INVALID, "%s: required field \"%s\" is missing", r->what, key);
 		return 0;
 	}
 	if (!json_is_integer(v))
 	{
 		r->failed = true;
-		kl_errf(r->err, "%s: field \"%s\" must be an integer", r->what, key);
+		kl_errc(r->err, KL_E_INVALID, "%s: field \"%s\" must be an integer", r->what, key);
 		return 0;
 	}
 	x = json_integer_value(v);
 	if (x < lo || x > hi)
 	{
 		r->failed = true;
-		kl_errf(r->err, "%s: field \"%s\" is %lld, outside the supported range [%d, %d]",
+		kl_errc(r->err, KL_E_INVALID, "%s: field \"%s\" is %lld, outside the supported range [%d, %d]",
 				r->what, key, (long long) x, lo, hi);
 		return 0;
 	}
@@ -83,20 +83,20 @@ get_num(cfg_reader *r, json_t *obj, const char *key, double lo, double hi, doubl
 		if (!required)
 			return def;
 		r->failed = true;
-		kl_errf(r->err, "%s: required field \"%s\" is missing", r->what, key);
+		kl_errc(r->err, KL_E_INVALID, "%s: required field \"%s\" is missing", r->what, key);
 		return 0;
 	}
 	if (!json_is_number(v))
 	{
 		r->failed = true;
-		kl_errf(r->err, "%s: field \"%s\" must be a number", r->what, key);
+		kl_errc(r->err, KL_E_INVALID, "%s: field \"%s\" must be a number", r->what, key);
 		return 0;
 	}
 	x = json_number_value(v);
 	if (!(x >= lo && x <= hi))
 	{
 		r->failed = true;
-		kl_errf(r->err, "%s: field \"%s\" is %g, outside the supported range [%g, %g]",
+		kl_errc(r->err, KL_E_INVALID, "%s: field \"%s\" is %g, outside the supported range [%g, %g]",
 				r->what, key, x, lo, hi);
 		return 0;
 	}
@@ -113,7 +113,7 @@ get_bool(cfg_reader *r, json_t *obj, const char *key, bool def)
 	if (!json_is_boolean(v))
 	{
 		r->failed = true;
-		kl_errf(r->err, "%s: field \"%s\" must be true or false", r->what, key);
+		kl_errc(r->err, KL_E_INVALID, "%s: field \"%s\" must be true or false", r->what, key);
 		return def;
 	}
 	return json_is_true(v);
@@ -129,7 +129,7 @@ get_str(cfg_reader *r, json_t *obj, const char *key, const char *def)
 	if (!json_is_string(v))
 	{
 		r->failed = true;
-		kl_errf(r->err, "%s: field \"%s\" must be a string", r->what, key);
+		kl_errc(r->err, KL_E_INVALID, "%s: field \"%s\" must be a string", r->what, key);
 		return def;
 	}
 	return json_string_value(v);
@@ -149,7 +149,7 @@ read_layer_list(cfg_reader *r, json_t *lac, const char *key, int n_layers,
 	if (!json_is_array(list))
 	{
 		r->failed = true;
-		kl_errf(r->err, "%s: linear_attn_config.%s must be a list of layer numbers", r->what, key);
+		kl_errc(r->err, KL_E_INVALID, "%s: linear_attn_config.%s must be a list of layer numbers", r->what, key);
 		return;
 	}
 	json_array_foreach(list, i, v)
@@ -159,21 +159,21 @@ read_layer_list(cfg_reader *r, json_t *lac, const char *key, int n_layers,
 		if (!json_is_integer(v))
 		{
 			r->failed = true;
-			kl_errf(r->err, "%s: linear_attn_config.%s[%zu] is not an integer", r->what, key, i);
+			kl_errc(r->err, KL_E_INVALID, "%s: linear_attn_config.%s[%zu] is not an integer", r->what, key, i);
 			return;
 		}
 		n = json_integer_value(v);
 		if (n < 1 || n > n_layers)
 		{
 			r->failed = true;
-			kl_errf(r->err, "%s: linear_attn_config.%s names layer %lld, but layers are numbered 1..%d "
+			kl_errc(r->err, KL_E_INVALID, "%s: linear_attn_config.%s names layer %lld, but layers are numbered 1..%d "
 					"(num_hidden_layers)", r->what, key, (long long) n, n_layers);
 			return;
 		}
 		if (mark[n - 1] != 0)
 		{
 			r->failed = true;
-			kl_errf(r->err, "%s: layer %lld appears twice in linear_attn_config's layer lists",
+			kl_errc(r->err, KL_E_INVALID, "%s: layer %lld appears twice in linear_attn_config's layer lists",
 					r->what, (long long) n);
 			return;
 		}
@@ -195,12 +195,12 @@ kl_config_parse(const char *text, size_t len, const char *what, kl_config *c, kl
 	memset(c, 0, sizeof(*c));
 	root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
 	if (!root)
-		return kl_errf(err, "%s: not valid JSON at line %d column %d: %s",
+		return kl_errc(err, KL_E_INVALID, "%s: not valid JSON at line %d column %d: %s",
 					   what, jerr.line, jerr.column, kl_json_error_kind(&jerr));
 	if (!json_is_object(root))
 	{
 		json_decref(root);
-		return kl_errf(err, "%s: the top level must be a JSON object", what);
+		return kl_errc(err, KL_E_INVALID, "%s: the top level must be a JSON object", what);
 	}
 	r.root = root;
 	r.what = what;
@@ -214,7 +214,7 @@ kl_config_parse(const char *text, size_t len, const char *what, kl_config *c, kl
 		if (strcmp(s, "kimi_linear") != 0 && strcmp(s, "kimi_k3") != 0)
 		{
 			r.failed = true;
-			kl_errf(err, "%s: this model_type is not supported (expected \"kimi_linear\")", what);
+			kl_errc(err, KL_E_UNSUPPORTED, "%s: this model_type is not supported (expected \"kimi_linear\")", what);
 		}
 		if (!r.failed)
 			snprintf(c->model_type, sizeof(c->model_type), "%s", s);
@@ -223,12 +223,12 @@ kl_config_parse(const char *text, size_t len, const char *what, kl_config *c, kl
 	if (!r.failed && strcmp(s, "silu") != 0)
 	{
 		r.failed = true;
-		kl_errf(err, "%s: this hidden_act is not supported (only \"silu\")", what);
+		kl_errc(err, KL_E_UNSUPPORTED, "%s: this hidden_act is not supported (only \"silu\")", what);
 	}
 	if (!r.failed && !get_bool(&r, root, "mla_use_nope", true) && !r.failed)
 	{
 		r.failed = true;
-		kl_errf(err, "%s: mla_use_nope = false (rotary MLA) is not supported", what);
+		kl_errc(err, KL_E_UNSUPPORTED, "%s: mla_use_nope = false (rotary MLA) is not supported", what);
 	}
 
 	c->vocab_size = get_int(&r, root, "vocab_size", 1, MAX_VOCAB, INT32_MIN);
@@ -242,14 +242,15 @@ kl_config_parse(const char *text, size_t len, const char *what, kl_config *c, kl
 	if (!r.failed && get_bool(&r, root, "tie_word_embeddings", false) && !r.failed)
 	{
 		r.failed = true;
-		kl_errf(err, "%s: tie_word_embeddings = true is not supported (Kimi Linear checkpoints have lm_head.weight)", what);
+		kl_errc(err, KL_E_UNSUPPORTED,
+				"%s: tie_word_embeddings = true is not supported (Kimi Linear checkpoints have lm_head.weight)", what);
 	}
 
 	lac = lookup(root, "linear_attn_config");
 	if (!r.failed && (!lac || !json_is_object(lac)))
 	{
 		r.failed = true;
-		kl_errf(err, "%s: linear_attn_config (an object) is missing", what);
+		kl_errc(err, KL_E_INVALID, "%s: linear_attn_config (an object) is missing", what);
 	}
 	if (!r.failed)
 	{
@@ -272,7 +273,7 @@ kl_config_parse(const char *text, size_t len, const char *what, kl_config *c, kl
 	if (!r.failed && (int64_t) c->kda_heads * c->kda_head_dim > MAX_DIM)
 	{
 		r.failed = true;
-		kl_errf(err, "%s: KDA num_heads x head_dim is too large", what);
+		kl_errc(err, KL_E_INVALID, "%s: KDA num_heads x head_dim is too large", what);
 	}
 
 	if (c->n_mla_layers > 0 || lookup(root, "num_attention_heads"))
@@ -308,25 +309,26 @@ kl_config_parse(const char *text, size_t len, const char *what, kl_config *c, kl
 			else
 			{
 				r.failed = true;
-				kl_errf(err, "%s: this moe_router_activation_func is not supported (sigmoid or softmax)", what);
+				kl_errc(err, KL_E_UNSUPPORTED,
+						"%s: this moe_router_activation_func is not supported (sigmoid or softmax)", what);
 			}
 		}
 		if (!r.failed && c->n_experts % c->n_expert_groups != 0)
 		{
 			r.failed = true;
-			kl_errf(err, "%s: num_experts (%d) is not a multiple of num_expert_group (%d)",
+			kl_errc(err, KL_E_INVALID, "%s: num_experts (%d) is not a multiple of num_expert_group (%d)",
 					what, c->n_experts, c->n_expert_groups);
 		}
 		if (!r.failed && c->topk_groups > c->n_expert_groups)
 		{
 			r.failed = true;
-			kl_errf(err, "%s: topk_group (%d) exceeds num_expert_group (%d)", what,
+			kl_errc(err, KL_E_INVALID, "%s: topk_group (%d) exceeds num_expert_group (%d)", what,
 					c->topk_groups, c->n_expert_groups);
 		}
 		if (!r.failed && c->experts_per_token > c->topk_groups * (c->n_experts / c->n_expert_groups))
 		{
 			r.failed = true;
-			kl_errf(err, "%s: num_experts_per_token (%d) exceeds the experts in topk_group groups",
+			kl_errc(err, KL_E_INVALID, "%s: num_experts_per_token (%d) exceeds the experts in topk_group groups",
 					what, c->experts_per_token);
 		}
 	}

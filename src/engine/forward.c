@@ -257,7 +257,7 @@ run_layers(kl_ctx *c, const kl_step *st, kl_err *err)
 
 		if (be->failed)
 		{
-			kl_errf(err, "layer %d: %s", i, be->err.msg);
+			kl_errc(err, be->err.code, "layer %d: %s", i, be->err.msg);
 			be->failed = false;
 			return KL_FAIL;
 		}
@@ -417,7 +417,7 @@ reserve_mla(kl_ctx *c, kl_seq *s, int64_t upto, kl_err *err)
 		kl_mla_cache *mc = &s->mla[j];
 
 		if (need > INT32_MAX / 2)
-			return kl_errf(err, "sequence too long");
+			return kl_errc(err, KL_E_RESOURCES, "sequence too long");
 		if (need > mc->cap_pages)
 		{
 			int			cap = mc->cap_pages ? mc->cap_pages : 4;
@@ -427,7 +427,7 @@ reserve_mla(kl_ctx *c, kl_seq *s, int64_t upto, kl_err *err)
 				cap *= 2;
 			np = realloc(mc->pages, sizeof(float *) * (size_t) cap);
 			if (!np)
-				return kl_errf(err, "out of memory growing the attention cache");
+				return kl_errc(err, KL_E_RESOURCES, "out of memory growing the attention cache");
 			mc->pages = np;
 			mc->cap_pages = cap;
 		}
@@ -436,7 +436,7 @@ reserve_mla(kl_ctx *c, kl_seq *s, int64_t upto, kl_err *err)
 			float	   *p = c->be->ops->alloc(c->be, page_bytes);
 
 			if (!p)
-				return kl_errf(err, "out of %s memory for the attention cache (%lld positions)",
+				return kl_errc(err, KL_E_RESOURCES, "out of %s memory for the attention cache (%lld positions)",
 							   c->be->ops->name, (long long) upto);
 			mc->pages[mc->n_pages++] = p;
 		}
@@ -464,7 +464,7 @@ kl_ctx_new(kl_model *m, int max_step_tokens, kl_ctx **out, kl_err *err)
 
 	*out = NULL;
 	if (T > (1 << 20))
-		return kl_errf(err, "max_step_tokens %d is too large", T);
+		return kl_errc(err, KL_E_RESOURCES, "max_step_tokens %d is too large", T);
 	c = kl_calloc(1, sizeof(kl_ctx), err);
 	if (!c)
 		return KL_FAIL;
@@ -478,7 +478,7 @@ kl_ctx_new(kl_model *m, int max_step_tokens, kl_ctx **out, kl_err *err)
 #define ALLOC(field, count) \
 	do { \
 		c->field = be->ops->alloc(be, sizeof(float) * (size_t) (count)); \
-		if (!c->field) { kl_errf(err, "out of %s memory for activations (%d tokens per step)", \
+		if (!c->field) { kl_errc(err, KL_E_RESOURCES, "out of %s memory for activations (%d tokens per step)", \
 								 be->ops->name, T); goto fail; } \
 	} while (0)
 	ALLOC(x, (size_t) T * cfg->hidden_size);
@@ -554,7 +554,7 @@ backend_failed(kl_ctx *c, kl_err *err)
 {
 	if (!c->be->failed)
 		return false;
-	kl_errf(err, "%s", c->be->err.msg);
+	kl_errc(err, c->be->err.code, "%s", c->be->err.msg);
 	c->be->failed = false;
 	return true;
 }
@@ -581,39 +581,41 @@ kl_forward_sample(kl_ctx *c, kl_batch_item *items, int n_items, const kl_sample_
 	logit_queue q;
 
 	if (n_items < 0 || (n_items > 0 && !items))
-		return kl_errf(err, "invalid batch");
+		return kl_errc(err, KL_E_INVALID, "invalid batch");
 	for (int i = 0; i < n_items; i++)
 	{
 		kl_batch_item *it = &items[i];
 
 		if (!it->seq || it->seq->model != c->m)
-			return kl_errf(err, "batch item %d: sequence missing or of another model", i);
+			return kl_errc(err, KL_E_INVALID, "batch item %d: sequence missing or of another model", i);
 		if (it->n < 0 || (it->n > 0 && !it->ids))
-			return kl_errf(err, "batch item %d: invalid token count %d", i, it->n);
+			return kl_errc(err, KL_E_INVALID, "batch item %d: invalid token count %d", i, it->n);
 		if (it->n == 0 && (it->logits || (reqs && reqs[i])))
-			return kl_errf(err, "batch item %d: logits requested for zero tokens", i);
+			return kl_errc(err, KL_E_INVALID, "batch item %d: logits requested for zero tokens", i);
 		if (reqs && reqs[i])
 		{
 			const kl_sample_req *sr = reqs[i];
 			kl_err		why;
 
 			if (it->all_logits)
-				return kl_errf(err, "batch item %d: sampling is for the last token only, not with all_logits", i);
+				return kl_errc(err, KL_E_INVALID,
+							   "batch item %d: sampling is for the last token only, not with all_logits", i);
 			if (!tokens)
-				return kl_errf(err, "sampling requested without room for the tokens");
+				return kl_errc(err, KL_E_INVALID, "sampling requested without room for the tokens");
 			if (!sr->sampling || (sr->sampling->temperature != 0.0f && !sr->rng) ||
 				sr->n_recent < 0 || (sr->n_recent > 0 && !sr->recent))
-				return kl_errf(err, "batch item %d: invalid sampling request (settings, generator or ids missing)", i);
+				return kl_errc(err, KL_E_INVALID,
+							   "batch item %d: invalid sampling request (settings, generator or ids missing)", i);
 			if (kl_sampling_validate(sr->sampling, &why) != KL_OK)
-				return kl_errf(err, "batch item %d: %s", i, why.msg);
+				return kl_errc(err, why.code, "batch item %d: %s", i, why.msg);
 		}
 		for (int j = 0; j < it->n; j++)
 			if (it->ids[j] < 0 || it->ids[j] >= V)
-				return kl_errf(err, "token id %d at position %d is outside the vocabulary [0, %d)",
+				return kl_errc(err, KL_E_INVALID, "token id %d at position %d is outside the vocabulary [0, %d)",
 							   it->ids[j], j, V);
 		for (int j = 0; j < i; j++)
 			if (items[j].seq == it->seq)
-				return kl_errf(err, "a sequence appears twice in one batch");
+				return kl_errc(err, KL_E_INVALID, "a sequence appears twice in one batch");
 		if (reserve_mla(c, it->seq, it->seq->pos + it->n, err) != KL_OK)
 			return KL_FAIL;
 	}

@@ -21,7 +21,7 @@ kl_tokens_push(kl_tokens *t, int32_t id, kl_err *err)
 		int32_t    *p = realloc(t->ids, cap * sizeof(int32_t));
 
 		if (!p)
-			return kl_errf(err, "out of memory");
+			return kl_errc(err, KL_E_RESOURCES, "out of memory");
 		t->ids = p;
 		t->cap = cap;
 	}
@@ -68,14 +68,14 @@ kl_generate(kl_ctx *ctx, kl_seq *seq, const int32_t *prompt, int n_prompt,
 	if (kl_sampling_validate(&p->sampling, err) != KL_OK)
 		return KL_FAIL;
 	if (p->max_tokens < 0)
-		return kl_errf(err, "max_tokens must not be negative, got %d", p->max_tokens);
+		return kl_errc(err, KL_E_INVALID, "max_tokens must not be negative, got %d", p->max_tokens);
 	if (n_prompt < 0 || (n_prompt > 0 && !prompt))
-		return kl_errf(err, "invalid prompt");
+		return kl_errc(err, KL_E_INVALID, "invalid prompt");
 	if (n_prompt == 0 && seq->pending < 0)
-		return kl_errf(err, "empty prompt: there is nothing to continue from");
+		return kl_errc(err, KL_E_INVALID, "empty prompt: there is nothing to continue from");
 
 	if (p->constraint && kl_constraint_n_ids(p->constraint) != V)
-		return kl_errf(err, "the output constraint was made for %d token ids, the model has %d",
+		return kl_errc(err, KL_E_INVALID, "the output constraint was made for %d token ids, the model has %d",
 					   kl_constraint_n_ids(p->constraint), V);
 	input = kl_malloc(sizeof(int32_t) * ((size_t) n_prompt + 1), err);
 	if (p->constraint)

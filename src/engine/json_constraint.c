@@ -137,14 +137,14 @@ new_node(kl_grammar *g, kl_err *err)
 	sc_node    *n;
 
 	if (g->n_nodes >= JC_MAX_NODES)
-		return kl_errf(err, "the schema is too large (more than %d nodes)", JC_MAX_NODES);
+		return kl_errc(err, KL_E_RESOURCES, "the schema is too large (more than %d nodes)", JC_MAX_NODES);
 	if (g->n_nodes == g->cap_nodes)
 	{
 		int32_t		cap = g->cap_nodes ? g->cap_nodes * 2 : 16;
 		sc_node    *p = realloc(g->nodes, sizeof(sc_node) * (size_t) cap);
 
 		if (!p)
-			return kl_errf(err, "out of memory");
+			return kl_errc(err, KL_E_RESOURCES, "out of memory");
 		g->nodes = p;
 		g->cap_nodes = cap;
 	}
@@ -165,7 +165,7 @@ new_lit(kl_grammar *g, uint8_t byte, kl_err *err)
 		lit_node   *p = realloc(g->lits, sizeof(lit_node) * (size_t) cap);
 
 		if (!p)
-			return kl_errf(err, "out of memory");
+			return kl_errc(err, KL_E_RESOURCES, "out of memory");
 		g->lits = p;
 		g->cap_lits = cap;
 	}
@@ -199,7 +199,7 @@ lit_add(kl_grammar *g, int32_t root, const char *s, size_t n, int32_t term, kl_e
 			g->lits[node].below |= 1ull << term;
 	}
 	if (g->lits[node].term >= 0)
-		return kl_errf(err, "a value is listed twice");
+		return kl_errc(err, KL_E_INVALID, "a value is listed twice");
 	g->lits[node].term = term;
 	return KL_OK;
 }
@@ -213,7 +213,7 @@ add_prop_slot(kl_grammar *g, kl_err *err)
 		int32_t    *p = realloc(g->props, sizeof(int32_t) * (size_t) cap);
 
 		if (!p)
-			return kl_errf(err, "out of memory");
+			return kl_errc(err, KL_E_RESOURCES, "out of memory");
 		g->props = p;
 		g->cap_props = cap;
 	}
@@ -290,7 +290,7 @@ bound(json_t *s, const char *key, const char *path, int32_t *out, kl_err *err)
 	if (!v)
 		return KL_OK;
 	if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > INT32_MAX)
-		return kl_errf(err, "%s: \"%s\" must be a non-negative integer", path, key);
+		return kl_errc(err, KL_E_INVALID, "%s: \"%s\" must be a non-negative integer", path, key);
 	*out = (int32_t) json_integer_value(v);
 	return KL_OK;
 }
@@ -304,9 +304,9 @@ compile_enum(kl_grammar *g, int32_t node, json_t *values, const char *path, kl_e
 	int			kept = 0;
 	uint8_t		types = g->nodes[node].types;
 	if (!json_is_array(values) || json_array_size(values) == 0)
-		return kl_errf(err, "%s: \"enum\" must be a non-empty array", path);
+		return kl_errc(err, KL_E_INVALID, "%s: \"enum\" must be a non-empty array", path);
 	if (json_array_size(values) > JC_MAX_ENUM)
-		return kl_errf(err, "%s: \"enum\" has more than %d values", path, JC_MAX_ENUM);
+		return kl_errc(err, KL_E_RESOURCES, "%s: \"enum\" has more than %d values", path, JC_MAX_ENUM);
 	if ((root = new_lit(g, 0, err)) < 0)
 		return KL_FAIL;
 	for (size_t i = 0; i < json_array_size(values); i++)
@@ -323,7 +323,8 @@ compile_enum(kl_grammar *g, int32_t node, json_t *values, const char *path, kl_e
 		if (b.len > JC_MAX_LITERAL)
 		{
 			kl_buf_free(&b);
-			return kl_errf(err, "%s: an enum value is longer than %d bytes as JSON", path, JC_MAX_LITERAL);
+			return kl_errc(err, KL_E_RESOURCES,
+						   "%s: an enum value is longer than %d bytes as JSON", path, JC_MAX_LITERAL);
 		}
 		/* equal spellings are one value */
 		{
@@ -349,7 +350,7 @@ compile_enum(kl_grammar *g, int32_t node, json_t *values, const char *path, kl_e
 		kept++;
 	}
 	if (kept == 0)
-		return kl_errf(err, "%s: no value of \"enum\" has the schema's type", path);
+		return kl_errc(err, KL_E_INVALID, "%s: no value of \"enum\" has the schema's type", path);
 	g->nodes[node].enum_root = root;
 	return KL_OK;
 }
@@ -363,9 +364,9 @@ compile_object(kl_grammar *g, int32_t node, json_t *s, int depth, const char *pa
 	char		sub[512];
 
 	if (props && !json_is_object(props))
-		return kl_errf(err, "%s: \"properties\" must be an object", path);
+		return kl_errc(err, KL_E_INVALID, "%s: \"properties\" must be an object", path);
 	if (add && !json_is_boolean(add) && !json_is_object(add))
-		return kl_errf(err, "%s: \"additionalProperties\" must be false, true or a schema", path);
+		return kl_errc(err, KL_E_INVALID, "%s: \"additionalProperties\" must be false, true or a schema", path);
 	if (props)
 	{
 		const char *key;
@@ -375,10 +376,10 @@ compile_object(kl_grammar *g, int32_t node, json_t *s, int depth, const char *pa
 					root;
 
 		if (add && !json_is_false(add))
-			return kl_errf(err, "%s: \"additionalProperties\" other than false cannot be combined with "
+			return kl_errc(err, KL_E_INVALID, "%s: \"additionalProperties\" other than false cannot be combined with "
 						   "\"properties\" (objects with properties take only those keys)", path);
 		if (json_object_size(props) > JC_MAX_PROPS)
-			return kl_errf(err, "%s: more than %d properties", path, JC_MAX_PROPS);
+			return kl_errc(err, KL_E_RESOURCES, "%s: more than %d properties", path, JC_MAX_PROPS);
 		if ((root = new_lit(g, 0, err)) < 0)
 			return KL_FAIL;
 		first = g->n_props;
@@ -397,7 +398,7 @@ compile_object(kl_grammar *g, int32_t node, json_t *s, int depth, const char *pa
 			if (b.len > JC_MAX_LITERAL)
 			{
 				kl_buf_free(&b);
-				return kl_errf(err, "%s: a property name is too long", path);
+				return kl_errc(err, KL_E_RESOURCES, "%s: a property name is too long", path);
 			}
 			if (lit_add(g, root, b.data + 1, b.len - 1, k, err) != KL_OK)
 			{
@@ -436,7 +437,7 @@ compile_object(kl_grammar *g, int32_t node, json_t *s, int depth, const char *pa
 	if (req)
 	{
 		if (!json_is_array(req))
-			return kl_errf(err, "%s: \"required\" must be an array of property names", path);
+			return kl_errc(err, KL_E_INVALID, "%s: \"required\" must be an array of property names", path);
 		for (size_t i = 0; i < json_array_size(req); i++)
 		{
 			json_t	   *r = json_array_get(req, i);
@@ -446,9 +447,10 @@ compile_object(kl_grammar *g, int32_t node, json_t *s, int depth, const char *pa
 			json_t	   *val;
 
 			if (!json_is_string(r))
-				return kl_errf(err, "%s: \"required\" must be an array of property names", path);
+				return kl_errc(err, KL_E_INVALID, "%s: \"required\" must be an array of property names", path);
 			if (!props)
-				return kl_errf(err, "%s: \"required\" needs \"properties\" naming the required ones", path);
+				return kl_errc(err, KL_E_INVALID,
+							   "%s: \"required\" needs \"properties\" naming the required ones", path);
 			json_object_foreach(props, key, val)
 			{
 				(void) val;
@@ -460,7 +462,7 @@ compile_object(kl_grammar *g, int32_t node, json_t *s, int depth, const char *pa
 				k++;
 			}
 			if (!found)
-				return kl_errf(err, "%s: required property \"%s\" is not in \"properties\"", path,
+				return kl_errc(err, KL_E_INVALID, "%s: required property \"%s\" is not in \"properties\"", path,
 							   json_string_value(r));
 			g->nodes[node].required |= 1ull << k;
 		}
@@ -481,11 +483,11 @@ compile_schema(kl_grammar *g, json_t *s, int depth, const char *path, kl_err *er
 				hi;
 
 	if (depth > JC_MAX_SCHEMA_DEPTH)
-		return kl_errf(err, "%s: schemas nest more than %d levels", path, JC_MAX_SCHEMA_DEPTH);
+		return kl_errc(err, KL_E_RESOURCES, "%s: schemas nest more than %d levels", path, JC_MAX_SCHEMA_DEPTH);
 	if (json_is_true(s))
 		s = NULL;				/* true: any value */
 	else if (!json_is_object(s))
-		return kl_errf(err, "%s: a schema must be a JSON object (or true)", path);
+		return kl_errc(err, KL_E_INVALID, "%s: a schema must be a JSON object (or true)", path);
 	if ((node = new_node(g, err)) < 0)
 		return KL_FAIL;
 	if (!s)
@@ -497,14 +499,15 @@ compile_schema(kl_grammar *g, json_t *s, int depth, const char *path, kl_err *er
 	{
 		(void) val;
 		if (!in_list(keywords, key) && !in_list(annotations, key))
-			return kl_errf(err, "%s: the keyword \"%s\" is not supported; supported: %s", path, key,
+			return kl_errc(err, KL_E_UNSUPPORTED, "%s: the keyword \"%s\" is not supported; supported: %s", path, key,
 						   KL_JSON_SCHEMA_SUPPORTED);
 	}
 	type = json_object_get(s, "type");
 	if (json_is_string(type))
 	{
 		if (!(types = type_bit(json_string_value(type))))
-			return kl_errf(err, "%s: unknown type \"%s\" (object, array, string, number, integer, boolean, null)",
+			return kl_errc(err, KL_E_INVALID,
+						   "%s: unknown type \"%s\" (object, array, string, number, integer, boolean, null)",
 						   path, json_string_value(type));
 	}
 	else if (json_is_array(type) && json_array_size(type) > 0)
@@ -515,13 +518,14 @@ compile_schema(kl_grammar *g, json_t *s, int depth, const char *path, kl_err *er
 			int			bit = json_is_string(t) ? type_bit(json_string_value(t)) : 0;
 
 			if (!bit)
-				return kl_errf(err, "%s: \"type\" lists something other than object, array, string, number, "
+				return kl_errc(err, KL_E_INVALID,
+							   "%s: \"type\" lists something other than object, array, string, number, "
 							   "integer, boolean, null", path);
 			types |= bit;
 		}
 	}
 	else if (type)
-		return kl_errf(err, "%s: \"type\" must be a type name or a non-empty list of them", path);
+		return kl_errc(err, KL_E_INVALID, "%s: \"type\" must be a type name or a non-empty list of them", path);
 	else
 	{
 		/* no type: what the keywords imply, else anything */
@@ -551,15 +555,16 @@ compile_schema(kl_grammar *g, json_t *s, int depth, const char *path, kl_err *er
 			(void) val;
 			if (in_list(keywords, key) && strcmp(key, "type") != 0 && strcmp(key, "enum") != 0 &&
 				strcmp(key, "const") != 0)
-				return kl_errf(err, "%s: \"enum\" and \"const\" combine only with \"type\", not with \"%s\"",
+				return kl_errc(err, KL_E_INVALID,
+							   "%s: \"enum\" and \"const\" combine only with \"type\", not with \"%s\"",
 							   path, key);
 		}
 		if (values && json_object_get(s, "const"))
-			return kl_errf(err, "%s: give \"enum\" or \"const\", not both", path);
+			return kl_errc(err, KL_E_INVALID, "%s: give \"enum\" or \"const\", not both", path);
 		if (!values)
 			values = tmp = json_pack("[O]", json_object_get(s, "const"));
 		if (!values)
-			return kl_errf(err, "out of memory");
+			return kl_errc(err, KL_E_RESOURCES, "out of memory");
 		rc = compile_enum(g, node, values, path, err);
 		json_decref(tmp);
 		return rc == KL_OK ? node : KL_FAIL;
@@ -576,7 +581,8 @@ compile_schema(kl_grammar *g, json_t *s, int depth, const char *path, kl_err *er
 			int32_t		child;
 
 			if (json_is_array(items))
-				return kl_errf(err, "%s: \"items\" as a list (tuples) is not supported; give one schema", path);
+				return kl_errc(err, KL_E_UNSUPPORTED,
+							   "%s: \"items\" as a list (tuples) is not supported; give one schema", path);
 			snprintf(sub, sizeof(sub), "%s/items", path);
 			if ((child = compile_schema(g, items, depth + 1, sub, err)) < 0)
 				return KL_FAIL;
@@ -586,13 +592,13 @@ compile_schema(kl_grammar *g, json_t *s, int depth, const char *path, kl_err *er
 	if (bound(s, "minItems", path, &lo, err) != KL_OK || bound(s, "maxItems", path, &hi, err) != KL_OK)
 		return KL_FAIL;
 	if (lo >= 0 && hi >= 0 && lo > hi)
-		return kl_errf(err, "%s: minItems is greater than maxItems", path);
+		return kl_errc(err, KL_E_INVALID, "%s: minItems is greater than maxItems", path);
 	g->nodes[node].min_items = lo < 0 ? 0 : lo;
 	g->nodes[node].max_items = hi;
 	if (bound(s, "minLength", path, &lo, err) != KL_OK || bound(s, "maxLength", path, &hi, err) != KL_OK)
 		return KL_FAIL;
 	if (lo >= 0 && hi >= 0 && lo > hi)
-		return kl_errf(err, "%s: minLength is greater than maxLength", path);
+		return kl_errc(err, KL_E_INVALID, "%s: minLength is greater than maxLength", path);
 	g->nodes[node].min_len = lo < 0 ? 0 : lo;
 	g->nodes[node].max_len = hi;
 	return node;
@@ -648,7 +654,7 @@ kl_json_schema_check(const char *schema, size_t len, const char *what, kl_err *e
 	int			rc;
 
 	if (!s)
-		return kl_errf(err, "%s is not valid JSON: %s", what, jerr.text);
+		return kl_errc(err, KL_E_INVALID, "%s is not valid JSON: %s", what, jerr.text);
 	if (!(g = grammar_alloc(err)))
 	{
 		json_decref(s);
@@ -682,7 +688,8 @@ compile_tools(kl_grammar *g, json_t *tools, json_t *choice, kl_err *err)
 	size_t		n = json_array_size(tools);
 
 	if (!json_is_array(tools) || n == 0 || n > JC_MAX_TOOLS)
-		return kl_errf(err, "spec: \"tools\" must be an array of 1 to %d {\"name\", \"parameters\"}", JC_MAX_TOOLS);
+		return kl_errc(err, KL_E_INVALID,
+					   "spec: \"tools\" must be an array of 1 to %d {\"name\", \"parameters\"}", JC_MAX_TOOLS);
 	g->tools = true;
 	g->mode = MODE_AUTO;
 	if (choice && !json_is_null(choice))
@@ -690,7 +697,7 @@ compile_tools(kl_grammar *g, json_t *tools, json_t *choice, kl_err *err)
 		const char *c = json_is_string(choice) ? json_string_value(choice) : NULL;
 
 		if (!c)
-			return kl_errf(err, "tool_choice must be \"auto\", \"none\", \"required\" or a tool's name");
+			return kl_errc(err, KL_E_INVALID, "tool_choice must be \"auto\", \"none\", \"required\" or a tool's name");
 		if (strcmp(c, "auto") == 0)
 			g->mode = MODE_AUTO;
 		else if (strcmp(c, "none") == 0)
@@ -705,7 +712,7 @@ compile_tools(kl_grammar *g, json_t *tools, json_t *choice, kl_err *err)
 	}
 	g->tool_node = calloc(n, sizeof(int32_t));
 	if (!g->tool_node || (g->names_root = new_lit(g, 0, err)) < 0)
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	g->n_tools = (int) n;
 	for (size_t i = 0; i < n; i++)
 	{
@@ -716,7 +723,7 @@ compile_tools(kl_grammar *g, json_t *tools, json_t *choice, kl_err *err)
 		int32_t		node;
 
 		if (!json_is_string(name) || !valid_tool_name(json_string_value(name)))
-			return kl_errf(err, "tool %zu: \"name\" must be 1 to 64 letters, digits, _ or -", i + 1);
+			return kl_errc(err, KL_E_INVALID, "tool %zu: \"name\" must be 1 to 64 letters, digits, _ or -", i + 1);
 		snprintf(path, sizeof(path), "tool \"%s\" parameters", json_string_value(name));
 		if (params && !json_is_null(params))
 		{
@@ -730,16 +737,16 @@ compile_tools(kl_grammar *g, json_t *tools, json_t *choice, kl_err *err)
 		/* arguments are always an object */
 		g->nodes[node].types &= T_OBJECT;
 		if (g->nodes[node].types == 0 || g->nodes[node].enum_root >= 0)
-			return kl_errf(err, "%s: must describe an object (\"type\": \"object\")", path);
+			return kl_errc(err, KL_E_INVALID, "%s: must describe an object (\"type\": \"object\")", path);
 		g->tool_node[i] = node;
 		snprintf(id, sizeof(id), "functions.%s:", json_string_value(name));
 		if (named && strcmp(named, json_string_value(name)) != 0)
 			continue;
 		if (lit_add(g, g->names_root, id, strlen(id), (int32_t) i, err) != KL_OK)
-			return kl_errf(err, "tool \"%s\" is declared twice", json_string_value(name));
+			return kl_errc(err, KL_E_INVALID, "tool \"%s\" is declared twice", json_string_value(name));
 	}
 	if (g->lits[g->names_root].first_child < 0)
-		return kl_errf(err, "tool_choice names \"%s\", which is not a declared tool", named);
+		return kl_errc(err, KL_E_INVALID, "tool_choice names \"%s\", which is not a declared tool", named);
 	return KL_OK;
 }
 
@@ -758,7 +765,7 @@ kl_grammar_compile(const char *spec, size_t len, kl_grammar **out, kl_err *err)
 	{
 		if (s)
 			json_decref(s);
-		return kl_errf(err, "constraint spec: not a JSON object%s%s", s ? "" : ": ", s ? "" : jerr.text);
+		return kl_errc(err, KL_E_INVALID, "constraint spec: not a JSON object%s%s", s ? "" : ": ", s ? "" : jerr.text);
 	}
 	schema = json_object_get(s, "json_schema");
 	tools = json_object_get(s, "tools");
@@ -771,13 +778,13 @@ kl_grammar_compile(const char *spec, size_t len, kl_grammar **out, kl_err *err)
 		goto fail;
 	if (g->root < 0 && !g->tools)
 	{
-		kl_errf(err, "constraint spec: give \"json_schema\" or \"tools\"");
+		kl_errc(err, KL_E_INVALID, "constraint spec: give \"json_schema\" or \"tools\"");
 		goto fail;
 	}
 	if (first && (!json_is_integer(first) || json_integer_value(first) < 0 ||
 				  json_integer_value(first) > JC_MAX_INDEX))
 	{
-		kl_errf(err, "constraint spec: \"first_index\" must be an integer from 0 to %d", JC_MAX_INDEX);
+		kl_errc(err, KL_E_INVALID, "constraint spec: \"first_index\" must be an integer from 0 to %d", JC_MAX_INDEX);
 		goto fail;
 	}
 	g->first_index = first ? (int32_t) json_integer_value(first) : 0;
@@ -1597,16 +1604,17 @@ kl_constraint_new(const kl_grammar *g, const kl_vocab *v, const int32_t *end_ids
 
 	*out = NULL;
 	if (n_end <= 0)
-		return kl_errf(err, "constrained output needs an end token (do not combine it with ignore_eos)");
+		return kl_errc(err, KL_E_INVALID, "constrained output needs an end token (do not combine it with ignore_eos)");
 	if (kl_grammar_has_tools(g))
 		for (int k = KL_VSYM_TOOL_FIRST; k <= KL_VSYM_TOOL_LAST; k++)
 			if (v->tool_ids[k] < 0)
-				return kl_errf(err, "this model's tokenizer has no %s token, so it cannot make tool calls in the "
+				return kl_errc(err, KL_E_INVALID,
+							   "this model's tokenizer has no %s token, so it cannot make tool calls in the "
 							   "Kimi format (its tokenizer_config.json must declare the tool tokens)",
 							   v->tool_text[k]);
 	for (int i = 0; i < n_end; i++)
 		if (end_ids[i] < 0 || end_ids[i] >= v->n_ids)
-			return kl_errf(err, "end token %d is outside the vocabulary", end_ids[i]);
+			return kl_errc(err, KL_E_INVALID, "end token %d is outside the vocabulary", end_ids[i]);
 	c = kl_calloc(1, sizeof(kl_constraint), err);
 	if (!c)
 		return KL_FAIL;
@@ -1623,7 +1631,7 @@ kl_constraint_new(const kl_grammar *g, const kl_vocab *v, const int32_t *end_ids
 	if (!c->end_ids || !c->st || !c->it || !c->stop || !c->sst || !c->sit || !c->sstop)
 	{
 		kl_constraint_free(c);
-		return kl_errf(err, "out of memory for a constraint");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory for a constraint");
 	}
 	memcpy(c->end_ids, end_ids, sizeof(int32_t) * (size_t) n_end);
 	c->n_end = n_end;
@@ -1857,7 +1865,8 @@ kl_constraint_mask(kl_constraint *c, uint32_t *mask, int *n_allowed, kl_err *err
 	if (n_allowed)
 		*n_allowed = count;
 	if (count == 0)
-		return kl_errf(err, "the output constraint allows no token here (the vocabulary cannot continue it)");
+		return kl_errc(err, KL_E_INVALID,
+					   "the output constraint allows no token here (the vocabulary cannot continue it)");
 	return KL_OK;
 }
 
@@ -1868,7 +1877,7 @@ kl_constraint_accept(kl_constraint *c, int32_t id, kl_err *err)
 	bool		ok = true;
 
 	if (id < 0 || id >= c->v->n_ids)
-		return kl_errf(err, "token %d is outside the vocabulary", id);
+		return kl_errc(err, KL_E_INVALID, "token %d is outside the vocabulary", id);
 	state_copy(&tmp, &c->cur);
 	if (is_end(c, id))
 		ok = step(c->g, &tmp, SYM_END);
@@ -1884,7 +1893,7 @@ kl_constraint_accept(kl_constraint *c, int32_t id, kl_err *err)
 		ok = sym >= 0 && step(c->g, &tmp, sym);
 	}
 	if (!ok)
-		return kl_errf(err, "token %d is not allowed by the output constraint here", id);
+		return kl_errc(err, KL_E_INVALID, "token %d is not allowed by the output constraint here", id);
 	state_copy(&c->cur, &tmp);
 	return KL_OK;
 }

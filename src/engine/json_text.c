@@ -62,7 +62,7 @@ kl_buf_free(kl_buf *b)
 int
 kl_buf_check(const kl_buf *b, kl_err *err)
 {
-	return b->failed ? kl_errf(err, "out of memory for JSON text") : KL_OK;
+	return b->failed ? kl_errc(err, KL_E_RESOURCES, "out of memory for JSON text") : KL_OK;
 }
 
 void

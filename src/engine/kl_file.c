@@ -29,14 +29,15 @@ inside(const char *root, const char *real)
 static int
 not_found(const char *path, kl_err *err)
 {
-	return kl_errf(err, "cannot open %s: no such file in the model directory", path);
+	return kl_errc(err, KL_E_INVALID, "cannot open %s: no such file in the model directory", path);
 }
 
 static int
 resolve_root(const char *root, char *out, kl_err *err)
 {
 	if (!realpath(root, out))
-		return kl_errf(err, "cannot resolve the directory models must stay in (%s): %s", root, strerror(errno));
+		return kl_errc(err, kl_errno_code(errno),
+					   "cannot resolve the directory models must stay in (%s): %s", root, strerror(errno));
 	return KL_OK;
 }
 
@@ -52,7 +53,7 @@ kl_file_open(const char *root, const char *path, int *fd, kl_err *err)
 	{
 		f = open(path, O_RDONLY | O_CLOEXEC);
 		if (f < 0)
-			return kl_errf(err, "cannot open %s: %s", path, strerror(errno));
+			return kl_errc(err, kl_errno_code(errno), "cannot open %s: %s", path, strerror(errno));
 		*fd = f;
 		return KL_OK;
 	}
@@ -66,7 +67,7 @@ kl_file_open(const char *root, const char *path, int *fd, kl_err *err)
 	{
 		if (errno == ENOENT || errno == ELOOP || errno == ENOTDIR)
 			return not_found(path, err);
-		return kl_errf(err, "cannot open %s: %s", path, strerror(errno));
+		return kl_errc(err, kl_errno_code(errno), "cannot open %s: %s", path, strerror(errno));
 	}
 	/* the file actually opened (a directory on the way may have been swapped) */
 	{
@@ -106,12 +107,12 @@ kl_file_read(const char *root, const char *path, size_t max_bytes, const char *w
 	if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode))
 	{
 		close(fd);
-		return kl_errf(err, "%s is not a regular file", path);
+		return kl_errc(err, KL_E_INVALID, "%s is not a regular file", path);
 	}
 	if ((unsigned long long) sb.st_size > max_bytes)
 	{
 		close(fd);
-		return kl_errf(err, "%s is %lld bytes, too large for %s", path, (long long) sb.st_size, what);
+		return kl_errc(err, KL_E_RESOURCES, "%s is %lld bytes, too large for %s", path, (long long) sb.st_size, what);
 	}
 	b = kl_malloc((size_t) sb.st_size + 1, err);
 	if (!b)
@@ -131,7 +132,8 @@ kl_file_read(const char *root, const char *path, size_t max_bytes, const char *w
 
 			close(fd);
 			free(b);
-			return kl_errf(err, "cannot read %s: %s", path, n < 0 ? strerror(e) : "the file shrank while reading");
+			return kl_errc(err, n < 0 ? kl_errno_code(e) : KL_E_CORRUPT,
+						   "cannot read %s: %s", path, n < 0 ? strerror(e) : "the file shrank while reading");
 		}
 		got += (size_t) n;
 	}
@@ -193,7 +195,7 @@ kl_json_parse_file(const char *root, const char *path, size_t max_bytes, kl_err 
 	root_value = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
 	free(buf);
 	if (!root_value)
-		kl_errf(err, "%s: not valid JSON (line %d column %d: %s)", path, jerr.line, jerr.column,
+		kl_errc(err, KL_E_INVALID, "%s: not valid JSON (line %d column %d: %s)", path, jerr.line, jerr.column,
 				kl_json_error_kind(&jerr));
 	return root_value;
 }

@@ -1,5 +1,10 @@
+/*
+ * kl_util.c — errors, checked allocation, f16 conversion, CRC-32C, the clock
+ * (see kl_util.h).
+ */
 #include "kl_util.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,12 +13,13 @@
 #include <isa-l/crc.h>
 
 int
-kl_errf(kl_err *err, const char *fmt,...)
+kl_errc(kl_err *err, kl_errcode code, const char *fmt,...)
 {
 	if (err)
 	{
 		va_list		ap;
 
+		err->code = code;
 		va_start(ap, fmt);
 		vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
 		va_end(ap);
@@ -41,13 +47,51 @@ kl_err_prefix(kl_err *err, const char *fmt,...)
 	return KL_FAIL;
 }
 
+kl_errcode
+kl_errno_code(int errnum)
+{
+	switch (errnum)
+	{
+		case ENOMEM:
+		case EMFILE:
+		case ENFILE:
+		case ENOSPC:
+			return KL_E_RESOURCES;
+		case EIO:
+			return KL_E_INTERNAL;
+		default:
+			return KL_E_INVALID;
+	}
+}
+
+const char *
+kl_errcode_name(kl_errcode code)
+{
+	switch (code)
+	{
+		case KL_E_NONE:
+			return "no error";
+		case KL_E_INVALID:
+			return "invalid input";
+		case KL_E_CORRUPT:
+			return "corrupt data";
+		case KL_E_RESOURCES:
+			return "out of resources";
+		case KL_E_UNSUPPORTED:
+			return "not supported";
+		case KL_E_INTERNAL:
+			return "internal error";
+	}
+	return "unknown error code";
+}
+
 void *
 kl_malloc(size_t n, kl_err *err)
 {
 	void	   *p = malloc(n ? n : 1);
 
 	if (!p)
-		kl_errf(err, "out of memory allocating %zu bytes", n);
+		kl_errc(err, KL_E_RESOURCES, "out of memory allocating %zu bytes", n);
 	return p;
 }
 
@@ -57,7 +101,7 @@ kl_calloc(size_t count, size_t size, kl_err *err)
 	void	   *p = calloc(count ? count : 1, size ? size : 1);
 
 	if (!p)
-		kl_errf(err, "out of memory allocating %zu x %zu bytes", count, size);
+		kl_errc(err, KL_E_RESOURCES, "out of memory allocating %zu x %zu bytes", count, size);
 	return p;
 }
 
@@ -69,7 +113,7 @@ kl_aligned_alloc(size_t n, kl_err *err)
 
 	if (rounded < n || posix_memalign(&p, 64, rounded ? rounded : 64) != 0)
 	{
-		kl_errf(err, "out of memory allocating %zu bytes", n);
+		kl_errc(err, KL_E_RESOURCES, "out of memory allocating %zu bytes", n);
 		return NULL;
 	}
 	memset(p, 0, rounded ? rounded : 64);

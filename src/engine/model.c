@@ -123,13 +123,13 @@ find_tensor(binder *b, const char *name, bool count_params)
 
 	if (!t)
 	{
-		kl_errf(b->err, "%s: tensor \"%s\" is missing (the checkpoint does not match its config.json)",
+		kl_errc(b->err, KL_E_INVALID, "%s: tensor \"%s\" is missing (the checkpoint does not match its config.json)",
 				b->m->dir, name);
 		return NULL;
 	}
 	if (t->used)
 	{
-		kl_errf(b->err, "%s: tensor \"%s\" bound twice", b->m->dir, name);
+		kl_errc(b->err, KL_E_INVALID, "%s: tensor \"%s\" bound twice", b->m->dir, name);
 		return NULL;
 	}
 	t->used = true;
@@ -175,7 +175,7 @@ keep_alloc(binder *b, void *p)
 		if (!na)
 		{
 			free(p);
-			return kl_errf(b->err, "out of memory");
+			return kl_errc(b->err, KL_E_RESOURCES, "out of memory");
 		}
 		m->allocs = na;
 		m->cap_allocs = cap;
@@ -254,7 +254,7 @@ bind_random_matrix(binder *b, kl_weight *w, int rows, int cols, const char *name
 	w->rows = rows;
 	w->cols = cols;
 	if (!w->name)
-		return kl_errf(b->err, "out of memory");
+		return kl_errc(b->err, KL_E_RESOURCES, "out of memory");
 	m->n_params += (int64_t) rows * cols;
 	m->weight_bytes += (uint64_t) rows * cols * kl_dtype_size(w->dtype);
 	m->n_matrices++;
@@ -297,14 +297,16 @@ bind_stored_quantized(binder *b, kl_weight *w, int rows, int cols, const char *n
 	kl_wrole	role = kl_q_role(name);
 
 	if (m->qcfg.scheme == KL_QS_NONE)
-		return kl_errf(b->err, "%s: tensor \"%s\" is stored quantized, but config.json has no "
+		return kl_errc(b->err, KL_E_INVALID, "%s: tensor \"%s\" is stored quantized, but config.json has no "
 					   "quantization_config saying how to read it", m->dir, name);
 	if (role == KL_W_EMBED || role == KL_W_ROUTER)
-		return kl_errf(b->err, "%s: tensor \"%s\" is quantized; quantized %s weights are not supported "
+		return kl_errc(b->err, KL_E_UNSUPPORTED,
+					   "%s: tensor \"%s\" is quantized; quantized %s weights are not supported "
 					   "(only the linear projections, experts and lm_head may be)", m->dir, name,
 					   role == KL_W_EMBED ? "embedding" : "MoE router");
 	if (kl_qconfig_expects(&m->qcfg, module, true) == 0)
-		return kl_errf(b->err, "%s: tensor \"%s\" is stored quantized, but config.json's quantization_config "
+		return kl_errc(b->err, KL_E_INVALID,
+					   "%s: tensor \"%s\" is stored quantized, but config.json's quantization_config "
 					   "does not quantize module %s (not targeted, or ignored)", m->dir, name, module);
 	if (m->qcfg.scheme == KL_QS_CT_PACKED)
 	{
@@ -327,7 +329,7 @@ bind_stored_quantized(binder *b, kl_weight *w, int rows, int cols, const char *n
 	memset(w, 0, sizeof(*w));
 	w->name = keep_name(b, name);
 	if (!w->name)
-		return kl_errf(b->err, "out of memory");
+		return kl_errc(b->err, KL_E_RESOURCES, "out of memory");
 	w->dtype = q.type == KL_Q_INT4 ? KL_DT_I32 : q.type == KL_Q_INT8 ? KL_DT_I8 : KL_DT_F8_E4M3;
 	w->rows = rows;
 	w->cols = cols;
@@ -357,7 +359,8 @@ refuse_unsupported_parts(binder *b, const char *module)
 	{
 		snprintf(tn, sizeof(tn), "%s.%s", module, parts[i].suffix);
 		if (kl_st_find(&b->m->st, tn))
-			return kl_errf(b->err, "%s: tensor \"%s\": %s are not supported", b->m->dir, tn, parts[i].what);
+			return kl_errc(b->err, KL_E_UNSUPPORTED,
+						   "%s: tensor \"%s\": %s are not supported", b->m->dir, tn, parts[i].what);
 	}
 	return KL_OK;
 }
@@ -395,21 +398,22 @@ bind_matrix(binder *b, kl_weight *w, int rows, int cols, const char *fmt,...)
 	if (kl_st_find(&m->st, tn) || (t && (t->dtype == KL_DT_F8_E4M3 || t->dtype == KL_DT_I8)))
 	{
 		if (m->quantize != KL_Q_NONE)
-			return kl_errf(b->err, "%s: tensor \"%s\" is already quantized; quantization at load applies to "
+			return kl_errc(b->err, KL_E_INVALID,
+						   "%s: tensor \"%s\" is already quantized; quantization at load applies to "
 						   "F32, BF16 and F16 checkpoints", m->dir, name);
 		return bind_stored_quantized(b, w, rows, cols, name, module);
 	}
 	if (!(t = find(b, name)))
 		return KL_FAIL;
 	if (t->ndim != 2 || t->shape[0] != rows || t->shape[1] != cols)
-		return kl_errf(b->err, "%s: tensor \"%s\" has shape %s, but config.json implies [%d, %d]",
+		return kl_errc(b->err, KL_E_INVALID, "%s: tensor \"%s\" has shape %s, but config.json implies [%d, %d]",
 					   m->dir, name, shape_str(t, sbuf, sizeof(sbuf)), rows, cols);
 	if (t->dtype != KL_DT_F32 && t->dtype != KL_DT_BF16 && t->dtype != KL_DT_F16)
-		return kl_errf(b->err, "%s: tensor \"%s\" has dtype %s; weights must be F32, BF16 or F16 (or a "
+		return kl_errc(b->err, KL_E_INVALID, "%s: tensor \"%s\" has dtype %s; weights must be F32, BF16 or F16 (or a "
 					   "quantized format config.json's quantization_config describes)",
 					   m->dir, name, kl_dtype_name(t->dtype));
 	if (kl_qconfig_expects(&m->qcfg, module, role != KL_W_EMBED && role != KL_W_ROUTER) == 1)
-		return kl_errf(b->err, "%s: config.json's quantization_config (%s) quantizes module %s, but its "
+		return kl_errc(b->err, KL_E_INVALID, "%s: config.json's quantization_config (%s) quantizes module %s, but its "
 					   "weight is stored as %s", m->dir, m->qcfg.describe, module, kl_dtype_name(t->dtype));
 	memset(w, 0, sizeof(*w));
 	w->name = t->name;
@@ -487,7 +491,7 @@ upload:
 		if (!nv)
 		{
 			free(tmp);
-			return kl_errf(b->err, "out of memory");
+			return kl_errc(b->err, KL_E_RESOURCES, "out of memory");
 		}
 		m->vecs = nv;
 		m->cap_vecs = cap;
@@ -496,7 +500,8 @@ upload:
 	if (!*out)
 	{
 		free(tmp);
-		return kl_errf(b->err, "%s: out of %s memory for tensor \"%s\"", m->dir, m->be->ops->name, name);
+		return kl_errc(b->err, KL_E_RESOURCES,
+					   "%s: out of %s memory for tensor \"%s\"", m->dir, m->be->ops->name, name);
 	}
 	m->be->ops->upload(m->be, *out, tmp, sizeof(float) * (size_t) n);
 	m->vecs[m->n_vecs++] = *out;
@@ -513,7 +518,7 @@ bad:
 			o += snprintf(want + o, sizeof(want) - o, "%s%d", i ? ", " : "", dims[i]);
 		if (o < sizeof(want))
 			snprintf(want + o, sizeof(want) - o, "]");
-		return kl_errf(b->err, "%s: tensor \"%s\" has shape %s, but config.json implies %s",
+		return kl_errc(b->err, KL_E_INVALID, "%s: tensor \"%s\" has shape %s, but config.json implies %s",
 					   m->dir, name, shape_str(t, sbuf, sizeof(sbuf)), want);
 	}
 }
@@ -781,19 +786,19 @@ check_dir(const char *dir, const char *root, kl_err *err)
 	{
 		/* opening the directory itself, confined, answers both questions */
 		if (kl_file_open(root, dir, &fd, err) != KL_OK)
-			return kl_errf(err, "%s is not a directory (a model is a directory with config.json and "
+			return kl_errc(err, KL_E_INVALID, "%s is not a directory (a model is a directory with config.json and "
 						   "safetensors weights)", dir);
 		if (fstat(fd, &sb) != 0 || !S_ISDIR(sb.st_mode))
 		{
 			close(fd);
-			return kl_errf(err, "%s is not a directory (a model is a directory with config.json and "
+			return kl_errc(err, KL_E_INVALID, "%s is not a directory (a model is a directory with config.json and "
 						   "safetensors weights)", dir);
 		}
 		close(fd);
 		return KL_OK;
 	}
 	if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
-		return kl_errf(err, "%s is not a directory (a model is a directory with config.json and "
+		return kl_errc(err, KL_E_INVALID, "%s is not a directory (a model is a directory with config.json and "
 					   "safetensors weights)", dir);
 	return KL_OK;
 }
@@ -807,7 +812,7 @@ create_backend(kl_model *m, const kl_load_opts *opts, kl_err *err)
 	bo.precision = (opts && opts->precision) ? opts->precision : "fp32";
 	bo.device_index = opts ? opts->device_index : 0;
 	if (strcmp(bo.precision, "fp32") != 0 && strcmp(bo.precision, "bf16") != 0)
-		return kl_errf(err, "unknown precision \"%s\" (use fp32 or bf16)", bo.precision);
+		return kl_errc(err, KL_E_INVALID, "unknown precision \"%s\" (use fp32 or bf16)", bo.precision);
 	if (strcmp(device, "cpu") == 0)
 		return kl_backend_cpu_create(&m->cfg, &bo, &m->be, err);
 	if (strcmp(device, "cuda") == 0 || strcmp(device, "auto") == 0)
@@ -819,7 +824,7 @@ create_backend(kl_model *m, const kl_load_opts *opts, kl_err *err)
 		/* auto: no usable GPU, run on the CPU */
 		return kl_backend_cpu_create(&m->cfg, &bo, &m->be, err);
 	}
-	return kl_errf(err, "unknown device \"%s\" (use cpu, cuda or auto)", device);
+	return kl_errc(err, KL_E_INVALID, "unknown device \"%s\" (use cpu, cuda or auto)", device);
 }
 
 /* Bind every tensor the config implies (from the files, or random). */
@@ -841,7 +846,7 @@ bind_all(kl_model *m, binder *b, kl_err *err)
 	{
 		EVP_MD_CTX_free(b->fp);
 		EVP_MD_CTX_free(b->fp_other);
-		return kl_errf(err, "cannot initialize SHA-256");
+		return kl_errc(err, KL_E_INTERNAL, "cannot initialize SHA-256");
 	}
 	fp_config(b, &m->cfg);
 	if (b->random)
@@ -859,7 +864,8 @@ bind_all(kl_model *m, binder *b, kl_err *err)
 	for (int i = 0; i < m->st.n_tensors; i++)
 		if (!m->st.tensors[i].used)
 		{
-			kl_errf(err, "%s: unexpected tensor \"%s\" in %s (the checkpoint does not match its config.json)",
+			kl_errc(err, KL_E_INVALID,
+					"%s: unexpected tensor \"%s\" in %s (the checkpoint does not match its config.json)",
 					m->dir, m->st.tensors[i].name, m->st.files[m->st.tensors[i].file].path);
 			goto out;
 		}
@@ -892,7 +898,8 @@ apply_routing(kl_config *c, const kl_load_opts *opts, kl_err *err)
 	else if (strcmp(r, "reference") == 0)
 		c->bias_in_weights = true;
 	else
-		return kl_errf(err, "MoE routing \"%.64s\" is unknown: use \"select\" (the default: the router bias "
+		return kl_errc(err, KL_E_INVALID,
+					   "MoE routing \"%.64s\" is unknown: use \"select\" (the default: the router bias "
 					   "chooses the experts, the scores weight them) or \"reference\" (the bias is added into "
 					   "the weights too, as the released kimi_linear code does)", r);
 	return KL_OK;
@@ -908,9 +915,9 @@ kl_model_load(const char *dir, const kl_load_opts *opts, kl_model **out, kl_err 
 
 	*out = NULL;
 	if (!dir || !*dir)
-		return kl_errf(err, "no model directory given");
+		return kl_errc(err, KL_E_INVALID, "no model directory given");
 	if (strlen(dir) > 3000)
-		return kl_errf(err, "model directory path is too long");
+		return kl_errc(err, KL_E_INVALID, "model directory path is too long");
 	if (check_dir(dir, root, err) != KL_OK)
 		return KL_FAIL;
 	m = kl_calloc(1, sizeof(kl_model), err);
@@ -925,7 +932,8 @@ kl_model_load(const char *dir, const kl_load_opts *opts, kl_model **out, kl_err 
 		goto fail;
 	if (m->quantize != KL_Q_NONE && m->qcfg.scheme != KL_QS_NONE)
 	{
-		kl_errf(err, "%s is already quantized (%s); quantization at load (%s) applies to F32, BF16 and F16 "
+		kl_errc(err, KL_E_INVALID,
+				"%s is already quantized (%s); quantization at load (%s) applies to F32, BF16 and F16 "
 				"checkpoints", dir, m->qcfg.describe, kl_qtype_name(m->quantize));
 		goto fail;
 	}
@@ -960,7 +968,7 @@ kl_model_create_random(const char *config_path, const kl_load_opts *opts, const 
 	else if (strcmp(dtype, "f32") == 0)
 		b.random_dtype = KL_DT_F32;
 	else
-		return kl_errf(err, "random weights dtype must be bf16 or f32, not \"%s\"", dtype);
+		return kl_errc(err, KL_E_INVALID, "random weights dtype must be bf16 or f32, not \"%s\"", dtype);
 	kl_rng_seed(&b.rng, seed);
 	m = kl_calloc(1, sizeof(kl_model), err);
 	if (!m)
@@ -976,7 +984,8 @@ kl_model_create_random(const char *config_path, const kl_load_opts *opts, const 
 	}
 	if (m->quantize != KL_Q_NONE && !m->be->ops->quantized_weights)
 	{
-		kl_errf(err, "random weights quantized at load need the cpu device (the %s backend makes its random "
+		kl_errc(err, KL_E_INVALID,
+				"random weights quantized at load need the cpu device (the %s backend makes its random "
 				"weights in its own memory)", m->be->ops->name);
 		kl_model_free(m);
 		return KL_FAIL;

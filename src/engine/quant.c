@@ -46,20 +46,21 @@ kl_q_validate(const kl_qmat *q, const char *what, kl_err *err)
 	size_t		ns = (size_t) q->rows * q->n_groups;
 
 	if (q->group <= 0 || (q->group != q->cols && q->group % block != 0))
-		return kl_errf(err, "%s: group size %d is not supported for %s weights (it must be a multiple "
+		return kl_errc(err, KL_E_UNSUPPORTED,
+					   "%s: group size %d is not supported for %s weights (it must be a multiple "
 					   "of %d, or the row length %d)", what, q->group, kl_qtype_name(q->type), block, q->cols);
 	if (q->n_groups != (q->cols + q->group - 1) / q->group)
-		return kl_errf(err, "%s: %d scales per row where %d columns in groups of %d need %d", what,
+		return kl_errc(err, KL_E_INVALID, "%s: %d scales per row where %d columns in groups of %d need %d", what,
 					   q->n_groups, q->cols, q->group, (q->cols + q->group - 1) / q->group);
 	for (size_t i = 0; i < ns; i++)
 	{
 		float		s = q->scales[i];
 
 		if (!isfinite(s))
-			return kl_errf(err, "%s: scale %zu (row %zu) is %g; scales must be finite numbers", what, i,
+			return kl_errc(err, KL_E_INVALID, "%s: scale %zu (row %zu) is %g; scales must be finite numbers", what, i,
 						   i / (size_t) q->n_groups, s);
 		if (q->type == KL_Q_FP8 && fabsf(s) >= 256.0f)
-			return kl_errf(err, "%s: scale %zu (row %zu) is %g; FP8 scales must be below 256 in "
+			return kl_errc(err, KL_E_INVALID, "%s: scale %zu (row %zu) is %g; FP8 scales must be below 256 in "
 						   "magnitude", what, i, i / (size_t) q->n_groups, s);
 	}
 	if (q->type == KL_Q_FP8)
@@ -69,7 +70,7 @@ kl_q_validate(const kl_qmat *q, const char *what, kl_err *err)
 
 			for (int c = 0; c < q->cols; c++)
 				if ((row[c] & 0x7f) == 0x7f)
-					return kl_errf(err, "%s: weight [%d, %d] is an FP8 NaN (0x%02x)", what, r, c, row[c]);
+					return kl_errc(err, KL_E_INVALID, "%s: weight [%d, %d] is an FP8 NaN (0x%02x)", what, r, c, row[c]);
 		}
 	return KL_OK;
 }
@@ -314,7 +315,7 @@ kl_qtype_parse(const char *s, kl_qtype *out, kl_err *err)
 	else if (strcmp(s, "int4") == 0)
 		*out = KL_Q_INT4;
 	else
-		return kl_errf(err, "unknown quantization \"%s\" (use fp8, int8 or int4)", s);
+		return kl_errc(err, KL_E_INVALID, "unknown quantization \"%s\" (use fp8, int8 or int4)", s);
 	return KL_OK;
 }
 

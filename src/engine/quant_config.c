@@ -43,21 +43,22 @@ compile_patterns(json_t *list, const char *what, const char *key, kl_qpattern **
 	if (!list)
 		return KL_OK;
 	if (!json_is_array(list))
-		return kl_errf(err, "%s: quantization_config %s must be a list of module names or patterns", what, key);
+		return kl_errc(err, KL_E_INVALID,
+					   "%s: quantization_config %s must be a list of module names or patterns", what, key);
 	*out = calloc(json_array_size(list) + 1, sizeof(kl_qpattern));
 	if (!*out)
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	json_array_foreach(list, i, v)
 	{
 		kl_qpattern *p = &(*out)[*n];
 		const char *s;
 
 		if (!json_is_string(v))
-			return kl_errf(err, "%s: quantization_config %s[%zu] is not a string", what, key, i);
+			return kl_errc(err, KL_E_INVALID, "%s: quantization_config %s[%zu] is not a string", what, key, i);
 		s = json_string_value(v);
 		p->text = strdup(s);
 		if (!p->text)
-			return kl_errf(err, "out of memory");
+			return kl_errc(err, KL_E_RESOURCES, "out of memory");
 		(*n)++;
 		if (strncmp(s, "re:", 3) == 0)
 		{
@@ -70,14 +71,16 @@ compile_patterns(json_t *list, const char *what, const char *key, kl_qpattern **
 				PCRE2_UCHAR msg[256];
 
 				pcre2_get_error_message(ec, msg, sizeof(msg));
-				return kl_errf(err, "%s: quantization_config %s[%zu] is not a supported regular expression "
+				return kl_errc(err, KL_E_INVALID,
+							   "%s: quantization_config %s[%zu] is not a supported regular expression "
 							   "(%s at offset %zu)", what, key, i, (const char *) msg, (size_t) eo);
 			}
 		}
 		else if (strcmp(s, "Linear") == 0)
 			p->is_class_linear = true;
 		else if (strchr(s, '.') == NULL && strcmp(s, "lm_head") != 0)
-			return kl_errf(err, "%s: quantization_config %s[%zu] is neither \"Linear\", a module name nor a "
+			return kl_errc(err, KL_E_UNSUPPORTED,
+						   "%s: quantization_config %s[%zu] is neither \"Linear\", a module name nor a "
 						   "\"re:\" pattern; module classes other than Linear are not supported", what, key, i);
 	}
 	return KL_OK;
@@ -125,43 +128,49 @@ read_ct_group(json_t *grp, const char *gname, const char *top_format, const char
 
 	memset(a, 0, sizeof(*a));
 	if (!json_is_object(grp))
-		return kl_errf(err, "%s: quantization_config.config_groups.%s must be an object (preset scheme "
+		return kl_errc(err, KL_E_UNSUPPORTED,
+					   "%s: quantization_config.config_groups.%s must be an object (preset scheme "
 					   "names are not supported)", what, gname);
 	if (!json_is_object(w))
-		return kl_errf(err, "%s: config group %s has no \"weights\" arguments (only weight quantization "
+		return kl_errc(err, KL_E_INVALID, "%s: config group %s has no \"weights\" arguments (only weight quantization "
 					   "is supported)", what, gname);
 	a->format = str_field(grp, "format") ? str_field(grp, "format") : top_format;
 	a->type = str_field(w, "type");
 	if (!a->type || (strcmp(a->type, "int") != 0 && strcmp(a->type, "float") != 0))
-		return kl_errf(err, "%s: config group %s: weights type \"%s\" is not supported (int or float)",
+		return kl_errc(err, KL_E_UNSUPPORTED,
+					   "%s: config group %s: weights type \"%s\" is not supported (int or float)",
 					   what, gname, a->type ? kl_file_token(a->type) : "(missing)");
 	v = field(w, "num_bits");
 	if (!json_is_integer(v))
-		return kl_errf(err, "%s: config group %s: weights num_bits is missing", what, gname);
+		return kl_errc(err, KL_E_INVALID, "%s: config group %s: weights num_bits is missing", what, gname);
 	a->bits = (int) json_integer_value(v);
 	if (!(a->bits == 8 || (a->bits == 4 && strcmp(a->type, "int") == 0)))
-		return kl_errf(err, "%s: config group %s: %d-bit %s weights are not supported (8-bit float, 8- or "
+		return kl_errc(err, KL_E_UNSUPPORTED,
+					   "%s: config group %s: %d-bit %s weights are not supported (8-bit float, 8- or "
 					   "4-bit int)", what, gname, a->bits, a->type);
 	v = field(w, "symmetric");
 	if (v && !json_is_true(v))
-		return kl_errf(err, "%s: config group %s: asymmetric weights (zero points) are not supported",
+		return kl_errc(err, KL_E_UNSUPPORTED, "%s: config group %s: asymmetric weights (zero points) are not supported",
 					   what, gname);
 	v = field(w, "dynamic");
 	if (v && !json_is_false(v))
-		return kl_errf(err, "%s: config group %s: dynamic weight quantization is not supported", what, gname);
+		return kl_errc(err, KL_E_UNSUPPORTED,
+					   "%s: config group %s: dynamic weight quantization is not supported", what, gname);
 	s = str_field(w, "actorder");
 	v = field(w, "actorder");
 	if (v && !(json_is_false(v) || (s && strcmp(s, "static") == 0)))
-		return kl_errf(err, "%s: config group %s: actorder \"%s\" (reordered groups, weight_g_idx) is not "
+		return kl_errc(err, KL_E_INVALID,
+					   "%s: config group %s: actorder \"%s\" (reordered groups, weight_g_idx) is not "
 					   "supported", what, gname, s ? kl_file_token(s) : "?");
 	a->strategy = str_field(w, "strategy");
 	if (!a->strategy)
-		return kl_errf(err, "%s: config group %s: weights strategy is missing", what, gname);
+		return kl_errc(err, KL_E_INVALID, "%s: config group %s: weights strategy is missing", what, gname);
 	if (strcmp(a->strategy, "group") == 0)
 	{
 		v = field(w, "group_size");
 		if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > (1 << 20))
-			return kl_errf(err, "%s: config group %s: strategy group needs a positive group_size", what, gname);
+			return kl_errc(err, KL_E_INVALID,
+						   "%s: config group %s: strategy group needs a positive group_size", what, gname);
 		a->group = (int) json_integer_value(v);
 	}
 	else if (strcmp(a->strategy, "block") == 0)
@@ -171,24 +180,26 @@ read_ct_group(json_t *grp, const char *gname, const char *top_format, const char
 			!json_is_integer(json_array_get(v, 0)) || !json_is_integer(json_array_get(v, 1)) ||
 			json_integer_value(json_array_get(v, 0)) < 1 || json_integer_value(json_array_get(v, 1)) < 1 ||
 			json_integer_value(json_array_get(v, 0)) > 65536 || json_integer_value(json_array_get(v, 1)) > 65536)
-			return kl_errf(err, "%s: config group %s: strategy block needs block_structure [rows, cols]",
+			return kl_errc(err, KL_E_INVALID, "%s: config group %s: strategy block needs block_structure [rows, cols]",
 						   what, gname);
 		a->block[0] = (int) json_integer_value(json_array_get(v, 0));
 		a->block[1] = (int) json_integer_value(json_array_get(v, 1));
 	}
 	else if (strcmp(a->strategy, "channel") != 0 && strcmp(a->strategy, "tensor") != 0)
-		return kl_errf(err, "%s: config group %s: weights strategy \"%s\" is not supported (channel, "
+		return kl_errc(err, KL_E_UNSUPPORTED, "%s: config group %s: weights strategy \"%s\" is not supported (channel, "
 					   "tensor, group, block)", what, gname, kl_file_token(a->strategy));
 	if (in)
 	{
 		json_t	   *dyn = field(in, "dynamic");
 
 		if (!(dyn && (json_is_true(dyn) || (json_is_string(dyn) && strcmp(json_string_value(dyn), "local") == 0))))
-			return kl_errf(err, "%s: config group %s: static input activation quantization (input_scale) is "
+			return kl_errc(err, KL_E_UNSUPPORTED,
+						   "%s: config group %s: static input activation quantization (input_scale) is "
 						   "not supported; dynamic activations are (the engine keeps them in fp32)", what, gname);
 	}
 	if (out)
-		return kl_errf(err, "%s: config group %s: output activation quantization is not supported", what, gname);
+		return kl_errc(err, KL_E_UNSUPPORTED,
+					   "%s: config group %s: output activation quantization is not supported", what, gname);
 	return KL_OK;
 }
 
@@ -205,12 +216,14 @@ parse_compressed_tensors(json_t *q, const char *what, kl_qconfig *qc, kl_err *er
 	const char *fmt;
 
 	if (field(q, "kv_cache_scheme"))
-		return kl_errf(err, "%s: quantization_config.kv_cache_scheme (a quantized KV cache) is not supported", what);
+		return kl_errc(err, KL_E_UNSUPPORTED,
+					   "%s: quantization_config.kv_cache_scheme (a quantized KV cache) is not supported", what);
 	if (status && strcmp(status, "compressed") != 0)
-		return kl_errf(err, "%s: quantization_status \"%s\" is not supported (only \"compressed\" checkpoints)",
+		return kl_errc(err, KL_E_UNSUPPORTED,
+					   "%s: quantization_status \"%s\" is not supported (only \"compressed\" checkpoints)",
 					   what, kl_file_token(status));
 	if (!json_is_object(groups) || json_object_size(groups) == 0)
-		return kl_errf(err, "%s: quantization_config.config_groups is missing or empty", what);
+		return kl_errc(err, KL_E_INVALID, "%s: quantization_config.config_groups is missing or empty", what);
 	json_object_foreach(groups, gname, grp)
 	{
 		ct_args		a;
@@ -227,7 +240,7 @@ parse_compressed_tensors(json_t *q, const char *what, kl_qconfig *qc, kl_err *er
 				 a.block[0] != first.block[0] || a.block[1] != first.block[1] ||
 				 (a.format == NULL) != (first.format == NULL) ||
 				 (a.format && strcmp(a.format, first.format) != 0))
-			return kl_errf(err, "%s: config groups %s and others quantize weights differently (mixed "
+			return kl_errc(err, KL_E_INVALID, "%s: config groups %s and others quantize weights differently (mixed "
 						   "precision); only one weight scheme per checkpoint is supported", what, gname);
 		n++;
 		if (compile_patterns(t, what, "targets", &pt, &npt, err) != KL_OK)
@@ -248,7 +261,7 @@ parse_compressed_tensors(json_t *q, const char *what, kl_qconfig *qc, kl_err *er
 			if (!nt)
 			{
 				free(pt);
-				return kl_errf(err, "out of memory");
+				return kl_errc(err, KL_E_RESOURCES, "out of memory");
 			}
 			qc->targets = nt;
 			memcpy(qc->targets + qc->n_targets, pt, sizeof(kl_qpattern) * (size_t) npt);
@@ -257,13 +270,13 @@ parse_compressed_tensors(json_t *q, const char *what, kl_qconfig *qc, kl_err *er
 		}
 	}
 	if (qc->n_targets == 0)
-		return kl_errf(err, "%s: quantization_config names no targets", what);
+		return kl_errc(err, KL_E_INVALID, "%s: quantization_config names no targets", what);
 	if (compile_patterns(field(q, "ignore"), what, "ignore", &qc->ignore, &qc->n_ignore, err) != KL_OK)
 		return KL_FAIL;
 
 	fmt = first.format;
 	if (!fmt)
-		return kl_errf(err, "%s: quantization_config has no \"format\"", what);
+		return kl_errc(err, KL_E_INVALID, "%s: quantization_config has no \"format\"", what);
 	qc->bits = first.bits;
 	qc->group = first.group;
 	qc->block_rows = first.block[0];
@@ -274,34 +287,36 @@ parse_compressed_tensors(json_t *q, const char *what, kl_qconfig *qc, kl_err *er
 	if (strcmp(fmt, "pack-quantized") == 0)
 	{
 		if (strcmp(first.type, "int") != 0)
-			return kl_errf(err, "%s: pack-quantized float weights are not supported", what);
+			return kl_errc(err, KL_E_UNSUPPORTED, "%s: pack-quantized float weights are not supported", what);
 		if (qc->strategy == KL_QSTRAT_BLOCK)
-			return kl_errf(err, "%s: block strategy is not supported for pack-quantized weights", what);
+			return kl_errc(err, KL_E_UNSUPPORTED,
+						   "%s: block strategy is not supported for pack-quantized weights", what);
 		qc->scheme = KL_QS_CT_PACKED;
 	}
 	else if (strcmp(fmt, "float-quantized") == 0 || strcmp(fmt, "naive-quantized") == 0 ||
 			 strcmp(fmt, "int-quantized") == 0)
 	{
 		if (first.bits != 8)
-			return kl_errf(err, "%s: %d-bit weights in format %s are not supported (use pack-quantized)",
+			return kl_errc(err, KL_E_UNSUPPORTED,
+						   "%s: %d-bit weights in format %s are not supported (use pack-quantized)",
 						   what, first.bits, fmt);
 		if (strcmp(first.type, "float") == 0)
 		{
 			if (strcmp(fmt, "int-quantized") == 0)
-				return kl_errf(err, "%s: format int-quantized with float weights is inconsistent", what);
+				return kl_errc(err, KL_E_INVALID, "%s: format int-quantized with float weights is inconsistent", what);
 			qc->scheme = KL_QS_CT_FP8;
 		}
 		else
 		{
 			if (strcmp(fmt, "float-quantized") == 0)
-				return kl_errf(err, "%s: format float-quantized with int weights is inconsistent", what);
+				return kl_errc(err, KL_E_INVALID, "%s: format float-quantized with int weights is inconsistent", what);
 			if (qc->strategy == KL_QSTRAT_BLOCK)
-				return kl_errf(err, "%s: block strategy is supported for FP8 weights only", what);
+				return kl_errc(err, KL_E_INVALID, "%s: block strategy is supported for FP8 weights only", what);
 			qc->scheme = KL_QS_CT_INT8;
 		}
 	}
 	else
-		return kl_errf(err, "%s: compressed-tensors format \"%s\" is not supported (float-quantized, "
+		return kl_errc(err, KL_E_UNSUPPORTED, "%s: compressed-tensors format \"%s\" is not supported (float-quantized, "
 					   "naive-quantized, int-quantized, pack-quantized)", what, kl_file_token(fmt));
 
 	{
@@ -327,16 +342,18 @@ parse_hf_fp8(json_t *q, const char *what, kl_qconfig *qc, kl_err *err)
 	json_t	   *bs = field(q, "weight_block_size");
 
 	if (fmt && strcmp(fmt, "e4m3") != 0)
-		return kl_errf(err, "%s: quant_method fp8 with fmt \"%s\" is not supported (only e4m3)", what,
+		return kl_errc(err, KL_E_UNSUPPORTED, "%s: quant_method fp8 with fmt \"%s\" is not supported (only e4m3)", what,
 					   kl_file_token(fmt));
 	if (act && strcmp(act, "dynamic") != 0)
-		return kl_errf(err, "%s: quant_method fp8 with activation_scheme \"%s\" is not supported (only "
+		return kl_errc(err, KL_E_UNSUPPORTED,
+					   "%s: quant_method fp8 with activation_scheme \"%s\" is not supported (only "
 					   "dynamic: the engine keeps activations in fp32)", what, kl_file_token(act));
 	if (!json_is_array(bs) || json_array_size(bs) != 2 || !json_is_integer(json_array_get(bs, 0)) ||
 		!json_is_integer(json_array_get(bs, 1)) || json_integer_value(json_array_get(bs, 0)) < 1 ||
 		json_integer_value(json_array_get(bs, 1)) < 1 || json_integer_value(json_array_get(bs, 0)) > 65536 ||
 		json_integer_value(json_array_get(bs, 1)) > 65536)
-		return kl_errf(err, "%s: quant_method fp8 needs weight_block_size [rows, cols] (per-tensor FP8 is "
+		return kl_errc(err, KL_E_UNSUPPORTED,
+					   "%s: quant_method fp8 needs weight_block_size [rows, cols] (per-tensor FP8 is "
 					   "not supported)", what);
 	qc->scheme = KL_QS_FP8_BLOCK;
 	qc->strategy = KL_QSTRAT_BLOCK;
@@ -359,7 +376,7 @@ kl_qconfig_parse(const char *text, size_t len, const char *what, kl_qconfig *qc,
 	memset(qc, 0, sizeof(*qc));
 	root = json_loadb(text, len, 0, &jerr);
 	if (!root)
-		return kl_errf(err, "%s: not valid JSON at line %d column %d: %s", what, jerr.line, jerr.column,
+		return kl_errc(err, KL_E_INVALID, "%s: not valid JSON at line %d column %d: %s", what, jerr.line, jerr.column,
 					   kl_json_error_kind(&jerr));
 	q = json_is_object(root) ? field(root, "quantization_config") : NULL;
 	if (!q)
@@ -370,17 +387,18 @@ kl_qconfig_parse(const char *text, size_t len, const char *what, kl_qconfig *qc,
 	if (!json_is_object(q))
 	{
 		json_decref(root);
-		return kl_errf(err, "%s: quantization_config must be an object", what);
+		return kl_errc(err, KL_E_INVALID, "%s: quantization_config must be an object", what);
 	}
 	method = str_field(q, "quant_method");
 	if (!method)
-		rc = kl_errf(err, "%s: quantization_config.quant_method is missing", what);
+		rc = kl_errc(err, KL_E_INVALID, "%s: quantization_config.quant_method is missing", what);
 	else if (strcmp(method, "compressed-tensors") == 0)
 		rc = parse_compressed_tensors(q, what, qc, err);
 	else if (strcmp(method, "fp8") == 0)
 		rc = parse_hf_fp8(q, what, qc, err);
 	else
-		rc = kl_errf(err, "%s: quant_method \"%s\" is not supported (compressed-tensors with FP8, int8 or "
+		rc = kl_errc(err, KL_E_UNSUPPORTED,
+					 "%s: quant_method \"%s\" is not supported (compressed-tensors with FP8, int8 or "
 					 "pack-quantized int4 weights, or fp8 with block scales)", what, kl_file_token(method));
 	json_decref(root);
 	if (rc != KL_OK)

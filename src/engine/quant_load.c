@@ -57,30 +57,32 @@ read_scales(const kl_qconfig *qc, const kl_st_tensor *t, kl_qmat *q, void **mem,
 				bc = cols;
 
 	if (!t)
-		return kl_errf(err, "its scale tensor is missing");
+		return kl_errc(err, KL_E_INVALID, "its scale tensor is missing");
 	if (t->dtype != KL_DT_F32 && t->dtype != KL_DT_BF16 && t->dtype != KL_DT_F16)
-		return kl_errf(err, "tensor \"%s\" has dtype %s; scales must be F32, BF16 or F16", t->name,
+		return kl_errc(err, KL_E_INVALID, "tensor \"%s\" has dtype %s; scales must be F32, BF16 or F16", t->name,
 					   kl_dtype_name(t->dtype));
 	switch (qc->strategy)
 	{
 		case KL_QSTRAT_CHANNEL:
 			q->group = cols;
 			if (!(is_2d(t, rows, 1) || (t->ndim == 1 && t->shape[0] == rows)))
-				return kl_errf(err, "tensor \"%s\" has shape %s, but per-channel scales of a [%d, %d] matrix "
+				return kl_errc(err, KL_E_INVALID,
+							   "tensor \"%s\" has shape %s, but per-channel scales of a [%d, %d] matrix "
 							   "have shape [%d, 1]", t->name, shape_text(t, sb, sizeof(sb)), rows, cols, rows);
 			br = 1;
 			break;
 		case KL_QSTRAT_TENSOR:
 			q->group = cols;
 			if (t->numel != 1)
-				return kl_errf(err, "tensor \"%s\" has shape %s, but a per-tensor scale is one number",
+				return kl_errc(err, KL_E_INVALID, "tensor \"%s\" has shape %s, but a per-tensor scale is one number",
 							   t->name, shape_text(t, sb, sizeof(sb)));
 			br = rows;
 			break;
 		case KL_QSTRAT_GROUP:
 			q->group = qc->group;
 			if (!is_2d(t, rows, (cols + qc->group - 1) / qc->group))
-				return kl_errf(err, "tensor \"%s\" has shape %s, but scales of a [%d, %d] matrix in groups of "
+				return kl_errc(err, KL_E_INVALID,
+							   "tensor \"%s\" has shape %s, but scales of a [%d, %d] matrix in groups of "
 							   "%d columns have shape [%d, %d]", t->name, shape_text(t, sb, sizeof(sb)), rows,
 							   cols, qc->group, rows, (cols + qc->group - 1) / qc->group);
 			br = 1;
@@ -91,7 +93,8 @@ read_scales(const kl_qconfig *qc, const kl_st_tensor *t, kl_qmat *q, void **mem,
 			br = qc->block_rows;
 			bc = qc->block_cols;
 			if (!is_2d(t, (rows + br - 1) / br, (cols + bc - 1) / bc))
-				return kl_errf(err, "tensor \"%s\" has shape %s, but scales of a [%d, %d] matrix in blocks of "
+				return kl_errc(err, KL_E_INVALID,
+							   "tensor \"%s\" has shape %s, but scales of a [%d, %d] matrix in blocks of "
 							   "%lld x %lld have shape [%lld, %lld]", t->name, shape_text(t, sb, sizeof(sb)),
 							   rows, cols, (long long) br, (long long) bc, (long long) ((rows + br - 1) / br),
 							   (long long) ((cols + bc - 1) / bc));
@@ -148,23 +151,25 @@ read_packed(const kl_qconfig *qc, const kl_qtensors *t, kl_qmat *q, void **mem, 
 	char		sb[96];
 
 	if (!t->packed)
-		return kl_errf(err, "weight_packed is missing");
+		return kl_errc(err, KL_E_INVALID, "weight_packed is missing");
 	if (t->packed->dtype != KL_DT_I32)
-		return kl_errf(err, "tensor \"%s\" has dtype %s; packed weights must be I32", t->packed->name,
+		return kl_errc(err, KL_E_INVALID, "tensor \"%s\" has dtype %s; packed weights must be I32", t->packed->name,
 					   kl_dtype_name(t->packed->dtype));
 	if (!is_2d(t->packed, q->rows, words))
-		return kl_errf(err, "tensor \"%s\" has shape %s, but a [%d, %d] matrix of %d-bit values packs into "
+		return kl_errc(err, KL_E_INVALID,
+					   "tensor \"%s\" has shape %s, but a [%d, %d] matrix of %d-bit values packs into "
 					   "[%d, %lld] words", t->packed->name, shape_text(t->packed, sb, sizeof(sb)), q->rows,
 					   q->cols, qc->bits, q->rows, (long long) words);
 	if (!t->shape)
-		return kl_errf(err, "weight_shape is missing");
+		return kl_errc(err, KL_E_INVALID, "weight_shape is missing");
 	if ((t->shape->dtype != KL_DT_I64 && t->shape->dtype != KL_DT_I32) || t->shape->numel != 2)
-		return kl_errf(err, "tensor \"%s\" must be two I64 or I32 numbers (rows, columns)", t->shape->name);
+		return kl_errc(err, KL_E_INVALID,
+					   "tensor \"%s\" must be two I64 or I32 numbers (rows, columns)", t->shape->name);
 	for (int i = 0; i < 2; i++)
 		shape[i] = t->shape->dtype == KL_DT_I64 ? ((const int64_t *) t->shape->data)[i] :
 			((const int32_t *) t->shape->data)[i];
 	if (shape[0] != q->rows || shape[1] != q->cols)
-		return kl_errf(err, "tensor \"%s\" says [%lld, %lld], but config.json implies [%d, %d]",
+		return kl_errc(err, KL_E_INVALID, "tensor \"%s\" says [%lld, %lld], but config.json implies [%d, %d]",
 					   t->shape->name, (long long) shape[0], (long long) shape[1], q->rows, q->cols);
 	if (qc->bits == 8)
 	{
@@ -197,12 +202,13 @@ kl_qload_matrix(const kl_qconfig *qc, const kl_qtensors *t, int rows, int cols, 
 		kl_dtype	want = qc->scheme == KL_QS_CT_INT8 ? KL_DT_I8 : KL_DT_F8_E4M3;
 
 		if (qc->scheme == KL_QS_NONE || !t->weight)
-			return kl_errf(err, "no quantized weight");
+			return kl_errc(err, KL_E_INVALID, "no quantized weight");
 		if (t->weight->dtype != want)
-			return kl_errf(err, "tensor \"%s\" has dtype %s, but the checkpoint's quantization (%s) stores %s",
+			return kl_errc(err, KL_E_INVALID,
+						   "tensor \"%s\" has dtype %s, but the checkpoint's quantization (%s) stores %s",
 						   t->weight->name, kl_dtype_name(t->weight->dtype), qc->describe, kl_dtype_name(want));
 		if (!is_2d(t->weight, rows, cols))
-			return kl_errf(err, "tensor \"%s\" has shape %s, but config.json implies [%d, %d]",
+			return kl_errc(err, KL_E_INVALID, "tensor \"%s\" has shape %s, but config.json implies [%d, %d]",
 						   t->weight->name, shape_text(t->weight, sb, sizeof(sb)), rows, cols);
 		q->type = want == KL_DT_I8 ? KL_Q_INT8 : KL_Q_FP8;
 		q->data = t->weight->data;
@@ -261,7 +267,8 @@ kl_qload_quantize(const void *src, kl_dtype dtype, int rows, int cols, kl_qtype 
 	memset(q, 0, sizeof(*q));
 	mem[0] = mem[1] = NULL;
 	if (dtype != KL_DT_F32 && dtype != KL_DT_BF16 && dtype != KL_DT_F16)
-		return kl_errf(err, "only F32, BF16 and F16 weights can be quantized, not %s", kl_dtype_name(dtype));
+		return kl_errc(err, KL_E_INVALID,
+					   "only F32, BF16 and F16 weights can be quantized, not %s", kl_dtype_name(dtype));
 	q->type = type;
 	q->rows = rows;
 	q->cols = cols;

@@ -122,7 +122,7 @@ build_hash(kl_safetensors *st, kl_err *err)
 		while (st->hash[i] != 0)
 		{
 			if (strcmp(st->tensors[st->hash[i] - 1].name, st->tensors[t].name) == 0)
-				return kl_errf(err, "tensor \"%s\" appears in both %s and %s: a checkpoint must "
+				return kl_errc(err, KL_E_INVALID, "tensor \"%s\" appears in both %s and %s: a checkpoint must "
 							   "name each tensor once",
 							   st->tensors[t].name, st->files[st->tensors[st->hash[i] - 1].file].path,
 							   st->files[st->tensors[t].file].path);
@@ -169,31 +169,31 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 	int			rc = KL_FAIL;
 
 	if (size < 8)
-		return kl_errf(err, "%s: file is %zu bytes, too short for a safetensors header "
+		return kl_errc(err, KL_E_CORRUPT, "%s: file is %zu bytes, too short for a safetensors header "
 					   "(truncated or not a safetensors file)", what, size);
 	memcpy(&hlen, base, 8);		/* little-endian host assumed (x86-64, arm64) */
 	if (hlen < 2 || hlen > MAX_HEADER)
-		return kl_errf(err, "%s: the header length (the first 8 bytes) is not plausible "
+		return kl_errc(err, KL_E_INVALID, "%s: the header length (the first 8 bytes) is not plausible "
 					   "(corrupt or not a safetensors file)", what);
 	if (hlen > size - 8)
-		return kl_errf(err, "%s: the header length runs past the end of the %zu-byte file (truncated?)",
+		return kl_errc(err, KL_E_CORRUPT, "%s: the header length runs past the end of the %zu-byte file (truncated?)",
 					   what, size);
 	data_size = size - 8 - hlen;
 
 	root = json_loadb((const char *) base + 8, (size_t) hlen, JSON_REJECT_DUPLICATES, &jerr);
 	if (!root)
-		return kl_errf(err, "%s: header is not valid JSON (line %d column %d: %s)", what,
+		return kl_errc(err, KL_E_INVALID, "%s: header is not valid JSON (line %d column %d: %s)", what,
 					   jerr.line, jerr.column, kl_json_error_kind(&jerr));
 	if (!json_is_object(root))
 	{
 		json_decref(root);
-		return kl_errf(err, "%s: header must be a JSON object", what);
+		return kl_errc(err, KL_E_INVALID, "%s: header must be a JSON object", what);
 	}
 	cap = (int) json_object_size(root);
 	if (cap > MAX_TENSORS)
 	{
 		json_decref(root);
-		return kl_errf(err, "%s: %d tensors is more than supported", what, cap);
+		return kl_errc(err, KL_E_RESOURCES, "%s: %d tensors is more than supported", what, cap);
 	}
 	spans = kl_calloc((size_t) cap + 1, sizeof(span), err);
 	if (!spans)
@@ -204,7 +204,7 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 
 		if (!nt)
 		{
-			kl_errf(err, "out of memory reading %s", what);
+			kl_errc(err, KL_E_RESOURCES, "out of memory reading %s", what);
 			goto out;
 		}
 		st->tensors = nt;
@@ -226,14 +226,14 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 		{
 			if (!json_is_object(val))
 			{
-				kl_errf(err, "%s: __metadata__ must be an object", what);
+				kl_errc(err, KL_E_INVALID, "%s: __metadata__ must be an object", what);
 				goto out;
 			}
 			continue;
 		}
 		if (!json_is_object(val))
 		{
-			kl_errf(err, "%s: entry for tensor \"%s\" is not an object", what, key);
+			kl_errc(err, KL_E_INVALID, "%s: entry for tensor \"%s\" is not an object", what, key);
 			goto out;
 		}
 		jd = json_object_get(val, "dtype");
@@ -241,13 +241,14 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 		jo = json_object_get(val, "data_offsets");
 		if (!json_is_string(jd) || !json_is_array(js) || !json_is_array(jo) || json_array_size(jo) != 2)
 		{
-			kl_errf(err, "%s: tensor \"%s\" needs \"dtype\" (string), \"shape\" (list) and "
+			kl_errc(err, KL_E_INVALID, "%s: tensor \"%s\" needs \"dtype\" (string), \"shape\" (list) and "
 					"\"data_offsets\" ([begin, end])", what, key);
 			goto out;
 		}
 		if (!dtype_from_name(json_string_value(jd), &dt))
 		{
-			kl_errf(err, "%s: tensor \"%s\" has an unsupported dtype (supported: F32, BF16, F16, F64, I64, I32, "
+			kl_errc(err, KL_E_UNSUPPORTED,
+					"%s: tensor \"%s\" has an unsupported dtype (supported: F32, BF16, F16, F64, I64, I32, "
 					"I16, I8, U8, BOOL)", what, key);
 			goto out;
 		}
@@ -255,7 +256,7 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 		t.dtype = dt;
 		if (json_array_size(js) > KL_ST_MAX_DIMS)
 		{
-			kl_errf(err, "%s: tensor \"%s\" has %zu dimensions (at most %d supported)", what, key,
+			kl_errc(err, KL_E_UNSUPPORTED, "%s: tensor \"%s\" has %zu dimensions (at most %d supported)", what, key,
 					json_array_size(js), KL_ST_MAX_DIMS);
 			goto out;
 		}
@@ -266,27 +267,27 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 
 			if (!json_is_integer(d) || json_integer_value(d) < 0)
 			{
-				kl_errf(err, "%s: tensor \"%s\" has an invalid shape (dimension %zu)", what, key, i);
+				kl_errc(err, KL_E_INVALID, "%s: tensor \"%s\" has an invalid shape (dimension %zu)", what, key, i);
 				goto out;
 			}
 			t.shape[i] = json_integer_value(d);
 			if (__builtin_mul_overflow(numel, (uint64_t) t.shape[i], &numel))
 			{
-				kl_errf(err, "%s: tensor \"%s\" shape overflows", what, key);
+				kl_errc(err, KL_E_INVALID, "%s: tensor \"%s\" shape overflows", what, key);
 				goto out;
 			}
 		}
 		if (!json_is_integer(json_array_get(jo, 0)) || !json_is_integer(json_array_get(jo, 1)) ||
 			json_integer_value(json_array_get(jo, 0)) < 0 || json_integer_value(json_array_get(jo, 1)) < 0)
 		{
-			kl_errf(err, "%s: tensor \"%s\" has invalid data_offsets", what, key);
+			kl_errc(err, KL_E_INVALID, "%s: tensor \"%s\" has invalid data_offsets", what, key);
 			goto out;
 		}
 		b = (uint64_t) json_integer_value(json_array_get(jo, 0));
 		e = (uint64_t) json_integer_value(json_array_get(jo, 1));
 		if (b > e || e > data_size)
 		{
-			kl_errf(err, "%s: tensor \"%s\" data_offsets lie outside the %llu bytes of data "
+			kl_errc(err, KL_E_CORRUPT, "%s: tensor \"%s\" data_offsets lie outside the %llu bytes of data "
 					"(file truncated or header corrupt)", what, key, (unsigned long long) data_size);
 			goto out;
 		}
@@ -295,7 +296,8 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 
 			if (__builtin_mul_overflow(numel, (uint64_t) kl_dtype_size(dt), &want) || want != e - b)
 			{
-				kl_errf(err, "%s: tensor \"%s\" has %llu bytes of data but its shape and dtype %s need %llu",
+				kl_errc(err, KL_E_INVALID,
+						"%s: tensor \"%s\" has %llu bytes of data but its shape and dtype %s need %llu",
 						what, key, (unsigned long long) (e - b), kl_dtype_name(dt),
 						(unsigned long long) (numel * kl_dtype_size(dt)));
 				goto out;
@@ -319,7 +321,7 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 			t.name = strdup(key);
 			if (!t.name)
 			{
-				kl_errf(err, "out of memory");
+				kl_errc(err, KL_E_RESOURCES, "out of memory");
 				goto out;
 			}
 			if (((uintptr_t) p % kl_dtype_size(dt)) != 0)
@@ -344,7 +346,7 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 	for (int i = 1; i < n; i++)
 		if (spans[i].begin < spans[i - 1].end)
 		{
-			kl_errf(err, "%s: tensor data regions overlap at offset %llu (corrupt header)", what,
+			kl_errc(err, KL_E_INVALID, "%s: tensor data regions overlap at offset %llu (corrupt header)", what,
 					(unsigned long long) spans[i].begin);
 			goto out;
 		}
@@ -373,7 +375,7 @@ map_file(const char *root, const char *path, kl_st_file *f, kl_err *err)
 	if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode))
 	{
 		close(fd);
-		return kl_errf(err, "%s is not a regular file", path);
+		return kl_errc(err, KL_E_INVALID, "%s is not a regular file", path);
 	}
 	f->size = (size_t) sb.st_size;
 	if (f->size > 0)
@@ -383,13 +385,13 @@ map_file(const char *root, const char *path, kl_st_file *f, kl_err *err)
 		{
 			f->map = NULL;
 			close(fd);
-			return kl_errf(err, "cannot map %s: %s", path, strerror(errno));
+			return kl_errc(err, kl_errno_code(errno), "cannot map %s: %s", path, strerror(errno));
 		}
 	}
 	close(fd);
 	f->path = strdup(path);
 	if (!f->path)
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	return KL_OK;
 }
 
@@ -399,7 +401,7 @@ add_file(kl_safetensors *st, const char *root, const char *path, kl_err *err)
 	kl_st_file *nf = realloc(st->files, sizeof(kl_st_file) * (size_t) (st->n_files + 1));
 
 	if (!nf)
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	st->files = nf;
 	if (map_file(root, path, &st->files[st->n_files], err) != KL_OK)
 		return KL_FAIL;
@@ -442,7 +444,7 @@ open_sharded(const char *dir, const char *confine, const char *index_path, kl_sa
 	map = json_object_get(root, "weight_map");
 	if (!json_is_object(map) || json_object_size(map) == 0)
 	{
-		kl_errf(err, "%s: \"weight_map\" (tensor name -> shard file) is missing or empty", index_path);
+		kl_errc(err, KL_E_INVALID, "%s: \"weight_map\" (tensor name -> shard file) is missing or empty", index_path);
 		goto out;
 	}
 	/* Open each shard named by the map once, in order of first appearance. */
@@ -453,7 +455,7 @@ open_sharded(const char *dir, const char *confine, const char *index_path, kl_sa
 
 		if (!json_is_string(val) || !plain_file_name(json_string_value(val)))
 		{
-			kl_errf(err, "%s: weight_map entry for \"%s\" must be a file name in the model directory",
+			kl_errc(err, KL_E_INVALID, "%s: weight_map entry for \"%s\" must be a file name in the model directory",
 					index_path, key);
 			goto out;
 		}
@@ -475,13 +477,13 @@ open_sharded(const char *dir, const char *confine, const char *index_path, kl_sa
 		snprintf(path, sizeof(path), "%s/%s", dir, json_string_value(val));
 		if (!t)
 		{
-			kl_errf(err, "%s: tensor \"%s\" is listed in weight_map under %s but no shard contains it",
+			kl_errc(err, KL_E_INVALID, "%s: tensor \"%s\" is listed in weight_map under %s but no shard contains it",
 					index_path, key, json_string_value(val));
 			goto out;
 		}
 		if (strcmp(st->files[t->file].path, path) != 0)
 		{
-			kl_errf(err, "%s: weight_map puts tensor \"%s\" in %s, but it is in %s", index_path, key,
+			kl_errc(err, KL_E_INVALID, "%s: weight_map puts tensor \"%s\" in %s, but it is in %s", index_path, key,
 					json_string_value(val), st->files[t->file].path);
 			goto out;
 		}
@@ -489,7 +491,7 @@ open_sharded(const char *dir, const char *confine, const char *index_path, kl_sa
 	for (int i = 0; i < st->n_tensors; i++)
 		if (!json_object_get(map, st->tensors[i].name))
 		{
-			kl_errf(err, "%s: tensor \"%s\" is in shard %s but not in the index's weight_map", index_path,
+			kl_errc(err, KL_E_INVALID, "%s: tensor \"%s\" is in shard %s but not in the index's weight_map", index_path,
 					st->tensors[i].name, st->files[st->tensors[i].file].path);
 			goto out;
 		}
@@ -506,7 +508,7 @@ kl_st_open_dir(const char *dir, const char *root, kl_safetensors *st, kl_err *er
 
 	memset(st, 0, sizeof(*st));
 	if (strlen(dir) > 3000)
-		return kl_errf(err, "model directory path is too long");
+		return kl_errc(err, KL_E_INVALID, "model directory path is too long");
 	snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
 	if (kl_file_present(path))
 	{
@@ -519,7 +521,7 @@ kl_st_open_dir(const char *dir, const char *root, kl_safetensors *st, kl_err *er
 	}
 	snprintf(path, sizeof(path), "%s/model.safetensors", dir);
 	if (!kl_file_present(path))
-		return kl_errf(err, "%s has neither model.safetensors nor model.safetensors.index.json", dir);
+		return kl_errc(err, KL_E_INVALID, "%s has neither model.safetensors nor model.safetensors.index.json", dir);
 	if (add_file(st, root, path, err) != KL_OK || build_hash(st, err) != KL_OK)
 	{
 		kl_st_close(st);
@@ -571,7 +573,7 @@ kl_st_to_f32(const kl_st_tensor *t, float *out, kl_err *err)
 				out[i] = (float) ((const double *) t->data)[i];
 			return KL_OK;
 		default:
-			return kl_errf(err, "tensor \"%s\" has dtype %s where a floating-point tensor is needed",
+			return kl_errc(err, KL_E_INVALID, "tensor \"%s\" has dtype %s where a floating-point tensor is needed",
 						   t->name, kl_dtype_name(t->dtype));
 	}
 }

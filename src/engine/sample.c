@@ -54,15 +54,16 @@ int
 kl_sampling_validate(const kl_sampling *s, kl_err *err)
 {
 	if (!(s->temperature >= 0.0f && s->temperature <= 100.0f))
-		return kl_errf(err, "temperature must be between 0 and 100 (0 = greedy), got %g", s->temperature);
+		return kl_errc(err, KL_E_INVALID, "temperature must be between 0 and 100 (0 = greedy), got %g", s->temperature);
 	if (s->top_k < 0)
-		return kl_errf(err, "top_k must be 0 (off) or positive, got %d", s->top_k);
+		return kl_errc(err, KL_E_INVALID, "top_k must be 0 (off) or positive, got %d", s->top_k);
 	if (!(s->top_p > 0.0f && s->top_p <= 1.0f))
-		return kl_errf(err, "top_p must be in (0, 1] (1 = off), got %g", s->top_p);
+		return kl_errc(err, KL_E_INVALID, "top_p must be in (0, 1] (1 = off), got %g", s->top_p);
 	if (!(s->min_p >= 0.0f && s->min_p < 1.0f))
-		return kl_errf(err, "min_p must be in [0, 1) (0 = off), got %g", s->min_p);
+		return kl_errc(err, KL_E_INVALID, "min_p must be in [0, 1) (0 = off), got %g", s->min_p);
 	if (!(s->repetition_penalty > 0.0f && s->repetition_penalty <= 100.0f))
-		return kl_errf(err, "repetition_penalty must be in (0, 100] (1 = off), got %g", s->repetition_penalty);
+		return kl_errc(err, KL_E_INVALID,
+					   "repetition_penalty must be in (0, 100] (1 = off), got %g", s->repetition_penalty);
 	return KL_OK;
 }
 

@@ -44,7 +44,7 @@ kl_seq_new(const kl_model *m, kl_seq **out, kl_err *err)
 		s->kda_conv[i] = be->ops->alloc(be, sizeof(float) * kda_conv_floats(c));
 		if (!s->kda_S[i] || !s->kda_conv[i])
 		{
-			kl_errf(err, "out of %s memory for a sequence's KDA state", be->ops->name);
+			kl_errc(err, KL_E_RESOURCES, "out of %s memory for a sequence's KDA state", be->ops->name);
 			goto fail;
 		}
 	}
@@ -152,7 +152,7 @@ kl_seq_clone(const kl_seq *src, kl_seq **out, kl_err *err)
 			dm->pages[p] = be->ops->alloc(be, page_bytes);
 			if (!dm->pages[p])
 			{
-				kl_errf(err, "out of %s memory copying a sequence", be->ops->name);
+				kl_errc(err, KL_E_RESOURCES, "out of %s memory copying a sequence", be->ops->name);
 				goto fail;
 			}
 			dm->n_pages++;

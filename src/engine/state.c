@@ -193,11 +193,11 @@ save_part(const kl_seq *s, int kind, int64_t from, int64_t to, uint8_t **blob, s
 	*blob = NULL;
 	*len = 0;
 	if (from < 0 || from > to || to > s->pos)
-		return kl_errf(err, "state positions [%lld, %lld) are outside the sequence's [0, %lld)",
+		return kl_errc(err, KL_E_INVALID, "state positions [%lld, %lld) are outside the sequence's [0, %lld)",
 					   (long long) from, (long long) to, (long long) s->pos);
 	payload = payload_size(c, kind, from, to, &ok);
 	if (!ok || payload > SIZE_MAX - HEADER_SIZE - 4)
-		return kl_errf(err, "state too large");
+		return kl_errc(err, KL_E_RESOURCES, "state too large");
 	total = HEADER_SIZE + (size_t) payload + 4;
 	b = kl_malloc(total, err);
 	if (!b)
@@ -245,33 +245,33 @@ read_header(const uint8_t *b, size_t len, state_header *h, kl_err *err)
 	uint64_t	payload;
 
 	if (!b || len < HEADER_SIZE + 4)
-		return kl_errf(err, "state is %zu bytes, shorter than any valid state (%d): truncated or not a "
+		return kl_errc(err, KL_E_INVALID, "state is %zu bytes, shorter than any valid state (%d): truncated or not a "
 					   "kimi_linear state", len, HEADER_SIZE + 4);
 	if (memcmp(b, STATE_MAGIC, 8) != 0)
-		return kl_errf(err, "not a kimi_linear state (bad magic bytes)");
+		return kl_errc(err, KL_E_INVALID, "not a kimi_linear state (bad magic bytes)");
 	version = get16(b + 8);
 	if (version != STATE_VERSION)
-		return kl_errf(err, "state format version %u is not supported (this build reads version %d)",
+		return kl_errc(err, KL_E_UNSUPPORTED, "state format version %u is not supported (this build reads version %d)",
 					   version, STATE_VERSION);
 	if (get32(b + 12) != HEADER_SIZE)
-		return kl_errf(err, "state header size %u is invalid (expected %d): the state is corrupt",
+		return kl_errc(err, KL_E_CORRUPT, "state header size %u is invalid (expected %d): the state is corrupt",
 					   get32(b + 12), HEADER_SIZE);
 	payload = get64(b + 88);
 	if (payload != len - HEADER_SIZE - 4)
-		return kl_errf(err, "state is %zu bytes but its header describes %llu: truncated or corrupt",
+		return kl_errc(err, KL_E_CORRUPT, "state is %zu bytes but its header describes %llu: truncated or corrupt",
 					   len, (unsigned long long) payload + HEADER_SIZE + 4);
 	if (kl_crc32c(b, len - 4) != get32(b + len - 4))
-		return kl_errf(err, "state checksum mismatch: the state is corrupt (altered or truncated)");
+		return kl_errc(err, KL_E_CORRUPT, "state checksum mismatch: the state is corrupt (altered or truncated)");
 	h->kind = get16(b + 10);
 	if (h->kind != KL_STATE_HEAD && h->kind != KL_STATE_ROWS)
-		return kl_errf(err, "state part kind %d is invalid", h->kind);
+		return kl_errc(err, KL_E_INVALID, "state part kind %d is invalid", h->kind);
 	memcpy(h->fingerprint, b + 16, 16);
 	h->positions = (int64_t) get64(b + 32);
 	h->from_pos = (int64_t) get64(b + 40);
 	h->to_pos = (int64_t) get64(b + 48);
 	h->pending = (int32_t) get32(b + 56);
 	if (get32(b + 60) != ELEM_F32)
-		return kl_errf(err, "state element type %u is not supported", get32(b + 60));
+		return kl_errc(err, KL_E_UNSUPPORTED, "state element type %u is not supported", get32(b + 60));
 	h->n_kda = get32(b + 64);
 	h->H = get32(b + 68);
 	h->K = get32(b + 72);
@@ -281,10 +281,10 @@ read_header(const uint8_t *b, size_t len, state_header *h, kl_err *err)
 	h->payload = payload;
 	if (h->from_pos < 0 || h->from_pos > h->to_pos || h->to_pos > MAX_POSITIONS ||
 		h->positions != h->to_pos)
-		return kl_errf(err, "state positions are inconsistent (from %lld, to %lld, total %lld)",
+		return kl_errc(err, KL_E_INVALID, "state positions are inconsistent (from %lld, to %lld, total %lld)",
 					   (long long) h->from_pos, (long long) h->to_pos, (long long) h->positions);
 	if (h->pending < -1)
-		return kl_errf(err, "state pending token %d is invalid", h->pending);
+		return kl_errc(err, KL_E_INVALID, "state pending token %d is invalid", h->pending);
 	return KL_OK;
 }
 
@@ -320,28 +320,29 @@ check_part(const kl_seq *s, const state_header *h, kl_err *err)
 		const char *mine = kl_model_quantize(m);
 
 		if (m->has_other_routing && memcmp(h->fingerprint, m->fingerprint_other_routing, 16) == 0)
-			return kl_errf(err, "the state was made by this model under the MoE routing rule \"%s\", and the "
+			return kl_errc(err, KL_E_INVALID,
+						   "the state was made by this model under the MoE routing rule \"%s\", and the "
 						   "model is loaded with \"%s\": load it with moe_routing \"%s\" to resume this state",
 						   c->bias_in_weights ? "select" : "reference", kl_model_moe_routing(m),
 						   c->bias_in_weights ? "select" : "reference");
 		if (q >= 0)
-			return kl_errf(err, "the state was made by this model %s%s, but it is loaded %s%s: resume it "
+			return kl_errc(err, KL_E_INVALID, "the state was made by this model %s%s, but it is loaded %s%s: resume it "
 						   "with the quantization that produced it (fingerprint mismatch)",
 						   q ? "quantized at load to " : "without quantization", q ? kl_qtype_name(q) : "",
 						   mine ? "quantized at load to " : "without quantization", mine ? mine : "");
-		return kl_errf(err, "the state was made by a different model (fingerprint mismatch): resume it "
+		return kl_errc(err, KL_E_INVALID, "the state was made by a different model (fingerprint mismatch): resume it "
 					   "with the model that produced it");
 	}
 	if (h->n_kda != (uint32_t) c->n_kda_layers || h->H != (uint32_t) c->kda_heads ||
 		h->K != (uint32_t) c->kda_head_dim || h->W != (uint32_t) c->conv_kernel ||
 		h->n_mla != (uint32_t) c->n_mla_layers || h->mla_row != (uint32_t) kl_mla_row(c))
-		return kl_errf(err, "the state's dimensions do not match the model");
+		return kl_errc(err, KL_E_INVALID, "the state's dimensions do not match the model");
 	want = payload_size(c, h->kind, h->from_pos, h->to_pos, &ok);
 	if (!ok || want != h->payload)
-		return kl_errf(err, "the state has %llu bytes of data where its header implies %llu",
+		return kl_errc(err, KL_E_INVALID, "the state has %llu bytes of data where its header implies %llu",
 					   (unsigned long long) h->payload, (unsigned long long) want);
 	if (h->kind == KL_STATE_HEAD && h->pending >= c->vocab_size)
-		return kl_errf(err, "the state's pending token %d is outside the vocabulary", h->pending);
+		return kl_errc(err, KL_E_INVALID, "the state's pending token %d is outside the vocabulary", h->pending);
 	return KL_OK;
 }
 
@@ -387,7 +388,7 @@ reserve_pages(kl_seq *s, int64_t upto, kl_err *err)
 			float	  **np = realloc(mc->pages, sizeof(float *) * (size_t) need);
 
 			if (!np)
-				return kl_errf(err, "out of memory restoring a state");
+				return kl_errc(err, KL_E_RESOURCES, "out of memory restoring a state");
 			mc->pages = np;
 			mc->cap_pages = (int) need;
 		}
@@ -396,7 +397,7 @@ reserve_pages(kl_seq *s, int64_t upto, kl_err *err)
 			float	   *p = be->ops->alloc(be, page_bytes);
 
 			if (!p)
-				return kl_errf(err, "out of %s memory restoring a state of %lld positions",
+				return kl_errc(err, KL_E_RESOURCES, "out of %s memory restoring a state of %lld positions",
 							   be->ops->name, (long long) upto);
 			mc->pages[mc->n_pages++] = p;
 		}
@@ -414,7 +415,7 @@ kl_state_load(kl_seq *s, const kl_blob *parts, int n_parts, kl_err *err)
 
 	kl_seq_reset(s);
 	if (n_parts < 1 || !parts)
-		return kl_errf(err, "no state given");
+		return kl_errc(err, KL_E_INVALID, "no state given");
 	hs = kl_calloc((size_t) n_parts, sizeof(state_header), err);
 	if (!hs)
 		return KL_FAIL;
@@ -429,13 +430,13 @@ kl_state_load(kl_seq *s, const kl_blob *parts, int n_parts, kl_err *err)
 		}
 		if ((i < n_parts - 1) != (hs[i].kind == KL_STATE_ROWS))
 		{
-			kl_errf(err, "state parts must be pages of rows followed by one head; part %d is a %s",
+			kl_errc(err, KL_E_INVALID, "state parts must be pages of rows followed by one head; part %d is a %s",
 					i + 1, hs[i].kind == KL_STATE_HEAD ? "head" : "rows page");
 			goto fail;
 		}
 		if (hs[i].from_pos != next)
 		{
-			kl_errf(err, "state part %d starts at position %lld but the previous parts end at %lld "
+			kl_errc(err, KL_E_INVALID, "state part %d starts at position %lld but the previous parts end at %lld "
 					"(a page is missing or out of order)", i + 1, (long long) hs[i].from_pos, (long long) next);
 			goto fail;
 		}

@@ -39,7 +39,7 @@ kl_ids_push(kl_ids *v, int32_t id, kl_err *err)
 		int32_t    *p = realloc(v->ids, cap * sizeof(int32_t));
 
 		if (!p)
-			return kl_errf(err, "out of memory for %zu token ids", cap);
+			return kl_errc(err, KL_E_RESOURCES, "out of memory for %zu token ids", cap);
 		v->ids = p;
 		v->cap = cap;
 	}
@@ -161,7 +161,7 @@ buf_append(char **buf, size_t *len, size_t *cap, const void *p, size_t n, kl_err
 			c *= 2;
 		nb = realloc(*buf, c);
 		if (!nb)
-			return kl_errf(err, "out of memory for %zu bytes of text", c);
+			return kl_errc(err, KL_E_RESOURCES, "out of memory for %zu bytes of text", c);
 		*buf = nb;
 		*cap = c;
 	}
@@ -183,7 +183,7 @@ trie_add_node(kl_tokenizer *t, int *cap, uint8_t byte, kl_err *err)
 		kl_trie_node *p = realloc(t->trie, (size_t) nc * sizeof(kl_trie_node));
 
 		if (!p)
-			return kl_errf(err, "out of memory");
+			return kl_errc(err, KL_E_RESOURCES, "out of memory");
 		t->trie = p;
 		*cap = nc;
 	}
@@ -291,10 +291,11 @@ named_token(kl_tokenizer *t, json_t *root, const char *path, const char *key, in
 		return KL_OK;
 	text = token_text(v);
 	if (!text)
-		return kl_errf(err, "%s: \"%s\" must be a token's text (or {\"content\": text})", path, key);
+		return kl_errc(err, KL_E_INVALID, "%s: \"%s\" must be a token's text (or {\"content\": text})", path, key);
 	*id = kl_tokenizer_special_id(t, text);
 	if (*id < 0)
-		return kl_errf(err, "%s: the text of %s is not one of the tokens of added_tokens_decoder; add it there or "
+		return kl_errc(err, KL_E_INVALID,
+					   "%s: the text of %s is not one of the tokens of added_tokens_decoder; add it there or "
 					   "fix the name", path, key);
 	return KL_OK;
 }
@@ -317,13 +318,13 @@ add_special(kl_tokenizer *t, int *cap, const char *text, int32_t id, kl_err *err
 		kl_special *p = realloc(t->specials, (size_t) nc * sizeof(kl_special));
 
 		if (!p)
-			return kl_errf(err, "out of memory");
+			return kl_errc(err, KL_E_RESOURCES, "out of memory");
 		t->specials = p;
 		*cap = nc;
 	}
 	t->specials[t->n_specials].text = strdup(text);
 	if (!t->specials[t->n_specials].text)
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	t->specials[t->n_specials].len = strlen(text);
 	t->specials[t->n_specials].id = id;
 	t->n_specials++;
@@ -345,13 +346,14 @@ load_config(kl_tokenizer *t, const char *confine, const char *path, kl_err *err)
 		return KL_FAIL;
 	if (!json_is_object(root))
 	{
-		kl_errf(err, "%s: expected a JSON object at the top", path);
+		kl_errc(err, KL_E_INVALID, "%s: expected a JSON object at the top", path);
 		goto out;
 	}
 	added = json_object_get(root, "added_tokens_decoder");
 	if (added && !json_is_object(added))
 	{
-		kl_errf(err, "%s: added_tokens_decoder must be an object mapping ids to {\"content\": text}", path);
+		kl_errc(err, KL_E_INVALID,
+				"%s: added_tokens_decoder must be an object mapping ids to {\"content\": text}", path);
 		goto out;
 	}
 	json_object_foreach(added, key, val)
@@ -364,19 +366,20 @@ load_config(kl_tokenizer *t, const char *confine, const char *path, kl_err *err)
 		id = (*key >= '0' && *key <= '9') ? strtol(key, &endp, 10) : -1;
 		if (id < 0 || *endp != 0 || id < t->n_base || id >= (long) t->n_base + MAX_SPECIALS)
 		{
-			kl_errf(err, "%s: every id of added_tokens_decoder must be a number from %d to %d: special tokens "
+			kl_errc(err, KL_E_INVALID,
+					"%s: every id of added_tokens_decoder must be a number from %d to %d: special tokens "
 					"come after the %d ordinary tokens of tiktoken.model", path, t->n_base,
 					t->n_base + MAX_SPECIALS - 1, t->n_base);
 			goto out;
 		}
 		if (!content || !*content)
 		{
-			kl_errf(err, "%s: added token %ld has no \"content\" text", path, id);
+			kl_errc(err, KL_E_INVALID, "%s: added token %ld has no \"content\" text", path, id);
 			goto out;
 		}
 		if (special && !json_is_boolean(special))
 		{
-			kl_errf(err, "%s: added token %ld: \"special\" must be true or false", path, id);
+			kl_errc(err, KL_E_INVALID, "%s: added token %ld: \"special\" must be true or false", path, id);
 			goto out;
 		}
 		if (add_special(t, &cap, content, (int32_t) id, err) != KL_OK)
@@ -393,7 +396,7 @@ load_config(kl_tokenizer *t, const char *confine, const char *path, kl_err *err)
 	{
 		if (k > 0 && t->specials[k].id == t->specials[k - 1].id)
 		{
-			kl_errf(err, "%s: added token %d is given twice", path, t->specials[k].id);
+			kl_errc(err, KL_E_INVALID, "%s: added token %d is given twice", path, t->specials[k].id);
 			goto out;
 		}
 		t->special_text[t->specials[k].id - t->n_base] = t->specials[k].text;
@@ -403,7 +406,7 @@ load_config(kl_tokenizer *t, const char *confine, const char *path, kl_err *err)
 	for (int k = 0; k < t->n_specials; k++)
 		if (kl_tokenizer_special_id(t, t->specials[k].text) != t->specials[k].id)
 		{
-			kl_errf(err, "%s: added tokens %d and %d have the same text", path,
+			kl_errc(err, KL_E_INVALID, "%s: added tokens %d and %d have the same text", path,
 					kl_tokenizer_special_id(t, t->specials[k].text), t->specials[k].id);
 			goto out;
 		}
@@ -447,7 +450,7 @@ load_config(kl_tokenizer *t, const char *confine, const char *path, kl_err *err)
 
 		if (json_is_string(tmpl) && !(t->chat_template = strdup(json_string_value(tmpl))))
 		{
-			kl_errf(err, "out of memory");
+			kl_errc(err, KL_E_RESOURCES, "out of memory");
 			goto out;
 		}
 	}
@@ -473,14 +476,14 @@ kl_tokenizer_load_under(const char *dir, const char *root, kl_tokenizer **out, k
 
 	*out = NULL;
 	if (!dir || !*dir)
-		return kl_errf(err, "tokenizer: no model directory given");
+		return kl_errc(err, KL_E_INVALID, "tokenizer: no model directory given");
 	t = kl_calloc(1, sizeof(kl_tokenizer), err);
 	if (!t)
 		return KL_FAIL;
 	t->bos = t->eos = t->pad = t->unk = t->eos_alt = -1;
 	if ((size_t) snprintf(path, sizeof(path), "%s/tiktoken.model", dir) >= sizeof(path))
 	{
-		kl_errf(err, "the model directory name is too long");
+		kl_errc(err, KL_E_INVALID, "the model directory name is too long");
 		goto fail;
 	}
 	if (kl_tok_build_tables(t, root, path, err) != KL_OK)
@@ -625,14 +628,15 @@ kl_encode_with(const kl_tokenizer *t, const char *text, size_t len, bool allow_s
 	if (len == 0)
 		return KL_OK;
 	if (!text)
-		return kl_errf(err, "no text to encode (NULL with length %zu)", len);
+		return kl_errc(err, KL_E_INVALID, "no text to encode (NULL with length %zu)", len);
 	if (!kl_utf8_valid(text, len, &bad))
-		return kl_errf(err, "the text is not valid UTF-8 at byte %zu (of %zu): give UTF-8 text", bad, len);
+		return kl_errc(err, KL_E_INVALID,
+					   "the text is not valid UTF-8 at byte %zu (of %zu): give UTF-8 text", bad, len);
 	if (splitter == KL_SPLIT_PCRE2)
 	{
 		md = pcre2_match_data_create_from_pattern(t->re, NULL);
 		if (!md)
-			return kl_errf(err, "out of memory");
+			return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	}
 	while (pos < len && rc == KL_OK)
 	{
@@ -682,11 +686,12 @@ kl_split(const kl_tokenizer *t, const char *text, size_t len, kl_splitter splitt
 	if (len == 0)
 		return KL_OK;
 	if (!text)
-		return kl_errf(err, "no text to split (NULL with length %zu)", len);
+		return kl_errc(err, KL_E_INVALID, "no text to split (NULL with length %zu)", len);
 	if (!kl_utf8_valid(text, len, &bad))
-		return kl_errf(err, "the text is not valid UTF-8 at byte %zu (of %zu): give UTF-8 text", bad, len);
+		return kl_errc(err, KL_E_INVALID,
+					   "the text is not valid UTF-8 at byte %zu (of %zu): give UTF-8 text", bad, len);
 	if (splitter == KL_SPLIT_PCRE2 && !(md = pcre2_match_data_create_from_pattern(t->re, NULL)))
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	while (pos < len)
 	{
 		size_t		end;
@@ -705,7 +710,7 @@ kl_split(const kl_tokenizer *t, const char *text, size_t len, kl_splitter splitt
 
 			if (!p)
 			{
-				rc = kl_errf(err, "out of memory");
+				rc = kl_errc(err, KL_E_RESOURCES, "out of memory");
 				break;
 			}
 			*ends = p;
@@ -735,7 +740,8 @@ id_bytes(const kl_tokenizer *t, int32_t id, size_t pos, const uint8_t **b, size_
 		*n = strlen(t->special_text[id - t->n_base]);
 		return KL_OK;
 	}
-	return kl_errf(err, "token id %d at position %zu is not in the vocabulary (ids run from 0 to %d)", id, pos,
+	return kl_errc(err, KL_E_INVALID,
+				   "token id %d at position %zu is not in the vocabulary (ids run from 0 to %d)", id, pos,
 				   t->n_vocab - 1);
 }
 

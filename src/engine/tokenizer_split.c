@@ -88,7 +88,8 @@ compile(const char *pattern, kl_err *err)
 		PCRE2_UCHAR msg[256];
 
 		pcre2_get_error_message(ec, msg, sizeof(msg));
-		kl_errf(err, "the pre-tokenizer pattern does not compile with this PCRE2 (%d.%d; 10.40 or later is "
+		kl_errc(err, KL_E_UNSUPPORTED,
+				"the pre-tokenizer pattern does not compile with this PCRE2 (%d.%d; 10.40 or later is "
 				"needed for \\p{sc:...}) at offset %zu: %s", PCRE2_MAJOR, PCRE2_MINOR, (size_t) eo, msg);
 		return NULL;
 	}
@@ -190,7 +191,8 @@ mark_matches(const kl_tokenizer *t, const char *pattern, const uint8_t *text, si
 
 			pcre2_get_error_message(m, msg, sizeof(msg));
 			pcre2_code_free(re);
-			return kl_errf(err, "classifying characters with PCRE2 failed: %s", m < 0 ? (char *) msg : "empty match");
+			return kl_errc(err, KL_E_INTERNAL,
+						   "classifying characters with PCRE2 failed: %s", m < 0 ? (char *) msg : "empty match");
 		}
 		for (size_t i = ov[0]; i < ov[1];)
 		{
@@ -248,7 +250,7 @@ build_class_table(kl_tokenizer *t, kl_err *err)
 	md = pcre2_match_data_create(1, NULL);
 	if (!md)
 	{
-		kl_errf(err, "out of memory");
+		kl_errc(err, KL_E_RESOURCES, "out of memory");
 		goto out;
 	}
 	memset(want, 1, N_BLOCKS);
@@ -314,7 +316,7 @@ kl_tok_split_init(kl_tokenizer *t, kl_err *err)
 {
 	t->match_ctx = pcre2_match_context_create(NULL);
 	if (!t->match_ctx)
-		return kl_errf(err, "out of memory");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
 	/*
 	 * The pattern backtracks at most a few steps per character, so the
 	 * defaults (10M steps, 20 MB of heap for the interpreter) only bite on
@@ -360,7 +362,8 @@ kl_tok_pcre2_piece(const kl_tokenizer *t, const uint8_t *s, size_t len, size_t p
 		PCRE2_UCHAR msg[256];
 
 		pcre2_get_error_message(rc, msg, sizeof(msg));
-		return kl_errf(err, "the pre-tokenizer (PCRE2) failed at byte %zu: %s", pos, msg);
+		return kl_errc(err, rc == PCRE2_ERROR_NOMEMORY ? KL_E_RESOURCES : KL_E_INTERNAL,
+					   "the pre-tokenizer (PCRE2) failed at byte %zu: %s", pos, msg);
 	}
 	ov = pcre2_get_ovector_pointer(md);
 	/* likewise a match starting later, or an empty one: never lose bytes, never loop */

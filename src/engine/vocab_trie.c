@@ -65,7 +65,7 @@ trie_build(kl_byte_trie *t, tok_ref *refs, size_t n, kl_err *err)
 	for (size_t i = 0; i < n; i++)
 		cap += refs[i].len;
 	if (cap > INT32_MAX)
-		return kl_errf(err, "vocabulary too large for its trie (%zu bytes)", cap);
+		return kl_errc(err, KL_E_RESOURCES, "vocabulary too large for its trie (%zu bytes)", cap);
 	child = malloc(cap * sizeof(int32_t));
 	sibling = malloc(cap * sizeof(int32_t));
 	last = malloc(cap * sizeof(int32_t));
@@ -73,7 +73,7 @@ trie_build(kl_byte_trie *t, tok_ref *refs, size_t n, kl_err *err)
 	byte = malloc(cap);
 	if (!child || !sibling || !last || !tok || !byte)
 	{
-		kl_errf(err, "out of memory for the vocabulary trie");
+		kl_errc(err, KL_E_RESOURCES, "out of memory for the vocabulary trie");
 		goto out;
 	}
 	child[0] = sibling[0] = last[0] = tok[0] = -1;
@@ -119,7 +119,7 @@ trie_build(kl_byte_trie *t, tok_ref *refs, size_t n, kl_err *err)
 	t->token = malloc((size_t) nn * sizeof(int32_t));
 	if (!order || !newid || !t->first || !t->count || !t->byte || !t->token)
 	{
-		kl_errf(err, "out of memory for the vocabulary trie");
+		kl_errc(err, KL_E_RESOURCES, "out of memory for the vocabulary trie");
 		goto out;
 	}
 	{
@@ -228,11 +228,11 @@ vocab_pool(kl_vocab *v, tok_ref *refs, size_t n_refs, kl_err *err)
 	for (size_t i = 0; i < n_refs; i++)
 		total += refs[i].len;
 	if (total > UINT32_MAX)
-		return kl_errf(err, "vocabulary too large (%zu bytes of tokens)", total);
+		return kl_errc(err, KL_E_RESOURCES, "vocabulary too large (%zu bytes of tokens)", total);
 	v->pool = malloc(total + 1);
 	v->off = calloc((size_t) v->n_ids + 1, sizeof(uint32_t));
 	if (!v->pool || !v->off)
-		return kl_errf(err, "out of memory for the vocabulary");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory for the vocabulary");
 	/* ids in order, so that off[] is monotone: refs are in id order here */
 	total = 0;
 	for (size_t i = 0, k = 0; i < (size_t) v->n_ids; i++)
@@ -269,7 +269,7 @@ vocab_finish(kl_vocab *v, tok_ref *refs, size_t n_refs, kl_err *err)
 	if (!v->string_safe || !v->text_mask || !v->safe_chars || !v->special_ids || !unsafe)
 	{
 		free(unsafe);
-		return kl_errf(err, "out of memory for the vocabulary masks");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory for the vocabulary masks");
 	}
 	for (int i = 0; i < v->n_ids; i++)
 	{
@@ -294,7 +294,7 @@ vocab_finish(kl_vocab *v, tok_ref *refs, size_t n_refs, kl_err *err)
 	if (!v->safe_upto)
 	{
 		free(unsafe);
-		return kl_errf(err, "out of memory for the vocabulary masks");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory for the vocabulary masks");
 	}
 	for (int i = 0; i < v->n_ids; i++)
 	{
@@ -321,7 +321,7 @@ vocab_alloc(int n_ids, kl_err *err)
 
 	if (n_ids <= 0)
 	{
-		kl_errf(err, "a vocabulary needs at least one token");
+		kl_errc(err, KL_E_INVALID, "a vocabulary needs at least one token");
 		return NULL;
 	}
 	v = kl_calloc(1, sizeof(kl_vocab), err);
@@ -332,7 +332,7 @@ vocab_alloc(int n_ids, kl_err *err)
 	if (!v->sym)
 	{
 		free(v);
-		kl_errf(err, "out of memory for the vocabulary");
+		kl_errc(err, KL_E_RESOURCES, "out of memory for the vocabulary");
 		return NULL;
 	}
 	for (int k = 0; k <= KL_VSYM_TOOL_LAST; k++)
@@ -361,7 +361,7 @@ kl_vocab_from_tokenizer(const kl_tokenizer *tok, int n_ids, kl_vocab **out, kl_e
 	if (!refs)
 	{
 		kl_vocab_free(v);
-		return kl_errf(err, "out of memory for the vocabulary");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory for the vocabulary");
 	}
 	for (int id = 0; id < n_ids; id++)
 	{
@@ -412,7 +412,7 @@ kl_vocab_from_bytes(const uint8_t *const *bytes, const size_t *lens, int n, kl_v
 	if (!refs)
 	{
 		kl_vocab_free(v);
-		return kl_errf(err, "out of memory for the vocabulary");
+		return kl_errc(err, KL_E_RESOURCES, "out of memory for the vocabulary");
 	}
 	for (int id = 0; id < n; id++)
 	{

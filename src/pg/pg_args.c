@@ -19,6 +19,7 @@
 #include "utils/lsyscache.h"
 
 #include "pg_args.h"
+#include "pg_errors.h"
 #include "pg_guc.h"
 
 #define ARG_GIVEN(i) (PG_NARGS() > (i) && !PG_ARGISNULL(i))
@@ -166,7 +167,7 @@ kl_read_gen_args(FunctionCallInfo fcinfo, int first, bool has_model, int default
 		g->ignore_eos = PG_GETARG_BOOL(i_eos);
 	kl_check_sampling(&g->sampling);
 	if (kl_sampling_validate(&g->sampling, &err) != KL_OK)	/* the engine's own check, should it be stricter */
-		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("%s", err.msg)));
+		kl_engine_error(&err, NULL, NULL);
 }
 
 void
@@ -244,11 +245,10 @@ take_ids(kl_ids *ids, int rc, kl_err *err, int *n_out)
 
 	if (rc != KL_OK)
 	{
-		char		msg[sizeof(err->msg)];
+		kl_err		copy = *err;
 
-		strlcpy(msg, err->msg, sizeof(msg));
 		kl_ids_free(ids);
-		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("%s", msg)));
+		kl_engine_error(&copy, NULL, NULL);
 	}
 	if (ids->n > (size_t) MaxAllocSize / sizeof(int32) - 1)
 	{

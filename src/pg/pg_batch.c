@@ -300,13 +300,11 @@ send_error(KlReq *r, int code, const char *msg, const char *hint)
 	r->phase = RQ_FINISHING;
 }
 
-/* Map an engine message to an error class: the engine words them consistently. */
-static int
-engine_code(const char *msg)
+/* An engine error, with the code the engine gave it (pg_errors.c maps it). */
+static void
+send_engine_error(KlReq *r, const kl_err *err, const char *hint)
 {
-	if (strstr(msg, "out of") != NULL || strstr(msg, "too large") != NULL)
-		return KL_ERR_RESOURCES;
-	return KL_ERR_INVALID;
+	send_error(r, err->code, err->msg, hint);
 }
 
 static void queue_tokens(KlReq *r, const int32 *ids, int n_ids, const char *text, size_t text_len);
@@ -481,12 +479,12 @@ setup_constraint(KlReq *r, const char *spec, int len)
 
 	if (!wm->tok)
 	{
-		send_error(r, KL_ERR_INVALID, "structured output needs a model with a tokenizer", NULL);
+		send_error(r, KL_E_INVALID, "structured output needs a model with a tokenizer", NULL);
 		return false;
 	}
 	if (!wm->cvocab && kl_vocab_from_tokenizer(wm->tok, wm->vocab, &wm->cvocab, &err) != KL_OK)
 	{
-		send_error(r, engine_code(err.msg), err.msg, NULL);
+		send_engine_error(r, &err, NULL);
 		return false;
 	}
 	if (!r->req.ignore_eos && wm->eos >= 0)
@@ -497,50 +495,29 @@ setup_constraint(KlReq *r, const char *spec, int len)
 	r->mask = malloc(sizeof(uint32_t) * kl_mask_words(wm->vocab));
 	if (!r->mask)
 	{
-		send_error(r, KL_ERR_RESOURCES, "out of memory for a token mask", NULL);
+		send_error(r, KL_E_RESOURCES, "out of memory for a token mask", NULL);
 		return false;
 	}
 	if (kl_grammar_compile(spec, (size_t) len, &r->grammar, &err) != KL_OK ||
 		kl_constraint_new(r->grammar, wm->cvocab, ends, n_ends, &r->con, &err) != KL_OK)
 	{
-		send_error(r, KL_ERR_INVALID, err.msg, NULL);
+		send_engine_error(r, &err, NULL);
 		return false;
 	}
 	return true;
 }
 
-/* Validate the request in the segment and set up its sequence; false: r got an error reply. */
+/* The worker's copy of the model the request names; false: r got an error reply. */
 static bool
-setup(KlReq *r)
+setup_model(KlReq *r)
 {
-	const char *base = dsm_segment_address(r->seg);
-	Size		seg_size = dsm_segment_map_length(r->seg);
 	KlRequest  *q = &r->req;
-	kl_err		err;
-	kl_blob    *parts = NULL;
-	int			pending;
-	int64		positions;
-	KlWModel   *wm = NULL;
-	MemoryContext old;
 
-	memcpy(q, base, sizeof(KlRequest));
-	if (q->magic != KL_PROTOCOL_MAGIC || q->version != KL_PROTOCOL_VERSION ||
-		q->n_prompt < 0 || q->n_stop_ids < 0 || q->n_stop_ids > KL_MAX_STOP_IDS ||
-		q->n_stop_strings < 0 || q->n_stop_strings > KL_MAX_STOP_STRINGS || q->n_parts < 0 ||
-		q->data_end > q->mq_off || q->mq_off > seg_size ||
-		q->prompt_off + sizeof(int32) * (uint64) q->n_prompt > q->data_end ||
-		q->stop_ids_off + sizeof(int32) * (uint64) q->n_stop_ids > q->data_end ||
-		q->stop_strings_off > q->data_end || q->parts_off > q->data_end)
-	{
-		send_error(r, KL_ERR_INTERNAL, "malformed kimi_linear request", NULL);
-		return false;
-	}
-	q->model[KL_MODEL_NAME_LEN - 1] = '\0';
 	for (int i = 0; i < KL_MAX_MODELS; i++)
 		if (kl_wmodels[i].in_use && strcmp(kl_wmodels[i].name, q->model) == 0 &&
 			kl_wmodels[i].generation == q->model_generation)
-			wm = &kl_wmodels[i];
-	if (!wm)
+			r->wm = &kl_wmodels[i];
+	if (!r->wm)
 	{
 		char		msg[256];
 
@@ -548,10 +525,16 @@ setup(KlReq *r)
 		send_error(r, KL_ERR_MODEL, msg, "Load it with kimi_linear.load_model(name, path) and retry.");
 		return false;
 	}
-	r->wm = wm;
-	old = MemoryContextSwitchTo(r->cxt);
+	return true;
+}
 
-	/* sampling and limits */
+/* Sampling settings and limits, checked again (the backend checked them first). */
+static bool
+setup_sampling(KlReq *r)
+{
+	KlRequest  *q = &r->req;
+	kl_err		err;
+
 	kl_sampling_default(&r->sampling);
 	r->sampling.temperature = q->temperature;
 	r->sampling.top_p = q->top_p;
@@ -561,118 +544,104 @@ setup(KlReq *r)
 	r->sampling.seed = q->seed;
 	if (kl_sampling_validate(&r->sampling, &err) != KL_OK)
 	{
-		send_error(r, KL_ERR_INVALID, err.msg, NULL);
-		goto fail;
+		send_engine_error(r, &err, NULL);
+		return false;
 	}
 	if (q->max_tokens < 0)
 	{
-		send_error(r, KL_ERR_INVALID, "max_tokens must not be negative", NULL);
-		goto fail;
+		send_error(r, KL_E_INVALID, "max_tokens must not be negative", NULL);
+		return false;
 	}
 	kl_rng_seed(&r->rng, q->seed);
-	r->want_text = (q->flags & KL_REQ_WANT_TEXT) != 0 && wm->tok != NULL;
+	r->want_text = (q->flags & KL_REQ_WANT_TEXT) != 0 && r->wm->tok != NULL;
+	return true;
+}
 
-	/* stop ids and strings */
-	r->n_stop_ids = q->n_stop_ids;
-	r->stop_ids = palloc(sizeof(int32) * (q->n_stop_ids + 1));
-	memcpy(r->stop_ids, base + q->stop_ids_off, sizeof(int32) * q->n_stop_ids);
-	r->n_stops = q->n_stop_strings;
-	r->stops = palloc(sizeof(char *) * (q->n_stop_strings + 1));
-	r->stop_lens = palloc(sizeof(int) * (q->n_stop_strings + 1));
+/* Stop ids and strings, copied out of the segment. */
+static bool
+setup_stops(KlReq *r, const KlReqView *v)
+{
+	r->n_stop_ids = v->hdr.n_stop_ids;
+	r->stop_ids = palloc(sizeof(int32) * (r->n_stop_ids + 1));
+	memcpy(r->stop_ids, v->stop_ids, sizeof(int32) * r->n_stop_ids);
+	r->n_stops = v->n_stops;
+	r->stops = palloc(sizeof(char *) * (v->n_stops + 1));
+	r->stop_lens = palloc(sizeof(int) * (v->n_stops + 1));
+	for (int i = 0; i < v->n_stops; i++)
 	{
-		uint64		off = q->stop_strings_off;
-
-		for (int i = 0; i < q->n_stop_strings; i++)
-		{
-			uint32		len;
-
-			if (off + 4 > q->data_end)
-				goto malformed;
-			memcpy(&len, base + off, 4);
-			if (len == 0 || len > KL_MAX_STOP_LEN || off + 4 + len > q->data_end)
-				goto malformed;
-			r->stops[i] = pnstrdup(base + off + 4, len);
-			r->stop_lens[i] = (int) len;
-			off += 4 + ((len + 3) & ~(uint32) 3);
-		}
+		r->stops[i] = pnstrdup(v->stops[i], v->stop_lens[i]);
+		r->stop_lens[i] = v->stop_lens[i];
 	}
-	if (r->n_stops > 0 && wm->tok == NULL)
+	if (r->n_stops > 0 && r->wm->tok == NULL)
 	{
-		send_error(r, KL_ERR_INVALID, "stop strings need a model with a tokenizer", "Use stop token ids instead.");
-		goto fail;
+		send_error(r, KL_E_INVALID, "stop strings need a model with a tokenizer", "Use stop token ids instead.");
+		return false;
 	}
-	if (q->n_grammar > 0)
-	{
-		if (q->n_grammar > KL_MAX_GRAMMAR_LEN || q->grammar_off + (uint64) q->n_grammar > q->data_end)
-			goto malformed;
-		if (!setup_constraint(r, base + q->grammar_off, q->n_grammar))
-			goto fail;
-	}
+	return true;
+}
 
-	/* state parts */
+/* The sequence: the cached one, the one the state parts describe, or a fresh one. */
+static bool
+setup_sequence(KlReq *r, const KlReqView *v)
+{
+	const KlRequest *q = &v->hdr;
+	kl_blob    *parts = palloc(sizeof(kl_blob) * (q->n_parts + 1));
+	const kl_blob *head = NULL; /* the last part */
+	kl_err		err;
+
+	kl_request_parts(dsm_segment_address(r->seg), v, parts);
 	if (q->n_parts > 0)
-	{
-		uint64		off = q->parts_off;
-
-		parts = palloc(sizeof(kl_blob) * q->n_parts);
-		for (int i = 0; i < q->n_parts; i++)
-		{
-			uint64		len;
-
-			if (off + 8 > q->data_end)
-				goto malformed;
-			memcpy(&len, base + off, 8);
-			if (len > q->data_end - off - 8)
-				goto malformed;
-			parts[i].data = (const uint8_t *) base + off + 8;
-			parts[i].len = len;
-			off += 8 + ((len + 7) & ~(uint64) 7);
-		}
-	}
-
-	/* the sequence: from the cache, from the parts, or fresh */
-	if (q->cache_key != 0 && q->n_parts > 0)
-		r->seq = cache_take(q->cache_key, wm, (const char *) parts[q->n_parts - 1].data,
-							parts[q->n_parts - 1].len);
+		head = &parts[q->n_parts - 1];
+	if (q->cache_key != 0 && head)
+		r->seq = cache_take(q->cache_key, r->wm, (const char *) head->data, head->len);
 	if (r->seq)
-		r->cache_hit = true;
-	else
 	{
-		if (kl_seq_new(wm->m, &r->seq, &err) != KL_OK)
-		{
-			send_error(r, KL_ERR_RESOURCES, err.msg, NULL);
-			goto fail;
-		}
-		if (q->n_parts > 0)
-		{
-			kl_state_info info;
+		r->cache_hit = true;
+		return true;
+	}
+	if (kl_seq_new(r->wm->m, &r->seq, &err) != KL_OK)
+	{
+		send_engine_error(r, &err, NULL);
+		return false;
+	}
+	if (head)
+	{
+		kl_state_info info;
 
-			/* a head alone that does not start at 0 was sent hoping for the cache */
-			if (q->cache_key != 0 &&
-				kl_state_info_read(parts[q->n_parts - 1].data, parts[q->n_parts - 1].len, &info, &err) == KL_OK &&
-				info.kind == KL_STATE_HEAD && info.from_pos > 0 && q->n_parts == 1)
-			{
-				send_error(r, KL_ERR_CACHE_MISS, "conversation state is not cached", NULL);
-				goto fail;
-			}
-			if (kl_state_load(r->seq, parts, q->n_parts, &err) != KL_OK)
-			{
-				send_error(r, KL_ERR_INVALID, err.msg,
-						   "The state must come from this model (kimi_linear.generate_with_state or a conversation) and be passed back unchanged.");
-				goto fail;
-			}
+		/* a head alone that does not start at 0 was sent hoping for the cache */
+		if (q->cache_key != 0 && kl_state_info_read(head->data, head->len, &info, &err) == KL_OK &&
+			info.kind == KL_STATE_HEAD && info.from_pos > 0 && q->n_parts == 1)
+		{
+			send_error(r, KL_ERR_CACHE_MISS, "conversation state is not cached", NULL);
+			return false;
+		}
+		if (kl_state_load(r->seq, parts, q->n_parts, &err) != KL_OK)
+		{
+			send_engine_error(r, &err,
+							  "The state must come from this model (kimi_linear.generate_with_state or a conversation) and be passed back unchanged.");
+			return false;
 		}
 	}
+	return true;
+}
 
-	/* input = pending token (if any) + prompt, exactly as kl_generate */
-	pending = kl_seq_pending(r->seq);
-	positions = kl_seq_positions(r->seq);
-	r->n_input = q->n_prompt + (pending >= 0 ? 1 : 0);
+/* What to feed: the pending token (if any), then the prompt, exactly as kl_generate. */
+static bool
+setup_input(KlReq *r, const KlReqView *v)
+{
+	const KlRequest *q = &v->hdr;
+	KlWModel   *wm = r->wm;
+	int			pending = kl_seq_pending(r->seq);
+	int64		positions = kl_seq_positions(r->seq);
+	int			first = pending >= 0 ? 1 : 0;
+	kl_err		err;
+
+	r->n_input = q->n_prompt + first;
 	if (r->n_input == 0)
 	{
-		send_error(r, KL_ERR_INVALID, "empty prompt: there is nothing to continue from",
+		send_error(r, KL_E_INVALID, "empty prompt: there is nothing to continue from",
 				   "Give a non-empty prompt.");
-		goto fail;
+		return false;
 	}
 	if (positions + r->n_input > q->max_context)
 	{
@@ -681,13 +650,13 @@ setup(KlReq *r)
 		snprintf(msg, sizeof(msg),
 				 "the input does not fit in the context: %lld positions of history + %d new tokens > kimi_linear.max_context (%lld)",
 				 (long long) positions, r->n_input, (long long) q->max_context);
-		send_error(r, KL_ERR_RESOURCES, msg, "Shorten the prompt, start a new conversation, or raise kimi_linear.max_context.");
-		goto fail;
+		send_error(r, KL_E_RESOURCES, msg, "Shorten the prompt, start a new conversation, or raise kimi_linear.max_context.");
+		return false;
 	}
 	r->input = palloc(sizeof(int32) * r->n_input);
 	if (pending >= 0)
 		r->input[0] = pending;
-	memcpy(r->input + (pending >= 0 ? 1 : 0), base + q->prompt_off, sizeof(int32) * q->n_prompt);
+	memcpy(r->input + first, v->prompt, sizeof(int32) * q->n_prompt);
 	for (int i = 0; i < r->n_input; i++)
 		if (r->input[i] < 0 || r->input[i] >= wm->vocab)
 		{
@@ -695,28 +664,41 @@ setup(KlReq *r)
 
 			snprintf(msg, sizeof(msg), "token id %d is outside the vocabulary of model \"%s\" [0, %d)",
 					 r->input[i], wm->name, wm->vocab);
-			send_error(r, KL_ERR_INVALID, msg, NULL);
-			goto fail;
+			send_error(r, KL_E_INVALID, msg, NULL);
+			return false;
 		}
 	/* the repetition penalty sees the prompt, not the pending token (as kl_generate) */
 	for (int i = 0; i < q->n_prompt; i++)
-		if (kl_tokens_push(&r->recent, r->input[i + (pending >= 0 ? 1 : 0)], &err) != KL_OK)
+		if (kl_tokens_push(&r->recent, r->input[i + first], &err) != KL_OK)
 		{
-			send_error(r, KL_ERR_RESOURCES, err.msg, NULL);
-			goto fail;
+			send_engine_error(r, &err, NULL);
+			return false;
 		}
 	kl_seq_set_pending(r->seq, -1);
 	if (r->want_text)
 		kl_detok_stream_init(&r->detok, wm->tok);
-	r->phase = RQ_PREFILL;
-	MemoryContextSwitchTo(old);
 	return true;
+}
 
-malformed:
-	send_error(r, KL_ERR_INTERNAL, "malformed kimi_linear request", NULL);
-fail:
+/*
+ * Turn a decoded request (its sizes and offsets checked: kl_request_decode)
+ * into a sequence ready to prefill, in its own memory context; false: r got
+ * an error reply.
+ */
+static bool
+setup(KlReq *r, const KlReqView *v)
+{
+	MemoryContext old = MemoryContextSwitchTo(r->cxt);
+	bool		ok;
+
+	r->req = v->hdr;
+	ok = setup_model(r) && setup_sampling(r) && setup_stops(r, v) &&
+		(v->grammar == NULL || setup_constraint(r, v->grammar, v->grammar_len)) &&
+		setup_sequence(r, v) && setup_input(r, v);
 	MemoryContextSwitchTo(old);
-	return false;
+	if (ok)
+		r->phase = RQ_PREFILL;
+	return ok;
 }
 
 void
@@ -731,87 +713,101 @@ kl_batch_count(void)
 	return n_requests;
 }
 
+/* Take the oldest request submitted to this worker: its slot (-1: none), segment and id. */
+static int
+claim_slot(dsm_handle *handle, uint64 *rid)
+{
+	int			found = -1;
+
+	LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < kl_shared->n_slots; i++)
+	{
+		KlSlot	   *s = &kl_shared->slots[i];
+
+		if (s->state == KL_SLOT_SUBMITTED && s->worker == kl_worker_index)
+		{
+			/* oldest first: request ids grow */
+			if (found < 0 || s->request_id < kl_shared->slots[found].request_id)
+				found = i;
+		}
+	}
+	if (found >= 0)
+	{
+		KlSlot	   *s = &kl_shared->slots[found];
+
+		s->state = KL_SLOT_RUNNING;
+		*handle = s->handle;
+		*rid = s->request_id;
+		kl_shared->workers[kl_worker_index].active++;
+		SpinLockAcquire(&s->mutex);
+		s->started_at = GetCurrentTimestamp();
+		SpinLockRelease(&s->mutex);
+	}
+	LWLockRelease(kl_shared->lock);
+	return found;
+}
+
+/* A new request of slot `slot`, at the end of the list (it stays in arrival order). */
+static KlReq *
+new_request(int slot, uint64 rid)
+{
+	KlReq	   *r = MemoryContextAllocZero(batch_cxt, sizeof(KlReq));
+	KlReq	  **pp = &requests;
+
+	r->cxt = AllocSetContextCreate(batch_cxt, "kimi_linear request", ALLOCSET_SMALL_SIZES);
+	r->slot = slot;
+	r->request_id = rid;
+	r->t_submitted = r->t_start = kl_now();
+	r->next = NULL;
+	while (*pp)
+		pp = &(*pp)->next;
+	*pp = r;
+	n_requests++;
+	return r;
+}
+
 void
 kl_batch_admit(void)
 {
 	for (;;)
 	{
-		int			found = -1;
 		dsm_handle	handle = 0;
 		uint64		rid = 0;
+		int			slot = claim_slot(&handle, &rid);
 		KlReq	   *r;
+		KlReqView	v;
+		KlDecodeResult res;
+		const char *why;
 		shm_mq	   *mq;
 
-		LWLockAcquire(kl_shared->lock, LW_EXCLUSIVE);
-		for (int i = 0; i < kl_shared->n_slots; i++)
-		{
-			KlSlot	   *s = &kl_shared->slots[i];
-
-			if (s->state == KL_SLOT_SUBMITTED && s->worker == kl_worker_index)
-			{
-				/* oldest first: request ids grow */
-				if (found < 0 || s->request_id < kl_shared->slots[found].request_id)
-					found = i;
-			}
-		}
-		if (found >= 0)
-		{
-			KlSlot	   *s = &kl_shared->slots[found];
-
-			s->state = KL_SLOT_RUNNING;
-			handle = s->handle;
-			rid = s->request_id;
-			kl_shared->workers[kl_worker_index].active++;
-			SpinLockAcquire(&s->mutex);
-			s->started_at = GetCurrentTimestamp();
-			SpinLockRelease(&s->mutex);
-		}
-		LWLockRelease(kl_shared->lock);
-		if (found < 0)
+		if (slot < 0)
 			return;
-
-		r = MemoryContextAllocZero(batch_cxt, sizeof(KlReq));
-		r->cxt = AllocSetContextCreate(batch_cxt, "kimi_linear request", ALLOCSET_SMALL_SIZES);
-		r->slot = found;
-		r->request_id = rid;
-		r->t_submitted = r->t_start = kl_now();
-		r->next = NULL;
-		/* append: the list stays in arrival order */
-		{
-			KlReq	  **pp = &requests;
-
-			while (*pp)
-				pp = &(*pp)->next;
-			*pp = r;
-		}
-		n_requests++;
-
+		r = new_request(slot, rid);
 		r->seg = dsm_attach(handle);
-		if (r->seg == NULL)
-		{
-			/* the backend already gave up */
-			release(r);
-			continue;
-		}
-		if (pg_atomic_read_u32(&kl_shared->slots[found].cancel))
+		/* the backend already gave up, or gives up now */
+		if (r->seg == NULL || pg_atomic_read_u32(&kl_shared->slots[slot].cancel))
 		{
 			release(r);
 			continue;
 		}
+		res = kl_request_decode(dsm_segment_address(r->seg), dsm_segment_map_length(r->seg), rid, &v, &why);
+		if (res == KL_DECODE_NO_QUEUE)
 		{
-			KlRequest  *q = dsm_segment_address(r->seg);
-
-			if (q->mq_size < KL_REPLY_QUEUE_SIZE || q->mq_off + q->mq_size > dsm_segment_map_length(r->seg) ||
-				q->request_id != rid)
-			{
-				release(r);
-				continue;
-			}
-			mq = (shm_mq *) ((char *) q + q->mq_off);
+			release(r);
+			continue;
 		}
+		r->req = v.hdr;			/* (the reply, even an error, reads the flags) */
+		mq = (shm_mq *) ((char *) dsm_segment_address(r->seg) + v.hdr.mq_off);
 		shm_mq_set_sender(mq, MyProc);
 		r->mqh = shm_mq_attach(mq, r->seg, NULL);
-		if (setup(r))
+		if (res == KL_DECODE_MALFORMED)
+		{
+			char		msg[256];
+
+			snprintf(msg, sizeof(msg), "malformed kimi_linear request: %s", why);
+			send_error(r, KL_E_INTERNAL, msg, NULL);
+		}
+		else if (setup(r, &v))
 			progress(r, KL_PHASE_PREFILL);
 	}
 }
@@ -901,7 +897,7 @@ finish(KlReq *r)
 		if (r->reason != KL_STOP_STRING &&
 			kl_detok_stream_finish(&r->detok, &r->text, &r->text_len, &r->text_cap, &err) != KL_OK)
 		{
-			send_error(r, KL_ERR_INTERNAL, err.msg, NULL);
+			send_engine_error(r, &err, NULL);
 			return;
 		}
 		emit(r, NULL, 0, true);
@@ -929,7 +925,7 @@ finish(KlReq *r)
 
 				if (kl_state_save_rows(r->seq, upto, upto + ps, &blob, &len, &err) != KL_OK)
 				{
-					send_error(r, engine_code(err.msg), err.msg, NULL);
+					send_engine_error(r, &err, NULL);
 					return;
 				}
 				memset(&s, 0, sizeof(s));
@@ -944,7 +940,7 @@ finish(KlReq *r)
 		}
 		if (kl_state_save(r->seq, upto, &blob, &len, &err) != KL_OK)
 		{
-			send_error(r, engine_code(err.msg), err.msg, NULL);
+			send_engine_error(r, &err, NULL);
 			return;
 		}
 		{
@@ -1008,7 +1004,7 @@ accept_token(KlReq *r, int32 tok)
 	r->generated++;
 	if (kl_tokens_push(&r->recent, tok, &err) != KL_OK)
 	{
-		send_error(r, KL_ERR_RESOURCES, err.msg, NULL);
+		send_engine_error(r, &err, NULL);
 		return;
 	}
 	id_stop = is_stop_id(r, tok);
@@ -1031,7 +1027,7 @@ accept_token(KlReq *r, int32 tok)
 
 		if (kl_detok_stream_push(&r->detok, tok, &r->text, &r->text_len, &r->text_cap, &err) != KL_OK)
 		{
-			send_error(r, KL_ERR_INTERNAL, err.msg, NULL);
+			send_engine_error(r, &err, NULL);
 			return;
 		}
 		if (r->n_stops > 0)
@@ -1070,7 +1066,9 @@ accept_token(KlReq *r, int32 tok)
 /*
  * The next token from logits: among the tokens the output constraint allows
  * (its mask is computed here, per step, for the sequences that have one),
- * which it then advances by.  false: r got an error reply.
+ * which it then advances by.  false: r got an error reply.  The constraint
+ * was compiled and checked in setup: failing here (a dead end, a token the
+ * mask allowed refused) is our bug, not the caller's input.
  */
 static bool
 sample_next(KlReq *r, float *logits, int32 *tok)
@@ -1079,14 +1077,14 @@ sample_next(KlReq *r, float *logits, int32 *tok)
 
 	if (r->con && kl_constraint_mask(r->con, r->mask, NULL, &err) != KL_OK)
 	{
-		send_error(r, KL_ERR_INTERNAL, err.msg, NULL);
+		send_error(r, err.code == KL_E_RESOURCES ? KL_E_RESOURCES : KL_E_INTERNAL, err.msg, NULL);
 		return false;
 	}
 	*tok = kl_sample_masked(&r->sampling, &r->rng, logits, r->wm->vocab, r->recent.ids, (int) r->recent.n,
 							r->con ? r->mask : NULL);
 	if (r->con && kl_constraint_accept(r->con, *tok, &err) != KL_OK)
 	{
-		send_error(r, KL_ERR_INTERNAL, err.msg, NULL);
+		send_error(r, KL_E_INTERNAL, err.msg, NULL);
 		return false;
 	}
 	return true;
@@ -1131,10 +1129,10 @@ kl_batch_runnable(void)
 }
 
 static void
-fail_group(KlReq **group, int n, const char *msg)
+fail_group(KlReq **group, int n, const kl_err *err)
 {
 	for (int i = 0; i < n; i++)
-		send_error(group[i], engine_code(msg), msg, NULL);
+		send_engine_error(group[i], err, NULL);
 }
 
 /* Make sure a model's ctx can take steps of `tokens` rows. */
@@ -1168,7 +1166,7 @@ decode_group(KlWModel *wm, KlReq **group, int n)
 	if (!ensure_ctx(wm, Max(kl_prefill_chunk, KL_DECODE_GROUP), &err) ||
 		kl_forward(wm->ctx, items, n, &err) != KL_OK)
 	{
-		fail_group(group, n, err.msg);
+		fail_group(group, n, &err);
 		return;
 	}
 	kl_shared->workers[kl_worker_index].steps++;
@@ -1206,7 +1204,7 @@ prefill_chunk(KlReq *r)
 	if (!ensure_ctx(wm, Max(chunk, KL_DECODE_GROUP), &err) ||
 		kl_forward(wm->ctx, &item, 1, &err) != KL_OK)
 	{
-		send_error(r, engine_code(err.msg), err.msg, NULL);
+		send_engine_error(r, &err, NULL);
 		return;
 	}
 	kl_shared->workers[kl_worker_index].steps++;

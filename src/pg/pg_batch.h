@@ -66,7 +66,7 @@ bool		kl_batch_runnable(void);
 void		kl_batch_step(void);
 /* number of requests held */
 int			kl_batch_count(void);
-/* fail every request (of one model, or all when wm is NULL) with a message */
+/* fail every request (of one model, or all when wm is NULL) with a message; code: as in KlMsgError */
 void		kl_batch_fail_all(KlWModel *wm, int code, const char *msg, const char *hint);
 /* try to deliver the final messages of failed requests, briefly (shutdown) */
 void		kl_batch_drain(int timeout_ms);

@@ -16,6 +16,7 @@
 
 #include "pg_args.h"
 #include "pg_chat.h"
+#include "pg_errors.h"
 
 /* ------------------------------------------------------------------ engine objects in memory contexts */
 
@@ -54,12 +55,10 @@ kl_pg_chat_text(const char *messages, const char *tools)
 
 	if (kl_chat_parse(messages, messages ? strlen(messages) : 0, tools, tools ? strlen(tools) : 0, true, &c,
 					  &err) != KL_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("%s", err.msg),
-				 errhint("Messages are [{\"role\": \"system\"|\"user\"|\"assistant\"|\"tool\", \"content\": ...}]; "
-						 "tools are OpenAI function declarations [{\"type\": \"function\", \"function\": "
-						 "{\"name\": ..., \"description\": ..., \"parameters\": {JSON schema}}}].")));
+		kl_engine_error(&err, NULL,
+						"Messages are [{\"role\": \"system\"|\"user\"|\"assistant\"|\"tool\", \"content\": ...}]; "
+						"tools are OpenAI function declarations [{\"type\": \"function\", \"function\": "
+						"{\"name\": ..., \"description\": ..., \"parameters\": {JSON schema}}}].");
 	chat_in_context(c);
 	return c;
 }
@@ -80,10 +79,7 @@ kl_pg_grammar(const kl_chat *c, const char *tool_choice, Jsonb *schema, int firs
 
 	if (kl_chat_grammar_spec(c, tool_choice, schema_text, schema_text ? strlen(schema_text) : 0, first_index, &spec,
 							 &err) != KL_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("%s", err.msg),
-				 errhint("JSON schemas may use %s.", KL_JSON_SCHEMA_SUPPORTED)));
+		kl_engine_error(&err, NULL, "JSON schemas may use " KL_JSON_SCHEMA_SUPPORTED ".");
 	if (!spec)
 		return NULL;
 	out = pstrdup(spec);
@@ -116,7 +112,7 @@ kl_pg_render(const kl_tokenizer *tok, const kl_chat *c, const kl_chat_render_opt
 	if (kl_chat_render_ids(tok, c, o, &ids, &err) != KL_OK)
 	{
 		kl_ids_free(&ids);
-		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("%s", err.msg)));
+		kl_engine_error(&err, NULL, NULL);
 	}
 	if (ids.n > (size_t) MaxAllocSize / sizeof(int32) - 1)
 	{
@@ -151,6 +147,22 @@ text_to_jsonb(char *text)
 	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(server)));
 }
 
+/*
+ * A reply the model wrote that cannot be read is our failure, not the
+ * caller's input (whatever the engine thought of the ids it was given),
+ * unless memory ran out.
+ */
+static void
+reply_error(kl_err *err) pg_attribute_noreturn();
+
+static void
+reply_error(kl_err *err)
+{
+	if (err->code != KL_E_RESOURCES)
+		err->code = KL_E_INTERNAL;
+	kl_engine_error(err, "could not read the reply", NULL);
+}
+
 Jsonb *
 kl_pg_reply(const kl_tokenizer *tok, const KlRunResult *res, const kl_chat *decl, bool with_schema)
 {
@@ -162,14 +174,14 @@ kl_pg_reply(const kl_tokenizer *tok, const KlRunResult *res, const kl_chat *decl
 	const char *finish;
 
 	if (kl_chat_parse_reply_ids(tok, res->ids, (size_t) res->n_ids, decl, &r, &err) != KL_OK)
-		ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR), errmsg("could not read the reply: %s", err.msg)));
+		reply_error(&err);
 	for (int i = 0; i < r->n_calls; i++)
 		n_valid += r->calls[i].error == NULL;
 	finish = cut_off(res) ? "length" : n_valid > 0 ? "tool_calls" : "stop";
 	if (kl_chat_reply_json_ex(r, finish, with_schema, cut_off(res), &text, &len, &err) != KL_OK)
 	{
 		kl_chat_reply_free(r);
-		ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR), errmsg("could not read the reply: %s", err.msg)));
+		reply_error(&err);
 	}
 	kl_chat_reply_free(r);
 	return text_to_jsonb(text);

@@ -44,6 +44,7 @@
 #include "pg_args.h"
 #include "pg_chat.h"
 #include "pg_conversation.h"
+#include "pg_errors.h"
 #include "pg_guc.h"
 #include "pg_writable.h"
 
@@ -95,18 +96,20 @@ turn_ids(const kl_tokenizer *tok, int32 pending, const kl_chat_message *msgs, in
 }
 
 static void
-check_head(const char *data, Size len, kl_state_info *info, const char *what)
+check_head(const char *data, Size len, kl_state_info *info, const char *what, kl_errcode as)
 {
 	kl_err		err;
 
 	if (kl_state_info_read((const uint8_t *) data, len, info, &err) != KL_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_DATA_CORRUPTED),
-				 errmsg("invalid %s: %s", what, err.msg)));
+	{
+		err.code = as;
+		kl_engine_error(&err, psprintf("invalid %s", what), NULL);
+	}
 	if (info->kind != KL_STATE_HEAD)
-		ereport(ERROR,
-				(errcode(ERRCODE_DATA_CORRUPTED),
-				 errmsg("invalid %s: a rows part where a head was expected", what)));
+	{
+		kl_errc(&err, as, "a rows part where a head was expected");
+		kl_engine_error(&err, psprintf("invalid %s", what), NULL);
+	}
 }
 
 int32 *
@@ -117,9 +120,9 @@ kl_chat_turn_ids(const kl_tokenizer *tok, int32 pending, const kl_chat_message *
 }
 
 void
-kl_check_state_head(const char *data, Size len, kl_state_info *info, const char *what)
+kl_check_state_head(const char *data, Size len, kl_state_info *info, const char *what, kl_errcode as)
 {
-	check_head(data, len, info, what);
+	check_head(data, len, info, what, as);
 }
 
 /* ------------------------------------------------------------------ say */
@@ -254,6 +257,300 @@ turn_messages(bool first, const char *system, const PendingCalls *p, const char 
 }
 
 /*
+ * One say() turn: the conversation's row as locked, then the prompt the turn
+ * sends.  (The SPI statements name everything with nsp.)
+ */
+typedef struct Turn
+{
+	const char *nsp;			/* the extension's schema, quoted */
+	int64		cid;
+	/* the row */
+	char	   *model,
+			   *system,
+			   *owner,
+			   *tools;			/* NULL: none declared */
+	int			page_size,
+				turns;
+	bytea	   *head;			/* the state's head; NULL: no turn yet */
+	int64		n_pages;
+	kl_state_info info;			/* of head (pending -1 without one) */
+	/* the prompt */
+	int32	   *stops;			/* the chat format's end tokens */
+	int			n_stops;
+	int32	   *prompt;
+	int			n_prompt;
+} Turn;
+
+/*
+ * Lock the conversation's row and read it, and count its pages.  The pages
+ * are counted (and later read) by later statements: under READ COMMITTED, a
+ * lock that waited for another turn returns that turn's row version, and
+ * only a new statement's snapshot also sees the pages that turn added.
+ */
+static void
+lock_conversation(Turn *t)
+{
+	Oid			argtypes[1] = {INT8OID};
+	Datum		args[1] = {Int64GetDatum(t->cid)};
+	bool		isnull;
+
+	if (SPI_execute_with_args(psprintf("SELECT c.model, c.system, c.page_size, c.state, c.turns, c.owner, c.tools"
+									   " FROM %s.conversations c WHERE c.id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+									   t->nsp),
+							  1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "kimi_linear: could not read the conversation");
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("conversation %lld does not exist", (long long) t->cid),
+				 errhint("Start one with kimi_linear.new_conversation(); you see only your own conversations.")));
+	{
+		HeapTuple	tup = SPI_tuptable->vals[0];
+		TupleDesc	d = SPI_tuptable->tupdesc;
+		Datum		v;
+
+		t->model = SPI_getvalue(tup, d, 1);
+		t->system = SPI_getvalue(tup, d, 2);
+		t->page_size = DatumGetInt32(SPI_getbinval(tup, d, 3, &isnull));
+		v = SPI_getbinval(tup, d, 4, &isnull);
+		if (!isnull)
+			t->head = DatumGetByteaPCopy(v);
+		t->turns = DatumGetInt32(SPI_getbinval(tup, d, 5, &isnull));
+		t->owner = SPI_getvalue(tup, d, 6);
+		t->tools = SPI_getvalue(tup, d, 7);
+	}
+	if (SPI_execute_with_args(psprintf("SELECT pg_catalog.count(*) FROM %s.conversation_pages p"
+									   " WHERE p.conversation_id OPERATOR(pg_catalog.=) $1", t->nsp),
+							  1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "kimi_linear: could not count the conversation's pages");
+	t->n_pages = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	if (t->page_size <= 0)
+		ereport(ERROR, (errcode(ERRCODE_DATA_CORRUPTED), errmsg("conversation %lld has an invalid page_size", (long long) t->cid)));
+}
+
+/* The head's description, and whether the head and the pages agree (a corrupt row is an ERROR). */
+static void
+check_conversation_state(Turn *t)
+{
+	if (t->head)
+		check_head(VARDATA_ANY(t->head), VARSIZE_ANY_EXHDR(t->head), &t->info, "conversation state", KL_E_CORRUPT);
+	else
+	{
+		memset(&t->info, 0, sizeof(t->info));
+		t->info.pending = -1;
+		if (t->n_pages > 0)
+			ereport(ERROR, (errcode(ERRCODE_DATA_CORRUPTED), errmsg("conversation %lld has pages but no state", (long long) t->cid)));
+	}
+	if (t->head && t->info.from_pos != t->n_pages * t->page_size)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("conversation %lld is inconsistent: its state starts at position %lld but its %lld pages end at %lld",
+						(long long) t->cid, (long long) t->info.from_pos, (long long) t->n_pages,
+						(long long) (t->n_pages * t->page_size))));
+}
+
+/*
+ * The turn's prompt: chat rendered in the chat format (a continuation after
+ * the first turn), after closing a reply that was cut off (its last token,
+ * pending, is not an end token).
+ */
+static void
+turn_prompt(Turn *t, const kl_tokenizer *tok, kl_chat *chat, const PendingCalls *pending)
+{
+	kl_chat_format format;
+	kl_chat_render_opts o = {0};
+	int			n;
+	int32	   *body;
+	bool		close;
+
+	kl_chat_format_of(tok, &format);
+	o.format = &format;
+	o.add_generation_prompt = true;
+	o.continuation = t->head != NULL;
+	o.call_counter = pending->counter;
+	o.pending_calls = (const char *const *) pending->ids;
+	o.n_pending = pending->n_calls;
+	body = kl_pg_render(tok, chat, &o, &n);
+	close = t->info.pending >= 0 && !in_ids(t->info.pending, t->stops, t->n_stops);
+	t->prompt = palloc(sizeof(int32) * (n + 1));
+	if (close)
+		t->prompt[0] = end_id(tok);
+	memcpy(t->prompt + (close ? 1 : 0), body, sizeof(int32) * n);
+	t->n_prompt = n + (close ? 1 : 0);
+}
+
+/* The request of the turn: the settings, its output constraint, the prompt, paging and the cache key. */
+static void
+turn_spec(const Turn *t, const KlGenArgs *g, const KlModelRef *ref, const char *grammar, KlReqSpec *spec)
+{
+	kl_spec_init(spec, g, ref);
+	spec->grammar = grammar;
+	if (spec->grammar)
+	{
+		if (g->n_stop > 0 || g->ignore_eos)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("stop strings and ignore_eos cannot be combined with tools or json_schema"),
+					 errhint("Constrained output ends by itself when its JSON value (or tool call) is complete.")));
+		spec->grammar_len = strlen(spec->grammar);
+	}
+	spec->prompt = t->prompt;
+	spec->n_prompt = t->n_prompt;
+	spec->stop_ids = t->stops;
+	spec->n_stop_ids = t->n_stops;
+	spec->flags |= KL_REQ_WANT_STATE;
+	spec->page_size = t->page_size;
+	spec->pages_upto = t->head ? t->info.from_pos : 0;
+	/* the new head: about the old one, plus a page or so */
+	spec->reply_hint = (t->head ? 2 * VARSIZE_ANY_EXHDR(t->head) : 0) + (Size) t->n_prompt * 64;
+	/* the workers serve every database: the key names the database too */
+	spec->cache_key = kl_state_cache_mb > 0 ? (int64) (((uint64) MyDatabaseId << 40) ^ (uint64) t->cid) : 0;
+	if (spec->cache_key == 0 && kl_state_cache_mb > 0)
+		spec->cache_key = -1 - t->cid;
+}
+
+/* Run the turn with the whole state: the stored pages, in order, and the head. */
+static void
+run_with_pages(const Turn *t, const KlReqSpec *spec, KlRunResult *res)
+{
+	const char **parts = palloc(sizeof(char *) * (t->n_pages + 1));
+	Size	   *lens = palloc(sizeof(Size) * (t->n_pages + 1));
+	int			np = 0;
+	Oid			argtypes[1] = {INT8OID};
+	Datum		args[1] = {Int64GetDatum(t->cid)};
+	bool		isnull;
+
+	if (t->n_pages > 0)
+	{
+		if (SPI_execute_with_args(psprintf("SELECT p.page_no, p.data FROM %s.conversation_pages p"
+										   " WHERE p.conversation_id OPERATOR(pg_catalog.=) $1"
+										   " ORDER BY p.page_no", t->nsp),
+								  1, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "kimi_linear: could not read the conversation's pages");
+		if ((int64) SPI_processed != t->n_pages)
+			ereport(ERROR, (errcode(ERRCODE_DATA_CORRUPTED), errmsg("conversation %lld lost pages", (long long) t->cid)));
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			HeapTuple	tup = SPI_tuptable->vals[i];
+			int32		no = DatumGetInt32(SPI_getbinval(tup, SPI_tuptable->tupdesc, 1, &isnull));
+			bytea	   *b = DatumGetByteaPP(SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &isnull));
+
+			if (no != (int32) i)
+				ereport(ERROR,
+						(errcode(ERRCODE_DATA_CORRUPTED),
+						 errmsg("conversation %lld is missing page %lld", (long long) t->cid, (long long) i)));
+			parts[np] = VARDATA_ANY(b);
+			lens[np++] = VARSIZE_ANY_EXHDR(b);
+		}
+	}
+	if (t->head)
+	{
+		parts[np] = VARDATA_ANY(t->head);
+		lens[np++] = VARSIZE_ANY_EXHDR(t->head);
+	}
+	kl_run(spec, parts, lens, np, 0, res);
+}
+
+/*
+ * Run the turn: first with the head alone, enough if the worker still holds
+ * this conversation (its cache), else with the whole state.
+ */
+static void
+run_turn(const Turn *t, const KlReqSpec *spec, KlRunResult *res)
+{
+	res->cache_miss = true;
+	if (t->head && t->n_pages > 0 && spec->cache_key != 0)
+	{
+		const char *p = VARDATA_ANY(t->head);
+		Size		l = VARSIZE_ANY_EXHDR(t->head);
+
+		kl_run(spec, &p, &l, 1, KL_RUN_CACHE_MISS_OK, res);
+	}
+	if (res->cache_miss)
+		run_with_pages(t, spec, res);
+}
+
+/* Store the state the turn returned: the pages it completed, and its new head in the row. */
+static void
+store_state(const Turn *t, const KlRunResult *res)
+{
+	Oid			argtypes[4] = {INT8OID, INT4OID, BYTEAOID, NAMEOID};
+	Datum		args[4];
+	bytea	   *new_head = NULL;
+
+	for (int i = 0; i < res->n_parts; i++)
+	{
+		KlStatePart *p = &res->parts[i];
+
+		if (p->kind == KL_STATE_HEAD)
+		{
+			new_head = p->blob;
+			continue;
+		}
+		if (p->from_pos % t->page_size != 0)
+			elog(ERROR, "kimi_linear: the worker returned a page at position %lld", (long long) p->from_pos);
+		args[0] = Int64GetDatum(t->cid);
+		args[1] = Int32GetDatum((int32) (p->from_pos / t->page_size));
+		args[2] = PointerGetDatum(p->blob);
+		args[3] = DirectFunctionCall1(namein, CStringGetDatum(t->owner));
+		if (SPI_execute_with_args(psprintf("INSERT INTO %s.conversation_pages (conversation_id, page_no, data, owner)"
+										   " VALUES ($1, $2, $3, $4)", t->nsp),
+								  4, argtypes, args, NULL, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "kimi_linear: could not store a conversation page");
+	}
+	if (!new_head)
+		ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR), errmsg("the inference worker returned no state")));
+	argtypes[1] = BYTEAOID;
+	argtypes[2] = INT8OID;
+	args[0] = Int64GetDatum(t->cid);
+	args[1] = PointerGetDatum(new_head);
+	args[2] = Int64GetDatum(res->done.positions);
+	if (SPI_execute_with_args(psprintf("UPDATE %s.conversations c SET state = $2, positions = $3,"
+									   " turns = c.turns OPERATOR(pg_catalog.+) 1, updated_at = pg_catalog.now()"
+									   " WHERE c.id OPERATOR(pg_catalog.=) $1", t->nsp),
+							  3, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "kimi_linear: could not store the conversation state");
+}
+
+/*
+ * Record the turn's messages: the user's (message; NULL: a turn that only
+ * hands back tool results) and the reply, with its tool calls and token ids.
+ */
+static void
+store_messages(const Turn *t, text *message, text *reply, Jsonb *reply_json, const KlRunResult *res)
+{
+	Oid			argtypes[7] = {INT8OID, INT4OID, TEXTOID, TEXTOID, INT4ARRAYOID, NAMEOID, JSONBOID};
+	Datum		args[7];
+
+	args[0] = Int64GetDatum(t->cid);
+	args[1] = Int32GetDatum(t->turns + 1);
+	args[5] = DirectFunctionCall1(namein, CStringGetDatum(t->owner));
+	for (int m = message ? 0 : 1; m < 2; m++)
+	{
+		char		nulls[8] = "      n";
+		text	   *content = reply;
+
+		args[2] = CStringGetTextDatum(m == 0 ? "user" : "assistant");
+		if (m == 1 && reply_json && kl_reply_has_calls(reply_json))
+		{
+			/* a reply with tool calls: its text outside them, and the calls */
+			content = kl_reply_content(reply_json);
+			args[6] = PointerGetDatum(kl_reply_tool_calls(reply_json));
+			nulls[6] = args[6] ? ' ' : 'n';
+		}
+		args[3] = m == 0 ? PointerGetDatum(message) : PointerGetDatum(content);
+		if (m == 0)
+			nulls[4] = 'n';
+		else
+			args[4] = PointerGetDatum(kl_ids_to_array(res->ids, res->n_ids));
+		if (SPI_execute_with_args(psprintf("INSERT INTO %s.messages (conversation_id, turn, role, content, token_ids, owner,"
+										   " tool_calls) VALUES ($1, $2, $3, $4, $5, $6, $7)", t->nsp),
+								  7, argtypes, args, nulls, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "kimi_linear: could not store the messages");
+	}
+}
+
+/*
  * say / say_json (conversation_id, message, max_tokens, temperature, top_p, top_k, seed, stop,
  *                 repetition_penalty, min_p, ignore_eos, tool_choice, json_schema)
  */
@@ -261,303 +558,69 @@ static Datum
 conversation_turn(FunctionCallInfo fcinfo, bool as_json)
 {
 	MemoryContext caller = CurrentMemoryContext;
-	int64		cid;
 	char	   *message = NULL;
 	KlGenArgs	g;
+	Turn		t;
 	KlModelRef	ref;
 	const kl_tokenizer *tok;
-	char	   *model,
-			   *system = NULL,
-			   *owner,
-			   *tools = NULL;
-	int			page_size,
-				turns;
-	bytea	   *head = NULL;
-	kl_state_info info;
-	int			n_prompt,
-				n_stops;
-	int32	   *prompt,
-			   *stops;
 	KlReqSpec	spec;
 	KlRunResult res;
 	text	   *reply;
 	Jsonb	   *reply_json = NULL;
-	Oid			argtypes[7];
-	Datum		args[7];
-	bool		isnull;
-	int64		n_pages = 0;
 	char	   *tool_choice = kl_pg_tool_choice(fcinfo, 11);
 	Jsonb	   *schema = PG_NARGS() > 12 && !PG_ARGISNULL(12) ? PG_GETARG_JSONB_P(12) : NULL;
 	PendingCalls pending;
 	kl_chat    *chat;
-	const char *nsp;
 
 	kl_require_writable("say",
 						"say() stores the turn: it locks the conversation's row, writes its new state and pages and records both messages",
 						"On a standby, chat_with_state(state, messages) computes the same turn from the conversation's replicated state, without storing it.");
 	if (PG_ARGISNULL(0))
 		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("conversation_id must not be NULL")));
-	cid = PG_GETARG_INT64(0);
+	memset(&t, 0, sizeof(t));
+	t.cid = PG_GETARG_INT64(0);
 	if (!PG_ARGISNULL(1))
 		message = kl_text_arg(fcinfo, 1, "message", false);
 	kl_read_gen_args(fcinfo, 2, false, 256, &g);
 
 	SPI_connect();
-	nsp = ext_schema(fcinfo);
-	argtypes[0] = INT8OID;
-	args[0] = Int64GetDatum(cid);
-	/*
-	 * Lock the row first.  The pages are counted and read by later
-	 * statements: under READ COMMITTED, a lock that waited for another turn
-	 * returns that turn's row version, and only a new statement's snapshot
-	 * also sees the pages that turn added.
-	 */
-	if (SPI_execute_with_args(psprintf("SELECT c.model, c.system, c.page_size, c.state, c.turns, c.owner, c.tools"
-									   " FROM %s.conversations c WHERE c.id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
-									   nsp),
-							  1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "kimi_linear: could not read the conversation");
-	if (SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("conversation %lld does not exist", (long long) cid),
-				 errhint("Start one with kimi_linear.new_conversation(); you see only your own conversations.")));
-	{
-		HeapTuple	t = SPI_tuptable->vals[0];
-		TupleDesc	d = SPI_tuptable->tupdesc;
-		Datum		v;
-
-		model = SPI_getvalue(t, d, 1);
-		system = SPI_getvalue(t, d, 2);
-		page_size = DatumGetInt32(SPI_getbinval(t, d, 3, &isnull));
-		v = SPI_getbinval(t, d, 4, &isnull);
-		if (!isnull)
-			head = DatumGetByteaPCopy(v);
-		turns = DatumGetInt32(SPI_getbinval(t, d, 5, &isnull));
-		owner = SPI_getvalue(t, d, 6);
-		tools = SPI_getvalue(t, d, 7);
-	}
-	if (SPI_execute_with_args(psprintf("SELECT pg_catalog.count(*) FROM %s.conversation_pages p"
-									   " WHERE p.conversation_id OPERATOR(pg_catalog.=) $1", nsp),
-							  1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "kimi_linear: could not count the conversation's pages");
-	n_pages = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	if (page_size <= 0)
-		ereport(ERROR, (errcode(ERRCODE_DATA_CORRUPTED), errmsg("conversation %lld has an invalid page_size", (long long) cid)));
-
-	kl_model_resolve(model, &ref);
+	t.nsp = ext_schema(fcinfo);
+	lock_conversation(&t);
+	kl_model_resolve(t.model, &ref);
 	tok = kl_ref_tokenizer(&ref);
-	stops = kl_chat_stop_ids(tok, &n_stops);
-	if (head)
-		check_head(VARDATA_ANY(head), VARSIZE_ANY_EXHDR(head), &info, "conversation state");
-	else
-	{
-		memset(&info, 0, sizeof(info));
-		info.pending = -1;
-		if (n_pages > 0)
-			ereport(ERROR, (errcode(ERRCODE_DATA_CORRUPTED), errmsg("conversation %lld has pages but no state", (long long) cid)));
-	}
-	if (head && info.from_pos != n_pages * page_size)
-		ereport(ERROR,
-				(errcode(ERRCODE_DATA_CORRUPTED),
-				 errmsg("conversation %lld is inconsistent: its state starts at position %lld but its %lld pages end at %lld",
-						(long long) cid, (long long) info.from_pos, (long long) n_pages,
-						(long long) (n_pages * page_size))));
+	t.stops = kl_chat_stop_ids(tok, &t.n_stops);
+	check_conversation_state(&t);
 
 	/* the turn: [system, in the first] + the results of the last reply's calls + the user's message */
-	read_pending_calls(nsp, cid, turns, &pending);
+	read_pending_calls(t.nsp, t.cid, t.turns, &pending);
 	if (!message && pending.n_calls == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("message must not be NULL"),
-				 tools ? errhint("Only a turn that hands back tool results may leave the message out.") : 0));
-	{
-		kl_chat_format format;
-		kl_chat_render_opts o = {0};
-		int			n;
-		int32	   *body;
-		bool		close;
-
-		chat = kl_pg_chat_text(turn_messages(head == NULL, system, &pending, message),
-							   tools ? kl_to_utf8(tools, strlen(tools)) : NULL);
-		kl_chat_format_of(tok, &format);
-		o.format = &format;
-		o.add_generation_prompt = true;
-		o.continuation = head != NULL;
-		o.call_counter = pending.counter;
-		o.pending_calls = (const char *const *) pending.ids;
-		o.n_pending = pending.n_calls;
-		body = kl_pg_render(tok, chat, &o, &n);
-		/* close a reply that was cut off (its last token, pending, is not an end token) */
-		close = info.pending >= 0 && !in_ids(info.pending, stops, n_stops);
-		prompt = palloc(sizeof(int32) * (n + 1));
-		if (close)
-			prompt[0] = end_id(tok);
-		memcpy(prompt + (close ? 1 : 0), body, sizeof(int32) * n);
-		n_prompt = n + (close ? 1 : 0);
-	}
-	kl_check_context(info.positions + (info.pending >= 0 ? 1 : 0), n_prompt);
-
-	kl_spec_init(&spec, &g, &ref);
-	spec.grammar = kl_pg_grammar(chat, tool_choice, schema, pending.counter);
-	if (spec.grammar)
-	{
-		if (g.n_stop > 0 || g.ignore_eos)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("stop strings and ignore_eos cannot be combined with tools or json_schema"),
-					 errhint("Constrained output ends by itself when its JSON value (or tool call) is complete.")));
-		spec.grammar_len = strlen(spec.grammar);
-	}
-	spec.prompt = prompt;
-	spec.n_prompt = n_prompt;
-	spec.stop_ids = stops;
-	spec.n_stop_ids = n_stops;
-	spec.flags |= KL_REQ_WANT_STATE;
-	spec.page_size = page_size;
-	spec.pages_upto = head ? info.from_pos : 0;
-	/* the new head: about the old one, plus a page or so */
-	spec.reply_hint = (head ? 2 * VARSIZE_ANY_EXHDR(head) : 0) + (Size) n_prompt * 64;
-	/* the workers serve every database: the key names the database too */
-	spec.cache_key = kl_state_cache_mb > 0 ? (int64) (((uint64) MyDatabaseId << 40) ^ (uint64) cid) : 0;
-	if (spec.cache_key == 0 && kl_state_cache_mb > 0)
-		spec.cache_key = -1 - cid;
-
-	res.cache_miss = true;
-	if (head && n_pages > 0 && spec.cache_key != 0)
-	{
-		/* the head alone: enough if the worker still holds this conversation */
-		const char *p = VARDATA_ANY(head);
-		Size		l = VARSIZE_ANY_EXHDR(head);
-
-		kl_run(&spec, &p, &l, 1, KL_RUN_CACHE_MISS_OK, &res);
-	}
-	if (res.cache_miss)
-	{
-		const char **parts = palloc(sizeof(char *) * (n_pages + 1));
-		Size	   *lens = palloc(sizeof(Size) * (n_pages + 1));
-		int			np = 0;
-
-		if (n_pages > 0)
-		{
-			if (SPI_execute_with_args(psprintf("SELECT p.page_no, p.data FROM %s.conversation_pages p"
-											   " WHERE p.conversation_id OPERATOR(pg_catalog.=) $1"
-											   " ORDER BY p.page_no", nsp),
-									  1, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
-				elog(ERROR, "kimi_linear: could not read the conversation's pages");
-			if ((int64) SPI_processed != n_pages)
-				ereport(ERROR, (errcode(ERRCODE_DATA_CORRUPTED), errmsg("conversation %lld lost pages", (long long) cid)));
-			for (uint64 i = 0; i < SPI_processed; i++)
-			{
-				HeapTuple	t = SPI_tuptable->vals[i];
-				int32		no = DatumGetInt32(SPI_getbinval(t, SPI_tuptable->tupdesc, 1, &isnull));
-				bytea	   *b = DatumGetByteaPP(SPI_getbinval(t, SPI_tuptable->tupdesc, 2, &isnull));
-
-				if (no != (int32) i)
-					ereport(ERROR,
-							(errcode(ERRCODE_DATA_CORRUPTED),
-							 errmsg("conversation %lld is missing page %lld", (long long) cid, (long long) i)));
-				parts[np] = VARDATA_ANY(b);
-				lens[np++] = VARSIZE_ANY_EXHDR(b);
-			}
-		}
-		if (head)
-		{
-			parts[np] = VARDATA_ANY(head);
-			lens[np++] = VARSIZE_ANY_EXHDR(head);
-		}
-		kl_run(&spec, parts, lens, np, 0, &res);
-	}
+				 t.tools ? errhint("Only a turn that hands back tool results may leave the message out.") : 0));
+	chat = kl_pg_chat_text(turn_messages(t.head == NULL, t.system, &pending, message),
+						   t.tools ? kl_to_utf8(t.tools, strlen(t.tools)) : NULL);
+	turn_prompt(&t, tok, chat, &pending);
+	kl_check_context(t.info.positions + (t.info.pending >= 0 ? 1 : 0), t.n_prompt);
+	turn_spec(&t, &g, &ref, kl_pg_grammar(chat, tool_choice, schema, pending.counter), &spec);
+	run_turn(&t, &spec, &res);
 
 	/* store: the new pages, the new head, the two messages */
+	store_state(&t, &res);
 	{
-		bytea	   *new_head = NULL;
-		int			added = 0;
-
-		argtypes[0] = INT8OID;
-		argtypes[1] = INT4OID;
-		argtypes[2] = BYTEAOID;
-		argtypes[3] = NAMEOID;
-		for (int i = 0; i < res.n_parts; i++)
-		{
-			KlStatePart *p = &res.parts[i];
-
-			if (p->kind == KL_STATE_HEAD)
-			{
-				new_head = p->blob;
-				continue;
-			}
-			if (p->from_pos % page_size != 0)
-				elog(ERROR, "kimi_linear: the worker returned a page at position %lld", (long long) p->from_pos);
-			args[0] = Int64GetDatum(cid);
-			args[1] = Int32GetDatum((int32) (p->from_pos / page_size));
-			args[2] = PointerGetDatum(p->blob);
-			args[3] = DirectFunctionCall1(namein, CStringGetDatum(owner));
-			if (SPI_execute_with_args(psprintf("INSERT INTO %s.conversation_pages (conversation_id, page_no, data, owner)"
-											   " VALUES ($1, $2, $3, $4)", nsp),
-									  4, argtypes, args, NULL, false, 0) != SPI_OK_INSERT)
-				elog(ERROR, "kimi_linear: could not store a conversation page");
-			added++;
-		}
-		if (!new_head)
-			ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR), errmsg("the inference worker returned no state")));
-		argtypes[1] = BYTEAOID;
-		argtypes[2] = INT8OID;
-		args[0] = Int64GetDatum(cid);
-		args[1] = PointerGetDatum(new_head);
-		args[2] = Int64GetDatum(res.done.positions);
-		if (SPI_execute_with_args(psprintf("UPDATE %s.conversations c SET state = $2, positions = $3,"
-										   " turns = c.turns OPERATOR(pg_catalog.+) 1, updated_at = pg_catalog.now()"
-										   " WHERE c.id OPERATOR(pg_catalog.=) $1", nsp),
-								  3, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)
-			elog(ERROR, "kimi_linear: could not store the conversation state");
-
 		/* the reply, made in the caller's memory (SPI's goes away at SPI_finish) */
-		{
-			MemoryContext spi = MemoryContextSwitchTo(caller);
+		MemoryContext spi = MemoryContextSwitchTo(caller);
 
-			reply = kl_utf8_to_text(res.text, res.text_len);
-			if (as_json || chat->n_tools > 0)
-				reply_json = kl_pg_reply(tok, &res, chat->n_tools > 0 ? chat : NULL, schema != NULL);
-			MemoryContextSwitchTo(spi);
-		}
-		if (spec.grammar && !as_json && schema &&
-			(res.done.reason == KL_STOP_MAX_TOKENS || res.done.reason == KL_STOP_CONTEXT) &&
-			!strstr(res.text, KL_TOK_SECTION_BEGIN))
-			(void) kl_pg_json_value(&res, g.max_tokens);	/* the ERROR saying it was cut off */
-		argtypes[1] = INT4OID;
-		argtypes[2] = TEXTOID;
-		argtypes[3] = TEXTOID;
-		argtypes[4] = INT4ARRAYOID;
-		argtypes[5] = NAMEOID;
-		argtypes[6] = JSONBOID;
-		args[1] = Int32GetDatum(turns + 1);
-		args[5] = DirectFunctionCall1(namein, CStringGetDatum(owner));
-		for (int m = message ? 0 : 1; m < 2; m++)
-		{
-			char		nulls[8] = "      n";
-			text	   *content = reply;
-
-			args[2] = CStringGetTextDatum(m == 0 ? "user" : "assistant");
-			if (m == 1 && reply_json && kl_reply_has_calls(reply_json))
-			{
-				/* a reply with tool calls: its text outside them, and the calls */
-				content = kl_reply_content(reply_json);
-				args[6] = PointerGetDatum(kl_reply_tool_calls(reply_json));
-				nulls[6] = args[6] ? ' ' : 'n';
-			}
-			args[3] = m == 0 ? PointerGetDatum(PG_GETARG_TEXT_PP(1)) : PointerGetDatum(content);
-			if (m == 0)
-				nulls[4] = 'n';
-			else
-				args[4] = PointerGetDatum(kl_ids_to_array(res.ids, res.n_ids));
-			if (SPI_execute_with_args(psprintf("INSERT INTO %s.messages (conversation_id, turn, role, content, token_ids, owner,"
-											   " tool_calls) VALUES ($1, $2, $3, $4, $5, $6, $7)", nsp),
-									  7, argtypes, args, nulls, false, 0) != SPI_OK_INSERT)
-				elog(ERROR, "kimi_linear: could not store the messages");
-		}
-		(void) added;
+		reply = kl_utf8_to_text(res.text, res.text_len);
+		if (as_json || chat->n_tools > 0)
+			reply_json = kl_pg_reply(tok, &res, chat->n_tools > 0 ? chat : NULL, schema != NULL);
+		MemoryContextSwitchTo(spi);
 	}
+	if (spec.grammar && !as_json && schema &&
+		(res.done.reason == KL_STOP_MAX_TOKENS || res.done.reason == KL_STOP_CONTEXT) &&
+		!strstr(res.text, KL_TOK_SECTION_BEGIN))
+		(void) kl_pg_json_value(&res, g.max_tokens);	/* the ERROR saying it was cut off */
+	store_messages(&t, message ? PG_GETARG_TEXT_PP(1) : NULL, reply, reply_json, &res);
 	SPI_finish();
 	if (as_json)
 		PG_RETURN_JSONB_P(reply_json);
@@ -626,7 +689,7 @@ kl_sql_chat_with_state(PG_FUNCTION_ARGS)
 	{
 		part = VARDATA_ANY(state);
 		part_len = VARSIZE_ANY_EXHDR(state);
-		check_head(part, part_len, &info, "kimi_linear state");
+		check_head(part, part_len, &info, "kimi_linear state", KL_E_INVALID);
 		if (info.from_pos != 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

@@ -18,7 +18,11 @@
 int32	   *kl_chat_turn_ids(const kl_tokenizer *tok, int32 pending, const kl_chat_message *msgs, int n_msgs,
 							 const int32 *stops, int n_stops, int *n_out);
 
-/* ERROR unless data is a valid head part of a state; what: how to call it in the message */
-void		kl_check_state_head(const char *data, Size len, kl_state_info *info, const char *what);
+/*
+ * ERROR unless data is a valid head part of a state; what: how to call it in
+ * the message; as: the code of any failure (KL_E_INVALID for a state given
+ * as an argument, KL_E_CORRUPT for a conversation's stored one).
+ */
+void		kl_check_state_head(const char *data, Size len, kl_state_info *info, const char *what, kl_errcode as);
 
 #endif

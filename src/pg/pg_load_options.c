@@ -3,6 +3,7 @@
  * (contract in pg_load_options.h).
  */
 #include "pg_load_options.h"
+#include "pg_errors.h"
 
 #include "quant.h"
 
@@ -26,10 +27,7 @@ kl_load_options_from_args(const char *moe_routing, const char *quantize, KlLoadO
 				 errmsg("moe_routing must be 'select' or 'reference', got '%s'", moe_routing),
 				 errhint("%s", routing_hint)));
 	if (kl_qtype_parse(quantize, &qt, &err) != KL_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("%s", err.msg),
-				 errhint("quantize => NULL (the weights as stored), 'fp8', 'int8' or 'int4'.")));
+		kl_engine_error(&err, NULL, "quantize => NULL (the weights as stored), 'fp8', 'int8' or 'int4'.");
 	if (qt != KL_Q_NONE)
 		strlcpy(out->quantize, kl_qtype_name(qt), sizeof(out->quantize));
 }

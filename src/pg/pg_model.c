@@ -29,6 +29,7 @@
 #include "kl.h"
 #include "quant.h"
 
+#include "pg_errors.h"
 #include "pg_load_options.h"
 #include "pg_guc.h"
 #include "pg_model.h"
@@ -143,10 +144,12 @@ wait_loaded(int e, uint32 gen, const char *name, bool forget_failed)
 	{
 		KlModelState st;
 		char		error[1024];
+		int			error_code;
 
 		LWLockAcquire(kl_shared->lock, LW_SHARED);
 		st = kl_shared->models[e].generation == gen ? kl_shared->models[e].state : KL_MODEL_FREE;
 		strlcpy(error, kl_shared->models[e].error, sizeof(error));
+		error_code = kl_shared->models[e].error_code;
 		LWLockRelease(kl_shared->lock);
 		if (st == KL_MODEL_READY)
 			return;
@@ -161,7 +164,7 @@ wait_loaded(int e, uint32 gen, const char *name, bool forget_failed)
 				kl_wake_workers(-1);
 			}
 			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					(errcode(kl_sqlstate(error_code)),
 					 errmsg("could not load model \"%s\": %s", name, error),
 					 errhint("Check that the directory holds a Kimi Linear checkpoint (config.json, *.safetensors) readable by the server.")));
 		}
@@ -270,6 +273,7 @@ kl_model_register_with(const char *name, const char *path, const char *options, 
 		me->weight_bytes = 0;
 		memset(me->wload, 0, sizeof(me->wload));
 		me->error[0] = '\0';
+		me->error_code = KL_E_NONE;
 		me->n_params = me->bytes = 0;
 		me->device_name[0] = '\0';
 		me->vocab_size = 0;
@@ -449,9 +453,7 @@ kl_ref_tokenizer(const KlModelRef *ref)
 		tok_cache[e].tok = NULL;
 	}
 	if (kl_tokenizer_load_under(path, root, &t, &err) != KL_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("could not load the tokenizer of model \"%s\": %s", ref->name, err.msg)));
+		kl_engine_error(&err, psprintf("could not load the tokenizer of model \"%s\"", ref->name), NULL);
 	tok_cache[e].tok = t;
 	tok_cache[e].generation = ref->generation;
 	return t;

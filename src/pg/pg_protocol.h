@@ -1,6 +1,8 @@
 /*
  * pg_protocol.h — the request protocol between backends and inference
- * workers.  This is the one place that defines it.
+ * workers.  This is the one place that defines it; pg_protocol.c encodes and
+ * decodes requests, side by side, in plain C (no PostgreSQL calls, so that
+ * test/fuzz/fuzz_protocol.c can feed the decoder arbitrary bytes).
  *
  * A backend that wants inference (pg_request.c):
  *   1. creates a DSM segment laid out as
@@ -27,15 +29,20 @@
  * takes the request.
  *
  * Everything is native-endian (both ends run the same binary on one
- * machine); the worker still validates every size and offset it reads.
+ * machine); the worker still validates every size and offset it reads
+ * (kl_request_decode) before it uses any.
  */
 #ifndef KL_PG_PROTOCOL_H
 #define KL_PG_PROTOCOL_H
 
+#include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
+#include "kl.h"					/* kl_blob; kl_errcode: the codes of ERROR messages */
+
 #define KL_PROTOCOL_MAGIC 0x4b4c5251	/* "KLRQ" */
-#define KL_PROTOCOL_VERSION 3	/* 3: output constraints (grammar spec) */
+#define KL_PROTOCOL_VERSION 4	/* 3: output constraints (grammar spec); 4: errors carry the engine's codes */
 
 #define KL_MODEL_NAME_LEN 64
 #define KL_MAX_STOP_IDS 64
@@ -164,13 +171,16 @@ typedef struct KlMsgDone
 	double		decode_seconds;
 } KlMsgDone;
 
-/* ERROR: char message[msg_len], char hint[hint_len] (not NUL-terminated) */
-#define KL_ERR_INVALID		1	/* bad argument or state: invalid_parameter_value */
-#define KL_ERR_RESOURCES	2	/* out of memory, too long: program_limit_exceeded */
-#define KL_ERR_MODEL		3	/* model not loaded / unloaded: undefined_object */
-#define KL_ERR_INTERNAL		4	/* anything else: internal_error */
-#define KL_ERR_SHUTDOWN		5	/* the worker is stopping: admin_shutdown */
-#define KL_ERR_CACHE_MISS	6	/* the request relied on a cached state that is gone: resend it whole */
+/*
+ * ERROR: char message[msg_len], char hint[hint_len] (not NUL-terminated).
+ * code: the engine's code of the error (kl_errcode, kl_util.h: KL_E_INVALID,
+ * KL_E_CORRUPT, KL_E_RESOURCES, KL_E_UNSUPPORTED, KL_E_INTERNAL), as the
+ * engine set it or as the worker chose for an error of its own, or one of the
+ * worker's codes below.  pg_errors.c maps each to its SQLSTATE.
+ */
+#define KL_ERR_MODEL		16	/* model not loaded / unloaded */
+#define KL_ERR_SHUTDOWN		17	/* the worker is stopping */
+#define KL_ERR_CACHE_MISS	18	/* the request relied on a cached state that is gone: resend it whole */
 
 typedef struct KlMsgError
 {
@@ -179,5 +189,107 @@ typedef struct KlMsgError
 	int32_t		msg_len;
 	int32_t		hint_len;
 } KlMsgError;
+
+/* ------------------------------------------------------------------ encoding and decoding (pg_protocol.c) */
+
+/* What a SQL function asks for: the backend fills it, kl_request_encode lays it out. */
+typedef struct KlReqSpec
+{
+	const char *model;
+	uint32_t	model_generation;
+	uint32_t	flags;			/* KL_REQ_* */
+
+	float		temperature;
+	float		top_p;
+	float		min_p;
+	float		repetition_penalty;
+	int32_t		top_k;
+	bool		ignore_eos;
+	uint64_t	seed;
+	int32_t		max_tokens;
+	int64_t		max_context;
+
+	const int32_t *prompt;
+	int			n_prompt;
+	const int32_t *stop_ids;
+	int			n_stop_ids;
+	char	  **stop_strings;	/* NUL-terminated, 1 to KL_MAX_STOP_LEN bytes */
+	int			n_stop_strings;
+
+	const char *grammar;		/* output constraint spec (JSON), NULL: none */
+	size_t		grammar_len;
+
+	int64_t		page_size;
+	int64_t		pages_upto;
+	int64_t		cache_key;
+	size_t		reply_hint;		/* expected size of the returned state (sizes the reply queue) */
+} KlReqSpec;
+
+/* Where everything of a request lies in its segment (offsets from its start). */
+typedef struct KlReqLayout
+{
+	uint64_t	prompt_off,
+				stop_ids_off,
+				stop_strings_off,
+				grammar_off,
+				parts_off,
+				data_end,
+				mq_off,
+				mq_size,
+				total;			/* the segment's size */
+} KlReqLayout;
+
+/* The layout of a request for spec with n_parts state parts of parts_bytes in all. */
+void		kl_request_layout(const KlReqSpec *spec, uint64_t parts_bytes, int n_parts, KlReqLayout *l);
+
+/*
+ * Write the header (request_id 0: set at submission) and the arrays into a
+ * segment of l->total bytes, 8-byte aligned.  The state parts follow, one
+ * kl_request_put_part each, from l->parts_off.
+ */
+void		kl_request_encode(void *seg, const KlReqSpec *spec, int n_parts, const KlReqLayout *l);
+
+/*
+ * Write one state part at offset `at` (l->parts_off for the first); returns
+ * where the next one goes, or 0 when it would pass `end` (l->data_end).
+ */
+uint64_t	kl_request_put_part(void *seg, uint64_t at, uint64_t end, const void *data, uint64_t len);
+
+/*
+ * A request as the worker reads it: a copy of the header and pointers into
+ * the segment, every size and offset checked against it.
+ */
+typedef struct KlReqView
+{
+	KlRequest	hdr;			/* (model NUL-terminated) */
+	const int32_t *prompt;		/* hdr.n_prompt ids */
+	const int32_t *stop_ids;	/* hdr.n_stop_ids ids */
+	int			n_stops;		/* stop strings (not NUL-terminated) */
+	const char *stops[KL_MAX_STOP_STRINGS];
+	int			stop_lens[KL_MAX_STOP_STRINGS];
+	const char *grammar;		/* NULL: none */
+	int			grammar_len;
+	int			n_parts;		/* state parts: kl_request_parts */
+} KlReqView;
+
+typedef enum KlDecodeResult
+{
+	KL_DECODE_OK,
+	KL_DECODE_NO_QUEUE,			/* no reply queue to answer through (or another request's segment):
+								 * drop it */
+	KL_DECODE_MALFORMED			/* the queue is sound (hdr.mq_off), the rest is not: answer with an
+								 * error saying why */
+} KlDecodeResult;
+
+/*
+ * Check and decode the request in a segment of seg_size bytes (8-byte
+ * aligned) that must carry request_id.  Reads only inside the segment,
+ * whatever its bytes; *why says what is wrong unless KL_DECODE_OK.
+ */
+KlDecodeResult kl_request_decode(const void *seg, size_t seg_size, uint64_t request_id, KlReqView *out,
+								 const char **why);
+
+/* The state parts of a decoded request, in order: out[0 .. v->n_parts). */
+void		kl_request_parts(const void *seg, const KlReqView *v, kl_blob *out);
 
 #endif

@@ -171,6 +171,7 @@ restore_entry(json_t *m, const char *root, int index)
 	}
 	if (me->error[0])
 	{
+		me->error_code = KL_E_INVALID;
 		me->state = KL_MODEL_FAILED;
 		elog(LOG, "kimi_linear: model \"%s\" is not loaded again: %s", name, me->error);
 	}

@@ -16,6 +16,7 @@
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
+#include "pg_errors.h"
 #include "pg_request.h"
 #include "pg_shmem.h"
 
@@ -30,7 +31,7 @@ struct KlCall
 	bool		done;
 	bool		cache_miss_ok;
 	bool		cache_miss;
-	char	   *parts_cursor;
+	uint64		parts_at;		/* where the next state part goes */
 	int			parts_left;
 	/* the request failed (kl_call_poll returned KL_NEXT_ERROR) */
 	KlCallError error;
@@ -40,11 +41,8 @@ struct KlCall
 	int64		batch_total;
 };
 
-static inline uint64
-align8(uint64 x)
-{
-	return (x + 7) & ~(uint64) 7;
-}
+/* (the protocol aligns to 8; the reply queue must be MAXALIGNed) */
+StaticAssertDecl(MAXIMUM_ALIGNOF <= 8, "the request protocol aligns to 8 bytes");
 
 /*
  * Runs whenever this backend detaches from the request's segment: after a
@@ -87,111 +85,25 @@ KlCall *
 kl_call_begin(const KlReqSpec *spec, Size parts_bytes, int n_parts)
 {
 	KlCall	   *call = palloc0(sizeof(KlCall));
-	uint64		off = MAXALIGN(sizeof(KlRequest));
-	uint64		prompt_off,
-				stop_ids_off,
-				stop_strings_off,
-				grammar_off,
-				parts_off,
-				data_end,
-				mq_off,
-				mq_size,
-				total;
-	KlRequest  *r;
+	KlReqLayout l;
 	char	   *base;
 	shm_mq	   *mq;
 
 	kl_require_shared();
-
-	/* lay out the data area */
-	prompt_off = off;
-	off = align8(off + sizeof(int32) * (uint64) spec->n_prompt);
-	stop_ids_off = off;
-	off = align8(off + sizeof(int32) * (uint64) spec->n_stop_ids);
-	stop_strings_off = off;
-	for (int i = 0; i < spec->n_stop_strings; i++)
-		off += 4 + ((strlen(spec->stop_strings[i]) + 3) & ~(Size) 3);
-	off = align8(off);
-	grammar_off = off;
-	off = align8(off + (spec->grammar ? spec->grammar_len : 0));
-	parts_off = off;
-	off += (uint64) n_parts * 8 + parts_bytes + (uint64) n_parts * 8;	/* length words, data, padding */
-	data_end = align8(off);
-	mq_off = MAXALIGN(data_end);
-	/*
-	 * A reply carrying a state gets a queue that holds it whole (the caller's
-	 * estimate), up to 64 MB: fewer round trips per megabyte.  (The segment
-	 * is allocated up front, so the estimate is of the reply, not of all the
-	 * pages sent.)
-	 */
-	mq_size = KL_REPLY_QUEUE_SIZE;
-	if (spec->flags & KL_REQ_WANT_STATE)
-		mq_size = Min(MAXALIGN(spec->reply_hint) + KL_REPLY_QUEUE_SIZE, (Size) 64 * 1024 * 1024);
-	total = mq_off + mq_size;
-
-	call->seg = dsm_create(total, DSM_CREATE_NULL_IF_MAXSEGMENTS);
+	kl_request_layout(spec, parts_bytes, n_parts, &l);
+	call->seg = dsm_create(l.total, DSM_CREATE_NULL_IF_MAXSEGMENTS);
 	if (call->seg == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
 				 errmsg("too many dynamic shared memory segments for a kimi_linear request"),
 				 errhint("Lower the number of concurrent requests, or raise max_connections.")));
 	base = dsm_segment_address(call->seg);
-	r = (KlRequest *) base;
-	memset(r, 0, sizeof(KlRequest));
-	r->magic = KL_PROTOCOL_MAGIC;
-	r->version = KL_PROTOCOL_VERSION;
-	strlcpy(r->model, spec->model, KL_MODEL_NAME_LEN);
-	r->model_generation = spec->model_generation;
-	r->flags = spec->flags;
-	r->temperature = spec->temperature;
-	r->top_p = spec->top_p;
-	r->min_p = spec->min_p;
-	r->repetition_penalty = spec->repetition_penalty;
-	r->top_k = spec->top_k;
-	r->ignore_eos = spec->ignore_eos ? 1 : 0;
-	r->seed = spec->seed;
-	r->max_tokens = spec->max_tokens;
-	r->max_context = spec->max_context;
-	r->page_size = spec->page_size;
-	r->pages_upto = spec->pages_upto;
-	r->cache_key = spec->cache_key;
-	r->n_prompt = spec->n_prompt;
-	r->n_stop_ids = spec->n_stop_ids;
-	r->n_stop_strings = spec->n_stop_strings;
-	r->n_parts = n_parts;
-	r->prompt_off = prompt_off;
-	r->stop_ids_off = stop_ids_off;
-	r->stop_strings_off = stop_strings_off;
-	r->parts_off = parts_off;
-	r->data_end = data_end;
-	r->n_grammar = spec->grammar ? (int32_t) spec->grammar_len : 0;
-	r->grammar_off = grammar_off;
-	r->mq_off = mq_off;
-	r->mq_size = mq_size;
-
-	if (spec->n_prompt > 0)
-		memcpy(base + prompt_off, spec->prompt, sizeof(int32) * spec->n_prompt);
-	if (spec->n_stop_ids > 0)
-		memcpy(base + stop_ids_off, spec->stop_ids, sizeof(int32) * spec->n_stop_ids);
-	{
-		char	   *p = base + stop_strings_off;
-
-		for (int i = 0; i < spec->n_stop_strings; i++)
-		{
-			uint32		len = (uint32) strlen(spec->stop_strings[i]);
-
-			memcpy(p, &len, 4);
-			memcpy(p + 4, spec->stop_strings[i], len);
-			p += 4 + ((len + 3) & ~(uint32) 3);
-		}
-	}
-	if (spec->grammar)
-		memcpy(base + grammar_off, spec->grammar, spec->grammar_len);
-	call->req = r;
-	call->parts_cursor = base + parts_off;
+	kl_request_encode(base, spec, n_parts, &l);
+	call->req = (KlRequest *) base;
+	call->parts_at = l.parts_off;
 	call->parts_left = n_parts;
 
-	mq = shm_mq_create(base + mq_off, mq_size);
+	mq = shm_mq_create(base + l.mq_off, l.mq_size);
 	shm_mq_set_receiver(mq, MyProc);
 	call->mqh = shm_mq_attach(mq, call->seg, NULL);
 	call->slot = -1;
@@ -201,13 +113,14 @@ kl_call_begin(const KlReqSpec *spec, Size parts_bytes, int n_parts)
 void
 kl_call_add_part(KlCall *call, const void *data, Size len)
 {
-	uint64		l = len;
+	uint64		next;
 
 	if (call->parts_left <= 0)
 		elog(ERROR, "kimi_linear: more state parts than announced");
-	memcpy(call->parts_cursor, &l, 8);
-	memcpy(call->parts_cursor + 8, data, len);
-	call->parts_cursor += 8 + align8(len);
+	next = kl_request_put_part(dsm_segment_address(call->seg), call->parts_at, call->req->data_end, data, len);
+	if (next == 0)
+		elog(ERROR, "kimi_linear: more state bytes than announced");
+	call->parts_at = next;
 	call->parts_left--;
 }
 
@@ -366,27 +279,7 @@ worker_error(KlCall *call, const char *data, Size nbytes)
 	call->error.message = pnstrdup(data + sizeof(KlMsgError), e.msg_len);
 	call->error.hint = pnstrdup(data + sizeof(KlMsgError) + e.msg_len, e.hint_len);
 	call->error.detail = NULL;
-	switch (e.code)
-	{
-		case KL_ERR_INVALID:
-			call->error.sqlerrcode = ERRCODE_INVALID_PARAMETER_VALUE;
-			break;
-		case KL_ERR_RESOURCES:
-			call->error.sqlerrcode = ERRCODE_PROGRAM_LIMIT_EXCEEDED;
-			break;
-		case KL_ERR_MODEL:
-			call->error.sqlerrcode = ERRCODE_UNDEFINED_OBJECT;
-			break;
-		case KL_ERR_SHUTDOWN:
-			call->error.sqlerrcode = ERRCODE_OPERATOR_INTERVENTION;
-			break;
-		case KL_ERR_CACHE_MISS:
-			call->error.sqlerrcode = ERRCODE_T_R_SERIALIZATION_FAILURE;
-			break;
-		default:
-			call->error.sqlerrcode = ERRCODE_INTERNAL_ERROR;
-			break;
-	}
+	call->error.sqlerrcode = kl_sqlstate(e.code);
 	kl_call_end(call);
 	return KL_NEXT_ERROR;
 }

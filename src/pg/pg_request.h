@@ -27,38 +27,7 @@
 
 #include "pg_protocol.h"
 
-/* What a SQL function asks for. */
-typedef struct KlReqSpec
-{
-	const char *model;
-	uint32		model_generation;
-	uint32		flags;			/* KL_REQ_* */
-
-	float		temperature;
-	float		top_p;
-	float		min_p;
-	float		repetition_penalty;
-	int32		top_k;
-	bool		ignore_eos;
-	uint64		seed;
-	int32		max_tokens;
-	int64		max_context;
-
-	const int32 *prompt;
-	int			n_prompt;
-	const int32 *stop_ids;
-	int			n_stop_ids;
-	char	  **stop_strings;
-	int			n_stop_strings;
-
-	const char *grammar;		/* output constraint spec (JSON), NULL: none */
-	Size		grammar_len;
-
-	int64		page_size;
-	int64		pages_upto;
-	int64		cache_key;
-	Size		reply_hint;		/* expected size of the returned state (sizes the reply queue) */
-} KlReqSpec;
+/* (KlReqSpec, what a SQL function asks for: pg_protocol.h) */
 
 typedef enum KlEventType
 {

@@ -58,6 +58,7 @@ typedef struct KlModelEntry
 	bool		persisted;		/* in the registry file: loaded again after a restart */
 	uint8		wload[KL_MAX_WORKERS];
 	char		error[1024];	/* why loading failed */
+	int			error_code;		/* and the code of that error (kl_errcode) */
 	/* filled by the first worker that loads it */
 	int64		n_params;
 	int64		bytes;

@@ -33,6 +33,7 @@
 #include "pg_batch_call.h"
 #include "pg_chat.h"
 #include "pg_conversation.h"
+#include "pg_errors.h"
 #include "pg_guc.h"
 
 PG_FUNCTION_INFO_V1(kl_sql_generate_each);
@@ -133,7 +134,7 @@ input_state(EachState *st, int i, KlBatchRequest *req, kl_state_info *info)
 	len = palloc(sizeof(Size));
 	*part = VARDATA_ANY(state);
 	*len = VARSIZE_ANY_EXHDR(state);
-	kl_check_state_head(*part, *len, info, "kimi_linear state");
+	kl_check_state_head(*part, *len, info, "kimi_linear state", KL_E_INVALID);
 	if (info->from_pos != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -280,7 +281,7 @@ read_summary_args(FunctionCallInfo fcinfo, EachState *st)
 				 errmsg("max_tokens must be between 0 and %d, got %d", kl_max_new_tokens, st->g.max_tokens)));
 	kl_check_sampling(&st->g.sampling);
 	if (kl_sampling_validate(&st->g.sampling, &err) != KL_OK)
-		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("%s", err.msg)));
+		kl_engine_error(&err, NULL, NULL);
 	/* summarize samples with the default seed */
 	st->seed_given = true;
 }

@@ -21,6 +21,7 @@
 
 #include "pg_args.h"
 #include "pg_chat.h"
+#include "pg_errors.h"
 #include "pg_guc.h"
 
 PG_FUNCTION_INFO_V1(kl_sql_generate);
@@ -497,7 +498,7 @@ summarize_text(const char *doc_utf8, int max_tokens, const char *model, double t
 				 errmsg("max_tokens must be between 0 and %d, got %d", kl_max_new_tokens, max_tokens)));
 	kl_check_sampling(&g.sampling);
 	if (kl_sampling_validate(&g.sampling, &err) != KL_OK)
-		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("%s", err.msg)));
+		kl_engine_error(&err, NULL, NULL);
 	kl_model_resolve(model, &ref);
 	tok = kl_ref_tokenizer(&ref);
 	ids = kl_summary_prompt(tok, doc_utf8, &n);
@@ -616,10 +617,11 @@ kl_sql_generate_with_state(PG_FUNCTION_ARGS)
 		part = VARDATA_ANY(state);
 		part_len = VARSIZE_ANY_EXHDR(state);
 		if (kl_state_info_read((const uint8_t *) part, part_len, &info, &err) != KL_OK)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("invalid kimi_linear state: %s", err.msg),
-					 errhint("Pass a state returned by generate_with_state, unchanged, or NULL to start afresh.")));
+		{
+			err.code = KL_E_INVALID;	/* an argument: the caller's input, corrupt or not */
+			kl_engine_error(&err, "invalid kimi_linear state",
+							"Pass a state returned by generate_with_state, unchanged, or NULL to start afresh.");
+		}
 		if (info.kind != KL_STATE_HEAD || info.from_pos != 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

@@ -8,6 +8,7 @@
 #include "utils/builtins.h"
 
 #include "pg_args.h"
+#include "pg_errors.h"
 
 PG_FUNCTION_INFO_V1(kl_sql_tokenize);
 PG_FUNCTION_INFO_V1(kl_sql_detokenize);
@@ -29,7 +30,7 @@ kl_sql_tokenize(PG_FUNCTION_ARGS)
 	if (kl_encode(tok, txt, strlen(txt), special, &ids, &err) != KL_OK)
 	{
 		kl_ids_free(&ids);
-		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("%s", err.msg)));
+		kl_engine_error(&err, NULL, NULL);
 	}
 	PG_TRY();
 	{
@@ -66,7 +67,7 @@ kl_sql_detokenize(PG_FUNCTION_ARGS)
 					 errmsg("token id %d at position %d is outside the vocabulary of model \"%s\" [0, %d)",
 							ids[i], i + 1, ref.name, ref.vocab_size)));
 	if (kl_decode_text(kl_ref_tokenizer(&ref), ids, (size_t) n, &txt, &len, &err) != KL_OK)
-		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("%s", err.msg)));
+		kl_engine_error(&err, NULL, NULL);
 	PG_TRY();
 	{
 		out = kl_utf8_to_text(txt, (int) len);

@@ -151,7 +151,10 @@ sync_models(void)
 			pgstat_report_activity(STATE_RUNNING, "loading a model");
 			/* the options come from the backend or the registry file: checked again */
 			if (!kl_load_options_parse(options, &lo, err.msg, sizeof(err.msg)))
+			{
+				err.code = KL_E_INVALID;
 				rc = KL_FAIL;
+			}
 			else
 			{
 				kl_load_options_apply(&lo, &opts);
@@ -174,7 +177,7 @@ sync_models(void)
 					kl_model_free(m);
 					memset(wm, 0, sizeof(*wm));
 					rc = KL_FAIL;
-					snprintf(err.msg, sizeof(err.msg), "out of memory for the model's logits");
+					kl_errc(&err, KL_E_RESOURCES, "out of memory for the model's logits");
 				}
 				else if (!(wm->ctx = NULL, kl_ctx_new(m, Max(kl_prefill_chunk, KL_DECODE_GROUP), &wm->ctx, &err) == KL_OK))
 				{
@@ -227,7 +230,10 @@ sync_models(void)
 			{
 				e->wload[me] = KL_WLOAD_FAILED;
 				if (e->error[0] == '\0')
+				{
 					strlcpy(e->error, err.msg, sizeof(e->error));
+					e->error_code = err.code;
+				}
 				e->state = KL_MODEL_FAILED;
 			}
 			LWLockRelease(kl_shared->lock);
@@ -346,7 +352,7 @@ kl_worker_main(Datum arg)
 		edata = CopyErrorData();
 		EmitErrorReport();
 		FlushErrorState();
-		kl_batch_fail_all(NULL, KL_ERR_INTERNAL, edata->message,
+		kl_batch_fail_all(NULL, KL_E_INTERNAL, edata->message,
 						  "The inference worker hit an internal error; see the server log.");
 		FreeErrorData(edata);
 		RESUME_INTERRUPTS();

@@ -12,8 +12,12 @@
  * shards, tokenizer files, or the directory itself), and such a path gets the
  * error of a missing one.  Errors never quote a file's content: files full of
  * a "secret" marker, broken in every way, must give errors without it.
+ *
+ * Every error carries a code set where it is raised (kl_err.code): the
+ * representative errors of each kind are checked for theirs.
  */
 #include <dirent.h>
+#include <errno.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -110,7 +114,7 @@ static void
 expect_load_error(const char *dir, const char *needle, const char *what)
 {
 	kl_model   *m = NULL;
-	kl_err		err = {{0}};
+	kl_err		err = {0};
 	int			rc = kl_model_load(dir, NULL, &m, &err);
 
 	if (!tap_ok(rc == KL_FAIL && m == NULL && strstr(err.msg, needle) != NULL, "%s: clear error", what))
@@ -649,7 +653,7 @@ static void
 expect_no_echo(const char *dir, const char *secret, const char *what)
 {
 	kl_model   *m = NULL;
-	kl_err		err = {{0}};
+	kl_err		err = {0};
 	int			rc = kl_model_load(dir, NULL, &m, &err);
 
 	if (!tap_ok(rc == KL_FAIL && strstr(err.msg, secret) == NULL, "%s: an error that quotes nothing of the file", what))
@@ -734,7 +738,7 @@ static void
 expect_confined(const char *dir, const char *root, const char *needle, const char *what)
 {
 	kl_model   *m = NULL;
-	kl_err		err = {{0}};
+	kl_err		err = {0};
 	kl_load_opts o = {0};
 	int			rc;
 
@@ -752,7 +756,7 @@ static bool
 loads(const char *dir, const char *root)
 {
 	kl_model   *m = NULL;
-	kl_err		err = {{0}};
+	kl_err		err = {0};
 	kl_load_opts o = {0};
 	int			rc;
 
@@ -855,8 +859,8 @@ test_confinement(void)
 		char		ld[700],
 					md[700];
 		kl_model   *m = NULL;
-		kl_err		e1 = {{0}},
-					e2 = {{0}};
+		kl_err		e1 = {0},
+					e2 = {0};
 		kl_load_opts o = {0};
 		char	   *p1,
 				   *p2;
@@ -896,6 +900,189 @@ test_confinement(void)
 
 
 
+/* The code of a model load's error (KL_E_NONE if it loaded). */
+static kl_errcode
+load_code(const char *dir, const char *device, char *msg, size_t msg_size)
+{
+	kl_model   *m = NULL;
+	kl_load_opts o = {0};
+	kl_err		err = {0};
+
+	o.device = device;
+	if (kl_model_load(dir, &o, &m, &err) == KL_OK)
+	{
+		kl_model_free(m);
+		return KL_E_NONE;
+	}
+	snprintf(msg, msg_size, "%s", err.msg);
+	return err.code;
+}
+
+static void
+expect_code(kl_errcode got, kl_errcode want, const char *what, const char *msg)
+{
+	if (!tap_ok(got == want, "%s: %s", what, kl_errcode_name(want)))
+		tap_diag("got %s (%d): %s", kl_errcode_name(got), (int) got, msg);
+}
+
+/* A config.json of tiny_a with one field set to a JSON value. */
+static char *
+config_with(const char *key, json_t *value)
+{
+	char		cp[1100];
+	size_t		clen;
+	char	   *cfg,
+			   *txt;
+	json_t	   *c;
+
+	snprintf(cp, sizeof(cp), "%s/config.json", src_dir);
+	cfg = (char *) slurp(cp, &clen);
+	cfg[clen] = 0;
+	c = json_loads(cfg, 0, NULL);
+	json_object_set_new(c, key, value);
+	txt = json_dumps(c, 0);
+	json_decref(c);
+	free(cfg);
+	return txt;
+}
+
+/*
+ * Each kind of error carries its code: invalid input, corrupt data, out of
+ * resources, not supported.  (Internal errors are failures of libraries and
+ * bugs: nothing here can raise one, so only their propagation is checked.)
+ */
+static void
+test_error_codes(void)
+{
+	char		msg[1024] = "";
+	char		path[1100];
+	uint8_t    *orig;
+	size_t		olen;
+	char	   *cfg;
+
+	snprintf(path, sizeof(path), "%s/model.safetensors", src_dir);
+	orig = slurp(path, &olen);
+
+	/* checkpoints */
+	expect_code(load_code("/nonexistent/model", NULL, msg, sizeof(msg)), KL_E_INVALID, "a missing model directory", msg);
+	expect_code(load_code(make_model("code_json", "{\"vocab_size\": 512,", NULL, 0), NULL, msg, sizeof(msg)),
+				KL_E_INVALID, "config.json that is not JSON", msg);
+	cfg = config_with("hidden_size", json_integer(-4));
+	expect_code(load_code(make_model("code_range", cfg, NULL, 0), NULL, msg, sizeof(msg)), KL_E_INVALID,
+				"a config field out of range", msg);
+	free(cfg);
+	cfg = config_with("model_type", json_string("llama"));
+	expect_code(load_code(make_model("code_type", cfg, NULL, 0), NULL, msg, sizeof(msg)), KL_E_UNSUPPORTED,
+				"another model_type", msg);
+	free(cfg);
+	cfg = config_with("quantization_config", json_pack("{s:s}", "quant_method", "awq"));
+	expect_code(load_code(make_model("code_awq", cfg, NULL, 0), NULL, msg, sizeof(msg)), KL_E_UNSUPPORTED,
+				"an unsupported quantization method", msg);
+	free(cfg);
+	expect_code(load_code(make_model("code_trunc", NULL, orig, olen / 2), NULL, msg, sizeof(msg)), KL_E_CORRUPT,
+				"a safetensors file cut in half", msg);
+	expect_code(load_code(make_model("code_trunc4", NULL, orig, 4), NULL, msg, sizeof(msg)), KL_E_CORRUPT,
+				"a safetensors file of 4 bytes", msg);
+	expect_code(load_code(src_dir, "tpu", msg, sizeof(msg)), KL_E_INVALID, "an unknown device", msg);
+	free(orig);
+
+	/* states */
+	{
+		kl_model   *m,
+				   *other;
+		kl_ctx	   *ctx = NULL;
+		kl_seq	   *s,
+				   *t;
+		kl_err		err = {0};
+		int32_t		ids[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+		kl_batch_item it;
+		uint8_t    *blob,
+				   *c;
+		size_t		len;
+		kl_blob		part;
+
+		if (kl_model_load(src_dir, NULL, &m, &err) != KL_OK || kl_ctx_new(m, 0, &ctx, &err) != KL_OK ||
+			kl_seq_new(m, &s, &err) != KL_OK || kl_seq_new(m, &t, &err) != KL_OK)
+		{
+			tap_ok(0, "load tiny_a: %s", err.msg);
+			return;
+		}
+		it = (kl_batch_item) {s, ids, 8, NULL, false};
+		kl_forward(ctx, &it, 1, &err);
+		kl_state_save(s, 0, &blob, &len, &err);
+		c = malloc(len);
+
+		memcpy(c, blob, len);
+		c[len / 2] ^= 4;
+		part = (kl_blob) {c, len};
+		kl_state_load(t, &part, 1, &err);
+		expect_code(err.code, KL_E_CORRUPT, "a state with a flipped bit (checksum)", err.msg);
+		part = (kl_blob) {blob, len - 10};
+		kl_state_load(t, &part, 1, &err);
+		expect_code(err.code, KL_E_CORRUPT, "a state cut short", err.msg);
+		part = (kl_blob) {(const uint8_t *) "not a state, not at all, not even close to one; a sentence of "
+			"more than one hundred bytes, which is the least a state has.", 120};
+		kl_state_load(t, &part, 1, &err);
+		expect_code(err.code, KL_E_INVALID, "bytes that are not a state", err.msg);
+		memcpy(c, blob, len);
+		c[8] = 9;				/* format version 9 */
+		part = (kl_blob) {c, len};
+		kl_state_load(t, &part, 1, &err);
+		expect_code(err.code, KL_E_UNSUPPORTED, "a state of a later format version", err.msg);
+		snprintf(path, sizeof(path), "%s/golden/tiny_c", tap_fixture_dir());
+		if (kl_model_load(path, NULL, &other, &err) == KL_OK)
+		{
+			kl_seq	   *o;
+
+			kl_seq_new(other, &o, &err);
+			part = (kl_blob) {blob, len};
+			kl_state_load(o, &part, 1, &err);
+			expect_code(err.code, KL_E_INVALID, "another model's state", err.msg);
+			kl_seq_free(o);
+			kl_model_free(other);
+		}
+
+		/* arguments and limits */
+		ids[0] = 512;
+		it = (kl_batch_item) {t, ids, 1, NULL, false};
+		kl_forward(ctx, &it, 1, &err);
+		expect_code(err.code, KL_E_INVALID, "a token id outside the vocabulary", err.msg);
+		{
+			kl_sampling sp;
+
+			kl_sampling_default(&sp);
+			sp.top_p = 0;
+			kl_sampling_validate(&sp, &err);
+			expect_code(err.code, KL_E_INVALID, "a sampling setting out of range", err.msg);
+		}
+		{
+			kl_ctx	   *big = NULL;
+
+			kl_ctx_new(m, 1 << 21, &big, &err);
+			expect_code(err.code, KL_E_RESOURCES, "a context for 2M tokens per step", err.msg);
+		}
+		free(c);
+		free(blob);
+		kl_seq_free(s);
+		kl_seq_free(t);
+		kl_ctx_free(ctx);
+		kl_model_free(m);
+	}
+
+	/* passing errors on keeps their code; errno's codes */
+	{
+		kl_err		err = {0};
+
+		kl_errc(&err, KL_E_INTERNAL, "a library failed");
+		kl_err_prefix(&err, "loading %s", "x");
+		tap_ok(err.code == KL_E_INTERNAL && strcmp(err.msg, "loading x: a library failed") == 0,
+			   "kl_err_prefix keeps the code: \"%s\"", err.msg);
+		tap_ok(kl_errno_code(ENOMEM) == KL_E_RESOURCES && kl_errno_code(EMFILE) == KL_E_RESOURCES &&
+			   kl_errno_code(ENOENT) == KL_E_INVALID && kl_errno_code(EACCES) == KL_E_INVALID &&
+			   kl_errno_code(EIO) == KL_E_INTERNAL, "errno values map to codes");
+	}
+}
+
 static void
 rm_rf(const char *path)
 {
@@ -934,6 +1121,7 @@ main(void)
 	test_confinement();
 
 	test_states();
+	test_error_codes();
 	rm_rf(tmpdir);
 	return tap_done();
 }

@@ -830,7 +830,7 @@ ckpt_write(const ckpt *c, const char *name)
 static void
 expect_error(const char *dir, const char *quantize, const char *needle, const char *what)
 {
-	kl_err		err = {{0}};
+	kl_err		err = {0};
 	kl_model   *m = load(dir, quantize, &err);
 
 	if (!tap_ok(m == NULL && strstr(err.msg, needle) != NULL, "%s: clear error", what))

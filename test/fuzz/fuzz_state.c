@@ -2,7 +2,8 @@
  * libFuzzer harness: decoding a state blob into a sequence of the golden
  * tiny_a model (test/fixtures, or $KL_FIXTURES), then one forward step on it when it
  * loads.  Inputs may be one part or several, split at "KLSTATE" magics.
- * Built twice: as is, and with FIX_CRC (fuzz_state_crc).
+ * Built twice: as is, and with FIX_CRC (fuzz_state_crc).  Every refusal must
+ * carry an error code and a message.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,6 +78,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		}
 	}
 #endif
+	err = (kl_err) {0};
 	if (kl_state_load(seq, parts, n, &err) == KL_OK)
 	{
 		int32_t		tok = 1;
@@ -84,5 +86,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
 		(void) kl_forward(ctx, &it, 1, &err);
 	}
+	else if (!kl_err_is_set(&err))
+		abort();
 	return 0;
 }

@@ -14,7 +14,7 @@ trap 'rm -rf "$TMP"' EXIT
 make -s cli >/dev/null
 rm -rf "$S"
 mkdir -p "$S"/fuzz_config "$S"/fuzz_safetensors "$S"/fuzz_state "$S"/fuzz_tokenizer "$S"/fuzz_json_schema \
-  "$S"/fuzz_tool_calls
+  "$S"/fuzz_tool_calls "$S"/fuzz_protocol
 
 # config.json: both golden models, the bundled model, the benchmark shapes
 cp $G/tiny_a/config.json "$S"/fuzz_config/tiny_a.json
@@ -70,5 +70,11 @@ for i, r in enumerate(d["renders"]):
     open(f"{sys.argv[1]}/render_{i}.bin", "wb").write(
         json.dumps(r["messages"]).encode() + b"\0" + json.dumps(r.get("tools") or []).encode())
 PY
+
+# requests as a backend lays them out (the encoder in src/pg/pg_protocol.c): a
+# prompt; stop ids, stop strings and an output constraint; a conversation's
+# turn with two state parts
+cc -std=gnu11 -Isrc/engine -Isrc/pg -o "$TMP"/protocol_seeds test/fuzz/protocol_seeds.c src/pg/pg_protocol.c
+"$TMP"/protocol_seeds "$S"/fuzz_protocol
 
 du -sh "$S"/*
