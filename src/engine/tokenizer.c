@@ -390,7 +390,8 @@ load_config(kl_tokenizer *t, const char *confine, const char *path, kl_err *err)
 	t->special_text = kl_calloc((size_t) (t->n_vocab - t->n_base) + 1, sizeof(char *), err);
 	if (!t->special_text)
 		goto out;
-	qsort(t->specials, (size_t) t->n_specials, sizeof(kl_special), compare_special_id);
+	if (t->n_specials > 0)	/* qsort's base must not be NULL, even for zero items */
+		qsort(t->specials, (size_t) t->n_specials, sizeof(kl_special), compare_special_id);
 	for (int k = 0; k < t->n_specials; k++)
 	{
 		if (k > 0 && t->specials[k].id == t->specials[k - 1].id)

@@ -174,6 +174,7 @@ static void
 check_golden(const char *model, const char *file, const char *prec)
 {
 	char		name[160];
+	const char *routing;		/* the golden file's MoE routing rule (NULL: the default) */
 	golden		g;
 	kl_err		err;
 	char		path[1200];
@@ -191,7 +192,8 @@ check_golden(const char *model, const char *file, const char *prec)
 	snprintf(path, sizeof(path), "%s/%s", g.dir, file);
 	if (kl_st_open_file(path, &g.st, &err) != KL_OK)
 		die("golden data", &err);
-	m = load_routed(g.dir, "cuda", prec, strcmp(file, "golden.safetensors") == 0 ? "reference" : NULL);
+	routing = strcmp(file, "golden.safetensors") == 0 ? "reference" : NULL;
+	m = load_routed(g.dir, "cuda", prec, routing);
 	c = kl_model_config(m);
 	g.V = c->vocab_size;
 	g.T = (int) gt(&g, "input_ids")->numel;
@@ -319,7 +321,7 @@ check_golden(const char *model, const char *file, const char *prec)
 	/* states between devices: GPU -> CPU and CPU -> GPU, continuing after `split`
 	 * (bf16: the GPU's cache holds bf16 rows, converted at the boundary) */
 	{
-		kl_model   *cpu = load(g.dir, "cpu", "fp32");
+		kl_model   *cpu = load_routed(g.dir, "cpu", "fp32", routing);
 		kl_model   *from[2] = {m, cpu},
 				   *to[2] = {cpu, m};
 		static const char *names[2] = {"GPU -> CPU", "CPU -> GPU"};

@@ -29,10 +29,14 @@ qs() { psql -XAtq -p "$STANDBY_PORT" -d $DB -v ON_ERROR_STOP=1 "$@"; }
 qs_err() { psql -XAtq -p "$STANDBY_PORT" -d $DB -v ON_ERROR_STOP=1 -v VERBOSITY=default -c "$1" 2>&1 >/dev/null; }
 stop_standby() { [ -d "$SB/data" ] && kl_as_user "$KL_PGBIN/pg_ctl" -D "$SB/data" -m fast -w -t 60 stop >/dev/null 2>&1; }
 trap stop_standby EXIT
-wait_replay() {	# until the standby has replayed everything the primary wrote so far
+# until the standby has replayed everything the primary wrote so far.  The
+# insert position, not pg_current_wal_lsn(): the test cluster commits
+# asynchronously (synchronous_commit = off), so the last commit record may be
+# inserted but not yet written when the write position is read.
+wait_replay() {
   local lsn
-  lsn=$(qp -c "SELECT pg_current_wal_lsn()")
-  for _ in $(seq 1 300); do
+  lsn=$(qp -c "SELECT pg_current_wal_insert_lsn()")
+  for _ in $(seq 1 1200); do
     [ "$(qs -c "SELECT pg_last_wal_replay_lsn() >= '$lsn'")" = t ] && return 0
     sleep 0.05
   done
@@ -116,8 +120,8 @@ pr_state=$(qp -c "SELECT md5(state) FROM kimi_linear.conversations WHERE id = $c
 ok $? "say() on the primary gives the reply the standby computed ('$(echo "$pr_reply" | tr '\n' ' ' | cut -c1-40)…')"
 [ "${sb_turn##*|}" = "$pr_state" ]
 ok $? "and stores the very state the standby computed (md5 $pr_state)"
-wait_replay
-[ "$(qs -c "SELECT turns || ' ' || md5(state) FROM kimi_linear.conversations WHERE id = $cid")" = "3 $pr_state" ] &&
+wait_replay &&
+  [ "$(qs -c "SELECT turns || ' ' || md5(state) FROM kimi_linear.conversations WHERE id = $cid")" = "3 $pr_state" ] &&
   [ "$(qs -c "SELECT count(*) FROM kimi_linear.messages WHERE conversation_id = $cid")" = 7 ]
 ok $? "the committed turn replays to the standby (3 turns, 7 messages, the same state)"
 
