@@ -350,31 +350,6 @@ parse_list(const char *s, int *out, int max)
 	return n;
 }
 
-static void
-cpu_name(char *buf, size_t len)
-{
-	FILE	   *f = fopen("/proc/cpuinfo", "r");
-	char		line[512];
-
-	snprintf(buf, len, "unknown CPU");
-	if (!f)
-		return;
-	while (fgets(line, sizeof(line), f))
-		if (strncmp(line, "model name", 10) == 0)
-		{
-			char	   *p = strchr(line, ':');
-
-			if (p)
-			{
-				p += 2;
-				p[strcspn(p, "\n")] = 0;
-				snprintf(buf, len, "%s", p);
-			}
-			break;
-		}
-	fclose(f);
-}
-
 /* ------------------------------------------------------------------ the benchmark */
 
 int
@@ -440,7 +415,7 @@ cmd_bench(int argc, char **argv)
 		fprintf(stderr, "kl bench: give --model DIR or --config FILE (random weights)\n");
 		return 2;
 	}
-	cpu_name(cpu, sizeof(cpu));
+	cli_cpu_name(cpu, sizeof(cpu));
 	strftime(date, sizeof(date), "%Y-%m-%d", gmtime(&now));
 	bw = gflops = 0;
 	if (roofline)

@@ -8,6 +8,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+#include "kl_file.h"
 
 void
 cli_common_init(cli_common *co)
@@ -104,22 +107,50 @@ cli_parse_ids(const char *s, int32_t **ids, int *n)
 uint8_t *
 cli_read_file(const char *path, size_t *len)
 {
-	FILE	   *f = fopen(path, "rb");
-	uint8_t    *b = NULL;
-	long		n;
+	char	   *b;
+	kl_err		err;
 
-	if (!f)
+	/* the engine's reader, unconfined (the command line reads what its user names) */
+	if (kl_file_read(NULL, path, SIZE_MAX - 1, "this command", &b, len, &err) != KL_OK)
 		return NULL;
-	if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0 &&
-		(b = malloc((size_t) n + 1)) != NULL && fread(b, 1, (size_t) n, f) == (size_t) n)
-		*len = (size_t) n;
-	else
+	return (uint8_t *) b;
+}
+
+char *
+cli_read_stdin(size_t *len)
+{
+	char	   *b;
+	kl_err		err;
+
+	if (kl_file_read_stream(STDIN_FILENO, "standard input", SIZE_MAX - 1, "this command", &b, len, &err) != KL_OK)
 	{
-		free(b);
-		b = NULL;
+		fprintf(stderr, "kl: %s\n", err.msg);
+		return NULL;
 	}
-	fclose(f);
 	return b;
+}
+
+void
+cli_cpu_name(char *out, size_t cap)
+{
+	FILE	   *f = fopen("/proc/cpuinfo", "r");
+	char		line[512];
+
+	snprintf(out, cap, "unknown CPU");
+	if (!f)
+		return;
+	while (fgets(line, sizeof(line), f))
+		if (strncmp(line, "model name", 10) == 0 && strchr(line, ':'))
+		{
+			char	   *v = strchr(line, ':') + 1;
+
+			while (*v == ' ' || *v == '\t')
+				v++;
+			v[strcspn(v, "\n")] = 0;
+			snprintf(out, cap, "%s", v);
+			break;
+		}
+	fclose(f);
 }
 
 int

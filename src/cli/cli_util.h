@@ -28,8 +28,14 @@ int			cli_load(const cli_common *co, kl_model **m, kl_err *err);
 /* "1,2,3" (commas or whitespace) -> malloc'd ids; 0 on success */
 int			cli_parse_ids(const char *s, int32_t **ids, int *n);
 
-/* whole file -> malloc'd bytes (NULL on error); write bytes to a file (0 on success) */
+/* whole file -> malloc'd bytes, NUL-terminated (NULL on error; kl_file_read
+ * unconfined); write bytes to a file (0 on success) */
 uint8_t    *cli_read_file(const char *path, size_t *len);
+/* all of standard input, malloc'd and NUL-terminated; NULL after printing why */
+char	   *cli_read_stdin(size_t *len);
+/* the CPU's model name from /proc/cpuinfo ("unknown CPU" without one), for
+ * the machine line of benchmark tables */
+void		cli_cpu_name(char *out, size_t cap);
 int			cli_write_file(const char *path, const void *data, size_t len);
 
 #endif

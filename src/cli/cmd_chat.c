@@ -143,7 +143,6 @@ cmd_parse_reply(int argc, char **argv)
 	char	   *text = NULL,
 			   *json = NULL;
 	size_t		len = 0,
-				cap = 0,
 				jl;
 	kl_err		err;
 	int			rc = 1;
@@ -171,18 +170,12 @@ cmd_parse_reply(int argc, char **argv)
 		}
 		free(t);
 	}
-	for (;;)
+	if (!(text = cli_read_stdin(&len)))
 	{
-		size_t		got;
-
-		if (len + 4096 > cap && !(text = realloc(text, cap = cap ? cap * 2 : 65536)))
-			return 1;
-		got = fread(text + len, 1, cap - len, stdin);
-		if (got == 0)
-			break;
-		len += got;
+		kl_chat_free(decl);
+		return 1;
 	}
-	if (kl_chat_parse_reply_text(text ? text : "", len, decl, &r, &err) != KL_OK ||
+	if (kl_chat_parse_reply_text(text, len, decl, &r, &err) != KL_OK ||
 		kl_chat_reply_json(r, &json, &jl, &err) != KL_OK)
 		fprintf(stderr, "kl parse-reply: %s\n", err.msg);
 	else
