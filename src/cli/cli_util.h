@@ -23,6 +23,47 @@ void		cli_common_init(cli_common *co);
 bool		cli_common_arg(cli_common *co, int argc, char **argv, int *i);
 /* The load options the common options set (device, MoE routing). */
 kl_load_opts cli_load_opts(const cli_common *co);
+/*
+ * A command's option table: each "--name" and where its value goes.  Numbers
+ * convert as the commands always did (atoi, strtol, strtof, strtoull: text
+ * that is not a number reads as 0, or as its leading digits).
+ */
+typedef enum cli_opt_kind
+{
+	CLI_OPT_STRING,				/* const char **: the argument itself */
+	CLI_OPT_INT,				/* int * */
+	CLI_OPT_LONG,				/* long * */
+	CLI_OPT_FLOAT,				/* float * */
+	CLI_OPT_U64,				/* uint64_t * */
+	CLI_OPT_SET,				/* bool *, set true; takes no value */
+	CLI_OPT_CLEAR,				/* bool *, set false; takes no value */
+	CLI_OPT_INT_LIST,			/* int[max], *count set: "512,4k,32768" (k = 1024) */
+} cli_opt_kind;
+
+typedef struct cli_opt
+{
+	const char *name;			/* "--max-tokens" */
+	cli_opt_kind kind;
+	void	   *value;
+	int		   *count;			/* CLI_OPT_INT_LIST only */
+	int			max;			/* CLI_OPT_INT_LIST only */
+} cli_opt;
+
+/* table rows: CLI_OPT("--seed", CLI_OPT_U64, &seed), CLI_OPT_LIST("--prefill", points, &n, 8) */
+#define CLI_OPT(n, k, v) {.name = (n), .kind = (k), .value = (v)}
+#define CLI_OPT_LIST(n, v, cnt, mx) {.name = (n), .kind = CLI_OPT_INT_LIST, .value = (v), .count = (cnt), .max = (mx)}
+#define CLI_N_OPTS(table) (sizeof(table) / sizeof((table)[0]))
+
+/*
+ * Parse argv[1..argc-1]: the common options first (when co is not NULL),
+ * then the command's table.  An unknown option, or one without its value,
+ * prints "kl CMD: unknown or incomplete option X" and returns 2; else 0.
+ */
+int			cli_parse_options(const char *cmd, int argc, char **argv, cli_common *co, const cli_opt *opts,
+							  size_t n_opts);
+/* "512,4k,32768" -> out[] (at most max values; k = 1024); the count read */
+int			cli_parse_int_list(const char *s, int *out, int max);
+
 /* Apply --threads and load --model. */
 int			cli_load(const cli_common *co, kl_model **m, kl_err *err);
 /* "1,2,3" (commas or whitespace) -> malloc'd ids; 0 on success */

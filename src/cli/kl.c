@@ -101,26 +101,16 @@ cmd_logits(int argc, char **argv)
 	int			n = 0;
 	float	   *logits = NULL;
 	int			rc = 1;
+	const cli_opt opts[] = {
+		CLI_OPT("--ids", CLI_OPT_STRING, &ids_s),
+		CLI_OPT("--out", CLI_OPT_STRING, &out),
+		CLI_OPT("--split", CLI_OPT_INT, &split),
+		CLI_OPT("--recurrent", CLI_OPT_SET, &recurrent),
+	};
 
 	cli_common_init(&co);
-	for (int i = 1; i < argc; i++)
-	{
-		if (cli_common_arg(&co, argc, argv, &i))
-			continue;
-		if (strcmp(argv[i], "--ids") == 0 && i + 1 < argc)
-			ids_s = argv[++i];
-		else if (strcmp(argv[i], "--out") == 0 && i + 1 < argc)
-			out = argv[++i];
-		else if (strcmp(argv[i], "--split") == 0 && i + 1 < argc)
-			split = atoi(argv[++i]);
-		else if (strcmp(argv[i], "--recurrent") == 0)
-			recurrent = true;
-		else
-		{
-			fprintf(stderr, "kl logits: unknown or incomplete option %s\n", argv[i]);
-			return 2;
-		}
-	}
+	if (cli_parse_options("logits", argc, argv, &co, opts, CLI_N_OPTS(opts)) != 0)
+		return 2;
 	if (!co.model || !ids_s || !out)
 	{
 		fprintf(stderr, "kl logits: --model, --ids and --out are required\n");
