@@ -402,7 +402,7 @@ prompt_ids(const gen_opts *o, gen_run *r, kl_err *err)
 	kl_ids		enc = {0};
 	int			rc;
 
-	if (!o->ids && !o->prompt && !o->chat)
+	if (!o->ids && !o->prompt && !o->chat && !o->chat_json)
 	{
 		r->n = 0;
 		return KL_OK;
