@@ -38,6 +38,13 @@ REPEAT=${KL_BENCH_REPEAT:-2}
 W=$(mktemp -d)
 MODEL=models/pgdocs-kimi-18m
 CONF_LINES=("kimi_linear.max_requests = 160" "kimi_linear.max_requests_per_call = 64" "max_worker_processes = 16")
+# KL_BENCH_CONF: more postgresql.conf lines, ';'-separated (e.g. "kimi_linear.prefill_chunk = 2048; kimi_linear.prefill_budget = 4096");
+# the engine alone cuts prompts by the same kimi_linear.prefill_chunk
+IFS=';' read -r -a EXTRA_CONF <<<"${KL_BENCH_CONF:-}"
+for l in "${EXTRA_CONF[@]}"; do [ -n "${l// /}" ] && CONF_LINES+=("$(echo "$l" | sed 's/^ *//; s/ *$//')"); done
+export KL_PREFILL_CHUNK=$(printf '%s\n' "${CONF_LINES[@]}" | sed -n 's/^kimi_linear.prefill_chunk *= *\([0-9]*\).*/\1/p' | tail -1)
+KL_PREFILL_CHUNK=${KL_PREFILL_CHUNK:-512}
+SETTINGS=$(printf '%s; ' "${CONF_LINES[@]}")
 
 if [ $MODE = cpu ]; then
   PAGE_TOKENS=${KL_BENCH_PAGE_TOKENS:-128}
@@ -179,7 +186,7 @@ TABLE=$W/table.md
   done
 } >"$TABLE"
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
-SUMMARY="$ROWS pages of the manual, each cut to its first $PAGE_TOKENS tokens ($PROMPT_TOKENS prompt tokens with summarize's chat template), max_tokens => $NEW, greedy: $GEN tokens generated (the end token included; a summary stops at the model's end of message). Model pgdocs-kimi-18m on $DEV_SHOWN. Results checked equal: $SAME."
+SUMMARY="$ROWS pages of the manual, each cut to its first $PAGE_TOKENS tokens ($PROMPT_TOKENS prompt tokens with summarize's chat template), max_tokens => $NEW, greedy: $GEN tokens generated (the end token included; a summary stops at the model's end of message). Model pgdocs-kimi-18m on $DEV_SHOWN. Settings: ${SETTINGS%; }. Results checked equal: $SAME."
 echo
 echo "$SUMMARY"
 echo
@@ -190,7 +197,7 @@ if [ -n "$OUT" ]; then
     echo "# Summarizing a column: one by one, set-based, and the engine's batched loop"
     echo
     echo "Produced by \`bash bench/bench-batch-sql.sh$([ $MODE = gpu ] && echo ' --gpu')\` on $(date -u +%Y-%m-%d): $MACHINE;"
-    echo "PostgreSQL $(q -c 'SHOW server_version'), one inference worker (threads = all cores), kimi_linear.max_requests_per_call = 64."
+    echo "PostgreSQL $(q -c 'SHOW server_version'), one inference worker (threads = all cores); $(q -c 'SHOW kimi_linear.prefill_chunk') prompt tokens per prefill chunk, prefill budget per step $(q -c 'SHOW kimi_linear.prefill_budget') (0: one chunk)."
     echo "$SUMMARY"
     echo
     echo "The whole run took $(( ($(date +%s) - T_START) / 60 )) minutes; load average (1, 5, 15 min) $LOAD_START at the start, $LOAD_END at the end"
@@ -201,7 +208,7 @@ if [ -n "$OUT" ]; then
     echo "same number in flight (1.00x = as fast). \"CPU s\": the CPU time (user + system, least of the runs) of the inference worker"
     echo "for the SQL rows (the backends' tokenizing is not counted), of the engine process for the engine rows: the work done,"
     echo "which a busy machine changes less than the wall time."
-    echo "The engine run renders the same prompts (before its clock starts), prefills each on its own in 512-token chunks and"
+    echo "The engine run renders the same prompts (before its clock starts), prefills each on its own in $KL_PREFILL_CHUNK-token chunks and"
     echo "decodes every sequence in flight in one forward step, as the inference worker does, with no PostgreSQL in between."
     echo
     cat "$TABLE"

@@ -4,7 +4,8 @@
  * worker runs summarize_each, with up to CONCURRENCY sequences in flight:
  *   - each document becomes summarize()'s prompt (the same chat turn as
  *     kl_summary_prompt in src/pg/pg_sql_generate.c), prefilled on its own
- *     in chunks of 512 tokens (as the worker does: kimi_linear.prefill_chunk);
+ *     in chunks of KL_PREFILL_CHUNK tokens (environment, default 512: the
+ *     worker's kimi_linear.prefill_chunk, which the caller passes on);
  *   - every step decodes all sequences in flight in one kl_forward (groups of
  *     up to 64, the worker's decode group), greedy;
  *   - a sequence stops at the model's end token, a chat stop token or
@@ -27,7 +28,6 @@
 #include "tokenizer.h"
 
 #define GROUP KL_BATCH_INVARIANT_ROWS
-#define CHUNK 512
 
 typedef struct Doc
 {
@@ -124,16 +124,18 @@ main(int argc, char **argv)
 				t1,
 				c0,
 				c1;
+	const char *chunk_env = getenv("KL_PREFILL_CHUNK");
+	int			chunk = chunk_env ? atoi(chunk_env) : 512;
 
-	if (argc < 5 || (conc = atoi(argv[3])) < 1 || (max_tokens = atoi(argv[4])) < 1)
+	if (argc < 5 || (conc = atoi(argv[3])) < 1 || (max_tokens = atoi(argv[4])) < 1 || chunk < 1)
 	{
-		fprintf(stderr, "usage: engine-summarize MODEL_DIR DOCS_JSON CONCURRENCY MAX_TOKENS [DEVICE]\n");
+		fprintf(stderr, "usage: [KL_PREFILL_CHUNK=N] engine-summarize MODEL_DIR DOCS_JSON CONCURRENCY MAX_TOKENS [DEVICE]\n");
 		return 2;
 	}
 	o.device = argc > 5 ? argv[5] : "cpu";
 	if (kl_model_load(argv[1], &o, &m, &err) != KL_OK)
 		fail("loading the model", &err);
-	if (kl_ctx_new(m, CHUNK > GROUP ? CHUNK : GROUP, &ctx, &err) != KL_OK)
+	if (kl_ctx_new(m, chunk > GROUP ? chunk : GROUP, &ctx, &err) != KL_OK)
 		fail("kl_ctx_new", &err);
 	if (!kl_model_tokenizer(m))
 		fail("the model has no tokenizer", NULL);
@@ -183,9 +185,9 @@ main(int argc, char **argv)
 			act[a].doc = next++;
 			if (kl_seq_new(m, &act[a].seq, &err) != KL_OK)
 				fail("kl_seq_new", &err);
-			for (size_t fed = 0; fed < d->prompt.n; fed += CHUNK)
+			for (size_t fed = 0; fed < d->prompt.n; fed += (size_t) chunk)
 			{
-				size_t		take = d->prompt.n - fed < CHUNK ? d->prompt.n - fed : CHUNK;
+				size_t		take = d->prompt.n - fed < (size_t) chunk ? d->prompt.n - fed : (size_t) chunk;
 				kl_batch_item it = {act[a].seq, d->prompt.ids + fed, (int) take,
 				fed + take == d->prompt.n ? logits : NULL, false};
 

@@ -1263,10 +1263,17 @@ kl_batch_step(void)
 			decode_group(wm, group, n);
 	}
 
-	/* 2. prefill: chunks of waiting prompts, round-robin, up to one chunk's worth of tokens */
+	/*
+	 * 2. prefill: chunks of waiting prompts, round-robin, up to the budget
+	 * (one chunk's worth of tokens unless kimi_linear.prefill_budget says
+	 * more: prefill must keep up with the sequences that finish decoding, or
+	 * the decode group runs below its size).  Each chunk is a forward pass of
+	 * its own, cut as when the sequence runs alone, so results do not depend
+	 * on the other requests.
+	 */
 	{
 		int			n_pre = 0;
-		int			budget = kl_prefill_chunk;
+		int			budget = kl_prefill_budget > 0 ? kl_prefill_budget : kl_prefill_chunk;
 		KlReq	   *order[1024];
 
 		for (KlReq *r = requests; r && n_pre < 1024; r = r->next)

@@ -25,6 +25,7 @@ int			kl_max_new_tokens = 4096;
 int			kl_max_requests = 64;
 int			kl_max_requests_per_call = 16;
 int			kl_prefill_chunk = 512;
+int			kl_prefill_budget = 0;
 int			kl_page_size = 1024;
 int			kl_state_cache_mb = 256;
 
@@ -134,6 +135,13 @@ kl_define_gucs(void)
 							"Long prompts are processed in chunks of this size between decode steps of other requests.",
 							&kl_prefill_chunk, 512, 64, 65536,
 							PGC_SIGHUP, 0, check_prefill_chunk, NULL, NULL);
+	DefineCustomIntVariable("kimi_linear.prefill_budget",
+							"Prompt tokens a worker processes per step over all requests (0: one kimi_linear.prefill_chunk).",
+							"Between two decode steps the worker prefills waiting prompts, a chunk at a time, round-robin, up to this many tokens. "
+							"Raise it when many long inputs arrive together (summarize_each over a column, on a GPU): the decode batch then stays full; "
+							"a decode step of other requests waits longer.",
+							&kl_prefill_budget, 0, 0, 1 << 20,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("kimi_linear.page_size",
 							"Positions per stored page of a conversation's attention cache.",
 							"Pages are written once; each turn rewrites the head: the KDA state plus up to this many positions.",

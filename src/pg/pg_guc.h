@@ -22,6 +22,7 @@ extern int	kl_max_new_tokens;		/* max_tokens of one call */
 extern int	kl_max_requests;		/* concurrent requests (postmaster) */
 extern int	kl_max_requests_per_call;	/* requests one set-based call keeps in flight */
 extern int	kl_prefill_chunk;		/* prompt tokens per prefill step */
+extern int	kl_prefill_budget;		/* prompt tokens per worker step, all requests (0: one chunk) */
 extern int	kl_page_size;			/* conversation positions per stored page */
 extern int	kl_state_cache_mb;		/* worker-side conversation cache */
 

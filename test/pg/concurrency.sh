@@ -8,6 +8,7 @@
 #   5. pgbench: say() on a few shared conversations for 30 s loses no turn
 #   6. a set-based call shows its progress in kimi_linear.activity; pg_cancel_backend cancels the whole batch
 #   7. a set-based call waits for request slots other sessions hold, instead of failing
+#   8. kimi_linear.prefill_budget (several prompts prefilled per step) changes no result
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DB=kl_conc
@@ -166,6 +167,24 @@ res=$(q -c "SELECT count(*) || ' rows, ' || count(error) || ' errors' FROM kimi_
 wait
 [ "$res" = "12 rows, 0 errors" ] && ! grep -q ERROR "$W"/hold.*
 ok $? "with $held of $max slots held by other sessions, a batch of 12 (concurrency 8) waits for slots and completes: $res"
+
+# ------------------------------------------------------------------ 8. a prefill budget of several chunks
+each_sql="SELECT string_agg(key || ':' || tokens || ':' || md5(summary), ' ' ORDER BY key)
+          FROM kimi_linear.summarize_each(ARRAY(SELECT g FROM generate_series(1, 8) g),
+                 ARRAY(SELECT repeat('Chapter ' || g || ' of the manual explains how VACUUM, ANALYZE and autovacuum keep tables healthy. ', 12)
+                       FROM generate_series(1, 8) g), max_tokens => 24, concurrency => 8)"
+one_chunk=$(q -c "$each_sql")
+set_budget() {	# VALUE: ALTER SYSTEM, reload, and wait until a new session sees it (the worker reloads at its next wake-up)
+  q -c "ALTER SYSTEM SET kimi_linear.prefill_budget = $1" -c "SELECT pg_reload_conf()" >/dev/null
+  for _ in $(seq 1 100); do [ "$(q -c 'SHOW kimi_linear.prefill_budget')" = "$1" ] && return 0; sleep 0.05; done
+  return 1
+}
+set_budget 4096
+many_chunks=$(q -c "$each_sql")
+set_budget 0
+q -c "ALTER SYSTEM RESET kimi_linear.prefill_budget" -c "SELECT pg_reload_conf()" >/dev/null
+[ -n "$one_chunk" ] && [ "$one_chunk" = "$many_chunks" ]
+ok $? "summarize_each of 8 prompts with prefill_budget = 4096 (8 prompts per step) = with one chunk per step"
 
 echo "1..$n"
 exit $failed
