@@ -85,6 +85,43 @@ write_logits(const char *path, const float *data, int rows, int cols)
 	return 0;
 }
 
+/*
+ * The logits of all n ids into logits; with 0 < split < n, the first split
+ * ids, then through the serializer (save, drop the sequence, restore) the
+ * rest: the state must carry everything.  *seq may be replaced.
+ */
+static int
+logits_split(kl_ctx *ctx, kl_model *m, kl_seq **seq, const int32_t *ids, int n, int split, float *logits,
+			 kl_err *err)
+{
+	int			first = split > 0 ? split : n;
+	kl_batch_item it = {*seq, ids, first, logits, true};
+	uint8_t    *blob;
+	size_t		len;
+	kl_blob		part;
+	int			rc;
+
+	if (kl_forward(ctx, &it, 1, err) != KL_OK)
+		return KL_FAIL;
+	if (!(split > 0 && split < n))
+		return KL_OK;
+	if (kl_state_save(*seq, 0, &blob, &len, err) != KL_OK)
+		return KL_FAIL;
+	kl_seq_free(*seq);
+	*seq = NULL;
+	part.data = blob;
+	part.len = len;
+	rc = kl_seq_new(m, seq, err) == KL_OK && kl_state_load(*seq, &part, 1, err) == KL_OK ? KL_OK : KL_FAIL;
+	free(blob);
+	if (rc != KL_OK)
+		return KL_FAIL;
+	it.seq = *seq;
+	it.ids = ids + split;
+	it.n = n - split;
+	it.logits = logits + (size_t) split * kl_model_config(m)->vocab_size;
+	return kl_forward(ctx, &it, 1, err);
+}
+
 int
 cmd_logits(int argc, char **argv)
 {
@@ -136,44 +173,8 @@ cmd_logits(int argc, char **argv)
 		fprintf(stderr, "kl: out of memory\n");
 		goto out;
 	}
-	{
-		int			first = split > 0 ? split : n;
-		kl_batch_item it = {seq, ids, first, logits, true};
-
-		if (kl_forward(ctx, &it, 1, &err) != KL_OK)
-			goto fail;
-		if (split > 0 && split < n)
-		{
-			/* through the serializer: save, drop the sequence, restore, go on */
-			uint8_t    *blob;
-			size_t		len;
-			kl_blob		part;
-
-			if (kl_state_save(seq, 0, &blob, &len, &err) != KL_OK)
-				goto fail;
-			kl_seq_free(seq);
-			seq = NULL;
-			if (kl_seq_new(m, &seq, &err) != KL_OK)
-			{
-				free(blob);
-				goto fail;
-			}
-			part.data = blob;
-			part.len = len;
-			if (kl_state_load(seq, &part, 1, &err) != KL_OK)
-			{
-				free(blob);
-				goto fail;
-			}
-			free(blob);
-			it.seq = seq;
-			it.ids = ids + split;
-			it.n = n - split;
-			it.logits = logits + (size_t) split * kl_model_config(m)->vocab_size;
-			if (kl_forward(ctx, &it, 1, &err) != KL_OK)
-				goto fail;
-		}
-	}
+	if (logits_split(ctx, m, &seq, ids, n, split, logits, &err) != KL_OK)
+		goto fail;
 	rc = write_logits(out, logits, n, kl_model_config(m)->vocab_size);
 	goto out;
 fail:
