@@ -22,6 +22,7 @@
 #include "cli_util.h"
 #include "commands.h"
 #include "json_constraint.h"
+#include "kl_file.h"
 #include "kl.h"
 #include "tokenizer.h"
 
@@ -338,16 +339,36 @@ chat_json_ids(const gen_opts *o, gen_run *r, const kl_tokenizer *tok, kl_ids *en
 {
 	size_t		len;
 	uint8_t    *file = cli_read_file(o->chat_json, &len);
-	json_t	   *j = file ? json_loadb((const char *) file, len, 0, NULL) : NULL;
-	json_t	   *msgs = json_is_array(j) ? j : json_object_get(j, "messages");
-	json_t	   *t = json_is_object(j) ? json_object_get(j, "tools") : NULL;
-	char	   *ms = msgs ? json_dumps(msgs, JSON_COMPACT) : NULL,
-			   *ts = t && !json_is_null(t) ? json_dumps(t, JSON_COMPACT) : NULL;
+	json_error_t jerr;
+	json_t	   *j,
+			   *msgs,
+			   *t;
+	char	   *ms,
+			   *ts;
 	kl_chat_format f;
 	kl_chat_render_opts ro = {0};
 	int			rc_parse;
 
+	if (!file)
+	{
+		fprintf(stderr, "kl generate: cannot read %s\n", o->chat_json);
+		return GEN_SAID;
+	}
+	j = json_loadb((const char *) file, len, 0, &jerr);
 	free(file);
+	if (!j)
+		return kl_errc(err, KL_E_INVALID, "%s: not valid JSON (line %d column %d: %s)", o->chat_json, jerr.line,
+					   jerr.column, kl_json_error_kind(&jerr));
+	msgs = json_is_array(j) ? j : json_object_get(j, "messages");
+	t = json_is_object(j) ? json_object_get(j, "tools") : NULL;
+	if (!json_is_array(msgs))
+	{
+		json_decref(j);
+		return kl_errc(err, KL_E_INVALID, "%s: expected a list of messages, or an object with \"messages\" "
+					   "(and \"tools\")", o->chat_json);
+	}
+	ms = json_dumps(msgs, JSON_COMPACT);
+	ts = t && !json_is_null(t) ? json_dumps(t, JSON_COMPACT) : NULL;
 	json_decref(j);
 	rc_parse = kl_chat_parse(ms, ms ? strlen(ms) : 0, ts, ts ? strlen(ts) : 0, false, &r->chat, err);
 	free(ms);
