@@ -342,40 +342,65 @@ chunk_prep_smem(int K)
 	return 3 * C * K + 2 * C * C + C + (pairs > solve ? pairs : solve);
 }
 
+/* The regions of kda_chunk_prep_kernel's dynamic shared memory (floats). */
+struct chunk_prep_shared
+{
+	float	   *sq;				/* [C][K] */
+	float	   *sk;				/* [C][K] */
+	float	   *sa;				/* [C][K] a = exp(g) */
+	float	   *sA;				/* [C][C] */
+	float	   *sP;				/* [C][C] */
+	float	   *sb;				/* [C] beta */
+	/* a union: the pair scratch X1, X2, Kr, redp, reda, then the solve's X */
+	float	   *X1;				/* [16][KP] */
+	float	   *X2;				/* [16][KP] */
+	float	   *Kr;				/* [48][KP] */
+	float	   *redp;			/* [16][16][16] */
+	float	   *reda;
+	float	   *X;				/* [C][K + V], then Li and Tb (step 4) */
+};
+
 template <int K>
-__global__ void __launch_bounds__(256)
-kda_chunk_prep_kernel(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
-					  const float *__restrict__ v, const float *__restrict__ g, const float *__restrict__ beta,
-					  float *Wk, float *U0, float *Qg, float *Kt, float *Pout, float *glast)
+__device__ __forceinline__ chunk_prep_shared
+chunk_prep_layout(float *smem)
 {
 	constexpr int C = KDA_CHUNK;
-	constexpr int V = K;
 	constexpr int KP = K + 1;	/* padded rows: threads reading different rows, same column */
-	constexpr int CS = K / 16;	/* channels per slice in the diagonal blocks */
-	extern __shared__ float smem[];
-	float	   *sq = smem;		/* [C][K] */
-	float	   *sk = sq + C * K;	/* [C][K] */
-	float	   *sa = sk + C * K;	/* [C][K] a = exp(g) */
-	float	   *sA = sa + C * K;	/* [C][C] */
-	float	   *sP = sA + C * C;	/* [C][C] */
-	float	   *sb = sP + C * C;	/* [C] beta */
-	float	   *un = sb + C;	/* union: pair scratch, then the solve */
-	float	   *X1 = un;		/* [16][KP] */
-	float	   *X2 = X1 + KDA_SUB * KP; /* [16][KP] */
-	float	   *Kr = X2 + KDA_SUB * KP; /* [48][KP] */
-	float	   *redp = Kr + (C - KDA_SUB) * KP;	/* [16][16][16] */
-	float	   *reda = redp + 16 * 16 * 16;
-	float	   *X = un;			/* [C][K + V] */
-	int			chunk = blockIdx.x,
-				h = blockIdx.y;
-	int			tid = threadIdx.x;
-	int			HK = H * K;
-	int			t0 = chunk * C;
-	int			Cn = n - t0 < C ? n - t0 : C;	/* real rows of this chunk */
-	size_t		tile = (size_t) chunk * H + h;
+	chunk_prep_shared s;
+	float	   *un;
 
-	/* 1. load (asynchronous copies of the rows); rows past the end: k = q = 0,
-	 * a = 1, beta = 0 (they change nothing) */
+	s.sq = smem;
+	s.sk = s.sq + C * K;
+	s.sa = s.sk + C * K;
+	s.sA = s.sa + C * K;
+	s.sP = s.sA + C * C;
+	s.sb = s.sP + C * C;
+	un = s.sb + C;
+	s.X1 = un;
+	s.X2 = s.X1 + KDA_SUB * KP;
+	s.Kr = s.X2 + KDA_SUB * KP;
+	s.redp = s.Kr + (C - KDA_SUB) * KP;
+	s.reda = s.redp + 16 * 16 * 16;
+	s.X = un;
+	return s;
+}
+
+/* 1. load (asynchronous copies of the rows); rows past the end: k = q = 0,
+ * a = 1, beta = 0 (they change nothing); then a = exp(g) */
+template <int K>
+__device__ __forceinline__ void
+chunk_prep_load(const chunk_prep_shared &s, const float *__restrict__ q, const float *__restrict__ k,
+				const float *__restrict__ g, const float *__restrict__ beta, int H, int h, int t0, int Cn, int tid)
+{
+	constexpr int C = KDA_CHUNK;
+	int			HK = H * K;
+	float	   *sq = s.sq;
+	float	   *sk = s.sk;
+	float	   *sa = s.sa;
+	float	   *sA = s.sA;
+	float	   *sP = s.sP;
+	float	   *sb = s.sb;
+
 	for (int e = tid; e < C * (K / 4); e += blockDim.x)
 	{
 		int			t = e / (K / 4),
@@ -407,9 +432,25 @@ kda_chunk_prep_kernel(int n, int H, const float *__restrict__ q, const float *__
 	for (int e = tid; e < C * K; e += blockDim.x)
 		sa[e] = e / K < Cn ? expf(sa[e]) : 1.0f;
 	__syncthreads();
+}
 
-	/* 2a. pairs inside each sub-chunk: thread (j, slice) runs the product
-	 * Gamma(i, j) over i and writes per-slice partial dots */
+/* 2a. pairs inside each sub-chunk: thread (j, slice) runs the product
+ * Gamma(i, j) over i and writes per-slice partial dots */
+template <int K>
+__device__ __forceinline__ void
+chunk_prep_pairs_within(const chunk_prep_shared &s, int tid)
+{
+	constexpr int C = KDA_CHUNK;
+	constexpr int CS = K / 16;	/* channels per slice in the diagonal blocks */
+	float	   *sq = s.sq;
+	float	   *sk = s.sk;
+	float	   *sa = s.sa;
+	float	   *sA = s.sA;
+	float	   *sP = s.sP;
+	float	   *sb = s.sb;
+	float	   *redp = s.redp;
+	float	   *reda = s.reda;
+
 	for (int b = 0; b < C / KDA_SUB; b++)
 	{
 		int			jj = tid / 16,
@@ -468,9 +509,26 @@ kda_chunk_prep_kernel(int n, int H, const float *__restrict__ q, const float *__
 		}
 		__syncthreads();
 	}
+}
 
-	/* 2b. pairs across sub-chunks, through r = s0 - 1:
-	 * X1 = q_i F_i, X2 = k_i F_i (i in the sub-chunk), Kr = k_j R_j (j <= r) */
+/* 2b. pairs across sub-chunks, through r = s0 - 1:
+ * X1 = q_i F_i, X2 = k_i F_i (i in the sub-chunk), Kr = k_j R_j (j <= r) */
+template <int K>
+__device__ __forceinline__ void
+chunk_prep_pairs_across(const chunk_prep_shared &s, int tid)
+{
+	constexpr int C = KDA_CHUNK;
+	constexpr int KP = K + 1;
+	float	   *sq = s.sq;
+	float	   *sk = s.sk;
+	float	   *sa = s.sa;
+	float	   *sA = s.sA;
+	float	   *sP = s.sP;
+	float	   *sb = s.sb;
+	float	   *X1 = s.X1;
+	float	   *X2 = s.X2;
+	float	   *Kr = s.Kr;
+
 	for (int b = 1; b < C / KDA_SUB; b++)
 	{
 		int			s0 = b * KDA_SUB;
@@ -515,10 +573,23 @@ kda_chunk_prep_kernel(int n, int H, const float *__restrict__ q, const float *__
 		}
 		__syncthreads();
 	}
+}
 
-	/* 3. Gam (decay since the chunk start) by running products per channel:
-	 * Qg = q Gam, the solve's right-hand side [beta Gam k | beta v], Kt = k
-	 * Gamma(end, j), glast = Gamma(end, -1) */
+/* 3. Gam (decay since the chunk start) by running products per channel:
+ * Qg = q Gam, the k half of the solve's right-hand side [beta Gam k | beta v],
+ * Kt = k Gamma(end, j), glast = Gamma(end, -1) */
+template <int K>
+__device__ __forceinline__ void
+chunk_prep_decays(const chunk_prep_shared &s, float *Qg, float *Kt, float *glast, size_t tile, int tid)
+{
+	constexpr int C = KDA_CHUNK;
+	constexpr int V = K;
+	float	   *sq = s.sq;
+	float	   *sk = s.sk;
+	float	   *sa = s.sa;
+	float	   *sb = s.sb;
+	float	   *X = s.X;
+
 	for (int c = tid; c < K; c += blockDim.x)
 	{
 		float		run = 1.0f;
@@ -539,6 +610,19 @@ kda_chunk_prep_kernel(int n, int H, const float *__restrict__ q, const float *__
 			run *= sa[t * K + c];
 		}
 	}
+}
+
+/* 3b. the v half of the right-hand side, beta v (rows past the end: 0) */
+template <int K>
+__device__ __forceinline__ void
+chunk_prep_load_v(const chunk_prep_shared &s, const float *__restrict__ v, int H, int h, int t0, int Cn, int tid)
+{
+	constexpr int C = KDA_CHUNK;
+	constexpr int V = K;
+	int			HK = H * K;
+	float	   *sb = s.sb;
+	float	   *X = s.X;
+
 	for (int e = tid; e < C * (V / 4); e += blockDim.x)
 	{
 		int			t = e / (V / 4),
@@ -554,106 +638,133 @@ kda_chunk_prep_kernel(int n, int H, const float *__restrict__ q, const float *__
 	for (int e = tid; e < C * V; e += blockDim.x)
 		X[(e / V) * (K + V) + K + e % V] *= sb[e / V];
 	__syncthreads();
+}
 
-	/*
-	 * 4. X = (I + A)^-1 X.  The inverse of the unit lower-triangular I + A by
-	 * 16 x 16 blocks: the diagonal blocks by substitution (one column per
-	 * thread), then Li_ij = -Li_ii sum_{k=j..i-1} A_ik Li_kj in order of
-	 * block distance; then one register-tiled product.  (A dependent chain of
-	 * 2016 FMAs per column, the substitution over the whole chunk, was the
-	 * slowest part of this kernel.)
-	 */
+/*
+ * 4. X = (I + A)^-1 X.  The inverse of the unit lower-triangular I + A by
+ * 16 x 16 blocks: the diagonal blocks by substitution (one column per
+ * thread), then Li_ij = -Li_ii sum_{k=j..i-1} A_ik Li_kj in order of
+ * block distance; then one register-tiled product.  (A dependent chain of
+ * 2016 FMAs per column, the substitution over the whole chunk, was the
+ * slowest part of this kernel.)  Li [C][C] and Tb [3][16][16] follow X.
+ */
+
+/* 4a. Li zeroed, then its diagonal 16 x 16 blocks by substitution */
+__device__ __forceinline__ void
+chunk_prep_invert_diagonal(const float *sA, float *Li, int tid)
+{
+	constexpr int C = KDA_CHUNK;
+
+	for (int e = tid; e < C * C; e += blockDim.x)
+		Li[e] = 0.0f;
+	__syncthreads();
+	if (tid < C)
 	{
-		float	   *Li = X + C * (K + V);	/* [C][C] */
-		float	   *Tb = Li + C * C;	/* [3][16][16] */
+		int			b = tid / KDA_SUB,
+					j = tid % KDA_SUB,
+					o = b * KDA_SUB;
 
-		for (int e = tid; e < C * C; e += blockDim.x)
-			Li[e] = 0.0f;
-		__syncthreads();
-		if (tid < C)
+		for (int i = j; i < KDA_SUB; i++)
 		{
-			int			b = tid / KDA_SUB,
-						j = tid % KDA_SUB,
-						o = b * KDA_SUB;
+			float		x = i == j ? 1.0f : 0.0f;
 
-			for (int i = j; i < KDA_SUB; i++)
-			{
-				float		x = i == j ? 1.0f : 0.0f;
-
-				for (int m = j; m < i; m++)
-					x -= sA[(o + i) * C + o + m] * Li[(o + m) * C + o + j];
-				Li[(o + i) * C + o + j] = x;
-			}
-		}
-		__syncthreads();
-		for (int d = 1; d < C / KDA_SUB; d++)
-		{
-			int			np = C / KDA_SUB - d;
-
-			for (int e = tid; e < np * 256; e += blockDim.x)
-			{
-				int			j = e / 256,
-							i = j + d,
-							rr = (e % 256) / 16,
-							cc = e % 16;
-				float		t = 0;
-
-				for (int k = j; k < i; k++)
-					for (int m = 0; m < KDA_SUB; m++)
-						t += sA[(KDA_SUB * i + rr) * C + KDA_SUB * k + m] * Li[(KDA_SUB * k + m) * C + KDA_SUB * j + cc];
-				Tb[e] = t;
-			}
-			__syncthreads();
-			for (int e = tid; e < np * 256; e += blockDim.x)
-			{
-				int			j = e / 256,
-							i = j + d,
-							rr = (e % 256) / 16,
-							cc = e % 16;
-				float		t = 0;
-
-				for (int m = 0; m < KDA_SUB; m++)
-					t += Li[(KDA_SUB * i + rr) * C + KDA_SUB * i + m] * Tb[j * 256 + m * 16 + cc];
-				Li[(KDA_SUB * i + rr) * C + KDA_SUB * j + cc] = -t;
-			}
-			__syncthreads();
-		}
-		{
-			constexpr int QUADS = (K + V) / 4;
-			constexpr int RGS = 256 / QUADS;
-			constexpr int RPG = C / RGS;
-			int			cq = tid % QUADS,
-						rg = tid / QUADS;
-			float4		acc[RPG];
-
-#pragma unroll
-			for (int r = 0; r < RPG; r++)
-				acc[r] = make_float4(0, 0, 0, 0);
-			/* Li is lower triangular: rows of this group need k < (rg + 1) RPG */
-			for (int k = 0; k < (rg + 1) * RPG; k++)
-			{
-				float4		x4 = *(const float4 *) (X + k * (K + V) + 4 * cq);
-
-#pragma unroll
-				for (int r = 0; r < RPG; r++)
-				{
-					float		l = Li[(rg * RPG + r) * C + k];
-
-					acc[r].x += l * x4.x;
-					acc[r].y += l * x4.y;
-					acc[r].z += l * x4.z;
-					acc[r].w += l * x4.w;
-				}
-			}
-			__syncthreads();
-#pragma unroll
-			for (int r = 0; r < RPG; r++)
-				*(float4 *) (X + (rg * RPG + r) * (K + V) + 4 * cq) = acc[r];
+			for (int m = j; m < i; m++)
+				x -= sA[(o + i) * C + o + m] * Li[(o + m) * C + o + j];
+			Li[(o + i) * C + o + j] = x;
 		}
 	}
 	__syncthreads();
+}
 
-	/* 5. W, U0, P out */
+/* 4b. the blocks below the diagonal, in order of block distance */
+__device__ __forceinline__ void
+chunk_prep_invert_below(const float *sA, float *Li, float *Tb, int tid)
+{
+	constexpr int C = KDA_CHUNK;
+
+	for (int d = 1; d < C / KDA_SUB; d++)
+	{
+		int			np = C / KDA_SUB - d;
+
+		for (int e = tid; e < np * 256; e += blockDim.x)
+		{
+			int			j = e / 256,
+						i = j + d,
+						rr = (e % 256) / 16,
+						cc = e % 16;
+			float		t = 0;
+
+			for (int k = j; k < i; k++)
+				for (int m = 0; m < KDA_SUB; m++)
+					t += sA[(KDA_SUB * i + rr) * C + KDA_SUB * k + m] * Li[(KDA_SUB * k + m) * C + KDA_SUB * j + cc];
+			Tb[e] = t;
+		}
+		__syncthreads();
+		for (int e = tid; e < np * 256; e += blockDim.x)
+		{
+			int			j = e / 256,
+						i = j + d,
+						rr = (e % 256) / 16,
+						cc = e % 16;
+			float		t = 0;
+
+			for (int m = 0; m < KDA_SUB; m++)
+				t += Li[(KDA_SUB * i + rr) * C + KDA_SUB * i + m] * Tb[j * 256 + m * 16 + cc];
+			Li[(KDA_SUB * i + rr) * C + KDA_SUB * j + cc] = -t;
+		}
+		__syncthreads();
+	}
+}
+
+/* 4c. X = Li X, one register-tiled product */
+template <int K>
+__device__ __forceinline__ void
+chunk_prep_apply_inverse(float *X, const float *Li, int tid)
+{
+	constexpr int C = KDA_CHUNK;
+	constexpr int V = K;
+	constexpr int QUADS = (K + V) / 4;
+	constexpr int RGS = 256 / QUADS;
+	constexpr int RPG = C / RGS;
+	int			cq = tid % QUADS,
+				rg = tid / QUADS;
+	float4		acc[RPG];
+
+#pragma unroll
+	for (int r = 0; r < RPG; r++)
+		acc[r] = make_float4(0, 0, 0, 0);
+	/* Li is lower triangular: rows of this group need k < (rg + 1) RPG */
+	for (int k = 0; k < (rg + 1) * RPG; k++)
+	{
+		float4		x4 = *(const float4 *) (X + k * (K + V) + 4 * cq);
+
+#pragma unroll
+		for (int r = 0; r < RPG; r++)
+		{
+			float		l = Li[(rg * RPG + r) * C + k];
+
+			acc[r].x += l * x4.x;
+			acc[r].y += l * x4.y;
+			acc[r].z += l * x4.z;
+			acc[r].w += l * x4.w;
+		}
+	}
+	__syncthreads();
+#pragma unroll
+	for (int r = 0; r < RPG; r++)
+		*(float4 *) (X + (rg * RPG + r) * (K + V) + 4 * cq) = acc[r];
+}
+
+/* 5. W, U0, P out */
+template <int K>
+__device__ __forceinline__ void
+chunk_prep_store(const chunk_prep_shared &s, float *Wk, float *U0, float *Pout, size_t tile, int tid)
+{
+	constexpr int C = KDA_CHUNK;
+	constexpr int V = K;
+	float	   *sP = s.sP;
+	float	   *X = s.X;
+
 	for (int e = tid; e < C * K; e += blockDim.x)
 	{
 		int			t = e / K,
@@ -664,6 +775,44 @@ kda_chunk_prep_kernel(int n, int H, const float *__restrict__ q, const float *__
 	}
 	for (int e = tid; e < C * C; e += blockDim.x)
 		Pout[tile * C * C + e] = sP[e];
+}
+
+/*
+ * One fused kernel per (chunk, head), its stages the functions above, in
+ * order; every stage ends at a barrier that the next relies on.
+ */
+template <int K>
+__global__ void __launch_bounds__(256)
+kda_chunk_prep_kernel(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
+					  const float *__restrict__ v, const float *__restrict__ g, const float *__restrict__ beta,
+					  float *Wk, float *U0, float *Qg, float *Kt, float *Pout, float *glast)
+{
+	constexpr int C = KDA_CHUNK;
+	constexpr int V = K;
+	extern __shared__ float smem[];
+	chunk_prep_shared s = chunk_prep_layout<K>(smem);
+	int			chunk = blockIdx.x,
+				h = blockIdx.y;
+	int			tid = threadIdx.x;
+	int			t0 = chunk * C;
+	int			Cn = n - t0 < C ? n - t0 : C;	/* real rows of this chunk */
+	size_t		tile = (size_t) chunk * H + h;
+
+	chunk_prep_load<K>(s, q, k, g, beta, H, h, t0, Cn, tid);
+	chunk_prep_pairs_within<K>(s, tid);
+	chunk_prep_pairs_across<K>(s, tid);
+	chunk_prep_decays<K>(s, Qg, Kt, glast, tile, tid);
+	chunk_prep_load_v<K>(s, v, H, h, t0, Cn, tid);
+	{
+		float	   *Li = s.X + C * (K + V);	/* [C][C] */
+		float	   *Tb = Li + C * C;	/* [3][16][16] */
+
+		chunk_prep_invert_diagonal(s.sA, Li, tid);
+		chunk_prep_invert_below(s.sA, Li, Tb, tid);
+		chunk_prep_apply_inverse<K>(s.X, Li, tid);
+	}
+	__syncthreads();
+	chunk_prep_store<K>(s, Wk, U0, Pout, tile, tid);
 }
 
 /* ------------------------------------------------------------------ chunkwise: state */

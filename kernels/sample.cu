@@ -433,20 +433,10 @@ ranked(const L &all, int n, int n_pos, int n_cand, int cnt, float bound, const k
 
 #define FAST_MAX 2048			/* candidates the fast path holds in shared memory */
 
-__global__ void __launch_bounds__(ST)
-sample_kernel(float *logits, int V, const kk_sample_row *P, const int32_t *recent, const uint32_t *masks,
-			  float *scratch, int32_t *out)
+/* 1. the repetition penalty (each id once), the allowed-token mask */
+__device__ __forceinline__ void
+sample_penalize_mask(float *l, int V, const kk_sample_row &p, const int32_t *recent, const uint32_t *allowed, int tid)
 {
-	__shared__ sample_smem sm;
-	const kk_sample_row p = P[blockIdx.x];
-	float	   *l = logits + (size_t) p.row * V;
-	float	   *pr = scratch + (size_t) blockIdx.x * V;
-	const uint32_t *allowed = p.mask_off >= 0 ? masks + p.mask_off : NULL;
-	int			tid = threadIdx.x;
-	bool		topk = p.top_k > 0 && p.top_k < V;
-	uint64_t	kth = 0;
-
-	/* 1. penalty (each id once), mask */
 	if (p.penalty != 1.0f)
 		for (int j = tid; j < p.n_recent; j += ST)
 		{
@@ -461,28 +451,49 @@ sample_kernel(float *logits, int V, const kk_sample_row *P, const int32_t *recen
 			if (!kl_sample_allowed(allowed, i))
 				l[i] = -INFINITY;
 	__syncthreads();
+}
 
-	/* 2. greedy: the first largest (a NaN at id 0 wins, as the plain scan) */
-	if (p.temperature == 0.0f)
+/* 2. greedy: the first largest (a NaN at id 0 wins, as the plain scan) */
+__device__ __forceinline__ void
+sample_greedy(const float *l, int V, sample_smem *sm, int32_t *out, int tid)
+{
+	float		bv = -INFINITY;
+	int			bi = -1;
+
+	for (int i = tid; i < V; i += ST)
 	{
-		float		bv = -INFINITY;
-		int			bi = -1;
+		float		v = l[i];
 
-		for (int i = tid; i < V; i += ST)
+		if (v == v && (bi < 0 || v > bv))
 		{
-			float		v = l[i];
-
-			if (v == v && (bi < 0 || v > bv))
-			{
-				bv = v;
-				bi = i;
-			}
+			bv = v;
+			bi = i;
 		}
+	}
 #pragma unroll
-		for (int o = 16; o > 0; o >>= 1)
+	for (int o = 16; o > 0; o >>= 1)
+	{
+		float		ov = __shfl_xor_sync(0xffffffffu, bv, o);
+		int			oi = __shfl_xor_sync(0xffffffffu, bi, o);
+
+		if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi)))
 		{
-			float		ov = __shfl_xor_sync(0xffffffffu, bv, o);
-			int			oi = __shfl_xor_sync(0xffffffffu, bi, o);
+			bv = ov;
+			bi = oi;
+		}
+	}
+	if ((tid & 31) == 0)
+	{
+		sm->red_f[tid >> 5] = bv;
+		sm->red_i[tid >> 5] = bi;
+	}
+	__syncthreads();
+	if (tid == 0)
+	{
+		for (int w = 0; w < ST / 32; w++)
+		{
+			float		ov = sm->red_f[w];
+			int			oi = sm->red_i[w];
 
 			if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi)))
 			{
@@ -490,241 +501,273 @@ sample_kernel(float *logits, int V, const kk_sample_row *P, const int32_t *recen
 				bi = oi;
 			}
 		}
-		if ((tid & 31) == 0)
-		{
-			sm.red_f[tid >> 5] = bv;
-			sm.red_i[tid >> 5] = bi;
-		}
-		__syncthreads();
+		out[blockIdx.x] = (l[0] != l[0] || bi < 0) ? 0 : bi;
+	}
+}
+
+/*
+ * 3. the scaled values into pr, their max into sm->mx; false when nothing is
+ * possible (every value -inf), the first allowed token then written
+ */
+__device__ __forceinline__ bool
+sample_scale(const float *l, float *pr, int V, const kk_sample_row &p, const uint32_t *allowed, sample_smem *sm,
+			 int32_t *out, int tid)
+{
+	float		m = -INFINITY;
+
+	for (int i = tid; i < V; i += ST)
+	{
+		float		v = kl_sample_scaled(l[i], p.temperature);
+
+		pr[i] = v;
+		m = v > m ? v : m;
+	}
+	m = block_max_f(m, sm->red_f);
+	if (m == -INFINITY)
+	{
+		/* nothing is possible: the first allowed token */
 		if (tid == 0)
 		{
-			for (int w = 0; w < ST / 32; w++)
-			{
-				float		ov = sm.red_f[w];
-				int			oi = sm.red_i[w];
+			int			b = 0;
 
-				if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi)))
-				{
-					bv = ov;
-					bi = oi;
-				}
-			}
-			out[blockIdx.x] = (l[0] != l[0] || bi < 0) ? 0 : bi;
+			while (b < V - 1 && !kl_sample_allowed(allowed, b))
+				b++;
+			out[blockIdx.x] = b;
 		}
-		return;
+		return false;
 	}
+	if (tid == 0)
+		sm->mx = m;
+	__syncthreads();
+	return true;
+}
 
-	/* 3. scaled values, their max */
+/* 4. e = exp(p - max) for the candidates, z by chunks, prob = e / z */
+__device__ __forceinline__ void
+sample_softmax(float *pr, int V, bool topk, uint64_t kth, sample_smem *sm, int tid)
+{
+	double		acc = 0;
+	float		mx = sm->mx;
+
+	for (int i = tid; i < V; i += ST)
 	{
-		float		m = -INFINITY;
+		float		v = pr[i],
+					e = 0.0f;
+
+		if (!topk || kl_sample_key(v, i) >= kth)
+			e = kl_sample_exp(KL_S_FSUB(v, mx));
+		pr[i] = e;
+		acc = KL_S_DADD(acc, (double) e);
+	}
+	sm->part[tid] = acc;
+	__syncthreads();
+	if (tid == 0)
+	{
+		double		z = 0;
+
+		for (int t = 0; t < ST; t++)
+			z = KL_S_DADD(z, sm->part[t]);
+		sm->z = z;
+	}
+	__syncthreads();
+	for (int i = tid; i < V; i += ST)
+		if (pr[i] > 0.0f)
+			pr[i] = KL_S_D2F(KL_S_DDIV((double) pr[i], sm->z));
+	__syncthreads();
+}
+
+/*
+ * 5a, the fast path's bound: positive probabilities counted by float
+ * exponent; *fexp = the lowest exponent such that the candidates at it and
+ * above are at most FAST_MAX (256: none), *fcnt = 0.  Returns the number of
+ * positive probabilities.
+ */
+__device__ __forceinline__ int
+fast_bound(const float *pr, int V, sample_smem *sm, int *fexp, int *fcnt, int tid)
+{
+	int			n_pos = 0,
+				lane = tid & 31;
+
+	for (int b = tid; b < 256; b += ST)
+		sm->hist[b] = 0;
+	__syncthreads();
+	for (int base = 0; base < V; base += ST)
+	{
+		int			i = base + tid,
+					bucket = -1;
+		unsigned	peers;
+
+		if (i < V && pr[i] > 0.0f)
+			bucket = (int) (__float_as_uint(pr[i]) >> 23);
+		if (!__any_sync(0xffffffffu, bucket >= 0))
+			continue;
+		peers = __match_any_sync(0xffffffffu, bucket);
+		if (bucket >= 0 && lane == __ffs(peers) - 1)
+			atomicAdd(&sm->hist[bucket], (unsigned) __popc(peers));
+	}
+	__syncthreads();
+	if (tid == 0)
+	{
+		int			cum = 0,
+					e = 256;
+
+		for (int b = 255; b >= 0; b--)
+		{
+			if (cum + (int) sm->hist[b] > FAST_MAX)
+				break;
+			cum += sm->hist[b];
+			if (sm->hist[b])
+				e = b;
+		}
+		*fexp = e;
+		*fcnt = 0;
+		for (int b = 0; b < 256; b++)
+			n_pos += sm->hist[b];
+		sm->done = n_pos;
+	}
+	__syncthreads();
+	return sm->done;
+}
+
+/*
+ * 5a. ranked candidates of positive probability (draw_sorted).  Fast
+ * path first: the candidates from the largest probability down to a
+ * power-of-two bound, at most FAST_MAX of them, copied to shared memory
+ * (for a peaked distribution the whole rule lives there); else every
+ * descent scans the vocabulary.
+ */
+__device__ __forceinline__ void
+sample_ranked_draw(float *pr, int V, bool topk, const kk_sample_row &p, sample_smem *sm, int32_t *out, int tid)
+{
+	__shared__ uint64_t fk[FAST_MAX],
+				fw[FAST_MAX];
+	__shared__ int	fcnt,
+				fexp;
+	int			n_cand = topk ? p.top_k : V;
+	int			n_pos;
+	int32_t		res = 0;
+	bool		ok;
+
+	n_pos = fast_bound(pr, V, sm, &fexp, &fcnt, tid);
+	ok = false;
+	if (fexp < 256)
+	{
+		int			e = fexp;
 
 		for (int i = tid; i < V; i += ST)
 		{
-			float		v = kl_sample_scaled(l[i], p.temperature);
+			float		v = pr[i];
 
-			pr[i] = v;
-			m = v > m ? v : m;
-		}
-		m = block_max_f(m, sm.red_f);
-		if (m == -INFINITY)
-		{
-			/* nothing is possible: the first allowed token */
-			if (tid == 0)
+			if (v > 0.0f && (int) (__float_as_uint(v) >> 23) >= e)
 			{
-				int			b = 0;
+				int			at = atomicAdd(&fcnt, 1);
 
-				while (b < V - 1 && !kl_sample_allowed(allowed, b))
-					b++;
-				out[blockIdx.x] = b;
+				if (at < FAST_MAX)
+				{
+					fk[at] = kl_sample_key(v, i);
+					fw[at] = kl_sample_fix(v);
+				}
 			}
-			return;
 		}
-		if (tid == 0)
-			sm.mx = m;
+		__syncthreads();
+		{
+			key_list	lst = {fk, fw, 0};
+			int			cnt = fcnt < FAST_MAX ? fcnt : FAST_MAX;
+
+			ok = ranked(lst, cnt, n_pos, n_cand, cnt, __uint_as_float((uint32_t) e << 23), p, sm, &res);
+		}
+	}
+	if (!ok)
+	{
+		key_prob	all = {pr, 0};
+
+		ranked(all, V, n_pos, n_cand, n_pos, 0.0f, p, sm, &res);
+	}
+	if (tid == 0)
+		out[blockIdx.x] = res;
+}
+
+/*
+ * 5b. the draw over the candidates in id order: thread t sums the weights
+ * of ids [t cs, (t + 1) cs), a block scan gives each range its start, and
+ * the thread whose range holds the point finds the id (all exact integers)
+ */
+__device__ __forceinline__ void
+sample_draw_by_id(const float *pr, int V, const kk_sample_row &p, sample_smem *sm, int32_t *out, int tid)
+{
+	unsigned long long *scan = (unsigned long long *) sm->part;	/* (the chunk sums are done) */
+	int			cs = (V + ST - 1) / ST,
+				i0 = tid * cs,
+				i1 = i0 + cs < V ? i0 + cs : V;
+	uint64_t	mine = 0,
+				before,
+				z,
+				u;
+
+	for (int i = i0; i < i1; i++)
+		mine += kl_sample_fix(pr[i]);
+	scan[tid] = mine;
+	__syncthreads();
+	for (int o = 1; o < ST; o <<= 1)
+	{
+		unsigned long long v = tid >= o ? scan[tid - o] : 0;
+
+		__syncthreads();
+		scan[tid] += v;
 		__syncthreads();
 	}
+	z = scan[ST - 1];
+	before = scan[tid] - mine;
+	u = kl_sample_fix_point(p.u0, z);
+	if (before <= u && u < before + mine)
+	{
+		uint64_t	acc = before;
+
+		for (int i = i0; i < i1; i++)
+		{
+			acc += kl_sample_fix(pr[i]);
+			if (acc > u)
+			{
+				out[blockIdx.x] = i;
+				break;
+			}
+		}
+	}
+}
+
+/* One block per row: the stages above, in order. */
+__global__ void __launch_bounds__(ST)
+sample_kernel(float *logits, int V, const kk_sample_row *P, const int32_t *recent, const uint32_t *masks,
+			  float *scratch, int32_t *out)
+{
+	__shared__ sample_smem sm;
+	const kk_sample_row p = P[blockIdx.x];
+	float	   *l = logits + (size_t) p.row * V;
+	float	   *pr = scratch + (size_t) blockIdx.x * V;
+	const uint32_t *allowed = p.mask_off >= 0 ? masks + p.mask_off : NULL;
+	int			tid = threadIdx.x;
+	bool		topk = p.top_k > 0 && p.top_k < V;
+	uint64_t	kth = 0;
+
+	sample_penalize_mask(l, V, p, recent, allowed, tid);
+	if (p.temperature == 0.0f)
+	{
+		sample_greedy(l, V, &sm, out, tid);
+		return;
+	}
+	if (!sample_scale(l, pr, V, p, allowed, &sm, out, tid))
+		return;
 	if (topk)
 	{
 		key_scaled	kf = {pr};
 
 		kth = descend(kf, V, 56, false, (uint64_t) p.top_k, false, &sm);
 	}
-
-	/* 4. e = exp(p - max) for the candidates, z by chunks, prob = e / z */
-	{
-		double		acc = 0;
-		float		mx = sm.mx;
-
-		for (int i = tid; i < V; i += ST)
-		{
-			float		v = pr[i],
-						e = 0.0f;
-
-			if (!topk || kl_sample_key(v, i) >= kth)
-				e = kl_sample_exp(KL_S_FSUB(v, mx));
-			pr[i] = e;
-			acc = KL_S_DADD(acc, (double) e);
-		}
-		sm.part[tid] = acc;
-		__syncthreads();
-		if (tid == 0)
-		{
-			double		z = 0;
-
-			for (int t = 0; t < ST; t++)
-				z = KL_S_DADD(z, sm.part[t]);
-			sm.z = z;
-		}
-		__syncthreads();
-		for (int i = tid; i < V; i += ST)
-			if (pr[i] > 0.0f)
-				pr[i] = KL_S_D2F(KL_S_DDIV((double) pr[i], sm.z));
-		__syncthreads();
-	}
-
+	sample_softmax(pr, V, topk, kth, &sm, tid);
 	if (p.top_p < 1.0f || p.min_p > 0.0f)
-	{
-		/*
-		 * 5a. ranked candidates of positive probability (draw_sorted).  Fast
-		 * path first: the candidates from the largest probability down to a
-		 * power-of-two bound, at most FAST_MAX of them, copied to shared memory
-		 * (for a peaked distribution the whole rule lives there); else every
-		 * descent scans the vocabulary.
-		 */
-		__shared__ uint64_t fk[FAST_MAX],
-					fw[FAST_MAX];
-		__shared__ int	fcnt,
-					fexp;
-		int			n_cand = topk ? p.top_k : V;
-		int			n_pos = 0,
-					lane = tid & 31;
-		int32_t		res = 0;
-		bool		ok;
-
-		/* candidates by float exponent: the bound keeps at most FAST_MAX */
-		for (int b = tid; b < 256; b += ST)
-			sm.hist[b] = 0;
-		__syncthreads();
-		for (int base = 0; base < V; base += ST)
-		{
-			int			i = base + tid,
-						bucket = -1;
-			unsigned	peers;
-
-			if (i < V && pr[i] > 0.0f)
-				bucket = (int) (__float_as_uint(pr[i]) >> 23);
-			if (!__any_sync(0xffffffffu, bucket >= 0))
-				continue;
-			peers = __match_any_sync(0xffffffffu, bucket);
-			if (bucket >= 0 && lane == __ffs(peers) - 1)
-				atomicAdd(&sm.hist[bucket], (unsigned) __popc(peers));
-		}
-		__syncthreads();
-		if (tid == 0)
-		{
-			int			cum = 0,
-						e = 256;
-
-			for (int b = 255; b >= 0; b--)
-			{
-				if (cum + (int) sm.hist[b] > FAST_MAX)
-					break;
-				cum += sm.hist[b];
-				if (sm.hist[b])
-					e = b;
-			}
-			fexp = e;
-			fcnt = 0;
-			for (int b = 0; b < 256; b++)
-				n_pos += sm.hist[b];
-			sm.done = n_pos;
-		}
-		__syncthreads();
-		n_pos = sm.done;
-		ok = false;
-		if (fexp < 256)
-		{
-			int			e = fexp;
-
-			for (int i = tid; i < V; i += ST)
-			{
-				float		v = pr[i];
-
-				if (v > 0.0f && (int) (__float_as_uint(v) >> 23) >= e)
-				{
-					int			at = atomicAdd(&fcnt, 1);
-
-					if (at < FAST_MAX)
-					{
-						fk[at] = kl_sample_key(v, i);
-						fw[at] = kl_sample_fix(v);
-					}
-				}
-			}
-			__syncthreads();
-			{
-				key_list	lst = {fk, fw, 0};
-				int			cnt = fcnt < FAST_MAX ? fcnt : FAST_MAX;
-
-				ok = ranked(lst, cnt, n_pos, n_cand, cnt, __uint_as_float((uint32_t) e << 23), p, &sm, &res);
-			}
-		}
-		if (!ok)
-		{
-			key_prob	all = {pr, 0};
-
-			ranked(all, V, n_pos, n_cand, n_pos, 0.0f, p, &sm, &res);
-		}
-		if (tid == 0)
-			out[blockIdx.x] = res;
-		return;
-	}
-
-	/*
-	 * 5b. the draw over the candidates in id order: thread t sums the weights
-	 * of ids [t cs, (t + 1) cs), a block scan gives each range its start, and
-	 * the thread whose range holds the point finds the id (all exact integers)
-	 */
-	{
-		unsigned long long *scan = (unsigned long long *) sm.part;	/* (the chunk sums are done) */
-		int			cs = (V + ST - 1) / ST,
-					i0 = tid * cs,
-					i1 = i0 + cs < V ? i0 + cs : V;
-		uint64_t	mine = 0,
-					before,
-					z,
-					u;
-
-		for (int i = i0; i < i1; i++)
-			mine += kl_sample_fix(pr[i]);
-		scan[tid] = mine;
-		__syncthreads();
-		for (int o = 1; o < ST; o <<= 1)
-		{
-			unsigned long long v = tid >= o ? scan[tid - o] : 0;
-
-			__syncthreads();
-			scan[tid] += v;
-			__syncthreads();
-		}
-		z = scan[ST - 1];
-		before = scan[tid] - mine;
-		u = kl_sample_fix_point(p.u0, z);
-		if (before <= u && u < before + mine)
-		{
-			uint64_t	acc = before;
-
-			for (int i = i0; i < i1; i++)
-			{
-				acc += kl_sample_fix(pr[i]);
-				if (acc > u)
-				{
-					out[blockIdx.x] = i;
-					break;
-				}
-			}
-		}
-	}
+		sample_ranked_draw(pr, V, topk, p, &sm, out, tid);
+	else
+		sample_draw_by_id(pr, V, p, &sm, out, tid);
 }
 
 extern "C" int

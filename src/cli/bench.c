@@ -327,296 +327,340 @@ peak_rss_mb(void)
 	return ru.ru_maxrss / 1024;
 }
 
-static int
-parse_list(const char *s, int *out, int max)
-{
-	int			n = 0;
-
-	while (*s && n < max)
-	{
-		char	   *end;
-		long		v = strtol(s, &end, 10);
-
-		if (end == s)
-			break;
-		if (*end == 'k' || *end == 'K')
-		{
-			v *= 1024;
-			end++;
-		}
-		out[n++] = (int) v;
-		s = *end == ',' ? end + 1 : end;
-	}
-	return n;
-}
-
-static void
-cpu_name(char *buf, size_t len)
-{
-	FILE	   *f = fopen("/proc/cpuinfo", "r");
-	char		line[512];
-
-	snprintf(buf, len, "unknown CPU");
-	if (!f)
-		return;
-	while (fgets(line, sizeof(line), f))
-		if (strncmp(line, "model name", 10) == 0)
-		{
-			char	   *p = strchr(line, ':');
-
-			if (p)
-			{
-				p += 2;
-				p[strcspn(p, "\n")] = 0;
-				snprintf(buf, len, "%s", p);
-			}
-			break;
-		}
-	fclose(f);
-}
-
 /* ------------------------------------------------------------------ the benchmark */
 
-int
-cmd_bench(int argc, char **argv)
+typedef struct bench_opts
 {
-	cli_common co;
-	const char *config = NULL,
-			   *dtype = "bf16",
-			   *label = NULL;
-	int			prefill[MAX_POINTS] = {512, 4096, 32768},
-				decode[MAX_POINTS] = {0, 4096, 32768};
-	int			n_prefill = 3,
-				n_decode = 3,
-				steps = 32;
-	bool		profile = false;
-	bool		roofline = true;	/* --no-roofline: skip measuring the ceilings (quick comparisons) */
-	kl_err		err;
-	kl_model   *m = NULL;
-	kl_ctx	   *ctx = NULL;
-	kl_seq	   *kept[MAX_POINTS] = {0};
-	double		bw,
-				gflops,
-				wb,
-				wf,
-				t_load;
-	const kl_config *c;
-	char		cpu[256],
-				date[64];
-	time_t		now = time(NULL);
-	int32_t    *ids;
-	int			max_t = 0;
-	float	   *logits;
+	cli_common	co;
+	const char *config;			/* --config FILE: random weights of that shape */
+	const char *dtype;
+	const char *label;
+	int			prefill[MAX_POINTS],
+				decode[MAX_POINTS];
+	int			n_prefill,
+				n_decode,
+				steps;
+	bool		profile;
+	bool		roofline;		/* --no-roofline: skip measuring the ceilings (quick comparisons) */
+} bench_opts;
 
-	cli_common_init(&co);
-	for (int i = 1; i < argc; i++)
-	{
-		if (cli_common_arg(&co, argc, argv, &i))
-			continue;
-		if (strcmp(argv[i], "--config") == 0 && i + 1 < argc)
-			config = argv[++i];
-		else if (strcmp(argv[i], "--dtype") == 0 && i + 1 < argc)
-			dtype = argv[++i];
-		else if (strcmp(argv[i], "--label") == 0 && i + 1 < argc)
-			label = argv[++i];
-		else if (strcmp(argv[i], "--prefill") == 0 && i + 1 < argc)
-			n_prefill = parse_list(argv[++i], prefill, MAX_POINTS);
-		else if (strcmp(argv[i], "--decode") == 0 && i + 1 < argc)
-			n_decode = parse_list(argv[++i], decode, MAX_POINTS);
-		else if (strcmp(argv[i], "--decode-steps") == 0 && i + 1 < argc)
-			steps = atoi(argv[++i]);
-		else if (strcmp(argv[i], "--profile") == 0)
-			profile = true;
-		else if (strcmp(argv[i], "--no-roofline") == 0)
-			roofline = false;
-		else
-		{
-			fprintf(stderr, "kl bench: unknown or incomplete option %s\n", argv[i]);
-			return 2;
-		}
-	}
-	if (!co.model == !config)
+/* what the measurements share */
+typedef struct bench_run
+{
+	const bench_opts *o;
+	kl_model   *m;
+	kl_ctx	   *ctx;
+	const kl_config *c;
+	double		bw,				/* measured ceilings: GB/s, GFLOP/s */
+				gflops;
+	double		wb,				/* active weights of one token: bytes, FLOPs */
+				wf;
+	int32_t    *ids;			/* the token sequence every point reads a prefix of */
+	float	   *logits;			/* [vocab] */
+	kl_seq	   *kept[MAX_POINTS];	/* prefilled sequences a decode point may reuse */
+	double		per_tok[MAX_POINTS],
+				per_tok_nomla[MAX_POINTS];
+} bench_run;
+
+static int
+parse_bench_args(int argc, char **argv, bench_opts *o)
+{
+	const cli_opt opts[] = {
+		CLI_OPT("--config", CLI_OPT_STRING, &o->config),
+		CLI_OPT("--dtype", CLI_OPT_STRING, &o->dtype),
+		CLI_OPT("--label", CLI_OPT_STRING, &o->label),
+		CLI_OPT_LIST("--prefill", o->prefill, &o->n_prefill, MAX_POINTS),
+		CLI_OPT_LIST("--decode", o->decode, &o->n_decode, MAX_POINTS),
+		CLI_OPT("--decode-steps", CLI_OPT_INT, &o->steps),
+		CLI_OPT("--profile", CLI_OPT_SET, &o->profile),
+		CLI_OPT("--no-roofline", CLI_OPT_CLEAR, &o->roofline),
+	};
+	static const int prefill[] = {512, 4096, 32768},
+				decode[] = {0, 4096, 32768};
+
+	memset(o, 0, sizeof(*o));
+	o->dtype = "bf16";
+	memcpy(o->prefill, prefill, sizeof(prefill));
+	memcpy(o->decode, decode, sizeof(decode));
+	o->n_prefill = 3;
+	o->n_decode = 3;
+	o->steps = 32;
+	o->roofline = true;
+	cli_common_init(&o->co);
+	if (cli_parse_options("bench", argc, argv, &o->co, opts, CLI_N_OPTS(opts)) != 0)
+		return 2;
+	if (!o->co.model == !o->config)
 	{
 		fprintf(stderr, "kl bench: give --model DIR or --config FILE (random weights)\n");
 		return 2;
 	}
-	cpu_name(cpu, sizeof(cpu));
-	strftime(date, sizeof(date), "%Y-%m-%d", gmtime(&now));
-	bw = gflops = 0;
-	if (roofline)
-		measure_ceilings(co.threads, &bw, &gflops);
-	kl_set_threads(co.threads);
+	return 0;
+}
 
-	t_load = kl_now();
-	if (co.model)
+/* The model (loaded, or random of --config's shape), its context and the ids. */
+static int
+bench_setup(bench_run *r, double *t_load, kl_err *err)
+{
+	const bench_opts *o = r->o;
+	int			max_t = 0;
+	uint64_t	x = 7;
+
+	*t_load = kl_now();
+	if (o->co.model)
 	{
-		if (cli_load(&co, &m, &err) != KL_OK)
-			goto fail;
+		if (cli_load(&o->co, &r->m, err) != KL_OK)
+			return KL_FAIL;
 	}
 	else
 	{
-		kl_load_opts opts = cli_load_opts(&co);
+		kl_load_opts opts = cli_load_opts(&o->co);
 
-		if (kl_model_create_random(config, &opts, dtype, 42, &m, &err) != KL_OK)
-			goto fail;
+		if (kl_model_create_random(o->config, &opts, o->dtype, 42, &r->m, err) != KL_OK)
+			return KL_FAIL;
 	}
-	t_load = kl_now() - t_load;
-	c = kl_model_config(m);
-	active_weights(m, &wb, &wf);
-	if (kl_ctx_new(m, 512, &ctx, &err) != KL_OK)
-		goto fail;
+	*t_load = kl_now() - *t_load;
+	r->c = kl_model_config(r->m);
+	active_weights(r->m, &r->wb, &r->wf);
+	if (kl_ctx_new(r->m, 512, &r->ctx, err) != KL_OK)
+		return KL_FAIL;
 
-	for (int i = 0; i < n_prefill; i++)
-		max_t = prefill[i] > max_t ? prefill[i] : max_t;
-	for (int i = 0; i < n_decode; i++)
-		max_t = decode[i] > max_t ? decode[i] : max_t;
-	ids = malloc(sizeof(int32_t) * (size_t) (max_t + 1));
-	logits = malloc(sizeof(float) * (size_t) c->vocab_size);
+	for (int i = 0; i < o->n_prefill; i++)
+		max_t = o->prefill[i] > max_t ? o->prefill[i] : max_t;
+	for (int i = 0; i < o->n_decode; i++)
+		max_t = o->decode[i] > max_t ? o->decode[i] : max_t;
+	r->ids = malloc(sizeof(int32_t) * (size_t) (max_t + 1));
+	r->logits = malloc(sizeof(float) * (size_t) r->c->vocab_size);
+	for (int i = 0; i <= max_t; i++)
 	{
-		uint64_t	x = 7;
-
-		for (int i = 0; i <= max_t; i++)
-		{
-			x = x * 6364136223846793005ull + 1442695040888963407ull;
-			ids[i] = (int32_t) ((x >> 33) % (uint64_t) c->vocab_size);
-		}
+		x = x * 6364136223846793005ull + 1442695040888963407ull;
+		r->ids[i] = (int32_t) ((x >> 33) % (uint64_t) r->c->vocab_size);
 	}
+	return KL_OK;
+}
 
-	printf("## %s\n\n", label ? label : (co.model ? co.model : config));
+/* The table's title, the machine, the model, the ceilings and the header row. */
+static void
+print_bench_header(const bench_run *r, const char *cpu, const char *date, double t_load)
+{
+	const bench_opts *o = r->o;
+	const kl_config *c = r->c;
+
+	printf("## %s\n\n", o->label ? o->label : (o->co.model ? o->co.model : o->config));
 	printf("Machine: %s, %d threads (%s kernels), device %s; %s.  \n", cpu, kl_pool_threads(),
-		   kl_simd_get()->name, kl_model_device(m), date);
+		   kl_simd_get()->name, kl_model_device(r->m), date);
 	printf("Model: %.1fM parameters (%.1f MB of weights%s, %s), %d layers (%d KDA, %d MLA)%s; "
 		   "a decode step reads %.1f MB of weights.  \n",
-		   kl_model_n_params(m) / 1e6, kl_model_resident_bytes(m) / 1e6, config ? ", random" : "",
-		   kl_model_weight_format(m), c->n_layers, c->n_kda_layers, c->n_mla_layers,
-		   c->n_experts ? ", MoE" : "", wb / 1e6);
+		   kl_model_n_params(r->m) / 1e6, kl_model_resident_bytes(r->m) / 1e6, o->config ? ", random" : "",
+		   kl_model_weight_format(r->m), c->n_layers, c->n_kda_layers, c->n_mla_layers,
+		   c->n_experts ? ", MoE" : "", r->wb / 1e6);
 	printf("Ceilings measured here: memcpy %.1f GB/s (read + write), sgemm %.1f GFLOP/s. Load %.2f s.  \n",
-		   bw, gflops, t_load);
+		   r->bw, r->gflops, t_load);
 	printf("Roofline: prefill = FLOPs / sgemm rate; decode = bytes read (active weights, KDA state read and "
 		   "written, MLA cache) / memcpy bandwidth, or FLOPs / sgemm rate where that is slower (marked compute).\n\n");
 	printf("| phase | context | tokens/s | time to first token | ms/token | peak RSS | roofline tokens/s | of roofline |\n");
 	printf("|---|---:|---:|---:|---:|---:|---:|---:|\n");
 	fflush(stdout);
+}
 
+/* Prefill point i: one forward pass over T ids from an empty sequence, kept in r->kept[i]. */
+static int
+bench_prefill(bench_run *r, int i, kl_err *err)
+{
+	int			T = r->o->prefill[i];
+	kl_seq	   *s;
+	kl_batch_item it;
+	double		t0,
+				dt,
+				prof[KL_PROF_N],
+				flops;
+
+	if (kl_seq_new(r->m, &s, err) != KL_OK)
+		return KL_FAIL;
+	it.seq = s;
+	it.ids = r->ids;
+	it.n = T;
+	it.logits = r->logits;
+	it.all_logits = false;
+	kl_ctx_profile(r->ctx, true);
+	t0 = kl_now();
+	if (kl_forward(r->ctx, &it, 1, err) != KL_OK)
 	{
-		double		per_tok[MAX_POINTS],
-					per_tok_nomla[MAX_POINTS];
-
-		for (int i = 0; i < n_prefill; i++)
-		{
-			int			T = prefill[i];
-			kl_seq	   *s;
-			kl_batch_item it;
-			double		t0,
-						dt,
-						prof[KL_PROF_N],
-						flops;
-
-			if (kl_seq_new(m, &s, &err) != KL_OK)
-				goto fail;
-			it.seq = s;
-			it.ids = ids;
-			it.n = T;
-			it.logits = logits;
-			it.all_logits = false;
-			kl_ctx_profile(ctx, true);
-			t0 = kl_now();
-			if (kl_forward(ctx, &it, 1, &err) != KL_OK)
-				goto fail;
-			dt = kl_now() - t0;
-			kl_ctx_profile_read(ctx, prof);
-			kl_ctx_profile(ctx, false);
-			flops = wf * T + mixer_flops(c, 0, T, 512);
-			per_tok[i] = dt / T * 1e3;
-			per_tok_nomla[i] = (dt - prof[KL_PROF_MLA]) / T * 1e3;
-			printf("| prefill | %d | %.1f | %.3f s | %.3f | %ld MB | %.1f | %.0f%% |\n", T, T / dt, dt,
-				   per_tok[i], peak_rss_mb(), gflops * 1e9 / (flops / T), 100.0 * (flops / dt) / (gflops * 1e9));
-			fflush(stdout);
-			kept[i] = s;
-		}
-		for (int i = 0; i < n_decode; i++)
-		{
-			int			C = decode[i];
-			kl_seq	   *s = NULL;
-			double		t0,
-						dt;
-			int32_t		tok = ids[C];
-			double		bytes = wb + state_bytes(c, C + steps / 2.0);
-			double		flops = wf + mixer_flops(c, C + steps / 2.0, 1, 1);
-			/* the step is bound by whichever is slower: bytes or arithmetic */
-			double		floor_s = bytes / (bw * 1e9) > flops / (gflops * 1e9) ?
-				bytes / (bw * 1e9) : flops / (gflops * 1e9);
-
-			/* reuse a prefilled sequence of that length, else prefill one */
-			for (int j = 0; j < n_prefill; j++)
-				if (prefill[j] == C && kept[j])
-				{
-					s = kept[j];
-					kept[j] = NULL;
-				}
-			if (!s)
-			{
-				kl_batch_item it = {NULL, ids, C, NULL, false};
-
-				if (kl_seq_new(m, &s, &err) != KL_OK)
-					goto fail;
-				it.seq = s;
-				if (C > 0 && kl_forward(ctx, &it, 1, &err) != KL_OK)
-					goto fail;
-			}
-			t0 = kl_now();
-			for (int w = 0; w <= steps; w++)
-			{
-				kl_batch_item it = {s, &tok, 1, logits, false};
-
-				if (w == 1)
-				{
-					t0 = kl_now();	/* the first step warms caches up */
-					kl_ctx_profile(ctx, profile);
-				}
-				if (kl_forward(ctx, &it, 1, &err) != KL_OK)
-					goto fail;
-				tok = 0;
-				for (int v = 1; v < c->vocab_size; v++)
-					if (logits[v] > logits[tok])
-						tok = v;
-			}
-			dt = kl_now() - t0;
-			printf("| decode | %d | %.1f | | %.2f | %ld MB | %.1f%s | %.0f%% |\n", C, steps / dt, dt / steps * 1e3,
-				   peak_rss_mb(), 1.0 / floor_s,
-				   bytes / (bw * 1e9) >= flops / (gflops * 1e9) ? "" : " (compute)",
-				   100.0 * floor_s / (dt / steps));
-			if (profile)
-			{
-				double		prof[KL_PROF_N];
-				static const char *names[KL_PROF_N] = {"linear", "kda", "mla", "moe", "logits", "other"};
-
-				kl_ctx_profile_read(ctx, prof);
-				kl_ctx_profile(ctx, false);
-				printf("|  | profile, ms/token: ");
-				for (int p = 0; p < KL_PROF_N; p++)
-					printf("%s %.3f ", names[p], prof[p] / steps * 1e3);
-				printf("| | | | | | |\n");
-			}
-			fflush(stdout);
-			kl_seq_free(s);
-		}
-		printf("\nPrefill time per token (ms): ");
-		for (int i = 0; i < n_prefill; i++)
-			printf("%s%d: %.3f total, %.3f without the MLA attention core", i ? "; " : "", prefill[i],
-				   per_tok[i], per_tok_nomla[i]);
-		printf(".\n\n");
+		kl_seq_free(s);
+		return KL_FAIL;
 	}
-	for (int i = 0; i < n_prefill; i++)
-		kl_seq_free(kept[i]);
-	free(ids);
-	free(logits);
-	kl_ctx_free(ctx);
-	kl_model_free(m);
-	return 0;
+	dt = kl_now() - t0;
+	kl_ctx_profile_read(r->ctx, prof);
+	kl_ctx_profile(r->ctx, false);
+	flops = r->wf * T + mixer_flops(r->c, 0, T, 512);
+	r->per_tok[i] = dt / T * 1e3;
+	r->per_tok_nomla[i] = (dt - prof[KL_PROF_MLA]) / T * 1e3;
+	printf("| prefill | %d | %.1f | %.3f s | %.3f | %ld MB | %.1f | %.0f%% |\n", T, T / dt, dt,
+		   r->per_tok[i], peak_rss_mb(), r->gflops * 1e9 / (flops / T),
+		   100.0 * (flops / dt) / (r->gflops * 1e9));
+	fflush(stdout);
+	r->kept[i] = s;
+	return KL_OK;
+}
+
+/* A sequence of C tokens: a prefilled one of that length, else a new prefill. */
+static int
+decode_start(bench_run *r, int C, kl_seq **out, kl_err *err)
+{
+	kl_seq	   *s = NULL;
+
+	for (int j = 0; j < r->o->n_prefill; j++)
+		if (r->o->prefill[j] == C && r->kept[j])
+		{
+			s = r->kept[j];
+			r->kept[j] = NULL;
+		}
+	if (!s)
+	{
+		kl_batch_item it = {NULL, r->ids, C, NULL, false};
+
+		if (kl_seq_new(r->m, &s, err) != KL_OK)
+			return KL_FAIL;
+		*out = s;
+		it.seq = s;
+		if (C > 0 && kl_forward(r->ctx, &it, 1, err) != KL_OK)
+			return KL_FAIL;
+	}
+	*out = s;
+	return KL_OK;
+}
+
+/* The profile row of a decode point (--profile). */
+static void
+print_decode_profile(const bench_run *r)
+{
+	double		prof[KL_PROF_N];
+	static const char *names[KL_PROF_N] = {"linear", "kda", "mla", "moe", "logits", "other"};
+
+	kl_ctx_profile_read(r->ctx, prof);
+	kl_ctx_profile(r->ctx, false);
+	printf("|  | profile, ms/token: ");
+	for (int p = 0; p < KL_PROF_N; p++)
+		printf("%s %.3f ", names[p], prof[p] / r->o->steps * 1e3);
+	printf("| | | | | | |\n");
+}
+
+/*
+ * Decode point i: steps greedy tokens after a context of C, timed from the
+ * second (the first warms caches up), against the slower of the bytes and
+ * the arithmetic a step needs.
+ */
+static int
+bench_decode(bench_run *r, int i, kl_err *err)
+{
+	const kl_config *c = r->c;
+	int			C = r->o->decode[i],
+				steps = r->o->steps;
+	kl_seq	   *s = NULL;
+	double		t0,
+				dt;
+	int32_t		tok = r->ids[C];
+	double		bytes = r->wb + state_bytes(c, C + steps / 2.0);
+	double		flops = r->wf + mixer_flops(c, C + steps / 2.0, 1, 1);
+	/* the step is bound by whichever is slower: bytes or arithmetic */
+	double		floor_s = bytes / (r->bw * 1e9) > flops / (r->gflops * 1e9) ?
+		bytes / (r->bw * 1e9) : flops / (r->gflops * 1e9);
+
+	if (decode_start(r, C, &s, err) != KL_OK)
+	{
+		kl_seq_free(s);
+		return KL_FAIL;
+	}
+	t0 = kl_now();
+	for (int w = 0; w <= steps; w++)
+	{
+		kl_batch_item it = {s, &tok, 1, r->logits, false};
+
+		if (w == 1)
+		{
+			t0 = kl_now();		/* the first step warms caches up */
+			kl_ctx_profile(r->ctx, r->o->profile);
+		}
+		if (kl_forward(r->ctx, &it, 1, err) != KL_OK)
+		{
+			kl_seq_free(s);
+			return KL_FAIL;
+		}
+		tok = 0;
+		for (int v = 1; v < c->vocab_size; v++)
+			if (r->logits[v] > r->logits[tok])
+				tok = v;
+	}
+	dt = kl_now() - t0;
+	printf("| decode | %d | %.1f | | %.2f | %ld MB | %.1f%s | %.0f%% |\n", C, steps / dt, dt / steps * 1e3,
+		   peak_rss_mb(), 1.0 / floor_s,
+		   bytes / (r->bw * 1e9) >= flops / (r->gflops * 1e9) ? "" : " (compute)",
+		   100.0 * floor_s / (dt / steps));
+	if (r->o->profile)
+		print_decode_profile(r);
+	fflush(stdout);
+	kl_seq_free(s);
+	return KL_OK;
+}
+
+static void
+print_prefill_summary(const bench_run *r)
+{
+	printf("\nPrefill time per token (ms): ");
+	for (int i = 0; i < r->o->n_prefill; i++)
+		printf("%s%d: %.3f total, %.3f without the MLA attention core", i ? "; " : "", r->o->prefill[i],
+			   r->per_tok[i], r->per_tok_nomla[i]);
+	printf(".\n\n");
+}
+
+static void
+bench_run_free(bench_run *r)
+{
+	for (int i = 0; i < MAX_POINTS; i++)
+		kl_seq_free(r->kept[i]);
+	free(r->ids);
+	free(r->logits);
+	kl_ctx_free(r->ctx);
+	kl_model_free(r->m);
+}
+
+int
+cmd_bench(int argc, char **argv)
+{
+	bench_opts	o;
+	bench_run	r;
+	kl_err		err;
+	double		t_load;
+	char		cpu[256],
+				date[64];
+	time_t		now = time(NULL);
+	int			rc;
+
+	if ((rc = parse_bench_args(argc, argv, &o)) != 0)
+		return rc;
+	memset(&r, 0, sizeof(r));
+	r.o = &o;
+	cli_cpu_name(cpu, sizeof(cpu));
+	strftime(date, sizeof(date), "%Y-%m-%d", gmtime(&now));
+	if (o.roofline)
+		measure_ceilings(o.co.threads, &r.bw, &r.gflops);
+	kl_set_threads(o.co.threads);
+
+	rc = 1;
+	if (bench_setup(&r, &t_load, &err) != KL_OK)
+		goto fail;
+	print_bench_header(&r, cpu, date, t_load);
+	for (int i = 0; i < o.n_prefill; i++)
+		if (bench_prefill(&r, i, &err) != KL_OK)
+			goto fail;
+	for (int i = 0; i < o.n_decode; i++)
+		if (bench_decode(&r, i, &err) != KL_OK)
+			goto fail;
+	print_prefill_summary(&r);
+	rc = 0;
+	goto out;
 fail:
 	fprintf(stderr, "kl bench: %s\n", err.msg);
-	kl_ctx_free(ctx);
-	kl_model_free(m);
-	return 1;
+out:
+	bench_run_free(&r);
+	return rc;
 }

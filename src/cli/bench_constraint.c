@@ -256,22 +256,14 @@ cmd_bench_constraint(int argc, char **argv)
 	double		t0,
 				t_small,
 				t_big;
+	const cli_opt opts[] = {
+		CLI_OPT("--synthetic", CLI_OPT_INT, &synthetic),
+		CLI_OPT("--steps", CLI_OPT_INT, &steps),
+	};
 
 	cli_common_init(&co);
-	for (int i = 1; i < argc; i++)
-	{
-		if (cli_common_arg(&co, argc, argv, &i))
-			continue;
-		if (strcmp(argv[i], "--synthetic") == 0 && i + 1 < argc)
-			synthetic = atoi(argv[++i]);
-		else if (strcmp(argv[i], "--steps") == 0 && i + 1 < argc)
-			steps = atoi(argv[++i]);
-		else
-		{
-			fprintf(stderr, "kl bench-constraint: unknown or incomplete option %s\n", argv[i]);
-			return 2;
-		}
-	}
+	if (cli_parse_options("bench-constraint", argc, argv, &co, opts, CLI_N_OPTS(opts)) != 0)
+		return 2;
 	if (!co.model || synthetic < 256 || steps < 1)
 	{
 		fprintf(stderr, "kl bench-constraint: --model DIR is required (--synthetic N >= 256, --steps N >= 1)\n");

@@ -62,26 +62,16 @@ cmd_render(int argc, char **argv)
 			   *tools = NULL;
 	kl_err		err;
 	int			rc = 1;
+	const cli_opt opts[] = {
+		CLI_OPT("--chat-json", CLI_OPT_STRING, &file),
+		CLI_OPT("--format", CLI_OPT_STRING, &format),
+		CLI_OPT("--ids", CLI_OPT_SET, &ids_out),
+		CLI_OPT("--no-generation-prompt", CLI_OPT_CLEAR, &gen_prompt),
+	};
 
 	cli_common_init(&co);
-	for (int i = 1; i < argc; i++)
-	{
-		if (cli_common_arg(&co, argc, argv, &i))
-			continue;
-		if (strcmp(argv[i], "--chat-json") == 0 && i + 1 < argc)
-			file = argv[++i];
-		else if (strcmp(argv[i], "--format") == 0 && i + 1 < argc)
-			format = argv[++i];
-		else if (strcmp(argv[i], "--ids") == 0)
-			ids_out = true;
-		else if (strcmp(argv[i], "--no-generation-prompt") == 0)
-			gen_prompt = false;
-		else
-		{
-			fprintf(stderr, "kl render: unknown or incomplete option %s\n", argv[i]);
-			return 2;
-		}
-	}
+	if (cli_parse_options("render", argc, argv, &co, opts, CLI_N_OPTS(opts)) != 0)
+		return 2;
 	if (!file || (ids_out && !co.model) || (format && strcmp(format, "kimi") != 0 && strcmp(format, "model") != 0))
 	{
 		fprintf(stderr, "kl render: --chat-json FILE is required (--ids needs --model; --format kimi|model)\n");
@@ -143,21 +133,15 @@ cmd_parse_reply(int argc, char **argv)
 	char	   *text = NULL,
 			   *json = NULL;
 	size_t		len = 0,
-				cap = 0,
 				jl;
 	kl_err		err;
 	int			rc = 1;
+	const cli_opt opts[] = {
+		CLI_OPT("--tools", CLI_OPT_STRING, &tools_file),
+	};
 
-	for (int i = 1; i < argc; i++)
-	{
-		if (strcmp(argv[i], "--tools") == 0 && i + 1 < argc)
-			tools_file = argv[++i];
-		else
-		{
-			fprintf(stderr, "kl parse-reply: unknown or incomplete option %s\n", argv[i]);
-			return 2;
-		}
-	}
+	if (cli_parse_options("parse-reply", argc, argv, NULL, opts, CLI_N_OPTS(opts)) != 0)
+		return 2;
 	if (tools_file)
 	{
 		size_t		tl;
@@ -171,18 +155,12 @@ cmd_parse_reply(int argc, char **argv)
 		}
 		free(t);
 	}
-	for (;;)
+	if (!(text = cli_read_stdin(&len)))
 	{
-		size_t		got;
-
-		if (len + 4096 > cap && !(text = realloc(text, cap = cap ? cap * 2 : 65536)))
-			return 1;
-		got = fread(text + len, 1, cap - len, stdin);
-		if (got == 0)
-			break;
-		len += got;
+		kl_chat_free(decl);
+		return 1;
 	}
-	if (kl_chat_parse_reply_text(text ? text : "", len, decl, &r, &err) != KL_OK ||
+	if (kl_chat_parse_reply_text(text, len, decl, &r, &err) != KL_OK ||
 		kl_chat_reply_json(r, &json, &jl, &err) != KL_OK)
 		fprintf(stderr, "kl parse-reply: %s\n", err.msg);
 	else

@@ -181,26 +181,16 @@ cmd_perplexity(int argc, char **argv)
 	int			n_pages = 0;
 	int			rc = 1;
 	double		t0;
+	const cli_opt opts[] = {
+		CLI_OPT("--corpus", CLI_OPT_STRING, &corpus),
+		CLI_OPT("--max-tokens", CLI_OPT_LONG, &max_tokens),
+		CLI_OPT("--save-argmax", CLI_OPT_STRING, &save),
+		CLI_OPT("--agree-with", CLI_OPT_STRING, &agree),
+	};
 
 	cli_common_init(&co);
-	for (int i = 1; i < argc; i++)
-	{
-		if (cli_common_arg(&co, argc, argv, &i))
-			continue;
-		if (strcmp(argv[i], "--corpus") == 0 && i + 1 < argc)
-			corpus = argv[++i];
-		else if (strcmp(argv[i], "--max-tokens") == 0 && i + 1 < argc)
-			max_tokens = strtol(argv[++i], NULL, 10);
-		else if (strcmp(argv[i], "--save-argmax") == 0 && i + 1 < argc)
-			save = argv[++i];
-		else if (strcmp(argv[i], "--agree-with") == 0 && i + 1 < argc)
-			agree = argv[++i];
-		else
-		{
-			fprintf(stderr, "kl perplexity: unknown or incomplete option %s\n", argv[i]);
-			return 2;
-		}
-	}
+	if (cli_parse_options("perplexity", argc, argv, &co, opts, CLI_N_OPTS(opts)) != 0)
+		return 2;
 	if (!co.model || !corpus || max_tokens < 2)
 	{
 		fprintf(stderr, "kl perplexity: --model and --corpus are required (--max-tokens at least 2)\n");

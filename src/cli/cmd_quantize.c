@@ -32,6 +32,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "cli_util.h"
 #include "commands.h"
 #include "quant.h"
 #include "quant_load.h"
@@ -445,25 +446,16 @@ cmd_quantize(int argc, char **argv)
 				od = {0};
 	char		path[4200];
 	int			rc = 1;
+	const cli_opt opts[] = {
+		CLI_OPT("--model", CLI_OPT_STRING, &model),
+		CLI_OPT("--out", CLI_OPT_STRING, &out),
+		CLI_OPT("--dequantized", CLI_OPT_STRING, &deq_dir),
+		CLI_OPT("--format", CLI_OPT_STRING, &fmt_s),
+		CLI_OPT("--at-load", CLI_OPT_STRING, &at_load),
+	};
 
-	for (int i = 1; i < argc; i++)
-	{
-		if (strcmp(argv[i], "--model") == 0 && i + 1 < argc)
-			model = argv[++i];
-		else if (strcmp(argv[i], "--out") == 0 && i + 1 < argc)
-			out = argv[++i];
-		else if (strcmp(argv[i], "--dequantized") == 0 && i + 1 < argc)
-			deq_dir = argv[++i];
-		else if (strcmp(argv[i], "--format") == 0 && i + 1 < argc)
-			fmt_s = argv[++i];
-		else if (strcmp(argv[i], "--at-load") == 0 && i + 1 < argc)
-			at_load = argv[++i];
-		else
-		{
-			fprintf(stderr, "kl quantize: unknown or incomplete option %s\n", argv[i]);
-			return 2;
-		}
-	}
+	if (cli_parse_options("quantize", argc, argv, NULL, opts, CLI_N_OPTS(opts)) != 0)
+		return 2;
 	for (size_t i = 0; fmt_s && i < sizeof(formats) / sizeof(formats[0]); i++)
 		if (strcmp(fmt_s, formats[i].name) == 0)
 			f = formats[i].f;

@@ -14,6 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cli_util.h"
 #include "commands.h"
 #include "tokenizer.h"
 
@@ -118,42 +119,6 @@ load(const char *cmd, const char *model, kl_tokenizer **tok)
 	return 0;
 }
 
-/* All of stdin, malloc'd and NUL-terminated; NULL on error. */
-static char *
-read_stdin(size_t *len)
-{
-	size_t		cap = 1 << 16,
-				n = 0,
-				got;
-	char	   *b = malloc(cap);
-
-	if (!b)
-		return NULL;
-	while ((got = fread(b + n, 1, cap - n - 1, stdin)) > 0)
-	{
-		n += got;
-		if (n + 1 == cap)
-		{
-			char	   *nb = realloc(b, cap *= 2);
-
-			if (!nb)
-			{
-				free(b);
-				return NULL;
-			}
-			b = nb;
-		}
-	}
-	if (ferror(stdin))
-	{
-		free(b);
-		return NULL;
-	}
-	b[n] = 0;
-	*len = n;
-	return b;
-}
-
 int
 cmd_tokenize(int argc, char **argv)
 {
@@ -167,7 +132,7 @@ cmd_tokenize(int argc, char **argv)
 
 	if (rc || (rc = load(argv[0], a.model, &tok)))
 		return rc;
-	text = read_stdin(&len);
+	text = cli_read_stdin(&len);
 	if (!text)
 	{
 		fprintf(stderr, "kl tokenize: cannot read stdin\n");
@@ -247,7 +212,7 @@ cmd_detokenize(int argc, char **argv)
 
 	if (rc || (rc = load(argv[0], a.model, &tok)))
 		return rc;
-	in = read_stdin(&len);
+	in = cli_read_stdin(&len);
 	if (!in)
 	{
 		fprintf(stderr, "kl detokenize: cannot read stdin\n");
@@ -328,29 +293,6 @@ bench_run(const kl_tokenizer *tok, json_t *pages, kl_splitter splitter, int runs
 	return 0;
 }
 
-static void
-cpu_model(char *out, size_t cap)
-{
-	FILE	   *f = fopen("/proc/cpuinfo", "r");
-	char		line[512];
-
-	snprintf(out, cap, "unknown CPU");
-	if (!f)
-		return;
-	while (fgets(line, sizeof(line), f))
-		if (strncmp(line, "model name", 10) == 0 && strchr(line, ':'))
-		{
-			char	   *v = strchr(line, ':') + 1;
-
-			while (*v == ' ' || *v == '\t')
-				v++;
-			v[strcspn(v, "\n")] = 0;
-			snprintf(out, cap, "%s", v);
-			break;
-		}
-	fclose(f);
-}
-
 int
 cmd_bench_tokenizer(int argc, char **argv)
 {
@@ -398,7 +340,7 @@ cmd_bench_tokenizer(int argc, char **argv)
 		json_decref(pages);
 		return 1;
 	}
-	cpu_model(cpu, sizeof(cpu));
+	cli_cpu_name(cpu, sizeof(cpu));
 	strftime(date, sizeof(date), "%Y-%m-%d", gmtime(&now));
 	printf("| machine | date | pre-tokenizer | pages | bytes | tokens | seconds (best of %d) | MB/s, one thread | "
 		   "reference tiktoken |\n", a.runs);

@@ -22,6 +22,7 @@
 #include "cli_util.h"
 #include "commands.h"
 #include "json_constraint.h"
+#include "kl_file.h"
 #include "kl.h"
 #include "tokenizer.h"
 
@@ -85,6 +86,43 @@ write_logits(const char *path, const float *data, int rows, int cols)
 	return 0;
 }
 
+/*
+ * The logits of all n ids into logits; with 0 < split < n, the first split
+ * ids, then through the serializer (save, drop the sequence, restore) the
+ * rest: the state must carry everything.  *seq may be replaced.
+ */
+static int
+logits_split(kl_ctx *ctx, kl_model *m, kl_seq **seq, const int32_t *ids, int n, int split, float *logits,
+			 kl_err *err)
+{
+	int			first = split > 0 ? split : n;
+	kl_batch_item it = {*seq, ids, first, logits, true};
+	uint8_t    *blob;
+	size_t		len;
+	kl_blob		part;
+	int			rc;
+
+	if (kl_forward(ctx, &it, 1, err) != KL_OK)
+		return KL_FAIL;
+	if (!(split > 0 && split < n))
+		return KL_OK;
+	if (kl_state_save(*seq, 0, &blob, &len, err) != KL_OK)
+		return KL_FAIL;
+	kl_seq_free(*seq);
+	*seq = NULL;
+	part.data = blob;
+	part.len = len;
+	rc = kl_seq_new(m, seq, err) == KL_OK && kl_state_load(*seq, &part, 1, err) == KL_OK ? KL_OK : KL_FAIL;
+	free(blob);
+	if (rc != KL_OK)
+		return KL_FAIL;
+	it.seq = *seq;
+	it.ids = ids + split;
+	it.n = n - split;
+	it.logits = logits + (size_t) split * kl_model_config(m)->vocab_size;
+	return kl_forward(ctx, &it, 1, err);
+}
+
 int
 cmd_logits(int argc, char **argv)
 {
@@ -101,26 +139,16 @@ cmd_logits(int argc, char **argv)
 	int			n = 0;
 	float	   *logits = NULL;
 	int			rc = 1;
+	const cli_opt opts[] = {
+		CLI_OPT("--ids", CLI_OPT_STRING, &ids_s),
+		CLI_OPT("--out", CLI_OPT_STRING, &out),
+		CLI_OPT("--split", CLI_OPT_INT, &split),
+		CLI_OPT("--recurrent", CLI_OPT_SET, &recurrent),
+	};
 
 	cli_common_init(&co);
-	for (int i = 1; i < argc; i++)
-	{
-		if (cli_common_arg(&co, argc, argv, &i))
-			continue;
-		if (strcmp(argv[i], "--ids") == 0 && i + 1 < argc)
-			ids_s = argv[++i];
-		else if (strcmp(argv[i], "--out") == 0 && i + 1 < argc)
-			out = argv[++i];
-		else if (strcmp(argv[i], "--split") == 0 && i + 1 < argc)
-			split = atoi(argv[++i]);
-		else if (strcmp(argv[i], "--recurrent") == 0)
-			recurrent = true;
-		else
-		{
-			fprintf(stderr, "kl logits: unknown or incomplete option %s\n", argv[i]);
-			return 2;
-		}
-	}
+	if (cli_parse_options("logits", argc, argv, &co, opts, CLI_N_OPTS(opts)) != 0)
+		return 2;
 	if (!co.model || !ids_s || !out)
 	{
 		fprintf(stderr, "kl logits: --model, --ids and --out are required\n");
@@ -146,44 +174,8 @@ cmd_logits(int argc, char **argv)
 		fprintf(stderr, "kl: out of memory\n");
 		goto out;
 	}
-	{
-		int			first = split > 0 ? split : n;
-		kl_batch_item it = {seq, ids, first, logits, true};
-
-		if (kl_forward(ctx, &it, 1, &err) != KL_OK)
-			goto fail;
-		if (split > 0 && split < n)
-		{
-			/* through the serializer: save, drop the sequence, restore, go on */
-			uint8_t    *blob;
-			size_t		len;
-			kl_blob		part;
-
-			if (kl_state_save(seq, 0, &blob, &len, &err) != KL_OK)
-				goto fail;
-			kl_seq_free(seq);
-			seq = NULL;
-			if (kl_seq_new(m, &seq, &err) != KL_OK)
-			{
-				free(blob);
-				goto fail;
-			}
-			part.data = blob;
-			part.len = len;
-			if (kl_state_load(seq, &part, 1, &err) != KL_OK)
-			{
-				free(blob);
-				goto fail;
-			}
-			free(blob);
-			it.seq = seq;
-			it.ids = ids + split;
-			it.n = n - split;
-			it.logits = logits + (size_t) split * kl_model_config(m)->vocab_size;
-			if (kl_forward(ctx, &it, 1, &err) != KL_OK)
-				goto fail;
-		}
-	}
+	if (logits_split(ctx, m, &seq, ids, n, split, logits, &err) != KL_OK)
+		goto fail;
 	rc = write_logits(out, logits, n, kl_model_config(m)->vocab_size);
 	goto out;
 fail:
@@ -199,327 +191,430 @@ out:
 
 /* ------------------------------------------------------------------ generate */
 
-int
-cmd_generate(int argc, char **argv)
-{
-	cli_common co;
-	const char *ids_s = NULL,
-			   *prompt = NULL,
-			   *chat = NULL,
-			   *system_msg = NULL,
-			   *stop_s = NULL,
-			   *state_in = NULL,
-			   *state_out = NULL,
-			   *chat_json = NULL,
-			   *schema_file = NULL,
-			   *tool_choice = NULL;
-	kl_gen_params gp;
-	kl_chat    *chat_c = NULL;
-	kl_grammar *grammar = NULL;
-	kl_vocab   *vocab = NULL;
-	kl_constraint *con = NULL;
-	char	   *spec = NULL;
-	uint8_t    *schema = NULL;
-	size_t		schema_len = 0;
-	kl_err		err;
-	kl_model   *m = NULL;
-	kl_ctx	   *ctx = NULL;
-	kl_seq	   *seq = NULL;
-	int32_t    *ids = NULL,
-			   *stops = NULL;
-	int			n = 0,
-				n_stops = 0;
-	kl_tokens	out = {0};
-	int			rc = 1;
-	double		t0,
-				t1;
+/* what a step of generate returns besides KL_OK and KL_FAIL (err set): it
+ * failed and has said why */
+#define GEN_SAID 1
 
-	memset(&gp, 0, sizeof(gp));
-	kl_sampling_default(&gp.sampling);
-	gp.max_tokens = 64;
-	cli_common_init(&co);
-	for (int i = 1; i < argc; i++)
-	{
-		if (cli_common_arg(&co, argc, argv, &i))
-			continue;
-		if (strcmp(argv[i], "--ids") == 0 && i + 1 < argc)
-			ids_s = argv[++i];
-		else if (strcmp(argv[i], "--prompt") == 0 && i + 1 < argc)
-			prompt = argv[++i];
-		else if (strcmp(argv[i], "--chat") == 0 && i + 1 < argc)
-			chat = argv[++i];
-		else if (strcmp(argv[i], "--system") == 0 && i + 1 < argc)
-			system_msg = argv[++i];
-		else if (strcmp(argv[i], "--max-tokens") == 0 && i + 1 < argc)
-			gp.max_tokens = atoi(argv[++i]);
-		else if (strcmp(argv[i], "--temperature") == 0 && i + 1 < argc)
-			gp.sampling.temperature = strtof(argv[++i], NULL);
-		else if (strcmp(argv[i], "--top-k") == 0 && i + 1 < argc)
-			gp.sampling.top_k = atoi(argv[++i]);
-		else if (strcmp(argv[i], "--top-p") == 0 && i + 1 < argc)
-			gp.sampling.top_p = strtof(argv[++i], NULL);
-		else if (strcmp(argv[i], "--min-p") == 0 && i + 1 < argc)
-			gp.sampling.min_p = strtof(argv[++i], NULL);
-		else if (strcmp(argv[i], "--repetition-penalty") == 0 && i + 1 < argc)
-			gp.sampling.repetition_penalty = strtof(argv[++i], NULL);
-		else if (strcmp(argv[i], "--seed") == 0 && i + 1 < argc)
-			gp.sampling.seed = strtoull(argv[++i], NULL, 10);
-		else if (strcmp(argv[i], "--stop-ids") == 0 && i + 1 < argc)
-			stop_s = argv[++i];
-		else if (strcmp(argv[i], "--ignore-eos") == 0)
-			gp.ignore_eos = true;
-		else if (strcmp(argv[i], "--state-in") == 0 && i + 1 < argc)
-			state_in = argv[++i];
-		else if (strcmp(argv[i], "--state-out") == 0 && i + 1 < argc)
-			state_out = argv[++i];
-		else if (strcmp(argv[i], "--chat-json") == 0 && i + 1 < argc)
-			chat_json = argv[++i];
-		else if (strcmp(argv[i], "--json-schema") == 0 && i + 1 < argc)
-			schema_file = argv[++i];
-		else if (strcmp(argv[i], "--tool-choice") == 0 && i + 1 < argc)
-			tool_choice = argv[++i];
-		else
-		{
-			fprintf(stderr, "kl generate: unknown or incomplete option %s\n", argv[i]);
-			return 2;
-		}
-	}
-	if (!co.model || (!!ids_s + !!prompt + !!chat + !!chat_json) > 1 ||
-		(!ids_s && !prompt && !chat && !chat_json && !state_in))
+typedef struct gen_opts
+{
+	cli_common	co;
+	const char *ids,
+			   *prompt,
+			   *chat,
+			   *system_msg,
+			   *stop_ids,
+			   *state_in,
+			   *state_out,
+			   *chat_json,
+			   *schema_file,
+			   *tool_choice;
+	kl_gen_params gp;			/* --max-tokens, the sampling options, --ignore-eos */
+} gen_opts;
+
+/* what the steps of one generation build (gen_run_free releases it) */
+typedef struct gen_run
+{
+	kl_model   *m;
+	kl_ctx	   *ctx;
+	kl_seq	   *seq;
+	int32_t    *ids;			/* the prompt */
+	int			n;
+	int32_t    *stops;			/* --stop-ids, then a chat's stop tokens */
+	int			n_stops;
+	uint8_t    *schema;			/* --json-schema's file */
+	size_t		schema_len;
+	kl_chat    *chat;			/* --chat-json: the messages and tools */
+	char	   *spec;			/* the grammar of constrained output */
+	kl_grammar *grammar;
+	kl_vocab   *vocab;
+	kl_constraint *con;
+	kl_tokens	out;
+} gen_run;
+
+static int
+parse_generate_args(int argc, char **argv, gen_opts *o)
+{
+	kl_sampling *s = &o->gp.sampling;
+	const cli_opt opts[] = {
+		CLI_OPT("--ids", CLI_OPT_STRING, &o->ids),
+		CLI_OPT("--prompt", CLI_OPT_STRING, &o->prompt),
+		CLI_OPT("--chat", CLI_OPT_STRING, &o->chat),
+		CLI_OPT("--system", CLI_OPT_STRING, &o->system_msg),
+		CLI_OPT("--max-tokens", CLI_OPT_INT, &o->gp.max_tokens),
+		CLI_OPT("--temperature", CLI_OPT_FLOAT, &s->temperature),
+		CLI_OPT("--top-k", CLI_OPT_INT, &s->top_k),
+		CLI_OPT("--top-p", CLI_OPT_FLOAT, &s->top_p),
+		CLI_OPT("--min-p", CLI_OPT_FLOAT, &s->min_p),
+		CLI_OPT("--repetition-penalty", CLI_OPT_FLOAT, &s->repetition_penalty),
+		CLI_OPT("--seed", CLI_OPT_U64, &s->seed),
+		CLI_OPT("--stop-ids", CLI_OPT_STRING, &o->stop_ids),
+		CLI_OPT("--ignore-eos", CLI_OPT_SET, &o->gp.ignore_eos),
+		CLI_OPT("--state-in", CLI_OPT_STRING, &o->state_in),
+		CLI_OPT("--state-out", CLI_OPT_STRING, &o->state_out),
+		CLI_OPT("--chat-json", CLI_OPT_STRING, &o->chat_json),
+		CLI_OPT("--json-schema", CLI_OPT_STRING, &o->schema_file),
+		CLI_OPT("--tool-choice", CLI_OPT_STRING, &o->tool_choice),
+	};
+
+	memset(o, 0, sizeof(*o));
+	kl_sampling_default(s);
+	o->gp.max_tokens = 64;
+	cli_common_init(&o->co);
+	if (cli_parse_options("generate", argc, argv, &o->co, opts, CLI_N_OPTS(opts)) != 0)
+		return 2;
+	if (!o->co.model || (!!o->ids + !!o->prompt + !!o->chat + !!o->chat_json) > 1 ||
+		(!o->ids && !o->prompt && !o->chat && !o->chat_json && !o->state_in))
 	{
 		fprintf(stderr, "kl generate: --model and one of --ids, --prompt, --chat, --chat-json are required "
 				"(none only with --state-in: continue the saved generation)\n");
 		return 2;
 	}
-	if (schema_file && !(schema = cli_read_file(schema_file, &schema_len)))
+	return 0;
+}
+
+/* The inputs read before the model loads: --json-schema's file, --stop-ids; 0 or 2. */
+static int
+read_generate_inputs(const gen_opts *o, gen_run *r)
+{
+	if (o->schema_file && !(r->schema = cli_read_file(o->schema_file, &r->schema_len)))
 	{
-		fprintf(stderr, "kl generate: cannot read %s\n", schema_file);
+		fprintf(stderr, "kl generate: cannot read %s\n", o->schema_file);
 		return 2;
 	}
-	if (stop_s && cli_parse_ids(stop_s, &stops, &n_stops) != 0)
+	if (o->stop_ids && cli_parse_ids(o->stop_ids, &r->stops, &r->n_stops) != 0)
 	{
 		fprintf(stderr, "kl generate: --stop-ids must be comma-separated token ids\n");
 		return 2;
 	}
-	if (cli_load(&co, &m, &err) != KL_OK || kl_ctx_new(m, 0, &ctx, &err) != KL_OK ||
-		kl_seq_new(m, &seq, &err) != KL_OK)
-		goto fail;
-	if (state_in)
-	{
-		size_t		len;
-		uint8_t    *blob = cli_read_file(state_in, &len);
-		kl_blob		part = {blob, len};
-		int			rc_load;
+	return 0;
+}
 
-		if (!blob)
-		{
-			fprintf(stderr, "kl generate: cannot read %s\n", state_in);
-			goto out;
-		}
-		rc_load = kl_state_load(seq, &part, 1, &err);
-		free(blob);
-		if (rc_load != KL_OK)
-		{
-			kl_err_prefix(&err, "%s", state_in);
-			goto fail;
-		}
+/* --state-in: the sequence resumes from the saved state. */
+static int
+load_state_in(gen_run *r, const char *path, kl_err *err)
+{
+	size_t		len;
+	uint8_t    *blob = cli_read_file(path, &len);
+	kl_blob		part = {blob, len};
+	int			rc_load;
+
+	if (!blob)
+	{
+		fprintf(stderr, "kl generate: cannot read %s\n", path);
+		return GEN_SAID;
 	}
-
-	if (!ids_s && !prompt && !chat)
-		n = 0;					/* continue from the state's pending token */
-	else if (ids_s)
+	rc_load = kl_state_load(r->seq, &part, 1, err);
+	free(blob);
+	if (rc_load != KL_OK)
 	{
-		if (cli_parse_ids(ids_s, &ids, &n) != 0)
+		kl_err_prefix(err, "%s", path);
+		return KL_FAIL;
+	}
+	return KL_OK;
+}
+
+/* A chat reply ends at the tokenizer's chat stop tokens: add them to the stops. */
+static int
+add_chat_stops(gen_run *r, const kl_tokenizer *tok, kl_err *err)
+{
+	int32_t		chat_stops[8];
+	int			ns = kl_tokenizer_stop_ids(tok, chat_stops, 8);
+	int32_t    *more = realloc(r->stops, sizeof(int32_t) * (size_t) (r->n_stops + ns));
+
+	if (!more && r->n_stops + ns > 0)
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
+	r->stops = more;
+	for (int i = 0; i < ns; i++)
+		r->stops[r->n_stops++] = chat_stops[i];
+	return KL_OK;
+}
+
+/*
+ * --chat-json: the full Kimi format, messages and tools from a file
+ * (cmd_chat.c's forms), rendered with the generation prompt; the grammar of
+ * its tool calls (and of --json-schema) in r->spec.
+ */
+static int
+chat_json_ids(const gen_opts *o, gen_run *r, const kl_tokenizer *tok, kl_ids *enc, kl_err *err)
+{
+	size_t		len;
+	uint8_t    *file = cli_read_file(o->chat_json, &len);
+	json_error_t jerr;
+	json_t	   *j,
+			   *msgs,
+			   *t;
+	char	   *ms,
+			   *ts;
+	kl_chat_format f;
+	kl_chat_render_opts ro = {0};
+	int			rc_parse;
+
+	if (!file)
+	{
+		fprintf(stderr, "kl generate: cannot read %s\n", o->chat_json);
+		return GEN_SAID;
+	}
+	j = json_loadb((const char *) file, len, 0, &jerr);
+	free(file);
+	if (!j)
+		return kl_errc(err, KL_E_INVALID, "%s: not valid JSON (line %d column %d: %s)", o->chat_json, jerr.line,
+					   jerr.column, kl_json_error_kind(&jerr));
+	msgs = json_is_array(j) ? j : json_object_get(j, "messages");
+	t = json_is_object(j) ? json_object_get(j, "tools") : NULL;
+	if (!json_is_array(msgs))
+	{
+		json_decref(j);
+		return kl_errc(err, KL_E_INVALID, "%s: expected a list of messages, or an object with \"messages\" "
+					   "(and \"tools\")", o->chat_json);
+	}
+	ms = json_dumps(msgs, JSON_COMPACT);
+	ts = t && !json_is_null(t) ? json_dumps(t, JSON_COMPACT) : NULL;
+	json_decref(j);
+	rc_parse = kl_chat_parse(ms, ms ? strlen(ms) : 0, ts, ts ? strlen(ts) : 0, false, &r->chat, err);
+	free(ms);
+	free(ts);
+	if (rc_parse != KL_OK)
+		return KL_FAIL;
+	kl_chat_format_of(tok, &f);
+	ro.format = &f;
+	ro.add_generation_prompt = true;
+	if (kl_chat_render_ids(tok, r->chat, &ro, enc, err) != KL_OK ||
+		kl_chat_grammar_spec(r->chat, o->tool_choice, (const char *) r->schema, r->schema_len,
+							 kl_chat_count_calls(r->chat), &r->spec, err) != KL_OK)
+		return KL_FAIL;
+	return add_chat_stops(r, tok, err);
+}
+
+/* --prompt: a fresh text prompt starts with the bos token, as the model was trained. */
+static int
+text_prompt_ids(const gen_opts *o, const gen_run *r, const kl_tokenizer *tok, kl_ids *enc, kl_err *err)
+{
+	if (kl_seq_positions(r->seq) == 0 && kl_seq_pending(r->seq) < 0 && kl_tokenizer_bos(tok) >= 0 &&
+		kl_ids_push(enc, kl_tokenizer_bos(tok), err) != KL_OK)
+		return KL_FAIL;
+	return kl_encode(tok, o->prompt, strlen(o->prompt), 0, enc, err);
+}
+
+/* --chat [--system]: one user turn in the chat format. */
+static int
+chat_ids(const gen_opts *o, gen_run *r, const kl_tokenizer *tok, kl_ids *enc, kl_err *err)
+{
+	kl_chat_message msgs[2];
+	size_t		nm = 0;
+
+	if (o->system_msg)
+	{
+		msgs[nm].role = "system";
+		msgs[nm].content = o->system_msg;
+		msgs[nm++].content_len = strlen(o->system_msg);
+	}
+	msgs[nm].role = "user";
+	msgs[nm].content = o->chat;
+	msgs[nm++].content_len = strlen(o->chat);
+	if (kl_chat_render(tok, msgs, nm, 1, enc, err) != KL_OK)
+		return KL_FAIL;
+	return add_chat_stops(r, tok, err);
+}
+
+/* The prompt's ids in r->ids (none: continue from the state's pending token). */
+static int
+prompt_ids(const gen_opts *o, gen_run *r, kl_err *err)
+{
+	const kl_tokenizer *tok = kl_model_tokenizer(r->m);
+	kl_ids		enc = {0};
+	int			rc;
+
+	if (!o->ids && !o->prompt && !o->chat && !o->chat_json)
+	{
+		r->n = 0;
+		return KL_OK;
+	}
+	if (o->ids)
+	{
+		if (cli_parse_ids(o->ids, &r->ids, &r->n) != 0)
 		{
 			fprintf(stderr, "kl generate: --ids must be comma-separated token ids\n");
-			goto out;
+			return GEN_SAID;
 		}
+		return KL_OK;
 	}
+	if (!tok)
+	{
+		fprintf(stderr, "kl generate: %s has no tokenizer (tiktoken.model); use --ids\n", o->co.model);
+		return GEN_SAID;
+	}
+	if (o->chat_json)
+		rc = chat_json_ids(o, r, tok, &enc, err);
+	else if (o->prompt)
+		rc = text_prompt_ids(o, r, tok, &enc, err);
 	else
+		rc = chat_ids(o, r, tok, &enc, err);
+	if (rc != KL_OK)
 	{
-		const kl_tokenizer *tok = kl_model_tokenizer(m);
-		kl_ids		enc = {0};
-
-		if (!tok)
-		{
-			fprintf(stderr, "kl generate: %s has no tokenizer (tiktoken.model); use --ids\n", co.model);
-			goto out;
-		}
-		if (chat_json)
-		{
-			/* the full Kimi format: messages and tools from a file (cmd_chat.c's forms) */
-			size_t		len;
-			uint8_t    *file = cli_read_file(chat_json, &len);
-			json_t	   *j = file ? json_loadb((const char *) file, len, 0, NULL) : NULL;
-			json_t	   *m = json_is_array(j) ? j : json_object_get(j, "messages");
-			json_t	   *t = json_is_object(j) ? json_object_get(j, "tools") : NULL;
-			char	   *ms = m ? json_dumps(m, JSON_COMPACT) : NULL,
-					   *ts = t && !json_is_null(t) ? json_dumps(t, JSON_COMPACT) : NULL;
-			kl_chat_format f;
-			kl_chat_render_opts o = {0};
-			int32_t		chat_stops[8];
-			int			ns,
-						rc_parse;
-
-			free(file);
-			json_decref(j);
-			rc_parse = kl_chat_parse(ms, ms ? strlen(ms) : 0, ts, ts ? strlen(ts) : 0, false, &chat_c, &err);
-			free(ms);
-			free(ts);
-			if (rc_parse != KL_OK)
-				goto fail;
-			kl_chat_format_of(tok, &f);
-			o.format = &f;
-			o.add_generation_prompt = true;
-			if (kl_chat_render_ids(tok, chat_c, &o, &enc, &err) != KL_OK ||
-				kl_chat_grammar_spec(chat_c, tool_choice, (const char *) schema, schema_len,
-									 kl_chat_count_calls(chat_c), &spec, &err) != KL_OK)
-				goto fail;
-			ns = kl_tokenizer_stop_ids(tok, chat_stops, 8);
-			stops = realloc(stops, sizeof(int32_t) * (size_t) (n_stops + ns));
-			for (int i = 0; i < ns; i++)
-				stops[n_stops++] = chat_stops[i];
-		}
-		else if (prompt)
-		{
-			/* a fresh text prompt starts with the bos token, as the model was trained */
-			if (kl_seq_positions(seq) == 0 && kl_seq_pending(seq) < 0 && kl_tokenizer_bos(tok) >= 0 &&
-				kl_ids_push(&enc, kl_tokenizer_bos(tok), &err) != KL_OK)
-				goto fail;
-			if (kl_encode(tok, prompt, strlen(prompt), 0, &enc, &err) != KL_OK)
-				goto fail;
-		}
-		else
-		{
-			kl_chat_message msgs[2];
-			size_t		nm = 0;
-			int32_t		chat_stops[8];
-			int			ns;
-
-			if (system_msg)
-			{
-				msgs[nm].role = "system";
-				msgs[nm].content = system_msg;
-				msgs[nm++].content_len = strlen(system_msg);
-			}
-			msgs[nm].role = "user";
-			msgs[nm].content = chat;
-			msgs[nm++].content_len = strlen(chat);
-			if (kl_chat_render(tok, msgs, nm, 1, &enc, &err) != KL_OK)
-				goto fail;
-			/* a chat reply ends at the chat stop tokens */
-			ns = kl_tokenizer_stop_ids(tok, chat_stops, 8);
-			stops = realloc(stops, sizeof(int32_t) * (size_t) (n_stops + ns));
-			for (int i = 0; i < ns; i++)
-				stops[n_stops++] = chat_stops[i];
-		}
-		ids = enc.ids;
-		n = (int) enc.n;
+		free(enc.ids);
+		return rc;
 	}
-	gp.stop_ids = stops;
-	gp.n_stop_ids = n_stops;
-	if (schema && !spec)
+	r->ids = enc.ids;
+	r->n = (int) enc.n;
+	return KL_OK;
+}
+
+/*
+ * Constrained output: the grammar of --chat-json's tools, or of a JSON value
+ * after a prompt or --chat ({"json_schema": ...}); ends at eos and the stops.
+ */
+static int
+build_constraint(gen_run *r, kl_gen_params *gp, kl_err *err)
+{
+	const kl_tokenizer *tok = kl_model_tokenizer(r->m);
+	const kl_config *cfg = kl_model_config(r->m);
+	int32_t		ends[72];
+	int			n_ends = 0;
+
+	if (r->schema && !r->spec)
 	{
-		/* a JSON value (after a prompt or --chat): {"json_schema": ...} */
 		kl_chat    *none = NULL;
+		int			rc_spec;
 
-		if (kl_chat_parse(NULL, 0, NULL, 0, false, &none, &err) != KL_OK ||
-			kl_chat_grammar_spec(none, NULL, (const char *) schema, schema_len, 0, &spec, &err) != KL_OK)
-		{
-			kl_chat_free(none);
-			goto fail;
-		}
+		rc_spec = kl_chat_parse(NULL, 0, NULL, 0, false, &none, err) != KL_OK ||
+			kl_chat_grammar_spec(none, NULL, (const char *) r->schema, r->schema_len, 0, &r->spec, err) != KL_OK;
 		kl_chat_free(none);
+		if (rc_spec)
+			return KL_FAIL;
 	}
-	if (spec)
+	if (!r->spec)
+		return KL_OK;
+	if (!tok)
 	{
-		int32_t		ends[72];
-		int			n_ends = 0;
-
-		if (!kl_model_tokenizer(m))
-		{
-			fprintf(stderr, "kl generate: constrained output needs a model with a tokenizer\n");
-			goto out;
-		}
-		if (!gp.ignore_eos && kl_model_config(m)->eos_id >= 0)
-			ends[n_ends++] = kl_model_config(m)->eos_id;
-		for (int i = 0; i < n_stops && n_ends < 72; i++)
-			ends[n_ends++] = stops[i];
-		if (kl_grammar_compile(spec, strlen(spec), &grammar, &err) != KL_OK ||
-			kl_vocab_from_tokenizer(kl_model_tokenizer(m), kl_model_config(m)->vocab_size, &vocab, &err) != KL_OK ||
-			kl_constraint_new(grammar, vocab, ends, n_ends, &con, &err) != KL_OK)
-			goto fail;
-		gp.constraint = con;
+		fprintf(stderr, "kl generate: constrained output needs a model with a tokenizer\n");
+		return GEN_SAID;
 	}
+	if (!gp->ignore_eos && cfg->eos_id >= 0)
+		ends[n_ends++] = cfg->eos_id;
+	for (int i = 0; i < r->n_stops && n_ends < 72; i++)
+		ends[n_ends++] = r->stops[i];
+	if (kl_grammar_compile(r->spec, strlen(r->spec), &r->grammar, err) != KL_OK ||
+		kl_vocab_from_tokenizer(tok, cfg->vocab_size, &r->vocab, err) != KL_OK ||
+		kl_constraint_new(r->grammar, r->vocab, ends, n_ends, &r->con, err) != KL_OK)
+		return KL_FAIL;
+	gp->constraint = r->con;
+	return KL_OK;
+}
 
-	t0 = kl_now();
-	if (kl_generate(ctx, seq, ids, n, &gp, &out, NULL, NULL, &err) != KL_OK)
-		goto fail;
-	t1 = kl_now();
-	if (state_out)
+/* --state-out: the sequence's state after the generation. */
+static int
+save_state_out(const gen_run *r, const char *path, kl_err *err)
+{
+	uint8_t    *blob;
+	size_t		len;
+
+	if (kl_state_save(r->seq, 0, &blob, &len, err) != KL_OK)
+		return KL_FAIL;
+	if (cli_write_file(path, blob, len) != 0)
 	{
-		uint8_t    *blob;
-		size_t		len;
-
-		if (kl_state_save(seq, 0, &blob, &len, &err) != KL_OK)
-			goto fail;
-		if (cli_write_file(state_out, blob, len) != 0)
-		{
-			free(blob);
-			fprintf(stderr, "kl generate: cannot write %s\n", state_out);
-			goto out;
-		}
 		free(blob);
+		fprintf(stderr, "kl generate: cannot write %s\n", path);
+		return GEN_SAID;
 	}
-	for (size_t i = 0; i < out.n; i++)
-		printf("%s%d", i ? "," : "", out.ids[i]);
+	free(blob);
+	return KL_OK;
+}
+
+/* The generated ids; with a tokenizer their text, and the reply parsed when tools were declared. */
+static void
+print_generation(const gen_run *r, kl_err *err)
+{
+	const kl_tokenizer *tok = kl_model_tokenizer(r->m);
+	char	   *text;
+	size_t		len;
+
+	for (size_t i = 0; i < r->out.n; i++)
+		printf("%s%d", i ? "," : "", r->out.ids[i]);
 	printf("\n");
-	if (kl_model_tokenizer(m))
+	if (!tok)
+		return;
+	if (kl_decode(tok, r->out.ids, r->out.n, &text, &len, err) == KL_OK)
 	{
-		char	   *text;
-		size_t		len;
-
-		if (kl_decode(kl_model_tokenizer(m), out.ids, out.n, &text, &len, &err) == KL_OK)
-		{
-			fwrite(text, 1, len, stdout);
-			printf("\n");
-			free(text);
-		}
-		if (chat_c && chat_c->n_tools > 0)
-		{
-			/* the reply parsed: content and tool calls */
-			kl_chat_reply *r;
-			char	   *json;
-			size_t		jl;
-
-			if (kl_chat_parse_reply_ids(kl_model_tokenizer(m), out.ids, out.n, chat_c, &r, &err) == KL_OK &&
-				kl_chat_reply_json(r, &json, &jl, &err) == KL_OK)
-			{
-				printf("%s\n", json);
-				free(json);
-			}
-			kl_chat_reply_free(r);
-		}
+		fwrite(text, 1, len, stdout);
+		printf("\n");
+		free(text);
 	}
-	fprintf(stderr, "kl: %d prompt tokens, %zu generated in %.3f s\n", n, out.n, t1 - t0);
-	rc = 0;
-	goto out;
-fail:
-	fprintf(stderr, "kl: %s\n", err.msg);
-out:
-	free(ids);
-	free(stops);
-	kl_tokens_free(&out);
-	kl_constraint_free(con);
-	kl_grammar_free(grammar);
-	kl_vocab_free(vocab);
-	kl_chat_free(chat_c);
-	free(spec);
-	free(schema);
-	kl_seq_free(seq);
-	kl_ctx_free(ctx);
-	kl_model_free(m);
-	return rc;
+	if (r->chat && r->chat->n_tools > 0)
+	{
+		kl_chat_reply *reply;
+		char	   *json;
+		size_t		jl;
+
+		if (kl_chat_parse_reply_ids(tok, r->out.ids, r->out.n, r->chat, &reply, err) == KL_OK &&
+			kl_chat_reply_json(reply, &json, &jl, err) == KL_OK)
+		{
+			printf("%s\n", json);
+			free(json);
+		}
+		kl_chat_reply_free(reply);
+	}
+}
+
+static void
+gen_run_free(gen_run *r)
+{
+	free(r->ids);
+	free(r->stops);
+	kl_tokens_free(&r->out);
+	kl_constraint_free(r->con);
+	kl_grammar_free(r->grammar);
+	kl_vocab_free(r->vocab);
+	kl_chat_free(r->chat);
+	free(r->spec);
+	free(r->schema);
+	kl_seq_free(r->seq);
+	kl_ctx_free(r->ctx);
+	kl_model_free(r->m);
+}
+
+int
+cmd_generate(int argc, char **argv)
+{
+	gen_opts	o;
+	gen_run		r = {0};
+	kl_err		err;
+	int			rc;
+	double		t0,
+				t1;
+
+	if ((rc = parse_generate_args(argc, argv, &o)) != 0 || (rc = read_generate_inputs(&o, &r)) != 0)
+	{
+		gen_run_free(&r);
+		return rc;
+	}
+	if (cli_load(&o.co, &r.m, &err) != KL_OK || kl_ctx_new(r.m, 0, &r.ctx, &err) != KL_OK ||
+		kl_seq_new(r.m, &r.seq, &err) != KL_OK)
+		rc = KL_FAIL;
+	else if (!o.state_in || (rc = load_state_in(&r, o.state_in, &err)) == KL_OK)
+		rc = prompt_ids(&o, &r, &err);
+	if (rc == KL_OK)
+	{
+		o.gp.stop_ids = r.stops;
+		o.gp.n_stop_ids = r.n_stops;
+		rc = build_constraint(&r, &o.gp, &err);
+	}
+	if (rc == KL_OK)
+	{
+		t0 = kl_now();
+		rc = kl_generate(r.ctx, r.seq, r.ids, r.n, &o.gp, &r.out, NULL, NULL, &err);
+		t1 = kl_now();
+	}
+	if (rc == KL_OK && o.state_out)
+		rc = save_state_out(&r, o.state_out, &err);
+	if (rc == KL_OK)
+	{
+		print_generation(&r, &err);
+		fprintf(stderr, "kl: %d prompt tokens, %zu generated in %.3f s\n", r.n, r.out.n, t1 - t0);
+	}
+	else if (rc == KL_FAIL)
+		fprintf(stderr, "kl: %s\n", err.msg);
+	gen_run_free(&r);
+	return rc == KL_OK ? 0 : 1;
 }
 
 /* ------------------------------------------------------------------ main */

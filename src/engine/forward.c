@@ -32,15 +32,18 @@ struct kl_ctx
 	/* activations, [max_tokens, width] each (backend memory) */
 	float	   *x;				/* the residual stream h */
 	float	   *xn;				/* normalized input of a block */
-	float	   *p1,
-			   *p2,
-			   *p3,
-			   *p4,
-			   *p5,
-			   *p6,
-			   *p7,
-			   *p8,
-			   *p9;				/* projections (roles per mixer below) */
+	/* projection scratch, [max_tokens, width]: the blocks share the buffers
+	 * (sized for the widest role), so each is named after what it holds
+	 * (roles per block are listed at each block below) */
+	float	   *q_gate;			/* q (KDA, MLA); MLP gate; MoE output */
+	float	   *k_up;			/* k (KDA); MLA latent rows; MLP up */
+	float	   *v_hidden;		/* v (KDA); MLA attention output; MLP hidden */
+	float	   *decay;			/* KDA f, the decay before softplus */
+	float	   *out_gate;		/* KDA output gate before sigmoid */
+	float	   *low_rank;		/* low-rank half of f (KDA); of q (MLA) */
+	float	   *mixer_out;		/* KDA output before o_proj */
+	float	   *beta;			/* KDA beta before sigmoid */
+	float	   *gate_low_rank;	/* low-rank half of the KDA output gate */
 	float	   *lrows;			/* rows whose logits are wanted [LOGIT_ROWS, D] */
 	float	   *logits;			/* [LOGIT_ROWS, vocab] */
 	float	   *logits_host;	/* staging for download */
@@ -86,9 +89,10 @@ matmuls(kl_ctx *c, const kl_matmul_job *jobs, int count)
 /*
  * KDA: projections, then the backend's fused op (short conv, normalization,
  * decay, delta rule, gated norm), then o_proj.
- *   p1 = q, p2 = k, p3 = v (pre-conv), p4 = f (decay, pre-softplus),
- *   p5 = gate (pre-sigmoid), p6, p9 = the low-rank halves of f and gate,
- *   p8 = beta (pre-sigmoid), p7 = mixer output before o_proj.
+ *   q_gate, k_up, v_hidden = q, k, v (pre-conv), decay = f (pre-softplus),
+ *   out_gate = gate (pre-sigmoid), low_rank, gate_low_rank = the low-rank
+ *   halves of f and gate, beta (pre-sigmoid), mixer_out = the mixer output
+ *   before o_proj.
  */
 static void
 kda_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
@@ -104,16 +108,16 @@ kda_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
 
 	TIMED(c, KL_PROF_LINEAR, {
 		kl_matmul_job from_x[] = {
-			{c->p1, HK, c->xn, D, n, &w->q_proj},
-			{c->p2, HK, c->xn, D, n, &w->k_proj},
-			{c->p3, HK, c->xn, D, n, &w->v_proj},
-			{c->p6, K, c->xn, D, n, &w->f_a},
-			{c->p9, K, c->xn, D, n, &w->g_a},
-			{c->p8, cfg->kda_heads, c->xn, D, n, &w->b_proj},
+			{c->q_gate, HK, c->xn, D, n, &w->q_proj},
+			{c->k_up, HK, c->xn, D, n, &w->k_proj},
+			{c->v_hidden, HK, c->xn, D, n, &w->v_proj},
+			{c->low_rank, K, c->xn, D, n, &w->f_a},
+			{c->gate_low_rank, K, c->xn, D, n, &w->g_a},
+			{c->beta, cfg->kda_heads, c->xn, D, n, &w->b_proj},
 		};
 		kl_matmul_job low_rank[] = {
-			{c->p4, HK, c->p6, K, n, &w->f_b},
-			{c->p5, HK, c->p9, K, n, &w->g_b},
+			{c->decay, HK, c->low_rank, K, n, &w->f_b},
+			{c->out_gate, HK, c->gate_low_rank, K, n, &w->g_b},
 		};
 
 		matmuls(c, from_x, 6);
@@ -122,23 +126,24 @@ kda_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
 
 	a.w = w;
 	a.kda_index = L->kind_index;
-	a.q = c->p1;
-	a.k = c->p2;
-	a.v = c->p3;
-	a.f = c->p4;
-	a.b = c->p8;
-	a.gate = c->p5;
-	a.out = c->p7;
+	a.q = c->q_gate;
+	a.k = c->k_up;
+	a.v = c->v_hidden;
+	a.f = c->decay;
+	a.b = c->beta;
+	a.gate = c->out_gate;
+	a.out = c->mixer_out;
 	TIMED(c, KL_PROF_KDA, be->ops->kda(be, st, &a));
 
-	TIMED(c, KL_PROF_LINEAR, be->ops->matmul(be, c->xn, D, c->p7, HK, n, &w->o_proj));
+	TIMED(c, KL_PROF_LINEAR, be->ops->matmul(be, c->xn, D, c->mixer_out, HK, n, &w->o_proj));
 }
 
 /*
  * MLA: q (directly or through the low-rank q_a/q_b), the latent row
  * [c, k_pe] = kv_a_proj_with_mqa(x) with c normalized by kv_a_layernorm, then
  * the backend's attention over the latent cache, then o_proj.
- *   p1 = q, p2 = latent rows, p6 = q low-rank scratch, p3 = attention output.
+ *   q_gate = q, k_up = latent rows, low_rank = q low-rank scratch,
+ *   v_hidden = attention output.
  */
 static void
 mla_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
@@ -155,41 +160,42 @@ mla_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
 
 	TIMED(c, KL_PROF_LINEAR, {
 		kl_matmul_job from_x[2] = {
-			{c->p2, Wkv, c->xn, D, n, &w->kv_a},
-			{c->p1, Ha * Dq, c->xn, D, n, &w->q_proj},
+			{c->k_up, Wkv, c->xn, D, n, &w->kv_a},
+			{c->q_gate, Ha * Dq, c->xn, D, n, &w->q_proj},
 		};
 
 		if (cfg->q_lora_rank > 0)
 		{
-			kl_matmul_job qa = {c->p6, cfg->q_lora_rank, c->xn, D, n, &w->q_a};
+			kl_matmul_job qa = {c->low_rank, cfg->q_lora_rank, c->xn, D, n, &w->q_a};
 
 			from_x[1] = qa;
 		}
 		matmuls(c, from_x, 2);
 		if (cfg->q_lora_rank > 0)
 		{
-			be->ops->rmsnorm(be, c->p6, cfg->q_lora_rank, c->p6, cfg->q_lora_rank, w->q_a_norm, n,
+			be->ops->rmsnorm(be, c->low_rank, cfg->q_lora_rank, c->low_rank, cfg->q_lora_rank, w->q_a_norm, n,
 							 cfg->q_lora_rank, cfg->rms_norm_eps);
-			be->ops->matmul(be, c->p1, Ha * Dq, c->p6, cfg->q_lora_rank, n, &w->q_b);
+			be->ops->matmul(be, c->q_gate, Ha * Dq, c->low_rank, cfg->q_lora_rank, n, &w->q_b);
 		}
 
 		/* normalize the first R numbers of each row in place; k_pe stays raw */
-		be->ops->rmsnorm(be, c->p2, Wkv, c->p2, Wkv, w->kv_a_norm, n, cfg->kv_lora_rank, cfg->rms_norm_eps);
+		be->ops->rmsnorm(be, c->k_up, Wkv, c->k_up, Wkv, w->kv_a_norm, n, cfg->kv_lora_rank, cfg->rms_norm_eps);
 	});
 
 	a.w = w;
 	a.mla_index = L->kind_index;
-	a.q = c->p1;
-	a.kv = c->p2;
-	a.out = c->p3;
+	a.q = c->q_gate;
+	a.kv = c->k_up;
+	a.out = c->v_hidden;
 	TIMED(c, KL_PROF_MLA, be->ops->mla(be, st, &a));
 
-	TIMED(c, KL_PROF_LINEAR, be->ops->matmul(be, c->xn, D, c->p3, Ha * cfg->v_head_dim, n, &w->o_proj));
+	TIMED(c, KL_PROF_LINEAR, be->ops->matmul(be, c->xn, D, c->v_hidden, Ha * cfg->v_head_dim, n, &w->o_proj));
 }
 
 /* ------------------------------------------------------------------ feed-forward */
 
-/* Dense SwiGLU MLP: down(silu(gate x) * up x).  p1 = gate, p2 = up, p3 = h. */
+/* Dense SwiGLU MLP: down(silu(gate x) * up x).  q_gate = gate, k_up = up,
+ * v_hidden = h. */
 static void
 dense_mlp(kl_ctx *c, int n, const kl_mlp *mlp, int I)
 {
@@ -197,24 +203,24 @@ dense_mlp(kl_ctx *c, int n, const kl_mlp *mlp, int I)
 	int			D = c->m->cfg.hidden_size;
 
 	kl_matmul_job gate_up[] = {
-		{c->p1, I, c->xn, D, n, &mlp->gate},
-		{c->p2, I, c->xn, D, n, &mlp->up},
+		{c->q_gate, I, c->xn, D, n, &mlp->gate},
+		{c->k_up, I, c->xn, D, n, &mlp->up},
 	};
 
 	matmuls(c, gate_up, 2);
-	be->ops->swiglu(be, c->p3, c->p1, c->p2, n, I, I);
-	be->ops->matmul(be, c->xn, D, c->p3, I, n, &mlp->down);
+	be->ops->swiglu(be, c->v_hidden, c->q_gate, c->k_up, n, I, I);
+	be->ops->matmul(be, c->xn, D, c->v_hidden, I, n, &mlp->down);
 }
 
 /* The feed-forward block of layer L; returns the buffer holding its output
- * (the MoE writes p1, so that no copy back to xn is needed). */
+ * (the MoE writes q_gate, so that no copy back to xn is needed). */
 static float *
 ffn(kl_ctx *c, int n, const kl_layer *L)
 {
 	if (L->is_moe)
 	{
-		TIMED(c, KL_PROF_MOE, c->be->ops->moe(c->be, &c->m->cfg, &L->moe, c->p1, c->xn, n));
-		return c->p1;
+		TIMED(c, KL_PROF_MOE, c->be->ops->moe(c->be, &c->m->cfg, &L->moe, c->q_gate, c->xn, n));
+		return c->q_gate;
 	}
 	TIMED(c, KL_PROF_LINEAR, dense_mlp(c, n, &L->mlp, c->m->cfg.intermediate_size));
 	return c->xn;
@@ -483,15 +489,15 @@ kl_ctx_new(kl_model *m, int max_step_tokens, kl_ctx **out, kl_err *err)
 	} while (0)
 	ALLOC(x, (size_t) T * cfg->hidden_size);
 	ALLOC(xn, (size_t) T * cfg->hidden_size);
-	ALLOC(p1, T * w1);
-	ALLOC(p2, T * w2);
-	ALLOC(p3, T * w3);
-	ALLOC(p4, (size_t) T * imax(HK, 1));
-	ALLOC(p5, (size_t) T * imax(HK, 1));
-	ALLOC(p6, T * imax((int) w6, 1));
-	ALLOC(p7, (size_t) T * imax(HK, 1));
-	ALLOC(p8, (size_t) T * imax(cfg->kda_heads, 1));
-	ALLOC(p9, (size_t) T * imax(cfg->kda_head_dim, 1));
+	ALLOC(q_gate, T * w1);
+	ALLOC(k_up, T * w2);
+	ALLOC(v_hidden, T * w3);
+	ALLOC(decay, (size_t) T * imax(HK, 1));
+	ALLOC(out_gate, (size_t) T * imax(HK, 1));
+	ALLOC(low_rank, T * imax((int) w6, 1));
+	ALLOC(mixer_out, (size_t) T * imax(HK, 1));
+	ALLOC(beta, (size_t) T * imax(cfg->kda_heads, 1));
+	ALLOC(gate_low_rank, (size_t) T * imax(cfg->kda_head_dim, 1));
 	ALLOC(lrows, (size_t) LOGIT_ROWS * cfg->hidden_size);
 	ALLOC(logits, (size_t) LOGIT_ROWS * cfg->vocab_size);
 #undef ALLOC
@@ -514,7 +520,7 @@ kl_ctx_free(kl_ctx *c)
 {
 	if (!c)
 		return;
-	float	   *bufs[] = {c->x, c->xn, c->p1, c->p2, c->p3, c->p4, c->p5, c->p6, c->p7, c->p8, c->p9,
+	float	   *bufs[] = {c->x, c->xn, c->q_gate, c->k_up, c->v_hidden, c->decay, c->out_gate, c->low_rank, c->mixer_out, c->beta, c->gate_low_rank,
 	c->lrows, c->logits};
 
 	for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)

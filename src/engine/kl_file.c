@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,6 +92,18 @@ kl_file_open(const char *root, const char *path, int *fd, kl_err *err)
 	return KL_OK;
 }
 
+/* read(2) that retries when interrupted */
+static ssize_t
+read_retrying(int fd, char *b, size_t want)
+{
+	ssize_t		n;
+
+	do
+		n = read(fd, b, want);
+	while (n < 0 && errno == EINTR);
+	return n;
+}
+
 int
 kl_file_read(const char *root, const char *path, size_t max_bytes, const char *what,
 			 char **buf, size_t *len, kl_err *err)
@@ -122,10 +135,8 @@ kl_file_read(const char *root, const char *path, size_t max_bytes, const char *w
 	}
 	while (got < (size_t) sb.st_size)
 	{
-		ssize_t		n = read(fd, b + got, (size_t) sb.st_size - got);
+		ssize_t		n = read_retrying(fd, b + got, (size_t) sb.st_size - got);
 
-		if (n < 0 && errno == EINTR)
-			continue;
 		if (n <= 0)
 		{
 			int			e = errno;
@@ -138,6 +149,57 @@ kl_file_read(const char *root, const char *path, size_t max_bytes, const char *w
 		got += (size_t) n;
 	}
 	close(fd);
+	b[got] = '\0';
+	*buf = b;
+	*len = got;
+	return KL_OK;
+}
+
+int
+kl_file_read_stream(int fd, const char *name, size_t max_bytes, const char *what,
+					char **buf, size_t *len, kl_err *err)
+{
+	size_t		cap = 1 << 16,
+				got = 0;
+	char	   *b = kl_malloc(cap, err);
+
+	*buf = NULL;
+	*len = 0;
+	if (!b)
+		return KL_FAIL;
+	for (;;)
+	{
+		ssize_t		n;
+
+		if (got + 1 == cap)
+		{
+			char	   *nb = cap > SIZE_MAX / 2 ? NULL : realloc(b, cap * 2);
+
+			if (!nb)
+			{
+				free(b);
+				return kl_errc(err, KL_E_RESOURCES, "out of memory reading %s", name);
+			}
+			b = nb;
+			cap *= 2;
+		}
+		n = read_retrying(fd, b + got, cap - got - 1);
+		if (n == 0)
+			break;
+		if (n < 0)
+		{
+			int			e = errno;
+
+			free(b);
+			return kl_errc(err, kl_errno_code(e), "cannot read %s: %s", name, strerror(e));
+		}
+		got += (size_t) n;
+		if (got > max_bytes)
+		{
+			free(b);
+			return kl_errc(err, KL_E_RESOURCES, "%s is more than %zu bytes, too large for %s", name, max_bytes, what);
+		}
+	}
 	b[got] = '\0';
 	*buf = b;
 	*len = got;

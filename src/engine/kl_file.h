@@ -40,6 +40,14 @@ int			kl_file_read(const char *root, const char *path, size_t max_bytes, const c
 						 char **buf, size_t *len, kl_err *err);
 
 /*
+ * Read an open descriptor to its end (a pipe, standard input: no size known
+ * beforehand) into a malloc'd buffer with a terminating NUL, as kl_file_read
+ * does; at most max_bytes.  `name` names the stream in errors; fd stays open.
+ */
+int			kl_file_read_stream(int fd, const char *name, size_t max_bytes, const char *what,
+								char **buf, size_t *len, kl_err *err);
+
+/*
  * Whether the directory has an entry by this name: a file, or a symbolic
  * link wherever it points (even nowhere).  Loaders decide with it which
  * files a model has, then open them with kl_file_open: a link pointing

@@ -150,6 +150,186 @@ cmp_span(const void *a, const void *b)
 }
 
 /*
+ * The header of the image (base, size) as a JSON object: its length checked
+ * against the file, *data_size the bytes after it, at most MAX_TENSORS
+ * entries.  *root is the parsed object (json_decref it) on success.
+ */
+static int
+header_json(const uint8_t *base, size_t size, const char *what, uint64_t *hlen, uint64_t *data_size,
+			json_t **root, kl_err *err)
+{
+	json_error_t jerr;
+	json_t	   *r;
+
+	*root = NULL;
+	if (size < 8)
+		return kl_errc(err, KL_E_CORRUPT, "%s: file is %zu bytes, too short for a safetensors header "
+					   "(truncated or not a safetensors file)", what, size);
+	memcpy(hlen, base, 8);		/* little-endian host assumed (x86-64, arm64) */
+	if (*hlen < 2 || *hlen > MAX_HEADER)
+		return kl_errc(err, KL_E_INVALID, "%s: the header length (the first 8 bytes) is not plausible "
+					   "(corrupt or not a safetensors file)", what);
+	if (*hlen > size - 8)
+		return kl_errc(err, KL_E_CORRUPT, "%s: the header length runs past the end of the %zu-byte file (truncated?)",
+					   what, size);
+	*data_size = size - 8 - *hlen;
+
+	r = json_loadb((const char *) base + 8, (size_t) *hlen, JSON_REJECT_DUPLICATES, &jerr);
+	if (!r)
+		return kl_errc(err, KL_E_INVALID, "%s: header is not valid JSON (line %d column %d: %s)", what,
+					   jerr.line, jerr.column, kl_json_error_kind(&jerr));
+	if (!json_is_object(r))
+	{
+		json_decref(r);
+		return kl_errc(err, KL_E_INVALID, "%s: header must be a JSON object", what);
+	}
+	if ((int) json_object_size(r) > MAX_TENSORS)
+	{
+		int			count = (int) json_object_size(r);
+
+		json_decref(r);
+		return kl_errc(err, KL_E_RESOURCES, "%s: %d tensors is more than supported", what, count);
+	}
+	*root = r;
+	return KL_OK;
+}
+
+/* t->ndim and t->shape from the entry's "shape" list; *numel their product */
+static int
+entry_shape(const json_t *js, const char *what, const char *key, kl_st_tensor *t, uint64_t *numel, kl_err *err)
+{
+	*numel = 1;
+	if (json_array_size(js) > KL_ST_MAX_DIMS)
+		return kl_errc(err, KL_E_UNSUPPORTED, "%s: tensor \"%s\" has %zu dimensions (at most %d supported)", what,
+					   key, json_array_size(js), KL_ST_MAX_DIMS);
+	t->ndim = (int) json_array_size(js);
+	for (size_t i = 0; i < (size_t) t->ndim; i++)
+	{
+		json_t	   *d = json_array_get(js, i);
+
+		if (!json_is_integer(d) || json_integer_value(d) < 0)
+			return kl_errc(err, KL_E_INVALID, "%s: tensor \"%s\" has an invalid shape (dimension %zu)", what, key, i);
+		t->shape[i] = json_integer_value(d);
+		if (__builtin_mul_overflow(*numel, (uint64_t) t->shape[i], numel))
+			return kl_errc(err, KL_E_INVALID, "%s: tensor \"%s\" shape overflows", what, key);
+	}
+	return KL_OK;
+}
+
+/*
+ * The entry's "data_offsets" [b, e) into the data_size bytes after the
+ * header, checked to hold exactly numel elements of t->dtype.
+ */
+static int
+entry_offsets(const json_t *jo, const char *what, const char *key, const kl_st_tensor *t, uint64_t numel,
+			  uint64_t data_size, uint64_t *b, uint64_t *e, kl_err *err)
+{
+	uint64_t	want;
+
+	if (!json_is_integer(json_array_get(jo, 0)) || !json_is_integer(json_array_get(jo, 1)) ||
+		json_integer_value(json_array_get(jo, 0)) < 0 || json_integer_value(json_array_get(jo, 1)) < 0)
+		return kl_errc(err, KL_E_INVALID, "%s: tensor \"%s\" has invalid data_offsets", what, key);
+	*b = (uint64_t) json_integer_value(json_array_get(jo, 0));
+	*e = (uint64_t) json_integer_value(json_array_get(jo, 1));
+	if (*b > *e || *e > data_size)
+		return kl_errc(err, KL_E_CORRUPT, "%s: tensor \"%s\" data_offsets lie outside the %llu bytes of data "
+					   "(file truncated or header corrupt)", what, key, (unsigned long long) data_size);
+	if (__builtin_mul_overflow(numel, (uint64_t) kl_dtype_size(t->dtype), &want) || want != *e - *b)
+		return kl_errc(err, KL_E_INVALID,
+					   "%s: tensor \"%s\" has %llu bytes of data but its shape and dtype %s need %llu",
+					   what, key, (unsigned long long) (*e - *b), kl_dtype_name(t->dtype),
+					   (unsigned long long) (numel * kl_dtype_size(t->dtype)));
+	return KL_OK;
+}
+
+/*
+ * One tensor's entry of the header: dtype, shape and data offsets validated
+ * into *t (name and data not set) and [*b, *e).
+ */
+static int
+parse_entry(const char *key, const json_t *val, const char *what, uint64_t data_size, kl_st_tensor *t,
+			uint64_t *numel, uint64_t *b, uint64_t *e, kl_err *err)
+{
+	json_t	   *jd,
+			   *js,
+			   *jo;
+	kl_dtype	dt;
+
+	if (!json_is_object(val))
+		return kl_errc(err, KL_E_INVALID, "%s: entry for tensor \"%s\" is not an object", what, key);
+	jd = json_object_get(val, "dtype");
+	js = json_object_get(val, "shape");
+	jo = json_object_get(val, "data_offsets");
+	if (!json_is_string(jd) || !json_is_array(js) || !json_is_array(jo) || json_array_size(jo) != 2)
+		return kl_errc(err, KL_E_INVALID, "%s: tensor \"%s\" needs \"dtype\" (string), \"shape\" (list) and "
+					   "\"data_offsets\" ([begin, end])", what, key);
+	if (!dtype_from_name(json_string_value(jd), &dt))
+		return kl_errc(err, KL_E_UNSUPPORTED,
+					   "%s: tensor \"%s\" has an unsupported dtype (supported: F32, BF16, F16, F64, I64, I32, "
+					   "I16, I8, U8, BOOL)", what, key);
+	memset(t, 0, sizeof(*t));
+	t->dtype = dt;
+	if (entry_shape(js, what, key, t, numel, err) != KL_OK)
+		return KL_FAIL;
+	return entry_offsets(jo, what, key, t, *numel, data_size, b, e, err);
+}
+
+/*
+ * Append the validated tensor t, named key, whose bytes start at p, to st
+ * (room reserved by the caller); an element-misaligned p gets an aligned copy.
+ */
+static int
+append_tensor(kl_safetensors *st, kl_st_tensor *t, const char *key, const uint8_t *p, uint64_t numel,
+			  uint64_t nbytes, int file, kl_err *err)
+{
+	t->numel = (int64_t) numel;
+	t->nbytes = (size_t) nbytes;
+	t->file = file;
+	t->name = strdup(key);
+	if (!t->name)
+		return kl_errc(err, KL_E_RESOURCES, "out of memory");
+	if (((uintptr_t) p % kl_dtype_size(t->dtype)) != 0)
+	{
+		/* Kernels assume element alignment: keep an aligned copy. */
+		t->owned = kl_aligned_alloc(t->nbytes, err);
+		if (!t->owned)
+		{
+			free(t->name);
+			return KL_FAIL;
+		}
+		memcpy(t->owned, p, t->nbytes);
+		p = t->owned;
+	}
+	t->data = p;
+	st->tensors[st->n_tensors++] = *t;
+	return KL_OK;
+}
+
+/* No two tensors may share bytes: the n non-empty spans, sorted here. */
+static int
+check_no_overlap(span *spans, int n, const char *what, kl_err *err)
+{
+	qsort(spans, (size_t) n, sizeof(span), cmp_span);
+	for (int i = 1; i < n; i++)
+		if (spans[i].begin < spans[i - 1].end)
+			return kl_errc(err, KL_E_INVALID, "%s: tensor data regions overlap at offset %llu (corrupt header)",
+						   what, (unsigned long long) spans[i].begin);
+	return KL_OK;
+}
+
+/* Room in st->tensors for cap more tensors (and one spare). */
+static int
+reserve_tensors(kl_safetensors *st, int cap, const char *what, kl_err *err)
+{
+	kl_st_tensor *nt = realloc(st->tensors, sizeof(kl_st_tensor) * ((size_t) st->n_tensors + cap + 1));
+
+	if (!nt)
+		return kl_errc(err, KL_E_RESOURCES, "out of memory reading %s", what);
+	st->tensors = nt;
+	return KL_OK;
+}
+
+/*
  * Parse and validate the header of a safetensors image (base, size).  With st
  * non-NULL, append its tensors (pointing into base) tagged with file index
  * `file`.
@@ -157,10 +337,9 @@ cmp_span(const void *a, const void *b)
 static int
 parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors *st, int file, kl_err *err)
 {
-	uint64_t	hlen;
-	uint64_t	data_size;
+	uint64_t	hlen = 0;
+	uint64_t	data_size = 0;
 	json_t	   *root;
-	json_error_t jerr;
 	const char *key;
 	json_t	   *val;
 	span	   *spans = NULL;
@@ -168,59 +347,21 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 	int			cap;
 	int			rc = KL_FAIL;
 
-	if (size < 8)
-		return kl_errc(err, KL_E_CORRUPT, "%s: file is %zu bytes, too short for a safetensors header "
-					   "(truncated or not a safetensors file)", what, size);
-	memcpy(&hlen, base, 8);		/* little-endian host assumed (x86-64, arm64) */
-	if (hlen < 2 || hlen > MAX_HEADER)
-		return kl_errc(err, KL_E_INVALID, "%s: the header length (the first 8 bytes) is not plausible "
-					   "(corrupt or not a safetensors file)", what);
-	if (hlen > size - 8)
-		return kl_errc(err, KL_E_CORRUPT, "%s: the header length runs past the end of the %zu-byte file (truncated?)",
-					   what, size);
-	data_size = size - 8 - hlen;
-
-	root = json_loadb((const char *) base + 8, (size_t) hlen, JSON_REJECT_DUPLICATES, &jerr);
-	if (!root)
-		return kl_errc(err, KL_E_INVALID, "%s: header is not valid JSON (line %d column %d: %s)", what,
-					   jerr.line, jerr.column, kl_json_error_kind(&jerr));
-	if (!json_is_object(root))
-	{
-		json_decref(root);
-		return kl_errc(err, KL_E_INVALID, "%s: header must be a JSON object", what);
-	}
+	if (header_json(base, size, what, &hlen, &data_size, &root, err) != KL_OK)
+		return KL_FAIL;
 	cap = (int) json_object_size(root);
-	if (cap > MAX_TENSORS)
-	{
-		json_decref(root);
-		return kl_errc(err, KL_E_RESOURCES, "%s: %d tensors is more than supported", what, cap);
-	}
 	spans = kl_calloc((size_t) cap + 1, sizeof(span), err);
 	if (!spans)
 		goto out;
-	if (st)
-	{
-		kl_st_tensor *nt = realloc(st->tensors, sizeof(kl_st_tensor) * ((size_t) st->n_tensors + cap + 1));
-
-		if (!nt)
-		{
-			kl_errc(err, KL_E_RESOURCES, "out of memory reading %s", what);
-			goto out;
-		}
-		st->tensors = nt;
-	}
+	if (st && reserve_tensors(st, cap, what, err) != KL_OK)
+		goto out;
 
 	json_object_foreach(root, key, val)
 	{
-		json_t	   *jd,
-				   *js,
-				   *jo;
-		kl_dtype	dt;
 		kl_st_tensor t;
-		uint64_t	b,
-					e,
-					numel = 1;
-		size_t		i;
+		uint64_t	b = 0,
+					e = 0,
+					numel = 0;
 
 		if (strcmp(key, "__metadata__") == 0)
 		{
@@ -231,78 +372,8 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 			}
 			continue;
 		}
-		if (!json_is_object(val))
-		{
-			kl_errc(err, KL_E_INVALID, "%s: entry for tensor \"%s\" is not an object", what, key);
+		if (parse_entry(key, val, what, data_size, &t, &numel, &b, &e, err) != KL_OK)
 			goto out;
-		}
-		jd = json_object_get(val, "dtype");
-		js = json_object_get(val, "shape");
-		jo = json_object_get(val, "data_offsets");
-		if (!json_is_string(jd) || !json_is_array(js) || !json_is_array(jo) || json_array_size(jo) != 2)
-		{
-			kl_errc(err, KL_E_INVALID, "%s: tensor \"%s\" needs \"dtype\" (string), \"shape\" (list) and "
-					"\"data_offsets\" ([begin, end])", what, key);
-			goto out;
-		}
-		if (!dtype_from_name(json_string_value(jd), &dt))
-		{
-			kl_errc(err, KL_E_UNSUPPORTED,
-					"%s: tensor \"%s\" has an unsupported dtype (supported: F32, BF16, F16, F64, I64, I32, "
-					"I16, I8, U8, BOOL)", what, key);
-			goto out;
-		}
-		memset(&t, 0, sizeof(t));
-		t.dtype = dt;
-		if (json_array_size(js) > KL_ST_MAX_DIMS)
-		{
-			kl_errc(err, KL_E_UNSUPPORTED, "%s: tensor \"%s\" has %zu dimensions (at most %d supported)", what, key,
-					json_array_size(js), KL_ST_MAX_DIMS);
-			goto out;
-		}
-		t.ndim = (int) json_array_size(js);
-		for (i = 0; i < (size_t) t.ndim; i++)
-		{
-			json_t	   *d = json_array_get(js, i);
-
-			if (!json_is_integer(d) || json_integer_value(d) < 0)
-			{
-				kl_errc(err, KL_E_INVALID, "%s: tensor \"%s\" has an invalid shape (dimension %zu)", what, key, i);
-				goto out;
-			}
-			t.shape[i] = json_integer_value(d);
-			if (__builtin_mul_overflow(numel, (uint64_t) t.shape[i], &numel))
-			{
-				kl_errc(err, KL_E_INVALID, "%s: tensor \"%s\" shape overflows", what, key);
-				goto out;
-			}
-		}
-		if (!json_is_integer(json_array_get(jo, 0)) || !json_is_integer(json_array_get(jo, 1)) ||
-			json_integer_value(json_array_get(jo, 0)) < 0 || json_integer_value(json_array_get(jo, 1)) < 0)
-		{
-			kl_errc(err, KL_E_INVALID, "%s: tensor \"%s\" has invalid data_offsets", what, key);
-			goto out;
-		}
-		b = (uint64_t) json_integer_value(json_array_get(jo, 0));
-		e = (uint64_t) json_integer_value(json_array_get(jo, 1));
-		if (b > e || e > data_size)
-		{
-			kl_errc(err, KL_E_CORRUPT, "%s: tensor \"%s\" data_offsets lie outside the %llu bytes of data "
-					"(file truncated or header corrupt)", what, key, (unsigned long long) data_size);
-			goto out;
-		}
-		{
-			uint64_t	want;
-
-			if (__builtin_mul_overflow(numel, (uint64_t) kl_dtype_size(dt), &want) || want != e - b)
-			{
-				kl_errc(err, KL_E_INVALID,
-						"%s: tensor \"%s\" has %llu bytes of data but its shape and dtype %s need %llu",
-						what, key, (unsigned long long) (e - b), kl_dtype_name(dt),
-						(unsigned long long) (numel * kl_dtype_size(dt)));
-				goto out;
-			}
-		}
 		if (e > b)
 		{
 			/* empty tensors occupy no bytes and overlap nothing */
@@ -311,46 +382,10 @@ parse_header(const uint8_t *base, size_t size, const char *what, kl_safetensors 
 			spans[n].idx = n;
 			n++;
 		}
-		if (st)
-		{
-			const uint8_t *p = base + 8 + hlen + b;
-
-			t.numel = (int64_t) numel;
-			t.nbytes = (size_t) (e - b);
-			t.file = file;
-			t.name = strdup(key);
-			if (!t.name)
-			{
-				kl_errc(err, KL_E_RESOURCES, "out of memory");
-				goto out;
-			}
-			if (((uintptr_t) p % kl_dtype_size(dt)) != 0)
-			{
-				/* Kernels assume element alignment: keep an aligned copy. */
-				t.owned = kl_aligned_alloc(t.nbytes, err);
-				if (!t.owned)
-				{
-					free(t.name);
-					goto out;
-				}
-				memcpy(t.owned, p, t.nbytes);
-				p = t.owned;
-			}
-			t.data = p;
-			st->tensors[st->n_tensors++] = t;
-		}
-	}
-
-	/* No two tensors may share bytes. */
-	qsort(spans, (size_t) n, sizeof(span), cmp_span);
-	for (int i = 1; i < n; i++)
-		if (spans[i].begin < spans[i - 1].end)
-		{
-			kl_errc(err, KL_E_INVALID, "%s: tensor data regions overlap at offset %llu (corrupt header)", what,
-					(unsigned long long) spans[i].begin);
+		if (st && append_tensor(st, &t, key, base + 8 + hlen + b, numel, e - b, file, err) != KL_OK)
 			goto out;
-		}
-	rc = KL_OK;
+	}
+	rc = check_no_overlap(spans, n, what, err);
 out:
 	free(spans);
 	json_decref(root);
