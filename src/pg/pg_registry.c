@@ -21,6 +21,7 @@
 #include "storage/lwlock.h"
 #include "utils/json.h"
 
+#include "kl_file.h"
 #include "pg_registry.h"
 #include "pg_shmem.h"
 
@@ -180,7 +181,6 @@ restore_entry(json_t *m, const char *root, int index)
 void
 kl_registry_restore(void)
 {
-	FILE	   *f;
 	char	   *buf;
 	size_t		len;
 	json_t	   *root,
@@ -188,21 +188,13 @@ kl_registry_restore(void)
 	json_error_t jerr;
 	char		dir[PATH_MAX];
 	bool		have_dir;
+	kl_err		err;
 
-	f = fopen(KL_REGISTRY_FILE, "rb");
-	if (f == NULL)
+	if (access(KL_REGISTRY_FILE, F_OK) != 0 && errno == ENOENT)
+		return;					/* no model was ever loaded with load_model */
+	if (kl_file_read(NULL, KL_REGISTRY_FILE, MAX_FILE, "the model registry file", &buf, &len, &err) != KL_OK)
 	{
-		if (errno != ENOENT)
-			elog(LOG, "kimi_linear: could not open \"%s\": %m; no model is loaded at start", KL_REGISTRY_FILE);
-		return;
-	}
-	buf = malloc(MAX_FILE + 1);
-	len = buf ? fread(buf, 1, MAX_FILE + 1, f) : 0;
-	fclose(f);
-	if (buf == NULL || len > MAX_FILE)
-	{
-		elog(LOG, "kimi_linear: \"%s\" is too large or unreadable; no model is loaded at start", KL_REGISTRY_FILE);
-		free(buf);
+		elog(LOG, "kimi_linear: %s; no model is loaded at start", err.msg);
 		return;
 	}
 	root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
