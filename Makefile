@@ -163,7 +163,7 @@ FUZZ_SECONDS ?= 60
 fuzz: $(FUZZ_BINS)
 build/fuzz/engine/%.o: src/engine/%.c
 	@mkdir -p $(@D)
-	$(FUZZ_CC) $(FUZZ_FLAGS) -c -o $@ $<
+	$(FUZZ_CC) $(FUZZ_FLAGS) -MMD -MP -c -o $@ $<
 # the request protocol's decoder: pg_protocol.c alone (no PostgreSQL, no engine code)
 test/fuzz/bin/fuzz_protocol: test/fuzz/fuzz_protocol.c src/pg/pg_protocol.c src/pg/pg_protocol.h
 	@mkdir -p test/fuzz/bin
