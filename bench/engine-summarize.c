@@ -6,8 +6,10 @@
  *     kl_summary_prompt in src/pg/pg_sql_generate.c), prefilled on its own
  *     in chunks of KL_PREFILL_CHUNK tokens (environment, default 512: the
  *     worker's kimi_linear.prefill_chunk, which the caller passes on);
- *   - every step decodes all sequences in flight in one kl_forward (groups of
- *     up to 64, the worker's decode group), greedy;
+ *   - every step decodes all sequences in flight in one kl_forward_sample
+ *     (groups of up to 64, the worker's decode group), greedy, the token drawn
+ *     where the model runs (on the GPU only the ids come back), as the worker
+ *     does;
  *   - a sequence stops at the model's end token, a chat stop token or
  *     MAX_TOKENS (the stopping token counts as generated, as in the worker),
  *     and the next document takes its place at once.
@@ -110,15 +112,16 @@ main(int argc, char **argv)
 	int			n_docs,
 				conc,
 				max_tokens,
-				V,
 				next = 0,
 				done = 0;
 	long		prompt_tokens = 0,
 				generated = 0;
 	Doc		   *docs;
 	Active	   *act;
-	float	   *logits;
 	kl_sampling sp;
+	kl_sample_req sreq;
+	const kl_sample_req *reqs[GROUP];
+	int32_t		toks[GROUP];
 	kl_rng		rng;
 	double		t0,
 				t1,
@@ -139,7 +142,6 @@ main(int argc, char **argv)
 		fail("kl_ctx_new", &err);
 	if (!kl_model_tokenizer(m))
 		fail("the model has no tokenizer", NULL);
-	V = kl_model_config(m)->vocab_size;
 	eos = kl_model_config(m)->eos_id;
 	n_stops = kl_tokenizer_stop_ids(kl_model_tokenizer(m), stops, 8);
 	docs_json = json_load_file(argv[2], 0, &jerr);
@@ -161,9 +163,13 @@ main(int argc, char **argv)
 	act = calloc(conc, sizeof(Active));
 	for (int a = 0; a < conc; a++)
 		act[a].doc = -1;
-	logits = malloc(sizeof(float) * (size_t) V * GROUP);
 	kl_sampling_default(&sp);
 	kl_rng_seed(&rng, 0);
+	memset(&sreq, 0, sizeof(sreq));
+	sreq.sampling = &sp;
+	sreq.rng = &rng;
+	for (int i = 0; i < GROUP; i++)
+		reqs[i] = &sreq;
 
 	c0 = cpu_seconds();
 	t0 = kl_now();
@@ -188,13 +194,12 @@ main(int argc, char **argv)
 			for (size_t fed = 0; fed < d->prompt.n; fed += (size_t) chunk)
 			{
 				size_t		take = d->prompt.n - fed < (size_t) chunk ? d->prompt.n - fed : (size_t) chunk;
-				kl_batch_item it = {act[a].seq, d->prompt.ids + fed, (int) take,
-				fed + take == d->prompt.n ? logits : NULL, false};
+				bool		last = fed + take == d->prompt.n;
+				kl_batch_item it = {act[a].seq, d->prompt.ids + fed, (int) take, NULL, false};
 
-				if (kl_forward(ctx, &it, 1, &err) != KL_OK)
+				if (kl_forward_sample(ctx, &it, 1, last ? reqs : NULL, last ? &tok : NULL, &err) != KL_OK)
 					fail("prefill", &err);
 			}
-			tok = kl_sample(&sp, &rng, logits, V, NULL, 0);
 			if (accept(d, tok, max_tokens))
 			{
 				kl_seq_free(act[a].seq);
@@ -211,17 +216,17 @@ main(int argc, char **argv)
 		{
 			if (a < conc && act[a].doc >= 0)
 			{
-				items[n] = (kl_batch_item) {act[a].seq, &act[a].last, 1, logits + (size_t) n * V, false};
+				items[n] = (kl_batch_item) {act[a].seq, &act[a].last, 1, NULL, false};
 				who[n++] = a;
 			}
 			if (n == GROUP || (a == conc && n > 0))
 			{
-				if (kl_forward(ctx, items, n, &err) != KL_OK)
+				if (kl_forward_sample(ctx, items, n, reqs, toks, &err) != KL_OK)
 					fail("decode", &err);
 				for (int i = 0; i < n; i++)
 				{
 					Active	   *x = &act[who[i]];
-					int32_t		tok = kl_sample(&sp, &rng, logits + (size_t) i * V, V, NULL, 0);
+					int32_t		tok = toks[i];
 
 					if (accept(&docs[x->doc], tok, max_tokens))
 					{

@@ -1064,14 +1064,14 @@ accept_token(KlReq *r, int32 tok)
 }
 
 /*
- * The next token from logits: among the tokens the output constraint allows
- * (its mask is computed here, per step, for the sequences that have one),
- * which it then advances by.  false: r got an error reply.  The constraint
- * was compiled and checked in setup: failing here (a dead end, a token the
- * mask allowed refused) is our bug, not the caller's input.
+ * Before a pass that samples r's next token: r's sampling request for
+ * kl_forward_sample (settings, generator, the recent ids for the penalty, and
+ * the output constraint's mask, computed here per step for the sequences that
+ * have one).  The pass draws the token where the model runs (on the GPU only
+ * the ids come back), as ./kl generate does.  false: r got an error reply.
  */
 static bool
-sample_next(KlReq *r, float *logits, int32 *tok)
+sample_prepare(KlReq *r, kl_sample_req *sr)
 {
 	kl_err		err;
 
@@ -1080,9 +1080,27 @@ sample_next(KlReq *r, float *logits, int32 *tok)
 		send_error(r, err.code == KL_E_RESOURCES ? KL_E_RESOURCES : KL_E_INTERNAL, err.msg, NULL);
 		return false;
 	}
-	*tok = kl_sample_masked(&r->sampling, &r->rng, logits, r->wm->vocab, r->recent.ids, (int) r->recent.n,
-							r->con ? r->mask : NULL);
-	if (r->con && kl_constraint_accept(r->con, *tok, &err) != KL_OK)
+	memset(sr, 0, sizeof(*sr));
+	sr->sampling = &r->sampling;
+	sr->rng = &r->rng;
+	sr->recent = r->recent.ids;
+	sr->n_recent = (int) r->recent.n;
+	sr->allowed = r->con ? r->mask : NULL;
+	return true;
+}
+
+/*
+ * After the pass: the constraint advances by the token drawn.  It was
+ * compiled and checked in setup: failing here (a dead end, a token the mask
+ * allowed refused) is our bug, not the caller's input.  false: r got an
+ * error reply.
+ */
+static bool
+sample_accept(KlReq *r, int32 tok)
+{
+	kl_err		err;
+
+	if (r->con && kl_constraint_accept(r->con, tok, &err) != KL_OK)
 	{
 		send_error(r, KL_E_INTERNAL, err.msg, NULL);
 		return false;
@@ -1153,32 +1171,45 @@ static void
 decode_group(KlWModel *wm, KlReq **group, int n)
 {
 	kl_batch_item items[KL_DECODE_GROUP];
+	kl_sample_req sreq[KL_DECODE_GROUP];
+	const kl_sample_req *reqs[KL_DECODE_GROUP];
+	int32_t		tokens[KL_DECODE_GROUP];
+	KlReq	   *live[KL_DECODE_GROUP];
+	int			m = 0;
 	kl_err		err;
 
 	for (int i = 0; i < n; i++)
 	{
-		items[i].seq = group[i]->seq;
-		items[i].ids = &group[i]->next_token;
-		items[i].n = 1;
-		items[i].logits = wm->logits + (size_t) i * wm->vocab;
-		items[i].all_logits = false;
+		KlReq	   *r = group[i];
+
+		if (!sample_prepare(r, &sreq[m]))
+			continue;
+		live[m] = r;
+		reqs[m] = &sreq[m];
+		items[m].seq = r->seq;
+		items[m].ids = &r->next_token;
+		items[m].n = 1;
+		items[m].logits = NULL;
+		items[m].all_logits = false;
+		m++;
 	}
+	if (m == 0)
+		return;
 	if (!ensure_ctx(wm, Max(kl_prefill_chunk, KL_DECODE_GROUP), &err) ||
-		kl_forward(wm->ctx, items, n, &err) != KL_OK)
+		kl_forward_sample(wm->ctx, items, m, reqs, tokens, &err) != KL_OK)
 	{
-		fail_group(group, n, &err);
+		fail_group(live, m, &err);
 		return;
 	}
 	kl_shared->workers[kl_worker_index].steps++;
-	kl_shared->workers[kl_worker_index].tokens += n;
-	for (int i = 0; i < n; i++)
+	kl_shared->workers[kl_worker_index].tokens += m;
+	for (int i = 0; i < m; i++)
 	{
-		KlReq	   *r = group[i];
-		int32		tok;
+		KlReq	   *r = live[i];
 
-		if (!sample_next(r, items[i].logits, &tok))
+		if (!sample_accept(r, tokens[i]))
 			continue;
-		accept_token(r, tok);
+		accept_token(r, tokens[i]);
 		progress(r, r->phase == RQ_FINISHING ? KL_PHASE_FINISHING : KL_PHASE_DECODE);
 	}
 }
@@ -1189,20 +1220,28 @@ prefill_chunk(KlReq *r)
 	KlWModel   *wm = r->wm;
 	int			chunk = kl_prefill_chunk;
 	int			take = chunk - r->fed % chunk;
-	bool		last;
+	bool		last,
+				sample;
 	kl_batch_item item;
+	kl_sample_req sreq;
+	const kl_sample_req *reqs[1] = {&sreq};
+	int32_t		tok = -1;
 	kl_err		err;
 
 	if (take > r->n_input - r->fed)
 		take = r->n_input - r->fed;
 	last = r->fed + take == r->n_input;
+	/* the last chunk's pass also draws the first new token */
+	sample = last && r->req.max_tokens > 0;
+	if (sample && !sample_prepare(r, &sreq))
+		return;
 	item.seq = r->seq;
 	item.ids = r->input + r->fed;
 	item.n = take;
-	item.logits = last && r->req.max_tokens > 0 ? wm->logits : NULL;
+	item.logits = NULL;
 	item.all_logits = false;
 	if (!ensure_ctx(wm, Max(chunk, KL_DECODE_GROUP), &err) ||
-		kl_forward(wm->ctx, &item, 1, &err) != KL_OK)
+		kl_forward_sample(wm->ctx, &item, 1, sample ? reqs : NULL, sample ? &tok : NULL, &err) != KL_OK)
 	{
 		send_engine_error(r, &err, NULL);
 		return;
@@ -1216,20 +1255,16 @@ prefill_chunk(KlReq *r)
 		return;
 	}
 	r->t_decode = kl_now();
-	if (r->req.max_tokens == 0)
+	if (!sample)
 	{
 		r->reason = KL_STOP_NONE;
 		finish(r);
 		return;
 	}
 	r->phase = RQ_DECODE;
-	{
-		int32		tok;
-
-		if (!sample_next(r, wm->logits, &tok))
-			return;
-		accept_token(r, tok);
-	}
+	if (!sample_accept(r, tok))
+		return;
+	accept_token(r, tok);
 	progress(r, r->phase == RQ_FINISHING ? KL_PHASE_FINISHING : KL_PHASE_DECODE);
 }
 

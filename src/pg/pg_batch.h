@@ -51,7 +51,6 @@ typedef struct KlWModel
 	const kl_tokenizer *tok;
 	int			vocab;
 	int32		eos;
-	float	   *logits;			/* [KL_DECODE_GROUP * vocab], malloc'd */
 	kl_vocab   *cvocab;			/* its vocabulary for output constraints, built on first use */
 } KlWModel;
 

@@ -74,7 +74,6 @@ free_wmodel(KlWModel *wm)
 	kl_cache_drop_model(wm);
 	kl_ctx_free(wm->ctx);
 	kl_model_free(wm->m);
-	free(wm->logits);
 	kl_vocab_free(wm->cvocab);
 	memset(wm, 0, sizeof(*wm));
 }
@@ -171,17 +170,8 @@ sync_models(void)
 				wm->tok = kl_model_tokenizer(m);
 				wm->vocab = cfg->vocab_size;
 				wm->eos = cfg->eos_id;
-				wm->logits = malloc(sizeof(float) * KL_DECODE_GROUP * (size_t) wm->vocab);
-				if (!wm->logits)
+				if (!(wm->ctx = NULL, kl_ctx_new(m, Max(kl_prefill_chunk, KL_DECODE_GROUP), &wm->ctx, &err) == KL_OK))
 				{
-					kl_model_free(m);
-					memset(wm, 0, sizeof(*wm));
-					rc = KL_FAIL;
-					kl_errc(&err, KL_E_RESOURCES, "out of memory for the model's logits");
-				}
-				else if (!(wm->ctx = NULL, kl_ctx_new(m, Max(kl_prefill_chunk, KL_DECODE_GROUP), &wm->ctx, &err) == KL_OK))
-				{
-					free(wm->logits);
 					kl_model_free(m);
 					memset(wm, 0, sizeof(*wm));
 					rc = KL_FAIL;
