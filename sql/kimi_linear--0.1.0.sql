@@ -469,13 +469,13 @@ LANGUAGE C VOLATILE PARALLEL SAFE;
 CREATE FUNCTION _models(
     OUT name text, OUT path text, OUT parameters bigint, OUT bytes bigint, OUT device text,
     OUT moe_routing text, OUT status text, OUT loaded_at timestamptz, OUT error text,
-    OUT weight_format text, OUT weight_bytes bigint)
+    OUT weight_format text, OUT weight_bytes bigint, OUT matmul_precision text)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'kl_sql_models'
 LANGUAGE C VOLATILE PARALLEL SAFE;
 
 CREATE VIEW models AS SELECT * FROM @extschema@._models();
-COMMENT ON VIEW models IS 'Models registered with the inference workers: bytes of the checkpoint''s tensors as stored; weight_format (bf16, or how the weights are quantized) and weight_bytes, the weights as the workers hold them.';
+COMMENT ON VIEW models IS 'Models registered with the inference workers: bytes of the checkpoint''s tensors as stored; weight_format (bf16, or how the weights are quantized) and weight_bytes, the weights as the workers hold them; matmul_precision, the activations of the GPU''s matrix products (kimi_linear.precision when it was loaded; the CPU computes in fp32 either way).';
 
 CREATE FUNCTION _activity(
     OUT worker int, OUT request_id bigint, OUT backend_pid int, OUT model text, OUT phase text,

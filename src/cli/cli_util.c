@@ -20,6 +20,7 @@ cli_common_init(cli_common *co)
 	co->threads = 0;
 	co->moe_routing = NULL;
 	co->quantize = NULL;
+	co->precision = NULL;
 }
 
 bool
@@ -35,6 +36,8 @@ cli_common_arg(cli_common *co, int argc, char **argv, int *i)
 		co->moe_routing = argv[++*i];
 	else if (strcmp(argv[*i], "--quantize") == 0 && *i + 1 < argc)
 		co->quantize = argv[++*i];
+	else if (strcmp(argv[*i], "--precision") == 0 && *i + 1 < argc)
+		co->precision = argv[++*i];
 	else
 		return false;
 	return true;
@@ -136,6 +139,7 @@ cli_load_opts(const cli_common *co)
 	opts.device = co->device;
 	opts.moe_routing = co->moe_routing;
 	opts.quantize = co->quantize;
+	opts.precision = co->precision;
 	return opts;
 }
 

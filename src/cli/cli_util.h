@@ -16,12 +16,13 @@ typedef struct cli_common
 	int			threads;		/* --threads N (0 = all cores) */
 	const char *moe_routing;	/* --moe-routing select|reference (NULL: the default, select) */
 	const char *quantize;		/* --quantize fp8|int8|int4 (quantize the weights at load) */
+	const char *precision;		/* --precision fp32|bf16 (activations of the GPU's matrix products) */
 } cli_common;
 
 void		cli_common_init(cli_common *co);
 /* If argv[*i] is a common option, consume it (and its value) and return true. */
 bool		cli_common_arg(cli_common *co, int argc, char **argv, int *i);
-/* The load options the common options set (device, MoE routing). */
+/* The load options the common options set (device, MoE routing, quantization, precision). */
 kl_load_opts cli_load_opts(const cli_common *co);
 /*
  * A command's option table: each "--name" and where its value goes.  Numbers

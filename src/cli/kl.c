@@ -50,7 +50,9 @@ usage(void)
 			"                --moe-routing select|reference (MoE models: select = the router bias chooses\n"
 			"                the experts, the scores weight them (default); reference = the bias is added\n"
 			"                into the weights too, as the released kimi_linear code does),\n"
-			"                --quantize fp8|int8|int4 (quantize the weights at load)\n");
+			"                --quantize fp8|int8|int4 (quantize the weights at load),\n"
+			"                --precision fp32|bf16 (activations of the GPU's matrix products; default fp32;\n"
+			"                the CPU computes in fp32 either way)\n");
 }
 
 /* ------------------------------------------------------------------ logits */

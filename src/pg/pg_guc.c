@@ -19,6 +19,7 @@ char	   *kl_guc_model_dir = NULL;
 char	   *kl_guc_default_model = NULL;
 int			kl_workers = 1;
 int			kl_device = KL_DEVICE_CPU;
+int			kl_precision = KL_PRECISION_FP32;
 int			kl_threads = 0;
 int			kl_max_context = 131072;
 int			kl_max_new_tokens = 4096;
@@ -33,6 +34,12 @@ static const struct config_enum_entry device_options[] = {
 	{"cpu", KL_DEVICE_CPU, false},
 	{"cuda", KL_DEVICE_CUDA, false},
 	{"auto", KL_DEVICE_AUTO, false},
+	{NULL, 0, false}
+};
+
+static const struct config_enum_entry precision_options[] = {
+	{"fp32", KL_PRECISION_FP32, false},
+	{"bf16", KL_PRECISION_BF16, false},
 	{NULL, 0, false}
 };
 
@@ -107,6 +114,12 @@ kl_define_gucs(void)
 							 "Device that kimi_linear.load_model puts models on (cpu, cuda, auto).",
 							 "auto uses a GPU when one is usable and the CPU otherwise.",
 							 &kl_device, KL_DEVICE_CPU, device_options,
+							 PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomEnumVariable("kimi_linear.precision",
+							 "Activations in the GPU's matrix products of the models kimi_linear.load_model loads (fp32, bf16).",
+							 "fp32 matches the CPU to float rounding; bf16 runs the products on tensor cores (logits within "
+							 "3e-2 of fp32). The CPU computes in fp32 either way. Kept with the model and used again after a restart.",
+							 &kl_precision, KL_PRECISION_FP32, precision_options,
 							 PGC_SUSET, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("kimi_linear.threads",
 							"Engine threads per inference worker (0 = all cores).",

@@ -13,7 +13,8 @@ static const char *const routing_hint =
 "kimi_linear reference code does.";
 
 void
-kl_load_options_from_args(const char *moe_routing, const char *quantize, KlLoadOptions *out)
+kl_load_options_from_args(const char *moe_routing, const char *quantize, const char *precision,
+						  KlLoadOptions *out)
 {
 	kl_qtype	qt;
 	kl_err		err;
@@ -30,6 +31,12 @@ kl_load_options_from_args(const char *moe_routing, const char *quantize, KlLoadO
 		kl_engine_error(&err, NULL, "quantize => NULL (the weights as stored), 'fp8', 'int8' or 'int4'.");
 	if (qt != KL_Q_NONE)
 		strlcpy(out->quantize, kl_qtype_name(qt), sizeof(out->quantize));
+	if (precision && strcmp(precision, "bf16") == 0)
+		strlcpy(out->precision, "bf16", sizeof(out->precision));
+	else if (precision && strcmp(precision, "fp32") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("precision must be 'fp32' or 'bf16', got '%s'", precision)));
 }
 
 void
@@ -40,6 +47,8 @@ kl_load_options_format(const KlLoadOptions *o, char *out, size_t size)
 		snprintf(out, size, "moe_routing=%s", o->moe_routing);
 	if (o->quantize[0])
 		snprintf(out + strlen(out), size - strlen(out), "%squantize=%s", out[0] ? " " : "", o->quantize);
+	if (o->precision[0])
+		snprintf(out + strlen(out), size - strlen(out), "%sprecision=%s", out[0] ? " " : "", o->precision);
 }
 
 bool
@@ -65,6 +74,8 @@ kl_load_options_parse(const char *s, KlLoadOptions *out, char *errbuf, size_t er
 		else if (strncmp(tok, "quantize=", 9) == 0 && kl_qtype_parse(tok + 9, &qt, &err) == KL_OK &&
 				 qt != KL_Q_NONE)
 			strlcpy(out->quantize, kl_qtype_name(qt), sizeof(out->quantize));
+		else if (strcmp(tok, "precision=bf16") == 0)
+			strlcpy(out->precision, "bf16", sizeof(out->precision));
 		else
 		{
 			snprintf(errbuf, errsize, "unknown load option \"%.64s\"", tok);
@@ -79,4 +90,5 @@ kl_load_options_apply(const KlLoadOptions *o, kl_load_opts *opts)
 {
 	opts->moe_routing = o->moe_routing[0] ? o->moe_routing : NULL;
 	opts->quantize = o->quantize[0] ? o->quantize : NULL;
+	opts->precision = o->precision[0] ? o->precision : NULL;
 }

@@ -1,7 +1,7 @@
 /*
  * pg_load_options.h — the load options of a registered model (load_model's
  * optional arguments) as one canonical string, "key=value" pairs separated by
- * spaces in a fixed order, e.g. "moe_routing=reference quantize=int8".  The string is what
+ * spaces in a fixed order, e.g. "moe_routing=reference quantize=int8 precision=bf16".  The string is what
  * the registry entry and the registry file keep (pg_registry.h), what decides
  * whether loading a name again is a no-op, and what a worker turns back into
  * the engine's kl_load_opts.  "" means every option at its default.
@@ -17,10 +17,15 @@ typedef struct KlLoadOptions
 {
 	char		moe_routing[16];	/* "" (default: select) or "reference" */
 	char		quantize[8];	/* "" (the weights as stored) or "fp8", "int8", "int4" */
+	char		precision[8];	/* "" (default: fp32) or "bf16": activations in the GPU's matrix products */
 } KlLoadOptions;
 
-/* Check the SQL arguments (NULL = default) and fill *out; ERROR on a bad value. */
-void		kl_load_options_from_args(const char *moe_routing, const char *quantize, KlLoadOptions *out);
+/*
+ * Check the SQL arguments (NULL = default) and fill *out; ERROR on a bad
+ * value.  precision comes from the setting kimi_linear.precision.
+ */
+void		kl_load_options_from_args(const char *moe_routing, const char *quantize, const char *precision,
+									  KlLoadOptions *out);
 
 /* The canonical string of *o (at most size-1 bytes). */
 void		kl_load_options_format(const KlLoadOptions *o, char *out, size_t size);

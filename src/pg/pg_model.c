@@ -179,7 +179,13 @@ wait_loaded(int e, uint32 gen, const char *name, bool forget_failed)
 void
 kl_model_register(const char *name, const char *path, bool check_privilege)
 {
-	kl_model_register_with(name, path, "", check_privilege);
+	KlLoadOptions lo;
+	char		options[KL_MODEL_OPTIONS_LEN];
+
+	/* every option at its default, but the precision setting applies as for load_model */
+	kl_load_options_from_args(NULL, NULL, kl_precision == KL_PRECISION_BF16 ? "bf16" : NULL, &lo);
+	kl_load_options_format(&lo, options, sizeof(options));
+	kl_model_register_with(name, path, options, check_privilege);
 }
 
 void
@@ -485,7 +491,7 @@ kl_sql_load_model(PG_FUNCTION_ARGS)
 	KlLoadOptions lo;
 	char		options[KL_MODEL_OPTIONS_LEN];
 
-	kl_load_options_from_args(routing, quantize, &lo);
+	kl_load_options_from_args(routing, quantize, kl_precision == KL_PRECISION_BF16 ? "bf16" : NULL, &lo);
 	kl_load_options_format(&lo, options, sizeof(options));
 	kl_model_register_with(name, path, options, true);
 	PG_RETURN_VOID();
@@ -537,7 +543,7 @@ kl_sql_chat_model(PG_FUNCTION_ARGS)
 }
 
 /* _models() -> (name, path, parameters, bytes, device, moe_routing, status, loaded_at, error, weight_format,
- *             weight_bytes) */
+ *             weight_bytes, matmul_precision) */
 Datum
 kl_sql_models(PG_FUNCTION_ARGS)
 {
@@ -549,14 +555,18 @@ kl_sql_models(PG_FUNCTION_ARGS)
 	for (int e = 0; e < KL_MAX_MODELS; e++)
 	{
 		KlModelEntry me;
-		Datum		v[11];
-		bool		nulls[11] = {0};
+		Datum		v[12];
+		bool		nulls[12] = {0};
+		KlLoadOptions lo;
+		char		why[128];
+		bool		options_ok;
 
 		LWLockAcquire(kl_shared->lock, LW_SHARED);
 		memcpy(&me, &kl_shared->models[e], sizeof(me));
 		LWLockRelease(kl_shared->lock);
 		if (me.state == KL_MODEL_FREE)
 			continue;
+		options_ok = kl_load_options_parse(me.options, &lo, why, sizeof(why));
 		v[0] = CStringGetTextDatum(me.name);
 		v[1] = CStringGetTextDatum(me.path);
 		v[2] = Int64GetDatum(me.n_params);
@@ -566,13 +576,7 @@ kl_sql_models(PG_FUNCTION_ARGS)
 		if (me.loaded_at)
 			v[5] = CStringGetTextDatum(me.routing_in_force);
 		else
-		{
-			KlLoadOptions lo;
-			char		why[128];
-
-			v[5] = CStringGetTextDatum(kl_load_options_parse(me.options, &lo, why, sizeof(why)) &&
-									   lo.moe_routing[0] ? lo.moe_routing : "select");
-		}
+			v[5] = CStringGetTextDatum(options_ok && lo.moe_routing[0] ? lo.moe_routing : "select");
 		nulls[5] = me.loaded_at && !me.routing_in_force[0];
 		v[6] = CStringGetTextDatum(states[me.state]);
 		if (me.loaded_at)
@@ -585,6 +589,7 @@ kl_sql_models(PG_FUNCTION_ARGS)
 			nulls[8] = true;
 		v[9] = CStringGetTextDatum(me.weight_format);
 		v[10] = Int64GetDatum(me.weight_bytes);
+		v[11] = CStringGetTextDatum(options_ok && lo.precision[0] ? lo.precision : "fp32");
 		if (me.state != KL_MODEL_READY)
 			nulls[2] = nulls[3] = nulls[9] = nulls[10] = true;
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, nulls);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # pg-e2e.sh — the extension end to end on the GPU machine: PostgreSQL started by
 # test/gpu/pg-on-device.sh with kimi_linear preloaded, the bundled model
-# loaded twice (kimi_linear.device = cpu and = cuda), then generate, say and
+# loaded three times (kimi_linear.device = cpu, = cuda, and cuda with kimi_linear.precision = bf16), then generate, say and
 # state hand-over between the devices, each checked; prints "N passed, N failed".
 #
 # On the development machine (see bench/results/cuda.md for the last run):
@@ -31,6 +31,15 @@ for p in 'The VACUUM command' 'CREATE INDEX builds' 'To restore a dump, run'; do
 	c=$(q "SELECT kimi_linear.generate_tokens('$p', max_tokens => 48, model => 'cpu', ignore_eos => true)")
 	g=$(q "SELECT kimi_linear.generate_tokens('$p', max_tokens => 48, model => 'gpu', ignore_eos => true)")
 	check "generate '$p': 48 greedy ids on cuda = on cpu" "$g" "$c"
+done
+# kimi_linear.precision = bf16: tensor-core products; the golden bar is 8 greedy ids identical
+q "SET kimi_linear.device = 'cuda'; SET kimi_linear.precision = 'bf16'; SELECT kimi_linear.load_model('gpu16', 'pgdocs-kimi-18m')" >/dev/null
+check "kimi_linear.precision = bf16: the models view says cuda bf16" \
+	"$(q "SELECT device || ' ' || matmul_precision FROM kimi_linear.models WHERE name = 'gpu16'")" "cuda bf16"
+for p in 'The VACUUM command' 'CREATE INDEX builds' 'To restore a dump, run'; do
+	c=$(q "SELECT kimi_linear.generate_tokens('$p', max_tokens => 8, model => 'cpu', ignore_eos => true)")
+	g=$(q "SELECT kimi_linear.generate_tokens('$p', max_tokens => 8, model => 'gpu16', ignore_eos => true)")
+	check "generate '$p' with bf16 products on cuda: 8 greedy ids = on cpu" "$g" "$c"
 done
 echo "--- generate on the GPU:"
 q "SELECT kimi_linear.generate('The VACUUM command', max_tokens => 40, model => 'gpu')"

@@ -2,7 +2,7 @@
 -- view, a model without tokenizer, states of another model, devices, the MoE
 -- routing rule.
 BEGIN;
-SELECT plan(51);
+SELECT plan(55);
 
 SELECT pid AS worker_pid FROM kimi_linear.workers WHERE worker = 0 \gset
 SELECT kimi_linear._resolve_model(NULL);  -- the bundled model, loaded on first use
@@ -31,6 +31,17 @@ SELECT is(kimi_linear.generate_ids(ARRAY[1, 2, 3, 4], max_tokens => 12, model =>
 SELECT is(kimi_linear.generate_ids(ARRAY[1, 2, 3, 4], max_tokens => 12, model => 'tiny_ref', ignore_eos => true),
           (SELECT ids FROM kl_routing WHERE rule = 'reference'), 'reference rule: the ids ./kl generate --moe-routing reference gives');
 SELECT lives_ok($$SELECT kimi_linear.unload_model('tiny_ref')$$, 'unload it');
+
+-- precision (kimi_linear.precision when a model is loaded): kept with the model; the CPU computes in fp32 either way
+SET LOCAL kimi_linear.precision = 'bf16';
+SELECT lives_ok($$SELECT kimi_linear.load_model('tiny_bf16', 'tiny_a')$$, 'load a model with kimi_linear.precision = bf16');
+RESET kimi_linear.precision;
+SELECT results_eq($$SELECT name, matmul_precision FROM kimi_linear.models WHERE name LIKE 'tiny%' ORDER BY name$$,
+                  $$VALUES ('tiny'::text, 'fp32'::text), ('tiny_bf16', 'bf16')$$,
+                  'the models view shows each model''s precision');
+SELECT is(kimi_linear.generate_ids(ARRAY[1, 2, 3, 4], max_tokens => 12, model => 'tiny_bf16', ignore_eos => true),
+          (SELECT ids FROM kl_routing WHERE rule = 'select'), 'on the CPU the same ids as fp32');
+SELECT lives_ok($$SELECT kimi_linear.unload_model('tiny_bf16')$$, 'unload it');
 
 -- a model without tokenizer: token ids only
 SELECT is(array_length(kimi_linear.generate_ids(ARRAY[1, 2, 3, 4], max_tokens => 6, model => 'tiny', ignore_eos => true), 1), 6,
