@@ -711,6 +711,75 @@ bad_input(void)
 	}
 }
 
+/* ------------------------------------------------------------------ ./kl generate --chat-json */
+
+/* Run cmd (stdout and stderr to files in dir); *err receives stderr (static). */
+static int
+run_cli(const char *dir, const char *cmd, const char **err)
+{
+	static char buf[4096];
+	char		full[4096],
+				path[512];
+	FILE	   *f;
+	size_t		n = 0;
+	int			rc;
+
+	snprintf(full, sizeof(full), "%s >%s/out 2>%s/err", cmd, dir, dir);
+	rc = system(full);
+	snprintf(path, sizeof(path), "%s/err", dir);
+	if ((f = fopen(path, "r")) != NULL)
+	{
+		n = fread(buf, 1, sizeof(buf) - 1, f);
+		fclose(f);
+	}
+	buf[n] = '\0';
+	*err = buf;
+	return rc;
+}
+
+/*
+ * The CLI's chat input: the file's messages are the prompt (the command once
+ * said "empty prompt" for any file), and a file that is missing or holds no
+ * messages is an error that says so, not a generation from an empty chat.
+ */
+static void
+cli_chat_json(void)
+{
+	const char *cli = getenv("KL_CLI") ? getenv("KL_CLI") : "./kl";
+	char		dir[] = "/tmp/kl_test_chat_XXXXXX";
+	char		cmd[2048];
+	const char *err;
+	FILE	   *f;
+	int			rc;
+
+	if (!tap_ok(mkdtemp(dir) != NULL, "a temporary directory for the CLI checks"))
+		return;
+	snprintf(cmd, sizeof(cmd), "%s/chat.json", dir);
+	if ((f = fopen(cmd, "w")) != NULL)
+	{
+		fputs("[{\"role\": \"user\", \"content\": \"What does VACUUM do?\"}]", f);
+		fclose(f);
+	}
+	snprintf(cmd, sizeof(cmd), "%s generate --model %s --chat-json %s/chat.json --max-tokens 6", cli, model_dir, dir);
+	rc = run_cli(dir, cmd, &err);
+	tap_ok(rc == 0 && strstr(err, " 6 generated") != NULL, "kl generate --chat-json FILE generates from the file's messages");
+	snprintf(cmd, sizeof(cmd), "%s generate --model %s --chat-json %s/missing.json --max-tokens 6", cli, model_dir, dir);
+	rc = run_cli(dir, cmd, &err);
+	tap_ok(rc != 0 && strstr(err, "cannot read") != NULL, "a missing chat file is an error that says so");
+	snprintf(cmd, sizeof(cmd), "%s/object.json", dir);
+	if ((f = fopen(cmd, "w")) != NULL)
+	{
+		fputs("{\"a\": 1}", f);
+		fclose(f);
+	}
+	snprintf(cmd, sizeof(cmd), "%s generate --model %s --chat-json %s/object.json --max-tokens 6", cli, model_dir, dir);
+	rc = run_cli(dir, cmd, &err);
+	tap_ok(rc != 0 && strstr(err, "expected a list of messages") != NULL, "a chat file without messages is an error that says so");
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+	if (system(cmd) != 0)
+		tap_diag("could not remove %s", dir);
+}
+
 int
 main(void)
 {
@@ -736,6 +805,7 @@ main(void)
 	recorded_ids();
 	tokenizers(golden);
 	bad_input();
+	cli_chat_json();
 	json_decref(golden);
 	kl_tokenizer_free(tok);
 	return tap_done();
