@@ -28,6 +28,24 @@ kk_set_gemv_wide(int on)
 	kk_gemv_wide = on;
 }
 
+/* acc + w[0..8) . x[0..8), x read as two float4 (fused multiply-adds in index order) */
+__device__ __forceinline__ float
+dot8_acc(const float *w, const float4 *x, float acc)
+{
+	float4		a = __ldg(x),
+				b = __ldg(x + 1);
+
+	acc = fmaf(w[0], a.x, acc);
+	acc = fmaf(w[1], a.y, acc);
+	acc = fmaf(w[2], a.z, acc);
+	acc = fmaf(w[3], a.w, acc);
+	acc = fmaf(w[4], b.x, acc);
+	acc = fmaf(w[5], b.y, acc);
+	acc = fmaf(w[6], b.z, acc);
+	acc = fmaf(w[7], b.w, acc);
+	return acc;
+}
+
 /*
  * acc[r] += W[row] . x_r over cols, for NR input rows.  WIDE (bf16): eight
  * pieces a lane in flight, unpacked one at a time; every lane adds its pieces
@@ -60,20 +78,7 @@ dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int 
 #pragma unroll
 					for (int r = 0; r < NR; r++)
 					{
-						const float4 *xp = (const float4 *) xr[r] + 2 * (ch + 32 * u);
-						float4		a = __ldg(xp),
-									b = __ldg(xp + 1);
-						float		t = acc[r];
-
-						t = fmaf(w[0], a.x, t);
-						t = fmaf(w[1], a.y, t);
-						t = fmaf(w[2], a.z, t);
-						t = fmaf(w[3], a.w, t);
-						t = fmaf(w[4], b.x, t);
-						t = fmaf(w[5], b.y, t);
-						t = fmaf(w[6], b.z, t);
-						t = fmaf(w[7], b.w, t);
-						acc[r] = t;
+						acc[r] = dot8_acc(w, (const float4 *) xr[r] + 2 * (ch + 32 * u), acc[r]);
 					}
 				}
 			}
@@ -160,20 +165,7 @@ dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int 
 #pragma unroll
 			for (int r = 0; r < NR; r++)
 			{
-				const float4 *xp = (const float4 *) xr[r] + 2 * ch;
-				float4		a = __ldg(xp),
-							b = __ldg(xp + 1);
-				float		s = acc[r];
-
-				s = fmaf(w[0], a.x, s);
-				s = fmaf(w[1], a.y, s);
-				s = fmaf(w[2], a.z, s);
-				s = fmaf(w[3], a.w, s);
-				s = fmaf(w[4], b.x, s);
-				s = fmaf(w[5], b.y, s);
-				s = fmaf(w[6], b.z, s);
-				s = fmaf(w[7], b.w, s);
-				acc[r] = s;
+				acc[r] = dot8_acc(w, (const float4 *) xr[r] + 2 * ch, acc[r]);
 			}
 		}
 	}

@@ -33,6 +33,43 @@ better(float v, int i, float bv, int bi)
 	return bi < 0 || v > bv || (v == bv && i >= 0 && i < bi);
 }
 
+/* A group's score: the sum of its two largest choices (the largest alone in a
+ * group of one expert), as kl_moe_route scores groups. */
+__device__ __forceinline__ float
+group_score(const float *choice, int g, int per)
+{
+	float		b1 = -INFINITY,
+				b2 = -INFINITY;
+
+	for (int e = g * per; e < (g + 1) * per; e++)
+	{
+		if (choice[e] > b1)
+		{
+			b2 = b1;
+			b1 = choice[e];
+		}
+		else if (choice[e] > b2)
+			b2 = choice[e];
+	}
+	return per >= 2 ? b1 + b2 : b1;
+}
+
+/* keep[g] = 1 for the Tg groups of highest score, ties to the lower group
+ * (keep[] starts at 0); one thread does it. */
+__device__ __forceinline__ void
+keep_top_groups(const float *gscore, int *keep, int G, int Tg)
+{
+	for (int r = 0; r < Tg; r++)
+	{
+		int			best = -1;
+
+		for (int g = 0; g < G; g++)
+			if (!keep[g] && (best < 0 || gscore[g] > gscore[best]))
+				best = g;
+		keep[best] = 1;
+	}
+}
+
 /*
  * One block per token (blockDim.x a multiple of 32, at most 1024).  Shared:
  * s[E], choice[E], taken[E], gscore[G], keep[G].
@@ -97,33 +134,12 @@ moe_route_kernel(int E, int k, int G, int Tg, int use_softmax, int renorm, int b
 		/* group score: the sum of the group's two largest choices */
 		for (int g = tid; g < G; g += blockDim.x)
 		{
-			float		b1 = -INFINITY,
-						b2 = -INFINITY;
-
-			for (int e = g * per; e < (g + 1) * per; e++)
-			{
-				if (choice[e] > b1)
-				{
-					b2 = b1;
-					b1 = choice[e];
-				}
-				else if (choice[e] > b2)
-					b2 = choice[e];
-			}
-			gscore[g] = per >= 2 ? b1 + b2 : b1;
+			gscore[g] = group_score(choice, g, per);
 			keep[g] = 0;
 		}
 		__syncthreads();
 		if (tid == 0)
-			for (int r = 0; r < Tg; r++)
-			{
-				int			best = -1;
-
-				for (int g = 0; g < G; g++)
-					if (!keep[g] && (best < 0 || gscore[g] > gscore[best]))
-						best = g;
-				keep[best] = 1;
-			}
+			keep_top_groups(gscore, keep, G, Tg);
 		__syncthreads();
 		for (int e = tid; e < E; e += blockDim.x)
 			if (!keep[e / per])
@@ -455,33 +471,12 @@ moe_route_group_kernel(int n, int E, int k, int G, int Tg, int use_softmax, int 
 
 				for (int g = lane; g < G; g += 32)
 				{
-					float		b1 = -INFINITY,
-								b2 = -INFINITY;
-
-					for (int e = g * pg; e < (g + 1) * pg; e++)
-					{
-						if (choice[e] > b1)
-						{
-							b2 = b1;
-							b1 = choice[e];
-						}
-						else if (choice[e] > b2)
-							b2 = choice[e];
-					}
-					gscore[g] = pg >= 2 ? b1 + b2 : b1;
+					gscore[g] = group_score(choice, g, pg);
 					keep[g] = 0;
 				}
 				__syncwarp();
 				if (lane == 0)
-					for (int r = 0; r < Tg; r++)
-					{
-						int			best = -1;
-
-						for (int g = 0; g < G; g++)
-							if (!keep[g] && (best < 0 || gscore[g] > gscore[best]))
-								best = g;
-						keep[best] = 1;
-					}
+					keep_top_groups(gscore, keep, G, Tg);
 				__syncwarp();
 				for (int e = lane; e < E; e += 32)
 					if (!keep[e / pg])

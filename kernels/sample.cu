@@ -62,29 +62,10 @@ block_max_f(float v, float *red)
 	return warp_max(v);
 }
 
-__device__ __forceinline__ int
-block_sum_i(int v, int *red)
-{
-	int			lane = threadIdx.x & 31,
-				w = threadIdx.x >> 5;
-
-#pragma unroll
-	for (int o = 16; o > 0; o >>= 1)
-		v += __shfl_xor_sync(0xffffffffu, v, o);
-	__syncthreads();
-	if (lane == 0)
-		red[w] = v;
-	__syncthreads();
-	v = lane < (int) (blockDim.x >> 5) ? red[lane] : 0;
-#pragma unroll
-	for (int o = 16; o > 0; o >>= 1)
-		v += __shfl_xor_sync(0xffffffffu, v, o);
-	return v;
-}
-
-/* exact: integer additions */
-__device__ __forceinline__ uint64_t
-block_sum_u64(uint64_t v, unsigned long long *red)
+/* block-wide sum of integers (int, unsigned long long): exact, every thread gets it */
+template <typename T>
+__device__ __forceinline__ T
+block_sum_exact(T v, T *red)
 {
 	int			lane = threadIdx.x & 31,
 				w = threadIdx.x >> 5;
@@ -314,8 +295,8 @@ totals(const KEY &kf, int V, int *count, uint64_t *weight, sample_smem *sm)
 			w += wi;
 		}
 	}
-	*count = block_sum_i(c, sm->red_i);
-	*weight = block_sum_u64(w, sm->red_u);
+	*count = block_sum_exact<int>(c, sm->red_i);
+	*weight = block_sum_exact<unsigned long long>(w, sm->red_u);
 }
 
 /*
@@ -415,7 +396,7 @@ ranked(const L &all, int n, int n_pos, int n_cand, int cnt, float bound, const k
 			if (all.get(i, &key, &wi))
 				cc += key_prob_of(key) >= fl;
 		}
-		cc = block_sum_i(cc, sm->red_i);
+		cc = block_sum_exact<int>(cc, sm->red_i);
 		if (cc < keep)
 		{
 			keep = cc;
