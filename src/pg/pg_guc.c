@@ -60,6 +60,12 @@ kl_device_name(int device)
 	}
 }
 
+const char *
+kl_precision_name(int precision)
+{
+	return precision == KL_PRECISION_BF16 ? "bf16" : "fp32";
+}
+
 static bool
 check_model_dir(char **newval, void **extra, GucSource source)
 {

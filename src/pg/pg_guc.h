@@ -31,5 +31,6 @@ extern int	kl_state_cache_mb;		/* worker-side conversation cache */
 
 void		kl_define_gucs(void);
 const char *kl_device_name(int device);
+const char *kl_precision_name(int precision);
 
 #endif

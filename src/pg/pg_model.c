@@ -183,7 +183,7 @@ kl_model_register(const char *name, const char *path, bool check_privilege)
 	char		options[KL_MODEL_OPTIONS_LEN];
 
 	/* every option at its default, but the precision setting applies as for load_model */
-	kl_load_options_from_args(NULL, NULL, kl_precision == KL_PRECISION_BF16 ? "bf16" : NULL, &lo);
+	kl_load_options_from_args(NULL, NULL, kl_precision_name(kl_precision), &lo);
 	kl_load_options_format(&lo, options, sizeof(options));
 	kl_model_register_with(name, path, options, check_privilege);
 }
@@ -491,7 +491,7 @@ kl_sql_load_model(PG_FUNCTION_ARGS)
 	KlLoadOptions lo;
 	char		options[KL_MODEL_OPTIONS_LEN];
 
-	kl_load_options_from_args(routing, quantize, kl_precision == KL_PRECISION_BF16 ? "bf16" : NULL, &lo);
+	kl_load_options_from_args(routing, quantize, kl_precision_name(kl_precision), &lo);
 	kl_load_options_format(&lo, options, sizeof(options));
 	kl_model_register_with(name, path, options, true);
 	PG_RETURN_VOID();
