@@ -2,11 +2,20 @@
  * gemv.cu — matrix products for a few input rows (decode), y = x W^T, where
  * the weights must stream from memory once at full bandwidth.
  *
- * One warp per weight row; each lane reads 16-byte pieces of the row (8 bf16
- * or 4+4 f32) and keeps four pieces in flight before using them, so that the
- * memory system always has enough outstanding requests; the few input rows
- * (fp32, at most 8 per pass) are read through the read-only cache, where they
- * stay resident.  Partial sums are reduced across the warp at the end.
+ * bf16 weights (what models are stored in): a block of BT threads takes RB
+ * consecutive weight rows and splits their columns, thread t reading the
+ * 16-byte pieces t, t + BT, ... of every row of the group, so the block reads
+ * its span of rows front to back as a copy does; each input piece (fp32, read
+ * through the read-only cache where the few input rows stay resident) serves
+ * all RB rows.  Partial sums are reduced over the block (warp shuffles, then
+ * one shared-memory pass).  On an H200 this streams the model's shapes at
+ * 90-100 % of a plain read of the same bytes, against 60-85 % for the older
+ * design below (bench/gemv_sweep.cu, bench/notes-cuda.md).
+ *
+ * fp32 weights, and bf16 with KL_CUDA_GEMV_ROWS=0: one warp per weight row;
+ * each lane reads 16-byte pieces of the row (8 bf16 or 4+4 f32) and keeps four
+ * pieces in flight before using them.  Partial sums are reduced across the
+ * warp at the end.
  *
  * The expert variant runs the same inner loop for mixture-of-experts decode:
  * grid.y indexes the list of experts that received tokens (made on the
@@ -19,13 +28,13 @@
 #define GEMV_WARPS 8			/* weight rows per block */
 #define GEMV_MAX_NR 8			/* input rows per pass */
 
-/* set by kk_set_gemv_wide: bf16 GEMVs keep eight 16-byte loads in flight per lane (else four) */
-int			kk_gemv_wide = 0;
+/* set by kk_set_gemv_rows: bf16 GEMVs in the block-rows design (else one warp per row) */
+int			kk_gemv_rows = 1;
 
 extern "C" void
-kk_set_gemv_wide(int on)
+kk_set_gemv_rows(int on)
 {
-	kk_gemv_wide = on;
+	kk_gemv_rows = on;
 }
 
 /* acc + w[0..8) . x[0..8), x read as two float4 (fused multiply-adds in index order) */
@@ -46,12 +55,8 @@ dot8_acc(const float *w, const float4 *x, float acc)
 	return acc;
 }
 
-/*
- * acc[r] += W[row] . x_r over cols, for NR input rows.  WIDE (bf16): eight
- * pieces a lane in flight, unpacked one at a time; every lane adds its pieces
- * in the same order either way, so the results are the same.
- */
-template <int NR, bool BF16, bool WIDE = false>
+/* acc[r] += W[row] . x_r over cols, for NR input rows (the warp's lanes striding) */
+template <int NR, bool BF16>
 __device__ __forceinline__ void
 dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int cols, int lane, bool vec)
 {
@@ -59,29 +64,6 @@ dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int 
 	{
 		int			nch = cols >> 3;
 		int			ch = lane;
-
-		if (BF16 && WIDE)
-			for (; ch + 224 < nch; ch += 256)
-			{
-				const uint4 *wp = (const uint4 *) Wrow;
-				uint4		raw[8];
-
-#pragma unroll
-				for (int u = 0; u < 8; u++)
-					raw[u] = __ldg(wp + ch + 32 * u);
-#pragma unroll
-				for (int u = 0; u < 8; u++)
-				{
-					float		w[8];
-
-					unpack8_bf16(raw[u], w);
-#pragma unroll
-					for (int r = 0; r < NR; r++)
-					{
-						acc[r] = dot8_acc(w, (const float4 *) xr[r] + 2 * (ch + 32 * u), acc[r]);
-					}
-				}
-			}
 
 		/* four 16-byte (bf16) pieces in flight per lane */
 		for (; ch + 96 < nch; ch += 128)
@@ -183,7 +165,185 @@ dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int 
 	}
 }
 
-template <int NR, bool BF16, bool WIDE>
+/* ------------------------------------------------------------------ block rows (bf16) */
+
+#define ROWS_BT 96				/* threads of a block-rows block (288 pieces = 2304 columns: 3 each) */
+#define ROWS_RB 3				/* its weight rows */
+#define ROWS_BT_WIDE 128		/* for rows of 512 pieces or a multiple of 128 above (4096 columns) */
+#define ROWS_RB_WIDE 2
+
+/*
+ * The first pieces of RB weight rows (Wr[w] NULL: past the matrix, zeros):
+ * loaded before kk_dep_wait, since the weights do not depend on earlier
+ * kernels, so the first memory latency overlaps the previous kernel's tail.
+ */
+template <int RB, int BT>
+__device__ __forceinline__ void
+rows_first(uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], int nch)
+{
+#pragma unroll
+	for (int w = 0; w < RB; w++)
+		raw[w] = Wr[w] && (int) threadIdx.x < nch ? __ldg((const uint4 *) Wr[w] + threadIdx.x) : make_uint4(0, 0, 0, 0);
+}
+
+/*
+ * acc[w][r] += W_w . x_r over this thread's pieces threadIdx.x, + BT, ...
+ * of the nch 16-byte pieces (8 columns each) of the rows; raw holds the first
+ * pieces (rows_first).  Each input piece is read once for all RB rows.
+ */
+template <int NR, int RB, int BT>
+__device__ __forceinline__ void
+rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], const float *const (&xr)[NR],
+		 int nch)
+{
+	for (int ch = threadIdx.x; ch < nch; ch += BT)
+	{
+		uint4		cur[RB];
+
+#pragma unroll
+		for (int w = 0; w < RB; w++)
+		{
+			cur[w] = raw[w];
+			/* the next pieces are in flight while these are used */
+			raw[w] = Wr[w] && ch + BT < nch ? __ldg((const uint4 *) Wr[w] + ch + BT) : make_uint4(0, 0, 0, 0);
+		}
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+		{
+			float4		a = __ldg((const float4 *) xr[r] + 2 * ch),
+						b = __ldg((const float4 *) xr[r] + 2 * ch + 1);
+
+#pragma unroll
+			for (int w = 0; w < RB; w++)
+			{
+				float		f[8];
+				float		s = acc[w][r];
+
+				unpack8_bf16(cur[w], f);
+				s = fmaf(f[0], a.x, s);
+				s = fmaf(f[1], a.y, s);
+				s = fmaf(f[2], a.z, s);
+				s = fmaf(f[3], a.w, s);
+				s = fmaf(f[4], b.x, s);
+				s = fmaf(f[5], b.y, s);
+				s = fmaf(f[6], b.z, s);
+				s = fmaf(f[7], b.w, s);
+				acc[w][r] = s;
+			}
+		}
+	}
+}
+
+/*
+ * sums[w * NR + r] = the block's total of acc[w][r] (shared memory; every
+ * thread sees it on return).  Warp sums, then the warps' partials added in
+ * warp order: the same result on every run.
+ */
+template <int NR, int RB, int BT>
+__device__ __forceinline__ void
+rows_block_sum(float (&acc)[RB][NR], float *sums)
+{
+	__shared__ float part[RB * NR][BT / 32];
+	int			lane = threadIdx.x & 31,
+				warp = threadIdx.x >> 5;
+
+#pragma unroll
+	for (int w = 0; w < RB; w++)
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+		{
+			float		v = warp_sum(acc[w][r]);
+
+			if (lane == 0)
+				part[w * NR + r][warp] = v;
+		}
+	__syncthreads();
+	for (int i = threadIdx.x; i < RB * NR; i += BT)
+	{
+		float		v = 0;
+
+#pragma unroll
+		for (int k = 0; k < BT / 32; k++)
+			v += part[i][k];
+		sums[i] = v;
+	}
+	__syncthreads();
+}
+
+/* y[r, row0 + w] = W_w . x_r for the block's RB rows, NR input rows (grid.y: passes of NR) */
+template <int NR, int RB, int BT>
+__global__ void __launch_bounds__(BT)
+gemv_rows_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx,
+				 const uint16_t *__restrict__ W, int rows, int cols)
+{
+	__shared__ float sums[RB * NR];
+	int			row0 = blockIdx.x * RB,
+				nch = cols >> 3;
+	const uint16_t *Wr[RB];
+	const float *xr[NR];
+	uint4		raw[RB];
+	float		acc[RB][NR];
+
+#pragma unroll
+	for (int w = 0; w < RB; w++)
+		Wr[w] = row0 + w < rows ? W + (size_t) (row0 + w) * cols : NULL;
+	rows_first<RB, BT>(raw, Wr, nch);
+	kk_dep_wait();
+	kk_dep_launch();
+	x += (size_t) blockIdx.y * NR * ldx;
+	y += (size_t) blockIdx.y * NR * ldy;
+#pragma unroll
+	for (int r = 0; r < NR; r++)
+		xr[r] = x + (size_t) r * ldx;
+#pragma unroll
+	for (int w = 0; w < RB; w++)
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+			acc[w][r] = 0;
+	rows_dot<NR, RB, BT>(acc, raw, Wr, xr, nch);
+	rows_block_sum<NR, RB, BT>(acc, sums);
+	for (int i = threadIdx.x; i < RB * NR; i += BT)
+		if (row0 + i / NR < rows)
+			y[(size_t) (i % NR) * ldy + row0 + i / NR] = sums[i];
+}
+
+/* the wide shape (512 pieces a row, or a multiple of 128 above): two rows of 128 threads */
+static bool
+rows_wide(int cols)
+{
+	int			nch = cols >> 3;
+
+	return nch >= 512 && nch % 128 == 0;
+}
+
+template <int NR>
+static void
+gemv_rows_launch(cudaStream_t s, float *y, int ldy, const float *x, int ldx, const void *W, int rows, int cols,
+				 int passes)
+{
+	if (rows_wide(cols))
+		kk_launch(gemv_rows_kernel<NR, ROWS_RB_WIDE, ROWS_BT_WIDE>, dim3(ceil_div(rows, ROWS_RB_WIDE), passes),
+				  dim3(ROWS_BT_WIDE), 0, s, y, ldy, x, ldx, (const uint16_t *) W, rows, cols);
+	else
+		kk_launch(gemv_rows_kernel<NR, ROWS_RB, ROWS_BT>, dim3(ceil_div(rows, ROWS_RB), passes), dim3(ROWS_BT), 0, s,
+				  y, ldy, x, ldx, (const uint16_t *) W, rows, cols);
+}
+
+static void
+gemv_rows(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int nr, const void *W, int rows, int cols,
+		  int passes)
+{
+	switch (nr)
+	{
+#define CASE(N) case N: gemv_rows_launch<N>(s, y, ldy, x, ldx, W, rows, cols, passes); break;
+			CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+	}
+}
+
+/* ------------------------------------------------------------------ one warp a row */
+
+template <int NR, bool BF16>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx,
 			const void *__restrict__ W, int rows, int cols, bool vec)
@@ -212,7 +372,7 @@ gemv_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx
 		acc[r] = 0;
 		xr[r] = x + (size_t) r * ldx;
 	}
-	dot_rows<NR, BF16, WIDE>(acc, Wrow, xr, cols, lane, vec);
+	dot_rows<NR, BF16>(acc, Wrow, xr, cols, lane, vec);
 #pragma unroll
 	for (int r = 0; r < NR; r++)
 	{
@@ -233,10 +393,7 @@ gemv_launch(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int nr, 
 	switch (nr)
 	{
 #define CASE(N) case N: \
-		if (BF16 && kk_gemv_wide) \
-			kk_launch(gemv_kernel<N, BF16, true>, grid, dim3(GEMV_WARPS * 32), 0, s, y, ldy, x, ldx, W, rows, cols, vec); \
-		else \
-			kk_launch(gemv_kernel<N, BF16, false>, grid, dim3(GEMV_WARPS * 32), 0, s, y, ldy, x, ldx, W, rows, cols, vec); \
+		kk_launch(gemv_kernel<N, BF16>, grid, dim3(GEMV_WARPS * 32), 0, s, y, ldy, x, ldx, W, rows, cols, vec); \
 		break;
 			CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
@@ -253,12 +410,15 @@ extern "C" void
 kk_gemv(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int bf16, int rows, int cols)
 {
 	bool		vec = vector_ok(x, ldx, W, cols);
+	bool		by_rows = bf16 && vec && kk_gemv_rows;
 	int			full = n / GEMV_MAX_NR;
 
 	/* the full passes of GEMV_MAX_NR rows in one launch (grid.y), then the rest */
 	if (full > 1)
 	{
-		if (bf16)
+		if (by_rows)
+			gemv_rows(s, y, ldy, x, ldx, GEMV_MAX_NR, W, rows, cols, full);
+		else if (bf16)
 			gemv_launch<true>(s, y, ldy, x, ldx, GEMV_MAX_NR, W, rows, cols, vec, full);
 		else
 			gemv_launch<false>(s, y, ldy, x, ldx, GEMV_MAX_NR, W, rows, cols, vec, full);
@@ -272,7 +432,9 @@ kk_gemv(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const
 	{
 		int			nr = n - r0 < GEMV_MAX_NR ? n - r0 : GEMV_MAX_NR;
 
-		if (bf16)
+		if (by_rows)
+			gemv_rows(s, y + (size_t) r0 * ldy, ldy, x + (size_t) r0 * ldx, ldx, nr, W, rows, cols, 1);
+		else if (bf16)
 			gemv_launch<true>(s, y + (size_t) r0 * ldy, ldy, x + (size_t) r0 * ldx, ldx, nr, W, rows, cols, vec);
 		else
 			gemv_launch<false>(s, y + (size_t) r0 * ldy, ldy, x + (size_t) r0 * ldx, ldx, nr, W, rows, cols, vec);
@@ -284,7 +446,7 @@ kk_gemv(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const
  * projections of a layer that all read the normalized input): block b
  * belongs to the job whose range of blocks holds it.
  */
-template <int NR, bool WIDE>
+template <int NR>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_batch_kernel(kk_gemv_batch b)
 {
@@ -313,7 +475,7 @@ gemv_batch_kernel(kk_gemv_batch b)
 			xr[r] = jb->x + (size_t) r * jb->ldx;
 		}
 		if (jb->bf16)
-			dot_rows<NR, true, WIDE>(acc, (const uint16_t *) jb->W + (size_t) row * jb->cols, xr, jb->cols, lane,
+			dot_rows<NR, true>(acc, (const uint16_t *) jb->W + (size_t) row * jb->cols, xr, jb->cols, lane,
 									 jb->vec);
 		else
 			dot_rows<NR, false>(acc, (const float *) jb->W + (size_t) row * jb->cols, xr, jb->cols, lane, jb->vec);
@@ -328,10 +490,72 @@ gemv_batch_kernel(kk_gemv_batch b)
 	}
 }
 
+/* kk_gemv_multi in the block-rows design: block b takes RB rows of the job whose range holds it */
+template <int NR, int RB, int BT>
+__global__ void __launch_bounds__(BT)
+gemv_rows_batch_kernel(kk_gemv_batch b)
+{
+	__shared__ float sums[RB * NR];
+	int			j = 0;
+
+	while (j + 1 < b.count && (int) blockIdx.x >= b.first_block[j + 1])
+		j++;
+	{
+		const kk_gemv_job *jb = &b.job[j];
+		int			row0 = ((int) blockIdx.x - b.first_block[j]) * RB,
+					nch = jb->cols >> 3;
+		const uint16_t *Wr[RB];
+		const float *xr[NR];
+		uint4		raw[RB];
+		float		acc[RB][NR];
+
+#pragma unroll
+		for (int w = 0; w < RB; w++)
+			Wr[w] = row0 + w < jb->rows ? (const uint16_t *) jb->W + (size_t) (row0 + w) * jb->cols : NULL;
+		rows_first<RB, BT>(raw, Wr, nch);
+		kk_dep_wait();
+		kk_dep_launch();
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+			xr[r] = jb->x + (size_t) r * jb->ldx;
+#pragma unroll
+		for (int w = 0; w < RB; w++)
+#pragma unroll
+			for (int r = 0; r < NR; r++)
+				acc[w][r] = 0;
+		rows_dot<NR, RB, BT>(acc, raw, Wr, xr, nch);
+		rows_block_sum<NR, RB, BT>(acc, sums);
+		for (int i = threadIdx.x; i < RB * NR; i += BT)
+			if (row0 + i / NR < jb->rows)
+				jb->y[(size_t) (i % NR) * jb->ldy + row0 + i / NR] = sums[i];
+	}
+}
+
+template <int NR>
+static void
+gemv_rows_batch_launch(cudaStream_t s, kk_gemv_batch *b, bool wide)
+{
+	int			rb = wide ? ROWS_RB_WIDE : ROWS_RB,
+				blocks = 0;
+
+	for (int j = 0; j < b->count; j++)
+	{
+		b->first_block[j] = blocks;
+		blocks += ceil_div(b->job[j].rows, rb);
+	}
+	b->first_block[b->count] = blocks;
+	if (wide)
+		kk_launch(gemv_rows_batch_kernel<NR, ROWS_RB_WIDE, ROWS_BT_WIDE>, dim3(blocks), dim3(ROWS_BT_WIDE), 0, s, *b);
+	else
+		kk_launch(gemv_rows_batch_kernel<NR, ROWS_RB, ROWS_BT>, dim3(blocks), dim3(ROWS_BT), 0, s, *b);
+}
+
 extern "C" void
 kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b)
 {
 	int			blocks = 0;
+	bool		by_rows = kk_gemv_rows,
+				wide = true;
 
 	if (b->count <= 0 || b->n <= 0)
 		return;
@@ -340,17 +564,29 @@ kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b)
 		kk_gemv_job *jb = &b->job[j];
 
 		jb->vec = vector_ok(jb->x, jb->ldx, jb->W, jb->cols);
+		by_rows = by_rows && jb->vec && jb->bf16;
+		wide = wide && rows_wide(jb->cols);
+	}
+	if (by_rows)
+	{
+		switch (b->n)
+		{
+#define CASE(N) case N: gemv_rows_batch_launch<N>(s, b, wide); break;
+				CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+		}
+		return;
+	}
+	for (int j = 0; j < b->count; j++)
+	{
 		b->first_block[j] = blocks;
-		blocks += ceil_div(jb->rows, GEMV_WARPS);
+		blocks += ceil_div(b->job[j].rows, GEMV_WARPS);
 	}
 	b->first_block[b->count] = blocks;
 	switch (b->n)
 	{
 #define CASE(N) case N: \
-		if (kk_gemv_wide) \
-			kk_launch(gemv_batch_kernel<N, true>, dim3(blocks), dim3(GEMV_WARPS * 32), 0, s, *b); \
-		else \
-			kk_launch(gemv_batch_kernel<N, false>, dim3(blocks), dim3(GEMV_WARPS * 32), 0, s, *b); \
+		kk_launch(gemv_batch_kernel<N>, dim3(blocks), dim3(GEMV_WARPS * 32), 0, s, *b); \
 		break;
 			CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
@@ -370,7 +606,7 @@ kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b)
 #define EXPERT_TWO 1
 #define EXPERT_SWIGLU 2
 
-template <int NR, bool BF16, int MODE, bool WIDE>
+template <int NR, bool BF16, int MODE>
 __device__ __forceinline__ void
 expert_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const void *Wrow, const void *Wrow2,
 			int row, int cols, int i0, int lane, bool vec)
@@ -386,9 +622,9 @@ expert_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const v
 		acc2[r] = 0;
 		xr[r] = x + (size_t) (xrow ? xrow[i0 + r] : i0 + r) * ldx;
 	}
-	dot_rows<NR, BF16, WIDE>(acc, Wrow, xr, cols, lane, vec);
+	dot_rows<NR, BF16>(acc, Wrow, xr, cols, lane, vec);
 	if (MODE == EXPERT_SWIGLU)
-		dot_rows<NR, BF16, WIDE>(acc2, Wrow2, xr, cols, lane, vec);
+		dot_rows<NR, BF16>(acc2, Wrow2, xr, cols, lane, vec);
 #pragma unroll
 	for (int r = 0; r < NR; r++)
 	{
@@ -406,7 +642,7 @@ expert_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const v
 }
 
 /* expert_pass for nr (1..N) input rows: instantiates only the sizes up to N */
-template <int N, bool BF16, int MODE, bool WIDE>
+template <int N, bool BF16, int MODE>
 __device__ __forceinline__ void
 expert_pass_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *xrow, const void *Wrow,
 				 const void *Wrow2, int row, int cols, int i0, int lane, bool vec)
@@ -415,11 +651,11 @@ expert_pass_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *
 	{
 		if (nr < N)
 		{
-			expert_pass_upto<N - 1, BF16, MODE, WIDE>(nr, y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, i0, lane, vec);
+			expert_pass_upto<N - 1, BF16, MODE>(nr, y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, i0, lane, vec);
 			return;
 		}
 	}
-	expert_pass<N, BF16, MODE, WIDE>(y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, i0, lane, vec);
+	expert_pass<N, BF16, MODE>(y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, i0, lane, vec);
 }
 
 /*
@@ -429,7 +665,7 @@ expert_pass_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *
  * plain GEMV (31 against 90 with all eight sizes), so that four times as
  * many warps stream weights per SM.
  */
-template <bool BF16, int MAXNR, int MODE, bool WIDE>
+template <bool BF16, int MAXNR, int MODE>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 expert_gemv_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
 				   const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
@@ -467,7 +703,7 @@ expert_gemv_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, i
 		{
 			int			nr = count - p < MAXNR ? count - p : MAXNR;
 
-			expert_pass_upto<MAXNR, BF16, MODE, WIDE>(nr, y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, first + p,
+			expert_pass_upto<MAXNR, BF16, MODE>(nr, y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, first + p,
 													  lane, vec);
 		}
 	}
@@ -479,12 +715,8 @@ expert_launch(cudaStream_t s, dim3 grid, float *y0, float *y1, int ldy, const fl
 			  const void *const *W0, const void *const *W1, int rows, int cols, const int *start, const int *active,
 			  bool vec)
 {
-	if (BF16 && kk_gemv_wide)
-		kk_launch(expert_gemv_kernel<BF16, MAXNR, MODE, true>, grid, dim3(GEMV_WARPS * 32), 0, s, y0, y1, ldy, x, ldx,
-				  xrow, W0, W1, rows, cols, start, active, vec);
-	else
-		kk_launch(expert_gemv_kernel<BF16, MAXNR, MODE, false>, grid, dim3(GEMV_WARPS * 32), 0, s, y0, y1, ldy, x,
-				  ldx, xrow, W0, W1, rows, cols, start, active, vec);
+	kk_launch(expert_gemv_kernel<BF16, MAXNR, MODE>, grid, dim3(GEMV_WARPS * 32), 0, s, y0, y1, ldy, x, ldx, xrow,
+			  W0, W1, rows, cols, start, active, vec);
 }
 
 template <bool BF16, int MODE>
@@ -502,6 +734,140 @@ expert_dispatch(cudaStream_t s, int max_count, dim3 grid, float *y0, float *y1, 
 	else
 		expert_launch<BF16, GEMV_MAX_NR, MODE>(s, grid, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active,
 											   vec);
+}
+
+/*
+ * The expert products in the block-rows design (bf16): block (b, item) takes
+ * RB weight rows of the item's expert (and the same rows of the second
+ * matrix for SwiGLU: RT = 2 RB rows) and the item's input rows in passes of
+ * at most MAXNR; y as in expert_pass.
+ */
+template <int NR, int MODE, int RT, int BT>
+__device__ __forceinline__ void
+expert_rows_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const uint16_t *const (&Wr)[RT],
+				 int row0, int rows, int nch, int i0, float *sums)
+{
+	constexpr int out = MODE == EXPERT_SWIGLU ? RT / 2 : RT;
+	uint4		raw[RT];
+	float		acc[RT][NR];
+	const float *xr[NR];
+
+#pragma unroll
+	for (int r = 0; r < NR; r++)
+		xr[r] = x + (size_t) (xrow ? xrow[i0 + r] : i0 + r) * ldx;
+#pragma unroll
+	for (int w = 0; w < RT; w++)
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+			acc[w][r] = 0;
+	rows_first<RT, BT>(raw, Wr, nch);
+	rows_dot<NR, RT, BT>(acc, raw, Wr, xr, nch);
+	rows_block_sum<NR, RT, BT>(acc, sums);
+	for (int i = threadIdx.x; i < out * NR; i += BT)
+	{
+		int			w = i / NR,
+					r = i % NR;
+
+		if (row0 + w < rows)
+		{
+			float		v = sums[i];
+
+			if (MODE == EXPERT_SWIGLU)
+				v = siluf_(v) * sums[(out + w) * NR + r];
+			y[(size_t) (i0 + r) * ldy + row0 + w] = v;
+		}
+	}
+}
+
+/* expert_rows_pass for nr (1..N) input rows: instantiates only the sizes up to N */
+template <int N, int MODE, int RT, int BT>
+__device__ __forceinline__ void
+expert_rows_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *xrow,
+				 const uint16_t *const (&Wr)[RT], int row0, int rows, int nch, int i0, float *sums)
+{
+	if constexpr (N > 1)
+	{
+		if (nr < N)
+		{
+			expert_rows_upto<N - 1, MODE, RT, BT>(nr, y, ldy, x, ldx, xrow, Wr, row0, rows, nch, i0, sums);
+			return;
+		}
+	}
+	expert_rows_pass<N, MODE, RT, BT>(y, ldy, x, ldx, xrow, Wr, row0, rows, nch, i0, sums);
+}
+
+template <int MAXNR, int MODE, int RB, int BT>
+__global__ void __launch_bounds__(BT)
+expert_rows_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
+				   const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
+				   const int *__restrict__ active)
+{
+	constexpr int RT = MODE == EXPERT_SWIGLU ? 2 * RB : RB;
+	__shared__ float sums[RT * MAXNR];
+	int			per = (rows + RB - 1) / RB;
+	int			m = MODE == EXPERT_TWO && (int) blockIdx.x >= per;
+	int			row0 = ((int) blockIdx.x - m * per) * RB;
+	int			e,
+				first,
+				count;
+	const uint16_t *Wr[RT];
+
+	/* which experts run depends on the routing kernel before: wait first */
+	kk_dep_wait();
+	kk_dep_launch();
+	if ((int) blockIdx.y >= active[0] || row0 >= rows)
+		return;
+	e = active[1 + blockIdx.y];
+	first = start[e >> 6] + (e & 63) * MAXNR;
+	count = start[(e >> 6) + 1] - first;
+	count = count < MAXNR ? count : MAXNR;
+	e >>= 6;
+#pragma unroll
+	for (int w = 0; w < RT; w++)
+	{
+		const uint16_t *Wm = (const uint16_t *) (MODE == EXPERT_SWIGLU ? (w < RB ? W0[e] : W1[e]) : m ? W1[e] : W0[e]);
+		int			row = row0 + w % RB;
+
+		Wr[w] = row < rows ? Wm + (size_t) row * cols : NULL;
+	}
+	for (int p = 0; p < count; p += MAXNR)
+	{
+		int			nr = count - p < MAXNR ? count - p : MAXNR;
+
+		expert_rows_upto<MAXNR, MODE, RT, BT>(nr, m ? y1 : y0, ldy, x, ldx, xrow, Wr, row0, rows, cols >> 3,
+											  first + p, sums);
+	}
+}
+
+/* the block-rows expert kernel for passes of MAXNR rows: 2 + 2 rows for SwiGLU, 3 otherwise, 96 threads */
+template <int MAXNR, int MODE>
+static void
+expert_rows_launch(cudaStream_t s, int max_active, float *y0, float *y1, int ldy, const float *x, int ldx,
+				   const int *xrow, const void *const *W0, const void *const *W1, int rows, int cols,
+				   const int *start, const int *active)
+{
+	constexpr int RB = MODE == EXPERT_SWIGLU ? 2 : 3;
+	dim3		grid(ceil_div(rows, RB) * (MODE == EXPERT_TWO ? 2 : 1), max_active);
+
+	kk_launch(expert_rows_kernel<MAXNR, MODE, RB, ROWS_BT>, grid, dim3(ROWS_BT), 0, s, y0, y1, ldy, x, ldx, xrow, W0,
+			  W1, rows, cols, start, active);
+}
+
+template <int MODE>
+static void
+expert_rows_dispatch(cudaStream_t s, int max_count, int max_active, float *y0, float *y1, int ldy, const float *x,
+					 int ldx, const int *xrow, const void *const *W0, const void *const *W1, int rows, int cols,
+					 const int *start, const int *active)
+{
+	if (max_count <= 1)
+		expert_rows_launch<1, MODE>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
+	else if (max_count <= 2)
+		expert_rows_launch<2, MODE>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
+	else if (max_count <= 4)
+		expert_rows_launch<4, MODE>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
+	else
+		expert_rows_launch<GEMV_MAX_NR, MODE>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start,
+											  active);
 }
 
 /* the most input rows of one expert pass (KL_CUDA_EXPERT_NR: 1, 2, 4 or 8) */
@@ -542,6 +908,19 @@ kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, in
 	 * the same (each row's sum is made the same way in any pass size).
 	 */
 	max_count = kk_expert_pass_rows(max_count);
+	if (bf16 && vec && kk_gemv_rows)
+	{
+		if (mode == EXPERT_ONE)
+			expert_rows_dispatch<EXPERT_ONE>(s, max_count, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
+											 start, active);
+		else if (mode == EXPERT_TWO)
+			expert_rows_dispatch<EXPERT_TWO>(s, max_count, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
+											 start, active);
+		else
+			expert_rows_dispatch<EXPERT_SWIGLU>(s, max_count, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows,
+												cols, start, active);
+		return;
+	}
 #define DISPATCH(M) \
 	do { \
 		if (bf16) \

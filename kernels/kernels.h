@@ -46,8 +46,8 @@ void		kk_bf16_to_f32(cudaStream_t s, float *dst, const uint16_t *src, size_t n);
 void		kk_fill_random(cudaStream_t s, void *dst, int bf16, size_t n, uint64_t seed, float scale);
 
 /* gemv.cu: y[n, rows] (ldy) = x[n, cols] (ldx) W^T for few rows n */
-/* bf16 GEMVs with eight 16-byte loads in flight per lane instead of four (same results) */
-void		kk_set_gemv_wide(int on);
+/* bf16 GEMVs in the block-rows design (1, the default) or one warp per row (0) */
+void		kk_set_gemv_rows(int on);
 /* the most input rows an expert GEMV pass takes (1, 2, 4 or 8; default 4) */
 void		kk_set_expert_nr(int nr);
 /* P: the rows of one expert work item for a step of max_count tokens */

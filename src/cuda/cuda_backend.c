@@ -671,20 +671,20 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * bench/notes-cuda.md), KL_CUDA_MOE_FUSE=0 runs the MoE as separate
 		 * kernels,
 		 * KL_CUDA_MLA_CACHE=fp32 keeps an fp32 latent cache in bf16 mode,
-		 * KL_CUDA_GEMV_WIDE=1 keeps eight loads in flight per lane in bf16 GEMVs,
+		 * KL_CUDA_GEMV_ROWS=0 runs bf16 GEMVs one warp per row (the older design),
 		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass.
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
 				   *mc = getenv("KL_CUDA_MLA_CACHE"),
-				   *gw = getenv("KL_CUDA_GEMV_WIDE"),
+				   *gw = getenv("KL_CUDA_GEMV_ROWS"),
 				   *enr = getenv("KL_CUDA_EXPERT_NR"),
 				   *kr = getenv("KL_CUDA_KDA_STATE_ROUND");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
 		kk_set_pdl(major >= 9 && !(pdl && strcmp(pdl, "0") == 0));
-		kk_set_gemv_wide(gw && strcmp(gw, "1") == 0);
+		kk_set_gemv_rows(!(gw && strcmp(gw, "0") == 0));
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);

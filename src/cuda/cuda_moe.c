@@ -349,9 +349,17 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		bool		fuse = w->has_shared && Fs == F && w->shared.gate.dtype == w->experts[0].gate.dtype &&
 			w->shared.down.dtype == w->experts[0].down.dtype;
 		int			rows = (int) nk + (fuse ? n : 0);
-		/* work items of at most P rows: an expert with c pairs makes ceil(c / P) */
+		/*
+		 * Work items of at most P rows: an expert with c pairs makes ceil(c / P),
+		 * at most (c + P - 1) / P; over the A <= min(nk, E) experts that get
+		 * pairs that sums to at most (nk + A (P - 1)) / P, plus the shared
+		 * expert's ceil(n / P).  The expert kernels' grids have this many
+		 * slots, and a slot without an item costs blocks that only exit (at
+		 * batch 1 the older bound, A + nk / P + 1, left half of them idle).
+		 */
 		int			P = kk_expert_pass_rows(n);
-		int			max_active = (int) (nk < (size_t) E ? nk : (size_t) E) + (int) nk / P + 1 + (fuse ? (n + P - 1) / P : 0);
+		int			A = (int) (nk < (size_t) E ? nk : (size_t) E);
+		int			max_active = ((int) nk + A * (P - 1)) / P + (fuse ? (n + P - 1) / P : 0);
 		int			rc = -1;
 
 		if (cs->fuse_moe)

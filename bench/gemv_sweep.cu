@@ -1,0 +1,432 @@
+/*
+ * gemv_sweep.cu — decode GEMV variants on the model's shapes, timed side by
+ * side with a read-only streaming kernel over the same bytes (the ceiling a
+ * kernel of that size can reach), each as 20 launches captured in one CUDA
+ * graph with programmatic dependent launch, as a decode step runs them.
+ *
+ * Built on the development machine (make gemv-sweep: nvcc, no GPU needed),
+ * run on the GPU machine: bench_gemv_sweep [variant ...].  Prints one table.
+ * Variants check their output against the current kernel (kk_gemv).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../kernels/common.cuh"
+
+#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { \
+	fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); exit(1); } } while (0)
+
+/* ---------------------------------------------------------------- ceiling */
+
+__global__ void __launch_bounds__(256)
+stream_read(const uint4 *__restrict__ p, size_t n, unsigned *out)
+{
+	unsigned	acc = 0;
+	size_t		i = (size_t) blockIdx.x * blockDim.x + threadIdx.x,
+				stride = (size_t) gridDim.x * blockDim.x;
+
+	kk_dep_wait();
+	kk_dep_launch();
+	for (; i + 3 * stride < n; i += 4 * stride)
+	{
+		uint4		a = __ldg(p + i),
+					b = __ldg(p + i + stride),
+					c = __ldg(p + i + 2 * stride),
+					d = __ldg(p + i + 3 * stride);
+
+		acc ^= a.x ^ a.w ^ b.y ^ b.z ^ c.x ^ c.w ^ d.y ^ d.z;
+	}
+	for (; i < n; i += stride)
+		acc ^= __ldg(p + i).x;
+	if (acc == 0x12345678u)
+		out[0] = acc;
+}
+
+/* ----------------------------------------------------- all loads up front */
+
+/*
+ * One warp per weight row (or RW consecutive rows): every lane issues all of
+ * its 16-byte pieces of the row group (up to PPL per row) before it uses
+ * any, so a warp waits for memory once per PPL pieces instead of per four.
+ * XS: the input rows staged in shared memory (else read through L1).
+ */
+template <int NR, int PPL, int RW, bool XS>
+__global__ void __launch_bounds__(256)
+gemv_upfront(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx,
+			 const uint16_t *__restrict__ W, int rows, int cols)
+{
+	extern __shared__ float xs_[];
+	int			warp = threadIdx.x >> 5,
+				lane = threadIdx.x & 31;
+	int			row0 = (blockIdx.x * 8 + warp) * RW;
+	int			nch = cols >> 3;
+	float		acc[RW][NR];
+
+	if (row0 < rows)
+		for (int w = 0; w < RW; w++)
+			kk_prefetch_l2(W + (size_t) (row0 + w) * cols, (size_t) cols * 2, lane);
+	kk_dep_wait();
+	kk_dep_launch();
+	if (XS)
+	{
+		for (int r = 0; r < NR; r++)
+			for (int c = threadIdx.x * 4; c < cols; c += 1024)
+				*(float4 *) (xs_ + r * cols + c) = *(const float4 *) (x + (size_t) r * ldx + c);
+		__syncthreads();
+	}
+	if (row0 >= rows)
+		return;
+#pragma unroll
+	for (int w = 0; w < RW; w++)
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+			acc[w][r] = 0;
+	for (int base = 0; base < nch; base += PPL * 32)
+	{
+		uint4		raw[RW][PPL];
+
+#pragma unroll
+		for (int w = 0; w < RW; w++)
+#pragma unroll
+			for (int u = 0; u < PPL; u++)
+			{
+				int			ch = base + lane + 32 * u;
+
+				raw[w][u] = ch < nch ? __ldg((const uint4 *) (W + (size_t) (row0 + w) * cols) + ch)
+					: make_uint4(0, 0, 0, 0);
+			}
+#pragma unroll
+		for (int u = 0; u < PPL; u++)
+		{
+			int			ch = base + lane + 32 * u;
+
+			if (ch >= nch)
+				break;
+#pragma unroll
+			for (int r = 0; r < NR; r++)
+			{
+				float4		a,
+							b;
+
+				if (XS)
+				{
+					a = *(const float4 *) (xs_ + r * cols + 8 * ch);
+					b = *(const float4 *) (xs_ + r * cols + 8 * ch + 4);
+				}
+				else
+				{
+					a = __ldg((const float4 *) (x + (size_t) r * ldx) + 2 * ch);
+					b = __ldg((const float4 *) (x + (size_t) r * ldx) + 2 * ch + 1);
+				}
+#pragma unroll
+				for (int w = 0; w < RW; w++)
+				{
+					float		f[8];
+					float		s = acc[w][r];
+
+					unpack8_bf16(raw[w][u], f);
+					s = fmaf(f[0], a.x, s);
+					s = fmaf(f[1], a.y, s);
+					s = fmaf(f[2], a.z, s);
+					s = fmaf(f[3], a.w, s);
+					s = fmaf(f[4], b.x, s);
+					s = fmaf(f[5], b.y, s);
+					s = fmaf(f[6], b.z, s);
+					s = fmaf(f[7], b.w, s);
+					acc[w][r] = s;
+				}
+			}
+		}
+	}
+#pragma unroll
+	for (int w = 0; w < RW; w++)
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+		{
+			float		s = warp_sum(acc[w][r]);
+
+			if (lane == 0 && row0 + w < rows)
+				y[(size_t) r * ldy + row0 + w] = s;
+		}
+}
+
+/* ------------------------------------------------------------ block rows */
+
+/*
+ * A block of BT threads per group of RB rows, split over the columns: each
+ * thread takes pieces t, t + BT, ... of every row of the group (consecutive
+ * threads on consecutive pieces: the block reads the group's span front to
+ * back, like a copy), then one block reduction per row.
+ */
+template <int NR, int RB, int BT, bool PF>
+__global__ void __launch_bounds__(BT)
+gemv_blockrows(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx,
+			   const uint16_t *__restrict__ W, int rows, int cols)
+{
+	__shared__ float red[RB * NR][BT / 32];
+	int			row0 = blockIdx.x * RB;
+	int			nch = cols >> 3;
+	int			lane = threadIdx.x & 31,
+				warp = threadIdx.x >> 5;
+	float		acc[RB][NR];
+
+	if (PF)
+		for (int w = warp; w < RB; w += BT / 32)
+			if (row0 + w < rows)
+				kk_prefetch_l2(W + (size_t) (row0 + w) * cols, (size_t) cols * 2, lane);
+	kk_dep_wait();
+	kk_dep_launch();
+#pragma unroll
+	for (int w = 0; w < RB; w++)
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+			acc[w][r] = 0;
+	for (int ch = threadIdx.x; ch < nch; ch += BT)
+	{
+		uint4		raw[RB];
+
+#pragma unroll
+		for (int w = 0; w < RB; w++)
+			raw[w] = row0 + w < rows ? __ldg((const uint4 *) (W + (size_t) (row0 + w) * cols) + ch)
+				: make_uint4(0, 0, 0, 0);
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+		{
+			float4		a = __ldg((const float4 *) (x + (size_t) r * ldx) + 2 * ch),
+						b = __ldg((const float4 *) (x + (size_t) r * ldx) + 2 * ch + 1);
+
+#pragma unroll
+			for (int w = 0; w < RB; w++)
+			{
+				float		f[8];
+				float		s = acc[w][r];
+
+				unpack8_bf16(raw[w], f);
+				s = fmaf(f[0], a.x, s);
+				s = fmaf(f[1], a.y, s);
+				s = fmaf(f[2], a.z, s);
+				s = fmaf(f[3], a.w, s);
+				s = fmaf(f[4], b.x, s);
+				s = fmaf(f[5], b.y, s);
+				s = fmaf(f[6], b.z, s);
+				s = fmaf(f[7], b.w, s);
+				acc[w][r] = s;
+			}
+		}
+	}
+#pragma unroll
+	for (int w = 0; w < RB; w++)
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+		{
+			float		s = warp_sum(acc[w][r]);
+
+			if (lane == 0)
+				red[w * NR + r][warp] = s;
+		}
+	__syncthreads();
+	if (threadIdx.x < RB * NR)
+	{
+		int			w = threadIdx.x / NR,
+					r = threadIdx.x % NR;
+		float		s = 0;
+
+		for (int i = 0; i < BT / 32; i++)
+			s += red[threadIdx.x][i];
+		if (row0 + w < rows)
+			y[(size_t) r * ldy + row0 + w] = s;
+	}
+}
+
+/* ------------------------------------------------------------------ harness */
+
+typedef struct
+{
+	const char *name;
+	int			rows,
+				cols;
+}			shape_t;
+
+static const shape_t shapes[] = {
+	{"kda_qkv 3x4096x2304", 12288, 2304},
+	{"o_proj 2304x4096", 2304, 4096},
+	{"experts_gu 16x1024x2304", 16384, 2304},
+	{"experts_dn 8x2304x1024", 18432, 1024},
+	{"lm_head 163840x2304", 163840, 2304},
+	{"square 8192x8192", 8192, 8192},
+};
+
+typedef void (*launch_fn) (cudaStream_t, float *, const float *, const uint16_t *, int, int, int);
+
+template <int NR, int PPL, int RW, bool XS>
+static void
+run_upfront(cudaStream_t s, float *y, const float *x, const uint16_t *W, int rows, int cols, int nr)
+{
+	int			blocks = (rows + 8 * RW - 1) / (8 * RW);
+	size_t		smem = XS ? (size_t) NR * cols * 4 : 0;
+
+	if (smem > 100000)
+		return;
+	if (XS)
+		cudaFuncSetAttribute(gemv_upfront<NR, PPL, RW, XS>, cudaFuncAttributeMaxDynamicSharedMemorySize, 100000);
+	kk_launch(gemv_upfront<NR, PPL, RW, XS>, dim3(blocks), dim3(256), smem, s, y, rows, x, cols, W, rows, cols);
+}
+
+template <int NR, int RB, int BT, bool PF>
+static void
+run_blockrows(cudaStream_t s, float *y, const float *x, const uint16_t *W, int rows, int cols, int nr)
+{
+	kk_launch(gemv_blockrows<NR, RB, BT, PF>, dim3((rows + RB - 1) / RB), dim3(BT), 0, s, y, rows, x, cols, W, rows,
+			  cols);
+}
+
+static void
+run_current(cudaStream_t s, float *y, const float *x, const uint16_t *W, int rows, int cols, int nr)
+{
+	kk_gemv(s, y, rows, x, cols, nr, W, 1, rows, cols);
+}
+
+static unsigned *g_sink;
+
+static void
+run_stream(cudaStream_t s, float *y, const float *x, const uint16_t *W, int rows, int cols, int nr)
+{
+	size_t		n = (size_t) rows * cols / 8;
+
+	kk_launch(stream_read, dim3(132 * 8), dim3(256), 0, s, (const uint4 *) W, n, g_sink);
+}
+
+typedef struct
+{
+	const char *name;
+	int			nr;
+	launch_fn	fn;
+}			variant_t;
+
+#define UP(N, P, R, X) {"upfront nr" #N " ppl" #P " rw" #R " xs" #X, N, run_upfront<N, P, R, X>}
+#define BR(N, R, B) {"blockrows nr" #N " rb" #R " bt" #B, N, run_blockrows<N, R, B, false>}, \
+	{"blockrows nr" #N " rb" #R " bt" #B " pf", N, run_blockrows<N, R, B, true>}
+static const variant_t variants[] = {
+	{"stream (ceiling)", 1, run_stream},
+	{"current nr1", 1, run_current},
+	UP(1, 9, 1, 1), UP(1, 4, 1, 0),
+	BR(1, 1, 64), BR(1, 1, 128), BR(1, 2, 64), BR(1, 2, 96), BR(1, 2, 128), BR(1, 3, 96), BR(1, 4, 96), BR(1, 4, 128),
+	{"current nr8", 8, run_current},
+	UP(8, 2, 2, 0), BR(8, 4, 64), BR(8, 8, 32), BR(8, 4, 32),
+};
+
+
+int
+main(int argc, char **argv)
+{
+	cudaStream_t s;
+	size_t		maxw = 0,
+				wtotal;
+	uint16_t   *W;
+	float	   *x,
+			   *y,
+			   *yref;
+	int			reps = getenv("SWEEP_NCU") ? 1 : 20;
+	int			tries = getenv("SWEEP_NCU") ? 1 : 5;
+
+	kk_set_pdl(1);
+	for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++)
+		if ((size_t) shapes[i].rows * shapes[i].cols > maxw)
+			maxw = (size_t) shapes[i].rows * shapes[i].cols;
+	CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+	wtotal = maxw > ((size_t) 1 << 30) ? maxw : ((size_t) 1 << 30);
+	CK(cudaMalloc(&W, wtotal * 2));
+	CK(cudaMalloc(&x, 8 * 8192 * 4));
+	CK(cudaMalloc(&y, 8 * (size_t) 163840 * 4));
+	CK(cudaMalloc(&yref, 8 * (size_t) 163840 * 4));
+	CK(cudaMalloc(&g_sink, 64));
+	kk_fill_random(s, W, 1, wtotal, 1234, 0.05f);
+	kk_fill_random(s, x, 0, 8 * 8192, 99, 1.0f);
+	CK(cudaStreamSynchronize(s));
+	printf("| shape | MB | variant | us | GB/s | of stream | max rel diff |\n|---|---:|---|---:|---:|---:|---:|\n");
+	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+	{
+		const shape_t *sh = &shapes[si];
+
+		if (argc > 2 && !strstr(sh->name, argv[2]))
+			continue;
+		double		mb = (double) sh->rows * sh->cols * 2 / 1e6;
+		double		stream_us = 0;
+
+		for (size_t vi = 0; vi < sizeof(variants) / sizeof(variants[0]); vi++)
+		{
+			const variant_t *v = &variants[vi];
+			cudaGraph_t g;
+			cudaGraphExec_t ge;
+			cudaEvent_t e0,
+						e1;
+			float		ms,
+						best = 1e30f;
+			double		diff = 0;
+
+			if (argc > 1 && !strstr(v->name, argv[1]) && vi != 0)
+				continue;
+			/* reference and check */
+			run_current(s, yref, x, W, sh->rows, sh->cols, v->nr);
+			CK(cudaMemsetAsync(y, 0, (size_t) v->nr * sh->rows * 4, s));
+			v->fn(s, y, x, W, sh->rows, sh->cols, v->nr);
+			CK(cudaStreamSynchronize(s));
+			if (vi != 0)
+			{
+				size_t		n = (size_t) v->nr * sh->rows;
+				float	   *a = (float *) malloc(n * 4),
+						   *b = (float *) malloc(n * 4);
+				double		num = 0,
+							den = 0;
+
+				CK(cudaMemcpy(a, y, n * 4, cudaMemcpyDeviceToHost));
+				CK(cudaMemcpy(b, yref, n * 4, cudaMemcpyDeviceToHost));
+				for (size_t i = 0; i < n; i++)
+				{
+					num = fmax(num, fabs((double) a[i] - b[i]));
+					den = fmax(den, fabs((double) b[i]));
+				}
+				diff = num / (den > 0 ? den : 1);
+				free(a);
+				free(b);
+			}
+			CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+			for (int r = 0; r < reps; r++)
+			{
+				/* a different copy each launch: the weights never come from L2, as in a decode step */
+				size_t		per = (size_t) sh->rows * sh->cols;
+				size_t		copies = wtotal / per < (size_t) reps ? wtotal / per : (size_t) reps;
+
+				v->fn(s, y, x, W + (r % copies) * per, sh->rows, sh->cols, v->nr);
+			}
+			CK(cudaStreamEndCapture(s, &g));
+			CK(cudaGraphInstantiate(&ge, g, 0));
+			CK(cudaEventCreate(&e0));
+			CK(cudaEventCreate(&e1));
+			for (int t = 0; t < tries; t++)
+			{
+				CK(cudaEventRecord(e0, s));
+				CK(cudaGraphLaunch(ge, s));
+				CK(cudaEventRecord(e1, s));
+				CK(cudaEventSynchronize(e1));
+				CK(cudaEventElapsedTime(&ms, e0, e1));
+				if ((t > 0 || tries == 1) && ms < best)
+					best = ms;
+			}
+			{
+				double		us = best * 1000.0 / reps;
+
+				if (vi == 0)
+					stream_us = us;
+				printf("| %s | %.1f | %s | %.2f | %.0f | %.0f%% | %.1e |\n", sh->name, mb, v->name, us,
+					   mb * 1e6 / (us * 1e-6) / 1e9, 100.0 * stream_us / us, diff);
+			}
+			cudaGraphExecDestroy(ge);
+			cudaGraphDestroy(g);
+			cudaEventDestroy(e0);
+			cudaEventDestroy(e1);
+		}
+	}
+	return 0;
+}
