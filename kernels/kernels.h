@@ -122,6 +122,13 @@ int			kk_mla_attend(cudaStream_t s, int n_tokens, int max_splits, int split_keys
 						  const float *qabs, float scale, const int *row_seq, const int *row0, const int64_t *pos0,
 						  const int *absorbed, float *const *pages, int page_cap, float *part_acc, float *part_ml,
 						  int c16);
+/* the bf16 cache on tensor cores (Qabs and P rounded to bf16; same partials
+ * as kk_mla_attend; split_keys a multiple of 64, the kernel's key tile) */
+int			kk_mla_attend_mma_supported(int Ha, int R, int Dr);
+int			kk_mla_attend_mma(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R, int Dr,
+							  const float *qabs, float scale, const int *row_seq, const int *row0,
+							  const int64_t *pos0, const int *absorbed, float *const *pages, int page_cap,
+							  float *part_acc, float *part_ml);
 void		kk_mla_merge(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R,
 						 const float *part_acc, const float *part_ml, const int *row_seq, const int *row0,
 						 const int64_t *pos0, const int *absorbed, float *olat);

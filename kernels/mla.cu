@@ -21,7 +21,9 @@
  *
  * The cache holds fp32 rows, or bf16 rows (c16, the bf16 precision mode:
  * half the memory and half the bytes to read per step); bf16 rows are
- * widened to fp32 on load, so the arithmetic is the same.
+ * widened to fp32 on load, so the arithmetic is the same.  For bf16 rows
+ * mla_attend_mma does the attention's two products on tensor cores instead
+ * (KL_CUDA_MLA_MMA=0: mla_attend); the fp32 cache stays on mla_attend.
  */
 #include "common.cuh"
 
@@ -465,6 +467,403 @@ kk_mla_attend(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int 
 	void		(*kern) (int, int, int, int, int, const float *, float, const int *, const int *, const int64_t *,
 						 const int *, float *const *, int, float *, float *) =
 		c16 ? mla_attend_kernel<true> : mla_attend_kernel<false>;
+
+	if (n_tokens <= 0)
+		return 0;
+	if ((e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm)) != cudaSuccess)
+		return (int) e;
+	kk_launch(kern, dim3(n_tokens, max_splits), dim3(256), sm, s, split_keys, max_splits, Ha, R, Dr, qabs, scale,
+			  row_seq, row0, pos0, absorbed, pages, page_cap, part_acc, part_ml);
+	return 0;
+}
+
+/* ------------------------------------------------------------------ decode attention on tensor cores */
+
+/*
+ * mla_attend_mma: the same partials as mla_attend for a bf16 cache, with the
+ * two products on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate):
+ *   S = Qabs K^T   heads (padded to 16 * MT) as the m side, the tile's keys as n
+ *   O += P V       heads as m, the latent c (first R numbers of a row) as n
+ * Qabs is rounded to bf16 once per block and P (fp32 softmax) to bf16 per
+ * tile; everything else, the online softmax included, stays fp32.
+ *
+ * Block (token t, key range p), 8 warps, key tiles of MMA_TK rows read from
+ * global memory once each with cp.async, two buffers (tile i+1 loads while
+ * tile i is computed).  Shared rows are padded by 8 bf16 (16 bytes): with a
+ * row pitch of an odd multiple of 16 bytes, the 8 row addresses of one
+ * ldmatrix fall into 8 different 16-byte bank groups (no conflicts).
+ *   scores: warp w takes keys 8w..8w+7 (one n-tile) for all m-tiles
+ *   softmax: warp per head row, lanes along the tile's keys
+ *   P V: warp w owns the column pairs (16 columns) w, w + 8, ... of R; its
+ *        accumulators (MT x 2 x 4 pairs x 4 floats) stay in registers
+ * Fragment maps (PTX ISA, mma.m16n8k16 .bf16; g = lane / 4, q = lane % 4):
+ *   A regs {a01, a23, a45, a67}: (row g, cols 2q..), (g + 8, 2q..),
+ *        (g, 2q + 8..), (g + 8, 2q + 8..)
+ *   B regs {b01, b23}: (k rows 2q, 2q+1; col g), (k rows 2q+8, 2q+9; col g)
+ *   C {c0, c1, c2, c3}: (row g, cols 2q, 2q+1), (row g + 8, cols 2q, 2q+1)
+ * ldmatrix (non-transposed) gives lane l of matrix i the pair (row l/4,
+ * cols 2(l%4), +1); .trans gives (rows 2(l%4), +1; col l/4).  Lane l names
+ * row (l & 7) of matrix (l >> 3).
+ */
+#define MMA_TK 64				/* keys per tile */
+#define MMA_PAD 8				/* bf16 of padding per shared row */
+#define MMA_SPITCH (MMA_TK + 4) /* floats per score row */
+
+/* bytes of dynamic shared memory for 16 * MT heads and rows of Wa numbers */
+static size_t
+attend_mma_smem(int MT, int Wa)
+{
+	size_t		pitch = (size_t) Wa + MMA_PAD,
+				HP = 16 * (size_t) MT;
+
+	return sizeof(uint16_t) * ((2 * MMA_TK + HP) * pitch + HP * (MMA_TK + MMA_PAD)) +
+		sizeof(float) * (HP * MMA_SPITCH + 3 * HP);
+}
+
+__device__ __forceinline__ void
+cp_async_commit(void)
+{
+	asm volatile("cp.async.commit_group;\n"::);
+}
+
+/* wait until at most N of this thread's committed groups are in flight */
+template <int N>
+__device__ __forceinline__ void
+cp_async_wait_group(void)
+{
+	asm volatile("cp.async.wait_group %0;\n"::"n"(N):"memory");
+}
+
+__device__ __forceinline__ void
+ldsm_x4(uint32_t *r, const void *p)
+{
+	unsigned	a = (unsigned) __cvta_generic_to_shared(p);
+
+	asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+				 :"=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]):"r"(a));
+}
+
+__device__ __forceinline__ void
+ldsm_x4_trans(uint32_t *r, const void *p)
+{
+	unsigned	a = (unsigned) __cvta_generic_to_shared(p);
+
+	asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+				 :"=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]):"r"(a));
+}
+
+__device__ __forceinline__ void
+ldsm_x2(uint32_t *r, const void *p)
+{
+	unsigned	a = (unsigned) __cvta_generic_to_shared(p);
+
+	asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+				 :"=r"(r[0]), "=r"(r[1]):"r"(a));
+}
+
+/* c += a b for one m16n8k16 tile (bf16 in, fp32 accumulate) */
+__device__ __forceinline__ void
+mma_bf16(float *c, const uint32_t *a, uint32_t b0, uint32_t b1)
+{
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+				 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+				 :"+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+				 :"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/*
+ * Rows kb .. kb + nk - 1 of the page into a tile buffer (cp.async, 16 bytes
+ * a copy); rows nk .. MMA_TK - 1 are zeroed, so that P (zero there) times
+ * them is zero and never NaN from stale bits.
+ */
+__device__ __forceinline__ void
+mma_load_tile(uint16_t *dst, const uint16_t *src, int nk, int Wa, int pitch)
+{
+	int			n8 = Wa / 8;
+
+	for (int e = threadIdx.x; e < MMA_TK * n8; e += blockDim.x)
+	{
+		int			j = e / n8,
+					c8 = e % n8;
+
+		if (j < nk)
+			cp_async16(dst + j * pitch + 8 * c8, src + (size_t) j * Wa + 8 * c8);
+		else
+			*(uint4 *) (dst + j * pitch + 8 * c8) = make_uint4(0, 0, 0, 0);
+	}
+}
+
+template <int MT>
+__global__ void __launch_bounds__(256)
+mla_attend_mma_kernel(int split_keys, int max_splits, int Ha, int R, int Dr, const float *__restrict__ qabs,
+					  float scale, const int *__restrict__ row_seq, const int *__restrict__ row0,
+					  const int64_t *__restrict__ pos0, const int *__restrict__ absorbed, float *const *pages,
+					  int page_cap, float *part_acc, float *part_ml)
+{
+	extern __shared__ uint4 smem_mma[];
+	const int	HP = 16 * MT;
+	int			Wa = R + Dr,
+				pitch = Wa + MMA_PAD,
+				ppitch = MMA_TK + MMA_PAD;
+	uint16_t   *sk = (uint16_t *) smem_mma; /* [2][MMA_TK][pitch] key tiles */
+	uint16_t   *sq = sk + 2 * MMA_TK * pitch;	/* [HP][pitch] Qabs, bf16 */
+	uint16_t   *sp = sq + HP * pitch;	/* [HP][ppitch] P, bf16 */
+	float	   *ss = (float *) (sp + HP * ppitch);	/* [HP][MMA_SPITCH] scores */
+	float	   *sm = ss + HP * MMA_SPITCH;	/* [HP] running max */
+	float	   *sl = sm + HP;	/* [HP] running sum */
+	float	   *scorr = sl + HP;	/* [HP] this tile's correction */
+	int			t = blockIdx.x,
+				p = blockIdx.y;
+	int			tid = threadIdx.x,
+				lane = tid & 31,
+				w = tid >> 5,
+				g = lane >> 2,
+				q = lane & 3;
+	/* this lane's ldmatrix row address: row (lane & 7) of matrix (lane >> 3) */
+	int			lrow = (lane & 7) + ((lane >> 3) & 1) * 8,
+				lcol = (lane >> 4) * 8;
+	int			npairs = R / 16;
+	int			s,
+				it;
+	int64_t		pos,
+				k0 = (int64_t) p * split_keys,
+				k1;
+	float		o[MT][8][4];	/* [m-tile][n-tile of the warp's 4 column pairs][C regs] */
+
+	kk_dep_wait();
+	kk_dep_launch();
+	s = row_seq[t];
+	pos = pos0[s] + (t - row0[s]);
+	if (!absorbed[s] || k0 > pos)
+		return;
+	k1 = k0 + split_keys < pos + 1 ? k0 + split_keys : pos + 1;
+
+	/* the first tile's copies go out before Qabs is converted (they overlap) */
+	{
+		int			nk = k1 - k0 < MMA_TK ? (int) (k1 - k0) : MMA_TK;
+		const uint16_t *page = (const uint16_t *) pages[(size_t) s * page_cap + k0 / KK_MLA_PAGE];
+
+		mma_load_tile(sk, page + (size_t) (k0 % KK_MLA_PAGE) * Wa, nk, Wa, pitch);
+		cp_async_commit();
+	}
+	/* Qabs to bf16, padded heads zero; six loads in flight before the first store */
+	for (int e0 = tid; e0 < HP * (Wa / 4); e0 += 6 * blockDim.x)
+	{
+		float4		v[6];
+
+#pragma unroll
+		for (int u = 0; u < 6; u++)
+		{
+			int			e = e0 + u * blockDim.x,
+						h = e / (Wa / 4);
+
+			v[u] = make_float4(0, 0, 0, 0);
+			if (e < HP * (Wa / 4) && h < Ha)
+				v[u] = __ldg((const float4 *) (qabs + ((size_t) t * Ha + h) * Wa) + e % (Wa / 4));
+		}
+#pragma unroll
+		for (int u = 0; u < 6; u++)
+		{
+			int			e = e0 + u * blockDim.x;
+
+			if (e < HP * (Wa / 4))
+				*(uint2 *) (sq + (e / (Wa / 4)) * pitch + 4 * (e % (Wa / 4))) =
+					make_uint2((uint32_t) f32_to_bf16(v[u].x) | ((uint32_t) f32_to_bf16(v[u].y) << 16),
+							   (uint32_t) f32_to_bf16(v[u].z) | ((uint32_t) f32_to_bf16(v[u].w) << 16));
+		}
+	}
+	for (int h = tid; h < HP; h += blockDim.x)
+	{
+		sm[h] = -INFINITY;
+		sl[h] = 0;
+	}
+#pragma unroll
+	for (int m = 0; m < MT; m++)
+#pragma unroll
+		for (int n = 0; n < 8; n++)
+			o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.0f;
+
+	it = 0;
+	for (int64_t kb = k0; kb < k1; kb += MMA_TK, it++)
+	{
+		int			nk = k1 - kb < MMA_TK ? (int) (k1 - kb) : MMA_TK;
+		const uint16_t *kt = sk + (it & 1) * MMA_TK * pitch;
+
+		__syncthreads();		/* tile it - 1 and its scores, P consumed */
+		if (kb + MMA_TK < k1)
+		{
+			/* tiles start at multiples of MMA_TK, which divides the page size: one page each */
+			int64_t		kn = kb + MMA_TK;
+			int			nn = k1 - kn < MMA_TK ? (int) (k1 - kn) : MMA_TK;
+			const uint16_t *page = (const uint16_t *) pages[(size_t) s * page_cap + kn / KK_MLA_PAGE];
+
+			mma_load_tile(sk + ((it + 1) & 1) * MMA_TK * pitch, page + (size_t) (kn % KK_MLA_PAGE) * Wa, nn, Wa,
+						  pitch);
+		}
+		cp_async_commit();		/* (an empty group on the last tile keeps the count) */
+		cp_async_wait_group<1>();	/* this thread's copies of tile it have landed */
+		__syncthreads();
+
+		/* scores: warp w, keys 8w .. 8w + 7, all heads; k along the row */
+		{
+			float		c[MT][4];
+
+#pragma unroll
+			for (int m = 0; m < MT; m++)
+				c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.0f;
+			for (int k = 0; k < Wa; k += 16)
+			{
+				uint32_t	b[2],
+							a[4];
+
+				/* B = K^T: matrices (keys, cols k..k+7) and (keys, k+8..k+15);
+				 * lanes 16-31 repeat the addresses (x2 uses lanes 0-15) */
+				ldsm_x2(b, kt + (8 * w + (lane & 7)) * pitch + k + ((lane >> 3) & 1) * 8);
+#pragma unroll
+				for (int m = 0; m < MT; m++)
+				{
+					ldsm_x4(a, sq + (16 * m + lrow) * pitch + k + lcol);
+					mma_bf16(c[m], a, b[0], b[1]);
+				}
+			}
+#pragma unroll
+			for (int m = 0; m < MT; m++)
+			{
+				*(float2 *) (ss + (16 * m + g) * MMA_SPITCH + 8 * w + 2 * q) = make_float2(c[m][0] * scale,
+																						   c[m][1] * scale);
+				*(float2 *) (ss + (16 * m + g + 8) * MMA_SPITCH + 8 * w + 2 * q) = make_float2(c[m][2] * scale,
+																							   c[m][3] * scale);
+			}
+		}
+		__syncthreads();
+
+		/* online softmax, warp per head row: lanes take keys lane and lane + 32;
+		 * the running sum adds the bf16-rounded p that P V uses */
+		for (int h = w; h < HP; h += 8)
+		{
+			float		x0 = lane < nk ? ss[h * MMA_SPITCH + lane] : -INFINITY,
+						x1 = lane + 32 < nk ? ss[h * MMA_SPITCH + lane + 32] : -INFINITY;
+			float		mold = sm[h];
+			float		mnew = fmaxf(mold, warp_max(fmaxf(x0, x1)));
+			uint16_t	p0 = f32_to_bf16(lane < nk ? expf(x0 - mnew) : 0.0f),
+						p1 = f32_to_bf16(lane + 32 < nk ? expf(x1 - mnew) : 0.0f);
+			float		sum = warp_sum(bf16_to_f32(p0) + bf16_to_f32(p1));
+
+			sp[h * ppitch + lane] = p0;
+			sp[h * ppitch + lane + 32] = p1;
+			if (lane == 0)
+			{
+				float		corr = mold == -INFINITY ? 0.0f : expf(mold - mnew);
+
+				sl[h] = sl[h] * corr + sum;
+				sm[h] = mnew;
+				scorr[h] = corr;
+			}
+		}
+		__syncthreads();
+
+		/* O = O corr + P V: warp w, column pairs w + 8i (columns 16 (w + 8i) ..) */
+#pragma unroll
+		for (int m = 0; m < MT; m++)
+		{
+			float		cr0 = scorr[16 * m + g],
+						cr1 = scorr[16 * m + g + 8];
+
+#pragma unroll
+			for (int n = 0; n < 8; n++)
+			{
+				o[m][n][0] *= cr0;
+				o[m][n][1] *= cr0;
+				o[m][n][2] *= cr1;
+				o[m][n][3] *= cr1;
+			}
+		}
+#pragma unroll
+		for (int k = 0; k < MMA_TK; k += 16)
+		{
+			uint32_t	a[MT][4];
+
+#pragma unroll
+			for (int m = 0; m < MT; m++)
+				ldsm_x4(a[m], sp + (16 * m + lrow) * ppitch + k + lcol);
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+			{
+				int			pr = w + 8 * i;
+				uint32_t	b[4];
+
+				if (pr >= npairs)
+					break;
+				/* V rows k..k+15, columns 16 pr .. 16 pr + 15, transposed:
+				 * b[0], b[1] for columns 16 pr .. +7, b[2], b[3] for +8 .. +15 */
+				ldsm_x4_trans(b, kt + (k + lrow) * pitch + 16 * pr + lcol);
+#pragma unroll
+				for (int m = 0; m < MT; m++)
+				{
+					mma_bf16(o[m][2 * i], a[m], b[0], b[1]);
+					mma_bf16(o[m][2 * i + 1], a[m], b[2], b[3]);
+				}
+			}
+		}
+	}
+	cp_async_wait_group<0>();	/* (only empty groups can be left) */
+
+	/* partial results of this key range (same layout as mla_attend) */
+	{
+		size_t		base = ((size_t) t * max_splits + p) * Ha;
+
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+		{
+			int			pr = w + 8 * i;
+
+			if (pr >= npairs)
+				break;
+#pragma unroll
+			for (int m = 0; m < MT; m++)
+#pragma unroll
+				for (int half = 0; half < 2; half++)
+				{
+					int			col = 16 * pr + 8 * half + 2 * q,
+								h0 = 16 * m + g,
+								h1 = h0 + 8;
+					const float *c = o[m][2 * i + half];
+
+					if (h0 < Ha)
+						*(float2 *) (part_acc + (base + h0) * R + col) = make_float2(c[0], c[1]);
+					if (h1 < Ha)
+						*(float2 *) (part_acc + (base + h1) * R + col) = make_float2(c[2], c[3]);
+				}
+		}
+		for (int h = tid; h < Ha; h += blockDim.x)
+		{
+			part_ml[(base + h) * 2] = sm[h];
+			part_ml[(base + h) * 2 + 1] = sl[h];
+		}
+	}
+}
+
+/* Can mla_attend_mma take this shape?  (R and Dr multiples of 16, R <= 512:
+ * the warps' accumulators; at most 32 heads: two m-tiles, fewer padded.) */
+extern "C" int
+kk_mla_attend_mma_supported(int Ha, int R, int Dr)
+{
+	if (Ha < 1 || Ha > 32 || R < 16 || R > 512 || R % 16 || Dr < 0 || Dr % 16)
+		return 0;
+	return attend_mma_smem(Ha > 16 ? 2 : 1, R + Dr) <= 227 * 1024;
+}
+
+extern "C" int
+kk_mla_attend_mma(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R, int Dr,
+				  const float *qabs, float scale, const int *row_seq, const int *row0, const int64_t *pos0,
+				  const int *absorbed, float *const *pages, int page_cap, float *part_acc, float *part_ml)
+{
+	int			MT = Ha > 16 ? 2 : 1;
+	size_t		sm = attend_mma_smem(MT, R + Dr);
+	cudaError_t e;
+	void		(*kern) (int, int, int, int, int, const float *, float, const int *, const int *, const int64_t *,
+						 const int *, float *const *, int, float *, float *) =
+		MT == 2 ? mla_attend_mma_kernel<2> : mla_attend_mma_kernel<1>;
 
 	if (n_tokens <= 0)
 		return 0;

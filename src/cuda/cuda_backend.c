@@ -672,14 +672,17 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * kernels,
 		 * KL_CUDA_MLA_CACHE=fp32 keeps an fp32 latent cache in bf16 mode,
 		 * KL_CUDA_GEMV_ROWS=0 runs bf16 GEMVs one warp per row (the older design),
-		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass.
+		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass,
+		 * KL_CUDA_MLA_MMA=0 keeps the bf16 cache's decode attention on CUDA
+		 * cores (mla_attend; else tensor cores where the shape fits).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
 				   *mc = getenv("KL_CUDA_MLA_CACHE"),
 				   *gw = getenv("KL_CUDA_GEMV_ROWS"),
 				   *enr = getenv("KL_CUDA_EXPERT_NR"),
-				   *kr = getenv("KL_CUDA_KDA_STATE_ROUND");
+				   *kr = getenv("KL_CUDA_KDA_STATE_ROUND"),
+				   *mm = getenv("KL_CUDA_MLA_MMA");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -691,6 +694,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
 		be->mla_cache_bf16 = cs->mla_c16;
+		cs->mla_mma = cs->mla_c16 && !(mm && strcmp(mm, "0") == 0) &&
+			kk_mla_attend_mma_supported(cfg->mla_heads, cfg->kv_lora_rank, cfg->qk_rope_dim);
 	}
 
 	if ((e = cudaStreamCreateWithFlags(&cs->stream, cudaStreamNonBlocking)) != cudaSuccess ||

@@ -112,6 +112,7 @@ typedef struct cuda_state
 	int			sm_count;
 	bool		bf16;			/* precision "bf16": weights and matmul activations */
 	bool		mla_c16;		/* the MLA latent cache holds bf16 (bf16 precision) */
+	bool		mla_mma;		/* decode attention over the bf16 cache on tensor cores */
 	cudaStream_t stream;
 	cublasHandle_t blas;
 	void	   *blas_ws;

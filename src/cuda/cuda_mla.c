@@ -24,6 +24,7 @@
 #include "cuda_internal.h"
 
 #define SPLIT_MIN_KEYS 64		/* decode: keys per block at least */
+#define MMA_TILE 64				/* keys per tile of mla_attend_mma */
 /* prefill: fp32 scores of one query block: a quarter of the free memory, within these bounds */
 #define SCORE_BYTES_MIN ((size_t) 256 << 20)
 #define SCORE_BYTES_MAX ((size_t) 4 << 30)
@@ -80,6 +81,40 @@ cuda_release_mla(kl_backend *be, kl_mla_layer *w)
 
 /* ------------------------------------------------------------------ absorbed form */
 
+/*
+ * Keys per range for the tensor-core kernel (a multiple of its 64-key tile).
+ * It holds one block per SM (about 200 KB of shared memory at the 48B
+ * shapes), and a block pays a fixed cost besides its tiles (Qabs, about one
+ * tile's bytes; its partials, about one tile's bytes written and read by
+ * mla_merge), so: the range count that minimizes waves x (tiles per range +
+ * 1), the smaller count on ties.  Decided by the page-table capacity and
+ * the token count alone, as for mla_attend (a recorded graph stays valid).
+ * 4k keys: batch 1 -> 64 ranges of 64 keys, batch 8 -> 16 of 256, batch 64
+ * -> 2 of 2048; 32k keys, batch 1 -> 128 ranges of 256.
+ */
+static int64_t
+mma_split(int64_t max_keys, int n, int sm_count)
+{
+	int64_t		tiles = (max_keys + MMA_TILE - 1) / MMA_TILE,
+				best = tiles,
+				best_cost = -1;
+
+	/* (beyond 8 waves at batch 1 a range never pays: the bound keeps this short) */
+	for (int64_t r = 1; r <= tiles && r <= 8 * (int64_t) sm_count; r++)
+	{
+		int64_t		per = (tiles + r - 1) / r,
+					waves = ((int64_t) n * r + sm_count - 1) / sm_count,
+					cost = waves * (per + 1);
+
+		if (best_cost < 0 || cost < best_cost)
+		{
+			best_cost = cost;
+			best = per;
+		}
+	}
+	return best * MMA_TILE;
+}
+
 static void
 mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pages)
 {
@@ -108,9 +143,14 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 			   *pml;
 	int			rc;
 
-	split = (split + 31) / 32 * 32;
-	if (split < SPLIT_MIN_KEYS)
-		split = SPLIT_MIN_KEYS;
+	if (cs->mla_mma)
+		split = mma_split(max_keys, n, cs->sm_count);
+	else
+	{
+		split = (split + 31) / 32 * 32;
+		if (split < SPLIT_MIN_KEYS)
+			split = SPLIT_MIN_KEYS;
+	}
 	max_splits = (int) ((max_keys + split - 1) / split);
 	qabs = cuda_buf(be, CB_MLA_QABS, sizeof(float) * (size_t) n * Ha * Wa);
 	olat = cuda_buf(be, CB_MLA_OLAT, sizeof(float) * (size_t) n * Ha * R);
@@ -122,9 +162,14 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 	kk_mla_absorb_q(cs->stream, n, Ha, Dn, Dr, Dv, R, a->q, p->kv_b, p->bf16, qabs, cs->d_row_seq, cs->d_absorbed);
 	if (!cuda_launched(be, "mla_absorb_q"))
 		return;
-	rc = kk_mla_attend(cs->stream, n, max_splits, (int) split, Ha, R, Dr, qabs, 1.0f / sqrtf((float) (Dn + Dr)),
-					   cs->d_row_seq, cs->d_row0, cs->d_pos0, cs->d_absorbed, pages, cs->page_cap, pacc, pml,
-					   cs->mla_c16);
+	if (cs->mla_mma)
+		rc = kk_mla_attend_mma(cs->stream, n, max_splits, (int) split, Ha, R, Dr, qabs,
+							   1.0f / sqrtf((float) (Dn + Dr)), cs->d_row_seq, cs->d_row0, cs->d_pos0, cs->d_absorbed,
+							   pages, cs->page_cap, pacc, pml);
+	else
+		rc = kk_mla_attend(cs->stream, n, max_splits, (int) split, Ha, R, Dr, qabs, 1.0f / sqrtf((float) (Dn + Dr)),
+						   cs->d_row_seq, cs->d_row0, cs->d_pos0, cs->d_absorbed, pages, cs->page_cap, pacc, pml,
+						   cs->mla_c16);
 	if (rc != 0)
 	{
 		cuda_ok(be, (cudaError_t) rc, "mla_attend");

@@ -156,7 +156,8 @@ cuda_begin_step(kl_backend *be, const kl_step *st, kl_err *err)
 				total;
 	uint8_t    *h;
 	bool		decode = nt <= GRAPH_MAX_TOKENS;
-	bool		attend_ok = kk_mla_attend_supported(cfg->mla_heads, cfg->kv_lora_rank, cfg->qk_rope_dim);
+	bool		attend_ok = cs->mla_mma ||
+		kk_mla_attend_supported(cfg->mla_heads, cfg->kv_lora_rank, cfg->qk_rope_dim);
 
 	if (be->failed)
 		return cuda_take_failure(be, err, NULL);

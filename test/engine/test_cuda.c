@@ -21,7 +21,9 @@
  * a ragged batch that mixes prefill and decode.  The trained
  * pgdocs-kimi-18m's three greedy samples must come out token for token.
  * In bf16 precision the MLA cache holds bf16 rows: states move between the
- * GPU and the CPU through the fp32 state format (checked both ways).
+ * GPU and the CPU through the fp32 state format (checked both ways); decode
+ * attends to them on tensor cores (check_mla_mma: against the CPU up to 1100
+ * keys, and against the CUDA-core kernel on the same cache).
  *
  * The device sampler must choose exactly what the CPU sampler
  * (kl_sample_draw) chooses for the same logits and draw: checked on
@@ -455,6 +457,126 @@ copy_weights(kl_model *cpu, kl_model *gpu)
 	}
 }
 
+/*
+ * The MLA decode attention over the bf16 cache on tensor cores
+ * (mla_attend_mma, the default in bf16 precision; KL_CUDA_MLA_MMA=0 keeps
+ * mla_attend): 48B head shapes (R = 512, Dr = 64; 4 heads, padded to 16 in
+ * the kernel) at contexts up to 1100 keys (two cache pages, 18 key ranges of
+ * 64), token by token against the CPU within the bf16 tolerance; then, on the
+ * same cache and states (saved from one GPU sequence, loaded into both), one
+ * decode step through each kernel: they differ only in the bf16 rounding of
+ * Qabs and P.
+ */
+static void
+check_mla_mma(kl_model *cpu)
+{
+	kl_model   *mma,
+			   *old;
+	kl_load_opts ob = {0};
+	kl_err		err;
+	char		path[] = "/tmp/kl_test_cuda_XXXXXX";
+	int			fd = mkstemp(path);
+	int			V = cpu->cfg.vocab_size,
+				T = 1100;
+	int32_t    *ids = malloc(sizeof(int32_t) * (size_t) T);
+	float	   *lc,
+			   *lg;
+	static const struct
+	{
+		int			from,
+					to;
+	}			win[] = {{0, 64}, {64, 1024}, {1024, 1100}};
+	static const int lens[] = {1, 63, 300, 1024, 1099};
+
+	if (fd < 0 || write(fd, big_config, strlen(big_config)) != (ssize_t) strlen(big_config))
+		die("temporary config", &err);
+	close(fd);
+	ob.device = "cuda";
+	ob.precision = "bf16";
+	if (kl_model_create_random(path, &ob, "bf16", 7, &mma, &err) != KL_OK)
+		die("random model (bf16)", &err);
+	setenv("KL_CUDA_MLA_MMA", "0", 1);
+	if (kl_model_create_random(path, &ob, "bf16", 7, &old, &err) != KL_OK)
+		die("random model (bf16, KL_CUDA_MLA_MMA=0)", &err);
+	unsetenv("KL_CUDA_MLA_MMA");
+	unlink(path);
+	copy_weights(cpu, mma);
+	copy_weights(cpu, old);
+	for (int i = 0; i < T; i++)
+		ids[i] = (int32_t) ((i * 7919 + 13) % V);
+
+	lc = logits_of(cpu, ids, T, 0, false, NULL);
+	lg = logits_of(mma, ids, T, 1, false, NULL);
+	for (size_t i = 0; i < sizeof(win) / sizeof(win[0]); i++)
+	{
+		double		e = rel_err(lg + (size_t) win[i].from * V, lc + (size_t) win[i].from * V,
+								(size_t) (win[i].to - win[i].from) * V);
+
+		tap_ok(e <= TOL_BF16, "K=128/R=512 shapes, bf16 cache on tensor cores: decode at contexts %d..%d, GPU vs "
+			   "CPU (rel err %.2e)", win[i].from + 1, win[i].to, e);
+	}
+
+	/* the two kernels on one cache */
+	{
+		kl_ctx	   *cm,
+				   *co;
+		kl_seq	   *src;
+		double		worst = 0;
+		int			same = 0,
+					done = 0;
+
+		if (kl_ctx_new(mma, 0, &cm, &err) != KL_OK || kl_ctx_new(old, 0, &co, &err) != KL_OK ||
+			kl_seq_new(mma, &src, &err) != KL_OK)
+			die("context", &err);
+		for (size_t i = 0; i < sizeof(lens) / sizeof(lens[0]); i++)
+		{
+			kl_seq	   *a,
+					   *b;
+			uint8_t    *blob;
+			size_t		len;
+			kl_blob		part;
+			float	   *la = malloc(sizeof(float) * V),
+					   *lb = malloc(sizeof(float) * V);
+
+			feed(cm, src, ids + done, lens[i] - done, 0, V, NULL);
+			done = lens[i];
+			if (kl_state_save(src, 0, &blob, &len, &err) != KL_OK)
+				die("state save", &err);
+			part.data = blob;
+			part.len = len;
+			if (kl_seq_new(mma, &a, &err) != KL_OK || kl_seq_new(old, &b, &err) != KL_OK ||
+				kl_state_load(a, &part, 1, &err) != KL_OK || kl_state_load(b, &part, 1, &err) != KL_OK)
+				die("state load", &err);
+			feed(cm, a, ids + done, 1, 0, V, la);
+			feed(co, b, ids + done, 1, 0, V, lb);
+			{
+				double		e = rel_err(la, lb, (size_t) V);
+
+				tap_diag("context %d: tensor-core vs CUDA-core attention, logits rel err %.2e", done + 1, e);
+				worst = e > worst ? e : worst;
+			}
+			same += argmax(la, V) == argmax(lb, V);
+			free(blob);
+			free(la);
+			free(lb);
+			kl_seq_free(a);
+			kl_seq_free(b);
+		}
+		tap_ok(worst <= 1e-2 && same == (int) (sizeof(lens) / sizeof(lens[0])),
+			   "K=128/R=512 shapes, bf16 cache: tensor-core attention equals the CUDA-core kernel on the same cache "
+			   "(contexts 2..1100, worst logits rel err %.2e, greedy ids %d of %d equal)", worst, same,
+			   (int) (sizeof(lens) / sizeof(lens[0])));
+		kl_seq_free(src);
+		kl_ctx_free(cm);
+		kl_ctx_free(co);
+	}
+	free(lc);
+	free(lg);
+	free(ids);
+	kl_model_free(mma);
+	kl_model_free(old);
+}
+
 static void
 check_big_shapes(void)
 {
@@ -681,6 +803,7 @@ check_big_shapes(void)
 		free(lg);
 		kl_model_free(g16);
 	}
+	check_mla_mma(cpu);
 	free(lc);
 	free(ids);
 	kl_model_free(cpu);
