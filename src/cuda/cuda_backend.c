@@ -672,13 +672,17 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * kernels,
 		 * KL_CUDA_MLA_CACHE=fp32 keeps an fp32 latent cache in bf16 mode,
 		 * KL_CUDA_GEMV_WIDE=1 keeps eight loads in flight per lane in bf16 GEMVs,
-		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass.
+		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass,
+		 * KL_CUDA_EXPERT_MMA=0 keeps the CUDA-core expert kernel for every
+		 * step (default: the tensor-core one from 8 tokens, bf16 precision
+		 * only; =N >= 2 moves that threshold; 1 means the default).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
 				   *mc = getenv("KL_CUDA_MLA_CACHE"),
 				   *gw = getenv("KL_CUDA_GEMV_WIDE"),
 				   *enr = getenv("KL_CUDA_EXPERT_NR"),
+				   *emma = getenv("KL_CUDA_EXPERT_MMA"),
 				   *kr = getenv("KL_CUDA_KDA_STATE_ROUND");
 		int			major = 0;
 
@@ -688,6 +692,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
+		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
 		be->mla_cache_bf16 = cs->mla_c16;
