@@ -90,6 +90,21 @@ void		kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float 
 						   const void *const *W0, const void *const *W1, int bf16, int rows, int cols,
 						   const int *start, const int *active, int max_active, int max_count);
 
+/*
+ * expert_mma.cu: the same expert products on the tensor cores (bf16 weights;
+ * the activations rounded to bf16), for work items of at most
+ * KK_EXPERT_MMA_ROWS rows: P (the item size the grouping used) <= that.
+ * Same arguments and modes as kk_expert_gemv, W0/W1 bf16 and 16-byte aligned
+ * (the weight pool's 256-byte objects are).
+ * kk_expert_mma_ok(cols): whether the kernel takes rows of cols (cols % 32
+ * == 0 and the staged tokens fit in shared memory); else use kk_expert_gemv.
+ */
+#define KK_EXPERT_MMA_ROWS 8
+int			kk_expert_mma_ok(int cols);
+void		kk_expert_mma(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
+						  const void *const *W0, const void *const *W1, int rows, int cols, const int *start,
+						  const int *active, int max_active, int P);
+
 /* kda.cu (step metadata: row_seq [n_tokens], row0 [n_seqs + 1]; conv_tab and
  * S_tab: per sequence, that sequence's conv tails / state of this layer) */
 void		kk_kda_prep(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q, const float *k,

@@ -675,12 +675,16 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass,
 		 * KL_CUDA_MLA_MMA=0 keeps the bf16 cache's decode attention on CUDA
 		 * cores (mla_attend; else tensor cores where the shape fits).
+		 * KL_CUDA_EXPERT_MMA=0 keeps the CUDA-core expert kernel for every
+		 * step (default: the tensor-core one from 8 tokens, bf16 precision
+		 * only; =N >= 2 moves that threshold; 1 means the default).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
 				   *mc = getenv("KL_CUDA_MLA_CACHE"),
 				   *gw = getenv("KL_CUDA_GEMV_ROWS"),
 				   *enr = getenv("KL_CUDA_EXPERT_NR"),
+				   *emma = getenv("KL_CUDA_EXPERT_MMA"),
 				   *kr = getenv("KL_CUDA_KDA_STATE_ROUND"),
 				   *mm = getenv("KL_CUDA_MLA_MMA");
 		int			major = 0;
@@ -691,6 +695,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
+		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
 		be->mla_cache_bf16 = cs->mla_c16;

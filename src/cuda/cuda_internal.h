@@ -180,6 +180,9 @@ typedef struct cuda_state
 
 	/* decode-step switches (KL_CUDA_MOE_FUSE=0, KL_CUDA_PDL=0 turn them off) */
 	bool		fuse_moe;
+	/* KL_CUDA_EXPERT_MMA: decode steps of at least this many tokens run the
+	 * experts on the tensor cores in bf16 precision (0: never) */
+	int			expert_mma_min;
 	/* KL_CUDA_KDA_STATE_ROUND=bf16: the per-token recurrence stores its state
 	 * rounded to bf16 (measures a bf16 state's drift; the storage stays fp32) */
 	int			kda_round16;

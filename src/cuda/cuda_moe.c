@@ -6,6 +6,8 @@
  *   decode-sized batches (at most 64 tokens): the pairs are grouped by expert
  *     on the device and each used expert's matrices stream once through the
  *     expert GEMV kernel — no host round trip, so the step can be a graph;
+ *     in bf16 precision, steps of 8 tokens or more use the tensor-core form
+ *     of that kernel (kernels/expert_mma.cu; KL_CUDA_EXPERT_MMA);
  *   larger batches: the choices come to the host, which groups them (stable,
  *     as cpu_moe.c does); in bf16 mode the gathered rows go through three
  *     grouped cuBLAS products (gate, up; down) for all used experts at once,
@@ -350,6 +352,15 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			w->shared.down.dtype == w->experts[0].down.dtype;
 		int			rows = (int) nk + (fuse ? n : 0);
 		/*
+		 * Tensor cores (kernels/expert_mma.cu) in bf16 precision for steps of
+		 * several tokens: an item's tokens are the n = 8 side of the mma, so
+		 * items of 8; fp32 precision keeps the exact CUDA-core kernel, and so
+		 * do steps too small for an item to have more than one token.
+		 */
+		bool		mma = cs->expert_mma_min > 0 && n >= cs->expert_mma_min && cs->bf16 && wbf &&
+			w->experts[0].up.dtype == KL_DT_BF16 && w->experts[0].down.dtype == KL_DT_BF16 &&
+			kk_expert_mma_ok(D) && kk_expert_mma_ok(F);
+		/*
 		 * Work items of at most P rows: an expert with c pairs makes ceil(c / P),
 		 * at most (c + P - 1) / P; over the A <= min(nk, E) experts that get
 		 * pairs that sums to at most (nk + A (P - 1)) / P, plus the shared
@@ -357,7 +368,7 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		 * slots, and a slot without an item costs blocks that only exit (at
 		 * batch 1 the older bound, A + nk / P + 1, left half of them idle).
 		 */
-		int			P = kk_expert_pass_rows(n);
+		int			P = mma ? KK_EXPERT_MMA_ROWS : kk_expert_pass_rows(n);
 		int			A = (int) (nk < (size_t) E ? nk : (size_t) E);
 		int			max_active = ((int) nk + A * (P - 1)) / P + (fuse ? (n + P - 1) / P : 0);
 		int			rc = -1;
@@ -381,7 +392,27 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		}
 		if (!cuda_launched(be, "moe_route_group"))
 			return;
-		if (cs->fuse_moe && n <= 4)
+		if (mma)
+		{
+			const void *const *gate = (const void *const *) tab->dev,
+					   *const *up = (const void *const *) (tab->dev + (E + 1)),
+					   *const *down = (const void *const *) (tab->dev + 2 * (E + 1));
+
+			/* silu(gate) * up in one pass (KL_CUDA_MOE_FUSE=0: the two products, then swiglu) */
+			if (cs->fuse_moe)
+				kk_expert_mma(cs->stream, g, NULL, F, x, D, xrow, gate, up, F, D, start, active, max_active, P);
+			else
+			{
+				kk_expert_mma(cs->stream, g, u, F, x, D, xrow, gate, up, F, D, start, active, max_active, P);
+				kk_swiglu(cs->stream, g, g, u, rows, F, F);
+			}
+			if (!cuda_launched(be, "expert gate/up (tensor cores)"))
+				return;
+			kk_expert_mma(cs->stream, ye, NULL, D, g, F, NULL, down, NULL, D, F, start, active, max_active, P);
+			if (!cuda_launched(be, "expert down (tensor cores)"))
+				return;
+		}
+		else if (cs->fuse_moe && n <= 4)
 			/* gate and up of each row in one warp: h = silu(gate) * up into g (for few
 			 * tokens: with more, the warp's registers for both products cost occupancy,
 			 * 3.4 ms a step at batch 64) */
@@ -393,12 +424,15 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 						   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active, n);
 			kk_swiglu(cs->stream, g, g, u, rows, F, F);
 		}
-		if (!cuda_launched(be, "expert gate/up"))
-			return;
-		kk_expert_gemv(cs->stream, ye, NULL, D, g, F, NULL, (const void *const *) (tab->dev + 2 * (E + 1)), NULL, wbf,
-					   D, F, start, active, max_active, n);
-		if (!cuda_launched(be, "expert down"))
-			return;
+		if (!mma)
+		{
+			if (!cuda_launched(be, "expert gate/up"))
+				return;
+			kk_expert_gemv(cs->stream, ye, NULL, D, g, F, NULL, (const void *const *) (tab->dev + 2 * (E + 1)), NULL,
+						   wbf, D, F, start, active, max_active, n);
+			if (!cuda_launched(be, "expert down"))
+				return;
+		}
 		if (fuse)
 		{
 			cuda_defer_combine(be, y, n, D, k, wts, inv, ye, ye + nk * D);

@@ -18,7 +18,9 @@
  * A model with the 48B model's head shapes (KDA K = 128, MLA R = 512,
  * Dr = 64, grouped MoE routing) with identical random bf16 weights on both
  * backends checks the kernels' large-shape paths against the CPU, including
- * a ragged batch that mixes prefill and decode.  The trained
+ * a ragged batch that mixes prefill and decode, and in bf16 precision 12
+ * and 40 sequences decoding together with the experts on the tensor cores
+ * (against the CPU, and against the CUDA-core expert kernel).  The trained
  * pgdocs-kimi-18m's three greedy samples must come out token for token.
  * In bf16 precision the MLA cache holds bf16 rows: states move between the
  * GPU and the CPU through the fp32 state format (checked both ways); decode
@@ -577,6 +579,78 @@ check_mla_mma(kl_model *cpu)
 	kl_model_free(old);
 }
 
+/*
+ * nseq sequences, each fed 3 tokens of its own (one call each), then
+ * `rounds` decode steps of all of them together: the logits of every step,
+ * [rounds][nseq][V].  Steps of 8 or more sequences take the tensor-core
+ * expert kernel in bf16 precision (unless KL_CUDA_EXPERT_MMA=0 at load).
+ */
+static float *
+decode_together(kl_model *m, const int32_t *ids, int nseq, int rounds)
+{
+	kl_err		err;
+	kl_ctx	   *ctx;
+	kl_seq	  **seq = calloc((size_t) nseq, sizeof(kl_seq *));
+	kl_batch_item *b = calloc((size_t) nseq, sizeof(kl_batch_item));
+	int			V = kl_model_config(m)->vocab_size;
+	float	   *out = malloc(sizeof(float) * (size_t) rounds * nseq * V);
+
+	if (kl_ctx_new(m, 0, &ctx, &err) != KL_OK)
+		die("context", &err);
+	for (int s = 0; s < nseq; s++)
+	{
+		if (kl_seq_new(m, &seq[s], &err) != KL_OK)
+			die("sequence", &err);
+		feed(ctx, seq[s], ids + s, 3, 0, V, NULL);
+	}
+	for (int r = 0; r < rounds; r++)
+	{
+		for (int s = 0; s < nseq; s++)
+			b[s] = (kl_batch_item) {seq[s], ids + 20 + s + r, 1, out + ((size_t) r * nseq + s) * V, false};
+		if (kl_forward(ctx, b, nseq, &err) != KL_OK)
+			die("batched forward", &err);
+	}
+	for (int s = 0; s < nseq; s++)
+		kl_seq_free(seq[s]);
+	kl_ctx_free(ctx);
+	free(seq);
+	free(b);
+	return out;
+}
+
+/*
+ * Rows (of V logits) whose greedy id differs from the reference's where the
+ * reference's choice is clear: a different id counts only when the
+ * reference's top logit beats the chosen id's by more than twice the row's
+ * largest difference (a near tie within the measured error may go either way).
+ */
+static int
+greedy_differs(const float *a, const float *ref, int rows, int V, int *exact)
+{
+	int			bad = 0;
+
+	*exact = 0;
+	for (int r = 0; r < rows; r++)
+	{
+		const float *x = a + (size_t) r * V,
+				   *y = ref + (size_t) r * V;
+		int			ia = argmax(x, V),
+					ir = argmax(y, V);
+		double		dmax = 0;
+
+		if (ia == ir)
+		{
+			(*exact)++;
+			continue;
+		}
+		for (int i = 0; i < V; i++)
+			dmax = fabs((double) x[i] - y[i]) > dmax ? fabs((double) x[i] - y[i]) : dmax;
+		if ((double) y[ir] - y[ia] > 2 * dmax)
+			bad++;
+	}
+	return bad;
+}
+
 static void
 check_big_shapes(void)
 {
@@ -801,6 +875,55 @@ check_big_shapes(void)
 			tap_ok(e <= TOL_BF16, "K=128/R=512 shapes, bf16: token by token, GPU vs CPU (rel err %.2e)", e);
 		}
 		free(lg);
+		/*
+		 * 12 and 40 sequences decoding together in bf16: the experts on the
+		 * tensor cores (kernels/expert_mma.cu; at 40 every expert's tokens
+		 * split over items of 8, the shared expert's over 5) against the CPU,
+		 * and against the CUDA-core expert kernel on the same weights and
+		 * inputs (KL_CUDA_EXPERT_MMA=0), which differs only by rounding the
+		 * expert activations to bf16.
+		 */
+		{
+			kl_model   *g16old;
+			char		path4[] = "/tmp/kl_test_cuda_XXXXXX";
+			int			fd4 = mkstemp(path4);
+			int			counts[2] = {12, 40},
+						rounds = 3;
+
+			if (fd4 < 0 || write(fd4, big_config, strlen(big_config)) != (ssize_t) strlen(big_config))
+				die("temporary config", &err);
+			close(fd4);
+			setenv("KL_CUDA_EXPERT_MMA", "0", 1);
+			if (kl_model_create_random(path4, &ob, "bf16", 7, &g16old, &err) != KL_OK)
+				die("random model (bf16)", &err);
+			unsetenv("KL_CUDA_EXPERT_MMA");
+			unlink(path4);
+			copy_weights(cpu, g16old);
+			for (int c = 0; c < 2; c++)
+			{
+				int			ns = counts[c],
+							rows = rounds * ns,
+							exact,
+							bad;
+				float	   *lm = decode_together(g16, ids, ns, rounds),
+						   *lo = decode_together(g16old, ids, ns, rounds),
+						   *lcpu = decode_together(cpu, ids, ns, rounds);
+				double		e = rel_err(lm, lcpu, (size_t) rows * V);
+
+				bad = greedy_differs(lm, lcpu, rows, V, &exact);
+				tap_ok(e <= TOL_BF16 && bad == 0, "K=128/R=512 shapes, bf16: %d sequences decoding together, "
+					   "experts on the tensor cores, GPU vs CPU (worst rel err %.2e; greedy ids %d of %d equal, "
+					   "%d differ beyond a near tie)", ns, e, exact, rows, bad);
+				e = rel_err(lm, lo, (size_t) rows * V);
+				tap_ok(e <= 1e-2, "K=128/R=512 shapes, bf16: %d sequences decoding together, tensor-core expert "
+					   "kernel vs the CUDA-core one (rel err %.2e; bf16 rounding of the expert activations only)",
+					   ns, e);
+				free(lm);
+				free(lo);
+				free(lcpu);
+			}
+			kl_model_free(g16old);
+		}
 		kl_model_free(g16);
 	}
 	check_mla_mma(cpu);

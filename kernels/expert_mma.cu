@@ -1,0 +1,300 @@
+/*
+ * expert_mma.cu — the mixture-of-experts products of a decode step on the
+ * tensor cores (bf16 precision, bf16 expert weights, steps of several tokens).
+ *
+ * The CUDA-core expert kernel (gemv.cu) reads the fp32 activation rows of an
+ * item again for every 16-byte piece of weights, and at batch 8-64 those
+ * reads thrash L1 and hold the weight stream to about 2 TB/s.  Here each
+ * work item (an expert and at most 8 of its tokens, the list made by
+ * kk_moe_group / kk_moe_route_group) is a small GEMM D[rows, 8] = W X^T:
+ *
+ *   A = W (bf16 [rows, cols] row-major, m16 x k16 tiles)  streamed once from
+ *       memory with 16-byte loads straight into the fragment registers;
+ *   B = X^T: the item's tokens, rounded to bf16 once per block and kept in
+ *       shared memory (token rows contiguous in k, padded to 8 tokens with
+ *       zeros; n = 8 is one mma.sync.m16n8k16 column block);
+ *   D: fp32 accumulators.
+ *
+ * A block takes XM_ROWS weight rows of one item: each warp 16 rows over the
+ * whole of k, two register sets of weight pieces alternating so that the
+ * loads of the next step are in flight while the tensor cores use this one.
+ *
+ * The k order inside one mma does not matter to a dot product, only that A
+ * and B use the same one.  Lane (g = lane / 4, t = lane % 4) loads 8
+ * consecutive k of a weight row, [k0 + 8t, k0 + 8t + 8), as a uint4 {x, y, z,
+ * w} of bf16 pairs, and the same 8 k of token g from shared memory.  The PTX
+ * fragment of m16n8k16 (PTX ISA "Matrix Fragments for mma.m16n8k16 with
+ * floating point type") gives that lane A elements (row g and g + 8; mma-k
+ * 2t, 2t+1 and 2t+8, 2t+9) and B elements (column g; mma-k the same four).
+ * So one 32-wide k chunk is two mma steps: step 0 puts real k0+8t+{0,1} at
+ * mma-k {2t, 2t+1} (.x) and k0+8t+{2,3} at {2t+8, 2t+9} (.y); step 1 the same
+ * with .z and .w.  Over the four lanes of a group the 16 mma-k of each step
+ * cover 16 distinct real k, and the two steps the whole chunk.
+ *
+ * Modes (as in gemv.cu): one matrix; two matrices (the second half of the
+ * blocks takes W1 -> y1); SwiGLU (gate W0 and up W1 of the same rows, writing
+ * silu(gate) * up to y0).  The products round the activations to bf16, as
+ * cuBLAS's prefill path does in bf16 precision; the fp32 precision mode never
+ * comes here.
+ */
+#include "common.cuh"
+
+#define XM_WARPS 4				/* warps per block */
+#define XM_ROWS (XM_WARPS * 16) /* weight rows per block: one m16 tile per warp */
+#define XM_N 8					/* tokens per work item: the n of the mma */
+#define XM_PAD 32				/* bf16 padding per token row in shared memory (bank spread) */
+#define XM_SMEM_MAX (48 * 1024) /* the default dynamic shared memory limit */
+/* resident blocks per SM the registers must allow: 5 for SwiGLU (96
+ * registers, no spills); the one-matrix form holds more B pieces at once and
+ * spills at 96, so 4 (104 registers) */
+#define XM_MIN_BLOCKS(MODE) ((MODE) == XM_SWIGLU ? 5 : 4)
+
+#define XM_ONE 0
+#define XM_TWO 1
+#define XM_SWIGLU 2
+
+static_assert(XM_N == KK_EXPERT_MMA_ROWS, "one mma column block per work item");
+
+/* 16 bytes of weights that are read once: not kept in L1 */
+__device__ __forceinline__ uint4
+ld_weights16(const uint16_t *p)
+{
+	uint4		v;
+
+	asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+		: "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+	return v;
+}
+
+/* d += A B for one m16n8k16 step (bf16 operands, fp32 accumulators) */
+__device__ __forceinline__ void
+mma_bf16(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
+{
+	asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+		"{%0, %1, %2, %3};\n"
+		: "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+		: "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/*
+ * The weight pieces of U chunks (32 k each) of NM matrices for one lane:
+ * w[m][u][0] row g, w[m][u][1] row g + 8, both at k + 32 u + 8 t.
+ */
+template <int NM, int U>
+struct xm_frag
+{
+	uint4		w[NM][U][2];
+};
+
+template <int NM, int U>
+__device__ __forceinline__ void
+xm_load(xm_frag<NM, U> &f, const uint16_t *const *rowg, const uint16_t *const *rowg8, int k)
+{
+#pragma unroll
+	for (int m = 0; m < NM; m++)
+#pragma unroll
+		for (int u = 0; u < U; u++)
+		{
+			f.w[m][u][0] = ld_weights16(rowg[m] + k + 32 * u);
+			f.w[m][u][1] = ld_weights16(rowg8[m] + k + 32 * u);
+		}
+}
+
+/* acc[m] += the U chunks at k; xg: token g's bf16 row in shared memory, + 8 t */
+template <int NM, int U>
+__device__ __forceinline__ void
+xm_compute(float (*acc)[4], const xm_frag<NM, U> &f, const uint16_t *xg, int k)
+{
+#pragma unroll
+	for (int u = 0; u < U; u++)
+	{
+		uint4		b = *(const uint4 *) (xg + k + 32 * u);
+
+#pragma unroll
+		for (int m = 0; m < NM; m++)
+		{
+			const uint4 &lo = f.w[m][u][0],
+					   &hi = f.w[m][u][1];
+
+			mma_bf16(acc[m], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+			mma_bf16(acc[m], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+		}
+	}
+}
+
+/*
+ * Item blockIdx.y of the work list, rows blockIdx.x of its matrix (in the
+ * two-matrix mode the second half of the blocks takes the second matrix).
+ * Dynamic shared memory: XM_N token rows of cols + XM_PAD bf16.
+ */
+template <int MODE>
+__global__ void __launch_bounds__(XM_WARPS * 32, XM_MIN_BLOCKS(MODE))
+expert_mma_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
+				  const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
+				  const int *__restrict__ active, int P, bool vec)
+{
+	constexpr int NM = MODE == XM_SWIGLU ? 2 : 1;	/* matrices a warp streams */
+	constexpr int U = 4 / NM;	/* 32-wide k chunks per step: 8 pieces per lane per set */
+	constexpr int STEP = 32 * U;
+	extern __shared__ uint4 xm_smem[];
+	uint16_t   *xs = (uint16_t *) xm_smem;
+	int			ld = cols + XM_PAD;
+	int			per = (rows + XM_ROWS - 1) / XM_ROWS;
+	int			m1 = MODE == XM_TWO && (int) blockIdx.x >= per;
+	int			warp = threadIdx.x >> 5,
+				lane = threadIdx.x & 31,
+				g = lane >> 2,
+				t = lane & 3;
+	int			r0 = ((int) blockIdx.x - m1 * per) * XM_ROWS + warp * 16;
+	int			item,
+				e,
+				first,
+				count,
+				kfull;
+	const uint16_t *rowg[NM],
+			   *rowg8[NM];
+	float		acc[NM][4];
+	xm_frag<NM, U> fa,
+				fb;
+
+	/* which experts run depends on the routing kernel before: wait first */
+	kk_dep_wait();
+	kk_dep_launch();
+	if ((int) blockIdx.y >= active[0])
+		return;					/* the whole block: no barrier is skipped */
+	item = active[1 + blockIdx.y];
+	first = start[item >> 6] + (item & 63) * P;
+	count = start[(item >> 6) + 1] - first;
+	count = count < P ? count : P;
+	e = item >> 6;
+
+	/* this lane's two weight rows (clamped inside the matrix; stores are guarded) */
+	{
+		int			ra = r0 + g < rows ? r0 + g : rows - 1,
+					rb = r0 + g + 8 < rows ? r0 + g + 8 : rows - 1;
+
+#pragma unroll
+		for (int m = 0; m < NM; m++)
+		{
+			const uint16_t *W = (const uint16_t *) (MODE == XM_SWIGLU ? (m ? W1[e] : W0[e]) : (m1 ? W1[e] : W0[e]));
+
+			rowg[m] = W + (size_t) ra * cols + 8 * t;
+			rowg8[m] = W + (size_t) rb * cols + 8 * t;
+			acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0;
+		}
+	}
+
+	/* the first weight pieces travel while the tokens are staged */
+	kfull = cols - cols % STEP;
+	if (r0 < rows && kfull > 0)
+		xm_load<NM, U>(fa, rowg, rowg8, 0);
+
+	/* the item's tokens as bf16 (zeros past count), 4 values a thread at a time;
+	 * unrolled so that several of the (L2-resident) activation loads overlap */
+	{
+		int			q = cols >> 2;
+
+#pragma unroll 2
+		for (int i = threadIdx.x; i < XM_N * q; i += XM_WARPS * 32)
+		{
+			int			j = i / q,
+						k = (i - j * q) * 4;
+			float4		v = make_float4(0, 0, 0, 0);
+			uint2		packed;
+
+			if (j < count)
+			{
+				const float *xr = x + (size_t) (xrow ? xrow[first + j] : first + j) * ldx + k;
+
+				if (vec)
+					v = __ldg((const float4 *) xr);
+				else
+					v = make_float4(xr[0], xr[1], xr[2], xr[3]);
+			}
+			packed.x = (uint32_t) f32_to_bf16(v.x) | ((uint32_t) f32_to_bf16(v.y) << 16);
+			packed.y = (uint32_t) f32_to_bf16(v.z) | ((uint32_t) f32_to_bf16(v.w) << 16);
+			*(uint2 *) (xs + (size_t) j * ld + k) = packed;
+		}
+	}
+	__syncthreads();
+	if (r0 >= rows)
+		return;					/* no barrier follows */
+
+	/* k in steps of STEP, two register sets alternating; then 32-wide chunks */
+	{
+		const uint16_t *xg = xs + (size_t) g * ld + 8 * t;
+
+		for (int k = 0; k < kfull; k += 2 * STEP)
+		{
+			if (k + STEP < kfull)
+				xm_load<NM, U>(fb, rowg, rowg8, k + STEP);
+			xm_compute<NM, U>(acc, fa, xg, k);
+			if (k + STEP >= kfull)
+				break;
+			if (k + 2 * STEP < kfull)
+				xm_load<NM, U>(fa, rowg, rowg8, k + 2 * STEP);
+			xm_compute<NM, U>(acc, fb, xg, k + STEP);
+		}
+		for (int k = kfull; k < cols; k += 32)
+		{
+			xm_frag<NM, 1> f1;
+
+			xm_load<NM, 1>(f1, rowg, rowg8, k);
+			xm_compute<NM, 1>(acc, f1, xg, k);
+		}
+	}
+
+	/* D fragment: acc[.][i] is row g (i < 2) or g + 8, token 2t + (i & 1) */
+	{
+		float	   *y = m1 ? y1 : y0;
+
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+		{
+			int			row = r0 + g + (i >= 2 ? 8 : 0),
+						tok = 2 * t + (i & 1);
+			float		v = acc[0][i];
+
+			if (MODE == XM_SWIGLU)
+				v = siluf_(v) * acc[NM - 1][i];
+			if (row < rows && tok < count)
+				y[(size_t) (first + tok) * ldy + row] = v;
+		}
+	}
+}
+
+static size_t
+xm_smem_bytes(int cols)
+{
+	return (size_t) XM_N * (cols + XM_PAD) * sizeof(uint16_t);
+}
+
+extern "C" int
+kk_expert_mma_ok(int cols)
+{
+	return cols > 0 && cols % 32 == 0 && xm_smem_bytes(cols) <= XM_SMEM_MAX;
+}
+
+extern "C" void
+kk_expert_mma(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
+			  const void *const *W0, const void *const *W1, int rows, int cols, const int *start, const int *active,
+			  int max_active, int P)
+{
+	bool		vec = ldx % 4 == 0 && ((uintptr_t) x & 15) == 0;
+	int			mode = !W1 ? XM_ONE : y1 ? XM_TWO : XM_SWIGLU;
+	dim3		grid(ceil_div(rows, XM_ROWS) * (mode == XM_TWO ? 2 : 1), max_active);
+	dim3		block(XM_WARPS * 32);
+	size_t		smem = xm_smem_bytes(cols);
+
+	if (max_active <= 0 || rows <= 0)
+		return;
+	if (mode == XM_ONE)
+		kk_launch(expert_mma_kernel<XM_ONE>, grid, block, smem, s, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
+				  start, active, P, vec);
+	else if (mode == XM_TWO)
+		kk_launch(expert_mma_kernel<XM_TWO>, grid, block, smem, s, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
+				  start, active, P, vec);
+	else
+		kk_launch(expert_mma_kernel<XM_SWIGLU>, grid, block, smem, s, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
+				  start, active, P, vec);
+}
