@@ -179,6 +179,9 @@ typedef struct cuda_state
 
 	/* decode-step switches (KL_CUDA_MOE_FUSE=0, KL_CUDA_PDL=0 turn them off) */
 	bool		fuse_moe;
+	/* fused routing in warps (kk_moe_route_group_warp) for steps of at most
+	 * this many tokens; 0: the block kernel (KL_CUDA_ROUTE_WARP) */
+	int			route_warp;
 	/* KL_CUDA_KDA_STATE_ROUND=bf16: the per-token recurrence stores its state
 	 * rounded to bf16 (measures a bf16 state's drift; the storage stays fp32) */
 	int			kda_round16;
@@ -271,5 +274,12 @@ void		cuda_moe_free(kl_backend *be);
 /* cuda_sample.c: the backend's sample op */
 int			cuda_sample(kl_backend *be, float *logits, int vocab, const kl_sample_row *rows, int n, int32_t *ids,
 						kl_err *err);
+
+/* test hook of cuda_moe.c (test_cuda.c calls it through dlsym): the fused
+ * decode routing launchers on host inputs, outputs copied back */
+int			kl_cuda_test_route_group(int warp, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
+									 int bias_in_w, float scaling, int shared_rows, int P, const float *logits,
+									 const float *bias, int *sel, float *wts, int *start, int *xrow, int *inv,
+									 int *active);
 
 #endif
