@@ -26,7 +26,8 @@
  * The fused decode routing in warps (kk_moe_route_group_warp, on unless
  * KL_CUDA_ROUTE_WARP=0) must give the block kernel's outputs bit for bit
  * (both launchers called on the same router logits: 48B shape with and
- * without groups, both weight rules, ties, 1 to 64 tokens).
+ * without groups, both weight rules, ties, 1 to 64 tokens); with NaN and
+ * infinite logits its choices stay in range and every pair has one place.
  *
  * The device sampler must choose exactly what the CPU sampler
  * (kl_sample_draw) chooses for the same logits and draw: checked on
@@ -1122,6 +1123,41 @@ check_route_warp(void)
 				   "rule: %d of %d cases differ, %d not run", shapes[si].what, rule ? "reference" : "select", wrong,
 				   cases, failed);
 		}
+	/* NaN and infinite logits have no order: the choice is free, but it stays in bounds and consistent */
+	{
+		int			n = 8,
+					E = 256,
+					k = 8,
+					nk = n * k,
+					ok = 1,
+					rc;
+		float	   *lg = malloc(sizeof(float) * (size_t) n * E),
+					bias[256];
+		int			seen[64] = {0};
+		route_out	o;
+
+		make_router(lg, bias, n, E, 0, &rs);
+		for (int i = 0; i < n * E; i++)
+			if (i < E || i % 7 == 0)	/* token 0 all NaN, the others every seventh */
+				lg[i] = NAN;
+			else if (i % 11 == 0)
+				lg[i] = i % 2 ? INFINITY : -INFINITY;
+		route_out_init(&o, n, E, k);
+		rc = f(1, n, E, k, 1, 1, 0, 1, 0, 2.446f, n, 4, lg, bias, o.sel, o.wts, o.start, o.xrow, o.inv, o.active);
+		for (int i = 0; i < nk && rc == 0; i++)
+		{
+			ok &= o.sel[i] >= 0 && o.sel[i] < E && o.inv[i] >= 0 && o.inv[i] < nk;
+			if (o.inv[i] >= 0 && o.inv[i] < nk)
+				seen[o.inv[i]]++;
+		}
+		for (int i = 0; i < nk; i++)
+			ok &= seen[i] == 1;
+		ok &= o.start[E] == nk && o.start[E + 1] == nk + n;
+		tap_ok(rc == 0 && ok, "routing in warps, NaN and infinite router logits: experts in range, every pair in one "
+			   "place (%d)", rc);
+		route_out_free(&o);
+		free(lg);
+	}
 	dlclose(lib);
 	kl_model_free(m);
 }
