@@ -166,6 +166,13 @@ void		kk_moe_combine(cudaStream_t s, float *y, int n, int D, int k, const float 
 int			kk_moe_route_group(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
 							   int bias_in_w, float scaling, const float *logits, const float *bias, int *sel,
 							   float *wts, int shared_rows, int P, int *start, int *xrow, int *inv, int *active);
+/* kk_moe_route_group's outputs, bit for bit (router logits without NaN), in
+ * warps without block-wide scans: -1 when the shape is not covered (E > 256,
+ * k > 32, k > E, n k too large for 48 KB of shared memory), else 0 */
+int			kk_moe_route_group_warp(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
+									int bias_in_w, float scaling, const float *logits, const float *bias, int *sel,
+									float *wts, int shared_rows, int P, int *start, int *xrow, int *inv,
+									int *active);
 /* kk_moe_combine into y, then x += y and xn = rmsnorm(x; w) (kk_add_rmsnorm), without y in memory */
 void		kk_moe_combine_add_rmsnorm(cudaStream_t s, float *xn, float *x, int n, int D, int k, const float *wts,
 									   const int *inv, const float *ye, const float *ys, const float *w, float eps);

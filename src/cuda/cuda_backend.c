@@ -3,7 +3,8 @@
  * library kimi_linear_cuda.so that the engine loads with dlopen()
  * (backend_cuda_loader.c); its only exports are kl_cuda_backend_create and
  * kl_cuda_backend_abi_version (the loader refuses a library built for another
- * KL_BACKEND_ABI_VERSION).
+ * KL_BACKEND_ABI_VERSION), and one hook for test_cuda.c
+ * (kl_cuda_test_route_group, cuda_moe.c).
  *
  * This file: creation, device memory, weights (upload, conversion for the
  * precision mode, random weights made on the device), the element-wise ops,
@@ -22,6 +23,7 @@
  * structures and inline helpers but calls no engine function, because the
  * executable that loads it need not export its symbols.
  */
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -678,6 +680,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_EXPERT_MMA=0 keeps the CUDA-core expert kernel for every
 		 * step (default: the tensor-core one from 8 tokens, bf16 precision
 		 * only; =N >= 2 moves that threshold; 1 means the default).
+		 * KL_CUDA_ROUTE_WARP=0 routes and groups in the block kernel instead of
+		 * warps (=N: warps only for steps of up to N tokens; default all that
+		 * group on the device).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
@@ -686,7 +691,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *enr = getenv("KL_CUDA_EXPERT_NR"),
 				   *emma = getenv("KL_CUDA_EXPERT_MMA"),
 				   *kr = getenv("KL_CUDA_KDA_STATE_ROUND"),
-				   *mm = getenv("KL_CUDA_MLA_MMA");
+				   *mm = getenv("KL_CUDA_MLA_MMA"),
+				   *rw = getenv("KL_CUDA_ROUTE_WARP");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -696,6 +702,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
 		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
+		cs->route_warp = rw && *rw ? atoi(rw) : INT_MAX;
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
 		be->mla_cache_bf16 = cs->mla_c16;

@@ -183,6 +183,9 @@ typedef struct cuda_state
 	/* KL_CUDA_EXPERT_MMA: decode steps of at least this many tokens run the
 	 * experts on the tensor cores in bf16 precision (0: never) */
 	int			expert_mma_min;
+	/* fused routing in warps (kk_moe_route_group_warp) for steps of at most
+	 * this many tokens; 0: the block kernel (KL_CUDA_ROUTE_WARP) */
+	int			route_warp;
 	/* KL_CUDA_KDA_STATE_ROUND=bf16: the per-token recurrence stores its state
 	 * rounded to bf16 (measures a bf16 state's drift; the storage stays fp32) */
 	int			kda_round16;
@@ -275,5 +278,12 @@ void		cuda_moe_free(kl_backend *be);
 /* cuda_sample.c: the backend's sample op */
 int			cuda_sample(kl_backend *be, float *logits, int vocab, const kl_sample_row *rows, int n, int32_t *ids,
 						kl_err *err);
+
+/* test hook of cuda_moe.c (test_cuda.c calls it through dlsym): the fused
+ * decode routing launchers on host inputs, outputs copied back */
+int			kl_cuda_test_route_group(int warp, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
+									 int bias_in_w, float scaling, int shared_rows, int P, const float *logits,
+									 const float *bias, int *sel, float *wts, int *start, int *xrow, int *inv,
+									 int *active);
 
 #endif

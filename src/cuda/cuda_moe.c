@@ -15,7 +15,8 @@
  * The shared experts are a plain SwiGLU MLP over all tokens; the combine
  * kernel sums each token's weighted expert outputs and the shared one.
  *
- * Decode (unless KL_CUDA_MOE_FUSE=0): routing and grouping are one launch,
+ * Decode (unless KL_CUDA_MOE_FUSE=0): routing and grouping are one launch
+ * (in warps, kk_moe_route_group_warp, unless KL_CUDA_ROUTE_WARP=0),
  * the gate and up products write silu(gate) * up directly, and the combine
  * is held back (cuda_defer_combine) to run inside the residual add and norm
  * that follow: router, route+group, gate/up, down — four launches a layer.
@@ -373,7 +374,12 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		int			max_active = ((int) nk + A * (P - 1)) / P + (fuse ? (n + P - 1) / P : 0);
 		int			rc = -1;
 
-		if (cs->fuse_moe)
+		/* the warp kernel where it covers the shape (E <= 256), else the block one */
+		if (cs->fuse_moe && n <= cs->route_warp)
+			rc = kk_moe_route_group_warp(cs->stream, n, E, k, G, cfg->topk_groups, cfg->router_softmax,
+										 cfg->moe_renormalize, cfg->bias_in_weights, cfg->routed_scaling, logits,
+										 w->score_bias, sel, wts, fuse ? n : 0, P, start, xrow, inv, active);
+		if (cs->fuse_moe && rc < 0)
 			rc = kk_moe_route_group(cs->stream, n, E, k, G, cfg->topk_groups, cfg->router_softmax,
 									cfg->moe_renormalize, cfg->bias_in_weights, cfg->routed_scaling, logits,
 									w->score_bias, sel, wts, fuse ? n : 0, P, start, xrow, inv, active);
@@ -507,4 +513,59 @@ shared:
 
 	/* 4. y = sum of weighted expert outputs (+ shared) */
 	cuda_defer_combine(be, y, n, D, k, wts, inv, ye, sy);
+}
+
+/* ------------------------------------------------------------------ test hook */
+
+/*
+ * For test/engine/test_cuda.c only (found with dlsym; the backend does not
+ * use it): route and group n tokens' router logits (host memory) through
+ * one of the fused decode launchers — warp 0: kk_moe_route_group, 1:
+ * kk_moe_route_group_warp — on the current device, and copy every output
+ * back.  The output arrays' contents go to the device first, so that the
+ * entries a kernel leaves alone compare too.  Sizes: logits [n E], bias [E];
+ * sel, wts, inv [n k]; start [E + 2]; xrow [n k + n]; active [E + n k + n + 4].
+ * Returns the launcher's result (-1: shape not covered), else 0 or a CUDA
+ * error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_route_group(int warp, int n, int E, int k, int G, int Tg, int use_softmax, int renorm, int bias_in_w,
+						 float scaling, int shared_rows, int P, const float *logits, const float *bias, int *sel,
+						 float *wts, int *start, int *xrow, int *inv, int *active)
+{
+	size_t		nk = (size_t) n * k,
+				sz[8] = {sizeof(float) * (size_t) n * E, sizeof(float) * (size_t) E, sizeof(int) * nk,
+						 sizeof(float) * nk, sizeof(int) * ((size_t) E + 2), sizeof(int) * (nk + n), sizeof(int) * nk,
+						 sizeof(int) * ((size_t) E + nk + n + 4)};
+	const void *host_in[8] = {logits, bias, sel, wts, start, xrow, inv, active};
+	void	   *host_out[8] = {NULL, NULL, sel, wts, start, xrow, inv, active};
+	void	   *d[8] = {NULL};
+	cudaStream_t s = NULL;
+	cudaError_t e;
+	int			rc = 0;
+
+	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess)
+		return (int) e;
+	/* every copy on s: the launch is ordered after the uploads */
+	for (int i = 0; i < 8 && rc == 0; i++)
+		if ((e = cudaMalloc(&d[i], sz[i])) != cudaSuccess ||
+			(e = cudaMemcpyAsync(d[i], host_in[i], sz[i], cudaMemcpyHostToDevice, s)) != cudaSuccess)
+			rc = (int) e;
+	if (rc == 0)
+	{
+		rc = (warp ? kk_moe_route_group_warp : kk_moe_route_group) (s, n, E, k, G, Tg, use_softmax, renorm, bias_in_w,
+																  scaling, d[0], d[1], d[2], d[3], shared_rows, P,
+																  d[4], d[5], d[6], d[7]);
+		if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
+			rc = (int) e;
+	}
+	for (int i = 2; i < 8 && rc == 0; i++)
+		if ((e = cudaMemcpyAsync(host_out[i], d[i], sz[i], cudaMemcpyDeviceToHost, s)) != cudaSuccess)
+			rc = (int) e;
+	if ((e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
+		rc = (int) e;
+	for (int i = 0; i < 8; i++)
+		cudaFree(d[i]);
+	cudaStreamDestroy(s);
+	return rc;
 }

@@ -27,6 +27,12 @@
  * attends to them on tensor cores (check_mla_mma: against the CPU up to 1100
  * keys, and against the CUDA-core kernel on the same cache).
  *
+ * The fused decode routing in warps (kk_moe_route_group_warp, on unless
+ * KL_CUDA_ROUTE_WARP=0) must give the block kernel's outputs bit for bit
+ * (both launchers called on the same router logits: 48B shape with and
+ * without groups, both weight rules, ties, 1 to 64 tokens); with NaN and
+ * infinite logits its choices stay in range and every pair has one place.
+ *
  * The device sampler must choose exactly what the CPU sampler
  * (kl_sample_draw) chooses for the same logits and draw: checked on
  * vocabularies of 384, 1000 and 163840 with peaked, flat, tied, huge and
@@ -34,6 +40,10 @@
  * penalty, allowed-token masks and their combinations; and through
  * kl_forward_sample on a batch of sequences with different settings.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE				/* dladdr: finding the CUDA library's test hook */
+#endif
+#include <dlfcn.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1169,6 +1179,235 @@ check_sampler(void)
 	kl_model_free(m);
 }
 
+/* ------------------------------------------------------------------ routing in warps */
+
+/* kl_cuda_test_route_group (cuda_moe.c): a fused decode routing launcher on host arrays */
+typedef int (*route_test_fn) (int warp, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
+							  int bias_in_w, float scaling, int shared_rows, int P, const float *logits,
+							  const float *bias, int *sel, float *wts, int *start, int *xrow, int *inv, int *active);
+
+/* every output of one launch, in arrays of the sizes the hook documents */
+typedef struct route_out
+{
+	int		   *sel,
+			   *start,
+			   *xrow,
+			   *inv,
+			   *active;
+	float	   *wts;
+	size_t		n_sel,
+				n_start,
+				n_xrow,
+				n_active;
+} route_out;
+
+static void
+route_out_init(route_out *o, int n, int E, int k)
+{
+	o->n_sel = (size_t) n * k;
+	o->n_start = (size_t) E + 2;
+	o->n_xrow = (size_t) n * k + n;
+	o->n_active = (size_t) E + (size_t) n * k + n + 4;
+	o->sel = malloc(sizeof(int) * o->n_sel);
+	o->inv = malloc(sizeof(int) * o->n_sel);
+	o->wts = malloc(sizeof(float) * o->n_sel);
+	o->start = malloc(sizeof(int) * o->n_start);
+	o->xrow = malloc(sizeof(int) * o->n_xrow);
+	o->active = malloc(sizeof(int) * o->n_active);
+	/* the same bytes before both launches: entries a kernel skips compare too */
+	memset(o->sel, 0x5a, sizeof(int) * o->n_sel);
+	memset(o->inv, 0x5a, sizeof(int) * o->n_sel);
+	memset(o->wts, 0x5a, sizeof(float) * o->n_sel);
+	memset(o->start, 0x5a, sizeof(int) * o->n_start);
+	memset(o->xrow, 0x5a, sizeof(int) * o->n_xrow);
+	memset(o->active, 0x5a, sizeof(int) * o->n_active);
+}
+
+static void
+route_out_free(route_out *o)
+{
+	free(o->sel);
+	free(o->inv);
+	free(o->wts);
+	free(o->start);
+	free(o->xrow);
+	free(o->active);
+}
+
+/* the first output array in which a and b differ (bit for bit), or NULL */
+static const char *
+route_out_diff(const route_out *a, const route_out *b)
+{
+	if (memcmp(a->sel, b->sel, sizeof(int) * a->n_sel) != 0)
+		return "sel";
+	if (memcmp(a->wts, b->wts, sizeof(float) * a->n_sel) != 0)
+		return "wts";
+	if (memcmp(a->start, b->start, sizeof(int) * a->n_start) != 0)
+		return "start";
+	if (memcmp(a->xrow, b->xrow, sizeof(int) * a->n_xrow) != 0)
+		return "xrow";
+	if (memcmp(a->inv, b->inv, sizeof(int) * a->n_sel) != 0)
+		return "inv";
+	if (memcmp(a->active, b->active, sizeof(int) * a->n_active) != 0)
+		return "active";
+	return NULL;
+}
+
+/* router logits and bias: 0 roughly normal, 1 few levels (ties in the
+ * choices and group scores), 2 all equal, 3 wide spread */
+static void
+make_router(float *lg, float *bias, int n, int E, int kind, uint64_t *rs)
+{
+	for (int e = 0; e < E; e++)
+		bias[e] = kind == 1 ? 0.25f * (float) (int) (4.0 * unif(rs)) : kind == 2 ? 0.0f : (float) (0.1 * (unif(rs) - 0.5));
+	for (int i = 0; i < n * E; i++)
+	{
+		double		g = (unif(rs) + unif(rs) + unif(rs) - 1.5) * 2.0;
+
+		lg[i] = kind == 0 ? (float) (2.0 * g) : kind == 1 ? (float) (int) (3.0 * g) : kind == 2 ? 0.5f :
+			(float) (12.0 * g);
+	}
+}
+
+/*
+ * kk_moe_route_group_warp against kk_moe_route_group: identical sel, wts,
+ * start, xrow, inv and active for router logits at the 48B shape (E 256,
+ * k 8; with and without groups), the big-shapes model's (E 16, k 4, 4
+ * groups keep 2) and an E of 64 (lanes with unused slots); both weight
+ * rules; sigmoid and softmax; with and without the shared expert's rows;
+ * n = 1, 3, 8, 17 and 64 tokens.
+ */
+static void
+check_route_warp(void)
+{
+	static const struct
+	{
+		int			E,
+					k,
+					G,
+					Tg;
+		const char *what;
+	}			shapes[] = {
+		{256, 8, 1, 1, "48B shape (E 256, k 8)"},
+		{256, 8, 8, 4, "E 256, k 8, 8 groups keep 4"},
+		{16, 4, 4, 2, "E 16, k 4, 4 groups keep 2"},
+		{64, 6, 1, 1, "E 64, k 6"},
+	};
+	static const int ns[] = {1, 3, 8, 17, 64};
+	char		dir[1024];
+	kl_model   *m;
+	Dl_info		info;
+	void	   *lib = NULL;
+	route_test_fn f = NULL;
+	uint64_t	rs = 4242;
+
+	snprintf(dir, sizeof(dir), "%s/golden/tiny_c", tap_fixture_dir());
+	m = load(dir, "cuda", "fp32");
+	/* the library that holds the backend's ops table */
+	if (dladdr((const void *) m->be->ops, &info) && info.dli_fname)
+		lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+	if (lib)
+		f = (route_test_fn) dlsym(lib, "kl_cuda_test_route_group");
+	if (!f)
+	{
+		tap_ok(0, "the CUDA library exports kl_cuda_test_route_group");
+		if (lib)
+			dlclose(lib);
+		kl_model_free(m);
+		return;
+	}
+	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+		for (int rule = 0; rule < 2; rule++)
+		{
+			int			E = shapes[si].E,
+						k = shapes[si].k,
+						cases = 0,
+						wrong = 0,
+						failed = 0;
+
+			for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++)
+				for (int kind = 0; kind < 4; kind++)
+					for (int variant = 0; variant < 4; variant++)
+					{
+						int			n = ns[ni],
+									softmax = variant == 3,
+									renorm = variant != 2,
+									shared_rows = variant & 1 ? n : 0,
+									P = n <= 1 ? 1 : n <= 2 ? 2 : 4;
+						float	   *lg = malloc(sizeof(float) * (size_t) n * E),
+								   *bias = malloc(sizeof(float) * (size_t) E);
+						route_out	a,
+									b;
+						int			ra,
+									rb;
+						const char *d;
+
+						make_router(lg, bias, n, E, kind, &rs);
+						route_out_init(&a, n, E, k);
+						route_out_init(&b, n, E, k);
+						ra = f(0, n, E, k, shapes[si].G, shapes[si].Tg, softmax, renorm, rule, 2.446f, shared_rows, P,
+							   lg, bias, a.sel, a.wts, a.start, a.xrow, a.inv, a.active);
+						rb = f(1, n, E, k, shapes[si].G, shapes[si].Tg, softmax, renorm, rule, 2.446f, shared_rows, P,
+							   lg, bias, b.sel, b.wts, b.start, b.xrow, b.inv, b.active);
+						cases++;
+						if (ra != 0 || rb != 0)
+						{
+							if (failed++ < 4)
+								tap_diag("%s n %d kind %d variant %d: block kernel %d, warp kernel %d",
+										 shapes[si].what, n, kind, variant, ra, rb);
+						}
+						else if ((d = route_out_diff(&a, &b)) != NULL && wrong++ < 8)
+							tap_diag("%s, %s rule, n %d, logits kind %d, variant %d: %s differs", shapes[si].what,
+									 rule ? "reference" : "select", n, kind, variant, d);
+						route_out_free(&a);
+						route_out_free(&b);
+						free(lg);
+						free(bias);
+					}
+			tap_ok(wrong == 0 && failed == 0,
+				   "routing in warps = the block kernel, bit for bit (sel, wts, start, xrow, inv, active), %s, %s "
+				   "rule: %d of %d cases differ, %d not run", shapes[si].what, rule ? "reference" : "select", wrong,
+				   cases, failed);
+		}
+	/* NaN and infinite logits have no order: the choice is free, but it stays in bounds and consistent */
+	{
+		int			n = 8,
+					E = 256,
+					k = 8,
+					nk = n * k,
+					ok = 1,
+					rc;
+		float	   *lg = malloc(sizeof(float) * (size_t) n * E),
+					bias[256];
+		int			seen[64] = {0};
+		route_out	o;
+
+		make_router(lg, bias, n, E, 0, &rs);
+		for (int i = 0; i < n * E; i++)
+			if (i < E || i % 7 == 0)	/* token 0 all NaN, the others every seventh */
+				lg[i] = NAN;
+			else if (i % 11 == 0)
+				lg[i] = i % 2 ? INFINITY : -INFINITY;
+		route_out_init(&o, n, E, k);
+		rc = f(1, n, E, k, 1, 1, 0, 1, 0, 2.446f, n, 4, lg, bias, o.sel, o.wts, o.start, o.xrow, o.inv, o.active);
+		for (int i = 0; i < nk && rc == 0; i++)
+		{
+			ok &= o.sel[i] >= 0 && o.sel[i] < E && o.inv[i] >= 0 && o.inv[i] < nk;
+			if (o.inv[i] >= 0 && o.inv[i] < nk)
+				seen[o.inv[i]]++;
+		}
+		for (int i = 0; i < nk; i++)
+			ok &= seen[i] == 1;
+		ok &= o.start[E] == nk && o.start[E + 1] == nk + n;
+		tap_ok(rc == 0 && ok, "routing in warps, NaN and infinite router logits: experts in range, every pair in one "
+			   "place (%d)", rc);
+		route_out_free(&o);
+		free(lg);
+	}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
 /* ------------------------------------------------------------------ the trained model */
 
 static void
@@ -1329,6 +1568,7 @@ main(void)
 	kl_model_free(m);
 
 	check_sampler();
+	check_route_warp();
 	check_golden("tiny_a", "golden.safetensors", "fp32");
 	check_golden("tiny_a", "golden_route_select.safetensors", "fp32");
 	check_golden("tiny_c", "golden.safetensors", "fp32");
