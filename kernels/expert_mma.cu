@@ -36,7 +36,17 @@
  * silu(gate) * up to y0).  The products round the activations to bf16, as
  * cuBLAS's prefill path does in bf16 precision; the fp32 precision mode never
  * comes here.
+ *
+ * The plain products of a decode step of 2-8 tokens (projections, lm_head)
+ * take the same inner loop (gemv_mma_kernel): the step's tokens are the n = 8
+ * side, the jobs of a kk_gemv_batch share one launch, and since plain
+ * weights do not depend on earlier kernels their first pieces are requested
+ * before the programmatic-dependent-launch wait.  The CUDA-core GEMV reads
+ * 8 fp32 activation rows per 16-byte weight piece there and streams at about
+ * a third of the bandwidth (bench/notes-cuda.md).
  */
+#include <string.h>
+
 #include "common.cuh"
 
 #define XM_WARPS 4				/* warps per block */
@@ -297,4 +307,169 @@ kk_expert_mma(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int
 	else
 		kk_launch(expert_mma_kernel<XM_SWIGLU>, grid, block, smem, s, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
 				  start, active, P, vec);
+}
+
+/* ------------------------------------------------------------------ plain products */
+
+#define GM_SMEM_MAX (100 * 1024)	/* activations of up to 6368 columns */
+
+/*
+ * Block b: XM_ROWS weight rows of the job whose range of blocks holds it
+ * (b.first_block, set by the launcher), for the b.n (<= 8) activation rows
+ * of that job.  Dynamic shared memory: XM_N token rows of cols + XM_PAD bf16.
+ */
+__global__ void __launch_bounds__(XM_WARPS * 32, 3)
+gemv_mma_kernel(kk_gemv_batch b)
+{
+	constexpr int U = 4;
+	constexpr int STEP = 32 * U;
+	extern __shared__ uint4 xm_smem[];
+	uint16_t   *xs = (uint16_t *) xm_smem;
+	int			j = 0;
+
+	while (j + 1 < b.count && (int) blockIdx.x >= b.first_block[j + 1])
+		j++;
+	{
+		const kk_gemv_job *jb = &b.job[j];
+		int			rows = jb->rows,
+					cols = jb->cols,
+					n = b.n,
+					ld = cols + XM_PAD;
+		int			warp = threadIdx.x >> 5,
+					lane = threadIdx.x & 31,
+					g = lane >> 2,
+					t = lane & 3;
+		int			r0 = ((int) blockIdx.x - b.first_block[j]) * XM_ROWS + warp * 16;
+		int			kfull = cols - cols % STEP;
+		const uint16_t *W = (const uint16_t *) jb->W;
+		const uint16_t *rowg[1],
+				   *rowg8[1];
+		float		acc[1][4] = {{0, 0, 0, 0}};
+		xm_frag<1, U> fa,
+					fb;
+
+		{
+			int			ra = r0 + g < rows ? r0 + g : rows - 1,
+						rb = r0 + g + 8 < rows ? r0 + g + 8 : rows - 1;
+
+			rowg[0] = W + (size_t) ra * cols + 8 * t;
+			rowg8[0] = W + (size_t) rb * cols + 8 * t;
+		}
+		/* the weights do not depend on earlier kernels: request them before waiting */
+		if (r0 < rows && kfull > 0)
+			xm_load<1, U>(fa, rowg, rowg8, 0);
+		kk_dep_wait();
+		kk_dep_launch();
+
+		/* the activation rows as bf16 (zeros past n), 4 values a thread at a time */
+		{
+			int			q = cols >> 2;
+
+#pragma unroll 2
+			for (int i = threadIdx.x; i < XM_N * q; i += XM_WARPS * 32)
+			{
+				int			r = i / q,
+							k = (i - r * q) * 4;
+				float4		v = make_float4(0, 0, 0, 0);
+				uint2		packed;
+
+				if (r < n)
+				{
+					const float *xr = jb->x + (size_t) r * jb->ldx + k;
+
+					v = jb->vec ? __ldg((const float4 *) xr) : make_float4(xr[0], xr[1], xr[2], xr[3]);
+				}
+				packed.x = (uint32_t) f32_to_bf16(v.x) | ((uint32_t) f32_to_bf16(v.y) << 16);
+				packed.y = (uint32_t) f32_to_bf16(v.z) | ((uint32_t) f32_to_bf16(v.w) << 16);
+				*(uint2 *) (xs + (size_t) r * ld + k) = packed;
+			}
+		}
+		__syncthreads();
+		if (r0 >= rows)
+			return;				/* no barrier follows */
+		{
+			const uint16_t *xg = xs + (size_t) g * ld + 8 * t;
+
+			for (int k = 0; k < kfull; k += 2 * STEP)
+			{
+				if (k + STEP < kfull)
+					xm_load<1, U>(fb, rowg, rowg8, k + STEP);
+				xm_compute<1, U>(acc, fa, xg, k);
+				if (k + STEP >= kfull)
+					break;
+				if (k + 2 * STEP < kfull)
+					xm_load<1, U>(fa, rowg, rowg8, k + 2 * STEP);
+				xm_compute<1, U>(acc, fb, xg, k + STEP);
+			}
+			for (int k = kfull; k < cols; k += 32)
+			{
+				xm_frag<1, 1> f1;
+
+				xm_load<1, 1>(f1, rowg, rowg8, k);
+				xm_compute<1, 1>(acc, f1, xg, k);
+			}
+		}
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+		{
+			int			row = r0 + g + (i >= 2 ? 8 : 0),
+						tok = 2 * t + (i & 1);
+
+			if (row < rows && tok < n)
+				jb->y[(size_t) tok * jb->ldy + row] = acc[0][i];
+		}
+	}
+}
+
+extern "C" int
+kk_gemv_mma_ok(int cols)
+{
+	return cols > 0 && cols % 32 == 0 && xm_smem_bytes(cols) <= GM_SMEM_MAX;
+}
+
+extern "C" void
+kk_gemv_multi_mma(cudaStream_t s, kk_gemv_batch *b)
+{
+	static bool attr_set = false;
+	int			blocks = 0,
+				cols = 0;
+
+	if (b->count <= 0 || b->n <= 0 || b->n > XM_N)
+		return;
+	if (!attr_set)
+	{
+		/* activations of more than 48 KB (o_proj's 4096 columns: 66 KB) */
+		cudaFuncSetAttribute(gemv_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, GM_SMEM_MAX);
+		attr_set = true;
+	}
+	for (int j = 0; j < b->count; j++)
+	{
+		kk_gemv_job *jb = &b->job[j];
+
+		jb->vec = jb->ldx % 4 == 0 && ((uintptr_t) jb->x & 15) == 0;
+		b->first_block[j] = blocks;
+		blocks += ceil_div(jb->rows, XM_ROWS);
+		cols = jb->cols > cols ? jb->cols : cols;
+	}
+	b->first_block[b->count] = blocks;
+	kk_launch(gemv_mma_kernel, dim3(blocks), dim3(XM_WARPS * 32), xm_smem_bytes(cols), s, *b);
+}
+
+extern "C" void
+kk_gemv_mma(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int rows, int cols)
+{
+	kk_gemv_batch b;
+
+	memset(&b, 0, sizeof(b));
+	b.n = n;
+	b.count = 1;
+	b.job[0].y = y;
+	b.job[0].x = x;
+	b.job[0].W = W;
+	b.job[0].ldy = ldy;
+	b.job[0].ldx = ldx;
+	b.job[0].rows = rows;
+	b.job[0].cols = cols;
+	b.job[0].bf16 = 1;
+	kk_gemv_multi_mma(s, &b);
 }

@@ -183,6 +183,9 @@ typedef struct cuda_state
 	/* KL_CUDA_EXPERT_MMA: decode steps of at least this many tokens run the
 	 * experts on the tensor cores in bf16 precision (0: never) */
 	int			expert_mma_min;
+	/* KL_CUDA_GEMV_MMA: bf16-precision decode products of at least this many
+	 * rows (and at most 8) run on the tensor cores (0: never) */
+	int			gemv_mma_min;
 	/* fused routing in warps (kk_moe_route_group_warp) for steps of at most
 	 * this many tokens; 0: the block kernel (KL_CUDA_ROUTE_WARP) */
 	int			route_warp;

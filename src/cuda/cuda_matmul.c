@@ -12,7 +12,9 @@
  *                  weight rows are widened to fp32 (exact) and go through
  *                  SGEMM; up to 64 rows the GEMV kernel is cheaper than that
  * A batch of products of the same few rows (a layer's projections) is one
- * launch of the batched GEMV kernel.
+ * launch of the batched GEMV kernel.  In bf16 mode, from
+ * KL_CUDA_GEMV_MMA (default 2) rows up to 8, those GEMVs run on the tensor
+ * cores with bf16 activations (kernels/expert_mma.cu), as cuBLAS does above.
  */
 #include <string.h>
 
@@ -36,6 +38,12 @@ cuda_matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int 
 		return;
 	if (n <= (wbf && !cs->bf16 ? GEMV_MAX_ROWS_WIDEN : GEMV_MAX_ROWS))
 	{
+		if (wbf && cs->bf16 && n >= cs->gemv_mma_min && kk_gemv_mma_ok(cols))
+		{
+			kk_gemv_mma(cs->stream, y, ldy, x, ldx, n, W->dev, rows, cols);
+			cuda_launched(be, "gemv_mma");
+			return;
+		}
 		kk_gemv(cs->stream, y, ldy, x, ldx, n, W->dev, wbf, rows, cols);
 		cuda_launched(be, "gemv");
 		return;
@@ -149,6 +157,18 @@ gemv_batchable(cuda_state *cs, const kl_matmul_job *jobs, int count)
 	return true;
 }
 
+/* ... and on the tensor cores (bf16 precision, bf16 weights, enough rows)? */
+static bool
+gemv_batch_mma(cuda_state *cs, const kl_matmul_job *jobs, int count)
+{
+	if (!cs->bf16 || jobs[0].n < cs->gemv_mma_min)
+		return false;
+	for (int i = 0; i < count; i++)
+		if (jobs[i].W->dtype != KL_DT_BF16 || !kk_gemv_mma_ok(jobs[i].W->cols))
+			return false;
+	return true;
+}
+
 /* decode: the products of one stage in a single launch */
 void
 cuda_matmul_batch_raw(kl_backend *be, const kl_matmul_job *jobs, int count)
@@ -179,7 +199,10 @@ cuda_matmul_batch_raw(kl_backend *be, const kl_matmul_job *jobs, int count)
 				b.job[j].cols = jb->W->cols;
 				b.job[j].bf16 = jb->W->dtype == KL_DT_BF16;
 			}
-			kk_gemv_multi(cs->stream, &b);
+			if (gemv_batch_mma(cs, jobs + i0, b.count))
+				kk_gemv_multi_mma(cs->stream, &b);
+			else
+				kk_gemv_multi(cs->stream, &b);
 			if (!cuda_launched(be, "gemv_batch"))
 				return;
 		}
