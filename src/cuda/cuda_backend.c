@@ -672,14 +672,17 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * kernels,
 		 * KL_CUDA_MLA_CACHE=fp32 keeps an fp32 latent cache in bf16 mode,
 		 * KL_CUDA_GEMV_WIDE=1 keeps eight loads in flight per lane in bf16 GEMVs,
-		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass.
+		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass,
+		 * KL_CUDA_SAMPLE_WIDE=0 samples with one block per row (the wide
+		 * sampler spreads a row over a cluster of blocks; same choices).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
 				   *mc = getenv("KL_CUDA_MLA_CACHE"),
 				   *gw = getenv("KL_CUDA_GEMV_WIDE"),
 				   *enr = getenv("KL_CUDA_EXPERT_NR"),
-				   *kr = getenv("KL_CUDA_KDA_STATE_ROUND");
+				   *kr = getenv("KL_CUDA_KDA_STATE_ROUND"),
+				   *sw = getenv("KL_CUDA_SAMPLE_WIDE");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -688,6 +691,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
+		cs->sample_wide = !(sw && strcmp(sw, "0") == 0);
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
 		be->mla_cache_bf16 = cs->mla_c16;
