@@ -210,6 +210,12 @@ typedef struct kk_sample_row
  * scratch [n, V] floats; the logits rows are modified */
 int			kk_sample(cudaStream_t s, float *logits, int V, int n, const kk_sample_row *rows, const int32_t *recent,
 					  const uint32_t *masks, float *scratch, int32_t *out);
+/* the same choices with a cluster of blocks per row (KL_CUDA_SAMPLE_WIDE): the
+ * logits are not modified and no scratch is needed; returns -1 without
+ * launching where it cannot run (before Hopper, or V too large for its shared
+ * memory: over 655360 where 16-block clusters run, else 327680), then use kk_sample */
+int			kk_sample_wide(cudaStream_t s, const float *logits, int V, int n, const kk_sample_row *rows,
+						   const int32_t *recent, const uint32_t *masks, int32_t *out);
 
 #ifdef __cplusplus
 }

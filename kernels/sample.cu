@@ -20,6 +20,10 @@
  *      scan of per-thread id ranges
  * Ties in value are broken by id, so every selection is one set whatever the
  * order in which threads meet the candidates.
+ *
+ * sample_wide_kernel (below; the default on Hopper, KL_CUDA_SAMPLE_WIDE=0
+ * turns it off) runs the same stages on a cluster of blocks per row, each
+ * block holding its share of the row in shared memory.
  */
 #include "common.cuh"
 #include "../src/engine/sample_core.h"
@@ -83,6 +87,43 @@ block_sum_exact(T v, T *red)
 		v += __shfl_xor_sync(0xffffffffu, v, o);
 	return v;
 }
+
+/*
+ * Where a selection's counts and sums are combined.  The kernel of one block
+ * per row (scope_block) has them once its threads have reduced; the wide
+ * kernel (a cluster of blocks per row, below) adds the blocks' numbers through
+ * distributed shared memory (scope_cluster).  Every combination is of
+ * integers (counts, fixed-point weights) or a max, so it is exact in any order.
+ *   sum_i / sum_u / max_pos  the value over the row, given the block's value
+ *                            (every thread of the block passes the same)
+ *   hist_acc                 where a pass accumulates its bucket counts / sums
+ *   hist_merge               after a pass: the row's counts in sm->hist / hsum
+ */
+struct scope_block
+{
+	static constexpr bool warp_scan = false;	/* thread 0 picks a pass's bucket */
+	__device__ int sum_i(int v)
+	{
+		return v;
+	}
+	__device__ uint64_t sum_u(uint64_t v)
+	{
+		return v;
+	}
+	__device__ float max_pos(float v)
+	{
+		return v;
+	}
+	__device__ void hist_acc(sample_smem *sm, unsigned **h, unsigned long long **hs)
+	{
+		*h = sm->hist;
+		*hs = sm->hsum;
+	}
+	__device__ void hist_merge(sample_smem *sm)
+	{
+		__syncthreads();
+	}
+};
 
 /*
  * The keys of the selections.  get(i, &key, &w) says whether id i takes part,
@@ -153,6 +194,74 @@ key_prob_of(uint64_t key)
 }
 
 /*
+ * The bucket choice of a descent pass (thread 0's walk in descend) by one
+ * warp: walking from bucket 255 down, the first d >= 1 whose running total
+ * (counts, or weights by_sum) with it reaches rem (>= rem, or > rem strict),
+ * else 0; acc = the total above d.  Lane l holds buckets 255 - 8l .. 248 - 8l,
+ * starts from the exact sum of the lanes before it, and the first lane to find
+ * one decides: the same d and acc as the walk (integer sums).  Lane 0 writes
+ * the pass's result as descend does.
+ */
+__device__ __noinline__ void
+pick_bucket_warp(sample_smem *sm, bool by_sum, bool strict, uint64_t prefix, uint64_t mask, int shift)
+{
+	int			lane = threadIdx.x & 31,
+				d = 0;
+	uint64_t	rem = sm->rem,
+				v[8],
+				mine = 0,
+				before,
+				acc;
+	unsigned	hit;
+
+	for (int k = 0; k < 8; k++)
+	{
+		int			b = 255 - 8 * lane - k;
+
+		v[k] = by_sum ? (uint64_t) sm->hsum[b] : (uint64_t) sm->hist[b];
+		mine += v[k];
+	}
+	/* exclusive prefix over the lanes (inclusive scan minus mine) */
+	before = mine;
+#pragma unroll
+	for (int o = 1; o < 32; o <<= 1)
+	{
+		uint64_t	y = __shfl_up_sync(0xffffffffu, before, o);
+
+		if (lane >= o)
+			before += y;
+	}
+	before -= mine;
+	acc = before;
+	for (int k = 0; k < 8; k++)
+	{
+		int			b = 255 - 8 * lane - k;
+
+		if (b == 0 || (by_sum && strict ? acc + v[k] > rem : acc + v[k] >= rem))
+		{
+			d = b;
+			break;
+		}
+		acc += v[k];
+	}
+	hit = __ballot_sync(0xffffffffu, d > 0 || lane == 31);
+	{
+		int			src = __ffs(hit) - 1;
+
+		d = __shfl_sync(0xffffffffu, d, src);
+		acc = __shfl_sync(0xffffffffu, acc, src);
+	}
+	if (lane == 0)
+	{
+		sm->rem = rem - acc;
+		sm->prefix = prefix | ((uint64_t) d << shift);
+		sm->mask = mask | ((uint64_t) 255 << shift);
+		sm->done = by_sum ? sm->hist[d] == 1 : (uint64_t) sm->hist[d] == rem - acc;
+		sm->single = by_sum && sm->hist[d] == 1;
+	}
+}
+
+/*
  * MSB-first radix descent over the taking-part keys (all below 2^(top + 8)),
  * 8 bits a pass; each bucket of a pass counts its keys and, by_sum, adds
  * their weights (a warp's lanes of one bucket combine first: counts by
@@ -164,9 +273,9 @@ key_prob_of(uint64_t key)
  *     reaches target (>= target, or > target when strict); returns X exactly
  * The caller guarantees such a key exists.
  */
-template <typename KEY>
+template <typename KEY, typename SC>
 __device__ uint64_t
-descend(const KEY &kf, int V, int top, bool by_sum, uint64_t target, bool strict, sample_smem *sm)
+descend(const KEY &kf, int V, int top, bool by_sum, uint64_t target, bool strict, sample_smem *sm, SC &sc)
 {
 	int			tid = threadIdx.x,
 				lane = tid & 31;
@@ -185,11 +294,14 @@ descend(const KEY &kf, int V, int top, bool by_sum, uint64_t target, bool strict
 	{
 		uint64_t	prefix,
 					mask;
+		unsigned   *hist;
+		unsigned long long *hsum;
 
+		sc.hist_acc(sm, &hist, &hsum);
 		for (int b = tid; b < 256; b += ST)
 		{
-			sm->hist[b] = 0;
-			sm->hsum[b] = 0;
+			hist[b] = 0;
+			hsum[b] = 0;
 		}
 		__syncthreads();
 		prefix = sm->prefix;
@@ -219,13 +331,18 @@ descend(const KEY &kf, int V, int top, bool by_sum, uint64_t target, bool strict
 			}
 			if (bucket >= 0 && lane == __ffs(peers) - 1)
 			{
-				atomicAdd(&sm->hist[bucket], (unsigned) __popc(peers));
+				atomicAdd(&hist[bucket], (unsigned) __popc(peers));
 				if (by_sum)
-					atomicAdd(&sm->hsum[bucket], (unsigned long long) w);
+					atomicAdd(&hsum[bucket], (unsigned long long) w);
 			}
 		}
-		__syncthreads();
-		if (tid == 0)
+		sc.hist_merge(sm);
+		if constexpr (SC::warp_scan)
+		{
+			if (tid < 32)
+				pick_bucket_warp(sm, by_sum, strict, prefix, mask, shift);
+		}
+		else if (tid == 0)
 		{
 			uint64_t	rem = sm->rem,
 						acc = 0;
@@ -251,7 +368,7 @@ descend(const KEY &kf, int V, int top, bool by_sum, uint64_t target, bool strict
 	}
 	if (sm->single)
 	{
-		/* the one key of the chosen bucket */
+		/* the one key of the chosen bucket (in one block of a cluster; 0 in the others) */
 		uint64_t	prefix = sm->prefix,
 					mask = sm->mask;
 
@@ -270,16 +387,17 @@ descend(const KEY &kf, int V, int top, bool by_sum, uint64_t target, bool strict
 	__syncthreads();
 	{
 		uint64_t	r = sm->found;
+		int			single = sm->single;
 
 		__syncthreads();
-		return r;
+		return single ? sc.sum_u(r) : r;
 	}
 }
 
 /* count and fixed-point weight of the taking-part keys */
-template <typename KEY>
+template <typename KEY, typename SC>
 __device__ void
-totals(const KEY &kf, int V, int *count, uint64_t *weight, sample_smem *sm)
+totals(const KEY &kf, int V, int *count, uint64_t *weight, sample_smem *sm, SC &sc)
 {
 	int			c = 0;
 	uint64_t	w = 0;
@@ -295,8 +413,8 @@ totals(const KEY &kf, int V, int *count, uint64_t *weight, sample_smem *sm)
 			w += wi;
 		}
 	}
-	*count = block_sum_exact<int>(c, sm->red_i);
-	*weight = block_sum_exact<unsigned long long>(w, sm->red_u);
+	*count = sc.sum_i(block_sum_exact<int>(c, sm->red_i));
+	*weight = sc.sum_u(block_sum_exact<unsigned long long>(w, sm->red_u));
 }
 
 /*
@@ -306,10 +424,10 @@ totals(const KEY &kf, int V, int *count, uint64_t *weight, sample_smem *sm)
  * are only those of probability >= bound (the fast path): returns false, all
  * threads alike, when the rule needs anything below it.
  */
-template <typename L>
+template <typename L, typename SC>
 __device__ bool
 ranked(const L &all, int n, int n_pos, int n_cand, int cnt, float bound, const kk_sample_row &p, sample_smem *sm,
-	   int32_t *res)
+	   SC &sc, int32_t *res)
 {
 	int			head = n_cand < KL_SAMPLE_HEAD ? n_cand : KL_SAMPLE_HEAD;
 	uint64_t	target = kl_sample_fix_target(p.top_p);
@@ -341,8 +459,8 @@ ranked(const L &all, int n, int n_pos, int n_cand, int cnt, float bound, const k
 		}
 		else
 		{
-			t1 = k1 < cnt ? descend(all, n, 56, false, (uint64_t) k1, false, sm) : 0;
-			totals(all.at(t1), n, &c, &mass, sm);
+			t1 = k1 < cnt ? descend(all, n, 56, false, (uint64_t) k1, false, sm, sc) : 0;
+			totals(all.at(t1), n, &c, &mass, sm, sc);
 			if (mass >= target)
 			{
 				m = k1;
@@ -357,12 +475,12 @@ ranked(const L &all, int n, int n_pos, int n_cand, int cnt, float bound, const k
 		uint64_t	wm;
 
 		/* (m beyond the list: the whole list, thr_m 0) */
-		totals(all.at(thr_m), n, &c, &wm, sm);
+		totals(all.at(thr_m), n, &c, &wm, sm, sc);
 		if (wm >= target)
 		{
 			/* the shortest prefix whose mass reaches top_p ends at key x */
-			x = descend(all.at(thr_m), n, 56, true, target, false, sm);
-			totals(all.at(x), n, &c, &w, sm);
+			x = descend(all.at(thr_m), n, 56, true, target, false, sm, sc);
+			totals(all.at(x), n, &c, &w, sm, sc);
 			keep = c;
 			thr_keep = x;
 		}
@@ -384,7 +502,7 @@ ranked(const L &all, int n, int n_pos, int n_cand, int cnt, float bound, const k
 			if (all.get(i, &key, &wi))
 				top = fmaxf(top, key_prob_of(key));
 		}
-		top = block_max_f(top, sm->red_f);
+		top = sc.max_pos(block_max_f(top, sm->red_f));
 		fl = KL_S_FMUL(p.min_p, top);
 		if (fl < bound)
 			return false;		/* the cut may lie below the bound */
@@ -396,18 +514,18 @@ ranked(const L &all, int n, int n_pos, int n_cand, int cnt, float bound, const k
 			if (all.get(i, &key, &wi))
 				cc += key_prob_of(key) >= fl;
 		}
-		cc = block_sum_exact<int>(cc, sm->red_i);
+		cc = sc.sum_i(block_sum_exact<int>(cc, sm->red_i));
 		if (cc < keep)
 		{
 			keep = cc;
-			thr_keep = cc < cnt ? descend(all, n, 56, false, (uint64_t) cc, false, sm) : 0;
+			thr_keep = cc < cnt ? descend(all, n, 56, false, (uint64_t) cc, false, sm, sc) : 0;
 		}
 	}
 	if (keep > cnt)
 		return false;
-	totals(all.at(thr_keep), n, &c, &z, sm);
+	totals(all.at(thr_keep), n, &c, &z, sm, sc);
 	u = kl_sample_fix_point(p.u0, z);
-	x = descend(all.at(thr_keep), n, 56, true, u, true, sm);
+	x = descend(all.at(thr_keep), n, 56, true, u, true, sm, sc);
 	*res = kl_sample_key_id(x);
 	return true;
 }
@@ -628,6 +746,7 @@ sample_ranked_draw(float *pr, int V, bool topk, const kk_sample_row &p, sample_s
 	int			n_pos;
 	int32_t		res = 0;
 	bool		ok;
+	scope_block sc;
 
 	n_pos = fast_bound(pr, V, sm, &fexp, &fcnt, tid);
 	ok = false;
@@ -655,14 +774,14 @@ sample_ranked_draw(float *pr, int V, bool topk, const kk_sample_row &p, sample_s
 			key_list	lst = {fk, fw, 0};
 			int			cnt = fcnt < FAST_MAX ? fcnt : FAST_MAX;
 
-			ok = ranked(lst, cnt, n_pos, n_cand, cnt, __uint_as_float((uint32_t) e << 23), p, sm, &res);
+			ok = ranked(lst, cnt, n_pos, n_cand, cnt, __uint_as_float((uint32_t) e << 23), p, sm, sc, &res);
 		}
 	}
 	if (!ok)
 	{
 		key_prob	all = {pr, 0};
 
-		ranked(all, V, n_pos, n_cand, n_pos, 0.0f, p, sm, &res);
+		ranked(all, V, n_pos, n_cand, n_pos, 0.0f, p, sm, sc, &res);
 	}
 	if (tid == 0)
 		out[blockIdx.x] = res;
@@ -741,14 +860,544 @@ sample_kernel(float *logits, int V, const kk_sample_row *P, const int32_t *recen
 	if (topk)
 	{
 		key_scaled	kf = {pr};
+		scope_block sc;
 
-		kth = descend(kf, V, 56, false, (uint64_t) p.top_k, false, &sm);
+		kth = descend(kf, V, 56, false, (uint64_t) p.top_k, false, &sm, sc);
 	}
 	sample_softmax(pr, V, topk, kth, &sm, tid);
 	if (p.top_p < 1.0f || p.min_p > 0.0f)
 		sample_ranked_draw(pr, V, topk, p, &sm, out, tid);
 	else
 		sample_draw_by_id(pr, V, p, &sm, out, tid);
+}
+
+/* ================================================================== the wide kernel */
+
+/*
+ * sample_wide_kernel (KL_CUDA_SAMPLE_WIDE, Hopper and later): the same rule
+ * with a cluster of C blocks per row (C = 16 for up to 8 rows where the GPU
+ * runs clusters that large, else 8), so every pass over the vocabulary is
+ * spread over C SMs and reads shared memory instead of global memory.
+ *
+ * Block r of a cluster owns the summation chunks [r CH, (r + 1) CH), CH =
+ * 1024 / C, that is the ids t + 1024 j for those t, held in its shared memory
+ * at local index j CH + (t - r CH) (row of chunks j, column t - r CH).  So the
+ * softmax sum keeps its order: thread t of block r folds its chunk r CH + t in
+ * id order from shared memory, and every block folds the 1024 chunk sums in
+ * chunk order (gathered through distributed shared memory) to the same z.
+ * Every other combination across the cluster is of integers or a max
+ * (scope_cluster), and the selections are descend / totals / ranked of the
+ * one-block kernel over the cluster's union of elements, so the chosen token is
+ * the one-block kernel's, which is kl_sample_draw's.  The plain draw (no top-p,
+ * no min-p) is a weight descent over keys that rank ids in ascending order.
+ * Control flow depends only on values every block has combined alike, so all
+ * blocks of a cluster meet the same barriers.
+ */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define KL_SAMPLE_CLUSTERS 1
+#endif
+
+#define WIDE_SMEM_MAX (160 * 1024)	/* dynamic shared memory for the row's part */
+
+/* a cluster block's shared state beside sample_smem */
+struct wide_smem
+{
+	unsigned	lh[2][256];		/* this block's histogram of a pass (by round parity) */
+	unsigned long long lhs[2][256];
+	unsigned long long xch[2],	/* this block's value of an exchange */
+				bc[2];			/* the combined value */
+	double		csum[ST];		/* this block's chunk sums (CH of them) */
+};
+
+/* the id of local index li in block r (CH = 2^lch chunks per block) */
+struct wide_map
+{
+	int			r,
+				lch,
+				V;
+	__device__ int id(int li) const
+	{
+		return ((li >> lch) << 10) + (r << lch) + (li & ((1 << lch) - 1));
+	}
+};
+
+/* scaled values of the block's ids (top-k) */
+struct key_wscaled
+{
+	const float *p;
+	wide_map	m;
+	__device__ bool get(int li, uint64_t *k, uint64_t *w) const
+	{
+		int			id = m.id(li);
+
+		if (id >= m.V)
+			return false;
+		*k = kl_sample_key(p[li], id);
+		*w = 0;
+		return true;
+	}
+};
+
+/* positive probabilities with key >= lo, ranked (prob, lower id) */
+struct key_wprob
+{
+	const float *p;
+	wide_map	m;
+	uint64_t	lo;
+	__device__ bool get(int li, uint64_t *k, uint64_t *w) const
+	{
+		int			id = m.id(li);
+		float		v;
+
+		if (id >= m.V)
+			return false;
+		v = p[li];
+		if (!(v > 0.0f))
+			return false;
+		*k = kl_sample_key(v, id);
+		*w = kl_sample_fix(v);
+		return *k >= lo;
+	}
+	__device__ key_wprob at(uint64_t l) const
+	{
+		key_wprob	r = *this;
+
+		r.lo = l;
+		return r;
+	}
+};
+
+/* the plain draw's order: ids ascending as keys descending, weight fix(prob) > 0 */
+struct key_wid
+{
+	const float *p;
+	wide_map	m;
+	__device__ bool get(int li, uint64_t *k, uint64_t *w) const
+	{
+		int			id = m.id(li);
+
+		if (id >= m.V)
+			return false;
+		*w = kl_sample_fix(p[li]);
+		*k = (uint64_t) (0xffffffffu - (uint32_t) id);
+		return *w > 0;
+	}
+};
+
+/* block-wide max of a 64-bit number (every thread gets it) */
+__device__ __forceinline__ uint64_t
+block_max_u64(uint64_t v, unsigned long long *red)
+{
+	int			lane = threadIdx.x & 31,
+				w = threadIdx.x >> 5;
+
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1)
+	{
+		uint64_t	y = __shfl_xor_sync(0xffffffffu, v, o);
+
+		v = y > v ? y : v;
+	}
+	__syncthreads();
+	if (lane == 0)
+		red[w] = v;
+	__syncthreads();
+	v = lane < (int) (blockDim.x >> 5) ? red[lane] : 0;
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1)
+	{
+		uint64_t	y = __shfl_xor_sync(0xffffffffu, v, o);
+
+		v = y > v ? y : v;
+	}
+	return v;
+}
+
+#ifdef KL_SAMPLE_CLUSTERS
+#include <cooperative_groups.h>
+namespace cg = cooperative_groups;
+
+/*
+ * Combining over the cluster.  Each exchange is one cluster barrier; its
+ * buffers alternate by the parity of the exchange's number, so a buffer is
+ * written again only after a later barrier, which every block reaches after
+ * reading it: one barrier per exchange suffices.
+ */
+struct scope_cluster
+{
+	static constexpr bool warp_scan = true;	/* a warp picks a pass's bucket */
+	wide_smem  *w;
+	int			C;
+	int			round;
+
+	__device__ uint64_t combine(uint64_t v, bool take_max)
+	{
+		cg::cluster_group cl = cg::this_cluster();
+		int			par = round & 1;
+
+		round++;
+		if (threadIdx.x == 0)
+			w->xch[par] = v;
+		cl.sync();
+		if (threadIdx.x < 32)
+		{
+			unsigned long long x = (int) threadIdx.x < C ? *cl.map_shared_rank(&w->xch[par], threadIdx.x) : 0;
+
+#pragma unroll
+			for (int o = 16; o > 0; o >>= 1)
+			{
+				unsigned long long y = __shfl_xor_sync(0xffffffffu, x, o);
+
+				x = take_max ? (y > x ? y : x) : x + y;
+			}
+			if (threadIdx.x == 0)
+				w->bc[par] = x;
+		}
+		__syncthreads();
+		return w->bc[par];
+	}
+	__device__ int sum_i(int v)
+	{
+		return (int) combine((uint64_t) (uint32_t) v, false);	/* counts: >= 0 */
+	}
+	__device__ uint64_t sum_u(uint64_t v)
+	{
+		return combine(v, false);
+	}
+	__device__ float max_pos(float v)
+	{
+		return __uint_as_float((uint32_t) combine(__float_as_uint(v), true));	/* v >= 0 */
+	}
+	__device__ uint64_t max_u(uint64_t v)
+	{
+		return combine(v, true);
+	}
+	__device__ void hist_acc(sample_smem *sm, unsigned **h, unsigned long long **hs)
+	{
+		*h = w->lh[round & 1];
+		*hs = w->lhs[round & 1];
+	}
+	__device__ void hist_merge(sample_smem *sm)
+	{
+		cg::cluster_group cl = cg::this_cluster();
+		int			par = round & 1;
+
+		round++;
+		cl.sync();
+		for (int b = threadIdx.x; b < 256; b += ST)
+		{
+			unsigned	h = 0;
+			unsigned long long hs = 0;
+
+#pragma unroll 8
+			for (int r = 0; r < C; r++)
+			{
+				h += cl.map_shared_rank(w->lh[par], r)[b];
+				hs += cl.map_shared_rank(w->lhs[par], r)[b];
+			}
+			sm->hist[b] = h;
+			sm->hsum[b] = hs;
+		}
+		__syncthreads();
+	}
+};
+
+/* float from kl_sample_ord */
+__device__ __forceinline__ float
+ord_inv(uint32_t u)
+{
+	return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
+
+/* 1. the block's logits into shared memory (absent ids -inf), penalty, mask */
+__device__ __forceinline__ void
+wide_load(float *wv, const float *l, int n, const wide_map &m, const kk_sample_row &p, const int32_t *recent,
+		  const uint32_t *allowed, int tid)
+{
+	int			CH = 1 << m.lch;
+
+	for (int li = tid; li < n; li += ST)
+	{
+		int			id = m.id(li);
+
+		wv[li] = id < m.V ? l[id] : -INFINITY;
+	}
+	__syncthreads();
+	if (p.penalty != 1.0f)
+		for (int j = tid; j < p.n_recent; j += ST)
+		{
+			int32_t		id = recent[p.recent_off + j];
+
+			if (id >= 0 && id < m.V && ((id & (ST - 1)) >> m.lch) == m.r)
+			{
+				int			li = ((id >> 10) << m.lch) + (id & (CH - 1));
+
+				wv[li] = kl_sample_penalize(wv[li], p.penalty);
+			}
+		}
+	__syncthreads();
+	if (allowed)
+		for (int li = tid; li < n; li += ST)
+		{
+			int			id = m.id(li);
+
+			if (id < m.V && !kl_sample_allowed(allowed, id))
+				wv[li] = -INFINITY;
+		}
+	__syncthreads();
+}
+
+/* 5. e for the candidates, chunk sums in id order, z over the chunks in order, prob = e / z */
+__device__ __forceinline__ void
+wide_softmax(float *wv, int n, int nj, const wide_map &m, bool topk, uint64_t kth, float mx, sample_smem *sm,
+			 wide_smem *ws, int tid)
+{
+	cg::cluster_group cl = cg::this_cluster();
+	int			CH = 1 << m.lch;
+	double		z;
+
+	for (int li = tid; li < n; li += ST)
+	{
+		int			id = m.id(li);
+		float		v = wv[li],
+					e = 0.0f;
+
+		if (id < m.V && (!topk || kl_sample_key(v, id) >= kth))
+			e = kl_sample_exp(KL_S_FSUB(v, mx));
+		wv[li] = e;
+	}
+	__syncthreads();
+	if (tid < CH)
+	{
+		/* chunk r CH + tid: its ids in id order (absent ones hold 0: adding 0 changes nothing) */
+		double		a = 0;
+
+		for (int j = 0; j < nj; j++)
+			a = KL_S_DADD(a, (double) wv[j * CH + tid]);
+		ws->csum[tid] = a;
+	}
+	cl.sync();
+	sm->part[tid] = *cl.map_shared_rank(&ws->csum[tid & (CH - 1)], tid >> m.lch);
+	__syncthreads();
+	if (tid == 0)
+	{
+		z = 0;
+		for (int t = 0; t < ST; t++)
+			z = KL_S_DADD(z, sm->part[t]);
+		sm->z = z;
+	}
+	__syncthreads();
+	z = sm->z;
+	for (int li = tid; li < n; li += ST)
+		if (wv[li] > 0.0f)
+			wv[li] = KL_S_D2F(KL_S_DDIV((double) wv[li], z));
+	__syncthreads();
+}
+
+/* one row on its cluster (block r of C): the one-block kernel's stages with cluster-wide combining */
+__device__ __forceinline__ void
+wide_row(float *wv, const float *logits, int V, const kk_sample_row &p, const int32_t *recent, const uint32_t *masks,
+		 int32_t *out, int row, int r, int C, sample_smem *sm, wide_smem *ws)
+{
+	const float *l = logits + (size_t) p.row * V;
+	const uint32_t *allowed = p.mask_off >= 0 ? masks + p.mask_off : NULL;
+	int			tid = threadIdx.x,
+				lch = __ffs(ST / C) - 1,
+				nj = (V + ST - 1) / ST,
+				n = nj << lch;
+	wide_map	m = {r, lch, V};
+	scope_cluster sc = {ws, C, 0};
+	bool		topk = p.top_k > 0 && p.top_k < V,
+				lead = r == 0 && tid == 0;
+	uint64_t	kth = 0;
+	float		mx = -INFINITY;
+
+	wide_load(wv, l, n, m, p, recent, allowed, tid);
+	if (p.temperature == 0.0f)
+	{
+		/* greedy: the largest (value, lower id); -0 as +0 (equal values); NaN never, but at id 0 it wins */
+		uint64_t	best = 0;
+
+		for (int li = tid; li < n; li += ST)
+		{
+			int			id = m.id(li);
+			float		v = wv[li];
+
+			if (id < m.V && v == v)
+			{
+				uint64_t	k = kl_sample_key(v == 0.0f ? 0.0f : v, id);
+
+				best = k > best ? k : best;
+			}
+		}
+		best = sc.max_u(block_max_u64(best, sm->red_u));
+		if (lead)
+			out[row] = (wv[0] != wv[0] || best == 0) ? 0 : kl_sample_key_id(best);
+		return;
+	}
+	for (int li = tid; li < n; li += ST)
+	{
+		float		v = kl_sample_scaled(wv[li], p.temperature);
+
+		wv[li] = v;
+		mx = v > mx ? v : mx;
+	}
+	mx = block_max_f(mx, sm->red_f);
+	mx = ord_inv((uint32_t) sc.max_u(kl_sample_ord(mx)));
+	if (mx == -INFINITY)
+	{
+		/* nothing is possible: the first allowed token */
+		if (lead)
+		{
+			int			b = 0;
+
+			while (b < V - 1 && !kl_sample_allowed(allowed, b))
+				b++;
+			out[row] = b;
+		}
+		return;
+	}
+	if (topk)
+	{
+		key_wscaled kf = {wv, m};
+
+		kth = descend(kf, n, 56, false, (uint64_t) p.top_k, false, sm, sc);
+	}
+	wide_softmax(wv, n, nj, m, topk, kth, mx, sm, ws, tid);
+	if (p.top_p < 1.0f || p.min_p > 0.0f)
+	{
+		key_wprob	all = {wv, m, 0};
+		int			n_pos = 0;
+		int32_t		res = 0;
+
+		for (int li = tid; li < n; li += ST)
+			n_pos += wv[li] > 0.0f;
+		n_pos = sc.sum_i(block_sum_exact<int>(n_pos, sm->red_i));
+		ranked(all, n, n_pos, topk ? p.top_k : V, n_pos, 0.0f, p, sm, sc, &res);
+		if (lead)
+			out[row] = res;
+	}
+	else
+	{
+		/* the draw over the candidates in id order */
+		key_wid		kf = {wv, m};
+		int			c;
+		uint64_t	z,
+					x;
+
+		totals(kf, n, &c, &z, sm, sc);
+		x = descend(kf, n, 24, true, kl_sample_fix_point(p.u0, z), true, sm, sc);
+		if (lead)
+			out[row] = kl_sample_key_id(x);
+	}
+}
+#endif
+
+/* One cluster per row (launched with the cluster dimension by kk_sample_wide). */
+__global__ void __launch_bounds__(ST)
+sample_wide_kernel(const float *logits, int V, const kk_sample_row *P, const int32_t *recent, const uint32_t *masks,
+				   int32_t *out)
+{
+#ifdef KL_SAMPLE_CLUSTERS
+	extern __shared__ float wv[];
+	__shared__ sample_smem sm;
+	__shared__ wide_smem ws;
+	cg::cluster_group cl = cg::this_cluster();
+	int			C = (int) cl.num_blocks(),
+				row = blockIdx.x / C;
+	const kk_sample_row p = P[row];
+
+	wide_row(wv, logits, V, p, recent, masks, out, row, (int) cl.block_rank(), C, &sm, &ws);
+	cl.sync();					/* no block leaves while another may still read its shared memory */
+#endif
+}
+
+/* the cluster size to use: 16 where one fits, else 8; -1 below Hopper */
+static int
+wide_cluster_size(void)
+{
+	int			dev = 0,
+				major = 0,
+				nc = 0;
+	cudaLaunchConfig_t cfg = {};
+	cudaLaunchAttribute at[1];
+
+	if (cudaGetDevice(&dev) != cudaSuccess ||
+		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9 ||
+		cudaFuncSetAttribute(sample_wide_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WIDE_SMEM_MAX) !=
+		cudaSuccess)
+	{
+		cudaGetLastError();
+		return -1;
+	}
+	cfg.gridDim = dim3(16);
+	cfg.blockDim = dim3(ST);
+	cfg.dynamicSmemBytes = WIDE_SMEM_MAX / 2;
+	at[0].id = cudaLaunchAttributeClusterDimension;
+	at[0].val.clusterDim.x = 16;
+	at[0].val.clusterDim.y = 1;
+	at[0].val.clusterDim.z = 1;
+	cfg.attrs = at;
+	cfg.numAttrs = 1;
+	if (cudaFuncSetAttribute(sample_wide_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
+		cudaOccupancyMaxActiveClusters(&nc, sample_wide_kernel, &cfg) == cudaSuccess && nc >= 1)
+		return 16;
+	cudaGetLastError();
+	return 8;
+}
+
+/* the dynamic shared memory of a block holding its part of a row of V */
+static size_t
+wide_smem_bytes(int V, int cluster)
+{
+	return (size_t) ((V + ST - 1) / ST) * (ST / cluster) * sizeof(float);
+}
+
+extern "C" int
+kk_sample_wide(cudaStream_t s, const float *logits, int V, int n, const kk_sample_row *rows, const int32_t *recent,
+			   const uint32_t *masks, int32_t *out)
+{
+	static int	largest = 0;	/* 0: not known yet; -1: the wide kernel cannot run here */
+	int			cluster;
+	cudaLaunchConfig_t cfg = {};
+	cudaLaunchAttribute at[1];
+	size_t		smem;
+
+	if (n <= 0)
+		return 0;
+	if (largest == 0)
+		largest = wide_cluster_size();
+	if (largest < 0)
+		return -1;
+	/*
+	 * 16 blocks a row while the rows' clusters run at once (8 x 16 <= the SMs
+	 * of an H100 / H200); more rows take turns, and 8-block clusters pay fewer
+	 * barriers per row for the same work
+	 */
+	cluster = n <= 8 ? largest : 8;
+	if (wide_smem_bytes(V, cluster) > WIDE_SMEM_MAX)
+		cluster = largest;
+	smem = wide_smem_bytes(V, cluster);
+	if (smem > WIDE_SMEM_MAX)
+		return -1;
+	cfg.gridDim = dim3((unsigned) n * cluster);
+	cfg.blockDim = dim3(ST);
+	cfg.dynamicSmemBytes = smem;
+	cfg.stream = s;
+	at[0].id = cudaLaunchAttributeClusterDimension;
+	at[0].val.clusterDim.x = cluster;
+	at[0].val.clusterDim.y = 1;
+	at[0].val.clusterDim.z = 1;
+	cfg.attrs = at;
+	cfg.numAttrs = 1;
+	if (cudaLaunchKernelEx(&cfg, sample_wide_kernel, logits, V, rows, recent, masks, out) != cudaSuccess)
+	{
+		/* not launched (a configuration this GPU refuses): the one-block kernel from now on */
+		cudaGetLastError();
+		largest = -1;
+		return -1;
+	}
+	return 0;
 }
 
 extern "C" int

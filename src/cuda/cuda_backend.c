@@ -686,6 +686,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_ROUTE_WARP=0 routes and groups in the block kernel instead of
 		 * warps (=N: warps only for steps of up to N tokens; default all that
 		 * group on the device).
+		 * KL_CUDA_SAMPLE_WIDE=0 samples with one block per row (the wide
+		 * sampler spreads a row over a cluster of blocks; same choices).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
@@ -697,7 +699,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *mm = getenv("KL_CUDA_MLA_MMA"),
 				   *rw = getenv("KL_CUDA_ROUTE_WARP"),
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
-				   *er = getenv("KL_CUDA_EXPERT_ROWS");
+				   *er = getenv("KL_CUDA_EXPERT_ROWS"),
+				   *sw = getenv("KL_CUDA_SAMPLE_WIDE");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -710,6 +713,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
 		cs->route_warp = rw && *rw ? atoi(rw) : INT_MAX;
 		cs->gemv_mma_min = gm && *gm ? (atoi(gm) > 0 ? atoi(gm) : INT_MAX) : 2;
+		cs->sample_wide = !(sw && strcmp(sw, "0") == 0);
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
 		be->mla_cache_bf16 = cs->mla_c16;

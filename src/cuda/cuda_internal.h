@@ -197,6 +197,9 @@ typedef struct cuda_state
 	void	   *smp_host;
 	void	   *smp_dev;
 	size_t		smp_cap;
+	/* KL_CUDA_SAMPLE_WIDE=0: one block per row (kk_sample) instead of a
+	 * cluster of blocks per row (kk_sample_wide); the same choices */
+	bool		sample_wide;
 
 	bool		no_grouped_gemm;	/* cuBLAS here lacks bf16 grouped GEMM: loop instead */
 

@@ -6,7 +6,9 @@
  * Per call the rows' settings, their repetition-penalty ids (made distinct
  * here: the penalty applies once per id, as in kl_sample_draw) and their
  * optional allowed-token masks are staged in pinned memory and go to the
- * device in one copy; the kernel runs; the ids come back in one copy.
+ * device in one copy; the kernel runs (a cluster of blocks per row where the
+ * GPU has clusters, unless KL_CUDA_SAMPLE_WIDE=0; else one block per row);
+ * the ids come back in one copy.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -72,8 +74,7 @@ cuda_sample(kl_backend *be, float *logits, int vocab, const kl_sample_row *rows,
 	o_mask = align16(o_recent + sizeof(int32_t) * n_recent);
 	o_out = align16(o_mask + sizeof(uint32_t) * n_mask);
 	total = align16(o_out + sizeof(int32_t) * (size_t) n);
-	scratch = cuda_buf(be, CB_SAMPLE_PROB, sizeof(float) * (size_t) n * vocab);
-	if (!scratch || !stage_reserve(be, total))
+	if (!stage_reserve(be, total))
 		goto fail;
 	if (n_recent > 0 && !(seen = calloc(words, sizeof(uint32_t))))
 	{
@@ -129,10 +130,21 @@ cuda_sample(kl_backend *be, float *logits, int vocab, const kl_sample_row *rows,
 	if (!cuda_ok(be, cudaMemcpyAsync(cs->smp_dev, cs->smp_host, o_out, cudaMemcpyHostToDevice, cs->stream),
 				 "sampling inputs"))
 		goto fail;
-	kk_sample(cs->stream, logits, vocab, n, (const kk_sample_row *) ((uint8_t *) cs->smp_dev + o_rows),
-			  (const int32_t *) ((uint8_t *) cs->smp_dev + o_recent),
-			  (const uint32_t *) ((uint8_t *) cs->smp_dev + o_mask), scratch,
-			  (int32_t *) ((uint8_t *) cs->smp_dev + o_out));
+	if (!cs->sample_wide ||
+		kk_sample_wide(cs->stream, logits, vocab, n, (const kk_sample_row *) ((uint8_t *) cs->smp_dev + o_rows),
+					   (const int32_t *) ((uint8_t *) cs->smp_dev + o_recent),
+					   (const uint32_t *) ((uint8_t *) cs->smp_dev + o_mask),
+					   (int32_t *) ((uint8_t *) cs->smp_dev + o_out)) != 0)
+	{
+		/* one block per row (also where the wide kernel cannot run: it launched nothing) */
+		scratch = cuda_buf(be, CB_SAMPLE_PROB, sizeof(float) * (size_t) n * vocab);
+		if (!scratch)
+			goto fail;
+		kk_sample(cs->stream, logits, vocab, n, (const kk_sample_row *) ((uint8_t *) cs->smp_dev + o_rows),
+				  (const int32_t *) ((uint8_t *) cs->smp_dev + o_recent),
+				  (const uint32_t *) ((uint8_t *) cs->smp_dev + o_mask), scratch,
+				  (int32_t *) ((uint8_t *) cs->smp_dev + o_out));
+	}
 	if (!cuda_launched(be, "sample") ||
 		!cuda_ok(be, cudaMemcpyAsync(h + o_out, (uint8_t *) cs->smp_dev + o_out, sizeof(int32_t) * (size_t) n,
 									 cudaMemcpyDeviceToHost, cs->stream), "sampled ids") ||

@@ -38,7 +38,9 @@
  * vocabularies of 384, 1000 and 163840 with peaked, flat, tied, huge and
  * NaN/-inf logits, greedy, temperature, top-k, top-p, min-p, repetition
  * penalty, allowed-token masks and their combinations; and through
- * kl_forward_sample on a batch of sequences with different settings.
+ * kl_forward_sample on a batch of sequences with different settings.  Both
+ * device samplers: the wide one (a cluster of blocks per row, the default)
+ * and one block per row (KL_CUDA_SAMPLE_WIDE=0).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE				/* dladdr: finding the CUDA library's test hook */
@@ -961,7 +963,7 @@ unif(uint64_t *x)
 	return (double) (mix_rand(x) >> 11) * (1.0 / 9007199254740992.0);
 }
 
-#define SROWS 8
+#define SROWS 11
 
 /* row r of a family of logits: the shapes that stress a sampler */
 static void
@@ -969,7 +971,8 @@ make_logits(float *l, int V, int r, uint64_t *rs)
 {
 	for (int i = 0; i < V; i++)
 	{
-		double		g = (unif(rs) + unif(rs) + unif(rs) - 1.5) * 2.0;	/* roughly normal */
+		double		g = (unif(rs) + unif(rs) + unif(rs) - 1.5) * 2.0,	/* roughly normal */
+					h = (unif(rs) - 0.5) * 2.0; /* uniform in [-1, 1) */
 
 		switch (r)
 		{
@@ -994,6 +997,15 @@ make_logits(float *l, int V, int r, uint64_t *rs)
 			case 6:
 				l[i] = (float) (30.0 * g);
 				break;
+			case 8:				/* bench_cuda sample's "peaked" */
+				l[i] = (float) (18.0 * h * h * h);
+				break;
+			case 9:				/* bench_cuda sample's "flat" (a random model's logits) */
+				l[i] = (float) (0.01 * h);
+				break;
+			case 10:			/* signed zeros: -0 and +0 are equal values */
+				l[i] = (i & 1) ? 0.0f : -0.0f;
+				break;
 			default:
 				l[i] = (float) (g - 5.0);
 				break;
@@ -1006,18 +1018,23 @@ make_logits(float *l, int V, int r, uint64_t *rs)
 }
 
 static void
-check_sampler(void)
+check_sampler(bool wide)
 {
 	char		dir[1024];
 	kl_model   *m;
 	kl_backend *be;
 	static const int Vs[3] = {384, 1000, 163840};
-	kl_sampling set[14];
+	const char *kind = wide ? "wide" : "one block per row";
+	kl_sampling set[16];
 	int			n_set = 0;
 	int32_t		recent[12] = {3, 5, 3, 7, 100, -4, 999999, 11, 5, 250, 2, 42};
 
 	snprintf(dir, sizeof(dir), "%s/golden/tiny_c", tap_fixture_dir());
+	if (!wide)
+		setenv("KL_CUDA_SAMPLE_WIDE", "0", 1);	/* read when the backend is made */
 	m = load(dir, "cuda", "fp32");
+	if (!wide)
+		unsetenv("KL_CUDA_SAMPLE_WIDE");
 	be = m->be;
 	if (!be->ops->sample)
 	{
@@ -1025,7 +1042,7 @@ check_sampler(void)
 		kl_model_free(m);
 		return;
 	}
-	for (int i = 0; i < 14; i++)
+	for (int i = 0; i < 16; i++)
 		kl_sampling_default(&set[i]);
 	n_set = 0;
 	n_set++;					/* greedy */
@@ -1042,6 +1059,8 @@ check_sampler(void)
 	set[n_set].temperature = 1.0f, set[n_set++].repetition_penalty = 1.3f;
 	set[n_set].temperature = 0.5f, set[n_set].top_k = 10, set[n_set++].repetition_penalty = 0.8f;
 	set[n_set++].repetition_penalty = 1.5f;	/* greedy with a penalty */
+	set[n_set].temperature = 0.8f, set[n_set].top_k = 2000, set[n_set++].top_p = 0.3f;
+	set[n_set].temperature = 1.0f, set[n_set++].top_p = 0.01f;
 
 	for (int vi = 0; vi < 3; vi++)
 	{
@@ -1106,7 +1125,8 @@ check_sampler(void)
 					}
 				}
 			}
-		tap_ok(wrong == 0, "GPU sampler = CPU sampler, vocabulary %d: %d of %d choices differ", V, wrong, calls);
+		tap_ok(wrong == 0, "GPU sampler = CPU sampler, vocabulary %d (%s): %d of %d choices differ", V, kind, wrong,
+			   calls);
 		be->ops->release(be, dev);
 		free(base);
 		free(tmp);
@@ -1169,8 +1189,8 @@ check_sampler(void)
 			for (int s = 0; s < 3; s++)
 				tok[s] = out[s];
 		}
-		tap_ok(wrong == 0, "kl_forward_sample on the GPU: %d of %d tokens differ from the CPU sampler's on the same "
-			   "logits", wrong, n);
+		tap_ok(wrong == 0, "kl_forward_sample on the GPU (%s sampler): %d of %d tokens differ from the CPU sampler's "
+			   "on the same logits", kind, wrong, n);
 		for (int s = 0; s < 3; s++)
 			kl_seq_free(seq[s]);
 		kl_ctx_free(ctx);
@@ -1567,7 +1587,8 @@ main(void)
 	}
 	kl_model_free(m);
 
-	check_sampler();
+	check_sampler(true);
+	check_sampler(false);
 	check_route_warp();
 	check_golden("tiny_a", "golden.safetensors", "fp32");
 	check_golden("tiny_a", "golden_route_select.safetensors", "fp32");
