@@ -38,10 +38,12 @@
  * comes here.
  *
  * The plain products of a decode step of 2-8 tokens (projections, lm_head)
- * take the same inner loop (gemv_mma_kernel): the step's tokens are the n = 8
- * side, the jobs of a kk_gemv_batch share one launch, and since plain
- * weights do not depend on earlier kernels their first pieces are requested
- * before the programmatic-dependent-launch wait.  The CUDA-core GEMV reads
+ * take the same fragment layout (gemv_mma_kernel): the step's tokens are the
+ * n = 8 side, read straight from their fp32 rows, a block's eight warps split
+ * the k range of one 16-row tile (a 2304-row matrix is only 144 tiles), the
+ * jobs of a kk_gemv_batch share one launch, and since plain weights do not
+ * depend on earlier kernels their first pieces are requested before the
+ * programmatic-dependent-launch wait.  The CUDA-core GEMV reads
  * 8 fp32 activation rows per 16-byte weight piece there and streams at about
  * a third of the bandwidth (bench/notes-cuda.md).
  */
@@ -311,20 +313,81 @@ kk_expert_mma(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int
 
 /* ------------------------------------------------------------------ plain products */
 
-#define GM_SMEM_MAX (100 * 1024)	/* activations of up to 6368 columns */
+#define GM_WARPS 8				/* warps of a block: one m16 tile of rows, the k range split 8 ways */
+#define GM_U 4					/* 32-wide k chunks a warp has in flight per register set */
+
+/* the weight pieces of the warp's chunks i0 .. i0 + GM_U (chunk c = warp + GM_WARPS i) for rows g and g + 8 */
+__device__ __forceinline__ void
+gm_load(uint4 (&w)[GM_U][2], const uint16_t *rg, const uint16_t *rg8, int warp, int i0, int nchunk)
+{
+#pragma unroll
+	for (int u = 0; u < GM_U; u++)
+	{
+		int			c = warp + GM_WARPS * (i0 + u);
+
+		if (c < nchunk)
+		{
+			w[u][0] = ld_weights16(rg + 32 * c);
+			w[u][1] = ld_weights16(rg8 + 32 * c);
+		}
+	}
+}
+
+/* acc += those chunks times the activations of token g (< n; else zeros), read as fp32 and rounded to bf16 */
+__device__ __forceinline__ void
+gm_compute(float *acc, const uint4 (&w)[GM_U][2], const float *xg, bool has_x, bool vec, int warp, int i0,
+		   int nchunk)
+{
+#pragma unroll
+	for (int u = 0; u < GM_U; u++)
+	{
+		int			c = warp + GM_WARPS * (i0 + u);
+		float4		a = make_float4(0, 0, 0, 0),
+					b = make_float4(0, 0, 0, 0);
+		uint32_t	b0,
+					b1,
+					b2,
+					b3;
+
+		if (c >= nchunk)
+			break;
+		if (has_x)
+		{
+			const float *xp = xg + 32 * c;
+
+			if (vec)
+			{
+				a = __ldg((const float4 *) xp);
+				b = __ldg((const float4 *) xp + 1);
+			}
+			else
+			{
+				a = make_float4(xp[0], xp[1], xp[2], xp[3]);
+				b = make_float4(xp[4], xp[5], xp[6], xp[7]);
+			}
+		}
+		b0 = (uint32_t) f32_to_bf16(a.x) | ((uint32_t) f32_to_bf16(a.y) << 16);
+		b1 = (uint32_t) f32_to_bf16(a.z) | ((uint32_t) f32_to_bf16(a.w) << 16);
+		b2 = (uint32_t) f32_to_bf16(b.x) | ((uint32_t) f32_to_bf16(b.y) << 16);
+		b3 = (uint32_t) f32_to_bf16(b.z) | ((uint32_t) f32_to_bf16(b.w) << 16);
+		mma_bf16(acc, w[u][0].x, w[u][1].x, w[u][0].y, w[u][1].y, b0, b1);
+		mma_bf16(acc, w[u][0].z, w[u][1].z, w[u][0].w, w[u][1].w, b2, b3);
+	}
+}
 
 /*
- * Block b: XM_ROWS weight rows of the job whose range of blocks holds it
- * (b.first_block, set by the launcher), for the b.n (<= 8) activation rows
- * of that job.  Dynamic shared memory: XM_N token rows of cols + XM_PAD bf16.
+ * Block b: 16 weight rows (one m16 tile) of the job whose range of blocks
+ * holds it (b.first_block, set by the launcher), for the b.n (<= 8)
+ * activation rows of that job.  The eight warps split the k range (warp w
+ * takes the 32-wide chunks w, w + 8, ...), so that even a 2304-row matrix
+ * keeps over a thousand warps streaming; their partial tiles are added in
+ * warp order.  Lane (g, t) reads its token g's activations straight from
+ * the (L1-resident) fp32 rows, as many bytes as it reads weights.
  */
-__global__ void __launch_bounds__(XM_WARPS * 32, 3)
+__global__ void __launch_bounds__(GM_WARPS * 32)
 gemv_mma_kernel(kk_gemv_batch b)
 {
-	constexpr int U = 4;
-	constexpr int STEP = 32 * U;
-	extern __shared__ uint4 xm_smem[];
-	uint16_t   *xs = (uint16_t *) xm_smem;
+	__shared__ float part[GM_WARPS][32][4];
 	int			j = 0;
 
 	while (j + 1 < b.count && (int) blockIdx.x >= b.first_block[j + 1])
@@ -334,89 +397,56 @@ gemv_mma_kernel(kk_gemv_batch b)
 		int			rows = jb->rows,
 					cols = jb->cols,
 					n = b.n,
-					ld = cols + XM_PAD;
+					nchunk = cols >> 5;
 		int			warp = threadIdx.x >> 5,
 					lane = threadIdx.x & 31,
 					g = lane >> 2,
 					t = lane & 3;
-		int			r0 = ((int) blockIdx.x - b.first_block[j]) * XM_ROWS + warp * 16;
-		int			kfull = cols - cols % STEP;
-		const uint16_t *W = (const uint16_t *) jb->W;
-		const uint16_t *rowg[1],
-				   *rowg8[1];
-		float		acc[1][4] = {{0, 0, 0, 0}};
-		xm_frag<1, U> fa,
-					fb;
+		int			r0 = ((int) blockIdx.x - b.first_block[j]) * 16;
+		int			ra = r0 + g < rows ? r0 + g : rows - 1,
+					rb = r0 + g + 8 < rows ? r0 + g + 8 : rows - 1;
+		const uint16_t *rg = (const uint16_t *) jb->W + (size_t) ra * cols + 8 * t,
+				   *rg8 = (const uint16_t *) jb->W + (size_t) rb * cols + 8 * t;
+		int			per_warp = (nchunk - warp + GM_WARPS - 1) / GM_WARPS;
+		float		acc[4] = {0, 0, 0, 0};
+		uint4		wa[GM_U][2],
+					wb[GM_U][2];
+		const float *xg;
 
-		{
-			int			ra = r0 + g < rows ? r0 + g : rows - 1,
-						rb = r0 + g + 8 < rows ? r0 + g + 8 : rows - 1;
-
-			rowg[0] = W + (size_t) ra * cols + 8 * t;
-			rowg8[0] = W + (size_t) rb * cols + 8 * t;
-		}
 		/* the weights do not depend on earlier kernels: request them before waiting */
-		if (r0 < rows && kfull > 0)
-			xm_load<1, U>(fa, rowg, rowg8, 0);
+		gm_load(wa, rg, rg8, warp, 0, nchunk);
 		kk_dep_wait();
 		kk_dep_launch();
-
-		/* the activation rows as bf16 (zeros past n), 4 values a thread at a time */
+		xg = jb->x + (size_t) (g < n ? g : 0) * jb->ldx + 8 * t;
+		for (int i = 0; i < per_warp; i += 2 * GM_U)
 		{
-			int			q = cols >> 2;
-
-#pragma unroll 2
-			for (int i = threadIdx.x; i < XM_N * q; i += XM_WARPS * 32)
-			{
-				int			r = i / q,
-							k = (i - r * q) * 4;
-				float4		v = make_float4(0, 0, 0, 0);
-				uint2		packed;
-
-				if (r < n)
-				{
-					const float *xr = jb->x + (size_t) r * jb->ldx + k;
-
-					v = jb->vec ? __ldg((const float4 *) xr) : make_float4(xr[0], xr[1], xr[2], xr[3]);
-				}
-				packed.x = (uint32_t) f32_to_bf16(v.x) | ((uint32_t) f32_to_bf16(v.y) << 16);
-				packed.y = (uint32_t) f32_to_bf16(v.z) | ((uint32_t) f32_to_bf16(v.w) << 16);
-				*(uint2 *) (xs + (size_t) r * ld + k) = packed;
-			}
-		}
-		__syncthreads();
-		if (r0 >= rows)
-			return;				/* no barrier follows */
-		{
-			const uint16_t *xg = xs + (size_t) g * ld + 8 * t;
-
-			for (int k = 0; k < kfull; k += 2 * STEP)
-			{
-				if (k + STEP < kfull)
-					xm_load<1, U>(fb, rowg, rowg8, k + STEP);
-				xm_compute<1, U>(acc, fa, xg, k);
-				if (k + STEP >= kfull)
-					break;
-				if (k + 2 * STEP < kfull)
-					xm_load<1, U>(fa, rowg, rowg8, k + 2 * STEP);
-				xm_compute<1, U>(acc, fb, xg, k + STEP);
-			}
-			for (int k = kfull; k < cols; k += 32)
-			{
-				xm_frag<1, 1> f1;
-
-				xm_load<1, 1>(f1, rowg, rowg8, k);
-				xm_compute<1, 1>(acc, f1, xg, k);
-			}
+			if (i + GM_U < per_warp)
+				gm_load(wb, rg, rg8, warp, i + GM_U, nchunk);
+			gm_compute(acc, wa, xg, g < n, jb->vec, warp, i, nchunk);
+			if (i + GM_U >= per_warp)
+				break;
+			if (i + 2 * GM_U < per_warp)
+				gm_load(wa, rg, rg8, warp, i + 2 * GM_U, nchunk);
+			gm_compute(acc, wb, xg, g < n, jb->vec, warp, i + GM_U, nchunk);
 		}
 #pragma unroll
 		for (int i = 0; i < 4; i++)
+			part[warp][lane][i] = acc[i];
+		__syncthreads();
+		if (warp == 0)
 		{
-			int			row = r0 + g + (i >= 2 ? 8 : 0),
-						tok = 2 * t + (i & 1);
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+			{
+				int			row = r0 + g + (i >= 2 ? 8 : 0),
+							tok = 2 * t + (i & 1);
+				float		v = 0;
 
-			if (row < rows && tok < n)
-				jb->y[(size_t) tok * jb->ldy + row] = acc[0][i];
+				for (int w = 0; w < GM_WARPS; w++)
+					v += part[w][lane][i];
+				if (row < rows && tok < n)
+					jb->y[(size_t) tok * jb->ldy + row] = v;
+			}
 		}
 	}
 }
@@ -424,35 +454,26 @@ gemv_mma_kernel(kk_gemv_batch b)
 extern "C" int
 kk_gemv_mma_ok(int cols)
 {
-	return cols > 0 && cols % 32 == 0 && xm_smem_bytes(cols) <= GM_SMEM_MAX;
+	return cols > 0 && cols % 32 == 0;
 }
 
 extern "C" void
 kk_gemv_multi_mma(cudaStream_t s, kk_gemv_batch *b)
 {
-	static bool attr_set = false;
-	int			blocks = 0,
-				cols = 0;
+	int			blocks = 0;
 
 	if (b->count <= 0 || b->n <= 0 || b->n > XM_N)
 		return;
-	if (!attr_set)
-	{
-		/* activations of more than 48 KB (o_proj's 4096 columns: 66 KB) */
-		cudaFuncSetAttribute(gemv_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, GM_SMEM_MAX);
-		attr_set = true;
-	}
 	for (int j = 0; j < b->count; j++)
 	{
 		kk_gemv_job *jb = &b->job[j];
 
 		jb->vec = jb->ldx % 4 == 0 && ((uintptr_t) jb->x & 15) == 0;
 		b->first_block[j] = blocks;
-		blocks += ceil_div(jb->rows, XM_ROWS);
-		cols = jb->cols > cols ? jb->cols : cols;
+		blocks += ceil_div(jb->rows, 16);
 	}
 	b->first_block[b->count] = blocks;
-	kk_launch(gemv_mma_kernel, dim3(blocks), dim3(XM_WARPS * 32), xm_smem_bytes(cols), s, *b);
+	kk_launch(gemv_mma_kernel, dim3(blocks), dim3(GM_WARPS * 32), 0, s, *b);
 }
 
 extern "C" void

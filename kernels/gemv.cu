@@ -839,15 +839,6 @@ expert_rows_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, i
 	}
 }
 
-/* set by kk_set_expert_rows: the block shape of the batch-1 expert kernel (0: default) */
-int			kk_expert_rows_cfg = 0;
-
-extern "C" void
-kk_set_expert_rows(int cfg)
-{
-	kk_expert_rows_cfg = cfg >= 0 && cfg <= 3 ? cfg : 0;
-}
-
 template <int MAXNR, int MODE, int RB, int BT>
 static void
 expert_rows_launch_as(cudaStream_t s, int max_active, float *y0, float *y1, int ldy, const float *x, int ldx,
@@ -861,10 +852,9 @@ expert_rows_launch_as(cudaStream_t s, int max_active, float *y0, float *y1, int 
 }
 
 /*
- * The block-rows expert kernel for passes of MAXNR rows: 2 + 2 rows for
- * SwiGLU, 3 otherwise, 96 threads; at batch 1 kk_expert_rows_cfg picks
- * larger blocks (1: 4 + 4 / 6 rows of 96 threads; 2: 4 + 4 / 8 rows of 128;
- * 3: 8 + 8 / 12 rows of 96).
+ * The block-rows expert kernel for passes of MAXNR rows, 96 threads: 2 + 2
+ * rows for SwiGLU, 3 otherwise; at batch 1 4 + 4 and 6 (the fastest of four
+ * shapes measured on the H200, bench/notes-cuda.md).
  */
 template <int MAXNR, int MODE>
 static void
@@ -873,17 +863,10 @@ expert_rows_launch(cudaStream_t s, int max_active, float *y0, float *y1, int ldy
 				   const int *start, const int *active)
 {
 	constexpr bool SW = MODE == EXPERT_SWIGLU;
-#define LAUNCH(RB, BT) expert_rows_launch_as<MAXNR, MODE, RB, BT>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, \
-																   rows, cols, start, active)
-	if (MAXNR == 1 && kk_expert_rows_cfg == 1)
-		LAUNCH(SW ? 4 : 6, 96);
-	else if (MAXNR == 1 && kk_expert_rows_cfg == 2)
-		LAUNCH(SW ? 4 : 8, 128);
-	else if (MAXNR == 1 && kk_expert_rows_cfg == 3)
-		LAUNCH(SW ? 8 : 12, 96);
-	else
-		LAUNCH(SW ? 2 : 3, ROWS_BT);
-#undef LAUNCH
+	constexpr int RB = MAXNR == 1 ? (SW ? 4 : 6) : (SW ? 2 : 3);
+
+	expert_rows_launch_as<MAXNR, MODE, RB, ROWS_BT>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
+													start, active);
 }
 
 template <int MODE>

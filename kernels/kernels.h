@@ -48,8 +48,6 @@ void		kk_fill_random(cudaStream_t s, void *dst, int bf16, size_t n, uint64_t see
 /* gemv.cu: y[n, rows] (ldy) = x[n, cols] (ldx) W^T for few rows n */
 /* bf16 GEMVs in the block-rows design (1, the default) or one warp per row (0) */
 void		kk_set_gemv_rows(int on);
-/* the block shape of the batch-1 block-rows expert kernel (0: default; 1-3: larger blocks) */
-void		kk_set_expert_rows(int cfg);
 /* the most input rows an expert GEMV pass takes (1, 2, 4 or 8; default 4) */
 void		kk_set_expert_nr(int nr);
 /* P: the rows of one expert work item for a step of max_count tokens */
@@ -110,7 +108,7 @@ void		kk_expert_mma(cudaStream_t s, float *y0, float *y1, int ldy, const float *
  * Plain products of n <= 8 rows on the tensor cores (bf16 weights, the
  * activations rounded to bf16: the bf16 precision mode's decode), as
  * kk_gemv / kk_gemv_multi (every job bf16).  kk_gemv_mma_ok(cols): cols % 32
- * == 0 and the staged rows fit in shared memory.
+ * == 0.
  */
 int			kk_gemv_mma_ok(int cols);
 void		kk_gemv_mma(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int rows,

@@ -680,7 +680,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_EXPERT_MMA=0 keeps the CUDA-core expert kernel for every
 		 * step (default: the tensor-core one from 8 tokens, bf16 precision
 		 * only; =N >= 2 moves that threshold; 1 means the default).
-		 * KL_CUDA_EXPERT_ROWS=1..3: larger blocks for the batch-1 expert kernel,
 		 * KL_CUDA_GEMV_MMA=N: bf16-precision decode products of N..8 rows on
 		 * tensor cores (default 2; 0 never),
 		 * KL_CUDA_ROUTE_WARP=0 routes and groups in the block kernel instead of
@@ -699,14 +698,12 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *mm = getenv("KL_CUDA_MLA_MMA"),
 				   *rw = getenv("KL_CUDA_ROUTE_WARP"),
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
-				   *er = getenv("KL_CUDA_EXPERT_ROWS"),
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
 		kk_set_pdl(major >= 9 && !(pdl && strcmp(pdl, "0") == 0));
 		kk_set_gemv_rows(!(gw && strcmp(gw, "0") == 0));
-		kk_set_expert_rows(er ? atoi(er) : 0);
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
