@@ -91,6 +91,23 @@ moe_tables(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w)
 	return t;
 }
 
+/*
+ * The slots a decode step's expert work list needs: items of at most P rows;
+ * an expert with c pairs makes ceil(c / P), at most (c + P - 1) / P; over the
+ * A <= min(nk, E) experts that get pairs that sums to at most
+ * (nk + A (P - 1)) / P, plus the shared expert's ceil(shared_rows / P).  The
+ * expert kernels' grids have this many slots, and a slot without an item
+ * costs blocks that only exit (at batch 1 the older bound, A + nk / P + 1,
+ * left half of them idle).
+ */
+static int
+expert_item_slots(int nk, int E, int shared_rows, int P)
+{
+	int			A = nk < E ? nk : E;
+
+	return (nk + A * (P - 1)) / P + (shared_rows + P - 1) / P;
+}
+
 void
 cuda_moe_free(kl_backend *be)
 {
@@ -361,17 +378,9 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		bool		mma = cs->expert_mma_min > 0 && n >= cs->expert_mma_min && cs->bf16 && wbf &&
 			w->experts[0].up.dtype == KL_DT_BF16 && w->experts[0].down.dtype == KL_DT_BF16 &&
 			kk_expert_mma_ok(D) && kk_expert_mma_ok(F);
-		/*
-		 * Work items of at most P rows: an expert with c pairs makes ceil(c / P),
-		 * at most (c + P - 1) / P; over the A <= min(nk, E) experts that get
-		 * pairs that sums to at most (nk + A (P - 1)) / P, plus the shared
-		 * expert's ceil(n / P).  The expert kernels' grids have this many
-		 * slots, and a slot without an item costs blocks that only exit (at
-		 * batch 1 the older bound, A + nk / P + 1, left half of them idle).
-		 */
+		/* work items of at most P rows */
 		int			P = mma ? KK_EXPERT_MMA_ROWS : kk_expert_pass_rows(n);
-		int			A = (int) (nk < (size_t) E ? nk : (size_t) E);
-		int			max_active = ((int) nk + A * (P - 1)) / P + (fuse ? (n + P - 1) / P : 0);
+		int			max_active = expert_item_slots((int) nk, E, fuse ? n : 0, P);
 		int			rc = -1;
 
 		/* the warp kernel where it covers the shape (E <= 256), else the block one */
@@ -568,4 +577,173 @@ kl_cuda_test_route_group(int warp, int n, int E, int k, int G, int Tg, int use_s
 		cudaFree(d[i]);
 	cudaStreamDestroy(s);
 	return rc;
+}
+
+/*
+ * For test/engine/test_cuda.c only (found with dlsym; the backend does not
+ * use it): the expert products of one decode step of n tokens through the
+ * tensor-core kernel (kk_expert_mma, items of KK_EXPERT_MMA_ROWS) and the
+ * CUDA-core one (kk_expert_gemv, items of kk_expert_pass_rows(n)), on the
+ * same data, in all three modes, on the current device.
+ *
+ * Experts: E routed ones and a shared one (expert E, over every token), each
+ * with gate and up [F, D] and down [D, F] in bf16, random on the device
+ * (seed; standard deviation 0.02).  Routing: logits [n E] (host), sigmoid,
+ * top k, renormalized, no groups and no score bias; routed and grouped once
+ * with items of KK_EXPERT_MMA_ROWS (the warp launcher where it covers the
+ * shape, else the block one), and the same choices grouped again with the
+ * CUDA-core kernel's item size (the order is stable, so the rows agree).
+ * Activations: x [n, D] for gate and up, h [R, F] (R = n k + n rows, one per
+ * grouped pair, the shared expert's last) for down, random and bf16 values
+ * already (the tensor-core kernel's rounding leaves them alone), so that the
+ * two kernels differ only in the order of their fp32 sums.
+ *
+ * Outputs, for each kernel, R (3 F + D) floats: one after another SwiGLU
+ * silu(gate x) * (up x) [R, F]; gate x and up x from the two-matrix mode
+ * [R, F] each; down h [R, D].  Rows no item wrote stay NaN.  start [E + 2]:
+ * the grouping (expert e's rows start[e] .. start[e + 1]).  Returns 0, -1
+ * when neither route launcher covers the shape, -2 when the two groupings'
+ * rows differ, or a CUDA error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_expert_products(int n, int E, int k, int D, int F, const float *logits, unsigned long long seed,
+							 int *start, float *out_mma, float *out_gemv)
+{
+	int			nk = n * k,
+				R = nk + n,
+				Pm = KK_EXPERT_MMA_ROWS,
+				Pg = kk_expert_pass_rows(n);
+	size_t		wsz = (size_t) F * D,	/* elements of one matrix */
+				osz = (size_t) R * (3 * (size_t) F + D),
+				nact = (size_t) E + nk + n + 4;
+	cudaStream_t s = NULL;
+	cudaError_t e = cudaSuccess;
+	uint16_t   *w16 = NULL,
+			   *a16 = NULL;
+	float	   *x = NULL,
+			   *h = NULL,
+			   *dlog = NULL,
+			   *bias = NULL,
+			   *wts = NULL,
+			   *ym = NULL,
+			   *yg = NULL;
+	int		   *ints = NULL,
+			   *hs = NULL;
+	void	  **tab = NULL;
+	void	   *host_tab[3 * 1025];
+	int			rc = 0;
+
+	if (E + 1 > 1025 || n <= 0 || k <= 0)
+		return -1;
+	hs = malloc(sizeof(int) * 2 * ((size_t) E + 2 + R));
+	if (!hs)
+		return (int) cudaErrorMemoryAllocation;
+	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &w16, sizeof(uint16_t) * 3 * wsz * ((size_t) E + 1))) != cudaSuccess ||
+		(e = cudaMalloc((void **) &a16, sizeof(uint16_t) * ((size_t) n * D + (size_t) R * F))) != cudaSuccess ||
+		(e = cudaMalloc((void **) &x, sizeof(float) * ((size_t) n * D + (size_t) R * F))) != cudaSuccess ||
+		(e = cudaMalloc((void **) &dlog, sizeof(float) * ((size_t) n * E + E + nk))) != cudaSuccess ||
+		(e = cudaMalloc((void **) &ym, sizeof(float) * 2 * osz)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &ints, sizeof(int) * 2 * (nk + ((size_t) E + 2) + R + nk + nact))) != cudaSuccess ||
+		(e = cudaMalloc((void **) &tab, sizeof(void *) * 3 * ((size_t) E + 1))) != cudaSuccess)
+		goto out;
+	h = x + (size_t) n * D;
+	bias = dlog + (size_t) n * E;
+	wts = bias + E;
+	yg = ym + osz;
+
+	/* weights and bf16 activations on the device; the pointer tables gate, up, down */
+	kk_fill_random(s, w16, 1, 3 * wsz * ((size_t) E + 1), seed, 0.02f);
+	kk_fill_random(s, a16, 1, (size_t) n * D + (size_t) R * F, seed + 1, 1.0f);
+	kk_bf16_to_f32(s, x, a16, (size_t) n * D + (size_t) R * F);
+	for (int m = 0; m < 3; m++)
+		for (int j = 0; j <= E; j++)
+			host_tab[m * (E + 1) + j] = w16 + ((size_t) m * (E + 1) + j) * wsz;
+	if ((e = cudaMemcpyAsync(tab, host_tab, sizeof(void *) * 3 * ((size_t) E + 1), cudaMemcpyHostToDevice, s)) !=
+		cudaSuccess ||
+		(e = cudaMemcpyAsync(dlog, logits, sizeof(float) * (size_t) n * E, cudaMemcpyHostToDevice, s)) != cudaSuccess ||
+		(e = cudaMemsetAsync(bias, 0, sizeof(float) * E, s)) != cudaSuccess ||
+		(e = cudaMemsetAsync(ym, 0xff, sizeof(float) * 2 * osz, s)) != cudaSuccess)
+		goto out;
+
+	/* route and group once (items of Pm); the same choices grouped with items of Pg */
+	{
+		int		   *set[2][5];	/* sel, start, xrow, inv, active of each grouping */
+		int		   *p = ints;
+
+		for (int g = 0; g < 2; g++)
+		{
+			set[g][0] = p, p += nk;
+			set[g][1] = p, p += E + 2;
+			set[g][2] = p, p += R;
+			set[g][3] = p, p += nk;
+			set[g][4] = p, p += nact;
+		}
+		rc = kk_moe_route_group_warp(s, n, E, k, 1, 1, 0, 1, 0, 1.0f, dlog, bias, set[0][0], wts, n, Pm, set[0][1],
+									 set[0][2], set[0][3], set[0][4]);
+		if (rc < 0)
+			rc = kk_moe_route_group(s, n, E, k, 1, 1, 0, 1, 0, 1.0f, dlog, bias, set[0][0], wts, n, Pm, set[0][1],
+									set[0][2], set[0][3], set[0][4]);
+		if (rc != 0)
+			goto out;
+		kk_moe_group(s, nk, E, k, n, Pg, set[0][0], set[1][1], set[1][2], set[1][3], set[1][4]);
+
+		for (int g = 0; g < 2; g++)
+		{
+			const void *const *gate = (const void *const *) tab,
+					   *const *up = (const void *const *) (tab + (E + 1)),
+					   *const *down = (const void *const *) (tab + 2 * (E + 1));
+			float	   *y = g ? yg : ym;
+			int		   *st = set[g][1],
+					   *xr = set[g][2],
+					   *act = set[g][4];
+			int			slots = expert_item_slots(nk, E, n, g ? Pg : Pm);
+
+			if (g == 0)
+			{
+				kk_expert_mma(s, y, NULL, F, x, D, xr, gate, up, F, D, st, act, slots, Pm);
+				kk_expert_mma(s, y + (size_t) R * F, y + 2 * (size_t) R * F, F, x, D, xr, gate, up, F, D, st, act,
+							  slots, Pm);
+				kk_expert_mma(s, y + 3 * (size_t) R * F, NULL, D, h, F, NULL, down, NULL, D, F, st, act, slots, Pm);
+			}
+			else
+			{
+				kk_expert_gemv(s, y, NULL, F, x, D, xr, gate, up, 1, F, D, st, act, slots, n);
+				kk_expert_gemv(s, y + (size_t) R * F, y + 2 * (size_t) R * F, F, x, D, xr, gate, up, 1, F, D, st,
+							   act, slots, n);
+				kk_expert_gemv(s, y + 3 * (size_t) R * F, NULL, D, h, F, NULL, down, NULL, 1, D, F, st, act, slots,
+							   n);
+			}
+			if ((e = cudaGetLastError()) != cudaSuccess)
+				goto out;
+		}
+		/* both groupings' start and xrow, to check they agree */
+		for (int g = 0; g < 2; g++)
+			if ((e = cudaMemcpyAsync(hs + (size_t) g * (E + 2 + R), set[g][1], sizeof(int) * ((size_t) E + 2),
+									 cudaMemcpyDeviceToHost, s)) != cudaSuccess ||
+				(e = cudaMemcpyAsync(hs + (size_t) g * (E + 2 + R) + E + 2, set[g][2], sizeof(int) * (size_t) R,
+									 cudaMemcpyDeviceToHost, s)) != cudaSuccess)
+				goto out;
+	}
+	if ((e = cudaMemcpyAsync(out_mma, ym, sizeof(float) * osz, cudaMemcpyDeviceToHost, s)) != cudaSuccess ||
+		(e = cudaMemcpyAsync(out_gemv, yg, sizeof(float) * osz, cudaMemcpyDeviceToHost, s)) != cudaSuccess ||
+		(e = cudaStreamSynchronize(s)) != cudaSuccess)
+		goto out;
+	memcpy(start, hs, sizeof(int) * ((size_t) E + 2));
+	if (memcmp(hs, hs + E + 2 + R, sizeof(int) * ((size_t) E + 2 + R)) != 0)
+		rc = -2;
+out:
+	if (s)
+		cudaStreamSynchronize(s);
+	cudaFree(w16);
+	cudaFree(a16);
+	cudaFree(x);
+	cudaFree(dlog);
+	cudaFree(ym);
+	cudaFree(ints);
+	cudaFree(tab);
+	if (s)
+		cudaStreamDestroy(s);
+	free(hs);
+	return rc != 0 ? rc : (int) e;
 }

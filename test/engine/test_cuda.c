@@ -15,17 +15,28 @@
  * KDA, expanded MLA), the per-token recurrence, token-by-token decode (CUDA
  * graphs after the second step), uneven pieces, greedy continuation, the KDA
  * states, and states moving GPU -> CPU and CPU -> GPU through the serializer.
+ * In bf16 precision each golden model also decodes 12 sequences together
+ * (steps of 12 tokens) against the CPU engine: logits within 3e-2, greedy
+ * ids equal wherever the CPU's choice is clear of that tolerance.  (Such
+ * steps take the tensor-core experts only with bf16 expert weights; tiny_a's
+ * are fp32 and tiny_c has no experts, so neither does: check_expert_mma
+ * covers that kernel directly.)
  * A model with the 48B model's head shapes (KDA K = 128, MLA R = 512,
  * Dr = 64, grouped MoE routing) with identical random bf16 weights on both
  * backends checks the kernels' large-shape paths against the CPU, including
- * a ragged batch that mixes prefill and decode, and in bf16 precision 12
- * and 40 sequences decoding together with the experts on the tensor cores
- * (against the CPU, and against the CUDA-core expert kernel).  The trained
+ * a ragged batch that mixes prefill and decode.  Its random router makes
+ * whole-model bf16 comparisons unable to tell a kernel bug from rounding
+ * (bf16 activations flip expert choices), so there kernels are compared
+ * with kernels: the expert products on tensor cores (kernels/expert_mma.cu)
+ * against the CUDA-core expert kernel through the library's test hook
+ * kl_cuda_test_expert_products (48B expert shapes, steps of 8 to 64 tokens,
+ * the same bf16 activations: 1e-5), and the MLA decode attention on tensor
+ * cores over the bf16 cache against the CUDA-core kernel, 1100 tokens
+ * decoded one by one (1e-2 in each window of contexts; the first 64 also
+ * against the CPU within 3e-2) and one step on the same cache.  The trained
  * pgdocs-kimi-18m's three greedy samples must come out token for token.
  * In bf16 precision the MLA cache holds bf16 rows: states move between the
- * GPU and the CPU through the fp32 state format (checked both ways); decode
- * attends to them on tensor cores (check_mla_mma: against the CPU up to 1100
- * keys, and against the CUDA-core kernel on the same cache).
+ * GPU and the CPU through the fp32 state format (checked both ways).
  *
  * The fused decode routing in warps (kk_moe_route_group_warp, on unless
  * KL_CUDA_ROUTE_WARP=0) must give the block kernel's outputs bit for bit
@@ -476,7 +487,11 @@ copy_weights(kl_model *cpu, kl_model *gpu)
  * (mla_attend_mma, the default in bf16 precision; KL_CUDA_MLA_MMA=0 keeps
  * mla_attend): 48B head shapes (R = 512, Dr = 64; 4 heads, padded to 16 in
  * the kernel) at contexts up to 1100 keys (two cache pages, 18 key ranges of
- * 64), token by token against the CPU within the bf16 tolerance; then, on the
+ * 64), decoded token by token through each kernel on the same weights and
+ * compared in three windows of contexts (1..64, 65..1024, 1025..1100); the
+ * first window against the CPU too, within the bf16 tolerance (later windows
+ * are not held to the CPU: over hundreds of bf16 steps the random router's
+ * expert choices flip, which says nothing about the attention).  Then, on the
  * same cache and states (saved from one GPU sequence, loaded into both), one
  * decode step through each kernel: they differ only in the bf16 rounding of
  * Qabs and P.
@@ -494,7 +509,8 @@ check_mla_mma(kl_model *cpu)
 				T = 1100;
 	int32_t    *ids = malloc(sizeof(int32_t) * (size_t) T);
 	float	   *lc,
-			   *lg;
+			   *lg,
+			   *lo;
 	static const struct
 	{
 		int			from,
@@ -519,15 +535,22 @@ check_mla_mma(kl_model *cpu)
 	for (int i = 0; i < T; i++)
 		ids[i] = (int32_t) ((i * 7919 + 13) % V);
 
-	lc = logits_of(cpu, ids, T, 0, false, NULL);
+	lc = logits_of(cpu, ids, win[0].to, 0, false, NULL);
 	lg = logits_of(mma, ids, T, 1, false, NULL);
+	lo = logits_of(old, ids, T, 1, false, NULL);
+	{
+		double		e = rel_err(lg, lc, (size_t) win[0].to * V);
+
+		tap_ok(e <= TOL_BF16, "K=128/R=512 shapes, bf16 cache on tensor cores: decode at contexts 1..%d, GPU vs CPU "
+			   "(rel err %.2e)", win[0].to, e);
+	}
 	for (size_t i = 0; i < sizeof(win) / sizeof(win[0]); i++)
 	{
-		double		e = rel_err(lg + (size_t) win[i].from * V, lc + (size_t) win[i].from * V,
+		double		e = rel_err(lg + (size_t) win[i].from * V, lo + (size_t) win[i].from * V,
 								(size_t) (win[i].to - win[i].from) * V);
 
-		tap_ok(e <= TOL_BF16, "K=128/R=512 shapes, bf16 cache on tensor cores: decode at contexts %d..%d, GPU vs "
-			   "CPU (rel err %.2e)", win[i].from + 1, win[i].to, e);
+		tap_ok(e <= 1e-2, "K=128/R=512 shapes, bf16 cache: %d tokens decoded one by one, tensor-core attention vs "
+			   "the CUDA-core kernel at contexts %d..%d (rel err %.2e)", T, win[i].from + 1, win[i].to, e);
 	}
 
 	/* the two kernels on one cache */
@@ -586,6 +609,7 @@ check_mla_mma(kl_model *cpu)
 	}
 	free(lc);
 	free(lg);
+	free(lo);
 	free(ids);
 	kl_model_free(mma);
 	kl_model_free(old);
@@ -631,13 +655,14 @@ decode_together(kl_model *m, const int32_t *ids, int nseq, int rounds)
 }
 
 /*
- * Rows (of V logits) whose greedy id differs from the reference's where the
- * reference's choice is clear: a different id counts only when the
- * reference's top logit beats the chosen id's by more than twice the row's
- * largest difference (a near tie within the measured error may go either way).
+ * Rows (of V logits) whose greedy id differs from the reference's although
+ * the reference's choice is clear: its logits of the two ids are more than
+ * 2 tol rms(row) apart, an error the logits' tolerance tol does not allow
+ * (a closer pair is a tie within the tolerance and may go either way).
+ * *exact: the rows whose ids are equal.
  */
 static int
-greedy_differs(const float *a, const float *ref, int rows, int V, int *exact)
+greedy_clear_differs(const float *a, const float *ref, int rows, int V, double tol, int *exact)
 {
 	int			bad = 0;
 
@@ -648,7 +673,7 @@ greedy_differs(const float *a, const float *ref, int rows, int V, int *exact)
 				   *y = ref + (size_t) r * V;
 		int			ia = argmax(x, V),
 					ir = argmax(y, V);
-		double		dmax = 0;
+		double		ss = 0;
 
 		if (ia == ir)
 		{
@@ -656,11 +681,69 @@ greedy_differs(const float *a, const float *ref, int rows, int V, int *exact)
 			continue;
 		}
 		for (int i = 0; i < V; i++)
-			dmax = fabs((double) x[i] - y[i]) > dmax ? fabs((double) x[i] - y[i]) : dmax;
-		if ((double) y[ir] - y[ia] > 2 * dmax)
+			ss += (double) y[i] * y[i];
+		if ((double) y[ir] - y[ia] > 2 * tol * sqrt(ss / V))
 			bad++;
 	}
 	return bad;
+}
+
+/*
+ * A golden model in bf16 precision, 12 sequences decoding together (one
+ * batch of 12 tokens a step: the decode path that, with bf16 expert weights,
+ * takes the tensor-core experts), against the CPU engine in fp32 on the
+ * same prompts: logits within the bf16 tolerance, and the greedy ids equal
+ * wherever the CPU's choice is clear.  These tiny models' logits are flat
+ * (on the CPU a quarter of these 48 rows have their top two within 0.06 of
+ * the row's rms, the closest 0.001), so a flip of such a near tie is allowed
+ * (greedy_clear_differs) and only counted.  Prompts and fed tokens come from
+ * the golden prompt (trained text).
+ */
+static void
+check_golden_batch(const char *model)
+{
+	char		dir[1024],
+				path[1200];
+	kl_safetensors st;
+	kl_err		err;
+	const kl_st_tensor *t;
+	kl_model   *gpu,
+			   *cpu;
+	int			nseq = 12,
+				rounds = 4,
+				rows = nseq * rounds,
+				same,
+				bad,
+				V;
+	float	   *lg,
+			   *lc;
+	double		e;
+
+	snprintf(dir, sizeof(dir), "%s/golden/%s", tap_fixture_dir(), model);
+	snprintf(path, sizeof(path), "%s/golden.safetensors", dir);
+	if (kl_st_open_file(path, &st, &err) != KL_OK)
+		die("golden data", &err);
+	if (!(t = kl_st_find(&st, "input_ids")) || (int) t->numel < 20 + nseq + rounds)
+	{
+		tap_ok(0, "%s: a golden prompt of at least %d tokens", model, 20 + nseq + rounds);
+		kl_st_close(&st);
+		return;
+	}
+	gpu = load(dir, "cuda", "bf16");
+	cpu = load(dir, "cpu", "fp32");
+	V = kl_model_config(cpu)->vocab_size;
+	lg = decode_together(gpu, t->data, nseq, rounds);
+	lc = decode_together(cpu, t->data, nseq, rounds);
+	e = rel_err(lg, lc, (size_t) rows * V);
+	bad = greedy_clear_differs(lg, lc, rows, V, TOL_BF16, &same);
+	tap_ok(e <= TOL_BF16 && bad == 0, "%s bf16: %d sequences decoding together (%d steps of %d tokens), GPU vs CPU "
+		   "(rel err %.2e; greedy ids %d of %d equal, %d differ where the CPU's choice is clear)", model, nseq,
+		   rounds, nseq, e, same, rows, bad);
+	free(lg);
+	free(lc);
+	kl_model_free(gpu);
+	kl_model_free(cpu);
+	kl_st_close(&st);
 }
 
 static void
@@ -888,19 +971,23 @@ check_big_shapes(void)
 		}
 		free(lg);
 		/*
-		 * 12 and 40 sequences decoding together in bf16: the experts on the
-		 * tensor cores (kernels/expert_mma.cu; at 40 every expert's tokens
-		 * split over items of 8, the shared expert's over 5) against the CPU,
-		 * and against the CUDA-core expert kernel on the same weights and
-		 * inputs (KL_CUDA_EXPERT_MMA=0), which differs only by rounding the
-		 * expert activations to bf16.
+		 * 40 sequences decoding together in bf16: the experts on the tensor
+		 * cores against the CUDA-core expert kernel (KL_CUDA_EXPERT_MMA=0).
+		 * Information only: the two differ by rounding the expert activations
+		 * to bf16, and this model's random router turns such rounding into
+		 * flipped expert choices, so no bound here tells a kernel bug from
+		 * rounding.  check_expert_mma compares the two kernels on the same
+		 * bf16 activations (a bound of 1e-5); the golden models carry the
+		 * bf16 criterion.
 		 */
 		{
 			kl_model   *g16old;
 			char		path4[] = "/tmp/kl_test_cuda_XXXXXX";
-			int			fd4 = mkstemp(path4);
-			int			counts[2] = {12, 40},
+			int			fd4 = mkstemp(path4),
+						ns = 40,
 						rounds = 3;
+			float	   *lm,
+					   *lo;
 
 			if (fd4 < 0 || write(fd4, big_config, strlen(big_config)) != (ssize_t) strlen(big_config))
 				die("temporary config", &err);
@@ -911,29 +998,13 @@ check_big_shapes(void)
 			unsetenv("KL_CUDA_EXPERT_MMA");
 			unlink(path4);
 			copy_weights(cpu, g16old);
-			for (int c = 0; c < 2; c++)
-			{
-				int			ns = counts[c],
-							rows = rounds * ns,
-							exact,
-							bad;
-				float	   *lm = decode_together(g16, ids, ns, rounds),
-						   *lo = decode_together(g16old, ids, ns, rounds),
-						   *lcpu = decode_together(cpu, ids, ns, rounds);
-				double		e = rel_err(lm, lcpu, (size_t) rows * V);
-
-				bad = greedy_differs(lm, lcpu, rows, V, &exact);
-				tap_ok(e <= TOL_BF16 && bad == 0, "K=128/R=512 shapes, bf16: %d sequences decoding together, "
-					   "experts on the tensor cores, GPU vs CPU (worst rel err %.2e; greedy ids %d of %d equal, "
-					   "%d differ beyond a near tie)", ns, e, exact, rows, bad);
-				e = rel_err(lm, lo, (size_t) rows * V);
-				tap_ok(e <= 1e-2, "K=128/R=512 shapes, bf16: %d sequences decoding together, tensor-core expert "
-					   "kernel vs the CUDA-core one (rel err %.2e; bf16 rounding of the expert activations only)",
-					   ns, e);
-				free(lm);
-				free(lo);
-				free(lcpu);
-			}
+			lm = decode_together(g16, ids, ns, rounds);
+			lo = decode_together(g16old, ids, ns, rounds);
+			tap_diag("K=128/R=512 shapes, bf16: %d sequences decoding together, tensor-core expert kernel vs the "
+					 "CUDA-core one: logits rel err %.2e (information, no bound)", ns,
+					 rel_err(lm, lo, (size_t) rounds * ns * V));
+			free(lm);
+			free(lo);
 			kl_model_free(g16old);
 		}
 		kl_model_free(g16);
@@ -1201,6 +1272,39 @@ check_sampler(bool wide)
 
 /* ------------------------------------------------------------------ routing in warps */
 
+/*
+ * A test hook of the CUDA library (exported, not used by the backend): load
+ * tiny_c on the GPU, find the library that holds the backend's ops table and
+ * the symbol in it.  *fn NULL (and a failed check) when it is missing; else
+ * the caller frees the model and closes *lib.
+ */
+static kl_model *
+load_test_hook(const char *name, void **lib, void **fn)
+{
+	char		dir[1024];
+	kl_model   *m;
+	Dl_info		info;
+
+	*lib = NULL;
+	*fn = NULL;
+	snprintf(dir, sizeof(dir), "%s/golden/tiny_c", tap_fixture_dir());
+	m = load(dir, "cuda", "fp32");
+	if (dladdr((const void *) m->be->ops, &info) && info.dli_fname)
+		*lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+	if (*lib)
+		*fn = dlsym(*lib, name);
+	if (!*fn)
+	{
+		tap_ok(0, "the CUDA library exports %s", name);
+		if (*lib)
+			dlclose(*lib);
+		*lib = NULL;
+		kl_model_free(m);
+		return NULL;
+	}
+	return m;
+}
+
 /* kl_cuda_test_route_group (cuda_moe.c): a fused decode routing launcher on host arrays */
 typedef int (*route_test_fn) (int warp, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
 							  int bias_in_w, float scaling, int shared_rows, int P, const float *logits,
@@ -1314,28 +1418,14 @@ check_route_warp(void)
 		{64, 6, 1, 1, "E 64, k 6"},
 	};
 	static const int ns[] = {1, 3, 8, 17, 64};
-	char		dir[1024];
 	kl_model   *m;
-	Dl_info		info;
 	void	   *lib = NULL;
 	route_test_fn f = NULL;
 	uint64_t	rs = 4242;
 
-	snprintf(dir, sizeof(dir), "%s/golden/tiny_c", tap_fixture_dir());
-	m = load(dir, "cuda", "fp32");
-	/* the library that holds the backend's ops table */
-	if (dladdr((const void *) m->be->ops, &info) && info.dli_fname)
-		lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
-	if (lib)
-		f = (route_test_fn) dlsym(lib, "kl_cuda_test_route_group");
+	m = load_test_hook("kl_cuda_test_route_group", &lib, (void **) &f);
 	if (!f)
-	{
-		tap_ok(0, "the CUDA library exports kl_cuda_test_route_group");
-		if (lib)
-			dlclose(lib);
-		kl_model_free(m);
 		return;
-	}
 	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
 		for (int rule = 0; rule < 2; rule++)
 		{
@@ -1423,6 +1513,111 @@ check_route_warp(void)
 			   "place (%d)", rc);
 		route_out_free(&o);
 		free(lg);
+	}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+/* ------------------------------------------------------------------ expert products on tensor cores */
+
+/* kl_cuda_test_expert_products (cuda_moe.c): one step's expert products through both kernels */
+typedef int (*expert_test_fn) (int n, int E, int k, int D, int F, const float *logits, unsigned long long seed,
+							   int *start, float *out_mma, float *out_gemv);
+
+/* like rel_err, but a NaN on either side (a row no work item wrote) is infinite */
+static double
+rel_err_nan(const float *a, const float *ref, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if (isnan(ref[i]))
+			return INFINITY;
+	return rel_err(a, ref, n);
+}
+
+/*
+ * kk_expert_mma (tensor cores) against kk_expert_gemv (CUDA cores) on the
+ * same random bf16 weights and the same activations, already bf16 values,
+ * so that only the order of the fp32 sums differs: all three modes (SwiGLU
+ * gate/up, the two matrices, down) within 1e-5 relative for every output.
+ * Shapes: the 48B model's experts (D 2304, F 1024, 256 experts top 8 and a
+ * shared one) at steps of 8, 12, 40 and 64 tokens; tiny_a's (D 128, F 64, 8
+ * top 2: the down product is all k tail); and D 352, F 224, 16 top 4 (an
+ * odd number of k steps, k tails in every mode, blocks with idle warps).
+ * The router logits favour a few experts so that some get more tokens than
+ * an item of 8 holds (split over items) and one about 8 (a full item).
+ */
+static void
+check_expert_mma(void)
+{
+	static const struct
+	{
+		int			E,
+					k,
+					D,
+					F,
+					n;
+		const char *what;
+	}			cases[] = {
+		{256, 8, 2304, 1024, 8, "48B shape (D 2304, F 1024, E 256 + shared, top 8)"},
+		{256, 8, 2304, 1024, 12, "48B shape (D 2304, F 1024, E 256 + shared, top 8)"},
+		{256, 8, 2304, 1024, 40, "48B shape (D 2304, F 1024, E 256 + shared, top 8)"},
+		{256, 8, 2304, 1024, 64, "48B shape (D 2304, F 1024, E 256 + shared, top 8)"},
+		{8, 2, 128, 64, 12, "tiny_a's shape (D 128, F 64, E 8 + shared, top 2)"},
+		{16, 4, 352, 224, 12, "D 352, F 224, E 16 + shared, top 4"},
+		{16, 4, 352, 224, 40, "D 352, F 224, E 16 + shared, top 4"},
+	};
+	static const char *outs[4] = {"SwiGLU", "gate (two matrices)", "up (two matrices)", "down"};
+	kl_model   *m;
+	void	   *lib = NULL;
+	expert_test_fn f = NULL;
+	uint64_t	rs = 777;
+
+	m = load_test_hook("kl_cuda_test_expert_products", &lib, (void **) &f);
+	if (!f)
+		return;
+	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++)
+	{
+		int			E = cases[ci].E,
+					k = cases[ci].k,
+					D = cases[ci].D,
+					F = cases[ci].F,
+					n = cases[ci].n,
+					R = n * k + n,
+					most = 0,
+					rc;
+		size_t		off[5] = {0, (size_t) R * F, 2 * (size_t) R * F, 3 * (size_t) R * F, (size_t) R * (3 * F + D)};
+		float	   *lg = malloc(sizeof(float) * (size_t) n * E),
+				   *ym = malloc(sizeof(float) * off[4]),
+				   *yg = malloc(sizeof(float) * off[4]);
+		int		   *start = malloc(sizeof(int) * ((size_t) E + 2));
+		double		worst = 0;
+
+		/* experts 1 and E/2 for three tokens of four (split over items), expert 3 for the first 8 */
+		for (int t = 0; t < n; t++)
+			for (int e = 0; e < E; e++)
+				lg[(size_t) t * E + e] = (float) ((unif(&rs) + unif(&rs) + unif(&rs) - 1.5) * 2.0) +
+					(((e == 1 || e == E / 2) && t % 4 != 3) || (e == 3 && t < 8 && k > 2) ? 4.0f : 0.0f);
+		rc = f(n, E, k, D, F, lg, 1000 + ci, start, ym, yg);
+		if (rc == 0)
+		{
+			for (int e = 0; e < E; e++)
+				most = start[e + 1] - start[e] > most ? start[e + 1] - start[e] : most;
+			for (int o = 0; o < 4; o++)
+			{
+				double		e = rel_err_nan(ym + off[o], yg + off[o], off[o + 1] - off[o]);
+
+				tap_diag("%s, %d tokens, %s: tensor cores vs CUDA cores, rel err %.2e", cases[ci].what, n, outs[o], e);
+				worst = e > worst || isnan(e) ? e : worst;
+			}
+		}
+		tap_ok(rc == 0 && worst <= 1e-5, "expert products on the tensor cores = the CUDA-core kernel on the same "
+			   "bf16 activations, %s, %d tokens: worst rel err %.2e over SwiGLU, two matrices and down (largest "
+			   "routed expert %d tokens, %d items of 8; hook returned %d)", cases[ci].what, n, worst, most,
+			   (most + 7) / 8, rc);
+		free(lg);
+		free(ym);
+		free(yg);
+		free(start);
 	}
 	dlclose(lib);
 	kl_model_free(m);
@@ -1590,12 +1785,15 @@ main(void)
 	check_sampler(true);
 	check_sampler(false);
 	check_route_warp();
+	check_expert_mma();
 	check_golden("tiny_a", "golden.safetensors", "fp32");
 	check_golden("tiny_a", "golden_route_select.safetensors", "fp32");
 	check_golden("tiny_c", "golden.safetensors", "fp32");
 	check_golden("tiny_a", "golden.safetensors", "bf16");
 	check_golden("tiny_a", "golden_route_select.safetensors", "bf16");
 	check_golden("tiny_c", "golden.safetensors", "bf16");
+	check_golden_batch("tiny_a");
+	check_golden_batch("tiny_c");
 	check_big_shapes();
 	check_pgdocs("fp32");
 	check_pgdocs("bf16");
