@@ -681,7 +681,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * step (default: the tensor-core one from 8 tokens, bf16 precision
 		 * only; =N >= 2 moves that threshold; 1 means the default).
 		 * KL_CUDA_GEMV_MMA=N: bf16-precision decode products of N..8 rows on
-		 * tensor cores (default 2; 0 never),
+		 * tensor cores (default 8: below, the CUDA-core kernel was faster on
+		 * the H200; 0 never),
 		 * KL_CUDA_ROUTE_WARP=0 routes and groups in the block kernel instead of
 		 * warps (=N: warps only for steps of up to N tokens; default all that
 		 * group on the device).
@@ -709,7 +710,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
 		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
 		cs->route_warp = rw && *rw ? atoi(rw) : INT_MAX;
-		cs->gemv_mma_min = gm && *gm ? (atoi(gm) > 0 ? atoi(gm) : INT_MAX) : 2;
+		cs->gemv_mma_min = gm && *gm ? (atoi(gm) > 0 ? atoi(gm) : INT_MAX) : 8;
 		cs->sample_wide = !(sw && strcmp(sw, "0") == 0);
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);

@@ -13,7 +13,7 @@
  *                  SGEMM; up to 64 rows the GEMV kernel is cheaper than that
  * A batch of products of the same few rows (a layer's projections) is one
  * launch of the batched GEMV kernel.  In bf16 mode, from
- * KL_CUDA_GEMV_MMA (default 2) rows up to 8, those GEMVs run on the tensor
+ * KL_CUDA_GEMV_MMA (default 8) rows up to 8, those GEMVs run on the tensor
  * cores with bf16 activations (kernels/expert_mma.cu), as cuBLAS does above.
  */
 #include <string.h>
