@@ -17,6 +17,9 @@
 #   bash bench/bench-cuda.sh model CONFIG [options of bench_cuda model]
 #   bash bench/bench-cuda.sh layers N       write /tmp/kl/48b-N.json: the 48B config cut to N layers
 #   bash bench/bench-cuda.sh ncu ARGS       per-kernel GPU times of `bench_cuda ARGS` (Nsight Compute)
+#   bash bench/bench-cuda.sh gemv-sweep [VARIANT [SHAPE]]  decode GEMV variants against a plain read of the
+#                                           same bytes on the model's shapes (bench/gemv_sweep.cu, built
+#                                           here with the GPU machine's nvcc), one table
 #   bash bench/bench-cuda.sh ncu-step ARGS  per-kernel GPU times of NCU_STEPS (2) decode steps of
 #                                           `bench_cuda model ARGS` (one ctx and batch), as RESULT lines
 # Every command prints RESULT lines and appends them to $OUT/results.log.
@@ -122,6 +125,12 @@ ncu)
 	timeout 300 "$ncu" --clock-control none --cache-control ${NCU_CACHE:-all} --metrics gpu__time_duration.sum --print-summary per-kernel \
 		$K/bin/bench_cuda "$@" > "$OUT/ncu.log" 2>&1 || true
 	grep -E "^  [a-zA-Z_].*\(|gpu__time_duration.sum" "$OUT/ncu.log" | sed 's/^ *//' | cut -c1-150 | log
+	;;
+gemv-sweep)
+	mkdir -p $K "$OUT"
+	/usr/local/cuda/bin/nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o $K/gemv_sweep \
+		bench/gemv_sweep.cu kernels/gemv.cu kernels/elementwise.cu
+	$K/gemv_sweep "$@" | tee "$OUT/gemv-sweep.md"
 	;;
 ncu-step)
 	unpack

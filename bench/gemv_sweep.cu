@@ -4,9 +4,12 @@
  * kernel of that size can reach), each as 20 launches captured in one CUDA
  * graph with programmatic dependent launch, as a decode step runs them.
  *
- * Built on the development machine (make gemv-sweep: nvcc, no GPU needed),
- * run on the GPU machine: bench_gemv_sweep [variant ...].  Prints one table.
- * Variants check their output against the current kernel (kk_gemv).
+ * Built and run on the GPU machine by `bash bench/bench-cuda.sh gemv-sweep
+ * [VARIANT [SHAPE]]` (substrings of the names below).  Prints one table.
+ * "kk_gemv" is the library's kernel (the block-rows design), "warp a row" the
+ * older one (kk_set_gemv_rows(0)); the other variants are the experiments
+ * that chose the block-rows shape (bench/notes-cuda.md, 2026-11-30).  Every
+ * variant's output is checked against kk_gemv's.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -287,6 +290,14 @@ run_current(cudaStream_t s, float *y, const float *x, const uint16_t *W, int row
 	kk_gemv(s, y, rows, x, cols, nr, W, 1, rows, cols);
 }
 
+static void
+run_warp_row(cudaStream_t s, float *y, const float *x, const uint16_t *W, int rows, int cols, int nr)
+{
+	kk_set_gemv_rows(0);
+	kk_gemv(s, y, rows, x, cols, nr, W, 1, rows, cols);
+	kk_set_gemv_rows(1);
+}
+
 static unsigned *g_sink;
 
 static void
@@ -309,10 +320,12 @@ typedef struct
 	{"blockrows nr" #N " rb" #R " bt" #B " pf", N, run_blockrows<N, R, B, true>}
 static const variant_t variants[] = {
 	{"stream (ceiling)", 1, run_stream},
-	{"current nr1", 1, run_current},
+	{"kk_gemv nr1", 1, run_current},
+	{"warp a row nr1", 1, run_warp_row},
 	UP(1, 9, 1, 1), UP(1, 4, 1, 0),
 	BR(1, 1, 64), BR(1, 1, 128), BR(1, 2, 64), BR(1, 2, 96), BR(1, 2, 128), BR(1, 3, 96), BR(1, 4, 96), BR(1, 4, 128),
-	{"current nr8", 8, run_current},
+	{"kk_gemv nr8", 8, run_current},
+	{"warp a row nr8", 8, run_warp_row},
 	UP(8, 2, 2, 0), BR(8, 4, 64), BR(8, 8, 32), BR(8, 4, 32),
 };
 
