@@ -314,11 +314,11 @@ kk_expert_mma(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int
 /* ------------------------------------------------------------------ plain products */
 
 #define GM_WARPS 8				/* warps of a block: one m16 tile of rows, the k range split 8 ways */
-#define GM_U 4					/* 32-wide k chunks a warp has in flight per register set */
+#define GM_U 2					/* 32-wide k chunks a warp has in flight per register set */
 
 /* the weight pieces of the warp's chunks i0 .. i0 + GM_U (chunk c = warp + GM_WARPS i) for rows g and g + 8 */
 __device__ __forceinline__ void
-gm_load(uint4 (&w)[GM_U][2], const uint16_t *rg, const uint16_t *rg8, int warp, int i0, int nchunk)
+gm_load_w(uint4 (&w)[GM_U][2], const uint16_t *rg, const uint16_t *rg8, int warp, int i0, int nchunk)
 {
 #pragma unroll
 	for (int u = 0; u < GM_U; u++)
@@ -333,17 +333,43 @@ gm_load(uint4 (&w)[GM_U][2], const uint16_t *rg, const uint16_t *rg8, int warp, 
 	}
 }
 
-/* acc += those chunks times the activations of token g (< n; else zeros), read as fp32 and rounded to bf16 */
+/* token g's activations for the same chunks (zeros for g >= n: has_x false), fp32 */
 __device__ __forceinline__ void
-gm_compute(float *acc, const uint4 (&w)[GM_U][2], const float *xg, bool has_x, bool vec, int warp, int i0,
-		   int nchunk)
+gm_load_x(float4 (&x)[GM_U][2], const float *xg, bool has_x, bool vec, int warp, int i0, int nchunk)
 {
 #pragma unroll
 	for (int u = 0; u < GM_U; u++)
 	{
 		int			c = warp + GM_WARPS * (i0 + u);
-		float4		a = make_float4(0, 0, 0, 0),
-					b = make_float4(0, 0, 0, 0);
+		const float *xp = xg + 32 * c;
+
+		x[u][0] = x[u][1] = make_float4(0, 0, 0, 0);
+		if (has_x && c < nchunk)
+		{
+			if (vec)
+			{
+				x[u][0] = __ldg((const float4 *) xp);
+				x[u][1] = __ldg((const float4 *) xp + 1);
+			}
+			else
+			{
+				x[u][0] = make_float4(xp[0], xp[1], xp[2], xp[3]);
+				x[u][1] = make_float4(xp[4], xp[5], xp[6], xp[7]);
+			}
+		}
+	}
+}
+
+/* acc += those chunks: the activations rounded to bf16, two mma steps a chunk */
+__device__ __forceinline__ void
+gm_compute(float *acc, const uint4 (&w)[GM_U][2], const float4 (&x)[GM_U][2], int warp, int i0, int nchunk)
+{
+#pragma unroll
+	for (int u = 0; u < GM_U; u++)
+	{
+		int			c = warp + GM_WARPS * (i0 + u);
+		const float4 &a = x[u][0],
+				   &b = x[u][1];
 		uint32_t	b0,
 					b1,
 					b2,
@@ -351,21 +377,6 @@ gm_compute(float *acc, const uint4 (&w)[GM_U][2], const float *xg, bool has_x, b
 
 		if (c >= nchunk)
 			break;
-		if (has_x)
-		{
-			const float *xp = xg + 32 * c;
-
-			if (vec)
-			{
-				a = __ldg((const float4 *) xp);
-				b = __ldg((const float4 *) xp + 1);
-			}
-			else
-			{
-				a = make_float4(xp[0], xp[1], xp[2], xp[3]);
-				b = make_float4(xp[4], xp[5], xp[6], xp[7]);
-			}
-		}
 		b0 = (uint32_t) f32_to_bf16(a.x) | ((uint32_t) f32_to_bf16(a.y) << 16);
 		b1 = (uint32_t) f32_to_bf16(a.z) | ((uint32_t) f32_to_bf16(a.w) << 16);
 		b2 = (uint32_t) f32_to_bf16(b.x) | ((uint32_t) f32_to_bf16(b.y) << 16);
@@ -382,9 +393,10 @@ gm_compute(float *acc, const uint4 (&w)[GM_U][2], const float *xg, bool has_x, b
  * takes the 32-wide chunks w, w + 8, ...), so that even a 2304-row matrix
  * keeps over a thousand warps streaming; their partial tiles are added in
  * warp order.  Lane (g, t) reads its token g's activations straight from
- * the (L1-resident) fp32 rows, as many bytes as it reads weights.
+ * the (L1-resident) fp32 rows, as many bytes as it reads weights, together
+ * with the weights of the same chunks, one register set ahead of the mma.
  */
-__global__ void __launch_bounds__(GM_WARPS * 32)
+__global__ void __launch_bounds__(GM_WARPS * 32, 2)
 gemv_mma_kernel(kk_gemv_batch b)
 {
 	__shared__ float part[GM_WARPS][32][4];
@@ -408,26 +420,36 @@ gemv_mma_kernel(kk_gemv_batch b)
 		const uint16_t *rg = (const uint16_t *) jb->W + (size_t) ra * cols + 8 * t,
 				   *rg8 = (const uint16_t *) jb->W + (size_t) rb * cols + 8 * t;
 		int			per_warp = (nchunk - warp + GM_WARPS - 1) / GM_WARPS;
+		bool		has_x = g < n;
 		float		acc[4] = {0, 0, 0, 0};
 		uint4		wa[GM_U][2],
 					wb[GM_U][2];
+		float4		xa[GM_U][2],
+					xb[GM_U][2];
 		const float *xg;
 
 		/* the weights do not depend on earlier kernels: request them before waiting */
-		gm_load(wa, rg, rg8, warp, 0, nchunk);
+		gm_load_w(wa, rg, rg8, warp, 0, nchunk);
 		kk_dep_wait();
 		kk_dep_launch();
-		xg = jb->x + (size_t) (g < n ? g : 0) * jb->ldx + 8 * t;
+		xg = jb->x + (size_t) (has_x ? g : 0) * jb->ldx + 8 * t;
+		gm_load_x(xa, xg, has_x, jb->vec, warp, 0, nchunk);
 		for (int i = 0; i < per_warp; i += 2 * GM_U)
 		{
 			if (i + GM_U < per_warp)
-				gm_load(wb, rg, rg8, warp, i + GM_U, nchunk);
-			gm_compute(acc, wa, xg, g < n, jb->vec, warp, i, nchunk);
+			{
+				gm_load_w(wb, rg, rg8, warp, i + GM_U, nchunk);
+				gm_load_x(xb, xg, has_x, jb->vec, warp, i + GM_U, nchunk);
+			}
+			gm_compute(acc, wa, xa, warp, i, nchunk);
 			if (i + GM_U >= per_warp)
 				break;
 			if (i + 2 * GM_U < per_warp)
-				gm_load(wa, rg, rg8, warp, i + 2 * GM_U, nchunk);
-			gm_compute(acc, wb, xg, g < n, jb->vec, warp, i + GM_U, nchunk);
+			{
+				gm_load_w(wa, rg, rg8, warp, i + 2 * GM_U, nchunk);
+				gm_load_x(xa, xg, has_x, jb->vec, warp, i + 2 * GM_U, nchunk);
+			}
+			gm_compute(acc, wb, xb, warp, i + GM_U, nchunk);
 		}
 #pragma unroll
 		for (int i = 0; i < 4; i++)

@@ -702,9 +702,10 @@ greedy_clear_differs(const float *a, const float *ref, int rows, int V, double t
 }
 
 /*
- * A golden model in bf16 precision, 12 sequences decoding together (one
- * batch of 12 tokens a step: the decode path that, with bf16 expert weights,
- * takes the tensor-core experts), against the CPU engine in fp32 on the
+ * A golden model in bf16 precision, nseq sequences decoding together (one
+ * batch of nseq tokens a step: with 8, the plain products take the
+ * tensor-core GEMV; with 12 cuBLAS, and with bf16 expert weights the
+ * tensor-core experts), against the CPU engine in fp32 on the
  * same prompts: logits within the bf16 tolerance, and the greedy ids equal
  * wherever the CPU's choice is clear.  These tiny models' logits are flat
  * (on the CPU a quarter of these 48 rows have their top two within 0.06 of
@@ -713,7 +714,7 @@ greedy_clear_differs(const float *a, const float *ref, int rows, int V, double t
  * the golden prompt (trained text).
  */
 static void
-check_golden_batch(const char *model)
+check_golden_batch(const char *model, int nseq)
 {
 	char		dir[1024],
 				path[1200];
@@ -722,8 +723,7 @@ check_golden_batch(const char *model)
 	const kl_st_tensor *t;
 	kl_model   *gpu,
 			   *cpu;
-	int			nseq = 12,
-				rounds = 4,
+	int			rounds = 4,
 				rows = nseq * rounds,
 				same,
 				bad,
@@ -1860,8 +1860,11 @@ main(void)
 	check_golden("tiny_a", "golden.safetensors", "bf16");
 	check_golden("tiny_a", "golden_route_select.safetensors", "bf16");
 	check_golden("tiny_c", "golden.safetensors", "bf16");
-	check_golden_batch("tiny_a");
-	check_golden_batch("tiny_c");
+	/* 12: plain products through cuBLAS; 8: through the tensor-core GEMV (gemv_mma_kernel) */
+	check_golden_batch("tiny_a", 12);
+	check_golden_batch("tiny_c", 12);
+	check_golden_batch("tiny_a", 8);
+	check_golden_batch("tiny_c", 8);
 	check_big_shapes();
 	check_pgdocs("fp32");
 	check_pgdocs("bf16");
