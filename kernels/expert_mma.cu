@@ -332,13 +332,11 @@ xm_resident_blocks(size_t smem)
 
 /* set by kk_set_expert_mma_persist: grids of resident blocks looping over tiles (else a block a tile) */
 static int	xm_persist = 1;
-extern int	kk_expert_rows_persist;	/* gemv.cu's expert kernel takes the same choice */
 
 extern "C" void
 kk_set_expert_mma_persist(int on)
 {
 	xm_persist = on;
-	kk_expert_rows_persist = on;
 }
 
 template <int MODE>

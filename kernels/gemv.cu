@@ -796,64 +796,48 @@ expert_rows_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *
 	expert_rows_pass<N, MODE, RT, BT>(y, ldy, x, ldx, xrow, Wr, row0, rows, nch, i0, sums);
 }
 
-/*
- * Tiles: item slot (the work list's entry) and row block bx (the second
- * half of the row blocks takes the second matrix in the two-matrix mode).
- * A grid of the blocks that fit on the GPU at once loops over the tiles
- * (blockIdx.x, + gridDim.x, ...; item-major), so the last wave does not run
- * part-empty; kk_expert_rows_persist = 0: a block a tile.
- */
 template <int MAXNR, int MODE, int RB, int BT>
 __global__ void __launch_bounds__(BT)
 expert_rows_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
 				   const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
-				   const int *__restrict__ active, int tiles_x)
+				   const int *__restrict__ active)
 {
 	constexpr int RT = MODE == EXPERT_SWIGLU ? 2 * RB : RB;
 	__shared__ float sums[RT * MAXNR];
 	int			per = (rows + RB - 1) / RB;
-	int			total;
+	int			m = MODE == EXPERT_TWO && (int) blockIdx.x >= per;
+	int			row0 = ((int) blockIdx.x - m * per) * RB;
+	int			e,
+				first,
+				count;
+	const uint16_t *Wr[RT];
 
 	/* which experts run depends on the routing kernel before: wait first */
 	kk_dep_wait();
 	kk_dep_launch();
-	total = active[0] * tiles_x;
-	for (int tile = blockIdx.x; tile < total; tile += gridDim.x)
-	{
-		int			bx = tile % tiles_x,
-					m = MODE == EXPERT_TWO && bx >= per,
-					row0 = (bx - m * per) * RB,
-					e = active[1 + tile / tiles_x],
-					first,
-					count;
-		const uint16_t *Wr[RT];
-
-		if (row0 >= rows)
-			continue;			/* the whole block */
-		first = start[e >> 6] + (e & 63) * MAXNR;
-		count = start[(e >> 6) + 1] - first;
-		count = count < MAXNR ? count : MAXNR;
-		e >>= 6;
+	if ((int) blockIdx.y >= active[0] || row0 >= rows)
+		return;
+	e = active[1 + blockIdx.y];
+	first = start[e >> 6] + (e & 63) * MAXNR;
+	count = start[(e >> 6) + 1] - first;
+	count = count < MAXNR ? count : MAXNR;
+	e >>= 6;
 #pragma unroll
-		for (int w = 0; w < RT; w++)
-		{
-			const uint16_t *Wm = (const uint16_t *) (MODE == EXPERT_SWIGLU ? (w < RB ? W0[e] : W1[e]) : m ? W1[e] : W0[e]);
-			int			row = row0 + w % RB;
+	for (int w = 0; w < RT; w++)
+	{
+		const uint16_t *Wm = (const uint16_t *) (MODE == EXPERT_SWIGLU ? (w < RB ? W0[e] : W1[e]) : m ? W1[e] : W0[e]);
+		int			row = row0 + w % RB;
 
-			Wr[w] = row < rows ? Wm + (size_t) row * cols : NULL;
-		}
-		for (int p = 0; p < count; p += MAXNR)
-		{
-			int			nr = count - p < MAXNR ? count - p : MAXNR;
+		Wr[w] = row < rows ? Wm + (size_t) row * cols : NULL;
+	}
+	for (int p = 0; p < count; p += MAXNR)
+	{
+		int			nr = count - p < MAXNR ? count - p : MAXNR;
 
-			expert_rows_upto<MAXNR, MODE, RT, BT>(nr, m ? y1 : y0, ldy, x, ldx, xrow, Wr, row0, rows, cols >> 3,
-												  first + p, sums);
-		}
+		expert_rows_upto<MAXNR, MODE, RT, BT>(nr, m ? y1 : y0, ldy, x, ldx, xrow, Wr, row0, rows, cols >> 3,
+											  first + p, sums);
 	}
 }
-
-/* set by kk_set_expert_mma_persist (expert_mma.cu): the same choice for this kernel */
-int			kk_expert_rows_persist = 1;
 
 template <int MAXNR, int MODE, int RB, int BT>
 static void
@@ -861,23 +845,10 @@ expert_rows_launch_as(cudaStream_t s, int max_active, float *y0, float *y1, int 
 					  const int *xrow, const void *const *W0, const void *const *W1, int rows, int cols,
 					  const int *start, const int *active)
 {
-	static int	fit = 0;		/* blocks resident on the whole GPU, asked once */
-	int			tiles_x = ceil_div(rows, RB) * (MODE == EXPERT_TWO ? 2 : 1);
-	int			most = tiles_x * max_active;
+	dim3		grid(ceil_div(rows, RB) * (MODE == EXPERT_TWO ? 2 : 1), max_active);
 
-	if (!fit)
-	{
-		int			dev = 0,
-					sms = 0,
-					per_sm = 0;
-
-		cudaGetDevice(&dev);
-		cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-		cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, expert_rows_kernel<MAXNR, MODE, RB, BT>, BT, 0);
-		fit = (sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
-	}
-	kk_launch(expert_rows_kernel<MAXNR, MODE, RB, BT>, dim3(kk_expert_rows_persist && fit < most ? fit : most),
-			  dim3(BT), 0, s, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, tiles_x);
+	kk_launch(expert_rows_kernel<MAXNR, MODE, RB, BT>, grid, dim3(BT), 0, s, y0, y1, ldy, x, ldx, xrow, W0, W1, rows,
+			  cols, start, active);
 }
 
 /*
