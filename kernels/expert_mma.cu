@@ -56,9 +56,10 @@
 #define XM_N 8					/* tokens per work item: the n of the mma */
 #define XM_PAD 32				/* bf16 padding per token row in shared memory (bank spread) */
 #define XM_SMEM_MAX (48 * 1024) /* the default dynamic shared memory limit */
-/* resident blocks per SM the registers must allow: 4 (128 registers; the
- * tile loop keeps more alive than one tile did, and SwiGLU spilled at 96) */
-#define XM_MIN_BLOCKS(MODE) 4
+/* resident blocks per SM the registers must allow: 5 for SwiGLU (96
+ * registers, no spills); the one-matrix form holds more B pieces at once and
+ * spills at 96, so 4 (104 registers) */
+#define XM_MIN_BLOCKS(MODE) ((MODE) == XM_SWIGLU ? 5 : 4)
 
 #define XM_ONE 0
 #define XM_TWO 1
@@ -134,29 +135,30 @@ xm_compute(float (*acc)[4], const xm_frag<NM, U> &f, const uint16_t *xg, int k)
 }
 
 /*
- * One tile: item `slot` of the work list, row block `bx` of its matrix (in
- * the two-matrix mode the second half of the row blocks takes the second
- * matrix).  xs: XM_N token rows of cols + XM_PAD bf16 (shared memory).
- * Every thread of the block calls it and passes its one barrier.
+ * Item blockIdx.y of the work list, rows blockIdx.x of its matrix (in the
+ * two-matrix mode the second half of the blocks takes the second matrix).
+ * Dynamic shared memory: XM_N token rows of cols + XM_PAD bf16.
  */
 template <int MODE>
-__device__ __forceinline__ void
-xm_tile(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
-		const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
-		const int *__restrict__ active, int P, bool vec, int slot, int bx, uint16_t *xs)
+__global__ void __launch_bounds__(XM_WARPS * 32, XM_MIN_BLOCKS(MODE))
+expert_mma_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
+				  const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
+				  const int *__restrict__ active, int P, bool vec)
 {
 	constexpr int NM = MODE == XM_SWIGLU ? 2 : 1;	/* matrices a warp streams */
 	constexpr int U = 4 / NM;	/* 32-wide k chunks per step: 8 pieces per lane per set */
 	constexpr int STEP = 32 * U;
+	extern __shared__ uint4 xm_smem[];
+	uint16_t   *xs = (uint16_t *) xm_smem;
 	int			ld = cols + XM_PAD;
 	int			per = (rows + XM_ROWS - 1) / XM_ROWS;
-	int			m1 = MODE == XM_TWO && bx >= per;
+	int			m1 = MODE == XM_TWO && (int) blockIdx.x >= per;
 	int			warp = threadIdx.x >> 5,
 				lane = threadIdx.x & 31,
 				g = lane >> 2,
 				t = lane & 3;
-	int			r0 = (bx - m1 * per) * XM_ROWS + warp * 16;
-	int			item = active[1 + slot],
+	int			r0 = ((int) blockIdx.x - m1 * per) * XM_ROWS + warp * 16;
+	int			item,
 				e,
 				first,
 				count,
@@ -167,6 +169,12 @@ xm_tile(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, con
 	xm_frag<NM, U> fa,
 				fb;
 
+	/* which experts run depends on the routing kernel before: wait first */
+	kk_dep_wait();
+	kk_dep_launch();
+	if ((int) blockIdx.y >= active[0])
+		return;					/* the whole block: no barrier is skipped */
+	item = active[1 + blockIdx.y];
 	first = start[item >> 6] + (item & 63) * P;
 	count = start[(item >> 6) + 1] - first;
 	count = count < P ? count : P;
@@ -222,7 +230,7 @@ xm_tile(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, con
 	}
 	__syncthreads();
 	if (r0 >= rows)
-		return;
+		return;					/* no barrier follows */
 
 	/* k in steps of STEP, two register sets alternating; then 32-wide chunks */
 	{
@@ -267,35 +275,6 @@ xm_tile(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, con
 	}
 }
 
-/*
- * A grid of as many blocks as fit on the GPU at once, each taking tiles
- * blockIdx.x, + gridDim.x, ... of the active items' row blocks (item-major):
- * with one block per tile the last wave of a launch ran part-empty (1.6
- * waves for the SwiGLU products at batch 8).
- * Dynamic shared memory: XM_N token rows of cols + XM_PAD bf16.
- */
-template <int MODE>
-__global__ void __launch_bounds__(XM_WARPS * 32, XM_MIN_BLOCKS(MODE))
-expert_mma_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
-				  const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
-				  const int *__restrict__ active, int P, bool vec, int tiles_x)
-{
-	extern __shared__ uint4 xm_smem[];
-	int			total;
-
-	/* which experts run depends on the routing kernel before: wait first */
-	kk_dep_wait();
-	kk_dep_launch();
-	total = active[0] * tiles_x;
-	for (int tile = blockIdx.x; tile < total; tile += gridDim.x)
-	{
-		xm_tile<MODE>(y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, P, vec, tile / tiles_x,
-					  tile % tiles_x, (uint16_t *) xm_smem);
-		/* the next tile restages the tokens: every warp must be done with them */
-		__syncthreads();
-	}
-}
-
 static size_t
 xm_smem_bytes(int cols)
 {
@@ -308,52 +287,6 @@ kk_expert_mma_ok(int cols)
 	return cols > 0 && cols % 32 == 0 && xm_smem_bytes(cols) <= XM_SMEM_MAX;
 }
 
-/* blocks of the expert kernel for MODE resident on the whole GPU at once (asked once per mode) */
-template <int MODE>
-static int
-xm_resident_blocks(size_t smem)
-{
-	static int	cached[2] = {0, 0};		/* for the 2304- and the narrower-column staging sizes */
-	int			slot = smem > xm_smem_bytes(1024) ? 1 : 0;
-
-	if (!cached[slot])
-	{
-		int			dev = 0,
-					sms = 0,
-					per_sm = 0;
-
-		cudaGetDevice(&dev);
-		cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-		cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, expert_mma_kernel<MODE>, XM_WARPS * 32, smem);
-		cached[slot] = (sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
-	}
-	return cached[slot];
-}
-
-/* set by kk_set_expert_mma_persist: grids of resident blocks looping over tiles (else a block a tile) */
-static int	xm_persist = 1;
-
-extern "C" void
-kk_set_expert_mma_persist(int on)
-{
-	xm_persist = on;
-}
-
-template <int MODE>
-static void
-xm_launch(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
-		  const void *const *W0, const void *const *W1, int rows, int cols, const int *start, const int *active,
-		  int max_active, int P, bool vec)
-{
-	int			tiles_x = ceil_div(rows, XM_ROWS) * (MODE == XM_TWO ? 2 : 1);
-	size_t		smem = xm_smem_bytes(cols);
-	int			most = tiles_x * max_active,
-				fit = xm_persist ? xm_resident_blocks<MODE>(smem) : most;
-
-	kk_launch(expert_mma_kernel<MODE>, dim3(most < fit ? most : fit), dim3(XM_WARPS * 32), smem, s, y0, y1, ldy, x,
-			  ldx, xrow, W0, W1, rows, cols, start, active, P, vec, tiles_x);
-}
-
 extern "C" void
 kk_expert_mma(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
 			  const void *const *W0, const void *const *W1, int rows, int cols, const int *start, const int *active,
@@ -361,15 +294,21 @@ kk_expert_mma(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int
 {
 	bool		vec = ldx % 4 == 0 && ((uintptr_t) x & 15) == 0;
 	int			mode = !W1 ? XM_ONE : y1 ? XM_TWO : XM_SWIGLU;
+	dim3		grid(ceil_div(rows, XM_ROWS) * (mode == XM_TWO ? 2 : 1), max_active);
+	dim3		block(XM_WARPS * 32);
+	size_t		smem = xm_smem_bytes(cols);
 
 	if (max_active <= 0 || rows <= 0)
 		return;
 	if (mode == XM_ONE)
-		xm_launch<XM_ONE>(s, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, max_active, P, vec);
+		kk_launch(expert_mma_kernel<XM_ONE>, grid, block, smem, s, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
+				  start, active, P, vec);
 	else if (mode == XM_TWO)
-		xm_launch<XM_TWO>(s, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, max_active, P, vec);
+		kk_launch(expert_mma_kernel<XM_TWO>, grid, block, smem, s, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
+				  start, active, P, vec);
 	else
-		xm_launch<XM_SWIGLU>(s, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, max_active, P, vec);
+		kk_launch(expert_mma_kernel<XM_SWIGLU>, grid, block, smem, s, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
+				  start, active, P, vec);
 }
 
 /* ------------------------------------------------------------------ plain products */

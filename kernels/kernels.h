@@ -100,8 +100,6 @@ void		kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float 
  * == 0 and the staged tokens fit in shared memory); else use kk_expert_gemv.
  */
 #define KK_EXPERT_MMA_ROWS 8
-/* its grid: the blocks that fit on the GPU at once, looping over the tiles (1, the default), or a block a tile */
-void		kk_set_expert_mma_persist(int on);
 int			kk_expert_mma_ok(int cols);
 void		kk_expert_mma(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
 						  const void *const *W0, const void *const *W1, int rows, int cols, const int *start,

@@ -680,8 +680,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_EXPERT_MMA=0 keeps the CUDA-core expert kernel for every
 		 * step (default: the tensor-core one from 8 tokens, bf16 precision
 		 * only; =N >= 2 moves that threshold; 1 means the default).
-		 * KL_CUDA_EXPERT_PERSIST=0 launches a block per tile of the tensor-core
-		 * expert products (default: the resident blocks loop over the tiles),
 		 * KL_CUDA_GEMV_MMA=N: bf16-precision decode products of N..8 rows on
 		 * tensor cores (default 8: below, the CUDA-core kernel was faster on
 		 * the H200; 0 never),
@@ -701,14 +699,12 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *mm = getenv("KL_CUDA_MLA_MMA"),
 				   *rw = getenv("KL_CUDA_ROUTE_WARP"),
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
-				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
-				   *xp = getenv("KL_CUDA_EXPERT_PERSIST");
+				   *sw = getenv("KL_CUDA_SAMPLE_WIDE");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
 		kk_set_pdl(major >= 9 && !(pdl && strcmp(pdl, "0") == 0));
 		kk_set_gemv_rows(!(gw && strcmp(gw, "0") == 0));
-		kk_set_expert_mma_persist(!(xp && strcmp(xp, "0") == 0));
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
