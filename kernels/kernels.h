@@ -142,6 +142,20 @@ void		kk_mla_append(cudaStream_t s, int n_tokens, int Wa, const float *kv, const
 void		kk_mla_gather(cudaStream_t s, float *dst, int64_t m, int Wa, float *const *pages, int c16);
 void		kk_mla_absorb_q(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *q,
 							const void *kv_b, int bf16, float *qabs, const int *row_seq, const int *absorbed);
+/*
+ * The same two products for decode steps (KL_CUDA_MLA_SMALL): 1 ..
+ * KK_MLA_STREAM_MAX_TOKENS tokens, weights streamed in 16-byte loads (kv_b
+ * 16-byte aligned, R a multiple of 8; absorb: Dn <= 128; out: R <= 512 and
+ * olat 16-byte aligned).  Same results as kk_mla_absorb_q / kk_mla_out up to
+ * the order of the fp32 sums; -1 (nothing launched) when the shape is not
+ * covered, else 0.
+ */
+#define KK_MLA_STREAM_MAX_TOKENS 64
+int			kk_mla_absorb_q_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R,
+								   const float *q, const void *kv_b, int bf16, float *qabs, const int *row_seq,
+								   const int *absorbed);
+int			kk_mla_out_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dv, int R, const float *olat,
+							  const void *kv_b, int bf16, float *out, const int *row_seq, const int *absorbed);
 int			kk_mla_attend_supported(int Ha, int R, int Dr);
 int			kk_mla_attend(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R, int Dr,
 						  const float *qabs, float scale, const int *row_seq, const int *row0, const int64_t *pos0,

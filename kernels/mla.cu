@@ -11,6 +11,9 @@
  *                   contexts spread over many blocks (flash-decoding)
  *   mla_merge       combines the key ranges into olat [t, h, R]
  *   mla_out         out[t, h] = W_uv_h olat[t, h]
+ * (mla_absorb_q_stream and mla_out_stream: the same two products for decode
+ * steps of up to 64 tokens, weights in 16-byte loads; KL_CUDA_MLA_SMALL=0
+ * keeps the kernels above)
  * Long prompts (the expanded form) use cuBLAS for the products, with these
  * helpers: mla_gather (the sequence's cache rows, contiguous) and
  * mla_softmax (causal softmax of one block of score rows).
@@ -194,6 +197,239 @@ kk_mla_absorb_q(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, in
 	else
 		kk_launch(mla_absorb_q_kernel<false>, grid, dim3(256), sm, s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, qabs,
 				  row_seq, absorbed);
+}
+
+/*
+ * The decode form of the same product (KL_CUDA_MLA_SMALL, 1..64 tokens):
+ * the weights stream with 16-byte loads, all of a thread's loads issued
+ * before it waits for the previous kernel (W_uk is constant), so that the
+ * 4 MB of the 48B shape are in flight at once instead of trickling in as
+ * 2-byte loads of one column per thread.
+ *
+ * Block (head, 128 columns of R), 256 threads: the 16 eight-column pieces
+ * of a row go to 16 threads, the Dn rows to 16 row groups (row d to group
+ * d % 16, so at most 8 rows a thread: Dn <= 128).  A warp holds 8 pieces of
+ * 4 row groups, so that its 8 lanes on one row read 128 contiguous bytes.
+ * The block walks its tokens NT at a time (q of the NT tokens in shared
+ * memory, [d][NT]): a thread sums its rows for NT tokens x 8 columns, the
+ * warp folds its 4 row groups together with a halving exchange (each step
+ * sends half of the values, so 8 NT values cost 6 NT shuffles, not 16 NT),
+ * and the 4 warps of a piece half meet in shared memory.
+ */
+#define SQ_PIECES 16			/* eight-column pieces per block: 128 columns */
+#define SQ_GROUPS 16			/* row groups */
+#define SQ_ROWS 8				/* rows per thread: Dn <= 128 */
+
+/* eight consecutive weights from 16-byte loads: bf16 (one load) or fp32 (two) */
+template <bool BF16>
+struct w8
+{
+	uint4		a,
+				b;
+
+	__device__ __forceinline__ void load(const void *base, size_t e)
+	{
+		if (BF16)
+			a = __ldg((const uint4 *) ((const uint16_t *) base + e));
+		else
+		{
+			const uint4 *p = (const uint4 *) ((const float *) base + e);
+
+			a = __ldg(p);
+			b = __ldg(p + 1);
+		}
+	}
+	__device__ __forceinline__ void zero(void)
+	{
+		a = make_uint4(0, 0, 0, 0);
+		b = a;
+	}
+	__device__ __forceinline__ void get(float *w) const
+	{
+		if (BF16)
+			unpack8_bf16(a, w);
+		else
+		{
+			w[0] = __uint_as_float(a.x);
+			w[1] = __uint_as_float(a.y);
+			w[2] = __uint_as_float(a.z);
+			w[3] = __uint_as_float(a.w);
+			w[4] = __uint_as_float(b.x);
+			w[5] = __uint_as_float(b.y);
+			w[6] = __uint_as_float(b.z);
+			w[7] = __uint_as_float(b.w);
+		}
+	}
+};
+
+/*
+ * One halving step of a warp's exchange: lanes with bit `o` of their lane
+ * id set keep the upper half of v[0 .. 2 m) and send the lower half, the
+ * others the reverse; afterwards v[i] (i < m) holds the pair's sum of the
+ * kept index i + m (upper) or i (lower).
+ */
+template <int m>
+__device__ __forceinline__ void
+halve_xor(float *v, int o, int lane)
+{
+	/* a bit mask, not a select: a select of two array elements becomes a
+	 * select of their addresses, which moves the array to local memory */
+	uint32_t	up = (lane & o) ? 0xffffffffu : 0u;
+
+#pragma unroll
+	for (int i = 0; i < m; i++)
+	{
+		uint32_t	lo = __float_as_uint(v[i]),
+					hi = __float_as_uint(v[i + m]);
+		float		send = __uint_as_float((lo & up) | (hi & ~up)),
+					keep = __uint_as_float((hi & up) | (lo & ~up));
+
+		v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+	}
+}
+
+template <bool BF16, int NT>
+__global__ void __launch_bounds__(256)
+mla_absorb_q_stream_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *__restrict__ q,
+						   const void *__restrict__ kv_b, float *qabs, const int *__restrict__ row_seq,
+						   const int *__restrict__ absorbed)
+{
+	__shared__ __align__(16) float qs[SQ_ROWS * SQ_GROUPS * NT];	/* [d][NT] */
+	__shared__ float part[4 * NT * SQ_PIECES * 8];	/* [row quarter][token][column] */
+	const int	NV = 8 * NT;	/* a thread's sums: [token][column] */
+	int			h = blockIdx.x,
+				lane = threadIdx.x & 31,
+				w = threadIdx.x >> 5;
+	int			piece = (w & 1) * 8 + (lane & 7),
+				quarter = (lane >> 3) & 3,
+				g = (w >> 1) * 4 + quarter;
+	int			c0 = (blockIdx.y * SQ_PIECES + piece) * 8;
+	int			Dq = Dn + Dr,
+				Wa = R + Dr;
+	w8<BF16>	wt[SQ_ROWS];
+
+	/* the weights first: constant, so before the wait */
+#pragma unroll
+	for (int i = 0; i < SQ_ROWS; i++)
+	{
+		int			d = g + SQ_GROUPS * i;
+
+		if (d < Dn && c0 < R)
+			wt[i].load(kv_b, ((size_t) h * (Dn + Dv) + d) * R + c0);
+		else
+			wt[i].zero();
+	}
+	kk_dep_wait();
+	kk_dep_launch();
+	for (int t0 = 0; t0 < n_tokens; t0 += NT)
+	{
+		int			nr = n_tokens - t0 < NT ? n_tokens - t0 : NT;
+		bool		any = false;
+		float		acc[NV];
+
+		for (int r = 0; r < nr; r++)
+			any |= absorbed[row_seq[t0 + r]] != 0;
+		if (!any)
+			continue;			/* the same for the whole block */
+		__syncthreads();		/* the previous tokens' qs and part are read */
+		for (int e = threadIdx.x; e < Dn * NT; e += blockDim.x)
+		{
+			int			d = e / NT,
+						r = e % NT;
+
+			qs[e] = r < nr ? q[(size_t) (t0 + r) * Ha * Dq + (size_t) h * Dq + d] : 0.0f;
+		}
+		__syncthreads();
+#pragma unroll
+		for (int i = 0; i < NV; i++)
+			acc[i] = 0.0f;
+#pragma unroll
+		for (int i = 0; i < SQ_ROWS; i++)
+		{
+			int			d = g + SQ_GROUPS * i;
+			float		wf[8],
+						qv[NT];
+
+			if (d >= Dn)
+				break;
+			wt[i].get(wf);
+#pragma unroll
+			for (int r = 0; r < NT; r++)
+				qv[r] = qs[d * NT + r];
+#pragma unroll
+			for (int r = 0; r < NT; r++)
+#pragma unroll
+				for (int k = 0; k < 8; k++)
+					acc[r * 8 + k] += qv[r] * wf[k];
+		}
+		/* fold the warp's 4 row groups (lane bits 3 and 4): NV -> NV / 4 values */
+		halve_xor<NV / 2>(acc, 16, lane);
+		halve_xor<NV / 4>(acc, 8, lane);
+		/* acc[i] is the sum of index i + (NV / 4) quarter: token o / 8, column o % 8 */
+#pragma unroll
+		for (int i = 0; i < NV / 4; i++)
+		{
+			int			o = i + (NV / 4) * quarter;
+
+			part[((w >> 1) * NT + o / 8) * (SQ_PIECES * 8) + piece * 8 + o % 8] = acc[i];
+		}
+		__syncthreads();
+		for (int e = threadIdx.x; e < NT * SQ_PIECES * 8; e += blockDim.x)
+		{
+			int			r = e / (SQ_PIECES * 8),
+						c = blockIdx.y * SQ_PIECES * 8 + e % (SQ_PIECES * 8);
+			const int	qstride = NT * SQ_PIECES * 8;
+
+			if (r < nr && c < R)
+				qabs[((size_t) (t0 + r) * Ha + h) * Wa + c] = (part[e] + part[qstride + e]) +
+					(part[2 * qstride + e] + part[3 * qstride + e]);
+		}
+		if (blockIdx.y == 0)
+			for (int e = threadIdx.x; e < nr * Dr; e += blockDim.x)
+			{
+				int			r = e / Dr,
+							i = e % Dr;
+
+				qabs[((size_t) (t0 + r) * Ha + h) * Wa + R + i] =
+					q[(size_t) (t0 + r) * Ha * Dq + (size_t) h * Dq + Dn + i];
+			}
+	}
+}
+
+/* the launch of one (precision, token tile) instance: NT tokens a pass */
+template <bool BF16>
+static void
+absorb_q_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *q,
+				const void *kv_b, float *qabs, const int *row_seq, const int *absorbed)
+{
+	dim3		grid(Ha, ceil_div(R, SQ_PIECES * 8));
+
+	if (n_tokens == 1)
+		kk_launch(mla_absorb_q_stream_kernel<BF16, 1>, grid, dim3(256), 0, s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b,
+				  qabs, row_seq, absorbed);
+	else if (n_tokens == 2)
+		kk_launch(mla_absorb_q_stream_kernel<BF16, 2>, grid, dim3(256), 0, s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b,
+				  qabs, row_seq, absorbed);
+	else if (n_tokens <= 4)
+		kk_launch(mla_absorb_q_stream_kernel<BF16, 4>, grid, dim3(256), 0, s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b,
+				  qabs, row_seq, absorbed);
+	else
+		kk_launch(mla_absorb_q_stream_kernel<BF16, 8>, grid, dim3(256), 0, s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b,
+				  qabs, row_seq, absorbed);
+}
+
+extern "C" int
+kk_mla_absorb_q_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *q,
+					   const void *kv_b, int bf16, float *qabs, const int *row_seq, const int *absorbed)
+{
+	if (n_tokens < 1 || n_tokens > KK_MLA_STREAM_MAX_TOKENS || Dn > SQ_ROWS * SQ_GROUPS || R % 8 != 0 ||
+		((uintptr_t) kv_b & 15) != 0)
+		return -1;
+	if (bf16)
+		absorb_q_stream<true>(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, qabs, row_seq, absorbed);
+	else
+		absorb_q_stream<false>(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, qabs, row_seq, absorbed);
+	return 0;
 }
 
 /* ------------------------------------------------------------------ decode attention */
@@ -1021,6 +1257,169 @@ kk_mla_out(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dv, int R, const fl
 	else
 		kk_launch(mla_out_kernel<false>, grid, dim3(256), sm, s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out, row_seq,
 				  absorbed);
+}
+
+/*
+ * The decode form of the same product (KL_CUDA_MLA_SMALL, 1..64 tokens): a
+ * GEMV per head with 16-byte weight loads, all issued before the wait (W_uv
+ * is constant).  Block (head, 32 output columns), 256 threads: warp w has
+ * columns 4w .. 4w + 3, its lanes the rows' eight-weight pieces (lane and
+ * lane + 32: R <= 512).  Tokens NT at a time, their olat rows in shared
+ * memory; a lane's 4 NT partial sums go through a halving exchange over the
+ * warp (31 shuffles for 32 values instead of 160), which leaves each sum on
+ * its own lane.
+ */
+#define SO_COLS 32				/* output columns per block */
+#define SO_PIECES 2				/* eight-weight pieces per lane and row: R <= 512 */
+
+/*
+ * The whole warp's sum of each of a lane's 2 m values (m a power of two,
+ * 2 m <= 32): halving steps over lane bits 4, 3, ... while values are left
+ * to split, then plain sums over the remaining bits.  Afterwards lane l
+ * holds the sum of index l / (16 / m) in v[0].
+ */
+template <int m, int o>
+__device__ __forceinline__ void
+fold_warp(float *v, int lane)
+{
+	if constexpr (o >= 1)
+	{
+		if constexpr (m >= 1)
+			halve_xor<m>(v, o, lane);
+		else
+			v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
+		fold_warp<m / 2, o / 2>(v, lane);
+	}
+}
+
+template <bool BF16, int NT>
+__global__ void __launch_bounds__(256)
+mla_out_stream_kernel(int n_tokens, int Ha, int Dn, int Dv, int R, const float *__restrict__ olat,
+					  const void *__restrict__ kv_b, float *out, const int *__restrict__ row_seq,
+					  const int *__restrict__ absorbed)
+{
+	extern __shared__ __align__(16) float so_s[];	/* [NT][R] */
+	const int	NV = 4 * NT;	/* a lane's sums: [column][token] */
+	int			h = blockIdx.x,
+				lane = threadIdx.x & 31,
+				w = threadIdx.x >> 5;
+	int			x0 = blockIdx.y * SO_COLS + 4 * w;
+	int			np = R / 8;
+	w8<BF16>	wt[4][SO_PIECES];
+
+#pragma unroll
+	for (int j = 0; j < 4; j++)
+#pragma unroll
+		for (int m = 0; m < SO_PIECES; m++)
+		{
+			int			p = lane + 32 * m;
+
+			if (x0 + j < Dv && p < np)
+				wt[j][m].load(kv_b, ((size_t) h * (Dn + Dv) + Dn + x0 + j) * R + p * 8);
+			else
+				wt[j][m].zero();
+		}
+	kk_dep_wait();
+	kk_dep_launch();
+	for (int t0 = 0; t0 < n_tokens; t0 += NT)
+	{
+		int			nr = n_tokens - t0 < NT ? n_tokens - t0 : NT;
+		bool		any = false;
+		float		acc[NV];
+
+		for (int r = 0; r < nr; r++)
+			any |= absorbed[row_seq[t0 + r]] != 0;
+		if (!any)
+			continue;			/* the same for the whole block */
+		__syncthreads();		/* the previous tokens' rows are read */
+		for (int e = threadIdx.x * 4; e < NT * R; e += blockDim.x * 4)
+		{
+			int			r = e / R;
+
+			if (r < nr)
+				*(float4 *) (so_s + e) = *(const float4 *) (olat + ((size_t) (t0 + r) * Ha + h) * R + e % R);
+			else
+				*(float4 *) (so_s + e) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+		}
+		__syncthreads();
+#pragma unroll
+		for (int i = 0; i < NV; i++)
+			acc[i] = 0.0f;
+#pragma unroll
+		for (int m = 0; m < SO_PIECES; m++)
+		{
+			int			p = lane + 32 * m;
+			float		wf[4][8];
+
+			if (p >= np)
+				break;
+#pragma unroll
+			for (int j = 0; j < 4; j++)
+				wt[j][m].get(wf[j]);
+#pragma unroll
+			for (int r = 0; r < NT; r++)
+			{
+				float4		a = *(const float4 *) (so_s + r * R + p * 8),
+							b = *(const float4 *) (so_s + r * R + p * 8 + 4);
+				float		ov[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+
+#pragma unroll
+				for (int j = 0; j < 4; j++)
+#pragma unroll
+					for (int k = 0; k < 8; k++)
+						acc[j * NT + r] += ov[k] * wf[j][k];
+			}
+		}
+		/* halve over lane bits 4, 3, ... while more than one value is left, then plain sums */
+		fold_warp<NV / 2, 16>(acc, lane);
+		/* lane l holds the sum of index l / (32 / NV): column idx / NT, token idx % NT */
+		if ((lane & (32 / NV - 1)) == 0)
+		{
+			int			idx = lane / (32 / NV),
+						j = idx / NT,
+						r = idx % NT;
+
+			if (r < nr && x0 + j < Dv && absorbed[row_seq[t0 + r]])
+				out[(size_t) (t0 + r) * Ha * Dv + (size_t) h * Dv + x0 + j] = acc[0];
+		}
+	}
+}
+
+template <bool BF16>
+static void
+out_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dv, int R, const float *olat, const void *kv_b,
+		   float *out, const int *row_seq, const int *absorbed)
+{
+	dim3		grid(Ha, ceil_div(Dv, SO_COLS));
+	int			nt = n_tokens == 1 ? 1 : n_tokens == 2 ? 2 : n_tokens <= 4 ? 4 : 8;
+	size_t		sm = sizeof(float) * (size_t) nt * R;
+
+	if (nt == 1)
+		kk_launch(mla_out_stream_kernel<BF16, 1>, grid, dim3(256), sm, s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out,
+				  row_seq, absorbed);
+	else if (nt == 2)
+		kk_launch(mla_out_stream_kernel<BF16, 2>, grid, dim3(256), sm, s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out,
+				  row_seq, absorbed);
+	else if (nt == 4)
+		kk_launch(mla_out_stream_kernel<BF16, 4>, grid, dim3(256), sm, s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out,
+				  row_seq, absorbed);
+	else
+		kk_launch(mla_out_stream_kernel<BF16, 8>, grid, dim3(256), sm, s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out,
+				  row_seq, absorbed);
+}
+
+extern "C" int
+kk_mla_out_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dv, int R, const float *olat, const void *kv_b,
+				  int bf16, float *out, const int *row_seq, const int *absorbed)
+{
+	if (n_tokens < 1 || n_tokens > KK_MLA_STREAM_MAX_TOKENS || R % 8 != 0 || R > 32 * 8 * SO_PIECES ||
+		((uintptr_t) kv_b & 15) != 0 || ((uintptr_t) olat & 15) != 0)
+		return -1;
+	if (bf16)
+		out_stream<true>(s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out, row_seq, absorbed);
+	else
+		out_stream<false>(s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out, row_seq, absorbed);
+	return 0;
 }
 
 /* ------------------------------------------------------------------ prefill softmax */

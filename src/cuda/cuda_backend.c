@@ -688,6 +688,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * group on the device).
 		 * KL_CUDA_SAMPLE_WIDE=0 samples with one block per row (the wide
 		 * sampler spreads a row over a cluster of blocks; same choices).
+		 * KL_CUDA_MLA_SMALL=0 keeps the older MLA absorb and output kernels
+		 * for decode steps (default: 16-byte weight loads up to 64 tokens).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
@@ -699,7 +701,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *mm = getenv("KL_CUDA_MLA_MMA"),
 				   *rw = getenv("KL_CUDA_ROUTE_WARP"),
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
-				   *sw = getenv("KL_CUDA_SAMPLE_WIDE");
+				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
+				   *ms = getenv("KL_CUDA_MLA_SMALL");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -712,6 +715,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->route_warp = rw && *rw ? atoi(rw) : INT_MAX;
 		cs->gemv_mma_min = gm && *gm ? (atoi(gm) > 0 ? atoi(gm) : INT_MAX) : 8;
 		cs->sample_wide = !(sw && strcmp(sw, "0") == 0);
+		cs->mla_small = !(ms && strcmp(ms, "0") == 0);
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
 		be->mla_cache_bf16 = cs->mla_c16;

@@ -113,6 +113,7 @@ typedef struct cuda_state
 	bool		bf16;			/* precision "bf16": weights and matmul activations */
 	bool		mla_c16;		/* the MLA latent cache holds bf16 (bf16 precision) */
 	bool		mla_mma;		/* decode attention over the bf16 cache on tensor cores */
+	bool		mla_small;		/* decode steps: the 16-byte-load absorb and output products */
 	cudaStream_t stream;
 	cublasHandle_t blas;
 	void	   *blas_ws;
@@ -287,6 +288,11 @@ int			cuda_sample(kl_backend *be, float *logits, int vocab, const kl_sample_row 
 
 /* test hook of cuda_moe.c (test_cuda.c calls it through dlsym): the fused
  * decode routing launchers on host inputs, outputs copied back */
+/* test hook of cuda_mla.c: the MLA absorb and output products of n decode
+ * tokens through the older kernels and the KL_CUDA_MLA_SMALL ones */
+int			kl_cuda_test_mla_small(int n, int Ha, int Dn, int Dr, int Dv, int R, int bf16, const float *q,
+								   const void *kv_b, const float *olat, const int *absorbed, float *qabs_old,
+								   float *qabs_new, float *out_old, float *out_new);
 int			kl_cuda_test_route_group(int warp, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
 									 int bias_in_w, float scaling, int shared_rows, int P, const float *logits,
 									 const float *bias, int *sel, float *wts, int *start, int *xrow, int *inv,

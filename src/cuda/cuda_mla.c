@@ -159,7 +159,12 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 	if (!qabs || !olat || !pacc || !pml)
 		return;
 
-	kk_mla_absorb_q(cs->stream, n, Ha, Dn, Dr, Dv, R, a->q, p->kv_b, p->bf16, qabs, cs->d_row_seq, cs->d_absorbed);
+	/* decode steps: the 16-byte-load kernel where it covers the shape (-1: not launched) */
+	if (!cs->mla_small ||
+		kk_mla_absorb_q_stream(cs->stream, n, Ha, Dn, Dr, Dv, R, a->q, p->kv_b, p->bf16, qabs, cs->d_row_seq,
+							   cs->d_absorbed) != 0)
+		kk_mla_absorb_q(cs->stream, n, Ha, Dn, Dr, Dv, R, a->q, p->kv_b, p->bf16, qabs, cs->d_row_seq,
+						cs->d_absorbed);
 	if (!cuda_launched(be, "mla_absorb_q"))
 		return;
 	if (cs->mla_mma)
@@ -181,8 +186,80 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 				 cs->d_absorbed, olat);
 	if (!cuda_launched(be, "mla_merge"))
 		return;
-	kk_mla_out(cs->stream, n, Ha, Dn, Dv, R, olat, p->kv_b, p->bf16, a->out, cs->d_row_seq, cs->d_absorbed);
+	if (!cs->mla_small ||
+		kk_mla_out_stream(cs->stream, n, Ha, Dn, Dv, R, olat, p->kv_b, p->bf16, a->out, cs->d_row_seq,
+						  cs->d_absorbed) != 0)
+		kk_mla_out(cs->stream, n, Ha, Dn, Dv, R, olat, p->kv_b, p->bf16, a->out, cs->d_row_seq, cs->d_absorbed);
 	cuda_launched(be, "mla_out");
+}
+
+/* ------------------------------------------------------------------ test hook */
+
+/*
+ * For test/engine/test_cuda.c only (found with dlsym; the backend does not
+ * use it): the absorb and output products of n decode tokens (token t its
+ * own sequence t; absorbed[t] nonzero where the token takes the absorbed
+ * form) through the older kernels (kk_mla_absorb_q, kk_mla_out) and the
+ * 16-byte-load ones (KL_CUDA_MLA_SMALL), on the current device.  Host
+ * inputs: q [n, Ha, Dn + Dr], kv_b [Ha (Dn + Dv), R] in bf16 (uint16_t) or
+ * fp32, olat [n, Ha, R].  Outputs, copied back: qabs_* [n, Ha, R + Dr] and
+ * out_* [n, Ha Dv]; their host contents go to the device first, so that the
+ * entries a kernel leaves alone compare too.  Returns 0, -1 when the new
+ * kernels do not cover the shape, or a CUDA error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_mla_small(int n, int Ha, int Dn, int Dr, int Dv, int R, int bf16, const float *q, const void *kv_b,
+					   const float *olat, const int *absorbed, float *qabs_old, float *qabs_new, float *out_old,
+					   float *out_new)
+{
+	size_t		nq = (size_t) n * Ha * (Dn + Dr),
+				nw = (size_t) Ha * (Dn + Dv) * R,
+				nqa = (size_t) n * Ha * (R + Dr),
+				no = (size_t) n * Ha * Dv;
+	size_t		sz[9] = {sizeof(float) * nq, nw * (bf16 ? 2 : 4), sizeof(float) * (size_t) n * Ha * R,
+						  sizeof(int) * (size_t) n, sizeof(int) * (size_t) n, sizeof(float) * nqa,
+						  sizeof(float) * nqa, sizeof(float) * no, sizeof(float) * no};
+	int		   *row_seq = malloc(sizeof(int) * (size_t) n);
+	const void *host_in[9] = {q, kv_b, olat, row_seq, absorbed, qabs_old, qabs_new, out_old, out_new};
+	void	   *host_out[9] = {NULL, NULL, NULL, NULL, NULL, qabs_old, qabs_new, out_old, out_new};
+	void	   *d[9] = {NULL};
+	cudaStream_t s = NULL;
+	cudaError_t e;
+	int			rc = 0;
+
+	if (!row_seq)
+		return (int) cudaErrorMemoryAllocation;
+	for (int t = 0; t < n; t++)
+		row_seq[t] = t;
+	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess)
+	{
+		free(row_seq);
+		return (int) e;
+	}
+	for (int i = 0; i < 9 && rc == 0; i++)
+		if ((e = cudaMalloc(&d[i], sz[i])) != cudaSuccess ||
+			(e = cudaMemcpyAsync(d[i], host_in[i], sz[i], cudaMemcpyHostToDevice, s)) != cudaSuccess)
+			rc = (int) e;
+	if (rc == 0)
+	{
+		kk_mla_absorb_q(s, n, Ha, Dn, Dr, Dv, R, d[0], d[1], bf16, d[5], d[3], d[4]);
+		kk_mla_out(s, n, Ha, Dn, Dv, R, d[2], d[1], bf16, d[7], d[3], d[4]);
+		if (kk_mla_absorb_q_stream(s, n, Ha, Dn, Dr, Dv, R, d[0], d[1], bf16, d[6], d[3], d[4]) != 0 ||
+			kk_mla_out_stream(s, n, Ha, Dn, Dv, R, d[2], d[1], bf16, d[8], d[3], d[4]) != 0)
+			rc = -1;
+		else if ((e = cudaGetLastError()) != cudaSuccess)
+			rc = (int) e;
+	}
+	for (int i = 5; i < 9 && rc == 0; i++)
+		if ((e = cudaMemcpyAsync(host_out[i], d[i], sz[i], cudaMemcpyDeviceToHost, s)) != cudaSuccess)
+			rc = (int) e;
+	if ((e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
+		rc = (int) e;
+	for (int i = 0; i < 9; i++)
+		cudaFree(d[i]);
+	cudaStreamDestroy(s);
+	free(row_seq);
+	return rc;
 }
 
 /* ------------------------------------------------------------------ expanded form */

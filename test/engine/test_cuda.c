@@ -38,6 +38,11 @@
  * In bf16 precision the MLA cache holds bf16 rows: states move between the
  * GPU and the CPU through the fp32 state format (checked both ways).
  *
+ * The decode MLA products with 16-byte weight loads (KL_CUDA_MLA_SMALL)
+ * must equal the older kernels within 1e-5 (check_mla_small, through the
+ * hook kl_cuda_test_mla_small: 48B head shapes, 1 to 64 tokens, bf16 and
+ * fp32 weights, mixed absorbed and expanded tokens).
+ *
  * The fused decode routing in warps (kk_moe_route_group_warp, on unless
  * KL_CUDA_ROUTE_WARP=0) must give the block kernel's outputs bit for bit
  * (both launchers called on the same router logits: 48B shape with and
@@ -64,6 +69,7 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "kl_util.h"
 #include "model.h"
 #include "tap.h"
 
@@ -1636,6 +1642,134 @@ check_expert_mma(void)
 	kl_model_free(m);
 }
 
+/* kl_cuda_test_mla_small (cuda_mla.c): the MLA absorb and output products through both kernel pairs */
+typedef int (*mla_small_test_fn) (int n, int Ha, int Dn, int Dr, int Dv, int R, int bf16, const float *q,
+								  const void *kv_b, const float *olat, const int *absorbed, float *qabs_old,
+								  float *qabs_new, float *out_old, float *out_new);
+
+/*
+ * The decode MLA products with 16-byte weight loads (mla_absorb_q_stream,
+ * mla_out_stream; KL_CUDA_MLA_SMALL) against the older kernels on the same
+ * random data, so that only the order of the fp32 sums differs: qabs of the
+ * absorbed tokens and out within 1e-5 relative; out rows of tokens not in
+ * the absorbed form stay untouched by both (a sentinel compares equal).
+ * Shapes: the 48B model's (32 heads, Dn 128, Dr 64, Dv 128, R 512) with 1,
+ * 2, 3, 8, 13 and 64 tokens (every token tile of the kernels and ragged
+ * last tiles) and tiny_a's (4 heads, Dn 32, Dr 16, Dv 32, R 64); weights in
+ * bf16 and in fp32 (the fp32 precision path); all tokens absorbed, and
+ * every third one not (the expanded form of a mixed batch).
+ */
+static void
+check_mla_small(void)
+{
+	static const struct
+	{
+		int			Ha,
+					Dn,
+					Dr,
+					Dv,
+					R,
+					n;
+		const char *what;
+	}			cases[] = {
+		{32, 128, 64, 128, 512, 1, "48B shape"},
+		{32, 128, 64, 128, 512, 2, "48B shape"},
+		{32, 128, 64, 128, 512, 3, "48B shape"},
+		{32, 128, 64, 128, 512, 8, "48B shape"},
+		{32, 128, 64, 128, 512, 13, "48B shape"},
+		{32, 128, 64, 128, 512, 64, "48B shape"},
+		{4, 32, 16, 32, 64, 1, "tiny_a's shape"},
+		{4, 32, 16, 32, 64, 8, "tiny_a's shape"},
+		{4, 32, 16, 32, 64, 13, "tiny_a's shape"},
+	};
+	kl_model   *m;
+	void	   *lib = NULL;
+	mla_small_test_fn f = NULL;
+	uint64_t	rs = 5150;
+
+	m = load_test_hook("kl_cuda_test_mla_small", &lib, (void **) &f);
+	if (!f)
+		return;
+	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++)
+		for (int bf16 = 1; bf16 >= 0; bf16--)
+			for (int mixed = 0; mixed < (cases[ci].n >= 3 ? 2 : 1); mixed++)
+			{
+				int			Ha = cases[ci].Ha,
+							Dn = cases[ci].Dn,
+							Dr = cases[ci].Dr,
+							Dv = cases[ci].Dv,
+							R = cases[ci].R,
+							n = cases[ci].n,
+							Wa = R + Dr,
+							rc,
+							na = 0;
+				size_t		nw = (size_t) Ha * (Dn + Dv) * R,
+							nqa = (size_t) n * Ha * Wa,
+							no = (size_t) n * Ha * Dv;
+				float	   *q = malloc(sizeof(float) * (size_t) n * Ha * (Dn + Dr)),
+						   *w32 = malloc(sizeof(float) * nw),
+						   *olat = malloc(sizeof(float) * (size_t) n * Ha * R),
+						   *qa_old = malloc(sizeof(float) * nqa),
+						   *qa_new = malloc(sizeof(float) * nqa),
+						   *qa_o = malloc(sizeof(float) * nqa),
+						   *qa_n = malloc(sizeof(float) * nqa),
+						   *o_old = malloc(sizeof(float) * no),
+						   *o_new = malloc(sizeof(float) * no);
+				uint16_t   *w16 = malloc(sizeof(uint16_t) * nw);
+				int		   *absorbed = malloc(sizeof(int) * (size_t) n);
+				double		eq,
+							eo;
+
+				for (size_t i = 0; i < (size_t) n * Ha * (Dn + Dr); i++)
+					q[i] = (float) ((unif(&rs) - 0.5) * 2.0);
+				for (size_t i = 0; i < nw; i++)
+				{
+					/* bf16 values in both modes: the two weight formats hold the same numbers */
+					w16[i] = kl_f32_to_bf16((float) ((unif(&rs) + unif(&rs) + unif(&rs) - 1.5) * 0.1));
+					w32[i] = kl_bf16_to_f32(w16[i]);
+				}
+				for (size_t i = 0; i < (size_t) n * Ha * R; i++)
+					olat[i] = (float) ((unif(&rs) - 0.5) * 2.0);
+				for (int t = 0; t < n; t++)
+					absorbed[t] = !(mixed && t % 3 == 1);
+				for (size_t i = 0; i < nqa; i++)
+					qa_old[i] = qa_new[i] = 12345.0f;
+				for (size_t i = 0; i < no; i++)
+					o_old[i] = o_new[i] = 12345.0f;
+				rc = f(n, Ha, Dn, Dr, Dv, R, bf16, q, bf16 ? (const void *) w16 : (const void *) w32, olat,
+					   absorbed, qa_old, qa_new, o_old, o_new);
+				/* qabs: the absorbed tokens' rows (the older kernel also fills others of its tiles) */
+				for (int t = 0; t < n; t++)
+					if (absorbed[t])
+					{
+						memcpy(qa_o + (size_t) na * Ha * Wa, qa_old + (size_t) t * Ha * Wa,
+							   sizeof(float) * Ha * Wa);
+						memcpy(qa_n + (size_t) na * Ha * Wa, qa_new + (size_t) t * Ha * Wa,
+							   sizeof(float) * Ha * Wa);
+						na++;
+					}
+				eq = rel_err(qa_n, qa_o, (size_t) na * Ha * Wa);
+				eo = rel_err(o_new, o_old, no);
+				tap_ok(rc == 0 && eq <= 1e-5 && eo <= 1e-5,
+					   "MLA decode products with 16-byte weight loads = the older kernels, %s, %d tokens (%d "
+					   "absorbed), %s weights: qabs rel err %.2e, out rel err %.2e (hook returned %d)",
+					   cases[ci].what, n, na, bf16 ? "bf16" : "fp32", eq, eo, rc);
+				free(q);
+				free(w32);
+				free(olat);
+				free(qa_old);
+				free(qa_new);
+				free(qa_o);
+				free(qa_n);
+				free(o_old);
+				free(o_new);
+				free(w16);
+				free(absorbed);
+			}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
 /*
  * The tensor-core MLA decode (bf16 cache) on a trained model over a long
  * context: pgdocs-kimi-18m (6 heads padded to 16, R = 128, Dr = 32) in bf16,
@@ -1854,6 +1988,7 @@ main(void)
 	check_sampler(false);
 	check_route_warp();
 	check_expert_mma();
+	check_mla_small();
 	check_golden("tiny_a", "golden.safetensors", "fp32");
 	check_golden("tiny_a", "golden_route_select.safetensors", "fp32");
 	check_golden("tiny_c", "golden.safetensors", "fp32");
