@@ -313,18 +313,17 @@ kk_expert_mma(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int
 
 /* ------------------------------------------------------------------ plain products */
 
-#define GM_WARPS 8				/* warps of a block: 8 / KS m16 tiles of rows, KS warps splitting each one's k range */
+#define GM_WARPS 8				/* warps of a block: one m16 tile of rows, the k range split 8 ways */
 #define GM_U 2					/* 32-wide k chunks a warp has in flight per register set */
 
-/* the weight pieces of the warp's chunks i0 .. i0 + GM_U (chunk c = ks + KS i) for rows g and g + 8 */
-template <int KS>
+/* the weight pieces of the warp's chunks i0 .. i0 + GM_U (chunk c = warp + GM_WARPS i) for rows g and g + 8 */
 __device__ __forceinline__ void
-gm_load_w(uint4 (&w)[GM_U][2], const uint16_t *rg, const uint16_t *rg8, int ks, int i0, int nchunk)
+gm_load_w(uint4 (&w)[GM_U][2], const uint16_t *rg, const uint16_t *rg8, int warp, int i0, int nchunk)
 {
 #pragma unroll
 	for (int u = 0; u < GM_U; u++)
 	{
-		int			c = ks + KS * (i0 + u);
+		int			c = warp + GM_WARPS * (i0 + u);
 
 		if (c < nchunk)
 		{
@@ -335,14 +334,13 @@ gm_load_w(uint4 (&w)[GM_U][2], const uint16_t *rg, const uint16_t *rg8, int ks, 
 }
 
 /* token g's activations for the same chunks (zeros for g >= n: has_x false), fp32 */
-template <int KS>
 __device__ __forceinline__ void
-gm_load_x(float4 (&x)[GM_U][2], const float *xg, bool has_x, bool vec, int ks, int i0, int nchunk)
+gm_load_x(float4 (&x)[GM_U][2], const float *xg, bool has_x, bool vec, int warp, int i0, int nchunk)
 {
 #pragma unroll
 	for (int u = 0; u < GM_U; u++)
 	{
-		int			c = ks + KS * (i0 + u);
+		int			c = warp + GM_WARPS * (i0 + u);
 		const float *xp = xg + 32 * c;
 
 		x[u][0] = x[u][1] = make_float4(0, 0, 0, 0);
@@ -363,14 +361,13 @@ gm_load_x(float4 (&x)[GM_U][2], const float *xg, bool has_x, bool vec, int ks, i
 }
 
 /* acc += those chunks: the activations rounded to bf16, two mma steps a chunk */
-template <int KS>
 __device__ __forceinline__ void
-gm_compute(float *acc, const uint4 (&w)[GM_U][2], const float4 (&x)[GM_U][2], int ks, int i0, int nchunk)
+gm_compute(float *acc, const uint4 (&w)[GM_U][2], const float4 (&x)[GM_U][2], int warp, int i0, int nchunk)
 {
 #pragma unroll
 	for (int u = 0; u < GM_U; u++)
 	{
-		int			c = ks + KS * (i0 + u);
+		int			c = warp + GM_WARPS * (i0 + u);
 		const float4 &a = x[u][0],
 				   &b = x[u][1];
 		uint32_t	b0,
@@ -390,18 +387,15 @@ gm_compute(float *acc, const uint4 (&w)[GM_U][2], const float4 (&x)[GM_U][2], in
 }
 
 /*
- * Block b: 8 / KS tiles of 16 weight rows (one m16 tile each) of the job
- * whose range of blocks holds it (b.first_block, set by the launcher), for
- * the b.n (<= 8) activation rows of that job.  KS warps share a tile,
- * splitting its k range (warp ks takes the 32-wide chunks ks, ks + KS, ...),
- * their partial tiles added in warp order: the launcher picks KS so that
- * small matrices (a 2304-row one is 144 tiles) still keep about 16 warps an
- * SM streaming while large ones give each warp long runs.  Lane (g, t) reads
- * its token g's activations straight from the (L1-resident) fp32 rows, as
- * many bytes as it reads weights, together with the weights of the same
- * chunks, one register set ahead of the mma.
+ * Block b: 16 weight rows (one m16 tile) of the job whose range of blocks
+ * holds it (b.first_block, set by the launcher), for the b.n (<= 8)
+ * activation rows of that job.  The eight warps split the k range (warp w
+ * takes the 32-wide chunks w, w + 8, ...), so that even a 2304-row matrix
+ * keeps over a thousand warps streaming; their partial tiles are added in
+ * warp order.  Lane (g, t) reads its token g's activations straight from
+ * the (L1-resident) fp32 rows, as many bytes as it reads weights, together
+ * with the weights of the same chunks, one register set ahead of the mma.
  */
-template <int KS>
 __global__ void __launch_bounds__(GM_WARPS * 32, 2)
 gemv_mma_kernel(kk_gemv_batch b)
 {
@@ -419,15 +413,13 @@ gemv_mma_kernel(kk_gemv_batch b)
 		int			warp = threadIdx.x >> 5,
 					lane = threadIdx.x & 31,
 					g = lane >> 2,
-					t = lane & 3,
-					ks = warp % KS;
-		int			r0 = (((int) blockIdx.x - b.first_block[j]) * (GM_WARPS / KS) + warp / KS) * 16;
+					t = lane & 3;
+		int			r0 = ((int) blockIdx.x - b.first_block[j]) * 16;
 		int			ra = r0 + g < rows ? r0 + g : rows - 1,
 					rb = r0 + g + 8 < rows ? r0 + g + 8 : rows - 1;
 		const uint16_t *rg = (const uint16_t *) jb->W + (size_t) ra * cols + 8 * t,
 				   *rg8 = (const uint16_t *) jb->W + (size_t) rb * cols + 8 * t;
-		/* a tile past the matrix (the job's last block) computes nothing but still meets the barrier */
-		int			per_warp = r0 < rows ? (nchunk - ks + KS - 1) / KS : 0;
+		int			per_warp = (nchunk - warp + GM_WARPS - 1) / GM_WARPS;
 		bool		has_x = g < n;
 		float		acc[4] = {0, 0, 0, 0};
 		uint4		wa[GM_U][2],
@@ -437,35 +429,33 @@ gemv_mma_kernel(kk_gemv_batch b)
 		const float *xg;
 
 		/* the weights do not depend on earlier kernels: request them before waiting */
-		if (per_warp > 0)
-			gm_load_w<KS>(wa, rg, rg8, ks, 0, nchunk);
+		gm_load_w(wa, rg, rg8, warp, 0, nchunk);
 		kk_dep_wait();
 		kk_dep_launch();
 		xg = jb->x + (size_t) (has_x ? g : 0) * jb->ldx + 8 * t;
-		if (per_warp > 0)
-			gm_load_x<KS>(xa, xg, has_x, jb->vec, ks, 0, nchunk);
+		gm_load_x(xa, xg, has_x, jb->vec, warp, 0, nchunk);
 		for (int i = 0; i < per_warp; i += 2 * GM_U)
 		{
 			if (i + GM_U < per_warp)
 			{
-				gm_load_w<KS>(wb, rg, rg8, ks, i + GM_U, nchunk);
-				gm_load_x<KS>(xb, xg, has_x, jb->vec, ks, i + GM_U, nchunk);
+				gm_load_w(wb, rg, rg8, warp, i + GM_U, nchunk);
+				gm_load_x(xb, xg, has_x, jb->vec, warp, i + GM_U, nchunk);
 			}
-			gm_compute<KS>(acc, wa, xa, ks, i, nchunk);
+			gm_compute(acc, wa, xa, warp, i, nchunk);
 			if (i + GM_U >= per_warp)
 				break;
 			if (i + 2 * GM_U < per_warp)
 			{
-				gm_load_w<KS>(wa, rg, rg8, ks, i + 2 * GM_U, nchunk);
-				gm_load_x<KS>(xa, xg, has_x, jb->vec, ks, i + 2 * GM_U, nchunk);
+				gm_load_w(wa, rg, rg8, warp, i + 2 * GM_U, nchunk);
+				gm_load_x(xa, xg, has_x, jb->vec, warp, i + 2 * GM_U, nchunk);
 			}
-			gm_compute<KS>(acc, wb, xb, ks, i + GM_U, nchunk);
+			gm_compute(acc, wb, xb, warp, i + GM_U, nchunk);
 		}
 #pragma unroll
 		for (int i = 0; i < 4; i++)
 			part[warp][lane][i] = acc[i];
 		__syncthreads();
-		if (ks == 0 && r0 < rows)
+		if (warp == 0)
 		{
 #pragma unroll
 			for (int i = 0; i < 4; i++)
@@ -474,7 +464,7 @@ gemv_mma_kernel(kk_gemv_batch b)
 							tok = 2 * t + (i & 1);
 				float		v = 0;
 
-				for (int w = warp; w < warp + KS; w++)
+				for (int w = 0; w < GM_WARPS; w++)
 					v += part[w][lane][i];
 				if (row < rows && tok < n)
 					jb->y[(size_t) tok * jb->ldy + row] = v;
@@ -489,51 +479,10 @@ kk_gemv_mma_ok(int cols)
 	return cols > 0 && cols % 32 == 0;
 }
 
-/*
- * Warps per tile: about 16 warps an SM over all the jobs' tiles (2 blocks of
- * 8 resident per SM at 107 registers), a power of two from 1 to 8.
- */
-static int
-gm_split(int tiles)
-{
-	static int	sms = 0;
-	int			want,
-				ks = 1;
-
-	if (!sms)
-	{
-		int			dev = 0;
-
-		cudaGetDevice(&dev);
-		cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-		if (sms <= 0)
-			sms = 100;
-	}
-	want = (16 * sms + tiles - 1) / (tiles > 0 ? tiles : 1);
-	while (ks < want && ks < GM_WARPS)
-		ks *= 2;
-	return ks;
-}
-
-template <int KS>
-static void
-gm_launch(cudaStream_t s, kk_gemv_batch *b)
-{
-	int			blocks = 0;
-
-	for (int j = 0; j < b->count; j++)
-	{
-		b->first_block[j] = blocks;
-		blocks += ceil_div(ceil_div(b->job[j].rows, 16), GM_WARPS / KS);
-	}
-	b->first_block[b->count] = blocks;
-	kk_launch(gemv_mma_kernel<KS>, dim3(blocks), dim3(GM_WARPS * 32), 0, s, *b);
-}
-
 extern "C" void
 kk_gemv_multi_mma(cudaStream_t s, kk_gemv_batch *b)
 {
-	int			tiles = 0;
+	int			blocks = 0;
 
 	if (b->count <= 0 || b->n <= 0 || b->n > XM_N)
 		return;
@@ -542,23 +491,11 @@ kk_gemv_multi_mma(cudaStream_t s, kk_gemv_batch *b)
 		kk_gemv_job *jb = &b->job[j];
 
 		jb->vec = jb->ldx % 4 == 0 && ((uintptr_t) jb->x & 15) == 0;
-		tiles += ceil_div(jb->rows, 16);
+		b->first_block[j] = blocks;
+		blocks += ceil_div(jb->rows, 16);
 	}
-	switch (gm_split(tiles))
-	{
-		case 1:
-			gm_launch<1>(s, b);
-			break;
-		case 2:
-			gm_launch<2>(s, b);
-			break;
-		case 4:
-			gm_launch<4>(s, b);
-			break;
-		default:
-			gm_launch<8>(s, b);
-			break;
-	}
+	b->first_block[b->count] = blocks;
+	kk_launch(gemv_mma_kernel, dim3(blocks), dim3(GM_WARPS * 32), 0, s, *b);
 }
 
 extern "C" void
