@@ -131,6 +131,23 @@ copy_f4_async(float *dst, const float *src, int n)
 		cp_async16(dst + e, src + e);
 }
 
+/*
+ * Work item `slot` of an expert launch's list (kk_moe_group: active[1 + slot]
+ * = expert * 64 + chunk, a chunk being P pairs): returns the expert, with
+ * its item's first pair and pair count (at most P).
+ */
+__device__ __forceinline__ int
+kk_expert_item(const int *active, const int *start, int slot, int P, int *first, int *count)
+{
+	int			item = active[1 + slot],
+				f = start[item >> 6] + (item & 63) * P,
+				c = start[(item >> 6) + 1] - f;
+
+	*first = f;
+	*count = c < P ? c : P;
+	return item >> 6;
+}
+
 static inline unsigned
 ceil_div(size_t a, size_t b)
 {

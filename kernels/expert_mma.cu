@@ -158,8 +158,7 @@ expert_mma_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, in
 				g = lane >> 2,
 				t = lane & 3;
 	int			r0 = ((int) blockIdx.x - m1 * per) * XM_ROWS + warp * 16;
-	int			item,
-				e,
+	int			e,
 				first,
 				count,
 				kfull;
@@ -174,11 +173,7 @@ expert_mma_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, in
 	kk_dep_launch();
 	if ((int) blockIdx.y >= active[0])
 		return;					/* the whole block: no barrier is skipped */
-	item = active[1 + blockIdx.y];
-	first = start[item >> 6] + (item & 63) * P;
-	count = start[(item >> 6) + 1] - first;
-	count = count < P ? count : P;
-	e = item >> 6;
+	e = kk_expert_item(active, start, blockIdx.y, P, &first, &count);
 
 	/* this lane's two weight rows (clamped inside the matrix; stores are guarded) */
 	{

@@ -37,13 +37,10 @@ kk_set_gemv_rows(int on)
 	kk_gemv_rows = on;
 }
 
-/* acc + w[0..8) . x[0..8), x read as two float4 (fused multiply-adds in index order) */
+/* acc + w[0..8) . (a, b) (fused multiply-adds in index order): every GEMV's inner step */
 __device__ __forceinline__ float
-dot8_acc(const float *w, const float4 *x, float acc)
+fma8_acc(const float *w, float4 a, float4 b, float acc)
 {
-	float4		a = __ldg(x),
-				b = __ldg(x + 1);
-
 	acc = fmaf(w[0], a.x, acc);
 	acc = fmaf(w[1], a.y, acc);
 	acc = fmaf(w[2], a.z, acc);
@@ -53,6 +50,30 @@ dot8_acc(const float *w, const float4 *x, float acc)
 	acc = fmaf(w[6], b.z, acc);
 	acc = fmaf(w[7], b.w, acc);
 	return acc;
+}
+
+/* acc + w[0..8) . x[0..8), x read as two float4 */
+__device__ __forceinline__ float
+dot8_acc(const float *w, const float4 *x, float acc)
+{
+	return fma8_acc(w, __ldg(x), __ldg(x + 1), acc);
+}
+
+/* 8 consecutive fp32 weights from two 16-byte loads */
+__device__ __forceinline__ void
+load8_f32(const float4 *p, float *w)
+{
+	float4		a = __ldg(p),
+				b = __ldg(p + 1);
+
+	w[0] = a.x;
+	w[1] = a.y;
+	w[2] = a.z;
+	w[3] = a.w;
+	w[4] = b.x;
+	w[5] = b.y;
+	w[6] = b.z;
+	w[7] = b.w;
 }
 
 /* acc[r] += W[row] . x_r over cols, for NR input rows (the warp's lanes striding) */
@@ -89,40 +110,13 @@ dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int 
 
 #pragma unroll
 				for (int u = 0; u < 4; u++)
-				{
-					float4		a = __ldg(wp + 2 * (ch + 32 * u)),
-								b = __ldg(wp + 2 * (ch + 32 * u) + 1);
-
-					w[u][0] = a.x;
-					w[u][1] = a.y;
-					w[u][2] = a.z;
-					w[u][3] = a.w;
-					w[u][4] = b.x;
-					w[u][5] = b.y;
-					w[u][6] = b.z;
-					w[u][7] = b.w;
-				}
+					load8_f32(wp + 2 * (ch + 32 * u), w[u]);
 			}
 #pragma unroll
 			for (int u = 0; u < 4; u++)
 #pragma unroll
 				for (int r = 0; r < NR; r++)
-				{
-					const float4 *xp = (const float4 *) xr[r] + 2 * (ch + 32 * u);
-					float4		a = __ldg(xp),
-								b = __ldg(xp + 1);
-					float		s = acc[r];
-
-					s = fmaf(w[u][0], a.x, s);
-					s = fmaf(w[u][1], a.y, s);
-					s = fmaf(w[u][2], a.z, s);
-					s = fmaf(w[u][3], a.w, s);
-					s = fmaf(w[u][4], b.x, s);
-					s = fmaf(w[u][5], b.y, s);
-					s = fmaf(w[u][6], b.z, s);
-					s = fmaf(w[u][7], b.w, s);
-					acc[r] = s;
-				}
+					acc[r] = dot8_acc(w[u], (const float4 *) xr[r] + 2 * (ch + 32 * u), acc[r]);
 		}
 		for (; ch < nch; ch += 32)
 		{
@@ -131,19 +125,7 @@ dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int 
 			if (BF16)
 				unpack8_bf16(__ldg((const uint4 *) Wrow + ch), w);
 			else
-			{
-				float4		a = __ldg((const float4 *) Wrow + 2 * ch),
-							b = __ldg((const float4 *) Wrow + 2 * ch + 1);
-
-				w[0] = a.x;
-				w[1] = a.y;
-				w[2] = a.z;
-				w[3] = a.w;
-				w[4] = b.x;
-				w[5] = b.y;
-				w[6] = b.z;
-				w[7] = b.w;
-			}
+				load8_f32((const float4 *) Wrow + 2 * ch, w);
 #pragma unroll
 			for (int r = 0; r < NR; r++)
 			{
@@ -217,18 +199,9 @@ rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB]
 			for (int w = 0; w < RB; w++)
 			{
 				float		f[8];
-				float		s = acc[w][r];
 
 				unpack8_bf16(cur[w], f);
-				s = fmaf(f[0], a.x, s);
-				s = fmaf(f[1], a.y, s);
-				s = fmaf(f[2], a.z, s);
-				s = fmaf(f[3], a.w, s);
-				s = fmaf(f[4], b.x, s);
-				s = fmaf(f[5], b.y, s);
-				s = fmaf(f[6], b.z, s);
-				s = fmaf(f[7], b.w, s);
-				acc[w][r] = s;
+				acc[w][r] = fma8_acc(f, a, b, acc[w][r]);
 			}
 		}
 	}
@@ -270,15 +243,17 @@ rows_block_sum(float (&acc)[RB][NR], float *sums)
 	__syncthreads();
 }
 
-/* y[r, row0 + w] = W_w . x_r for the block's RB rows, NR input rows (grid.y: passes of NR) */
+/*
+ * y[r, row0 + w] = W_w . x_r for the block's RB rows of W [rows, cols], NR
+ * input rows: the body of both block-rows kernels.  The first weight pieces
+ * are requested before kk_dep_wait (weights do not depend on earlier kernels).
+ */
 template <int NR, int RB, int BT>
-__global__ void __launch_bounds__(BT)
-gemv_rows_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx,
-				 const uint16_t *__restrict__ W, int rows, int cols)
+__device__ __forceinline__ void
+rows_product(float *y, int ldy, const float *x, int ldx, const uint16_t *W, int rows, int cols, int row0)
 {
 	__shared__ float sums[RB * NR];
-	int			row0 = blockIdx.x * RB,
-				nch = cols >> 3;
+	int			nch = cols >> 3;
 	const uint16_t *Wr[RB];
 	const float *xr[NR];
 	uint4		raw[RB];
@@ -290,8 +265,6 @@ gemv_rows_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, in
 	rows_first<RB, BT>(raw, Wr, nch);
 	kk_dep_wait();
 	kk_dep_launch();
-	x += (size_t) blockIdx.y * NR * ldx;
-	y += (size_t) blockIdx.y * NR * ldy;
 #pragma unroll
 	for (int r = 0; r < NR; r++)
 		xr[r] = x + (size_t) r * ldx;
@@ -305,6 +278,16 @@ gemv_rows_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, in
 	for (int i = threadIdx.x; i < RB * NR; i += BT)
 		if (row0 + i / NR < rows)
 			y[(size_t) (i % NR) * ldy + row0 + i / NR] = sums[i];
+}
+
+/* rows_product for block (b, pass): rows b * RB.., input rows pass * NR.. (grid.y: passes of NR) */
+template <int NR, int RB, int BT>
+__global__ void __launch_bounds__(BT)
+gemv_rows_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx,
+				 const uint16_t *__restrict__ W, int rows, int cols)
+{
+	rows_product<NR, RB, BT>(y + (size_t) blockIdx.y * NR * ldy, ldy, x + (size_t) blockIdx.y * NR * ldx, ldx, W,
+							 rows, cols, blockIdx.x * RB);
 }
 
 /* the wide shape (512 pieces a row, or a multiple of 128 above): two rows of 128 threads */
@@ -495,40 +478,12 @@ template <int NR, int RB, int BT>
 __global__ void __launch_bounds__(BT)
 gemv_rows_batch_kernel(kk_gemv_batch b)
 {
-	__shared__ float sums[RB * NR];
 	int			j = 0;
 
 	while (j + 1 < b.count && (int) blockIdx.x >= b.first_block[j + 1])
 		j++;
-	{
-		const kk_gemv_job *jb = &b.job[j];
-		int			row0 = ((int) blockIdx.x - b.first_block[j]) * RB,
-					nch = jb->cols >> 3;
-		const uint16_t *Wr[RB];
-		const float *xr[NR];
-		uint4		raw[RB];
-		float		acc[RB][NR];
-
-#pragma unroll
-		for (int w = 0; w < RB; w++)
-			Wr[w] = row0 + w < jb->rows ? (const uint16_t *) jb->W + (size_t) (row0 + w) * jb->cols : NULL;
-		rows_first<RB, BT>(raw, Wr, nch);
-		kk_dep_wait();
-		kk_dep_launch();
-#pragma unroll
-		for (int r = 0; r < NR; r++)
-			xr[r] = jb->x + (size_t) r * jb->ldx;
-#pragma unroll
-		for (int w = 0; w < RB; w++)
-#pragma unroll
-			for (int r = 0; r < NR; r++)
-				acc[w][r] = 0;
-		rows_dot<NR, RB, BT>(acc, raw, Wr, xr, nch);
-		rows_block_sum<NR, RB, BT>(acc, sums);
-		for (int i = threadIdx.x; i < RB * NR; i += BT)
-			if (row0 + i / NR < jb->rows)
-				jb->y[(size_t) (i % NR) * jb->ldy + row0 + i / NR] = sums[i];
-	}
+	rows_product<NR, RB, BT>(b.job[j].y, b.job[j].ldy, b.job[j].x, b.job[j].ldx, (const uint16_t *) b.job[j].W,
+							 b.job[j].rows, b.job[j].cols, ((int) blockIdx.x - b.first_block[j]) * RB);
 }
 
 template <int NR>
@@ -685,12 +640,8 @@ expert_gemv_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, i
 	kk_dep_launch();
 	if ((int) blockIdx.y >= active[0] || row >= rows)
 		return;
-	/* work item: expert e, rows chunk * MAXNR ..; at most MAXNR rows (kk_moe_group's P) */
-	e = active[1 + blockIdx.y];
-	first = start[e >> 6] + (e & 63) * MAXNR;
-	count = start[(e >> 6) + 1] - first;
-	count = count < MAXNR ? count : MAXNR;
-	e >>= 6;
+	/* work item: expert e, at most MAXNR rows (kk_moe_group's P) */
+	e = kk_expert_item(active, start, blockIdx.y, MAXNR, &first, &count);
 	{
 		const void *W = m ? W1[e] : W0[e];
 		const void *W2 = MODE == EXPERT_SWIGLU ? W1[e] : NULL;
@@ -699,13 +650,9 @@ expert_gemv_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, i
 		const void *Wrow2 = W2 ? (const void *) ((const char *) W2 + (size_t) row * cols * esz) : NULL;
 		float	   *y = m ? y1 : y0;
 
-		for (int p = 0; p < count; p += MAXNR)
-		{
-			int			nr = count - p < MAXNR ? count - p : MAXNR;
-
-			expert_pass_upto<MAXNR, BF16, MODE>(nr, y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, first + p,
-													  lane, vec);
-		}
+		if (count > 0)
+			expert_pass_upto<MAXNR, BF16, MODE>(count, y, ldy, x, ldx, xrow, Wrow, Wrow2, row, cols, first, lane,
+												vec);
 	}
 }
 
@@ -817,11 +764,7 @@ expert_rows_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, i
 	kk_dep_launch();
 	if ((int) blockIdx.y >= active[0] || row0 >= rows)
 		return;
-	e = active[1 + blockIdx.y];
-	first = start[e >> 6] + (e & 63) * MAXNR;
-	count = start[(e >> 6) + 1] - first;
-	count = count < MAXNR ? count : MAXNR;
-	e >>= 6;
+	e = kk_expert_item(active, start, blockIdx.y, MAXNR, &first, &count);
 #pragma unroll
 	for (int w = 0; w < RT; w++)
 	{
@@ -830,13 +773,9 @@ expert_rows_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, i
 
 		Wr[w] = row < rows ? Wm + (size_t) row * cols : NULL;
 	}
-	for (int p = 0; p < count; p += MAXNR)
-	{
-		int			nr = count - p < MAXNR ? count - p : MAXNR;
-
-		expert_rows_upto<MAXNR, MODE, RT, BT>(nr, m ? y1 : y0, ldy, x, ldx, xrow, Wr, row0, rows, cols >> 3,
-											  first + p, sums);
-	}
+	if (count > 0)
+		expert_rows_upto<MAXNR, MODE, RT, BT>(count, m ? y1 : y0, ldy, x, ldx, xrow, Wr, row0, rows, cols >> 3, first,
+											  sums);
 }
 
 template <int MAXNR, int MODE, int RB, int BT>
