@@ -74,6 +74,28 @@ keep_top_groups(const float *gscore, int *keep, int G, int Tg)
 }
 
 /*
+ * Lane r < k holds slot r's weight wr: wts_row[r] = wr (divided by the k
+ * weights' sum, added in slot order, when renormalizing) times scaling.
+ * Every lane of the warp calls it.
+ */
+__device__ __forceinline__ void
+slot_weights_warp(float wr, int k, int renorm, float scaling, float *wts_row, int lane)
+{
+	float		sum = 0;
+
+	for (int r = 0; r < k; r++)
+		sum += __shfl_sync(0xffffffffu, wr, r);
+	if (lane < k)
+	{
+		float		x = wr;
+
+		if (renorm && k > 1)
+			x /= (sum + 1e-20f);
+		wts_row[lane] = x * scaling;
+	}
+}
+
+/*
  * One block per token (blockDim.x a multiple of 32, at most 1024).  Shared:
  * s[E], choice[E], taken[E], gscore[G], keep[G].
  */
@@ -520,25 +542,9 @@ moe_route_group_kernel(int n, int E, int k, int G, int Tg, int use_softmax, int 
 				}
 			}
 			/* weights: summed in slot order, as moe_route_kernel */
-			{
-				float		sum = 0;
-
-				for (int r = 0; r < k; r++)
-				{
-					float		v = __shfl_sync(0xffffffffu, wr, r);
-
-					sum += v;
-				}
-				if (lane < k)
-				{
-					float		x = wr;
-
-					if (renorm && k > 1)
-						x /= (sum + 1e-20f);
-					wts[(size_t) t * k + lane] = x * scaling;
-					sel[(size_t) t * k + lane] = ssel[t * k + lane];
-				}
-			}
+			slot_weights_warp(wr, k, renorm, scaling, wts + (size_t) t * k, lane);
+			if (lane < k)
+				sel[(size_t) t * k + lane] = ssel[t * k + lane];
 			__syncwarp();
 		}
 	}
@@ -757,25 +763,11 @@ route_token_warp(int t, int E, int k, int G, int Tg, int use_softmax, int renorm
 		}
 	}
 	/* weights: summed in slot order, as moe_route_group_kernel */
+	slot_weights_warp(wr, k, renorm, scaling, wts + (size_t) t * k, lane);
+	if (lane < k)
 	{
-		float		sum = 0;
-
-		for (int r = 0; r < k; r++)
-		{
-			float		v = __shfl_sync(0xffffffffu, wr, r);
-
-			sum += v;
-		}
-		if (lane < k)
-		{
-			float		x = wr;
-
-			if (renorm && k > 1)
-				x /= (sum + 1e-20f);
-			wts[(size_t) t * k + lane] = x * scaling;
-			sel[(size_t) t * k + lane] = mine;
-			ssel[t * k + lane] = mine;
-		}
+		sel[(size_t) t * k + lane] = mine;
+		ssel[t * k + lane] = mine;
 	}
 }
 
