@@ -24,6 +24,14 @@
 #define GEMV_MAX_ROWS_WIDEN 64	/* ... or this many, where the alternative widens weights */
 #define PANEL_FLOATS ((size_t) 16 << 20)	/* 64 MB of widened weight rows at a time */
 
+/* Does a product of n (<= 8) rows with W take the tensor-core GEMV?  (bf16
+ * precision, bf16 weights, from KL_CUDA_GEMV_MMA rows) */
+static bool
+gemv_on_tensor_cores(const cuda_state *cs, int n, const kl_weight *W)
+{
+	return cs->bf16 && W->dtype == KL_DT_BF16 && n >= cs->gemv_mma_min && kk_gemv_mma_ok(W->cols);
+}
+
 void
 cuda_matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W)
 {
@@ -38,7 +46,7 @@ cuda_matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int 
 		return;
 	if (n <= (wbf && !cs->bf16 ? GEMV_MAX_ROWS_WIDEN : GEMV_MAX_ROWS))
 	{
-		if (wbf && cs->bf16 && n >= cs->gemv_mma_min && kk_gemv_mma_ok(cols))
+		if (gemv_on_tensor_cores(cs, n, W))
 		{
 			kk_gemv_mma(cs->stream, y, ldy, x, ldx, n, W->dev, rows, cols);
 			cuda_launched(be, "gemv_mma");
@@ -161,10 +169,8 @@ gemv_batchable(cuda_state *cs, const kl_matmul_job *jobs, int count)
 static bool
 gemv_batch_mma(cuda_state *cs, const kl_matmul_job *jobs, int count)
 {
-	if (!cs->bf16 || jobs[0].n < cs->gemv_mma_min)
-		return false;
 	for (int i = 0; i < count; i++)
-		if (jobs[i].W->dtype != KL_DT_BF16 || !kk_gemv_mma_ok(jobs[i].W->cols))
+		if (!gemv_on_tensor_cores(cs, jobs[i].n, jobs[i].W))
 			return false;
 	return true;
 }
