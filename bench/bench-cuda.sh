@@ -129,7 +129,7 @@ ncu)
 gemv-sweep)
 	mkdir -p $K "$OUT"
 	/usr/local/cuda/bin/nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o $K/gemv_sweep \
-		bench/gemv_sweep.cu kernels/gemv.cu kernels/elementwise.cu
+		bench/gemv_sweep.cu kernels/elementwise.cu
 	$K/gemv_sweep "$@" | tee "$OUT/gemv-sweep.md"
 	;;
 ncu-step)

@@ -7,15 +7,18 @@
  * Built and run on the GPU machine by `bash bench/bench-cuda.sh gemv-sweep
  * [VARIANT [SHAPE]]` (substrings of the names below).  Prints one table.
  * "kk_gemv" is the library's kernel (the block-rows design), "warp a row" the
- * older one (kk_set_gemv_rows(0)); the other variants are the experiments
- * that chose the block-rows shape (bench/notes-cuda.md, 2026-11-30).  Every
- * variant's output is checked against kk_gemv's.
+ * older one (kk_set_gemv_rows(0)), "blockrows" the library's block-rows
+ * kernel in other shapes (rows a block, threads); "upfront" the experiment
+ * that lost to it (bench/notes-cuda.md, 2026-11-30; the L2-prefetch variants
+ * of that day's table: raw/2026-11-30-gemv-variants.md).  Every variant's
+ * output is checked against kk_gemv's.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "../kernels/common.cuh"
+/* the library's kernels, and their device helpers for the variants below */
+#include "../kernels/gemv.cu"
 
 #define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { \
 	fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); exit(1); } } while (0)
@@ -126,18 +129,9 @@ gemv_upfront(float *__restrict__ y, int ldy, const float *__restrict__ x, int ld
 				for (int w = 0; w < RW; w++)
 				{
 					float		f[8];
-					float		s = acc[w][r];
 
 					unpack8_bf16(raw[w][u], f);
-					s = fmaf(f[0], a.x, s);
-					s = fmaf(f[1], a.y, s);
-					s = fmaf(f[2], a.z, s);
-					s = fmaf(f[3], a.w, s);
-					s = fmaf(f[4], b.x, s);
-					s = fmaf(f[5], b.y, s);
-					s = fmaf(f[6], b.z, s);
-					s = fmaf(f[7], b.w, s);
-					acc[w][r] = s;
+					acc[w][r] = fma8_acc(f, a, b, acc[w][r]);
 				}
 			}
 		}
@@ -152,94 +146,6 @@ gemv_upfront(float *__restrict__ y, int ldy, const float *__restrict__ x, int ld
 			if (lane == 0 && row0 + w < rows)
 				y[(size_t) r * ldy + row0 + w] = s;
 		}
-}
-
-/* ------------------------------------------------------------ block rows */
-
-/*
- * A block of BT threads per group of RB rows, split over the columns: each
- * thread takes pieces t, t + BT, ... of every row of the group (consecutive
- * threads on consecutive pieces: the block reads the group's span front to
- * back, like a copy), then one block reduction per row.
- */
-template <int NR, int RB, int BT, bool PF>
-__global__ void __launch_bounds__(BT)
-gemv_blockrows(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx,
-			   const uint16_t *__restrict__ W, int rows, int cols)
-{
-	__shared__ float red[RB * NR][BT / 32];
-	int			row0 = blockIdx.x * RB;
-	int			nch = cols >> 3;
-	int			lane = threadIdx.x & 31,
-				warp = threadIdx.x >> 5;
-	float		acc[RB][NR];
-
-	if (PF)
-		for (int w = warp; w < RB; w += BT / 32)
-			if (row0 + w < rows)
-				kk_prefetch_l2(W + (size_t) (row0 + w) * cols, (size_t) cols * 2, lane);
-	kk_dep_wait();
-	kk_dep_launch();
-#pragma unroll
-	for (int w = 0; w < RB; w++)
-#pragma unroll
-		for (int r = 0; r < NR; r++)
-			acc[w][r] = 0;
-	for (int ch = threadIdx.x; ch < nch; ch += BT)
-	{
-		uint4		raw[RB];
-
-#pragma unroll
-		for (int w = 0; w < RB; w++)
-			raw[w] = row0 + w < rows ? __ldg((const uint4 *) (W + (size_t) (row0 + w) * cols) + ch)
-				: make_uint4(0, 0, 0, 0);
-#pragma unroll
-		for (int r = 0; r < NR; r++)
-		{
-			float4		a = __ldg((const float4 *) (x + (size_t) r * ldx) + 2 * ch),
-						b = __ldg((const float4 *) (x + (size_t) r * ldx) + 2 * ch + 1);
-
-#pragma unroll
-			for (int w = 0; w < RB; w++)
-			{
-				float		f[8];
-				float		s = acc[w][r];
-
-				unpack8_bf16(raw[w], f);
-				s = fmaf(f[0], a.x, s);
-				s = fmaf(f[1], a.y, s);
-				s = fmaf(f[2], a.z, s);
-				s = fmaf(f[3], a.w, s);
-				s = fmaf(f[4], b.x, s);
-				s = fmaf(f[5], b.y, s);
-				s = fmaf(f[6], b.z, s);
-				s = fmaf(f[7], b.w, s);
-				acc[w][r] = s;
-			}
-		}
-	}
-#pragma unroll
-	for (int w = 0; w < RB; w++)
-#pragma unroll
-		for (int r = 0; r < NR; r++)
-		{
-			float		s = warp_sum(acc[w][r]);
-
-			if (lane == 0)
-				red[w * NR + r][warp] = s;
-		}
-	__syncthreads();
-	if (threadIdx.x < RB * NR)
-	{
-		int			w = threadIdx.x / NR,
-					r = threadIdx.x % NR;
-		float		s = 0;
-
-		for (int i = 0; i < BT / 32; i++)
-			s += red[threadIdx.x][i];
-		if (row0 + w < rows)
-			y[(size_t) r * ldy + row0 + w] = s;
-	}
 }
 
 /* ------------------------------------------------------------------ harness */
@@ -276,11 +182,11 @@ run_upfront(cudaStream_t s, float *y, const float *x, const uint16_t *W, int row
 	kk_launch(gemv_upfront<NR, PPL, RW, XS>, dim3(blocks), dim3(256), smem, s, y, rows, x, cols, W, rows, cols);
 }
 
-template <int NR, int RB, int BT, bool PF>
+template <int NR, int RB, int BT>
 static void
 run_blockrows(cudaStream_t s, float *y, const float *x, const uint16_t *W, int rows, int cols, int nr)
 {
-	kk_launch(gemv_blockrows<NR, RB, BT, PF>, dim3((rows + RB - 1) / RB), dim3(BT), 0, s, y, rows, x, cols, W, rows,
+	kk_launch(gemv_rows_kernel<NR, RB, BT>, dim3((rows + RB - 1) / RB), dim3(BT), 0, s, y, rows, x, cols, W, rows,
 			  cols);
 }
 
@@ -316,8 +222,7 @@ typedef struct
 }			variant_t;
 
 #define UP(N, P, R, X) {"upfront nr" #N " ppl" #P " rw" #R " xs" #X, N, run_upfront<N, P, R, X>}
-#define BR(N, R, B) {"blockrows nr" #N " rb" #R " bt" #B, N, run_blockrows<N, R, B, false>}, \
-	{"blockrows nr" #N " rb" #R " bt" #B " pf", N, run_blockrows<N, R, B, true>}
+#define BR(N, R, B) {"blockrows nr" #N " rb" #R " bt" #B, N, run_blockrows<N, R, B>}
 static const variant_t variants[] = {
 	{"stream (ceiling)", 1, run_stream},
 	{"kk_gemv nr1", 1, run_current},
