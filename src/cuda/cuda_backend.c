@@ -515,6 +515,28 @@ cu_swiglu(kl_backend *be, float *h, const float *g, const float *u, int rows, in
 	cuda_launched(be, "swiglu");
 }
 
+/*
+ * A hint from forward.c: W is read after the mixer's small kernels.  Decode
+ * steps of at most cs->prefetch_max tokens start fetching it into L2 now
+ * (kk_prefetch_weight), while those kernels leave DRAM idle.  The hints of
+ * one window (consecutive prefetch ops) are taken in order while they fit in
+ * cs->prefetch_budget bytes: more would evict what was fetched first.
+ */
+static void
+cu_prefetch(kl_backend *be, const kl_weight *W)
+{
+	cuda_state *cs = CS(be);
+	size_t		bytes = (size_t) W->rows * W->cols * dtype_size(W->dtype);
+
+	if (cuda_step_skip(be, OP_PREFETCH, (uintptr_t) W, 0, 0, 0))
+		return;
+	if (cs->n_tokens > cs->prefetch_max || !W->dev || cs->prefetch_used + bytes > cs->prefetch_budget)
+		return;
+	cs->prefetch_used += bytes;
+	kk_prefetch_weight(cs->stream, W->dev, bytes);
+	cuda_launched(be, "prefetch");
+}
+
 static void
 cu_sync(kl_backend *be)
 {
@@ -585,6 +607,7 @@ static const kl_backend_ops cuda_ops = {
 	.mla = cuda_mla,
 	.moe = cuda_moe,
 	.sample = cuda_sample,
+	.prefetch = cu_prefetch,
 	.begin_step = cuda_begin_step,
 	.end_step = cuda_end_step,
 	.sync = cu_sync,
@@ -690,6 +713,10 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * sampler spreads a row over a cluster of blocks; same choices).
 		 * KL_CUDA_MLA_SMALL=0 keeps the older MLA absorb and output kernels
 		 * for decode steps (default: 16-byte weight loads up to 64 tokens).
+		 * KL_CUDA_PREFETCH=N: decode steps of at most N tokens fetch the
+		 * weight read after a mixer's small kernels into L2 while they run
+		 * (default 64; 0 never), at most KL_CUDA_PREFETCH_MB megabytes of them
+		 * at a time (default 20: a mixer's o_proj and the router).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
@@ -702,7 +729,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *rw = getenv("KL_CUDA_ROUTE_WARP"),
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
-				   *ms = getenv("KL_CUDA_MLA_SMALL");
+				   *ms = getenv("KL_CUDA_MLA_SMALL"),
+				   *pf = getenv("KL_CUDA_PREFETCH"),
+				   *pfmb = getenv("KL_CUDA_PREFETCH_MB");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -716,6 +745,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->gemv_mma_min = gm && *gm ? (atoi(gm) > 0 ? atoi(gm) : INT_MAX) : 8;
 		cs->sample_wide = !(sw && strcmp(sw, "0") == 0);
 		cs->mla_small = !(ms && strcmp(ms, "0") == 0);
+		cs->prefetch_max = pf && *pf ? atoi(pf) : 64;
+		cs->prefetch_budget = (size_t) (pfmb && *pfmb ? atoi(pfmb) : 20) << 20;
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
 		be->mla_cache_bf16 = cs->mla_c16;

@@ -201,6 +201,12 @@ typedef struct cuda_state
 	/* KL_CUDA_SAMPLE_WIDE=0: one block per row (kk_sample) instead of a
 	 * cluster of blocks per row (kk_sample_wide); the same choices */
 	bool		sample_wide;
+	/* KL_CUDA_PREFETCH: decode steps of at most this many tokens act on the
+	 * prefetch hint (cu_prefetch; 0 never) */
+	int			prefetch_max;
+	/* KL_CUDA_PREFETCH_MB: bytes one window of hints may fetch; used so far */
+	size_t		prefetch_budget,
+				prefetch_used;
 
 	bool		no_grouped_gemm;	/* cuBLAS here lacks bf16 grouped GEMM: loop instead */
 
@@ -251,7 +257,7 @@ void		cuda_defer_combine(kl_backend *be, float *y, int n, int D, int k, const fl
 
 enum cuda_op
 {
-	OP_EMBED = 1, OP_RMSNORM, OP_MATMUL, OP_ADD, OP_SWIGLU, OP_KDA, OP_MLA, OP_MOE, OP_COPY
+	OP_EMBED = 1, OP_RMSNORM, OP_MATMUL, OP_ADD, OP_SWIGLU, OP_KDA, OP_MLA, OP_MOE, OP_COPY, OP_PREFETCH
 };
 
 /* cuda_matmul.c */

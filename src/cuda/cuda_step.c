@@ -41,6 +41,8 @@ cuda_step_skip(kl_backend *be, int op, uintptr_t a, uintptr_t b, uintptr_t c, ui
 
 	if (cs->mode == GM_PENDING)
 		cs->mode = GM_EAGER;	/* embed was not the first op: no graph this time */
+	if (op != OP_PREFETCH)
+		cs->prefetch_used = 0;	/* a new window of prefetch hints starts after this op */
 	if (cs->mode == GM_CAPTURE || cs->mode == GM_REPLAY)
 		cs->trace = mix(mix(mix(mix(mix(cs->trace, (uint64_t) op), a), b), c), d);
 	if (cs->mode == GM_REPLAY || be->failed)

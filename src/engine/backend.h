@@ -268,6 +268,14 @@ typedef struct kl_backend_ops
 	int			(*sample) (kl_backend *be, float *logits, int vocab, const kl_sample_row *rows, int n,
 						   int32_t *ids, kl_err *err);
 
+	/*
+	 * optional (NULL: nothing): a hint that the step will read W soon, after a
+	 * few small kernels (forward.c gives it for a mixer's o_proj and the MoE
+	 * router right after the mixer's input products); a backend may start
+	 * moving W closer to its compute units meanwhile.  No effect on results.
+	 */
+	void		(*prefetch) (kl_backend *be, const kl_weight *W);
+
 	/* optional (NULL on the CPU): called before and after the layers of each
 	 * step, e.g. to upload the step's row offsets and page tables once, or to
 	 * capture/replay a graph of the step's kernels */

@@ -87,6 +87,30 @@ matmuls(kl_ctx *c, const kl_matmul_job *jobs, int count)
 /* ------------------------------------------------------------------ the mixers */
 
 /*
+ * The weights read right after a mixer's small kernels (its o_proj, then the
+ * MoE router and shared expert, in the order they are read): a backend that can (ops->prefetch) starts fetching them while
+ * those kernels run.  Called once the mixer's input products are queued.
+ */
+static void
+prefetch_after_mixer(kl_ctx *c, const kl_layer *L, const kl_weight *o_proj)
+{
+	kl_backend *be = c->be;
+
+	if (!be->ops->prefetch)
+		return;
+	be->ops->prefetch(be, o_proj);
+	if (!L->is_moe)
+		return;
+	be->ops->prefetch(be, &L->moe.router);
+	if (L->moe.has_shared)
+	{
+		be->ops->prefetch(be, &L->moe.shared.gate);
+		be->ops->prefetch(be, &L->moe.shared.up);
+		be->ops->prefetch(be, &L->moe.shared.down);
+	}
+}
+
+/*
  * KDA: projections, then the backend's fused op (short conv, normalization,
  * decay, delta rule, gated norm), then o_proj.
  *   q_gate, k_up, v_hidden = q, k, v (pre-conv), decay = f (pre-softplus),
@@ -121,6 +145,7 @@ kda_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
 		};
 
 		matmuls(c, from_x, 6);
+		prefetch_after_mixer(c, L, &w->o_proj);
 		matmuls(c, low_rank, 2);
 	});
 
@@ -171,6 +196,7 @@ mla_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
 			from_x[1] = qa;
 		}
 		matmuls(c, from_x, 2);
+		prefetch_after_mixer(c, L, &w->o_proj);
 		if (cfg->q_lora_rank > 0)
 		{
 			be->ops->rmsnorm(be, c->low_rank, cfg->q_lora_rank, c->low_rank, cfg->q_lora_rank, w->q_a_norm, n,

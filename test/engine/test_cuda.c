@@ -1825,6 +1825,45 @@ check_mla_mma_trained(void)
 	kl_model_free(b);
 }
 
+/*
+ * The prefetch hint (cu_prefetch: o_proj and the router fetched into L2 during
+ * the mixer's small kernels) must not change a single number: decode with
+ * and without it, graphs on, and compare the logits bit for bit.
+ */
+static void
+check_prefetch_neutral(const char *precision)
+{
+	char		dir[1024];
+	kl_model   *a,
+			   *b;
+	int			V,
+				T = 48;
+	int32_t    *ids = malloc(sizeof(int32_t) * (size_t) T);
+	float	   *la,
+			   *lb;
+
+	snprintf(dir, sizeof(dir), "%s/pgdocs-kimi-18m", tap_models_dir());
+	if (access(dir, R_OK) != 0)
+		snprintf(dir, sizeof(dir), "models/pgdocs-kimi-18m");
+	a = load(dir, "cuda", precision);
+	setenv("KL_CUDA_PREFETCH", "0", 1);
+	b = load(dir, "cuda", precision);
+	unsetenv("KL_CUDA_PREFETCH");
+	V = kl_model_config(a)->vocab_size;
+	for (int i = 0; i < T; i++)
+		ids[i] = (int32_t) ((i * 7919 + 13) % V);
+	la = logits_of(a, ids, T, 1, false, NULL);
+	lb = logits_of(b, ids, T, 1, false, NULL);
+	tap_ok(memcmp(la, lb, sizeof(float) * (size_t) T * V) == 0,
+		   "pgdocs-kimi-18m %s: %d tokens decoded one by one, with and without the L2 prefetch hint: logits "
+		   "bit-identical", precision, T);
+	free(ids);
+	free(la);
+	free(lb);
+	kl_model_free(a);
+	kl_model_free(b);
+}
+
 /* ------------------------------------------------------------------ the trained model */
 
 static void
@@ -2004,6 +2043,8 @@ main(void)
 	check_pgdocs("fp32");
 	check_pgdocs("bf16");
 	check_mla_mma_trained();
+	check_prefetch_neutral("fp32");
+	check_prefetch_neutral("bf16");
 	check_quantized("int4");
 	check_quantized("fp8");
 	return tap_done();
