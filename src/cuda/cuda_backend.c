@@ -532,9 +532,33 @@ cu_prefetch(kl_backend *be, const kl_weight *W)
 		return;
 	if (cs->n_tokens > cs->prefetch_max || !W->dev || cs->prefetch_used + bytes > cs->prefetch_budget)
 		return;
+	if (cs->prefetch_used == 0)
+	{
+		/* the window's first hint: fork the side stream off the step here */
+		cuda_prefetch_join(be);
+		if (!cuda_ok(be, cudaEventRecord(cs->pf_fork, cs->stream), "prefetch fork") ||
+			!cuda_ok(be, cudaStreamWaitEvent(cs->pf_stream, cs->pf_fork, 0), "prefetch fork"))
+			return;
+		cs->pf_wait_for = W;
+	}
 	cs->prefetch_used += bytes;
-	kk_prefetch_weight(cs->stream, W->dev, bytes);
-	cuda_launched(be, "prefetch");
+	kk_prefetch_weight(cs->pf_stream, W->dev, bytes);
+	if (cuda_launched(be, "prefetch") && cuda_ok(be, cudaEventRecord(cs->pf_join, cs->pf_stream), "prefetch"))
+		cs->pf_pending = true;
+}
+
+/* the step's stream waits for the prefetches forked off it (a graph capture
+ * must join every stream it forked before it ends) */
+void
+cuda_prefetch_join(kl_backend *be)
+{
+	cuda_state *cs = CS(be);
+
+	if (!cs->pf_pending)
+		return;
+	cs->pf_pending = false;
+	cs->pf_wait_for = NULL;
+	cuda_ok(be, cudaStreamWaitEvent(cs->stream, cs->pf_join, 0), "prefetch join");
 }
 
 static void
@@ -570,6 +594,10 @@ cu_destroy(kl_backend *be)
 	cudaFree(cs->smp_dev);
 	cudaEventDestroy(cs->meta_done);
 	cudaEventDestroy(cs->ids_done);
+	cudaStreamSynchronize(cs->pf_stream);
+	cudaEventDestroy(cs->pf_fork);
+	cudaEventDestroy(cs->pf_join);
+	cudaStreamDestroy(cs->pf_stream);
 	free(cs->h_absorbed);
 	free(cs->h_sel);
 	free(cs->h_xrow);
@@ -755,6 +783,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 	}
 
 	if ((e = cudaStreamCreateWithFlags(&cs->stream, cudaStreamNonBlocking)) != cudaSuccess ||
+		(e = cudaStreamCreateWithFlags(&cs->pf_stream, cudaStreamNonBlocking)) != cudaSuccess ||
+		(e = cudaEventCreateWithFlags(&cs->pf_fork, cudaEventDisableTiming)) != cudaSuccess ||
+		(e = cudaEventCreateWithFlags(&cs->pf_join, cudaEventDisableTiming)) != cudaSuccess ||
 		(e = cudaEventCreateWithFlags(&cs->meta_done, cudaEventDisableTiming)) != cudaSuccess ||
 		(e = cudaEventCreateWithFlags(&cs->ids_done, cudaEventDisableTiming)) != cudaSuccess ||
 		(e = cudaMalloc(&cs->blas_ws, BLAS_WORKSPACE)) != cudaSuccess)
@@ -781,6 +812,12 @@ fail:
 		cudaEventDestroy(cs->meta_done);
 	if (cs->ids_done)
 		cudaEventDestroy(cs->ids_done);
+	if (cs->pf_fork)
+		cudaEventDestroy(cs->pf_fork);
+	if (cs->pf_join)
+		cudaEventDestroy(cs->pf_join);
+	if (cs->pf_stream)
+		cudaStreamDestroy(cs->pf_stream);
 	if (cs->stream)
 		cudaStreamDestroy(cs->stream);
 	free(cs);

@@ -207,6 +207,13 @@ typedef struct cuda_state
 	/* KL_CUDA_PREFETCH_MB: bytes one window of hints may fetch; used so far */
 	size_t		prefetch_budget,
 				prefetch_used;
+	/* the prefetches run on a side stream forked off the step's stream, so
+	 * they never delay it; the product of pf_wait_for joins it back */
+	cudaStream_t pf_stream;
+	cudaEvent_t pf_fork,
+				pf_join;
+	bool		pf_pending;
+	const kl_weight *pf_wait_for;
 
 	bool		no_grouped_gemm;	/* cuBLAS here lacks bf16 grouped GEMM: loop instead */
 
@@ -247,6 +254,8 @@ bool		cuda_upload_sync(kl_backend *be, void *dst, const void *src, size_t bytes)
  * replay is pending (the op is traced instead).  Every op that a forward step
  * calls starts with it. */
 bool		cuda_step_skip(kl_backend *be, int op, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d);
+/* the step's stream waits for the prefetch side stream, if forked */
+void		cuda_prefetch_join(kl_backend *be);
 /* launch a held-back residual add (any op but the fusing rmsnorm calls it first) */
 void		cuda_flush_add(kl_backend *be);
 /* y = the MoE combine (kk_moe_combine), held back: the residual add that reads

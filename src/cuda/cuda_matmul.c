@@ -150,6 +150,8 @@ cuda_matmul(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, c
 {
 	if (cuda_step_skip(be, OP_MATMUL, (uintptr_t) y, (uintptr_t) x, (uintptr_t) W, (uintptr_t) n))
 		return;
+	if (W == CS(be)->pf_wait_for)
+		cuda_prefetch_join(be);
 	cuda_matmul_raw(be, y, ldy, x, ldx, n, W);
 }
 

@@ -165,6 +165,8 @@ cuda_begin_step(kl_backend *be, const kl_step *st, kl_err *err)
 		return cuda_take_failure(be, err, NULL);
 	cuda_abort_capture(be);		/* a step that failed half-way may have left one open */
 	cs->pend = false;			/* (and an add or a combine held back) */
+	cs->pf_pending = false;
+	cs->pf_wait_for = NULL;
 	cs->pend_moe = false;
 	cs->mode = GM_EAGER;
 	cudaSetDevice(cs->device);
@@ -280,6 +282,7 @@ cuda_end_step(kl_backend *be, const kl_step *st)
 
 	(void) st;
 	cuda_flush_add(be);			/* the step's last residual add belongs to it */
+	cuda_prefetch_join(be);
 	mode = cs->mode;
 	cs->mode = GM_EAGER;
 	if (mode == GM_CAPTURE)
