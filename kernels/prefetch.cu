@@ -10,17 +10,20 @@
  * so the product after it reads L2 instead of DRAM.
  *
  * The kernel only issues the prefetches (on Hopper one bulk prefetch per
- * PF_CHUNK bytes, handled by the copy engine of the SM without the threads
- * waiting; before Hopper one prefetch instruction per 128-byte line) and
- * exits: it lets the next kernel launch at once (kk_dep_launch first), and
+ * PF_CHUNK bytes, handled by the copy engines of the SMs, spread over many
+ * blocks; or one prefetch instruction per 128-byte line) and exits: it lets the next kernel launch at once (kk_dep_launch first), and
  * waits for its predecessor before it exits, as every kernel launched with
  * kk_launch must (common.cuh), so the stream's order is kept.
  */
 #include "common.cuh"
 
-#define PF_CHUNK 32768			/* bytes per bulk prefetch */
-#define PF_THREADS 128
+#define PF_CHUNK 8192			/* bytes per bulk prefetch */
+#define PF_THREADS 64
+#define PF_MAX_BLOCKS 256		/* ~2 per SM: every SM's copy engine takes a share */
 
+/* LINES: one prefetch instruction per 128-byte line (any GPU); else bulk
+ * prefetches of PF_CHUNK bytes (Hopper and later) */
+template <bool LINES>
 __global__ void __launch_bounds__(PF_THREADS)
 prefetch_l2_kernel(const char *p, size_t bytes)
 {
@@ -29,9 +32,10 @@ prefetch_l2_kernel(const char *p, size_t bytes)
 
 	kk_dep_launch();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-	/* whole 16-byte-aligned chunks in bulk (the copy engine wants 16-byte
-	 * address and size); the ragged ends are single lines */
+	if (!LINES)
 	{
+		/* whole 16-byte-aligned chunks in bulk (the copy engine wants 16-byte
+		 * address and size); the ragged ends are single lines */
 		size_t		head = (16 - ((uintptr_t) p & 15)) & 15;
 		size_t		body = bytes > head ? (bytes - head) & ~(size_t) 15 : 0;
 		const char *b = p + head;
@@ -46,23 +50,26 @@ prefetch_l2_kernel(const char *p, size_t bytes)
 			asm volatile("prefetch.global.L2 [%0];\n"::"l"(p));
 		if (tid == 1 && head + body < bytes)
 			asm volatile("prefetch.global.L2 [%0];\n"::"l"(p + bytes - 1));
+		kk_dep_wait();
+		return;
 	}
-#else
+#endif
 	for (size_t o = tid * 128; o < bytes; o += nthreads * 128)
 		asm volatile("prefetch.global.L2 [%0];\n"::"l"(p + o));
-#endif
 	kk_dep_wait();
 }
 
 extern "C" void
-kk_prefetch_weight(cudaStream_t s, const void *p, size_t bytes)
+kk_prefetch_weight(cudaStream_t s, const void *p, size_t bytes, int lines)
 {
-	size_t		chunks = (bytes + PF_CHUNK - 1) / PF_CHUNK;
-	unsigned	blocks = (unsigned) ((chunks + PF_THREADS - 1) / PF_THREADS);
+	size_t		units = lines ? (bytes + 127) / 128 : (bytes + PF_CHUNK - 1) / PF_CHUNK;
+	size_t		blocks = (units + PF_THREADS - 1) / PF_THREADS;
 
 	if (!p || bytes == 0)
 		return;
-	/* before Hopper a thread per 128-byte line of the first pass: more blocks */
-	blocks = blocks < 1 ? 1 : blocks > 64 ? 64 : blocks;
-	kk_launch(prefetch_l2_kernel, dim3(blocks), dim3(PF_THREADS), 0, s, (const char *) p, bytes);
+	blocks = blocks < 1 ? 1 : blocks > PF_MAX_BLOCKS ? PF_MAX_BLOCKS : blocks;
+	if (lines)
+		kk_launch(prefetch_l2_kernel<true>, dim3((unsigned) blocks), dim3(PF_THREADS), 0, s, (const char *) p, bytes);
+	else
+		kk_launch(prefetch_l2_kernel<false>, dim3((unsigned) blocks), dim3(PF_THREADS), 0, s, (const char *) p, bytes);
 }

@@ -213,6 +213,7 @@ typedef struct cuda_state
 	cudaEvent_t pf_fork,
 				pf_join;
 	bool		pf_pending;
+	bool		prefetch_lines;	/* KL_CUDA_PREFETCH_LINES=1: prefetch by 128-byte lines */
 	const kl_weight *pf_wait_for;
 
 	bool		no_grouped_gemm;	/* cuBLAS here lacks bf16 grouped GEMM: loop instead */
