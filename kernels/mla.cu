@@ -27,6 +27,9 @@
  * widened to fp32 on load, so the arithmetic is the same.  For bf16 rows
  * mla_attend_mma does the attention's two products on tensor cores instead
  * (KL_CUDA_MLA_MMA=0: mla_attend); the fp32 cache stays on mla_attend.
+ * mla_attend_flash computes the same partials on tensor cores with the
+ * block's warps as two independent key streams (the default;
+ * KL_CUDA_MLA_FLASH=0: mla_attend_mma).
  */
 #include "common.cuh"
 
@@ -1100,6 +1103,477 @@ kk_mla_attend_mma(cudaStream_t s, int n_tokens, int max_splits, int split_keys, 
 	void		(*kern) (int, int, int, int, int, const float *, float, const int *, const int *, const int64_t *,
 						 const int *, float *const *, int, float *, float *) =
 		MT == 2 ? mla_attend_mma_kernel<2> : mla_attend_mma_kernel<1>;
+
+	if (n_tokens <= 0)
+		return 0;
+	if ((e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm)) != cudaSuccess)
+		return (int) e;
+	kk_launch(kern, dim3(n_tokens, max_splits), dim3(256), sm, s, split_keys, max_splits, Ha, R, Dr, qabs, scale,
+			  row_seq, row0, pos0, absorbed, pages, page_cap, part_acc, part_ml);
+	return 0;
+}
+
+/* ------------------------------------------------------------------ decode attention, two key streams a block */
+
+/*
+ * mla_attend_flash (KL_CUDA_MLA_FLASH, default on; =0 keeps mla_attend_mma):
+ * the same partials as mla_attend_mma (Qabs and P rounded to bf16, fp32
+ * accumulation), with the block's 8 warps as two groups of 4 that stream
+ * the key range independently: group G takes the 32-key tiles G, G + 2,
+ * G + 4, ... of the range (each tile read from global memory once, by one
+ * group, with cp.async into the group's two buffers: tile i + 1 loads while
+ * tile i is computed) and keeps its own online-softmax state; the two
+ * states are merged once, at the end of the range (log-sum-exp, in shared
+ * memory).  A group synchronizes only its own 128 threads (named barriers
+ * 1 and 2), so one group's softmax overlaps the other's tensor-core work.
+ *
+ * Why not one key slice per warp with the whole accumulator in registers
+ * (flash decoding as for ordinary heads): the accumulator of all heads is
+ * HP x R fp32 = 32 x 512 here, 512 registers a lane per warp; split over
+ * the 4 warps of a group (128 columns each) it is 128 registers a lane.
+ *
+ * Per group tile (warp wg of the group):
+ *   scores: keys 8 wg .. 8 wg + 7 against all heads (one n-tile, MT m-tiles,
+ *           k along the row, as mla_attend_mma); scaled, masked, row maxima
+ *           of the warp's keys by quad shuffles, to shared memory
+ *   softmax: the tile's row maxima of the 4 warps -> new running max, the
+ *           correction, p = exp(s - max) rounded to bf16 (in registers, the
+ *           score fragment's places), the running sum of the lane's own keys
+ *           (added up over lanes and warps once, at the end), P to shared
+ *   P V:   warp wg owns the column pairs wg, wg + 4, ... (16 columns each)
+ * Three group barriers a tile: the tile landed (and the previous P V is
+ * done, so its buffer may be refilled), the maxima written, P written.
+ * Fragment maps: as mla_attend_mma.
+ */
+#define FL_TK 32				/* keys per group tile */
+#define FL_PPITCH (FL_TK + MMA_PAD) /* bf16 per row of P */
+
+/* bf16 of the key buffers, or of the end merge's fp32 accumulator (which
+ * reuses them), whichever is larger */
+__host__ __device__ __forceinline__ size_t
+attend_flash_keys(int MT, int R, int Wa)
+{
+	size_t		keys = (size_t) 4 * FL_TK * (Wa + MMA_PAD),
+				merge = (size_t) 2 * 16 * MT * R;
+
+	return keys > merge ? keys : merge;
+}
+
+static size_t
+attend_flash_smem(int MT, int R, int Wa)
+{
+	size_t		HP = 16 * (size_t) MT;
+
+	return sizeof(uint16_t) * (attend_flash_keys(MT, R, Wa) + HP * (Wa + MMA_PAD) + 2 * HP * FL_PPITCH) +
+		sizeof(float) * (17 * HP);
+}
+
+/* barrier of the 128 threads of group G (ids 1 and 2; 0 is __syncthreads;
+ * immediate ids, so that the kernel reserves 3 barriers, not all 16) */
+__device__ __forceinline__ void
+group_sync(int G)
+{
+	if (G)
+		asm volatile("bar.sync 2, 128;\n":::"memory");
+	else
+		asm volatile("bar.sync 1, 128;\n":::"memory");
+}
+
+/*
+ * Rows kb .. kb + nk - 1 of the page into a group's tile buffer by the
+ * group's 128 threads (gt = thread within the group); rows nk .. FL_TK - 1
+ * zeroed (P is zero there; zero rows keep P V free of NaN from stale bits).
+ * Row and chunk are stepped, not divided, per copy.
+ */
+__device__ __forceinline__ void
+flash_load_tile(uint16_t *dst, const uint16_t *src, int nk, int Wa, int pitch, int gt)
+{
+	int			n8 = Wa / 8,
+				j = gt / n8,
+				c8 = gt % n8;
+
+	for (; j < FL_TK;)
+	{
+		if (j < nk)
+			cp_async16(dst + j * pitch + 8 * c8, src + (size_t) j * Wa + 8 * c8);
+		else
+			*(uint4 *) (dst + j * pitch + 8 * c8) = make_uint4(0, 0, 0, 0);
+		c8 += 128;
+		while (c8 >= n8)
+		{
+			c8 -= n8;
+			j++;
+		}
+	}
+}
+
+template <int MT>
+__global__ void __launch_bounds__(256, 1)
+mla_attend_flash_kernel(int split_keys, int max_splits, int Ha, int R, int Dr, const float *__restrict__ qabs,
+						float scale, const int *__restrict__ row_seq, const int *__restrict__ row0,
+						const int64_t *__restrict__ pos0, const int *__restrict__ absorbed, float *const *pages,
+						int page_cap, float *part_acc, float *part_ml)
+{
+	extern __shared__ uint4 smem_fl[];
+	const int	HP = 16 * MT;
+	int			Wa = R + Dr,
+				pitch = Wa + MMA_PAD;
+	uint16_t   *sk = (uint16_t *) smem_fl;	/* [2 groups][2 buffers][FL_TK][pitch] */
+	float	   *so = (float *) smem_fl; /* after the keys: [HP][R] group 1's accumulator */
+	uint16_t   *sq = sk + attend_flash_keys(MT, R, Wa);	/* [HP][pitch] Qabs, bf16 */
+	uint16_t   *sp = sq + HP * pitch;	/* [2 groups][HP][FL_PPITCH] P, bf16 */
+	float	   *sx = (float *) (sp + 2 * HP * FL_PPITCH);	/* [2][4 warps][HP] tile maxima */
+	float	   *sl = sx + 8 * HP;	/* [2][4 warps][HP] running sums at the end */
+	float	   *sm1 = sl + 8 * HP;	/* [HP] group 1's running max at the end */
+	int			t = blockIdx.x,
+				p = blockIdx.y;
+	int			tid = threadIdx.x,
+				lane = tid & 31,
+				w = tid >> 5,
+				G = w >> 2,
+				wg = w & 3,
+				g = lane >> 2,
+				q = lane & 3;
+	int			lrow = (lane & 7) + ((lane >> 3) & 1) * 8,
+				lcol = (lane >> 4) * 8;
+	int			npairs = R / 16;
+	uint16_t   *skg = sk + (size_t) G * 2 * FL_TK * pitch,
+			   *spg = sp + G * HP * FL_PPITCH;
+	int			s,
+				ntiles,
+				ntg;
+	int64_t		pos,
+				k0 = (int64_t) p * split_keys,
+				k1;
+	float		o[MT][16][4];	/* [m-tile][n-tile of the warp's 8 column pairs][C regs] */
+	float		mrun[MT][2],	/* running max of rows 16 m + g (+ 8) */
+				lrun[MT][2];	/* running sum of this lane's keys of those rows */
+
+	kk_dep_wait();
+	kk_dep_launch();
+	s = row_seq[t];
+	pos = pos0[s] + (t - row0[s]);
+	if (!absorbed[s] || k0 > pos)
+		return;
+	k1 = k0 + split_keys < pos + 1 ? k0 + split_keys : pos + 1;
+	ntiles = (int) ((k1 - k0 + FL_TK - 1) / FL_TK);
+	ntg = ntiles > G ? (ntiles - G + 1) / 2 : 0;	/* this group's tiles */
+
+	/* the group's first tile goes out before Qabs is converted (they overlap);
+	 * tiles start at multiples of FL_TK, which divides the page size */
+	if (ntg > 0)
+	{
+		int64_t		kb = k0 + (int64_t) G * FL_TK;
+		int			nk = k1 - kb < FL_TK ? (int) (k1 - kb) : FL_TK;
+		const uint16_t *page = (const uint16_t *) pages[(size_t) s * page_cap + kb / KK_MLA_PAGE];
+
+		flash_load_tile(skg, page + (size_t) (kb % KK_MLA_PAGE) * Wa, nk, Wa, pitch, tid & 127);
+	}
+	cp_async_commit();
+	/* Qabs to bf16, padded heads zero (as mla_attend_mma) */
+	for (int e0 = tid; e0 < HP * (Wa / 4); e0 += 6 * blockDim.x)
+	{
+		float4		v[6];
+
+#pragma unroll
+		for (int u = 0; u < 6; u++)
+		{
+			int			e = e0 + u * blockDim.x,
+						h = e / (Wa / 4);
+
+			v[u] = make_float4(0, 0, 0, 0);
+			if (e < HP * (Wa / 4) && h < Ha)
+				v[u] = __ldg((const float4 *) (qabs + ((size_t) t * Ha + h) * Wa) + e % (Wa / 4));
+		}
+#pragma unroll
+		for (int u = 0; u < 6; u++)
+		{
+			int			e = e0 + u * blockDim.x;
+
+			if (e < HP * (Wa / 4))
+				*(uint2 *) (sq + (e / (Wa / 4)) * pitch + 4 * (e % (Wa / 4))) =
+					make_uint2((uint32_t) f32_to_bf16(v[u].x) | ((uint32_t) f32_to_bf16(v[u].y) << 16),
+							   (uint32_t) f32_to_bf16(v[u].z) | ((uint32_t) f32_to_bf16(v[u].w) << 16));
+		}
+	}
+#pragma unroll
+	for (int m = 0; m < MT; m++)
+	{
+		mrun[m][0] = mrun[m][1] = -INFINITY;
+		lrun[m][0] = lrun[m][1] = 0.0f;
+#pragma unroll
+		for (int n = 0; n < 16; n++)
+			o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.0f;
+	}
+	__syncthreads();			/* Qabs in shared memory */
+
+	for (int i = 0; i < ntg; i++)
+	{
+		int64_t		kb = k0 + (int64_t) (G + 2 * i) * FL_TK;
+		int			nk = k1 - kb < FL_TK ? (int) (k1 - kb) : FL_TK;
+		const uint16_t *kt = skg + (i & 1) * FL_TK * pitch;
+		float		c[MT][4];
+
+		cp_async_wait_group<0>();	/* this thread's copies of tile i */
+		group_sync(G);			/* all of tile i landed; P V of tile i - 1 done */
+		if (i + 1 < ntg)
+		{
+			int64_t		kn = kb + 2 * FL_TK;
+			int			nn = k1 - kn < FL_TK ? (int) (k1 - kn) : FL_TK;
+			const uint16_t *page = (const uint16_t *) pages[(size_t) s * page_cap + kn / KK_MLA_PAGE];
+
+			flash_load_tile(skg + ((i + 1) & 1) * FL_TK * pitch, page + (size_t) (kn % KK_MLA_PAGE) * Wa, nn, Wa,
+							pitch, tid & 127);
+		}
+		cp_async_commit();
+
+		/* scores: keys 8 wg .. 8 wg + 7 of the tile, all heads; two
+		 * accumulator chains (even and odd k-steps) halve the mma latency
+		 * a tile waits for (an odd last k-step goes to the first chain) */
+		{
+			float		c2[MT][4];
+
+#pragma unroll
+			for (int m = 0; m < MT; m++)
+				c[m][0] = c[m][1] = c[m][2] = c[m][3] = c2[m][0] = c2[m][1] = c2[m][2] = c2[m][3] = 0.0f;
+#pragma unroll 2
+			for (int k = 0; k < Wa; k += 32)
+			{
+				uint32_t	b[2],
+							a[4];
+
+				ldsm_x2(b, kt + (8 * wg + (lane & 7)) * pitch + k + ((lane >> 3) & 1) * 8);
+#pragma unroll
+				for (int m = 0; m < MT; m++)
+				{
+					ldsm_x4(a, sq + (16 * m + lrow) * pitch + k + lcol);
+					mma_bf16(c[m], a, b[0], b[1]);
+				}
+				if (k + 16 < Wa)
+				{
+					ldsm_x2(b, kt + (8 * wg + (lane & 7)) * pitch + k + 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+					for (int m = 0; m < MT; m++)
+					{
+						ldsm_x4(a, sq + (16 * m + lrow) * pitch + k + 16 + lcol);
+						mma_bf16(c2[m], a, b[0], b[1]);
+					}
+				}
+			}
+#pragma unroll
+			for (int m = 0; m < MT; m++)
+#pragma unroll
+				for (int e = 0; e < 4; e++)
+					c[m][e] += c2[m][e];
+		}
+		/* scale, mask (keys 8 wg + 2q, + 1 of the tile), the warp's row maxima */
+		{
+			bool		ok0 = 8 * wg + 2 * q < nk,
+						ok1 = 8 * wg + 2 * q + 1 < nk;
+
+#pragma unroll
+			for (int m = 0; m < MT; m++)
+#pragma unroll
+				for (int r = 0; r < 2; r++)
+				{
+					float		x0 = ok0 ? c[m][2 * r] * scale : -INFINITY,
+								x1 = ok1 ? c[m][2 * r + 1] * scale : -INFINITY,
+								v = fmaxf(x0, x1);
+
+					c[m][2 * r] = x0;
+					c[m][2 * r + 1] = x1;
+					v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+					v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+					if (q == 0)
+						sx[(G * 4 + wg) * HP + 16 * m + g + 8 * r] = v;
+				}
+		}
+		group_sync(G);			/* the tile's maxima */
+
+		/* online softmax in the score fragments' places; rescale O */
+#pragma unroll
+		for (int m = 0; m < MT; m++)
+#pragma unroll
+			for (int r = 0; r < 2; r++)
+			{
+				int			row = 16 * m + g + 8 * r;
+				const float *xg = sx + G * 4 * HP + row;
+				/* (key 0 of the tile is valid: the tile max, so mnew, is finite) */
+				float		mnew = fmaxf(fmaxf(fmaxf(xg[0], xg[HP]), fmaxf(xg[2 * HP], xg[3 * HP])), mrun[m][r]);
+				float		corr = mrun[m][r] == -INFINITY ? 0.0f : expf(mrun[m][r] - mnew);
+				float		x0 = c[m][2 * r],
+							x1 = c[m][2 * r + 1];
+				uint16_t	p0 = f32_to_bf16(x0 == -INFINITY ? 0.0f : expf(x0 - mnew)),
+							p1 = f32_to_bf16(x1 == -INFINITY ? 0.0f : expf(x1 - mnew));
+
+				lrun[m][r] = lrun[m][r] * corr + (bf16_to_f32(p0) + bf16_to_f32(p1));
+				mrun[m][r] = mnew;
+				*(uint32_t *) (spg + row * FL_PPITCH + 8 * wg + 2 * q) = (uint32_t) p0 | ((uint32_t) p1 << 16);
+#pragma unroll
+				for (int n = 0; n < 16; n++)
+				{
+					o[m][n][2 * r] *= corr;
+					o[m][n][2 * r + 1] *= corr;
+				}
+			}
+		group_sync(G);			/* P of the tile */
+
+		/* O += P V: column pairs wg + 4 i2 (columns 16 (wg + 4 i2) ..) */
+#pragma unroll
+		for (int kk = 0; kk < FL_TK; kk += 16)
+		{
+			uint32_t	a[MT][4];
+
+			if (kk >= nk)
+				break;			/* (the rows there are zero, P too) */
+#pragma unroll
+			for (int m = 0; m < MT; m++)
+				ldsm_x4(a[m], spg + (16 * m + lrow) * FL_PPITCH + kk + lcol);
+#pragma unroll
+			for (int i2 = 0; i2 < 8; i2++)
+			{
+				int			pr = wg + 4 * i2;
+				uint32_t	b[4];
+
+				if (pr >= npairs)
+					break;
+				ldsm_x4_trans(b, kt + (kk + lrow) * pitch + 16 * pr + lcol);
+#pragma unroll
+				for (int m = 0; m < MT; m++)
+				{
+					mma_bf16(o[m][2 * i2], a[m], b[0], b[1]);
+					mma_bf16(o[m][2 * i2 + 1], a[m], b[2], b[3]);
+				}
+			}
+		}
+	}
+	cp_async_wait_group<0>();	/* (only empty groups can be left) */
+
+	/* the lanes' sums -> the warp's (quad), to shared memory per warp */
+#pragma unroll
+	for (int m = 0; m < MT; m++)
+#pragma unroll
+		for (int r = 0; r < 2; r++)
+		{
+			float		v = lrun[m][r];
+
+			v += __shfl_xor_sync(0xffffffffu, v, 1);
+			v += __shfl_xor_sync(0xffffffffu, v, 2);
+			if (q == 0)
+				sl[(G * 4 + wg) * HP + 16 * m + g + 8 * r] = v;
+		}
+	__syncthreads();			/* both groups done: the key buffers are free */
+	if (G == 1)
+	{
+#pragma unroll
+		for (int i2 = 0; i2 < 8; i2++)
+		{
+			int			pr = wg + 4 * i2;
+
+			if (pr >= npairs)
+				break;
+#pragma unroll
+			for (int m = 0; m < MT; m++)
+#pragma unroll
+				for (int half = 0; half < 2; half++)
+				{
+					int			col = 16 * pr + 8 * half + 2 * q;
+					const float *c = o[m][2 * i2 + half];
+
+					*(float2 *) (so + (16 * m + g) * R + col) = make_float2(c[0], c[1]);
+					*(float2 *) (so + (16 * m + g + 8) * R + col) = make_float2(c[2], c[3]);
+				}
+		}
+		if (wg == 0 && q == 0)
+#pragma unroll
+			for (int m = 0; m < MT; m++)
+			{
+				sm1[16 * m + g] = mrun[m][0];
+				sm1[16 * m + g + 8] = mrun[m][1];
+			}
+	}
+	__syncthreads();
+	if (G == 1)
+		return;
+
+	/* group 0: merge the two states (log-sum-exp), the range's partials */
+	{
+		size_t		base = ((size_t) t * max_splits + p) * Ha;
+		float		w0[MT][2],
+					w1[MT][2];
+
+#pragma unroll
+		for (int m = 0; m < MT; m++)
+#pragma unroll
+			for (int r = 0; r < 2; r++)
+			{
+				int			row = 16 * m + g + 8 * r;
+				float		m0 = mrun[m][r],
+							m1 = sm1[row],
+							M = fmaxf(m0, m1),
+							l0 = sl[row] + sl[HP + row] + sl[2 * HP + row] + sl[3 * HP + row],
+							l1 = sl[4 * HP + row] + sl[5 * HP + row] + sl[6 * HP + row] + sl[7 * HP + row];
+
+				/* (group 0 always has a tile: m0, so M, is finite) */
+				w0[m][r] = expf(m0 - M);
+				w1[m][r] = m1 == -INFINITY ? 0.0f : expf(m1 - M);
+				if (wg == 0 && q == 0 && row < Ha)
+				{
+					part_ml[(base + row) * 2] = M;
+					part_ml[(base + row) * 2 + 1] = w0[m][r] * l0 + w1[m][r] * l1;
+				}
+			}
+#pragma unroll
+		for (int i2 = 0; i2 < 8; i2++)
+		{
+			int			pr = wg + 4 * i2;
+
+			if (pr >= npairs)
+				break;
+#pragma unroll
+			for (int m = 0; m < MT; m++)
+#pragma unroll
+				for (int half = 0; half < 2; half++)
+				{
+					int			col = 16 * pr + 8 * half + 2 * q,
+								h0 = 16 * m + g,
+								h1 = h0 + 8;
+					const float *c = o[m][2 * i2 + half];
+					float2		u0 = *(const float2 *) (so + h0 * R + col),
+								u1 = *(const float2 *) (so + h1 * R + col);
+
+					if (h0 < Ha)
+						*(float2 *) (part_acc + (base + h0) * R + col) =
+							make_float2(w0[m][0] * c[0] + w1[m][0] * u0.x, w0[m][0] * c[1] + w1[m][0] * u0.y);
+					if (h1 < Ha)
+						*(float2 *) (part_acc + (base + h1) * R + col) =
+							make_float2(w0[m][1] * c[2] + w1[m][1] * u1.x, w0[m][1] * c[3] + w1[m][1] * u1.y);
+				}
+		}
+	}
+}
+
+/* Can mla_attend_flash take this shape?  (As mla_attend_mma: R and Dr
+ * multiples of 16, R <= 512, at most 32 heads; and its shared memory.) */
+extern "C" int
+kk_mla_attend_flash_supported(int Ha, int R, int Dr)
+{
+	if (Ha < 1 || Ha > 32 || R < 16 || R > 512 || R % 16 || Dr < 0 || Dr % 16)
+		return 0;
+	return attend_flash_smem(Ha > 16 ? 2 : 1, R, R + Dr) <= 227 * 1024;
+}
+
+extern "C" int
+kk_mla_attend_flash(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R, int Dr,
+					const float *qabs, float scale, const int *row_seq, const int *row0, const int64_t *pos0,
+					const int *absorbed, float *const *pages, int page_cap, float *part_acc, float *part_ml)
+{
+	int			MT = Ha > 16 ? 2 : 1;
+	size_t		sm = attend_flash_smem(MT, R, R + Dr);
+	cudaError_t e;
+	void		(*kern) (int, int, int, int, int, const float *, float, const int *, const int *, const int64_t *,
+						 const int *, float *const *, int, float *, float *) =
+		MT == 2 ? mla_attend_flash_kernel<2> : mla_attend_flash_kernel<1>;
 
 	if (n_tokens <= 0)
 		return 0;
