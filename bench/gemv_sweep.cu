@@ -10,8 +10,11 @@
  * older one (kk_set_gemv_rows(0)), "blockrows" the library's block-rows
  * kernel in other shapes (rows a block, threads); "upfront" the experiment
  * that lost to it (bench/notes-cuda.md, 2026-11-30; the L2-prefetch variants
- * of that day's table: raw/2026-11-30-gemv-variants.md).  Every variant's
- * output is checked against kk_gemv's.
+ * of that day's table: raw/2026-11-30-gemv-variants.md).  "mma tile" and
+ * "mma slab" are the tensor-core GEMVs of 8 rows (kernels/expert_mma.cu:
+ * gemv_mma_kernel, KL_CUDA_GEMV_MMA_SLAB=0, and gemv_slab_kernel, the
+ * default).  Every variant's output is checked against kk_gemv's (the
+ * tensor-core ones round the activations to bf16: ~1e-3 apart).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,6 +22,7 @@
 
 /* the library's kernels, and their device helpers for the variants below */
 #include "../kernels/gemv.cu"
+#include "../kernels/expert_mma.cu"
 
 #define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { \
 	fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); exit(1); } } while (0)
@@ -160,6 +164,8 @@ typedef struct
 static const shape_t shapes[] = {
 	{"kda_qkv 3x4096x2304", 12288, 2304},
 	{"o_proj 2304x4096", 2304, 4096},
+	{"router 256x2304", 256, 2304},
+	{"shared_dn 2304x1024", 2304, 1024},
 	{"experts_gu 16x1024x2304", 16384, 2304},
 	{"experts_dn 8x2304x1024", 18432, 1024},
 	{"lm_head 163840x2304", 163840, 2304},
@@ -204,6 +210,27 @@ run_warp_row(cudaStream_t s, float *y, const float *x, const uint16_t *W, int ro
 	kk_set_gemv_rows(1);
 }
 
+/* the tensor-core GEMV, one job: slab = gemv_slab_kernel, else gemv_mma_kernel */
+template <int SLAB>
+static void
+run_mma(cudaStream_t s, float *y, const float *x, const uint16_t *W, int rows, int cols, int nr)
+{
+	kk_gemv_batch b;
+
+	memset(&b, 0, sizeof(b));
+	b.n = nr;
+	b.count = 1;
+	b.job[0].y = y;
+	b.job[0].x = x;
+	b.job[0].W = W;
+	b.job[0].ldy = rows;
+	b.job[0].ldx = cols;
+	b.job[0].rows = rows;
+	b.job[0].cols = cols;
+	b.job[0].bf16 = 1;
+	kk_gemv_multi_mma_as(s, &b, SLAB);
+}
+
 static unsigned *g_sink;
 
 static void
@@ -232,6 +259,8 @@ static const variant_t variants[] = {
 	{"kk_gemv nr8", 8, run_current},
 	{"warp a row nr8", 8, run_warp_row},
 	UP(8, 2, 2, 0), BR(8, 4, 64), BR(8, 8, 32), BR(8, 4, 32),
+	{"mma tile nr8", 8, run_mma<0>},
+	{"mma slab nr8", 8, run_mma<1>},
 };
 
 

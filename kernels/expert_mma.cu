@@ -474,23 +474,297 @@ kk_gemv_mma_ok(int cols)
 	return cols > 0 && cols % 32 == 0;
 }
 
+/* ------------------------------------------------------- plain products, slabs */
+
+/*
+ * gemv_slab_kernel (KL_CUDA_GEMV_MMA_SLAB, default on): the same products as
+ * gemv_mma_kernel, shaped as expert_mma_kernel streams.  Why gemv_mma_kernel
+ * stays far below the expert kernel's bandwidth with the same mma shapes:
+ * each of its warps has only 2 KB of weights per register set in flight
+ * (two 32-wide chunks), every weight piece comes with 32 bytes of fp32
+ * activations loaded through L1 in the same loop (the latency of both in
+ * every step), a warp's chunks are 8 apart in k (64-byte runs of a row), and
+ * a block lives for only 16 rows x 1/8 of k (a few sets) before its
+ * barrier and reduction.  Here:
+ *   - a block of 8 warps takes T consecutive 16-row tiles (a slab of 16 T
+ *     rows), its warps split as T tiles x S = 8 / T contiguous k ranges;
+ *     the launcher picks T (8, 4, 2, 1) per launch, the largest that still
+ *     gives two blocks per SM, so a 2304-row matrix keeps 144 blocks while
+ *     lm_head's take 128 rows each;
+ *   - the n <= 8 activation rows are rounded to bf16 once per block into
+ *     shared memory (zeros past n), as expert_mma_kernel does, so that the
+ *     loop reads one 16-byte B piece a chunk from shared memory;
+ *   - a warp streams GS_U = 4 consecutive chunks per register set (4 KB
+ *     of weights, 256-byte runs of each row), two sets alternating, and both
+ *     first sets are requested before the programmatic-dependent-launch
+ *     wait: up to 8 KB a warp, 128 KB an SM in flight;
+ *   - the S partial tiles of a tile are added in k order through shared
+ *     memory (S = 1: written straight from the fragment).
+ * Same bf16 rounding of the activations (f32_to_bf16) and the same fragment
+ * layout as gemv_mma_kernel, so the two differ only in the order of the fp32
+ * sums.
+ */
+#define GS_WARPS 8				/* warps of a block: T tiles x S k ranges */
+#define GS_U 4					/* 32-wide chunks a warp has in a register set */
+#define GS_PAD 32				/* bf16 padding of a staged row: rows 64 bytes apart mod 128 (no bank conflicts) */
+#define GS_LOADS 8				/* float4 activation loads a thread has in flight while staging */
+#define GS_SMEM_MAX (160 * 1024)	/* staged rows up to ~10000 columns; wider: gemv_mma_kernel */
+
+/* the weight pieces of chunks c .. c + GS_U (those below c1) for rows g and g + 8 */
+__device__ __forceinline__ void
+gs_load(uint4 (&w)[GS_U][2], const uint16_t *rg, const uint16_t *rg8, int c, int c1)
+{
+#pragma unroll
+	for (int u = 0; u < GS_U; u++)
+		if (c + u < c1)
+		{
+			w[u][0] = ld_weights16(rg + 32 * (c + u));
+			w[u][1] = ld_weights16(rg8 + 32 * (c + u));
+		}
+}
+
+/* acc += those chunks; xg: token g's staged bf16 row, + 8 t */
+__device__ __forceinline__ void
+gs_compute(float *acc, const uint4 (&w)[GS_U][2], const uint16_t *xg, int c, int c1)
+{
+#pragma unroll
+	for (int u = 0; u < GS_U; u++)
+		if (c + u < c1)
+		{
+			uint4		b = *(const uint4 *) (xg + 32 * (c + u));
+
+			mma_bf16(acc, w[u][0].x, w[u][1].x, w[u][0].y, w[u][1].y, b.x, b.y);
+			mma_bf16(acc, w[u][0].z, w[u][1].z, w[u][0].w, w[u][1].w, b.z, b.w);
+		}
+}
+
+/*
+ * The job's n activation rows as bf16 into xs (row j at j * ld, rows n..7
+ * zero): GS_LOADS float4 loads per thread issued before any is used, so a
+ * 2304-column matrix costs three L2 round trips, not eighteen.
+ */
+__device__ __forceinline__ void
+gs_stage(uint16_t *xs, int ld, const kk_gemv_job *jb, int n, int cols)
+{
+	int			q = cols >> 2,
+				total = XM_N * q;
+
+	for (int base = threadIdx.x; base < total; base += GS_LOADS * GS_WARPS * 32)
+	{
+		float4		v[GS_LOADS];
+
+#pragma unroll
+		for (int u = 0; u < GS_LOADS; u++)
+		{
+			int			i = base + u * GS_WARPS * 32,
+						j = i / q,
+						k = (i - j * q) * 4;
+
+			v[u] = make_float4(0, 0, 0, 0);
+			if (i < total && j < n)
+			{
+				const float *xr = jb->x + (size_t) j * jb->ldx + k;
+
+				if (jb->vec)
+					v[u] = __ldg((const float4 *) xr);
+				else
+					v[u] = make_float4(xr[0], xr[1], xr[2], xr[3]);
+			}
+		}
+#pragma unroll
+		for (int u = 0; u < GS_LOADS; u++)
+		{
+			int			i = base + u * GS_WARPS * 32,
+						j = i / q,
+						k = (i - j * q) * 4;
+			uint2		packed;
+
+			if (i >= total)
+				break;
+			packed.x = (uint32_t) f32_to_bf16(v[u].x) | ((uint32_t) f32_to_bf16(v[u].y) << 16);
+			packed.y = (uint32_t) f32_to_bf16(v[u].z) | ((uint32_t) f32_to_bf16(v[u].w) << 16);
+			*(uint2 *) (xs + (size_t) j * ld + k) = packed;
+		}
+	}
+}
+
+/*
+ * Block b: tiles (b - b.first_block[j]) T .. + T of job j (16 rows each),
+ * all b.n activation rows.  Warp w: tile w % T, k range w / T of S = 8 / T
+ * (chunks [s nchunk / S, (s + 1) nchunk / S)).  Dynamic shared memory: the
+ * staged rows, XM_N x (widest job's cols + GS_PAD) bf16.
+ */
+__global__ void __launch_bounds__(GS_WARPS * 32, 2)
+gemv_slab_kernel(kk_gemv_batch b, int T)
+{
+	extern __shared__ uint4 gs_smem[];
+	__shared__ float part[GS_WARPS][32][4];
+	uint16_t   *xs = (uint16_t *) gs_smem;
+	int			j = 0;
+
+	while (j + 1 < b.count && (int) blockIdx.x >= b.first_block[j + 1])
+		j++;
+	{
+		const kk_gemv_job *jb = &b.job[j];
+		int			rows = jb->rows,
+					cols = jb->cols,
+					n = b.n,
+					nchunk = cols >> 5,
+					ld = cols + GS_PAD,
+					S = GS_WARPS / T;
+		int			warp = threadIdx.x >> 5,
+					lane = threadIdx.x & 31,
+					g = lane >> 2,
+					t = lane & 3,
+					tile = warp % T,
+					s = warp / T;
+		int			r0 = (((int) blockIdx.x - b.first_block[j]) * T + tile) * 16;
+		bool		live = r0 < rows;	/* a slab's last tiles may lie past the matrix */
+		int			ra = r0 + g < rows ? r0 + g : rows - 1,
+					rb = r0 + g + 8 < rows ? r0 + g + 8 : rows - 1;
+		int			c0 = s * nchunk / S,
+					c1 = (s + 1) * nchunk / S;
+		const uint16_t *rg = (const uint16_t *) jb->W + (size_t) ra * cols + 8 * t,
+				   *rg8 = (const uint16_t *) jb->W + (size_t) rb * cols + 8 * t;
+		float		acc[4] = {0, 0, 0, 0};
+		uint4		wa[GS_U][2],
+					wb[GS_U][2];
+
+		/* the weights do not depend on earlier kernels: both sets travel before the wait */
+		if (live)
+		{
+			gs_load(wa, rg, rg8, c0, c1);
+			gs_load(wb, rg, rg8, c0 + GS_U, c1);
+		}
+		kk_dep_wait();
+		kk_dep_launch();
+		gs_stage(xs, ld, jb, n, cols);
+		__syncthreads();
+
+		if (live)
+		{
+			const uint16_t *xg = xs + (size_t) g * ld + 8 * t;
+
+			for (int c = c0; c < c1; c += 2 * GS_U)
+			{
+				gs_compute(acc, wa, xg, c, c1);
+				if (c + 2 * GS_U < c1)
+					gs_load(wa, rg, rg8, c + 2 * GS_U, c1);
+				if (c + GS_U >= c1)
+					break;
+				gs_compute(acc, wb, xg, c + GS_U, c1);
+				if (c + 3 * GS_U < c1)
+					gs_load(wb, rg, rg8, c + 3 * GS_U, c1);
+			}
+		}
+
+		/* D fragment: acc[i] is row g (i < 2) or g + 8, token 2t + (i & 1); the S ranges added in k order */
+		if (S > 1)
+		{
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+				part[warp][lane][i] = acc[i];
+			__syncthreads();	/* S is the same for the whole block */
+			if (s != 0)
+				return;
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+			{
+				acc[i] = part[tile][lane][i];
+				for (int r = 1; r < S; r++)
+					acc[i] += part[r * T + tile][lane][i];
+			}
+		}
+		if (!live)
+			return;
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+		{
+			int			row = r0 + g + (i >= 2 ? 8 : 0),
+						tok = 2 * t + (i & 1);
+
+			if (row < rows && tok < n)
+				jb->y[(size_t) tok * jb->ldy + row] = acc[i];
+		}
+	}
+}
+
+/* set by kk_set_gemv_mma_slab: plain tensor-core products in gemv_slab_kernel (else gemv_mma_kernel) */
+static int	kk_gemv_slab = 1;
+
 extern "C" void
-kk_gemv_multi_mma(cudaStream_t s, kk_gemv_batch *b)
+kk_set_gemv_mma_slab(int on)
+{
+	kk_gemv_slab = on;
+}
+
+/* first_block of every job for slabs of T tiles; returns the grid's blocks */
+static int
+gemv_mma_blocks(kk_gemv_batch *b, int T)
 {
 	int			blocks = 0;
 
+	for (int j = 0; j < b->count; j++)
+	{
+		b->first_block[j] = blocks;
+		blocks += ceil_div(ceil_div(b->job[j].rows, 16), T);
+	}
+	b->first_block[b->count] = blocks;
+	return blocks;
+}
+
+/*
+ * The slab launch: T the largest of 8, 4, 2, 1 that still gives two blocks
+ * an SM (fewer, bigger slabs stage the activations fewer times; below that
+ * SMs would sit idle).  Returns false, launching nothing, when the staged
+ * rows of the widest job do not fit in shared memory.
+ */
+static bool
+gemv_slab_launch(cudaStream_t s, kk_gemv_batch *b)
+{
+	int			maxcols = 0,
+				dev = 0,
+				sms = 132,
+				T = GS_WARPS,
+				blocks;
+	size_t		smem;
+
+	for (int j = 0; j < b->count; j++)
+		maxcols = b->job[j].cols > maxcols ? b->job[j].cols : maxcols;
+	smem = (size_t) XM_N * (maxcols + GS_PAD) * sizeof(uint16_t);
+	if (smem > GS_SMEM_MAX)
+		return false;
+	if (smem > XM_SMEM_MAX &&
+		cudaFuncSetAttribute(gemv_slab_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem) !=
+		cudaSuccess)
+		return false;
+	if (cudaGetDevice(&dev) != cudaSuccess ||
+		cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+		sms = 132;
+	blocks = gemv_mma_blocks(b, T);
+	while (T > 1 && blocks < 2 * sms)
+		blocks = gemv_mma_blocks(b, T /= 2);
+	kk_launch(gemv_slab_kernel, dim3(blocks), dim3(GS_WARPS * 32), smem, s, *b, T);
+	return true;
+}
+
+/* kk_gemv_multi_mma with the kernel chosen: slab (gemv_slab_kernel where it fits) or not */
+extern "C" void
+kk_gemv_multi_mma_as(cudaStream_t s, kk_gemv_batch *b, int slab)
+{
 	if (b->count <= 0 || b->n <= 0 || b->n > XM_N)
 		return;
 	for (int j = 0; j < b->count; j++)
-	{
-		kk_gemv_job *jb = &b->job[j];
+		b->job[j].vec = b->job[j].ldx % 4 == 0 && ((uintptr_t) b->job[j].x & 15) == 0;
+	if (slab && gemv_slab_launch(s, b))
+		return;
+	kk_launch(gemv_mma_kernel, dim3(gemv_mma_blocks(b, 1)), dim3(GM_WARPS * 32), 0, s, *b);
+}
 
-		jb->vec = jb->ldx % 4 == 0 && ((uintptr_t) jb->x & 15) == 0;
-		b->first_block[j] = blocks;
-		blocks += ceil_div(jb->rows, 16);
-	}
-	b->first_block[b->count] = blocks;
-	kk_launch(gemv_mma_kernel, dim3(blocks), dim3(GM_WARPS * 32), 0, s, *b);
+extern "C" void
+kk_gemv_multi_mma(cudaStream_t s, kk_gemv_batch *b)
+{
+	kk_gemv_multi_mma_as(s, b, kk_gemv_slab);
 }
 
 extern "C" void

@@ -117,6 +117,15 @@ int			kk_gemv_mma_ok(int cols);
 void		kk_gemv_mma(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int rows,
 						int cols);
 void		kk_gemv_multi_mma(cudaStream_t s, kk_gemv_batch *b);
+/*
+ * Which kernel those take: slabs of 16-128 weight rows a block with the
+ * activations staged once in shared memory (1, the default;
+ * KL_CUDA_GEMV_MMA_SLAB) or a 16-row tile a block reading them per chunk (0,
+ * the older gemv_mma_kernel; also where the staged rows would not fit).
+ * kk_gemv_multi_mma_as: the same with the choice given (tests, benchmarks).
+ */
+void		kk_set_gemv_mma_slab(int on);
+void		kk_gemv_multi_mma_as(cudaStream_t s, kk_gemv_batch *b, int slab);
 
 /* kda.cu (step metadata: row_seq [n_tokens], row0 [n_seqs + 1]; conv_tab and
  * S_tab: per sequence, that sequence's conv tails / state of this layer) */

@@ -736,6 +736,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_GEMV_MMA=N: bf16-precision decode products of N..8 rows on
 		 * tensor cores (default 8: below, the CUDA-core kernel was faster on
 		 * the H200; 0 never),
+		 * KL_CUDA_GEMV_MMA_SLAB=0 runs those in the older 16-row-tile kernel
+		 * (gemv_mma_kernel; default: slabs of rows with the activations
+		 * staged once a block, gemv_slab_kernel),
 		 * KL_CUDA_ROUTE_WARP=0 routes and groups in the block kernel instead of
 		 * warps (=N: warps only for steps of up to N tokens; default all that
 		 * group on the device).
@@ -759,6 +762,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *mf = getenv("KL_CUDA_MLA_FLASH"),
 				   *rw = getenv("KL_CUDA_ROUTE_WARP"),
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
+				   *gs = getenv("KL_CUDA_GEMV_MMA_SLAB"),
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
 				   *ms = getenv("KL_CUDA_MLA_SMALL"),
 				   *pf = getenv("KL_CUDA_PREFETCH"),
@@ -769,6 +773,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_pdl(major >= 9 && !(pdl && strcmp(pdl, "0") == 0));
 		kk_set_gemv_rows(!(gw && strcmp(gw, "0") == 0));
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
+		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
 		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);

@@ -310,6 +310,10 @@ int			cuda_sample(kl_backend *be, float *logits, int vocab, const kl_sample_row 
 int			kl_cuda_test_mla_small(int n, int Ha, int Dn, int Dr, int Dv, int R, int bf16, const float *q,
 								   const void *kv_b, const float *olat, const int *absorbed, float *qabs_old,
 								   float *qabs_new, float *out_old, float *out_new);
+/* test hook of cuda_matmul.c: one batch of plain tensor-core products
+ * through gemv_mma_kernel and gemv_slab_kernel (KL_CUDA_GEMV_MMA_SLAB) */
+int			kl_cuda_test_gemv_slab(int n, int count, const int *rows, const int *cols, int xpad,
+								   unsigned long long seed, float *out_old, float *out_new);
 int			kl_cuda_test_route_group(int warp, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
 									 int bias_in_w, float scaling, int shared_rows, int P, const float *logits,
 									 const float *bias, int *sel, float *wts, int *start, int *xrow, int *inv,

@@ -231,3 +231,93 @@ cuda_matmul_batch(kl_backend *be, const kl_matmul_job *jobs, int count)
 	if (!skip)
 		cuda_matmul_batch_raw(be, jobs, count);
 }
+
+/*
+ * Test hook (test_cuda.c calls it through dlsym; not used by the backend):
+ * one batch of count (<= KK_GEMV_JOBS) plain products of n (<= 8) rows on
+ * the tensor cores, through gemv_mma_kernel (out_old) and gemv_slab_kernel
+ * (out_new) on the same inputs.  Job j: W [rows[j], cols[j]] bf16, random
+ * on the device (seed; standard deviation 0.02); x [n, cols[j]] fp32
+ * random (seed + 1; not bf16 values, so the kernels' rounding is
+ * exercised) with row stride cols[j] + xpad (xpad % 4 != 0: the unaligned
+ * path); y [8, rows[j]] with ldy rows[j], set to NaN before each launch so
+ * that rows no kernel wrote show.  Outputs: the jobs' y one after another
+ * (sum of 8 rows[j] floats).  Returns 0, -1 for bad arguments, or a CUDA
+ * error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_gemv_slab(int n, int count, const int *rows, const int *cols, int xpad, unsigned long long seed,
+					   float *out_old, float *out_new)
+{
+	size_t		wsz = 0,
+				xsz = 0,
+				ysz = 0;
+	cudaStream_t s = NULL;
+	cudaError_t e = cudaSuccess;
+	uint16_t   *W = NULL;
+	float	   *x = NULL,
+			   *y = NULL;
+	kk_gemv_batch b;
+
+	if (n <= 0 || n > 8 || count <= 0 || count > KK_GEMV_JOBS || xpad < 0)
+		return -1;
+	for (int j = 0; j < count; j++)
+	{
+		if (rows[j] <= 0 || !kk_gemv_mma_ok(cols[j]))
+			return -1;
+		wsz += (size_t) rows[j] * cols[j];
+		xsz += (size_t) n * (cols[j] + xpad);
+		ysz += (size_t) 8 * rows[j];
+	}
+	memset(&b, 0, sizeof(b));
+	b.n = n;
+	b.count = count;
+	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &W, sizeof(uint16_t) * wsz)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &x, sizeof(float) * (xsz + ysz))) != cudaSuccess)
+		goto out;
+	y = x + xsz;
+	kk_fill_random(s, W, 1, wsz, seed, 0.02f);
+	kk_fill_random(s, x, 0, xsz, seed + 1, 1.0f);
+	{
+		size_t		wo = 0,
+					xo = 0,
+					yo = 0;
+
+		for (int j = 0; j < count; j++)
+		{
+			b.job[j].W = W + wo;
+			b.job[j].x = x + xo;
+			b.job[j].y = y + yo;
+			b.job[j].ldx = cols[j] + xpad;
+			b.job[j].ldy = rows[j];
+			b.job[j].rows = rows[j];
+			b.job[j].cols = cols[j];
+			b.job[j].bf16 = 1;
+			wo += (size_t) rows[j] * cols[j];
+			xo += (size_t) n * (cols[j] + xpad);
+			yo += (size_t) 8 * rows[j];
+		}
+	}
+	for (int slab = 0; slab < 2; slab++)
+	{
+		kk_gemv_batch bs = b;	/* the launcher fills in first_block and vec */
+
+		if ((e = cudaMemsetAsync(y, 0xff, sizeof(float) * ysz, s)) != cudaSuccess)
+			goto out;
+		kk_gemv_multi_mma_as(s, &bs, slab);
+		if ((e = cudaGetLastError()) != cudaSuccess ||
+			(e = cudaMemcpyAsync(slab ? out_new : out_old, y, sizeof(float) * ysz, cudaMemcpyDeviceToHost, s)) !=
+			cudaSuccess ||
+			(e = cudaStreamSynchronize(s)) != cudaSuccess)
+			goto out;
+	}
+out:
+	if (s)
+		cudaStreamSynchronize(s);
+	cudaFree(W);
+	cudaFree(x);
+	if (s)
+		cudaStreamDestroy(s);
+	return (int) e;
+}

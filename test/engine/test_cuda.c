@@ -1673,6 +1673,90 @@ check_expert_mma(void)
 	kl_model_free(m);
 }
 
+/* kl_cuda_test_gemv_slab (cuda_matmul.c): one batch of plain tensor-core products through both kernels */
+typedef int (*gemv_slab_test_fn) (int n, int count, const int *rows, const int *cols, int xpad,
+								  unsigned long long seed, float *out_old, float *out_new);
+
+/*
+ * The tensor-core GEMV in slabs (gemv_slab_kernel, KL_CUDA_GEMV_MMA_SLAB)
+ * against the 16-row-tile kernel (gemv_mma_kernel) on the same random bf16
+ * weights and fp32 activations, 1..8 rows each.  Both round the activations
+ * with the same f32_to_bf16, so every product is the same exact fp32 value
+ * and only the order of the fp32 sums differs (per mma, over a warp's
+ * chunks, over the warps' k ranges): the bound is the one of the expert
+ * products' check above, 1e-5 relative (a few ulp over sums of 1024-4096
+ * terms; that check measured 2.1e-6 at k 2304).  Rows past n must stay
+ * untouched (NaN) in both.  Shapes: the 48B model's KDA projection batch
+ * (3 x 4096 x 2304), o_proj (2304 x 4096), the router (256 x 2304),
+ * lm_head (163840 x 2304), 19999 x 1024, and a batch of odd shapes (rows not
+ * a multiple of 16, 11 and 3 chunks of k, unaligned activation rows) - on
+ * the H200's 132 SMs every slab size the launcher picks (1, 2, 4 and 8
+ * tiles a block) is among them.
+ */
+static void
+check_gemv_slab(void)
+{
+	static const struct
+	{
+		int			count,
+					xpad,
+					rows[3],
+					cols[3];
+		const char *what;
+	}			cases[] = {
+		{3, 4, {4096, 4096, 4096}, {2304, 2304, 2304}, "48B KDA projections 3 x 4096 x 2304"},
+		{1, 4, {2304}, {4096}, "48B o_proj 2304 x 4096"},
+		{1, 4, {256}, {2304}, "48B router 256 x 2304"},
+		{1, 4, {163840}, {2304}, "48B lm_head 163840 x 2304"},
+		{1, 4, {19999}, {1024}, "19999 x 1024 (4 tiles a block on 132 SMs, a slab past the end)"},
+		{3, 1, {50, 100, 7}, {352, 96, 2304}, "odd shapes 50 x 352, 100 x 96, 7 x 2304, unaligned rows"},
+	};
+	kl_model   *m;
+	void	   *lib = NULL;
+	gemv_slab_test_fn f = NULL;
+
+	m = load_test_hook("kl_cuda_test_gemv_slab", &lib, (void **) &f);
+	if (!f)
+		return;
+	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++)
+	{
+		size_t		tot = 0;
+		float	   *yo,
+				   *yn;
+		double		worst = 0;
+		int			rc = 0,
+					stray = 0;
+
+		for (int j = 0; j < cases[ci].count; j++)
+			tot += (size_t) 8 * cases[ci].rows[j];
+		yo = malloc(sizeof(float) * tot);
+		yn = malloc(sizeof(float) * tot);
+		for (int n = 1; n <= 8 && rc == 0; n++)
+		{
+			rc = f(n, cases[ci].count, cases[ci].rows, cases[ci].cols, cases[ci].xpad, 4242 + 10 * ci + n, yo, yn);
+			if (rc != 0)
+				break;
+			for (size_t off = 0, j = 0; j < (size_t) cases[ci].count; off += (size_t) 8 * cases[ci].rows[j], j++)
+			{
+				size_t		live = (size_t) n * cases[ci].rows[j];
+				double		e = rel_err_nan(yn + off, yo + off, live);
+
+				worst = e > worst || isnan(e) ? e : worst;
+				for (size_t i = live; i < (size_t) 8 * cases[ci].rows[j]; i++)
+					stray += !isnan(yo[off + i]) || !isnan(yn[off + i]);
+			}
+			tap_diag("%s, %d rows: slab vs tile kernel, worst rel err so far %.2e", cases[ci].what, n, worst);
+		}
+		tap_ok(rc == 0 && worst <= 1e-5 && stray == 0, "tensor-core GEMV in slabs = the 16-row-tile kernel on the "
+			   "same inputs, %s, 1..8 rows: worst rel err %.2e, %d outputs written past n (hook returned %d)",
+			   cases[ci].what, worst, stray, rc);
+		free(yo);
+		free(yn);
+	}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
 /* kl_cuda_test_mla_small (cuda_mla.c): the MLA absorb and output products through both kernel pairs */
 typedef int (*mla_small_test_fn) (int n, int Ha, int Dn, int Dr, int Dv, int R, int bf16, const float *q,
 								  const void *kv_b, const float *olat, const int *absorbed, float *qabs_old,
@@ -2080,6 +2164,7 @@ main(void)
 	check_sampler(false);
 	check_route_warp();
 	check_expert_mma();
+	check_gemv_slab();
 	check_mla_small();
 	check_golden("tiny_a", "golden.safetensors", "fp32");
 	check_golden("tiny_a", "golden_route_select.safetensors", "fp32");
