@@ -690,6 +690,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * sampler spreads a row over a cluster of blocks; same choices).
 		 * KL_CUDA_MLA_SMALL=0 keeps the older MLA absorb and output kernels
 		 * for decode steps (default: 16-byte weight loads up to 64 tokens).
+		 * KL_CUDA_KDA_FUSED=0 runs a decode step's KDA mixer as three kernels
+		 * (default: one, kk_kda_decode, where the GPU has clusters; =N: one
+		 * for steps of up to N sequences).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
@@ -702,7 +705,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *rw = getenv("KL_CUDA_ROUTE_WARP"),
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
-				   *ms = getenv("KL_CUDA_MLA_SMALL");
+				   *ms = getenv("KL_CUDA_MLA_SMALL"),
+				   *kf = getenv("KL_CUDA_KDA_FUSED");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -710,6 +714,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_gemv_rows(!(gw && strcmp(gw, "0") == 0));
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
+		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :
+			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : INT_MAX;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
 		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
 		cs->route_warp = rw && *rw ? atoi(rw) : INT_MAX;
