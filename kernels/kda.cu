@@ -36,6 +36,93 @@
 
 /* ------------------------------------------------------------------ prep */
 
+/*
+ * The pieces of prep, recurrence and gated norm that the three decode
+ * kernels and the fused one (kda_decode_kernel) share, so both paths do the
+ * same operations in the same order (the fused kernel's outputs are the
+ * three kernels' bit for bit).
+ */
+
+/* short conv + silu of channel ch of row r0 + i on q, k and v; positions
+ * before the step come from the conv tail.  !with_v: v's inputs and weights
+ * are not read (*vv is silu(0)); the select, not a branch around the sum,
+ * keeps the fused kernel from spilling */
+__device__ __forceinline__ void
+kda_conv_silu(const float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v,
+			  const float *tail, const float *__restrict__ conv_q, const float *__restrict__ conv_k,
+			  const float *__restrict__ conv_v, int HK, int W, int ch, int r0, int i, bool with_v,
+			  float *qv, float *kv, float *vv)
+{
+	float		sq = 0,
+				sk = 0,
+				sv = 0;
+
+	#pragma unroll 4
+	for (int j = 0; j < W; j++)
+	{
+		int			idx = i - W + 1 + j;	/* < 0 reaches into the tail */
+		float		xq,
+					xk,
+					xv;
+
+		if (idx >= 0)
+		{
+			size_t		off = (size_t) (r0 + idx) * HK + ch;
+
+			xq = q[off];
+			xk = k[off];
+			xv = with_v ? v[off] : 0.0f;
+		}
+		else
+		{
+			xq = tail[(size_t) ch * W + W + idx];
+			xk = tail[(size_t) (HK + ch) * W + W + idx];
+			xv = with_v ? tail[(size_t) (2 * HK + ch) * W + W + idx] : 0.0f;
+		}
+		sq += conv_q[(size_t) ch * W + j] * xq;
+		sk += conv_k[(size_t) ch * W + j] * xk;
+		sv += (with_v ? conv_v[(size_t) ch * W + j] : 0.0f) * xv;
+	}
+	*qv = siluf_(sq);
+	*kv = siluf_(sk);
+	*vv = siluf_(sv);
+}
+
+/* decode (the sequence's one row is row t): channel ch's new tail is the old
+ * one shifted by one, then row t's raw input */
+__device__ __forceinline__ void
+kda_shift_tail(float *tail, const float *__restrict__ q, const float *__restrict__ k,
+			   const float *__restrict__ v, int HK, int W, int ch, int t)
+{
+	size_t		off = (size_t) t * HK + ch;
+
+	#pragma unroll 4
+	for (int j = 0; j + 1 < W; j++)
+	{
+		tail[(size_t) ch * W + j] = tail[(size_t) ch * W + j + 1];
+		tail[(size_t) (HK + ch) * W + j] = tail[(size_t) (HK + ch) * W + j + 1];
+		tail[(size_t) (2 * HK + ch) * W + j] = tail[(size_t) (2 * HK + ch) * W + j + 1];
+	}
+	tail[(size_t) ch * W + W - 1] = q[off];
+	tail[(size_t) (HK + ch) * W + W - 1] = k[off];
+	tail[(size_t) (2 * HK + ch) * W + W - 1] = v[off];
+}
+
+/* x scaled by scale / ||x|| (ss = the head's sum of squares) */
+__device__ __forceinline__ float
+kda_l2_scaled(float x, float ss, float scale)
+{
+	return x * (scale / sqrtf(ss + 1e-6f));
+}
+
+/* decay g = A softplus(f + dt_bias), A = -exp(A_log) */
+__device__ __forceinline__ float
+kda_decay(float A, float f, float dt_bias)
+{
+	return A * softplusf_(f + dt_bias);
+}
+
+
 __global__ void
 kda_prep_kernel(int H, int K, int W, const float *__restrict__ q, const float *__restrict__ k,
 				const float *__restrict__ v, float *f, const float *__restrict__ b,
@@ -68,56 +155,9 @@ kda_prep_kernel(int H, int K, int W, const float *__restrict__ q, const float *_
 	tail = conv_tab[s];
 	if (act)
 	{
-		float		sq = 0,
-					sk = 0,
-					sv = 0;
-
-		#pragma unroll 4
-		for (int j = 0; j < W; j++)
-		{
-			int			idx = i - W + 1 + j;	/* < 0 reaches into the tail */
-			float		xq,
-						xk,
-						xv;
-
-			if (idx >= 0)
-			{
-				size_t		off = (size_t) (r0 + idx) * HK + ch;
-
-				xq = q[off];
-				xk = k[off];
-				xv = v[off];
-			}
-			else
-			{
-				xq = tail[(size_t) ch * W + W + idx];
-				xk = tail[(size_t) (HK + ch) * W + W + idx];
-				xv = tail[(size_t) (2 * HK + ch) * W + W + idx];
-			}
-			sq += conv_q[(size_t) ch * W + j] * xq;
-			sk += conv_k[(size_t) ch * W + j] * xk;
-			sv += conv_v[(size_t) ch * W + j] * xv;
-		}
-		qv = siluf_(sq);
-		kv = siluf_(sk);
-		vv = siluf_(sv);
+		kda_conv_silu(q, k, v, tail, conv_q, conv_k, conv_v, HK, W, ch, r0, i, true, &qv, &kv, &vv);
 		if (write_tails)
-		{
-			/* every sequence has this one row (decode): the new tail is the old
-			 * one shifted by one, this thread's channel only, read above */
-			size_t		off = (size_t) t * HK + ch;
-
-			#pragma unroll 4
-			for (int j = 0; j + 1 < W; j++)
-			{
-				tail[(size_t) ch * W + j] = tail[(size_t) ch * W + j + 1];
-				tail[(size_t) (HK + ch) * W + j] = tail[(size_t) (HK + ch) * W + j + 1];
-				tail[(size_t) (2 * HK + ch) * W + j] = tail[(size_t) (2 * HK + ch) * W + j + 1];
-			}
-			tail[(size_t) ch * W + W - 1] = q[off];
-			tail[(size_t) (HK + ch) * W + W - 1] = k[off];
-			tail[(size_t) (2 * HK + ch) * W + W - 1] = v[off];
-		}
+			kda_shift_tail(tail, q, k, v, HK, W, ch, t);	/* read above, this thread's channel only */
 	}
 	{
 		float		ssq = block_sum(act ? qv * qv : 0.0f, red);
@@ -128,10 +168,10 @@ kda_prep_kernel(int H, int K, int W, const float *__restrict__ q, const float *_
 			size_t		off = (size_t) t * HK + ch;
 			float		A = -expf(A_log[h]);
 
-			qo[off] = qv * (qscale / sqrtf(ssq + 1e-6f));
-			ko[off] = kv * (1.0f / sqrtf(ssk + 1e-6f));
+			qo[off] = kda_l2_scaled(qv, ssq, qscale);
+			ko[off] = kda_l2_scaled(kv, ssk, 1.0f);
 			vo[off] = vv;
-			f[off] = A * softplusf_(f[off] + dt_bias[ch]);
+			f[off] = kda_decay(A, f[off], dt_bias[ch]);
 		}
 	}
 	if (c == 0)
@@ -199,6 +239,73 @@ kk_kda_tails(cudaStream_t s, int n_seqs, int HK, int W, const float *q, const fl
 /* ------------------------------------------------------------------ per-token recurrence */
 
 /*
+ * One token of the recurrence on a block's slice (kda_recurrent_kernel's
+ * layout below; the fused decode kernel's too): sq, sk, sa hold q, k and
+ * a = exp(g) of the head in shared memory.
+ */
+
+/* k.q, in warp 0 */
+template <int K>
+__device__ __forceinline__ float
+kda_kq(const float *sk, const float *sq, int lane)
+{
+	float		kq = 0;
+
+	for (int c = lane; c < K; c += 32)
+		kq += sk[c] * sq[c];
+	return warp_sum(kq);
+}
+
+/* this thread's rows' parts of w = S^T (a k) and z = S^T (a q) */
+template <int RPT>
+__device__ __forceinline__ void
+kda_wz_part(const float *st, const float *sq, const float *sk, const float *sa, int cg, float *w, float *z)
+{
+#pragma unroll
+	for (int i = 0; i < RPT; i++)
+	{
+		int			c = cg + 8 * i;
+
+		*w += sa[c] * sk[c] * st[i];
+		*z += sa[c] * sq[c] * st[i];
+	}
+}
+
+/* the 8 warps' parts of column lane, summed in warp order */
+__device__ __forceinline__ void
+kda_wz_sum(float (*pw)[32], float (*pz)[32], int lane, float *W_, float *Z_)
+{
+#pragma unroll
+	for (int j = 0; j < 8; j++)
+	{
+		*W_ += pw[j][lane];
+		*Z_ += pz[j][lane];
+	}
+}
+
+/* S = diag(a) S + k u^T on this thread's rows */
+template <int RPT>
+__device__ __forceinline__ void
+kda_state_update(float *st, const float *sk, const float *sa, int cg, float u)
+{
+#pragma unroll
+	for (int i = 0; i < RPT; i++)
+	{
+		int			c = cg + 8 * i;
+
+		st[i] = sa[c] * st[i] + sk[c] * u;
+	}
+}
+
+/* the value stored for a state entry (round16: rounded to bf16, a measurement
+ * of what a bf16 state would cost in accuracy; bench_cuda drift) */
+__device__ __forceinline__ float
+kda_state_out(float x, int round16)
+{
+	return round16 ? bf16_to_f32(f32_to_bf16(x)) : x;
+}
+
+/*
  * Block (sequence, head, slice of 32 columns); warp w holds rows c = w + 8 i
  * of the slice, lane = column.  Per token (cpu_kda.c, kda_recurrent):
  *   w = S^T (a k), z = S^T (a q), u = beta (v - w), o = z + u (k.q),
@@ -259,47 +366,24 @@ kda_recurrent_kernel(int H, const float *__restrict__ q, const float *__restrict
 		__syncthreads();
 		if (cg == 0)
 		{
-			float		kq = 0;
+			float		kq = kda_kq<K>(sk, sq, lane);
 
-			for (int c = lane; c < K; c += 32)
-				kq += sk[c] * sq[c];
-			kq = warp_sum(kq);
 			if (lane == 0)
 				skq = kq;
 		}
-#pragma unroll
-		for (int i = 0; i < RPT; i++)
-		{
-			int			c = cg + 8 * i;
-
-			w += sa[c] * sk[c] * st[i];
-			z += sa[c] * sq[c] * st[i];
-		}
+		kda_wz_part<RPT>(st, sq, sk, sa, cg, &w, &z);
 		pw[cg][lane] = w;
 		pz[cg][lane] = z;
 		__syncthreads();
-#pragma unroll
-		for (int j = 0; j < 8; j++)
-		{
-			W_ += pw[j][lane];
-			Z_ += pz[j][lane];
-		}
+		kda_wz_sum(pw, pz, lane, &W_, &Z_);
 		u = beta[(size_t) (r0 + t) * H + h] * (v[off + x] - W_);
 		if (cg == 0)
 			o[off + x] = Z_ + u * skq;
-#pragma unroll
-		for (int i = 0; i < RPT; i++)
-		{
-			int			c = cg + 8 * i;
-
-			st[i] = sa[c] * st[i] + sk[c] * u;
-		}
+		kda_state_update<RPT>(st, sk, sa, cg, u);
 	}
-	/* round16: store the state rounded to bf16 (a measurement of what a bf16
-	 * state would cost in accuracy; bench_cuda drift) */
 #pragma unroll
 	for (int i = 0; i < RPT; i++)
-		S[(size_t) (cg + 8 * i) * V + x] = round16 ? bf16_to_f32(f32_to_bf16(st[i])) : st[i];
+		S[(size_t) (cg + 8 * i) * V + x] = kda_state_out(st[i], round16);
 }
 
 extern "C" int
@@ -1106,6 +1190,16 @@ kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const float 
 
 /* ------------------------------------------------------------------ gated norm */
 
+/* one output of the gated RMSNorm: ss is the head's sum of squares of o; w
+ * and gate point at this output's weight and gate */
+__device__ __forceinline__ float
+kda_gated(float ov, float ss, int V, float eps, const float *w, const float *gate)
+{
+	float		inv = 1.0f / sqrtf(ss / (float) V + eps);
+
+	return *w * (ov * inv) * sigmoidf_(*gate);
+}
+
 __global__ void
 kda_gated_norm_kernel(int H, int V, const float *o, const float *gate, const float *w, float eps, float *out)
 {
@@ -1124,9 +1218,7 @@ kda_gated_norm_kernel(int H, int V, const float *o, const float *gate, const flo
 
 	if (x < V)
 	{
-		float		inv = 1.0f / sqrtf(ss / (float) V + eps);
-
-		out[off] = w[x] * (ov * inv) * sigmoidf_(gate[off]);
+		out[off] = kda_gated(ov, ss, V, eps, w + x, gate + off);
 	}
 }
 
@@ -1136,4 +1228,264 @@ kk_kda_gated_norm(cudaStream_t s, int n_tokens, int H, int V, const float *o, co
 {
 	if (n_tokens > 0)
 		kk_launch(kda_gated_norm_kernel, dim3(n_tokens, H), dim3((V + 31) / 32 * 32), 0, s, H, V, o, gate, w, eps, out);
+}
+
+/* ------------------------------------------------------------------ fused decode step */
+
+/*
+ * A decode step (one row per sequence) in one kernel: kda_prep, the
+ * recurrence and the gated norm (KL_CUDA_KDA_FUSED, on by default; Hopper
+ * and later, since it needs thread-block clusters).
+ *
+ * The grid is kda_recurrent_kernel's, block (sequence, head, slice of 32
+ * columns of V) with 256 threads, so the state keeps its layout, registers
+ * and occupancy; the K / 32 slices of a head form a cluster.  Every block
+ * does the whole head's prep (threads c < K, channel c, as kda_prep_kernel's
+ * block of K threads: the same conv, the same two-stage sums over K / 32
+ * warps) into shared memory instead of global memory: the head's q and k
+ * norms and the decays of all K rows are needed by every slice, and
+ * recomputing them costs ~K x 2 W loads that hit L2 (v only for the slice's
+ * own columns), far less than a kernel boundary.  The slice's
+ * outputs are the recurrent kernel's; the gated norm's sum of squares is
+ * kda_gated_norm_kernel's: warp z of that kernel's block held columns
+ * [32 z, 32 z + 32), which is slice z here, so slice z's warp 0 makes that
+ * warp's sum and the cluster adds the K / 32 of them in warp order through
+ * distributed shared memory, exactly as block_sum's second stage.
+ * The conv tails are read by all slices and then shifted in place: slice z
+ * writes channels [32 z, 32 z + 32) only after the cluster barrier that
+ * every block reaches after its reads.  Nothing else goes through global
+ * memory (q, k, v, g, beta and o stay on chip).
+ */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define KL_KDA_CLUSTERS 1
+#include <cooperative_groups.h>
+namespace coop = cooperative_groups;	/* (cg is the warp index in these kernels) */
+#endif
+
+/* sum over the first nw warps of the block (nw <= 8), every thread gets it:
+ * block_sum for a block of nw warps, the other warps adding nothing */
+__device__ __forceinline__ float
+kda_warps_sum(float v, float *red, int nw)
+{
+	int			lane = threadIdx.x & 31,
+				warp = threadIdx.x >> 5;
+
+	v = warp_sum(v);
+	__syncthreads();
+	if (lane == 0 && warp < nw)
+		red[warp] = v;
+	__syncthreads();
+	v = lane < nw ? red[lane] : 0.0f;
+	return warp_sum(v);
+}
+
+template <int K>
+__global__ void __launch_bounds__(256, 5)
+kda_decode_kernel(int H, int W, const float *__restrict__ q, const float *__restrict__ k,
+				  const float *__restrict__ v, const float *__restrict__ f, const float *__restrict__ b,
+				  const float *__restrict__ gate, const float *__restrict__ conv_q,
+				  const float *__restrict__ conv_k, const float *__restrict__ conv_v,
+				  const float *__restrict__ A_log, const float *__restrict__ dt_bias,
+				  const float *__restrict__ o_norm, float eps, const int *__restrict__ row0,
+				  float *const *S_tab, float *const *conv_tab, float qscale, int round16, float *out)
+{
+#ifdef KL_KDA_CLUSTERS
+	constexpr int V = K;
+	constexpr int RPT = K / 8;
+	constexpr int NW = K / 32;	/* kda_prep_kernel's and kda_gated_norm_kernel's warps */
+	__shared__ float sq[K],
+				sk[K],
+				sa[K],
+				sv[K];
+	__shared__ float pw[8][32],
+				pz[8][32];
+	__shared__ float red[32];
+	__shared__ float skq,
+				sbeta,
+				npart;
+	int			s = blockIdx.x,
+				h = blockIdx.y,
+				z = blockIdx.z,
+				x = z * KDA_SLICE + (threadIdx.x & 31);
+	int			lane = threadIdx.x & 31,
+				cg = threadIdx.x >> 5,
+				c = threadIdx.x;
+	int			HK = H * K;
+	bool		act = c < K;
+	int			ch = h * K + c;
+	int			t;
+	float	   *S,
+			   *tail;
+	float		st[RPT];
+	float		qv = 0,
+				kv = 0,
+				vv = 0;
+
+	kk_dep_wait();
+	kk_dep_launch();
+	t = row0[s];				/* the sequence's one row */
+	S = S_tab[s] + (size_t) h * K * V;
+	tail = conv_tab[s];
+	/* the state first: its loads are the long ones, the prep runs under them */
+#pragma unroll
+	for (int i = 0; i < RPT; i++)
+		st[i] = S[(size_t) (cg + 8 * i) * V + x];
+
+	/* prep (kda_prep_kernel with i = 0) */
+	if (act)					/* v: this slice's columns only */
+		kda_conv_silu(q, k, v, tail, conv_q, conv_k, conv_v, HK, W, ch, t, 0, c >> 5 == z, &qv, &kv, &vv);
+	{
+		float		ssq = kda_warps_sum(act ? qv * qv : 0.0f, red, NW);
+		float		ssk = kda_warps_sum(act ? kv * kv : 0.0f, red, NW);
+
+		if (act)
+		{
+			size_t		off = (size_t) t * HK + ch;
+			float		A = -expf(A_log[h]);
+
+			sq[c] = kda_l2_scaled(qv, ssq, qscale);
+			sk[c] = kda_l2_scaled(kv, ssk, 1.0f);
+			sv[c] = vv;			/* (0 outside this slice: not read) */
+			sa[c] = expf(kda_decay(A, f[off], dt_bias[ch]));
+		}
+	}
+	if (c == 0)
+		sbeta = sigmoidf_(b[(size_t) t * H + h]);
+	__syncthreads();
+
+	/* the recurrence (kda_recurrent_kernel, one token) */
+	{
+		float		w = 0,
+					zz = 0,
+					W_ = 0,
+					Z_ = 0,
+					u,
+					ov;
+
+		if (cg == 0)
+		{
+			float		kq = kda_kq<K>(sk, sq, lane);
+
+			if (lane == 0)
+				skq = kq;
+		}
+		kda_wz_part<RPT>(st, sq, sk, sa, cg, &w, &zz);
+		pw[cg][lane] = w;
+		pz[cg][lane] = zz;
+		__syncthreads();
+		kda_wz_sum(pw, pz, lane, &W_, &Z_);
+		u = sbeta * (sv[x] - W_);
+		ov = Z_ + u * skq;
+		kda_state_update<RPT>(st, sk, sa, cg, u);
+#pragma unroll
+		for (int i = 0; i < RPT; i++)
+			S[(size_t) (cg + 8 * i) * V + x] = kda_state_out(st[i], round16);
+
+		/* gated norm: this slice's warp of kda_gated_norm_kernel, then the cluster's sum */
+		if (cg == 0)
+		{
+			float		part = warp_sum(ov * ov);
+
+			if (lane == 0)
+				npart = part;
+		}
+		{
+			coop::cluster_group cl = coop::this_cluster();
+
+			cl.sync();			/* every slice's npart is there, every slice read the old tails */
+			if (cg == 0)
+			{
+				float		pv = lane < NW ? *cl.map_shared_rank(&npart, lane) : 0.0f;
+				float		ss = warp_sum(pv);
+				size_t		off = (size_t) t * HK + (size_t) h * K + x;
+
+				out[off] = kda_gated(ov, ss, V, eps, o_norm + x, gate + off);
+			}
+			if (c >= z * KDA_SLICE && c < (z + 1) * KDA_SLICE)
+				kda_shift_tail(tail, q, k, v, HK, W, ch, t);
+			cl.sync();			/* no block leaves while another may read its npart */
+		}
+	}
+#endif
+}
+
+/* 0: launched; -1: not on this GPU or head size (the three kernels then);
+ * else the CUDA error of the launch */
+template <int K>
+static int
+decode_launch(cudaStream_t s, int n_seqs, int H, int W, const float *q, const float *k, const float *v,
+			  const float *f, const float *b, const float *gate, const float *conv_q, const float *conv_k,
+			  const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm, float eps,
+			  const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out)
+{
+	cudaLaunchConfig_t cfg = {};
+	cudaLaunchAttribute at[2];
+	cudaError_t e;
+
+	cfg.gridDim = dim3(n_seqs, H, K / KDA_SLICE);
+	cfg.blockDim = dim3(256);
+	cfg.dynamicSmemBytes = 0;
+	cfg.stream = s;
+	at[0].id = cudaLaunchAttributeClusterDimension;
+	at[0].val.clusterDim.x = 1;
+	at[0].val.clusterDim.y = 1;
+	at[0].val.clusterDim.z = K / KDA_SLICE;
+	at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+	at[1].val.programmaticStreamSerializationAllowed = 1;
+	cfg.attrs = at;
+	cfg.numAttrs = kk_pdl_on ? 2 : 1;
+	e = cudaLaunchKernelEx(&cfg, kda_decode_kernel<K>, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log,
+						   dt_bias, o_norm, eps, row0, S_tab, conv_tab, 1.0f / sqrtf((float) K), round16, out);
+	return e == cudaSuccess ? 0 : (int) e;
+}
+
+/* the GPU runs clusters and the kernel it would run was built from sm_90
+ * code (the compute_80 PTX has an empty body) */
+extern "C" int
+kk_kda_decode_supported(int K)
+{
+	int			dev = 0,
+				major = 0;
+	cudaFuncAttributes fa;
+	cudaError_t e;
+
+	if (K != 32 && K != 64 && K != 128)
+		return 0;
+	if (cudaGetDevice(&dev) != cudaSuccess ||
+		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9)
+	{
+		cudaGetLastError();
+		return 0;
+	}
+	e = K == 32 ? cudaFuncGetAttributes(&fa, kda_decode_kernel<32>) :
+		K == 64 ? cudaFuncGetAttributes(&fa, kda_decode_kernel<64>) : cudaFuncGetAttributes(&fa, kda_decode_kernel<128>);
+	if (e != cudaSuccess)
+	{
+		cudaGetLastError();
+		return 0;
+	}
+	return fa.ptxVersion >= 90;
+}
+
+extern "C" int
+kk_kda_decode(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k, const float *v,
+			  const float *f, const float *b, const float *gate, const float *conv_q, const float *conv_k,
+			  const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm, float eps,
+			  const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out)
+{
+	if (n_seqs <= 0)
+		return 0;
+	switch (K)
+	{
+		case 32:
+			return decode_launch<32>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias,
+									 o_norm, eps, row0, S_tab, conv_tab, round16, out);
+		case 64:
+			return decode_launch<64>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias,
+									 o_norm, eps, row0, S_tab, conv_tab, round16, out);
+		case 128:
+			return decode_launch<128>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias,
+									  o_norm, eps, row0, S_tab, conv_tab, round16, out);
+	}
+	return -1;
 }

@@ -146,6 +146,20 @@ int			kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const 
 						   const float *g, const float *beta, float *S, float *o, float *scratch);
 void		kk_kda_gated_norm(cudaStream_t s, int n_tokens, int H, int V, const float *o, const float *gate,
 							  const float *w, float eps, float *out);
+/*
+ * A decode step (every sequence exactly one row, row0[s] its row) in one
+ * kernel: prep, recurrence and gated norm, outputs bit for bit those of
+ * kk_kda_prep (write_tails) + kk_kda_recurrent + kk_kda_gated_norm; f is
+ * only read (the three kernels leave g in it).  Needs thread-block clusters
+ * (kk_kda_decode_supported: K 32, 64 or 128 on Hopper and later).  Returns
+ * 0, -1 for a head size it does not cover, or the launch's CUDA error.
+ */
+int			kk_kda_decode_supported(int K);
+int			kk_kda_decode(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k,
+						  const float *v, const float *f, const float *b, const float *gate, const float *conv_q,
+						  const float *conv_k, const float *conv_v, const float *A_log, const float *dt_bias,
+						  const float *o_norm, float eps, const int *row0, float *const *S_tab,
+						  float *const *conv_tab, int round16, float *out);
 
 /* mla.cu (pages: for each sequence, page_cap page pointers of this layer;
  * c16: the cache rows are bf16, else fp32) */

@@ -750,6 +750,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * weight read after a mixer's small kernels into L2 while they run
 		 * (default 64; 0 never), at most KL_CUDA_PREFETCH_MB megabytes of them
 		 * at a time (default 20: a mixer's o_proj and the router).
+		 * KL_CUDA_KDA_FUSED=0 runs a decode step's KDA mixer as three kernels
+		 * (default: one, kk_kda_decode, where the GPU has clusters; =N: one
+		 * for steps of up to N sequences).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
@@ -766,7 +769,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
 				   *ms = getenv("KL_CUDA_MLA_SMALL"),
 				   *pf = getenv("KL_CUDA_PREFETCH"),
-				   *pfmb = getenv("KL_CUDA_PREFETCH_MB");
+				   *pfmb = getenv("KL_CUDA_PREFETCH_MB"),
+				   *kf = getenv("KL_CUDA_KDA_FUSED");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -775,6 +779,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
+		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :
+			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : INT_MAX;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
 		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
 		cs->route_warp = rw && *rw ? atoi(rw) : INT_MAX;

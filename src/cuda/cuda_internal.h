@@ -194,6 +194,11 @@ typedef struct cuda_state
 	/* KL_CUDA_KDA_STATE_ROUND=bf16: the per-token recurrence stores its state
 	 * rounded to bf16 (measures a bf16 state's drift; the storage stays fp32) */
 	int			kda_round16;
+	/* decode steps of up to this many sequences run the KDA mixer in one
+	 * kernel (kk_kda_decode), others as three (prep, recurrence, gated norm);
+	 * the same outputs bit for bit.  KL_CUDA_KDA_FUSED: 0 never, N up to N,
+	 * default all; 0 below Hopper and for head sizes it does not cover */
+	int			kda_fused_max;
 
 	/* sampling: staging (pinned) and its device copy (cuda_sample.c) */
 	void	   *smp_host;
@@ -314,6 +319,14 @@ int			kl_cuda_test_mla_small(int n, int Ha, int Dn, int Dr, int Dv, int R, int b
  * through gemv_mma_kernel and gemv_slab_kernel (KL_CUDA_GEMV_MMA_SLAB) */
 int			kl_cuda_test_gemv_slab(int n, int count, const int *rows, const int *cols, int xpad,
 								   unsigned long long seed, float *out_old, float *out_new);
+/* test hook of cuda_kda.c: one KDA decode step through the three kernels
+ * and through kk_kda_decode (KL_CUDA_KDA_FUSED) */
+int			kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float eps, const float *q,
+									const float *k, const float *v, const float *f, const float *b, const float *gate,
+									const float *conv_q, const float *conv_k, const float *conv_v,
+									const float *A_log, const float *dt_bias, const float *o_norm, const float *S,
+									const float *tails, float *out_old, float *out_new, float *S_old, float *S_new,
+									float *tails_old, float *tails_new);
 int			kl_cuda_test_route_group(int warp, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
 									 int bias_in_w, float scaling, int shared_rows, int P, const float *logits,
 									 const float *bias, int *sel, float *wts, int *start, int *xrow, int *inv,

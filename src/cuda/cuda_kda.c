@@ -7,8 +7,12 @@
  *   with more; the gated RMSNorm over all rows into the output.
  * Like the CPU backend, sequences of up to 16 rows take the recurrence
  * (unless the step forces it for all).
+ * A decode step (one row per sequence) runs all of it in one kernel,
+ * kk_kda_decode, with the same outputs bit for bit (KL_CUDA_KDA_FUSED=0: the
+ * three kernels; =N: one kernel for steps of up to N sequences).
  */
 #include <limits.h>
+#include <stdlib.h>
 
 #include "cuda_internal.h"
 
@@ -39,6 +43,21 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 
 	if (cuda_step_skip(be, OP_KDA, (uintptr_t) a->q, (uintptr_t) a->out, (uintptr_t) w, (uintptr_t) a->kda_index))
 		return;
+	if (n == ns && ns <= cs->kda_fused_max)
+	{
+		int			rc = kk_kda_decode(cs->stream, ns, H, K, W, a->q, a->k, a->v, a->f, a->b, a->gate, w->conv_q,
+									   w->conv_k, w->conv_v, w->A_log, w->dt_bias, w->o_norm, cfg->rms_norm_eps,
+									   cs->d_row0, S_tab, conv_tab, cs->kda_round16, a->out);
+
+		if (rc == 0)
+		{
+			cuda_launched(be, "kda_decode");
+			return;
+		}
+		/* refused (a launch configuration this GPU or driver does not take): the three kernels from now on */
+		cudaGetLastError();
+		cs->kda_fused_max = 0;
+	}
 	qo = cuda_buf(be, CB_KDA_Q, sizeof(float) * (size_t) n * HK);
 	ko = cuda_buf(be, CB_KDA_K, sizeof(float) * (size_t) n * HK);
 	vo = cuda_buf(be, CB_KDA_V, sizeof(float) * (size_t) n * HK);
@@ -97,4 +116,142 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 	}
 	kk_kda_gated_norm(cs->stream, n, H, K, o, a->gate, w->o_norm, cfg->rms_norm_eps, a->out);
 	cuda_launched(be, "kda_gated_norm");
+}
+
+/* ------------------------------------------------------------------ test hook */
+
+/*
+ * For test/engine/test_cuda.c only (found with dlsym; the backend does not
+ * use it): one decode step of ns sequences (row s is sequence s) through the
+ * three kernels (kk_kda_prep, kk_kda_recurrent, kk_kda_gated_norm) and
+ * through kk_kda_decode, each on its own copy of the state and conv tails,
+ * on the current device.  Host inputs: q, k, v, f, gate [ns, H K], b [ns, H],
+ * conv_* [H K, W], A_log [H], dt_bias [H K], o_norm [K], S [ns, H, K, K],
+ * tails [ns, 3 H K W].  Outputs, copied back: out_* [ns, H K], S_* and
+ * tails_* (the inputs' shapes).  Returns 0, -1 when kk_kda_decode does not
+ * cover the shape or GPU, or a CUDA error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float eps, const float *q, const float *k,
+						const float *v, const float *f, const float *b, const float *gate, const float *conv_q,
+						const float *conv_k, const float *conv_v, const float *A_log, const float *dt_bias,
+						const float *o_norm, const float *S, const float *tails, float *out_old, float *out_new,
+						float *S_old, float *S_new, float *tails_old, float *tails_new)
+{
+	enum
+	{
+		Q, K_, V_, F_OLD, F_NEW, B, GATE, CQ, CK, CV, ALOG, DT, ONORM, S_O, S_N, T_O, T_N,
+		QO, KO, VO, BETA, O, OUT_O, OUT_N, ROW0, ROWSEQ, STAB_O, STAB_N, CTAB_O, CTAB_N, NBUF
+	};
+	size_t		HK = (size_t) H * K,
+				nS = (size_t) H * K * K,
+				nT = 3 * HK * W;
+	size_t		sz[NBUF];
+	const void *in[NBUF] = {NULL};
+	void	   *d[NBUF] = {NULL};
+	int		   *ints = malloc(sizeof(int) * (size_t) (2 * ns + 1));
+	float	  **ptrs = malloc(sizeof(float *) * (size_t) (4 * ns));
+	cudaStream_t s = NULL;
+	cudaError_t e;
+	int			rc = 0;
+
+	if (!ints || !ptrs)
+	{
+		free(ints);
+		free(ptrs);
+		return (int) cudaErrorMemoryAllocation;
+	}
+	if (!kk_kda_decode_supported(K))
+	{
+		free(ints);
+		free(ptrs);
+		return -1;
+	}
+	sz[Q] = sz[K_] = sz[V_] = sz[F_OLD] = sz[F_NEW] = sz[GATE] = sz[QO] = sz[KO] = sz[VO] = sz[O] = sz[OUT_O] =
+		sz[OUT_N] = sizeof(float) * ns * HK;
+	sz[B] = sz[BETA] = sizeof(float) * ns * H;
+	sz[CQ] = sz[CK] = sz[CV] = sizeof(float) * HK * W;
+	sz[ALOG] = sizeof(float) * H;
+	sz[DT] = sizeof(float) * HK;
+	sz[ONORM] = sizeof(float) * K;
+	sz[S_O] = sz[S_N] = sizeof(float) * ns * nS;
+	sz[T_O] = sz[T_N] = sizeof(float) * ns * nT;
+	sz[ROW0] = sizeof(int) * (ns + 1);
+	sz[ROWSEQ] = sizeof(int) * ns;
+	sz[STAB_O] = sz[STAB_N] = sz[CTAB_O] = sz[CTAB_N] = sizeof(float *) * ns;
+	in[Q] = q;
+	in[K_] = k;
+	in[V_] = v;
+	in[F_OLD] = in[F_NEW] = f;
+	in[B] = b;
+	in[GATE] = gate;
+	in[CQ] = conv_q;
+	in[CK] = conv_k;
+	in[CV] = conv_v;
+	in[ALOG] = A_log;
+	in[DT] = dt_bias;
+	in[ONORM] = o_norm;
+	in[S_O] = in[S_N] = S;
+	in[T_O] = in[T_N] = tails;
+	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess)
+		rc = (int) e;
+	for (int i = 0; i < NBUF && rc == 0; i++)
+		if ((e = cudaMalloc(&d[i], sz[i])) != cudaSuccess ||
+			(in[i] && (e = cudaMemcpyAsync(d[i], in[i], sz[i], cudaMemcpyHostToDevice, s)) != cudaSuccess))
+			rc = (int) e;
+	if (rc == 0)
+	{
+		/* row s is sequence s; each copy's per-sequence state and tail pointers */
+		for (int i = 0; i <= ns; i++)
+			ints[i] = i;
+		for (int i = 0; i < ns; i++)
+		{
+			ints[ns + 1 + i] = i;
+			ptrs[i] = (float *) d[S_O] + i * nS;
+			ptrs[ns + i] = (float *) d[S_N] + i * nS;
+			ptrs[2 * ns + i] = (float *) d[T_O] + i * nT;
+			ptrs[3 * ns + i] = (float *) d[T_N] + i * nT;
+		}
+		if ((e = cudaMemcpyAsync(d[ROW0], ints, sz[ROW0], cudaMemcpyHostToDevice, s)) != cudaSuccess ||
+			(e = cudaMemcpyAsync(d[ROWSEQ], ints + ns + 1, sz[ROWSEQ], cudaMemcpyHostToDevice, s)) != cudaSuccess)
+			rc = (int) e;
+		for (int i = 0; i < 4 && rc == 0; i++)
+			if ((e = cudaMemcpyAsync(d[STAB_O + i], ptrs + (size_t) i * ns, sz[STAB_O], cudaMemcpyHostToDevice, s)) !=
+				cudaSuccess)
+				rc = (int) e;
+	}
+	if (rc == 0)
+	{
+		kk_kda_prep(s, ns, H, K, W, d[Q], d[K_], d[V_], d[F_OLD], d[B], d[QO], d[KO], d[VO], d[BETA], d[CQ], d[CK],
+					d[CV], d[ALOG], d[DT], d[ROWSEQ], d[ROW0], d[CTAB_O], 1);
+		if (kk_kda_recurrent(s, ns, H, K, d[QO], d[KO], d[VO], d[F_OLD], d[BETA], d[O], d[ROW0], d[STAB_O], 16,
+							 round16) != 0)
+			rc = -1;
+		else
+		{
+			kk_kda_gated_norm(s, ns, H, K, d[O], d[GATE], d[ONORM], eps, d[OUT_O]);
+			rc = kk_kda_decode(s, ns, H, K, W, d[Q], d[K_], d[V_], d[F_NEW], d[B], d[GATE], d[CQ], d[CK], d[CV],
+							   d[ALOG], d[DT], d[ONORM], eps, d[ROW0], d[STAB_N], d[CTAB_N], round16, d[OUT_N]);
+			if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
+				rc = (int) e;
+		}
+	}
+	{
+		void	   *host_out[6] = {out_old, out_new, S_old, S_new, tails_old, tails_new};
+		int			dev_of[6] = {OUT_O, OUT_N, S_O, S_N, T_O, T_N};
+
+		for (int i = 0; i < 6 && rc == 0; i++)
+			if ((e = cudaMemcpyAsync(host_out[i], d[dev_of[i]], sz[dev_of[i]], cudaMemcpyDeviceToHost, s)) !=
+				cudaSuccess)
+				rc = (int) e;
+	}
+	if (s && (e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
+		rc = (int) e;
+	for (int i = 0; i < NBUF; i++)
+		cudaFree(d[i]);
+	if (s)
+		cudaStreamDestroy(s);
+	free(ints);
+	free(ptrs);
+	return rc;
 }

@@ -38,6 +38,14 @@
  * In bf16 precision the MLA cache holds bf16 rows: states move between the
  * GPU and the CPU through the fp32 state format (checked both ways).
  *
+ * A decode step's KDA mixer in one kernel (kk_kda_decode, KL_CUDA_KDA_FUSED,
+ * the default on Hopper) must give the three kernels' output, state and conv
+ * tails bit for bit (check_kda_decode, through the hook
+ * kl_cuda_test_kda_decode: the 48B and the golden models' KDA shapes, 1, 3
+ * and 8 sequences, fp32 and bf16-rounded states), and the golden models must
+ * decode to the same logits bit for bit either way, in fp32 and bf16
+ * precision (check_kda_fused_model).
+ *
  * The decode MLA products with 16-byte weight loads (KL_CUDA_MLA_SMALL)
  * must equal the older kernels within 1e-5 (check_mla_small, through the
  * hook kl_cuda_test_mla_small: 48B head shapes, 1 to 64 tokens, bf16 and
@@ -1885,6 +1893,189 @@ check_mla_small(void)
 	kl_model_free(m);
 }
 
+/* ------------------------------------------------------------------ fused KDA decode */
+
+/* kl_cuda_test_kda_decode (cuda_kda.c): one decode step, three kernels and the fused one */
+typedef int (*kda_decode_test_fn) (int ns, int H, int K, int W, int round16, float eps, const float *q,
+								   const float *k, const float *v, const float *f, const float *b,
+								   const float *gate, const float *conv_q, const float *conv_k,
+								   const float *conv_v, const float *A_log, const float *dt_bias,
+								   const float *o_norm, const float *S, const float *tails, float *out_old,
+								   float *out_new, float *S_old, float *S_new, float *tails_old,
+								   float *tails_new);
+
+/* n values uniform in [lo, hi) */
+static float *
+rand_floats(size_t n, double lo, double hi, uint64_t *rs)
+{
+	float	   *x = malloc(sizeof(float) * n);
+
+	for (size_t i = 0; i < n; i++)
+		x[i] = (float) (lo + (hi - lo) * unif(rs));
+	return x;
+}
+
+/*
+ * The decode step's KDA mixer in one kernel (kk_kda_decode,
+ * KL_CUDA_KDA_FUSED) against the three kernels (prep, recurrence, gated
+ * norm) on the same inputs: output, state and conv tails bit for bit, at
+ * the 48B shape and the golden models', 1 / 3 / 8 sequences, with the state
+ * stored in fp32 and rounded to bf16 (KL_CUDA_KDA_STATE_ROUND).  The KDA
+ * kernels take fp32 inputs in both precisions; check_kda_fused_model runs
+ * whole models both ways in each.
+ */
+static void
+check_kda_decode(void)
+{
+	static const struct
+	{
+		int			H,
+					K,
+					W;
+		const char *what;
+	}			shapes[] = {
+		{32, 128, 4, "48B shape (32 heads x 128, conv 4)"},
+		{4, 32, 4, "golden models' shape (4 heads x 32, conv 4)"},
+	};
+	static const int batches[] = {1, 3, 8};
+	kl_model   *m;
+	void	   *lib = NULL;
+	kda_decode_test_fn fn = NULL;
+	uint64_t	rs = 1010;
+
+	m = load_test_hook("kl_cuda_test_kda_decode", &lib, (void **) &fn);
+	if (!fn)
+		return;
+	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+		for (size_t bi = 0; bi < sizeof(batches) / sizeof(batches[0]); bi++)
+			for (int round16 = 0; round16 < 2; round16++)
+			{
+				int			H = shapes[si].H,
+							K = shapes[si].K,
+							W = shapes[si].W,
+							ns = batches[bi],
+							rc;
+				size_t		HK = (size_t) H * K,
+							nx = (size_t) ns * HK,
+							nS = (size_t) ns * H * K * K,
+							nT = (size_t) ns * 3 * HK * W;
+				float	   *q = rand_floats(nx, -2, 2, &rs),
+						   *k = rand_floats(nx, -2, 2, &rs),
+						   *v = rand_floats(nx, -2, 2, &rs),
+						   *f = rand_floats(nx, -4, 4, &rs),
+						   *b = rand_floats((size_t) ns * H, -3, 3, &rs),
+						   *gate = rand_floats(nx, -3, 3, &rs),
+						   *cq = rand_floats(HK * W, -0.6, 0.6, &rs),
+						   *ck = rand_floats(HK * W, -0.6, 0.6, &rs),
+						   *cv = rand_floats(HK * W, -0.6, 0.6, &rs),
+						   *A_log = rand_floats((size_t) H, -1, 1.5, &rs),
+						   *dt = rand_floats(HK, -1, 1, &rs),
+						   *onorm = rand_floats((size_t) K, 0.5, 1.5, &rs),
+						   *S = rand_floats(nS, -1, 1, &rs),
+						   *tails = rand_floats(nT, -2, 2, &rs),
+						   *out_o = malloc(sizeof(float) * nx),
+						   *out_n = malloc(sizeof(float) * nx),
+						   *S_o = malloc(sizeof(float) * nS),
+						   *S_n = malloc(sizeof(float) * nS),
+						   *t_o = malloc(sizeof(float) * nT),
+						   *t_n = malloc(sizeof(float) * nT);
+				char		what[200];
+
+				/* a few decays past softplus's threshold (f + dt_bias > 20) */
+				for (size_t i = 0; i < nx; i += 97)
+					f[i] = 25.0f;
+				snprintf(what, sizeof(what), "%s, %d sequence%s, state %s", shapes[si].what, ns, ns == 1 ? "" : "s",
+						 round16 ? "rounded to bf16" : "fp32");
+				rc = fn(ns, H, K, W, round16, 1e-5f, q, k, v, f, b, gate, cq, ck, cv, A_log, dt, onorm, S, tails,
+						out_o, out_n, S_o, S_n, t_o, t_n);
+				if (rc == -1)
+				{
+					char		why[300];
+
+					snprintf(why, sizeof(why), "KDA decode in one kernel: this GPU has no clusters (%s)", what);
+					tap_skip(why);
+				}
+				else
+					tap_ok(rc == 0 && memcmp(out_o, out_n, sizeof(float) * nx) == 0 &&
+						   memcmp(S_o, S_n, sizeof(float) * nS) == 0 && memcmp(t_o, t_n, sizeof(float) * nT) == 0,
+						   "KDA decode in one kernel = the three kernels bit for bit, %s (output rel err %.2e, state "
+						   "%.2e, conv tails %.2e; hook returned %d)", what, rel_err(out_n, out_o, nx),
+						   rel_err(S_n, S_o, nS), rel_err(t_n, t_o, nT), rc);
+				free(q);
+				free(k);
+				free(v);
+				free(f);
+				free(b);
+				free(gate);
+				free(cq);
+				free(ck);
+				free(cv);
+				free(A_log);
+				free(dt);
+				free(onorm);
+				free(S);
+				free(tails);
+				free(out_o);
+				free(out_n);
+				free(S_o);
+				free(S_n);
+				free(t_o);
+				free(t_n);
+			}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+/*
+ * A golden model decoding nseq sequences together (decode_together: every
+ * step one token per sequence) with the fused KDA decode kernel (the
+ * default) and with the three kernels (KL_CUDA_KDA_FUSED=0): the logits of
+ * every step bit for bit, so the states that feed them are too.
+ */
+static void
+check_kda_fused_model(const char *model, const char *prec, int nseq)
+{
+	char		dir[1024],
+				path[1200];
+	kl_safetensors st;
+	kl_err		err;
+	const kl_st_tensor *t;
+	kl_model   *fused,
+			   *three;
+	int			rounds = 4,
+				V;
+	size_t		nl;
+	float	   *lf,
+			   *l3;
+
+	snprintf(dir, sizeof(dir), "%s/golden/%s", tap_fixture_dir(), model);
+	snprintf(path, sizeof(path), "%s/golden.safetensors", dir);
+	if (kl_st_open_file(path, &st, &err) != KL_OK)
+		die("golden data", &err);
+	if (!(t = kl_st_find(&st, "input_ids")) || (int) t->numel < 20 + nseq + rounds)
+	{
+		tap_ok(0, "%s: a golden prompt of at least %d tokens", model, 20 + nseq + rounds);
+		kl_st_close(&st);
+		return;
+	}
+	fused = load(dir, "cuda", prec);
+	setenv("KL_CUDA_KDA_FUSED", "0", 1);	/* read when the backend is made */
+	three = load(dir, "cuda", prec);
+	unsetenv("KL_CUDA_KDA_FUSED");
+	V = kl_model_config(fused)->vocab_size;
+	nl = (size_t) rounds * nseq * V;
+	lf = decode_together(fused, t->data, nseq, rounds);
+	l3 = decode_together(three, t->data, nseq, rounds);
+	tap_ok(memcmp(lf, l3, sizeof(float) * nl) == 0, "%s %s: %d sequence%s decoding together (%d steps), fused KDA "
+		   "decode kernel = the three kernels bit for bit (logits rel err %.2e)", model, prec, nseq,
+		   nseq == 1 ? "" : "s", rounds, rel_err(lf, l3, nl));
+	free(lf);
+	free(l3);
+	kl_model_free(fused);
+	kl_model_free(three);
+	kl_st_close(&st);
+}
+
 /*
  * The tensor-core MLA decode (bf16 cache) on a trained model over a long
  * context: pgdocs-kimi-18m (6 heads padded to 16, R = 128, Dr = 32) in bf16,
@@ -2166,6 +2357,11 @@ main(void)
 	check_expert_mma();
 	check_gemv_slab();
 	check_mla_small();
+	check_kda_decode();
+	for (int mi = 0; mi < 2; mi++)
+		for (int pi = 0; pi < 2; pi++)
+			for (int bi = 0; bi < 3; bi++)
+				check_kda_fused_model(mi ? "tiny_c" : "tiny_a", pi ? "bf16" : "fp32", (int[]) {1, 3, 8}[bi]);
 	check_golden("tiny_a", "golden.safetensors", "fp32");
 	check_golden("tiny_a", "golden_route_select.safetensors", "fp32");
 	check_golden("tiny_c", "golden.safetensors", "fp32");
