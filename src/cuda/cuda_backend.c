@@ -556,6 +556,7 @@ cu_destroy(kl_backend *be)
 	cuda_pool_destroy(be);
 	cublasDestroy(cs->blas);
 	cudaFree(cs->blas_ws);
+	cudaFree(cs->router_count);
 	cudaStreamDestroy(cs->stream);
 	free(cs);
 	free(be);
@@ -690,6 +691,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * sampler spreads a row over a cluster of blocks; same choices).
 		 * KL_CUDA_MLA_SMALL=0 keeps the older MLA absorb and output kernels
 		 * for decode steps (default: 16-byte weight loads up to 64 tokens).
+		 * KL_CUDA_ROUTER_FUSED=0 keeps the MoE router product and the routing
+		 * as two kernels (default: one, kk_router_route, where it covers the
+		 * step: up to 8 tokens, bf16 router on CUDA cores, E <= 256).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
@@ -702,7 +706,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *rw = getenv("KL_CUDA_ROUTE_WARP"),
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
-				   *ms = getenv("KL_CUDA_MLA_SMALL");
+				   *ms = getenv("KL_CUDA_MLA_SMALL"),
+				   *rf = getenv("KL_CUDA_ROUTER_FUSED");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -716,6 +721,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->gemv_mma_min = gm && *gm ? (atoi(gm) > 0 ? atoi(gm) : INT_MAX) : 8;
 		cs->sample_wide = !(sw && strcmp(sw, "0") == 0);
 		cs->mla_small = !(ms && strcmp(ms, "0") == 0);
+		cs->router_fused = !(rf && strcmp(rf, "0") == 0);
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
 		be->mla_cache_bf16 = cs->mla_c16;
@@ -726,7 +732,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 	if ((e = cudaStreamCreateWithFlags(&cs->stream, cudaStreamNonBlocking)) != cudaSuccess ||
 		(e = cudaEventCreateWithFlags(&cs->meta_done, cudaEventDisableTiming)) != cudaSuccess ||
 		(e = cudaEventCreateWithFlags(&cs->ids_done, cudaEventDisableTiming)) != cudaSuccess ||
-		(e = cudaMalloc(&cs->blas_ws, BLAS_WORKSPACE)) != cudaSuccess)
+		(e = cudaMalloc(&cs->blas_ws, BLAS_WORKSPACE)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &cs->router_count, sizeof(unsigned))) != cudaSuccess ||
+		(e = cudaMemsetAsync(cs->router_count, 0, sizeof(unsigned), cs->stream)) != cudaSuccess)
 	{
 		errf(err, cuda_code(e), "initializing GPU %d: %s", idx, cudaGetErrorString(e));
 		goto fail;
@@ -746,6 +754,7 @@ fail:
 	if (cs->blas)
 		cublasDestroy(cs->blas);
 	cudaFree(cs->blas_ws);
+	cudaFree(cs->router_count);
 	if (cs->meta_done)
 		cudaEventDestroy(cs->meta_done);
 	if (cs->ids_done)
