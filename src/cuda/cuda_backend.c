@@ -517,11 +517,13 @@ cu_swiglu(kl_backend *be, float *h, const float *g, const float *u, int rows, in
 
 /*
  * A hint from forward.c: W is read after the mixer's small kernels.  Decode
- * steps of at most cs->prefetch_max tokens start fetching it into L2 now
+ * steps of cs->prefetch_min..PREFETCH_MAX_TOKENS tokens start fetching it into L2 now
  * (kk_prefetch_weight), while those kernels leave DRAM idle.  The hints of
  * one window (consecutive prefetch ops) are taken in order while they fit in
  * cs->prefetch_budget bytes: more would evict what was fetched first.
  */
+#define PREFETCH_MAX_TOKENS 64	/* decode steps (the graphs' bound) */
+
 static void
 cu_prefetch(kl_backend *be, const kl_weight *W)
 {
@@ -530,7 +532,7 @@ cu_prefetch(kl_backend *be, const kl_weight *W)
 
 	if (cuda_step_skip(be, OP_PREFETCH, (uintptr_t) W, 0, 0, 0))
 		return;
-	if (cs->n_tokens > cs->prefetch_max || !W->dev || cs->prefetch_used + bytes > cs->prefetch_budget)
+	if (cs->n_tokens < cs->prefetch_min || cs->n_tokens > PREFETCH_MAX_TOKENS || !W->dev || cs->prefetch_used + bytes > cs->prefetch_budget)
 		return;
 	if (cs->prefetch_used == 0)
 	{
@@ -606,6 +608,7 @@ cu_destroy(kl_backend *be)
 	cuda_pool_destroy(be);
 	cublasDestroy(cs->blas);
 	cudaFree(cs->blas_ws);
+	cudaFree(cs->router_count);
 	cudaStreamDestroy(cs->stream);
 	free(cs);
 	free(be);
@@ -746,13 +749,16 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * sampler spreads a row over a cluster of blocks; same choices).
 		 * KL_CUDA_MLA_SMALL=0 keeps the older MLA absorb and output kernels
 		 * for decode steps (default: 16-byte weight loads up to 64 tokens).
-		 * KL_CUDA_PREFETCH=N: decode steps of at most N tokens fetch the
+		 * KL_CUDA_PREFETCH=N: decode steps of at least N tokens fetch the
 		 * weight read after a mixer's small kernels into L2 while they run
-		 * (default 64; 0 never), at most KL_CUDA_PREFETCH_MB megabytes of them
+		 * (default 8; 0 never), at most KL_CUDA_PREFETCH_MB megabytes of them
 		 * at a time (default 20: a mixer's o_proj and the router).
 		 * KL_CUDA_KDA_FUSED=0 runs a decode step's KDA mixer as three kernels
 		 * (default: one, kk_kda_decode, where the GPU has clusters; =N: one
 		 * for steps of up to N sequences).
+		 * KL_CUDA_ROUTER_FUSED=0 keeps the MoE router product and the routing
+		 * as two kernels (default: one, kk_router_route, where it covers the
+		 * step: up to 8 tokens, bf16 router on CUDA cores, E <= 256).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
@@ -770,7 +776,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *ms = getenv("KL_CUDA_MLA_SMALL"),
 				   *pf = getenv("KL_CUDA_PREFETCH"),
 				   *pfmb = getenv("KL_CUDA_PREFETCH_MB"),
-				   *kf = getenv("KL_CUDA_KDA_FUSED");
+				   *kf = getenv("KL_CUDA_KDA_FUSED"),
+				   *rf = getenv("KL_CUDA_ROUTER_FUSED");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -787,9 +794,10 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->gemv_mma_min = gm && *gm ? (atoi(gm) > 0 ? atoi(gm) : INT_MAX) : 8;
 		cs->sample_wide = !(sw && strcmp(sw, "0") == 0);
 		cs->mla_small = !(ms && strcmp(ms, "0") == 0);
-		cs->prefetch_max = pf && *pf ? atoi(pf) : 64;
+		cs->prefetch_min = pf && *pf ? (atoi(pf) > 0 ? atoi(pf) : INT_MAX) : 8;
 		cs->prefetch_budget = (size_t) (pfmb && *pfmb ? atoi(pfmb) : 20) << 20;
 		cs->prefetch_lines = getenv("KL_CUDA_PREFETCH_LINES") && strcmp(getenv("KL_CUDA_PREFETCH_LINES"), "1") == 0;
+		cs->router_fused = !(rf && strcmp(rf, "0") == 0);
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
 		be->mla_cache_bf16 = cs->mla_c16;
@@ -805,7 +813,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		(e = cudaEventCreateWithFlags(&cs->pf_join, cudaEventDisableTiming)) != cudaSuccess ||
 		(e = cudaEventCreateWithFlags(&cs->meta_done, cudaEventDisableTiming)) != cudaSuccess ||
 		(e = cudaEventCreateWithFlags(&cs->ids_done, cudaEventDisableTiming)) != cudaSuccess ||
-		(e = cudaMalloc(&cs->blas_ws, BLAS_WORKSPACE)) != cudaSuccess)
+		(e = cudaMalloc(&cs->blas_ws, BLAS_WORKSPACE)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &cs->router_count, sizeof(unsigned))) != cudaSuccess ||
+		(e = cudaMemsetAsync(cs->router_count, 0, sizeof(unsigned), cs->stream)) != cudaSuccess)
 	{
 		errf(err, cuda_code(e), "initializing GPU %d: %s", idx, cudaGetErrorString(e));
 		goto fail;
@@ -825,6 +835,7 @@ fail:
 	if (cs->blas)
 		cublasDestroy(cs->blas);
 	cudaFree(cs->blas_ws);
+	cudaFree(cs->router_count);
 	if (cs->meta_done)
 		cudaEventDestroy(cs->meta_done);
 	if (cs->ids_done)
