@@ -263,7 +263,7 @@ kda_alone(int H, int K, const long *Ts, int nT)
 			int			row0[2] = {0, T};
 			int64_t		pos0[1] = {0};
 			kl_seq	   *seqs[1] = {seq};
-			kl_step		st = {T, 1, seqs, row0, pos0, false};
+			kl_step		st = {T, 1, seqs, row0, pos0, false, 0};
 			kl_kda_args a;
 			double		times[5];
 			int			reps = T >= 65536 ? 3 : 5;

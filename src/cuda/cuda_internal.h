@@ -98,6 +98,7 @@ typedef struct cuda_graph
 				n_seqs,
 				page_cap;
 	const float *x;				/* the context's residual buffer: identifies the kl_ctx */
+	uint64_t	logit_key;		/* kl_step.logit_key: the rows whose logits end the step */
 	uint64_t	trace;			/* hash of the ops and their arguments */
 	cudaGraphExec_t exec;		/* NULL: seen once, not captured yet */
 	int			kernels;		/* kernel nodes in it */
@@ -134,6 +135,7 @@ typedef struct cuda_state
 	int			n_seqs,
 				n_tokens,
 				page_cap;
+	uint64_t	logit_key;
 	int		   *d_row0,
 			   *d_row_seq,
 			   *d_absorbed;

@@ -153,6 +153,7 @@ typedef struct kl_step
 	const int  *row0;			/* [n_seqs + 1]: rows of seq i are row0[i] .. row0[i+1]-1 */
 	const int64_t *pos0;		/* [n_seqs]: the sequence's position before this step */
 	bool		force_recurrent;	/* KDA: per-token recurrence even for long inputs */
+	uint64_t	logit_key;		/* which rows the step computes logits of (equal keys: same rows) */
 } kl_step;
 
 /*

@@ -419,6 +419,24 @@ logits_deliver(kl_ctx *c, logit_queue *q, kl_err *err)
 	return rc;
 }
 
+/* Which rows of its part of a step a batch item wants logits of: none, all
+ * of them, or the last (the step that feeds its last token).  The step's
+ * logit queue and its key (kl_step.logit_key) both follow this. */
+enum logit_rows
+{
+	LR_NONE, LR_ALL, LR_LAST
+};
+
+static enum logit_rows
+logit_rows_of(const kl_batch_item *it, const kl_sample_req *req, int done, int take)
+{
+	if (!it->logits && !req)
+		return LR_NONE;
+	if (it->all_logits)
+		return LR_ALL;
+	return done + take == it->n ? LR_LAST : LR_NONE;
+}
+
 /* queue a row; a full queue is delivered first (never the case in a decode
  * step, which has at most LOGIT_ROWS rows) */
 static int
@@ -689,6 +707,17 @@ kl_forward_sample(kl_ctx *c, kl_batch_item *items, int n_items, const kl_sample_
 		st.row0 = c->row0;
 		st.pos0 = c->pos0;
 		st.force_recurrent = c->force_recurrent;
+		/* the rows that will want logits: a backend that records the step's
+		 * ops (CUDA graphs) keys the recording by them, since the logits
+		 * product ends the step */
+		st.logit_key = 0;
+		for (int s = 0; s < ns; s++)
+		{
+			int			i = item_of_seq[s];
+
+			st.logit_key = st.logit_key * 31 + 1 +
+				(uint64_t) logit_rows_of(&items[i], reqs ? reqs[i] : NULL, done[i], n_take[s]);
+		}
 
 		if (c->be->ops->begin_step && c->be->ops->begin_step(c->be, &st, err) != KL_OK)
 			goto out;
@@ -705,18 +734,18 @@ kl_forward_sample(kl_ctx *c, kl_batch_item *items, int n_items, const kl_sample_
 			kl_batch_item *it = &items[i];
 
 			const kl_sample_req *req = reqs ? reqs[i] : NULL;
+			enum logit_rows want = logit_rows_of(it, req, done[i], n_take[s]);
 
-			if (!it->logits && !req)
+			if (want == LR_NONE)
 				continue;
-			if (it->all_logits)
+			if (want == LR_ALL)
 			{
 				for (int r = 0; r < n_take[s]; r++)
 					if (logits_want(c, &q, c->row0[s] + r, it->logits + (size_t) (done[i] + r) * V, NULL, NULL,
 									err) != KL_OK)
 						goto out;
 			}
-			else if (done[i] + n_take[s] == it->n &&
-					 logits_want(c, &q, c->row0[s + 1] - 1, it->logits, req, req ? &tokens[i] : NULL, err) != KL_OK)
+			else if (logits_want(c, &q, c->row0[s + 1] - 1, it->logits, req, req ? &tokens[i] : NULL, err) != KL_OK)
 				goto out;
 		}
 		logits_compute(c, &q);
