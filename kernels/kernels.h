@@ -240,14 +240,6 @@ int			kk_mla_attend_mma(cudaStream_t s, int n_tokens, int max_splits, int split_
 							  const float *qabs, float scale, const int *row_seq, const int *row0,
 							  const int64_t *pos0, const int *absorbed, float *const *pages, int page_cap,
 							  float *part_acc, float *part_ml);
-/* the same partials as kk_mla_attend_mma (Qabs and P rounded to bf16), the
- * block's warps as two groups streaming alternate 32-key tiles with their own
- * online softmax, merged once at the end (split_keys a multiple of 64) */
-int			kk_mla_attend_flash_supported(int Ha, int R, int Dr);
-int			kk_mla_attend_flash(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R, int Dr,
-								const float *qabs, float scale, const int *row_seq, const int *row0,
-								const int64_t *pos0, const int *absorbed, float *const *pages, int page_cap,
-								float *part_acc, float *part_ml);
 void		kk_mla_merge(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R,
 						 const float *part_acc, const float *part_ml, const int *row_seq, const int *row0,
 						 const int64_t *pos0, const int *absorbed, float *olat);

@@ -731,8 +731,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass,
 		 * KL_CUDA_MLA_MMA=0 keeps the bf16 cache's decode attention on CUDA
 		 * cores (mla_attend; else tensor cores where the shape fits).
-		 * KL_CUDA_MLA_FLASH=0 keeps mla_attend_mma for the tensor-core
-		 * attention (default: mla_attend_flash, two key streams a block).
 		 * KL_CUDA_EXPERT_MMA=0 keeps the CUDA-core expert kernel for every
 		 * step (default: the tensor-core one from 8 tokens, bf16 precision
 		 * only; =N >= 2 moves that threshold; 1 means the default).
@@ -768,7 +766,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *emma = getenv("KL_CUDA_EXPERT_MMA"),
 				   *kr = getenv("KL_CUDA_KDA_STATE_ROUND"),
 				   *mm = getenv("KL_CUDA_MLA_MMA"),
-				   *mf = getenv("KL_CUDA_MLA_FLASH"),
 				   *rw = getenv("KL_CUDA_ROUTE_WARP"),
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
 				   *gs = getenv("KL_CUDA_GEMV_MMA_SLAB"),
@@ -803,8 +800,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		be->mla_cache_bf16 = cs->mla_c16;
 		cs->mla_mma = cs->mla_c16 && !(mm && strcmp(mm, "0") == 0) &&
 			kk_mla_attend_mma_supported(cfg->mla_heads, cfg->kv_lora_rank, cfg->qk_rope_dim);
-		cs->mla_flash = cs->mla_mma && !(mf && strcmp(mf, "0") == 0) &&
-			kk_mla_attend_flash_supported(cfg->mla_heads, cfg->kv_lora_rank, cfg->qk_rope_dim);
 	}
 
 	if ((e = cudaStreamCreateWithFlags(&cs->stream, cudaStreamNonBlocking)) != cudaSuccess ||

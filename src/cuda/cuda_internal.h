@@ -114,7 +114,6 @@ typedef struct cuda_state
 	bool		bf16;			/* precision "bf16": weights and matmul activations */
 	bool		mla_c16;		/* the MLA latent cache holds bf16 (bf16 precision) */
 	bool		mla_mma;		/* decode attention over the bf16 cache on tensor cores */
-	bool		mla_flash;		/* ... in mla_attend_flash (two key streams a block) */
 	bool		mla_small;		/* decode steps: the 16-byte-load absorb and output products */
 	cudaStream_t stream;
 	cublasHandle_t blas;

@@ -82,8 +82,7 @@ cuda_release_mla(kl_backend *be, kl_mla_layer *w)
 /* ------------------------------------------------------------------ absorbed form */
 
 /*
- * Keys per range for the tensor-core kernels (a multiple of mla_attend_mma's
- * 64-key tile, so of mla_attend_flash's 32-key tile too).
+ * Keys per range for the tensor-core kernel (a multiple of its 64-key tile).
  * It holds one block per SM (about 200 KB of shared memory at the 48B
  * shapes), and a block pays a fixed cost besides its tiles (Qabs, about one
  * tile's bytes; its partials, about one tile's bytes written and read by
@@ -168,11 +167,7 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 						cs->d_absorbed);
 	if (!cuda_launched(be, "mla_absorb_q"))
 		return;
-	if (cs->mla_flash)
-		rc = kk_mla_attend_flash(cs->stream, n, max_splits, (int) split, Ha, R, Dr, qabs,
-								 1.0f / sqrtf((float) (Dn + Dr)), cs->d_row_seq, cs->d_row0, cs->d_pos0,
-								 cs->d_absorbed, pages, cs->page_cap, pacc, pml);
-	else if (cs->mla_mma)
+	if (cs->mla_mma)
 		rc = kk_mla_attend_mma(cs->stream, n, max_splits, (int) split, Ha, R, Dr, qabs,
 							   1.0f / sqrtf((float) (Dn + Dr)), cs->d_row_seq, cs->d_row0, cs->d_pos0, cs->d_absorbed,
 							   pages, cs->page_cap, pacc, pml);
