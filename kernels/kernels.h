@@ -24,52 +24,6 @@ extern "C"
 {
 #endif
 
-/*
- * router.cu: a decode step's MoE router product (logits [n E] = x W^T, W
- * bf16 [E, D], fp32 arithmetic) and its routing and grouping in one launch,
- * with outputs bit for bit those of kk_gemv then kk_moe_route_group_warp
- * (sel, wts, start, xrow, inv, active as documented there; the logits too).
- * With a (not NULL) the residual add and norm before it as well: x += a,
- * xn = rmsnorm(x; norm_w, eps), bit for bit kk_add_rmsnorm (a may be xn);
- * the products then use xn.  Without a, x holds the product's input rows.
- * counter: one unsigned in device memory, 0 before the first launch; the
- * kernel leaves it 0 (one counter may serve every layer of a stream).
- * Returns -1 (nothing launched) for shapes it does not cover: n > 8, E >
- * 256, k > 32, D % 8 != 0, D a "wide" GEMV shape (kk_gemv would use another
- * block shape), bf16 GEMVs not in the block-rows design, unaligned rows.
- */
-typedef struct kk_router_args
-{
-	float	   *x;				/* [n D]: the input rows, or (with a) the residual */
-	const float *a;				/* [n D] added to x, or NULL: no add + norm */
-	float	   *xn;				/* [n D] out (with a): the normed rows */
-	const float *norm_w;		/* [D] (with a) */
-	float		eps;
-	const void *W;				/* the router, bf16 [E D] */
-	int			D,
-				E;
-	float	   *logits;			/* [n E] out */
-	const float *bias;			/* [E] the score-correction bias */
-	int			k,
-				G,
-				Tg,
-				use_softmax,
-				renorm,
-				bias_in_w;
-	float		scaling;
-	int		   *sel;
-	float	   *wts;
-	int			shared_rows,
-				P;
-	int		   *start,
-			   *xrow,
-			   *inv,
-			   *active;
-	unsigned   *counter;
-	int			norm_threads;	/* set by the launcher */
-} kk_router_args;
-int			kk_router_route(cudaStream_t s, int n, const kk_router_args *a);
-
 /* elementwise.cu */
 /* launch the decode kernels with programmatic dependent launch (common.cuh) */
 void		kk_set_pdl(int on);

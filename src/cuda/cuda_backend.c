@@ -608,7 +608,6 @@ cu_destroy(kl_backend *be)
 	cuda_pool_destroy(be);
 	cublasDestroy(cs->blas);
 	cudaFree(cs->blas_ws);
-	cudaFree(cs->router_count);
 	cudaStreamDestroy(cs->stream);
 	free(cs);
 	free(be);
@@ -754,9 +753,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_KDA_FUSED=0 runs a decode step's KDA mixer as three kernels
 		 * (default: one, kk_kda_decode, where the GPU has clusters; =N: one
 		 * for steps of up to N sequences).
-		 * KL_CUDA_ROUTER_FUSED=0 keeps the MoE router product and the routing
-		 * as two kernels (default: one, kk_router_route, where it covers the
-		 * step: up to 8 tokens, bf16 router on CUDA cores, E <= 256).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
@@ -773,8 +769,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *ms = getenv("KL_CUDA_MLA_SMALL"),
 				   *pf = getenv("KL_CUDA_PREFETCH"),
 				   *pfmb = getenv("KL_CUDA_PREFETCH_MB"),
-				   *kf = getenv("KL_CUDA_KDA_FUSED"),
-				   *rf = getenv("KL_CUDA_ROUTER_FUSED");
+				   *kf = getenv("KL_CUDA_KDA_FUSED");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -794,7 +789,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->prefetch_min = pf && *pf ? (atoi(pf) > 0 ? atoi(pf) : INT_MAX) : 8;
 		cs->prefetch_budget = (size_t) (pfmb && *pfmb ? atoi(pfmb) : 20) << 20;
 		cs->prefetch_lines = getenv("KL_CUDA_PREFETCH_LINES") && strcmp(getenv("KL_CUDA_PREFETCH_LINES"), "1") == 0;
-		cs->router_fused = !(rf && strcmp(rf, "0") == 0);
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
 		be->mla_cache_bf16 = cs->mla_c16;
@@ -808,9 +802,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		(e = cudaEventCreateWithFlags(&cs->pf_join, cudaEventDisableTiming)) != cudaSuccess ||
 		(e = cudaEventCreateWithFlags(&cs->meta_done, cudaEventDisableTiming)) != cudaSuccess ||
 		(e = cudaEventCreateWithFlags(&cs->ids_done, cudaEventDisableTiming)) != cudaSuccess ||
-		(e = cudaMalloc(&cs->blas_ws, BLAS_WORKSPACE)) != cudaSuccess ||
-		(e = cudaMalloc((void **) &cs->router_count, sizeof(unsigned))) != cudaSuccess ||
-		(e = cudaMemsetAsync(cs->router_count, 0, sizeof(unsigned), cs->stream)) != cudaSuccess)
+		(e = cudaMalloc(&cs->blas_ws, BLAS_WORKSPACE)) != cudaSuccess)
 	{
 		errf(err, cuda_code(e), "initializing GPU %d: %s", idx, cudaGetErrorString(e));
 		goto fail;
@@ -830,7 +822,6 @@ fail:
 	if (cs->blas)
 		cublasDestroy(cs->blas);
 	cudaFree(cs->blas_ws);
-	cudaFree(cs->router_count);
 	if (cs->meta_done)
 		cudaEventDestroy(cs->meta_done);
 	if (cs->ids_done)

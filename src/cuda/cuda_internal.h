@@ -192,11 +192,6 @@ typedef struct cuda_state
 	/* fused routing in warps (kk_moe_route_group_warp) for steps of at most
 	 * this many tokens; 0: the block kernel (KL_CUDA_ROUTE_WARP) */
 	int			route_warp;
-	/* KL_CUDA_ROUTER_FUSED (default on): a decode step's router product,
-	 * routing and grouping in one kernel (kk_router_route) where it covers the
-	 * step; router_count: that kernel's grid counter (device, one unsigned) */
-	bool		router_fused;
-	unsigned   *router_count;
 	/* KL_CUDA_KDA_STATE_ROUND=bf16: the per-token recurrence stores its state
 	 * rounded to bf16 (measures a bf16 state's drift; the storage stays fp32) */
 	int			kda_round16;
@@ -290,9 +285,6 @@ void		cuda_matmul_batch_raw(kl_backend *be, const kl_matmul_job *jobs, int count
 void		cuda_matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
 /* the same in fp32 arithmetic whatever the precision mode (MoE routing) */
 void		cuda_matmul_fp32(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
-/* does cuda_matmul_fp32 of n rows with W run kk_gemv on bf16 weights (fp32
- * arithmetic on CUDA cores), which the fused router repeats bit for bit? */
-bool		cuda_fp32_gemv_bf16(const cuda_state *cs, int n, const kl_weight *W);
 /* C (bf16) [n, rows] = x16 [n, cols] (bf16, ldx) W^T, W bf16 */
 bool		cuda_gemm_bf16_out(kl_backend *be, uint16_t *y, int ldy, const uint16_t *x, int ldx, int n,
 							   const void *W, int rows, int cols);

@@ -132,18 +132,6 @@ cuda_matmul_fp32(kl_backend *be, float *y, int ldy, const float *x, int ldx, int
 	cs->bf16 = true;
 }
 
-/*
- * cuda_matmul_fp32 of n <= 8 rows with bf16 weights goes to kk_gemv unless
- * the product qualifies for the tensor-core GEMV (bf16 precision, from
- * KL_CUDA_GEMV_MMA rows): the fused router (cuda_moe.c) replaces exactly
- * that launch.
- */
-bool
-cuda_fp32_gemv_bf16(const cuda_state *cs, int n, const kl_weight *W)
-{
-	return n >= 1 && n <= GEMV_MAX_ROWS && W->dtype == KL_DT_BF16 && !gemv_on_tensor_cores(cs, n, W);
-}
-
 bool
 cuda_gemm_bf16_out(kl_backend *be, uint16_t *y, int ldy, const uint16_t *x, int ldx, int n, const void *W,
 				   int rows, int cols)

@@ -307,56 +307,6 @@ out:
 	return ok;
 }
 
-/* ------------------------------------------------------------------ the fused router */
-
-/*
- * The router product, routing and grouping of a decode step in one kernel
- * (kk_router_route, KL_CUDA_ROUTER_FUSED) where it makes exactly what
- * cuda_matmul_fp32 + kk_moe_route_group_warp make: the router's product
- * would run kk_gemv on bf16 weights, and the launcher covers the shape.
- * Returns -1 (nothing launched: take the two-kernel path), 0, or a CUDA
- * error code.
- */
-static int
-router_fused(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *logits, const float *x, int n,
-			 int *sel, float *wts, int shared_rows, int P, int *start, int *xrow, int *inv, int *active)
-{
-	cuda_state *cs = CS(be);
-	kk_router_args a;
-	int			rc;
-
-	if (!cs->router_fused || !cuda_fp32_gemv_bf16(cs, n, &w->router) || w->router.rows != cfg->n_experts ||
-		w->router.cols != cfg->hidden_size)
-		return -1;
-	memset(&a, 0, sizeof(a));
-	a.x = (float *) x;			/* read only without the add + norm */
-	a.W = w->router.dev;
-	a.D = cfg->hidden_size;
-	a.E = cfg->n_experts;
-	a.logits = logits;
-	a.bias = w->score_bias;
-	a.k = cfg->experts_per_token;
-	a.G = cfg->n_expert_groups > 0 ? cfg->n_expert_groups : 1;
-	a.Tg = cfg->topk_groups;
-	a.use_softmax = cfg->router_softmax;
-	a.renorm = cfg->moe_renormalize;
-	a.bias_in_w = cfg->bias_in_weights;
-	a.scaling = cfg->routed_scaling;
-	a.sel = sel;
-	a.wts = wts;
-	a.shared_rows = shared_rows;
-	a.P = P;
-	a.start = start;
-	a.xrow = xrow;
-	a.inv = inv;
-	a.active = active;
-	a.counter = cs->router_count;
-	rc = kk_router_route(cs->stream, n, &a);
-	if (rc == 0)
-		cuda_launched(be, "router_route");	/* (a failure sets be->failed) */
-	return rc;
-}
-
 /* ------------------------------------------------------------------ the op */
 
 void
@@ -404,48 +354,37 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 	if (!logits || !sel || !wts || !start || !xrow || !inv || !active || !g || !u || !ye)
 		return;
 
-	/*
-	 * Decode steps group on the device (2 below), each used expert's weights
-	 * streaming once.  A shared expert of the routed experts' width (S = 1)
-	 * joins as expert E over all tokens: its products share the launches.
-	 */
-	bool		fuse = w->has_shared && Fs == F && w->shared.gate.dtype == w->experts[0].gate.dtype &&
-		w->shared.down.dtype == w->experts[0].down.dtype;
-	int			rows = (int) nk + (fuse ? n : 0);
-	/*
-	 * Tensor cores (kernels/expert_mma.cu) in bf16 precision for steps of
-	 * several tokens: an item's tokens are the n = 8 side of the mma, so
-	 * items of 8; fp32 precision keeps the exact CUDA-core kernel, and so
-	 * do steps too small for an item to have more than one token.
-	 */
-	bool		mma = cs->expert_mma_min > 0 && n >= cs->expert_mma_min && cs->bf16 && wbf &&
-		w->experts[0].up.dtype == KL_DT_BF16 && w->experts[0].down.dtype == KL_DT_BF16 &&
-		kk_expert_mma_ok(D) && kk_expert_mma_ok(F);
-	/* work items of at most P rows */
-	int			P = mma ? KK_EXPERT_MMA_ROWS : kk_expert_pass_rows(n);
-	int			rc = -1;
-
 	/* 1. route, in fp32 (logits included, in either precision mode) */
-	if (n <= MOE_DEVICE_MAX_TOKENS && cs->fuse_moe && n <= cs->route_warp)
-		rc = router_fused(be, cfg, w, logits, x, n, sel, wts, fuse ? n : 0, P, start, xrow, inv, active);
-	if (rc > 0)
-	{
-		cuda_ok(be, (cudaError_t) rc, "router_route");
-		return;
-	}
-	if (rc < 0)
-		cuda_matmul_fp32(be, logits, E, x, D, n, &w->router);
+	cuda_matmul_fp32(be, logits, E, x, D, n, &w->router);
 	if (be->failed)
 		return;
 
 	if (n <= MOE_DEVICE_MAX_TOKENS)
 	{
-		/* 2. group on the device */
+		/*
+		 * 2. group on the device; each used expert's weights stream once.
+		 * A shared expert of the routed experts' width (S = 1) joins as
+		 * expert E over all tokens: its products share the launches.
+		 */
+		bool		fuse = w->has_shared && Fs == F && w->shared.gate.dtype == w->experts[0].gate.dtype &&
+			w->shared.down.dtype == w->experts[0].down.dtype;
+		int			rows = (int) nk + (fuse ? n : 0);
+		/*
+		 * Tensor cores (kernels/expert_mma.cu) in bf16 precision for steps of
+		 * several tokens: an item's tokens are the n = 8 side of the mma, so
+		 * items of 8; fp32 precision keeps the exact CUDA-core kernel, and so
+		 * do steps too small for an item to have more than one token.
+		 */
+		bool		mma = cs->expert_mma_min > 0 && n >= cs->expert_mma_min && cs->bf16 && wbf &&
+			w->experts[0].up.dtype == KL_DT_BF16 && w->experts[0].down.dtype == KL_DT_BF16 &&
+			kk_expert_mma_ok(D) && kk_expert_mma_ok(F);
+		/* work items of at most P rows */
+		int			P = mma ? KK_EXPERT_MMA_ROWS : kk_expert_pass_rows(n);
 		int			max_active = expert_item_slots((int) nk, E, fuse ? n : 0, P);
+		int			rc = -1;
 
-		/* (routed already by the fused router, rc 0); the warp kernel where it
-		 * covers the shape (E <= 256), else the block one */
-		if (rc < 0 && cs->fuse_moe && n <= cs->route_warp)
+		/* the warp kernel where it covers the shape (E <= 256), else the block one */
+		if (cs->fuse_moe && n <= cs->route_warp)
 			rc = kk_moe_route_group_warp(cs->stream, n, E, k, G, cfg->topk_groups, cfg->router_softmax,
 										 cfg->moe_renormalize, cfg->bias_in_weights, cfg->routed_scaling, logits,
 										 w->score_bias, sel, wts, fuse ? n : 0, P, start, xrow, inv, active);
@@ -635,112 +574,6 @@ kl_cuda_test_route_group(int warp, int n, int E, int k, int G, int Tg, int use_s
 	if ((e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
 		rc = (int) e;
 	for (int i = 0; i < 8; i++)
-		cudaFree(d[i]);
-	cudaStreamDestroy(s);
-	return rc;
-}
-
-/*
- * For test/engine/test_cuda.c only (found with dlsym; the backend does not
- * use it): one decode step's router product, routing and grouping on the
- * current device, either through the fused router (fused 1: kk_router_route)
- * or the kernels it replaces (fused 0: kk_add_rmsnorm when norming, kk_gemv,
- * kk_moe_route_group_warp), repeated `repeat` times on the same buffers (the
- * fused kernel's counter must come back to 0 for the next launch).
- * norm 0: x [n D] is the product's input; 1: x += a, xn = rmsnorm(x; nw,
- * eps) first; 2: the same with a held in xn itself (forward.c's case).
- * Host arrays: W bf16 [E D], bias [E], x and a [n D], nw [D]; out: logits
- * [n E], x_out and xn_out [n D] (norm only), and the routing outputs as for
- * kl_cuda_test_route_group (their contents go to the device first).
- * Returns the launcher's result (-1: not covered), else 0 or a CUDA error.
- */
-__attribute__((visibility("default"))) int
-kl_cuda_test_router_route(int fused, int repeat, int norm, int n, int E, int D, int k, int G, int Tg,
-						  int use_softmax, int renorm, int bias_in_w, float scaling, int shared_rows, int P,
-						  const uint16_t *W, const float *bias, const float *x, const float *a, const float *nw,
-						  float eps, float *logits, float *x_out, float *xn_out, int *sel, float *wts, int *start,
-						  int *xrow, int *inv, int *active)
-{
-	size_t		nk = (size_t) n * k,
-				nd = (size_t) n * D,
-				sz[14] = {sizeof(uint16_t) * (size_t) E * D, sizeof(float) * (size_t) E, sizeof(float) * nd,
-						  sizeof(float) * nd, sizeof(float) * (size_t) D, sizeof(float) * nd,
-						  sizeof(float) * (size_t) n * E, sizeof(int) * nk, sizeof(float) * nk,
-						  sizeof(int) * ((size_t) E + 2), sizeof(int) * (nk + n), sizeof(int) * nk,
-						  sizeof(int) * ((size_t) E + nk + n + 4), sizeof(unsigned)};
-	/* 0 W, 1 bias, 2 x, 3 a, 4 nw, 5 xn, 6 logits, 7 sel, 8 wts, 9 start, 10 xrow, 11 inv, 12 active, 13 counter */
-	const void *host_in[14] = {W, bias, x, norm ? a : NULL, norm ? nw : NULL, norm == 2 ? a : NULL, NULL, sel, wts,
-							   start, xrow, inv, active, NULL};
-	void	   *host_out[14] = {NULL, NULL, norm ? x_out : NULL, NULL, NULL, norm ? xn_out : NULL, logits, sel,
-							   wts, start, xrow, inv, active, NULL};
-	void	   *d[14] = {NULL};
-	cudaStream_t s = NULL;
-	cudaError_t e;
-	int			rc = 0;
-
-	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess)
-		return (int) e;
-	for (int i = 0; i < 14 && rc == 0; i++)
-		if ((e = cudaMalloc(&d[i], sz[i])) != cudaSuccess ||
-			(e = host_in[i] ? cudaMemcpyAsync(d[i], host_in[i], sz[i], cudaMemcpyHostToDevice, s) :
-			 cudaMemsetAsync(d[i], 0, sz[i], s)) != cudaSuccess)
-			rc = (int) e;
-	for (int r = 0; r < repeat && rc == 0; r++)
-	{
-		float	   *dx = d[2],
-				   *dxn = d[5];
-		const float *da = norm == 2 ? d[5] : d[3];
-
-		if (fused)
-		{
-			kk_router_args ra;
-
-			memset(&ra, 0, sizeof(ra));
-			ra.x = dx;
-			ra.a = norm ? da : NULL;
-			ra.xn = norm ? dxn : NULL;
-			ra.norm_w = norm ? d[4] : NULL;
-			ra.eps = eps;
-			ra.W = d[0];
-			ra.D = D;
-			ra.E = E;
-			ra.logits = d[6];
-			ra.bias = d[1];
-			ra.k = k;
-			ra.G = G;
-			ra.Tg = Tg;
-			ra.use_softmax = use_softmax;
-			ra.renorm = renorm;
-			ra.bias_in_w = bias_in_w;
-			ra.scaling = scaling;
-			ra.sel = d[7];
-			ra.wts = d[8];
-			ra.shared_rows = shared_rows;
-			ra.P = P;
-			ra.start = d[9];
-			ra.xrow = d[10];
-			ra.inv = d[11];
-			ra.active = d[12];
-			ra.counter = d[13];
-			rc = kk_router_route(s, n, &ra);
-		}
-		else
-		{
-			if (norm)
-				kk_add_rmsnorm(s, dxn, dx, da, d[4], n, D, eps);
-			kk_gemv(s, d[6], E, norm ? dxn : dx, D, n, d[0], 1, E, D);
-			rc = kk_moe_route_group_warp(s, n, E, k, G, Tg, use_softmax, renorm, bias_in_w, scaling, d[6], d[1],
-										 d[7], d[8], shared_rows, P, d[9], d[10], d[11], d[12]);
-		}
-		if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
-			rc = (int) e;
-	}
-	for (int i = 0; i < 14 && rc == 0; i++)
-		if (host_out[i] && (e = cudaMemcpyAsync(host_out[i], d[i], sz[i], cudaMemcpyDeviceToHost, s)) != cudaSuccess)
-			rc = (int) e;
-	if ((e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
-		rc = (int) e;
-	for (int i = 0; i < 14; i++)
 		cudaFree(d[i]);
 	cudaStreamDestroy(s);
 	return rc;

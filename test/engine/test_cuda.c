@@ -57,11 +57,6 @@
  * without groups, both weight rules, ties, 1 to 64 tokens); with NaN and
  * infinite logits its choices stay in range and every pair has one place.
  *
- * The fused decode router (kk_router_route, on unless KL_CUDA_ROUTER_FUSED=0)
- * must give the router GEMV's and the warp routing's outputs bit for bit,
- * and with its add + norm prologue kk_add_rmsnorm's x and xn
- * (check_router_fused: 48B shape, 1, 3 and 8 tokens, ties, two launches).
- *
  * The device sampler must choose exactly what the CPU sampler
  * (kl_sample_draw) chooses for the same logits and draw: checked on
  * vocabularies of 384, 1000 and 163840 with peaked, flat, tied, huge and
@@ -1550,150 +1545,6 @@ check_route_warp(void)
 	kl_model_free(m);
 }
 
-/* ------------------------------------------------------------------ the fused router */
-
-/* kl_cuda_test_router_route (cuda_moe.c): one step's router and routing, fused or not */
-typedef int (*router_test_fn) (int fused, int repeat, int norm, int n, int E, int D, int k, int G, int Tg,
-							   int use_softmax, int renorm, int bias_in_w, float scaling, int shared_rows, int P,
-							   const uint16_t *W, const float *bias, const float *x, const float *a,
-							   const float *nw, float eps, float *logits, float *x_out, float *xn_out, int *sel,
-							   float *wts, int *start, int *xrow, int *inv, int *active);
-
-/*
- * The fused router (kk_router_route, KL_CUDA_ROUTER_FUSED) against the
- * kernels it replaces (kk_add_rmsnorm, kk_gemv, kk_moe_route_group_warp) on
- * the same random bf16 router and input rows: logits, sel, wts, start,
- * xrow, inv and active bit for bit, and with the add + norm prologue the new
- * residual and xn too (a separate and a = xn, forward.c's case).  48B shape
- * (D 2304, E 256, k 8; with and without 8 groups keeping 4), n = 1, 3 and 8
- * tokens, both weight rules, sigmoid and softmax, with the shared expert's
- * rows, biases with ties, and a router whose rows repeat (tied logits); two
- * launches in a row (the grid counter must return to 0), the residual
- * growing by a on each.
- */
-static void
-check_router_fused(void)
-{
-	static const struct
-	{
-		int			G,
-					Tg;
-		const char *what;
-	}			shapes[] = {
-		{1, 1, "48B shape (D 2304, E 256, k 8)"},
-		{8, 4, "D 2304, E 256, k 8, 8 groups keep 4"},
-	};
-	static const int ns[] = {1, 3, 8};
-	const int	E = 256,
-				D = 2304,
-				k = 8;
-	kl_model   *m;
-	void	   *lib = NULL;
-	router_test_fn f = NULL;
-	uint64_t	rs = 977;
-
-	m = load_test_hook("kl_cuda_test_router_route", &lib, (void **) &f);
-	if (!f)
-		return;
-	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
-		for (int norm = 0; norm < 3; norm++)
-		{
-			int			cases = 0,
-						wrong = 0,
-						failed = 0;
-
-			for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++)
-				for (int variant = 0; variant < 8; variant++)
-				{
-					int			n = ns[ni],
-								rule = variant & 1,
-								softmax = (variant >> 1) & 1,
-								ties = variant >> 2,
-								shared_rows = n,
-								P = n <= 1 ? 1 : n <= 2 ? 2 : 4;
-					size_t		nd = (size_t) n * D;
-					uint16_t   *W = malloc(sizeof(uint16_t) * (size_t) E * D);
-					float	   *x = malloc(sizeof(float) * nd),
-							   *a = malloc(sizeof(float) * nd),
-							   *nw = malloc(sizeof(float) * D),
-							   *bias = malloc(sizeof(float) * E),
-							   *lg[2],
-							   *xo[2],
-							   *xno[2];
-					route_out	o[2];
-					int			rc[2];
-					const char *d = NULL;
-
-					/* weights ~ 0.02 (rows repeating in eight-row runs for ties), bias in quarters */
-					for (int r = 0; r < E; r++)
-						for (int c = 0; c < D; c++)
-							W[(size_t) r * D + c] = ties && r % 8 ? W[(size_t) (r - r % 8) * D + c] :
-								kl_f32_to_bf16((float) (0.04 * (unif(&rs) - 0.5)));
-					for (int e = 0; e < E; e++)
-						bias[e] = ties ? 0.25f * (float) (int) (4.0 * unif(&rs)) : (float) (0.1 * (unif(&rs) - 0.5));
-					for (size_t i = 0; i < nd; i++)
-					{
-						x[i] = (float) (2.0 * (unif(&rs) - 0.5));
-						a[i] = (float) (unif(&rs) - 0.5);
-					}
-					for (int c = 0; c < D; c++)
-						nw[c] = (float) (0.5 + unif(&rs));
-					for (int j = 0; j < 2; j++)
-					{
-						lg[j] = malloc(sizeof(float) * (size_t) n * E);
-						xo[j] = malloc(sizeof(float) * nd);
-						xno[j] = malloc(sizeof(float) * nd);
-						memset(lg[j], 0, sizeof(float) * (size_t) n * E);
-						memset(xo[j], 0, sizeof(float) * nd);
-						memset(xno[j], 0, sizeof(float) * nd);
-						route_out_init(&o[j], n, E, k);
-						rc[j] = f(j, 2, norm, n, E, D, k, shapes[si].G, shapes[si].Tg, softmax, 1, rule, 2.446f,
-								  shared_rows, P, W, bias, x, a, nw, 1e-6f, lg[j], xo[j], xno[j], o[j].sel, o[j].wts,
-								  o[j].start, o[j].xrow, o[j].inv, o[j].active);
-					}
-					cases++;
-					if (rc[0] != 0 || rc[1] != 0)
-					{
-						if (failed++ < 4)
-							tap_diag("%s, norm %d, n %d, variant %d: kernels %d, fused router %d", shapes[si].what, norm,
-									 n, variant, rc[0], rc[1]);
-					}
-					else
-					{
-						if (memcmp(lg[0], lg[1], sizeof(float) * (size_t) n * E) != 0)
-							d = "logits";
-						else if (norm && memcmp(xo[0], xo[1], sizeof(float) * nd) != 0)
-							d = "x (new residual)";
-						else if (norm && memcmp(xno[0], xno[1], sizeof(float) * nd) != 0)
-							d = "xn";
-						else
-							d = route_out_diff(&o[0], &o[1]);
-						if (d && wrong++ < 8)
-							tap_diag("%s, norm %d, n %d, variant %d: %s differs", shapes[si].what, norm, n, variant, d);
-					}
-					for (int j = 0; j < 2; j++)
-					{
-						free(lg[j]);
-						free(xo[j]);
-						free(xno[j]);
-						route_out_free(&o[j]);
-					}
-					free(W);
-					free(x);
-					free(a);
-					free(nw);
-					free(bias);
-				}
-			tap_ok(wrong == 0 && failed == 0,
-				   "fused router = router GEMV + routing in warps%s, bit for bit (logits, sel, wts, start, xrow, inv, "
-				   "active%s), %s: %d of %d cases differ, %d not run",
-				   norm == 0 ? "" : norm == 1 ? " after add + rmsnorm" : " after add + rmsnorm in place (a = xn)",
-				   norm ? ", x, xn" : "", shapes[si].what, wrong, cases, failed);
-		}
-	dlclose(lib);
-	kl_model_free(m);
-}
-
 /* ------------------------------------------------------------------ expert products on tensor cores */
 
 /* kl_cuda_test_expert_products (cuda_moe.c): one step's expert products through both kernels */
@@ -2450,7 +2301,6 @@ main(void)
 	check_sampler(true);
 	check_sampler(false);
 	check_route_warp();
-	check_router_fused();
 	check_expert_mma();
 	check_gemv_slab();
 	check_mla_small();
