@@ -719,6 +719,8 @@ gemv_mma_blocks(kk_gemv_batch *b, int T)
  * SMs would sit idle).  Returns false, launching nothing, when the staged
  * rows of the widest job do not fit in shared memory.
  */
+#define GS_MIN_TILES 4			/* 16-row tiles a block at least (see gemv_slab_launch) */
+
 static bool
 gemv_slab_launch(cudaStream_t s, kk_gemv_batch *b)
 {
@@ -744,6 +746,14 @@ gemv_slab_launch(cudaStream_t s, kk_gemv_batch *b)
 	blocks = gemv_mma_blocks(b, T);
 	while (T > 1 && blocks < 2 * sms)
 		blocks = gemv_mma_blocks(b, T /= 2);
+	/*
+	 * Only tall products: slabs of 4+ tiles won on the H200 (lm_head 68 -> 91 %
+	 * of a plain read, 8 expert downs 60 -> 73 %), while with 1-2 tiles a block
+	 * (o_proj, router, a projection batch) they lost or tied the 16-row-tile
+	 * kernel (50 -> 42 %, 37 -> 32 %, 65 -> 66 %; bench/notes-cuda.md).
+	 */
+	if (T < GS_MIN_TILES)
+		return false;
 	kk_launch(gemv_slab_kernel, dim3(blocks), dim3(GS_WARPS * 32), smem, s, *b, T);
 	return true;
 }

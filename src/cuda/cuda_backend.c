@@ -779,7 +779,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :
-			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : INT_MAX;
+			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : 8;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
 		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
 		cs->route_warp = rw && *rw ? atoi(rw) : INT_MAX;
