@@ -241,7 +241,7 @@ cuda: $(CUDA_LIB)
 $(CUDA_LIB): $(CUDA_OBJS)
 	$(NVCC) -shared $(CUDA_GENCODE) -o $@ $(CUDA_OBJS) $(CUDA_LDLIBS)
 
-kernels/%.o: kernels/%.cu kernels/kernels.h $(wildcard kernels/*.cuh)
+kernels/%.o: kernels/%.cu kernels/kernels.h kernels/common.cuh
 	$(NVCC) $(NVCC_FLAGS) -c -o $@ $<
 kernels/sample.o: src/engine/sample_core.h
 

@@ -154,27 +154,6 @@ ceil_div(size_t a, size_t b)
 	return (unsigned) ((a + b - 1) / b);
 }
 
-/* float4s a thread of the row-norm kernels takes (elementwise.cu) */
-#define ROW_V4 4
-
-/* the row-norm kernels' block size for rows of d numbers (a thread per 4) */
-static inline unsigned
-kk_row_threads(int d)
-{
-	int			per = (d / 4 + ROW_V4 - 1) / ROW_V4;	/* threads if each takes ROW_V4 */
-	int			th = d / 4 <= 1024 ? d / 4 : per;
-
-	th = (th + 31) / 32 * 32;
-	return th < 32 ? 32 : th > 1024 ? 1024 : th;
-}
-
-/* a row-norm thread's sum of squares of 4 numbers, in one order for every kernel that must match it */
-__device__ __forceinline__ float
-sumsq4(float4 v)
-{
-	return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-}
-
 /*
  * Programmatic dependent launch (Hopper): a kernel launched with kk_launch
  * may be started while the kernel before it in the stream is still

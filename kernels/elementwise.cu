@@ -46,10 +46,10 @@ kk_embed(cudaStream_t s, float *x, const void *E, int bf16, int D, const int32_t
  *   MODE 0  y = rmsnorm(x)                  (rows of stride ldx / ldy; y may be x)
  *   MODE 1  x += a; y = rmsnorm(x)          (contiguous rows of d)
  *   MODE 2  x += sum_r wts[r] ye[inv[r]] (+ ys); y = rmsnorm(x)   (the MoE combine)
- * Needs d % 4 == 0, d <= 4 * ROW_V4 * 1024, 16-byte aligned rows.  (ROW_V4,
- * kk_row_threads and sumsq4 are in common.cuh: the fused router repeats
- * MODE 1's arithmetic, kernels/router.cu.)
+ * Needs d % 4 == 0, d <= 4 * ROW_V4 * 1024, 16-byte aligned rows.
  */
+#define ROW_V4 4
+
 template <int MODE>
 __global__ void __launch_bounds__(1024)
 row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const float *__restrict__ w, int d, float eps,
@@ -114,7 +114,7 @@ row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const floa
 				val.w += acc.w;
 			}
 			v[j] = val;
-			ss += sumsq4(val);
+			ss += val.x * val.x + val.y * val.y + val.z * val.z + val.w * val.w;
 		}
 	}
 	ss = block_sum(ss, red);
@@ -147,6 +147,16 @@ row_ok(int d, int ld1, int ld2, const void *p1, const void *p2, const void *p3, 
 		(((uintptr_t) p1 | (uintptr_t) p2 | (uintptr_t) p3 | (uintptr_t) p4) & 15) == 0;
 }
 
+static unsigned
+row_threads(int d)
+{
+	int			per = (d / 4 + ROW_V4 - 1) / ROW_V4;	/* threads if each takes ROW_V4 */
+	int			th = d / 4 <= 1024 ? d / 4 : per;
+
+	th = (th + 31) / 32 * 32;
+	return th < 32 ? 32 : th > 1024 ? 1024 : th;
+}
+
 extern "C" int
 kk_row_norm(cudaStream_t s, int mode, float *y, int ldy, float *x, int ldx, const float *a, const float *w, int rows,
 			int d, float eps, int k, const float *wts, const int *inv, const float *ye, const float *ys)
@@ -156,13 +166,13 @@ kk_row_norm(cudaStream_t s, int mode, float *y, int ldy, float *x, int ldx, cons
 	if (!row_ok(d, ldx, ldy, y, x, w, a) || (mode == 2 && !row_ok(d, 4, 4, ye, ys, NULL, NULL)))
 		return -1;
 	if (mode == 0)
-		kk_launch(row_norm_kernel<0>, dim3(rows), dim3(kk_row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
+		kk_launch(row_norm_kernel<0>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
 				  inv, ye, ys);
 	else if (mode == 1)
-		kk_launch(row_norm_kernel<1>, dim3(rows), dim3(kk_row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
+		kk_launch(row_norm_kernel<1>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
 				  inv, ye, ys);
 	else
-		kk_launch(row_norm_kernel<2>, dim3(rows), dim3(kk_row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
+		kk_launch(row_norm_kernel<2>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
 				  inv, ye, ys);
 	return 0;
 }
