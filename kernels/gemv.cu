@@ -169,11 +169,24 @@ rows_first(uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], int nch)
 }
 
 /*
+ * An input piece: through the read-only cache (the inputs of a launch are
+ * written by earlier kernels), or with CG through L2 only, for inputs that
+ * other blocks of the same launch write (expert_fused_kernel's h: the
+ * read-only path is only defined for data constant during the kernel).
+ */
+template <bool CG>
+__device__ __forceinline__ float4
+ld_x4(const float4 *p)
+{
+	return CG ? __ldcg(p) : __ldg(p);
+}
+
+/*
  * acc[w][r] += W_w . x_r over this thread's pieces threadIdx.x, + BT, ...
  * of the nch 16-byte pieces (8 columns each) of the rows; raw holds the first
  * pieces (rows_first).  Each input piece is read once for all RB rows.
  */
-template <int NR, int RB, int BT>
+template <int NR, int RB, int BT, bool XCG = false>
 __device__ __forceinline__ void
 rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], const float *const (&xr)[NR],
 		 int nch)
@@ -192,8 +205,8 @@ rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB]
 #pragma unroll
 		for (int r = 0; r < NR; r++)
 		{
-			float4		a = __ldg((const float4 *) xr[r] + 2 * ch),
-						b = __ldg((const float4 *) xr[r] + 2 * ch + 1);
+			float4		a = ld_x4<XCG>((const float4 *) xr[r] + 2 * ch),
+						b = ld_x4<XCG>((const float4 *) xr[r] + 2 * ch + 1);
 
 #pragma unroll
 			for (int w = 0; w < RB; w++)
@@ -687,15 +700,16 @@ expert_dispatch(cudaStream_t s, int max_count, dim3 grid, float *y0, float *y1, 
  * The expert products in the block-rows design (bf16): block (b, item) takes
  * RB weight rows of the item's expert (and the same rows of the second
  * matrix for SwiGLU: RT = 2 RB rows) and the item's input rows in passes of
- * at most MAXNR; y as in expert_pass.
+ * at most MAXNR; y as in expert_pass.  LOADED: raw already holds the first
+ * weight pieces (rows_first, issued early by the caller); XCG: x through L2
+ * only (ld_x4).
  */
-template <int NR, int MODE, int RT, int BT>
+template <int NR, int MODE, int RT, int BT, bool LOADED, bool XCG>
 __device__ __forceinline__ void
 expert_rows_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const uint16_t *const (&Wr)[RT],
-				 int row0, int rows, int nch, int i0, float *sums)
+				 uint4 (&raw)[RT], int row0, int rows, int nch, int i0, float *sums)
 {
 	constexpr int out = MODE == EXPERT_SWIGLU ? RT / 2 : RT;
-	uint4		raw[RT];
 	float		acc[RT][NR];
 	const float *xr[NR];
 
@@ -707,8 +721,9 @@ expert_rows_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, co
 #pragma unroll
 		for (int r = 0; r < NR; r++)
 			acc[w][r] = 0;
-	rows_first<RT, BT>(raw, Wr, nch);
-	rows_dot<NR, RT, BT>(acc, raw, Wr, xr, nch);
+	if (!LOADED)
+		rows_first<RT, BT>(raw, Wr, nch);
+	rows_dot<NR, RT, BT, XCG>(acc, raw, Wr, xr, nch);
 	rows_block_sum<NR, RT, BT>(acc, sums);
 	for (int i = threadIdx.x; i < out * NR; i += BT)
 	{
@@ -727,23 +742,68 @@ expert_rows_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, co
 }
 
 /* expert_rows_pass for nr (1..N) input rows: instantiates only the sizes up to N */
-template <int N, int MODE, int RT, int BT>
+template <int N, int MODE, int RT, int BT, bool LOADED = false, bool XCG = false>
 __device__ __forceinline__ void
 expert_rows_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *xrow,
-				 const uint16_t *const (&Wr)[RT], int row0, int rows, int nch, int i0, float *sums)
+				 const uint16_t *const (&Wr)[RT], uint4 (&raw)[RT], int row0, int rows, int nch, int i0, float *sums)
 {
 	if constexpr (N > 1)
 	{
 		if (nr < N)
 		{
-			expert_rows_upto<N - 1, MODE, RT, BT>(nr, y, ldy, x, ldx, xrow, Wr, row0, rows, nch, i0, sums);
+			expert_rows_upto<N - 1, MODE, RT, BT, LOADED, XCG>(nr, y, ldy, x, ldx, xrow, Wr, raw, row0, rows, nch,
+																i0, sums);
 			return;
 		}
 	}
-	expert_rows_pass<N, MODE, RT, BT>(y, ldy, x, ldx, xrow, Wr, row0, rows, nch, i0, sums);
+	expert_rows_pass<N, MODE, RT, BT, LOADED, XCG>(y, ldy, x, ldx, xrow, Wr, raw, row0, rows, nch, i0, sums);
 }
 
-template <int MAXNR, int MODE, int RB, int BT>
+/*
+ * Wr[w]: the RT weight rows of expert e a block-rows expert block takes from
+ * row0 (NULL past the matrix): for SwiGLU RB rows of W0 then the same rows of
+ * W1, else RB rows of W0 (m = 0) or W1 (m = 1).
+ */
+template <int MODE, int RB, int RT>
+__device__ __forceinline__ void
+expert_rows_weights(const uint16_t *(&Wr)[RT], const void *const *W0, const void *const *W1, int e, int m, int row0,
+					int rows, int cols)
+{
+#pragma unroll
+	for (int w = 0; w < RT; w++)
+	{
+		const uint16_t *Wm = (const uint16_t *) (MODE == EXPERT_SWIGLU ? (w < RB ? W0[e] : W1[e]) : m ? W1[e] : W0[e]);
+		int			row = row0 + w % RB;
+
+		Wr[w] = row < rows ? Wm + (size_t) row * cols : NULL;
+	}
+}
+
+/*
+ * PRE (KL_CUDA_EXPERT_PRELOAD, the down product only): the block reads its
+ * work item and requests its first weight pieces BEFORE kk_dep_wait, and
+ * waits only before it reads x (the gate/up output h).  Why start, active
+ * and the expert table may be read that early: this kernel starts only once
+ * every block of the kernel before it (gate/up; swiglu with
+ * KL_CUDA_MOE_FUSE=0) has called kk_dep_launch or exited, and every kernel
+ * launched through kk_launch calls kk_dep_wait before either; so that
+ * kernel's own predecessor, and by the same argument everything before it in
+ * the stream, has completed and its writes have reached L2 (a grid's
+ * completion flushes them).  The routing kernel that wrote start and active
+ * is at least two launches back (routing, gate/up, down), so it is complete.
+ * They are read with __ldcg (L2, not the SM's L1, which may still hold the
+ * previous layer's lines: the buffers are shared by all layers).  Nothing
+ * writes them again until the next layer's routing, which waits (in its
+ * kk_dep_wait) for this kernel to complete.  Without programmatic launch
+ * (KL_CUDA_PDL=0, before Hopper) this kernel starts after the one before it
+ * has completed, which is stronger.  In a graph replay the same holds: the
+ * captured launches keep their programmatic edges (same rule), and a replay
+ * starts after the previous replay's last kernel.  The expert table (W0) is
+ * constant after upload.  Kernels that read active right after the routing
+ * kernel (the gate/up products) must not do this: the caller guarantees the
+ * two-launch distance (kk_expert_gemv's contract, kernels.h).
+ */
+template <int MAXNR, int MODE, int RB, int BT, bool PRE>
 __global__ void __launch_bounds__(BT)
 expert_rows_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
 				   const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
@@ -758,27 +818,43 @@ expert_rows_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, i
 				first,
 				count;
 	const uint16_t *Wr[RT];
+	uint4		raw[RT];
 
-	/* which experts run depends on the routing kernel before: wait first */
-	kk_dep_wait();
-	kk_dep_launch();
-	if ((int) blockIdx.y >= active[0] || row0 >= rows)
-		return;
-	e = kk_expert_item(active, start, blockIdx.y, MAXNR, &first, &count);
-#pragma unroll
-	for (int w = 0; w < RT; w++)
+	if constexpr (PRE)
 	{
-		const uint16_t *Wm = (const uint16_t *) (MODE == EXPERT_SWIGLU ? (w < RB ? W0[e] : W1[e]) : m ? W1[e] : W0[e]);
-		int			row = row0 + w % RB;
+		bool		run = (int) blockIdx.y < __ldcg(active) && row0 < rows;
 
-		Wr[w] = row < rows ? Wm + (size_t) row * cols : NULL;
+		if (run)
+		{
+			e = kk_expert_item_l2(active, start, blockIdx.y, MAXNR, &first, &count);
+			expert_rows_weights<MODE, RB, RT>(Wr, W0, W1, e, m, row0, rows, cols);
+			rows_first<RT, BT>(raw, Wr, cols >> 3);
+		}
+		/* x (h) is written by the kernel before: wait for it now */
+		kk_dep_wait();
+		kk_dep_launch();
+		if (!run)
+			return;
+		if (count > 0)
+			expert_rows_upto<MAXNR, MODE, RT, BT, true>(count, m ? y1 : y0, ldy, x, ldx, xrow, Wr, raw, row0, rows,
+														cols >> 3, first, sums);
 	}
-	if (count > 0)
-		expert_rows_upto<MAXNR, MODE, RT, BT>(count, m ? y1 : y0, ldy, x, ldx, xrow, Wr, row0, rows, cols >> 3, first,
-											  sums);
+	else
+	{
+		/* which experts run depends on the routing kernel before: wait first */
+		kk_dep_wait();
+		kk_dep_launch();
+		if ((int) blockIdx.y >= active[0] || row0 >= rows)
+			return;
+		e = kk_expert_item(active, start, blockIdx.y, MAXNR, &first, &count);
+		expert_rows_weights<MODE, RB, RT>(Wr, W0, W1, e, m, row0, rows, cols);
+		if (count > 0)
+			expert_rows_upto<MAXNR, MODE, RT, BT>(count, m ? y1 : y0, ldy, x, ldx, xrow, Wr, raw, row0, rows,
+												  cols >> 3, first, sums);
+	}
 }
 
-template <int MAXNR, int MODE, int RB, int BT>
+template <int MAXNR, int MODE, int RB, int BT, bool PRE>
 static void
 expert_rows_launch_as(cudaStream_t s, int max_active, float *y0, float *y1, int ldy, const float *x, int ldx,
 					  const int *xrow, const void *const *W0, const void *const *W1, int rows, int cols,
@@ -786,8 +862,8 @@ expert_rows_launch_as(cudaStream_t s, int max_active, float *y0, float *y1, int 
 {
 	dim3		grid(ceil_div(rows, RB) * (MODE == EXPERT_TWO ? 2 : 1), max_active);
 
-	kk_launch(expert_rows_kernel<MAXNR, MODE, RB, BT>, grid, dim3(BT), 0, s, y0, y1, ldy, x, ldx, xrow, W0, W1, rows,
-			  cols, start, active);
+	kk_launch(expert_rows_kernel<MAXNR, MODE, RB, BT, PRE>, grid, dim3(BT), 0, s, y0, y1, ldy, x, ldx, xrow, W0, W1,
+			  rows, cols, start, active);
 }
 
 /*
@@ -795,34 +871,43 @@ expert_rows_launch_as(cudaStream_t s, int max_active, float *y0, float *y1, int 
  * rows for SwiGLU, 3 otherwise; at batch 1 4 + 4 and 6 (the fastest of four
  * shapes measured on the H200, bench/notes-cuda.md).
  */
+#define EXPERT_RB(MAXNR, MODE) ((MAXNR) == 1 ? ((MODE) == EXPERT_SWIGLU ? 4 : 6) : ((MODE) == EXPERT_SWIGLU ? 2 : 3))
+
 template <int MAXNR, int MODE>
 static void
-expert_rows_launch(cudaStream_t s, int max_active, float *y0, float *y1, int ldy, const float *x, int ldx,
+expert_rows_launch(cudaStream_t s, bool pre, int max_active, float *y0, float *y1, int ldy, const float *x, int ldx,
 				   const int *xrow, const void *const *W0, const void *const *W1, int rows, int cols,
 				   const int *start, const int *active)
 {
-	constexpr bool SW = MODE == EXPERT_SWIGLU;
-	constexpr int RB = MAXNR == 1 ? (SW ? 4 : 6) : (SW ? 2 : 3);
+	constexpr int RB = EXPERT_RB(MAXNR, MODE);
 
-	expert_rows_launch_as<MAXNR, MODE, RB, ROWS_BT>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
-													start, active);
+	/* the early read of the work list only in the one-matrix mode (the down product) */
+	if constexpr (MODE == EXPERT_ONE)
+		if (pre)
+		{
+			expert_rows_launch_as<MAXNR, MODE, RB, ROWS_BT, true>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1,
+																   rows, cols, start, active);
+			return;
+		}
+	expert_rows_launch_as<MAXNR, MODE, RB, ROWS_BT, false>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows,
+															cols, start, active);
 }
 
 template <int MODE>
 static void
-expert_rows_dispatch(cudaStream_t s, int max_count, int max_active, float *y0, float *y1, int ldy, const float *x,
-					 int ldx, const int *xrow, const void *const *W0, const void *const *W1, int rows, int cols,
-					 const int *start, const int *active)
+expert_rows_dispatch(cudaStream_t s, bool pre, int max_count, int max_active, float *y0, float *y1, int ldy,
+					 const float *x, int ldx, const int *xrow, const void *const *W0, const void *const *W1, int rows,
+					 int cols, const int *start, const int *active)
 {
 	if (max_count <= 1)
-		expert_rows_launch<1, MODE>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
+		expert_rows_launch<1, MODE>(s, pre, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
 	else if (max_count <= 2)
-		expert_rows_launch<2, MODE>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
+		expert_rows_launch<2, MODE>(s, pre, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
 	else if (max_count <= 4)
-		expert_rows_launch<4, MODE>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
+		expert_rows_launch<4, MODE>(s, pre, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
 	else
-		expert_rows_launch<GEMV_MAX_NR, MODE>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start,
-											  active);
+		expert_rows_launch<GEMV_MAX_NR, MODE>(s, pre, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
+											  start, active);
 }
 
 /* the most input rows of one expert pass (KL_CUDA_EXPERT_NR: 1, 2, 4 or 8) */
@@ -841,6 +926,18 @@ extern "C" void
 kk_set_expert_nr(int nr)
 {
 	kk_expert_nr = nr == 1 || nr == 2 || nr == 4 || nr == 8 ? nr : 4;
+}
+
+/* set by kk_set_expert_preload: the down product reads its work list before kk_dep_wait */
+int			kk_expert_preload = 1;
+
+extern "C" int
+kk_set_expert_preload(int on)
+{
+	int			was = kk_expert_preload;
+
+	kk_expert_preload = on;
+	return was;
 }
 
 extern "C" void
@@ -866,14 +963,14 @@ kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, in
 	if (bf16 && vec && kk_gemv_rows)
 	{
 		if (mode == EXPERT_ONE)
-			expert_rows_dispatch<EXPERT_ONE>(s, max_count, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
-											 start, active);
+			expert_rows_dispatch<EXPERT_ONE>(s, kk_expert_preload != 0, max_count, max_active, y0, y1, ldy, x, ldx,
+											 xrow, W0, W1, rows, cols, start, active);
 		else if (mode == EXPERT_TWO)
-			expert_rows_dispatch<EXPERT_TWO>(s, max_count, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
-											 start, active);
+			expert_rows_dispatch<EXPERT_TWO>(s, false, max_count, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows,
+											 cols, start, active);
 		else
-			expert_rows_dispatch<EXPERT_SWIGLU>(s, max_count, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows,
-												cols, start, active);
+			expert_rows_dispatch<EXPERT_SWIGLU>(s, false, max_count, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1,
+												rows, cols, start, active);
 		return;
 	}
 #define DISPATCH(M) \

@@ -52,6 +52,13 @@ void		kk_set_gemv_rows(int on);
 void		kk_set_expert_nr(int nr);
 /* P: the rows of one expert work item for a step of max_count tokens */
 int			kk_expert_pass_rows(int max_count);
+/*
+ * 1 (the default): kk_expert_gemv's one-matrix mode in the block-rows design
+ * (the down product) reads start and active and requests its first weights
+ * before waiting for the kernel launched before it (KL_CUDA_EXPERT_PRELOAD);
+ * returns the setting it replaces
+ */
+int			kk_set_expert_preload(int on);
 void		kk_gemv(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int bf16,
 					int rows, int cols);
 /* up to KK_GEMV_JOBS products of the same n <= 8 rows in one launch */
@@ -85,6 +92,10 @@ void		kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b);
  * (xrow NULL: x row i).  W0, W1: device arrays of device pointers.
  * W1 given and y1 NULL: SwiGLU, y0[i] = silu(W0[e] x) * (W1[e] x).
  * max_count: the most rows any one expert can have (the step's token count).
+ * With kk_set_expert_preload on, the one-matrix mode (W1 NULL) reads start
+ * and active before the previous kernel has completed: the kernel that wrote
+ * them must be at least two launches back in the stream (routing, gate/up,
+ * down), never the one right before.
  */
 void		kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
 						   const void *const *W0, const void *const *W1, int bf16, int rows, int cols,

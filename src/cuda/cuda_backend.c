@@ -690,6 +690,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * sampler spreads a row over a cluster of blocks; same choices).
 		 * KL_CUDA_MLA_SMALL=0 keeps the older MLA absorb and output kernels
 		 * for decode steps (default: 16-byte weight loads up to 64 tokens).
+		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
+		 * gate/up kernel before it reads its work list and first weights
+		 * (default: it reads them while gate/up finishes; gemv.cu).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
@@ -702,13 +705,15 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *rw = getenv("KL_CUDA_ROUTE_WARP"),
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
-				   *ms = getenv("KL_CUDA_MLA_SMALL");
+				   *ms = getenv("KL_CUDA_MLA_SMALL"),
+				   *ep = getenv("KL_CUDA_EXPERT_PRELOAD");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
 		kk_set_pdl(major >= 9 && !(pdl && strcmp(pdl, "0") == 0));
 		kk_set_gemv_rows(!(gw && strcmp(gw, "0") == 0));
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
+		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
 		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
