@@ -910,6 +910,225 @@ expert_rows_dispatch(cudaStream_t s, bool pre, int max_count, int max_active, fl
 											  start, active);
 }
 
+/* ------------------------------------------------------------------ gate/up and down in one launch */
+
+/* *p, read with acquire semantics at GPU scope (a down slab's wait for its gate/up slabs) */
+__device__ __forceinline__ int
+ld_acquire_gpu(const int *p)
+{
+	int			v;
+
+	asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n":"=r"(v):"l"(p):"memory");
+	return v;
+}
+
+/*
+ * KL_CUDA_EXPERT_FUSED: the SwiGLU gate/up products (h = silu(Wg x) * (Wu x))
+ * and the down products (y = Wd h) of a decode step of 1-4 tokens in one
+ * launch, so that the down products start while the last gate/up slabs are
+ * still streaming (two kernels pay the first's drain and the second's ramp,
+ * 26 times a step).  The arithmetic is expert_rows_kernel's (the same
+ * expert_rows_upto per RB-row slab), so h and y are bit-identical to the two
+ * kernels.
+ *
+ * Work: tickets, taken in order from one global counter (sync[0]); with A
+ * items (active[0]), ticket t < A tg is gate/up group t % tg of item t / tg
+ * (G slabs of RBG rows of Wg and Wu), then ticket A tg + u is down group
+ * u % td of item u / td (G slabs of RBD rows of Wd).  A gate/up group, once
+ * its h rows are stored, adds 1 to its item's counter (sync[2 + item], after
+ * a barrier and a fence: a grid barrier's release); a down group requests its
+ * first weights, then waits (thread 0, ld.acquire, __nanosleep) until its
+ * item's counter reaches tg, and reads h through L2 only (ld_x4<true>: h is
+ * written during this launch).
+ *
+ * No deadlock whatever the scheduling: a block holds at most two tickets,
+ * the one it works on and the next (taken early so that the atomic's latency
+ * hides behind the work); a down group waits only for gate/up tickets, all
+ * smaller than its own, so already taken, each by a block that is either
+ * working on it (a gate/up group never waits) or, holding it as its next,
+ * finishing a smaller gate/up ticket first.  The grid is at most what is
+ * resident at once (the blocks loop over tickets), though residency is not
+ * needed for the argument.
+ *
+ * The first ticket is taken before kk_dep_wait: the counters were last
+ * written by the previous launch of this kernel (the previous layer), which
+ * is at least two launches back (routing comes between), so complete by the
+ * argument of expert_rows_kernel's PRE.  The last block to finish (sync[1]
+ * counts them) sets the counters and the ticket back to 0 for the next
+ * launch (the graph replays the kernel every step); everything else has been
+ * done with them by then.
+ */
+template <int MAXNR, int RBG, int RBD, int G, int BT>
+__device__ __forceinline__ void
+expert_fused_body(float *h, float *y, const float *__restrict__ x, const int *__restrict__ xrow,
+				  const void *const *Wg, const void *const *Wu, const void *const *Wd, int D, int F,
+				  const int *__restrict__ start, const int *__restrict__ active, int *sync)
+{
+	constexpr int RTG = 2 * RBG;
+	__shared__ float sums[(RTG > RBD ? RTG : RBD) * MAXNR];
+	__shared__ int next;
+	int		   *ticket = sync,
+			   *done = sync + 1,
+			   *ready = sync + 2;
+	int			tg = (F + RBG * G - 1) / (RBG * G),
+				td = (D + RBD * G - 1) / (RBD * G);
+	int			A,
+				t;
+
+	if (threadIdx.x == 0)
+		next = atomicAdd(ticket, 1);
+	kk_dep_wait();
+	kk_dep_launch();
+	A = active[0];
+	__syncthreads();
+	t = next;
+	while (t < A * (tg + td))
+	{
+		int			nt = 0,
+					item,
+					e,
+					first,
+					count;
+
+		if (threadIdx.x == 0)
+			nt = atomicAdd(ticket, 1);
+		if (t < A * tg)
+		{
+			const uint16_t *Wr[RTG];
+			uint4		raw[RTG];
+
+			item = t / tg;
+			e = kk_expert_item(active, start, item, MAXNR, &first, &count);
+#pragma unroll
+			for (int g = 0; g < G; g++)
+			{
+				int			row0 = ((t % tg) * G + g) * RBG;
+
+				if (row0 < F && count > 0)
+				{
+					expert_rows_weights<EXPERT_SWIGLU, RBG, RTG>(Wr, Wg, Wu, e, 0, row0, F, D);
+					expert_rows_upto<MAXNR, EXPERT_SWIGLU, RTG, BT>(count, h, F, x, D, xrow, Wr, raw, row0, F, D >> 3,
+																	first, sums);
+				}
+			}
+			/* every thread's h stores, then the count (release) */
+			__syncthreads();
+			if (threadIdx.x == 0)
+			{
+				__threadfence();
+				atomicAdd(ready + item, 1);
+			}
+		}
+		else
+		{
+			const uint16_t *Wr[RBD];
+			uint4		raw[RBD];
+			int			u = t - A * tg,
+						row0 = (u % td) * G * RBD;
+
+			item = u / td;
+			e = kk_expert_item(active, start, item, MAXNR, &first, &count);
+			/* the weights do not depend on h: request them before waiting */
+			expert_rows_weights<EXPERT_ONE, RBD, RBD>(Wr, Wd, Wd, e, 0, row0, D, F);
+			rows_first<RBD, BT>(raw, Wr, F >> 3);
+			if (threadIdx.x == 0)
+			{
+				while (ld_acquire_gpu(ready + item) < tg)
+					__nanosleep(64);
+				__threadfence();
+			}
+			__syncthreads();
+			if (count > 0)
+				expert_rows_upto<MAXNR, EXPERT_ONE, RBD, BT, true, true>(count, y, D, h, F, NULL, Wr, raw, row0, D,
+																		 F >> 3, first, sums);
+#pragma unroll
+			for (int g = 1; g < G; g++)
+			{
+				row0 += RBD;
+				if (row0 < D && count > 0)
+				{
+					expert_rows_weights<EXPERT_ONE, RBD, RBD>(Wr, Wd, Wd, e, 0, row0, D, F);
+					expert_rows_upto<MAXNR, EXPERT_ONE, RBD, BT, false, true>(count, y, D, h, F, NULL, Wr, raw, row0,
+																			  D, F >> 3, first, sums);
+				}
+			}
+		}
+		/* both branches passed a barrier since every thread read next */
+		if (threadIdx.x == 0)
+			next = nt;
+		__syncthreads();
+		t = next;
+	}
+	/* the last block out resets the counters for the next launch */
+	if (threadIdx.x == 0)
+	{
+		__threadfence();
+		if (atomicAdd(done, 1) == (int) gridDim.x - 1)
+		{
+			for (int i = 0; i < A; i++)
+				ready[i] = 0;
+			*ticket = 0;
+			*done = 0;
+			__threadfence();
+		}
+	}
+}
+
+template <int MAXNR, int RBG, int RBD, int G, int BT>
+__global__ void __launch_bounds__(BT)
+expert_fused_kernel(float *h, float *y, const float *__restrict__ x, const int *__restrict__ xrow,
+					const void *const *Wg, const void *const *Wu, const void *const *Wd, int D, int F,
+					const int *__restrict__ start, const int *__restrict__ active, int *sync)
+{
+	expert_fused_body<MAXNR, RBG, RBD, G, BT>(h, y, x, xrow, Wg, Wu, Wd, D, F, start, active, sync);
+}
+
+/* the same for 4 rows with 6 blocks an SM (at most 112 registers; 120 unbounded, 5 blocks) */
+template <int MAXNR, int RBG, int RBD, int G, int BT>
+__global__ void __launch_bounds__(BT, 6)
+expert_fused_kernel_6(float *h, float *y, const float *__restrict__ x, const int *__restrict__ xrow,
+					  const void *const *Wg, const void *const *Wu, const void *const *Wd, int D, int F,
+					  const int *__restrict__ start, const int *__restrict__ active, int *sync)
+{
+	expert_fused_body<MAXNR, RBG, RBD, G, BT>(h, y, x, xrow, Wg, Wu, Wd, D, F, start, active, sync);
+}
+
+template <int MAXNR, int RBG, int RBD, int G>
+static void
+expert_fused_launch(cudaStream_t s, int max_active, float *h, float *y, const float *x, const int *xrow,
+					const void *const *Wg, const void *const *Wu, const void *const *Wd, int D, int F,
+					const int *start, const int *active, int *sync)
+{
+	/* blocks resident at once on this device (computed once per device) */
+	static int	dev_seen = -1,
+				resident = 0;
+	int			dev = 0,
+				tickets = max_active * (int) (ceil_div(F, RBG * G) + ceil_div(D, RBD * G)),
+				blocks;
+
+	void		(*kern) (float *, float *, const float *, const int *, const void *const *, const void *const *,
+						 const void *const *, int, int, const int *, const int *, int *);
+
+	if constexpr (MAXNR >= 4)
+		kern = expert_fused_kernel_6<MAXNR, RBG, RBD, G, ROWS_BT>;
+	else
+		kern = expert_fused_kernel<MAXNR, RBG, RBD, G, ROWS_BT>;
+
+	cudaGetDevice(&dev);
+	if (dev != dev_seen)
+	{
+		int			per_sm = 0,
+					sms = 0;
+
+		cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, ROWS_BT, 0);
+		cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+		resident = per_sm * sms > 0 ? per_sm * sms : 1;
+		dev_seen = dev;
+	}
+	blocks = tickets < resident ? tickets : resident;
+	kk_launch(kern, dim3(blocks), dim3(ROWS_BT), 0, s, h, y, x, xrow, Wg, Wu, Wd, D, F, start, active, sync);
+}
+
 /* the most input rows of one expert pass (KL_CUDA_EXPERT_NR: 1, 2, 4 or 8) */
 int			kk_expert_nr = 4;
 
@@ -987,4 +1206,32 @@ kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, in
 	else
 		DISPATCH(EXPERT_SWIGLU);
 #undef DISPATCH
+}
+
+extern "C" int
+kk_expert_fused(cudaStream_t s, float *h, float *y, const float *x, const int *xrow, const void *const *Wg,
+				const void *const *Wu, const void *const *Wd, int D, int F, const int *start, const int *active,
+				int max_active, int max_count, int *sync, int sync_items)
+{
+	int			nr = kk_expert_pass_rows(max_count);
+
+	if (!kk_gemv_rows || max_count > 4 || max_active > sync_items || D % 8 != 0 || F % 8 != 0 ||
+		((uintptr_t) x & 15) != 0 || ((uintptr_t) h & 15) != 0)
+		return -1;
+	if (max_active <= 0)
+		return 0;
+	/* slabs as the two kernels' (expert_rows_launch); groups of G slabs keep a ticket ~37 KB of weights */
+	if (nr <= 1)
+		expert_fused_launch<1, EXPERT_RB(1, EXPERT_SWIGLU), EXPERT_RB(1, EXPERT_ONE), 1>(s, max_active, h, y, x, xrow,
+																						 Wg, Wu, Wd, D, F, start,
+																						 active, sync);
+	else if (nr <= 2)
+		expert_fused_launch<2, EXPERT_RB(2, EXPERT_SWIGLU), EXPERT_RB(2, EXPERT_ONE), 2>(s, max_active, h, y, x, xrow,
+																						 Wg, Wu, Wd, D, F, start,
+																						 active, sync);
+	else
+		expert_fused_launch<4, EXPERT_RB(4, EXPERT_SWIGLU), EXPERT_RB(4, EXPERT_ONE), 2>(s, max_active, h, y, x, xrow,
+																						 Wg, Wu, Wd, D, F, start,
+																						 active, sync);
+	return 0;
 }

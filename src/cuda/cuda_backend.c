@@ -556,6 +556,7 @@ cu_destroy(kl_backend *be)
 	cuda_pool_destroy(be);
 	cublasDestroy(cs->blas);
 	cudaFree(cs->blas_ws);
+	cudaFree(cs->expert_sync);
 	cudaStreamDestroy(cs->stream);
 	free(cs);
 	free(be);
@@ -693,6 +694,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
+		 * KL_CUDA_EXPERT_FUSED=0: the expert gate/up and down products of
+		 * steps of 1-4 tokens as two kernels (default: one, kk_expert_fused).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
@@ -706,7 +709,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
 				   *ms = getenv("KL_CUDA_MLA_SMALL"),
-				   *ep = getenv("KL_CUDA_EXPERT_PRELOAD");
+				   *ep = getenv("KL_CUDA_EXPERT_PRELOAD"),
+				   *ef = getenv("KL_CUDA_EXPERT_FUSED");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -721,6 +725,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->gemv_mma_min = gm && *gm ? (atoi(gm) > 0 ? atoi(gm) : INT_MAX) : 8;
 		cs->sample_wide = !(sw && strcmp(sw, "0") == 0);
 		cs->mla_small = !(ms && strcmp(ms, "0") == 0);
+		cs->expert_fused = !(ef && strcmp(ef, "0") == 0);
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
 		be->mla_cache_bf16 = cs->mla_c16;
@@ -731,7 +736,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 	if ((e = cudaStreamCreateWithFlags(&cs->stream, cudaStreamNonBlocking)) != cudaSuccess ||
 		(e = cudaEventCreateWithFlags(&cs->meta_done, cudaEventDisableTiming)) != cudaSuccess ||
 		(e = cudaEventCreateWithFlags(&cs->ids_done, cudaEventDisableTiming)) != cudaSuccess ||
-		(e = cudaMalloc(&cs->blas_ws, BLAS_WORKSPACE)) != cudaSuccess)
+		(e = cudaMalloc(&cs->blas_ws, BLAS_WORKSPACE)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &cs->expert_sync, sizeof(int) * (EXPERT_SYNC_ITEMS + 2))) != cudaSuccess ||
+		(e = cudaMemsetAsync(cs->expert_sync, 0, sizeof(int) * (EXPERT_SYNC_ITEMS + 2), cs->stream)) != cudaSuccess)
 	{
 		errf(err, cuda_code(e), "initializing GPU %d: %s", idx, cudaGetErrorString(e));
 		goto fail;
@@ -751,6 +758,7 @@ fail:
 	if (cs->blas)
 		cublasDestroy(cs->blas);
 	cudaFree(cs->blas_ws);
+	cudaFree(cs->expert_sync);
 	if (cs->meta_done)
 		cudaEventDestroy(cs->meta_done);
 	if (cs->ids_done)
