@@ -148,6 +148,23 @@ kk_expert_item(const int *active, const int *start, int slot, int P, int *first,
 	return item >> 6;
 }
 
+/*
+ * kk_expert_item with the work list read through L2 only (__ldcg): for a
+ * kernel that reads it before kk_dep_wait, when the SM's L1 may still hold
+ * an earlier layer's lines of the same buffers (expert_rows_kernel's PRE).
+ */
+__device__ __forceinline__ int
+kk_expert_item_l2(const int *active, const int *start, int slot, int P, int *first, int *count)
+{
+	int			item = __ldcg(active + 1 + slot),
+				f = __ldcg(start + (item >> 6)) + (item & 63) * P,
+				c = __ldcg(start + (item >> 6) + 1) - f;
+
+	*first = f;
+	*count = c < P ? c : P;
+	return item >> 6;
+}
+
 static inline unsigned
 ceil_div(size_t a, size_t b)
 {

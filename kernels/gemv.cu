@@ -169,11 +169,24 @@ rows_first(uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], int nch)
 }
 
 /*
+ * An input piece: through the read-only cache (the inputs of a launch are
+ * written by earlier kernels), or with CG through L2 only, for inputs that
+ * other blocks of the same launch write (expert_fused_kernel's h: the
+ * read-only path is only defined for data constant during the kernel).
+ */
+template <bool CG>
+__device__ __forceinline__ float4
+ld_x4(const float4 *p)
+{
+	return CG ? __ldcg(p) : __ldg(p);
+}
+
+/*
  * acc[w][r] += W_w . x_r over this thread's pieces threadIdx.x, + BT, ...
  * of the nch 16-byte pieces (8 columns each) of the rows; raw holds the first
  * pieces (rows_first).  Each input piece is read once for all RB rows.
  */
-template <int NR, int RB, int BT>
+template <int NR, int RB, int BT, bool XCG = false>
 __device__ __forceinline__ void
 rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], const float *const (&xr)[NR],
 		 int nch)
@@ -192,8 +205,8 @@ rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB]
 #pragma unroll
 		for (int r = 0; r < NR; r++)
 		{
-			float4		a = __ldg((const float4 *) xr[r] + 2 * ch),
-						b = __ldg((const float4 *) xr[r] + 2 * ch + 1);
+			float4		a = ld_x4<XCG>((const float4 *) xr[r] + 2 * ch),
+						b = ld_x4<XCG>((const float4 *) xr[r] + 2 * ch + 1);
 
 #pragma unroll
 			for (int w = 0; w < RB; w++)
@@ -687,15 +700,16 @@ expert_dispatch(cudaStream_t s, int max_count, dim3 grid, float *y0, float *y1, 
  * The expert products in the block-rows design (bf16): block (b, item) takes
  * RB weight rows of the item's expert (and the same rows of the second
  * matrix for SwiGLU: RT = 2 RB rows) and the item's input rows in passes of
- * at most MAXNR; y as in expert_pass.
+ * at most MAXNR; y as in expert_pass.  LOADED: raw already holds the first
+ * weight pieces (rows_first, issued early by the caller); XCG: x through L2
+ * only (ld_x4).
  */
-template <int NR, int MODE, int RT, int BT>
+template <int NR, int MODE, int RT, int BT, bool LOADED, bool XCG>
 __device__ __forceinline__ void
 expert_rows_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const uint16_t *const (&Wr)[RT],
-				 int row0, int rows, int nch, int i0, float *sums)
+				 uint4 (&raw)[RT], int row0, int rows, int nch, int i0, float *sums)
 {
 	constexpr int out = MODE == EXPERT_SWIGLU ? RT / 2 : RT;
-	uint4		raw[RT];
 	float		acc[RT][NR];
 	const float *xr[NR];
 
@@ -707,8 +721,9 @@ expert_rows_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, co
 #pragma unroll
 		for (int r = 0; r < NR; r++)
 			acc[w][r] = 0;
-	rows_first<RT, BT>(raw, Wr, nch);
-	rows_dot<NR, RT, BT>(acc, raw, Wr, xr, nch);
+	if (!LOADED)
+		rows_first<RT, BT>(raw, Wr, nch);
+	rows_dot<NR, RT, BT, XCG>(acc, raw, Wr, xr, nch);
 	rows_block_sum<NR, RT, BT>(acc, sums);
 	for (int i = threadIdx.x; i < out * NR; i += BT)
 	{
@@ -727,23 +742,68 @@ expert_rows_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, co
 }
 
 /* expert_rows_pass for nr (1..N) input rows: instantiates only the sizes up to N */
-template <int N, int MODE, int RT, int BT>
+template <int N, int MODE, int RT, int BT, bool LOADED = false, bool XCG = false>
 __device__ __forceinline__ void
 expert_rows_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *xrow,
-				 const uint16_t *const (&Wr)[RT], int row0, int rows, int nch, int i0, float *sums)
+				 const uint16_t *const (&Wr)[RT], uint4 (&raw)[RT], int row0, int rows, int nch, int i0, float *sums)
 {
 	if constexpr (N > 1)
 	{
 		if (nr < N)
 		{
-			expert_rows_upto<N - 1, MODE, RT, BT>(nr, y, ldy, x, ldx, xrow, Wr, row0, rows, nch, i0, sums);
+			expert_rows_upto<N - 1, MODE, RT, BT, LOADED, XCG>(nr, y, ldy, x, ldx, xrow, Wr, raw, row0, rows, nch,
+																i0, sums);
 			return;
 		}
 	}
-	expert_rows_pass<N, MODE, RT, BT>(y, ldy, x, ldx, xrow, Wr, row0, rows, nch, i0, sums);
+	expert_rows_pass<N, MODE, RT, BT, LOADED, XCG>(y, ldy, x, ldx, xrow, Wr, raw, row0, rows, nch, i0, sums);
 }
 
-template <int MAXNR, int MODE, int RB, int BT>
+/*
+ * Wr[w]: the RT weight rows of expert e a block-rows expert block takes from
+ * row0 (NULL past the matrix): for SwiGLU RB rows of W0 then the same rows of
+ * W1, else RB rows of W0 (m = 0) or W1 (m = 1).
+ */
+template <int MODE, int RB, int RT>
+__device__ __forceinline__ void
+expert_rows_weights(const uint16_t *(&Wr)[RT], const void *const *W0, const void *const *W1, int e, int m, int row0,
+					int rows, int cols)
+{
+#pragma unroll
+	for (int w = 0; w < RT; w++)
+	{
+		const uint16_t *Wm = (const uint16_t *) (MODE == EXPERT_SWIGLU ? (w < RB ? W0[e] : W1[e]) : m ? W1[e] : W0[e]);
+		int			row = row0 + w % RB;
+
+		Wr[w] = row < rows ? Wm + (size_t) row * cols : NULL;
+	}
+}
+
+/*
+ * PRE (KL_CUDA_EXPERT_PRELOAD, the down product only): the block reads its
+ * work item and requests its first weight pieces BEFORE kk_dep_wait, and
+ * waits only before it reads x (the gate/up output h).  Why start, active
+ * and the expert table may be read that early: this kernel starts only once
+ * every block of the kernel before it (gate/up; swiglu with
+ * KL_CUDA_MOE_FUSE=0) has called kk_dep_launch or exited, and every kernel
+ * launched through kk_launch calls kk_dep_wait before either; so that
+ * kernel's own predecessor, and by the same argument everything before it in
+ * the stream, has completed and its writes have reached L2 (a grid's
+ * completion flushes them).  The routing kernel that wrote start and active
+ * is at least two launches back (routing, gate/up, down), so it is complete.
+ * They are read with __ldcg (L2, not the SM's L1, which may still hold the
+ * previous layer's lines: the buffers are shared by all layers).  Nothing
+ * writes them again until the next layer's routing, which waits (in its
+ * kk_dep_wait) for this kernel to complete.  Without programmatic launch
+ * (KL_CUDA_PDL=0, before Hopper) this kernel starts after the one before it
+ * has completed, which is stronger.  In a graph replay the same holds: the
+ * captured launches keep their programmatic edges (same rule), and a replay
+ * starts after the previous replay's last kernel.  The expert table (W0) is
+ * constant after upload.  Kernels that read active right after the routing
+ * kernel (the gate/up products) must not do this: the caller guarantees the
+ * two-launch distance (kk_expert_gemv's contract, kernels.h).
+ */
+template <int MAXNR, int MODE, int RB, int BT, bool PRE>
 __global__ void __launch_bounds__(BT)
 expert_rows_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
 				   const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
@@ -758,27 +818,43 @@ expert_rows_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, i
 				first,
 				count;
 	const uint16_t *Wr[RT];
+	uint4		raw[RT];
 
-	/* which experts run depends on the routing kernel before: wait first */
-	kk_dep_wait();
-	kk_dep_launch();
-	if ((int) blockIdx.y >= active[0] || row0 >= rows)
-		return;
-	e = kk_expert_item(active, start, blockIdx.y, MAXNR, &first, &count);
-#pragma unroll
-	for (int w = 0; w < RT; w++)
+	if constexpr (PRE)
 	{
-		const uint16_t *Wm = (const uint16_t *) (MODE == EXPERT_SWIGLU ? (w < RB ? W0[e] : W1[e]) : m ? W1[e] : W0[e]);
-		int			row = row0 + w % RB;
+		bool		run = (int) blockIdx.y < __ldcg(active) && row0 < rows;
 
-		Wr[w] = row < rows ? Wm + (size_t) row * cols : NULL;
+		if (run)
+		{
+			e = kk_expert_item_l2(active, start, blockIdx.y, MAXNR, &first, &count);
+			expert_rows_weights<MODE, RB, RT>(Wr, W0, W1, e, m, row0, rows, cols);
+			rows_first<RT, BT>(raw, Wr, cols >> 3);
+		}
+		/* x (h) is written by the kernel before: wait for it now */
+		kk_dep_wait();
+		kk_dep_launch();
+		if (!run)
+			return;
+		if (count > 0)
+			expert_rows_upto<MAXNR, MODE, RT, BT, true>(count, m ? y1 : y0, ldy, x, ldx, xrow, Wr, raw, row0, rows,
+														cols >> 3, first, sums);
 	}
-	if (count > 0)
-		expert_rows_upto<MAXNR, MODE, RT, BT>(count, m ? y1 : y0, ldy, x, ldx, xrow, Wr, row0, rows, cols >> 3, first,
-											  sums);
+	else
+	{
+		/* which experts run depends on the routing kernel before: wait first */
+		kk_dep_wait();
+		kk_dep_launch();
+		if ((int) blockIdx.y >= active[0] || row0 >= rows)
+			return;
+		e = kk_expert_item(active, start, blockIdx.y, MAXNR, &first, &count);
+		expert_rows_weights<MODE, RB, RT>(Wr, W0, W1, e, m, row0, rows, cols);
+		if (count > 0)
+			expert_rows_upto<MAXNR, MODE, RT, BT>(count, m ? y1 : y0, ldy, x, ldx, xrow, Wr, raw, row0, rows,
+												  cols >> 3, first, sums);
+	}
 }
 
-template <int MAXNR, int MODE, int RB, int BT>
+template <int MAXNR, int MODE, int RB, int BT, bool PRE>
 static void
 expert_rows_launch_as(cudaStream_t s, int max_active, float *y0, float *y1, int ldy, const float *x, int ldx,
 					  const int *xrow, const void *const *W0, const void *const *W1, int rows, int cols,
@@ -786,8 +862,8 @@ expert_rows_launch_as(cudaStream_t s, int max_active, float *y0, float *y1, int 
 {
 	dim3		grid(ceil_div(rows, RB) * (MODE == EXPERT_TWO ? 2 : 1), max_active);
 
-	kk_launch(expert_rows_kernel<MAXNR, MODE, RB, BT>, grid, dim3(BT), 0, s, y0, y1, ldy, x, ldx, xrow, W0, W1, rows,
-			  cols, start, active);
+	kk_launch(expert_rows_kernel<MAXNR, MODE, RB, BT, PRE>, grid, dim3(BT), 0, s, y0, y1, ldy, x, ldx, xrow, W0, W1,
+			  rows, cols, start, active);
 }
 
 /*
@@ -795,34 +871,262 @@ expert_rows_launch_as(cudaStream_t s, int max_active, float *y0, float *y1, int 
  * rows for SwiGLU, 3 otherwise; at batch 1 4 + 4 and 6 (the fastest of four
  * shapes measured on the H200, bench/notes-cuda.md).
  */
+#define EXPERT_RB(MAXNR, MODE) ((MAXNR) == 1 ? ((MODE) == EXPERT_SWIGLU ? 4 : 6) : ((MODE) == EXPERT_SWIGLU ? 2 : 3))
+
 template <int MAXNR, int MODE>
 static void
-expert_rows_launch(cudaStream_t s, int max_active, float *y0, float *y1, int ldy, const float *x, int ldx,
+expert_rows_launch(cudaStream_t s, bool pre, int max_active, float *y0, float *y1, int ldy, const float *x, int ldx,
 				   const int *xrow, const void *const *W0, const void *const *W1, int rows, int cols,
 				   const int *start, const int *active)
 {
-	constexpr bool SW = MODE == EXPERT_SWIGLU;
-	constexpr int RB = MAXNR == 1 ? (SW ? 4 : 6) : (SW ? 2 : 3);
+	constexpr int RB = EXPERT_RB(MAXNR, MODE);
 
-	expert_rows_launch_as<MAXNR, MODE, RB, ROWS_BT>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
-													start, active);
+	/* the early read of the work list only in the one-matrix mode (the down product) */
+	if constexpr (MODE == EXPERT_ONE)
+		if (pre)
+		{
+			expert_rows_launch_as<MAXNR, MODE, RB, ROWS_BT, true>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1,
+																   rows, cols, start, active);
+			return;
+		}
+	expert_rows_launch_as<MAXNR, MODE, RB, ROWS_BT, false>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows,
+															cols, start, active);
 }
 
 template <int MODE>
 static void
-expert_rows_dispatch(cudaStream_t s, int max_count, int max_active, float *y0, float *y1, int ldy, const float *x,
-					 int ldx, const int *xrow, const void *const *W0, const void *const *W1, int rows, int cols,
-					 const int *start, const int *active)
+expert_rows_dispatch(cudaStream_t s, bool pre, int max_count, int max_active, float *y0, float *y1, int ldy,
+					 const float *x, int ldx, const int *xrow, const void *const *W0, const void *const *W1, int rows,
+					 int cols, const int *start, const int *active)
 {
 	if (max_count <= 1)
-		expert_rows_launch<1, MODE>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
+		expert_rows_launch<1, MODE>(s, pre, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
 	else if (max_count <= 2)
-		expert_rows_launch<2, MODE>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
+		expert_rows_launch<2, MODE>(s, pre, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
 	else if (max_count <= 4)
-		expert_rows_launch<4, MODE>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
+		expert_rows_launch<4, MODE>(s, pre, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
 	else
-		expert_rows_launch<GEMV_MAX_NR, MODE>(s, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start,
-											  active);
+		expert_rows_launch<GEMV_MAX_NR, MODE>(s, pre, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
+											  start, active);
+}
+
+/* ------------------------------------------------------------------ gate/up and down in one launch */
+
+/* *p, read with acquire semantics at GPU scope (a down slab's wait for its gate/up slabs) */
+__device__ __forceinline__ int
+ld_acquire_gpu(const int *p)
+{
+	int			v;
+
+	asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n":"=r"(v):"l"(p):"memory");
+	return v;
+}
+
+/*
+ * KL_CUDA_EXPERT_FUSED: the SwiGLU gate/up products (h = silu(Wg x) * (Wu x))
+ * and the down products (y = Wd h) of a decode step of 1-4 tokens in one
+ * launch, so that the down products start while the last gate/up slabs are
+ * still streaming (two kernels pay the first's drain and the second's ramp,
+ * 26 times a step).  The arithmetic is expert_rows_kernel's (the same
+ * expert_rows_upto per RB-row slab), so h and y are bit-identical to the two
+ * kernels.
+ *
+ * Work: tickets, taken in order from one global counter (sync[0]); with A
+ * items (active[0]), ticket t < A tg is gate/up group t % tg of item t / tg
+ * (G slabs of RBG rows of Wg and Wu), then ticket A tg + u is down group
+ * u % td of item u / td (G slabs of RBD rows of Wd).  A gate/up group, once
+ * its h rows are stored, adds 1 to its item's counter (sync[2 + item], after
+ * a barrier and a fence: a grid barrier's release); a down group requests its
+ * first weights, then waits (thread 0, ld.acquire, __nanosleep) until its
+ * item's counter reaches tg, and reads h through L2 only (ld_x4<true>: h is
+ * written during this launch).
+ *
+ * No deadlock whatever the scheduling: a block holds at most two tickets,
+ * the one it works on and the next (taken early so that the atomic's latency
+ * hides behind the work); a down group waits only for gate/up tickets, all
+ * smaller than its own, so already taken, each by a block that is either
+ * working on it (a gate/up group never waits) or, holding it as its next,
+ * finishing a smaller gate/up ticket first.  The grid is at most what is
+ * resident at once (the blocks loop over tickets), though residency is not
+ * needed for the argument.
+ *
+ * The first ticket is taken before kk_dep_wait: the counters were last
+ * written by the previous launch of this kernel (the previous layer), which
+ * is at least two launches back (routing comes between), so complete by the
+ * argument of expert_rows_kernel's PRE.  The last block to finish (sync[1]
+ * counts them) sets the counters and the ticket back to 0 for the next
+ * launch (the graph replays the kernel every step); everything else has been
+ * done with them by then.
+ */
+template <int MAXNR, int RBG, int RBD, int G, int BT>
+__device__ __forceinline__ void
+expert_fused_body(float *h, float *y, const float *__restrict__ x, const int *__restrict__ xrow,
+				  const void *const *Wg, const void *const *Wu, const void *const *Wd, int D, int F,
+				  const int *__restrict__ start, const int *__restrict__ active, int *sync)
+{
+	constexpr int RTG = 2 * RBG;
+	__shared__ float sums[(RTG > RBD ? RTG : RBD) * MAXNR];
+	__shared__ int next;
+	int		   *ticket = sync,
+			   *done = sync + 1,
+			   *ready = sync + 2;
+	int			tg = (F + RBG * G - 1) / (RBG * G),
+				td = (D + RBD * G - 1) / (RBD * G);
+	int			A,
+				t;
+
+	if (threadIdx.x == 0)
+		next = atomicAdd(ticket, 1);
+	kk_dep_wait();
+	kk_dep_launch();
+	A = active[0];
+	__syncthreads();
+	t = next;
+	while (t < A * (tg + td))
+	{
+		int			nt = 0,
+					item,
+					e,
+					first,
+					count;
+
+		if (threadIdx.x == 0)
+			nt = atomicAdd(ticket, 1);
+		if (t < A * tg)
+		{
+			const uint16_t *Wr[RTG];
+			uint4		raw[RTG];
+
+			item = t / tg;
+			e = kk_expert_item(active, start, item, MAXNR, &first, &count);
+#pragma unroll
+			for (int g = 0; g < G; g++)
+			{
+				int			row0 = ((t % tg) * G + g) * RBG;
+
+				if (row0 < F && count > 0)
+				{
+					expert_rows_weights<EXPERT_SWIGLU, RBG, RTG>(Wr, Wg, Wu, e, 0, row0, F, D);
+					expert_rows_upto<MAXNR, EXPERT_SWIGLU, RTG, BT>(count, h, F, x, D, xrow, Wr, raw, row0, F, D >> 3,
+																	first, sums);
+				}
+			}
+			/* every thread's h stores, then the count (release) */
+			__syncthreads();
+			if (threadIdx.x == 0)
+			{
+				__threadfence();
+				atomicAdd(ready + item, 1);
+			}
+		}
+		else
+		{
+			const uint16_t *Wr[RBD];
+			uint4		raw[RBD];
+			int			u = t - A * tg,
+						row0 = (u % td) * G * RBD;
+
+			item = u / td;
+			e = kk_expert_item(active, start, item, MAXNR, &first, &count);
+			/* the weights do not depend on h: request them before waiting */
+			expert_rows_weights<EXPERT_ONE, RBD, RBD>(Wr, Wd, Wd, e, 0, row0, D, F);
+			rows_first<RBD, BT>(raw, Wr, F >> 3);
+			if (threadIdx.x == 0)
+			{
+				while (ld_acquire_gpu(ready + item) < tg)
+					__nanosleep(64);
+				__threadfence();
+			}
+			__syncthreads();
+			if (count > 0)
+				expert_rows_upto<MAXNR, EXPERT_ONE, RBD, BT, true, true>(count, y, D, h, F, NULL, Wr, raw, row0, D,
+																		 F >> 3, first, sums);
+#pragma unroll
+			for (int g = 1; g < G; g++)
+			{
+				row0 += RBD;
+				if (row0 < D && count > 0)
+				{
+					expert_rows_weights<EXPERT_ONE, RBD, RBD>(Wr, Wd, Wd, e, 0, row0, D, F);
+					expert_rows_upto<MAXNR, EXPERT_ONE, RBD, BT, false, true>(count, y, D, h, F, NULL, Wr, raw, row0,
+																			  D, F >> 3, first, sums);
+				}
+			}
+		}
+		/* both branches passed a barrier since every thread read next */
+		if (threadIdx.x == 0)
+			next = nt;
+		__syncthreads();
+		t = next;
+	}
+	/* the last block out resets the counters for the next launch */
+	if (threadIdx.x == 0)
+	{
+		__threadfence();
+		if (atomicAdd(done, 1) == (int) gridDim.x - 1)
+		{
+			for (int i = 0; i < A; i++)
+				ready[i] = 0;
+			*ticket = 0;
+			*done = 0;
+			__threadfence();
+		}
+	}
+}
+
+template <int MAXNR, int RBG, int RBD, int G, int BT>
+__global__ void __launch_bounds__(BT)
+expert_fused_kernel(float *h, float *y, const float *__restrict__ x, const int *__restrict__ xrow,
+					const void *const *Wg, const void *const *Wu, const void *const *Wd, int D, int F,
+					const int *__restrict__ start, const int *__restrict__ active, int *sync)
+{
+	expert_fused_body<MAXNR, RBG, RBD, G, BT>(h, y, x, xrow, Wg, Wu, Wd, D, F, start, active, sync);
+}
+
+/* the same for 4 rows with 6 blocks an SM (at most 112 registers; 120 unbounded, 5 blocks) */
+template <int MAXNR, int RBG, int RBD, int G, int BT>
+__global__ void __launch_bounds__(BT, 6)
+expert_fused_kernel_6(float *h, float *y, const float *__restrict__ x, const int *__restrict__ xrow,
+					  const void *const *Wg, const void *const *Wu, const void *const *Wd, int D, int F,
+					  const int *__restrict__ start, const int *__restrict__ active, int *sync)
+{
+	expert_fused_body<MAXNR, RBG, RBD, G, BT>(h, y, x, xrow, Wg, Wu, Wd, D, F, start, active, sync);
+}
+
+template <int MAXNR, int RBG, int RBD, int G>
+static void
+expert_fused_launch(cudaStream_t s, int max_active, float *h, float *y, const float *x, const int *xrow,
+					const void *const *Wg, const void *const *Wu, const void *const *Wd, int D, int F,
+					const int *start, const int *active, int *sync)
+{
+	/* blocks resident at once on this device (computed once per device) */
+	static int	dev_seen = -1,
+				resident = 0;
+	int			dev = 0,
+				tickets = max_active * (int) (ceil_div(F, RBG * G) + ceil_div(D, RBD * G)),
+				blocks;
+
+	void		(*kern) (float *, float *, const float *, const int *, const void *const *, const void *const *,
+						 const void *const *, int, int, const int *, const int *, int *);
+
+	if constexpr (MAXNR >= 4)
+		kern = expert_fused_kernel_6<MAXNR, RBG, RBD, G, ROWS_BT>;
+	else
+		kern = expert_fused_kernel<MAXNR, RBG, RBD, G, ROWS_BT>;
+
+	cudaGetDevice(&dev);
+	if (dev != dev_seen)
+	{
+		int			per_sm = 0,
+					sms = 0;
+
+		cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, ROWS_BT, 0);
+		cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+		resident = per_sm * sms > 0 ? per_sm * sms : 1;
+		dev_seen = dev;
+	}
+	blocks = tickets < resident ? tickets : resident;
+	kk_launch(kern, dim3(blocks), dim3(ROWS_BT), 0, s, h, y, x, xrow, Wg, Wu, Wd, D, F, start, active, sync);
 }
 
 /* the most input rows of one expert pass (KL_CUDA_EXPERT_NR: 1, 2, 4 or 8) */
@@ -841,6 +1145,18 @@ extern "C" void
 kk_set_expert_nr(int nr)
 {
 	kk_expert_nr = nr == 1 || nr == 2 || nr == 4 || nr == 8 ? nr : 4;
+}
+
+/* set by kk_set_expert_preload: the down product reads its work list before kk_dep_wait */
+int			kk_expert_preload = 1;
+
+extern "C" int
+kk_set_expert_preload(int on)
+{
+	int			was = kk_expert_preload;
+
+	kk_expert_preload = on;
+	return was;
 }
 
 extern "C" void
@@ -866,14 +1182,14 @@ kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, in
 	if (bf16 && vec && kk_gemv_rows)
 	{
 		if (mode == EXPERT_ONE)
-			expert_rows_dispatch<EXPERT_ONE>(s, max_count, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
-											 start, active);
+			expert_rows_dispatch<EXPERT_ONE>(s, kk_expert_preload != 0, max_count, max_active, y0, y1, ldy, x, ldx,
+											 xrow, W0, W1, rows, cols, start, active);
 		else if (mode == EXPERT_TWO)
-			expert_rows_dispatch<EXPERT_TWO>(s, max_count, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols,
-											 start, active);
+			expert_rows_dispatch<EXPERT_TWO>(s, false, max_count, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows,
+											 cols, start, active);
 		else
-			expert_rows_dispatch<EXPERT_SWIGLU>(s, max_count, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows,
-												cols, start, active);
+			expert_rows_dispatch<EXPERT_SWIGLU>(s, false, max_count, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1,
+												rows, cols, start, active);
 		return;
 	}
 #define DISPATCH(M) \
@@ -890,4 +1206,32 @@ kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, in
 	else
 		DISPATCH(EXPERT_SWIGLU);
 #undef DISPATCH
+}
+
+extern "C" int
+kk_expert_fused(cudaStream_t s, float *h, float *y, const float *x, const int *xrow, const void *const *Wg,
+				const void *const *Wu, const void *const *Wd, int D, int F, const int *start, const int *active,
+				int max_active, int max_count, int *sync, int sync_items)
+{
+	int			nr = kk_expert_pass_rows(max_count);
+
+	if (!kk_gemv_rows || max_count > 4 || max_active > sync_items || D % 8 != 0 || F % 8 != 0 ||
+		((uintptr_t) x & 15) != 0 || ((uintptr_t) h & 15) != 0)
+		return -1;
+	if (max_active <= 0)
+		return 0;
+	/* slabs as the two kernels' (expert_rows_launch); groups of G slabs keep a ticket ~37 KB of weights */
+	if (nr <= 1)
+		expert_fused_launch<1, EXPERT_RB(1, EXPERT_SWIGLU), EXPERT_RB(1, EXPERT_ONE), 1>(s, max_active, h, y, x, xrow,
+																						 Wg, Wu, Wd, D, F, start,
+																						 active, sync);
+	else if (nr <= 2)
+		expert_fused_launch<2, EXPERT_RB(2, EXPERT_SWIGLU), EXPERT_RB(2, EXPERT_ONE), 2>(s, max_active, h, y, x, xrow,
+																						 Wg, Wu, Wd, D, F, start,
+																						 active, sync);
+	else
+		expert_fused_launch<4, EXPERT_RB(4, EXPERT_SWIGLU), EXPERT_RB(4, EXPERT_ONE), 2>(s, max_active, h, y, x, xrow,
+																						 Wg, Wu, Wd, D, F, start,
+																						 active, sync);
+	return 0;
 }

@@ -55,6 +55,13 @@ void		kk_set_gemv_rows(int on);
 void		kk_set_expert_nr(int nr);
 /* P: the rows of one expert work item for a step of max_count tokens */
 int			kk_expert_pass_rows(int max_count);
+/*
+ * 1 (the default): kk_expert_gemv's one-matrix mode in the block-rows design
+ * (the down product) reads start and active and requests its first weights
+ * before waiting for the kernel launched before it (KL_CUDA_EXPERT_PRELOAD);
+ * returns the setting it replaces
+ */
+int			kk_set_expert_preload(int on);
 void		kk_gemv(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int bf16,
 					int rows, int cols);
 /* up to KK_GEMV_JOBS products of the same n <= 8 rows in one launch */
@@ -88,10 +95,33 @@ void		kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b);
  * (xrow NULL: x row i).  W0, W1: device arrays of device pointers.
  * W1 given and y1 NULL: SwiGLU, y0[i] = silu(W0[e] x) * (W1[e] x).
  * max_count: the most rows any one expert can have (the step's token count).
+ * With kk_set_expert_preload on, the one-matrix mode (W1 NULL) reads start
+ * and active before the previous kernel has completed: the kernel that wrote
+ * them must be at least two launches back in the stream (routing, gate/up,
+ * down), never the one right before.
  */
 void		kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
 						   const void *const *W0, const void *const *W1, int bf16, int rows, int cols,
 						   const int *start, const int *active, int max_active, int max_count);
+
+/*
+ * A decode step's expert products for 1-4 tokens in one launch
+ * (KL_CUDA_EXPERT_FUSED): h[i] = silu(Wg[e] x[xrow[i]]) * (Wu[e] x[xrow[i]])
+ * ([rows, F], ld F) and y[i] = Wd[e] h[i] ([rows, D], ld D), x [n, D]; the
+ * same values, bit for bit, as kk_expert_gemv's SwiGLU then one-matrix mode
+ * on the same work list (bf16 weights).  sync: sync_items + 2 ints of device
+ * memory, all 0 before the first launch; each launch leaves them 0 again, so
+ * launches (on one stream at a time) and graph replays can share them.  The
+ * kernel takes its first work ticket before waiting for the kernel launched
+ * before it: the previous launch on sync must be at least two launches back
+ * (in the MoE, routing comes between).  Returns -1 when not covered (not
+ * bf16 rows design, max_count > 4, max_active > sync_items, D or F not a
+ * multiple of 8, x or h not 16-byte aligned; use the two kernels), else 0.
+ */
+int			kk_expert_fused(cudaStream_t s, float *h, float *y, const float *x, const int *xrow,
+							const void *const *Wg, const void *const *Wu, const void *const *Wd, int D, int F,
+							const int *start, const int *active, int max_active, int max_count, int *sync,
+							int sync_items);
 
 /*
  * expert_mma.cu: the same expert products on the tensor cores (bf16 weights;

@@ -19,7 +19,9 @@
  * (in warps, kk_moe_route_group_warp, unless KL_CUDA_ROUTE_WARP=0),
  * the gate and up products write silu(gate) * up directly, and the combine
  * is held back (cuda_defer_combine) to run inside the residual add and norm
- * that follow: router, route+group, gate/up, down — four launches a layer.
+ * that follow: router, route+group, gate/up, down — four launches a layer;
+ * for steps of 1-4 tokens gate/up and down are one launch
+ * (kk_expert_fused, unless KL_CUDA_EXPERT_FUSED=0).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -382,6 +384,7 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		int			P = mma ? KK_EXPERT_MMA_ROWS : kk_expert_pass_rows(n);
 		int			max_active = expert_item_slots((int) nk, E, fuse ? n : 0, P);
 		int			rc = -1;
+		bool		one_launch = false;
 
 		/* the warp kernel where it covers the shape (E <= 256), else the block one */
 		if (cs->fuse_moe && n <= cs->route_warp)
@@ -428,18 +431,34 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 				return;
 		}
 		else if (cs->fuse_moe && n <= 4)
+		{
+			/*
+			 * gate/up and down in one launch (KL_CUDA_EXPERT_FUSED; bf16
+			 * weights), the down products starting while the last gate/up
+			 * slabs stream; -1 where it does not cover the shape
+			 */
+			if (cs->expert_fused && wbf && w->experts[0].up.dtype == KL_DT_BF16 &&
+				w->experts[0].down.dtype == KL_DT_BF16)
+				one_launch = kk_expert_fused(cs->stream, g, ye, x, xrow, (const void *const *) tab->dev,
+											 (const void *const *) (tab->dev + (E + 1)),
+											 (const void *const *) (tab->dev + 2 * (E + 1)), D, F, start, active,
+											 max_active, n, cs->expert_sync, EXPERT_SYNC_ITEMS) == 0;
 			/* gate and up of each row in one warp: h = silu(gate) * up into g (for few
 			 * tokens: with more, the warp's registers for both products cost occupancy,
 			 * 3.4 ms a step at batch 64) */
-			kk_expert_gemv(cs->stream, g, NULL, F, x, D, xrow, (const void *const *) tab->dev,
-						   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active, n);
+			if (!one_launch)
+				kk_expert_gemv(cs->stream, g, NULL, F, x, D, xrow, (const void *const *) tab->dev,
+							   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active, n);
+		}
 		else
 		{
 			kk_expert_gemv(cs->stream, g, u, F, x, D, xrow, (const void *const *) tab->dev,
 						   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active, n);
 			kk_swiglu(cs->stream, g, g, u, rows, F, F);
 		}
-		if (!mma)
+		if (one_launch && !cuda_launched(be, "expert gate/up and down"))
+			return;
+		if (!mma && !one_launch)
 		{
 			if (!cuda_launched(be, "expert gate/up"))
 				return;
@@ -745,5 +764,182 @@ out:
 	if (s)
 		cudaStreamDestroy(s);
 	free(hs);
+	return rc != 0 ? rc : (int) e;
+}
+
+/*
+ * The new launches of kl_cuda_test_expert_paths on stream s: route and group
+ * n tokens (the warp launcher where it covers the shape), then the SwiGLU
+ * gate/up products into h [R, F] and the down products of h into y [R, D]:
+ * path 0 today's two kernels (KL_CUDA_EXPERT_PRELOAD=0), path 1 the same with
+ * the down kernel's early read of its work list, path 2 both in one launch
+ * (kk_expert_fused; its ticket and counters in sync).  Returns 0, -1 (shape
+ * not covered) or a CUDA error.
+ */
+static int
+test_expert_path_launches(cudaStream_t s, int path, int n, int E, int k, int D, int F, const float *dlog,
+						  const float *bias, int *sel, float *wts, int *start, int *xrow, int *inv, int *active,
+						  void *const *tab, const float *x, float *h, float *y, int *sync)
+{
+	int			nk = n * k,
+				P = kk_expert_pass_rows(n),
+				slots = expert_item_slots(nk, E, n, P),
+				was,
+				rc;
+	const void *const *gate = (const void *const *) tab,
+			   *const *up = (const void *const *) (tab + (E + 1)),
+			   *const *down = (const void *const *) (tab + 2 * (E + 1));
+
+	rc = kk_moe_route_group_warp(s, n, E, k, 1, 1, 0, 1, 0, 1.0f, dlog, bias, sel, wts, n, P, start, xrow, inv,
+								 active);
+	if (rc < 0)
+		rc = kk_moe_route_group(s, n, E, k, 1, 1, 0, 1, 0, 1.0f, dlog, bias, sel, wts, n, P, start, xrow, inv,
+								active);
+	if (rc != 0)
+		return rc;
+	if (path == 2)
+		return kk_expert_fused(s, h, y, x, xrow, gate, up, down, D, F, start, active, slots, n, sync,
+							   EXPERT_SYNC_ITEMS) != 0 ? -1 : (int) cudaGetLastError();
+	was = kk_set_expert_preload(path == 1);
+	kk_expert_gemv(s, h, NULL, F, x, D, xrow, gate, up, 1, F, D, start, active, slots, n);
+	kk_expert_gemv(s, y, NULL, D, h, F, NULL, down, NULL, 1, D, F, start, active, slots, n);
+	kk_set_expert_preload(was);
+	return (int) cudaGetLastError();
+}
+
+/*
+ * For test/engine/test_cuda.c only (found with dlsym; the backend does not
+ * use it): one decode step's expert products (SwiGLU gate/up into h, then
+ * down) through today's two kernels and through a new path on the same data,
+ * on the current device.  path 1: the down kernel reads its work list before
+ * waiting (KL_CUDA_EXPERT_PRELOAD); path 2: gate/up and down in one launch
+ * (kk_expert_fused, KL_CUDA_EXPERT_FUSED).
+ *
+ * Experts: E routed ones and a shared one (expert E, over every token), each
+ * with gate and up [F, D] and down [D, F] in bf16, random on the device
+ * (seed; standard deviation 0.02); x [n, D] random fp32.  Routing: logits
+ * [n E] (host), sigmoid, top k, renormalized, no groups, items of
+ * kk_expert_pass_rows(n) rows (as the backend's decode).
+ *
+ * The old path runs once; the new path runs once directly, then captured in
+ * a graph (routing included, so the programmatic edges are those of a
+ * decode step) that is replayed twice, the outputs set to NaN before each
+ * run.  Outputs, R (F + D) floats each (R = n k + n): h [R, F] then y [R, D];
+ * out_new is the last replay's.  Returns 0, -1 when the shape is not covered,
+ * -3 when the direct run and the last replay differ in any bit, -4 when
+ * path 2 left its ticket or counters other than 0, or a CUDA error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_expert_paths(int path, int n, int E, int k, int D, int F, const float *logits, unsigned long long seed,
+						  float *out_old, float *out_new)
+{
+	int			nk = n * k,
+				R = nk + n;
+	size_t		wsz = (size_t) F * D,
+				osz = (size_t) R * ((size_t) F + D),
+				nact = (size_t) E + nk + n + 4;
+	cudaStream_t s = NULL;
+	cudaGraph_t graph = NULL;
+	cudaGraphExec_t exec = NULL;
+	cudaError_t e = cudaSuccess;
+	uint16_t   *w16 = NULL;
+	float	   *fl = NULL,
+			   *direct = NULL;
+	int		   *ints = NULL,
+			   *sync = NULL,
+				sync_host[EXPERT_SYNC_ITEMS + 2];
+	void	  **tab = NULL;
+	void	   *host_tab[3 * 1025];
+	int			rc = 0;
+
+	if (E + 1 > 1025 || n <= 0 || k <= 0 || path < 1 || path > 2)
+		return -1;
+	direct = malloc(sizeof(float) * osz);
+	if (!direct)
+		return (int) cudaErrorMemoryAllocation;
+	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &w16, sizeof(uint16_t) * 3 * wsz * ((size_t) E + 1))) != cudaSuccess ||
+		(e = cudaMalloc((void **) &fl, sizeof(float) * ((size_t) n * D + (size_t) n * E + E + nk + osz))) !=
+		cudaSuccess ||
+		(e = cudaMalloc((void **) &ints, sizeof(int) * (nk + ((size_t) E + 2) + R + nk + nact))) != cudaSuccess ||
+		(e = cudaMalloc((void **) &tab, sizeof(void *) * 3 * ((size_t) E + 1))) != cudaSuccess ||
+		(e = cudaMalloc((void **) &sync, sizeof(sync_host))) != cudaSuccess ||
+		(e = cudaMemsetAsync(sync, 0, sizeof(sync_host), s)) != cudaSuccess)
+		goto out;
+	{
+		/* h, y and x first: 16-byte aligned (F and D are multiples of 8 where the new paths run) */
+		float	   *h = fl,
+				   *y = h + (size_t) R * F,
+				   *x = h + osz,
+				   *dlog = x + (size_t) n * D,
+				   *bias = dlog + (size_t) n * E,
+				   *wts = bias + E;
+		int		   *sel = ints,
+				   *start = sel + nk,
+				   *xrow = start + E + 2,
+				   *inv = xrow + R,
+				   *active = inv + nk;
+
+		kk_fill_random(s, w16, 1, 3 * wsz * ((size_t) E + 1), seed, 0.02f);
+		kk_fill_random(s, x, 0, (size_t) n * D, seed + 1, 1.0f);
+		for (int m = 0; m < 3; m++)
+			for (int j = 0; j <= E; j++)
+				host_tab[m * (E + 1) + j] = w16 + ((size_t) m * (E + 1) + j) * wsz;
+		if ((e = cudaMemcpyAsync(tab, host_tab, sizeof(void *) * 3 * ((size_t) E + 1), cudaMemcpyHostToDevice, s)) !=
+			cudaSuccess ||
+			(e = cudaMemcpyAsync(dlog, logits, sizeof(float) * (size_t) n * E, cudaMemcpyHostToDevice, s)) !=
+			cudaSuccess ||
+			(e = cudaMemsetAsync(bias, 0, sizeof(float) * E, s)) != cudaSuccess)
+			goto out;
+#define PATH_RUN(p) test_expert_path_launches(s, (p), n, E, k, D, F, dlog, bias, sel, wts, start, xrow, inv, active, \
+											  tab, x, h, y, sync)
+		/* the old path, then the new one directly */
+		for (int run = 0; run < 2 && rc == 0; run++)
+		{
+			if ((e = cudaMemsetAsync(h, 0xff, sizeof(float) * osz, s)) != cudaSuccess)
+				goto out;
+			if ((rc = PATH_RUN(run ? path : 0)) != 0)
+				goto out;
+			if ((e = cudaMemcpyAsync(run ? direct : out_old, h, sizeof(float) * osz, cudaMemcpyDeviceToHost, s)) !=
+				cudaSuccess)
+				goto out;
+		}
+		/* the new path as a graph, replayed twice */
+		if ((e = cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal)) != cudaSuccess)
+			goto out;
+		rc = PATH_RUN(path);
+		e = cudaStreamEndCapture(s, &graph);
+		if (rc != 0 || e != cudaSuccess || (e = cudaGraphInstantiate(&exec, graph, 0)) != cudaSuccess)
+			goto out;
+		for (int rep = 0; rep < 2; rep++)
+			if ((e = cudaMemsetAsync(h, 0xff, sizeof(float) * osz, s)) != cudaSuccess ||
+				(e = cudaGraphLaunch(exec, s)) != cudaSuccess)
+				goto out;
+#undef PATH_RUN
+		if ((e = cudaMemcpyAsync(out_new, h, sizeof(float) * osz, cudaMemcpyDeviceToHost, s)) != cudaSuccess ||
+			(e = cudaMemcpyAsync(sync_host, sync, sizeof(sync_host), cudaMemcpyDeviceToHost, s)) != cudaSuccess ||
+			(e = cudaStreamSynchronize(s)) != cudaSuccess)
+			goto out;
+		if (memcmp(direct, out_new, sizeof(float) * osz) != 0)
+			rc = -3;
+		for (int i = 0; i < EXPERT_SYNC_ITEMS + 2 && rc == 0; i++)
+			if (sync_host[i] != 0)
+				rc = -4;
+	}
+out:
+	if (s)
+		cudaStreamSynchronize(s);
+	if (exec)
+		cudaGraphExecDestroy(exec);
+	if (graph)
+		cudaGraphDestroy(graph);
+	cudaFree(w16);
+	cudaFree(fl);
+	cudaFree(ints);
+	cudaFree(tab);
+	cudaFree(sync);
+	if (s)
+		cudaStreamDestroy(s);
+	free(direct);
 	return rc != 0 ? rc : (int) e;
 }

@@ -51,6 +51,13 @@
  * hook kl_cuda_test_mla_small: 48B head shapes, 1 to 64 tokens, bf16 and
  * fp32 weights, mixed absorbed and expanded tokens).
  *
+ * The expert paths for steps of 1-4 tokens (check_expert_paths, through the
+ * hook kl_cuda_test_expert_paths): the down kernel's early work-list read
+ * (KL_CUDA_EXPERT_PRELOAD) and gate/up and down in one launch
+ * (KL_CUDA_EXPERT_FUSED) must give today's two kernels' h and expert outputs
+ * bit for bit, run directly and replayed in a graph (48B expert shape at 1,
+ * 3 and 4 tokens; D 352, F 224).
+ *
  * The fused decode routing in warps (kk_moe_route_group_warp, on unless
  * KL_CUDA_ROUTE_WARP=0) must give the block kernel's outputs bit for bit
  * (both launchers called on the same router logits: 48B shape with and
@@ -1734,6 +1741,87 @@ check_gemv_slab(void)
 	kl_model_free(m);
 }
 
+/* kl_cuda_test_expert_paths (cuda_moe.c): a decode step's gate/up and down through today's kernels and a new path */
+typedef int (*expert_paths_fn) (int path, int n, int E, int k, int D, int F, const float *logits,
+								unsigned long long seed, float *out_old, float *out_new);
+
+/*
+ * The batch-1-to-4 expert paths of issue 10 against today's two kernels
+ * (SwiGLU gate/up, then down; KL_CUDA_EXPERT_PRELOAD=0) on the same random
+ * bf16 weights and inputs: the arithmetic is the same, so h and the expert
+ * outputs must agree bit for bit, and every row must be written (no NaN
+ * left).  The hook runs the new path directly and as a replayed graph
+ * (programmatic launch edges as in a decode step) and checks the two agree.
+ * Path 1: the down kernel reads its work list and first weights before the
+ * gate/up kernel completes (KL_CUDA_EXPERT_PRELOAD); path 2: gate/up and
+ * down in one launch with a ticket and per-item counters, which the hook
+ * also checks are all back to 0 after the runs (KL_CUDA_EXPERT_FUSED).
+ * Shapes: the 48B
+ * model's experts (D 2304, F 1024, 256 top 8 + shared) at 1, 3 and 4 tokens,
+ * and D 352, F 224, 16 top 4 (slabs past the matrices' last rows).
+ */
+static void
+check_expert_paths(void)
+{
+	static const struct
+	{
+		int			E,
+					k,
+					D,
+					F,
+					n;
+	}			cases[] = {
+		{256, 8, 2304, 1024, 1},
+		{256, 8, 2304, 1024, 3},
+		{256, 8, 2304, 1024, 4},
+		{16, 4, 352, 224, 3},
+	};
+	static const char *paths[] = {NULL, "down kernel's early work-list read (KL_CUDA_EXPERT_PRELOAD)",
+	"gate/up and down in one launch (KL_CUDA_EXPERT_FUSED)"};
+	kl_model   *m;
+	void	   *lib = NULL;
+	expert_paths_fn f = NULL;
+	uint64_t	rs = 4242;
+
+	m = load_test_hook("kl_cuda_test_expert_paths", &lib, (void **) &f);
+	if (!f)
+		return;
+	for (int path = 1; path < (int) (sizeof(paths) / sizeof(paths[0])); path++)
+		for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++)
+		{
+			int			E = cases[ci].E,
+						k = cases[ci].k,
+						D = cases[ci].D,
+						F = cases[ci].F,
+						n = cases[ci].n,
+						R = n * k + n,
+						rc,
+						nan = 0;
+			size_t		osz = (size_t) R * ((size_t) F + D);
+			float	   *lg = malloc(sizeof(float) * (size_t) n * E),
+					   *yo = malloc(sizeof(float) * osz),
+					   *yn = malloc(sizeof(float) * osz);
+			bool		same;
+
+			/* expert 1 for every token (an item of n rows), the rest random */
+			for (int t = 0; t < n; t++)
+				for (int e = 0; e < E; e++)
+					lg[(size_t) t * E + e] = (float) ((unif(&rs) + unif(&rs) - 1.0) * 2.0) + (e == 1 ? 4.0f : 0.0f);
+			rc = f(path, n, E, k, D, F, lg, 2000 + ci, yo, yn);
+			same = rc == 0 && memcmp(yo, yn, sizeof(float) * osz) == 0;
+			for (size_t i = 0; rc == 0 && i < osz; i++)
+				nan += isnan(yo[i]) || isnan(yn[i]);
+			tap_ok(same && nan == 0, "expert products, %s: h and the expert outputs bit-identical to today's two "
+				   "kernels, direct and replayed in a graph (E %d top %d + shared, D %d, F %d, %d tokens; %d NaN; "
+				   "hook returned %d)", paths[path], E, k, D, F, n, nan, rc);
+			free(lg);
+			free(yo);
+			free(yn);
+		}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
 /* kl_cuda_test_mla_small (cuda_mla.c): the MLA absorb and output products through both kernel pairs */
 typedef int (*mla_small_test_fn) (int n, int Ha, int Dn, int Dr, int Dv, int R, int bf16, const float *q,
 								  const void *kv_b, const float *olat, const int *absorbed, float *qabs_old,
@@ -2303,6 +2391,7 @@ main(void)
 	check_route_warp();
 	check_expert_mma();
 	check_gemv_slab();
+	check_expert_paths();
 	check_mla_small();
 	check_kda_decode();
 	for (int mi = 0; mi < 2; mi++)
