@@ -2227,6 +2227,69 @@ check_prefetch_neutral(const char *precision)
 	kl_model_free(b);
 }
 
+/*
+ * CUDA graphs are keyed by the rows a decode step computes logits of: steps
+ * of one token alternating between "logits wanted" and "none" (a prompt's
+ * tokens fed one at a time, then a sampled one) each replay their own graph.
+ * Before the key, the second kind replayed the first's graph and the step
+ * failed ("a decode step differs from its recorded CUDA graph").  The logits
+ * must equal those of a run without graphs.
+ */
+static void
+check_graph_logit_rows(void)
+{
+	char		dir[1024];
+	kl_model   *m;
+	kl_ctx	   *ctx;
+	kl_seq	   *seq;
+	kl_err		err;
+	int			V,
+				T = 12,
+				fails = 0;
+	int32_t		ids[12];
+	float	   *with = NULL,
+			   *without = NULL;
+
+	snprintf(dir, sizeof(dir), "%s/golden/tiny_c", tap_fixture_dir());
+	m = load(dir, "cuda", "fp32");
+	V = kl_model_config(m)->vocab_size;
+	for (int i = 0; i < T; i++)
+		ids[i] = (int32_t) ((i * 7919 + 13) % V);
+	for (int pass = 0; pass < 2; pass++)
+	{
+		float	   *out = calloc((size_t) T * V, sizeof(float));
+
+		if (pass == 1)
+			setenv("KL_CUDA_GRAPHS", "0", 1);	/* read at every step */
+		if (kl_ctx_new(m, 0, &ctx, &err) != KL_OK || kl_seq_new(m, &seq, &err) != KL_OK)
+			die("context", &err);
+		for (int t = 0; t < T; t++)
+		{
+			/* logits at every third token only */
+			kl_batch_item it = {seq, ids + t, 1, t % 3 == 2 ? out + (size_t) t * V : NULL, false};
+
+			if (kl_forward(ctx, &it, 1, &err) != KL_OK)
+			{
+				tap_diag("token %d (%s logits): %s", t, t % 3 == 2 ? "with" : "without", err.msg);
+				fails++;
+			}
+		}
+		kl_seq_free(seq);
+		kl_ctx_free(ctx);
+		if (pass == 0)
+			with = out;
+		else
+			without = out;
+	}
+	unsetenv("KL_CUDA_GRAPHS");
+	tap_ok(fails == 0 && memcmp(with, without, sizeof(float) * (size_t) T * V) == 0,
+		   "tiny_c fp32: one-token steps with and without logits alternating, graphs on: every step runs (%d "
+		   "failed) and the logits equal a run without graphs", fails);
+	free(with);
+	free(without);
+	kl_model_free(m);
+}
+
 /* ------------------------------------------------------------------ the trained model */
 
 static void
@@ -2413,6 +2476,7 @@ main(void)
 	check_pgdocs("fp32");
 	check_pgdocs("bf16");
 	check_mla_mma_trained();
+	check_graph_logit_rows();
 	check_prefetch_neutral("fp32");
 	check_prefetch_neutral("bf16");
 	check_quantized("int4");
