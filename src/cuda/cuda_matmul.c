@@ -115,8 +115,9 @@ cuda_matmul_fp32(kl_backend *be, float *y, int ldy, const float *x, int ldx, int
 			cublasSetMathMode(cs->blas, CUBLAS_TF32_TENSOR_OP_MATH);
 			return;
 		}
-		if (cs->bf16 && W->dtype == KL_DT_BF16 && n > GEMV_MAX_ROWS)
+		if (cs->bf16 && W->dtype == KL_DT_BF16)
 		{
+			/* (not cuda_matmul_raw: from KL_CUDA_GEMV_MMA rows it would round x to bf16) */
 			kk_gemv(cs->stream, y, ldy, x, ldx, n, W->dev, 1, W->rows, W->cols);
 			cuda_launched(be, "gemv");
 			return;
