@@ -105,25 +105,6 @@ void		kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float 
 						   const int *start, const int *active, int max_active, int max_count);
 
 /*
- * A decode step's expert products for 1-4 tokens in one launch
- * (KL_CUDA_EXPERT_FUSED): h[i] = silu(Wg[e] x[xrow[i]]) * (Wu[e] x[xrow[i]])
- * ([rows, F], ld F) and y[i] = Wd[e] h[i] ([rows, D], ld D), x [n, D]; the
- * same values, bit for bit, as kk_expert_gemv's SwiGLU then one-matrix mode
- * on the same work list (bf16 weights).  sync: sync_items + 2 ints of device
- * memory, all 0 before the first launch; each launch leaves them 0 again, so
- * launches (on one stream at a time) and graph replays can share them.  The
- * kernel takes its first work ticket before waiting for the kernel launched
- * before it: the previous launch on sync must be at least two launches back
- * (in the MoE, routing comes between).  Returns -1 when not covered (not
- * bf16 rows design, max_count > 4, max_active > sync_items, D or F not a
- * multiple of 8, x or h not 16-byte aligned; use the two kernels), else 0.
- */
-int			kk_expert_fused(cudaStream_t s, float *h, float *y, const float *x, const int *xrow,
-							const void *const *Wg, const void *const *Wu, const void *const *Wd, int D, int F,
-							const int *start, const int *active, int max_active, int max_count, int *sync,
-							int sync_items);
-
-/*
  * expert_mma.cu: the same expert products on the tensor cores (bf16 weights;
  * the activations rounded to bf16), for work items of at most
  * KK_EXPERT_MMA_ROWS rows: P (the item size the grouping used) <= that.

@@ -608,7 +608,6 @@ cu_destroy(kl_backend *be)
 	cuda_pool_destroy(be);
 	cublasDestroy(cs->blas);
 	cudaFree(cs->blas_ws);
-	cudaFree(cs->expert_sync);
 	cudaStreamDestroy(cs->stream);
 	free(cs);
 	free(be);
@@ -757,8 +756,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
-		 * KL_CUDA_EXPERT_FUSED=0: the expert gate/up and down products of
-		 * steps of 1-4 tokens as two kernels (default: one, kk_expert_fused).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
@@ -776,8 +773,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *pf = getenv("KL_CUDA_PREFETCH"),
 				   *pfmb = getenv("KL_CUDA_PREFETCH_MB"),
 				   *kf = getenv("KL_CUDA_KDA_FUSED"),
-				   *ep = getenv("KL_CUDA_EXPERT_PRELOAD"),
-				   *ef = getenv("KL_CUDA_EXPERT_FUSED");
+				   *ep = getenv("KL_CUDA_EXPERT_PRELOAD");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -798,7 +794,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->prefetch_min = pf && *pf ? (atoi(pf) > 0 ? atoi(pf) : INT_MAX) : 8;
 		cs->prefetch_budget = (size_t) (pfmb && *pfmb ? atoi(pfmb) : 20) << 20;
 		cs->prefetch_lines = getenv("KL_CUDA_PREFETCH_LINES") && strcmp(getenv("KL_CUDA_PREFETCH_LINES"), "1") == 0;
-		cs->expert_fused = !(ef && strcmp(ef, "0") == 0);
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
 		be->mla_cache_bf16 = cs->mla_c16;
@@ -812,9 +807,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		(e = cudaEventCreateWithFlags(&cs->pf_join, cudaEventDisableTiming)) != cudaSuccess ||
 		(e = cudaEventCreateWithFlags(&cs->meta_done, cudaEventDisableTiming)) != cudaSuccess ||
 		(e = cudaEventCreateWithFlags(&cs->ids_done, cudaEventDisableTiming)) != cudaSuccess ||
-		(e = cudaMalloc(&cs->blas_ws, BLAS_WORKSPACE)) != cudaSuccess ||
-		(e = cudaMalloc((void **) &cs->expert_sync, sizeof(int) * (EXPERT_SYNC_ITEMS + 2))) != cudaSuccess ||
-		(e = cudaMemsetAsync(cs->expert_sync, 0, sizeof(int) * (EXPERT_SYNC_ITEMS + 2), cs->stream)) != cudaSuccess)
+		(e = cudaMalloc(&cs->blas_ws, BLAS_WORKSPACE)) != cudaSuccess)
 	{
 		errf(err, cuda_code(e), "initializing GPU %d: %s", idx, cudaGetErrorString(e));
 		goto fail;
@@ -834,7 +827,6 @@ fail:
 	if (cs->blas)
 		cublasDestroy(cs->blas);
 	cudaFree(cs->blas_ws);
-	cudaFree(cs->expert_sync);
 	if (cs->meta_done)
 		cudaEventDestroy(cs->meta_done);
 	if (cs->ids_done)

@@ -107,9 +107,6 @@ typedef struct cuda_graph
 
 typedef struct cuda_pool cuda_pool;	/* cuda_pool.c */
 
-/* work items kk_expert_fused's counters cover (a step of 4 tokens of top 8 + shared makes at most 33) */
-#define EXPERT_SYNC_ITEMS 1024
-
 typedef struct cuda_state
 {
 	int			device;
@@ -118,13 +115,6 @@ typedef struct cuda_state
 	bool		mla_c16;		/* the MLA latent cache holds bf16 (bf16 precision) */
 	bool		mla_mma;		/* decode attention over the bf16 cache on tensor cores */
 	bool		mla_small;		/* decode steps: the 16-byte-load absorb and output products */
-	/*
-	 * KL_CUDA_EXPERT_FUSED: decode steps of 1-4 tokens run gate/up and down in
-	 * one launch (kk_expert_fused), whose ticket and counters live in
-	 * expert_sync (EXPERT_SYNC_ITEMS + 2 ints, zero between launches)
-	 */
-	bool		expert_fused;
-	int		   *expert_sync;
 	cudaStream_t stream;
 	cublasHandle_t blas;
 	void	   *blas_ws;

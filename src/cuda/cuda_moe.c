@@ -19,9 +19,7 @@
  * (in warps, kk_moe_route_group_warp, unless KL_CUDA_ROUTE_WARP=0),
  * the gate and up products write silu(gate) * up directly, and the combine
  * is held back (cuda_defer_combine) to run inside the residual add and norm
- * that follow: router, route+group, gate/up, down — four launches a layer;
- * for steps of 1-4 tokens gate/up and down are one launch
- * (kk_expert_fused, unless KL_CUDA_EXPERT_FUSED=0).
+ * that follow: router, route+group, gate/up, down — four launches a layer.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -384,7 +382,6 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		int			P = mma ? KK_EXPERT_MMA_ROWS : kk_expert_pass_rows(n);
 		int			max_active = expert_item_slots((int) nk, E, fuse ? n : 0, P);
 		int			rc = -1;
-		bool		one_launch = false;
 
 		/* the warp kernel where it covers the shape (E <= 256), else the block one */
 		if (cs->fuse_moe && n <= cs->route_warp)
@@ -431,34 +428,18 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 				return;
 		}
 		else if (cs->fuse_moe && n <= 4)
-		{
-			/*
-			 * gate/up and down in one launch (KL_CUDA_EXPERT_FUSED; bf16
-			 * weights), the down products starting while the last gate/up
-			 * slabs stream; -1 where it does not cover the shape
-			 */
-			if (cs->expert_fused && wbf && w->experts[0].up.dtype == KL_DT_BF16 &&
-				w->experts[0].down.dtype == KL_DT_BF16)
-				one_launch = kk_expert_fused(cs->stream, g, ye, x, xrow, (const void *const *) tab->dev,
-											 (const void *const *) (tab->dev + (E + 1)),
-											 (const void *const *) (tab->dev + 2 * (E + 1)), D, F, start, active,
-											 max_active, n, cs->expert_sync, EXPERT_SYNC_ITEMS) == 0;
 			/* gate and up of each row in one warp: h = silu(gate) * up into g (for few
 			 * tokens: with more, the warp's registers for both products cost occupancy,
 			 * 3.4 ms a step at batch 64) */
-			if (!one_launch)
-				kk_expert_gemv(cs->stream, g, NULL, F, x, D, xrow, (const void *const *) tab->dev,
-							   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active, n);
-		}
+			kk_expert_gemv(cs->stream, g, NULL, F, x, D, xrow, (const void *const *) tab->dev,
+						   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active, n);
 		else
 		{
 			kk_expert_gemv(cs->stream, g, u, F, x, D, xrow, (const void *const *) tab->dev,
 						   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active, n);
 			kk_swiglu(cs->stream, g, g, u, rows, F, F);
 		}
-		if (one_launch && !cuda_launched(be, "expert gate/up and down"))
-			return;
-		if (!mma && !one_launch)
+		if (!mma)
 		{
 			if (!cuda_launched(be, "expert gate/up"))
 				return;
@@ -772,14 +753,13 @@ out:
  * n tokens (the warp launcher where it covers the shape), then the SwiGLU
  * gate/up products into h [R, F] and the down products of h into y [R, D]:
  * path 0 today's two kernels (KL_CUDA_EXPERT_PRELOAD=0), path 1 the same with
- * the down kernel's early read of its work list, path 2 both in one launch
- * (kk_expert_fused; its ticket and counters in sync).  Returns 0, -1 (shape
- * not covered) or a CUDA error.
+ * the down kernel's early read of its work list.  Returns 0, -1 (shape not
+ * covered) or a CUDA error.
  */
 static int
 test_expert_path_launches(cudaStream_t s, int path, int n, int E, int k, int D, int F, const float *dlog,
 						  const float *bias, int *sel, float *wts, int *start, int *xrow, int *inv, int *active,
-						  void *const *tab, const float *x, float *h, float *y, int *sync)
+						  void *const *tab, const float *x, float *h, float *y)
 {
 	int			nk = n * k,
 				P = kk_expert_pass_rows(n),
@@ -797,9 +777,6 @@ test_expert_path_launches(cudaStream_t s, int path, int n, int E, int k, int D, 
 								active);
 	if (rc != 0)
 		return rc;
-	if (path == 2)
-		return kk_expert_fused(s, h, y, x, xrow, gate, up, down, D, F, start, active, slots, n, sync,
-							   EXPERT_SYNC_ITEMS) != 0 ? -1 : (int) cudaGetLastError();
 	was = kk_set_expert_preload(path == 1);
 	kk_expert_gemv(s, h, NULL, F, x, D, xrow, gate, up, 1, F, D, start, active, slots, n);
 	kk_expert_gemv(s, y, NULL, D, h, F, NULL, down, NULL, 1, D, F, start, active, slots, n);
@@ -812,8 +789,7 @@ test_expert_path_launches(cudaStream_t s, int path, int n, int E, int k, int D, 
  * use it): one decode step's expert products (SwiGLU gate/up into h, then
  * down) through today's two kernels and through a new path on the same data,
  * on the current device.  path 1: the down kernel reads its work list before
- * waiting (KL_CUDA_EXPERT_PRELOAD); path 2: gate/up and down in one launch
- * (kk_expert_fused, KL_CUDA_EXPERT_FUSED).
+ * waiting (KL_CUDA_EXPERT_PRELOAD).
  *
  * Experts: E routed ones and a shared one (expert E, over every token), each
  * with gate and up [F, D] and down [D, F] in bf16, random on the device
@@ -826,8 +802,8 @@ test_expert_path_launches(cudaStream_t s, int path, int n, int E, int k, int D, 
  * decode step) that is replayed twice, the outputs set to NaN before each
  * run.  Outputs, R (F + D) floats each (R = n k + n): h [R, F] then y [R, D];
  * out_new is the last replay's.  Returns 0, -1 when the shape is not covered,
- * -3 when the direct run and the last replay differ in any bit, -4 when
- * path 2 left its ticket or counters other than 0, or a CUDA error code.
+ * -3 when the direct run and the last replay differ in any bit, or a CUDA
+ * error code.
  */
 __attribute__((visibility("default"))) int
 kl_cuda_test_expert_paths(int path, int n, int E, int k, int D, int F, const float *logits, unsigned long long seed,
@@ -845,14 +821,12 @@ kl_cuda_test_expert_paths(int path, int n, int E, int k, int D, int F, const flo
 	uint16_t   *w16 = NULL;
 	float	   *fl = NULL,
 			   *direct = NULL;
-	int		   *ints = NULL,
-			   *sync = NULL,
-				sync_host[EXPERT_SYNC_ITEMS + 2];
+	int		   *ints = NULL;
 	void	  **tab = NULL;
 	void	   *host_tab[3 * 1025];
 	int			rc = 0;
 
-	if (E + 1 > 1025 || n <= 0 || k <= 0 || path < 1 || path > 2)
+	if (E + 1 > 1025 || n <= 0 || k <= 0 || path != 1)
 		return -1;
 	direct = malloc(sizeof(float) * osz);
 	if (!direct)
@@ -862,9 +836,7 @@ kl_cuda_test_expert_paths(int path, int n, int E, int k, int D, int F, const flo
 		(e = cudaMalloc((void **) &fl, sizeof(float) * ((size_t) n * D + (size_t) n * E + E + nk + osz))) !=
 		cudaSuccess ||
 		(e = cudaMalloc((void **) &ints, sizeof(int) * (nk + ((size_t) E + 2) + R + nk + nact))) != cudaSuccess ||
-		(e = cudaMalloc((void **) &tab, sizeof(void *) * 3 * ((size_t) E + 1))) != cudaSuccess ||
-		(e = cudaMalloc((void **) &sync, sizeof(sync_host))) != cudaSuccess ||
-		(e = cudaMemsetAsync(sync, 0, sizeof(sync_host), s)) != cudaSuccess)
+		(e = cudaMalloc((void **) &tab, sizeof(void *) * 3 * ((size_t) E + 1))) != cudaSuccess)
 		goto out;
 	{
 		/* h, y and x first: 16-byte aligned (F and D are multiples of 8 where the new paths run) */
@@ -892,7 +864,7 @@ kl_cuda_test_expert_paths(int path, int n, int E, int k, int D, int F, const flo
 			(e = cudaMemsetAsync(bias, 0, sizeof(float) * E, s)) != cudaSuccess)
 			goto out;
 #define PATH_RUN(p) test_expert_path_launches(s, (p), n, E, k, D, F, dlog, bias, sel, wts, start, xrow, inv, active, \
-											  tab, x, h, y, sync)
+											  tab, x, h, y)
 		/* the old path, then the new one directly */
 		for (int run = 0; run < 2 && rc == 0; run++)
 		{
@@ -917,14 +889,10 @@ kl_cuda_test_expert_paths(int path, int n, int E, int k, int D, int F, const flo
 				goto out;
 #undef PATH_RUN
 		if ((e = cudaMemcpyAsync(out_new, h, sizeof(float) * osz, cudaMemcpyDeviceToHost, s)) != cudaSuccess ||
-			(e = cudaMemcpyAsync(sync_host, sync, sizeof(sync_host), cudaMemcpyDeviceToHost, s)) != cudaSuccess ||
 			(e = cudaStreamSynchronize(s)) != cudaSuccess)
 			goto out;
 		if (memcmp(direct, out_new, sizeof(float) * osz) != 0)
 			rc = -3;
-		for (int i = 0; i < EXPERT_SYNC_ITEMS + 2 && rc == 0; i++)
-			if (sync_host[i] != 0)
-				rc = -4;
 	}
 out:
 	if (s)
@@ -937,7 +905,6 @@ out:
 	cudaFree(fl);
 	cudaFree(ints);
 	cudaFree(tab);
-	cudaFree(sync);
 	if (s)
 		cudaStreamDestroy(s);
 	free(direct);

@@ -51,13 +51,6 @@
  * hook kl_cuda_test_mla_small: 48B head shapes, 1 to 64 tokens, bf16 and
  * fp32 weights, mixed absorbed and expanded tokens).
  *
- * The expert paths for steps of 1-4 tokens (check_expert_paths, through the
- * hook kl_cuda_test_expert_paths): the down kernel's early work-list read
- * (KL_CUDA_EXPERT_PRELOAD) and gate/up and down in one launch
- * (KL_CUDA_EXPERT_FUSED) must give today's two kernels' h and expert outputs
- * bit for bit, run directly and replayed in a graph (48B expert shape at 1,
- * 3 and 4 tokens; D 352, F 224).
- *
  * The fused decode routing in warps (kk_moe_route_group_warp, on unless
  * KL_CUDA_ROUTE_WARP=0) must give the block kernel's outputs bit for bit
  * (both launchers called on the same router logits: 48B shape with and
@@ -1753,10 +1746,7 @@ typedef int (*expert_paths_fn) (int path, int n, int E, int k, int D, int F, con
  * left).  The hook runs the new path directly and as a replayed graph
  * (programmatic launch edges as in a decode step) and checks the two agree.
  * Path 1: the down kernel reads its work list and first weights before the
- * gate/up kernel completes (KL_CUDA_EXPERT_PRELOAD); path 2: gate/up and
- * down in one launch with a ticket and per-item counters, which the hook
- * also checks are all back to 0 after the runs (KL_CUDA_EXPERT_FUSED).
- * Shapes: the 48B
+ * gate/up kernel completes (KL_CUDA_EXPERT_PRELOAD).  Shapes: the 48B
  * model's experts (D 2304, F 1024, 256 top 8 + shared) at 1, 3 and 4 tokens,
  * and D 352, F 224, 16 top 4 (slabs past the matrices' last rows).
  */
@@ -1776,8 +1766,7 @@ check_expert_paths(void)
 		{256, 8, 2304, 1024, 4},
 		{16, 4, 352, 224, 3},
 	};
-	static const char *paths[] = {NULL, "down kernel's early work-list read (KL_CUDA_EXPERT_PRELOAD)",
-	"gate/up and down in one launch (KL_CUDA_EXPERT_FUSED)"};
+	static const char *paths[] = {NULL, "down kernel's early work-list read (KL_CUDA_EXPERT_PRELOAD)"};
 	kl_model   *m;
 	void	   *lib = NULL;
 	expert_paths_fn f = NULL;
