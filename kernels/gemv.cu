@@ -169,24 +169,11 @@ rows_first(uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], int nch)
 }
 
 /*
- * An input piece: through the read-only cache (the inputs of a launch are
- * written by earlier kernels), or with CG through L2 only, for inputs that
- * other blocks of the same launch write (expert_fused_kernel's h: the
- * read-only path is only defined for data constant during the kernel).
- */
-template <bool CG>
-__device__ __forceinline__ float4
-ld_x4(const float4 *p)
-{
-	return CG ? __ldcg(p) : __ldg(p);
-}
-
-/*
  * acc[w][r] += W_w . x_r over this thread's pieces threadIdx.x, + BT, ...
  * of the nch 16-byte pieces (8 columns each) of the rows; raw holds the first
  * pieces (rows_first).  Each input piece is read once for all RB rows.
  */
-template <int NR, int RB, int BT, bool XCG = false>
+template <int NR, int RB, int BT>
 __device__ __forceinline__ void
 rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], const float *const (&xr)[NR],
 		 int nch)
@@ -205,8 +192,8 @@ rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB]
 #pragma unroll
 		for (int r = 0; r < NR; r++)
 		{
-			float4		a = ld_x4<XCG>((const float4 *) xr[r] + 2 * ch),
-						b = ld_x4<XCG>((const float4 *) xr[r] + 2 * ch + 1);
+			float4		a = __ldg((const float4 *) xr[r] + 2 * ch),
+						b = __ldg((const float4 *) xr[r] + 2 * ch + 1);
 
 #pragma unroll
 			for (int w = 0; w < RB; w++)
@@ -701,10 +688,9 @@ expert_dispatch(cudaStream_t s, int max_count, dim3 grid, float *y0, float *y1, 
  * RB weight rows of the item's expert (and the same rows of the second
  * matrix for SwiGLU: RT = 2 RB rows) and the item's input rows in passes of
  * at most MAXNR; y as in expert_pass.  LOADED: raw already holds the first
- * weight pieces (rows_first, issued early by the caller); XCG: x through L2
- * only (ld_x4).
+ * weight pieces (rows_first, issued early by the caller).
  */
-template <int NR, int MODE, int RT, int BT, bool LOADED, bool XCG>
+template <int NR, int MODE, int RT, int BT, bool LOADED>
 __device__ __forceinline__ void
 expert_rows_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const uint16_t *const (&Wr)[RT],
 				 uint4 (&raw)[RT], int row0, int rows, int nch, int i0, float *sums)
@@ -723,7 +709,7 @@ expert_rows_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, co
 			acc[w][r] = 0;
 	if (!LOADED)
 		rows_first<RT, BT>(raw, Wr, nch);
-	rows_dot<NR, RT, BT, XCG>(acc, raw, Wr, xr, nch);
+	rows_dot<NR, RT, BT>(acc, raw, Wr, xr, nch);
 	rows_block_sum<NR, RT, BT>(acc, sums);
 	for (int i = threadIdx.x; i < out * NR; i += BT)
 	{
@@ -742,7 +728,7 @@ expert_rows_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, co
 }
 
 /* expert_rows_pass for nr (1..N) input rows: instantiates only the sizes up to N */
-template <int N, int MODE, int RT, int BT, bool LOADED = false, bool XCG = false>
+template <int N, int MODE, int RT, int BT, bool LOADED = false>
 __device__ __forceinline__ void
 expert_rows_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *xrow,
 				 const uint16_t *const (&Wr)[RT], uint4 (&raw)[RT], int row0, int rows, int nch, int i0, float *sums)
@@ -751,12 +737,12 @@ expert_rows_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *
 	{
 		if (nr < N)
 		{
-			expert_rows_upto<N - 1, MODE, RT, BT, LOADED, XCG>(nr, y, ldy, x, ldx, xrow, Wr, raw, row0, rows, nch,
+			expert_rows_upto<N - 1, MODE, RT, BT, LOADED>(nr, y, ldy, x, ldx, xrow, Wr, raw, row0, rows, nch,
 																i0, sums);
 			return;
 		}
 	}
-	expert_rows_pass<N, MODE, RT, BT, LOADED, XCG>(y, ldy, x, ldx, xrow, Wr, raw, row0, rows, nch, i0, sums);
+	expert_rows_pass<N, MODE, RT, BT, LOADED>(y, ldy, x, ldx, xrow, Wr, raw, row0, rows, nch, i0, sums);
 }
 
 /*
@@ -963,8 +949,10 @@ kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, in
 	if (bf16 && vec && kk_gemv_rows)
 	{
 		if (mode == EXPERT_ONE)
-			expert_rows_dispatch<EXPERT_ONE>(s, kk_expert_preload != 0, max_count, max_active, y0, y1, ldy, x, ldx,
-											 xrow, W0, W1, rows, cols, start, active);
+			/* the early read only at one token an item: it won 0.04 ms a step at
+			 * batch 1 and lost 0.12 ms at batch 4 on the H200 (bench/notes-cuda.md) */
+			expert_rows_dispatch<EXPERT_ONE>(s, kk_expert_preload != 0 && max_count == 1, max_count, max_active, y0,
+											 y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
 		else if (mode == EXPERT_TWO)
 			expert_rows_dispatch<EXPERT_TWO>(s, false, max_count, max_active, y0, y1, ldy, x, ldx, xrow, W0, W1, rows,
 											 cols, start, active);

@@ -522,7 +522,7 @@ cu_swiglu(kl_backend *be, float *h, const float *g, const float *u, int rows, in
  * one window (consecutive prefetch ops) are taken in order while they fit in
  * cs->prefetch_budget bytes: more would evict what was fetched first.
  */
-#define PREFETCH_MAX_TOKENS 64	/* decode steps (the graphs' bound) */
+#define PREFETCH_MAX_TOKENS 16	/* above, it cost 0.07 ms a step (batch 32, 64 on the H200) */
 
 static void
 cu_prefetch(kl_backend *be, const kl_weight *W)
@@ -746,9 +746,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * sampler spreads a row over a cluster of blocks; same choices).
 		 * KL_CUDA_MLA_SMALL=0 keeps the older MLA absorb and output kernels
 		 * for decode steps (default: 16-byte weight loads up to 64 tokens).
-		 * KL_CUDA_PREFETCH=N: decode steps of at least N tokens fetch the
-		 * weight read after a mixer's small kernels into L2 while they run
-		 * (default 8; 0 never), at most KL_CUDA_PREFETCH_MB megabytes of them
+		 * KL_CUDA_PREFETCH=N: decode steps of N..16 tokens fetch the weight
+		 * read after a mixer's small kernels into L2 while they run (default
+		 * 8; 0 never), at most KL_CUDA_PREFETCH_MB megabytes of them
 		 * at a time (default 20: a mixer's o_proj and the router).
 		 * KL_CUDA_KDA_FUSED=0 runs a decode step's KDA mixer as three kernels
 		 * (default: one, kk_kda_decode, where the GPU has clusters; =N: one
