@@ -234,6 +234,14 @@ int			kk_moe_route_group_warp(cudaStream_t s, int n, int E, int k, int G, int Tg
 									int bias_in_w, float scaling, const float *logits, const float *bias, int *sel,
 									float *wts, int shared_rows, int P, int *start, int *xrow, int *inv,
 									int *active);
+/* kk_moe_route_group_warp's outputs, bit for bit (NaN and infinite logits
+ * too), with a thread per expert choosing by rank instead of k dependent
+ * warp picks: -1 when the shape is not covered (n > 8, E > 256, k > 32,
+ * k > E, group-limited routing: G > 1 and Tg < G), else 0 */
+int			kk_moe_route_group_rank(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
+									int bias_in_w, float scaling, const float *logits, const float *bias, int *sel,
+									float *wts, int shared_rows, int P, int *start, int *xrow, int *inv,
+									int *active);
 /* kk_moe_combine into y, then x += y and xn = rmsnorm(x; w) (kk_add_rmsnorm), without y in memory */
 void		kk_moe_combine_add_rmsnorm(cudaStream_t s, float *xn, float *x, int n, int D, int k, const float *wts,
 									   const int *inv, const float *ye, const float *ys, const float *w, float eps);

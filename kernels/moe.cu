@@ -630,6 +630,32 @@ lane_best(const unsigned *key, const float *wv, uint32_t avail, unsigned *bk, in
 }
 
 /*
+ * A softmax router's max and denominator for one token in one warp, lane j
+ * holding the logits of experts j + 32 i (-inf past E): the lane's terms in
+ * order of i, then a butterfly.  route_token_warp and the rank kernel both
+ * call it, so that their denominators are the same float operations.  No
+ * conditions in the sum (a predicated add stayed unfused); past E,
+ * expf(-inf) = 0 adds nothing.
+ */
+__device__ __forceinline__ void
+softmax_max_sum_warp(const float *lg, float *mxp, float *zp)
+{
+	float		mx = -INFINITY,
+				z = 0;
+
+#pragma unroll
+	for (int i = 0; i < ROUTE_NPL; i++)
+		mx = fmaxf(mx, lg[i]);
+	mx = warp_max(mx);
+#pragma unroll
+	for (int i = 0; i < ROUTE_NPL; i++)
+		z += expf(lg[i] - mx);
+	z = warp_sum(z);
+	*mxp = mx;
+	*zp = z;
+}
+
+/*
  * Route token t in one warp (moe_route_group_kernel's rule); write its
  * choices to sel and ssel, its weights to wts.  gs: this warp's scratch for
  * groups, E + 2G words.
@@ -660,8 +686,8 @@ route_token_warp(int t, int E, int k, int G, int Tg, int use_softmax, int renorm
 	}
 	if (use_softmax)
 	{
-		float		mx = -INFINITY,
-					z = 0;
+		float		mx,
+					z;
 
 		/*
 		 * moe_route_group_kernel's loops compute expf(lg - mx) twice (its
@@ -669,18 +695,9 @@ route_token_warp(int t, int E, int k, int G, int Tg, int use_softmax, int renorm
 		 * expf's last product into z += (an FMA).  Here the two would be one
 		 * common subexpression with two uses, left unfused, and the sums
 		 * would differ in the last bit: the second expf's argument goes
-		 * through an empty asm so that each stays alone, as there.  No
-		 * conditions in the sum either (a predicated add stayed unfused);
-		 * past E, expf(-inf) = 0 adds nothing.
+		 * through an empty asm so that each stays alone, as there.
 		 */
-#pragma unroll
-		for (int i = 0; i < ROUTE_NPL; i++)
-			mx = fmaxf(mx, lg[i]);
-		mx = warp_max(mx);
-#pragma unroll
-		for (int i = 0; i < ROUTE_NPL; i++)
-			z += expf(lg[i] - mx);
-		z = warp_sum(z);
+		softmax_max_sum_warp(lg, &mx, &z);
 #pragma unroll
 		for (int i = 0; i < ROUTE_NPL; i++)
 		{
@@ -930,6 +947,271 @@ kk_moe_route_group_warp(cudaStream_t s, int n, int E, int k, int G, int Tg, int 
 	kk_launch(moe_route_group_warp_kernel, dim3(1), dim3(32 * nw), fixed + per_warp * nw, s, n, E, k, G, Tg,
 			  use_softmax, renorm, bias_in_w, scaling, logits, bias, sel, wts, shared_rows, P, start, xrow, inv,
 			  active);
+	return 0;
+}
+
+/* ------------------------------------------------------------------ decode: routing by rank */
+
+/*
+ * moe_route_group_warp_kernel's outputs, bit for bit, without its dependent
+ * chain of k warp-wide picks (7.5 us a layer at batch 1): a thread per
+ * expert, a group of W = ceil(E / 32) warps per token, up to RANK_GROUPS
+ * tokens at a time.
+ *   scores    each thread its own expert's, the same float operations as
+ *             route_token_warp (a softmax's max and denominator from the
+ *             group's first warp through softmax_max_sum_warp, the same lane
+ *             layout as there)
+ *   choice    the sequential pick takes experts in the order of (key
+ *             order_key(choice) larger, then id lower), a strict total
+ *             order, so the r-th pick is the expert that exactly r others
+ *             precede: its rank.  Only candidates need ranking: with k <= W,
+ *             the smallest of the W warp maxima (L) has W >= k experts at or
+ *             above it, so an expert below L has rank >= k, and everything
+ *             preceding a candidate is a candidate too.  Candidates (usually
+ *             a few more than k; all of them when the keys tie) go to a
+ *             shared list and each counts the ones that precede it.
+ *   weights   slot_weights_warp on the picks in slot order, as there
+ *   grouping  a thread per expert: its pairs (one per token that chose it,
+ *             in token order: the stable order) and work items, positions
+ *             from one block scan of the counts
+ * Only without group-limited routing (G == 1 or Tg >= G), E <= 256 (the
+ * softmax layout), k <= min(E, 32), n <= RANK_MAXN; the launcher says -1
+ * otherwise.
+ */
+#define RANK_MAXN 8				/* tokens a launch */
+#define RANK_GROUPS 4			/* tokens routed at a time (4 x 256 threads) */
+#define RANK_MAXE (32 * ROUTE_NPL)
+
+__global__ void __launch_bounds__(1024)
+moe_route_group_rank_kernel(int n, int E, int k, int use_softmax, int renorm, int bias_in_w, float scaling,
+							const float *__restrict__ logits, const float *__restrict__ bias, int *sel, float *wts,
+							int shared_rows, int P, int *start, int *xrow, int *inv, int *active)
+{
+	__shared__ float slg[RANK_GROUPS][RANK_MAXE],
+				smz[RANK_GROUPS][2],
+				pickw[RANK_MAXN][32];
+	__shared__ unsigned ckey[RANK_GROUPS][RANK_MAXE],
+				wtop[RANK_GROUPS][ROUTE_NPL];
+	__shared__ int cid[RANK_GROUPS][RANK_MAXE],
+				ncand[RANK_GROUPS],
+				pick[RANK_MAXN][32],
+				wsum[2][ROUTE_NPL];
+	__shared__ signed char slotof[RANK_MAXN][RANK_MAXE];	/* token's slot of the expert, -1 none */
+	int			W = (E + 31) >> 5,
+				tpt = W << 5,
+				ng = blockDim.x / tpt,
+				tid = threadIdx.x,
+				g = tid / tpt,
+				e = tid - g * tpt,	/* this thread's expert */
+				lane = tid & 31,
+				wl = e >> 5;
+	float		bz = e < E ? bias[e] : 0.0f;	/* a weight: before the wait */
+
+	for (int i = tid; i < n * RANK_MAXE; i += blockDim.x)
+		slotof[i / RANK_MAXE][i % RANK_MAXE] = -1;
+	kk_dep_wait();
+	kk_dep_launch();
+	/* every group runs every round (block barriers); t >= n only idles */
+	for (int t0 = 0; t0 < n; t0 += ng)
+	{
+		int			t = t0 + g;
+		bool		valid = t < n && e < E;
+		float		lg = valid ? logits[(size_t) t * E + e] : -INFINITY,
+					sc,
+					c,
+					wv;
+		unsigned	key,
+					L = 0;
+
+		if (use_softmax)
+		{
+			slg[g][e] = lg;
+			__syncthreads();
+			if (wl == 0)
+			{
+				float		l8[ROUTE_NPL],
+							mx,
+							z;
+
+#pragma unroll
+				for (int i = 0; i < ROUTE_NPL; i++)
+					l8[i] = lane + 32 * i < E ? slg[g][lane + 32 * i] : -INFINITY;
+				softmax_max_sum_warp(l8, &mx, &z);
+				if (lane == 0)
+				{
+					smz[g][0] = mx;
+					smz[g][1] = z;
+				}
+			}
+			__syncthreads();
+			{
+				float		x = lg;
+
+				/* as route_token_warp's second expf */
+				asm volatile("" : "+f"(x));
+				sc = expf(x - smz[g][0]) / smz[g][1];
+			}
+		}
+		else
+			sc = 1.0f / (1.0f + expf(-lg));
+		c = sc + bz;
+		wv = bias_in_w ? sc + bz : sc;
+		key = order_key(c);
+		/* warp maxima of the keys (keys are >= 0: the lanes past E add nothing) */
+		{
+			unsigned	m = __reduce_max_sync(0xffffffffu, valid ? key : 0u);
+
+			if (lane == 0)
+				wtop[g][wl] = m;
+			if (e == 0)
+				ncand[g] = 0;
+		}
+		__syncthreads();
+		if (k <= W)
+		{
+			L = 0xffffffffu;
+			for (int w = 0; w < W; w++)
+				L = min(L, wtop[g][w]);
+		}
+		if (valid && key >= L)
+		{
+			int			p = atomicAdd(&ncand[g], 1);
+
+			ckey[g][p] = key;
+			cid[g][p] = e;
+		}
+		__syncthreads();
+		if (valid && key >= L)
+		{
+			int			nc = ncand[g],
+						rank = 0;
+
+			for (int j = 0; j < nc; j++)
+			{
+				unsigned	kj = ckey[g][j];
+
+				rank += kj > key || (kj == key && cid[g][j] < e);
+			}
+			if (rank < k)
+			{
+				pick[t][rank] = e;
+				pickw[t][rank] = wv;
+				slotof[t][e] = (signed char) rank;
+			}
+		}
+		__syncthreads();
+		if (wl == 0 && t < n)
+		{
+			/* weights: summed in slot order, as route_token_warp */
+			slot_weights_warp(lane < k ? pickw[t][lane] : 0.0f, k, renorm, scaling, wts + (size_t) t * k, lane);
+			if (lane < k)
+				sel[(size_t) t * k + lane] = pick[t][lane];
+		}
+	}
+	/* grouping: threads 0 .. E-1, one expert each (slotof is final) */
+	{
+		int			cnt = 0,
+					items,
+					ic,
+					ii,
+					tot_c = 0,
+					tot_i = 0,
+					before_c = 0,
+					before_i = 0;
+
+		if (tid < E)
+			for (int t = 0; t < n; t++)
+				cnt += slotof[t][tid] >= 0;
+		items = (cnt + P - 1) / P;
+		ic = cnt;
+		ii = items;
+#pragma unroll
+		for (int o = 1; o < 32; o <<= 1)
+		{
+			int			a = __shfl_up_sync(0xffffffffu, ic, o),
+						b = __shfl_up_sync(0xffffffffu, ii, o);
+
+			if (lane >= o)
+			{
+				ic += a;
+				ii += b;
+			}
+		}
+		if (tid < tpt && lane == 31)
+		{
+			wsum[0][tid >> 5] = ic;
+			wsum[1][tid >> 5] = ii;
+		}
+		__syncthreads();
+		for (int w = 0; w < W; w++)
+		{
+			int			a = wsum[0][w],
+						b = wsum[1][w];
+
+			if (w < (tid >> 5))
+			{
+				before_c += a;
+				before_i += b;
+			}
+			tot_c += a;
+			tot_i += b;
+		}
+		if (tid < E)
+		{
+			int			pos = before_c + ic - cnt,
+						item = before_i + ii - items;
+
+			start[tid] = pos;
+			for (int t = 0; t < n; t++)
+			{
+				int			r = slotof[t][tid];
+
+				if (r >= 0)
+				{
+					xrow[pos] = t;
+					inv[t * k + r] = pos;
+					pos++;
+				}
+			}
+			for (int j = 0; j < items; j++)
+				active[1 + item + j] = tid * 64 + j;
+		}
+		if (tid == 0)
+		{
+			int			sitems = (shared_rows + P - 1) / P;
+
+			start[E] = tot_c;
+			active[0] = tot_i + sitems;
+			/* the shared expert as expert E, over every token */
+			if (shared_rows > 0)
+				start[E + 1] = tot_c + shared_rows;
+			for (int j = 0; j < sitems; j++)
+				active[1 + tot_i + j] = E * 64 + j;
+		}
+		for (int t = tid; t < shared_rows; t += blockDim.x)
+			xrow[n * k + t] = t;
+	}
+}
+
+extern "C" int
+kk_moe_route_group_rank(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
+						int bias_in_w, float scaling, const float *logits, const float *bias, int *sel, float *wts,
+						int shared_rows, int P, int *start, int *xrow, int *inv, int *active)
+{
+	int			tpt = (E + 31) / 32 * 32,
+				ng;
+
+	if (n <= 0)
+		return 0;
+	if (n > RANK_MAXN || E < 1 || E > RANK_MAXE || k < 1 || k > 32 || k > E || (G > 1 && Tg < G) || P < 1)
+		return -1;
+	ng = 1024 / tpt;
+	if (ng > RANK_GROUPS)
+		ng = RANK_GROUPS;
+	if (ng > n)
+		ng = n;
+	kk_launch(moe_route_group_rank_kernel, dim3(1), dim3(ng * tpt), 0, s, n, E, k, use_softmax, renorm, bias_in_w,
+			  scaling, logits, bias, sel, wts, shared_rows, P, start, xrow, inv, active);
 	return 0;
 }
 

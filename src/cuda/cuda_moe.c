@@ -16,7 +16,9 @@
  * kernel sums each token's weighted expert outputs and the shared one.
  *
  * Decode (unless KL_CUDA_MOE_FUSE=0): routing and grouping are one launch
- * (in warps, kk_moe_route_group_warp, unless KL_CUDA_ROUTE_WARP=0),
+ * (in warps, kk_moe_route_group_warp, unless KL_CUDA_ROUTE_WARP=0; steps
+ * of up to 8 tokens by rank, kk_moe_route_group_rank, unless
+ * KL_CUDA_ROUTE_RANK=0),
  * the gate and up products write silu(gate) * up directly, and the combine
  * is held back (cuda_defer_combine) to run inside the residual add and norm
  * that follow: router, route+group, gate/up, down — four launches a layer.
@@ -383,8 +385,15 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		int			max_active = expert_item_slots((int) nk, E, fuse ? n : 0, P);
 		int			rc = -1;
 
-		/* the warp kernel where it covers the shape (E <= 256), else the block one */
-		if (cs->fuse_moe && n <= cs->route_warp)
+		/*
+		 * the rank kernel where it covers the shape (n <= 8, E <= 256, no
+		 * expert groups), else the warp kernel (E <= 256), else the block one
+		 */
+		if (cs->fuse_moe && n <= cs->route_warp && cs->route_rank)
+			rc = kk_moe_route_group_rank(cs->stream, n, E, k, G, cfg->topk_groups, cfg->router_softmax,
+										 cfg->moe_renormalize, cfg->bias_in_weights, cfg->routed_scaling, logits,
+										 w->score_bias, sel, wts, fuse ? n : 0, P, start, xrow, inv, active);
+		if (cs->fuse_moe && n <= cs->route_warp && rc < 0)
 			rc = kk_moe_route_group_warp(cs->stream, n, E, k, G, cfg->topk_groups, cfg->router_softmax,
 										 cfg->moe_renormalize, cfg->bias_in_weights, cfg->routed_scaling, logits,
 										 w->score_bias, sel, wts, fuse ? n : 0, P, start, xrow, inv, active);
@@ -530,8 +539,8 @@ shared:
  * For test/engine/test_cuda.c only (found with dlsym; the backend does not
  * use it): route and group n tokens' router logits (host memory) through
  * one of the fused decode launchers — warp 0: kk_moe_route_group, 1:
- * kk_moe_route_group_warp — on the current device, and copy every output
- * back.  The output arrays' contents go to the device first, so that the
+ * kk_moe_route_group_warp, 2: kk_moe_route_group_rank — on the current
+ * device, and copy every output back.  The output arrays' contents go to the device first, so that the
  * entries a kernel leaves alone compare too.  Sizes: logits [n E], bias [E];
  * sel, wts, inv [n k]; start [E + 2]; xrow [n k + n]; active [E + n k + n + 4].
  * Returns the launcher's result (-1: shape not covered), else 0 or a CUDA
@@ -562,9 +571,9 @@ kl_cuda_test_route_group(int warp, int n, int E, int k, int G, int Tg, int use_s
 			rc = (int) e;
 	if (rc == 0)
 	{
-		rc = (warp ? kk_moe_route_group_warp : kk_moe_route_group) (s, n, E, k, G, Tg, use_softmax, renorm, bias_in_w,
-																  scaling, d[0], d[1], d[2], d[3], shared_rows, P,
-																  d[4], d[5], d[6], d[7]);
+		rc = (warp == 2 ? kk_moe_route_group_rank : warp ? kk_moe_route_group_warp : kk_moe_route_group)
+			(s, n, E, k, G, Tg, use_softmax, renorm, bias_in_w, scaling, d[0], d[1], d[2], d[3], shared_rows, P, d[4],
+			 d[5], d[6], d[7]);
 		if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
 			rc = (int) e;
 	}

@@ -56,6 +56,10 @@
  * (both launchers called on the same router logits: 48B shape with and
  * without groups, both weight rules, ties, 1 to 64 tokens); with NaN and
  * infinite logits its choices stay in range and every pair has one place.
+ * Routing by rank (kk_moe_route_group_rank, on unless KL_CUDA_ROUTE_RANK=0)
+ * must give the warp kernel's outputs bit for bit, NaN and infinite logits
+ * included (check_route_rank: 48B shape, both weight rules, sigmoid and
+ * softmax, ties, shared rows, 1 to 8 tokens).
  *
  * The device sampler must choose exactly what the CPU sampler
  * (kl_sample_draw) chooses for the same logits and draw: checked on
@@ -1545,6 +1549,126 @@ check_route_warp(void)
 	kl_model_free(m);
 }
 
+/*
+ * kk_moe_route_group_rank (a thread per expert, choices by rank; on unless
+ * KL_CUDA_ROUTE_RANK=0) against kk_moe_route_group_warp: identical sel,
+ * wts, start, xrow, inv and active at the 48B shape (E 256, k 8), E 64
+ * k 6 (lanes past E), E 20 k 5 (k > the warps: no candidate filter) and 8
+ * groups that all stay (Tg = G: covered); both weight rules; sigmoid and
+ * softmax; with and without the shared expert's rows; n = 1 to 8; router
+ * logits normal, few levels (ties), all equal, wide, and with NaN and
+ * infinities (the two kernels order them the same way: by key).  Shapes it
+ * does not cover (groups that drop, n > 8) must answer -1.
+ */
+static void
+check_route_rank(void)
+{
+	static const struct
+	{
+		int			E,
+					k,
+					G,
+					Tg;
+		const char *what;
+	}			shapes[] = {
+		{256, 8, 1, 1, "48B shape (E 256, k 8)"},
+		{64, 6, 1, 1, "E 64, k 6"},
+		{20, 5, 1, 1, "E 20, k 5"},
+		{256, 8, 8, 8, "E 256, k 8, 8 groups keep 8"},
+	};
+	static const int ns[] = {1, 2, 3, 4, 5, 8};
+	kl_model   *m;
+	void	   *lib = NULL;
+	route_test_fn f = NULL;
+	uint64_t	rs = 777;
+
+	m = load_test_hook("kl_cuda_test_route_group", &lib, (void **) &f);
+	if (!f)
+		return;
+	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+		for (int rule = 0; rule < 2; rule++)
+		{
+			int			E = shapes[si].E,
+						k = shapes[si].k,
+						cases = 0,
+						wrong = 0,
+						failed = 0;
+
+			for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++)
+				for (int kind = 0; kind < 5; kind++)
+					for (int variant = 0; variant < 5; variant++)
+					{
+						int			n = ns[ni],
+									softmax = variant >= 3,
+									renorm = variant != 2,
+									shared_rows = variant & 1 ? n : 0,
+									P = n <= 1 ? 1 : n <= 2 ? 2 : 4;
+						float	   *lg = malloc(sizeof(float) * (size_t) n * E),
+								   *bias = malloc(sizeof(float) * (size_t) E);
+						route_out	a,
+									b;
+						int			ra,
+									rb;
+						const char *d;
+
+						make_router(lg, bias, n, E, kind < 4 ? kind : 0, &rs);
+						if (kind == 4)	/* NaN, +-inf, +-0 and ties among the normal ones */
+							for (int i = 0; i < n * E; i++)
+							{
+								int			r = (int) (16.0 * unif(&rs));
+
+								lg[i] = r == 0 ? NAN : r == 1 ? -NAN : r == 2 ? INFINITY : r == 3 ? -INFINITY :
+									r == 4 ? 0.0f : r == 5 ? -0.0f : r == 6 ? 1.0f : lg[i];
+							}
+						route_out_init(&a, n, E, k);
+						route_out_init(&b, n, E, k);
+						ra = f(1, n, E, k, shapes[si].G, shapes[si].Tg, softmax, renorm, rule, 2.446f, shared_rows, P,
+							   lg, bias, a.sel, a.wts, a.start, a.xrow, a.inv, a.active);
+						rb = f(2, n, E, k, shapes[si].G, shapes[si].Tg, softmax, renorm, rule, 2.446f, shared_rows, P,
+							   lg, bias, b.sel, b.wts, b.start, b.xrow, b.inv, b.active);
+						cases++;
+						if (ra != 0 || rb != 0)
+						{
+							if (failed++ < 4)
+								tap_diag("%s n %d kind %d variant %d: warp kernel %d, rank kernel %d",
+										 shapes[si].what, n, kind, variant, ra, rb);
+						}
+						else if ((d = route_out_diff(&a, &b)) != NULL && wrong++ < 8)
+							tap_diag("%s, %s rule, n %d, logits kind %d, variant %d: %s differs", shapes[si].what,
+									 rule ? "reference" : "select", n, kind, variant, d);
+						route_out_free(&a);
+						route_out_free(&b);
+						free(lg);
+						free(bias);
+					}
+			tap_ok(wrong == 0 && failed == 0,
+				   "routing by rank = the warp kernel, bit for bit (sel, wts, start, xrow, inv, active), %s, %s "
+				   "rule: %d of %d cases differ, %d not run", shapes[si].what, rule ? "reference" : "select", wrong,
+				   cases, failed);
+		}
+	/* outside its shapes the launcher declines (the caller takes the warp kernel) */
+	{
+		int			n = 9,
+					E = 256,
+					k = 8,
+					r9,
+					rg;
+		float	   *lg = malloc(sizeof(float) * (size_t) n * E),
+					bias[256];
+		route_out	o;
+
+		make_router(lg, bias, n, E, 0, &rs);
+		route_out_init(&o, n, E, k);
+		r9 = f(2, n, E, k, 1, 1, 0, 1, 0, 2.446f, n, 4, lg, bias, o.sel, o.wts, o.start, o.xrow, o.inv, o.active);
+		rg = f(2, 1, E, k, 8, 4, 0, 1, 0, 2.446f, 1, 1, lg, bias, o.sel, o.wts, o.start, o.xrow, o.inv, o.active);
+		tap_ok(r9 == -1 && rg == -1, "routing by rank declines 9 tokens (%d) and groups that drop (%d)", r9, rg);
+		route_out_free(&o);
+		free(lg);
+	}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
 /* ------------------------------------------------------------------ expert products on tensor cores */
 
 /* kl_cuda_test_expert_products (cuda_moe.c): one step's expert products through both kernels */
@@ -2441,6 +2565,7 @@ main(void)
 	check_sampler(true);
 	check_sampler(false);
 	check_route_warp();
+	check_route_rank();
 	check_expert_mma();
 	check_gemv_slab();
 	check_expert_paths();
