@@ -276,7 +276,6 @@ kda_alone(int H, int K, const long *Ts, int nT)
 			a.f = fcopy;		/* overwritten with the decay: restored before each run */
 			a.b = in[4].dev;
 			a.gate = in[5].dev;
-			a.f_low = a.gate_low = NULL;	/* f and gate given (prefill: the op's own form) */
 			a.out = out;
 			for (int r = 0; r < reps; r++)
 			{

@@ -1255,12 +1255,6 @@ kk_kda_gated_norm(cudaStream_t s, int n_tokens, int H, int V, const float *o, co
  * writes channels [32 z, 32 z + 32) only after the cluster barrier that
  * every block reaches after its reads.  Nothing else goes through global
  * memory (q, k, v, g, beta and o stay on chip).
- * With LR != KDA_LR_NONE (kk_kda_decode_lowrank) f and gate are not read
- * either: the block makes the 32 decays of its slice's rows and the 32 gates
- * of its columns from the low-rank rows (kda_lowrank_rows, its weight rows
- * staged in shared memory before kk_dep_wait), and the cluster's slices read
- * each other's decays through distributed shared memory after one more
- * cluster barrier.
  */
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define KL_KDA_CLUSTERS 1
@@ -1285,132 +1279,7 @@ kda_warps_sum(float v, float *red, int nw)
 	return warp_sum(v);
 }
 
-/*
- * The low-rank up-projections folded into the fused decode kernel
- * (KL_CUDA_KDA_LOWRANK): f = f_b . f_low and gate = g_b . g_low for the
- * head's rows, which the backend otherwise computes in a batch of two GEMVs
- * (kk_gemv_multi) between the input products and this kernel.  The weights
- * are bf16 (LR = KDA_LR_BF16) or fp32 (KDA_LR_F32); KDA_LR_NONE: f and gate
- * come from global memory as before.
- *
- * Same arithmetic as the GEMV at n <= 8 rows (gemv.cu, rows_dot /
- * rows_block_sum and dot_rows + warp_sum): a weight row of K columns is
- * G = K / 8 pieces of 8 columns, piece j taken by lane j of a warp
- * (K <= 256: one piece a lane), acc = the 8 fused multiply-adds of the piece
- * in index order from 0 (fma8_acc), then warp_sum's butterfly (xor 16, 8, 4,
- * 2, 1), in which the lanes past G hold 0.  Here G lanes form a group, so a
- * warp makes 32 / G rows at once: the butterfly's steps of xor >= G, which
- * added the idle lanes' zeros, are the "+ 0.0f" below (x + 0 is x up to the
- * sign of a zero), the steps below G are the same shuffles within the group.
- * The block-rows kernel then adds its warps' sums from 0 in warp order, the
- * other warps' sums being 0: again x up to the sign of a zero.  A zero's sign
- * cannot reach any output (softplus(f + dt_bias), sigmoid(gate)), so the
- * kernel's outputs are the two-kernel path's bit for bit.
- */
-#define KDA_LR_NONE 0
-#define KDA_LR_BF16 1
-#define KDA_LR_F32 2
-
-/* the GEMV's inner step (gemv.cu fma8_acc): acc + w[0..8) . (a, b), fused
- * multiply-adds in index order */
-__device__ __forceinline__ float
-kda_fma8(const float *w, float4 a, float4 b, float acc)
-{
-	acc = fmaf(w[0], a.x, acc);
-	acc = fmaf(w[1], a.y, acc);
-	acc = fmaf(w[2], a.z, acc);
-	acc = fmaf(w[3], a.w, acc);
-	acc = fmaf(w[4], b.x, acc);
-	acc = fmaf(w[5], b.y, acc);
-	acc = fmaf(w[6], b.z, acc);
-	acc = fmaf(w[7], b.w, acc);
-	return acc;
-}
-
-/* bytes of dynamic shared memory for the block's 2 x 32 weight rows */
-static size_t
-kda_lowrank_smem(int K, int LR)
-{
-	return LR == KDA_LR_NONE ? 0 : (size_t) 2 * KDA_SLICE * K * (LR == KDA_LR_BF16 ? 2 : 4);
-}
-
-/*
- * Stage the block's weight rows in shared memory (asynchronous copies; the
- * caller waits): rows [32 z, 32 z + 32) of head h of f_b (the slice's share
- * of the head's decays, exchanged in the cluster) and of g_b (the gates of
- * the slice's own 32 columns).  The weights do not depend on earlier
- * kernels, so this runs before kk_dep_wait.
- */
-template <int K, int LR>
-__device__ __forceinline__ void
-kda_lowrank_stage(float *wsm, const void *f_b, const void *g_b, int h, int z)
-{
-	constexpr int ES = LR == KDA_LR_BF16 ? 2 : 4;
-	constexpr int NF = KDA_SLICE * K * ES / 4;	/* floats of one matrix's 32 rows */
-	size_t		row = (size_t) h * K + (size_t) z * KDA_SLICE;
-
-	copy_f4_async(wsm, (const float *) ((const char *) f_b + row * K * ES), NF);
-	copy_f4_async(wsm + NF, (const float *) ((const char *) g_b + row * K * ES), NF);
-}
-
-/*
- * The block's 64 dot products (after kda_lowrank_stage's copies are waited
- * for and visible): sf[r] = f_b row (32 z + r) . f_low, sg[r] = g_b row
- * (32 z + r) . g_low, r < 32; f_low and g_low the sequence's low-rank rows
- * (K numbers each, written by the kernel before: read after kk_dep_wait).
- */
-template <int K, int LR>
-__device__ __forceinline__ void
-kda_lowrank_rows(const float *wsm, const float *f_low, const float *g_low, float *sf, float *sg)
-{
-	constexpr int G = K / 8;	/* lanes (pieces) a row */
-	constexpr int RPP = 256 / G;	/* rows a pass */
-	constexpr int ES = LR == KDA_LR_BF16 ? 2 : 4;
-	int			j = threadIdx.x % G;
-
-#pragma unroll
-	for (int p = 0; p < 2 * KDA_SLICE / RPP; p++)
-	{
-		int			rr = p * RPP + (int) threadIdx.x / G;	/* 0..63: f rows, then g rows */
-		bool		isg = rr >= KDA_SLICE;
-		const float4 *xp = (const float4 *) (isg ? g_low : f_low) + 2 * j;
-		const char *wrow = (const char *) wsm + (size_t) rr * K * ES;
-		float4		a = xp[0],
-					b = xp[1];
-		float		w[8],
-					acc;
-
-		if (LR == KDA_LR_BF16)
-			unpack8_bf16(*((const uint4 *) wrow + j), w);
-		else
-		{
-			float4		w0 = *((const float4 *) wrow + 2 * j),
-						w1 = *((const float4 *) wrow + 2 * j + 1);
-
-			w[0] = w0.x;
-			w[1] = w0.y;
-			w[2] = w0.z;
-			w[3] = w0.w;
-			w[4] = w1.x;
-			w[5] = w1.y;
-			w[6] = w1.z;
-			w[7] = w1.w;
-		}
-		acc = kda_fma8(w, a, b, 0.0f);
-#pragma unroll
-		for (int o = 16; o > 0; o >>= 1)
-			acc += o >= G ? 0.0f : __shfl_xor_sync(0xffffffffu, acc, o);
-		if (j == 0)
-		{
-			if (isg)
-				sg[rr - KDA_SLICE] = acc;
-			else
-				sf[rr] = acc;
-		}
-	}
-}
-
-template <int K, int LR>
+template <int K>
 __global__ void __launch_bounds__(256, 5)
 kda_decode_kernel(int H, int W, const float *__restrict__ q, const float *__restrict__ k,
 				  const float *__restrict__ v, const float *__restrict__ f, const float *__restrict__ b,
@@ -1418,9 +1287,7 @@ kda_decode_kernel(int H, int W, const float *__restrict__ q, const float *__rest
 				  const float *__restrict__ conv_k, const float *__restrict__ conv_v,
 				  const float *__restrict__ A_log, const float *__restrict__ dt_bias,
 				  const float *__restrict__ o_norm, float eps, const int *__restrict__ row0,
-				  float *const *S_tab, float *const *conv_tab, float qscale, int round16, float *out,
-				  const float *__restrict__ f_low, const float *__restrict__ g_low, const void *__restrict__ f_b,
-				  const void *__restrict__ g_b)
+				  float *const *S_tab, float *const *conv_tab, float qscale, int round16, float *out)
 {
 #ifdef KL_KDA_CLUSTERS
 	constexpr int V = K;
@@ -1436,9 +1303,6 @@ kda_decode_kernel(int H, int W, const float *__restrict__ q, const float *__rest
 	__shared__ float skq,
 				sbeta,
 				npart;
-	__shared__ float sflr[LR ? KDA_SLICE : 1],
-				sglr[LR ? KDA_SLICE : 1];	/* low-rank products: f rows 32 z.., gates of the slice */
-	extern __shared__ float4 lr_smem[];	/* LR: the weight rows (kda_lowrank_stage) */
 	int			s = blockIdx.x,
 				h = blockIdx.y,
 				z = blockIdx.z,
@@ -1457,8 +1321,6 @@ kda_decode_kernel(int H, int W, const float *__restrict__ q, const float *__rest
 				kv = 0,
 				vv = 0;
 
-	if (LR)
-		kda_lowrank_stage<K, LR>((float *) lr_smem, f_b, g_b, h, z);
 	kk_dep_wait();
 	kk_dep_launch();
 	t = row0[s];				/* the sequence's one row */
@@ -1472,14 +1334,6 @@ kda_decode_kernel(int H, int W, const float *__restrict__ q, const float *__rest
 	/* prep (kda_prep_kernel with i = 0) */
 	if (act)					/* v: this slice's columns only */
 		kda_conv_silu(q, k, v, tail, conv_q, conv_k, conv_v, HK, W, ch, t, 0, c >> 5 == z, &qv, &kv, &vv);
-	if (LR)
-	{
-		/* f and gate from the low-rank rows; the cluster's slices share their f rows */
-		cp_async_wait_all();
-		__syncthreads();
-		kda_lowrank_rows<K, LR>((const float *) lr_smem, f_low + (size_t) t * K, g_low + (size_t) t * K, sflr, sglr);
-		coop::this_cluster().sync();
-	}
 	{
 		float		ssq = kda_warps_sum(act ? qv * qv : 0.0f, red, NW);
 		float		ssk = kda_warps_sum(act ? kv * kv : 0.0f, red, NW);
@@ -1492,9 +1346,7 @@ kda_decode_kernel(int H, int W, const float *__restrict__ q, const float *__rest
 			sq[c] = kda_l2_scaled(qv, ssq, qscale);
 			sk[c] = kda_l2_scaled(kv, ssk, 1.0f);
 			sv[c] = vv;			/* (0 outside this slice: not read) */
-			float		fv = LR ? *coop::this_cluster().map_shared_rank(&sflr[c % KDA_SLICE], c / KDA_SLICE) : f[off];
-
-			sa[c] = expf(kda_decay(A, fv, dt_bias[ch]));
+			sa[c] = expf(kda_decay(A, f[off], dt_bias[ch]));
 		}
 	}
 	if (c == 0)
@@ -1547,7 +1399,7 @@ kda_decode_kernel(int H, int W, const float *__restrict__ q, const float *__rest
 				float		ss = warp_sum(pv);
 				size_t		off = (size_t) t * HK + (size_t) h * K + x;
 
-				out[off] = kda_gated(ov, ss, V, eps, o_norm + x, LR ? &sglr[lane] : gate + off);
+				out[off] = kda_gated(ov, ss, V, eps, o_norm + x, gate + off);
 			}
 			if (c >= z * KDA_SLICE && c < (z + 1) * KDA_SLICE)
 				kda_shift_tail(tail, q, k, v, HK, W, ch, t);
@@ -1557,24 +1409,14 @@ kda_decode_kernel(int H, int W, const float *__restrict__ q, const float *__rest
 #endif
 }
 
-/* the low-rank inputs of a launch with LR != KDA_LR_NONE (else all NULL) */
-struct kda_lowrank_in
-{
-	const float *f_low,
-			   *g_low;
-	const void *f_b,
-			   *g_b;
-};
-
 /* 0: launched; -1: not on this GPU or head size (the three kernels then);
  * else the CUDA error of the launch */
-template <int K, int LR>
+template <int K>
 static int
 decode_launch(cudaStream_t s, int n_seqs, int H, int W, const float *q, const float *k, const float *v,
 			  const float *f, const float *b, const float *gate, const float *conv_q, const float *conv_k,
 			  const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm, float eps,
-			  const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out,
-			  kda_lowrank_in lr)
+			  const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out)
 {
 	cudaLaunchConfig_t cfg = {};
 	cudaLaunchAttribute at[2];
@@ -1582,7 +1424,7 @@ decode_launch(cudaStream_t s, int n_seqs, int H, int W, const float *q, const fl
 
 	cfg.gridDim = dim3(n_seqs, H, K / KDA_SLICE);
 	cfg.blockDim = dim3(256);
-	cfg.dynamicSmemBytes = kda_lowrank_smem(K, LR);	/* <= 32 KB: no attribute needed */
+	cfg.dynamicSmemBytes = 0;
 	cfg.stream = s;
 	at[0].id = cudaLaunchAttributeClusterDimension;
 	at[0].val.clusterDim.x = 1;
@@ -1592,9 +1434,8 @@ decode_launch(cudaStream_t s, int n_seqs, int H, int W, const float *q, const fl
 	at[1].val.programmaticStreamSerializationAllowed = 1;
 	cfg.attrs = at;
 	cfg.numAttrs = kk_pdl_on ? 2 : 1;
-	e = cudaLaunchKernelEx(&cfg, kda_decode_kernel<K, LR>, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log,
-						   dt_bias, o_norm, eps, row0, S_tab, conv_tab, 1.0f / sqrtf((float) K), round16, out,
-						   lr.f_low, lr.g_low, lr.f_b, lr.g_b);
+	e = cudaLaunchKernelEx(&cfg, kda_decode_kernel<K>, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log,
+						   dt_bias, o_norm, eps, row0, S_tab, conv_tab, 1.0f / sqrtf((float) K), round16, out);
 	return e == cudaSuccess ? 0 : (int) e;
 }
 
@@ -1616,9 +1457,8 @@ kk_kda_decode_supported(int K)
 		cudaGetLastError();
 		return 0;
 	}
-	e = K == 32 ? cudaFuncGetAttributes(&fa, kda_decode_kernel<32, KDA_LR_NONE>) :
-		K == 64 ? cudaFuncGetAttributes(&fa, kda_decode_kernel<64, KDA_LR_NONE>) :
-		cudaFuncGetAttributes(&fa, kda_decode_kernel<128, KDA_LR_NONE>);
+	e = K == 32 ? cudaFuncGetAttributes(&fa, kda_decode_kernel<32>) :
+		K == 64 ? cudaFuncGetAttributes(&fa, kda_decode_kernel<64>) : cudaFuncGetAttributes(&fa, kda_decode_kernel<128>);
 	if (e != cudaSuccess)
 	{
 		cudaGetLastError();
@@ -1627,58 +1467,25 @@ kk_kda_decode_supported(int K)
 	return fa.ptxVersion >= 90;
 }
 
-/* kk_kda_decode / kk_kda_decode_lowrank for head size K */
-template <int LR>
-static int
-decode_launch_k(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k, const float *v,
-				const float *f, const float *b, const float *gate, const float *conv_q, const float *conv_k,
-				const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm, float eps,
-				const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out,
-				kda_lowrank_in lr)
-{
-	if (n_seqs <= 0)
-		return 0;
-	switch (K)
-	{
-		case 32:
-			return decode_launch<32, LR>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log,
-										 dt_bias, o_norm, eps, row0, S_tab, conv_tab, round16, out, lr);
-		case 64:
-			return decode_launch<64, LR>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log,
-										 dt_bias, o_norm, eps, row0, S_tab, conv_tab, round16, out, lr);
-		case 128:
-			return decode_launch<128, LR>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log,
-										  dt_bias, o_norm, eps, row0, S_tab, conv_tab, round16, out, lr);
-	}
-	return -1;
-}
-
 extern "C" int
 kk_kda_decode(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k, const float *v,
 			  const float *f, const float *b, const float *gate, const float *conv_q, const float *conv_k,
 			  const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm, float eps,
 			  const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out)
 {
-	kda_lowrank_in lr = {NULL, NULL, NULL, NULL};
-
-	return decode_launch_k<KDA_LR_NONE>(s, n_seqs, H, K, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log,
-										dt_bias, o_norm, eps, row0, S_tab, conv_tab, round16, out, lr);
-}
-
-extern "C" int
-kk_kda_decode_lowrank(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k,
-					  const float *v, const float *f_low, const float *b, const float *g_low, const void *f_b,
-					  const void *g_b, int w_bf16, const float *conv_q, const float *conv_k, const float *conv_v,
-					  const float *A_log, const float *dt_bias, const float *o_norm, float eps, const int *row0,
-					  float *const *S_tab, float *const *conv_tab, int round16, float *out)
-{
-	kda_lowrank_in lr = {f_low, g_low, f_b, g_b};
-
-	if (((uintptr_t) f_low | (uintptr_t) g_low | (uintptr_t) f_b | (uintptr_t) g_b) & 15)
-		return -1;				/* the 16-byte loads and copies need aligned rows */
-	if (w_bf16)
-		return decode_launch_k<KDA_LR_BF16>(s, n_seqs, H, K, W, q, k, v, NULL, b, NULL, conv_q, conv_k, conv_v,
-											A_log, dt_bias, o_norm, eps, row0, S_tab, conv_tab, round16, out, lr);
-	return decode_launch_k<KDA_LR_F32>(s, n_seqs, H, K, W, q, k, v, NULL, b, NULL, conv_q, conv_k, conv_v, A_log,
-									   dt_bias, o_norm, eps, row0, S_tab, conv_tab, round16, out, lr);
+	if (n_seqs <= 0)
+		return 0;
+	switch (K)
+	{
+		case 32:
+			return decode_launch<32>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias,
+									 o_norm, eps, row0, S_tab, conv_tab, round16, out);
+		case 64:
+			return decode_launch<64>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias,
+									 o_norm, eps, row0, S_tab, conv_tab, round16, out);
+		case 128:
+			return decode_launch<128>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias,
+									  o_norm, eps, row0, S_tab, conv_tab, round16, out);
+	}
+	return -1;
 }

@@ -171,21 +171,6 @@ int			kk_kda_decode(cudaStream_t s, int n_seqs, int H, int K, int W, const float
 						  const float *conv_k, const float *conv_v, const float *A_log, const float *dt_bias,
 						  const float *o_norm, float eps, const int *row0, float *const *S_tab,
 						  float *const *conv_tab, int round16, float *out);
-/*
- * kk_kda_decode with the low-rank up-projections folded in
- * (KL_CUDA_KDA_LOWRANK): f = f_low f_b^T and gate = g_low g_b^T are made in
- * the kernel instead of read (f_low, g_low [n_seqs rows of K], row s at
- * row0[s]; f_b, g_b [H*K, K], bf16 when w_bf16 else fp32), the same numbers
- * as kk_gemv_multi's CUDA-core GEMV of those products bit for bit, so the
- * outputs equal kk_gemv_multi + kk_kda_decode's.  Pointers 16-byte aligned.
- * Returns as kk_kda_decode (-1 also for unaligned pointers).
- */
-int			kk_kda_decode_lowrank(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k,
-								  const float *v, const float *f_low, const float *b, const float *g_low,
-								  const void *f_b, const void *g_b, int w_bf16, const float *conv_q,
-								  const float *conv_k, const float *conv_v, const float *A_log, const float *dt_bias,
-								  const float *o_norm, float eps, const int *row0, float *const *S_tab,
-								  float *const *conv_tab, int round16, float *out);
 
 /* mla.cu (pages: for each sequence, page_cap page pointers of this layer;
  * c16: the cache rows are bf16, else fp32) */

@@ -642,7 +642,6 @@ static const kl_backend_ops cuda_ops = {
 	.end_step = cuda_end_step,
 	.sync = cu_sync,
 	.destroy = cu_destroy,
-	.kda_takes_low_rank = true,
 };
 
 /* Shapes the kernels do not cover are refused at creation, with the reason. */
@@ -758,9 +757,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_KDA_FUSED=0 runs a decode step's KDA mixer as three kernels
 		 * (default: one, kk_kda_decode, where the GPU has clusters; =N: one
 		 * for steps of up to N sequences).
-		 * KL_CUDA_KDA_LOWRANK=0: a decode step's f_b / g_b products run as
-		 * their own GEMV batch before that kernel (default: in it, where
-		 * they come out bit for bit the same; cuda_kda.c).
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
@@ -782,7 +778,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *pf = getenv("KL_CUDA_PREFETCH"),
 				   *pfmb = getenv("KL_CUDA_PREFETCH_MB"),
 				   *kf = getenv("KL_CUDA_KDA_FUSED"),
-				   *kl = getenv("KL_CUDA_KDA_LOWRANK"),
 				   *ep = getenv("KL_CUDA_EXPERT_PRELOAD");
 		int			major = 0;
 
@@ -795,7 +790,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :
 			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : 8;
-		cs->kda_lowrank = !(kl && strcmp(kl, "0") == 0);
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
 		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
 		cs->route_warp = rw && *rw ? atoi(rw) : INT_MAX;

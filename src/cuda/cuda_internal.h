@@ -203,10 +203,6 @@ typedef struct cuda_state
 	 * the same outputs bit for bit.  KL_CUDA_KDA_FUSED: 0 never, N up to N,
 	 * default all; 0 below Hopper and for head sizes it does not cover */
 	int			kda_fused_max;
-	/* KL_CUDA_KDA_LOWRANK (default on; 0 off): that kernel also makes the
-	 * f_b / g_b low-rank products where they are the GEMV's bit for bit
-	 * (cuda_kda.c lowrank_foldable); else cuda_kda runs their GEMV batch */
-	bool		kda_lowrank;
 
 	/* sampling: staging (pinned) and its device copy (cuda_sample.c) */
 	void	   *smp_host;
@@ -335,16 +331,6 @@ int			kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float ep
 									const float *A_log, const float *dt_bias, const float *o_norm, const float *S,
 									const float *tails, float *out_old, float *out_new, float *S_old, float *S_new,
 									float *tails_old, float *tails_new);
-/* test hook of cuda_kda.c: one KDA decode step from the low-rank rows, the
- * f_b / g_b GEMV batch + kk_kda_decode against kk_kda_decode_lowrank
- * (KL_CUDA_KDA_LOWRANK) */
-int			kl_cuda_test_kda_lowrank(int ns, int H, int K, int W, int w_bf16, int gemv_rows, float eps,
-									 const float *q, const float *k, const float *v, const float *f_low,
-									 const float *b, const float *g_low, const float *f_b, const float *g_b,
-									 const float *conv_q, const float *conv_k, const float *conv_v,
-									 const float *A_log, const float *dt_bias, const float *o_norm, const float *S,
-									 const float *tails, float *out_old, float *out_new, float *S_old,
-									 float *S_new, float *tails_old, float *tails_new);
 int			kl_cuda_test_route_group(int warp, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
 									 int bias_in_w, float scaling, int shared_rows, int P, const float *logits,
 									 const float *bias, int *sel, float *wts, int *start, int *xrow, int *inv,

@@ -10,64 +10,13 @@
  * A decode step (one row per sequence) runs all of it in one kernel,
  * kk_kda_decode, with the same outputs bit for bit (KL_CUDA_KDA_FUSED=0: the
  * three kernels; =N: one kernel for steps of up to N sequences).
- * The backend takes the low-rank rows (kda_takes_low_rank): the decay and
- * gate up-projections f_b and g_b are folded into that kernel where its
- * products are the GEMV's bit for bit (KL_CUDA_KDA_LOWRANK, default on; see
- * lowrank_foldable); otherwise this op runs them first as the one batch of
- * two GEMVs forward.c used to run (cuda_matmul_batch_raw).
  */
 #include <limits.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "cuda_internal.h"
-#include "kl_util.h"
 
 #define RECURRENT_MAX 16
-#define LOWRANK_MAX_ROWS 8		/* cuda_matmul.c's GEMV_MAX_ROWS: the batch's GEMV up to this */
-
-/*
- * May the fused decode kernel make f and gate from the low-rank rows?  Only
- * where the batch it replaces would take the CUDA-core GEMV (bf16 or fp32
- * weights of the layer's shape, up to 8 rows, not the tensor-core GEMV of
- * bf16 precision, which rounds the activations to bf16), since the kernel
- * repeats that GEMV's arithmetic exactly (kernels/kda.cu).
- */
-static bool
-lowrank_foldable(const cuda_state *cs, const kl_config *cfg, const kl_kda_layer *w, int ns)
-{
-	int			HK = cfg->kda_heads * cfg->kda_head_dim,
-				K = cfg->kda_head_dim;
-	const kl_weight *m[2] = {&w->f_b, &w->g_b};
-
-	if (!cs->kda_lowrank || ns > LOWRANK_MAX_ROWS || w->f_b.dtype != w->g_b.dtype)
-		return false;
-	for (int i = 0; i < 2; i++)
-	{
-		if ((m[i]->dtype != KL_DT_BF16 && m[i]->dtype != KL_DT_F32) || m[i]->rows != HK || m[i]->cols != K ||
-			!m[i]->dev || m[i]->q.type != KL_Q_NONE)
-			return false;
-		if (cs->bf16 && m[i]->dtype == KL_DT_BF16 && ns >= cs->gemv_mma_min && kk_gemv_mma_ok(K))
-			return false;
-	}
-	return true;
-}
-
-/* f = f_low f_b^T and gate = gate_low g_b^T, the batch forward.c runs for
- * backends without kda_takes_low_rank */
-static void
-lowrank_products(kl_backend *be, const kl_kda_args *a, int n)
-{
-	const kl_config *cfg = be->cfg;
-	int			HK = cfg->kda_heads * cfg->kda_head_dim,
-				K = cfg->kda_head_dim;
-	kl_matmul_job jobs[2] = {
-		{a->f, HK, a->f_low, K, n, &a->w->f_b},
-		{a->gate, HK, a->gate_low, K, n, &a->w->g_b},
-	};
-
-	cuda_matmul_batch_raw(be, jobs, 2);
-}
 
 void
 cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
@@ -94,29 +43,6 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 
 	if (cuda_step_skip(be, OP_KDA, (uintptr_t) a->q, (uintptr_t) a->out, (uintptr_t) w, (uintptr_t) a->kda_index))
 		return;
-	if (a->f_low && n == ns && ns <= cs->kda_fused_max && lowrank_foldable(cs, cfg, w, ns))
-	{
-		int			rc = kk_kda_decode_lowrank(cs->stream, ns, H, K, W, a->q, a->k, a->v, a->f_low, a->b,
-											   a->gate_low, w->f_b.dev, w->g_b.dev, w->f_b.dtype == KL_DT_BF16,
-											   w->conv_q, w->conv_k, w->conv_v, w->A_log, w->dt_bias, w->o_norm,
-											   cfg->rms_norm_eps, cs->d_row0, S_tab, conv_tab, cs->kda_round16,
-											   a->out);
-
-		if (rc == 0)
-		{
-			cuda_launched(be, "kda_decode_lowrank");
-			return;
-		}
-		/* refused (unaligned, or a configuration this GPU does not take): the batch from now on */
-		cudaGetLastError();
-		cs->kda_lowrank = false;
-	}
-	if (a->f_low)
-	{
-		lowrank_products(be, a, n);
-		if (be->failed)
-			return;
-	}
 	if (n == ns && ns <= cs->kda_fused_max)
 	{
 		int			rc = kk_kda_decode(cs->stream, ns, H, K, W, a->q, a->k, a->v, a->f, a->b, a->gate, w->conv_q,
@@ -327,169 +253,5 @@ kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float eps, con
 		cudaStreamDestroy(s);
 	free(ints);
 	free(ptrs);
-	return rc;
-}
-
-/* the GEMV design switch of gemv.cu (kk_set_gemv_rows), saved around the hook below */
-extern int	kk_gemv_rows;
-
-/*
- * For test/engine/test_cuda.c only (dlsym): one decode step of ns sequences
- * (row s is sequence s) from the low-rank rows, today's way (kk_gemv_multi:
- * one batch of the two products f = f_low f_b^T and gate = g_low g_b^T, with
- * the GEMV design gemv_rows (kk_set_gemv_rows; restored after), then
- * kk_kda_decode) into the *_old outputs and through kk_kda_decode_lowrank
- * into the *_new ones, each on its own copy of the state and conv tails.
- * Host inputs as kl_cuda_test_kda_decode's, with f_low and g_low [ns, K] in
- * place of f and gate and the weights f_b, g_b [H K, K] as fp32 values
- * (uploaded rounded to bf16 when w_bf16).  Returns 0, -1 when the fused
- * kernel does not cover the shape or GPU, or a CUDA error code.
- */
-__attribute__((visibility("default"))) int
-kl_cuda_test_kda_lowrank(int ns, int H, int K, int W, int w_bf16, int gemv_rows, float eps, const float *q,
-						 const float *k, const float *v, const float *f_low, const float *b, const float *g_low,
-						 const float *f_b, const float *g_b, const float *conv_q, const float *conv_k,
-						 const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm,
-						 const float *S, const float *tails, float *out_old, float *out_new, float *S_old,
-						 float *S_new, float *tails_old, float *tails_new)
-{
-	enum
-	{
-		Q, K_, V_, FL, GL, FB, GB, F, GATE, B, CQ, CK, CV, ALOG, DT, ONORM, S_O, S_N, T_O, T_N, OUT_O, OUT_N,
-		ROW0, STAB_O, STAB_N, CTAB_O, CTAB_N, NBUF
-	};
-	size_t		HK = (size_t) H * K,
-				nS = (size_t) H * K * K,
-				nT = 3 * HK * W,
-				nw = HK * K,
-				es = w_bf16 ? sizeof(uint16_t) : sizeof(float);
-	size_t		sz[NBUF];
-	const void *in[NBUF] = {NULL};
-	void	   *d[NBUF] = {NULL};
-	int		   *ints = malloc(sizeof(int) * (size_t) (ns + 1));
-	float	  **ptrs = malloc(sizeof(float *) * (size_t) (4 * ns));
-	uint16_t   *w16 = w_bf16 ? malloc(sizeof(uint16_t) * 2 * nw) : NULL;
-	int			saved_rows = kk_gemv_rows;
-	cudaStream_t s = NULL;
-	cudaError_t e;
-	int			rc = 0;
-
-	if (!ints || !ptrs || (w_bf16 && !w16))
-		rc = (int) cudaErrorMemoryAllocation;
-	else if (!kk_kda_decode_supported(K))
-		rc = -1;
-	if (rc != 0)
-	{
-		free(ints);
-		free(ptrs);
-		free(w16);
-		return rc;
-	}
-	if (w_bf16)
-		for (size_t i = 0; i < nw; i++)
-		{
-			w16[i] = kl_f32_to_bf16(f_b[i]);
-			w16[nw + i] = kl_f32_to_bf16(g_b[i]);
-		}
-	sz[Q] = sz[K_] = sz[V_] = sz[F] = sz[GATE] = sz[OUT_O] = sz[OUT_N] = sizeof(float) * ns * HK;
-	sz[FL] = sz[GL] = sizeof(float) * ns * K;
-	sz[FB] = sz[GB] = es * nw;
-	sz[B] = sizeof(float) * ns * H;
-	sz[CQ] = sz[CK] = sz[CV] = sizeof(float) * HK * W;
-	sz[ALOG] = sizeof(float) * H;
-	sz[DT] = sizeof(float) * HK;
-	sz[ONORM] = sizeof(float) * K;
-	sz[S_O] = sz[S_N] = sizeof(float) * ns * nS;
-	sz[T_O] = sz[T_N] = sizeof(float) * ns * nT;
-	sz[ROW0] = sizeof(int) * (ns + 1);
-	sz[STAB_O] = sz[STAB_N] = sz[CTAB_O] = sz[CTAB_N] = sizeof(float *) * ns;
-	in[Q] = q;
-	in[K_] = k;
-	in[V_] = v;
-	in[FL] = f_low;
-	in[GL] = g_low;
-	in[FB] = w_bf16 ? (const void *) w16 : (const void *) f_b;
-	in[GB] = w_bf16 ? (const void *) (w16 + nw) : (const void *) g_b;
-	in[B] = b;
-	in[CQ] = conv_q;
-	in[CK] = conv_k;
-	in[CV] = conv_v;
-	in[ALOG] = A_log;
-	in[DT] = dt_bias;
-	in[ONORM] = o_norm;
-	in[S_O] = in[S_N] = S;
-	in[T_O] = in[T_N] = tails;
-	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess)
-		rc = (int) e;
-	for (int i = 0; i < NBUF && rc == 0; i++)
-		if ((e = cudaMalloc(&d[i], sz[i])) != cudaSuccess ||
-			(in[i] && (e = cudaMemcpyAsync(d[i], in[i], sz[i], cudaMemcpyHostToDevice, s)) != cudaSuccess))
-			rc = (int) e;
-	if (rc == 0)
-	{
-		for (int i = 0; i <= ns; i++)
-			ints[i] = i;
-		for (int i = 0; i < ns; i++)
-		{
-			ptrs[i] = (float *) d[S_O] + i * nS;
-			ptrs[ns + i] = (float *) d[S_N] + i * nS;
-			ptrs[2 * ns + i] = (float *) d[T_O] + i * nT;
-			ptrs[3 * ns + i] = (float *) d[T_N] + i * nT;
-		}
-		if ((e = cudaMemcpyAsync(d[ROW0], ints, sz[ROW0], cudaMemcpyHostToDevice, s)) != cudaSuccess)
-			rc = (int) e;
-		for (int i = 0; i < 4 && rc == 0; i++)
-			if ((e = cudaMemcpyAsync(d[STAB_O + i], ptrs + (size_t) i * ns, sz[STAB_O], cudaMemcpyHostToDevice, s)) !=
-				cudaSuccess)
-				rc = (int) e;
-	}
-	if (rc == 0)
-	{
-		kk_gemv_batch gb;
-
-		memset(&gb, 0, sizeof(gb));
-		gb.n = ns;
-		gb.count = 2;
-		for (int j = 0; j < 2; j++)
-		{
-			gb.job[j].y = d[j == 0 ? F : GATE];
-			gb.job[j].ldy = (int) HK;
-			gb.job[j].x = d[j == 0 ? FL : GL];
-			gb.job[j].ldx = K;
-			gb.job[j].W = d[j == 0 ? FB : GB];
-			gb.job[j].rows = (int) HK;
-			gb.job[j].cols = K;
-			gb.job[j].bf16 = w_bf16 != 0;
-		}
-		kk_set_gemv_rows(gemv_rows);
-		kk_gemv_multi(s, &gb);
-		kk_set_gemv_rows(saved_rows);
-		rc = kk_kda_decode(s, ns, H, K, W, d[Q], d[K_], d[V_], d[F], d[B], d[GATE], d[CQ], d[CK], d[CV], d[ALOG],
-						   d[DT], d[ONORM], eps, d[ROW0], d[STAB_O], d[CTAB_O], 0, d[OUT_O]);
-		if (rc == 0)
-			rc = kk_kda_decode_lowrank(s, ns, H, K, W, d[Q], d[K_], d[V_], d[FL], d[B], d[GL], d[FB], d[GB], w_bf16,
-									   d[CQ], d[CK], d[CV], d[ALOG], d[DT], d[ONORM], eps, d[ROW0], d[STAB_N],
-									   d[CTAB_N], 0, d[OUT_N]);
-		if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
-			rc = (int) e;
-	}
-	{
-		void	   *host_out[6] = {out_old, out_new, S_old, S_new, tails_old, tails_new};
-		int			dev_of[6] = {OUT_O, OUT_N, S_O, S_N, T_O, T_N};
-
-		for (int i = 0; i < 6 && rc == 0; i++)
-			if ((e = cudaMemcpyAsync(host_out[i], d[dev_of[i]], sz[dev_of[i]], cudaMemcpyDeviceToHost, s)) !=
-				cudaSuccess)
-				rc = (int) e;
-	}
-	if (s && (e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
-		rc = (int) e;
-	for (int i = 0; i < NBUF; i++)
-		cudaFree(d[i]);
-	if (s)
-		cudaStreamDestroy(s);
-	free(ints);
-	free(ptrs);
-	free(w16);
 	return rc;
 }

@@ -164,10 +164,6 @@ typedef struct kl_step
  * The op runs conv + silu, L2 norm, decay, beta, the delta rule (updating the
  * sequences' state) and the gated per-head RMSNorm, writing out [n, H*K]
  * ready for o_proj.  q, k, v, f may be overwritten.
- * f_low / gate_low: NULL, or (only for a backend with kda_takes_low_rank)
- * the low-rank rows f_a(x) and g_a(x) [n, K] (row stride K) with f and gate
- * not yet computed: the op makes f = f_b(f_low) and gate = g_b(gate_low)
- * itself (into f and gate, or on chip), as the matmul batch would have.
  */
 typedef struct kl_kda_args
 {
@@ -178,9 +174,7 @@ typedef struct kl_kda_args
 			   *v,
 			   *f,
 			   *b;
-	float	   *gate;
-	const float *f_low,
-			   *gate_low;
+	const float *gate;
 	float	   *out;
 } kl_kda_args;
 
@@ -295,10 +289,6 @@ typedef struct kl_backend_ops
 
 	/* matmul takes quantized weights (kl_weight.q, quant.h) as they are */
 	bool		quantized_weights;
-	/* kda takes the low-rank rows (kl_kda_args.f_low, gate_low) and makes the
-	 * f_b and g_b products itself, so forward.c does not run them (the CUDA
-	 * backend folds them into its decode kernel; false: forward.c runs them) */
-	bool		kda_takes_low_rank;
 } kl_backend_ops;
 
 struct kl_backend

@@ -146,8 +146,7 @@ kda_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
 
 		matmuls(c, from_x, 6);
 		prefetch_after_mixer(c, L, &w->o_proj);
-		if (!be->ops->kda_takes_low_rank)
-			matmuls(c, low_rank, 2);
+		matmuls(c, low_rank, 2);
 	});
 
 	a.w = w;
@@ -158,8 +157,6 @@ kda_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
 	a.f = c->decay;
 	a.b = c->beta;
 	a.gate = c->out_gate;
-	a.f_low = be->ops->kda_takes_low_rank ? c->low_rank : NULL;
-	a.gate_low = be->ops->kda_takes_low_rank ? c->gate_low_rank : NULL;
 	a.out = c->mixer_out;
 	TIMED(c, KL_PROF_KDA, be->ops->kda(be, st, &a));
 

@@ -44,12 +44,7 @@
  * kl_cuda_test_kda_decode: the 48B and the golden models' KDA shapes, 1, 3
  * and 8 sequences, fp32 and bf16-rounded states), and the golden models must
  * decode to the same logits bit for bit either way, in fp32 and bf16
- * precision (check_kda_fused_model).  The same kernel making the decay and
- * gate up-projections (f_b, g_b) from the low-rank rows (KL_CUDA_KDA_LOWRANK)
- * must equal their GEMV batch followed by the kernel bit for bit
- * (check_kda_lowrank through kl_cuda_test_kda_lowrank: 48B and golden
- * shapes, 1 / 3 / 8 sequences, fp32 and bf16 weights; and the golden models'
- * logits in check_kda_fused_model).
+ * precision (check_kda_fused_model).
  *
  * The decode MLA products with 16-byte weight loads (KL_CUDA_MLA_SMALL)
  * must equal the older kernels within 1e-5 (check_mla_small, through the
@@ -2201,143 +2196,11 @@ check_kda_decode(void)
 	kl_model_free(m);
 }
 
-/* kl_cuda_test_kda_lowrank (cuda_kda.c): the f_b / g_b batch + fused kernel, and the fused kernel making them */
-typedef int (*kda_lowrank_test_fn) (int ns, int H, int K, int W, int w_bf16, int gemv_rows, float eps,
-									const float *q, const float *k, const float *v, const float *f_low,
-									const float *b, const float *g_low, const float *f_b, const float *g_b,
-									const float *conv_q, const float *conv_k, const float *conv_v,
-									const float *A_log, const float *dt_bias, const float *o_norm, const float *S,
-									const float *tails, float *out_old, float *out_new, float *S_old,
-									float *S_new, float *tails_old, float *tails_new);
-
-/*
- * The fused KDA decode kernel making the decay and gate up-projections
- * itself from the low-rank rows (kk_kda_decode_lowrank, KL_CUDA_KDA_LOWRANK)
- * against today's path on the same inputs (the batch of the two GEMVs,
- * kk_gemv_multi, then kk_kda_decode): output, state and conv tails bit for
- * bit, since the kernel repeats the GEMV's order of operations.  48B shape
- * (32 heads x 128, low-rank 128) and the golden models' (4 x 32), 1 / 3 / 8
- * sequences, fp32 and bf16 weights, the bf16 GEMV in both designs
- * (KL_CUDA_GEMV_ROWS).
- */
-static void
-check_kda_lowrank(void)
-{
-	static const struct
-	{
-		int			H,
-					K,
-					W;
-		const char *what;
-	}			shapes[] = {
-		{32, 128, 4, "48B shape (32 heads x 128, low rank 128)"},
-		{4, 32, 4, "golden models' shape (4 heads x 32)"},
-	};
-	static const int batches[] = {1, 3, 8};
-	kl_model   *m;
-	void	   *lib = NULL;
-	kda_lowrank_test_fn fn = NULL;
-	uint64_t	rs = 2020;
-
-	m = load_test_hook("kl_cuda_test_kda_lowrank", &lib, (void **) &fn);
-	if (!fn)
-		return;
-	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
-		for (size_t bi = 0; bi < sizeof(batches) / sizeof(batches[0]); bi++)
-			for (int wv = 0; wv < 3; wv++)	/* fp32 weights; bf16 block rows; bf16 one warp a row */
-			{
-				int			H = shapes[si].H,
-							K = shapes[si].K,
-							W = shapes[si].W,
-							ns = batches[bi],
-							w_bf16 = wv > 0,
-							gemv_rows = wv != 2,
-							rc;
-				size_t		HK = (size_t) H * K,
-							nx = (size_t) ns * HK,
-							nS = (size_t) ns * H * K * K,
-							nT = (size_t) ns * 3 * HK * W;
-				float	   *q = rand_floats(nx, -2, 2, &rs),
-						   *k = rand_floats(nx, -2, 2, &rs),
-						   *v = rand_floats(nx, -2, 2, &rs),
-						   *fl = rand_floats((size_t) ns * K, -1, 1, &rs),
-						   *gl = rand_floats((size_t) ns * K, -1, 1, &rs),
-						   *fb = rand_floats(HK * K, -0.4, 0.4, &rs),
-						   *gb = rand_floats(HK * K, -0.4, 0.4, &rs),
-						   *b = rand_floats((size_t) ns * H, -3, 3, &rs),
-						   *cq = rand_floats(HK * W, -0.6, 0.6, &rs),
-						   *ck = rand_floats(HK * W, -0.6, 0.6, &rs),
-						   *cv = rand_floats(HK * W, -0.6, 0.6, &rs),
-						   *A_log = rand_floats((size_t) H, -1, 1.5, &rs),
-						   *dt = rand_floats(HK, -1, 1, &rs),
-						   *onorm = rand_floats((size_t) K, 0.5, 1.5, &rs),
-						   *S = rand_floats(nS, -1, 1, &rs),
-						   *tails = rand_floats(nT, -2, 2, &rs),
-						   *out_o = malloc(sizeof(float) * nx),
-						   *out_n = malloc(sizeof(float) * nx),
-						   *S_o = malloc(sizeof(float) * nS),
-						   *S_n = malloc(sizeof(float) * nS),
-						   *t_o = malloc(sizeof(float) * nT),
-						   *t_n = malloc(sizeof(float) * nT);
-				char		what[240];
-
-				/* a zero low-rank row: every product 0 (the sign of a zero never shows) */
-				if (ns == 3)
-					memset(fl + K, 0, sizeof(float) * (size_t) K);
-				snprintf(what, sizeof(what), "%s, %d sequence%s, %s weights%s", shapes[si].what, ns,
-						 ns == 1 ? "" : "s", w_bf16 ? "bf16" : "fp32",
-						 !w_bf16 ? "" : gemv_rows ? " (block-rows GEMV)" : " (one-warp-a-row GEMV)");
-				rc = fn(ns, H, K, W, w_bf16, gemv_rows, 1e-5f, q, k, v, fl, b, gl, fb, gb, cq, ck, cv, A_log, dt,
-						onorm, S, tails, out_o, out_n, S_o, S_n, t_o, t_n);
-				if (rc == -1)
-				{
-					char		why[300];
-
-					snprintf(why, sizeof(why), "KDA decode with the low-rank products: this GPU has no clusters (%s)",
-							 what);
-					tap_skip(why);
-				}
-				else
-					tap_ok(rc == 0 && memcmp(out_o, out_n, sizeof(float) * nx) == 0 &&
-						   memcmp(S_o, S_n, sizeof(float) * nS) == 0 && memcmp(t_o, t_n, sizeof(float) * nT) == 0,
-						   "KDA decode making f_b / g_b itself = their GEMV batch + the fused kernel bit for bit, %s "
-						   "(output rel err %.2e, state %.2e, conv tails %.2e; hook returned %d)", what,
-						   rel_err(out_n, out_o, nx), rel_err(S_n, S_o, nS), rel_err(t_n, t_o, nT), rc);
-				free(q);
-				free(k);
-				free(v);
-				free(fl);
-				free(gl);
-				free(fb);
-				free(gb);
-				free(b);
-				free(cq);
-				free(ck);
-				free(cv);
-				free(A_log);
-				free(dt);
-				free(onorm);
-				free(S);
-				free(tails);
-				free(out_o);
-				free(out_n);
-				free(S_o);
-				free(S_n);
-				free(t_o);
-				free(t_n);
-			}
-	dlclose(lib);
-	kl_model_free(m);
-}
-
 /*
  * A golden model decoding nseq sequences together (decode_together: every
  * step one token per sequence) with the fused KDA decode kernel (the
  * default) and with the three kernels (KL_CUDA_KDA_FUSED=0): the logits of
- * every step bit for bit, so the states that feed them are too.  The default
- * also folds the f_b / g_b products into the fused kernel where it can
- * (KL_CUDA_KDA_LOWRANK); the fused kernel after their GEMV batch
- * (KL_CUDA_KDA_LOWRANK=0) must give the same logits too.
+ * every step bit for bit, so the states that feed them are too.
  */
 static void
 check_kda_fused_model(const char *model, const char *prec, int nseq)
@@ -2348,14 +2211,12 @@ check_kda_fused_model(const char *model, const char *prec, int nseq)
 	kl_err		err;
 	const kl_st_tensor *t;
 	kl_model   *fused,
-			   *three,
-			   *nolow;
+			   *three;
 	int			rounds = 4,
 				V;
 	size_t		nl;
 	float	   *lf,
-			   *l3,
-			   *ln;
+			   *l3;
 
 	snprintf(dir, sizeof(dir), "%s/golden/%s", tap_fixture_dir(), model);
 	snprintf(path, sizeof(path), "%s/golden.safetensors", dir);
@@ -2371,26 +2232,17 @@ check_kda_fused_model(const char *model, const char *prec, int nseq)
 	setenv("KL_CUDA_KDA_FUSED", "0", 1);	/* read when the backend is made */
 	three = load(dir, "cuda", prec);
 	unsetenv("KL_CUDA_KDA_FUSED");
-	setenv("KL_CUDA_KDA_LOWRANK", "0", 1);
-	nolow = load(dir, "cuda", prec);
-	unsetenv("KL_CUDA_KDA_LOWRANK");
 	V = kl_model_config(fused)->vocab_size;
 	nl = (size_t) rounds * nseq * V;
 	lf = decode_together(fused, t->data, nseq, rounds);
 	l3 = decode_together(three, t->data, nseq, rounds);
-	ln = decode_together(nolow, t->data, nseq, rounds);
 	tap_ok(memcmp(lf, l3, sizeof(float) * nl) == 0, "%s %s: %d sequence%s decoding together (%d steps), fused KDA "
 		   "decode kernel = the three kernels bit for bit (logits rel err %.2e)", model, prec, nseq,
 		   nseq == 1 ? "" : "s", rounds, rel_err(lf, l3, nl));
-	tap_ok(memcmp(lf, ln, sizeof(float) * nl) == 0, "%s %s: %d sequence%s decoding together (%d steps), f_b / g_b "
-		   "in the fused KDA kernel = their GEMV batch before it bit for bit (logits rel err %.2e)", model, prec,
-		   nseq, nseq == 1 ? "" : "s", rounds, rel_err(lf, ln, nl));
 	free(lf);
 	free(l3);
-	free(ln);
 	kl_model_free(fused);
 	kl_model_free(three);
-	kl_model_free(nolow);
 	kl_st_close(&st);
 }
 
@@ -2719,7 +2571,6 @@ main(void)
 	check_expert_paths();
 	check_mla_small();
 	check_kda_decode();
-	check_kda_lowrank();
 	for (int mi = 0; mi < 2; mi++)
 		for (int pi = 0; pi < 2; pi++)
 			for (int bi = 0; bi < 3; bi++)
