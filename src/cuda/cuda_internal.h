@@ -192,9 +192,10 @@ typedef struct cuda_state
 	/* fused routing in warps (kk_moe_route_group_warp) for steps of at most
 	 * this many tokens; 0: the block kernel (KL_CUDA_ROUTE_WARP) */
 	int			route_warp;
-	/* KL_CUDA_ROUTE_RANK: where the warp routing would run, route by rank
-	 * (kk_moe_route_group_rank) where it covers the shape; 0: never */
-	bool		route_rank;
+	/* KL_CUDA_ROUTE_RANK: where the warp routing would run, steps of up to
+	 * this many tokens route by rank (kk_moe_route_group_rank) where it
+	 * covers the shape; 0: never */
+	int			route_rank_max;
 	/* KL_CUDA_KDA_STATE_ROUND=bf16: the per-token recurrence stores its state
 	 * rounded to bf16 (measures a bf16 state's drift; the storage stays fp32) */
 	int			kda_round16;

@@ -17,8 +17,8 @@
  *
  * Decode (unless KL_CUDA_MOE_FUSE=0): routing and grouping are one launch
  * (in warps, kk_moe_route_group_warp, unless KL_CUDA_ROUTE_WARP=0; steps
- * of up to 8 tokens by rank, kk_moe_route_group_rank, unless
- * KL_CUDA_ROUTE_RANK=0),
+ * of up to 4 tokens by rank, kk_moe_route_group_rank: KL_CUDA_ROUTE_RANK=N
+ * moves the bound, 0 never),
  * the gate and up products write silu(gate) * up directly, and the combine
  * is held back (cuda_defer_combine) to run inside the residual add and norm
  * that follow: router, route+group, gate/up, down — four launches a layer.
@@ -387,9 +387,10 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 
 		/*
 		 * the rank kernel where it covers the shape (n <= 8, E <= 256, no
-		 * expert groups), else the warp kernel (E <= 256), else the block one
+		 * expert groups) and is on for n, else the warp kernel (E <= 256),
+		 * else the block one
 		 */
-		if (cs->fuse_moe && n <= cs->route_warp && cs->route_rank)
+		if (cs->fuse_moe && n <= cs->route_warp && n <= cs->route_rank_max)
 			rc = kk_moe_route_group_rank(cs->stream, n, E, k, G, cfg->topk_groups, cfg->router_softmax,
 										 cfg->moe_renormalize, cfg->bias_in_weights, cfg->routed_scaling, logits,
 										 w->score_bias, sel, wts, fuse ? n : 0, P, start, xrow, inv, active);
