@@ -31,9 +31,8 @@ void		kk_embed(cudaStream_t s, float *x, const void *E, int bf16, int D, const i
 void		kk_rmsnorm(cudaStream_t s, float *y, int ldy, const float *x, int ldx, const float *w, int rows, int d,
 					   float eps);
 void		kk_add(cudaStream_t s, float *y, const float *x, size_t n);
-/* prefetch.cu: start fetching [p, p + bytes) into L2 (a hint; see there); lines:
- * per 128-byte line instead of bulk prefetches (always so before Hopper) */
-void		kk_prefetch_weight(cudaStream_t s, const void *p, size_t bytes, int lines);
+/* prefetch.cu: start fetching [p, p + bytes) into L2 (a hint; see there) */
+void		kk_prefetch_weight(cudaStream_t s, const void *p, size_t bytes);
 /* x += a, then y = rmsnorm(x) (contiguous rows of d; y may be a) */
 void		kk_add_rmsnorm(cudaStream_t s, float *y, float *x, const float *a, const float *w, int rows, int d,
 						   float eps);

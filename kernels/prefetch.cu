@@ -21,9 +21,8 @@
 #define PF_THREADS 64
 #define PF_MAX_BLOCKS 256		/* ~2 per SM: every SM's copy engine takes a share */
 
-/* LINES: one prefetch instruction per 128-byte line (any GPU); else bulk
- * prefetches of PF_CHUNK bytes (Hopper and later) */
-template <bool LINES>
+/* bulk prefetches of PF_CHUNK bytes from Hopper on (measured: prefetch
+ * instructions per 128-byte line were slower there), else one per line */
 __global__ void __launch_bounds__(PF_THREADS)
 prefetch_l2_kernel(const char *p, size_t bytes)
 {
@@ -32,7 +31,6 @@ prefetch_l2_kernel(const char *p, size_t bytes)
 
 	kk_dep_launch();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-	if (!LINES)
 	{
 		/* whole 16-byte-aligned chunks in bulk (the copy engine wants 16-byte
 		 * address and size); the ragged ends are single lines */
@@ -50,26 +48,22 @@ prefetch_l2_kernel(const char *p, size_t bytes)
 			asm volatile("prefetch.global.L2 [%0];\n"::"l"(p));
 		if (tid == 1 && head + body < bytes)
 			asm volatile("prefetch.global.L2 [%0];\n"::"l"(p + bytes - 1));
-		kk_dep_wait();
-		return;
 	}
-#endif
+#else
 	for (size_t o = tid * 128; o < bytes; o += nthreads * 128)
 		asm volatile("prefetch.global.L2 [%0];\n"::"l"(p + o));
+#endif
 	kk_dep_wait();
 }
 
 extern "C" void
-kk_prefetch_weight(cudaStream_t s, const void *p, size_t bytes, int lines)
+kk_prefetch_weight(cudaStream_t s, const void *p, size_t bytes)
 {
-	size_t		units = lines ? (bytes + 127) / 128 : (bytes + PF_CHUNK - 1) / PF_CHUNK;
-	size_t		blocks = (units + PF_THREADS - 1) / PF_THREADS;
+	size_t		chunks = (bytes + PF_CHUNK - 1) / PF_CHUNK;
+	size_t		blocks = (chunks + PF_THREADS - 1) / PF_THREADS;
 
 	if (!p || bytes == 0)
 		return;
 	blocks = blocks < 1 ? 1 : blocks > PF_MAX_BLOCKS ? PF_MAX_BLOCKS : blocks;
-	if (lines)
-		kk_launch(prefetch_l2_kernel<true>, dim3((unsigned) blocks), dim3(PF_THREADS), 0, s, (const char *) p, bytes);
-	else
-		kk_launch(prefetch_l2_kernel<false>, dim3((unsigned) blocks), dim3(PF_THREADS), 0, s, (const char *) p, bytes);
+	kk_launch(prefetch_l2_kernel, dim3((unsigned) blocks), dim3(PF_THREADS), 0, s, (const char *) p, bytes);
 }

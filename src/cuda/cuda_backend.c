@@ -544,7 +544,7 @@ cu_prefetch(kl_backend *be, const kl_weight *W)
 		cs->pf_wait_for = W;
 	}
 	cs->prefetch_used += bytes;
-	kk_prefetch_weight(cs->pf_stream, W->dev, bytes, cs->prefetch_lines);
+	kk_prefetch_weight(cs->pf_stream, W->dev, bytes);
 	if (cuda_launched(be, "prefetch") && cuda_ok(be, cudaEventRecord(cs->pf_join, cs->pf_stream), "prefetch"))
 		cs->pf_pending = true;
 }
@@ -799,7 +799,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->mla_small = !(ms && strcmp(ms, "0") == 0);
 		cs->prefetch_min = pf && *pf ? (atoi(pf) > 0 ? atoi(pf) : INT_MAX) : 8;
 		cs->prefetch_budget = (size_t) (pfmb && *pfmb ? atoi(pfmb) : 20) << 20;
-		cs->prefetch_lines = getenv("KL_CUDA_PREFETCH_LINES") && strcmp(getenv("KL_CUDA_PREFETCH_LINES"), "1") == 0;
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
 		be->mla_cache_bf16 = cs->mla_c16;

@@ -202,7 +202,7 @@ typedef struct cuda_state
 	/* decode steps of up to this many sequences run the KDA mixer in one
 	 * kernel (kk_kda_decode), others as three (prep, recurrence, gated norm);
 	 * the same outputs bit for bit.  KL_CUDA_KDA_FUSED: 0 never, N up to N,
-	 * default all; 0 below Hopper and for head sizes it does not cover */
+	 * default 8; 0 below Hopper and for head sizes it does not cover */
 	int			kda_fused_max;
 
 	/* sampling: staging (pinned) and its device copy (cuda_sample.c) */
@@ -224,7 +224,6 @@ typedef struct cuda_state
 	cudaEvent_t pf_fork,
 				pf_join;
 	bool		pf_pending;
-	bool		prefetch_lines;	/* KL_CUDA_PREFETCH_LINES=1: prefetch by 128-byte lines */
 	const kl_weight *pf_wait_for;
 
 	bool		no_grouped_gemm;	/* cuBLAS here lacks bf16 grouped GEMM: loop instead */

@@ -271,9 +271,10 @@ typedef struct kl_backend_ops
 
 	/*
 	 * optional (NULL: nothing): a hint that the step will read W soon, after a
-	 * few small kernels (forward.c gives it for a mixer's o_proj and the MoE
-	 * router right after the mixer's input products); a backend may start
-	 * moving W closer to its compute units meanwhile.  No effect on results.
+	 * few small kernels (forward.c gives it for a mixer's o_proj, then the MoE
+	 * router and shared expert, right after the mixer's input products); a
+	 * backend may start moving W closer to its compute units meanwhile (in
+	 * the order given, as much as it sees fit).  No effect on results.
 	 */
 	void		(*prefetch) (kl_backend *be, const kl_weight *W);
 
