@@ -1312,7 +1312,12 @@ sample_wide_kernel(const float *logits, int V, const kk_sample_row *P, const int
 #endif
 }
 
-/* the cluster size to use: 16 where one fits, else 8; -1 below Hopper */
+/*
+ * the cluster size to use: 16 where one fits, else 8; -1 below Hopper, and
+ * where the kernel the GPU runs was built from the compute_80 PTX (a GPU of
+ * a later major version than the library's cubins JIT-compiles that PTX,
+ * in which the kernel's body is empty: clusters need sm_90)
+ */
 static int
 wide_cluster_size(void)
 {
@@ -1321,9 +1326,11 @@ wide_cluster_size(void)
 				nc = 0;
 	cudaLaunchConfig_t cfg = {};
 	cudaLaunchAttribute at[1];
+	cudaFuncAttributes fa;
 
 	if (cudaGetDevice(&dev) != cudaSuccess ||
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9 ||
+		cudaFuncGetAttributes(&fa, sample_wide_kernel) != cudaSuccess || fa.ptxVersion < 90 ||
 		cudaFuncSetAttribute(sample_wide_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WIDE_SMEM_MAX) !=
 		cudaSuccess)
 	{
