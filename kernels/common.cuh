@@ -165,6 +165,18 @@ kk_expert_item_l2(const int *active, const int *start, int slot, int P, int *fir
 	return item >> 6;
 }
 
+/* the job of a kk_gemv_batch that this block works on: the one whose range of
+ * blocks (from b.first_block[j], set by the launcher) holds blockIdx.x */
+__device__ __forceinline__ int
+kk_batch_job(const kk_gemv_batch &b)
+{
+	int			j = 0;
+
+	while (j + 1 < b.count && (int) blockIdx.x >= b.first_block[j + 1])
+		j++;
+	return j;
+}
+
 static inline unsigned
 ceil_div(size_t a, size_t b)
 {

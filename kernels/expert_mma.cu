@@ -395,10 +395,8 @@ __global__ void __launch_bounds__(GM_WARPS * 32, 2)
 gemv_mma_kernel(kk_gemv_batch b)
 {
 	__shared__ float part[GM_WARPS][32][4];
-	int			j = 0;
+	int			j = kk_batch_job(b);
 
-	while (j + 1 < b.count && (int) blockIdx.x >= b.first_block[j + 1])
-		j++;
 	{
 		const kk_gemv_job *jb = &b.job[j];
 		int			rows = jb->rows,
@@ -600,10 +598,8 @@ gemv_slab_kernel(kk_gemv_batch b, int T)
 	extern __shared__ uint4 gs_smem[];
 	__shared__ float part[GS_WARPS][32][4];
 	uint16_t   *xs = (uint16_t *) gs_smem;
-	int			j = 0;
+	int			j = kk_batch_job(b);
 
-	while (j + 1 < b.count && (int) blockIdx.x >= b.first_block[j + 1])
-		j++;
 	{
 		const kk_gemv_job *jb = &b.job[j];
 		int			rows = jb->rows,
@@ -736,10 +732,6 @@ gemv_slab_launch(cudaStream_t s, kk_gemv_batch *b)
 	smem = (size_t) XM_N * (maxcols + GS_PAD) * sizeof(uint16_t);
 	if (smem > GS_SMEM_MAX)
 		return false;
-	if (smem > XM_SMEM_MAX &&
-		cudaFuncSetAttribute(gemv_slab_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem) !=
-		cudaSuccess)
-		return false;
 	if (cudaGetDevice(&dev) != cudaSuccess ||
 		cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
 		sms = 132;
@@ -753,6 +745,10 @@ gemv_slab_launch(cudaStream_t s, kk_gemv_batch *b)
 	 * kernel (50 -> 42 %, 37 -> 32 %, 65 -> 66 %; bench/notes-cuda.md).
 	 */
 	if (T < GS_MIN_TILES)
+		return false;
+	if (smem > XM_SMEM_MAX &&
+		cudaFuncSetAttribute(gemv_slab_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem) !=
+		cudaSuccess)
 		return false;
 	kk_launch(gemv_slab_kernel, dim3(blocks), dim3(GS_WARPS * 32), smem, s, *b, T);
 	return true;

@@ -433,13 +433,11 @@ template <int NR>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_batch_kernel(kk_gemv_batch b)
 {
-	int			j = 0;
+	int			j = kk_batch_job(b);
 	int			lane = threadIdx.x & 31;
 	float		acc[NR];
 	const float *xr[NR];
 
-	while (j + 1 < b.count && (int) blockIdx.x >= b.first_block[j + 1])
-		j++;
 	{
 		const kk_gemv_job *jb = &b.job[j];
 		int			row = ((int) blockIdx.x - b.first_block[j]) * GEMV_WARPS + (threadIdx.x >> 5);
@@ -478,10 +476,8 @@ template <int NR, int RB, int BT>
 __global__ void __launch_bounds__(BT)
 gemv_rows_batch_kernel(kk_gemv_batch b)
 {
-	int			j = 0;
+	int			j = kk_batch_job(b);
 
-	while (j + 1 < b.count && (int) blockIdx.x >= b.first_block[j + 1])
-		j++;
 	rows_product<NR, RB, BT>(b.job[j].y, b.job[j].ldy, b.job[j].x, b.job[j].ldx, (const uint16_t *) b.job[j].W,
 							 b.job[j].rows, b.job[j].cols, ((int) blockIdx.x - b.first_block[j]) * RB);
 }

@@ -283,6 +283,33 @@ kda_wz_sum(float (*pw)[32], float (*pz)[32], int lane, float *W_, float *Z_)
 	}
 }
 
+/*
+ * One token's w = S^T (a k) and z = S^T (a q) summed over the block's warps
+ * into W_, Z_ (added to them), and k.q into *skq (shared; warp 0 writes it):
+ * kda_kq, kda_wz_part, one block barrier, kda_wz_sum.  Every thread calls it.
+ */
+template <int K, int RPT>
+__device__ __forceinline__ void
+kda_wz(const float *st, const float *sq, const float *sk, const float *sa, int cg, int lane, float (*pw)[32],
+	   float (*pz)[32], float *skq, float *W_, float *Z_)
+{
+	float		w = 0,
+				z = 0;
+
+	if (cg == 0)
+	{
+		float		kq = kda_kq<K>(sk, sq, lane);
+
+		if (lane == 0)
+			*skq = kq;
+	}
+	kda_wz_part<RPT>(st, sq, sk, sa, cg, &w, &z);
+	pw[cg][lane] = w;
+	pz[cg][lane] = z;
+	__syncthreads();
+	kda_wz_sum(pw, pz, lane, W_, Z_);
+}
+
 /* S = diag(a) S + k u^T on this thread's rows */
 template <int RPT>
 __device__ __forceinline__ void
@@ -350,9 +377,7 @@ kda_recurrent_kernel(int H, const float *__restrict__ q, const float *__restrict
 	for (int t = 0; t < n; t++)
 	{
 		size_t		off = (size_t) (r0 + t) * HK + (size_t) h * K;
-		float		w = 0,
-					z = 0,
-					W_ = 0,
+		float		W_ = 0,
 					Z_ = 0,
 					u;
 
@@ -364,18 +389,7 @@ kda_recurrent_kernel(int H, const float *__restrict__ q, const float *__restrict
 			sa[c] = expf(g[off + c]);
 		}
 		__syncthreads();
-		if (cg == 0)
-		{
-			float		kq = kda_kq<K>(sk, sq, lane);
-
-			if (lane == 0)
-				skq = kq;
-		}
-		kda_wz_part<RPT>(st, sq, sk, sa, cg, &w, &z);
-		pw[cg][lane] = w;
-		pz[cg][lane] = z;
-		__syncthreads();
-		kda_wz_sum(pw, pz, lane, &W_, &Z_);
+		kda_wz<K, RPT>(st, sq, sk, sa, cg, lane, pw, pz, &skq, &W_, &Z_);
 		u = beta[(size_t) (r0 + t) * H + h] * (v[off + x] - W_);
 		if (cg == 0)
 			o[off + x] = Z_ + u * skq;
@@ -1355,25 +1369,12 @@ kda_decode_kernel(int H, int W, const float *__restrict__ q, const float *__rest
 
 	/* the recurrence (kda_recurrent_kernel, one token) */
 	{
-		float		w = 0,
-					zz = 0,
-					W_ = 0,
+		float		W_ = 0,
 					Z_ = 0,
 					u,
 					ov;
 
-		if (cg == 0)
-		{
-			float		kq = kda_kq<K>(sk, sq, lane);
-
-			if (lane == 0)
-				skq = kq;
-		}
-		kda_wz_part<RPT>(st, sq, sk, sa, cg, &w, &zz);
-		pw[cg][lane] = w;
-		pz[cg][lane] = zz;
-		__syncthreads();
-		kda_wz_sum(pw, pz, lane, &W_, &Z_);
+		kda_wz<K, RPT>(st, sq, sk, sa, cg, lane, pw, pz, &skq, &W_, &Z_);
 		u = sbeta * (sv[x] - W_);
 		ov = Z_ + u * skq;
 		kda_state_update<RPT>(st, sk, sa, cg, u);

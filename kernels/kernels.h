@@ -132,7 +132,7 @@ void		kk_gemv_multi_mma(cudaStream_t s, kk_gemv_batch *b);
  * activations staged once in shared memory (1, the default;
  * KL_CUDA_GEMV_MMA_SLAB) or a 16-row tile a block reading them per chunk (0,
  * the older gemv_mma_kernel; also where the staged rows would not fit).
- * kk_gemv_multi_mma_as: the same with the choice given (tests, benchmarks).
+ * kk_gemv_multi_mma_as: the same with the choice given (the test hook).
  */
 void		kk_set_gemv_mma_slab(int on);
 void		kk_gemv_multi_mma_as(cudaStream_t s, kk_gemv_batch *b, int slab);

@@ -110,6 +110,18 @@ kk_mla_gather(cudaStream_t s, float *dst, int64_t m, int Wa, float *const *pages
 
 /* ------------------------------------------------------------------ absorbed queries */
 
+/* do any of tokens t0 .. t0 + nr - 1 take the absorbed form (their sequence's
+ * flag)?  The absorbed-form kernels skip a group of tokens that none does */
+__device__ __forceinline__ bool
+any_absorbed(const int *absorbed, const int *row_seq, int t0, int nr)
+{
+	bool		any = false;
+
+	for (int r = 0; r < nr; r++)
+		any |= absorbed[row_seq[t0 + r]] != 0;
+	return any;
+}
+
 /*
  * Block (head, 64 columns of R, 8 rows): 4 groups of 64 threads split the
  * Dn-long sums, so that the block reads its 64-column strip of W_uk with many
@@ -134,14 +146,11 @@ mla_absorb_q_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const f
 	int			per = (Dn + 3) / 4,
 				d0 = dg * per,
 				d1 = d0 + per < Dn ? d0 + per : Dn;
-	bool		any = false;
 	float		acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 
 	kk_dep_wait();
 	kk_dep_launch();
-	for (int r = 0; r < nr; r++)
-		any |= absorbed[row_seq[t0 + r]] != 0;
-	if (!any)
+	if (!any_absorbed(absorbed, row_seq, t0, nr))
 		return;
 	for (int e = threadIdx.x; e < 8 * Dn; e += blockDim.x)
 	{
@@ -324,12 +333,9 @@ mla_absorb_q_stream_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, 
 	for (int t0 = 0; t0 < n_tokens; t0 += NT)
 	{
 		int			nr = n_tokens - t0 < NT ? n_tokens - t0 : NT;
-		bool		any = false;
 		float		acc[NV];
 
-		for (int r = 0; r < nr; r++)
-			any |= absorbed[row_seq[t0 + r]] != 0;
-		if (!any)
+		if (!any_absorbed(absorbed, row_seq, t0, nr))
 			continue;			/* the same for the whole block */
 		__syncthreads();		/* the previous tokens' qs and part are read */
 		for (int e = threadIdx.x; e < Dn * NT; e += blockDim.x)
@@ -1201,13 +1207,10 @@ mla_out_kernel(int n_tokens, int Ha, int Dn, int Dv, int R, const float *__restr
 	int			lane = threadIdx.x & 31,
 				w = threadIdx.x >> 5;
 	int			x = blockIdx.y * 8 + w;
-	bool		any = false;
 
 	kk_dep_wait();
 	kk_dep_launch();
-	for (int r = 0; r < nr; r++)
-		any |= absorbed[row_seq[t0 + r]] != 0;
-	if (!any)
+	if (!any_absorbed(absorbed, row_seq, t0, nr))
 		return;
 #pragma unroll 4
 	for (int e = threadIdx.x; e < 8 * R; e += blockDim.x)
@@ -1324,12 +1327,9 @@ mla_out_stream_kernel(int n_tokens, int Ha, int Dn, int Dv, int R, const float *
 	for (int t0 = 0; t0 < n_tokens; t0 += NT)
 	{
 		int			nr = n_tokens - t0 < NT ? n_tokens - t0 : NT;
-		bool		any = false;
 		float		acc[NV];
 
-		for (int r = 0; r < nr; r++)
-			any |= absorbed[row_seq[t0 + r]] != 0;
-		if (!any)
+		if (!any_absorbed(absorbed, row_seq, t0, nr))
 			continue;			/* the same for the whole block */
 		__syncthreads();		/* the previous tokens' rows are read */
 		for (int e = threadIdx.x * 4; e < NT * R; e += blockDim.x * 4)

@@ -788,6 +788,25 @@ route_token_warp(int t, int E, int k, int G, int Tg, int use_softmax, int renorm
 	}
 }
 
+/* inclusive prefix sums of a and b over the warp's lanes (every lane calls it):
+ * the grouping's counts and work items, in the warp and the rank kernel */
+__device__ __forceinline__ void
+warp_scan_pair(int &a, int &b, int lane)
+{
+#pragma unroll
+	for (int o = 1; o < 32; o <<= 1)
+	{
+		int			pa = __shfl_up_sync(0xffffffffu, a, o),
+					pb = __shfl_up_sync(0xffffffffu, b, o);
+
+		if (lane >= o)
+		{
+			a += pa;
+			b += pb;
+		}
+	}
+}
+
 /*
  * Warp 0 groups the nk pairs of ssel as group_pairs does (same start,
  * xrow, inv, active).  cnt: E zeroed words; srank: nk words.
@@ -835,18 +854,7 @@ group_pairs_warp(int nk, int E, int k, int shared_rows, int P, const int *ssel, 
 	}
 	ic = tc;
 	ii = ti;
-#pragma unroll
-	for (int o = 1; o < 32; o <<= 1)
-	{
-		int			a = __shfl_up_sync(0xffffffffu, ic, o),
-					b = __shfl_up_sync(0xffffffffu, ii, o);
-
-		if (lane >= o)
-		{
-			ic += a;
-			ii += b;
-		}
-	}
+	warp_scan_pair(ic, ii, lane);
 	tot_c = __shfl_sync(0xffffffffu, ic, 31);
 	tot_i = __shfl_sync(0xffffffffu, ii, 31);
 	{
@@ -1125,18 +1133,7 @@ moe_route_group_rank_kernel(int n, int E, int k, int use_softmax, int renorm, in
 		items = (cnt + P - 1) / P;
 		ic = cnt;
 		ii = items;
-#pragma unroll
-		for (int o = 1; o < 32; o <<= 1)
-		{
-			int			a = __shfl_up_sync(0xffffffffu, ic, o),
-						b = __shfl_up_sync(0xffffffffu, ii, o);
-
-			if (lane >= o)
-			{
-				ic += a;
-				ii += b;
-			}
-		}
+		warp_scan_pair(ic, ii, lane);
 		if (tid < tpt && lane == 31)
 		{
 			wsum[0][tid >> 5] = ic;
