@@ -210,25 +210,14 @@ run_warp_row(cudaStream_t s, float *y, const float *x, const uint16_t *W, int ro
 	kk_set_gemv_rows(1);
 }
 
-/* the tensor-core GEMV, one job: slab = gemv_slab_kernel, else gemv_mma_kernel */
+/* the tensor-core GEMV: slab = gemv_slab_kernel where the library takes it, else gemv_mma_kernel */
 template <int SLAB>
 static void
 run_mma(cudaStream_t s, float *y, const float *x, const uint16_t *W, int rows, int cols, int nr)
 {
-	kk_gemv_batch b;
-
-	memset(&b, 0, sizeof(b));
-	b.n = nr;
-	b.count = 1;
-	b.job[0].y = y;
-	b.job[0].x = x;
-	b.job[0].W = W;
-	b.job[0].ldy = rows;
-	b.job[0].ldx = cols;
-	b.job[0].rows = rows;
-	b.job[0].cols = cols;
-	b.job[0].bf16 = 1;
-	kk_gemv_multi_mma_as(s, &b, SLAB);
+	kk_set_gemv_mma_slab(SLAB);
+	kk_gemv_mma(s, y, rows, x, cols, nr, W, rows, cols);
+	kk_set_gemv_mma_slab(1);
 }
 
 static unsigned *g_sink;

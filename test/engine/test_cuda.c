@@ -1408,6 +1408,32 @@ route_out_diff(const route_out *a, const route_out *b)
 	return NULL;
 }
 
+/*
+ * One routing case through the hook's paths pa and pb (0 block, 1 warp, 2
+ * rank kernel) on the same inputs; their return codes in *ra, *rb.  Returns
+ * the first output in which they differ, or NULL (also when one did not run).
+ */
+static const char *
+route_pair(route_test_fn f, int pa, int pb, int n, int E, int k, int G, int Tg, int softmax, int renorm, int rule,
+		   int shared_rows, int P, const float *lg, const float *bias, int *ra, int *rb)
+{
+	route_out	a,
+				b;
+	const char *d = NULL;
+
+	route_out_init(&a, n, E, k);
+	route_out_init(&b, n, E, k);
+	*ra = f(pa, n, E, k, G, Tg, softmax, renorm, rule, 2.446f, shared_rows, P, lg, bias, a.sel, a.wts, a.start,
+			a.xrow, a.inv, a.active);
+	*rb = f(pb, n, E, k, G, Tg, softmax, renorm, rule, 2.446f, shared_rows, P, lg, bias, b.sel, b.wts, b.start,
+			b.xrow, b.inv, b.active);
+	if (*ra == 0 && *rb == 0)
+		d = route_out_diff(&a, &b);
+	route_out_free(&a);
+	route_out_free(&b);
+	return d;
+}
+
 /* router logits and bias: 0 roughly normal, 1 few levels (ties in the
  * choices and group scores), 2 all equal, 3 wide spread */
 static void
@@ -1477,19 +1503,13 @@ check_route_warp(void)
 									P = n <= 1 ? 1 : n <= 2 ? 2 : 4;
 						float	   *lg = malloc(sizeof(float) * (size_t) n * E),
 								   *bias = malloc(sizeof(float) * (size_t) E);
-						route_out	a,
-									b;
 						int			ra,
 									rb;
 						const char *d;
 
 						make_router(lg, bias, n, E, kind, &rs);
-						route_out_init(&a, n, E, k);
-						route_out_init(&b, n, E, k);
-						ra = f(0, n, E, k, shapes[si].G, shapes[si].Tg, softmax, renorm, rule, 2.446f, shared_rows, P,
-							   lg, bias, a.sel, a.wts, a.start, a.xrow, a.inv, a.active);
-						rb = f(1, n, E, k, shapes[si].G, shapes[si].Tg, softmax, renorm, rule, 2.446f, shared_rows, P,
-							   lg, bias, b.sel, b.wts, b.start, b.xrow, b.inv, b.active);
+						d = route_pair(f, 0, 1, n, E, k, shapes[si].G, shapes[si].Tg, softmax, renorm, rule,
+									   shared_rows, P, lg, bias, &ra, &rb);
 						cases++;
 						if (ra != 0 || rb != 0)
 						{
@@ -1497,11 +1517,9 @@ check_route_warp(void)
 								tap_diag("%s n %d kind %d variant %d: block kernel %d, warp kernel %d",
 										 shapes[si].what, n, kind, variant, ra, rb);
 						}
-						else if ((d = route_out_diff(&a, &b)) != NULL && wrong++ < 8)
+						else if (d != NULL && wrong++ < 8)
 							tap_diag("%s, %s rule, n %d, logits kind %d, variant %d: %s differs", shapes[si].what,
 									 rule ? "reference" : "select", n, kind, variant, d);
-						route_out_free(&a);
-						route_out_free(&b);
 						free(lg);
 						free(bias);
 					}
@@ -1605,8 +1623,6 @@ check_route_rank(void)
 									P = n <= 1 ? 1 : n <= 2 ? 2 : 4;
 						float	   *lg = malloc(sizeof(float) * (size_t) n * E),
 								   *bias = malloc(sizeof(float) * (size_t) E);
-						route_out	a,
-									b;
 						int			ra,
 									rb;
 						const char *d;
@@ -1620,12 +1636,8 @@ check_route_rank(void)
 								lg[i] = r == 0 ? NAN : r == 1 ? -NAN : r == 2 ? INFINITY : r == 3 ? -INFINITY :
 									r == 4 ? 0.0f : r == 5 ? -0.0f : r == 6 ? 1.0f : lg[i];
 							}
-						route_out_init(&a, n, E, k);
-						route_out_init(&b, n, E, k);
-						ra = f(1, n, E, k, shapes[si].G, shapes[si].Tg, softmax, renorm, rule, 2.446f, shared_rows, P,
-							   lg, bias, a.sel, a.wts, a.start, a.xrow, a.inv, a.active);
-						rb = f(2, n, E, k, shapes[si].G, shapes[si].Tg, softmax, renorm, rule, 2.446f, shared_rows, P,
-							   lg, bias, b.sel, b.wts, b.start, b.xrow, b.inv, b.active);
+						d = route_pair(f, 1, 2, n, E, k, shapes[si].G, shapes[si].Tg, softmax, renorm, rule,
+									   shared_rows, P, lg, bias, &ra, &rb);
 						cases++;
 						if (ra != 0 || rb != 0)
 						{
@@ -1633,11 +1645,9 @@ check_route_rank(void)
 								tap_diag("%s n %d kind %d variant %d: warp kernel %d, rank kernel %d",
 										 shapes[si].what, n, kind, variant, ra, rb);
 						}
-						else if ((d = route_out_diff(&a, &b)) != NULL && wrong++ < 8)
+						else if (d != NULL && wrong++ < 8)
 							tap_diag("%s, %s rule, n %d, logits kind %d, variant %d: %s differs", shapes[si].what,
 									 rule ? "reference" : "select", n, kind, variant, d);
-						route_out_free(&a);
-						route_out_free(&b);
 						free(lg);
 						free(bias);
 					}
