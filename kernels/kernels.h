@@ -75,7 +75,9 @@ typedef struct kk_gemv_job
 				rows,
 				cols,
 				bf16,
-				vec;			/* set by the launcher */
+				vec,			/* set by the launcher */
+				fmt,			/* KK_WF_*: read by the _q launchers (which ignore bf16) */
+				group;			/* quantized: columns per scale */
 } kk_gemv_job;
 typedef struct kk_gemv_batch
 {
@@ -136,6 +138,117 @@ void		kk_gemv_multi_mma(cudaStream_t s, kk_gemv_batch *b);
  */
 void		kk_set_gemv_mma_slab(int on);
 void		kk_gemv_multi_mma_as(cudaStream_t s, kk_gemv_batch *b, int slab);
+
+/*
+ * Quantized weights on the device (quant.h's forms, loaded as they are).
+ * fmt: KK_WF_F32 / KK_WF_BF16 are the values the `bf16` flags above take;
+ * KK_WF_FP8 (E4M3, one byte a weight), KK_WF_INT8 (signed byte), KK_WF_INT4
+ * (quant.h's pack-quantized nibbles: a row is ceil(cols / 8) little-endian
+ * 32-bit words, column c at bits 4 (c % 8) of word c / 8, holding q + 8).
+ * A quantized matrix [rows, cols] is one device object:
+ *     data    rows x kk_q_row_bytes(fmt, cols) bytes, row-major, then
+ *     scales  at data + kk_q_scale_offset(rows, fmt, cols): fp32 [rows,
+ *             ceil(cols / group)], the checkpoint's own values: weight (r, c)
+ *             = value(q) * scales[r, c / group] (group == cols: one scale
+ *             a row).
+ * group is cols or a multiple of 16 (fp8, int8) or 32 (int4) (quant.h's
+ * kl_q_validate).  FP8 scales satisfy |scale| < 256, so a kernel may fold a
+ * power of two up to 2^120 into them (the E4M3 byte shifted into a bf16 or
+ * f32 is the value times 2^-120, subnormals included; into an f16, times
+ * 2^-8).  Kernels compute each group's dot product and multiply it by the
+ * group's scale (or apply the scale to the weights); the results match
+ * quant.h's reference (fl(q * scale) weights, fp32 dot products) to fp32
+ * rounding, not bit for bit.  Matrices for the vector paths are 16-byte
+ * aligned (the pool's objects are 256-byte aligned) and every row starts
+ * 16-byte aligned where cols % 16 == 0 (fp8, int8) or cols % 32 == 0 (int4);
+ * other shapes must still give right answers (a scalar path).
+ */
+enum
+{
+	KK_WF_F32 = 0,
+	KK_WF_BF16 = 1,
+	KK_WF_FP8 = 2,
+	KK_WF_INT8 = 3,
+	KK_WF_INT4 = 4
+};
+static inline size_t
+kk_q_row_bytes(int fmt, int cols)
+{
+	return fmt == KK_WF_INT4 ? (size_t) (cols + 7) / 8 * 4 : fmt == KK_WF_F32 ? (size_t) cols * 4
+		: fmt == KK_WF_BF16 ? (size_t) cols * 2 : (size_t) cols;
+}
+static inline size_t
+kk_q_scale_offset(int rows, int fmt, int cols)
+{
+	return ((size_t) rows * kk_q_row_bytes(fmt, cols) + 255) & ~(size_t) 255;
+}
+static inline int
+kk_q_groups(int cols, int group)
+{
+	return (cols + group - 1) / group;
+}
+/* bytes of the whole object */
+static inline size_t
+kk_q_bytes(int rows, int fmt, int cols, int group)
+{
+	return kk_q_scale_offset(rows, fmt, cols) + sizeof(float) * (size_t) rows * kk_q_groups(cols, group);
+}
+
+/*
+ * gemv_q.cu: the CUDA-core products (fp32 activations, fp32 arithmetic) of
+ * quantized weights, for both precision modes' decode and for fp32 mode:
+ * kk_gemv_q: y[n, rows] (ldy) = x[n, cols] (ldx) W^T, any n (passes of 8);
+ * kk_gemv_multi_q: as kk_gemv_multi (n <= 8, up to KK_GEMV_JOBS jobs) where
+ * each job has its own fmt and group (kk_gemv_job; jobs may mix quantized,
+ * bf16 and fp32 matrices);
+ * kk_expert_gemv_q: as kk_expert_gemv (same modes, work list, P rows an item
+ * = kk_expert_pass_rows(max_count)), every expert matrix of W0 (and W1) in
+ * format fmt with columns per scale group.
+ */
+void		kk_gemv_q(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int fmt,
+					  int group, int rows, int cols);
+void		kk_gemv_multi_q(cudaStream_t s, kk_gemv_batch *b);
+void		kk_expert_gemv_q(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx,
+							 const int *xrow, const void *const *W0, const void *const *W1, int fmt, int group,
+							 int rows, int cols, const int *start, const int *active, int max_active,
+							 int max_count);
+
+/*
+ * mma_q.cu: the same on the tensor cores for the bf16 precision mode (the
+ * activations rounded to bf16, the weights' values exact in bf16, fp32
+ * accumulation; fmt KK_WF_FP8 or KK_WF_INT4, also KK_WF_INT8 where the
+ * kernel says so).  kk_mma_q_ok(fmt, group, cols): whether these kernels
+ * take the shape, else the caller uses gemv_q.cu's.
+ * kk_gemv_mma_q: y = x W^T for n <= KK_GEMV_MMA_Q_ROWS rows, each weight read
+ * once for all n rows (the dense products of decode steps up to 64 tokens);
+ * kk_gemv_multi_mma_q: up to KK_GEMV_JOBS such products of the same n rows
+ * (every job quantized, fmt and group per job);
+ * kk_expert_mma_q: as kk_expert_mma (items of at most KK_EXPERT_MMA_ROWS).
+ */
+#define KK_GEMV_MMA_Q_ROWS 64
+int			kk_mma_q_ok(int fmt, int group, int cols);
+void		kk_gemv_mma_q(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int fmt,
+						  int group, int rows, int cols);
+void		kk_gemv_multi_mma_q(cudaStream_t s, kk_gemv_batch *b);
+void		kk_expert_mma_q(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
+							const void *const *W0, const void *const *W1, int fmt, int group, int rows, int cols,
+							const int *start, const int *active, int max_active, int P);
+
+/*
+ * quant.cu: whole-matrix conversions (prefill: the products of many rows go
+ * through cuBLAS on converted panels of weight rows) and random quantized
+ * weights (benchmarks).
+ * kk_q_dequant: rows [r0, r0 + nr) of the quantized W into dst (ld = cols),
+ * as fp32 (out_bf16 0: fl(value(q) * scale), quant.h's reference values) or
+ * bf16 (1: those values rounded to nearest even).
+ * kk_q_fill_random: a random quantized matrix for fmt/group (values with
+ * standard deviation about `scale`, like kk_fill_random's; deterministic in
+ * seed), data and scales.
+ */
+void		kk_q_dequant(cudaStream_t s, void *dst, int out_bf16, const void *W, int fmt, int group, int rows,
+						 int cols, int r0, int nr);
+void		kk_q_fill_random(cudaStream_t s, void *W, int fmt, int group, int rows, int cols, uint64_t seed,
+							 float scale);
 
 /* kda.cu (step metadata: row_seq [n_tokens], row0 [n_seqs + 1]; conv_tab and
  * S_tab: per sequence, that sequence's conv tails / state of this layer) */
