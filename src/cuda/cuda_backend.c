@@ -12,6 +12,10 @@
  * so every op is ordered after the previous one without host waits; upload
  * and download wait for the stream.
  *
+ * Quantized weights (FP8, int8, int4: quant.h) stay resident as they are, one
+ * object each in kernels.h's layout (data, then fp32 scales); the products
+ * read them directly (cuda_matmul.c, cuda_moe.c).
+ *
  * Precision: weights stay as stored (bf16 or fp32).  "fp32" computes in fp32
  * with TF32 off (cuBLAS pedantic math), to match the CPU engine within
  * rounding.  "bf16" feeds the products of bf16 weights bf16 activations with
@@ -321,6 +325,48 @@ dtype_size(kl_dtype t)
 	return t == KL_DT_F32 ? 4 : 2;
 }
 
+/*
+ * A quantized weight (quant.h's forms) becomes one device object in
+ * kernels.h's layout: the data rows as they are, then the fp32 scales at
+ * kk_q_scale_offset.  w->q keeps its shape fields (the kernels' fmt and
+ * group); its host data and scales stay the loader's and are not read after.
+ */
+static int
+load_quantized(kl_backend *be, kl_weight *w, kl_err *err)
+{
+	cuda_state *cs = CS(be);
+	int			fmt = cuda_weight_fmt(w);
+	const kl_qmat *q = &w->q;
+	size_t		rb = kk_q_row_bytes(fmt, w->cols),
+				bytes,
+				ns;
+	char	   *p;
+
+	if (q->rows != w->rows || q->cols != w->cols || q->row_bytes != rb || q->group <= 0 ||
+		q->n_groups != kk_q_groups(w->cols, q->group) || !q->data || !q->scales)
+		return errf(err, KL_E_INTERNAL, "a %s weight of %d x %d has an inconsistent layout (rows %d, cols %d, "
+					"%zu bytes a row, group %d, %d groups)", w->q.type == KL_Q_INT4 ? "int4" :
+					w->q.type == KL_Q_INT8 ? "int8" : "fp8", w->rows, w->cols, q->rows, q->cols, q->row_bytes,
+					q->group, q->n_groups);
+	bytes = kk_q_bytes(w->rows, fmt, w->cols, q->group);
+	ns = (size_t) w->rows * q->n_groups;
+	if (!(p = cuda_pool_alloc(be, bytes)))
+		return errf(err, KL_E_RESOURCES, "out of GPU memory for a %d x %d quantized weight (%zu MB)", w->rows,
+					w->cols, bytes >> 20);
+	/* (the gap before the scales zeroed: no uninitialized bytes in a weight) */
+	if (!cuda_ok(be, cudaMemsetAsync(p, 0, bytes, cs->stream), "memset (weight)") ||
+		!cuda_ok(be, cudaMemcpyAsync(p, q->data, (size_t) w->rows * rb, cudaMemcpyHostToDevice, cs->stream),
+				 "upload") ||
+		!cuda_upload_sync(be, p + kk_q_scale_offset(w->rows, fmt, w->cols), q->scales, ns * sizeof(float)))
+	{
+		cuda_pool_free(be, p);
+		be->failed = false;
+		return errf(err, be->err.code, "loading onto the GPU: %s", be->err.msg);
+	}
+	w->dev = p;
+	return KL_OK;
+}
+
 static int
 cu_load_weight(kl_backend *be, kl_weight *w, kl_err *err)
 {
@@ -330,6 +376,8 @@ cu_load_weight(kl_backend *be, kl_weight *w, kl_err *err)
 	size_t		bytes;
 	void	   *p = NULL;
 
+	if (cuda_weight_quantized(w))
+		return load_quantized(be, w, err);
 	if (w->dtype == KL_DT_F16)
 	{
 		/* no f16 kernels: widen once to f32 (exact), as the CPU backend does */
@@ -385,11 +433,27 @@ cu_init_random_weight(kl_backend *be, kl_weight *w, uint64_t seed, float scale, 
 	size_t		n = (size_t) w->rows * w->cols;
 	void	   *p = NULL;
 
-	if (w->dtype == KL_DT_F16)
-		w->dtype = KL_DT_F32;
-	if (!(p = cuda_pool_alloc(be, n * dtype_size(w->dtype))))
-		return errf(err, KL_E_RESOURCES, "out of GPU memory for a %d x %d weight", w->rows, w->cols);
-	kk_fill_random(cs->stream, p, w->dtype == KL_DT_BF16, n, seed, scale);
+	if (cuda_weight_quantized(w))
+	{
+		/* random quantized weights in the form the loader set in w->q (ops.random_quantized) */
+		int			fmt = cuda_weight_fmt(w);
+
+		if (w->q.group <= 0 || w->q.rows != w->rows || w->q.cols != w->cols)
+			return errf(err, KL_E_INTERNAL, "random quantized weight of %d x %d without a valid group", w->rows,
+						w->cols);
+		if (!(p = cuda_pool_alloc(be, kk_q_bytes(w->rows, fmt, w->cols, w->q.group))))
+			return errf(err, KL_E_RESOURCES, "out of GPU memory for a %d x %d quantized weight", w->rows, w->cols);
+		cudaMemsetAsync(p, 0, kk_q_bytes(w->rows, fmt, w->cols, w->q.group), cs->stream);
+		kk_q_fill_random(cs->stream, p, fmt, w->q.group, w->rows, w->cols, seed, scale);
+	}
+	else
+	{
+		if (w->dtype == KL_DT_F16)
+			w->dtype = KL_DT_F32;
+		if (!(p = cuda_pool_alloc(be, n * dtype_size(w->dtype))))
+			return errf(err, KL_E_RESOURCES, "out of GPU memory for a %d x %d weight", w->rows, w->cols);
+		kk_fill_random(cs->stream, p, w->dtype == KL_DT_BF16, n, seed, scale);
+	}
 	if (!cuda_launched(be, "fill_random"))
 	{
 		cuda_pool_free(be, p);
@@ -528,7 +592,7 @@ static void
 cu_prefetch(kl_backend *be, const kl_weight *W)
 {
 	cuda_state *cs = CS(be);
-	size_t		bytes = (size_t) W->rows * W->cols * dtype_size(W->dtype);
+	size_t		bytes = cuda_weight_bytes(W);
 
 	if (cuda_step_skip(be, OP_PREFETCH, (uintptr_t) W, 0, 0, 0))
 		return;
@@ -642,6 +706,8 @@ static const kl_backend_ops cuda_ops = {
 	.end_step = cuda_end_step,
 	.sync = cu_sync,
 	.destroy = cu_destroy,
+	.quantized_weights = true,
+	.random_quantized = true,
 };
 
 /* Shapes the kernels do not cover are refused at creation, with the reason. */
@@ -772,6 +838,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *rw = getenv("KL_CUDA_ROUTE_WARP"),
 				   *rr = getenv("KL_CUDA_ROUTE_RANK"),
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
+				   *qm = getenv("KL_CUDA_Q_MMA"),
 				   *gs = getenv("KL_CUDA_GEMV_MMA_SLAB"),
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
 				   *ms = getenv("KL_CUDA_MLA_SMALL"),
@@ -795,6 +862,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->route_warp = rw && *rw ? atoi(rw) : INT_MAX;
 		cs->route_rank_max = rr && *rr ? (atoi(rr) > 0 ? atoi(rr) : 0) : 4;
 		cs->gemv_mma_min = gm && *gm ? (atoi(gm) > 0 ? atoi(gm) : INT_MAX) : 8;
+		cs->q_mma_min = qm && *qm ? (atoi(qm) > 0 ? atoi(qm) : INT_MAX) : 2;
 		cs->sample_wide = !(sw && strcmp(sw, "0") == 0);
 		cs->mla_small = !(ms && strcmp(ms, "0") == 0);
 		cs->prefetch_min = pf && *pf ? (atoi(pf) > 0 ? atoi(pf) : INT_MAX) : 8;

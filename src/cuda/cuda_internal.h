@@ -72,6 +72,14 @@ typedef struct cuda_moe_tables
 {
 	const kl_moe_layer *w;
 	void	  **dev;			/* [3][E]: gate, up, down device pointers */
+	/* the routed experts' form (KK_WF_*; quantized: columns per scale):
+	 * gate and up, then down */
+	int			fmt_gu,
+				group_gu,
+				fmt_down,
+				group_down;
+	bool		uniform;		/* every routed expert's matrices in that form */
+	bool		shared_same;	/* the shared expert's too (it may join as expert E) */
 } cuda_moe_tables;
 
 /* backend-private form of an MLA layer's kv_b (kl_mla_layer.prepared) */
@@ -189,6 +197,9 @@ typedef struct cuda_state
 	/* KL_CUDA_GEMV_MMA: bf16-precision decode products of at least this many
 	 * rows (and at most 8) run on the tensor cores (0: never) */
 	int			gemv_mma_min;
+	/* KL_CUDA_Q_MMA: bf16-precision decode products of quantized weights of
+	 * at least this many rows run on the tensor cores (default 2; 0: never) */
+	int			q_mma_min;
 	/* fused routing in warps (kk_moe_route_group_warp) for steps of at most
 	 * this many tokens; 0: the block kernel (KL_CUDA_ROUTE_WARP) */
 	int			route_warp;
@@ -240,6 +251,42 @@ static inline cuda_state *
 CS(kl_backend *be)
 {
 	return (cuda_state *) be->impl;
+}
+
+/*
+ * A weight's device form (kernels.h's KK_WF_*): quantized weights (w->q.type,
+ * quant.h) are one object of data rows then fp32 scales at w->dev; the
+ * others bf16 or fp32 as stored (f16 is widened to fp32 at load).
+ */
+static inline int
+cuda_weight_fmt(const kl_weight *W)
+{
+	switch (W->q.type)
+	{
+		case KL_Q_FP8:
+			return KK_WF_FP8;
+		case KL_Q_INT8:
+			return KK_WF_INT8;
+		case KL_Q_INT4:
+			return KK_WF_INT4;
+		default:
+			return W->dtype == KL_DT_BF16 ? KK_WF_BF16 : KK_WF_F32;
+	}
+}
+
+static inline bool
+cuda_weight_quantized(const kl_weight *W)
+{
+	return W->q.type != KL_Q_NONE;
+}
+
+/* bytes of W's device object */
+static inline size_t
+cuda_weight_bytes(const kl_weight *W)
+{
+	if (cuda_weight_quantized(W))
+		return kk_q_bytes(W->rows, cuda_weight_fmt(W), W->cols, W->q.group);
+	return (size_t) W->rows * W->cols * (W->dtype == KL_DT_BF16 ? 2 : 4);
 }
 
 /* error reporting: false (and be->failed set) when the call failed */

@@ -15,7 +15,14 @@
  * launch of the batched GEMV kernel.  In bf16 mode, from
  * KL_CUDA_GEMV_MMA (default 8) rows up to 8, those GEMVs run on the tensor
  * cores with bf16 activations (kernels/expert_mma.cu), as cuBLAS does above.
+ *
+ * Quantized weights (FP8, int8, int4 in kernels.h's device form): decode
+ * products read them as they are (kernels/gemv_q.cu; in bf16 precision from
+ * KL_CUDA_Q_MMA rows, default 2, up to 64 rows kernels/mma_q.cu's tensor-core
+ * kernels); more rows convert panels of weight rows (kk_q_dequant: fp32 in
+ * fp32 mode, bf16 in bf16 mode) for cuBLAS, as the widened-bf16 path does.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "cuda_internal.h"
@@ -29,7 +36,96 @@
 static bool
 gemv_on_tensor_cores(const cuda_state *cs, int n, const kl_weight *W)
 {
-	return cs->bf16 && W->dtype == KL_DT_BF16 && n >= cs->gemv_mma_min && kk_gemv_mma_ok(W->cols);
+	return cs->bf16 && !cuda_weight_quantized(W) && W->dtype == KL_DT_BF16 && n >= cs->gemv_mma_min &&
+		kk_gemv_mma_ok(W->cols);
+}
+
+/* ... and a product of n (<= KK_GEMV_MMA_Q_ROWS) rows with a quantized W?
+ * (bf16 precision, from KL_CUDA_Q_MMA rows, a shape mma_q.cu takes) */
+static bool
+q_on_tensor_cores(const cuda_state *cs, int n, const kl_weight *W)
+{
+	return cs->bf16 && cuda_weight_quantized(W) && n >= cs->q_mma_min && n <= KK_GEMV_MMA_Q_ROWS &&
+		kk_mma_q_ok(cuda_weight_fmt(W), W->q.group, W->cols);
+}
+
+/*
+ * Many rows with a quantized W: panels of weight rows converted by
+ * kk_q_dequant, then cuBLAS on them: fp32 mode an fp32 panel (quant.h's
+ * exact values) and SGEMM with pedantic math; bf16 mode a bf16 panel and
+ * GemmEx bf16 x bf16 with the activations rounded to bf16, as for bf16
+ * weights.  The panel is the widened-bf16 path's scratch (CB_PANEL).
+ */
+static void
+matmul_q_panels(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W)
+{
+	cuda_state *cs = CS(be);
+	int			fmt = cuda_weight_fmt(W),
+				rows = W->rows,
+				cols = W->cols;
+	size_t		esz = cs->bf16 ? sizeof(uint16_t) : sizeof(float);
+	void	   *panel = cuda_buf(be, CB_PANEL, PANEL_FLOATS * sizeof(float));
+	uint16_t   *x16 = NULL;
+	int			per = (int) (PANEL_FLOATS * sizeof(float) / esz / (size_t) cols);
+	const float one = 1.0f,
+				zero = 0.0f;
+
+	if (!panel)
+		return;
+	if (per < 1)
+		per = 1;
+	if (cs->bf16)
+	{
+		if (!(x16 = cuda_buf(be, CB_X_BF16, (size_t) n * cols * sizeof(uint16_t))))
+			return;
+		kk_f32_to_bf16(cs->stream, x16, cols, x, ldx, n, cols);
+		if (!cuda_launched(be, "f32_to_bf16"))
+			return;
+	}
+	for (int r0 = 0; r0 < rows && !be->failed; r0 += per)
+	{
+		int			nr = rows - r0 < per ? rows - r0 : per;
+
+		kk_q_dequant(cs->stream, panel, cs->bf16, W->dev, fmt, W->q.group, rows, cols, r0, nr);
+		if (!cuda_launched(be, "q_dequant"))
+			return;
+		if (cs->bf16)
+			blas_ok(be, cublasGemmEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, nr, n, cols, &one,
+									 panel, CUDA_R_16BF, cols, x16, CUDA_R_16BF, cols, &zero,
+									 y + r0, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+					"GemmEx (quantized weights as bf16)");
+		else
+			blas_ok(be, cublasSgemm(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, nr, n, cols, &one, panel, cols,
+									x, ldx, &zero, y + r0, ldy), "Sgemm (quantized weights as fp32)");
+	}
+}
+
+/*
+ * y = x W^T for a quantized W (kernels.h's device form): few rows stream the
+ * quantized bytes once (gemv_q.cu in fp32 arithmetic; in bf16 precision from
+ * KL_CUDA_Q_MMA rows the tensor-core kernels of mma_q.cu, up to 64 rows);
+ * fp32 precision up to 64 rows keeps the exact GEMV (as for bf16 weights:
+ * cheaper than converting the weights); more rows go through panels.
+ */
+static void
+matmul_quantized(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W)
+{
+	cuda_state *cs = CS(be);
+	int			fmt = cuda_weight_fmt(W);
+
+	if (q_on_tensor_cores(cs, n, W))
+	{
+		kk_gemv_mma_q(cs->stream, y, ldy, x, ldx, n, W->dev, fmt, W->q.group, W->rows, W->cols);
+		cuda_launched(be, "gemv_mma_q");
+		return;
+	}
+	if (n <= (cs->bf16 ? GEMV_MAX_ROWS : GEMV_MAX_ROWS_WIDEN))
+	{
+		kk_gemv_q(cs->stream, y, ldy, x, ldx, n, W->dev, fmt, W->q.group, W->rows, W->cols);
+		cuda_launched(be, "gemv_q");
+		return;
+	}
+	matmul_q_panels(be, y, ldy, x, ldx, n, W);
 }
 
 void
@@ -44,6 +140,11 @@ cuda_matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int 
 
 	if (n <= 0 || rows <= 0 || be->failed)
 		return;
+	if (cuda_weight_quantized(W))
+	{
+		matmul_quantized(be, y, ldy, x, ldx, n, W);
+		return;
+	}
 	if (n <= (wbf && !cs->bf16 ? GEMV_MAX_ROWS_WIDEN : GEMV_MAX_ROWS))
 	{
 		if (gemv_on_tensor_cores(cs, n, W))
@@ -105,6 +206,16 @@ cuda_matmul_fp32(kl_backend *be, float *y, int ldy, const float *x, int ldx, int
 {
 	cuda_state *cs = CS(be);
 
+	if (cs->bf16 && cuda_weight_quantized(W))
+	{
+		/* (the router is never quantized; should a quantized W come, the fp32 mode's path) */
+		cs->bf16 = false;
+		cublasSetMathMode(cs->blas, CUBLAS_PEDANTIC_MATH);
+		cuda_matmul_raw(be, y, ldy, x, ldx, n, W);
+		cublasSetMathMode(cs->blas, CUBLAS_TF32_TENSOR_OP_MATH);
+		cs->bf16 = true;
+		return;
+	}
 	if (!cs->bf16 || n <= GEMV_MAX_ROWS_WIDEN)
 	{
 		if (cs->bf16 && W->dtype == KL_DT_F32 && n > GEMV_MAX_ROWS)
@@ -156,15 +267,32 @@ cuda_matmul(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, c
 	cuda_matmul_raw(be, y, ldy, x, ldx, n, W);
 }
 
-/* Do these products all take the GEMV path with the same row count? */
+/* Do these products all take the GEMV path with the same row count?  (any
+ * quantized: *any_q set) */
 static bool
-gemv_batchable(cuda_state *cs, const kl_matmul_job *jobs, int count)
+gemv_batchable(cuda_state *cs, const kl_matmul_job *jobs, int count, bool *any_q)
+{
+	*any_q = false;
+	for (int i = 0; i < count; i++)
+	{
+		bool		q = cuda_weight_quantized(jobs[i].W);
+
+		if (jobs[i].n != jobs[0].n || jobs[i].n > GEMV_MAX_ROWS || jobs[i].n <= 0 ||
+			(!q && jobs[i].W->dtype != KL_DT_BF16 && jobs[i].W->dtype != KL_DT_F32) || jobs[i].W->rows <= 0)
+			return false;
+		*any_q |= q;
+	}
+	(void) cs;
+	return true;
+}
+
+/* Do these quantized products of the same n rows all take the tensor-core kernel? */
+static bool
+q_batch_mma(cuda_state *cs, const kl_matmul_job *jobs, int count)
 {
 	for (int i = 0; i < count; i++)
-		if (jobs[i].n != jobs[0].n || jobs[i].n > GEMV_MAX_ROWS || jobs[i].n <= 0 ||
-			(jobs[i].W->dtype != KL_DT_BF16 && jobs[i].W->dtype != KL_DT_F32) || jobs[i].W->rows <= 0)
+		if (jobs[i].n != jobs[0].n || !q_on_tensor_cores(cs, jobs[i].n, jobs[i].W) || jobs[i].W->rows <= 0)
 			return false;
-	(void) cs;
 	return true;
 }
 
@@ -178,15 +306,54 @@ gemv_batch_mma(cuda_state *cs, const kl_matmul_job *jobs, int count)
 	return true;
 }
 
+/*
+ * bf16 precision: a batch where some products (quantized weights) take the
+ * tensor-core kernel and others (the small bf16 matrices beside them, e.g.
+ * KDA's f_a, g_a, b_proj next to q, k, v) do not runs as two batches, so
+ * that the quantized ones keep kk_gemv_multi_mma_q.  False (nothing done)
+ * where the batch does not split so.
+ */
+static bool
+split_q_mma(kl_backend *be, const kl_matmul_job *jobs, int count)
+{
+	cuda_state *cs = CS(be);
+	kl_matmul_job *part;
+	int			na = 0,
+				nb = 0;
+
+	if (!cs->bf16)
+		return false;
+	for (int i = 0; i < count; i++)
+		na += q_batch_mma(cs, jobs + i, 1) && jobs[i].n == jobs[0].n;
+	if (na == 0 || na == count || !(part = malloc(sizeof(kl_matmul_job) * (size_t) count)))
+		return false;
+	/* the tensor-core ones first, then the others, each in their order */
+	for (int pass = 0; pass < 2; pass++)
+		for (int i = 0; i < count; i++)
+			if ((q_batch_mma(cs, jobs + i, 1) && jobs[i].n == jobs[0].n) == (pass == 0))
+				part[nb++] = jobs[i];
+	cuda_matmul_batch_raw(be, part, na);
+	cuda_matmul_batch_raw(be, part + na, count - na);
+	free(part);
+	return true;
+}
+
 /* decode: the products of one stage in a single launch */
 void
 cuda_matmul_batch_raw(kl_backend *be, const kl_matmul_job *jobs, int count)
 {
 	cuda_state *cs = CS(be);
+	bool		any_q = false,
+				q_mma = false;
 
 	if (be->failed)
 		return;
-	if (count > 1 && gemv_batchable(cs, jobs, count))
+	/* quantized, every job on the tensor cores: up to KK_GEMV_MMA_Q_ROWS rows */
+	if (count > 1 && (q_mma = q_batch_mma(cs, jobs, count)))
+		any_q = true;
+	else if (count > 1 && split_q_mma(be, jobs, count))
+		return;
+	if (count > 1 && (q_mma || gemv_batchable(cs, jobs, count, &any_q)))
 	{
 		for (int i0 = 0; i0 < count; i0 += KK_GEMV_JOBS)
 		{
@@ -206,9 +373,15 @@ cuda_matmul_batch_raw(kl_backend *be, const kl_matmul_job *jobs, int count)
 				b.job[j].ldx = jb->ldx;
 				b.job[j].rows = jb->W->rows;
 				b.job[j].cols = jb->W->cols;
-				b.job[j].bf16 = jb->W->dtype == KL_DT_BF16;
+				b.job[j].bf16 = !cuda_weight_quantized(jb->W) && jb->W->dtype == KL_DT_BF16;
+				b.job[j].fmt = cuda_weight_fmt(jb->W);
+				b.job[j].group = cuda_weight_quantized(jb->W) ? jb->W->q.group : jb->W->cols;
 			}
-			if (gemv_batch_mma(cs, jobs + i0, b.count))
+			if (q_mma)
+				kk_gemv_multi_mma_q(cs->stream, &b);
+			else if (any_q)
+				kk_gemv_multi_q(cs->stream, &b);
+			else if (gemv_batch_mma(cs, jobs + i0, b.count))
 				kk_gemv_multi_mma(cs->stream, &b);
 			else
 				kk_gemv_multi(cs->stream, &b);
@@ -318,6 +491,90 @@ out:
 		cudaStreamSynchronize(s);
 	cudaFree(W);
 	cudaFree(x);
+	if (s)
+		cudaStreamDestroy(s);
+	return (int) e;
+}
+
+/*
+ * Test hooks for kernels/quant.cu (test_cuda.c calls them through dlsym; not
+ * used by the backend), on the current device with a stream of their own.
+ * kl_cuda_test_q_dequant: the quantized matrix given as host data rows
+ * (rows x kk_q_row_bytes(fmt, cols) bytes) and scales [rows, ceil(cols /
+ * group)] is laid out on the device as the backend loads it; rows [r0, r0 +
+ * nr) come back through kk_q_dequant as fp32 (out_bf16 0) or bf16 (1) into
+ * out (nr x cols elements).
+ * kl_cuda_test_q_fill: kk_q_fill_random(fmt, group, rows, cols, seed, scale)
+ * into a device object; its kk_q_bytes(rows, fmt, cols, group) bytes come
+ * back into out.
+ * Both return 0, -1 for bad arguments, or a CUDA error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_q_dequant(int fmt, int group, int rows, int cols, const void *data, const float *scales, int r0, int nr,
+					   int out_bf16, void *out)
+{
+	size_t		bytes,
+				rb;
+	cudaStream_t s = NULL;
+	cudaError_t e = cudaSuccess;
+	char	   *W = NULL;
+	void	   *dst = NULL;
+	size_t		osz;
+
+	if (fmt < KK_WF_FP8 || fmt > KK_WF_INT4 || group <= 0 || rows <= 0 || cols <= 0 || r0 < 0 || nr <= 0 ||
+		r0 + nr > rows)
+		return -1;
+	rb = kk_q_row_bytes(fmt, cols);
+	bytes = kk_q_bytes(rows, fmt, cols, group);
+	osz = (size_t) nr * cols * (out_bf16 ? 2 : 4);
+	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &W, bytes)) != cudaSuccess ||
+		(e = cudaMalloc(&dst, osz)) != cudaSuccess ||
+		(e = cudaMemsetAsync(dst, 0xff, osz, s)) != cudaSuccess ||
+		(e = cudaMemcpyAsync(W, data, (size_t) rows * rb, cudaMemcpyHostToDevice, s)) != cudaSuccess ||
+		(e = cudaMemcpyAsync(W + kk_q_scale_offset(rows, fmt, cols), scales,
+							 sizeof(float) * (size_t) rows * kk_q_groups(cols, group), cudaMemcpyHostToDevice, s)) !=
+		cudaSuccess)
+		goto out;
+	kk_q_dequant(s, dst, out_bf16, W, fmt, group, rows, cols, r0, nr);
+	if ((e = cudaGetLastError()) != cudaSuccess ||
+		(e = cudaMemcpyAsync(out, dst, osz, cudaMemcpyDeviceToHost, s)) != cudaSuccess)
+		goto out;
+	e = cudaStreamSynchronize(s);
+out:
+	if (s)
+		cudaStreamSynchronize(s);
+	cudaFree(W);
+	cudaFree(dst);
+	if (s)
+		cudaStreamDestroy(s);
+	return (int) e;
+}
+
+__attribute__((visibility("default"))) int
+kl_cuda_test_q_fill(int fmt, int group, int rows, int cols, unsigned long long seed, float scale, void *out)
+{
+	size_t		bytes;
+	cudaStream_t s = NULL;
+	cudaError_t e = cudaSuccess;
+	void	   *W = NULL;
+
+	if (fmt < KK_WF_FP8 || fmt > KK_WF_INT4 || group <= 0 || rows <= 0 || cols <= 0)
+		return -1;
+	bytes = kk_q_bytes(rows, fmt, cols, group);
+	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess ||
+		(e = cudaMalloc(&W, bytes)) != cudaSuccess ||
+		(e = cudaMemsetAsync(W, 0, bytes, s)) != cudaSuccess)
+		goto out;
+	kk_q_fill_random(s, W, fmt, group, rows, cols, seed, scale);
+	if ((e = cudaGetLastError()) != cudaSuccess ||
+		(e = cudaMemcpyAsync(out, W, bytes, cudaMemcpyDeviceToHost, s)) != cudaSuccess)
+		goto out;
+	e = cudaStreamSynchronize(s);
+out:
+	if (s)
+		cudaStreamSynchronize(s);
+	cudaFree(W);
 	if (s)
 		cudaStreamDestroy(s);
 	return (int) e;

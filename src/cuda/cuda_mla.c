@@ -42,7 +42,25 @@ cuda_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err)
 		snprintf(err->msg, sizeof(err->msg), "out of memory");
 		return KL_FAIL;
 	}
-	if (w->kv_b.dtype == KL_DT_BF16 && !cs->bf16)
+	if (cuda_weight_quantized(&w->kv_b))
+	{
+		/*
+		 * a checkpoint that stores kv_b quantized: the attention kernels read
+		 * W_uk, W_uv as fp32 (fp32 mode: quant.h's values, as cpu_mla.c
+		 * expands them) or bf16 (bf16 mode: those values rounded)
+		 */
+		size_t		esz = cs->bf16 ? sizeof(uint16_t) : sizeof(float);
+
+		if (!cuda_ok(be, cudaMalloc(&p->owned, n * esz), "cudaMalloc (kv_b)"))
+			goto fail;
+		kk_q_dequant(cs->stream, p->owned, cs->bf16, w->kv_b.dev, cuda_weight_fmt(&w->kv_b), w->kv_b.q.group,
+					 w->kv_b.rows, w->kv_b.cols, 0, w->kv_b.rows);
+		if (!cuda_launched(be, "q_dequant (kv_b)") || !cuda_ok(be, cudaStreamSynchronize(cs->stream), "prepare_mla"))
+			goto fail;
+		p->kv_b = p->owned;
+		p->bf16 = cs->bf16;
+	}
+	else if (w->kv_b.dtype == KL_DT_BF16 && !cs->bf16)
 	{
 		/* fp32 mode: the attention kernels read W_uk, W_uv in fp32 */
 		if (!cuda_ok(be, cudaMalloc(&p->owned, n * sizeof(float)), "cudaMalloc (kv_b)"))

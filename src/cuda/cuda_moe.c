@@ -12,6 +12,11 @@
  *     as cpu_moe.c does); in bf16 mode the gathered rows go through three
  *     grouped cuBLAS products (gate, up; down) for all used experts at once,
  *     otherwise one product per used expert through the ordinary matmul path.
+ * Quantized experts (kernels.h's device form, one form for all routed
+ * experts of a layer) take the _q twins of the decode kernels
+ * (kernels/gemv_q.cu; in bf16 precision from KL_CUDA_EXPERT_MMA tokens
+ * kernels/mma_q.cu) and, for larger batches, the per-expert loop through
+ * the matmul path (panels of converted weight rows).
  * The shared experts are a plain SwiGLU MLP over all tokens; the combine
  * kernel sums each token's weighted expert outputs and the shared one.
  *
@@ -31,6 +36,32 @@
 #define MOE_DEVICE_MAX_TOKENS 64
 
 /* ------------------------------------------------------------------ expert tables */
+
+/* Is W in form fmt (KK_WF_*), with group columns per scale when quantized? */
+static bool
+in_form(const kl_weight *W, int fmt, int group)
+{
+	return cuda_weight_fmt(W) == fmt && (!cuda_weight_quantized(W) || W->q.group == group);
+}
+
+/* the forms of a layer's expert matrices (the expert kernels take one form for all experts) */
+static void
+expert_forms(cuda_moe_tables *t, const kl_moe_layer *w, int E)
+{
+	const kl_mlp *e0 = &w->experts[0];
+
+	t->fmt_gu = cuda_weight_fmt(&e0->gate);
+	t->group_gu = cuda_weight_quantized(&e0->gate) ? e0->gate.q.group : e0->gate.cols;
+	t->fmt_down = cuda_weight_fmt(&e0->down);
+	t->group_down = cuda_weight_quantized(&e0->down) ? e0->down.q.group : e0->down.cols;
+	t->uniform = true;
+	for (int e = 0; e < E && t->uniform; e++)
+		t->uniform = in_form(&w->experts[e].gate, t->fmt_gu, t->group_gu) &&
+			in_form(&w->experts[e].up, t->fmt_gu, t->group_gu) &&
+			in_form(&w->experts[e].down, t->fmt_down, t->group_down);
+	t->shared_same = w->has_shared && in_form(&w->shared.gate, t->fmt_gu, t->group_gu) &&
+		in_form(&w->shared.up, t->fmt_gu, t->group_gu) && in_form(&w->shared.down, t->fmt_down, t->group_down);
+}
 
 static const cuda_moe_tables *
 moe_tables(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w)
@@ -81,6 +112,7 @@ moe_tables(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w)
 	}
 	t->w = w;
 	t->dev = NULL;
+	expert_forms(t, w, E);
 	if (!cuda_ok(be, cudaMalloc((void **) &t->dev, sizeof(void *) * 3 * ((size_t) E + 1)), "cudaMalloc (expert table)") ||
 		!cuda_upload_sync(be, t->dev, host, sizeof(void *) * 3 * ((size_t) E + 1)))
 	{
@@ -311,6 +343,43 @@ out:
 
 /* ------------------------------------------------------------------ the op */
 
+/*
+ * The decode expert products in the experts' form (tab; down: the down
+ * matrices, else gate/up): bf16 / fp32 through kk_expert_gemv /
+ * kk_expert_mma, quantized through their _q twins (kernels/gemv_q.cu,
+ * kernels/mma_q.cu).
+ */
+static void
+expert_gemv_in(cuda_state *cs, const cuda_moe_tables *tab, bool down, float *y0, float *y1, int ldy,
+			   const float *x, int ldx, const int *xrow, const void *const *W0, const void *const *W1, int rows,
+			   int cols, const int *start, const int *active, int max_active, int max_count)
+{
+	int			fmt = down ? tab->fmt_down : tab->fmt_gu,
+				group = down ? tab->group_down : tab->group_gu;
+
+	if (fmt >= KK_WF_FP8)
+		kk_expert_gemv_q(cs->stream, y0, y1, ldy, x, ldx, xrow, W0, W1, fmt, group, rows, cols, start, active,
+						 max_active, max_count);
+	else
+		kk_expert_gemv(cs->stream, y0, y1, ldy, x, ldx, xrow, W0, W1, fmt == KK_WF_BF16, rows, cols, start, active,
+					   max_active, max_count);
+}
+
+static void
+expert_mma_in(cuda_state *cs, const cuda_moe_tables *tab, bool down, float *y0, float *y1, int ldy, const float *x,
+			  int ldx, const int *xrow, const void *const *W0, const void *const *W1, int rows, int cols,
+			  const int *start, const int *active, int max_active, int P)
+{
+	int			fmt = down ? tab->fmt_down : tab->fmt_gu,
+				group = down ? tab->group_down : tab->group_gu;
+
+	if (fmt >= KK_WF_FP8)
+		kk_expert_mma_q(cs->stream, y0, y1, ldy, x, ldx, xrow, W0, W1, fmt, group, rows, cols, start, active,
+						max_active, P);
+	else
+		kk_expert_mma(cs->stream, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, max_active, P);
+}
+
 void
 cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n)
 {
@@ -334,7 +403,8 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			   *xrow,
 			   *inv,
 			   *active;
-	bool		wbf = w->experts[0].gate.dtype == KL_DT_BF16;
+	bool		wbf,
+				wq;				/* the experts quantized (kernels.h's device form) */
 
 	if (cuda_step_skip(be, OP_MOE, (uintptr_t) y, (uintptr_t) x, (uintptr_t) w, (uintptr_t) n))
 		return;
@@ -342,6 +412,14 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		return;
 	if (!(tab = moe_tables(be, cfg, w)))
 		return;
+	wbf = tab->fmt_gu == KK_WF_BF16;
+	wq = tab->fmt_gu >= KK_WF_FP8 || tab->fmt_down >= KK_WF_FP8;
+	if (wq && !tab->uniform)
+	{
+		cuda_fail(be, KL_E_UNSUPPORTED, "the experts of an MoE layer are quantized in different forms (or group "
+				  "sizes); the GPU needs one form for all routed experts of a layer");
+		return;
+	}
 	logits = cuda_buf(be, CB_MOE_LOGITS, sizeof(float) * (size_t) n * E);
 	sel = cuda_buf(be, CB_MOE_SEL, sizeof(int) * nk);
 	wts = cuda_buf(be, CB_MOE_WTS, sizeof(float) * nk);
@@ -368,8 +446,12 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		 * A shared expert of the routed experts' width (S = 1) joins as
 		 * expert E over all tokens: its products share the launches.
 		 */
-		bool		fuse = w->has_shared && Fs == F && w->shared.gate.dtype == w->experts[0].gate.dtype &&
-			w->shared.down.dtype == w->experts[0].down.dtype;
+		bool		fuse = w->has_shared && Fs == F && (wq ? tab->shared_same :
+														w->shared.gate.dtype == w->experts[0].gate.dtype &&
+														w->shared.down.dtype == w->experts[0].down.dtype &&
+														!cuda_weight_quantized(&w->shared.gate) &&
+														!cuda_weight_quantized(&w->shared.up) &&
+														!cuda_weight_quantized(&w->shared.down));
 		int			rows = (int) nk + (fuse ? n : 0);
 		/*
 		 * Tensor cores (kernels/expert_mma.cu) in bf16 precision for steps of
@@ -377,9 +459,9 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		 * items of 8; fp32 precision keeps the exact CUDA-core kernel, and so
 		 * do steps too small for an item to have more than one token.
 		 */
-		bool		mma = cs->expert_mma_min > 0 && n >= cs->expert_mma_min && cs->bf16 && wbf &&
-			w->experts[0].up.dtype == KL_DT_BF16 && w->experts[0].down.dtype == KL_DT_BF16 &&
-			kk_expert_mma_ok(D) && kk_expert_mma_ok(F);
+		bool		mma = cs->expert_mma_min > 0 && n >= cs->expert_mma_min && cs->bf16 &&
+			(wq ? kk_mma_q_ok(tab->fmt_gu, tab->group_gu, D) && kk_mma_q_ok(tab->fmt_down, tab->group_down, F) :
+			 wbf && tab->uniform && tab->fmt_down == KK_WF_BF16 && kk_expert_mma_ok(D) && kk_expert_mma_ok(F));
 		/* work items of at most P rows */
 		int			P = mma ? KK_EXPERT_MMA_ROWS : kk_expert_pass_rows(n);
 		int			max_active = expert_item_slots((int) nk, E, fuse ? n : 0, P);
@@ -425,15 +507,15 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 
 			/* silu(gate) * up in one pass (KL_CUDA_MOE_FUSE=0: the two products, then swiglu) */
 			if (cs->fuse_moe)
-				kk_expert_mma(cs->stream, g, NULL, F, x, D, xrow, gate, up, F, D, start, active, max_active, P);
+				expert_mma_in(cs, tab, false, g, NULL, F, x, D, xrow, gate, up, F, D, start, active, max_active, P);
 			else
 			{
-				kk_expert_mma(cs->stream, g, u, F, x, D, xrow, gate, up, F, D, start, active, max_active, P);
+				expert_mma_in(cs, tab, false, g, u, F, x, D, xrow, gate, up, F, D, start, active, max_active, P);
 				kk_swiglu(cs->stream, g, g, u, rows, F, F);
 			}
 			if (!cuda_launched(be, "expert gate/up (tensor cores)"))
 				return;
-			kk_expert_mma(cs->stream, ye, NULL, D, g, F, NULL, down, NULL, D, F, start, active, max_active, P);
+			expert_mma_in(cs, tab, true, ye, NULL, D, g, F, NULL, down, NULL, D, F, start, active, max_active, P);
 			if (!cuda_launched(be, "expert down (tensor cores)"))
 				return;
 		}
@@ -441,20 +523,20 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			/* gate and up of each row in one warp: h = silu(gate) * up into g (for few
 			 * tokens: with more, the warp's registers for both products cost occupancy,
 			 * 3.4 ms a step at batch 64) */
-			kk_expert_gemv(cs->stream, g, NULL, F, x, D, xrow, (const void *const *) tab->dev,
-						   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active, n);
+			expert_gemv_in(cs, tab, false, g, NULL, F, x, D, xrow, (const void *const *) tab->dev,
+						(const void *const *) (tab->dev + (E + 1)), F, D, start, active, max_active, n);
 		else
 		{
-			kk_expert_gemv(cs->stream, g, u, F, x, D, xrow, (const void *const *) tab->dev,
-						   (const void *const *) (tab->dev + (E + 1)), wbf, F, D, start, active, max_active, n);
+			expert_gemv_in(cs, tab, false, g, u, F, x, D, xrow, (const void *const *) tab->dev,
+						(const void *const *) (tab->dev + (E + 1)), F, D, start, active, max_active, n);
 			kk_swiglu(cs->stream, g, g, u, rows, F, F);
 		}
 		if (!mma)
 		{
 			if (!cuda_launched(be, "expert gate/up"))
 				return;
-			kk_expert_gemv(cs->stream, ye, NULL, D, g, F, NULL, (const void *const *) (tab->dev + 2 * (E + 1)), NULL,
-						   wbf, D, F, start, active, max_active, n);
+			expert_gemv_in(cs, tab, true, ye, NULL, D, g, F, NULL, (const void *const *) (tab->dev + 2 * (E + 1)), NULL,
+						D, F, start, active, max_active, n);
 			if (!cuda_launched(be, "expert down"))
 				return;
 		}
@@ -478,7 +560,8 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		if (!xe || !host_group(be, n, E, k, sel, xrow, inv))
 			return;
 		st = cs->h_start;
-		if (cs->bf16 && wbf && !cs->no_grouped_gemm &&
+		/* (bf16 experts only: quantized ones go through cuda_matmul_raw's panels) */
+		if (cs->bf16 && wbf && tab->fmt_down == KK_WF_BF16 && tab->uniform && !cs->no_grouped_gemm &&
 			experts_grouped(be, w, st, E, D, F, x, xrow, nk, g, u, ye))
 			goto shared;
 		if (be->failed)

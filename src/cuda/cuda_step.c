@@ -363,6 +363,12 @@ cuda_embed(kl_backend *be, float *x, const kl_weight *E, const int32_t *ids, int
 
 	if (be->failed)
 		return;
+	if (cuda_weight_quantized(E))
+	{
+		/* (the loader refuses quantized embeddings; rows are read as bf16 or fp32) */
+		cuda_fail(be, KL_E_UNSUPPORTED, "a quantized embedding matrix is not supported on the GPU");
+		return;
+	}
 	if (n > cs->ids_cap)
 	{
 		int			cap = n * 2 > 256 ? n * 2 : 256;

@@ -224,7 +224,8 @@ typedef struct kl_backend_ops
 	int			(*load_weight) (kl_backend *be, kl_weight *w, kl_err *err);
 	void		(*unload_weight) (kl_backend *be, kl_weight *w);
 	/* a weight with random values (uniform, standard deviation `scale`), made in
-	 * backend memory: w->dtype, rows, cols set, w->host NULL; sets w->dev */
+	 * backend memory: w->dtype, rows, cols set, w->host NULL; sets w->dev
+	 * (w->q.type set: random quantized weights, see random_quantized) */
 	int			(*init_random_weight) (kl_backend *be, kl_weight *w, uint64_t seed, float scale, kl_err *err);
 	/* called once per MLA layer after its weights are loaded; sets/frees w->prepared */
 	int			(*prepare_mla) (kl_backend *be, kl_mla_layer *w, kl_err *err);
@@ -290,6 +291,14 @@ typedef struct kl_backend_ops
 
 	/* matmul takes quantized weights (kl_weight.q, quant.h) as they are */
 	bool		quantized_weights;
+	/*
+	 * init_random_weight makes random quantized weights itself, in its own
+	 * memory: for a weight to be quantized the loader sets w->q's type,
+	 * rows, cols, group, n_groups and row_bytes (data and scales NULL)
+	 * before the call.  Without it, the loader quantizes the random weights
+	 * the backend made, which must then be in host memory (the CPU backend).
+	 */
+	bool		random_quantized;
 } kl_backend_ops;
 
 struct kl_backend
@@ -332,7 +341,7 @@ int			kl_backend_cpu_create(const kl_config *cfg, const kl_backend_opts *opts, k
  * (config.h, quant.h's kl_qmat, kl_err) changes in a way that moves a field
  * or changes a signature.
  */
-#define KL_BACKEND_ABI_VERSION 1
+#define KL_BACKEND_ABI_VERSION 2
 
 /*
  * dlopen()s the CUDA backend library; a clear error where there is none, it

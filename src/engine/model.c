@@ -258,9 +258,25 @@ bind_random_matrix(binder *b, kl_weight *w, int rows, int cols, const char *name
 	m->n_params += (int64_t) rows * cols;
 	m->weight_bytes += (uint64_t) rows * cols * kl_dtype_size(w->dtype);
 	m->n_matrices++;
+	if (qt != KL_Q_NONE && m->be->ops->random_quantized)
+	{
+		/* the backend makes the quantized form itself, in its own memory */
+		w->q.type = qt;
+		w->q.rows = rows;
+		w->q.cols = cols;
+		w->q.group = kl_q_default_group(qt, cols);
+		w->q.n_groups = (cols + w->q.group - 1) / w->q.group;
+		w->q.row_bytes = kl_q_row_bytes(qt, cols);
+	}
 	if (m->be->ops->init_random_weight(m->be, w, kl_rng_next(&b->rng),
 									   1.0f / sqrtf((float) cols), b->err) != KL_OK)
 		return kl_err_prefix(b->err, "random tensor \"%s\"", name);
+	if (qt != KL_Q_NONE && m->be->ops->random_quantized)
+	{
+		m->n_quantized++;
+		m->resident_bytes += kl_q_bytes(&w->q);
+		return KL_OK;
+	}
 	if (qt == KL_Q_NONE)
 	{
 		m->resident_bytes += (uint64_t) rows * cols * kl_dtype_size(w->dtype);
@@ -985,8 +1001,8 @@ kl_model_create_random(const char *config_path, const kl_load_opts *opts, const 
 	if (m->quantize != KL_Q_NONE && !m->be->ops->quantized_weights)
 	{
 		kl_errc(err, KL_E_INVALID,
-				"random weights quantized at load need the cpu device (the %s backend makes its random "
-				"weights in its own memory)", m->be->ops->name);
+				"random weights quantized at load are not supported on the %s backend (it does not compute "
+				"with quantized weights)", m->be->ops->name);
 		kl_model_free(m);
 		return KL_FAIL;
 	}
