@@ -15,6 +15,8 @@
 #   bash bench/bench-cuda.sh ceilings       copy bandwidth, bf16 GEMM rate
 #   bash bench/bench-cuda.sh kda T1,T2,..   our KDA op and fla's chunk_kda, H=32 K=128 (FLA=0: ours only)
 #   bash bench/bench-cuda.sh model CONFIG [options of bench_cuda model]
+#                                           (--quantize fp8|int8|int4: random weights made on the GPU in
+#                                           that form; the RESULT kind=model line gives resident_GB)
 #   bash bench/bench-cuda.sh layers N       write /tmp/kl/48b-N.json: the 48B config cut to N layers
 #   bash bench/bench-cuda.sh ncu ARGS       per-kernel GPU times of `bench_cuda ARGS` (Nsight Compute)
 #   bash bench/bench-cuda.sh gemv-sweep [VARIANT [SHAPE]]  decode GEMV variants against a plain read of the
@@ -163,7 +165,7 @@ model)
 	$K/bin/bench_cuda model "$config" "$@" 2>&1 | log
 	;;
 *)
-	sed -n '2,24p' "$0"
+	sed -n '2,26p' "$0"
 	exit 2
 	;;
 esac

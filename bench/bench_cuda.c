@@ -8,9 +8,11 @@
  *       GEMM rate of an 8192^3 product through the backend's matmul
  *   bench_cuda model CONFIG [--prefill 4096,32768] [--decode-ctx 4096,32768]
  *                    [--batches 1,8,32,64] [--steps N] [--step-tokens N] [--profile 1]
- *                    [--sample logits|greedy|topp]
+ *                    [--sample logits|greedy|topp] [--quantize fp8|int8|int4]
  *       a random bf16 model of CONFIG's shape made on the GPU
- *       (kl_model_create_random, precision bf16): prefill tokens/s for each
+ *       (kl_model_create_random, precision bf16; --quantize: the matrices
+ *       quantization at load takes made on the GPU in that form instead, the
+ *       header line gives the resident weight bytes): prefill tokens/s for each
  *       length (a fresh sequence, one kl_forward), then for each decode
  *       context the time per output token at each batch size (the prefilled
  *       sequence cloned batch times; graphs warm); every step ends as
@@ -515,39 +517,50 @@ drift(const char *dir, int steps, const char *prec)
  * every matrix that is not an expert, the experts that the batch's tokens
  * choose (expected number of distinct experts when each token picks k of E
  * uniformly: E (1 - (1 - k/E)^b)), the embedding rows, and per sequence the
- * KDA state read and written plus its MLA cache read.
+ * KDA state read and written plus its MLA cache read.  qbpp: bytes per
+ * weight of the matrices quantization at load takes (quant.h's kl_q_role:
+ * the projections, experts and lm_head; 2 when not quantized); the router,
+ * the KDA low-rank and beta matrices, MLA's kv_b and the embedding stay bf16.
  */
 static double
-decode_bytes(const kl_config *c, int b, long ctx, int cache_bytes)
+decode_bytes(const kl_config *c, int b, long ctx, int cache_bytes, double qbpp)
 {
 	double		D = c->hidden_size,
 				HK = (double) c->kda_heads * c->kda_head_dim,
 				K = c->kda_head_dim,
 				Dq = c->qk_nope_dim + c->qk_rope_dim,
 				Wa = kl_mla_row(c);
-	double		w = 0,
+	double		w = 0,			/* weights quantization at load takes */
+				wp = 0,			/* weights it leaves as stored */
 				st = 0;
 
 	for (int i = 0; i < c->n_layers; i++)
 	{
 		if (c->layer_kind[i] == KL_LAYER_KDA)
-			w += 3 * HK * D + 2 * K * D + 2 * HK * K + c->kda_heads * D + D * HK;
+		{
+			w += 3 * HK * D + D * HK;
+			wp += 2 * K * D + 2 * HK * K + c->kda_heads * D;
+		}
 		else
-			w += c->mla_heads * Dq * D + Wa * D + (double) c->mla_heads * (c->qk_nope_dim + c->v_head_dim) * c->kv_lora_rank +
-				D * c->mla_heads * c->v_head_dim;
+		{
+			w += c->mla_heads * Dq * D + Wa * D + D * c->mla_heads * c->v_head_dim;
+			wp += (double) c->mla_heads * (c->qk_nope_dim + c->v_head_dim) * c->kv_lora_rank;
+		}
 		if (kl_layer_is_moe(c, i))
 		{
 			double		used = c->n_experts * (1 - pow(1 - (double) c->experts_per_token / c->n_experts, b));
 
-			w += (double) c->n_experts * D + 3 * D * c->moe_intermediate * (used + c->n_shared_experts);
+			wp += (double) c->n_experts * D;
+			w += 3 * D * c->moe_intermediate * (used + c->n_shared_experts);
 		}
 		else
 			w += 3 * D * c->intermediate_size;
 	}
-	w += (double) c->vocab_size * D + b * D;	/* lm_head, embedding rows */
+	w += (double) c->vocab_size * D;	/* lm_head */
+	wp += b * D;				/* embedding rows */
 	st = c->n_kda_layers * (2 * HK * K * 4 + 2 * 3 * HK * c->conv_kernel * 4) +
 		c->n_mla_layers * (double) ctx * Wa * cache_bytes;
-	return 2 * w + b * st;
+	return qbpp * w + 2 * wp + b * st;
 }
 
 /* FLOPs of prefilling T tokens from position 0 in steps of S: the matrix
@@ -603,7 +616,7 @@ decode_step(kl_ctx *ctx, kl_batch_item *items, int b, const char *sample, const 
 
 static void
 model_bench(const char *config, const long *pre, int npre, const long *ctxs, int nctx, const long *batches,
-			int nb, int steps, int step_tokens, bool profile, const char *sample)
+			int nb, int steps, int step_tokens, bool profile, const char *sample, const char *quantize)
 {
 	const char *tag = getenv("KL_BENCH_TAG") ? getenv("KL_BENCH_TAG") : "";
 	int			ncu_steps = getenv("KL_BENCH_NCU_STEPS") ? atoi(getenv("KL_BENCH_NCU_STEPS")) : 0;
@@ -624,8 +637,13 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 	int32_t    *ids;
 	int			maxb = 1;
 
+	/* bytes a weight of the quantized matrices: fp8 / int8 per channel (a
+	 * 4-byte scale a row of at least 1024), int4 a scale per 32 */
+	double		qbpp = !quantize ? 2.0 : strcmp(quantize, "int4") == 0 ? 0.5 + 4.0 / 32 : 1.0 + 4.0 / 1024;
+
 	o.device = "cuda";
 	o.precision = "bf16";
+	o.quantize = quantize;
 	kl_sampling_default(&sp);
 	if (strcmp(sample, "topp") == 0)
 	{
@@ -642,8 +660,10 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 	m->be->ops->sync(m->be);
 	c = kl_model_config(m);
 	V = c->vocab_size;
-	printf("RESULT kind=model layers=%d params=%lld weight_GB=%.2f create_s=%.1f gpu_GB=%.1f\n", c->n_layers,
-		   (long long) kl_model_n_params(m), kl_model_weight_bytes(m) / 1e9, kl_now() - t0, gpu_used_gb());
+	printf("RESULT kind=model layers=%d params=%lld weight_GB=%.2f resident_GB=%.2f quantize=%s format=\"%s\" "
+		   "create_s=%.1f gpu_GB=%.1f\n", c->n_layers, (long long) kl_model_n_params(m),
+		   kl_model_weight_bytes(m) / 1e9, kl_model_resident_bytes(m) / 1e9, quantize ? quantize : "none",
+		   kl_model_weight_format(m), kl_now() - t0, gpu_used_gb());
 	fflush(stdout);
 	if (kl_ctx_new(m, step_tokens, &ctx, &err) != KL_OK)
 		fail("context", &err);
@@ -742,7 +762,7 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 			}
 			if (ok)
 			{
-				double		bytes = decode_bytes(c, b, ctxs[ci], m->be->mla_cache_bf16 ? 2 : 4);
+				double		bytes = decode_bytes(c, b, ctxs[ci], m->be->mla_cache_bf16 ? 2 : 4, qbpp);
 
 				dt = (kl_now() - t0) / steps;
 				printf("RESULT kind=decode tag=%s sample=%s ctx=%ld batch=%d ms_per_step=%.3f tokens_per_s=%.1f "
@@ -846,7 +866,8 @@ main(int argc, char **argv)
 					steps = 20,
 					step_tokens = 8192;
 		bool		profile = false;
-		const char *sample = "topp";
+		const char *sample = "topp",
+				   *quantize = NULL;
 
 		for (int i = 3; i + 1 < argc; i += 2)
 		{
@@ -864,19 +885,27 @@ main(int argc, char **argv)
 				profile = atoi(argv[i + 1]) != 0;
 			else if (strcmp(argv[i], "--sample") == 0)
 				sample = argv[i + 1];
+			else if (strcmp(argv[i], "--quantize") == 0)
+				quantize = strcmp(argv[i + 1], "none") == 0 ? NULL : argv[i + 1];
+		}
+		if (quantize && strcmp(quantize, "fp8") != 0 && strcmp(quantize, "int8") != 0 &&
+			strcmp(quantize, "int4") != 0)
+		{
+			fprintf(stderr, "bench_cuda: --quantize fp8, int8, int4 or none\n");
+			return 2;
 		}
 		if (strcmp(sample, "logits") != 0 && strcmp(sample, "greedy") != 0 && strcmp(sample, "topp") != 0)
 		{
 			fprintf(stderr, "bench_cuda: --sample logits, greedy or topp\n");
 			return 2;
 		}
-		model_bench(argv[2], pre, npre, ctxs, nctx, bat, nb, steps, step_tokens, profile, sample);
+		model_bench(argv[2], pre, npre, ctxs, nctx, bat, nb, steps, step_tokens, profile, sample, quantize);
 	}
 	else
 	{
 		fprintf(stderr, "usage: bench_cuda ceilings | sample V B1,B2,... | drift DIR STEPS fp32|bf16 | kda H K T1,T2,... | model CONFIG [--prefill L,...] "
 				"[--decode-ctx C,...] [--batches B,...] [--steps N] [--step-tokens N] [--profile 0|1] "
-				"[--sample logits|greedy|topp]\n");
+				"[--sample logits|greedy|topp] [--quantize fp8|int8|int4]\n");
 		return 2;
 	}
 	return 0;

@@ -16,8 +16,14 @@ print(f"Ceilings: copy {bw:.0f} GB/s, GEMV bf16 {ceil.get('gemv_bf16_GBps', 0):.
       f"bf16 GEMM {gemm:.1f} TFLOP/s\n")
 m = next((r for r in rows if r["kind"] == "model"), None)
 if m:
-    print(f"Model: {m['layers']} layers, {int(m['params'])/1e9:.1f} B parameters, "
-          f"{m['weight_GB']} GB of bf16 weights (random, made on the GPU)\n")
+    q = m.get("quantize", "none")
+    if q == "none":
+        print(f"Model: {m['layers']} layers, {int(m['params'])/1e9:.1f} B parameters, "
+              f"{m['weight_GB']} GB of bf16 weights (random, made on the GPU)\n")
+    else:
+        print(f"Model: {m['layers']} layers, {int(m['params'])/1e9:.1f} B parameters, weights "
+              f"{m.get('format', q).strip(chr(34))}: {m.get('resident_GB', '?')} GB resident on the GPU "
+              f"({m['weight_GB']} GB as bf16; random, made on the GPU in that form)\n")
 print("| decode | variant | sample | ctx | batch | ms / step | tokens/s | roofline ms | of roofline | kernels / step "
       "| GPU memory |")
 print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
