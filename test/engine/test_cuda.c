@@ -426,6 +426,41 @@ static const char *big_config =
 " \"first_k_dense_replace\": 1, \"moe_layer_freq\": 1, \"moe_router_activation_func\": \"sigmoid\","
 " \"moe_renormalize\": true, \"routed_scaling_factor\": 2.446, \"num_expert_group\": 4, \"topk_group\": 2}";
 
+/*
+ * kernels.h's device form of a quantized matrix (the test does not include
+ * kernels.h: it needs the CUDA headers): data rows, then the fp32 scales at
+ * the next multiple of 256 bytes.  KK_WF_*: FP8 2, INT8 3, INT4 4.
+ */
+static size_t
+q_scale_offset(int rows, size_t row_bytes)
+{
+	return ((size_t) rows * row_bytes + 255) & ~(size_t) 255;
+}
+
+static int
+q_wf(kl_qtype t)
+{
+	return t == KL_Q_FP8 ? 2 : t == KL_Q_INT8 ? 3 : 4;
+}
+
+/* the CPU's quantized matrix (host data and scales) into the GPU's object of the same form */
+static void
+copy_qweight(kl_model *gpu, const kl_weight *src, kl_weight *dst)
+{
+	const kl_qmat *a = &src->q,
+			   *b = &dst->q;
+
+	if (a->type != b->type || a->rows != b->rows || a->cols != b->cols || a->group != b->group ||
+		a->row_bytes != b->row_bytes || a->n_groups != b->n_groups)
+	{
+		tap_diag("weight %s: quantized forms differ between backends", src->name);
+		exit(1);
+	}
+	gpu->be->ops->upload(gpu->be, dst->dev, a->data, (size_t) a->rows * a->row_bytes);
+	gpu->be->ops->upload(gpu->be, (char *) dst->dev + q_scale_offset(a->rows, a->row_bytes), a->scales,
+						 sizeof(float) * (size_t) a->rows * a->n_groups);
+}
+
 static void
 copy_weight(kl_model *cpu, kl_model *gpu, const kl_weight *src, kl_weight *dst)
 {
@@ -433,6 +468,11 @@ copy_weight(kl_model *cpu, kl_model *gpu, const kl_weight *src, kl_weight *dst)
 
 	if (!src->dev || !dst->dev)
 		return;
+	if (src->q.type != KL_Q_NONE || dst->q.type != KL_Q_NONE)
+	{
+		copy_qweight(gpu, src, dst);
+		return;
+	}
 	if (src->dtype != dst->dtype || src->rows != dst->rows || src->cols != dst->cols)
 	{
 		tap_diag("weight %s: shapes or dtypes differ between backends", src->name);
@@ -2501,50 +2541,566 @@ check_pgdocs(const char *prec)
 	kl_model_free(m);
 }
 
+/* ------------------------------------------------------------------ quantized weights on the GPU */
+
 /*
- * Quantized weights on the GPU (until it has kernels of its own): the
- * loader dequantizes them to bf16 at upload.  Same logits as the CPU's
- * quantized model to bf16 rounding; the format says what happened.
+ * The GPU keeps quantized weights (FP8, int8, int4) resident as they are
+ * (kernels.h's device form) and computes with them: the conversion kernels
+ * (kernels/quant.cu) against quant.h's reference, then whole models against
+ * the CPU's quantized model.
+ */
+
+typedef int (*q_dequant_fn) (int fmt, int group, int rows, int cols, const void *data, const float *scales, int r0,
+							 int nr, int out_bf16, void *out);
+typedef int (*q_fill_fn) (int fmt, int group, int rows, int cols, unsigned long long seed, float scale, void *out);
+
+static uint64_t q_rng = 0x9e3779b97f4a7c15ull;
+
+static float
+q_uniform(void)
+{
+	q_rng ^= q_rng << 13;
+	q_rng ^= q_rng >> 7;
+	q_rng ^= q_rng << 17;
+	return (float) (q_rng >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
+}
+
+/*
+ * A quantized matrix from random f32 (quant.h's quantization; rows of
+ * different magnitudes, a zero row).  FP8 also gets hand-made bytes at the
+ * start of every row: zeros, the subnormals 0x01-0x07 and 0x81-0x87, the
+ * least normals 0x08 / 0x88 and the largest finite 0x7e / 0xfe.  The caller
+ * frees q->data and q->scales.
  */
 static void
-check_quantized(const char *quantize)
+make_qmat(kl_qmat *q, kl_qtype t, int rows, int cols, int group)
+{
+	static const uint8_t special[] = {0x00, 0x80, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x81, 0x82, 0x83,
+	0x84, 0x85, 0x86, 0x87, 0x08, 0x88, 0x7e, 0xfe};
+	float	   *src = malloc(sizeof(float) * (size_t) rows * cols);
+
+	for (int r = 0; r < rows; r++)
+		for (int c = 0; c < cols; c++)
+			src[(size_t) r * cols + c] = r == 2 ? 0.0f : q_uniform() * (float) (1 + r % 5) * 0.03f;
+	memset(q, 0, sizeof(*q));
+	q->type = t;
+	q->rows = rows;
+	q->cols = cols;
+	q->group = group;
+	q->n_groups = (cols + group - 1) / group;
+	q->row_bytes = kl_q_row_bytes(t, cols);
+	q->data = calloc((size_t) rows * q->row_bytes + 1, 1);
+	q->scales = calloc((size_t) rows * q->n_groups + 1, sizeof(float));
+	kl_q_quantize_rows(q, src, 0, rows);
+	if (t == KL_Q_FP8)
+		for (int r = 0; r < rows; r++)
+			for (int c = 0; c < cols && c < (int) sizeof(special); c++)
+				((uint8_t *) q->data)[(size_t) r * q->row_bytes + c] = special[(c + r) % sizeof(special)];
+	free(src);
+}
+
+/*
+ * kk_q_dequant against kl_q_dequant_row, bit for bit: fp32 output equal to
+ * the reference's floats, bf16 output equal to their round-to-nearest-even;
+ * whole matrices and a range of rows, at the 48B shapes' widths (2304, 1024)
+ * and odd ones (cols 96, 64, 200, 97; rows not a multiple of anything),
+ * per-channel and group scales.
+ */
+static void
+check_q_dequant(void)
+{
+	void	   *lib,
+			   *fn;
+	kl_model   *m = load_test_hook("kl_cuda_test_q_dequant", &lib, &fn);
+	static const struct
+	{
+		int			rows,
+					cols,
+					group;		/* 0: cols */
+	}			shapes[] = {{37, 2304, 0}, {19, 1024, 32}, {5, 2304, 128}, {64, 96, 32}, {33, 64, 0}, {7, 200, 0},
+	{9, 97, 0}, {3, 200, 160}};
+
+	if (!m)
+		return;
+	for (int t = KL_Q_FP8; t <= KL_Q_INT4; t++)
+		for (int bf = 0; bf < 2; bf++)
+		{
+			long		bad = 0,
+						total = 0;
+			int			rc = 0;
+
+			for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]) && rc == 0; si++)
+			{
+				int			rows = shapes[si].rows,
+							cols = shapes[si].cols,
+							group = shapes[si].group ? shapes[si].group : cols;
+				kl_qmat		q;
+				float	   *ref,
+						   *out;
+
+				if (t == KL_Q_INT4 && group != cols && group % 32 != 0)
+					continue;
+				make_qmat(&q, (kl_qtype) t, rows, cols, group);
+				ref = malloc(sizeof(float) * (size_t) rows * cols);
+				out = malloc(sizeof(float) * (size_t) rows * cols);
+				for (int r = 0; r < rows; r++)
+					kl_q_dequant_row(&q, r, ref + (size_t) r * cols);
+				for (int part = 0; part < 2 && rc == 0; part++)
+				{
+					int			r0 = part ? 1 : 0,
+								nr = part ? rows - 2 : rows;
+
+					if (nr <= 0)
+						continue;
+					rc = ((q_dequant_fn) fn) (q_wf(q.type), group, rows, cols, q.data, q.scales, r0, nr, bf, out);
+					for (size_t i = 0; rc == 0 && i < (size_t) nr * cols; i++)
+					{
+						float		want = ref[(size_t) r0 * cols + i];
+
+						if (bf)
+							bad += ((const uint16_t *) out)[i] != kl_f32_to_bf16(want);
+						else
+							bad += memcmp(&out[i], &want, sizeof(float)) != 0;
+					}
+					total += (long) nr * cols;
+				}
+				free(ref);
+				free(out);
+				free((void *) q.data);
+				free((void *) q.scales);
+			}
+			tap_ok(rc == 0 && bad == 0, "kk_q_dequant %s to %s: quant.h's values bit for bit (%ld of %ld differ, "
+				   "CUDA %d)", kl_qtype_name((kl_qtype) t), bf ? "bf16" : "fp32", bad, total, rc);
+		}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+/*
+ * kk_q_fill_random: valid matrices (kl_q_validate: no FP8 NaN, scales in
+ * range; int4 padding nibbles 8), deterministic in the seed, values of
+ * mean about 0 and standard deviation about `scale` (within 10 %).
+ */
+static void
+check_q_fill(void)
+{
+	void	   *lib,
+			   *fn;
+	kl_model   *m = load_test_hook("kl_cuda_test_q_fill", &lib, &fn);
+	int			rows = 300;
+
+	if (!m)
+		return;
+	for (int t = KL_Q_FP8; t <= KL_Q_INT4; t++)
+		for (int ci = 0; ci < 2; ci++)
+		{
+			int			cols = ci ? 2304 : 100,
+						group = kl_q_default_group((kl_qtype) t, cols);
+			size_t		rb = kl_q_row_bytes((kl_qtype) t, cols),
+						off = q_scale_offset(rows, rb),
+						bytes = off + sizeof(float) * (size_t) rows * ((cols + group - 1) / group);
+			uint8_t    *a = malloc(bytes),
+					   *b = malloc(bytes),
+					   *c = malloc(bytes);
+			float	   *row = malloc(sizeof(float) * cols);
+			float		scale = 0.02f;
+			int			rc;
+			kl_qmat		q = {0};
+			kl_err		err = {0};
+			double		sum = 0,
+						sq = 0,
+						sd,
+						mean;
+			bool		valid,
+						pad = true;
+
+			rc = ((q_fill_fn) fn) (q_wf((kl_qtype) t), group, rows, cols, 5, scale, a);
+			if (rc == 0)
+				rc = ((q_fill_fn) fn) (q_wf((kl_qtype) t), group, rows, cols, 5, scale, b);
+			if (rc == 0)
+				rc = ((q_fill_fn) fn) (q_wf((kl_qtype) t), group, rows, cols, 6, scale, c);
+			q.type = (kl_qtype) t;
+			q.rows = rows;
+			q.cols = cols;
+			q.group = group;
+			q.n_groups = (cols + group - 1) / group;
+			q.row_bytes = rb;
+			q.data = a;
+			q.scales = (const float *) (a + off);
+			valid = rc == 0 && kl_q_validate(&q, "random", &err) == KL_OK;
+			for (int r = 0; valid && r < rows; r++)
+			{
+				kl_q_dequant_row(&q, r, row);
+				for (int j = 0; j < cols; j++)
+				{
+					sum += row[j];
+					sq += (double) row[j] * row[j];
+				}
+				if (t == KL_Q_INT4 && cols % 8 != 0)
+					for (int j = cols; j < (int) rb * 2; j++)
+						pad &= ((a[(size_t) r * rb + j / 2] >> (4 * (j & 1))) & 15) == 8;
+			}
+			mean = sum / ((double) rows * cols);
+			sd = sqrt(sq / ((double) rows * cols) - mean * mean);
+			tap_ok(valid && pad && memcmp(a, b, bytes) == 0 && memcmp(a, c, bytes) != 0 &&
+				   fabs(sd / scale - 1) <= 0.1 && fabs(mean) <= 0.05 * scale,
+				   "kk_q_fill_random %s %d x %d (group %d): valid%s, deterministic in the seed, mean %.2e, standard "
+				   "deviation %.4f for %.4f (CUDA %d)", kl_qtype_name((kl_qtype) t), rows, cols, group,
+				   pad ? "" : " (int4 padding not 8)", mean, sd, scale, rc);
+			if (!valid && rc == 0)
+				tap_diag("%s", err.msg);
+			free(a);
+			free(b);
+			free(c);
+			free(row);
+		}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+/*
+ * GPU logits (the whole prompt's in one call; token by token) against the
+ * CPU's (one call) on the same model: rel err within tol, and the greedy ids
+ * equal wherever the CPU's choice is clear.  `what` names the case.
+ */
+static void
+compare_prompt(const char *what, kl_model *cpu, kl_model *gpu, const int32_t *ids, int T, double tol)
+{
+	int			V = kl_model_config(cpu)->vocab_size;
+	float	   *lc = logits_of(cpu, ids, T, 0, false, NULL);
+
+	for (int step = 0; step < 2; step++)
+	{
+		float	   *lg = logits_of(gpu, ids, T, step, false, NULL);
+		double		e = rel_err(lg, lc, (size_t) T * V);
+		int			same,
+					bad = greedy_clear_differs(lg, lc, T, V, tol, &same);
+
+		tap_ok(e <= tol && bad == 0, "%s: %s, GPU vs CPU (rel err %.2e; greedy ids %d of %d equal, %d differ where "
+			   "the CPU's choice is clear)", what, step ? "token by token" : "the prompt in one call", e, same, T,
+			   bad);
+		free(lg);
+	}
+	free(lc);
+}
+
+/*
+ * A golden model quantized at load (fp8, int8, int4) on the GPU, which keeps
+ * the weights in that form (kl_model_weight_format says so: no "dequantized
+ * to bf16"), against the CPU's quantized model in fp32: fp32 precision
+ * within TOL_FP32, bf16 within TOL_BF16 with the greedy ids equal where the
+ * CPU's choice is clear; the prompt in one call (more than 64 rows: panels
+ * converted by kk_q_dequant for cuBLAS), token by token (the quantized
+ * GEMVs), and batches of 3 and 12 sequences decoding together (bf16: the
+ * tensor-core kernels of mma_q.cu from 2 rows, the expert ones from 8).
+ */
+static void
+check_quantized(const char *model, const char *quantize, const char *prec)
 {
 	char		dir[1024],
-				gpath[1200];
+				gpath[1200],
+				what[160];
 	kl_load_opts o = {0};
 	kl_model   *cpu,
 			   *gpu;
 	kl_err		err;
 	kl_safetensors st;
 	const kl_st_tensor *ids;
+	bool		fp32 = strcmp(prec, "fp32") == 0;
+	double		tol = fp32 ? TOL_FP32 : TOL_BF16;
+	const char *fmt;
 
-	snprintf(dir, sizeof(dir), "%s/golden/tiny_c", tap_fixture_dir());
+	snprintf(dir, sizeof(dir), "%s/golden/%s", tap_fixture_dir(), model);
 	snprintf(gpath, sizeof(gpath), "%s/golden.safetensors", dir);
 	if (kl_st_open_file(gpath, &st, &err) != KL_OK || !(ids = kl_st_find(&st, "input_ids")))
 		die("golden data", &err);
 	o.quantize = quantize;
 	o.device = "cpu";
+	o.precision = "fp32";
 	if (kl_model_load(dir, &o, &cpu, &err) != KL_OK)
 		die("quantized model on the CPU", &err);
 	o.device = "cuda";
+	o.precision = prec;
 	if (kl_model_load(dir, &o, &gpu, &err) != KL_OK)
 		die("quantized model on the GPU", &err);
+	fmt = kl_model_weight_format(gpu);
+	tap_ok(strncmp(fmt, quantize, strlen(quantize)) == 0 && strstr(fmt, "dequantized") == NULL &&
+		   kl_model_resident_bytes(gpu) == kl_model_resident_bytes(cpu),
+		   "%s quantized at load to %s on the GPU %s: kept quantized (\"%s\", %.2f MB resident, the CPU's %.2f)",
+		   model, quantize, prec, fmt, kl_model_resident_bytes(gpu) / 1e6, kl_model_resident_bytes(cpu) / 1e6);
+	snprintf(what, sizeof(what), "%s %s on the GPU %s", model, quantize, prec);
+	compare_prompt(what, cpu, gpu, ids->data, (int) ids->numel, tol);
+	for (int bi = 0; bi < 2; bi++)
 	{
-		int			T = (int) ids->numel,
-					V = kl_model_config(cpu)->vocab_size;
-		float	   *lc = logits_of(cpu, ids->data, T, 0, false, NULL),
-				   *lg = logits_of(gpu, ids->data, T, 0, false, NULL);
-		double		e = rel_err(lg, lc, (size_t) T * V);
+		int			nseq = bi ? 12 : 3,
+					rounds = 4,
+					rows = nseq * rounds,
+					V = kl_model_config(cpu)->vocab_size,
+					same,
+					bad;
+		float	   *lg,
+				   *lc;
+		double		e;
 
-		tap_ok(e <= TOL_BF16 && strstr(kl_model_weight_format(gpu), "dequantized to bf16 on cuda") != NULL,
-			   "tiny_c quantized at load to %s, on the GPU as bf16 (%s): logits against the CPU's quantized "
-			   "model (rel err %.2e)", quantize, kl_model_weight_format(gpu), e);
-		free(lc);
+		if ((int) ids->numel < 20 + nseq + rounds)
+		{
+			tap_ok(0, "%s: a golden prompt of at least %d tokens", model, 20 + nseq + rounds);
+			continue;
+		}
+		lg = decode_together(gpu, ids->data, nseq, rounds);
+		lc = decode_together(cpu, ids->data, nseq, rounds);
+		e = rel_err(lg, lc, (size_t) rows * V);
+		bad = greedy_clear_differs(lg, lc, rows, V, tol, &same);
+		tap_ok(e <= tol && bad == 0, "%s: %d sequences decoding together (%d steps), GPU vs CPU (rel err %.2e; "
+			   "greedy ids %d of %d equal, %d differ where the CPU's choice is clear)", what, nseq, rounds, e, same,
+			   rows, bad);
 		free(lg);
+		free(lc);
 	}
 	kl_model_free(cpu);
 	kl_model_free(gpu);
 	kl_st_close(&st);
+}
+
+/* the CLI for `kl quantize`: $KL_CLI, else kl next to this program (the GPU machine's bin/), else ./kl */
+static void
+kl_cli_path(char *out, size_t len)
+{
+	char		self[1024];
+	ssize_t		n;
+
+	if (getenv("KL_CLI"))
+	{
+		snprintf(out, len, "%s", getenv("KL_CLI"));
+		return;
+	}
+	n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+	if (n > 0)
+	{
+		char	   *slash;
+
+		self[n] = '\0';
+		if ((slash = strrchr(self, '/')))
+		{
+			*slash = '\0';
+			snprintf(out, len, "%s/kl", self);
+			if (access(out, X_OK) == 0)
+				return;
+		}
+	}
+	snprintf(out, len, "./kl");
+}
+
+/*
+ * Checkpoints stored quantized in the published formats (made by `kl
+ * quantize` from the golden models, as test_quant.c does; kv_b among the
+ * quantized matrices: cuda_prepare_mla converts it with kk_q_dequant) on
+ * the GPU against the same checkpoint on the CPU.
+ */
+static void
+check_quantized_published(void)
+{
+	static const char *models[] = {"tiny_a", "tiny_c"};
+	static const char *formats[] = {"ct-fp8", "ct-fp8-block", "ct-int8", "ct-int4", "ct-int8-packed", "fp8-block"};
+	char		tmp[] = "/tmp/kl_test_cuda_q_XXXXXX",
+				cli[1200],
+				cmd[4096];
+
+	if (!mkdtemp(tmp))
+	{
+		tap_ok(0, "a temporary directory for quantized checkpoints");
+		return;
+	}
+	kl_cli_path(cli, sizeof(cli));
+	for (size_t mi = 0; mi < 2; mi++)
+	{
+		char		gpath[1200];
+		kl_safetensors st;
+		kl_err		err;
+		const kl_st_tensor *ids;
+
+		snprintf(gpath, sizeof(gpath), "%s/golden/%s/golden.safetensors", tap_fixture_dir(), models[mi]);
+		if (kl_st_open_file(gpath, &st, &err) != KL_OK || !(ids = kl_st_find(&st, "input_ids")))
+			die("golden data", &err);
+		for (size_t f = 0; f < sizeof(formats) / sizeof(formats[0]); f++)
+		{
+			char		qdir[1200],
+						what[160];
+
+			snprintf(qdir, sizeof(qdir), "%s/%s-%s", tmp, models[mi], formats[f]);
+			snprintf(cmd, sizeof(cmd), "'%s' quantize --model '%s/golden/%s' --format %s --out '%s' > /dev/null",
+					 cli, tap_fixture_dir(), models[mi], formats[f], qdir);
+			if (!tap_ok(system(cmd) == 0, "%s as %s: kl quantize (%s) writes it", models[mi], formats[f], cli))
+				continue;
+			for (int pi = 0; pi < 2; pi++)
+			{
+				kl_model   *cpu = load(qdir, "cpu", "fp32"),
+						   *gpu = load(qdir, "cuda", pi ? "bf16" : "fp32");
+
+				snprintf(what, sizeof(what), "%s as %s (%s) on the GPU %s", models[mi], formats[f],
+						 kl_model_weight_format(gpu), pi ? "bf16" : "fp32");
+				compare_prompt(what, cpu, gpu, ids->data, (int) ids->numel, pi ? TOL_BF16 : TOL_FP32);
+				kl_model_free(cpu);
+				kl_model_free(gpu);
+			}
+		}
+		kl_st_close(&st);
+	}
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmp);
+	if (system(cmd) != 0)
+		tap_diag("could not remove %s", tmp);
+}
+
+/*
+ * The K=128/R=512 shapes (big_config) quantized: the CPU's random model
+ * quantized at load, its quantized matrices copied into the GPU's (made on
+ * the GPU in the same form by kk_q_fill_random), then 150 tokens in one call
+ * (panels) and token by token (GEMVs, graphs) against the CPU.
+ */
+static void
+check_big_quantized(const char *quantize, const char *prec)
+{
+	char		path[] = "/tmp/kl_test_cuda_XXXXXX",
+				what[160];
+	int			fd = mkstemp(path);
+	kl_load_opts oc = {0},
+				og = {0};
+	kl_model   *cpu,
+			   *gpu;
+	kl_err		err;
+	int			V,
+				T = 150;
+	int32_t    *ids;
+
+	if (fd < 0 || write(fd, big_config, strlen(big_config)) != (ssize_t) strlen(big_config))
+	{
+		tap_ok(0, "write a temporary config");
+		return;
+	}
+	close(fd);
+	oc.device = "cpu";
+	oc.quantize = quantize;
+	og.device = "cuda";
+	og.precision = prec;
+	og.quantize = quantize;
+	if (kl_model_create_random(path, &oc, "bf16", 7, &cpu, &err) != KL_OK ||
+		kl_model_create_random(path, &og, "bf16", 7, &gpu, &err) != KL_OK)
+		die("random quantized model", &err);
+	unlink(path);
+	tap_ok(strstr(kl_model_weight_format(gpu), "dequantized") == NULL &&
+		   kl_model_resident_bytes(gpu) == kl_model_resident_bytes(cpu),
+		   "K=128/R=512 shapes, random %s weights made on the GPU (\"%s\", %.2f MB resident)", quantize,
+		   kl_model_weight_format(gpu), kl_model_resident_bytes(gpu) / 1e6);
+	copy_weights(cpu, gpu);
+	V = cpu->cfg.vocab_size;
+	ids = malloc(sizeof(int32_t) * (size_t) T);
+	for (int i = 0; i < T; i++)
+		ids[i] = (int32_t) ((i * 7919 + 13) % V);
+	snprintf(what, sizeof(what), "K=128/R=512 shapes, %s weights, %s", quantize, prec);
+	compare_prompt(what, cpu, gpu, ids, T, strcmp(prec, "fp32") == 0 ? TOL_FP32 : TOL_BF16);
+	free(ids);
+	kl_model_free(cpu);
+	kl_model_free(gpu);
+}
+
+/* the 48B model's layer shapes, two layers (a dense KDA layer, an MoE MLA layer) */
+static const char *q48_config =
+"{\"model_type\": \"kimi_linear\", \"vocab_size\": 163840, \"hidden_size\": 2304, \"num_hidden_layers\": 2,"
+" \"intermediate_size\": 9216, \"rms_norm_eps\": 1e-5, \"tie_word_embeddings\": false, \"hidden_act\": \"silu\","
+" \"bos_token_id\": 1, \"eos_token_id\": 2, \"pad_token_id\": 0,"
+" \"linear_attn_config\": {\"kda_layers\": [1], \"full_attn_layers\": [2], \"num_heads\": 32,"
+"   \"head_dim\": 128, \"short_conv_kernel_size\": 4},"
+" \"num_attention_heads\": 32, \"q_lora_rank\": null, \"kv_lora_rank\": 512, \"qk_nope_head_dim\": 128,"
+" \"qk_rope_head_dim\": 64, \"v_head_dim\": 128, \"mla_use_nope\": true,"
+" \"num_experts\": 256, \"num_experts_per_token\": 8, \"num_shared_experts\": 1, \"moe_intermediate_size\": 1024,"
+" \"first_k_dense_replace\": 1, \"moe_layer_freq\": 1, \"moe_router_activation_func\": \"sigmoid\","
+" \"moe_renormalize\": true, \"routed_scaling_factor\": 2.446, \"num_expert_group\": 1, \"topk_group\": 1}";
+
+/*
+ * A random model of the 48B shapes with quantized weights made on the GPU
+ * (bf16 precision, as the benchmark runs it) loads and decodes: a prompt of
+ * 70 tokens, then one step each of 1 and 8 sequences; the logits finite and
+ * not all equal (there is no CPU reference: the weights exist only on the
+ * GPU).
+ */
+static void
+check_48b_quantized(const char *quantize)
+{
+	char		path[] = "/tmp/kl_test_cuda_XXXXXX";
+	int			fd = mkstemp(path);
+	kl_load_opts o = {0};
+	kl_model   *m;
+	kl_err		err;
+	kl_ctx	   *ctx;
+	kl_seq	   *seq[8];
+	kl_batch_item b[8];
+	int			V,
+				T = 70,
+				bad = 0;
+	int32_t    *ids;
+	float	   *lg;
+
+	if (fd < 0 || write(fd, q48_config, strlen(q48_config)) != (ssize_t) strlen(q48_config))
+	{
+		tap_ok(0, "write a temporary config");
+		return;
+	}
+	close(fd);
+	o.device = "cuda";
+	o.precision = "bf16";
+	o.quantize = quantize;
+	if (kl_model_create_random(path, &o, "bf16", 11, &m, &err) != KL_OK)
+	{
+		unlink(path);
+		tap_ok(0, "48B shapes, random %s weights on the GPU: %s", quantize, err.msg);
+		return;
+	}
+	unlink(path);
+	V = m->cfg.vocab_size;
+	ids = malloc(sizeof(int32_t) * (size_t) (T + 8));
+	lg = malloc(sizeof(float) * (size_t) 8 * V);
+	for (int i = 0; i < T + 8; i++)
+		ids[i] = (int32_t) ((i * 7919 + 13) % V);
+	if (kl_ctx_new(m, 0, &ctx, &err) != KL_OK)
+		die("context", &err);
+	for (int s = 0; s < 8; s++)
+	{
+		if (kl_seq_new(m, &seq[s], &err) != KL_OK)
+			die("sequence", &err);
+		feed(ctx, seq[s], ids + s, s == 0 ? T : 3, 0, V, NULL);
+	}
+	for (int nb = 1; nb <= 8; nb += 7)
+	{
+		for (int s = 0; s < nb; s++)
+			b[s] = (kl_batch_item) {seq[s], ids + T + s, 1, lg + (size_t) s * V, false};
+		if (kl_forward(ctx, b, nb, &err) != KL_OK)
+			die("quantized forward", &err);
+		for (int s = 0; s < nb; s++)
+		{
+			float		lo = INFINITY,
+						hi = -INFINITY;
+
+			for (int i = 0; i < V; i++)
+			{
+				float		x = lg[(size_t) s * V + i];
+
+				if (!isfinite(x))
+					lo = NAN;
+				lo = x < lo ? x : lo;
+				hi = x > hi ? x : hi;
+			}
+			bad += !(hi > lo);
+		}
+	}
+	tap_ok(bad == 0, "48B shapes, random %s weights made on the GPU (\"%s\", %.2f GB resident): a 70-token prompt, "
+		   "then decode steps of 1 and 8 sequences give finite logits (%d rows bad)", quantize,
+		   kl_model_weight_format(m), kl_model_resident_bytes(m) / 1e9, bad);
+	for (int s = 0; s < 8; s++)
+		kl_seq_free(seq[s]);
+	kl_ctx_free(ctx);
+	free(ids);
+	free(lg);
+	kl_model_free(m);
 }
 
 int
@@ -2603,7 +3159,20 @@ main(void)
 	check_graph_logit_rows();
 	check_prefetch_neutral("fp32");
 	check_prefetch_neutral("bf16");
-	check_quantized("int4");
-	check_quantized("fp8");
+	check_q_dequant();
+	check_q_fill();
+	for (int mi = 0; mi < 2; mi++)
+		for (int qi = 0; qi < 3; qi++)
+			for (int pi = 0; pi < 2; pi++)
+				check_quantized(mi ? "tiny_c" : "tiny_a", (const char *[]) {"fp8", "int8", "int4"}[qi],
+								pi ? "bf16" : "fp32");
+	check_quantized_published();
+	check_big_quantized("fp8", "fp32");
+	check_big_quantized("int8", "fp32");
+	check_big_quantized("int4", "fp32");
+	check_big_quantized("fp8", "bf16");
+	check_big_quantized("int4", "bf16");
+	check_48b_quantized("fp8");
+	check_48b_quantized("int4");
 	return tap_done();
 }
