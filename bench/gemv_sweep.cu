@@ -15,6 +15,12 @@
  * gemv_mma_kernel, KL_CUDA_GEMV_MMA_SLAB=0, and gemv_slab_kernel, the
  * default).  Every variant's output is checked against kk_gemv's (the
  * tensor-core ones round the activations to bf16: ~1e-3 apart).
+ *
+ * A second table (variant or shape argument "q", or all by default): the
+ * quantized-weight kernels of kernels/gemv_q.cu (FP8, int8, int4: kk_gemv_q
+ * and kk_expert_gemv_q) at batch 1 and 4 on the 48B shapes, each against
+ * a plain read of the same bytes (the quantized objects: data and scales),
+ * the plain products checked against a one-thread-an-output kernel.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +29,7 @@
 /* the library's kernels, and their device helpers for the variants below */
 #include "../kernels/gemv.cu"
 #include "../kernels/expert_mma.cu"
+#include "../kernels/gemv_q.cu"
 
 #define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { \
 	fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); exit(1); } } while (0)
@@ -230,6 +237,273 @@ run_stream(cudaStream_t s, float *y, const float *x, const uint16_t *W, int rows
 	kk_launch(stream_read, dim3(132 * 8), dim3(256), 0, s, (const uint4 *) W, n, g_sink);
 }
 
+/* ------------------------------------------------------------------ quantized weights (gemv_q.cu) */
+
+/* a valid random object (kernels.h layout) of fmt/group at p: FP8 bytes without the NaN codes, scales ~1/64 */
+__global__ void
+q_sweep_fill(uint8_t *p, int fmt, int group, int rows, int cols, uint32_t seed)
+{
+	size_t		data = (size_t) rows * q_row_bytes(fmt, cols),
+				so = q_scale_offset(rows, fmt, cols),
+				ns = (size_t) rows * ((cols + group - 1) / group);
+
+	for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x; i < data; i += (size_t) gridDim.x * blockDim.x)
+	{
+		uint32_t	h = (uint32_t) i * 2654435761u ^ seed;
+
+		h ^= h >> 15;
+		h *= 2246822519u;
+		h ^= h >> 13;
+		/* FP8: exponent at most 8 (|w| <= 3.75), never 0x7f / 0xff */
+		p[i] = fmt == KK_WF_FP8 ? (uint8_t) ((h & 0x80u) | ((h >> 8) % 0x40u)) : (uint8_t) h;
+	}
+	for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x; i < ns; i += (size_t) gridDim.x * blockDim.x)
+		((float *) (p + so))[i] = 0.015625f * (1.0f + (float) (i % 7) / 8.0f);
+}
+
+/* y[r, o] = sum_c q_weight(o, c) x[r, c], one thread an output: the check */
+__global__ void
+q_sweep_naive(float *y, const float *x, const uint8_t *W, int fmt, int group, int rows, int cols, int n)
+{
+	int			o = blockIdx.x * blockDim.x + threadIdx.x;
+	size_t		rb = q_row_bytes(fmt, cols);
+	const float *sc = (const float *) (W + q_scale_offset(rows, fmt, cols)) + (size_t) o * ((cols + group - 1) / group);
+
+	if (o >= rows)
+		return;
+	for (int r = 0; r < n; r++)
+	{
+		float		acc = 0;
+
+		for (int c = 0; c < cols; c++)
+			acc = fmaf(q_weight(fmt, W + (size_t) o * rb, sc, c, group), x[(size_t) r * cols + c], acc);
+		y[(size_t) r * rows + o] = acc;
+	}
+}
+
+typedef struct
+{
+	const char *name;
+	int			kind,			/* 0 plain, 1 experts SwiGLU (gate + up), 2 experts one matrix */
+				experts,
+				rows,
+				cols;
+}			qshape_t;
+
+static const qshape_t qshapes[] = {
+	{"q/k/v 3x4096x2304", 0, 1, 12288, 2304},
+	{"down 2304x1024", 0, 1, 2304, 1024},
+	{"lm_head 163840x2304", 0, 1, 163840, 2304},
+	{"experts gate/up SwiGLU 1x1024x2304", 1, 1, 1024, 2304},
+	{"experts gate/up SwiGLU 8x1024x2304", 1, 8, 1024, 2304},
+	{"experts down 8x2304x1024", 2, 8, 2304, 1024},
+};
+
+typedef struct
+{
+	const char *name;
+	int			fmt,
+				group;			/* 0: cols */
+}			qfmt_t;
+
+static const qfmt_t qfmts[] = {
+	{"fp8", KK_WF_FP8, 0}, {"fp8 g128", KK_WF_FP8, 128}, {"int8", KK_WF_INT8, 0}, {"int4 g32", KK_WF_INT4, 32},
+	{"int4", KK_WF_INT4, 0},
+};
+
+/* one timed case: everything its launches need */
+typedef struct
+{
+	const qshape_t *sh;
+	int			fmt,
+				group,
+				n,
+				mats;			/* matrices a copy (experts, times 2 for SwiGLU) */
+	size_t		slot;			/* bytes of one matrix's object, rounded to 256 */
+	uint8_t    *base;
+	const void *const *tab;		/* [copies][2][experts] device pointers */
+	const int  *start,
+			   *active;
+	float	   *y,
+			   *x;
+	bool		stream;			/* the plain read of a copy's bytes instead */
+}			qcase_t;
+
+static void
+q_launch(cudaStream_t s, const qcase_t *c, int copy)
+{
+	const uint8_t *W = c->base + (size_t) copy * c->mats * c->slot;
+
+	if (c->stream)
+		kk_launch(stream_read, dim3(132 * 8), dim3(256), 0, s, (const uint4 *) W, c->mats * c->slot / 16, g_sink);
+	else if (c->sh->kind == 0)
+		kk_gemv_q(s, c->y, c->sh->rows, c->x, c->sh->cols, c->n, W, c->fmt, c->group, c->sh->rows, c->sh->cols);
+	else
+	{
+		const void *const *t = c->tab + (size_t) copy * 2 * c->sh->experts;
+
+		kk_expert_gemv_q(s, c->y, NULL, c->sh->rows, c->x, c->sh->cols, NULL, t,
+						 c->sh->kind == 1 ? t + c->sh->experts : NULL, c->fmt, c->group, c->sh->rows, c->sh->cols,
+						 c->start, c->active, c->sh->experts, c->n);
+	}
+}
+
+/* microseconds a launch, best of 5 replays of `reps` launches over the copies in one graph */
+static double
+q_time(cudaStream_t s, const qcase_t *c, int copies, int reps, int tries)
+{
+	cudaGraph_t g;
+	cudaGraphExec_t ge;
+	cudaEvent_t e0,
+				e1;
+	float		ms,
+				best = 1e30f;
+
+	CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+	for (int r = 0; r < reps; r++)
+		q_launch(s, c, r % copies);
+	CK(cudaStreamEndCapture(s, &g));
+	CK(cudaGraphInstantiate(&ge, g, 0));
+	CK(cudaEventCreate(&e0));
+	CK(cudaEventCreate(&e1));
+	for (int t = 0; t < tries; t++)
+	{
+		CK(cudaEventRecord(e0, s));
+		CK(cudaGraphLaunch(ge, s));
+		CK(cudaEventRecord(e1, s));
+		CK(cudaEventSynchronize(e1));
+		CK(cudaEventElapsedTime(&ms, e0, e1));
+		if ((t > 0 || tries == 1) && ms < best)
+			best = ms;
+	}
+	cudaGraphExecDestroy(ge);
+	cudaGraphDestroy(g);
+	cudaEventDestroy(e0);
+	cudaEventDestroy(e1);
+	return best * 1000.0 / reps;
+}
+
+/*
+ * The quantized table: for each shape, format and batch (1, 4), the
+ * kernel's time, its GB/s over the objects' bytes and its share of a plain
+ * read of the same bytes; plain products checked against q_sweep_naive.
+ * buf: the sweep's weight buffer (bytes), x / y: room for 8 x 8192 inputs
+ * and 8 x 163840 outputs.
+ */
+static void
+q_table(cudaStream_t s, uint8_t *buf, size_t bytes, float *x, float *y, float *yref, const char *want, int reps,
+		int tries)
+{
+	void	  **tab_h;
+	void	  **tab_d;
+	int		   *meta;
+
+	CK(cudaMalloc(&tab_d, sizeof(void *) * 2 * 8 * 64));
+	CK(cudaMalloc(&meta, sizeof(int) * 64));
+	tab_h = (void **) malloc(sizeof(void *) * 2 * 8 * 64);
+	printf("\n| quantized shape | fmt | batch | MB | us | GB/s | of stream | max rel diff |\n"
+		   "|---|---|---:|---:|---:|---:|---:|---:|\n");
+	for (size_t si = 0; si < sizeof(qshapes) / sizeof(qshapes[0]); si++)
+		for (size_t fi = 0; fi < sizeof(qfmts) / sizeof(qfmts[0]); fi++)
+			for (int n = 1; n <= 4; n += 3)
+			{
+				const qshape_t *sh = &qshapes[si];
+				qcase_t		c;
+				int			group = qfmts[fi].group ? qfmts[fi].group : sh->cols;
+				int			copies;
+				int			start_h[9],
+							act_h[9];
+				double		us,
+							stream_us,
+							mb,
+							diff = 0;
+				char		label[160];
+
+				snprintf(label, sizeof(label), "q %s %s", sh->name, qfmts[fi].name);
+				if (want && !strstr(label, want))
+					continue;
+				memset(&c, 0, sizeof(c));
+				c.sh = sh;
+				c.fmt = qfmts[fi].fmt;
+				c.group = group;
+				c.n = n;
+				c.mats = sh->experts * (sh->kind == 1 ? 2 : 1);
+				c.slot = (kk_q_bytes(sh->rows, c.fmt, sh->cols, group) + 255) & ~(size_t) 255;
+				c.base = buf;
+				c.x = x;
+				c.y = y;
+				copies = (int) (bytes / (c.mats * c.slot));
+				copies = copies < reps ? copies : reps;
+				if (copies < 1)
+					continue;
+				for (int k = 0; k < copies * c.mats; k++)
+					q_sweep_fill<<<264, 256, 0, s>>>(buf + (size_t) k * c.slot, c.fmt, group, sh->rows, sh->cols,
+													 1234u + k);
+				/* expert tables: copy k's gate (or only) matrices, then its up matrices; expert e: n pairs */
+				for (int k = 0; k < copies && sh->kind; k++)
+					for (int e = 0; e < sh->experts; e++)
+					{
+						tab_h[(size_t) k * 2 * sh->experts + e] = buf + ((size_t) k * c.mats + e) * c.slot;
+						tab_h[(size_t) k * 2 * sh->experts + sh->experts + e] =
+							buf + ((size_t) k * c.mats + (sh->kind == 1 ? sh->experts + e : e)) * c.slot;
+					}
+				for (int e = 0; e <= sh->experts; e++)
+					start_h[e] = e * n;
+				act_h[0] = sh->experts;
+				for (int e = 0; e < sh->experts; e++)
+					act_h[1 + e] = e * 64;
+				CK(cudaMemcpy(tab_d, tab_h, sizeof(void *) * 2 * sh->experts * copies, cudaMemcpyHostToDevice));
+				CK(cudaMemcpy(meta, start_h, sizeof(int) * (sh->experts + 1), cudaMemcpyHostToDevice));
+				CK(cudaMemcpy(meta + 16, act_h, sizeof(int) * (sh->experts + 1), cudaMemcpyHostToDevice));
+				c.tab = (const void *const *) tab_d;
+				c.start = meta;
+				c.active = meta + 16;
+				if (sh->kind == 0)
+				{
+					size_t		no = (size_t) n * sh->rows;
+					float	   *a = (float *) malloc(no * 4),
+							   *b = (float *) malloc(no * 4);
+					double		num = 0,
+								den = 0;
+
+					q_sweep_naive<<<ceil_div(sh->rows, 128), 128, 0, s>>>(yref, x, buf, c.fmt, group, sh->rows,
+																		   sh->cols, n);
+					q_launch(s, &c, 0);
+					CK(cudaStreamSynchronize(s));
+					CK(cudaMemcpy(a, y, no * 4, cudaMemcpyDeviceToHost));
+					CK(cudaMemcpy(b, yref, no * 4, cudaMemcpyDeviceToHost));
+					for (size_t i = 0; i < no; i++)
+					{
+						num = fmax(num, fabs((double) a[i] - b[i]));
+						den = fmax(den, fabs((double) b[i]));
+					}
+					diff = num / (den > 0 ? den : 1);
+					free(a);
+					free(b);
+				}
+				us = q_time(s, &c, copies, reps, tries);
+				c.stream = true;
+				stream_us = q_time(s, &c, copies, reps, tries);
+				mb = (double) c.mats * kk_q_bytes(sh->rows, c.fmt, sh->cols, group) / 1e6;
+				printf("| %s | %s | %d | %.1f | %.2f | %.0f | %.0f%% | %.1e |\n", sh->name, qfmts[fi].name, n, mb, us,
+					   mb * 1e6 / (us * 1e-6) / 1e9, 100.0 * stream_us / us, diff);
+				/* the other block shapes (kk_gemv_q_force_shape: 32, 64, 128 threads), for tuning */
+				c.stream = false;
+				for (int f = 0; f < 3; f++)
+				{
+					kk_gemv_q_force_shape(f);
+					us = q_time(s, &c, copies, reps, tries);
+					kk_gemv_q_force_shape(-1);
+					printf("| %s | %s, %d threads forced | %d | %.1f | %.2f | %.0f | %.0f%% | |\n", sh->name,
+						   qfmts[fi].name, 32 << f, n, mb, us, mb * 1e6 / (us * 1e-6) / 1e9, 100.0 * stream_us / us);
+				}
+				fflush(stdout);
+			}
+	free(tab_h);
+	cudaFree(tab_d);
+	cudaFree(meta);
+}
+
 typedef struct
 {
 	const char *name;
@@ -273,12 +547,12 @@ main(int argc, char **argv)
 	CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
 	wtotal = maxw > ((size_t) 1 << 30) ? maxw : ((size_t) 1 << 30);
 	CK(cudaMalloc(&W, wtotal * 2));
-	CK(cudaMalloc(&x, 8 * 8192 * 4));
+	CK(cudaMalloc(&x, 32 * 8192 * 4));	/* 32 rows: the quantized table's 8 experts x 4 pairs */
 	CK(cudaMalloc(&y, 8 * (size_t) 163840 * 4));
 	CK(cudaMalloc(&yref, 8 * (size_t) 163840 * 4));
 	CK(cudaMalloc(&g_sink, 64));
 	kk_fill_random(s, W, 1, wtotal, 1234, 0.05f);
-	kk_fill_random(s, x, 0, 8 * 8192, 99, 1.0f);
+	kk_fill_random(s, x, 0, 32 * 8192, 99, 1.0f);
 	CK(cudaStreamSynchronize(s));
 	printf("| shape | MB | variant | us | GB/s | of stream | max rel diff |\n|---|---:|---|---:|---:|---:|---:|\n");
 	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
@@ -287,6 +561,8 @@ main(int argc, char **argv)
 
 		if (argc > 2 && !strstr(sh->name, argv[2]))
 			continue;
+		if (argc > 1 && strcmp(argv[1], "q") == 0)
+			break;
 		double		mb = (double) sh->rows * sh->cols * 2 / 1e6;
 		double		stream_us = 0;
 
@@ -364,5 +640,8 @@ main(int argc, char **argv)
 			cudaEventDestroy(e1);
 		}
 	}
+	/* the quantized table: all of it by default, or where an argument names "q" (argv[2] a filter) */
+	if (argc <= 1 || strcmp(argv[1], "q") == 0)
+		q_table(s, (uint8_t *) W, wtotal * 2, x, y, yref, argc > 2 ? argv[2] : NULL, reps, tries);
 	return 0;
 }

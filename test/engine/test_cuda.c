@@ -83,6 +83,7 @@
 #include "backend.h"
 #include "kl_util.h"
 #include "model.h"
+#include "quant.h"
 #include "tap.h"
 
 #define TOL_FP32 1e-4
@@ -1908,6 +1909,444 @@ check_gemv_slab(void)
 	kl_model_free(m);
 }
 
+/* ------------------------------------------------------------------ quantized GEMV (kernels/gemv_q.cu) */
+
+/* kernels.h's KK_WF_* (that header needs the CUDA include path): fp32, bf16, then quant.h's forms */
+#define TQ_F32 0
+#define TQ_BF16 1
+#define TQ_FMT(t) ((int) (t) + 1)		/* KL_Q_FP8 .. KL_Q_INT4 -> KK_WF_FP8 .. KK_WF_INT4 */
+
+typedef int (*gemv_q_test_fn) (int multi, int n, int count, const int *fmt, const int *group, const int *rows,
+							   const int *cols, const void *const *data, const float *const *scales, const float *x,
+							   int xpad, float *y);
+typedef int (*expert_gemv_q_test_fn) (int mode, int fmt, int group, int rows, int cols, int E,
+									  const void *const *data0, const float *const *scales0,
+									  const void *const *data1, const float *const *scales1, int nx, const float *x,
+									  int xpad, const int *xrow, const int *start, int max_count, int preload,
+									  float *y0, float *y1);
+
+static uint64_t tq_state;
+
+static double
+tq_uniform(void)
+{
+	tq_state = tq_state * 6364136223846793005ULL + 1442695040888963407ULL;
+	return (double) (tq_state >> 11) / 9007199254740992.0;
+}
+
+/* roughly normal, standard deviation sd */
+static float
+tq_normal(float sd)
+{
+	return (float) ((tq_uniform() + tq_uniform() + tq_uniform() - 1.5) * 2.0 * sd);
+}
+
+/*
+ * A test matrix: type t quantized from random f32 by kl_q_quantize_rows
+ * (group columns a scale), or (handmade) FP8 bytes drawn from the codes that
+ * exercise the decoding (zeros, subnormals 0x01-0x07 / 0x81-0x87, the
+ * largest 0x7e / 0xfe, random others but NaN) with random scales; or bf16 /
+ * fp32 values (t KL_Q_NONE, fmt TQ_BF16 / TQ_F32).  dense: [rows, cols] the
+ * weights as quant.h computes them (kl_q_dequant_row), the reference's.
+ */
+typedef struct tq_mat
+{
+	int			fmt,
+				group,
+				rows,
+				cols;
+	void	   *data;
+	float	   *scales;
+	float	   *dense;
+} tq_mat;
+
+static void
+tq_make(tq_mat *m, int fmt, int group, int rows, int cols, bool handmade)
+{
+	m->fmt = fmt;
+	m->rows = rows;
+	m->cols = cols;
+	m->group = group;
+	m->scales = NULL;
+	m->dense = malloc(sizeof(float) * (size_t) rows * cols);
+	if (fmt == TQ_F32 || fmt == TQ_BF16)
+	{
+		m->data = malloc((size_t) rows * cols * (fmt == TQ_F32 ? 4 : 2));
+		for (size_t i = 0; i < (size_t) rows * cols; i++)
+		{
+			float		v = tq_normal(0.05f);
+
+			if (fmt == TQ_BF16)
+			{
+				((uint16_t *) m->data)[i] = kl_f32_to_bf16(v);
+				v = kl_bf16_to_f32(((uint16_t *) m->data)[i]);
+			}
+			else
+				((float *) m->data)[i] = v;
+			m->dense[i] = v;
+		}
+		return;
+	}
+	{
+		kl_qmat		q;
+		static const uint8_t codes[] = {0x00, 0x80, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x81, 0x82, 0x83,
+		0x84, 0x85, 0x86, 0x87, 0x7e, 0xfe, 0x08, 0x88, 0x0f, 0x8f};
+
+		memset(&q, 0, sizeof(q));
+		q.type = (kl_qtype) (fmt - 1);
+		q.rows = rows;
+		q.cols = cols;
+		q.group = group;
+		q.n_groups = (cols + group - 1) / group;
+		q.row_bytes = kl_q_row_bytes(q.type, cols);
+		m->data = malloc(q.row_bytes * rows);
+		m->scales = malloc(sizeof(float) * (size_t) rows * q.n_groups);
+		q.data = m->data;
+		q.scales = m->scales;
+		if (handmade)
+		{
+			uint8_t    *d = m->data;
+
+			for (size_t i = 0; i < q.row_bytes * rows; i++)
+			{
+				double		u = tq_uniform();
+
+				d[i] = u < 0.5 ? codes[(int) (tq_uniform() * sizeof(codes))] : (uint8_t) (tq_uniform() * 256);
+				if ((d[i] & 0x7f) == 0x7f)
+					d[i] = 0x7e;
+			}
+			for (size_t i = 0; i < (size_t) rows * q.n_groups; i++)
+				m->scales[i] = (float) (tq_uniform() * 4.0 - 2.0) * (i % 5 == 0 ? 60.0f : 1e-3f);
+		}
+		else
+		{
+			float	   *src = malloc(sizeof(float) * (size_t) rows * cols);
+
+			for (size_t i = 0; i < (size_t) rows * cols; i++)
+				src[i] = tq_normal(0.05f) * (i % 97 == 0 ? 20.0f : 1.0f);
+			kl_q_quantize_rows(&q, src, 0, rows);
+			free(src);
+		}
+		for (int r = 0; r < rows; r++)
+			kl_q_dequant_row(&q, r, m->dense + (size_t) r * cols);
+	}
+}
+
+static void
+tq_free(tq_mat *m)
+{
+	free(m->data);
+	free(m->scales);
+	free(m->dense);
+}
+
+/* y[r, row] = sum_c dense[row, c] x[r, c] in double, rounded to float at the end */
+static void
+tq_reference(const tq_mat *m, int n, const float *x, float *y)
+{
+	for (int r = 0; r < n; r++)
+		for (int o = 0; o < m->rows; o++)
+		{
+			const float *w = m->dense + (size_t) o * m->cols;
+			const float *xr = x + (size_t) r * m->cols;
+			double		acc = 0;
+
+			for (int c = 0; c < m->cols; c++)
+				acc += (double) w[c] * xr[c];
+			y[(size_t) r * m->rows + o] = (float) acc;
+		}
+}
+
+static const char *
+tq_name(int fmt)
+{
+	return fmt == TQ_F32 ? "fp32" : fmt == TQ_BF16 ? "bf16" : kl_qtype_name((kl_qtype) (fmt - 1));
+}
+
+/*
+ * kk_gemv_q and kk_gemv_multi_q (gemv_q.cu) against a double-precision
+ * product of quant.h's weights (kl_q_dequant_row: fl(q * scale)) on random
+ * quantized matrices, rel err <= 1e-5 (the kernels sum each piece unscaled,
+ * then scale it: fp32 rounding apart).  Formats FP8 / int8 / int4, one scale
+ * a row and groups of 32 / 128 (16 for FP8 and int8 too), hand-made FP8
+ * bytes with subnormals; 1..8 rows, and 9 and 17 for kk_gemv_q's passes; the
+ * 48B shapes (q/k/v 4096 x 2304, o 2304 x 4096, experts' 1024 x 2304 and
+ * 2304 x 1024, lm_head 163840 x 2304 in FP8) and odd ones (cols 96, 64,
+ * 200: not whole int4 pieces, rows of no particular multiple, unaligned
+ * activation rows: the scalar path); a batch mixing FP8, int4, bf16 and
+ * fp32 jobs.
+ */
+static void
+check_gemv_q(void)
+{
+	static const struct
+	{
+		int			count,
+					xpad,
+					fmt[4],
+					group[4],		/* 0: cols */
+					rows[4],
+					cols[4],
+					maxn;
+		bool		handmade;
+		const char *what;
+	}			cases[] = {
+		{3, 0, {2, 2, 2}, {0, 0, 0}, {4096, 4096, 4096}, {2304, 2304, 2304}, 17, false, "48B q/k/v"},
+		{1, 0, {2}, {128}, {2304}, {4096}, 8, false, "48B o_proj, groups of 128"},
+		{2, 0, {2, 2}, {32, 16}, {1024, 2304}, {2304, 1024}, 8, false, "48B expert gate and down, groups 32 / 16"},
+		{1, 0, {2}, {0}, {163840}, {2304}, 4, false, "48B lm_head"},
+		{2, 0, {2, 2}, {0, 16}, {333, 77}, {2304, 1024}, 9, true, "hand-made FP8 bytes with subnormals"},
+		{3, 0, {4, 4, 4}, {0, 32, 128}, {4096, 1024, 2304}, {2304, 2304, 1024}, 17, false, "int4 48B shapes"},
+		{3, 0, {3, 3, 3}, {0, 16, 128}, {4096, 1024, 2304}, {2304, 2304, 1024}, 9, false, "int8 48B shapes"},
+		{3, 0, {2, 3, 4}, {0, 32, 0}, {37, 50, 19}, {96, 64, 200}, 9, false, "odd shapes fp8 96, int8 64, int4 200"},
+		{3, 3, {2, 3, 4}, {0, 0, 32}, {41, 7, 130}, {2304, 96, 64}, 8, false, "unaligned activation rows"},
+		{3, 0, {4, 2, 2}, {0, 0, 16}, {5, 300, 61}, {200, 200, 208}, 8, false, "cols 200 / 208 fp8, int4 200"},
+		{4, 0, {2, 4, 1, 0}, {0, 32, 0, 0}, {2304, 1024, 512, 300}, {2304, 2304, 2304, 2304}, 8, false,
+		"FP8, int4, bf16 and fp32 jobs together"},
+	};
+	kl_model   *m;
+	void	   *lib = NULL;
+	gemv_q_test_fn f = NULL;
+
+	m = load_test_hook("kl_cuda_test_gemv_q", &lib, (void **) &f);
+	if (!f)
+		return;
+	tq_state = 2026113001;
+	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++)
+	{
+		int			count = cases[ci].count,
+					grp[4],
+					fmt[4];
+		tq_mat		mat[4];
+		const void *data[4];
+		const float *sc[4];
+		size_t		xtot = 0,
+					ytot = 0;
+		float	   *x,
+				   *y,
+				   *ref;
+
+		for (int j = 0; j < count; j++)
+		{
+			fmt[j] = cases[ci].fmt[j];
+			grp[j] = cases[ci].group[j] ? cases[ci].group[j] : cases[ci].cols[j];
+			tq_make(&mat[j], fmt[j], grp[j], cases[ci].rows[j], cases[ci].cols[j], cases[ci].handmade);
+			data[j] = mat[j].data;
+			sc[j] = mat[j].scales;
+			xtot += (size_t) cases[ci].maxn * cases[ci].cols[j];
+			ytot += (size_t) cases[ci].maxn * cases[ci].rows[j];
+		}
+		x = malloc(sizeof(float) * xtot);
+		y = malloc(sizeof(float) * ytot);
+		ref = malloc(sizeof(float) * ytot);
+		for (size_t i = 0; i < xtot; i++)
+			x[i] = tq_normal(1.0f);
+		for (int multi = 0; multi < 2; multi++)
+		{
+			double		worst = 0;
+			int			rc = 0;
+
+			for (int n = 1; n <= cases[ci].maxn && rc == 0; n++)
+			{
+				size_t		xo = 0,
+							yo = 0;
+
+				/* the large cases at a few row counts (the reference is a CPU product) */
+				if (cases[ci].rows[0] * (size_t) cases[ci].cols[0] > 20000000 && n != 1 && n != cases[ci].maxn)
+					continue;
+				if ((multi && n > 8) || (!multi && n > 1 && n < 8 && n % 3 != 1 && cases[ci].maxn > 8))
+					continue;
+				rc = f(multi, n, count, fmt, grp, cases[ci].rows, cases[ci].cols, data, sc, x, cases[ci].xpad, y);
+				for (int j = 0; j < count && rc == 0; j++)
+				{
+					double		e;
+
+					tq_reference(&mat[j], n, x + xo, ref + yo);
+					e = rel_err_nan(y + yo, ref + yo, (size_t) n * cases[ci].rows[j]);
+					if (e > 1e-5 || isnan(e))
+						tap_diag("%s: job %d (%s, group %d, %d x %d), %d rows: rel err %.2e", cases[ci].what, j,
+								 tq_name(fmt[j]), grp[j], cases[ci].rows[j], cases[ci].cols[j], n, e);
+					worst = e > worst || isnan(e) ? e : worst;
+					xo += (size_t) n * cases[ci].cols[j];
+					yo += (size_t) n * cases[ci].rows[j];
+				}
+			}
+			tap_ok(rc == 0 && worst <= 1e-5, "%s: %s of quantized weights = the double product of quant.h's "
+				   "weights, 1..%d rows: worst rel err %.2e (hook returned %d)", cases[ci].what,
+				   multi ? "kk_gemv_multi_q" : "kk_gemv_q", multi && cases[ci].maxn > 8 ? 8 : cases[ci].maxn, worst,
+				   rc);
+		}
+		for (int j = 0; j < count; j++)
+			tq_free(&mat[j]);
+		free(x);
+		free(y);
+		free(ref);
+	}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+/*
+ * kk_expert_gemv_q's three modes (one matrix, two, SwiGLU) against the
+ * double products of quant.h's weights (SwiGLU: silu(gate) * up of the
+ * double products rounded to float, in float), rel err <= 1e-5: FP8, int8
+ * and int4 experts of the 48B shapes (gate/up 1024 x 2304, down 2304 x
+ * 1024) and odd ones (cols 200 and 96: the scalar path for int4), groups
+ * of a row and of 32 / 128; experts with 0, 1, P and P + 1 pairs (P the
+ * item size of the step's token count: 1, 2, 4, 8 rows a pass) and the last
+ * expert with many (several items); pairs reading x rows by xrow and
+ * without it; the down product's early read of the work list (preload) on
+ * and off.
+ */
+static void
+check_expert_gemv_q(void)
+{
+	static const struct
+	{
+		int			fmt,
+					group,			/* 0: cols */
+					rows,
+					cols;
+		const char *what;
+	}			cases[] = {
+		{2, 0, 1024, 2304, "FP8 48B gate/up shape"},
+		{2, 128, 2304, 1024, "FP8 48B down shape, groups of 128"},
+		{4, 32, 1024, 2304, "int4 48B gate/up shape, groups of 32"},
+		{4, 0, 2304, 1024, "int4 48B down shape"},
+		{3, 16, 70, 96, "int8 70 x 96, groups of 16"},
+		{4, 0, 33, 200, "int4 33 x 200 (scalar path)"},
+		{2, 32, 45, 64, "FP8 45 x 64, groups of 32"},
+	};
+	static const int max_counts[] = {1, 2, 3, 12};	/* the step's token count */
+	kl_model   *m;
+	void	   *lib = NULL;
+	expert_gemv_q_test_fn f = NULL;
+	const int	E = 5;
+
+	m = load_test_hook("kl_cuda_test_expert_gemv_q", &lib, (void **) &f);
+	if (!f)
+		return;
+	tq_state = 2026113002;
+	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++)
+	{
+		int			rows = cases[ci].rows,
+					cols = cases[ci].cols,
+					fmt = cases[ci].fmt,
+					grp = cases[ci].group ? cases[ci].group : cols;
+		tq_mat		w0[5],
+					w1[5];
+		const void *d0[5],
+				   *d1[5];
+		const float *s0[5],
+				   *s1[5];
+		double		worst = 0;
+		int			rc = 0;
+
+		for (int e = 0; e < E; e++)
+		{
+			tq_make(&w0[e], fmt, grp, rows, cols, false);
+			tq_make(&w1[e], fmt, grp, rows, cols, false);
+			d0[e] = w0[e].data;
+			d1[e] = w1[e].data;
+			s0[e] = w0[e].scales;
+			s1[e] = w1[e].scales;
+		}
+		for (size_t mi = 0; mi < sizeof(max_counts) / sizeof(max_counts[0]) && rc == 0; mi++)
+		{
+			/* P: kk_expert_pass_rows(mc) at the default KL_CUDA_EXPERT_NR (4) */
+			int			mc = max_counts[mi],
+						P = mc <= 1 ? 1 : mc <= 2 ? 2 : 4;
+			/* pairs an expert: 0, 1, P, P + 1 (at most the token count, as routing gives) and all mc tokens
+			 * (12: three items) */
+			int			cnt[5] = {0, 1, P < mc ? P : mc, P + 1 < mc ? P + 1 : mc, mc};
+			int			start[6],
+						pairs,
+						nx = mc + 2;
+			int		   *xrow;
+			float	   *x,
+					   *y0,
+					   *y1,
+					   *ref0,
+					   *ref1;
+
+			start[0] = 0;
+			for (int e = 0; e < E; e++)
+				start[e + 1] = start[e] + cnt[e];
+			pairs = start[E];
+			xrow = malloc(sizeof(int) * pairs);
+			x = malloc(sizeof(float) * (size_t) (nx > pairs ? nx : pairs) * cols);
+			y0 = malloc(sizeof(float) * (size_t) pairs * rows);
+			y1 = malloc(sizeof(float) * (size_t) pairs * rows);
+			ref0 = malloc(sizeof(float) * rows);
+			ref1 = malloc(sizeof(float) * rows);
+			for (int i = 0; i < pairs; i++)
+				xrow[i] = (int) (tq_uniform() * nx);
+			for (size_t i = 0; i < (size_t) (nx > pairs ? nx : pairs) * cols; i++)
+				x[i] = tq_normal(1.0f);
+			for (int mode = 0; mode < 3 && rc == 0; mode++)
+				for (int xi = 0; xi < 2 && rc == 0; xi++)
+				{
+					double		num = 0,
+								den = 0;
+
+					rc = f(mode, fmt, grp, rows, cols, E, d0, s0, mode ? d1 : NULL, mode ? s1 : NULL,
+						   xi ? nx : pairs, x, 0, xi ? xrow : NULL, start, mc, mode == 0 && mi == 0 ? xi : 1,
+						   y0, y1);
+					for (int e = 0; e < E && rc == 0; e++)
+						for (int i = start[e]; i < start[e + 1]; i++)
+						{
+							const float *xr = x + (size_t) (xi ? xrow[i] : i) * cols;
+
+							tq_reference(&w0[e], 1, xr, ref0);
+							if (mode)
+								tq_reference(&w1[e], 1, xr, ref1);
+							for (int o = 0; o < rows; o++)
+							{
+								double		want = mode == 2 ? (double) (ref0[o] / (1.0f + expf(-ref0[o]))) * ref1[o]
+									: ref0[o],
+											got = y0[(size_t) i * rows + o];
+
+								num += (got - want) * (got - want);
+								den += want * want;
+								if (isnan(y0[(size_t) i * rows + o]))
+									num = INFINITY;
+								if (mode == 1)
+								{
+									got = y1[(size_t) i * rows + o];
+									num += (got - ref1[o]) * (got - ref1[o]) + (isnan(got) ? INFINITY : 0);
+									den += (double) ref1[o] * ref1[o];
+								}
+							}
+						}
+					{
+						double		e = den > 0 ? sqrt(num / den) : sqrt(num);
+
+						if (e > 1e-5 || isnan(e))
+							tap_diag("%s, step of %d tokens, mode %d, xrow %d: rel err %.2e", cases[ci].what, mc,
+									 mode, xi, e);
+						worst = e > worst || isnan(e) ? e : worst;
+					}
+				}
+			free(xrow);
+			free(x);
+			free(y0);
+			free(y1);
+			free(ref0);
+			free(ref1);
+		}
+		tap_ok(rc == 0 && worst <= 1e-5, "kk_expert_gemv_q, %s: one matrix, two and SwiGLU, experts of 0, 1, P, "
+			   "P + 1 and many pairs, xrow and none, = the double products of quant.h's weights: worst rel err "
+			   "%.2e (hook returned %d)", cases[ci].what, worst, rc);
+		for (int e = 0; e < E; e++)
+		{
+			tq_free(&w0[e]);
+			tq_free(&w1[e]);
+		}
+	}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
 /* kl_cuda_test_expert_paths (cuda_moe.c): a decode step's gate/up and down through today's kernels and a new path */
 typedef int (*expert_paths_fn) (int path, int n, int E, int k, int D, int F, const float *logits,
 								unsigned long long seed, float *out_old, float *out_new);
@@ -3134,6 +3573,8 @@ main(void)
 	check_route_rank();
 	check_expert_mma();
 	check_gemv_slab();
+	check_gemv_q();
+	check_expert_gemv_q();
 	check_expert_paths();
 	check_mla_small();
 	check_kda_decode();
