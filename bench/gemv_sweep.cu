@@ -21,6 +21,8 @@
  * and kk_expert_gemv_q) at batch 1 and 4 on the 48B shapes, each against
  * a plain read of the same bytes (the quantized objects: data and scales),
  * the plain products checked against a one-thread-an-output kernel.
+ * A third table: the products of FP8 / int4 weights on the tensor cores (kernels/mma_q.cu; see
+ * quant_sweep), alone with `gemv-sweep mma_q`.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +32,7 @@
 #include "../kernels/gemv.cu"
 #include "../kernels/expert_mma.cu"
 #include "../kernels/gemv_q.cu"
+#include "../kernels/mma_q.cu"
 
 #define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { \
 	fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); exit(1); } } while (0)
@@ -527,6 +530,277 @@ static const variant_t variants[] = {
 };
 
 
+/* ------------------------------------------ quantized weights on tensor cores */
+
+/*
+ * kernels/mma_q.cu's products of FP8 / int4 weights (kk_gemv_mma_q,
+ * kk_expert_mma_q) against a plain read of the same bytes: dense 4096 x 2304
+ * (a KDA projection) and 163840 x 2304 (lm_head) at 8 and 32 rows; the 48B
+ * model's expert gate/up (SwiGLU, 2 x 1024 x 2304) and down (2304 x 1024)
+ * for a decode step of 8 and 32 tokens (top 8 of 256 experts drawn at
+ * random, and the shared expert over every token), the bytes of the experts
+ * the step uses.  Random weight bytes (FP8 NaN codes avoided), scales 0.01:
+ * timing only (test_cuda checks the results).  One table, after the bf16
+ * one; `gemv-sweep mma_q` prints only this one.
+ */
+__global__ void
+q_fill(uint8_t *p, size_t n, uint64_t seed)
+{
+	for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t) gridDim.x * blockDim.x)
+	{
+		uint64_t	z = (i + seed) * 0x9e3779b97f4a7c15ull;
+		uint8_t		b;
+
+		z ^= z >> 29;
+		z *= 0xbf58476d1ce4e5b9ull;
+		b = (uint8_t) (z >> 40);
+		p[i] = (b & 0x7f) == 0x7f ? b ^ 1 : b;
+	}
+}
+
+__global__ void
+q_fill_scales(float *p, size_t n)
+{
+	for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t) gridDim.x * blockDim.x)
+		p[i] = 0.01f;
+}
+
+/* a quantized matrix object at W (data random, scales 0.01) */
+static void
+q_make(cudaStream_t s, uint8_t *W, int fmt, int group, int rows, int cols, uint64_t seed)
+{
+	size_t		off = kk_q_scale_offset(rows, fmt, cols);
+
+	q_fill<<<264, 256, 0, s>>>(W, off, seed);
+	q_fill_scales<<<264, 256, 0, s>>>((float *) (W + off), (size_t) rows * kk_q_groups(cols, group));
+}
+
+/* the best of 5 runs of a 20-launch graph of fn(r), microseconds a launch */
+template <typename F>
+static double
+q_time(cudaStream_t s, F fn)
+{
+	cudaGraph_t g;
+	cudaGraphExec_t ge;
+	cudaEvent_t e0,
+				e1;
+	float		ms,
+				best = 1e30f;
+
+	fn(0);
+	CK(cudaStreamSynchronize(s));
+	CK(cudaGetLastError());
+	CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+	for (int r = 0; r < 20; r++)
+		fn(r);
+	CK(cudaStreamEndCapture(s, &g));
+	CK(cudaGraphInstantiate(&ge, g, 0));
+	CK(cudaEventCreate(&e0));
+	CK(cudaEventCreate(&e1));
+	for (int t = 0; t < 5; t++)
+	{
+		CK(cudaEventRecord(e0, s));
+		CK(cudaGraphLaunch(ge, s));
+		CK(cudaEventRecord(e1, s));
+		CK(cudaEventSynchronize(e1));
+		CK(cudaEventElapsedTime(&ms, e0, e1));
+		if (t > 0 && ms < best)
+			best = ms;
+	}
+	cudaGraphExecDestroy(ge);
+	cudaGraphDestroy(g);
+	cudaEventDestroy(e0);
+	cudaEventDestroy(e1);
+	return best * 1000.0 / 20;
+}
+
+static void
+q_row(const char *shape, const char *form, int n, double bytes, double us, double stream_us)
+{
+	printf("| %s | %s | %d | %.1f | %.2f | %.0f | %.0f%% |\n", shape, form, n, bytes / 1e6, us,
+		   bytes / (us * 1e-6) / 1e9, 100.0 * stream_us / us);
+}
+
+static void
+quant_sweep(void)
+{
+	static const struct
+	{
+		int			fmt,
+					group;
+		const char *name;
+	}			forms[] = {
+		{KK_WF_FP8, 0, "fp8 row scale"}, {KK_WF_FP8, 128, "fp8 g128"},
+		{KK_WF_INT4, 32, "int4 g32"}, {KK_WF_INT4, 128, "int4 g128"},
+	};
+	const int	D = 2304,
+				F = 1024,
+				E = 256,
+				K = 8;
+	cudaStream_t s;
+	uint8_t    *W;
+	float	   *x,
+			   *y;
+	size_t		wbytes = (size_t) 2 << 30;
+	unsigned   *sink;
+
+	CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+	CK(cudaMalloc(&W, wbytes));
+	CK(cudaMalloc(&x, sizeof(float) * 64 * 8192));
+	CK(cudaMalloc(&y, sizeof(float) * 64 * (size_t) 163840 * 2));
+	CK(cudaMalloc(&sink, 64));
+	kk_fill_random(s, x, 0, 64 * 8192, 7, 1.0f);
+	printf("\n| shape | form | rows | MB | us | GB/s | of stream |\n|---|---|---:|---:|---:|---:|---:|\n");
+	for (size_t fi = 0; fi < sizeof(forms) / sizeof(forms[0]); fi++)
+	{
+		int			fmt = forms[fi].fmt;
+
+		/* dense: a different copy each launch (never from L2) where copies fit */
+		static const int dr[] = {4096, 163840};
+
+		for (int di = 0; di < 2; di++)
+		{
+			int			rows = dr[di],
+						group = forms[fi].group ? forms[fi].group : D;
+			size_t		obj = (kk_q_bytes(rows, fmt, D, group) + 255) & ~(size_t) 255;
+			int			copies = (int) (wbytes / obj < 20 ? wbytes / obj : 20);
+			double		stream_us;
+
+			for (int c = 0; c < copies; c++)
+				q_make(s, W + c * obj, fmt, group, rows, D, 11 + c);
+			stream_us = q_time(s, [&](int r) {
+				kk_launch(stream_read, dim3(132 * 8), dim3(256), 0, s, (const uint4 *) (W + (r % copies) * obj),
+						  obj / 16, sink);
+			});
+			for (int n = 8; n <= 32; n += 24)
+			{
+				double		us = q_time(s, [&](int r) {
+					kk_gemv_mma_q(s, y, rows, x, D, n, W + (r % copies) * obj, fmt, group, rows, D);
+				});
+
+				q_row(rows == 4096 ? "dense 4096 x 2304" : "dense 163840 x 2304", forms[fi].name, n, (double) obj,
+					  us, stream_us);
+			}
+		}
+
+		/* experts: 257 x (gate, up, down), a decode step's routing */
+		{
+			int			gg = forms[fi].group ? forms[fi].group : D,
+						gd = forms[fi].group ? forms[fi].group : F;
+			size_t		gsz = (kk_q_bytes(F, fmt, D, gg) + 255) & ~(size_t) 255,
+						dsz = (kk_q_bytes(D, fmt, F, gd) + 255) & ~(size_t) 255,
+						per = 2 * gsz + dsz;
+			void	   *host_tab[3 * 257],
+					  **tab;
+			uint8_t    *base = W;
+
+			if (per * 257 > wbytes)
+				continue;
+			for (int e = 0; e <= E; e++)
+			{
+				q_make(s, base + e * per, fmt, gg, F, D, 100 + 3 * e);
+				q_make(s, base + e * per + gsz, fmt, gg, F, D, 101 + 3 * e);
+				q_make(s, base + e * per + 2 * gsz, fmt, gd, D, F, 102 + 3 * e);
+				host_tab[e] = base + e * per;
+				host_tab[257 + e] = base + e * per + gsz;
+				host_tab[514 + e] = base + e * per + 2 * gsz;
+			}
+			CK(cudaMalloc(&tab, sizeof(host_tab)));
+			CK(cudaMemcpy(tab, host_tab, sizeof(host_tab), cudaMemcpyHostToDevice));
+			for (int n = 8; n <= 32; n += 24)
+			{
+				/* routing on the host: k distinct random experts a token, grouped stably, items of 8 */
+				int			cnt[257] = {0},
+							start[258],
+							act[1 + 4096],
+							xrow[64 * 9],
+							fill[257],
+							used = 0,
+							R = n * K + n;
+				int		   *dint;
+				uint64_t	z = 12345 + n;
+				int			sel[64 * 8];
+
+				for (int i = 0; i < n; i++)
+					for (int j = 0; j < K; j++)
+					{
+						int			c,
+									dup;
+
+						do
+						{
+							z = z * 6364136223846793005ull + 1442695040888963407ull;
+							c = (int) ((z >> 33) % E);
+							dup = 0;
+							for (int q = 0; q < j; q++)
+								dup |= sel[i * K + q] == c;
+						} while (dup);
+						sel[i * K + j] = c;
+						cnt[c]++;
+					}
+				cnt[E] = n;
+				start[0] = 0;
+				for (int e = 0; e <= E; e++)
+					start[e + 1] = start[e] + cnt[e];
+				memcpy(fill, start, sizeof(fill));
+				for (int i = 0; i < n; i++)
+					for (int j = 0; j < K; j++)
+						xrow[fill[sel[i * K + j]]++] = i;
+				for (int i = 0; i < n; i++)
+					xrow[start[E] + i] = i;
+				act[0] = 0;
+				for (int e = 0; e <= E; e++)
+				{
+					used += cnt[e] > 0;
+					for (int c = 0; c * 8 < cnt[e]; c++)
+						act[1 + act[0]++] = e * 64 + c;
+				}
+				CK(cudaMalloc(&dint, sizeof(int) * (258 + 1 + 4096 + 64 * 9)));
+				CK(cudaMemcpy(dint, start, sizeof(start), cudaMemcpyHostToDevice));
+				CK(cudaMemcpy(dint + 258, act, sizeof(int) * (1 + act[0]), cudaMemcpyHostToDevice));
+				CK(cudaMemcpy(dint + 258 + 4097, xrow, sizeof(int) * R, cudaMemcpyHostToDevice));
+				{
+					const int  *dstart = dint,
+							   *dact = dint + 258,
+							   *dxrow = dint + 258 + 4097;
+					int			items = act[0];
+					const void *const *tg = (const void *const *) tab,
+							   *const *tu = (const void *const *) (tab + 257),
+							   *const *td = (const void *const *) (tab + 514);
+					double		gu_bytes = (double) used * 2 * gsz,
+								d_bytes = (double) used * dsz,
+								s_gu = q_time(s, [&](int r) {
+									kk_launch(stream_read, dim3(132 * 8), dim3(256), 0, s, (const uint4 *) W,
+											  (size_t) gu_bytes / 16, sink);
+								}),
+								s_d = q_time(s, [&](int r) {
+									kk_launch(stream_read, dim3(132 * 8), dim3(256), 0, s, (const uint4 *) W,
+											  (size_t) d_bytes / 16, sink);
+								}),
+								us_gu = q_time(s, [&](int r) {
+									kk_expert_mma_q(s, y, NULL, F, x, D, dxrow, tg, tu, fmt, gg, F, D, dstart, dact,
+													items, 8);
+								}),
+								us_d = q_time(s, [&](int r) {
+									kk_expert_mma_q(s, y, NULL, D, y + (size_t) R * F, F, NULL, td, NULL, fmt, gd,
+													D, F, dstart, dact, items, 8);
+								});
+
+					q_row("experts gate/up SwiGLU", forms[fi].name, n, gu_bytes, us_gu, s_gu);
+					q_row("experts down", forms[fi].name, n, d_bytes, us_d, s_d);
+				}
+				cudaFree(dint);
+			}
+			cudaFree(tab);
+		}
+	}
+	cudaFree(W);
+	cudaFree(x);
+	cudaFree(y);
+	cudaFree(sink);
+	cudaStreamDestroy(s);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -541,6 +815,11 @@ main(int argc, char **argv)
 	int			tries = getenv("SWEEP_NCU") ? 1 : 5;
 
 	kk_set_pdl(1);
+	if (argc > 1 && strcmp(argv[1], "mma_q") == 0)
+	{
+		quant_sweep();
+		return 0;
+	}
 	for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++)
 		if ((size_t) shapes[i].rows * shapes[i].cols > maxw)
 			maxw = (size_t) shapes[i].rows * shapes[i].cols;
@@ -643,5 +922,7 @@ main(int argc, char **argv)
 	/* the quantized table: all of it by default, or where an argument names "q" (argv[2] a filter) */
 	if (argc <= 1 || strcmp(argv[1], "q") == 0)
 		q_table(s, (uint8_t *) W, wtotal * 2, x, y, yref, argc > 2 ? argv[2] : NULL, reps, tries);
+	if (argc <= 1 || strcmp(argv[1], "mma_q") == 0)
+		quant_sweep();
 	return 0;
 }

@@ -3539,6 +3539,512 @@ check_48b_quantized(const char *quantize)
 	kl_ctx_free(ctx);
 	free(ids);
 	free(lg);
+/* ------------------------------------------------------------------ quantized weights on the tensor cores */
+
+/* kernels.h's KK_WF_FP8 / KK_WF_INT4 (this file does not include the CUDA headers) */
+#define MQ_FP8 2
+#define MQ_INT4 4
+
+/*
+ * A quantized matrix as the device holds it (kernels.h: data, then the fp32
+ * scales at the next 256-byte boundary), made on the host; q views the same
+ * bytes for quant.h's reference.
+ */
+typedef struct mq_mat
+{
+	kl_qmat		q;
+	uint8_t    *obj;
+	size_t		bytes;
+} mq_mat;
+
+static void
+mq_alloc(mq_mat *m, int fmt, int group, int rows, int cols)
+{
+	kl_qtype	t = fmt == MQ_FP8 ? KL_Q_FP8 : KL_Q_INT4;
+	size_t		rb = kl_q_row_bytes(t, cols),
+				soff = ((size_t) rows * rb + 255) & ~(size_t) 255;
+	int			ng = (cols + group - 1) / group;
+
+	m->bytes = soff + sizeof(float) * (size_t) rows * ng;
+	m->obj = calloc(1, m->bytes);
+	if (!m->obj)
+		abort();
+	m->q.type = t;
+	m->q.rows = rows;
+	m->q.cols = cols;
+	m->q.data = m->obj;
+	m->q.row_bytes = rb;
+	m->q.scales = (const float *) (m->obj + soff);
+	m->q.group = group;
+	m->q.n_groups = ng;
+}
+
+/* random f32 weights (standard deviation 0.02, a few rows scaled up or down) quantized by kl_q_quantize_rows */
+static void
+mq_random(mq_mat *m, int fmt, int group, int rows, int cols, uint64_t seed)
+{
+	float	   *src = malloc(sizeof(float) * cols * 64);
+
+	mq_alloc(m, fmt, group, rows, cols);
+	for (int r0 = 0; r0 < rows; r0 += 64)
+	{
+		int			r1 = r0 + 64 < rows ? r0 + 64 : rows;
+
+		for (int r = r0; r < r1; r++)
+		{
+			double		sd = r % 7 == 3 ? 2.0 : r % 7 == 5 ? 1e-3 : 0.02;
+
+			for (int c = 0; c < cols; c++)
+				src[(size_t) (r - r0) * cols + c] = (float) ((unif(&seed) * 2 - 1) * sd * 1.7320508);
+		}
+		kl_q_quantize_rows(&m->q, src, r0, r1);
+	}
+	free(src);
+}
+
+/* hand-made FP8 bytes: mode 0 any non-NaN code (zeros, subnormals, 0x7e/0xfe among them), 1 only subnormals */
+static void
+mq_fp8_bytes(mq_mat *m, int group, int rows, int cols, int mode, uint64_t seed)
+{
+	uint8_t    *d;
+	float	   *sc;
+
+	mq_alloc(m, MQ_FP8, group, rows, cols);
+	d = (uint8_t *) m->q.data;
+	sc = (float *) m->q.scales;
+	for (size_t i = 0; i < (size_t) rows * cols; i++)
+	{
+		uint8_t		b = (uint8_t) (mix_rand(&seed) >> 24);
+
+		if (mode == 1)
+			b = (uint8_t) ((b & 0x80) | (1 + b % 7));
+		else if ((b & 0x7f) == 0x7f)
+			b ^= 0x01;			/* NaN -> the largest, 0x7e / 0xfe */
+		d[i] = b;
+	}
+	for (size_t i = 0; i < (size_t) rows * m->q.n_groups; i++)
+		sc[i] = (float) ((unif(&seed) * 2 - 1) * (mode == 1 ? 200.0 : 0.01));
+}
+
+/* [rows, cols] dequantized by kl_q_dequant_row (the reference weights) */
+static float *
+mq_dequant(const mq_mat *m)
+{
+	float	   *w = malloc(sizeof(float) * (size_t) m->q.rows * m->q.cols);
+
+	for (int r = 0; r < m->q.rows; r++)
+		kl_q_dequant_row(&m->q, r, w + (size_t) r * m->q.cols);
+	return w;
+}
+
+/* x rounded to bf16, as the tensor-core kernels round the activations */
+static void
+mq_round_bf16(float *dst, const float *x, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		dst[i] = kl_bf16_to_f32(kl_f32_to_bf16(x[i]));
+}
+
+/* y[n, rows] = xb[n, cols] W^T in double (xb already bf16 values) */
+static void
+mq_reference(double *y, const float *xb, const float *w, int n, int rows, int cols)
+{
+	for (int r = 0; r < rows; r++)
+		for (int i = 0; i < n; i++)
+		{
+			double		s = 0;
+
+			for (int c = 0; c < cols; c++)
+				s += (double) xb[(size_t) i * cols + c] * w[(size_t) r * cols + c];
+			y[(size_t) i * rows + r] = s;
+		}
+}
+
+/* ||a - ref|| / ||ref|| with ref in double; a NaN is infinite */
+static double
+mq_rel(const float *a, const double *ref, size_t n)
+{
+	double		num = 0,
+				den = 0;
+
+	for (size_t i = 0; i < n; i++)
+	{
+		double		d = (double) a[i] - ref[i];
+
+		if (isnan(a[i]))
+			return INFINITY;
+		num += d * d;
+		den += ref[i] * ref[i];
+	}
+	return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* kl_cuda_test_gemv_mma_q (src/cuda/cuda_mma_q_test.c) */
+typedef int (*gemv_mma_q_fn) (int n, int count, const int *rows, const int *cols, const int *fmt, const int *group,
+							  const void *const *W, const float *const *x, int xpad, float *const *y);
+
+/*
+ * One batch of count jobs through the hook at each n of ns, against the
+ * double reference of the bf16-rounded activations and kl_q_dequant_row's
+ * weights: the worst relative error over the jobs and rows counts.
+ */
+static double
+mq_gemv_case(gemv_mma_q_fn f, int count, mq_mat *const *mats, const int *fmt, const int *ns, int nn, int xpad,
+			 uint64_t seed, int *rc)
+{
+	int			rows[8],
+				cols[8],
+				group[8];
+	const void *W[8];
+	float	   *wd[8];
+	double		worst = 0;
+
+	for (int j = 0; j < count; j++)
+	{
+		rows[j] = mats[j]->q.rows;
+		cols[j] = mats[j]->q.cols;
+		group[j] = mats[j]->q.group;
+		W[j] = mats[j]->obj;
+		wd[j] = mq_dequant(mats[j]);
+	}
+	for (int ni = 0; ni < nn && *rc == 0; ni++)
+	{
+		int			n = ns[ni];
+		const float *x[8];
+		float	   *y[8];
+
+		for (int j = 0; j < count; j++)
+		{
+			float	   *xx = malloc(sizeof(float) * n * cols[j]);
+
+			for (size_t i = 0; i < (size_t) n * cols[j]; i++)
+				xx[i] = (float) ((unif(&seed) * 2 - 1) * (i % 13 == 0 ? 30.0 : 1.0));
+			x[j] = xx;
+			y[j] = malloc(sizeof(float) * n * rows[j]);
+		}
+		*rc = f(n, count, rows, cols, fmt, group, W, x, xpad, y);
+		for (int j = 0; j < count; j++)
+		{
+			if (*rc == 0)
+			{
+				float	   *xb = malloc(sizeof(float) * n * cols[j]);
+				double	   *ref = malloc(sizeof(double) * n * rows[j]);
+				double		e;
+
+				mq_round_bf16(xb, x[j], (size_t) n * cols[j]);
+				mq_reference(ref, xb, wd[j], n, rows[j], cols[j]);
+				e = mq_rel(y[j], ref, (size_t) n * rows[j]);
+				worst = e > worst || isnan(e) ? e : worst;
+				free(xb);
+				free(ref);
+			}
+			free((void *) x[j]);
+			free(y[j]);
+		}
+	}
+	for (int j = 0; j < count; j++)
+		free(wd[j]);
+	return worst;
+}
+
+/*
+ * kk_gemv_mma_q / kk_gemv_multi_mma_q (kernels/mma_q.cu) on random matrices
+ * quantized by kl_q_quantize_rows (FP8 one scale a row and groups of 128;
+ * int4 groups of 32 and 128), n = 1, 3, 8, 9, 32, 64 rows (every mma
+ * n-block count and partial blocks), against the double reference of the
+ * bf16-rounded activations and kl_q_dequant_row's weights: rel err <= 1e-5.
+ * Shapes: the 48B model's KDA projection batch (3 x 4096 x 2304), o_proj
+ * (2304 x 4096), an expert's gate (1024 x 2304) and down (2304 x 1024),
+ * lm_head (163840 x 2304, FP8, 9 rows: the double reference is slow), and
+ * odd ones (rows not a multiple of 16, cols 96, 64, 192: the narrower loads
+ * and a k range split finer than a chunk, unaligned activation rows).  Then
+ * hand-made FP8 bytes: every non-NaN code (zeros, subnormals, 0x7e/0xfe)
+ * and only subnormals (0x01-0x07, 0x81-0x87): the kernel feeds those to the
+ * tensor cores as bf16 subnormals, so that check fails (rel err about 1)
+ * if the hardware flushes subnormal inputs.
+ */
+static void
+check_gemv_mma_q(void)
+{
+	static const int ns_all[] = {1, 3, 8, 9, 32, 64},
+				ns_big[] = {1, 9, 64};
+	static const struct
+	{
+		int			fmt,
+					group;
+		const char *what;
+	}			forms[] = {
+		{MQ_FP8, 0, "fp8 one scale a row"},
+		{MQ_FP8, 128, "fp8 group 128"},
+		{MQ_INT4, 32, "int4 group 32"},
+		{MQ_INT4, 128, "int4 group 128"},
+	};
+	static const struct
+	{
+		int			count,
+					xpad,
+					rows[3],
+					cols[3],
+					big;
+		const char *what;
+	}			shapes[] = {
+		{3, 4, {4096, 4096, 4096}, {2304, 2304, 2304}, 1, "48B KDA projections 3 x 4096 x 2304"},
+		{1, 4, {2304}, {4096}, 1, "48B o_proj 2304 x 4096"},
+		{2, 0, {1024, 2304}, {2304, 1024}, 1, "48B expert gate 1024 x 2304 + down 2304 x 1024"},
+		{3, 1, {200, 7, 50}, {96, 192, 64}, 0, "odd 200 x 96, 7 x 192, 50 x 64, unaligned rows"},
+		{2, 0, {1000, 129}, {128, 2304}, 0, "1000 x 128, 129 x 2304"},
+	};
+	kl_model   *m;
+	void	   *lib = NULL;
+	gemv_mma_q_fn f = NULL;
+
+	m = load_test_hook("kl_cuda_test_gemv_mma_q", &lib, (void **) &f);
+	if (!f)
+		return;
+	for (size_t fi = 0; fi < sizeof(forms) / sizeof(forms[0]); fi++)
+		for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+		{
+			mq_mat		mats[3],
+					   *mp[3];
+			int			fmt[3],
+						rc = 0;
+			double		e;
+
+			for (int j = 0; j < shapes[si].count; j++)
+			{
+				int			cols = shapes[si].cols[j],
+							group = forms[fi].group ? forms[fi].group : cols;
+
+				/* a group wider than the matrix is one scale a row */
+				mq_random(&mats[j], forms[fi].fmt, group > cols ? cols : group, shapes[si].rows[j], cols,
+						  1000 + 37 * fi + 5 * si + j);
+				mp[j] = &mats[j];
+				fmt[j] = forms[fi].fmt;
+			}
+			e = mq_gemv_case(f, shapes[si].count, mp, fmt, shapes[si].big ? ns_big : ns_all,
+							 shapes[si].big ? 3 : 6, shapes[si].xpad, 77 + fi + si, &rc);
+			tap_ok(rc == 0 && e <= 1e-5, "tensor-core GEMV of quantized weights, %s, %s, n = %s: rel err %.2e "
+				   "against the double reference (hook returned %d)", forms[fi].what, shapes[si].what,
+				   shapes[si].big ? "1, 9, 64" : "1, 3, 8, 9, 32, 64", e, rc);
+			for (int j = 0; j < shapes[si].count; j++)
+				free(mats[j].obj);
+		}
+	{
+		mq_mat		lm,
+				   *mp = &lm;
+		int			fmt = MQ_FP8,
+					rc = 0,
+					n9 = 9;
+		double		e;
+
+		mq_random(&lm, MQ_FP8, 2304, 163840, 2304, 4242);
+		e = mq_gemv_case(f, 1, &mp, &fmt, &n9, 1, 0, 99, &rc);
+		tap_ok(rc == 0 && e <= 1e-5, "tensor-core GEMV of quantized weights, fp8 one scale a row, 48B lm_head "
+			   "163840 x 2304, 9 rows: rel err %.2e (hook returned %d)", e, rc);
+		free(lm.obj);
+	}
+	for (int mode = 0; mode < 2; mode++)
+		for (int gi = 0; gi < 2; gi++)
+		{
+			mq_mat		hm,
+					   *mp = &hm;
+			int			fmt = MQ_FP8,
+						rc = 0;
+			static const int ns[] = {8, 64};
+			double		e;
+
+			mq_fp8_bytes(&hm, gi ? 128 : 2304, 300, 2304, mode, 555 + mode * 2 + gi);
+			e = mq_gemv_case(f, 1, &mp, &fmt, ns, 2, 0, 31 + mode, &rc);
+			tap_ok(rc == 0 && e <= 1e-5, "tensor-core GEMV of hand-made FP8 bytes (%s), %s, 300 x 2304, n = 8 and "
+				   "64: rel err %.2e (hook returned %d)%s", mode ? "only subnormals 0x01-0x07, 0x81-0x87" :
+				   "every non-NaN code: zeros, subnormals, 0x7e/0xfe", gi ? "group 128" : "one scale a row", e, rc,
+				   mode && e > 0.5 ? " - the tensor cores flush bf16 subnormal inputs" : "");
+			free(hm.obj);
+		}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+/* kl_cuda_test_expert_mma_q (src/cuda/cuda_mma_q_test.c) */
+typedef int (*expert_mma_q_fn) (int n, int E, int k, int D, int F, int fmt, int group, int group_down,
+								const int *sel, const void *const *gate, const void *const *up,
+								const void *const *down, const float *x, const float *h, float *out, int *start,
+								int *xrow);
+
+/*
+ * kk_expert_mma_q (kernels/mma_q.cu) in its three modes (SwiGLU gate/up,
+ * the two matrices, down) on a decode step's grouping (kk_moe_group, items
+ * of 8, the shared expert over every token), random quantized experts
+ * (kl_q_quantize_rows), against the double reference of the bf16-rounded
+ * activations and kl_q_dequant_row's weights: rel err <= 1e-5 for each
+ * output (SwiGLU: silu(gate) * up of the reference products).  Routing
+ * choices are drawn on the host, skewed so that expert 0 takes about half
+ * the tokens (several items at 32 tokens).  Shapes: the 48B model's expert
+ * matrices (D 2304, F 1024; 8 experts top 4 to keep the host reference
+ * short) at 8 and 32 tokens; tiny_a's (D 128, F 64, 8 top 2) and D 96,
+ * F 192 (4 top 2) at 8 tokens.  Forms: FP8 one scale a row and groups of
+ * 128, int4 groups of 32 and 128.
+ */
+static void
+check_expert_mma_q(void)
+{
+	static const struct
+	{
+		int			n,
+					E,
+					k,
+					D,
+					F;
+		const char *what;
+	}			shapes[] = {
+		{8, 8, 4, 2304, 1024, "48B experts D 2304 F 1024, 8 top 4, 8 tokens"},
+		{32, 8, 4, 2304, 1024, "48B experts D 2304 F 1024, 8 top 4, 32 tokens"},
+		{8, 8, 2, 128, 64, "tiny_a experts D 128 F 64, 8 top 2, 8 tokens"},
+		{8, 4, 2, 96, 192, "D 96 F 192, 4 top 2, 8 tokens"},
+	};
+	static const struct
+	{
+		int			fmt,
+					group;
+		const char *what;
+	}			forms[] = {
+		{MQ_FP8, 0, "fp8 one scale a row"},
+		{MQ_FP8, 128, "fp8 group 128"},
+		{MQ_INT4, 32, "int4 group 32"},
+		{MQ_INT4, 128, "int4 group 128"},
+	};
+	kl_model   *m;
+	void	   *lib = NULL;
+	expert_mma_q_fn f = NULL;
+
+	m = load_test_hook("kl_cuda_test_expert_mma_q", &lib, (void **) &f);
+	if (!f)
+		return;
+	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+		for (size_t fi = 0; fi < sizeof(forms) / sizeof(forms[0]); fi++)
+		{
+			int			n = shapes[si].n,
+						E = shapes[si].E,
+						k = shapes[si].k,
+						D = shapes[si].D,
+						F = shapes[si].F,
+						nk = n * k,
+						R = nk + n,
+						fmt = forms[fi].fmt;
+			int			gg = forms[fi].group && forms[fi].group < D ? forms[fi].group : D,
+						gd = forms[fi].group && forms[fi].group < F ? forms[fi].group : F;
+			uint64_t	seed = 900 + 10 * si + fi;
+			mq_mat	   *mats = calloc(3 * ((size_t) E + 1), sizeof(mq_mat));
+			const void **tab = malloc(sizeof(void *) * 3 * ((size_t) E + 1));
+			int		   *sel = malloc(sizeof(int) * nk),
+					   *start = malloc(sizeof(int) * (E + 2)),
+					   *xrow = malloc(sizeof(int) * R);
+			float	   *x = malloc(sizeof(float) * n * D),
+					   *h = malloc(sizeof(float) * R * F),
+					   *xb = malloc(sizeof(float) * n * D),
+					   *hb = malloc(sizeof(float) * R * F),
+					   *out = malloc(sizeof(float) * R * (3 * (size_t) F + D)),
+					   *wrow = malloc(sizeof(float) * (D > F ? D : F));
+			double	   *ref = malloc(sizeof(double) * R * (3 * (size_t) F + D)),
+						worst[4] = {0, 0, 0, 0};
+			int			rc;
+
+			for (int e = 0; e <= E; e++)
+			{
+				mq_random(&mats[e], fmt, gg, F, D, seed * 1000 + 3 * e);
+				mq_random(&mats[E + 1 + e], fmt, gg, F, D, seed * 1000 + 3 * e + 1);
+				mq_random(&mats[2 * (E + 1) + e], fmt, gd, D, F, seed * 1000 + 3 * e + 2);
+				tab[e] = mats[e].obj;
+				tab[E + 1 + e] = mats[E + 1 + e].obj;
+				tab[2 * (E + 1) + e] = mats[2 * (E + 1) + e].obj;
+			}
+			/* k distinct experts a token, expert 0 first for about half of them */
+			for (int i = 0; i < n; i++)
+				for (int j = 0; j < k; j++)
+				{
+					int			c,
+								dup;
+
+					do
+					{
+						c = j == 0 && unif(&seed) < 0.5 ? 0 : (int) (unif(&seed) * E);
+						dup = 0;
+						for (int q = 0; q < j; q++)
+							dup |= sel[i * k + q] == c;
+					} while (dup);
+					sel[i * k + j] = c;
+				}
+			for (size_t i = 0; i < (size_t) n * D; i++)
+				x[i] = (float) (unif(&seed) * 2 - 1);
+			for (size_t i = 0; i < (size_t) R * F; i++)
+				h[i] = (float) ((unif(&seed) * 2 - 1) * 0.1);
+			mq_round_bf16(xb, x, (size_t) n * D);
+			mq_round_bf16(hb, h, (size_t) R * F);
+			rc = f(n, E, k, D, F, fmt, gg, gd, sel, tab, tab + (E + 1), tab + 2 * (E + 1), x, h, out, start, xrow);
+			if (rc == 0)
+			{
+				double	   *rg = ref + (size_t) R * F,
+						   *ru = ref + 2 * (size_t) R * F,
+						   *rd = ref + 3 * (size_t) R * F;
+
+				for (int e = 0; e <= E; e++)
+				{
+					for (int r = 0; r < F; r++)
+						for (int mi = 0; mi < 2; mi++)
+						{
+							kl_q_dequant_row(&mats[mi * (E + 1) + e].q, r, wrow);
+							for (int i = start[e]; i < start[e + 1]; i++)
+							{
+								double		s = 0;
+
+								for (int c = 0; c < D; c++)
+									s += (double) xb[(size_t) xrow[i] * D + c] * wrow[c];
+								(mi ? ru : rg)[(size_t) i * F + r] = s;
+							}
+						}
+					for (int r = 0; r < D; r++)
+					{
+						kl_q_dequant_row(&mats[2 * (E + 1) + e].q, r, wrow);
+						for (int i = start[e]; i < start[e + 1]; i++)
+						{
+							double		s = 0;
+
+							for (int c = 0; c < F; c++)
+								s += (double) hb[(size_t) i * F + c] * wrow[c];
+							rd[(size_t) i * D + r] = s;
+						}
+					}
+				}
+				for (size_t i = 0; i < (size_t) R * F; i++)
+					ref[i] = rg[i] / (1 + exp(-rg[i])) * ru[i];
+				for (int o = 0; o < 4; o++)
+				{
+					size_t		off = (size_t) o * R * F,
+								len = o < 3 ? (size_t) R * F : (size_t) R * D;
+
+					worst[o] = mq_rel(out + off, ref + off, len);
+				}
+			}
+			tap_ok(rc == 0 && start[E + 1] == R && worst[0] <= 1e-5 && worst[1] <= 1e-5 && worst[2] <= 1e-5 &&
+				   worst[3] <= 1e-5, "tensor-core expert products of quantized weights, %s, %s: rel err SwiGLU "
+				   "%.2e, gate %.2e, up %.2e, down %.2e against the double reference (hook returned %d)",
+				   forms[fi].what, shapes[si].what, worst[0], worst[1], worst[2], worst[3], rc);
+			for (int i = 0; i < 3 * (E + 1); i++)
+				free(mats[i].obj);
+			free(mats);
+			free(tab);
+			free(sel);
+			free(start);
+			free(xrow);
+			free(x);
+			free(h);
+			free(xb);
+			free(hb);
+			free(out);
+			free(wrow);
+			free(ref);
+		}
+	dlclose(lib);
 	kl_model_free(m);
 }
 
@@ -3615,5 +4121,7 @@ main(void)
 	check_big_quantized("int4", "bf16");
 	check_48b_quantized("fp8");
 	check_48b_quantized("int4");
+	check_gemv_mma_q();
+	check_expert_mma_q();
 	return tap_done();
 }

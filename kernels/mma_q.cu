@@ -1,0 +1,833 @@
+/*
+ * mma_q.cu — tensor-core products of quantized weights (FP8 E4M3 and int4)
+ * for the bf16 precision mode's decode: the dense products of steps up to
+ * KK_GEMV_MMA_Q_ROWS tokens (kk_gemv_mma_q, kk_gemv_multi_mma_q) and the
+ * expert products (kk_expert_mma_q).  Contracts: kernels.h, "Quantized
+ * weights on the device" and the mma_q.cu paragraph.
+ *
+ * Decode is memory-bound: the point of FP8 / int4 weights is to stream half
+ * / a quarter of bf16's bytes, so the weights go from 16-byte (or 8 / 4
+ * byte) loads straight into registers and are turned into bf16 mma.m16n8k16
+ * A fragments there, a few integer instructions per pair of weights:
+ *
+ *   FP8   byte b -> bf16 bits ((b & 0x80) << 8) | ((b & 0x7f) << 4), the
+ *         value times 2^-120 exactly (E4M3 subnormals become bf16
+ *         subnormals).  Two bytes at a time: prmt sign-extends each byte to
+ *         16 bits (0xff.. for negative bytes), << 4 moves the 7 low bits to
+ *         the bf16 exponent/mantissa position and the sign copies to bit 15,
+ *         & 0x87f0 per half clears the rest (bits the low half shifts into
+ *         the high half land in its cleared low nibble).
+ *   int4  nibble j (q + 8) -> bf16 0x4300 | j = 128 + j, then one bf16x2
+ *         fma (v * 1 - 136) gives q exactly.  Pair p of a 32-bit word holds
+ *         columns p and p + 4 (one shift and one lop3 for both).
+ *
+ * The activations are rounded to bf16 (as kk_expert_mma / kk_gemv_mma do)
+ * and staged once per block in shared memory.  For FP8 they are staged
+ * times 2^64 (exact: a power of two, |x| < 2^64 assumed) so that products
+ * of the 2^-120-scaled weights stay far from fp32's subnormal range whatever
+ * the activations' size (the tensor cores' fp32 accumulators are not
+ * guaranteed to keep subnormals); 2^120 / 2^64 = 2^56 is folded into the
+ * scale (|scale| < 256: no overflow).  For int4 the staged rows are permuted
+ * within each 8 columns to (0 4 1 5 2 6 3 7), the order the nibble pairs
+ * come out, so that one 8-byte shared-memory read is an mma B fragment.
+ *
+ * Fragment layout (PTX "Matrix Fragments for mma.m16n8k16", lane g = lane
+ * / 4, t = lane % 4): lane (g, t) holds A elements of rows g and g + 8 at
+ * mma-k {2t, 2t+1} (a0, a1) and {2t+8, 2t+9} (a2, a3), B elements of
+ * column g at the same mma-k.  The order of k inside one mma does not
+ * matter to a dot product, only that A and B agree, so lane t simply takes
+ * the consecutive weights of its own load: a "chunk" of CK = 4 LW (FP8) or
+ * 8 LW (int4) columns is the four lanes' LW-byte loads of one row, and each
+ * 32-bit word of a lane is one (FP8) or two (int4) mma steps.  A chunk lies
+ * inside one scale group (the launcher picks LW so that CK divides the
+ * group), so a group's steps are summed in a fresh accumulator that is then
+ * added times the group's scale; with one scale a row (group >= cols) the
+ * scale is applied once at the end.  Each weight fragment feeds ceil(n / 8)
+ * mma n-blocks (NB), so the weights stream once for all rows.
+ *
+ * Blocks: dense products take 8 warps as T tiles of 16 rows x S = 8 / T
+ * ranges of k (as gemv_slab_kernel: T the largest of 8, 4, 2, 1 that keeps
+ * two blocks an SM), the S partial tiles added in k order.  Where the
+ * staged rows of all of k would not fit (many rows x wide matrices), the
+ * block stages and computes k in segments; the next segment's weights are
+ * requested before its staging barrier.  Expert items take 4 warps, one
+ * tile each over all of k, the item's (at most 8) tokens gathered through
+ * xrow.  Each warp streams two register sets of 2 KB of weights (U chunks
+ * each), alternating, the first two requested before the dependent-launch
+ * wait where the weights are known (dense products).
+ *
+ * Accuracy: the weights' values are exact in bf16, the products exact in
+ * fp32; against quant.h's reference (fl(q * scale) weights) the results
+ * differ by fp32 rounding of the sums and of the scale multiplications.
+ */
+#include <string.h>
+
+#include "common.cuh"
+
+#define MQ_WARPS 8				/* warps of a dense-product block */
+#define MQ_XWARPS 4				/* warps of an expert block: one 16-row tile each */
+#define MQ_SMEM (96 * 1024)		/* staged rows a block: two blocks an SM */
+#define MQ_FP8_SCALE 0x1p56f	/* 2^120 (the decode) / 2^64 (the staged activations) */
+#define MQ_FP8_XSCALE 0x1p64f
+
+/* kernels.h's layout functions (host-only C inlines there), for device code too */
+__host__ __device__ static inline size_t
+mq_row_bytes(int fmt, int cols)
+{
+	return fmt == KK_WF_INT4 ? (size_t) (cols + 7) / 8 * 4 : (size_t) cols;
+}
+
+__host__ __device__ static inline size_t
+mq_scale_offset(int rows, int fmt, int cols)
+{
+	return ((size_t) rows * mq_row_bytes(fmt, cols) + 255) & ~(size_t) 255;
+}
+
+/* ------------------------------------------------------------------ decoding */
+
+__device__ __forceinline__ uint32_t
+mq_prmt(uint32_t a, uint32_t sel)
+{
+	uint32_t	r;
+
+	asm("prmt.b32 %0, %1, 0, %2;\n" : "=r"(r) : "r"(a), "r"(sel));
+	return r;
+}
+
+/* FP8 bytes 0, 1 (lo) and 2, 3 (hi) of w as bf16 pairs, value x 2^-120 */
+__device__ __forceinline__ uint32_t
+mq_fp8_lo(uint32_t w)
+{
+	return (mq_prmt(w, 0x9180) << 4) & 0x87f087f0u;
+}
+
+__device__ __forceinline__ uint32_t
+mq_fp8_hi(uint32_t w)
+{
+	return (mq_prmt(w, 0xB3A2) << 4) & 0x87f087f0u;
+}
+
+/* int4 columns p and p + 4 of w (nibbles hold q + 8) as the bf16 pair (q_p, q_p+4) */
+__device__ __forceinline__ uint32_t
+mq_int4_pair(uint32_t w, int p)
+{
+	uint32_t	v = ((w >> (4 * p)) & 0x000f000fu) | 0x43004300u,
+				r;
+
+	/* 128 + j - 136: exact in bf16 (0x3f80 = 1, 0xc308 = -136) */
+	asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(v), "r"(0x3f803f80u), "r"(0xc308c308u));
+	return r;
+}
+
+/* d += A B for one m16n8k16 step (bf16 operands, fp32 accumulators) */
+__device__ __forceinline__ void
+mq_mma(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
+{
+	asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+		"{%0, %1, %2, %3};\n"
+		: "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+		: "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* LW bytes of weights read once: 16 and 8 bypass L1; 4 (a quad reads half a
+ * 32-byte sector) goes through L1 so that the next chunk's load finds the
+ * other half there */
+template <int LW>
+__device__ __forceinline__ void
+mq_ld(uint32_t (&w)[LW / 4], const uint8_t *p)
+{
+	if constexpr (LW == 16)
+		asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+			: "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+	else if constexpr (LW == 8)
+		asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n" : "=r"(w[0]), "=r"(w[1]) : "l"(p));
+	else
+		asm("ld.global.nc.u32 %0, [%1];\n" : "=r"(w[0]) : "l"(p));
+}
+
+/* ------------------------------------------------------------------ one warp's tile */
+
+/*
+ * The stream of one warp over one matrix: 16 rows (lane rows g and g + 8)
+ * for chunks [c0, c1), two register sets of U chunks alternating.
+ * rg / rg8: the lane's rows, + t LW bytes; sg / sg8: their scales.
+ */
+template <int FMT, int LW, int NB, bool GROUPED>
+struct mq_stream
+{
+	static constexpr int WPB = FMT == KK_WF_INT4 ? 2 : 1;	/* weights a byte */
+	static constexpr int NW = LW / 4;	/* 32-bit words a lane loads per row and chunk */
+	static constexpr int CK = 4 * LW * WPB;	/* columns of a chunk */
+	static constexpr int U = 32 / LW;	/* chunks a register set: 2 KB of weights a warp */
+
+	const uint8_t *rg,
+			   *rg8;
+	const float *sg,
+			   *sg8;
+	int			cpg;			/* chunks per scale group (GROUPED) */
+	uint32_t	wa[U][2][NW],
+				wb[U][2][NW];
+	float		sa[U][2],
+				sb[U][2];
+
+	__device__ __forceinline__ void
+	load(uint32_t (&w)[U][2][NW], float (&s)[U][2], int c, int c1)
+	{
+#pragma unroll
+		for (int u = 0; u < U; u++)
+			if (c + u < c1)
+			{
+				mq_ld<LW>(w[u][0], rg + (size_t) (c + u) * 4 * LW);
+				mq_ld<LW>(w[u][1], rg8 + (size_t) (c + u) * 4 * LW);
+				if (GROUPED)
+				{
+					int			grp = (c + u) / cpg;
+
+					s[u][0] = __ldg(sg + grp);
+					s[u][1] = __ldg(sg8 + grp);
+				}
+			}
+	}
+
+	/* acc += chunk c's steps; xl: the lane's staged row g at chunk c, + t's columns; ld: staged row stride */
+	__device__ __forceinline__ static void
+	chunk(float (&acc)[NB][4], const uint32_t (&w)[2][NW], const uint16_t *xl, int ld)
+	{
+#pragma unroll
+		for (int i = 0; i < NW; i++)
+#pragma unroll
+			for (int h = 0; h < WPB; h++)
+			{
+				uint32_t	a0,
+							a1,
+							a2,
+							a3;
+
+				if (FMT == KK_WF_INT4)
+				{
+					a0 = mq_int4_pair(w[0][i], 2 * h);
+					a2 = mq_int4_pair(w[0][i], 2 * h + 1);
+					a1 = mq_int4_pair(w[1][i], 2 * h);
+					a3 = mq_int4_pair(w[1][i], 2 * h + 1);
+				}
+				else
+				{
+					a0 = mq_fp8_lo(w[0][i]);
+					a2 = mq_fp8_hi(w[0][i]);
+					a1 = mq_fp8_lo(w[1][i]);
+					a3 = mq_fp8_hi(w[1][i]);
+				}
+#pragma unroll
+				for (int nb = 0; nb < NB; nb++)
+				{
+					uint2		b = *(const uint2 *) (xl + (size_t) nb * 8 * ld + 4 * (i * WPB + h));
+
+					mq_mma(acc[nb], a0, a1, a2, a3, b.x, b.y);
+				}
+			}
+	}
+
+	/* tot += the set's chunks c .. c + U (below c1); x0: the lane's staged row at chunk cx */
+	__device__ __forceinline__ void
+	compute(float (&tot)[NB][4], const uint32_t (&w)[U][2][NW], const float (&s)[U][2], const uint16_t *xl,
+			int ld, int cx, int c, int c1)
+	{
+#pragma unroll
+		for (int u = 0; u < U; u++)
+			if (c + u < c1)
+			{
+				const uint16_t *xc = xl + (size_t) (c + u - cx) * CK;
+
+				if (!GROUPED)
+					chunk(tot, w[u], xc, ld);
+				else
+				{
+					float		p[NB][4];
+
+#pragma unroll
+					for (int nb = 0; nb < NB; nb++)
+						p[nb][0] = p[nb][1] = p[nb][2] = p[nb][3] = 0;
+					chunk(p, w[u], xc, ld);
+					/* one chunk lies in one group: add it scaled (rows g: i < 2, g + 8: i >= 2) */
+#pragma unroll
+					for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+						for (int i = 0; i < 4; i++)
+							tot[nb][i] = fmaf(p[nb][i], s[u][i >> 1], tot[nb][i]);
+				}
+			}
+	}
+
+	/* request the first two sets of [c0, c1) */
+	__device__ __forceinline__ void
+	prime(int c0, int c1)
+	{
+		load(wa, sa, c0, c1);
+		load(wb, sb, c0 + U, c1);
+	}
+
+	/* tot += chunks [c0, c1), primed; xl: the lane's staged row at chunk cx */
+	__device__ __forceinline__ void
+	run(float (&tot)[NB][4], const uint16_t *xl, int ld, int cx, int c0, int c1)
+	{
+		for (int c = c0; c < c1; c += 2 * U)
+		{
+			compute(tot, wa, sa, xl, ld, cx, c, c1);
+			if (c + 2 * U < c1)
+				load(wa, sa, c + 2 * U, c1);
+			if (c + U >= c1)
+				break;
+			compute(tot, wb, sb, xl, ld, cx, c + U, c1);
+			if (c + 3 * U < c1)
+				load(wb, sb, c + 3 * U, c1);
+		}
+	}
+};
+
+/*
+ * A chunk-by-chunk alternative to a per-group accumulator (GROUPED): each
+ * chunk's steps go into a fresh accumulator and are added scaled, so a k
+ * range may start or end anywhere between chunks (the S ranges of a tile,
+ * segments) without tracking group boundaries; the extra fma per chunk and
+ * output is small next to the chunk's NW * WPB * NB mma steps.
+ */
+
+/* ------------------------------------------------------------------ staging */
+
+/*
+ * Rows [0, nrows) of the staged activations for columns [k0, k0 + klen)
+ * (klen % 8 == 0) into xs (row stride ld): row j < n is token j (its fp32
+ * row at rowp(j)), rounded to bf16 (FP8: times 2^64 first; int4: each 8
+ * columns permuted to 0 4 1 5 2 6 3 7); rows n .. nrows - 1 zero.
+ */
+template <int FMT, typename ROWP>
+__device__ __forceinline__ void
+mq_stage(uint16_t *xs, int ld, int nrows, int n, ROWP rowp, bool vec, int k0, int klen)
+{
+	int			q = klen >> 3,
+				total = nrows * q;
+
+#pragma unroll 4
+	for (int i = threadIdx.x; i < total; i += blockDim.x)
+	{
+		int			j = i / q,
+					k = (i - j * q) * 8;
+		float		v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+		uint16_t	h[8];
+		uint2		lo,
+					hi;
+
+		if (j < n)
+		{
+			const float *xr = rowp(j) + k0 + k;
+
+			if (vec)
+			{
+				float4		a = __ldg((const float4 *) xr),
+							b = __ldg((const float4 *) xr + 1);
+
+				v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+				v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+			}
+			else
+			{
+#pragma unroll
+				for (int u = 0; u < 8; u++)
+					v[u] = xr[u];
+			}
+		}
+#pragma unroll
+		for (int u = 0; u < 8; u++)
+		{
+			/* int4: position u holds column (u / 2) + 4 (u % 2) */
+			int			src = FMT == KK_WF_INT4 ? (u >> 1) + 4 * (u & 1) : u;
+
+			h[u] = f32_to_bf16(FMT == KK_WF_FP8 ? v[src] * MQ_FP8_XSCALE : v[src]);
+		}
+		lo.x = h[0] | ((uint32_t) h[1] << 16);
+		lo.y = h[2] | ((uint32_t) h[3] << 16);
+		hi.x = h[4] | ((uint32_t) h[5] << 16);
+		hi.y = h[6] | ((uint32_t) h[7] << 16);
+		*(uint2 *) (xs + (size_t) j * ld + k) = lo;
+		*(uint2 *) (xs + (size_t) j * ld + k + 4) = hi;
+	}
+}
+
+/* staged row stride for klen columns: 8 bytes mod 128, so that the four rows
+ * of a half-warp's 8-byte B reads fall in different banks */
+__host__ __device__ static inline int
+mq_ld_for(int klen)
+{
+	return klen + ((4 - klen % 64) + 64) % 64;
+}
+
+/* ------------------------------------------------------------------ dense products */
+
+/*
+ * Block b: tiles (b - first_block[j]) T .. + T of job j, all b.n rows.
+ * Warp w: tile w % T, k range w / T of S = 8 / T within each segment of seg
+ * chunks.  Dynamic shared memory: NB * 8 rows x ld bf16 (ld = mq_ld_for(seg
+ * CK)), reused for the S partial tiles at the end.  Every job of the launch
+ * has format FMT, chunk LW and (GROUPED) more than one scale a row.
+ */
+template <int FMT, int LW, int NB, bool GROUPED>
+__global__ void __launch_bounds__(MQ_WARPS * 32, 2)
+gemv_mma_q_kernel(kk_gemv_batch b, int T, int seg)
+{
+	using St = mq_stream<FMT, LW, NB, GROUPED>;
+	extern __shared__ uint4 mq_smem[];
+	uint16_t   *xs = (uint16_t *) mq_smem;
+	float	   *part = (float *) mq_smem;
+	int			j = kk_batch_job(b);
+	const kk_gemv_job *jb = &b.job[j];
+	int			rows = jb->rows,
+				cols = jb->cols,
+				n = b.n,
+				nchunk = cols / St::CK,
+				S = MQ_WARPS / T,
+				ld = mq_ld_for(seg * St::CK),
+				ngroups = (cols + jb->group - 1) / jb->group;
+	int			warp = threadIdx.x >> 5,
+				lane = threadIdx.x & 31,
+				g = lane >> 2,
+				t = lane & 3,
+				tile = warp % T,
+				s = warp / T;
+	int			r0 = (((int) blockIdx.x - b.first_block[j]) * T + tile) * 16;
+	bool		live = r0 < rows;
+	int			ra = r0 + g < rows ? r0 + g : rows - 1,
+				rb = r0 + g + 8 < rows ? r0 + g + 8 : rows - 1;
+	size_t		rbytes = mq_row_bytes(FMT, cols);
+	const uint8_t *W = (const uint8_t *) jb->W;
+	const float *sc = (const float *) (W + mq_scale_offset(rows, FMT, cols));
+	float		tot[NB][4];
+	St			st;
+
+	st.rg = W + (size_t) ra * rbytes + t * LW;
+	st.rg8 = W + (size_t) rb * rbytes + t * LW;
+	st.sg = sc + (size_t) ra * ngroups;
+	st.sg8 = sc + (size_t) rb * ngroups;
+	st.cpg = (GROUPED ? jb->group : cols) / St::CK;
+#pragma unroll
+	for (int nb = 0; nb < NB; nb++)
+		tot[nb][0] = tot[nb][1] = tot[nb][2] = tot[nb][3] = 0;
+
+	/* the weights and scales do not depend on earlier kernels: request them before waiting */
+	for (int s0 = 0; s0 < nchunk; s0 += seg)
+	{
+		int			s1 = min(s0 + seg, nchunk),
+					c0 = s0 + s * (s1 - s0) / S,
+					c1 = s0 + (s + 1) * (s1 - s0) / S;
+
+		if (live)
+			st.prime(c0, c1);
+		if (s0 == 0)
+		{
+			kk_dep_wait();
+			kk_dep_launch();
+		}
+		else
+			__syncthreads();	/* every warp is done with the previous segment's rows */
+		mq_stage<FMT>(xs, ld, NB * 8, n, [&](int r) { return jb->x + (size_t) r * jb->ldx; }, jb->vec,
+					  s0 * St::CK, (s1 - s0) * St::CK);
+		__syncthreads();
+		if (live)
+			st.run(tot, xs + (size_t) g * ld + t * LW * St::WPB, ld, s0, c0, c1);
+	}
+
+	/* the S ranges of a tile added in k order (through the staging area) */
+	if (S > 1)
+	{
+		__syncthreads();
+#pragma unroll
+		for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+				part[((size_t) warp * NB * 4 + nb * 4 + i) * 32 + lane] = tot[nb][i];
+		__syncthreads();
+		if (s != 0)
+			return;
+#pragma unroll
+		for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+				for (int r = 1; r < S; r++)
+					tot[nb][i] += part[((size_t) (r * T + tile) * NB * 4 + nb * 4 + i) * 32 + lane];
+	}
+	if (!live)
+		return;
+	{
+		float		s_g = GROUPED ? 1.0f : __ldg(st.sg),
+					s_g8 = GROUPED ? 1.0f : __ldg(st.sg8),
+					k = FMT == KK_WF_FP8 ? MQ_FP8_SCALE : 1.0f;
+
+#pragma unroll
+		for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+			{
+				int			row = r0 + g + (i >= 2 ? 8 : 0),
+							tok = nb * 8 + 2 * t + (i & 1);
+
+				if (row < rows && tok < n)
+					jb->y[(size_t) tok * jb->ldy + row] = tot[nb][i] * (i >= 2 ? s_g8 : s_g) * k;
+			}
+	}
+}
+
+/* ------------------------------------------------------------------ host side */
+
+/* bytes a 16-byte-or-smaller lane load covers, given the format, group and
+ * columns: the widest LW whose chunk (4 LW bytes of a row) divides cols and
+ * the group; 0 when none (then kk_mma_q_ok is false) */
+static int
+mq_lw(int fmt, int group, int cols)
+{
+	int			wpb = fmt == KK_WF_INT4 ? 2 : 1,
+				lmin = fmt == KK_WF_INT4 ? 4 : 8;
+
+	if ((fmt != KK_WF_FP8 && fmt != KK_WF_INT4) || cols <= 0 || group <= 0)
+		return 0;
+	for (int lw = 16; lw >= lmin; lw /= 2)
+	{
+		int			ck = 4 * lw * wpb;
+
+		if (cols % ck == 0 && (group >= cols || group % ck == 0))
+			return lw;
+	}
+	return 0;
+}
+
+extern "C" int
+kk_mma_q_ok(int fmt, int group, int cols)
+{
+	/* 8 expert tokens of cols columns must fit in the expert kernel's shared memory */
+	return mq_lw(fmt, group, cols) != 0 && (size_t) 8 * mq_ld_for(cols) * sizeof(uint16_t) <= MQ_SMEM;
+}
+
+static int
+mq_nb(int n)
+{
+	return n <= 8 ? 1 : n <= 16 ? 2 : n <= 32 ? 4 : 8;
+}
+
+static int
+mq_sms(void)
+{
+	int			dev = 0,
+				sms = 132;
+
+	if (cudaGetDevice(&dev) != cudaSuccess ||
+		cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+		sms = 132;
+	return sms;
+}
+
+/* first_block of every job for T tiles a block; returns the grid's blocks */
+static int
+mq_blocks(kk_gemv_batch *b, int T)
+{
+	int			blocks = 0;
+
+	for (int j = 0; j < b->count; j++)
+	{
+		b->first_block[j] = blocks;
+		blocks += ceil_div(ceil_div(b->job[j].rows, 16), T);
+	}
+	b->first_block[b->count] = blocks;
+	return blocks;
+}
+
+template <int FMT, int LW, int NB, bool GROUPED>
+static void
+mq_launch_dense(cudaStream_t s, kk_gemv_batch *b)
+{
+	constexpr int CK = 4 * LW * (FMT == KK_WF_INT4 ? 2 : 1);
+	int			maxchunks = 0,
+				seg,
+				T = MQ_WARPS,
+				blocks,
+				sms = mq_sms();
+	size_t		smem;
+
+	for (int j = 0; j < b->count; j++)
+		maxchunks = b->job[j].cols / CK > maxchunks ? b->job[j].cols / CK : maxchunks;
+	/* the largest segment (in chunks) whose staged rows fit, at most all of k */
+	seg = maxchunks;
+	while (seg > 1 && (size_t) NB * 8 * mq_ld_for(seg * CK) * sizeof(uint16_t) > MQ_SMEM)
+		seg = (seg + 1) / 2;
+	smem = (size_t) NB * 8 * mq_ld_for(seg * CK) * sizeof(uint16_t);
+	if (smem < (size_t) MQ_WARPS * NB * 4 * 32 * sizeof(float))
+		smem = (size_t) MQ_WARPS * NB * 4 * 32 * sizeof(float);	/* the partial tiles */
+	blocks = mq_blocks(b, T);
+	while (T > 1 && blocks < 2 * sms)
+		blocks = mq_blocks(b, T /= 2);
+	if (smem > 48 * 1024)
+		cudaFuncSetAttribute(gemv_mma_q_kernel<FMT, LW, NB, GROUPED>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+							 (int) smem);
+	kk_launch(gemv_mma_q_kernel<FMT, LW, NB, GROUPED>, dim3(blocks), dim3(MQ_WARPS * 32), smem, s, *b, T, seg);
+}
+
+template <int FMT, int LW, bool GROUPED>
+static void
+mq_dense_nb(cudaStream_t s, kk_gemv_batch *b)
+{
+	switch (mq_nb(b->n))
+	{
+		case 1:
+			mq_launch_dense<FMT, LW, 1, GROUPED>(s, b);
+			break;
+		case 2:
+			mq_launch_dense<FMT, LW, 2, GROUPED>(s, b);
+			break;
+		case 4:
+			mq_launch_dense<FMT, LW, 4, GROUPED>(s, b);
+			break;
+		default:
+			mq_launch_dense<FMT, LW, 8, GROUPED>(s, b);
+			break;
+	}
+}
+
+template <bool GROUPED>
+static void
+mq_dense_variant(cudaStream_t s, kk_gemv_batch *b, int fmt, int lw)
+{
+	if (fmt == KK_WF_FP8)
+	{
+		if (lw == 16)
+			mq_dense_nb<KK_WF_FP8, 16, GROUPED>(s, b);
+		else
+			mq_dense_nb<KK_WF_FP8, 8, GROUPED>(s, b);
+	}
+	else if (lw == 16)
+		mq_dense_nb<KK_WF_INT4, 16, GROUPED>(s, b);
+	else if (lw == 8)
+		mq_dense_nb<KK_WF_INT4, 8, GROUPED>(s, b);
+	else
+		mq_dense_nb<KK_WF_INT4, 4, GROUPED>(s, b);
+}
+
+/* the kernel variant a job takes: fmt, LW and whether it has more than one scale a row */
+static int
+mq_variant(const kk_gemv_job *jb)
+{
+	return jb->fmt * 64 + mq_lw(jb->fmt, jb->group, jb->cols) * 2 + (jb->group < jb->cols);
+}
+
+extern "C" void
+kk_gemv_multi_mma_q(cudaStream_t s, kk_gemv_batch *b)
+{
+	bool		done[KK_GEMV_JOBS] = {false};
+
+	if (b->count <= 0 || b->count > KK_GEMV_JOBS || b->n <= 0 || b->n > KK_GEMV_MMA_Q_ROWS)
+		return;
+	for (int j = 0; j < b->count; j++)
+		b->job[j].vec = b->job[j].ldx % 4 == 0 && ((uintptr_t) b->job[j].x & 15) == 0;
+	/* one launch for each kernel variant among the jobs (usually one: a batch shares its form) */
+	for (int j = 0; j < b->count; j++)
+	{
+		kk_gemv_batch sub;
+		int			v = mq_variant(&b->job[j]);
+
+		if (done[j])
+			continue;
+		memset(&sub, 0, sizeof(sub));
+		sub.n = b->n;
+		for (int i = j; i < b->count; i++)
+			if (!done[i] && mq_variant(&b->job[i]) == v)
+			{
+				sub.job[sub.count++] = b->job[i];
+				done[i] = true;
+			}
+		if (b->job[j].group < b->job[j].cols)
+			mq_dense_variant<true>(s, &sub, b->job[j].fmt, mq_lw(b->job[j].fmt, b->job[j].group, b->job[j].cols));
+		else
+			mq_dense_variant<false>(s, &sub, b->job[j].fmt, mq_lw(b->job[j].fmt, b->job[j].group, b->job[j].cols));
+	}
+}
+
+extern "C" void
+kk_gemv_mma_q(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int fmt, int group,
+			  int rows, int cols)
+{
+	kk_gemv_batch b;
+
+	memset(&b, 0, sizeof(b));
+	b.n = n;
+	b.count = 1;
+	b.job[0].y = y;
+	b.job[0].x = x;
+	b.job[0].W = W;
+	b.job[0].ldy = ldy;
+	b.job[0].ldx = ldx;
+	b.job[0].rows = rows;
+	b.job[0].cols = cols;
+	b.job[0].fmt = fmt;
+	b.job[0].group = group;
+	kk_gemv_multi_mma_q(s, &b);
+}
+
+/* ------------------------------------------------------------------ expert products */
+
+/*
+ * Item blockIdx.y of the work list, 64 rows blockIdx.x of its matrix (one
+ * matrix: in the two-matrix mode the second half of the blocks takes W1 ->
+ * y1; SWIGLU: gate W0 and up W1 of the same rows, silu(gate) * up -> y0).
+ * Dynamic shared memory: 8 token rows of mq_ld_for(cols) bf16.
+ */
+template <int FMT, int LW, bool GROUPED, bool SWIGLU>
+__global__ void __launch_bounds__(MQ_XWARPS * 32)
+expert_mma_q_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
+					const void *const *W0, const void *const *W1, int group, int rows, int cols,
+					const int *__restrict__ start, const int *__restrict__ active, int P, bool vec)
+{
+	using St = mq_stream<FMT, LW, 1, GROUPED>;
+	constexpr int NM = SWIGLU ? 2 : 1;
+	extern __shared__ uint4 mq_smem[];
+	uint16_t   *xs = (uint16_t *) mq_smem;
+	int			ld = mq_ld_for(cols),
+				per = (rows + MQ_XWARPS * 16 - 1) / (MQ_XWARPS * 16),
+				m1 = !SWIGLU && W1 && (int) blockIdx.x >= per;
+	int			warp = threadIdx.x >> 5,
+				lane = threadIdx.x & 31,
+				g = lane >> 2,
+				t = lane & 3;
+	int			r0 = ((int) blockIdx.x - m1 * per) * MQ_XWARPS * 16 + warp * 16;
+	int			nchunk = cols / St::CK,
+				ngroups = (cols + group - 1) / group,
+				e,
+				first,
+				count;
+	size_t		rbytes = mq_row_bytes(FMT, cols),
+				soff = mq_scale_offset(rows, FMT, cols);
+	float		tot[NM][1][4];
+	St			st[NM];
+
+	/* which experts run depends on the routing kernel before: wait first */
+	kk_dep_wait();
+	kk_dep_launch();
+	if ((int) blockIdx.y >= active[0])
+		return;					/* the whole block: no barrier is skipped */
+	e = kk_expert_item(active, start, blockIdx.y, P, &first, &count);
+	{
+		int			ra = r0 + g < rows ? r0 + g : rows - 1,
+					rb = r0 + g + 8 < rows ? r0 + g + 8 : rows - 1;
+
+#pragma unroll
+		for (int m = 0; m < NM; m++)
+		{
+			const uint8_t *W = (const uint8_t *) (SWIGLU ? (m ? W1[e] : W0[e]) : (m1 ? W1[e] : W0[e]));
+			const float *sc = (const float *) (W + soff);
+
+			st[m].rg = W + (size_t) ra * rbytes + t * LW;
+			st[m].rg8 = W + (size_t) rb * rbytes + t * LW;
+			st[m].sg = sc + (size_t) ra * ngroups;
+			st[m].sg8 = sc + (size_t) rb * ngroups;
+			st[m].cpg = (GROUPED ? group : cols) / St::CK;
+			tot[m][0][0] = tot[m][0][1] = tot[m][0][2] = tot[m][0][3] = 0;
+			if (r0 < rows)
+				st[m].prime(0, nchunk);	/* travels while the tokens are staged */
+		}
+	}
+	mq_stage<FMT>(xs, ld, 8, count,
+				  [&](int r) { return x + (size_t) (xrow ? xrow[first + r] : first + r) * ldx; }, vec, 0, cols);
+	__syncthreads();
+	if (r0 >= rows)
+		return;					/* no barrier follows */
+#pragma unroll
+	for (int m = 0; m < NM; m++)
+		st[m].run(tot[m], xs + (size_t) g * ld + t * LW * St::WPB, ld, 0, 0, nchunk);
+
+	/* D fragment: tot[.][0][i] is row g (i < 2) or g + 8, token 2t + (i & 1) */
+	{
+		float	   *y = m1 ? y1 : y0;
+		float		k = FMT == KK_WF_FP8 ? MQ_FP8_SCALE : 1.0f;
+
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+		{
+			int			row = r0 + g + (i >= 2 ? 8 : 0),
+						tok = 2 * t + (i & 1);
+			float		v[NM];
+
+#pragma unroll
+			for (int m = 0; m < NM; m++)
+				v[m] = tot[m][0][i] * (GROUPED ? 1.0f : __ldg(i >= 2 ? st[m].sg8 : st[m].sg)) * k;
+			if (SWIGLU)
+				v[0] = siluf_(v[0]) * v[NM - 1];
+			if (row < rows && tok < count)
+				y[(size_t) (first + tok) * ldy + row] = v[0];
+		}
+	}
+}
+
+template <int FMT, int LW, bool GROUPED>
+static void
+mq_launch_expert(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
+				 const void *const *W0, const void *const *W1, int group, int rows, int cols, const int *start,
+				 const int *active, int max_active, int P)
+{
+	bool		vec = ldx % 4 == 0 && ((uintptr_t) x & 15) == 0,
+				swiglu = W1 && !y1;
+	dim3		grid(ceil_div(rows, MQ_XWARPS * 16) * (W1 && y1 ? 2 : 1), max_active);
+	size_t		smem = (size_t) 8 * mq_ld_for(cols) * sizeof(uint16_t);
+
+	if (swiglu)
+	{
+		if (smem > 48 * 1024)
+			cudaFuncSetAttribute(expert_mma_q_kernel<FMT, LW, GROUPED, true>,
+								 cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
+		kk_launch(expert_mma_q_kernel<FMT, LW, GROUPED, true>, grid, dim3(MQ_XWARPS * 32), smem, s, y0, y1, ldy, x,
+				  ldx, xrow, W0, W1, group, rows, cols, start, active, P, vec);
+	}
+	else
+	{
+		if (smem > 48 * 1024)
+			cudaFuncSetAttribute(expert_mma_q_kernel<FMT, LW, GROUPED, false>,
+								 cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
+		kk_launch(expert_mma_q_kernel<FMT, LW, GROUPED, false>, grid, dim3(MQ_XWARPS * 32), smem, s, y0, y1, ldy,
+				  x, ldx, xrow, W0, W1, group, rows, cols, start, active, P, vec);
+	}
+}
+
+template <bool GROUPED>
+static void
+mq_expert_variant(int fmt, int lw, cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx,
+				  const int *xrow, const void *const *W0, const void *const *W1, int group, int rows, int cols,
+				  const int *start, const int *active, int max_active, int P)
+{
+#define MQ_X(F, L) mq_launch_expert<F, L, GROUPED>(s, y0, y1, ldy, x, ldx, xrow, W0, W1, group, rows, cols, start, \
+												  active, max_active, P)
+	if (fmt == KK_WF_FP8)
+	{
+		if (lw == 16)
+			MQ_X(KK_WF_FP8, 16);
+		else
+			MQ_X(KK_WF_FP8, 8);
+	}
+	else if (lw == 16)
+		MQ_X(KK_WF_INT4, 16);
+	else if (lw == 8)
+		MQ_X(KK_WF_INT4, 8);
+	else
+		MQ_X(KK_WF_INT4, 4);
+#undef MQ_X
+}
+
+extern "C" void
+kk_expert_mma_q(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
+				const void *const *W0, const void *const *W1, int fmt, int group, int rows, int cols,
+				const int *start, const int *active, int max_active, int P)
+{
+	int			lw = mq_lw(fmt, group, cols);
+
+	if (max_active <= 0 || rows <= 0 || lw == 0 || P > KK_EXPERT_MMA_ROWS)
+		return;
+	if (group < cols)
+		mq_expert_variant<true>(fmt, lw, s, y0, y1, ldy, x, ldx, xrow, W0, W1, group, rows, cols, start, active,
+								max_active, P);
+	else
+		mq_expert_variant<false>(fmt, lw, s, y0, y1, ldy, x, ldx, xrow, W0, W1, group, rows, cols, start, active,
+								 max_active, P);
+}
