@@ -3539,6 +3539,8 @@ check_48b_quantized(const char *quantize)
 	kl_ctx_free(ctx);
 	free(ids);
 	free(lg);
+}
+
 /* ------------------------------------------------------------------ quantized weights on the tensor cores */
 
 /* kernels.h's KK_WF_FP8 / KK_WF_INT4 (this file does not include the CUDA headers) */
