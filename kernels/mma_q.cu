@@ -40,9 +40,12 @@
  * 8 LW (int4) columns is the four lanes' LW-byte loads of one row, and each
  * 32-bit word of a lane is one (FP8) or two (int4) mma steps.  A chunk lies
  * inside one scale group (the launcher picks LW so that CK divides the
- * group), so a group's steps are summed in a fresh accumulator that is then
- * added times the group's scale; with one scale a row (group >= cols) the
- * scale is applied once at the end.  Each weight fragment feeds ceil(n / 8)
+ * group), so each chunk's steps are summed in a fresh accumulator that is
+ * then added times its group's scale (per chunk rather than per group: a k
+ * range may then start or end between any two chunks - the S ranges of a
+ * tile, segments - and one fma per chunk and output is little next to the
+ * chunk's mma steps); with one scale a row (group >= cols) the scale is
+ * applied once at the end.  Each weight fragment feeds ceil(n / 8)
  * mma n-blocks (NB), so the weights stream once for all rows.
  *
  * Blocks: dense products take 8 warps as T tiles of 16 rows x S = 8 / T
@@ -285,13 +288,6 @@ struct mq_stream
 	}
 };
 
-/*
- * A chunk-by-chunk alternative to a per-group accumulator (GROUPED): each
- * chunk's steps go into a fresh accumulator and are added scaled, so a k
- * range may start or end anywhere between chunks (the S ranges of a tile,
- * segments) without tracking group boundaries; the extra fma per chunk and
- * output is small next to the chunk's NW * WPB * NB mma steps.
- */
 
 /* ------------------------------------------------------------------ staging */
 
