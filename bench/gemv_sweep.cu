@@ -672,15 +672,21 @@ quant_sweep(void)
 				kk_launch(stream_read, dim3(132 * 8), dim3(256), 0, s, (const uint4 *) (W + (r % copies) * obj),
 						  obj / 16, sink);
 			});
-			for (int n = 8; n <= 32; n += 24)
-			{
-				double		us = q_time(s, [&](int r) {
-					kk_gemv_mma_q(s, y, rows, x, D, n, W + (r % copies) * obj, fmt, group, rows, D);
-				});
+			/* the launcher's slab height for 2 (its default) and 1 blocks an SM (mq_sm_blocks) */
+			for (int smb = 2; smb >= 1; smb--)
+				for (int n = 8; n <= 32; n += 24)
+				{
+					double		us;
+					char		name[64];
 
-				q_row(rows == 4096 ? "dense 4096 x 2304" : "dense 163840 x 2304", forms[fi].name, n, (double) obj,
-					  us, stream_us);
-			}
+					mq_sm_blocks = smb;
+					us = q_time(s, [&](int r) {
+						kk_gemv_mma_q(s, y, rows, x, D, n, W + (r % copies) * obj, fmt, group, rows, D);
+					});
+					snprintf(name, sizeof(name), "dense %d x 2304, slabs for %d blocks/SM", rows, smb);
+					q_row(name, forms[fi].name, n, (double) obj, us, stream_us);
+				}
+			mq_sm_blocks = 2;
 		}
 
 		/* experts: 257 x (gate, up, down), a decode step's routing */

@@ -40,9 +40,12 @@
  * 8 LW (int4) columns is the four lanes' LW-byte loads of one row, and each
  * 32-bit word of a lane is one (FP8) or two (int4) mma steps.  A chunk lies
  * inside one scale group (the launcher picks LW so that CK divides the
- * group), so a group's steps are summed in a fresh accumulator that is then
- * added times the group's scale; with one scale a row (group >= cols) the
- * scale is applied once at the end.  Each weight fragment feeds ceil(n / 8)
+ * group), so each chunk's steps are summed in a fresh accumulator that is
+ * then added times its group's scale (per chunk rather than per group: a k
+ * range may then start or end between any two chunks - the S ranges of a
+ * tile, segments - and one fma per chunk and output is little next to the
+ * chunk's mma steps); with one scale a row (group >= cols) the scale is
+ * applied once at the end.  Each weight fragment feeds ceil(n / 8)
  * mma n-blocks (NB), so the weights stream once for all rows.
  *
  * Blocks: dense products take 8 warps as T tiles of 16 rows x S = 8 / T
@@ -50,7 +53,7 @@
  * two blocks an SM), the S partial tiles added in k order.  Where the
  * staged rows of all of k would not fit (many rows x wide matrices), the
  * block stages and computes k in segments; the next segment's weights are
- * requested before its staging barrier.  Expert items take 4 warps, one
+ * requested before its staging barrier.  Expert items take 8 warps, one
  * tile each over all of k, the item's (at most 8) tokens gathered through
  * xrow.  Each warp streams two register sets of 2 KB of weights (U chunks
  * each), alternating, the first two requested before the dependent-launch
@@ -65,7 +68,8 @@
 #include "common.cuh"
 
 #define MQ_WARPS 8				/* warps of a dense-product block */
-#define MQ_XWARPS 4				/* warps of an expert block: one 16-row tile each */
+#define MQ_XWARPS 8				/* warps of an expert block: one 16-row tile each (128 rows: the
+								 * staged tokens are read once per 128 rows, not 64) */
 #define MQ_SMEM (96 * 1024)		/* staged rows a block: two blocks an SM */
 #define MQ_FP8_SCALE 0x1p56f	/* 2^120 (the decode) / 2^64 (the staged activations) */
 #define MQ_FP8_XSCALE 0x1p64f
@@ -284,13 +288,6 @@ struct mq_stream
 	}
 };
 
-/*
- * A chunk-by-chunk alternative to a per-group accumulator (GROUPED): each
- * chunk's steps go into a fresh accumulator and are added scaled, so a k
- * range may start or end anywhere between chunks (the S ranges of a tile,
- * segments) without tracking group boundaries; the extra fma per chunk and
- * output is small next to the chunk's NW * WPB * NB mma steps.
- */
 
 /* ------------------------------------------------------------------ staging */
 
@@ -371,7 +368,7 @@ mq_ld_for(int klen)
  * has format FMT, chunk LW and (GROUPED) more than one scale a row.
  */
 template <int FMT, int LW, int NB, bool GROUPED>
-__global__ void __launch_bounds__(MQ_WARPS * 32, 2)
+__global__ void __launch_bounds__(MQ_WARPS * 32, NB >= 8 ? 1 : 2)	/* 8 n-blocks with groups spill at 128 registers */
 gemv_mma_q_kernel(kk_gemv_batch b, int T, int seg)
 {
 	using St = mq_stream<FMT, LW, NB, GROUPED>;
@@ -523,6 +520,16 @@ mq_sms(void)
 	return sms;
 }
 
+/*
+ * Blocks an SM the dense launcher aims at when it picks T (tiles a block):
+ * the largest T that still gives mq_sm_blocks blocks an SM.  Fewer, taller
+ * blocks stage the activations fewer times (a block of T tiles reads n
+ * cols fp32 of activations for 16 T cols weight bytes: at T = 1 and n = 8
+ * twice the FP8 weights, from L2), more blocks keep more loads in flight.
+ * Not measured yet: bench/gemv_sweep.cu times both 1 and 2.
+ */
+static int	mq_sm_blocks = 2;
+
 /* first_block of every job for T tiles a block; returns the grid's blocks */
 static int
 mq_blocks(kk_gemv_batch *b, int T)
@@ -560,7 +567,7 @@ mq_launch_dense(cudaStream_t s, kk_gemv_batch *b)
 	if (smem < (size_t) MQ_WARPS * NB * 4 * 32 * sizeof(float))
 		smem = (size_t) MQ_WARPS * NB * 4 * 32 * sizeof(float);	/* the partial tiles */
 	blocks = mq_blocks(b, T);
-	while (T > 1 && blocks < 2 * sms)
+	while (T > 1 && blocks < mq_sm_blocks * sms)
 		blocks = mq_blocks(b, T /= 2);
 	if (smem > 48 * 1024)
 		cudaFuncSetAttribute(gemv_mma_q_kernel<FMT, LW, NB, GROUPED>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -632,6 +639,8 @@ kk_gemv_multi_mma_q(cudaStream_t s, kk_gemv_batch *b)
 
 		if (done[j])
 			continue;
+		if (!kk_mma_q_ok(b->job[j].fmt, b->job[j].group, b->job[j].cols))
+			continue;			/* not ours (the caller asks kk_mma_q_ok first): nothing launched */
 		memset(&sub, 0, sizeof(sub));
 		sub.n = b->n;
 		for (int i = j; i < b->count; i++)
@@ -671,7 +680,7 @@ kk_gemv_mma_q(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n,
 /* ------------------------------------------------------------------ expert products */
 
 /*
- * Item blockIdx.y of the work list, 64 rows blockIdx.x of its matrix (one
+ * Item blockIdx.y of the work list, 128 rows blockIdx.x of its matrix (one
  * matrix: in the two-matrix mode the second half of the blocks takes W1 ->
  * y1; SWIGLU: gate W0 and up W1 of the same rows, silu(gate) * up -> y0).
  * Dynamic shared memory: 8 token rows of mq_ld_for(cols) bf16.
