@@ -126,7 +126,7 @@ f32_to_e4m3(float f)
 
 /*
  * Weight bytes: uniform codes over the form's range (FP8: a uniform number in
- * [-448, 448) rounded to E4M3; int8: [-127, 127]; int4: [-8, 7]).  int4
+ * [-448, 448) rounded to E4M3; int8: [-127, 127]; int4: [-7, 7], symmetric as the others: mean 0).  int4
  * padding nibbles hold 8 (q = 0) as quant.c writes them.
  */
 __global__ void
@@ -147,8 +147,8 @@ q_fill_data_kernel(uint8_t *W, int fmt, size_t rb, int rows, int cols, uint64_t 
 			b = (uint8_t) (int8_t) ((int) (q_uniform(seed, i) * 255.0f) - 127);
 		else
 		{
-			uint32_t	lo = 2 * j < cols ? (uint32_t) (q_uniform(seed, 2 * i) * 16.0f) : 8u,
-						hi = 2 * j + 1 < cols ? (uint32_t) (q_uniform(seed, 2 * i + 1) * 16.0f) : 8u;
+			uint32_t	lo = 2 * j < cols ? 1u + (uint32_t) (q_uniform(seed, 2 * i) * 15.0f) : 8u,
+						hi = 2 * j + 1 < cols ? 1u + (uint32_t) (q_uniform(seed, 2 * i + 1) * 15.0f) : 8u;
 
 			b = (uint8_t) (lo | (hi << 4));
 		}
