@@ -200,6 +200,11 @@ typedef struct cuda_state
 	/* KL_CUDA_Q_MMA: bf16-precision decode products of quantized weights of
 	 * at least this many rows run on the tensor cores (default 2; 0: never) */
 	int			q_mma_min;
+	/* KL_CUDA_Q_EXPERT_MMA: decode steps of at least this many tokens run
+	 * quantized experts on the tensor cores in bf16 precision (default 4:
+	 * FP8 at batch 4 4.22 ms a step against 5.30 on the CUDA cores, batch 2
+	 * 3.35 against 3.31, H200 2026-11-30; 0: never) */
+	int			q_expert_mma_min;
 	/* fused routing in warps (kk_moe_route_group_warp) for steps of at most
 	 * this many tokens; 0: the block kernel (KL_CUDA_ROUTE_WARP) */
 	int			route_warp;

@@ -459,9 +459,11 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		 * items of 8; fp32 precision keeps the exact CUDA-core kernel, and so
 		 * do steps too small for an item to have more than one token.
 		 */
-		bool		mma = cs->expert_mma_min > 0 && n >= cs->expert_mma_min && cs->bf16 &&
-			(wq ? kk_mma_q_ok(tab->fmt_gu, tab->group_gu, D) && kk_mma_q_ok(tab->fmt_down, tab->group_down, F) :
-			 wbf && tab->uniform && tab->fmt_down == KK_WF_BF16 && kk_expert_mma_ok(D) && kk_expert_mma_ok(F));
+		bool		mma = cs->bf16 &&
+			(wq ? cs->q_expert_mma_min > 0 && n >= cs->q_expert_mma_min &&
+			 kk_mma_q_ok(tab->fmt_gu, tab->group_gu, D) && kk_mma_q_ok(tab->fmt_down, tab->group_down, F) :
+			 cs->expert_mma_min > 0 && n >= cs->expert_mma_min && wbf && tab->uniform &&
+			 tab->fmt_down == KK_WF_BF16 && kk_expert_mma_ok(D) && kk_expert_mma_ok(F));
 		/* work items of at most P rows */
 		int			P = mma ? KK_EXPERT_MMA_ROWS : kk_expert_pass_rows(n);
 		int			max_active = expert_item_slots((int) nk, E, fuse ? n : 0, P);

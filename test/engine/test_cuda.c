@@ -3256,7 +3256,7 @@ compare_prompt(const char *what, kl_model *cpu, kl_model *gpu, const int32_t *id
  * CPU's choice is clear; the prompt in one call (more than 64 rows: panels
  * converted by kk_q_dequant for cuBLAS), token by token (the quantized
  * GEMVs), and batches of 3 and 12 sequences decoding together (bf16: the
- * tensor-core kernels of mma_q.cu from 2 rows, the expert ones from 8).
+ * tensor-core kernels of mma_q.cu from 2 rows, the expert ones from 4).
  */
 static void
 check_quantized(const char *model, const char *quantize, const char *prec)
