@@ -777,10 +777,18 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 	cs->cur = -1;
 	cs->graphs_enabled = true;	/* until a capture fails; KL_CUDA_GRAPHS=0: cuda_step.c */
 	{
-		/* KL_CUDA_GROUPED_GEMM=0: experts of prefill batches one product at a time (tests compare) */
-		const char *gg = getenv("KL_CUDA_GROUPED_GEMM");
+		/*
+		 * KL_CUDA_GROUPED_GEMM=0: experts of prefill batches one product at a
+		 * time (tests compare); KL_CUDA_Q_GROUPED=0: quantized ones only
+		 * (their grouped path converts them first; cuda_moe.c)
+		 */
+		const char *gg = getenv("KL_CUDA_GROUPED_GEMM"),
+				   *qg = getenv("KL_CUDA_Q_GROUPED"),
+				   *qa = getenv("KL_CUDA_Q_ARENA_KB");
 
 		cs->no_grouped_gemm = gg && strcmp(gg, "0") == 0;
+		cs->q_grouped = !(qg && strcmp(qg, "0") == 0);
+		cs->q_arena_bytes = (size_t) (qa && atoi(qa) > 0 ? atoi(qa) : 576 << 10) << 10;
 	}
 	cudaDeviceGetAttribute(&cs->sm_count, cudaDevAttrMultiProcessorCount, idx);
 	if (cs->sm_count <= 0)

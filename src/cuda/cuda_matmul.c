@@ -579,3 +579,83 @@ out:
 		cudaStreamDestroy(s);
 	return (int) e;
 }
+
+/*
+ * For test/engine/test_cuda.c only (found with dlsym; the backend does not
+ * use it): count quantized matrices of one shape and form, given as host
+ * data (count x rows x kk_q_row_bytes(fmt, cols) bytes back to back) and
+ * scales (count x rows x ceil(cols / group) back to back), laid out on the
+ * device as the backend loads them but in reverse order (so that the pointer
+ * table, not the position, decides), converted by one kk_q_dequant_many
+ * into out_many (matrix i at i * dst_stride elements; the elements between
+ * matrices are left as they came: the caller fills them) and by
+ * kk_q_dequant, a matrix at a time, into out_one (rows x cols a matrix).
+ * out_bf16 as kk_q_dequant's.  Returns 0, -1 for bad arguments, or a CUDA
+ * error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_q_dequant_many(int fmt, int group, int rows, int cols, int count, const void *data,
+							const float *scales, size_t dst_stride, int out_bf16, void *out_many, void *out_one)
+{
+	size_t		rb,
+				obj,
+				esz = out_bf16 ? 2 : 4,
+				msz;
+	cudaStream_t s = NULL;
+	cudaError_t e = cudaSuccess;
+	char	   *W = NULL;
+	char	   *dst = NULL,
+			   *one = NULL;
+	void	  **tab = NULL,
+			  **host = NULL;
+
+	if (fmt < KK_WF_FP8 || fmt > KK_WF_INT4 || group <= 0 || rows <= 0 || cols <= 0 || count <= 0 ||
+		dst_stride < (size_t) rows * cols)
+		return -1;
+	rb = kk_q_row_bytes(fmt, cols);
+	obj = (kk_q_bytes(rows, fmt, cols, group) + 255) & ~(size_t) 255;
+	msz = (size_t) rows * cols * esz;
+	if (!(host = malloc(sizeof(void *) * (size_t) count)))
+		return (int) cudaErrorMemoryAllocation;
+	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &W, obj * count)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &dst, dst_stride * esz * count)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &one, msz * count)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &tab, sizeof(void *) * (size_t) count)) != cudaSuccess ||
+		(e = cudaMemcpyAsync(dst, out_many, dst_stride * esz * count, cudaMemcpyHostToDevice, s)) != cudaSuccess)
+		goto out;
+	for (int i = 0; i < count; i++)
+	{
+		char	   *Wi = W + obj * (size_t) (count - 1 - i);
+
+		host[i] = Wi;
+		if ((e = cudaMemcpyAsync(Wi, (const char *) data + (size_t) i * rows * rb, (size_t) rows * rb,
+								 cudaMemcpyHostToDevice, s)) != cudaSuccess ||
+			(e = cudaMemcpyAsync(Wi + kk_q_scale_offset(rows, fmt, cols),
+								 scales + (size_t) i * rows * kk_q_groups(cols, group),
+								 sizeof(float) * (size_t) rows * kk_q_groups(cols, group), cudaMemcpyHostToDevice,
+								 s)) != cudaSuccess)
+			goto out;
+	}
+	if ((e = cudaMemcpyAsync(tab, host, sizeof(void *) * (size_t) count, cudaMemcpyHostToDevice, s)) != cudaSuccess)
+		goto out;
+	kk_q_dequant_many(s, dst, dst_stride, (const void *const *) tab, count, fmt, group, rows, cols, out_bf16);
+	for (int i = 0; i < count; i++)
+		kk_q_dequant(s, one + msz * i, out_bf16, host[i], fmt, group, rows, cols, 0, rows);
+	if ((e = cudaGetLastError()) != cudaSuccess ||
+		(e = cudaMemcpyAsync(out_many, dst, dst_stride * esz * count, cudaMemcpyDeviceToHost, s)) != cudaSuccess ||
+		(e = cudaMemcpyAsync(out_one, one, msz * count, cudaMemcpyDeviceToHost, s)) != cudaSuccess)
+		goto out;
+	e = cudaStreamSynchronize(s);
+out:
+	if (s)
+		cudaStreamSynchronize(s);
+	cudaFree(W);
+	cudaFree(dst);
+	cudaFree(one);
+	cudaFree(tab);
+	if (s)
+		cudaStreamDestroy(s);
+	free(host);
+	return (int) e;
+}

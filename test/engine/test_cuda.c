@@ -2992,6 +2992,8 @@ check_pgdocs(const char *prec)
 typedef int (*q_dequant_fn) (int fmt, int group, int rows, int cols, const void *data, const float *scales, int r0,
 							 int nr, int out_bf16, void *out);
 typedef int (*q_fill_fn) (int fmt, int group, int rows, int cols, unsigned long long seed, float scale, void *out);
+typedef int (*q_dequant_many_fn) (int fmt, int group, int rows, int cols, int count, const void *data,
+								  const float *scales, size_t dst_stride, int out_bf16, void *out_many, void *out_one);
 
 static uint64_t q_rng = 0x9e3779b97f4a7c15ull;
 
@@ -3110,6 +3112,125 @@ check_q_dequant(void)
 			}
 			tap_ok(rc == 0 && bad == 0, "kk_q_dequant %s to %s: quant.h's values bit for bit (%ld of %ld differ, "
 				   "CUDA %d)", kl_qtype_name((kl_qtype) t), bf ? "bf16" : "fp32", bad, total, rc);
+		}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+/*
+ * kk_q_dequant_many (the prefill's quantized experts converted for the
+ * grouped GEMM, a launch for many matrices) against kk_q_dequant a matrix at
+ * a time, bit for bit, and both against quant.h's values (kl_q_dequant_row,
+ * rounded to nearest even for bf16): 3 matrices a call, laid out on the
+ * device in reverse order (the table decides), into a buffer with gaps
+ * between the matrices that must stay untouched; gaps of 8 elements (the
+ * 8-a-thread path where the shape allows) and of 1 (one a thread), at the
+ * 48B experts' shapes (gate/up 1024 x 2304, down 2304 x 1024, fp8 only: the
+ * host quantizes them) and odd ones.
+ */
+static void
+check_q_dequant_many(void)
+{
+	void	   *lib,
+			   *fn;
+	kl_model   *m = load_test_hook("kl_cuda_test_q_dequant_many", &lib, &fn);
+	static const struct
+	{
+		int			rows,
+					cols,
+					group;		/* 0: cols */
+	}			shapes[] = {{37, 2304, 0}, {19, 1024, 32}, {5, 2304, 128}, {64, 96, 32}, {33, 64, 0}, {7, 200, 0},
+	{9, 97, 0}, {3, 200, 160}, {1024, 2304, 0}, {2304, 1024, 128}};
+	const int	count = 3;
+
+	if (!m)
+		return;
+	for (int t = KL_Q_FP8; t <= KL_Q_INT4; t++)
+		for (int bf = 0; bf < 2; bf++)
+		{
+			long		bad_one = 0,
+						bad_ref = 0,
+						bad_gap = 0,
+						total = 0;
+			int			rc = 0;
+
+			for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]) && rc == 0; si++)
+			{
+				int			rows = shapes[si].rows,
+							cols = shapes[si].cols,
+							group = shapes[si].group ? shapes[si].group : cols;
+				size_t		mn = (size_t) rows * cols,
+							esz = bf ? 2 : 4;
+				kl_qmat		q[3];
+				uint8_t    *data;
+				float	   *scales,
+						   *ref;
+				char	   *many,
+						   *one;
+				size_t		rb,
+							ns;
+
+				if (t == KL_Q_INT4 && group != cols && group % 32 != 0)
+					continue;
+				if (rows >= 1024 && t != KL_Q_FP8)
+					continue;
+				for (int i = 0; i < count; i++)
+					make_qmat(&q[i], (kl_qtype) t, rows, cols, group);
+				rb = q[0].row_bytes;
+				ns = (size_t) rows * q[0].n_groups;
+				data = malloc(rb * rows * count);
+				scales = malloc(sizeof(float) * ns * count);
+				ref = malloc(sizeof(float) * mn * count);
+				one = malloc(esz * mn * count);
+				many = malloc(esz * (mn + 8) * count);
+				for (int i = 0; i < count; i++)
+				{
+					memcpy(data + rb * rows * i, q[i].data, rb * rows);
+					memcpy(scales + ns * i, q[i].scales, sizeof(float) * ns);
+					for (int r = 0; r < rows; r++)
+						kl_q_dequant_row(&q[i], r, ref + mn * i + (size_t) r * cols);
+				}
+				for (int gap = 8; gap >= 1 && rc == 0; gap -= 7)
+				{
+					size_t		stride = mn + gap;
+
+					memset(many, 0xa5, esz * stride * count);
+					rc = ((q_dequant_many_fn) fn) (q_wf((kl_qtype) t), group, rows, cols, count, data, scales, stride,
+												   bf, many, one);
+					for (int i = 0; rc == 0 && i < count; i++)
+					{
+						const char *mi = many + esz * stride * i;
+
+						bad_one += memcmp(mi, one + esz * mn * i, esz * mn) != 0;
+						for (size_t j = 0; j < mn; j++)
+						{
+							float		want = ref[mn * i + j];
+
+							if (bf)
+								bad_ref += ((const uint16_t *) mi)[j] != kl_f32_to_bf16(want);
+							else
+								bad_ref += memcmp(&((const float *) mi)[j], &want, sizeof(float)) != 0;
+						}
+						for (size_t j = esz * mn; j < esz * stride; j++)
+							bad_gap += (uint8_t) mi[j] != 0xa5;
+						total += (long) mn;
+					}
+				}
+				for (int i = 0; i < count; i++)
+				{
+					free((void *) q[i].data);
+					free((void *) q[i].scales);
+				}
+				free(data);
+				free(scales);
+				free(ref);
+				free(one);
+				free(many);
+			}
+			tap_ok(rc == 0 && bad_one == 0 && bad_ref == 0 && bad_gap == 0,
+				   "kk_q_dequant_many %s to %s: kk_q_dequant's output bit for bit (%ld matrices differ), quant.h's "
+				   "values (%ld of %ld elements differ), gaps untouched (%ld bytes written; CUDA %d)",
+				   kl_qtype_name((kl_qtype) t), bf ? "bf16" : "fp32", bad_one, bad_ref, total, bad_gap, rc);
 		}
 	dlclose(lib);
 	kl_model_free(m);
@@ -3416,6 +3537,89 @@ check_quantized_published(void)
 		tap_diag("could not remove %s", tmp);
 }
 
+/* a random model of big_config's shapes on the GPU (bf16 precision, quantized at load) */
+static kl_model *
+big_quantized_gpu(const char *quantize)
+{
+	char		path[] = "/tmp/kl_test_cuda_XXXXXX";
+	int			fd = mkstemp(path);
+	kl_load_opts o = {0};
+	kl_model   *m;
+	kl_err		err;
+
+	if (fd < 0 || write(fd, big_config, strlen(big_config)) != (ssize_t) strlen(big_config))
+		die("temporary config", &err);
+	close(fd);
+	o.device = "cuda";
+	o.precision = "bf16";
+	o.quantize = quantize;
+	if (kl_model_create_random(path, &o, "bf16", 7, &m, &err) != KL_OK)
+		die("random quantized model", &err);
+	unlink(path);
+	return m;
+}
+
+/*
+ * A prefill of quantized experts in bf16 precision: the grouped products
+ * (the used experts converted to bf16 by kk_q_dequant_many, one launch a
+ * round, then one grouped GEMM a round) against the per-expert loop
+ * (KL_CUDA_Q_GROUPED=0), on the same weights (the CPU's, copied), a
+ * 600-token prompt in one call; the grouped path with its default arena (one
+ * round) and with a 320 KB one (KL_CUDA_Q_ARENA_KB: 2 experts a round for
+ * gate and up, 5 for down, the last round short).
+ * The loop runs with KL_CUDA_Q_MMA=0, so that every expert with more than 8
+ * rows (all of them, at 150 rows an expert on average) goes through
+ * kk_q_dequant's bf16 panels and cuBLAS, as the grouped path does: the same
+ * bf16 operands both ways (check_q_dequant_many: the same weights bit for
+ * bit), only cuBLAS's kernels (grouped or one product, hence fp32 sum
+ * orders) may differ.  So the bound is the one of check_big_shapes' bf16
+ * grouped-vs-loop check, 1e-3 (that check found them identical): sum orders
+ * alone stay near 1e-6, and only a wrong weight, row or round would exceed
+ * it (or a near-tied expert choice flipping, which equal operands make
+ * unlikely).
+ */
+static void
+check_big_quantized_grouped(kl_model *cpu, kl_model *gpu, const char *quantize)
+{
+	int			V = cpu->cfg.vocab_size,
+				T = 600;
+	int32_t    *ids = malloc(sizeof(int32_t) * (size_t) T);
+	kl_model   *loop,
+			   *small;
+	float	   *lg,
+			   *ll,
+			   *ls;
+	double		e,
+				es;
+
+	for (int i = 0; i < T; i++)
+		ids[i] = (int32_t) ((i * 7919 + 13) % V);
+	setenv("KL_CUDA_Q_GROUPED", "0", 1);	/* read when the backend is made */
+	setenv("KL_CUDA_Q_MMA", "0", 1);
+	loop = big_quantized_gpu(quantize);
+	unsetenv("KL_CUDA_Q_GROUPED");
+	unsetenv("KL_CUDA_Q_MMA");
+	setenv("KL_CUDA_Q_ARENA_KB", "320", 1);
+	small = big_quantized_gpu(quantize);
+	unsetenv("KL_CUDA_Q_ARENA_KB");
+	copy_weights(cpu, loop);
+	copy_weights(cpu, small);
+	lg = logits_of(gpu, ids, T, 0, false, NULL);
+	ll = logits_of(loop, ids, T, 0, false, NULL);
+	ls = logits_of(small, ids, T, 0, false, NULL);
+	e = rel_err(lg, ll, (size_t) T * V);
+	es = rel_err(ls, ll, (size_t) T * V);
+	tap_ok(e <= 1e-3 && es <= 1e-3, "K=128/R=512 shapes, %s weights, bf16: a %d-token prefill through the grouped "
+		   "expert products equals the per-expert loop (rel err %.2e; with rounds of a 320 KB arena %.2e; "
+		   "bounded by 1e-3, see the comment)", quantize, T, e, es);
+	free(lg);
+	free(ll);
+	free(ls);
+	free(ids);
+	kl_model_free(loop);
+	kl_model_free(small);
+}
+
 /*
  * The K=128/R=512 shapes (big_config) quantized: the CPU's random model
  * quantized at load, its quantized matrices copied into the GPU's (made on
@@ -3464,6 +3668,8 @@ check_big_quantized(const char *quantize, const char *prec)
 	snprintf(what, sizeof(what), "K=128/R=512 shapes, %s weights, %s", quantize, prec);
 	compare_prompt(what, cpu, gpu, ids, T, q_tol(gpu, strcmp(prec, "fp32") == 0));
 	free(ids);
+	if (strcmp(prec, "bf16") == 0)
+		check_big_quantized_grouped(cpu, gpu, quantize);
 	kl_model_free(cpu);
 	kl_model_free(gpu);
 }
@@ -4135,6 +4341,7 @@ main(void)
 	check_prefetch_neutral("fp32");
 	check_prefetch_neutral("bf16");
 	check_q_dequant();
+	check_q_dequant_many();
 	check_q_fill();
 	for (int mi = 0; mi < 2; mi++)
 		for (int qi = 0; qi < 3; qi++)
