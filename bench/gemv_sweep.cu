@@ -20,7 +20,10 @@
  * quantized-weight kernels of kernels/gemv_q.cu (FP8, int8, int4: kk_gemv_q
  * and kk_expert_gemv_q) at batch 1 and 4 on the 48B shapes, each against
  * a plain read of the same bytes (the quantized objects: data and scales),
- * the plain products checked against a one-thread-an-output kernel.
+ * the plain products checked against a one-thread-an-output kernel; the
+ * 48B step's batches (KDA q/k/v with its small bf16 jobs, MLA q + kv_a) as
+ * one kk_gemv_multi_q each; every case also as the kernels' first version
+ * ("old": kk_gemv_q_old, the before of a before / after).
  * A third table: the products of FP8 / int4 weights on the tensor cores (kernels/mma_q.cu; see
  * quant_sweep), alone with `gemv-sweep mma_q`.
  */
@@ -284,23 +287,48 @@ q_sweep_naive(float *y, const float *x, const uint8_t *W, int fmt, int group, in
 	}
 }
 
+/* one job of a step's batch (kind 3): rows x cols, in the table's format or bf16 */
+typedef struct
+{
+	int			rows,
+				cols,
+				bf16;
+}			qjob_t;
+
 typedef struct
 {
 	const char *name;
-	int			kind,			/* 0 plain, 1 experts SwiGLU (gate + up), 2 experts one matrix */
+	int			kind,			/* 0 plain, 1 experts SwiGLU (gate + up), 2 experts one matrix, 3 a batch */
 				experts,
 				rows,
 				cols;
+	int			njobs;			/* kind 3: the jobs of one kk_gemv_multi_q, as the 48B step has them */
+	qjob_t		jobs[6];
 }			qshape_t;
 
 static const qshape_t qshapes[] = {
 	{"q/k/v 3x4096x2304", 0, 1, 12288, 2304},
 	{"down 2304x1024", 0, 1, 2304, 1024},
+	{"o_proj 2304x4096", 0, 1, 2304, 4096},
 	{"lm_head 163840x2304", 0, 1, 163840, 2304},
+	{"step KDA q/k/v 3x4096x2304 + bf16 f_a, g_a 128x2304, b_proj 32x2304", 3, 1, 0, 0, 6,
+	 {{4096, 2304, 0}, {4096, 2304, 0}, {4096, 2304, 0}, {128, 2304, 1}, {128, 2304, 1}, {32, 2304, 1}}},
+	{"step MLA q 6144x2304 + kv_a 576x2304", 3, 1, 0, 0, 2, {{6144, 2304, 0}, {576, 2304, 0}}},
 	{"experts gate/up SwiGLU 1x1024x2304", 1, 1, 1024, 2304},
-	{"experts gate/up SwiGLU 8x1024x2304", 1, 8, 1024, 2304},
-	{"experts down 8x2304x1024", 2, 8, 2304, 1024},
+	{"experts gate/up SwiGLU 9x1024x2304", 1, 9, 1024, 2304},
+	{"experts down 9x2304x1024", 2, 9, 2304, 1024},
 };
+
+/* bytes of job k's object of a batch shape (256-byte aligned, as the pool places them) */
+static size_t
+q_job_bytes(const qshape_t *sh, int k, int fmt, int group)
+{
+	const qjob_t *jb = &sh->jobs[k];
+	size_t		b = jb->bf16 ? (size_t) jb->rows * jb->cols * 2 : kk_q_bytes(jb->rows, fmt, jb->cols,
+																			   group ? group : jb->cols);
+
+	return (b + 255) & ~(size_t) 255;
+}
 
 typedef struct
 {
@@ -339,6 +367,34 @@ q_launch(cudaStream_t s, const qcase_t *c, int copy)
 
 	if (c->stream)
 		kk_launch(stream_read, dim3(132 * 8), dim3(256), 0, s, (const uint4 *) W, c->mats * c->slot / 16, g_sink);
+	else if (c->sh->kind == 3)
+	{
+		kk_gemv_batch b;
+		size_t		off = 0,
+					yo = 0;
+
+		memset(&b, 0, sizeof(b));
+		b.count = c->sh->njobs;
+		b.n = c->n;
+		for (int k = 0; k < c->sh->njobs; k++)
+		{
+			const qjob_t *j = &c->sh->jobs[k];
+
+			b.job[k].W = W + off;
+			b.job[k].x = c->x;
+			b.job[k].ldx = j->cols;
+			b.job[k].y = c->y + yo;
+			b.job[k].ldy = j->rows;
+			b.job[k].rows = j->rows;
+			b.job[k].cols = j->cols;
+			b.job[k].fmt = j->bf16 ? KK_WF_BF16 : c->fmt;
+			b.job[k].bf16 = j->bf16;
+			b.job[k].group = j->bf16 ? 0 : c->group;
+			off += q_job_bytes(c->sh, k, c->fmt, c->group);
+			yo += (size_t) c->n * j->rows;
+		}
+		kk_gemv_multi_q(s, &b);
+	}
 	else if (c->sh->kind == 0)
 		kk_gemv_q(s, c->y, c->sh->rows, c->x, c->sh->cols, c->n, W, c->fmt, c->group, c->sh->rows, c->sh->cols);
 	else
@@ -414,8 +470,8 @@ q_table(cudaStream_t s, uint8_t *buf, size_t bytes, float *x, float *y, float *y
 				qcase_t		c;
 				int			group = qfmts[fi].group ? qfmts[fi].group : sh->cols;
 				int			copies;
-				int			start_h[9],
-							act_h[9];
+				int			start_h[17],
+							act_h[17];
 				double		us,
 							stream_us,
 							mb,
@@ -432,6 +488,15 @@ q_table(cudaStream_t s, uint8_t *buf, size_t bytes, float *x, float *y, float *y
 				c.n = n;
 				c.mats = sh->experts * (sh->kind == 1 ? 2 : 1);
 				c.slot = (kk_q_bytes(sh->rows, c.fmt, sh->cols, group) + 255) & ~(size_t) 255;
+				if (sh->kind == 3)
+				{
+					/* a batch's jobs one after another; groups: the format's, else each job's cols (0) */
+					group = qfmts[fi].group;
+					c.group = group;
+					c.slot = 0;
+					for (int k = 0; k < sh->njobs; k++)
+						c.slot += q_job_bytes(sh, k, c.fmt, group);
+				}
 				c.base = buf;
 				c.x = x;
 				c.y = y;
@@ -439,9 +504,26 @@ q_table(cudaStream_t s, uint8_t *buf, size_t bytes, float *x, float *y, float *y
 				copies = copies < reps ? copies : reps;
 				if (copies < 1)
 					continue;
-				for (int k = 0; k < copies * c.mats; k++)
+				for (int k = 0; k < copies * c.mats && sh->kind != 3; k++)
 					q_sweep_fill<<<264, 256, 0, s>>>(buf + (size_t) k * c.slot, c.fmt, group, sh->rows, sh->cols,
 													 1234u + k);
+				for (int k = 0; k < copies && sh->kind == 3; k++)
+				{
+					size_t		off = (size_t) k * c.slot;
+
+					for (int j = 0; j < sh->njobs; j++)
+					{
+						const qjob_t *jb = &sh->jobs[j];
+
+						/* bf16 jobs: zeros (their values do not change the time) */
+						if (jb->bf16)
+							CK(cudaMemsetAsync(buf + off, 0, (size_t) jb->rows * jb->cols * 2, s));
+						else
+							q_sweep_fill<<<264, 256, 0, s>>>(buf + off, c.fmt, group ? group : jb->cols, jb->rows,
+															 jb->cols, 1234u + k * 8 + j);
+						off += q_job_bytes(sh, j, c.fmt, group);
+					}
+				}
 				/* expert tables: copy k's gate (or only) matrices, then its up matrices; expert e: n pairs */
 				for (int k = 0; k < copies && sh->kind; k++)
 					for (int e = 0; e < sh->experts; e++)
@@ -487,11 +569,18 @@ q_table(cudaStream_t s, uint8_t *buf, size_t bytes, float *x, float *y, float *y
 				us = q_time(s, &c, copies, reps, tries);
 				c.stream = true;
 				stream_us = q_time(s, &c, copies, reps, tries);
-				mb = (double) c.mats * kk_q_bytes(sh->rows, c.fmt, sh->cols, group) / 1e6;
+				mb = sh->kind == 3 ? (double) c.slot / 1e6
+					: (double) c.mats * kk_q_bytes(sh->rows, c.fmt, sh->cols, group) / 1e6;
 				printf("| %s | %s | %d | %.1f | %.2f | %.0f | %.0f%% | %.1e |\n", sh->name, qfmts[fi].name, n, mb, us,
 					   mb * 1e6 / (us * 1e-6) / 1e9, 100.0 * stream_us / us, diff);
-				/* the other block shapes (kk_gemv_q_force_shape: 32, 64, 128 threads), for tuning */
+				/* before: the first version's shapes and FP8 decoding (kk_gemv_q_old) */
 				c.stream = false;
+				kk_gemv_q_old(1);
+				us = q_time(s, &c, copies, reps, tries);
+				kk_gemv_q_old(0);
+				printf("| %s | %s, old (first version) | %d | %.1f | %.2f | %.0f | %.0f%% | |\n", sh->name,
+					   qfmts[fi].name, n, mb, us, mb * 1e6 / (us * 1e-6) / 1e9, 100.0 * stream_us / us);
+				/* the other block shapes (kk_gemv_q_force_shape: 32, 64, 128 threads), for tuning */
 				for (int f = 0; f < 3; f++)
 				{
 					kk_gemv_q_force_shape(f);

@@ -2066,10 +2066,12 @@ tq_name(int fmt)
 /*
  * kk_gemv_q and kk_gemv_multi_q (gemv_q.cu) against a double-precision
  * product of quant.h's weights (kl_q_dequant_row: fl(q * scale)) on random
- * quantized matrices, rel err <= 1e-5 (the kernels sum each piece unscaled,
- * then scale it: fp32 rounding apart).  Formats FP8 / int8 / int4, one scale
- * a row and groups of 32 / 128 (16 for FP8 and int8 too), hand-made FP8
- * bytes with subnormals; 1..8 rows, and 9 and 17 for kk_gemv_q's passes; the
+ * quantized matrices, rel err <= 1e-5 (the kernels sum each piece, or a
+ * whole row of one scale, unscaled, then scale it: fp32 rounding apart).
+ * Formats FP8 / int8 / int4, one scale a row and groups of 32 / 128 (16 for
+ * FP8 and int8 too), hand-made FP8 bytes with subnormals, also with
+ * activations of 1e-15 and 1e15 (the FP8 decoding's 2^-120 and the
+ * activations' 2^64 must leave no product subnormal); 1..8 rows, and 9 and 17 for kk_gemv_q's passes; the
  * 48B shapes (q/k/v 4096 x 2304, o 2304 x 4096, experts' 1024 x 2304 and
  * 2304 x 1024, lm_head 163840 x 2304 in FP8) and odd ones (cols 96, 64,
  * 200: not whole int4 pieces, rows of no particular multiple, unaligned
@@ -2090,19 +2092,23 @@ check_gemv_q(void)
 					maxn;
 		bool		handmade;
 		const char *what;
+		float		xscale;			/* the activations' magnitude (0: 1) */
 	}			cases[] = {
-		{3, 0, {2, 2, 2}, {0, 0, 0}, {4096, 4096, 4096}, {2304, 2304, 2304}, 17, false, "48B q/k/v"},
-		{1, 0, {2}, {128}, {2304}, {4096}, 8, false, "48B o_proj, groups of 128"},
-		{2, 0, {2, 2}, {32, 16}, {1024, 2304}, {2304, 1024}, 8, false, "48B expert gate and down, groups 32 / 16"},
-		{1, 0, {2}, {0}, {163840}, {2304}, 4, false, "48B lm_head"},
-		{2, 0, {2, 2}, {0, 16}, {333, 77}, {2304, 1024}, 9, true, "hand-made FP8 bytes with subnormals"},
-		{3, 0, {4, 4, 4}, {0, 32, 128}, {4096, 1024, 2304}, {2304, 2304, 1024}, 17, false, "int4 48B shapes"},
-		{3, 0, {3, 3, 3}, {0, 16, 128}, {4096, 1024, 2304}, {2304, 2304, 1024}, 9, false, "int8 48B shapes"},
-		{3, 0, {2, 3, 4}, {0, 32, 0}, {37, 50, 19}, {96, 64, 200}, 9, false, "odd shapes fp8 96, int8 64, int4 200"},
-		{3, 3, {2, 3, 4}, {0, 0, 32}, {41, 7, 130}, {2304, 96, 64}, 8, false, "unaligned activation rows"},
-		{3, 0, {4, 2, 2}, {0, 0, 16}, {5, 300, 61}, {200, 200, 208}, 8, false, "cols 200 / 208 fp8, int4 200"},
+		{3, 0, {2, 2, 2}, {0, 0, 0}, {4096, 4096, 4096}, {2304, 2304, 2304}, 17, false, "48B q/k/v", 0},
+		{1, 0, {2}, {128}, {2304}, {4096}, 8, false, "48B o_proj, groups of 128", 0},
+		{2, 0, {2, 2}, {32, 16}, {1024, 2304}, {2304, 1024}, 8, false, "48B expert gate and down, groups 32 / 16", 0},
+		{1, 0, {2}, {0}, {163840}, {2304}, 4, false, "48B lm_head", 0},
+		{2, 0, {2, 2}, {0, 16}, {333, 77}, {2304, 1024}, 9, true, "hand-made FP8 bytes with subnormals", 0},
+		{3, 0, {4, 4, 4}, {0, 32, 128}, {4096, 1024, 2304}, {2304, 2304, 1024}, 17, false, "int4 48B shapes", 0},
+		{3, 0, {3, 3, 3}, {0, 16, 128}, {4096, 1024, 2304}, {2304, 2304, 1024}, 9, false, "int8 48B shapes", 0},
+		{3, 0, {2, 3, 4}, {0, 32, 0}, {37, 50, 19}, {96, 64, 200}, 9, false, "odd shapes fp8 96, int8 64, int4 200", 0},
+		{3, 3, {2, 3, 4}, {0, 0, 32}, {41, 7, 130}, {2304, 96, 64}, 8, false, "unaligned activation rows", 0},
+		{3, 0, {4, 2, 2}, {0, 0, 16}, {5, 300, 61}, {200, 200, 208}, 8, false, "cols 200 / 208 fp8, int4 200", 0},
 		{4, 0, {2, 4, 1, 0}, {0, 32, 0, 0}, {2304, 1024, 512, 300}, {2304, 2304, 2304, 2304}, 8, false,
-		"FP8, int4, bf16 and fp32 jobs together"},
+		"FP8, int4, bf16 and fp32 jobs together", 0},
+		/* FP8 products carry 2^-120 x 2^64 (gemv_q.cu): far from 1, no product may go subnormal or overflow */
+		{2, 0, {2, 2}, {0, 16}, {300, 77}, {2304, 1024}, 4, true, "hand-made FP8, activations ~1e-15", 1e-15f},
+		{2, 0, {2, 2}, {0, 16}, {300, 77}, {2304, 1024}, 4, true, "hand-made FP8, activations ~1e15", 1e15f},
 	};
 	kl_model   *m;
 	void	   *lib = NULL;
@@ -2140,7 +2146,7 @@ check_gemv_q(void)
 		y = malloc(sizeof(float) * ytot);
 		ref = malloc(sizeof(float) * ytot);
 		for (size_t i = 0; i < xtot; i++)
-			x[i] = tq_normal(1.0f);
+			x[i] = tq_normal(cases[ci].xscale > 0 ? cases[ci].xscale : 1.0f);
 		for (int multi = 0; multi < 2; multi++)
 		{
 			double		worst = 0;
