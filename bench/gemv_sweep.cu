@@ -622,9 +622,11 @@ static const variant_t variants[] = {
 /* ------------------------------------------ quantized weights on tensor cores */
 
 /*
- * kernels/mma_q.cu's products of FP8 / int4 weights (kk_gemv_mma_q,
- * kk_expert_mma_q) against a plain read of the same bytes: dense 4096 x 2304
- * (a KDA projection) and 163840 x 2304 (lm_head) at 8 and 32 rows; the 48B
+ * kernels/mma_q.cu's products of FP8 / int4 weights (kk_gemv_multi_mma_q,
+ * kk_expert_mma_q) against a plain read of the same bytes: the 48B model's
+ * dense products (KDA q/k/v as one batch of 3 x 4096 x 2304, o_proj 2304 x
+ * 4096, MLA q 6144 x 2304 and kv_a 576 x 2304, lm_head 163840 x 2304) at 8
+ * and 32 rows, the slab and the k-split kernels side by side; the 48B
  * model's expert gate/up (SwiGLU, 2 x 1024 x 2304) and down (2304 x 1024)
  * for a decode step of 8 and 32 tokens (top 8 of 256 experts drawn at
  * random, and the shared expert over every token), the bytes of the experts
@@ -744,38 +746,76 @@ quant_sweep(void)
 	{
 		int			fmt = forms[fi].fmt;
 
-		/* dense: a different copy each launch (never from L2) where copies fit */
-		static const int dr[] = {4096, 163840};
-
-		for (int di = 0; di < 2; di++)
+		/* dense: the 48B shapes (q/k/v as one batch), a different copy each launch (never from L2) where
+		 * copies fit; the slab kernel (kk_set_mma_q_split(0)) for 2 and 1 blocks an SM (mq_sm_blocks), the
+		 * k-split kernel (the default), and for lm_head the k-split kernel with partial sums capped at 4M
+		 * floats (mq_part_cap: all of k staged, one block an SM, instead of 2 splits) */
+		static const struct
 		{
-			int			rows = dr[di],
-						group = forms[fi].group ? forms[fi].group : D;
-			size_t		obj = (kk_q_bytes(rows, fmt, D, group) + 255) & ~(size_t) 255;
-			int			copies = (int) (wbytes / obj < 20 ? wbytes / obj : 20);
+			int			count,
+						rows,
+						cols;
+			const char *name;
+		}			dense[] = {
+			{3, 4096, 2304, "KDA q/k/v 3 x 4096 x 2304"}, {1, 2304, 4096, "o_proj 2304 x 4096"},
+			{1, 6144, 2304, "MLA q 6144 x 2304"}, {1, 576, 2304, "MLA kv_a 576 x 2304"},
+			{1, 163840, 2304, "lm_head 163840 x 2304"},
+		};
+
+		for (size_t di = 0; di < sizeof(dense) / sizeof(dense[0]); di++)
+		{
+			int			rows = dense[di].rows,
+						cols = dense[di].cols,
+						count = dense[di].count,
+						group = forms[fi].group ? forms[fi].group : cols;
+			size_t		obj = (kk_q_bytes(rows, fmt, cols, group) + 255) & ~(size_t) 255,
+						set = obj * count;
+			int			copies = (int) (wbytes / set < 20 ? wbytes / set : 20);
 			double		stream_us;
 
-			for (int c = 0; c < copies; c++)
-				q_make(s, W + c * obj, fmt, group, rows, D, 11 + c);
+			for (int c = 0; c < copies * count; c++)
+				q_make(s, W + c * obj, fmt, group, rows, cols, 11 + c);
 			stream_us = q_time(s, [&](int r) {
-				kk_launch(stream_read, dim3(132 * 8), dim3(256), 0, s, (const uint4 *) (W + (r % copies) * obj),
-						  obj / 16, sink);
+				kk_launch(stream_read, dim3(132 * 8), dim3(256), 0, s, (const uint4 *) (W + (r % copies) * set),
+						  set / 16, sink);
 			});
-			/* the launcher's slab height for 2 (its default) and 1 blocks an SM (mq_sm_blocks) */
-			for (int smb = 2; smb >= 1; smb--)
+			for (int v = 0; v < (rows > 100000 ? 4 : 3); v++)
 				for (int n = 8; n <= 32; n += 24)
 				{
+					static const char *const vname[] = {"slab kernel, 2 blocks/SM", "slab kernel, 1 block/SM",
+						"k-split kernel", "k-split kernel, partials <= 4M floats"};
 					double		us;
-					char		name[64];
+					char		name[128];
 
-					mq_sm_blocks = smb;
+					kk_set_mma_q_split(v >= 2);
+					mq_sm_blocks = v == 1 ? 1 : 2;
+					mq_part_cap = v == 3 ? (size_t) 4 << 20 : MQ_PART_FLOATS;
 					us = q_time(s, [&](int r) {
-						kk_gemv_mma_q(s, y, rows, x, D, n, W + (r % copies) * obj, fmt, group, rows, D);
+						kk_gemv_batch b;
+
+						memset(&b, 0, sizeof(b));
+						b.n = n;
+						b.count = count;
+						for (int j = 0; j < count; j++)
+						{
+							b.job[j].y = y + (size_t) j * n * rows;
+							b.job[j].x = x;
+							b.job[j].W = W + (r % copies) * set + j * obj;
+							b.job[j].ldy = rows;
+							b.job[j].ldx = cols;
+							b.job[j].rows = rows;
+							b.job[j].cols = cols;
+							b.job[j].fmt = fmt;
+							b.job[j].group = group;
+						}
+						kk_gemv_multi_mma_q(s, &b);
 					});
-					snprintf(name, sizeof(name), "dense %d x 2304, slabs for %d blocks/SM", rows, smb);
-					q_row(name, forms[fi].name, n, (double) obj, us, stream_us);
+					snprintf(name, sizeof(name), "%s, %s", dense[di].name, vname[v]);
+					q_row(name, forms[fi].name, n, (double) set, us, stream_us);
 				}
+			kk_set_mma_q_split(1);
 			mq_sm_blocks = 2;
+			mq_part_cap = MQ_PART_FLOATS;
 		}
 
 		/* experts: 257 x (gate, up, down), a decode step's routing */

@@ -233,6 +233,17 @@ void		kk_gemv_multi_mma_q(cudaStream_t s, kk_gemv_batch *b);
 void		kk_expert_mma_q(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
 							const void *const *W0, const void *const *W1, int fmt, int group, int rows, int cols,
 							const int *start, const int *active, int max_active, int P);
+/*
+ * kk_set_mma_q_split: whether kk_gemv_mma_q / kk_gemv_multi_mma_q take the
+ * k-split kernel (row ranges of many tiles, k split across blocks, the
+ * partial sums added in split order by the range's last block) where its
+ * plan fits (1, the default), or always the slab kernel (0); returns the
+ * setting it replaces (tests and benchmarks run both).  The k-split kernel
+ * keeps its partial sums and counters in one static device area: launches
+ * of these two functions on different streams must not run at the same
+ * time (one decode stream does not).
+ */
+int			kk_set_mma_q_split(int on);
 
 /*
  * quant.cu: whole-matrix conversions (prefill: the products of many rows go

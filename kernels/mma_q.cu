@@ -48,7 +48,10 @@
  * applied once at the end.  Each weight fragment feeds ceil(n / 8)
  * mma n-blocks (NB), so the weights stream once for all rows.
  *
- * Blocks: dense products take 8 warps as T tiles of 16 rows x S = 8 / T
+ * Blocks: dense products take the k-split kernel where its plan fits (see
+ * "dense products, k-split row ranges": a block stages an n x k-range
+ * slice once for many tiles, partial sums added in a fixed order), else
+ * the slab kernel: 8 warps as T tiles of 16 rows x S = 8 / T
  * ranges of k (as gemv_slab_kernel: T the largest of 8, 4, 2, 1 that keeps
  * two blocks an SM), the S partial tiles added in k order.  Where the
  * staged rows of all of k would not fit (many rows x wide matrices), the
@@ -61,7 +64,9 @@
  *
  * Accuracy: the weights' values are exact in bf16, the products exact in
  * fp32; against quant.h's reference (fl(q * scale) weights) the results
- * differ by fp32 rounding of the sums and of the scale multiplications.
+ * differ by fp32 rounding of the sums and of the scale multiplications
+ * (the k-split kernel scales each split's partial sums by the row's scale
+ * before adding them: one more rounding a split).
  */
 #include <string.h>
 
@@ -472,6 +477,200 @@ gemv_mma_q_kernel(kk_gemv_batch b, int T, int seg)
 	}
 }
 
+/* ------------------------------------------------------------------ dense products, k-split row ranges */
+
+/*
+ * The slab kernel above stages all n rows of the activations (fp32 from L2)
+ * for 16 T rows of weights: at n = 32 and T = 1 that is 8 times the tile's
+ * FP8 bytes, and the 4096-row matrices get 15 % of the copy rate.  This
+ * kernel amortizes the staging over many rows and splits k instead:
+ *
+ * Block: tiles [tb0, tb0 + tpb) of job j (a row range) and k split p of P
+ * (chunks [p nchunk / P, (p + 1) nchunk / P)); the splits of one range are
+ * adjacent blocks, so they run together and their partial sums meet in L2.
+ * The block stages its n x klen slice once (bf16, as mq_stage) and its 8
+ * warps take the range's tiles in turn (warp w: tiles tb0 + w, + 8, ...),
+ * each tile over the whole split: one warp's weights are one stream of
+ * (tile, chunk) sets, the next tile's first sets requested while the
+ * current tile's last ones are multiplied, so a warp never waits at a tile
+ * boundary.  A tile's sums need no other warp (no barrier after staging).
+ *
+ * P = 1: the warp writes y.  P > 1: it writes its partial tile to the
+ * scratch mq_part [P, n, rows] (job's area), then the block counts itself
+ * done in mq_count[range]; the block that finds the other P - 1 done adds
+ * the P partials in split order (0, 1, ..., P - 1 whoever finishes last:
+ * the result does not depend on timing), writes y and sets the counter back
+ * to 0 for the next launch or graph replay.  No float atomics.
+ */
+#define MQ_PART_FLOATS (12 << 20)	/* 48 MB of partial sums (the launcher fits P to mq_part_cap) */
+#define MQ_COUNTERS 4096		/* row ranges with P > 1 in one launch */
+__device__ float mq_part[MQ_PART_FLOATS];
+__device__ unsigned mq_count[MQ_COUNTERS];
+
+/* per-launch plan of the k-split kernel (the launcher's) */
+typedef struct mq_split
+{
+	int			P,				/* k splits */
+				tpb,			/* tiles (16 rows) a block: a row range */
+				part_off[KK_GEMV_JOBS],	/* job's mq_part area (floats) */
+				cnt_off[KK_GEMV_JOBS];	/* job's first counter */
+} mq_split;
+
+template <int FMT, int LW, int NB, bool GROUPED>
+__global__ void __launch_bounds__(MQ_WARPS * 32, NB >= 8 ? 1 : 2)
+gemv_mma_qk_kernel(kk_gemv_batch b, mq_split sp)
+{
+	using St = mq_stream<FMT, LW, NB, GROUPED>;
+	constexpr int U = St::U;
+	extern __shared__ uint4 mq_smem[];
+	__shared__ int mq_last;
+	uint16_t   *xs = (uint16_t *) mq_smem;
+	int			j = kk_batch_job(b);
+	const kk_gemv_job *jb = &b.job[j];
+	int			rows = jb->rows,
+				cols = jb->cols,
+				n = b.n,
+				P = sp.P,
+				nchunk = cols / St::CK,
+				ngroups = (cols + jb->group - 1) / jb->group,
+				bi = (int) blockIdx.x - b.first_block[j],
+				p = bi % P,
+				range = bi / P,
+				c0 = p * nchunk / P,
+				c1 = (p + 1) * nchunk / P,
+				ld = mq_ld_for((c1 - c0) * St::CK),
+				tiles = (rows + 15) / 16,
+				tb0 = range * sp.tpb,
+				tb1 = min(tb0 + sp.tpb, tiles);
+	int			warp = threadIdx.x >> 5,
+				lane = threadIdx.x & 31,
+				g = lane >> 2,
+				t = lane & 3;
+	/* sets a tile (chunks c0 .. c1 in sets of U), tiles and sets of this warp */
+	int			spt = (c1 - c0 + U - 1) / U,
+				nt = tb0 + warp < tb1 ? (tb1 - tb0 - warp + MQ_WARPS - 1) / MQ_WARPS : 0,
+				nsets = nt * spt;
+	size_t		rbytes = mq_row_bytes(FMT, cols);
+	const uint8_t *W = (const uint8_t *) jb->W;
+	const float *sc = (const float *) (W + mq_scale_offset(rows, FMT, cols));
+	float		tot[NB][4];
+	St			st;
+
+	st.cpg = (GROUPED ? jb->group : cols) / St::CK;
+
+	/* point the stream at set q's tile and request its U chunks */
+	auto		load = [&](bool second, int q) {
+		if (q >= nsets)
+			return;
+		{
+			int			r0 = (tb0 + warp + q / spt * MQ_WARPS) * 16,
+						ra = min(r0 + g, rows - 1),
+						rb = min(r0 + g + 8, rows - 1),
+						c = c0 + q % spt * U;
+
+			st.rg = W + (size_t) ra * rbytes + t * LW;
+			st.rg8 = W + (size_t) rb * rbytes + t * LW;
+			st.sg = sc + (size_t) ra * ngroups;
+			st.sg8 = sc + (size_t) rb * ngroups;
+			if (second)
+				st.load(st.wb, st.sb, c, c1);
+			else
+				st.load(st.wa, st.sa, c, c1);
+		}
+	};
+
+	/* tile number tl of this warp is summed: to y (P = 1) or its split's partials */
+	auto		flush = [&](int tl) {
+		int			r0 = (tb0 + warp + tl * MQ_WARPS) * 16;
+		float		k = FMT == KK_WF_FP8 ? MQ_FP8_SCALE : 1.0f,
+					s_g = GROUPED ? 1.0f : __ldg(sc + (size_t) min(r0 + g, rows - 1) * ngroups),
+					s_g8 = GROUPED ? 1.0f : __ldg(sc + (size_t) min(r0 + g + 8, rows - 1) * ngroups);
+
+#pragma unroll
+		for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+			{
+				int			row = r0 + g + (i >= 2 ? 8 : 0),
+							tok = nb * 8 + 2 * t + (i & 1);
+				float		v = tot[nb][i] * (i >= 2 ? s_g8 : s_g) * k;
+
+				if (row < rows && tok < n)
+				{
+					if (P == 1)
+						jb->y[(size_t) tok * jb->ldy + row] = v;
+					else
+						mq_part[sp.part_off[j] + ((size_t) p * n + tok) * rows + row] = v;
+				}
+				tot[nb][i] = 0;
+			}
+	};
+
+#pragma unroll
+	for (int nb = 0; nb < NB; nb++)
+		tot[nb][0] = tot[nb][1] = tot[nb][2] = tot[nb][3] = 0;
+	/* the weights and scales do not depend on earlier kernels: request them before waiting */
+	load(false, 0);
+	load(true, 1);
+	kk_dep_wait();
+	kk_dep_launch();
+	mq_stage<FMT>(xs, ld, NB * 8, n, [&](int r) { return jb->x + (size_t) r * jb->ldx; }, jb->vec, c0 * St::CK,
+				  (c1 - c0) * St::CK);
+	__syncthreads();
+	{
+		const uint16_t *xl = xs + (size_t) g * ld + t * LW * St::WPB;
+
+		for (int q = 0; q < nsets; q += 2)
+		{
+			st.compute(tot, st.wa, st.sa, xl, ld, c0, c0 + q % spt * U, c1);
+			load(false, q + 2);
+			if (q % spt == spt - 1)
+				flush(q / spt);
+			if (q + 1 >= nsets)
+				break;
+			st.compute(tot, st.wb, st.sb, xl, ld, c0, c0 + (q + 1) % spt * U, c1);
+			load(true, q + 3);
+			if ((q + 1) % spt == spt - 1)
+				flush((q + 1) / spt);
+		}
+	}
+	if (P == 1)
+		return;
+
+	/* the last of the range's P blocks adds the partials in split order */
+	__threadfence();			/* this thread's partials before the count */
+	__syncthreads();
+	if (threadIdx.x == 0)
+	{
+		unsigned   *cnt = &mq_count[sp.cnt_off[j] + range];
+
+		mq_last = atomicAdd(cnt, 1u) == (unsigned) P - 1;
+		if (mq_last)
+			*cnt = 0;			/* every block of the range has counted: ready for the next launch */
+	}
+	__syncthreads();
+	if (!mq_last)
+		return;
+	__threadfence();			/* the other blocks' partials, seen after their counts */
+	{
+		int			r_lo = tb0 * 16,
+					r_hi = min(tb1 * 16, rows),
+					w = r_hi - r_lo;
+		const float *part = mq_part + sp.part_off[j];
+
+		for (int i = threadIdx.x; i < n * w; i += blockDim.x)
+		{
+			int			tok = i / w,
+						row = r_lo + i % w;
+			float		v = 0;
+
+			for (int q = 0; q < P; q++)
+				v += __ldcg(part + ((size_t) q * n + tok) * rows + row);
+			jb->y[(size_t) tok * jb->ldy + row] = v;
+		}
+	}
+}
+
 /* ------------------------------------------------------------------ host side */
 
 /* bytes a 16-byte-or-smaller lane load covers, given the format, group and
@@ -545,6 +744,177 @@ mq_blocks(kk_gemv_batch *b, int T)
 	return blocks;
 }
 
+/*
+ * Whether the dense launchers take the k-split kernel where its plan fits
+ * (1, the default) or always the slab kernel (0): kk_set_mma_q_split, for
+ * the tests (both paths) and bench/gemv_sweep.cu (both, side by side).
+ */
+static int	mq_split_on = 1;
+
+extern "C" int
+kk_set_mma_q_split(int on)
+{
+	int			old = mq_split_on;
+
+	mq_split_on = on != 0;
+	return old;
+}
+
+/*
+ * Partial sums a launch may use (floats, <= MQ_PART_FLOATS): 12M lets the
+ * lm_head at 32 rows split k in 2 (two blocks an SM, 42 MB of partials
+ * through L2); at 4M it stages all of k (one block an SM).  Which is faster
+ * is not measured yet: bench/gemv_sweep.cu times both.
+ */
+static size_t mq_part_cap = MQ_PART_FLOATS;
+
+#define MQ_SPLIT_SMEM (200 * 1024)	/* staged slice of one block at most (one block an SM) */
+#define MQ_SPLIT_SMEM2 (110 * 1024)	/* ... and for two blocks an SM */
+#define MQ_INFLIGHT (48 * 1024)		/* weight bytes an SM wants requested to stream at the copy rate (model) */
+
+/* blocks of job j's ranges for tpb tiles a range */
+static int
+mq_ranges(const kk_gemv_job *jb, int tpb)
+{
+	return ceil_div(ceil_div(jb->rows, 16), tpb);
+}
+
+/*
+ * The k-split kernel's plan for a batch (every job of one variant: chunk
+ * CK columns, NB n-blocks): P and tpb minimizing a model of the time,
+ *   (weight bytes + staged activation bytes + half the partial bytes
+ *    (written and read once in L2)) / in-flight efficiency,
+ * where the activations are read as fp32 once per block and the efficiency
+ * is the resident warps' requests (4 KB a warp) against MQ_INFLIGHT an SM.
+ * Candidates: P = 1 .. 16 (at most the chunks of the narrowest job; the
+ * slice within shared memory; P > 1: the partials within mq_part), tpb
+ * multiples of 8 (every warp a tile) from 8 up, doubling, and the smallest
+ * that makes one wave.  Fills sp, b->first_block, *smem; returns the
+ * blocks, 0 when no plan fits (then the slab kernel runs).
+ */
+static int
+mq_plan(kk_gemv_batch *b, int NB, int CK, mq_split *sp, size_t *smem)
+{
+	int			sms = mq_sms(),
+				minch = 1 << 30,
+				maxch = 0,
+				tiles = 0,
+				best_blocks = 0;
+	double		wbytes = 0,
+				best = 0;
+
+	for (int j = 0; j < b->count; j++)
+	{
+		int			ch = b->job[j].cols / CK;
+
+		minch = ch < minch ? ch : minch;
+		maxch = ch > maxch ? ch : maxch;
+		tiles += ceil_div(b->job[j].rows, 16);
+		wbytes += (double) b->job[j].rows * mq_row_bytes(b->job[j].fmt, b->job[j].cols);
+	}
+	for (int P = 1; P <= 16 && P <= minch; P++)
+	{
+		size_t		sm = (size_t) NB * 8 * mq_ld_for(ceil_div(maxch, P) * CK) * sizeof(uint16_t);
+		int			per_sm = NB < 8 && sm <= MQ_SPLIT_SMEM2 ? 2 : 1,
+					slots = per_sm * sms,
+					wave;
+		size_t		parts = 0;
+
+		if (sm > MQ_SPLIT_SMEM)
+			continue;
+		for (int j = 0; j < b->count && P > 1; j++)
+			parts += (size_t) P * b->n * b->job[j].rows;
+		if (parts > mq_part_cap)
+			continue;
+		/* the smallest tpb (multiple of 8) that makes one wave */
+		wave = ((int) ceil_div((size_t) tiles * P, slots) + 7) / 8 * 8;
+		for (;;)
+		{
+			int			blk = 0;
+
+			for (int j = 0; j < b->count; j++)
+				blk += mq_ranges(&b->job[j], wave) * P;
+			if (blk <= slots || wave >= tiles)
+				break;
+			wave += 8;
+		}
+		for (int tpb = 8;; tpb = tpb * 2 < wave && tpb < wave ? tpb * 2 : wave)
+		{
+			int			blk = 0,
+						ranges = 0;
+			double		stage = 0,
+						eff,
+						cost;
+
+			for (int j = 0; j < b->count; j++)
+			{
+				int			r = mq_ranges(&b->job[j], tpb);
+
+				blk += r * P;
+				ranges += r;
+				stage += (double) r * b->n * b->job[j].cols * sizeof(float);
+			}
+			eff = (double) (blk < slots ? blk : slots) * MQ_WARPS * 4096 / ((double) sms * MQ_INFLIGHT);
+			eff = eff > 1 ? 1 : eff;
+			/* blocks beyond one wave: the last wave's share of the slots idles */
+			if (blk > slots)
+				eff *= (double) blk / (ceil_div(blk, slots) * (double) slots);
+			cost = (wbytes + stage + (P > 1 ? 4.0 * parts : 0)) / eff;
+			if (ranges <= MQ_COUNTERS && (best_blocks == 0 || cost < best))
+			{
+				best = cost;
+				best_blocks = blk;
+				sp->P = P;
+				sp->tpb = tpb;
+				*smem = sm;
+			}
+			if (tpb >= wave)
+				break;
+		}
+	}
+	if (best_blocks == 0)
+		return 0;
+	{
+		int			blocks = 0,
+					off = 0,
+					cnt = 0;
+
+		for (int j = 0; j < b->count; j++)
+		{
+			int			r = mq_ranges(&b->job[j], sp->tpb);
+
+			b->first_block[j] = blocks;
+			blocks += r * sp->P;
+			sp->part_off[j] = off;
+			off += sp->P > 1 ? sp->P * b->n * b->job[j].rows : 0;
+			sp->cnt_off[j] = cnt;
+			cnt += r;
+		}
+		b->first_block[b->count] = blocks;
+		return blocks;
+	}
+}
+
+/* the k-split kernel for the batch; false when its plan does not fit (nothing launched) */
+template <int FMT, int LW, int NB, bool GROUPED>
+static bool
+mq_launch_split(cudaStream_t s, kk_gemv_batch *b)
+{
+	constexpr int CK = 4 * LW * (FMT == KK_WF_INT4 ? 2 : 1);
+	mq_split	sp;
+	size_t		smem = 0;
+	int			blocks;
+
+	memset(&sp, 0, sizeof(sp));
+	if ((blocks = mq_plan(b, NB, CK, &sp, &smem)) == 0)
+		return false;
+	if (smem > 48 * 1024)
+		cudaFuncSetAttribute(gemv_mma_qk_kernel<FMT, LW, NB, GROUPED>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+							 (int) smem);
+	kk_launch(gemv_mma_qk_kernel<FMT, LW, NB, GROUPED>, dim3(blocks), dim3(MQ_WARPS * 32), smem, s, *b, sp);
+	return true;
+}
+
 template <int FMT, int LW, int NB, bool GROUPED>
 static void
 mq_launch_dense(cudaStream_t s, kk_gemv_batch *b)
@@ -557,6 +927,8 @@ mq_launch_dense(cudaStream_t s, kk_gemv_batch *b)
 				sms = mq_sms();
 	size_t		smem;
 
+	if (mq_split_on && mq_launch_split<FMT, LW, NB, GROUPED>(s, b))
+		return;
 	for (int j = 0; j < b->count; j++)
 		maxchunks = b->job[j].cols / CK > maxchunks ? b->job[j].cols / CK : maxchunks;
 	/* the largest segment (in chunks) whose staged rows fit, at most all of k */

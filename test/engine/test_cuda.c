@@ -4002,12 +4002,20 @@ mq_gemv_case(gemv_mma_q_fn f, int count, mq_mat *const *mats, const int *fmt, co
  * and only subnormals (0x01-0x07, 0x81-0x87): the kernel feeds those to the
  * tensor cores as bf16 subnormals, so that check fails (rel err about 1)
  * if the hardware flushes subnormal inputs.
+ *
+ * Both dense kernels (kk_set_mma_q_split through kl_cuda_test_mma_q_split):
+ * the k-split kernel, the default (pw names it in the checks), with more
+ * rows for the big shapes (8 and 32: the decode batches it is planned for)
+ * and the MLA shapes (q 6144 x 2304, kv_a 576 x 2304); each hook call is
+ * one launch, so the n loop also shows that a launch leaves the counters
+ * of the partial sums ready for the next one.
  */
 static void
-check_gemv_mma_q(void)
+mq_gemv_checks(gemv_mma_q_fn f, const char *pw, int more)
 {
 	static const int ns_all[] = {1, 3, 8, 9, 32, 64},
-				ns_big[] = {1, 9, 64};
+				ns_big[] = {1, 9, 64},
+				ns_more[] = {1, 8, 9, 32, 64};
 	static const struct
 	{
 		int			fmt,
@@ -4033,16 +4041,13 @@ check_gemv_mma_q(void)
 		{2, 0, {1024, 2304}, {2304, 1024}, 1, "48B expert gate 1024 x 2304 + down 2304 x 1024"},
 		{3, 1, {200, 7, 50}, {96, 192, 64}, 0, "odd 200 x 96, 7 x 192, 50 x 64, unaligned rows"},
 		{2, 0, {1000, 129}, {128, 2304}, 0, "1000 x 128, 129 x 2304"},
+		{2, 4, {6144, 576}, {2304, 2304}, 1, "48B MLA q 6144 x 2304 + kv_a 576 x 2304"},
 	};
-	kl_model   *m;
-	void	   *lib = NULL;
-	gemv_mma_q_fn f = NULL;
+	const int  *ns_b = more ? ns_more : ns_big;
+	int			nn_b = more ? 5 : 3;
 
-	m = load_test_hook("kl_cuda_test_gemv_mma_q", &lib, (void **) &f);
-	if (!f)
-		return;
 	for (size_t fi = 0; fi < sizeof(forms) / sizeof(forms[0]); fi++)
-		for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+		for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]) - (more ? 0 : 1); si++)
 		{
 			mq_mat		mats[3],
 					   *mp[3];
@@ -4061,11 +4066,11 @@ check_gemv_mma_q(void)
 				mp[j] = &mats[j];
 				fmt[j] = forms[fi].fmt;
 			}
-			e = mq_gemv_case(f, shapes[si].count, mp, fmt, shapes[si].big ? ns_big : ns_all,
-							 shapes[si].big ? 3 : 6, shapes[si].xpad, 77 + fi + si, &rc);
-			tap_ok(rc == 0 && e <= 1e-5, "tensor-core GEMV of quantized weights, %s, %s, n = %s: rel err %.2e "
-				   "against the double reference (hook returned %d)", forms[fi].what, shapes[si].what,
-				   shapes[si].big ? "1, 9, 64" : "1, 3, 8, 9, 32, 64", e, rc);
+			e = mq_gemv_case(f, shapes[si].count, mp, fmt, shapes[si].big ? ns_b : ns_all,
+							 shapes[si].big ? nn_b : 6, shapes[si].xpad, 77 + fi + si, &rc);
+			tap_ok(rc == 0 && e <= 1e-5, "tensor-core GEMV of quantized weights (%s), %s, %s, n = %s: rel err "
+				   "%.2e against the double reference (hook returned %d)", pw, forms[fi].what, shapes[si].what,
+				   !shapes[si].big ? "1, 3, 8, 9, 32, 64" : more ? "1, 8, 9, 32, 64" : "1, 9, 64", e, rc);
 			for (int j = 0; j < shapes[si].count; j++)
 				free(mats[j].obj);
 		}
@@ -4079,8 +4084,8 @@ check_gemv_mma_q(void)
 
 		mq_random(&lm, MQ_FP8, 2304, 163840, 2304, 4242);
 		e = mq_gemv_case(f, 1, &mp, &fmt, &n9, 1, 0, 99, &rc);
-		tap_ok(rc == 0 && e <= 1e-5, "tensor-core GEMV of quantized weights, fp8 one scale a row, 48B lm_head "
-			   "163840 x 2304, 9 rows: rel err %.2e (hook returned %d)", e, rc);
+		tap_ok(rc == 0 && e <= 1e-5, "tensor-core GEMV of quantized weights (%s), fp8 one scale a row, 48B "
+			   "lm_head 163840 x 2304, 9 rows: rel err %.2e (hook returned %d)", pw, e, rc);
 		free(lm.obj);
 	}
 	for (int mode = 0; mode < 2; mode++)
@@ -4095,12 +4100,35 @@ check_gemv_mma_q(void)
 
 			mq_fp8_bytes(&hm, gi ? 128 : 2304, 300, 2304, mode, 555 + mode * 2 + gi);
 			e = mq_gemv_case(f, 1, &mp, &fmt, ns, 2, 0, 31 + mode, &rc);
-			tap_ok(rc == 0 && e <= 1e-5, "tensor-core GEMV of hand-made FP8 bytes (%s), %s, 300 x 2304, n = 8 and "
-				   "64: rel err %.2e (hook returned %d)%s", mode ? "only subnormals 0x01-0x07, 0x81-0x87" :
+			tap_ok(rc == 0 && e <= 1e-5, "tensor-core GEMV of hand-made FP8 bytes (%s), %s, %s, 300 x 2304, n = 8 "
+				   "and 64: rel err %.2e (hook returned %d)%s", pw, mode ? "only subnormals 0x01-0x07, 0x81-0x87" :
 				   "every non-NaN code: zeros, subnormals, 0x7e/0xfe", gi ? "group 128" : "one scale a row", e, rc,
 				   mode && e > 0.5 ? " - the tensor cores flush bf16 subnormal inputs" : "");
 			free(hm.obj);
 		}
+}
+
+/* mq_gemv_checks for the k-split kernel (the default) and the slab kernel */
+static void
+check_gemv_mma_q(void)
+{
+	kl_model   *m;
+	void	   *lib = NULL;
+	gemv_mma_q_fn f = NULL;
+	int			(*split) (int) = NULL;
+
+	m = load_test_hook("kl_cuda_test_gemv_mma_q", &lib, (void **) &f);
+	if (!f)
+		return;
+	split = (int (*) (int)) dlsym(lib, "kl_cuda_test_mma_q_split");
+	tap_ok(split != NULL, "the CUDA library exports kl_cuda_test_mma_q_split");
+	mq_gemv_checks(f, "k-split kernel where planned", 1);
+	if (split)
+	{
+		split(0);
+		mq_gemv_checks(f, "slab kernel", 0);
+		split(1);
+	}
 	dlclose(lib);
 	kl_model_free(m);
 }
