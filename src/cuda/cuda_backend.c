@@ -848,6 +848,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
 				   *qm = getenv("KL_CUDA_Q_MMA"),
 				   *qem = getenv("KL_CUDA_Q_EXPERT_MMA"),
+				   *qsp = getenv("KL_CUDA_Q_SPLIT"),
 				   *gs = getenv("KL_CUDA_GEMV_MMA_SLAB"),
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
 				   *ms = getenv("KL_CUDA_MLA_SMALL"),
@@ -863,6 +864,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
+		/* KL_CUDA_Q_SPLIT=0: dense tensor-core products of quantized weights in
+		 * the slab kernel only (else the k-split kernel where mma_q.cu plans one) */
+		kk_set_mma_q_split(!(qsp && strcmp(qsp, "0") == 0));
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :
 			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : 8;
