@@ -20,10 +20,7 @@
  * quantized-weight kernels of kernels/gemv_q.cu (FP8, int8, int4: kk_gemv_q
  * and kk_expert_gemv_q) at batch 1 and 4 on the 48B shapes, each against
  * a plain read of the same bytes (the quantized objects: data and scales),
- * the plain products checked against a one-thread-an-output kernel; the
- * 48B step's batches (KDA q/k/v with its small bf16 jobs, MLA q + kv_a) as
- * one kk_gemv_multi_q each; every case also as the kernels' first version
- * ("old": kk_gemv_q_old, the before of a before / after).
+ * the plain products checked against a one-thread-an-output kernel.
  * A third table: the products of FP8 / int4 weights on the tensor cores (kernels/mma_q.cu; see
  * quant_sweep), alone with `gemv-sweep mma_q`.
  */
@@ -287,48 +284,23 @@ q_sweep_naive(float *y, const float *x, const uint8_t *W, int fmt, int group, in
 	}
 }
 
-/* one job of a step's batch (kind 3): rows x cols, in the table's format or bf16 */
-typedef struct
-{
-	int			rows,
-				cols,
-				bf16;
-}			qjob_t;
-
 typedef struct
 {
 	const char *name;
-	int			kind,			/* 0 plain, 1 experts SwiGLU (gate + up), 2 experts one matrix, 3 a batch */
+	int			kind,			/* 0 plain, 1 experts SwiGLU (gate + up), 2 experts one matrix */
 				experts,
 				rows,
 				cols;
-	int			njobs;			/* kind 3: the jobs of one kk_gemv_multi_q, as the 48B step has them */
-	qjob_t		jobs[6];
 }			qshape_t;
 
 static const qshape_t qshapes[] = {
 	{"q/k/v 3x4096x2304", 0, 1, 12288, 2304},
 	{"down 2304x1024", 0, 1, 2304, 1024},
-	{"o_proj 2304x4096", 0, 1, 2304, 4096},
 	{"lm_head 163840x2304", 0, 1, 163840, 2304},
-	{"step KDA q/k/v 3x4096x2304 + bf16 f_a, g_a 128x2304, b_proj 32x2304", 3, 1, 0, 0, 6,
-	 {{4096, 2304, 0}, {4096, 2304, 0}, {4096, 2304, 0}, {128, 2304, 1}, {128, 2304, 1}, {32, 2304, 1}}},
-	{"step MLA q 6144x2304 + kv_a 576x2304", 3, 1, 0, 0, 2, {{6144, 2304, 0}, {576, 2304, 0}}},
 	{"experts gate/up SwiGLU 1x1024x2304", 1, 1, 1024, 2304},
-	{"experts gate/up SwiGLU 9x1024x2304", 1, 9, 1024, 2304},
-	{"experts down 9x2304x1024", 2, 9, 2304, 1024},
+	{"experts gate/up SwiGLU 8x1024x2304", 1, 8, 1024, 2304},
+	{"experts down 8x2304x1024", 2, 8, 2304, 1024},
 };
-
-/* bytes of job k's object of a batch shape (256-byte aligned, as the pool places them) */
-static size_t
-q_job_bytes(const qshape_t *sh, int k, int fmt, int group)
-{
-	const qjob_t *jb = &sh->jobs[k];
-	size_t		b = jb->bf16 ? (size_t) jb->rows * jb->cols * 2 : kk_q_bytes(jb->rows, fmt, jb->cols,
-																			   group ? group : jb->cols);
-
-	return (b + 255) & ~(size_t) 255;
-}
 
 typedef struct
 {
@@ -367,34 +339,6 @@ q_launch(cudaStream_t s, const qcase_t *c, int copy)
 
 	if (c->stream)
 		kk_launch(stream_read, dim3(132 * 8), dim3(256), 0, s, (const uint4 *) W, c->mats * c->slot / 16, g_sink);
-	else if (c->sh->kind == 3)
-	{
-		kk_gemv_batch b;
-		size_t		off = 0,
-					yo = 0;
-
-		memset(&b, 0, sizeof(b));
-		b.count = c->sh->njobs;
-		b.n = c->n;
-		for (int k = 0; k < c->sh->njobs; k++)
-		{
-			const qjob_t *j = &c->sh->jobs[k];
-
-			b.job[k].W = W + off;
-			b.job[k].x = c->x;
-			b.job[k].ldx = j->cols;
-			b.job[k].y = c->y + yo;
-			b.job[k].ldy = j->rows;
-			b.job[k].rows = j->rows;
-			b.job[k].cols = j->cols;
-			b.job[k].fmt = j->bf16 ? KK_WF_BF16 : c->fmt;
-			b.job[k].bf16 = j->bf16;
-			b.job[k].group = j->bf16 ? 0 : c->group;
-			off += q_job_bytes(c->sh, k, c->fmt, c->group);
-			yo += (size_t) c->n * j->rows;
-		}
-		kk_gemv_multi_q(s, &b);
-	}
 	else if (c->sh->kind == 0)
 		kk_gemv_q(s, c->y, c->sh->rows, c->x, c->sh->cols, c->n, W, c->fmt, c->group, c->sh->rows, c->sh->cols);
 	else
@@ -470,8 +414,8 @@ q_table(cudaStream_t s, uint8_t *buf, size_t bytes, float *x, float *y, float *y
 				qcase_t		c;
 				int			group = qfmts[fi].group ? qfmts[fi].group : sh->cols;
 				int			copies;
-				int			start_h[17],
-							act_h[17];
+				int			start_h[9],
+							act_h[9];
 				double		us,
 							stream_us,
 							mb,
@@ -488,15 +432,6 @@ q_table(cudaStream_t s, uint8_t *buf, size_t bytes, float *x, float *y, float *y
 				c.n = n;
 				c.mats = sh->experts * (sh->kind == 1 ? 2 : 1);
 				c.slot = (kk_q_bytes(sh->rows, c.fmt, sh->cols, group) + 255) & ~(size_t) 255;
-				if (sh->kind == 3)
-				{
-					/* a batch's jobs one after another; groups: the format's, else each job's cols (0) */
-					group = qfmts[fi].group;
-					c.group = group;
-					c.slot = 0;
-					for (int k = 0; k < sh->njobs; k++)
-						c.slot += q_job_bytes(sh, k, c.fmt, group);
-				}
 				c.base = buf;
 				c.x = x;
 				c.y = y;
@@ -504,26 +439,9 @@ q_table(cudaStream_t s, uint8_t *buf, size_t bytes, float *x, float *y, float *y
 				copies = copies < reps ? copies : reps;
 				if (copies < 1)
 					continue;
-				for (int k = 0; k < copies * c.mats && sh->kind != 3; k++)
+				for (int k = 0; k < copies * c.mats; k++)
 					q_sweep_fill<<<264, 256, 0, s>>>(buf + (size_t) k * c.slot, c.fmt, group, sh->rows, sh->cols,
 													 1234u + k);
-				for (int k = 0; k < copies && sh->kind == 3; k++)
-				{
-					size_t		off = (size_t) k * c.slot;
-
-					for (int j = 0; j < sh->njobs; j++)
-					{
-						const qjob_t *jb = &sh->jobs[j];
-
-						/* bf16 jobs: zeros (their values do not change the time) */
-						if (jb->bf16)
-							CK(cudaMemsetAsync(buf + off, 0, (size_t) jb->rows * jb->cols * 2, s));
-						else
-							q_sweep_fill<<<264, 256, 0, s>>>(buf + off, c.fmt, group ? group : jb->cols, jb->rows,
-															 jb->cols, 1234u + k * 8 + j);
-						off += q_job_bytes(sh, j, c.fmt, group);
-					}
-				}
 				/* expert tables: copy k's gate (or only) matrices, then its up matrices; expert e: n pairs */
 				for (int k = 0; k < copies && sh->kind; k++)
 					for (int e = 0; e < sh->experts; e++)
@@ -569,18 +487,11 @@ q_table(cudaStream_t s, uint8_t *buf, size_t bytes, float *x, float *y, float *y
 				us = q_time(s, &c, copies, reps, tries);
 				c.stream = true;
 				stream_us = q_time(s, &c, copies, reps, tries);
-				mb = sh->kind == 3 ? (double) c.slot / 1e6
-					: (double) c.mats * kk_q_bytes(sh->rows, c.fmt, sh->cols, group) / 1e6;
+				mb = (double) c.mats * kk_q_bytes(sh->rows, c.fmt, sh->cols, group) / 1e6;
 				printf("| %s | %s | %d | %.1f | %.2f | %.0f | %.0f%% | %.1e |\n", sh->name, qfmts[fi].name, n, mb, us,
 					   mb * 1e6 / (us * 1e-6) / 1e9, 100.0 * stream_us / us, diff);
-				/* before: the first version's shapes and FP8 decoding (kk_gemv_q_old) */
-				c.stream = false;
-				kk_gemv_q_old(1);
-				us = q_time(s, &c, copies, reps, tries);
-				kk_gemv_q_old(0);
-				printf("| %s | %s, old (first version) | %d | %.1f | %.2f | %.0f | %.0f%% | |\n", sh->name,
-					   qfmts[fi].name, n, mb, us, mb * 1e6 / (us * 1e-6) / 1e9, 100.0 * stream_us / us);
 				/* the other block shapes (kk_gemv_q_force_shape: 32, 64, 128 threads), for tuning */
+				c.stream = false;
 				for (int f = 0; f < 3; f++)
 				{
 					kk_gemv_q_force_shape(f);
@@ -622,11 +533,9 @@ static const variant_t variants[] = {
 /* ------------------------------------------ quantized weights on tensor cores */
 
 /*
- * kernels/mma_q.cu's products of FP8 / int4 weights (kk_gemv_multi_mma_q,
- * kk_expert_mma_q) against a plain read of the same bytes: the 48B model's
- * dense products (KDA q/k/v as one batch of 3 x 4096 x 2304, o_proj 2304 x
- * 4096, MLA q 6144 x 2304 and kv_a 576 x 2304, lm_head 163840 x 2304) at 8
- * and 32 rows, the slab and the k-split kernels side by side; the 48B
+ * kernels/mma_q.cu's products of FP8 / int4 weights (kk_gemv_mma_q,
+ * kk_expert_mma_q) against a plain read of the same bytes: dense 4096 x 2304
+ * (a KDA projection) and 163840 x 2304 (lm_head) at 8 and 32 rows; the 48B
  * model's expert gate/up (SwiGLU, 2 x 1024 x 2304) and down (2304 x 1024)
  * for a decode step of 8 and 32 tokens (top 8 of 256 experts drawn at
  * random, and the shared expert over every token), the bytes of the experts
@@ -746,76 +655,38 @@ quant_sweep(void)
 	{
 		int			fmt = forms[fi].fmt;
 
-		/* dense: the 48B shapes (q/k/v as one batch), a different copy each launch (never from L2) where
-		 * copies fit; the slab kernel (kk_set_mma_q_split(0)) for 2 and 1 blocks an SM (mq_sm_blocks), the
-		 * k-split kernel (the default), and for lm_head the k-split kernel with partial sums capped at 4M
-		 * floats (mq_part_cap: all of k staged, one block an SM, instead of 2 splits) */
-		static const struct
-		{
-			int			count,
-						rows,
-						cols;
-			const char *name;
-		}			dense[] = {
-			{3, 4096, 2304, "KDA q/k/v 3 x 4096 x 2304"}, {1, 2304, 4096, "o_proj 2304 x 4096"},
-			{1, 6144, 2304, "MLA q 6144 x 2304"}, {1, 576, 2304, "MLA kv_a 576 x 2304"},
-			{1, 163840, 2304, "lm_head 163840 x 2304"},
-		};
+		/* dense: a different copy each launch (never from L2) where copies fit */
+		static const int dr[] = {4096, 163840};
 
-		for (size_t di = 0; di < sizeof(dense) / sizeof(dense[0]); di++)
+		for (int di = 0; di < 2; di++)
 		{
-			int			rows = dense[di].rows,
-						cols = dense[di].cols,
-						count = dense[di].count,
-						group = forms[fi].group ? forms[fi].group : cols;
-			size_t		obj = (kk_q_bytes(rows, fmt, cols, group) + 255) & ~(size_t) 255,
-						set = obj * count;
-			int			copies = (int) (wbytes / set < 20 ? wbytes / set : 20);
+			int			rows = dr[di],
+						group = forms[fi].group ? forms[fi].group : D;
+			size_t		obj = (kk_q_bytes(rows, fmt, D, group) + 255) & ~(size_t) 255;
+			int			copies = (int) (wbytes / obj < 20 ? wbytes / obj : 20);
 			double		stream_us;
 
-			for (int c = 0; c < copies * count; c++)
-				q_make(s, W + c * obj, fmt, group, rows, cols, 11 + c);
+			for (int c = 0; c < copies; c++)
+				q_make(s, W + c * obj, fmt, group, rows, D, 11 + c);
 			stream_us = q_time(s, [&](int r) {
-				kk_launch(stream_read, dim3(132 * 8), dim3(256), 0, s, (const uint4 *) (W + (r % copies) * set),
-						  set / 16, sink);
+				kk_launch(stream_read, dim3(132 * 8), dim3(256), 0, s, (const uint4 *) (W + (r % copies) * obj),
+						  obj / 16, sink);
 			});
-			for (int v = 0; v < (rows > 100000 ? 4 : 3); v++)
+			/* the launcher's slab height for 2 (its default) and 1 blocks an SM (mq_sm_blocks) */
+			for (int smb = 2; smb >= 1; smb--)
 				for (int n = 8; n <= 32; n += 24)
 				{
-					static const char *const vname[] = {"slab kernel, 2 blocks/SM", "slab kernel, 1 block/SM",
-						"k-split kernel", "k-split kernel, partials <= 4M floats"};
 					double		us;
-					char		name[128];
+					char		name[64];
 
-					kk_set_mma_q_split(v >= 2);
-					mq_sm_blocks = v == 1 ? 1 : 2;
-					mq_part_cap = v == 3 ? (size_t) 4 << 20 : MQ_PART_FLOATS;
+					mq_sm_blocks = smb;
 					us = q_time(s, [&](int r) {
-						kk_gemv_batch b;
-
-						memset(&b, 0, sizeof(b));
-						b.n = n;
-						b.count = count;
-						for (int j = 0; j < count; j++)
-						{
-							b.job[j].y = y + (size_t) j * n * rows;
-							b.job[j].x = x;
-							b.job[j].W = W + (r % copies) * set + j * obj;
-							b.job[j].ldy = rows;
-							b.job[j].ldx = cols;
-							b.job[j].rows = rows;
-							b.job[j].cols = cols;
-							b.job[j].fmt = fmt;
-							b.job[j].group = group;
-						}
-						kk_gemv_multi_mma_q(s, &b);
+						kk_gemv_mma_q(s, y, rows, x, D, n, W + (r % copies) * obj, fmt, group, rows, D);
 					});
-					snprintf(name, sizeof(name), "%s, %s", dense[di].name, vname[v]);
-					q_row(name, forms[fi].name, n, (double) set, us, stream_us);
+					snprintf(name, sizeof(name), "dense %d x 2304, slabs for %d blocks/SM", rows, smb);
+					q_row(name, forms[fi].name, n, (double) obj, us, stream_us);
 				}
-			kk_set_mma_q_split(1);
 			mq_sm_blocks = 2;
-			mq_part_cap = MQ_PART_FLOATS;
 		}
 
 		/* experts: 257 x (gate, up, down), a decode step's routing */

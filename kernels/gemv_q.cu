@@ -14,16 +14,11 @@
  * all RB rows; partial sums are reduced over the block in a fixed order.
  *
  * Decoding, exact in every case (quant.h's values):
- *   FP8  the byte's sign moved to bit 31 and its exponent and mantissa to
- *        bits 26-20 of an f32 with integer operations only (a byte permute,
- *        an arithmetic shift and a mask or two a weight, every architecture),
- *        whose value is then the weight times 2^-120, subnormals included
- *        (f32 denormals: no flush to zero in this build).  So that no product
- *        is subnormal, the activations are multiplied by 2^64 when loaded
- *        (once for all the block's rows) and 2^56 is folded into the scale.
- *        The conversion instructions this replaces (cvt.rn.f16x2.e4m3x2 then
- *        the f16 -> f32 widening; an f16 shift before sm_89) are kept as the
- *        "old" variant for gemv_sweep (kk_gemv_q_old);
+ *   FP8  sm_89 and later: cvt.rn.f16x2.e4m3x2 (two weights an instruction)
+ *        then the exact f16 -> f32 widening; before (compute_80 PTX): the
+ *        byte's sign, exponent and mantissa moved into an f16, whose value is
+ *        then the weight times 2^-8 (subnormals included), the 2^8 folded
+ *        into the scale;
  *   int8 the byte (sign flipped: q + 128) as the low mantissa of 2^23, minus
  *        2^23 + 128;
  *   int4 the nibble (q + 8) likewise, minus 2^23 + 8.
@@ -56,7 +51,7 @@ struct q_fmt
 {
 	static constexpr int cols = FMT == KK_WF_INT4 ? 32 : FMT == KK_WF_BF16 ? 8 : FMT == KK_WF_F32 ? 4 : 16;
 	static constexpr int wc = cols / 4;	/* columns of each 32-bit word */
-	static constexpr bool quant = FMT >= KK_WF_FP8;	/* Q_FP8_OLD too */
+	static constexpr bool quant = FMT >= KK_WF_FP8;
 };
 
 /* columns of a piece at run time */
@@ -85,33 +80,14 @@ q_scale_offset(int rows, int fmt, int cols)
 }
 
 /*
- * The old FP8 decoding (conversion instructions), a format code of its own
- * for the templates; chosen by kk_gemv_q_old through q_dev_old (a variant
- * for gemv_sweep's before / after table, not for production).
+ * The factor the decoded FP8 values carry (the f16 shift gives the weight
+ * times 2^-8): the kernels multiply the scale by its inverse, 256 there.
+ * Exact, as |scale| < 256 (kl_q_validate).
  */
-#define Q_FP8_OLD 100
-
-__constant__ int q_dev_old;	/* constant cache: no global load on the way in */
-
-/*
- * The factor the scale is multiplied by: the inverse of what the decoded
- * weights and loaded activations carry.  FP8: 2^-120 and 2^64 (bit moves),
- * or 2^-8 (old decoding before sm_89: the f16 shift).  Exact, as |scale| <
- * 256 (kl_q_validate).
- */
-template <int FMT>
 __device__ __forceinline__ float
-q_scale_factor()
+q_scale_factor(int fmt)
 {
-	return FMT == KK_WF_FP8 ? 72057594037927936.0f /* 2^56 */ : FMT == Q_FP8_OLD && !Q_FP8_HW ? 256.0f : 1.0f;
-}
-
-/* the factor the activations are multiplied by when loaded (FP8: 2^64, so that no product is subnormal) */
-template <int FMT>
-__device__ __forceinline__ float
-q_x_factor()
-{
-	return FMT == KK_WF_FP8 ? 18446744073709551616.0f /* 2^64 */ : 1.0f;
+	return fmt == KK_WF_FP8 && !Q_FP8_HW ? 256.0f : 1.0f;
 }
 
 /* two f16 (a 32-bit word) to two floats, exactly */
@@ -159,41 +135,6 @@ q_fp8_word(uint32_t v, float *f)
 	q_h2_to_f2(h23, f + 2);
 }
 
-/* prmt.b32 in its generic mode (a selector nibble's bit 3: replicate the byte's sign) */
-__device__ __forceinline__ uint32_t
-q_prmt(uint32_t a, uint32_t sel)
-{
-	uint32_t	d;
-
-	asm("prmt.b32 %0, %1, 0, %2;" : "=r"(d) : "r"(a), "r"(sel));
-	return d;
-}
-
-/*
- * The four FP8 weights of word v as f32 values times 2^-120, by moving bits:
- * a permute makes [byte k | sign of byte j | byte j | 0], an arithmetic shift
- * by 4 puts byte k at bits 20-27 over its sign and byte j at bits 4-11 over
- * its sign; a mask keeps sign bit 31 and bits 26-20 (exponent 4 bits at the
- * f32 exponent's low end, mantissa 3 at the top of its fraction) for byte
- * k, and the same after a shift by 16 for byte j.  An f32 exponent e - 127
- * against the E4M3 one's e - 7 (and 2^-126 against 2^-6 for denormals): the
- * value times 2^-120.
- */
-__device__ __forceinline__ void
-q_fp8_word_shift(uint32_t v, float *f)
-{
-	const uint32_t M = 0x87f00000u;
-	int			r31 = (int) q_prmt(v, 0x3914u),
-				r20 = (int) q_prmt(v, 0x2804u);
-
-	r31 >>= 4;
-	r20 >>= 4;
-	f[0] = __uint_as_float(((uint32_t) r20 << 16) & M);
-	f[1] = __uint_as_float(((uint32_t) r31 << 16) & M);
-	f[2] = __uint_as_float((uint32_t) r20 & M);
-	f[3] = __uint_as_float((uint32_t) r31 & M);
-}
-
 /* byte k of u as the low mantissa byte of 2^23 (k a constant: one byte permute) */
 #define Q_MAGIC_BYTE(u, k) __uint_as_float(__byte_perm((u), 0x4B000000u, 0x7440u | (k)))
 
@@ -232,8 +173,6 @@ __device__ __forceinline__ void
 q_decode_word(uint32_t v, float *f)
 {
 	if constexpr (FMT == KK_WF_FP8)
-		q_fp8_word_shift(v, f);
-	else if constexpr (FMT == Q_FP8_OLD)
 		q_fp8_word(v, f);
 	else if constexpr (FMT == KK_WF_INT8)
 		q_int8_word(v, f);
@@ -371,24 +310,21 @@ q_rows_first(uint4 (&raw)[RB], const q_rows<RB> &R, int nch)
  * acc[w][r] += W_w . x_r over this thread's pieces threadIdx.x, + BT, ... of
  * the nch pieces of each row, raw holding the first ones.  Word k of every
  * row's piece is decoded once and used for all NR input rows; the input
- * words once for all RB weight rows.  ONE: one scale a row (or none: bf16,
- * fp32), so the products go straight into acc and the scale is applied
- * once at the end, not a load and a multiply a piece.
+ * words once for all RB weight rows.
  */
-template <int FMT, bool ONE, int NR, int RB, int BT>
+template <int FMT, int NR, int RB, int BT>
 __device__ __forceinline__ void
 q_rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const q_rows<RB> &R, const float *const (&xr)[NR], int nch)
 {
 	constexpr int PC = q_fmt<FMT>::cols,
 				WC = q_fmt<FMT>::wc;
-	const float sfac = q_scale_factor<FMT>(),
-				xfac = q_x_factor<FMT>();
+	float		sfac = q_scale_factor(FMT);
 
 	for (int ch = threadIdx.x; ch < nch; ch += BT)
 	{
 		uint4		cur[RB];
 		float		pd[RB][NR];
-		int			g = ONE ? 0 : R.gone ? ch : (int) __umulhi((unsigned) ch, R.gmul);
+		int			g = R.gone ? ch : (int) __umulhi((unsigned) ch, R.gmul);
 
 #pragma unroll
 		for (int w = 0; w < RB; w++)
@@ -396,10 +332,9 @@ q_rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const q_rows<RB> &R, const fl
 			cur[w] = raw[w];
 			/* the next pieces are in flight while these are used */
 			raw[w] = R.Wr[w] && ch + BT < nch ? __ldg((const uint4 *) R.Wr[w] + ch + BT) : make_uint4(0, 0, 0, 0);
-			if (!ONE)
 #pragma unroll
-				for (int r = 0; r < NR; r++)
-					pd[w][r] = 0;
+			for (int r = 0; r < NR; r++)
+				pd[w][r] = 0;
 		}
 #pragma unroll
 		for (int k = 0; k < 4; k++)
@@ -408,13 +343,7 @@ q_rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const q_rows<RB> &R, const fl
 
 #pragma unroll
 			for (int r = 0; r < NR; r++)
-			{
 				q_load_x<WC>(xr[r], ch * PC + k * WC, xa[r]);
-				if (xfac != 1.0f)
-#pragma unroll
-					for (int i = 0; i < WC; i++)
-						xa[r][i] *= xfac;
-			}
 #pragma unroll
 			for (int w = 0; w < RB; w++)
 			{
@@ -426,55 +355,20 @@ q_rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const q_rows<RB> &R, const fl
 				for (int r = 0; r < NR; r++)
 #pragma unroll
 					for (int i = 0; i < WC; i++)
-					{
-						if (ONE)
-							acc[w][r] = fmaf(f[i], xa[r][i], acc[w][r]);
-						else
-							pd[w][r] = fmaf(f[i], xa[r][i], pd[w][r]);
-					}
+						pd[w][r] = fmaf(f[i], xa[r][i], pd[w][r]);
 			}
 		}
-		if (!ONE)
-#pragma unroll
-			for (int w = 0; w < RB; w++)
-			{
-				float		s = R.Wr[w] ? __ldg(R.sc[w] + g) * sfac : 0.0f;
-
-#pragma unroll
-				for (int r = 0; r < NR; r++)
-					acc[w][r] = fmaf(pd[w][r], s, acc[w][r]);
-			}
-	}
-	if (ONE && q_fmt<FMT>::quant)
 #pragma unroll
 		for (int w = 0; w < RB; w++)
 		{
-			float		s = R.Wr[w] ? __ldg(R.sc[w]) * sfac : 0.0f;
+			float		s = 1.0f;
 
+			if (q_fmt<FMT>::quant && R.Wr[w])
+				s = __ldg(R.sc[w] + g) * sfac;
 #pragma unroll
 			for (int r = 0; r < NR; r++)
-				acc[w][r] *= s;
+				acc[w][r] = fmaf(pd[w][r], s, acc[w][r]);
 		}
-}
-
-/*
- * q_rows_dot for format FMT in the form R asks: one scale a row or groups,
- * and for FP8 the old decoding where q_dev_old says so (gemv_sweep).
- */
-template <int FMT, int NR, int RB, int BT>
-__device__ __forceinline__ void
-q_rows_dot_fmt(float (&acc)[RB][NR], uint4 (&raw)[RB], const q_rows<RB> &R, const float *const (&xr)[NR], int nch)
-{
-	if constexpr (!q_fmt<FMT>::quant)
-		q_rows_dot<FMT, true, NR, RB, BT>(acc, raw, R, xr, nch);
-	else
-	{
-		if (FMT == KK_WF_FP8 && q_dev_old)
-			q_rows_dot<Q_FP8_OLD, false, NR, RB, BT>(acc, raw, R, xr, nch);
-		else if (R.gmul == 0 && !R.gone)
-			q_rows_dot<FMT, true, NR, RB, BT>(acc, raw, R, xr, nch);
-		else
-			q_rows_dot<FMT, false, NR, RB, BT>(acc, raw, R, xr, nch);
 	}
 }
 
@@ -511,19 +405,19 @@ q_rows_dot_any(float (&acc)[RB][NR], uint4 (&raw)[RB], const q_rows<RB> &R, cons
 	switch (R.fmt)
 	{
 		case KK_WF_FP8:
-			q_rows_dot_fmt<KK_WF_FP8, NR, RB, BT>(acc, raw, R, xr, nch);
+			q_rows_dot<KK_WF_FP8, NR, RB, BT>(acc, raw, R, xr, nch);
 			break;
 		case KK_WF_INT8:
-			q_rows_dot_fmt<KK_WF_INT8, NR, RB, BT>(acc, raw, R, xr, nch);
+			q_rows_dot<KK_WF_INT8, NR, RB, BT>(acc, raw, R, xr, nch);
 			break;
 		case KK_WF_INT4:
-			q_rows_dot_fmt<KK_WF_INT4, NR, RB, BT>(acc, raw, R, xr, nch);
+			q_rows_dot<KK_WF_INT4, NR, RB, BT>(acc, raw, R, xr, nch);
 			break;
 		case KK_WF_BF16:
-			q_rows_dot_fmt<KK_WF_BF16, NR, RB, BT>(acc, raw, R, xr, nch);
+			q_rows_dot<KK_WF_BF16, NR, RB, BT>(acc, raw, R, xr, nch);
 			break;
 		default:
-			q_rows_dot_fmt<KK_WF_F32, NR, RB, BT>(acc, raw, R, xr, nch);
+			q_rows_dot<KK_WF_F32, NR, RB, BT>(acc, raw, R, xr, nch);
 			break;
 	}
 }
@@ -584,7 +478,7 @@ q_rows_sums(const q_rows<RB> &R, uint4 (&raw)[RB], bool vec, bool loaded, const 
 		if constexpr (FMT < 0)
 			q_rows_dot_any<NR, RB, BT>(acc, raw, R, xr, nch);
 		else
-			q_rows_dot_fmt<FMT, NR, RB, BT>(acc, raw, R, xr, nch);
+			q_rows_dot<FMT, NR, RB, BT>(acc, raw, R, xr, nch);
 	}
 	else
 		q_rows_scalar<NR, RB, BT>(acc, R, xr);
@@ -666,52 +560,6 @@ kk_gemv_q_force_shape(int shape)
 	q_forced_shape = shape;
 }
 
-/* set by kk_gemv_q_old (gemv_sweep): the first version's block shapes and FP8 decoding */
-static bool q_old;
-
-/*
- * gemv_sweep's "before" variant: old != 0 makes the launches pick their
- * block shapes by the widest job's pieces and the FP8 products decode with
- * the conversion instructions, as this file's first version did; 0 is the
- * production choice.  Synchronous (a symbol copy): call outside timing.
- */
-extern "C" void
-kk_gemv_q_old(int old)
-{
-	int			v = old != 0;
-
-	q_old = v != 0;
-	cudaMemcpyToSymbol(q_dev_old, &v, sizeof(v));
-}
-
-/*
- * The block shape of a batch of nr input rows a pass, by gemv_sweep's
- * measurements on the H200 (notes: sweep-q): at 1-4 input rows the
- * 32-thread blocks of 8 (4) rows stream quantized rows best (FP8 q/k/v 78 %
- * against 59 % at 64 threads, lm_head 77 % against 68 %) once they fill the
- * GPU: 8 rows a block at one or two input rows need ~6000 rows (~800
- * blocks) for enough loads in flight, else 64 threads (the 2304-row down
- * shape: 73 % against 61 %); at 3-4 rows 32 threads win or tie everywhere.
- * The bf16 / fp32 jobs of a batch (small: KDA's f_a, g_a, b_proj) do not
- * choose: their pieces are 8 and 4 columns, so 2304 columns looked "wide"
- * and put the whole batch in 128-thread blocks (47 %).  Batches without a
- * quantized job, more input rows, or the old variant: by the widest job.
- */
-static int
-q_batch_shape(const kk_gemv_batch *b, int nr, int most)
-{
-	long		qrows = 0;
-
-	for (int j = 0; j < b->count; j++)
-		if (b->job[j].fmt >= KK_WF_FP8)
-			qrows += b->job[j].rows;
-	if (q_old || qrows == 0 || nr > 4)
-		return q_shape(most);
-	if (nr > 2)
-		return Q_SHAPE_SHORT;
-	return qrows >= 6144 ? Q_SHAPE_SHORT : Q_SHAPE_MID;
-}
-
 template <int NR>
 static void
 gemv_q_launch_nr(cudaStream_t s, const kk_gemv_batch *b, int shape, int passes)
@@ -760,7 +608,7 @@ gemv_q_launch(cudaStream_t s, kk_gemv_batch *b, int nr, int passes)
 		jb->vec = q_vec_ok(jb);
 		most = pieces > most ? pieces : most;
 	}
-	shape = q_forced_shape >= 0 ? q_forced_shape : q_batch_shape(b, nr, most);
+	shape = q_forced_shape >= 0 ? q_forced_shape : q_shape(most);
 	rb = q_rb(shape, nr, false);
 	for (int j = 0; j < b->count; j++)
 	{
@@ -953,13 +801,6 @@ expert_q_launch(cudaStream_t s, int max_active, float *y0, float *y1, int ldy, c
 	int			shape = q_forced_shape >= 0 ? q_forced_shape : q_shape(cols / q_fmt<FMT>::cols);
 
 	shape = shape == Q_SHAPE_WIDE ? Q_SHAPE_MID : shape;
-	/*
-	 * down (and the other one-matrix products) of at most 64 pieces a row,
-	 * 1-4 pairs: 32 threads (the step's FP8 down 56 % against 42 % at 64);
-	 * SwiGLU's gate / up: 64 (60 % in every shape, 32 threads 56 %)
-	 */
-	if (q_forced_shape < 0 && !q_old && MODE != Q_EXPERT_SWIGLU && MAXNR <= 4 && cols / q_fmt<FMT>::cols <= 64)
-		shape = Q_SHAPE_SHORT;
 #define Q_GO(SH) \
 	do { \
 		constexpr int RB = q_rb(SH, MAXNR, MODE == Q_EXPERT_SWIGLU); \

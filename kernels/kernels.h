@@ -233,17 +233,6 @@ void		kk_gemv_multi_mma_q(cudaStream_t s, kk_gemv_batch *b);
 void		kk_expert_mma_q(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
 							const void *const *W0, const void *const *W1, int fmt, int group, int rows, int cols,
 							const int *start, const int *active, int max_active, int P);
-/*
- * kk_set_mma_q_split: whether kk_gemv_mma_q / kk_gemv_multi_mma_q take the
- * k-split kernel (row ranges of many tiles, k split across blocks, the
- * partial sums added in split order by the range's last block) where its
- * plan fits (1, the default), or always the slab kernel (0); returns the
- * setting it replaces (tests and benchmarks run both).  The k-split kernel
- * keeps its partial sums and counters in one static device area: launches
- * of these two functions on different streams must not run at the same
- * time (one decode stream does not).
- */
-int			kk_set_mma_q_split(int on);
 
 /*
  * quant.cu: whole-matrix conversions (prefill: the products of many rows go
@@ -255,18 +244,9 @@ int			kk_set_mma_q_split(int on);
  * kk_q_fill_random: a random quantized matrix for fmt/group (values with
  * standard deviation about `scale`, like kk_fill_random's; deterministic in
  * seed), data and scales.
- * kk_q_dequant_many: count whole matrices of one shape and form in one
- * launch: matrix i (the device object W[i]; W a device array of device
- * pointers) into dst + i * dst_stride elements (ld = cols), the values
- * kk_q_dequant gives bit for bit (the prefill's used experts of one stage,
- * for the grouped expert GEMM).  Eight weights a thread where cols, group
- * and dst_stride are multiples of 8 and dst is 32-byte aligned (and each
- * matrix 8-byte aligned, 4 for int4), else one.
  */
 void		kk_q_dequant(cudaStream_t s, void *dst, int out_bf16, const void *W, int fmt, int group, int rows,
 						 int cols, int r0, int nr);
-void		kk_q_dequant_many(cudaStream_t s, void *dst, size_t dst_stride, const void *const *W, int count, int fmt,
-							  int group, int rows, int cols, int out_bf16);
 void		kk_q_fill_random(cudaStream_t s, void *W, int fmt, int group, int rows, int cols, uint64_t seed,
 							 float scale);
 

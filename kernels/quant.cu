@@ -5,12 +5,9 @@
  *                     reference values fl(value(q) * scale), bit for bit) or
  *                     bf16 (those rounded to nearest even): the panels prefill
  *                     hands to cuBLAS, and MLA's kv_b copy
- *   kk_q_dequant_many whole matrices of one shape and form, the same values,
- *                     in one launch (grid.y = the matrix): a prefill's used
- *                     experts of one stage for the grouped expert GEMM
  *   kk_q_fill_random  random quantized weights made on the device
  *                     (benchmarks of models too large to make on the host)
- * All are simple grid-stride kernels: a prefill panel's conversion is small
+ * Both are simple grid-stride kernels: a prefill panel's conversion is small
  * next to the GEMM that reads it, and random weights are made once.
  */
 #include "common.cuh"
@@ -82,134 +79,6 @@ kk_q_dequant(cudaStream_t s, void *dst, int out_bf16, const void *W, int fmt, in
 			  out_bf16, (const uint8_t *) W,
 			  (const float *) ((const uint8_t *) W + kk_q_scale_offset(rows, fmt, cols)),
 			  kk_q_row_bytes(fmt, cols), kk_q_groups(cols, group), fmt, group, cols, r0, nr);
-}
-
-/*
- * Eight consecutive weights c .. c + 7 of a row (c a multiple of 8, all in
- * one scale group: s) from one 8-byte (fp8, int8) or 4-byte (int4: one
- * word) load, each exactly as q_value computes it.
- */
-__device__ __forceinline__ void
-q_values8(const uint8_t *row, int fmt, int c, float s, float *v)
-{
-	if (fmt == KK_WF_INT4)
-	{
-		uint32_t	w = *(const uint32_t *) (row + (c >> 1));
-
-		for (int j = 0; j < 8; j++)
-			v[j] = __fmul_rn((float) ((int) ((w >> (4 * j)) & 15u) - 8), s);
-		return;
-	}
-	{
-		uint2		p = *(const uint2 *) (row + c);
-		float		s120 = s * 0x1p120f;
-
-		for (int j = 0; j < 8; j++)
-		{
-			uint32_t	b = ((j < 4 ? p.x : p.y) >> (8 * (j & 3))) & 0xffu;
-
-			if (fmt == KK_WF_FP8)
-				v[j] = __fmul_rn(__uint_as_float(((b & 0x80u) << 24) | ((b & 0x7fu) << 20)), s120);
-			else
-				v[j] = __fmul_rn((float) (int8_t) (uint8_t) b, s);
-		}
-	}
-}
-
-/*
- * Matrix blockIdx.y (+ m0) of the table W into dst + m * stride.  vec: eight
- * weights a thread (cols and group multiples of 8, stride a multiple of 8,
- * dst 16-byte aligned; each matrix's alignment is checked here, uniformly
- * for the block), else one.
- */
-__global__ void
-q_dequant_many_kernel(void *dst, size_t stride, int out_bf16, const void *const *W, int m0, int fmt, int group,
-					  int rows, int cols, size_t rb, size_t soff, int ng, int vec)
-{
-	int			m = m0 + (int) blockIdx.y;
-	const uint8_t *base;
-	const float *scales;
-	size_t		n;
-
-	/* dst may be the arena the previous round's GEMM still reads; the table may be fresh */
-	kk_dep_wait();
-	kk_dep_launch();
-	base = (const uint8_t *) W[m];
-	scales = (const float *) (base + soff);
-	vec = vec && ((uintptr_t) base & (fmt == KK_WF_INT4 ? 3 : 7)) == 0;
-	if (vec)
-	{
-		int			cv = cols >> 3;
-
-		n = (size_t) rows * cv;
-		for (size_t i = blockIdx.x * (size_t) blockDim.x + threadIdx.x; i < n; i += (size_t) gridDim.x * blockDim.x)
-		{
-			size_t		r = i / (size_t) cv;
-			int			c = (int) (i % (size_t) cv) << 3;
-			size_t		o = (size_t) m * stride + r * cols + c;
-			float		v[8];
-
-			q_values8(base + r * rb, fmt, c, scales[r * ng + c / group], v);
-			if (out_bf16)
-			{
-				uint4		q;
-
-				q.x = f32_to_bf16(v[0]) | ((uint32_t) f32_to_bf16(v[1]) << 16);
-				q.y = f32_to_bf16(v[2]) | ((uint32_t) f32_to_bf16(v[3]) << 16);
-				q.z = f32_to_bf16(v[4]) | ((uint32_t) f32_to_bf16(v[5]) << 16);
-				q.w = f32_to_bf16(v[6]) | ((uint32_t) f32_to_bf16(v[7]) << 16);
-				*(uint4 *) ((uint16_t *) dst + o) = q;
-			}
-			else
-			{
-				((float4 *) ((float *) dst + o))[0] = make_float4(v[0], v[1], v[2], v[3]);
-				((float4 *) ((float *) dst + o))[1] = make_float4(v[4], v[5], v[6], v[7]);
-			}
-		}
-		return;
-	}
-	n = (size_t) rows * cols;
-	for (size_t i = blockIdx.x * (size_t) blockDim.x + threadIdx.x; i < n; i += (size_t) gridDim.x * blockDim.x)
-	{
-		size_t		r = i / (size_t) cols;
-		int			c = (int) (i % (size_t) cols);
-		float		v = q_value(base + r * rb, fmt, c, scales[r * ng + c / group]);
-		size_t		o = (size_t) m * stride + i;
-
-		if (out_bf16)
-			((uint16_t *) dst)[o] = f32_to_bf16(v);
-		else
-			((float *) dst)[o] = v;
-	}
-}
-
-extern "C" void
-kk_q_dequant_many(cudaStream_t s, void *dst, size_t dst_stride, const void *const *W, int count, int fmt, int group,
-				  int rows, int cols, int out_bf16)
-{
-	int			vec;
-	size_t		items,
-				bx;
-
-	if (count <= 0 || rows <= 0 || cols <= 0 || group <= 0 ||
-		(fmt != KK_WF_FP8 && fmt != KK_WF_INT8 && fmt != KK_WF_INT4))
-		return;
-	/* fp32 output: 8 floats are two 16-byte stores, so the same alignment rule in elements */
-	vec = cols % 8 == 0 && group % 8 == 0 && dst_stride % 8 == 0 &&
-		((uintptr_t) dst & 31) == 0;
-	items = (size_t) rows * (vec ? cols / 8 : cols);
-	bx = (items + 255) / 256;
-	/* enough blocks a matrix to fill the GPU when there are few, a grid-stride loop beyond */
-	if (bx > 2048)
-		bx = 2048;
-	for (int m0 = 0; m0 < count; m0 += 65535)
-	{
-		int			cnt = count - m0 < 65535 ? count - m0 : 65535;
-
-		kk_launch(q_dequant_many_kernel, dim3((unsigned) bx, (unsigned) cnt), dim3(256), 0, s, dst, dst_stride,
-				  out_bf16, W, m0, fmt, group, rows, cols, kk_q_row_bytes(fmt, cols),
-				  kk_q_scale_offset(rows, fmt, cols), kk_q_groups(cols, group), vec);
-	}
 }
 
 /* ------------------------------------------------------------------ random weights */

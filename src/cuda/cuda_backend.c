@@ -777,18 +777,10 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 	cs->cur = -1;
 	cs->graphs_enabled = true;	/* until a capture fails; KL_CUDA_GRAPHS=0: cuda_step.c */
 	{
-		/*
-		 * KL_CUDA_GROUPED_GEMM=0: experts of prefill batches one product at a
-		 * time (tests compare); KL_CUDA_Q_GROUPED=0: quantized ones only
-		 * (their grouped path converts them first; cuda_moe.c)
-		 */
-		const char *gg = getenv("KL_CUDA_GROUPED_GEMM"),
-				   *qg = getenv("KL_CUDA_Q_GROUPED"),
-				   *qa = getenv("KL_CUDA_Q_ARENA_KB");
+		/* KL_CUDA_GROUPED_GEMM=0: experts of prefill batches one product at a time (tests compare) */
+		const char *gg = getenv("KL_CUDA_GROUPED_GEMM");
 
 		cs->no_grouped_gemm = gg && strcmp(gg, "0") == 0;
-		cs->q_grouped = !(qg && strcmp(qg, "0") == 0);
-		cs->q_arena_bytes = (size_t) (qa && atoi(qa) > 0 ? atoi(qa) : 576 << 10) << 10;
 	}
 	cudaDeviceGetAttribute(&cs->sm_count, cudaDevAttrMultiProcessorCount, idx);
 	if (cs->sm_count <= 0)
@@ -848,7 +840,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
 				   *qm = getenv("KL_CUDA_Q_MMA"),
 				   *qem = getenv("KL_CUDA_Q_EXPERT_MMA"),
-				   *qsp = getenv("KL_CUDA_Q_SPLIT"),
 				   *gs = getenv("KL_CUDA_GEMV_MMA_SLAB"),
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
 				   *ms = getenv("KL_CUDA_MLA_SMALL"),
@@ -864,9 +855,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
-		/* KL_CUDA_Q_SPLIT=0: dense tensor-core products of quantized weights in
-		 * the slab kernel only (else the k-split kernel where mma_q.cu plans one) */
-		kk_set_mma_q_split(!(qsp && strcmp(qsp, "0") == 0));
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :
 			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : 8;

@@ -60,8 +60,6 @@ enum cuda_buf_id
 	CB_MOE_X,
 	CB_MOE_H16,
 	CB_MOE_PTRS,
-	CB_MOE_QARENA,				/* MoE prefill: quantized experts of a round as bf16 */
-	CB_MOE_QPTRS,				/* MoE prefill: the quantized matrices' table for that */
 	CB_MOE_SG,
 	CB_MOE_SU,
 	CB_MOE_SY,
@@ -245,14 +243,6 @@ typedef struct cuda_state
 	const kl_weight *pf_wait_for;
 
 	bool		no_grouped_gemm;	/* cuBLAS here lacks bf16 grouped GEMM: loop instead */
-	/* KL_CUDA_Q_GROUPED (default on; 0: the per-expert loop): prefill batches
-	 * in bf16 precision convert quantized experts to bf16 in rounds and take
-	 * the grouped expert GEMM too */
-	bool		q_grouped;
-	/* bytes of that conversion's arena (KL_CUDA_Q_ARENA_KB, default 576 MiB:
-	 * gate and up of 64 experts at the 48B shape; tests make it small to
-	 * cover several rounds) */
-	size_t		q_arena_bytes;
 
 	/* host staging for MoE grouping of prefill batches */
 	int		   *h_sel,

@@ -26,13 +26,6 @@ mq_upload(cudaStream_t s, void **d, const void *h, size_t n)
 	return cudaMemcpyAsync(*d, h, n, cudaMemcpyHostToDevice, s);
 }
 
-/* kk_set_mma_q_split for test_cuda (which sees only the default-visibility hooks) */
-__attribute__((visibility("default"))) int
-kl_cuda_test_mma_q_split(int on)
-{
-	return kk_set_mma_q_split(on);
-}
-
 /*
  * One kk_gemv_multi_mma_q launch (kk_gemv_mma_q when count is 1) of count
  * (<= KK_GEMV_JOBS) jobs of the same n (<= KK_GEMV_MMA_Q_ROWS) rows.  Job

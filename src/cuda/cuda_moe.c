@@ -15,10 +15,8 @@
  * Quantized experts (kernels.h's device form, one form for all routed
  * experts of a layer) take the _q twins of the decode kernels
  * (kernels/gemv_q.cu; in bf16 precision from KL_CUDA_EXPERT_MMA tokens
- * kernels/mma_q.cu); for larger batches in bf16 mode the grouped products
- * on bf16 copies made in rounds (a launch of kk_q_dequant_many a round;
- * KL_CUDA_Q_GROUPED=0: the per-expert loop), in fp32 mode the per-expert
- * loop through the matmul path (panels of converted weight rows).
+ * kernels/mma_q.cu) and, for larger batches, the per-expert loop through
+ * the matmul path (panels of converted weight rows).
  * The shared experts are a plain SwiGLU MLP over all tokens; the combine
  * kernel sums each token's weighted expert outputs and the shared one.
  *
@@ -285,201 +283,62 @@ out:
 	return ok;
 }
 
-/*
- * The arena for quantized experts converted to bf16 (prefill, bf16
- * precision): cs->q_arena_bytes, by default 576 MiB, gate and up of 64
- * experts at the 48B shape (2 x 1024 x 2304 x 2 bytes each); a layer's used
- * experts go through it in rounds of that many.  A round's conversion is one
- * launch (kk_q_dequant_many), its products one grouped GEMM.
- */
-
-/* a stage's matrices: bf16 as they are, or quantized and converted per round */
-typedef struct moe_stage
-{
-	int			fmt,
-				group,
-				rows,
-				cols,
-				per;			/* matrices of an expert: 2 (gate, up) or 1 (down) */
-	const void **W;				/* [per * nu]: expert used[i]'s matrices at per * i .. */
-	const void **dW;			/* quantized: that table on the device */
-	uint16_t   *arena;
-	size_t		stride;			/* elements from one converted matrix to the next */
-	int			round;			/* experts a round */
-} moe_stage;
-
-/*
- * Prepare a stage for the nu used experts: the table of their matrices
- * (gate and up interleaved, or down) and, for quantized experts, the table
- * uploaded and the arena for a round.
- */
+/* the experts of a prefill batch in bf16: three grouped products */
 static bool
-stage_open(kl_backend *be, moe_stage *sg, const kl_moe_layer *w, const int *used, int nu, bool down, int fmt,
-		   int group, int rows, int cols)
-{
-	sg->fmt = fmt;
-	sg->group = group;
-	sg->rows = rows;
-	sg->cols = cols;
-	sg->per = down ? 1 : 2;
-	sg->dW = NULL;
-	sg->arena = NULL;
-	sg->round = nu;
-	if (!(sg->W = malloc(sizeof(void *) * 2 * (size_t) (nu > 0 ? nu : 1))))
-	{
-		cuda_fail(be, KL_E_RESOURCES, "out of memory");
-		return false;
-	}
-	for (int i = 0; i < nu; i++)
-	{
-		const kl_mlp *x = &w->experts[used[i]];
-
-		if (down)
-			sg->W[i] = x->down.dev;
-		else
-		{
-			sg->W[2 * i] = x->gate.dev;
-			sg->W[2 * i + 1] = x->up.dev;
-		}
-	}
-	if (fmt < KK_WF_FP8)
-		return true;
-	/* rows of 8 elements apart: the conversion's 16-byte stores, cuBLAS's aligned loads */
-	sg->stride = ((size_t) rows * cols + 7) & ~(size_t) 7;
-	sg->round = (int) (CS(be)->q_arena_bytes / (sizeof(uint16_t) * sg->stride * sg->per));
-	if (sg->round < 1)
-		sg->round = 1;
-	if (sg->round > nu)
-		sg->round = nu;
-	sg->dW = cuda_buf(be, CB_MOE_QPTRS, sizeof(void *) * (size_t) sg->per * nu);
-	sg->arena = cuda_buf(be, CB_MOE_QARENA, sizeof(uint16_t) * sg->stride * sg->per * sg->round);
-	return sg->dW && sg->arena && cuda_upload_sync(be, sg->dW, sg->W, sizeof(void *) * (size_t) sg->per * nu);
-}
-
-/*
- * The bf16 matrices of experts i0 .. i0 + m of the stage into W (per * m
- * entries): bf16 ones as they are; quantized ones converted into the arena,
- * one launch (the arena's last readers, the previous round's GEMM, are
- * earlier in the stream).
- */
-static bool
-stage_round(kl_backend *be, const moe_stage *sg, int i0, int m, const void **W)
+experts_grouped(kl_backend *be, const kl_moe_layer *w, const int *st, int E, int D, int F, const float *x,
+				const int *xrow, size_t nk, float *g, float *u, float *ye)
 {
 	cuda_state *cs = CS(be);
-	int			nm = sg->per * m;
-
-	if (sg->fmt < KK_WF_FP8)
-	{
-		memcpy(W, sg->W + (size_t) sg->per * i0, sizeof(void *) * (size_t) nm);
-		return true;
-	}
-	kk_q_dequant_many(cs->stream, sg->arena, sg->stride, sg->dW + (size_t) sg->per * i0, nm, sg->fmt, sg->group,
-					  sg->rows, sg->cols, 1);
-	for (int j = 0; j < nm; j++)
-		W[j] = sg->arena + (size_t) j * sg->stride;
-	return cuda_launched(be, "q_dequant_many (experts)");
-}
-
-/*
- * One stage's grouped products for the used experts, in rounds: Y = X W^T
- * per matrix, X rows st[e] .. st[e + 1] of X (ldx = cols), Y of Y0 (gate,
- * down) or Y1 (up) (ldy = rows).
- */
-static bool
-stage_products(kl_backend *be, const moe_stage *sg, const int *used, int nu, const int *st, const uint16_t *X,
-			   float *Y0, float *Y1)
-{
+	uint16_t   *x16 = cuda_buf(be, CB_MOE_X, sizeof(uint16_t) * nk * D);
+	uint16_t   *h16 = cuda_buf(be, CB_MOE_H16, sizeof(uint16_t) * nk * F);
 	moe_group_list gl;
-	bool		ok = true;
+	bool		ok = false;
+	int			na = 0;
 
-	gl.W = malloc(sizeof(void *) * 2 * (size_t) (sg->round > 0 ? sg->round : 1));
-	gl.X = malloc(sizeof(void *) * 2 * (size_t) (sg->round > 0 ? sg->round : 1));
-	gl.Y = malloc(sizeof(void *) * 2 * (size_t) (sg->round > 0 ? sg->round : 1));
-	gl.cnt = malloc(sizeof(int) * 2 * (size_t) (sg->round > 0 ? sg->round : 1));
-	if (!gl.W || !gl.X || !gl.Y || !gl.cnt)
-	{
-		cuda_fail(be, KL_E_RESOURCES, "out of memory");
-		ok = false;
-	}
-	for (int i0 = 0; ok && i0 < nu; i0 += sg->round)
-	{
-		int			m = nu - i0 < sg->round ? nu - i0 : sg->round;
-
-		if (!(ok = stage_round(be, sg, i0, m, gl.W)))
-			break;
-		for (int i = 0; i < m; i++)
+	gl.W = malloc(sizeof(void *) * 2 * (size_t) E);
+	gl.X = malloc(sizeof(void *) * 2 * (size_t) E);
+	gl.Y = malloc(sizeof(void *) * 2 * (size_t) E);
+	gl.cnt = malloc(sizeof(int) * 2 * (size_t) E);
+	if (!x16 || !h16 || !gl.W || !gl.X || !gl.Y || !gl.cnt)
+		goto out;
+	kk_gather_rows_bf16(cs->stream, x16, x, D, xrow, (int) nk, D);
+	if (!cuda_launched(be, "gather rows (bf16)"))
+		goto out;
+	for (int e = 0; e < E; e++)
+		if (st[e + 1] > st[e])
 		{
-			int			e = used[i0 + i];
-
-			for (int j = 0; j < sg->per; j++)
-			{
-				int			k = sg->per * i + j;
-
-				gl.X[k] = X + (size_t) st[e] * sg->cols;
-				gl.Y[k] = (j ? Y1 : Y0) + (size_t) st[e] * sg->rows;
-				gl.cnt[k] = st[e + 1] - st[e];
-			}
+			gl.W[na] = w->experts[e].gate.dev;
+			gl.X[na] = x16 + (size_t) st[e] * D;
+			gl.Y[na] = g + (size_t) st[e] * F;
+			gl.cnt[na++] = st[e + 1] - st[e];
+			gl.W[na] = w->experts[e].up.dev;
+			gl.X[na] = x16 + (size_t) st[e] * D;
+			gl.Y[na] = u + (size_t) st[e] * F;
+			gl.cnt[na++] = st[e + 1] - st[e];
 		}
-		gl.n = sg->per * m;
-		ok = grouped_gemm(be, &gl, sg->rows, sg->cols);
-	}
+	gl.n = na;
+	if (!grouped_gemm(be, &gl, F, D))
+		goto out;
+	kk_swiglu_bf16(cs->stream, h16, g, u, nk * F);
+	if (!cuda_launched(be, "swiglu (bf16)"))
+		goto out;
+	na = 0;
+	for (int e = 0; e < E; e++)
+		if (st[e + 1] > st[e])
+		{
+			gl.W[na] = w->experts[e].down.dev;
+			gl.X[na] = h16 + (size_t) st[e] * F;
+			gl.Y[na] = ye + (size_t) st[e] * D;
+			gl.cnt[na++] = st[e + 1] - st[e];
+		}
+	gl.n = na;
+	ok = grouped_gemm(be, &gl, D, F);
+out:
 	free(gl.W);
 	free(gl.X);
 	free(gl.Y);
 	free(gl.cnt);
 	return ok;
-}
-
-/*
- * The experts of a prefill batch in bf16 precision: three grouped products
- * (gate, up; down) over the used experts, bf16 experts as they are,
- * quantized ones (tab's forms) converted to bf16 in rounds of the arena
- * (kk_q_dequant_many's values are kk_q_dequant's, the per-expert loop's
- * panels, bit for bit).
- */
-static bool
-experts_grouped(kl_backend *be, const cuda_moe_tables *tab, const kl_moe_layer *w, const int *st, int E, int D,
-				int F, const float *x, const int *xrow, size_t nk, float *g, float *u, float *ye)
-{
-	cuda_state *cs = CS(be);
-	uint16_t   *x16 = cuda_buf(be, CB_MOE_X, sizeof(uint16_t) * nk * D);
-	uint16_t   *h16 = cuda_buf(be, CB_MOE_H16, sizeof(uint16_t) * nk * F);
-	int		   *used = malloc(sizeof(int) * (size_t) E);
-	moe_stage	sg = {0};
-	bool		ok = false;
-	int			nu = 0;
-
-	if (!used)
-		cuda_fail(be, KL_E_RESOURCES, "out of memory");
-	if (!x16 || !h16 || !used)
-		goto out;
-	for (int e = 0; e < E; e++)
-		if (st[e + 1] > st[e])
-			used[nu++] = e;
-	kk_gather_rows_bf16(cs->stream, x16, x, D, xrow, (int) nk, D);
-	if (!cuda_launched(be, "gather rows (bf16)"))
-		goto out;
-	if (!stage_open(be, &sg, w, used, nu, false, tab->fmt_gu, tab->group_gu, F, D) ||
-		!stage_products(be, &sg, used, nu, st, x16, g, u))
-		goto out;
-	free(sg.W);
-	sg.W = NULL;
-	kk_swiglu_bf16(cs->stream, h16, g, u, nk * F);
-	if (!cuda_launched(be, "swiglu (bf16)"))
-		goto out;
-	ok = stage_open(be, &sg, w, used, nu, true, tab->fmt_down, tab->group_down, D, F) &&
-		stage_products(be, &sg, used, nu, st, h16, ye, NULL);
-out:
-	free(sg.W);
-	free(used);
-	return ok;
-}
-
-/* the forms the grouped path takes: bf16, and quantized ones unless KL_CUDA_Q_GROUPED=0 */
-static bool
-grouped_form(const cuda_state *cs, int fmt)
-{
-	return fmt == KK_WF_BF16 || (fmt >= KK_WF_FP8 && cs->q_grouped);
 }
 
 /* ------------------------------------------------------------------ the op */
@@ -703,9 +562,9 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		if (!xe || !host_group(be, n, E, k, sel, xrow, inv))
 			return;
 		st = cs->h_start;
-		/* bf16 precision: grouped products for bf16 and quantized experts (fp32 ones loop) */
-		if (cs->bf16 && tab->uniform && grouped_form(cs, tab->fmt_gu) && grouped_form(cs, tab->fmt_down) &&
-			!cs->no_grouped_gemm && experts_grouped(be, tab, w, st, E, D, F, x, xrow, nk, g, u, ye))
+		/* (bf16 experts only: quantized ones go through cuda_matmul_raw's panels) */
+		if (cs->bf16 && wbf && tab->fmt_down == KK_WF_BF16 && tab->uniform && !cs->no_grouped_gemm &&
+			experts_grouped(be, w, st, E, D, F, x, xrow, nk, g, u, ye))
 			goto shared;
 		if (be->failed)
 			return;
