@@ -840,7 +840,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
 				   *qm = getenv("KL_CUDA_Q_MMA"),
 				   *qem = getenv("KL_CUDA_Q_EXPERT_MMA"),
-				   *qpn = getenv("KL_CUDA_Q_PANEL"),
 				   *gs = getenv("KL_CUDA_GEMV_MMA_SLAB"),
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
 				   *ms = getenv("KL_CUDA_MLA_SMALL"),
@@ -866,10 +865,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->gemv_mma_min = gm && *gm ? (atoi(gm) > 0 ? atoi(gm) : INT_MAX) : 8;
 		cs->q_mma_min = qm && *qm ? (atoi(qm) > 0 ? atoi(qm) : INT_MAX) : 2;
 		cs->q_expert_mma_min = qem && *qem ? (atoi(qem) > 0 ? atoi(qem) : 0) : 4;
-		/* the most rows a dense quantized product takes mma_q.cu's kernel before
-		 * a converted panel and cuBLAS do it instead (KL_CUDA_Q_PANEL=N: from N
-		 * rows; 0: never) */
-		cs->q_mma_max_rows = qpn && *qpn ? (atoi(qpn) > 0 ? atoi(qpn) - 1 : INT_MAX) : 8;
 		cs->sample_wide = !(sw && strcmp(sw, "0") == 0);
 		cs->mla_small = !(ms && strcmp(ms, "0") == 0);
 		cs->prefetch_min = pf && *pf ? (atoi(pf) > 0 ? atoi(pf) : INT_MAX) : 8;

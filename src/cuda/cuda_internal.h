@@ -205,9 +205,6 @@ typedef struct cuda_state
 	 * FP8 at batch 4 4.22 ms a step against 5.30 on the CUDA cores, batch 2
 	 * 3.35 against 3.31, H200 2026-11-30; 0: never) */
 	int			q_expert_mma_min;
-	/* dense quantized products of more rows than this (bf16 precision) whose
-	 * matrix fits one panel: converted panel and cuBLAS (KL_CUDA_Q_PANEL) */
-	int			q_mma_max_rows;
 	/* fused routing in warps (kk_moe_route_group_warp) for steps of at most
 	 * this many tokens; 0: the block kernel (KL_CUDA_ROUTE_WARP) */
 	int			route_warp;

@@ -101,21 +101,6 @@ matmul_q_panels(kl_backend *be, float *y, int ldy, const float *x, int ldx, int 
 }
 
 /*
- * Does W convert into one bf16 panel (matmul_q_panels' scratch)?  From
- * KL_CUDA_Q_PANEL rows (default 9) such a matrix is converted and goes
- * through cuBLAS rather than mma_q.cu's kernel, which stages every row of
- * the activations for each 16-row tile of weights: at 32 rows a KDA
- * projection (4096 x 2304) takes 25 us there, ~6 us in cuBLAS after a
- * ~7 us conversion (H200, 2026-11-30).  lm_head does not fit: the
- * conversion would write twice its FP8 bytes a step.
- */
-static bool
-q_fits_panel(const cuda_state *cs, const kl_weight *W)
-{
-	return cs->bf16 && (size_t) W->rows * W->cols <= PANEL_FLOATS * sizeof(float) / sizeof(uint16_t);
-}
-
-/*
  * y = x W^T for a quantized W (kernels.h's device form): few rows stream the
  * quantized bytes once (gemv_q.cu in fp32 arithmetic; in bf16 precision from
  * KL_CUDA_Q_MMA rows the tensor-core kernels of mma_q.cu, up to 64 rows);
@@ -128,7 +113,7 @@ matmul_quantized(kl_backend *be, float *y, int ldy, const float *x, int ldx, int
 	cuda_state *cs = CS(be);
 	int			fmt = cuda_weight_fmt(W);
 
-	if (q_on_tensor_cores(cs, n, W) && (n <= cs->q_mma_max_rows || !q_fits_panel(cs, W)))
+	if (q_on_tensor_cores(cs, n, W))
 	{
 		kk_gemv_mma_q(cs->stream, y, ldy, x, ldx, n, W->dev, fmt, W->q.group, W->rows, W->cols);
 		cuda_launched(be, "gemv_mma_q");
