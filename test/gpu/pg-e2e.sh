@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # pg-e2e.sh — the extension end to end on the GPU machine: PostgreSQL started by
 # test/gpu/pg-on-device.sh with kimi_linear preloaded, the bundled model
-# loaded three times (kimi_linear.device = cpu, = cuda, and cuda with kimi_linear.precision = bf16), then generate, say and
+# loaded three times (kimi_linear.device = cpu, = cuda, and cuda with kimi_linear.precision = bf16), and quantized at
+# load to FP8 on each device, then generate, say and
 # state hand-over between the devices, each checked; prints "N passed, N failed".
 #
 # On the development machine (see bench/results/cuda.md for the last run):
@@ -69,6 +70,18 @@ check "a state saved on cpu continues on cuda as on cpu" "$a" "$b"
 before=$(q "SELECT md5(state) FROM kimi_linear.conversations WHERE id = $cid_gpu")
 q "BEGIN; SELECT kimi_linear.say($cid_gpu, 'Roll me back', max_tokens => 8); ROLLBACK" >/dev/null
 check "rolled-back say on cuda" "$(q "SELECT md5(state) FROM kimi_linear.conversations WHERE id = $cid_gpu")" "$before"
+# quantized at load: the GPU keeps the FP8 weights as they are (no "dequantized" in weight_format, the CPU's
+# bytes) and its greedy ids equal the CPU's FP8 model's
+q "SET kimi_linear.device = 'cpu'; SELECT kimi_linear.load_model('cpu8', 'pgdocs-kimi-18m', quantize => 'fp8')" >/dev/null
+out=$(q "SET kimi_linear.device = 'cuda'; SELECT kimi_linear.load_model('gpu8', 'pgdocs-kimi-18m', quantize => 'fp8')")
+check "load_model quantize => fp8 on cuda" "$out" ""
+check "fp8 on cuda: kept in FP8, the CPU's weight bytes" \
+	"$(q "SELECT g.weight_format LIKE 'fp8%' AND g.weight_format NOT LIKE '%dequantized%' AND g.weight_bytes = c.weight_bytes FROM kimi_linear.models g, kimi_linear.models c WHERE g.name = 'gpu8' AND c.name = 'cpu8'")" "t"
+for p in 'The VACUUM command' 'To restore a dump, run'; do
+	c=$(q "SELECT kimi_linear.generate_tokens('$p', max_tokens => 48, model => 'cpu8', ignore_eos => true)")
+	g=$(q "SELECT kimi_linear.generate_tokens('$p', max_tokens => 48, model => 'gpu8', ignore_eos => true)")
+	check "generate '$p' with FP8 weights: 48 greedy ids on cuda = on cpu" "$g" "$c"
+done
 q "SELECT count(*) FROM kimi_linear.workers" >/dev/null && check "server up" "$(q 'SELECT 1')" "1"
 grep -iE "error|fatal|panic" /tmp/pg.log | head -5
 echo "$pass passed, $fail failed"
