@@ -246,8 +246,8 @@ run_stream(cudaStream_t s, float *y, const float *x, const uint16_t *W, int rows
 __global__ void
 q_sweep_fill(uint8_t *p, int fmt, int group, int rows, int cols, uint32_t seed)
 {
-	size_t		data = (size_t) rows * q_row_bytes(fmt, cols),
-				so = q_scale_offset(rows, fmt, cols),
+	size_t		data = (size_t) rows * kk_q_row_bytes(fmt, cols),
+				so = kk_q_scale_offset(rows, fmt, cols),
 				ns = (size_t) rows * ((cols + group - 1) / group);
 
 	for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x; i < data; i += (size_t) gridDim.x * blockDim.x)
@@ -269,8 +269,8 @@ __global__ void
 q_sweep_naive(float *y, const float *x, const uint8_t *W, int fmt, int group, int rows, int cols, int n)
 {
 	int			o = blockIdx.x * blockDim.x + threadIdx.x;
-	size_t		rb = q_row_bytes(fmt, cols);
-	const float *sc = (const float *) (W + q_scale_offset(rows, fmt, cols)) + (size_t) o * ((cols + group - 1) / group);
+	size_t		rb = kk_q_row_bytes(fmt, cols);
+	const float *sc = (const float *) (W + kk_q_scale_offset(rows, fmt, cols)) + (size_t) o * ((cols + group - 1) / group);
 
 	if (o >= rows)
 		return;

@@ -11,6 +11,7 @@
 
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "kernels.h"
 
@@ -181,6 +182,80 @@ static inline unsigned
 ceil_div(size_t a, size_t b)
 {
 	return (unsigned) ((a + b - 1) / b);
+}
+
+/*
+ * sums[w * NR + r] = the block's total of acc[w][r] (shared memory; every
+ * thread sees it on return).  Warp sums, then the warps' partials added in
+ * warp order: the same result on every run.  (The block-rows GEMVs of
+ * gemv.cu and gemv_q.cu.)
+ */
+template <int NR, int RB, int BT>
+__device__ __forceinline__ void
+rows_block_sum(float (&acc)[RB][NR], float *sums)
+{
+	__shared__ float part[RB * NR][BT / 32];
+	int			lane = threadIdx.x & 31,
+				warp = threadIdx.x >> 5;
+
+#pragma unroll
+	for (int w = 0; w < RB; w++)
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+		{
+			float		v = warp_sum(acc[w][r]);
+
+			if (lane == 0)
+				part[w * NR + r][warp] = v;
+		}
+	__syncthreads();
+	for (int i = threadIdx.x; i < RB * NR; i += BT)
+	{
+		float		v = 0;
+
+#pragma unroll
+		for (int k = 0; k < BT / 32; k++)
+			v += part[i][k];
+		sums[i] = v;
+	}
+	__syncthreads();
+}
+
+/* first_block of every job of a tensor-core GEMV batch whose blocks take T
+ * 16-row tiles each; returns the grid's blocks (expert_mma.cu, mma_q.cu) */
+static inline int
+kk_tile_blocks(kk_gemv_batch *b, int T)
+{
+	int			blocks = 0;
+
+	for (int j = 0; j < b->count; j++)
+	{
+		b->first_block[j] = blocks;
+		blocks += ceil_div(ceil_div(b->job[j].rows, 16), T);
+	}
+	b->first_block[b->count] = blocks;
+	return blocks;
+}
+
+/* a batch of one product, y[n, rows] = x W^T in form fmt (KK_WF_*; group:
+ * columns per scale of a quantized W), for the one-matrix launchers */
+static inline void
+kk_one_job(kk_gemv_batch *b, float *y, int ldy, const float *x, int ldx, int n, const void *W, int fmt, int group,
+		   int rows, int cols)
+{
+	memset(b, 0, sizeof(*b));
+	b->n = n;
+	b->count = 1;
+	b->job[0].y = y;
+	b->job[0].x = x;
+	b->job[0].W = W;
+	b->job[0].ldy = ldy;
+	b->job[0].ldx = ldx;
+	b->job[0].rows = rows;
+	b->job[0].cols = cols;
+	b->job[0].fmt = fmt;
+	b->job[0].bf16 = fmt == KK_WF_BF16;
+	b->job[0].group = group;
 }
 
 /*

@@ -694,21 +694,6 @@ kk_set_gemv_mma_slab(int on)
 	kk_gemv_slab = on;
 }
 
-/* first_block of every job for slabs of T tiles; returns the grid's blocks */
-static int
-gemv_mma_blocks(kk_gemv_batch *b, int T)
-{
-	int			blocks = 0;
-
-	for (int j = 0; j < b->count; j++)
-	{
-		b->first_block[j] = blocks;
-		blocks += ceil_div(ceil_div(b->job[j].rows, 16), T);
-	}
-	b->first_block[b->count] = blocks;
-	return blocks;
-}
-
 /*
  * The slab launch: T the largest of 8, 4, 2, 1 that still gives two blocks
  * an SM (fewer, bigger slabs stage the activations fewer times; below that
@@ -735,9 +720,9 @@ gemv_slab_launch(cudaStream_t s, kk_gemv_batch *b)
 	if (cudaGetDevice(&dev) != cudaSuccess ||
 		cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
 		sms = 132;
-	blocks = gemv_mma_blocks(b, T);
+	blocks = kk_tile_blocks(b, T);
 	while (T > 1 && blocks < 2 * sms)
-		blocks = gemv_mma_blocks(b, T /= 2);
+		blocks = kk_tile_blocks(b, T /= 2);
 	/*
 	 * Only tall products: slabs of 4+ tiles won on the H200 (lm_head 68 -> 91 %
 	 * of a plain read, 8 expert downs 60 -> 73 %), while with 1-2 tiles a block
@@ -764,7 +749,7 @@ kk_gemv_multi_mma_as(cudaStream_t s, kk_gemv_batch *b, int slab)
 		b->job[j].vec = b->job[j].ldx % 4 == 0 && ((uintptr_t) b->job[j].x & 15) == 0;
 	if (slab && gemv_slab_launch(s, b))
 		return;
-	kk_launch(gemv_mma_kernel, dim3(gemv_mma_blocks(b, 1)), dim3(GM_WARPS * 32), 0, s, *b);
+	kk_launch(gemv_mma_kernel, dim3(kk_tile_blocks(b, 1)), dim3(GM_WARPS * 32), 0, s, *b);
 }
 
 extern "C" void
@@ -778,16 +763,6 @@ kk_gemv_mma(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, c
 {
 	kk_gemv_batch b;
 
-	memset(&b, 0, sizeof(b));
-	b.n = n;
-	b.count = 1;
-	b.job[0].y = y;
-	b.job[0].x = x;
-	b.job[0].W = W;
-	b.job[0].ldy = ldy;
-	b.job[0].ldx = ldx;
-	b.job[0].rows = rows;
-	b.job[0].cols = cols;
-	b.job[0].bf16 = 1;
+	kk_one_job(&b, y, ldy, x, ldx, n, W, KK_WF_BF16, 0, rows, cols);
 	kk_gemv_multi_mma(s, &b);
 }

@@ -208,42 +208,6 @@ rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB]
 }
 
 /*
- * sums[w * NR + r] = the block's total of acc[w][r] (shared memory; every
- * thread sees it on return).  Warp sums, then the warps' partials added in
- * warp order: the same result on every run.
- */
-template <int NR, int RB, int BT>
-__device__ __forceinline__ void
-rows_block_sum(float (&acc)[RB][NR], float *sums)
-{
-	__shared__ float part[RB * NR][BT / 32];
-	int			lane = threadIdx.x & 31,
-				warp = threadIdx.x >> 5;
-
-#pragma unroll
-	for (int w = 0; w < RB; w++)
-#pragma unroll
-		for (int r = 0; r < NR; r++)
-		{
-			float		v = warp_sum(acc[w][r]);
-
-			if (lane == 0)
-				part[w * NR + r][warp] = v;
-		}
-	__syncthreads();
-	for (int i = threadIdx.x; i < RB * NR; i += BT)
-	{
-		float		v = 0;
-
-#pragma unroll
-		for (int k = 0; k < BT / 32; k++)
-			v += part[i][k];
-		sums[i] = v;
-	}
-	__syncthreads();
-}
-
-/*
  * y[r, row0 + w] = W_w . x_r for the block's RB rows of W [rows, cols], NR
  * input rows: the body of both block-rows kernels.  The first weight pieces
  * are requested before kk_dep_wait (weights do not depend on earlier kernels).

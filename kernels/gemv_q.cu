@@ -62,24 +62,6 @@ q_piece_cols(int fmt)
 }
 
 /*
- * kernels.h's layout helpers (kk_q_row_bytes, kk_q_scale_offset,
- * kk_q_groups) for device code, where the header's host inline functions
- * cannot be called: the same formulas.
- */
-__device__ __forceinline__ size_t
-q_row_bytes(int fmt, int cols)
-{
-	return fmt == KK_WF_INT4 ? (size_t) (cols + 7) / 8 * 4 : fmt == KK_WF_F32 ? (size_t) cols * 4
-		: fmt == KK_WF_BF16 ? (size_t) cols * 2 : (size_t) cols;
-}
-
-__device__ __forceinline__ size_t
-q_scale_offset(int rows, int fmt, int cols)
-{
-	return ((size_t) rows * q_row_bytes(fmt, cols) + 255) & ~(size_t) 255;
-}
-
-/*
  * The factor the decoded FP8 values carry (the f16 shift gives the weight
  * times 2^-8): the kernels multiply the scale by its inverse, 256 there.
  * Exact, as |scale| < 256 (kl_q_validate).
@@ -269,8 +251,8 @@ template <int RB>
 __device__ __forceinline__ void
 q_rows_init(q_rows<RB> &R, const void *W, const void *W1, int half, int fmt, int group, int rows, int cols, int row0)
 {
-	size_t		rb = q_row_bytes(fmt, cols);
-	size_t		so = q_scale_offset(rows, fmt, cols);
+	size_t		rb = kk_q_row_bytes(fmt, cols);
+	size_t		so = kk_q_scale_offset(rows, fmt, cols);
 	int			ng = (cols + group - 1) / group;
 	int			pc = q_piece_cols(fmt);
 
@@ -422,38 +404,6 @@ q_rows_dot_any(float (&acc)[RB][NR], uint4 (&raw)[RB], const q_rows<RB> &R, cons
 	}
 }
 
-/* sums[w * NR + r]: the block's total of acc[w][r] (warp sums, then warps in order: deterministic) */
-template <int NR, int RB, int BT>
-__device__ __forceinline__ void
-q_block_sum(float (&acc)[RB][NR], float *sums)
-{
-	__shared__ float part[RB * NR][BT / 32];
-	int			lane = threadIdx.x & 31,
-				warp = threadIdx.x >> 5;
-
-#pragma unroll
-	for (int w = 0; w < RB; w++)
-#pragma unroll
-		for (int r = 0; r < NR; r++)
-		{
-			float		v = warp_sum(acc[w][r]);
-
-			if (lane == 0)
-				part[w * NR + r][warp] = v;
-		}
-	__syncthreads();
-	for (int i = threadIdx.x; i < RB * NR; i += BT)
-	{
-		float		v = 0;
-
-#pragma unroll
-		for (int k = 0; k < BT / 32; k++)
-			v += part[i][k];
-		sums[i] = v;
-	}
-	__syncthreads();
-}
-
 /*
  * sums[w * NR + r] = W_w . x_r for the block's rows (x rows xr): the vector
  * path where vec (raw already holds the first pieces when LOADED), else the
@@ -482,7 +432,7 @@ q_rows_sums(const q_rows<RB> &R, uint4 (&raw)[RB], bool vec, bool loaded, const 
 	}
 	else
 		q_rows_scalar<NR, RB, BT>(acc, R, xr);
-	q_block_sum<NR, RB, BT>(acc, sums);
+	rows_block_sum<NR, RB, BT>(acc, sums);
 }
 
 /* ------------------------------------------------------------------ plain and batched */
@@ -633,18 +583,7 @@ kk_gemv_q(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, con
 
 	if (n <= 0 || rows <= 0 || cols <= 0)
 		return;
-	memset(&b, 0, sizeof(b));
-	b.count = 1;
-	b.job[0].y = y;
-	b.job[0].x = x;
-	b.job[0].W = W;
-	b.job[0].ldy = ldy;
-	b.job[0].ldx = ldx;
-	b.job[0].rows = rows;
-	b.job[0].cols = cols;
-	b.job[0].fmt = fmt;
-	b.job[0].bf16 = fmt == KK_WF_BF16;
-	b.job[0].group = group;
+	kk_one_job(&b, y, ldy, x, ldx, n, W, fmt, group, rows, cols);
 	/* the full passes of 8 rows in one launch (grid.y), then the rest */
 	if (full > 0)
 	{

@@ -163,6 +163,12 @@ void		kk_gemv_multi_mma_as(cudaStream_t s, kk_gemv_batch *b, int slab);
  * 16-byte aligned where cols % 16 == 0 (fp8, int8) or cols % 32 == 0 (int4);
  * other shapes must still give right answers (a scalar path).
  */
+/* the layout helpers below serve host and device code alike */
+#ifdef __CUDACC__
+#define KK_HD __host__ __device__
+#else
+#define KK_HD
+#endif
 enum
 {
 	KK_WF_F32 = 0,
@@ -171,24 +177,24 @@ enum
 	KK_WF_INT8 = 3,
 	KK_WF_INT4 = 4
 };
-static inline size_t
+KK_HD static inline size_t
 kk_q_row_bytes(int fmt, int cols)
 {
 	return fmt == KK_WF_INT4 ? (size_t) (cols + 7) / 8 * 4 : fmt == KK_WF_F32 ? (size_t) cols * 4
 		: fmt == KK_WF_BF16 ? (size_t) cols * 2 : (size_t) cols;
 }
-static inline size_t
+KK_HD static inline size_t
 kk_q_scale_offset(int rows, int fmt, int cols)
 {
 	return ((size_t) rows * kk_q_row_bytes(fmt, cols) + 255) & ~(size_t) 255;
 }
-static inline int
+KK_HD static inline int
 kk_q_groups(int cols, int group)
 {
 	return (cols + group - 1) / group;
 }
 /* bytes of the whole object */
-static inline size_t
+KK_HD static inline size_t
 kk_q_bytes(int rows, int fmt, int cols, int group)
 {
 	return kk_q_scale_offset(rows, fmt, cols) + sizeof(float) * (size_t) rows * kk_q_groups(cols, group);

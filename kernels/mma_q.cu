@@ -74,19 +74,6 @@
 #define MQ_FP8_SCALE 0x1p56f	/* 2^120 (the decode) / 2^64 (the staged activations) */
 #define MQ_FP8_XSCALE 0x1p64f
 
-/* kernels.h's layout functions (host-only C inlines there), for device code too */
-__host__ __device__ static inline size_t
-mq_row_bytes(int fmt, int cols)
-{
-	return fmt == KK_WF_INT4 ? (size_t) (cols + 7) / 8 * 4 : (size_t) cols;
-}
-
-__host__ __device__ static inline size_t
-mq_scale_offset(int rows, int fmt, int cols)
-{
-	return ((size_t) rows * mq_row_bytes(fmt, cols) + 255) & ~(size_t) 255;
-}
-
 /* ------------------------------------------------------------------ decoding */
 
 __device__ __forceinline__ uint32_t
@@ -394,9 +381,9 @@ gemv_mma_q_kernel(kk_gemv_batch b, int T, int seg)
 	bool		live = r0 < rows;
 	int			ra = r0 + g < rows ? r0 + g : rows - 1,
 				rb = r0 + g + 8 < rows ? r0 + g + 8 : rows - 1;
-	size_t		rbytes = mq_row_bytes(FMT, cols);
+	size_t		rbytes = kk_q_row_bytes(FMT, cols);
 	const uint8_t *W = (const uint8_t *) jb->W;
-	const float *sc = (const float *) (W + mq_scale_offset(rows, FMT, cols));
+	const float *sc = (const float *) (W + kk_q_scale_offset(rows, FMT, cols));
 	float		tot[NB][4];
 	St			st;
 
@@ -530,21 +517,6 @@ mq_sms(void)
  */
 static int	mq_sm_blocks = 2;
 
-/* first_block of every job for T tiles a block; returns the grid's blocks */
-static int
-mq_blocks(kk_gemv_batch *b, int T)
-{
-	int			blocks = 0;
-
-	for (int j = 0; j < b->count; j++)
-	{
-		b->first_block[j] = blocks;
-		blocks += ceil_div(ceil_div(b->job[j].rows, 16), T);
-	}
-	b->first_block[b->count] = blocks;
-	return blocks;
-}
-
 template <int FMT, int LW, int NB, bool GROUPED>
 static void
 mq_launch_dense(cudaStream_t s, kk_gemv_batch *b)
@@ -566,9 +538,9 @@ mq_launch_dense(cudaStream_t s, kk_gemv_batch *b)
 	smem = (size_t) NB * 8 * mq_ld_for(seg * CK) * sizeof(uint16_t);
 	if (smem < (size_t) MQ_WARPS * NB * 4 * 32 * sizeof(float))
 		smem = (size_t) MQ_WARPS * NB * 4 * 32 * sizeof(float);	/* the partial tiles */
-	blocks = mq_blocks(b, T);
+	blocks = kk_tile_blocks(b, T);
 	while (T > 1 && blocks < mq_sm_blocks * sms)
-		blocks = mq_blocks(b, T /= 2);
+		blocks = kk_tile_blocks(b, T /= 2);
 	if (smem > 48 * 1024)
 		cudaFuncSetAttribute(gemv_mma_q_kernel<FMT, LW, NB, GROUPED>, cudaFuncAttributeMaxDynamicSharedMemorySize,
 							 (int) smem);
@@ -662,18 +634,7 @@ kk_gemv_mma_q(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n,
 {
 	kk_gemv_batch b;
 
-	memset(&b, 0, sizeof(b));
-	b.n = n;
-	b.count = 1;
-	b.job[0].y = y;
-	b.job[0].x = x;
-	b.job[0].W = W;
-	b.job[0].ldy = ldy;
-	b.job[0].ldx = ldx;
-	b.job[0].rows = rows;
-	b.job[0].cols = cols;
-	b.job[0].fmt = fmt;
-	b.job[0].group = group;
+	kk_one_job(&b, y, ldy, x, ldx, n, W, fmt, group, rows, cols);
 	kk_gemv_multi_mma_q(s, &b);
 }
 
@@ -708,8 +669,8 @@ expert_mma_q_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, 
 				e,
 				first,
 				count;
-	size_t		rbytes = mq_row_bytes(FMT, cols),
-				soff = mq_scale_offset(rows, FMT, cols);
+	size_t		rbytes = kk_q_row_bytes(FMT, cols),
+				soff = kk_q_scale_offset(rows, FMT, cols);
 	float		tot[NM][1][4];
 	St			st[NM];
 
