@@ -5,10 +5,18 @@
  *
  *   bench_cuda ceilings
  *       device-to-device copy bandwidth (bytes read + written) and the bf16
- *       GEMM rate of an 8192^3 product through the backend's matmul
+ *       GEMM rate of an 8192^3 product through the backend's matmul (and
+ *       PyTorch's, measured once: the prefill roofline takes the higher)
+ *   bench_cuda moe T1,T2,... [CONFIG]
+ *       the MoE feed-forward op of one prefill step alone at CONFIG's shape
+ *       (default bench/configs/kimi-linear-48b-a3b.json), T tokens, random
+ *       bf16 weights, precision bf16, grouped GEMMs and (KL_CUDA_GROUPED_GEMM=0)
+ *       a product per expert: the op's time and its expert products' rate
+ *       against the bf16 GEMM ceiling (see moe_alone)
  *   bench_cuda model CONFIG [--prefill 4096,32768] [--decode-ctx 4096,32768]
  *                    [--batches 1,8,32,64] [--steps N] [--step-tokens N] [--profile 1]
  *                    [--sample logits|greedy|topp] [--quantize fp8|int8|int4]
+ *                    [--ceiling-tflops X]
  *       a random bf16 model of CONFIG's shape made on the GPU
  *       (kl_model_create_random, precision bf16; --quantize: the matrices
  *       quantization at load takes made on the GPU in that form instead, the
@@ -20,7 +28,11 @@
  *       (the host samples), greedy / topp (temperature 0.8, top-p 0.9, the
  *       default) sample on the device and download only the ids; the kernels
  *       of a step's graph are counted; --profile 1 adds, per decode point,
- *       the time per part of the step (graphs off and every op waited for).
+ *       the time per part of the step (graphs off and every op waited for),
+ *       and per prefill length the same for one more prefill (every op
+ *       waited for).  Prefill lines give roofline_s = FLOPs / ceiling, the
+ *       ceiling the higher of PyTorch's 789 TFLOP/s and --ceiling-tflops X
+ *       (pass `ceilings`' bf16_gemm_TFLOPs), and pct_of_roofline.
  *       KL_BENCH_NCU_STEPS=N: N more decode steps inside cudaProfilerStart /
  *       Stop (bench-cuda.sh ncu-step profiles just those); KL_BENCH_TAG=x
  *       labels the RESULT lines (variants of one table)
@@ -45,6 +57,10 @@
  * Roofline terms are computed here from the config (see the comments at
  * decode_bytes and prefill_flops).
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE				/* dladdr */
+#endif
+#include <dlfcn.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,6 +71,7 @@
 #include <cuda_runtime_api.h>
 
 #include "backend.h"
+#include "config.h"
 #include "model.h"
 
 static void
@@ -100,17 +117,20 @@ cmp_double(const void *a, const void *b)
 
 /* ------------------------------------------------------------------ ceilings */
 
-static void
-ceilings(void)
+/*
+ * PyTorch's bf16 matmul of 8192^3 on the H200 (torch.matmul, measured
+ * 2026-11-29, issue 13): the prefill roofline uses the higher of this and
+ * the rate our backend's GEMM reaches.
+ */
+#define TORCH_BF16_GEMM_TFLOPS 789.0
+
+/* a 1-layer bf16 model on the GPU whose lm_head is an 8192 x 8192 matrix */
+static kl_model *
+ceiling_model(void)
 {
 	kl_load_opts o = {0};
 	kl_model   *m;
 	kl_err		err;
-	kl_backend *be;
-	size_t		n = (size_t) 2 << 30;
-	void	   *a,
-			   *b;
-	double		best = 0;
 	char		cfgpath[] = "/tmp/kl_bench_ceil_XXXXXX";
 	int			fd = mkstemp(cfgpath);
 	const char *cfg =
@@ -125,11 +145,90 @@ ceilings(void)
 	close(fd);
 	o.device = "cuda";
 	o.precision = "bf16";
-	/* a 1-layer model whose lm_head is an 8192 x 8192 bf16 matrix */
 	if (kl_model_create_random(cfgpath, &o, "bf16", 1, &m, &err) != KL_OK)
 		fail("model", &err);
 	unlink(cfgpath);
-	be = m->be;
+	return m;
+}
+
+/*
+ * The bf16 GEMM rate of an 8192^3 product through the backend's matmul
+ * (fp32 activations rounded to bf16 for cuBLAS, as prefill does): TFLOP/s,
+ * the median of 6 timed runs after one warm-up.  x and y: 8192^2 floats.
+ */
+static double
+gemm_tflops(kl_model *m, float *x, float *y)
+{
+	kl_backend *be = m->be;
+	int			N = 8192;
+	double		times[7];
+
+	for (int r = 0; r < 7; r++)
+	{
+		double		t0;
+
+		be->ops->sync(be);
+		t0 = kl_now();
+		be->ops->matmul(be, y, N, x, N, N, &m->lm_head);
+		be->ops->sync(be);
+		times[r] = kl_now() - t0;
+	}
+	qsort(times + 1, 6, sizeof(double), cmp_double);
+	return 2.0 * N * (double) N * N / times[3] / 1e12;
+}
+
+/* random fp32 activations [n] uploaded to the device (xorshift; values in [-1, 1)) */
+static float *
+random_device_floats(kl_backend *be, size_t n)
+{
+	float	   *hx = malloc(sizeof(float) * n);
+	float	   *x = be->ops->alloc(be, sizeof(float) * n);
+	uint64_t	s = 88172645463325252ull;
+
+	if (!hx || !x)
+		fail("activations", NULL);
+	for (size_t i = 0; i < n; i++)
+	{
+		s ^= s << 13;
+		s ^= s >> 7;
+		s ^= s << 17;
+		hx[i] = (float) ((s >> 40) * (1.0 / 16777216.0) * 2 - 1);
+	}
+	be->ops->upload(be, x, hx, sizeof(float) * n);
+	free(hx);
+	return x;
+}
+
+/* the bf16 GEMM rate measured here and now (a model of its own, freed) */
+static double
+measure_gemm_tflops(void)
+{
+	kl_model   *m = ceiling_model();
+	size_t		xs = (size_t) 8192 * 8192;
+	float	   *x = random_device_floats(m->be, xs),
+			   *y = m->be->ops->alloc(m->be, sizeof(float) * xs);
+	double		r;
+
+	if (!y)
+		fail("alloc", NULL);
+	r = gemm_tflops(m, x, y);
+	if (m->be->failed)
+		fail("matmul", &m->be->err);
+	m->be->ops->release(m->be, x);
+	m->be->ops->release(m->be, y);
+	kl_model_free(m);
+	return r;
+}
+
+static void
+ceilings(void)
+{
+	kl_model   *m = ceiling_model();
+	kl_backend *be = m->be;
+	size_t		n = (size_t) 2 << 30;
+	void	   *a,
+			   *b;
+	double		best = 0;
 
 	a = be->ops->alloc(be, n);
 	b = be->ops->alloc(be, n);
@@ -155,33 +254,14 @@ ceilings(void)
 	{
 		int			N = 8192;
 		size_t		xs = (size_t) N * N;
-		float	   *hx = malloc(sizeof(float) * xs);
-		float	   *x = be->ops->alloc(be, sizeof(float) * xs),
+		float	   *x = random_device_floats(be, xs),
 				   *y = be->ops->alloc(be, sizeof(float) * xs);
-		uint64_t	s = 88172645463325252ull;
 		double		times[7];
 
-		for (size_t i = 0; i < xs; i++)
-		{
-			s ^= s << 13;
-			s ^= s >> 7;
-			s ^= s << 17;
-			hx[i] = (float) ((s >> 40) * (1.0 / 16777216.0) * 2 - 1);
-		}
-		be->ops->upload(be, x, hx, sizeof(float) * xs);
-		free(hx);
-		for (int r = 0; r < 7; r++)
-		{
-			double		t0;
-
-			be->ops->sync(be);
-			t0 = kl_now();
-			be->ops->matmul(be, y, N, x, N, N, &m->lm_head);
-			be->ops->sync(be);
-			times[r] = kl_now() - t0;
-		}
-		qsort(times + 1, 6, sizeof(double), cmp_double);
-		printf("RESULT kind=ceiling what=bf16_gemm_TFLOPs value=%.1f\n", 2.0 * N * (double) N * N / times[3] / 1e12);
+		if (!y)
+			fail("alloc", NULL);
+		printf("RESULT kind=ceiling what=bf16_gemm_TFLOPs value=%.1f\n", gemm_tflops(m, x, y));
+		printf("RESULT kind=ceiling what=torch_bf16_gemm_TFLOPs value=%.1f\n", TORCH_BF16_GEMM_TFLOPS);
 		/* our GEMV: one row against the 134 MB matrix (more than L2 holds) */
 		for (int r = 0; r < 7; r++)
 		{
@@ -510,6 +590,178 @@ drift(const char *dir, int steps, const char *prec)
 	}
 }
 
+/* ------------------------------------------------------------------ the MoE op alone */
+
+/*
+ * The hook of the CUDA library that times a prefill MoE op's expert
+ * products (kl_cuda_bench_moe_products, cuda_moe.c), found in the library
+ * that holds the backend's ops table; NULL when it lacks it.
+ */
+typedef int (*moe_products_fn) (kl_backend *be, int mode, float ms[2]);
+
+static moe_products_fn
+moe_products_hook(kl_backend *be)
+{
+	Dl_info		info;
+	void	   *lib = NULL;
+
+	if (dladdr((const void *) be->ops, &info) && info.dli_fname)
+		lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+	/* the handle stays open: the backend's library is loaded for the whole run anyway */
+	return lib ? (moe_products_fn) dlsym(lib, "kl_cuda_bench_moe_products") : NULL;
+}
+
+/*
+ * A 1-layer random bf16 model whose only layer has CONFIG's MoE feed-forward
+ * (hidden size, experts, top k, shared experts, width, routing rule) and a
+ * token mixer too small to matter, precision bf16, on the GPU.
+ */
+static kl_model *
+moe_model(const kl_config *c)
+{
+	char		cfgpath[] = "/tmp/kl_bench_moe_XXXXXX";
+	char		cfg[2048];
+	int			fd = mkstemp(cfgpath);
+	kl_load_opts o = {0};
+	kl_model   *m;
+	kl_err		err;
+
+	snprintf(cfg, sizeof(cfg),
+			 "{\"model_type\": \"kimi_linear\", \"vocab_size\": 64, \"hidden_size\": %d, \"num_hidden_layers\": 1,"
+			 " \"intermediate_size\": 64, \"rms_norm_eps\": 1e-5, \"linear_attn_config\": {\"kda_layers\": [1],"
+			 " \"full_attn_layers\": [], \"num_heads\": 1, \"head_dim\": 64, \"short_conv_kernel_size\": 4},"
+			 " \"num_attention_heads\": 1, \"kv_lora_rank\": 64, \"qk_nope_head_dim\": 64, \"qk_rope_head_dim\": 64,"
+			 " \"v_head_dim\": 64, \"num_experts\": %d, \"num_experts_per_token\": %d, \"num_shared_experts\": %d,"
+			 " \"moe_intermediate_size\": %d, \"first_k_dense_replace\": 0, \"moe_layer_freq\": 1,"
+			 " \"moe_renormalize\": %s, \"routed_scaling_factor\": %g, \"num_expert_group\": %d, \"topk_group\": %d,"
+			 " \"moe_router_activation_func\": \"%s\"}",
+			 c->hidden_size, c->n_experts, c->experts_per_token, c->n_shared_experts, c->moe_intermediate,
+			 c->moe_renormalize ? "true" : "false", c->routed_scaling, c->n_expert_groups, c->topk_groups,
+			 c->router_softmax ? "softmax" : "sigmoid");
+	if (fd < 0 || write(fd, cfg, strlen(cfg)) != (ssize_t) strlen(cfg))
+		fail("temporary config", NULL);
+	close(fd);
+	o.device = "cuda";
+	o.precision = "bf16";
+	if (kl_model_create_random(cfgpath, &o, "bf16", 7, &m, &err) != KL_OK)
+		fail("model", &err);
+	unlink(cfgpath);
+	if (!m->layers[0].is_moe)
+		fail("the config's MoE layer (is num_experts set?)", NULL);
+	return m;
+}
+
+/*
+ * bench_cuda moe T1,T2,... [CONFIG]: the MoE feed-forward of one prefill
+ * step alone (routing, grouping, expert products, shared expert, combine)
+ * for T tokens of random fp32 activations, precision bf16, in each variant:
+ * "grouped" (today's default: three grouped cuBLAS products a layer) and
+ * "loop" (KL_CUDA_GROUPED_GEMM=0: a product per used expert).  ms: the whole
+ * op (median); products_ms: the expert products alone (events around them,
+ * kl_cuda_bench_moe_products), whose FLOPs are 2 * 3 * D * F * T * (k +
+ * shared experts); their rate against the bf16 GEMM ceiling: the higher of
+ * ours (an 8192^3 product through the backend, measured first in the same
+ * run) and PyTorch's 789 TFLOP/s.  Random routers spread the tokens about
+ * evenly over the experts (T k / E rows each; a trained router is less even).
+ */
+static void
+moe_alone(const char *config, const long *Ts, int nT)
+{
+	static const char *const variants[2] = {"grouped", "loop"};
+	kl_config	c;
+	kl_err		err;
+	double		ours = measure_gemm_tflops(),
+				ceiling = ours > TORCH_BF16_GEMM_TFLOPS ? ours : TORCH_BF16_GEMM_TFLOPS;
+	long		Tmax = 0;
+
+	printf("RESULT kind=ceiling what=bf16_gemm_TFLOPs value=%.1f\n", ours);
+	printf("RESULT kind=ceiling what=torch_bf16_gemm_TFLOPs value=%.1f\n", TORCH_BF16_GEMM_TFLOPS);
+	fflush(stdout);
+	if (kl_config_load(config, &c, &err) != KL_OK)
+		fail("config", &err);
+	if (c.n_experts <= 0)
+		fail("the config has no experts", NULL);
+	for (int i = 0; i < nT; i++)
+		Tmax = Ts[i] > Tmax ? Ts[i] : Tmax;
+	for (int v = 0; v < 2; v++)
+	{
+		kl_model   *m;
+		kl_backend *be;
+		const kl_config *mc;
+		moe_products_fn hook;
+		float	   *x,
+				   *y;
+
+		/* the switch is read when the backend is made */
+		if (v == 1)
+			setenv("KL_CUDA_GROUPED_GEMM", "0", 1);
+		m = moe_model(&c);
+		unsetenv("KL_CUDA_GROUPED_GEMM");
+		be = m->be;
+		mc = kl_model_config(m);
+		hook = moe_products_hook(be);
+		if (!hook || hook(be, 1, NULL) != 0)
+			fprintf(stderr, "bench_cuda: the CUDA library has no kl_cuda_bench_moe_products: no products_ms\n");
+		x = random_device_floats(be, (size_t) Tmax * mc->hidden_size);
+		y = be->ops->alloc(be, sizeof(float) * (size_t) Tmax * mc->hidden_size);
+		if (!y)
+			fail("alloc", NULL);
+		for (int ti = 0; ti < nT; ti++)
+		{
+			int			T = (int) Ts[ti],
+						reps = T >= 16384 ? 5 : 9;
+			double		times[9],
+						prod[9],
+						shared[9],
+						flops = 2.0 * 3 * mc->hidden_size * (double) mc->moe_intermediate * T *
+				(mc->experts_per_token + mc->n_shared_experts);
+			bool		have_prod = hook != NULL;
+
+			/* warm-up: cuBLAS heuristics, working memory of this size */
+			be->ops->moe(be, mc, &m->layers[0].moe, y, x, T);
+			be->ops->sync(be);
+			for (int r = 0; r < reps; r++)
+			{
+				double		t0;
+				float		ms[2] = {0, 0};
+
+				be->ops->sync(be);
+				t0 = kl_now();
+				be->ops->moe(be, mc, &m->layers[0].moe, y, x, T);
+				be->ops->sync(be);
+				times[r] = kl_now() - t0;
+				if (have_prod && hook(be, 0, ms) != 0)
+					have_prod = false;
+				prod[r] = (ms[0] + ms[1]) / 1e3;
+				shared[r] = ms[1] / 1e3;
+			}
+			if (be->failed)
+				fail("moe", &be->err);
+			qsort(times, reps, sizeof(double), cmp_double);
+			qsort(prod, reps, sizeof(double), cmp_double);
+			qsort(shared, reps, sizeof(double), cmp_double);
+			printf("RESULT kind=moe variant=%s T=%d D=%d E=%d k=%d shared=%d F=%d ms=%.3f op_tflops=%.1f", variants[v],
+				   T, mc->hidden_size, mc->n_experts, mc->experts_per_token, mc->n_shared_experts,
+				   mc->moe_intermediate, times[reps / 2] * 1e3, flops / times[reps / 2] / 1e12);
+			if (have_prod)
+			{
+				double		p = prod[reps / 2];
+
+				printf(" products_ms=%.3f shared_ms=%.3f other_ms=%.3f products_tflops=%.1f gemm_tflops=%.1f "
+					   "ceiling_tflops=%.1f pct_of_ceiling=%.1f", p * 1e3, shared[reps / 2] * 1e3,
+					   (times[reps / 2] - p) * 1e3, flops / p / 1e12, ours, ceiling, 100.0 * flops / p / 1e12 / ceiling);
+			}
+			printf(" gpu_GB=%.1f\n", gpu_used_gb());
+			fflush(stdout);
+		}
+		if (hook)
+			hook(be, 2, NULL);
+		be->ops->release(be, x);
+		be->ops->release(be, y);
+		kl_model_free(m);
+	}
+}
+
 /* ------------------------------------------------------------------ the model */
 
 /*
@@ -616,7 +868,8 @@ decode_step(kl_ctx *ctx, kl_batch_item *items, int b, const char *sample, const 
 
 static void
 model_bench(const char *config, const long *pre, int npre, const long *ctxs, int nctx, const long *batches,
-			int nb, int steps, int step_tokens, bool profile, const char *sample, const char *quantize)
+			int nb, int steps, int step_tokens, bool profile, const char *sample, const char *quantize,
+			double ceiling_tflops)
 {
 	const char *tag = getenv("KL_BENCH_TAG") ? getenv("KL_BENCH_TAG") : "";
 	int			ncu_steps = getenv("KL_BENCH_NCU_STEPS") ? atoi(getenv("KL_BENCH_NCU_STEPS")) : 0;
@@ -707,10 +960,37 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 			continue;
 		}
 		dt = kl_now() - t0;
-		printf("RESULT kind=prefill T=%ld s=%.3f tokens_per_s=%.0f tflops=%.1f flops=%.4g gpu_GB=%.1f\n", pre[i], dt,
-			   pre[i] / dt, prefill_flops(c, pre[i], step_tokens) / dt / 1e12, prefill_flops(c, pre[i], step_tokens),
-			   gpu_used_gb());
+		{
+			double		fl = prefill_flops(c, pre[i], step_tokens),
+						roof = fl / (ceiling_tflops * 1e12);
+
+			printf("RESULT kind=prefill tag=%s T=%ld s=%.3f tokens_per_s=%.0f tflops=%.1f flops=%.4g "
+				   "ceiling_tflops=%.1f roofline_s=%.3f pct_of_roofline=%.1f gpu_GB=%.1f\n", tag[0] ? tag : "-",
+				   pre[i], dt, pre[i] / dt, fl / dt / 1e12, fl, ceiling_tflops, roof, 100.0 * roof / dt,
+				   gpu_used_gb());
+		}
 		fflush(stdout);
+		if (profile)
+		{
+			/* where one prefill's time goes: every op waited for (prefill steps run no graphs) */
+			double		parts[KL_PROF_N];
+
+			kl_seq_reset(s);
+			kl_ctx_profile(ctx, true);
+			m->be->ops->sync(m->be);
+			t0 = kl_now();
+			if (kl_forward(ctx, &it, 1, &err) != KL_OK)
+				fail("profiled prefill", &err);
+			m->be->ops->sync(m->be);
+			dt = kl_now() - t0;
+			kl_ctx_profile_read(ctx, parts);
+			kl_ctx_profile(ctx, false);
+			printf("RESULT kind=prefill_parts tag=%s T=%ld s_synced=%.3f linear=%.3f kda=%.3f mla=%.3f moe=%.3f "
+				   "logits=%.3f other=%.3f\n", tag[0] ? tag : "-", pre[i], dt, parts[KL_PROF_LINEAR],
+				   parts[KL_PROF_KDA], parts[KL_PROF_MLA], parts[KL_PROF_MOE], parts[KL_PROF_LOGITS],
+				   parts[KL_PROF_OTHER]);
+			fflush(stdout);
+		}
 		kl_seq_free(s);
 		free(lg);
 	}
@@ -848,6 +1128,13 @@ main(int argc, char **argv)
 
 		sample_alone(atoi(argv[2]), b, n);
 	}
+	else if (argc >= 3 && strcmp(argv[1], "moe") == 0)
+	{
+		long		T[16];
+		int			n = parse_list(argv[2], T, 16);
+
+		moe_alone(argc >= 4 ? argv[3] : "bench/configs/kimi-linear-48b-a3b.json", T, n);
+	}
 	else if (argc >= 5 && strcmp(argv[1], "kda") == 0)
 	{
 		long		T[16];
@@ -866,6 +1153,7 @@ main(int argc, char **argv)
 					steps = 20,
 					step_tokens = 8192;
 		bool		profile = false;
+		double		ceiling = TORCH_BF16_GEMM_TFLOPS;
 		const char *sample = "topp",
 				   *quantize = NULL;
 
@@ -887,6 +1175,8 @@ main(int argc, char **argv)
 				sample = argv[i + 1];
 			else if (strcmp(argv[i], "--quantize") == 0)
 				quantize = strcmp(argv[i + 1], "none") == 0 ? NULL : argv[i + 1];
+			else if (strcmp(argv[i], "--ceiling-tflops") == 0 && atof(argv[i + 1]) > ceiling)
+				ceiling = atof(argv[i + 1]);	/* a measured rate above PyTorch's */
 		}
 		if (quantize && strcmp(quantize, "fp8") != 0 && strcmp(quantize, "int8") != 0 &&
 			strcmp(quantize, "int4") != 0)
@@ -899,13 +1189,14 @@ main(int argc, char **argv)
 			fprintf(stderr, "bench_cuda: --sample logits, greedy or topp\n");
 			return 2;
 		}
-		model_bench(argv[2], pre, npre, ctxs, nctx, bat, nb, steps, step_tokens, profile, sample, quantize);
+		model_bench(argv[2], pre, npre, ctxs, nctx, bat, nb, steps, step_tokens, profile, sample, quantize, ceiling);
 	}
 	else
 	{
-		fprintf(stderr, "usage: bench_cuda ceilings | sample V B1,B2,... | drift DIR STEPS fp32|bf16 | kda H K T1,T2,... | model CONFIG [--prefill L,...] "
+		fprintf(stderr, "usage: bench_cuda ceilings | sample V B1,B2,... | drift DIR STEPS fp32|bf16 | kda H K T1,T2,... | "
+				"moe T1,T2,... [CONFIG] | model CONFIG [--prefill L,...] "
 				"[--decode-ctx C,...] [--batches B,...] [--steps N] [--step-tokens N] [--profile 0|1] "
-				"[--sample logits|greedy|topp] [--quantize fp8|int8|int4]\n");
+				"[--sample logits|greedy|topp] [--quantize fp8|int8|int4] [--ceiling-tflops X]\n");
 		return 2;
 	}
 	return 0;

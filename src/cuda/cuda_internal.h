@@ -243,6 +243,13 @@ typedef struct cuda_state
 	const kl_weight *pf_wait_for;
 
 	bool		no_grouped_gemm;	/* cuBLAS here lacks bf16 grouped GEMM: loop instead */
+	/*
+	 * Benchmarks only (kl_cuda_bench_moe_products, cuda_moe.c): events
+	 * recorded around a prefill MoE's expert products (NULL: none), and
+	 * which of them the last MoE op recorded.
+	 */
+	cudaEvent_t *moe_ev;
+	unsigned	moe_ev_mask;
 
 	/* host staging for MoE grouping of prefill batches */
 	int		   *h_sel,

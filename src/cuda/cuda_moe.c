@@ -35,6 +35,21 @@
 
 #define MOE_DEVICE_MAX_TOKENS 64
 
+/*
+ * Benchmarks only (kl_cuda_bench_moe_products): the events a prefill MoE op
+ * records around its expert products when a benchmark asked for them —
+ * pairs (start, end): routed gate/up, routed down, shared gate/up, shared
+ * down.
+ */
+#define MOE_EV_N 8
+
+static void
+moe_mark(cuda_state *cs, int i)
+{
+	if (cs->moe_ev && cs->mode == GM_EAGER && cudaEventRecord(cs->moe_ev[i], cs->stream) == cudaSuccess)
+		cs->moe_ev_mask |= 1u << i;
+}
+
 /* ------------------------------------------------------------------ expert tables */
 
 /* Is W in form fmt (KK_WF_*), with group columns per scale when quantized? */
@@ -150,6 +165,11 @@ cuda_moe_free(kl_backend *be)
 	for (int i = 0; i < cs->n_moe; i++)
 		cudaFree(cs->moe[i].dev);
 	free(cs->moe);
+	if (cs->moe_ev)
+		for (int i = 0; i < MOE_EV_N; i++)
+			cudaEventDestroy(cs->moe_ev[i]);
+	free(cs->moe_ev);
+	cs->moe_ev = NULL;
 	cs->moe = NULL;
 	cs->n_moe = cs->cap_moe = 0;
 }
@@ -233,7 +253,7 @@ typedef struct moe_group_list
 } moe_group_list;
 
 static bool
-grouped_gemm(kl_backend *be, const moe_group_list *g, int rows, int cols)
+grouped_gemm(kl_backend *be, const moe_group_list *g, int rows, int cols, int mark)
 {
 	cuda_state *cs = CS(be);
 	int			n = g->n;
@@ -267,9 +287,11 @@ grouped_gemm(kl_backend *be, const moe_group_list *g, int rows, int cols)
 	}
 	if (!cuda_upload_sync(be, dev, host, sizeof(void *) * 3 * (size_t) n))
 		goto out;
+	moe_mark(cs, mark);
 	st = cublasGemmGroupedBatchedEx(cs->blas, ta, tb, m, m + n, m + 2 * n, ab, (const void *const *) dev,
 									CUDA_R_16BF, m + 3 * n, (const void *const *) (dev + n), CUDA_R_16BF, m + 4 * n,
 									ab + n, dev + 2 * n, CUDA_R_32F, m + 5 * n, n, m + 6 * n, CUBLAS_COMPUTE_32F);
+	moe_mark(cs, mark + 1);
 	if (st == CUBLAS_STATUS_NOT_SUPPORTED)
 		cs->no_grouped_gemm = true;
 	else
@@ -317,7 +339,7 @@ experts_grouped(kl_backend *be, const kl_moe_layer *w, const int *st, int E, int
 			gl.cnt[na++] = st[e + 1] - st[e];
 		}
 	gl.n = na;
-	if (!grouped_gemm(be, &gl, F, D))
+	if (!grouped_gemm(be, &gl, F, D, 0))
 		goto out;
 	kk_swiglu_bf16(cs->stream, h16, g, u, nk * F);
 	if (!cuda_launched(be, "swiglu (bf16)"))
@@ -332,7 +354,7 @@ experts_grouped(kl_backend *be, const kl_moe_layer *w, const int *st, int E, int
 			gl.cnt[na++] = st[e + 1] - st[e];
 		}
 	gl.n = na;
-	ok = grouped_gemm(be, &gl, D, F);
+	ok = grouped_gemm(be, &gl, D, F, 2);
 out:
 	free(gl.W);
 	free(gl.X);
@@ -551,6 +573,7 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 	else
 	{
 		/* 2. group on the host; one product per used expert */
+		cs->moe_ev_mask = 0;
 		kk_moe_route(cs->stream, n, E, k, G, cfg->topk_groups, cfg->router_softmax, cfg->moe_renormalize,
 					 cfg->bias_in_weights, cfg->routed_scaling, logits, w->score_bias, sel, wts);
 		if (!cuda_launched(be, "moe_route"))
@@ -571,6 +594,7 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		kk_gather_rows(cs->stream, xe, x, D, xrow, (int) nk, D);
 		if (!cuda_launched(be, "gather rows"))
 			return;
+		moe_mark(cs, 0);
 		for (int e = 0; e < E && !be->failed; e++)
 		{
 			int			c = st[e + 1] - st[e];
@@ -580,9 +604,11 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			cuda_matmul_raw(be, g + (size_t) st[e] * F, F, xe + (size_t) st[e] * D, D, c, &w->experts[e].gate);
 			cuda_matmul_raw(be, u + (size_t) st[e] * F, F, xe + (size_t) st[e] * D, D, c, &w->experts[e].up);
 		}
+		moe_mark(cs, 1);
 		kk_swiglu(cs->stream, g, g, u, (int) nk, F, F);
 		if (!cuda_launched(be, "swiglu"))
 			return;
+		moe_mark(cs, 2);
 		for (int e = 0; e < E && !be->failed; e++)
 		{
 			int			c = st[e + 1] - st[e];
@@ -590,6 +616,7 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			if (c > 0)
 				cuda_matmul_raw(be, ye + (size_t) st[e] * D, D, g + (size_t) st[e] * F, F, c, &w->experts[e].down);
 		}
+		moe_mark(cs, 3);
 		if (be->failed)
 			return;
 	}
@@ -606,17 +633,84 @@ shared:
 			return;
 		kl_matmul_job gu[2] = {{sg, Fs, x, D, n, &w->shared.gate}, {su, Fs, x, D, n, &w->shared.up}};
 
+		moe_mark(cs, 4);
 		cuda_matmul_batch_raw(be, gu, 2);
+		moe_mark(cs, 5);
 		kk_swiglu(cs->stream, sg, sg, su, n, Fs, Fs);
 		if (!cuda_launched(be, "swiglu"))
 			return;
+		moe_mark(cs, 6);
 		cuda_matmul_raw(be, sy, D, sg, Fs, n, &w->shared.down);
+		moe_mark(cs, 7);
 		if (be->failed)
 			return;
 	}
 
 	/* 4. y = sum of weighted expert outputs (+ shared) */
 	cuda_defer_combine(be, y, n, D, k, wts, inv, ye, sy);
+}
+
+/* ------------------------------------------------------------------ benchmark hook */
+
+/*
+ * For bench/bench_cuda.c only (found with dlsym; the backend does not use
+ * it): the time of a prefill MoE op's expert products, apart from its
+ * routing, grouping, gathers, SwiGLU and combine.  mode 1: from now on every
+ * MoE op that groups on the host (more than 64 tokens) records events on the
+ * backend's stream right before and after its products (the grouped GEMMs,
+ * or the per-expert loops; the shared expert's products); mode 0: waits for
+ * the last such op and writes ms[0] the routed experts' products (gate/up
+ * plus down), ms[1] the shared expert's; mode 2: stops recording.  Events add
+ * no synchronisation of their own.  Returns 0, -1 (mode 0 without events of
+ * a complete op) or a CUDA error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_bench_moe_products(kl_backend *be, int mode, float ms[2])
+{
+	cuda_state *cs = CS(be);
+	cudaError_t e = cudaSuccess;
+
+	if (mode == 1 && !cs->moe_ev)
+	{
+		cudaEvent_t *ev = calloc(MOE_EV_N, sizeof(cudaEvent_t));
+
+		if (!ev)
+			return (int) cudaErrorMemoryAllocation;
+		for (int i = 0; i < MOE_EV_N && e == cudaSuccess; i++)
+			e = cudaEventCreate(&ev[i]);
+		if (e != cudaSuccess)
+		{
+			free(ev);
+			return (int) e;
+		}
+		cs->moe_ev = ev;
+		cs->moe_ev_mask = 0;
+		return 0;
+	}
+	if (mode == 2)
+	{
+		if (cs->moe_ev)
+			for (int i = 0; i < MOE_EV_N; i++)
+				cudaEventDestroy(cs->moe_ev[i]);
+		free(cs->moe_ev);
+		cs->moe_ev = NULL;
+		return 0;
+	}
+	if (mode != 0 || !cs->moe_ev || (cs->moe_ev_mask & 0xf) != 0xf)
+		return -1;
+	ms[0] = ms[1] = 0;
+	for (int p = 0; p < MOE_EV_N / 2; p++)
+	{
+		float		t = 0;
+
+		if ((cs->moe_ev_mask >> (2 * p) & 3) != 3)
+			continue;
+		if ((e = cudaEventSynchronize(cs->moe_ev[2 * p + 1])) != cudaSuccess ||
+			(e = cudaEventElapsedTime(&t, cs->moe_ev[2 * p], cs->moe_ev[2 * p + 1])) != cudaSuccess)
+			return (int) e;
+		ms[p / 2] += t;
+	}
+	return 0;
 }
 
 /* ------------------------------------------------------------------ test hook */
