@@ -14,6 +14,8 @@
 #   bash bench/bench-cuda.sh test           test_cuda.t (TAP), log in $OUT/test.log
 #   bash bench/bench-cuda.sh ceilings       copy bandwidth, bf16 GEMM rate
 #   bash bench/bench-cuda.sh kda T1,T2,..   our KDA op and fla's chunk_kda, H=32 K=128 (FLA=0: ours only)
+#   bash bench/bench-cuda.sh moe [T1,T2,..]   the MoE op of a prefill step alone, 48B shape (default
+#                                           1024,4096,8192): grouped GEMMs and a product per expert
 #   bash bench/bench-cuda.sh model CONFIG [options of bench_cuda model]
 #                                           (--quantize fp8|int8|int4: random weights made on the GPU in
 #                                           that form; the RESULT kind=model line gives resident_GB)
@@ -143,6 +145,10 @@ ncu-step)
 	grep "^RESULT" "$OUT/ncu-step.csv" | log || true
 	python3 bench/ncu-kernels.py "$OUT/ncu-step.csv" ${NCU_STEPS:-2} | log
 	;;
+moe)
+	unpack
+	$K/bin/bench_cuda moe "${1:-1024,4096,8192}" $K/kimi-linear-48b-a3b.config.json 2>&1 | log
+	;;
 layers)
 	unpack
 	n=$1
@@ -165,7 +171,7 @@ model)
 	$K/bin/bench_cuda model "$config" "$@" 2>&1 | log
 	;;
 *)
-	sed -n '2,26p' "$0"
+	sed -n '2,28p' "$0"
 	exit 2
 	;;
 esac
