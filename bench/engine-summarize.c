@@ -16,7 +16,9 @@
  * Prompts are rendered before the clock starts.  Prints one line:
  *   rows generated_tokens prompt_tokens seconds cpu_seconds n1,n2,...  (tokens per document)
  * (cpu_seconds: user + system time of the process over the timed part)
- * Usage: engine-summarize MODEL_DIR DOCS_JSON CONCURRENCY MAX_TOKENS [DEVICE]
+ * Usage: engine-summarize MODEL_DIR DOCS_JSON CONCURRENCY MAX_TOKENS [DEVICE [PRECISION]]
+ * (PRECISION: fp32 or bf16, kl_load_opts.precision as kimi_linear.precision
+ * sets it; default the engine's)
  * DOCS_JSON: a JSON array of strings (the documents, UTF-8).
  */
 #include <stdio.h>
@@ -132,10 +134,12 @@ main(int argc, char **argv)
 
 	if (argc < 5 || (conc = atoi(argv[3])) < 1 || (max_tokens = atoi(argv[4])) < 1 || chunk < 1)
 	{
-		fprintf(stderr, "usage: [KL_PREFILL_CHUNK=N] engine-summarize MODEL_DIR DOCS_JSON CONCURRENCY MAX_TOKENS [DEVICE]\n");
+		fprintf(stderr, "usage: [KL_PREFILL_CHUNK=N] engine-summarize MODEL_DIR DOCS_JSON CONCURRENCY MAX_TOKENS [DEVICE "
+				"[PRECISION]]\n");
 		return 2;
 	}
 	o.device = argc > 5 ? argv[5] : "cpu";
+	o.precision = argc > 6 ? argv[6] : NULL;
 	if (kl_model_load(argv[1], &o, &m, &err) != KL_OK)
 		fail("loading the model", &err);
 	if (kl_ctx_new(m, chunk > GROUP ? chunk : GROUP, &ctx, &err) != KL_OK)
