@@ -26,6 +26,8 @@
 #                                           here with the GPU machine's nvcc), one table
 #   bash bench/bench-cuda.sh ncu-step ARGS  per-kernel GPU times of NCU_STEPS (2) decode steps of
 #                                           `bench_cuda model ARGS` (one ctx and batch), as RESULT lines
+#   bash bench/bench-cuda.sh ncu-prefill ARGS  per-kernel GPU times of the timed prefill of
+#                                           `bench_cuda model ARGS --decode-ctx none` (one length)
 # Every command prints RESULT lines and appends them to $OUT/results.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -148,6 +150,16 @@ ncu-step)
 moe)
 	unpack
 	$K/bin/bench_cuda moe "${1:-1024,4096,8192}" $K/kimi-linear-48b-a3b.config.json 2>&1 | log
+	;;
+ncu-prefill)
+	# per-kernel GPU times of the timed prefills of `bench_cuda model ARGS` (use --decode-ctx none)
+	unpack
+	ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+	KL_BENCH_NCU_PREFILL=1 timeout ${NCU_TIMEOUT:-300} "$ncu" --profile-from-start off --clock-control none \
+		--cache-control none --metrics gpu__time_duration.sum --csv --print-units base \
+		$K/bin/bench_cuda model "$@" > "$OUT/ncu-prefill.csv" 2> "$OUT/ncu-prefill.err" || true
+	grep "^RESULT" "$OUT/ncu-prefill.csv" | log || true
+	python3 bench/ncu-kernels.py "$OUT/ncu-prefill.csv" 1 | sed 's/kind=kernel/kind=prefill_kernel/' | log
 	;;
 layers)
 	unpack

@@ -34,7 +34,8 @@
  *       ceiling the higher of PyTorch's 789 TFLOP/s and --ceiling-tflops X
  *       (pass `ceilings`' bf16_gemm_TFLOPs), and pct_of_roofline.
  *       KL_BENCH_NCU_STEPS=N: N more decode steps inside cudaProfilerStart /
- *       Stop (bench-cuda.sh ncu-step profiles just those); KL_BENCH_TAG=x
+ *       Stop (bench-cuda.sh ncu-step profiles just those); KL_BENCH_NCU_PREFILL=1:
+ *       the timed prefills inside them (bench-cuda.sh ncu-prefill); KL_BENCH_TAG=x
  *       labels the RESULT lines (variants of one table)
  *   bench_cuda sample V B1,B2,...
  *       the device sampler alone (backend op sample) on V logits per row for
@@ -873,6 +874,7 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 {
 	const char *tag = getenv("KL_BENCH_TAG") ? getenv("KL_BENCH_TAG") : "";
 	int			ncu_steps = getenv("KL_BENCH_NCU_STEPS") ? atoi(getenv("KL_BENCH_NCU_STEPS")) : 0;
+	bool		ncu_prefill = getenv("KL_BENCH_NCU_PREFILL") && atoi(getenv("KL_BENCH_NCU_PREFILL")) != 0;
 	kl_sampling sp;
 	kl_rng		rng;
 	kl_sample_req req;
@@ -951,6 +953,8 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 		kl_seq_reset(s);
 		it = (kl_batch_item) {s, ids, (int) pre[i], lg, false};
 		m->be->ops->sync(m->be);
+		if (ncu_prefill)
+			cudaProfilerStart();
 		t0 = kl_now();
 		if (kl_forward(ctx, &it, 1, &err) != KL_OK)
 		{
@@ -960,6 +964,8 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 			continue;
 		}
 		dt = kl_now() - t0;
+		if (ncu_prefill)
+			cudaProfilerStop();
 		{
 			double		fl = prefill_flops(c, pre[i], step_tokens),
 						roof = fl / (ceiling_tflops * 1e12);
