@@ -50,7 +50,8 @@
  *       relative difference and the greedy agreement over the steps
  *   bench_cuda kda H K T1,T2,...
  *       the KDA mixer op alone (conv, norms, decay, chunkwise delta rule,
- *       gated norm) for one sequence of T tokens, H heads of K, fp32
+ *       gated norm) for one sequence of T tokens, H heads of K: precision
+ *       fp32 (path=fp32) and bf16 (path=bf16_mma, the tensor-core form)
  *
  * Output: lines "RESULT key=value ..." that the script turns into tables.
  * Timing: the backend's sync around the timed region, host monotonic clock,
@@ -288,7 +289,7 @@ ceilings(void)
 /* ------------------------------------------------------------------ KDA alone */
 
 static void
-kda_alone(int H, int K, const long *Ts, int nT)
+kda_alone_prec(int H, int K, const long *Ts, int nT, const char *prec)
 {
 	char		cfgpath[] = "/tmp/kl_bench_kda_XXXXXX";
 	char		cfg[2048];
@@ -311,7 +312,7 @@ kda_alone(int H, int K, const long *Ts, int nT)
 		fail("temporary config", NULL);
 	close(fd);
 	o.device = "cuda";
-	o.precision = "fp32";
+	o.precision = prec;
 	if (kl_model_create_random(cfgpath, &o, "f32", 3, &m, &err) != KL_OK)
 		fail("model", &err);
 	unlink(cfgpath);
@@ -319,6 +320,9 @@ kda_alone(int H, int K, const long *Ts, int nT)
 
 	{
 		int			HK = H * K;
+		const char *kmma = getenv("KL_CUDA_KDA_MMA");
+		const char *path = strcmp(prec, "bf16") != 0 ? "fp32" : kmma && strcmp(kmma, "0") == 0 ? "bf16_fp32kernels" :
+			"bf16_mma";
 		/* inputs: random fp32 [Tmax, HK] made on the device by the random-weight op */
 		kl_weight	in[6];
 		float	   *fcopy,
@@ -378,7 +382,7 @@ kda_alone(int H, int K, const long *Ts, int nT)
 					fail("kda", &be->err);
 			}
 			qsort(times, reps, sizeof(double), cmp_double);
-			printf("RESULT kind=kda H=%d K=%d T=%d ms=%.3f tokens_per_s=%.0f gpu_GB=%.1f\n", H, K, T,
+			printf("RESULT kind=kda path=%s H=%d K=%d T=%d ms=%.3f tokens_per_s=%.0f gpu_GB=%.1f\n", path, H, K, T,
 				   times[reps / 2] * 1e3, T / times[reps / 2], gpu_used_gb());
 			fflush(stdout);
 		}
@@ -389,6 +393,20 @@ kda_alone(int H, int K, const long *Ts, int nT)
 			be->ops->unload_weight(be, &in[i]);
 	}
 	kl_model_free(m);
+}
+
+/*
+ * The KDA op (prep, chunkwise form, gated norm) of one prefill sequence per
+ * length, in each precision: fp32 runs the fp32 kernels, bf16 what prefill
+ * runs in precision bf16 (the tensor-core chunkwise form, unless
+ * KL_CUDA_KDA_MMA=0).  One RESULT line per precision and length, tagged
+ * path=.
+ */
+static void
+kda_alone(int H, int K, const long *Ts, int nT)
+{
+	kda_alone_prec(H, K, Ts, nT, "fp32");
+	kda_alone_prec(H, K, Ts, nT, "bf16");
 }
 
 /* ------------------------------------------------------------------ the sampler alone */

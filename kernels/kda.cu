@@ -676,7 +676,7 @@ chunk_prep_pairs_across(const chunk_prep_shared &s, int tid)
 /* 3. Gam (decay since the chunk start) by running products per channel:
  * Qg = q Gam, the k half of the solve's right-hand side [beta Gam k | beta v],
  * Kt = k Gamma(end, j), glast = Gamma(end, -1) */
-template <int K>
+template <int K, bool B16>
 __device__ __forceinline__ void
 chunk_prep_decays(const chunk_prep_shared &s, float *Qg, float *Kt, float *glast, size_t tile, int tid)
 {
@@ -694,17 +694,28 @@ chunk_prep_decays(const chunk_prep_shared &s, float *Qg, float *Kt, float *glast
 		float	   *qg = Qg + tile * C * K;
 		float	   *kt = Kt + tile * C * K;
 
+		/* B16 (kk_kda_chunk_prep_bf16): Qg as bf16 [C][K], Kt transposed as
+		 * bf16 [K][C] (the A operand of the state update K^T U) */
+		uint16_t   *qg16 = (uint16_t *) Qg + tile * C * K;
+		uint16_t   *kt16 = (uint16_t *) Kt + tile * C * K;
+
 		for (int t = 0; t < C; t++)
 		{
 			run *= sa[t * K + c];
-			qg[t * K + c] = sq[t * K + c] * run;
+			if (B16)
+				qg16[t * K + c] = f32_to_bf16(sq[t * K + c] * run);
+			else
+				qg[t * K + c] = sq[t * K + c] * run;
 			X[t * (K + V) + c] = sb[t] * sk[t * K + c] * run;
 		}
 		glast[tile * K + c] = run;
 		run = 1.0f;
 		for (int t = C - 1; t >= 0; t--)
 		{
-			kt[t * K + c] = sk[t * K + c] * run;
+			if (B16)
+				kt16[c * C + t] = f32_to_bf16(sk[t * K + c] * run);
+			else
+				kt[t * K + c] = sk[t * K + c] * run;
 			run *= sa[t * K + c];
 		}
 	}
@@ -853,8 +864,8 @@ chunk_prep_apply_inverse(float *X, const float *Li, int tid)
 		*(float4 *) (X + (rg * RPG + r) * (K + V) + 4 * cq) = acc[r];
 }
 
-/* 5. W, U0, P out */
-template <int K>
+/* 5. W, U0, P out (B16: as bf16, same layouts) */
+template <int K, bool B16>
 __device__ __forceinline__ void
 chunk_prep_store(const chunk_prep_shared &s, float *Wk, float *U0, float *Pout, size_t tile, int tid)
 {
@@ -868,18 +879,31 @@ chunk_prep_store(const chunk_prep_shared &s, float *Wk, float *U0, float *Pout, 
 		int			t = e / K,
 					c = e % K;
 
-		Wk[tile * C * K + e] = X[t * (K + V) + c];
-		U0[tile * C * V + e] = X[t * (K + V) + K + c];
+		if (B16)
+		{
+			((uint16_t *) Wk)[tile * C * K + e] = f32_to_bf16(X[t * (K + V) + c]);
+			((uint16_t *) U0)[tile * C * V + e] = f32_to_bf16(X[t * (K + V) + K + c]);
+		}
+		else
+		{
+			Wk[tile * C * K + e] = X[t * (K + V) + c];
+			U0[tile * C * V + e] = X[t * (K + V) + K + c];
+		}
 	}
 	for (int e = tid; e < C * C; e += blockDim.x)
-		Pout[tile * C * C + e] = sP[e];
+		if (B16)
+			((uint16_t *) Pout)[tile * C * C + e] = f32_to_bf16(sP[e]);
+		else
+			Pout[tile * C * C + e] = sP[e];
 }
 
 /*
  * One fused kernel per (chunk, head), its stages the functions above, in
- * order; every stage ends at a barrier that the next relies on.
+ * order; every stage ends at a barrier that the next relies on.  B16: the
+ * same fp32 arithmetic, the outputs stored as bf16 operands for the
+ * tensor-core recurrence (kda_chunk_mma.cu; Kt transposed there, glast fp32).
  */
-template <int K>
+template <int K, bool B16>
 __global__ void __launch_bounds__(256)
 kda_chunk_prep_kernel(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
 					  const float *__restrict__ v, const float *__restrict__ g, const float *__restrict__ beta,
@@ -899,7 +923,7 @@ kda_chunk_prep_kernel(int n, int H, const float *__restrict__ q, const float *__
 	chunk_prep_load<K>(s, q, k, g, beta, H, h, t0, Cn, tid);
 	chunk_prep_pairs_within<K>(s, tid);
 	chunk_prep_pairs_across<K>(s, tid);
-	chunk_prep_decays<K>(s, Qg, Kt, glast, tile, tid);
+	chunk_prep_decays<K, B16>(s, Qg, Kt, glast, tile, tid);
 	chunk_prep_load_v<K>(s, v, H, h, t0, Cn, tid);
 	{
 		float	   *Li = s.X + C * (K + V);	/* [C][C] */
@@ -910,7 +934,7 @@ kda_chunk_prep_kernel(int n, int H, const float *__restrict__ q, const float *__
 		chunk_prep_apply_inverse<K>(s.X, Li, tid);
 	}
 	__syncthreads();
-	chunk_prep_store<K>(s, Wk, U0, Pout, tile, tid);
+	chunk_prep_store<K, B16>(s, Wk, U0, Pout, tile, tid);
 }
 
 /* ------------------------------------------------------------------ chunkwise: state */
@@ -1169,11 +1193,11 @@ chunked_launch(cudaStream_t s, int n, int H, const float *q, const float *k, con
 				sm3 = chunk_out_smem(K) * sizeof(float);
 	cudaError_t e;
 
-	if ((e = cudaFuncSetAttribute(kda_chunk_prep_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm1)) != cudaSuccess ||
+	if ((e = cudaFuncSetAttribute(kda_chunk_prep_kernel<K, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm1)) != cudaSuccess ||
 		(e = cudaFuncSetAttribute(kda_chunk_state_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm2)) != cudaSuccess ||
 		(e = cudaFuncSetAttribute(kda_chunk_out_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm3)) != cudaSuccess)
 		return (int) e;
-	kda_chunk_prep_kernel<K><<<dim3((unsigned) nc, H), 256, sm1, s>>>(n, H, q, k, v, g, beta, Wk, U, Qg, Kt, P, gl);
+	kda_chunk_prep_kernel<K, false><<<dim3((unsigned) nc, H), 256, sm1, s>>>(n, H, q, k, v, g, beta, Wk, U, Qg, Kt, P, gl);
 	kda_chunk_state_kernel<K><<<dim3(H, K / KDA_VS), 256, sm2, s>>>(n, H, Wk, U, Kt, gl, S, Hc);
 	kda_chunk_out_kernel<K><<<dim3((unsigned) nc, H), 256, sm3, s>>>(n, H, Qg, Hc, P, U, o);
 	return 0;
@@ -1198,6 +1222,48 @@ kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const float 
 			return chunked_launch<64>(s, n, H, q, k, v, g, beta, S, o, scratch);
 		case 128:
 			return chunked_launch<128>(s, n, H, q, k, v, g, beta, S, o, scratch);
+	}
+	return -1;
+}
+
+/*
+ * The parallel part of kk_kda_chunked_mma (kda_chunk_mma.cu): the prep
+ * kernel above with bf16 outputs per tile (chunk * H + h): W16, U16, Q16
+ * [C][K], Kt16 [K][C] (transposed), P16 [C][C]; gl fp32 [K].  Returns 0, -1
+ * for an unsupported head size, or a CUDA error code.
+ */
+template <int K>
+static int
+chunk_prep_bf16_launch(cudaStream_t s, int n, int H, const float *q, const float *k, const float *v, const float *g,
+					   const float *beta, uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16,
+					   float *gl)
+{
+	size_t		nc = (size_t) (n + KDA_CHUNK - 1) / KDA_CHUNK;
+	size_t		sm1 = chunk_prep_smem(K) * sizeof(float);
+	cudaError_t e;
+
+	if ((e = cudaFuncSetAttribute(kda_chunk_prep_kernel<K, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+								  (int) sm1)) != cudaSuccess)
+		return (int) e;
+	kda_chunk_prep_kernel<K, true><<<dim3((unsigned) nc, H), 256, sm1, s>>>(n, H, q, k, v, g, beta, (float *) W16,
+																			(float *) U16, (float *) Q16,
+																			(float *) Kt16, (float *) P16, gl);
+	return 0;					/* launch errors: the caller's cuda_launched */
+}
+
+extern "C" int
+kk_kda_chunk_prep_bf16(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
+					   const float *g, const float *beta, uint16_t *W16, uint16_t *U16, uint16_t *Q16,
+					   uint16_t *Kt16, uint16_t *P16, float *gl)
+{
+	switch (K)
+	{
+		case 32:
+			return chunk_prep_bf16_launch<32>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
+		case 64:
+			return chunk_prep_bf16_launch<64>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
+		case 128:
+			return chunk_prep_bf16_launch<128>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
 	}
 	return -1;
 }

@@ -273,6 +273,24 @@ int			kk_kda_recurrent(cudaStream_t s, int n_seqs, int H, int K, const float *q,
 size_t		kk_kda_chunk_scratch(int n, int H, int K);
 int			kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
 						   const float *g, const float *beta, float *S, float *o, float *scratch);
+/*
+ * kda_chunk_mma.cu: the same chunkwise form as kk_kda_chunked (same inputs,
+ * same state S [H][K][V] fp32, updated in place, same o) with its products
+ * on tensor cores in bf16 operands and fp32 accumulators, for precision
+ * bf16.  Scratch: kk_kda_chunk_mma_scratch(n, H, K) bytes (16-byte aligned).
+ * The state stays fp32 (registers inside the kernel; S in and out of
+ * memory once per call); the decays stay fp32 until folded into operands.
+ * Needs sm_80 (mma.sync, cp.async).  Returns 0, -1 for an unsupported head
+ * size (32, 64, 128 only), -2 when the GPU's shared memory is too small,
+ * or a CUDA error code; on a nonzero return nothing was launched that
+ * changes S or o.  kk_kda_chunk_prep_bf16 (kda.cu) is its parallel half.
+ */
+size_t		kk_kda_chunk_mma_scratch(int n, int H, int K);
+int			kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
+							   const float *g, const float *beta, float *S, float *o, void *scratch);
+int			kk_kda_chunk_prep_bf16(cudaStream_t s, int n, int H, int K, const float *q, const float *k,
+								   const float *v, const float *g, const float *beta, uint16_t *W16, uint16_t *U16,
+								   uint16_t *Q16, uint16_t *Kt16, uint16_t *P16, float *gl);
 void		kk_kda_gated_norm(cudaStream_t s, int n_tokens, int H, int V, const float *o, const float *gate,
 							  const float *w, float eps, float *out);
 /*

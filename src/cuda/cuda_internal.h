@@ -220,6 +220,10 @@ typedef struct cuda_state
 	 * the same outputs bit for bit.  KL_CUDA_KDA_FUSED: 0 never, N up to N,
 	 * default 8; 0 below Hopper and for head sizes it does not cover */
 	int			kda_fused_max;
+	/* precision bf16: the chunkwise KDA form (prefill) on tensor cores,
+	 * kk_kda_chunked_mma (KL_CUDA_KDA_MMA=0: the fp32 kernels, as in
+	 * precision fp32; default on from sm_80 for head sizes 32, 64, 128) */
+	bool		kda_mma;
 
 	/* sampling: staging (pinned) and its device copy (cuda_sample.c) */
 	void	   *smp_host;

@@ -5,6 +5,8 @@
  *   tails; the per-token recurrence for every sequence with few rows (one
  *   launch for the whole batch: decode); the chunkwise form for each sequence
  *   with more; the gated RMSNorm over all rows into the output.
+ * In precision bf16 the chunkwise form runs on tensor cores
+ * (kk_kda_chunked_mma; KL_CUDA_KDA_MMA=0: the fp32 kernels).
  * Like the CPU backend, sequences of up to 16 rows take the recurrence
  * (unless the step forces it for all).
  * A decode step (one row per sequence) runs all of it in one kernel,
@@ -67,7 +69,8 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 		if (st->row0[s + 1] - st->row0[s] > max_rows && st->row0[s + 1] - st->row0[s] > longest)
 			longest = st->row0[s + 1] - st->row0[s];
 	if (longest > 0)
-		scratch = cuda_buf(be, CB_KDA_CHUNK, sizeof(float) * kk_kda_chunk_scratch(longest, H, K));
+		scratch = cuda_buf(be, CB_KDA_CHUNK, cs->kda_mma ? kk_kda_chunk_mma_scratch(longest, H, K) :
+						   sizeof(float) * kk_kda_chunk_scratch(longest, H, K));
 	if (!qo || !ko || !vo || !o || !beta || (longest > 0 && !scratch))
 		return;
 
@@ -98,10 +101,18 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 
 		if (ni <= max_rows)
 			continue;
-		rc = kk_kda_chunked(cs->stream, ni, H, K, qo + (size_t) r0 * HK, ko + (size_t) r0 * HK,
-							vo + (size_t) r0 * HK, a->f + (size_t) r0 * HK, beta + (size_t) r0 * H,
-							st->seqs[s]->kda_S[a->kda_index], o + (size_t) r0 * HK, scratch);
-		if (rc == -1)
+		/* precision bf16: tensor cores (kda_chunk_mma.cu); else the fp32 kernels */
+		if (cs->kda_mma)
+			rc = kk_kda_chunked_mma(cs->stream, ni, H, K, qo + (size_t) r0 * HK, ko + (size_t) r0 * HK,
+									vo + (size_t) r0 * HK, a->f + (size_t) r0 * HK, beta + (size_t) r0 * H,
+									st->seqs[s]->kda_S[a->kda_index], o + (size_t) r0 * HK, scratch);
+		else
+			rc = kk_kda_chunked(cs->stream, ni, H, K, qo + (size_t) r0 * HK, ko + (size_t) r0 * HK,
+								vo + (size_t) r0 * HK, a->f + (size_t) r0 * HK, beta + (size_t) r0 * H,
+								st->seqs[s]->kda_S[a->kda_index], o + (size_t) r0 * HK, scratch);
+		/* -2 (kk_kda_chunked_mma: shared memory too small) cannot happen from
+		 * sm_80 on: one stage of K = 128 takes 81 KB */
+		if (rc == -1 || rc == -2)
 		{
 			cuda_fail(be, KL_E_UNSUPPORTED, "KDA head size %d is not supported on the GPU", K);
 			return;
@@ -253,5 +264,73 @@ kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float eps, con
 		cudaStreamDestroy(s);
 	free(ints);
 	free(ptrs);
+	return rc;
+}
+
+/*
+ * For test/engine/test_cuda.c only (found with dlsym): the chunkwise form of
+ * one sequence of n rows through the fp32 kernels (kk_kda_chunked) and
+ * through the tensor-core ones (kk_kda_chunked_mma), each on its own copy of
+ * the state, on the current device.  Host inputs, already prepared (what
+ * kk_kda_prep leaves): q, k, v, g [n, H K], beta [n, H], S [H, K, K].
+ * Outputs, copied back: o_old, o_new [n, H K], S_old, S_new [H, K, K].
+ * Returns 0, -1 for a head size the tensor-core form does not cover, -2 if
+ * its shared memory does not fit, or a CUDA error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_kda_chunked(int n, int H, int K, const float *q, const float *k, const float *v, const float *g,
+						 const float *beta, const float *S, float *o_old, float *o_new, float *S_old, float *S_new)
+{
+	enum
+	{
+		Q, K_, V_, G, BETA, S_O, S_N, O_O, O_N, SCR_O, SCR_N, NBUF
+	};
+	size_t		nx = (size_t) n * H * K,
+				nS = (size_t) H * K * K;
+	size_t		sz[NBUF];
+	const void *in[NBUF] = {NULL};
+	void	   *d[NBUF] = {NULL};
+	cudaStream_t s = NULL;
+	cudaError_t e;
+	int			rc = 0;
+
+	sz[Q] = sz[K_] = sz[V_] = sz[G] = sz[O_O] = sz[O_N] = sizeof(float) * nx;
+	sz[BETA] = sizeof(float) * (size_t) n * H;
+	sz[S_O] = sz[S_N] = sizeof(float) * nS;
+	sz[SCR_O] = sizeof(float) * kk_kda_chunk_scratch(n, H, K);
+	sz[SCR_N] = kk_kda_chunk_mma_scratch(n, H, K);
+	in[Q] = q;
+	in[K_] = k;
+	in[V_] = v;
+	in[G] = g;
+	in[BETA] = beta;
+	in[S_O] = in[S_N] = S;
+	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess)
+		rc = (int) e;
+	for (int i = 0; i < NBUF && rc == 0; i++)
+		if ((e = cudaMalloc(&d[i], sz[i])) != cudaSuccess ||
+			(in[i] && (e = cudaMemcpyAsync(d[i], in[i], sz[i], cudaMemcpyHostToDevice, s)) != cudaSuccess))
+			rc = (int) e;
+	if (rc == 0)
+		rc = kk_kda_chunked(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_O], d[O_O], d[SCR_O]);
+	if (rc == 0)
+		rc = kk_kda_chunked_mma(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], d[SCR_N]);
+	if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
+		rc = (int) e;
+	{
+		void	   *host_out[4] = {o_old, o_new, S_old, S_new};
+		int			dev_of[4] = {O_O, O_N, S_O, S_N};
+
+		for (int i = 0; i < 4 && rc == 0; i++)
+			if ((e = cudaMemcpyAsync(host_out[i], d[dev_of[i]], sz[dev_of[i]], cudaMemcpyDeviceToHost, s)) !=
+				cudaSuccess)
+				rc = (int) e;
+	}
+	if (s && (e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
+		rc = (int) e;
+	for (int i = 0; i < NBUF; i++)
+		cudaFree(d[i]);
+	if (s)
+		cudaStreamDestroy(s);
 	return rc;
 }

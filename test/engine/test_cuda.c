@@ -46,6 +46,12 @@
  * decode to the same logits bit for bit either way, in fp32 and bf16
  * precision (check_kda_fused_model).
  *
+ * Prefill's chunkwise KDA form on tensor cores (kk_kda_chunked_mma,
+ * precision bf16, KL_CUDA_KDA_MMA) must stay within TOL_KDA_MMA of the fp32
+ * kernels on outputs and state (check_kda_chunked_mma, through the hook
+ * kl_cuda_test_kda_chunked); the golden models' bf16 prompts (40 and 90
+ * tokens) run it too.
+ *
  * The decode MLA products with 16-byte weight loads (KL_CUDA_MLA_SMALL)
  * must equal the older kernels within 1e-5 (check_mla_small, through the
  * hook kl_cuda_test_mla_small: 48B head shapes, 1 to 64 tokens, bf16 and
@@ -2685,6 +2691,122 @@ check_kda_decode(void)
 	kl_model_free(m);
 }
 
+typedef int (*kda_chunked_test_fn) (int n, int H, int K, const float *q, const float *k, const float *v,
+									 const float *g, const float *beta, const float *S, float *o_old, float *o_new,
+									 float *S_old, float *S_new);
+
+/*
+ * Tolerance of the tensor-core chunkwise KDA form (precision bf16) against
+ * the fp32 kernels, relative (rel_err) on the outputs and the state out.
+ * A CPU emulation of its algorithm (W, U0, Qg, Kt, P and the operands S and
+ * U rounded to bf16, fp32 accumulation, fp32 decays) against the fp64
+ * per-token recurrence measured 2.3e-3 .. 2.6e-3 on both, at K = 32 / 64 /
+ * 128 and T = 17 .. 8192, with and without a state carried in: bf16's 2^-9
+ * per operand, not growing with T (the state is fp32 between chunks).
+ * 1e-2 leaves a factor of 4.
+ */
+#define TOL_KDA_MMA 1e-2
+
+/*
+ * The chunkwise KDA form on tensor cores (kk_kda_chunked_mma, what prefill
+ * runs in precision bf16) against the fp32 kernels (kk_kda_chunked) on the
+ * same prepared inputs: outputs and the state after, at the 48B shape (32
+ * heads x 128) for lengths that end mid-chunk, one chunk, several and 8192,
+ * with a zero state and one carried in, and at the golden models' head size
+ * 32 and at 64.
+ */
+static void
+check_kda_chunked_mma(void)
+{
+	static const struct
+	{
+		int			H,
+					K,
+					T,
+					carry;
+	}			cases[] = {
+		{32, 128, 17, 0}, {32, 128, 64, 0}, {32, 128, 100, 1}, {32, 128, 1000, 0}, {32, 128, 1000, 1},
+		{32, 128, 8192, 1}, {4, 32, 90, 1}, {8, 64, 300, 1},
+	};
+	kl_model   *m;
+	void	   *lib = NULL;
+	kda_chunked_test_fn fn = NULL;
+	uint64_t	rs = 1313;
+
+	m = load_test_hook("kl_cuda_test_kda_chunked", &lib, (void **) &fn);
+	if (!fn)
+		return;
+	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++)
+	{
+		int			H = cases[ci].H,
+					K = cases[ci].K,
+					T = cases[ci].T,
+					rc;
+		size_t		nx = (size_t) T * H * K,
+					nS = (size_t) H * K * K;
+		float	   *q = rand_floats(nx, -1, 1, &rs),
+				   *k = rand_floats(nx, -1, 1, &rs),
+				   *v = rand_floats(nx, -0.3, 2, &rs),	/* silu's range, roughly */
+				   *g = rand_floats(nx, -4, 4, &rs),
+				   *beta = rand_floats((size_t) T * H, -3, 3, &rs),
+				   *S = cases[ci].carry ? rand_floats(nS, -0.5, 0.5, &rs) : calloc(nS, sizeof(float)),
+				   *o_o = malloc(sizeof(float) * nx),
+				   *o_n = malloc(sizeof(float) * nx),
+				   *S_o = malloc(sizeof(float) * nS),
+				   *S_n = malloc(sizeof(float) * nS);
+
+		/* what kk_kda_prep leaves: q, k L2-normalized per head (q times
+		 * K^-1/2), g = -exp(A_log) softplus(f + dt_bias) <= 0, a few past
+		 * softplus's threshold; beta = sigmoid(b) */
+		for (size_t r = 0; r < (size_t) T * H; r++)
+		{
+			double		sq = 0,
+						sk = 0;
+
+			for (int c = 0; c < K; c++)
+			{
+				sq += (double) q[r * K + c] * q[r * K + c];
+				sk += (double) k[r * K + c] * k[r * K + c];
+			}
+			for (int c = 0; c < K; c++)
+			{
+				q[r * K + c] = (float) (q[r * K + c] / sqrt(sq + 1e-6) / sqrt((double) K));
+				k[r * K + c] = (float) (k[r * K + c] / sqrt(sk + 1e-6));
+			}
+			beta[r] = (float) (1.0 / (1.0 + exp(-beta[r])));
+		}
+		for (size_t i = 0; i < nx; i++)
+		{
+			double		f = i % 97 == 0 ? 25.0 : g[i];
+			double		A = exp(-1.0 + 2.5 * (double) ((i / K) % H) / H);
+
+			g[i] = (float) (-A * (f > 20 ? f : log1p(exp(f))));
+		}
+		rc = fn(T, H, K, q, k, v, g, beta, S, o_o, o_n, S_o, S_n);
+		{
+			double		eo = rc == 0 ? rel_err(o_n, o_o, nx) : INFINITY,
+						es = rc == 0 ? rel_err(S_n, S_o, nS) : INFINITY;
+
+			tap_ok(rc == 0 && eo <= TOL_KDA_MMA && es <= TOL_KDA_MMA,
+				   "KDA chunkwise form on tensor cores (bf16) vs the fp32 kernels, %d heads x %d, %d rows, state %s: "
+				   "outputs rel err %.2e, state after %.2e (hook returned %d)", H, K, T,
+				   cases[ci].carry ? "carried in" : "zero", eo, es, rc);
+		}
+		free(q);
+		free(k);
+		free(v);
+		free(g);
+		free(beta);
+		free(S);
+		free(o_o);
+		free(o_n);
+		free(S_o);
+		free(S_n);
+	}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
 /*
  * A golden model decoding nseq sequences together (decode_together: every
  * step one token per sequence) with the fused KDA decode kernel (the
@@ -4112,6 +4234,7 @@ main(void)
 	check_expert_paths();
 	check_mla_small();
 	check_kda_decode();
+	check_kda_chunked_mma();
 	for (int mi = 0; mi < 2; mi++)
 		for (int pi = 0; pi < 2; pi++)
 			for (int bi = 0; bi < 3; bi++)

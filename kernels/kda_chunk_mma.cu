@@ -1,0 +1,448 @@
+/*
+ * kda_chunk_mma.cu — the chunkwise KDA form (kernels/kda.cu's header and
+ * src/engine/cpu_kda.c have the math) for precision bf16, its products on
+ * tensor cores (mma.sync m16n8k16, bf16 operands, fp32 accumulators).
+ *
+ *   1. kda_chunk_prep_kernel<K, true> (kda.cu), all chunks in parallel: the
+ *      fp32 decays (products of a = exp(g) through reference points), the
+ *      pair matrices and the WY solve, stored as bf16 operands per (chunk,
+ *      head): W, U0, Qg [C][K], Kt^T [K][C], P [C][C], Gam_end fp32 [K].
+ *   2. kda_chunk_mma_kernel: the sequential part and the outputs in one
+ *      persistent block per (head, 32 columns of V).  The block's slice of
+ *      the state S stays in fp32 registers (the accumulator fragments of the
+ *      state update) for the whole sequence; per chunk
+ *          U  = U0 - W S                     (64 x K x 32)
+ *          o  = Qg S + P U                   (64 x K x 32 + 64 x 64 x 32)
+ *          S  = Gam_end S + Kt^T U           (K x 64 x 32)
+ *      with S and U rounded to bf16 only as operands.  The next chunk's
+ *      tiles stream in (cp.async) while this one computes.
+ *
+ * The decay factors never leave fp32 until they are folded into the bf16
+ * operands (each factor <= 1), so no exponential of a cumulative sum is
+ * ever formed: bf16 costs relative 2^-9 per operand, not range.
+ */
+#include "common.cuh"
+
+#define KM_C 64					/* chunk rows */
+#define KM_VS 32				/* columns of V per block */
+#define KM_THREADS 128			/* 4 warps */
+
+/* d += A B for one m16n8k16 step (bf16 operands, fp32 accumulators) */
+__device__ __forceinline__ void
+km_mma(float *d, const uint32_t *a, uint32_t b0, uint32_t b1)
+{
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+				 "{%0, %1, %2, %3};\n"
+				 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+				 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* two adjacent bf16 of shared memory (4-byte aligned) as one operand register */
+__device__ __forceinline__ uint32_t
+km_ld2(const uint16_t *p)
+{
+	return *(const uint32_t *) p;
+}
+
+/*
+ * The A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major bf16
+ * matrix with row stride ld (the reduction runs along a row).
+ */
+__device__ __forceinline__ void
+km_frag_a(uint32_t *a, const uint16_t *m, int ld, int r0, int k0, int lane)
+{
+	int			g = lane >> 2,
+				t2 = 2 * (lane & 3);
+
+	a[0] = km_ld2(m + (r0 + g) * ld + k0 + t2);
+	a[1] = km_ld2(m + (r0 + g + 8) * ld + k0 + t2);
+	a[2] = km_ld2(m + (r0 + g) * ld + k0 + t2 + 8);
+	a[3] = km_ld2(m + (r0 + g + 8) * ld + k0 + t2 + 8);
+}
+
+/* The B fragment of columns n0..n0+7, k0..k0+15 of B, stored transposed
+ * (row n of bt is column n of B, the reduction along its row) */
+__device__ __forceinline__ void
+km_frag_b(uint32_t *b, const uint16_t *bt, int ld, int n0, int k0, int lane)
+{
+	int			g = lane >> 2,
+				t2 = 2 * (lane & 3);
+
+	b[0] = km_ld2(bt + (n0 + g) * ld + k0 + t2);
+	b[1] = km_ld2(bt + (n0 + g) * ld + k0 + t2 + 8);
+}
+
+__device__ __forceinline__ void
+km_commit(void)
+{
+	asm volatile("cp.async.commit_group;\n"::);
+}
+
+template <int N>
+__device__ __forceinline__ void
+km_wait(void)
+{
+	asm volatile("cp.async.wait_group %0;\n"::"n"(N):"memory");
+}
+
+/* Padded row strides (bf16): 8 extra per row put the 8 rows a fragment load
+ * touches in different banks. */
+template <int K>
+struct km_layout
+{
+	static constexpr int LK = K + 8;	/* W, Qg, S^T rows */
+	static constexpr int LC = KM_C + 8;	/* Kt^T, P, U^T rows */
+	static constexpr int LU = KM_VS + 8;	/* U0 slice rows */
+	/* one stage (bf16 units): W, Qg, Kt^T, P, U0 slice, Gam_end (fp32) */
+	static constexpr int W = 0;
+	static constexpr int Q = W + KM_C * LK;
+	static constexpr int KT = Q + KM_C * LK;
+	static constexpr int P = KT + K * LC;
+	static constexpr int U0 = P + KM_C * LC;
+	static constexpr int GL = U0 + KM_C * LU;
+	static constexpr int STAGE = GL + 2 * K;
+	/* after the stages: S^T [VS][LK], U^T [VS][LC] */
+	static constexpr int SB = KM_VS * LK;
+	static constexpr int UT = KM_VS * LC;
+};
+
+static size_t
+chunk_mma_smem(int K, int stages)
+{
+	switch (K)
+	{
+		case 32:
+			return sizeof(uint16_t) * ((size_t) stages * km_layout<32>::STAGE + km_layout<32>::SB + km_layout<32>::UT);
+		case 64:
+			return sizeof(uint16_t) * ((size_t) stages * km_layout<64>::STAGE + km_layout<64>::SB + km_layout<64>::UT);
+		default:
+			return sizeof(uint16_t) * ((size_t) stages * km_layout<128>::STAGE + km_layout<128>::SB +
+									   km_layout<128>::UT);
+	}
+}
+
+/* chunk `chunk`'s tiles of head h (V columns x0..x0+31 of U0) into stage st;
+ * one commit group */
+template <int K>
+__device__ __forceinline__ void
+km_load_chunk(uint16_t *st, int chunk, int H, int h, int x0, const uint16_t *__restrict__ W16,
+			  const uint16_t *__restrict__ U16, const uint16_t *__restrict__ Q16,
+			  const uint16_t *__restrict__ Kt16, const uint16_t *__restrict__ P16, const float *__restrict__ gl,
+			  int tid)
+{
+	typedef km_layout<K> L;
+	constexpr int C = KM_C;
+	constexpr int V = K;
+	size_t		tile = (size_t) chunk * H + h;
+	const uint16_t *w = W16 + tile * C * K,
+			   *q = Q16 + tile * C * K,
+			   *kt = Kt16 + tile * K * C,
+			   *p = P16 + tile * C * C,
+			   *u = U16 + tile * C * V + x0;
+
+	for (int e = tid; e < C * (K / 8); e += KM_THREADS)
+	{
+		int			r = e / (K / 8),
+					c = 8 * (e % (K / 8));
+
+		cp_async16(st + L::W + r * L::LK + c, w + r * K + c);
+		cp_async16(st + L::Q + r * L::LK + c, q + r * K + c);
+	}
+	for (int e = tid; e < K * (C / 8); e += KM_THREADS)
+	{
+		int			r = e / (C / 8),
+					c = 8 * (e % (C / 8));
+
+		cp_async16(st + L::KT + r * L::LC + c, kt + r * C + c);
+	}
+	for (int e = tid; e < C * (C / 8); e += KM_THREADS)
+	{
+		int			r = e / (C / 8),
+					c = 8 * (e % (C / 8));
+
+		cp_async16(st + L::P + r * L::LC + c, p + r * C + c);
+	}
+	for (int e = tid; e < C * (KM_VS / 8); e += KM_THREADS)
+	{
+		int			r = e / (KM_VS / 8),
+					c = 8 * (e % (KM_VS / 8));
+
+		cp_async16(st + L::U0 + r * L::LU + c, u + (size_t) r * V + c);
+	}
+	for (int e = tid; e < K / 4; e += KM_THREADS)
+		cp_async16(st + L::GL + 8 * e, gl + tile * K + 4 * e);
+	km_commit();
+}
+
+/*
+ * The sequential part and the outputs.  Block (h, V slice), 4 warps.  Warp
+ * w: rows 16w..16w+15 of U and o (all 32 columns, 4 fragments of 8); the
+ * state's columns 8w..8w+7 of the slice, all K rows (K/16 fragments, kept
+ * in registers across chunks).  stages 2: the next chunk's tiles load while
+ * this one computes (1 where shared memory is too small for two).
+ */
+template <int K>
+__global__ void __launch_bounds__(KM_THREADS)
+kda_chunk_mma_kernel(int n, int H, const uint16_t *__restrict__ W16, const uint16_t *__restrict__ U16,
+					 const uint16_t *__restrict__ Q16, const uint16_t *__restrict__ Kt16,
+					 const uint16_t *__restrict__ P16, const float *__restrict__ gl, float *S, float *o, int stages)
+{
+	typedef km_layout<K> L;
+	constexpr int C = KM_C;
+	constexpr int V = K;
+	constexpr int MT = K / 16;	/* state fragments (rows) per warp */
+	extern __shared__ uint4 km_smem[];
+	uint16_t   *base = (uint16_t *) km_smem;
+	uint16_t   *Sb = base + (size_t) stages * L::STAGE;	/* S^T of the entering state, bf16 */
+	uint16_t   *Ut = Sb + L::SB;	/* U^T, bf16 */
+	int			h = blockIdx.x,
+				x0 = blockIdx.y * KM_VS;
+	int			tid = threadIdx.x,
+				warp = tid >> 5,
+				lane = tid & 31,
+				g = lane >> 2,
+				t2 = 2 * (lane & 3);
+	int			nc = (n + C - 1) / C;
+	float	   *Sh = S + (size_t) h * K * V;
+	float		s[MT][4];
+
+	/* this warp's state fragments: rows 16 m + g (+ 8), columns x0 + 8 warp + t2 (+ 1) */
+#pragma unroll
+	for (int m = 0; m < MT; m++)
+	{
+		const float *r0 = Sh + (size_t) (16 * m + g) * V + x0 + 8 * warp + t2;
+		const float *r1 = r0 + (size_t) 8 * V;
+
+		s[m][0] = r0[0];
+		s[m][1] = r0[1];
+		s[m][2] = r1[0];
+		s[m][3] = r1[1];
+	}
+	km_load_chunk<K>(base, 0, H, h, x0, W16, U16, Q16, Kt16, P16, gl, tid);
+
+	for (int chunk = 0; chunk < nc; chunk++)
+	{
+		uint16_t   *st = base + (size_t) (stages == 2 ? (chunk & 1) : 0) * L::STAGE;
+		const float *sg = (const float *) (st + L::GL);
+		float		u[4][4],
+					oa[4][4];
+
+		if (stages == 1 && chunk > 0)
+			km_load_chunk<K>(st, chunk, H, h, x0, W16, U16, Q16, Kt16, P16, gl, tid);
+		if (stages == 2 && chunk + 1 < nc)
+		{
+			km_load_chunk<K>(base + (size_t) ((chunk + 1) & 1) * L::STAGE, chunk + 1, H, h, x0, W16, U16, Q16, Kt16,
+							 P16, gl, tid);
+			km_wait<1>();
+		}
+		else
+			km_wait<0>();
+
+		/* the entering state as the bf16 operand S^T [x][c] */
+#pragma unroll
+		for (int m = 0; m < MT; m++)
+		{
+			int			x = 8 * warp + t2,
+						c = 16 * m + g;
+
+			Sb[x * L::LK + c] = f32_to_bf16(s[m][0]);
+			Sb[(x + 1) * L::LK + c] = f32_to_bf16(s[m][1]);
+			Sb[x * L::LK + c + 8] = f32_to_bf16(s[m][2]);
+			Sb[(x + 1) * L::LK + c + 8] = f32_to_bf16(s[m][3]);
+		}
+		__syncthreads();		/* the tiles (every thread's copies) and S^T */
+
+		/* U = U0 - W S and the first half of o, Qg S: rows 16 warp.. */
+#pragma unroll
+		for (int j = 0; j < 4; j++)
+		{
+			const uint16_t *u0 = st + L::U0 + (16 * warp + g) * L::LU + 8 * j + t2;
+
+			u[j][0] = bf16_to_f32(u0[0]);
+			u[j][1] = bf16_to_f32(u0[1]);
+			u[j][2] = bf16_to_f32(u0[8 * L::LU]);
+			u[j][3] = bf16_to_f32(u0[8 * L::LU + 1]);
+			oa[j][0] = oa[j][1] = oa[j][2] = oa[j][3] = 0.0f;
+		}
+#pragma unroll
+		for (int kk = 0; kk < K; kk += 16)
+		{
+			uint32_t	aw[4],
+						aq[4];
+
+			km_frag_a(aw, st + L::W, L::LK, 16 * warp, kk, lane);
+			km_frag_a(aq, st + L::Q, L::LK, 16 * warp, kk, lane);
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+				aw[i] ^= 0x80008000u;	/* -W: the sign bits, exact */
+#pragma unroll
+			for (int j = 0; j < 4; j++)
+			{
+				uint32_t	b[2];
+
+				km_frag_b(b, Sb, L::LK, 8 * j, kk, lane);
+				km_mma(u[j], aw, b[0], b[1]);
+				km_mma(oa[j], aq, b[0], b[1]);
+			}
+		}
+		/* U^T [x][t] as bf16, the operand of P U and Kt^T U */
+#pragma unroll
+		for (int j = 0; j < 4; j++)
+		{
+			int			x = 8 * j + t2,
+						t = 16 * warp + g;
+
+			Ut[x * L::LC + t] = f32_to_bf16(u[j][0]);
+			Ut[(x + 1) * L::LC + t] = f32_to_bf16(u[j][1]);
+			Ut[x * L::LC + t + 8] = f32_to_bf16(u[j][2]);
+			Ut[(x + 1) * L::LC + t + 8] = f32_to_bf16(u[j][3]);
+		}
+		__syncthreads();		/* all of U^T */
+
+		/* o += P U (P lower triangular: columns up to this warp's last row) */
+		for (int kk = 0; kk <= 16 * warp; kk += 16)
+		{
+			uint32_t	ap[4];
+
+			km_frag_a(ap, st + L::P, L::LC, 16 * warp, kk, lane);
+#pragma unroll
+			for (int j = 0; j < 4; j++)
+			{
+				uint32_t	b[2];
+
+				km_frag_b(b, Ut, L::LC, 8 * j, kk, lane);
+				km_mma(oa[j], ap, b[0], b[1]);
+			}
+		}
+		{
+			int			t = chunk * C + 16 * warp + g;
+			size_t		ld = (size_t) H * V;
+			float	   *orow = o + (size_t) t * ld + (size_t) h * V + x0 + t2;
+
+#pragma unroll
+			for (int j = 0; j < 4; j++)
+			{
+				if (t < n)
+					*(float2 *) (orow + 8 * j) = make_float2(oa[j][0], oa[j][1]);
+				if (t + 8 < n)
+					*(float2 *) (orow + 8 * ld + 8 * j) = make_float2(oa[j][2], oa[j][3]);
+			}
+		}
+
+		/* S = Gam_end S + Kt^T U: this warp's 8 columns, all K rows */
+#pragma unroll
+		for (int m = 0; m < MT; m++)
+		{
+			float		g0 = sg[16 * m + g],
+						g1 = sg[16 * m + g + 8];
+
+			s[m][0] *= g0;
+			s[m][1] *= g0;
+			s[m][2] *= g1;
+			s[m][3] *= g1;
+		}
+#pragma unroll
+		for (int kk = 0; kk < C; kk += 16)
+		{
+			uint32_t	b[2];
+
+			km_frag_b(b, Ut, L::LC, 8 * warp, kk, lane);
+#pragma unroll
+			for (int m = 0; m < MT; m++)
+			{
+				uint32_t	a[4];
+
+				km_frag_a(a, st + L::KT, L::LC, 16 * m, kk, lane);
+				km_mma(s[m], a, b[0], b[1]);
+			}
+		}
+		__syncthreads();		/* this stage, S^T and U^T read: the next chunk may overwrite them */
+	}
+
+#pragma unroll
+	for (int m = 0; m < MT; m++)
+	{
+		float	   *r0 = Sh + (size_t) (16 * m + g) * V + x0 + 8 * warp + t2;
+		float	   *r1 = r0 + (size_t) 8 * V;
+
+		r0[0] = s[m][0];
+		r0[1] = s[m][1];
+		r1[0] = s[m][2];
+		r1[1] = s[m][3];
+	}
+}
+
+/* bf16 elements of each per-tile array and the byte size of the scratch */
+static size_t
+chunk_mma_tiles(int n, int H)
+{
+	return (size_t) ((n + KM_C - 1) / KM_C) * H;
+}
+
+extern "C" size_t
+kk_kda_chunk_mma_scratch(int n, int H, int K)
+{
+	size_t		tiles = chunk_mma_tiles(n, H);
+
+	return tiles * (sizeof(uint16_t) * ((size_t) 4 * KM_C * K + (size_t) KM_C * KM_C) + sizeof(float) * K);
+}
+
+template <int K>
+static int
+chunk_mma_launch(cudaStream_t s, int n, int H, float *S, float *o, uint16_t *W16, uint16_t *U16, uint16_t *Q16,
+				 uint16_t *Kt16, uint16_t *P16, float *gl)
+{
+	int			dev,
+				optin = 0,
+				stages = 2;
+	size_t		sm;
+	cudaError_t e;
+
+	if ((e = cudaGetDevice(&dev)) != cudaSuccess ||
+		(e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess)
+		return (int) e;
+	if (chunk_mma_smem(K, 2) > (size_t) optin)
+		stages = 1;
+	sm = chunk_mma_smem(K, stages);
+	if (sm > (size_t) optin)
+		return -2;
+	if ((e = cudaFuncSetAttribute(kda_chunk_mma_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm)) !=
+		cudaSuccess)
+		return (int) e;
+	kda_chunk_mma_kernel<K><<<dim3(H, K / KM_VS), KM_THREADS, sm, s>>>(n, H, W16, U16, Q16, Kt16, P16, gl, S, o,
+																	  stages);
+	return 0;
+}
+
+/*
+ * The chunkwise form in bf16 operands (kernels.h has the contract).
+ */
+extern "C" int
+kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
+				   const float *g, const float *beta, float *S, float *o, void *scratch)
+{
+	size_t		tiles = chunk_mma_tiles(n, H);
+	uint16_t   *W16 = (uint16_t *) scratch,
+			   *U16 = W16 + tiles * KM_C * K,
+			   *Q16 = U16 + tiles * KM_C * K,
+			   *Kt16 = Q16 + tiles * KM_C * K,
+			   *P16 = Kt16 + tiles * KM_C * K;
+	float	   *gl = (float *) (P16 + tiles * KM_C * KM_C);
+	int			rc;
+
+	if (n <= 0)
+		return 0;
+	if (K != 32 && K != 64 && K != 128)
+		return -1;
+	if ((rc = kk_kda_chunk_prep_bf16(s, n, H, K, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl)) != 0)
+		return rc;
+	switch (K)
+	{
+		case 32:
+			return chunk_mma_launch<32>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+		case 64:
+			return chunk_mma_launch<64>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+		default:
+			return chunk_mma_launch<128>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+	}
+}
