@@ -16,6 +16,8 @@
 #   bash bench/bench-cuda.sh kda T1,T2,..   our KDA op and fla's chunk_kda, H=32 K=128 (FLA=0: ours only)
 #   bash bench/bench-cuda.sh moe [T1,T2,..]   the MoE op of a prefill step alone, 48B shape (default
 #                                           1024,4096,8192): grouped GEMMs and a product per expert
+#   bash bench/bench-cuda.sh mla T1,T2,..   our MLA prefill attention (flash kernel and cuBLAS path) and
+#                                           PyTorch's cuDNN SDPA, 32 heads, q/k 192, v 128, causal (SDPA=0: ours only)
 #   bash bench/bench-cuda.sh model CONFIG [options of bench_cuda model]
 #                                           (--quantize fp8|int8|int4: random weights made on the GPU in
 #                                           that form; the RESULT kind=model line gives resident_GB)
@@ -124,6 +126,14 @@ kda)
 	PYTHONUNBUFFERED=1 timeout ${FLA_TIMEOUT:-300} python3 bench/bench_cuda_fla.py $K/fla 32 128 "$Ts" 2>&1 |
 		grep -v "^\s*$" | log || echo "RESULT kind=fla error=\"timed out or failed\"" | log
 	;;
+mla)
+	unpack
+	Ts=${1:-4096,32768}
+	$K/bin/bench_cuda mla "$Ts" 2>&1 | log
+	[ "${SDPA:-1}" = 0 ] && exit 0
+	PYTHONUNBUFFERED=1 timeout ${SDPA_TIMEOUT:-300} python3 bench/bench_cuda_sdpa.py "$Ts" 2>&1 |
+		grep -v "^\s*$" | log || echo "RESULT kind=sdpa error=\"timed out or failed\"" | log
+	;;
 ncu)
 	# per-kernel GPU time of a bench_cuda run (Nsight Compute, clocks left alone)
 	unpack
@@ -183,7 +193,7 @@ model)
 	$K/bin/bench_cuda model "$config" "$@" 2>&1 | log
 	;;
 *)
-	sed -n '2,28p' "$0"
+	sed -n '2,33p' "$0"
 	exit 2
 	;;
 esac

@@ -52,6 +52,13 @@
  *       the KDA mixer op alone (conv, norms, decay, chunkwise delta rule,
  *       gated norm) for one sequence of T tokens, H heads of K: precision
  *       fp32 (path=fp32) and bf16 (path=bf16_mma, the tensor-core form)
+ *   bench_cuda mla T1,T2,...
+ *       the MLA prefill attention alone (bf16 operands; 32 heads, q/k 192 =
+ *       128 nope + 64 rope, v 128) for one sequence of T tokens from position
+ *       0: the flash kernel (kernels/mla_flash.cu) and the cuBLAS path of
+ *       KL_CUDA_MLA_FLASH=0 (scores, softmax kernel, output product over
+ *       the bounded score buffer), through the library's hook
+ *       kl_cuda_bench_mla; causal FLOPs 2 Ha T (T + 1) / 2 (192 + 128)
  *
  * Output: lines "RESULT key=value ..." that the script turns into tables.
  * Timing: the backend's sync around the timed region, host monotonic clock,
@@ -407,6 +414,76 @@ kda_alone(int H, int K, const long *Ts, int nT)
 {
 	kda_alone_prec(H, K, Ts, nT, "fp32");
 	kda_alone_prec(H, K, Ts, nT, "bf16");
+}
+
+/* ------------------------------------------------------------------ the MLA prefill attention alone */
+
+typedef int (*mla_bench_fn) (kl_backend *be, int T, int Ha, int Dn, int Dr, int Dv, int R, int flash, int reps,
+							 double *ms);
+
+static void
+mla_alone(const long *Ts, int nT)
+{
+	const int	Ha = 32,
+				Dn = 128,
+				Dr = 64,
+				Dv = 128,
+				R = 512;
+	char		cfgpath[] = "/tmp/kl_bench_mla_XXXXXX";
+	char		cfg[2048];
+	int			fd = mkstemp(cfgpath);
+	kl_load_opts o = {0};
+	kl_model   *m;
+	kl_err		err;
+	Dl_info		info;
+	void	   *lib = NULL;
+	mla_bench_fn f = NULL;
+
+	/* a one-layer model only for its bf16 backend (stream, cuBLAS handle) */
+	snprintf(cfg, sizeof(cfg),
+			 "{\"model_type\": \"kimi_linear\", \"vocab_size\": 64, \"hidden_size\": 64, \"num_hidden_layers\": 1,"
+			 " \"intermediate_size\": 64, \"rms_norm_eps\": 1e-5, \"linear_attn_config\": {\"kda_layers\": [],"
+			 " \"full_attn_layers\": [1], \"num_heads\": 1, \"head_dim\": 64, \"short_conv_kernel_size\": 4},"
+			 " \"num_attention_heads\": %d, \"kv_lora_rank\": %d, \"qk_nope_head_dim\": %d, \"qk_rope_head_dim\": %d,"
+			 " \"v_head_dim\": %d, \"num_experts\": null}", Ha, R, Dn, Dr, Dv);
+	if (fd < 0 || write(fd, cfg, strlen(cfg)) != (ssize_t) strlen(cfg))
+		fail("temporary config", NULL);
+	close(fd);
+	o.device = "cuda";
+	o.precision = "bf16";
+	if (kl_model_create_random(cfgpath, &o, "bf16", 3, &m, &err) != KL_OK)
+		fail("model", &err);
+	unlink(cfgpath);
+	if (dladdr((const void *) m->be->ops, &info) && info.dli_fname)
+		lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+	if (lib)
+		f = (mla_bench_fn) dlsym(lib, "kl_cuda_bench_mla");
+	if (!f)
+		fail("the CUDA library has no kl_cuda_bench_mla", NULL);
+	for (int ti = 0; ti < nT; ti++)
+	{
+		int			T = (int) Ts[ti];
+		double		flops = 2.0 * Ha * ((double) T * (T + 1) / 2) * (Dn + Dr + Dv);
+		int			reps = T >= 65536 ? 3 : T >= 16384 ? 5 : 11;
+
+		for (int flash = 1; flash >= 0; flash--)
+		{
+			double		ms = 0;
+			int			rc = f(m->be, T, Ha, Dn, Dr, Dv, R, flash, reps, &ms);
+
+			if (rc != 0 || m->be->failed)
+				printf("RESULT kind=mla path=%s Ha=%d T=%d error=\"%s (%d)\"\n", flash ? "flash" : "cublas", Ha, T,
+					   m->be->failed ? m->be->err.msg : "hook failed", rc);
+			else
+				printf("RESULT kind=mla path=%s Ha=%d Dqk=%d Dv=%d T=%d ms=%.3f tflops=%.1f\n", flash ? "flash" : "cublas",
+					   Ha, Dn + Dr, Dv, T, ms, flops / (ms * 1e-3) / 1e12);
+			fflush(stdout);
+			if (m->be->failed)
+				fail("mla", &m->be->err);
+		}
+	}
+	dlclose(lib);
+	kl_model_free(m);
 }
 
 /* ------------------------------------------------------------------ the sampler alone */
@@ -1166,6 +1243,13 @@ main(int argc, char **argv)
 
 		kda_alone(atoi(argv[2]), atoi(argv[3]), T, n);
 	}
+	else if (argc >= 3 && strcmp(argv[1], "mla") == 0)
+	{
+		long		T[16];
+		int			n = parse_list(argv[2], T, 16);
+
+		mla_alone(T, n);
+	}
 	else if (argc >= 3 && strcmp(argv[1], "model") == 0)
 	{
 		long		pre[16],
@@ -1218,7 +1302,7 @@ main(int argc, char **argv)
 	else
 	{
 		fprintf(stderr, "usage: bench_cuda ceilings | sample V B1,B2,... | drift DIR STEPS fp32|bf16 | kda H K T1,T2,... | "
-				"moe T1,T2,... [CONFIG] | model CONFIG [--prefill L,...] "
+				"moe T1,T2,... [CONFIG] | mla T1,T2,... | model CONFIG [--prefill L,...] "
 				"[--decode-ctx C,...] [--batches B,...] [--steps N] [--step-tokens N] [--profile 0|1] "
 				"[--sample logits|greedy|topp] [--quantize fp8|int8|int4] [--ceiling-tflops X]\n");
 		return 2;

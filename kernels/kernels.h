@@ -348,6 +348,27 @@ void		kk_mla_out(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dv, int R, co
 					   const void *kv_b, int bf16, float *out, const int *row_seq, const int *absorbed);
 void		kk_mla_softmax(cudaStream_t s, float *S, uint16_t *P16, int Ha, int nq, int kb, int64_t first_pos);
 
+/*
+ * mla_flash.cu: MLA prefill attention of one sequence's step in one kernel
+ * (KL_CUDA_MLA_FLASH), bf16 operands on tensor cores, fp32 softmax and
+ * accumulation, no score matrix in memory.
+ *   q16   [nr, Ha (Dn + Dr)] bf16: per head Dn nope then Dr rope numbers
+ *   kv16  [m, Ha (Dn + Dv)] bf16: per head Dn nope-key then Dv value columns
+ *   lat16 [m, R + Dr] bf16: columns R .. R + Dr - 1 the rope key of all heads
+ *   out   [nr, Ha Dv] fp32 (written, rows of the step only)
+ * m = pos0 + nr keys; query i is at position pos0 + i and sees keys
+ * 0 .. pos0 + i; out = softmax(scale (q_nope k_nope + q_pe k_pe)) v with the
+ * probabilities rounded to bf16 before the product (their sum from the
+ * rounded values).  All pointers 16-byte aligned.  Head shapes covered
+ * (kk_mla_flash_supported): (Dn, Dr, Dv) = (128, 64, 128), the 48B model's,
+ * and (32, 16, 32), the golden tiny models'; R a multiple of 8.  Returns 0,
+ * -1 (nothing launched) for a shape or alignment not covered, or the CUDA
+ * error of the launch's setup.
+ */
+int			kk_mla_flash_supported(int Ha, int Dn, int Dr, int Dv, int R);
+int			kk_mla_flash(cudaStream_t s, int nr, int64_t pos0, int Ha, int Dn, int Dr, int Dv, int R,
+						 const uint16_t *q16, const uint16_t *kv16, const uint16_t *lat16, float scale, float *out);
+
 /* moe.cu */
 /* k <= 64 experts per token; shared memory (2E + G) floats + (E + G) ints */
 void		kk_moe_route(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,

@@ -828,6 +828,10 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
+		 * KL_CUDA_MLA_FLASH=0: bf16 prefill attention (the expanded MLA form)
+		 * through cuBLAS score products, a softmax kernel and an output
+		 * product over a score buffer (default: one flash-attention kernel,
+		 * kernels/mla_flash.cu, where it covers the head shape).
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
@@ -849,7 +853,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *pfmb = getenv("KL_CUDA_PREFETCH_MB"),
 				   *kf = getenv("KL_CUDA_KDA_FUSED"),
 				   *ep = getenv("KL_CUDA_EXPERT_PRELOAD"),
-				   *kmma = getenv("KL_CUDA_KDA_MMA");
+				   *kmma = getenv("KL_CUDA_KDA_MMA"),
+				   *mf = getenv("KL_CUDA_MLA_FLASH");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -879,6 +884,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		be->mla_cache_bf16 = cs->mla_c16;
 		cs->mla_mma = cs->mla_c16 && !(mm && strcmp(mm, "0") == 0) &&
 			kk_mla_attend_mma_supported(cfg->mla_heads, cfg->kv_lora_rank, cfg->qk_rope_dim);
+		cs->mla_flash = cs->bf16 && !(mf && strcmp(mf, "0") == 0) &&
+			kk_mla_flash_supported(cfg->mla_heads, cfg->qk_nope_dim, cfg->qk_rope_dim, cfg->v_head_dim,
+								   cfg->kv_lora_rank);
 	}
 
 	if ((e = cudaStreamCreateWithFlags(&cs->stream, cudaStreamNonBlocking)) != cudaSuccess ||

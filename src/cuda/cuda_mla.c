@@ -282,6 +282,119 @@ kl_cuda_test_mla_small(int n, int Ha, int Dn, int Dr, int Dv, int R, int bf16, c
 
 /* ------------------------------------------------------------------ expanded form */
 
+/*
+ * Query rows per score block of the cuBLAS path: the fp32 scores of all
+ * heads for nq queries over m keys within a quarter of the free memory
+ * (SCORE_BYTES_MIN .. SCORE_BYTES_MAX), whole tensor-core tiles where large.
+ */
+static int
+score_rows(int Ha, int64_t m, int nr)
+{
+	size_t		fr = 0,
+				tot = 0,
+				budget;
+	int			nq;
+
+	cudaMemGetInfo(&fr, &tot);
+	budget = fr / 4;
+	budget = budget < SCORE_BYTES_MIN ? SCORE_BYTES_MIN : budget > SCORE_BYTES_MAX ? SCORE_BYTES_MAX : budget;
+	nq = (int) (budget / (sizeof(float) * (size_t) Ha * (size_t) m));
+	if (nq >= 128)
+		nq &= ~63;				/* whole tensor-core tiles */
+	return nq < 1 ? 1 : nq > nr ? nr : nq;
+}
+
+/*
+ * The bf16 attention of nr queries (positions pos0 ..) over m = pos0 + nr
+ * keys through cuBLAS, blocks of nq queries: scores of all heads
+ * (strided-batched products, the nope part then the shared k_pe) into S
+ * [Ha, nq, m] fp32, the causal softmax into P16, then O = P V.  Operands as
+ * kk_mla_flash documents them.  False (be->failed set) on an error.
+ */
+static bool
+attend_blas16(kl_backend *be, int Ha, int Dn, int Dr, int Dv, int R, int nr, int64_t pos0, int nq,
+			  const uint16_t *q16, const uint16_t *kv16, const uint16_t *lat16, float *S, uint16_t *P16, float *out)
+{
+	cuda_state *cs = CS(be);
+	int			Wa = R + Dr,
+				Dq = Dn + Dr,
+				L = Ha * (Dn + Dv);
+	float		scale = 1.0f / sqrtf((float) Dq);
+	const float one = 1.0f,
+				zero = 0.0f;
+
+	for (int i0 = 0; i0 < nr && !be->failed; i0 += nq)
+	{
+		int			nb = nr - i0 < nq ? nr - i0 : nq;
+		int			kb = (int) (pos0 + i0 + nb);	/* keys the block's last query sees */
+		long long	sS = (long long) nb * kb;
+
+		/* S_h = scale (K_nope_h Q_nope_h^T + K_pe Q_pe_h^T), column-major [kb, nb] per head */
+		if (!blas_ok(be, cublasGemmStridedBatchedEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, kb, nb, Dn, &scale,
+													 kv16, CUDA_R_16BF, L, Dn + Dv,
+													 q16 + (size_t) i0 * Ha * Dq, CUDA_R_16BF, Ha * Dq, Dq, &zero,
+													 S, CUDA_R_32F, kb, sS, Ha, CUBLAS_COMPUTE_32F,
+													 CUBLAS_GEMM_DEFAULT), "attention scores (nope)") ||
+			!blas_ok(be, cublasGemmStridedBatchedEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, kb, nb, Dr, &scale,
+													 lat16 + R, CUDA_R_16BF, Wa, 0,
+													 q16 + (size_t) i0 * Ha * Dq + Dn, CUDA_R_16BF, Ha * Dq, Dq,
+													 &one, S, CUDA_R_32F, kb, sS, Ha, CUBLAS_COMPUTE_32F,
+													 CUBLAS_GEMM_DEFAULT), "attention scores (pe)"))
+			return false;
+		kk_mla_softmax(cs->stream, S, P16, Ha, nb, kb, pos0 + i0);
+		if (!cuda_launched(be, "mla_softmax"))
+			return false;
+		/* O_h [nb, Dv] = P_h V_h: column-major O^T = V^T P^T */
+		if (!blas_ok(be, cublasGemmStridedBatchedEx(cs->blas, CUBLAS_OP_N, CUBLAS_OP_N, Dv, nb, kb, &one,
+													kv16 + Dn, CUDA_R_16BF, L, Dn + Dv, P16, CUDA_R_16BF, kb, sS,
+													&zero, out + (size_t) i0 * Ha * Dv, CUDA_R_32F, Ha * Dv, Dv, Ha,
+													CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "attention output"))
+			return false;
+	}
+	return !be->failed;
+}
+
+/* the fp32 form of attend_blas16 (SGEMMs on kvf, lat, q in fp32; softmax in place) */
+static void
+attend_blas32(kl_backend *be, int Ha, int Dn, int Dr, int Dv, int R, int nr, int64_t pos0, int nq, const float *q,
+			  const float *kvf, const float *lat, float *S, float *out)
+{
+	cuda_state *cs = CS(be);
+	int			Wa = R + Dr,
+				Dq = Dn + Dr,
+				L = Ha * (Dn + Dv);
+	float		scale = 1.0f / sqrtf((float) Dq);
+	const float one = 1.0f,
+				zero = 0.0f;
+
+	for (int i0 = 0; i0 < nr && !be->failed; i0 += nq)
+	{
+		int			nb = nr - i0 < nq ? nr - i0 : nq;
+		int			kb = (int) (pos0 + i0 + nb);	/* keys the block's last query sees */
+		long long	sS = (long long) nb * kb;
+
+		if (!blas_ok(be, cublasSgemmStridedBatched(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, kb, nb, Dn, &scale,
+												   kvf, L, Dn + Dv, q + (size_t) i0 * Ha * Dq, Ha * Dq, Dq,
+												   &zero, S, kb, sS, Ha), "attention scores (nope)") ||
+			!blas_ok(be, cublasSgemmStridedBatched(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, kb, nb, Dr, &scale,
+												   lat + R, Wa, 0, q + (size_t) i0 * Ha * Dq + Dn, Ha * Dq, Dq,
+												   &one, S, kb, sS, Ha), "attention scores (pe)"))
+			return;
+		kk_mla_softmax(cs->stream, S, NULL, Ha, nb, kb, pos0 + i0);
+		if (!cuda_launched(be, "mla_softmax"))
+			return;
+		blas_ok(be, cublasSgemmStridedBatched(cs->blas, CUBLAS_OP_N, CUBLAS_OP_N, Dv, nb, kb, &one,
+											  kvf + Dn, L, Dn + Dv, S, kb, sS, &zero,
+											  out + (size_t) i0 * Ha * Dv, Ha * Dv, Dv, Ha), "attention output");
+	}
+}
+
+/*
+ * One sequence's prompt rows: the latent rows gathered, keys and values of
+ * every head expanded through kv_b (one GEMM), then the attention: in bf16
+ * one flash kernel for the whole step (KL_CUDA_MLA_FLASH, no score buffer),
+ * else blocks of queries through cuBLAS over a bounded score buffer.
+ */
 static void
 mla_expanded(kl_backend *be, const kl_step *st, const kl_mla_args *a, int s, float **seq_pages)
 {
@@ -302,40 +415,29 @@ mla_expanded(kl_backend *be, const kl_step *st, const kl_mla_args *a, int s, flo
 				m = pos0 + nr;
 	const float *q = a->q + (size_t) r0 * Ha * Dq;
 	float	   *out = a->out + (size_t) r0 * Ha * Dv;
-	float		scale = 1.0f / sqrtf((float) Dq);
-	const float one = 1.0f,
-				zero = 0.0f;
-	int			nq;
+	int			nq = 0;
 	float	   *lat,
-			   *S,
+			   *S = NULL,
 			   *kvf = NULL;
 	uint16_t   *lat16 = NULL,
 			   *kv16 = NULL,
 			   *q16 = NULL,
 			   *P16 = NULL;
 	bool		use16 = cs->bf16 && p->bf16;	/* bf16 operands (else fp32, TF32 in bf16 mode) */
+	bool		flash = use16 && cs->mla_flash;
 
 	if (m > INT32_MAX / 2)
 	{
 		cuda_fail(be, KL_E_RESOURCES, "sequence too long for the GPU attention (%lld positions)", (long long) m);
 		return;
 	}
-	{
-		size_t		fr = 0,
-					tot = 0,
-					budget;
-
-		cudaMemGetInfo(&fr, &tot);
-		budget = fr / 4;
-		budget = budget < SCORE_BYTES_MIN ? SCORE_BYTES_MIN : budget > SCORE_BYTES_MAX ? SCORE_BYTES_MAX : budget;
-		nq = (int) (budget / (sizeof(float) * (size_t) Ha * (size_t) m));
-		if (nq >= 128)
-			nq &= ~63;			/* whole tensor-core tiles */
-		nq = nq < 1 ? 1 : nq > nr ? nr : nq;
-	}
 	lat = cuda_buf(be, CB_MLA_LAT, sizeof(float) * (size_t) m * Wa);
-	S = cuda_buf(be, CB_MLA_S, sizeof(float) * (size_t) Ha * nq * m);
-	if (!lat || !S)
+	if (!flash)
+	{
+		nq = score_rows(Ha, m, nr);
+		S = cuda_buf(be, CB_MLA_S, sizeof(float) * (size_t) Ha * nq * m);
+	}
+	if (!lat || (!flash && !S))
 		return;
 	kk_mla_gather(cs->stream, lat, m, Wa, seq_pages, cs->mla_c16);
 	if (!cuda_launched(be, "mla_gather"))
@@ -347,13 +449,27 @@ mla_expanded(kl_backend *be, const kl_step *st, const kl_mla_args *a, int s, flo
 		lat16 = cuda_buf(be, CB_MLA_LAT16, sizeof(uint16_t) * (size_t) m * Wa);
 		kv16 = cuda_buf(be, CB_MLA_KV, sizeof(uint16_t) * (size_t) m * L);
 		q16 = cuda_buf(be, CB_MLA_Q16, sizeof(uint16_t) * (size_t) nr * Ha * Dq);
-		P16 = cuda_buf(be, CB_MLA_P16, sizeof(uint16_t) * (size_t) Ha * nq * m);
-		if (!lat16 || !kv16 || !q16 || !P16)
+		if (!flash)
+			P16 = cuda_buf(be, CB_MLA_P16, sizeof(uint16_t) * (size_t) Ha * nq * m);
+		if (!lat16 || !kv16 || !q16 || (!flash && !P16))
 			return;
 		kk_f32_to_bf16(cs->stream, lat16, Wa, lat, Wa, (int) m, Wa);
 		kk_f32_to_bf16(cs->stream, q16, Ha * Dq, q, Ha * Dq, nr, Ha * Dq);
 		if (!cuda_launched(be, "f32_to_bf16") || !cuda_gemm_bf16_out(be, kv16, L, lat16, Wa, (int) m, p->kv_b, L, R))
 			return;
+		if (flash)
+		{
+			int			rc = kk_mla_flash(cs->stream, nr, pos0, Ha, Dn, Dr, Dv, R, q16, kv16, lat16,
+										  1.0f / sqrtf((float) Dq), out);
+
+			/* (-1: a buffer not 16-byte aligned, which cuda_buf never returns) */
+			if (rc != 0)
+				cuda_fail(be, KL_E_INTERNAL, "mla_flash: not launched (%d)", rc);
+			else
+				cuda_launched(be, "mla_flash");
+			return;
+		}
+		attend_blas16(be, Ha, Dn, Dr, Dv, R, nr, pos0, nq, q16, kv16, lat16, S, P16, out);
 	}
 	else
 	{
@@ -369,52 +485,151 @@ mla_expanded(kl_backend *be, const kl_step *st, const kl_mla_args *a, int s, flo
 		cuda_matmul_raw(be, kvf, L, lat, Wa, (int) m, &view);
 		if (be->failed)
 			return;
+		attend_blas32(be, Ha, Dn, Dr, Dv, R, nr, pos0, nq, q, kvf, lat, S, out);
 	}
+}
 
-	for (int i0 = 0; i0 < nr && !be->failed; i0 += nq)
+/* ------------------------------------------------------------------ test and benchmark hooks */
+
+/*
+ * For test/engine/test_cuda.c only (found with dlsym): kk_mla_flash on host
+ * inputs, on the current device, its own stream.  q16 [nr, Ha (Dn + Dr)],
+ * kv16 [m, Ha (Dn + Dv)], lat16 [m, R + Dr] (bf16 bits), m = pos0 + nr;
+ * out [nr, Ha Dv] copied back.  Returns 0, -1 when the kernel does not
+ * cover the shape, or a CUDA error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_mla_flash(int nr, int64_t pos0, int Ha, int Dn, int Dr, int Dv, int R, const uint16_t *q16,
+					   const uint16_t *kv16, const uint16_t *lat16, float *out)
+{
+	size_t		m = (size_t) (pos0 + nr);
+	size_t		sz[4] = {sizeof(uint16_t) * (size_t) nr * Ha * (Dn + Dr), sizeof(uint16_t) * m * Ha * (Dn + Dv),
+						  sizeof(uint16_t) * m * (R + Dr), sizeof(float) * (size_t) nr * Ha * Dv};
+	const void *host_in[3] = {q16, kv16, lat16};
+	void	   *d[4] = {NULL};
+	cudaStream_t s = NULL;
+	cudaError_t e;
+	int			rc = 0;
+
+	if (!kk_mla_flash_supported(Ha, Dn, Dr, Dv, R))
+		return -1;
+	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess)
+		return (int) e;
+	for (int i = 0; i < 4 && rc == 0; i++)
+		if ((e = cudaMalloc(&d[i], sz[i])) != cudaSuccess ||
+			(i < 3 && (e = cudaMemcpyAsync(d[i], host_in[i], sz[i], cudaMemcpyHostToDevice, s)) != cudaSuccess) ||
+			(i == 3 && (e = cudaMemsetAsync(d[i], 0xff, sz[i], s)) != cudaSuccess))	/* NaN where not written */
+			rc = (int) e;
+	if (rc == 0)
 	{
-		int			nb = nr - i0 < nq ? nr - i0 : nq;
-		int			kb = (int) (pos0 + i0 + nb);	/* keys the block's last query sees */
-		long long	sS = (long long) nb * kb;
-
-		/* S_h = scale (K_nope_h Q_nope_h^T + K_pe Q_pe_h^T), column-major [kb, nb] per head */
-		if (use16)
-		{
-			if (!blas_ok(be, cublasGemmStridedBatchedEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, kb, nb, Dn, &scale,
-														 kv16, CUDA_R_16BF, L, Dn + Dv,
-														 q16 + (size_t) i0 * Ha * Dq, CUDA_R_16BF, Ha * Dq, Dq, &zero,
-														 S, CUDA_R_32F, kb, sS, Ha, CUBLAS_COMPUTE_32F,
-														 CUBLAS_GEMM_DEFAULT), "attention scores (nope)") ||
-				!blas_ok(be, cublasGemmStridedBatchedEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, kb, nb, Dr, &scale,
-														 lat16 + R, CUDA_R_16BF, Wa, 0,
-														 q16 + (size_t) i0 * Ha * Dq + Dn, CUDA_R_16BF, Ha * Dq, Dq,
-														 &one, S, CUDA_R_32F, kb, sS, Ha, CUBLAS_COMPUTE_32F,
-														 CUBLAS_GEMM_DEFAULT), "attention scores (pe)"))
-				return;
-		}
-		else if (!blas_ok(be, cublasSgemmStridedBatched(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, kb, nb, Dn, &scale,
-														kvf, L, Dn + Dv, q + (size_t) i0 * Ha * Dq, Ha * Dq, Dq,
-														&zero, S, kb, sS, Ha), "attention scores (nope)") ||
-				 !blas_ok(be, cublasSgemmStridedBatched(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, kb, nb, Dr, &scale,
-														lat + R, Wa, 0, q + (size_t) i0 * Ha * Dq + Dn, Ha * Dq, Dq,
-														&one, S, kb, sS, Ha), "attention scores (pe)"))
-			return;
-
-		kk_mla_softmax(cs->stream, S, P16, Ha, nb, kb, pos0 + i0);
-		if (!cuda_launched(be, "mla_softmax"))
-			return;
-
-		/* O_h [nb, Dv] = P_h V_h: column-major O^T = V^T P^T */
-		if (use16)
-			blas_ok(be, cublasGemmStridedBatchedEx(cs->blas, CUBLAS_OP_N, CUBLAS_OP_N, Dv, nb, kb, &one,
-												   kv16 + Dn, CUDA_R_16BF, L, Dn + Dv, P16, CUDA_R_16BF, kb, sS,
-												   &zero, out + (size_t) i0 * Ha * Dv, CUDA_R_32F, Ha * Dv, Dv, Ha,
-												   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "attention output");
-		else
-			blas_ok(be, cublasSgemmStridedBatched(cs->blas, CUBLAS_OP_N, CUBLAS_OP_N, Dv, nb, kb, &one,
-												  kvf + Dn, L, Dn + Dv, S, kb, sS, &zero,
-												  out + (size_t) i0 * Ha * Dv, Ha * Dv, Dv, Ha), "attention output");
+		rc = kk_mla_flash(s, nr, pos0, Ha, Dn, Dr, Dv, R, d[0], d[1], d[2], 1.0f / sqrtf((float) (Dn + Dr)), d[3]);
+		if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
+			rc = (int) e;
 	}
+	if (rc == 0 && (e = cudaMemcpyAsync(out, d[3], sz[3], cudaMemcpyDeviceToHost, s)) != cudaSuccess)
+		rc = (int) e;
+	if ((e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
+		rc = (int) e;
+	for (int i = 0; i < 4; i++)
+		cudaFree(d[i]);
+	cudaStreamDestroy(s);
+	return rc;
+}
+
+static int
+cmp_ms(const void *a, const void *b)
+{
+	double		x = *(const double *) a,
+				y = *(const double *) b;
+
+	return x < y ? -1 : x > y;
+}
+
+/*
+ * For bench/bench_cuda.c (`bench_cuda mla`, found with dlsym): the bf16
+ * prefill attention alone for one sequence of T tokens from position 0 on
+ * be's stream: random bf16 q16, kv16, lat16 made on the device, then the
+ * flash kernel (flash = 1) or the cuBLAS path of KL_CUDA_MLA_FLASH=0 (score
+ * blocks as mla_expanded sizes them), once to warm up, then reps times;
+ * *ms = the median (CUDA events).  Returns 0, -1 when the flash kernel
+ * does not cover the shape, or a CUDA error code (be->failed for cuBLAS).
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_bench_mla(kl_backend *be, int T, int Ha, int Dn, int Dr, int Dv, int R, int flash, int reps, double *ms)
+{
+	cuda_state *cs = CS(be);
+	size_t		nq16 = (size_t) T * Ha * (Dn + Dr),
+				nkv = (size_t) T * Ha * (Dn + Dv),
+				nlat = (size_t) T * (R + Dr);
+	uint16_t   *q16 = NULL,
+			   *kv16 = NULL,
+			   *lat16 = NULL,
+			   *P16 = NULL;
+	float	   *out = NULL,
+			   *S = NULL;
+	double	   *times = calloc((size_t) (reps > 0 ? reps : 1), sizeof(double));
+	cudaEvent_t e0 = NULL,
+				e1 = NULL;
+	cudaError_t e = cudaSuccess;
+	int			nq = score_rows(Ha, T, T),
+				rc = 0;
+
+	if (!times)
+		return (int) cudaErrorMemoryAllocation;
+	if (flash && !kk_mla_flash_supported(Ha, Dn, Dr, Dv, R))
+	{
+		free(times);
+		return -1;
+	}
+	if ((e = cudaMalloc((void **) &q16, sizeof(uint16_t) * nq16)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &kv16, sizeof(uint16_t) * nkv)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &lat16, sizeof(uint16_t) * nlat)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &out, sizeof(float) * (size_t) T * Ha * Dv)) != cudaSuccess ||
+		(!flash && (e = cudaMalloc((void **) &S, sizeof(float) * (size_t) Ha * nq * T)) != cudaSuccess) ||
+		(!flash && (e = cudaMalloc((void **) &P16, sizeof(uint16_t) * (size_t) Ha * nq * T)) != cudaSuccess) ||
+		(e = cudaEventCreate(&e0)) != cudaSuccess || (e = cudaEventCreate(&e1)) != cudaSuccess)
+		rc = (int) e;
+	if (rc == 0)
+	{
+		kk_fill_random(cs->stream, q16, 1, nq16, 71, 1.0f);
+		kk_fill_random(cs->stream, kv16, 1, nkv, 72, 1.0f);
+		kk_fill_random(cs->stream, lat16, 1, nlat, 73, 1.0f);
+	}
+	for (int r = -1; r < reps && rc == 0 && !be->failed; r++)
+	{
+		float		t = 0;
+
+		cudaEventRecord(e0, cs->stream);
+		if (flash)
+			rc = kk_mla_flash(cs->stream, T, 0, Ha, Dn, Dr, Dv, R, q16, kv16, lat16,
+							  1.0f / sqrtf((float) (Dn + Dr)), out);
+		else
+			attend_blas16(be, Ha, Dn, Dr, Dv, R, T, 0, nq, q16, kv16, lat16, S, P16, out);
+		cudaEventRecord(e1, cs->stream);
+		if (rc == 0 && ((e = cudaEventSynchronize(e1)) != cudaSuccess || (e = cudaGetLastError()) != cudaSuccess ||
+						(e = cudaEventElapsedTime(&t, e0, e1)) != cudaSuccess))
+			rc = (int) e;
+		if (r >= 0)
+			times[r] = t;
+	}
+	if (rc == 0 && !be->failed && reps > 0)
+	{
+		qsort(times, (size_t) reps, sizeof(double), cmp_ms);
+		*ms = times[reps / 2];
+	}
+	cudaStreamSynchronize(cs->stream);
+	cudaFree(q16);
+	cudaFree(kv16);
+	cudaFree(lat16);
+	cudaFree(out);
+	cudaFree(S);
+	cudaFree(P16);
+	if (e0)
+		cudaEventDestroy(e0);
+	if (e1)
+		cudaEventDestroy(e1);
+	free(times);
+	return rc;
 }
 
 /* ------------------------------------------------------------------ the op */
