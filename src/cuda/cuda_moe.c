@@ -9,9 +9,13 @@
  *     in bf16 precision, steps of 8 tokens or more use the tensor-core form
  *     of that kernel (kernels/expert_mma.cu; KL_CUDA_EXPERT_MMA);
  *   larger batches: the choices come to the host, which groups them (stable,
- *     as cpu_moe.c does); in bf16 mode the gathered rows go through three
- *     grouped cuBLAS products (gate, up; down) for all used experts at once,
- *     otherwise one product per used expert through the ordinary matmul path.
+ *     as cpu_moe.c does); in bf16 mode with bf16 experts the routed rows are
+ *     gathered once as bf16 and go through two grouped cuBLAS products with
+ *     bf16 results (gate and up; down) for all used experts at once, or one
+ *     cublasGemmEx per used expert where cuBLAS refuses that
+ *     (KL_CUDA_MOE_PREFILL; 0: the older code, grouped products with fp32
+ *     results, which cuBLAS refuses, else one product per used expert
+ *     through the ordinary matmul path, as fp32 mode does).
  * Quantized experts (kernels.h's device form, one form for all routed
  * experts of a layer) take the _q twins of the decode kernels
  * (kernels/gemv_q.cu; in bf16 precision from KL_CUDA_EXPERT_MMA tokens
