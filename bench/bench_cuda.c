@@ -10,9 +10,10 @@
  *   bench_cuda moe T1,T2,... [CONFIG]
  *       the MoE feed-forward op of one prefill step alone at CONFIG's shape
  *       (default bench/configs/kimi-linear-48b-a3b.json), T tokens, random
- *       bf16 weights, precision bf16, grouped GEMMs and (KL_CUDA_GROUPED_GEMM=0)
- *       a product per expert: the op's time and its expert products' rate
- *       against the bf16 GEMM ceiling (see moe_alone)
+ *       bf16 weights, precision bf16, in each prefill expert path
+ *       (KL_CUDA_MOE_PREFILL 0, 0 with KL_CUDA_GROUPED_GEMM=0, 1, 2): the op's
+ *       time, its expert products' rate against the bf16 GEMM ceiling and
+ *       the path that ran (see moe_alone)
  *   bench_cuda model CONFIG [--prefill 4096,32768] [--decode-ctx 4096,32768]
  *                    [--batches 1,8,32,64] [--steps N] [--step-tokens N] [--profile 1]
  *                    [--sample logits|greedy|topp] [--quantize fp8|int8|int4]
@@ -695,8 +696,8 @@ drift(const char *dir, int steps, const char *prec)
  */
 typedef int (*moe_products_fn) (kl_backend *be, int mode, float ms[2]);
 
-static moe_products_fn
-moe_products_hook(kl_backend *be)
+static void *
+cuda_lib_symbol(kl_backend *be, const char *name)
 {
 	Dl_info		info;
 	void	   *lib = NULL;
@@ -704,8 +705,18 @@ moe_products_hook(kl_backend *be)
 	if (dladdr((const void *) be->ops, &info) && info.dli_fname)
 		lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
 	/* the handle stays open: the backend's library is loaded for the whole run anyway */
-	return lib ? (moe_products_fn) dlsym(lib, "kl_cuda_bench_moe_products") : NULL;
+	return lib ? dlsym(lib, name) : NULL;
 }
+
+static moe_products_fn
+moe_products_hook(kl_backend *be)
+{
+	return (moe_products_fn) cuda_lib_symbol(be, "kl_cuda_bench_moe_products");
+}
+
+/* kl_cuda_moe_prefill_path (cuda_moe.c): the KL_CUDA_MOE_PREFILL variant asked, the one the last op ran, the
+ * cuBLAS status that made the grouped one fall back */
+typedef int (*moe_path_fn) (kl_backend *be, int info[3]);
 
 /*
  * A 1-layer random bf16 model whose only layer has CONFIG's MoE feed-forward
@@ -751,8 +762,14 @@ moe_model(const kl_config *c)
  * bench_cuda moe T1,T2,... [CONFIG]: the MoE feed-forward of one prefill
  * step alone (routing, grouping, expert products, shared expert, combine)
  * for T tokens of random fp32 activations, precision bf16, in each variant:
- * "grouped" (today's default: three grouped cuBLAS products a layer) and
- * "loop" (KL_CUDA_GROUPED_GEMM=0: a product per used expert).  ms: the whole
+ * "prefill0" (KL_CUDA_MOE_PREFILL=0, the older code: grouped cuBLAS products
+ * with fp32 results, a product per used expert where cuBLAS refuses them),
+ * "prefill0_loop" (that with KL_CUDA_GROUPED_GEMM=0: the loop for sure),
+ * "prefill1" (a product per used expert from rows gathered once as bf16)
+ * and "prefill2" (the default: two grouped products with bf16 results);
+ * asked / ran: the KL_CUDA_MOE_PREFILL variant asked and the one that ran
+ * (kl_cuda_moe_prefill_path; grouped_refused_status: the cuBLAS status
+ * that made 2 fall back to 1, 0 none).  ms: the whole
  * op (median); products_ms: the expert products alone (events around them,
  * kl_cuda_bench_moe_products), whose FLOPs are 2 * 3 * D * F * T * (k +
  * shared experts); their rate against the bf16 GEMM ceiling: the higher of
@@ -763,7 +780,10 @@ moe_model(const kl_config *c)
 static void
 moe_alone(const char *config, const long *Ts, int nT)
 {
-	static const char *const variants[2] = {"grouped", "loop"};
+	/* the older code's two forms (KL_CUDA_GROUPED_GEMM), then KL_CUDA_MOE_PREFILL 1 and 2 */
+	static const char *const variants[4] = {"prefill0", "prefill0_loop", "prefill1", "prefill2"};
+	static const char *const env_gg[4] = {NULL, "0", NULL, NULL};
+	static const char *const env_mp[4] = {"0", "0", "1", "2"};
 	kl_config	c;
 	kl_err		err;
 	double		ours = measure_gemm_tflops(),
@@ -779,23 +799,27 @@ moe_alone(const char *config, const long *Ts, int nT)
 		fail("the config has no experts", NULL);
 	for (int i = 0; i < nT; i++)
 		Tmax = Ts[i] > Tmax ? Ts[i] : Tmax;
-	for (int v = 0; v < 2; v++)
+	for (int v = 0; v < 4; v++)
 	{
 		kl_model   *m;
 		kl_backend *be;
 		const kl_config *mc;
 		moe_products_fn hook;
+		moe_path_fn path;
 		float	   *x,
 				   *y;
 
-		/* the switch is read when the backend is made */
-		if (v == 1)
-			setenv("KL_CUDA_GROUPED_GEMM", "0", 1);
+		/* the switches are read when the backend is made */
+		if (env_gg[v])
+			setenv("KL_CUDA_GROUPED_GEMM", env_gg[v], 1);
+		setenv("KL_CUDA_MOE_PREFILL", env_mp[v], 1);
 		m = moe_model(&c);
 		unsetenv("KL_CUDA_GROUPED_GEMM");
+		unsetenv("KL_CUDA_MOE_PREFILL");
 		be = m->be;
 		mc = kl_model_config(m);
 		hook = moe_products_hook(be);
+		path = (moe_path_fn) cuda_lib_symbol(be, "kl_cuda_moe_prefill_path");
 		if (!hook || hook(be, 1, NULL) != 0)
 			fprintf(stderr, "bench_cuda: the CUDA library has no kl_cuda_bench_moe_products: no products_ms\n");
 		x = random_device_floats(be, (size_t) Tmax * mc->hidden_size);
@@ -846,6 +870,13 @@ moe_alone(const char *config, const long *Ts, int nT)
 				printf(" products_ms=%.3f shared_ms=%.3f other_ms=%.3f products_tflops=%.1f gemm_tflops=%.1f "
 					   "ceiling_tflops=%.1f pct_of_ceiling=%.1f", p * 1e3, shared[reps / 2] * 1e3,
 					   (times[reps / 2] - p) * 1e3, flops / p / 1e12, ours, ceiling, 100.0 * flops / p / 1e12 / ceiling);
+			}
+			if (path)
+			{
+				int			info[3];
+
+				path(be, info);
+				printf(" asked=%d ran=%d grouped_refused_status=%d", info[0], info[1], info[2]);
 			}
 			printf(" gpu_GB=%.1f\n", gpu_used_gb());
 			fflush(stdout);

@@ -405,6 +405,8 @@ void		kk_moe_combine_add_rmsnorm(cudaStream_t s, float *xn, float *x, int n, int
 void		kk_gather_rows(cudaStream_t s, float *dst, const float *src, int ld, const int *rows, int n, int D);
 void		kk_gather_rows_bf16(cudaStream_t s, uint16_t *dst, const float *src, int ld, const int *rows, int n, int D);
 void		kk_swiglu_bf16(cudaStream_t s, uint16_t *h, const float *g, const float *u, size_t n);
+/* h (bf16) = silu(g) * u from bf16 g and u, contiguous [n] (16-byte aligned buffers) */
+void		kk_swiglu_bf16_bf16(cudaStream_t s, uint16_t *h, const uint16_t *g, const uint16_t *u, size_t n);
 
 /* sample.cu: one row of a sampling call (src/cuda/cuda_sample.c fills it) */
 typedef struct kk_sample_row

@@ -420,6 +420,46 @@ kk_swiglu_bf16(cudaStream_t s, uint16_t *h, const float *g, const float *u, size
 		swiglu_bf16_kernel<<<blocks < 16384 ? blocks : 16384, 256, 0, s>>>(h, g, u, n);
 }
 
+/*
+ * h (bf16) = silu(g) * u from bf16 g and u (the grouped prefill products'
+ * bf16 results), contiguous [n]: eight elements a thread from 16-byte loads
+ * (the buffers are whole cuda_buf allocations, so aligned), the tail of n
+ * not a multiple of 8 element by element.  The same float formula as
+ * kk_swiglu, rounded to nearest even once.
+ */
+__global__ void
+swiglu_bf16_bf16_kernel(uint16_t *h, const uint16_t *g, const uint16_t *u, size_t n)
+{
+	size_t		n8 = n / 8,
+				stride = (size_t) gridDim.x * blockDim.x;
+
+	for (size_t i = blockIdx.x * (size_t) blockDim.x + threadIdx.x; i < n8; i += stride)
+	{
+		uint4		gv = ((const uint4 *) g)[i],
+					uv = ((const uint4 *) u)[i],
+					hv;
+		const uint16_t *gp = (const uint16_t *) &gv,
+				   *up = (const uint16_t *) &uv;
+		uint16_t   *hp = (uint16_t *) &hv;
+
+#pragma unroll
+		for (int j = 0; j < 8; j++)
+			hp[j] = f32_to_bf16(siluf_(bf16_to_f32(gp[j])) * bf16_to_f32(up[j]));
+		((uint4 *) h)[i] = hv;
+	}
+	for (size_t i = n8 * 8 + blockIdx.x * (size_t) blockDim.x + threadIdx.x; i < n; i += stride)
+		h[i] = f32_to_bf16(siluf_(bf16_to_f32(g[i])) * bf16_to_f32(u[i]));
+}
+
+extern "C" void
+kk_swiglu_bf16_bf16(cudaStream_t s, uint16_t *h, const uint16_t *g, const uint16_t *u, size_t n)
+{
+	unsigned	blocks = ceil_div(n / 8 > 0 ? n / 8 : 1, 256);
+
+	if (n > 0)
+		swiglu_bf16_bf16_kernel<<<blocks < 16384 ? blocks : 16384, 256, 0, s>>>(h, g, u, n);
+}
+
 /* ------------------------------------------------------------------ decode: fused kernels */
 
 /*

@@ -669,6 +669,10 @@ cu_destroy(kl_backend *be)
 	free(cs->h_xrow);
 	free(cs->h_inv);
 	free(cs->h_start);
+	free(cs->moe_grp_dims);
+	free(cs->moe_grp_ab);
+	free(cs->moe_grp_ops);
+	cudaFreeHost(cs->moe_grp_ptrs);
 	cuda_pool_destroy(be);
 	cublasDestroy(cs->blas);
 	cudaFree(cs->blas_ws);
@@ -781,6 +785,18 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		const char *gg = getenv("KL_CUDA_GROUPED_GEMM");
 
 		cs->no_grouped_gemm = gg && strcmp(gg, "0") == 0;
+	}
+	{
+		/*
+		 * KL_CUDA_MOE_PREFILL: the routed experts of prefill batches in bf16
+		 * precision (cuda_state.moe_prefill): 0 the older code, 1 one
+		 * product per expert from rows gathered once as bf16, 2 (default)
+		 * grouped products with bf16 results (1 where cuBLAS refuses).
+		 */
+		const char *mp = getenv("KL_CUDA_MOE_PREFILL");
+
+		cs->moe_prefill = mp && (strcmp(mp, "0") == 0 || strcmp(mp, "1") == 0) ? atoi(mp) : 2;
+		cs->moe_prefill_ran = -1;
 	}
 	cudaDeviceGetAttribute(&cs->sm_count, cudaDevAttrMultiProcessorCount, idx);
 	if (cs->sm_count <= 0)

@@ -63,6 +63,7 @@ enum cuda_buf_id
 	CB_MOE_SG,
 	CB_MOE_SU,
 	CB_MOE_SY,
+	CB_MOE_Y16,					/* KL_CUDA_MOE_PREFILL=2: expert outputs in bf16 */
 	CB_SAMPLE_PROB,
 	CB_COUNT
 };
@@ -249,6 +250,28 @@ typedef struct cuda_state
 
 	bool		no_grouped_gemm;	/* cuBLAS here lacks bf16 grouped GEMM: loop instead */
 	/*
+	 * KL_CUDA_MOE_PREFILL: the routed experts of a prefill batch (more than
+	 * 64 tokens, bf16 precision, bf16 experts) — 0 the older code (grouped
+	 * products with fp32 results, else a product per expert through
+	 * cuda_matmul_raw), 1 rows gathered once as bf16 and a cublasGemmEx per
+	 * used expert and matrix, 2 (default) two grouped products with bf16
+	 * results (gate and up in one call, then down); 2 falls back to 1 where
+	 * cuBLAS refuses it (moe_grouped_refused, kept for the backend's life).
+	 * moe_prefill_ran: the variant the last such op ran (-1: none yet).
+	 */
+	int			moe_prefill;
+	int			moe_prefill_ran;
+	bool		moe_grouped_refused;
+	int			moe_grouped_status;	/* the cuBLAS status of that refusal */
+	/* variant 2's argument arrays, sized for moe_grp_cap problems: the host
+	 * ones cuBLAS reads at the call, and the pointers (pinned, uploaded
+	 * asynchronously: cuda_upload_sync would drain the stream) */
+	int			moe_grp_cap;
+	int		   *moe_grp_dims;	/* [7][cap]: m, n, k, lda, ldb, ldc, group size */
+	float	   *moe_grp_ab;		/* [2][cap]: alpha 1, beta 0 */
+	cublasOperation_t *moe_grp_ops;	/* [2][cap]: T, N */
+	void	  **moe_grp_ptrs;	/* pinned [3][cap]: A (weights), B (rows), C */
+	/*
 	 * Benchmarks only (kl_cuda_bench_moe_products, cuda_moe.c): events
 	 * recorded around a prefill MoE's expert products (NULL: none), and
 	 * which of them the last MoE op recorded.
@@ -401,6 +424,10 @@ int			kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float ep
 									const float *A_log, const float *dt_bias, const float *o_norm, const float *S,
 									const float *tails, float *out_old, float *out_new, float *S_old, float *S_new,
 									float *tails_old, float *tails_new);
+/* test and bench hook of cuda_moe.c: the KL_CUDA_MOE_PREFILL variant asked,
+ * the one the last prefill MoE op ran (-1 none), the cuBLAS status that made
+ * variant 2 fall back (0 none) */
+int			kl_cuda_moe_prefill_path(kl_backend *be, int info[3]);
 int			kl_cuda_test_route_group(int warp, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
 									 int bias_in_w, float scaling, int shared_rows, int P, const float *logits,
 									 const float *bias, int *sel, float *wts, int *start, int *xrow, int *inv,
