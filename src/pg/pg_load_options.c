@@ -40,7 +40,7 @@ kl_load_options_from_args(const char *moe_routing, const char *quantize, const c
 	else if (precision && strcmp(precision, "auto") != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("precision must be 'auto', 'fp32' or 'bf16', got '%s'", precision),
+				 errmsg("matmul_precision must be 'auto', 'fp32' or 'bf16', got '%s'", precision),
 				 errhint("%s", precision_hint)));
 }
 

@@ -501,7 +501,7 @@ required_arg(FunctionCallInfo fcinfo, int i, const char *what)
 
 /*
  * load_model(name text, path text, moe_routing text DEFAULT NULL, quantize text DEFAULT NULL,
- *            precision text DEFAULT NULL): precision NULL is the setting kimi_linear.precision
+ *            matmul_precision text DEFAULT NULL): NULL is the setting kimi_linear.precision
  */
 Datum
 kl_sql_load_model(PG_FUNCTION_ARGS)
