@@ -53,6 +53,16 @@ SELECT kimi_linear.load_model('x', NULL);
 SELECT kimi_linear.load_model('bad name!', 'x');
 SELECT kimi_linear.load_model('x', '');
 SELECT kimi_linear.load_model('x', 'x', quantize => 'int3');
+-- precision: auto, fp32 or bf16, as the argument or the setting; bf16 needs a GPU
+SELECT kimi_linear.load_model('x', 'x', matmul_precision => 'fp16');
+SET kimi_linear.precision = 'fp16';
+SET kimi_linear.precision = 'BF16';
+SHOW kimi_linear.precision;
+RESET kimi_linear.precision;
+SELECT kimi_linear.load_model('x', 'x', matmul_precision => 'bf16');
+SET kimi_linear.precision = 'bf16';
+SELECT kimi_linear.load_model('x', 'x');
+RESET kimi_linear.precision;
 
 -- limits: the prompt must fit in the context
 SET kimi_linear.max_context = 32;

@@ -439,12 +439,13 @@ COMMENT ON FUNCTION chat_with_state(bytea, jsonb, int, float8, float8, int, bigi
 
 -------------------------------------------------------------------- models
 
-CREATE FUNCTION load_model(name text, path text, moe_routing text DEFAULT NULL, quantize text DEFAULT NULL) RETURNS void
+CREATE FUNCTION load_model(name text, path text, moe_routing text DEFAULT NULL, quantize text DEFAULT NULL,
+                           matmul_precision text DEFAULT NULL) RETURNS void
 AS 'MODULE_PATHNAME', 'kl_sql_load_model'
 LANGUAGE C VOLATILE;
 
-COMMENT ON FUNCTION load_model(text, text, text, text) IS
-'Load the model in directory path (relative to kimi_linear.model_dir, or inside it) under name. moe_routing (MoE models): ''select'' (default: the router bias chooses the experts, the scores weight them, as the serving engines do) or ''reference'' (the bias is also added into the weights, as the released kimi_linear code does). quantize => ''fp8'', ''int8'' or ''int4'' quantizes a bf16/f32 checkpoint''s weights at load (checkpoints published quantized load as they are). Superusers and members of kimi_linear_admin only.';
+COMMENT ON FUNCTION load_model(text, text, text, text, text) IS
+'Load the model in directory path (relative to kimi_linear.model_dir, or inside it) under name. moe_routing (MoE models): ''select'' (default: the router bias chooses the experts, the scores weight them, as the serving engines do) or ''reference'' (the bias is also added into the weights, as the released kimi_linear code does). quantize => ''fp8'', ''int8'' or ''int4'' quantizes a bf16/f32 checkpoint''s weights at load (checkpoints published quantized load as they are). matmul_precision: ''auto'' (bf16 on a GPU, fp32 on the CPU), ''fp32'' (the GPU matches the CPU to float rounding) or ''bf16'' (the GPU''s matrix products on tensor cores; refused on the CPU); NULL: the setting kimi_linear.precision. Superusers and members of kimi_linear_admin only.';
 
 CREATE FUNCTION unload_model(name text) RETURNS void
 AS 'MODULE_PATHNAME', 'kl_sql_unload_model'
@@ -453,9 +454,9 @@ LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION unload_model(text) IS
 'Unload a model from every inference worker; requests running on it fail. Superusers and members of kimi_linear_admin only.';
 
-REVOKE ALL ON FUNCTION load_model(text, text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION load_model(text, text, text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION unload_model(text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION load_model(text, text, text, text) TO kimi_linear_admin;
+GRANT EXECUTE ON FUNCTION load_model(text, text, text, text, text) TO kimi_linear_admin;
 GRANT EXECUTE ON FUNCTION unload_model(text) TO kimi_linear_admin;
 
 -- load_model and unload_model stay PARALLEL UNSAFE (the default): they change
@@ -475,7 +476,7 @@ AS 'MODULE_PATHNAME', 'kl_sql_models'
 LANGUAGE C VOLATILE PARALLEL SAFE;
 
 CREATE VIEW models AS SELECT * FROM @extschema@._models();
-COMMENT ON VIEW models IS 'Models registered with the inference workers: bytes of the checkpoint''s tensors as stored; weight_format (bf16, or how the weights are quantized) and weight_bytes, the weights as the workers hold them; matmul_precision, the activations of the GPU''s matrix products (kimi_linear.precision when it was loaded; the CPU computes in fp32 either way).';
+COMMENT ON VIEW models IS 'Models registered with the inference workers: bytes of the checkpoint''s tensors as stored; weight_format (bf16, or how the weights are quantized) and weight_bytes, the weights as the workers hold them; matmul_precision, the activations of its matrix products: fp32 or bf16 once loaded (auto resolved: bf16 on a GPU, fp32 on the CPU), before that the precision asked for (load_model''s matmul_precision, or kimi_linear.precision when it was loaded).';
 
 CREATE FUNCTION _activity(
     OUT worker int, OUT request_id bigint, OUT backend_pid int, OUT model text, OUT phase text,

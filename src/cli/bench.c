@@ -446,8 +446,8 @@ print_bench_header(const bench_run *r, const char *cpu, const char *date, double
 	const kl_config *c = r->c;
 
 	printf("## %s\n\n", o->label ? o->label : (o->co.model ? o->co.model : o->config));
-	printf("Machine: %s, %d threads (%s kernels), device %s; %s.  \n", cpu, kl_pool_threads(),
-		   kl_simd_get()->name, kl_model_device(r->m), date);
+	printf("Machine: %s, %d threads (%s kernels), device %s (%s precision); %s.  \n", cpu, kl_pool_threads(),
+		   kl_simd_get()->name, kl_model_device(r->m), kl_model_precision(r->m), date);
 	printf("Model: %.1fM parameters (%.1f MB of weights%s, %s), %d layers (%d KDA, %d MLA)%s; "
 		   "a decode step reads %.1f MB of weights.  \n",
 		   kl_model_n_params(r->m) / 1e6, kl_model_resident_bytes(r->m) / 1e6, o->config ? ", random" : "",

@@ -16,7 +16,7 @@ typedef struct cli_common
 	int			threads;		/* --threads N (0 = all cores) */
 	const char *moe_routing;	/* --moe-routing select|reference (NULL: the default, select) */
 	const char *quantize;		/* --quantize fp8|int8|int4 (quantize the weights at load) */
-	const char *precision;		/* --precision fp32|bf16 (activations of the GPU's matrix products) */
+	const char *precision;		/* --precision auto|fp32|bf16 (NULL: auto, bf16 on the GPU, fp32 on the CPU) */
 } cli_common;
 
 void		cli_common_init(cli_common *co);

@@ -42,7 +42,13 @@ int			kl_get_threads(void);
 typedef struct kl_load_opts
 {
 	const char *device;			/* "cpu" (default), "cuda", or "auto" */
-	const char *precision;		/* "fp32" (default) or "bf16": activations in matrix products (CUDA) */
+	/*
+	 * Activations of the matrix products: NULL or "auto" (default: bf16 on
+	 * the GPU, fp32 on the CPU), "fp32" (the GPU matches the CPU to float
+	 * rounding) or "bf16" (the GPU's products on tensor cores with bf16
+	 * activations; refused on the CPU, which computes in fp32 only).
+	 */
+	const char *precision;
 	int			device_index;	/* which GPU (default 0) */
 	/*
 	 * MoE routing rule (ignored by dense models): NULL or "select" (default:
@@ -88,6 +94,8 @@ void		kl_model_free(kl_model *m);
 const kl_config *kl_model_config(const kl_model *m);
 const char *kl_model_dir(const kl_model *m);
 const char *kl_model_device(const kl_model *m);			/* "cpu" or "cuda" */
+/* The precision in force (kl_load_opts.precision resolved): "fp32" or "bf16". */
+const char *kl_model_precision(const kl_model *m);
 int64_t		kl_model_n_params(const kl_model *m);
 uint64_t	kl_model_weight_bytes(const kl_model *m);	/* bytes of all tensors as stored */
 /* The MoE routing rule in force: "select" or "reference"; NULL for a dense model. */

@@ -819,28 +819,49 @@ check_dir(const char *dir, const char *root, kl_err *err)
 	return KL_OK;
 }
 
+/*
+ * The backend the options ask for, and the precision it runs in (kl.h):
+ * "auto" (or none) is bf16 on the GPU and fp32 on the CPU.  The CPU engine
+ * has no bf16 arithmetic (it reads bf16 weights, and computes in fp32), so
+ * an explicit bf16 there is refused rather than silently ignored.
+ */
 static int
 create_backend(kl_model *m, const kl_load_opts *opts, kl_err *err)
 {
 	const char *device = (opts && opts->device) ? opts->device : "cpu";
+	const char *asked = (opts && opts->precision) ? opts->precision : "auto";
+	bool		on_gpu = strcmp(device, "cuda") == 0 || strcmp(device, "auto") == 0;
 	kl_backend_opts bo;
+	kl_err		gpu_err;
 
-	bo.precision = (opts && opts->precision) ? opts->precision : "fp32";
 	bo.device_index = opts ? opts->device_index : 0;
-	if (strcmp(bo.precision, "fp32") != 0 && strcmp(bo.precision, "bf16") != 0)
-		return kl_errc(err, KL_E_INVALID, "unknown precision \"%s\" (use fp32 or bf16)", bo.precision);
-	if (strcmp(device, "cpu") == 0)
-		return kl_backend_cpu_create(&m->cfg, &bo, &m->be, err);
-	if (strcmp(device, "cuda") == 0 || strcmp(device, "auto") == 0)
+	if (strcmp(asked, "auto") != 0 && strcmp(asked, "fp32") != 0 && strcmp(asked, "bf16") != 0)
+		return kl_errc(err, KL_E_INVALID, "unknown precision \"%s\" (use auto, fp32 or bf16; auto is bf16 on the "
+					   "GPU and fp32 on the CPU)", asked);
+	if (!on_gpu && strcmp(device, "cpu") != 0)
+		return kl_errc(err, KL_E_INVALID, "unknown device \"%s\" (use cpu, cuda or auto)", device);
+	if (on_gpu)
 	{
-		if (kl_backend_cuda_create(&m->cfg, &bo, &m->be, err) == KL_OK)
+		bo.precision = strcmp(asked, "auto") == 0 ? "bf16" : asked;
+		if (kl_backend_cuda_create(&m->cfg, &bo, &m->be, &gpu_err) == KL_OK)
+		{
+			m->precision = strcmp(bo.precision, "bf16") == 0 ? "bf16" : "fp32";
 			return KL_OK;
+		}
+		*err = gpu_err;
 		if (strcmp(device, "cuda") == 0)
 			return KL_FAIL;
-		/* auto: no usable GPU, run on the CPU */
-		return kl_backend_cpu_create(&m->cfg, &bo, &m->be, err);
+		/* device auto: no usable GPU, run on the CPU (below) */
+		if (strcmp(asked, "bf16") == 0)
+			return kl_errc(err, KL_E_UNSUPPORTED, "precision bf16 runs only on the GPU, and there is none usable "
+						   "here (%s): use precision auto (bf16 on the GPU, fp32 on the CPU) or fp32", gpu_err.msg);
 	}
-	return kl_errc(err, KL_E_INVALID, "unknown device \"%s\" (use cpu, cuda or auto)", device);
+	else if (strcmp(asked, "bf16") == 0)
+		return kl_errc(err, KL_E_UNSUPPORTED, "precision bf16 runs only on the GPU (device cuda): the CPU engine "
+					   "computes in fp32; use precision fp32 or auto (bf16 on the GPU, fp32 on the CPU)");
+	bo.precision = "fp32";
+	m->precision = "fp32";
+	return kl_backend_cpu_create(&m->cfg, &bo, &m->be, err);
 }
 
 /* Bind every tensor the config implies (from the files, or random). */
@@ -1098,6 +1119,12 @@ const char *
 kl_model_device(const kl_model *m)
 {
 	return m->be->ops->name;
+}
+
+const char *
+kl_model_precision(const kl_model *m)
+{
+	return m->precision;
 }
 
 int64_t

@@ -18,6 +18,7 @@ struct kl_model
 	kl_config	cfg;
 	kl_safetensors st;
 	kl_backend *be;
+	const char *precision;		/* in force: "fp32" or "bf16" (kl_model_precision) */
 	kl_tokenizer *tok;
 
 	kl_weight	embed;			/* [vocab, D] */

@@ -19,7 +19,7 @@ char	   *kl_guc_model_dir = NULL;
 char	   *kl_guc_default_model = NULL;
 int			kl_workers = 1;
 int			kl_device = KL_DEVICE_CPU;
-int			kl_precision = KL_PRECISION_FP32;
+int			kl_precision = KL_PRECISION_AUTO;
 int			kl_threads = 0;
 int			kl_max_context = 131072;
 int			kl_max_new_tokens = 4096;
@@ -38,6 +38,7 @@ static const struct config_enum_entry device_options[] = {
 };
 
 static const struct config_enum_entry precision_options[] = {
+	{"auto", KL_PRECISION_AUTO, false},
 	{"fp32", KL_PRECISION_FP32, false},
 	{"bf16", KL_PRECISION_BF16, false},
 	{NULL, 0, false}
@@ -63,7 +64,15 @@ kl_device_name(int device)
 const char *
 kl_precision_name(int precision)
 {
-	return precision == KL_PRECISION_BF16 ? "bf16" : "fp32";
+	switch (precision)
+	{
+		case KL_PRECISION_FP32:
+			return "fp32";
+		case KL_PRECISION_BF16:
+			return "bf16";
+		default:
+			return "auto";
+	}
 }
 
 static bool
@@ -122,10 +131,12 @@ kl_define_gucs(void)
 							 &kl_device, KL_DEVICE_CPU, device_options,
 							 PGC_SUSET, 0, NULL, NULL, NULL);
 	DefineCustomEnumVariable("kimi_linear.precision",
-							 "Activations in the GPU's matrix products of the models kimi_linear.load_model loads (fp32, bf16).",
-							 "fp32 matches the CPU to float rounding; bf16 runs the products on tensor cores (logits within "
-							 "3e-2 of fp32). The CPU computes in fp32 either way. Kept with the model and used again after a restart.",
-							 &kl_precision, KL_PRECISION_FP32, precision_options,
+							 "Activations of the matrix products of the models kimi_linear.load_model loads (auto, fp32, bf16).",
+							 "Read when a model is loaded, and kept with it (used again after a restart): changing it does not "
+							 "change a loaded model. auto: bf16 on a GPU, fp32 on the CPU. fp32 on a GPU matches the CPU to "
+							 "float rounding; bf16 runs the GPU's products on tensor cores (logits within 3e-2 of fp32) and "
+							 "is refused on the CPU, which computes in fp32 only.",
+							 &kl_precision, KL_PRECISION_AUTO, precision_options,
 							 PGC_SUSET, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("kimi_linear.threads",
 							"Engine threads per inference worker (0 = all cores).",

@@ -18,7 +18,8 @@ extern int	kl_workers;				/* inference workers (postmaster) */
 extern int	kl_device;				/* KL_DEVICE_* for load_model */
 #define KL_PRECISION_FP32 0
 #define KL_PRECISION_BF16 1
-extern int	kl_precision;			/* KL_PRECISION_* for load_model (CUDA) */
+#define KL_PRECISION_AUTO 2
+extern int	kl_precision;			/* KL_PRECISION_* for load_model (auto: bf16 on a GPU, fp32 on the CPU) */
 extern int	kl_threads;				/* engine threads per worker, 0 = all cores */
 extern int	kl_max_context;			/* positions per sequence */
 extern int	kl_max_new_tokens;		/* max_tokens of one call */

@@ -17,12 +17,13 @@ typedef struct KlLoadOptions
 {
 	char		moe_routing[16];	/* "" (default: select) or "reference" */
 	char		quantize[8];	/* "" (the weights as stored) or "fp8", "int8", "int4" */
-	char		precision[8];	/* "" (default: fp32) or "bf16": activations in the GPU's matrix products */
+	char		precision[8];	/* "" (default: auto, bf16 on a GPU, fp32 on the CPU), "fp32" or "bf16" */
 } KlLoadOptions;
 
 /*
  * Check the SQL arguments (NULL = default) and fill *out; ERROR on a bad
- * value.  precision comes from the setting kimi_linear.precision.
+ * value.  precision is load_model's argument, or (NULL) the setting
+ * kimi_linear.precision: "auto", "fp32" or "bf16".
  */
 void		kl_load_options_from_args(const char *moe_routing, const char *quantize, const char *precision,
 									  KlLoadOptions *out);

@@ -176,6 +176,23 @@ wait_loaded(int e, uint32 gen, const char *name, bool forget_failed)
 	}
 }
 
+/*
+ * bf16 precision on a server whose models go to the CPU: refused here, with
+ * what to do, rather than by the worker (whose load error would come back
+ * with the hint about checkpoints).  With kimi_linear.device = auto the
+ * worker decides, and its error says the same.
+ */
+static void
+check_precision_device(const KlLoadOptions *lo)
+{
+	if (kl_device == KL_DEVICE_CPU && strcmp(lo->precision, "bf16") == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("precision bf16 runs only on a GPU, and kimi_linear.device is cpu"),
+				 errdetail("The CPU engine computes in fp32."),
+				 errhint("Use precision 'auto' (bf16 on a GPU, fp32 on the CPU) or 'fp32', or set kimi_linear.device to 'cuda'.")));
+}
+
 void
 kl_model_register(const char *name, const char *path, bool check_privilege)
 {
@@ -184,6 +201,7 @@ kl_model_register(const char *name, const char *path, bool check_privilege)
 
 	/* every option at its default, but the precision setting applies as for load_model */
 	kl_load_options_from_args(NULL, NULL, kl_precision_name(kl_precision), &lo);
+	check_precision_device(&lo);
 	kl_load_options_format(&lo, options, sizeof(options));
 	kl_model_register_with(name, path, options, check_privilege);
 }
@@ -275,6 +293,7 @@ kl_model_register_with(const char *name, const char *path, const char *options, 
 		me->persisted = false;
 		me->device = kl_device;
 		me->routing_in_force[0] = '\0';
+		me->precision_in_force[0] = '\0';
 		me->weight_format[0] = '\0';
 		me->weight_bytes = 0;
 		memset(me->wload, 0, sizeof(me->wload));
@@ -480,7 +499,10 @@ required_arg(FunctionCallInfo fcinfo, int i, const char *what)
 	return s;
 }
 
-/* load_model(name text, path text, quantize text DEFAULT NULL) */
+/*
+ * load_model(name text, path text, moe_routing text DEFAULT NULL, quantize text DEFAULT NULL,
+ *            matmul_precision text DEFAULT NULL): NULL is the setting kimi_linear.precision
+ */
 Datum
 kl_sql_load_model(PG_FUNCTION_ARGS)
 {
@@ -488,10 +510,13 @@ kl_sql_load_model(PG_FUNCTION_ARGS)
 	char	   *path = required_arg(fcinfo, 1, "path");
 	char	   *routing = PG_NARGS() > 2 && !PG_ARGISNULL(2) ? text_to_cstring(PG_GETARG_TEXT_PP(2)) : NULL;
 	char	   *quantize = PG_NARGS() > 3 && !PG_ARGISNULL(3) ? text_to_cstring(PG_GETARG_TEXT_PP(3)) : NULL;
+	const char *precision = PG_NARGS() > 4 && !PG_ARGISNULL(4) ? text_to_cstring(PG_GETARG_TEXT_PP(4)) :
+		kl_precision_name(kl_precision);
 	KlLoadOptions lo;
 	char		options[KL_MODEL_OPTIONS_LEN];
 
-	kl_load_options_from_args(routing, quantize, kl_precision_name(kl_precision), &lo);
+	kl_load_options_from_args(routing, quantize, precision, &lo);
+	check_precision_device(&lo);
 	kl_load_options_format(&lo, options, sizeof(options));
 	kl_model_register_with(name, path, options, true);
 	PG_RETURN_VOID();
@@ -589,7 +614,11 @@ kl_sql_models(PG_FUNCTION_ARGS)
 			nulls[8] = true;
 		v[9] = CStringGetTextDatum(me.weight_format);
 		v[10] = Int64GetDatum(me.weight_bytes);
-		v[11] = CStringGetTextDatum(options_ok && lo.precision[0] ? lo.precision : "fp32");
+		/* the precision in force once loaded; the one asked for (auto unless given) before */
+		if (me.loaded_at)
+			v[11] = CStringGetTextDatum(me.precision_in_force);
+		else
+			v[11] = CStringGetTextDatum(options_ok && lo.precision[0] ? lo.precision : "auto");
 		if (me.state != KL_MODEL_READY)
 			nulls[2] = nulls[3] = nulls[9] = nulls[10] = true;
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, nulls);

@@ -209,6 +209,7 @@ sync_models(void)
 					strlcpy(e->device_name, kl_model_device(m), sizeof(e->device_name));
 					strlcpy(e->routing_in_force, kl_model_moe_routing(m) ? kl_model_moe_routing(m) : "",
 							sizeof(e->routing_in_force));
+					strlcpy(e->precision_in_force, kl_model_precision(m), sizeof(e->precision_in_force));
 					strlcpy(e->weight_format, kl_model_weight_format(m), sizeof(e->weight_format));
 					e->weight_bytes = (int64) kl_model_resident_bytes(m);
 					e->vocab_size = wm->vocab;

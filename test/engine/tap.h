@@ -84,4 +84,41 @@ tap_models_dir(void)
 	return s ? s : "models";
 }
 
+/* The command-line tool the CLI checks run: $KL_CLI, default ./kl (the repository root's). */
+static inline const char *
+tap_cli(void)
+{
+	const char *s = getenv("KL_CLI");
+
+	return s ? s : "./kl";
+}
+
+/*
+ * Run a shell command with its stdout and stderr in dir/out and dir/err; its
+ * exit status (system()'s) returned, its stderr in *err (a static buffer,
+ * overwritten by the next call).
+ */
+static inline int
+tap_run(const char *dir, const char *cmd, const char **err)
+{
+	static char buf[4096];
+	char		full[4096],
+				path[512];
+	FILE	   *f;
+	size_t		n = 0;
+	int			rc;
+
+	snprintf(full, sizeof(full), "%s >%s/out 2>%s/err", cmd, dir, dir);
+	rc = system(full);
+	snprintf(path, sizeof(path), "%s/err", dir);
+	if ((f = fopen(path, "r")) != NULL)
+	{
+		n = fread(buf, 1, sizeof(buf) - 1, f);
+		fclose(f);
+	}
+	buf[n] = '\0';
+	*err = buf;
+	return rc;
+}
+
 #endif

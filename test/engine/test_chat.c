@@ -713,30 +713,6 @@ bad_input(void)
 
 /* ------------------------------------------------------------------ ./kl generate --chat-json */
 
-/* Run cmd (stdout and stderr to files in dir); *err receives stderr (static). */
-static int
-run_cli(const char *dir, const char *cmd, const char **err)
-{
-	static char buf[4096];
-	char		full[4096],
-				path[512];
-	FILE	   *f;
-	size_t		n = 0;
-	int			rc;
-
-	snprintf(full, sizeof(full), "%s >%s/out 2>%s/err", cmd, dir, dir);
-	rc = system(full);
-	snprintf(path, sizeof(path), "%s/err", dir);
-	if ((f = fopen(path, "r")) != NULL)
-	{
-		n = fread(buf, 1, sizeof(buf) - 1, f);
-		fclose(f);
-	}
-	buf[n] = '\0';
-	*err = buf;
-	return rc;
-}
-
 /*
  * The CLI's chat input: the file's messages are the prompt (the command once
  * said "empty prompt" for any file), and a file that is missing or holds no
@@ -745,7 +721,7 @@ run_cli(const char *dir, const char *cmd, const char **err)
 static void
 cli_chat_json(void)
 {
-	const char *cli = getenv("KL_CLI") ? getenv("KL_CLI") : "./kl";
+	const char *cli = tap_cli();
 	char		dir[] = "/tmp/kl_test_chat_XXXXXX";
 	char		cmd[2048];
 	const char *err;
@@ -761,10 +737,10 @@ cli_chat_json(void)
 		fclose(f);
 	}
 	snprintf(cmd, sizeof(cmd), "%s generate --model %s --chat-json %s/chat.json --max-tokens 6", cli, model_dir, dir);
-	rc = run_cli(dir, cmd, &err);
+	rc = tap_run(dir, cmd, &err);
 	tap_ok(rc == 0 && strstr(err, " 6 generated") != NULL, "kl generate --chat-json FILE generates from the file's messages");
 	snprintf(cmd, sizeof(cmd), "%s generate --model %s --chat-json %s/missing.json --max-tokens 6", cli, model_dir, dir);
-	rc = run_cli(dir, cmd, &err);
+	rc = tap_run(dir, cmd, &err);
 	tap_ok(rc != 0 && strstr(err, "cannot read") != NULL, "a missing chat file is an error that says so");
 	snprintf(cmd, sizeof(cmd), "%s/object.json", dir);
 	if ((f = fopen(cmd, "w")) != NULL)
@@ -773,7 +749,7 @@ cli_chat_json(void)
 		fclose(f);
 	}
 	snprintf(cmd, sizeof(cmd), "%s generate --model %s --chat-json %s/object.json --max-tokens 6", cli, model_dir, dir);
-	rc = run_cli(dir, cmd, &err);
+	rc = tap_run(dir, cmd, &err);
 	tap_ok(rc != 0 && strstr(err, "expected a list of messages") != NULL, "a chat file without messages is an error that says so");
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
 	if (system(cmd) != 0)

@@ -252,6 +252,9 @@ check_golden(const char *model, const char *file, const char *prec)
 		die("golden data", &err);
 	routing = strcmp(file, "golden.safetensors") == 0 ? "reference" : NULL;
 	m = load_routed(g.dir, "cuda", prec, routing);
+	if (strcmp(prec, "auto") == 0)
+		tap_ok(strcmp(kl_model_precision(m), "bf16") == 0, "%s: precision auto (the default) on the GPU is bf16 (%s)",
+			   name, kl_model_precision(m));
 	c = kl_model_config(m);
 	g.V = c->vocab_size;
 	g.T = (int) gt(&g, "input_ids")->numel;
@@ -954,6 +957,204 @@ check_golden_batch(const char *model, int nseq)
 	kl_model_free(gpu);
 	kl_model_free(cpu);
 	kl_st_close(&st);
+}
+
+/* ------------------------------------------------------------------ 48B shapes, bf16: where prefill loses accuracy */
+
+/* per-row relative errors of a [rows, cols] result: rows above tol, the median and the worst */
+static void
+row_errors(const float *a, const float *ref, int rows, int cols, double tol, int *over, double *median, double *worst)
+{
+	double	   *e = malloc(sizeof(double) * (size_t) rows);
+
+	*over = 0;
+	*worst = 0;
+	for (int r = 0; r < rows; r++)
+	{
+		e[r] = rel_err(a + (size_t) r * cols, ref + (size_t) r * cols, (size_t) cols);
+		*over += e[r] > tol;
+		*worst = e[r] > *worst ? e[r] : *worst;
+	}
+	for (int i = 1; i < rows; i++)		/* insertion sort: 150 rows */
+		for (int j = i; j > 0 && e[j] < e[j - 1]; j--)
+		{
+			double		t = e[j];
+
+			e[j] = e[j - 1];
+			e[j - 1] = t;
+		}
+	*median = rows ? e[rows / 2] : 0;
+	free(e);
+}
+
+/* every MoE layer's e_score_correction_bias on both models: bias for experts [0, k), 0 for the others */
+static void
+set_router_bias(kl_model *cpu, kl_model *gpu, float bias)
+{
+	int			E = cpu->cfg.n_experts,
+				k = cpu->cfg.experts_per_token;
+	float	   *b = calloc((size_t) E, sizeof(float));
+
+	for (int e = 0; e < k; e++)
+		b[e] = bias;
+	for (int i = 0; i < cpu->cfg.n_layers; i++)
+		if (cpu->layers[i].is_moe)
+		{
+			cpu->be->ops->upload(cpu->be, cpu->layers[i].moe.score_bias, b, sizeof(float) * (size_t) E);
+			gpu->be->ops->upload(gpu->be, gpu->layers[i].moe.score_bias, b, sizeof(float) * (size_t) E);
+		}
+	free(b);
+}
+
+/* lm_head := [I; 0] on both models (bf16 ones and zeros): the "logits" are then the final norm's output */
+static void
+set_lm_head_identity(kl_model *cpu, kl_model *gpu)
+{
+	int			V = cpu->cfg.vocab_size,
+				D = cpu->cfg.hidden_size;
+	uint16_t   *w = calloc((size_t) V * D, sizeof(uint16_t));
+
+	for (int i = 0; i < D && i < V; i++)
+		w[(size_t) i * D + i] = 0x3F80;		/* bf16 1.0 */
+	cpu->be->ops->upload(cpu->be, cpu->lm_head.dev, w, sizeof(uint16_t) * (size_t) V * D);
+	gpu->be->ops->upload(gpu->be, gpu->lm_head.dev, w, sizeof(uint16_t) * (size_t) V * D);
+	free(w);
+}
+
+/*
+ * Relative error of the GPU's one-call prefill against the CPU's over the
+ * first `depth` layers (the engine runs cfg.n_layers of them; the sequences'
+ * states do not depend on it), with the per-row figures.
+ */
+static double
+prefill_err_at_depth(kl_model *cpu, kl_model *gpu, const int32_t *ids, int T, int depth, int *over, double *median,
+					 double *worst)
+{
+	int			L = cpu->cfg.n_layers,
+				V = cpu->cfg.vocab_size;
+	float	   *lc,
+			   *lg;
+	double		e;
+
+	cpu->cfg.n_layers = gpu->cfg.n_layers = depth;
+	lc = logits_of(cpu, ids, T, 0, false, NULL);
+	lg = logits_of(gpu, ids, T, 0, false, NULL);
+	cpu->cfg.n_layers = gpu->cfg.n_layers = L;
+	e = rel_err(lg, lc, (size_t) T * V);
+	row_errors(lg, lc, T, V, TOL_BF16, over, median, worst);
+	free(lc);
+	free(lg);
+	return e;
+}
+
+/*
+ * The 48B-shape bf16 prefill allows 1.2e-1 against the CPU's fp32
+ * (check_big_shapes, bounded by 0.25).  The claim (bench/notes-cuda.md): in
+ * bf16 precision the products round their activations to bf16 (relative
+ * 2^-9), which moves the router's fp32 inputs; this model's random
+ * 16-expert router has top-4 margins near that size for some tokens, so
+ * their expert sets flip, and a flipped token's output is a different
+ * function, not a rounded one.  Shown here on the same weights (seed 7):
+ *
+ * (a) a decisive router: a score bias of 8 on experts 0..3 of every MoE
+ *     layer (sigmoid scores lie in (0, 1), so no rounding can move another
+ *     expert past them; group 0 holds them, so the group choice is decided
+ *     too) — the bf16 prefill must then hold the bf16 criterion, 3e-2, and
+ *     the greedy ids where the CPU's choice is clear.  A residual error near
+ *     1e-2 is the rounding of the products themselves (KDA, MLA, experts).
+ * (b) information lines: with the random router and with the decisive
+ *     one, the error of the normalized hidden state after each layer (the
+ *     engine runs the first `depth` layers; lm_head made an identity so the
+ *     "logits" are the final norm's output), and the number of tokens whose
+ *     logits row is off by more than 3e-2.  Routing flips show as a jump at
+ *     the first MoE layer (layer 2; layer 1 is KDA + dense MLP) in a
+ *     minority of tokens, absent under the decisive router.
+ */
+static void
+check_big_bf16_routing(void)
+{
+	char		path[] = "/tmp/kl_test_cuda_XXXXXX";
+	int			fd = mkstemp(path);
+	kl_load_opts oc = {0},
+				og = {0};
+	kl_model   *cpu,
+			   *gpu;
+	kl_err		err;
+	int			V,
+				T = 150,
+				L,
+				over,
+				same,
+				bad;
+	int32_t    *ids;
+	float	   *lc,
+			   *lg;
+	double		e,
+				median,
+				worst;
+
+	if (fd < 0 || write(fd, big_config, strlen(big_config)) != (ssize_t) strlen(big_config))
+	{
+		tap_ok(0, "write a temporary config");
+		return;
+	}
+	close(fd);
+	oc.device = "cpu";
+	og.device = "cuda";
+	og.precision = "auto";		/* bf16 on the GPU: the setting users get */
+	if (kl_model_create_random(path, &oc, "bf16", 7, &cpu, &err) != KL_OK ||
+		kl_model_create_random(path, &og, "bf16", 7, &gpu, &err) != KL_OK)
+		die("random model", &err);
+	unlink(path);
+	copy_weights(cpu, gpu);
+	tap_ok(strcmp(kl_model_precision(gpu), "bf16") == 0, "K=128/R=512 shapes: precision auto on the GPU is bf16");
+	V = cpu->cfg.vocab_size;
+	L = cpu->cfg.n_layers;
+	ids = malloc(sizeof(int32_t) * (size_t) T);
+	for (int i = 0; i < T; i++)
+		ids[i] = (int32_t) ((i * 7919 + 13) % V);
+
+	/* the random router, as check_big_shapes has it */
+	e = prefill_err_at_depth(cpu, gpu, ids, T, L, &over, &median, &worst);
+	tap_diag("K=128/R=512 shapes, bf16 prefill of %d tokens, random router: logits rel err %.2e; per token: "
+			 "median %.2e, worst %.2e, %d of %d tokens above 3e-2", T, e, median, worst, over, T);
+
+	/* (a) the decisive router */
+	set_router_bias(cpu, gpu, 8.0f);
+	lc = logits_of(cpu, ids, T, 0, false, NULL);
+	lg = logits_of(gpu, ids, T, 0, false, NULL);
+	e = rel_err(lg, lc, (size_t) T * V);
+	row_errors(lg, lc, T, V, TOL_BF16, &over, &median, &worst);
+	bad = greedy_clear_differs(lg, lc, T, V, TOL_BF16, &same);
+	tap_ok(e <= TOL_BF16 && bad == 0, "K=128/R=512 shapes, bf16 prefill of %d tokens with a decisive router (bias 8 "
+		   "on 4 experts): GPU vs CPU fp32 within 3e-2 (rel err %.2e; per token median %.2e, worst %.2e, %d above "
+		   "3e-2; greedy ids %d of %d equal, %d differ where the CPU's choice is clear)", T, e, median, worst, over,
+		   same, T, bad);
+	free(lc);
+	free(lg);
+
+	/* (b) layer by layer, the normalized hidden states */
+	set_lm_head_identity(cpu, gpu);
+	for (int r = 0; r < 2; r++)
+	{
+		char		line[512];
+		size_t		n = 0;
+
+		set_router_bias(cpu, gpu, r == 0 ? 8.0f : 0.0f);
+		n += snprintf(line + n, sizeof(line) - n, "K=128/R=512 shapes, bf16 prefill, %s router: normalized hidden "
+					  "state after layer", r == 0 ? "decisive" : "random");
+		for (int d = 1; d <= L && n < sizeof(line); d++)
+		{
+			e = prefill_err_at_depth(cpu, gpu, ids, T, d, &over, &median, &worst);
+			n += snprintf(line + n, sizeof(line) - n, " %d (%s%s): %.2e, %d tokens above 3e-2, worst %.2e;", d,
+						  cpu->layers[d - 1].kind == KL_LAYER_KDA ? "KDA" : "MLA",
+						  cpu->layers[d - 1].is_moe ? " + MoE" : " + MLP", e, over, worst);
+		}
+		tap_diag("%s", line);
+	}
+	free(ids);
+	kl_model_free(gpu);
+	kl_model_free(cpu);
 }
 
 static void
@@ -4491,15 +4692,17 @@ main(void)
 	check_golden("tiny_a", "golden.safetensors", "fp32");
 	check_golden("tiny_a", "golden_route_select.safetensors", "fp32");
 	check_golden("tiny_c", "golden.safetensors", "fp32");
-	check_golden("tiny_a", "golden.safetensors", "bf16");
-	check_golden("tiny_a", "golden_route_select.safetensors", "bf16");
-	check_golden("tiny_c", "golden.safetensors", "bf16");
+	/* bf16 as users get it: precision auto, the default on the GPU (3e-2, 8 greedy ids identical) */
+	check_golden("tiny_a", "golden.safetensors", "auto");
+	check_golden("tiny_a", "golden_route_select.safetensors", "auto");
+	check_golden("tiny_c", "golden.safetensors", "auto");
 	/* 12: plain products through cuBLAS; 8: through the tensor-core GEMV (gemv_mma_kernel) */
 	check_golden_batch("tiny_a", 12);
 	check_golden_batch("tiny_c", 12);
 	check_golden_batch("tiny_a", 8);
 	check_golden_batch("tiny_c", 8);
 	check_big_shapes();
+	check_big_bf16_routing();
 	check_pgdocs("fp32");
 	check_pgdocs("bf16");
 	check_mla_mma_trained();

@@ -641,6 +641,99 @@ check_seq_bytes(void)
 	kl_model_free(m);
 }
 
+/*
+ * The precision setting on the CPU (kl.h, kl_load_opts.precision): auto (the
+ * default) and fp32 run in fp32; the CPU engine has no bf16 arithmetic, so
+ * bf16 is refused, saying what to use instead, as is an unknown value; and
+ * ./kl --precision, which every command that loads a model takes, says the
+ * same and gives the same ids under auto and fp32.  (bf16 on the GPU:
+ * test_cuda.c, whose golden bf16 checks load with precision auto.)
+ */
+static void
+check_precision(void)
+{
+	char		dir[1024],
+				tmp[] = "/tmp/kl_test_precision_XXXXXX",
+				cmd[2048],
+				ids[2][256] = {{0}};
+	const char *names[] = {NULL, "auto", "fp32"},
+			   *cli_err;
+	kl_load_opts o = {0};
+	kl_model   *m = NULL;
+	kl_err		err;
+
+	snprintf(dir, sizeof(dir), "%s/golden/tiny_a", tap_fixture_dir());
+	for (int i = 0; i < 3; i++)
+	{
+		o.precision = names[i];
+		if (kl_model_load(dir, &o, &m, &err) == KL_OK)
+			tap_ok(strcmp(kl_model_precision(m), "fp32") == 0, "precision %s on the CPU runs in fp32 (%s)",
+				   names[i] ? names[i] : "(default)", kl_model_precision(m));
+		else
+			tap_ok(0, "precision %s on the CPU: %s", names[i] ? names[i] : "(default)", err.msg);
+		kl_model_free(m);
+		m = NULL;
+	}
+	o.precision = "bf16";
+	tap_ok(kl_model_load(dir, &o, &m, &err) == KL_FAIL && err.code == KL_E_UNSUPPORTED &&
+		   strstr(err.msg, "only on the GPU") && strstr(err.msg, "use precision fp32 or auto"),
+		   "precision bf16 on the CPU is refused, saying what to use (%s)", err.msg);
+	kl_model_free(m);
+	m = NULL;
+	o.precision = "fp16";
+	tap_ok(kl_model_load(dir, &o, &m, &err) == KL_FAIL && err.code == KL_E_INVALID &&
+		   strstr(err.msg, "use auto, fp32 or bf16"), "an unknown precision is refused, naming the valid ones (%s)",
+		   err.msg);
+	kl_model_free(m);
+	m = NULL;
+	/* device auto: bf16 where a GPU is usable (the GPU machine), else refused like the CPU */
+	o.device = "auto";
+	o.precision = "bf16";
+	if (kl_model_load(dir, &o, &m, &err) == KL_OK)
+		tap_ok(strcmp(kl_model_device(m), "cuda") == 0 && strcmp(kl_model_precision(m), "bf16") == 0,
+			   "device auto, precision bf16: on the GPU in bf16 (%s, %s)", kl_model_device(m), kl_model_precision(m));
+	else
+		tap_ok(err.code == KL_E_UNSUPPORTED && strstr(err.msg, "none usable here") && strstr(err.msg, "precision auto"),
+			   "device auto, precision bf16 without a usable GPU is refused, saying what to use (%s)", err.msg);
+	kl_model_free(m);
+
+	/* ./kl --precision */
+	if (!tap_ok(mkdtemp(tmp) != NULL, "a temporary directory for the CLI checks"))
+		return;
+	for (int i = 0; i < 2; i++)
+	{
+		FILE	   *f;
+
+		snprintf(cmd, sizeof(cmd), "%s generate --model %s --ids 1,2,3,4 --max-tokens 6 --ignore-eos --precision %s",
+				 tap_cli(), dir, i ? "fp32" : "auto");
+		tap_ok(tap_run(tmp, cmd, &cli_err) == 0, "kl generate --precision %s on the CPU runs", i ? "fp32" : "auto");
+		snprintf(cmd, sizeof(cmd), "%s/out", tmp);
+		if ((f = fopen(cmd, "r")) != NULL)
+		{
+			if (!fgets(ids[i], sizeof(ids[i]), f))
+				ids[i][0] = '\0';
+			ids[i][strcspn(ids[i], "\n")] = '\0';
+			fclose(f);
+		}
+	}
+	tap_ok(ids[0][0] != '\0' && strcmp(ids[0], ids[1]) == 0, "kl generate: the same ids under auto and fp32 on the CPU (%s)",
+		   ids[0]);
+	snprintf(cmd, sizeof(cmd), "%s generate --model %s --ids 1,2,3,4 --max-tokens 2 --precision bf16", tap_cli(), dir);
+	tap_ok(tap_run(tmp, cmd, &cli_err) != 0 && strstr(cli_err, "precision bf16 runs only on the GPU"),
+		   "kl generate --precision bf16 on the CPU fails, saying why: %s", cli_err);
+	snprintf(cmd, sizeof(cmd), "%s logits --model %s --ids 1,2,3 --out %s/l.safetensors --precision half", tap_cli(),
+			 dir, tmp);
+	tap_ok(tap_run(tmp, cmd, &cli_err) != 0 && strstr(cli_err, "unknown precision \"half\""),
+		   "kl logits --precision half fails, naming the valid values: %s", cli_err);
+	snprintf(cmd, sizeof(cmd), "%s bench --model %s --prefill 16 --decode 0 --precision fp32", tap_cli(), dir);
+	tap_ok(tap_run(tmp, cmd, &cli_err) == 0, "kl bench takes --precision too");
+	snprintf(cmd, sizeof(cmd), "grep -q 'device cpu (fp32 precision)' %s/out", tmp);
+	tap_ok(system(cmd) == 0, "kl bench's table names the precision in force");
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", tmp);
+	if (system(cmd) != 0)
+		tap_diag("could not remove %s", tmp);
+}
+
 int
 main(void)
 {
@@ -649,6 +742,7 @@ main(void)
 	check_case("tiny_a", "golden_route_select.safetensors", NULL);
 	check_case("tiny_c", "golden.safetensors", NULL);	/* dense: no routing */
 	check_routing_rules();
+	check_precision();
 	check_pgdocs();
 	check_batch_invariance();
 	return tap_done();

@@ -38,7 +38,7 @@ chmod -R a+rX "$MD/tiny_gone"
 for m in $(q -c "SELECT name FROM kimi_linear.models"); do q -c "SELECT kimi_linear.unload_model('$m')" >/dev/null; done
 q -c "SELECT kimi_linear.load_model('pgdocs-kimi-18m', 'pgdocs-kimi-18m')" \
   -c "SELECT kimi_linear.load_model('tiny', 'tiny_a')" \
-  -c "SET kimi_linear.precision = 'bf16'" \
+  -c "SET kimi_linear.precision = 'fp32'" \
   -c "SELECT kimi_linear.load_model('tiny_ref', 'tiny_a', moe_routing => 'reference')" \
   -c "RESET kimi_linear.precision" \
   -c "SELECT kimi_linear.load_model('tiny_unloaded', 'tiny_a')" \
@@ -68,8 +68,13 @@ ok $? "a reloaded model answers as before ($ids_after)"
 [ "$(q -c "SELECT path FROM kimi_linear.models WHERE name = 'tiny'")" = "$(realpath "$MD/tiny_a")" ]
 ok $? "from the same directory"
 ref_after=$(q -c "SELECT moe_routing || ' ' || matmul_precision || ' ' || kimi_linear.generate_ids(ARRAY[1, 2, 3, 4], max_tokens => 6, model => 'tiny_ref', ignore_eos => true)::text FROM kimi_linear.models WHERE name = 'tiny_ref'" 2>&1)
-[ "$ref_before" != "$ids_before" ] && [ "$ref_after" = "reference bf16 $ref_before" ]
+[ "$ref_before" != "$ids_before" ] && [ "$ref_after" = "reference fp32 $ref_before" ]
 ok $? "with the options it was loaded with (moe_routing, precision: $ref_after)"
+# the precision asked for (fp32, where auto would also run fp32 on the CPU) is kept as asked: loading the
+# name again with the same options is a no-op, with the default (auto) it is other options
+q -c "SELECT kimi_linear.load_model('tiny_ref', 'tiny_a', moe_routing => 'reference', matmul_precision => 'fp32')" >/dev/null 2>&1 &&
+  ! q -c "SELECT kimi_linear.load_model('tiny_ref', 'tiny_a', moe_routing => 'reference')" >/dev/null 2>&1
+ok $? "the precision asked for (fp32, not auto) is kept across the restart"
 
 # ------------------------------------------------------------------ 2. a model that cannot load any more
 err=$(q -c "SELECT error FROM kimi_linear.models WHERE name = 'tiny_gone'")

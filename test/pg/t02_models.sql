@@ -2,7 +2,7 @@
 -- view, a model without tokenizer, states of another model, devices, the MoE
 -- routing rule.
 BEGIN;
-SELECT plan(55);
+SELECT plan(64);
 
 SELECT pid AS worker_pid FROM kimi_linear.workers WHERE worker = 0 \gset
 SELECT kimi_linear._resolve_model(NULL);  -- the bundled model, loaded on first use
@@ -32,16 +32,34 @@ SELECT is(kimi_linear.generate_ids(ARRAY[1, 2, 3, 4], max_tokens => 12, model =>
           (SELECT ids FROM kl_routing WHERE rule = 'reference'), 'reference rule: the ids ./kl generate --moe-routing reference gives');
 SELECT lives_ok($$SELECT kimi_linear.unload_model('tiny_ref')$$, 'unload it');
 
--- precision (kimi_linear.precision when a model is loaded): kept with the model; the CPU computes in fp32 either way
-SET LOCAL kimi_linear.precision = 'bf16';
-SELECT lives_ok($$SELECT kimi_linear.load_model('tiny_bf16', 'tiny_a')$$, 'load a model with kimi_linear.precision = bf16');
+-- precision: load_model's argument, or kimi_linear.precision when a model is loaded (default auto: fp32 on the CPU,
+-- which has no bf16 arithmetic); kept with the model; the view shows the precision in force
+SELECT is((SELECT matmul_precision FROM kimi_linear.models WHERE name = 'tiny'), 'fp32',
+          'precision auto (the default) runs in fp32 on the CPU, and the models view says so');
+SET LOCAL kimi_linear.precision = 'fp32';
+SELECT lives_ok($$SELECT kimi_linear.load_model('tiny_fp32', 'tiny_a')$$, 'load a model with kimi_linear.precision = fp32');
 RESET kimi_linear.precision;
+SELECT throws_like($$SELECT kimi_linear.load_model('tiny_fp32', 'tiny_a')$$, '%already loaded with other options%',
+                   'the precision is one of the load options: auto and fp32 are not the same request');
+SELECT lives_ok($$SELECT kimi_linear.load_model('tiny_fp32', 'tiny_a', matmul_precision => 'fp32')$$,
+                '... and the argument gives the same options as the setting');
 SELECT results_eq($$SELECT name, matmul_precision FROM kimi_linear.models WHERE name LIKE 'tiny%' ORDER BY name$$,
-                  $$VALUES ('tiny'::text, 'fp32'::text), ('tiny_bf16', 'bf16')$$,
+                  $$VALUES ('tiny'::text, 'fp32'::text), ('tiny_fp32', 'fp32')$$,
                   'the models view shows each model''s precision');
-SELECT is(kimi_linear.generate_ids(ARRAY[1, 2, 3, 4], max_tokens => 12, model => 'tiny_bf16', ignore_eos => true),
-          (SELECT ids FROM kl_routing WHERE rule = 'select'), 'on the CPU the same ids as fp32');
-SELECT lives_ok($$SELECT kimi_linear.unload_model('tiny_bf16')$$, 'unload it');
+SELECT is(kimi_linear.generate_ids(ARRAY[1, 2, 3, 4], max_tokens => 12, model => 'tiny_fp32', ignore_eos => true),
+          (SELECT ids FROM kl_routing WHERE rule = 'select'), 'the same ids as ./kl generate');
+SELECT lives_ok($$SELECT kimi_linear.unload_model('tiny_fp32')$$, 'unload it');
+SELECT throws_like($$SELECT kimi_linear.load_model('tiny_bf16', 'tiny_a', matmul_precision => 'bf16')$$,
+                   'precision bf16 runs only on a GPU, and kimi_linear.device is cpu', 'bf16 on the CPU is refused');
+SET LOCAL kimi_linear.precision = 'bf16';
+SELECT throws_like($$SELECT kimi_linear.load_model('tiny_bf16', 'tiny_a')$$,
+                   'precision bf16 runs only on a GPU%', '... through the setting too');
+RESET kimi_linear.precision;
+SELECT throws_like($$SELECT kimi_linear.load_model('tiny_bf16', 'tiny_a', matmul_precision => 'half')$$,
+                   'matmul_precision must be ''auto'', ''fp32'' or ''bf16'', got ''half''', 'an unknown precision is refused');
+SELECT throws_like($$SET kimi_linear.precision = 'half'$$, '%invalid value for parameter "kimi_linear.precision"%',
+                   'the setting refuses an unknown value');
+SELECT ok(NOT EXISTS (SELECT FROM kimi_linear.models WHERE name = 'tiny_bf16'), 'refused loads leave nothing behind');
 
 -- a model without tokenizer: token ids only
 SELECT is(array_length(kimi_linear.generate_ids(ARRAY[1, 2, 3, 4], max_tokens => 6, model => 'tiny', ignore_eos => true), 1), 6,
@@ -96,9 +114,11 @@ SELECT ok(NOT EXISTS (SELECT FROM kimi_linear.models WHERE name = 'x'), 'failed 
 CREATE ROLE kl_tap_user;
 CREATE ROLE kl_tap_granted;
 GRANT USAGE ON SCHEMA kimi_linear TO kl_tap_user, kl_tap_granted;
-GRANT EXECUTE ON FUNCTION kimi_linear.load_model(text, text, text, text) TO kl_tap_granted;
+GRANT EXECUTE ON FUNCTION kimi_linear.load_model(text, text, text, text, text) TO kl_tap_granted;
 SET LOCAL ROLE kl_tap_user;
 SELECT throws_ok($$SELECT kimi_linear.load_model('y', 'tiny_a')$$, '42501', NULL, 'an ordinary user cannot load');
+SELECT throws_ok($$SET kimi_linear.precision = 'fp32'$$, '42501', NULL,
+                 'nor set kimi_linear.precision (superuser only, like kimi_linear.device)');
 SELECT throws_ok($$SELECT kimi_linear.unload_model('tiny')$$, '42501', NULL, 'nor unload');
 RESET ROLE;
 SET LOCAL ROLE kl_tap_granted;
