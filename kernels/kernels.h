@@ -288,6 +288,9 @@ int			kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const 
 size_t		kk_kda_chunk_mma_scratch(int n, int H, int K);
 int			kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
 							   const float *g, const float *beta, float *S, float *o, void *scratch);
+/* kk_kda_chunk_prep_bf16 on tensor cores (1, default) or as the fp32 prep
+ * kernel with bf16 stores (0); the same outputs within bf16 rounding */
+void		kk_set_kda_prep_mma(int on);
 int			kk_kda_chunk_prep_bf16(cudaStream_t s, int n, int H, int K, const float *q, const float *k,
 								   const float *v, const float *g, const float *beta, uint16_t *W16, uint16_t *U16,
 								   uint16_t *Q16, uint16_t *Kt16, uint16_t *P16, float *gl);

@@ -841,6 +841,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * for steps of up to N sequences).
 		 * KL_CUDA_KDA_MMA=0: prefill's chunkwise KDA form in precision bf16
 		 * runs the fp32 kernels (default: tensor cores from sm_80).
+		 * KL_CUDA_KDA_PREP_MMA=0: that form's parallel half (W, U0, P, Qg,
+		 * Kt per chunk) runs the fp32 prep kernel with bf16 stores
+		 * (default: its products on tensor cores, kda_chunk_prep_mma_kernel).
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
@@ -870,7 +873,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *kf = getenv("KL_CUDA_KDA_FUSED"),
 				   *ep = getenv("KL_CUDA_EXPERT_PRELOAD"),
 				   *kmma = getenv("KL_CUDA_KDA_MMA"),
-				   *mf = getenv("KL_CUDA_MLA_FLASH");
+				   *mf = getenv("KL_CUDA_MLA_FLASH"),
+				   *kpm = getenv("KL_CUDA_KDA_PREP_MMA");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -879,6 +883,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
+		kk_set_kda_prep_mma(!(kpm && strcmp(kpm, "0") == 0));
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :
 			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : 8;

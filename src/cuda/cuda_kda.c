@@ -268,6 +268,18 @@ kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float eps, con
 }
 
 /*
+ * For test/engine/test_cuda.c only (found with dlsym): the parallel half of
+ * kk_kda_chunked_mma on tensor cores (on, KL_CUDA_KDA_PREP_MMA's default) or
+ * as the fp32 prep kernel (0), for the calls of kl_cuda_test_kda_chunked
+ * that follow.
+ */
+__attribute__((visibility("default"))) void
+kl_cuda_test_kda_prep_mma(int on)
+{
+	kk_set_kda_prep_mma(on);
+}
+
+/*
  * For test/engine/test_cuda.c only (found with dlsym): the chunkwise form of
  * one sequence of n rows through the fp32 kernels (kk_kda_chunked) and
  * through the tensor-core ones (kk_kda_chunked_mma), each on its own copy of

@@ -3162,7 +3162,9 @@ typedef int (*kda_chunked_test_fn) (int n, int H, int K, const float *q, const f
  * same prepared inputs: outputs and the state after, at the 48B shape (32
  * heads x 128) for lengths that end mid-chunk, one chunk, several and 8192,
  * with a zero state and one carried in, and at the golden models' head size
- * 32 and at 64.
+ * 32 and at 64; each with the parallel half on tensor cores
+ * (kda_chunk_prep_mma_kernel, KL_CUDA_KDA_PREP_MMA's default) and as the fp32
+ * prep kernel (the hook kl_cuda_test_kda_prep_mma switches it).
  */
 static void
 check_kda_chunked_mma(void)
@@ -3180,13 +3182,18 @@ check_kda_chunked_mma(void)
 	kl_model   *m;
 	void	   *lib = NULL;
 	kda_chunked_test_fn fn = NULL;
+	void		(*prep_mma) (int) = NULL;
 	uint64_t	rs = 1313;
 
 	m = load_test_hook("kl_cuda_test_kda_chunked", &lib, (void **) &fn);
 	if (!fn)
 		return;
-	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++)
+	*(void **) &prep_mma = dlsym(lib, "kl_cuda_test_kda_prep_mma");
+	tap_ok(prep_mma != NULL, "the CUDA library exports kl_cuda_test_kda_prep_mma");
+	for (size_t ci2 = 0; ci2 < 2 * sizeof(cases) / sizeof(cases[0]); ci2++)
 	{
+		size_t		ci = ci2 / 2;
+		int			pm = ci2 % 2 == 0;	/* prep on tensor cores, then the fp32 prep, per case */
 		int			H = cases[ci].H,
 					K = cases[ci].K,
 					T = cases[ci].T,
@@ -3231,15 +3238,17 @@ check_kda_chunked_mma(void)
 
 			g[i] = (float) (-A * (f > 20 ? f : log1p(exp(f))));
 		}
+		if (prep_mma)
+			prep_mma(pm);
 		rc = fn(T, H, K, q, k, v, g, beta, S, o_o, o_n, S_o, S_n);
 		{
 			double		eo = rc == 0 ? rel_err(o_n, o_o, nx) : INFINITY,
 						es = rc == 0 ? rel_err(S_n, S_o, nS) : INFINITY;
 
 			tap_ok(rc == 0 && eo <= TOL_KDA_MMA && es <= TOL_KDA_MMA,
-				   "KDA chunkwise form on tensor cores (bf16) vs the fp32 kernels, %d heads x %d, %d rows, state %s: "
-				   "outputs rel err %.2e, state after %.2e (hook returned %d)", H, K, T,
-				   cases[ci].carry ? "carried in" : "zero", eo, es, rc);
+				   "KDA chunkwise form on tensor cores (bf16, prep %s) vs the fp32 kernels, %d heads x %d, %d rows, "
+				   "state %s: outputs rel err %.2e, state after %.2e (hook returned %d)",
+				   pm ? "on tensor cores" : "fp32", H, K, T, cases[ci].carry ? "carried in" : "zero", eo, es, rc);
 		}
 		free(q);
 		free(k);
@@ -3252,6 +3261,8 @@ check_kda_chunked_mma(void)
 		free(S_o);
 		free(S_n);
 	}
+	if (prep_mma)
+		prep_mma(1);			/* the default again for the checks that follow */
 	dlclose(lib);
 	kl_model_free(m);
 }
