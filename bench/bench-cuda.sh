@@ -74,7 +74,14 @@ build_here() {
 		-Xlinker -rpath -Xlinker $cu/lib64
 }
 
-log() { tee -a "$OUT/results.log"; }
+# KL_BENCH_TAG labels every RESULT line that has no tag= of its own (variants of one table)
+log() {
+	if [ -n "${KL_BENCH_TAG:-}" ]; then
+		sed -u "/^RESULT .* tag=/!s/^RESULT kind=\([a-z_]*\)/RESULT kind=\1 tag=$KL_BENCH_TAG/" | tee -a "$OUT/results.log"
+	else
+		tee -a "$OUT/results.log"
+	fi
+}
 
 case "$cmd" in
 pack)

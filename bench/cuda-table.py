@@ -132,15 +132,18 @@ if dr:
 
 
 def ours_vs_theirs(title, ours_kind, ours_default, theirs_kind, theirs_key, theirs_prefix):
-    """One table: a row per T; ours per variant= (ours_default where the line
-    has none), theirs per theirs_key; then each of ours against each of theirs
+    """One table: a row per T; ours per variant= or path= (ours_default where
+    the line has neither; a tag= other than "-" labels it too), theirs per theirs_key; then each of ours against each of theirs
     as theirs ms / ours ms (the last line of each (label, T) counts)."""
     ours, theirs = {}, {}
     for r in rows:
         if "ms" not in r or "T" not in r:
             continue
         if r["kind"] == ours_kind:
-            ours[(r.get("variant", ours_default), int(r["T"]))] = float(r["ms"])
+            label = r.get("variant") or (f"ours {r['path']}" if "path" in r else ours_default)
+            if "tag" in r and r["tag"] not in ("", "-"):
+                label += f" ({r['tag']})"
+            ours[(label, int(r["T"]))] = float(r["ms"])
         elif r["kind"] == theirs_kind:
             theirs[(f"{theirs_prefix} {r.get(theirs_key, '?')}", int(r["T"]))] = float(r["ms"])
     if not ours:
