@@ -720,6 +720,20 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 		tap_ok(rel_err(y[3], y[0], n) <= 1e-2, "bf16 prefill experts, %d tokens, skewed router (3 experts take "
 			   "every token): batched products over size classes (3) vs the older loop (0) (rel err %.2e)", T,
 			   rel_err(y[3], y[0], n));
+		/*
+		 * 100 tokens (just over the 64 of the decode path), same router:
+		 * 16 slots of 64 or more exceed the 2 (n k + n) bf16 rows the fp32
+		 * buffers hold, so variant 3 takes working memory of its own
+		 */
+		for (int v = 0; v < 4; v += 3)
+		{
+			free(y[v]);
+			y[v] = moe_op_alone(mv[v], L, x, 100);
+		}
+		path(mv[3]->be, info);
+		tap_ok(info[1] == 3 && rel_err(y[3], y[0], (size_t) 100 * c->hidden_size) <= 1e-2,
+			   "bf16 prefill experts, 100 tokens, skewed router: variant 3 ran (%d) and matches the older loop "
+			   "(rel err %.2e)", info[1], rel_err(y[3], y[0], (size_t) 100 * c->hidden_size));
 		free(b);
 	}
 	for (int v = 0; v < 4; v++)
