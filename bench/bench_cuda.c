@@ -11,7 +11,7 @@
  *       the MoE feed-forward op of one prefill step alone at CONFIG's shape
  *       (default bench/configs/kimi-linear-48b-a3b.json), T tokens, random
  *       bf16 weights, precision bf16, in each prefill expert path
- *       (KL_CUDA_MOE_PREFILL 0, 0 with KL_CUDA_GROUPED_GEMM=0, 1, 2): the op's
+ *       (KL_CUDA_MOE_PREFILL 0, 0 with KL_CUDA_GROUPED_GEMM=0, 1, 2, 3): the op's
  *       time, its expert products' rate against the bf16 GEMM ceiling and
  *       the path that ran (see moe_alone)
  *   bench_cuda model CONFIG [--prefill 4096,32768] [--decode-ctx 4096,32768]
@@ -765,11 +765,13 @@ moe_model(const kl_config *c)
  * "prefill0" (KL_CUDA_MOE_PREFILL=0, the older code: grouped cuBLAS products
  * with fp32 results, a product per used expert where cuBLAS refuses them),
  * "prefill0_loop" (that with KL_CUDA_GROUPED_GEMM=0: the loop for sure),
- * "prefill1" (a product per used expert from rows gathered once as bf16)
- * and "prefill2" (the default: two grouped products with bf16 results);
+ * "prefill1" (a product per used expert from rows gathered once as bf16),
+ * "prefill2" (the default: two grouped products with bf16 results) and
+ * "prefill3" (a batched product per size class of padded expert slots and
+ * stage, bf16 outputs combined directly);
  * asked / ran: the KL_CUDA_MOE_PREFILL variant asked and the one that ran
  * (kl_cuda_moe_prefill_path; grouped_refused_status: the cuBLAS status
- * that made 2 fall back to 1, 0 none).  ms: the whole
+ * that made the variant asked fall back, 0 none).  ms: the whole
  * op (median); products_ms: the expert products alone (events around them,
  * kl_cuda_bench_moe_products), whose FLOPs are 2 * 3 * D * F * T * (k +
  * shared experts); their rate against the bf16 GEMM ceiling: the higher of
@@ -780,10 +782,10 @@ moe_model(const kl_config *c)
 static void
 moe_alone(const char *config, const long *Ts, int nT)
 {
-	/* the older code's two forms (KL_CUDA_GROUPED_GEMM), then KL_CUDA_MOE_PREFILL 1 and 2 */
-	static const char *const variants[4] = {"prefill0", "prefill0_loop", "prefill1", "prefill2"};
-	static const char *const env_gg[4] = {NULL, "0", NULL, NULL};
-	static const char *const env_mp[4] = {"0", "0", "1", "2"};
+	/* the older code's two forms (KL_CUDA_GROUPED_GEMM), then KL_CUDA_MOE_PREFILL 1, 2 and 3 */
+	static const char *const variants[5] = {"prefill0", "prefill0_loop", "prefill1", "prefill2", "prefill3"};
+	static const char *const env_gg[5] = {NULL, "0", NULL, NULL, NULL};
+	static const char *const env_mp[5] = {"0", "0", "1", "2", "3"};
 	kl_config	c;
 	kl_err		err;
 	double		ours = measure_gemm_tflops(),
@@ -799,7 +801,7 @@ moe_alone(const char *config, const long *Ts, int nT)
 		fail("the config has no experts", NULL);
 	for (int i = 0; i < nT; i++)
 		Tmax = Ts[i] > Tmax ? Ts[i] : Tmax;
-	for (int v = 0; v < 4; v++)
+	for (int v = 0; v < 5; v++)
 	{
 		kl_model   *m;
 		kl_backend *be;

@@ -46,6 +46,7 @@ kk_embed(cudaStream_t s, float *x, const void *E, int bf16, int D, const int32_t
  *   MODE 0  y = rmsnorm(x)                  (rows of stride ldx / ldy; y may be x)
  *   MODE 1  x += a; y = rmsnorm(x)          (contiguous rows of d)
  *   MODE 2  x += sum_r wts[r] ye[inv[r]] (+ ys); y = rmsnorm(x)   (the MoE combine)
+ *   MODE 3  the same with bf16 expert outputs ye (KL_CUDA_MOE_PREFILL=3)
  * Needs d % 4 == 0, d <= 4 * ROW_V4 * 1024, 16-byte aligned rows.
  */
 #define ROW_V4 4
@@ -53,7 +54,7 @@ kk_embed(cudaStream_t s, float *x, const void *E, int bf16, int D, const int32_t
 template <int MODE>
 __global__ void __launch_bounds__(1024)
 row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const float *__restrict__ w, int d, float eps,
-				int k, const float *__restrict__ wts, const int *__restrict__ inv, const float *__restrict__ ye,
+				int k, const float *__restrict__ wts, const int *__restrict__ inv, const void *__restrict__ ye,
 				const float *__restrict__ ys)
 {
 	__shared__ float red[32];
@@ -84,7 +85,7 @@ row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const floa
 				val.z += b.z;
 				val.w += b.w;
 			}
-			if (MODE == 2)
+			if (MODE >= 2)
 			{
 				float4		acc = make_float4(0, 0, 0, 0);
 
@@ -92,7 +93,20 @@ row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const floa
 				for (int r = 0; r < k; r++)
 				{
 					float		wr = wts[t * k + r];
-					float4		e = ((const float4 *) (ye + (size_t) inv[t * k + r] * d))[c];
+					float4		e;
+
+					if (MODE == 2)
+						e = ((const float4 *) ((const float *) ye + (size_t) inv[t * k + r] * d))[c];
+					else
+					{
+						/* four bf16 in 8 bytes: element 0 in the low half */
+						uint2		h = ((const uint2 *) ((const uint16_t *) ye + (size_t) inv[t * k + r] * d))[c];
+
+						e.x = __uint_as_float(h.x << 16);
+						e.y = __uint_as_float(h.x & 0xffff0000u);
+						e.z = __uint_as_float(h.y << 16);
+						e.w = __uint_as_float(h.y & 0xffff0000u);
+					}
 
 					acc.x = fmaf(wr, e.x, acc.x);
 					acc.y = fmaf(wr, e.y, acc.y);
@@ -173,7 +187,21 @@ kk_row_norm(cudaStream_t s, int mode, float *y, int ldy, float *x, int ldx, cons
 				  inv, ye, ys);
 	else
 		kk_launch(row_norm_kernel<2>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
-				  inv, ye, ys);
+				  inv, (const void *) ye, ys);
+	return 0;
+}
+
+extern "C" int
+kk_row_norm_combine16(cudaStream_t s, float *y, float *x, const float *w, int rows, int d, float eps, int k,
+					  const float *wts, const int *inv, const uint16_t *ye16, const float *ys)
+{
+	if (rows <= 0)
+		return 0;
+	/* (bf16 rows of d % 4 == 0 are 8-byte aligned when ye16 is) */
+	if (!row_ok(d, d, d, y, x, w, ys) || ((uintptr_t) ye16 & 15) != 0)
+		return -1;
+	kk_launch(row_norm_kernel<3>, dim3(rows), dim3(row_threads(d)), 0, s, y, d, x, d, (const float *) NULL, w, d, eps,
+			  k, wts, inv, (const void *) ye16, ys);
 	return 0;
 }
 

@@ -42,6 +42,10 @@ void		kk_add_rmsnorm(cudaStream_t s, float *y, float *x, const float *a, const f
 int			kk_row_norm(cudaStream_t s, int mode, float *y, int ldy, float *x, int ldx, const float *a, const float *w,
 						int rows, int d, float eps, int k, const float *wts, const int *inv, const float *ye,
 						const float *ys);
+/* kk_row_norm's mode 2 with bf16 expert outputs ye16 (contiguous rows of d):
+ * 0 when launched, -1 when the caller must use the general kernel */
+int			kk_row_norm_combine16(cudaStream_t s, float *y, float *x, const float *w, int rows, int d, float eps,
+								  int k, const float *wts, const int *inv, const uint16_t *ye16, const float *ys);
 void		kk_swiglu(cudaStream_t s, float *h, const float *g, const float *u, int rows, int width, int ld);
 void		kk_f32_to_bf16(cudaStream_t s, uint16_t *dst, int ldd, const float *src, int lds, int rows, int cols);
 void		kk_bf16_to_f32(cudaStream_t s, float *dst, const uint16_t *src, size_t n);
@@ -402,11 +406,22 @@ int			kk_moe_route_group_rank(cudaStream_t s, int n, int E, int k, int G, int Tg
 									int bias_in_w, float scaling, const float *logits, const float *bias, int *sel,
 									float *wts, int shared_rows, int P, int *start, int *xrow, int *inv,
 									int *active);
+/* kk_moe_combine with bf16 expert outputs (ye16 rows of D at the slots' inv positions) */
+void		kk_moe_combine16(cudaStream_t s, float *y, int n, int D, int k, const float *wts, const int *inv,
+							 const uint16_t *ye16, const float *ys);
 /* kk_moe_combine into y, then x += y and xn = rmsnorm(x; w) (kk_add_rmsnorm), without y in memory */
 void		kk_moe_combine_add_rmsnorm(cudaStream_t s, float *xn, float *x, int n, int D, int k, const float *wts,
 									   const int *inv, const float *ye, const float *ys, const float *w, float eps);
+/* kk_moe_combine_add_rmsnorm with bf16 expert outputs */
+void		kk_moe_combine16_add_rmsnorm(cudaStream_t s, float *xn, float *x, int n, int D, int k, const float *wts,
+										 const int *inv, const uint16_t *ye16, const float *ys, const float *w,
+										 float eps);
 void		kk_gather_rows(cudaStream_t s, float *dst, const float *src, int ld, const int *rows, int n, int D);
 void		kk_gather_rows_bf16(cudaStream_t s, uint16_t *dst, const float *src, int ld, const int *rows, int n, int D);
+/* token-major: dst (bf16) row inv[t k + r] = src row t for r < k (each src row read once); other dst rows
+ * are left alone */
+void		kk_gather_tok_bf16(cudaStream_t s, uint16_t *dst, const float *src, int ld, const int *inv, int n, int k,
+							   int D);
 void		kk_swiglu_bf16(cudaStream_t s, uint16_t *h, const float *g, const float *u, size_t n);
 /* h (bf16) = silu(g) * u from bf16 g and u, contiguous [n] (16-byte aligned buffers) */
 void		kk_swiglu_bf16_bf16(cudaStream_t s, uint16_t *h, const uint16_t *g, const uint16_t *u, size_t n);

@@ -15,7 +15,8 @@
  *                 loop;
  *                 optionally the shared expert as expert E over all tokens
  *                 (rows nk .. nk+n), so that its products join the same launches
- *   moe_combine   y[t] = sum over slots of w * (expert output) (+ shared)
+ *   moe_combine   y[t] = sum over slots of w * (expert output) (+ shared);
+ *                 the expert outputs fp32, or bf16 (moe_combine16, prefill)
  *   moe_route_group   (decode) both of the first two in one launch: a warp
  *                 routes a token, then the block groups the pairs
  *   moe_route_group_warp   (decode, E <= 256) the same outputs with warp
@@ -333,9 +334,23 @@ kk_moe_group(cudaStream_t s, int nk, int E, int k, int shared_rows, int P, const
 	kk_launch(moe_group_kernel, dim3(1), dim3(1024), 0, s, nk, E, k, shared_rows, P, sel, start, xrow, inv, active);
 }
 
+/* one expert output element as float: fp32 outputs, or bf16 ones (KL_CUDA_MOE_PREFILL=3) */
+__device__ __forceinline__ float
+ye_at(const float *__restrict__ ye, size_t i)
+{
+	return ye[i];
+}
+
+__device__ __forceinline__ float
+ye_at(const uint16_t *__restrict__ ye, size_t i)
+{
+	return bf16_to_f32(ye[i]);
+}
+
+template <typename YE>
 __global__ void
 moe_combine_kernel(float *y, int n, int D, int k, const float *__restrict__ wts, const int *__restrict__ inv,
-				   const float *__restrict__ ye, const float *__restrict__ ys)
+				   const YE *__restrict__ ye, const float *__restrict__ ys)
 {
 	size_t		total = (size_t) n * D;
 
@@ -348,7 +363,7 @@ moe_combine_kernel(float *y, int n, int D, int k, const float *__restrict__ wts,
 		float		acc = 0;
 
 		for (int r = 0; r < k; r++)
-			acc += wts[t * k + r] * ye[(size_t) inv[t * k + r] * D + d];
+			acc += wts[t * k + r] * ye_at(ye, (size_t) inv[t * k + r] * D + d);
 		if (ys)
 			acc += ys[e];
 		y[e] = acc;
@@ -362,7 +377,19 @@ kk_moe_combine(cudaStream_t s, float *y, int n, int D, int k, const float *wts, 
 	unsigned	blocks = ceil_div((size_t) n * D, 256);
 
 	if (n > 0)
-		kk_launch(moe_combine_kernel, dim3(blocks < 8192 ? blocks : 8192), dim3(256), 0, s, y, n, D, k, wts, inv, ye, ys);
+		kk_launch(moe_combine_kernel<float>, dim3(blocks < 8192 ? blocks : 8192), dim3(256), 0, s, y, n, D, k, wts,
+				  inv, ye, ys);
+}
+
+extern "C" void
+kk_moe_combine16(cudaStream_t s, float *y, int n, int D, int k, const float *wts, const int *inv,
+				 const uint16_t *ye16, const float *ys)
+{
+	unsigned	blocks = ceil_div((size_t) n * D, 256);
+
+	if (n > 0)
+		kk_launch(moe_combine_kernel<uint16_t>, dim3(blocks < 8192 ? blocks : 8192), dim3(256), 0, s, y, n, D, k,
+				  wts, inv, ye16, ys);
 }
 
 __global__ void
@@ -401,6 +428,84 @@ kk_gather_rows_bf16(cudaStream_t s, uint16_t *dst, const float *src, int ld, con
 
 	if (n > 0)
 		gather_rows_bf16_kernel<<<blocks < 16384 ? blocks : 16384, 256, 0, s>>>(dst, src, ld, rows, n, D);
+}
+
+/*
+ * Token-major gather (KL_CUDA_MOE_PREFILL=3): dst (bf16) row inv[t k + r] =
+ * src row t (fp32, row stride ld) for each of token t's k slots, so each x
+ * row is read once and written k times.  Vector form: a block per token (grid
+ * stride), a thread per 8 columns (two 16-byte loads, one 16-byte store per
+ * slot); needs D % 8 == 0, ld % 4 == 0 and 16-byte aligned src and dst.  The
+ * scalar form takes any shape.  Rows of dst that no slot names are left alone.
+ */
+__device__ __forceinline__ uint32_t
+pack_bf16x2(float lo, float hi)
+{
+	return (uint32_t) f32_to_bf16(lo) | ((uint32_t) f32_to_bf16(hi) << 16);
+}
+
+__global__ void
+gather_tok_bf16_vec_kernel(uint16_t *dst, const float *__restrict__ src, int ld, const int *__restrict__ inv, int n,
+						   int k, int D)
+{
+	int			D8 = D / 8;
+
+	for (int t = blockIdx.x; t < n; t += gridDim.x)
+	{
+		const float4 *xr = (const float4 *) (src + (size_t) t * ld);
+		const int  *it = inv + (size_t) t * k;
+
+		for (int c = threadIdx.x; c < D8; c += blockDim.x)
+		{
+			float4		a = xr[2 * c],
+						b = xr[2 * c + 1];
+			uint4		o;
+
+			o.x = pack_bf16x2(a.x, a.y);
+			o.y = pack_bf16x2(a.z, a.w);
+			o.z = pack_bf16x2(b.x, b.y);
+			o.w = pack_bf16x2(b.z, b.w);
+			for (int r = 0; r < k; r++)
+				((uint4 *) (dst + (size_t) it[r] * D))[c] = o;
+		}
+	}
+}
+
+__global__ void
+gather_tok_bf16_kernel(uint16_t *dst, const float *__restrict__ src, int ld, const int *__restrict__ inv, int n, int k,
+					   int D)
+{
+	for (int t = blockIdx.x; t < n; t += gridDim.x)
+	{
+		const int  *it = inv + (size_t) t * k;
+
+		for (int c = threadIdx.x; c < D; c += blockDim.x)
+		{
+			uint16_t	v = f32_to_bf16(src[(size_t) t * ld + c]);
+
+			for (int r = 0; r < k; r++)
+				dst[(size_t) it[r] * D + c] = v;
+		}
+	}
+}
+
+extern "C" void
+kk_gather_tok_bf16(cudaStream_t s, uint16_t *dst, const float *src, int ld, const int *inv, int n, int k, int D)
+{
+	unsigned	blocks = n < 65535 ? n : 65535;
+
+	if (n <= 0 || k <= 0 || D <= 0)
+		return;
+	if (D % 8 == 0 && ld % 4 == 0 && (((uintptr_t) src | (uintptr_t) dst) & 15) == 0)
+	{
+		int			D8 = D / 8,
+					iters = (D8 + 255) / 256,
+					th = ((D8 + iters - 1) / iters + 31) / 32 * 32;	/* even work per thread */
+
+		gather_tok_bf16_vec_kernel<<<blocks, th, 0, s>>>(dst, src, ld, inv, n, k, D);
+	}
+	else
+		gather_tok_bf16_kernel<<<blocks, 256, 0, s>>>(dst, src, ld, inv, n, k, D);
 }
 
 /* h (bf16) = silu(g) * u, contiguous [n, F] */
@@ -1257,9 +1362,10 @@ kk_moe_route_group_rank(cudaStream_t s, int n, int E, int k, int G, int Tg, int 
  * shared), exactly as moe_combine_kernel; then x += y and xn = w_norm * x /
  * rms(x), exactly as add_rmsnorm_kernel (same block size, same sums).
  */
+template <typename YE>
 __global__ void
 moe_combine_add_rmsnorm_kernel(float *xn, float *x, int D, int k, const float *__restrict__ wts,
-							   const int *__restrict__ inv, const float *__restrict__ ye, const float *__restrict__ ys,
+							   const int *__restrict__ inv, const YE *__restrict__ ye, const float *__restrict__ ys,
 							   const float *__restrict__ w, float eps)
 {
 	__shared__ float red[32];
@@ -1276,7 +1382,7 @@ moe_combine_add_rmsnorm_kernel(float *xn, float *x, int D, int k, const float *_
 					v;
 
 		for (int r = 0; r < k; r++)
-			acc += wts[t * k + r] * ye[(size_t) inv[t * k + r] * D + c];
+			acc += wts[t * k + r] * ye_at(ye, (size_t) inv[t * k + r] * D + c);
 		if (ys)
 			acc += ys[t * D + c];
 		v = xr[c] + acc;
@@ -1299,6 +1405,17 @@ kk_moe_combine_add_rmsnorm(cudaStream_t s, float *xn, float *x, int n, int D, in
 	if (kk_row_norm(s, 2, xn, D, x, D, NULL, w, n, D, eps, k, wts, inv, ye, ys) == 0)
 		return;
 	if (n > 0)
-		kk_launch(moe_combine_add_rmsnorm_kernel, dim3(n), dim3(D >= 1024 ? 256 : 128), 0, s, xn, x, D, k, wts, inv, ye,
-				  ys, w, eps);
+		kk_launch(moe_combine_add_rmsnorm_kernel<float>, dim3(n), dim3(D >= 1024 ? 256 : 128), 0, s, xn, x, D, k, wts,
+				  inv, ye, ys, w, eps);
+}
+
+extern "C" void
+kk_moe_combine16_add_rmsnorm(cudaStream_t s, float *xn, float *x, int n, int D, int k, const float *wts,
+							 const int *inv, const uint16_t *ye16, const float *ys, const float *w, float eps)
+{
+	if (kk_row_norm_combine16(s, xn, x, w, n, D, eps, k, wts, inv, ye16, ys) == 0)
+		return;
+	if (n > 0)
+		kk_launch(moe_combine_add_rmsnorm_kernel<uint16_t>, dim3(n), dim3(D >= 1024 ? 256 : 128), 0, s, xn, x, D, k,
+				  wts, inv, ye16, ys, w, eps);
 }

@@ -489,8 +489,12 @@ cuda_flush_add(kl_backend *be)
 		cs->pend_moe = false;
 		if (!be->failed)
 		{
-			kk_moe_combine(cs->stream, cs->pm_y, cs->pm_n, cs->pm_D, cs->pm_k, cs->pm_wts, cs->pm_inv, cs->pm_ye,
-						   cs->pm_ys);
+			if (cs->pm_ye16)
+				kk_moe_combine16(cs->stream, cs->pm_y, cs->pm_n, cs->pm_D, cs->pm_k, cs->pm_wts, cs->pm_inv,
+								 cs->pm_ye16, cs->pm_ys);
+			else
+				kk_moe_combine(cs->stream, cs->pm_y, cs->pm_n, cs->pm_D, cs->pm_k, cs->pm_wts, cs->pm_inv,
+							   cs->pm_ye, cs->pm_ys);
 			cuda_launched(be, "moe_combine");
 		}
 	}
@@ -520,7 +524,16 @@ cuda_defer_combine(kl_backend *be, float *y, int n, int D, int k, const float *w
 	cs->pm_wts = wts;
 	cs->pm_inv = inv;
 	cs->pm_ye = ye;
+	cs->pm_ye16 = NULL;
 	cs->pm_ys = ys;
+}
+
+void
+cuda_defer_combine16(kl_backend *be, float *y, int n, int D, int k, const float *wts, const int *inv,
+					 const uint16_t *ye16, const float *ys)
+{
+	cuda_defer_combine(be, y, n, D, k, wts, inv, NULL, ys);
+	CS(be)->pm_ye16 = ye16;
 }
 
 static void
@@ -535,8 +548,12 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 	{
 		/* MoE combine + residual add + norm in one kernel */
 		cs->pend = cs->pend_moe = false;
-		kk_moe_combine_add_rmsnorm(cs->stream, y, cs->pend_y, rows, d, cs->pm_k, cs->pm_wts, cs->pm_inv, cs->pm_ye,
-								   cs->pm_ys, w, eps);
+		if (cs->pm_ye16)
+			kk_moe_combine16_add_rmsnorm(cs->stream, y, cs->pend_y, rows, d, cs->pm_k, cs->pm_wts, cs->pm_inv,
+										 cs->pm_ye16, cs->pm_ys, w, eps);
+		else
+			kk_moe_combine_add_rmsnorm(cs->stream, y, cs->pend_y, rows, d, cs->pm_k, cs->pm_wts, cs->pm_inv,
+									   cs->pm_ye, cs->pm_ys, w, eps);
 		cuda_launched(be, "moe_combine_add_rmsnorm");
 		return;
 	}
@@ -669,6 +686,7 @@ cu_destroy(kl_backend *be)
 	free(cs->h_xrow);
 	free(cs->h_inv);
 	free(cs->h_start);
+	free(cs->moe_cls);
 	free(cs->moe_grp_dims);
 	free(cs->moe_grp_ab);
 	free(cs->moe_grp_ops);
@@ -791,11 +809,14 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_MOE_PREFILL: the routed experts of prefill batches in bf16
 		 * precision (cuda_state.moe_prefill): 0 the older code, 1 one
 		 * product per expert from rows gathered once as bf16, 2 (default)
-		 * grouped products with bf16 results (1 where cuBLAS refuses).
+		 * grouped products with bf16 results (1 where cuBLAS refuses), 3
+		 * batched products over size classes of padded expert slots, bf16
+		 * results combined as bf16 (2 where cuBLAS refuses).
 		 */
 		const char *mp = getenv("KL_CUDA_MOE_PREFILL");
 
-		cs->moe_prefill = mp && (strcmp(mp, "0") == 0 || strcmp(mp, "1") == 0) ? atoi(mp) : 2;
+		cs->moe_prefill = mp && (strcmp(mp, "0") == 0 || strcmp(mp, "1") == 0 || strcmp(mp, "3") == 0) ?
+			atoi(mp) : 2;
 		cs->moe_prefill_ran = -1;
 	}
 	cudaDeviceGetAttribute(&cs->sm_count, cudaDevAttrMultiProcessorCount, idx);

@@ -64,6 +64,7 @@ enum cuda_buf_id
 	CB_MOE_SU,
 	CB_MOE_SY,
 	CB_MOE_Y16,					/* KL_CUDA_MOE_PREFILL=2: expert outputs in bf16 */
+	CB_MOE_GU16,				/* KL_CUDA_MOE_PREFILL=3: gate and up results in bf16, where CB_MOE_G/U lack room */
 	CB_SAMPLE_PROB,
 	CB_COUNT
 };
@@ -189,6 +190,7 @@ typedef struct cuda_state
 	const float *pm_wts,
 			   *pm_ye,
 			   *pm_ys;
+	const uint16_t *pm_ye16;	/* bf16 expert outputs instead of pm_ye (cuda_defer_combine16) */
 	const int  *pm_inv;
 
 	/* decode-step switches (KL_CUDA_MOE_FUSE=0, KL_CUDA_PDL=0 turn them off) */
@@ -256,13 +258,32 @@ typedef struct cuda_state
 	 * cuda_matmul_raw), 1 rows gathered once as bf16 and a cublasGemmEx per
 	 * used expert and matrix, 2 (default) two grouped products with bf16
 	 * results (gate and up in one call, then down); 2 falls back to 1 where
-	 * cuBLAS refuses it (moe_grouped_refused, kept for the backend's life).
+	 * cuBLAS refuses it (moe_grouped_refused, kept for the backend's life);
+	 * 3 batched products over size classes (below), falling back to 2.
 	 * moe_prefill_ran: the variant the last such op ran (-1: none yet).
 	 */
 	int			moe_prefill;
 	int			moe_prefill_ran;
 	bool		moe_grouped_refused;
 	int			moe_grouped_status;	/* the cuBLAS status of that refusal */
+	/*
+	 * Variant 3 (cuda_moe.c, experts_batched16): the used experts of the
+	 * last prefill op by size class, from host_group — each expert's rows
+	 * padded to its class's size (a multiple of 64 or 128) in a slot of the
+	 * padded layout; one cublasGemmBatchedEx per class and stage.
+	 * moe_cls holds, for moe_cls_cap experts: base [cap] (an expert's first
+	 * padded row), order [cap] (the used experts, class by class), size
+	 * [cap] and first [cap + 1] (class c: order[first[c] .. first[c + 1]),
+	 * slots of size[c] rows).  moe_npad: the padded rows of all slots.
+	 * moe_batched_refused / _status: cuBLAS refused a batched call (variant
+	 * 2 runs instead for the backend's life).
+	 */
+	int			moe_cls_cap;
+	int		   *moe_cls;
+	int			moe_ncls;
+	int			moe_npad;
+	bool		moe_batched_refused;
+	int			moe_batched_status;
 	/* variant 2's argument arrays, sized for moe_grp_cap problems: the host
 	 * ones cuBLAS reads at the call, and the pointers (pinned, uploaded
 	 * asynchronously: cuda_upload_sync would drain the stream) */
@@ -361,6 +382,9 @@ void		cuda_flush_add(kl_backend *be);
  * any other op launches it first */
 void		cuda_defer_combine(kl_backend *be, float *y, int n, int D, int k, const float *wts, const int *inv,
 							   const float *ye, const float *ys);
+/* cuda_defer_combine with bf16 expert outputs ye16 (kk_moe_combine16) */
+void		cuda_defer_combine16(kl_backend *be, float *y, int n, int D, int k, const float *wts, const int *inv,
+								 const uint16_t *ye16, const float *ys);
 
 enum cuda_op
 {

@@ -15,7 +15,10 @@
  *     cublasGemmEx per used expert where cuBLAS refuses that
  *     (KL_CUDA_MOE_PREFILL; 0: the older code, grouped products with fp32
  *     results, which cuBLAS refuses, else one product per used expert
- *     through the ordinary matmul path, as fp32 mode does).
+ *     through the ordinary matmul path, as fp32 mode does; 3: the experts'
+ *     rows in slots padded to a few size classes, gathered token-major, one
+ *     batched product per class and stage, the bf16 outputs combined
+ *     directly — experts_batched16).
  * Quantized experts (kernels.h's device form, one form for all routed
  * experts of a layer) take the _q twins of the decode kernels
  * (kernels/gemv_q.cu; in bf16 precision from KL_CUDA_EXPERT_MMA tokens
@@ -180,8 +183,105 @@ cuda_moe_free(kl_backend *be)
 
 /* ------------------------------------------------------------------ host grouping (prefill) */
 
+/*
+ * Variant 3's slot of an expert with c > 0 rows: c rounded up to a multiple
+ * of 128 where that pads less than 15 % (cuBLAS's wide tiles fit it), else to
+ * a multiple of 64.  Pad rows cost products whose outputs nobody reads.
+ */
+static int
+slot_rows(int c)
+{
+	int			s64 = (c + 63) / 64 * 64,
+				s128 = (c + 127) / 128 * 128;
+
+	return (s128 - c) * 100 < 15 * c ? s128 : s64;
+}
+
+static int
+cmp_llong(const void *a, const void *b)
+{
+	long long	x = *(const long long *) a,
+				y = *(const long long *) b;
+
+	return (x > y) - (x < y);
+}
+
+/*
+ * Variant 3's size classes from the counts in cs->h_start (prefix sums,
+ * E + 1 entries): the used experts sorted by (slot size, id), runs of one
+ * size a class, slots laid out class after class (cuda_state.moe_cls).
+ */
 static bool
-host_group(kl_backend *be, int n, int E, int k, const int *d_sel, int *d_xrow, int *d_inv)
+moe_classes(kl_backend *be, int E)
+{
+	cuda_state *cs = CS(be);
+	const int  *st = cs->h_start;
+	int		   *base,
+			   *order,
+			   *size,
+			   *first;
+	long long  *key;
+	int			A = 0;
+
+	if (cs->moe_cls_cap < E)
+	{
+		free(cs->moe_cls);
+		cs->moe_cls_cap = 0;
+		/* base, order, size, first [E + 1], then the sort keys (two ints each, 8-byte aligned: one int more) */
+		cs->moe_cls = malloc(sizeof(int) * (6 * (size_t) E + 2));
+		if (!cs->moe_cls)
+		{
+			cuda_fail(be, KL_E_RESOURCES, "out of memory grouping experts");
+			return false;
+		}
+		cs->moe_cls_cap = E;
+	}
+	base = cs->moe_cls;
+	order = base + cs->moe_cls_cap;
+	size = order + cs->moe_cls_cap;
+	first = size + cs->moe_cls_cap;
+	key = (long long *) (first + cs->moe_cls_cap + 1);
+	if (((uintptr_t) key & 7) != 0)
+		key = (long long *) ((char *) key + 4);
+	for (int e = 0; e < E; e++)
+	{
+		int			c = st[e + 1] - st[e];
+
+		base[e] = -1;
+		if (c > 0)
+			key[A++] = (long long) slot_rows(c) << 32 | e;
+	}
+	qsort(key, (size_t) A, sizeof(long long), cmp_llong);
+	cs->moe_ncls = 0;
+	cs->moe_npad = 0;
+	for (int i = 0; i < A; i++)
+	{
+		int			S = (int) (key[i] >> 32),
+					e = (int) (key[i] & 0xffffffff);
+
+		if (i == 0 || S != size[cs->moe_ncls - 1])
+		{
+			size[cs->moe_ncls] = S;
+			first[cs->moe_ncls++] = i;
+		}
+		order[i] = e;
+		base[e] = cs->moe_npad;
+		cs->moe_npad += S;
+	}
+	first[cs->moe_ncls] = A;
+	return true;
+}
+
+/*
+ * The prefill grouping on the host: downloads the expert choices d_sel (a
+ * stream drain), counts them into cs->h_start, and uploads the stable
+ * grouping: d_xrow (the token of each grouped row) and d_inv (the grouped
+ * row of each (token, slot) pair).  pad (variant 3): the rows go to their
+ * expert's slot of the padded layout instead (moe_classes; d_inv only, d_xrow
+ * is left alone: kk_gather_tok_bf16 reads d_inv).
+ */
+static bool
+host_group(kl_backend *be, int n, int E, int k, const int *d_sel, int *d_xrow, int *d_inv, bool pad)
 {
 	cuda_state *cs = CS(be);
 	size_t		nk = (size_t) n * k;
@@ -224,16 +324,19 @@ host_group(kl_backend *be, int n, int E, int k, const int *d_sel, int *d_xrow, i
 	}
 	for (int e = 0; e < E; e++)
 		cs->h_start[e + 1] += cs->h_start[e];
+	if (pad && !moe_classes(be, E))
+		return false;
 	memcpy(fill, cs->h_start, sizeof(int) * (size_t) E);
 	for (size_t i = 0; i < nk; i++)
 	{
-		int			p = fill[cs->h_sel[i]]++;
+		int			e = cs->h_sel[i],
+					p = fill[e]++;
 
 		cs->h_xrow[p] = (int) (i / k);
-		cs->h_inv[i] = p;
+		cs->h_inv[i] = pad ? cs->moe_cls[e] + (p - cs->h_start[e]) : p;
 	}
-	return cuda_ok(be, cudaMemcpyAsync(d_xrow, cs->h_xrow, sizeof(int) * nk, cudaMemcpyHostToDevice, cs->stream),
-				   "expert grouping upload") &&
+	return (pad || cuda_ok(be, cudaMemcpyAsync(d_xrow, cs->h_xrow, sizeof(int) * nk, cudaMemcpyHostToDevice,
+											   cs->stream), "expert grouping upload")) &&
 		cuda_ok(be, cudaMemcpyAsync(d_inv, cs->h_inv, sizeof(int) * nk, cudaMemcpyHostToDevice, cs->stream),
 				"expert grouping upload") &&
 		cuda_ok(be, cudaStreamSynchronize(cs->stream), "expert grouping upload");
@@ -588,7 +691,7 @@ experts_prefill16(kl_backend *be, const kl_moe_layer *w, const int *st, int E, i
 	kk_gather_rows_bf16(cs->stream, x16, x, D, xrow, (int) nk, D);
 	if (!cuda_launched(be, "gather rows (bf16)"))
 		return false;
-	if (cs->moe_prefill == 2 && !cs->moe_grouped_refused)
+	if (cs->moe_prefill >= 2 && !cs->moe_grouped_refused)
 	{
 		if (experts_grouped16(be, w, st, E, D, F, x16, h16, nk, g, u, ye))
 		{
@@ -600,6 +703,137 @@ experts_prefill16(kl_backend *be, const kl_moe_layer *w, const int *st, int E, i
 	}
 	cs->moe_prefill_ran = 1;
 	return experts_loop16(be, w, st, E, D, F, x16, h16, nk, g, u, ye);
+}
+
+/* ------------------------------------------------------------------ batched products over size classes */
+
+/* problem i of variant 3 in the pinned pointer arrays: A (weights), B (rows), C (results) */
+static void
+batch_problem(cuda_state *cs, int i, const void *W, const uint16_t *X, uint16_t *C)
+{
+	cs->moe_grp_ptrs[i] = (void *) W;
+	cs->moe_grp_ptrs[cs->moe_grp_cap + i] = (void *) X;
+	cs->moe_grp_ptrs[2 * cs->moe_grp_cap + i] = C;
+}
+
+/* problems i0 .. i0 + count - 1 of variant 3, all C [S, m] = X [S, kd] W^T, W [m, kd], in one batched call */
+static cublasStatus_t
+batch_call(cuda_state *cs, void **dev, int i0, int count, int m, int S, int kd)
+{
+	const float one = 1.0f,
+				zero = 0.0f;
+	int			cap = cs->moe_grp_cap;
+
+	/* column-major view: C^T [m, S] = W [m, kd] (stored [kd, m] column-major, transposed) X^T [kd, S] */
+	return cublasGemmBatchedEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, m, S, kd, &one, (const void *const *) (dev + i0),
+							   CUDA_R_16BF, kd, (const void *const *) (dev + cap + i0), CUDA_R_16BF, kd, &zero,
+							   dev + 2 * cap + i0, CUDA_R_16BF, m, count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+
+/*
+ * KL_CUDA_MOE_PREFILL=3: the routed experts of a prefill batch as batched
+ * products over size classes (host_group with pad, moe_classes).  Each used
+ * expert's rows sit in a slot of its class's size S (padded layout of
+ * cs->moe_npad rows; d_inv names each pair's row): the rows are gathered
+ * token-major as bf16 (kk_gather_tok_bf16: x read once), then per class one
+ * cublasGemmBatchedEx for gate and up of all its experts (2 m problems of
+ * [S, F], bf16 results), kk_swiglu_bf16_bf16 over the whole layout, and per
+ * class one for down ([S, D], bf16 results).  Uniform m, n, k within a call
+ * lets cuBLAS take its ordinary (Hopper) batched kernels, unlike the grouped
+ * call of variant 2.  Pad rows hold whatever the buffer held: a product's
+ * output row depends only on its own input row, and the combine reads only
+ * the pairs' rows, so their results are never read.  The same bf16 roundings
+ * as variant 2 (g, u, h, expert outputs); the combine then reads the bf16
+ * outputs itself (cuda_defer_combine16).
+ *
+ * Returns the expert outputs [npad, D] (bf16), or NULL: be->failed set, or
+ * clear when cuBLAS refused a call before the products completed
+ * (moe_batched_refused, status in moe_batched_status; the caller then
+ * groups again without padding and runs variant 2).  Buffers: g, u, ye (the
+ * caller's fp32 ones, room for 2 (nk + n) bf16 rows each) when the padded
+ * layout fits them, else working memory of their own.
+ */
+static const uint16_t *
+experts_batched16(kl_backend *be, const kl_moe_layer *w, int D, int F, const float *x, const int *inv, int n, int k,
+				  float *g, float *u, float *ye)
+{
+	cuda_state *cs = CS(be);
+	size_t		Np = (size_t) cs->moe_npad,
+				room = 2 * ((size_t) n * k + n);
+	const int  *base = cs->moe_cls,
+			   *order = base + cs->moe_cls_cap,
+			   *size = order + cs->moe_cls_cap,
+			   *first = size + cs->moe_cls_cap;
+	int			ncls = cs->moe_ncls,
+				A = first[ncls],
+				cap;
+	uint16_t   *x16 = cuda_buf(be, CB_MOE_X, sizeof(uint16_t) * Np * D),
+			   *h16 = cuda_buf(be, CB_MOE_H16, sizeof(uint16_t) * Np * F),
+			   *g16,
+			   *u16,
+			   *ye16;
+	void	  **dev;
+	cublasStatus_t bst = CUBLAS_STATUS_SUCCESS;
+
+	if (!x16 || !h16 || !grp_arrays(be, 3 * cs->moe_cls_cap))
+		return NULL;
+	if (Np <= room)
+	{
+		g16 = (uint16_t *) g;
+		u16 = (uint16_t *) u;
+		ye16 = (uint16_t *) ye;
+	}
+	else
+	{
+		g16 = cuda_buf(be, CB_MOE_GU16, sizeof(uint16_t) * 2 * Np * F);
+		u16 = g16 ? g16 + Np * F : NULL;
+		ye16 = cuda_buf(be, CB_MOE_Y16, sizeof(uint16_t) * Np * D);
+		if (!g16 || !ye16)
+			return NULL;
+	}
+	cap = cs->moe_grp_cap;
+	dev = cuda_buf(be, CB_MOE_PTRS, sizeof(void *) * 3 * (size_t) cap);
+	if (!dev)
+		return NULL;
+	kk_gather_tok_bf16(cs->stream, x16, x, D, inv, n, k, D);
+	if (!cuda_launched(be, "gather rows token-major (bf16)"))
+		return NULL;
+	/* class after class: gate and up problems 2j, 2j + 1; down 2A + j (j: the expert's place in order) */
+	for (int j = 0; j < A; j++)
+	{
+		int			e = order[j];
+		size_t		b = (size_t) base[e];
+
+		batch_problem(cs, 2 * j, w->experts[e].gate.dev, x16 + b * D, g16 + b * F);
+		batch_problem(cs, 2 * j + 1, w->experts[e].up.dev, x16 + b * D, u16 + b * F);
+		batch_problem(cs, 2 * A + j, w->experts[e].down.dev, h16 + b * F, ye16 + b * D);
+	}
+	/* (the previous op's copy of these arrays is complete: host_group drained the stream since) */
+	if (!cuda_ok(be, cudaMemcpyAsync(dev, cs->moe_grp_ptrs, sizeof(void *) * 3 * (size_t) cap,
+									 cudaMemcpyHostToDevice, cs->stream), "batched GEMM pointers upload"))
+		return NULL;
+	moe_mark(cs, 0);
+	for (int c = 0; c < ncls && bst == CUBLAS_STATUS_SUCCESS; c++)
+		bst = batch_call(cs, dev, 2 * first[c], 2 * (first[c + 1] - first[c]), F, size[c], D);
+	moe_mark(cs, 1);
+	if (bst == CUBLAS_STATUS_SUCCESS)
+	{
+		kk_swiglu_bf16_bf16(cs->stream, h16, g16, u16, Np * F);
+		if (!cuda_launched(be, "swiglu (bf16 from bf16)"))
+			return NULL;
+		moe_mark(cs, 2);
+		for (int c = 0; c < ncls && bst == CUBLAS_STATUS_SUCCESS; c++)
+			bst = batch_call(cs, dev, 2 * A + first[c], first[c + 1] - first[c], D, size[c], F);
+		moe_mark(cs, 3);
+	}
+	if (bst != CUBLAS_STATUS_SUCCESS)
+	{
+		cs->moe_batched_refused = true;
+		cs->moe_batched_status = (int) bst;
+		cs->moe_ev_mask = 0;
+		return NULL;
+	}
+	return ye16;
 }
 
 /* ------------------------------------------------------------------ the op */
@@ -659,6 +893,7 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			   *u,
 			   *ye,
 			   *sy = NULL;
+	const uint16_t *ye16 = NULL;	/* variant 3's expert outputs (bf16) */
 	int		   *sel,
 			   *start,
 			   *xrow,
@@ -820,12 +1055,25 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 
 		float	   *xe = cuda_buf(be, CB_MOE_X, sizeof(float) * nk * D);
 		const int  *st;
+		/* (bf16 experts only: quantized ones go through cuda_matmul_raw's panels) */
+		bool		fast = cs->moe_prefill > 0 && cs->bf16 && wbf && tab->fmt_down == KK_WF_BF16 && tab->uniform;
+		bool		batched = fast && cs->moe_prefill == 3 && !cs->moe_batched_refused;
 
-		if (!xe || !host_group(be, n, E, k, sel, xrow, inv))
+		if (!xe || !host_group(be, n, E, k, sel, xrow, inv, batched))
 			return;
 		st = cs->h_start;
-		/* (bf16 experts only: quantized ones go through cuda_matmul_raw's panels) */
-		if (cs->moe_prefill > 0 && cs->bf16 && wbf && tab->fmt_down == KK_WF_BF16 && tab->uniform)
+		if (batched)
+		{
+			if ((ye16 = experts_batched16(be, w, D, F, x, inv, n, k, g, u, ye)) != NULL)
+			{
+				cs->moe_prefill_ran = 3;
+				goto shared;
+			}
+			/* refused: the layout of variant 2 (the choices are still on the device) */
+			if (be->failed || !host_group(be, n, E, k, sel, xrow, inv, false))
+				return;
+		}
+		if (fast)
 		{
 			if (!experts_prefill16(be, w, st, E, D, F, x, xrow, nk, g, u, ye))
 				return;
@@ -893,7 +1141,10 @@ shared:
 	}
 
 	/* 4. y = sum of weighted expert outputs (+ shared) */
-	cuda_defer_combine(be, y, n, D, k, wts, inv, ye, sy);
+	if (ye16)
+		cuda_defer_combine16(be, y, n, D, k, wts, inv, ye16, sy);
+	else
+		cuda_defer_combine(be, y, n, D, k, wts, inv, ye, sy);
 }
 
 /* ------------------------------------------------------------------ benchmark hook */
@@ -965,7 +1216,8 @@ kl_cuda_bench_moe_products(kl_backend *be, int mode, float ms[2])
  * KL_CUDA_MOE_PREFILL variant asked at creation, info[1] the one the last
  * prefill MoE op ran (-1 none yet; 0 also for batches the fast paths do not
  * take: fp32 precision, quantized experts), info[2] the cuBLAS status that
- * made variant 2 fall back to 1 (0: it did not).  Returns info[1].
+ * made the variant asked fall back (3 to 2, 2 to 1; 0: it did not).
+ * Returns info[1].
  */
 __attribute__((visibility("default"))) int
 kl_cuda_moe_prefill_path(kl_backend *be, int info[3])
@@ -974,7 +1226,10 @@ kl_cuda_moe_prefill_path(kl_backend *be, int info[3])
 
 	info[0] = cs->moe_prefill;
 	info[1] = cs->moe_prefill_ran;
-	info[2] = cs->moe_grouped_refused ? (cs->moe_grouped_status ? cs->moe_grouped_status : -1) : 0;
+	if (cs->moe_prefill == 3)
+		info[2] = cs->moe_batched_refused ? (cs->moe_batched_status ? cs->moe_batched_status : -1) : 0;
+	else
+		info[2] = cs->moe_grouped_refused ? (cs->moe_grouped_status ? cs->moe_grouped_status : -1) : 0;
 	return info[1];
 }
 

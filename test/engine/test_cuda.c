@@ -615,8 +615,17 @@ moe_op_alone(kl_model *m, int L, const float *x, int T)
  *     48B's D 2304, F 1024; random bf16 weights, 4 weighted experts, routed
  *     part only, without the shared expert that both compute alike) gives
  *     a relative error of 3.8e-3 to 4.0e-3: bounded by 1e-2.
+ *   3 vs 0: variant 3 (batched products over size classes of padded
+ *     slots, token-major gather, combine reading the bf16 outputs) rounds
+ *     exactly where variant 2 does (bf16 g, u, h, expert outputs; the
+ *     combine sums in fp32 what variant 2 widens to fp32 first), so the
+ *     same emulation and bound: 1e-2.  Also with a skewed router (score
+ *     bias 8 on experts 0..2: each takes every token, 997 rows, a slot of
+ *     1024; expert 3 about a fifth; the others tens of rows, slots of 64 or
+ *     128), so that classes of very different sizes run; and 3 vs 2 as
+ *     information (they differ only in cuBLAS's order of fp32 sums).
  * Fails when a path other than the one asked ran (variant 2 silently
- * falling back to 1 where cuBLAS refuses it).
+ * falling back to 1, or 3 to 2, where cuBLAS refuses it).
  */
 static void
 check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_load_opts *ob)
@@ -625,9 +634,10 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 	int			T = 997,
 				L = -1;
 	uint64_t	rs = 0x5eed13;
-	kl_model   *mv[3] = {NULL, NULL, g16};
+	kl_model   *mv[4] = {NULL, NULL, g16, NULL};
 	float	   *x,
-			   *y[3];
+			   *y[4];
+	static const char *const asked[4] = {"0", "1", NULL, "3"};
 	moe_path_fn path = moe_path_hook(g16);
 
 	for (int i = 0; i < c->n_layers && L < 0; i++)
@@ -638,16 +648,19 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 		tap_ok(0, "the CUDA library exports kl_cuda_moe_prefill_path (and the model has an MoE layer)");
 		return;
 	}
-	for (int v = 0; v < 2; v++)
+	for (int v = 0; v < 4; v++)
 	{
 		kl_err		err = {0};
 		char		p[] = "/tmp/kl_test_cuda_XXXXXX";
-		int			fd = mkstemp(p);
+		int			fd;
 
+		if (!asked[v])
+			continue;
+		fd = mkstemp(p);
 		if (fd < 0 || write(fd, config, strlen(config)) != (ssize_t) strlen(config))
 			die("temporary config", &err);
 		close(fd);
-		setenv("KL_CUDA_MOE_PREFILL", v ? "1" : "0", 1);
+		setenv("KL_CUDA_MOE_PREFILL", asked[v], 1);
 		if (kl_model_create_random(p, ob, "bf16", 7, &mv[v], &err) != KL_OK)
 			die("random model (bf16)", &err);
 		unsetenv("KL_CUDA_MOE_PREFILL");
@@ -655,7 +668,7 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 		copy_weights(cpu, mv[v]);
 	}
 	x = rand_floats((size_t) T * c->hidden_size, -1, 1, &rs);
-	for (int v = 0; v < 3; v++)
+	for (int v = 0; v < 4; v++)
 	{
 		int			info[3] = {-9, -9, -9};
 
@@ -674,12 +687,61 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 			   "(rel err %.2e)", T, e1);
 		tap_ok(e2 <= 1e-2, "bf16 prefill experts, %d tokens: grouped bf16-out GEMMs (2) vs the older loop (0) "
 			   "(rel err %.2e; bf16 g, u, y: 4e-3 in a C emulation)", T, e2);
+		tap_ok(rel_err(y[3], y[0], n) <= 1e-2, "bf16 prefill experts, %d tokens: batched products over size "
+			   "classes (3) vs the older loop (0) (rel err %.2e; variant 2's roundings: 4e-3 in a C emulation)", T,
+			   rel_err(y[3], y[0], n));
+		tap_diag("bf16 prefill experts, %d tokens: 3 vs 2 rel err %.2e (information: cuBLAS's order of sums)", T,
+				 rel_err(y[3], y[2], n));
 	}
-	for (int v = 0; v < 3; v++)
+	/* a skewed router on the same weights: variants 0 and 3 (score bias 8 on experts 0..2 of layer L) */
+	{
+		int			E = c->n_experts,
+					info[3] = {-9, -9, -9};
+		float	   *b = calloc((size_t) E, sizeof(float));
+		size_t		n = (size_t) T * c->hidden_size;
+
+		if (!b)
+		{
+			kl_err		err = {0};
+
+			die("memory for the router bias", &err);
+		}
+		for (int e = 0; e < 3 && e < E; e++)
+			b[e] = 8.0f;
+		for (int v = 0; v < 4; v += 3)
+		{
+			mv[v]->be->ops->upload(mv[v]->be, mv[v]->layers[L].moe.score_bias, b, sizeof(float) * (size_t) E);
+			free(y[v]);
+			y[v] = moe_op_alone(mv[v], L, x, T);
+		}
+		path(mv[3]->be, info);
+		tap_ok(info[0] == 3 && info[1] == 3, "bf16 prefill experts, skewed router: ran variant %d (asked %d; "
+			   "cuBLAS status of a batched refusal %d)", info[1], info[0], info[2]);
+		tap_ok(rel_err(y[3], y[0], n) <= 1e-2, "bf16 prefill experts, %d tokens, skewed router (3 experts take "
+			   "every token): batched products over size classes (3) vs the older loop (0) (rel err %.2e)", T,
+			   rel_err(y[3], y[0], n));
+		/*
+		 * 100 tokens (just over the 64 of the decode path), same router:
+		 * 16 slots of 64 or more exceed the 2 (n k + n) bf16 rows the fp32
+		 * buffers hold, so variant 3 takes working memory of its own
+		 */
+		for (int v = 0; v < 4; v += 3)
+		{
+			free(y[v]);
+			y[v] = moe_op_alone(mv[v], L, x, 100);
+		}
+		path(mv[3]->be, info);
+		tap_ok(info[1] == 3 && rel_err(y[3], y[0], (size_t) 100 * c->hidden_size) <= 1e-2,
+			   "bf16 prefill experts, 100 tokens, skewed router: variant 3 ran (%d) and matches the older loop "
+			   "(rel err %.2e)", info[1], rel_err(y[3], y[0], (size_t) 100 * c->hidden_size));
+		free(b);
+	}
+	for (int v = 0; v < 4; v++)
 		free(y[v]);
 	free(x);
 	kl_model_free(mv[0]);
 	kl_model_free(mv[1]);
+	kl_model_free(mv[3]);
 }
 
 /*
