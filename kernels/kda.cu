@@ -178,18 +178,246 @@ kda_prep_kernel(int H, int K, int W, const float *__restrict__ q, const float *_
 		beta[(size_t) t * H + h] = sigmoidf_(b[(size_t) t * H + h]);
 }
 
+
+/*
+ * Warp-per-(row, head) forms of kda_prep and kda_gated_norm
+ * (KL_CUDA_KDA_ELEM_WARP, default on; K = 32, 64, 128 with 16-byte aligned
+ * rows, else the block kernels above).  The block kernels spend most of
+ * their time in block_sum's two barriers and shared-memory round trips
+ * (Nsight, 8192 rows x 32 heads: the prep 0.67 ms at 1.6 TB/s, the gated
+ * norm 0.32 ms at 1.2 TB/s, both stalled on shared memory) for 1.07 GB and
+ * 0.4 GB of traffic.  Here K / 4 lanes hold a head's row, 4 adjacent
+ * channels a lane (16-byte loads and stores), and the head's sums are
+ * shuffles, so nothing waits on a barrier.
+ *
+ * The outputs are the block kernels' bit for bit: every element goes
+ * through the same functions (kda_conv_silu's taps in the same order,
+ * kda_l2_scaled, kda_decay, kda_gated), and kda_head_sum adds the squares
+ * in block_sum's order (below), so the fused decode kernel, which matches
+ * the block kernels bit for bit, matches these too.
+ *
+ * A block is 8 warps; warp w takes row blockIdx.x * 8 + w and the 128 / K
+ * heads from blockIdx.y * 128 / K: the warps of a block read neighbouring
+ * rows of the same heads, so a row's conv taps (the W - 1 rows before it)
+ * are mostly the block's own loads, found in L1.
+ */
+#define KDA_EW_WARPS 8
+
+/* set by kk_set_kda_elem_warp: the warp kernels for K = 32, 64, 128 */
+static int kda_elem_warp_on = 1;
+
+extern "C" int
+kk_set_kda_elem_warp(int on)
+{
+	int			was = kda_elem_warp_on;
+
+	kda_elem_warp_on = on;
+	return was;
+}
+
+/*
+ * The sum over a head of x, which this lane holds for channels 4 s .. 4 s + 3
+ * of the head (s = the lane's index among the head's K / 4 lanes), added in
+ * block_sum's order for a block of K threads (thread c = channel c):
+ * block_sum first adds each warp's 32 channels by shuffles at distances 16,
+ * 8, 4, 2, 1 (channel bits 4, 3, 2, 1, 0), then the K / 32 warp sums by the
+ * same butterfly over lanes whose values past K / 32 are zero (adding +0
+ * changes no sum of squares), which leaves (p0 + p2) + (p1 + p3) for 4 warps,
+ * p0 + p1 for 2.  Here channel bits 4..2 are lane bits 2..0 and bits 1..0 the
+ * element, so: shuffles at 4, 2, 1 on each element, then (x0 + x2) + (x1 +
+ * x3); warp sum p_w sits in lanes 8 w .. 8 w + 7 of the head, combined at
+ * lane distances 16 (w ^ 2), then 8 (w ^ 1).  Every lane of the head gets
+ * the same bits (each butterfly step adds the same two numbers in both
+ * lanes).  All 32 lanes of the warp must call it.
+ */
+template <int K>
+__device__ __forceinline__ float
+kda_head_sum(float x0, float x1, float x2, float x3)
+{
+	float		p;
+
+#pragma unroll
+	for (int o = 4; o > 0; o >>= 1)
+	{
+		x0 += __shfl_xor_sync(0xffffffffu, x0, o);
+		x1 += __shfl_xor_sync(0xffffffffu, x1, o);
+		x2 += __shfl_xor_sync(0xffffffffu, x2, o);
+		x3 += __shfl_xor_sync(0xffffffffu, x3, o);
+	}
+	p = (x0 + x2) + (x1 + x3);
+	if (K == 128)
+		p += __shfl_xor_sync(0xffffffffu, p, 16);
+	if (K >= 64)
+		p += __shfl_xor_sync(0xffffffffu, p, 8);
+	return p;
+}
+
+/* this lane's (row, head) in the warp kernels' grid; false past the ends */
+template <int K>
+__device__ __forceinline__ bool
+kda_ew_place(int n_tokens, int H, int *t, int *h, int *c0)
+{
+	constexpr int LPH = K / 4;	/* lanes per head */
+	int			lane = threadIdx.x & 31;
+
+	*t = blockIdx.x * KDA_EW_WARPS + (threadIdx.x >> 5);
+	*h = blockIdx.y * (32 / LPH) + lane / LPH;
+	*c0 = 4 * (lane % LPH);
+	return *t < n_tokens && *h < H;
+}
+
+/* kda_prep_kernel, warp per (row, head); the same arguments */
+template <int K>
+__global__ void __launch_bounds__(KDA_EW_WARPS * 32)
+kda_prep_warp_kernel(int n_tokens, int H, int W, const float *__restrict__ q, const float *__restrict__ k,
+					 const float *__restrict__ v, float *f, const float *__restrict__ b,
+					 float *qo, float *ko, float *vo, float *beta,
+					 const float *__restrict__ conv_q, const float *__restrict__ conv_k,
+					 const float *__restrict__ conv_v, const float *__restrict__ A_log,
+					 const float *__restrict__ dt_bias, const int *__restrict__ row_seq,
+					 const int *__restrict__ row0, float *const *conv_tab, float qscale, int write_tails)
+{
+	int			t,
+				h,
+				c0;
+	bool		live = kda_ew_place<K>(n_tokens, H, &t, &h, &c0);
+	int			HK = H * K;
+	int			ch0 = h * K + c0;
+	float		qv[4] = {0, 0, 0, 0},
+				kv[4] = {0, 0, 0, 0},
+				vv[4] = {0, 0, 0, 0};
+
+	kk_dep_wait();
+	kk_dep_launch();
+	if (live)
+	{
+		int			s = row_seq[t],
+					r0 = row0[s],
+					i = t - r0;
+		float	   *tail = conv_tab[s];
+		float		sq[4] = {0, 0, 0, 0},
+					sk[4] = {0, 0, 0, 0},
+					sv[4] = {0, 0, 0, 0};
+
+		/* kda_conv_silu for the 4 channels: the same taps in the same order */
+#pragma unroll 4
+		for (int j = 0; j < W; j++)
+		{
+			int			idx = i - W + 1 + j;	/* < 0 reaches into the tail */
+			float		xq[4],
+						xk[4],
+						xv[4];
+
+			if (idx >= 0)
+			{
+				size_t		off = (size_t) (r0 + idx) * HK + ch0;
+				float4		a = *(const float4 *) (q + off),
+							bb = *(const float4 *) (k + off),
+							cc = *(const float4 *) (v + off);
+
+				xq[0] = a.x, xq[1] = a.y, xq[2] = a.z, xq[3] = a.w;
+				xk[0] = bb.x, xk[1] = bb.y, xk[2] = bb.z, xk[3] = bb.w;
+				xv[0] = cc.x, xv[1] = cc.y, xv[2] = cc.z, xv[3] = cc.w;
+			}
+			else
+			{
+#pragma unroll
+				for (int e = 0; e < 4; e++)
+				{
+					xq[e] = tail[(size_t) (ch0 + e) * W + W + idx];
+					xk[e] = tail[(size_t) (HK + ch0 + e) * W + W + idx];
+					xv[e] = tail[(size_t) (2 * HK + ch0 + e) * W + W + idx];
+				}
+			}
+#pragma unroll
+			for (int e = 0; e < 4; e++)
+			{
+				sq[e] += conv_q[(size_t) (ch0 + e) * W + j] * xq[e];
+				sk[e] += conv_k[(size_t) (ch0 + e) * W + j] * xk[e];
+				sv[e] += conv_v[(size_t) (ch0 + e) * W + j] * xv[e];
+			}
+		}
+#pragma unroll
+		for (int e = 0; e < 4; e++)
+		{
+			qv[e] = siluf_(sq[e]);
+			kv[e] = siluf_(sk[e]);
+			vv[e] = siluf_(sv[e]);
+		}
+		if (write_tails)		/* decode: read above, this lane's channels only */
+			for (int e = 0; e < 4; e++)
+				kda_shift_tail(tail, q, k, v, HK, W, ch0 + e, t);
+	}
+	{
+		float		ssq = kda_head_sum<K>(qv[0] * qv[0], qv[1] * qv[1], qv[2] * qv[2], qv[3] * qv[3]);
+		float		ssk = kda_head_sum<K>(kv[0] * kv[0], kv[1] * kv[1], kv[2] * kv[2], kv[3] * kv[3]);
+
+		if (live)
+		{
+			size_t		off = (size_t) t * HK + ch0;
+			float		A = -expf(A_log[h]);
+			float4		fv = *(const float4 *) (f + off),
+						dt = *(const float4 *) (dt_bias + ch0);
+
+			*(float4 *) (qo + off) = make_float4(kda_l2_scaled(qv[0], ssq, qscale), kda_l2_scaled(qv[1], ssq, qscale),
+												 kda_l2_scaled(qv[2], ssq, qscale), kda_l2_scaled(qv[3], ssq, qscale));
+			*(float4 *) (ko + off) = make_float4(kda_l2_scaled(kv[0], ssk, 1.0f), kda_l2_scaled(kv[1], ssk, 1.0f),
+												 kda_l2_scaled(kv[2], ssk, 1.0f), kda_l2_scaled(kv[3], ssk, 1.0f));
+			*(float4 *) (vo + off) = make_float4(vv[0], vv[1], vv[2], vv[3]);
+			*(float4 *) (f + off) = make_float4(kda_decay(A, fv.x, dt.x), kda_decay(A, fv.y, dt.y),
+												kda_decay(A, fv.z, dt.z), kda_decay(A, fv.w, dt.w));
+			if (c0 == 0)
+				beta[(size_t) t * H + h] = sigmoidf_(b[(size_t) t * H + h]);
+		}
+	}
+}
+
+/* the warp kernels take these pointers as float4 */
+static bool
+kda_ew_aligned(const void *const *p, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (((uintptr_t) p[i]) % 16 != 0)
+			return false;
+	return true;
+}
+
+/* the warp kernels' grid and whether they cover K */
+static bool
+kda_ew_grid(int n_tokens, int H, int K, dim3 *grid)
+{
+	if (!kda_elem_warp_on || (K != 32 && K != 64 && K != 128))
+		return false;
+	*grid = dim3((unsigned) ceil_div((size_t) n_tokens, KDA_EW_WARPS), (unsigned) ceil_div((size_t) H, 128 / K));
+	return true;
+}
+
+/* the warp kernel for K = 32, 64, 128 (KL_CUDA_KDA_ELEM_WARP), else kda_prep_kernel */
 extern "C" void
 kk_kda_prep(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q, const float *k, const float *v,
 			float *f, const float *b, float *qo, float *ko, float *vo, float *beta,
 			const float *conv_q, const float *conv_k, const float *conv_v, const float *A_log,
 			const float *dt_bias, const int *row_seq, const int *row0, float *const *conv_tab, int write_tails)
 {
-	dim3		grid(n_tokens, H);
+	dim3		grid(n_tokens, H),
+				wgrid;
+	const void *p[] = {q, k, v, f, qo, ko, vo, dt_bias};
+	float		qscale = 1.0f / sqrtf((float) K);
 
+	if (n_tokens > 0 && kda_ew_grid(n_tokens, H, K, &wgrid) && kda_ew_aligned(p, 8))
+	{
+		void		(*kern) (int, int, int, const float *, const float *, const float *, float *, const float *,
+							 float *, float *, float *, float *, const float *, const float *, const float *,
+							 const float *, const float *, const int *, const int *, float *const *, float, int) =
+			K == 32 ? kda_prep_warp_kernel<32> : K == 64 ? kda_prep_warp_kernel<64> : kda_prep_warp_kernel<128>;
+
+		kk_launch(kern, wgrid, dim3(KDA_EW_WARPS * 32), 0, s, n_tokens, H, W, q, k, v, f, b, qo, ko, vo, beta,
+				  conv_q, conv_k, conv_v, A_log, dt_bias, row_seq, row0, conv_tab, qscale, write_tails);
+		return;
+	}
 	if (n_tokens > 0)
 		kk_launch(kda_prep_kernel, grid, dim3((K + 31) / 32 * 32), 0, s, H, K, W, q, k, v, f, b, qo, ko, vo, beta,
-				  conv_q, conv_k, conv_v, A_log, dt_bias, row_seq, row0, conv_tab, 1.0f / sqrtf((float) K),
-				  write_tails);
+				  conv_q, conv_k, conv_v, A_log, dt_bias, row_seq, row0, conv_tab, qscale, write_tails);
 }
 
 /* new tail = the last W raw inputs of (old tail ++ the sequence's rows) */
@@ -1250,7 +1478,6 @@ kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const float 
  *     rounded to bf16.
  * Rows past n: q = k = v = 0, g = 0, beta = 0 (they change nothing).
  */
-#define KP_THREADS 128
 
 /* d += A B, one m16n8k16 step (bf16 operands, fp32 accumulators) */
 __device__ __forceinline__ void
@@ -1319,8 +1546,27 @@ struct kp_layout
 	static constexpr int BYTES = U1END > U2END ? U1END : U2END;
 };
 
-template <int K>
-__global__ void __launch_bounds__(KP_THREADS)
+/*
+ * NTH = 128: the kernel as first written (KL_CUDA_KDA_PREP_MMA=1).  NTH =
+ * 256 (=2, K = 128 only): Nsight at 8192 rows x 32 heads found the 128-thread
+ * kernel latency-bound (1.65 ms; 8 warps an SM, 2 blocks by shared memory;
+ * one instruction every 6.8 cycles a warp, 41 % of stalls waiting on shared
+ * memory loads, DRAM 11 %), so the same shared memory (still 2 blocks an SM)
+ * gets twice the warps, each with half the serial work:
+ *   - the sub-chunk operands (B): thread (c, half) takes rows 8 half ..
+ *     8 half + 7 of the sub-chunk (the second half first adds rows 0..7's
+ *     g to G in the same order, so every G is the 128-thread kernel's);
+ *   - the pairs inside a sub-chunk: 16 slices of K / 16 channels (not 8 of
+ *     K / 8), so each thread's dependent chain of shared loads is half as
+ *     long (only this sum's order differs from NTH = 128);
+ *   - the right-hand sides (D): rows 32 half .. 32 half + 31, the second
+ *     half starting from G at row 31 (Ge[1], the same sum);
+ *   - the mma phases spread their tiles over 8 warps;
+ *   - the sums of g (A) and (D) issue their global loads 16 rows at a time
+ *     before adding (the 128-thread loop waits on each row's load in turn).
+ */
+template <int K, int NTH>
+__global__ void __launch_bounds__(NTH)
 kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
 						  const float *__restrict__ v, const float *__restrict__ g, const float *__restrict__ beta,
 						  uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16,
@@ -1329,7 +1575,9 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 	typedef kp_layout<K> L;
 	constexpr int C = KDA_CHUNK;
 	constexpr int V = K;
-	constexpr int CS = K / 8;	/* channels per slice in the sub-chunk pairs */
+	constexpr bool WIDE = NTH == 256;	/* the second form above (K = 128 only) */
+	constexpr int NSL = WIDE ? 16 : 8;	/* slices in the sub-chunk pairs */
+	constexpr int CS = K / NSL;	/* channels per slice */
 	extern __shared__ uint4 kp_smem[];
 	char	   *sm = (char *) kp_smem;
 	float	   *sb = (float *) (sm + L::SB),
@@ -1363,9 +1611,29 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 	/* A. beta, A zeroed, the sub-chunk ends' G */
 	if (tid < C)
 		sb[tid] = tid < Cn ? beta[(size_t) (t0 + tid) * H + h] : 0.0f;
-	for (int e = tid; e < C * C; e += KP_THREADS)
+	for (int e = tid; e < C * C; e += NTH)
 		sA[e] = 0.0f;
-	if (tid < K)
+	if (WIDE && tid < K)
+	{
+		float		G = 0;
+
+		/* 16 loads in flight, then the adds in row order; rows past n add
+		 * +0, so every Ge is the sum the loop below makes */
+		for (int t16 = 0; t16 < C; t16 += 16)
+		{
+			float		gl[16];
+
+#pragma unroll
+			for (int u = 0; u < 16; u++)
+				gl[u] = t16 + u < Cn ? g[rowoff + (size_t) (t16 + u) * HK + tid] : 0.0f;
+#pragma unroll
+			for (int u = 0; u < 16; u++)
+				G += gl[u];
+			Ge[(t16 >> 4) * K + tid] = G;
+		}
+		glast[tile * K + tid] = __expf(G);
+	}
+	else if (tid < K)
 	{
 		float		G = 0;
 
@@ -1386,9 +1654,10 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 	{
 		int			s0 = 16 * b;
 
-		if (tid < K)
+		if (WIDE || tid < K)
 		{
-			int			c = tid;
+			int			c = tid % K,
+						i0 = WIDE ? 8 * (tid / K) : 0;	/* this thread's rows i0 .. of the sub-chunk */
 			float		Gs = b > 0 ? Ge[(b - 1) * K + c] : 0.0f,	/* G at the reference point s0 - 1 */
 						Gb = Ge[b * K + c],
 						G = Gs,
@@ -1396,9 +1665,15 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 						eT = __expf(Ge[3 * K + c] - Gb);	/* Gamma(end, sub-chunk end) */
 			uint32_t	kt[4];
 
+			/* the second half: G through row s0 + 7, added as the first half does */
+			if (WIDE && i0 > 0)
 #pragma unroll
-			for (int ii = 0; ii < 16; ii++)
+				for (int ii = 0; ii < 8; ii++)
+					G += s0 + ii < Cn ? g[rowoff + (size_t) (s0 + ii) * HK + c] : 0.0f;
+#pragma unroll
+			for (int u = 0; u < (WIDE ? 8 : 16); u++)
 			{
+				int			ii = i0 + u;	/* (i0 a multiple of 8: ii & 7 = u & 7) */
 				int			t = s0 + ii;
 				bool		in = t < Cn;
 				size_t		off = rowoff + (size_t) t * HK + c;
@@ -1427,21 +1702,21 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 				{
 					float		x = kv * (R * eT);	/* k_t Gamma(end, t) */
 
-					if (ii & 1)
-						kt[(ii & 7) >> 1] |= (uint32_t) f32_to_bf16(x) << 16;
+					if (u & 1)
+						kt[(u & 7) >> 1] |= (uint32_t) f32_to_bf16(x) << 16;
 					else
-						kt[(ii & 7) >> 1] = f32_to_bf16(x);
+						kt[(u & 7) >> 1] = f32_to_bf16(x);
 				}
-				if ((ii & 7) == 7)
+				if ((u & 7) == 7)
 					*(uint4 *) (Kt16 + tile * K * C + (size_t) c * C + s0 + ii - 7) =
 						make_uint4(kt[0], kt[1], kt[2], kt[3]);
 			}
 		}
 		__syncthreads();
 		{
-			/* pairs (i, j) inside the sub-chunk: thread (jj, slice), channels sl + 8 cs */
-			int			jj = tid >> 3,
-						sl = tid & 7;
+			/* pairs (i, j) inside the sub-chunk: thread (jj, slice), channels sl + NSL cs */
+			int			jj = tid / NSL,
+						sl = tid % NSL;
 			float		d[CS],
 						kj[CS];
 
@@ -1449,7 +1724,7 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 			for (int cs = 0; cs < CS; cs++)
 			{
 				d[cs] = 1.0f;
-				kj[cs] = dk[jj * K + sl + 8 * cs];
+				kj[cs] = dk[jj * K + sl + NSL * cs];
 			}
 			for (int ii = 0; ii < 16; ii++)
 			{
@@ -1459,7 +1734,7 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 #pragma unroll
 				for (int cs = 0; cs < CS; cs++)
 				{
-					int			c = sl + 8 * cs;
+					int			c = sl + NSL * cs;
 
 					if (ii > jj)
 						d[cs] *= da[ii * K + c];
@@ -1472,6 +1747,11 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 				aa += __shfl_xor_sync(0xffffffffu, aa, 2);
 				pp += __shfl_xor_sync(0xffffffffu, pp, 4);
 				aa += __shfl_xor_sync(0xffffffffu, aa, 4);
+				if (WIDE)
+				{
+					pp += __shfl_xor_sync(0xffffffffu, pp, 8);
+					aa += __shfl_xor_sync(0xffffffffu, aa, 8);
+				}
 				if (sl == 0)
 				{
 					P[(s0 + ii) * C + s0 + jj] = ii >= jj ? f32_to_bf16(pp) : 0;
@@ -1484,7 +1764,7 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 	}
 
 	/* C. pairs across sub-chunks: 12 column tiles of 8 for P, 12 for A */
-	for (int item = warp; item < 24; item += 4)
+	for (int item = warp; item < 24; item += NTH / 32)
 	{
 		int			which = item / 12,	/* 0: P (q side), 1: A (k side) */
 					it = item % 12,
@@ -1524,23 +1804,26 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 		}
 	}
 	/* P above the diagonal blocks: zero */
-	for (int e = tid; e < C * C; e += KP_THREADS)
+	for (int e = tid; e < C * C; e += NTH)
 		if ((e % C) / 16 > (e / C) / 16)
 			P[e] = 0;
 	__syncthreads();			/* A complete; Xq, Xk, Kr dead (U2 may overwrite them) */
 
 	/* D. the right-hand sides [beta k Gam | beta v] transposed (bf16) */
-	if (tid < K)
+	if (WIDE || tid < K)
 	{
-		int			c = tid;
-		float		G = 0;
+		int			c = tid % K,
+					r0 = WIDE ? 32 * (tid / K) : 0,	/* this thread's rows r0 .. */
+					r1 = WIDE ? r0 + 32 : C;
+		float		G = r0 > 0 ? Ge[K + c] : 0.0f;	/* G at row 31: the same sum */
 		uint32_t	kb[4],
 					vb[4];
 
-		for (int t8 = 0; t8 < C; t8 += 8)
+		for (int t8 = r0; t8 < r1; t8 += 8)
 #pragma unroll
-		for (int t = t8; t < t8 + 8; t++)
+		for (int u = 0; u < 8; u++)
 		{
+			int			t = t8 + u;	/* (t8 a multiple of 8: t & 7 = u) */
 			bool		in = t < Cn;
 			size_t		off = rowoff + (size_t) t * HK + c;
 			float		bt = sb[t],
@@ -1550,17 +1833,17 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 			G += in ? g[off] : 0.0f;
 			x = in ? bt * k[off] * __expf(G) : 0.0f;
 			y = in ? bt * v[off] : 0.0f;
-			if (t & 1)
+			if (u & 1)
 			{
-				kb[(t & 7) >> 1] |= (uint32_t) f32_to_bf16(x) << 16;
-				vb[(t & 7) >> 1] |= (uint32_t) f32_to_bf16(y) << 16;
+				kb[u >> 1] |= (uint32_t) f32_to_bf16(x) << 16;
+				vb[u >> 1] |= (uint32_t) f32_to_bf16(y) << 16;
 			}
 			else
 			{
-				kb[(t & 7) >> 1] = f32_to_bf16(x);
-				vb[(t & 7) >> 1] = f32_to_bf16(y);
+				kb[u >> 1] = f32_to_bf16(x);
+				vb[u >> 1] = f32_to_bf16(y);
 			}
-			if ((t & 7) == 7)
+			if (u == 7)
 			{
 				*(uint4 *) (KbT + c * L::LC + t - 7) = make_uint4(kb[0], kb[1], kb[2], kb[3]);
 				*(uint4 *) (VbT + c * L::LC + t - 7) = make_uint4(vb[0], vb[1], vb[2], vb[3]);
@@ -1570,13 +1853,13 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 	/* E. (I + A)^-1 in fp32, then as the bf16 operand Lb */
 	chunk_prep_invert_diagonal(sA, Li, tid);
 	chunk_prep_invert_below(sA, Li, Tb, tid);
-	for (int e = tid; e < C * C; e += KP_THREADS)
+	for (int e = tid; e < C * C; e += NTH)
 		Lb[(e / C) * L::LC + e % C] = f32_to_bf16(Li[e]);
 	__syncthreads();
 
 	/* F. [W | U0] = Li [Kb | Vb]: warp w, column tiles w NT.. of the 2K/8 */
 	{
-		constexpr int NT = K / 16;	/* column tiles of 8 per warp */
+		constexpr int NT = 8 * K / NTH;	/* column tiles of 8 per warp (2 K / 8 over NTH / 32 warps) */
 #pragma unroll 1
 		for (int m = 0; m < 4; m++)
 		{
@@ -1615,8 +1898,10 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 	}
 }
 
-/* set by kk_set_kda_prep_mma: kk_kda_chunked_mma's parallel half on tensor cores */
-static int kda_prep_mma_on = 1;
+/* set by kk_set_kda_prep_mma: kk_kda_chunked_mma's parallel half on tensor
+ * cores, 128 threads a block (1) or 256 (2, K = 128; 1 for other K), or the
+ * fp32 prep kernel (0) */
+static int kda_prep_mma_on = 2;
 
 extern "C" void
 kk_set_kda_prep_mma(int on)
@@ -1624,7 +1909,7 @@ kk_set_kda_prep_mma(int on)
 	kda_prep_mma_on = on;
 }
 
-template <int K>
+template <int K, int NTH>
 static int
 chunk_prep_mma_launch(cudaStream_t s, int n, int H, const float *q, const float *k, const float *v, const float *g,
 					  const float *beta, uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16,
@@ -1634,11 +1919,11 @@ chunk_prep_mma_launch(cudaStream_t s, int n, int H, const float *q, const float 
 	int			sm = kp_layout<K>::BYTES;
 	cudaError_t e;
 
-	if ((e = cudaFuncSetAttribute(kda_chunk_prep_mma_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm)) !=
-		cudaSuccess)
+	if ((e = cudaFuncSetAttribute(kda_chunk_prep_mma_kernel<K, NTH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+								  sm)) != cudaSuccess)
 		return (int) e;
-	kda_chunk_prep_mma_kernel<K><<<dim3((unsigned) nc, H), KP_THREADS, sm, s>>>(n, H, q, k, v, g, beta, W16, U16,
-																				 Q16, Kt16, P16, gl);
+	kda_chunk_prep_mma_kernel<K, NTH><<<dim3((unsigned) nc, H), NTH, sm, s>>>(n, H, q, k, v, g, beta, W16, U16, Q16,
+																			   Kt16, P16, gl);
 	return 0;
 }
 
@@ -1677,11 +1962,13 @@ kk_kda_chunk_prep_bf16(cudaStream_t s, int n, int H, int K, const float *q, cons
 		switch (K)
 		{
 			case 32:
-				return chunk_prep_mma_launch<32>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
+				return chunk_prep_mma_launch<32, 128>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
 			case 64:
-				return chunk_prep_mma_launch<64>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
+				return chunk_prep_mma_launch<64, 128>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
 			case 128:
-				return chunk_prep_mma_launch<128>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
+				return kda_prep_mma_on == 2 ?
+					chunk_prep_mma_launch<128, 256>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl) :
+					chunk_prep_mma_launch<128, 128>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
 		}
 	switch (K)
 	{
@@ -1729,10 +2016,57 @@ kda_gated_norm_kernel(int H, int V, const float *o, const float *gate, const flo
 	}
 }
 
+
+/* kda_gated_norm_kernel, warp per (row, head) (the warp kernels' comment
+ * under kda_prep); V = K, passed as the block kernel gets it so the
+ * division by V compiles the same way */
+template <int K>
+__global__ void __launch_bounds__(KDA_EW_WARPS * 32)
+kda_gated_norm_warp_kernel(int n_tokens, int H, int V, const float *o, const float *gate, const float *w,
+						   float eps, float *out)
+{
+	int			t,
+				h,
+				c0;
+	bool		live = kda_ew_place<K>(n_tokens, H, &t, &h, &c0);
+	size_t		off = (size_t) t * H * K + (size_t) h * K + c0;
+	float4		ov = make_float4(0, 0, 0, 0);
+	float		ss;
+
+	kk_dep_wait();
+	kk_dep_launch();
+	if (live)
+		ov = *(const float4 *) (o + off);
+	ss = kda_head_sum<K>(ov.x * ov.x, ov.y * ov.y, ov.z * ov.z, ov.w * ov.w);
+	if (live)
+	{
+		float4		gv = *(const float4 *) (gate + off),
+					wv = *(const float4 *) (w + c0);
+
+		*(float4 *) (out + off) = make_float4(kda_gated(ov.x, ss, V, eps, &wv.x, &gv.x),
+											  kda_gated(ov.y, ss, V, eps, &wv.y, &gv.y),
+											  kda_gated(ov.z, ss, V, eps, &wv.z, &gv.z),
+											  kda_gated(ov.w, ss, V, eps, &wv.w, &gv.w));
+	}
+}
+
+/* the warp kernel for V = 32, 64, 128 (KL_CUDA_KDA_ELEM_WARP), else kda_gated_norm_kernel */
 extern "C" void
 kk_kda_gated_norm(cudaStream_t s, int n_tokens, int H, int V, const float *o, const float *gate, const float *w,
 				  float eps, float *out)
 {
+	dim3		wgrid;
+	const void *p[] = {o, gate, w, out};
+
+	if (n_tokens > 0 && kda_ew_grid(n_tokens, H, V, &wgrid) && kda_ew_aligned(p, 4))
+	{
+		void		(*kern) (int, int, int, const float *, const float *, const float *, float, float *) =
+			V == 32 ? kda_gated_norm_warp_kernel<32> :
+			V == 64 ? kda_gated_norm_warp_kernel<64> : kda_gated_norm_warp_kernel<128>;
+
+		kk_launch(kern, wgrid, dim3(KDA_EW_WARPS * 32), 0, s, n_tokens, H, V, o, gate, w, eps, out);
+		return;
+	}
 	if (n_tokens > 0)
 		kk_launch(kda_gated_norm_kernel, dim3(n_tokens, H), dim3((V + 31) / 32 * 32), 0, s, H, V, o, gate, w, eps, out);
 }

@@ -269,6 +269,10 @@ void		kk_kda_prep(cudaStream_t s, int n_tokens, int H, int K, int W, const float
 						int write_tails);	/* write_tails: every sequence has one row; no kk_kda_tails */
 void		kk_kda_tails(cudaStream_t s, int n_seqs, int HK, int W, const float *q, const float *k, const float *v,
 						 const int *row0, float *const *conv_tab);
+/* kk_kda_prep and kk_kda_gated_norm as a warp per (row, head) for K = 32, 64,
+ * 128 (1, default; the same outputs bit for bit) or a block per (row, head)
+ * (0): KL_CUDA_KDA_ELEM_WARP.  Returns the setting it replaces. */
+int			kk_set_kda_elem_warp(int on);
 /* sequences with more than max_rows rows are left to kk_kda_chunked */
 /* round16: store the state rounded to bf16 (measuring a bf16 state; KL_CUDA_KDA_STATE_ROUND=bf16) */
 int			kk_kda_recurrent(cudaStream_t s, int n_seqs, int H, int K, const float *q, const float *k,
@@ -292,8 +296,9 @@ int			kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const 
 size_t		kk_kda_chunk_mma_scratch(int n, int H, int K);
 int			kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
 							   const float *g, const float *beta, float *S, float *o, void *scratch);
-/* kk_kda_chunk_prep_bf16 on tensor cores (1, default) or as the fp32 prep
- * kernel with bf16 stores (0); the same outputs within bf16 rounding */
+/* kk_kda_chunk_prep_bf16 on tensor cores in blocks of 256 threads (2,
+ * default; K = 128, else as 1) or of 128 (1), or as the fp32 prep kernel with
+ * bf16 stores (0); the same outputs within bf16 rounding */
 void		kk_set_kda_prep_mma(int on);
 int			kk_kda_chunk_prep_bf16(cudaStream_t s, int n, int H, int K, const float *q, const float *k,
 								   const float *v, const float *g, const float *beta, uint16_t *W16, uint16_t *U16,

@@ -863,8 +863,12 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_KDA_MMA=0: prefill's chunkwise KDA form in precision bf16
 		 * runs the fp32 kernels (default: tensor cores from sm_80).
 		 * KL_CUDA_KDA_PREP_MMA=0: that form's parallel half (W, U0, P, Qg,
-		 * Kt per chunk) runs the fp32 prep kernel with bf16 stores
-		 * (default: its products on tensor cores, kda_chunk_prep_mma_kernel).
+		 * Kt per chunk) runs the fp32 prep kernel with bf16 stores; =1 its
+		 * products on tensor cores (kda_chunk_prep_mma_kernel) in blocks of
+		 * 128 threads; default (=2): blocks of 256 at K = 128 (1 elsewhere).
+		 * KL_CUDA_KDA_ELEM_WARP=0: the KDA prep (conv, norms, decay) and the
+		 * gated norm as a block per (row, head) (default: a warp per (row,
+		 * head), shuffles for the head's sums; the same outputs bit for bit).
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
@@ -895,7 +899,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *ep = getenv("KL_CUDA_EXPERT_PRELOAD"),
 				   *kmma = getenv("KL_CUDA_KDA_MMA"),
 				   *mf = getenv("KL_CUDA_MLA_FLASH"),
-				   *kpm = getenv("KL_CUDA_KDA_PREP_MMA");
+				   *kpm = getenv("KL_CUDA_KDA_PREP_MMA"),
+				   *kew = getenv("KL_CUDA_KDA_ELEM_WARP");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -904,7 +909,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
-		kk_set_kda_prep_mma(!(kpm && strcmp(kpm, "0") == 0));
+		kk_set_kda_prep_mma(kpm && *kpm ? (atoi(kpm) == 0 ? 0 : atoi(kpm) == 1 ? 1 : 2) : 2);
+		kk_set_kda_elem_warp(!(kew && strcmp(kew, "0") == 0));
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :
 			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : 8;

@@ -269,9 +269,9 @@ kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float eps, con
 
 /*
  * For test/engine/test_cuda.c only (found with dlsym): the parallel half of
- * kk_kda_chunked_mma on tensor cores (on, KL_CUDA_KDA_PREP_MMA's default) or
- * as the fp32 prep kernel (0), for the calls of kl_cuda_test_kda_chunked
- * that follow.
+ * kk_kda_chunked_mma on tensor cores in blocks of 256 threads (2,
+ * KL_CUDA_KDA_PREP_MMA's default) or 128 (1), or as the fp32 prep kernel (0),
+ * for the calls of kl_cuda_test_kda_chunked that follow.
  */
 __attribute__((visibility("default"))) void
 kl_cuda_test_kda_prep_mma(int on)
@@ -344,5 +344,122 @@ kl_cuda_test_kda_chunked(int n, int H, int K, const float *q, const float *k, co
 		cudaFree(d[i]);
 	if (s)
 		cudaStreamDestroy(s);
+	return rc;
+}
+
+/*
+ * For test/engine/test_cuda.c only (found with dlsym): kk_kda_prep (and
+ * kk_kda_tails when a sequence has several rows) and kk_kda_gated_norm on
+ * one step of ns sequences, sequence s = rows row0[s] .. row0[s + 1] - 1,
+ * with the warp kernels (warp = 1) or the block kernels (0) of
+ * KL_CUDA_KDA_ELEM_WARP; the backend's setting is restored after.  Host
+ * inputs: q, k, v, f, gate, o [n, H K] (o: what the gated norm normalizes),
+ * b [n, H], conv_* [H K, W], A_log [H], dt_bias [H K], o_norm [K], tails
+ * [ns, 3 H K W].  Outputs, copied back: qo, ko, vo, g (f after the prep),
+ * out [n, H K], beta [n, H], tails_out (the new tails).  Returns 0 or a CUDA
+ * error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_kda_elem(int warp, int ns, const int *row0, int H, int K, int W, float eps, const float *q,
+					  const float *k, const float *v, const float *f, const float *b, const float *gate,
+					  const float *o, const float *conv_q, const float *conv_k, const float *conv_v,
+					  const float *A_log, const float *dt_bias, const float *o_norm, const float *tails, float *qo,
+					  float *ko, float *vo, float *g, float *beta, float *out, float *tails_out)
+{
+	enum
+	{
+		Q, K_, V_, F, B, GATE, O, CQ, CK, CV, ALOG, DT, ONORM, T, QO, KO, VO, BETA, OUT, ROW0, ROWSEQ, CTAB, NBUF
+	};
+	int			n = row0[ns];
+	size_t		HK = (size_t) H * K,
+				nT = 3 * HK * W;
+	size_t		sz[NBUF];
+	const void *in[NBUF] = {NULL};
+	void	   *d[NBUF] = {NULL};
+	int		   *rseq = malloc(sizeof(int) * (size_t) (n > 0 ? n : 1));
+	float	  **ptrs = malloc(sizeof(float *) * (size_t) ns);
+	cudaStream_t s = NULL;
+	cudaError_t e;
+	int			rc = 0,
+				was;
+
+	if (!rseq || !ptrs)
+	{
+		free(rseq);
+		free(ptrs);
+		return (int) cudaErrorMemoryAllocation;
+	}
+	for (int si = 0; si < ns; si++)
+		for (int r = row0[si]; r < row0[si + 1]; r++)
+			rseq[r] = si;
+	sz[Q] = sz[K_] = sz[V_] = sz[F] = sz[GATE] = sz[O] = sz[QO] = sz[KO] = sz[VO] = sz[OUT] =
+		sizeof(float) * n * HK;
+	sz[B] = sz[BETA] = sizeof(float) * n * H;
+	sz[CQ] = sz[CK] = sz[CV] = sizeof(float) * HK * W;
+	sz[ALOG] = sizeof(float) * H;
+	sz[DT] = sizeof(float) * HK;
+	sz[ONORM] = sizeof(float) * K;
+	sz[T] = sizeof(float) * ns * nT;
+	sz[ROW0] = sizeof(int) * (ns + 1);
+	sz[ROWSEQ] = sizeof(int) * n;
+	sz[CTAB] = sizeof(float *) * ns;
+	in[Q] = q;
+	in[K_] = k;
+	in[V_] = v;
+	in[F] = f;
+	in[B] = b;
+	in[GATE] = gate;
+	in[O] = o;
+	in[CQ] = conv_q;
+	in[CK] = conv_k;
+	in[CV] = conv_v;
+	in[ALOG] = A_log;
+	in[DT] = dt_bias;
+	in[ONORM] = o_norm;
+	in[T] = tails;
+	in[ROW0] = row0;
+	in[ROWSEQ] = rseq;
+	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess)
+		rc = (int) e;
+	for (int i = 0; i < NBUF && rc == 0; i++)
+		if ((e = cudaMalloc(&d[i], sz[i])) != cudaSuccess ||
+			(in[i] && (e = cudaMemcpyAsync(d[i], in[i], sz[i], cudaMemcpyHostToDevice, s)) != cudaSuccess))
+			rc = (int) e;
+	if (rc == 0)
+	{
+		for (int i = 0; i < ns; i++)
+			ptrs[i] = (float *) d[T] + i * nT;
+		if ((e = cudaMemcpyAsync(d[CTAB], ptrs, sz[CTAB], cudaMemcpyHostToDevice, s)) != cudaSuccess)
+			rc = (int) e;
+	}
+	if (rc == 0)
+	{
+		was = kk_set_kda_elem_warp(warp);
+		kk_kda_prep(s, n, H, K, W, d[Q], d[K_], d[V_], d[F], d[B], d[QO], d[KO], d[VO], d[BETA], d[CQ], d[CK],
+					d[CV], d[ALOG], d[DT], d[ROWSEQ], d[ROW0], d[CTAB], n == ns);
+		if (n != ns)
+			kk_kda_tails(s, ns, (int) HK, W, d[Q], d[K_], d[V_], d[ROW0], d[CTAB]);
+		kk_kda_gated_norm(s, n, H, K, d[O], d[GATE], d[ONORM], eps, d[OUT]);
+		kk_set_kda_elem_warp(was);
+		if ((e = cudaGetLastError()) != cudaSuccess)
+			rc = (int) e;
+	}
+	{
+		void	   *host_out[7] = {qo, ko, vo, g, beta, out, tails_out};
+		int			dev_of[7] = {QO, KO, VO, F, BETA, OUT, T};
+
+		for (int i = 0; i < 7 && rc == 0; i++)
+			if ((e = cudaMemcpyAsync(host_out[i], d[dev_of[i]], sz[dev_of[i]], cudaMemcpyDeviceToHost, s)) !=
+				cudaSuccess)
+				rc = (int) e;
+	}
+	if (s && (e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
+		rc = (int) e;
+	for (int i = 0; i < NBUF; i++)
+		cudaFree(d[i]);
+	if (s)
+		cudaStreamDestroy(s);
+	free(rseq);
+	free(ptrs);
 	return rc;
 }

@@ -46,6 +46,11 @@
  * decode to the same logits bit for bit either way, in fp32 and bf16
  * precision (check_kda_fused_model).
  *
+ * The KDA prep and gated norm as a warp per (row, head)
+ * (KL_CUDA_KDA_ELEM_WARP, the default) must give the block kernels' outputs
+ * bit for bit (check_kda_elem_warp, through the hook kl_cuda_test_kda_elem:
+ * head sizes 128, 64, 32, prefill and decode steps).
+ *
  * Prefill's chunkwise KDA form on tensor cores (kk_kda_chunked_mma,
  * precision bf16, KL_CUDA_KDA_MMA) must stay within TOL_KDA_MMA of the fp32
  * kernels on outputs and state (check_kda_chunked_mma, through the hook
@@ -3202,6 +3207,128 @@ check_kda_decode(void)
 	kl_model_free(m);
 }
 
+/* kl_cuda_test_kda_elem (cuda_kda.c): prep, tails and gated norm of one step */
+typedef int (*kda_elem_test_fn) (int warp, int ns, const int *row0, int H, int K, int W, float eps,
+								 const float *q, const float *k, const float *v, const float *f, const float *b,
+								 const float *gate, const float *o, const float *conv_q, const float *conv_k,
+								 const float *conv_v, const float *A_log, const float *dt_bias,
+								 const float *o_norm, const float *tails, float *qo, float *ko, float *vo,
+								 float *g, float *beta, float *out, float *tails_out);
+
+/*
+ * The KDA prep (conv + silu, L2 norms, decay, beta) and gated norm as a warp
+ * per (row, head) (KL_CUDA_KDA_ELEM_WARP, the default) against the block
+ * kernels (=0) on the same inputs: every output bit for bit (the warp
+ * kernels add a head's squares in block_sum's order; kda.cu says why that
+ * is the same order), at the 48B shape and head sizes 32 and 64 (4 and 2
+ * heads a warp; head counts that leave a warp's last heads empty), conv
+ * widths 4 and 3, steps of one long sequence (rows not a multiple of the
+ * 8-row blocks), several short ones (conv taps reaching into the tails at
+ * every row) and a decode step (the prep shifts the tails itself).
+ * check_kda_decode compares the default (these kernels) with the fused
+ * decode kernel bit for bit as well.
+ */
+static void
+check_kda_elem_warp(void)
+{
+	static const struct
+	{
+		int			H,
+					K,
+					W;
+	}			shapes[] = {{32, 128, 4}, {4, 32, 4}, {3, 64, 3}, {5, 32, 4}};
+	static const struct
+	{
+		int			ns;
+		int			len[4];
+		const char *what;
+	}			steps[] = {
+		{1, {1001}, "one sequence of 1001 rows"},
+		{4, {1, 2, 37, 5}, "4 sequences of 1, 2, 37, 5 rows"},
+		{3, {1, 1, 1}, "decode, 3 sequences"},
+	};
+	kl_model   *m;
+	void	   *lib = NULL;
+	kda_elem_test_fn fn = NULL;
+	uint64_t	rs = 1717;
+
+	m = load_test_hook("kl_cuda_test_kda_elem", &lib, (void **) &fn);
+	if (!fn)
+		return;
+	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+		for (size_t ti = 0; ti < sizeof(steps) / sizeof(steps[0]); ti++)
+		{
+			int			H = shapes[si].H,
+						K = shapes[si].K,
+						W = shapes[si].W,
+						ns = steps[ti].ns,
+						row0[5] = {0},
+						n,
+						rc[2];
+			size_t		HK,
+						nx,
+						nT;
+			float	   *in[15],
+					   *res[2][7];
+			size_t		nres[7];
+			int			same = 1;
+			double		worst = 0;
+
+			for (int i = 0; i < ns; i++)
+				row0[i + 1] = row0[i] + steps[ti].len[i];
+			n = row0[ns];
+			HK = (size_t) H * K;
+			nx = (size_t) n * HK;
+			nT = (size_t) ns * 3 * HK * W;
+			in[0] = rand_floats(nx, -2, 2, &rs);	/* q */
+			in[1] = rand_floats(nx, -2, 2, &rs);	/* k */
+			in[2] = rand_floats(nx, -2, 2, &rs);	/* v */
+			in[3] = rand_floats(nx, -4, 4, &rs);	/* f */
+			in[4] = rand_floats((size_t) n * H, -3, 3, &rs);	/* b */
+			in[5] = rand_floats(nx, -3, 3, &rs);	/* gate */
+			in[6] = rand_floats(nx, -1, 1, &rs);	/* o */
+			in[7] = rand_floats(HK * W, -0.6, 0.6, &rs);
+			in[8] = rand_floats(HK * W, -0.6, 0.6, &rs);
+			in[9] = rand_floats(HK * W, -0.6, 0.6, &rs);
+			in[10] = rand_floats((size_t) H, -1, 1.5, &rs);	/* A_log */
+			in[11] = rand_floats(HK, -1, 1, &rs);	/* dt_bias */
+			in[12] = rand_floats((size_t) K, 0.5, 1.5, &rs);	/* o_norm */
+			in[13] = rand_floats(nT, -2, 2, &rs);	/* tails */
+			in[14] = NULL;
+			for (size_t i = 0; i < nx; i += 97)
+				in[3][i] = 25.0f;	/* past softplus's threshold */
+			nres[0] = nres[1] = nres[2] = nres[3] = nres[5] = nx;
+			nres[4] = (size_t) n * H;
+			nres[6] = nT;
+			for (int w = 0; w < 2; w++)
+			{
+				for (int i = 0; i < 7; i++)
+					res[w][i] = malloc(sizeof(float) * nres[i]);
+				rc[w] = fn(w, ns, row0, H, K, W, 1e-5f, in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7],
+						   in[8], in[9], in[10], in[11], in[12], in[13], res[w][0], res[w][1], res[w][2], res[w][3],
+						   res[w][4], res[w][5], res[w][6]);
+			}
+			for (int i = 0; i < 7 && rc[0] == 0 && rc[1] == 0; i++)
+			{
+				double		e = rel_err(res[1][i], res[0][i], nres[i]);
+
+				same = same && memcmp(res[1][i], res[0][i], sizeof(float) * nres[i]) == 0;
+				worst = e > worst ? e : worst;
+			}
+			tap_ok(rc[0] == 0 && rc[1] == 0 && same,
+				   "KDA prep and gated norm, warp per (row, head) = a block per (row, head) bit for bit, %d heads x "
+				   "%d, conv %d, %s (worst rel err %.2e; hooks returned %d, %d)", H, K, W, steps[ti].what, worst,
+				   rc[0], rc[1]);
+			for (int i = 0; i < 14; i++)
+				free(in[i]);
+			for (int w = 0; w < 2; w++)
+				for (int i = 0; i < 7; i++)
+					free(res[w][i]);
+		}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
 typedef int (*kda_chunked_test_fn) (int n, int H, int K, const float *q, const float *k, const float *v,
 									 const float *g, const float *beta, const float *S, float *o_old, float *o_new,
 									 float *S_old, float *S_new);
@@ -3224,9 +3351,10 @@ typedef int (*kda_chunked_test_fn) (int n, int H, int K, const float *q, const f
  * same prepared inputs: outputs and the state after, at the 48B shape (32
  * heads x 128) for lengths that end mid-chunk, one chunk, several and 8192,
  * with a zero state and one carried in, and at the golden models' head size
- * 32 and at 64; each with the parallel half on tensor cores
- * (kda_chunk_prep_mma_kernel, KL_CUDA_KDA_PREP_MMA's default) and as the fp32
- * prep kernel (the hook kl_cuda_test_kda_prep_mma switches it).
+ * 32 and at 64; each with the parallel half on tensor cores in blocks of 256
+ * threads (kda_chunk_prep_mma_kernel, KL_CUDA_KDA_PREP_MMA=2, the default;
+ * K = 32 and 64 run the 128-thread form), of 128 (=1) and as the fp32 prep
+ * kernel (=0); the hook kl_cuda_test_kda_prep_mma switches it.
  */
 static void
 check_kda_chunked_mma(void)
@@ -3252,10 +3380,10 @@ check_kda_chunked_mma(void)
 		return;
 	*(void **) &prep_mma = dlsym(lib, "kl_cuda_test_kda_prep_mma");
 	tap_ok(prep_mma != NULL, "the CUDA library exports kl_cuda_test_kda_prep_mma");
-	for (size_t ci2 = 0; ci2 < 2 * sizeof(cases) / sizeof(cases[0]); ci2++)
+	for (size_t ci3 = 0; ci3 < 3 * sizeof(cases) / sizeof(cases[0]); ci3++)
 	{
-		size_t		ci = ci2 / 2;
-		int			pm = ci2 % 2 == 0;	/* prep on tensor cores, then the fp32 prep, per case */
+		size_t		ci = ci3 / 3;
+		int			pm = 2 - (int) (ci3 % 3);	/* prep on tensor cores (256, 128 threads), fp32, per case */
 		int			H = cases[ci].H,
 					K = cases[ci].K,
 					T = cases[ci].T,
@@ -3310,7 +3438,8 @@ check_kda_chunked_mma(void)
 			tap_ok(rc == 0 && eo <= TOL_KDA_MMA && es <= TOL_KDA_MMA,
 				   "KDA chunkwise form on tensor cores (bf16, prep %s) vs the fp32 kernels, %d heads x %d, %d rows, "
 				   "state %s: outputs rel err %.2e, state after %.2e (hook returned %d)",
-				   pm ? "on tensor cores" : "fp32", H, K, T, cases[ci].carry ? "carried in" : "zero", eo, es, rc);
+				   pm == 2 ? "on tensor cores, 256 threads" : pm == 1 ? "on tensor cores, 128 threads" : "fp32", H, K,
+				   T, cases[ci].carry ? "carried in" : "zero", eo, es, rc);
 		}
 		free(q);
 		free(k);
@@ -3324,7 +3453,7 @@ check_kda_chunked_mma(void)
 		free(S_n);
 	}
 	if (prep_mma)
-		prep_mma(1);			/* the default again for the checks that follow */
+		prep_mma(2);			/* the default again for the checks that follow */
 	dlclose(lib);
 	kl_model_free(m);
 }
@@ -4757,6 +4886,7 @@ main(void)
 	check_mla_small();
 	check_mla_flash();
 	check_kda_decode();
+	check_kda_elem_warp();
 	check_kda_chunked_mma();
 	for (int mi = 0; mi < 2; mi++)
 		for (int pi = 0; pi < 2; pi++)
