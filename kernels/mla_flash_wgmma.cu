@@ -244,8 +244,15 @@ __device__ __forceinline__ void
 mw_load_tile(uint8_t *dst, const uint16_t *__restrict__ kv16, const uint16_t *__restrict__ lat16, int L, int Wa,
 			 int R, int h, int j, int m)
 {
-	for (int e = threadIdx.x; e < MW_KT * 40; e += NT)
+	/* (a fixed trip count: the index math unrolls and can stay out of the tile loop) */
+#pragma unroll
+	for (int i = 0; i < (MW_KT * 40 + NT - 1) / NT; i++)
 	{
+		int			e = threadIdx.x + i * NT;
+
+		if (MW_KT * 40 % NT != 0 && e >= MW_KT * 40)
+			break;
+
 		int			r = e / 40,
 					c = e % 40,
 					key = j * MW_KT + r,
