@@ -408,7 +408,7 @@ int			cuda_sample(kl_backend *be, float *logits, int vocab, const kl_sample_row 
 int			kl_cuda_test_mla_small(int n, int Ha, int Dn, int Dr, int Dv, int R, int bf16, const float *q,
 								   const void *kv_b, const float *olat, const int *absorbed, float *qabs_old,
 								   float *qabs_new, float *out_old, float *out_new);
-/* test hook of cuda_mla.c: the flash prefill attention (kk_mla_flash) on host bf16 inputs */
+/* test hook of cuda_mla.c: the flash prefill attention of a KL_CUDA_MLA_FLASH kind (1, 2, 3) on host bf16 inputs */
 int			kl_cuda_test_mla_flash(int kind, int nr, int64_t pos0, int Ha, int Dn, int Dr, int Dv, int R,
 								   const uint16_t *q16, const uint16_t *kv16, const uint16_t *lat16, float *out);
 /* benchmark hook of cuda_mla.c: the prefill attention alone, flash kernel or cuBLAS path */

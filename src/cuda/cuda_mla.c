@@ -518,8 +518,9 @@ mla_expanded(kl_backend *be, const kl_step *st, const kl_mla_args *a, int s, flo
 /*
  * For test/engine/test_cuda.c only (found with dlsym): the flash kernel of
  * `kind` (1 kk_mla_flash, 2 or 3 kk_mla_flash_wgmma with that many
- * warpgroups) on host inputs, on the current device, its own stream.  q16 [nr, Ha (Dn + Dr)],
- * kv16 [m, Ha (Dn + Dv)], lat16 [m, R + Dr] (bf16 bits), m = pos0 + nr;
+ * warpgroups) on host inputs, on the current device, its own stream.
+ * q16 [nr, Ha (Dn + Dr)], kv16 [m, Ha (Dn + Dv)], lat16 [m, R + Dr] (bf16
+ * bits), m = pos0 + nr;
  * out [nr, Ha Dv] copied back.  Returns 0, -1 when the kernel does not
  * cover the shape, or a CUDA error code.
  */
