@@ -478,8 +478,8 @@ mla_alone(const long *Ts, int nT)
 				printf("RESULT kind=mla path=%s Ha=%d T=%d error=\"%s (%d)\"\n", path[flash], Ha, T,
 					   m->be->failed ? m->be->err.msg : rc == -1 ? "not covered on this device" : "hook failed", rc);
 			else
-				printf("RESULT kind=mla path=%s Ha=%d Dqk=%d Dv=%d T=%d ms=%.3f tflops=%.1f\n", path[flash],
-					   Ha, Dn + Dr, Dv, T, ms, flops / (ms * 1e-3) / 1e12);
+				printf("RESULT kind=mla path=%s variant=%s Ha=%d Dqk=%d Dv=%d T=%d ms=%.3f tflops=%.1f\n",
+					   path[flash], path[flash], Ha, Dn + Dr, Dv, T, ms, flops / (ms * 1e-3) / 1e12);
 			fflush(stdout);
 			if (m->be->failed)
 				fail("mla", &m->be->err);
