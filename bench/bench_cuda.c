@@ -56,9 +56,10 @@
  *   bench_cuda mla T1,T2,...
  *       the MLA prefill attention alone (bf16 operands; 32 heads, q/k 192 =
  *       128 nope + 64 rope, v 128) for one sequence of T tokens from position
- *       0: the flash kernel (kernels/mla_flash.cu) and the cuBLAS path of
- *       KL_CUDA_MLA_FLASH=0 (scores, softmax kernel, output product over
- *       the bounded score buffer), through the library's hook
+ *       0: the flash kernels (kernels/mla_flash_wgmma.cu with 3 and 2
+ *       warpgroups where the device runs sm_90a, kernels/mla_flash.cu) and
+ *       the cuBLAS path of KL_CUDA_MLA_FLASH=0 (scores, softmax kernel,
+ *       output product over the bounded score buffer), through the hook
  *       kl_cuda_bench_mla; causal FLOPs 2 Ha T (T + 1) / 2 (192 + 128)
  *
  * Output: lines "RESULT key=value ..." that the script turns into tables.
@@ -467,17 +468,18 @@ mla_alone(const long *Ts, int nT)
 		double		flops = 2.0 * Ha * ((double) T * (T + 1) / 2) * (Dn + Dr + Dv);
 		int			reps = T >= 65536 ? 3 : T >= 16384 ? 5 : 11;
 
-		for (int flash = 1; flash >= 0; flash--)
+		for (int flash = 3; flash >= 0; flash--)
 		{
+			static const char *const path[] = {"cublas", "flash", "flash_wgmma2", "flash_wgmma3"};
 			double		ms = 0;
 			int			rc = f(m->be, T, Ha, Dn, Dr, Dv, R, flash, reps, &ms);
 
 			if (rc != 0 || m->be->failed)
-				printf("RESULT kind=mla path=%s Ha=%d T=%d error=\"%s (%d)\"\n", flash ? "flash" : "cublas", Ha, T,
-					   m->be->failed ? m->be->err.msg : "hook failed", rc);
+				printf("RESULT kind=mla path=%s Ha=%d T=%d error=\"%s (%d)\"\n", path[flash], Ha, T,
+					   m->be->failed ? m->be->err.msg : rc == -1 ? "not covered on this device" : "hook failed", rc);
 			else
-				printf("RESULT kind=mla path=%s Ha=%d Dqk=%d Dv=%d T=%d ms=%.3f tflops=%.1f\n", flash ? "flash" : "cublas",
-					   Ha, Dn + Dr, Dv, T, ms, flops / (ms * 1e-3) / 1e12);
+				printf("RESULT kind=mla path=%s variant=%s Ha=%d Dqk=%d Dv=%d T=%d ms=%.3f tflops=%.1f\n",
+					   path[flash], path[flash], Ha, Dn + Dr, Dv, T, ms, flops / (ms * 1e-3) / 1e12);
 			fflush(stdout);
 			if (m->be->failed)
 				fail("mla", &m->be->err);

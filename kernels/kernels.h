@@ -381,6 +381,19 @@ int			kk_mla_flash_supported(int Ha, int Dn, int Dr, int Dv, int R);
 int			kk_mla_flash(cudaStream_t s, int nr, int64_t pos0, int Ha, int Dn, int Dr, int Dv, int R,
 						 const uint16_t *q16, const uint16_t *kv16, const uint16_t *lat16, float scale, float *out);
 
+/*
+ * mla_flash_wgmma.cu: kk_mla_flash's contract and numbers on Hopper's wgmma
+ * (KL_CUDA_MLA_FLASH=2 or 3): blocks of `groups` (2 or 3) warpgroups of 64
+ * query rows.  Covers only (Dn, Dr, Dv) = (128, 64, 128), R a multiple of 8,
+ * and only where the current device runs this library's sm_90a image
+ * (kk_mla_flash_wgmma_supported probes that once per device; 0 elsewhere,
+ * so callers fall back to kk_mla_flash).  Returns as kk_mla_flash.
+ */
+int			kk_mla_flash_wgmma_supported(int groups, int Ha, int Dn, int Dr, int Dv, int R);
+int			kk_mla_flash_wgmma(cudaStream_t s, int groups, int nr, int64_t pos0, int Ha, int Dn, int Dr, int Dv, int R,
+							   const uint16_t *q16, const uint16_t *kv16, const uint16_t *lat16, float scale,
+							   float *out);
+
 /* moe.cu */
 /* k <= 64 experts per token; shared memory (2E + G) floats + (E + G) ints */
 void		kk_moe_route(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,

@@ -874,8 +874,11 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * (default: it reads them while gate/up finishes; gemv.cu).
 		 * KL_CUDA_MLA_FLASH=0: bf16 prefill attention (the expanded MLA form)
 		 * through cuBLAS score products, a softmax kernel and an output
-		 * product over a score buffer (default: one flash-attention kernel,
-		 * kernels/mla_flash.cu, where it covers the head shape).
+		 * product over a score buffer; =1: one flash-attention kernel on
+		 * mma.sync (kernels/mla_flash.cu); =2 or =3: the Hopper one on wgmma
+		 * with 2 or 3 warpgroups per block (kernels/mla_flash_wgmma.cu,
+		 * sm_90a image only, else =1).  Default: 2 where it runs, else 1,
+		 * where the head shape is covered.
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
@@ -932,9 +935,15 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		be->mla_cache_bf16 = cs->mla_c16;
 		cs->mla_mma = cs->mla_c16 && !(mm && strcmp(mm, "0") == 0) &&
 			kk_mla_attend_mma_supported(cfg->mla_heads, cfg->kv_lora_rank, cfg->qk_rope_dim);
-		cs->mla_flash = cs->bf16 && !(mf && strcmp(mf, "0") == 0) &&
-			kk_mla_flash_supported(cfg->mla_heads, cfg->qk_nope_dim, cfg->qk_rope_dim, cfg->v_head_dim,
-								   cfg->kv_lora_rank);
+		cs->mla_flash = !cs->bf16 || (mf && strcmp(mf, "0") == 0) ||
+			!kk_mla_flash_supported(cfg->mla_heads, cfg->qk_nope_dim, cfg->qk_rope_dim, cfg->v_head_dim,
+									cfg->kv_lora_rank) ? 0 : mf && *mf ? atoi(mf) : 2;
+		if (cs->mla_flash >= 2 &&
+			!kk_mla_flash_wgmma_supported(cs->mla_flash, cfg->mla_heads, cfg->qk_nope_dim, cfg->qk_rope_dim,
+										  cfg->v_head_dim, cfg->kv_lora_rank))
+			cs->mla_flash = 1;	/* (not Hopper's sm_90a image, another head shape, or no such variant) */
+		else if (cs->mla_flash < 0)
+			cs->mla_flash = 1;
 	}
 
 	if ((e = cudaStreamCreateWithFlags(&cs->stream, cudaStreamNonBlocking)) != cudaSuccess ||

@@ -125,7 +125,9 @@ typedef struct cuda_state
 	bool		mla_c16;		/* the MLA latent cache holds bf16 (bf16 precision) */
 	bool		mla_mma;		/* decode attention over the bf16 cache on tensor cores */
 	bool		mla_small;		/* decode steps: the 16-byte-load absorb and output products */
-	bool		mla_flash;		/* bf16 prefill attention in one kernel (kernels/mla_flash.cu) */
+	int			mla_flash;		/* bf16 prefill attention in one kernel: 0 no (cuBLAS), 1 mma.sync
+								 * (kernels/mla_flash.cu), 2 or 3 wgmma with that many warpgroups
+								 * (kernels/mla_flash_wgmma.cu) */
 	cudaStream_t stream;
 	cublasHandle_t blas;
 	void	   *blas_ws;
@@ -430,9 +432,9 @@ int			cuda_sample(kl_backend *be, float *logits, int vocab, const kl_sample_row 
 int			kl_cuda_test_mla_small(int n, int Ha, int Dn, int Dr, int Dv, int R, int bf16, const float *q,
 								   const void *kv_b, const float *olat, const int *absorbed, float *qabs_old,
 								   float *qabs_new, float *out_old, float *out_new);
-/* test hook of cuda_mla.c: the flash prefill attention (kk_mla_flash) on host bf16 inputs */
-int			kl_cuda_test_mla_flash(int nr, int64_t pos0, int Ha, int Dn, int Dr, int Dv, int R, const uint16_t *q16,
-								   const uint16_t *kv16, const uint16_t *lat16, float *out);
+/* test hook of cuda_mla.c: the flash prefill attention of a KL_CUDA_MLA_FLASH kind (1, 2, 3) on host bf16 inputs */
+int			kl_cuda_test_mla_flash(int kind, int nr, int64_t pos0, int Ha, int Dn, int Dr, int Dv, int R,
+								   const uint16_t *q16, const uint16_t *kv16, const uint16_t *lat16, float *out);
 /* benchmark hook of cuda_mla.c: the prefill attention alone, flash kernel or cuBLAS path */
 int			kl_cuda_bench_mla(kl_backend *be, int T, int Ha, int Dn, int Dr, int Dv, int R, int flash, int reps,
 							  double *ms);

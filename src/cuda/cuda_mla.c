@@ -390,6 +390,30 @@ attend_blas32(kl_backend *be, int Ha, int Dn, int Dr, int Dv, int R, int nr, int
 }
 
 /*
+ * The flash prefill attention of kind 1 (kk_mla_flash, mma.sync) or 2, 3
+ * (kk_mla_flash_wgmma with that many warpgroups), scale 1 / sqrt(Dn + Dr):
+ * what those return.
+ */
+static int
+flash_launch(cudaStream_t s, int kind, int nr, int64_t pos0, int Ha, int Dn, int Dr, int Dv, int R,
+			 const uint16_t *q16, const uint16_t *kv16, const uint16_t *lat16, float *out)
+{
+	float		scale = 1.0f / sqrtf((float) (Dn + Dr));
+
+	if (kind >= 2)
+		return kk_mla_flash_wgmma(s, kind, nr, pos0, Ha, Dn, Dr, Dv, R, q16, kv16, lat16, scale, out);
+	return kk_mla_flash(s, nr, pos0, Ha, Dn, Dr, Dv, R, q16, kv16, lat16, scale, out);
+}
+
+/* flash_launch's kind covers the shape on the current device */
+static bool
+flash_supported(int kind, int Ha, int Dn, int Dr, int Dv, int R)
+{
+	return kind >= 2 ? kk_mla_flash_wgmma_supported(kind, Ha, Dn, Dr, Dv, R) != 0 :
+		kind == 1 && kk_mla_flash_supported(Ha, Dn, Dr, Dv, R) != 0;
+}
+
+/*
  * One sequence's prompt rows: the latent rows gathered, keys and values of
  * every head expanded through kv_b (one GEMM), then the attention: in bf16
  * one flash kernel for the whole step (KL_CUDA_MLA_FLASH, no score buffer),
@@ -424,7 +448,7 @@ mla_expanded(kl_backend *be, const kl_step *st, const kl_mla_args *a, int s, flo
 			   *q16 = NULL,
 			   *P16 = NULL;
 	bool		use16 = cs->bf16 && p->bf16;	/* bf16 operands (else fp32, TF32 in bf16 mode) */
-	bool		flash = use16 && cs->mla_flash;
+	bool		flash = use16 && cs->mla_flash > 0;
 
 	if (m > INT32_MAX / 2)
 	{
@@ -459,8 +483,8 @@ mla_expanded(kl_backend *be, const kl_step *st, const kl_mla_args *a, int s, flo
 			return;
 		if (flash)
 		{
-			int			rc = kk_mla_flash(cs->stream, nr, pos0, Ha, Dn, Dr, Dv, R, q16, kv16, lat16,
-										  1.0f / sqrtf((float) Dq), out);
+			int			rc = flash_launch(cs->stream, cs->mla_flash, nr, pos0, Ha, Dn, Dr, Dv, R, q16, kv16,
+										  lat16, out);
 
 			/* (-1: a buffer not 16-byte aligned, which cuda_buf never returns) */
 			if (rc != 0)
@@ -492,14 +516,16 @@ mla_expanded(kl_backend *be, const kl_step *st, const kl_mla_args *a, int s, flo
 /* ------------------------------------------------------------------ test and benchmark hooks */
 
 /*
- * For test/engine/test_cuda.c only (found with dlsym): kk_mla_flash on host
- * inputs, on the current device, its own stream.  q16 [nr, Ha (Dn + Dr)],
- * kv16 [m, Ha (Dn + Dv)], lat16 [m, R + Dr] (bf16 bits), m = pos0 + nr;
+ * For test/engine/test_cuda.c only (found with dlsym): the flash kernel of
+ * `kind` (1 kk_mla_flash, 2 or 3 kk_mla_flash_wgmma with that many
+ * warpgroups) on host inputs, on the current device, its own stream.
+ * q16 [nr, Ha (Dn + Dr)], kv16 [m, Ha (Dn + Dv)], lat16 [m, R + Dr] (bf16
+ * bits), m = pos0 + nr;
  * out [nr, Ha Dv] copied back.  Returns 0, -1 when the kernel does not
  * cover the shape, or a CUDA error code.
  */
 __attribute__((visibility("default"))) int
-kl_cuda_test_mla_flash(int nr, int64_t pos0, int Ha, int Dn, int Dr, int Dv, int R, const uint16_t *q16,
+kl_cuda_test_mla_flash(int kind, int nr, int64_t pos0, int Ha, int Dn, int Dr, int Dv, int R, const uint16_t *q16,
 					   const uint16_t *kv16, const uint16_t *lat16, float *out)
 {
 	size_t		m = (size_t) (pos0 + nr);
@@ -511,7 +537,7 @@ kl_cuda_test_mla_flash(int nr, int64_t pos0, int Ha, int Dn, int Dr, int Dv, int
 	cudaError_t e;
 	int			rc = 0;
 
-	if (!kk_mla_flash_supported(Ha, Dn, Dr, Dv, R))
+	if (!flash_supported(kind, Ha, Dn, Dr, Dv, R))
 		return -1;
 	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess)
 		return (int) e;
@@ -522,7 +548,7 @@ kl_cuda_test_mla_flash(int nr, int64_t pos0, int Ha, int Dn, int Dr, int Dv, int
 			rc = (int) e;
 	if (rc == 0)
 	{
-		rc = kk_mla_flash(s, nr, pos0, Ha, Dn, Dr, Dv, R, d[0], d[1], d[2], 1.0f / sqrtf((float) (Dn + Dr)), d[3]);
+		rc = flash_launch(s, kind, nr, pos0, Ha, Dn, Dr, Dv, R, d[0], d[1], d[2], d[3]);
 		if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
 			rc = (int) e;
 	}
@@ -549,7 +575,8 @@ cmp_ms(const void *a, const void *b)
  * For bench/bench_cuda.c (`bench_cuda mla`, found with dlsym): the bf16
  * prefill attention alone for one sequence of T tokens from position 0 on
  * be's stream: random bf16 q16, kv16, lat16 made on the device, then the
- * flash kernel (flash = 1) or the cuBLAS path of KL_CUDA_MLA_FLASH=0 (score
+ * flash kernel of kind `flash` (1 mma.sync, 2 or 3 wgmma warpgroups, as
+ * KL_CUDA_MLA_FLASH) or the cuBLAS path of KL_CUDA_MLA_FLASH=0 (score
  * blocks as mla_expanded sizes them), once to warm up, then reps times;
  * *ms = the median (CUDA events).  Returns 0, -1 when the flash kernel
  * does not cover the shape, or a CUDA error code (be->failed for cuBLAS).
@@ -576,7 +603,7 @@ kl_cuda_bench_mla(kl_backend *be, int T, int Ha, int Dn, int Dr, int Dv, int R, 
 
 	if (!times)
 		return (int) cudaErrorMemoryAllocation;
-	if (flash && !kk_mla_flash_supported(Ha, Dn, Dr, Dv, R))
+	if (flash && !flash_supported(flash, Ha, Dn, Dr, Dv, R))
 	{
 		free(times);
 		return -1;
@@ -601,8 +628,7 @@ kl_cuda_bench_mla(kl_backend *be, int T, int Ha, int Dn, int Dr, int Dv, int R, 
 
 		cudaEventRecord(e0, cs->stream);
 		if (flash)
-			rc = kk_mla_flash(cs->stream, T, 0, Ha, Dn, Dr, Dv, R, q16, kv16, lat16,
-							  1.0f / sqrtf((float) (Dn + Dr)), out);
+			rc = flash_launch(cs->stream, flash, T, 0, Ha, Dn, Dr, Dv, R, q16, kv16, lat16, out);
 		else
 			attend_blas16(be, Ha, Dn, Dr, Dv, R, T, 0, nq, q16, kv16, lat16, S, P16, out);
 		cudaEventRecord(e1, cs->stream);
