@@ -181,7 +181,8 @@ kda_prep_kernel(int H, int K, int W, const float *__restrict__ q, const float *_
 
 /*
  * Warp-per-(row, head) forms of kda_prep and kda_gated_norm
- * (KL_CUDA_KDA_ELEM_WARP, default on; K = 32, 64, 128 with 16-byte aligned
+ * (KL_CUDA_KDA_ELEM_WARP=1, default off: measured no faster in the op on the
+ * H200, 2.64 against 2.60 ms at 8192 tokens; K = 32, 64, 128 with 16-byte aligned
  * rows, else the block kernels above).  The block kernels spend most of
  * their time in block_sum's two barriers and shared-memory round trips
  * (Nsight, 8192 rows x 32 heads: the prep 0.67 ms at 1.6 TB/s, the gated
@@ -204,7 +205,7 @@ kda_prep_kernel(int H, int K, int W, const float *__restrict__ q, const float *_
 #define KDA_EW_WARPS 8
 
 /* set by kk_set_kda_elem_warp: the warp kernels for K = 32, 64, 128 */
-static int kda_elem_warp_on = 1;
+static int kda_elem_warp_on = 0;
 
 extern "C" int
 kk_set_kda_elem_warp(int on)

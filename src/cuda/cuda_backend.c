@@ -808,15 +808,17 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		/*
 		 * KL_CUDA_MOE_PREFILL: the routed experts of prefill batches in bf16
 		 * precision (cuda_state.moe_prefill): 0 the older code, 1 one
-		 * product per expert from rows gathered once as bf16, 2 (default)
-		 * grouped products with bf16 results (1 where cuBLAS refuses), 3
-		 * batched products over size classes of padded expert slots, bf16
-		 * results combined as bf16 (2 where cuBLAS refuses).
+		 * product per expert from rows gathered once as bf16, 2 grouped
+		 * products with bf16 results (1 where cuBLAS refuses; cuBLAS runs
+		 * them on an sm_80 kernel: 37 % of the GEMM rate on the H200), 3
+		 * (default) batched products over size classes of padded expert
+		 * slots, bf16 results combined as bf16 (2 where cuBLAS refuses;
+		 * 75 % of the GEMM rate, bench/notes-cuda.md).
 		 */
 		const char *mp = getenv("KL_CUDA_MOE_PREFILL");
 
-		cs->moe_prefill = mp && (strcmp(mp, "0") == 0 || strcmp(mp, "1") == 0 || strcmp(mp, "3") == 0) ?
-			atoi(mp) : 2;
+		cs->moe_prefill = mp && (strcmp(mp, "0") == 0 || strcmp(mp, "1") == 0 || strcmp(mp, "2") == 0) ?
+			atoi(mp) : 3;
 		cs->moe_prefill_ran = -1;
 	}
 	cudaDeviceGetAttribute(&cs->sm_count, cudaDevAttrMultiProcessorCount, idx);
@@ -866,9 +868,11 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * Kt per chunk) runs the fp32 prep kernel with bf16 stores; =1 its
 		 * products on tensor cores (kda_chunk_prep_mma_kernel) in blocks of
 		 * 128 threads; default (=2): blocks of 256 at K = 128 (1 elsewhere).
-		 * KL_CUDA_KDA_ELEM_WARP=0: the KDA prep (conv, norms, decay) and the
-		 * gated norm as a block per (row, head) (default: a warp per (row,
-		 * head), shuffles for the head's sums; the same outputs bit for bit).
+		 * KL_CUDA_KDA_ELEM_WARP=1: the KDA prep (conv, norms, decay) and the
+		 * gated norm as a warp per (row, head), shuffles for the head's sums,
+		 * the same outputs bit for bit (default 0, a block per (row, head):
+		 * the warp form measured no faster on the H200, 2.64 vs 2.60 ms for
+		 * the op at 8192 tokens; bench/notes-cuda.md).
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
@@ -877,8 +881,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * product over a score buffer; =1: one flash-attention kernel on
 		 * mma.sync (kernels/mla_flash.cu); =2 or =3: the Hopper one on wgmma
 		 * with 2 or 3 warpgroups per block (kernels/mla_flash_wgmma.cu,
-		 * sm_90a image only, else =1).  Default: 2 where it runs, else 1,
-		 * where the head shape is covered.
+		 * sm_90a image only, else =1).  Default: 3 where it runs (30.7 ms
+		 * at 32k tokens against 37.3 with 2 and 47.1 with =1 on the H200),
+		 * else 1, where the head shape is covered.
 		 */
 		const char *pdl = getenv("KL_CUDA_PDL"),
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
@@ -913,7 +918,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
 		kk_set_kda_prep_mma(kpm && *kpm ? (atoi(kpm) == 0 ? 0 : atoi(kpm) == 1 ? 1 : 2) : 2);
-		kk_set_kda_elem_warp(!(kew && strcmp(kew, "0") == 0));
+		kk_set_kda_elem_warp(kew && strcmp(kew, "1") == 0);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :
 			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : 8;
@@ -937,7 +942,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 			kk_mla_attend_mma_supported(cfg->mla_heads, cfg->kv_lora_rank, cfg->qk_rope_dim);
 		cs->mla_flash = !cs->bf16 || (mf && strcmp(mf, "0") == 0) ||
 			!kk_mla_flash_supported(cfg->mla_heads, cfg->qk_nope_dim, cfg->qk_rope_dim, cfg->v_head_dim,
-									cfg->kv_lora_rank) ? 0 : mf && *mf ? atoi(mf) : 2;
+									cfg->kv_lora_rank) ? 0 : mf && *mf ? atoi(mf) : 3;
 		if (cs->mla_flash >= 2 &&
 			!kk_mla_flash_wgmma_supported(cs->mla_flash, cfg->mla_heads, cfg->qk_nope_dim, cfg->qk_rope_dim,
 										  cfg->v_head_dim, cfg->kv_lora_rank))

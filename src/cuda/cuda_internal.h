@@ -258,10 +258,11 @@ typedef struct cuda_state
 	 * 64 tokens, bf16 precision, bf16 experts) — 0 the older code (grouped
 	 * products with fp32 results, else a product per expert through
 	 * cuda_matmul_raw), 1 rows gathered once as bf16 and a cublasGemmEx per
-	 * used expert and matrix, 2 (default) two grouped products with bf16
+	 * used expert and matrix, 2 two grouped products with bf16
 	 * results (gate and up in one call, then down); 2 falls back to 1 where
 	 * cuBLAS refuses it (moe_grouped_refused, kept for the backend's life);
-	 * 3 batched products over size classes (below), falling back to 2.
+	 * 3 (default) batched products over size classes (below), falling
+	 * back to 2.
 	 * moe_prefill_ran: the variant the last such op ran (-1: none yet).
 	 */
 	int			moe_prefill;
