@@ -607,9 +607,10 @@ moe_op_alone(kl_model *m, int L, const float *x, int T)
  * The prefill expert paths of bf16 precision (KL_CUDA_MOE_PREFILL) on the
  * same weights and the same activations, the MoE op alone (routing is fp32
  * and the same kernels in every path, so the choices agree and only the
- * expert products differ): g16 the default path (2: grouped products with
- * bf16 results), against models made with KL_CUDA_MOE_PREFILL=0 (the older
- * per-expert loop) and 1 (the loop from rows gathered once as bf16).
+ * expert products differ): a model made with each KL_CUDA_MOE_PREFILL (3,
+ * the default: batched products over size classes; 2: grouped products with
+ * bf16 results) against 0 (the older per-expert loop) and 1 (the loop from
+ * rows gathered once as bf16); g16 gives the shape and weights.
  *   1 vs 0: the same cuBLAS products of the same bf16 operands (variant 0
  *     rounds each expert's rows per product, 1 once), the same bf16 h:
  *     1e-5 (only the order of sums may differ).  This holds where variant 0
@@ -639,10 +640,10 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 	int			T = 997,
 				L = -1;
 	uint64_t	rs = 0x5eed13;
-	kl_model   *mv[4] = {NULL, NULL, g16, NULL};
+	kl_model   *mv[4] = {NULL, NULL, NULL, NULL};
 	float	   *x,
 			   *y[4];
-	static const char *const asked[4] = {"0", "1", NULL, "3"};
+	static const char *const asked[4] = {"0", "1", "2", "3"};
 	moe_path_fn path = moe_path_hook(g16);
 
 	for (int i = 0; i < c->n_layers && L < 0; i++)
@@ -680,7 +681,7 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 		y[v] = moe_op_alone(mv[v], L, x, T);
 		path(mv[v]->be, info);
 		tap_ok(info[0] == v && info[1] == v, "bf16 prefill experts, KL_CUDA_MOE_PREFILL=%d%s: ran variant %d "
-			   "(asked %d; cuBLAS status of a grouped refusal %d)", v, v == 2 ? " (default)" : "", info[1],
+			   "(asked %d; cuBLAS status of a grouped refusal %d)", v, v == 3 ? " (the default)" : "", info[1],
 			   info[0], info[2]);
 	}
 	{
@@ -744,9 +745,8 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 	for (int v = 0; v < 4; v++)
 		free(y[v]);
 	free(x);
-	kl_model_free(mv[0]);
-	kl_model_free(mv[1]);
-	kl_model_free(mv[3]);
+	for (int v = 0; v < 4; v++)
+		kl_model_free(mv[v]);
 }
 
 /*
