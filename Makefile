@@ -244,6 +244,7 @@ $(CUDA_LIB): $(CUDA_OBJS)
 kernels/%.o: kernels/%.cu kernels/kernels.h kernels/common.cuh
 	$(NVCC) $(NVCC_FLAGS) -c -o $@ $<
 kernels/sample.o: src/engine/sample_core.h
+kernels/kda.o kernels/kda_chunk_prep_mma.o: kernels/kda_common.cuh
 
 src/cuda/%.o: src/cuda/%.c
 	$(CC) $(CUDA_CFLAGS) -c -o $@ $<

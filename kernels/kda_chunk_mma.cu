@@ -3,7 +3,8 @@
  * src/engine/cpu_kda.c have the math) for precision bf16, its products on
  * tensor cores (mma.sync m16n8k16, bf16 operands, fp32 accumulators).
  *
- *   1. kda_chunk_prep_kernel<K, true> (kda.cu), all chunks in parallel: the
+ *   1. kk_kda_chunk_prep_bf16 (kda_chunk_prep_mma.cu: on tensor cores, or
+ *      kda.cu's kda_chunk_prep_kernel<K, true>), all chunks in parallel: the
  *      fp32 decays (products of a = exp(g) through reference points), the
  *      pair matrices and the WY solve, stored as bf16 operands per (chunk,
  *      head): W, U0, Qg [C][K], Kt^T [K][C], P [C][C], Gam_end fp32 [K].

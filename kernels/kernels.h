@@ -291,7 +291,8 @@ int			kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const 
  * Needs sm_80 (mma.sync, cp.async).  Returns 0, -1 for an unsupported head
  * size (32, 64, 128 only), -2 when the GPU's shared memory is too small,
  * or a CUDA error code; on a nonzero return nothing was launched that
- * changes S or o.  kk_kda_chunk_prep_bf16 (kda.cu) is its parallel half.
+ * changes S or o.  kk_kda_chunk_prep_bf16 (kda_chunk_prep_mma.cu) is its
+ * parallel half.
  */
 size_t		kk_kda_chunk_mma_scratch(int n, int H, int K);
 int			kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
