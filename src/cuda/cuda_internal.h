@@ -5,6 +5,7 @@
  *   cuda_step.c     per-step metadata on the device, CUDA graphs for decode
  *   cuda_pool.c     device memory by size class (no per-object page rounding)
  *   cuda_kda.c, cuda_mla.c, cuda_moe.c   the mixers and the MoE feed-forward
+ *   cuda_moe_prefill.c                   the MoE's prefill expert paths
  *   cuda_sample.c   choosing tokens on the device
  * The kernels are in kernels/ (launchers: kernels/kernels.h).
  *
@@ -270,10 +271,11 @@ typedef struct cuda_state
 	bool		moe_grouped_refused;
 	int			moe_grouped_status;	/* the cuBLAS status of that refusal */
 	/*
-	 * Variant 3 (cuda_moe.c, experts_batched16): the used experts of the
-	 * last prefill op by size class, from host_group — each expert's rows
-	 * padded to its class's size (a multiple of 64 or 128) in a slot of the
-	 * padded layout; one cublasGemmBatchedEx per class and stage.
+	 * Variant 3 (cuda_moe_prefill.c, cuda_moe_experts_batched16): the used
+	 * experts of the last prefill op by size class, from cuda_moe_host_group
+	 * — each expert's rows padded to its class's size (a multiple of 64 or
+	 * 128) in a slot of the padded layout; one cublasGemmBatchedEx per class
+	 * and stage.
 	 * moe_cls holds, for moe_cls_cap experts: base [cap] (an expert's first
 	 * padded row), order [cap] (the used experts, class by class), size
 	 * [cap] and first [cap + 1] (class c: order[first[c] .. first[c + 1]),
@@ -421,6 +423,48 @@ int			cuda_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err);
 void		cuda_release_mla(kl_backend *be, kl_mla_layer *w);
 void		cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n);
 void		cuda_moe_free(kl_backend *be);
+
+/*
+ * Shared by cuda_moe.c (the op) and cuda_moe_prefill.c (its prefill expert
+ * paths).  cuda_moe_mark (cuda_moe.c): records benchmark event i of the op
+ * (pairs start, end: routed gate/up, routed down, shared gate/up, shared
+ * down) when a benchmark asked for them (cs->moe_ev) in eager mode.
+ */
+void		cuda_moe_mark(cuda_state *cs, int i);
+/*
+ * cuda_moe_prefill.c.  cuda_moe_host_group: downloads the expert choices
+ * d_sel [n][k] (a stream drain), counts them into cs->h_start, and uploads
+ * the stable grouping: d_xrow (the token of each grouped row) and d_inv (the
+ * grouped row of each (token, slot) pair); pad (variant 3): rows go to their
+ * expert's slot of the padded size-class layout instead (d_inv only).
+ * False: be->failed set.
+ */
+bool		cuda_moe_host_group(kl_backend *be, int n, int E, int k, const int *d_sel, int *d_xrow, int *d_inv,
+								bool pad);
+/*
+ * KL_CUDA_MOE_PREFILL=3 on the padded grouping: the expert outputs [npad, D]
+ * (bf16), or NULL: be->failed set, or clear when cuBLAS refused (the caller
+ * groups again without padding and runs variant 2).  g, u, ye: the caller's
+ * fp32 buffers, used as bf16 scratch when the padded layout fits them.
+ */
+const uint16_t *cuda_moe_experts_batched16(kl_backend *be, const kl_moe_layer *w, int D, int F, const float *x,
+										   const int *inv, int n, int k, float *g, float *u, float *ye);
+/*
+ * KL_CUDA_MOE_PREFILL 2 (else, or where cuBLAS refuses it, 1) on the
+ * grouping st (cs->h_start), xrow: the expert outputs ye [nk, D] fp32 from
+ * the routed rows of x; g, u [nk, F] scratch.  Sets cs->moe_prefill_ran.
+ * False: be->failed set.
+ */
+bool		cuda_moe_experts_prefill16(kl_backend *be, const kl_moe_layer *w, const int *st, int E, int D, int F,
+									   const float *x, const int *xrow, size_t nk, float *g, float *u, float *ye);
+/*
+ * KL_CUDA_MOE_PREFILL=0 in bf16: the same outputs through three grouped
+ * products with fp32 results.  False with be->failed clear: not done here
+ * (cuBLAS refused, or no host memory for the argument lists; the caller
+ * loops over the experts); with be->failed set: an error.
+ */
+bool		cuda_moe_experts_grouped(kl_backend *be, const kl_moe_layer *w, const int *st, int E, int D, int F,
+									 const float *x, const int *xrow, size_t nk, float *g, float *u, float *ye);
 
 /* cuda_sample.c: the backend's sample op */
 int			cuda_sample(kl_backend *be, float *logits, int vocab, const kl_sample_row *rows, int n, int32_t *ids,

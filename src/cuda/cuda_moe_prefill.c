@@ -1,0 +1,683 @@
+/*
+ * cuda_moe_prefill.c — the routed experts of a prefill MoE op on the GPU
+ * (batches of more than 64 tokens; cuda_moe in cuda_moe.c routes, then calls
+ * these, then adds the shared experts and combines).
+ *
+ * The expert choices come to the host, which groups them stably (as
+ * cpu_moe.c does; cuda_moe_host_group).  With bf16 precision and bf16
+ * experts, KL_CUDA_MOE_PREFILL picks how the expert products run:
+ *   3 (default) the used experts' rows in slots padded to a few size
+ *     classes, gathered token-major, one batched product per class and stage,
+ *     bf16 outputs the combine reads directly (cuda_moe_experts_batched16);
+ *   2 the rows gathered once as bf16, two grouped cuBLAS products with bf16
+ *     results (gate and up; down) for all used experts at once
+ *     (experts_grouped16), falling back to 1 where cuBLAS refuses that;
+ *   1 one cublasGemmEx per used expert and matrix from those bf16 rows
+ *     (experts_loop16);
+ *   0 the older code: grouped products with fp32 results
+ *     (cuda_moe_experts_grouped), which cuBLAS refuses, else cuda_moe's
+ *     product per used expert through the ordinary matmul path.
+ * The state these use (size classes, argument arrays, refusal flags) is
+ * cuda_state's moe_* fields (cuda_internal.h); cuda_moe_free releases it.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_internal.h"
+
+/* ------------------------------------------------------------------ host grouping (prefill) */
+
+/*
+ * Variant 3's slot of an expert with c > 0 rows: c rounded up to a multiple
+ * of 128 where that pads less than 15 % (cuBLAS's wide tiles fit it), else to
+ * a multiple of 64.  Pad rows cost products whose outputs nobody reads.
+ */
+static int
+slot_rows(int c)
+{
+	int			s64 = (c + 63) / 64 * 64,
+				s128 = (c + 127) / 128 * 128;
+
+	return (s128 - c) * 100 < 15 * c ? s128 : s64;
+}
+
+static int
+cmp_llong(const void *a, const void *b)
+{
+	long long	x = *(const long long *) a,
+				y = *(const long long *) b;
+
+	return (x > y) - (x < y);
+}
+
+/*
+ * Variant 3's size classes from the counts in cs->h_start (prefix sums,
+ * E + 1 entries): the used experts sorted by (slot size, id), runs of one
+ * size a class, slots laid out class after class (cuda_state.moe_cls).
+ */
+static bool
+moe_classes(kl_backend *be, int E)
+{
+	cuda_state *cs = CS(be);
+	const int  *st = cs->h_start;
+	int		   *base,
+			   *order,
+			   *size,
+			   *first;
+	long long  *key;
+	int			A = 0;
+
+	if (cs->moe_cls_cap < E)
+	{
+		free(cs->moe_cls);
+		cs->moe_cls_cap = 0;
+		/* base, order, size, first [E + 1], then the sort keys (two ints each, 8-byte aligned: one int more) */
+		cs->moe_cls = malloc(sizeof(int) * (6 * (size_t) E + 2));
+		if (!cs->moe_cls)
+		{
+			cuda_fail(be, KL_E_RESOURCES, "out of memory grouping experts");
+			return false;
+		}
+		cs->moe_cls_cap = E;
+	}
+	base = cs->moe_cls;
+	order = base + cs->moe_cls_cap;
+	size = order + cs->moe_cls_cap;
+	first = size + cs->moe_cls_cap;
+	key = (long long *) (first + cs->moe_cls_cap + 1);
+	if (((uintptr_t) key & 7) != 0)
+		key = (long long *) ((char *) key + 4);
+	for (int e = 0; e < E; e++)
+	{
+		int			c = st[e + 1] - st[e];
+
+		base[e] = -1;
+		if (c > 0)
+			key[A++] = (long long) slot_rows(c) << 32 | e;
+	}
+	qsort(key, (size_t) A, sizeof(long long), cmp_llong);
+	cs->moe_ncls = 0;
+	cs->moe_npad = 0;
+	for (int i = 0; i < A; i++)
+	{
+		int			S = (int) (key[i] >> 32),
+					e = (int) (key[i] & 0xffffffff);
+
+		if (i == 0 || S != size[cs->moe_ncls - 1])
+		{
+			size[cs->moe_ncls] = S;
+			first[cs->moe_ncls++] = i;
+		}
+		order[i] = e;
+		base[e] = cs->moe_npad;
+		cs->moe_npad += S;
+	}
+	first[cs->moe_ncls] = A;
+	return true;
+}
+
+/*
+ * The prefill grouping on the host: downloads the expert choices d_sel (a
+ * stream drain), counts them into cs->h_start, and uploads the stable
+ * grouping: d_xrow (the token of each grouped row) and d_inv (the grouped
+ * row of each (token, slot) pair).  pad (variant 3): the rows go to their
+ * expert's slot of the padded layout instead (moe_classes; d_inv only, d_xrow
+ * is left alone: kk_gather_tok_bf16 reads d_inv).
+ */
+bool
+cuda_moe_host_group(kl_backend *be, int n, int E, int k, const int *d_sel, int *d_xrow, int *d_inv,
+					bool pad)
+{
+	cuda_state *cs = CS(be);
+	size_t		nk = (size_t) n * k;
+	int		   *fill;
+
+	if (cs->h_moe_cap < nk || !cs->h_start)
+	{
+		size_t		cap = nk * 2;
+
+		free(cs->h_sel);
+		free(cs->h_xrow);
+		free(cs->h_inv);
+		free(cs->h_start);
+		cs->h_sel = malloc(sizeof(int) * cap);
+		cs->h_xrow = malloc(sizeof(int) * cap);
+		cs->h_inv = malloc(sizeof(int) * cap);
+		cs->h_start = malloc(sizeof(int) * 2 * ((size_t) E + 1));
+		cs->h_moe_cap = cap;
+		if (!cs->h_sel || !cs->h_xrow || !cs->h_inv || !cs->h_start)
+		{
+			cs->h_moe_cap = 0;
+			cuda_fail(be, KL_E_RESOURCES, "out of memory grouping experts");
+			return false;
+		}
+	}
+	if (!cuda_ok(be, cudaMemcpyAsync(cs->h_sel, d_sel, sizeof(int) * nk, cudaMemcpyDeviceToHost, cs->stream),
+				 "expert choices download") ||
+		!cuda_ok(be, cudaStreamSynchronize(cs->stream), "expert choices download"))
+		return false;
+	fill = cs->h_start + E + 1;
+	memset(cs->h_start, 0, sizeof(int) * ((size_t) E + 1));
+	for (size_t i = 0; i < nk; i++)
+	{
+		if (cs->h_sel[i] < 0 || cs->h_sel[i] >= E)
+		{
+			cuda_fail(be, KL_E_INTERNAL, "internal error: expert id %d out of range", cs->h_sel[i]);
+			return false;
+		}
+		cs->h_start[cs->h_sel[i] + 1]++;
+	}
+	for (int e = 0; e < E; e++)
+		cs->h_start[e + 1] += cs->h_start[e];
+	if (pad && !moe_classes(be, E))
+		return false;
+	memcpy(fill, cs->h_start, sizeof(int) * (size_t) E);
+	for (size_t i = 0; i < nk; i++)
+	{
+		int			e = cs->h_sel[i],
+					p = fill[e]++;
+
+		cs->h_xrow[p] = (int) (i / k);
+		cs->h_inv[i] = pad ? cs->moe_cls[e] + (p - cs->h_start[e]) : p;
+	}
+	return (pad || cuda_ok(be, cudaMemcpyAsync(d_xrow, cs->h_xrow, sizeof(int) * nk, cudaMemcpyHostToDevice,
+											   cs->stream), "expert grouping upload")) &&
+		cuda_ok(be, cudaMemcpyAsync(d_inv, cs->h_inv, sizeof(int) * nk, cudaMemcpyHostToDevice, cs->stream),
+				"expert grouping upload") &&
+		cuda_ok(be, cudaStreamSynchronize(cs->stream), "expert grouping upload");
+}
+
+/* ------------------------------------------------------------------ grouped products (prefill, bf16) */
+
+/*
+ * One cublasGemmGroupedBatchedEx per stage instead of a product per used
+ * expert: Y_g [cnt, rows] = X_g [cnt, cols] W_g^T for the listed groups
+ * (bf16 operands, fp32 results).  Returns false with be->failed clear when
+ * cuBLAS does not support it here (the caller then loops).
+ */
+typedef struct moe_group_list
+{
+	int			n;
+	const void **W;
+	const uint16_t **X;
+	float	  **Y;
+	int		   *cnt;
+} moe_group_list;
+
+static bool
+grouped_gemm(kl_backend *be, const moe_group_list *g, int rows, int cols, int mark)
+{
+	cuda_state *cs = CS(be);
+	int			n = g->n;
+	cublasOperation_t *ta = malloc(sizeof(cublasOperation_t) * (size_t) n),
+			   *tb = malloc(sizeof(cublasOperation_t) * (size_t) n);
+	int		   *m = malloc(sizeof(int) * (size_t) n * 7);
+	float	   *ab = malloc(sizeof(float) * 2 * (size_t) n);
+	void	  **host = malloc(sizeof(void *) * 3 * (size_t) n);
+	void	  **dev = cuda_buf(be, CB_MOE_PTRS, sizeof(void *) * 3 * (size_t) n);
+	cublasStatus_t st = CUBLAS_STATUS_ALLOC_FAILED;
+	bool		ok = false;
+
+	if (!ta || !tb || !m || !ab || !host || !dev)
+		goto out;
+	for (int i = 0; i < n; i++)
+	{
+		ta[i] = CUBLAS_OP_T;
+		tb[i] = CUBLAS_OP_N;
+		m[i] = rows;			/* m */
+		m[n + i] = g->cnt[i];	/* n */
+		m[2 * n + i] = cols;	/* k */
+		m[3 * n + i] = cols;	/* lda */
+		m[4 * n + i] = cols;	/* ldb */
+		m[5 * n + i] = rows;	/* ldc */
+		m[6 * n + i] = 1;		/* group size */
+		ab[i] = 1.0f;
+		ab[n + i] = 0.0f;
+		host[i] = (void *) g->W[i];
+		host[n + i] = (void *) g->X[i];
+		host[2 * n + i] = g->Y[i];
+	}
+	if (!cuda_upload_sync(be, dev, host, sizeof(void *) * 3 * (size_t) n))
+		goto out;
+	cuda_moe_mark(cs, mark);
+	st = cublasGemmGroupedBatchedEx(cs->blas, ta, tb, m, m + n, m + 2 * n, ab, (const void *const *) dev,
+									CUDA_R_16BF, m + 3 * n, (const void *const *) (dev + n), CUDA_R_16BF, m + 4 * n,
+									ab + n, dev + 2 * n, CUDA_R_32F, m + 5 * n, n, m + 6 * n, CUBLAS_COMPUTE_32F);
+	cuda_moe_mark(cs, mark + 1);
+	if (st == CUBLAS_STATUS_NOT_SUPPORTED)
+		cs->no_grouped_gemm = true;
+	else
+		ok = blas_ok(be, st, "GemmGroupedBatchedEx (experts)");
+out:
+	free(ta);
+	free(tb);
+	free(m);
+	free(ab);
+	free(host);
+	return ok;
+}
+
+/* the experts of a prefill batch in bf16: three grouped products */
+bool
+cuda_moe_experts_grouped(kl_backend *be, const kl_moe_layer *w, const int *st, int E, int D, int F, const float *x,
+						 const int *xrow, size_t nk, float *g, float *u, float *ye)
+{
+	cuda_state *cs = CS(be);
+	uint16_t   *x16 = cuda_buf(be, CB_MOE_X, sizeof(uint16_t) * nk * D);
+	uint16_t   *h16 = cuda_buf(be, CB_MOE_H16, sizeof(uint16_t) * nk * F);
+	moe_group_list gl;
+	bool		ok = false;
+	int			na = 0;
+
+	gl.W = malloc(sizeof(void *) * 2 * (size_t) E);
+	gl.X = malloc(sizeof(void *) * 2 * (size_t) E);
+	gl.Y = malloc(sizeof(void *) * 2 * (size_t) E);
+	gl.cnt = malloc(sizeof(int) * 2 * (size_t) E);
+	if (!x16 || !h16 || !gl.W || !gl.X || !gl.Y || !gl.cnt)
+		goto out;
+	kk_gather_rows_bf16(cs->stream, x16, x, D, xrow, (int) nk, D);
+	if (!cuda_launched(be, "gather rows (bf16)"))
+		goto out;
+	for (int e = 0; e < E; e++)
+		if (st[e + 1] > st[e])
+		{
+			gl.W[na] = w->experts[e].gate.dev;
+			gl.X[na] = x16 + (size_t) st[e] * D;
+			gl.Y[na] = g + (size_t) st[e] * F;
+			gl.cnt[na++] = st[e + 1] - st[e];
+			gl.W[na] = w->experts[e].up.dev;
+			gl.X[na] = x16 + (size_t) st[e] * D;
+			gl.Y[na] = u + (size_t) st[e] * F;
+			gl.cnt[na++] = st[e + 1] - st[e];
+		}
+	gl.n = na;
+	if (!grouped_gemm(be, &gl, F, D, 0))
+		goto out;
+	kk_swiglu_bf16(cs->stream, h16, g, u, nk * F);
+	if (!cuda_launched(be, "swiglu (bf16)"))
+		goto out;
+	na = 0;
+	for (int e = 0; e < E; e++)
+		if (st[e + 1] > st[e])
+		{
+			gl.W[na] = w->experts[e].down.dev;
+			gl.X[na] = h16 + (size_t) st[e] * F;
+			gl.Y[na] = ye + (size_t) st[e] * D;
+			gl.cnt[na++] = st[e + 1] - st[e];
+		}
+	gl.n = na;
+	ok = grouped_gemm(be, &gl, D, F, 2);
+out:
+	free(gl.W);
+	free(gl.X);
+	free(gl.Y);
+	free(gl.cnt);
+	return ok;
+}
+
+/* ------------------------------------------------------------------ prefill experts from bf16 rows */
+
+/*
+ * KL_CUDA_MOE_PREFILL=1: one cublasGemmEx per used expert and matrix, bf16
+ * operands straight from x16 (the routed rows gathered once as bf16) and
+ * fp32 results: g, u [nk, F]; h16 = silu(g) * u rounded once to bf16 (the
+ * rounding the older loop's down product applies to its fp32 h); ye [nk, D].
+ * The same products and roundings as KL_CUDA_MOE_PREFILL=0 where that one
+ * runs cuBLAS (experts of more than 8 rows; it takes the GEMV below that),
+ * without its conversion per product.
+ */
+static bool
+experts_loop16(kl_backend *be, const kl_moe_layer *w, const int *st, int E, int D, int F, const uint16_t *x16,
+			   uint16_t *h16, size_t nk, float *g, float *u, float *ye)
+{
+	cuda_state *cs = CS(be);
+	const float one = 1.0f,
+				zero = 0.0f;
+
+	cuda_moe_mark(cs, 0);
+	for (int e = 0; e < E && !be->failed; e++)
+	{
+		int			c = st[e + 1] - st[e];
+		const uint16_t *xe = x16 + (size_t) st[e] * D;
+
+		if (c == 0)
+			continue;
+		/* column-major view: Y^T [F, c] = W [F, D] X^T [D, c] */
+		if (blas_ok(be, cublasGemmEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, F, c, D, &one, w->experts[e].gate.dev,
+									 CUDA_R_16BF, D, xe, CUDA_R_16BF, D, &zero, g + (size_t) st[e] * F, CUDA_R_32F,
+									 F, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "GemmEx (expert gate)"))
+			blas_ok(be, cublasGemmEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, F, c, D, &one, w->experts[e].up.dev,
+									 CUDA_R_16BF, D, xe, CUDA_R_16BF, D, &zero, u + (size_t) st[e] * F, CUDA_R_32F,
+									 F, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "GemmEx (expert up)");
+	}
+	cuda_moe_mark(cs, 1);
+	if (be->failed)
+		return false;
+	kk_swiglu_bf16(cs->stream, h16, g, u, nk * F);
+	if (!cuda_launched(be, "swiglu (bf16)"))
+		return false;
+	cuda_moe_mark(cs, 2);
+	for (int e = 0; e < E && !be->failed; e++)
+	{
+		int			c = st[e + 1] - st[e];
+
+		if (c > 0)
+			blas_ok(be, cublasGemmEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, D, c, F, &one, w->experts[e].down.dev,
+									 CUDA_R_16BF, F, h16 + (size_t) st[e] * F, CUDA_R_16BF, F, &zero,
+									 ye + (size_t) st[e] * D, CUDA_R_32F, D, CUBLAS_COMPUTE_32F,
+									 CUBLAS_GEMM_DEFAULT), "GemmEx (expert down)");
+	}
+	cuda_moe_mark(cs, 3);
+	return !be->failed;
+}
+
+/* variant 2's argument arrays for at least cap problems (grow-only) */
+static bool
+grp_arrays(kl_backend *be, int cap)
+{
+	cuda_state *cs = CS(be);
+
+	if (cs->moe_grp_cap >= cap)
+		return true;
+	free(cs->moe_grp_dims);
+	free(cs->moe_grp_ab);
+	free(cs->moe_grp_ops);
+	cudaFreeHost(cs->moe_grp_ptrs);
+	cs->moe_grp_ptrs = NULL;
+	cs->moe_grp_cap = 0;
+	cs->moe_grp_dims = malloc(sizeof(int) * 7 * (size_t) cap);
+	cs->moe_grp_ab = malloc(sizeof(float) * 2 * (size_t) cap);
+	cs->moe_grp_ops = malloc(sizeof(cublasOperation_t) * 2 * (size_t) cap);
+	if (!cs->moe_grp_dims || !cs->moe_grp_ab || !cs->moe_grp_ops ||
+		!cuda_ok(be, cudaMallocHost((void **) &cs->moe_grp_ptrs, sizeof(void *) * 3 * (size_t) cap),
+				 "cudaMallocHost (grouped GEMM pointers)"))
+	{
+		if (!be->failed)
+			cuda_fail(be, KL_E_RESOURCES, "out of memory for the grouped expert products");
+		return false;
+	}
+	for (int i = 0; i < cap; i++)
+	{
+		cs->moe_grp_ab[i] = 1.0f;
+		cs->moe_grp_ab[cap + i] = 0.0f;
+		cs->moe_grp_ops[i] = CUBLAS_OP_T;
+		cs->moe_grp_ops[cap + i] = CUBLAS_OP_N;
+		cs->moe_grp_dims[6 * cap + i] = 1;	/* one problem a group: the experts' row counts differ */
+	}
+	cs->moe_grp_cap = cap;
+	return true;
+}
+
+/* problem i of variant 2: C [cnt, m] (bf16) = X [cnt, k] W^T, W [m, k] */
+static void
+grp_problem(cuda_state *cs, int i, const void *W, const uint16_t *X, uint16_t *C, int m, int k, int cnt)
+{
+	int			cap = cs->moe_grp_cap,
+			   *d = cs->moe_grp_dims;
+
+	d[i] = m;
+	d[cap + i] = cnt;
+	d[2 * cap + i] = k;
+	d[3 * cap + i] = k;			/* lda */
+	d[4 * cap + i] = k;			/* ldb */
+	d[5 * cap + i] = m;			/* ldc */
+	cs->moe_grp_ptrs[i] = (void *) W;
+	cs->moe_grp_ptrs[cap + i] = (void *) X;
+	cs->moe_grp_ptrs[2 * cap + i] = C;
+}
+
+/* problems i0 .. i0 + count - 1 of variant 2 in one grouped call (dev: the uploaded pointers) */
+static cublasStatus_t
+grp_call(cuda_state *cs, void **dev, int i0, int count)
+{
+	int			cap = cs->moe_grp_cap,
+			   *d = cs->moe_grp_dims;
+
+	return cublasGemmGroupedBatchedEx(cs->blas, cs->moe_grp_ops + i0, cs->moe_grp_ops + cap + i0, d + i0,
+									  d + cap + i0, d + 2 * cap + i0, cs->moe_grp_ab + i0,
+									  (const void *const *) (dev + i0), CUDA_R_16BF, d + 3 * cap + i0,
+									  (const void *const *) (dev + cap + i0), CUDA_R_16BF, d + 4 * cap + i0,
+									  cs->moe_grp_ab + cap + i0, dev + 2 * cap + i0, CUDA_R_16BF, d + 5 * cap + i0,
+									  count, d + 6 * cap + i0, CUBLAS_COMPUTE_32F);
+}
+
+/*
+ * KL_CUDA_MOE_PREFILL=2: two grouped products with bf16 operands and bf16
+ * results (the combination cuBLAS's grouped GEMM takes; bf16 operands with
+ * fp32 results it refuses): gate and up of every used expert in one call
+ * (g16, u16 [nk, F]), h16 = silu(g) * u (kk_swiglu_bf16_bf16), down in a
+ * second call (ye16 [nk, D]), widened into ye for the combine.  Against
+ * variant 1 this rounds g, u and the expert outputs to bf16 as well.
+ * Returns false with be->failed clear when cuBLAS refuses a call (status in
+ * cs->moe_grouped_status): the caller runs variant 1 instead.
+ *
+ * The pointer arrays go up with one cudaMemcpyAsync from pinned memory:
+ * the copy of the previous op is complete when this one rewrites them,
+ * because cuda_moe_host_group synchronised the stream in between.
+ */
+static bool
+experts_grouped16(kl_backend *be, const kl_moe_layer *w, const int *st, int E, int D, int F, const uint16_t *x16,
+				  uint16_t *h16, size_t nk, float *g, float *u, float *ye)
+{
+	cuda_state *cs = CS(be);
+	uint16_t   *g16 = (uint16_t *) g,	/* (g and u hold [nk + n, F] floats: room for bf16 [nk, F]) */
+			   *u16 = (uint16_t *) u,
+			   *ye16 = cuda_buf(be, CB_MOE_Y16, sizeof(uint16_t) * nk * D);
+	void	  **dev;
+	cublasStatus_t bst;
+	int			A = 0,
+				na = 0,
+				cap;
+
+	if (!ye16 || !grp_arrays(be, 3 * E))
+		return false;
+	cap = cs->moe_grp_cap;
+	dev = cuda_buf(be, CB_MOE_PTRS, sizeof(void *) * 3 * (size_t) cap);
+	if (!dev)
+		return false;
+	for (int e = 0; e < E; e++)
+		A += st[e + 1] > st[e];
+	/* gate and up problems 0 .. 2A - 1, down 2A .. 3A - 1 */
+	for (int e = 0; e < E; e++)
+	{
+		int			c = st[e + 1] - st[e];
+
+		if (c == 0)
+			continue;
+		grp_problem(cs, 2 * na, w->experts[e].gate.dev, x16 + (size_t) st[e] * D, g16 + (size_t) st[e] * F, F, D, c);
+		grp_problem(cs, 2 * na + 1, w->experts[e].up.dev, x16 + (size_t) st[e] * D, u16 + (size_t) st[e] * F, F, D,
+					c);
+		grp_problem(cs, 2 * A + na, w->experts[e].down.dev, h16 + (size_t) st[e] * F, ye16 + (size_t) st[e] * D, D,
+					F, c);
+		na++;
+	}
+	if (!cuda_ok(be, cudaMemcpyAsync(dev, cs->moe_grp_ptrs, sizeof(void *) * 3 * (size_t) cap,
+									 cudaMemcpyHostToDevice, cs->stream), "grouped GEMM pointers upload"))
+		return false;
+	cuda_moe_mark(cs, 0);
+	bst = grp_call(cs, dev, 0, 2 * A);
+	cuda_moe_mark(cs, 1);
+	if (bst == CUBLAS_STATUS_SUCCESS)
+	{
+		kk_swiglu_bf16_bf16(cs->stream, h16, g16, u16, nk * F);
+		if (!cuda_launched(be, "swiglu (bf16 from bf16)"))
+			return false;
+		cuda_moe_mark(cs, 2);
+		bst = grp_call(cs, dev, 2 * A, A);
+		cuda_moe_mark(cs, 3);
+	}
+	if (bst != CUBLAS_STATUS_SUCCESS)
+	{
+		/* refused (or failed) before anything of it ran on the device: variant 1 from the start */
+		cs->moe_grouped_refused = true;
+		cs->moe_grouped_status = (int) bst;
+		cs->moe_ev_mask = 0;
+		return false;
+	}
+	kk_bf16_to_f32(cs->stream, ye, ye16, nk * D);
+	return cuda_launched(be, "expert outputs to fp32");
+}
+
+/*
+ * The routed experts of a prefill batch from its rows gathered once as bf16
+ * (bf16 precision, bf16 experts): KL_CUDA_MOE_PREFILL 2, else or where
+ * cuBLAS refuses that, 1.  Sets cs->moe_prefill_ran.
+ */
+bool
+cuda_moe_experts_prefill16(kl_backend *be, const kl_moe_layer *w, const int *st, int E, int D, int F,
+						   const float *x, const int *xrow, size_t nk, float *g, float *u, float *ye)
+{
+	cuda_state *cs = CS(be);
+	uint16_t   *x16 = cuda_buf(be, CB_MOE_X, sizeof(uint16_t) * nk * D),
+			   *h16 = cuda_buf(be, CB_MOE_H16, sizeof(uint16_t) * nk * F);
+
+	if (!x16 || !h16)
+		return false;
+	kk_gather_rows_bf16(cs->stream, x16, x, D, xrow, (int) nk, D);
+	if (!cuda_launched(be, "gather rows (bf16)"))
+		return false;
+	if (cs->moe_prefill >= 2 && !cs->moe_grouped_refused)
+	{
+		if (experts_grouped16(be, w, st, E, D, F, x16, h16, nk, g, u, ye))
+		{
+			cs->moe_prefill_ran = 2;
+			return true;
+		}
+		if (be->failed)
+			return false;
+	}
+	cs->moe_prefill_ran = 1;
+	return experts_loop16(be, w, st, E, D, F, x16, h16, nk, g, u, ye);
+}
+
+/* ------------------------------------------------------------------ batched products over size classes */
+
+/* problem i of variant 3 in the pinned pointer arrays: A (weights), B (rows), C (results) */
+static void
+batch_problem(cuda_state *cs, int i, const void *W, const uint16_t *X, uint16_t *C)
+{
+	cs->moe_grp_ptrs[i] = (void *) W;
+	cs->moe_grp_ptrs[cs->moe_grp_cap + i] = (void *) X;
+	cs->moe_grp_ptrs[2 * cs->moe_grp_cap + i] = C;
+}
+
+/* problems i0 .. i0 + count - 1 of variant 3, all C [S, m] = X [S, kd] W^T, W [m, kd], in one batched call */
+static cublasStatus_t
+batch_call(cuda_state *cs, void **dev, int i0, int count, int m, int S, int kd)
+{
+	const float one = 1.0f,
+				zero = 0.0f;
+	int			cap = cs->moe_grp_cap;
+
+	/* column-major view: C^T [m, S] = W [m, kd] (stored [kd, m] column-major, transposed) X^T [kd, S] */
+	return cublasGemmBatchedEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, m, S, kd, &one, (const void *const *) (dev + i0),
+							   CUDA_R_16BF, kd, (const void *const *) (dev + cap + i0), CUDA_R_16BF, kd, &zero,
+							   dev + 2 * cap + i0, CUDA_R_16BF, m, count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+
+/*
+ * KL_CUDA_MOE_PREFILL=3: the routed experts of a prefill batch as batched
+ * products over size classes (cuda_moe_host_group with pad, moe_classes).
+ * Each used expert's rows sit in a slot of its class's size S (padded layout
+ * of cs->moe_npad rows; d_inv names each pair's row): the rows are gathered
+ * token-major as bf16 (kk_gather_tok_bf16: x read once), then per class one
+ * cublasGemmBatchedEx for gate and up of all its experts (2 m problems of
+ * [S, F], bf16 results), kk_swiglu_bf16_bf16 over the whole layout, and per
+ * class one for down ([S, D], bf16 results).  Uniform m, n, k within a call
+ * lets cuBLAS take its ordinary (Hopper) batched kernels, unlike the grouped
+ * call of variant 2.  Pad rows hold whatever the buffer held: a product's
+ * output row depends only on its own input row, and the combine reads only
+ * the pairs' rows, so their results are never read.  The same bf16 roundings
+ * as variant 2 (g, u, h, expert outputs); the combine then reads the bf16
+ * outputs itself (cuda_defer_combine16).
+ *
+ * Returns the expert outputs [npad, D] (bf16), or NULL: be->failed set, or
+ * clear when cuBLAS refused a call before the products completed
+ * (moe_batched_refused, status in moe_batched_status; the caller then
+ * groups again without padding and runs variant 2).  Buffers: g, u, ye (the
+ * caller's fp32 ones, room for 2 (nk + n) bf16 rows each) when the padded
+ * layout fits them, else working memory of their own.
+ */
+const uint16_t *
+cuda_moe_experts_batched16(kl_backend *be, const kl_moe_layer *w, int D, int F, const float *x, const int *inv,
+						   int n, int k, float *g, float *u, float *ye)
+{
+	cuda_state *cs = CS(be);
+	size_t		Np = (size_t) cs->moe_npad,
+				room = 2 * ((size_t) n * k + n);
+	const int  *base = cs->moe_cls,
+			   *order = base + cs->moe_cls_cap,
+			   *size = order + cs->moe_cls_cap,
+			   *first = size + cs->moe_cls_cap;
+	int			ncls = cs->moe_ncls,
+				A = first[ncls],
+				cap;
+	uint16_t   *x16 = cuda_buf(be, CB_MOE_X, sizeof(uint16_t) * Np * D),
+			   *h16 = cuda_buf(be, CB_MOE_H16, sizeof(uint16_t) * Np * F),
+			   *g16,
+			   *u16,
+			   *ye16;
+	void	  **dev;
+	cublasStatus_t bst = CUBLAS_STATUS_SUCCESS;
+
+	if (!x16 || !h16 || !grp_arrays(be, 3 * cs->moe_cls_cap))
+		return NULL;
+	if (Np <= room)
+	{
+		g16 = (uint16_t *) g;
+		u16 = (uint16_t *) u;
+		ye16 = (uint16_t *) ye;
+	}
+	else
+	{
+		g16 = cuda_buf(be, CB_MOE_GU16, sizeof(uint16_t) * 2 * Np * F);
+		u16 = g16 ? g16 + Np * F : NULL;
+		ye16 = cuda_buf(be, CB_MOE_Y16, sizeof(uint16_t) * Np * D);
+		if (!g16 || !ye16)
+			return NULL;
+	}
+	cap = cs->moe_grp_cap;
+	dev = cuda_buf(be, CB_MOE_PTRS, sizeof(void *) * 3 * (size_t) cap);
+	if (!dev)
+		return NULL;
+	kk_gather_tok_bf16(cs->stream, x16, x, D, inv, n, k, D);
+	if (!cuda_launched(be, "gather rows token-major (bf16)"))
+		return NULL;
+	/* class after class: gate and up problems 2j, 2j + 1; down 2A + j (j: the expert's place in order) */
+	for (int j = 0; j < A; j++)
+	{
+		int			e = order[j];
+		size_t		b = (size_t) base[e];
+
+		batch_problem(cs, 2 * j, w->experts[e].gate.dev, x16 + b * D, g16 + b * F);
+		batch_problem(cs, 2 * j + 1, w->experts[e].up.dev, x16 + b * D, u16 + b * F);
+		batch_problem(cs, 2 * A + j, w->experts[e].down.dev, h16 + b * F, ye16 + b * D);
+	}
+	/* (the previous op's copy of these arrays is complete: cuda_moe_host_group
+	 * drained the stream since) */
+	if (!cuda_ok(be, cudaMemcpyAsync(dev, cs->moe_grp_ptrs, sizeof(void *) * 3 * (size_t) cap,
+									 cudaMemcpyHostToDevice, cs->stream), "batched GEMM pointers upload"))
+		return NULL;
+	cuda_moe_mark(cs, 0);
+	for (int c = 0; c < ncls && bst == CUBLAS_STATUS_SUCCESS; c++)
+		bst = batch_call(cs, dev, 2 * first[c], 2 * (first[c + 1] - first[c]), F, size[c], D);
+	cuda_moe_mark(cs, 1);
+	if (bst == CUBLAS_STATUS_SUCCESS)
+	{
+		kk_swiglu_bf16_bf16(cs->stream, h16, g16, u16, Np * F);
+		if (!cuda_launched(be, "swiglu (bf16 from bf16)"))
+			return NULL;
+		cuda_moe_mark(cs, 2);
+		for (int c = 0; c < ncls && bst == CUBLAS_STATUS_SUCCESS; c++)
+			bst = batch_call(cs, dev, 2 * A + first[c], first[c + 1] - first[c], D, size[c], F);
+		cuda_moe_mark(cs, 3);
+	}
+	if (bst != CUBLAS_STATUS_SUCCESS)
+	{
+		cs->moe_batched_refused = true;
+		cs->moe_batched_status = (int) bst;
+		cs->moe_ev_mask = 0;
+		return NULL;
+	}
+	return ye16;
+}
