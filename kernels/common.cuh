@@ -124,6 +124,53 @@ cp_async_wait_all(void)
 	asm volatile("cp.async.wait_all;\n":::"memory");
 }
 
+/* close this thread's cp.async copies issued so far into one group */
+__device__ __forceinline__ void
+cp_async_commit(void)
+{
+	asm volatile("cp.async.commit_group;\n"::);
+}
+
+/* wait until at most N of this thread's committed groups are in flight */
+template <int N>
+__device__ __forceinline__ void
+cp_async_wait_group(void)
+{
+	asm volatile("cp.async.wait_group %0;\n"::"n"(N):"memory");
+}
+
+/* four 8x8 bf16 matrices from shared memory into mma fragments (ldmatrix, sm_80+) */
+__device__ __forceinline__ void
+ldsm_x4(uint32_t *r, const void *p)
+{
+	unsigned	a = (unsigned) __cvta_generic_to_shared(p);
+
+	asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+				 :"=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]):"r"(a));
+}
+
+/* the same, each matrix transposed */
+__device__ __forceinline__ void
+ldsm_x4_trans(uint32_t *r, const void *p)
+{
+	unsigned	a = (unsigned) __cvta_generic_to_shared(p);
+
+	asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+				 :"=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]):"r"(a));
+}
+
+/* two floats as a bf16 pair (lo in the low half), rounded to nearest even
+ * (one cvt; the same numbers as f32_to_bf16 for everything but NaN, which
+ * moe.cu's pack_bf16x2 keeps as f32_to_bf16 does) */
+__device__ __forceinline__ uint32_t
+cvt_bf16x2(float lo, float hi)
+{
+	uint32_t	r;
+
+	asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n":"=r"(r):"f"(hi), "f"(lo));
+	return r;
+}
+
 /* n floats (a multiple of 4) from global to shared, the block's threads striding */
 __device__ __forceinline__ void
 copy_f4_async(float *dst, const float *src, int n)

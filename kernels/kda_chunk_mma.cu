@@ -73,19 +73,6 @@ km_frag_b(uint32_t *b, const uint16_t *bt, int ld, int n0, int k0, int lane)
 	b[1] = km_ld2(bt + (n0 + g) * ld + k0 + t2 + 8);
 }
 
-__device__ __forceinline__ void
-km_commit(void)
-{
-	asm volatile("cp.async.commit_group;\n"::);
-}
-
-template <int N>
-__device__ __forceinline__ void
-km_wait(void)
-{
-	asm volatile("cp.async.wait_group %0;\n"::"n"(N):"memory");
-}
-
 /* Padded row strides (bf16): 8 extra per row put the 8 rows a fragment load
  * touches in different banks. */
 template <int K>
@@ -172,7 +159,7 @@ km_load_chunk(uint16_t *st, int chunk, int H, int h, int x0, const uint16_t *__r
 	}
 	for (int e = tid; e < K / 4; e += KM_THREADS)
 		cp_async16(st + L::GL + 8 * e, gl + tile * K + 4 * e);
-	km_commit();
+	cp_async_commit();
 }
 
 /*
@@ -234,10 +221,10 @@ kda_chunk_mma_kernel(int n, int H, const uint16_t *__restrict__ W16, const uint1
 		{
 			km_load_chunk<K>(base + (size_t) ((chunk + 1) & 1) * L::STAGE, chunk + 1, H, h, x0, W16, U16, Q16, Kt16,
 							 P16, gl, tid);
-			km_wait<1>();
+			cp_async_wait_group<1>();
 		}
 		else
-			km_wait<0>();
+			cp_async_wait_group<0>();
 
 		/* the entering state as the bf16 operand S^T [x][c] */
 #pragma unroll

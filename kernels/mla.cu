@@ -763,38 +763,6 @@ attend_mma_smem(int MT, int Wa)
 }
 
 __device__ __forceinline__ void
-cp_async_commit(void)
-{
-	asm volatile("cp.async.commit_group;\n"::);
-}
-
-/* wait until at most N of this thread's committed groups are in flight */
-template <int N>
-__device__ __forceinline__ void
-cp_async_wait_group(void)
-{
-	asm volatile("cp.async.wait_group %0;\n"::"n"(N):"memory");
-}
-
-__device__ __forceinline__ void
-ldsm_x4(uint32_t *r, const void *p)
-{
-	unsigned	a = (unsigned) __cvta_generic_to_shared(p);
-
-	asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-				 :"=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]):"r"(a));
-}
-
-__device__ __forceinline__ void
-ldsm_x4_trans(uint32_t *r, const void *p)
-{
-	unsigned	a = (unsigned) __cvta_generic_to_shared(p);
-
-	asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-				 :"=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]):"r"(a));
-}
-
-__device__ __forceinline__ void
 ldsm_x2(uint32_t *r, const void *p)
 {
 	unsigned	a = (unsigned) __cvta_generic_to_shared(p);

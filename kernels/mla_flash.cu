@@ -52,37 +52,6 @@
 
 /* ---------------------------------------------------------------- small PTX wrappers */
 
-__device__ __forceinline__ void
-mf_commit(void)
-{
-	asm volatile("cp.async.commit_group;\n"::);
-}
-
-template <int N>
-__device__ __forceinline__ void
-mf_wait(void)
-{
-	asm volatile("cp.async.wait_group %0;\n"::"n"(N):"memory");
-}
-
-__device__ __forceinline__ void
-mf_ldsm_x4(uint32_t *r, const void *p)
-{
-	unsigned	a = (unsigned) __cvta_generic_to_shared(p);
-
-	asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-				 :"=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]):"r"(a));
-}
-
-__device__ __forceinline__ void
-mf_ldsm_x4_trans(uint32_t *r, const void *p)
-{
-	unsigned	a = (unsigned) __cvta_generic_to_shared(p);
-
-	asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-				 :"=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]):"r"(a));
-}
-
 /* c += a b for one m16n8k16 tile (bf16 in, fp32 accumulate) */
 __device__ __forceinline__ void
 mf_mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1)
@@ -91,17 +60,6 @@ mf_mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1)
 				 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
 				 :"+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
 				 :"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-/* two floats as a bf16 pair (lo in the low half), rounded to nearest even
- * (one cvt; the same numbers as f32_to_bf16 for everything but NaN) */
-__device__ __forceinline__ uint32_t
-mf_pack_bf16(float lo, float hi)
-{
-	uint32_t	r;
-
-	asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n":"=r"(r):"f"(hi), "f"(lo));
-	return r;
 }
 
 /* the pair's two numbers back as floats, added */
@@ -219,7 +177,7 @@ mla_flash_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *__rest
 	{
 		if (st < ntiles)
 			mf_load_tile<DN, DR, DV>(sk + st * MF_KT * KP, kv16, lat16, L, Wa, R, h, st, m);
-		mf_commit();
+		cp_async_commit();
 	}
 #pragma unroll
 	for (int n = 0; n < NV; n++)
@@ -233,17 +191,17 @@ mla_flash_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *__rest
 
 		/* tile j has landed (groups after it may still be in flight); everyone's copies visible,
 		 * and every warp is done with tile j - 1, whose buffer the next load reuses */
-		mf_wait<MF_STAGES - 2>();
+		cp_async_wait_group<MF_STAGES - 2>();
 		__syncthreads();
 		if (j + MF_STAGES - 1 < ntiles)
 			mf_load_tile<DN, DR, DV>(sk + ((j + MF_STAGES - 1) % MF_STAGES) * MF_KT * KP, kv16, lat16, L, Wa, R, h,
 									 j + MF_STAGES - 1, m);
-		mf_commit();			/* (an empty group near the end keeps the count) */
+		cp_async_commit();			/* (an empty group near the end keeps the count) */
 		if (j == 0)
 		{
 #pragma unroll
 			for (int k = 0; k < KQ; k++)
-				mf_ldsm_x4(qa[k], sq + (16 * w + lrow) * QP + 16 * k + lcol);
+				ldsm_x4(qa[k], sq + (16 * w + lrow) * QP + 16 * k + lcol);
 		}
 
 		/* S = Q K^T over DQ: nope columns at 0 .., rope columns after the values */
@@ -263,7 +221,7 @@ mla_flash_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *__rest
 				/* matrices (keys 16 n2 + 0..7 | 8..15) x (cols col + 0..7 | 8..15):
 				 * lanes 0-7 keys 0-7 cols 0-7, 8-15 keys 0-7 cols 8-15,
 				 * 16-23 keys 8-15 cols 0-7, 24-31 keys 8-15 cols 8-15 */
-				mf_ldsm_x4(b, kt + (16 * n2 + (lane & 7) + ((lane >> 4) << 3)) * KP + col + ((lane >> 3) & 1) * 8);
+				ldsm_x4(b, kt + (16 * n2 + (lane & 7) + ((lane >> 4) << 3)) * KP + col + ((lane >> 3) & 1) * 8);
 				mf_mma(s[2 * n2], qa[k], b[0], b[1]);
 				mf_mma(s[2 * n2 + 1], qa[k], b[2], b[3]);
 			}
@@ -326,8 +284,8 @@ mla_flash_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *__rest
 #pragma unroll
 			for (int n = 0; n < MF_KT / 8; n++)
 			{
-				pk[n][0] = mf_pack_bf16(exp2f(fmaf(s[n][0], scale_log2, -b0)), exp2f(fmaf(s[n][1], scale_log2, -b0)));
-				pk[n][1] = mf_pack_bf16(exp2f(fmaf(s[n][2], scale_log2, -b1)), exp2f(fmaf(s[n][3], scale_log2, -b1)));
+				pk[n][0] = cvt_bf16x2(exp2f(fmaf(s[n][0], scale_log2, -b0)), exp2f(fmaf(s[n][1], scale_log2, -b0)));
+				pk[n][1] = cvt_bf16x2(exp2f(fmaf(s[n][2], scale_log2, -b1)), exp2f(fmaf(s[n][3], scale_log2, -b1)));
 				sum0 += mf_pair_sum(pk[n][0]);
 				sum1 += mf_pair_sum(pk[n][1]);
 			}
@@ -358,13 +316,13 @@ mla_flash_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *__rest
 
 				/* V rows 16 kk .., columns DN + 16 n2 .., transposed: b[0], b[1] for
 				 * columns + 0..7, b[2], b[3] for + 8..15 */
-				mf_ldsm_x4_trans(b, kt + (16 * kk + lrow) * KP + DN + 16 * n2 + lcol);
+				ldsm_x4_trans(b, kt + (16 * kk + lrow) * KP + DN + 16 * n2 + lcol);
 				mf_mma(o[2 * n2], pa, b[0], b[1]);
 				mf_mma(o[2 * n2 + 1], pa, b[2], b[3]);
 			}
 		}
 	}
-	mf_wait<0>();				/* (only empty groups can be left) */
+	cp_async_wait_group<0>();				/* (only empty groups can be left) */
 
 	/* O / l for the rows of the step */
 	{

@@ -143,34 +143,11 @@ mw_fence_async_smem(void)
 	asm volatile("fence.proxy.async.shared::cta;\n":::"memory");
 }
 
-__device__ __forceinline__ void
-mw_cp_commit(void)
-{
-	asm volatile("cp.async.commit_group;\n"::);
-}
-
-template <int N>
-__device__ __forceinline__ void
-mw_cp_wait(void)
-{
-	asm volatile("cp.async.wait_group %0;\n"::"n"(N):"memory");
-}
-
-/* two floats as a bf16 pair (lo in the low half), round to nearest even */
-__device__ __forceinline__ uint32_t
-mw_pack_bf16(float lo, float hi)
-{
-	uint32_t	r;
-
-	asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n":"=r"(r):"f"(hi), "f"(lo));
-	return r;
-}
-
 /* x rounded to bf16 (nearest even), as a float */
 __device__ __forceinline__ float
 mw_round_bf16(float x)
 {
-	return __uint_as_float(mw_pack_bf16(0.0f, x) & 0xffff0000u);
+	return __uint_as_float(cvt_bf16x2(0.0f, x) & 0xffff0000u);
 }
 
 /* d (64 x 64, fp32) += A B over k = 16: A and B from shared memory (descriptors) */
@@ -335,7 +312,7 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 	{
 		if (st < ntiles)
 			mw_load_tile<NT>(sk + st * MW_TILE, kv16, lat16, L, Wa, R, h, st, m);
-		mw_cp_commit();
+		cp_async_commit();
 	}
 #pragma unroll
 	for (int i = 0; i < 64; i++)
@@ -354,12 +331,12 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 		 * warpgroup is past iteration j - 1, so tile j - 2's buffer, which tile
 		 * j + D reuses, has no reader left (its P V was waited for there).
 		 */
-		mw_cp_wait<D - 1>();
+		cp_async_wait_group<D - 1>();
 		mw_fence_async_smem();
 		__syncthreads();
 		if (j + D < ntiles)
 			mw_load_tile<NT>(sk + ((j + D) % STAGES) * MW_TILE, kv16, lat16, L, Wa, R, h, j + D, m);
-		mw_cp_commit();			/* (an empty group near the end keeps the count) */
+		cp_async_commit();		/* (an empty group near the end keeps the count) */
 
 		/* S_j = Q K_j^T, then P_{j-1} V_{j-1} behind it */
 #pragma unroll
@@ -471,10 +448,10 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 #pragma unroll
 		for (int kk = 0; kk < MW_KT / 16; kk++)
 		{
-			p[4 * kk] = mw_pack_bf16(s[8 * kk], s[8 * kk + 1]);
-			p[4 * kk + 1] = mw_pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
-			p[4 * kk + 2] = mw_pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
-			p[4 * kk + 3] = mw_pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+			p[4 * kk] = cvt_bf16x2(s[8 * kk], s[8 * kk + 1]);
+			p[4 * kk + 1] = cvt_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
+			p[4 * kk + 2] = cvt_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
+			p[4 * kk + 3] = cvt_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
 		}
 		kprev = kt;
 	}
@@ -490,7 +467,7 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 	mw_wait<0>();
 	mw_pin<64>(o);
 	mw_pin_u<16>(p);
-	mw_cp_wait<0>();			/* (only empty groups can be left) */
+	cp_async_wait_group<0>();			/* (only empty groups can be left) */
 
 	/* O / l for the rows of the step */
 	{
