@@ -92,6 +92,25 @@ mw_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo)
 		(1ull << 62);
 }
 
+/*
+ * The same descriptor from its low word (start address and leading offset,
+ * moved by k-steps with 32-bit adds) and a constant high word (stride
+ * offset 1024, 128-byte swizzle).
+ */
+#define MW_DESC_HI ((1024u >> 4) | (1u << 30))
+
+__device__ __forceinline__ uint32_t
+mw_desc_lo(uint32_t saddr, uint32_t lbo)
+{
+	return ((saddr & 0x3ffff) >> 4) | ((lbo >> 4) << 16);
+}
+
+__device__ __forceinline__ uint64_t
+mw_desc_of(uint32_t lo)
+{
+	return ((uint64_t) MW_DESC_HI << 32) | lo;
+}
+
 /* register writes before it are done before the next wgmma reads them */
 __device__ __forceinline__ void
 mw_fence(void)
@@ -143,11 +162,61 @@ mw_fence_async_smem(void)
 	asm volatile("fence.proxy.async.shared::cta;\n":::"memory");
 }
 
-/* x rounded to bf16 (nearest even), as a float */
+/*
+ * 2^x flushing a subnormal result to zero: one MUFU.EX2 (exp2f without
+ * fast math also scales around it for subnormal results, 3 more
+ * instructions an element).  A probability under 2^-126 of the row's
+ * largest (which is 1) changes no fp32 sum or product that matters.
+ */
 __device__ __forceinline__ float
-mw_round_bf16(float x)
+mw_ex2(float x)
 {
-	return __uint_as_float(cvt_bf16x2(0.0f, x) & 0xffff0000u);
+	float		y;
+
+	asm("ex2.approx.ftz.f32 %0, %1;\n":"=f"(y):"f"(x));
+	return y;
+}
+
+/* the two bf16 halves of a packed pair (low: lo, high: hi) as floats: exact, one instruction each */
+__device__ __forceinline__ float
+mw_bf16_lo(uint32_t w)
+{
+	return __uint_as_float(w << 16);
+}
+
+__device__ __forceinline__ float
+mw_bf16_hi(uint32_t w)
+{
+	return __uint_as_float(w & 0xffff0000u);
+}
+
+/* 16 bytes global -> shared (a shared-window address: no conversion in the tile loop) */
+__device__ __forceinline__ void
+mw_cp16(uint32_t s, const void *g)
+{
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"::"r"(s), "l"(g));
+}
+
+/* d (64 x 64, fp32) = A B over k = 16 (d written, not read: no zeroing before it) */
+__device__ __forceinline__ void
+mw_mma_ss_n64_first(float *d, uint64_t da, uint64_t db)
+{
+	asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+				 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+				 "{%0, %1, %2, %3, %4, %5, %6, %7,"
+				 " %8, %9, %10, %11, %12, %13, %14, %15,"
+				 " %16, %17, %18, %19, %20, %21, %22, %23,"
+				 " %24, %25, %26, %27, %28, %29, %30, %31},"
+				 " %32, %33, p, 1, 1, 0, 0;\n}\n"
+				 :"=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]),
+				  "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]),
+				  "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]),
+				  "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]),
+				  "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]),
+				  "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]),
+				  "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]),
+				  "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
+				 :"l"(da), "l"(db));
 }
 
 /* d (64 x 64, fp32) += A B over k = 16: A and B from shared memory (descriptors) */
@@ -245,6 +314,71 @@ mw_load_tile(uint8_t *dst, const uint16_t *__restrict__ kv16, const uint16_t *__
 	}
 }
 
+#ifdef MW_WGMMA
+
+/*
+ * A full key tile's copies (all 64 keys below m) with the index math done
+ * once per thread: thread t copies 16-byte chunk t % 32 of the key's 512
+ * bytes of nope | values for keys t / 32 + (NT / 32) i, and rope chunk
+ * t % 8 for keys t / 8 + (NT / 8) i, so tile j's copies are tile 0's moved
+ * by 64 j keys.  Rows NT / 32 apart (a multiple of 4) keep their swizzle
+ * phase or flip bit 2 of it (x + 4 = x ^ 4 mod 8), a compile-time xor of
+ * 64 bytes; rows NT / 8 apart (a multiple of 8) keep it.  (mw_load_tile
+ * stays the path of the last, partial tile.)
+ */
+template <int NT>
+struct mw_loader
+{
+	static constexpr int KS = NT / 32,	/* key rows between a thread's nope/value chunks */
+				KI = (MW_KT + KS - 1) / KS,
+				RS = NT / 8,	/* key rows between its rope chunks */
+				RI = (MW_KT + RS - 1) / RS;
+	const uint16_t *kv;			/* tile 0: its first nope/value chunk's source */
+	const uint16_t *rope;		/* tile 0: its first rope chunk's source */
+	uint32_t	kv_dst,			/* their byte offsets in a tile */
+				rope_dst;
+	int			kv_row,			/* their keys in the tile */
+				rope_row;
+
+	__device__ __forceinline__ void
+	init(const uint16_t *__restrict__ kv16, const uint16_t *__restrict__ lat16, int L, int Wa, int R, int h)
+	{
+		int			c = threadIdx.x & 31,
+					rc = threadIdx.x & 7;
+
+		static_assert(KS % 4 == 0 && RS % 8 == 0, "the swizzle phase argument needs these strides");
+		kv_row = threadIdx.x >> 5;
+		rope_row = threadIdx.x >> 3;
+		/* chunks 0-15 nope (slabs 0, 1), 16-31 values (slabs 3, 4) */
+		kv_dst = (uint32_t) ((c < 16 ? c >> 3 : (c >> 3) + 1) * MW_SLAB) + mw_swz(kv_row, c & 7);
+		rope_dst = (uint32_t) (2 * MW_SLAB) + mw_swz(rope_row, rc);
+		kv = kv16 + (size_t) kv_row * L + (size_t) h * (MW_DN + MW_DV) + 8 * c;
+		rope = lat16 + (size_t) rope_row * Wa + R + 8 * rc;
+		/* (opaque from here: kept in registers, not recomputed from threadIdx in the tile loop) */
+		asm volatile("":"+l"(kv), "+l"(rope), "+r"(kv_dst), "+r"(rope_dst), "+r"(kv_row), "+r"(rope_row));
+	}
+
+	/* tile j, all of whose keys are below m, into the tile at shared address dst */
+	__device__ __forceinline__ void
+	load(uint32_t dst, int L, int Wa, int j) const
+	{
+		const uint16_t *k = kv + (size_t) j * MW_KT * L;
+		const uint16_t *r = rope + (size_t) j * MW_KT * Wa;
+
+#pragma unroll
+		for (int i = 0; i < KI; i++)
+			if (KS * (i + 1) <= MW_KT || kv_row + KS * i < MW_KT)
+				mw_cp16(dst + ((kv_dst ^ ((KS * i) & 4 ? 64u : 0u)) + (uint32_t) (KS * i * 128)),
+						k + (size_t) (KS * i) * L);
+#pragma unroll
+		for (int i = 0; i < RI; i++)
+			if (RS * (i + 1) <= MW_KT || rope_row + RS * i < MW_KT)
+				mw_cp16(dst + rope_dst + (uint32_t) (RS * i * 128), r + (size_t) (RS * i) * Wa);
+	}
+};
+
+#endif							/* MW_WGMMA */
+
 /* ---------------------------------------------------------------- the kernel */
 
 template <int NW, int STAGES>
@@ -270,7 +404,7 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 				nqt = gridDim.y,
 				qt = nqt - 1 - blockIdx.y;	/* the longest query tiles first */
 	int			tid = threadIdx.x,
-				wg = tid >> 7,
+				wg = __shfl_sync(0xffffffffu, tid >> 7, 0),	/* (uniform: descriptors in uniform registers) */
 				wq = (tid >> 5) & 3,
 				lane = tid & 31,
 				g = lane >> 2,
@@ -291,6 +425,12 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 				l0 = 0.0f,
 				l1 = 0.0f;
 	uint32_t	kprev = 0;		/* shared address of the previous tile */
+	mw_loader<NT> ld;
+	/* Q's descriptor for this warpgroup and k-step 0 (k-step k: + (k / 4) QSLAB + 32 (k % 4) bytes, >> 4) */
+	const uint32_t dq0 = mw_desc_lo(sq_a + wg * 64 * 128, 16);
+
+	ld.init(kv16, lat16, L, Wa, R, h);
+	asm volatile("":"+r"(sk_a));	/* (kept, not recomputed from the pointer each tile) */
 
 	kk_dep_wait();
 	kk_dep_launch();
@@ -321,9 +461,13 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 	for (int i = 0; i < 16; i++)
 		p[i] = 0;
 
+	/* kt: shared address of tile j's buffer, kl: tile j + D's (the ring walked without a division) */
+	uint32_t	kt = sk_a,
+				kl = sk_a + D * MW_TILE;
+	const uint32_t sk_end = sk_a + STAGES * MW_TILE;
+
 	for (int j = 0; j < ntiles; j++)
 	{
-		uint32_t	kt = sk_a + (uint32_t) ((j % STAGES) * MW_TILE);
 
 		/*
 		 * Tile j has landed (this thread's copies; the barrier makes everyone's
@@ -334,28 +478,35 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 		cp_async_wait_group<D - 1>();
 		mw_fence_async_smem();
 		__syncthreads();
-		if (j + D < ntiles)
+		if (j + D < ntiles && (j + D + 1) * MW_KT <= m)
+			ld.load(kl, L, Wa, j + D);
+		else if (j + D < ntiles)
 			mw_load_tile<NT>(sk + ((j + D) % STAGES) * MW_TILE, kv16, lat16, L, Wa, R, h, j + D, m);
 		cp_async_commit();		/* (an empty group near the end keeps the count) */
 
-		/* S_j = Q K_j^T, then P_{j-1} V_{j-1} behind it */
-#pragma unroll
-		for (int i = 0; i < 32; i++)
-			s[i] = 0.0f;
-		mw_pin<32>(s);
+		/*
+		 * S_j = Q K_j^T, then P_{j-1} V_{j-1} behind it.  Descriptors: one
+		 * built per tile, the k-steps' start addresses added as constants
+		 * (>> 4; shared addresses are below 2^18, so no carry leaves the
+		 * 14-bit field).
+		 */
+		const uint32_t dk0 = mw_desc_lo(kt, 16),
+					dv0 = mw_desc_lo(kprev + 3 * MW_SLAB, MW_SLAB);
+
 		mw_pin<64>(o);
 		mw_pin_u<16>(p);
 		mw_fence();
+		mw_mma_ss_n64_first(s, mw_desc_of(dq0), mw_desc_of(dk0));
 #pragma unroll
-		for (int k = 0; k < DQ / 16; k++)
-			mw_mma_ss_n64(s, mw_desc(sq_a + (k >> 2) * QSLAB + wg * 64 * 128 + (k & 3) * 32, 16, 1024),
-						  mw_desc(kt + (k >> 2) * MW_SLAB + (k & 3) * 32, 16, 1024), k > 0);
+		for (int k = 1; k < DQ / 16; k++)
+			mw_mma_ss_n64(s, mw_desc_of(dq0 + (uint32_t) (((k >> 2) * QSLAB + (k & 3) * 32) >> 4)),
+						  mw_desc_of(dk0 + (uint32_t) (((k >> 2) * MW_SLAB + (k & 3) * 32) >> 4)), 1);
 		mw_commit();
 		if (j > 0)
 		{
 #pragma unroll
 			for (int kk = 0; kk < MW_KT / 16; kk++)
-				mw_mma_rs_n128(o, p + 4 * kk, mw_desc(kprev + 3 * MW_SLAB + kk * 2048, MW_SLAB, 1024), 1);
+				mw_mma_rs_n128(o, p + 4 * kk, mw_desc_of(dv0 + (uint32_t) (kk * 2048 >> 4)), 1);
 			mw_commit();
 			mw_wait<1>();
 		}
@@ -416,15 +567,24 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 			b1 = t1 == -INFINITY ? 0.0f : t1 * scale_log2;
 			mx0 = t0;
 			mx1 = t1;
+			/*
+			 * Rounded to bf16 straight into packed pairs (what P V multiplies);
+			 * the sum adds the pairs' halves, exact as floats, in the order of
+			 * before (s[4 n] + s[4 n + 1], then into the row's sum).  P as A
+			 * fragments: k-step kk (keys 16 kk ..) is n-tiles 2 kk, 2 kk + 1,
+			 * so n-tile n's pairs are pn[2 n] (row g), pn[2 n + 1] (row g + 8).
+			 */
+			uint32_t	pn[16];
+
 #pragma unroll
 			for (int n = 0; n < MW_KT / 8; n++)
 			{
-				s[4 * n] = mw_round_bf16(exp2f(fmaf(s[4 * n], scale_log2, -b0)));
-				s[4 * n + 1] = mw_round_bf16(exp2f(fmaf(s[4 * n + 1], scale_log2, -b0)));
-				s[4 * n + 2] = mw_round_bf16(exp2f(fmaf(s[4 * n + 2], scale_log2, -b1)));
-				s[4 * n + 3] = mw_round_bf16(exp2f(fmaf(s[4 * n + 3], scale_log2, -b1)));
-				sum0 += s[4 * n] + s[4 * n + 1];
-				sum1 += s[4 * n + 2] + s[4 * n + 3];
+				pn[2 * n] = cvt_bf16x2(mw_ex2(fmaf(s[4 * n], scale_log2, -b0)),
+									   mw_ex2(fmaf(s[4 * n + 1], scale_log2, -b0)));
+				pn[2 * n + 1] = cvt_bf16x2(mw_ex2(fmaf(s[4 * n + 2], scale_log2, -b1)),
+										   mw_ex2(fmaf(s[4 * n + 3], scale_log2, -b1)));
+				sum0 += mw_bf16_lo(pn[2 * n]) + mw_bf16_hi(pn[2 * n]);
+				sum1 += mw_bf16_lo(pn[2 * n + 1]) + mw_bf16_hi(pn[2 * n + 1]);
 			}
 
 			/* P_{j-1} V_{j-1} done: O and the P registers are free */
@@ -434,26 +594,25 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 			/* (the quad's partial sums are added once, at the end) */
 			l0 = l0 * c0 + sum0;
 			l1 = l1 * c1 + sum1;
-#pragma unroll
-			for (int n = 0; n < MW_DV / 8; n++)
+			/* (a row whose max stayed has c = 1 exactly: skipped when the whole warp's did) */
+			if (__any_sync(0xffffffffu, c0 != 1.0f || c1 != 1.0f))
 			{
-				o[4 * n] *= c0;
-				o[4 * n + 1] *= c0;
-				o[4 * n + 2] *= c1;
-				o[4 * n + 3] *= c1;
-			}
-		}
-
-		/* P as A fragments: k-step kk (keys 16 kk ..) is n-tiles 2 kk, 2 kk + 1 */
 #pragma unroll
-		for (int kk = 0; kk < MW_KT / 16; kk++)
-		{
-			p[4 * kk] = cvt_bf16x2(s[8 * kk], s[8 * kk + 1]);
-			p[4 * kk + 1] = cvt_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
-			p[4 * kk + 2] = cvt_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
-			p[4 * kk + 3] = cvt_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
+				for (int n = 0; n < MW_DV / 8; n++)
+				{
+					o[4 * n] *= c0;
+					o[4 * n + 1] *= c0;
+					o[4 * n + 2] *= c1;
+					o[4 * n + 3] *= c1;
+				}
+			}
+#pragma unroll
+			for (int i = 0; i < 16; i++)
+				p[i] = pn[i];
 		}
 		kprev = kt;
+		kt = kt + MW_TILE == sk_end ? sk_a : kt + MW_TILE;
+		kl = kl + MW_TILE == sk_end ? sk_a : kl + MW_TILE;
 	}
 
 	/* the last tile's P V */
