@@ -536,7 +536,8 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 		/*
 		 * Online softmax for rows g (s[4 n], s[4 n + 1]) and g + 8 (s[4 n + 2],
 		 * s[4 n + 3]), base 2: p = 2^(s scale log2(e) - max scale log2(e)),
-		 * rounded to bf16 in place (what P V multiplies, and what the sum adds).
+		 * rounded to bf16 into P's registers (what P V multiplies, and what
+		 * the sum adds).
 		 */
 		{
 			float		t0 = -INFINITY,
@@ -567,30 +568,31 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 			b1 = t1 == -INFINITY ? 0.0f : t1 * scale_log2;
 			mx0 = t0;
 			mx1 = t1;
-			/*
-			 * Rounded to bf16 straight into packed pairs (what P V multiplies);
-			 * the sum adds the pairs' halves, exact as floats, in the order of
-			 * before (s[4 n] + s[4 n + 1], then into the row's sum).  P as A
-			 * fragments: k-step kk (keys 16 kk ..) is n-tiles 2 kk, 2 kk + 1,
-			 * so n-tile n's pairs are pn[2 n] (row g), pn[2 n + 1] (row g + 8).
-			 */
-			uint32_t	pn[16];
-
 #pragma unroll
-			for (int n = 0; n < MW_KT / 8; n++)
-			{
-				pn[2 * n] = cvt_bf16x2(mw_ex2(fmaf(s[4 * n], scale_log2, -b0)),
-									   mw_ex2(fmaf(s[4 * n + 1], scale_log2, -b0)));
-				pn[2 * n + 1] = cvt_bf16x2(mw_ex2(fmaf(s[4 * n + 2], scale_log2, -b1)),
-										   mw_ex2(fmaf(s[4 * n + 3], scale_log2, -b1)));
-				sum0 += mw_bf16_lo(pn[2 * n]) + mw_bf16_hi(pn[2 * n]);
-				sum1 += mw_bf16_lo(pn[2 * n + 1]) + mw_bf16_hi(pn[2 * n + 1]);
-			}
+			for (int i = 0; i < 32; i++)
+				s[i] = mw_ex2(fmaf(s[i], scale_log2, i & 2 ? -b1 : -b0));
 
 			/* P_{j-1} V_{j-1} done: O and the P registers are free */
 			mw_wait<0>();
 			mw_pin<64>(o);
 			mw_pin_u<16>(p);
+
+			/*
+			 * Rounded to bf16 straight into packed pairs, P as A fragments
+			 * (k-step kk, keys 16 kk .., is n-tiles 2 kk, 2 kk + 1, so n-tile
+			 * n's pairs are p[2 n], row g, and p[2 n + 1], row g + 8): written
+			 * here, after the wait, so that no copy of them is needed.  The
+			 * sum adds the pairs' halves, exact as floats, in the order of
+			 * before (s[4 n] + s[4 n + 1], then into the row's sum).
+			 */
+#pragma unroll
+			for (int n = 0; n < MW_KT / 8; n++)
+			{
+				p[2 * n] = cvt_bf16x2(s[4 * n], s[4 * n + 1]);
+				p[2 * n + 1] = cvt_bf16x2(s[4 * n + 2], s[4 * n + 3]);
+				sum0 += mw_bf16_lo(p[2 * n]) + mw_bf16_hi(p[2 * n]);
+				sum1 += mw_bf16_lo(p[2 * n + 1]) + mw_bf16_hi(p[2 * n + 1]);
+			}
 			/* (the quad's partial sums are added once, at the end) */
 			l0 = l0 * c0 + sum0;
 			l1 = l1 * c1 + sum1;
@@ -606,9 +608,6 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 					o[4 * n + 3] *= c1;
 				}
 			}
-#pragma unroll
-			for (int i = 0; i < 16; i++)
-				p[i] = pn[i];
 		}
 		kprev = kt;
 		kt = kt + MW_TILE == sk_end ? sk_a : kt + MW_TILE;
