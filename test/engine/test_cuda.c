@@ -5,6 +5,9 @@
  * Where no GPU or no CUDA library is present (CI), every check is skipped:
  * "ok 1 # SKIP no GPU".  KL_REQUIRE_GPU=1 turns that into a failure (the
  * driver script on the GPU machine, bench/bench-cuda.sh, sets it).
+ * KL_TEST_ONLY=check_mla_flash,check_kda runs only the checks whose call in
+ * main() contains one of the strings (a quick device run of what a change
+ * touches; unset: everything).
  *
  * Tolerances (relative error ||ours - ref|| / ||ref|| over a tensor):
  *   fp32 precision  1e-4 against the golden data and against the CPU engine
@@ -4871,6 +4874,30 @@ check_expert_mma_q(void)
 	kl_model_free(m);
 }
 
+/*
+ * KL_TEST_ONLY=a,b,...: run only the checks whose call (as written in main, e.g.
+ * "check_mla_flash()" or "check_golden(\"tiny_a\"") contains one of the
+ * comma-separated strings; unset or empty: all.  For a quick device run of the
+ * checks a change touches; the full run is the default.
+ */
+static bool
+test_wanted(const char *call)
+{
+	const char *only = getenv("KL_TEST_ONLY");
+	char		buf[256];
+	char	   *save = NULL;
+
+	if (only == NULL || only[0] == '\0')
+		return true;
+	snprintf(buf, sizeof(buf), "%s", only);
+	for (char *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save))
+		if (t[0] != '\0' && strstr(call, t) != NULL)
+			return true;
+	return false;
+}
+
+#define RUN(call) do { if (test_wanted(#call)) call; } while (0)
+
 int
 main(void)
 {
@@ -4896,60 +4923,60 @@ main(void)
 	}
 	kl_model_free(m);
 
-	check_sampler(true);
-	check_sampler(false);
-	check_route_warp();
-	check_route_rank();
-	check_expert_mma();
-	check_gemv_slab();
-	check_gemv_q();
-	check_expert_gemv_q();
-	check_expert_paths();
-	check_mla_small();
-	check_mla_flash();
-	check_kda_decode();
-	check_kda_elem_warp();
-	check_kda_chunked_mma();
+	RUN(check_sampler(true));
+	RUN(check_sampler(false));
+	RUN(check_route_warp());
+	RUN(check_route_rank());
+	RUN(check_expert_mma());
+	RUN(check_gemv_slab());
+	RUN(check_gemv_q());
+	RUN(check_expert_gemv_q());
+	RUN(check_expert_paths());
+	RUN(check_mla_small());
+	RUN(check_mla_flash());
+	RUN(check_kda_decode());
+	RUN(check_kda_elem_warp());
+	RUN(check_kda_chunked_mma());
 	for (int mi = 0; mi < 2; mi++)
 		for (int pi = 0; pi < 2; pi++)
 			for (int bi = 0; bi < 3; bi++)
-				check_kda_fused_model(mi ? "tiny_c" : "tiny_a", pi ? "bf16" : "fp32", (int[]) {1, 3, 8}[bi]);
-	check_golden("tiny_a", "golden.safetensors", "fp32");
-	check_golden("tiny_a", "golden_route_select.safetensors", "fp32");
-	check_golden("tiny_c", "golden.safetensors", "fp32");
+				RUN(check_kda_fused_model(mi ? "tiny_c" : "tiny_a", pi ? "bf16" : "fp32", (int[]) {1, 3, 8}[bi]));
+	RUN(check_golden("tiny_a", "golden.safetensors", "fp32"));
+	RUN(check_golden("tiny_a", "golden_route_select.safetensors", "fp32"));
+	RUN(check_golden("tiny_c", "golden.safetensors", "fp32"));
 	/* bf16 as users get it: precision auto, the default on the GPU (3e-2, 8 greedy ids identical) */
-	check_golden("tiny_a", "golden.safetensors", "auto");
-	check_golden("tiny_a", "golden_route_select.safetensors", "auto");
-	check_golden("tiny_c", "golden.safetensors", "auto");
+	RUN(check_golden("tiny_a", "golden.safetensors", "auto"));
+	RUN(check_golden("tiny_a", "golden_route_select.safetensors", "auto"));
+	RUN(check_golden("tiny_c", "golden.safetensors", "auto"));
 	/* 12: plain products through cuBLAS; 8: through the tensor-core GEMV (gemv_mma_kernel) */
-	check_golden_batch("tiny_a", 12);
-	check_golden_batch("tiny_c", 12);
-	check_golden_batch("tiny_a", 8);
-	check_golden_batch("tiny_c", 8);
-	check_big_shapes();
-	check_big_bf16_routing();
-	check_pgdocs("fp32");
-	check_pgdocs("bf16");
-	check_mla_mma_trained();
-	check_graph_logit_rows();
-	check_prefetch_neutral("fp32");
-	check_prefetch_neutral("bf16");
-	check_q_dequant();
-	check_q_fill();
+	RUN(check_golden_batch("tiny_a", 12));
+	RUN(check_golden_batch("tiny_c", 12));
+	RUN(check_golden_batch("tiny_a", 8));
+	RUN(check_golden_batch("tiny_c", 8));
+	RUN(check_big_shapes());
+	RUN(check_big_bf16_routing());
+	RUN(check_pgdocs("fp32"));
+	RUN(check_pgdocs("bf16"));
+	RUN(check_mla_mma_trained());
+	RUN(check_graph_logit_rows());
+	RUN(check_prefetch_neutral("fp32"));
+	RUN(check_prefetch_neutral("bf16"));
+	RUN(check_q_dequant());
+	RUN(check_q_fill());
 	for (int mi = 0; mi < 2; mi++)
 		for (int qi = 0; qi < 3; qi++)
 			for (int pi = 0; pi < 2; pi++)
 				check_quantized(mi ? "tiny_c" : "tiny_a", (const char *[]) {"fp8", "int8", "int4"}[qi],
 								pi ? "bf16" : "fp32");
-	check_quantized_published();
-	check_big_quantized("fp8", "fp32");
-	check_big_quantized("int8", "fp32");
-	check_big_quantized("int4", "fp32");
-	check_big_quantized("fp8", "bf16");
-	check_big_quantized("int4", "bf16");
-	check_48b_quantized("fp8");
-	check_48b_quantized("int4");
-	check_gemv_mma_q();
-	check_expert_mma_q();
+	RUN(check_quantized_published());
+	RUN(check_big_quantized("fp8", "fp32"));
+	RUN(check_big_quantized("int8", "fp32"));
+	RUN(check_big_quantized("int4", "fp32"));
+	RUN(check_big_quantized("fp8", "bf16"));
+	RUN(check_big_quantized("int4", "bf16"));
+	RUN(check_48b_quantized("fp8"));
+	RUN(check_48b_quantized("int4"));
+	RUN(check_gemv_mma_q());
+	RUN(check_expert_mma_q());
 	return tap_done();
 }
