@@ -64,6 +64,9 @@ int			kk_row_norm_twin(cudaStream_t s, int mode, float *y, int ldy, uint16_t *y1
 int			kk_swiglu_twin(cudaStream_t s, float *h, uint16_t *h16, const float *g, const float *u, int rows,
 						   int width, int ld);
 void		kk_f32_to_bf16_v4(cudaStream_t s, uint16_t *dst, int ldd, const float *src, int lds, int rows, int cols);
+/* kda.cu: kk_kda_gated_norm with out16 [n_tokens, H*V] (8-byte aligned; NULL: none) */
+void		kk_kda_gated_norm_twin(cudaStream_t s, int n_tokens, int H, int V, const float *o, const float *gate,
+								   const float *w, float eps, float *out, uint16_t *out16);
 void		kk_bf16_to_f32(cudaStream_t s, float *dst, const uint16_t *src, size_t n);
 void		kk_fill_random(cudaStream_t s, void *dst, int bf16, size_t n, uint64_t seed, float scale);
 

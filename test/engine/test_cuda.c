@@ -3731,18 +3731,26 @@ twin_model(const char *config, const char *quantize, bool twin)
  * of one call, in pieces (every product of many rows), and token by token
  * (graphs): logits bit-identical.  K=128/R=512 shapes (dense MLP, KDA, MLA,
  * MoE with a shared expert; bf16 and int4 weights, the latter through the
- * dequantized panels) and two layers of the 48B shapes (hidden 2304, 256
- * experts of 1024, dense MLP of 9216).
+ * dequantized panels; KDA's gated norm as the block kernel and, with
+ * KL_CUDA_KDA_ELEM_WARP=1, the warp one) and two layers of the 48B shapes
+ * (hidden 2304, 256 experts of 1024, dense MLP of 9216).
  */
 static void
-check_bf16_twin_model(const char *config, const char *name, const char *quantize, int T, int piece)
+check_bf16_twin_model(const char *config, const char *name, const char *quantize, int T, int piece, bool elem_warp)
 {
-	kl_model   *a = twin_model(config, quantize, true),
-			   *b = twin_model(config, quantize, false);
-	int			V = kl_model_config(a)->vocab_size;
+	kl_model   *a,
+			   *b;
+	int			V;
 	int32_t    *ids = malloc(sizeof(int32_t) * (size_t) T);
 	int			steps[3] = {0, piece, 1};
 
+	/* KL_CUDA_KDA_ELEM_WARP=1: the warp-per-(row, head) gated norm writes o_proj's twin instead */
+	if (elem_warp)
+		setenv("KL_CUDA_KDA_ELEM_WARP", "1", 1);
+	a = twin_model(config, quantize, true);
+	b = twin_model(config, quantize, false);
+	unsetenv("KL_CUDA_KDA_ELEM_WARP");
+	V = kl_model_config(a)->vocab_size;
 	for (int i = 0; i < T; i++)
 		ids[i] = (int32_t) ((i * 7919 + 13) % V);
 	for (int si = 0; si < 3; si++)
@@ -3755,8 +3763,9 @@ check_bf16_twin_model(const char *config, const char *name, const char *quantize
 		la = logits_of(a, ids, T, steps[si], false, NULL);
 		lb = logits_of(b, ids, T, steps[si], false, NULL);
 		tap_ok(memcmp(la, lb, sizeof(float) * (size_t) T * V) == 0,
-			   "%s%s%s, bf16, %d tokens %s: logits with and without the bf16 twins (KL_CUDA_BF16_TWIN) "
-			   "bit-identical (rel err %.2e)", name, quantize ? ", " : "", quantize ? quantize : "", T,
+			   "%s%s%s%s, bf16, %d tokens %s: logits with and without the bf16 twins (KL_CUDA_BF16_TWIN) "
+			   "bit-identical (rel err %.2e)", name, quantize ? ", " : "", quantize ? quantize : "",
+			   elem_warp ? ", KDA warp elementwise kernels" : "", T,
 			   steps[si] == 0 ? "in one call" : steps[si] == 1 ? "token by token" : "in pieces", rel_err(la, lb,
 																										 (size_t) T * V));
 		free(la);
@@ -5117,9 +5126,10 @@ main(void)
 	check_prefetch_neutral("fp32");
 	check_prefetch_neutral("bf16");
 	check_bf16_twin_kernels();
-	check_bf16_twin_model(big_config, "K=128/R=512 shapes", NULL, 150, 40);
-	check_bf16_twin_model(big_config, "K=128/R=512 shapes", "int4", 150, 40);
-	check_bf16_twin_model(q48_config, "48B shapes (2 layers)", NULL, 700, 300);
+	check_bf16_twin_model(big_config, "K=128/R=512 shapes", NULL, 150, 40, false);
+	check_bf16_twin_model(big_config, "K=128/R=512 shapes", NULL, 150, 40, true);
+	check_bf16_twin_model(big_config, "K=128/R=512 shapes", "int4", 150, 40, false);
+	check_bf16_twin_model(q48_config, "48B shapes (2 layers)", NULL, 700, 300, false);
 	check_q_dequant();
 	check_q_fill();
 	for (int mi = 0; mi < 2; mi++)
