@@ -55,7 +55,7 @@ template <int MODE>
 __global__ void __launch_bounds__(1024)
 row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const float *__restrict__ w, int d, float eps,
 				int k, const float *__restrict__ wts, const int *__restrict__ inv, const void *__restrict__ ye,
-				const float *__restrict__ ys)
+				const float *__restrict__ ys, uint16_t *__restrict__ y16)
 {
 	__shared__ float red[32];
 	size_t		t = blockIdx.x;
@@ -150,6 +150,11 @@ row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const floa
 			o.z = wv.z * (v[j].z * iv);
 			o.w = wv.w * (v[j].w * iv);
 			((float4 *) (y + t * ldy))[c] = o;
+			if (y16)
+				/* the bf16 twin: the same rounding as f32_to_bf16_kernel of y */
+				((uint2 *) (y16 + t * d))[c] =
+					make_uint2((uint32_t) f32_to_bf16(o.x) | ((uint32_t) f32_to_bf16(o.y) << 16),
+							   (uint32_t) f32_to_bf16(o.z) | ((uint32_t) f32_to_bf16(o.w) << 16));
 		}
 	}
 }
@@ -172,37 +177,45 @@ row_threads(int d)
 }
 
 extern "C" int
-kk_row_norm(cudaStream_t s, int mode, float *y, int ldy, float *x, int ldx, const float *a, const float *w, int rows,
-			int d, float eps, int k, const float *wts, const int *inv, const float *ye, const float *ys)
+kk_row_norm_twin(cudaStream_t s, int mode, float *y, int ldy, uint16_t *y16, float *x, int ldx, const float *a,
+				 const float *w, int rows, int d, float eps, int k, const float *wts, const int *inv, const void *ye,
+				 const float *ys)
 {
 	if (rows <= 0)
 		return 0;
-	if (!row_ok(d, ldx, ldy, y, x, w, a) || (mode == 2 && !row_ok(d, 4, 4, ye, ys, NULL, NULL)))
+	if (!row_ok(d, ldx, ldy, y, x, w, a) || ((uintptr_t) y16 & 7) != 0 || mode < 0 || mode > 3 ||
+		(mode == 2 && !row_ok(d, 4, 4, ye, ys, NULL, NULL)) ||
+		(mode == 3 && (!row_ok(d, d, d, y, x, w, ys) || ((uintptr_t) ye & 15) != 0)))
 		return -1;
 	if (mode == 0)
 		kk_launch(row_norm_kernel<0>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
-				  inv, ye, ys);
+				  inv, ye, ys, y16);
 	else if (mode == 1)
 		kk_launch(row_norm_kernel<1>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
-				  inv, ye, ys);
-	else
+				  inv, ye, ys, y16);
+	else if (mode == 2)
 		kk_launch(row_norm_kernel<2>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
-				  inv, (const void *) ye, ys);
+				  inv, ye, ys, y16);
+	else
+		kk_launch(row_norm_kernel<3>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
+				  inv, ye, ys, y16);
 	return 0;
+}
+
+extern "C" int
+kk_row_norm(cudaStream_t s, int mode, float *y, int ldy, float *x, int ldx, const float *a, const float *w, int rows,
+			int d, float eps, int k, const float *wts, const int *inv, const float *ye, const float *ys)
+{
+	return kk_row_norm_twin(s, mode ? (mode == 1 ? 1 : 2) : 0, y, ldy, NULL, x, ldx, a, w, rows, d, eps, k, wts, inv,
+							ye, ys);
 }
 
 extern "C" int
 kk_row_norm_combine16(cudaStream_t s, float *y, float *x, const float *w, int rows, int d, float eps, int k,
 					  const float *wts, const int *inv, const uint16_t *ye16, const float *ys)
 {
-	if (rows <= 0)
-		return 0;
 	/* (bf16 rows of d % 4 == 0 are 8-byte aligned when ye16 is) */
-	if (!row_ok(d, d, d, y, x, w, ys) || ((uintptr_t) ye16 & 15) != 0)
-		return -1;
-	kk_launch(row_norm_kernel<3>, dim3(rows), dim3(row_threads(d)), 0, s, y, d, x, d, (const float *) NULL, w, d, eps,
-			  k, wts, inv, (const void *) ye16, ys);
-	return 0;
+	return kk_row_norm_twin(s, 3, y, d, NULL, x, d, NULL, w, rows, d, eps, k, wts, inv, ye16, ys);
 }
 
 /* One block per row.  In place is safe: each element is read, then written,
@@ -321,6 +334,52 @@ kk_swiglu(cudaStream_t s, float *h, const float *g, const float *u, int rows, in
 	kk_launch(swiglu_kernel, dim3(blocks < 8192 ? blocks : 8192), dim3(256), 0, s, h, g, u, rows, width, ld);
 }
 
+/*
+ * kk_swiglu that also writes h16, the bf16 twin of h (contiguous rows of
+ * width, f32_to_bf16 of the very fp32 values stored in h), four columns a
+ * thread.  Needs width % 4 == 0, ld % 4 == 0, g, u, h 16-byte and h16
+ * 8-byte aligned, rows * width / 4 < 2^32: returns -1 (nothing launched)
+ * otherwise, 0 when launched.
+ */
+__global__ void
+swiglu_twin_kernel(float *h, uint16_t *h16, const float *g, const float *u, unsigned n4, unsigned w4, int ld)
+{
+	kk_dep_wait();
+	kk_dep_launch();
+	for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += gridDim.x * blockDim.x)
+	{
+		unsigned	r = i / w4,
+					c = i - r * w4;
+		float4		gv = ((const float4 *) (g + (size_t) r * ld))[c],
+					uv = ((const float4 *) (u + (size_t) r * ld))[c],
+					o;
+
+		o.x = siluf_(gv.x) * uv.x;
+		o.y = siluf_(gv.y) * uv.y;
+		o.z = siluf_(gv.z) * uv.z;
+		o.w = siluf_(gv.w) * uv.w;
+		((float4 *) h)[i] = o;
+		((uint2 *) h16)[i] = make_uint2((uint32_t) f32_to_bf16(o.x) | ((uint32_t) f32_to_bf16(o.y) << 16),
+										(uint32_t) f32_to_bf16(o.z) | ((uint32_t) f32_to_bf16(o.w) << 16));
+	}
+}
+
+extern "C" int
+kk_swiglu_twin(cudaStream_t s, float *h, uint16_t *h16, const float *g, const float *u, int rows, int width, int ld)
+{
+	size_t		n4 = (size_t) rows * width / 4;
+	size_t		blocks = ceil_div(n4, 256);
+
+	if (rows <= 0 || width <= 0)
+		return 0;
+	if (width % 4 != 0 || ld % 4 != 0 || n4 >= ((size_t) 1 << 32) ||
+		(((uintptr_t) h | (uintptr_t) g | (uintptr_t) u) & 15) != 0 || ((uintptr_t) h16 & 7) != 0)
+		return -1;
+	kk_launch(swiglu_twin_kernel, dim3(blocks < 8192 ? blocks : 8192), dim3(256), 0, s, h, h16, g, u, (unsigned) n4,
+			  (unsigned) (width / 4), ld);
+	return 0;
+}
+
 /* ------------------------------------------------------------------ conversions */
 
 __global__ void
@@ -347,6 +406,47 @@ kk_f32_to_bf16(cudaStream_t s, uint16_t *dst, int ldd, const float *src, int lds
 	if (rows <= 0 || cols <= 0)
 		return;
 	kk_launch(f32_to_bf16_kernel, dim3(blocks < 16384 ? blocks : 16384), dim3(256), 0, s, dst, ldd, src, lds, rows, cols);
+}
+
+/*
+ * kk_f32_to_bf16 four columns a thread with 32-bit index arithmetic (the
+ * older kernel divides a 64-bit index per element and runs at about half
+ * the memory rate); the same numbers.  Falls back to that kernel where the
+ * shape or alignment does not allow 16-byte loads and 8-byte stores.
+ */
+__global__ void
+f32_to_bf16_v4_kernel(uint16_t *dst, int ldd, const float *src, int lds, unsigned n4, unsigned c4)
+{
+	kk_dep_wait();
+	kk_dep_launch();
+	for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += gridDim.x * blockDim.x)
+	{
+		unsigned	r = i / c4,
+					c = i - r * c4;
+		float4		v = ((const float4 *) (src + (size_t) r * lds))[c];
+
+		((uint2 *) (dst + (size_t) r * ldd))[c] =
+			make_uint2((uint32_t) f32_to_bf16(v.x) | ((uint32_t) f32_to_bf16(v.y) << 16),
+					   (uint32_t) f32_to_bf16(v.z) | ((uint32_t) f32_to_bf16(v.w) << 16));
+	}
+}
+
+extern "C" void
+kk_f32_to_bf16_v4(cudaStream_t s, uint16_t *dst, int ldd, const float *src, int lds, int rows, int cols)
+{
+	size_t		n4 = (size_t) rows * cols / 4;
+	size_t		blocks = ceil_div(n4, 256);
+
+	if (rows <= 0 || cols <= 0)
+		return;
+	if (cols % 4 != 0 || lds % 4 != 0 || ldd % 4 != 0 || n4 >= ((size_t) 1 << 32) || ((uintptr_t) src & 15) != 0 ||
+		((uintptr_t) dst & 7) != 0)
+	{
+		kk_f32_to_bf16(s, dst, ldd, src, lds, rows, cols);
+		return;
+	}
+	kk_launch(f32_to_bf16_v4_kernel, dim3(blocks < 16384 ? blocks : 16384), dim3(256), 0, s, dst, ldd, src, lds,
+			  (unsigned) n4, (unsigned) (cols / 4));
 }
 
 __global__ void

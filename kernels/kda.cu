@@ -1445,7 +1445,8 @@ kda_gated(float ov, float ss, int V, float eps, const float *w, const float *gat
 }
 
 __global__ void
-kda_gated_norm_kernel(int H, int V, const float *o, const float *gate, const float *w, float eps, float *out)
+kda_gated_norm_kernel(int H, int V, const float *o, const float *gate, const float *w, float eps, float *out,
+					  uint16_t *out16)
 {
 	__shared__ float red[32];
 	int			t = blockIdx.x,
@@ -1462,7 +1463,11 @@ kda_gated_norm_kernel(int H, int V, const float *o, const float *gate, const flo
 
 	if (x < V)
 	{
-		out[off] = kda_gated(ov, ss, V, eps, w + x, gate + off);
+		float		y = kda_gated(ov, ss, V, eps, w + x, gate + off);
+
+		out[off] = y;
+		if (out16)
+			out16[off] = f32_to_bf16(y);	/* (the bf16 twin for o_proj: KL_CUDA_BF16_TWIN) */
 	}
 }
 
@@ -1473,7 +1478,7 @@ kda_gated_norm_kernel(int H, int V, const float *o, const float *gate, const flo
 template <int K>
 __global__ void __launch_bounds__(KDA_EW_WARPS * 32)
 kda_gated_norm_warp_kernel(int n_tokens, int H, int V, const float *o, const float *gate, const float *w,
-						   float eps, float *out)
+						   float eps, float *out, uint16_t *out16)
 {
 	int			t,
 				h,
@@ -1493,32 +1498,44 @@ kda_gated_norm_warp_kernel(int n_tokens, int H, int V, const float *o, const flo
 		float4		gv = *(const float4 *) (gate + off),
 					wv = *(const float4 *) (w + c0);
 
-		*(float4 *) (out + off) = make_float4(kda_gated(ov.x, ss, V, eps, &wv.x, &gv.x),
-											  kda_gated(ov.y, ss, V, eps, &wv.y, &gv.y),
-											  kda_gated(ov.z, ss, V, eps, &wv.z, &gv.z),
-											  kda_gated(ov.w, ss, V, eps, &wv.w, &gv.w));
+		float4		y = make_float4(kda_gated(ov.x, ss, V, eps, &wv.x, &gv.x), kda_gated(ov.y, ss, V, eps, &wv.y, &gv.y),
+									kda_gated(ov.z, ss, V, eps, &wv.z, &gv.z), kda_gated(ov.w, ss, V, eps, &wv.w, &gv.w));
+
+		*(float4 *) (out + off) = y;
+		if (out16)
+			*(uint2 *) (out16 + off) = make_uint2((uint32_t) f32_to_bf16(y.x) | ((uint32_t) f32_to_bf16(y.y) << 16),
+												  (uint32_t) f32_to_bf16(y.z) | ((uint32_t) f32_to_bf16(y.w) << 16));
 	}
 }
 
-/* the warp kernel for V = 32, 64, 128 (KL_CUDA_KDA_ELEM_WARP), else kda_gated_norm_kernel */
+/* the warp kernel for V = 32, 64, 128 (KL_CUDA_KDA_ELEM_WARP), else kda_gated_norm_kernel;
+ * out16 (NULL: none): also the bf16 rounding of out, same layout (8-byte aligned) */
 extern "C" void
-kk_kda_gated_norm(cudaStream_t s, int n_tokens, int H, int V, const float *o, const float *gate, const float *w,
-				  float eps, float *out)
+kk_kda_gated_norm_twin(cudaStream_t s, int n_tokens, int H, int V, const float *o, const float *gate, const float *w,
+					   float eps, float *out, uint16_t *out16)
 {
 	dim3		wgrid;
 	const void *p[] = {o, gate, w, out};
 
-	if (n_tokens > 0 && kda_ew_grid(n_tokens, H, V, &wgrid) && kda_ew_aligned(p, 4))
+	if (n_tokens > 0 && kda_ew_grid(n_tokens, H, V, &wgrid) && kda_ew_aligned(p, 4) && ((uintptr_t) out16 & 7) == 0)
 	{
-		void		(*kern) (int, int, int, const float *, const float *, const float *, float, float *) =
+		void		(*kern) (int, int, int, const float *, const float *, const float *, float, float *, uint16_t *) =
 			V == 32 ? kda_gated_norm_warp_kernel<32> :
 			V == 64 ? kda_gated_norm_warp_kernel<64> : kda_gated_norm_warp_kernel<128>;
 
-		kk_launch(kern, wgrid, dim3(KDA_EW_WARPS * 32), 0, s, n_tokens, H, V, o, gate, w, eps, out);
+		kk_launch(kern, wgrid, dim3(KDA_EW_WARPS * 32), 0, s, n_tokens, H, V, o, gate, w, eps, out, out16);
 		return;
 	}
 	if (n_tokens > 0)
-		kk_launch(kda_gated_norm_kernel, dim3(n_tokens, H), dim3((V + 31) / 32 * 32), 0, s, H, V, o, gate, w, eps, out);
+		kk_launch(kda_gated_norm_kernel, dim3(n_tokens, H), dim3((V + 31) / 32 * 32), 0, s, H, V, o, gate, w, eps, out,
+				  out16);
+}
+
+extern "C" void
+kk_kda_gated_norm(cudaStream_t s, int n_tokens, int H, int V, const float *o, const float *gate, const float *w,
+				  float eps, float *out)
+{
+	kk_kda_gated_norm_twin(s, n_tokens, H, V, o, gate, w, eps, out, NULL);
 }
 
 /* ------------------------------------------------------------------ fused decode step */

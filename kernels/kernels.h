@@ -48,6 +48,25 @@ int			kk_row_norm_combine16(cudaStream_t s, float *y, float *x, const float *w, 
 								  int k, const float *wts, const int *inv, const uint16_t *ye16, const float *ys);
 void		kk_swiglu(cudaStream_t s, float *h, const float *g, const float *u, int rows, int width, int ld);
 void		kk_f32_to_bf16(cudaStream_t s, uint16_t *dst, int ldd, const float *src, int lds, int rows, int cols);
+/*
+ * bf16 twins (KL_CUDA_BF16_TWIN, cuda_matmul.c): producers that also write
+ * the bf16 rounding (f32_to_bf16) of their fp32 output, rows contiguous, so
+ * that the products reading it need no conversion pass.  0 when launched,
+ * -1 when the shape or alignment is not covered (nothing launched).
+ * kk_row_norm_twin: kk_row_norm's modes 0, 1, 2 and 3 (3: the bf16 expert
+ * outputs of kk_row_norm_combine16 in ye) with y16 [rows, d] (NULL: none).
+ * kk_swiglu_twin: kk_swiglu with h16 [rows, width].
+ * kk_f32_to_bf16_v4: kk_f32_to_bf16 (the same numbers) four columns a thread.
+ */
+int			kk_row_norm_twin(cudaStream_t s, int mode, float *y, int ldy, uint16_t *y16, float *x, int ldx,
+							 const float *a, const float *w, int rows, int d, float eps, int k, const float *wts,
+							 const int *inv, const void *ye, const float *ys);
+int			kk_swiglu_twin(cudaStream_t s, float *h, uint16_t *h16, const float *g, const float *u, int rows,
+						   int width, int ld);
+void		kk_f32_to_bf16_v4(cudaStream_t s, uint16_t *dst, int ldd, const float *src, int lds, int rows, int cols);
+/* kda.cu: kk_kda_gated_norm with out16 [n_tokens, H*V] (8-byte aligned; NULL: none) */
+void		kk_kda_gated_norm_twin(cudaStream_t s, int n_tokens, int H, int V, const float *o, const float *gate,
+								   const float *w, float eps, float *out, uint16_t *out16);
 void		kk_bf16_to_f32(cudaStream_t s, float *dst, const uint16_t *src, size_t n);
 void		kk_fill_random(cudaStream_t s, void *dst, int bf16, size_t n, uint64_t seed, float scale);
 

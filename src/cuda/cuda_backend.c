@@ -227,6 +227,7 @@ static void
 cu_upload(kl_backend *be, void *dst, const void *src, size_t bytes)
 {
 	cuda_flush_add(be);
+	CS(be)->tw.valid = false;	/* (it may write over a bf16 twin's rows) */
 	if (bytes)
 		cuda_upload_sync(be, dst, src, bytes);
 }
@@ -487,6 +488,7 @@ cuda_flush_add(kl_backend *be)
 	if (cs->pend_moe)
 	{
 		cs->pend_moe = false;
+		cs->tw.valid = false;	/* (writes that may be a bf16 twin's rows) */
 		if (!be->failed)
 		{
 			if (cs->pm_ye16)
@@ -501,6 +503,7 @@ cuda_flush_add(kl_backend *be)
 	if (!cs->pend)
 		return;
 	cs->pend = false;
+	cs->tw.valid = false;
 	if (be->failed)
 		return;
 	kk_add(cs->stream, cs->pend_y, cs->pend_x, cs->pend_n);
@@ -536,19 +539,36 @@ cuda_defer_combine16(kl_backend *be, float *y, int n, int D, int k, const float 
 	CS(be)->pm_ye16 = ye16;
 }
 
+/* a producer launched the bf16 twin y16 of y [rows, d] (contiguous): the products of y read it */
+static void
+twin_made(kl_backend *be, const float *y, int rows, int d, const uint16_t *y16)
+{
+	cuda_twin_set(CS(be), y, d, rows, d, y16, false);
+}
+
 static void
 cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const float *w, int rows, int d, float eps)
 {
 	cuda_state *cs = CS(be);
+	uint16_t   *y16;
 
 	if (cuda_step_skip(be, OP_RMSNORM, (uintptr_t) y, (uintptr_t) x, (uintptr_t) w, (uintptr_t) rows * 65536 + d))
+		return;
+	/* the products of y that follow read its bf16 twin, written here (KL_CUDA_BF16_TWIN; not for a
+	 * part of the rows, as kv_a_layernorm's, which no product reads) */
+	y16 = ldy == d ? cuda_twin_out(be, rows, d) : NULL;
+	if (be->failed)
 		return;
 	if (cs->pend && cs->pend_moe && cs->pend_x == cs->pm_y && cs->pend_y == x && ldx == d && ldy == d &&
 		rows == cs->pm_n && d == cs->pm_D && cs->pend_n == (size_t) rows * d && y != cs->pm_y)
 	{
 		/* MoE combine + residual add + norm in one kernel */
 		cs->pend = cs->pend_moe = false;
-		if (cs->pm_ye16)
+		if (y16 && kk_row_norm_twin(cs->stream, cs->pm_ye16 ? 3 : 2, y, d, y16, cs->pend_y, d, NULL, w, rows, d, eps,
+									cs->pm_k, cs->pm_wts, cs->pm_inv,
+									cs->pm_ye16 ? (const void *) cs->pm_ye16 : (const void *) cs->pm_ye, cs->pm_ys) == 0)
+			twin_made(be, y, rows, d, y16);
+		else if (cs->pm_ye16)
 			kk_moe_combine16_add_rmsnorm(cs->stream, y, cs->pend_y, rows, d, cs->pm_k, cs->pm_wts, cs->pm_inv,
 										 cs->pm_ye16, cs->pm_ys, w, eps);
 		else
@@ -562,12 +582,20 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 	if (cs->pend && cs->pend_y == x && ldx == d && ldy == d && cs->pend_n == (size_t) rows * d && cs->pend_x != x)
 	{
 		cs->pend = false;
-		kk_add_rmsnorm(cs->stream, y, cs->pend_y, cs->pend_x, w, rows, d, eps);
+		if (y16 && kk_row_norm_twin(cs->stream, 1, y, d, y16, cs->pend_y, d, cs->pend_x, w, rows, d, eps, 0, NULL,
+									NULL, NULL, NULL) == 0)
+			twin_made(be, y, rows, d, y16);
+		else
+			kk_add_rmsnorm(cs->stream, y, cs->pend_y, cs->pend_x, w, rows, d, eps);
 		cuda_launched(be, "add_rmsnorm");
 		return;
 	}
 	cuda_flush_add(be);
-	kk_rmsnorm(cs->stream, y, ldy, x, ldx, w, rows, d, eps);
+	if (y16 && kk_row_norm_twin(cs->stream, 0, y, ldy, y16, (float *) x, ldx, NULL, w, rows, d, eps, 0, NULL, NULL,
+								NULL, NULL) == 0)
+		twin_made(be, y, rows, d, y16);
+	else
+		kk_rmsnorm(cs->stream, y, ldy, x, ldx, w, rows, d, eps);
 	cuda_launched(be, "rmsnorm");
 }
 
@@ -590,9 +618,18 @@ cu_add(kl_backend *be, float *y, const float *x, size_t count)
 static void
 cu_swiglu(kl_backend *be, float *h, const float *g, const float *u, int rows, int width, int ld)
 {
+	uint16_t   *h16;
+
 	if (cuda_step_skip(be, OP_SWIGLU, (uintptr_t) h, (uintptr_t) g, (uintptr_t) u, (uintptr_t) rows * 65536 + width))
 		return;
-	kk_swiglu(CS(be)->stream, h, g, u, rows, width, ld);
+	/* the down product that follows reads h's bf16 twin (KL_CUDA_BF16_TWIN) */
+	h16 = cuda_twin_out(be, rows, width);
+	if (be->failed)
+		return;
+	if (h16 && kk_swiglu_twin(CS(be)->stream, h, h16, g, u, rows, width, ld) == 0)
+		twin_made(be, h, rows, width, h16);
+	else
+		kk_swiglu(CS(be)->stream, h, g, u, rows, width, ld);
 	cuda_launched(be, "swiglu");
 }
 
@@ -803,6 +840,19 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		const char *gg = getenv("KL_CUDA_GROUPED_GEMM");
 
 		cs->no_grouped_gemm = gg && strcmp(gg, "0") == 0;
+	}
+	{
+		/*
+		 * KL_CUDA_BF16_TWIN=0: in bf16 precision every product of many rows
+		 * converts its fp32 input to bf16 in a pass of its own (the older
+		 * code).  Default on: the row norms and SwiGLUs of many rows also
+		 * write the bf16 rounding of their output, products of the same
+		 * input convert it once (cuda_state.tw), conversions run four
+		 * columns a thread — the same bf16 numbers reach the same products.
+		 */
+		const char *bt = getenv("KL_CUDA_BF16_TWIN");
+
+		cs->bf16_twin = cs->bf16 && !(bt && strcmp(bt, "0") == 0);
 	}
 	{
 		/*

@@ -67,6 +67,7 @@ enum cuda_buf_id
 	CB_MOE_Y16,					/* KL_CUDA_MOE_PREFILL=2: expert outputs in bf16 */
 	CB_MOE_GU16,				/* KL_CUDA_MOE_PREFILL=3: gate and up results in bf16, where CB_MOE_G/U lack room */
 	CB_SAMPLE_PROB,
+	CB_TWIN,					/* bf16 twins written by their producers (cuda_twin_out) */
 	CB_COUNT
 };
 
@@ -305,6 +306,32 @@ typedef struct cuda_state
 	cudaEvent_t *moe_ev;
 	unsigned	moe_ev_mask;
 
+	/*
+	 * KL_CUDA_BF16_TWIN (default on; bf16 precision only): the bf16 rounding
+	 * of one activation, so that the products of it convert it once or not
+	 * at all (cuda_matmul.c, cuda_x_bf16).  tw describes it: the fp32 rows
+	 * src [rows, cols] (row stride ld) whose f32_to_bf16 is at dst (rows
+	 * contiguous); valid until any op but a product (or the MoE op of src)
+	 * runs, a product writes over src, or dst's buffer is written again.
+	 * Written by the row norms and the SwiGLU of many rows into CB_TWIN
+	 * (in_xbuf false), or by a product's conversion into CB_X_BF16
+	 * (in_xbuf true).  tw_scope: the products running now may use and record
+	 * it (forward.c's products, the MoE's shared expert), where the input
+	 * is not written by an op behind the step's back.
+	 */
+	bool		bf16_twin;
+	bool		tw_scope;
+	struct
+	{
+		const float *src;
+		int			ld,
+					rows,
+					cols;
+		const uint16_t *dst;
+		bool		valid,
+					in_xbuf;
+	}			tw;
+
 	/* host staging for MoE grouping of prefill batches */
 	int		   *h_sel,
 			   *h_xrow,
@@ -404,6 +431,22 @@ void		cuda_matmul_batch_raw(kl_backend *be, const kl_matmul_job *jobs, int count
 void		cuda_matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
 /* the same in fp32 arithmetic whatever the precision mode (MoE routing) */
 void		cuda_matmul_fp32(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
+/*
+ * bf16 twins (KL_CUDA_BF16_TWIN; see cuda_state.tw).  cuda_twin_out: the
+ * CB_TWIN buffer for a producer's twin of rows x cols, or NULL where none
+ * is wanted (off, fp32 precision, rows the products take as GEMVs) or on
+ * failure (be->failed set); any twin held there is dropped.  The producer
+ * then calls cuda_twin_set when it launched the writes.  cuda_x_bf16: the
+ * bf16 rows of x [n, cols] (ldx) for a product, *ld16 their stride: the twin
+ * where it is x's, else converted (into CB_X_BF16, recorded as the twin when
+ * in tw_scope); NULL on failure.  cuda_to_bf16: kk_f32_to_bf16, by the
+ * four-column kernel when the switch is on (the same numbers).
+ */
+uint16_t   *cuda_twin_out(kl_backend *be, int rows, int cols);
+void		cuda_twin_set(cuda_state *cs, const float *src, int ld, int rows, int cols, const uint16_t *dst,
+						  bool in_xbuf);
+const uint16_t *cuda_x_bf16(kl_backend *be, const float *x, int ldx, int n, int cols, int *ld16);
+void		cuda_to_bf16(kl_backend *be, uint16_t *dst, int ldd, const float *src, int lds, int rows, int cols);
 /* C (bf16) [n, rows] = x16 [n, cols] (bf16, ldx) W^T, W bf16 */
 bool		cuda_gemm_bf16_out(kl_backend *be, uint16_t *y, int ldy, const uint16_t *x, int ldx, int n,
 							   const void *W, int rows, int cols);

@@ -125,8 +125,16 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 		if (!cuda_launched(be, "kda_chunked"))
 			return;
 	}
-	kk_kda_gated_norm(cs->stream, n, H, K, o, a->gate, w->o_norm, cfg->rms_norm_eps, a->out);
-	cuda_launched(be, "kda_gated_norm");
+	{
+		/* o_proj reads the output's bf16 twin (KL_CUDA_BF16_TWIN) */
+		uint16_t   *o16 = cuda_twin_out(be, n, HK);
+
+		if (be->failed)
+			return;
+		kk_kda_gated_norm_twin(cs->stream, n, H, K, o, a->gate, w->o_norm, cfg->rms_norm_eps, a->out, o16);
+		if (cuda_launched(be, "kda_gated_norm") && o16)
+			cuda_twin_set(cs, a->out, HK, n, HK, o16, false);
+	}
 }
 
 /* ------------------------------------------------------------------ test hook */

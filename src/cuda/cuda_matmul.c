@@ -49,6 +49,79 @@ q_on_tensor_cores(const cuda_state *cs, int n, const kl_weight *W)
 		kk_mma_q_ok(cuda_weight_fmt(W), W->q.group, W->cols);
 }
 
+/* ------------------------------------------------------------------ bf16 twins */
+
+uint16_t   *
+cuda_twin_out(kl_backend *be, int rows, int cols)
+{
+	cuda_state *cs = CS(be);
+
+	/* (few rows take the GEMV kernels, which read the fp32 rows) */
+	if (!cs->bf16 || !cs->bf16_twin || rows <= GEMV_MAX_ROWS || cols <= 0 || be->failed)
+		return NULL;
+	if (cs->tw.valid && !cs->tw.in_xbuf)
+		cs->tw.valid = false;	/* CB_TWIN is about to be written */
+	return cuda_buf(be, CB_TWIN, (size_t) rows * cols * sizeof(uint16_t));
+}
+
+void
+cuda_twin_set(cuda_state *cs, const float *src, int ld, int rows, int cols, const uint16_t *dst, bool in_xbuf)
+{
+	cs->tw.src = src;
+	cs->tw.ld = ld;
+	cs->tw.rows = rows;
+	cs->tw.cols = cols;
+	cs->tw.dst = dst;
+	cs->tw.in_xbuf = in_xbuf;
+	cs->tw.valid = dst != NULL;
+}
+
+void
+cuda_to_bf16(kl_backend *be, uint16_t *dst, int ldd, const float *src, int lds, int rows, int cols)
+{
+	if (CS(be)->bf16_twin)
+		kk_f32_to_bf16_v4(CS(be)->stream, dst, ldd, src, lds, rows, cols);
+	else
+		kk_f32_to_bf16(CS(be)->stream, dst, ldd, src, lds, rows, cols);
+}
+
+const uint16_t *
+cuda_x_bf16(kl_backend *be, const float *x, int ldx, int n, int cols, int *ld16)
+{
+	cuda_state *cs = CS(be);
+	uint16_t   *x16;
+
+	*ld16 = cols;
+	if (cs->bf16_twin && cs->tw_scope && cs->tw.valid && cs->tw.src == x && cs->tw.ld == ldx && cs->tw.cols == cols &&
+		n <= cs->tw.rows)
+		return cs->tw.dst;
+	if (cs->tw.valid && cs->tw.in_xbuf)
+		cs->tw.valid = false;	/* CB_X_BF16 is about to be written */
+	if (!(x16 = cuda_buf(be, CB_X_BF16, (size_t) n * cols * sizeof(uint16_t))))
+		return NULL;
+	cuda_to_bf16(be, x16, cols, x, ldx, n, cols);
+	if (!cuda_launched(be, "f32_to_bf16"))
+		return NULL;
+	if (cs->bf16_twin && cs->tw_scope)
+		cuda_twin_set(cs, x, ldx, n, cols, x16, true);
+	return x16;
+}
+
+/* A product wrote y [n, rows] (ldy): the twin goes if its fp32 rows were among them. */
+static void
+twin_written(cuda_state *cs, const float *y, int ldy, int n, int rows)
+{
+	const float *ye,
+			   *se;
+
+	if (!cs->tw.valid)
+		return;
+	ye = y + (size_t) (n - 1) * ldy + rows;
+	se = cs->tw.src + (size_t) (cs->tw.rows - 1) * cs->tw.ld + cs->tw.cols;
+	if (y < se && cs->tw.src < ye)
+		cs->tw.valid = false;
+}
+
 /*
  * Many rows with a quantized W: panels of weight rows converted by
  * kk_q_dequant, then cuBLAS on them: fp32 mode an fp32 panel (quant.h's
@@ -65,8 +138,9 @@ matmul_q_panels(kl_backend *be, float *y, int ldy, const float *x, int ldx, int 
 				cols = W->cols;
 	size_t		esz = cs->bf16 ? sizeof(uint16_t) : sizeof(float);
 	void	   *panel = cuda_buf(be, CB_PANEL, PANEL_FLOATS * sizeof(float));
-	uint16_t   *x16 = NULL;
-	int			per = (int) (PANEL_FLOATS * sizeof(float) / esz / (size_t) cols);
+	const uint16_t *x16 = NULL;
+	int			per = (int) (PANEL_FLOATS * sizeof(float) / esz / (size_t) cols),
+				ld16 = cols;
 	const float one = 1.0f,
 				zero = 0.0f;
 
@@ -76,10 +150,7 @@ matmul_q_panels(kl_backend *be, float *y, int ldy, const float *x, int ldx, int 
 		per = 1;
 	if (cs->bf16)
 	{
-		if (!(x16 = cuda_buf(be, CB_X_BF16, (size_t) n * cols * sizeof(uint16_t))))
-			return;
-		kk_f32_to_bf16(cs->stream, x16, cols, x, ldx, n, cols);
-		if (!cuda_launched(be, "f32_to_bf16"))
+		if (!(x16 = cuda_x_bf16(be, x, ldx, n, cols, &ld16)))
 			return;
 	}
 	for (int r0 = 0; r0 < rows && !be->failed; r0 += per)
@@ -91,7 +162,7 @@ matmul_q_panels(kl_backend *be, float *y, int ldy, const float *x, int ldx, int 
 			return;
 		if (cs->bf16)
 			blas_ok(be, cublasGemmEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, nr, n, cols, &one,
-									 panel, CUDA_R_16BF, cols, x16, CUDA_R_16BF, cols, &zero,
+									 panel, CUDA_R_16BF, cols, x16, CUDA_R_16BF, ld16, &zero,
 									 y + r0, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
 					"GemmEx (quantized weights as bf16)");
 		else
@@ -128,8 +199,18 @@ matmul_quantized(kl_backend *be, float *y, int ldy, const float *x, int ldx, int
 	matmul_q_panels(be, y, ldy, x, ldx, n, W);
 }
 
+static void matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
+
 void
 cuda_matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W)
+{
+	matmul_raw(be, y, ldy, x, ldx, n, W);
+	if (n > 0 && W->rows > 0)
+		twin_written(CS(be), y, ldy, n, W->rows);
+}
+
+static void
+matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W)
 {
 	cuda_state *cs = CS(be);
 	bool		wbf = W->dtype == KL_DT_BF16;
@@ -159,16 +240,14 @@ cuda_matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int 
 	}
 	if (wbf && cs->bf16)
 	{
-		uint16_t   *x16 = cuda_buf(be, CB_X_BF16, (size_t) n * cols * sizeof(uint16_t));
+		int			ld16;
+		const uint16_t *x16 = cuda_x_bf16(be, x, ldx, n, cols, &ld16);
 
 		if (!x16)
 			return;
-		kk_f32_to_bf16(cs->stream, x16, cols, x, ldx, n, cols);
-		if (!cuda_launched(be, "f32_to_bf16"))
-			return;
 		/* column-major view: Y^T [rows, n] = W [rows, cols] X^T [cols, n] */
 		blas_ok(be, cublasGemmEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, rows, n, cols, &one,
-								 W->dev, CUDA_R_16BF, cols, x16, CUDA_R_16BF, cols, &zero,
+								 W->dev, CUDA_R_16BF, cols, x16, CUDA_R_16BF, ld16, &zero,
 								 y, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "GemmEx (bf16)");
 	}
 	else if (!wbf)
@@ -264,7 +343,10 @@ cuda_matmul(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, c
 		return;
 	if (W == CS(be)->pf_wait_for)
 		cuda_prefetch_join(be);
+	/* forward.c's products: their inputs are activations no op writes behind the step's back */
+	CS(be)->tw_scope = true;
 	cuda_matmul_raw(be, y, ldy, x, ldx, n, W);
+	CS(be)->tw_scope = false;
 }
 
 /* Do these products all take the GEMV path with the same row count?  (any
@@ -388,6 +470,8 @@ cuda_matmul_batch_raw(kl_backend *be, const kl_matmul_job *jobs, int count)
 			if (!cuda_launched(be, "gemv_batch"))
 				return;
 		}
+		for (int i = 0; i < count; i++)
+			twin_written(cs, jobs[i].y, jobs[i].ldy, jobs[i].n, jobs[i].W->rows);
 		return;
 	}
 	for (int i = 0; i < count; i++)
@@ -403,7 +487,11 @@ cuda_matmul_batch(kl_backend *be, const kl_matmul_job *jobs, int count)
 		skip |= cuda_step_skip(be, OP_MATMUL, (uintptr_t) jobs[i].y, (uintptr_t) jobs[i].x, (uintptr_t) jobs[i].W,
 							   (uintptr_t) jobs[i].n);
 	if (!skip)
+	{
+		CS(be)->tw_scope = true;
 		cuda_matmul_batch_raw(be, jobs, count);
+		CS(be)->tw_scope = false;
+	}
 }
 
 /*
@@ -578,4 +666,98 @@ out:
 	if (s)
 		cudaStreamDestroy(s);
 	return (int) e;
+}
+
+/*
+ * Test hook (test_cuda.c calls it through dlsym; not used by the backend):
+ * a bf16 twin producer of KL_CUDA_BF16_TWIN against the older kernels on
+ * the same host inputs, on the current device with a stream of its own.
+ * which 0: kk_f32_to_bf16_v4 vs kk_f32_to_bf16 of x [rows, cols] (row
+ * stride ld); 1: kk_swiglu_twin vs kk_swiglu + kk_f32_to_bf16 with g = x, u
+ * = w (both [rows, cols], stride ld); 2: kk_row_norm_twin mode 0 vs
+ * kk_rmsnorm + kk_f32_to_bf16 of x (stride ld) with weights w [cols].
+ * Outputs [rows, cols], contiguous: h16_old / h16_new the bf16 rows, f_old
+ * / f_new the fp32 ones (which 1, 2; may be NULL for 0).  Returns 0, -1 for
+ * bad arguments, -2 when the new launcher does not cover the shape, or a
+ * CUDA error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_bf16_twin(int which, int rows, int cols, int ld, const float *x, const float *w, uint16_t *h16_old,
+					   uint16_t *h16_new, float *f_old, float *f_new)
+{
+	size_t		nx = (size_t) rows * ld,
+				ny = (size_t) rows * cols;
+	cudaStream_t s = NULL;
+	cudaError_t e = cudaSuccess;
+	float	   *dx = NULL,
+			   *dw = NULL,
+			   *dy = NULL;
+	uint16_t   *d16 = NULL;
+	int			rc = 0;
+
+	if (which < 0 || which > 2 || rows <= 0 || cols <= 0 || ld < cols || (which > 0 && (!f_old || !f_new)))
+		return -1;
+	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &dx, sizeof(float) * nx)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &dw, sizeof(float) * (which == 1 ? nx : (size_t) cols))) != cudaSuccess ||
+		(e = cudaMalloc((void **) &dy, sizeof(float) * ny)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &d16, sizeof(uint16_t) * ny)) != cudaSuccess ||
+		(e = cudaMemcpyAsync(dx, x, sizeof(float) * nx, cudaMemcpyHostToDevice, s)) != cudaSuccess ||
+		(which > 0 && (e = cudaMemcpyAsync(dw, w, sizeof(float) * (which == 1 ? nx : (size_t) cols),
+										   cudaMemcpyHostToDevice, s)) != cudaSuccess))
+		goto out;
+	for (int v = 0; v < 2 && rc == 0; v++)
+	{
+		/* NaN where nothing was written */
+		if ((e = cudaMemsetAsync(dy, 0xff, sizeof(float) * ny, s)) != cudaSuccess ||
+			(e = cudaMemsetAsync(d16, 0xff, sizeof(uint16_t) * ny, s)) != cudaSuccess)
+			goto out;
+		if (which == 0)
+		{
+			if (v == 0)
+				kk_f32_to_bf16(s, d16, cols, dx, ld, rows, cols);
+			else
+				kk_f32_to_bf16_v4(s, d16, cols, dx, ld, rows, cols);
+		}
+		else if (which == 1)
+		{
+			if (v == 0)
+			{
+				kk_swiglu(s, dy, dx, dw, rows, cols, ld);
+				kk_f32_to_bf16(s, d16, cols, dy, cols, rows, cols);
+			}
+			else if (kk_swiglu_twin(s, dy, d16, dx, dw, rows, cols, ld) != 0)
+				rc = -2;
+		}
+		else
+		{
+			if (v == 0)
+			{
+				kk_rmsnorm(s, dy, cols, dx, ld, dw, rows, cols, 1e-5f);
+				kk_f32_to_bf16(s, d16, cols, dy, cols, rows, cols);
+			}
+			else if (kk_row_norm_twin(s, 0, dy, cols, d16, dx, ld, NULL, dw, rows, cols, 1e-5f, 0, NULL, NULL, NULL,
+									  NULL) != 0)
+				rc = -2;
+		}
+		if (rc != 0)
+			break;
+		if ((e = cudaGetLastError()) != cudaSuccess ||
+			(e = cudaMemcpyAsync(v ? h16_new : h16_old, d16, sizeof(uint16_t) * ny, cudaMemcpyDeviceToHost, s)) !=
+			cudaSuccess ||
+			(which > 0 && (e = cudaMemcpyAsync(v ? f_new : f_old, dy, sizeof(float) * ny, cudaMemcpyDeviceToHost, s)) !=
+			 cudaSuccess) ||
+			(e = cudaStreamSynchronize(s)) != cudaSuccess)
+			goto out;
+	}
+out:
+	if (s)
+		cudaStreamSynchronize(s);
+	cudaFree(dx);
+	cudaFree(dw);
+	cudaFree(dy);
+	cudaFree(d16);
+	if (s)
+		cudaStreamDestroy(s);
+	return e != cudaSuccess ? (int) e : rc;
 }

@@ -477,8 +477,8 @@ mla_expanded(kl_backend *be, const kl_step *st, const kl_mla_args *a, int s, flo
 			P16 = cuda_buf(be, CB_MLA_P16, sizeof(uint16_t) * (size_t) Ha * nq * m);
 		if (!lat16 || !kv16 || !q16 || (!flash && !P16))
 			return;
-		kk_f32_to_bf16(cs->stream, lat16, Wa, lat, Wa, (int) m, Wa);
-		kk_f32_to_bf16(cs->stream, q16, Ha * Dq, q, Ha * Dq, nr, Ha * Dq);
+		cuda_to_bf16(be, lat16, Wa, lat, Wa, (int) m, Wa);
+		cuda_to_bf16(be, q16, Ha * Dq, q, Ha * Dq, nr, Ha * Dq);
 		if (!cuda_launched(be, "f32_to_bf16") || !cuda_gemm_bf16_out(be, kv16, L, lat16, Wa, (int) m, p->kv_b, L, R))
 			return;
 		if (flash)

@@ -474,14 +474,25 @@ shared:
 			return;
 		kl_matmul_job gu[2] = {{sg, Fs, x, D, n, &w->shared.gate}, {su, Fs, x, D, n, &w->shared.up}};
 
+		uint16_t   *sg16;
+
+		/* x, the op's input (which it does not write), may have a bf16 twin from the norm before
+		 * (KL_CUDA_BF16_TWIN); the SwiGLU writes sg's for the down product */
 		cuda_moe_mark(cs, 4);
+		cs->tw_scope = true;
 		cuda_matmul_batch_raw(be, gu, 2);
+		cs->tw_scope = false;
 		cuda_moe_mark(cs, 5);
-		kk_swiglu(cs->stream, sg, sg, su, n, Fs, Fs);
+		if ((sg16 = cuda_twin_out(be, n, Fs)) && kk_swiglu_twin(cs->stream, sg, sg16, sg, su, n, Fs, Fs) == 0)
+			cuda_twin_set(cs, sg, Fs, n, Fs, sg16, false);
+		else if (!be->failed)
+			kk_swiglu(cs->stream, sg, sg, su, n, Fs, Fs);
 		if (!cuda_launched(be, "swiglu"))
 			return;
 		cuda_moe_mark(cs, 6);
+		cs->tw_scope = true;
 		cuda_matmul_raw(be, sy, D, sg, Fs, n, &w->shared.down);
+		cs->tw_scope = false;
 		cuda_moe_mark(cs, 7);
 		if (be->failed)
 			return;

@@ -43,6 +43,12 @@ cuda_step_skip(kl_backend *be, int op, uintptr_t a, uintptr_t b, uintptr_t c, ui
 		cs->mode = GM_EAGER;	/* embed was not the first op: no graph this time */
 	if (op != OP_PREFETCH)
 		cs->prefetch_used = 0;	/* a new window of prefetch hints starts after this op */
+	/* a bf16 twin (cuda_state.tw) lives through products (cuda_matmul_raw
+	 * drops it when one writes over its rows), prefetch hints and the MoE op
+	 * of its rows (b: the op's input, which it does not write); any other op
+	 * may write its rows, or is a norm or SwiGLU that writes a new one */
+	if (op == OP_MOE ? (const float *) b != cs->tw.src : op != OP_MATMUL && op != OP_PREFETCH)
+		cs->tw.valid = false;
 	if (cs->mode == GM_CAPTURE || cs->mode == GM_REPLAY)
 		cs->trace = mix(mix(mix(mix(mix(cs->trace, (uint64_t) op), a), b), c), d);
 	if (cs->mode == GM_REPLAY || be->failed)
@@ -170,6 +176,8 @@ cuda_begin_step(kl_backend *be, const kl_step *st, kl_err *err)
 	cs->pf_pending = false;
 	cs->pf_wait_for = NULL;
 	cs->pend_moe = false;
+	cs->tw.valid = false;		/* (and a bf16 twin) */
+	cs->tw_scope = false;
 	cs->mode = GM_EAGER;
 	cudaSetDevice(cs->device);
 	for (int s = 0; s < ns; s++)
@@ -285,6 +293,7 @@ cuda_end_step(kl_backend *be, const kl_step *st)
 
 	(void) st;
 	cuda_flush_add(be);			/* the step's last residual add belongs to it */
+	cs->tw.valid = false;
 	cuda_prefetch_join(be);
 	mode = cs->mode;
 	cs->mode = GM_EAGER;

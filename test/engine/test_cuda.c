@@ -3588,6 +3588,197 @@ check_mla_mma_trained(void)
 	kl_model_free(b);
 }
 
+static const char *q48_config;	/* (below) */
+
+/* about normal, mean 0 and standard deviation 1 (three uniforms) */
+static float
+twin_rand(kl_rng *rng)
+{
+	float		t = 0;
+
+	for (int i = 0; i < 3; i++)
+		t += (float) (kl_rng_next(rng) >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
+	return t;
+}
+
+/* kl_cuda_test_bf16_twin (cuda_matmul.c): a bf16 twin producer against the older kernels */
+typedef int (*bf16_twin_test_fn) (int which, int rows, int cols, int ld, const float *x, const float *w,
+								  uint16_t *h16_old, uint16_t *h16_new, float *f_old, float *f_new);
+
+/*
+ * KL_CUDA_BF16_TWIN's kernels against the older ones on the same inputs, bit
+ * for bit: the four-column conversion (kk_f32_to_bf16_v4) including NaN,
+ * infinities, -0, subnormals, exact ties and values that round up to
+ * infinity, on aligned shapes and on shapes it hands back to the older
+ * kernel; the SwiGLU and the row norm that also write the bf16 rounding of
+ * their output (the fp32 output and the bf16 one must both equal the older
+ * kernel's and the older conversion of it).  Shapes: the 48B model's hidden
+ * rows (2304), its shared expert's (1024), small and padded ones; shapes the
+ * twin kernels do not cover (width % 4 != 0) must be refused (-2), so that
+ * the backend keeps the older path there.
+ */
+static void
+check_bf16_twin_kernels(void)
+{
+	static const struct
+	{
+		int			which,
+					rows,
+					cols,
+					ld;
+		bool		covered;
+	}			cases[] = {
+		{0, 4096, 2304, 2304, true}, {0, 37, 100, 104, true}, {0, 37, 99, 101, true}, {0, 3, 128, 128, true},
+		{0, 1000, 6144, 6144, true},
+		{1, 150, 128, 128, true}, {1, 4096, 1024, 1024, true}, {1, 7, 100, 104, true}, {1, 9, 99, 99, false},
+		{2, 150, 2304, 2304, true}, {2, 33, 256, 260, true}, {2, 4096, 2304, 2304, true}, {2, 5, 98, 98, false},
+	};
+	static const char *what[] = {"f32_to_bf16 four columns a thread", "SwiGLU with its bf16 twin",
+	"row norm with its bf16 twin"};
+	kl_model   *m;
+	void	   *lib = NULL;
+	bf16_twin_test_fn f = NULL;
+	kl_rng		rng;
+
+	m = load_test_hook("kl_cuda_test_bf16_twin", &lib, (void **) &f);
+	if (!f)
+		return;
+	kl_rng_seed(&rng, 31);
+	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++)
+	{
+		int			rows = cases[ci].rows,
+					cols = cases[ci].cols,
+					ld = cases[ci].ld,
+					which = cases[ci].which;
+		size_t		nx = (size_t) rows * ld,
+					ny = (size_t) rows * cols;
+		float	   *x = malloc(sizeof(float) * nx),
+				   *w = malloc(sizeof(float) * nx),
+				   *fo = malloc(sizeof(float) * ny),
+				   *fn = malloc(sizeof(float) * ny);
+		uint16_t   *ho = malloc(sizeof(uint16_t) * ny),
+				   *hn = malloc(sizeof(uint16_t) * ny);
+		int			rc;
+
+		for (size_t i = 0; i < nx; i++)
+		{
+			x[i] = twin_rand(&rng) * (which == 2 ? 3.0f : 2.0f);
+			w[i] = twin_rand(&rng);
+		}
+		if (which == 0)
+		{
+			/* special values at the start of rows and inside them */
+			static const uint32_t sp[] = {0x7fc00000u, 0xffc00001u, 0x7f800000u, 0xff800000u, 0x80000000u,
+				0x00000001u, 0x807fffffu, 0x3f808000u, 0x3f818000u, 0xbf808000u, 0x7f7fffffu, 0x7f7f8000u,
+			0x00008000u, 0x3f80ffffu};
+
+			for (size_t i = 0; i < sizeof(sp) / sizeof(sp[0]); i++)
+			{
+				size_t		r = (i * 7) % rows,
+							c = (i * 13) % cols;
+
+				memcpy(&x[r * ld + c], &sp[i], sizeof(float));
+				memcpy(&x[(size_t) (rows - 1) * ld + (cols - 1 - i % cols)], &sp[i], sizeof(float));
+			}
+		}
+		rc = f(which, rows, cols, ld, x, w, ho, hn, which ? fo : NULL, which ? fn : NULL);
+		if (!cases[ci].covered)
+			tap_ok(rc == -2, "%s, %d x %d (ld %d): not covered, the older path runs (rc %d)", what[which], rows, cols,
+				   ld, rc);
+		else
+			tap_ok(rc == 0 && memcmp(ho, hn, sizeof(uint16_t) * ny) == 0 &&
+				   (which == 0 || memcmp(fo, fn, sizeof(float) * ny) == 0),
+				   "%s, %d x %d (ld %d): bit-identical to the older kernel%s (rc %d)", what[which], rows, cols, ld,
+				   which ? " and its conversion" : "", rc);
+		free(x);
+		free(w);
+		free(fo);
+		free(fn);
+		free(ho);
+		free(hn);
+	}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+/* a random model of the given config made on the GPU in bf16 precision (seed 7), KL_CUDA_BF16_TWIN on or off */
+static kl_model *
+twin_model(const char *config, const char *quantize, bool twin)
+{
+	char		path[] = "/tmp/kl_test_cuda_XXXXXX";
+	int			fd = mkstemp(path);
+	kl_load_opts og = {0};
+	kl_model   *m;
+	kl_err		err;
+
+	if (fd < 0 || write(fd, config, strlen(config)) != (ssize_t) strlen(config))
+		die("write a temporary config", NULL);
+	close(fd);
+	og.device = "cuda";
+	og.precision = "bf16";
+	og.quantize = quantize;
+	if (!twin)
+		setenv("KL_CUDA_BF16_TWIN", "0", 1);	/* read when the backend is made */
+	if (kl_model_create_random(path, &og, "bf16", 7, &m, &err) != KL_OK)
+		die("random model", &err);
+	unsetenv("KL_CUDA_BF16_TWIN");
+	unlink(path);
+	return m;
+}
+
+/*
+ * KL_CUDA_BF16_TWIN must not change a single number: the same bf16 values
+ * reach the same products, the conversions only move into the producers
+ * (norms, SwiGLU) or are shared between the products of one input.  Random
+ * bf16 models made on the GPU with the same seed, switch on and off, prefill
+ * of one call, in pieces (every product of many rows), and token by token
+ * (graphs): logits bit-identical.  K=128/R=512 shapes (dense MLP, KDA, MLA,
+ * MoE with a shared expert; bf16 and int4 weights, the latter through the
+ * dequantized panels; KDA's gated norm as the block kernel and, with
+ * KL_CUDA_KDA_ELEM_WARP=1, the warp one) and two layers of the 48B shapes
+ * (hidden 2304, 256 experts of 1024, dense MLP of 9216).
+ */
+static void
+check_bf16_twin_model(const char *config, const char *name, const char *quantize, int T, int piece, bool elem_warp)
+{
+	kl_model   *a,
+			   *b;
+	int			V;
+	int32_t    *ids = malloc(sizeof(int32_t) * (size_t) T);
+	int			steps[3] = {0, piece, 1};
+
+	/* KL_CUDA_KDA_ELEM_WARP=1: the warp-per-(row, head) gated norm writes o_proj's twin instead */
+	if (elem_warp)
+		setenv("KL_CUDA_KDA_ELEM_WARP", "1", 1);
+	a = twin_model(config, quantize, true);
+	b = twin_model(config, quantize, false);
+	unsetenv("KL_CUDA_KDA_ELEM_WARP");
+	V = kl_model_config(a)->vocab_size;
+	for (int i = 0; i < T; i++)
+		ids[i] = (int32_t) ((i * 7919 + 13) % V);
+	for (int si = 0; si < 3; si++)
+	{
+		float	   *la,
+				   *lb;
+
+		if (steps[si] == 1 && T > 200)
+			continue;			/* (token by token: the small shapes only) */
+		la = logits_of(a, ids, T, steps[si], false, NULL);
+		lb = logits_of(b, ids, T, steps[si], false, NULL);
+		tap_ok(memcmp(la, lb, sizeof(float) * (size_t) T * V) == 0,
+			   "%s%s%s%s, bf16, %d tokens %s: logits with and without the bf16 twins (KL_CUDA_BF16_TWIN) "
+			   "bit-identical (rel err %.2e)", name, quantize ? ", " : "", quantize ? quantize : "",
+			   elem_warp ? ", KDA warp elementwise kernels" : "", T,
+			   steps[si] == 0 ? "in one call" : steps[si] == 1 ? "token by token" : "in pieces", rel_err(la, lb,
+																										 (size_t) T * V));
+		free(la);
+		free(lb);
+	}
+	free(ids);
+	kl_model_free(a);
+	kl_model_free(b);
+}
+
 /*
  * The prefetch hint (cu_prefetch: o_proj and the router fetched into L2 during
  * the mixer's small kernels) must not change a single number: decode with
@@ -4961,6 +5152,11 @@ main(void)
 	RUN(check_graph_logit_rows());
 	RUN(check_prefetch_neutral("fp32"));
 	RUN(check_prefetch_neutral("bf16"));
+	RUN(check_bf16_twin_kernels());
+	RUN(check_bf16_twin_model(big_config, "K=128/R=512 shapes", NULL, 150, 40, false));
+	RUN(check_bf16_twin_model(big_config, "K=128/R=512 shapes", NULL, 150, 40, true));
+	RUN(check_bf16_twin_model(big_config, "K=128/R=512 shapes", "int4", 150, 40, false));
+	RUN(check_bf16_twin_model(q48_config, "48B shapes (2 layers)", NULL, 700, 300, false));
 	RUN(check_q_dequant());
 	RUN(check_q_fill());
 	for (int mi = 0; mi < 2; mi++)
