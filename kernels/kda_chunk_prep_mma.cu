@@ -520,6 +520,102 @@ struct kp3_layout
 	static constexpr int BYTES = U1END > U2END ? (U1END > U3END ? U1END : U3END) : (U2END > U3END ? U2END : U3END);
 };
 
+/* exp(x) as one ex2 with denormal results flushed to 0 (every exp here
+ * is of a difference <= 0 or of a g <= 0: a flushed factor is harmless, the
+ * true product is smaller still) */
+__device__ __forceinline__ float
+kp3_exp(float x)
+{
+	float		r;
+
+	asm("ex2.approx.ftz.f32 %0, %1;\n":"=f"(r):"f"(x * 1.4426950408889634f));
+	return r;
+}
+
+/* x as bf16, rounded to nearest even (one cvt; f32_to_bf16's numbers but for NaN) */
+__device__ __forceinline__ uint16_t
+kp3_bf16(float x)
+{
+	uint16_t	r;
+
+	asm("cvt.rn.bf16.f32 %0, %1;\n":"=h"(r):"f"(x));
+	return r;
+}
+
+/*
+ * 4b of the inverse (chunk_prep_invert_below's sums in the same order per
+ * element), a thread per (block pair, row, 4 columns): A's row and Tb's /
+ * Li's rows read as float4, 5 shared loads per 16 FMA instead of 32.
+ */
+__device__ __forceinline__ void
+kp3_invert_below(const float *sA, float *Li, float *Tb, int tid)
+{
+	constexpr int C = KDA_CHUNK;
+
+	for (int d = 1; d < C / KDA_SUB; d++)
+	{
+		int			np = C / KDA_SUB - d;
+
+		if (tid < np * 64)
+		{
+			int			j = tid >> 6,
+						i = j + d,
+						rr = (tid >> 2) & 15,
+						c4 = 4 * (tid & 3);
+			float		t[4] = {0, 0, 0, 0};
+
+			for (int kb = j; kb < i; kb++)
+#pragma unroll
+				for (int m4 = 0; m4 < KDA_SUB; m4 += 4)
+				{
+					float4		a4 = *(const float4 *) (sA + (KDA_SUB * i + rr) * C + KDA_SUB * kb + m4);
+					float		av[4] = {a4.x, a4.y, a4.z, a4.w};
+
+#pragma unroll
+					for (int mm = 0; mm < 4; mm++)
+					{
+						float4		l4 = *(const float4 *) (Li + (KDA_SUB * kb + m4 + mm) * C + KDA_SUB * j + c4);
+
+						t[0] += av[mm] * l4.x;
+						t[1] += av[mm] * l4.y;
+						t[2] += av[mm] * l4.z;
+						t[3] += av[mm] * l4.w;
+					}
+				}
+			*(float4 *) (Tb + j * 256 + rr * 16 + c4) = make_float4(t[0], t[1], t[2], t[3]);
+		}
+		__syncthreads();
+		if (tid < np * 64)
+		{
+			int			j = tid >> 6,
+						i = j + d,
+						rr = (tid >> 2) & 15,
+						c4 = 4 * (tid & 3);
+			float		t[4] = {0, 0, 0, 0};
+
+#pragma unroll
+			for (int m4 = 0; m4 < KDA_SUB; m4 += 4)
+			{
+				float4		a4 = *(const float4 *) (Li + (KDA_SUB * i + rr) * C + KDA_SUB * i + m4);
+				float		av[4] = {a4.x, a4.y, a4.z, a4.w};
+
+#pragma unroll
+				for (int mm = 0; mm < 4; mm++)
+				{
+					float4		b4 = *(const float4 *) (Tb + j * 256 + (m4 + mm) * 16 + c4);
+
+					t[0] += av[mm] * b4.x;
+					t[1] += av[mm] * b4.y;
+					t[2] += av[mm] * b4.z;
+					t[3] += av[mm] * b4.w;
+				}
+			}
+			*(float4 *) (Li + (KDA_SUB * i + rr) * C + KDA_SUB * j + c4) = make_float4(-t[0], -t[1], -t[2], -t[3]);
+		}
+		__syncthreads();
+	}
+}
+
 template <int K>
 __global__ void __launch_bounds__(256)
 kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
@@ -560,7 +656,15 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 	size_t		tile = (size_t) chunk * H + h,
 				HK = (size_t) H * K;
 	const size_t rowoff = (size_t) t0 * HK + (size_t) h * K;
-	uint16_t   *P = P16 + tile * C * C;
+	/* the block's rows: 32-bit offsets t HK + c from here (t < 64) */
+	const float *qb = q + rowoff,
+			   *kb_ = k + rowoff,
+			   *vb_ = v + rowoff,
+			   *gb = g + rowoff;
+	const int	HKi = H * K;
+	uint16_t   *P = P16 + tile * C * C,
+			   *Qt = Q16 + tile * C * K,
+			   *Ktt = Kt16 + tile * K * C;
 
 	/* A. beta, the sub-chunk ends' G (as the 256-thread form), P's strict
 	 * upper triangle zeroed (the pair phase writes only i >= j) */
@@ -576,7 +680,7 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 
 #pragma unroll
 			for (int u = 0; u < 16; u++)
-				gl[u] = t16 + u < Cn ? g[rowoff + (size_t) (t16 + u) * HK + tid] : 0.0f;
+				gl[u] = t16 + u < Cn ? gb[(t16 + u) * HKi + tid] : 0.0f;
 #pragma unroll
 			for (int u = 0; u < 16; u++)
 				G += gl[u];
@@ -609,47 +713,43 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 			float		Gs = b > 0 ? Ge[(b - 1) * K + c] : 0.0f,	/* G at the reference point s0 - 1 */
 						Gb = Ge[b * K + c],
 						G = Gs,
-						eS = __expf(Gs),		/* Gam(s0 - 1) */
-						eT = __expf(Ge[3 * K + c] - Gb);	/* Gamma(end, sub-chunk end) */
-			uint32_t	kt[4];
+						eS = kp3_exp(Gs),		/* Gam(s0 - 1) */
+						eT = kp3_exp(Ge[3 * K + c] - Gb);	/* Gamma(end, sub-chunk end) */
+			float		ktv[8];
 
 			if (i0 > 0)
 #pragma unroll
 				for (int ii = 0; ii < 8; ii++)
-					G += s0 + ii < Cn ? g[rowoff + (size_t) (s0 + ii) * HK + c] : 0.0f;
+					G += s0 + ii < Cn ? gb[(s0 + ii) * HKi + c] : 0.0f;
 #pragma unroll
 			for (int u = 0; u < 8; u++)
 			{
 				int			ii = i0 + u;
 				int			t = s0 + ii;
 				bool		in = t < Cn;
-				size_t		off = rowoff + (size_t) t * HK + c;
-				float		qv = in ? q[off] : 0.0f,
-							kv = in ? k[off] : 0.0f,
-							gv = in ? g[off] : 0.0f;
+				int			off = t * HKi + c;
+				float		qv = in ? qb[off] : 0.0f,
+							kv = in ? kb_[off] : 0.0f,
+							gv = in ? gb[off] : 0.0f;
 				float		F,
-							R,
-							x;
+							R;
 
 				G += gv;
-				F = __expf(G - Gs);		/* Gamma(t, r) */
-				R = __expf(Gb - G);	/* Gamma(sub-chunk end, t) */
+				F = kp3_exp(G - Gs);	/* Gamma(t, r) */
+				R = kp3_exp(Gb - G);	/* Gamma(sub-chunk end, t) */
 				dq[ii * K + c] = qv;
 				dk[ii * K + c] = kv;
-				da[ii * K + c] = __expf(gv);
+				da[ii * K + c] = kp3_exp(gv);
 				if (b > 0)
 				{
-					Xq[ii * L::LK + c] = f32_to_bf16(qv * F);
-					Xk[ii * L::LK + c] = f32_to_bf16(kv * F);
+					Xq[ii * L::LK + c] = kp3_bf16(qv * F);
+					Xk[ii * L::LK + c] = kp3_bf16(kv * F);
 				}
-				Q16[tile * C * K + (size_t) t * K + c] = f32_to_bf16(qv * (F * eS));
-				x = kv * (R * eT);	/* k_t Gamma(end, t) */
-				if (u & 1)
-					kt[u >> 1] |= (uint32_t) f32_to_bf16(x) << 16;
-				else
-					kt[u >> 1] = f32_to_bf16(x);
+				Qt[t * K + c] = kp3_bf16(qv * (F * eS));
+				ktv[u] = kv * (R * eT);	/* k_t Gamma(end, t) */
 			}
-			*(uint4 *) (Kt16 + tile * K * C + (size_t) c * C + s0 + i0) = make_uint4(kt[0], kt[1], kt[2], kt[3]);
+			*(uint4 *) (Ktt + c * C + s0 + i0) = make_uint4(cvt_bf16x2(ktv[0], ktv[1]), cvt_bf16x2(ktv[2], ktv[3]),
+															cvt_bf16x2(ktv[4], ktv[5]), cvt_bf16x2(ktv[6], ktv[7]));
 
 			/* Kr: rows i0 .. i0 + 7 of every earlier sub-chunk b2, k_t
 			 * Gamma(s0 - 1, t) = k_t exp(Gs - G_t), G_t summed again in
@@ -662,17 +762,17 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 				if (i0 > 0)
 #pragma unroll
 					for (int ii = 0; ii < 8; ii++)
-						G2 += r0 + ii < Cn ? g[rowoff + (size_t) (r0 + ii) * HK + c] : 0.0f;
+						G2 += r0 + ii < Cn ? gb[(r0 + ii) * HKi + c] : 0.0f;
 #pragma unroll
 				for (int u = 0; u < 8; u++)
 				{
 					int			t = r0 + i0 + u;
-					size_t		off = rowoff + (size_t) t * HK + c;
-					float		gv = t < Cn ? g[off] : 0.0f,
-								kv = t < Cn ? k[off] : 0.0f;
+					int			off = t * HKi + c;
+					float		gv = t < Cn ? gb[off] : 0.0f,
+								kv = t < Cn ? kb_[off] : 0.0f;
 
 					G2 += gv;
-					Kr[t * L::LK + c] = f32_to_bf16(kv * __expf(Gs - G2));
+					Kr[t * L::LK + c] = kp3_bf16(kv * kp3_exp(Gs - G2));
 				}
 			}
 		}
@@ -727,7 +827,7 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 				keep += __shfl_xor_sync(0xffffffffu, keep, 4);
 				keep += __shfl_xor_sync(0xffffffffu, keep, 8);
 				if (sl == 0 && ii >= jj)
-					P[(s0 + ii) * C + s0 + jj] = f32_to_bf16(keep);
+					P[(s0 + ii) * C + s0 + jj] = kp3_bf16(keep);
 				if (sl == 1 && ii > jj)
 					sA[(s0 + ii) * C + s0 + jj] = sb[s0 + ii] * keep;
 			}
@@ -757,8 +857,8 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 
 				if (which == 0)
 				{
-					*(uint32_t *) (P + r * C + cc) = kp_pack2(acc[0], acc[1]);
-					*(uint32_t *) (P + (r + 8) * C + cc) = kp_pack2(acc[2], acc[3]);
+					*(uint32_t *) (P + r * C + cc) = cvt_bf16x2(acc[0], acc[1]);
+					*(uint32_t *) (P + (r + 8) * C + cc) = cvt_bf16x2(acc[2], acc[3]);
 				}
 				else
 				{
@@ -804,9 +904,15 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 			Li[(o + i) * C + o + j] = x[i];
 	}
 	__syncthreads();
-	chunk_prep_invert_below(sA, Li, Tb, tid);
-	for (int e = tid; e < C * C; e += NTH)
-		Lb[(e / C) * L::LC + e % C] = (e % C) / 16 > (e / C) / 16 ? 0 : f32_to_bf16(Li[e]);
+	kp3_invert_below(sA, Li, Tb, tid);
+	for (int e = tid; e < C * C / 2; e += NTH)
+	{
+		int			r = e / (C / 2),
+					c = 2 * (e % (C / 2));
+		float2		l2 = *(const float2 *) (Li + r * C + c);
+
+		*(uint32_t *) (Lb + r * L::LC + c) = c / 16 > r / 16 ? 0u : cvt_bf16x2(l2.x, l2.y);
+	}
 	__syncthreads();			/* Li, Tb dead: Kb^T, Vb^T take their room */
 
 	/* D. the right-hand sides [beta k Gam | beta v] transposed (bf16) */
@@ -815,38 +921,28 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 					r0 = 32 * (tid / K),	/* this thread's rows r0 .. r0 + 31 */
 					r1 = r0 + 32;
 		float		G = r0 > 0 ? Ge[K + c] : 0.0f;	/* G at row 31 */
-		uint32_t	kb[4],
-					vb[4];
 
 		for (int t8 = r0; t8 < r1; t8 += 8)
-#pragma unroll
-		for (int u = 0; u < 8; u++)
 		{
-			int			t = t8 + u;
-			bool		in = t < Cn;
-			size_t		off = rowoff + (size_t) t * HK + c;
-			float		bt = sb[t],
-						x,
-						y;
+			float		xs[8],
+						ys[8];
 
-			G += in ? g[off] : 0.0f;
-			x = in ? bt * k[off] * __expf(G) : 0.0f;
-			y = in ? bt * v[off] : 0.0f;
-			if (u & 1)
+#pragma unroll
+			for (int u = 0; u < 8; u++)
 			{
-				kb[u >> 1] |= (uint32_t) f32_to_bf16(x) << 16;
-				vb[u >> 1] |= (uint32_t) f32_to_bf16(y) << 16;
+				int			t = t8 + u;
+				bool		in = t < Cn;
+				int			off = t * HKi + c;
+				float		bt = sb[t];
+
+				G += in ? gb[off] : 0.0f;
+				xs[u] = in ? bt * kb_[off] * kp3_exp(G) : 0.0f;
+				ys[u] = in ? bt * vb_[off] : 0.0f;
 			}
-			else
-			{
-				kb[u >> 1] = f32_to_bf16(x);
-				vb[u >> 1] = f32_to_bf16(y);
-			}
-			if (u == 7)
-			{
-				*(uint4 *) (KbT + c * L::LC + t - 7) = make_uint4(kb[0], kb[1], kb[2], kb[3]);
-				*(uint4 *) (VbT + c * L::LC + t - 7) = make_uint4(vb[0], vb[1], vb[2], vb[3]);
-			}
+			*(uint4 *) (KbT + c * L::LC + t8) = make_uint4(cvt_bf16x2(xs[0], xs[1]), cvt_bf16x2(xs[2], xs[3]),
+														   cvt_bf16x2(xs[4], xs[5]), cvt_bf16x2(xs[6], xs[7]));
+			*(uint4 *) (VbT + c * L::LC + t8) = make_uint4(cvt_bf16x2(ys[0], ys[1]), cvt_bf16x2(ys[2], ys[3]),
+														   cvt_bf16x2(ys[4], ys[5]), cvt_bf16x2(ys[6], ys[7]));
 		}
 	}
 	__syncthreads();
@@ -885,8 +981,8 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 							r = 16 * m + gq;
 				uint16_t   *dst = col < K ? W16 + tile * C * K + col : U16 + tile * C * V + col - K;
 
-				*(uint32_t *) (dst + (size_t) r * K) = kp_pack2(acc[j][0], acc[j][1]);
-				*(uint32_t *) (dst + (size_t) (r + 8) * K) = kp_pack2(acc[j][2], acc[j][3]);
+				*(uint32_t *) (dst + r * K) = cvt_bf16x2(acc[j][0], acc[j][1]);
+				*(uint32_t *) (dst + (r + 8) * K) = cvt_bf16x2(acc[j][2], acc[j][3]);
 			}
 		}
 	}
