@@ -990,9 +990,9 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 
 /* set by kk_set_kda_prep_mma: kk_kda_chunked_mma's parallel half on tensor
  * cores, 128 threads a block (1) or 256 (2, K = 128; 1 for other K), the
- * 256-thread kernel in 63.5 KB (3, K = 128; 1 for other K), or the fp32 prep
- * kernel (0) */
-static int kda_prep_mma_on = 2;
+ * 256-thread kernel in 63.5 KB (3, the default; K = 128, 1 for other K), or
+ * the fp32 prep kernel (0) */
+static int kda_prep_mma_on = 3;
 
 extern "C" void
 kk_set_kda_prep_mma(int on)

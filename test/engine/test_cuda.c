@@ -3374,9 +3374,9 @@ typedef int (*kda_chunked_test_fn) (int n, int H, int K, const float *q, const f
  * heads x 128) for lengths that end mid-chunk, one chunk, several and 8192,
  * with a zero state and one carried in, and at the golden models' head size
  * 32 and at 64; each with the parallel half on tensor cores in blocks of 256
- * threads (kda_chunk_prep_mma_kernel, KL_CUDA_KDA_PREP_MMA=2, the default;
- * K = 32 and 64 run the 128-thread form), of 256 in 63.5 KB
- * (kda_chunk_prep_mma3_kernel, =3; K = 32 and 64 the 128-thread form), of
+ * threads (kda_chunk_prep_mma_kernel, KL_CUDA_KDA_PREP_MMA=2; K = 32 and
+ * 64 run the 128-thread form), of 256 in 63.5 KB (kda_chunk_prep_mma3_kernel,
+ * =3, the default; K = 32 and 64 the 128-thread form), of
  * 128 (=1) and as the fp32 prep kernel (=0); the hook
  * kl_cuda_test_kda_prep_mma switches it.
  */
@@ -3478,7 +3478,7 @@ check_kda_chunked_mma(void)
 		free(S_n);
 	}
 	if (prep_mma)
-		prep_mma(2);			/* the default again for the checks that follow */
+		prep_mma(3);			/* the default again for the checks that follow */
 	dlclose(lib);
 	kl_model_free(m);
 }
