@@ -462,10 +462,537 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 	}
 }
 
+/*
+ * kda_chunk_prep_mma3_kernel (KL_CUDA_KDA_PREP_MMA=3, K = 128, 256 threads):
+ * the outputs of the kernels above, equal within fp32 rounding order, in
+ * 63.5 KB of shared memory (3 blocks = 24 warps an SM; the forms above use
+ * 95.5 KB, 2 blocks) and fewer instructions.  Nsight of the 256-thread form
+ * at 8192 rows x 32 heads: 1.19 ms, one instruction every 2.1 cycles a
+ * scheduler, 52 % of cycles no eligible warp, 135k warp instructions a
+ * tile, most of them in the pairs inside a sub-chunk.  What changes:
+ *   - pairs inside a sub-chunk: lane (jj, slice) holds k_jj's 8 channels
+ *     (4 sl.., 64 + 4 sl..: float4 loads free of bank conflicts) already
+ *     multiplied by the running product of a, so a row ii costs 6 LDS.128,
+ *     8 FMUL, 16 FFMA; rows ii < jj are skipped (warp w starts at ii = 2 w;
+ *     the strict upper triangle of P is zeroed once at the start); P's and
+ *     A's sums share one shuffle tree (even lanes P, odd lanes A);
+ *   - pairs across sub-chunks are formed one sub-chunk at a time: at
+ *     sub-chunk b only its 16 rows of Xq, Xk and the 16 b rows of Kr
+ *     (k_t Gamma(16 b - 1, t), one exp each, k and g read again, from L1/L2)
+ *     live, 22 KB instead of 52 KB; the mma tiles run in the same phase as
+ *     the pairs inside the sub-chunk, on the warps that have fewer pairs;
+ *   - the 16 x 16 diagonal inverses: thread (block, column) solves its
+ *     column fully unrolled in registers (A's rows read as float4,
+ *     broadcast to the block's 16 threads): a dependent chain of ~16 FFMA
+ *     instead of ~120 dependent shared loads;
+ *   - the right-hand sides [beta k Gam | beta v]^T are formed after the
+ *     inverse, over Li and Tb's room; A is not zeroed (every element the
+ *     inverse reads is written), Li is not zeroed (Lb masks the blocks above
+ *     the diagonal).
+ */
+template <int K>
+struct kp3_layout
+{
+	static constexpr int C = KDA_CHUNK;
+	static constexpr int LK = K + 8;
+	static constexpr int LC = C + 8;
+	static constexpr int SB = 0;		/* beta [C] fp32 */
+	static constexpr int GE = SB + 4 * C;	/* G at the sub-chunk ends [4][K] fp32 */
+	static constexpr int SA = GE + 4 * 4 * K;	/* A [C][C] fp32 */
+	static constexpr int U = SA + 4 * C * C;
+	/* U1 (sub-chunk loop): q, k, a fp32 [16][K]; Xq, Xk [16][LK]; Kr [48][LK] */
+	static constexpr int DQ = U;
+	static constexpr int DK = DQ + 4 * 16 * K;
+	static constexpr int DA = DK + 4 * 16 * K;
+	static constexpr int XQ = DA + 4 * 16 * K;
+	static constexpr int XK = XQ + 2 * 16 * LK;
+	static constexpr int KR = XK + 2 * 16 * LK;
+	static constexpr int U1END = KR + 2 * 48 * LK;
+	/* U2 (inverse): Lb [C][LC] bf16, Li [C][C] fp32, Tb [3][16][16] fp32 */
+	static constexpr int LB = U;
+	static constexpr int LI = LB + 2 * C * LC;
+	static constexpr int TB = LI + 4 * C * C;
+	static constexpr int U2END = TB + 4 * 3 * 256;
+	/* U3 (products): Lb kept, Kb^T, Vb^T [K][LC] bf16 over Li and Tb */
+	static constexpr int KBT = LI;
+	static constexpr int VBT = KBT + 2 * K * LC;
+	static constexpr int U3END = VBT + 2 * K * LC;
+	static constexpr int BYTES = U1END > U2END ? (U1END > U3END ? U1END : U3END) : (U2END > U3END ? U2END : U3END);
+};
+
+/* exp(x) as one ex2 with denormal results flushed to 0 (every exp here
+ * is of a difference <= 0 or of a g <= 0: a flushed factor is harmless, the
+ * true product is smaller still) */
+__device__ __forceinline__ float
+kp3_exp(float x)
+{
+	float		r;
+
+	asm("ex2.approx.ftz.f32 %0, %1;\n":"=f"(r):"f"(x * 1.4426950408889634f));
+	return r;
+}
+
+/* x as bf16, rounded to nearest even (one cvt; f32_to_bf16's numbers but for NaN) */
+__device__ __forceinline__ uint16_t
+kp3_bf16(float x)
+{
+	uint16_t	r;
+
+	asm("cvt.rn.bf16.f32 %0, %1;\n":"=h"(r):"f"(x));
+	return r;
+}
+
+/*
+ * 4b of the inverse (chunk_prep_invert_below's sums in the same order per
+ * element), a thread per (block pair, row, 4 columns): A's row and Tb's /
+ * Li's rows read as float4, 5 shared loads per 16 FMA instead of 32.
+ */
+__device__ __forceinline__ void
+kp3_invert_below(const float *sA, float *Li, float *Tb, int tid)
+{
+	constexpr int C = KDA_CHUNK;
+
+	for (int d = 1; d < C / KDA_SUB; d++)
+	{
+		int			np = C / KDA_SUB - d;
+
+		if (tid < np * 64)
+		{
+			int			j = tid >> 6,
+						i = j + d,
+						rr = (tid >> 2) & 15,
+						c4 = 4 * (tid & 3);
+			float		t[4] = {0, 0, 0, 0};
+
+			for (int kb = j; kb < i; kb++)
+#pragma unroll
+				for (int m4 = 0; m4 < KDA_SUB; m4 += 4)
+				{
+					float4		a4 = *(const float4 *) (sA + (KDA_SUB * i + rr) * C + KDA_SUB * kb + m4);
+					float		av[4] = {a4.x, a4.y, a4.z, a4.w};
+
+#pragma unroll
+					for (int mm = 0; mm < 4; mm++)
+					{
+						float4		l4 = *(const float4 *) (Li + (KDA_SUB * kb + m4 + mm) * C + KDA_SUB * j + c4);
+
+						t[0] += av[mm] * l4.x;
+						t[1] += av[mm] * l4.y;
+						t[2] += av[mm] * l4.z;
+						t[3] += av[mm] * l4.w;
+					}
+				}
+			*(float4 *) (Tb + j * 256 + rr * 16 + c4) = make_float4(t[0], t[1], t[2], t[3]);
+		}
+		__syncthreads();
+		if (tid < np * 64)
+		{
+			int			j = tid >> 6,
+						i = j + d,
+						rr = (tid >> 2) & 15,
+						c4 = 4 * (tid & 3);
+			float		t[4] = {0, 0, 0, 0};
+
+#pragma unroll
+			for (int m4 = 0; m4 < KDA_SUB; m4 += 4)
+			{
+				float4		a4 = *(const float4 *) (Li + (KDA_SUB * i + rr) * C + KDA_SUB * i + m4);
+				float		av[4] = {a4.x, a4.y, a4.z, a4.w};
+
+#pragma unroll
+				for (int mm = 0; mm < 4; mm++)
+				{
+					float4		b4 = *(const float4 *) (Tb + j * 256 + (m4 + mm) * 16 + c4);
+
+					t[0] += av[mm] * b4.x;
+					t[1] += av[mm] * b4.y;
+					t[2] += av[mm] * b4.z;
+					t[3] += av[mm] * b4.w;
+				}
+			}
+			*(float4 *) (Li + (KDA_SUB * i + rr) * C + KDA_SUB * j + c4) = make_float4(-t[0], -t[1], -t[2], -t[3]);
+		}
+		__syncthreads();
+	}
+}
+
+template <int K>
+__global__ void __launch_bounds__(256)
+kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
+						   const float *__restrict__ v, const float *__restrict__ g, const float *__restrict__ beta,
+						   uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16,
+						   float *glast)
+{
+	static_assert(K == 128, "the lane layout of the pairs assumes K = 128");
+	typedef kp3_layout<K> L;
+	constexpr int C = KDA_CHUNK;
+	constexpr int V = K;
+	constexpr int NTH = 256;
+	extern __shared__ uint4 kp_smem[];
+	char	   *sm = (char *) kp_smem;
+	float	   *sb = (float *) (sm + L::SB),
+			   *sA = (float *) (sm + L::SA),
+			   *Ge = (float *) (sm + L::GE),
+			   *dq = (float *) (sm + L::DQ),
+			   *dk = (float *) (sm + L::DK),
+			   *da = (float *) (sm + L::DA),
+			   *Li = (float *) (sm + L::LI),
+			   *Tb = (float *) (sm + L::TB);
+	uint16_t   *Xq = (uint16_t *) (sm + L::XQ),
+			   *Xk = (uint16_t *) (sm + L::XK),
+			   *Kr = (uint16_t *) (sm + L::KR),
+			   *Lb = (uint16_t *) (sm + L::LB),
+			   *KbT = (uint16_t *) (sm + L::KBT),
+			   *VbT = (uint16_t *) (sm + L::VBT);
+	int			chunk = blockIdx.x,
+				h = blockIdx.y,
+				tid = threadIdx.x,
+				warp = tid >> 5,
+				lane = tid & 31,
+				gq = lane >> 2,
+				t2 = 2 * (lane & 3);
+	int			t0 = chunk * C,
+				Cn = n - t0 < C ? n - t0 : C;
+	size_t		tile = (size_t) chunk * H + h,
+				HK = (size_t) H * K;
+	const size_t rowoff = (size_t) t0 * HK + (size_t) h * K;
+	/* the block's rows: 32-bit offsets t HK + c from here (t < 64) */
+	const float *qb = q + rowoff,
+			   *kb_ = k + rowoff,
+			   *vb_ = v + rowoff,
+			   *gb = g + rowoff;
+	const int	HKi = H * K;
+	uint16_t   *P = P16 + tile * C * C,
+			   *Qt = Q16 + tile * C * K,
+			   *Ktt = Kt16 + tile * K * C;
+
+	/* A. beta, the sub-chunk ends' G (as the 256-thread form), P's strict
+	 * upper triangle zeroed (the pair phase writes only i >= j) */
+	if (tid < C)
+		sb[tid] = tid < Cn ? beta[(size_t) (t0 + tid) * H + h] : 0.0f;
+	if (tid < K)
+	{
+		float		G = 0;
+
+		for (int t16 = 0; t16 < C; t16 += 16)
+		{
+			float		gl[16];
+
+#pragma unroll
+			for (int u = 0; u < 16; u++)
+				gl[u] = t16 + u < Cn ? gb[(t16 + u) * HKi + tid] : 0.0f;
+#pragma unroll
+			for (int u = 0; u < 16; u++)
+				G += gl[u];
+			Ge[(t16 >> 4) * K + tid] = G;
+		}
+		glast[tile * K + tid] = __expf(G);
+	}
+	for (int e = tid; e < C * C / 8; e += NTH)
+	{
+		int			r = e >> 3,
+					c8 = 8 * (e & 7);
+
+		if (c8 > r)
+			*(uint4 *) (P + r * C + c8) = make_uint4(0, 0, 0, 0);
+		else
+			for (int c = r + 1; c < c8 + 8; c++)
+				P[r * C + c] = 0;
+	}
+	__syncthreads();
+
+	/* B. per sub-chunk: its rows' operands and Kr, then its pairs (CUDA
+	 * cores) and its pairs with the earlier sub-chunks (mma) */
+	for (int b = 0; b < 4; b++)
+	{
+		int			s0 = 16 * b;
+
+		{
+			int			c = tid % K,
+						i0 = 8 * (tid / K);	/* this thread's rows i0 .. i0 + 7 of a sub-chunk */
+			float		Gs = b > 0 ? Ge[(b - 1) * K + c] : 0.0f,	/* G at the reference point s0 - 1 */
+						Gb = Ge[b * K + c],
+						G = Gs,
+						eS = kp3_exp(Gs),		/* Gam(s0 - 1) */
+						eT = kp3_exp(Ge[3 * K + c] - Gb);	/* Gamma(end, sub-chunk end) */
+			float		ktv[8];
+
+			if (i0 > 0)
+#pragma unroll
+				for (int ii = 0; ii < 8; ii++)
+					G += s0 + ii < Cn ? gb[(s0 + ii) * HKi + c] : 0.0f;
+#pragma unroll
+			for (int u = 0; u < 8; u++)
+			{
+				int			ii = i0 + u;
+				int			t = s0 + ii;
+				bool		in = t < Cn;
+				int			off = t * HKi + c;
+				float		qv = in ? qb[off] : 0.0f,
+							kv = in ? kb_[off] : 0.0f,
+							gv = in ? gb[off] : 0.0f;
+				float		F,
+							R;
+
+				G += gv;
+				F = kp3_exp(G - Gs);	/* Gamma(t, r) */
+				R = kp3_exp(Gb - G);	/* Gamma(sub-chunk end, t) */
+				dq[ii * K + c] = qv;
+				dk[ii * K + c] = kv;
+				da[ii * K + c] = kp3_exp(gv);
+				if (b > 0)
+				{
+					Xq[ii * L::LK + c] = kp3_bf16(qv * F);
+					Xk[ii * L::LK + c] = kp3_bf16(kv * F);
+				}
+				Qt[t * K + c] = kp3_bf16(qv * (F * eS));
+				ktv[u] = kv * (R * eT);	/* k_t Gamma(end, t) */
+			}
+			*(uint4 *) (Ktt + c * C + s0 + i0) = make_uint4(cvt_bf16x2(ktv[0], ktv[1]), cvt_bf16x2(ktv[2], ktv[3]),
+															cvt_bf16x2(ktv[4], ktv[5]), cvt_bf16x2(ktv[6], ktv[7]));
+
+			/* Kr: rows i0 .. i0 + 7 of every earlier sub-chunk b2, k_t
+			 * Gamma(s0 - 1, t) = k_t exp(Gs - G_t), G_t summed again in
+			 * the order above */
+			for (int b2 = 0; b2 < b; b2++)
+			{
+				int			r0 = 16 * b2;
+				float		G2 = b2 > 0 ? Ge[(b2 - 1) * K + c] : 0.0f;
+
+				if (i0 > 0)
+#pragma unroll
+					for (int ii = 0; ii < 8; ii++)
+						G2 += r0 + ii < Cn ? gb[(r0 + ii) * HKi + c] : 0.0f;
+#pragma unroll
+				for (int u = 0; u < 8; u++)
+				{
+					int			t = r0 + i0 + u;
+					int			off = t * HKi + c;
+					float		gv = t < Cn ? gb[off] : 0.0f,
+								kv = t < Cn ? kb_[off] : 0.0f;
+
+					G2 += gv;
+					Kr[t * L::LK + c] = kp3_bf16(kv * kp3_exp(Gs - G2));
+				}
+			}
+		}
+		__syncthreads();
+		{
+			/* pairs (i, j) inside the sub-chunk: warp w, j = 2 w + lane / 16,
+			 * channels 4 sl .. 4 sl + 3 and 64 + 4 sl .. (sl = lane % 16);
+			 * kd = k_j prod_{j < m <= i} a_m, updated row by row */
+			int			hw = lane >> 4,
+						jj = 2 * warp + hw,
+						sl = lane & 15;
+			const float4 *dq4 = (const float4 *) dq,
+					   *dk4 = (const float4 *) dk,
+					   *da4 = (const float4 *) da;
+			float4		kd0 = dk4[jj * (K / 4) + sl],
+						kd1 = dk4[jj * (K / 4) + 16 + sl];
+
+			for (int ii = 2 * warp; ii < 16; ii++)
+			{
+				float4		q0 = dq4[ii * (K / 4) + sl],
+							q1 = dq4[ii * (K / 4) + 16 + sl],
+							k0 = dk4[ii * (K / 4) + sl],
+							k1 = dk4[ii * (K / 4) + 16 + sl];
+				float		pp,
+							aa,
+							keep,
+							send;
+
+				if (ii > jj)
+				{
+					float4		a0 = da4[ii * (K / 4) + sl],
+								a1 = da4[ii * (K / 4) + 16 + sl];
+
+					kd0.x *= a0.x;
+					kd0.y *= a0.y;
+					kd0.z *= a0.z;
+					kd0.w *= a0.w;
+					kd1.x *= a1.x;
+					kd1.y *= a1.y;
+					kd1.z *= a1.z;
+					kd1.w *= a1.w;
+				}
+				pp = q0.x * kd0.x + q0.y * kd0.y + q0.z * kd0.z + q0.w * kd0.w +
+					q1.x * kd1.x + q1.y * kd1.y + q1.z * kd1.z + q1.w * kd1.w;
+				aa = k0.x * kd0.x + k0.y * kd0.y + k0.z * kd0.z + k0.w * kd0.w +
+					k1.x * kd1.x + k1.y * kd1.y + k1.z * kd1.z + k1.w * kd1.w;
+				/* one tree for both sums: even lanes carry P's, odd A's */
+				keep = (lane & 1) ? aa : pp;
+				send = (lane & 1) ? pp : aa;
+				keep += __shfl_xor_sync(0xffffffffu, send, 1);
+				keep += __shfl_xor_sync(0xffffffffu, keep, 2);
+				keep += __shfl_xor_sync(0xffffffffu, keep, 4);
+				keep += __shfl_xor_sync(0xffffffffu, keep, 8);
+				if (sl == 0 && ii >= jj)
+					P[(s0 + ii) * C + s0 + jj] = kp3_bf16(keep);
+				if (sl == 1 && ii > jj)
+					sA[(s0 + ii) * C + s0 + jj] = sb[s0 + ii] * keep;
+			}
+		}
+		/* pairs with the sub-chunks before: 2 b column tiles of 8 for P,
+		 * 2 b for A, on the warps with the fewest pairs above (7, 6, ..) */
+		for (int item = 7 - warp; item < 4 * b; item += NTH / 32)
+		{
+			int			which = item & 1,	/* 0: P (q side), 1: A (k side) */
+						n0 = 8 * (item >> 1);
+			const uint16_t *X = which ? Xk : Xq;
+			float		acc[4] = {0, 0, 0, 0};
+
+#pragma unroll
+			for (int kk = 0; kk < K; kk += 16)
+			{
+				uint32_t	a[4],
+							bb[2];
+
+				kp_frag_a(a, X, L::LK, 0, kk, lane);
+				kp_frag_b(bb, Kr, L::LK, n0, kk, lane);
+				kp_mma(acc, a, bb[0], bb[1]);
+			}
+			{
+				int			r = s0 + gq,
+							cc = n0 + t2;
+
+				if (which == 0)
+				{
+					*(uint32_t *) (P + r * C + cc) = cvt_bf16x2(acc[0], acc[1]);
+					*(uint32_t *) (P + (r + 8) * C + cc) = cvt_bf16x2(acc[2], acc[3]);
+				}
+				else
+				{
+					*(float2 *) (sA + r * C + cc) = make_float2(sb[r] * acc[0], sb[r] * acc[1]);
+					*(float2 *) (sA + (r + 8) * C + cc) = make_float2(sb[r + 8] * acc[2], sb[r + 8] * acc[3]);
+				}
+			}
+		}
+		__syncthreads();		/* dq, dk, da, Xq, Xk, Kr free for the next sub-chunk */
+	}
+
+	/* E. (I + A)^-1 in fp32: the diagonal blocks, thread (block, column j),
+	 * x = column j of (I + A_bb)^-1 by forward substitution in registers */
+	if (tid < C)
+	{
+		int			o = (tid >> 4) * 16,
+					j = tid & 15;
+		float		x[16];
+
+#pragma unroll
+		for (int i = 0; i < 16; i++)
+		{
+			float		s = 0;
+
+#pragma unroll
+			for (int m4 = 0; m4 < i; m4 += 4)
+			{
+				float4		a4 = *(const float4 *) (sA + (o + i) * C + o + m4);
+
+				/* x[m] = 0 for m < j: the terms before the diagonal add 0 */
+				s += a4.x * x[m4];
+				if (m4 + 1 < i)
+					s += a4.y * x[m4 + 1];
+				if (m4 + 2 < i)
+					s += a4.z * x[m4 + 2];
+				if (m4 + 3 < i)
+					s += a4.w * x[m4 + 3];
+			}
+			x[i] = i == j ? 1.0f : i < j ? 0.0f : -s;
+		}
+#pragma unroll
+		for (int i = 0; i < 16; i++)
+			Li[(o + i) * C + o + j] = x[i];
+	}
+	__syncthreads();
+	kp3_invert_below(sA, Li, Tb, tid);
+	for (int e = tid; e < C * C / 2; e += NTH)
+	{
+		int			r = e / (C / 2),
+					c = 2 * (e % (C / 2));
+		float2		l2 = *(const float2 *) (Li + r * C + c);
+
+		*(uint32_t *) (Lb + r * L::LC + c) = c / 16 > r / 16 ? 0u : cvt_bf16x2(l2.x, l2.y);
+	}
+	__syncthreads();			/* Li, Tb dead: Kb^T, Vb^T take their room */
+
+	/* D. the right-hand sides [beta k Gam | beta v] transposed (bf16) */
+	{
+		int			c = tid % K,
+					r0 = 32 * (tid / K),	/* this thread's rows r0 .. r0 + 31 */
+					r1 = r0 + 32;
+		float		G = r0 > 0 ? Ge[K + c] : 0.0f;	/* G at row 31 */
+
+		for (int t8 = r0; t8 < r1; t8 += 8)
+		{
+			float		xs[8],
+						ys[8];
+
+#pragma unroll
+			for (int u = 0; u < 8; u++)
+			{
+				int			t = t8 + u;
+				bool		in = t < Cn;
+				int			off = t * HKi + c;
+				float		bt = sb[t];
+
+				G += in ? gb[off] : 0.0f;
+				xs[u] = in ? bt * kb_[off] * kp3_exp(G) : 0.0f;
+				ys[u] = in ? bt * vb_[off] : 0.0f;
+			}
+			*(uint4 *) (KbT + c * L::LC + t8) = make_uint4(cvt_bf16x2(xs[0], xs[1]), cvt_bf16x2(xs[2], xs[3]),
+														   cvt_bf16x2(xs[4], xs[5]), cvt_bf16x2(xs[6], xs[7]));
+			*(uint4 *) (VbT + c * L::LC + t8) = make_uint4(cvt_bf16x2(ys[0], ys[1]), cvt_bf16x2(ys[2], ys[3]),
+														   cvt_bf16x2(ys[4], ys[5]), cvt_bf16x2(ys[6], ys[7]));
+		}
+	}
+	__syncthreads();
+
+	/* F. [W | U0] = Li [Kb | Vb]: warp w, column tiles 4 w .. 4 w + 3 of the 2K/8 */
+	{
+		constexpr int NT = 8 * K / NTH;
+#pragma unroll 1
+		for (int m = 0; m < 4; m++)
+		{
+			float		acc[NT][4];
+
+#pragma unroll
+			for (int j = 0; j < NT; j++)
+				acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+			for (int kk = 0; kk <= 16 * m; kk += 16)
+			{
+				uint32_t	a[4];
+
+				kp_frag_a(a, Lb, L::LC, 16 * m, kk, lane);
+#pragma unroll
+				for (int j = 0; j < NT; j++)
+				{
+					int			col = 8 * (warp * NT + j);
+					const uint16_t *bt = col < K ? KbT + col * L::LC : VbT + (col - K) * L::LC;
+					uint32_t	bb[2];
+
+					kp_frag_b(bb, bt, L::LC, 0, kk, lane);
+					kp_mma(acc[j], a, bb[0], bb[1]);
+				}
+			}
+#pragma unroll
+			for (int j = 0; j < NT; j++)
+			{
+				int			col = 8 * (warp * NT + j) + t2,
+							r = 16 * m + gq;
+				uint16_t   *dst = col < K ? W16 + tile * C * K + col : U16 + tile * C * V + col - K;
+
+				*(uint32_t *) (dst + r * K) = cvt_bf16x2(acc[j][0], acc[j][1]);
+				*(uint32_t *) (dst + (r + 8) * K) = cvt_bf16x2(acc[j][2], acc[j][3]);
+			}
+		}
+	}
+}
+
 /* set by kk_set_kda_prep_mma: kk_kda_chunked_mma's parallel half on tensor
- * cores, 128 threads a block (1) or 256 (2, K = 128; 1 for other K), or the
- * fp32 prep kernel (0) */
-static int kda_prep_mma_on = 2;
+ * cores, 128 threads a block (1) or 256 (2, K = 128; 1 for other K), the
+ * 256-thread kernel in 63.5 KB (3, the default; K = 128, 1 for other K), or
+ * the fp32 prep kernel (0) */
+static int kda_prep_mma_on = 3;
 
 extern "C" void
 kk_set_kda_prep_mma(int on)
@@ -510,6 +1037,19 @@ kk_kda_chunk_prep_bf16(cudaStream_t s, int n, int H, int K, const float *q, cons
 			case 64:
 				return chunk_prep_mma_launch<64, 128>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
 			case 128:
+				if (kda_prep_mma_on == 3)
+				{
+					size_t		nc = (size_t) (n + KDA_CHUNK - 1) / KDA_CHUNK;
+					int			smb = kp3_layout<128>::BYTES;
+					cudaError_t e;
+
+					if ((e = cudaFuncSetAttribute(kda_chunk_prep_mma3_kernel<128>,
+												  cudaFuncAttributeMaxDynamicSharedMemorySize, smb)) != cudaSuccess)
+						return (int) e;
+					kda_chunk_prep_mma3_kernel<128><<<dim3((unsigned) nc, H), 256, smb, s>>>(n, H, q, k, v, g, beta, W16,
+																							  U16, Q16, Kt16, P16, gl);
+					return 0;
+				}
 				return kda_prep_mma_on == 2 ?
 					chunk_prep_mma_launch<128, 256>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl) :
 					chunk_prep_mma_launch<128, 128>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);

@@ -316,9 +316,10 @@ int			kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const 
 size_t		kk_kda_chunk_mma_scratch(int n, int H, int K);
 int			kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
 							   const float *g, const float *beta, float *S, float *o, void *scratch);
-/* kk_kda_chunk_prep_bf16 on tensor cores in blocks of 256 threads (2,
- * default; K = 128, else as 1) or of 128 (1), or as the fp32 prep kernel with
- * bf16 stores (0); the same outputs within bf16 rounding */
+/* kk_kda_chunk_prep_bf16 on tensor cores in blocks of 256 threads in 63.5 KB
+ * of shared memory (3, default; K = 128, else as 1), of 256 in 95.5 KB (2;
+ * K = 128, else as 1) or of 128 (1), or as the fp32 prep kernel with bf16
+ * stores (0); the same outputs within bf16 rounding */
 void		kk_set_kda_prep_mma(int on);
 int			kk_kda_chunk_prep_bf16(cudaStream_t s, int n, int H, int K, const float *q, const float *k,
 								   const float *v, const float *g, const float *beta, uint16_t *W16, uint16_t *U16,

@@ -917,7 +917,10 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_KDA_PREP_MMA=0: that form's parallel half (W, U0, P, Qg,
 		 * Kt per chunk) runs the fp32 prep kernel with bf16 stores; =1 its
 		 * products on tensor cores (kda_chunk_prep_mma_kernel) in blocks of
-		 * 128 threads; default (=2): blocks of 256 at K = 128 (1 elsewhere).
+		 * 128 threads; =2: blocks of 256 at K = 128 (1 elsewhere); default
+		 * (=3): blocks of 256 in 63.5 KB of shared memory, 3 an SM, with the
+		 * pairs, the cross-sub-chunk operands and the diagonal inverses
+		 * reworked (kda_chunk_prep_mma3_kernel; K = 128, 1 elsewhere).
 		 * KL_CUDA_KDA_ELEM_WARP=1: the KDA prep (conv, norms, decay) and the
 		 * gated norm as a warp per (row, head), shuffles for the head's sums,
 		 * the same outputs bit for bit (default 0, a block per (row, head):
@@ -967,7 +970,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
-		kk_set_kda_prep_mma(kpm && *kpm ? (atoi(kpm) == 0 ? 0 : atoi(kpm) == 1 ? 1 : 2) : 2);
+		kk_set_kda_prep_mma(kpm && *kpm ? (atoi(kpm) >= 0 && atoi(kpm) <= 3 ? atoi(kpm) : 3) : 3);
 		kk_set_kda_elem_warp(kew && strcmp(kew, "1") == 0);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :

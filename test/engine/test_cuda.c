@@ -3377,9 +3377,11 @@ typedef int (*kda_chunked_test_fn) (int n, int H, int K, const float *q, const f
  * heads x 128) for lengths that end mid-chunk, one chunk, several and 8192,
  * with a zero state and one carried in, and at the golden models' head size
  * 32 and at 64; each with the parallel half on tensor cores in blocks of 256
- * threads (kda_chunk_prep_mma_kernel, KL_CUDA_KDA_PREP_MMA=2, the default;
- * K = 32 and 64 run the 128-thread form), of 128 (=1) and as the fp32 prep
- * kernel (=0); the hook kl_cuda_test_kda_prep_mma switches it.
+ * threads (kda_chunk_prep_mma_kernel, KL_CUDA_KDA_PREP_MMA=2; K = 32 and
+ * 64 run the 128-thread form), of 256 in 63.5 KB (kda_chunk_prep_mma3_kernel,
+ * =3, the default; K = 32 and 64 the 128-thread form), of
+ * 128 (=1) and as the fp32 prep kernel (=0); the hook
+ * kl_cuda_test_kda_prep_mma switches it.
  */
 static void
 check_kda_chunked_mma(void)
@@ -3405,10 +3407,10 @@ check_kda_chunked_mma(void)
 		return;
 	*(void **) &prep_mma = dlsym(lib, "kl_cuda_test_kda_prep_mma");
 	tap_ok(prep_mma != NULL, "the CUDA library exports kl_cuda_test_kda_prep_mma");
-	for (size_t ci3 = 0; ci3 < 3 * sizeof(cases) / sizeof(cases[0]); ci3++)
+	for (size_t ci4 = 0; ci4 < 4 * sizeof(cases) / sizeof(cases[0]); ci4++)
 	{
-		size_t		ci = ci3 / 3;
-		int			pm = 2 - (int) (ci3 % 3);	/* prep on tensor cores (256, 128 threads), fp32, per case */
+		size_t		ci = ci4 / 4;
+		int			pm = 3 - (int) (ci4 % 4);	/* prep on tensor cores (63.5 KB, 256, 128 threads), fp32 */
 		int			H = cases[ci].H,
 					K = cases[ci].K,
 					T = cases[ci].T,
@@ -3463,7 +3465,8 @@ check_kda_chunked_mma(void)
 			tap_ok(rc == 0 && eo <= TOL_KDA_MMA && es <= TOL_KDA_MMA,
 				   "KDA chunkwise form on tensor cores (bf16, prep %s) vs the fp32 kernels, %d heads x %d, %d rows, "
 				   "state %s: outputs rel err %.2e, state after %.2e (hook returned %d)",
-				   pm == 2 ? "on tensor cores, 256 threads" : pm == 1 ? "on tensor cores, 128 threads" : "fp32", H, K,
+				   pm == 3 ? "on tensor cores, 256 threads in 63.5 KB" : pm == 2 ? "on tensor cores, 256 threads" :
+				   pm == 1 ? "on tensor cores, 128 threads" : "fp32", H, K,
 				   T, cases[ci].carry ? "carried in" : "zero", eo, es, rc);
 		}
 		free(q);
@@ -3478,7 +3481,7 @@ check_kda_chunked_mma(void)
 		free(S_n);
 	}
 	if (prep_mma)
-		prep_mma(2);			/* the default again for the checks that follow */
+		prep_mma(3);			/* the default again for the checks that follow */
 	dlclose(lib);
 	kl_model_free(m);
 }
