@@ -5165,8 +5165,8 @@ main(void)
 	for (int mi = 0; mi < 2; mi++)
 		for (int qi = 0; qi < 3; qi++)
 			for (int pi = 0; pi < 2; pi++)
-				check_quantized(mi ? "tiny_c" : "tiny_a", (const char *[]) {"fp8", "int8", "int4"}[qi],
-								pi ? "bf16" : "fp32");
+				RUN(check_quantized(mi ? "tiny_c" : "tiny_a", (const char *[]) {"fp8", "int8", "int4"}[qi],
+									pi ? "bf16" : "fp32"));
 	RUN(check_quantized_published());
 	RUN(check_big_quantized("fp8", "fp32"));
 	RUN(check_big_quantized("int8", "fp32"));
