@@ -466,8 +466,8 @@ kda_prep_rows_kernel(int n_tokens, int H, const float *__restrict__ q, const flo
 	 * weights of array a (channel-major, as conv_a) are sw[a][0..W-1][L] */
 	__shared__ float4 sw[3][W][32];
 	int			lane = threadIdx.x & 31;
-	int			t0 = (blockIdx.x * KDA_RW_WARPS + (threadIdx.x >> 5)) * R;
-	int			h = blockIdx.y * HPW + lane / LPH,
+	int			t0 = (blockIdx.y * KDA_RW_WARPS + (threadIdx.x >> 5)) * R;
+	int			h = blockIdx.x * HPW + lane / LPH,
 				c0 = 4 * (lane % LPH);
 	bool		live = h < H;
 	int			HK = H * K;
@@ -487,7 +487,7 @@ kda_prep_rows_kernel(int n_tokens, int H, const float *__restrict__ q, const flo
 		int			a = x / (W * 32),
 					u = x / 32 % W,
 					L = x % 32,
-					hL = blockIdx.y * HPW + L / LPH;
+					hL = blockIdx.x * HPW + L / LPH;
 		const float *cw = a == 0 ? conv_q : a == 1 ? conv_k : conv_v;
 
 		sw[a][u][L] = *(const float4 *) (cw + (size_t) ((hL < H ? hL : 0) * K + 4 * (L % LPH)) * W + 4 * u);
@@ -664,17 +664,18 @@ kda_prep_rows(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q,
 			  const float *dt_bias, const int *row_seq, const int *row0, float *const *conv_tab, float qscale)
 {
 	const void *p[] = {q, k, v, f, qo, ko, vo, dt_bias, conv_q, conv_k, conv_v};
+	size_t		walks = ceil_div((size_t) n_tokens, KDA_RW_ROWS * KDA_RW_WARPS);
 	kda_prep_rows_fn kern;
 	dim3		grid;
 
-	if (!(kda_elem_mode & KK_KDA_EW_PREP_ROWS) || !kda_ew_aligned(p, 11))
+	if (!(kda_elem_mode & KK_KDA_EW_PREP_ROWS) || !kda_ew_aligned(p, 11) || walks > 65535)
 		return false;
 	kern = K == 32 ? kda_prep_rows_for<32>(W) : K == 64 ? kda_prep_rows_for<64>(W) :
 		K == 128 ? kda_prep_rows_for<128>(W) : NULL;
 	if (!kern)
 		return false;
-	grid = dim3((unsigned) ceil_div((size_t) n_tokens, KDA_RW_ROWS * KDA_RW_WARPS),
-				(unsigned) ceil_div((size_t) H, 128 / K));
+	/* heads fastest: the blocks running at once cover whole rows (16 KB runs at the 48B shape) */
+	grid = dim3((unsigned) ceil_div((size_t) H, 128 / K), (unsigned) walks);
 	kk_launch(kern, grid, dim3(KDA_RW_WARPS * 32), 0, s, n_tokens, H, q, k, v, f, b, qo, ko, vo, beta, conv_q,
 			  conv_k, conv_v, A_log, dt_bias, row_seq, row0, conv_tab, qscale);
 	return true;
