@@ -179,15 +179,17 @@ kda_prep_kernel(int H, int K, int W, const float *__restrict__ q, const float *_
 
 /*
  * Warp-per-(row, head) forms of kda_prep and kda_gated_norm
- * (KL_CUDA_KDA_ELEM_WARP=1, default off: measured no faster in the op on the
- * H200, 2.64 against 2.60 ms at 8192 tokens; K = 32, 64, 128 with 16-byte aligned
- * rows, else the block kernels above).  The block kernels spend most of
- * their time in block_sum's two barriers and shared-memory round trips
- * (Nsight, 8192 rows x 32 heads: the prep 0.67 ms at 1.6 TB/s, the gated
- * norm 0.32 ms at 1.2 TB/s, both stalled on shared memory) for 1.07 GB and
- * 0.4 GB of traffic.  Here K / 4 lanes hold a head's row, 4 adjacent
- * channels a lane (16-byte loads and stores), and the head's sums are
- * shuffles, so nothing waits on a barrier.
+ * (KL_CUDA_KDA_ELEM_WARP, a mask of kernels.h's KK_KDA_EW_* bits; K = 32,
+ * 64, 128 with 16-byte aligned rows, else the block kernels above).  Nsight
+ * on the H200 at 8192 rows x 32 heads x 128: the gated norm's warp form
+ * 98 us against the block kernel's 317 (on by default); the prep's 913 us
+ * against 667 (off by default: its taps wait for their loads one after the
+ * other; prefill runs kda_prep_rows_kernel below instead).  The block
+ * kernels spend most of their time in block_sum's two barriers and
+ * shared-memory round trips for 1.07 GB and 0.4 GB of traffic.  Here
+ * K / 4 lanes hold a head's row, 4 adjacent channels a lane (16-byte loads
+ * and stores), and the head's sums are shuffles, so nothing waits on a
+ * barrier.
  *
  * The outputs are the block kernels' bit for bit: every element goes
  * through the same functions (kda_conv_silu's taps in the same order,
@@ -202,15 +204,15 @@ kda_prep_kernel(int H, int K, int W, const float *__restrict__ q, const float *_
  */
 #define KDA_EW_WARPS 8
 
-/* set by kk_set_kda_elem_warp: the warp kernels for K = 32, 64, 128 */
-static int kda_elem_warp_on = 0;
+/* set by kk_set_kda_elem_warp: which of the kernels below run (KK_KDA_EW_* bits) */
+static int kda_elem_mode = KK_KDA_EW_DEFAULT;
 
 extern "C" int
-kk_set_kda_elem_warp(int on)
+kk_set_kda_elem_warp(int mode)
 {
-	int			was = kda_elem_warp_on;
+	int			was = kda_elem_mode;
 
-	kda_elem_warp_on = on;
+	kda_elem_mode = mode;
 	return was;
 }
 
@@ -371,6 +373,255 @@ kda_prep_warp_kernel(int n_tokens, int H, int W, const float *__restrict__ q, co
 	}
 }
 
+/*
+ * kda_prep_kernel for prefill steps (no tails to shift) as a warp that walks
+ * KDA_RW_ROWS consecutive rows of the same head(s) (KL_CUDA_KDA_ELEM_WARP
+ * bit 4, on by default; K = 32, 64, 128, conv widths 2 .. 4, 16-byte aligned
+ * rows and conv weights, else the kernels above).
+ *
+ * Why: kda_prep_kernel is instruction bound, not memory bound (Nsight at
+ * 8192 rows x 32 heads x 128: 0.67 ms, SM throughput 76 %, DRAM 33 %,
+ * 523 M warp instructions = ~500 a thread for one channel's q, k, v and g).
+ * Per thread it pays, for one channel: the whole row setup (row_seq, row0,
+ * conv_tab, 20 parameters), 4 conv taps each with a branch into the tail,
+ * 64-bit index products and 3 + 3 scalar loads (the weights reloaded for
+ * every row), two block_sums (4 barriers, 20 shuffles, shared-memory round
+ * trips), and the per-head scalars (expf(A_log), the norm's sqrt and
+ * division) recomputed in all K threads.  kda_prep_warp_kernel cut the
+ * sums but kept the per-tap branches and loads and the per-row setup, and
+ * each of its taps waited for its loads before the next branch (913 us).
+ * Here a lane holds 4 adjacent channels (float4) and walks the rows: the
+ * block's conv weights go to shared memory once, before the wait for the
+ * previous kernel (read back per row as W 16-byte loads an array: in
+ * registers they would take 48 of them), dt_bias and exp(A_log) once per
+ * lane, the W - 1 rows before the current one stay in registers (each
+ * input row is loaded once, as one float4 per array), the next row's q, k,
+ * v, f and b are loaded while this row computes, and the tails are read
+ * only where a warp starts or a sequence starts (a warp-uniform branch).
+ * PTX per lane and row (4 channels of q, k, v, g): ~550 instructions
+ * besides moves (13 div.rn, 17 ex2, 28 shuffles, 160 fma) for what costs
+ * kda_prep_kernel ~4 x 500 (its four threads' worth).  The element math is the same functions
+ * in the same order (the taps oldest first from 0, siluf_, kda_head_sum =
+ * block_sum's order, kda_l2_scaled, kda_decay, sigmoidf_), so the outputs
+ * are kda_prep_kernel's bit for bit.
+ */
+#define KDA_RW_ROWS 16
+#define KDA_RW_WARPS 4
+#define KDA_RW_MINB 4			/* blocks an SM: 128 registers a thread */
+
+/* row t's q, k, v, f (4 channels from ch0) and b (this lane's head) */
+struct kda_rw_row
+{
+	float4		x[3];
+	float4		f;
+	float		b;
+};
+
+__device__ __forceinline__ void
+kda_rw_load(kda_rw_row *r, const float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v,
+			const float *f, const float *__restrict__ b, int t, int H, int HK, int h, int ch0)
+{
+	size_t		off = (size_t) t * HK + ch0;
+
+	r->x[0] = *(const float4 *) (q + off);
+	r->x[1] = *(const float4 *) (k + off);
+	r->x[2] = *(const float4 *) (v + off);
+	r->f = *(const float4 *) (f + off);
+	r->b = b[(size_t) t * H + h];
+}
+
+__device__ __forceinline__ float
+kda_f4(float4 v, int e)
+{
+	return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w;
+}
+
+/* a 16-byte shared-memory load the compiler may not hoist out of the row
+ * loop (held in registers across it, the 12 W conv weights would take 48
+ * registers of the thread's budget) */
+__device__ __forceinline__ float4
+kda_lds4(const float4 *p)
+{
+	float4		r;
+	unsigned	a = (unsigned) __cvta_generic_to_shared(p);
+
+	asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n":"=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w):"r"(a));
+	return r;
+}
+
+template <int K, int W>
+__global__ void __launch_bounds__(KDA_RW_WARPS * 32, KDA_RW_MINB)
+kda_prep_rows_kernel(int n_tokens, int H, const float *__restrict__ q, const float *__restrict__ k,
+					 const float *__restrict__ v, float *f, const float *__restrict__ b,
+					 float *__restrict__ qo, float *__restrict__ ko, float *__restrict__ vo,
+					 float *__restrict__ beta, const float *__restrict__ conv_q, const float *__restrict__ conv_k,
+					 const float *__restrict__ conv_v, const float *__restrict__ A_log,
+					 const float *__restrict__ dt_bias, const int *__restrict__ row_seq,
+					 const int *__restrict__ row0, float *const *conv_tab, float qscale)
+{
+	constexpr int LPH = K / 4;	/* lanes per head */
+	constexpr int HPW = 32 / LPH;	/* heads per warp */
+	constexpr int R = KDA_RW_ROWS;
+	/* the block's conv weights (its warps share the heads): lane L's 4 W
+	 * weights of array a (channel-major, as conv_a) are sw[a][0..W-1][L] */
+	__shared__ float4 sw[3][W][32];
+	int			lane = threadIdx.x & 31;
+	int			t0 = (blockIdx.y * KDA_RW_WARPS + (threadIdx.x >> 5)) * R;
+	int			h = blockIdx.x * HPW + lane / LPH,
+				c0 = 4 * (lane % LPH);
+	bool		live = h < H;
+	int			HK = H * K;
+	int			hr = live ? h : 0;	/* lanes past the last head read head 0 and store nothing */
+	int			ch0 = hr * K + c0;
+	float		xw[3][W - 1][4];	/* the W - 1 raw rows before the current one, oldest first */
+	float4		dt;
+	float		A;
+	int			nr,
+				my_i = 0,
+				my_s = 0;
+	kda_rw_row	nx;
+
+	/* weights only before the wait */
+	for (int x = threadIdx.x; x < 3 * W * 32; x += KDA_RW_WARPS * 32)
+	{
+		int			a = x / (W * 32),
+					u = x / 32 % W,
+					L = x % 32,
+					hL = blockIdx.x * HPW + L / LPH;
+		const float *cw = a == 0 ? conv_q : a == 1 ? conv_k : conv_v;
+
+		sw[a][u][L] = *(const float4 *) (cw + (size_t) ((hL < H ? hL : 0) * K + 4 * (L % LPH)) * W + 4 * u);
+	}
+	dt = *(const float4 *) (dt_bias + ch0);
+	A = -expf(A_log[hr]);
+	__syncthreads();
+
+	kk_dep_wait();
+	kk_dep_launch();
+	if (t0 >= n_tokens)
+		return;
+	nr = min(R, n_tokens - t0);
+	/* lane j < nr: row t0 + j's sequence and index in it */
+	if (lane < nr)
+	{
+		my_s = row_seq[t0 + lane];
+		my_i = t0 + lane - row0[my_s];
+	}
+	kda_rw_load(&nx, q, k, v, f, b, t0, H, HK, hr, ch0);
+	/* the W - 1 rows before t0, without waiting for the row indices (rows
+	 * of another sequence are replaced by the tail in the loop) */
+#pragma unroll
+	for (int m = 0; m < W - 1; m++)
+	{
+		int			r = t0 - (W - 1) + m;
+
+#pragma unroll
+		for (int a = 0; a < 3; a++)
+		{
+			float4		x4 = make_float4(0, 0, 0, 0);
+
+			if (r >= 0)
+				x4 = *(const float4 *) ((a == 0 ? q : a == 1 ? k : v) + (size_t) r * HK + ch0);
+#pragma unroll
+			for (int e = 0; e < 4; e++)
+				xw[a][m][e] = kda_f4(x4, e);
+		}
+	}
+
+	for (int j = 0; j < nr; j++)
+	{
+		int			t = t0 + j,
+					i = __shfl_sync(0xffffffffu, my_i, j),
+					s = __shfl_sync(0xffffffffu, my_s, j);
+		kda_rw_row	cur = nx;
+		float		y[3][4];
+
+		if (j + 1 < nr)
+			kda_rw_load(&nx, q, k, v, f, b, t + 1, H, HK, hr, ch0);
+
+		/* taps before the sequence's first row come from its tail: at the
+		 * warp's first row (the rows loaded above) and at a sequence's first
+		 * row (all W - 1); elsewhere the window is right */
+		if (i < W - 1 && (j == 0 || i == 0))
+		{
+			const float *tail = conv_tab[s];
+
+#pragma unroll
+			for (int m = 0; m < W - 1; m++)
+			{
+				int			idx = i - (W - 1) + m;
+
+				if (idx < 0)
+#pragma unroll
+					for (int a = 0; a < 3; a++)
+#pragma unroll
+						for (int e = 0; e < 4; e++)
+							xw[a][m][e] = tail[(size_t) (a * HK + ch0 + e) * W + W + idx];
+			}
+		}
+
+		/* kda_conv_silu: taps oldest first, summed from 0 */
+#pragma unroll
+		for (int a = 0; a < 3; a++)
+		{
+			float		wt[4 * W];	/* [channel][tap] */
+
+#pragma unroll
+			for (int u = 0; u < W; u++)
+			{
+				float4		w4 = kda_lds4(&sw[a][u][lane]);
+
+				wt[4 * u] = w4.x;
+				wt[4 * u + 1] = w4.y;
+				wt[4 * u + 2] = w4.z;
+				wt[4 * u + 3] = w4.w;
+			}
+#pragma unroll
+			for (int e = 0; e < 4; e++)
+			{
+				float		sum = 0;
+				float		xc = kda_f4(cur.x[a], e);
+
+#pragma unroll
+				for (int m = 0; m < W - 1; m++)
+					sum += wt[e * W + m] * xw[a][m][e];
+				sum += wt[e * W + W - 1] * xc;
+				y[a][e] = siluf_(sum);
+#pragma unroll
+				for (int m = 0; m + 1 < W - 1; m++)
+					xw[a][m][e] = xw[a][m + 1][e];
+				xw[a][W - 2][e] = xc;
+			}
+		}
+
+		{
+			float		ssq = kda_head_sum<K>(y[0][0] * y[0][0], y[0][1] * y[0][1], y[0][2] * y[0][2],
+											  y[0][3] * y[0][3]);
+			float		ssk = kda_head_sum<K>(y[1][0] * y[1][0], y[1][1] * y[1][1], y[1][2] * y[1][2],
+											  y[1][3] * y[1][3]);
+
+			if (live)
+			{
+				size_t		off = (size_t) t * HK + ch0;
+
+				*(float4 *) (qo + off) = make_float4(kda_l2_scaled(y[0][0], ssq, qscale),
+													 kda_l2_scaled(y[0][1], ssq, qscale),
+													 kda_l2_scaled(y[0][2], ssq, qscale),
+													 kda_l2_scaled(y[0][3], ssq, qscale));
+				*(float4 *) (ko + off) = make_float4(kda_l2_scaled(y[1][0], ssk, 1.0f),
+													 kda_l2_scaled(y[1][1], ssk, 1.0f),
+													 kda_l2_scaled(y[1][2], ssk, 1.0f),
+													 kda_l2_scaled(y[1][3], ssk, 1.0f));
+				*(float4 *) (vo + off) = make_float4(y[2][0], y[2][1], y[2][2], y[2][3]);
+				*(float4 *) (f + off) = make_float4(kda_decay(A, cur.f.x, dt.x), kda_decay(A, cur.f.y, dt.y),
+													kda_decay(A, cur.f.z, dt.z), kda_decay(A, cur.f.w, dt.w));
+				if (c0 == 0)
+					beta[(size_t) t * H + h] = sigmoidf_(cur.b);
+			}
+		}
+	}
+}
+
 /* the warp kernels take these pointers as float4 */
 static bool
 kda_ew_aligned(const void *const *p, int n)
@@ -381,17 +632,57 @@ kda_ew_aligned(const void *const *p, int n)
 	return true;
 }
 
-/* the warp kernels' grid and whether they cover K */
+/* the warp kernels' grid and whether they cover K (and mode bit `bit` is set) */
 static bool
-kda_ew_grid(int n_tokens, int H, int K, dim3 *grid)
+kda_ew_grid(int n_tokens, int H, int K, int bit, dim3 *grid)
 {
-	if (!kda_elem_warp_on || (K != 32 && K != 64 && K != 128))
+	if (!(kda_elem_mode & bit) || (K != 32 && K != 64 && K != 128))
 		return false;
 	*grid = dim3((unsigned) ceil_div((size_t) n_tokens, KDA_EW_WARPS), (unsigned) ceil_div((size_t) H, 128 / K));
 	return true;
 }
 
-/* the warp kernel for K = 32, 64, 128 (KL_CUDA_KDA_ELEM_WARP), else kda_prep_kernel */
+typedef void (*kda_prep_rows_fn) (int, int, const float *, const float *, const float *, float *, const float *,
+								  float *, float *, float *, float *, const float *, const float *, const float *,
+								  const float *, const float *, const int *, const int *, float *const *, float);
+
+/* kda_prep_rows_kernel<K, W> for conv widths 2 .. 4, else NULL */
+template <int K>
+static kda_prep_rows_fn
+kda_prep_rows_for(int W)
+{
+	return W == 4 ? kda_prep_rows_kernel<K, 4> : W == 3 ? kda_prep_rows_kernel<K, 3> :
+		W == 2 ? kda_prep_rows_kernel<K, 2> : NULL;
+}
+
+/* prefill with KK_KDA_EW_PREP_ROWS: kda_prep_rows_kernel where it covers
+ * K, W and the alignment; true when launched */
+static bool
+kda_prep_rows(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q, const float *k, const float *v,
+			  float *f, const float *b, float *qo, float *ko, float *vo, float *beta,
+			  const float *conv_q, const float *conv_k, const float *conv_v, const float *A_log,
+			  const float *dt_bias, const int *row_seq, const int *row0, float *const *conv_tab, float qscale)
+{
+	const void *p[] = {q, k, v, f, qo, ko, vo, dt_bias, conv_q, conv_k, conv_v};
+	size_t		walks = ceil_div((size_t) n_tokens, KDA_RW_ROWS * KDA_RW_WARPS);
+	kda_prep_rows_fn kern;
+	dim3		grid;
+
+	if (!(kda_elem_mode & KK_KDA_EW_PREP_ROWS) || !kda_ew_aligned(p, 11) || walks > 65535)
+		return false;
+	kern = K == 32 ? kda_prep_rows_for<32>(W) : K == 64 ? kda_prep_rows_for<64>(W) :
+		K == 128 ? kda_prep_rows_for<128>(W) : NULL;
+	if (!kern)
+		return false;
+	/* heads fastest: the blocks running at once cover whole rows (16 KB runs at the 48B shape) */
+	grid = dim3((unsigned) ceil_div((size_t) H, 128 / K), (unsigned) walks);
+	kk_launch(kern, grid, dim3(KDA_RW_WARPS * 32), 0, s, n_tokens, H, q, k, v, f, b, qo, ko, vo, beta, conv_q,
+			  conv_k, conv_v, A_log, dt_bias, row_seq, row0, conv_tab, qscale);
+	return true;
+}
+
+/* prefill: kda_prep_rows_kernel (KK_KDA_EW_PREP_ROWS); else the warp kernel
+ * for K = 32, 64, 128 (KK_KDA_EW_PREP_WARP); else kda_prep_kernel */
 extern "C" void
 kk_kda_prep(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q, const float *k, const float *v,
 			float *f, const float *b, float *qo, float *ko, float *vo, float *beta,
@@ -403,7 +694,11 @@ kk_kda_prep(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q, c
 	const void *p[] = {q, k, v, f, qo, ko, vo, dt_bias};
 	float		qscale = 1.0f / sqrtf((float) K);
 
-	if (n_tokens > 0 && kda_ew_grid(n_tokens, H, K, &wgrid) && kda_ew_aligned(p, 8))
+	if (n_tokens > 0 && !write_tails &&
+		kda_prep_rows(s, n_tokens, H, K, W, q, k, v, f, b, qo, ko, vo, beta, conv_q, conv_k, conv_v, A_log, dt_bias,
+					  row_seq, row0, conv_tab, qscale))
+		return;
+	if (n_tokens > 0 && kda_ew_grid(n_tokens, H, K, KK_KDA_EW_PREP_WARP, &wgrid) && kda_ew_aligned(p, 8))
 	{
 		void		(*kern) (int, int, int, const float *, const float *, const float *, float *, const float *,
 							 float *, float *, float *, float *, const float *, const float *, const float *,
@@ -1508,7 +1803,7 @@ kda_gated_norm_warp_kernel(int n_tokens, int H, int V, const float *o, const flo
 	}
 }
 
-/* the warp kernel for V = 32, 64, 128 (KL_CUDA_KDA_ELEM_WARP), else kda_gated_norm_kernel;
+/* the warp kernel for V = 32, 64, 128 (KK_KDA_EW_NORM_WARP), else kda_gated_norm_kernel;
  * out16 (NULL: none): also the bf16 rounding of out, same layout (8-byte aligned) */
 extern "C" void
 kk_kda_gated_norm_twin(cudaStream_t s, int n_tokens, int H, int V, const float *o, const float *gate, const float *w,
@@ -1517,7 +1812,8 @@ kk_kda_gated_norm_twin(cudaStream_t s, int n_tokens, int H, int V, const float *
 	dim3		wgrid;
 	const void *p[] = {o, gate, w, out};
 
-	if (n_tokens > 0 && kda_ew_grid(n_tokens, H, V, &wgrid) && kda_ew_aligned(p, 4) && ((uintptr_t) out16 & 7) == 0)
+	if (n_tokens > 0 && kda_ew_grid(n_tokens, H, V, KK_KDA_EW_NORM_WARP, &wgrid) && kda_ew_aligned(p, 4) &&
+		((uintptr_t) out16 & 7) == 0)
 	{
 		void		(*kern) (int, int, int, const float *, const float *, const float *, float, float *, uint16_t *) =
 			V == 32 ? kda_gated_norm_warp_kernel<32> :

@@ -288,10 +288,16 @@ void		kk_kda_prep(cudaStream_t s, int n_tokens, int H, int K, int W, const float
 						int write_tails);	/* write_tails: every sequence has one row; no kk_kda_tails */
 void		kk_kda_tails(cudaStream_t s, int n_seqs, int HK, int W, const float *q, const float *k, const float *v,
 						 const int *row0, float *const *conv_tab);
-/* kk_kda_prep and kk_kda_gated_norm as a warp per (row, head) for K = 32, 64,
- * 128 (1, default; the same outputs bit for bit) or a block per (row, head)
- * (0): KL_CUDA_KDA_ELEM_WARP.  Returns the setting it replaces. */
-int			kk_set_kda_elem_warp(int on);
+/* Which kernels kk_kda_prep and kk_kda_gated_norm run (KL_CUDA_KDA_ELEM_WARP,
+ * a mask of these bits; 0: a block per (row, head) for both, the old path).
+ * All give the same outputs bit for bit.  K = 32, 64, 128 and 16-byte
+ * aligned rows only; elsewhere the block kernels. */
+#define KK_KDA_EW_PREP_WARP 1	/* prep: a warp per (row, head) */
+#define KK_KDA_EW_NORM_WARP 2	/* gated norm: a warp per (row, head) */
+#define KK_KDA_EW_PREP_ROWS 4	/* prefill prep (no tails to shift; conv 2..4): a warp walks 16 rows */
+#define KK_KDA_EW_DEFAULT (KK_KDA_EW_NORM_WARP | KK_KDA_EW_PREP_ROWS)
+/* sets the mask; returns the one it replaces */
+int			kk_set_kda_elem_warp(int mode);
 /* sequences with more than max_rows rows are left to kk_kda_chunked */
 /* round16: store the state rounded to bf16 (measuring a bf16 state; KL_CUDA_KDA_STATE_ROUND=bf16) */
 int			kk_kda_recurrent(cudaStream_t s, int n_seqs, int H, int K, const float *q, const float *k,

@@ -921,11 +921,14 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * (=3): blocks of 256 in 63.5 KB of shared memory, 3 an SM, with the
 		 * pairs, the cross-sub-chunk operands and the diagonal inverses
 		 * reworked (kda_chunk_prep_mma3_kernel; K = 128, 1 elsewhere).
-		 * KL_CUDA_KDA_ELEM_WARP=1: the KDA prep (conv, norms, decay) and the
-		 * gated norm as a warp per (row, head), shuffles for the head's sums,
-		 * the same outputs bit for bit (default 0, a block per (row, head):
-		 * the warp form measured no faster on the H200, 2.64 vs 2.60 ms for
-		 * the op at 8192 tokens; bench/notes-cuda.md).
+		 * KL_CUDA_KDA_ELEM_WARP: which kernels run the KDA prep (conv, norms,
+		 * decay) and the gated norm, a mask (kernels.h KK_KDA_EW_*), all with
+		 * the same outputs bit for bit: 1 the prep as a warp per (row, head)
+		 * (913 us at 8192 tokens x 32 heads x 128 on the H200, slower than
+		 * the block kernel's 667), 2 the gated norm as a warp per (row, head)
+		 * (98 us against 317), 4 prefill's prep as a warp walking 16 rows
+		 * (kda_prep_rows_kernel; decode steps keep the others).  Default 6;
+		 * 0 a block per (row, head) for both, the old path.
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
@@ -971,7 +974,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
 		kk_set_kda_prep_mma(kpm && *kpm ? (atoi(kpm) >= 0 && atoi(kpm) <= 3 ? atoi(kpm) : 3) : 3);
-		kk_set_kda_elem_warp(kew && strcmp(kew, "1") == 0);
+		kk_set_kda_elem_warp(kew && *kew ? atoi(kew) & 7 : KK_KDA_EW_DEFAULT);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :
 			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : 8;

@@ -360,8 +360,9 @@ kl_cuda_test_kda_chunked(int n, int H, int K, const float *q, const float *k, co
  * For test/engine/test_cuda.c only (found with dlsym): kk_kda_prep (and
  * kk_kda_tails when a sequence has several rows) and kk_kda_gated_norm on
  * one step of ns sequences, sequence s = rows row0[s] .. row0[s + 1] - 1,
- * with the warp kernels (warp = 1) or the block kernels (0) of
- * KL_CUDA_KDA_ELEM_WARP; the backend's setting is restored after.  Host
+ * with the kernels that KL_CUDA_KDA_ELEM_WARP's mask `warp` selects (0 the
+ * block kernels; kernels.h's KK_KDA_EW_*); the backend's setting is
+ * restored after.  Host
  * inputs: q, k, v, f, gate, o [n, H K] (o: what the gated norm normalizes),
  * b [n, H], conv_* [H K, W], A_log [H], dt_bias [H K], o_norm [K], tails
  * [ns, 3 H K W].  Outputs, copied back: qo, ko, vo, g (f after the prep),

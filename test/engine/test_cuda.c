@@ -49,10 +49,11 @@
  * decode to the same logits bit for bit either way, in fp32 and bf16
  * precision (check_kda_fused_model).
  *
- * The KDA prep and gated norm as a warp per (row, head)
- * (KL_CUDA_KDA_ELEM_WARP, the default) must give the block kernels' outputs
- * bit for bit (check_kda_elem_warp, through the hook kl_cuda_test_kda_elem:
- * head sizes 128, 64, 32, prefill and decode steps).
+ * The KDA prep and gated norm as a warp per (row, head) and prefill's prep
+ * as a warp walking rows (KL_CUDA_KDA_ELEM_WARP masks 3 and 6, the default)
+ * must give the block kernels' (mask 0) outputs bit for bit
+ * (check_kda_elem_warp, through the hook kl_cuda_test_kda_elem: head sizes
+ * 128, 64, 32, prefill and decode steps).
  *
  * Prefill's chunkwise KDA form on tensor cores (kk_kda_chunked_mma,
  * precision bf16, KL_CUDA_KDA_MMA) must stay within TOL_KDA_MMA of the fp32
@@ -3241,17 +3242,21 @@ typedef int (*kda_elem_test_fn) (int warp, int ns, const int *row0, int H, int K
 								 float *g, float *beta, float *out, float *tails_out);
 
 /*
- * The KDA prep (conv + silu, L2 norms, decay, beta) and gated norm as a warp
- * per (row, head) (KL_CUDA_KDA_ELEM_WARP, the default) against the block
- * kernels (=0) on the same inputs: every output bit for bit (the warp
- * kernels add a head's squares in block_sum's order; kda.cu says why that
- * is the same order), at the 48B shape and head sizes 32 and 64 (4 and 2
- * heads a warp; head counts that leave a warp's last heads empty), conv
- * widths 4 and 3, steps of one long sequence (rows not a multiple of the
- * 8-row blocks), several short ones (conv taps reaching into the tails at
- * every row) and a decode step (the prep shifts the tails itself).
- * check_kda_decode compares the default (these kernels) with the fused
- * decode kernel bit for bit as well.
+ * The KDA prep (conv + silu, L2 norms, decay, beta) and gated norm in the
+ * forms KL_CUDA_KDA_ELEM_WARP selects against the block kernels (mask 0) on
+ * the same inputs: mask 3 (1 + 2: both as a warp per (row, head)) and mask 6
+ * (the default: 2, the gated norm's warp kernel, + 4, prefill's prep as a
+ * warp walking 16 rows, kda_prep_rows_kernel; a decode step runs the block
+ * prep), every output bit for bit (the warp kernels add a head's squares in
+ * block_sum's order; kda.cu says why that is the same order), at the 48B
+ * shape and head sizes 32 and 64 (4 and 2 heads a warp; head counts that
+ * leave a warp's last heads empty), conv widths 4 and 3, steps of one long
+ * sequence (rows not a multiple of the 8-row blocks nor of the 16-row
+ * walks), several short ones (conv taps reaching into the tails at every
+ * row), sequences that start inside a walk and at its first row and a walk
+ * that starts at a sequence's second row, and a decode step (the prep
+ * shifts the tails itself).  check_kda_decode compares the default with
+ * the fused decode kernel bit for bit as well.
  */
 static void
 check_kda_elem_warp(void)
@@ -3270,7 +3275,14 @@ check_kda_elem_warp(void)
 	}			steps[] = {
 		{1, {1001}, "one sequence of 1001 rows"},
 		{4, {1, 2, 37, 5}, "4 sequences of 1, 2, 37, 5 rows"},
+		{4, {15, 17, 2, 30}, "4 sequences of 15, 17, 2, 30 rows"},
 		{3, {1, 1, 1}, "decode, 3 sequences"},
+	};
+	/* KL_CUDA_KDA_ELEM_WARP masks: the block kernels first, the others against them */
+	static const int modes[] = {0, 3, 6};
+	enum
+	{
+		NMODES = sizeof(modes) / sizeof(modes[0])
 	};
 	kl_model   *m;
 	void	   *lib = NULL;
@@ -3289,15 +3301,13 @@ check_kda_elem_warp(void)
 						ns = steps[ti].ns,
 						row0[5] = {0},
 						n,
-						rc[2];
+						rc[NMODES];
 			size_t		HK,
 						nx,
 						nT;
 			float	   *in[15],
-					   *res[2][7];
+					   *res[NMODES][7];
 			size_t		nres[7];
-			int			same = 1;
-			double		worst = 0;
 
 			for (int i = 0; i < ns; i++)
 				row0[i + 1] = row0[i] + steps[ti].len[i];
@@ -3325,28 +3335,34 @@ check_kda_elem_warp(void)
 			nres[0] = nres[1] = nres[2] = nres[3] = nres[5] = nx;
 			nres[4] = (size_t) n * H;
 			nres[6] = nT;
-			for (int w = 0; w < 2; w++)
+			for (int w = 0; w < NMODES; w++)
 			{
 				for (int i = 0; i < 7; i++)
 					res[w][i] = malloc(sizeof(float) * nres[i]);
-				rc[w] = fn(w, ns, row0, H, K, W, 1e-5f, in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7],
-						   in[8], in[9], in[10], in[11], in[12], in[13], res[w][0], res[w][1], res[w][2], res[w][3],
-						   res[w][4], res[w][5], res[w][6]);
+				rc[w] = fn(modes[w], ns, row0, H, K, W, 1e-5f, in[0], in[1], in[2], in[3], in[4], in[5], in[6],
+						   in[7], in[8], in[9], in[10], in[11], in[12], in[13], res[w][0], res[w][1], res[w][2],
+						   res[w][3], res[w][4], res[w][5], res[w][6]);
 			}
-			for (int i = 0; i < 7 && rc[0] == 0 && rc[1] == 0; i++)
+			for (int w = 1; w < NMODES; w++)
 			{
-				double		e = rel_err(res[1][i], res[0][i], nres[i]);
+				int			same = 1;
+				double		worst = 0;
 
-				same = same && memcmp(res[1][i], res[0][i], sizeof(float) * nres[i]) == 0;
-				worst = e > worst ? e : worst;
+				for (int i = 0; i < 7 && rc[0] == 0 && rc[w] == 0; i++)
+				{
+					double		e = rel_err(res[w][i], res[0][i], nres[i]);
+
+					same = same && memcmp(res[w][i], res[0][i], sizeof(float) * nres[i]) == 0;
+					worst = e > worst ? e : worst;
+				}
+				tap_ok(rc[0] == 0 && rc[w] == 0 && same,
+					   "KDA prep and gated norm, KL_CUDA_KDA_ELEM_WARP=%d = the block kernels (0) bit for bit, %d "
+					   "heads x %d, conv %d, %s (worst rel err %.2e; hooks returned %d, %d)", modes[w], H, K, W,
+					   steps[ti].what, worst, rc[0], rc[w]);
 			}
-			tap_ok(rc[0] == 0 && rc[1] == 0 && same,
-				   "KDA prep and gated norm, warp per (row, head) = a block per (row, head) bit for bit, %d heads x "
-				   "%d, conv %d, %s (worst rel err %.2e; hooks returned %d, %d)", H, K, W, steps[ti].what, worst,
-				   rc[0], rc[1]);
 			for (int i = 0; i < 14; i++)
 				free(in[i]);
-			for (int w = 0; w < 2; w++)
+			for (int w = 0; w < NMODES; w++)
 				for (int i = 0; i < 7; i++)
 					free(res[w][i]);
 		}
