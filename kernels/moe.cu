@@ -544,33 +544,43 @@ pad_slot_rows(int c)
 	return (s128 - c) * 100 < 15 * c ? s128 : s64;
 }
 
-/* the chunk's choices into shared memory; returns its pairs */
+/*
+ * The chunk's choices into shared memory (16-byte aligned: the dynamic
+ * shared memory's start), padded with -1 to a multiple of 4 so that the
+ * scans read four choices a load; returns the padded count.
+ */
 __device__ __forceinline__ int
 pad_load_chunk(int *s_sel, const int *__restrict__ sel, int n, int k)
 {
 	int			t0 = blockIdx.x * KK_PAD_TOK,
 				nt = n - t0 < KK_PAD_TOK ? n - t0 : KK_PAD_TOK,
-				np = nt * k;
+				np = nt * k,
+				np4 = (np + 3) & ~3;
 	const int  *src = sel + (size_t) t0 * k;
 
-	for (int i = threadIdx.x; i < np; i += blockDim.x)
-		s_sel[i] = src[i];
+	for (int i = threadIdx.x; i < np4; i += blockDim.x)
+		s_sel[i] = i < np ? src[i] : -1;
 	__syncthreads();
-	return np;
+	return np4;
 }
 
 __global__ void
 moe_pad_count_kernel(int n, int E, int k, const int *__restrict__ sel, int *cnt)
 {
-	extern __shared__ int s_sel[];
-	int			np = pad_load_chunk(s_sel, sel, n, k);
+	extern __shared__ int4 s_sel4[];
+	int			np4 = pad_load_chunk((int *) s_sel4, sel, n, k);
 
 	for (int e = threadIdx.x; e < E; e += blockDim.x)
 	{
 		int			c = 0;
 
-		for (int i = 0; i < np; i++)
-			c += s_sel[i] == e;
+#pragma unroll 4
+		for (int i = 0; i < np4 / 4; i++)
+		{
+			int4		v = s_sel4[i];
+
+			c += (v.x == e) + (v.y == e) + (v.z == e) + (v.w == e);
+		}
 		cnt[(size_t) blockIdx.x * E + e] = c;
 	}
 }
@@ -644,17 +654,31 @@ moe_pad_layout_kernel(int nchunks, int E, int cap, int *cnt, int *summary)
 __global__ void
 moe_pad_inv_kernel(int n, int E, int k, const int *__restrict__ sel, const int *__restrict__ pos, int *inv)
 {
-	extern __shared__ int s_sel[];
-	int			np = pad_load_chunk(s_sel, sel, n, k);
-	int		   *out = inv + (size_t) blockIdx.x * KK_PAD_TOK * k;
+	extern __shared__ int4 s_sel4[];
+	const int  *s_sel = (const int *) s_sel4;
+	int			np4 = pad_load_chunk((int *) s_sel4, sel, n, k),
+				t0 = blockIdx.x * KK_PAD_TOK,
+				np = (n - t0 < KK_PAD_TOK ? n - t0 : KK_PAD_TOK) * k;
+	int		   *out = inv + (size_t) t0 * k;
 
+	/* (the -1 padding never matches: every write lands below np) */
 	for (int e = threadIdx.x; e < E; e += blockDim.x)
 	{
 		int			p = pos[(size_t) blockIdx.x * E + e];
 
-		for (int i = 0; i < np; i++)
-			if (s_sel[i] == e)
-				out[i] = p++;
+		for (int i = 0; i < np4 / 4; i++)
+		{
+			int4		v = s_sel4[i];
+
+			if (v.x == e)
+				out[4 * i] = p++;
+			if (v.y == e)
+				out[4 * i + 1] = p++;
+			if (v.z == e)
+				out[4 * i + 2] = p++;
+			if (v.w == e)
+				out[4 * i + 3] = p++;
+		}
 	}
 	/* an expert id out of range (the host fails the op): a row inside the buffers */
 	for (int i = threadIdx.x; i < np; i += blockDim.x)
@@ -673,7 +697,7 @@ kk_moe_pad_group(cudaStream_t s, int n, int E, int k, int cap, const int *sel, i
 {
 	int			nchunks = (n + KK_PAD_TOK - 1) / KK_PAD_TOK,
 				th = E >= 256 ? 256 : (E + 31) / 32 * 32;
-	size_t		sm = sizeof(int) * (size_t) KK_PAD_TOK * k;
+	size_t		sm = sizeof(int) * (((size_t) KK_PAD_TOK * k + 3) & ~(size_t) 3);
 
 	if (n <= 0 || E <= 0 || E > 1024 || k <= 0 || k > 64)
 		return -1;
