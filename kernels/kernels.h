@@ -467,6 +467,20 @@ void		kk_gather_rows_bf16(cudaStream_t s, uint16_t *dst, const float *src, int l
  * are left alone */
 void		kk_gather_tok_bf16(cudaStream_t s, uint16_t *dst, const float *src, int ld, const int *inv, int n, int k,
 							   int D);
+/*
+ * KL_CUDA_MOE_PREFILL=4: the n k choices sel [n][k] grouped on the device
+ * into variant 3's padded size-class layout (cuda_moe_prefill.c): inv [n k]
+ * the padded row of each pair, stable within an expert; summary [2 E + 3]
+ * ints: the counts [E], each expert's first padded row [E] (-1 unused), the
+ * padded rows, the pairs counted (< n k: an id out of range), 1 when the
+ * padded rows exceed cap (inv then stays below n k).  work: at least
+ * kk_moe_pad_group_ints(n, E) ints.  Three launches without programmatic
+ * dependent launch.  Returns -1 when the shape is not covered (E > 1024,
+ * k > 64), else 0.
+ */
+size_t		kk_moe_pad_group_ints(int n, int E);
+int			kk_moe_pad_group(cudaStream_t s, int n, int E, int k, int cap, const int *sel, int *work, int *summary,
+							 int *inv);
 void		kk_swiglu_bf16(cudaStream_t s, uint16_t *h, const float *g, const float *u, size_t n);
 /* h (bf16) = silu(g) * u from bf16 g and u, contiguous [n] (16-byte aligned buffers) */
 void		kk_swiglu_bf16_bf16(cudaStream_t s, uint16_t *h, const uint16_t *g, const uint16_t *u, size_t n);

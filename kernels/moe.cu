@@ -24,8 +24,11 @@
  *                 then one warp groups
  *   moe_combine_add_rmsnorm   (decode) the combine fused with the residual
  *                 add and the next layer's input norm: x += y, xn = norm(x)
- * Prefill batches group on the host instead (cuda_moe.c), which needs the
- * counts there anyway to size one cuBLAS product per expert.
+ *   moe_pad_*     (prefill, KL_CUDA_MOE_PREFILL=4) the pairs grouped into
+ *                 variant 3's padded size-class slots: counts, layout and
+ *                 inverse map on the device, only the counts go to the host
+ * Prefill batches otherwise group on the host (cuda_moe_prefill.c), which
+ * needs the counts there anyway to size the cuBLAS products.
  */
 #include "common.cuh"
 
@@ -506,6 +509,202 @@ kk_gather_tok_bf16(cudaStream_t s, uint16_t *dst, const float *src, int ld, cons
 	}
 	else
 		gather_tok_bf16_kernel<<<blocks, 256, 0, s>>>(dst, src, ld, inv, n, k, D);
+}
+
+/* ------------------------------------------------------------------ prefill: padded grouping on the device */
+
+/*
+ * KL_CUDA_MOE_PREFILL=4: variant 3's padded size-class layout
+ * (cuda_moe_prefill.c, moe_classes) computed on the device, so that the
+ * host needs only the counts (a small read-back it waits for while the
+ * gather and the shared expert run) instead of downloading every choice.
+ * Three launches over chunks of KK_PAD_TOK tokens:
+ *   pad_count   block c: cnt[c][e] = the pairs of chunk c with expert e
+ *   pad_layout  one block: each expert's total, its slot (pad_slot_rows),
+ *               its place among the used experts in (slot size, id) order,
+ *               base[e] = the slots before it; cnt[c][e] becomes the
+ *               expert's first padded row for chunk c (base + the pairs of
+ *               the chunks before); summary for the host
+ *   pad_inv     block c: inv[i] of each pair of the chunk, stable: a
+ *               thread per expert walks the chunk's pairs in order
+ * The result equals the host's stable grouping (cuda_moe_host_group with
+ * pad): pair i of expert e goes to base[e] + (pairs of e before i).
+ * A thread per expert reading the chunk's choices from shared memory (all
+ * threads read the same word: a broadcast) keeps the order without atomics.
+ */
+#define KK_PAD_TOK 128
+
+/* variant 3's slot of an expert with c > 0 rows (cuda_moe_prefill.c, slot_rows: the same rule) */
+__device__ __forceinline__ int
+pad_slot_rows(int c)
+{
+	int			s64 = (c + 63) / 64 * 64,
+				s128 = (c + 127) / 128 * 128;
+
+	return (s128 - c) * 100 < 15 * c ? s128 : s64;
+}
+
+/*
+ * The chunk's choices into shared memory (16-byte aligned: the dynamic
+ * shared memory's start), padded with -1 to a multiple of 4 so that the
+ * scans read four choices a load; returns the padded count.
+ */
+__device__ __forceinline__ int
+pad_load_chunk(int *s_sel, const int *__restrict__ sel, int n, int k)
+{
+	int			t0 = blockIdx.x * KK_PAD_TOK,
+				nt = n - t0 < KK_PAD_TOK ? n - t0 : KK_PAD_TOK,
+				np = nt * k,
+				np4 = (np + 3) & ~3;
+	const int  *src = sel + (size_t) t0 * k;
+
+	for (int i = threadIdx.x; i < np4; i += blockDim.x)
+		s_sel[i] = i < np ? src[i] : -1;
+	__syncthreads();
+	return np4;
+}
+
+__global__ void
+moe_pad_count_kernel(int n, int E, int k, const int *__restrict__ sel, int *cnt)
+{
+	extern __shared__ int4 s_sel4[];
+	int			np4 = pad_load_chunk((int *) s_sel4, sel, n, k);
+
+	for (int e = threadIdx.x; e < E; e += blockDim.x)
+	{
+		int			c = 0;
+
+#pragma unroll 4
+		for (int i = 0; i < np4 / 4; i++)
+		{
+			int4		v = s_sel4[i];
+
+			c += (v.x == e) + (v.y == e) + (v.z == e) + (v.w == e);
+		}
+		cnt[(size_t) blockIdx.x * E + e] = c;
+	}
+}
+
+/*
+ * One block of 1024 threads, E <= 1024; thread e owns expert e.  summary:
+ * [0, E) the counts, [E, 2E) base (-1: unused), [2E] the padded rows, [2E +
+ * 1] the pairs counted (less than n k: an expert id out of range), [2E + 2]
+ * 1 when the padded rows exceed cap (then no base is added: every inv stays
+ * below n k, inside the buffers, and the host fails the op).
+ */
+__global__ void __launch_bounds__(1024)
+moe_pad_layout_kernel(int nchunks, int E, int cap, int *cnt, int *summary)
+{
+	__shared__ int s_slot[1024];
+	__shared__ int s_sum[2];
+	int			e = threadIdx.x,
+				total = 0,
+				slot = 0,
+				base = 0;
+
+	if (e == 0)
+		s_sum[0] = s_sum[1] = 0;
+	if (e < E)
+	{
+#pragma unroll 8
+		for (int c = 0; c < nchunks; c++)
+		{
+			int			v = cnt[(size_t) c * E + e];
+
+			cnt[(size_t) c * E + e] = total;
+			total += v;
+		}
+		slot = total > 0 ? pad_slot_rows(total) : 0;
+	}
+	s_slot[e] = slot;
+	__syncthreads();
+	/* the slots before e's in (slot size, id) order: base */
+	if (slot > 0)
+		for (int j = 0; j < E; j++)
+		{
+			int			sj = s_slot[j];
+
+			if (sj > 0 && (sj < slot || (sj == slot && j < e)))
+				base += sj;
+		}
+	if (e < E)
+	{
+		atomicAdd(&s_sum[0], slot);
+		atomicAdd(&s_sum[1], total);
+	}
+	__syncthreads();
+	if (e < E)
+	{
+		bool		fits = s_sum[0] <= cap;
+
+		summary[e] = total;
+		summary[E + e] = slot > 0 ? base : -1;
+		if (slot > 0 && fits)
+			for (int c = 0; c < nchunks; c++)
+				cnt[(size_t) c * E + e] += base;
+	}
+	if (e == 0)
+	{
+		summary[2 * E] = s_sum[0];
+		summary[2 * E + 1] = s_sum[1];
+		summary[2 * E + 2] = s_sum[0] > cap;
+	}
+}
+
+__global__ void
+moe_pad_inv_kernel(int n, int E, int k, const int *__restrict__ sel, const int *__restrict__ pos, int *inv)
+{
+	extern __shared__ int4 s_sel4[];
+	const int  *s_sel = (const int *) s_sel4;
+	int			np4 = pad_load_chunk((int *) s_sel4, sel, n, k),
+				t0 = blockIdx.x * KK_PAD_TOK,
+				np = (n - t0 < KK_PAD_TOK ? n - t0 : KK_PAD_TOK) * k;
+	int		   *out = inv + (size_t) t0 * k;
+
+	/* (the -1 padding never matches: every write lands below np) */
+	for (int e = threadIdx.x; e < E; e += blockDim.x)
+	{
+		int			p = pos[(size_t) blockIdx.x * E + e];
+
+		for (int i = 0; i < np4 / 4; i++)
+		{
+			int4		v = s_sel4[i];
+
+			if (v.x == e)
+				out[4 * i] = p++;
+			if (v.y == e)
+				out[4 * i + 1] = p++;
+			if (v.z == e)
+				out[4 * i + 2] = p++;
+			if (v.w == e)
+				out[4 * i + 3] = p++;
+		}
+	}
+	/* an expert id out of range (the host fails the op): a row inside the buffers */
+	for (int i = threadIdx.x; i < np; i += blockDim.x)
+		if (s_sel[i] < 0 || s_sel[i] >= E)
+			out[i] = 0;
+}
+
+extern "C" size_t
+kk_moe_pad_group_ints(int n, int E)
+{
+	return (size_t) ((n + KK_PAD_TOK - 1) / KK_PAD_TOK) * E;
+}
+
+extern "C" int
+kk_moe_pad_group(cudaStream_t s, int n, int E, int k, int cap, const int *sel, int *work, int *summary, int *inv)
+{
+	int			nchunks = (n + KK_PAD_TOK - 1) / KK_PAD_TOK,
+				th = E >= 256 ? 256 : (E + 31) / 32 * 32;
+	size_t		sm = sizeof(int) * (((size_t) KK_PAD_TOK * k + 3) & ~(size_t) 3);
+
+	if (n <= 0 || E <= 0 || E > 1024 || k <= 0 || k > 64)
+		return -1;
+	moe_pad_count_kernel<<<nchunks, th, sm, s>>>(n, E, k, sel, work);
+	moe_pad_layout_kernel<<<1, 1024, 0, s>>>(nchunks, E, cap, work, summary);
+	moe_pad_inv_kernel<<<nchunks, th, sm, s>>>(n, E, k, sel, work, inv);
+	return 0;
 }
 
 /* h (bf16) = silu(g) * u, contiguous [n, F] */

@@ -861,14 +861,16 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * product per expert from rows gathered once as bf16, 2 grouped
 		 * products with bf16 results (1 where cuBLAS refuses; cuBLAS runs
 		 * them on an sm_80 kernel: 37 % of the GEMM rate on the H200), 3
-		 * (default) batched products over size classes of padded expert
-		 * slots, bf16 results combined as bf16 (2 where cuBLAS refuses;
-		 * 75 % of the GEMM rate, bench/notes-cuda.md).
+		 * batched products over size classes of padded expert slots, bf16
+		 * results combined as bf16 (2 where cuBLAS refuses; 75 % of the
+		 * GEMM rate, bench/notes-cuda.md), 4 (default) the same products
+		 * and outputs with the grouping made on the device: no stream
+		 * drain, only the counts come to the host.
 		 */
 		const char *mp = getenv("KL_CUDA_MOE_PREFILL");
 
-		cs->moe_prefill = mp && (strcmp(mp, "0") == 0 || strcmp(mp, "1") == 0 || strcmp(mp, "2") == 0) ?
-			atoi(mp) : 3;
+		cs->moe_prefill = mp && (strcmp(mp, "0") == 0 || strcmp(mp, "1") == 0 || strcmp(mp, "2") == 0 ||
+								 strcmp(mp, "3") == 0) ? atoi(mp) : 4;
 		cs->moe_prefill_ran = -1;
 	}
 	cudaDeviceGetAttribute(&cs->sm_count, cudaDevAttrMultiProcessorCount, idx);

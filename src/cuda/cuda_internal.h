@@ -66,6 +66,7 @@ enum cuda_buf_id
 	CB_MOE_SY,
 	CB_MOE_Y16,					/* KL_CUDA_MOE_PREFILL=2: expert outputs in bf16 */
 	CB_MOE_GU16,				/* KL_CUDA_MOE_PREFILL=3: gate and up results in bf16, where CB_MOE_G/U lack room */
+	CB_MOE_PAD,					/* KL_CUDA_MOE_PREFILL=4: kk_moe_pad_group's work and summary */
 	CB_SAMPLE_PROB,
 	CB_TWIN,					/* bf16 twins written by their producers (cuda_twin_out) */
 	CB_COUNT
@@ -263,8 +264,10 @@ typedef struct cuda_state
 	 * used expert and matrix, 2 two grouped products with bf16
 	 * results (gate and up in one call, then down); 2 falls back to 1 where
 	 * cuBLAS refuses it (moe_grouped_refused, kept for the backend's life);
-	 * 3 (default) batched products over size classes (below), falling
-	 * back to 2.
+	 * 3 batched products over size classes (below), falling back to 2;
+	 * 4 (default) the same products with the grouping made on the device
+	 * (cuda_moe_device_group), falling back to 3 where the shape is not
+	 * covered and to 2 where cuBLAS refuses.
 	 * moe_prefill_ran: the variant the last such op ran (-1: none yet).
 	 */
 	int			moe_prefill;
@@ -290,6 +293,15 @@ typedef struct cuda_state
 	int			moe_npad;
 	bool		moe_batched_refused;
 	int			moe_batched_status;
+	/*
+	 * Variant 4 (cuda_moe_prefill.c, cuda_moe_device_group): the same layout
+	 * made on the device; its summary (kk_moe_pad_group: counts, first
+	 * padded rows, totals) comes back into pinned moe_pad_host (room for
+	 * moe_pad_host_cap ints), moe_pad_done recorded after that copy.
+	 */
+	int		   *moe_pad_host;
+	int			moe_pad_host_cap;
+	cudaEvent_t moe_pad_done;
 	/* variant 2's argument arrays, sized for moe_grp_cap problems: the host
 	 * ones cuBLAS reads at the call, and the pointers (pinned, uploaded
 	 * asynchronously: cuda_upload_sync would drain the stream) */
@@ -493,6 +505,27 @@ bool		cuda_moe_host_group(kl_backend *be, int n, int E, int k, const int *d_sel,
 const uint16_t *cuda_moe_experts_batched16(kl_backend *be, const kl_moe_layer *w, int D, int F, const float *x,
 										   const int *inv, int n, int k, float *g, float *u, float *ye);
 /*
+ * KL_CUDA_MOE_PREFILL=4, in two calls around the work that does not need
+ * the grouping (the shared expert): cuda_moe_device_group launches the
+ * grouping of d_sel on the device (d_inv: variant 3's padded layout), the
+ * copy of its summary to the host and the token-major gather of x [n, D]
+ * into the bf16 rows the products read, without waiting; false with
+ * be->failed clear: the shape is not covered (the caller runs variant 3).
+ * cuda_moe_device_group_wait waits for the summary alone and lays out the
+ * size classes from it (cs->h_start, moe_classes), checking that the host's
+ * layout is the one the device wrote.  Then cuda_moe_batched_products.
+ */
+bool		cuda_moe_device_group(kl_backend *be, int n, int E, int k, const int *d_sel, int *d_inv, const float *x,
+								  int D);
+bool		cuda_moe_device_group_wait(kl_backend *be, int n, int E, int k);
+/*
+ * The products of variants 3 and 4 on rows already gathered (CB_MOE_X) in
+ * the layout of cs->moe_cls: the expert outputs as
+ * cuda_moe_experts_batched16 returns them.
+ */
+const uint16_t *cuda_moe_batched_products(kl_backend *be, const kl_moe_layer *w, int D, int F, int n, int k,
+										  float *g, float *u, float *ye);
+/*
  * KL_CUDA_MOE_PREFILL 2 (else, or where cuBLAS refuses it, 1) on the
  * grouping st (cs->h_start), xrow: the expert outputs ye [nk, D] fp32 from
  * the routed rows of x; g, u [nk, F] scratch.  Sets cs->moe_prefill_ran.
@@ -542,6 +575,8 @@ int			kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float ep
  * the one the last prefill MoE op ran (-1 none), the cuBLAS status that made
  * variant 2 fall back (0 none) */
 int			kl_cuda_moe_prefill_path(kl_backend *be, int info[3]);
+/* test hook of cuda_moe_prefill.c: kk_moe_pad_group (KL_CUDA_MOE_PREFILL=4's grouping) on host choices */
+int			kl_cuda_test_moe_pad_group(int n, int E, int k, const int *sel, int *inv, int *summary);
 int			kl_cuda_test_route_group(int warp, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
 									 int bias_in_w, float scaling, int shared_rows, int P, const float *logits,
 									 const float *bias, int *sel, float *wts, int *start, int *xrow, int *inv,

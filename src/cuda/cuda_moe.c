@@ -18,7 +18,9 @@
  *     through the ordinary matmul path, as fp32 mode does; 3: the experts'
  *     rows in slots padded to a few size classes, gathered token-major, one
  *     batched product per class and stage, the bf16 outputs combined
- *     directly — cuda_moe_experts_batched16).
+ *     directly — cuda_moe_experts_batched16; 4, the default: 3 with the
+ *     grouping on the device and only the counts on the host, read back
+ *     while the shared expert runs — cuda_moe_device_group).
  * The prefill expert paths (host grouping, KL_CUDA_MOE_PREFILL 1, 2, 3 and
  * the older grouped products) are in cuda_moe_prefill.c.
  * Quantized experts (kernels.h's device form, one form for all routed
@@ -179,6 +181,12 @@ cuda_moe_free(kl_backend *be)
 			cudaEventDestroy(cs->moe_ev[i]);
 	free(cs->moe_ev);
 	cs->moe_ev = NULL;
+	cudaFreeHost(cs->moe_pad_host);
+	cs->moe_pad_host = NULL;
+	cs->moe_pad_host_cap = 0;
+	if (cs->moe_pad_done)
+		cudaEventDestroy(cs->moe_pad_done);
+	cs->moe_pad_done = NULL;
 	cs->moe = NULL;
 	cs->n_moe = cs->cap_moe = 0;
 }
@@ -222,6 +230,52 @@ expert_mma_in(cuda_state *cs, const cuda_moe_tables *tab, bool down, float *y0, 
 		kk_expert_mma(cs->stream, y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active, max_active, P);
 }
 
+/*
+ * The shared experts of a prefill batch: a SwiGLU MLP of width Fs over all n
+ * tokens of x, its output in *sy (NULL when the layer has none).  False:
+ * be->failed set.
+ */
+static bool
+moe_shared(kl_backend *be, const kl_moe_layer *w, const float *x, int n, int D, int Fs, float **sy)
+{
+	cuda_state *cs = CS(be);
+	float	   *sg,
+			   *su;
+
+	*sy = NULL;
+	if (!w->has_shared)
+		return true;
+	sg = cuda_buf(be, CB_MOE_SG, sizeof(float) * (size_t) n * Fs);
+	su = cuda_buf(be, CB_MOE_SU, sizeof(float) * (size_t) n * Fs);
+	*sy = cuda_buf(be, CB_MOE_SY, sizeof(float) * (size_t) n * D);
+	if (!sg || !su || !*sy)
+		return false;
+	{
+		kl_matmul_job gu[2] = {{sg, Fs, x, D, n, &w->shared.gate}, {su, Fs, x, D, n, &w->shared.up}};
+		uint16_t   *sg16;
+
+		/* x, the op's input (which it does not write), may have a bf16 twin from the norm before
+		 * (KL_CUDA_BF16_TWIN); the SwiGLU writes sg's for the down product */
+		cuda_moe_mark(cs, 4);
+		cs->tw_scope = true;
+		cuda_matmul_batch_raw(be, gu, 2);
+		cs->tw_scope = false;
+		cuda_moe_mark(cs, 5);
+		if ((sg16 = cuda_twin_out(be, n, Fs)) && kk_swiglu_twin(cs->stream, sg, sg16, sg, su, n, Fs, Fs) == 0)
+			cuda_twin_set(cs, sg, Fs, n, Fs, sg16, false);
+		else if (!be->failed)
+			kk_swiglu(cs->stream, sg, sg, su, n, Fs, Fs);
+	}
+	if (!cuda_launched(be, "swiglu"))
+		return false;
+	cuda_moe_mark(cs, 6);
+	cs->tw_scope = true;
+	cuda_matmul_raw(be, *sy, D, sg, Fs, n, &w->shared.down);
+	cs->tw_scope = false;
+	cuda_moe_mark(cs, 7);
+	return !be->failed;
+}
+
 void
 cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n)
 {
@@ -247,7 +301,8 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			   *inv,
 			   *active;
 	bool		wbf,
-				wq;				/* the experts quantized (kernels.h's device form) */
+				wq,				/* the experts quantized (kernels.h's device form) */
+				shared_done = false;	/* variant 4 ran the shared experts before the routed ones */
 
 	if (cuda_step_skip(be, OP_MOE, (uintptr_t) y, (uintptr_t) x, (uintptr_t) w, (uintptr_t) n))
 		return;
@@ -404,9 +459,37 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		const int  *st;
 		/* (bf16 experts only: quantized ones go through cuda_matmul_raw's panels) */
 		bool		fast = cs->moe_prefill > 0 && cs->bf16 && wbf && tab->fmt_down == KK_WF_BF16 && tab->uniform;
-		bool		batched = fast && cs->moe_prefill == 3 && !cs->moe_batched_refused;
+		bool		batched = fast && cs->moe_prefill >= 3 && !cs->moe_batched_refused;
 
-		if (!xe || !cuda_moe_host_group(be, n, E, k, sel, xrow, inv, batched))
+		if (!xe)
+			return;
+		if (batched && cs->moe_prefill == 4)
+		{
+			/*
+			 * Variant 4: group on the device and gather; queue the shared
+			 * expert, which needs no grouping, before waiting for the counts
+			 * the batched products need on the host
+			 */
+			if (cuda_moe_device_group(be, n, E, k, sel, inv, x, D))
+			{
+				if (!moe_shared(be, w, x, n, D, Fs, &sy) || !cuda_moe_device_group_wait(be, n, E, k))
+					return;
+				shared_done = true;
+				if ((ye16 = cuda_moe_batched_products(be, w, D, F, n, k, g, u, ye)) != NULL)
+				{
+					cs->moe_prefill_ran = 4;
+					goto combine;
+				}
+				/* refused: variant 2 below (cuda_moe_host_group without padding) */
+				if (be->failed)
+					return;
+				batched = false;
+			}
+			else if (be->failed)
+				return;
+			/* (not covered: variant 3) */
+		}
+		if (!cuda_moe_host_group(be, n, E, k, sel, xrow, inv, batched))
 			return;
 		st = cs->h_start;
 		if (batched)
@@ -462,43 +545,13 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			return;
 	}
 
-	/* 3. shared experts: a SwiGLU MLP of width F*S over all tokens */
+	/* 3. shared experts: a SwiGLU MLP of width F*S over all tokens (variant 4: done already) */
 shared:
-	if (w->has_shared)
-	{
-		float	   *sg = cuda_buf(be, CB_MOE_SG, sizeof(float) * (size_t) n * Fs);
-		float	   *su = cuda_buf(be, CB_MOE_SU, sizeof(float) * (size_t) n * Fs);
-
-		sy = cuda_buf(be, CB_MOE_SY, sizeof(float) * (size_t) n * D);
-		if (!sg || !su || !sy)
-			return;
-		kl_matmul_job gu[2] = {{sg, Fs, x, D, n, &w->shared.gate}, {su, Fs, x, D, n, &w->shared.up}};
-
-		uint16_t   *sg16;
-
-		/* x, the op's input (which it does not write), may have a bf16 twin from the norm before
-		 * (KL_CUDA_BF16_TWIN); the SwiGLU writes sg's for the down product */
-		cuda_moe_mark(cs, 4);
-		cs->tw_scope = true;
-		cuda_matmul_batch_raw(be, gu, 2);
-		cs->tw_scope = false;
-		cuda_moe_mark(cs, 5);
-		if ((sg16 = cuda_twin_out(be, n, Fs)) && kk_swiglu_twin(cs->stream, sg, sg16, sg, su, n, Fs, Fs) == 0)
-			cuda_twin_set(cs, sg, Fs, n, Fs, sg16, false);
-		else if (!be->failed)
-			kk_swiglu(cs->stream, sg, sg, su, n, Fs, Fs);
-		if (!cuda_launched(be, "swiglu"))
-			return;
-		cuda_moe_mark(cs, 6);
-		cs->tw_scope = true;
-		cuda_matmul_raw(be, sy, D, sg, Fs, n, &w->shared.down);
-		cs->tw_scope = false;
-		cuda_moe_mark(cs, 7);
-		if (be->failed)
-			return;
-	}
+	if (!shared_done && !moe_shared(be, w, x, n, D, Fs, &sy))
+		return;
 
 	/* 4. y = sum of weighted expert outputs (+ shared) */
+combine:
 	if (ye16)
 		cuda_defer_combine16(be, y, n, D, k, wts, inv, ye16, sy);
 	else
@@ -584,7 +637,7 @@ kl_cuda_moe_prefill_path(kl_backend *be, int info[3])
 
 	info[0] = cs->moe_prefill;
 	info[1] = cs->moe_prefill_ran;
-	if (cs->moe_prefill == 3)
+	if (cs->moe_prefill >= 3)
 		info[2] = cs->moe_batched_refused ? (cs->moe_batched_status ? cs->moe_batched_status : -1) : 0;
 	else
 		info[2] = cs->moe_grouped_refused ? (cs->moe_grouped_status ? cs->moe_grouped_status : -1) : 0;

@@ -6,7 +6,11 @@
  * The expert choices come to the host, which groups them stably (as
  * cpu_moe.c does; cuda_moe_host_group).  With bf16 precision and bf16
  * experts, KL_CUDA_MOE_PREFILL picks how the expert products run:
- *   3 (default) the used experts' rows in slots padded to a few size
+ *   4 (default) variant 3 with the grouping made on the device
+ *     (cuda_moe_device_group, kk_moe_pad_group): only the counts come to
+ *     the host, which waits for them while the gather and the shared expert
+ *     run instead of draining the stream twice;
+ *   3 the used experts' rows in slots padded to a few size
  *     classes, gathered token-major, one batched product per class and stage,
  *     bf16 outputs the combine reads directly (cuda_moe_experts_batched16);
  *   2 the rows gathered once as bf16, two grouped cuBLAS products with bf16
@@ -20,6 +24,7 @@
  * The state these use (size classes, argument arrays, refusal flags) is
  * cuda_state's moe_* fields (cuda_internal.h); cuda_moe_free releases it.
  */
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -185,6 +190,174 @@ cuda_moe_host_group(kl_backend *be, int n, int E, int k, const int *d_sel, int *
 		cuda_ok(be, cudaMemcpyAsync(d_inv, cs->h_inv, sizeof(int) * nk, cudaMemcpyHostToDevice, cs->stream),
 				"expert grouping upload") &&
 		cuda_ok(be, cudaStreamSynchronize(cs->stream), "expert grouping upload");
+}
+
+/* ------------------------------------------------------------------ device grouping (prefill, variant 4) */
+
+/*
+ * An upper bound of the padded rows (moe_npad) of nk pairs over E experts,
+ * known before the counts: a slot pads its c rows by at most 63 (multiples
+ * of 64), or by at most 127 where the multiple of 128 pads less than 15 %
+ * of c, which needs c > 420; at most nk / 400 experts have that many.  So
+ * the rows are gathered before the host knows the layout.
+ */
+static size_t
+pad_rows_max(size_t nk, int E)
+{
+	size_t		A = nk < (size_t) E ? nk : (size_t) E;
+
+	return nk + 63 * A + 64 * (nk / 400);
+}
+
+/*
+ * KL_CUDA_MOE_PREFILL=4, first half (cuda_internal.h): kk_moe_pad_group
+ * writes d_inv and its summary, the summary goes to pinned memory
+ * (cs->moe_pad_host) with an event after it, then the rows are gathered
+ * (kk_gather_tok_bf16 into CB_MOE_X, sized by pad_rows_max).  Nothing here
+ * waits: the caller queues the shared expert before it waits for the
+ * summary, so the device has work while the host lays out the classes.
+ */
+bool
+cuda_moe_device_group(kl_backend *be, int n, int E, int k, const int *d_sel, int *d_inv, const float *x, int D)
+{
+	cuda_state *cs = CS(be);
+	size_t		nk = (size_t) n * k,
+				cap = pad_rows_max(nk, E),
+				wn = kk_moe_pad_group_ints(n, E);
+	int			sn = 2 * E + 3;
+	int		   *work;
+	uint16_t   *x16;
+
+	if (E > 1024 || k > 64 || cap > (size_t) INT_MAX)
+		return false;
+	if (!cs->moe_pad_done &&
+		!cuda_ok(be, cudaEventCreateWithFlags(&cs->moe_pad_done, cudaEventDisableTiming), "cudaEventCreate (MoE)"))
+		return false;
+	if (cs->moe_pad_host_cap < sn)
+	{
+		cudaFreeHost(cs->moe_pad_host);
+		cs->moe_pad_host = NULL;
+		cs->moe_pad_host_cap = 0;
+		if (!cuda_ok(be, cudaMallocHost((void **) &cs->moe_pad_host, sizeof(int) * (size_t) sn),
+					 "cudaMallocHost (expert grouping summary)"))
+			return false;
+		cs->moe_pad_host_cap = sn;
+	}
+	work = cuda_buf(be, CB_MOE_PAD, sizeof(int) * (wn + (size_t) sn));
+	x16 = cuda_buf(be, CB_MOE_X, sizeof(uint16_t) * cap * D);
+	if (!work || !x16)
+		return false;
+	if (kk_moe_pad_group(cs->stream, n, E, k, (int) cap, d_sel, work, work + wn, d_inv) != 0)
+		return false;
+	if (!cuda_launched(be, "expert grouping (device)") ||
+		!cuda_ok(be, cudaMemcpyAsync(cs->moe_pad_host, work + wn, sizeof(int) * (size_t) sn, cudaMemcpyDeviceToHost,
+									 cs->stream), "expert grouping summary download") ||
+		!cuda_ok(be, cudaEventRecord(cs->moe_pad_done, cs->stream), "expert grouping summary download"))
+		return false;
+	kk_gather_tok_bf16(cs->stream, x16, x, D, d_inv, n, k, D);
+	return cuda_launched(be, "gather rows token-major (bf16)");
+}
+
+/*
+ * KL_CUDA_MOE_PREFILL=4, second half: waits for the summary alone (the
+ * device goes on with whatever was queued after it), rebuilds the counts'
+ * prefix sums in cs->h_start and the size classes with variant 3's own
+ * moe_classes, and checks them against the device's layout (each expert's
+ * first padded row and the padded total): the products are laid out by the
+ * host's classes over rows the device placed.
+ */
+bool
+cuda_moe_device_group_wait(kl_backend *be, int n, int E, int k)
+{
+	cuda_state *cs = CS(be);
+	const int  *sm = cs->moe_pad_host;
+
+	if (!cuda_ok(be, cudaEventSynchronize(cs->moe_pad_done), "expert grouping summary download"))
+		return false;
+	if (sm[2 * E + 1] != n * k)
+	{
+		cuda_fail(be, KL_E_INTERNAL, "internal error: %d of %d expert choices in range", sm[2 * E + 1], n * k);
+		return false;
+	}
+	if (sm[2 * E + 2] != 0)
+	{
+		cuda_fail(be, KL_E_INTERNAL, "internal error: %d padded expert rows exceed the bound", sm[2 * E]);
+		return false;
+	}
+	if (!cs->h_start)
+	{
+		/* (cuda_moe_host_group's size: it may reallocate this with its own arrays) */
+		cs->h_start = malloc(sizeof(int) * 2 * ((size_t) E + 1));
+		if (!cs->h_start)
+		{
+			cuda_fail(be, KL_E_RESOURCES, "out of memory grouping experts");
+			return false;
+		}
+	}
+	cs->h_start[0] = 0;
+	for (int e = 0; e < E; e++)
+		cs->h_start[e + 1] = cs->h_start[e] + sm[e];
+	if (!moe_classes(be, E))
+		return false;
+	for (int e = 0; e < E; e++)
+		if (cs->moe_cls[e] != sm[E + e])
+		{
+			cuda_fail(be, KL_E_INTERNAL, "internal error: expert %d's padded rows start at %d on the device, %d on "
+					  "the host", e, sm[E + e], cs->moe_cls[e]);
+			return false;
+		}
+	if (cs->moe_npad != sm[2 * E])
+	{
+		cuda_fail(be, KL_E_INTERNAL, "internal error: %d padded expert rows on the device, %d on the host",
+				  sm[2 * E], cs->moe_npad);
+		return false;
+	}
+	return true;
+}
+
+/*
+ * For test/engine/test_cuda.c only (found with dlsym; the backend does not
+ * use it): kk_moe_pad_group on host choices sel [n][k] (E experts), with
+ * the backend's bound of the padded rows, on the current device; inv [n k]
+ * and summary [2 E + 3] (kernels.h) copied back.  inv is filled with a
+ * negative pattern (bytes 0xf9) first, so that a pair the kernels miss
+ * shows.  Returns 0, -1 when
+ * the shape is not covered, or a CUDA error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_moe_pad_group(int n, int E, int k, const int *sel, int *inv, int *summary)
+{
+	size_t		nk = (size_t) n * k,
+				wn = kk_moe_pad_group_ints(n, E),
+				cap = pad_rows_max(nk, E);
+	int		   *d = NULL;
+	cudaStream_t s = NULL;
+	cudaError_t e;
+	int			rc = 0;
+
+	if (n <= 0 || E <= 0 || k <= 0 || cap > (size_t) INT_MAX)
+		return -1;
+	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &d, sizeof(int) * (2 * nk + wn + 2 * (size_t) E + 3))) != cudaSuccess ||
+		(e = cudaMemcpyAsync(d, sel, sizeof(int) * nk, cudaMemcpyHostToDevice, s)) != cudaSuccess ||
+		(e = cudaMemsetAsync(d + nk, 0xf9, sizeof(int) * nk, s)) != cudaSuccess)
+		goto out;
+	rc = kk_moe_pad_group(s, n, E, k, (int) cap, d, d + 2 * nk, d + 2 * nk + wn, d + nk);
+	if (rc != 0)
+		goto out;
+	if ((e = cudaGetLastError()) != cudaSuccess ||
+		(e = cudaMemcpyAsync(inv, d + nk, sizeof(int) * nk, cudaMemcpyDeviceToHost, s)) != cudaSuccess ||
+		(e = cudaMemcpyAsync(summary, d + 2 * nk + wn, sizeof(int) * (2 * (size_t) E + 3), cudaMemcpyDeviceToHost,
+							 s)) != cudaSuccess)
+		goto out;
+	e = cudaStreamSynchronize(s);
+out:
+	if (s)
+		cudaStreamSynchronize(s);
+	cudaFree(d);
+	if (s)
+		cudaStreamDestroy(s);
+	return rc != 0 ? rc : (int) e;
 }
 
 /* ------------------------------------------------------------------ grouped products (prefill, bf16) */
@@ -603,6 +776,25 @@ cuda_moe_experts_batched16(kl_backend *be, const kl_moe_layer *w, int D, int F, 
 						   int n, int k, float *g, float *u, float *ye)
 {
 	cuda_state *cs = CS(be);
+	uint16_t   *x16 = cuda_buf(be, CB_MOE_X, sizeof(uint16_t) * (size_t) cs->moe_npad * D);
+
+	if (!x16)
+		return NULL;
+	kk_gather_tok_bf16(cs->stream, x16, x, D, inv, n, k, D);
+	if (!cuda_launched(be, "gather rows token-major (bf16)"))
+		return NULL;
+	return cuda_moe_batched_products(be, w, D, F, n, k, g, u, ye);
+}
+
+/*
+ * The products of variants 3 and 4 (cuda_internal.h): x16 (CB_MOE_X) holds
+ * the gathered rows in the padded layout of cs->moe_cls.
+ */
+const uint16_t *
+cuda_moe_batched_products(kl_backend *be, const kl_moe_layer *w, int D, int F, int n, int k, float *g, float *u,
+						  float *ye)
+{
+	cuda_state *cs = CS(be);
 	size_t		Np = (size_t) cs->moe_npad,
 				room = 2 * ((size_t) n * k + n);
 	const int  *base = cs->moe_cls,
@@ -640,9 +832,6 @@ cuda_moe_experts_batched16(kl_backend *be, const kl_moe_layer *w, int D, int F, 
 	dev = cuda_buf(be, CB_MOE_PTRS, sizeof(void *) * 3 * (size_t) cap);
 	if (!dev)
 		return NULL;
-	kk_gather_tok_bf16(cs->stream, x16, x, D, inv, n, k, D);
-	if (!cuda_launched(be, "gather rows token-major (bf16)"))
-		return NULL;
 	/* class after class: gate and up problems 2j, 2j + 1; down 2A + j (j: the expert's place in order) */
 	for (int j = 0; j < A; j++)
 	{
@@ -654,7 +843,8 @@ cuda_moe_experts_batched16(kl_backend *be, const kl_moe_layer *w, int D, int F, 
 		batch_problem(cs, 2 * A + j, w->experts[e].down.dev, h16 + b * F, ye16 + b * D);
 	}
 	/* (the previous op's copy of these arrays is complete: cuda_moe_host_group
-	 * drained the stream since) */
+	 * drained the stream since, or cuda_moe_device_group_wait waited for an
+	 * event recorded after it) */
 	if (!cuda_ok(be, cudaMemcpyAsync(dev, cs->moe_grp_ptrs, sizeof(void *) * 3 * (size_t) cap,
 									 cudaMemcpyHostToDevice, cs->stream), "batched GEMM pointers upload"))
 		return NULL;

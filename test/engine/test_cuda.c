@@ -611,10 +611,11 @@ moe_op_alone(kl_model *m, int L, const float *x, int T)
  * The prefill expert paths of bf16 precision (KL_CUDA_MOE_PREFILL) on the
  * same weights and the same activations, the MoE op alone (routing is fp32
  * and the same kernels in every path, so the choices agree and only the
- * expert products differ): a model made with each KL_CUDA_MOE_PREFILL (3,
- * the default: batched products over size classes; 2: grouped products with
- * bf16 results) against 0 (the older per-expert loop) and 1 (the loop from
- * rows gathered once as bf16); g16 gives the shape and weights.
+ * expert products differ): a model made with each KL_CUDA_MOE_PREFILL (4,
+ * the default: 3 grouped on the device; 3: batched products over size
+ * classes; 2: grouped products with bf16 results) against 0 (the older
+ * per-expert loop) and 1 (the loop from rows gathered once as bf16); g16
+ * gives the shape and weights.
  *   1 vs 0: the same cuBLAS products of the same bf16 operands (variant 0
  *     rounds each expert's rows per product, 1 once), the same bf16 h:
  *     1e-5 (only the order of sums may differ).  This holds where variant 0
@@ -634,8 +635,12 @@ moe_op_alone(kl_model *m, int L, const float *x, int T)
  *     1024; expert 3 about a fifth; the others tens of rows, slots of 64 or
  *     128), so that classes of very different sizes run; and 3 vs 2 as
  *     information (they differ only in cuBLAS's order of fp32 sums).
+ *   4 vs 3: the same layout (the device's grouping equals the host's:
+ *     check_moe_pad_group), the same gather, the same cuBLAS calls on the
+ *     same shapes, the shared expert merely queued earlier: equal bit for
+ *     bit, with both routers and at 100 tokens (working memory of its own).
  * Fails when a path other than the one asked ran (variant 2 silently
- * falling back to 1, or 3 to 2, where cuBLAS refuses it).
+ * falling back to 1, or 3 or 4 to 2, where cuBLAS refuses it).
  */
 static void
 check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_load_opts *ob)
@@ -644,10 +649,10 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 	int			T = 997,
 				L = -1;
 	uint64_t	rs = 0x5eed13;
-	kl_model   *mv[4] = {NULL, NULL, NULL, NULL};
+	kl_model   *mv[5] = {NULL, NULL, NULL, NULL, NULL};
 	float	   *x,
-			   *y[4];
-	static const char *const asked[4] = {"0", "1", "2", "3"};
+			   *y[5];
+	static const char *const asked[5] = {"0", "1", "2", "3", "4"};
 	moe_path_fn path = moe_path_hook(g16);
 
 	for (int i = 0; i < c->n_layers && L < 0; i++)
@@ -658,7 +663,7 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 		tap_ok(0, "the CUDA library exports kl_cuda_moe_prefill_path (and the model has an MoE layer)");
 		return;
 	}
-	for (int v = 0; v < 4; v++)
+	for (int v = 0; v < 5; v++)
 	{
 		kl_err		err = {0};
 		char		p[] = "/tmp/kl_test_cuda_XXXXXX";
@@ -678,14 +683,14 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 		copy_weights(cpu, mv[v]);
 	}
 	x = rand_floats((size_t) T * c->hidden_size, -1, 1, &rs);
-	for (int v = 0; v < 4; v++)
+	for (int v = 0; v < 5; v++)
 	{
 		int			info[3] = {-9, -9, -9};
 
 		y[v] = moe_op_alone(mv[v], L, x, T);
 		path(mv[v]->be, info);
 		tap_ok(info[0] == v && info[1] == v, "bf16 prefill experts, KL_CUDA_MOE_PREFILL=%d%s: ran variant %d "
-			   "(asked %d; cuBLAS status of a grouped refusal %d)", v, v == 3 ? " (the default)" : "", info[1],
+			   "(asked %d; cuBLAS status of a grouped refusal %d)", v, v == 4 ? " (the default)" : "", info[1],
 			   info[0], info[2]);
 	}
 	{
@@ -702,6 +707,9 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 			   rel_err(y[3], y[0], n));
 		tap_diag("bf16 prefill experts, %d tokens: 3 vs 2 rel err %.2e (information: cuBLAS's order of sums)", T,
 				 rel_err(y[3], y[2], n));
+		tap_ok(memcmp(y[4], y[3], sizeof(float) * n) == 0, "bf16 prefill experts, %d tokens: device grouping (4) "
+			   "equals variant 3 bit for bit (the same rows in the same products; rel err %.2e)", T,
+			   rel_err(y[4], y[3], n));
 	}
 	/* a skewed router on the same weights: variants 0 and 3 (score bias 8 on experts 0..2 of layer L) */
 	{
@@ -718,7 +726,7 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 		}
 		for (int e = 0; e < 3 && e < E; e++)
 			b[e] = 8.0f;
-		for (int v = 0; v < 4; v += 3)
+		for (int v = 0; v < 5; v += v ? 1 : 3)
 		{
 			mv[v]->be->ops->upload(mv[v]->be, mv[v]->layers[L].moe.score_bias, b, sizeof(float) * (size_t) E);
 			free(y[v]);
@@ -730,12 +738,16 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 		tap_ok(rel_err(y[3], y[0], n) <= 1e-2, "bf16 prefill experts, %d tokens, skewed router (3 experts take "
 			   "every token): batched products over size classes (3) vs the older loop (0) (rel err %.2e)", T,
 			   rel_err(y[3], y[0], n));
+		path(mv[4]->be, info);
+		tap_ok(info[1] == 4 && memcmp(y[4], y[3], sizeof(float) * n) == 0, "bf16 prefill experts, %d tokens, "
+			   "skewed router: device grouping (4) ran (%d) and equals variant 3 bit for bit (rel err %.2e)", T,
+			   info[1], rel_err(y[4], y[3], n));
 		/*
 		 * 100 tokens (just over the 64 of the decode path), same router:
 		 * 16 slots of 64 or more exceed the 2 (n k + n) bf16 rows the fp32
 		 * buffers hold, so variant 3 takes working memory of its own
 		 */
-		for (int v = 0; v < 4; v += 3)
+		for (int v = 0; v < 5; v += v ? 1 : 3)
 		{
 			free(y[v]);
 			y[v] = moe_op_alone(mv[v], L, x, 100);
@@ -744,12 +756,17 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 		tap_ok(info[1] == 3 && rel_err(y[3], y[0], (size_t) 100 * c->hidden_size) <= 1e-2,
 			   "bf16 prefill experts, 100 tokens, skewed router: variant 3 ran (%d) and matches the older loop "
 			   "(rel err %.2e)", info[1], rel_err(y[3], y[0], (size_t) 100 * c->hidden_size));
+		path(mv[4]->be, info);
+		tap_ok(info[1] == 4 && memcmp(y[4], y[3], sizeof(float) * (size_t) 100 * c->hidden_size) == 0,
+			   "bf16 prefill experts, 100 tokens, skewed router: device grouping (4) ran (%d) and equals variant 3 "
+			   "bit for bit (working memory of its own; rel err %.2e)", info[1],
+			   rel_err(y[4], y[3], (size_t) 100 * c->hidden_size));
 		free(b);
 	}
-	for (int v = 0; v < 4; v++)
+	for (int v = 0; v < 5; v++)
 		free(y[v]);
 	free(x);
-	for (int v = 0; v < 4; v++)
+	for (int v = 0; v < 5; v++)
 		kl_model_free(mv[v]);
 }
 
@@ -2104,6 +2121,186 @@ check_route_rank(void)
 		route_out_free(&o);
 		free(lg);
 	}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+/* kl_cuda_test_moe_pad_group (cuda_moe_prefill.c): KL_CUDA_MOE_PREFILL=4's device grouping on host choices */
+typedef int (*pad_group_fn) (int n, int E, int k, const int *sel, int *inv, int *summary);
+
+/* variant 3's slot of an expert with c > 0 rows (cuda_moe_prefill.c's rule, written again as the reference) */
+static int
+ref_slot_rows(int c)
+{
+	int			s64 = (c + 63) / 64 * 64,
+				s128 = (c + 127) / 128 * 128;
+
+	return (s128 - c) * 100 < 15 * c ? s128 : s64;
+}
+
+/*
+ * The padded grouping of variant 3 from the choices, plainly: experts
+ * ordered by (slot size, id), slots laid out in that order, each pair at
+ * its expert's first row plus the pairs of that expert before it.  inv
+ * [n k], base [E] (-1 unused); returns the padded rows.
+ */
+static int
+ref_pad_group(const int *sel, int n, int E, int k, int *inv, int *base)
+{
+	int		   *cnt = calloc((size_t) E, sizeof(int)),
+			   *seen = calloc((size_t) E, sizeof(int)),
+				npad = 0;
+
+	if (!cnt || !seen)
+	{
+		kl_err		err = {0};
+
+		die("memory for the grouping reference", &err);
+	}
+	for (int i = 0; i < n * k; i++)
+		if (sel[i] >= 0 && sel[i] < E)
+			cnt[sel[i]]++;
+	for (int e = 0; e < E; e++)
+	{
+		int			s = cnt[e] ? ref_slot_rows(cnt[e]) : 0;
+
+		base[e] = -1;
+		if (s == 0)
+			continue;
+		base[e] = 0;
+		for (int j = 0; j < E; j++)
+		{
+			int			sj = cnt[j] ? ref_slot_rows(cnt[j]) : 0;
+
+			if (sj > 0 && (sj < s || (sj == s && j < e)))
+				base[e] += sj;
+		}
+		npad += s;
+	}
+	for (int i = 0; i < n * k; i++)
+		inv[i] = sel[i] >= 0 && sel[i] < E ? base[sel[i]] + seen[sel[i]]++ : 0;
+	free(cnt);
+	free(seen);
+	return npad;
+}
+
+/*
+ * The device grouping of KL_CUDA_MOE_PREFILL=4 (kk_moe_pad_group: counts,
+ * size-class layout and inverse map in three launches over chunks of 128
+ * tokens) against ref_pad_group, exactly: inv, the counts, each expert's
+ * first padded row and the padded total.  Shapes: E 16 k 4 (the tiny
+ * models), 64 k 6, 256 k 8 (48B), 1024 k 8; n from 65 (just over the decode
+ * bound) through chunk edges (127, 128, 129, 383) to 997, 4096 and 8192;
+ * choices uniform, skewed (experts 0..2 in every token: slots of many
+ * rows), crowded (2k experts take everything) and one expert id out of
+ * range (its pair must get row 0, the summary must count n k - 1 pairs:
+ * the host then fails the op).
+ */
+static void
+check_moe_pad_group(void)
+{
+	static const int shapes[][2] = {{16, 4}, {64, 6}, {256, 8}, {1024, 8}};
+	static const int ns[] = {65, 100, 127, 128, 129, 383, 997, 4096, 8192};
+	kl_model   *m;
+	void	   *lib = NULL;
+	pad_group_fn f = NULL;
+	uint64_t	rs = 1313;
+
+	m = load_test_hook("kl_cuda_test_moe_pad_group", &lib, (void **) &f);
+	if (!f)
+		return;
+	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+		for (int kind = 0; kind < 4; kind++)
+		{
+			int			E = shapes[si][0],
+						k = shapes[si][1],
+						cases = 0,
+						wrong = 0,
+						failed = 0;
+			static const char *const kinds[] = {"uniform", "skewed", "crowded", "one id out of range"};
+
+			for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++)
+			{
+				int			n = ns[ni],
+							nk = n * k,
+							npad,
+							rc;
+				int		   *sel = malloc(sizeof(int) * (size_t) nk),
+						   *inv = malloc(sizeof(int) * (size_t) nk),
+						   *rinv = malloc(sizeof(int) * (size_t) nk),
+						   *base = malloc(sizeof(int) * (size_t) E),
+						   *sum = malloc(sizeof(int) * (2 * (size_t) E + 3));
+				bool		ok;
+
+				if (!sel || !inv || !rinv || !base || !sum)
+				{
+					kl_err		err = {0};
+
+					die("memory for the grouping check", &err);
+				}
+				/* k distinct experts a token, as top-k routing gives */
+				for (int t = 0; t < n; t++)
+					for (int r = 0; r < k; r++)
+					{
+						int			e,
+									dup;
+
+						do
+						{
+							if (kind == 1 && r < 3)
+								e = r;
+							else if (kind == 2)
+								e = (int) (mix_rand(&rs) % (uint64_t) (2 * k));
+							else
+								e = (int) (mix_rand(&rs) % (uint64_t) E);
+							dup = 0;
+							for (int q = 0; q < r; q++)
+								dup |= sel[t * k + q] == e;
+						} while (dup);
+						sel[t * k + r] = e;
+					}
+				/* one id out of range: that pair gets row 0, the others group as if it were not there */
+				if (kind == 3)
+					sel[mix_rand(&rs) % (uint64_t) nk] = E;
+				npad = ref_pad_group(sel, n, E, k, rinv, base);
+				rc = f(n, E, k, sel, inv, sum);
+				cases++;
+				if (rc != 0)
+				{
+					failed++;
+					tap_diag("moe pad group E %d k %d n %d %s: hook returned %d", E, k, n, kinds[kind], rc);
+				}
+				else
+				{
+					ok = memcmp(inv, rinv, sizeof(int) * (size_t) nk) == 0 &&
+						memcmp(sum + E, base, sizeof(int) * (size_t) E) == 0 && sum[2 * E] == npad &&
+						sum[2 * E + 1] == nk - (kind == 3) && sum[2 * E + 2] == 0;
+					for (int e = 0; e < E && ok; e++)
+					{
+						int			c = 0;
+
+						for (int i = 0; i < nk; i++)
+							c += sel[i] == e;
+						ok = sum[e] == c;
+					}
+					if (!ok)
+					{
+						wrong++;
+						if (wrong <= 3)
+							tap_diag("moe pad group E %d k %d n %d %s: differs (padded rows %d, reference %d)", E,
+									 k, n, kinds[kind], sum[2 * E], npad);
+					}
+				}
+				free(sel);
+				free(inv);
+				free(rinv);
+				free(base);
+				free(sum);
+			}
+			tap_ok(wrong == 0 && failed == 0, "KL_CUDA_MOE_PREFILL=4 device grouping, E %d k %d, %s choices: inverse "
+				   "map, counts and padded layout equal the reference in %d of %d step sizes (65 .. 8192 tokens)",
+				   E, k, kinds[kind], cases - wrong - failed, cases);
+		}
 	dlclose(lib);
 	kl_model_free(m);
 }
@@ -5137,6 +5334,7 @@ main(void)
 	RUN(check_sampler(false));
 	RUN(check_route_warp());
 	RUN(check_route_rank());
+	RUN(check_moe_pad_group());
 	RUN(check_expert_mma());
 	RUN(check_gemv_slab());
 	RUN(check_gemv_q());
