@@ -3376,7 +3376,12 @@ typedef int (*kda_chunked_test_fn) (int n, int H, int K, const float *q, const f
  * 32 and at 64; each with the parallel half on tensor cores in blocks of 256
  * threads (kda_chunk_prep_mma_kernel, KL_CUDA_KDA_PREP_MMA=2, the default;
  * K = 32 and 64 run the 128-thread form), of 128 (=1) and as the fp32 prep
- * kernel (=0); the hook kl_cuda_test_kda_prep_mma switches it.
+ * kernel (=0); the hook kl_cuda_test_kda_prep_mma switches it.  The
+ * sequential part runs as the wide kernel (KL_CUDA_KDA_MMA=2, the default)
+ * with each prep, and with the 256-thread prep also as the 4-warp kernel
+ * (=1), the wide one with 64 columns a block (=3) and with 8 warps (=4),
+ * the 4-warp kernel's numbers bit for bit; the hook
+ * kl_cuda_test_kda_mma_form switches it.
  */
 static void
 check_kda_chunked_mma(void)
@@ -3395,6 +3400,7 @@ check_kda_chunked_mma(void)
 	void	   *lib = NULL;
 	kda_chunked_test_fn fn = NULL;
 	void		(*prep_mma) (int) = NULL;
+	void		(*mma_form) (int) = NULL;
 	uint64_t	rs = 1313;
 
 	m = load_test_hook("kl_cuda_test_kda_chunked", &lib, (void **) &fn);
@@ -3402,10 +3408,18 @@ check_kda_chunked_mma(void)
 		return;
 	*(void **) &prep_mma = dlsym(lib, "kl_cuda_test_kda_prep_mma");
 	tap_ok(prep_mma != NULL, "the CUDA library exports kl_cuda_test_kda_prep_mma");
-	for (size_t ci3 = 0; ci3 < 3 * sizeof(cases) / sizeof(cases[0]); ci3++)
+	*(void **) &mma_form = dlsym(lib, "kl_cuda_test_kda_mma_form");
+	tap_ok(mma_form != NULL, "the CUDA library exports kl_cuda_test_kda_mma_form");
+	for (size_t ci6 = 0; ci6 < 6 * sizeof(cases) / sizeof(cases[0]); ci6++)
 	{
-		size_t		ci = ci3 / 3;
-		int			pm = 2 - (int) (ci3 % 3);	/* prep on tensor cores (256, 128 threads), fp32, per case */
+		size_t		ci = ci6 / 6;
+		/* per case: prep on tensor cores (256, 128 threads), fp32, each
+		 * with the wide sequential kernel; then the 256-thread prep with
+		 * the 4-warp kernel, the wide one of 64 columns and of 8 warps */
+		static const int pms[6] = {2, 1, 0, 2, 2, 2},
+					forms[6] = {2, 2, 2, 1, 3, 4};
+		int			pm = pms[ci6 % 6],
+					form = forms[ci6 % 6];
 		int			H = cases[ci].H,
 					K = cases[ci].K,
 					T = cases[ci].T,
@@ -3452,16 +3466,37 @@ check_kda_chunked_mma(void)
 		}
 		if (prep_mma)
 			prep_mma(pm);
+		if (mma_form)
+			mma_form(form);
 		rc = fn(T, H, K, q, k, v, g, beta, S, o_o, o_n, S_o, S_n);
 		{
 			double		eo = rc == 0 ? rel_err(o_n, o_o, nx) : INFINITY,
 						es = rc == 0 ? rel_err(S_n, S_o, nS) : INFINITY;
 
 			tap_ok(rc == 0 && eo <= TOL_KDA_MMA && es <= TOL_KDA_MMA,
-				   "KDA chunkwise form on tensor cores (bf16, prep %s) vs the fp32 kernels, %d heads x %d, %d rows, "
-				   "state %s: outputs rel err %.2e, state after %.2e (hook returned %d)",
-				   pm == 2 ? "on tensor cores, 256 threads" : pm == 1 ? "on tensor cores, 128 threads" : "fp32", H, K,
-				   T, cases[ci].carry ? "carried in" : "zero", eo, es, rc);
+				   "KDA chunkwise form on tensor cores (bf16, prep %s, sequential part %s) vs the fp32 kernels, "
+				   "%d heads x %d, %d rows, state %s: outputs rel err %.2e, state after %.2e (hook returned %d)",
+				   pm == 2 ? "on tensor cores, 256 threads" : pm == 1 ? "on tensor cores, 128 threads" : "fp32",
+				   form == 1 ? "4 warps" : form == 3 ? "wide, 64 columns" : form == 4 ? "wide, 8 warps" :
+				   "wide, 32 columns", H, K, T,
+				   cases[ci].carry ? "carried in" : "zero", eo, es, rc);
+		}
+		/* the wide kernels sum the same products in the same order as the
+		 * 4-warp one: the same numbers bit for bit */
+		if (form == 1 && rc == 0 && mma_form)
+		{
+			float	   *o_w = malloc(sizeof(float) * nx),
+					   *S_w = malloc(sizeof(float) * nS);
+			int			rc2;
+
+			mma_form(2);
+			rc2 = fn(T, H, K, q, k, v, g, beta, S, o_o, o_w, S_o, S_w);
+			tap_ok(rc2 == 0 && memcmp(o_w, o_n, sizeof(float) * nx) == 0 &&
+				   memcmp(S_w, S_n, sizeof(float) * nS) == 0,
+				   "KDA chunkwise form on tensor cores: the wide sequential kernel gives the 4-warp kernel's "
+				   "outputs and state bit for bit, %d heads x %d, %d rows (hook returned %d)", H, K, T, rc2);
+			free(o_w);
+			free(S_w);
 		}
 		free(q);
 		free(k);
@@ -3475,7 +3510,9 @@ check_kda_chunked_mma(void)
 		free(S_n);
 	}
 	if (prep_mma)
-		prep_mma(2);			/* the default again for the checks that follow */
+		prep_mma(2);			/* the defaults again for the checks that follow */
+	if (mma_form)
+		mma_form(2);
 	dlclose(lib);
 	kl_model_free(m);
 }
