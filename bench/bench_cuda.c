@@ -52,7 +52,9 @@
  *   bench_cuda kda H K T1,T2,...
  *       the KDA mixer op alone (conv, norms, decay, chunkwise delta rule,
  *       gated norm) for one sequence of T tokens, H heads of K: precision
- *       fp32 (path=fp32) and bf16 (path=bf16_mma, the tensor-core form)
+ *       fp32 (path=fp32) and bf16 (path=bf16_mma, the tensor-core form;
+ *       bf16_mma_4warps / bf16_mma_wide64 / bf16_mma_wide8w with
+ *       KL_CUDA_KDA_MMA=1 / 3 / 4)
  *   bench_cuda mla T1,T2,...
  *       the MLA prefill attention alone (bf16 operands; 32 heads, q/k 192 =
  *       128 nope + 64 rope, v 128) for one sequence of T tokens from position
@@ -331,7 +333,8 @@ kda_alone_prec(int H, int K, const long *Ts, int nT, const char *prec)
 		int			HK = H * K;
 		const char *kmma = getenv("KL_CUDA_KDA_MMA");
 		const char *path = strcmp(prec, "bf16") != 0 ? "fp32" : kmma && strcmp(kmma, "0") == 0 ? "bf16_fp32kernels" :
-			"bf16_mma";
+			kmma && strcmp(kmma, "1") == 0 ? "bf16_mma_4warps" : kmma && strcmp(kmma, "3") == 0 ? "bf16_mma_wide64" :
+			kmma && strcmp(kmma, "4") == 0 ? "bf16_mma_wide8w" : "bf16_mma";
 		/* inputs: random fp32 [Tmax, HK] made on the device by the random-weight op */
 		kl_weight	in[6];
 		float	   *fcopy,

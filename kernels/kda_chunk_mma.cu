@@ -16,7 +16,11 @@
  *          o  = Qg S + P U                   (64 x K x 32 + 64 x 64 x 32)
  *          S  = Gam_end S + Kt^T U           (K x 64 x 32)
  *      with S and U rounded to bf16 only as operands.  The next chunk's
- *      tiles stream in (cp.async) while this one computes.
+ *      tiles stream in (cp.async) while this one computes.  That 4-warp
+ *      kernel is KL_CUDA_KDA_MMA=1; the default (=2) is
+ *      kda_chunk_mma_wide_kernel, the same products in the same order over
+ *      16 warps a block (U on half of them, o on the other half), 64
+ *      columns a block with =3, 8 warps with =4.
  *
  * The decay factors never leave fp32 until they are folded into the bf16
  * operands (each factor <= 1), so no exponential of a cumulative sum is
@@ -360,6 +364,367 @@ kda_chunk_mma_kernel(int n, int H, const uint16_t *__restrict__ W16, const uint1
 	}
 }
 
+/*
+ * The wide form (KL_CUDA_KDA_MMA=2, default, or =3): the same products in
+ * the same order as kda_chunk_mma_kernel, spread over NW warps instead of 4,
+ * so that an SM holds 8 or 16 warps instead of 4 (the 4-warp kernel issued
+ * an instruction every 3.1 cycles per scheduler, one warp each, waiting on
+ * its own chain: Nsight, bench/notes-cuda.md).  Block (h, VS columns of V).
+ *   U = U0 - W S: warps 0 .. NW/2 - 1; o = Qg S, then + P U once U is
+ *     known: warps NW/2 .. NW - 1 (the state update waits only for U; each
+ *     W or Qg fragment is read by NW/8 warps, not NW/4).  Warp w of either
+ *     half takes rows 16 (w % 4).. and the column fragments
+ *     ((w % (NW/2)) / 4) JN .. + JN - 1 (JN = VS / 8 / (NW / 8)).
+ *   S = Gam_end S + Kt^T U: warp w takes the state's columns 8 (w % SC)..
+ *     (SC = VS / 8 column blocks) and its row fragments (w / SC) MS ..
+ *     + MS - 1 (MS = K / 16 / (NW / SC)), in fp32 registers.
+ * Each accumulator sums its products in the same k order as the 4-warp
+ * kernel from the same bf16 operands (U0, then W S ascending; Qg S then P U;
+ * Gam_end S then Kt^T U), so the results are the same bit for bit.
+ * Operands by ldmatrix (one instruction per A fragment, one per two k steps
+ * of a B fragment).  Two barriers a chunk: the next chunk's tiles are issued
+ * after the first barrier of this one, when every warp is done with the
+ * stage they overwrite (the previous chunk's).
+ */
+template <int K, int VS>
+struct kw_layout
+{
+	static constexpr int LK = K + 8;
+	static constexpr int LC = KM_C + 8;
+	static constexpr int LU = VS + 8;
+	static constexpr int W = 0;
+	static constexpr int Q = W + KM_C * LK;
+	static constexpr int KT = Q + KM_C * LK;
+	static constexpr int P = KT + K * LC;
+	static constexpr int U0 = P + KM_C * LC;
+	static constexpr int GL = U0 + KM_C * LU;
+	static constexpr int STAGE = GL + 2 * K;
+	static constexpr int SB = VS * LK;
+	static constexpr int UT = VS * LC;
+	static constexpr size_t BYTES = sizeof(uint16_t) * (2 * (size_t) STAGE + SB + UT);
+};
+
+/* A fragment (rows r0.., k0..k0+15) of a row-major bf16 matrix, one ldmatrix:
+ * lanes 0-15 give rows r0 + lane at k0, lanes 16-31 the same rows at k0 + 8 */
+__device__ __forceinline__ void
+kw_lda(uint32_t *a, const uint16_t *m, int ld, int r0, int k0, int lane)
+{
+	ldsm_x4(a, m + (r0 + (lane & 15)) * ld + k0 + ((lane >> 4) << 3));
+}
+
+/* B fragments of columns n0..n0+7 for k0..k0+15 (b[0], b[1]) and
+ * k0+16..k0+31 (b[2], b[3]) from B stored transposed (bt[n][k]): matrix i
+ * is rows n0.., columns k0 + 8 i.., its row addresses from lanes 8 i.. */
+__device__ __forceinline__ void
+kw_ldb32(uint32_t *b, const uint16_t *bt, int ld, int n0, int k0, int lane)
+{
+	ldsm_x4(b, bt + (n0 + (lane & 7)) * ld + k0 + ((lane >> 3) << 3));
+}
+
+/* chunk `chunk`'s tiles of head h (V columns x0..x0+VS-1 of U0) into stage
+ * st, NT threads; one commit group */
+template <int K, int VS, int NT>
+__device__ __forceinline__ void
+kw_load_chunk(uint16_t *st, int chunk, int H, int h, int x0, const uint16_t *__restrict__ W16,
+			  const uint16_t *__restrict__ U16, const uint16_t *__restrict__ Q16,
+			  const uint16_t *__restrict__ Kt16, const uint16_t *__restrict__ P16, const float *__restrict__ gl,
+			  int tid)
+{
+	typedef kw_layout<K, VS> L;
+	constexpr int C = KM_C;
+	constexpr int V = K;
+	size_t		tile = (size_t) chunk * H + h;
+	const uint16_t *w = W16 + tile * C * K,
+			   *q = Q16 + tile * C * K,
+			   *kt = Kt16 + tile * K * C,
+			   *p = P16 + tile * C * C,
+			   *u = U16 + tile * C * V + x0;
+
+#pragma unroll
+	for (int i = 0; i < (C * (K / 8) + NT - 1) / NT; i++)
+	{
+		int			e = tid + i * NT,
+					r = e / (K / 8),
+					c = 8 * (e % (K / 8));
+
+		cp_async16(st + L::W + r * L::LK + c, w + r * K + c);
+		cp_async16(st + L::Q + r * L::LK + c, q + r * K + c);
+	}
+#pragma unroll
+	for (int i = 0; i < (K * (C / 8) + NT - 1) / NT; i++)
+	{
+		int			e = tid + i * NT,
+					r = e / (C / 8),
+					c = 8 * (e % (C / 8));
+
+		cp_async16(st + L::KT + r * L::LC + c, kt + r * C + c);
+	}
+#pragma unroll
+	for (int i = 0; i < (C * (C / 8) + NT - 1) / NT; i++)
+	{
+		int			e = tid + i * NT,
+					r = e / (C / 8),
+					c = 8 * (e % (C / 8));
+
+		cp_async16(st + L::P + r * L::LC + c, p + r * C + c);
+	}
+#pragma unroll
+	for (int i = 0; i < (C * (VS / 8) + NT - 1) / NT; i++)
+	{
+		int			e = tid + i * NT,
+					r = e / (VS / 8),
+					c = 8 * (e % (VS / 8));
+
+		if ((C * (VS / 8)) % NT != 0 && e >= C * (VS / 8))
+			break;
+		cp_async16(st + L::U0 + r * L::LU + c, u + (size_t) r * V + c);
+	}
+	if (tid < K / 4)
+		cp_async16(st + L::GL + 8 * tid, gl + tile * K + 4 * tid);
+	cp_async_commit();
+}
+
+template <int K, int VS, int NW>
+__global__ void __launch_bounds__(32 * NW)
+kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const uint16_t *__restrict__ U16,
+						  const uint16_t *__restrict__ Q16, const uint16_t *__restrict__ Kt16,
+						  const uint16_t *__restrict__ P16, const float *__restrict__ gl, float *S, float *o)
+{
+	typedef kw_layout<K, VS> L;
+	constexpr int C = KM_C;
+	constexpr int V = K;
+	constexpr int NT = 32 * NW;
+	constexpr int HW = NW / 2;	/* warps on U, and as many on o */
+	constexpr int CG = HW / 4;	/* column groups of U (of o) */
+	constexpr int JN = VS / 8 / CG;	/* their 8-column fragments per warp */
+	constexpr int SC = VS / 8;	/* the state's 8-column blocks */
+	constexpr int RP = NW / SC;	/* row parts of each */
+	constexpr int MS = K / 16 / RP;	/* state fragments per warp */
+
+	static_assert(NW % 8 == 0 && JN >= 1 && JN * CG * 8 == VS, "U / o split");
+	static_assert(NW % SC == 0 && MS >= 1 && MS * RP * 16 == K, "state split");
+	extern __shared__ uint4 km_smem[];
+	uint16_t   *base = (uint16_t *) km_smem;
+	uint16_t   *Sb = base + 2 * (size_t) L::STAGE;	/* S^T of the entering state, bf16 */
+	uint16_t   *Ut = Sb + L::SB;	/* U^T, bf16 */
+	int			h = blockIdx.x,
+				x0 = blockIdx.y * VS;
+	int			tid = threadIdx.x,
+				warp = tid >> 5,
+				lane = tid & 31,
+				g = lane >> 2,
+				t2 = 2 * (lane & 3);
+	int			rw = warp & 3,	/* U / o rows 16 rw .. */
+				j0 = ((warp % HW) >> 2) * JN,	/* U / o column fragments j0 .. */
+				xs = 8 * (warp % SC),	/* state columns xs .. xs + 7 */
+				m0 = (warp / SC) * MS;	/* state row fragments m0 .. */
+	bool		uwarp = warp < HW;	/* U, else o */
+	int			nc = (n + C - 1) / C;
+	float	   *Sh = S + (size_t) h * K * V;
+	float		s[MS][4];
+
+#pragma unroll
+	for (int m = 0; m < MS; m++)
+	{
+		const float *r0 = Sh + (size_t) (16 * (m0 + m) + g) * V + x0 + xs + t2;
+		const float *r1 = r0 + (size_t) 8 * V;
+
+		s[m][0] = r0[0];
+		s[m][1] = r0[1];
+		s[m][2] = r1[0];
+		s[m][3] = r1[1];
+	}
+	kw_load_chunk<K, VS, NT>(base, 0, H, h, x0, W16, U16, Q16, Kt16, P16, gl, tid);
+
+	for (int chunk = 0; chunk < nc; chunk++)
+	{
+		uint16_t   *st = base + (size_t) (chunk & 1) * L::STAGE;
+		const float *sg = (const float *) (st + L::GL);
+
+		/* the entering state as the bf16 operand S^T [x][c]; Sb was last
+		 * read before the previous chunk's second barrier */
+#pragma unroll
+		for (int m = 0; m < MS; m++)
+		{
+			int			x = xs + t2,
+						c = 16 * (m0 + m) + g;
+
+			Sb[x * L::LK + c] = f32_to_bf16(s[m][0]);
+			Sb[(x + 1) * L::LK + c] = f32_to_bf16(s[m][1]);
+			Sb[x * L::LK + c + 8] = f32_to_bf16(s[m][2]);
+			Sb[(x + 1) * L::LK + c + 8] = f32_to_bf16(s[m][3]);
+		}
+		cp_async_wait_group<0>();	/* this chunk's tiles (the only group in flight) */
+		__syncthreads();		/* every thread's copies and S^T; the other stage is free */
+		if (chunk + 1 < nc)
+			kw_load_chunk<K, VS, NT>(base + (size_t) ((chunk + 1) & 1) * L::STAGE, chunk + 1, H, h, x0, W16, U16,
+									 Q16, Kt16, P16, gl, tid);
+
+		float		oa[JN][4];	/* o's rows 16 rw.., fragments j0.. (o warps) */
+
+		if (uwarp)
+		{
+			/* U = U0 - W S: rows 16 rw.., fragments j0.. */
+			float		u[JN][4];
+
+#pragma unroll
+			for (int j = 0; j < JN; j++)
+			{
+				const uint16_t *u0 = st + L::U0 + (16 * rw + g) * L::LU + 8 * (j0 + j) + t2;
+
+				u[j][0] = bf16_to_f32(u0[0]);
+				u[j][1] = bf16_to_f32(u0[1]);
+				u[j][2] = bf16_to_f32(u0[8 * L::LU]);
+				u[j][3] = bf16_to_f32(u0[8 * L::LU + 1]);
+			}
+#pragma unroll
+			for (int kk = 0; kk < K; kk += 32)
+			{
+				uint32_t	b[JN][4];
+
+#pragma unroll
+				for (int j = 0; j < JN; j++)
+					kw_ldb32(b[j], Sb, L::LK, 8 * (j0 + j), kk, lane);
+#pragma unroll
+				for (int hk = 0; hk < 2; hk++)
+				{
+					uint32_t	aw[4];
+
+					kw_lda(aw, st + L::W, L::LK, 16 * rw, kk + 16 * hk, lane);
+#pragma unroll
+					for (int i = 0; i < 4; i++)
+						aw[i] ^= 0x80008000u;	/* -W: the sign bits, exact */
+#pragma unroll
+					for (int j = 0; j < JN; j++)
+						km_mma(u[j], aw, b[j][2 * hk], b[j][2 * hk + 1]);
+				}
+			}
+			/* U^T [x][t] as bf16, the operand of P U and Kt^T U; Ut was
+			 * last read before this chunk's first barrier */
+#pragma unroll
+			for (int j = 0; j < JN; j++)
+			{
+				int			x = 8 * (j0 + j) + t2,
+							t = 16 * rw + g;
+
+				Ut[x * L::LC + t] = f32_to_bf16(u[j][0]);
+				Ut[(x + 1) * L::LC + t] = f32_to_bf16(u[j][1]);
+				Ut[x * L::LC + t + 8] = f32_to_bf16(u[j][2]);
+				Ut[(x + 1) * L::LC + t + 8] = f32_to_bf16(u[j][3]);
+			}
+		}
+		else
+		{
+			/* o = Qg S (+ P U below): rows 16 rw.., fragments j0.. */
+#pragma unroll
+			for (int j = 0; j < JN; j++)
+				oa[j][0] = oa[j][1] = oa[j][2] = oa[j][3] = 0.0f;
+#pragma unroll
+			for (int kk = 0; kk < K; kk += 32)
+			{
+				uint32_t	b[JN][4];
+
+#pragma unroll
+				for (int j = 0; j < JN; j++)
+					kw_ldb32(b[j], Sb, L::LK, 8 * (j0 + j), kk, lane);
+#pragma unroll
+				for (int hk = 0; hk < 2; hk++)
+				{
+					uint32_t	aq[4];
+
+					kw_lda(aq, st + L::Q, L::LK, 16 * rw, kk + 16 * hk, lane);
+#pragma unroll
+					for (int j = 0; j < JN; j++)
+						km_mma(oa[j], aq, b[j][2 * hk], b[j][2 * hk + 1]);
+				}
+			}
+		}
+		__syncthreads();		/* all of U^T */
+		if (!uwarp)
+		{
+			/* o += P U (P lower triangular: k steps 0..rw, two at a time) */
+			for (int kk = 0; kk <= 16 * rw; kk += 32)
+			{
+				uint32_t	b[JN][4],
+							ap[4];
+
+#pragma unroll
+				for (int j = 0; j < JN; j++)
+					kw_ldb32(b[j], Ut, L::LC, 8 * (j0 + j), kk, lane);
+				kw_lda(ap, st + L::P, L::LC, 16 * rw, kk, lane);
+#pragma unroll
+				for (int j = 0; j < JN; j++)
+					km_mma(oa[j], ap, b[j][0], b[j][1]);
+				if (kk + 16 <= 16 * rw)
+				{
+					kw_lda(ap, st + L::P, L::LC, 16 * rw, kk + 16, lane);
+#pragma unroll
+					for (int j = 0; j < JN; j++)
+						km_mma(oa[j], ap, b[j][2], b[j][3]);
+				}
+			}
+			{
+				int			t = chunk * C + 16 * rw + g;
+				size_t		ld = (size_t) H * V;
+				float	   *orow = o + (size_t) t * ld + (size_t) h * V + x0 + 8 * j0 + t2;
+
+#pragma unroll
+				for (int j = 0; j < JN; j++)
+				{
+					if (t < n)
+						*(float2 *) (orow + 8 * j) = make_float2(oa[j][0], oa[j][1]);
+					if (t + 8 < n)
+						*(float2 *) (orow + 8 * ld + 8 * j) = make_float2(oa[j][2], oa[j][3]);
+				}
+			}
+		}
+
+		/* S = Gam_end S + Kt^T U: columns xs.., row fragments m0.. */
+#pragma unroll
+		for (int m = 0; m < MS; m++)
+		{
+			float		g0 = sg[16 * (m0 + m) + g],
+						g1 = sg[16 * (m0 + m) + g + 8];
+
+			s[m][0] *= g0;
+			s[m][1] *= g0;
+			s[m][2] *= g1;
+			s[m][3] *= g1;
+		}
+#pragma unroll
+		for (int kk = 0; kk < C; kk += 32)
+		{
+			uint32_t	b[4];
+
+			kw_ldb32(b, Ut, L::LC, xs, kk, lane);
+#pragma unroll
+			for (int hk = 0; hk < 2; hk++)
+			{
+#pragma unroll
+				for (int m = 0; m < MS; m++)
+				{
+					uint32_t	a[4];
+
+					kw_lda(a, st + L::KT, L::LC, 16 * (m0 + m), kk + 16 * hk, lane);
+					km_mma(s[m], a, b[2 * hk], b[2 * hk + 1]);
+				}
+			}
+		}
+	}
+
+#pragma unroll
+	for (int m = 0; m < MS; m++)
+	{
+		float	   *r0 = Sh + (size_t) (16 * (m0 + m) + g) * V + x0 + xs + t2;
+		float	   *r1 = r0 + (size_t) 8 * V;
+
+		r0[0] = s[m][0];
+		r0[1] = s[m][1];
+		r1[0] = s[m][2];
+		r1[1] = s[m][3];
+	}
+}
+
 /* bf16 elements of each per-tile array and the byte size of the scratch */
 static size_t
 chunk_mma_tiles(int n, int H)
@@ -375,6 +740,42 @@ kk_kda_chunk_mma_scratch(int n, int H, int K)
 	return tiles * (sizeof(uint16_t) * ((size_t) 4 * KM_C * K + (size_t) KM_C * KM_C) + sizeof(float) * K);
 }
 
+/* set by kk_set_kda_mma_form: 1 the 4-warp kernel, 2 the wide one with 32
+ * columns a block and 16 warps, 3 with 64 columns and 16 warps, 4 with 32
+ * columns and 8 warps (KL_CUDA_KDA_MMA) */
+static int kda_mma_form = 2;
+
+extern "C" void
+kk_set_kda_mma_form(int form)
+{
+	kda_mma_form = form;
+}
+
+/* the wide kernel <K, VS, NW> over (H, K / VS) blocks; 1 where its shared
+ * memory does not fit (the caller falls back to the 4-warp kernel) */
+template <int K, int VS, int NW>
+static int
+chunk_mma_wide_launch(cudaStream_t s, int n, int H, float *S, float *o, uint16_t *W16, uint16_t *U16,
+					  uint16_t *Q16, uint16_t *Kt16, uint16_t *P16, float *gl)
+{
+	constexpr size_t sm = kw_layout<K, VS>::BYTES;
+	int			dev,
+				optin = 0;
+	cudaError_t e;
+
+	if ((e = cudaGetDevice(&dev)) != cudaSuccess ||
+		(e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess)
+		return (int) e;
+	if (sm > (size_t) optin)
+		return 1;
+	if ((e = cudaFuncSetAttribute(kda_chunk_mma_wide_kernel<K, VS, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+								  (int) sm)) != cudaSuccess)
+		return (int) e;
+	kda_chunk_mma_wide_kernel<K, VS, NW><<<dim3(H, K / VS), 32 * NW, sm, s>>>(n, H, W16, U16, Q16, Kt16, P16, gl,
+																			 S, o);
+	return 0;
+}
+
 template <int K>
 static int
 chunk_mma_launch(cudaStream_t s, int n, int H, float *S, float *o, uint16_t *W16, uint16_t *U16, uint16_t *Q16,
@@ -386,6 +787,23 @@ chunk_mma_launch(cudaStream_t s, int n, int H, float *S, float *o, uint16_t *W16
 	size_t		sm;
 	cudaError_t e;
 
+	if (kda_mma_form >= 2)
+	{
+		int			rc;
+
+		/* 16 warps a block; K = 32 (8 state fragments of 8 x 16 in all)
+		 * splits over 8 and has only 32 columns */
+		if constexpr (K == 32)
+			rc = chunk_mma_wide_launch<K, 32, 8>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+		else if (kda_mma_form == 3)
+			rc = chunk_mma_wide_launch<K, 64, 16>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+		else if (kda_mma_form == 4)
+			rc = chunk_mma_wide_launch<K, 32, 8>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+		else
+			rc = chunk_mma_wide_launch<K, 32, 16>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+		if (rc != 1)
+			return rc;
+	}
 	if ((e = cudaGetDevice(&dev)) != cudaSuccess ||
 		(e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess)
 		return (int) e;

@@ -322,6 +322,11 @@ int			kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const 
 size_t		kk_kda_chunk_mma_scratch(int n, int H, int K);
 int			kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
 							   const float *g, const float *beta, float *S, float *o, void *scratch);
+/* kk_kda_chunked_mma's sequential part (KL_CUDA_KDA_MMA): 1 the 4-warp
+ * kernel (a block per head and 32 columns of V), 2 (default) the wide one,
+ * 16 warps a block (8 at K = 32), 3 the wide one with 64 columns a block,
+ * 4 with 8 warps (K = 32: 3 and 4 as 2); the same numbers bit for bit */
+void		kk_set_kda_mma_form(int form);
 /* kk_kda_chunk_prep_bf16 on tensor cores in blocks of 256 threads in 63.5 KB
  * of shared memory (3, default; K = 128, else as 1), of 256 in 95.5 KB (2;
  * K = 128, else as 1) or of 128 (1), or as the fp32 prep kernel with bf16

@@ -915,7 +915,11 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * (default: one, kk_kda_decode, where the GPU has clusters; =N: one
 		 * for steps of up to N sequences).
 		 * KL_CUDA_KDA_MMA=0: prefill's chunkwise KDA form in precision bf16
-		 * runs the fp32 kernels (default: tensor cores from sm_80).
+		 * runs the fp32 kernels (default: tensor cores from sm_80); =1 its
+		 * sequential part as the 4-warp kernel (kda_chunk_mma_kernel), =2
+		 * (default) as the wide one, 16 warps a block of 32 V columns, =3
+		 * the wide one with 64 columns a block, =4 the wide one with 8 warps
+		 * (same numbers bit for bit).
 		 * KL_CUDA_KDA_PREP_MMA=0: that form's parallel half (W, U0, P, Qg,
 		 * Kt per chunk) runs the fp32 prep kernel with bf16 stores; =1 its
 		 * products on tensor cores (kda_chunk_prep_mma_kernel) in blocks of
@@ -977,6 +981,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
 		kk_set_kda_prep_mma(kpm && *kpm ? (atoi(kpm) >= 0 && atoi(kpm) <= 3 ? atoi(kpm) : 3) : 3);
 		kk_set_kda_elem_warp(kew && *kew ? atoi(kew) & 7 : KK_KDA_EW_DEFAULT);
+		kk_set_kda_mma_form(kmma && atoi(kmma) >= 1 && atoi(kmma) <= 4 ? atoi(kmma) : 2);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :
 			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : 8;

@@ -289,6 +289,18 @@ kl_cuda_test_kda_prep_mma(int on)
 }
 
 /*
+ * For test/engine/test_cuda.c only (found with dlsym): kk_kda_chunked_mma's
+ * sequential part as the 4-warp kernel (1), the wide one with 32 columns a
+ * block (2, KL_CUDA_KDA_MMA's default), with 64 (3) or with 8 warps (4),
+ * for the calls of kl_cuda_test_kda_chunked that follow.
+ */
+__attribute__((visibility("default"))) void
+kl_cuda_test_kda_mma_form(int form)
+{
+	kk_set_kda_mma_form(form);
+}
+
+/*
  * For test/engine/test_cuda.c only (found with dlsym): the chunkwise form of
  * one sequence of n rows through the fp32 kernels (kk_kda_chunked) and
  * through the tensor-core ones (kk_kda_chunked_mma), each on its own copy of

@@ -3594,7 +3594,11 @@ typedef int (*kda_chunked_test_fn) (int n, int H, int K, const float *q, const f
  * 64 run the 128-thread form), of 256 in 63.5 KB (kda_chunk_prep_mma3_kernel,
  * =3, the default; K = 32 and 64 the 128-thread form), of
  * 128 (=1) and as the fp32 prep kernel (=0); the hook
- * kl_cuda_test_kda_prep_mma switches it.
+ * kl_cuda_test_kda_prep_mma switches it.  The sequential part runs as the
+ * wide kernel (KL_CUDA_KDA_MMA=2, the default) with each prep, and with the
+ * default prep also as the 4-warp kernel (=1), the wide one with 64 columns
+ * a block (=3) and with 8 warps (=4), the 4-warp kernel's numbers bit for
+ * bit; the hook kl_cuda_test_kda_mma_form switches it.
  */
 static void
 check_kda_chunked_mma(void)
@@ -3613,6 +3617,7 @@ check_kda_chunked_mma(void)
 	void	   *lib = NULL;
 	kda_chunked_test_fn fn = NULL;
 	void		(*prep_mma) (int) = NULL;
+	void		(*mma_form) (int) = NULL;
 	uint64_t	rs = 1313;
 
 	m = load_test_hook("kl_cuda_test_kda_chunked", &lib, (void **) &fn);
@@ -3620,10 +3625,18 @@ check_kda_chunked_mma(void)
 		return;
 	*(void **) &prep_mma = dlsym(lib, "kl_cuda_test_kda_prep_mma");
 	tap_ok(prep_mma != NULL, "the CUDA library exports kl_cuda_test_kda_prep_mma");
-	for (size_t ci4 = 0; ci4 < 4 * sizeof(cases) / sizeof(cases[0]); ci4++)
+	*(void **) &mma_form = dlsym(lib, "kl_cuda_test_kda_mma_form");
+	tap_ok(mma_form != NULL, "the CUDA library exports kl_cuda_test_kda_mma_form");
+	for (size_t ci7 = 0; ci7 < 7 * sizeof(cases) / sizeof(cases[0]); ci7++)
 	{
-		size_t		ci = ci4 / 4;
-		int			pm = 3 - (int) (ci4 % 4);	/* prep on tensor cores (63.5 KB, 256, 128 threads), fp32 */
+		size_t		ci = ci7 / 7;
+		/* per case: prep on tensor cores (63.5 KB, 256, 128 threads), fp32,
+		 * each with the wide sequential kernel; then the default prep with
+		 * the 4-warp kernel, the wide one of 64 columns and of 8 warps */
+		static const int pms[7] = {3, 2, 1, 0, 3, 3, 3},
+					forms[7] = {2, 2, 2, 2, 1, 3, 4};
+		int			pm = pms[ci7 % 7],
+					form = forms[ci7 % 7];
 		int			H = cases[ci].H,
 					K = cases[ci].K,
 					T = cases[ci].T,
@@ -3670,17 +3683,38 @@ check_kda_chunked_mma(void)
 		}
 		if (prep_mma)
 			prep_mma(pm);
+		if (mma_form)
+			mma_form(form);
 		rc = fn(T, H, K, q, k, v, g, beta, S, o_o, o_n, S_o, S_n);
 		{
 			double		eo = rc == 0 ? rel_err(o_n, o_o, nx) : INFINITY,
 						es = rc == 0 ? rel_err(S_n, S_o, nS) : INFINITY;
 
 			tap_ok(rc == 0 && eo <= TOL_KDA_MMA && es <= TOL_KDA_MMA,
-				   "KDA chunkwise form on tensor cores (bf16, prep %s) vs the fp32 kernels, %d heads x %d, %d rows, "
-				   "state %s: outputs rel err %.2e, state after %.2e (hook returned %d)",
+				   "KDA chunkwise form on tensor cores (bf16, prep %s, sequential part %s) vs the fp32 kernels, "
+				   "%d heads x %d, %d rows, state %s: outputs rel err %.2e, state after %.2e (hook returned %d)",
 				   pm == 3 ? "on tensor cores, 256 threads in 63.5 KB" : pm == 2 ? "on tensor cores, 256 threads" :
-				   pm == 1 ? "on tensor cores, 128 threads" : "fp32", H, K,
-				   T, cases[ci].carry ? "carried in" : "zero", eo, es, rc);
+				   pm == 1 ? "on tensor cores, 128 threads" : "fp32",
+				   form == 1 ? "4 warps" : form == 3 ? "wide, 64 columns" : form == 4 ? "wide, 8 warps" :
+				   "wide, 32 columns", H, K, T,
+				   cases[ci].carry ? "carried in" : "zero", eo, es, rc);
+		}
+		/* the wide kernels sum the same products in the same order as the
+		 * 4-warp one: the same numbers bit for bit */
+		if (form == 1 && rc == 0 && mma_form)
+		{
+			float	   *o_w = malloc(sizeof(float) * nx),
+					   *S_w = malloc(sizeof(float) * nS);
+			int			rc2;
+
+			mma_form(2);
+			rc2 = fn(T, H, K, q, k, v, g, beta, S, o_o, o_w, S_o, S_w);
+			tap_ok(rc2 == 0 && memcmp(o_w, o_n, sizeof(float) * nx) == 0 &&
+				   memcmp(S_w, S_n, sizeof(float) * nS) == 0,
+				   "KDA chunkwise form on tensor cores: the wide sequential kernel gives the 4-warp kernel's "
+				   "outputs and state bit for bit, %d heads x %d, %d rows (hook returned %d)", H, K, T, rc2);
+			free(o_w);
+			free(S_w);
 		}
 		free(q);
 		free(k);
@@ -3694,7 +3728,9 @@ check_kda_chunked_mma(void)
 		free(S_n);
 	}
 	if (prep_mma)
-		prep_mma(3);			/* the default again for the checks that follow */
+		prep_mma(3);			/* the defaults again for the checks that follow */
+	if (mma_form)
+		mma_form(2);
 	dlclose(lib);
 	kl_model_free(m);
 }
