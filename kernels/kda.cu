@@ -216,43 +216,6 @@ kk_set_kda_elem_warp(int mode)
 	return was;
 }
 
-/*
- * The sum over a head of x, which this lane holds for channels 4 s .. 4 s + 3
- * of the head (s = the lane's index among the head's K / 4 lanes), added in
- * block_sum's order for a block of K threads (thread c = channel c):
- * block_sum first adds each warp's 32 channels by shuffles at distances 16,
- * 8, 4, 2, 1 (channel bits 4, 3, 2, 1, 0), then the K / 32 warp sums by the
- * same butterfly over lanes whose values past K / 32 are zero (adding +0
- * changes no sum of squares), which leaves (p0 + p2) + (p1 + p3) for 4 warps,
- * p0 + p1 for 2.  Here channel bits 4..2 are lane bits 2..0 and bits 1..0 the
- * element, so: shuffles at 4, 2, 1 on each element, then (x0 + x2) + (x1 +
- * x3); warp sum p_w sits in lanes 8 w .. 8 w + 7 of the head, combined at
- * lane distances 16 (w ^ 2), then 8 (w ^ 1).  Every lane of the head gets
- * the same bits (each butterfly step adds the same two numbers in both
- * lanes).  All 32 lanes of the warp must call it.
- */
-template <int K>
-__device__ __forceinline__ float
-kda_head_sum(float x0, float x1, float x2, float x3)
-{
-	float		p;
-
-#pragma unroll
-	for (int o = 4; o > 0; o >>= 1)
-	{
-		x0 += __shfl_xor_sync(0xffffffffu, x0, o);
-		x1 += __shfl_xor_sync(0xffffffffu, x1, o);
-		x2 += __shfl_xor_sync(0xffffffffu, x2, o);
-		x3 += __shfl_xor_sync(0xffffffffu, x3, o);
-	}
-	p = (x0 + x2) + (x1 + x3);
-	if (K == 128)
-		p += __shfl_xor_sync(0xffffffffu, p, 16);
-	if (K >= 64)
-		p += __shfl_xor_sync(0xffffffffu, p, 8);
-	return p;
-}
-
 /* this lane's (row, head) in the warp kernels' grid; false past the ends */
 template <int K>
 __device__ __forceinline__ bool

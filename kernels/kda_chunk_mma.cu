@@ -852,3 +852,33 @@ kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const fl
 			return chunk_mma_launch<128>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
 	}
 }
+
+/*
+ * kk_kda_chunked_mma for one sequence, from the op's raw inputs (the
+ * elementwise prep fused into the parallel half: kk_kda_chunk_prep_bf16_fused
+ * has the arguments); only when kk_kda_prep_fused_ok(K, W).
+ */
+extern "C" int
+kk_kda_chunked_mma_fused(cudaStream_t s, int n, int H, int K, int W, const float *q, const float *k,
+						 const float *v, const float *f, const float *b, const float *conv_q, const float *conv_k,
+						 const float *conv_v, const float *A_log, const float *dt_bias, float *const *tailp,
+						 float *S, float *o, void *scratch)
+{
+	size_t		tiles = chunk_mma_tiles(n, H);
+	uint16_t   *W16 = (uint16_t *) scratch,
+			   *U16 = W16 + tiles * KM_C * K,
+			   *Q16 = U16 + tiles * KM_C * K,
+			   *Kt16 = Q16 + tiles * KM_C * K,
+			   *P16 = Kt16 + tiles * KM_C * K;
+	float	   *gl = (float *) (P16 + tiles * KM_C * KM_C);
+	int			rc;
+
+	if (n <= 0)
+		return 0;
+	if (K != 128)
+		return -1;
+	if ((rc = kk_kda_chunk_prep_bf16_fused(s, n, H, K, W, q, k, v, f, b, conv_q, conv_k, conv_v, A_log, dt_bias,
+										   tailp, W16, U16, Q16, Kt16, P16, gl)) != 0)
+		return rc;
+	return chunk_mma_launch<128>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+}

@@ -616,12 +616,67 @@ kp3_invert_below(const float *sA, float *Li, float *Tb, int tid)
 	}
 }
 
-template <int K>
-__global__ void __launch_bounds__(256)
-kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
+/*
+ * KL_CUDA_KDA_PREP_MMA=4: kda_chunk_prep_mma4_kernel<128> (kp3_body<128, true>) reads the
+ * op's raw inputs instead of kda_prep's fp32 outputs (kk_kda_prep does not
+ * run, its q, k, v, g, beta are never written: 0.54 GB of stores and as much
+ * of loads an 8192-row step at the 48B shape).  Wherever the 63.5 KB kernel
+ * loads q, k, v, g or beta, the fused one computes the element from the raw
+ * projections with the elementwise kernels' functions in their order:
+ * kp4_conv = kda_conv_silu's taps (oldest first, summed from 0, the tail for
+ * positions before the sequence), siluf_, x * (scale / sqrtf(ss + 1e-6f)) =
+ * kda_l2_scaled, A softplusf_(f + dt_bias) = kda_decay, sigmoidf_.  The
+ * per-row sums of squares of q and k (a reduction over the head) are formed
+ * once at the start, a warp per row, 4 channels a lane, by kda_head_sum
+ * (kda_prep_rows_kernel's order), and kept as the row's factor scale /
+ * sqrtf(ss + 1e-6f) in 512 bytes past the 63.5 KB.  So the elements, and
+ * with them the outputs, are =3's bit for bit as far as the compiler
+ * contracts the same expressions the same way.  Elements are recomputed
+ * where =3 loads them again (g about 4 times, k 3), from L1 / L2.
+ */
+struct kp4_raw
+{
+	const float *q,
+			   *k,
+			   *v,
+			   *f,
+			   *b;				/* the sequence's row 0 of the raw projections */
+	const float *conv_q,
+			   *conv_k,
+			   *conv_v,
+			   *A_log,
+			   *dt_bias;
+	float	   *const *tailp;	/* -> the sequence's conv tails [3][H K][W] */
+	float		qscale;			/* K^-1/2 */
+	int			W;				/* conv width */
+};
+
+/* silu(short conv) of channel ch at row i of the sequence (kda_conv_silu's
+ * order; positions before row 0 from tail, this array's [H K][W]) */
+__device__ __forceinline__ float
+kp4_conv(const float *__restrict__ x, const float *tail, const float *__restrict__ cw, int HKi, int W, int ch,
+		 int i)
+{
+	float		sum = 0;
+
+#pragma unroll 4
+	for (int j = 0; j < W; j++)
+	{
+		int			idx = i - W + 1 + j;
+		float		xv = idx >= 0 ? x[(size_t) idx * HKi + ch] : tail[(size_t) ch * W + W + idx];
+
+		sum += cw[(size_t) ch * W + j] * xv;
+	}
+	return siluf_(sum);
+}
+
+/* the 63.5 KB kernel's body; FUSE: from the raw inputs (kp4_raw) */
+template <int K, bool FUSE>
+__device__ __forceinline__ void
+kp3_body(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
 						   const float *__restrict__ v, const float *__restrict__ g, const float *__restrict__ beta,
 						   uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16,
-						   float *glast)
+						   float *glast, const kp4_raw &raw)
 {
 	static_assert(K == 128, "the lane layout of the pairs assumes K = 128");
 	typedef kp3_layout<K> L;
@@ -665,11 +720,73 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 	uint16_t   *P = P16 + tile * C * C,
 			   *Qt = Q16 + tile * C * K,
 			   *Ktt = Kt16 + tile * K * C;
+	/* FUSE: row t's L2 factors of q and k (past the 63.5 KB) */
+	float	   *fq = (float *) (sm + L::BYTES),
+			   *fk = fq + C;
+	const float *tails = FUSE ? *raw.tailp : NULL;
+	const float	Ad = FUSE ? -expf(raw.A_log[h]) : 0.0f;
+	/* the block's elements: loaded (=3) or computed from the raw inputs */
+	auto		LQ = [&](int t, int c) -> float {
+		if (!FUSE)
+			return qb[t * HKi + c];
+		return kp4_conv(raw.q, tails, raw.conv_q, HKi, raw.W, h * K + c, t0 + t) * fq[t];
+	};
+	auto		LK = [&](int t, int c) -> float {
+		if (!FUSE)
+			return kb_[t * HKi + c];
+		return kp4_conv(raw.k, tails + (size_t) HKi * raw.W, raw.conv_k, HKi, raw.W, h * K + c, t0 + t) * fk[t];
+	};
+	auto		LV = [&](int t, int c) -> float {
+		if (!FUSE)
+			return vb_[t * HKi + c];
+		return kp4_conv(raw.v, tails + (size_t) 2 * HKi * raw.W, raw.conv_v, HKi, raw.W, h * K + c, t0 + t);
+	};
+	auto		LG = [&](int t, int c) -> float {
+		if (!FUSE)
+			return gb[t * HKi + c];
+		return Ad * softplusf_(raw.f[(size_t) (t0 + t) * HKi + h * K + c] + raw.dt_bias[h * K + c]);
+	};
+
+	if (FUSE)
+	{
+		/* warp w: rows w, w + 8, ..; lane: channels 4 lane .. 4 lane + 3 */
+		for (int t = warp; t < C; t += NTH / 32)
+		{
+			float		y[2][4];
+
+			if (t >= Cn)
+			{
+				if (lane == 0)
+					fq[t] = fk[t] = 0.0f;
+				continue;
+			}
+#pragma unroll
+			for (int e = 0; e < 4; e++)
+			{
+				int			ch = h * K + 4 * lane + e;
+
+				y[0][e] = kp4_conv(raw.q, tails, raw.conv_q, HKi, raw.W, ch, t0 + t);
+				y[1][e] = kp4_conv(raw.k, tails + (size_t) HKi * raw.W, raw.conv_k, HKi, raw.W, ch, t0 + t);
+			}
+			{
+				float		ssq = kda_head_sum<K>(y[0][0] * y[0][0], y[0][1] * y[0][1], y[0][2] * y[0][2],
+												  y[0][3] * y[0][3]);
+				float		ssk = kda_head_sum<K>(y[1][0] * y[1][0], y[1][1] * y[1][1], y[1][2] * y[1][2],
+												  y[1][3] * y[1][3]);
+
+				if (lane == 0)
+				{
+					fq[t] = raw.qscale / sqrtf(ssq + 1e-6f);
+					fk[t] = 1.0f / sqrtf(ssk + 1e-6f);
+				}
+			}
+		}
+	}
 
 	/* A. beta, the sub-chunk ends' G (as the 256-thread form), P's strict
 	 * upper triangle zeroed (the pair phase writes only i >= j) */
 	if (tid < C)
-		sb[tid] = tid < Cn ? beta[(size_t) (t0 + tid) * H + h] : 0.0f;
+		sb[tid] = tid < Cn ? (FUSE ? sigmoidf_(raw.b[(size_t) (t0 + tid) * H + h]) : beta[(size_t) (t0 + tid) * H + h]) : 0.0f;
 	if (tid < K)
 	{
 		float		G = 0;
@@ -680,7 +797,7 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 
 #pragma unroll
 			for (int u = 0; u < 16; u++)
-				gl[u] = t16 + u < Cn ? gb[(t16 + u) * HKi + tid] : 0.0f;
+				gl[u] = t16 + u < Cn ? LG(t16 + u, tid) : 0.0f;
 #pragma unroll
 			for (int u = 0; u < 16; u++)
 				G += gl[u];
@@ -720,17 +837,16 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 			if (i0 > 0)
 #pragma unroll
 				for (int ii = 0; ii < 8; ii++)
-					G += s0 + ii < Cn ? gb[(s0 + ii) * HKi + c] : 0.0f;
+					G += s0 + ii < Cn ? LG(s0 + ii, c) : 0.0f;
 #pragma unroll
 			for (int u = 0; u < 8; u++)
 			{
 				int			ii = i0 + u;
 				int			t = s0 + ii;
 				bool		in = t < Cn;
-				int			off = t * HKi + c;
-				float		qv = in ? qb[off] : 0.0f,
-							kv = in ? kb_[off] : 0.0f,
-							gv = in ? gb[off] : 0.0f;
+				float		qv = in ? LQ(t, c) : 0.0f,
+							kv = in ? LK(t, c) : 0.0f,
+							gv = in ? LG(t, c) : 0.0f;
 				float		F,
 							R;
 
@@ -762,14 +878,13 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 				if (i0 > 0)
 #pragma unroll
 					for (int ii = 0; ii < 8; ii++)
-						G2 += r0 + ii < Cn ? gb[(r0 + ii) * HKi + c] : 0.0f;
+						G2 += r0 + ii < Cn ? LG(r0 + ii, c) : 0.0f;
 #pragma unroll
 				for (int u = 0; u < 8; u++)
 				{
 					int			t = r0 + i0 + u;
-					int			off = t * HKi + c;
-					float		gv = t < Cn ? gb[off] : 0.0f,
-								kv = t < Cn ? kb_[off] : 0.0f;
+					float		gv = t < Cn ? LG(t, c) : 0.0f,
+								kv = t < Cn ? LK(t, c) : 0.0f;
 
 					G2 += gv;
 					Kr[t * L::LK + c] = kp3_bf16(kv * kp3_exp(Gs - G2));
@@ -932,12 +1047,11 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 			{
 				int			t = t8 + u;
 				bool		in = t < Cn;
-				int			off = t * HKi + c;
 				float		bt = sb[t];
 
-				G += in ? gb[off] : 0.0f;
-				xs[u] = in ? bt * kb_[off] * kp3_exp(G) : 0.0f;
-				ys[u] = in ? bt * vb_[off] : 0.0f;
+				G += in ? LG(t, c) : 0.0f;
+				xs[u] = in ? bt * LK(t, c) * kp3_exp(G) : 0.0f;
+				ys[u] = in ? bt * LV(t, c) : 0.0f;
 			}
 			*(uint4 *) (KbT + c * L::LC + t8) = make_uint4(cvt_bf16x2(xs[0], xs[1]), cvt_bf16x2(xs[2], xs[3]),
 														   cvt_bf16x2(xs[4], xs[5]), cvt_bf16x2(xs[6], xs[7]));
@@ -988,10 +1102,31 @@ kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const floa
 	}
 }
 
+template <int K>
+__global__ void __launch_bounds__(256)
+kda_chunk_prep_mma3_kernel(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
+						   const float *__restrict__ v, const float *__restrict__ g, const float *__restrict__ beta,
+						   uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16,
+						   float *glast)
+{
+	kp3_body<K, false>(n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, glast, kp4_raw{});
+}
+
+/* KL_CUDA_KDA_PREP_MMA=4: 3 blocks an SM need <= 80 registers */
+template <int K>
+__global__ void __launch_bounds__(256, 3)
+kda_chunk_prep_mma4_kernel(int n, int H, uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16,
+						   float *glast, kp4_raw raw)
+{
+	kp3_body<K, true>(n, H, NULL, NULL, NULL, NULL, NULL, W16, U16, Q16, Kt16, P16, glast, raw);
+}
+
 /* set by kk_set_kda_prep_mma: kk_kda_chunked_mma's parallel half on tensor
  * cores, 128 threads a block (1) or 256 (2, K = 128; 1 for other K), the
  * 256-thread kernel in 63.5 KB (3, the default; K = 128, 1 for other K), or
- * the fp32 prep kernel (0) */
+ * the fp32 prep kernel (0); 4: as 3, and in prefill steps that
+ * kk_kda_prep_fused_ok accepts the elementwise prep fused into it
+ * (kk_kda_chunked_mma_fused) */
 static int kda_prep_mma_on = 3;
 
 extern "C" void
@@ -1037,7 +1172,7 @@ kk_kda_chunk_prep_bf16(cudaStream_t s, int n, int H, int K, const float *q, cons
 			case 64:
 				return chunk_prep_mma_launch<64, 128>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
 			case 128:
-				if (kda_prep_mma_on == 3)
+				if (kda_prep_mma_on >= 3)	/* 4 where kk_kda_chunked_mma_fused does not run */
 				{
 					size_t		nc = (size_t) (n + KDA_CHUNK - 1) / KDA_CHUNK;
 					int			smb = kp3_layout<128>::BYTES;
@@ -1055,4 +1190,40 @@ kk_kda_chunk_prep_bf16(cudaStream_t s, int n, int H, int K, const float *q, cons
 					chunk_prep_mma_launch<128, 128>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
 		}
 	return kda_chunk_prep_fp32_bf16(s, n, H, K, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
+}
+
+/* whether kk_kda_chunked_mma_fused runs for head size K and conv width W
+ * (KL_CUDA_KDA_PREP_MMA=4, K = 128, W 1 .. 4) */
+extern "C" int
+kk_kda_prep_fused_ok(int K, int W)
+{
+	return kda_prep_mma_on == 4 && K == 128 && W >= 1 && W <= 4;
+}
+
+/*
+ * kk_kda_chunk_prep_bf16 of kda_prep's outputs for one sequence of n rows,
+ * computed from the raw inputs (q, k, v, f, b at the sequence's row 0, the
+ * weights, *tailp = its conv tails before the step): the 63.5 KB kernel with
+ * the elementwise prep fused (kp4_raw above).  Only when
+ * kk_kda_prep_fused_ok(K, W).  Returns 0, -1 if not, or a CUDA error code.
+ */
+extern "C" int
+kk_kda_chunk_prep_bf16_fused(cudaStream_t s, int n, int H, int K, int W, const float *q, const float *k,
+							 const float *v, const float *f, const float *b, const float *conv_q,
+							 const float *conv_k, const float *conv_v, const float *A_log, const float *dt_bias,
+							 float *const *tailp, uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16,
+							 uint16_t *P16, float *gl)
+{
+	size_t		nc = (size_t) (n + KDA_CHUNK - 1) / KDA_CHUNK;
+	int			smb = kp3_layout<128>::BYTES + 2 * KDA_CHUNK * (int) sizeof(float);
+	kp4_raw		raw = {q, k, v, f, b, conv_q, conv_k, conv_v, A_log, dt_bias, tailp, 1.0f / sqrtf((float) K), W};
+	cudaError_t e;
+
+	if (!kk_kda_prep_fused_ok(K, W))
+		return -1;
+	if ((e = cudaFuncSetAttribute(kda_chunk_prep_mma4_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+								  smb)) != cudaSuccess)
+		return (int) e;
+	kda_chunk_prep_mma4_kernel<128><<<dim3((unsigned) nc, H), 256, smb, s>>>(n, H, W16, U16, Q16, Kt16, P16, gl, raw);
+	return 0;
 }

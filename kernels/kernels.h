@@ -330,11 +330,34 @@ void		kk_set_kda_mma_form(int form);
 /* kk_kda_chunk_prep_bf16 on tensor cores in blocks of 256 threads in 63.5 KB
  * of shared memory (3, default; K = 128, else as 1), of 256 in 95.5 KB (2;
  * K = 128, else as 1) or of 128 (1), or as the fp32 prep kernel with bf16
- * stores (0); the same outputs within bf16 rounding */
+ * stores (0); the same outputs within bf16 rounding; 4: as 3, and
+ * kk_kda_chunked_mma_fused in prefill (below) */
 void		kk_set_kda_prep_mma(int on);
 int			kk_kda_chunk_prep_bf16(cudaStream_t s, int n, int H, int K, const float *q, const float *k,
 								   const float *v, const float *g, const float *beta, uint16_t *W16, uint16_t *U16,
 								   uint16_t *Q16, uint16_t *Kt16, uint16_t *P16, float *gl);
+/*
+ * KL_CUDA_KDA_PREP_MMA=4 (K = 128, conv width 1 .. 4: kk_kda_prep_fused_ok):
+ * kk_kda_chunked_mma of one sequence computed from the op's raw inputs, the
+ * elementwise prep (kk_kda_prep's conv + silu, L2 norms, decay, beta) fused
+ * into the 63.5 KB prep kernel: q, k, v, f, b the projections at the
+ * sequence's row 0 (f is not changed), *tailp its conv tails before the step
+ * (read, not updated: kk_kda_tails must run after), S, o, scratch as
+ * kk_kda_chunked_mma.  kda_prep's q, k, v, g, beta are computed in the same
+ * order (so the outputs are those of kk_kda_prep + kk_kda_chunked_mma with
+ * 3, bit for bit as far as the compiler contracts alike).  Returns 0, -1
+ * when not accepted (nothing launched), or a CUDA error code.
+ */
+int			kk_kda_prep_fused_ok(int K, int W);
+int			kk_kda_chunk_prep_bf16_fused(cudaStream_t s, int n, int H, int K, int W, const float *q, const float *k,
+										 const float *v, const float *f, const float *b, const float *conv_q,
+										 const float *conv_k, const float *conv_v, const float *A_log,
+										 const float *dt_bias, float *const *tailp, uint16_t *W16, uint16_t *U16,
+										 uint16_t *Q16, uint16_t *Kt16, uint16_t *P16, float *gl);
+int			kk_kda_chunked_mma_fused(cudaStream_t s, int n, int H, int K, int W, const float *q, const float *k,
+									 const float *v, const float *f, const float *b, const float *conv_q,
+									 const float *conv_k, const float *conv_v, const float *A_log,
+									 const float *dt_bias, float *const *tailp, float *S, float *o, void *scratch);
 void		kk_kda_gated_norm(cudaStream_t s, int n_tokens, int H, int V, const float *o, const float *gate,
 							  const float *w, float eps, float *out);
 /*

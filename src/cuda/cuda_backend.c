@@ -927,6 +927,11 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * (=3): blocks of 256 in 63.5 KB of shared memory, 3 an SM, with the
 		 * pairs, the cross-sub-chunk operands and the diagonal inverses
 		 * reworked (kda_chunk_prep_mma3_kernel; K = 128, 1 elsewhere).
+		 * =4: as 3, and in prefill steps whose every sequence takes the
+		 * chunkwise form (K = 128, conv width <= 4) the elementwise prep
+		 * (conv, silu, norms, decay, beta) fused into that kernel
+		 * (kda_chunk_prep_mma4_kernel; cuda_kda_fused): kda_prep's fp32
+		 * q, k, v, g, beta are not written.
 		 * KL_CUDA_KDA_ELEM_WARP: which kernels run the KDA prep (conv, norms,
 		 * decay) and the gated norm, a mask (kernels.h KK_KDA_EW_*), all with
 		 * the same outputs bit for bit: 1 the prep as a warp per (row, head)
@@ -979,7 +984,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
-		kk_set_kda_prep_mma(kpm && *kpm ? (atoi(kpm) >= 0 && atoi(kpm) <= 3 ? atoi(kpm) : 3) : 3);
+		kk_set_kda_prep_mma(kpm && *kpm ? (atoi(kpm) >= 0 && atoi(kpm) <= 4 ? atoi(kpm) : 3) : 3);
 		kk_set_kda_elem_warp(kew && *kew ? atoi(kew) & 7 : KK_KDA_EW_DEFAULT);
 		kk_set_kda_mma_form(kmma && atoi(kmma) >= 1 && atoi(kmma) <= 4 ? atoi(kmma) : 2);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;

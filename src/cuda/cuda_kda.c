@@ -20,6 +20,79 @@
 
 #define RECURRENT_MAX 16
 
+/*
+ * A prefill step whose every sequence takes the chunkwise form on tensor
+ * cores, with KL_CUDA_KDA_PREP_MMA=4 (kk_kda_prep_fused_ok): the elementwise
+ * prep runs inside the chunk prep (kk_kda_chunked_mma_fused, a sequence at a
+ * time, reading the raw projections and the conv tails before the step), so
+ * kda_prep's q, k, v, g, beta buffers are neither written nor read and f is
+ * left as it came.  The new conv tails (kk_kda_tails: the raw inputs) are
+ * written after the last chunked call, which read the old ones; then the
+ * gated norm as in cuda_kda.  Steps with a sequence of few rows keep
+ * cuda_kda's path (the recurrence reads kda_prep's buffers).
+ */
+static void
+cuda_kda_fused(kl_backend *be, const kl_step *st, const kl_kda_args *a)
+{
+	cuda_state *cs = CS(be);
+	const kl_config *cfg = be->cfg;
+	const kl_kda_layer *w = a->w;
+	int			H = cfg->kda_heads,
+				K = cfg->kda_head_dim,
+				W = cfg->conv_kernel,
+				HK = H * K;
+	int			n = st->n_tokens,
+				ns = st->n_seqs;
+	int			longest = 0;
+	float	   *o,
+			   *scratch;
+	float	  **conv_tab = cs->d_kda_conv + (size_t) a->kda_index * ns;
+
+	for (int s = 0; s < ns; s++)
+		if (st->row0[s + 1] - st->row0[s] > longest)
+			longest = st->row0[s + 1] - st->row0[s];
+	o = cuda_buf(be, CB_KDA_O, sizeof(float) * (size_t) n * HK);
+	scratch = cuda_buf(be, CB_KDA_CHUNK, kk_kda_chunk_mma_scratch(longest, H, K));
+	if (!o || !scratch)
+		return;
+	for (int s = 0; s < ns; s++)
+	{
+		int			r0 = st->row0[s],
+					ni = st->row0[s + 1] - r0;
+		size_t		ro = (size_t) r0 * HK;
+		int			rc = kk_kda_chunked_mma_fused(cs->stream, ni, H, K, W, a->q + ro, a->k + ro, a->v + ro,
+												  a->f + ro, a->b + (size_t) r0 * H, w->conv_q, w->conv_k,
+												  w->conv_v, w->A_log, w->dt_bias, conv_tab + s,
+												  st->seqs[s]->kda_S[a->kda_index], o + ro, scratch);
+
+		if (rc == -1 || rc == -2)
+		{
+			cuda_fail(be, KL_E_UNSUPPORTED, "KDA head size %d is not supported on the GPU", K);
+			return;
+		}
+		if (rc != 0)
+		{
+			cuda_ok(be, (cudaError_t) rc, "kda_chunked_fused");
+			return;
+		}
+		if (!cuda_launched(be, "kda_chunked_fused"))
+			return;
+	}
+	kk_kda_tails(cs->stream, ns, HK, W, a->q, a->k, a->v, cs->d_row0, conv_tab);
+	if (!cuda_launched(be, "kda_tails"))
+		return;
+	{
+		/* o_proj reads the output's bf16 twin (KL_CUDA_BF16_TWIN) */
+		uint16_t   *o16 = cuda_twin_out(be, n, HK);
+
+		if (be->failed)
+			return;
+		kk_kda_gated_norm_twin(cs->stream, n, H, K, o, a->gate, w->o_norm, cfg->rms_norm_eps, a->out, o16);
+		if (cuda_launched(be, "kda_gated_norm") && o16)
+			cuda_twin_set(cs, a->out, HK, n, HK, o16, false);
+	}
+}
+
 void
 cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 {
@@ -59,6 +132,19 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 		/* refused (a launch configuration this GPU or driver does not take): the three kernels from now on */
 		cudaGetLastError();
 		cs->kda_fused_max = 0;
+	}
+	if (cs->kda_mma && kk_kda_prep_fused_ok(K, W))
+	{
+		bool		all_long = true;
+
+		for (int s = 0; s < ns; s++)
+			if (st->row0[s + 1] - st->row0[s] <= max_rows)
+				all_long = false;
+		if (all_long)
+		{
+			cuda_kda_fused(be, st, a);
+			return;
+		}
 	}
 	qo = cuda_buf(be, CB_KDA_Q, sizeof(float) * (size_t) n * HK);
 	ko = cuda_buf(be, CB_KDA_K, sizeof(float) * (size_t) n * HK);
