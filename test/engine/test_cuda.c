@@ -4031,6 +4031,128 @@ check_bf16_twin_model(const char *config, const char *name, const char *quantize
 	kl_model_free(b);
 }
 
+/* a random bf16 model of the given config made on the GPU (seed 7) with KL_CUDA_KDA_PREP_MMA=pm */
+static kl_model *
+prep_mma_model(const char *config, const char *pm)
+{
+	kl_model   *m;
+
+	setenv("KL_CUDA_KDA_PREP_MMA", pm, 1);	/* read when the backend is made */
+	m = twin_model(config, NULL, true);
+	unsetenv("KL_CUDA_KDA_PREP_MMA");
+	return m;
+}
+
+/*
+ * KL_CUDA_KDA_PREP_MMA=4 (the elementwise KDA prep fused into the chunk
+ * prep, cuda_kda_fused) against =3 (kk_kda_prep, then the 63.5 KB chunk
+ * prep on its fp32 outputs): random bf16 models made on the GPU with the same
+ * seed, logits within TOL_KDA_MMA (the fused kernel computes every q, k, v,
+ * g, beta with the elementwise kernel's functions in its order, so the
+ * logits are expected bit-identical, reported as a diagnostic; a different
+ * contraction by the compiler would move them by an fp32 rounding).  Prefill
+ * in one call (conv tails zero), in pieces of `piece` rows (tails and state
+ * carried, pieces ending mid-chunk), and one step of three sequences of
+ * different lengths, each with a prefix fed before (several sequences in one
+ * step: per-sequence tails and states), then a step mixing a short sequence
+ * (<= 16 rows: the per-token path, =4 falls back to kda_prep) with long ones.
+ */
+static void
+check_kda_prep_fused_model(const char *config, const char *name, int T, int piece)
+{
+	kl_model   *a = prep_mma_model(config, "4"),
+			   *b = prep_mma_model(config, "3");
+	int			V = kl_model_config(a)->vocab_size;
+	int32_t    *ids = malloc(sizeof(int32_t) * (size_t) T);
+
+	for (int i = 0; i < T; i++)
+		ids[i] = (int32_t) ((i * 7919 + 13) % V);
+	for (int si = 0; si < 2; si++)
+	{
+		float	   *la = logits_of(a, ids, T, si ? piece : 0, false, NULL),
+				   *lb = logits_of(b, ids, T, si ? piece : 0, false, NULL);
+		double		e = rel_err(la, lb, (size_t) T * V);
+
+		tap_ok(e <= TOL_KDA_MMA, "%s, bf16, %d tokens %s: logits with the KDA prep fused into the chunk prep "
+			   "(KL_CUDA_KDA_PREP_MMA=4) vs =3, rel err %.2e", name, T, si ? "in pieces" : "in one call", e);
+		tap_diag("%s, %d tokens %s: KL_CUDA_KDA_PREP_MMA=4 vs =3 logits %s", name, T, si ? "in pieces" : "in one call",
+				 memcmp(la, lb, sizeof(float) * (size_t) T * V) == 0 ? "bit-identical" : "differ");
+		free(la);
+		free(lb);
+	}
+	{
+		/* three sequences: prefixes, then one step with all three (lengths
+		 * 37, 150 and the rest), then a step with a short one among them */
+		int			pre[3] = {0, 23, 70},
+					len[3] = {37, 150, T / 3},
+					len2[3] = {5, 41, 100};
+		kl_seq	   *sa[3],
+				   *sb[3];
+		kl_ctx	   *ca,
+				   *cb;
+		kl_err		err;
+		double		worst = 0;
+		bool		same = true;
+
+		if (kl_ctx_new(a, 0, &ca, &err) != KL_OK || kl_ctx_new(b, 0, &cb, &err) != KL_OK)
+			die("context", &err);
+		for (int s = 0; s < 3; s++)
+		{
+			if (kl_seq_new(a, &sa[s], &err) != KL_OK || kl_seq_new(b, &sb[s], &err) != KL_OK)
+				die("sequence", &err);
+			if (pre[s])
+			{
+				feed(ca, sa[s], ids, pre[s], 0, V, NULL);
+				feed(cb, sb[s], ids, pre[s], 0, V, NULL);
+			}
+		}
+		for (int round = 0; round < 2; round++)
+		{
+			kl_batch_item ba[3],
+						bb[3];
+			int			off = 0;
+			float	   *oa = malloc(sizeof(float) * (size_t) T * V),
+					   *ob = malloc(sizeof(float) * (size_t) T * V);
+
+			for (int s = 0; s < 3; s++)
+			{
+				int			n = round ? len2[s] : len[s];
+				const int32_t *p = ids + pre[s] + (round ? len[s] : 0);
+
+				if (p + n > ids + T)
+					p = ids;
+				ba[s] = (kl_batch_item) {sa[s], p, n, oa + (size_t) off * V, true};
+				bb[s] = (kl_batch_item) {sb[s], p, n, ob + (size_t) off * V, true};
+				off += n;
+			}
+			if (kl_forward(ca, ba, 3, &err) != KL_OK || kl_forward(cb, bb, 3, &err) != KL_OK)
+				die("batched forward", &err);
+			{
+				double		e = rel_err(oa, ob, (size_t) off * V);
+
+				worst = e > worst ? e : worst;
+				same = same && memcmp(oa, ob, sizeof(float) * (size_t) off * V) == 0;
+			}
+			free(oa);
+			free(ob);
+		}
+		tap_ok(worst <= TOL_KDA_MMA, "%s, bf16: three sequences in one step (37, 150, %d rows after prefixes of 0, "
+			   "23, 70; then 5, 41, 100 rows), KL_CUDA_KDA_PREP_MMA=4 vs =3, worst rel err %.2e", name, T / 3, worst);
+		tap_diag("%s: three sequences a step, KL_CUDA_KDA_PREP_MMA=4 vs =3 logits %s", name,
+				 same ? "bit-identical" : "differ");
+		for (int s = 0; s < 3; s++)
+		{
+			kl_seq_free(sa[s]);
+			kl_seq_free(sb[s]);
+		}
+		kl_ctx_free(ca);
+		kl_ctx_free(cb);
+	}
+	free(ids);
+	kl_model_free(a);
+	kl_model_free(b);
+}
+
 /*
  * The prefetch hint (cu_prefetch: o_proj and the router fetched into L2 during
  * the mixer's small kernels) must not change a single number: decode with
@@ -5410,6 +5532,8 @@ main(void)
 	RUN(check_bf16_twin_model(big_config, "K=128/R=512 shapes", NULL, 150, 40, true));
 	RUN(check_bf16_twin_model(big_config, "K=128/R=512 shapes", "int4", 150, 40, false));
 	RUN(check_bf16_twin_model(q48_config, "48B shapes (2 layers)", NULL, 700, 300, false));
+	RUN(check_kda_prep_fused_model(big_config, "K=128/R=512 shapes", 333, 100));
+	RUN(check_kda_prep_fused_model(q48_config, "48B shapes (2 layers)", 700, 300));
 	RUN(check_q_dequant());
 	RUN(check_q_fill());
 	for (int mi = 0; mi < 2; mi++)
