@@ -159,6 +159,27 @@ ldsm_x4_trans(uint32_t *r, const void *p)
 				 :"=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]):"r"(a));
 }
 
+/*
+ * d += A B for one m16n8k16 step (mma.sync, sm_80+): A 16x16 bf16 row-major
+ * in a0..a3, B 16x8 bf16 column-major in b0, b1, fp32 accumulators d[0..3],
+ * all in the standard fragment layouts.
+ */
+__device__ __forceinline__ void
+mma_bf16_16816(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
+{
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+				 "{%0, %1, %2, %3};\n"
+				 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+				 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* the same with A's four registers as an array (an ldmatrix x4 result) */
+__device__ __forceinline__ void
+mma_bf16_16816(float *d, const uint32_t *a, uint32_t b0, uint32_t b1)
+{
+	mma_bf16_16816(d, a[0], a[1], a[2], a[3], b0, b1);
+}
+
 /* two floats as a bf16 pair (lo in the low half), rounded to nearest even
  * (one cvt; the same numbers as f32_to_bf16 for everything but NaN, which
  * moe.cu's pack_bf16x2 keeps as f32_to_bf16 does) */
