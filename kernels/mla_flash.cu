@@ -258,17 +258,7 @@ mla_flash_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *__rest
 				t0 = fmaxf(t0, fmaxf(s[n][0], s[n][1]));
 				t1 = fmaxf(t1, fmaxf(s[n][2], s[n][3]));
 			}
-			t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 1));
-			t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 2));
-			t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 1));
-			t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 2));
-			t0 = fmaxf(t0, mx0);
-			t1 = fmaxf(t1, mx1);
-			/* (a row with no key yet keeps -inf: nothing to correct, no inf - inf) */
-			c0 = mx0 == -INFINITY ? 0.0f : exp2f((mx0 - t0) * scale_log2);
-			c1 = mx1 == -INFINITY ? 0.0f : exp2f((mx1 - t1) * scale_log2);
-			b0 = t0 == -INFINITY ? 0.0f : t0 * scale_log2;
-			b1 = t1 == -INFINITY ? 0.0f : t1 * scale_log2;
+			softmax_rescale_quad(t0, t1, mx0, mx1, scale_log2, c0, c1, b0, b1);
 			mx0 = t0;
 			mx1 = t1;
 #pragma unroll
@@ -321,10 +311,8 @@ mla_flash_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *__rest
 		int			r0 = i0 + 16 * w + g,
 					r1 = r0 + 8;
 
-		l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-		l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-		l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-		l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+		l0 = quad_sum(l0);
+		l1 = quad_sum(l1);
 		inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f;
 		inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
 #pragma unroll
