@@ -49,8 +49,8 @@
  * decode to the same logits bit for bit either way, in fp32 and bf16
  * precision (check_kda_fused_model).
  *
- * The KDA prep and gated norm as a warp per (row, head) and prefill's prep
- * as a warp walking rows (KL_CUDA_KDA_ELEM_WARP masks 3 and 6, the default)
+ * The KDA gated norm as a warp per (row, head) and prefill's prep as a
+ * warp walking rows (KL_CUDA_KDA_ELEM_WARP masks 2 and 6, the default)
  * must give the block kernels' (mask 0) outputs bit for bit
  * (check_kda_elem_warp, through the hook kl_cuda_test_kda_elem: head sizes
  * 128, 64, 32, prefill and decode steps).
@@ -3441,10 +3441,10 @@ typedef int (*kda_elem_test_fn) (int warp, int ns, const int *row0, int H, int K
 /*
  * The KDA prep (conv + silu, L2 norms, decay, beta) and gated norm in the
  * forms KL_CUDA_KDA_ELEM_WARP selects against the block kernels (mask 0) on
- * the same inputs: mask 3 (1 + 2: both as a warp per (row, head)) and mask 6
- * (the default: 2, the gated norm's warp kernel, + 4, prefill's prep as a
- * warp walking 16 rows, kda_prep_rows_kernel; a decode step runs the block
- * prep), every output bit for bit (the warp kernels add a head's squares in
+ * the same inputs: mask 2 (the gated norm's warp kernel, the block prep)
+ * and mask 6 (the default: 2 + 4, prefill's prep as a warp walking 16 rows,
+ * kda_prep_rows_kernel; a decode step runs the block prep), every output
+ * bit for bit (the warp kernels add a head's squares in
  * block_sum's order; kda.cu says why that is the same order), at the 48B
  * shape and head sizes 32 and 64 (4 and 2 heads a warp; head counts that
  * leave a warp's last heads empty), conv widths 4 and 3, steps of one long
@@ -3476,7 +3476,7 @@ check_kda_elem_warp(void)
 		{3, {1, 1, 1}, "decode, 3 sequences"},
 	};
 	/* KL_CUDA_KDA_ELEM_WARP masks: the block kernels first, the others against them */
-	static const int modes[] = {0, 3, 6};
+	static const int modes[] = {0, 2, 6};
 	enum
 	{
 		NMODES = sizeof(modes) / sizeof(modes[0])
@@ -3986,12 +3986,12 @@ twin_model(const char *config, const char *quantize, bool twin)
  * of one call, in pieces (every product of many rows), and token by token
  * (graphs): logits bit-identical.  K=128/R=512 shapes (dense MLP, KDA, MLA,
  * MoE with a shared expert; bf16 and int4 weights, the latter through the
- * dequantized panels; KDA's gated norm as the block kernel and, with
- * KL_CUDA_KDA_ELEM_WARP=1, the warp one) and two layers of the 48B shapes
+ * dequantized panels; KDA's gated norm as the warp kernel, the default, and,
+ * with KL_CUDA_KDA_ELEM_WARP=0, the block one) and two layers of the 48B shapes
  * (hidden 2304, 256 experts of 1024, dense MLP of 9216).
  */
 static void
-check_bf16_twin_model(const char *config, const char *name, const char *quantize, int T, int piece, bool elem_warp)
+check_bf16_twin_model(const char *config, const char *name, const char *quantize, int T, int piece, bool elem_block)
 {
 	kl_model   *a,
 			   *b;
@@ -3999,9 +3999,9 @@ check_bf16_twin_model(const char *config, const char *name, const char *quantize
 	int32_t    *ids = malloc(sizeof(int32_t) * (size_t) T);
 	int			steps[3] = {0, piece, 1};
 
-	/* KL_CUDA_KDA_ELEM_WARP=1: the warp-per-(row, head) gated norm writes o_proj's twin instead */
-	if (elem_warp)
-		setenv("KL_CUDA_KDA_ELEM_WARP", "1", 1);
+	/* KL_CUDA_KDA_ELEM_WARP=0: the block gated norm writes o_proj's twin instead of the warp one */
+	if (elem_block)
+		setenv("KL_CUDA_KDA_ELEM_WARP", "0", 1);
 	a = twin_model(config, quantize, true);
 	b = twin_model(config, quantize, false);
 	unsetenv("KL_CUDA_KDA_ELEM_WARP");
@@ -4020,7 +4020,7 @@ check_bf16_twin_model(const char *config, const char *name, const char *quantize
 		tap_ok(memcmp(la, lb, sizeof(float) * (size_t) T * V) == 0,
 			   "%s%s%s%s, bf16, %d tokens %s: logits with and without the bf16 twins (KL_CUDA_BF16_TWIN) "
 			   "bit-identical (rel err %.2e)", name, quantize ? ", " : "", quantize ? quantize : "",
-			   elem_warp ? ", KDA warp elementwise kernels" : "", T,
+			   elem_block ? ", KDA block elementwise kernels" : "", T,
 			   steps[si] == 0 ? "in one call" : steps[si] == 1 ? "token by token" : "in pieces", rel_err(la, lb,
 																										 (size_t) T * V));
 		free(la);
