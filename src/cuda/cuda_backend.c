@@ -724,9 +724,6 @@ cu_destroy(kl_backend *be)
 	free(cs->h_inv);
 	free(cs->h_start);
 	free(cs->moe_cls);
-	free(cs->moe_grp_dims);
-	free(cs->moe_grp_ab);
-	free(cs->moe_grp_ops);
 	cudaFreeHost(cs->moe_grp_ptrs);
 	cuda_pool_destroy(be);
 	cublasDestroy(cs->blas);
@@ -857,20 +854,18 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 	{
 		/*
 		 * KL_CUDA_MOE_PREFILL: the routed experts of prefill batches in bf16
-		 * precision (cuda_state.moe_prefill): 0 the older code, 1 one
-		 * product per expert from rows gathered once as bf16, 2 grouped
-		 * products with bf16 results (1 where cuBLAS refuses; cuBLAS runs
-		 * them on an sm_80 kernel: 37 % of the GEMM rate on the H200), 3
-		 * batched products over size classes of padded expert slots, bf16
-		 * results combined as bf16 (2 where cuBLAS refuses; 75 % of the
-		 * GEMM rate, bench/notes-cuda.md), 4 (default) the same products
-		 * and outputs with the grouping made on the device: no stream
-		 * drain, only the counts come to the host.
+		 * precision (cuda_state.moe_prefill): 0 the older code, 3 batched
+		 * products over size classes of padded expert slots, bf16 results
+		 * combined as bf16 (0 where cuBLAS refuses; 75 % of the GEMM rate,
+		 * bench/notes-cuda.md), 4 (default) the same products and outputs
+		 * with the grouping made on the device: no stream drain, only the
+		 * counts come to the host.  (1 and 2, a product per expert and
+		 * cuBLAS's grouped GEMM with bf16 results, were removed: slower than
+		 * 3; they now take the default.)
 		 */
 		const char *mp = getenv("KL_CUDA_MOE_PREFILL");
 
-		cs->moe_prefill = mp && (strcmp(mp, "0") == 0 || strcmp(mp, "1") == 0 || strcmp(mp, "2") == 0 ||
-								 strcmp(mp, "3") == 0) ? atoi(mp) : 4;
+		cs->moe_prefill = mp && (strcmp(mp, "0") == 0 || strcmp(mp, "3") == 0) ? atoi(mp) : 4;
 		cs->moe_prefill_ran = -1;
 	}
 	cudaDeviceGetAttribute(&cs->sm_count, cudaDevAttrMultiProcessorCount, idx);
