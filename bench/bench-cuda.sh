@@ -15,7 +15,7 @@
 #   bash bench/bench-cuda.sh ceilings       copy bandwidth, bf16 GEMM rate
 #   bash bench/bench-cuda.sh kda T1,T2,..   our KDA op and fla's chunk_kda, H=32 K=128 (FLA=0: ours only)
 #   bash bench/bench-cuda.sh moe [T1,T2,..]   the MoE op of a prefill step alone, 48B shape (default
-#                                           1024,4096,8192): each KL_CUDA_MOE_PREFILL path (0, 0 loop, 1, 2, 3, 4)
+#                                           1024,4096,8192): each KL_CUDA_MOE_PREFILL path (0, 0 loop, 3, 4)
 #   bash bench/bench-cuda.sh mla T1,T2,..   our MLA prefill attention (flash kernel and cuBLAS path) and
 #                                           PyTorch's cuDNN SDPA, 32 heads, q/k 192, v 128, causal (SDPA=0: ours only)
 #   bash bench/bench-cuda.sh model CONFIG [options of bench_cuda model]

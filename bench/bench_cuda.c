@@ -11,7 +11,7 @@
  *       the MoE feed-forward op of one prefill step alone at CONFIG's shape
  *       (default bench/configs/kimi-linear-48b-a3b.json), T tokens, random
  *       bf16 weights, precision bf16, in each prefill expert path
- *       (KL_CUDA_MOE_PREFILL 0, 0 with KL_CUDA_GROUPED_GEMM=0, 1, 2, 3, 4): the op's
+ *       (KL_CUDA_MOE_PREFILL 0, 0 with KL_CUDA_GROUPED_GEMM=0, 3, 4): the op's
  *       time, its expert products' rate against the bf16 GEMM ceiling and
  *       the path that ran (see moe_alone)
  *   bench_cuda model CONFIG [--prefill 4096,32768] [--decode-ctx 4096,32768]
@@ -720,7 +720,7 @@ moe_products_hook(kl_backend *be)
 }
 
 /* kl_cuda_moe_prefill_path (cuda_moe.c): the KL_CUDA_MOE_PREFILL variant asked, the one the last op ran, the
- * cuBLAS status that made the grouped one fall back */
+ * cuBLAS status that made the batched one fall back */
 typedef int (*moe_path_fn) (kl_backend *be, int info[3]);
 
 /*
@@ -770,14 +770,12 @@ moe_model(const kl_config *c)
  * "prefill0" (KL_CUDA_MOE_PREFILL=0, the older code: grouped cuBLAS products
  * with fp32 results, a product per used expert where cuBLAS refuses them),
  * "prefill0_loop" (that with KL_CUDA_GROUPED_GEMM=0: the loop for sure),
- * "prefill1" (a product per used expert from rows gathered once as bf16),
- * "prefill2" (two grouped products with bf16 results),
  * "prefill3" (a batched product per size class of padded expert slots and
  * stage, bf16 outputs combined directly) and "prefill4" (the default: 3
  * with the grouping on the device, the counts read back while the shared
  * expert runs);
  * asked / ran: the KL_CUDA_MOE_PREFILL variant asked and the one that ran
- * (kl_cuda_moe_prefill_path; grouped_refused_status: the cuBLAS status
+ * (kl_cuda_moe_prefill_path; refused_status: the cuBLAS status
  * that made the variant asked fall back, 0 none).  ms: the whole
  * op (median); products_ms: the expert products alone (events around them,
  * kl_cuda_bench_moe_products), whose FLOPs are 2 * 3 * D * F * T * (k +
@@ -789,11 +787,10 @@ moe_model(const kl_config *c)
 static void
 moe_alone(const char *config, const long *Ts, int nT)
 {
-	/* the older code's two forms (KL_CUDA_GROUPED_GEMM), then KL_CUDA_MOE_PREFILL 1, 2, 3 and 4 */
-	static const char *const variants[6] = {"prefill0", "prefill0_loop", "prefill1", "prefill2", "prefill3",
-	"prefill4"};
-	static const char *const env_gg[6] = {NULL, "0", NULL, NULL, NULL, NULL};
-	static const char *const env_mp[6] = {"0", "0", "1", "2", "3", "4"};
+	/* the older code's two forms (KL_CUDA_GROUPED_GEMM), then KL_CUDA_MOE_PREFILL 3 and 4 */
+	static const char *const variants[4] = {"prefill0", "prefill0_loop", "prefill3", "prefill4"};
+	static const char *const env_gg[4] = {NULL, "0", NULL, NULL};
+	static const char *const env_mp[4] = {"0", "0", "3", "4"};
 	kl_config	c;
 	kl_err		err;
 	double		ours = measure_gemm_tflops(),
@@ -809,7 +806,7 @@ moe_alone(const char *config, const long *Ts, int nT)
 		fail("the config has no experts", NULL);
 	for (int i = 0; i < nT; i++)
 		Tmax = Ts[i] > Tmax ? Ts[i] : Tmax;
-	for (int v = 0; v < 6; v++)
+	for (int v = 0; v < 4; v++)
 	{
 		kl_model   *m;
 		kl_backend *be;
@@ -886,7 +883,7 @@ moe_alone(const char *config, const long *Ts, int nT)
 				int			info[3];
 
 				path(be, info);
-				printf(" asked=%d ran=%d grouped_refused_status=%d", info[0], info[1], info[2]);
+				printf(" asked=%d ran=%d refused_status=%d", info[0], info[1], info[2]);
 			}
 			printf(" gpu_GB=%.1f\n", gpu_used_gb());
 			fflush(stdout);

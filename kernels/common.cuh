@@ -159,6 +159,68 @@ ldsm_x4_trans(uint32_t *r, const void *p)
 				 :"=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]):"r"(a));
 }
 
+/*
+ * d += A B for one m16n8k16 step (mma.sync, sm_80+): A 16x16 bf16 row-major
+ * in a0..a3, B 16x8 bf16 column-major in b0, b1, fp32 accumulators d[0..3],
+ * all in the standard fragment layouts.
+ */
+__device__ __forceinline__ void
+mma_bf16_16816(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
+{
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+				 "{%0, %1, %2, %3};\n"
+				 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+				 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* the same with A's four registers as an array (an ldmatrix x4 result) */
+__device__ __forceinline__ void
+mma_bf16_16816(float *d, const uint32_t *a, uint32_t b0, uint32_t b1)
+{
+	mma_bf16_16816(d, a[0], a[1], a[2], a[3], b0, b1);
+}
+
+/* a float over the 4 lanes of an mma fragment row's quad (lanes 4g .. 4g + 3): max, sum */
+__device__ __forceinline__ float
+quad_max(float v)
+{
+	v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+	return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float
+quad_sum(float v)
+{
+	v += __shfl_xor_sync(0xffffffffu, v, 1);
+	return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+/*
+ * The rescale of one online-softmax step (flash attention on mma fragments,
+ * base-2 domain) for a thread's two rows of an m16n8 C fragment (g and
+ * g + 8): t0, t1 come in as the thread's maxima of the tile's scores and
+ * leave as the rows' new running maxima (over the quad and the running
+ * maxima mx0, mx1, which the caller then replaces).  c0, c1 scale what was
+ * accumulated so far; b0, b1 are the new bases, p = 2^(s scale_log2 - b).
+ * A row with no key yet keeps -inf (c = 0, b = 0: nothing to correct, no
+ * inf - inf).  (The running maxima are passed by value so that the
+ * caller's loop-carried registers stay as they were: the PTX of
+ * mla_flash.cu and mla_flash_wgmma.cu is the same as with the step inline.)
+ */
+__device__ __forceinline__ void
+softmax_rescale_quad(float &t0, float &t1, float mx0, float mx1, float scale_log2,
+					 float &c0, float &c1, float &b0, float &b1)
+{
+	t0 = quad_max(t0);
+	t1 = quad_max(t1);
+	t0 = fmaxf(t0, mx0);
+	t1 = fmaxf(t1, mx1);
+	c0 = mx0 == -INFINITY ? 0.0f : exp2f((mx0 - t0) * scale_log2);
+	c1 = mx1 == -INFINITY ? 0.0f : exp2f((mx1 - t1) * scale_log2);
+	b0 = t0 == -INFINITY ? 0.0f : t0 * scale_log2;
+	b1 = t1 == -INFINITY ? 0.0f : t1 * scale_log2;
+}
+
 /* two floats as a bf16 pair (lo in the low half), rounded to nearest even
  * (one cvt; the same numbers as f32_to_bf16 for everything but NaN, which
  * moe.cu's pack_bf16x2 keeps as f32_to_bf16 does) */

@@ -78,16 +78,6 @@ ld_weights16(const uint16_t *p)
 	return v;
 }
 
-/* d += A B for one m16n8k16 step (bf16 operands, fp32 accumulators) */
-__device__ __forceinline__ void
-mma_bf16(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
-{
-	asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-		"{%0, %1, %2, %3};\n"
-		: "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-		: "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 /*
  * The weight pieces of U chunks (32 k each) of NM matrices for one lane:
  * w[m][u][0] row g, w[m][u][1] row g + 8, both at k + 32 u + 8 t.
@@ -128,8 +118,8 @@ xm_compute(float (*acc)[4], const xm_frag<NM, U> &f, const uint16_t *xg, int k)
 			const uint4 &lo = f.w[m][u][0],
 					   &hi = f.w[m][u][1];
 
-			mma_bf16(acc[m], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
-			mma_bf16(acc[m], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+			mma_bf16_16816(acc[m], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+			mma_bf16_16816(acc[m], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
 		}
 	}
 }
@@ -376,8 +366,8 @@ gm_compute(float *acc, const uint4 (&w)[GM_U][2], const float4 (&x)[GM_U][2], in
 		b1 = (uint32_t) f32_to_bf16(a.z) | ((uint32_t) f32_to_bf16(a.w) << 16);
 		b2 = (uint32_t) f32_to_bf16(b.x) | ((uint32_t) f32_to_bf16(b.y) << 16);
 		b3 = (uint32_t) f32_to_bf16(b.z) | ((uint32_t) f32_to_bf16(b.w) << 16);
-		mma_bf16(acc, w[u][0].x, w[u][1].x, w[u][0].y, w[u][1].y, b0, b1);
-		mma_bf16(acc, w[u][0].z, w[u][1].z, w[u][0].w, w[u][1].w, b2, b3);
+		mma_bf16_16816(acc, w[u][0].x, w[u][1].x, w[u][0].y, w[u][1].y, b0, b1);
+		mma_bf16_16816(acc, w[u][0].z, w[u][1].z, w[u][0].w, w[u][1].w, b2, b3);
 	}
 }
 
@@ -531,8 +521,8 @@ gs_compute(float *acc, const uint4 (&w)[GS_U][2], const uint16_t *xg, int c, int
 		{
 			uint4		b = *(const uint4 *) (xg + 32 * (c + u));
 
-			mma_bf16(acc, w[u][0].x, w[u][1].x, w[u][0].y, w[u][1].y, b.x, b.y);
-			mma_bf16(acc, w[u][0].z, w[u][1].z, w[u][0].w, w[u][1].w, b.z, b.w);
+			mma_bf16_16816(acc, w[u][0].x, w[u][1].x, w[u][0].y, w[u][1].y, b.x, b.y);
+			mma_bf16_16816(acc, w[u][0].z, w[u][1].z, w[u][0].w, w[u][1].w, b.z, b.w);
 		}
 }
 

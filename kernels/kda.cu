@@ -178,29 +178,27 @@ kda_prep_kernel(int H, int K, int W, const float *__restrict__ q, const float *_
 
 
 /*
- * Warp-per-(row, head) forms of kda_prep and kda_gated_norm
- * (KL_CUDA_KDA_ELEM_WARP, a mask of kernels.h's KK_KDA_EW_* bits; K = 32,
- * 64, 128 with 16-byte aligned rows, else the block kernels above).  Nsight
- * on the H200 at 8192 rows x 32 heads x 128: the gated norm's warp form
- * 98 us against the block kernel's 317 (on by default); the prep's 913 us
- * against 667 (off by default: its taps wait for their loads one after the
- * other; prefill runs kda_prep_rows_kernel below instead).  The block
+ * Warp-per-(row, head) form of kda_gated_norm (KL_CUDA_KDA_ELEM_WARP, a mask
+ * of kernels.h's KK_KDA_EW_* bits; K = 32, 64, 128 with 16-byte aligned
+ * rows, else the block kernel): Nsight on the H200 at 8192 rows x 32 heads
+ * x 128, 98 us against the block kernel's 317 (on by default).  The block
  * kernels spend most of their time in block_sum's two barriers and
- * shared-memory round trips for 1.07 GB and 0.4 GB of traffic.  Here
- * K / 4 lanes hold a head's row, 4 adjacent channels a lane (16-byte loads
- * and stores), and the head's sums are shuffles, so nothing waits on a
- * barrier.
+ * shared-memory round trips.  Here K / 4 lanes hold a head's row, 4
+ * adjacent channels a lane (16-byte loads and stores), and the head's sums
+ * are shuffles, so nothing waits on a barrier.  (A prep kernel of the same
+ * shape, mask bit 1, took 913 us against the block kernel's 667: its taps
+ * waited for their loads one after the other; it was removed, and prefill
+ * runs kda_prep_rows_kernel below instead, 384 us.)
  *
  * The outputs are the block kernels' bit for bit: every element goes
- * through the same functions (kda_conv_silu's taps in the same order,
- * kda_l2_scaled, kda_decay, kda_gated), and kda_head_sum adds the squares
- * in block_sum's order (below), so the fused decode kernel, which matches
- * the block kernels bit for bit, matches these too.
+ * through the same functions (kda_l2_scaled, kda_gated, and in the rows
+ * kernel below kda_conv_silu's taps in the same order and kda_decay), and
+ * kda_head_sum adds the squares in block_sum's order (below), so the fused
+ * decode kernel, which matches the block kernels bit for bit, matches these
+ * too.
  *
  * A block is 8 warps; warp w takes row blockIdx.x * 8 + w and the 128 / K
- * heads from blockIdx.y * 128 / K: the warps of a block read neighbouring
- * rows of the same heads, so a row's conv taps (the W - 1 rows before it)
- * are mostly the block's own loads, found in L1.
+ * heads from blockIdx.y * 128 / K.
  */
 #define KDA_EW_WARPS 8
 
@@ -230,112 +228,6 @@ kda_ew_place(int n_tokens, int H, int *t, int *h, int *c0)
 	return *t < n_tokens && *h < H;
 }
 
-/* kda_prep_kernel, warp per (row, head); the same arguments */
-template <int K>
-__global__ void __launch_bounds__(KDA_EW_WARPS * 32)
-kda_prep_warp_kernel(int n_tokens, int H, int W, const float *__restrict__ q, const float *__restrict__ k,
-					 const float *__restrict__ v, float *f, const float *__restrict__ b,
-					 float *qo, float *ko, float *vo, float *beta,
-					 const float *__restrict__ conv_q, const float *__restrict__ conv_k,
-					 const float *__restrict__ conv_v, const float *__restrict__ A_log,
-					 const float *__restrict__ dt_bias, const int *__restrict__ row_seq,
-					 const int *__restrict__ row0, float *const *conv_tab, float qscale, int write_tails)
-{
-	int			t,
-				h,
-				c0;
-	bool		live = kda_ew_place<K>(n_tokens, H, &t, &h, &c0);
-	int			HK = H * K;
-	int			ch0 = h * K + c0;
-	float		qv[4] = {0, 0, 0, 0},
-				kv[4] = {0, 0, 0, 0},
-				vv[4] = {0, 0, 0, 0};
-
-	kk_dep_wait();
-	kk_dep_launch();
-	if (live)
-	{
-		int			s = row_seq[t],
-					r0 = row0[s],
-					i = t - r0;
-		float	   *tail = conv_tab[s];
-		float		sq[4] = {0, 0, 0, 0},
-					sk[4] = {0, 0, 0, 0},
-					sv[4] = {0, 0, 0, 0};
-
-		/* kda_conv_silu for the 4 channels: the same taps in the same order */
-#pragma unroll 4
-		for (int j = 0; j < W; j++)
-		{
-			int			idx = i - W + 1 + j;	/* < 0 reaches into the tail */
-			float		xq[4],
-						xk[4],
-						xv[4];
-
-			if (idx >= 0)
-			{
-				size_t		off = (size_t) (r0 + idx) * HK + ch0;
-				float4		a = *(const float4 *) (q + off),
-							bb = *(const float4 *) (k + off),
-							cc = *(const float4 *) (v + off);
-
-				xq[0] = a.x, xq[1] = a.y, xq[2] = a.z, xq[3] = a.w;
-				xk[0] = bb.x, xk[1] = bb.y, xk[2] = bb.z, xk[3] = bb.w;
-				xv[0] = cc.x, xv[1] = cc.y, xv[2] = cc.z, xv[3] = cc.w;
-			}
-			else
-			{
-#pragma unroll
-				for (int e = 0; e < 4; e++)
-				{
-					xq[e] = tail[(size_t) (ch0 + e) * W + W + idx];
-					xk[e] = tail[(size_t) (HK + ch0 + e) * W + W + idx];
-					xv[e] = tail[(size_t) (2 * HK + ch0 + e) * W + W + idx];
-				}
-			}
-#pragma unroll
-			for (int e = 0; e < 4; e++)
-			{
-				sq[e] += conv_q[(size_t) (ch0 + e) * W + j] * xq[e];
-				sk[e] += conv_k[(size_t) (ch0 + e) * W + j] * xk[e];
-				sv[e] += conv_v[(size_t) (ch0 + e) * W + j] * xv[e];
-			}
-		}
-#pragma unroll
-		for (int e = 0; e < 4; e++)
-		{
-			qv[e] = siluf_(sq[e]);
-			kv[e] = siluf_(sk[e]);
-			vv[e] = siluf_(sv[e]);
-		}
-		if (write_tails)		/* decode: read above, this lane's channels only */
-			for (int e = 0; e < 4; e++)
-				kda_shift_tail(tail, q, k, v, HK, W, ch0 + e, t);
-	}
-	{
-		float		ssq = kda_head_sum<K>(qv[0] * qv[0], qv[1] * qv[1], qv[2] * qv[2], qv[3] * qv[3]);
-		float		ssk = kda_head_sum<K>(kv[0] * kv[0], kv[1] * kv[1], kv[2] * kv[2], kv[3] * kv[3]);
-
-		if (live)
-		{
-			size_t		off = (size_t) t * HK + ch0;
-			float		A = -expf(A_log[h]);
-			float4		fv = *(const float4 *) (f + off),
-						dt = *(const float4 *) (dt_bias + ch0);
-
-			*(float4 *) (qo + off) = make_float4(kda_l2_scaled(qv[0], ssq, qscale), kda_l2_scaled(qv[1], ssq, qscale),
-												 kda_l2_scaled(qv[2], ssq, qscale), kda_l2_scaled(qv[3], ssq, qscale));
-			*(float4 *) (ko + off) = make_float4(kda_l2_scaled(kv[0], ssk, 1.0f), kda_l2_scaled(kv[1], ssk, 1.0f),
-												 kda_l2_scaled(kv[2], ssk, 1.0f), kda_l2_scaled(kv[3], ssk, 1.0f));
-			*(float4 *) (vo + off) = make_float4(vv[0], vv[1], vv[2], vv[3]);
-			*(float4 *) (f + off) = make_float4(kda_decay(A, fv.x, dt.x), kda_decay(A, fv.y, dt.y),
-												kda_decay(A, fv.z, dt.z), kda_decay(A, fv.w, dt.w));
-			if (c0 == 0)
-				beta[(size_t) t * H + h] = sigmoidf_(b[(size_t) t * H + h]);
-		}
-	}
-}
-
 /*
  * kda_prep_kernel for prefill steps (no tails to shift) as a warp that walks
  * KDA_RW_ROWS consecutive rows of the same head(s) (KL_CUDA_KDA_ELEM_WARP
@@ -350,9 +242,10 @@ kda_prep_warp_kernel(int n_tokens, int H, int W, const float *__restrict__ q, co
  * 64-bit index products and 3 + 3 scalar loads (the weights reloaded for
  * every row), two block_sums (4 barriers, 20 shuffles, shared-memory round
  * trips), and the per-head scalars (expf(A_log), the norm's sqrt and
- * division) recomputed in all K threads.  kda_prep_warp_kernel cut the
- * sums but kept the per-tap branches and loads and the per-row setup, and
- * each of its taps waited for its loads before the next branch (913 us).
+ * division) recomputed in all K threads.  A warp per (row, head) (mask
+ * bit 1, since removed) cut the sums but kept the per-tap branches and
+ * loads and the per-row setup, and each of its taps waited for its loads
+ * before the next branch (913 us).
  * Here a lane holds 4 adjacent channels (float4) and walks the rows: the
  * block's conv weights go to shared memory once, before the wait for the
  * previous kernel (read back per row as W 16-byte loads an array: in
@@ -644,34 +537,21 @@ kda_prep_rows(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q,
 	return true;
 }
 
-/* prefill: kda_prep_rows_kernel (KK_KDA_EW_PREP_ROWS); else the warp kernel
- * for K = 32, 64, 128 (KK_KDA_EW_PREP_WARP); else kda_prep_kernel */
+/* prefill: kda_prep_rows_kernel (KK_KDA_EW_PREP_ROWS) where it covers the
+ * shape; else (and for decode steps, which shift the tails) kda_prep_kernel */
 extern "C" void
 kk_kda_prep(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q, const float *k, const float *v,
 			float *f, const float *b, float *qo, float *ko, float *vo, float *beta,
 			const float *conv_q, const float *conv_k, const float *conv_v, const float *A_log,
 			const float *dt_bias, const int *row_seq, const int *row0, float *const *conv_tab, int write_tails)
 {
-	dim3		grid(n_tokens, H),
-				wgrid;
-	const void *p[] = {q, k, v, f, qo, ko, vo, dt_bias};
+	dim3		grid(n_tokens, H);
 	float		qscale = 1.0f / sqrtf((float) K);
 
 	if (n_tokens > 0 && !write_tails &&
 		kda_prep_rows(s, n_tokens, H, K, W, q, k, v, f, b, qo, ko, vo, beta, conv_q, conv_k, conv_v, A_log, dt_bias,
 					  row_seq, row0, conv_tab, qscale))
 		return;
-	if (n_tokens > 0 && kda_ew_grid(n_tokens, H, K, KK_KDA_EW_PREP_WARP, &wgrid) && kda_ew_aligned(p, 8))
-	{
-		void		(*kern) (int, int, int, const float *, const float *, const float *, float *, const float *,
-							 float *, float *, float *, float *, const float *, const float *, const float *,
-							 const float *, const float *, const int *, const int *, float *const *, float, int) =
-			K == 32 ? kda_prep_warp_kernel<32> : K == 64 ? kda_prep_warp_kernel<64> : kda_prep_warp_kernel<128>;
-
-		kk_launch(kern, wgrid, dim3(KDA_EW_WARPS * 32), 0, s, n_tokens, H, W, q, k, v, f, b, qo, ko, vo, beta,
-				  conv_q, conv_k, conv_v, A_log, dt_bias, row_seq, row0, conv_tab, qscale, write_tails);
-		return;
-	}
 	if (n_tokens > 0)
 		kk_launch(kda_prep_kernel, grid, dim3((K + 31) / 32 * 32), 0, s, H, K, W, q, k, v, f, b, qo, ko, vo, beta,
 				  conv_q, conv_k, conv_v, A_log, dt_bias, row_seq, row0, conv_tab, qscale, write_tails);

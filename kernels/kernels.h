@@ -291,8 +291,8 @@ void		kk_kda_tails(cudaStream_t s, int n_seqs, int HK, int W, const float *q, co
 /* Which kernels kk_kda_prep and kk_kda_gated_norm run (KL_CUDA_KDA_ELEM_WARP,
  * a mask of these bits; 0: a block per (row, head) for both, the old path).
  * All give the same outputs bit for bit.  K = 32, 64, 128 and 16-byte
- * aligned rows only; elsewhere the block kernels. */
-#define KK_KDA_EW_PREP_WARP 1	/* prep: a warp per (row, head) */
+ * aligned rows only; elsewhere the block kernels.  (Bit 1, the prep as a
+ * warp per (row, head), was removed: slower than both; it is ignored.) */
 #define KK_KDA_EW_NORM_WARP 2	/* gated norm: a warp per (row, head) */
 #define KK_KDA_EW_PREP_ROWS 4	/* prefill prep (no tails to shift; conv 2..4): a warp walks 16 rows */
 #define KK_KDA_EW_DEFAULT (KK_KDA_EW_NORM_WARP | KK_KDA_EW_PREP_ROWS)

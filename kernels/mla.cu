@@ -771,16 +771,6 @@ ldsm_x2(uint32_t *r, const void *p)
 				 :"=r"(r[0]), "=r"(r[1]):"r"(a));
 }
 
-/* c += a b for one m16n8k16 tile (bf16 in, fp32 accumulate) */
-__device__ __forceinline__ void
-mma_bf16(float *c, const uint32_t *a, uint32_t b0, uint32_t b1)
-{
-	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-				 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-				 :"+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-				 :"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 /*
  * Rows kb .. kb + nk - 1 of the page into a tile buffer (cp.async, 16 bytes
  * a copy); rows nk .. MMA_TK - 1 are zeroed, so that P (zero there) times
@@ -933,7 +923,7 @@ mla_attend_mma_kernel(int split_keys, int max_splits, int Ha, int R, int Dr, con
 				for (int m = 0; m < MT; m++)
 				{
 					ldsm_x4(a, sq + (16 * m + lrow) * pitch + k + lcol);
-					mma_bf16(c[m], a, b[0], b[1]);
+					mma_bf16_16816(c[m], a, b[0], b[1]);
 				}
 			}
 #pragma unroll
@@ -1010,8 +1000,8 @@ mla_attend_mma_kernel(int split_keys, int max_splits, int Ha, int R, int Dr, con
 #pragma unroll
 				for (int m = 0; m < MT; m++)
 				{
-					mma_bf16(o[m][2 * i], a[m], b[0], b[1]);
-					mma_bf16(o[m][2 * i + 1], a[m], b[2], b[3]);
+					mma_bf16_16816(o[m][2 * i], a[m], b[0], b[1]);
+					mma_bf16_16816(o[m][2 * i + 1], a[m], b[2], b[3]);
 				}
 			}
 		}

@@ -52,16 +52,6 @@
 
 /* ---------------------------------------------------------------- small PTX wrappers */
 
-/* c += a b for one m16n8k16 tile (bf16 in, fp32 accumulate) */
-__device__ __forceinline__ void
-mf_mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1)
-{
-	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-				 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-				 :"+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-				 :"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 /* the pair's two numbers back as floats, added */
 __device__ __forceinline__ float
 mf_pair_sum(uint32_t p)
@@ -222,8 +212,8 @@ mla_flash_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *__rest
 				 * lanes 0-7 keys 0-7 cols 0-7, 8-15 keys 0-7 cols 8-15,
 				 * 16-23 keys 8-15 cols 0-7, 24-31 keys 8-15 cols 8-15 */
 				ldsm_x4(b, kt + (16 * n2 + (lane & 7) + ((lane >> 4) << 3)) * KP + col + ((lane >> 3) & 1) * 8);
-				mf_mma(s[2 * n2], qa[k], b[0], b[1]);
-				mf_mma(s[2 * n2 + 1], qa[k], b[2], b[3]);
+				mma_bf16_16816(s[2 * n2], qa[k], b[0], b[1]);
+				mma_bf16_16816(s[2 * n2 + 1], qa[k], b[2], b[3]);
 			}
 		}
 
@@ -268,17 +258,7 @@ mla_flash_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *__rest
 				t0 = fmaxf(t0, fmaxf(s[n][0], s[n][1]));
 				t1 = fmaxf(t1, fmaxf(s[n][2], s[n][3]));
 			}
-			t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 1));
-			t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 2));
-			t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 1));
-			t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 2));
-			t0 = fmaxf(t0, mx0);
-			t1 = fmaxf(t1, mx1);
-			/* (a row with no key yet keeps -inf: nothing to correct, no inf - inf) */
-			c0 = mx0 == -INFINITY ? 0.0f : exp2f((mx0 - t0) * scale_log2);
-			c1 = mx1 == -INFINITY ? 0.0f : exp2f((mx1 - t1) * scale_log2);
-			b0 = t0 == -INFINITY ? 0.0f : t0 * scale_log2;
-			b1 = t1 == -INFINITY ? 0.0f : t1 * scale_log2;
+			softmax_rescale_quad(t0, t1, mx0, mx1, scale_log2, c0, c1, b0, b1);
 			mx0 = t0;
 			mx1 = t1;
 #pragma unroll
@@ -317,8 +297,8 @@ mla_flash_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *__rest
 				/* V rows 16 kk .., columns DN + 16 n2 .., transposed: b[0], b[1] for
 				 * columns + 0..7, b[2], b[3] for + 8..15 */
 				ldsm_x4_trans(b, kt + (16 * kk + lrow) * KP + DN + 16 * n2 + lcol);
-				mf_mma(o[2 * n2], pa, b[0], b[1]);
-				mf_mma(o[2 * n2 + 1], pa, b[2], b[3]);
+				mma_bf16_16816(o[2 * n2], pa, b[0], b[1]);
+				mma_bf16_16816(o[2 * n2 + 1], pa, b[2], b[3]);
 			}
 		}
 	}
@@ -331,10 +311,8 @@ mla_flash_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *__rest
 		int			r0 = i0 + 16 * w + g,
 					r1 = r0 + 8;
 
-		l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-		l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-		l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-		l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+		l0 = quad_sum(l0);
+		l1 = quad_sum(l1);
 		inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f;
 		inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
 #pragma unroll

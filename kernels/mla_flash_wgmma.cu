@@ -555,17 +555,7 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 				t0 = fmaxf(t0, fmaxf(s[4 * n], s[4 * n + 1]));
 				t1 = fmaxf(t1, fmaxf(s[4 * n + 2], s[4 * n + 3]));
 			}
-			t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 1));
-			t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 2));
-			t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 1));
-			t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 2));
-			t0 = fmaxf(t0, mx0);
-			t1 = fmaxf(t1, mx1);
-			/* (a row with no key yet keeps -inf: nothing to correct, no inf - inf) */
-			c0 = mx0 == -INFINITY ? 0.0f : exp2f((mx0 - t0) * scale_log2);
-			c1 = mx1 == -INFINITY ? 0.0f : exp2f((mx1 - t1) * scale_log2);
-			b0 = t0 == -INFINITY ? 0.0f : t0 * scale_log2;
-			b1 = t1 == -INFINITY ? 0.0f : t1 * scale_log2;
+			softmax_rescale_quad(t0, t1, mx0, mx1, scale_log2, c0, c1, b0, b1);
 			mx0 = t0;
 			mx1 = t1;
 #pragma unroll
@@ -634,10 +624,8 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 		int			r0 = i0 + 64 * wg + 16 * wq + g,
 					r1 = r0 + 8;
 
-		l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-		l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-		l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-		l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+		l0 = quad_sum(l0);
+		l1 = quad_sum(l1);
 		inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f;
 		inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
 #pragma unroll

@@ -110,16 +110,6 @@ mq_int4_pair(uint32_t w, int p)
 	return r;
 }
 
-/* d += A B for one m16n8k16 step (bf16 operands, fp32 accumulators) */
-__device__ __forceinline__ void
-mq_mma(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
-{
-	asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-		"{%0, %1, %2, %3};\n"
-		: "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-		: "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 /* LW bytes of weights read once: 16 and 8 bypass L1; 4 (a quad reads half a
  * 32-byte sector) goes through L1 so that the next chunk's load finds the
  * other half there */
@@ -213,7 +203,7 @@ struct mq_stream
 				{
 					uint2		b = *(const uint2 *) (xl + (size_t) nb * 8 * ld + 4 * (i * WPB + h));
 
-					mq_mma(acc[nb], a0, a1, a2, a3, b.x, b.y);
+					mma_bf16_16816(acc[nb], a0, a1, a2, a3, b.x, b.y);
 				}
 			}
 	}

@@ -724,9 +724,6 @@ cu_destroy(kl_backend *be)
 	free(cs->h_inv);
 	free(cs->h_start);
 	free(cs->moe_cls);
-	free(cs->moe_grp_dims);
-	free(cs->moe_grp_ab);
-	free(cs->moe_grp_ops);
 	cudaFreeHost(cs->moe_grp_ptrs);
 	cuda_pool_destroy(be);
 	cublasDestroy(cs->blas);
@@ -857,20 +854,18 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 	{
 		/*
 		 * KL_CUDA_MOE_PREFILL: the routed experts of prefill batches in bf16
-		 * precision (cuda_state.moe_prefill): 0 the older code, 1 one
-		 * product per expert from rows gathered once as bf16, 2 grouped
-		 * products with bf16 results (1 where cuBLAS refuses; cuBLAS runs
-		 * them on an sm_80 kernel: 37 % of the GEMM rate on the H200), 3
-		 * batched products over size classes of padded expert slots, bf16
-		 * results combined as bf16 (2 where cuBLAS refuses; 75 % of the
-		 * GEMM rate, bench/notes-cuda.md), 4 (default) the same products
-		 * and outputs with the grouping made on the device: no stream
-		 * drain, only the counts come to the host.
+		 * precision (cuda_state.moe_prefill): 0 the older code, 3 batched
+		 * products over size classes of padded expert slots, bf16 results
+		 * combined as bf16 (0 where cuBLAS refuses; 75 % of the GEMM rate,
+		 * bench/notes-cuda.md), 4 (default) the same products and outputs
+		 * with the grouping made on the device: no stream drain, only the
+		 * counts come to the host.  (1 and 2, a product per expert and
+		 * cuBLAS's grouped GEMM with bf16 results, were removed: slower than
+		 * 3; they now take the default.)
 		 */
 		const char *mp = getenv("KL_CUDA_MOE_PREFILL");
 
-		cs->moe_prefill = mp && (strcmp(mp, "0") == 0 || strcmp(mp, "1") == 0 || strcmp(mp, "2") == 0 ||
-								 strcmp(mp, "3") == 0) ? atoi(mp) : 4;
+		cs->moe_prefill = mp && (strcmp(mp, "0") == 0 || strcmp(mp, "3") == 0) ? atoi(mp) : 4;
 		cs->moe_prefill_ran = -1;
 	}
 	cudaDeviceGetAttribute(&cs->sm_count, cudaDevAttrMultiProcessorCount, idx);
@@ -934,12 +929,13 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * q, k, v, g, beta are not written.
 		 * KL_CUDA_KDA_ELEM_WARP: which kernels run the KDA prep (conv, norms,
 		 * decay) and the gated norm, a mask (kernels.h KK_KDA_EW_*), all with
-		 * the same outputs bit for bit: 1 the prep as a warp per (row, head)
-		 * (913 us at 8192 tokens x 32 heads x 128 on the H200, slower than
-		 * the block kernel's 667), 2 the gated norm as a warp per (row, head)
-		 * (98 us against 317), 4 prefill's prep as a warp walking 16 rows
-		 * (kda_prep_rows_kernel; decode steps keep the others).  Default 6;
-		 * 0 a block per (row, head) for both, the old path.
+		 * the same outputs bit for bit: 2 the gated norm as a warp per
+		 * (row, head) (98 us at 8192 tokens x 32 heads x 128 on the H200,
+		 * against the block kernel's 317), 4 prefill's prep as a warp walking
+		 * 16 rows (kda_prep_rows_kernel, 384 us against 667; decode steps keep
+		 * the block kernel).  Default 6; 0 a block per (row, head) for both,
+		 * the old path.  Bit 1 (the prep as a warp per (row, head), 913 us)
+		 * was removed and is ignored.
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
@@ -985,7 +981,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
 		kk_set_kda_prep_mma(kpm && *kpm ? (atoi(kpm) >= 0 && atoi(kpm) <= 4 ? atoi(kpm) : 3) : 3);
-		kk_set_kda_elem_warp(kew && *kew ? atoi(kew) & 7 : KK_KDA_EW_DEFAULT);
+		kk_set_kda_elem_warp(kew && *kew ? atoi(kew) & (KK_KDA_EW_NORM_WARP | KK_KDA_EW_PREP_ROWS) :
+							 KK_KDA_EW_DEFAULT);
 		kk_set_kda_mma_form(kmma && atoi(kmma) >= 1 && atoi(kmma) <= 4 ? atoi(kmma) : 2);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :

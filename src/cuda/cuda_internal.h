@@ -64,7 +64,7 @@ enum cuda_buf_id
 	CB_MOE_SG,
 	CB_MOE_SU,
 	CB_MOE_SY,
-	CB_MOE_Y16,					/* KL_CUDA_MOE_PREFILL=2: expert outputs in bf16 */
+	CB_MOE_Y16,					/* KL_CUDA_MOE_PREFILL=3: expert outputs in bf16, where CB_MOE_Y lacks room */
 	CB_MOE_GU16,				/* KL_CUDA_MOE_PREFILL=3: gate and up results in bf16, where CB_MOE_G/U lack room */
 	CB_MOE_PAD,					/* KL_CUDA_MOE_PREFILL=4: kk_moe_pad_group's work and summary */
 	CB_SAMPLE_PROB,
@@ -260,20 +260,15 @@ typedef struct cuda_state
 	 * KL_CUDA_MOE_PREFILL: the routed experts of a prefill batch (more than
 	 * 64 tokens, bf16 precision, bf16 experts) — 0 the older code (grouped
 	 * products with fp32 results, else a product per expert through
-	 * cuda_matmul_raw), 1 rows gathered once as bf16 and a cublasGemmEx per
-	 * used expert and matrix, 2 two grouped products with bf16
-	 * results (gate and up in one call, then down); 2 falls back to 1 where
-	 * cuBLAS refuses it (moe_grouped_refused, kept for the backend's life);
-	 * 3 batched products over size classes (below), falling back to 2;
-	 * 4 (default) the same products with the grouping made on the device
-	 * (cuda_moe_device_group), falling back to 3 where the shape is not
-	 * covered and to 2 where cuBLAS refuses.
+	 * cuda_matmul_raw), 3 batched products over size classes (below),
+	 * falling back to 0 where cuBLAS refuses them; 4 (default) the same
+	 * products with the grouping made on the device (cuda_moe_device_group),
+	 * falling back to 3 where the shape is not covered and to 0 where cuBLAS
+	 * refuses.
 	 * moe_prefill_ran: the variant the last such op ran (-1: none yet).
 	 */
 	int			moe_prefill;
 	int			moe_prefill_ran;
-	bool		moe_grouped_refused;
-	int			moe_grouped_status;	/* the cuBLAS status of that refusal */
 	/*
 	 * Variant 3 (cuda_moe_prefill.c, cuda_moe_experts_batched16): the used
 	 * experts of the last prefill op by size class, from cuda_moe_host_group
@@ -285,7 +280,7 @@ typedef struct cuda_state
 	 * [cap] and first [cap + 1] (class c: order[first[c] .. first[c + 1]),
 	 * slots of size[c] rows).  moe_npad: the padded rows of all slots.
 	 * moe_batched_refused / _status: cuBLAS refused a batched call (variant
-	 * 2 runs instead for the backend's life).
+	 * 0 runs instead for the backend's life).
 	 */
 	int			moe_cls_cap;
 	int		   *moe_cls;
@@ -302,13 +297,9 @@ typedef struct cuda_state
 	int		   *moe_pad_host;
 	int			moe_pad_host_cap;
 	cudaEvent_t moe_pad_done;
-	/* variant 2's argument arrays, sized for moe_grp_cap problems: the host
-	 * ones cuBLAS reads at the call, and the pointers (pinned, uploaded
+	/* variant 3's pointer arrays for moe_grp_cap problems (pinned, uploaded
 	 * asynchronously: cuda_upload_sync would drain the stream) */
 	int			moe_grp_cap;
-	int		   *moe_grp_dims;	/* [7][cap]: m, n, k, lda, ldb, ldc, group size */
-	float	   *moe_grp_ab;		/* [2][cap]: alpha 1, beta 0 */
-	cublasOperation_t *moe_grp_ops;	/* [2][cap]: T, N */
 	void	  **moe_grp_ptrs;	/* pinned [3][cap]: A (weights), B (rows), C */
 	/*
 	 * Benchmarks only (kl_cuda_bench_moe_products, cuda_moe.c): events
@@ -499,7 +490,7 @@ bool		cuda_moe_host_group(kl_backend *be, int n, int E, int k, const int *d_sel,
 /*
  * KL_CUDA_MOE_PREFILL=3 on the padded grouping: the expert outputs [npad, D]
  * (bf16), or NULL: be->failed set, or clear when cuBLAS refused (the caller
- * groups again without padding and runs variant 2).  g, u, ye: the caller's
+ * groups again without padding and runs variant 0).  g, u, ye: the caller's
  * fp32 buffers, used as bf16 scratch when the padded layout fits them.
  */
 const uint16_t *cuda_moe_experts_batched16(kl_backend *be, const kl_moe_layer *w, int D, int F, const float *x,
@@ -525,14 +516,6 @@ bool		cuda_moe_device_group_wait(kl_backend *be, int n, int E, int k);
  */
 const uint16_t *cuda_moe_batched_products(kl_backend *be, const kl_moe_layer *w, int D, int F, int n, int k,
 										  float *g, float *u, float *ye);
-/*
- * KL_CUDA_MOE_PREFILL 2 (else, or where cuBLAS refuses it, 1) on the
- * grouping st (cs->h_start), xrow: the expert outputs ye [nk, D] fp32 from
- * the routed rows of x; g, u [nk, F] scratch.  Sets cs->moe_prefill_ran.
- * False: be->failed set.
- */
-bool		cuda_moe_experts_prefill16(kl_backend *be, const kl_moe_layer *w, const int *st, int E, int D, int F,
-									   const float *x, const int *xrow, size_t nk, float *g, float *u, float *ye);
 /*
  * KL_CUDA_MOE_PREFILL=0 in bf16: the same outputs through three grouped
  * products with fp32 results.  False with be->failed clear: not done here
@@ -573,7 +556,7 @@ int			kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float ep
 									float *tails_old, float *tails_new);
 /* test and bench hook of cuda_moe.c: the KL_CUDA_MOE_PREFILL variant asked,
  * the one the last prefill MoE op ran (-1 none), the cuBLAS status that made
- * variant 2 fall back (0 none) */
+ * variant 3 or 4 fall back to 0 (0 none) */
 int			kl_cuda_moe_prefill_path(kl_backend *be, int info[3]);
 /* test hook of cuda_moe_prefill.c: kk_moe_pad_group (KL_CUDA_MOE_PREFILL=4's grouping) on host choices */
 int			kl_cuda_test_moe_pad_group(int n, int E, int k, const int *sel, int *inv, int *summary);

@@ -8,21 +8,19 @@
  *     expert GEMV kernel — no host round trip, so the step can be a graph;
  *     in bf16 precision, steps of 8 tokens or more use the tensor-core form
  *     of that kernel (kernels/expert_mma.cu; KL_CUDA_EXPERT_MMA);
- *   larger batches: the choices come to the host, which groups them (stable,
- *     as cpu_moe.c does); in bf16 mode with bf16 experts the routed rows are
- *     gathered once as bf16 and go through two grouped cuBLAS products with
- *     bf16 results (gate and up; down) for all used experts at once, or one
- *     cublasGemmEx per used expert where cuBLAS refuses that
- *     (KL_CUDA_MOE_PREFILL; 0: the older code, grouped products with fp32
+ *   larger batches: in bf16 mode with bf16 experts (KL_CUDA_MOE_PREFILL)
+ *     4, the default: the choices grouped on the device into slots padded
+ *     to a few size classes, only the counts read back by the host while
+ *     the shared expert runs (cuda_moe_device_group), the rows gathered
+ *     token-major, one batched product per class and stage, the bf16
+ *     outputs combined directly; 3: the same with the grouping on the host
+ *     (cuda_moe_experts_batched16); 0 (and fp32 mode, and where cuBLAS
+ *     refuses the batched calls): the choices come to the host, which groups
+ *     them (stable, as cpu_moe.c does), then grouped products with fp32
  *     results, which cuBLAS refuses, else one product per used expert
- *     through the ordinary matmul path, as fp32 mode does; 3: the experts'
- *     rows in slots padded to a few size classes, gathered token-major, one
- *     batched product per class and stage, the bf16 outputs combined
- *     directly — cuda_moe_experts_batched16; 4, the default: 3 with the
- *     grouping on the device and only the counts on the host, read back
- *     while the shared expert runs — cuda_moe_device_group).
- * The prefill expert paths (host grouping, KL_CUDA_MOE_PREFILL 1, 2, 3 and
- * the older grouped products) are in cuda_moe_prefill.c.
+ *     through the ordinary matmul path.
+ * The prefill expert paths (host and device grouping, KL_CUDA_MOE_PREFILL
+ * 3 and 4 and the older grouped products) are in cuda_moe_prefill.c.
  * Quantized experts (kernels.h's device form, one form for all routed
  * experts of a layer) take the _q twins of the decode kernels
  * (kernels/gemv_q.cu; in bf16 precision from KL_CUDA_EXPERT_MMA tokens
@@ -458,8 +456,8 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		float	   *xe = cuda_buf(be, CB_MOE_X, sizeof(float) * nk * D);
 		const int  *st;
 		/* (bf16 experts only: quantized ones go through cuda_matmul_raw's panels) */
-		bool		fast = cs->moe_prefill > 0 && cs->bf16 && wbf && tab->fmt_down == KK_WF_BF16 && tab->uniform;
-		bool		batched = fast && cs->moe_prefill >= 3 && !cs->moe_batched_refused;
+		bool		batched = cs->moe_prefill >= 3 && cs->bf16 && wbf && tab->fmt_down == KK_WF_BF16 &&
+			tab->uniform && !cs->moe_batched_refused;
 
 		if (!xe)
 			return;
@@ -480,7 +478,7 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 					cs->moe_prefill_ran = 4;
 					goto combine;
 				}
-				/* refused: variant 2 below (cuda_moe_host_group without padding) */
+				/* refused: variant 0 below (cuda_moe_host_group without padding) */
 				if (be->failed)
 					return;
 				batched = false;
@@ -499,21 +497,18 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 				cs->moe_prefill_ran = 3;
 				goto shared;
 			}
-			/* refused: the layout of variant 2 (the choices are still on the device) */
+			/* refused: the layout of variant 0 (the choices are still on the device) */
 			if (be->failed || !cuda_moe_host_group(be, n, E, k, sel, xrow, inv, false))
 				return;
-		}
-		if (fast)
-		{
-			if (!cuda_moe_experts_prefill16(be, w, st, E, D, F, x, xrow, nk, g, u, ye))
-				return;
-			goto shared;
 		}
 		cs->moe_prefill_ran = 0;
 		if (cs->bf16 && wbf && tab->fmt_down == KK_WF_BF16 && tab->uniform && !cs->no_grouped_gemm &&
 			cuda_moe_experts_grouped(be, w, st, E, D, F, x, xrow, nk, g, u, ye))
 			goto shared;
 		if (be->failed)
+			return;
+		/* (again: a refused variant 3 or 4 may have grown CB_MOE_X since) */
+		if (!(xe = cuda_buf(be, CB_MOE_X, sizeof(float) * nk * D)))
 			return;
 		kk_gather_rows(cs->stream, xe, x, D, xrow, (int) nk, D);
 		if (!cuda_launched(be, "gather rows"))
@@ -627,7 +622,7 @@ kl_cuda_bench_moe_products(kl_backend *be, int mode, float ms[2])
  * KL_CUDA_MOE_PREFILL variant asked at creation, info[1] the one the last
  * prefill MoE op ran (-1 none yet; 0 also for batches the fast paths do not
  * take: fp32 precision, quantized experts), info[2] the cuBLAS status that
- * made the variant asked fall back (3 to 2, 2 to 1; 0: it did not).
+ * made the variant asked fall back (3 or 4 to 0; 0: it did not).
  * Returns info[1].
  */
 __attribute__((visibility("default"))) int
@@ -637,10 +632,7 @@ kl_cuda_moe_prefill_path(kl_backend *be, int info[3])
 
 	info[0] = cs->moe_prefill;
 	info[1] = cs->moe_prefill_ran;
-	if (cs->moe_prefill >= 3)
-		info[2] = cs->moe_batched_refused ? (cs->moe_batched_status ? cs->moe_batched_status : -1) : 0;
-	else
-		info[2] = cs->moe_grouped_refused ? (cs->moe_grouped_status ? cs->moe_grouped_status : -1) : 0;
+	info[2] = cs->moe_batched_refused ? (cs->moe_batched_status ? cs->moe_batched_status : -1) : 0;
 	return info[1];
 }
 

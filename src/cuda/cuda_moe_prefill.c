@@ -13,14 +13,13 @@
  *   3 the used experts' rows in slots padded to a few size
  *     classes, gathered token-major, one batched product per class and stage,
  *     bf16 outputs the combine reads directly (cuda_moe_experts_batched16);
- *   2 the rows gathered once as bf16, two grouped cuBLAS products with bf16
- *     results (gate and up; down) for all used experts at once
- *     (experts_grouped16), falling back to 1 where cuBLAS refuses that;
- *   1 one cublasGemmEx per used expert and matrix from those bf16 rows
- *     (experts_loop16);
+ *     where cuBLAS refuses a batched call, 0 from then on;
  *   0 the older code: grouped products with fp32 results
  *     (cuda_moe_experts_grouped), which cuBLAS refuses, else cuda_moe's
  *     product per used expert through the ordinary matmul path.
+ * (Variants 1, a product per expert from rows gathered once as bf16, and 2,
+ * cuBLAS's grouped GEMM with bf16 results, were removed: 3 and 4 replace
+ * them, bench/notes-cuda.md.)
  * The state these use (size classes, argument arrays, refusal flags) is
  * cuda_state's moe_* fields (cuda_internal.h); cuda_moe_free releases it.
  */
@@ -488,242 +487,25 @@ out:
 	return ok;
 }
 
-/* ------------------------------------------------------------------ prefill experts from bf16 rows */
+/* ------------------------------------------------------------------ batched products over size classes */
 
-/*
- * KL_CUDA_MOE_PREFILL=1: one cublasGemmEx per used expert and matrix, bf16
- * operands straight from x16 (the routed rows gathered once as bf16) and
- * fp32 results: g, u [nk, F]; h16 = silu(g) * u rounded once to bf16 (the
- * rounding the older loop's down product applies to its fp32 h); ye [nk, D].
- * The same products and roundings as KL_CUDA_MOE_PREFILL=0 where that one
- * runs cuBLAS (experts of more than 8 rows; it takes the GEMV below that),
- * without its conversion per product.
- */
+/* variant 3's pinned pointer arrays for at least cap problems (grow-only) */
 static bool
-experts_loop16(kl_backend *be, const kl_moe_layer *w, const int *st, int E, int D, int F, const uint16_t *x16,
-			   uint16_t *h16, size_t nk, float *g, float *u, float *ye)
-{
-	cuda_state *cs = CS(be);
-	const float one = 1.0f,
-				zero = 0.0f;
-
-	cuda_moe_mark(cs, 0);
-	for (int e = 0; e < E && !be->failed; e++)
-	{
-		int			c = st[e + 1] - st[e];
-		const uint16_t *xe = x16 + (size_t) st[e] * D;
-
-		if (c == 0)
-			continue;
-		/* column-major view: Y^T [F, c] = W [F, D] X^T [D, c] */
-		if (blas_ok(be, cublasGemmEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, F, c, D, &one, w->experts[e].gate.dev,
-									 CUDA_R_16BF, D, xe, CUDA_R_16BF, D, &zero, g + (size_t) st[e] * F, CUDA_R_32F,
-									 F, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "GemmEx (expert gate)"))
-			blas_ok(be, cublasGemmEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, F, c, D, &one, w->experts[e].up.dev,
-									 CUDA_R_16BF, D, xe, CUDA_R_16BF, D, &zero, u + (size_t) st[e] * F, CUDA_R_32F,
-									 F, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "GemmEx (expert up)");
-	}
-	cuda_moe_mark(cs, 1);
-	if (be->failed)
-		return false;
-	kk_swiglu_bf16(cs->stream, h16, g, u, nk * F);
-	if (!cuda_launched(be, "swiglu (bf16)"))
-		return false;
-	cuda_moe_mark(cs, 2);
-	for (int e = 0; e < E && !be->failed; e++)
-	{
-		int			c = st[e + 1] - st[e];
-
-		if (c > 0)
-			blas_ok(be, cublasGemmEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, D, c, F, &one, w->experts[e].down.dev,
-									 CUDA_R_16BF, F, h16 + (size_t) st[e] * F, CUDA_R_16BF, F, &zero,
-									 ye + (size_t) st[e] * D, CUDA_R_32F, D, CUBLAS_COMPUTE_32F,
-									 CUBLAS_GEMM_DEFAULT), "GemmEx (expert down)");
-	}
-	cuda_moe_mark(cs, 3);
-	return !be->failed;
-}
-
-/* variant 2's argument arrays for at least cap problems (grow-only) */
-static bool
-grp_arrays(kl_backend *be, int cap)
+batch_arrays(kl_backend *be, int cap)
 {
 	cuda_state *cs = CS(be);
 
 	if (cs->moe_grp_cap >= cap)
 		return true;
-	free(cs->moe_grp_dims);
-	free(cs->moe_grp_ab);
-	free(cs->moe_grp_ops);
 	cudaFreeHost(cs->moe_grp_ptrs);
 	cs->moe_grp_ptrs = NULL;
 	cs->moe_grp_cap = 0;
-	cs->moe_grp_dims = malloc(sizeof(int) * 7 * (size_t) cap);
-	cs->moe_grp_ab = malloc(sizeof(float) * 2 * (size_t) cap);
-	cs->moe_grp_ops = malloc(sizeof(cublasOperation_t) * 2 * (size_t) cap);
-	if (!cs->moe_grp_dims || !cs->moe_grp_ab || !cs->moe_grp_ops ||
-		!cuda_ok(be, cudaMallocHost((void **) &cs->moe_grp_ptrs, sizeof(void *) * 3 * (size_t) cap),
-				 "cudaMallocHost (grouped GEMM pointers)"))
-	{
-		if (!be->failed)
-			cuda_fail(be, KL_E_RESOURCES, "out of memory for the grouped expert products");
+	if (!cuda_ok(be, cudaMallocHost((void **) &cs->moe_grp_ptrs, sizeof(void *) * 3 * (size_t) cap),
+				 "cudaMallocHost (batched GEMM pointers)"))
 		return false;
-	}
-	for (int i = 0; i < cap; i++)
-	{
-		cs->moe_grp_ab[i] = 1.0f;
-		cs->moe_grp_ab[cap + i] = 0.0f;
-		cs->moe_grp_ops[i] = CUBLAS_OP_T;
-		cs->moe_grp_ops[cap + i] = CUBLAS_OP_N;
-		cs->moe_grp_dims[6 * cap + i] = 1;	/* one problem a group: the experts' row counts differ */
-	}
 	cs->moe_grp_cap = cap;
 	return true;
 }
-
-/* problem i of variant 2: C [cnt, m] (bf16) = X [cnt, k] W^T, W [m, k] */
-static void
-grp_problem(cuda_state *cs, int i, const void *W, const uint16_t *X, uint16_t *C, int m, int k, int cnt)
-{
-	int			cap = cs->moe_grp_cap,
-			   *d = cs->moe_grp_dims;
-
-	d[i] = m;
-	d[cap + i] = cnt;
-	d[2 * cap + i] = k;
-	d[3 * cap + i] = k;			/* lda */
-	d[4 * cap + i] = k;			/* ldb */
-	d[5 * cap + i] = m;			/* ldc */
-	cs->moe_grp_ptrs[i] = (void *) W;
-	cs->moe_grp_ptrs[cap + i] = (void *) X;
-	cs->moe_grp_ptrs[2 * cap + i] = C;
-}
-
-/* problems i0 .. i0 + count - 1 of variant 2 in one grouped call (dev: the uploaded pointers) */
-static cublasStatus_t
-grp_call(cuda_state *cs, void **dev, int i0, int count)
-{
-	int			cap = cs->moe_grp_cap,
-			   *d = cs->moe_grp_dims;
-
-	return cublasGemmGroupedBatchedEx(cs->blas, cs->moe_grp_ops + i0, cs->moe_grp_ops + cap + i0, d + i0,
-									  d + cap + i0, d + 2 * cap + i0, cs->moe_grp_ab + i0,
-									  (const void *const *) (dev + i0), CUDA_R_16BF, d + 3 * cap + i0,
-									  (const void *const *) (dev + cap + i0), CUDA_R_16BF, d + 4 * cap + i0,
-									  cs->moe_grp_ab + cap + i0, dev + 2 * cap + i0, CUDA_R_16BF, d + 5 * cap + i0,
-									  count, d + 6 * cap + i0, CUBLAS_COMPUTE_32F);
-}
-
-/*
- * KL_CUDA_MOE_PREFILL=2: two grouped products with bf16 operands and bf16
- * results (the combination cuBLAS's grouped GEMM takes; bf16 operands with
- * fp32 results it refuses): gate and up of every used expert in one call
- * (g16, u16 [nk, F]), h16 = silu(g) * u (kk_swiglu_bf16_bf16), down in a
- * second call (ye16 [nk, D]), widened into ye for the combine.  Against
- * variant 1 this rounds g, u and the expert outputs to bf16 as well.
- * Returns false with be->failed clear when cuBLAS refuses a call (status in
- * cs->moe_grouped_status): the caller runs variant 1 instead.
- *
- * The pointer arrays go up with one cudaMemcpyAsync from pinned memory:
- * the copy of the previous op is complete when this one rewrites them,
- * because cuda_moe_host_group synchronised the stream in between.
- */
-static bool
-experts_grouped16(kl_backend *be, const kl_moe_layer *w, const int *st, int E, int D, int F, const uint16_t *x16,
-				  uint16_t *h16, size_t nk, float *g, float *u, float *ye)
-{
-	cuda_state *cs = CS(be);
-	uint16_t   *g16 = (uint16_t *) g,	/* (g and u hold [nk + n, F] floats: room for bf16 [nk, F]) */
-			   *u16 = (uint16_t *) u,
-			   *ye16 = cuda_buf(be, CB_MOE_Y16, sizeof(uint16_t) * nk * D);
-	void	  **dev;
-	cublasStatus_t bst;
-	int			A = 0,
-				na = 0,
-				cap;
-
-	if (!ye16 || !grp_arrays(be, 3 * E))
-		return false;
-	cap = cs->moe_grp_cap;
-	dev = cuda_buf(be, CB_MOE_PTRS, sizeof(void *) * 3 * (size_t) cap);
-	if (!dev)
-		return false;
-	for (int e = 0; e < E; e++)
-		A += st[e + 1] > st[e];
-	/* gate and up problems 0 .. 2A - 1, down 2A .. 3A - 1 */
-	for (int e = 0; e < E; e++)
-	{
-		int			c = st[e + 1] - st[e];
-
-		if (c == 0)
-			continue;
-		grp_problem(cs, 2 * na, w->experts[e].gate.dev, x16 + (size_t) st[e] * D, g16 + (size_t) st[e] * F, F, D, c);
-		grp_problem(cs, 2 * na + 1, w->experts[e].up.dev, x16 + (size_t) st[e] * D, u16 + (size_t) st[e] * F, F, D,
-					c);
-		grp_problem(cs, 2 * A + na, w->experts[e].down.dev, h16 + (size_t) st[e] * F, ye16 + (size_t) st[e] * D, D,
-					F, c);
-		na++;
-	}
-	if (!cuda_ok(be, cudaMemcpyAsync(dev, cs->moe_grp_ptrs, sizeof(void *) * 3 * (size_t) cap,
-									 cudaMemcpyHostToDevice, cs->stream), "grouped GEMM pointers upload"))
-		return false;
-	cuda_moe_mark(cs, 0);
-	bst = grp_call(cs, dev, 0, 2 * A);
-	cuda_moe_mark(cs, 1);
-	if (bst == CUBLAS_STATUS_SUCCESS)
-	{
-		kk_swiglu_bf16_bf16(cs->stream, h16, g16, u16, nk * F);
-		if (!cuda_launched(be, "swiglu (bf16 from bf16)"))
-			return false;
-		cuda_moe_mark(cs, 2);
-		bst = grp_call(cs, dev, 2 * A, A);
-		cuda_moe_mark(cs, 3);
-	}
-	if (bst != CUBLAS_STATUS_SUCCESS)
-	{
-		/* refused (or failed) before anything of it ran on the device: variant 1 from the start */
-		cs->moe_grouped_refused = true;
-		cs->moe_grouped_status = (int) bst;
-		cs->moe_ev_mask = 0;
-		return false;
-	}
-	kk_bf16_to_f32(cs->stream, ye, ye16, nk * D);
-	return cuda_launched(be, "expert outputs to fp32");
-}
-
-/*
- * The routed experts of a prefill batch from its rows gathered once as bf16
- * (bf16 precision, bf16 experts): KL_CUDA_MOE_PREFILL 2, else or where
- * cuBLAS refuses that, 1.  Sets cs->moe_prefill_ran.
- */
-bool
-cuda_moe_experts_prefill16(kl_backend *be, const kl_moe_layer *w, const int *st, int E, int D, int F,
-						   const float *x, const int *xrow, size_t nk, float *g, float *u, float *ye)
-{
-	cuda_state *cs = CS(be);
-	uint16_t   *x16 = cuda_buf(be, CB_MOE_X, sizeof(uint16_t) * nk * D),
-			   *h16 = cuda_buf(be, CB_MOE_H16, sizeof(uint16_t) * nk * F);
-
-	if (!x16 || !h16)
-		return false;
-	kk_gather_rows_bf16(cs->stream, x16, x, D, xrow, (int) nk, D);
-	if (!cuda_launched(be, "gather rows (bf16)"))
-		return false;
-	if (cs->moe_prefill >= 2 && !cs->moe_grouped_refused)
-	{
-		if (experts_grouped16(be, w, st, E, D, F, x16, h16, nk, g, u, ye))
-		{
-			cs->moe_prefill_ran = 2;
-			return true;
-		}
-		if (be->failed)
-			return false;
-	}
-	cs->moe_prefill_ran = 1;
-	return experts_loop16(be, w, st, E, D, F, x16, h16, nk, g, u, ye);
-}
-
-/* ------------------------------------------------------------------ batched products over size classes */
 
 /* problem i of variant 3 in the pinned pointer arrays: A (weights), B (rows), C (results) */
 static void
@@ -757,17 +539,17 @@ batch_call(cuda_state *cs, void **dev, int i0, int count, int m, int S, int kd)
  * cublasGemmBatchedEx for gate and up of all its experts (2 m problems of
  * [S, F], bf16 results), kk_swiglu_bf16_bf16 over the whole layout, and per
  * class one for down ([S, D], bf16 results).  Uniform m, n, k within a call
- * lets cuBLAS take its ordinary (Hopper) batched kernels, unlike the grouped
- * call of variant 2.  Pad rows hold whatever the buffer held: a product's
- * output row depends only on its own input row, and the combine reads only
- * the pairs' rows, so their results are never read.  The same bf16 roundings
- * as variant 2 (g, u, h, expert outputs); the combine then reads the bf16
- * outputs itself (cuda_defer_combine16).
+ * lets cuBLAS take its ordinary (Hopper) batched kernels (its grouped GEMM
+ * ran an sm_80 kernel at 37 % of the GEMM rate).  Pad rows hold whatever the
+ * buffer held: a product's output row depends only on its own input row,
+ * and the combine reads only the pairs' rows, so their results are never
+ * read.  g, u, h and the expert outputs are rounded to bf16; the combine
+ * reads the bf16 outputs itself (cuda_defer_combine16).
  *
  * Returns the expert outputs [npad, D] (bf16), or NULL: be->failed set, or
  * clear when cuBLAS refused a call before the products completed
  * (moe_batched_refused, status in moe_batched_status; the caller then
- * groups again without padding and runs variant 2).  Buffers: g, u, ye (the
+ * groups again without padding and runs variant 0).  Buffers: g, u, ye (the
  * caller's fp32 ones, room for 2 (nk + n) bf16 rows each) when the padded
  * layout fits them, else working memory of their own.
  */
@@ -812,7 +594,7 @@ cuda_moe_batched_products(kl_backend *be, const kl_moe_layer *w, int D, int F, i
 	void	  **dev;
 	cublasStatus_t bst = CUBLAS_STATUS_SUCCESS;
 
-	if (!x16 || !h16 || !grp_arrays(be, 3 * cs->moe_cls_cap))
+	if (!x16 || !h16 || !batch_arrays(be, 3 * cs->moe_cls_cap))
 		return NULL;
 	if (Np <= room)
 	{
