@@ -32,16 +32,6 @@
 #define KM_VS 32				/* columns of V per block */
 #define KM_THREADS 128			/* 4 warps */
 
-/* d += A B for one m16n8k16 step (bf16 operands, fp32 accumulators) */
-__device__ __forceinline__ void
-km_mma(float *d, const uint32_t *a, uint32_t b0, uint32_t b1)
-{
-	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-				 "{%0, %1, %2, %3};\n"
-				 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-				 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 /* two adjacent bf16 of shared memory (4-byte aligned) as one operand register */
 __device__ __forceinline__ uint32_t
 km_ld2(const uint16_t *p)
@@ -273,8 +263,8 @@ kda_chunk_mma_kernel(int n, int H, const uint16_t *__restrict__ W16, const uint1
 				uint32_t	b[2];
 
 				km_frag_b(b, Sb, L::LK, 8 * j, kk, lane);
-				km_mma(u[j], aw, b[0], b[1]);
-				km_mma(oa[j], aq, b[0], b[1]);
+				mma_bf16_16816(u[j], aw, b[0], b[1]);
+				mma_bf16_16816(oa[j], aq, b[0], b[1]);
 			}
 		}
 		/* U^T [x][t] as bf16, the operand of P U and Kt^T U */
@@ -303,7 +293,7 @@ kda_chunk_mma_kernel(int n, int H, const uint16_t *__restrict__ W16, const uint1
 				uint32_t	b[2];
 
 				km_frag_b(b, Ut, L::LC, 8 * j, kk, lane);
-				km_mma(oa[j], ap, b[0], b[1]);
+				mma_bf16_16816(oa[j], ap, b[0], b[1]);
 			}
 		}
 		{
@@ -345,7 +335,7 @@ kda_chunk_mma_kernel(int n, int H, const uint16_t *__restrict__ W16, const uint1
 				uint32_t	a[4];
 
 				km_frag_a(a, st + L::KT, L::LC, 16 * m, kk, lane);
-				km_mma(s[m], a, b[0], b[1]);
+				mma_bf16_16816(s[m], a, b[0], b[1]);
 			}
 		}
 		__syncthreads();		/* this stage, S^T and U^T read: the next chunk may overwrite them */
@@ -596,7 +586,7 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 						aw[i] ^= 0x80008000u;	/* -W: the sign bits, exact */
 #pragma unroll
 					for (int j = 0; j < JN; j++)
-						km_mma(u[j], aw, b[j][2 * hk], b[j][2 * hk + 1]);
+						mma_bf16_16816(u[j], aw, b[j][2 * hk], b[j][2 * hk + 1]);
 				}
 			}
 			/* U^T [x][t] as bf16, the operand of P U and Kt^T U; Ut was
@@ -635,7 +625,7 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 					kw_lda(aq, st + L::Q, L::LK, 16 * rw, kk + 16 * hk, lane);
 #pragma unroll
 					for (int j = 0; j < JN; j++)
-						km_mma(oa[j], aq, b[j][2 * hk], b[j][2 * hk + 1]);
+						mma_bf16_16816(oa[j], aq, b[j][2 * hk], b[j][2 * hk + 1]);
 				}
 			}
 		}
@@ -654,13 +644,13 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 				kw_lda(ap, st + L::P, L::LC, 16 * rw, kk, lane);
 #pragma unroll
 				for (int j = 0; j < JN; j++)
-					km_mma(oa[j], ap, b[j][0], b[j][1]);
+					mma_bf16_16816(oa[j], ap, b[j][0], b[j][1]);
 				if (kk + 16 <= 16 * rw)
 				{
 					kw_lda(ap, st + L::P, L::LC, 16 * rw, kk + 16, lane);
 #pragma unroll
 					for (int j = 0; j < JN; j++)
-						km_mma(oa[j], ap, b[j][2], b[j][3]);
+						mma_bf16_16816(oa[j], ap, b[j][2], b[j][3]);
 				}
 			}
 			{
@@ -706,7 +696,7 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 					uint32_t	a[4];
 
 					kw_lda(a, st + L::KT, L::LC, 16 * (m0 + m), kk + 16 * hk, lane);
-					km_mma(s[m], a, b[2 * hk], b[2 * hk + 1]);
+					mma_bf16_16816(s[m], a, b[2 * hk], b[2 * hk + 1]);
 				}
 			}
 		}

@@ -43,16 +43,6 @@
  * Rows past n: q = k = v = 0, g = 0, beta = 0 (they change nothing).
  */
 
-/* d += A B, one m16n8k16 step (bf16 operands, fp32 accumulators) */
-__device__ __forceinline__ void
-kp_mma(float *d, const uint32_t *a, uint32_t b0, uint32_t b1)
-{
-	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-				 "{%0, %1, %2, %3};\n"
-				 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-				 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 /* A fragment: rows r0.., columns k0.. of row-major bf16 m (stride ld) */
 __device__ __forceinline__ void
 kp_frag_a(uint32_t *a, const uint16_t *m, int ld, int r0, int k0, int lane)
@@ -347,7 +337,7 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 
 			kp_frag_a(a, X, L::LK, s0 - 16, kk, lane);
 			kp_frag_b(bb, Krb, L::LK, n0, kk, lane);
-			kp_mma(acc, a, bb[0], bb[1]);
+			mma_bf16_16816(acc, a, bb[0], bb[1]);
 		}
 		{
 			int			r = s0 + gq,
@@ -445,7 +435,7 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 					uint32_t	bb[2];
 
 					kp_frag_b(bb, bt, L::LC, 0, kk, lane);
-					kp_mma(acc[j], a, bb[0], bb[1]);
+					mma_bf16_16816(acc[j], a, bb[0], bb[1]);
 				}
 			}
 #pragma unroll
@@ -964,7 +954,7 @@ kp3_body(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
 
 				kp_frag_a(a, X, L::LK, 0, kk, lane);
 				kp_frag_b(bb, Kr, L::LK, n0, kk, lane);
-				kp_mma(acc, a, bb[0], bb[1]);
+				mma_bf16_16816(acc, a, bb[0], bb[1]);
 			}
 			{
 				int			r = s0 + gq,
@@ -1085,7 +1075,7 @@ kp3_body(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
 					uint32_t	bb[2];
 
 					kp_frag_b(bb, bt, L::LC, 0, kk, lane);
-					kp_mma(acc[j], a, bb[0], bb[1]);
+					mma_bf16_16816(acc[j], a, bb[0], bb[1]);
 				}
 			}
 #pragma unroll
