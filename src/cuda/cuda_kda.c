@@ -226,6 +226,46 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 /* ------------------------------------------------------------------ test hook */
 
 /*
+ * The test hooks below share their buffer handling: hook_open makes a stream,
+ * allocates each of the nbuf device buffers d[i] of sz[i] bytes and uploads
+ * in[i] where it is not NULL; hook_close copies device buffers dev_of[i] into
+ * host_out[i] (i < nout) while rc is still 0, waits for the stream and frees
+ * everything, whatever happened before.  Both return rc or the first CUDA
+ * error (hook_close keeps an earlier rc).
+ */
+static int
+hook_open(cudaStream_t *s, void **d, const size_t *sz, const void *const *in, int nbuf)
+{
+	cudaError_t e;
+
+	if ((e = cudaStreamCreateWithFlags(s, cudaStreamNonBlocking)) != cudaSuccess)
+		return (int) e;
+	for (int i = 0; i < nbuf; i++)
+		if ((e = cudaMalloc(&d[i], sz[i])) != cudaSuccess ||
+			(in[i] && (e = cudaMemcpyAsync(d[i], in[i], sz[i], cudaMemcpyHostToDevice, *s)) != cudaSuccess))
+			return (int) e;
+	return 0;
+}
+
+static int
+hook_close(cudaStream_t s, void **d, const size_t *sz, int nbuf, const int *dev_of, void *const *host_out, int nout,
+		   int rc)
+{
+	cudaError_t e;
+
+	for (int i = 0; i < nout && rc == 0; i++)
+		if ((e = cudaMemcpyAsync(host_out[i], d[dev_of[i]], sz[dev_of[i]], cudaMemcpyDeviceToHost, s)) != cudaSuccess)
+			rc = (int) e;
+	if (s && (e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
+		rc = (int) e;
+	for (int i = 0; i < nbuf; i++)
+		cudaFree(d[i]);
+	if (s)
+		cudaStreamDestroy(s);
+	return rc;
+}
+
+/*
  * For test/engine/test_cuda.c only (found with dlsym; the backend does not
  * use it): one decode step of ns sequences (row s is sequence s) through the
  * three kernels (kk_kda_prep, kk_kda_recurrent, kk_kda_gated_norm) and
@@ -298,12 +338,7 @@ kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float eps, con
 	in[ONORM] = o_norm;
 	in[S_O] = in[S_N] = S;
 	in[T_O] = in[T_N] = tails;
-	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess)
-		rc = (int) e;
-	for (int i = 0; i < NBUF && rc == 0; i++)
-		if ((e = cudaMalloc(&d[i], sz[i])) != cudaSuccess ||
-			(in[i] && (e = cudaMemcpyAsync(d[i], in[i], sz[i], cudaMemcpyHostToDevice, s)) != cudaSuccess))
-			rc = (int) e;
+	rc = hook_open(&s, d, sz, in, NBUF);
 	if (rc == 0)
 	{
 		/* row s is sequence s; each copy's per-sequence state and tail pointers */
@@ -345,17 +380,8 @@ kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float eps, con
 		void	   *host_out[6] = {out_old, out_new, S_old, S_new, tails_old, tails_new};
 		int			dev_of[6] = {OUT_O, OUT_N, S_O, S_N, T_O, T_N};
 
-		for (int i = 0; i < 6 && rc == 0; i++)
-			if ((e = cudaMemcpyAsync(host_out[i], d[dev_of[i]], sz[dev_of[i]], cudaMemcpyDeviceToHost, s)) !=
-				cudaSuccess)
-				rc = (int) e;
+		rc = hook_close(s, d, sz, NBUF, dev_of, host_out, 6, rc);
 	}
-	if (s && (e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
-		rc = (int) e;
-	for (int i = 0; i < NBUF; i++)
-		cudaFree(d[i]);
-	if (s)
-		cudaStreamDestroy(s);
 	free(ints);
 	free(ptrs);
 	return rc;
@@ -424,12 +450,7 @@ kl_cuda_test_kda_chunked(int n, int H, int K, const float *q, const float *k, co
 	in[G] = g;
 	in[BETA] = beta;
 	in[S_O] = in[S_N] = S;
-	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess)
-		rc = (int) e;
-	for (int i = 0; i < NBUF && rc == 0; i++)
-		if ((e = cudaMalloc(&d[i], sz[i])) != cudaSuccess ||
-			(in[i] && (e = cudaMemcpyAsync(d[i], in[i], sz[i], cudaMemcpyHostToDevice, s)) != cudaSuccess))
-			rc = (int) e;
+	rc = hook_open(&s, d, sz, in, NBUF);
 	if (rc == 0)
 		rc = kk_kda_chunked(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_O], d[O_O], d[SCR_O]);
 	if (rc == 0)
@@ -440,17 +461,8 @@ kl_cuda_test_kda_chunked(int n, int H, int K, const float *q, const float *k, co
 		void	   *host_out[4] = {o_old, o_new, S_old, S_new};
 		int			dev_of[4] = {O_O, O_N, S_O, S_N};
 
-		for (int i = 0; i < 4 && rc == 0; i++)
-			if ((e = cudaMemcpyAsync(host_out[i], d[dev_of[i]], sz[dev_of[i]], cudaMemcpyDeviceToHost, s)) !=
-				cudaSuccess)
-				rc = (int) e;
+		rc = hook_close(s, d, sz, NBUF, dev_of, host_out, 4, rc);
 	}
-	if (s && (e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
-		rc = (int) e;
-	for (int i = 0; i < NBUF; i++)
-		cudaFree(d[i]);
-	if (s)
-		cudaStreamDestroy(s);
 	return rc;
 }
 
@@ -527,12 +539,7 @@ kl_cuda_test_kda_elem(int warp, int ns, const int *row0, int H, int K, int W, fl
 	in[T] = tails;
 	in[ROW0] = row0;
 	in[ROWSEQ] = rseq;
-	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess)
-		rc = (int) e;
-	for (int i = 0; i < NBUF && rc == 0; i++)
-		if ((e = cudaMalloc(&d[i], sz[i])) != cudaSuccess ||
-			(in[i] && (e = cudaMemcpyAsync(d[i], in[i], sz[i], cudaMemcpyHostToDevice, s)) != cudaSuccess))
-			rc = (int) e;
+	rc = hook_open(&s, d, sz, in, NBUF);
 	if (rc == 0)
 	{
 		for (int i = 0; i < ns; i++)
@@ -556,17 +563,8 @@ kl_cuda_test_kda_elem(int warp, int ns, const int *row0, int H, int K, int W, fl
 		void	   *host_out[7] = {qo, ko, vo, g, beta, out, tails_out};
 		int			dev_of[7] = {QO, KO, VO, F, BETA, OUT, T};
 
-		for (int i = 0; i < 7 && rc == 0; i++)
-			if ((e = cudaMemcpyAsync(host_out[i], d[dev_of[i]], sz[dev_of[i]], cudaMemcpyDeviceToHost, s)) !=
-				cudaSuccess)
-				rc = (int) e;
+		rc = hook_close(s, d, sz, NBUF, dev_of, host_out, 7, rc);
 	}
-	if (s && (e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
-		rc = (int) e;
-	for (int i = 0; i < NBUF; i++)
-		cudaFree(d[i]);
-	if (s)
-		cudaStreamDestroy(s);
 	free(rseq);
 	free(ptrs);
 	return rc;
