@@ -417,8 +417,13 @@ kda_alone_prec(int H, int K, const long *Ts, int nT, const char *prec)
 static void
 kda_alone(int H, int K, const long *Ts, int nT)
 {
-	kda_alone_prec(H, K, Ts, nT, "fp32");
-	kda_alone_prec(H, K, Ts, nT, "bf16");
+	/* KL_BENCH_KDA_PREC=fp32 or bf16: that precision only (profiles of one path) */
+	const char *only = getenv("KL_BENCH_KDA_PREC");
+
+	if (!only || strcmp(only, "bf16") != 0)
+		kda_alone_prec(H, K, Ts, nT, "fp32");
+	if (!only || strcmp(only, "fp32") != 0)
+		kda_alone_prec(H, K, Ts, nT, "bf16");
 }
 
 /* ------------------------------------------------------------------ the MLA prefill attention alone */
