@@ -131,10 +131,12 @@ if dr:
               f"| {r['relerr_max']} | {r['greedy_agree']} of {r['steps']} |")
 
 
-def ours_vs_theirs(title, ours_kind, ours_default, theirs_kind, theirs_key, theirs_prefix):
+def ours_vs_theirs(title, ours_kind, ours_default, theirs_kinds, theirs_key):
     """One table: a row per T; ours per variant= or path= (ours_default where
-    the line has neither; a tag= other than "-" labels it too), theirs per theirs_key; then each of ours against each of theirs
-    as theirs ms / ours ms (the last line of each (label, T) counts)."""
+    the line has neither; a tag= other than "-" labels it too), theirs per
+    kind (theirs_kinds: kind -> label prefix) and theirs_key; then each of ours
+    against each of theirs as theirs ms / ours ms (the last line of each
+    (label, T) counts)."""
     ours, theirs = {}, {}
     for r in rows:
         if "ms" not in r or "T" not in r:
@@ -144,8 +146,8 @@ def ours_vs_theirs(title, ours_kind, ours_default, theirs_kind, theirs_key, thei
             if "tag" in r and r["tag"] not in ("", "-"):
                 label += f" ({r['tag']})"
             ours[(label, int(r["T"]))] = float(r["ms"])
-        elif r["kind"] == theirs_kind:
-            theirs[(f"{theirs_prefix} {r.get(theirs_key, '?')}", int(r["T"]))] = float(r["ms"])
+        elif r["kind"] in theirs_kinds:
+            theirs[(f"{theirs_kinds[r['kind']]} {r.get(theirs_key, '?')}", int(r["T"]))] = float(r["ms"])
     if not ours:
         return
     ov = list(dict.fromkeys(v for v, _ in ours))
@@ -163,6 +165,7 @@ def ours_vs_theirs(title, ours_kind, ours_default, theirs_kind, theirs_key, thei
         print(f"| | {T} | " + " | ".join(cells) + " |")
 
 
-ours_vs_theirs("KDA op alone (H=32, K=V=128)", "kda", "ours fp32", "fla", "dtype", "fla chunk_kda")
-ours_vs_theirs("MLA prefill attention (32 heads, q/k 192, v 128, causal)", "mla", "ours", "sdpa", "backend",
-               "torch sdpa")
+ours_vs_theirs("KDA op alone (H=32, K=V=128)", "kda", "ours fp32",
+               {"fla": "fla chunk_kda", "fla_layer": "fla conv+chunk_kda+norm"}, "dtype")
+ours_vs_theirs("MLA prefill attention (32 heads, q/k 192, v 128, causal)", "mla", "ours", {"sdpa": "torch sdpa"},
+               "backend")
