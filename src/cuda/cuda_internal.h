@@ -7,6 +7,7 @@
  *   cuda_kda.c, cuda_mla.c, cuda_moe.c   the mixers and the MoE feed-forward
  *   cuda_moe_prefill.c                   the MoE's prefill expert paths
  *   cuda_sample.c   choosing tokens on the device
+ *   cuda_test_hooks.c  buffer handling shared by the mixers' test hooks
  * The kernels are in kernels/ (launchers: kernels/kernels.h).
  *
  * Errors: every CUDA and cuBLAS call is checked; a failure sets be->failed and
@@ -528,6 +529,28 @@ bool		cuda_moe_experts_grouped(kl_backend *be, const kl_moe_layer *w, const int 
 /* cuda_sample.c: the backend's sample op */
 int			cuda_sample(kl_backend *be, float *logits, int vocab, const kl_sample_row *rows, int n, int32_t *ids,
 						kl_err *err);
+
+/*
+ * cuda_test_hooks.c: the buffer handling of the test hooks of cuda_kda.c and
+ * cuda_mla.c (never the backend's).  The caller sets *s and d[0 .. nbuf-1]
+ * to NULL first and calls hook_close whatever hook_open returned.
+ * hook_open makes the stream *s (non-blocking), then for each of the nbuf
+ * device buffers in turn allocates d[i] of sz[i] bytes and uploads in[i]
+ * where it is not NULL; it stops at the first failure.  hook_open_fill
+ * does the same, and sets every byte of a buffer without input (in[i]
+ * NULL) to fill where fill >= 0 (0xff: fp32 NaN, so that what a kernel
+ * leaves unwritten shows), each in its turn with the uploads.
+ * hook_close, while rc is still 0, copies device buffer d[dev_of[i]]
+ * (sz[dev_of[i]] bytes) into host_out[i] for i < nout, then waits for the
+ * stream (when there is one) and frees the buffers and the stream.
+ * hook_open and hook_open_fill return 0 or the first CUDA error; hook_close
+ * returns rc where it is not 0, else the first CUDA error of its copies or
+ * its wait, else 0.
+ */
+int			hook_open(cudaStream_t *s, void **d, const size_t *sz, const void *const *in, int nbuf);
+int			hook_open_fill(cudaStream_t *s, void **d, const size_t *sz, const void *const *in, int nbuf, int fill);
+int			hook_close(cudaStream_t s, void **d, const size_t *sz, int nbuf, const int *dev_of,
+					   void *const *host_out, int nout, int rc);
 
 /* test hook of cuda_moe.c (test_cuda.c calls it through dlsym): the fused
  * decode routing launchers on host inputs, outputs copied back */

@@ -226,46 +226,6 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 /* ------------------------------------------------------------------ test hook */
 
 /*
- * The test hooks below share their buffer handling: hook_open makes a stream,
- * allocates each of the nbuf device buffers d[i] of sz[i] bytes and uploads
- * in[i] where it is not NULL; hook_close copies device buffers dev_of[i] into
- * host_out[i] (i < nout) while rc is still 0, waits for the stream and frees
- * everything, whatever happened before.  Both return rc or the first CUDA
- * error (hook_close keeps an earlier rc).
- */
-static int
-hook_open(cudaStream_t *s, void **d, const size_t *sz, const void *const *in, int nbuf)
-{
-	cudaError_t e;
-
-	if ((e = cudaStreamCreateWithFlags(s, cudaStreamNonBlocking)) != cudaSuccess)
-		return (int) e;
-	for (int i = 0; i < nbuf; i++)
-		if ((e = cudaMalloc(&d[i], sz[i])) != cudaSuccess ||
-			(in[i] && (e = cudaMemcpyAsync(d[i], in[i], sz[i], cudaMemcpyHostToDevice, *s)) != cudaSuccess))
-			return (int) e;
-	return 0;
-}
-
-static int
-hook_close(cudaStream_t s, void **d, const size_t *sz, int nbuf, const int *dev_of, void *const *host_out, int nout,
-		   int rc)
-{
-	cudaError_t e;
-
-	for (int i = 0; i < nout && rc == 0; i++)
-		if ((e = cudaMemcpyAsync(host_out[i], d[dev_of[i]], sz[dev_of[i]], cudaMemcpyDeviceToHost, s)) != cudaSuccess)
-			rc = (int) e;
-	if (s && (e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
-		rc = (int) e;
-	for (int i = 0; i < nbuf; i++)
-		cudaFree(d[i]);
-	if (s)
-		cudaStreamDestroy(s);
-	return rc;
-}
-
-/*
  * For test/engine/test_cuda.c only (found with dlsym; the backend does not
  * use it): one decode step of ns sequences (row s is sequence s) through the
  * three kernels (kk_kda_prep, kk_kda_recurrent, kk_kda_gated_norm) and

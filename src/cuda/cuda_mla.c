@@ -230,52 +230,43 @@ kl_cuda_test_mla_small(int n, int Ha, int Dn, int Dr, int Dv, int R, int bf16, c
 					   const float *olat, const int *absorbed, float *qabs_old, float *qabs_new, float *out_old,
 					   float *out_new)
 {
+	enum
+	{
+		Q, W, OLAT, ROWSEQ, ABS, QA_O, QA_N, OUT_O, OUT_N, NBUF
+	};
 	size_t		nq = (size_t) n * Ha * (Dn + Dr),
 				nw = (size_t) Ha * (Dn + Dv) * R,
 				nqa = (size_t) n * Ha * (R + Dr),
 				no = (size_t) n * Ha * Dv;
-	size_t		sz[9] = {sizeof(float) * nq, nw * (bf16 ? 2 : 4), sizeof(float) * (size_t) n * Ha * R,
-						  sizeof(int) * (size_t) n, sizeof(int) * (size_t) n, sizeof(float) * nqa,
-						  sizeof(float) * nqa, sizeof(float) * no, sizeof(float) * no};
+	size_t		sz[NBUF] = {sizeof(float) * nq, nw * (bf16 ? 2 : 4), sizeof(float) * (size_t) n * Ha * R,
+							sizeof(int) * (size_t) n, sizeof(int) * (size_t) n, sizeof(float) * nqa,
+							sizeof(float) * nqa, sizeof(float) * no, sizeof(float) * no};
 	int		   *row_seq = malloc(sizeof(int) * (size_t) n);
-	const void *host_in[9] = {q, kv_b, olat, row_seq, absorbed, qabs_old, qabs_new, out_old, out_new};
-	void	   *host_out[9] = {NULL, NULL, NULL, NULL, NULL, qabs_old, qabs_new, out_old, out_new};
-	void	   *d[9] = {NULL};
+	/* the outputs' host contents go up too (the entries no kernel writes) */
+	const void *in[NBUF] = {q, kv_b, olat, row_seq, absorbed, qabs_old, qabs_new, out_old, out_new};
+	void	   *host_out[4] = {qabs_old, qabs_new, out_old, out_new};
+	int			dev_of[4] = {QA_O, QA_N, OUT_O, OUT_N};
+	void	   *d[NBUF] = {NULL};
 	cudaStream_t s = NULL;
 	cudaError_t e;
-	int			rc = 0;
+	int			rc;
 
 	if (!row_seq)
 		return (int) cudaErrorMemoryAllocation;
 	for (int t = 0; t < n; t++)
 		row_seq[t] = t;
-	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess)
-	{
-		free(row_seq);
-		return (int) e;
-	}
-	for (int i = 0; i < 9 && rc == 0; i++)
-		if ((e = cudaMalloc(&d[i], sz[i])) != cudaSuccess ||
-			(e = cudaMemcpyAsync(d[i], host_in[i], sz[i], cudaMemcpyHostToDevice, s)) != cudaSuccess)
-			rc = (int) e;
+	rc = hook_open(&s, d, sz, in, NBUF);
 	if (rc == 0)
 	{
-		kk_mla_absorb_q(s, n, Ha, Dn, Dr, Dv, R, d[0], d[1], bf16, d[5], d[3], d[4]);
-		kk_mla_out(s, n, Ha, Dn, Dv, R, d[2], d[1], bf16, d[7], d[3], d[4]);
-		if (kk_mla_absorb_q_stream(s, n, Ha, Dn, Dr, Dv, R, d[0], d[1], bf16, d[6], d[3], d[4]) != 0 ||
-			kk_mla_out_stream(s, n, Ha, Dn, Dv, R, d[2], d[1], bf16, d[8], d[3], d[4]) != 0)
+		kk_mla_absorb_q(s, n, Ha, Dn, Dr, Dv, R, d[Q], d[W], bf16, d[QA_O], d[ROWSEQ], d[ABS]);
+		kk_mla_out(s, n, Ha, Dn, Dv, R, d[OLAT], d[W], bf16, d[OUT_O], d[ROWSEQ], d[ABS]);
+		if (kk_mla_absorb_q_stream(s, n, Ha, Dn, Dr, Dv, R, d[Q], d[W], bf16, d[QA_N], d[ROWSEQ], d[ABS]) != 0 ||
+			kk_mla_out_stream(s, n, Ha, Dn, Dv, R, d[OLAT], d[W], bf16, d[OUT_N], d[ROWSEQ], d[ABS]) != 0)
 			rc = -1;
 		else if ((e = cudaGetLastError()) != cudaSuccess)
 			rc = (int) e;
 	}
-	for (int i = 5; i < 9 && rc == 0; i++)
-		if ((e = cudaMemcpyAsync(host_out[i], d[i], sz[i], cudaMemcpyDeviceToHost, s)) != cudaSuccess)
-			rc = (int) e;
-	if ((e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
-		rc = (int) e;
-	for (int i = 0; i < 9; i++)
-		cudaFree(d[i]);
-	cudaStreamDestroy(s);
+	rc = hook_close(s, d, sz, NBUF, dev_of, host_out, 4, rc);
 	free(row_seq);
 	return rc;
 }
@@ -528,38 +519,32 @@ __attribute__((visibility("default"))) int
 kl_cuda_test_mla_flash(int kind, int nr, int64_t pos0, int Ha, int Dn, int Dr, int Dv, int R, const uint16_t *q16,
 					   const uint16_t *kv16, const uint16_t *lat16, float *out)
 {
+	enum
+	{
+		Q, KV, LAT, OUT, NBUF
+	};
 	size_t		m = (size_t) (pos0 + nr);
-	size_t		sz[4] = {sizeof(uint16_t) * (size_t) nr * Ha * (Dn + Dr), sizeof(uint16_t) * m * Ha * (Dn + Dv),
-						  sizeof(uint16_t) * m * (R + Dr), sizeof(float) * (size_t) nr * Ha * Dv};
-	const void *host_in[3] = {q16, kv16, lat16};
-	void	   *d[4] = {NULL};
+	size_t		sz[NBUF] = {sizeof(uint16_t) * (size_t) nr * Ha * (Dn + Dr), sizeof(uint16_t) * m * Ha * (Dn + Dv),
+							sizeof(uint16_t) * m * (R + Dr), sizeof(float) * (size_t) nr * Ha * Dv};
+	const void *in[NBUF] = {q16, kv16, lat16, NULL};
+	void	   *host_out[1] = {out};
+	int			dev_of[1] = {OUT};
+	void	   *d[NBUF] = {NULL};
 	cudaStream_t s = NULL;
 	cudaError_t e;
-	int			rc = 0;
+	int			rc;
 
 	if (!flash_supported(kind, Ha, Dn, Dr, Dv, R))
 		return -1;
-	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess)
-		return (int) e;
-	for (int i = 0; i < 4 && rc == 0; i++)
-		if ((e = cudaMalloc(&d[i], sz[i])) != cudaSuccess ||
-			(i < 3 && (e = cudaMemcpyAsync(d[i], host_in[i], sz[i], cudaMemcpyHostToDevice, s)) != cudaSuccess) ||
-			(i == 3 && (e = cudaMemsetAsync(d[i], 0xff, sz[i], s)) != cudaSuccess))	/* NaN where not written */
-			rc = (int) e;
+	/* out: 0xff bytes (NaN) where the kernel does not write */
+	rc = hook_open_fill(&s, d, sz, in, NBUF, 0xff);
 	if (rc == 0)
 	{
-		rc = flash_launch(s, kind, nr, pos0, Ha, Dn, Dr, Dv, R, d[0], d[1], d[2], d[3]);
+		rc = flash_launch(s, kind, nr, pos0, Ha, Dn, Dr, Dv, R, d[Q], d[KV], d[LAT], d[OUT]);
 		if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
 			rc = (int) e;
 	}
-	if (rc == 0 && (e = cudaMemcpyAsync(out, d[3], sz[3], cudaMemcpyDeviceToHost, s)) != cudaSuccess)
-		rc = (int) e;
-	if ((e = cudaStreamSynchronize(s)) != cudaSuccess && rc == 0)
-		rc = (int) e;
-	for (int i = 0; i < 4; i++)
-		cudaFree(d[i]);
-	cudaStreamDestroy(s);
-	return rc;
+	return hook_close(s, d, sz, NBUF, dev_of, host_out, 1, rc);
 }
 
 static int
