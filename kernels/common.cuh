@@ -104,6 +104,29 @@ softplusf_(float x)
 }
 
 /*
+ * siluf_ and softplusf_ with the hardware exponential (ex2.approx) and, for
+ * silu, division (rcp.approx): for operands that are rounded to bf16 next
+ * (precision bf16's KDA prep, KK_KDA_EW_FAST).  __expf's error is 2 +
+ * 1.17 |x| ulp (3e-6 relative at |x| = 20), __fdividef's 2 ulp, so silu is
+ * within ~4e-6 relative of siluf_ (past |x| = 87 both give x or -0:
+ * __fdividef returns 0 for a denominator above 2^126, where the exact
+ * quotient is below 1e-36); softplus keeps log1pf, and log1p(e (1 + d))
+ * moves by at most d relative, so it is within ~3e-6 of softplusf_.  bf16
+ * rounding is 2^-9 = 2e-3.
+ */
+__device__ __forceinline__ float
+siluf_fast(float x)
+{
+	return __fdividef(x, 1.0f + __expf(-x));
+}
+
+__device__ __forceinline__ float
+softplusf_fast(float x)
+{
+	return x > 20.0f ? x : log1pf(__expf(x));
+}
+
+/*
  * Asynchronous 16-byte copies global -> shared (cp.async, sm_80+): a thread
  * issues all of its copies, then waits once, instead of waiting for every
  * load before it can store (which left most copy loops latency-bound).

@@ -113,11 +113,12 @@ kda_l2_scaled(float x, float ss, float scale)
 	return x * (scale / sqrtf(ss + 1e-6f));
 }
 
-/* decay g = A softplus(f + dt_bias), A = -exp(A_log) */
+/* decay g = A softplus(f + dt_bias), A = -exp(A_log) (FAST: softplusf_fast) */
+template <bool FAST = false>
 __device__ __forceinline__ float
 kda_decay(float A, float f, float dt_bias)
 {
-	return A * softplusf_(f + dt_bias);
+	return A * (FAST ? softplusf_fast(f + dt_bias) : softplusf_(f + dt_bias));
 }
 
 
@@ -259,7 +260,10 @@ kda_ew_place(int n_tokens, int H, int *t, int *h, int *c0)
  * kda_prep_kernel ~4 x 500 (its four threads' worth).  The element math is the same functions
  * in the same order (the taps oldest first from 0, siluf_, kda_head_sum =
  * block_sum's order, kda_l2_scaled, kda_decay, sigmoidf_), so the outputs
- * are kda_prep_kernel's bit for bit.
+ * are kda_prep_kernel's bit for bit.  FAST (KK_KDA_EW_FAST, precision bf16
+ * only): siluf_fast and softplusf_fast instead (~4e-6 relative; Nsight at
+ * 8192 rows x 32 heads x 128 put 28 % of the kernel's instructions in
+ * siluf_'s expf and IEEE division and 18 % in softplusf_).
  */
 #define KDA_RW_ROWS 16
 #define KDA_RW_WARPS 4
@@ -305,7 +309,7 @@ kda_lds4(const float4 *p)
 	return r;
 }
 
-template <int K, int W>
+template <int K, int W, bool FAST>
 __global__ void __launch_bounds__(KDA_RW_WARPS * 32, KDA_RW_MINB)
 kda_prep_rows_kernel(int n_tokens, int H, const float *__restrict__ q, const float *__restrict__ k,
 					 const float *__restrict__ v, float *f, const float *__restrict__ b,
@@ -442,7 +446,7 @@ kda_prep_rows_kernel(int n_tokens, int H, const float *__restrict__ q, const flo
 				for (int m = 0; m < W - 1; m++)
 					sum += wt[e * W + m] * xw[a][m][e];
 				sum += wt[e * W + W - 1] * xc;
-				y[a][e] = siluf_(sum);
+				y[a][e] = FAST ? siluf_fast(sum) : siluf_(sum);
 #pragma unroll
 				for (int m = 0; m + 1 < W - 1; m++)
 					xw[a][m][e] = xw[a][m + 1][e];
@@ -469,8 +473,10 @@ kda_prep_rows_kernel(int n_tokens, int H, const float *__restrict__ q, const flo
 													 kda_l2_scaled(y[1][2], ssk, 1.0f),
 													 kda_l2_scaled(y[1][3], ssk, 1.0f));
 				*(float4 *) (vo + off) = make_float4(y[2][0], y[2][1], y[2][2], y[2][3]);
-				*(float4 *) (f + off) = make_float4(kda_decay(A, cur.f.x, dt.x), kda_decay(A, cur.f.y, dt.y),
-													kda_decay(A, cur.f.z, dt.z), kda_decay(A, cur.f.w, dt.w));
+				*(float4 *) (f + off) = make_float4(kda_decay<FAST>(A, cur.f.x, dt.x),
+													kda_decay<FAST>(A, cur.f.y, dt.y),
+													kda_decay<FAST>(A, cur.f.z, dt.z),
+													kda_decay<FAST>(A, cur.f.w, dt.w));
 				if (c0 == 0)
 					beta[(size_t) t * H + h] = sigmoidf_(cur.b);
 			}
@@ -502,22 +508,32 @@ typedef void (*kda_prep_rows_fn) (int, int, const float *, const float *, const 
 								  float *, float *, float *, float *, const float *, const float *, const float *,
 								  const float *, const float *, const int *, const int *, float *const *, float);
 
-/* kda_prep_rows_kernel<K, W> for conv widths 2 .. 4, else NULL */
-template <int K>
+/* kda_prep_rows_kernel<K, W, FAST> for conv widths 2 .. 4, else NULL */
+template <int K, bool FAST>
 static kda_prep_rows_fn
 kda_prep_rows_for(int W)
 {
-	return W == 4 ? kda_prep_rows_kernel<K, 4> : W == 3 ? kda_prep_rows_kernel<K, 3> :
-		W == 2 ? kda_prep_rows_kernel<K, 2> : NULL;
+	return W == 4 ? kda_prep_rows_kernel<K, 4, FAST> : W == 3 ? kda_prep_rows_kernel<K, 3, FAST> :
+		W == 2 ? kda_prep_rows_kernel<K, 2, FAST> : NULL;
+}
+
+template <bool FAST>
+static kda_prep_rows_fn
+kda_prep_rows_pick(int K, int W)
+{
+	return K == 32 ? kda_prep_rows_for<32, FAST>(W) : K == 64 ? kda_prep_rows_for<64, FAST>(W) :
+		K == 128 ? kda_prep_rows_for<128, FAST>(W) : NULL;
 }
 
 /* prefill with KK_KDA_EW_PREP_ROWS: kda_prep_rows_kernel where it covers
- * K, W and the alignment; true when launched */
+ * K, W and the alignment (fast and KK_KDA_EW_FAST: its FAST form); true
+ * when launched */
 static bool
 kda_prep_rows(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q, const float *k, const float *v,
 			  float *f, const float *b, float *qo, float *ko, float *vo, float *beta,
 			  const float *conv_q, const float *conv_k, const float *conv_v, const float *A_log,
-			  const float *dt_bias, const int *row_seq, const int *row0, float *const *conv_tab, float qscale)
+			  const float *dt_bias, const int *row_seq, const int *row0, float *const *conv_tab, float qscale,
+			  bool fast)
 {
 	const void *p[] = {q, k, v, f, qo, ko, vo, dt_bias, conv_q, conv_k, conv_v};
 	size_t		walks = ceil_div((size_t) n_tokens, KDA_RW_ROWS * KDA_RW_WARPS);
@@ -526,8 +542,8 @@ kda_prep_rows(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q,
 
 	if (!(kda_elem_mode & KK_KDA_EW_PREP_ROWS) || !kda_ew_aligned(p, 11) || walks > 65535)
 		return false;
-	kern = K == 32 ? kda_prep_rows_for<32>(W) : K == 64 ? kda_prep_rows_for<64>(W) :
-		K == 128 ? kda_prep_rows_for<128>(W) : NULL;
+	kern = fast && (kda_elem_mode & KK_KDA_EW_FAST) ? kda_prep_rows_pick<true>(K, W) :
+		kda_prep_rows_pick<false>(K, W);
 	if (!kern)
 		return false;
 	/* heads fastest: the blocks running at once cover whole rows (16 KB runs at the 48B shape) */
@@ -538,19 +554,21 @@ kda_prep_rows(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q,
 }
 
 /* prefill: kda_prep_rows_kernel (KK_KDA_EW_PREP_ROWS) where it covers the
- * shape; else (and for decode steps, which shift the tails) kda_prep_kernel */
+ * shape; else (and for decode steps, which shift the tails) kda_prep_kernel
+ * (exact functions whatever fast says) */
 extern "C" void
 kk_kda_prep(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q, const float *k, const float *v,
 			float *f, const float *b, float *qo, float *ko, float *vo, float *beta,
 			const float *conv_q, const float *conv_k, const float *conv_v, const float *A_log,
-			const float *dt_bias, const int *row_seq, const int *row0, float *const *conv_tab, int write_tails)
+			const float *dt_bias, const int *row_seq, const int *row0, float *const *conv_tab, int write_tails,
+			int fast)
 {
 	dim3		grid(n_tokens, H);
 	float		qscale = 1.0f / sqrtf((float) K);
 
 	if (n_tokens > 0 && !write_tails &&
 		kda_prep_rows(s, n_tokens, H, K, W, q, k, v, f, b, qo, ko, vo, beta, conv_q, conv_k, conv_v, A_log, dt_bias,
-					  row_seq, row0, conv_tab, qscale))
+					  row_seq, row0, conv_tab, qscale, fast != 0))
 		return;
 	if (n_tokens > 0)
 		kk_launch(kda_prep_kernel, grid, dim3((K + 31) / 32 * 32), 0, s, H, K, W, q, k, v, f, b, qo, ko, vo, beta,

@@ -285,17 +285,22 @@ void		kk_kda_prep(cudaStream_t s, int n_tokens, int H, int K, int W, const float
 						const float *v, float *f, const float *b, float *qo, float *ko, float *vo, float *beta,
 						const float *conv_q, const float *conv_k, const float *conv_v, const float *A_log,
 						const float *dt_bias, const int *row_seq, const int *row0, float *const *conv_tab,
-						int write_tails);	/* write_tails: every sequence has one row; no kk_kda_tails */
+						int write_tails, int fast);	/* write_tails: every sequence has one row; no
+													 * kk_kda_tails.  fast: the caller's outputs
+													 * are rounded to bf16 next (KK_KDA_EW_FAST) */
 void		kk_kda_tails(cudaStream_t s, int n_seqs, int HK, int W, const float *q, const float *k, const float *v,
 						 const int *row0, float *const *conv_tab);
 /* Which kernels kk_kda_prep and kk_kda_gated_norm run (KL_CUDA_KDA_ELEM_WARP,
  * a mask of these bits; 0: a block per (row, head) for both, the old path).
- * All give the same outputs bit for bit.  K = 32, 64, 128 and 16-byte
- * aligned rows only; elsewhere the block kernels.  (Bit 1, the prep as a
- * warp per (row, head), was removed: slower than both; it is ignored.) */
+ * All give the same outputs bit for bit but FAST (within ~4e-6 relative:
+ * common.cuh's siluf_fast), which only applies where kk_kda_prep's caller
+ * says fast (precision bf16).  K = 32, 64, 128 and 16-byte aligned rows
+ * only; elsewhere the block kernels.  (Bit 1, the prep as a warp per
+ * (row, head), was removed: slower than both; it is ignored.) */
 #define KK_KDA_EW_NORM_WARP 2	/* gated norm: a warp per (row, head) */
 #define KK_KDA_EW_PREP_ROWS 4	/* prefill prep (no tails to shift; conv 2..4): a warp walks 16 rows */
-#define KK_KDA_EW_DEFAULT (KK_KDA_EW_NORM_WARP | KK_KDA_EW_PREP_ROWS)
+#define KK_KDA_EW_FAST 8			/* with PREP_ROWS and kk_kda_prep's fast: siluf_fast, softplusf_fast */
+#define KK_KDA_EW_DEFAULT (KK_KDA_EW_NORM_WARP | KK_KDA_EW_PREP_ROWS | KK_KDA_EW_FAST)
 /* sets the mask; returns the one it replaces */
 int			kk_set_kda_elem_warp(int mode);
 /* sequences with more than max_rows rows are left to kk_kda_chunked */

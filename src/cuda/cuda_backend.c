@@ -933,9 +933,13 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * (row, head) (98 us at 8192 tokens x 32 heads x 128 on the H200,
 		 * against the block kernel's 317), 4 prefill's prep as a warp walking
 		 * 16 rows (kda_prep_rows_kernel, 384 us against 667; decode steps keep
-		 * the block kernel).  Default 6; 0 a block per (row, head) for both,
-		 * the old path.  Bit 1 (the prep as a warp per (row, head), 913 us)
-		 * was removed and is ignored.
+		 * the block kernel), 8 (with 4, precision bf16 only) that prep with
+		 * the hardware exponential and division in silu and softplus
+		 * (common.cuh siluf_fast: within ~4e-6 relative, before q, k, v are
+		 * rounded to bf16 operands; the only bit that changes numbers).
+		 * Default 14; 0 a block per (row, head) for both, the old path.
+		 * Bit 1 (the prep as a warp per (row, head), 913 us) was removed
+		 * and is ignored.
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
@@ -981,7 +985,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
 		kk_set_kda_prep_mma(kpm && *kpm ? (atoi(kpm) >= 0 && atoi(kpm) <= 4 ? atoi(kpm) : 3) : 3);
-		kk_set_kda_elem_warp(kew && *kew ? atoi(kew) & (KK_KDA_EW_NORM_WARP | KK_KDA_EW_PREP_ROWS) :
+		kk_set_kda_elem_warp(kew && *kew ? atoi(kew) & (KK_KDA_EW_NORM_WARP | KK_KDA_EW_PREP_ROWS | KK_KDA_EW_FAST) :
 							 KK_KDA_EW_DEFAULT);
 		kk_set_kda_mma_form(kmma && atoi(kmma) >= 1 && atoi(kmma) <= 4 ? atoi(kmma) : 2);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;

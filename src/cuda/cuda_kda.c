@@ -162,7 +162,7 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 
 	/* decode (one row per sequence): the prep kernel shifts the tails itself */
 	kk_kda_prep(cs->stream, n, H, K, W, a->q, a->k, a->v, a->f, a->b, qo, ko, vo, beta, w->conv_q, w->conv_k,
-				w->conv_v, w->A_log, w->dt_bias, cs->d_row_seq, cs->d_row0, conv_tab, n == ns);
+				w->conv_v, w->A_log, w->dt_bias, cs->d_row_seq, cs->d_row0, conv_tab, n == ns, cs->bf16);
 	if (!cuda_launched(be, "kda_prep"))
 		return;
 	if (n != ns)
@@ -323,7 +323,7 @@ kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float eps, con
 	if (rc == 0)
 	{
 		kk_kda_prep(s, ns, H, K, W, d[Q], d[K_], d[V_], d[F_OLD], d[B], d[QO], d[KO], d[VO], d[BETA], d[CQ], d[CK],
-					d[CV], d[ALOG], d[DT], d[ROWSEQ], d[ROW0], d[CTAB_O], 1);
+					d[CV], d[ALOG], d[DT], d[ROWSEQ], d[ROW0], d[CTAB_O], 1, 0);
 		if (kk_kda_recurrent(s, ns, H, K, d[QO], d[KO], d[VO], d[F_OLD], d[BETA], d[O], d[ROW0], d[STAB_O], 16,
 							 round16) != 0)
 			rc = -1;
@@ -431,8 +431,8 @@ kl_cuda_test_kda_chunked(int n, int H, int K, const float *q, const float *k, co
  * kk_kda_tails when a sequence has several rows) and kk_kda_gated_norm on
  * one step of ns sequences, sequence s = rows row0[s] .. row0[s + 1] - 1,
  * with the kernels that KL_CUDA_KDA_ELEM_WARP's mask `warp` selects (0 the
- * block kernels; kernels.h's KK_KDA_EW_*); the backend's setting is
- * restored after.  Host
+ * block kernels; kernels.h's KK_KDA_EW_*: the prep is asked for fast, so
+ * KK_KDA_EW_FAST decides); the backend's setting is restored after.  Host
  * inputs: q, k, v, f, gate, o [n, H K] (o: what the gated norm normalizes),
  * b [n, H], conv_* [H K, W], A_log [H], dt_bias [H K], o_norm [K], tails
  * [ns, 3 H K W].  Outputs, copied back: qo, ko, vo, g (f after the prep),
@@ -511,7 +511,7 @@ kl_cuda_test_kda_elem(int warp, int ns, const int *row0, int H, int K, int W, fl
 	{
 		was = kk_set_kda_elem_warp(warp);
 		kk_kda_prep(s, n, H, K, W, d[Q], d[K_], d[V_], d[F], d[B], d[QO], d[KO], d[VO], d[BETA], d[CQ], d[CK],
-					d[CV], d[ALOG], d[DT], d[ROWSEQ], d[ROW0], d[CTAB], n == ns);
+					d[CV], d[ALOG], d[DT], d[ROWSEQ], d[ROW0], d[CTAB], n == ns, 1);
 		if (n != ns)
 			kk_kda_tails(s, ns, (int) HK, W, d[Q], d[K_], d[V_], d[ROW0], d[CTAB]);
 		kk_kda_gated_norm(s, n, H, K, d[O], d[GATE], d[ONORM], eps, d[OUT]);
