@@ -562,10 +562,13 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 			{
 				const uint16_t *u0 = st + L::U0 + (16 * rw + g) * L::LU + 8 * (j0 + j) + t2;
 
-				u[j][0] = bf16_to_f32(u0[0]);
-				u[j][1] = bf16_to_f32(u0[1]);
-				u[j][2] = bf16_to_f32(u0[8 * L::LU]);
-				u[j][3] = bf16_to_f32(u0[8 * L::LU + 1]);
+				uint32_t	lo = km_ld2(u0),
+							hi = km_ld2(u0 + 8 * L::LU);	/* one 4-byte load a row pair */
+
+				u[j][0] = __uint_as_float(lo << 16);
+				u[j][1] = __uint_as_float(lo & 0xffff0000u);
+				u[j][2] = __uint_as_float(hi << 16);
+				u[j][3] = __uint_as_float(hi & 0xffff0000u);
 			}
 #pragma unroll
 			for (int kk = 0; kk < K; kk += 32)
@@ -661,10 +664,13 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 #pragma unroll
 				for (int j = 0; j < JN; j++)
 				{
+					/* __stwb: one 8-byte store each (nvcc split the first
+					 * float2 store into two of 4 bytes, each touching all 8
+					 * rows' sectors for half their bytes) */
 					if (t < n)
-						*(float2 *) (orow + 8 * j) = make_float2(oa[j][0], oa[j][1]);
+						__stwb((float2 *) (orow + 8 * j), make_float2(oa[j][0], oa[j][1]));
 					if (t + 8 < n)
-						*(float2 *) (orow + 8 * ld + 8 * j) = make_float2(oa[j][2], oa[j][3]);
+						__stwb((float2 *) (orow + 8 * ld + 8 * j), make_float2(oa[j][2], oa[j][3]));
 				}
 			}
 		}
