@@ -736,6 +736,33 @@ kk_kda_chunk_mma_scratch(int n, int H, int K)
 	return tiles * (sizeof(uint16_t) * ((size_t) 4 * KM_C * K + (size_t) KM_C * KM_C) + sizeof(float) * K);
 }
 
+/* the arrays in a scratch of kk_kda_chunk_mma_scratch(n, H, K) bytes, per
+ * tile: W, U0, Qg [C][K], Kt^T [K][C], P [C][C] bf16, then Gam_end [K] fp32 */
+struct km_scratch
+{
+	uint16_t   *W16,
+			   *U16,
+			   *Q16,
+			   *Kt16,
+			   *P16;
+	float	   *gl;
+};
+
+static km_scratch
+km_scratch_arrays(void *scratch, int n, int H, int K)
+{
+	size_t		tiles = chunk_mma_tiles(n, H);
+	km_scratch	x;
+
+	x.W16 = (uint16_t *) scratch;
+	x.U16 = x.W16 + tiles * KM_C * K;
+	x.Q16 = x.U16 + tiles * KM_C * K;
+	x.Kt16 = x.Q16 + tiles * KM_C * K;
+	x.P16 = x.Kt16 + tiles * KM_C * K;
+	x.gl = (float *) (x.P16 + tiles * KM_C * KM_C);
+	return x;
+}
+
 /* set by kk_set_kda_mma_form: 1 the 4-warp kernel, 2 the wide one with 32
  * columns a block and 16 warps, 3 with 64 columns and 16 warps, 4 with 32
  * columns and 8 warps (KL_CUDA_KDA_MMA) */
@@ -823,29 +850,23 @@ extern "C" int
 kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
 				   const float *g, const float *beta, float *S, float *o, void *scratch)
 {
-	size_t		tiles = chunk_mma_tiles(n, H);
-	uint16_t   *W16 = (uint16_t *) scratch,
-			   *U16 = W16 + tiles * KM_C * K,
-			   *Q16 = U16 + tiles * KM_C * K,
-			   *Kt16 = Q16 + tiles * KM_C * K,
-			   *P16 = Kt16 + tiles * KM_C * K;
-	float	   *gl = (float *) (P16 + tiles * KM_C * KM_C);
+	km_scratch	x = km_scratch_arrays(scratch, n, H, K);
 	int			rc;
 
 	if (n <= 0)
 		return 0;
 	if (K != 32 && K != 64 && K != 128)
 		return -1;
-	if ((rc = kk_kda_chunk_prep_bf16(s, n, H, K, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl)) != 0)
+	if ((rc = kk_kda_chunk_prep_bf16(s, n, H, K, q, k, v, g, beta, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl)) != 0)
 		return rc;
 	switch (K)
 	{
 		case 32:
-			return chunk_mma_launch<32>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+			return chunk_mma_launch<32>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
 		case 64:
-			return chunk_mma_launch<64>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+			return chunk_mma_launch<64>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
 		default:
-			return chunk_mma_launch<128>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+			return chunk_mma_launch<128>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
 	}
 }
 
@@ -860,13 +881,7 @@ kk_kda_chunked_mma_fused(cudaStream_t s, int n, int H, int K, int W, const float
 						 const float *conv_v, const float *A_log, const float *dt_bias, float *const *tailp,
 						 float *S, float *o, void *scratch)
 {
-	size_t		tiles = chunk_mma_tiles(n, H);
-	uint16_t   *W16 = (uint16_t *) scratch,
-			   *U16 = W16 + tiles * KM_C * K,
-			   *Q16 = U16 + tiles * KM_C * K,
-			   *Kt16 = Q16 + tiles * KM_C * K,
-			   *P16 = Kt16 + tiles * KM_C * K;
-	float	   *gl = (float *) (P16 + tiles * KM_C * KM_C);
+	km_scratch	x = km_scratch_arrays(scratch, n, H, K);
 	int			rc;
 
 	if (n <= 0)
@@ -874,7 +889,7 @@ kk_kda_chunked_mma_fused(cudaStream_t s, int n, int H, int K, int W, const float
 	if (K != 128)
 		return -1;
 	if ((rc = kk_kda_chunk_prep_bf16_fused(s, n, H, K, W, q, k, v, f, b, conv_q, conv_k, conv_v, A_log, dt_bias,
-										   tailp, W16, U16, Q16, Kt16, P16, gl)) != 0)
+										   tailp, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl)) != 0)
 		return rc;
-	return chunk_mma_launch<128>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+	return chunk_mma_launch<128>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
 }

@@ -21,6 +21,45 @@
 #define RECURRENT_MAX 16
 
 /*
+ * A chunked launcher's return code rc for one sequence (kk_kda_chunked*:
+ * 0 launched, -1 / -2 head size not covered, else a CUDA error): true when
+ * the launch went out; otherwise the backend has failed with the reason.
+ */
+static bool
+chunked_launched(kl_backend *be, int rc, int K, const char *what)
+{
+	if (rc == -1 || rc == -2)
+	{
+		cuda_fail(be, KL_E_UNSUPPORTED, "KDA head size %d is not supported on the GPU", K);
+		return false;
+	}
+	if (rc != 0)
+		return cuda_ok(be, (cudaError_t) rc, what);
+	return cuda_launched(be, what);
+}
+
+/*
+ * The op's last stage: the gated RMSNorm of o (n rows) into a->out, with
+ * the bf16 twin o_proj reads (KL_CUDA_BF16_TWIN) where one is kept.
+ */
+static void
+cuda_kda_gated_norm(kl_backend *be, const kl_kda_args *a, int n, const float *o)
+{
+	cuda_state *cs = CS(be);
+	const kl_config *cfg = be->cfg;
+	int			H = cfg->kda_heads,
+				K = cfg->kda_head_dim,
+				HK = H * K;
+	uint16_t   *o16 = cuda_twin_out(be, n, HK);
+
+	if (be->failed)
+		return;
+	kk_kda_gated_norm_twin(cs->stream, n, H, K, o, a->gate, a->w->o_norm, cfg->rms_norm_eps, a->out, o16);
+	if (cuda_launched(be, "kda_gated_norm") && o16)
+		cuda_twin_set(cs, a->out, HK, n, HK, o16, false);
+}
+
+/*
  * A prefill step whose every sequence takes the chunkwise form on tensor
  * cores, with KL_CUDA_KDA_PREP_MMA=4 (kk_kda_prep_fused_ok): the elementwise
  * prep runs inside the chunk prep (kk_kda_chunked_mma_fused, a sequence at a
@@ -65,32 +104,13 @@ cuda_kda_fused(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 												  w->conv_v, w->A_log, w->dt_bias, conv_tab + s,
 												  st->seqs[s]->kda_S[a->kda_index], o + ro, scratch);
 
-		if (rc == -1 || rc == -2)
-		{
-			cuda_fail(be, KL_E_UNSUPPORTED, "KDA head size %d is not supported on the GPU", K);
-			return;
-		}
-		if (rc != 0)
-		{
-			cuda_ok(be, (cudaError_t) rc, "kda_chunked_fused");
-			return;
-		}
-		if (!cuda_launched(be, "kda_chunked_fused"))
+		if (!chunked_launched(be, rc, K, "kda_chunked_fused"))
 			return;
 	}
 	kk_kda_tails(cs->stream, ns, HK, W, a->q, a->k, a->v, cs->d_row0, conv_tab);
 	if (!cuda_launched(be, "kda_tails"))
 		return;
-	{
-		/* o_proj reads the output's bf16 twin (KL_CUDA_BF16_TWIN) */
-		uint16_t   *o16 = cuda_twin_out(be, n, HK);
-
-		if (be->failed)
-			return;
-		kk_kda_gated_norm_twin(cs->stream, n, H, K, o, a->gate, w->o_norm, cfg->rms_norm_eps, a->out, o16);
-		if (cuda_launched(be, "kda_gated_norm") && o16)
-			cuda_twin_set(cs, a->out, HK, n, HK, o16, false);
-	}
+	cuda_kda_gated_norm(be, a, n, o);
 }
 
 void
@@ -198,29 +218,10 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 								st->seqs[s]->kda_S[a->kda_index], o + (size_t) r0 * HK, scratch);
 		/* -2 (kk_kda_chunked_mma: shared memory too small) cannot happen from
 		 * sm_80 on: one stage of K = 128 takes 81 KB */
-		if (rc == -1 || rc == -2)
-		{
-			cuda_fail(be, KL_E_UNSUPPORTED, "KDA head size %d is not supported on the GPU", K);
-			return;
-		}
-		if (rc != 0)
-		{
-			cuda_ok(be, (cudaError_t) rc, "kda_chunked");
-			return;
-		}
-		if (!cuda_launched(be, "kda_chunked"))
+		if (!chunked_launched(be, rc, K, "kda_chunked"))
 			return;
 	}
-	{
-		/* o_proj reads the output's bf16 twin (KL_CUDA_BF16_TWIN) */
-		uint16_t   *o16 = cuda_twin_out(be, n, HK);
-
-		if (be->failed)
-			return;
-		kk_kda_gated_norm_twin(cs->stream, n, H, K, o, a->gate, w->o_norm, cfg->rms_norm_eps, a->out, o16);
-		if (cuda_launched(be, "kda_gated_norm") && o16)
-			cuda_twin_set(cs, a->out, HK, n, HK, o16, false);
-	}
+	cuda_kda_gated_norm(be, a, n, o);
 }
 
 /* ------------------------------------------------------------------ test hook */
