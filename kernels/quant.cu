@@ -5,45 +5,51 @@
  *                     reference values fl(value(q) * scale), bit for bit) or
  *                     bf16 (those rounded to nearest even): the panels prefill
  *                     hands to cuBLAS, and MLA's kv_b copy
+ *   kk_q_dequant_many_bf16  many matrices of one form at once, as bf16: the
+ *                     quantized experts of a prefill layer for the batched
+ *                     bf16 products (cuda_moe_prefill.c)
  *   kk_q_fill_random  random quantized weights made on the device
  *                     (benchmarks of models too large to make on the host)
- * Both are simple grid-stride kernels: a prefill panel's conversion is small
- * next to the GEMM that reads it, and random weights are made once.
+ * Grid-stride kernels: a conversion is small next to the GEMMs that read it
+ * (16 columns a piece where the shape allows), and random weights are made
+ * once.
  */
 #include "common.cuh"
 
 /* ------------------------------------------------------------------ decoding */
 
 /*
- * value(q) * scale of element c of a row, as quant.h's kl_q_dequant_row
- * computes it: FP8's bits placed in an fp32 read as the value times 2^-120
- * exactly (subnormal codes too, as fp32 subnormals: the build keeps
- * denormals), and scale * 2^120 is exact since |scale| < 256; the one
- * product is then the single rounding of value * scale.
+ * value(q) * scale for the code of one element (FP8: its byte; int8: its
+ * byte; int4: its nibble, q + 8), as quant.h's kl_q_dequant_row computes it:
+ * FP8's bits placed in an fp32 read as the value times 2^-120 exactly
+ * (subnormal codes too, as fp32 subnormals: the build keeps denormals), and
+ * scale * 2^120 is exact since |scale| < 256; the one product is then the
+ * single rounding of value * scale.
  */
 __device__ __forceinline__ float
-q_value(const uint8_t *row, int fmt, int c, float s)
+q_code_value(uint32_t b, int fmt, float s)
 {
 	switch (fmt)
 	{
 		case KK_WF_FP8:
-			{
-				uint32_t	b = row[c];
-				float		f = __uint_as_float(((b & 0x80u) << 24) | ((b & 0x7fu) << 20));
-
-				return __fmul_rn(f, s * 0x1p120f);
-			}
+			return __fmul_rn(__uint_as_float(((b & 0x80u) << 24) | ((b & 0x7fu) << 20)), s * 0x1p120f);
 		case KK_WF_INT8:
-			return __fmul_rn((float) (int8_t) row[c], s);
-		default:				/* KK_WF_INT4: column c is nibble c % 2 of byte c / 2 */
-			{
-				uint32_t	b = row[c >> 1];
-
-				return __fmul_rn((float) ((int) ((c & 1) ? b >> 4 : b & 15u) - 8), s);
-			}
+			return __fmul_rn((float) (int8_t) b, s);
+		default:				/* KK_WF_INT4 */
+			return __fmul_rn((float) ((int) b - 8), s);
 	}
 }
 
+/* the code of element c of a row (int4: column c is nibble c % 2 of byte c / 2) */
+__device__ __forceinline__ uint32_t
+q_code(const uint8_t *row, int fmt, int c)
+{
+	if (fmt != KK_WF_INT4)
+		return row[c];
+	return (c & 1) ? row[c >> 1] >> 4 : row[c >> 1] & 15u;
+}
+
+/* the general path: any shape, an element a thread */
 __global__ void
 q_dequant_kernel(void *dst, int out_bf16, const uint8_t *W, const float *scales, size_t rb, int ng, int fmt,
 				 int group, int cols, int r0, int nr)
@@ -57,7 +63,7 @@ q_dequant_kernel(void *dst, int out_bf16, const uint8_t *W, const float *scales,
 	{
 		size_t		r = (size_t) r0 + i / (size_t) cols;
 		int			c = (int) (i % (size_t) cols);
-		float		v = q_value(W + r * rb, fmt, c, scales[r * ng + c / group]);
+		float		v = q_code_value(q_code(W + r * rb, fmt, c), fmt, scales[r * ng + c / group]);
 
 		if (out_bf16)
 			((uint16_t *) dst)[i] = f32_to_bf16(v);
@@ -66,19 +72,180 @@ q_dequant_kernel(void *dst, int out_bf16, const uint8_t *W, const float *scales,
 	}
 }
 
+/*
+ * The vector path (cols and group multiples of 16, 16-byte aligned rows): a
+ * thread decodes 16 consecutive columns at a time (16 bytes of FP8 / int8,
+ * 8 bytes of int4), one scale for them, and stores them as two 16-byte bf16
+ * or four fp32 stores; two such pieces are requested before either is used
+ * (the conversion streams at the copy rate only with enough bytes in
+ * flight).  Matrix blockIdx.y: W / dst, or Ws[y] / dsts[y] where those
+ * device arrays are given (many matrices of one form and shape in one
+ * launch: the quantized experts of a prefill layer).  Same values as the
+ * general path, bit for bit.
+ */
+#define Q_VEC 16				/* columns a piece */
+
+struct q_piece
+{
+	uint32_t	w[4];			/* FP8 / int8: 16 bytes; int4: w[0], w[1] */
+};
+
+__device__ __forceinline__ q_piece
+q_load_piece(const uint8_t *row, int fmt, int c)
+{
+	q_piece		p;
+
+	if (fmt == KK_WF_INT4)
+	{
+		uint2		v = *(const uint2 *) (row + c / 2);
+
+		p.w[0] = v.x;
+		p.w[1] = v.y;
+		p.w[2] = p.w[3] = 0;
+	}
+	else
+	{
+		uint4		v = *(const uint4 *) (row + c);
+
+		p.w[0] = v.x;
+		p.w[1] = v.y;
+		p.w[2] = v.z;
+		p.w[3] = v.w;
+	}
+	return p;
+}
+
+/* the piece's 16 values times s, stored at dst + o (bf16 or fp32) */
+__device__ __forceinline__ void
+q_store_piece(void *dst, int out_bf16, size_t o, const q_piece &p, int fmt, float s)
+{
+	float		v[Q_VEC];
+
+	for (int i = 0; i < Q_VEC; i++)
+	{
+		uint32_t	code = fmt == KK_WF_INT4 ? (p.w[i >> 3] >> (4 * (i & 7))) & 15u :
+			(p.w[i >> 2] >> (8 * (i & 3))) & 0xffu;
+
+		v[i] = q_code_value(code, fmt, s);
+	}
+	if (out_bf16)
+	{
+		uint4	   *d = (uint4 *) ((uint16_t *) dst + o);
+
+		for (int h = 0; h < 2; h++)
+		{
+			const float *f = v + 8 * h;
+
+			d[h] = make_uint4(f32_to_bf16(f[0]) | (uint32_t) f32_to_bf16(f[1]) << 16,
+							  f32_to_bf16(f[2]) | (uint32_t) f32_to_bf16(f[3]) << 16,
+							  f32_to_bf16(f[4]) | (uint32_t) f32_to_bf16(f[5]) << 16,
+							  f32_to_bf16(f[6]) | (uint32_t) f32_to_bf16(f[7]) << 16);
+		}
+	}
+	else
+	{
+		float4	   *d = (float4 *) ((float *) dst + o);
+
+		for (int q = 0; q < 4; q++)
+			d[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+	}
+}
+
+__global__ void
+q_dequant16_kernel(void *dst, int out_bf16, const uint8_t *W, void *const *dsts, const void *const *Ws, int rows,
+				   int fmt, int group, int cols, int r0, int nr)
+{
+	const unsigned cpn = (unsigned) (cols / Q_VEC);
+	const size_t rb = kk_q_row_bytes(fmt, cols);
+	const int	ng = kk_q_groups(cols, group);
+	const unsigned units = (unsigned) nr * cpn,
+				stride = gridDim.x * blockDim.x;
+
+	kk_dep_wait();
+	kk_dep_launch();
+	if (Ws)
+	{
+		W = (const uint8_t *) Ws[blockIdx.y];
+		dst = dsts[blockIdx.y];
+	}
+	const float *scales = (const float *) (W + kk_q_scale_offset(rows, fmt, cols));
+
+	for (unsigned u = blockIdx.x * blockDim.x + threadIdx.x; u < units; u += 2 * stride)
+	{
+		unsigned	u1 = u + stride,
+					rr0 = u / cpn,
+					rr1 = u1 / cpn;
+		int			c0 = (int) (u - rr0 * cpn) * Q_VEC,
+					c1 = (int) (u1 - rr1 * cpn) * Q_VEC;
+		size_t		r0g = (size_t) r0 + rr0,
+					r1g = (size_t) r0 + rr1;
+		q_piece		p0 = q_load_piece(W + r0g * rb, fmt, c0),
+					p1;
+
+		if (u1 < units)
+			p1 = q_load_piece(W + r1g * rb, fmt, c1);
+		q_store_piece(dst, out_bf16, (size_t) rr0 * cols + c0, p0, fmt, scales[r0g * ng + c0 / group]);
+		if (u1 < units)
+			q_store_piece(dst, out_bf16, (size_t) rr1 * cols + c1, p1, fmt, scales[r1g * ng + c1 / group]);
+	}
+}
+
+static bool
+q_form_ok(int fmt, int group, int cols)
+{
+	return cols > 0 && group > 0 && (fmt == KK_WF_FP8 || fmt == KK_WF_INT8 || fmt == KK_WF_INT4);
+}
+
+/* does the vector path take this shape (dst and the matrix 16-byte aligned)? */
+static bool
+q_vec_ok(int group, int cols, const void *dst, const void *W)
+{
+	return cols % Q_VEC == 0 && group % Q_VEC == 0 && ((uintptr_t) dst & 15) == 0 && ((uintptr_t) W & 15) == 0;
+}
+
+/* blocks of 256 threads for units work items, a few waves at most */
+static unsigned
+q_blocks(size_t units)
+{
+	size_t		b = (units + 255) / 256;
+
+	return b < 4096 ? (unsigned) (b ? b : 1) : 4096u;
+}
+
 extern "C" void
 kk_q_dequant(cudaStream_t s, void *dst, int out_bf16, const void *W, int fmt, int group, int rows, int cols,
 			 int r0, int nr)
 {
 	size_t		blocks = ((size_t) nr * cols + 255) / 256;
 
-	if (nr <= 0 || cols <= 0 || group <= 0 || (fmt != KK_WF_FP8 && fmt != KK_WF_INT8 && fmt != KK_WF_INT4))
+	if (nr <= 0 || !q_form_ok(fmt, group, cols))
 		return;
-	/* (kernels.h's layout helpers are host functions) */
+	if (q_vec_ok(group, cols, dst, W) && (size_t) nr * (cols / Q_VEC) < (1u << 30))
+	{
+		kk_launch(q_dequant16_kernel, dim3(q_blocks((size_t) nr * (cols / Q_VEC) / 2 + 1)), dim3(256), 0, s, dst,
+				  out_bf16,
+				  (const uint8_t *) W, (void *const *) NULL, (const void *const *) NULL, rows, fmt, group, cols,
+				  r0, nr);
+		return;
+	}
 	kk_launch(q_dequant_kernel, dim3(blocks < 16384 ? (unsigned) blocks : 16384u), dim3(256), 0, s, dst,
 			  out_bf16, (const uint8_t *) W,
 			  (const float *) ((const uint8_t *) W + kk_q_scale_offset(rows, fmt, cols)),
 			  kk_q_row_bytes(fmt, cols), kk_q_groups(cols, group), fmt, group, cols, r0, nr);
+}
+
+extern "C" int
+kk_q_dequant_many_bf16(cudaStream_t s, void *const *dsts, const void *const *Ws, int count, int fmt, int group,
+					   int rows, int cols)
+{
+	if (count <= 0 || rows <= 0)
+		return 0;
+	if (!q_form_ok(fmt, group, cols) || cols % Q_VEC != 0 || group % Q_VEC != 0 || count > 65535 ||
+		(size_t) rows * (cols / Q_VEC) >= (1u << 30))
+		return -1;
+	kk_launch(q_dequant16_kernel, dim3(q_blocks((size_t) rows * (cols / Q_VEC) / 4 + 1), (unsigned) count),
+			  dim3(256), 0, s, (void *) NULL, 1, (const uint8_t *) NULL, dsts, Ws, rows, fmt, group, cols, 0, rows);
+	return 0;
 }
 
 /* ------------------------------------------------------------------ random weights */

@@ -867,6 +867,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 
 		cs->moe_prefill = mp && (strcmp(mp, "0") == 0 || strcmp(mp, "3") == 0) ? atoi(mp) : 4;
 		cs->moe_prefill_ran = -1;
+		/* KL_CUDA_Q_BATCHED=0: quantized experts keep variant 0 (a product per expert on converted panels) */
+		mp = getenv("KL_CUDA_Q_BATCHED");
+		cs->moe_q_batched = !(mp && strcmp(mp, "0") == 0);
 	}
 	cudaDeviceGetAttribute(&cs->sm_count, cudaDevAttrMultiProcessorCount, idx);
 	if (cs->sm_count <= 0)

@@ -68,6 +68,7 @@ enum cuda_buf_id
 	CB_MOE_Y16,					/* KL_CUDA_MOE_PREFILL=3: expert outputs in bf16, where CB_MOE_Y lacks room */
 	CB_MOE_GU16,				/* KL_CUDA_MOE_PREFILL=3: gate and up results in bf16, where CB_MOE_G/U lack room */
 	CB_MOE_PAD,					/* KL_CUDA_MOE_PREFILL=4: kk_moe_pad_group's work and summary */
+	CB_MOE_WQ16,				/* variants 3 and 4: quantized experts converted to bf16 (cuda_moe_prefill.c) */
 	CB_SAMPLE_PROB,
 	CB_TWIN,					/* bf16 twins written by their producers (cuda_twin_out) */
 	CB_COUNT
@@ -265,11 +266,15 @@ typedef struct cuda_state
 	 * falling back to 0 where cuBLAS refuses them; 4 (default) the same
 	 * products with the grouping made on the device (cuda_moe_device_group),
 	 * falling back to 3 where the shape is not covered and to 0 where cuBLAS
-	 * refuses.
+	 * refuses.  Quantized experts take 3 and 4 too (moe_q_batched,
+	 * KL_CUDA_Q_BATCHED=0 keeps them on 0): the layer's used experts are
+	 * converted to bf16 (kk_q_dequant_many_bf16, the panels' values) into
+	 * CB_MOE_WQ16 before each stage's products.
 	 * moe_prefill_ran: the variant the last such op ran (-1: none yet).
 	 */
 	int			moe_prefill;
 	int			moe_prefill_ran;
+	bool		moe_q_batched;
 	/*
 	 * Variant 3 (cuda_moe_prefill.c, cuda_moe_experts_batched16): the used
 	 * experts of the last prefill op by size class, from cuda_moe_host_group
@@ -301,7 +306,7 @@ typedef struct cuda_state
 	/* variant 3's pointer arrays for moe_grp_cap problems (pinned, uploaded
 	 * asynchronously: cuda_upload_sync would drain the stream) */
 	int			moe_grp_cap;
-	void	  **moe_grp_ptrs;	/* pinned [3][cap]: A (weights), B (rows), C */
+	void	  **moe_grp_ptrs;	/* pinned [4][cap]: A (weights), B (rows), C, quantized source of A */
 	/*
 	 * Benchmarks only (kl_cuda_bench_moe_products, cuda_moe.c): events
 	 * recorded around a prefill MoE's expert products (NULL: none), and

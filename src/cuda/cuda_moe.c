@@ -61,6 +61,19 @@ cuda_moe_mark(cuda_state *cs, int i)
 
 /* ------------------------------------------------------------------ expert tables */
 
+/*
+ * Can prefill variants 3 and 4 take expert matrices of this form with cols
+ * columns?  bf16 ones; quantized ones where kk_q_dequant_many_bf16 converts
+ * them (and KL_CUDA_Q_BATCHED allows).
+ */
+static bool
+batched_form(const cuda_state *cs, int fmt, int group, int cols)
+{
+	if (fmt == KK_WF_BF16)
+		return true;
+	return cs->moe_q_batched && fmt >= KK_WF_FP8 && cols % 16 == 0 && group % 16 == 0;
+}
+
 /* Is W in form fmt (KK_WF_*), with group columns per scale when quantized? */
 static bool
 in_form(const kl_weight *W, int fmt, int group)
@@ -455,9 +468,9 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 
 		float	   *xe = cuda_buf(be, CB_MOE_X, sizeof(float) * nk * D);
 		const int  *st;
-		/* (bf16 experts only: quantized ones go through cuda_matmul_raw's panels) */
-		bool		batched = cs->moe_prefill >= 3 && cs->bf16 && wbf && tab->fmt_down == KK_WF_BF16 &&
-			tab->uniform && !cs->moe_batched_refused;
+		/* (bf16 experts, or quantized ones converted to bf16 for the products) */
+		bool		batched = cs->moe_prefill >= 3 && cs->bf16 && tab->uniform && !cs->moe_batched_refused &&
+			batched_form(cs, tab->fmt_gu, tab->group_gu, D) && batched_form(cs, tab->fmt_down, tab->group_down, F);
 
 		if (!xe)
 			return;

@@ -500,20 +500,44 @@ batch_arrays(kl_backend *be, int cap)
 	cudaFreeHost(cs->moe_grp_ptrs);
 	cs->moe_grp_ptrs = NULL;
 	cs->moe_grp_cap = 0;
-	if (!cuda_ok(be, cudaMallocHost((void **) &cs->moe_grp_ptrs, sizeof(void *) * 3 * (size_t) cap),
+	if (!cuda_ok(be, cudaMallocHost((void **) &cs->moe_grp_ptrs, sizeof(void *) * 4 * (size_t) cap),
 				 "cudaMallocHost (batched GEMM pointers)"))
 		return false;
 	cs->moe_grp_cap = cap;
 	return true;
 }
 
-/* problem i of variant 3 in the pinned pointer arrays: A (weights), B (rows), C (results) */
+/*
+ * problem i of variant 3 in the pinned pointer arrays: A (the bf16 weights
+ * the product reads), B (rows), C (results), and the quantized matrix that
+ * A is converted from (NULL: A is the expert's own bf16 matrix)
+ */
 static void
-batch_problem(cuda_state *cs, int i, const void *W, const uint16_t *X, uint16_t *C)
+batch_problem(cuda_state *cs, int i, const void *W, const uint16_t *X, uint16_t *C, const void *Wq)
 {
 	cs->moe_grp_ptrs[i] = (void *) W;
 	cs->moe_grp_ptrs[cs->moe_grp_cap + i] = (void *) X;
 	cs->moe_grp_ptrs[2 * cs->moe_grp_cap + i] = C;
+	cs->moe_grp_ptrs[3 * cs->moe_grp_cap + i] = (void *) Wq;
+}
+
+/*
+ * Quantized experts in variants 3 and 4: problems i0 .. i0 + count - 1's
+ * quantized matrices (like W, [rows, cols]) converted into their A slots of
+ * CB_MOE_WQ16, as the panels' bf16 values (kk_q_dequant_many_bf16).
+ */
+static bool
+batch_dequant(kl_backend *be, void **dev, int i0, int count, const kl_weight *W)
+{
+	cuda_state *cs = CS(be);
+
+	if (kk_q_dequant_many_bf16(cs->stream, dev + i0, (const void *const *) (dev + 3 * cs->moe_grp_cap + i0), count,
+							   cuda_weight_fmt(W), W->q.group, W->rows, W->cols) != 0)
+	{
+		cuda_fail(be, KL_E_INTERNAL, "internal error: quantized experts of a shape the bf16 conversion does not take");
+		return false;
+	}
+	return cuda_launched(be, "quantized experts to bf16");
 }
 
 /* problems i0 .. i0 + count - 1 of variant 3, all C [S, m] = X [S, kd] W^T, W [m, kd], in one batched call */
@@ -590,8 +614,11 @@ cuda_moe_batched_products(kl_backend *be, const kl_moe_layer *w, int D, int F, i
 			   *h16 = cuda_buf(be, CB_MOE_H16, sizeof(uint16_t) * Np * F),
 			   *g16,
 			   *u16,
-			   *ye16;
+			   *ye16,
+			   *wq16 = NULL;
 	void	  **dev;
+	bool		qgu = false,
+				qd = false;
 	cublasStatus_t bst = CUBLAS_STATUS_SUCCESS;
 
 	if (!x16 || !h16 || !batch_arrays(be, 3 * cs->moe_cls_cap))
@@ -611,26 +638,44 @@ cuda_moe_batched_products(kl_backend *be, const kl_moe_layer *w, int D, int F, i
 			return NULL;
 	}
 	cap = cs->moe_grp_cap;
-	dev = cuda_buf(be, CB_MOE_PTRS, sizeof(void *) * 3 * (size_t) cap);
+	dev = cuda_buf(be, CB_MOE_PTRS, sizeof(void *) * 4 * (size_t) cap);
 	if (!dev)
+		return NULL;
+	if (A > 0)
+	{
+		qgu = cuda_weight_quantized(&w->experts[order[0]].gate);
+		qd = cuda_weight_quantized(&w->experts[order[0]].down);
+	}
+	/*
+	 * Quantized experts: converted to bf16 stage by stage into one arena (the
+	 * down matrices reuse the gate/up room: the stream has finished the
+	 * gate/up products before their conversion starts)
+	 */
+	if ((qgu || qd) && !(wq16 = cuda_buf(be, CB_MOE_WQ16, sizeof(uint16_t) * (qgu ? 2 : 1) * (size_t) A * F * D)))
 		return NULL;
 	/* class after class: gate and up problems 2j, 2j + 1; down 2A + j (j: the expert's place in order) */
 	for (int j = 0; j < A; j++)
 	{
-		int			e = order[j];
-		size_t		b = (size_t) base[e];
+		const kl_mlp *ex = &w->experts[order[j]];
+		size_t		b = (size_t) base[order[j]],
+					FD = (size_t) F * D;
 
-		batch_problem(cs, 2 * j, w->experts[e].gate.dev, x16 + b * D, g16 + b * F);
-		batch_problem(cs, 2 * j + 1, w->experts[e].up.dev, x16 + b * D, u16 + b * F);
-		batch_problem(cs, 2 * A + j, w->experts[e].down.dev, h16 + b * F, ye16 + b * D);
+		batch_problem(cs, 2 * j, qgu ? wq16 + 2 * j * FD : ex->gate.dev, x16 + b * D, g16 + b * F,
+					  qgu ? ex->gate.dev : NULL);
+		batch_problem(cs, 2 * j + 1, qgu ? wq16 + (2 * j + 1) * FD : ex->up.dev, x16 + b * D, u16 + b * F,
+					  qgu ? ex->up.dev : NULL);
+		batch_problem(cs, 2 * A + j, qd ? wq16 + j * FD : ex->down.dev, h16 + b * F, ye16 + b * D,
+					  qd ? ex->down.dev : NULL);
 	}
 	/* (the previous op's copy of these arrays is complete: cuda_moe_host_group
 	 * drained the stream since, or cuda_moe_device_group_wait waited for an
 	 * event recorded after it) */
-	if (!cuda_ok(be, cudaMemcpyAsync(dev, cs->moe_grp_ptrs, sizeof(void *) * 3 * (size_t) cap,
+	if (!cuda_ok(be, cudaMemcpyAsync(dev, cs->moe_grp_ptrs, sizeof(void *) * ((qgu || qd) ? 4 : 3) * (size_t) cap,
 									 cudaMemcpyHostToDevice, cs->stream), "batched GEMM pointers upload"))
 		return NULL;
 	cuda_moe_mark(cs, 0);
+	if (qgu && !batch_dequant(be, dev, 0, 2 * A, &w->experts[order[0]].gate))
+		return NULL;
 	for (int c = 0; c < ncls && bst == CUBLAS_STATUS_SUCCESS; c++)
 		bst = batch_call(cs, dev, 2 * first[c], 2 * (first[c + 1] - first[c]), F, size[c], D);
 	cuda_moe_mark(cs, 1);
@@ -640,6 +685,8 @@ cuda_moe_batched_products(kl_backend *be, const kl_moe_layer *w, int D, int F, i
 		if (!cuda_launched(be, "swiglu (bf16 from bf16)"))
 			return NULL;
 		cuda_moe_mark(cs, 2);
+		if (qd && !batch_dequant(be, dev, 2 * A, A, &w->experts[order[0]].down))
+			return NULL;
 		for (int c = 0; c < ncls && bst == CUBLAS_STATUS_SUCCESS; c++)
 			bst = batch_call(cs, dev, 2 * A + first[c], first[c + 1] - first[c], D, size[c], F);
 		cuda_moe_mark(cs, 3);

@@ -762,6 +762,92 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 			kl_model_free(mv[v]);
 }
 
+/* a random model of config made on the GPU in bf16 precision (seed 7), quantized as asked, with env name=val */
+static kl_model *
+q_prefill_model(const char *config, const char *quantize, const char *name, const char *val)
+{
+	char		path[] = "/tmp/kl_test_cuda_XXXXXX";
+	int			fd = mkstemp(path);
+	kl_load_opts og = {0};
+	kl_model   *m;
+	kl_err		err = {0};
+
+	if (fd < 0 || write(fd, config, strlen(config)) != (ssize_t) strlen(config))
+		die("write a temporary config", &err);
+	close(fd);
+	og.device = "cuda";
+	og.precision = "bf16";
+	og.quantize = quantize;
+	if (name)
+		setenv(name, val, 1);	/* (read when the backend is made) */
+	if (kl_model_create_random(path, &og, "bf16", 7, &m, &err) != KL_OK)
+		die("random quantized model", &err);
+	if (name)
+		unsetenv(name);
+	unlink(path);
+	return m;
+}
+
+/*
+ * Quantized experts in the batched prefill paths (KL_CUDA_MOE_PREFILL 4 and
+ * 3, the experts converted to bf16 by kk_q_dequant_many_bf16 stage by stage)
+ * against the older per-expert loop on converted panels (KL_CUDA_Q_BATCHED=0:
+ * variant 0), the MoE op alone, same random quantized weights (seed 7): the
+ * products see the same bf16 weights (the panels' values, check_q_dequant)
+ * and the same bf16 rows, so the difference is variant 3's bf16 rounding of
+ * gate x, up x and the outputs, bounded by 1e-2 as in check_moe_prefill.
+ * 997 tokens (every expert used) and 100 (working memory of its own); 4
+ * equals 3 bit for bit.
+ */
+static void
+check_moe_prefill_q(const char *config, const char *quantize)
+{
+	kl_model   *m0 = q_prefill_model(config, quantize, "KL_CUDA_Q_BATCHED", "0"),
+			   *m3 = q_prefill_model(config, quantize, "KL_CUDA_MOE_PREFILL", "3"),
+			   *m4 = q_prefill_model(config, quantize, NULL, NULL);
+	const kl_config *c = kl_model_config(m4);
+	moe_path_fn path = moe_path_hook(m4);
+	uint64_t	rs = 0x5eed14;
+	int			L = -1,
+				Ts[2] = {997, 100};
+
+	for (int i = 0; i < c->n_layers && L < 0; i++)
+		if (m4->layers[i].is_moe)
+			L = i;
+	if (!path || L < 0)
+		tap_ok(0, "the CUDA library exports kl_cuda_moe_prefill_path (and the model has an MoE layer)");
+	else
+		for (int ti = 0; ti < 2; ti++)
+		{
+			int			T = Ts[ti],
+						i0[3] = {-9, -9, -9},
+						i3[3] = {-9, -9, -9},
+						i4[3] = {-9, -9, -9};
+			size_t		n = (size_t) T * c->hidden_size;
+			float	   *x = rand_floats(n, -1, 1, &rs),
+					   *y0 = moe_op_alone(m0, L, x, T),
+					   *y3 = moe_op_alone(m3, L, x, T),
+					   *y4 = moe_op_alone(m4, L, x, T);
+
+			path(m0->be, i0);
+			path(m3->be, i3);
+			path(m4->be, i4);
+			tap_ok(i0[1] == 0 && i3[1] == 3 && i4[1] == 4 && rel_err(y3, y0, n) <= 1e-2,
+				   "%s experts, bf16 prefill, %d tokens: batched products on experts converted to bf16 (3) vs "
+				   "the per-expert loop on panels (0) (rel err %.2e; ran %d, %d, %d)", quantize, T,
+				   rel_err(y3, y0, n), i0[1], i3[1], i4[1]);
+			tap_ok(memcmp(y4, y3, sizeof(float) * n) == 0, "%s experts, bf16 prefill, %d tokens: device grouping "
+				   "(4) equals variant 3 bit for bit (rel err %.2e)", quantize, T, rel_err(y4, y3, n));
+			free(x);
+			free(y0);
+			free(y3);
+			free(y4);
+		}
+	kl_model_free(m0);
+	kl_model_free(m3);
+	kl_model_free(m4);
+}
+
 /*
  * The MLA decode attention over the bf16 cache on tensor cores
  * (mla_attend_mma, the default in bf16 precision; KL_CUDA_MLA_MMA=0 keeps
@@ -1431,6 +1517,8 @@ check_big_shapes(void)
 		}
 		/* the prefill expert paths (KL_CUDA_MOE_PREFILL) against each other, the MoE op alone */
 		check_moe_prefill(cpu, g16, big_config, &ob);
+		check_moe_prefill_q(big_config, "fp8");
+		check_moe_prefill_q(big_config, "int4");
 		free(lg);
 		lg = logits_of(g16, ids, T, 1, false, NULL);
 		{
