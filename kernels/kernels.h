@@ -253,8 +253,13 @@ void		kk_expert_gemv_q(cudaStream_t s, float *y0, float *y1, int ldy, const floa
  * kk_gemv_multi_mma_q: up to KK_GEMV_JOBS such products of the same n rows
  * (every job quantized, fmt and group per job);
  * kk_expert_mma_q: as kk_expert_mma (items of at most KK_EXPERT_MMA_ROWS).
+ * kk_set_mma_q_direct(on) (default 1; the backend's KL_CUDA_Q_DIRECT): FP8
+ * products with one scale a row, cols % 64 == 0 and n <= 8 in the direct
+ * kernel (a 16-row tile a block, activations read per chunk), else all in
+ * the staging one.
  */
 #define KK_GEMV_MMA_Q_ROWS 64
+void		kk_set_mma_q_direct(int on);
 int			kk_mma_q_ok(int fmt, int group, int cols);
 void		kk_gemv_mma_q(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int fmt,
 						  int group, int rows, int cols);

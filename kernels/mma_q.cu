@@ -449,6 +449,240 @@ gemv_mma_q_kernel(kk_gemv_batch b, int T, int seg)
 	}
 }
 
+/* ------------------------------------------------------------------ direct products, up to 8 rows */
+
+/*
+ * gemv_mma_q_direct_kernel (KL_CUDA_Q_DIRECT, default on): FP8 with one
+ * scale a row, cols % 64 == 0, n <= 8 rows — the decode steps of 2 to 8
+ * tokens.  gemv_mma_kernel's design (expert_mma.cu) with FP8 weights: a
+ * block is one 16-row tile, its 8 warps split k (warp w takes the 64-column
+ * chunks w, w + 8, ...), and lane (g, t) reads token g's fp32 activations
+ * for its 16 columns of each chunk straight from global memory (L1-resident
+ * rows) beside its 16 weight bytes of rows g and g + 8, one register set
+ * ahead of the mma.  No staging and no barrier before the stream starts:
+ * gemv_mma_q_kernel stages every row in shared memory first, which at 8
+ * rows left it slower than the bf16 products it halves the bytes of
+ * (bench/notes-cuda.md, issue 11 second session).  Word i of a lane's 16
+ * bytes gives the mma step's a0 / a2 (row g) and a1 / a3 (row g + 8) by
+ * mq_fp8_lo / mq_fp8_hi; the activations of the same 4 columns, times 2^64
+ * and rounded to bf16 as mq_stage does, are b0 / b1.  Partial tiles are
+ * added in warp order, then times the row's scale and 2^56.
+ */
+#define MD_WARPS 8
+
+/* register sets of chunks: two chunks a set for one tile a warp, one for more (registers) */
+template <int MT>
+struct md_shape
+{
+	static constexpr int U = MT == 1 ? 2 : 1;
+};
+
+/* the weight pieces of the warp's chunks i0 .. i0 + U (chunk c = warp + MD_WARPS i) for its MT tiles' rows g and g + 8 */
+template <int MT, int U>
+__device__ __forceinline__ void
+md_load_w(uint32_t (&w)[U][MT][2][4], const uint8_t *const (&rg)[MT][2], int warp, int i0, int nchunk)
+{
+#pragma unroll
+	for (int u = 0; u < U; u++)
+	{
+		int			c = warp + MD_WARPS * (i0 + u);
+
+		if (c < nchunk)
+#pragma unroll
+			for (int m = 0; m < MT; m++)
+			{
+				mq_ld<16>(w[u][m][0], rg[m][0] + 64 * (size_t) c);
+				mq_ld<16>(w[u][m][1], rg[m][1] + 64 * (size_t) c);
+			}
+	}
+}
+
+/* token g's 16 activations of the lane's columns of those chunks (zeros when has_x is false) */
+template <int U>
+__device__ __forceinline__ void
+md_load_x(float4 (&x)[U][4], const float *xg, bool has_x, bool vec, int warp, int i0, int nchunk)
+{
+#pragma unroll
+	for (int u = 0; u < U; u++)
+	{
+		int			c = warp + MD_WARPS * (i0 + u);
+		const float *xp = xg + 64 * (size_t) c;
+
+#pragma unroll
+		for (int q = 0; q < 4; q++)
+			x[u][q] = make_float4(0, 0, 0, 0);
+		if (has_x && c < nchunk)
+		{
+#pragma unroll
+			for (int q = 0; q < 4; q++)
+				x[u][q] = vec ? __ldg((const float4 *) xp + q) :
+					make_float4(xp[4 * q], xp[4 * q + 1], xp[4 * q + 2], xp[4 * q + 3]);
+		}
+	}
+}
+
+/* two activations times 2^64 as a bf16 pair (the low half first) */
+__device__ __forceinline__ uint32_t
+md_x_pair(float a, float b)
+{
+	return (uint32_t) f32_to_bf16(a * MQ_FP8_XSCALE) | ((uint32_t) f32_to_bf16(b * MQ_FP8_XSCALE) << 16);
+}
+
+/* acc[m] += the chunks' steps: each activation pair converted once for the MT tiles */
+template <int MT, int U>
+__device__ __forceinline__ void
+md_compute(float (&acc)[MT][4], const uint32_t (&w)[U][MT][2][4], const float4 (&x)[U][4], int warp, int i0,
+		   int nchunk)
+{
+#pragma unroll
+	for (int u = 0; u < U; u++)
+	{
+		if (warp + MD_WARPS * (i0 + u) >= nchunk)
+			break;
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+		{
+			const float4 &v = x[u][i];
+			uint32_t	b0 = md_x_pair(v.x, v.y),
+						b1 = md_x_pair(v.z, v.w);
+
+#pragma unroll
+			for (int m = 0; m < MT; m++)
+				mma_bf16_16816(acc[m], mq_fp8_lo(w[u][m][0][i]), mq_fp8_lo(w[u][m][1][i]), mq_fp8_hi(w[u][m][0][i]),
+							   mq_fp8_hi(w[u][m][1][i]), b0, b1);
+		}
+	}
+}
+
+/* block b: MT 16-row tiles of the job (kk_tile_blocks(b, MT)) */
+template <int MT>
+__global__ void __launch_bounds__(MD_WARPS * 32, MT >= 4 ? 1 : 2)
+gemv_mma_q_direct_kernel(kk_gemv_batch b)
+{
+	constexpr int U = md_shape<MT>::U;
+	__shared__ float part[MD_WARPS][32][4 * MT];
+	int			j = kk_batch_job(b);
+	const kk_gemv_job *jb = &b.job[j];
+	int			rows = jb->rows,
+				cols = jb->cols,
+				nchunk = cols >> 6;
+	int			warp = threadIdx.x >> 5,
+				lane = threadIdx.x & 31,
+				g = lane >> 2,
+				t = lane & 3;
+	int			r0 = ((int) blockIdx.x - b.first_block[j]) * 16 * MT;
+	const uint8_t *W = (const uint8_t *) jb->W,
+			   *rg[MT][2];
+	const float *sc = (const float *) (W + kk_q_scale_offset(rows, KK_WF_FP8, cols));
+	int			per_warp = (nchunk - warp + MD_WARPS - 1) / MD_WARPS;
+	bool		has_x = g < b.n;
+	float		acc[MT][4];
+	uint32_t	wa[U][MT][2][4],
+				wb[U][MT][2][4];
+	float4		xa[U][4],
+				xb[U][4];
+	const float *xg;
+
+#pragma unroll
+	for (int m = 0; m < MT; m++)
+	{
+		int			ra = r0 + 16 * m + g,
+					rb = ra + 8;
+
+		rg[m][0] = W + (size_t) (ra < rows ? ra : rows - 1) * cols + 16 * t;
+		rg[m][1] = W + (size_t) (rb < rows ? rb : rows - 1) * cols + 16 * t;
+		acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0;
+	}
+	/* the weights do not depend on earlier kernels: request them before waiting */
+	md_load_w<MT, U>(wa, rg, warp, 0, nchunk);
+	kk_dep_wait();
+	kk_dep_launch();
+	xg = jb->x + (size_t) (has_x ? g : 0) * jb->ldx + 16 * t;
+	md_load_x<U>(xa, xg, has_x, jb->vec, warp, 0, nchunk);
+	for (int i = 0; i < per_warp; i += 2 * U)
+	{
+		if (i + U < per_warp)
+		{
+			md_load_w<MT, U>(wb, rg, warp, i + U, nchunk);
+			md_load_x<U>(xb, xg, has_x, jb->vec, warp, i + U, nchunk);
+		}
+		md_compute<MT, U>(acc, wa, xa, warp, i, nchunk);
+		if (i + U >= per_warp)
+			break;
+		if (i + 2 * U < per_warp)
+		{
+			md_load_w<MT, U>(wa, rg, warp, i + 2 * U, nchunk);
+			md_load_x<U>(xa, xg, has_x, jb->vec, warp, i + 2 * U, nchunk);
+		}
+		md_compute<MT, U>(acc, wb, xb, warp, i + U, nchunk);
+	}
+#pragma unroll
+	for (int m = 0; m < MT; m++)
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+			part[warp][lane][4 * m + i] = acc[m][i];
+	__syncthreads();
+	if (warp != 0)
+		return;
+#pragma unroll
+	for (int m = 0; m < MT; m++)
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+		{
+			int			row = r0 + 16 * m + g + (i >= 2 ? 8 : 0),
+						tok = 2 * t + (i & 1);
+			float		v = 0;
+
+			for (int w = 0; w < MD_WARPS; w++)
+				v += part[w][lane][4 * m + i];
+			if (row < rows && tok < b.n)
+				jb->y[(size_t) tok * jb->ldy + row] = v * __ldg(sc + row) * MQ_FP8_SCALE;
+		}
+}
+
+static int	mq_sms(void);
+
+/* set by kk_set_mma_q_direct: FP8 products of up to 8 rows in gemv_mma_q_direct_kernel where the shape fits,
+ * with up to this many tiles a block (0: never) */
+static int	mq_direct = 1;
+
+extern "C" void
+kk_set_mma_q_direct(int on)
+{
+	mq_direct = on;
+}
+
+/* does the direct kernel take this job (FP8, one scale a row, cols % 64 == 0) at n rows? */
+static bool
+mq_direct_ok(const kk_gemv_job *jb, int n)
+{
+	return mq_direct > 0 && n <= 8 && jb->fmt == KK_WF_FP8 && jb->group >= jb->cols && jb->cols % 64 == 0;
+}
+
+/*
+ * The direct kernel with the most tiles a block (up to mq_direct: 1, 2 or 4)
+ * that still gives every SM a block: more tiles share each converted
+ * activation pair (fewer instructions a weight byte), fewer blocks keep
+ * fewer loads in flight.
+ */
+static void
+mq_launch_direct(cudaStream_t s, kk_gemv_batch *b)
+{
+	int			sms = mq_sms(),
+				mt = mq_direct >= 4 ? 4 : mq_direct >= 2 ? 2 : 1,
+				blocks;
+
+	while (mt > 1 && kk_tile_blocks(b, mt) < sms)
+		mt /= 2;
+	blocks = kk_tile_blocks(b, mt);		/* (sets b->first_block for the kernel's copy) */
+	if (mt == 4)
+		kk_launch(gemv_mma_q_direct_kernel<4>, dim3(blocks), dim3(MD_WARPS * 32), 0, s, *b);
+	else if (mt == 2)
+		kk_launch(gemv_mma_q_direct_kernel<2>, dim3(blocks), dim3(MD_WARPS * 32), 0, s, *b);
+	else
+		kk_launch(gemv_mma_q_direct_kernel<1>, dim3(blocks), dim3(MD_WARPS * 32), 0, s, *b);
+}
+
 /* ------------------------------------------------------------------ host side */
 
 /* bytes a 16-byte-or-smaller lane load covers, given the format, group and
@@ -611,7 +845,9 @@ kk_gemv_multi_mma_q(cudaStream_t s, kk_gemv_batch *b)
 				sub.job[sub.count++] = b->job[i];
 				done[i] = true;
 			}
-		if (b->job[j].group < b->job[j].cols)
+		if (mq_direct_ok(&b->job[j], b->n))
+			mq_launch_direct(s, &sub);
+		else if (b->job[j].group < b->job[j].cols)
 			mq_dense_variant<true>(s, &sub, b->job[j].fmt, mq_lw(b->job[j].fmt, b->job[j].group, b->job[j].cols));
 		else
 			mq_dense_variant<false>(s, &sub, b->job[j].fmt, mq_lw(b->job[j].fmt, b->job[j].group, b->job[j].cols));

@@ -209,7 +209,9 @@ typedef struct cuda_state
 	 * rows (and at most 8) run on the tensor cores (0: never) */
 	int			gemv_mma_min;
 	/* KL_CUDA_Q_MMA: bf16-precision decode products of quantized weights of
-	 * at least this many rows run on the tensor cores (default 2; 0: never) */
+	 * at least this many rows run on the tensor cores (default 2; 0: never;
+	 * KL_CUDA_Q_DIRECT=0 keeps FP8 ones of up to 8 rows out of mma_q.cu's
+	 * direct kernel: kk_set_mma_q_direct) */
 	int			q_mma_min;
 	/* KL_CUDA_Q_EXPERT_MMA: decode steps of at least this many tokens run
 	 * quantized experts on the tensor cores in bf16 precision (default 4:
