@@ -5,7 +5,9 @@
  *
  * The expert choices come to the host, which groups them stably (as
  * cpu_moe.c does; cuda_moe_host_group).  With bf16 precision and bf16
- * experts, KL_CUDA_MOE_PREFILL picks how the expert products run:
+ * experts, or quantized ones (converted to bf16 stage by stage for the
+ * batched products: batch_dequant; KL_CUDA_Q_BATCHED=0 keeps them on 0),
+ * KL_CUDA_MOE_PREFILL picks how the expert products run:
  *   4 (default) variant 3 with the grouping made on the device
  *     (cuda_moe_device_group, kk_moe_pad_group): only the counts come to
  *     the host, which waits for them while the gather and the shared expert

@@ -762,9 +762,10 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 			kl_model_free(mv[v]);
 }
 
-/* a random model of config made on the GPU in bf16 precision (seed 7), quantized as asked, with env name=val */
+/* a random model of config made on the GPU in bf16 precision (seed 7), quantized as asked (NULL: bf16), with
+ * the environment variable name (NULL: none) set to val while the backend is made */
 static kl_model *
-q_prefill_model(const char *config, const char *quantize, const char *name, const char *val)
+random_gpu_model(const char *config, const char *quantize, const char *name, const char *val)
 {
 	char		path[] = "/tmp/kl_test_cuda_XXXXXX";
 	int			fd = mkstemp(path);
@@ -802,9 +803,9 @@ q_prefill_model(const char *config, const char *quantize, const char *name, cons
 static void
 check_moe_prefill_q(const char *config, const char *quantize)
 {
-	kl_model   *m0 = q_prefill_model(config, quantize, "KL_CUDA_Q_BATCHED", "0"),
-			   *m3 = q_prefill_model(config, quantize, "KL_CUDA_MOE_PREFILL", "3"),
-			   *m4 = q_prefill_model(config, quantize, NULL, NULL);
+	kl_model   *m0 = random_gpu_model(config, quantize, "KL_CUDA_Q_BATCHED", "0"),
+			   *m3 = random_gpu_model(config, quantize, "KL_CUDA_MOE_PREFILL", "3"),
+			   *m4 = random_gpu_model(config, quantize, NULL, NULL);
 	const kl_config *c = kl_model_config(m4);
 	moe_path_fn path = moe_path_hook(m4);
 	uint64_t	rs = 0x5eed14;
@@ -4045,25 +4046,7 @@ check_bf16_twin_kernels(void)
 static kl_model *
 twin_model(const char *config, const char *quantize, bool twin)
 {
-	char		path[] = "/tmp/kl_test_cuda_XXXXXX";
-	int			fd = mkstemp(path);
-	kl_load_opts og = {0};
-	kl_model   *m;
-	kl_err		err;
-
-	if (fd < 0 || write(fd, config, strlen(config)) != (ssize_t) strlen(config))
-		die("write a temporary config", NULL);
-	close(fd);
-	og.device = "cuda";
-	og.precision = "bf16";
-	og.quantize = quantize;
-	if (!twin)
-		setenv("KL_CUDA_BF16_TWIN", "0", 1);	/* read when the backend is made */
-	if (kl_model_create_random(path, &og, "bf16", 7, &m, &err) != KL_OK)
-		die("random model", &err);
-	unsetenv("KL_CUDA_BF16_TWIN");
-	unlink(path);
-	return m;
+	return random_gpu_model(config, quantize, twin ? NULL : "KL_CUDA_BF16_TWIN", "0");
 }
 
 /*
