@@ -28,9 +28,10 @@
  *          fl((n - 8) * s) (-8 s is exact).  The activations are permuted
  *          to match, once per product (kl_simd.q4_permute).
  *
- * Order of reading: int8 and FP8 on AVX-512 take one row at a time, front
- * to back, with eight accumulators per input (row8_avx512); int4 on
- * AVX-512 and every form on AVX2 read four rows side by side.
+ * Order of reading: int8 and FP8 on AVX-512 take rows of 1024 columns or
+ * more one at a time, front to back, with eight accumulators per input
+ * (row8_avx512); shorter rows, int4 on AVX-512 and every form on AVX2 are
+ * read four rows side by side.
  *
  * Batch invariance: each (row, input) pair accumulates in its own vector
  * in the same order whatever the number of rows and inputs a call handles
@@ -47,6 +48,14 @@
 #ifndef PF_ROWS
 #define PF_ROWS 8				/* rows ahead to prefetch */
 #endif
+/*
+ * int8 / FP8 on AVX-512: rows of at least this many columns are read one at
+ * a time (row8_avx512), shorter ones four side by side (tile8_avx512).  A
+ * long row streams faster alone; a short one pays more for its own
+ * reduction and activation loads than it gains (quant-cpu-levers.md).
+ * The choice depends on the matrix only, so batch invariance holds.
+ */
+#define ROW_MIN_COLS 1024
 
 static inline const float *
 row_scales(const kl_qmat *W, int r)
@@ -327,6 +336,88 @@ widen16_avx512(const uint8_t *p, __mmask16 m, bool part, bool fp8)
 }
 
 /*
+ * NR rows (1..4) of an int8 / FP8 matrix against NX inputs (1..2): each
+ * chunk of 16 weights is loaded and scaled once for the inputs.  Two
+ * accumulators per (row, input), for the chunks at even and odd multiples
+ * of 16 columns (independent FMA chains: one input is not latency-bound).
+ */
+#define CHUNK16(cc, part, m, acc) \
+	do { \
+		_Pragma("GCC unroll 4") \
+		for (int i = 0; i < NR; i++) \
+			wv[i] = post ? widen16_avx512(w[i] + (cc), m, part, fp8) : \
+				_mm512_mul_ps(widen16_avx512(w[i] + (cc), m, part, fp8), vs[i]); \
+		_Pragma("GCC unroll 2") \
+		for (int j = 0; j < NX; j++) \
+		{ \
+			const float *xj = x + (size_t) j * ldx + (cc); \
+			__m512		xv = part ? _mm512_maskz_loadu_ps(m, xj) : _mm512_loadu_ps(xj); \
+			_Pragma("GCC unroll 4") \
+			for (int i = 0; i < NR; i++) \
+				acc[j][i] = _mm512_fmadd_ps(wv[i], xv, acc[j][i]); \
+		} \
+	} while (0)
+
+AVX512 static INLINE void
+tile8_avx512(float *y, int ldy, const kl_qmat *W, const float *x, int ldx, int r, int NR, int NX,
+			 bool fp8, bool post, bool prefetch)
+{
+	int			cols = W->cols,
+				G = W->group;
+	const uint8_t *w[4];
+	const float *sc[4];
+	__m512		a0[2][4],
+				a1[2][4];
+
+	for (int i = 0; i < NR; i++)
+	{
+		w[i] = W->data + (size_t) (r + i) * W->row_bytes;
+		sc[i] = row_scales(W, r + i);
+		for (int j = 0; j < NX; j++)
+			a0[j][i] = a1[j][i] = _mm512_setzero_ps();
+	}
+	for (int g = 0; g < W->n_groups; g++)
+	{
+		int			c0 = g * G,
+					c1 = cols - c0 < G ? cols : c0 + G;
+		__m512		vs[4],
+					wv[4];
+		int			c = c0;
+
+		for (int i = 0; i < NR; i++)
+			vs[i] = _mm512_set1_ps(fp8 ? sc[i][g] * FP8_UNBIAS : sc[i][g]);
+		while (c < c1)
+		{
+			if (prefetch && (c & 63) == 0)
+				for (int i = 0; i < NR; i++)
+					_mm_prefetch((const char *) (w[i] + PF_ROWS * W->row_bytes + c), _MM_HINT_T0);
+			if (((c >> 4) & 1) == 0 && c + 32 <= c1)
+			{
+				CHUNK16(c, false, (__mmask16) 0xffff, a0);
+				CHUNK16(c + 16, false, (__mmask16) 0xffff, a1);
+				c += 32;
+			}
+			else
+			{
+				bool		part = c + 16 > c1;
+				__mmask16	m = part ? (__mmask16) ((1u << (c1 - c)) - 1) : (__mmask16) 0xffff;
+
+				if ((c >> 4) & 1)
+					CHUNK16(c, part, m, a1);
+				else
+					CHUNK16(c, part, m, a0);
+				c += 16;
+			}
+		}
+	}
+	for (int j = 0; j < NX; j++)
+		for (int i = 0; i < NR; i++)
+			y[(size_t) j * ldy + r + i] = post ?
+				_mm512_reduce_add_ps(_mm512_add_ps(a0[j][i], a1[j][i])) * sc[i][0] :
+				_mm512_reduce_add_ps(_mm512_add_ps(a0[j][i], a1[j][i]));
+}
+
+/*
  * int4 on AVX-512 reads a row 64 bytes (128 columns, a "span") at a time:
  * 32-bit lane k of the load holds columns 8k .. 8k+7 of the span as its 8
  * nibbles (nibble i = column 8k + i), so shifting the lanes right by 4i
@@ -525,14 +616,28 @@ row_avx512(float *y, int ldy, const kl_qmat *W, const float *x, int ldx, int r, 
 		row8_avx512(y, ldy, W, x, ldx, r, NX, false, false, true);
 }
 
+/* one (NR, NX) tile of any form (the constant arguments specialize the inlined tiles) */
+AVX512 static INLINE void
+tile_avx512(float *y, int ldy, const kl_qmat *W, const float *x, int ldx, int r, int NR, int NX, bool pf)
+{
+	if (W->type == KL_Q_INT4)
+		tile4_avx512(y, ldy, W, x, ldx, r, NR, NX, pf);
+	else if (W->type == KL_Q_FP8)
+		tile8_avx512(y, ldy, W, x, ldx, r, NR, NX, true, false, pf);
+	else if (W->n_groups == 1)
+		tile8_avx512(y, ldy, W, x, ldx, r, NR, NX, false, true, pf);
+	else
+		tile8_avx512(y, ldy, W, x, ldx, r, NR, NX, false, false, pf);
+}
+
 AVX512 void
 kl_gemv_q_avx512(float *y, int ldy, const kl_qmat *W, const float *x, int ldx, int nx, int r0, int r1)
 {
 	int			r = r0;
 
-	if (W->type != KL_Q_INT4)
+	if (W->type != KL_Q_INT4 && W->cols >= ROW_MIN_COLS)
 	{
-		/* int8, FP8: row by row, inputs two at a time, then one */
+		/* long int8 / FP8 rows: row by row, inputs two at a time, then one */
 		for (; r < r1; r++)
 		{
 			int			j = 0;
@@ -550,11 +655,11 @@ kl_gemv_q_avx512(float *y, int ldy, const kl_qmat *W, const float *x, int ldx, i
 
 		/* inputs two at a time, then one */
 		for (; j + 2 <= nx; j += 2)
-			tile4_avx512(y + (size_t) j * ldy, ldy, W, x + (size_t) j * ldx, ldx, r, 4, 2, j == 0);
+			tile_avx512(y + (size_t) j * ldy, ldy, W, x + (size_t) j * ldx, ldx, r, 4, 2, j == 0);
 		for (; j < nx; j++)
-			tile4_avx512(y + (size_t) j * ldy, ldy, W, x + (size_t) j * ldx, ldx, r, 4, 1, j == 0);
+			tile_avx512(y + (size_t) j * ldy, ldy, W, x + (size_t) j * ldx, ldx, r, 4, 1, j == 0);
 	}
 	for (; r < r1; r++)
 		for (int j = 0; j < nx; j++)
-			tile4_avx512(y + (size_t) j * ldy, ldy, W, x + (size_t) j * ldx, ldx, r, 1, 1, false);
+			tile_avx512(y + (size_t) j * ldy, ldy, W, x + (size_t) j * ldx, ldx, r, 1, 1, false);
 }
