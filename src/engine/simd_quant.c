@@ -28,6 +28,11 @@
  *          fl((n - 8) * s) (-8 s is exact).  The activations are permuted
  *          to match, once per product (kl_simd.q4_permute).
  *
+ * Order of reading: int8 and FP8 on AVX-512 take rows of 1024 columns or
+ * more one at a time, front to back, with eight accumulators per input
+ * (row8_avx512); shorter rows, int4 on AVX-512 and every form on AVX2 are
+ * read four rows side by side.
+ *
  * Batch invariance: each (row, input) pair accumulates in its own vector
  * in the same order whatever the number of rows and inputs a call handles
  * together, and is reduced the same way, so a row's result does not depend
@@ -43,6 +48,14 @@
 #ifndef PF_ROWS
 #define PF_ROWS 8				/* rows ahead to prefetch */
 #endif
+/*
+ * int8 / FP8 on AVX-512: rows of at least this many columns are read one at
+ * a time (row8_avx512), shorter ones four side by side (tile8_avx512).  A
+ * long row streams faster alone; a short one pays more for its own
+ * reduction and activation loads than it gains (quant-cpu-levers.md).
+ * The choice depends on the matrix only, so batch invariance holds.
+ */
+#define ROW_MIN_COLS 1024
 
 static inline const float *
 row_scales(const kl_qmat *W, int r)
@@ -523,6 +536,86 @@ tile4_avx512(float *y, int ldy, const kl_qmat *W, const float *xs, int ldx, int 
 			y[(size_t) j * ldy + r + i] = _mm512_reduce_add_ps(res[j][i]);
 }
 
+/*
+ * One row of an int8 / FP8 matrix against NX inputs (1..2), read front to
+ * back: the memory system streams one row at a time faster than it serves
+ * four rows read side by side (bench/results/quant-cpu-levers.md).  So that one
+ * row is not bound by FMA latency, the 16-column chunk k accumulates into
+ * acc[k % 8]: eight independent chains per input, summed in a fixed tree.
+ */
+#define ROW_CHUNK16(cc, part, m, k) \
+	do { \
+		__m512		wv_ = widen16_avx512(w + (cc), m, part, fp8); \
+		if (!post) \
+			wv_ = _mm512_mul_ps(wv_, grouped ? _mm512_set1_ps(sc[(cc) / G] * unbias) : vs); \
+		_Pragma("GCC unroll 2") \
+		for (int j = 0; j < NX; j++) \
+		{ \
+			const float *xj = x + (size_t) j * ldx + (cc); \
+			__m512		xv = part ? _mm512_maskz_loadu_ps(m, xj) : _mm512_loadu_ps(xj); \
+			acc[j][k] = _mm512_fmadd_ps(wv_, xv, acc[j][k]); \
+		} \
+	} while (0)
+
+AVX512 static INLINE void
+row8_avx512(float *y, int ldy, const kl_qmat *W, const float *x, int ldx, int r, int NX,
+			bool fp8, bool post, bool grouped)
+{
+	int			cols = W->cols,
+				G = W->group,
+				body = cols / 128 * 128;
+	const uint8_t *w = W->data + (size_t) r * W->row_bytes;
+	const float *sc = row_scales(W, r);
+	float		unbias = fp8 ? FP8_UNBIAS : 1.0f;
+	__m512		vs = _mm512_set1_ps(sc[0] * unbias);
+	__m512		acc[2][8];
+
+	for (int j = 0; j < NX; j++)
+		for (int k = 0; k < 8; k++)
+			acc[j][k] = _mm512_setzero_ps();
+	for (int c = 0; c < body; c += 128)
+	{
+#pragma GCC unroll 8
+		for (int k = 0; k < 8; k++)
+			ROW_CHUNK16(c + 16 * k, false, (__mmask16) 0xffff, k);
+	}
+#pragma GCC unroll 8
+	for (int k = 0; k < 8; k++)
+	{
+		int			cc = body + 16 * k;
+		bool		part = cc + 16 > cols;
+
+		if (cc >= cols)
+			break;
+		ROW_CHUNK16(cc, part, part ? (__mmask16) ((1u << (cols - cc)) - 1) : (__mmask16) 0xffff, k);
+	}
+	for (int j = 0; j < NX; j++)
+	{
+		__m512	   *a = acc[j];
+		float		s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+														  _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7]))));
+
+		y[(size_t) j * ldy + r] = post ? s * sc[0] : s;
+	}
+}
+
+/* one row of an int8 / FP8 matrix (the constant arguments specialize the inlined kernel) */
+AVX512 static INLINE void
+row_avx512(float *y, int ldy, const kl_qmat *W, const float *x, int ldx, int r, int NX)
+{
+	if (W->type == KL_Q_FP8)
+	{
+		if (W->n_groups == 1)
+			row8_avx512(y, ldy, W, x, ldx, r, NX, true, false, false);
+		else
+			row8_avx512(y, ldy, W, x, ldx, r, NX, true, false, true);
+	}
+	else if (W->n_groups == 1)
+		row8_avx512(y, ldy, W, x, ldx, r, NX, false, true, false);
+	else
+		row8_avx512(y, ldy, W, x, ldx, r, NX, false, false, true);
+}
+
 /* one (NR, NX) tile of any form (the constant arguments specialize the inlined tiles) */
 AVX512 static INLINE void
 tile_avx512(float *y, int ldy, const kl_qmat *W, const float *x, int ldx, int r, int NR, int NX, bool pf)
@@ -542,6 +635,20 @@ kl_gemv_q_avx512(float *y, int ldy, const kl_qmat *W, const float *x, int ldx, i
 {
 	int			r = r0;
 
+	if (W->type != KL_Q_INT4 && W->cols >= ROW_MIN_COLS)
+	{
+		/* long int8 / FP8 rows: row by row, inputs two at a time, then one */
+		for (; r < r1; r++)
+		{
+			int			j = 0;
+
+			for (; j + 2 <= nx; j += 2)
+				row_avx512(y + (size_t) j * ldy, ldy, W, x + (size_t) j * ldx, ldx, r, 2);
+			for (; j < nx; j++)
+				row_avx512(y + (size_t) j * ldy, ldy, W, x + (size_t) j * ldx, ldx, r, 1);
+		}
+		return;
+	}
 	for (; r + 4 <= r1; r += 4)
 	{
 		int			j = 0;

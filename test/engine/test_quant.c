@@ -248,6 +248,8 @@ test_kernels(void)
 		{KL_Q_INT4, 13, 384, 32}, {KL_Q_INT4, 9, 44, 0}, {KL_Q_INT4, 6, 200, 64}, {KL_Q_INT4, 5, 20, 32},
 		{KL_Q_INT4, 7, 1024, 128}, {KL_Q_INT4, 4, 72, 32}, {KL_Q_INT4, 6, 130, 0}, {KL_Q_INT4, 5, 320, 64},
 		{KL_Q_INT4, 9, 256, 256}, {KL_Q_INT4, 3, 8, 32},
+		/* rows of 1024 columns or more: AVX-512 reads int8 / FP8 rows one at a time */
+		{KL_Q_INT8, 5, 1040, 0}, {KL_Q_INT8, 3, 1100, 64}, {KL_Q_FP8, 6, 1300, 0}, {KL_Q_FP8, 3, 1152, 48},
 	};
 	static const char *levels[] = {"scalar", "avx2", "avx512"};
 
