@@ -34,6 +34,13 @@ f32_to_bf16(float f)
 	return (uint16_t) (u >> 16);
 }
 
+/* two floats as a bf16 pair (lo in the low half), each as f32_to_bf16 rounds it */
+__device__ __forceinline__ uint32_t
+pack_bf16x2(float lo, float hi)
+{
+	return (uint32_t) f32_to_bf16(lo) | ((uint32_t) f32_to_bf16(hi) << 16);
+}
+
 /* 8 consecutive weights as floats, from one 16-byte (bf16) or two (f32) loads */
 __device__ __forceinline__ void
 unpack8_bf16(uint4 v, float *w)

@@ -65,12 +65,6 @@ kp_frag_b(uint32_t *b, const uint16_t *bt, int ld, int n0, int k0, int lane)
 	b[1] = *(const uint32_t *) (p + 8);
 }
 
-__device__ __forceinline__ uint32_t
-kp_pack2(float lo, float hi)
-{
-	return (uint32_t) f32_to_bf16(lo) | ((uint32_t) f32_to_bf16(hi) << 16);
-}
-
 /* shared memory layout (bytes); U1 (the pair phase) and U2 (solve) overlap */
 template <int K>
 struct kp_layout
@@ -345,8 +339,8 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 
 			if (which == 0)
 			{
-				*(uint32_t *) (P + r * C + cc) = kp_pack2(acc[0], acc[1]);
-				*(uint32_t *) (P + (r + 8) * C + cc) = kp_pack2(acc[2], acc[3]);
+				*(uint32_t *) (P + r * C + cc) = pack_bf16x2(acc[0], acc[1]);
+				*(uint32_t *) (P + (r + 8) * C + cc) = pack_bf16x2(acc[2], acc[3]);
 			}
 			else
 			{
@@ -445,8 +439,8 @@ kda_chunk_prep_mma_kernel(int n, int H, const float *__restrict__ q, const float
 							r = 16 * m + gq;
 				uint16_t   *dst = col < K ? W16 + tile * C * K + col : U16 + tile * C * V + col - K;
 
-				*(uint32_t *) (dst + (size_t) r * K) = kp_pack2(acc[j][0], acc[j][1]);
-				*(uint32_t *) (dst + (size_t) (r + 8) * K) = kp_pack2(acc[j][2], acc[j][3]);
+				*(uint32_t *) (dst + (size_t) r * K) = pack_bf16x2(acc[j][0], acc[j][1]);
+				*(uint32_t *) (dst + (size_t) (r + 8) * K) = pack_bf16x2(acc[j][2], acc[j][3]);
 			}
 		}
 	}

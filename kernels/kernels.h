@@ -277,15 +277,17 @@ void		kk_expert_mma_q(cudaStream_t s, float *y0, float *y1, int ldy, const float
  * bf16 (1: those values rounded to nearest even).
  * kk_q_dequant_many_bf16: count matrices of one form and shape [rows, cols]
  * at once, Ws[i] (device form) into dsts[i] as bf16 (kk_q_dequant's bf16
- * values); both pointer arrays in device memory.  Needs cols and group
- * multiples of 16 and 16-byte aligned matrices: -1 (nothing launched)
- * otherwise, 0 launched.
+ * values); both pointer arrays in device memory.  Needs the form
+ * kk_q_dequant_many_ok takes (a quantized fmt, cols and group multiples of
+ * 16) and 16-byte aligned matrices: -1 (nothing launched) otherwise, 0
+ * launched.
  * kk_q_fill_random: a random quantized matrix for fmt/group (values with
  * standard deviation about `scale`, like kk_fill_random's; deterministic in
  * seed), data and scales.
  */
 void		kk_q_dequant(cudaStream_t s, void *dst, int out_bf16, const void *W, int fmt, int group, int rows,
 						 int cols, int r0, int nr);
+int			kk_q_dequant_many_ok(int fmt, int group, int cols);
 int			kk_q_dequant_many_bf16(cudaStream_t s, void *const *dsts, const void *const *Ws, int count, int fmt,
 								   int group, int rows, int cols);
 void		kk_q_fill_random(cudaStream_t s, void *W, int fmt, int group, int rows, int cols, uint64_t seed,

@@ -525,7 +525,7 @@ md_load_x(float4 (&x)[U][4], const float *xg, bool has_x, bool vec, int warp, in
 __device__ __forceinline__ uint32_t
 md_x_pair(float a, float b)
 {
-	return (uint32_t) f32_to_bf16(a * MQ_FP8_XSCALE) | ((uint32_t) f32_to_bf16(b * MQ_FP8_XSCALE) << 16);
+	return pack_bf16x2(a * MQ_FP8_XSCALE, b * MQ_FP8_XSCALE);
 }
 
 /* acc[m] += the chunks' steps: each activation pair converted once for the MT tiles */

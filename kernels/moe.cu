@@ -441,12 +441,6 @@ kk_gather_rows_bf16(cudaStream_t s, uint16_t *dst, const float *src, int ld, con
  * slot); needs D % 8 == 0, ld % 4 == 0 and 16-byte aligned src and dst.  The
  * scalar form takes any shape.  Rows of dst that no slot names are left alone.
  */
-__device__ __forceinline__ uint32_t
-pack_bf16x2(float lo, float hi)
-{
-	return (uint32_t) f32_to_bf16(lo) | ((uint32_t) f32_to_bf16(hi) << 16);
-}
-
 __global__ void
 gather_tok_bf16_vec_kernel(uint16_t *dst, const float *__restrict__ src, int ld, const int *__restrict__ inv, int n,
 						   int k, int D)

@@ -136,10 +136,8 @@ q_store_piece(void *dst, int out_bf16, size_t o, const q_piece &p, int fmt, floa
 		{
 			const float *f = v + 8 * h;
 
-			d[h] = make_uint4(f32_to_bf16(f[0]) | (uint32_t) f32_to_bf16(f[1]) << 16,
-							  f32_to_bf16(f[2]) | (uint32_t) f32_to_bf16(f[3]) << 16,
-							  f32_to_bf16(f[4]) | (uint32_t) f32_to_bf16(f[5]) << 16,
-							  f32_to_bf16(f[6]) | (uint32_t) f32_to_bf16(f[7]) << 16);
+			d[h] = make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]),
+							  pack_bf16x2(f[6], f[7]));
 		}
 	}
 	else
@@ -235,13 +233,18 @@ kk_q_dequant(cudaStream_t s, void *dst, int out_bf16, const void *W, int fmt, in
 }
 
 extern "C" int
+kk_q_dequant_many_ok(int fmt, int group, int cols)
+{
+	return q_form_ok(fmt, group, cols) && cols % Q_VEC == 0 && group % Q_VEC == 0;
+}
+
+extern "C" int
 kk_q_dequant_many_bf16(cudaStream_t s, void *const *dsts, const void *const *Ws, int count, int fmt, int group,
 					   int rows, int cols)
 {
 	if (count <= 0 || rows <= 0)
 		return 0;
-	if (!q_form_ok(fmt, group, cols) || cols % Q_VEC != 0 || group % Q_VEC != 0 || count > 65535 ||
-		(size_t) rows * (cols / Q_VEC) >= (1u << 30))
+	if (!kk_q_dequant_many_ok(fmt, group, cols) || count > 65535 || (size_t) rows * (cols / Q_VEC) >= (1u << 30))
 		return -1;
 	kk_launch(q_dequant16_kernel, dim3(q_blocks((size_t) rows * (cols / Q_VEC) / 4 + 1), (unsigned) count),
 			  dim3(256), 0, s, (void *) NULL, 1, (const uint8_t *) NULL, dsts, Ws, rows, fmt, group, cols, 0, rows);

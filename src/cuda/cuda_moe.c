@@ -71,7 +71,7 @@ batched_form(const cuda_state *cs, int fmt, int group, int cols)
 {
 	if (fmt == KK_WF_BF16)
 		return true;
-	return cs->moe_q_batched && fmt >= KK_WF_FP8 && cols % 16 == 0 && group % 16 == 0;
+	return cs->moe_q_batched && kk_q_dequant_many_ok(fmt, group, cols);
 }
 
 /* Is W in form fmt (KK_WF_*), with group columns per scale when quantized? */
