@@ -871,6 +871,26 @@ kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const fl
 }
 
 /*
+ * kk_kda_chunked_mma with q, k, v in bf16 (kernels.h has the contract).
+ */
+extern "C" int
+kk_kda_chunked_mma16(cudaStream_t s, int n, int H, int K, const uint16_t *q, const uint16_t *k, const uint16_t *v,
+					 const float *g, const float *beta, float *S, float *o, void *scratch)
+{
+	km_scratch	x = km_scratch_arrays(scratch, n, H, K);
+	int			rc;
+
+	if (n <= 0)
+		return 0;
+	if (K != 128)
+		return -1;
+	if ((rc = kk_kda_chunk_prep_bf16_in16(s, n, H, K, q, k, v, g, beta, x.W16, x.U16, x.Q16, x.Kt16, x.P16,
+										  x.gl)) != 0)
+		return rc;
+	return chunk_mma_launch<128>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
+}
+
+/*
  * kk_kda_chunked_mma for one sequence, from the op's raw inputs (the
  * elementwise prep fused into the parallel half: kk_kda_chunk_prep_bf16_fused
  * has the arguments); only when kk_kda_prep_fused_ok(K, W).

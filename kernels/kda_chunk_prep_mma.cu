@@ -14,7 +14,10 @@
  * (zero above the diagonal); gl fp32 [K] (Gam_end).  kk_kda_chunk_prep_bf16
  * picks this kernel (KL_CUDA_KDA_PREP_MMA, default) or kda.cu's fp32 prep
  * kernel with bf16 stores (kda_chunk_prep_fp32_bf16); both write the same
- * layout, equal within bf16 rounding.
+ * layout, equal within bf16 rounding.  KL_CUDA_KDA_PREP_MMA=6 splits the
+ * 63.5 KB kernel (=3) into two kernels of independent blocks with =3's
+ * outputs bit for bit, and reads q, k, v in fp32 or bf16
+ * (kk_kda_chunk_prep_bf16_in16).
  */
 #include "kda_common.cuh"
 
@@ -1105,12 +1108,536 @@ kda_chunk_prep_mma4_kernel(int n, int H, uint16_t *W16, uint16_t *U16, uint16_t 
 	kp3_body<K, true>(n, H, NULL, NULL, NULL, NULL, NULL, W16, U16, Q16, Kt16, P16, glast, raw);
 }
 
+/*
+ * KL_CUDA_KDA_PREP_MMA=6 (K = 128): =3's work split over two kernels of
+ * independent blocks, for latency.  Nsight of =3 at 32768 rows x 32 heads
+ * (2.72 ms): latency bound, 11.8 cycles an issue, barrier 27 % of stalls;
+ * a block of 8 warps walks 12 barrier-separated dependent phases (four
+ * sub-chunks in turn, then the inverse, the right-hand sides, the products)
+ * while the SM holds only 3 blocks.  Here:
+ *   kp6_sub_kernel, a block of 256 threads per (16-row sub-chunk, chunk,
+ *     head), 46.3 KB (4 blocks = 32 warps an SM), 2 barriers: its rows'
+ *     operands and Kr, its pairs inside the sub-chunk (CUDA cores) and with
+ *     the sub-chunks before (mma), and its diagonal 16 x 16 inverse.  It
+ *     writes Q16, Kt16, P16's rows and glast as =3, and its rows of A (the
+ *     blocks left of the diagonal, beta-scaled fp32) with the diagonal
+ *     block's inverse in the diagonal block, into the tile's W16 room (16 KB
+ *     = one 64 x 64 fp32 matrix; W is written only by the second kernel,
+ *     after it has read A);
+ *   kp6_solve_kernel, a block of 256 threads per (chunk, head), 44.3 KB (4
+ *     blocks an SM): the blocks below the diagonal of (I + A)^-1, the
+ *     right-hand sides and [W | U0] = Li [Kb | Vb], as =3.
+ * Every value is summed in =3's order (the fold of g from the chunk start,
+ * the pairs' lanes and shuffle tree, the mma's k steps, the inverse's
+ * code), so the outputs are =3's bit for bit.  TIN: q, k, v as fp32 or as
+ * bf16 (uint16_t; g and beta stay fp32); fp32 inputs holding bf16 values
+ * give the bf16 form's outputs bit for bit.
+ */
+
+/* element i of q, k or v as fp32 */
+__device__ __forceinline__ float
+kp_in(const float *p, int i)
+{
+	return p[i];
+}
+
+__device__ __forceinline__ float
+kp_in(const uint16_t *p, int i)
+{
+	return bf16_to_f32(p[i]);
+}
+
+template <int K>
+struct kp6_sub_layout
+{
+	static constexpr int LK = K + 8;
+	static constexpr int SB = 0;		/* beta of the sub-chunk's rows [16] fp32 */
+	static constexpr int SAD = SB + 4 * 16;	/* A's diagonal block [16][16] fp32 */
+	static constexpr int DQ = SAD + 4 * 256;	/* q, k, a fp32 [16][K] */
+	static constexpr int DK = DQ + 4 * 16 * K;
+	static constexpr int DA = DK + 4 * 16 * K;
+	static constexpr int XQ = DA + 4 * 16 * K;	/* Xq, Xk [16][LK] bf16 */
+	static constexpr int XK = XQ + 2 * 16 * LK;
+	static constexpr int KR = XK + 2 * 16 * LK;	/* Kr [48][LK] bf16 */
+	static constexpr int BYTES = KR + 2 * 48 * LK;
+};
+
+/* G at the sub-chunk ends, e0..e3, as a register choice (b in 0..3) */
+__device__ __forceinline__ float
+kp6_pick(int b, float e0, float e1, float e2, float e3)
+{
+	return b == 0 ? e0 : b == 1 ? e1 : b == 2 ? e2 : e3;
+}
+
+template <int K, typename TIN>
+__global__ void __launch_bounds__(256, 4)
+kp6_sub_kernel(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k, const float *__restrict__ g,
+			   const float *__restrict__ beta, uint16_t *W16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16,
+			   float *glast)
+{
+	static_assert(K == 128, "the lane layout of the pairs assumes K = 128");
+	typedef kp6_sub_layout<K> L;
+	constexpr int C = KDA_CHUNK;
+	constexpr int NTH = 256;
+	extern __shared__ uint4 kp_smem[];
+	char	   *sm = (char *) kp_smem;
+	float	   *sb = (float *) (sm + L::SB),
+			   *sAd = (float *) (sm + L::SAD),
+			   *dq = (float *) (sm + L::DQ),
+			   *dk = (float *) (sm + L::DK),
+			   *da = (float *) (sm + L::DA);
+	uint16_t   *Xq = (uint16_t *) (sm + L::XQ),
+			   *Xk = (uint16_t *) (sm + L::XK),
+			   *Kr = (uint16_t *) (sm + L::KR);
+	int			chunk = blockIdx.x >> 2,
+				b = blockIdx.x & 3,
+				s0 = 16 * b,
+				h = blockIdx.y,
+				tid = threadIdx.x,
+				warp = tid >> 5,
+				lane = tid & 31,
+				gq = lane >> 2,
+				t2 = 2 * (lane & 3);
+	int			t0 = chunk * C,
+				Cn = n - t0 < C ? n - t0 : C;
+	size_t		tile = (size_t) chunk * H + h,
+				HK = (size_t) H * K;
+	const size_t rowoff = (size_t) t0 * HK + (size_t) h * K;
+	const TIN  *qb = q + rowoff,
+			   *kb_ = k + rowoff;
+	const float *gb = g + rowoff;
+	const int	HKi = H * K;
+	uint16_t   *P = P16 + tile * C * C,
+			   *Qt = Q16 + tile * C * K,
+			   *Ktt = Kt16 + tile * K * C;
+	float	   *Ag = (float *) (W16 + tile * C * K);	/* A and the diagonal inverses [C][C] */
+
+	if (tid < 16)
+		sb[tid] = s0 + tid < Cn ? beta[(size_t) (t0 + s0 + tid) * H + h] : 0.0f;
+	/* P's strict upper triangle in this sub-chunk's rows */
+	if (tid < 16 * C / 8)
+	{
+		int			r = s0 + (tid >> 3),
+					c8 = 8 * (tid & 7);
+
+		if (c8 > r)
+			*(uint4 *) (P + r * C + c8) = make_uint4(0, 0, 0, 0);
+		else
+			for (int c = r + 1; c < c8 + 8; c++)
+				P[r * C + c] = 0;
+	}
+
+	/* A. G at the sub-chunk ends: =3's fold of g from the chunk start (16
+	 * loads in flight, then the adds in row order, rows past n adding +0),
+	 * by both threads of a channel */
+	{
+		int			c = tid % K,
+					i0 = 8 * (tid / K);	/* this thread's rows i0 .. i0 + 7 of the sub-chunk */
+		float		e[4];
+
+		{
+			float		G = 0;
+
+#pragma unroll
+			for (int s16 = 0; s16 < 4; s16++)
+			{
+				float		gl[16];
+
+#pragma unroll
+				for (int u = 0; u < 16; u++)
+					gl[u] = 16 * s16 + u < Cn ? gb[(16 * s16 + u) * HKi + c] : 0.0f;
+#pragma unroll
+				for (int u = 0; u < 16; u++)
+					G += gl[u];
+				e[s16] = G;
+			}
+			if (b == 0 && i0 == 0)
+				glast[tile * K + c] = __expf(G);
+		}
+
+		/* B. this thread's rows' operands, then Kr as =3 */
+		{
+			float		Gs = b > 0 ? kp6_pick(b - 1, e[0], e[1], e[2], e[3]) : 0.0f,	/* G at s0 - 1 */
+						Gb = kp6_pick(b, e[0], e[1], e[2], e[3]),
+						G = Gs,
+						eS = kp3_exp(Gs),
+						eT = kp3_exp(e[3] - Gb);
+			float		ktv[8];
+
+			if (i0 > 0)
+#pragma unroll
+				for (int ii = 0; ii < 8; ii++)
+					G += s0 + ii < Cn ? gb[(s0 + ii) * HKi + c] : 0.0f;
+#pragma unroll
+			for (int u = 0; u < 8; u++)
+			{
+				int			ii = i0 + u;
+				int			t = s0 + ii;
+				bool		in = t < Cn;
+				float		qv = in ? kp_in(qb, t * HKi + c) : 0.0f,
+							kv = in ? kp_in(kb_, t * HKi + c) : 0.0f,
+							gv = in ? gb[t * HKi + c] : 0.0f;
+				float		F,
+							R;
+
+				G += gv;
+				F = kp3_exp(G - Gs);
+				R = kp3_exp(Gb - G);
+				dq[ii * K + c] = qv;
+				dk[ii * K + c] = kv;
+				da[ii * K + c] = kp3_exp(gv);
+				if (b > 0)
+				{
+					Xq[ii * L::LK + c] = kp3_bf16(qv * F);
+					Xk[ii * L::LK + c] = kp3_bf16(kv * F);
+				}
+				Qt[t * K + c] = kp3_bf16(qv * (F * eS));
+				ktv[u] = kv * (R * eT);
+			}
+			*(uint4 *) (Ktt + c * C + s0 + i0) = make_uint4(cvt_bf16x2(ktv[0], ktv[1]), cvt_bf16x2(ktv[2], ktv[3]),
+															cvt_bf16x2(ktv[4], ktv[5]), cvt_bf16x2(ktv[6], ktv[7]));
+			for (int b2 = 0; b2 < b; b2++)
+			{
+				int			r0 = 16 * b2;
+				float		G2 = b2 > 0 ? kp6_pick(b2 - 1, e[0], e[1], e[2], e[3]) : 0.0f;
+
+				if (i0 > 0)
+#pragma unroll
+					for (int ii = 0; ii < 8; ii++)
+						G2 += r0 + ii < Cn ? gb[(r0 + ii) * HKi + c] : 0.0f;
+#pragma unroll
+				for (int u = 0; u < 8; u++)
+				{
+					int			t = r0 + i0 + u;
+					float		gv = t < Cn ? gb[t * HKi + c] : 0.0f,
+								kv = t < Cn ? kp_in(kb_, t * HKi + c) : 0.0f;
+
+					G2 += gv;
+					Kr[t * L::LK + c] = kp3_bf16(kv * kp3_exp(Gs - G2));
+				}
+			}
+		}
+	}
+	__syncthreads();
+
+	/* C. the pairs inside the sub-chunk (=3's lanes and tree) */
+	{
+		int			hw = lane >> 4,
+					jj = 2 * warp + hw,
+					sl = lane & 15;
+		const float4 *dq4 = (const float4 *) dq,
+				   *dk4 = (const float4 *) dk,
+				   *da4 = (const float4 *) da;
+		float4		kd0 = dk4[jj * (K / 4) + sl],
+					kd1 = dk4[jj * (K / 4) + 16 + sl];
+
+		for (int ii = 2 * warp; ii < 16; ii++)
+		{
+			float4		q0 = dq4[ii * (K / 4) + sl],
+						q1 = dq4[ii * (K / 4) + 16 + sl],
+						k0 = dk4[ii * (K / 4) + sl],
+						k1 = dk4[ii * (K / 4) + 16 + sl];
+			float		pp,
+						aa,
+						keep,
+						send;
+
+			if (ii > jj)
+			{
+				float4		a0 = da4[ii * (K / 4) + sl],
+							a1 = da4[ii * (K / 4) + 16 + sl];
+
+				kd0.x *= a0.x;
+				kd0.y *= a0.y;
+				kd0.z *= a0.z;
+				kd0.w *= a0.w;
+				kd1.x *= a1.x;
+				kd1.y *= a1.y;
+				kd1.z *= a1.z;
+				kd1.w *= a1.w;
+			}
+			pp = q0.x * kd0.x + q0.y * kd0.y + q0.z * kd0.z + q0.w * kd0.w +
+				q1.x * kd1.x + q1.y * kd1.y + q1.z * kd1.z + q1.w * kd1.w;
+			aa = k0.x * kd0.x + k0.y * kd0.y + k0.z * kd0.z + k0.w * kd0.w +
+				k1.x * kd1.x + k1.y * kd1.y + k1.z * kd1.z + k1.w * kd1.w;
+			keep = (lane & 1) ? aa : pp;
+			send = (lane & 1) ? pp : aa;
+			keep += __shfl_xor_sync(0xffffffffu, send, 1);
+			keep += __shfl_xor_sync(0xffffffffu, keep, 2);
+			keep += __shfl_xor_sync(0xffffffffu, keep, 4);
+			keep += __shfl_xor_sync(0xffffffffu, keep, 8);
+			if (sl == 0 && ii >= jj)
+				P[(s0 + ii) * C + s0 + jj] = kp3_bf16(keep);
+			if (sl == 1 && ii > jj)
+				sAd[ii * 16 + jj] = sb[ii] * keep;
+		}
+	}
+	/* pairs with the sub-chunks before (mma): P to its rows, A (beta-scaled)
+	 * to the scratch rows */
+	for (int item = 7 - warp; item < 4 * b; item += NTH / 32)
+	{
+		int			which = item & 1,
+					n0 = 8 * (item >> 1);
+		const uint16_t *X = which ? Xk : Xq;
+		float		acc[4] = {0, 0, 0, 0};
+
+#pragma unroll
+		for (int kk = 0; kk < K; kk += 16)
+		{
+			uint32_t	a[4],
+						bb[2];
+
+			kp_frag_a(a, X, L::LK, 0, kk, lane);
+			kp_frag_b(bb, Kr, L::LK, n0, kk, lane);
+			mma_bf16_16816(acc, a, bb[0], bb[1]);
+		}
+		{
+			int			r = s0 + gq,
+						cc = n0 + t2;
+
+			if (which == 0)
+			{
+				*(uint32_t *) (P + r * C + cc) = cvt_bf16x2(acc[0], acc[1]);
+				*(uint32_t *) (P + (r + 8) * C + cc) = cvt_bf16x2(acc[2], acc[3]);
+			}
+			else
+			{
+				*(float2 *) (Ag + r * C + cc) = make_float2(sb[gq] * acc[0], sb[gq] * acc[1]);
+				*(float2 *) (Ag + (r + 8) * C + cc) = make_float2(sb[gq + 8] * acc[2], sb[gq + 8] * acc[3]);
+			}
+		}
+	}
+	__syncthreads();
+
+	/* D. (I + A_bb)^-1 by =3's forward substitution, thread j = column j */
+	if (tid < 16)
+	{
+		int			j = tid;
+		float		x[16];
+
+#pragma unroll
+		for (int i = 0; i < 16; i++)
+		{
+			float		s = 0;
+
+#pragma unroll
+			for (int m4 = 0; m4 < i; m4 += 4)
+			{
+				float4		a4 = *(const float4 *) (sAd + i * 16 + m4);
+
+				s += a4.x * x[m4];
+				if (m4 + 1 < i)
+					s += a4.y * x[m4 + 1];
+				if (m4 + 2 < i)
+					s += a4.z * x[m4 + 2];
+				if (m4 + 3 < i)
+					s += a4.w * x[m4 + 3];
+			}
+			x[i] = i == j ? 1.0f : i < j ? 0.0f : -s;
+		}
+#pragma unroll
+		for (int i = 0; i < 16; i++)
+			Ag[(s0 + i) * C + s0 + j] = x[i];
+	}
+}
+
+template <int K>
+struct kp6_solve_layout
+{
+	static constexpr int C = KDA_CHUNK;
+	static constexpr int LC = C + 8;
+	static constexpr int SB = 0;		/* beta [C] fp32 */
+	static constexpr int LB = SB + 4 * C;	/* Lb [C][LC] bf16 */
+	static constexpr int SA = LB + 2 * C * LC;	/* A [C][C] fp32 (the blocks left of the diagonal) */
+	static constexpr int LI = SA + 4 * C * C;	/* Li [C][C] fp32 */
+	static constexpr int TB = LI + 4 * C * C;	/* Tb [3][16][16] fp32 */
+	static constexpr int U1END = TB + 4 * 3 * 256;
+	/* after the inverse: Kb^T, Vb^T [K][LC] bf16 over A, Li and Tb */
+	static constexpr int KBT = SA;
+	static constexpr int VBT = KBT + 2 * K * LC;
+	static constexpr int U2END = VBT + 2 * K * LC;
+	static constexpr int BYTES = U1END > U2END ? U1END : U2END;
+};
+
+template <int K, typename TIN>
+__global__ void __launch_bounds__(256, 4)
+kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict__ v, const float *__restrict__ g,
+				 const float *__restrict__ beta, uint16_t *W16, uint16_t *U16)
+{
+	typedef kp6_solve_layout<K> L;
+	constexpr int C = KDA_CHUNK;
+	constexpr int V = K;
+	constexpr int NTH = 256;
+	extern __shared__ uint4 kp_smem[];
+	char	   *sm = (char *) kp_smem;
+	float	   *sb = (float *) (sm + L::SB),
+			   *sA = (float *) (sm + L::SA),
+			   *Li = (float *) (sm + L::LI),
+			   *Tb = (float *) (sm + L::TB);
+	uint16_t   *Lb = (uint16_t *) (sm + L::LB),
+			   *KbT = (uint16_t *) (sm + L::KBT),
+			   *VbT = (uint16_t *) (sm + L::VBT);
+	int			chunk = blockIdx.x,
+				h = blockIdx.y,
+				tid = threadIdx.x,
+				warp = tid >> 5,
+				lane = tid & 31,
+				gq = lane >> 2,
+				t2 = 2 * (lane & 3);
+	int			t0 = chunk * C,
+				Cn = n - t0 < C ? n - t0 : C;
+	size_t		tile = (size_t) chunk * H + h,
+				HK = (size_t) H * K;
+	const size_t rowoff = (size_t) t0 * HK + (size_t) h * K;
+	const TIN  *kb_ = k + rowoff,
+			   *vb_ = v + rowoff;
+	const float *gb = g + rowoff;
+	const int	HKi = H * K;
+	const float4 *Ag4 = (const float4 *) (W16 + tile * C * K);
+
+	/* A. beta; A and the diagonal inverses from the scratch (the whole
+	 * matrix: only the blocks on and left of the diagonal are read after) */
+	if (tid < C)
+		sb[tid] = tid < Cn ? beta[(size_t) (t0 + tid) * H + h] : 0.0f;
+	for (int e = tid; e < C * C / 4; e += NTH)
+	{
+		float4		a4 = Ag4[e];
+		int			r = e / (C / 4),
+					c = 4 * (e % (C / 4));
+
+		*(float4 *) ((r >> 4) == (c >> 4) ? Li + r * C + c : sA + r * C + c) = a4;
+	}
+	__syncthreads();
+
+	/* B. the blocks below the diagonal of the inverse, as =3; Lb */
+	kp3_invert_below(sA, Li, Tb, tid);
+	for (int e = tid; e < C * C / 2; e += NTH)
+	{
+		int			r = e / (C / 2),
+					c = 2 * (e % (C / 2));
+		float2		l2 = *(const float2 *) (Li + r * C + c);
+
+		*(uint32_t *) (Lb + r * L::LC + c) = c / 16 > r / 16 ? 0u : cvt_bf16x2(l2.x, l2.y);
+	}
+	__syncthreads();			/* A, Li, Tb dead: Kb^T, Vb^T take their room */
+
+	/* C. the right-hand sides [beta k Gam | beta v] transposed, as =3 (the
+	 * second half first folds rows 0 .. 31 as =3's G at row 31) */
+	{
+		int			c = tid % K,
+					r0 = 32 * (tid / K),
+					r1 = r0 + 32;
+		float		G = 0;
+
+		if (r0 > 0)
+		{
+#pragma unroll
+			for (int s16 = 0; s16 < 2; s16++)
+			{
+				float		gl[16];
+
+#pragma unroll
+				for (int u = 0; u < 16; u++)
+					gl[u] = 16 * s16 + u < Cn ? gb[(16 * s16 + u) * HKi + c] : 0.0f;
+#pragma unroll
+				for (int u = 0; u < 16; u++)
+					G += gl[u];
+			}
+		}
+		for (int t8 = r0; t8 < r1; t8 += 8)
+		{
+			float		xs[8],
+						ys[8];
+
+#pragma unroll
+			for (int u = 0; u < 8; u++)
+			{
+				int			t = t8 + u;
+				bool		in = t < Cn;
+				float		bt = sb[t];
+
+				G += in ? gb[t * HKi + c] : 0.0f;
+				xs[u] = in ? bt * kp_in(kb_, t * HKi + c) * kp3_exp(G) : 0.0f;
+				ys[u] = in ? bt * kp_in(vb_, t * HKi + c) : 0.0f;
+			}
+			*(uint4 *) (KbT + c * L::LC + t8) = make_uint4(cvt_bf16x2(xs[0], xs[1]), cvt_bf16x2(xs[2], xs[3]),
+														   cvt_bf16x2(xs[4], xs[5]), cvt_bf16x2(xs[6], xs[7]));
+			*(uint4 *) (VbT + c * L::LC + t8) = make_uint4(cvt_bf16x2(ys[0], ys[1]), cvt_bf16x2(ys[2], ys[3]),
+														   cvt_bf16x2(ys[4], ys[5]), cvt_bf16x2(ys[6], ys[7]));
+		}
+	}
+	__syncthreads();
+
+	/* D. [W | U0] = Li [Kb | Vb], as =3 (W over the scratch, read above) */
+	{
+		constexpr int NT = 8 * K / NTH;
+#pragma unroll 1
+		for (int m = 0; m < 4; m++)
+		{
+			float		acc[NT][4];
+
+#pragma unroll
+			for (int j = 0; j < NT; j++)
+				acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+			for (int kk = 0; kk <= 16 * m; kk += 16)
+			{
+				uint32_t	a[4];
+
+				kp_frag_a(a, Lb, L::LC, 16 * m, kk, lane);
+#pragma unroll
+				for (int j = 0; j < NT; j++)
+				{
+					int			col = 8 * (warp * NT + j);
+					const uint16_t *bt = col < K ? KbT + col * L::LC : VbT + (col - K) * L::LC;
+					uint32_t	bb[2];
+
+					kp_frag_b(bb, bt, L::LC, 0, kk, lane);
+					mma_bf16_16816(acc[j], a, bb[0], bb[1]);
+				}
+			}
+#pragma unroll
+			for (int j = 0; j < NT; j++)
+			{
+				int			col = 8 * (warp * NT + j) + t2,
+							r = 16 * m + gq;
+				uint16_t   *dst = col < K ? W16 + tile * C * K + col : U16 + tile * C * V + col - K;
+
+				*(uint32_t *) (dst + r * K) = cvt_bf16x2(acc[j][0], acc[j][1]);
+				*(uint32_t *) (dst + (r + 8) * K) = cvt_bf16x2(acc[j][2], acc[j][3]);
+			}
+		}
+	}
+}
+
+/* =6's two kernels (K = 128) */
+template <typename TIN>
+static int
+kp6_launch(cudaStream_t s, int n, int H, const TIN *q, const TIN *k, const TIN *v, const float *g,
+		   const float *beta, uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16, float *gl)
+{
+	unsigned	nc = (unsigned) ((n + KDA_CHUNK - 1) / KDA_CHUNK);
+	int			sm1 = kp6_sub_layout<128>::BYTES,
+				sm2 = kp6_solve_layout<128>::BYTES;
+	cudaError_t e;
+
+	if ((e = cudaFuncSetAttribute(kp6_sub_kernel<128, TIN>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm1)) !=
+		cudaSuccess ||
+		(e = cudaFuncSetAttribute(kp6_solve_kernel<128, TIN>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm2)) !=
+		cudaSuccess)
+		return (int) e;
+	kp6_sub_kernel<128, TIN><<<dim3(4 * nc, H), 256, sm1, s>>>(n, H, q, k, g, beta, W16, Q16, Kt16, P16, gl);
+	kp6_solve_kernel<128, TIN><<<dim3(nc, H), 256, sm2, s>>>(n, H, k, v, g, beta, W16, U16);
+	return 0;
+}
+
 /* set by kk_set_kda_prep_mma: kk_kda_chunked_mma's parallel half on tensor
  * cores, 128 threads a block (1) or 256 (2, K = 128; 1 for other K), the
  * 256-thread kernel in 63.5 KB (3, the default; K = 128, 1 for other K), or
  * the fp32 prep kernel (0); 4: as 3, and in prefill steps that
  * kk_kda_prep_fused_ok accepts the elementwise prep fused into it
- * (kk_kda_chunked_mma_fused) */
+ * (kk_kda_chunked_mma_fused); 6: =3's outputs bit for bit from two kernels
+ * of independent blocks (kp6_sub_kernel, kp6_solve_kernel; K = 128, 1 for
+ * other K) */
 static int kda_prep_mma_on = 3;
 
 extern "C" void
@@ -1156,6 +1683,8 @@ kk_kda_chunk_prep_bf16(cudaStream_t s, int n, int H, int K, const float *q, cons
 			case 64:
 				return chunk_prep_mma_launch<64, 128>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
 			case 128:
+				if (kda_prep_mma_on == 6)
+					return kp6_launch<float>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
 				if (kda_prep_mma_on >= 3)	/* 4 where kk_kda_chunked_mma_fused does not run */
 				{
 					size_t		nc = (size_t) (n + KDA_CHUNK - 1) / KDA_CHUNK;
@@ -1174,6 +1703,21 @@ kk_kda_chunk_prep_bf16(cudaStream_t s, int n, int H, int K, const float *q, cons
 					chunk_prep_mma_launch<128, 128>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
 		}
 	return kda_chunk_prep_fp32_bf16(s, n, H, K, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
+}
+
+/*
+ * kk_kda_chunk_prep_bf16 of q, k, v in bf16 (g, beta fp32): =6's kernels
+ * whatever KL_CUDA_KDA_PREP_MMA says (the other forms read fp32 only).
+ * Returns 0, -1 for K other than 128, or a CUDA error code.
+ */
+extern "C" int
+kk_kda_chunk_prep_bf16_in16(cudaStream_t s, int n, int H, int K, const uint16_t *q, const uint16_t *k,
+							const uint16_t *v, const float *g, const float *beta, uint16_t *W16, uint16_t *U16,
+							uint16_t *Q16, uint16_t *Kt16, uint16_t *P16, float *gl)
+{
+	if (K != 128)
+		return -1;
+	return kp6_launch<uint16_t>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
 }
 
 /* whether kk_kda_chunked_mma_fused runs for head size K and conv width W

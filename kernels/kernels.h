@@ -341,6 +341,14 @@ int			kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const 
 size_t		kk_kda_chunk_mma_scratch(int n, int H, int K);
 int			kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
 							   const float *g, const float *beta, float *S, float *o, void *scratch);
+/* kk_kda_chunked_mma with q, k, v in bf16 ([n, H K] row-major; g, beta
+ * fp32), K = 128 only (-1 otherwise): its parallel half is
+ * kk_kda_chunk_prep_bf16_in16; outputs those of kk_kda_chunked_mma with
+ * KL_CUDA_KDA_PREP_MMA=6 (or 3) on fp32 q, k, v holding the same values,
+ * bit for bit */
+int			kk_kda_chunked_mma16(cudaStream_t s, int n, int H, int K, const uint16_t *q, const uint16_t *k,
+								 const uint16_t *v, const float *g, const float *beta, float *S, float *o,
+								 void *scratch);
 /* kk_kda_chunked_mma's sequential part (KL_CUDA_KDA_MMA): 1 the 4-warp
  * kernel (a block per head and 32 columns of V), 2 (default) the wide one,
  * 16 warps a block (8 at K = 32), 3 the wide one with 64 columns a block,
@@ -350,11 +358,21 @@ void		kk_set_kda_mma_form(int form);
  * of shared memory (3, default; K = 128, else as 1), of 256 in 95.5 KB (2;
  * K = 128, else as 1) or of 128 (1), or as the fp32 prep kernel with bf16
  * stores (0); the same outputs within bf16 rounding; 4: as 3, and
- * kk_kda_chunked_mma_fused in prefill (below) */
+ * kk_kda_chunked_mma_fused in prefill (below); 6: 3's outputs bit for bit
+ * from two kernels of independent blocks (a sub-chunk's operands, pairs and
+ * diagonal inverse; then the solve and the W / U0 products; K = 128, else
+ * as 1) */
 void		kk_set_kda_prep_mma(int on);
 int			kk_kda_chunk_prep_bf16(cudaStream_t s, int n, int H, int K, const float *q, const float *k,
 								   const float *v, const float *g, const float *beta, uint16_t *W16, uint16_t *U16,
 								   uint16_t *Q16, uint16_t *Kt16, uint16_t *P16, float *gl);
+/* kk_kda_chunk_prep_bf16 of q, k, v in bf16 (g, beta fp32) by =6's kernels
+ * whatever kk_set_kda_prep_mma says; K = 128 only (-1 otherwise); the
+ * outputs of kk_kda_chunk_prep_bf16 (=6 or 3) on fp32 q, k, v holding the
+ * same values, bit for bit */
+int			kk_kda_chunk_prep_bf16_in16(cudaStream_t s, int n, int H, int K, const uint16_t *q, const uint16_t *k,
+										const uint16_t *v, const float *g, const float *beta, uint16_t *W16,
+										uint16_t *U16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16, float *gl);
 /*
  * KL_CUDA_KDA_PREP_MMA=4 (K = 128, conv width 1 .. 4: kk_kda_prep_fused_ok):
  * kk_kda_chunked_mma of one sequence computed from the op's raw inputs, the

@@ -929,7 +929,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * chunkwise form (K = 128, conv width <= 4) the elementwise prep
 		 * (conv, silu, norms, decay, beta) fused into that kernel
 		 * (kda_chunk_prep_mma4_kernel; cuda_kda_fused): kda_prep's fp32
-		 * q, k, v, g, beta are not written.
+		 * q, k, v, g, beta are not written.  =6: 3's outputs bit for bit
+		 * from two kernels of independent blocks (kp6_sub_kernel per
+		 * 16-row sub-chunk, kp6_solve_kernel per chunk; K = 128).
 		 * KL_CUDA_KDA_ELEM_WARP: which kernels run the KDA prep (conv, norms,
 		 * decay) and the gated norm, a mask (kernels.h KK_KDA_EW_*), all with
 		 * the same outputs bit for bit: 2 the gated norm as a warp per
@@ -989,7 +991,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_mma_q_direct(qd && *qd ? atoi(qd) : 2);
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
-		kk_set_kda_prep_mma(kpm && *kpm ? (atoi(kpm) >= 0 && atoi(kpm) <= 4 ? atoi(kpm) : 3) : 3);
+		kk_set_kda_prep_mma(kpm && *kpm ? ((atoi(kpm) >= 0 && atoi(kpm) <= 4) || atoi(kpm) == 6 ? atoi(kpm) : 3) : 3);
 		kk_set_kda_elem_warp(kew && *kew ? atoi(kew) & (KK_KDA_EW_NORM_WARP | KK_KDA_EW_PREP_ROWS | KK_KDA_EW_FAST) :
 							 KK_KDA_EW_DEFAULT);
 		kk_set_kda_mma_form(kmma && atoi(kmma) >= 1 && atoi(kmma) <= 4 ? atoi(kmma) : 2);

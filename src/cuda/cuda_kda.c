@@ -15,6 +15,7 @@
  */
 #include <limits.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cuda_internal.h"
 
@@ -352,7 +353,7 @@ kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float eps, con
  * For test/engine/test_cuda.c only (found with dlsym): the parallel half of
  * kk_kda_chunked_mma on tensor cores in blocks of 256 threads (2), of 256 in
  * 63.5 KB of shared memory (3, KL_CUDA_KDA_PREP_MMA's default) or of 128 (1),
- * or as the fp32 prep kernel (0),
+ * as two kernels with 3's outputs (6), or as the fp32 prep kernel (0),
  * for the calls of kl_cuda_test_kda_chunked that follow.
  */
 __attribute__((visibility("default"))) void
@@ -424,6 +425,97 @@ kl_cuda_test_kda_chunked(int n, int H, int K, const float *q, const float *k, co
 
 		rc = hook_close(s, d, sz, NBUF, dev_of, host_out, 4, rc);
 	}
+	return rc;
+}
+
+/* x as bf16, rounded to nearest even (exact for the bf16 values the test passes) */
+static uint16_t
+hook_bf16(float x)
+{
+	uint32_t	u;
+
+	memcpy(&u, &x, sizeof(u));
+	return (uint16_t) ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/*
+ * For test/engine/test_cuda.c only (found with dlsym): the bytes of
+ * kk_kda_chunked_mma's scratch for n rows (what kl_cuda_test_kda_chunked_raw
+ * copies back into scr).
+ */
+__attribute__((visibility("default"))) size_t
+kl_cuda_test_kda_chunk_mma_scratch(int n, int H, int K)
+{
+	return kk_kda_chunk_mma_scratch(n, H, K);
+}
+
+/*
+ * For test/engine/test_cuda.c only (found with dlsym): the tensor-core
+ * chunkwise form of one sequence of n rows, kk_kda_chunked_mma (in16 = 0) or
+ * kk_kda_chunked_mma16 with q, k, v converted to bf16 here (in16 = 1), on the
+ * current device, with its scratch zeroed first.  Host inputs as
+ * kl_cuda_test_kda_chunked; outputs, copied back: o [n, H K], S_out
+ * [H, K, K] and scr, the scratch after the call
+ * (kl_cuda_test_kda_chunk_mma_scratch bytes: the parallel half's W16, U16,
+ * Q16, Kt16, P16, gl, which the sequential part only reads), so that two
+ * forms of the parallel half can be compared bit for bit.  Returns 0, -1
+ * for a head size the form does not cover, or a CUDA error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_kda_chunked_raw(int n, int H, int K, int in16, const float *q, const float *k, const float *v,
+							 const float *g, const float *beta, const float *S, float *o, float *S_out, void *scr)
+{
+	enum
+	{
+		Q, K_, V_, G, BETA, S_N, O_N, SCR, NBUF
+	};
+	size_t		nx = (size_t) n * H * K,
+				nS = (size_t) H * K * K;
+	size_t		sz[NBUF];
+	const void *in[NBUF] = {NULL};
+	void	   *d[NBUF] = {NULL};
+	uint16_t   *h16 = NULL;
+	cudaStream_t s = NULL;
+	cudaError_t e;
+	int			rc = 0;
+
+	sz[Q] = sz[K_] = sz[V_] = in16 ? sizeof(uint16_t) * nx : sizeof(float) * nx;
+	sz[G] = sz[O_N] = sizeof(float) * nx;
+	sz[BETA] = sizeof(float) * (size_t) n * H;
+	sz[S_N] = sizeof(float) * nS;
+	sz[SCR] = kk_kda_chunk_mma_scratch(n, H, K);
+	in[Q] = q;
+	in[K_] = k;
+	in[V_] = v;
+	if (in16)
+	{
+		const float *src[3] = {q, k, v};
+
+		if (!(h16 = malloc(sizeof(uint16_t) * 3 * nx)))
+			return (int) cudaErrorMemoryAllocation;
+		for (int a = 0; a < 3; a++)
+		{
+			for (size_t i = 0; i < nx; i++)
+				h16[a * nx + i] = hook_bf16(src[a][i]);
+			in[Q + a] = h16 + a * nx;
+		}
+	}
+	in[G] = g;
+	in[BETA] = beta;
+	in[S_N] = S;
+	rc = hook_open_fill(&s, d, sz, in, NBUF, 0);
+	if (rc == 0)
+		rc = in16 ? kk_kda_chunked_mma16(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], d[SCR]) :
+			kk_kda_chunked_mma(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], d[SCR]);
+	if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
+		rc = (int) e;
+	{
+		void	   *host_out[3] = {o, S_out, scr};
+		int			dev_of[3] = {O_N, S_N, SCR};
+
+		rc = hook_close(s, d, sz, NBUF, dev_of, host_out, 3, rc);
+	}
+	free(h16);
 	return rc;
 }
 

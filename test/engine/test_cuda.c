@@ -60,7 +60,10 @@
  * precision bf16, KL_CUDA_KDA_MMA) must stay within TOL_KDA_MMA of the fp32
  * kernels on outputs and state (check_kda_chunked_mma, through the hook
  * kl_cuda_test_kda_chunked); the golden models' bf16 prompts (40 and 90
- * tokens) run it too.
+ * tokens) run it too.  Its two-kernel parallel half (KL_CUDA_KDA_PREP_MMA=6)
+ * and that half's bf16-input form must give the 63.5 KB kernel's (=3)
+ * arrays, outputs and state bit for bit (check_kda_prep_split, through the
+ * hook kl_cuda_test_kda_chunked_raw).
  *
  * The decode MLA products with 16-byte weight loads (KL_CUDA_MLA_SMALL)
  * must equal the older kernels within 1e-5 (check_mla_small, through the
@@ -3673,6 +3676,43 @@ typedef int (*kda_chunked_test_fn) (int n, int H, int K, const float *q, const f
 #define TOL_KDA_MMA 1e-2
 
 /*
+ * Random q, k, g, beta [T rows, H heads, K] made into what kk_kda_prep
+ * leaves: q, k L2-normalized per head (q times K^-1/2), g = -exp(A_log)
+ * softplus(f + dt_bias) <= 0, a few past softplus's threshold; beta =
+ * sigmoid(b).
+ */
+static void
+kda_prepared_like(int T, int H, int K, float *q, float *k, float *g, float *beta)
+{
+	size_t		nx = (size_t) T * H * K;
+
+	for (size_t r = 0; r < (size_t) T * H; r++)
+	{
+		double		sq = 0,
+					sk = 0;
+
+		for (int c = 0; c < K; c++)
+		{
+			sq += (double) q[r * K + c] * q[r * K + c];
+			sk += (double) k[r * K + c] * k[r * K + c];
+		}
+		for (int c = 0; c < K; c++)
+		{
+			q[r * K + c] = (float) (q[r * K + c] / sqrt(sq + 1e-6) / sqrt((double) K));
+			k[r * K + c] = (float) (k[r * K + c] / sqrt(sk + 1e-6));
+		}
+		beta[r] = (float) (1.0 / (1.0 + exp(-beta[r])));
+	}
+	for (size_t i = 0; i < nx; i++)
+	{
+		double		f = i % 97 == 0 ? 25.0 : g[i];
+		double		A = exp(-1.0 + 2.5 * (double) ((i / K) % H) / H);
+
+		g[i] = (float) (-A * (f > 20 ? f : log1p(exp(f))));
+	}
+}
+
+/*
  * The chunkwise KDA form on tensor cores (kk_kda_chunked_mma, what prefill
  * runs in precision bf16) against the fp32 kernels (kk_kda_chunked) on the
  * same prepared inputs: outputs and the state after, at the 48B shape (32
@@ -3681,7 +3721,8 @@ typedef int (*kda_chunked_test_fn) (int n, int H, int K, const float *q, const f
  * 32 and at 64; each with the parallel half on tensor cores in blocks of 256
  * threads (kda_chunk_prep_mma_kernel, KL_CUDA_KDA_PREP_MMA=2; K = 32 and
  * 64 run the 128-thread form), of 256 in 63.5 KB (kda_chunk_prep_mma3_kernel,
- * =3, the default; K = 32 and 64 the 128-thread form), of
+ * =3, the default; K = 32 and 64 the 128-thread form), as two kernels
+ * (kp6_sub_kernel + kp6_solve_kernel, =6; K = 32 and 64 as 1), of
  * 128 (=1) and as the fp32 prep kernel (=0); the hook
  * kl_cuda_test_kda_prep_mma switches it.  The sequential part runs as the
  * wide kernel (KL_CUDA_KDA_MMA=2, the default) with each prep, and with the
@@ -3716,16 +3757,17 @@ check_kda_chunked_mma(void)
 	tap_ok(prep_mma != NULL, "the CUDA library exports kl_cuda_test_kda_prep_mma");
 	*(void **) &mma_form = dlsym(lib, "kl_cuda_test_kda_mma_form");
 	tap_ok(mma_form != NULL, "the CUDA library exports kl_cuda_test_kda_mma_form");
-	for (size_t ci7 = 0; ci7 < 7 * sizeof(cases) / sizeof(cases[0]); ci7++)
+	for (size_t ci7 = 0; ci7 < 8 * sizeof(cases) / sizeof(cases[0]); ci7++)
 	{
-		size_t		ci = ci7 / 7;
+		size_t		ci = ci7 / 8;
 		/* per case: prep on tensor cores (63.5 KB, 256, 128 threads), fp32,
 		 * each with the wide sequential kernel; then the default prep with
-		 * the 4-warp kernel, the wide one of 64 columns and of 8 warps */
-		static const int pms[7] = {3, 2, 1, 0, 3, 3, 3},
-					forms[7] = {2, 2, 2, 2, 1, 3, 4};
-		int			pm = pms[ci7 % 7],
-					form = forms[ci7 % 7];
+		 * the 4-warp kernel, the wide one of 64 columns and of 8 warps; then
+		 * the two-kernel prep (6) with the wide one */
+		static const int pms[8] = {3, 2, 1, 0, 3, 3, 3, 6},
+					forms[8] = {2, 2, 2, 2, 1, 3, 4, 2};
+		int			pm = pms[ci7 % 8],
+					form = forms[ci7 % 8];
 		int			H = cases[ci].H,
 					K = cases[ci].K,
 					T = cases[ci].T,
@@ -3743,33 +3785,7 @@ check_kda_chunked_mma(void)
 				   *S_o = malloc(sizeof(float) * nS),
 				   *S_n = malloc(sizeof(float) * nS);
 
-		/* what kk_kda_prep leaves: q, k L2-normalized per head (q times
-		 * K^-1/2), g = -exp(A_log) softplus(f + dt_bias) <= 0, a few past
-		 * softplus's threshold; beta = sigmoid(b) */
-		for (size_t r = 0; r < (size_t) T * H; r++)
-		{
-			double		sq = 0,
-						sk = 0;
-
-			for (int c = 0; c < K; c++)
-			{
-				sq += (double) q[r * K + c] * q[r * K + c];
-				sk += (double) k[r * K + c] * k[r * K + c];
-			}
-			for (int c = 0; c < K; c++)
-			{
-				q[r * K + c] = (float) (q[r * K + c] / sqrt(sq + 1e-6) / sqrt((double) K));
-				k[r * K + c] = (float) (k[r * K + c] / sqrt(sk + 1e-6));
-			}
-			beta[r] = (float) (1.0 / (1.0 + exp(-beta[r])));
-		}
-		for (size_t i = 0; i < nx; i++)
-		{
-			double		f = i % 97 == 0 ? 25.0 : g[i];
-			double		A = exp(-1.0 + 2.5 * (double) ((i / K) % H) / H);
-
-			g[i] = (float) (-A * (f > 20 ? f : log1p(exp(f))));
-		}
+		kda_prepared_like(T, H, K, q, k, g, beta);
 		if (prep_mma)
 			prep_mma(pm);
 		if (mma_form)
@@ -3782,7 +3798,8 @@ check_kda_chunked_mma(void)
 			tap_ok(rc == 0 && eo <= TOL_KDA_MMA && es <= TOL_KDA_MMA,
 				   "KDA chunkwise form on tensor cores (bf16, prep %s, sequential part %s) vs the fp32 kernels, "
 				   "%d heads x %d, %d rows, state %s: outputs rel err %.2e, state after %.2e (hook returned %d)",
-				   pm == 3 ? "on tensor cores, 256 threads in 63.5 KB" : pm == 2 ? "on tensor cores, 256 threads" :
+				   pm == 3 ? "on tensor cores, 256 threads in 63.5 KB" : pm == 6 ? "on tensor cores, two kernels" :
+				   pm == 2 ? "on tensor cores, 256 threads" :
 				   pm == 1 ? "on tensor cores, 128 threads" : "fp32",
 				   form == 1 ? "4 warps" : form == 3 ? "wide, 64 columns" : form == 4 ? "wide, 8 warps" :
 				   "wide, 32 columns", H, K, T,
@@ -3820,6 +3837,127 @@ check_kda_chunked_mma(void)
 		prep_mma(3);			/* the defaults again for the checks that follow */
 	if (mma_form)
 		mma_form(2);
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+typedef int (*kda_chunked_raw_fn) (int n, int H, int K, int in16, const float *q, const float *k, const float *v,
+									 const float *g, const float *beta, const float *S, float *o, float *S_out,
+									 void *scr);
+
+/* x rounded to the nearest bf16 value (even on ties), as a float */
+static float
+round_bf16(float x)
+{
+	uint32_t	u;
+
+	memcpy(&u, &x, sizeof(u));
+	u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+	memcpy(&x, &u, sizeof(x));
+	return x;
+}
+
+/*
+ * The two-kernel chunk prep (KL_CUDA_KDA_PREP_MMA=6: kp6_sub_kernel per
+ * 16-row sub-chunk, kp6_solve_kernel per chunk) sums every value in the
+ * 63.5 KB kernel's order (=3), so its outputs must be =3's bit for bit:
+ * the prep's arrays (W16, U16, Q16, Kt16, P16, gl, the scratch that the
+ * hook kl_cuda_test_kda_chunked_raw copies back), the outputs and the state
+ * after, at 32 heads x 128 for lengths that end mid-chunk, a few chunks and
+ * 8192, and at 4 heads.  Its bf16-input form (kk_kda_chunked_mma16, for q,
+ * k, v written in bf16 by the rows prep) must give, on q, k, v rounded to
+ * bf16, what =6 and =3 give on the same values in fp32, bit for bit.
+ */
+static void
+check_kda_prep_split(void)
+{
+	static const struct
+	{
+		int			H,
+					T,
+					carry;
+	}			cases[] = {
+		{32, 17, 0}, {32, 100, 1}, {32, 1000, 1}, {32, 8192, 1}, {4, 300, 1},
+	};
+	const int	K = 128;
+	kl_model   *m;
+	void	   *lib = NULL;
+	kda_chunked_raw_fn fn = NULL;
+	void		(*prep_mma) (int) = NULL;
+	size_t		(*scr_bytes) (int, int, int) = NULL;
+	uint64_t	rs = 1717;
+
+	m = load_test_hook("kl_cuda_test_kda_chunked_raw", &lib, (void **) &fn);
+	if (!fn)
+		return;
+	*(void **) &prep_mma = dlsym(lib, "kl_cuda_test_kda_prep_mma");
+	*(void **) &scr_bytes = dlsym(lib, "kl_cuda_test_kda_chunk_mma_scratch");
+	tap_ok(prep_mma != NULL && scr_bytes != NULL,
+		   "the CUDA library exports kl_cuda_test_kda_prep_mma and kl_cuda_test_kda_chunk_mma_scratch");
+	for (size_t ci = 0; prep_mma && scr_bytes && ci < sizeof(cases) / sizeof(cases[0]); ci++)
+	{
+		int			H = cases[ci].H,
+					T = cases[ci].T;
+		size_t		nx = (size_t) T * H * K,
+					nS = (size_t) H * K * K,
+					nscr = scr_bytes(T, H, K);
+		float	   *q = rand_floats(nx, -1, 1, &rs),
+				   *k = rand_floats(nx, -1, 1, &rs),
+				   *v = rand_floats(nx, -0.3, 2, &rs),
+				   *g = rand_floats(nx, -4, 4, &rs),
+				   *beta = rand_floats((size_t) T * H, -3, 3, &rs),
+				   *S = cases[ci].carry ? rand_floats(nS, -0.5, 0.5, &rs) : calloc(nS, sizeof(float));
+		/* [0] =3, [1] =6, on fp32 inputs, then on bf16 values: [2] =3,
+		 * [3] =6, [4] the bf16-input form */
+		float	   *o[5],
+				   *Sa[5];
+		char	   *scr[5];
+		int			rc[5];
+		static const int pm[5] = {3, 6, 3, 6, 6},
+					in16[5] = {0, 0, 0, 0, 1};
+
+		kda_prepared_like(T, H, K, q, k, g, beta);
+		for (int r = 0; r < 5; r++)
+		{
+			o[r] = malloc(sizeof(float) * nx);
+			Sa[r] = malloc(sizeof(float) * nS);
+			scr[r] = malloc(nscr);
+			if (r == 2)
+				for (size_t i = 0; i < nx; i++)
+				{
+					q[i] = round_bf16(q[i]);
+					k[i] = round_bf16(k[i]);
+					v[i] = round_bf16(v[i]);
+				}
+			prep_mma(pm[r]);
+			rc[r] = fn(T, H, K, in16[r], q, k, v, g, beta, S, o[r], Sa[r], scr[r]);
+		}
+		for (int r = 1; r < 5; r++)
+		{
+			int			ref = r == 1 ? 0 : 2;
+			bool		same = rc[ref] == 0 && rc[r] == 0 && memcmp(scr[r], scr[ref], nscr) == 0 &&
+				memcmp(o[r], o[ref], sizeof(float) * nx) == 0 && memcmp(Sa[r], Sa[ref], sizeof(float) * nS) == 0;
+
+			tap_ok(same, "KDA chunk prep in two kernels (=6%s) gives the 63.5 KB kernel's (=3) prep arrays, "
+				   "outputs and state bit for bit%s, %d heads x %d, %d rows, state %s (hooks returned %d, %d)",
+				   in16[r] ? ", q, k, v read as bf16" : "", r == 1 ? "" : " on bf16-valued q, k, v", H, K, T,
+				   cases[ci].carry ? "carried in" : "zero", rc[ref], rc[r]);
+		}
+		for (int r = 0; r < 5; r++)
+		{
+			free(o[r]);
+			free(Sa[r]);
+			free(scr[r]);
+		}
+		free(q);
+		free(k);
+		free(v);
+		free(g);
+		free(beta);
+		free(S);
+	}
+	if (prep_mma)
+		prep_mma(3);
 	dlclose(lib);
 	kl_model_free(m);
 }
@@ -5574,6 +5712,7 @@ main(void)
 	RUN(check_kda_decode());
 	RUN(check_kda_elem_warp());
 	RUN(check_kda_chunked_mma());
+	RUN(check_kda_prep_split());
 	for (int mi = 0; mi < 2; mi++)
 		for (int pi = 0; pi < 2; pi++)
 			for (int bi = 0; bi < 3; bi++)
