@@ -1632,13 +1632,13 @@ kp6_launch(cudaStream_t s, int n, int H, const TIN *q, const TIN *k, const TIN *
 
 /* set by kk_set_kda_prep_mma: kk_kda_chunked_mma's parallel half on tensor
  * cores, 128 threads a block (1) or 256 (2, K = 128; 1 for other K), the
- * 256-thread kernel in 63.5 KB (3, the default; K = 128, 1 for other K), or
- * the fp32 prep kernel (0); 4: as 3, and in prefill steps that
- * kk_kda_prep_fused_ok accepts the elementwise prep fused into it
- * (kk_kda_chunked_mma_fused); 6: =3's outputs bit for bit from two kernels
- * of independent blocks (kp6_sub_kernel, kp6_solve_kernel; K = 128, 1 for
- * other K) */
-static int kda_prep_mma_on = 3;
+ * 256-thread kernel in 63.5 KB (3; K = 128, 1 for other K), or the fp32
+ * prep kernel (0); 4: as 3, and in prefill steps that kk_kda_prep_fused_ok
+ * accepts the elementwise prep fused into it (kk_kda_chunked_mma_fused);
+ * 6 (the default): =3's outputs bit for bit from two kernels of independent
+ * blocks (kp6_sub_kernel, kp6_solve_kernel; K = 128, 1 for other K; 1.0 to
+ * 1.3 % off the KDA op at 8k-128k tokens on the H200, 2026-11-30) */
+static int kda_prep_mma_on = 6;
 
 extern "C" void
 kk_set_kda_prep_mma(int on)

@@ -355,10 +355,10 @@ int			kk_kda_chunked_mma16(cudaStream_t s, int n, int H, int K, const uint16_t *
  * 4 with 8 warps (K = 32: 3 and 4 as 2); the same numbers bit for bit */
 void		kk_set_kda_mma_form(int form);
 /* kk_kda_chunk_prep_bf16 on tensor cores in blocks of 256 threads in 63.5 KB
- * of shared memory (3, default; K = 128, else as 1), of 256 in 95.5 KB (2;
+ * of shared memory (3; K = 128, else as 1), of 256 in 95.5 KB (2;
  * K = 128, else as 1) or of 128 (1), or as the fp32 prep kernel with bf16
  * stores (0); the same outputs within bf16 rounding; 4: as 3, and
- * kk_kda_chunked_mma_fused in prefill (below); 6: 3's outputs bit for bit
+ * kk_kda_chunked_mma_fused in prefill (below); 6 (default): 3's outputs bit for bit
  * from two kernels of independent blocks (a sub-chunk's operands, pairs and
  * diagonal inverse; then the solve and the W / U0 products; K = 128, else
  * as 1) */

@@ -352,8 +352,8 @@ kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float eps, con
 /*
  * For test/engine/test_cuda.c only (found with dlsym): the parallel half of
  * kk_kda_chunked_mma on tensor cores in blocks of 256 threads (2), of 256 in
- * 63.5 KB of shared memory (3, KL_CUDA_KDA_PREP_MMA's default) or of 128 (1),
- * as two kernels with 3's outputs (6), or as the fp32 prep kernel (0),
+ * 63.5 KB of shared memory (3) or of 128 (1), as two kernels with 3's
+ * outputs (6, KL_CUDA_KDA_PREP_MMA's default), or as the fp32 prep kernel (0),
  * for the calls of kl_cuda_test_kda_chunked that follow.
  */
 __attribute__((visibility("default"))) void

@@ -3834,7 +3834,7 @@ check_kda_chunked_mma(void)
 		free(S_n);
 	}
 	if (prep_mma)
-		prep_mma(3);			/* the defaults again for the checks that follow */
+		prep_mma(6);			/* the defaults again for the checks that follow */
 	if (mma_form)
 		mma_form(2);
 	dlclose(lib);
@@ -3957,7 +3957,7 @@ check_kda_prep_split(void)
 		free(S);
 	}
 	if (prep_mma)
-		prep_mma(3);
+		prep_mma(6);			/* the default again */
 	dlclose(lib);
 	kl_model_free(m);
 }
