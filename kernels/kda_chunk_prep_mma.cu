@@ -604,6 +604,60 @@ kp3_invert_below(const float *sA, float *Li, float *Tb, int tid)
 }
 
 /*
+ * [W | U0] = Li [Kb | Vb] for tile `tile` (chunk * H + h) into the scratch:
+ * Li lower triangular, bf16 Lb [C][LC]; Kb^T, Vb^T [K][LC] bf16, all in
+ * shared memory; warp w takes the column tiles w NT .. w NT + NT - 1 of the
+ * 2 K / 8.  One copy for =3 (its step F) and =6's solve (its step D).
+ */
+template <int K, int NTH, int LC>
+__device__ __forceinline__ void
+kp_wu_product(const uint16_t *Lb, const uint16_t *KbT, const uint16_t *VbT, uint16_t *W16, uint16_t *U16,
+			  size_t tile, int warp, int lane)
+{
+	constexpr int C = KDA_CHUNK;
+	constexpr int V = K;
+	constexpr int NT = 8 * K / NTH;
+	int			gq = lane >> 2,
+				t2 = 2 * (lane & 3);
+
+#pragma unroll 1
+	for (int m = 0; m < 4; m++)
+	{
+		float		acc[NT][4];
+
+#pragma unroll
+		for (int j = 0; j < NT; j++)
+			acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+		for (int kk = 0; kk <= 16 * m; kk += 16)
+		{
+			uint32_t	a[4];
+
+			kp_frag_a(a, Lb, LC, 16 * m, kk, lane);
+#pragma unroll
+			for (int j = 0; j < NT; j++)
+			{
+				int			col = 8 * (warp * NT + j);
+				const uint16_t *bt = col < K ? KbT + col * LC : VbT + (col - K) * LC;
+				uint32_t	bb[2];
+
+				kp_frag_b(bb, bt, LC, 0, kk, lane);
+				mma_bf16_16816(acc[j], a, bb[0], bb[1]);
+			}
+		}
+#pragma unroll
+		for (int j = 0; j < NT; j++)
+		{
+			int			col = 8 * (warp * NT + j) + t2,
+						r = 16 * m + gq;
+			uint16_t   *dst = col < K ? W16 + tile * C * K + col : U16 + tile * C * V + col - K;
+
+			*(uint32_t *) (dst + r * K) = cvt_bf16x2(acc[j][0], acc[j][1]);
+			*(uint32_t *) (dst + (r + 8) * K) = cvt_bf16x2(acc[j][2], acc[j][3]);
+		}
+	}
+}
+
+/*
  * KL_CUDA_KDA_PREP_MMA=4: kda_chunk_prep_mma4_kernel<128> (kp3_body<128, true>) reads the
  * op's raw inputs instead of kda_prep's fp32 outputs (kk_kda_prep does not
  * run, its q, k, v, g, beta are never written: 0.54 GB of stores and as much
@@ -668,7 +722,6 @@ kp3_body(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
 	static_assert(K == 128, "the lane layout of the pairs assumes K = 128");
 	typedef kp3_layout<K> L;
 	constexpr int C = KDA_CHUNK;
-	constexpr int V = K;
 	constexpr int NTH = 256;
 	extern __shared__ uint4 kp_smem[];
 	char	   *sm = (char *) kp_smem;
@@ -1048,45 +1101,8 @@ kp3_body(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
 	}
 	__syncthreads();
 
-	/* F. [W | U0] = Li [Kb | Vb]: warp w, column tiles 4 w .. 4 w + 3 of the 2K/8 */
-	{
-		constexpr int NT = 8 * K / NTH;
-#pragma unroll 1
-		for (int m = 0; m < 4; m++)
-		{
-			float		acc[NT][4];
-
-#pragma unroll
-			for (int j = 0; j < NT; j++)
-				acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-			for (int kk = 0; kk <= 16 * m; kk += 16)
-			{
-				uint32_t	a[4];
-
-				kp_frag_a(a, Lb, L::LC, 16 * m, kk, lane);
-#pragma unroll
-				for (int j = 0; j < NT; j++)
-				{
-					int			col = 8 * (warp * NT + j);
-					const uint16_t *bt = col < K ? KbT + col * L::LC : VbT + (col - K) * L::LC;
-					uint32_t	bb[2];
-
-					kp_frag_b(bb, bt, L::LC, 0, kk, lane);
-					mma_bf16_16816(acc[j], a, bb[0], bb[1]);
-				}
-			}
-#pragma unroll
-			for (int j = 0; j < NT; j++)
-			{
-				int			col = 8 * (warp * NT + j) + t2,
-							r = 16 * m + gq;
-				uint16_t   *dst = col < K ? W16 + tile * C * K + col : U16 + tile * C * V + col - K;
-
-				*(uint32_t *) (dst + r * K) = cvt_bf16x2(acc[j][0], acc[j][1]);
-				*(uint32_t *) (dst + (r + 8) * K) = cvt_bf16x2(acc[j][2], acc[j][3]);
-			}
-		}
-	}
+	/* F. [W | U0] = Li [Kb | Vb] */
+	kp_wu_product<K, 256, L::LC>(Lb, KbT, VbT, W16, U16, tile, warp, lane);
 }
 
 template <int K>
@@ -1501,7 +1517,6 @@ kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict_
 {
 	typedef kp6_solve_layout<K> L;
 	constexpr int C = KDA_CHUNK;
-	constexpr int V = K;
 	constexpr int NTH = 256;
 	extern __shared__ uint4 kp_smem[];
 	char	   *sm = (char *) kp_smem;
@@ -1516,9 +1531,7 @@ kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict_
 				h = blockIdx.y,
 				tid = threadIdx.x,
 				warp = tid >> 5,
-				lane = tid & 31,
-				gq = lane >> 2,
-				t2 = 2 * (lane & 3);
+				lane = tid & 31;
 	int			t0 = chunk * C,
 				Cn = n - t0 < C ? n - t0 : C;
 	size_t		tile = (size_t) chunk * H + h,
@@ -1604,44 +1617,7 @@ kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict_
 	__syncthreads();
 
 	/* D. [W | U0] = Li [Kb | Vb], as =3 (W over the scratch, read above) */
-	{
-		constexpr int NT = 8 * K / NTH;
-#pragma unroll 1
-		for (int m = 0; m < 4; m++)
-		{
-			float		acc[NT][4];
-
-#pragma unroll
-			for (int j = 0; j < NT; j++)
-				acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-			for (int kk = 0; kk <= 16 * m; kk += 16)
-			{
-				uint32_t	a[4];
-
-				kp_frag_a(a, Lb, L::LC, 16 * m, kk, lane);
-#pragma unroll
-				for (int j = 0; j < NT; j++)
-				{
-					int			col = 8 * (warp * NT + j);
-					const uint16_t *bt = col < K ? KbT + col * L::LC : VbT + (col - K) * L::LC;
-					uint32_t	bb[2];
-
-					kp_frag_b(bb, bt, L::LC, 0, kk, lane);
-					mma_bf16_16816(acc[j], a, bb[0], bb[1]);
-				}
-			}
-#pragma unroll
-			for (int j = 0; j < NT; j++)
-			{
-				int			col = 8 * (warp * NT + j) + t2,
-							r = 16 * m + gq;
-				uint16_t   *dst = col < K ? W16 + tile * C * K + col : U16 + tile * C * V + col - K;
-
-				*(uint32_t *) (dst + r * K) = cvt_bf16x2(acc[j][0], acc[j][1]);
-				*(uint32_t *) (dst + (r + 8) * K) = cvt_bf16x2(acc[j][2], acc[j][3]);
-			}
-		}
-	}
+	kp_wu_product<K, NTH, L::LC>(Lb, KbT, VbT, W16, U16, tile, warp, lane);
 }
 
 /* =6's two kernels (K = 128) */
