@@ -604,6 +604,38 @@ kp3_invert_below(const float *sA, float *Li, float *Tb, int tid)
 }
 
 /*
+ * x = column j of (I + A)^-1 for a 16 x 16 block A, strictly lower
+ * triangular (row stride LDA floats, 16-byte aligned rows), by forward
+ * substitution in registers: x[m] = 0 for m < j, so the terms before the
+ * diagonal add 0.  One copy for =3's diagonal blocks and =6's sub-chunks.
+ */
+template <int LDA>
+__device__ __forceinline__ void
+kp_unit_lower_inverse_column(const float *a, int j, float x[16])
+{
+#pragma unroll
+	for (int i = 0; i < 16; i++)
+	{
+		float		s = 0;
+
+#pragma unroll
+		for (int m4 = 0; m4 < i; m4 += 4)
+		{
+			float4		a4 = *(const float4 *) (a + i * LDA + m4);
+
+			s += a4.x * x[m4];
+			if (m4 + 1 < i)
+				s += a4.y * x[m4 + 1];
+			if (m4 + 2 < i)
+				s += a4.z * x[m4 + 2];
+			if (m4 + 3 < i)
+				s += a4.w * x[m4 + 3];
+		}
+		x[i] = i == j ? 1.0f : i < j ? 0.0f : -s;
+	}
+}
+
+/*
  * [W | U0] = Li [Kb | Vb] for tile `tile` (chunk * H + h) into the scratch:
  * Li lower triangular, bf16 Lb [C][LC]; Kb^T, Vb^T [K][LC] bf16, all in
  * shared memory; warp w takes the column tiles w NT .. w NT + NT - 1 of the
@@ -1033,27 +1065,7 @@ kp3_body(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
 					j = tid & 15;
 		float		x[16];
 
-#pragma unroll
-		for (int i = 0; i < 16; i++)
-		{
-			float		s = 0;
-
-#pragma unroll
-			for (int m4 = 0; m4 < i; m4 += 4)
-			{
-				float4		a4 = *(const float4 *) (sA + (o + i) * C + o + m4);
-
-				/* x[m] = 0 for m < j: the terms before the diagonal add 0 */
-				s += a4.x * x[m4];
-				if (m4 + 1 < i)
-					s += a4.y * x[m4 + 1];
-				if (m4 + 2 < i)
-					s += a4.z * x[m4 + 2];
-				if (m4 + 3 < i)
-					s += a4.w * x[m4 + 3];
-			}
-			x[i] = i == j ? 1.0f : i < j ? 0.0f : -s;
-		}
+		kp_unit_lower_inverse_column<C>(sA + o * C + o, j, x);
 #pragma unroll
 		for (int i = 0; i < 16; i++)
 			Li[(o + i) * C + o + j] = x[i];
@@ -1453,26 +1465,7 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 		int			j = tid;
 		float		x[16];
 
-#pragma unroll
-		for (int i = 0; i < 16; i++)
-		{
-			float		s = 0;
-
-#pragma unroll
-			for (int m4 = 0; m4 < i; m4 += 4)
-			{
-				float4		a4 = *(const float4 *) (sAd + i * 16 + m4);
-
-				s += a4.x * x[m4];
-				if (m4 + 1 < i)
-					s += a4.y * x[m4 + 1];
-				if (m4 + 2 < i)
-					s += a4.z * x[m4 + 2];
-				if (m4 + 3 < i)
-					s += a4.w * x[m4 + 3];
-			}
-			x[i] = i == j ? 1.0f : i < j ? 0.0f : -s;
-		}
+		kp_unit_lower_inverse_column<16>(sAd, j, x);
 #pragma unroll
 		for (int i = 0; i < 16; i++)
 			Ag[(s0 + i) * C + s0 + j] = x[i];
