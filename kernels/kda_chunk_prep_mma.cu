@@ -604,6 +604,58 @@ kp3_invert_below(const float *sA, float *Li, float *Tb, int tid)
 }
 
 /*
+ * The pairs of sub-chunk b (rows s0 = 16 b ..) with the sub-chunks before
+ * it, as mma products through the reference point: 2 b column tiles of 8
+ * for P (from Xq) and 2 b for A (from Xk), both against Kr [16 b][LK], on
+ * the warps with the fewest pairs above (7, 6, ..).  P [C][C] bf16 takes
+ * rows s0 .. s0 + 15; A [C][C] fp32 the same rows scaled by their beta
+ * (beta_r[i]: row s0 + i's).  One copy for =3 and =6's sub-chunk kernel.
+ */
+template <int K, int LK, int NTH>
+__device__ __forceinline__ void
+kp_pairs_before(const uint16_t *Xq, const uint16_t *Xk, const uint16_t *Kr, int b, int s0, int warp, int lane,
+				uint16_t *P, float *A, const float *beta_r)
+{
+	constexpr int C = KDA_CHUNK;
+	int			gq = lane >> 2,
+				t2 = 2 * (lane & 3);
+
+	for (int item = 7 - warp; item < 4 * b; item += NTH / 32)
+	{
+		int			which = item & 1,	/* 0: P (q side), 1: A (k side) */
+					n0 = 8 * (item >> 1);
+		const uint16_t *X = which ? Xk : Xq;
+		float		acc[4] = {0, 0, 0, 0};
+
+#pragma unroll
+		for (int kk = 0; kk < K; kk += 16)
+		{
+			uint32_t	a[4],
+						bb[2];
+
+			kp_frag_a(a, X, LK, 0, kk, lane);
+			kp_frag_b(bb, Kr, LK, n0, kk, lane);
+			mma_bf16_16816(acc, a, bb[0], bb[1]);
+		}
+		{
+			int			r = s0 + gq,
+						cc = n0 + t2;
+
+			if (which == 0)
+			{
+				*(uint32_t *) (P + r * C + cc) = cvt_bf16x2(acc[0], acc[1]);
+				*(uint32_t *) (P + (r + 8) * C + cc) = cvt_bf16x2(acc[2], acc[3]);
+			}
+			else
+			{
+				*(float2 *) (A + r * C + cc) = make_float2(beta_r[gq] * acc[0], beta_r[gq] * acc[1]);
+				*(float2 *) (A + (r + 8) * C + cc) = make_float2(beta_r[gq + 8] * acc[2], beta_r[gq + 8] * acc[3]);
+			}
+		}
+	}
+}
+
+/*
  * x = column j of (I + A)^-1 for a 16 x 16 block A, strictly lower
  * triangular (row stride LDA floats, 16-byte aligned rows), by forward
  * substitution in registers: x[m] = 0 for m < j, so the terms before the
@@ -775,9 +827,7 @@ kp3_body(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
 				h = blockIdx.y,
 				tid = threadIdx.x,
 				warp = tid >> 5,
-				lane = tid & 31,
-				gq = lane >> 2,
-				t2 = 2 * (lane & 3);
+				lane = tid & 31;
 	int			t0 = chunk * C,
 				Cn = n - t0 < C ? n - t0 : C;
 	size_t		tile = (size_t) chunk * H + h,
@@ -1021,39 +1071,7 @@ kp3_body(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
 		}
 		/* pairs with the sub-chunks before: 2 b column tiles of 8 for P,
 		 * 2 b for A, on the warps with the fewest pairs above (7, 6, ..) */
-		for (int item = 7 - warp; item < 4 * b; item += NTH / 32)
-		{
-			int			which = item & 1,	/* 0: P (q side), 1: A (k side) */
-						n0 = 8 * (item >> 1);
-			const uint16_t *X = which ? Xk : Xq;
-			float		acc[4] = {0, 0, 0, 0};
-
-#pragma unroll
-			for (int kk = 0; kk < K; kk += 16)
-			{
-				uint32_t	a[4],
-							bb[2];
-
-				kp_frag_a(a, X, L::LK, 0, kk, lane);
-				kp_frag_b(bb, Kr, L::LK, n0, kk, lane);
-				mma_bf16_16816(acc, a, bb[0], bb[1]);
-			}
-			{
-				int			r = s0 + gq,
-							cc = n0 + t2;
-
-				if (which == 0)
-				{
-					*(uint32_t *) (P + r * C + cc) = cvt_bf16x2(acc[0], acc[1]);
-					*(uint32_t *) (P + (r + 8) * C + cc) = cvt_bf16x2(acc[2], acc[3]);
-				}
-				else
-				{
-					*(float2 *) (sA + r * C + cc) = make_float2(sb[r] * acc[0], sb[r] * acc[1]);
-					*(float2 *) (sA + (r + 8) * C + cc) = make_float2(sb[r + 8] * acc[2], sb[r + 8] * acc[3]);
-				}
-			}
-		}
+		kp_pairs_before<K, L::LK, NTH>(Xq, Xk, Kr, b, s0, warp, lane, P, sA, sb + s0);
 		__syncthreads();		/* dq, dk, da, Xq, Xk, Kr free for the next sub-chunk */
 	}
 
@@ -1231,9 +1249,7 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 				h = blockIdx.y,
 				tid = threadIdx.x,
 				warp = tid >> 5,
-				lane = tid & 31,
-				gq = lane >> 2,
-				t2 = 2 * (lane & 3);
+				lane = tid & 31;
 	int			t0 = chunk * C,
 				Cn = n - t0 < C ? n - t0 : C;
 	size_t		tile = (size_t) chunk * H + h,
@@ -1424,39 +1440,7 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 	}
 	/* pairs with the sub-chunks before (mma): P to its rows, A (beta-scaled)
 	 * to the scratch rows */
-	for (int item = 7 - warp; item < 4 * b; item += NTH / 32)
-	{
-		int			which = item & 1,
-					n0 = 8 * (item >> 1);
-		const uint16_t *X = which ? Xk : Xq;
-		float		acc[4] = {0, 0, 0, 0};
-
-#pragma unroll
-		for (int kk = 0; kk < K; kk += 16)
-		{
-			uint32_t	a[4],
-						bb[2];
-
-			kp_frag_a(a, X, L::LK, 0, kk, lane);
-			kp_frag_b(bb, Kr, L::LK, n0, kk, lane);
-			mma_bf16_16816(acc, a, bb[0], bb[1]);
-		}
-		{
-			int			r = s0 + gq,
-						cc = n0 + t2;
-
-			if (which == 0)
-			{
-				*(uint32_t *) (P + r * C + cc) = cvt_bf16x2(acc[0], acc[1]);
-				*(uint32_t *) (P + (r + 8) * C + cc) = cvt_bf16x2(acc[2], acc[3]);
-			}
-			else
-			{
-				*(float2 *) (Ag + r * C + cc) = make_float2(sb[gq] * acc[0], sb[gq] * acc[1]);
-				*(float2 *) (Ag + (r + 8) * C + cc) = make_float2(sb[gq + 8] * acc[2], sb[gq + 8] * acc[3]);
-			}
-		}
-	}
+	kp_pairs_before<K, L::LK, NTH>(Xq, Xk, Kr, b, s0, warp, lane, P, Ag, sb);
 	__syncthreads();
 
 	/* D. (I + A_bb)^-1 by =3's forward substitution, thread j = column j */
