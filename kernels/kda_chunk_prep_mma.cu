@@ -14,9 +14,10 @@
  * (zero above the diagonal); gl fp32 [K] (Gam_end).  kk_kda_chunk_prep_bf16
  * picks this kernel (KL_CUDA_KDA_PREP_MMA, default) or kda.cu's fp32 prep
  * kernel with bf16 stores (kda_chunk_prep_fp32_bf16); both write the same
- * layout, equal within bf16 rounding.  KL_CUDA_KDA_PREP_MMA=6 splits the
- * 63.5 KB kernel (=3) into two kernels of independent blocks with =3's
- * outputs bit for bit, and reads q, k, v in fp32 or bf16
+ * layout, equal within bf16 rounding.  KL_CUDA_KDA_PREP_MMA=6 (the
+ * default at K = 128) splits the 63.5 KB kernel (=3) into two kernels of
+ * independent blocks with =3's outputs bit for bit (the phases they share
+ * are one device function each), and reads q, k, v in fp32 or bf16
  * (kk_kda_chunk_prep_bf16_in16).
  */
 #include "kda_common.cuh"
