@@ -605,6 +605,27 @@ kp3_invert_below(const float *sA, float *Li, float *Tb, int tid)
 }
 
 /*
+ * kp3_invert_below, then the whole inverse Li as the bf16 operand Lb
+ * [C][LC] with the blocks above the diagonal zero (=3 and =6's solve).
+ */
+template <int NTH, int LC>
+__device__ __forceinline__ void
+kp3_invert_below_bf16(const float *sA, float *Li, float *Tb, uint16_t *Lb, int tid)
+{
+	constexpr int C = KDA_CHUNK;
+
+	kp3_invert_below(sA, Li, Tb, tid);
+	for (int e = tid; e < C * C / 2; e += NTH)
+	{
+		int			r = e / (C / 2),
+					c = 2 * (e % (C / 2));
+		float2		l2 = *(const float2 *) (Li + r * C + c);
+
+		*(uint32_t *) (Lb + r * LC + c) = c / 16 > r / 16 ? 0u : cvt_bf16x2(l2.x, l2.y);
+	}
+}
+
+/*
  * The pairs of sub-chunk b (rows s0 = 16 b ..) with the sub-chunks before
  * it, as mma products through the reference point: 2 b column tiles of 8
  * for P (from Xq) and 2 b for A (from Xk), both against Kr [16 b][LK], on
@@ -1090,15 +1111,7 @@ kp3_body(int n, int H, const float *__restrict__ q, const float *__restrict__ k,
 			Li[(o + i) * C + o + j] = x[i];
 	}
 	__syncthreads();
-	kp3_invert_below(sA, Li, Tb, tid);
-	for (int e = tid; e < C * C / 2; e += NTH)
-	{
-		int			r = e / (C / 2),
-					c = 2 * (e % (C / 2));
-		float2		l2 = *(const float2 *) (Li + r * C + c);
-
-		*(uint32_t *) (Lb + r * L::LC + c) = c / 16 > r / 16 ? 0u : cvt_bf16x2(l2.x, l2.y);
-	}
+	kp3_invert_below_bf16<NTH, L::LC>(sA, Li, Tb, Lb, tid);
 	__syncthreads();			/* Li, Tb dead: Kb^T, Vb^T take their room */
 
 	/* D. the right-hand sides [beta k Gam | beta v] transposed (bf16) */
@@ -1536,15 +1549,7 @@ kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict_
 	__syncthreads();
 
 	/* B. the blocks below the diagonal of the inverse, as =3; Lb */
-	kp3_invert_below(sA, Li, Tb, tid);
-	for (int e = tid; e < C * C / 2; e += NTH)
-	{
-		int			r = e / (C / 2),
-					c = 2 * (e % (C / 2));
-		float2		l2 = *(const float2 *) (Li + r * C + c);
-
-		*(uint32_t *) (Lb + r * L::LC + c) = c / 16 > r / 16 ? 0u : cvt_bf16x2(l2.x, l2.y);
-	}
+	kp3_invert_below_bf16<NTH, L::LC>(sA, Li, Tb, Lb, tid);
 	__syncthreads();			/* A, Li, Tb dead: Kb^T, Vb^T take their room */
 
 	/* C. the right-hand sides [beta k Gam | beta v] transposed, as =3 (the
