@@ -15,7 +15,6 @@
  */
 #include <limits.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "cuda_internal.h"
 
@@ -428,16 +427,6 @@ kl_cuda_test_kda_chunked(int n, int H, int K, const float *q, const float *k, co
 	return rc;
 }
 
-/* x as bf16, rounded to nearest even (exact for the bf16 values the test passes) */
-static uint16_t
-hook_bf16(float x)
-{
-	uint32_t	u;
-
-	memcpy(&u, &x, sizeof(u));
-	return (uint16_t) ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 /*
  * For test/engine/test_cuda.c only (found with dlsym): the bytes of
  * kk_kda_chunked_mma's scratch for n rows (what kl_cuda_test_kda_chunked_raw
@@ -496,7 +485,7 @@ kl_cuda_test_kda_chunked_raw(int n, int H, int K, int in16, const float *q, cons
 		for (int a = 0; a < 3; a++)
 		{
 			for (size_t i = 0; i < nx; i++)
-				h16[a * nx + i] = hook_bf16(src[a][i]);
+				h16[a * nx + i] = kl_f32_to_bf16(src[a][i]);
 			in[Q + a] = h16 + a * nx;
 		}
 	}
