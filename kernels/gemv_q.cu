@@ -501,7 +501,12 @@ q_rb(int shape, int nr, bool swiglu)
 			: (nr <= 2 ? 8 : nr <= 4 ? 4 : 2)) / (swiglu && shape != Q_SHAPE_WIDE ? 2 : 1);
 }
 
-/* set by kk_gemv_q_force_shape (gemv_sweep): a block shape for every launch (-1: by the rows) */
+/*
+ * set by kk_gemv_q_force_shape (gemv_sweep, the backend's KL_CUDA_Q_SHAPE):
+ * a block shape for every launch (0-2), -1: by the widest rows of a batch,
+ * Q_SHAPE_BY_BYTES: by the rows of the job with the most weight bytes
+ */
+#define Q_SHAPE_BY_BYTES 3
 static int q_forced_shape = -1;
 
 extern "C" void
@@ -543,7 +548,9 @@ q_vec_ok(const kk_gemv_job *jb)
 static void
 gemv_q_launch(cudaStream_t s, kk_gemv_batch *b, int nr, int passes)
 {
+	size_t		heavy_bytes = 0;
 	int			most = 0,
+				heavy = 0,
 				shape,
 				rb,
 				blocks = 0;
@@ -555,10 +562,17 @@ gemv_q_launch(cudaStream_t s, kk_gemv_batch *b, int nr, int passes)
 
 		if (jb->group <= 0 || jb->group > jb->cols)
 			jb->group = jb->cols;
+		size_t		bytes = kk_q_row_bytes(jb->fmt, jb->cols) * (size_t) jb->rows;
+
 		jb->vec = q_vec_ok(jb);
 		most = pieces > most ? pieces : most;
+		if (bytes > heavy_bytes)
+		{
+			heavy_bytes = bytes;
+			heavy = pieces;
+		}
 	}
-	shape = q_forced_shape >= 0 ? q_forced_shape : q_shape(most);
+	shape = q_forced_shape == Q_SHAPE_BY_BYTES ? q_shape(heavy) : q_forced_shape >= 0 ? q_forced_shape : q_shape(most);
 	rb = q_rb(shape, nr, false);
 	for (int j = 0; j < b->count; j++)
 	{
@@ -737,7 +751,8 @@ expert_q_launch(cudaStream_t s, int max_active, float *y0, float *y1, int ldy, c
 				const int *xrow, const void *const *W0, const void *const *W1, int group, int rows, int cols,
 				const int *start, const int *active, int vec)
 {
-	int			shape = q_forced_shape >= 0 ? q_forced_shape : q_shape(cols / q_fmt<FMT>::cols);
+	int			shape = q_forced_shape >= 0 && q_forced_shape != Q_SHAPE_BY_BYTES ? q_forced_shape :
+		q_shape(cols / q_fmt<FMT>::cols);
 
 	shape = shape == Q_SHAPE_WIDE ? Q_SHAPE_MID : shape;
 #define Q_GO(SH) \

@@ -233,7 +233,15 @@ kk_q_bytes(int rows, int fmt, int cols, int group)
  * kk_expert_gemv_q: as kk_expert_gemv (same modes, work list, P rows an item
  * = kk_expert_pass_rows(max_count)), every expert matrix of W0 (and W1) in
  * format fmt with columns per scale group.
+ * kk_gemv_q_force_shape(shape) (the backend's KL_CUDA_Q_SHAPE, default 3;
+ * gemv_sweep): the block shape of every launch, 0 / 1 / 2 = 32 / 64 / 128
+ * threads, 3 the shape of the rows of a batch's job with the most weight
+ * bytes, -1 (the library's own default) the shape of its widest rows: a
+ * step's KDA batch has small bf16 jobs of wide rows beside its FP8 q / k / v,
+ * which then ran in 128-thread blocks, 47 % of the copy rate alone against
+ * 59-78 % in 64 / 32 (H200, FP8 batch 1 2.42 -> 2.34 ms a step with 3).
  */
+void		kk_gemv_q_force_shape(int shape);
 void		kk_gemv_q(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int fmt,
 					  int group, int rows, int cols);
 void		kk_gemv_multi_q(cudaStream_t s, kk_gemv_batch *b);
