@@ -236,7 +236,8 @@ plan_get(cuda_state *cs, int m, int n, int k, int ldd, int count)
 bool
 cuda_fp8_dense_takes(const cuda_state *cs, int n, const kl_weight *W)
 {
-	return cs->fp8 && n >= cs->fp8_act_min && W->q.type == KL_Q_FP8 && W->q.group >= W->cols &&
+	/* (bf16 false: cuda_matmul_fp32 runs a product in fp32) */
+	return cs->fp8 && cs->bf16 && n >= cs->fp8_act_min && W->q.type == KL_Q_FP8 && W->q.group >= W->cols &&
 		W->cols % 16 == 0 && W->rows > 0;
 }
 
