@@ -226,8 +226,8 @@ CUDA_OBJS        := $(CUDA_KERNEL_SRCS:.cu=.o) $(CUDA_HOST_SRCS:.c=.o)
 CUDA_CFLAGS  = -O2 -std=gnu11 $(KL_WARN) -Wno-declaration-after-statement -fPIC -fvisibility=hidden -MMD -MP \
                -Isrc/engine -I$(OPENBLAS_INC) -I$(CUDA_HOME)/include
 NVCC_FLAGS   = -O3 -std=c++17 $(CUDA_GENCODE) -Xcompiler -fPIC,-fvisibility=hidden
-# cudart linked statically and kept private (--exclude-libs), cuBLAS found through the rpath
-CUDA_LDLIBS  = -L$(CUDA_HOME)/lib64 -lcublas -Xlinker --exclude-libs,ALL -Xlinker -rpath -Xlinker $(CUDA_HOME)/lib64
+# cudart linked statically and kept private (--exclude-libs), cuBLAS and cuBLASLt (precision fp8) found through the rpath
+CUDA_LDLIBS  = -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -Xlinker --exclude-libs,ALL -Xlinker -rpath -Xlinker $(CUDA_HOME)/lib64
 
 # (only where nvcc exists and the kernel sources are present)
 ifneq ($(NVCC),)

@@ -17,9 +17,11 @@
  *   bench_cuda model CONFIG [--prefill 4096,32768] [--decode-ctx 4096,32768]
  *                    [--batches 1,8,32,64] [--steps N] [--step-tokens N] [--profile 1]
  *                    [--sample logits|greedy|topp] [--quantize fp8|int8|int4]
- *                    [--ceiling-tflops X]
+ *                    [--precision bf16|fp8] [--ceiling-tflops X]
  *       a random bf16 model of CONFIG's shape made on the GPU
- *       (kl_model_create_random, precision bf16; --quantize: the matrices
+ *       (kl_model_create_random, precision bf16 or --precision's: fp8 needs
+ *       --quantize fp8, and each prefill line is followed by a kind=fp8
+ *       line of cuda_fp8.c's counts; --quantize: the matrices
  *       quantization at load takes made on the GPU in that form instead, the
  *       header line gives the resident weight bytes): prefill tokens/s for each
  *       length (a fresh sequence, one kl_forward), then for each decode
@@ -1005,10 +1007,24 @@ decode_step(kl_ctx *ctx, kl_batch_item *items, int b, const char *sample, const 
 	return kl_forward_sample(ctx, items, b, reqs, sampled, err);
 }
 
+typedef int (*fp8_stats_fn) (kl_backend *be, long out[5]);
+
+/* precision fp8: what cuda_fp8.c ran so far (kl_cuda_fp8_stats), one RESULT line */
+static void
+print_fp8_stats(kl_backend *be, long T)
+{
+	fp8_stats_fn f = (fp8_stats_fn) cuda_lib_symbol(be, "kl_cuda_fp8_stats");
+	long		st[5];
+
+	if (f && f(be, st) == 0)
+		printf("RESULT kind=fp8 T=%ld dense_fp8=%ld dense_refused=%ld expert_ops_fp8=%ld rows_quantized=%ld "
+			   "experts_refused=%ld\n", T, st[0], st[1], st[2], st[3], st[4]);
+}
+
 static void
 model_bench(const char *config, const long *pre, int npre, const long *ctxs, int nctx, const long *batches,
 			int nb, int steps, int step_tokens, bool profile, const char *sample, const char *quantize,
-			double ceiling_tflops)
+			const char *precision, double ceiling_tflops)
 {
 	const char *tag = getenv("KL_BENCH_TAG") ? getenv("KL_BENCH_TAG") : "";
 	int			ncu_steps = getenv("KL_BENCH_NCU_STEPS") ? atoi(getenv("KL_BENCH_NCU_STEPS")) : 0;
@@ -1035,7 +1051,7 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 	double		qbpp = !quantize ? 2.0 : strcmp(quantize, "int4") == 0 ? 0.5 + 4.0 / 32 : 1.0 + 4.0 / 1024;
 
 	o.device = "cuda";
-	o.precision = "bf16";
+	o.precision = precision;
 	o.quantize = quantize;
 	kl_sampling_default(&sp);
 	if (strcmp(sample, "topp") == 0)
@@ -1053,10 +1069,10 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 	m->be->ops->sync(m->be);
 	c = kl_model_config(m);
 	V = c->vocab_size;
-	printf("RESULT kind=model layers=%d params=%lld weight_GB=%.2f resident_GB=%.2f quantize=%s format=\"%s\" "
-		   "create_s=%.1f gpu_GB=%.1f\n", c->n_layers, (long long) kl_model_n_params(m),
+	printf("RESULT kind=model layers=%d params=%lld weight_GB=%.2f resident_GB=%.2f quantize=%s precision=%s "
+		   "format=\"%s\" create_s=%.1f gpu_GB=%.1f\n", c->n_layers, (long long) kl_model_n_params(m),
 		   kl_model_weight_bytes(m) / 1e9, kl_model_resident_bytes(m) / 1e9, quantize ? quantize : "none",
-		   kl_model_weight_format(m), kl_now() - t0, gpu_used_gb());
+		   kl_model_precision(m), kl_model_weight_format(m), kl_now() - t0, gpu_used_gb());
 	fflush(stdout);
 	if (kl_ctx_new(m, step_tokens, &ctx, &err) != KL_OK)
 		fail("context", &err);
@@ -1113,6 +1129,8 @@ model_bench(const char *config, const long *pre, int npre, const long *ctxs, int
 				   pre[i], dt, pre[i] / dt, fl / dt / 1e12, fl, ceiling_tflops, roof, 100.0 * roof / dt,
 				   gpu_used_gb());
 		}
+		if (strcmp(kl_model_precision(m), "fp8") == 0)
+			print_fp8_stats(m->be, pre[i]);
 		fflush(stdout);
 		if (profile)
 		{
@@ -1306,7 +1324,8 @@ main(int argc, char **argv)
 		bool		profile = false;
 		double		ceiling = TORCH_BF16_GEMM_TFLOPS;
 		const char *sample = "topp",
-				   *quantize = NULL;
+				   *quantize = NULL,
+				   *precision = "bf16";
 
 		for (int i = 3; i + 1 < argc; i += 2)
 		{
@@ -1326,6 +1345,8 @@ main(int argc, char **argv)
 				sample = argv[i + 1];
 			else if (strcmp(argv[i], "--quantize") == 0)
 				quantize = strcmp(argv[i + 1], "none") == 0 ? NULL : argv[i + 1];
+			else if (strcmp(argv[i], "--precision") == 0)
+				precision = argv[i + 1];
 			else if (strcmp(argv[i], "--ceiling-tflops") == 0 && atof(argv[i + 1]) > ceiling)
 				ceiling = atof(argv[i + 1]);	/* a measured rate above PyTorch's */
 		}
@@ -1340,14 +1361,20 @@ main(int argc, char **argv)
 			fprintf(stderr, "bench_cuda: --sample logits, greedy or topp\n");
 			return 2;
 		}
-		model_bench(argv[2], pre, npre, ctxs, nctx, bat, nb, steps, step_tokens, profile, sample, quantize, ceiling);
+		if (strcmp(precision, "bf16") != 0 && strcmp(precision, "fp8") != 0)
+		{
+			fprintf(stderr, "bench_cuda: --precision bf16 or fp8\n");
+			return 2;
+		}
+		model_bench(argv[2], pre, npre, ctxs, nctx, bat, nb, steps, step_tokens, profile, sample, quantize, precision,
+					ceiling);
 	}
 	else
 	{
 		fprintf(stderr, "usage: bench_cuda ceilings | sample V B1,B2,... | drift DIR STEPS fp32|bf16 | kda H K T1,T2,... | "
 				"moe T1,T2,... [CONFIG] | mla T1,T2,... | model CONFIG [--prefill L,...] "
 				"[--decode-ctx C,...] [--batches B,...] [--steps N] [--step-tokens N] [--profile 0|1] "
-				"[--sample logits|greedy|topp] [--quantize fp8|int8|int4] [--ceiling-tflops X]\n");
+				"[--sample logits|greedy|topp] [--quantize fp8|int8|int4] [--precision bf16|fp8] [--ceiling-tflops X]\n");
 		return 2;
 	}
 	return 0;

@@ -558,6 +558,32 @@ void		kk_swiglu_bf16(cudaStream_t s, uint16_t *h, const float *g, const float *u
 /* h (bf16) = silu(g) * u from bf16 g and u, contiguous [n] (16-byte aligned buffers) */
 void		kk_swiglu_bf16_bf16(cudaStream_t s, uint16_t *h, const uint16_t *g, const uint16_t *u, size_t n);
 
+/*
+ * fp8_act.cu: activations rounded to E4M3 for precision "fp8"'s W8A8
+ * products (src/cuda/cuda_fp8.c).  Every rounding is one row's: scale s =
+ * amax / 448 (1 where that is not > 0; NaN ignored in amax), code = E4M3 of
+ * v / s, nearest even, saturating at 448 (fp8_act.cu's header).
+ * kk_fp8_quant_rows: x [rows, cols] (ldx) to q [rows, cols] (ldq bytes),
+ * scale [rows].  kk_fp8_quant_gather: token t of x [n, cols] to padded rows
+ * p = inv[t k + j] (j < k) of dst (row stride cols), dscale[p] its scale,
+ * dexp[p] = sel[t k + j]; -1 where k > 256.  kk_fp8_swiglu_quant: padded
+ * row p of the unscaled gate / up products g16, u16 [rows, F] (bf16): g =
+ * (g16 xs[p]) sg[f], u likewise, h = silu(g) u rounded per row into hq
+ * [rows, F], hs [rows]; sg, su: the fp32 scales at gate[e] + soff, up[e] +
+ * soff, e = rexp[p] (0 where out of [0, E)); -1 where F > 12288.
+ * kk_fp8_rescale_rows: y16 [rows, D] (bf16) = (y16 hs[p]) sd[d], sd at
+ * down[e] + soff.
+ */
+void		kk_fp8_quant_rows(cudaStream_t s, uint8_t *q, int ldq, float *scale, const float *x, int ldx, int rows,
+							  int cols);
+int			kk_fp8_quant_gather(cudaStream_t s, uint8_t *dst, float *dscale, int *dexp, const float *x, int ldx,
+								const int *inv, const int *sel, int n, int k, int cols);
+int			kk_fp8_swiglu_quant(cudaStream_t s, uint8_t *hq, float *hs, const uint16_t *g16, const uint16_t *u16,
+								const float *xs, const int *rexp, const void *const *gate, const void *const *up,
+								size_t soff, int E, int rows, int F);
+void		kk_fp8_rescale_rows(cudaStream_t s, uint16_t *y16, const float *hs, const int *rexp,
+								const void *const *down, size_t soff, int E, int rows, int D);
+
 /* sample.cu: one row of a sampling call (src/cuda/cuda_sample.c fills it) */
 typedef struct kk_sample_row
 {

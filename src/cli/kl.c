@@ -51,9 +51,10 @@ usage(void)
 			"                the experts, the scores weight them (default); reference = the bias is added\n"
 			"                into the weights too, as the released kimi_linear code does),\n"
 			"                --quantize fp8|int8|int4 (quantize the weights at load),\n"
-			"                --precision auto|fp32|bf16 (activations of the matrix products; default auto:\n"
+			"                --precision auto|fp32|bf16|fp8 (activations of the matrix products; default auto:\n"
 			"                bf16 on the GPU, fp32 on the CPU; fp32 on the GPU matches the CPU to float\n"
-			"                rounding; bf16 is GPU-only: the CPU computes in fp32)\n");
+			"                rounding; bf16 is GPU-only: the CPU computes in fp32; fp8 is bf16 plus FP8\n"
+			"                activations in the prefill products of FP8 weights, e.g. with --quantize fp8)\n");
 }
 
 /* ------------------------------------------------------------------ logits */

@@ -21,7 +21,9 @@
  * rounding.  "bf16" feeds the products of bf16 weights bf16 activations with
  * fp32 accumulation; fp32 weights are not rounded to bf16 (that would change
  * the model itself: the tiny_a checkpoint's logits move by 20% as expert
- * choices flip) and their products use TF32 tensor cores instead.
+ * choices flip) and their products use TF32 tensor cores instead.  "fp8" is
+ * bf16 with FP8 activations (rounded per row to E4M3) in the prefill
+ * products of FP8 per-channel weights, on cuBLASLt (cuda_fp8.c; sm_89 on).
  *
  * The library is self-contained: it uses the engine's headers for the data
  * structures and inline helpers but calls no engine function, because the
@@ -37,7 +39,6 @@
 
 _Static_assert(KK_MLA_PAGE == KL_MLA_PAGE, "kernels/kernels.h and backend.h disagree on the MLA page size");
 
-#define BLAS_WORKSPACE ((size_t) 32 << 20)
 
 /* ------------------------------------------------------------------ errors */
 
@@ -227,7 +228,7 @@ static void
 cu_upload(kl_backend *be, void *dst, const void *src, size_t bytes)
 {
 	cuda_flush_add(be);
-	CS(be)->tw.valid = false;	/* (it may write over a bf16 twin's rows) */
+	cuda_acts_invalid(CS(be));	/* (it may write over a bf16 twin's rows) */
 	if (bytes)
 		cuda_upload_sync(be, dst, src, bytes);
 }
@@ -488,7 +489,7 @@ cuda_flush_add(kl_backend *be)
 	if (cs->pend_moe)
 	{
 		cs->pend_moe = false;
-		cs->tw.valid = false;	/* (writes that may be a bf16 twin's rows) */
+		cuda_acts_invalid(cs);	/* (writes that may be a bf16 twin's rows) */
 		if (!be->failed)
 		{
 			if (cs->pm_ye16)
@@ -503,7 +504,7 @@ cuda_flush_add(kl_backend *be)
 	if (!cs->pend)
 		return;
 	cs->pend = false;
-	cs->tw.valid = false;
+	cuda_acts_invalid(cs);
 	if (be->failed)
 		return;
 	kk_add(cs->stream, cs->pend_y, cs->pend_x, cs->pend_n);
@@ -701,6 +702,7 @@ cu_destroy(kl_backend *be)
 	cudaStreamSynchronize(cs->stream);
 	cuda_graphs_destroy(be);
 	cuda_moe_free(be);
+	cuda_fp8_free(cs);
 	for (int i = 0; i < CB_COUNT; i++)
 		cudaFree(cs->buf[i]);
 	for (int i = 0; i < cs->n_deferred; i++)
@@ -811,10 +813,21 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 	}
 	if (idx < 0 || idx >= ndev)
 		return errf(err, KL_E_INVALID, "GPU %d does not exist (this machine has %d)", idx, ndev);
-	if (strcmp(prec, "fp32") != 0 && strcmp(prec, "bf16") != 0)
-		return errf(err, KL_E_INVALID, "unknown precision \"%s\" (use fp32 or bf16)", prec);
+	if (strcmp(prec, "fp32") != 0 && strcmp(prec, "bf16") != 0 && strcmp(prec, "fp8") != 0)
+		return errf(err, KL_E_INVALID, "unknown precision \"%s\" (use fp32, bf16 or fp8)", prec);
 	if ((e = cudaSetDevice(idx)) != cudaSuccess)
 		return errf(err, cuda_code(e), "cannot use GPU %d: %s", idx, cudaGetErrorString(e));
+	if (strcmp(prec, "fp8") == 0)
+	{
+		int			major = 0,
+					minor = 0;
+
+		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
+		cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, idx);
+		if (major * 10 + minor < 89)
+			return errf(err, KL_E_UNSUPPORTED, "precision fp8 needs FP8 tensor cores (compute capability 8.9 or "
+						"later); GPU %d has %d.%d: use precision bf16", idx, major, minor);
+	}
 
 	be = calloc(1, sizeof(kl_backend));
 	cs = calloc(1, sizeof(cuda_state));
@@ -828,7 +841,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 	be->cfg = cfg;
 	be->impl = cs;
 	cs->device = idx;
-	cs->bf16 = strcmp(prec, "bf16") == 0;
+	/* (fp8 is bf16 plus FP8 activations in the prefill products of FP8 weights: cuda_fp8.c) */
+	cs->bf16 = strcmp(prec, "bf16") == 0 || strcmp(prec, "fp8") == 0;
 	cs->mode = GM_EAGER;
 	cs->cur = -1;
 	cs->graphs_enabled = true;	/* until a capture fails; KL_CUDA_GRAPHS=0: cuda_step.c */
@@ -1036,23 +1050,37 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		(e = cudaEventCreateWithFlags(&cs->pf_join, cudaEventDisableTiming)) != cudaSuccess ||
 		(e = cudaEventCreateWithFlags(&cs->meta_done, cudaEventDisableTiming)) != cudaSuccess ||
 		(e = cudaEventCreateWithFlags(&cs->ids_done, cudaEventDisableTiming)) != cudaSuccess ||
-		(e = cudaMalloc(&cs->blas_ws, BLAS_WORKSPACE)) != cudaSuccess)
+		(e = cudaMalloc(&cs->blas_ws, CUDA_BLAS_WORKSPACE)) != cudaSuccess)
 	{
 		errf(err, cuda_code(e), "initializing GPU %d: %s", idx, cudaGetErrorString(e));
 		goto fail;
 	}
 	if (cublasCreate(&cs->blas) != CUBLAS_STATUS_SUCCESS ||
 		cublasSetStream(cs->blas, cs->stream) != CUBLAS_STATUS_SUCCESS ||
-		cublasSetWorkspace(cs->blas, cs->blas_ws, BLAS_WORKSPACE) != CUBLAS_STATUS_SUCCESS ||
+		cublasSetWorkspace(cs->blas, cs->blas_ws, CUDA_BLAS_WORKSPACE) != CUBLAS_STATUS_SUCCESS ||
 		/* fp32: no TF32 or other reduced-precision shortcuts; bf16: TF32 for fp32 weights */
 		cublasSetMathMode(cs->blas, cs->bf16 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_PEDANTIC_MATH) != CUBLAS_STATUS_SUCCESS)
 	{
 		errf(err, KL_E_INTERNAL, "initializing cuBLAS on GPU %d failed", idx);
 		goto fail;
 	}
+	if (strcmp(prec, "fp8") == 0)
+	{
+		/* KL_CUDA_FP8_ACT_MIN=N: FP8 activations in products of at least N rows (default 65: the
+		 * products of up to 64 rows keep mma_q.cu's bf16-activation kernels whatever N) */
+		const char *fm = getenv("KL_CUDA_FP8_ACT_MIN");
+
+		cs->fp8_act_min = fm && atoi(fm) > 0 ? atoi(fm) : 65;
+		if (cuda_fp8_create(be) != 0)
+		{
+			errf(err, KL_E_INTERNAL, "initializing cuBLASLt on GPU %d failed", idx);
+			goto fail;
+		}
+	}
 	*out = be;
 	return KL_OK;
 fail:
+	cuda_fp8_free(cs);
 	if (cs->blas)
 		cublasDestroy(cs->blas);
 	cudaFree(cs->blas_ws);

@@ -6,6 +6,7 @@
  *   cuda_pool.c     device memory by size class (no per-object page rounding)
  *   cuda_kda.c, cuda_mla.c, cuda_moe.c   the mixers and the MoE feed-forward
  *   cuda_moe_prefill.c                   the MoE's prefill expert paths
+ *   cuda_fp8.c      precision fp8: W8A8 prefill products on cuBLASLt
  *   cuda_sample.c   choosing tokens on the device
  *   cuda_test_hooks.c  buffer handling shared by the mixers' test hooks
  * The kernels are in kernels/ (launchers: kernels/kernels.h).
@@ -71,6 +72,7 @@ enum cuda_buf_id
 	CB_MOE_WQ16,				/* variants 3 and 4: quantized experts converted to bf16 (cuda_moe_prefill.c) */
 	CB_SAMPLE_PROB,
 	CB_TWIN,					/* bf16 twins written by their producers (cuda_twin_out) */
+	CB_X_FP8,					/* precision fp8: activations as E4M3 rows and their scales (cuda_fp8.c) */
 	CB_COUNT
 };
 
@@ -121,12 +123,38 @@ typedef struct cuda_graph
 } cuda_graph;
 
 typedef struct cuda_pool cuda_pool;	/* cuda_pool.c */
+typedef struct cuda_fp8 cuda_fp8;	/* cuda_fp8.c: cuBLASLt and its cached plans */
+
+/* cuBLAS's workspace (cuda_state.blas_ws), which cuBLASLt's calls share: one stream */
+#define CUDA_BLAS_WORKSPACE ((size_t) 32 << 20)
 
 typedef struct cuda_state
 {
 	int			device;
 	int			sm_count;
-	bool		bf16;			/* precision "bf16": weights and matmul activations */
+	bool		bf16;			/* precision "bf16" (or "fp8"): weights and matmul activations */
+	/*
+	 * Precision "fp8" (cuda_fp8.c; bf16 is set too): fp8 holds cuBLASLt
+	 * (NULL in other precisions); products of FP8 per-channel weights with
+	 * at least fp8_act_min rows (KL_CUDA_FP8_ACT_MIN, default 65) take FP8
+	 * activations; fp8_experts_refused: cuBLASLt refused the experts'
+	 * batches (the bf16 arena runs them from then on).  f8: the E4M3 rows
+	 * of one input kept for the products after (the bf16 twin's rules:
+	 * cuda_acts_invalid drops both).
+	 */
+	cuda_fp8   *fp8;
+	int			fp8_act_min;
+	bool		fp8_experts_refused;
+	struct
+	{
+		const float *src;
+		int			ld,
+					rows,
+					cols;
+		const uint8_t *q;
+		const float *scales;
+		bool		valid;
+	}			f8;
 	bool		mla_c16;		/* the MLA latent cache holds bf16 (bf16 precision) */
 	bool		mla_mma;		/* decode attention over the bf16 cache on tensor cores */
 	bool		mla_small;		/* decode steps: the 16-byte-load absorb and output products */
@@ -359,6 +387,14 @@ CS(kl_backend *be)
 	return (cuda_state *) be->impl;
 }
 
+/* an op may have written the rows of a kept activation: drop the bf16 twin and the FP8 rows */
+static inline void
+cuda_acts_invalid(cuda_state *cs)
+{
+	cs->tw.valid = false;
+	cs->f8.valid = false;
+}
+
 /*
  * A weight's device form (kernels.h's KK_WF_*): quantized weights (w->q.type,
  * quant.h) are one object of data rows then fp32 scales at w->dev; the
@@ -517,7 +553,7 @@ const uint16_t *cuda_moe_experts_batched16(kl_backend *be, const kl_moe_layer *w
  * layout is the one the device wrote.  Then cuda_moe_batched_products.
  */
 bool		cuda_moe_device_group(kl_backend *be, int n, int E, int k, const int *d_sel, int *d_inv, const float *x,
-								  int D);
+								  int D, bool gather16);
 bool		cuda_moe_device_group_wait(kl_backend *be, int n, int E, int k);
 /*
  * The products of variants 3 and 4 on rows already gathered (CB_MOE_X) in
@@ -534,6 +570,36 @@ const uint16_t *cuda_moe_batched_products(kl_backend *be, const kl_moe_layer *w,
  */
 bool		cuda_moe_experts_grouped(kl_backend *be, const kl_moe_layer *w, const int *st, int E, int D, int F,
 									 const float *x, const int *xrow, size_t nk, float *g, float *u, float *ye);
+
+/*
+ * Variant 3's pinned pointer arrays (cs->moe_grp_ptrs) for at least cap
+ * problems, and problem i in them: A (the weights a product reads), B
+ * (rows), C (results), the quantized matrix A is converted from (NULL: none).
+ */
+bool		cuda_moe_batch_arrays(kl_backend *be, int cap);
+void		cuda_moe_batch_problem(cuda_state *cs, int i, const void *W, const void *X, void *C, const void *Wq);
+
+/*
+ * cuda_fp8.c (precision fp8).  cuda_fp8_create: cuBLASLt and its state in
+ * cs->fp8 (-1: failed); cuda_fp8_free releases them.  cuda_fp8_dense_takes:
+ * does a product of n rows with W take FP8 activations?  cuda_matmul_fp8:
+ * y = x W^T that way; false where cuBLASLt refused the shape (nothing done:
+ * the caller runs precision bf16's path).  cuda_fp8_experts_take: do a
+ * layer's routed experts (FP8 per channel) take the FP8 batches?
+ * cuda_fp8_experts: variants 3 / 4's products that way on the padded
+ * layout of cs->moe_cls (inv: each pair's padded row; sel: the pairs'
+ * experts; tab_dev: cuda_moe_tables.dev), the expert outputs [npad, D]
+ * in bf16 (scaled), or NULL: be->failed set, or clear where cuBLASLt
+ * refused (the caller runs variant 0).
+ */
+int			cuda_fp8_create(kl_backend *be);
+void		cuda_fp8_free(cuda_state *cs);
+bool		cuda_fp8_dense_takes(const cuda_state *cs, int n, const kl_weight *W);
+bool		cuda_matmul_fp8(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
+bool		cuda_fp8_experts_take(const cuda_state *cs, const kl_moe_layer *w, int E, int D, int F);
+const uint16_t *cuda_fp8_experts(kl_backend *be, const kl_moe_layer *w, const void *const *tab_dev, int E, int D,
+								 int F, const float *x, const int *sel, const int *inv, int n, int k, float *g,
+								 float *u, float *ye);
 
 /* cuda_sample.c: the backend's sample op */
 int			cuda_sample(kl_backend *be, float *logits, int vocab, const kl_sample_row *rows, int n, int32_t *ids,

@@ -21,6 +21,8 @@
  * KL_CUDA_Q_MMA rows, default 2, up to 64 rows kernels/mma_q.cu's tensor-core
  * kernels); more rows convert panels of weight rows (kk_q_dequant: fp32 in
  * fp32 mode, bf16 in bf16 mode) for cuBLAS, as the widened-bf16 path does.
+ * Precision fp8 (bf16 mode plus FP8 activations) runs the many-row products
+ * of FP8 per-channel weights on cuBLASLt instead (cuda_fp8.c).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -107,19 +109,25 @@ cuda_x_bf16(kl_backend *be, const float *x, int ldx, int n, int cols, int *ld16)
 	return x16;
 }
 
-/* A product wrote y [n, rows] (ldy): the twin goes if its fp32 rows were among them. */
+/* Does y [n, rows] (ldy) overlap src [srows, scols] (lds)? */
+static bool
+rows_overlap(const float *y, int ldy, int n, int rows, const float *src, int lds, int srows, int scols)
+{
+	const float *ye = y + (size_t) (n - 1) * ldy + rows,
+			   *se = src + (size_t) (srows - 1) * lds + scols;
+
+	return y < se && src < ye;
+}
+
+/* A product wrote y [n, rows] (ldy): the twin (and precision fp8's kept E4M3
+ * rows) go if their fp32 rows were among them. */
 static void
 twin_written(cuda_state *cs, const float *y, int ldy, int n, int rows)
 {
-	const float *ye,
-			   *se;
-
-	if (!cs->tw.valid)
-		return;
-	ye = y + (size_t) (n - 1) * ldy + rows;
-	se = cs->tw.src + (size_t) (cs->tw.rows - 1) * cs->tw.ld + cs->tw.cols;
-	if (y < se && cs->tw.src < ye)
+	if (cs->tw.valid && rows_overlap(y, ldy, n, rows, cs->tw.src, cs->tw.ld, cs->tw.rows, cs->tw.cols))
 		cs->tw.valid = false;
+	if (cs->f8.valid && rows_overlap(y, ldy, n, rows, cs->f8.src, cs->f8.ld, cs->f8.rows, cs->f8.cols))
+		cs->f8.valid = false;
 }
 
 /*
@@ -196,6 +204,9 @@ matmul_quantized(kl_backend *be, float *y, int ldy, const float *x, int ldx, int
 		cuda_launched(be, "gemv_q");
 		return;
 	}
+	/* precision fp8: FP8 activations on cuBLASLt (cuda_fp8.c), unless it refuses the shape */
+	if (cuda_fp8_dense_takes(cs, n, W) && cuda_matmul_fp8(be, y, ldy, x, ldx, n, W))
+		return;
 	matmul_q_panels(be, y, ldy, x, ldx, n, W);
 }
 

@@ -471,6 +471,8 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		/* (bf16 experts, or quantized ones converted to bf16 for the products) */
 		bool		batched = cs->moe_prefill >= 3 && cs->bf16 && tab->uniform && !cs->moe_batched_refused &&
 			batched_form(cs, tab->fmt_gu, tab->group_gu, D) && batched_form(cs, tab->fmt_down, tab->group_down, F);
+		/* precision fp8: FP8 per-channel experts in FP8 batches (cuda_fp8.c) */
+		bool		f8x = batched && cuda_fp8_experts_take(cs, w, E, D, F);
 
 		if (!xe)
 			return;
@@ -481,12 +483,14 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			 * expert, which needs no grouping, before waiting for the counts
 			 * the batched products need on the host
 			 */
-			if (cuda_moe_device_group(be, n, E, k, sel, inv, x, D))
+			if (cuda_moe_device_group(be, n, E, k, sel, inv, x, D, !f8x))
 			{
 				if (!moe_shared(be, w, x, n, D, Fs, &sy) || !cuda_moe_device_group_wait(be, n, E, k))
 					return;
 				shared_done = true;
-				if ((ye16 = cuda_moe_batched_products(be, w, D, F, n, k, g, u, ye)) != NULL)
+				if ((ye16 = f8x ? cuda_fp8_experts(be, w, (const void *const *) tab->dev, E, D, F, x, sel, inv, n,
+												   k, g, u, ye) :
+					 cuda_moe_batched_products(be, w, D, F, n, k, g, u, ye)) != NULL)
 				{
 					cs->moe_prefill_ran = 4;
 					goto combine;
@@ -505,7 +509,9 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		st = cs->h_start;
 		if (batched)
 		{
-			if ((ye16 = cuda_moe_experts_batched16(be, w, D, F, x, inv, n, k, g, u, ye)) != NULL)
+			if ((ye16 = f8x ? cuda_fp8_experts(be, w, (const void *const *) tab->dev, E, D, F, x, sel, inv, n, k, g,
+											   u, ye) :
+				 cuda_moe_experts_batched16(be, w, D, F, x, inv, n, k, g, u, ye)) != NULL)
 			{
 				cs->moe_prefill_ran = 3;
 				goto shared;

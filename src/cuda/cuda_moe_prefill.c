@@ -214,12 +214,14 @@ pad_rows_max(size_t nk, int E)
  * KL_CUDA_MOE_PREFILL=4, first half (cuda_internal.h): kk_moe_pad_group
  * writes d_inv and its summary, the summary goes to pinned memory
  * (cs->moe_pad_host) with an event after it, then the rows are gathered
- * (kk_gather_tok_bf16 into CB_MOE_X, sized by pad_rows_max).  Nothing here
+ * (kk_gather_tok_bf16 into CB_MOE_X, sized by pad_rows_max) where gather16
+ * (precision fp8's experts gather their FP8 rows themselves).  Nothing here
  * waits: the caller queues the shared expert before it waits for the
  * summary, so the device has work while the host lays out the classes.
  */
 bool
-cuda_moe_device_group(kl_backend *be, int n, int E, int k, const int *d_sel, int *d_inv, const float *x, int D)
+cuda_moe_device_group(kl_backend *be, int n, int E, int k, const int *d_sel, int *d_inv, const float *x, int D,
+					  bool gather16)
 {
 	cuda_state *cs = CS(be);
 	size_t		nk = (size_t) n * k,
@@ -245,8 +247,8 @@ cuda_moe_device_group(kl_backend *be, int n, int E, int k, const int *d_sel, int
 		cs->moe_pad_host_cap = sn;
 	}
 	work = cuda_buf(be, CB_MOE_PAD, sizeof(int) * (wn + (size_t) sn));
-	x16 = cuda_buf(be, CB_MOE_X, sizeof(uint16_t) * cap * D);
-	if (!work || !x16)
+	x16 = gather16 ? cuda_buf(be, CB_MOE_X, sizeof(uint16_t) * cap * D) : NULL;
+	if (!work || (gather16 && !x16))
 		return false;
 	if (kk_moe_pad_group(cs->stream, n, E, k, (int) cap, d_sel, work, work + wn, d_inv) != 0)
 		return false;
@@ -255,6 +257,8 @@ cuda_moe_device_group(kl_backend *be, int n, int E, int k, const int *d_sel, int
 									 cs->stream), "expert grouping summary download") ||
 		!cuda_ok(be, cudaEventRecord(cs->moe_pad_done, cs->stream), "expert grouping summary download"))
 		return false;
+	if (!gather16)
+		return true;
 	kk_gather_tok_bf16(cs->stream, x16, x, D, d_inv, n, k, D);
 	return cuda_launched(be, "gather rows token-major (bf16)");
 }
@@ -492,8 +496,8 @@ out:
 /* ------------------------------------------------------------------ batched products over size classes */
 
 /* variant 3's pinned pointer arrays for at least cap problems (grow-only) */
-static bool
-batch_arrays(kl_backend *be, int cap)
+bool
+cuda_moe_batch_arrays(kl_backend *be, int cap)
 {
 	cuda_state *cs = CS(be);
 
@@ -514,8 +518,8 @@ batch_arrays(kl_backend *be, int cap)
  * the product reads), B (rows), C (results), and the quantized matrix that
  * A is converted from (NULL: A is the expert's own bf16 matrix)
  */
-static void
-batch_problem(cuda_state *cs, int i, const void *W, const uint16_t *X, uint16_t *C, const void *Wq)
+void
+cuda_moe_batch_problem(cuda_state *cs, int i, const void *W, const void *X, void *C, const void *Wq)
 {
 	cs->moe_grp_ptrs[i] = (void *) W;
 	cs->moe_grp_ptrs[cs->moe_grp_cap + i] = (void *) X;
@@ -623,7 +627,7 @@ cuda_moe_batched_products(kl_backend *be, const kl_moe_layer *w, int D, int F, i
 				qd = false;
 	cublasStatus_t bst = CUBLAS_STATUS_SUCCESS;
 
-	if (!x16 || !h16 || !batch_arrays(be, 3 * cs->moe_cls_cap))
+	if (!x16 || !h16 || !cuda_moe_batch_arrays(be, 3 * cs->moe_cls_cap))
 		return NULL;
 	if (Np <= room)
 	{
@@ -662,11 +666,11 @@ cuda_moe_batched_products(kl_backend *be, const kl_moe_layer *w, int D, int F, i
 		size_t		b = (size_t) base[order[j]],
 					FD = (size_t) F * D;
 
-		batch_problem(cs, 2 * j, qgu ? wq16 + 2 * j * FD : ex->gate.dev, x16 + b * D, g16 + b * F,
+		cuda_moe_batch_problem(cs, 2 * j, qgu ? wq16 + 2 * j * FD : ex->gate.dev, x16 + b * D, g16 + b * F,
 					  qgu ? ex->gate.dev : NULL);
-		batch_problem(cs, 2 * j + 1, qgu ? wq16 + (2 * j + 1) * FD : ex->up.dev, x16 + b * D, u16 + b * F,
+		cuda_moe_batch_problem(cs, 2 * j + 1, qgu ? wq16 + (2 * j + 1) * FD : ex->up.dev, x16 + b * D, u16 + b * F,
 					  qgu ? ex->up.dev : NULL);
-		batch_problem(cs, 2 * A + j, qd ? wq16 + j * FD : ex->down.dev, h16 + b * F, ye16 + b * D,
+		cuda_moe_batch_problem(cs, 2 * A + j, qd ? wq16 + j * FD : ex->down.dev, h16 + b * F, ye16 + b * D,
 					  qd ? ex->down.dev : NULL);
 	}
 	/* (the previous op's copy of these arrays is complete: cuda_moe_host_group

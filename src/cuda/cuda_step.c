@@ -49,6 +49,9 @@ cuda_step_skip(kl_backend *be, int op, uintptr_t a, uintptr_t b, uintptr_t c, ui
 	 * may write its rows, or is a norm or SwiGLU that writes a new one */
 	if (op == OP_MOE ? (const float *) b != cs->tw.src : op != OP_MATMUL && op != OP_PREFETCH)
 		cs->tw.valid = false;
+	/* (precision fp8's kept E4M3 rows of one input: the same rule) */
+	if (op == OP_MOE ? (const float *) b != cs->f8.src : op != OP_MATMUL && op != OP_PREFETCH)
+		cs->f8.valid = false;
 	if (cs->mode == GM_CAPTURE || cs->mode == GM_REPLAY)
 		cs->trace = mix(mix(mix(mix(mix(cs->trace, (uint64_t) op), a), b), c), d);
 	if (cs->mode == GM_REPLAY || be->failed)
@@ -176,7 +179,7 @@ cuda_begin_step(kl_backend *be, const kl_step *st, kl_err *err)
 	cs->pf_pending = false;
 	cs->pf_wait_for = NULL;
 	cs->pend_moe = false;
-	cs->tw.valid = false;		/* (and a bf16 twin) */
+	cuda_acts_invalid(cs);		/* (and a bf16 twin) */
 	cs->tw_scope = false;
 	cs->mode = GM_EAGER;
 	cudaSetDevice(cs->device);
@@ -293,7 +296,7 @@ cuda_end_step(kl_backend *be, const kl_step *st)
 
 	(void) st;
 	cuda_flush_add(be);			/* the step's last residual add belongs to it */
-	cs->tw.valid = false;
+	cuda_acts_invalid(cs);
 	cuda_prefetch_join(be);
 	mode = cs->mode;
 	cs->mode = GM_EAGER;

@@ -45,8 +45,11 @@ typedef struct kl_load_opts
 	/*
 	 * Activations of the matrix products: NULL or "auto" (default: bf16 on
 	 * the GPU, fp32 on the CPU), "fp32" (the GPU matches the CPU to float
-	 * rounding) or "bf16" (the GPU's products on tensor cores with bf16
-	 * activations; refused on the CPU, which computes in fp32 only).
+	 * rounding), "bf16" (the GPU's products on tensor cores with bf16
+	 * activations; refused on the CPU, which computes in fp32 only) or
+	 * "fp8" (bf16, and the prefill products of FP8 weights with FP8
+	 * activations rounded per token: W8A8, docs/engine.md; the GPU only,
+	 * from compute capability 8.9, and only for models with FP8 weights).
 	 */
 	const char *precision;
 	int			device_index;	/* which GPU (default 0) */
@@ -94,7 +97,7 @@ void		kl_model_free(kl_model *m);
 const kl_config *kl_model_config(const kl_model *m);
 const char *kl_model_dir(const kl_model *m);
 const char *kl_model_device(const kl_model *m);			/* "cpu" or "cuda" */
-/* The precision in force (kl_load_opts.precision resolved): "fp32" or "bf16". */
+/* The precision in force (kl_load_opts.precision resolved): "fp32", "bf16" or "fp8". */
 const char *kl_model_precision(const kl_model *m);
 int64_t		kl_model_n_params(const kl_model *m);
 uint64_t	kl_model_weight_bytes(const kl_model *m);	/* bytes of all tensors as stored */

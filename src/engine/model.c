@@ -197,6 +197,8 @@ finish_weight(binder *b, kl_weight *w, const char *name)
 	m->n_matrices++;
 	if (w->q.type != KL_Q_NONE)
 		m->n_quantized++;
+	if (w->q.type == KL_Q_FP8 && be->ops->quantized_weights)
+		m->n_fp8++;
 	if (w->q.type != KL_Q_NONE && !be->ops->quantized_weights)
 	{
 		/* (load_weight of such a backend copies the data before returning) */
@@ -274,6 +276,7 @@ bind_random_matrix(binder *b, kl_weight *w, int rows, int cols, const char *name
 	if (qt != KL_Q_NONE && m->be->ops->random_quantized)
 	{
 		m->n_quantized++;
+		m->n_fp8 += qt == KL_Q_FP8;
 		m->resident_bytes += kl_q_bytes(&w->q);
 		return KL_OK;
 	}
@@ -823,7 +826,9 @@ check_dir(const char *dir, const char *root, kl_err *err)
  * The backend the options ask for, and the precision it runs in (kl.h):
  * "auto" (or none) is bf16 on the GPU and fp32 on the CPU.  The CPU engine
  * has no bf16 arithmetic (it reads bf16 weights, and computes in fp32), so
- * an explicit bf16 there is refused rather than silently ignored.
+ * an explicit bf16 there is refused rather than silently ignored; so is
+ * fp8 (bf16 plus FP8 activations in the prefill products of FP8 weights:
+ * the GPU only, and only for models with FP8 weights, bind_all checks).
  */
 static int
 create_backend(kl_model *m, const kl_load_opts *opts, kl_err *err)
@@ -835,9 +840,10 @@ create_backend(kl_model *m, const kl_load_opts *opts, kl_err *err)
 	kl_err		gpu_err;
 
 	bo.device_index = opts ? opts->device_index : 0;
-	if (strcmp(asked, "auto") != 0 && strcmp(asked, "fp32") != 0 && strcmp(asked, "bf16") != 0)
-		return kl_errc(err, KL_E_INVALID, "unknown precision \"%s\" (use auto, fp32 or bf16; auto is bf16 on the "
-					   "GPU and fp32 on the CPU)", asked);
+	if (strcmp(asked, "auto") != 0 && strcmp(asked, "fp32") != 0 && strcmp(asked, "bf16") != 0 &&
+		strcmp(asked, "fp8") != 0)
+		return kl_errc(err, KL_E_INVALID, "unknown precision \"%s\" (use auto, fp32, bf16 or fp8; auto is bf16 on "
+					   "the GPU and fp32 on the CPU)", asked);
 	if (!on_gpu && strcmp(device, "cpu") != 0)
 		return kl_errc(err, KL_E_INVALID, "unknown device \"%s\" (use cpu, cuda or auto)", device);
 	if (on_gpu)
@@ -845,20 +851,22 @@ create_backend(kl_model *m, const kl_load_opts *opts, kl_err *err)
 		bo.precision = strcmp(asked, "auto") == 0 ? "bf16" : asked;
 		if (kl_backend_cuda_create(&m->cfg, &bo, &m->be, &gpu_err) == KL_OK)
 		{
-			m->precision = strcmp(bo.precision, "bf16") == 0 ? "bf16" : "fp32";
+			m->precision = strcmp(bo.precision, "bf16") == 0 ? "bf16" : strcmp(bo.precision, "fp8") == 0 ? "fp8" :
+				"fp32";
 			return KL_OK;
 		}
 		*err = gpu_err;
 		if (strcmp(device, "cuda") == 0)
 			return KL_FAIL;
 		/* device auto: no usable GPU, run on the CPU (below) */
-		if (strcmp(asked, "bf16") == 0)
-			return kl_errc(err, KL_E_UNSUPPORTED, "precision bf16 runs only on the GPU, and there is none usable "
-						   "here (%s): use precision auto (bf16 on the GPU, fp32 on the CPU) or fp32", gpu_err.msg);
+		if (strcmp(asked, "bf16") == 0 || strcmp(asked, "fp8") == 0)
+			return kl_errc(err, KL_E_UNSUPPORTED, "precision %s runs only on the GPU, and there is none usable "
+						   "here (%s): use precision auto (bf16 on the GPU, fp32 on the CPU) or fp32", asked,
+						   gpu_err.msg);
 	}
-	else if (strcmp(asked, "bf16") == 0)
-		return kl_errc(err, KL_E_UNSUPPORTED, "precision bf16 runs only on the GPU (device cuda): the CPU engine "
-					   "computes in fp32; use precision fp32 or auto (bf16 on the GPU, fp32 on the CPU)");
+	else if (strcmp(asked, "bf16") == 0 || strcmp(asked, "fp8") == 0)
+		return kl_errc(err, KL_E_UNSUPPORTED, "precision %s runs only on the GPU (device cuda): the CPU engine "
+					   "computes in fp32; use precision fp32 or auto (bf16 on the GPU, fp32 on the CPU)", asked);
 	bo.precision = "fp32";
 	m->precision = "fp32";
 	return kl_backend_cpu_create(&m->cfg, &bo, &m->be, err);
@@ -917,6 +925,13 @@ bind_all(kl_model *m, binder *b, kl_err *err)
 		m->has_other_routing = true;
 	}
 	describe_weights(m);
+	if (strcmp(m->precision, "fp8") == 0 && m->n_fp8 == 0)
+	{
+		/* (FP8 activations are for the products of FP8 weights: without any the mode would be bf16) */
+		kl_errc(err, KL_E_INVALID, "%s: precision fp8 needs FP8 weights (an FP8 checkpoint, or quantize fp8 at "
+				"load); this model has none: use precision bf16", m->dir ? m->dir : "model");
+		goto out;
+	}
 	rc = KL_OK;
 out:
 	EVP_MD_CTX_free(b->fp);

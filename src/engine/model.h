@@ -18,7 +18,7 @@ struct kl_model
 	kl_config	cfg;
 	kl_safetensors st;
 	kl_backend *be;
-	const char *precision;		/* in force: "fp32" or "bf16" (kl_model_precision) */
+	const char *precision;		/* in force: "fp32", "bf16" or "fp8" (kl_model_precision) */
 	kl_tokenizer *tok;
 
 	kl_weight	embed;			/* [vocab, D] */
@@ -52,6 +52,7 @@ struct kl_model
 				cap_allocs;
 	int			n_matrices,
 				n_quantized,	/* matrices in a quantized form */
+				n_fp8,			/* ... of them FP8 (precision fp8 needs some) */
 				n_dequantized;	/* ... turned into bf16 for a backend without quantized kernels */
 	uint64_t	resident_bytes; /* weights as the backend holds them */
 	char		weight_format[160];

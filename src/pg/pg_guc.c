@@ -41,6 +41,7 @@ static const struct config_enum_entry precision_options[] = {
 	{"auto", KL_PRECISION_AUTO, false},
 	{"fp32", KL_PRECISION_FP32, false},
 	{"bf16", KL_PRECISION_BF16, false},
+	{"fp8", KL_PRECISION_FP8, false},
 	{NULL, 0, false}
 };
 
@@ -70,6 +71,8 @@ kl_precision_name(int precision)
 			return "fp32";
 		case KL_PRECISION_BF16:
 			return "bf16";
+		case KL_PRECISION_FP8:
+			return "fp8";
 		default:
 			return "auto";
 	}
@@ -131,11 +134,13 @@ kl_define_gucs(void)
 							 &kl_device, KL_DEVICE_CPU, device_options,
 							 PGC_SUSET, 0, NULL, NULL, NULL);
 	DefineCustomEnumVariable("kimi_linear.precision",
-							 "Activations of the matrix products of the models kimi_linear.load_model loads (auto, fp32, bf16).",
+							 "Activations of the matrix products of the models kimi_linear.load_model loads (auto, fp32, bf16, fp8).",
 							 "Read when a model is loaded, and kept with it (used again after a restart): changing it does not "
 							 "change a loaded model. auto: bf16 on a GPU, fp32 on the CPU. fp32 on a GPU matches the CPU to "
 							 "float rounding; bf16 runs the GPU's products on tensor cores (logits within 3e-2 of fp32) and "
-							 "is refused on the CPU, which computes in fp32 only.",
+							 "is refused on the CPU, which computes in fp32 only; fp8 is bf16 plus FP8 activations (rounded "
+							 "per token to E4M3) in the prefill products of FP8 weights, for models with FP8 weights on a "
+							 "GPU of compute capability 8.9 or later.",
 							 &kl_precision, KL_PRECISION_AUTO, precision_options,
 							 PGC_SUSET, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("kimi_linear.threads",

@@ -19,6 +19,7 @@ extern int	kl_device;				/* KL_DEVICE_* for load_model */
 #define KL_PRECISION_FP32 0
 #define KL_PRECISION_BF16 1
 #define KL_PRECISION_AUTO 2
+#define KL_PRECISION_FP8 3
 extern int	kl_precision;			/* KL_PRECISION_* for load_model (auto: bf16 on a GPU, fp32 on the CPU) */
 extern int	kl_threads;				/* engine threads per worker, 0 = all cores */
 extern int	kl_max_context;			/* positions per sequence */

@@ -14,7 +14,8 @@ static const char *const routing_hint =
 
 static const char *const precision_hint =
 "'auto' (the default): bf16 on a GPU, fp32 on the CPU; 'fp32': the GPU matches the CPU to float rounding; "
-"'bf16': the GPU's matrix products on tensor cores (not on the CPU, which computes in fp32).";
+"'bf16': the GPU's matrix products on tensor cores (not on the CPU, which computes in fp32); 'fp8': bf16 plus "
+"FP8 activations in the prefill products of FP8 weights (W8A8; GPU only, models with FP8 weights).";
 
 void
 kl_load_options_from_args(const char *moe_routing, const char *quantize, const char *precision,
@@ -35,12 +36,13 @@ kl_load_options_from_args(const char *moe_routing, const char *quantize, const c
 		kl_engine_error(&err, NULL, "quantize => NULL (the weights as stored), 'fp8', 'int8' or 'int4'.");
 	if (qt != KL_Q_NONE)
 		strlcpy(out->quantize, kl_qtype_name(qt), sizeof(out->quantize));
-	if (precision && (strcmp(precision, "bf16") == 0 || strcmp(precision, "fp32") == 0))
+	if (precision && (strcmp(precision, "bf16") == 0 || strcmp(precision, "fp32") == 0 ||
+					  strcmp(precision, "fp8") == 0))
 		strlcpy(out->precision, precision, sizeof(out->precision));
 	else if (precision && strcmp(precision, "auto") != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("matmul_precision must be 'auto', 'fp32' or 'bf16', got '%s'", precision),
+				 errmsg("matmul_precision must be 'auto', 'fp32', 'bf16' or 'fp8', got '%s'", precision),
 				 errhint("%s", precision_hint)));
 }
 
@@ -79,7 +81,8 @@ kl_load_options_parse(const char *s, KlLoadOptions *out, char *errbuf, size_t er
 		else if (strncmp(tok, "quantize=", 9) == 0 && kl_qtype_parse(tok + 9, &qt, &err) == KL_OK &&
 				 qt != KL_Q_NONE)
 			strlcpy(out->quantize, kl_qtype_name(qt), sizeof(out->quantize));
-		else if (strcmp(tok, "precision=bf16") == 0 || strcmp(tok, "precision=fp32") == 0)
+		else if (strcmp(tok, "precision=bf16") == 0 || strcmp(tok, "precision=fp32") == 0 ||
+				 strcmp(tok, "precision=fp8") == 0)
 			strlcpy(out->precision, tok + 10, sizeof(out->precision));
 		else
 		{

@@ -17,7 +17,7 @@ typedef struct KlLoadOptions
 {
 	char		moe_routing[16];	/* "" (default: select) or "reference" */
 	char		quantize[8];	/* "" (the weights as stored) or "fp8", "int8", "int4" */
-	char		precision[8];	/* "" (default: auto, bf16 on a GPU, fp32 on the CPU), "fp32" or "bf16" */
+	char		precision[8];	/* "" (default: auto, bf16 on a GPU, fp32 on the CPU), "fp32", "bf16" or "fp8" */
 } KlLoadOptions;
 
 /*

@@ -185,10 +185,10 @@ wait_loaded(int e, uint32 gen, const char *name, bool forget_failed)
 static void
 check_precision_device(const KlLoadOptions *lo)
 {
-	if (kl_device == KL_DEVICE_CPU && strcmp(lo->precision, "bf16") == 0)
+	if (kl_device == KL_DEVICE_CPU && (strcmp(lo->precision, "bf16") == 0 || strcmp(lo->precision, "fp8") == 0))
 		ereport(ERROR,
 				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("precision bf16 runs only on a GPU, and kimi_linear.device is cpu"),
+				 errmsg("precision %s runs only on a GPU, and kimi_linear.device is cpu", lo->precision),
 				 errdetail("The CPU engine computes in fp32."),
 				 errhint("Use precision 'auto' (bf16 on a GPU, fp32 on the CPU) or 'fp32', or set kimi_linear.device to 'cuda'.")));
 }

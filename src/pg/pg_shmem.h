@@ -64,7 +64,7 @@ typedef struct KlModelEntry
 	int64		bytes;
 	char		device_name[16];	/* where it actually runs */
 	char		routing_in_force[16];	/* "select", "reference", "" for a dense model */
-	char		precision_in_force[8];	/* "fp32" or "bf16" (kl_model_precision) */
+	char		precision_in_force[8];	/* "fp32", "bf16" or "fp8" (kl_model_precision) */
 	char		weight_format[160]; /* kl_model_weight_format */
 	int64		weight_bytes;	/* kl_model_resident_bytes */
 	int32		vocab_size;

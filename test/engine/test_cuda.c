@@ -5672,6 +5672,264 @@ test_wanted(const char *call)
 
 #define RUN(call) do { if (test_wanted(#call)) call; } while (0)
 
+/* ------------------------------------------------------------------ precision fp8 (W8A8) */
+
+/*
+ * The host reference of an activation row's rounding (kernels/fp8_act.cu):
+ * scale = amax / 448 (1 where not > 0, NaN ignored), codes quant.c's
+ * kl_f32_to_e4m3 of v / scale (nearest even, saturating at 448).
+ */
+static float
+fp8_ref_row(const float *x, int cols, uint8_t *q)
+{
+	float		m = 0.0f,
+				s;
+
+	for (int c = 0; c < cols; c++)
+		m = fmaxf(m, fabsf(x[c]));
+	s = m / 448.0f;
+	if (!(s > 0.0f))
+		s = 1.0f;
+	for (int c = 0; c < cols; c++)
+		q[c] = kl_f32_to_e4m3(x[c] / s);
+	return s;
+}
+
+typedef int (*fp8_quant_fn) (int rows, int cols, int ldx, const float *x, uint8_t *q, float *scales);
+typedef int (*fp8_matmul_fn) (kl_backend *be, int n, int rows, int cols, const float *x, const uint8_t *wq,
+							  const float *ws, float *y);
+typedef int (*fp8_stats_fn) (kl_backend *be, long out[5]);
+
+/* kk_fp8_quant_rows against fp8_ref_row, bit for bit: random rows, a zero row, ties, saturation, subnormals */
+static void
+check_fp8_quant(void)
+{
+	static const int shapes[][3] = {{7, 2304, 2304}, {5, 100, 103}, {3, 64, 68}, {2, 3, 5}};
+	void	   *lib;
+	fp8_quant_fn f;
+	kl_model   *m = load_test_hook("kl_cuda_test_fp8_quant", &lib, (void **) &f);
+	uint64_t	rs = 0xf8f8f8;
+
+	if (!m)
+		return;
+	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+	{
+		int			rows = shapes[si][0],
+					cols = shapes[si][1],
+					ldx = shapes[si][2],
+					rc,
+					bad = 0,
+					bad_s = 0;
+		float	   *x = rand_floats((size_t) rows * ldx, -3.0, 3.0, &rs),
+				   *sc = malloc(sizeof(float) * rows);
+		uint8_t    *q = malloc((size_t) rows * cols),
+				   *ref = malloc((size_t) cols);
+
+		/* row 0 all zero; row 1: values on E4M3 ties after scaling, one beyond 448 x scale rounding */
+		memset(x, 0, sizeof(float) * cols);
+		if (rows > 2)
+			for (int c = 0; c < cols; c++)
+				x[ldx + c] = c == 0 ? 448.0f : (float) ((c % 29) - 14) * 1.0625f + (c % 3 == 0 ? 1e-6f : 0.0f);
+		/* the last row: tiny magnitudes next to one large (subnormal codes) */
+		for (int c = 0; c < cols; c++)
+			x[(size_t) (rows - 1) * ldx + c] = c == 0 ? 1000.0f : x[(size_t) (rows - 1) * ldx + c] * 1e-3f;
+		rc = f(rows, cols, ldx, x, q, sc);
+		for (int r = 0; r < rows && rc == 0; r++)
+		{
+			float		s = fp8_ref_row(x + (size_t) r * ldx, cols, ref);
+
+			bad_s += memcmp(&s, &sc[r], sizeof(float)) != 0;
+			for (int c = 0; c < cols; c++)
+				bad += ref[c] != q[(size_t) r * cols + c];
+		}
+		tap_ok(rc == 0 && bad == 0 && bad_s == 0, "fp8 activations: %d rows of %d (stride %d) rounded to E4M3 per row "
+			   "as the host reference, bit for bit (%d codes, %d scales differ; rc %d)", rows, cols, ldx, bad, bad_s, rc);
+		free(x);
+		free(sc);
+		free(q);
+		free(ref);
+	}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+/*
+ * The dense W8A8 product (cuBLASLt, outer-vector scales) against a double
+ * reference from the quantized activations and weights: 1e-5 (fp32
+ * accumulation, as the other kernels' checks).
+ */
+static void
+check_fp8_matmul(void)
+{
+	static const int shapes[][3] = {{65, 256, 512}, {200, 1024, 2304}, {333, 96, 64}};
+	char		dir[1024];
+	kl_load_opts o = {0};
+	kl_model   *m;
+	kl_err		err;
+	Dl_info		info;
+	void	   *lib = NULL;
+	fp8_matmul_fn f = NULL;
+	uint64_t	rs = 0x5eed8;
+
+	snprintf(dir, sizeof(dir), "%s/golden/tiny_c", tap_fixture_dir());
+	o.device = "cuda";
+	o.precision = "fp8";
+	o.quantize = "fp8";
+	if (kl_model_load(dir, &o, &m, &err) != KL_OK)
+	{
+		tap_ok(0, "tiny_c quantized to fp8 loads in precision fp8: %s", err.msg);
+		return;
+	}
+	if (dladdr((const void *) m->be->ops, &info) && info.dli_fname)
+		lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+	if (lib)
+		*(void **) &f = dlsym(lib, "kl_cuda_test_fp8_matmul");
+	if (!tap_ok(f != NULL, "the CUDA library exports kl_cuda_test_fp8_matmul"))
+		goto out;
+	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+	{
+		int			n = shapes[si][0],
+					rows = shapes[si][1],
+					cols = shapes[si][2],
+					rc;
+		float	   *x = rand_floats((size_t) n * cols, -2.0, 2.0, &rs),
+				   *ws = rand_floats((size_t) rows, 0.001, 0.003, &rs),
+				   *y = malloc(sizeof(float) * (size_t) n * rows),
+				   *ref = malloc(sizeof(float) * (size_t) n * rows),
+				   *xs = malloc(sizeof(float) * n);
+		uint8_t    *wq = malloc((size_t) rows * cols),
+				   *xq = malloc((size_t) n * cols);
+
+		for (size_t i = 0; i < (size_t) rows * cols; i++)
+		{
+			uint8_t		b = (uint8_t) (mix_rand(&rs) & 0xff);
+
+			wq[i] = (b & 0x7f) == 0x7f ? 0x00 : b;	/* no NaN codes */
+		}
+		for (int t = 0; t < n; t++)
+			xs[t] = fp8_ref_row(x + (size_t) t * cols, cols, xq + (size_t) t * cols);
+		for (int t = 0; t < n; t++)
+			for (int r = 0; r < rows; r++)
+			{
+				double		acc = 0;
+
+				for (int c = 0; c < cols; c++)
+					acc += (double) kl_e4m3_to_f32(xq[(size_t) t * cols + c]) *
+						kl_e4m3_to_f32(wq[(size_t) r * cols + c]);
+				ref[(size_t) t * rows + r] = (float) (acc * xs[t] * ws[r]);
+			}
+		rc = f(m->be, n, rows, cols, x, wq, ws, y);
+		if (rc == 1)
+		{
+			char		why[160];
+
+			snprintf(why, sizeof(why), "fp8 W8A8 product %d x %d x %d: cuBLASLt refused the shape (bf16 panels run)",
+					 n, rows, cols);
+			tap_skip(why);
+		}
+		else
+		{
+			double		e = rc == 0 ? rel_err(y, ref, (size_t) n * rows) : INFINITY;
+
+			tap_ok(rc == 0 && e <= 1e-5, "fp8 W8A8 product of %d rows, W %d x %d (cuBLASLt, outer-vector scales) "
+				   "against a double reference on the quantized operands: rel err %.2e (rc %d)", n, rows, cols, e, rc);
+		}
+		free(x);
+		free(ws);
+		free(y);
+		free(ref);
+		free(xs);
+		free(wq);
+		free(xq);
+	}
+out:
+	if (lib)
+		dlclose(lib);
+	kl_model_free(m);
+}
+
+/*
+ * Whole models quantized at load to FP8 in precision fp8 against the same
+ * in precision bf16 on the GPU, a prompt of 160 tokens (the golden ids
+ * repeated) in one call: the W8A8 paths run (their counts say which);
+ * tiny_c (no experts) within TOL_FP8_MODEL with its greedy ids equal
+ * wherever bf16's choice is clear; routed-expert models within q_tol's 0.25
+ * (near-tied expert choices flip, as bf16 against fp32 does).
+ */
+#define TOL_FP8_MODEL 0.1
+static void
+check_fp8_model(const char *model)
+{
+	char		dir[1024],
+				gpath[1200];
+	kl_load_opts o = {0};
+	kl_model   *g16,
+			   *g8;
+	kl_err		err;
+	kl_safetensors st;
+	const kl_st_tensor *ids;
+	int32_t		prompt[160];
+	int			T = 160,
+				V,
+				same,
+				bad;
+	float	   *l16,
+			   *l8;
+	double		e,
+				tol;
+	long		stats[5] = {0};
+	Dl_info		info;
+	void	   *lib = NULL;
+	fp8_stats_fn f = NULL;
+
+	snprintf(dir, sizeof(dir), "%s/golden/%s", tap_fixture_dir(), model);
+	snprintf(gpath, sizeof(gpath), "%s/golden.safetensors", dir);
+	if (kl_st_open_file(gpath, &st, &err) != KL_OK || !(ids = kl_st_find(&st, "input_ids")))
+		die("golden data", &err);
+	for (int i = 0; i < T; i++)
+		prompt[i] = ((const int32_t *) ids->data)[i % ids->numel];
+	o.device = "cuda";
+	o.quantize = "fp8";
+	o.precision = "bf16";
+	if (kl_model_load(dir, &o, &g16, &err) != KL_OK)
+		die("fp8 model in precision bf16", &err);
+	o.precision = "fp8";
+	if (kl_model_load(dir, &o, &g8, &err) != KL_OK)
+		die("fp8 model in precision fp8", &err);
+	V = kl_model_config(g8)->vocab_size;
+	tol = kl_model_config(g8)->n_experts > 0 ? 0.25 : TOL_FP8_MODEL;
+	l16 = logits_of(g16, prompt, T, 0, false, NULL);
+	l8 = logits_of(g8, prompt, T, 0, false, NULL);
+	e = rel_err(l8, l16, (size_t) T * V);
+	bad = greedy_clear_differs(l8, l16, T, V, tol, &same);
+	if (dladdr((const void *) g8->be->ops, &info) && info.dli_fname)
+		lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+	if (lib)
+		*(void **) &f = dlsym(lib, "kl_cuda_fp8_stats");
+	if (f)
+		f(g8->be, stats);
+	tap_ok(strcmp(kl_model_precision(g8), "fp8") == 0 && stats[0] > 0 && e <= tol &&
+		   (kl_model_config(g8)->n_experts > 0 || bad == 0),
+		   "%s fp8 weights, precision fp8 (W8A8) against precision bf16 on the GPU, %d tokens in one call: rel err "
+		   "%.2e (bound %.2g), greedy ids %d of %d equal, %d differ where bf16's choice is clear; %ld dense W8A8 "
+		   "products (%ld refused), %ld MoE ops with FP8 expert batches (experts refused: %ld)", model, T, e, tol,
+		   same, T, bad, stats[0], stats[1], stats[2], stats[4]);
+	if (lib)
+		dlclose(lib);
+	free(l16);
+	free(l8);
+	kl_model_free(g16);
+	kl_model_free(g8);
+	kl_st_close(&st);
+	/* without FP8 weights the mode is refused at load */
+	o.quantize = NULL;
+	g8 = NULL;
+	tap_ok(kl_model_load(dir, &o, &g8, &err) == KL_FAIL && strstr(err.msg, "precision fp8 needs FP8 weights"),
+		   "%s without FP8 weights in precision fp8 is refused (%s)", model, err.msg);
+	if (g8)
+		kl_model_free(g8);
+}
+
 int
 main(void)
 {
@@ -5761,5 +6019,9 @@ main(void)
 	RUN(check_48b_quantized("int4"));
 	RUN(check_gemv_mma_q());
 	RUN(check_expert_mma_q());
+	RUN(check_fp8_quant());
+	RUN(check_fp8_matmul());
+	RUN(check_fp8_model("tiny_c"));
+	RUN(check_fp8_model("tiny_a"));
 	return tap_done();
 }

@@ -682,8 +682,14 @@ check_precision(void)
 	m = NULL;
 	o.precision = "fp16";
 	tap_ok(kl_model_load(dir, &o, &m, &err) == KL_FAIL && err.code == KL_E_INVALID &&
-		   strstr(err.msg, "use auto, fp32 or bf16"), "an unknown precision is refused, naming the valid ones (%s)",
+		   strstr(err.msg, "use auto, fp32, bf16 or fp8"), "an unknown precision is refused, naming the valid ones (%s)",
 		   err.msg);
+	kl_model_free(m);
+	m = NULL;
+	o.precision = "fp8";
+	tap_ok(kl_model_load(dir, &o, &m, &err) == KL_FAIL && err.code == KL_E_UNSUPPORTED &&
+		   strstr(err.msg, "precision fp8 runs only on the GPU") && strstr(err.msg, "use precision fp32 or auto"),
+		   "precision fp8 on the CPU is refused, saying what to use (%s)", err.msg);
 	kl_model_free(m);
 	m = NULL;
 	/* device auto: bf16 where a GPU is usable (the GPU machine), else refused like the CPU */

@@ -56,7 +56,7 @@ SELECT throws_like($$SELECT kimi_linear.load_model('tiny_bf16', 'tiny_a')$$,
                    'precision bf16 runs only on a GPU%', '... through the setting too');
 RESET kimi_linear.precision;
 SELECT throws_like($$SELECT kimi_linear.load_model('tiny_bf16', 'tiny_a', matmul_precision => 'half')$$,
-                   'matmul_precision must be ''auto'', ''fp32'' or ''bf16'', got ''half''', 'an unknown precision is refused');
+                   'matmul_precision must be ''auto'', ''fp32'', ''bf16'' or ''fp8'', got ''half''', 'an unknown precision is refused');
 SELECT throws_like($$SET kimi_linear.precision = 'half'$$, '%invalid value for parameter "kimi_linear.precision"%',
                    'the setting refuses an unknown value');
 SELECT ok(NOT EXISTS (SELECT FROM kimi_linear.models WHERE name = 'tiny_bf16'), 'refused loads leave nothing behind');
