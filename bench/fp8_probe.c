@@ -22,6 +22,7 @@
  *   fp8-ptr         pointer-array batch (the batched expert products), scalar scales
  *   fp8-ptr-outer   pointer-array batch with outer-vector scales
  *   fp8-strided-outer  strided batch with outer-vector scales
+ *   *-f32           the same with fp32 results (D and C in fp32)
  * Data are random bytes of small E4M3 values; only speed and status count.
  */
 #include <cublasLt.h>
@@ -67,6 +68,7 @@ typedef struct
 	int			fp8;
 	int			outer;			/* outer-vector scales */
 	int			ptr;			/* pointer-array batch (else strided) */
+	int			f32;			/* fp32 results (else bf16) */
 } probe;
 
 static int
@@ -115,10 +117,11 @@ run_lt(const probe *p, const char *name)
 				bx = (size_t) p->n * p->k * p->count,
 				dd = (size_t) p->m * p->n * p->count;
 	cudaDataType ta = p->fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
-	size_t		es = p->fp8 ? 1 : 2;
+	size_t		es = p->fp8 ? 1 : 2,
+				ds = p->f32 ? 4 : 2;
 	void	   *A = dev_fill(aw * es, 0x20, 0x30),
 			   *B = dev_fill(bx * es, 0x20, 0x30),
-			   *D = dev_fill(dd * 2, 0, 1);
+			   *D = dev_fill(dd * ds, 0, 1);
 	float	   *sa = dev_fill(sizeof(float) * (size_t) (p->outer ? p->m * p->count : 1), 0, 1),
 			   *sb = dev_fill(sizeof(float) * (size_t) (p->outer ? p->n * p->count : 1), 0, 1);
 	void	  **ptrs = NULL;
@@ -149,7 +152,7 @@ run_lt(const probe *p, const char *name)
 		{
 			h[i] = (char *) A + (size_t) i * p->m * p->k * es;
 			h[p->count + i] = (char *) B + (size_t) i * p->n * p->k * es;
-			h[2 * p->count + i] = (char *) D + (size_t) i * p->m * p->n * 2;
+			h[2 * p->count + i] = (char *) D + (size_t) i * p->m * p->n * ds;
 		}
 		cudaMalloc((void **) &ptrs, sizeof(void *) * 3 * (size_t) p->count);
 		cudaMemcpy(ptrs, h, sizeof(void *) * 3 * (size_t) p->count, cudaMemcpyHostToDevice);
@@ -166,7 +169,7 @@ run_lt(const probe *p, const char *name)
 	else if (p->fp8 && set_scales(desc, p, sa, sb))
 		status = "scale-attr";
 	else if (layout(&la, ta, p->k, p->m, p->k, p) || layout(&lb, ta, p->k, p->n, p->k, p) ||
-			 layout(&ld, CUDA_R_16BF, p->m, p->n, p->m, p))
+			 layout(&ld, p->f32 ? CUDA_R_32F : CUDA_R_16BF, p->m, p->n, p->m, p))
 		status = "layout";
 	else if (cublasLtMatmulPreferenceCreate(&pref) ||
 			 cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &work_bytes,
@@ -198,7 +201,7 @@ run_lt(const probe *p, const char *name)
 	printf("RESULT kind=fp8probe mode=%s m=%d n=%d k=%d count=%d status=%s ms=%.4f tflops=%.1f gbps=%.0f\n", name,
 		   p->m, p->n, p->k, p->count, status, strcmp(status, "ok") ? 0.0 : ms / REPS,
 		   strcmp(status, "ok") ? 0.0 : 2.0 * p->m * p->n * (double) p->k * p->count / (ms / REPS * 1e-3) / 1e12,
-		   strcmp(status, "ok") ? 0.0 : ((double) (aw + bx) * es + dd * 2.0) / (ms / REPS * 1e-3) / 1e9);
+		   strcmp(status, "ok") ? 0.0 : ((double) (aw + bx) * es + (double) dd * ds) / (ms / REPS * 1e-3) / 1e9);
 	fflush(stdout);
 	if (pref)
 		cublasLtMatmulPreferenceDestroy(pref);
@@ -241,6 +244,13 @@ main(void)
 		run_lt(&p, "fp8-scalar");
 		p.outer = 1;
 		run_lt(&p, "fp8-outer");
+		/* fp32 results (what the engine's fp32 activation buffers want) */
+		p.f32 = 1;
+		run_lt(&p, "fp8-outer-f32");
+		p.outer = 0;
+		run_lt(&p, "fp8-scalar-f32");
+		p.fp8 = 0;
+		run_lt(&p, "bf16-f32");
 	}
 	/* decode: the same dense shapes at 8, 32 and 64 tokens (memory-bound: the gbps column against ~4200) */
 	for (size_t i = 0; i < sizeof(dense) / sizeof(dense[0]); i++)

@@ -176,7 +176,15 @@ plan_build(cuda_state *cs, fp8_plan *p)
 			cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode)) ==
 			CUBLAS_STATUS_SUCCESS;
 	}
-	if (ok && p->count > 0)
+	/*
+	 * Scale pointers before the heuristic: with none set cuBLASLt finds no
+	 * algorithm for outer-vector scales (every dense shape was refused on the
+	 * H200, 2026-12-01, while the same descriptor with pointers set ran at
+	 * 1212-1325 TFLOP/s, bench/fp8_probe.c fp8-outer-f32).  The dense plans'
+	 * pointers are replaced at each product (cuda_matmul_fp8); the batches
+	 * keep the unit scales.
+	 */
+	if (ok)
 	{
 		const float *one = cs->fp8->one;
 
