@@ -101,6 +101,7 @@ typedef struct kk_gemv_job
 				vec,			/* set by the launcher */
 				fmt,			/* KK_WF_*: read by the _q launchers (which ignore bf16) */
 				group;			/* quantized: columns per scale */
+	const uint16_t *x16;		/* set by mma_q.cu's launcher: the dense FP8 kernel's converted rows */
 } kk_gemv_job;
 typedef struct kk_gemv_batch
 {
@@ -108,6 +109,10 @@ typedef struct kk_gemv_batch
 	int			first_block[KK_GEMV_JOBS + 1];	/* set by the launcher */
 	int			count,
 				n;
+	/* kk_gemv_multi_mma_q only: room for the dense FP8 kernel's converted
+	 * activations (kk_gemv_mma_q_room bytes; NULL: that kernel is not used) */
+	uint16_t   *xq;
+	size_t		xq_bytes;
 } kk_gemv_batch;
 void		kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b);
 /*
@@ -265,9 +270,24 @@ void		kk_expert_gemv_q(cudaStream_t s, float *y0, float *y1, int ldy, const floa
  * products with one scale a row, cols % 64 == 0 and n <= 8 in the direct
  * kernel (a 16-row tile a block, activations read per chunk), else all in
  * the staging one.
+ * kk_set_mma_q_dense(mt, max_rows) (default 0: off; the backend's
+ * KL_CUDA_Q_DENSE, KL_CUDA_Q_DENSE_ROWS): FP8 products with one scale a
+ * row, cols % 64 == 0 and n <= max_rows (0: KK_GEMV_MMA_Q_ROWS) in the
+ * dense kernel, up to mt (1 or 2) 16-row tiles a block, ahead of the direct
+ * and staging ones: a conversion launch writes the batch's activations once
+ * as bf16 x 2^64 into b->xq, which the caller provides
+ * (kk_gemv_mma_q_room(b) bytes, 0 when no job takes the dense kernel;
+ * without the room those jobs take the other kernels, as kk_gemv_mma_q's
+ * always do).  At n <= 8 its results equal the direct kernel's bit for bit.
+ * kk_gemv_multi_mma_q_as / kk_gemv_mma_q_room_as: the same with the
+ * settings given (direct, dense; dense at any n), for the test hook.
  */
 #define KK_GEMV_MMA_Q_ROWS 64
 void		kk_set_mma_q_direct(int on);
+void		kk_set_mma_q_dense(int mt, int max_rows);
+size_t		kk_gemv_mma_q_room(const kk_gemv_batch *b);
+size_t		kk_gemv_mma_q_room_as(const kk_gemv_batch *b, int dense);
+void		kk_gemv_multi_mma_q_as(cudaStream_t s, kk_gemv_batch *b, int direct, int dense);
 int			kk_mma_q_ok(int fmt, int group, int cols);
 void		kk_gemv_mma_q(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int fmt,
 						  int group, int rows, int cols);

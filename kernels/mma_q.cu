@@ -5,6 +5,14 @@
  * expert products (kk_expert_mma_q).  Contracts: kernels.h, "Quantized
  * weights on the device" and the mma_q.cu paragraph.
  *
+ * Dense products take one of three kernels: the staging kernel (any form,
+ * activations staged in shared memory per block), the direct kernel (FP8
+ * with one scale a row, up to 8 rows, activations read and converted per
+ * chunk; KL_CUDA_Q_DIRECT) and the dense kernel (the same FP8 products at
+ * any row count, the batch's activations converted once by a launch of
+ * their own into caller-given room; KL_CUDA_Q_DENSE, off until measured):
+ * each section below says why it is shaped so.
+ *
  * Decode is memory-bound: the point of FP8 / int4 weights is to stream half
  * / a quarter of bf16's bytes, so the weights go from 16-byte (or 8 / 4
  * byte) loads straight into registers and are turned into bf16 mma.m16n8k16
@@ -641,35 +649,47 @@ gemv_mma_q_direct_kernel(kk_gemv_batch b)
 }
 
 static int	mq_sms(void);
+static int	mq_nb(int n);
 
-/* set by kk_set_mma_q_direct: FP8 products of up to 8 rows in gemv_mma_q_direct_kernel where the shape fits,
- * with up to this many tiles a block (0: never) */
-static int	mq_direct = 1;
+/*
+ * Which kernels FP8 products with one scale a row take (kk_set_mma_q_direct,
+ * kk_set_mma_q_dense; the test hook's kk_gemv_multi_mma_q_as gives its own):
+ * direct: up to this many tiles a block in gemv_mma_q_direct_kernel for up
+ * to 8 rows (0: never); dense: up to this many tiles a block in
+ * gemv_mma_q_dense_kernel (0: never) for up to dense_rows rows.
+ */
+struct mq_paths
+{
+	int			direct,
+				dense,
+				dense_rows;
+};
+static mq_paths mq_set = {1, 0, KK_GEMV_MMA_Q_ROWS};
 
 extern "C" void
 kk_set_mma_q_direct(int on)
 {
-	mq_direct = on;
+	mq_set.direct = on;
 }
 
 /* does the direct kernel take this job (FP8, one scale a row, cols % 64 == 0) at n rows? */
 static bool
-mq_direct_ok(const kk_gemv_job *jb, int n)
+mq_direct_ok(const mq_paths &p, const kk_gemv_job *jb, int n)
 {
-	return mq_direct > 0 && n <= 8 && jb->fmt == KK_WF_FP8 && jb->group >= jb->cols && jb->cols % 64 == 0;
+	return p.direct > 0 && n <= 8 && jb->fmt == KK_WF_FP8 && jb->group >= jb->cols && jb->cols % 64 == 0;
 }
 
 /*
- * The direct kernel with the most tiles a block (up to mq_direct: 1, 2 or 4)
+ * The direct kernel with the most tiles a block (up to direct: 1, 2 or 4)
  * that still gives every SM a block: more tiles share each converted
  * activation pair (fewer instructions a weight byte), fewer blocks keep
  * fewer loads in flight.
  */
 static void
-mq_launch_direct(cudaStream_t s, kk_gemv_batch *b)
+mq_launch_direct(cudaStream_t s, kk_gemv_batch *b, int direct)
 {
 	int			sms = mq_sms(),
-				mt = mq_direct >= 4 ? 4 : mq_direct >= 2 ? 2 : 1,
+				mt = direct >= 4 ? 4 : direct >= 2 ? 2 : 1,
 				blocks;
 
 	while (mt > 1 && kk_tile_blocks(b, mt) < sms)
@@ -681,6 +701,376 @@ mq_launch_direct(cudaStream_t s, kk_gemv_batch *b)
 		kk_launch(gemv_mma_q_direct_kernel<2>, dim3(blocks), dim3(MD_WARPS * 32), 0, s, *b);
 	else
 		kk_launch(gemv_mma_q_direct_kernel<1>, dim3(blocks), dim3(MD_WARPS * 32), 0, s, *b);
+}
+
+/* ------------------------------------------------------------------ dense products from converted rows */
+
+/*
+ * gemv_mma_q_dense_kernel (KL_CUDA_Q_DENSE=N, default 0: off until
+ * measured): FP8 with one scale a row, cols % 64 == 0, n rows up to
+ * KL_CUDA_Q_DENSE_ROWS (default KK_GEMV_MMA_Q_ROWS), where the caller gives
+ * room for the converted activations (kk_gemv_batch.xq, kk_gemv_mma_q_room).
+ * The direct kernel's per-chunk chain is mostly activation work that every
+ * 16-row tile repeats (16 fp32 loads' worth of bytes, 16 multiplies by 2^64
+ * and 16 roundings to bf16 per lane and 64 columns, ~100 instructions next
+ * to the 4 mma), and the staging kernel stages all n rows for every block.
+ * Here mx_convert_kernel writes each distinct activation matrix of the
+ * batch once, as bf16 x 2^64 (md_x_pair's numbers), into the room: NB * 8
+ * rows of cols (rows n .. NB * 8 - 1 zero), row-major.  A lane's B
+ * fragments of a chunk and n-block are then two 16-byte loads (token
+ * nb * 8 + g, its 16 columns: word 2i, 2i + 1 are step i's b0, b1), through
+ * L1, shared by the MT tiles of the warp.  The rest is the direct kernel's:
+ * a block is MT 16-row tiles, its 8 warps split k (warp w takes chunks w,
+ * w + 8, ...), each warp holds two register sets of U chunks of weights
+ * (both requested before the dependent-launch wait), the partial tiles are
+ * added in warp order, then times the row's scale and 2^56.  So at n <= 8
+ * the results are the direct kernel's bit for bit (same B values, same
+ * order of every sum); at n > 8 each n-block is summed the same way.
+ * The conversion costs one launch a product batch; it calls
+ * kk_dep_launch at once so that the product kernel's blocks start and
+ * request their weights while it runs.
+ */
+#define MX_WARPS 8
+
+/* the distinct activation matrices of a dense batch and where their converted rows go */
+struct mx_conv
+{
+	const float *x[KK_GEMV_JOBS];
+	uint16_t   *d[KK_GEMV_JOBS];
+	int			ldx[KK_GEMV_JOBS],
+				cols[KK_GEMV_JOBS],
+				vec[KK_GEMV_JOBS];
+	int			count,			/* distinct matrices */
+				n,				/* token rows */
+				nrows;			/* rows written: NB * 8, zero from n */
+};
+
+/* matrix blockIdx.y of c: 8 columns a thread, bf16 x 2^64 as md_x_pair rounds them */
+__global__ void __launch_bounds__(256)
+mx_convert_kernel(mx_conv c)
+{
+	int			e = blockIdx.y,
+				q = c.cols[e] >> 3,
+				total = c.nrows * q;
+	const float *x = c.x[e];
+	uint16_t   *d = c.d[e];
+
+	kk_dep_launch();			/* the product kernel may start and request its weights now */
+	kk_dep_wait();				/* x comes from the kernel before; d may be read by an earlier product */
+	for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x)
+	{
+		int			j = i / q,
+					k = (i - j * q) * 8;
+		float		v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+		uint4		o;
+
+		if (j < c.n)
+		{
+			const float *xr = x + (size_t) j * c.ldx[e] + k;
+
+			if (c.vec[e])
+			{
+				float4		a = __ldg((const float4 *) xr),
+							b = __ldg((const float4 *) xr + 1);
+
+				v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+				v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+			}
+			else
+			{
+#pragma unroll
+				for (int u = 0; u < 8; u++)
+					v[u] = xr[u];
+			}
+		}
+		o.x = md_x_pair(v[0], v[1]);
+		o.y = md_x_pair(v[2], v[3]);
+		o.z = md_x_pair(v[4], v[5]);
+		o.w = md_x_pair(v[6], v[7]);
+		*(uint4 *) (d + (size_t) j * c.cols[e] + k) = o;
+	}
+}
+
+/*
+ * Register shape (at most 128 a thread, two blocks an SM): U chunks a set
+ * (two sets: 2 U MT KB of weights a warp in flight), fewer where the
+ * n-blocks' B fragments (8 NB registers a chunk) and accumulators (4 MT NB)
+ * take the registers; 8 n-blocks only at MT 1 (the launcher's rule: MT 2
+ * spills there).  NBR n-blocks a round of the final sums (shared memory:
+ * at most 8 x 4 MT NBR floats a lane, 32 KB).
+ */
+template <int MT, int NB>
+struct mx_shape
+{
+	static constexpr int U = MT == 1 ? (NB <= 2 ? 4 : NB == 4 ? 2 : 1) : (NB == 1 ? 2 : 1);
+	static constexpr int NBR = NB * MT <= 8 ? NB : 8 / MT;
+};
+
+/*
+ * acc[m][nb] += the chunks' steps (chunk c = warp + MX_WARPS i); xg: the
+ * lane's converted row g + 16 t columns.  A chunk's A fragments are decoded
+ * once (16 registers a tile), then each n-block's B fragments loaded and its
+ * 4 steps run: every accumulator sees its steps in chunk and step order.
+ */
+template <int MT, int NB, int U>
+__device__ __forceinline__ void
+mx_compute(float (&acc)[MT][NB][4], const uint32_t (&w)[U][MT][2][4], const uint16_t *xg, int ld16, int warp,
+		   int i0, int nchunk)
+{
+#pragma unroll
+	for (int u = 0; u < U; u++)
+	{
+		int			c = warp + MX_WARPS * (i0 + u);
+		uint32_t	a[MT][4][4];
+
+		if (c >= nchunk)
+			break;
+#pragma unroll
+		for (int m = 0; m < MT; m++)
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+			{
+				a[m][i][0] = mq_fp8_lo(w[u][m][0][i]);
+				a[m][i][1] = mq_fp8_lo(w[u][m][1][i]);
+				a[m][i][2] = mq_fp8_hi(w[u][m][0][i]);
+				a[m][i][3] = mq_fp8_hi(w[u][m][1][i]);
+			}
+#pragma unroll
+		for (int nb = 0; nb < NB; nb++)
+		{
+			const uint4 *p = (const uint4 *) (xg + (size_t) nb * 8 * ld16 + 64 * (size_t) c);
+			uint4		lo = __ldg(p),
+						hi = __ldg(p + 1);
+
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+			{
+				const uint4 &v = i < 2 ? lo : hi;
+
+#pragma unroll
+				for (int m = 0; m < MT; m++)
+					mma_bf16_16816(acc[m][nb], a[m][i], i & 1 ? v.z : v.x, i & 1 ? v.w : v.y);
+			}
+		}
+	}
+}
+
+/* block b: MT 16-row tiles of the job (kk_tile_blocks(b, MT)), all b.n rows (NB n-blocks) */
+template <int MT, int NB>
+__global__ void __launch_bounds__(MX_WARPS * 32, 2)
+gemv_mma_q_dense_kernel(kk_gemv_batch b)
+{
+	constexpr int U = mx_shape<MT, NB>::U,
+				NBR = mx_shape<MT, NB>::NBR;
+	__shared__ float part[MX_WARPS][32][4 * MT * NBR];
+	int			j = kk_batch_job(b);
+	const kk_gemv_job *jb = &b.job[j];
+	int			rows = jb->rows,
+				cols = jb->cols,
+				nchunk = cols >> 6;
+	int			warp = threadIdx.x >> 5,
+				lane = threadIdx.x & 31,
+				g = lane >> 2,
+				t = lane & 3;
+	int			r0 = ((int) blockIdx.x - b.first_block[j]) * 16 * MT;
+	const uint8_t *W = (const uint8_t *) jb->W,
+			   *rg[MT][2];
+	const float *sc = (const float *) (W + kk_q_scale_offset(rows, KK_WF_FP8, cols));
+	int			per_warp = (nchunk - warp + MX_WARPS - 1) / MX_WARPS;
+	float		acc[MT][NB][4];
+	uint32_t	wa[U][MT][2][4],
+				wb[U][MT][2][4];
+	const uint16_t *xg = jb->x16 + (size_t) g * cols + 16 * t;
+
+#pragma unroll
+	for (int m = 0; m < MT; m++)
+	{
+		int			ra = r0 + 16 * m + g,
+					rb = ra + 8;
+
+		rg[m][0] = W + (size_t) (ra < rows ? ra : rows - 1) * cols + 16 * t;
+		rg[m][1] = W + (size_t) (rb < rows ? rb : rows - 1) * cols + 16 * t;
+#pragma unroll
+		for (int nb = 0; nb < NB; nb++)
+			acc[m][nb][0] = acc[m][nb][1] = acc[m][nb][2] = acc[m][nb][3] = 0;
+	}
+	/* the weights do not depend on earlier kernels: both sets requested before waiting */
+	md_load_w<MT, U>(wa, rg, warp, 0, nchunk);
+	md_load_w<MT, U>(wb, rg, warp, U, nchunk);
+	kk_dep_wait();
+	kk_dep_launch();
+	for (int i = 0; i < per_warp; i += 2 * U)
+	{
+		mx_compute<MT, NB, U>(acc, wa, xg, cols, warp, i, nchunk);
+		if (i + U >= per_warp)
+			break;
+		if (i + 2 * U < per_warp)
+			md_load_w<MT, U>(wa, rg, warp, i + 2 * U, nchunk);
+		mx_compute<MT, NB, U>(acc, wb, xg, cols, warp, i + U, nchunk);
+		if (i + 3 * U < per_warp)
+			md_load_w<MT, U>(wb, rg, warp, i + 3 * U, nchunk);
+	}
+
+	/* the 8 warps' partial tiles added in warp order, NBR n-blocks a round; warp e sums tile e / NBR's n-block */
+#pragma unroll
+	for (int q0 = 0; q0 < NB; q0 += NBR)
+	{
+		if (q0 > 0)
+			__syncthreads();	/* the previous round is read */
+#pragma unroll
+		for (int m = 0; m < MT; m++)
+#pragma unroll
+			for (int r = 0; r < NBR; r++)
+#pragma unroll
+				for (int i = 0; i < 4; i++)
+					part[warp][lane][(m * NBR + r) * 4 + i] = acc[m][q0 + r][i];
+		__syncthreads();
+		if (warp < MT * NBR)
+		{
+			int			m = warp / NBR,
+						nb = q0 + warp % NBR;
+
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+			{
+				int			row = r0 + 16 * m + g + (i >= 2 ? 8 : 0),
+							tok = nb * 8 + 2 * t + (i & 1);
+				float		v = 0;
+
+				for (int w = 0; w < MX_WARPS; w++)
+					v += part[w][lane][warp * 4 + i];
+				if (row < rows && tok < b.n)
+					jb->y[(size_t) tok * jb->ldy + row] = v * __ldg(sc + row) * MQ_FP8_SCALE;
+			}
+		}
+	}
+}
+
+extern "C" void
+kk_set_mma_q_dense(int mt, int max_rows)
+{
+	mq_set.dense = mt > 0 ? mt : 0;
+	mq_set.dense_rows = max_rows > 0 && max_rows < KK_GEMV_MMA_Q_ROWS ? max_rows : KK_GEMV_MMA_Q_ROWS;
+}
+
+/* does the dense kernel take this job (FP8, one scale a row, cols % 64 == 0) at n rows (given room)? */
+static bool
+mx_ok(const mq_paths &p, const kk_gemv_job *jb, int n)
+{
+	return p.dense > 0 && n <= p.dense_rows && jb->fmt == KK_WF_FP8 && jb->group >= jb->cols && jb->cols % 64 == 0;
+}
+
+/*
+ * The conversion plan of the batch's jobs that the dense kernel takes (all
+ * of b's jobs when take is NULL, else those marked): c's distinct
+ * activation matrices (same x, ldx and cols) with their offsets in room
+ * (NULL: offsets from 0), each job's x16 set when room is given.  Returns
+ * the bytes of room the plan needs.
+ */
+static size_t
+mx_plan(kk_gemv_batch *b, const bool *take, uint16_t *room, mx_conv *c)
+{
+	int			nrows = mq_nb(b->n) * 8;
+	size_t		off = 0;
+
+	memset(c, 0, sizeof(*c));
+	c->n = b->n;
+	c->nrows = nrows;
+	for (int j = 0; j < b->count; j++)
+	{
+		kk_gemv_job *jb = &b->job[j];
+		int			e = 0;
+
+		if (take && !take[j])
+			continue;
+		while (e < c->count && !(c->x[e] == jb->x && c->ldx[e] == jb->ldx && c->cols[e] == jb->cols))
+			e++;
+		if (e == c->count)
+		{
+			c->x[e] = jb->x;
+			c->ldx[e] = jb->ldx;
+			c->cols[e] = jb->cols;
+			c->vec[e] = jb->ldx % 4 == 0 && ((uintptr_t) jb->x & 15) == 0;
+			c->d[e] = room ? room + off / sizeof(uint16_t) : NULL;
+			off += (size_t) nrows * jb->cols * sizeof(uint16_t);
+			c->count++;
+		}
+		jb->x16 = c->d[e];
+	}
+	return off;
+}
+
+/* the room the jobs of b that the dense kernel takes under p want */
+static size_t
+mx_room(const mq_paths &p, const kk_gemv_batch *b)
+{
+	kk_gemv_batch t = *b;
+	bool		take[KK_GEMV_JOBS] = {false};
+	mx_conv		c;
+	int			any = 0;
+
+	if (b->count <= 0 || b->count > KK_GEMV_JOBS || b->n <= 0 || b->n > KK_GEMV_MMA_Q_ROWS)
+		return 0;
+	for (int j = 0; j < b->count; j++)
+		any += take[j] = mx_ok(p, &b->job[j], b->n);
+	return any ? mx_plan(&t, take, NULL, &c) : 0;
+}
+
+extern "C" size_t
+kk_gemv_mma_q_room(const kk_gemv_batch *b)
+{
+	return mx_room(mq_set, b);
+}
+
+template <int NB>
+static void
+mx_launch_nb(cudaStream_t s, kk_gemv_batch *b, int mt, int blocks)
+{
+	if (NB < 8 && mt == 2)
+		kk_launch(gemv_mma_q_dense_kernel<2, NB < 8 ? NB : 1>, dim3(blocks), dim3(MX_WARPS * 32), 0, s, *b);
+	else
+		kk_launch(gemv_mma_q_dense_kernel<1, NB>, dim3(blocks), dim3(MX_WARPS * 32), 0, s, *b);
+}
+
+/*
+ * The conversion, then the dense kernel with the most tiles a block (up to
+ * dense: 1 or 2; 1 at 8 n-blocks) that still gives every SM a block.
+ * False (nothing launched) when the room is missing or too small.
+ */
+static bool
+mx_launch(cudaStream_t s, kk_gemv_batch *b, int dense, uint16_t *room, size_t room_bytes)
+{
+	mx_conv		c;
+	int			sms = mq_sms(),
+				mt = dense >= 2 && mq_nb(b->n) < 8 ? 2 : 1,
+				most = 0,
+				blocks;
+
+	if (!room || mx_plan(b, NULL, NULL, &c) > room_bytes)
+		return false;
+	mx_plan(b, NULL, room, &c);
+	for (int e = 0; e < c.count; e++)
+		most = c.cols[e] * c.nrows / 8 > most ? c.cols[e] * c.nrows / 8 : most;
+	kk_launch(mx_convert_kernel, dim3(ceil_div(most, 256), c.count), dim3(256), 0, s, c);
+	while (mt > 1 && kk_tile_blocks(b, mt) < sms)
+		mt /= 2;
+	blocks = kk_tile_blocks(b, mt);		/* (sets b->first_block for the kernel's copy) */
+	switch (mq_nb(b->n))
+	{
+		case 1:
+			mx_launch_nb<1>(s, b, mt, blocks);
+			break;
+		case 2:
+			mx_launch_nb<2>(s, b, mt, blocks);
+			break;
+		case 4:
+			mx_launch_nb<4>(s, b, mt, blocks);
+			break;
+		default:
+			mx_launch_nb<8>(s, b, mt, blocks);
+			break;
+	}
+	return true;
 }
 
 /* ------------------------------------------------------------------ host side */
@@ -818,8 +1208,9 @@ mq_variant(const kk_gemv_job *jb)
 	return jb->fmt * 64 + mq_lw(jb->fmt, jb->group, jb->cols) * 2 + (jb->group < jb->cols);
 }
 
-extern "C" void
-kk_gemv_multi_mma_q(cudaStream_t s, kk_gemv_batch *b)
+/* kk_gemv_multi_mma_q with the kernel choices p */
+static void
+mq_multi(cudaStream_t s, kk_gemv_batch *b, const mq_paths &p)
 {
 	bool		done[KK_GEMV_JOBS] = {false};
 
@@ -845,13 +1236,33 @@ kk_gemv_multi_mma_q(cudaStream_t s, kk_gemv_batch *b)
 				sub.job[sub.count++] = b->job[i];
 				done[i] = true;
 			}
-		if (mq_direct_ok(&b->job[j], b->n))
-			mq_launch_direct(s, &sub);
+		if (mx_ok(p, &b->job[j], b->n) && mx_launch(s, &sub, p.dense, b->xq, b->xq_bytes))
+			continue;
+		if (mq_direct_ok(p, &b->job[j], b->n))
+			mq_launch_direct(s, &sub, p.direct);
 		else if (b->job[j].group < b->job[j].cols)
 			mq_dense_variant<true>(s, &sub, b->job[j].fmt, mq_lw(b->job[j].fmt, b->job[j].group, b->job[j].cols));
 		else
 			mq_dense_variant<false>(s, &sub, b->job[j].fmt, mq_lw(b->job[j].fmt, b->job[j].group, b->job[j].cols));
 	}
+}
+
+extern "C" void
+kk_gemv_multi_mma_q(cudaStream_t s, kk_gemv_batch *b)
+{
+	mq_multi(s, b, mq_set);
+}
+
+extern "C" size_t
+kk_gemv_mma_q_room_as(const kk_gemv_batch *b, int dense)
+{
+	return mx_room(mq_paths {0, dense, KK_GEMV_MMA_Q_ROWS}, b);
+}
+
+extern "C" void
+kk_gemv_multi_mma_q_as(cudaStream_t s, kk_gemv_batch *b, int direct, int dense)
+{
+	mq_multi(s, b, mq_paths {direct, dense, KK_GEMV_MMA_Q_ROWS});
 }
 
 extern "C" void

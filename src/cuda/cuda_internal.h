@@ -33,6 +33,7 @@
 enum cuda_buf_id
 {
 	CB_X_BF16,					/* matmul: activations rounded to bf16 */
+	CB_Q_X16,					/* matmul: the dense FP8 kernel's converted activations (KL_CUDA_Q_DENSE) */
 	CB_PANEL,					/* matmul: bf16 weight rows widened to fp32 */
 	CB_KDA_Q,
 	CB_KDA_K,
@@ -239,9 +240,11 @@ typedef struct cuda_state
 	/* KL_CUDA_Q_MMA: bf16-precision decode products of quantized weights of
 	 * at least this many rows run on the tensor cores (default 2; 0: never;
 	 * KL_CUDA_Q_DIRECT=0 keeps FP8 ones of up to 8 rows out of mma_q.cu's
-	 * direct kernel: kk_set_mma_q_direct; KL_CUDA_Q_SHAPE=-1..3 sets how the
-	 * CUDA-core kernels choose their block shape: kk_gemv_q_force_shape,
-	 * default 3, by the heaviest job) */
+	 * direct kernel: kk_set_mma_q_direct; KL_CUDA_Q_DENSE=N (default 0)
+	 * puts FP8 ones of up to KL_CUDA_Q_DENSE_ROWS rows in its dense kernel,
+	 * N tiles a block at most: kk_set_mma_q_dense; KL_CUDA_Q_SHAPE=-1..3
+	 * sets how the CUDA-core kernels choose their block shape:
+	 * kk_gemv_q_force_shape, default 3, by the heaviest job) */
 	int			q_mma_min;
 	/* KL_CUDA_Q_EXPERT_MMA: decode steps of at least this many tokens run
 	 * quantized experts on the tensor cores in bf16 precision (default 4:

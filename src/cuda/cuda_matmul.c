@@ -179,6 +179,39 @@ matmul_q_panels(kl_backend *be, float *y, int ldy, const float *x, int ldx, int 
 	}
 }
 
+/* job g of a GEMV batch: the product jb */
+static void
+gemv_job_of(kk_gemv_job *g, const kl_matmul_job *jb)
+{
+	g->y = jb->y;
+	g->x = jb->x;
+	g->W = jb->W->dev;
+	g->ldy = jb->ldy;
+	g->ldx = jb->ldx;
+	g->rows = jb->W->rows;
+	g->cols = jb->W->cols;
+	g->bf16 = !cuda_weight_quantized(jb->W) && jb->W->dtype == KL_DT_BF16;
+	g->fmt = cuda_weight_fmt(jb->W);
+	g->group = cuda_weight_quantized(jb->W) ? jb->W->q.group : jb->W->cols;
+}
+
+/*
+ * kk_gemv_multi_mma_q with the room its dense FP8 kernel asks for
+ * (KL_CUDA_Q_DENSE: the batch's activations converted once, CB_Q_X16).
+ * False when that room could not be had (the backend has failed).
+ */
+static bool
+q_mma_launch(kl_backend *be, kk_gemv_batch *b)
+{
+	size_t		room = kk_gemv_mma_q_room(b);
+
+	if (room && !(b->xq = cuda_buf(be, CB_Q_X16, room)))
+		return false;
+	b->xq_bytes = room;
+	kk_gemv_multi_mma_q(CS(be)->stream, b);
+	return true;
+}
+
 /*
  * y = x W^T for a quantized W (kernels.h's device form): few rows stream the
  * quantized bytes once (gemv_q.cu in fp32 arithmetic; in bf16 precision from
@@ -194,8 +227,15 @@ matmul_quantized(kl_backend *be, float *y, int ldy, const float *x, int ldx, int
 
 	if (q_on_tensor_cores(cs, n, W))
 	{
-		kk_gemv_mma_q(cs->stream, y, ldy, x, ldx, n, W->dev, fmt, W->q.group, W->rows, W->cols);
-		cuda_launched(be, "gemv_mma_q");
+		kl_matmul_job one = {y, ldy, x, ldx, n, W};
+		kk_gemv_batch b;
+
+		memset(&b, 0, sizeof(b));
+		b.n = n;
+		b.count = 1;
+		gemv_job_of(&b.job[0], &one);
+		if (q_mma_launch(be, &b))
+			cuda_launched(be, "gemv_mma_q");
 		return;
 	}
 	if (n <= (cs->bf16 ? GEMV_MAX_ROWS : GEMV_MAX_ROWS_WIDEN))
@@ -456,22 +496,12 @@ cuda_matmul_batch_raw(kl_backend *be, const kl_matmul_job *jobs, int count)
 			b.n = jobs[0].n;
 			b.count = count - i0 < KK_GEMV_JOBS ? count - i0 : KK_GEMV_JOBS;
 			for (int j = 0; j < b.count; j++)
-			{
-				const kl_matmul_job *jb = &jobs[i0 + j];
-
-				b.job[j].y = jb->y;
-				b.job[j].x = jb->x;
-				b.job[j].W = jb->W->dev;
-				b.job[j].ldy = jb->ldy;
-				b.job[j].ldx = jb->ldx;
-				b.job[j].rows = jb->W->rows;
-				b.job[j].cols = jb->W->cols;
-				b.job[j].bf16 = !cuda_weight_quantized(jb->W) && jb->W->dtype == KL_DT_BF16;
-				b.job[j].fmt = cuda_weight_fmt(jb->W);
-				b.job[j].group = cuda_weight_quantized(jb->W) ? jb->W->q.group : jb->W->cols;
-			}
+				gemv_job_of(&b.job[j], &jobs[i0 + j]);
 			if (q_mma)
-				kk_gemv_multi_mma_q(cs->stream, &b);
+			{
+				if (!q_mma_launch(be, &b))
+					return;
+			}
 			else if (any_q)
 				kk_gemv_multi_q(cs->stream, &b);
 			else if (gemv_batch_mma(cs, jobs + i0, b.count))

@@ -27,28 +27,37 @@ mq_upload(cudaStream_t s, void **d, const void *h, size_t n)
 }
 
 /*
- * One kk_gemv_multi_mma_q launch (kk_gemv_mma_q when count is 1) of count
- * (<= KK_GEMV_JOBS) jobs of the same n (<= KK_GEMV_MMA_Q_ROWS) rows.  Job
- * j: W[j] the host copy of a quantized matrix [rows[j], cols[j]] in format
- * fmt[j] (KK_WF_*) with group[j] columns per scale, kk_q_bytes of it;
- * x[j] [n, cols[j]] fp32 (uploaded with row stride cols[j] + xpad: xpad % 4
- * != 0 takes the unaligned path); y[j] [n, rows[j]] receives the result
- * (the device rows are NaN before the launch, so rows no block wrote show).
- * Returns 0, -1 for arguments the kernels do not take (kk_mma_q_ok), or a
- * CUDA error code.
+ * One kk_gemv_multi_mma_q launch (kk_gemv_mma_q when count is 1 and path
+ * is -1) of count (<= KK_GEMV_JOBS) jobs of the same n (<=
+ * KK_GEMV_MMA_Q_ROWS) rows.  Job j: W[j] the host copy of a quantized
+ * matrix [rows[j], cols[j]] in format fmt[j] (KK_WF_*) with group[j]
+ * columns per scale, kk_q_bytes of it; x[j] [n, cols[j]] fp32 (uploaded
+ * with row stride cols[j] + xpad: xpad % 4 != 0 takes the unaligned path);
+ * jobs whose x is the same host array (and cols) share one device copy, as
+ * a layer's projections of one input do; y[j] [n, rows[j]] receives the
+ * result (the device rows are NaN before the launch, so rows no block wrote
+ * show).  path: -1 the settings in force
+ * (no room for the dense kernel); 0 the staging kernel; 1 the direct kernel
+ * (KL_CUDA_Q_DIRECT=2) where it takes the jobs; 2 and 3 the dense kernel
+ * (KL_CUDA_Q_DENSE=1, =2) where it takes them, with its room (NaN before
+ * the launch), through kk_gemv_multi_mma_q_as.  Returns 0, -1 for
+ * arguments the kernels do not take (kk_mma_q_ok), or a CUDA error code.
  */
-__attribute__((visibility("default"))) int
-kl_cuda_test_gemv_mma_q(int n, int count, const int *rows, const int *cols, const int *fmt, const int *group,
-						const void *const *W, const float *const *x, int xpad, float *const *y)
+static int
+mq_gemv_run(int path, int n, int count, const int *rows, const int *cols, const int *fmt, const int *group,
+			const void *const *W, const float *const *x, int xpad, float *const *y)
 {
 	cudaStream_t s = NULL;
 	cudaError_t e = cudaSuccess;
 	void	   *dW[KK_GEMV_JOBS] = {NULL},
 			   *dx[KK_GEMV_JOBS] = {NULL},
-			   *dy[KK_GEMV_JOBS] = {NULL};
+			   *dy[KK_GEMV_JOBS] = {NULL},
+			   *room = NULL;
 	kk_gemv_batch b;
+	int			dense = path >= 2 ? path - 1 : 0;
 
-	if (n <= 0 || n > KK_GEMV_MMA_Q_ROWS || count <= 0 || count > KK_GEMV_JOBS || xpad < 0)
+	if (n <= 0 || n > KK_GEMV_MMA_Q_ROWS || count <= 0 || count > KK_GEMV_JOBS || xpad < 0 || path < -1 ||
+		path > 3)
 		return -1;
 	for (int j = 0; j < count; j++)
 		if (rows[j] <= 0 || !kk_mma_q_ok(fmt[j], group[j], cols[j]))
@@ -61,16 +70,24 @@ kl_cuda_test_gemv_mma_q(int n, int count, const int *rows, const int *cols, cons
 	for (int j = 0; j < count; j++)
 	{
 		size_t		ldx = (size_t) cols[j] + xpad;
+		int			same = 0;
 
-		if ((e = mq_upload(s, &dW[j], W[j], kk_q_bytes(rows[j], fmt[j], cols[j], group[j]))) != cudaSuccess ||
-			(e = cudaMalloc(&dx[j], sizeof(float) * n * ldx)) != cudaSuccess ||
-			(e = cudaMemcpy2DAsync(dx[j], sizeof(float) * ldx, x[j], sizeof(float) * cols[j],
-								   sizeof(float) * cols[j], n, cudaMemcpyHostToDevice, s)) != cudaSuccess ||
-			(e = cudaMalloc(&dy[j], sizeof(float) * n * rows[j])) != cudaSuccess ||
+		while (same < j && !(x[same] == x[j] && cols[same] == cols[j]))
+			same++;
+		if ((e = mq_upload(s, &dW[j], W[j], kk_q_bytes(rows[j], fmt[j], cols[j], group[j]))) != cudaSuccess)
+			goto out;
+		if (same < j)
+			b.job[j].x = b.job[same].x;	/* (dx[j] stays NULL: freed once) */
+		else if ((e = cudaMalloc(&dx[j], sizeof(float) * n * ldx)) != cudaSuccess ||
+				 (e = cudaMemcpy2DAsync(dx[j], sizeof(float) * ldx, x[j], sizeof(float) * cols[j],
+										sizeof(float) * cols[j], n, cudaMemcpyHostToDevice, s)) != cudaSuccess)
+			goto out;
+		else
+			b.job[j].x = dx[j];
+		if ((e = cudaMalloc(&dy[j], sizeof(float) * n * rows[j])) != cudaSuccess ||
 			(e = cudaMemsetAsync(dy[j], 0xff, sizeof(float) * n * rows[j], s)) != cudaSuccess)
 			goto out;
 		b.job[j].W = dW[j];
-		b.job[j].x = dx[j];
 		b.job[j].y = dy[j];
 		b.job[j].ldx = (int) ldx;
 		b.job[j].ldy = rows[j];
@@ -79,8 +96,17 @@ kl_cuda_test_gemv_mma_q(int n, int count, const int *rows, const int *cols, cons
 		b.job[j].fmt = fmt[j];
 		b.job[j].group = group[j];
 	}
-	if (count == 1)
-		kk_gemv_mma_q(s, dy[0], rows[0], dx[0], b.job[0].ldx, n, dW[0], fmt[0], group[0], rows[0], cols[0]);
+	if (path >= 0)
+	{
+		if ((b.xq_bytes = kk_gemv_mma_q_room_as(&b, dense)) > 0 &&
+			((e = cudaMalloc(&room, b.xq_bytes)) != cudaSuccess ||
+			 (e = cudaMemsetAsync(room, 0xff, b.xq_bytes, s)) != cudaSuccess))
+			goto out;
+		b.xq = room;
+		kk_gemv_multi_mma_q_as(s, &b, path == 1 ? 2 : 0, dense);
+	}
+	else if (count == 1)
+		kk_gemv_mma_q(s, dy[0], rows[0], b.job[0].x, b.job[0].ldx, n, dW[0], fmt[0], group[0], rows[0], cols[0]);
 	else
 		kk_gemv_multi_mma_q(s, &b);
 	if ((e = cudaGetLastError()) != cudaSuccess)
@@ -98,8 +124,25 @@ out:
 		cudaFree(dx[j]);
 		cudaFree(dy[j]);
 	}
+	cudaFree(room);
 	cudaStreamDestroy(s);
 	return (int) e;
+}
+
+__attribute__((visibility("default"))) int
+kl_cuda_test_gemv_mma_q(int n, int count, const int *rows, const int *cols, const int *fmt, const int *group,
+						const void *const *W, const float *const *x, int xpad, float *const *y)
+{
+	return mq_gemv_run(-1, n, count, rows, cols, fmt, group, W, x, xpad, y);
+}
+
+/* the same through a chosen kernel (path as mq_gemv_run's: 0 staging, 1 direct, 2 and 3 dense) */
+__attribute__((visibility("default"))) int
+kl_cuda_test_gemv_mma_q_path(int path, int n, int count, const int *rows, const int *cols, const int *fmt,
+							 const int *group, const void *const *W, const float *const *x, int xpad,
+							 float *const *y)
+{
+	return mq_gemv_run(path, n, count, rows, cols, fmt, group, W, x, xpad, y);
 }
 
 /* work items of at most P rows for nk routed pairs over E experts and shared_rows rows (cuda_moe.c's bound) */
