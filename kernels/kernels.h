@@ -271,7 +271,7 @@ void		kk_expert_gemv_q(cudaStream_t s, float *y0, float *y1, int ldy, const floa
  * kernel (a 16-row tile a block, activations read per chunk), else all in
  * the staging one.
  * kk_set_mma_q_dense(mt, max_rows) (default 0: off; the backend's
- * KL_CUDA_Q_DENSE, KL_CUDA_Q_DENSE_ROWS): FP8 products with one scale a
+ * KL_CUDA_Q_DENSE, default 2, and KL_CUDA_Q_DENSE_ROWS): FP8 products with one scale a
  * row, cols % 64 == 0 and n <= max_rows (0: KK_GEMV_MMA_Q_ROWS) in the
  * dense kernel, up to mt (1 or 2) 16-row tiles a block, ahead of the direct
  * and staging ones: a conversion launch writes the batch's activations once

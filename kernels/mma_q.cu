@@ -10,7 +10,7 @@
  * with one scale a row, up to 8 rows, activations read and converted per
  * chunk; KL_CUDA_Q_DIRECT) and the dense kernel (the same FP8 products at
  * any row count, the batch's activations converted once by a launch of
- * their own into caller-given room; KL_CUDA_Q_DENSE, off until measured):
+ * their own into caller-given room; KL_CUDA_Q_DENSE, the backend's default):
  * each section below says why it is shaped so.
  *
  * Decode is memory-bound: the point of FP8 / int4 weights is to stream half
@@ -706,8 +706,8 @@ mq_launch_direct(cudaStream_t s, kk_gemv_batch *b, int direct)
 /* ------------------------------------------------------------------ dense products from converted rows */
 
 /*
- * gemv_mma_q_dense_kernel (KL_CUDA_Q_DENSE=N, default 0: off until
- * measured): FP8 with one scale a row, cols % 64 == 0, n rows up to
+ * gemv_mma_q_dense_kernel (KL_CUDA_Q_DENSE=N, the backend's default 2; the
+ * library's own default 0): FP8 with one scale a row, cols % 64 == 0, n rows up to
  * KL_CUDA_Q_DENSE_ROWS (default KK_GEMV_MMA_Q_ROWS), where the caller gives
  * room for the converted activations (kk_gemv_batch.xq, kk_gemv_mma_q_room).
  * The direct kernel's per-chunk chain is mostly activation work that every
@@ -1034,7 +1034,9 @@ mx_launch_nb(cudaStream_t s, kk_gemv_batch *b, int mt, int blocks)
 
 /*
  * The conversion, then the dense kernel with the most tiles a block (up to
- * dense: 1 or 2; 1 at 8 n-blocks) that still gives every SM a block.
+ * dense: 1 or 2; 2 only up to 2 n-blocks: 16 rows) that still gives every
+ * SM a block.  H200, 2026-12-01, FP8 step ms with 1 / 2 tiles: batch 8
+ * 6.188 / 6.139, 16 9.41 / 9.42, 32 14.22 / 14.58, 64 22.33 / 22.33.
  * False (nothing launched) when the room is missing or too small.
  */
 static bool
@@ -1042,7 +1044,7 @@ mx_launch(cudaStream_t s, kk_gemv_batch *b, int dense, uint16_t *room, size_t ro
 {
 	mx_conv		c;
 	int			sms = mq_sms(),
-				mt = dense >= 2 && mq_nb(b->n) < 8 ? 2 : 1,
+				mt = dense >= 2 && mq_nb(b->n) <= 2 ? 2 : 1,
 				most = 0,
 				blocks;
 

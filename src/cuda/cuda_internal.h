@@ -240,7 +240,7 @@ typedef struct cuda_state
 	/* KL_CUDA_Q_MMA: bf16-precision decode products of quantized weights of
 	 * at least this many rows run on the tensor cores (default 2; 0: never;
 	 * KL_CUDA_Q_DIRECT=0 keeps FP8 ones of up to 8 rows out of mma_q.cu's
-	 * direct kernel: kk_set_mma_q_direct; KL_CUDA_Q_DENSE=N (default 0)
+	 * direct kernel: kk_set_mma_q_direct; KL_CUDA_Q_DENSE=N (default 2)
 	 * puts FP8 ones of up to KL_CUDA_Q_DENSE_ROWS rows in its dense kernel,
 	 * N tiles a block at most: kk_set_mma_q_dense; KL_CUDA_Q_SHAPE=-1..3
 	 * sets how the CUDA-core kernels choose their block shape:
