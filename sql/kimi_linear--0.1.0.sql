@@ -445,7 +445,7 @@ AS 'MODULE_PATHNAME', 'kl_sql_load_model'
 LANGUAGE C VOLATILE;
 
 COMMENT ON FUNCTION load_model(text, text, text, text, text) IS
-'Load the model in directory path (relative to kimi_linear.model_dir, or inside it) under name. moe_routing (MoE models): ''select'' (default: the router bias chooses the experts, the scores weight them, as the serving engines do) or ''reference'' (the bias is also added into the weights, as the released kimi_linear code does). quantize => ''fp8'', ''int8'' or ''int4'' quantizes a bf16/f32 checkpoint''s weights at load (checkpoints published quantized load as they are). matmul_precision: ''auto'' (bf16 on a GPU, fp32 on the CPU), ''fp32'' (the GPU matches the CPU to float rounding) or ''bf16'' (the GPU''s matrix products on tensor cores; refused on the CPU); NULL: the setting kimi_linear.precision. Superusers and members of kimi_linear_admin only.';
+'Load the model in directory path (relative to kimi_linear.model_dir, or inside it) under name. moe_routing (MoE models): ''select'' (default: the router bias chooses the experts, the scores weight them, as the serving engines do) or ''reference'' (the bias is also added into the weights, as the released kimi_linear code does). quantize => ''fp8'', ''int8'' or ''int4'' quantizes a bf16/f32 checkpoint''s weights at load (checkpoints published quantized load as they are). matmul_precision: ''auto'' (bf16 on a GPU, fp32 on the CPU), ''fp32'' (the GPU matches the CPU to float rounding), ''bf16'' (the GPU''s matrix products on tensor cores; refused on the CPU) or ''fp8'' (bf16 plus FP8 activations in the prefill products of FP8 weights, W8A8; GPU only, models with FP8 weights); NULL: the setting kimi_linear.precision. Superusers and members of kimi_linear_admin only.';
 
 CREATE FUNCTION unload_model(name text) RETURNS void
 AS 'MODULE_PATHNAME', 'kl_sql_unload_model'
@@ -476,7 +476,7 @@ AS 'MODULE_PATHNAME', 'kl_sql_models'
 LANGUAGE C VOLATILE PARALLEL SAFE;
 
 CREATE VIEW models AS SELECT * FROM @extschema@._models();
-COMMENT ON VIEW models IS 'Models registered with the inference workers: bytes of the checkpoint''s tensors as stored; weight_format (bf16, or how the weights are quantized) and weight_bytes, the weights as the workers hold them; matmul_precision, the activations of its matrix products: fp32 or bf16 once loaded (auto resolved: bf16 on a GPU, fp32 on the CPU), before that the precision asked for (load_model''s matmul_precision, or kimi_linear.precision when it was loaded).';
+COMMENT ON VIEW models IS 'Models registered with the inference workers: bytes of the checkpoint''s tensors as stored; weight_format (bf16, or how the weights are quantized) and weight_bytes, the weights as the workers hold them; matmul_precision, the activations of its matrix products: fp32, bf16 or fp8 once loaded (auto resolved: bf16 on a GPU, fp32 on the CPU), before that the precision asked for (load_model''s matmul_precision, or kimi_linear.precision when it was loaded).';
 
 CREATE FUNCTION _activity(
     OUT worker int, OUT request_id bigint, OUT backend_pid int, OUT model text, OUT phase text,
