@@ -113,15 +113,13 @@ quant4(float4 v, float s)
 }
 
 /*
- * One row of cols values at xr to E4M3 at qr (vec: 4 values a thread, xr
- * and qr 16- and 4-byte aligned, cols % 4 == 0); returns the scale.  The
- * row is read twice (the second time from L1 / L2).
+ * The scale of the row of cols values at xr (vec: 4 values a thread, xr
+ * 16-byte aligned, cols % 4 == 0): its largest magnitude over the block.
  */
 __device__ __forceinline__ float
-quant_row(const float *xr, uint8_t *qr, int cols, bool vec, float *red)
+row_scale(const float *xr, int cols, bool vec, float *red)
 {
-	float		m = 0.0f,
-				s;
+	float		m = 0.0f;
 
 	if (vec)
 		for (int c = threadIdx.x; c < cols / 4; c += blockDim.x)
@@ -129,7 +127,19 @@ quant_row(const float *xr, uint8_t *qr, int cols, bool vec, float *red)
 	else
 		for (int c = threadIdx.x; c < cols; c += blockDim.x)
 			m = fmaxf(m, fabsf(xr[c]));
-	s = act_scale(block_max(m, red));
+	return act_scale(block_max(m, red));
+}
+
+/*
+ * One row of cols values at xr to E4M3 at qr (vec as row_scale's, qr 4-byte
+ * aligned); returns the scale.  The row is read twice (the second time from
+ * L1 / L2).
+ */
+__device__ __forceinline__ float
+quant_row(const float *xr, uint8_t *qr, int cols, bool vec, float *red)
+{
+	float		s = row_scale(xr, cols, vec, red);
+
 	if (vec)
 		for (int c = threadIdx.x; c < cols / 4; c += blockDim.x)
 			((uint32_t *) qr)[c] = quant4(((const float4 *) xr)[c], s);
@@ -181,18 +191,11 @@ fp8_quant_gather_kernel(uint8_t *dst, float *dscale, int *dexp, const float *x, 
 	__shared__ float red[32];
 	size_t		t = blockIdx.x;
 	const float *xr = x + t * ldx;
-	float		m = 0.0f,
-				s;
+	float		s;
 
 	kk_dep_wait();
 	kk_dep_launch();
-	if (vec)
-		for (int c = threadIdx.x; c < cols / 4; c += blockDim.x)
-			m = amax4(((const float4 *) xr)[c], m);
-	else
-		for (int c = threadIdx.x; c < cols; c += blockDim.x)
-			m = fmaxf(m, fabsf(xr[c]));
-	s = act_scale(block_max(m, red));
+	s = row_scale(xr, cols, vec, red);
 	if (threadIdx.x < (unsigned) k)
 	{
 		int			p = inv[t * k + threadIdx.x];

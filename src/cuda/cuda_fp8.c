@@ -395,20 +395,8 @@ cuda_fp8_experts(kl_backend *be, const kl_moe_layer *w, const void *const *tab_d
 	xs = (float *) (xq + xo);
 	rexp = (int *) (xs + Np);
 	hs = (float *) (hq + ho);
-	if (Np <= room)
-	{
-		g16 = (uint16_t *) g;
-		u16 = (uint16_t *) u;
-		ye16 = (uint16_t *) ye;
-	}
-	else
-	{
-		g16 = cuda_buf(be, CB_MOE_GU16, sizeof(uint16_t) * 2 * Np * F);
-		u16 = g16 ? g16 + Np * F : NULL;
-		ye16 = cuda_buf(be, CB_MOE_Y16, sizeof(uint16_t) * Np * D);
-		if (!g16 || !ye16)
-			return NULL;
-	}
+	if (!cuda_moe_out16(be, g, u, ye, room, Np, D, F, &g16, &u16, &ye16))
+		return NULL;
 	if (!cuda_moe_batch_arrays(be, 3 * cs->moe_cls_cap))
 		return NULL;
 	cap = cs->moe_grp_cap;

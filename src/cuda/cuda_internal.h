@@ -580,6 +580,9 @@ bool		cuda_moe_experts_grouped(kl_backend *be, const kl_moe_layer *w, const int 
  * (rows), C (results), the quantized matrix A is converted from (NULL: none).
  */
 bool		cuda_moe_batch_arrays(kl_backend *be, int cap);
+/* the batched products' bf16 results: in the caller's g, u, ye when the padded rows fit, else own buffers */
+bool		cuda_moe_out16(kl_backend *be, float *g, float *u, float *ye, size_t room, size_t Np, int D, int F,
+						   uint16_t **g16, uint16_t **u16, uint16_t **ye16);
 void		cuda_moe_batch_problem(cuda_state *cs, int i, const void *W, const void *X, void *C, const void *Wq);
 
 /*

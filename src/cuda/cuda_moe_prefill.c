@@ -599,6 +599,29 @@ cuda_moe_experts_batched16(kl_backend *be, const kl_moe_layer *w, int D, int F, 
 }
 
 /*
+ * The bf16 results of the batched products (g16, u16 [Np, F], ye16 [Np, D]):
+ * in the caller's fp32 g, u, ye where Np padded rows fit their room rows of
+ * floats (a bf16 row takes half a float row), else in buffers of their own.
+ * False: out of device memory (be->failed set).
+ */
+bool
+cuda_moe_out16(kl_backend *be, float *g, float *u, float *ye, size_t room, size_t Np, int D, int F, uint16_t **g16,
+			   uint16_t **u16, uint16_t **ye16)
+{
+	if (Np <= room)
+	{
+		*g16 = (uint16_t *) g;
+		*u16 = (uint16_t *) u;
+		*ye16 = (uint16_t *) ye;
+		return true;
+	}
+	*g16 = cuda_buf(be, CB_MOE_GU16, sizeof(uint16_t) * 2 * Np * F);
+	*u16 = *g16 ? *g16 + Np * F : NULL;
+	*ye16 = cuda_buf(be, CB_MOE_Y16, sizeof(uint16_t) * Np * D);
+	return *g16 && *ye16;
+}
+
+/*
  * The products of variants 3 and 4 (cuda_internal.h): x16 (CB_MOE_X) holds
  * the gathered rows in the padded layout of cs->moe_cls.
  */
@@ -629,20 +652,8 @@ cuda_moe_batched_products(kl_backend *be, const kl_moe_layer *w, int D, int F, i
 
 	if (!x16 || !h16 || !cuda_moe_batch_arrays(be, 3 * cs->moe_cls_cap))
 		return NULL;
-	if (Np <= room)
-	{
-		g16 = (uint16_t *) g;
-		u16 = (uint16_t *) u;
-		ye16 = (uint16_t *) ye;
-	}
-	else
-	{
-		g16 = cuda_buf(be, CB_MOE_GU16, sizeof(uint16_t) * 2 * Np * F);
-		u16 = g16 ? g16 + Np * F : NULL;
-		ye16 = cuda_buf(be, CB_MOE_Y16, sizeof(uint16_t) * Np * D);
-		if (!g16 || !ye16)
-			return NULL;
-	}
+	if (!cuda_moe_out16(be, g, u, ye, room, Np, D, F, &g16, &u16, &ye16))
+		return NULL;
 	cap = cs->moe_grp_cap;
 	dev = cuda_buf(be, CB_MOE_PTRS, sizeof(void *) * 4 * (size_t) cap);
 	if (!dev)
