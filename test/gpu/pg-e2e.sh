@@ -2,7 +2,7 @@
 # pg-e2e.sh — the extension end to end on the GPU machine: PostgreSQL started by
 # test/gpu/pg-on-device.sh with kimi_linear preloaded, the bundled model
 # loaded three times (kimi_linear.device = cpu; = cuda with precision fp32; cuda with the default precision, auto = bf16), and quantized at
-# load to FP8 on each device (precision fp32 on cuda), then generate, say and
+# load to FP8 on each device (precision fp32 on cuda; and precision fp8 on cuda), then generate, say and
 # state hand-over between the devices, each checked; prints "N passed, N failed".
 #
 # On the development machine (see bench/results/cuda.md for the last run):
@@ -83,6 +83,16 @@ for p in 'The VACUUM command' 'To restore a dump, run'; do
 	g=$(q "SELECT kimi_linear.generate_tokens('$p', max_tokens => 48, model => 'gpu8', ignore_eos => true)")
 	check "generate '$p' with FP8 weights: 48 greedy ids on cuda = on cpu" "$g" "$c"
 done
+# precision fp8 (FP8 activations in the prefill products of FP8 weights) through SQL: loaded as asked, the models
+# view says so, generation runs; its numbers are test_cuda's (a lossy mode: no comparison with the CPU's ids); a
+# model without FP8 weights is refused in it
+out=$(q "SET kimi_linear.device = 'cuda'; SELECT kimi_linear.load_model('gpu8a', 'pgdocs-kimi-18m', quantize => 'fp8', matmul_precision => 'fp8')")
+check "load_model quantize => fp8, matmul_precision => fp8 on cuda" "$out" ""
+check "the models view says cuda fp8" "$(q "SELECT device || ' ' || matmul_precision FROM kimi_linear.models WHERE name = 'gpu8a'")" "cuda fp8"
+check "generate with FP8 activations: 48 tokens" \
+	"$(q "SELECT cardinality(kimi_linear.generate_tokens('The VACUUM command', max_tokens => 48, model => 'gpu8a', ignore_eos => true))")" "48"
+check "matmul_precision => fp8 without FP8 weights is refused" \
+	"$(q "SET kimi_linear.device = 'cuda'; SELECT kimi_linear.load_model('gpu8b', 'pgdocs-kimi-18m', matmul_precision => 'fp8')" | grep -c 'needs FP8 weights')" "1"
 q "SELECT count(*) FROM kimi_linear.workers" >/dev/null && check "server up" "$(q 'SELECT 1')" "1"
 grep -iE "error|fatal|panic" /tmp/pg.log | head -5
 echo "$pass passed, $fail failed"
