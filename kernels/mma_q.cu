@@ -485,6 +485,26 @@ struct md_shape
 	static constexpr int U = MT == 1 ? 2 : 1;
 };
 
+/*
+ * The lane's rows g and g + 8 of each of the block's MT 16-row tiles from
+ * row r0, at its 16 bytes t of a chunk (rows past the matrix read its last
+ * row: loaded, never stored)
+ */
+template <int MT>
+__device__ __forceinline__ void
+md_tile_rows(const uint8_t *(&rg)[MT][2], const uint8_t *W, int r0, int rows, int cols, int g, int t)
+{
+#pragma unroll
+	for (int m = 0; m < MT; m++)
+	{
+		int			ra = r0 + 16 * m + g,
+					rb = ra + 8;
+
+		rg[m][0] = W + (size_t) (ra < rows ? ra : rows - 1) * cols + 16 * t;
+		rg[m][1] = W + (size_t) (rb < rows ? rb : rows - 1) * cols + 16 * t;
+	}
+}
+
 /* the weight pieces of the warp's chunks i0 .. i0 + U (chunk c = warp + MD_WARPS i) for its MT tiles' rows g and g + 8 */
 template <int MT, int U>
 __device__ __forceinline__ void
@@ -591,16 +611,10 @@ gemv_mma_q_direct_kernel(kk_gemv_batch b)
 				xb[U][4];
 	const float *xg;
 
+	md_tile_rows<MT>(rg, W, r0, rows, cols, g, t);
 #pragma unroll
 	for (int m = 0; m < MT; m++)
-	{
-		int			ra = r0 + 16 * m + g,
-					rb = ra + 8;
-
-		rg[m][0] = W + (size_t) (ra < rows ? ra : rows - 1) * cols + 16 * t;
-		rg[m][1] = W + (size_t) (rb < rows ? rb : rows - 1) * cols + 16 * t;
 		acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0;
-	}
 	/* the weights do not depend on earlier kernels: request them before waiting */
 	md_load_w<MT, U>(wa, rg, warp, 0, nchunk);
 	kk_dep_wait();
@@ -882,18 +896,12 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
 				wb[U][MT][2][4];
 	const uint16_t *xg = jb->x16 + (size_t) g * cols + 16 * t;
 
+	md_tile_rows<MT>(rg, W, r0, rows, cols, g, t);
 #pragma unroll
 	for (int m = 0; m < MT; m++)
-	{
-		int			ra = r0 + 16 * m + g,
-					rb = ra + 8;
-
-		rg[m][0] = W + (size_t) (ra < rows ? ra : rows - 1) * cols + 16 * t;
-		rg[m][1] = W + (size_t) (rb < rows ? rb : rows - 1) * cols + 16 * t;
 #pragma unroll
 		for (int nb = 0; nb < NB; nb++)
 			acc[m][nb][0] = acc[m][nb][1] = acc[m][nb][2] = acc[m][nb][3] = 0;
-	}
 	/* the weights do not depend on earlier kernels: both sets requested before waiting */
 	md_load_w<MT, U>(wa, rg, warp, 0, nchunk);
 	md_load_w<MT, U>(wb, rg, warp, U, nchunk);

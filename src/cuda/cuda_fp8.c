@@ -325,8 +325,6 @@ cuda_matmul_fp8(kl_backend *be, float *y, int ldy, const float *x, int ldx, int 
 bool
 cuda_fp8_experts_take(const cuda_state *cs, const kl_moe_layer *w, int E, int D, int F)
 {
-	const kl_mlp *e0 = &w->experts[0];
-
 	if (!cs->fp8 || cs->fp8_experts_refused || D % 16 != 0 || F % 16 != 0 || (size_t) F * 4 > 48 * 1024)
 		return false;
 	for (int e = 0; e < E; e++)
@@ -337,7 +335,6 @@ cuda_fp8_experts_take(const cuda_state *cs, const kl_moe_layer *w, int E, int D,
 			ex->gate.q.group < D || ex->up.q.group < D || ex->down.q.group < F)
 			return false;
 	}
-	(void) e0;
 	return true;
 }
 

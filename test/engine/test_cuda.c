@@ -584,16 +584,30 @@ static float *rand_floats(size_t n, double lo, double hi, uint64_t *rs);
 /* kl_cuda_moe_prefill_path (cuda_moe.c): the variant asked, the one that ran, a refusal's status */
 typedef int (*moe_path_fn) (kl_backend *be, int info[3]);
 
+/*
+ * The symbol name of the library that holds model m's backend (the CUDA
+ * library's test hooks and statistics, exported but not used by the
+ * backend): NULL when it is missing.  *lib: that library's handle (NULL when
+ * not found), for the caller to dlclose.
+ */
+static void *
+backend_symbol(const kl_model *m, const char *name, void **lib)
+{
+	Dl_info		info;
+
+	*lib = NULL;
+	if (dladdr((const void *) m->be->ops, &info) && info.dli_fname)
+		*lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+	return *lib ? dlsym(*lib, name) : NULL;
+}
+
 static moe_path_fn
 moe_path_hook(kl_model *m)
 {
-	Dl_info		info;
-	void	   *lib = NULL;
+	void	   *lib;
 
-	if (dladdr((const void *) m->be->ops, &info) && info.dli_fname)
-		lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
 	/* (the handle stays open: the library stays loaded while models use it) */
-	return lib ? (moe_path_fn) dlsym(lib, "kl_cuda_moe_prefill_path") : NULL;
+	return (moe_path_fn) backend_symbol(m, "kl_cuda_moe_prefill_path", &lib);
 }
 
 /* the MoE op alone of layer L on T host rows x (one prefill batch), its output to the host */
@@ -1844,16 +1858,10 @@ load_test_hook(const char *name, void **lib, void **fn)
 {
 	char		dir[1024];
 	kl_model   *m;
-	Dl_info		info;
 
-	*lib = NULL;
-	*fn = NULL;
 	snprintf(dir, sizeof(dir), "%s/golden/tiny_c", tap_fixture_dir());
 	m = load(dir, "cuda", "fp32");
-	if (dladdr((const void *) m->be->ops, &info) && info.dli_fname)
-		*lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
-	if (*lib)
-		*fn = dlsym(*lib, name);
+	*fn = backend_symbol(m, name, lib);
 	if (!*fn)
 	{
 		tap_ok(0, "the CUDA library exports %s", name);
@@ -6014,7 +6022,6 @@ check_fp8_matmul(void)
 	kl_load_opts o = {0};
 	kl_model   *m;
 	kl_err		err;
-	Dl_info		info;
 	void	   *lib = NULL;
 	fp8_matmul_fn f = NULL;
 	uint64_t	rs = 0x5eed8;
@@ -6028,10 +6035,7 @@ check_fp8_matmul(void)
 		tap_ok(0, "tiny_c quantized to fp8 loads in precision fp8: %s", err.msg);
 		return;
 	}
-	if (dladdr((const void *) m->be->ops, &info) && info.dli_fname)
-		lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
-	if (lib)
-		*(void **) &f = dlsym(lib, "kl_cuda_test_fp8_matmul");
+	*(void **) &f = backend_symbol(m, "kl_cuda_test_fp8_matmul", &lib);
 	if (!tap_ok(f != NULL, "the CUDA library exports kl_cuda_test_fp8_matmul"))
 		goto out;
 	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
@@ -6173,7 +6177,6 @@ check_fp8_model(const char *model, double tol, bool clear)
 			   *l8;
 	double		e;
 	long		stats[5] = {0};
-	Dl_info		info;
 	void	   *lib = NULL;
 	fp8_stats_fn f = NULL;
 	bool		golden = strncmp(model, "tiny_", 5) == 0;
@@ -6208,10 +6211,7 @@ check_fp8_model(const char *model, double tol, bool clear)
 	l8 = logits_of(g8, prompt, T, 0, false, NULL);
 	e = rel_err(l8, l16, (size_t) T * V);
 	bad = greedy_clear_differs(l8, l16, T, V, tol, &same);
-	if (dladdr((const void *) g8->be->ops, &info) && info.dli_fname)
-		lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
-	if (lib)
-		*(void **) &f = dlsym(lib, "kl_cuda_fp8_stats");
+	*(void **) &f = backend_symbol(g8, "kl_cuda_fp8_stats", &lib);
 	if (f)
 		f(g8->be, stats);
 	tap_ok(strcmp(kl_model_precision(g8), "fp8") == 0 && stats[0] > 0 && e <= tol && (!clear || bad == 0),
