@@ -57,6 +57,10 @@
  *       fp32 (path=fp32) and bf16 (path=bf16_mma, the tensor-core form;
  *       bf16_mma_4warps / bf16_mma_wide64 / bf16_mma_wide8w with
  *       KL_CUDA_KDA_MMA=1 / 3 / 4)
+ *   bench_cuda mla_decode C1,C2,... B1,B2,... [V1,V2,...]
+ *       the MLA decode attention alone (attend + merge; 48B head shapes, bf16
+ *       cache) for B tokens at context C through each KL_CUDA_MLA_MMA variant
+ *       V (kl_cuda_test_mla_decode): us per launch and the cache bytes' rate
  *   bench_cuda mla T1,T2,...
  *       the MLA prefill attention alone (bf16 operands; 32 heads, q/k 192 =
  *       128 nope + 64 rope, v 128) for one sequence of T tokens from position
@@ -433,8 +437,13 @@ kda_alone(int H, int K, const long *Ts, int nT)
 typedef int (*mla_bench_fn) (kl_backend *be, int T, int Ha, int Dn, int Dr, int Dv, int R, int flash, int reps,
 							 double *ms);
 
-static void
-mla_alone(const long *Ts, int nT)
+/*
+ * A one-layer bf16 MLA model of the 48B head shapes on the GPU, only for its
+ * backend (stream, cuBLAS handle) and the CUDA library's handle (*lib), in
+ * which `hook` is looked up: exits when it is missing.
+ */
+static kl_model *
+mla_hook_model(const char *hook, void **lib, void **fn)
 {
 	const int	Ha = 32,
 				Dn = 128,
@@ -448,10 +457,7 @@ mla_alone(const long *Ts, int nT)
 	kl_model   *m;
 	kl_err		err;
 	Dl_info		info;
-	void	   *lib = NULL;
-	mla_bench_fn f = NULL;
 
-	/* a one-layer model only for its bf16 backend (stream, cuBLAS handle) */
 	snprintf(cfg, sizeof(cfg),
 			 "{\"model_type\": \"kimi_linear\", \"vocab_size\": 64, \"hidden_size\": 64, \"num_hidden_layers\": 1,"
 			 " \"intermediate_size\": 64, \"rms_norm_eps\": 1e-5, \"linear_attn_config\": {\"kda_layers\": [],"
@@ -466,12 +472,32 @@ mla_alone(const long *Ts, int nT)
 	if (kl_model_create_random(cfgpath, &o, "bf16", 3, &m, &err) != KL_OK)
 		fail("model", &err);
 	unlink(cfgpath);
+	*lib = NULL;
+	*fn = NULL;
 	if (dladdr((const void *) m->be->ops, &info) && info.dli_fname)
-		lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
-	if (lib)
-		f = (mla_bench_fn) dlsym(lib, "kl_cuda_bench_mla");
-	if (!f)
-		fail("the CUDA library has no kl_cuda_bench_mla", NULL);
+		*lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+	if (*lib)
+		*fn = dlsym(*lib, hook);
+	if (!*fn)
+	{
+		fprintf(stderr, "bench_cuda: the CUDA library has no %s\n", hook);
+		exit(1);
+	}
+	return m;
+}
+
+static void
+mla_alone(const long *Ts, int nT)
+{
+	const int	Ha = 32,
+				Dn = 128,
+				Dr = 64,
+				Dv = 128,
+				R = 512;
+	void	   *lib;
+	mla_bench_fn f;
+	kl_model   *m = mla_hook_model("kl_cuda_bench_mla", &lib, (void **) &f);
+
 	for (int ti = 0; ti < nT; ti++)
 	{
 		int			T = (int) Ts[ti];
@@ -495,6 +521,56 @@ mla_alone(const long *Ts, int nT)
 				fail("mla", &m->be->err);
 		}
 	}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+/* ------------------------------------------------------------------ the MLA decode attention alone */
+
+typedef int (*mla_decode_fn) (int variant, int n, int Ha, int R, int Dr, const int *ctx, int page_cap,
+							  const float *qabs, const uint16_t *cache, float *olat, int reps, double *us);
+
+/*
+ * bench_cuda mla_decode C1,C2,.. B1,B2,.. [V1,V2,..]: the decode attention
+ * (attend + merge) of B tokens, each its own sequence at context C with a
+ * page table of C keys (rounded up to whole pages), 48B head
+ * shapes, bf16 cache, through each variant V (KL_CUDA_MLA_MMA; default 1,2,3),
+ * 20 launches in a CUDA graph; us per launch and the cache bytes' rate.
+ */
+static void
+mla_decode_alone(const long *cs, int nc, const long *bs, int nb, const long *vs, int nv)
+{
+	const int	Ha = 32,
+				Dr = 64,
+				R = 512;
+	void	   *lib;
+	mla_decode_fn f;
+	kl_model   *m = mla_hook_model("kl_cuda_test_mla_decode", &lib, (void **) &f);
+
+	for (int ci = 0; ci < nc; ci++)
+		for (int bi = 0; bi < nb; bi++)
+			for (int vi = 0; vi < nv; vi++)
+			{
+				int			n = (int) bs[bi],
+							C = (int) cs[ci],
+							page_cap = (C + KL_MLA_PAGE - 1) / KL_MLA_PAGE;
+				int		   *ctx = malloc(sizeof(int) * (size_t) n);
+				double		us = 0,
+							bytes = (double) n * C * (R + Dr) * 2;
+				int			rc;
+
+				for (int t = 0; t < n; t++)
+					ctx[t] = C;
+				rc = f((int) vs[vi], n, Ha, R, Dr, ctx, page_cap, NULL, NULL, NULL, 20, &us);
+				if (rc != 0)
+					printf("RESULT kind=mla_decode variant=%ld ctx=%d batch=%d error=\"%s (%d)\"\n", vs[vi], C, n,
+						   rc == -1 ? "not covered on this device" : "hook failed", rc);
+				else
+					printf("RESULT kind=mla_decode variant=%ld ctx=%d batch=%d us=%.2f cache_GB_s=%.0f\n", vs[vi], C, n,
+						   us, bytes / (us * 1e-6) / 1e9);
+				fflush(stdout);
+				free(ctx);
+			}
 	dlclose(lib);
 	kl_model_free(m);
 }
@@ -1311,6 +1387,17 @@ main(int argc, char **argv)
 
 		mla_alone(T, n);
 	}
+	else if (argc >= 4 && strcmp(argv[1], "mla_decode") == 0)
+	{
+		long		C[16],
+					B[16],
+					V[8];
+		int			nc = parse_list(argv[2], C, 16),
+					nb = parse_list(argv[3], B, 16),
+					nv = parse_list(argc >= 5 ? argv[4] : "1,2,3", V, 8);
+
+		mla_decode_alone(C, nc, B, nb, V, nv);
+	}
 	else if (argc >= 3 && strcmp(argv[1], "model") == 0)
 	{
 		long		pre[16],
@@ -1372,7 +1459,7 @@ main(int argc, char **argv)
 	else
 	{
 		fprintf(stderr, "usage: bench_cuda ceilings | sample V B1,B2,... | drift DIR STEPS fp32|bf16 | kda H K T1,T2,... | "
-				"moe T1,T2,... [CONFIG] | mla T1,T2,... | model CONFIG [--prefill L,...] "
+				"moe T1,T2,... [CONFIG] | mla T1,T2,... | mla_decode C1,.. B1,.. [V1,..] | model CONFIG [--prefill L,...] "
 				"[--decode-ctx C,...] [--batches B,...] [--steps N] [--step-tokens N] [--profile 0|1] "
 				"[--sample logits|greedy|topp] [--quantize fp8|int8|int4] [--precision bf16|fp8] [--ceiling-tflops X]\n");
 		return 2;

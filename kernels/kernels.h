@@ -473,6 +473,53 @@ int			kk_mla_attend_mma(cudaStream_t s, int n_tokens, int max_splits, int split_
 							  const float *qabs, float scale, const int *row_seq, const int *row0,
 							  const int64_t *pos0, const int *absorbed, float *const *pages, int page_cap,
 							  float *part_acc, float *part_ml);
+/*
+ * MLA decode attention variants over the bf16 cache (KL_CUDA_MLA_MMA=N; 1 is
+ * kk_mla_attend_mma above).  Contract of every variant: the olat of
+ * mla_attend_mma + mla_merge for the same inputs (Qabs rounded to bf16 once,
+ * P rounded to bf16 before P V with the running sum made of the rounded
+ * values, all else fp32), either as partials in kk_mla_attend_mma's layout
+ * (part_acc [(t max_splits + p) Ha + h][R], part_ml [..][2]; the caller then
+ * runs kk_mla_merge) or merged by the kernel itself into olat [t][Ha][R]
+ * (*merged = 1).  counters: n_tokens unsigned ints, zero before the first
+ * launch, which a merging kernel must leave zero again (graph replays).
+ * split_keys comes from the variant's own _split function and may depend on
+ * the page-table capacity (max_keys) and the token count only (a recorded
+ * CUDA graph stays valid as positions grow).  Returns 0, -1 where the
+ * variant does not take the shape on this device, or a CUDA error code.
+ */
+typedef struct kk_mla_decode_args
+{
+	int			n_tokens,
+				Ha,
+				R,
+				Dr;
+	float		scale;
+	const float *qabs;			/* [n_tokens][Ha][R + Dr] fp32 */
+	const int  *row_seq,
+			   *row0,
+			   *absorbed;
+	const int64_t *pos0;
+	float	   *const *pages;	/* [seq * page_cap + page] rows of R + Dr bf16 */
+	int			page_cap,
+				max_splits;
+	int64_t		split_keys;
+	float	   *part_acc,
+			   *part_ml,
+			   *olat;
+	unsigned   *counters;
+} kk_mla_decode_args;
+
+/* mla_decode_v2.cu: the mma.sync kernel restructured (KL_CUDA_MLA_MMA=2) */
+int			kk_mla_decode_v2_supported(int Ha, int R, int Dr);
+int64_t		kk_mla_decode_v2_split(int64_t max_keys, int n_tokens, int sm_count);
+int			kk_mla_decode_v2(cudaStream_t s, const kk_mla_decode_args *a, int *merged);
+
+/* mla_decode_wg.cu: on Hopper's wgmma, sm_90a image only (KL_CUDA_MLA_MMA=3) */
+int			kk_mla_decode_wg_supported(int Ha, int R, int Dr);
+int64_t		kk_mla_decode_wg_split(int64_t max_keys, int n_tokens, int sm_count);
+int			kk_mla_decode_wg(cudaStream_t s, const kk_mla_decode_args *a, int *merged);
+
 void		kk_mla_merge(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R,
 						 const float *part_acc, const float *part_ml, const int *row_seq, const int *row0,
 						 const int64_t *pos0, const int *absorbed, float *olat);

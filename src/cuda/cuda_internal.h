@@ -45,6 +45,7 @@ enum cuda_buf_id
 	CB_MLA_OLAT,
 	CB_MLA_PACC,
 	CB_MLA_PML,
+	CB_MLA_COUNT,
 	CB_MLA_LAT,
 	CB_MLA_LAT16,
 	CB_MLA_KV,
@@ -157,7 +158,9 @@ typedef struct cuda_state
 		bool		valid;
 	}			f8;
 	bool		mla_c16;		/* the MLA latent cache holds bf16 (bf16 precision) */
-	bool		mla_mma;		/* decode attention over the bf16 cache on tensor cores */
+	int			mla_mma;		/* decode attention over the bf16 cache on tensor cores: 0 no
+								 * (mla_attend), 1 mla_attend_mma, 2 and 3 the variants of
+								 * kernels.h "MLA decode attention variants" */
 	bool		mla_small;		/* decode steps: the 16-byte-load absorb and output products */
 	int			mla_flash;		/* bf16 prefill attention in one kernel: 0 no (cuBLAS), 1 mma.sync
 								 * (kernels/mla_flash.cu), 2 or 3 wgmma with that many warpgroups

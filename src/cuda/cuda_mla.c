@@ -133,6 +133,86 @@ mma_split(int64_t max_keys, int n, int sm_count)
 	return best * MMA_TILE;
 }
 
+/*
+ * Keys per range of the decode attention `variant` (cs->mla_mma: 0 the
+ * CUDA-core kernel, 1 mla_attend_mma, 2 and 3 kernels.h's variants) for
+ * page tables of max_keys keys and n tokens.
+ */
+static int64_t
+decode_split(int variant, int64_t max_keys, int n, int sm_count)
+{
+	int			want = (4 * sm_count + n - 1) / n;	/* CUDA-core kernel: fill the GPU four times */
+	int64_t		split = (max_keys + want - 1) / want;
+
+	switch (variant)
+	{
+		case 1:
+			return mma_split(max_keys, n, sm_count);
+		case 2:
+			return kk_mla_decode_v2_split(max_keys, n, sm_count);
+		case 3:
+			return kk_mla_decode_wg_split(max_keys, n, sm_count);
+	}
+	split = (split + 31) / 32 * 32;
+	return split < SPLIT_MIN_KEYS ? SPLIT_MIN_KEYS : split;
+}
+
+/*
+ * The decode attention of a->n_tokens absorbed-form tokens into a->olat
+ * through `variant` (a->split_keys and a->max_splits from decode_split),
+ * merging the key ranges unless the variant's kernel did; c16: the cache
+ * holds bf16 rows (variants >= 1 require it).  Returns 0 or a CUDA error code
+ * (-1: the variant does not take the shape).
+ */
+static int
+decode_attend(cudaStream_t s, int variant, int c16, const kk_mla_decode_args *a)
+{
+	int			merged = 0,
+				rc;
+
+	switch (variant)
+	{
+		case 0:
+			rc = kk_mla_attend(s, a->n_tokens, a->max_splits, (int) a->split_keys, a->Ha, a->R, a->Dr, a->qabs,
+							   a->scale, a->row_seq, a->row0, a->pos0, a->absorbed, a->pages, a->page_cap,
+							   a->part_acc, a->part_ml, c16);
+			break;
+		case 1:
+			rc = kk_mla_attend_mma(s, a->n_tokens, a->max_splits, (int) a->split_keys, a->Ha, a->R, a->Dr, a->qabs,
+								   a->scale, a->row_seq, a->row0, a->pos0, a->absorbed, a->pages, a->page_cap,
+								   a->part_acc, a->part_ml);
+			break;
+		case 2:
+			rc = kk_mla_decode_v2(s, a, &merged);
+			break;
+		case 3:
+			rc = kk_mla_decode_wg(s, a, &merged);
+			break;
+		default:
+			rc = -1;
+	}
+	if (rc == 0 && (rc = (int) cudaGetLastError()) == 0 && !merged)
+	{
+		kk_mla_merge(s, a->n_tokens, a->max_splits, (int) a->split_keys, a->Ha, a->R, a->part_acc, a->part_ml,
+					 a->row_seq, a->row0, a->pos0, a->absorbed, a->olat);
+		rc = (int) cudaGetLastError();
+	}
+	return rc;
+}
+
+/* a scratch buffer of `bytes` that is zero when first handed out (decode counters) */
+static void *
+zeroed_buf(kl_backend *be, int id, size_t bytes)
+{
+	cuda_state *cs = CS(be);
+	void	   *old = cs->buf[id],
+			   *p = cuda_buf(be, id, bytes);
+
+	if (p && p != old && !cuda_ok(be, cudaMemsetAsync(p, 0, cs->buf_cap[id], cs->stream), "cudaMemsetAsync"))
+		return NULL;
+	return p;
+}
+
 static void
 mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pages)
 {
@@ -147,67 +227,52 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 				Wa = R + Dr;
 	int			n = st->n_tokens;
 	/*
-	 * Key ranges per token: enough blocks to fill the GPU four times, decided by
-	 * the page-table capacity and the token count alone (a recorded graph
-	 * stays valid as positions grow within that capacity).
+	 * Key ranges per token: decided by the page-table capacity and the token
+	 * count alone (a recorded graph stays valid as positions grow within
+	 * that capacity).
 	 */
 	int64_t		max_keys = (int64_t) cs->page_cap * KL_MLA_PAGE;
-	int			want = (4 * cs->sm_count + n - 1) / n;
-	int64_t		split = (max_keys + want - 1) / want;
-	int			max_splits;
-	float	   *qabs,
-			   *olat,
-			   *pacc,
-			   *pml;
+	kk_mla_decode_args d = {0};
+	float	   *qabs = cuda_buf(be, CB_MLA_QABS, sizeof(float) * (size_t) n * Ha * Wa);
 	int			rc;
 
-	if (cs->mla_mma)
-		split = mma_split(max_keys, n, cs->sm_count);
-	else
-	{
-		split = (split + 31) / 32 * 32;
-		if (split < SPLIT_MIN_KEYS)
-			split = SPLIT_MIN_KEYS;
-	}
-	max_splits = (int) ((max_keys + split - 1) / split);
-	qabs = cuda_buf(be, CB_MLA_QABS, sizeof(float) * (size_t) n * Ha * Wa);
-	olat = cuda_buf(be, CB_MLA_OLAT, sizeof(float) * (size_t) n * Ha * R);
-	pacc = cuda_buf(be, CB_MLA_PACC, sizeof(float) * (size_t) n * max_splits * Ha * R);
-	pml = cuda_buf(be, CB_MLA_PML, sizeof(float) * 2 * (size_t) n * max_splits * Ha);
-	if (!qabs || !olat || !pacc || !pml)
+	d.n_tokens = n;
+	d.Ha = Ha;
+	d.R = R;
+	d.Dr = Dr;
+	d.scale = 1.0f / sqrtf((float) (Dn + Dr));
+	d.split_keys = decode_split(cs->mla_mma, max_keys, n, cs->sm_count);
+	d.max_splits = (int) ((max_keys + d.split_keys - 1) / d.split_keys);
+	d.qabs = qabs;
+	d.olat = cuda_buf(be, CB_MLA_OLAT, sizeof(float) * (size_t) n * Ha * R);
+	d.part_acc = cuda_buf(be, CB_MLA_PACC, sizeof(float) * (size_t) n * d.max_splits * Ha * R);
+	d.part_ml = cuda_buf(be, CB_MLA_PML, sizeof(float) * 2 * (size_t) n * d.max_splits * Ha);
+	d.counters = zeroed_buf(be, CB_MLA_COUNT, sizeof(unsigned) * (size_t) n);
+	if (!d.qabs || !d.olat || !d.part_acc || !d.part_ml || !d.counters)
 		return;
+	d.row_seq = cs->d_row_seq;
+	d.row0 = cs->d_row0;
+	d.pos0 = cs->d_pos0;
+	d.absorbed = cs->d_absorbed;
+	d.pages = pages;
+	d.page_cap = cs->page_cap;
 
 	/* decode steps: the 16-byte-load kernel where it covers the shape (-1: not launched) */
 	if (!cs->mla_small ||
 		kk_mla_absorb_q_stream(cs->stream, n, Ha, Dn, Dr, Dv, R, a->q, p->kv_b, p->bf16, qabs, cs->d_row_seq,
 							   cs->d_absorbed) != 0)
-		kk_mla_absorb_q(cs->stream, n, Ha, Dn, Dr, Dv, R, a->q, p->kv_b, p->bf16, qabs, cs->d_row_seq,
-						cs->d_absorbed);
+		kk_mla_absorb_q(cs->stream, n, Ha, Dn, Dr, Dv, R, a->q, p->kv_b, p->bf16, qabs, cs->d_row_seq, cs->d_absorbed);
 	if (!cuda_launched(be, "mla_absorb_q"))
 		return;
-	if (cs->mla_mma)
-		rc = kk_mla_attend_mma(cs->stream, n, max_splits, (int) split, Ha, R, Dr, qabs,
-							   1.0f / sqrtf((float) (Dn + Dr)), cs->d_row_seq, cs->d_row0, cs->d_pos0, cs->d_absorbed,
-							   pages, cs->page_cap, pacc, pml);
-	else
-		rc = kk_mla_attend(cs->stream, n, max_splits, (int) split, Ha, R, Dr, qabs, 1.0f / sqrtf((float) (Dn + Dr)),
-						   cs->d_row_seq, cs->d_row0, cs->d_pos0, cs->d_absorbed, pages, cs->page_cap, pacc, pml,
-						   cs->mla_c16);
-	if (rc != 0)
+	if ((rc = decode_attend(cs->stream, cs->mla_mma, cs->mla_c16, &d)) != 0)
 	{
-		cuda_ok(be, (cudaError_t) rc, "mla_attend");
+		cuda_ok(be, rc == -1 ? cudaErrorInvalidConfiguration : (cudaError_t) rc, "mla_attend");
 		return;
 	}
-	if (!cuda_launched(be, "mla_attend"))
-		return;
-	kk_mla_merge(cs->stream, n, max_splits, (int) split, Ha, R, pacc, pml, cs->d_row_seq, cs->d_row0, cs->d_pos0,
-				 cs->d_absorbed, olat);
-	if (!cuda_launched(be, "mla_merge"))
-		return;
 	if (!cs->mla_small ||
-		kk_mla_out_stream(cs->stream, n, Ha, Dn, Dv, R, olat, p->kv_b, p->bf16, a->out, cs->d_row_seq,
+		kk_mla_out_stream(cs->stream, n, Ha, Dn, Dv, R, d.olat, p->kv_b, p->bf16, a->out, cs->d_row_seq,
 						  cs->d_absorbed) != 0)
-		kk_mla_out(cs->stream, n, Ha, Dn, Dv, R, olat, p->kv_b, p->bf16, a->out, cs->d_row_seq, cs->d_absorbed);
+		kk_mla_out(cs->stream, n, Ha, Dn, Dv, R, d.olat, p->kv_b, p->bf16, a->out, cs->d_row_seq, cs->d_absorbed);
 	cuda_launched(be, "mla_out");
 }
 
@@ -545,6 +610,152 @@ kl_cuda_test_mla_flash(int kind, int nr, int64_t pos0, int Ha, int Dn, int Dr, i
 			rc = (int) e;
 	}
 	return hook_close(s, d, sz, NBUF, dev_of, host_out, 1, rc);
+}
+
+/*
+ * For test/engine/test_cuda.c and bench/bench_cuda.c (found with dlsym; the
+ * backend does not use it): the decode attention of n tokens through
+ * `variant` (0 .. 3 as KL_CUDA_MLA_MMA, the bf16 cache) on a stream of its
+ * own, the key ranges split as the backend splits them.  Token t is
+ * sequence t at position ctx[t] - 1 over page_cap pages of its own.  Host
+ * inputs qabs [n][Ha][R + Dr] fp32 and cache [n][page_cap KK_MLA_PAGE][R + Dr]
+ * bf16 (either NULL: random on the device); olat [n][Ha][R] is copied back
+ * where not NULL.  reps > 0: then reps launches of the attention (attend
+ * and, unless the variant merges itself, merge) recorded as one CUDA graph,
+ * replayed twice; *us = the second replay's time per launch (CUDA events).
+ * Returns 0, -1 where the variant does not take the shape, or a CUDA error.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ctx, int page_cap, const float *qabs,
+						const uint16_t *cache, float *olat, int reps, double *us)
+{
+	enum
+	{
+		Q, CACHE, PAGES, ROWSEQ, ROW0, POS0, ABS, PACC, PML, OLAT, COUNT, NBUF
+	};
+	int			Wa = R + Dr,
+				sm_count = 0,
+				dev = 0;
+	int64_t		max_keys = (int64_t) page_cap * KK_MLA_PAGE;
+	size_t		rows = (size_t) n * page_cap * KK_MLA_PAGE;
+	kk_mla_decode_args a = {0};
+	int		   *ints = malloc(sizeof(int) * 3 * (size_t) (n > 0 ? n : 1));
+	int64_t    *pos0 = malloc(sizeof(int64_t) * (size_t) (n > 0 ? n : 1));
+	void	  **pages = malloc(sizeof(void *) * (size_t) (n > 0 ? n : 1) * page_cap);
+	size_t		sz[NBUF];
+	const void *in[NBUF];
+	void	   *d[NBUF] = {NULL};
+	int			dev_of[1] = {OLAT};
+	void	   *host_out[1] = {olat};
+	cudaStream_t s = NULL;
+	cudaGraph_t g = NULL;
+	cudaGraphExec_t ge = NULL;
+	cudaEvent_t e0 = NULL,
+				e1 = NULL;
+	int			rc;
+
+	if (!ints || !pos0 || !pages || n < 1 || page_cap < 1 ||
+		(variant >= 1 && !kk_mla_attend_mma_supported(Ha, R, Dr)) ||
+		(variant == 2 && !kk_mla_decode_v2_supported(Ha, R, Dr)) ||
+		(variant == 3 && !kk_mla_decode_wg_supported(Ha, R, Dr)) || variant < 0 || variant > 3)
+	{
+		free(ints);
+		free(pos0);
+		free(pages);
+		return ints && pos0 && pages ? -1 : (int) cudaErrorMemoryAllocation;
+	}
+	cudaGetDevice(&dev);
+	cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dev);
+	a.n_tokens = n;
+	a.Ha = Ha;
+	a.R = R;
+	a.Dr = Dr;
+	a.scale = 1.0f / sqrtf(192.0f);
+	a.split_keys = decode_split(variant, max_keys, n, sm_count);
+	a.max_splits = (int) ((max_keys + a.split_keys - 1) / a.split_keys);
+	a.page_cap = page_cap;
+	for (int t = 0; t < n; t++)
+	{
+		ints[t] = t;			/* row_seq */
+		ints[n + t] = t;		/* row0 */
+		ints[2 * n + t] = 1;	/* absorbed */
+		pos0[t] = ctx[t] - 1;
+	}
+	sz[Q] = sizeof(float) * (size_t) n * Ha * Wa;
+	sz[CACHE] = sizeof(uint16_t) * rows * Wa;
+	sz[PAGES] = sizeof(void *) * (size_t) n * page_cap;
+	sz[ROWSEQ] = sz[ROW0] = sz[ABS] = sizeof(int) * (size_t) n;
+	sz[POS0] = sizeof(int64_t) * (size_t) n;
+	sz[PACC] = sizeof(float) * (size_t) n * a.max_splits * Ha * R;
+	sz[PML] = sizeof(float) * 2 * (size_t) n * a.max_splits * Ha;
+	sz[OLAT] = sizeof(float) * (size_t) n * Ha * R;
+	sz[COUNT] = sizeof(unsigned) * (size_t) n;
+	in[Q] = qabs;
+	in[CACHE] = cache;
+	in[PAGES] = NULL;
+	in[ROWSEQ] = ints;
+	in[ROW0] = ints + n;
+	in[ABS] = ints + 2 * n;
+	in[POS0] = pos0;
+	in[PACC] = in[PML] = in[OLAT] = in[COUNT] = NULL;
+	rc = hook_open_fill(&s, d, sz, in, NBUF, 0);
+	if (rc == 0)
+	{
+		for (size_t i = 0; i < (size_t) n * page_cap; i++)
+			pages[i] = (uint16_t *) d[CACHE] + i * KK_MLA_PAGE * Wa;
+		rc = (int) cudaMemcpyAsync(d[PAGES], pages, sz[PAGES], cudaMemcpyHostToDevice, s);
+		if (!qabs)
+			kk_fill_random(s, d[Q], 0, sz[Q] / sizeof(float), 81, 1.0f);
+		if (!cache)
+			kk_fill_random(s, d[CACHE], 1, rows * Wa, 82, 1.0f);
+	}
+	a.qabs = d[Q];
+	a.pages = d[PAGES];
+	a.row_seq = d[ROWSEQ];
+	a.row0 = d[ROW0];
+	a.absorbed = d[ABS];
+	a.pos0 = d[POS0];
+	a.part_acc = d[PACC];
+	a.part_ml = d[PML];
+	a.olat = d[OLAT];
+	a.counters = d[COUNT];
+	if (rc == 0)
+		rc = decode_attend(s, variant, 1, &a);
+	if (rc == 0 && reps > 0)
+	{
+		float		ms = 0;
+
+		if ((rc = (int) cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal)) == 0)
+		{
+			for (int r = 0; r < reps && rc == 0; r++)
+				rc = decode_attend(s, variant, 1, &a);
+			if (cudaStreamEndCapture(s, &g) != cudaSuccess && rc == 0)
+				rc = (int) cudaErrorStreamCaptureInvalidated;
+		}
+		/* the first replay warms up; the second is timed */
+		if (rc == 0)
+			rc = (int) cudaGraphInstantiate(&ge, g, 0);
+		if (rc == 0 && (rc = (int) cudaEventCreate(&e0)) == 0 && (rc = (int) cudaEventCreate(&e1)) == 0 &&
+			(rc = (int) cudaGraphLaunch(ge, s)) == 0 && (rc = (int) cudaEventRecord(e0, s)) == 0 &&
+			(rc = (int) cudaGraphLaunch(ge, s)) == 0 && (rc = (int) cudaEventRecord(e1, s)) == 0 &&
+			(rc = (int) cudaEventSynchronize(e1)) == 0)
+			rc = (int) cudaEventElapsedTime(&ms, e0, e1);
+		if (rc == 0)
+			*us = 1e3 * ms / reps;
+	}
+	if (ge)
+		cudaGraphExecDestroy(ge);
+	if (g)
+		cudaGraphDestroy(g);
+	if (e0)
+		cudaEventDestroy(e0);
+	if (e1)
+		cudaEventDestroy(e1);
+	rc = hook_close(s, d, sz, NBUF, dev_of, host_out, olat ? 1 : 0, rc);
+	free(ints);
+	free(pos0);
+	free(pages);
+	return rc;
 }
 
 static int

@@ -1874,6 +1874,128 @@ load_test_hook(const char *name, void **lib, void **fn)
 	return m;
 }
 
+/* kl_cuda_test_mla_decode (cuda_mla.c): the decode attention variants on host arrays */
+typedef int (*mla_decode_test_fn) (int variant, int n, int Ha, int R, int Dr, const int *ctx, int page_cap,
+								   const float *qabs, const uint16_t *cache, float *olat, int reps, double *us);
+
+/* olat of token t (its keys 0 .. ctx - 1) in double: Qabs rounded to bf16, P exact */
+static void
+mla_decode_reference(int Ha, int R, int Dr, int ctx, const float *qabs, const uint16_t *cache, float *olat)
+{
+	int			Wa = R + Dr;
+	double	   *p = malloc(sizeof(double) * (size_t) ctx),
+			   *acc = malloc(sizeof(double) * (size_t) R);
+
+	for (int h = 0; h < Ha; h++)
+	{
+		const float *q = qabs + (size_t) h * Wa;
+		double		mx = -INFINITY,
+					z = 0;
+
+		for (int k = 0; k < ctx; k++)
+		{
+			double		dot = 0;
+
+			for (int c = 0; c < Wa; c++)
+				dot += (double) kl_bf16_to_f32(kl_f32_to_bf16(q[c])) * kl_bf16_to_f32(cache[(size_t) k * Wa + c]);
+			p[k] = dot / sqrt(192.0);
+			mx = p[k] > mx ? p[k] : mx;
+		}
+		for (int c = 0; c < R; c++)
+			acc[c] = 0;
+		for (int k = 0; k < ctx; k++)
+		{
+			double		e = exp(p[k] - mx);
+
+			z += e;
+			for (int c = 0; c < R; c++)
+				acc[c] += e * kl_bf16_to_f32(cache[(size_t) k * Wa + c]);
+		}
+		for (int c = 0; c < R; c++)
+			olat[(size_t) h * R + c] = (float) (acc[c] / z);
+	}
+	free(p);
+	free(acc);
+}
+
+/*
+ * The MLA decode attention over the bf16 cache, kernel by kernel
+ * (KL_CUDA_MLA_MMA = 1 mla_attend_mma, 2 and 3 the variants of kernels.h,
+ * "MLA decode attention variants"; a variant the device or build does not
+ * take is reported and skipped): the 48B head shape (32 heads, R 512, Dr 64)
+ * and a 4-head one, tokens at contexts 1 .. 5000 over five cache pages each
+ * (ranges of one tile, of several, a partial last tile, page boundaries),
+ * against a double reference on the same bf16 Qabs and keys.  The kernels
+ * round P to bf16 before P V (the contract), which the reference does not:
+ * a relative error of about 2^-9 a term, averaging out over the keys
+ * (mla_attend_mma measured first on the H200: see the diagnostics).  Run
+ * again after three graph replays (a variant that merges in its last block
+ * must leave its counters zero) with the same bound.
+ */
+static void
+check_mla_decode(void)
+{
+	static const int ctx[] = {1, 64, 65, 1000, 1024, 1025, 2049, 5000};
+	static const int heads[] = {32, 4};
+	int			n = (int) (sizeof(ctx) / sizeof(ctx[0])),
+				R = 512,
+				Dr = 64,
+				Wa = R + Dr,
+				page_cap = 5;
+	size_t		rows = (size_t) page_cap * KL_MLA_PAGE;
+	uint16_t   *cache = malloc(sizeof(uint16_t) * (size_t) n * rows * Wa);
+	float	   *qabs = malloc(sizeof(float) * (size_t) n * 32 * Wa),
+			   *ref = malloc(sizeof(float) * (size_t) n * 32 * R),
+			   *got = malloc(sizeof(float) * (size_t) n * 32 * R);
+	uint64_t	rs = 6021;
+	kl_model   *m;
+	void	   *lib = NULL;
+	mla_decode_test_fn f = NULL;
+
+	m = load_test_hook("kl_cuda_test_mla_decode", &lib, (void **) &f);
+	if (!f)
+		return;
+	for (size_t i = 0; i < (size_t) n * rows * Wa; i++)
+		cache[i] = kl_f32_to_bf16((float) ((unif(&rs) + unif(&rs) + unif(&rs) - 1.5) * 2.0));
+	for (size_t i = 0; i < (size_t) n * 32 * Wa; i++)
+		qabs[i] = (float) ((unif(&rs) + unif(&rs) + unif(&rs) - 1.5) * 2.0);
+	for (size_t hi = 0; hi < sizeof(heads) / sizeof(heads[0]); hi++)
+	{
+		int			Ha = heads[hi];
+
+		for (int t = 0; t < n; t++)
+			mla_decode_reference(Ha, R, Dr, ctx[t], qabs + (size_t) t * Ha * Wa, cache + (size_t) t * rows * Wa,
+								 ref + (size_t) t * Ha * R);
+		for (int variant = 1; variant <= 3; variant++)
+			for (int reps = 0; reps <= 3; reps += 3)
+			{
+				double		us = 0,
+							e;
+				int			rc;
+
+				for (size_t i = 0; i < (size_t) n * Ha * R; i++)
+					got[i] = NAN;
+				rc = f(variant, n, Ha, R, Dr, ctx, page_cap, qabs, cache, got, reps, &us);
+				if (rc == -1)
+				{
+					tap_diag("MLA decode attention variant %d: not taken for %d heads on this device (skipped)",
+							 variant, Ha);
+					break;
+				}
+				e = rc == 0 ? rel_err(got, ref, (size_t) n * Ha * R) : INFINITY;
+				tap_ok(rc == 0 && e <= 4e-3, "MLA decode attention variant %d, %d heads, R %d, Dr %d, contexts 1 .. %d%s: "
+					   "olat vs a double reference (rel err %.2e, rc %d)", variant, Ha, R, Dr, ctx[n - 1],
+					   reps ? ", after 3 graph replays" : "", e, rc);
+			}
+	}
+	free(cache);
+	free(qabs);
+	free(ref);
+	free(got);
+	dlclose(lib);
+	kl_model_free(m);
+}
+
 /* kl_cuda_test_route_group (cuda_moe.c): a fused decode routing launcher on host arrays */
 typedef int (*route_test_fn) (int warp, int n, int E, int k, int G, int Tg, int use_softmax, int renorm,
 							  int bias_in_w, float scaling, int shared_rows, int P, const float *logits,
@@ -6272,6 +6394,7 @@ main(void)
 	RUN(check_expert_gemv_q());
 	RUN(check_expert_paths());
 	RUN(check_mla_small());
+	RUN(check_mla_decode());
 	RUN(check_mla_flash());
 	RUN(check_kda_decode());
 	RUN(check_kda_elem_warp());
