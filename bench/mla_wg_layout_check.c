@@ -135,8 +135,8 @@ main(void)
 	for (int ks = 0; ks < MDW_WA / 16; ks++)
 	{
 		unsigned	tb = TILE0 + b * MDW_TILE;
-		uint64_t	da = mdw_desc_at(tb >> 4, mdw_s_a_off(ks)),
-					db = mdw_desc_at(QOFF >> 4, mdw_s_b_off(ks));
+		uint64_t	da = mdw_desc_at(tb >> 4, mdw_s_a_off(ks), MDW_LBO_K),
+					db = mdw_desc_at(QOFF >> 4, mdw_s_b_off(ks), MDW_LBO_K);
 
 		for (int k = 0; k < 16; k++)
 		{
@@ -179,8 +179,8 @@ main(void)
 		for (int kk = 0; kk < MDW_KT / 16; kk++)
 		{
 			unsigned	tb = TILE0 + b * MDW_TILE;
-			uint64_t	da = mdw_desc_at(tb >> 4, mdw_o_a_off(mb, kk)),
-						db = mdw_desc_at(POFF >> 4, mdw_o_b_off(kk));
+			uint64_t	da = mdw_desc_at(tb >> 4, mdw_o_a_off(mb, kk), MDW_LBO_MN),
+						db = mdw_desc_at(POFF >> 4, mdw_o_b_off(kk), MDW_LBO_K);
 
 			for (int k = 0; k < 16; k++)
 			{

@@ -366,8 +366,8 @@ mla_decode_wg_kernel(kk_mla_decode_args a, float scale_log2)
 			mdw_wg_fence();
 #pragma unroll
 			for (int k = 0; k < MDW_WA / 32; k++)
-				mdw_mma<0>(d, mdw_desc_at(k < 16 ? ka0 : ka1, mdw_s_a_off(mdw_s_kstep(0, k))),
-						   mdw_desc_at(k < 16 ? qa0 : qa1, mdw_s_b_off(mdw_s_kstep(0, k))), k > 0);
+				mdw_mma<0>(d, mdw_desc_at(k < 16 ? ka0 : ka1, mdw_s_a_off(mdw_s_kstep(0, k)), MDW_LBO_K),
+						   mdw_desc_at(k < 16 ? qa0 : qa1, mdw_s_b_off(mdw_s_kstep(0, k)), MDW_LBO_K), k > 0);
 			mdw_commit();
 			mdw_wait_all();
 			mdw_pin16(d);
@@ -413,8 +413,8 @@ mla_decode_wg_kernel(kk_mla_decode_args a, float scale_log2)
 			for (int mb = 0; mb < 4; mb++)
 #pragma unroll
 				for (int kk = 0; kk < MDW_KT / 16; kk++)
-					mdw_mma<1>(o + 16 * mb, mdw_desc_at(ka, mdw_o_a_off(4 * wg + mb, kk)),
-							   mdw_desc_at(pa, mdw_o_b_off(kk)), 1);
+					mdw_mma<1>(o + 16 * mb, mdw_desc_at(ka, mdw_o_a_off(4 * wg + mb, kk), MDW_LBO_MN),
+							   mdw_desc_at(pa, mdw_o_b_off(kk), MDW_LBO_K), 1);
 			mdw_commit();
 			mdw_wait_all();
 #pragma unroll

@@ -23,7 +23,9 @@
  * stride byte offset >> 4 in 32-45, swizzle mode 1 (128 bytes) in 62-63.
  * The stride offset is 1024 everywhere (the next 8 rows of an atom column);
  * the leading offset is unused by these shapes (K-major with this swizzle,
- * and MN-major with M = 64, one atom wide) and set to 8192 (the next slab).
+ * and MN-major with M = 64, one atom wide) and set as mla_flash_wgmma.cu
+ * sets it, verified there on the GPU: 16 for K-major operands, 8192 (the
+ * next slab) for the MN-major one.
  */
 #ifndef KL_MLA_DECODE_WG_LAYOUT_H
 #define KL_MLA_DECODE_WG_LAYOUT_H
@@ -50,7 +52,8 @@
 #define MDW_THREADS 256			/* two warpgroups */
 #define MDW_COPIES (MDW_KT * MDW_SLABS * 8 / MDW_THREADS)	/* 16-byte copies a thread a tile: 18 */
 #define MDW_SBO 1024u
-#define MDW_LBO 8192u
+#define MDW_LBO_K 16u			/* leading offsets: K-major operands */
+#define MDW_LBO_MN 8192u		/* the MN-major one (O^T's A) */
 
 /* byte offset of 16-byte chunk c (0 .. 7) of row r in 128-byte-swizzled rows */
 MDW_FN uint32_t
@@ -159,24 +162,24 @@ mdw_o_b_off(int kk)				/* O^T, keys 16 kk ..: P^T */
 	return (uint32_t) kk * 32;
 }
 
-/* a 128-byte-swizzle descriptor of shared address saddr (below 2^18, a multiple of 16) */
+/* a 128-byte-swizzle descriptor of shared address saddr (below 2^18, a multiple of 16), leading offset lbo */
 MDW_FN uint64_t
-mdw_desc(uint32_t saddr)
+mdw_desc(uint32_t saddr, uint32_t lbo)
 {
-	return (uint64_t) (saddr >> 4) | ((uint64_t) (MDW_LBO >> 4) << 16) | ((uint64_t) (MDW_SBO >> 4) << 32) |
+	return (uint64_t) (saddr >> 4) | ((uint64_t) (lbo >> 4) << 16) | ((uint64_t) (MDW_SBO >> 4) << 32) |
 		(1ull << 62);
 }
 
 /*
  * The same for base + off, from base >> 4 made once per tile (what the
  * kernel uses: the k-steps' offsets are constants added to it; equal to
- * mdw_desc(base + off) for 16-byte-aligned base and off)
+ * mdw_desc(base + off, lbo) for 16-byte-aligned base and off)
  */
 MDW_FN uint64_t
-mdw_desc_at(uint32_t base16, uint32_t off)
+mdw_desc_at(uint32_t base16, uint32_t off, uint32_t lbo)
 {
-	return (uint64_t) (base16 + (off >> 4)) | ((uint64_t) (MDW_LBO >> 4) << 16) |
-		((uint64_t) (MDW_SBO >> 4) << 32) | (1ull << 62);
+	return (uint64_t) (base16 + (off >> 4)) | ((uint64_t) (lbo >> 4) << 16) | ((uint64_t) (MDW_SBO >> 4) << 32) |
+		(1ull << 62);
 }
 
 #endif
