@@ -245,6 +245,7 @@ kernels/%.o: kernels/%.cu kernels/kernels.h kernels/common.cuh
 	$(NVCC) $(NVCC_FLAGS) -c -o $@ $<
 kernels/sample.o: src/engine/sample_core.h
 kernels/kda.o kernels/kda_chunk_prep_mma.o: kernels/kda_common.cuh
+kernels/mla_decode_wg.o: kernels/mla_decode_wg_layout.h
 
 src/cuda/%.o: src/cuda/%.c
 	$(CC) $(CUDA_CFLAGS) -c -o $@ $<
