@@ -523,6 +523,11 @@ int			kk_mla_decode_wg(cudaStream_t s, const kk_mla_decode_args *a, int *merged)
 void		kk_mla_merge(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R,
 						 const float *part_acc, const float *part_ml, const int *row_seq, const int *row0,
 						 const int64_t *pos0, const int *absorbed, float *olat);
+/* kk_mla_merge's result from (token, head, 64-column slice) blocks, the ranges
+ * split over 8 warps: for steps of few tokens (R even) */
+void		kk_mla_merge_wide(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R,
+							  const float *part_acc, const float *part_ml, const int *row_seq, const int *row0,
+							  const int64_t *pos0, const int *absorbed, float *olat);
 void		kk_mla_out(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dv, int R, const float *olat,
 					   const void *kv_b, int bf16, float *out, const int *row_seq, const int *absorbed);
 void		kk_mla_softmax(cudaStream_t s, float *S, uint16_t *P16, int Ha, int nq, int kb, int64_t first_pos);

@@ -1148,6 +1148,108 @@ kk_mla_merge(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int H
 				  s, split_keys, max_splits, Ha, R, part_acc, part_ml, row_seq, row0, pos0, absorbed, olat);
 }
 
+/*
+ * mla_merge_wide: mla_merge's result for decode steps with few tokens, from
+ * more blocks: block (t, h, column slice of MERGE_COLS) — 8 warps split the key
+ * ranges (warp w takes ranges w, w + 8, ...), each lane two adjacent columns
+ * (float2 loads, a warp's 64 columns one 256-byte row segment), every load of
+ * a warp's ranges issued before the first add; the 8 warps' sums meet in
+ * shared memory in warp order.  The weights exp(m_p - M) and L as in
+ * mla_merge (every block makes them again: np numbers).  Same value as
+ * mla_merge up to the order of the fp32 sums over ranges.
+ */
+#define MERGE_COLS 64				/* columns a block */
+#define MERGE_WARPS 8
+
+__global__ void __launch_bounds__(MERGE_WARPS * 32)
+mla_merge_wide_kernel(int split_keys, int max_splits, int Ha, int R, const float *part_acc, const float *part_ml,
+					  const int *row_seq, const int *row0, const int64_t *pos0, const int *absorbed, float *olat)
+{
+	extern __shared__ float wsc[];	/* [max_splits] weights exp(m_p - M) */
+	__shared__ float red[32];
+	__shared__ float2 sums[MERGE_WARPS][32];
+	int			t = blockIdx.x,
+				h = blockIdx.y,
+				lane = threadIdx.x & 31,
+				w = threadIdx.x >> 5,
+				c = blockIdx.z * MERGE_COLS + 2 * lane;
+	size_t		base = (size_t) t * max_splits * Ha;
+	float		M = -INFINITY,
+				L = 0;
+	float2		o = make_float2(0.0f, 0.0f);
+	int			s,
+				np;
+	int64_t		pos;
+
+	kk_dep_wait();
+	kk_dep_launch();
+	s = row_seq[t];
+	pos = pos0[s] + (t - row0[s]);
+	np = (int) (pos / split_keys) + 1;
+	if (!absorbed[s])
+		return;
+	for (int p = threadIdx.x; p < np; p += blockDim.x)
+	{
+		float		mp = part_ml[(base + (size_t) p * Ha + h) * 2];
+
+		wsc[p] = mp;
+		M = fmaxf(M, mp);
+	}
+	M = warp_max(M);
+	if (lane == 0)
+		red[w] = M;
+	__syncthreads();
+	M = -INFINITY;
+	for (int i = 0; i < MERGE_WARPS; i++)
+		M = fmaxf(M, red[i]);
+	__syncthreads();
+	for (int p = threadIdx.x; p < np; p += blockDim.x)
+	{
+		float		mp = wsc[p],
+					wp = mp != -INFINITY ? expf(mp - M) : 0.0f;
+
+		wsc[p] = wp;
+		L += wp * part_ml[(base + (size_t) p * Ha + h) * 2 + 1];
+	}
+	L = block_sum(L, red);
+	__syncthreads();
+	if (c < R)
+	{
+#pragma unroll 8
+		for (int p = w; p < np; p += MERGE_WARPS)
+		{
+			float2		a = *(const float2 *) (part_acc + (base + (size_t) p * Ha + h) * R + c);
+
+			o.x += wsc[p] * a.x;
+			o.y += wsc[p] * a.y;
+		}
+	}
+	sums[w][lane] = o;
+	__syncthreads();
+	if (w == 0 && c < R)
+	{
+		float2		r = sums[0][lane];
+
+		for (int i = 1; i < MERGE_WARPS; i++)
+		{
+			r.x += sums[i][lane].x;
+			r.y += sums[i][lane].y;
+		}
+		*(float2 *) (olat + ((size_t) t * Ha + h) * R + c) = make_float2(r.x * (1.0f / L), r.y * (1.0f / L));
+	}
+}
+
+extern "C" void
+kk_mla_merge_wide(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R, const float *part_acc,
+				  const float *part_ml, const int *row_seq, const int *row0, const int64_t *pos0, const int *absorbed,
+				  float *olat)
+{
+	if (n_tokens > 0)
+		kk_launch(mla_merge_wide_kernel, dim3(n_tokens, Ha, ceil_div(R, MERGE_COLS)), dim3(MERGE_WARPS * 32),
+				  sizeof(float) * (size_t) max_splits, s, split_keys, max_splits, Ha, R, part_acc, part_ml, row_seq,
+				  row0, pos0, absorbed, olat);
+}
+
 /* ------------------------------------------------------------------ output projection */
 
 /* Block (head, 8 output columns, 8 rows): warp w computes column x of the

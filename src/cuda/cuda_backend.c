@@ -900,7 +900,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_MLA_MMA=0 keeps the bf16 cache's decode attention on CUDA
 		 * cores (mla_attend; else tensor cores where the shape fits: 1
 		 * mla_attend_mma, 2 or 3 the variants of kernels.h, "MLA decode
-		 * attention variants", where they take the shape, else 1).
+		 * attention variants", where they take the shape, else 1);
+		 * KL_CUDA_MLA_MERGE=0 merges its key ranges with mla_merge (else
+		 * mla_merge_wide: more blocks a token).
 		 * KL_CUDA_EXPERT_MMA=0 keeps the CUDA-core expert kernel for every
 		 * step (default: the tensor-core one from 8 tokens, bf16 precision
 		 * only; =N >= 2 moves that threshold; 1 means the default).
@@ -1031,6 +1033,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->q_expert_mma_min = qem && *qem ? (atoi(qem) > 0 ? atoi(qem) : 0) : 4;
 		cs->sample_wide = !(sw && strcmp(sw, "0") == 0);
 		cs->mla_small = !(ms && strcmp(ms, "0") == 0);
+		cs->mla_merge_wide = !(getenv("KL_CUDA_MLA_MERGE") && strcmp(getenv("KL_CUDA_MLA_MERGE"), "0") == 0);
 		cs->prefetch_min = pf && *pf ? (atoi(pf) > 0 ? atoi(pf) : INT_MAX) : 8;
 		cs->prefetch_budget = (size_t) (pfmb && *pfmb ? atoi(pfmb) : 20) << 20;
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&

@@ -161,6 +161,7 @@ typedef struct cuda_state
 	int			mla_mma;		/* decode attention over the bf16 cache on tensor cores: 0 no
 								 * (mla_attend), 1 mla_attend_mma, 2 and 3 the variants of
 								 * kernels.h "MLA decode attention variants" */
+	bool		mla_merge_wide; /* decode: kk_mla_merge_wide (KL_CUDA_MLA_MERGE=0: kk_mla_merge) */
 	bool		mla_small;		/* decode steps: the 16-byte-load absorb and output products */
 	int			mla_flash;		/* bf16 prefill attention in one kernel: 0 no (cuBLAS), 1 mma.sync
 								 * (kernels/mla_flash.cu), 2 or 3 wgmma with that many warpgroups

@@ -160,12 +160,13 @@ decode_split(int variant, int64_t max_keys, int n, int sm_count)
 /*
  * The decode attention of a->n_tokens absorbed-form tokens into a->olat
  * through `variant` (a->split_keys and a->max_splits from decode_split),
- * merging the key ranges unless the variant's kernel did; c16: the cache
- * holds bf16 rows (variants >= 1 require it).  Returns 0 or a CUDA error code
+ * merging the key ranges unless the variant's kernel did (merge_wide:
+ * kk_mla_merge_wide, else kk_mla_merge); c16: the cache holds bf16 rows
+ * (variants >= 1 require it).  Returns 0 or a CUDA error code
  * (-1: the variant does not take the shape).
  */
 static int
-decode_attend(cudaStream_t s, int variant, int c16, const kk_mla_decode_args *a)
+decode_attend(cudaStream_t s, int variant, int c16, bool merge_wide, const kk_mla_decode_args *a)
 {
 	int			merged = 0,
 				rc;
@@ -193,8 +194,10 @@ decode_attend(cudaStream_t s, int variant, int c16, const kk_mla_decode_args *a)
 	}
 	if (rc == 0 && (rc = (int) cudaGetLastError()) == 0 && !merged)
 	{
-		kk_mla_merge(s, a->n_tokens, a->max_splits, (int) a->split_keys, a->Ha, a->R, a->part_acc, a->part_ml,
-					 a->row_seq, a->row0, a->pos0, a->absorbed, a->olat);
+		(merge_wide && a->R % 2 == 0 ? kk_mla_merge_wide : kk_mla_merge) (s, a->n_tokens, a->max_splits,
+																		 (int) a->split_keys, a->Ha, a->R,
+																		 a->part_acc, a->part_ml, a->row_seq,
+																		 a->row0, a->pos0, a->absorbed, a->olat);
 		rc = (int) cudaGetLastError();
 	}
 	return rc;
@@ -264,7 +267,7 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 		kk_mla_absorb_q(cs->stream, n, Ha, Dn, Dr, Dv, R, a->q, p->kv_b, p->bf16, qabs, cs->d_row_seq, cs->d_absorbed);
 	if (!cuda_launched(be, "mla_absorb_q"))
 		return;
-	if ((rc = decode_attend(cs->stream, cs->mla_mma, cs->mla_c16, &d)) != 0)
+	if ((rc = decode_attend(cs->stream, cs->mla_mma, cs->mla_c16, cs->mla_merge_wide, &d)) != 0)
 	{
 		cuda_ok(be, rc == -1 ? cudaErrorInvalidConfiguration : (cudaError_t) rc, "mla_attend");
 		return;
@@ -652,6 +655,7 @@ kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ct
 	cudaGraphExec_t ge = NULL;
 	cudaEvent_t e0 = NULL,
 				e1 = NULL;
+	bool		merge_wide = !(getenv("KL_CUDA_MLA_MERGE") && strcmp(getenv("KL_CUDA_MLA_MERGE"), "0") == 0);
 	int			rc;
 
 	if (!ints || !pos0 || !pages || n < 1 || page_cap < 1 ||
@@ -672,6 +676,9 @@ kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ct
 	a.Dr = Dr;
 	a.scale = 1.0f / sqrtf(192.0f);
 	a.split_keys = decode_split(variant, max_keys, n, sm_count);
+	/* (sweeps: KL_TEST_MLA_RANGE_KEYS=N keys a range, a multiple of 64) */
+	if (getenv("KL_TEST_MLA_RANGE_KEYS") && atoi(getenv("KL_TEST_MLA_RANGE_KEYS")) >= 64)
+		a.split_keys = atoi(getenv("KL_TEST_MLA_RANGE_KEYS")) / 64 * 64;
 	a.max_splits = (int) ((max_keys + a.split_keys - 1) / a.split_keys);
 	a.page_cap = page_cap;
 	for (int t = 0; t < n; t++)
@@ -720,7 +727,7 @@ kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ct
 	a.olat = d[OLAT];
 	a.counters = d[COUNT];
 	if (rc == 0)
-		rc = decode_attend(s, variant, 1, &a);
+		rc = decode_attend(s, variant, 1, merge_wide, &a);
 	if (rc == 0 && reps > 0)
 	{
 		float		ms = 0;
@@ -728,7 +735,7 @@ kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ct
 		if ((rc = (int) cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal)) == 0)
 		{
 			for (int r = 0; r < reps && rc == 0; r++)
-				rc = decode_attend(s, variant, 1, &a);
+				rc = decode_attend(s, variant, 1, merge_wide, &a);
 			if (cudaStreamEndCapture(s, &g) != cudaSuccess && rc == 0)
 				rc = (int) cudaErrorStreamCaptureInvalidated;
 		}
