@@ -26,7 +26,8 @@
  * last block of a token to finish (atomicAdd on counters[t]) merges its
  * partials into olat in mla_merge_kernel's arithmetic and resets the
  * counter; used where the ranges per token are few (the merge is one
- * block's reads), otherwise the caller runs kk_mla_merge.
+ * block's reads).  Otherwise mla_decode_v2_merge_kernel follows (a wider
+ * grid than mla_merge's).  Either way the launcher reports olat merged.
  * Numerics: Qabs rounded to bf16 once, P = 2^(s log2e - m) rounded to bf16
  * before P V, the running sum of the rounded values; all else fp32 (the
  * base-2 exponent is exp(s - m) up to fp32 rounding of the product).
@@ -389,7 +390,7 @@ mla_decode_v2_kernel(const kk_mla_decode_args a)
 	}
 	cp_async_wait_group<0>();	/* (only empty groups can be left) */
 
-	if (FUSE && np == 1)
+	if (np == 1)
 	{
 		/* the token's only range: olat = O / l, no partials */
 		__syncthreads();		/* (the last tile's corrections read) */
@@ -447,6 +448,108 @@ mla_decode_v2_kernel(const kk_mla_decode_args a)
 		v2_merge(a, t, np, sw, scorr);
 		if (tid == 0)
 			a.counters[t] = 0;	/* ready for the next launch (graph replays) */
+	}
+}
+
+/*
+ * The merge of every token's ranges where the attention did not fuse it
+ * (mla_merge_kernel's arithmetic), spread wider than mla_merge's (token,
+ * head) blocks: block (token, head, quarter of the columns), 8 warps taking
+ * the ranges p = warp, warp + 8, ... (a lane a float4 of the quarter), their
+ * sums added in warp order.  At 32k keys batch 1 that is 128 blocks of 64 KB
+ * of partials each where mla_merge had 32 of 256 KB.
+ */
+#define V2M_GROUPS 8			/* warps a merge block */
+#define V2M_SLICES (V2_R / 128) /* column quarters: 32 lanes x 4 floats */
+
+__global__ void __launch_bounds__(32 * V2M_GROUPS)
+mla_decode_v2_merge_kernel(const kk_mla_decode_args a)
+{
+	extern __shared__ float mw[];	/* [max_splits] each range's weight exp(m_p - M) */
+	__shared__ float red[V2M_GROUPS];
+	__shared__ float4 part[V2M_GROUPS][32];
+	int			t = blockIdx.x,
+				h = blockIdx.y,
+				slice = blockIdx.z;
+	int			tid = threadIdx.x,
+				lane = tid & 31,
+				grp = tid >> 5;
+	size_t		base = (size_t) t * a.max_splits * V2_HA;
+	float		M = -INFINITY,
+				L = 0;
+	int			s,
+				np;
+	int64_t		pos;
+	float4		acc = make_float4(0, 0, 0, 0);
+	const float4 *src;
+
+	kk_dep_wait();
+	kk_dep_launch();
+	s = a.row_seq[t];
+	pos = a.pos0[s] + (t - a.row0[s]);
+	np = (int) (pos / a.split_keys) + 1;
+	if (!a.absorbed[s] || np == 1)
+		return;					/* (one range: the attention wrote olat) */
+	for (int p = tid; p < np; p += blockDim.x)
+	{
+		float		mp = __ldcg(a.part_ml + (base + (size_t) p * V2_HA + h) * 2);
+
+		mw[p] = mp;
+		M = fmaxf(M, mp);
+	}
+	M = warp_max(M);
+	if (lane == 0)
+		red[grp] = M;
+	__syncthreads();
+	M = red[0];
+	for (int i = 1; i < V2M_GROUPS; i++)
+		M = fmaxf(M, red[i]);
+	__syncthreads();
+	for (int p = tid; p < np; p += blockDim.x)
+	{
+		float		mp = mw[p],
+					wp = mp != -INFINITY ? expf(mp - M) : 0.0f;
+
+		mw[p] = wp;
+		L += wp * __ldcg(a.part_ml + (base + (size_t) p * V2_HA + h) * 2 + 1);
+	}
+	L = warp_sum(L);
+	if (lane == 0)
+		red[grp] = L;
+	__syncthreads();
+	L = 0;
+	for (int i = 0; i < V2M_GROUPS; i++)
+		L += red[i];
+
+	src = (const float4 *) (a.part_acc + (base + h) * V2_R) + slice * 32 + lane;
+#pragma unroll 4
+	for (int p = grp; p < np; p += V2M_GROUPS)
+	{
+		float		wp = mw[p];
+		float4		v = __ldcg(src + (size_t) p * (V2_HA * V2_R / 4));
+
+		acc.x += wp * v.x;
+		acc.y += wp * v.y;
+		acc.z += wp * v.z;
+		acc.w += wp * v.w;
+	}
+	part[grp][lane] = acc;
+	__syncthreads();
+	if (grp == 0)
+	{
+		float		il = 1.0f / L;
+
+		for (int i = 1; i < V2M_GROUPS; i++)
+		{
+			float4		v = part[i][lane];
+
+			acc.x += v.x;
+			acc.y += v.y;
+			acc.z += v.z;
+			acc.w += v.w;
+		}
+		((float4 *) (a.olat + ((size_t) t * V2_HA + h) * V2_R))[slice * 32 + lane] =
+			make_float4(acc.x * il, acc.y * il, acc.z * il, acc.w * il);
 	}
 }
 
@@ -557,6 +660,13 @@ kk_mla_decode_v2(cudaStream_t s, const kk_mla_decode_args *a, int *merged)
 	if ((e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) V2_SMEM)) != cudaSuccess)
 		return (int) e;
 	kk_launch(kern, dim3(a->n_tokens, a->max_splits), dim3(V2_THREADS), V2_SMEM, s, *a);
-	*merged = fuse;
+	if (!fuse)
+	{
+		if ((e = cudaGetLastError()) != cudaSuccess)
+			return (int) e;
+		kk_launch(mla_decode_v2_merge_kernel, dim3(a->n_tokens, V2_HA, V2M_SLICES), dim3(32 * V2M_GROUPS),
+				  sizeof(float) * (size_t) a->max_splits, s, *a);
+	}
+	*merged = 1;
 	return 0;
 }
