@@ -348,20 +348,24 @@ mla_decode_v2_kernel(const kk_mla_decode_args a)
 		}
 		__syncthreads();
 
-		/* O = O corr + P V: columns 32 w + 8 n + (2q, 2q + 1) */
-#pragma unroll
-		for (int m = 0; m < 2; m++)
+		/* O = O corr + P V: columns 32 w + 8 n + (2q, 2q + 1); the rescale is
+		 * skipped where no head's max moved (every corr exactly 1: the same bits) */
 		{
-			float		cr0 = scorr[16 * m + g],
-						cr1 = scorr[16 * m + g + 8];
+			float		cr[2][2] = {{scorr[g], scorr[g + 8]}, {scorr[16 + g], scorr[24 + g]}};
 
-#pragma unroll
-			for (int n = 0; n < 4; n++)
+			if (!__all_sync(0xffffffffu, cr[0][0] == 1.0f && cr[0][1] == 1.0f && cr[1][0] == 1.0f &&
+							cr[1][1] == 1.0f))
 			{
-				o[m][n][0] *= cr0;
-				o[m][n][1] *= cr0;
-				o[m][n][2] *= cr1;
-				o[m][n][3] *= cr1;
+#pragma unroll
+				for (int m = 0; m < 2; m++)
+#pragma unroll
+					for (int n = 0; n < 4; n++)
+					{
+						o[m][n][0] *= cr[m][0];
+						o[m][n][1] *= cr[m][0];
+						o[m][n][2] *= cr[m][1];
+						o[m][n][3] *= cr[m][1];
+					}
 			}
 		}
 #pragma unroll
