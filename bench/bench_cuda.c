@@ -534,7 +534,7 @@ typedef int (*mla_decode_fn) (int variant, int n, int Ha, int R, int Dr, const i
  * bench_cuda mla_decode C1,C2,.. B1,B2,.. [V1,V2,..]: the decode attention
  * (attend + merge) of B tokens, each its own sequence at context C with a
  * page table of C keys (rounded up to whole pages), 48B head
- * shapes, bf16 cache, through each variant V (KL_CUDA_MLA_MMA; default 1,2,3),
+ * shapes, bf16 cache, through each variant V (KL_CUDA_MLA_MMA; default 0,1,2),
  * 20 launches in a CUDA graph; us per launch and the cache bytes' rate.
  */
 static void
@@ -1394,7 +1394,7 @@ main(int argc, char **argv)
 					V[8];
 		int			nc = parse_list(argv[2], C, 16),
 					nb = parse_list(argv[3], B, 16),
-					nv = parse_list(argc >= 5 ? argv[4] : "1,2,3", V, 8);
+					nv = parse_list(argc >= 5 ? argv[4] : "0,1,2", V, 8);
 
 		mla_decode_alone(C, nc, B, nb, V, nv);
 	}

@@ -510,12 +510,7 @@ typedef struct kk_mla_decode_args
 	unsigned   *counters;
 } kk_mla_decode_args;
 
-/* mla_decode_v2.cu: the mma.sync kernel restructured (KL_CUDA_MLA_MMA=2) */
-int			kk_mla_decode_v2_supported(int Ha, int R, int Dr);
-int64_t		kk_mla_decode_v2_split(int64_t max_keys, int n_tokens, int sm_count);
-int			kk_mla_decode_v2(cudaStream_t s, const kk_mla_decode_args *a, int *merged);
-
-/* mla_decode_wg.cu: on Hopper's wgmma, sm_90a image only (KL_CUDA_MLA_MMA=3) */
+/* mla_decode_wg.cu: on Hopper's wgmma, sm_90a image only (KL_CUDA_MLA_MMA=2, the default where it runs) */
 int			kk_mla_decode_wg_supported(int Ha, int R, int Dr);
 int64_t		kk_mla_decode_wg_split(int64_t max_keys, int n_tokens, int sm_count);
 int			kk_mla_decode_wg(cudaStream_t s, const kk_mla_decode_args *a, int *merged);

@@ -1,7 +1,7 @@
 /*
  * mla_decode_wg.cu — MLA decode attention over the bf16 latent cache:
- * the decode attention on Hopper's wgmma (KL_CUDA_MLA_MMA=3; sm_90a image
- * only, the 48B shape only: Ha 32, R 512, Dr 64).
+ * the decode attention on Hopper's wgmma (KL_CUDA_MLA_MMA=2, the default
+ * where it runs: the sm_90a image, the 48B shape only: Ha 32, R 512, Dr 64).
  * Contract: kernels.h, "MLA decode attention variants" (partials in
  * kk_mla_attend_mma's layout; the caller merges them).
  *

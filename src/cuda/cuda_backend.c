@@ -899,8 +899,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass,
 		 * KL_CUDA_MLA_MMA=0 keeps the bf16 cache's decode attention on CUDA
 		 * cores (mla_attend; else tensor cores where the shape fits: 1
-		 * mla_attend_mma, 2 or 3 the variants of kernels.h, "MLA decode
-		 * attention variants", where they take the shape, else 1);
+		 * mla_attend_mma, 2 (the default where it runs) the wgmma one of
+		 * kernels.h, "MLA decode attention variants", else 1);
 		 * KL_CUDA_MLA_MERGE=0 merges its key ranges with mla_merge (else
 		 * mla_merge_wide: more blocks a token).
 		 * KL_CUDA_EXPERT_MMA=0 keeps the CUDA-core expert kernel for every
@@ -1041,10 +1041,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		be->mla_cache_bf16 = cs->mla_c16;
 		cs->mla_mma = cs->mla_c16 && !(mm && strcmp(mm, "0") == 0) &&
 			kk_mla_attend_mma_supported(cfg->mla_heads, cfg->kv_lora_rank, cfg->qk_rope_dim) ?
-			(mm && *mm ? atoi(mm) : 1) : 0;
-		if ((cs->mla_mma == 2 && !kk_mla_decode_v2_supported(cfg->mla_heads, cfg->kv_lora_rank, cfg->qk_rope_dim)) ||
-			(cs->mla_mma == 3 && !kk_mla_decode_wg_supported(cfg->mla_heads, cfg->kv_lora_rank, cfg->qk_rope_dim)) ||
-			cs->mla_mma < 0 || cs->mla_mma > 3)
+			(mm && *mm ? atoi(mm) : 2) : 0;
+		if ((cs->mla_mma == 2 && !kk_mla_decode_wg_supported(cfg->mla_heads, cfg->kv_lora_rank, cfg->qk_rope_dim)) ||
+			cs->mla_mma < 0 || cs->mla_mma > 2)
 			cs->mla_mma = cs->mla_mma ? 1 : 0;
 		cs->mla_flash = !cs->bf16 || (mf && strcmp(mf, "0") == 0) ||
 			!kk_mla_flash_supported(cfg->mla_heads, cfg->qk_nope_dim, cfg->qk_rope_dim, cfg->v_head_dim,

@@ -159,7 +159,7 @@ typedef struct cuda_state
 	}			f8;
 	bool		mla_c16;		/* the MLA latent cache holds bf16 (bf16 precision) */
 	int			mla_mma;		/* decode attention over the bf16 cache on tensor cores: 0 no
-								 * (mla_attend), 1 mla_attend_mma, 2 and 3 the variants of
+								 * (mla_attend), 1 mla_attend_mma, 2 the wgmma variant of
 								 * kernels.h "MLA decode attention variants" */
 	bool		mla_merge_wide; /* decode: kk_mla_merge_wide (KL_CUDA_MLA_MERGE=0: kk_mla_merge) */
 	bool		mla_small;		/* decode steps: the 16-byte-load absorb and output products */

@@ -135,7 +135,7 @@ mma_split(int64_t max_keys, int n, int sm_count)
 
 /*
  * Keys per range of the decode attention `variant` (cs->mla_mma: 0 the
- * CUDA-core kernel, 1 mla_attend_mma, 2 and 3 kernels.h's variants) for
+ * CUDA-core kernel, 1 mla_attend_mma, 2 the wgmma variant of kernels.h) for
  * page tables of max_keys keys and n tokens.
  */
 static int64_t
@@ -149,8 +149,6 @@ decode_split(int variant, int64_t max_keys, int n, int sm_count)
 		case 1:
 			return mma_split(max_keys, n, sm_count);
 		case 2:
-			return kk_mla_decode_v2_split(max_keys, n, sm_count);
-		case 3:
 			return kk_mla_decode_wg_split(max_keys, n, sm_count);
 	}
 	split = (split + 31) / 32 * 32;
@@ -184,9 +182,6 @@ decode_attend(cudaStream_t s, int variant, int c16, bool merge_wide, const kk_ml
 								   a->part_acc, a->part_ml);
 			break;
 		case 2:
-			rc = kk_mla_decode_v2(s, a, &merged);
-			break;
-		case 3:
 			rc = kk_mla_decode_wg(s, a, &merged);
 			break;
 		default:
@@ -201,6 +196,18 @@ decode_attend(cudaStream_t s, int variant, int c16, bool merge_wide, const kk_ml
 		rc = (int) cudaGetLastError();
 	}
 	return rc;
+}
+
+/*
+ * Merge with kk_mla_merge_wide (when `on`) only where kk_mla_merge would have
+ * fewer blocks than the GPU has SMs (one a token and head): at batch 1 it
+ * took the wgmma attention stage from 25.0 to 22.5 us at 32k and 11.6 to
+ * 10.2 at 4k; at batch 8 (256 blocks) it lost 2-3 us (H200, 2026-12-01).
+ */
+static bool
+merge_wide(bool on, int n, int Ha, int sm_count)
+{
+	return on && n * Ha < sm_count;
 }
 
 /* a scratch buffer of `bytes` that is zero when first handed out (decode counters) */
@@ -267,7 +274,8 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 		kk_mla_absorb_q(cs->stream, n, Ha, Dn, Dr, Dv, R, a->q, p->kv_b, p->bf16, qabs, cs->d_row_seq, cs->d_absorbed);
 	if (!cuda_launched(be, "mla_absorb_q"))
 		return;
-	if ((rc = decode_attend(cs->stream, cs->mla_mma, cs->mla_c16, cs->mla_merge_wide, &d)) != 0)
+	rc = decode_attend(cs->stream, cs->mla_mma, cs->mla_c16, merge_wide(cs->mla_merge_wide, n, Ha, cs->sm_count), &d);
+	if (rc != 0)
 	{
 		cuda_ok(be, rc == -1 ? cudaErrorInvalidConfiguration : (cudaError_t) rc, "mla_attend");
 		return;
@@ -618,7 +626,7 @@ kl_cuda_test_mla_flash(int kind, int nr, int64_t pos0, int Ha, int Dn, int Dr, i
 /*
  * For test/engine/test_cuda.c and bench/bench_cuda.c (found with dlsym; the
  * backend does not use it): the decode attention of n tokens through
- * `variant` (0 .. 3 as KL_CUDA_MLA_MMA, the bf16 cache) on a stream of its
+ * `variant` (0 .. 2 as KL_CUDA_MLA_MMA, the bf16 cache) on a stream of its
  * own, the key ranges split as the backend splits them.  Token t is
  * sequence t at position ctx[t] - 1 over page_cap pages of its own.  Host
  * inputs qabs [n][Ha][R + Dr] fp32 and cache [n][page_cap KK_MLA_PAGE][R + Dr]
@@ -655,13 +663,12 @@ kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ct
 	cudaGraphExec_t ge = NULL;
 	cudaEvent_t e0 = NULL,
 				e1 = NULL;
-	bool		merge_wide = !(getenv("KL_CUDA_MLA_MERGE") && strcmp(getenv("KL_CUDA_MLA_MERGE"), "0") == 0);
+	bool		wide = !(getenv("KL_CUDA_MLA_MERGE") && strcmp(getenv("KL_CUDA_MLA_MERGE"), "0") == 0);
 	int			rc;
 
 	if (!ints || !pos0 || !pages || n < 1 || page_cap < 1 ||
 		(variant >= 1 && !kk_mla_attend_mma_supported(Ha, R, Dr)) ||
-		(variant == 2 && !kk_mla_decode_v2_supported(Ha, R, Dr)) ||
-		(variant == 3 && !kk_mla_decode_wg_supported(Ha, R, Dr)) || variant < 0 || variant > 3)
+		(variant == 2 && !kk_mla_decode_wg_supported(Ha, R, Dr)) || variant < 0 || variant > 2)
 	{
 		free(ints);
 		free(pos0);
@@ -727,7 +734,7 @@ kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ct
 	a.olat = d[OLAT];
 	a.counters = d[COUNT];
 	if (rc == 0)
-		rc = decode_attend(s, variant, 1, merge_wide, &a);
+		rc = decode_attend(s, variant, 1, merge_wide(wide, n, Ha, sm_count), &a);
 	if (rc == 0 && reps > 0)
 	{
 		float		ms = 0;
@@ -735,7 +742,7 @@ kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ct
 		if ((rc = (int) cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal)) == 0)
 		{
 			for (int r = 0; r < reps && rc == 0; r++)
-				rc = decode_attend(s, variant, 1, merge_wide, &a);
+				rc = decode_attend(s, variant, 1, merge_wide(wide, n, Ha, sm_count), &a);
 			if (cudaStreamEndCapture(s, &g) != cudaSuccess && rc == 0)
 				rc = (int) cudaErrorStreamCaptureInvalidated;
 		}
