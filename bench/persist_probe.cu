@@ -34,6 +34,8 @@
  *   D  B with the norms done by every block while it stages its input
  *      (redundantly, no one-block stage and no flag between the GEMVs but
  *      the lat op's).
+ *   E  B's kernel launched once a layer (27 cooperative launches in stream
+ *      order): what a kernel boundary a layer costs (no loads across it).
  * Also: a plain streaming read of all the weights (the ceiling), and the lat
  * op alone (L dependent launches in a graph).  Each table is printed for
  * L = 27 and L = 1.
@@ -117,6 +119,8 @@ op_units(int op)
 typedef struct
 {
 	int			L,
+				l0,				/* this launch's layers: [l0, l1) (E: one a launch) */
+				l1,
 				lat_iters;
 	const uint4 *Wp,
 			   *Wo,
@@ -237,7 +241,7 @@ lat_kernel(float *out, const float *in, int iters)
 	lat_op(out, in, iters, red);
 }
 
-/* the ceiling: a read of n 16-byte pieces that keeps nothing */
+/* the ceiling: a read of n 16-byte pieces that keeps nothing (as gemv_sweep.cu's stream_read) */
 __global__ void __launch_bounds__(256)
 stream_read_kernel(const uint4 *__restrict__ p, size_t n, unsigned *out)
 {
@@ -247,17 +251,27 @@ stream_read_kernel(const uint4 *__restrict__ p, size_t n, unsigned *out)
 
 	for (; i + 3 * stride < n; i += 4 * stride)
 	{
-		uint4		q0 = __ldcs(p + i),
-					q1 = __ldcs(p + i + stride),
-					q2 = __ldcs(p + i + 2 * stride),
-					q3 = __ldcs(p + i + 3 * stride);
+		uint4		q0 = __ldg(p + i),
+					q1 = __ldg(p + i + stride),
+					q2 = __ldg(p + i + 2 * stride),
+					q3 = __ldg(p + i + 3 * stride);
 
 		acc ^= q0.x ^ q1.y ^ q2.z ^ q3.w;
 	}
 	for (; i < n; i += stride)
-		acc ^= __ldcs(p + i).x;
+		acc ^= __ldg(p + i).x;
 	if (acc == 0x9e3779b9u)
 		out[0] = acc;
+}
+
+/* keeps the GPU busy ~50 us while the host submits the timed launch (the time is the GPU's, not the host's) */
+__global__ void
+spin_kernel(long long cycles)
+{
+	long long	t0 = clock64();
+
+	while (clock64() - t0 < cycles)
+		;
 }
 
 /* ------------------------------------------- dependencies in device memory */
@@ -414,9 +428,9 @@ unit_range(int units, int *lo, int *hi)
 
 /* move the issue cursor past empty ranges (and to the next op at a range's end) */
 __device__ __forceinline__ void
-cursor_settle(wstream_t &ws, int L)
+cursor_settle(wstream_t &ws, int l1)
 {
-	while (ws.l < L && ws.u >= ws.end)
+	while (ws.l < l1 && ws.u >= ws.end)
 	{
 		if (++ws.op == N_OPS)
 		{
@@ -428,13 +442,13 @@ cursor_settle(wstream_t &ws, int L)
 }
 
 __device__ __forceinline__ void
-stream_init(wstream_t &ws, int L)
+stream_init(wstream_t &ws, int l0, int l1)
 {
-	ws.l = 0;
+	ws.l = l0;
 	ws.op = OP_P;
 	unit_range(op_units(OP_P), &ws.u, &ws.end);
 	ws.issued = ws.used = ws.units_issued = ws.units_used = ws.islot = ws.cslot = 0;
-	cursor_settle(ws, L);
+	cursor_settle(ws, l1);
 }
 
 /*
@@ -448,7 +462,7 @@ stream_issue(wstream_t &ws, const chain_t &c, uint4 *ring, int lim_l, int lim_op
 {
 	int			lane = threadIdx.x & 31;
 
-	while (ws.l < c.L && (ws.l < lim_l || (ws.l == lim_l && ws.op <= lim_op)))
+	while (ws.l < c.l1 && (ws.l < lim_l || (ws.l == lim_l && ws.op <= lim_op)))
 	{
 		int			n = op_ppl(ws.op);
 		const uint4 *src;
@@ -465,7 +479,7 @@ stream_issue(wstream_t &ws, const chain_t &c, uint4 *ring, int lim_l, int lim_op
 		ws.issued += n;
 		ws.units_issued++;
 		ws.u++;
-		cursor_settle(ws, c.L);
+		cursor_settle(ws, c.l1);
 	}
 }
 
@@ -521,7 +535,7 @@ stream_op(wstream_t &ws, const chain_t &c, uint4 *ring, int l, const float *xs, 
 	{
 		uint4		w[S::PPL];
 
-		stream_issue(ws, c, ring, PREFETCH ? c.L : l, PREFETCH ? 0 : OP);
+		stream_issue(ws, c, ring, PREFETCH ? c.l1 : l, PREFETCH ? 0 : OP);
 		stream_take<S::PPL>(ws, ring, w);
 		if (OP == OP_G)
 		{
@@ -580,13 +594,14 @@ stream_op(wstream_t &ws, const chain_t &c, uint4 *ring, int l, const float *xs, 
 			atomicAdd(y + row, s);
 	}
 	/* the units after this op (B: the next op's, across its dependency) */
-	stream_issue(ws, c, ring, PREFETCH ? c.L : l, PREFETCH ? 0 : OP);
+	stream_issue(ws, c, ring, PREFETCH ? c.l1 : l, PREFETCH ? 0 : OP);
 }
 
 /* ------------------------------------------------------ the persistent chain */
 
 /*
- * The whole chain in one launch (variants B, C, D), BT threads a block, all
+ * The chain's layers [c.l0, c.l1) in one launch (variants B, C, D: all of
+ * them; E: one), BT threads a block, all
  * blocks resident (cooperative launch).  Per layer: P, the lat op (last
  * block of P), O, the add + norm (last block of O; SPREAD: every block as
  * it stages G's input), G, D, the add + next norm (last block of D; SPREAD:
@@ -605,15 +620,15 @@ persist_chain(chain_t c)
 	wstream_t	ws;
 	unsigned	all = gridDim.x;
 
-	stream_init(ws, c.L);
+	stream_init(ws, c.l0, c.l1);
 	if (PREFETCH)
-		stream_issue(ws, c, ring, c.L, 0);
-	if (!SPREAD && blockIdx.x == 0)
+		stream_issue(ws, c, ring, c.l1, 0);
+	if (!SPREAD && c.l0 == 0 && blockIdx.x == 0)
 	{
 		add_norm_block(c.xn, NULL, c.xres, NULL, c.nw, red);
 		block_signal(c.cnt + C_N1);
 	}
-	for (int l = 0; l < c.L; l++)
+	for (int l = c.l0; l < c.l1; l++)
 	{
 		unsigned   *cl = c.cnt + l * C_N;
 		size_t		lh = (size_t) l * HID;
@@ -776,17 +791,17 @@ capture_a(probe_t *pr, cudaStream_t s)
 
 typedef void (*persist_fn) (chain_t);
 
-enum { V_A, V_B, V_C, V_D, V_COPY, V_LAT, N_V };
+enum { V_A, V_B, V_C, V_D, V_E, V_COPY, V_LAT, N_V };
 
 static const char *const vnames[N_V] = {
 	"A kernel per op, PDL, graph", "B persistent, weights issued ahead", "C persistent, no early weights",
-	"D persistent ahead, norms in every block", "plain read of the weights", "lat op alone (a launch)",
+	"D persistent ahead, norms in every block", "E B as one launch a layer", "plain read of the weights", "lat op alone (a launch)",
 };
 
 static persist_fn
 persist_kernel(int v)
 {
-	return v == V_B ? persist_chain<true, false> : v == V_C ? persist_chain<false, false> : persist_chain<true, true>;
+	return v == V_B || v == V_E ? persist_chain<true, false> : v == V_C ? persist_chain<false, false> : persist_chain<true, true>;
 }
 
 /* reset what a run writes (outside the timed region) */
@@ -833,6 +848,7 @@ probe_run(probe_t *pr, cudaStream_t s, int v, cudaEvent_t e0, cudaEvent_t e1)
 	float		ms;
 
 	probe_reset(pr, s);
+	spin_kernel<<<1, 1, 0, s>>>(100000);
 	CK(cudaEventRecord(e0, s));
 	if (v == V_A)
 		CK(cudaGraphLaunch(pr->graph_a, s));
@@ -841,12 +857,17 @@ probe_run(probe_t *pr, cudaStream_t s, int v, cudaEvent_t e0, cudaEvent_t e1)
 	else if (v == V_COPY)
 		stream_read_kernel<<<pr->sms * 8, 256, 0, s>>>((const uint4 *) pr->wbase, pr->wbytes / 16, g_sink);
 	else
-	{
-		void	   *args[] = {&pr->c};
+		for (int l = v == V_E ? 0 : pr->L - 1; l < pr->L; l++)
+		{
+			/* B, C, D: the chain in one launch; E: a launch a layer */
+			chain_t		c = pr->c;
+			void	   *args[] = {&c};
 
-		CK(cudaLaunchCooperativeKernel((const void *) persist_kernel(v), dim3(pr->grid), dim3(BT), args, pr->smem,
-									   s));
-	}
+			c.l0 = v == V_E ? l : 0;
+			c.l1 = v == V_E ? l + 1 : pr->L;
+			CK(cudaLaunchCooperativeKernel((const void *) persist_kernel(v), dim3(pr->grid), dim3(BT), args,
+										   pr->smem, s));
+		}
 	CK(cudaEventRecord(e1, s));
 	wait_or_quit(e1, v);
 	CK(cudaGetLastError());
@@ -902,7 +923,7 @@ probe_table(probe_t *pr, cudaStream_t s, int L, int rounds)
 	/* correctness: A's final residual is the reference; every persistent variant checked against it */
 	probe_run(pr, s, V_A, e0, e1);
 	CK(cudaMemcpy(ref, pr->xa, sizeof(ref), cudaMemcpyDeviceToHost));
-	for (int v = V_B; v <= V_D; v++)
+	for (int v = V_B; v <= V_E; v++)
 	{
 		probe_run(pr, s, v, e0, e1);
 		diff[v] = final_diff(pr, ref);
@@ -930,11 +951,11 @@ probe_table(probe_t *pr, cudaStream_t s, int L, int rounds)
 			continue;
 		}
 		printf("| %s | %.1f | %.2f | %.0f | %.0f%% | %s |\n", vnames[v], us, us / L, gb * 1e3 / us,
-			   100.0 * copy_us / us, v >= V_B && v <= V_D ? (diff[v] < 1e-3 ? "ok" : "MISMATCH") : "");
+			   100.0 * copy_us / us, v >= V_B && v <= V_E ? (diff[v] < 1e-3 ? "ok" : "MISMATCH") : "");
 		printf("RESULT kind=persist_probe L=%d variant=%c us=%.1f us_layer=%.2f gbps=%.0f of_copy=%.3f diff=%.2e\n",
 			   L, v == V_COPY ? 'R' : 'A' + v, us, us / L, gb * 1e3 / us, copy_us / us, diff[v]);
 	}
-	for (int v = V_B; v <= V_D; v++)
+	for (int v = V_B; v <= V_E; v++)
 		printf("(%c: max rel diff %.2e)\n", 'A' + v, diff[v]);
 	fflush(stdout);
 	cudaGraphExecDestroy(pr->graph_a);
