@@ -38,7 +38,9 @@
  *      order): what a kernel boundary a layer costs (no loads across it).
  * Also: a plain streaming read of all the weights (the ceiling), and the lat
  * op alone (L dependent launches in a graph).  Each table is printed for
- * L = 27 and L = 1.
+ * L = 27 and L = 1; for L = 27 a second table from one traced run of each
+ * persistent variant (%globaltimer marks) says where a layer's time goes:
+ * each product from its input to its last block, each hop between them.
  *
  * Built and run on the GPU machine by `bash bench/bench-cuda.sh
  * persist-probe [ROUNDS]`; PROBE_LAT_ITERS sets the lat op's iterations
@@ -137,10 +139,19 @@ typedef struct
 			   *h,				/* [L][H_N] */
 			   *d;				/* [L][HID], zeroed */
 	unsigned   *cnt;			/* [L + 1][C_N], zeroed */
+	unsigned long long *trace;	/* [L][T_N] %globaltimer marks, or NULL (timed runs) */
 }			chain_t;
 
 /* the dependency words of a layer: done counters count blocks, flags are 0 / 1 */
 enum { C_N1, C_P, C_LAT, C_O, C_N2, C_G, C_D, C_N };
+
+/*
+ * Trace marks of a layer (a traced run, not timed): block 0 when its input
+ * for an op is staged (_IN) and when its own share is done (_END); the last
+ * block of an op when it found itself last (_ALL), and after its small op.
+ */
+enum { T_P_IN, T_P_END, T_P_ALL, T_LAT, T_O_IN, T_O_END, T_O_ALL, T_N2, T_G_IN, T_G_END, T_G_ALL, T_D_IN, T_D_END,
+	T_D_ALL, T_N };
 
 __device__ __forceinline__ const uint4 *
 op_weights(const chain_t &c, int op)
@@ -272,6 +283,19 @@ spin_kernel(long long cycles)
 
 	while (clock64() - t0 < cycles)
 		;
+}
+
+/* mark `what` of layer l in the trace (thread 0 of a block for which `mine`) */
+__device__ __forceinline__ void
+trace_mark(const chain_t &c, int l, int what, bool mine)
+{
+	unsigned long long t;
+
+	if (c.trace && mine && threadIdx.x == 0)
+	{
+		asm volatile("mov.u64 %0, %%globaltimer;\n":"=l"(t));
+		c.trace[l * T_N + what] = t;
+	}
 }
 
 /* ------------------------------------------- dependencies in device memory */
@@ -632,13 +656,15 @@ persist_chain(chain_t c)
 	{
 		unsigned   *cl = c.cnt + l * C_N;
 		size_t		lh = (size_t) l * HID;
+		bool		b0 = blockIdx.x == 0,
+					last;
 
 		/* P: xn -> p, then the lat op in the last block */
 		if (SPREAD)
 		{
 			if (l > 0)
 				block_wait(cl - C_N + C_D, all);
-			add_norm_block(xs, l > 0 && blockIdx.x == 0 ? c.xres + lh : NULL, l > 0 ? c.xmid + lh - HID : c.xres,
+			add_norm_block(xs, l > 0 && b0 ? c.xres + lh : NULL, l > 0 ? c.xmid + lh - HID : c.xres,
 						   l > 0 ? c.d + lh - HID : NULL, c.nw, red);
 			__syncthreads();
 		}
@@ -647,28 +673,37 @@ persist_chain(chain_t c)
 			block_wait(cl + C_N1, 1);
 			stage_vector(xs, c.xn + lh, HID);
 		}
+		trace_mark(c, l, T_P_IN, b0);
 		stream_op<OP_P, PREFETCH>(ws, c, ring, l, xs, c.p + (size_t) l * P_ROWS);
+		trace_mark(c, l, T_P_END, b0);
 		if (block_done(cl + C_P))
 		{
+			trace_mark(c, l, T_P_ALL, true);
 			lat_op(c.a + (size_t) l * LAT_N, c.p + (size_t) l * P_ROWS, c.lat_iters, red);
 			block_signal(cl + C_LAT);
+			trace_mark(c, l, T_LAT, true);
 		}
 
 		/* O: a -> o, then (B) x + o and its norm in the last block */
 		block_wait(cl + C_LAT, 1);
 		stage_vector(xs, c.a + (size_t) l * LAT_N, LAT_N);
+		trace_mark(c, l, T_O_IN, b0);
 		stream_op<OP_O, PREFETCH>(ws, c, ring, l, xs, c.o + lh);
-		if (block_done(cl + C_O) && !SPREAD)
+		trace_mark(c, l, T_O_END, b0);
+		last = block_done(cl + C_O);
+		trace_mark(c, l, T_O_ALL, last);
+		if (last && !SPREAD)
 		{
 			add_norm_block(c.xn2 + lh, c.xmid + lh, c.xres + lh, c.o + lh, c.nw, red);
 			block_signal(cl + C_N2);
+			trace_mark(c, l, T_N2, true);
 		}
 
 		/* G: xn2 -> h */
 		if (SPREAD)
 		{
 			block_wait(cl + C_O, all);
-			add_norm_block(xs, blockIdx.x == 0 ? c.xmid + lh : NULL, c.xres + lh, c.o + lh, c.nw, red);
+			add_norm_block(xs, b0 ? c.xmid + lh : NULL, c.xres + lh, c.o + lh, c.nw, red);
 			__syncthreads();
 		}
 		else
@@ -676,14 +711,21 @@ persist_chain(chain_t c)
 			block_wait(cl + C_N2, 1);
 			stage_vector(xs, c.xn2 + lh, HID);
 		}
+		trace_mark(c, l, T_G_IN, b0);
 		stream_op<OP_G, PREFETCH>(ws, c, ring, l, xs, c.h + (size_t) l * H_N);
-		block_done(cl + C_G);
+		trace_mark(c, l, T_G_END, b0);
+		last = block_done(cl + C_G);
+		trace_mark(c, l, T_G_ALL, last);
 
 		/* D: h -> d, then (B) x + d and the next layer's norm in the last block */
 		block_wait(cl + C_G, all);
 		stage_vector(xs, c.h + (size_t) l * H_N, H_N);
+		trace_mark(c, l, T_D_IN, b0);
 		stream_op<OP_D, PREFETCH>(ws, c, ring, l, xs, c.d + lh);
-		if (block_done(cl + C_D) && (!SPREAD || l == c.L - 1))
+		trace_mark(c, l, T_D_END, b0);
+		last = block_done(cl + C_D);
+		trace_mark(c, l, T_D_ALL, last);
+		if (last && (!SPREAD || l == c.L - 1))
 		{
 			add_norm_block(c.xn + lh + HID, c.xres + lh + HID, c.xmid + lh, c.d + lh, c.nw, red);
 			block_signal(cl + C_N + C_N1);
@@ -892,6 +934,58 @@ final_diff(probe_t *pr, const float *ref)
 	return num / (den > 0 ? den : 1);
 }
 
+/*
+ * Where a layer's time goes in a traced run of variant v: means over layers
+ * 0 .. L - 2 of the intervals between the marks (us; %globaltimer's
+ * resolution may be ~1 us on some drivers, the means over 26 layers are finer).
+ */
+static void
+trace_row(probe_t *pr, cudaStream_t s, int v, cudaEvent_t e0, cudaEvent_t e1, unsigned long long *dev)
+{
+	static const struct
+	{
+		int			from,
+					to;
+		int			next;		/* `to` is in the next layer */
+	}			iv[] = {
+		{T_P_IN, T_P_ALL, 0}, {T_P_ALL, T_LAT, 0}, {T_LAT, T_O_IN, 0}, {T_O_IN, T_O_ALL, 0}, {T_O_ALL, T_G_IN, 0},
+		{T_G_IN, T_G_ALL, 0}, {T_G_ALL, T_D_IN, 0}, {T_D_IN, T_D_ALL, 0}, {T_D_ALL, T_P_IN, 1},
+		{T_P_END, T_P_ALL, 0}, {T_O_END, T_O_ALL, 0}, {T_G_END, T_G_ALL, 0}, {T_D_END, T_D_ALL, 0},
+		{T_P_IN, T_P_IN, 1},
+	};
+	const int	n = (int) (sizeof(iv) / sizeof(iv[0]));
+	std::vector<unsigned long long> t((size_t) pr->L * T_N);
+
+	CK(cudaMemset(dev, 0, t.size() * 8));
+	pr->c.trace = dev;
+	probe_run(pr, s, v, e0, e1);
+	pr->c.trace = NULL;
+	CK(cudaMemcpy(t.data(), dev, t.size() * 8, cudaMemcpyDeviceToHost));
+	printf("| %c |", 'A' + v);
+	for (int i = 0; i < n; i++)
+	{
+		double		sum = 0;
+		int			cnt = 0;
+
+		for (int l = 0; l + 1 < pr->L; l++)
+		{
+			unsigned long long a = t[(size_t) l * T_N + iv[i].from],
+						b = t[(size_t) (l + iv[i].next) * T_N + iv[i].to];
+
+			if (a && b)
+			{
+				sum += (double) ((long long) (b - a)) / 1e3;
+				cnt++;
+			}
+		}
+		if (cnt)
+			printf(" %.2f |", sum / cnt);
+		else
+			printf(" - |");
+	}
+	printf("\n");
+}
+
 static double
 median(std::vector<float> &v)
 {
@@ -957,6 +1051,20 @@ probe_table(probe_t *pr, cudaStream_t s, int L, int rounds)
 	}
 	for (int v = V_B; v <= V_E; v++)
 		printf("(%c: max rel diff %.2e)\n", 'A' + v, diff[v]);
+	if (L > 1)
+	{
+		unsigned long long *dev;
+
+		printf("\nWhere a layer's time goes (one traced run each, us, means over layers 0..%d; block 0's view: "
+			   "IN = its input staged, END = its share done; ALL = the op's last block done):\n\n"
+			   "| variant | P in->all | lat | ->O in | O in->all | ->G in | G in->all | ->D in | D in->all | "
+			   "->next P in | P end->all | O end->all | G end->all | D end->all | layer |\n"
+			   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n", L - 2);
+		CK(cudaMalloc(&dev, (size_t) L * T_N * 8));
+		for (int v = V_B; v <= V_E; v++)
+			trace_row(pr, s, v, e0, e1, dev);
+		cudaFree(dev);
+	}
 	fflush(stdout);
 	cudaGraphExecDestroy(pr->graph_a);
 	cudaGraphExecDestroy(pr->graph_lat);
