@@ -1039,18 +1039,22 @@ probe_table(probe_t *pr, cudaStream_t s, int L, int rounds)
 		double		us = median(t[v]) * 1000.0;
 
 		if (v == V_LAT)
-		{
 			printf("| %s | %.2f | | | | |\n", vnames[v], us / L);
-			printf("RESULT kind=persist_probe L=%d variant=lat us_op=%.3f\n", L, us / L);
-			continue;
-		}
-		printf("| %s | %.1f | %.2f | %.0f | %.0f%% | %s |\n", vnames[v], us, us / L, gb * 1e3 / us,
-			   100.0 * copy_us / us, v >= V_B && v <= V_E ? (diff[v] < 1e-3 ? "ok" : "MISMATCH") : "");
-		printf("RESULT kind=persist_probe L=%d variant=%c us=%.1f us_layer=%.2f gbps=%.0f of_copy=%.3f diff=%.2e\n",
-			   L, v == V_COPY ? 'R' : 'A' + v, us, us / L, gb * 1e3 / us, copy_us / us, diff[v]);
+		else
+			printf("| %s | %.1f | %.2f | %.0f | %.0f%% | %s |\n", vnames[v], us, us / L, gb * 1e3 / us,
+				   100.0 * copy_us / us, v >= V_B && v <= V_E ? (diff[v] < 1e-3 ? "ok" : "MISMATCH") : "");
 	}
-	for (int v = V_B; v <= V_E; v++)
-		printf("(%c: max rel diff %.2e)\n", 'A' + v, diff[v]);
+	printf("\n");
+	for (int v = 0; v < N_V; v++)
+	{
+		double		us = median(t[v]) * 1000.0;
+
+		if (v == V_LAT)
+			printf("RESULT kind=persist_probe L=%d variant=lat us_op=%.3f\n", L, us / L);
+		else
+			printf("RESULT kind=persist_probe L=%d variant=%c us=%.1f us_layer=%.2f gbps=%.0f of_copy=%.3f "
+				   "diff=%.2e\n", L, v == V_COPY ? 'R' : 'A' + v, us, us / L, gb * 1e3 / us, copy_us / us, diff[v]);
+	}
 	if (L > 1)
 	{
 		unsigned long long *dev;
