@@ -168,7 +168,7 @@ persist-probe)
 	wait
 	/usr/local/cuda/bin/nvcc -gencode=arch=compute_90a,code=sm_90a -o $K/persist_probe $K/pp-persist_probe.cu.o \
 		$K/pp-elementwise.cu.o
-	timeout ${PROBE_TIMEOUT:-120} $K/persist_probe "$@" | tee "$OUT/persist-probe.md" | log
+	timeout ${PROBE_TIMEOUT:-45} $K/persist_probe "$@" | tee "$OUT/persist-probe.md" | log
 	;;
 ncu-step)
 	unpack
