@@ -26,6 +26,10 @@
 #   bash bench/bench-cuda.sh gemv-sweep [VARIANT [SHAPE]]  decode GEMV variants against a plain read of the
 #                                           same bytes on the model's shapes (bench/gemv_sweep.cu, built
 #                                           here with the GPU machine's nvcc), one table
+#   bash bench/bench-cuda.sh persist-probe [ROUNDS]  a synthetic batch-1 layer chain (27 and 1 layers, the
+#                                           48B shapes): kernel per op in a graph against one persistent
+#                                           kernel with and without early weight loads (bench/persist_probe.cu;
+#                                           PROBE_LAT_ITERS: the latency-bound op's length), one table each
 #   bash bench/bench-cuda.sh ncu-step ARGS  per-kernel GPU times of NCU_STEPS (2) decode steps of
 #                                           `bench_cuda model ARGS` (one ctx and batch), as RESULT lines
 #   bash bench/bench-cuda.sh ncu-prefill ARGS  per-kernel GPU times of the timed prefill of
@@ -155,6 +159,17 @@ gemv-sweep)
 		bench/gemv_sweep.cu kernels/elementwise.cu
 	$K/gemv_sweep "$@" | tee "$OUT/gemv-sweep.md"
 	;;
+persist-probe)
+	mkdir -p $K "$OUT"
+	# the two translation units in parallel (the build is most of the command's ~40 s)
+	for f in bench/persist_probe.cu kernels/elementwise.cu; do
+		/usr/local/cuda/bin/nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -c -o $K/pp-$(basename $f).o $f &
+	done
+	wait
+	/usr/local/cuda/bin/nvcc -gencode=arch=compute_90a,code=sm_90a -o $K/persist_probe $K/pp-persist_probe.cu.o \
+		$K/pp-elementwise.cu.o
+	timeout ${PROBE_TIMEOUT:-45} $K/persist_probe "$@" | tee "$OUT/persist-probe.md" | log
+	;;
 ncu-step)
 	unpack
 	ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
@@ -200,7 +215,7 @@ model)
 	$K/bin/bench_cuda model "$config" "$@" 2>&1 | log
 	;;
 *)
-	sed -n '2,33p' "$0"
+	sed -n '2,37p' "$0"
 	exit 2
 	;;
 esac
