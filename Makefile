@@ -246,6 +246,7 @@ kernels/%.o: kernels/%.cu kernels/kernels.h kernels/common.cuh
 kernels/sample.o: src/engine/sample_core.h
 kernels/kda.o kernels/kda_chunk_prep_mma.o: kernels/kda_common.cuh
 kernels/mla_decode_wg.o: kernels/mla_decode_wg_layout.h
+kernels/mla_decode_wg.o kernels/mla_flash_wgmma.o: kernels/wgmma.cuh
 
 src/cuda/%.o: src/cuda/%.c
 	$(CC) $(CUDA_CFLAGS) -c -o $@ $<

@@ -483,9 +483,9 @@ int			kk_mla_attend_mma(cudaStream_t s, int n_tokens, int max_splits, int split_
  * runs kk_mla_merge) or merged by the kernel itself into olat [t][Ha][R]
  * (*merged = 1).  counters: n_tokens unsigned ints, zero before the first
  * launch, which a merging kernel must leave zero again (graph replays).
- * split_keys comes from the variant's own _split function and may depend on
- * the page-table capacity (max_keys) and the token count only (a recorded
- * CUDA graph stays valid as positions grow).  Returns 0, -1 where the
+ * split_keys: a multiple of the 64-key tile (the backend's mma_split: from
+ * the page-table capacity and the token count only, so that a recorded CUDA
+ * graph stays valid as positions grow).  Returns 0, -1 where the
  * variant does not take the shape on this device, or a CUDA error code.
  */
 typedef struct kk_mla_decode_args
@@ -512,7 +512,6 @@ typedef struct kk_mla_decode_args
 
 /* mla_decode_wg.cu: on Hopper's wgmma, sm_90a image only (KL_CUDA_MLA_MMA=2, the default where it runs) */
 int			kk_mla_decode_wg_supported(int Ha, int R, int Dr);
-int64_t		kk_mla_decode_wg_split(int64_t max_keys, int n_tokens, int sm_count);
 int			kk_mla_decode_wg(cudaStream_t s, const kk_mla_decode_args *a, int *merged);
 
 void		kk_mla_merge(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R,

@@ -50,15 +50,15 @@
  * stored in kk_mla_merge's units (scale times the raw score).  exp is
  * ex2.approx on a base-2 argument (2 ulp; P is rounded to 8 bits next).
  *
- * Key ranges (kk_mla_decode_wg_split): a multiple of the 64-key tile, the
- * count that minimizes waves x (tiles a range + 1) with one block an SM —
- * the + 1 is a block's fixed cost (Qabs from L2 and its conversion, the
- * first tile's latency, its 64 KB of partials written and merged), about one
- * tile's time.
+ * Key ranges: mla_attend_mma's rule (src/cuda/cuda_mla.c, mma_split: one
+ * block an SM, a block's fixed cost — Qabs from L2 and its conversion, the
+ * first tile's latency, its 64 KB of partials written and merged — about
+ * one tile's time); the sweep of keys a range on the H200 found its choices
+ * the fastest for this kernel too (bench/notes-cuda.md, 2026-12-01).
  */
 #include <math.h>
 
-#include "common.cuh"
+#include "wgmma.cuh"
 #include "mla_decode_wg_layout.h"
 
 #define MDW_SPITCH 33			/* floats a score row in shared memory (33: the softmax's reads spread over banks) */
@@ -67,73 +67,7 @@
 #define MDW_SMEM ((size_t) 2 * MDW_TILE + MDW_QBYTES + MDW_PBYTES + \
 				  sizeof(float) * (2 * MDW_KT * MDW_SPITCH + 3 * MDW_HEADS) + 1024)
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define MDW_WGMMA 1
-#endif
-
-/* the image this kernel runs from has wgmma (probed once by the host) */
-__global__ void
-mdw_probe_kernel(int *has)
-{
-#ifdef MDW_WGMMA
-	*has = 1;
-#else
-	*has = 0;
-#endif
-}
-
-#ifdef MDW_WGMMA
-
-/* ---------------------------------------------------------------- PTX wrappers (sm_90a) */
-
-__device__ __forceinline__ void
-mdw_wg_fence(void)
-{
-	asm volatile("wgmma.fence.sync.aligned;\n":::"memory");
-}
-
-__device__ __forceinline__ void
-mdw_commit(void)
-{
-	asm volatile("wgmma.commit_group.sync.aligned;\n":::"memory");
-}
-
-__device__ __forceinline__ void
-mdw_wait_all(void)
-{
-	asm volatile("wgmma.wait_group.sync.aligned 0;\n":::"memory");
-}
-
-/* registers a finished wgmma wrote, pinned after its wait (not read earlier) */
-__device__ __forceinline__ void
-mdw_pin16(float *r)
-{
-#pragma unroll
-	for (int i = 0; i < 16; i++)
-		asm volatile("":"+f"(r[i])::"memory");
-}
-
-/* generic-proxy shared writes (cp.async, stores) of this thread visible to wgmma */
-__device__ __forceinline__ void
-mdw_fence_async_smem(void)
-{
-	asm volatile("fence.proxy.async.shared::cta;\n":::"memory");
-}
-
-__device__ __forceinline__ float
-mdw_ex2(float x)
-{
-	float		y;
-
-	asm("ex2.approx.ftz.f32 %0, %1;\n":"=f"(y):"f"(x));
-	return y;
-}
-
-__device__ __forceinline__ void
-mdw_cp16(uint32_t s, const void *g)
-{
-	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"::"r"(s), "l"(g));
-}
+#ifdef KK_WGMMA
 
 __device__ __forceinline__ void
 mdw_zero16(uint32_t s)
@@ -184,7 +118,7 @@ mdw_load_tile(uint32_t buf, const uint8_t *src, uint32_t src0, uint32_t dst0, in
 		uint32_t	d = buf + mdw_copy_dst(dst0, i);
 
 		if (key0 + 32 * (i / MDW_SLABS) < nk)
-			mdw_cp16(d, src + mdw_copy_src(src0, i));
+			kw_cp16(d, src + mdw_copy_src(src0, i));
 		else
 			mdw_zero16(d);
 	}
@@ -256,7 +190,7 @@ mdw_softmax(const float *ss, uint32_t sp, float *sm, float *sl, float *scorr, in
 #pragma unroll
 	for (int i = 0; i < 4; i++)
 	{
-		w[i] = cvt_bf16x2(mdw_ex2(fmaf(x[2 * i], scale_log2, -b)), mdw_ex2(fmaf(x[2 * i + 1], scale_log2, -b)));
+		w[i] = cvt_bf16x2(kw_ex2(fmaf(x[2 * i], scale_log2, -b)), kw_ex2(fmaf(x[2 * i + 1], scale_log2, -b)));
 		sum += __uint_as_float(w[i] << 16) + __uint_as_float(w[i] & 0xffff0000u);
 	}
 	mdw_st16(sp + mdw_p_chunk(h, sub), w[0], w[1], w[2], w[3]);
@@ -266,7 +200,7 @@ mdw_softmax(const float *ss, uint32_t sp, float *sm, float *sl, float *scorr, in
 	__syncwarp();				/* (every lane of the head has read sm[h]) */
 	if (sub == 0)
 	{
-		float		corr = mold == -INFINITY ? 0.0f : mdw_ex2((mold - mnew) * scale_log2);
+		float		corr = mold == -INFINITY ? 0.0f : kw_ex2((mold - mnew) * scale_log2);
 
 		sm[h] = mnew;
 		sl[h] = sl[h] * corr + sum;
@@ -274,14 +208,14 @@ mdw_softmax(const float *ss, uint32_t sp, float *sm, float *sl, float *scorr, in
 	}
 }
 
-#endif							/* MDW_WGMMA */
+#endif							/* KK_WGMMA */
 
 /* ---------------------------------------------------------------- the kernel */
 
 __global__ void __launch_bounds__(MDW_THREADS, 1)
 mla_decode_wg_kernel(kk_mla_decode_args a, float scale_log2)
 {
-#ifdef MDW_WGMMA
+#ifdef KK_WGMMA
 	extern __shared__ uint4 mdw_smem_raw[];
 	uint8_t    *base = (uint8_t *) (((uintptr_t) mdw_smem_raw + 1023) & ~(uintptr_t) 1023);
 	float	   *ss = (float *) (base + 2 * MDW_TILE + MDW_QBYTES + MDW_PBYTES),	/* [2][64][MDW_SPITCH] */
@@ -351,7 +285,7 @@ mla_decode_wg_kernel(kk_mla_decode_args a, float scale_log2)
 
 		/* tile j landed (this thread's copies; the barrier: everyone's; the fence: visible to wgmma) */
 		cp_async_wait_group<1>();
-		mdw_fence_async_smem();
+		kw_fence_async_smem();
 		__syncthreads();
 
 		/* S^T, this warpgroup's half of the k-steps, to shared memory */
@@ -363,14 +297,14 @@ mla_decode_wg_kernel(kk_mla_decode_args a, float scale_log2)
 						qa0 = (sq_a + mdw_s_b_wg(wg, 0)) >> 4,
 						qa1 = (sq_a + mdw_s_b_wg(wg, 16)) >> 4;
 
-			mdw_wg_fence();
+			kw_fence();
 #pragma unroll
 			for (int k = 0; k < MDW_WA / 32; k++)
 				mdw_mma<0>(d, mdw_desc_at(k < 16 ? ka0 : ka1, mdw_s_a_off(mdw_s_kstep(0, k)), MDW_LBO_K),
 						   mdw_desc_at(k < 16 ? qa0 : qa1, mdw_s_b_off(mdw_s_kstep(0, k)), MDW_LBO_K), k > 0);
-			mdw_commit();
-			mdw_wait_all();
-			mdw_pin16(d);
+			kw_commit();
+			kw_wait<0>();
+			kw_pin<16>(d);
 #pragma unroll
 			for (int n = 0; n < 4; n++)
 			{
@@ -385,7 +319,7 @@ mla_decode_wg_kernel(kk_mla_decode_args a, float scale_log2)
 		__syncthreads();
 
 		mdw_softmax(ss, sp_a, sm, sl, scorr, nk, scale_log2);
-		mdw_fence_async_smem();	/* (P^T's stores, for wgmma) */
+		kw_fence_async_smem();	/* (P^T's stores, for wgmma) */
 		__syncthreads();
 
 		/* O^T = O^T corr + V^T P^T, this warpgroup's 4 blocks of 64 value columns */
@@ -408,18 +342,18 @@ mla_decode_wg_kernel(kk_mla_decode_args a, float scale_log2)
 					o[16 * mb + 4 * n + 3] *= c1;
 				}
 			}
-			mdw_wg_fence();
+			kw_fence();
 #pragma unroll
 			for (int mb = 0; mb < 4; mb++)
 #pragma unroll
 				for (int kk = 0; kk < MDW_KT / 16; kk++)
 					mdw_mma<1>(o + 16 * mb, mdw_desc_at(ka, mdw_o_a_off(4 * wg + mb, kk), MDW_LBO_MN),
 							   mdw_desc_at(pa, mdw_o_b_off(kk), MDW_LBO_K), 1);
-			mdw_commit();
-			mdw_wait_all();
+			kw_commit();
+			kw_wait<0>();
 #pragma unroll
 			for (int mb = 0; mb < 4; mb++)
-				mdw_pin16(o + 16 * mb);
+				kw_pin<16>(o + 16 * mb);
 		}
 
 		/* both warpgroups are done with tile j's buffer: tile j + 2 into it */
@@ -464,70 +398,10 @@ mla_decode_wg_kernel(kk_mla_decode_args a, float scale_log2)
 
 /* ---------------------------------------------------------------- host side */
 
-/* 1 when the current device runs this library's sm_90a image (probed once per device), else 0 */
-static int
-mdw_device_has_wgmma(void)
-{
-	static int	known[64];		/* 0 unknown, 1 no, 2 yes */
-	int			dev = 0,
-				major = 0,
-				minor = 0,
-				has = 0,
-			   *d_has = NULL;
-
-	if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64)
-		return 0;
-	if (known[dev])
-		return known[dev] == 2;
-	if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-		cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
-		return 0;
-	if (major == 9 && minor == 0 && cudaMalloc((void **) &d_has, sizeof(int)) == cudaSuccess)
-	{
-		mdw_probe_kernel<<<1, 1>>>(d_has);
-		if (cudaMemcpy(&has, d_has, sizeof(int), cudaMemcpyDeviceToHost) != cudaSuccess)
-			has = 0;
-		cudaFree(d_has);
-	}
-	cudaGetLastError();			/* (a failed probe leaves no sticky error behind) */
-	known[dev] = has ? 2 : 1;
-	return has;
-}
-
 extern "C" int
 kk_mla_decode_wg_supported(int Ha, int R, int Dr)
 {
-	return Ha == MDW_HEADS && R == MDW_R && Dr == MDW_DR && mdw_device_has_wgmma();
-}
-
-/*
- * Keys per range: the range count r (at most 8 waves' worth) minimizing
- * waves x (tiles a range + 1), one block an SM, the smaller r on ties.
- * 4k keys: batch 1 -> 64 ranges of 64 keys, batch 32 -> 4 of 1024, batch 64
- * -> 2 of 2048; 32k keys, batch 1 -> 128 ranges of 256.
- */
-extern "C" int64_t
-kk_mla_decode_wg_split(int64_t max_keys, int n_tokens, int sm_count)
-{
-	int64_t		tiles = (max_keys + MDW_KT - 1) / MDW_KT,
-				n = n_tokens > 0 ? n_tokens : 1,
-				sms = sm_count > 0 ? sm_count : 1,
-				best = tiles > 0 ? tiles : 1,
-				best_cost = -1;
-
-	for (int64_t r = 1; r <= tiles && r <= 8 * sms; r++)
-	{
-		int64_t		per = (tiles + r - 1) / r,
-					waves = (n * r + sms - 1) / sms,
-					cost = waves * (per + 1);
-
-		if (best_cost < 0 || cost < best_cost)
-		{
-			best_cost = cost;
-			best = per;
-		}
-	}
-	return best * MDW_KT;
+	return Ha == MDW_HEADS && R == MDW_R && Dr == MDW_DR && kk_device_has_wgmma();
 }
 
 extern "C" int

@@ -40,7 +40,7 @@
  */
 #include <math.h>
 
-#include "common.cuh"
+#include "wgmma.cuh"
 
 #define MW_KT 64				/* keys per tile */
 #define MW_DN 128
@@ -65,24 +65,20 @@ mw_swz(int r, int c)
 	return (uint32_t) (r * 128 + ((c ^ (r & 7)) << 4));
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define MW_WGMMA 1
-#endif
-
-/* the image this kernel runs from has wgmma (probed once by the host) */
+/* the image this kernel runs from has wgmma (kk_device_has_wgmma's probe) */
 __global__ void
-mw_probe_kernel(int *has)
+kw_probe_kernel(int *has)
 {
-#ifdef MW_WGMMA
+#ifdef KK_WGMMA
 	*has = 1;
 #else
 	*has = 0;
 #endif
 }
 
-#ifdef MW_WGMMA
+#ifdef KK_WGMMA
 
-/* ---------------------------------------------------------------- PTX wrappers (sm_90a) */
+/* ---------------------------------------------------------------- descriptors (sm_90a) */
 
 /* a 128-byte-swizzle matrix descriptor (shared address, leading and stride byte offsets) */
 __device__ __forceinline__ uint64_t
@@ -111,72 +107,6 @@ mw_desc_of(uint32_t lo)
 	return ((uint64_t) MW_DESC_HI << 32) | lo;
 }
 
-/* register writes before it are done before the next wgmma reads them */
-__device__ __forceinline__ void
-mw_fence(void)
-{
-	asm volatile("wgmma.fence.sync.aligned;\n":::"memory");
-}
-
-__device__ __forceinline__ void
-mw_commit(void)
-{
-	asm volatile("wgmma.commit_group.sync.aligned;\n":::"memory");
-}
-
-/* at most N of this warpgroup's wgmma groups still in flight */
-template <int N>
-__device__ __forceinline__ void
-mw_wait(void)
-{
-	asm volatile("wgmma.wait_group.sync.aligned %0;\n"::"n"(N):"memory");
-}
-
-/*
- * Pin registers an in-flight wgmma reads or writes to this point of the
- * program: the compiler sees them used and redefined here, so it neither
- * reads accumulators before the wait nor reuses an operand's register early.
- */
-template <int N>
-__device__ __forceinline__ void
-mw_pin(float *r)
-{
-#pragma unroll
-	for (int i = 0; i < N; i++)
-		asm volatile("":"+f"(r[i])::"memory");
-}
-
-template <int N>
-__device__ __forceinline__ void
-mw_pin_u(uint32_t *r)
-{
-#pragma unroll
-	for (int i = 0; i < N; i++)
-		asm volatile("":"+r"(r[i])::"memory");
-}
-
-/* this thread's generic-proxy shared writes (cp.async, stores) visible to wgmma */
-__device__ __forceinline__ void
-mw_fence_async_smem(void)
-{
-	asm volatile("fence.proxy.async.shared::cta;\n":::"memory");
-}
-
-/*
- * 2^x flushing a subnormal result to zero: one MUFU.EX2 (exp2f without
- * fast math also scales around it for subnormal results, 3 more
- * instructions an element).  A probability under 2^-126 of the row's
- * largest (which is 1) changes no fp32 sum or product that matters.
- */
-__device__ __forceinline__ float
-mw_ex2(float x)
-{
-	float		y;
-
-	asm("ex2.approx.ftz.f32 %0, %1;\n":"=f"(y):"f"(x));
-	return y;
-}
-
 /* the two bf16 halves of a packed pair (low: lo, high: hi) as floats: exact, one instruction each */
 __device__ __forceinline__ float
 mw_bf16_lo(uint32_t w)
@@ -188,13 +118,6 @@ __device__ __forceinline__ float
 mw_bf16_hi(uint32_t w)
 {
 	return __uint_as_float(w & 0xffff0000u);
-}
-
-/* 16 bytes global -> shared (a shared-window address: no conversion in the tile loop) */
-__device__ __forceinline__ void
-mw_cp16(uint32_t s, const void *g)
-{
-	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"::"r"(s), "l"(g));
 }
 
 /* d (64 x 64, fp32) = A B over k = 16 (d written, not read: no zeroing before it) */
@@ -275,7 +198,7 @@ mw_mma_rs_n128(float *d, const uint32_t *a, uint64_t db, int accumulate)
 				 :"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
 }
 
-#endif							/* MW_WGMMA */
+#endif							/* KK_WGMMA */
 
 /* ---------------------------------------------------------------- loads */
 
@@ -314,7 +237,7 @@ mw_load_tile(uint8_t *dst, const uint16_t *__restrict__ kv16, const uint16_t *__
 	}
 }
 
-#ifdef MW_WGMMA
+#ifdef KK_WGMMA
 
 /*
  * A full key tile's copies (all 64 keys below m) with the index math done
@@ -368,16 +291,16 @@ struct mw_loader
 #pragma unroll
 		for (int i = 0; i < KI; i++)
 			if (KS * (i + 1) <= MW_KT || kv_row + KS * i < MW_KT)
-				mw_cp16(dst + ((kv_dst ^ ((KS * i) & 4 ? 64u : 0u)) + (uint32_t) (KS * i * 128)),
+				kw_cp16(dst + ((kv_dst ^ ((KS * i) & 4 ? 64u : 0u)) + (uint32_t) (KS * i * 128)),
 						k + (size_t) (KS * i) * L);
 #pragma unroll
 		for (int i = 0; i < RI; i++)
 			if (RS * (i + 1) <= MW_KT || rope_row + RS * i < MW_KT)
-				mw_cp16(dst + rope_dst + (uint32_t) (RS * i * 128), r + (size_t) (RS * i) * Wa);
+				kw_cp16(dst + rope_dst + (uint32_t) (RS * i * 128), r + (size_t) (RS * i) * Wa);
 	}
 };
 
-#endif							/* MW_WGMMA */
+#endif							/* KK_WGMMA */
 
 /* ---------------------------------------------------------------- the kernel */
 
@@ -387,7 +310,7 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 					   const uint16_t *__restrict__ kv16, const uint16_t *__restrict__ lat16, float scale_log2,
 					   float *__restrict__ out)
 {
-#ifdef MW_WGMMA
+#ifdef KK_WGMMA
 	typedef mw_shape<NW, STAGES> S;
 	constexpr int NT = NW * 128,
 				QROWS = S::QROWS,
@@ -476,7 +399,7 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 		 * j + D reuses, has no reader left (its P V was waited for there).
 		 */
 		cp_async_wait_group<D - 1>();
-		mw_fence_async_smem();
+		kw_fence_async_smem();
 		__syncthreads();
 		if (j + D < ntiles && (j + D + 1) * MW_KT <= m)
 			ld.load(kl, L, Wa, j + D);
@@ -493,26 +416,26 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 		const uint32_t dk0 = mw_desc_lo(kt, 16),
 					dv0 = mw_desc_lo(kprev + 3 * MW_SLAB, MW_SLAB);
 
-		mw_pin<64>(o);
-		mw_pin_u<16>(p);
-		mw_fence();
+		kw_pin<64>(o);
+		kw_pin_u<16>(p);
+		kw_fence();
 		mw_mma_ss_n64_first(s, mw_desc_of(dq0), mw_desc_of(dk0));
 #pragma unroll
 		for (int k = 1; k < DQ / 16; k++)
 			mw_mma_ss_n64(s, mw_desc_of(dq0 + (uint32_t) (((k >> 2) * QSLAB + (k & 3) * 32) >> 4)),
 						  mw_desc_of(dk0 + (uint32_t) (((k >> 2) * MW_SLAB + (k & 3) * 32) >> 4)), 1);
-		mw_commit();
+		kw_commit();
 		if (j > 0)
 		{
 #pragma unroll
 			for (int kk = 0; kk < MW_KT / 16; kk++)
 				mw_mma_rs_n128(o, p + 4 * kk, mw_desc_of(dv0 + (uint32_t) (kk * 2048 >> 4)), 1);
-			mw_commit();
-			mw_wait<1>();
+			kw_commit();
+			kw_wait<1>();
 		}
 		else
-			mw_wait<0>();
-		mw_pin<32>(s);
+			kw_wait<0>();
+		kw_pin<32>(s);
 
 		/* mask keys past a row's position (only the tiles crossing the diagonal) */
 		if ((j + 1) * MW_KT - 1 > wg_first)
@@ -560,12 +483,12 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 			mx1 = t1;
 #pragma unroll
 			for (int i = 0; i < 32; i++)
-				s[i] = mw_ex2(fmaf(s[i], scale_log2, i & 2 ? -b1 : -b0));
+				s[i] = kw_ex2(fmaf(s[i], scale_log2, i & 2 ? -b1 : -b0));
 
 			/* P_{j-1} V_{j-1} done: O and the P registers are free */
-			mw_wait<0>();
-			mw_pin<64>(o);
-			mw_pin_u<16>(p);
+			kw_wait<0>();
+			kw_pin<64>(o);
+			kw_pin_u<16>(p);
 
 			/*
 			 * Rounded to bf16 straight into packed pairs, P as A fragments
@@ -605,16 +528,16 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 	}
 
 	/* the last tile's P V */
-	mw_pin<64>(o);
-	mw_pin_u<16>(p);
-	mw_fence();
+	kw_pin<64>(o);
+	kw_pin_u<16>(p);
+	kw_fence();
 #pragma unroll
 	for (int kk = 0; kk < MW_KT / 16; kk++)
 		mw_mma_rs_n128(o, p + 4 * kk, mw_desc(kprev + 3 * MW_SLAB + kk * 2048, MW_SLAB, 1024), 1);
-	mw_commit();
-	mw_wait<0>();
-	mw_pin<64>(o);
-	mw_pin_u<16>(p);
+	kw_commit();
+	kw_wait<0>();
+	kw_pin<64>(o);
+	kw_pin_u<16>(p);
 	cp_async_wait_group<0>();			/* (only empty groups can be left) */
 
 	/* O / l for the rows of the step */
@@ -664,9 +587,9 @@ mw_pick(int groups, size_t *smem)
 	return NULL;
 }
 
-/* 1 when the current device runs this library's sm_90a image (probed once per device), else 0 */
-static int
-mw_device_has_wgmma(void)
+/* wgmma.cuh */
+int
+kk_device_has_wgmma(void)
 {
 	static int	known[64];		/* 0 unknown, 1 no, 2 yes */
 	int			dev = 0,
@@ -684,7 +607,7 @@ mw_device_has_wgmma(void)
 		return 0;
 	if (major == 9 && minor == 0 && cudaMalloc((void **) &d_has, sizeof(int)) == cudaSuccess)
 	{
-		mw_probe_kernel<<<1, 1>>>(d_has);
+		kw_probe_kernel<<<1, 1>>>(d_has);
 		if (cudaMemcpy(&has, d_has, sizeof(int), cudaMemcpyDeviceToHost) != cudaSuccess)
 			has = 0;
 		cudaFree(d_has);
@@ -700,7 +623,7 @@ kk_mla_flash_wgmma_supported(int groups, int Ha, int Dn, int Dr, int Dv, int R)
 	size_t		smem;
 
 	return Ha >= 1 && Ha <= 65535 && R >= 0 && R % 8 == 0 && Dn == MW_DN && Dr == MW_DR && Dv == MW_DV &&
-		mw_pick(groups, &smem) != NULL && mw_device_has_wgmma();
+		mw_pick(groups, &smem) != NULL && kk_device_has_wgmma();
 }
 
 extern "C" int

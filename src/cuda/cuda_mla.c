@@ -100,8 +100,8 @@ cuda_release_mla(kl_backend *be, kl_mla_layer *w)
 /* ------------------------------------------------------------------ absorbed form */
 
 /*
- * Keys per range for the tensor-core kernel (a multiple of its 64-key tile).
- * It holds one block per SM (about 200 KB of shared memory at the 48B
+ * Keys per range for the tensor-core kernels (a multiple of their 64-key
+ * tile).  Each holds one block per SM (about 200 KB of shared memory at the 48B
  * shapes), and a block pays a fixed cost besides its tiles (Qabs, about one
  * tile's bytes; its partials, about one tile's bytes written and read by
  * mla_merge), so: the range count that minimizes waves x (tiles per range +
@@ -147,9 +147,8 @@ decode_split(int variant, int64_t max_keys, int n, int sm_count)
 	switch (variant)
 	{
 		case 1:
-			return mma_split(max_keys, n, sm_count);
 		case 2:
-			return kk_mla_decode_wg_split(max_keys, n, sm_count);
+			return mma_split(max_keys, n, sm_count);
 	}
 	split = (split + 31) / 32 * 32;
 	return split < SPLIT_MIN_KEYS ? SPLIT_MIN_KEYS : split;
