@@ -1075,33 +1075,16 @@ kk_mla_attend_mma(cudaStream_t s, int n_tokens, int max_splits, int split_keys, 
 }
 
 /*
- * olat[t, h] = sum over key ranges of exp(m_p - M) acc_p / sum of exp(m_p - M) l_p.
- * The ranges' (m, l) are read by all threads at once and their weights made
- * once in shared memory (dynamic: max_splits floats); then each thread sums
- * its column over the ranges with the loads unrolled (one round trip per 16).
+ * The weights exp(m_p - M) of a token's np key ranges for head h into wsc
+ * (M their largest max) and the sum of w_p l_p, returned to every thread:
+ * the first half of both merges.  Ends with a barrier (wsc is read next).
  */
-__global__ void
-mla_merge_kernel(int split_keys, int max_splits, int Ha, int R, const float *part_acc, const float *part_ml,
-				 const int *row_seq, const int *row0, const int64_t *pos0, const int *absorbed, float *olat)
+__device__ __forceinline__ float
+merge_weights(const float *part_ml, size_t base, int Ha, int h, int np, float *wsc, float *red)
 {
-	extern __shared__ float wsc[];	/* [max_splits] weights exp(m_p - M) */
-	__shared__ float red[32];
-	int			t = blockIdx.x,
-				h = blockIdx.y;
-	int			s;
-	int64_t		pos;
-	int			np;
-	size_t		base = (size_t) t * max_splits * Ha;
 	float		M = -INFINITY,
 				L = 0;
 
-	kk_dep_wait();
-	kk_dep_launch();
-	s = row_seq[t];
-	pos = pos0[s] + (t - row0[s]);
-	np = (int) (pos / split_keys) + 1;
-	if (!absorbed[s])
-		return;
 	for (int p = threadIdx.x; p < np; p += blockDim.x)
 	{
 		float		mp = part_ml[(base + (size_t) p * Ha + h) * 2];
@@ -1127,6 +1110,37 @@ mla_merge_kernel(int split_keys, int max_splits, int Ha, int R, const float *par
 	}
 	L = block_sum(L, red);
 	__syncthreads();
+	return L;
+}
+
+/*
+ * olat[t, h] = sum over key ranges of exp(m_p - M) acc_p / sum of exp(m_p - M) l_p.
+ * The ranges' (m, l) are read by all threads at once and their weights made
+ * once in shared memory (dynamic: max_splits floats); then each thread sums
+ * its column over the ranges with the loads unrolled (one round trip per 16).
+ */
+__global__ void
+mla_merge_kernel(int split_keys, int max_splits, int Ha, int R, const float *part_acc, const float *part_ml,
+				 const int *row_seq, const int *row0, const int64_t *pos0, const int *absorbed, float *olat)
+{
+	extern __shared__ float wsc[];	/* [max_splits] weights exp(m_p - M) */
+	__shared__ float red[32];
+	int			t = blockIdx.x,
+				h = blockIdx.y;
+	int			s;
+	int64_t		pos;
+	int			np;
+	size_t		base = (size_t) t * max_splits * Ha;
+	float		L;
+
+	kk_dep_wait();
+	kk_dep_launch();
+	s = row_seq[t];
+	pos = pos0[s] + (t - row0[s]);
+	np = (int) (pos / split_keys) + 1;
+	if (!absorbed[s])
+		return;
+	L = merge_weights(part_ml, base, Ha, h, np, wsc, red);
 	for (int c = threadIdx.x; c < R; c += blockDim.x)
 	{
 		float		o = 0;
@@ -1174,8 +1188,7 @@ mla_merge_wide_kernel(int split_keys, int max_splits, int Ha, int R, const float
 				w = threadIdx.x >> 5,
 				c = blockIdx.z * MERGE_COLS + 2 * lane;
 	size_t		base = (size_t) t * max_splits * Ha;
-	float		M = -INFINITY,
-				L = 0;
+	float		L;
 	float2		o = make_float2(0.0f, 0.0f);
 	int			s,
 				np;
@@ -1188,31 +1201,7 @@ mla_merge_wide_kernel(int split_keys, int max_splits, int Ha, int R, const float
 	np = (int) (pos / split_keys) + 1;
 	if (!absorbed[s])
 		return;
-	for (int p = threadIdx.x; p < np; p += blockDim.x)
-	{
-		float		mp = part_ml[(base + (size_t) p * Ha + h) * 2];
-
-		wsc[p] = mp;
-		M = fmaxf(M, mp);
-	}
-	M = warp_max(M);
-	if (lane == 0)
-		red[w] = M;
-	__syncthreads();
-	M = -INFINITY;
-	for (int i = 0; i < MERGE_WARPS; i++)
-		M = fmaxf(M, red[i]);
-	__syncthreads();
-	for (int p = threadIdx.x; p < np; p += blockDim.x)
-	{
-		float		mp = wsc[p],
-					wp = mp != -INFINITY ? expf(mp - M) : 0.0f;
-
-		wsc[p] = wp;
-		L += wp * part_ml[(base + (size_t) p * Ha + h) * 2 + 1];
-	}
-	L = block_sum(L, red);
-	__syncthreads();
+	L = merge_weights(part_ml, base, Ha, h, np, wsc, red);
 	if (c < R)
 	{
 #pragma unroll 8
