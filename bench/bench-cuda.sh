@@ -18,6 +18,10 @@
 #                                           1024,4096,8192): each KL_CUDA_MOE_PREFILL path (0, 0 loop, 3, 4)
 #   bash bench/bench-cuda.sh mla T1,T2,..   our MLA prefill attention (flash kernel and cuBLAS path) and
 #                                           PyTorch's cuDNN SDPA, 32 heads, q/k 192, v 128, causal (SDPA=0: ours only)
+#   bash bench/bench-cuda.sh mla-decode [C1,..] [B1,..] [V1,..]
+#                                           the MLA decode attention stage alone (attend + merge) at contexts C
+#                                           and batches B through each KL_CUDA_MLA_MMA variant V (0 CUDA cores,
+#                                           1 mma.sync, 2 wgmma), 48B head shapes, bf16 cache
 #   bash bench/bench-cuda.sh model CONFIG [options of bench_cuda model]
 #                                           (--quantize fp8|int8|int4: random weights made on the GPU in
 #                                           that form; the RESULT kind=model line gives resident_GB)
@@ -144,6 +148,10 @@ mla)
 	[ "${SDPA:-1}" = 0 ] && exit 0
 	PYTHONUNBUFFERED=1 timeout ${SDPA_TIMEOUT:-300} python3 bench/bench_cuda_sdpa.py "$Ts" 2>&1 |
 		grep -v "^\s*$" | log || echo "RESULT kind=sdpa error=\"timed out or failed\"" | log
+	;;
+mla-decode)
+	unpack
+	$K/bin/bench_cuda mla_decode "${1:-1024,4096,32768}" "${2:-1,8,32,64}" "${3:-0,1,2}" 2>&1 | log
 	;;
 ncu)
 	# per-kernel GPU time of a bench_cuda run (Nsight Compute, clocks left alone)
