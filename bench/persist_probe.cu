@@ -36,15 +36,30 @@
  *      the lat op's).
  *   E  B's kernel launched once a layer (27 cooperative launches in stream
  *      order): what a kernel boundary a layer costs (no loads across it).
+ *   (round 2, after B-E lost to A: their engine streamed below the copy rate)
+ *   F  one persistent kernel (f_chain<false>) streaming as the library's
+ *      GEMVs do: one 1024-thread block an SM, each lane 6 register loads in
+ *      flight, no shared-memory ring, no early loads; norms (and SwiGLU) in
+ *      every block: does the persistent form match A's per-op streaming?
+ *   G  F + each warp's share of the next product prefetched into L2
+ *      (prefetch.global.L2) before its block waits on a dependency: all of
+ *      O's and the first PROBE_AHEAD_MB (16) of G's under the lat op,
+ *      PROBE_HOP_MB (4) of the next product's before the other waits.
+ *   H  A whose O GEMV (launched by PDL while the lat op runs) prefetches
+ *      its blocks' rows into L2 before kk_dep_wait: no persistent kernel.
+ *   I  H for every GEMV, and O's blocks also prefetch the first
+ *      PROBE_AHEAD_MB of G's weights under the lat op.
  * Also: a plain streaming read of all the weights (the ceiling), and the lat
  * op alone (L dependent launches in a graph).  Each table is printed for
  * L = 27 and L = 1; for L = 27 a second table from one traced run of each
- * persistent variant (%globaltimer marks) says where a layer's time goes:
+ * persistent variant (B-G) (%globaltimer marks) says where a layer's time goes:
  * each product from its input to its last block, each hop between them.
  *
- * Built and run on the GPU machine by `bash bench/bench-cuda.sh
- * persist-probe [ROUNDS]`; PROBE_LAT_ITERS sets the lat op's iterations
- * (default 24, ~5 us).  Self-contained: no library change.
+ * Run on the GPU machine by `bash bench/bench-cuda.sh persist-probe
+ * [ROUNDS]` (it runs bench/bin/persist_probe.xz when carried, made without a
+ * GPU by `bash bench/bench-cuda.sh persist-probe-build`, else builds it
+ * there); PROBE_LAT_ITERS sets the lat op's iterations (default 24, 12 us on
+ * the H200).  Self-contained: no library change.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -921,6 +936,13 @@ f_prefetch(const uint4 *W, int skip, int n)
 		kk_prefetch_l2(W + (size_t) 32 * lo, (size_t) (hi - lo) * FUNIT_BYTES, threadIdx.x & 31);
 }
 
+/* layer l's matrix of product op */
+__device__ __forceinline__ const uint4 *
+layer_w(const chain_t &c, int op, int l)
+{
+	return op_weights(c, op) + (size_t) l * op_layer_pieces(op);
+}
+
 /* units a warp: KB over the grid -> units of each warp, rounded (at least 1 when kb > 0) */
 __device__ __forceinline__ int
 f_units_of_kb(int kb)
@@ -971,12 +993,6 @@ f_chain(chain_t c)
 		size_t		lh = (size_t) l * HID;
 		bool		b0 = blockIdx.x == 0;
 
-		/* (this layer's matrices: Wp .. Wd; macros, not variables, so that nothing stays live across an op) */
-#define Wp (c.Wp + l * op_layer_pieces(OP_P))
-#define Wo (c.Wo + l * op_layer_pieces(OP_O))
-#define Wg (c.Wg + l * op_layer_pieces(OP_G))
-#define Wd (c.Wd + l * op_layer_pieces(OP_D))
-
 		/* P: norm(x) -> p, then the lat op in P's last block */
 		if (l > 0)
 			block_wait(cl - C_N + C_D, all);
@@ -984,12 +1000,12 @@ f_chain(chain_t c)
 						   l > 0 ? c.d + lh - HID : NULL, c.nw, red);
 		__syncthreads();
 		trace_mark(c, l, T_P_IN, b0);
-		f_stream<OP_P>(Wp, xs, c.p + (size_t) l * P_ROWS);
+		f_stream<OP_P>(layer_w(c, OP_P, l), xs, c.p + (size_t) l * P_ROWS);
 		trace_mark(c, l, T_P_END, b0);
 		if (PF)
 		{
-			f_prefetch<OP_O>(Wo, 0, 1 << 30);
-			f_prefetch<OP_G>(Wg, 0, f_units_of_kb(c.pf_ahead_kb));
+			f_prefetch<OP_O>(layer_w(c, OP_O, l), 0, 1 << 30);
+			f_prefetch<OP_G>(layer_w(c, OP_G, l), 0, f_units_of_kb(c.pf_ahead_kb));
 		}
 		if (block_done(cl + C_P))
 		{
@@ -1003,10 +1019,10 @@ f_chain(chain_t c)
 		block_wait(cl + C_LAT, 1);
 		stage_vector<FT>(xs, c.a + (size_t) l * LAT_N, LAT_N);
 		trace_mark(c, l, T_O_IN, b0);
-		f_stream<OP_O>(Wo, xs, c.o + lh);
+		f_stream<OP_O>(layer_w(c, OP_O, l), xs, c.o + lh);
 		trace_mark(c, l, T_O_END, b0);
 		if (PF)
-			f_prefetch<OP_G>(Wg, f_units_of_kb(c.pf_ahead_kb), f_units_of_kb(c.pf_hop_kb));
+			f_prefetch<OP_G>(layer_w(c, OP_G, l), f_units_of_kb(c.pf_ahead_kb), f_units_of_kb(c.pf_hop_kb));
 		trace_mark(c, l, T_O_ALL, block_done(cl + C_O));
 
 		/* G: norm(x + o) -> G's row sums */
@@ -1014,20 +1030,20 @@ f_chain(chain_t c)
 		add_norm_block<FT>(xs, b0 ? c.xmid + lh : NULL, c.xres + lh, c.o + lh, c.nw, red);
 		__syncthreads();
 		trace_mark(c, l, T_G_IN, b0);
-		f_stream<OP_G>(Wg, xs, c.gs + (size_t) l * G_ROWS);
+		f_stream<OP_G>(layer_w(c, OP_G, l), xs, c.gs + (size_t) l * G_ROWS);
 		trace_mark(c, l, T_G_END, b0);
 		if (PF)
-			f_prefetch<OP_D>(Wd, 0, f_units_of_kb(c.pf_hop_kb));
+			f_prefetch<OP_D>(layer_w(c, OP_D, l), 0, f_units_of_kb(c.pf_hop_kb));
 		trace_mark(c, l, T_G_ALL, block_done(cl + C_G));
 
 		/* D: SwiGLU of G's sums -> d; after the last layer, x + d (and its norm) by D's last block */
 		block_wait(cl + C_G, all);
 		f_stage_swiglu(xs, c.gs + (size_t) l * G_ROWS);
 		trace_mark(c, l, T_D_IN, b0);
-		f_stream<OP_D>(Wd, xs, c.d + lh);
+		f_stream<OP_D>(layer_w(c, OP_D, l), xs, c.d + lh);
 		trace_mark(c, l, T_D_END, b0);
 		if (PF && l + 1 < c.l1)
-			f_prefetch<OP_P>(Wp + op_layer_pieces(OP_P), 0, f_units_of_kb(c.pf_hop_kb));
+			f_prefetch<OP_P>(layer_w(c, OP_P, l + 1), 0, f_units_of_kb(c.pf_hop_kb));
 		{
 			bool		last = block_done(cl + C_D);
 
@@ -1038,10 +1054,6 @@ f_chain(chain_t c)
 				block_signal(cl + C_N + C_N1);
 			}
 		}
-#undef Wp
-#undef Wo
-#undef Wg
-#undef Wd
 	}
 }
 
