@@ -30,7 +30,8 @@
 #                                           48B shapes): kernel per op in a graph against one persistent
 #                                           kernel with and without early weight loads (bench/persist_probe.cu;
 #                                           PROBE_LAT_ITERS: the latency-bound op's length; PROBE_AHEAD_MB,
-#                                           PROBE_HOP_MB: variants G and I's L2 prefetch), one table each;
+#                                           PROBE_HOP_MB: variants G and I's L2 prefetch; PROBE_SKIP=BCE:
+#                                           variants not run), one table each;
 #                                           runs bench/bin/persist_probe.xz if carried (made by
 #                                           persist-probe-build), else builds it there first
 #   bash bench/bench-cuda.sh persist-probe-build  (no GPU needed) build it for sm_90a into

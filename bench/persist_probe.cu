@@ -49,17 +49,21 @@
  *      its blocks' rows into L2 before kk_dep_wait: no persistent kernel.
  *   I  H for every GEMV, and O's blocks also prefetch the first
  *      PROBE_AHEAD_MB of G's weights under the lat op.
+ *   J  G with each product's units claimed dynamically (chunks of 24 from
+ *      a counter) instead of a static share a warp: the static split's tail.
  * Also: a plain streaming read of all the weights (the ceiling), and the lat
  * op alone (L dependent launches in a graph).  Each table is printed for
  * L = 27 and L = 1; for L = 27 a second table from one traced run of each
- * persistent variant (B-G) (%globaltimer marks) says where a layer's time goes:
+ * persistent variant (B-G, J) (%globaltimer marks) says where a layer's time goes:
  * each product from its input to its last block, each hop between them.
  *
  * Run on the GPU machine by `bash bench/bench-cuda.sh persist-probe
  * [ROUNDS]` (it runs bench/bin/persist_probe.xz when carried, made without a
  * GPU by `bash bench/bench-cuda.sh persist-probe-build`, else builds it
  * there); PROBE_LAT_ITERS sets the lat op's iterations (default 24, 12 us on
- * the H200).  Self-contained: no library change.
+ * the H200), PROBE_SKIP lists variants (B-J) not to run.  Each variant's
+ * check prints a line as it passes, so a fault names its variant.
+ * Self-contained: no library change.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -153,7 +157,7 @@ typedef struct
 			   *o,				/* [L][HID], zeroed */
 			   *h,				/* [L][H_N] */
 			   *d,				/* [L][HID], zeroed */
-			   *gs;				/* [L][G_ROWS] G's row sums (F, G: atomics), zeroed */
+			   *gs;				/* [L][G_ROWS] G's row sums (F, G, J: atomics), zeroed */
 	int			pf_ahead_kb,	/* G: KB of G's weights prefetched during the lat op (whole grid) */
 				pf_hop_kb;		/* G: KB of the next op's weights prefetched before each other wait */
 	unsigned   *cnt;			/* [L + 1][C_N], zeroed */
@@ -161,7 +165,7 @@ typedef struct
 }			chain_t;
 
 /* the dependency words of a layer: done counters count blocks, flags are 0 / 1 */
-enum { C_N1, C_P, C_LAT, C_O, C_N2, C_G, C_D, C_N };
+enum { C_N1, C_P, C_LAT, C_O, C_N2, C_G, C_D, C_QP, C_QO, C_QG, C_QD, C_N };	/* C_Q*: J's chunk claims */
 
 /*
  * Trace marks of a layer (a traced run, not timed): block 0 when its input
@@ -809,10 +813,10 @@ persist_chain(chain_t c)
 	}
 }
 
-/* --------------------------------------- the register-streaming chain (F, G) */
+/* --------------------------------------- the register-streaming chain (F, G, J) */
 
 /*
- * Variants F and G: the library's way of streaming weights inside one
+ * Variants F, G and J: the library's way of streaming weights inside one
  * persistent kernel.  One block of FT threads an SM (32 warps, <= 64
  * registers a thread), no shared-memory ring: a warp's weights go straight
  * to registers, each lane with FDEPTH 16-byte loads in flight (a slot is
@@ -918,6 +922,100 @@ f_stream(const uint4 *__restrict__ W, const float *xs, float *y)
 }
 
 /*
+ * Variant J: f_stream with the units claimed dynamically, FCHUNK at a time
+ * from the op's counter (an atomic a claim, lane 0's result broadcast), so
+ * that a slow SM takes fewer and the op ends when the last chunk does, not
+ * when the slowest static share does.  The loads run FDEPTH units ahead
+ * across chunk ends: `ca` is the chunk being loaded, `cu` the one being used
+ * and `cn` the one claimed after it (FDEPTH <= FCHUNK: the loads are at most
+ * one chunk ahead; only the last chunk is short, and every claim after it
+ * is past the end).  Chunks of 24 units (12 KB): 3456-6912 claims an op.
+ */
+#define FCHUNK 24
+
+__device__ __forceinline__ int
+f_claim(unsigned *ctr)
+{
+	unsigned	v = 0;
+
+	if ((threadIdx.x & 31) == 0)
+		v = atomicAdd(ctr, 1);
+	return (int) __shfl_sync(0xffffffffu, v, 0);
+}
+
+template <int OP>
+__device__ __noinline__ void
+f_stream_dyn(const uint4 *__restrict__ W, const float *xs, float *y, unsigned *ctr)
+{
+	constexpr int UPR = f_shape<OP>::UPR,
+				UNITS = f_shape<OP>::UNITS,
+				NCH = (UNITS + FCHUNK - 1) / FCHUNK;
+	int			lane = threadIdx.x & 31,
+				ca = f_claim(ctr),	/* loads: chunk, its next unit */
+				ua,
+				cu = ca,		/* use: chunk, unit, the chunk after it */
+				uu,
+				cn = -1,
+				row = -1;
+	uint4		nxt[FDEPTH];
+	float		racc = 0;
+
+	if (ca >= NCH)
+		return;
+	ua = ca * FCHUNK;
+	uu = ua;
+#pragma unroll
+	for (int k = 0; k < FDEPTH; k++)
+	{
+		nxt[k] = ca < NCH ? __ldg(W + (size_t) 32 * ua + lane) : make_uint4(0, 0, 0, 0);
+		if (ca < NCH && ++ua == min((ca + 1) * FCHUNK, UNITS))
+		{
+			ca = f_claim(ctr);
+			ua = ca * FCHUNK;
+			if (cn < 0)
+				cn = ca;
+		}
+	}
+	while (cu < NCH)
+	{
+#pragma unroll
+		for (int k = 0; k < FDEPTH; k++)
+		{
+			uint4		w = nxt[k];
+			int			r = uu / UPR;
+
+			if (cu >= NCH)
+				break;
+			nxt[k] = ca < NCH ? __ldg(W + (size_t) 32 * ua + lane) : make_uint4(0, 0, 0, 0);
+			if (ca < NCH && ++ua == min((ca + 1) * FCHUNK, UNITS))
+			{
+				ca = f_claim(ctr);
+				ua = ca * FCHUNK;
+				if (cn < 0)
+					cn = ca;
+			}
+			if (r != row)
+			{
+				if (row >= 0)
+					f_flush(y, row, racc);
+				row = r;
+				racc = 0;
+			}
+			racc = piece_dot(w, xs, (uu - r * UPR) * 32 + lane, racc);
+			if (++uu == min((cu + 1) * FCHUNK, UNITS))
+			{
+				/* the next chunk: claimed by the loads already (or past the end) */
+				cu = cn;
+				cn = cu == ca ? -1 : ca;
+				uu = cu * FCHUNK;
+			}
+		}
+	}
+	if (row >= 0)
+		f_flush(y, row, racc);
+}
+
+/*
  * Variant G: the L2 prefetch of units [lo + skip, lo + skip + n) of the
  * warp's share of product OP (W: its layer's matrix), issued before the
  * block waits on a dependency, so that the op reads them from L2.
@@ -974,9 +1072,10 @@ f_stage_swiglu(float *xs, const float *gs)
  * (SwiGLU of G's sums once all of G is done), D.  PF (variant G): before
  * each wait a warp issues L2 prefetches of its share of the next product:
  * all of O's and the first pf_ahead_kb of G's during the lat op, the first
- * pf_hop_kb of the next product's before the others.
+ * pf_hop_kb of the next product's before the others.  DYN (variant J): the
+ * units claimed dynamically (f_stream_dyn).
  */
-template <bool PF>
+template <bool PF, bool DYN>
 __global__ void __launch_bounds__(FT, 1)
 f_chain(chain_t c)
 {
@@ -1000,7 +1099,10 @@ f_chain(chain_t c)
 						   l > 0 ? c.d + lh - HID : NULL, c.nw, red);
 		__syncthreads();
 		trace_mark(c, l, T_P_IN, b0);
-		f_stream<OP_P>(layer_w(c, OP_P, l), xs, c.p + (size_t) l * P_ROWS);
+		if (DYN)
+			f_stream_dyn<OP_P>(layer_w(c, OP_P, l), xs, c.p + (size_t) l * P_ROWS, cl + C_QP);
+		else
+			f_stream<OP_P>(layer_w(c, OP_P, l), xs, c.p + (size_t) l * P_ROWS);
 		trace_mark(c, l, T_P_END, b0);
 		if (PF)
 		{
@@ -1019,7 +1121,10 @@ f_chain(chain_t c)
 		block_wait(cl + C_LAT, 1);
 		stage_vector<FT>(xs, c.a + (size_t) l * LAT_N, LAT_N);
 		trace_mark(c, l, T_O_IN, b0);
-		f_stream<OP_O>(layer_w(c, OP_O, l), xs, c.o + lh);
+		if (DYN)
+			f_stream_dyn<OP_O>(layer_w(c, OP_O, l), xs, c.o + lh, cl + C_QO);
+		else
+			f_stream<OP_O>(layer_w(c, OP_O, l), xs, c.o + lh);
 		trace_mark(c, l, T_O_END, b0);
 		if (PF)
 			f_prefetch<OP_G>(layer_w(c, OP_G, l), f_units_of_kb(c.pf_ahead_kb), f_units_of_kb(c.pf_hop_kb));
@@ -1030,7 +1135,10 @@ f_chain(chain_t c)
 		add_norm_block<FT>(xs, b0 ? c.xmid + lh : NULL, c.xres + lh, c.o + lh, c.nw, red);
 		__syncthreads();
 		trace_mark(c, l, T_G_IN, b0);
-		f_stream<OP_G>(layer_w(c, OP_G, l), xs, c.gs + (size_t) l * G_ROWS);
+		if (DYN)
+			f_stream_dyn<OP_G>(layer_w(c, OP_G, l), xs, c.gs + (size_t) l * G_ROWS, cl + C_QG);
+		else
+			f_stream<OP_G>(layer_w(c, OP_G, l), xs, c.gs + (size_t) l * G_ROWS);
 		trace_mark(c, l, T_G_END, b0);
 		if (PF)
 			f_prefetch<OP_D>(layer_w(c, OP_D, l), 0, f_units_of_kb(c.pf_hop_kb));
@@ -1040,7 +1148,10 @@ f_chain(chain_t c)
 		block_wait(cl + C_G, all);
 		f_stage_swiglu(xs, c.gs + (size_t) l * G_ROWS);
 		trace_mark(c, l, T_D_IN, b0);
-		f_stream<OP_D>(layer_w(c, OP_D, l), xs, c.d + lh);
+		if (DYN)
+			f_stream_dyn<OP_D>(layer_w(c, OP_D, l), xs, c.d + lh, cl + C_QD);
+		else
+			f_stream<OP_D>(layer_w(c, OP_D, l), xs, c.d + lh);
 		trace_mark(c, l, T_D_END, b0);
 		if (PF && l + 1 < c.l1)
 			f_prefetch<OP_P>(layer_w(c, OP_P, l + 1), 0, f_units_of_kb(c.pf_hop_kb));
@@ -1077,7 +1188,7 @@ typedef struct
 				graph_lat;
 	int			sms,
 				grid,			/* persistent grid, blocks (B-E) */
-				fgrid,			/* F and G's grid */
+				fgrid,			/* F, G and J.s grid */
 				smem;
 }			probe_t;
 
@@ -1195,13 +1306,14 @@ capture_a(probe_t *pr, cudaStream_t s)
 
 typedef void (*persist_fn) (chain_t);
 
-enum { V_A, V_B, V_C, V_D, V_E, V_F, V_G, V_H, V_I, V_COPY, V_LAT, N_V };
+enum { V_A, V_B, V_C, V_D, V_E, V_F, V_G, V_H, V_I, V_J, V_COPY, V_LAT, N_V };
 
 static const char *const vnames[N_V] = {
 	"A kernel per op, PDL, graph", "B persistent, weights issued ahead", "C persistent, no early weights",
 	"D persistent ahead, norms in every block", "E B as one launch a layer",
 	"F persistent, 32 warps an SM streaming to registers", "G F + next op's weights prefetched to L2",
 	"H A + O's GEMV prefetches its rows to L2 under the lat op", "I H + every GEMV, + G's head under the lat op",
+	"J G with units claimed dynamically",
 	"plain read of the weights", "lat op alone (a launch)",
 };
 
@@ -1209,14 +1321,15 @@ static const char *const vnames[N_V] = {
 static bool
 is_persistent(int v)
 {
-	return v >= V_B && v <= V_G;
+	return (v >= V_B && v <= V_G) || v == V_J;
 }
 
 static persist_fn
 persist_kernel(int v)
 {
 	return v == V_B || v == V_E ? persist_chain<true, false> : v == V_C ? persist_chain<false, false>
-		: v == V_D ? persist_chain<true, true> : v == V_F ? f_chain<false> : f_chain<true>;
+		: v == V_D ? persist_chain<true, true> : v == V_F ? f_chain<false, false> : v == V_G ? f_chain<true, false>
+		: f_chain<true, true>;
 }
 
 /* reset what a run writes (outside the timed region) */
@@ -1229,6 +1342,15 @@ probe_reset(probe_t *pr, cudaStream_t s)
 }
 
 static unsigned *g_sink;
+
+/* PROBE_SKIP: letters of variants B-J not to run (e.g. "BCE"; A, the read and the lat op always run) */
+static const char *g_skip = "";
+
+static bool
+skipped(int v)
+{
+	return v >= V_B && v <= V_J && strchr(g_skip, 'A' + v) != NULL;
+}
 
 /*
  * Wait for a run, at most 10 s: a persistent variant that deadlocks would
@@ -1274,10 +1396,10 @@ probe_run(probe_t *pr, cudaStream_t s, int v, cudaEvent_t e0, cudaEvent_t e1)
 	else
 		for (int l = v == V_E ? 0 : pr->L - 1; l < pr->L; l++)
 		{
-			/* B, C, D, F, G: the chain in one launch; E: a launch a layer */
+			/* B, C, D, F, G, J: the chain in one launch; E: a launch a layer */
 			chain_t		c = pr->c;
 			void	   *args[] = {&c};
-			bool		f = v == V_F || v == V_G;
+			bool		f = v == V_F || v == V_G || v == V_J;
 
 			c.l0 = v == V_E ? l : 0;
 			c.l1 = v == V_E ? l + 1 : pr->L;
@@ -1392,19 +1514,24 @@ probe_table(probe_t *pr, cudaStream_t s, int L, int rounds)
 	/* correctness: A's final residual is the reference; every persistent variant checked against it */
 	probe_run(pr, s, V_A, e0, e1);
 	CK(cudaMemcpy(ref, pr->xa, sizeof(ref), cudaMemcpyDeviceToHost));
-	for (int v = V_B; v <= V_I; v++)
-	{
-		probe_run(pr, s, v, e0, e1);
-		diff[v] = final_diff(pr, v, ref);
-	}
+	for (int v = V_B; v <= V_J; v++)
+		if (!skipped(v))
+		{
+			/* one line as each passes: if a variant faults, the log says which */
+			probe_run(pr, s, v, e0, e1);
+			diff[v] = final_diff(pr, v, ref);
+			printf("# L = %d, %c ran: max rel diff to A %.2e\n", L, 'A' + v, diff[v]);
+			fflush(stdout);
+		}
 	/* rounds: every variant once a round, medians */
 	for (int r = 0; r < rounds; r++)
 		for (int v = 0; v < N_V; v++)
-			t[v].push_back(probe_run(pr, s, v, e0, e1));
+			if (!skipped(v))
+				t[v].push_back(probe_run(pr, s, v, e0, e1));
 	copy_us = median(t[V_COPY]) * 1000.0;
 	gb = (double) pr->wbytes / 1e9;
 	printf("\n### L = %d (%.2f GB of weights: P %.1f, O %.1f, G %.1f, D %.1f MB a layer), B-E: grid %d x %d threads, "
-		   "%d B shared a block; F, G: grid %d x %d; lat %d iterations; G, I: %d KB of G ahead, G: %d KB a hop; "
+		   "%d B shared a block; F, G, J: grid %d x %d; lat %d iterations; G, I, J: %d KB of G ahead, G, J: %d KB a hop; "
 		   "%d rounds\n\n",
 		   L, gb, per_op[0] / 1e6, per_op[1] / 1e6, per_op[2] / 1e6, per_op[3] / 1e6, pr->grid, BT, pr->smem,
 		   pr->fgrid, FT, pr->c.lat_iters, pr->c.pf_ahead_kb, pr->c.pf_hop_kb, rounds);
@@ -1412,19 +1539,23 @@ probe_table(probe_t *pr, cudaStream_t s, int L, int rounds)
 		   "|---|---:|---:|---:|---:|---:|\n");
 	for (int v = 0; v < N_V; v++)
 	{
-		double		us = median(t[v]) * 1000.0;
+		double		us = skipped(v) ? 0 : median(t[v]) * 1000.0;
 
-		if (v == V_LAT)
+		if (skipped(v))
+			printf("| %s | skipped | | | | |\n", vnames[v]);
+		else if (v == V_LAT)
 			printf("| %s | %.2f | | | | |\n", vnames[v], us / L);
 		else
 			printf("| %s | %.1f | %.2f | %.0f | %.0f%% | %s |\n", vnames[v], us, us / L, gb * 1e6 / us,
-				   100.0 * copy_us / us, v >= V_B && v <= V_I ? (diff[v] < 1e-3 ? "ok" : "MISMATCH") : "");
+				   100.0 * copy_us / us, v >= V_B && v <= V_J ? (diff[v] < 1e-3 ? "ok" : "MISMATCH") : "");
 	}
 	printf("\n");
 	for (int v = 0; v < N_V; v++)
 	{
-		double		us = median(t[v]) * 1000.0;
+		double		us = skipped(v) ? 0 : median(t[v]) * 1000.0;
 
+		if (skipped(v))
+			continue;
 		if (v == V_LAT)
 			printf("RESULT kind=persist_probe L=%d variant=lat us_op=%.3f\n", L, us / L);
 		else
@@ -1441,8 +1572,9 @@ probe_table(probe_t *pr, cudaStream_t s, int L, int rounds)
 			   "->next P in | P end->all | O end->all | G end->all | D end->all | layer |\n"
 			   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n", L - 2);
 		CK(cudaMalloc(&dev, (size_t) L * T_N * 8));
-		for (int v = V_B; v <= V_G; v++)
-			trace_row(pr, s, v, e0, e1, dev);
+		for (int v = V_B; v <= V_J; v++)
+			if (is_persistent(v) && !skipped(v))
+				trace_row(pr, s, v, e0, e1, dev);
 		cudaFree(dev);
 	}
 	fflush(stdout);
@@ -1477,6 +1609,7 @@ main(int argc, char **argv)
 		return 1;
 	}
 	pr.c.lat_iters = it ? atoi(it) : 24;
+	g_skip = getenv("PROBE_SKIP") ? getenv("PROBE_SKIP") : "";
 	pr.c.pf_ahead_kb = (int) (1024 * (getenv("PROBE_AHEAD_MB") ? atof(getenv("PROBE_AHEAD_MB")) : 16));
 	pr.c.pf_hop_kb = (int) (1024 * (getenv("PROBE_HOP_MB") ? atof(getenv("PROBE_HOP_MB")) : 4));
 	pr.smem = RING * BT * 16 + XS_FLOATS * 4;
@@ -1498,24 +1631,27 @@ main(int argc, char **argv)
 	pr.sms = prop.multiProcessorCount;
 	pr.grid = per_sm * pr.sms;
 	{
-		/* F and G: one FT-thread block an SM (what their design assumes), if it fits */
+		/* F, G and J: one FT-thread block an SM (what their design assumes), if it fits */
 		int			nf = 1 << 30;
 
-		for (int v = V_F; v <= V_G; v++)
+		for (int v = V_F; v <= V_J; v++)
 		{
 			int			n;
+
+			if (!is_persistent(v))
+				continue;
 
 			CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, (const void *) persist_kernel(v), FT, 0));
 			nf = n < nf ? n : nf;
 		}
 		if (nf < 1)
 		{
-			printf("a block of F or G (%d threads) does not fit an SM: refused\n", FT);
+			printf("a block of F, G or J (%d threads) does not fit an SM: refused\n", FT);
 			return 1;
 		}
 		pr.fgrid = pr.sms;
 	}
-	printf("# persist_probe on %s: %d SMs, %d persistent block(s) an SM (B-E), 1 of %d threads (F, G)\n", prop.name,
+	printf("# persist_probe on %s: %d SMs, %d persistent block(s) an SM (B-E), 1 of %d threads (F, G, J)\n", prop.name,
 		   prop.multiProcessorCount, per_sm, FT);
 
 	CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
