@@ -33,7 +33,13 @@
 #   bash bench/bench-cuda.sh persist-probe [ROUNDS]  a synthetic batch-1 layer chain (27 and 1 layers, the
 #                                           48B shapes): kernel per op in a graph against one persistent
 #                                           kernel with and without early weight loads (bench/persist_probe.cu;
-#                                           PROBE_LAT_ITERS: the latency-bound op's length), one table each
+#                                           PROBE_LAT_ITERS: the latency-bound op's length; PROBE_AHEAD_MB,
+#                                           PROBE_HOP_MB: variants G and I's L2 prefetch; PROBE_SKIP=BCE:
+#                                           variants not run), one table each;
+#                                           runs bench/bin/persist_probe.xz if carried (made by
+#                                           persist-probe-build), else builds it there first
+#   bash bench/bench-cuda.sh persist-probe-build  (no GPU needed) build it for sm_90a into
+#                                           bench/bin/persist_probe.xz (stripped, ~0.7 MB) to carry
 #   bash bench/bench-cuda.sh ncu-step ARGS  per-kernel GPU times of NCU_STEPS (2) decode steps of
 #                                           `bench_cuda model ARGS` (one ctx and batch), as RESULT lines
 #   bash bench/bench-cuda.sh ncu-prefill ARGS  per-kernel GPU times of the timed prefill of
@@ -167,15 +173,28 @@ gemv-sweep)
 		bench/gemv_sweep.cu kernels/elementwise.cu
 	$K/gemv_sweep "$@" | tee "$OUT/gemv-sweep.md"
 	;;
-persist-probe)
-	mkdir -p $K "$OUT"
-	# the two translation units in parallel (the build is most of the command's ~40 s)
+persist-probe-build)
+	# where it is built (here or on the GPU machine): the two translation units in parallel
+	dir=${PROBE_BUILD_DIR:-bench/bin}
+	mkdir -p $dir
 	for f in bench/persist_probe.cu kernels/elementwise.cu; do
-		/usr/local/cuda/bin/nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -c -o $K/pp-$(basename $f).o $f &
+		/usr/local/cuda/bin/nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -c -o $dir/pp-$(basename $f).o $f &
 	done
 	wait
-	/usr/local/cuda/bin/nvcc -gencode=arch=compute_90a,code=sm_90a -o $K/persist_probe $K/pp-persist_probe.cu.o \
-		$K/pp-elementwise.cu.o
+	/usr/local/cuda/bin/nvcc -gencode=arch=compute_90a,code=sm_90a -Xlinker -s -o $dir/persist_probe \
+		$dir/pp-persist_probe.cu.o $dir/pp-elementwise.cu.o
+	rm -f $dir/pp-persist_probe.cu.o $dir/pp-elementwise.cu.o
+	[ -n "${PROBE_BUILD_DIR:-}" ] || xz -9 -f $dir/persist_probe
+	;;
+persist-probe)
+	mkdir -p $K "$OUT"
+	if [ -f bench/bin/persist_probe.xz ]; then
+		xz -dc bench/bin/persist_probe.xz > $K/persist_probe
+		chmod +x $K/persist_probe
+	else
+		# no carried binary: build it here (~40 s)
+		PROBE_BUILD_DIR=$K bash "$0" persist-probe-build
+	fi
 	timeout ${PROBE_TIMEOUT:-45} $K/persist_probe "$@" | tee "$OUT/persist-probe.md" | log
 	;;
 ncu-step)
