@@ -478,11 +478,9 @@ int			kk_mla_attend_mma(cudaStream_t s, int n_tokens, int max_splits, int split_
  * kk_mla_attend_mma above).  Contract of every variant: the olat of
  * mla_attend_mma + mla_merge for the same inputs (Qabs rounded to bf16 once,
  * P rounded to bf16 before P V with the running sum made of the rounded
- * values, all else fp32), either as partials in kk_mla_attend_mma's layout
- * (part_acc [(t max_splits + p) Ha + h][R], part_ml [..][2]; the caller then
- * runs kk_mla_merge) or merged by the kernel itself into olat [t][Ha][R]
- * (*merged = 1).  counters: n_tokens unsigned ints, zero before the first
- * launch, which a merging kernel must leave zero again (graph replays).
+ * values, all else fp32), as partials in kk_mla_attend_mma's layout
+ * (part_acc [(t max_splits + p) Ha + h][R], part_ml [..][2]) that the caller
+ * merges into olat [t][Ha][R] (kk_mla_merge or kk_mla_merge_wide).
  * split_keys: a multiple of the 64-key tile (the backend's mma_split: from
  * the page-table capacity and the token count only, so that a recorded CUDA
  * graph stays valid as positions grow).  Returns 0, -1 where the
@@ -507,12 +505,11 @@ typedef struct kk_mla_decode_args
 	float	   *part_acc,
 			   *part_ml,
 			   *olat;
-	unsigned   *counters;
 } kk_mla_decode_args;
 
 /* mla_decode_wg.cu: on Hopper's wgmma, sm_90a image only (KL_CUDA_MLA_MMA=2, the default where it runs) */
 int			kk_mla_decode_wg_supported(int Ha, int R, int Dr);
-int			kk_mla_decode_wg(cudaStream_t s, const kk_mla_decode_args *a, int *merged);
+int			kk_mla_decode_wg(cudaStream_t s, const kk_mla_decode_args *a);
 
 void		kk_mla_merge(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R,
 						 const float *part_acc, const float *part_ml, const int *row_seq, const int *row0,

@@ -405,11 +405,10 @@ kk_mla_decode_wg_supported(int Ha, int R, int Dr)
 }
 
 extern "C" int
-kk_mla_decode_wg(cudaStream_t s, const kk_mla_decode_args *a, int *merged)
+kk_mla_decode_wg(cudaStream_t s, const kk_mla_decode_args *a)
 {
 	cudaError_t e;
 
-	*merged = 0;
 	if (!kk_mla_decode_wg_supported(a->Ha, a->R, a->Dr) || a->split_keys <= 0 || a->split_keys % MDW_KT ||
 		a->max_splits < 1 || a->max_splits > 65535)
 		return -1;

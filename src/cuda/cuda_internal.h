@@ -45,7 +45,6 @@ enum cuda_buf_id
 	CB_MLA_OLAT,
 	CB_MLA_PACC,
 	CB_MLA_PML,
-	CB_MLA_COUNT,
 	CB_MLA_LAT,
 	CB_MLA_LAT16,
 	CB_MLA_KV,

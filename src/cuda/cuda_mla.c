@@ -157,16 +157,15 @@ decode_split(int variant, int64_t max_keys, int n, int sm_count)
 /*
  * The decode attention of a->n_tokens absorbed-form tokens into a->olat
  * through `variant` (a->split_keys and a->max_splits from decode_split),
- * merging the key ranges unless the variant's kernel did (merge_wide:
- * kk_mla_merge_wide, else kk_mla_merge); c16: the cache holds bf16 rows
+ * then its key ranges merged (merge_wide: kk_mla_merge_wide, else
+ * kk_mla_merge); c16: the cache holds bf16 rows
  * (variants >= 1 require it).  Returns 0 or a CUDA error code
  * (-1: the variant does not take the shape).
  */
 static int
 decode_attend(cudaStream_t s, int variant, int c16, bool merge_wide, const kk_mla_decode_args *a)
 {
-	int			merged = 0,
-				rc;
+	int			rc;
 
 	switch (variant)
 	{
@@ -181,12 +180,12 @@ decode_attend(cudaStream_t s, int variant, int c16, bool merge_wide, const kk_ml
 								   a->part_acc, a->part_ml);
 			break;
 		case 2:
-			rc = kk_mla_decode_wg(s, a, &merged);
+			rc = kk_mla_decode_wg(s, a);
 			break;
 		default:
 			rc = -1;
 	}
-	if (rc == 0 && (rc = (int) cudaGetLastError()) == 0 && !merged)
+	if (rc == 0 && (rc = (int) cudaGetLastError()) == 0)
 	{
 		(merge_wide && a->R % 2 == 0 ? kk_mla_merge_wide : kk_mla_merge) (s, a->n_tokens, a->max_splits,
 																		 (int) a->split_keys, a->Ha, a->R,
@@ -207,19 +206,6 @@ static bool
 merge_wide(bool on, int n, int Ha, int sm_count)
 {
 	return on && n * Ha < sm_count;
-}
-
-/* a scratch buffer of `bytes` that is zero when first handed out (decode counters) */
-static void *
-zeroed_buf(kl_backend *be, int id, size_t bytes)
-{
-	cuda_state *cs = CS(be);
-	void	   *old = cs->buf[id],
-			   *p = cuda_buf(be, id, bytes);
-
-	if (p && p != old && !cuda_ok(be, cudaMemsetAsync(p, 0, cs->buf_cap[id], cs->stream), "cudaMemsetAsync"))
-		return NULL;
-	return p;
 }
 
 static void
@@ -256,8 +242,7 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 	d.olat = cuda_buf(be, CB_MLA_OLAT, sizeof(float) * (size_t) n * Ha * R);
 	d.part_acc = cuda_buf(be, CB_MLA_PACC, sizeof(float) * (size_t) n * d.max_splits * Ha * R);
 	d.part_ml = cuda_buf(be, CB_MLA_PML, sizeof(float) * 2 * (size_t) n * d.max_splits * Ha);
-	d.counters = zeroed_buf(be, CB_MLA_COUNT, sizeof(unsigned) * (size_t) n);
-	if (!d.qabs || !d.olat || !d.part_acc || !d.part_ml || !d.counters)
+	if (!d.qabs || !d.olat || !d.part_acc || !d.part_ml)
 		return;
 	d.row_seq = cs->d_row_seq;
 	d.row0 = cs->d_row0;
@@ -641,7 +626,7 @@ kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ct
 {
 	enum
 	{
-		Q, CACHE, PAGES, ROWSEQ, ROW0, POS0, ABS, PACC, PML, OLAT, COUNT, NBUF
+		Q, CACHE, PAGES, ROWSEQ, ROW0, POS0, ABS, PACC, PML, OLAT, NBUF
 	};
 	int			Wa = R + Dr,
 				sm_count = 0,
@@ -702,7 +687,6 @@ kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ct
 	sz[PACC] = sizeof(float) * (size_t) n * a.max_splits * Ha * R;
 	sz[PML] = sizeof(float) * 2 * (size_t) n * a.max_splits * Ha;
 	sz[OLAT] = sizeof(float) * (size_t) n * Ha * R;
-	sz[COUNT] = sizeof(unsigned) * (size_t) n;
 	in[Q] = qabs;
 	in[CACHE] = cache;
 	in[PAGES] = NULL;
@@ -710,7 +694,7 @@ kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ct
 	in[ROW0] = ints + n;
 	in[ABS] = ints + 2 * n;
 	in[POS0] = pos0;
-	in[PACC] = in[PML] = in[OLAT] = in[COUNT] = NULL;
+	in[PACC] = in[PML] = in[OLAT] = NULL;
 	rc = hook_open_fill(&s, d, sz, in, NBUF, 0);
 	if (rc == 0)
 	{
@@ -731,7 +715,6 @@ kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ct
 	a.part_acc = d[PACC];
 	a.part_ml = d[PML];
 	a.olat = d[OLAT];
-	a.counters = d[COUNT];
 	if (rc == 0)
 		rc = decode_attend(s, variant, 1, merge_wide(wide, n, Ha, sm_count), &a);
 	if (rc == 0 && reps > 0)

@@ -1929,8 +1929,8 @@ mla_decode_reference(int Ha, int R, int Dr, int ctx, const float *qabs, const ui
  * round P to bf16 before P V (the contract), which the reference does not:
  * a relative error of about 2^-9 a term, averaging out over the keys
  * (mla_attend_mma measured first on the H200: see the diagnostics).  Run
- * again after three graph replays (a variant that merges in its last block
- * must leave its counters zero) with the same bound.
+ * again after three graph replays of the stage (partials and merge) with
+ * the same bound.
  */
 static void
 check_mla_decode(void)
