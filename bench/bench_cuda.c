@@ -527,12 +527,13 @@ mla_alone(const long *Ts, int nT)
 
 /* ------------------------------------------------------------------ the MLA decode attention alone */
 
-typedef int (*mla_decode_fn) (int variant, int n, int Ha, int R, int Dr, const int *ctx, int page_cap,
+typedef int (*mla_decode_fn) (int variant, int merge, int n, int Ha, int R, int Dr, const int *ctx, int page_cap,
 							  const float *qabs, const uint16_t *cache, float *olat, int reps, double *us);
 
 /*
  * bench_cuda mla_decode C1,C2,.. B1,B2,.. [V1,V2,..]: the decode attention
- * (attend + merge) of B tokens, each its own sequence at context C with a
+ * (attend + merge, the merge kernel chosen as the backend chooses it) of B
+ * tokens, each its own sequence at context C with a
  * page table of C keys (rounded up to whole pages), 48B head
  * shapes, bf16 cache, through each variant V (KL_CUDA_MLA_MMA; default 0,1,2),
  * 20 launches in a CUDA graph; us per launch and the cache bytes' rate.
@@ -561,7 +562,7 @@ mla_decode_alone(const long *cs, int nc, const long *bs, int nb, const long *vs,
 
 				for (int t = 0; t < n; t++)
 					ctx[t] = C;
-				rc = f((int) vs[vi], n, Ha, R, Dr, ctx, page_cap, NULL, NULL, NULL, 20, &us);
+				rc = f((int) vs[vi], -1, n, Ha, R, Dr, ctx, page_cap, NULL, NULL, NULL, 20, &us);
 				if (rc != 0)
 					printf("RESULT kind=mla_decode variant=%ld ctx=%d batch=%d error=\"%s (%d)\"\n", vs[vi], C, n,
 						   rc == -1 ? "not covered on this device" : "hook failed", rc);

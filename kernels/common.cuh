@@ -134,6 +134,22 @@ softplusf_fast(float x)
 }
 
 /*
+ * 2^x flushing a subnormal result to zero: one MUFU.EX2 (exp2f without
+ * fast math also scales around it for subnormal results, 3 more
+ * instructions an element).  For softmax numerators and decay factors: a
+ * value under 2^-126 of the largest (1) changes no fp32 sum or product
+ * that matters.
+ */
+__device__ __forceinline__ float
+ex2_ftz(float x)
+{
+	float		y;
+
+	asm("ex2.approx.ftz.f32 %0, %1;\n":"=f"(y):"f"(x));
+	return y;
+}
+
+/*
  * Asynchronous 16-byte copies global -> shared (cp.async, sm_80+): a thread
  * issues all of its copies, then waits once, instead of waiting for every
  * load before it can store (which left most copy loops latency-bound).

@@ -1074,6 +1074,16 @@ kk_mla_attend_mma(cudaStream_t s, int n_tokens, int max_splits, int split_keys, 
 	return 0;
 }
 
+/* the key ranges holding token t's partials; 0 for a token not in the absorbed form */
+__device__ __forceinline__ int
+merge_ranges(int t, int split_keys, const int *row_seq, const int *row0, const int64_t *pos0, const int *absorbed)
+{
+	int			s = row_seq[t];
+	int64_t		pos = pos0[s] + (t - row0[s]);
+
+	return absorbed[s] ? (int) (pos / split_keys) + 1 : 0;
+}
+
 /*
  * The weights exp(m_p - M) of a token's np key ranges for head h into wsc
  * (M their largest max) and the sum of w_p l_p, returned to every thread:
@@ -1127,18 +1137,13 @@ mla_merge_kernel(int split_keys, int max_splits, int Ha, int R, const float *par
 	__shared__ float red[32];
 	int			t = blockIdx.x,
 				h = blockIdx.y;
-	int			s;
-	int64_t		pos;
 	int			np;
 	size_t		base = (size_t) t * max_splits * Ha;
 	float		L;
 
 	kk_dep_wait();
 	kk_dep_launch();
-	s = row_seq[t];
-	pos = pos0[s] + (t - row0[s]);
-	np = (int) (pos / split_keys) + 1;
-	if (!absorbed[s])
+	if (!(np = merge_ranges(t, split_keys, row_seq, row0, pos0, absorbed)))
 		return;
 	L = merge_weights(part_ml, base, Ha, h, np, wsc, red);
 	for (int c = threadIdx.x; c < R; c += blockDim.x)
@@ -1190,16 +1195,11 @@ mla_merge_wide_kernel(int split_keys, int max_splits, int Ha, int R, const float
 	size_t		base = (size_t) t * max_splits * Ha;
 	float		L;
 	float2		o = make_float2(0.0f, 0.0f);
-	int			s,
-				np;
-	int64_t		pos;
+	int			np;
 
 	kk_dep_wait();
 	kk_dep_launch();
-	s = row_seq[t];
-	pos = pos0[s] + (t - row0[s]);
-	np = (int) (pos / split_keys) + 1;
-	if (!absorbed[s])
+	if (!(np = merge_ranges(t, split_keys, row_seq, row0, pos0, absorbed)))
 		return;
 	L = merge_weights(part_ml, base, Ha, h, np, wsc, red);
 	if (c < R)

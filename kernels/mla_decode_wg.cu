@@ -190,7 +190,7 @@ mdw_softmax(const float *ss, uint32_t sp, float *sm, float *sl, float *scorr, in
 #pragma unroll
 	for (int i = 0; i < 4; i++)
 	{
-		w[i] = cvt_bf16x2(kw_ex2(fmaf(x[2 * i], scale_log2, -b)), kw_ex2(fmaf(x[2 * i + 1], scale_log2, -b)));
+		w[i] = cvt_bf16x2(ex2_ftz(fmaf(x[2 * i], scale_log2, -b)), ex2_ftz(fmaf(x[2 * i + 1], scale_log2, -b)));
 		sum += __uint_as_float(w[i] << 16) + __uint_as_float(w[i] & 0xffff0000u);
 	}
 	mdw_st16(sp + mdw_p_chunk(h, sub), w[0], w[1], w[2], w[3]);
@@ -200,7 +200,7 @@ mdw_softmax(const float *ss, uint32_t sp, float *sm, float *sl, float *scorr, in
 	__syncwarp();				/* (every lane of the head has read sm[h]) */
 	if (sub == 0)
 	{
-		float		corr = mold == -INFINITY ? 0.0f : kw_ex2((mold - mnew) * scale_log2);
+		float		corr = mold == -INFINITY ? 0.0f : ex2_ftz((mold - mnew) * scale_log2);
 
 		sm[h] = mnew;
 		sl[h] = sl[h] * corr + sum;

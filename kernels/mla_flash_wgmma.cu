@@ -483,7 +483,7 @@ mla_flash_wgmma_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *
 			mx1 = t1;
 #pragma unroll
 			for (int i = 0; i < 32; i++)
-				s[i] = kw_ex2(fmaf(s[i], scale_log2, i & 2 ? -b1 : -b0));
+				s[i] = ex2_ftz(fmaf(s[i], scale_log2, i & 2 ? -b1 : -b0));
 
 			/* P_{j-1} V_{j-1} done: O and the P registers are free */
 			kw_wait<0>();

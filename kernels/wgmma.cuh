@@ -75,21 +75,6 @@ kw_fence_async_smem(void)
 	asm volatile("fence.proxy.async.shared::cta;\n":::"memory");
 }
 
-/*
- * 2^x flushing a subnormal result to zero: one MUFU.EX2 (exp2f without
- * fast math also scales around it for subnormal results, 3 more
- * instructions an element).  A probability under 2^-126 of the row's
- * largest (which is 1) changes no fp32 sum or product that matters.
- */
-__device__ __forceinline__ float
-kw_ex2(float x)
-{
-	float		y;
-
-	asm("ex2.approx.ftz.f32 %0, %1;\n":"=f"(y):"f"(x));
-	return y;
-}
-
 /* 16 bytes global -> shared (a shared-window address: no conversion in the tile loop) */
 __device__ __forceinline__ void
 kw_cp16(uint32_t s, const void *g)

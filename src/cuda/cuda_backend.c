@@ -984,6 +984,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *emma = getenv("KL_CUDA_EXPERT_MMA"),
 				   *kr = getenv("KL_CUDA_KDA_STATE_ROUND"),
 				   *mm = getenv("KL_CUDA_MLA_MMA"),
+				   *mg = getenv("KL_CUDA_MLA_MERGE"),
 				   *rw = getenv("KL_CUDA_ROUTE_WARP"),
 				   *rr = getenv("KL_CUDA_ROUTE_RANK"),
 				   *gm = getenv("KL_CUDA_GEMV_MMA"),
@@ -1033,18 +1034,14 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->q_expert_mma_min = qem && *qem ? (atoi(qem) > 0 ? atoi(qem) : 0) : 4;
 		cs->sample_wide = !(sw && strcmp(sw, "0") == 0);
 		cs->mla_small = !(ms && strcmp(ms, "0") == 0);
-		cs->mla_merge_wide = !(getenv("KL_CUDA_MLA_MERGE") && strcmp(getenv("KL_CUDA_MLA_MERGE"), "0") == 0);
+		cs->mla_merge_wide = !(mg && strcmp(mg, "0") == 0);
 		cs->prefetch_min = pf && *pf ? (atoi(pf) > 0 ? atoi(pf) : INT_MAX) : 8;
 		cs->prefetch_budget = (size_t) (pfmb && *pfmb ? atoi(pfmb) : 20) << 20;
 		cs->mla_c16 = cs->bf16 && (cfg->kv_lora_rank + cfg->qk_rope_dim) % 8 == 0 &&
 			cfg->kv_lora_rank + cfg->qk_rope_dim <= 768 && !(mc && strcmp(mc, "fp32") == 0);
 		be->mla_cache_bf16 = cs->mla_c16;
-		cs->mla_mma = cs->mla_c16 && !(mm && strcmp(mm, "0") == 0) &&
-			kk_mla_attend_mma_supported(cfg->mla_heads, cfg->kv_lora_rank, cfg->qk_rope_dim) ?
-			(mm && *mm ? atoi(mm) : 2) : 0;
-		if ((cs->mla_mma == 2 && !kk_mla_decode_wg_supported(cfg->mla_heads, cfg->kv_lora_rank, cfg->qk_rope_dim)) ||
-			cs->mla_mma < 0 || cs->mla_mma > 2)
-			cs->mla_mma = cs->mla_mma ? 1 : 0;
+		cs->mla_mma = cuda_mla_decode_variant(mm && *mm ? atoi(mm) : 2, cs->mla_c16, cfg->mla_heads,
+											  cfg->kv_lora_rank, cfg->qk_rope_dim);
 		cs->mla_flash = !cs->bf16 || (mf && strcmp(mf, "0") == 0) ||
 			!kk_mla_flash_supported(cfg->mla_heads, cfg->qk_nope_dim, cfg->qk_rope_dim, cfg->v_head_dim,
 									cfg->kv_lora_rank) ? 0 : mf && *mf ? atoi(mf) : 3;

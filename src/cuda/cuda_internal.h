@@ -519,6 +519,8 @@ void		cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a);
 void		cuda_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a);
 int			cuda_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err);
 void		cuda_release_mla(kl_backend *be, kl_mla_layer *w);
+int			cuda_mla_decode_variant(int asked, bool c16, int Ha, int R, int Dr);
+int			cuda_mla_decode_variant(int asked, bool c16, int Ha, int R, int Dr);
 void		cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n);
 void		cuda_moe_free(kl_backend *be);
 

@@ -141,17 +141,29 @@ mma_split(int64_t max_keys, int n, int sm_count)
 static int64_t
 decode_split(int variant, int64_t max_keys, int n, int sm_count)
 {
-	int			want = (4 * sm_count + n - 1) / n;	/* CUDA-core kernel: fill the GPU four times */
-	int64_t		split = (max_keys + want - 1) / want;
+	int			want;
+	int64_t		split;
 
-	switch (variant)
-	{
-		case 1:
-		case 2:
-			return mma_split(max_keys, n, sm_count);
-	}
+	if (variant >= 1)
+		return mma_split(max_keys, n, sm_count);
+	want = (4 * sm_count + n - 1) / n;	/* CUDA-core kernel: fill the GPU four times */
+	split = (max_keys + want - 1) / want;
 	split = (split + 31) / 32 * 32;
 	return split < SPLIT_MIN_KEYS ? SPLIT_MIN_KEYS : split;
+}
+
+/*
+ * The decode attention variant in force (cs->mla_mma) when `asked` for
+ * (KL_CUDA_MLA_MMA, default 2): 0 when asked so, without a bf16 cache (c16)
+ * or where the tensor-core kernels do not take the shape; 2 where asked and
+ * the wgmma kernel takes the shape on this device; else 1.
+ */
+int
+cuda_mla_decode_variant(int asked, bool c16, int Ha, int R, int Dr)
+{
+	if (!c16 || asked == 0 || !kk_mla_attend_mma_supported(Ha, R, Dr))
+		return 0;
+	return asked == 2 && kk_mla_decode_wg_supported(Ha, R, Dr) ? 2 : 1;
 }
 
 /*
@@ -611,18 +623,20 @@ kl_cuda_test_mla_flash(int kind, int nr, int64_t pos0, int Ha, int Dn, int Dr, i
  * For test/engine/test_cuda.c and bench/bench_cuda.c (found with dlsym; the
  * backend does not use it): the decode attention of n tokens through
  * `variant` (0 .. 2 as KL_CUDA_MLA_MMA, the bf16 cache) on a stream of its
- * own, the key ranges split as the backend splits them.  Token t is
- * sequence t at position ctx[t] - 1 over page_cap pages of its own.  Host
- * inputs qabs [n][Ha][R + Dr] fp32 and cache [n][page_cap KK_MLA_PAGE][R + Dr]
- * bf16 (either NULL: random on the device); olat [n][Ha][R] is copied back
- * where not NULL.  reps > 0: then reps launches of the attention (attend
- * and, unless the variant merges itself, merge) recorded as one CUDA graph,
+ * own, the key ranges split as the backend splits them; merge 0 merges
+ * them with kk_mla_merge, 1 with kk_mla_merge_wide, -1 as the backend's
+ * default does (merge_wide).  Token t is sequence t at position ctx[t] - 1
+ * over page_cap pages of its own.  Host inputs qabs [n][Ha][R + Dr] fp32 and
+ * cache [n][page_cap KK_MLA_PAGE][R + Dr] bf16 (either NULL: random on the
+ * device); olat [n][Ha][R] is copied back where not NULL.  reps > 0: then
+ * reps launches of the stage (attend and merge) recorded as one CUDA graph,
  * replayed twice; *us = the second replay's time per launch (CUDA events).
- * Returns 0, -1 where the variant does not take the shape, or a CUDA error.
+ * The scale is the 48B shape's, 1 / sqrt(192).  Returns 0, -1 where the
+ * variant does not take the shape, or a CUDA error.
  */
 __attribute__((visibility("default"))) int
-kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ctx, int page_cap, const float *qabs,
-						const uint16_t *cache, float *olat, int reps, double *us)
+kl_cuda_test_mla_decode(int variant, int merge, int n, int Ha, int R, int Dr, const int *ctx, int page_cap,
+						const float *qabs, const uint16_t *cache, float *olat, int reps, double *us)
 {
 	enum
 	{
@@ -647,12 +661,11 @@ kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ct
 	cudaGraphExec_t ge = NULL;
 	cudaEvent_t e0 = NULL,
 				e1 = NULL;
-	bool		wide = !(getenv("KL_CUDA_MLA_MERGE") && strcmp(getenv("KL_CUDA_MLA_MERGE"), "0") == 0);
+	bool		wide;
 	int			rc;
 
-	if (!ints || !pos0 || !pages || n < 1 || page_cap < 1 ||
-		(variant >= 1 && !kk_mla_attend_mma_supported(Ha, R, Dr)) ||
-		(variant == 2 && !kk_mla_decode_wg_supported(Ha, R, Dr)) || variant < 0 || variant > 2)
+	if (!ints || !pos0 || !pages || n < 1 || page_cap < 1 || variant < 0 || variant > 2 ||
+		cuda_mla_decode_variant(variant, true, Ha, R, Dr) != variant)
 	{
 		free(ints);
 		free(pos0);
@@ -661,6 +674,7 @@ kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ct
 	}
 	cudaGetDevice(&dev);
 	cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dev);
+	wide = merge < 0 ? merge_wide(true, n, Ha, sm_count) : merge == 1;
 	a.n_tokens = n;
 	a.Ha = Ha;
 	a.R = R;
@@ -716,7 +730,7 @@ kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ct
 	a.part_ml = d[PML];
 	a.olat = d[OLAT];
 	if (rc == 0)
-		rc = decode_attend(s, variant, 1, merge_wide(wide, n, Ha, sm_count), &a);
+		rc = decode_attend(s, variant, 1, wide, &a);
 	if (rc == 0 && reps > 0)
 	{
 		float		ms = 0;
@@ -724,7 +738,7 @@ kl_cuda_test_mla_decode(int variant, int n, int Ha, int R, int Dr, const int *ct
 		if ((rc = (int) cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal)) == 0)
 		{
 			for (int r = 0; r < reps && rc == 0; r++)
-				rc = decode_attend(s, variant, 1, merge_wide(wide, n, Ha, sm_count), &a);
+				rc = decode_attend(s, variant, 1, wide, &a);
 			if (cudaStreamEndCapture(s, &g) != cudaSuccess && rc == 0)
 				rc = (int) cudaErrorStreamCaptureInvalidated;
 		}

@@ -1875,8 +1875,9 @@ load_test_hook(const char *name, void **lib, void **fn)
 }
 
 /* kl_cuda_test_mla_decode (cuda_mla.c): the decode attention variants on host arrays */
-typedef int (*mla_decode_test_fn) (int variant, int n, int Ha, int R, int Dr, const int *ctx, int page_cap,
-								   const float *qabs, const uint16_t *cache, float *olat, int reps, double *us);
+typedef int (*mla_decode_test_fn) (int variant, int merge, int n, int Ha, int R, int Dr, const int *ctx,
+								   int page_cap, const float *qabs, const uint16_t *cache, float *olat, int reps,
+								   double *us);
 
 /* olat of token t (its keys 0 .. ctx - 1) in double: Qabs rounded to bf16, P exact */
 static void
@@ -1928,9 +1929,9 @@ mla_decode_reference(int Ha, int R, int Dr, int ctx, const float *qabs, const ui
  * against a double reference on the same bf16 Qabs and keys.  The kernels
  * round P to bf16 before P V (the contract), which the reference does not:
  * a relative error of about 2^-9 a term, averaging out over the keys
- * (mla_attend_mma measured first on the H200: see the diagnostics).  Run
- * again after three graph replays of the stage (partials and merge) with
- * the same bound.
+ * (mla_attend_mma measured first on the H200: see the diagnostics).  Each
+ * variant with either merge (mla_merge, mla_merge_wide), and again after
+ * three graph replays of the stage (partials and merge), with the same bound.
  */
 static void
 check_mla_decode(void)
@@ -1967,15 +1968,17 @@ check_mla_decode(void)
 			mla_decode_reference(Ha, R, Dr, ctx[t], qabs + (size_t) t * Ha * Wa, cache + (size_t) t * rows * Wa,
 								 ref + (size_t) t * Ha * R);
 		for (int variant = 1; variant <= 2; variant++)
-			for (int reps = 0; reps <= 3; reps += 3)
+			for (int run = 0; run < 4; run++)
 			{
+				int			merge = run / 2,	/* mla_merge, then mla_merge_wide */
+							reps = run % 2 ? 3 : 0;
 				double		us = 0,
 							e;
 				int			rc;
 
 				for (size_t i = 0; i < (size_t) n * Ha * R; i++)
 					got[i] = NAN;
-				rc = f(variant, n, Ha, R, Dr, ctx, page_cap, qabs, cache, got, reps, &us);
+				rc = f(variant, merge, n, Ha, R, Dr, ctx, page_cap, qabs, cache, got, reps, &us);
 				if (rc == -1)
 				{
 					tap_diag("MLA decode attention variant %d: not taken for %d heads on this device (skipped)",
@@ -1983,8 +1986,9 @@ check_mla_decode(void)
 					break;
 				}
 				e = rc == 0 ? rel_err(got, ref, (size_t) n * Ha * R) : INFINITY;
-				tap_ok(rc == 0 && e <= 4e-3, "MLA decode attention variant %d, %d heads, R %d, Dr %d, contexts 1 .. %d%s: "
-					   "olat vs a double reference (rel err %.2e, rc %d)", variant, Ha, R, Dr, ctx[n - 1],
+				tap_ok(rc == 0 && e <= 4e-3, "MLA decode attention variant %d + %s, %d heads, R %d, Dr %d, contexts 1 "
+					   ".. %d%s: olat vs a double reference (rel err %.2e, rc %d)", variant,
+					   merge ? "mla_merge_wide" : "mla_merge", Ha, R, Dr, ctx[n - 1],
 					   reps ? ", after 3 graph replays" : "", e, rc);
 			}
 	}
