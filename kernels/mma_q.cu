@@ -5,13 +5,15 @@
  * expert products (kk_expert_mma_q).  Contracts: kernels.h, "Quantized
  * weights on the device" and the mma_q.cu paragraph.
  *
- * Dense products take one of three kernels: the staging kernel (any form,
+ * Dense products take one of four kernels: the staging kernel (any form,
  * activations staged in shared memory per block), the direct kernel (FP8
  * with one scale a row, up to 8 rows, activations read and converted per
- * chunk; KL_CUDA_Q_DIRECT) and the dense kernel (the same FP8 products at
+ * chunk; KL_CUDA_Q_DIRECT), the dense kernel (the same FP8 products at
  * any row count, the batch's activations converted once by a launch of
- * their own into caller-given room; KL_CUDA_Q_DENSE, the backend's default):
- * each section below says why it is shaped so.
+ * their own into caller-given room; KL_CUDA_Q_DENSE, the backend's default)
+ * and the slab kernel (the dense kernel's jobs with the weights
+ * bulk-copied into shared memory, Hopper; KL_CUDA_Q_DENSE=3): each section
+ * below says why it is shaped so.
  *
  * Decode is memory-bound: the point of FP8 / int4 weights is to stream half
  * / a quarter of bf16's bytes, so the weights go from 16-byte (or 8 / 4
@@ -971,11 +973,12 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
  * the CS k-slices of the same 64 rows (block rank r: chunks [r nch / CS,
  * (r + 1) nch / CS)); the launcher picks CS in 1, 2, 4, 8 so that the
  * launch has at least two blocks an SM and a slab stays under MS_SLAB_MAX.
- * Thread 0 arms up to MS_STAGES mbarriers (one a stage: a run of the
- * slice's chunks) and warp 0 requests the whole slab, one bulk copy per row
- * and stage, before kk_dep_wait(): the weights do not depend on earlier
- * kernels, so the fetch overlaps the tail of the kernel before (and the
- * conversion launch).  The warps then compute stage by stage as stages land.
+ * Thread 0 arms up to MS_STAGES mbarriers (one a stage: a run of at least
+ * MS_STAGE_MIN of the slice's chunks, so that no copy is tiny) and warp 0
+ * requests the whole slab, one bulk copy per row and stage, before
+ * kk_dep_wait(): the weights do not depend on earlier kernels, so the
+ * fetch overlaps the tail of the kernel before (and the conversion
+ * launch).  The warps then compute stage by stage as stages land.
  *
  * Warps: WM x WK = 8 (WM = 1 for NB <= 2: a warp 4 tiles of 16 rows; WM = 2
  * for NB 4 and 8: 2 tiles), warp (wm, wk) takes the slice's chunks wk,
@@ -997,6 +1000,7 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
 #define MS_WARPS 8
 #define MS_ROWS 64				/* rows a slab (4 tiles of 16) */
 #define MS_STAGES 8				/* mbarriers a block: the slab's arrival in up to 8 runs of chunks */
+#define MS_STAGE_MIN 4			/* chunks a stage at least: a bulk copy moves >= 256 bytes of a row */
 #define MS_SLAB_MAX (100 * 1024)	/* slab bytes a block at most: two blocks an SM */
 #define MS_TOKS(NB) ((NB) * 8)
 #define MS_PLD (MS_ROWS + 4)	/* partial sums' token stride (floats): lanes t = 0..3 in banks 8t + g */
@@ -1163,8 +1167,7 @@ __global__ void __launch_bounds__(MS_WARPS * 32, NB >= 8 ? 1 : 2)
 gemv_mma_q_slab_kernel(kk_gemv_batch b, int CS)
 {
 #ifdef MS_BULK
-	constexpr int WM = ms_shape<NB>::WM,
-				WK = ms_shape<NB>::WK,
+	constexpr int WK = ms_shape<NB>::WK,
 				MT = ms_shape<NB>::MT;
 	extern __shared__ uint4 ms_smem_raw[];
 	int			j = kk_batch_job(b);
@@ -1176,7 +1179,7 @@ gemv_mma_q_slab_kernel(kk_gemv_batch b, int CS)
 				r0 = ((int) blockIdx.x - b.first_block[j]) / CS * MS_ROWS,
 				c0 = rank * nchunk / CS,
 				nch = (rank + 1) * nchunk / CS - c0,
-				ns = nch < MS_STAGES ? nch : MS_STAGES,
+				ns = nch / MS_STAGE_MIN < 1 ? 1 : nch / MS_STAGE_MIN < MS_STAGES ? nch / MS_STAGE_MIN : MS_STAGES,
 				ld = ms_ld(nch),
 				vrows = rows - r0 < MS_ROWS ? rows - r0 : MS_ROWS,
 				ldmax = ms_ld((nchunk + CS - 1) / CS);
@@ -1340,7 +1343,13 @@ ms_launch_nb(cudaStream_t s, kk_gemv_batch *b, int blocks, int CS, size_t smem)
 	at[1].val.programmaticStreamSerializationAllowed = 1;
 	cfg.attrs = at;
 	cfg.numAttrs = kk_pdl_on ? 2 : 1;
-	cudaLaunchKernelEx(&cfg, gemv_mma_q_slab_kernel<NB>, *b, CS);
+	if (cudaLaunchKernelEx(&cfg, gemv_mma_q_slab_kernel<NB>, *b, CS) != cudaSuccess && cfg.numAttrs == 2)
+	{
+		/* should a runtime refuse clusters with programmatic serialization: the cluster alone */
+		(void) cudaGetLastError();
+		cfg.numAttrs = 1;
+		cudaLaunchKernelEx(&cfg, gemv_mma_q_slab_kernel<NB>, *b, CS);
+	}
 }
 
 /*
@@ -1491,8 +1500,8 @@ mx_launch_nb(cudaStream_t s, kk_gemv_batch *b, int mt, int blocks)
 }
 
 /*
- * The conversion, then the dense kernel with the most tiles a block (up to
- * dense: 1 or 2; 2 only up to 2 n-blocks: 16 rows) that still gives every
+ * The conversion, then (dense 3) the slab kernel where it runs, else the
+ * dense kernel with the most tiles a block (up to dense: 1 or 2; 2 only up to 2 n-blocks: 16 rows) that still gives every
  * SM a block.  H200, 2026-12-01, FP8 step ms with 1 / 2 tiles: batch 8
  * 6.188 / 6.139, 16 9.41 / 9.42, 32 14.22 / 14.58, 64 22.33 / 22.33.
  * False (nothing launched) when the room is missing or too small.
