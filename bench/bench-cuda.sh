@@ -30,6 +30,8 @@
 #   bash bench/bench-cuda.sh gemv-sweep [VARIANT [SHAPE]]  decode GEMV variants against a plain read of the
 #                                           same bytes on the model's shapes (bench/gemv_sweep.cu, built
 #                                           here with the GPU machine's nvcc), one table
+#   bash bench/bench-cuda.sh gemv-sweep dense_fp8  only the table "dense FP8 step batches" (gemv_q, dense
+#                                           kernel =2, slab kernel =3 on a 48B step's FP8 batches, n 1..64)
 #   bash bench/bench-cuda.sh persist-probe [ROUNDS]  a synthetic batch-1 layer chain (27 and 1 layers, the
 #                                           48B shapes): kernel per op in a graph against one persistent
 #                                           kernel with and without early weight loads (bench/persist_probe.cu;

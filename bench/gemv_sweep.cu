@@ -23,6 +23,9 @@
  * the plain products checked against a one-thread-an-output kernel.
  * A third table: the products of FP8 / int4 weights on the tensor cores (kernels/mma_q.cu; see
  * quant_sweep), alone with `gemv-sweep mma_q`.
+ * A fourth: the dense FP8 product batches of a 48B decode step through
+ * gemv_q, the dense kernel and the slab kernel (dense_fp8_table), alone with
+ * `gemv-sweep dense_fp8` (not in the default run).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -807,6 +810,186 @@ quant_sweep(void)
 	cudaStreamDestroy(s);
 }
 
+static void
+q_row_dense(const char *batch, double bytes, int n, const char *kernel, double us, double stream_us, double diff)
+{
+	char		d[32] = "";
+
+	if (diff >= 0)
+		snprintf(d, sizeof(d), "%.1e", diff);
+	printf("| %s | %.1f | %d | %s | %.2f | %.0f | %.0f%% | %s |\n", batch, bytes / 1e6, n, kernel, us,
+		   bytes / (us * 1e-6) / 1e9, 100.0 * stream_us / us, d);
+}
+
+/*
+ * "dense FP8 step batches" (`gemv-sweep dense_fp8`): each dense FP8 product
+ * batch of a 48B decode step (one scale a row) at n = 1 .. 64 through
+ * gemv_q.cu (kk_gemv_multi_q, n <= 8; the batch-1 path), the dense kernel
+ * (KL_CUDA_Q_DENSE=2) and the slab kernel (=3), each with its conversion
+ * launch, 20 launches in a graph with PDL (q_time), a different copy of the
+ * weights each launch where copies fit, against a plain read of the same
+ * bytes; "vs 2": the max difference from the dense kernel's results over
+ * its max |y| (sums in another order: ~1e-6).
+ */
+static void
+dense_fp8_table(void)
+{
+	static const struct
+	{
+		const char *name;
+		int			count,
+					rows[3],
+					cols[3],
+					xi[3];		/* the activation matrix a job reads (jobs of one index share it) */
+	}			batches[] = {
+		{"KDA q/k/v 3 x 4096 x 2304", 3, {4096, 4096, 4096}, {2304, 2304, 2304}, {0, 0, 0}},
+		{"KDA/MLA o_proj 2304 x 4096", 1, {2304}, {4096}, {0}},
+		{"MLA q 6144 + kv_a 576 x 2304", 2, {6144, 576}, {2304, 2304}, {0, 0}},
+		{"MLA kv_b 8192 x 512", 1, {8192}, {512}, {0}},
+		{"shared gate/up 2 x 1024 x 2304", 2, {1024, 1024}, {2304, 2304}, {0, 0}},
+		{"shared down 2304 x 1024", 1, {2304}, {1024}, {0}},
+		{"layer-0 gate/up 2 x 9216 x 2304", 2, {9216, 9216}, {2304, 2304}, {0, 0}},
+		{"layer-0 down 2304 x 9216", 1, {2304}, {9216}, {0}},
+	};
+	static const int ns[] = {1, 2, 4, 8, 16, 32, 64};
+	const size_t wbytes = (size_t) 2 << 30;
+	cudaStream_t s;
+	uint8_t    *W;
+	float	   *x,
+			   *y,
+			   *y2;
+	uint16_t   *room;
+	unsigned   *sink;
+	size_t		room_bytes = (size_t) 64 << 20;
+
+	CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+	CK(cudaMalloc(&W, wbytes));
+	CK(cudaMalloc(&x, sizeof(float) * 2 * 64 * 9216));
+	CK(cudaMalloc(&y, sizeof(float) * 64 * 3 * 9216));
+	CK(cudaMalloc(&y2, sizeof(float) * 64 * 3 * 9216));
+	CK(cudaMalloc(&room, room_bytes));
+	CK(cudaMalloc(&sink, 64));
+	kk_fill_random(s, x, 0, 2 * 64 * 9216, 7, 1.0f);
+	kk_gemv_q_force_shape(3);	/* the backend's default */
+	printf("\n### dense FP8 step batches\n\n| batch | MB | n | kernel | us | GB/s | of stream | vs 2 |\n"
+		   "|---|---:|---:|---|---:|---:|---:|---:|\n");
+	for (size_t bi = 0; bi < sizeof(batches) / sizeof(batches[0]); bi++)
+	{
+		size_t		obj[3],
+					per = 0;
+		int			copies;
+		double		stream_us;
+
+		for (int j = 0; j < batches[bi].count; j++)
+		{
+			obj[j] = (kk_q_bytes(batches[bi].rows[j], KK_WF_FP8, batches[bi].cols[j], batches[bi].cols[j]) + 255) &
+				~(size_t) 255;
+			per += obj[j];
+		}
+		copies = (int) (wbytes / per < 20 ? wbytes / per : 20);
+		for (int c = 0; c < copies; c++)
+		{
+			size_t		off = 0;
+
+			for (int j = 0; j < batches[bi].count; j++)
+			{
+				q_make(s, W + c * per + off, KK_WF_FP8, batches[bi].cols[j], batches[bi].rows[j],
+					   batches[bi].cols[j], 31 + 7 * c + j);
+				off += obj[j];
+			}
+		}
+		stream_us = q_time(s, [&](int r) {
+			kk_launch(stream_read, dim3(132 * 8), dim3(256), 0, s, (const uint4 *) (W + (r % copies) * per),
+					  per / 16, sink);
+		});
+		for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++)
+		{
+			int			n = ns[ni];
+			double		ymax = 0,
+						dmax = 0;
+			size_t		ny = 0;
+			/* the batch over copy r, results into out */
+			auto		batch = [&](int r, float *out) {
+				kk_gemv_batch b;
+				size_t		off = 0,
+							yoff = 0;
+
+				memset(&b, 0, sizeof(b));
+				b.n = n;
+				b.count = batches[bi].count;
+				for (int j = 0; j < b.count; j++)
+				{
+					kk_gemv_job *jb = &b.job[j];
+
+					jb->W = W + (size_t) (r % copies) * per + off;
+					jb->x = x + (size_t) batches[bi].xi[j] * 64 * 9216;
+					jb->ldx = batches[bi].cols[j];
+					jb->y = out + yoff;
+					jb->ldy = batches[bi].rows[j];
+					jb->rows = batches[bi].rows[j];
+					jb->cols = batches[bi].cols[j];
+					jb->fmt = KK_WF_FP8;
+					jb->group = batches[bi].cols[j];
+					off += obj[j];
+					yoff += (size_t) n * batches[bi].rows[j];
+				}
+				b.xq = room;
+				b.xq_bytes = room_bytes;
+				return b;
+			};
+
+			for (int j = 0; j < batches[bi].count; j++)
+				ny += (size_t) n * batches[bi].rows[j];
+			if (n <= 8)
+			{
+				double		us = q_time(s, [&](int r) {
+					kk_gemv_batch b = batch(r, y);
+
+					kk_gemv_multi_q(s, &b);
+				});
+
+				q_row_dense(batches[bi].name, per, n, "gemv_q", us, stream_us, -1);
+			}
+			for (int v = 2; v <= 3; v++)
+			{
+				double		us = q_time(s, [&](int r) {
+					kk_gemv_batch b = batch(r, v == 2 ? y2 : y);
+
+					kk_gemv_multi_mma_q_as(s, &b, 0, v);
+				});
+				double		diff = 0;
+
+				if (v == 3)
+				{
+					float	   *a = (float *) malloc(ny * 4),
+							   *c = (float *) malloc(ny * 4);
+
+					CK(cudaStreamSynchronize(s));
+					CK(cudaMemcpy(a, y, ny * 4, cudaMemcpyDeviceToHost));
+					CK(cudaMemcpy(c, y2, ny * 4, cudaMemcpyDeviceToHost));
+					ymax = dmax = 0;
+					for (size_t i = 0; i < ny; i++)
+					{
+						dmax = fmax(dmax, fabs((double) a[i] - c[i]));
+						ymax = fmax(ymax, fabs((double) c[i]));
+					}
+					diff = dmax / (ymax > 0 ? ymax : 1);
+					free(a);
+					free(c);
+				}
+				q_row_dense(batches[bi].name, per, n, v == 2 ? "dense (=2)" : "slab (=3)", us, stream_us, diff);
+			}
+		}
+	}
+	cudaFree(W);
+	cudaFree(x);
+	cudaFree(y);
+	cudaFree(y2);
+	cudaFree(room);
+	cudaFree(sink);
+	cudaStreamDestroy(s);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -824,6 +1007,11 @@ main(int argc, char **argv)
 	if (argc > 1 && strcmp(argv[1], "mma_q") == 0)
 	{
 		quant_sweep();
+		return 0;
+	}
+	if (argc > 1 && strcmp(argv[1], "dense_fp8") == 0)
+	{
+		dense_fp8_table();
 		return 0;
 	}
 	for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++)

@@ -5,13 +5,15 @@
  * expert products (kk_expert_mma_q).  Contracts: kernels.h, "Quantized
  * weights on the device" and the mma_q.cu paragraph.
  *
- * Dense products take one of three kernels: the staging kernel (any form,
+ * Dense products take one of four kernels: the staging kernel (any form,
  * activations staged in shared memory per block), the direct kernel (FP8
  * with one scale a row, up to 8 rows, activations read and converted per
- * chunk; KL_CUDA_Q_DIRECT) and the dense kernel (the same FP8 products at
+ * chunk; KL_CUDA_Q_DIRECT), the dense kernel (the same FP8 products at
  * any row count, the batch's activations converted once by a launch of
- * their own into caller-given room; KL_CUDA_Q_DENSE, the backend's default):
- * each section below says why it is shaped so.
+ * their own into caller-given room; KL_CUDA_Q_DENSE, the backend's default)
+ * and the slab kernel (the dense kernel's jobs with the weights
+ * bulk-copied into shared memory, Hopper; KL_CUDA_Q_DENSE=3): each section
+ * below says why it is shaped so.
  *
  * Decode is memory-bound: the point of FP8 / int4 weights is to stream half
  * / a quarter of bf16's bytes, so the weights go from 16-byte (or 8 / 4
@@ -954,6 +956,463 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
 	}
 }
 
+/* ------------------------------------------------------------------ dense products from bulk-copied slabs */
+
+/*
+ * gemv_mma_q_slab_kernel (KL_CUDA_Q_DENSE=3; Hopper only, else variant 2
+ * runs): the dense kernel's jobs (FP8, one scale a row, cols % 64 == 0,
+ * activations converted once by mx_convert_kernel) with the weights moved
+ * by bulk asynchronous copies into shared memory instead of register loads.
+ * Why: the dense kernel keeps ~2-4 KB of weights a warp in flight (its
+ * register sets), too few bytes for DRAM latency under load, its 16-32-row
+ * tiles re-read the activations (B) NB times the weight bytes, and its small
+ * launches (o_proj: 72-144 blocks) are mostly ramp and tail.
+ *
+ * A block owns a slab: MS_ROWS (64) rows of one job over a k-slice of its
+ * chunks (64 columns each).  The CS blocks of a thread-block cluster take
+ * the CS k-slices of the same 64 rows (block rank r: chunks [r nch / CS,
+ * (r + 1) nch / CS)); the launcher picks CS in 1, 2, 4, 8 so that the
+ * launch has at least two blocks an SM and a slab stays under MS_SLAB_MAX.
+ * Thread 0 arms up to MS_STAGES mbarriers (one a stage: a run of at least
+ * MS_STAGE_MIN of the slice's chunks, so that no copy is tiny) and warp 0
+ * requests the whole slab, one bulk copy per row and stage, before
+ * kk_dep_wait(): the weights do not depend on earlier kernels, so the
+ * fetch overlaps the tail of the kernel before (and the conversion
+ * launch).  The warps then compute stage by stage as stages land.
+ *
+ * Warps: WM x WK = 8 (WM = 1 for NB <= 2: a warp 4 tiles of 16 rows; WM = 2
+ * for NB 4 and 8: 2 tiles), warp (wm, wk) takes the slice's chunks wk,
+ * wk + WK, ... for its MT tiles and all NB n-blocks: each B fragment (read
+ * through L1 from the converted rows, next chunk's requested before this
+ * chunk's mma) feeds MT tiles, so B costs NB / MT x the weight bytes in L1
+ * traffic instead of the dense kernel's NB.  A fragments: one 16-byte shared
+ * read a lane, row and chunk (row stride = 64 bytes mod 128: the 8 lanes of
+ * a quarter-warp read two rows in disjoint banks).
+ *
+ * Sums (deterministic, no atomics): each warp's partial tile goes to shared
+ * memory (reusing the slab), the WK partials of every output are added in wk
+ * order, then after a cluster barrier block rank r adds the CS blocks'
+ * sums of its share of the outputs through distributed shared memory in rank
+ * order, times the row's scale and 2^56.  Every accumulator sees its mma
+ * steps in chunk order, so the results are the same bits every run (not
+ * the dense kernel's: its k split differs).
+ */
+#define MS_WARPS 8
+#define MS_ROWS 64				/* rows a slab (4 tiles of 16) */
+#define MS_STAGES 8				/* mbarriers a block: the slab's arrival in up to 8 runs of chunks */
+#define MS_STAGE_MIN 4			/* chunks a stage at least: a bulk copy moves >= 256 bytes of a row */
+#define MS_SLAB_MAX (100 * 1024)	/* slab bytes a block at most: two blocks an SM */
+#define MS_TOKS(NB) ((NB) * 8)
+#define MS_PLD (MS_ROWS + 4)	/* partial sums' token stride (floats): lanes t = 0..3 in banks 8t + g */
+
+template <int NB>
+struct ms_shape
+{
+	static constexpr int WM = NB <= 2 ? 1 : 2,	/* warps along the rows */
+				WK = MS_WARPS / WM,	/* ... along k */
+				MT = MS_ROWS / 16 / WM;	/* 16-row tiles a warp */
+};
+
+/* shared row stride of a slice of nch chunks: 64 mod 128 bytes (see above) */
+__host__ __device__ static inline int
+ms_ld(int nch)
+{
+	return nch * 64 + (nch % 2 == 0 ? 64 : 0);
+}
+
+/* dynamic shared memory a block: the slab (nch chunks at most), or the partial sums if larger, + mbarriers */
+template <int NB>
+__host__ __device__ static inline size_t
+ms_smem(int nch)
+{
+	size_t		slab = (size_t) MS_ROWS * ms_ld(nch),
+				part = (size_t) ms_shape<NB>::WK * MS_TOKS(NB) * MS_PLD * sizeof(float);
+
+	return (slab > part ? slab : part) + MS_STAGES * sizeof(uint64_t);
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MS_BULK 1
+
+__device__ __forceinline__ uint32_t
+ms_saddr(const void *p)
+{
+	return (uint32_t) __cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void
+ms_bar_init(uint32_t bar)
+{
+	asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n"::"r"(bar):"memory");
+}
+
+/* the barrier's phase completes when bytes have arrived (and this one arrival is made) */
+__device__ __forceinline__ void
+ms_bar_expect(uint32_t bar, uint32_t bytes)
+{
+	asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"::"r"(bar), "r"(bytes):"memory");
+}
+
+__device__ __forceinline__ void
+ms_bar_wait(uint32_t bar)
+{
+	asm volatile("{\n\t.reg .pred P;\n"
+				 "MS_WAIT:\n\t"
+				 "mbarrier.try_wait.parity.shared::cta.b64 P, [%0], 0;\n\t"
+				 "@!P bra MS_WAIT;\n}\n"::"r"(bar):"memory");
+}
+
+/* bytes (a multiple of 16) global -> shared, completing on bar */
+__device__ __forceinline__ void
+ms_bulk(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar)
+{
+	asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+				 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar):"memory");
+}
+
+__device__ __forceinline__ uint32_t
+ms_cluster_rank(void)
+{
+	uint32_t	r;
+
+	asm("mov.u32 %0, %%cluster_ctarank;\n":"=r"(r));
+	return r;
+}
+
+/* every thread of the cluster's blocks: shared writes before it are visible to the cluster after it */
+__device__ __forceinline__ void
+ms_cluster_sync(void)
+{
+	asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;\n":::"memory");
+}
+
+/* the float at this block's shared address a in block rank r of the cluster */
+__device__ __forceinline__ float
+ms_ld_peer(uint32_t a, uint32_t r)
+{
+	uint32_t	p;
+	float		v;
+
+	asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n":"=r"(p):"r"(a), "r"(r));
+	asm volatile("ld.shared::cluster.f32 %0, [%1];\n":"=f"(v):"r"(p):"memory");
+	return v;
+}
+#endif
+
+/* the first chunk of stage s of a slice of nch chunks in ns stages */
+__device__ __forceinline__ int
+ms_stage_start(int s, int nch, int ns)
+{
+	return s * nch / ns;
+}
+
+/* B fragments of chunk c (global chunk index) for the NB n-blocks: token nb * 8 + g, the lane's 16 columns */
+template <int NB>
+__device__ __forceinline__ void
+ms_load_b(uint4 (&bf)[NB][2], const uint16_t *xg, int ld16, int c)
+{
+#pragma unroll
+	for (int nb = 0; nb < NB; nb++)
+	{
+		const uint4 *p = (const uint4 *) (xg + (size_t) nb * 8 * ld16 + 64 * (size_t) c);
+
+		bf[nb][0] = __ldg(p);
+		bf[nb][1] = __ldg(p + 1);
+	}
+}
+
+/* acc += one chunk's steps: A from the slab (the lane's rows of the MT tiles at its 16 bytes), B given */
+template <int NB, int MT>
+__device__ __forceinline__ void
+ms_chunk(float (&acc)[MT][NB][4], const uint8_t *arow, int ld, const uint4 (&bf)[NB][2])
+{
+	uint4		a[MT][2];
+
+#pragma unroll
+	for (int m = 0; m < MT; m++)
+	{
+		a[m][0] = *(const uint4 *) (arow + (size_t) 16 * m * ld);
+		a[m][1] = *(const uint4 *) (arow + (size_t) (16 * m + 8) * ld);
+	}
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+#pragma unroll
+		for (int m = 0; m < MT; m++)
+		{
+			uint32_t	w0 = i == 0 ? a[m][0].x : i == 1 ? a[m][0].y : i == 2 ? a[m][0].z : a[m][0].w,
+						w1 = i == 0 ? a[m][1].x : i == 1 ? a[m][1].y : i == 2 ? a[m][1].z : a[m][1].w,
+						a0 = mq_fp8_lo(w0),
+						a1 = mq_fp8_lo(w1),
+						a2 = mq_fp8_hi(w0),
+						a3 = mq_fp8_hi(w1);
+
+#pragma unroll
+			for (int nb = 0; nb < NB; nb++)
+			{
+				const uint4 &v = bf[nb][i >> 1];
+
+				mma_bf16_16816(acc[m][nb], a0, a1, a2, a3, i & 1 ? v.z : v.x, i & 1 ? v.w : v.y);
+			}
+		}
+}
+
+/*
+ * Block b: cluster blockIdx.x / CS is slab (blockIdx.x - first_block[j]) /
+ * CS of job j (rows 64 of them), its rank r the k-slice.  Launched with
+ * cluster dimension CS = b.cluster (kk_gemv_batch's first_block counts CS
+ * blocks a slab).  Dynamic shared memory: ms_smem<NB>(the widest slice).
+ */
+template <int NB>
+__global__ void __launch_bounds__(MS_WARPS * 32, NB >= 8 ? 1 : 2)
+gemv_mma_q_slab_kernel(kk_gemv_batch b, int CS)
+{
+#ifdef MS_BULK
+	constexpr int WK = ms_shape<NB>::WK,
+				MT = ms_shape<NB>::MT;
+	extern __shared__ uint4 ms_smem_raw[];
+	int			j = kk_batch_job(b);
+	const kk_gemv_job *jb = &b.job[j];
+	int			rows = jb->rows,
+				cols = jb->cols,
+				nchunk = cols >> 6,
+				rank = (int) ms_cluster_rank(),
+				r0 = ((int) blockIdx.x - b.first_block[j]) / CS * MS_ROWS,
+				c0 = rank * nchunk / CS,
+				nch = (rank + 1) * nchunk / CS - c0,
+				ns = nch / MS_STAGE_MIN < 1 ? 1 : nch / MS_STAGE_MIN < MS_STAGES ? nch / MS_STAGE_MIN : MS_STAGES,
+				ld = ms_ld(nch),
+				vrows = rows - r0 < MS_ROWS ? rows - r0 : MS_ROWS,
+				ldmax = ms_ld((nchunk + CS - 1) / CS);
+	int			warp = threadIdx.x >> 5,
+				lane = threadIdx.x & 31,
+				g = lane >> 2,
+				t = lane & 3,
+				wm = warp / WK,
+				wk = warp % WK;
+	uint8_t    *slab = (uint8_t *) ms_smem_raw;
+	float	   *part = (float *) ms_smem_raw;
+	size_t		body = (size_t) MS_ROWS * ldmax,
+				pbytes = (size_t) WK * MS_TOKS(NB) * MS_PLD * sizeof(float);
+	uint64_t   *bars = (uint64_t *) (slab + (body > pbytes ? body : pbytes));
+	const uint8_t *W = (const uint8_t *) jb->W;
+	const float *sc = (const float *) (W + kk_q_scale_offset(rows, KK_WF_FP8, cols));
+	float		acc[MT][NB][4];
+
+	/* the slab requested before the dependent-launch wait (the weights are constant) */
+	if (threadIdx.x == 0)
+	{
+		for (int s = 0; s < ns; s++)
+			ms_bar_init(ms_saddr(bars + s));
+		asm volatile("fence.mbarrier_init.release.cluster;\n":::"memory");
+		for (int s = 0; s < ns; s++)
+			ms_bar_expect(ms_saddr(bars + s), (uint32_t) (vrows * 64 *
+						  (ms_stage_start(s + 1, nch, ns) - ms_stage_start(s, nch, ns))));
+	}
+	__syncthreads();
+	if (warp == 0)
+		for (int s = 0; s < ns; s++)
+		{
+			int			a = ms_stage_start(s, nch, ns),
+						e = ms_stage_start(s + 1, nch, ns);
+
+			for (int r = lane; r < vrows; r += 32)
+				ms_bulk(ms_saddr(slab + (size_t) r * ld + 64 * a), W + (size_t) (r0 + r) * cols + 64 * (c0 + a),
+						(uint32_t) (64 * (e - a)), ms_saddr(bars + s));
+		}
+#pragma unroll
+	for (int m = 0; m < MT; m++)
+#pragma unroll
+		for (int nb = 0; nb < NB; nb++)
+			acc[m][nb][0] = acc[m][nb][1] = acc[m][nb][2] = acc[m][nb][3] = 0;
+	kk_dep_wait();
+	kk_dep_launch();
+	{
+		const uint16_t *xg = jb->x16 + (size_t) g * cols + 16 * t;
+		const uint8_t *arow = slab + (size_t) (wm * MT * 16 + g) * ld + 16 * t;
+		int			waited = 0;
+		uint4		bf[NB][2];
+
+		if (wk < nch)
+			ms_load_b<NB>(bf, xg, cols, c0 + wk);
+		for (int c = wk; c < nch; c += WK)
+		{
+			uint4		bn[NB][2];
+
+			while (waited < ns && c >= ms_stage_start(waited, nch, ns))
+				ms_bar_wait(ms_saddr(bars + waited++));
+			if (c + WK < nch)
+				ms_load_b<NB>(bn, xg, cols, c0 + c + WK);
+			ms_chunk<NB, MT>(acc, arow + 64 * c, ld, bf);
+#pragma unroll
+			for (int nb = 0; nb < NB; nb++)
+				bf[nb][0] = bn[nb][0], bf[nb][1] = bn[nb][1];
+		}
+		/* a warp with no chunk must still see the copies land before the slab is reused */
+		while (waited < ns)
+			ms_bar_wait(ms_saddr(bars + waited++));
+	}
+	__syncthreads();			/* the slab is read: its room takes the partial sums */
+
+	/* warp (wm, wk)'s tiles into part[wk][tok][row] */
+	{
+		float	   *pw = part + (size_t) wk * MS_TOKS(NB) * MS_PLD;
+
+#pragma unroll
+		for (int m = 0; m < MT; m++)
+#pragma unroll
+			for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+				for (int i = 0; i < 4; i++)
+				{
+					int			row = (wm * MT + m) * 16 + g + (i >= 2 ? 8 : 0),
+								tok = nb * 8 + 2 * t + (i & 1);
+
+					pw[tok * MS_PLD + row] = acc[m][nb][i];
+				}
+	}
+	__syncthreads();
+	/* the WK partials added in wk order into part[0] (each output one thread's) */
+	for (int e = threadIdx.x; e < MS_TOKS(NB) * MS_ROWS; e += blockDim.x)
+	{
+		int			tok = e / MS_ROWS,
+					row = e % MS_ROWS;
+		float		v = part[tok * MS_PLD + row];
+
+		for (int k = 1; k < WK; k++)
+			v += part[((size_t) k * MS_TOKS(NB) + tok) * MS_PLD + row];
+		part[tok * MS_PLD + row] = v;
+	}
+	ms_cluster_sync();			/* every block's part[0] complete and visible to the cluster */
+	{
+		int			n = b.n,
+					outs = n * MS_ROWS,
+					e0 = rank * outs / CS,
+					e1 = (rank + 1) * outs / CS;
+
+		for (int e = e0 + (int) threadIdx.x; e < e1; e += blockDim.x)
+		{
+			int			tok = e / MS_ROWS,
+						row = e % MS_ROWS;
+			uint32_t	a = ms_saddr(part + tok * MS_PLD + row);
+			float		v = 0;
+
+			if (row >= vrows)
+				continue;
+			for (int q = 0; q < CS; q++)
+				v += ms_ld_peer(a, (uint32_t) q);
+			jb->y[(size_t) tok * jb->ldy + r0 + row] = v * __ldg(sc + r0 + row) * MQ_FP8_SCALE;
+		}
+	}
+	ms_cluster_sync();			/* no block leaves while a peer reads its shared memory */
+#endif
+}
+
+/* does the current device run the bulk-copy slab kernel (compute capability 9 or later)? */
+static bool
+ms_device_ok(void)
+{
+	static int	major = -1;
+	int			dev = 0;
+
+	if (major < 0 && (cudaGetDevice(&dev) != cudaSuccess ||
+					  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess))
+		major = 0;
+	return major >= 9;
+}
+
+/* the slab kernel launched with cluster dimension CS (and PDL when on) */
+template <int NB>
+static void
+ms_launch_nb(cudaStream_t s, kk_gemv_batch *b, int blocks, int CS, size_t smem)
+{
+	cudaLaunchConfig_t cfg;
+	cudaLaunchAttribute at[2];
+
+	if (smem > 48 * 1024)
+		cudaFuncSetAttribute(gemv_mma_q_slab_kernel<NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
+	memset(&cfg, 0, sizeof(cfg));
+	cfg.gridDim = dim3(blocks);
+	cfg.blockDim = dim3(MS_WARPS * 32);
+	cfg.dynamicSmemBytes = smem;
+	cfg.stream = s;
+	at[0].id = cudaLaunchAttributeClusterDimension;
+	at[0].val.clusterDim.x = CS;
+	at[0].val.clusterDim.y = 1;
+	at[0].val.clusterDim.z = 1;
+	at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+	at[1].val.programmaticStreamSerializationAllowed = 1;
+	cfg.attrs = at;
+	cfg.numAttrs = kk_pdl_on ? 2 : 1;
+	if (cudaLaunchKernelEx(&cfg, gemv_mma_q_slab_kernel<NB>, *b, CS) != cudaSuccess && cfg.numAttrs == 2)
+	{
+		/* should a runtime refuse clusters with programmatic serialization: the cluster alone */
+		(void) cudaGetLastError();
+		cfg.numAttrs = 1;
+		cudaLaunchKernelEx(&cfg, gemv_mma_q_slab_kernel<NB>, *b, CS);
+	}
+}
+
+/*
+ * The slab kernel for the converted batch b: CS (blocks a cluster, k-slices
+ * a slab) the smallest of 1, 2, 4, 8 that gives the launch two blocks an SM
+ * and a slab of at most MS_SLAB_MAX bytes, at most the narrowest job's
+ * chunks.  False (nothing launched) where the device or the shapes do not
+ * allow it: then the caller runs the dense kernel.
+ */
+static bool
+ms_launch(cudaStream_t s, kk_gemv_batch *b)
+{
+	int			sms = mq_sms(),
+				slabs = 0,
+				minch = 1 << 30,
+				maxch = 0,
+				CS = 1,
+				blocks = 0;
+	size_t		smem;
+
+	if (!ms_device_ok())
+		return false;
+	for (int j = 0; j < b->count; j++)
+	{
+		int			ch = b->job[j].cols >> 6;
+
+		slabs += ceil_div(b->job[j].rows, MS_ROWS);
+		minch = ch < minch ? ch : minch;
+		maxch = ch > maxch ? ch : maxch;
+	}
+	while (CS < 8 && 2 * CS <= minch &&
+		   (slabs * CS < 2 * sms || (size_t) MS_ROWS * ms_ld((maxch + CS - 1) / CS) > MS_SLAB_MAX))
+		CS *= 2;
+	if ((size_t) MS_ROWS * ms_ld((maxch + CS - 1) / CS) > MS_SLAB_MAX)
+		return false;
+	for (int j = 0; j < b->count; j++)
+	{
+		b->first_block[j] = blocks;
+		blocks += ceil_div(b->job[j].rows, MS_ROWS) * CS;
+	}
+	b->first_block[b->count] = blocks;
+	switch (mq_nb(b->n))
+	{
+		case 1:
+			smem = ms_smem<1>((maxch + CS - 1) / CS);
+			ms_launch_nb<1>(s, b, blocks, CS, smem);
+			break;
+		case 2:
+			smem = ms_smem<2>((maxch + CS - 1) / CS);
+			ms_launch_nb<2>(s, b, blocks, CS, smem);
+			break;
+		case 4:
+			smem = ms_smem<4>((maxch + CS - 1) / CS);
+			ms_launch_nb<4>(s, b, blocks, CS, smem);
+			break;
+		default:
+			smem = ms_smem<8>((maxch + CS - 1) / CS);
+			ms_launch_nb<8>(s, b, blocks, CS, smem);
+			break;
+	}
+	return true;
+}
+
 extern "C" void
 kk_set_mma_q_dense(int mt, int max_rows)
 {
@@ -1041,8 +1500,8 @@ mx_launch_nb(cudaStream_t s, kk_gemv_batch *b, int mt, int blocks)
 }
 
 /*
- * The conversion, then the dense kernel with the most tiles a block (up to
- * dense: 1 or 2; 2 only up to 2 n-blocks: 16 rows) that still gives every
+ * The conversion, then (dense 3) the slab kernel where it runs, else the
+ * dense kernel with the most tiles a block (up to dense: 1 or 2; 2 only up to 2 n-blocks: 16 rows) that still gives every
  * SM a block.  H200, 2026-12-01, FP8 step ms with 1 / 2 tiles: batch 8
  * 6.188 / 6.139, 16 9.41 / 9.42, 32 14.22 / 14.58, 64 22.33 / 22.33.
  * False (nothing launched) when the room is missing or too small.
@@ -1062,6 +1521,8 @@ mx_launch(cudaStream_t s, kk_gemv_batch *b, int dense, uint16_t *room, size_t ro
 	for (int e = 0; e < c.count; e++)
 		most = c.cols[e] * c.nrows / 8 > most ? c.cols[e] * c.nrows / 8 : most;
 	kk_launch(mx_convert_kernel, dim3(ceil_div(most, 256), c.count), dim3(256), 0, s, c);
+	if (dense >= 3 && ms_launch(s, b))
+		return true;
 	while (mt > 1 && kk_tile_blocks(b, mt) < sms)
 		mt /= 2;
 	blocks = kk_tile_blocks(b, mt);		/* (sets b->first_block for the kernel's copy) */

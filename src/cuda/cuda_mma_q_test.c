@@ -38,9 +38,9 @@ mq_upload(cudaStream_t s, void **d, const void *h, size_t n)
  * result (the device rows are NaN before the launch, so rows no block wrote
  * show).  path: -1 the settings in force
  * (no room for the dense kernel); 0 the staging kernel; 1 the direct kernel
- * (KL_CUDA_Q_DIRECT=2) where it takes the jobs; 2 and 3 the dense kernel
- * (KL_CUDA_Q_DENSE=1, =2) where it takes them, with its room (NaN before
- * the launch), through kk_gemv_multi_mma_q_as.  Returns 0, -1 for
+ * (KL_CUDA_Q_DIRECT=2) where it takes the jobs; 2, 3 and 4 the dense kernel
+ * (KL_CUDA_Q_DENSE=1, =2) and the slab kernel (=3) where they take them,
+ * with their room (NaN before the launch), through kk_gemv_multi_mma_q_as.  Returns 0, -1 for
  * arguments the kernels do not take (kk_mma_q_ok), or a CUDA error code.
  */
 static int
@@ -57,7 +57,7 @@ mq_gemv_run(int path, int n, int count, const int *rows, const int *cols, const 
 	int			dense = path >= 2 ? path - 1 : 0;
 
 	if (n <= 0 || n > KK_GEMV_MMA_Q_ROWS || count <= 0 || count > KK_GEMV_JOBS || xpad < 0 || path < -1 ||
-		path > 3)
+		path > 4)
 		return -1;
 	for (int j = 0; j < count; j++)
 		if (rows[j] <= 0 || !kk_mma_q_ok(fmt[j], group[j], cols[j]))
@@ -136,7 +136,7 @@ kl_cuda_test_gemv_mma_q(int n, int count, const int *rows, const int *cols, cons
 	return mq_gemv_run(-1, n, count, rows, cols, fmt, group, W, x, xpad, y);
 }
 
-/* the same through a chosen kernel (path as mq_gemv_run's: 0 staging, 1 direct, 2 and 3 dense) */
+/* the same through a chosen kernel (path as mq_gemv_run's: 0 staging, 1 direct, 2 and 3 dense, 4 slab) */
 __attribute__((visibility("default"))) int
 kl_cuda_test_gemv_mma_q_path(int path, int n, int count, const int *rows, const int *cols, const int *fmt,
 							 const int *group, const void *const *W, const float *const *x, int xpad,

@@ -5599,7 +5599,8 @@ check_gemv_mma_q(void)
 	kl_model_free(m);
 }
 
-/* kl_cuda_test_gemv_mma_q_path (src/cuda/cuda_mma_q_test.c): path 0 staging, 1 direct, 2 / 3 dense MT 1 / 2 */
+/* kl_cuda_test_gemv_mma_q_path (src/cuda/cuda_mma_q_test.c): path 0 staging, 1 direct, 2 / 3 dense MT 1 / 2,
+ * 4 the slab kernel (KL_CUDA_Q_DENSE=3; the dense kernel where the device has no bulk copies) */
 typedef int (*gemv_mma_q_path_fn) (int path, int n, int count, const int *rows, const int *cols, const int *fmt,
 								   const int *group, const void *const *W, const float *const *x, int xpad,
 								   float *const *y);
@@ -5608,6 +5609,7 @@ typedef int (*gemv_mma_q_path_fn) (int path, int n, int count, const int *rows, 
 typedef struct mq_dense_result
 {
 	double		dense,			/* worst rel err of the dense kernel (MT 1 and 2) against the reference */
+				slab,			/* ... of the slab kernel (path 4) */
 				staged;			/* ... of the staging kernel (path 0), for comparison */
 	int			mt_differ,		/* row counts where MT 1 and MT 2 differ in any bit */
 				direct_differ,	/* row counts n <= 8 where the dense kernel differs from the direct one */
@@ -5644,7 +5646,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 	{
 		int			n = ns[ni];
 		const float *x[8];
-		float	   *y[4][8];
+		float	   *y[5][8];
 
 		for (int j = 0; j < count; j++)
 		{
@@ -5653,10 +5655,10 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 			for (size_t i = 0; xx && i < (size_t) n * cols[j]; i++)
 				xx[i] = (float) ((unif(&seed) * 2 - 1) * (i % 13 == 0 ? 30.0 : 1.0));
 			x[j] = xx ? xx : x[share[j]];
-			for (int p = 0; p < 4; p++)
+			for (int p = 0; p < 5; p++)
 				y[p][j] = malloc(sizeof(float) * n * rows[j]);
 		}
-		for (int p = 0; p < 4 && res->rc == 0; p++)
+		for (int p = 0; p < 5 && res->rc == 0; p++)
 			res->rc = f(p, n, count, rows, cols, fmt, group, W, x, xpad, y[p]);
 		for (int j = 0; j < count; j++)
 		{
@@ -5666,13 +5668,15 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 			{
 				float	   *xb = malloc(sizeof(float) * n * cols[j]);
 				double	   *ref = malloc(sizeof(double) * ny),
-							e[3];
+							e[4];
 
 				mq_round_bf16(xb, x[j], (size_t) n * cols[j]);
 				mq_reference(ref, xb, wd[j], n, rows[j], cols[j]);
 				e[0] = mq_rel(y[2][j], ref, ny);
 				e[1] = mq_rel(y[3][j], ref, ny);
 				e[2] = mq_rel(y[0][j], ref, ny);
+				e[3] = mq_rel(y[4][j], ref, ny);
+				res->slab = e[3] > res->slab || isnan(e[3]) ? e[3] : res->slab;
 				for (int k = 0; k < 2; k++)
 					res->dense = e[k] > res->dense || isnan(e[k]) ? e[k] : res->dense;
 				res->staged = e[2] > res->staged || isnan(e[2]) ? e[2] : res->staged;
@@ -5686,7 +5690,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 		{
 			if (share[j] == j)
 				free((void *) x[j]);
-			for (int p = 0; p < 4; p++)
+			for (int p = 0; p < 5; p++)
 				free(y[p][j]);
 		}
 	}
@@ -5697,10 +5701,58 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 static void
 mq_dense_report(const mq_dense_result *r, const char *what, const char *ns)
 {
-	tap_ok(r->rc == 0 && r->dense <= 1e-5 && r->mt_differ == 0 && r->direct_differ == 0,
-		   "dense FP8 kernel (KL_CUDA_Q_DENSE), %s, n = %s: rel err %.2e against the double reference (staging "
-		   "kernel %.2e); MT 1 vs 2 differ in %d products, n <= 8 vs the direct kernel in %d (both must be 0: "
-		   "the same sums); hook returned %d", what, ns, r->dense, r->staged, r->mt_differ, r->direct_differ, r->rc);
+	tap_ok(r->rc == 0 && r->dense <= 1e-5 && r->slab <= 1e-5 && r->mt_differ == 0 && r->direct_differ == 0,
+		   "dense FP8 kernel (KL_CUDA_Q_DENSE), %s, n = %s: rel err %.2e against the double reference (slab "
+		   "kernel, =3: %.2e; staging kernel %.2e); MT 1 vs 2 differ in %d products, n <= 8 vs the direct kernel "
+		   "in %d (both must be 0: the same sums); hook returned %d", what, ns, r->dense, r->slab, r->staged,
+		   r->mt_differ, r->direct_differ, r->rc);
+}
+
+/*
+ * The rest of a decode step's dense FP8 batches (48B shapes) at the n where
+ * the slab kernel (KL_CUDA_Q_DENSE=3) changes shape (1, 8 / 9, 32 / 33, 64:
+ * its n-blocks), and a batch with odd row counts over 10 chunks of k (its
+ * k-slices then differ in width within a cluster).
+ */
+static void
+check_mq_dense_step(gemv_mma_q_path_fn f)
+{
+	static const int ns_step[] = {1, 8, 9, 32, 33, 64},
+				ns_mlp[] = {1, 9, 64};
+	static const struct
+	{
+		const char *what;
+		int			count,
+					rows[3],
+					cols[3],
+					share[3];
+	}			step[] = {
+		{"48B MLA q 6144 x 2304 with kv_a 576 x 2304 sharing x", 2, {6144, 576}, {2304, 2304}, {0, 0}},
+		{"48B MLA kv_b 8192 x 512", 1, {8192}, {512}, {0}},
+		{"48B shared expert gate + up 2 x 1024 x 2304 sharing x", 2, {1024, 1024}, {2304, 2304}, {0, 0}},
+		{"48B shared expert down 2304 x 1024", 1, {2304}, {1024}, {0}},
+		{"odd rows 1001 and 77 x 640 sharing x", 2, {1001, 77}, {640, 640}, {0, 0}},
+		{"48B layer-0 MLP gate + up 2 x 9216 x 2304 sharing x, down 2304 x 9216", 3, {9216, 9216, 2304},
+		{2304, 2304, 9216}, {0, 0, 2}},
+	};
+	mq_mat		mats[3],
+			   *mp[3];
+	mq_dense_result r;
+
+	for (int c = 0; c < (int) (sizeof(step) / sizeof(step[0])); c++)
+	{
+		bool		mlp = step[c].count == 3;
+
+		for (int j = 0; j < step[c].count; j++)
+		{
+			mq_random(&mats[j], MQ_FP8, step[c].cols[j], step[c].rows[j], step[c].cols[j], 2500 + 10 * c + j);
+			mp[j] = &mats[j];
+		}
+		mq_dense_case(f, step[c].count, mp, step[c].share, mlp ? ns_mlp : ns_step, mlp ? 3 : 6, 0, 600 + c, &r);
+		mq_dense_report(&r, step[c].what, mlp ? "1, 9, 64" : "1, 8, 9, 32, 33, 64");
+		for (int j = 0; j < step[c].count; j++)
+			free(mats[j].obj);
+	}
 }
 
 /*
@@ -5723,8 +5775,8 @@ check_gemv_mma_q_dense(void)
 				all_rows[5] = {40, 23, 37, 20, 9},
 				all_share[5] = {0, 0, 2, 3, 4},
 				ns_some[] = {1, 5, 8, 13, 33, 64},
-				ns_48b[] = {2, 8, 17, 32, 64},
-				ns_o[] = {8, 32},
+				ns_48b[] = {1, 2, 8, 9, 17, 32, 33, 64},
+				ns_o[] = {1, 8, 9, 32, 33, 64},
 				ns_lm[] = {2},
 				ns_hand[] = {8, 64},
 				share3[3] = {0, 0, 0};
@@ -5758,14 +5810,15 @@ check_gemv_mma_q_dense(void)
 		mq_random(&mats[j], MQ_FP8, 2304, 4096, 2304, 2100 + j);
 		mp[j] = &mats[j];
 	}
-	mq_dense_case(f, 3, mp, share3, ns_48b, 5, 4, 503, &r);
-	mq_dense_report(&r, "48B KDA projections 3 x 4096 x 2304 sharing x", "2, 8, 17, 32, 64");
+	mq_dense_case(f, 3, mp, share3, ns_48b, 8, 4, 503, &r);
+	mq_dense_report(&r, "48B KDA projections 3 x 4096 x 2304 sharing x", "1, 2, 8, 9, 17, 32, 33, 64");
 	for (int j = 0; j < 3; j++)
 		free(mats[j].obj);
 	mq_random(&mats[0], MQ_FP8, 4096, 2304, 4096, 2200);
-	mq_dense_case(f, 1, mp, share3, ns_o, 2, 0, 504, &r);
-	mq_dense_report(&r, "48B o_proj 2304 x 4096", "8, 32");
+	mq_dense_case(f, 1, mp, share3, ns_o, 6, 0, 504, &r);
+	mq_dense_report(&r, "48B o_proj 2304 x 4096", "1, 8, 9, 32, 33, 64");
 	free(mats[0].obj);
+	check_mq_dense_step(f);
 	mq_random(&mats[0], MQ_FP8, 2304, 163840, 2304, 2300);
 	mq_dense_case(f, 1, mp, share3, ns_lm, 1, 0, 505, &r);
 	mq_dense_report(&r, "48B lm_head 163840 x 2304", "2");
@@ -5837,6 +5890,57 @@ check_dense_model(void)
 	free(ids);
 	setenv("KL_CUDA_Q_DENSE", "2", 1);	/* read when the backend is made */
 	check_quantized("tiny_a", "fp8", "bf16");
+	unsetenv("KL_CUDA_Q_DENSE");
+}
+
+/*
+ * The whole model with the slab kernel (KL_CUDA_Q_DENSE=3) against the dense
+ * kernel (=2), same random FP8 weights of the 48B shapes (2 layers, seed 7):
+ * 8, 32 and 64 sequences decoding together within q_tol's bound (the k
+ * split, so the sums' order, differs; a random router's near-tied choices
+ * may flip); then tiny_a quantized to FP8 at load in bf16 with =3 and
+ * KL_CUDA_Q_MMA=1 (every decode product, batch 1 too, on the tensor cores)
+ * against the CPU (check_quantized).
+ */
+static void
+check_dense_model_slab(void)
+{
+	static const int nseqs[3] = {8, 32, 64};
+	const int	rounds = 2;
+	float	   *lg[2][3];
+	int32_t    *ids = malloc(sizeof(int32_t) * 100);
+	int			V = 0;
+
+	for (int v = 0; v < 2; v++)
+	{
+		kl_model   *m = random_gpu_model(q48_config, "fp8", "KL_CUDA_Q_DENSE", v ? "3" : "2");
+
+		V = kl_model_config(m)->vocab_size;
+		for (int i = 0; i < 100; i++)
+			ids[i] = (int32_t) ((i * 7919 + 13) % V);
+		for (int bi = 0; bi < 3; bi++)
+			lg[v][bi] = decode_together(m, ids, nseqs[bi], rounds);
+		kl_model_free(m);
+	}
+	for (int bi = 0; bi < 3; bi++)
+	{
+		int			nseq = nseqs[bi],
+					same;
+		size_t		cnt = (size_t) rounds * nseq * V;
+		double		e = rel_err(lg[1][bi], lg[0][bi], cnt);
+
+		greedy_clear_differs(lg[1][bi], lg[0][bi], rounds * nseq, V, 0.25, &same);
+		tap_ok(e <= 0.25, "48B shapes (2 layers), FP8, %d sequences decoding together (%d steps): "
+			   "KL_CUDA_Q_DENSE=3 (slab kernel) vs =2, rel err %.2e (bounded by 0.25: see q_tol; greedy ids "
+			   "%d of %d equal)", nseq, rounds, e, same, rounds * nseq);
+		free(lg[0][bi]);
+		free(lg[1][bi]);
+	}
+	free(ids);
+	setenv("KL_CUDA_Q_DENSE", "3", 1);	/* read when the backend is made */
+	setenv("KL_CUDA_Q_MMA", "1", 1);
+	check_quantized("tiny_a", "fp8", "bf16");
+	unsetenv("KL_CUDA_Q_MMA");
 	unsetenv("KL_CUDA_Q_DENSE");
 }
 
@@ -6453,6 +6557,7 @@ main(void)
 	RUN(check_gemv_mma_q());
 	RUN(check_gemv_mma_q_dense());
 	RUN(check_dense_model());
+	RUN(check_dense_model_slab());
 	RUN(check_expert_mma_q());
 	RUN(check_fp8_quant());
 	RUN(check_fp8_matmul());
