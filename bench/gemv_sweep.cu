@@ -849,7 +849,6 @@ dense_fp8_table(void)
 		{"shared gate/up 2 x 1024 x 2304", 2, {1024, 1024}, {2304, 2304}, {0, 0}},
 		{"shared down 2304 x 1024", 1, {2304}, {1024}, {0}},
 		{"layer-0 gate/up 2 x 9216 x 2304", 2, {9216, 9216}, {2304, 2304}, {0, 0}},
-		{"layer-0 down 2304 x 9216", 1, {2304}, {9216}, {0}},
 	};
 	static const int ns[] = {1, 2, 4, 8, 16, 32, 64};
 	const size_t wbytes = (size_t) 2 << 30;

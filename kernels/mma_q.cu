@@ -73,6 +73,7 @@
  * fp32; against quant.h's reference (fl(q * scale) weights) the results
  * differ by fp32 rounding of the sums and of the scale multiplications.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "common.cuh"
@@ -1041,9 +1042,9 @@ ms_saddr(const void *p)
 }
 
 __device__ __forceinline__ void
-ms_bar_init(uint32_t bar)
+ms_bar_init(uint32_t bar, uint32_t count)
 {
-	asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n"::"r"(bar):"memory");
+	asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n"::"r"(bar), "r"(count):"memory");
 }
 
 /* the barrier's phase completes when bytes have arrived (and this one arrival is made) */
@@ -1068,6 +1069,20 @@ ms_bulk(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar)
 {
 	asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
 				 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar):"memory");
+}
+
+/* 16 bytes global -> shared by this thread (cp.async, L2 only) */
+__device__ __forceinline__ void
+ms_cp16(uint32_t dst, const void *src)
+{
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"::"r"(dst), "l"(src):"memory");
+}
+
+/* bar gets this thread's arrival once its cp.async copies so far have landed (counted in the init count) */
+__device__ __forceinline__ void
+ms_cp_arrive(uint32_t bar)
+{
+	asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n"::"r"(bar):"memory");
 }
 
 __device__ __forceinline__ uint32_t
@@ -1164,7 +1179,7 @@ ms_chunk(float (&acc)[MT][NB][4], const uint8_t *arow, int ld, const uint4 (&bf)
  */
 template <int NB>
 __global__ void __launch_bounds__(MS_WARPS * 32, NB >= 8 ? 1 : 2)
-gemv_mma_q_slab_kernel(kk_gemv_batch b, int CS)
+gemv_mma_q_slab_kernel(kk_gemv_batch b, int CS, int cpa)
 {
 #ifdef MS_BULK
 	constexpr int WK = ms_shape<NB>::WK,
@@ -1202,14 +1217,31 @@ gemv_mma_q_slab_kernel(kk_gemv_batch b, int CS)
 	if (threadIdx.x == 0)
 	{
 		for (int s = 0; s < ns; s++)
-			ms_bar_init(ms_saddr(bars + s));
+			ms_bar_init(ms_saddr(bars + s), cpa ? MS_WARPS * 32 : 1);
 		asm volatile("fence.mbarrier_init.release.cluster;\n":::"memory");
-		for (int s = 0; s < ns; s++)
+		for (int s = 0; s < ns && !cpa; s++)
 			ms_bar_expect(ms_saddr(bars + s), (uint32_t) (vrows * 64 *
 						  (ms_stage_start(s + 1, nch, ns) - ms_stage_start(s, nch, ns))));
 	}
 	__syncthreads();
-	if (warp == 0)
+	if (cpa)
+		for (int s = 0; s < ns; s++)
+		{
+			/* every thread 16-byte pieces of the stage's rows, then one arrival once its own have landed */
+			int			a = ms_stage_start(s, nch, ns),
+						pr = 4 * (ms_stage_start(s + 1, nch, ns) - a);
+
+			for (int i = threadIdx.x; i < vrows * pr; i += MS_WARPS * 32)
+			{
+				int			r = i / pr,
+							p = i - r * pr;
+
+				ms_cp16(ms_saddr(slab + (size_t) r * ld + 64 * a + 16 * p),
+						W + (size_t) (r0 + r) * cols + 64 * (c0 + a) + 16 * p);
+			}
+			ms_cp_arrive(ms_saddr(bars + s));
+		}
+	else if (warp == 0)
 		for (int s = 0; s < ns; s++)
 		{
 			int			a = ms_stage_start(s, nch, ns),
@@ -1320,6 +1352,19 @@ ms_device_ok(void)
 	return major >= 9;
 }
 
+/* EXPERIMENT (session of 2026-12-01): an integer setting from the environment, read once */
+static int
+ms_knob(const char *name, int dflt)
+{
+	static int	cpa = -1,
+				fill = -1;
+	int		   *v = strcmp(name, "KL_CUDA_Q_SLAB_CPA") == 0 ? &cpa : &fill;
+
+	if (*v < 0)
+		*v = getenv(name) ? atoi(getenv(name)) : dflt;
+	return *v;
+}
+
 /* the slab kernel launched with cluster dimension CS (and PDL when on) */
 template <int NB>
 static void
@@ -1343,12 +1388,12 @@ ms_launch_nb(cudaStream_t s, kk_gemv_batch *b, int blocks, int CS, size_t smem)
 	at[1].val.programmaticStreamSerializationAllowed = 1;
 	cfg.attrs = at;
 	cfg.numAttrs = kk_pdl_on ? 2 : 1;
-	if (cudaLaunchKernelEx(&cfg, gemv_mma_q_slab_kernel<NB>, *b, CS) != cudaSuccess && cfg.numAttrs == 2)
+	if (cudaLaunchKernelEx(&cfg, gemv_mma_q_slab_kernel<NB>, *b, CS, ms_knob("KL_CUDA_Q_SLAB_CPA", 0)) != cudaSuccess && cfg.numAttrs == 2)
 	{
 		/* should a runtime refuse clusters with programmatic serialization: the cluster alone */
 		(void) cudaGetLastError();
 		cfg.numAttrs = 1;
-		cudaLaunchKernelEx(&cfg, gemv_mma_q_slab_kernel<NB>, *b, CS);
+		cudaLaunchKernelEx(&cfg, gemv_mma_q_slab_kernel<NB>, *b, CS, ms_knob("KL_CUDA_Q_SLAB_CPA", 0));
 	}
 }
 
@@ -1381,7 +1426,8 @@ ms_launch(cudaStream_t s, kk_gemv_batch *b)
 		maxch = ch > maxch ? ch : maxch;
 	}
 	while (CS < 8 && 2 * CS <= minch &&
-		   (slabs * CS < 2 * sms || (size_t) MS_ROWS * ms_ld((maxch + CS - 1) / CS) > MS_SLAB_MAX))
+		   (slabs * CS < ms_knob("KL_CUDA_Q_SLAB_FILL", 2) * sms ||
+			(size_t) MS_ROWS * ms_ld((maxch + CS - 1) / CS) > MS_SLAB_MAX))
 		CS *= 2;
 	if ((size_t) MS_ROWS * ms_ld((maxch + CS - 1) / CS) > MS_SLAB_MAX)
 		return false;
