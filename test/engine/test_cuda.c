@@ -92,8 +92,9 @@
  * NaN/-inf logits, greedy, temperature, top-k, top-p, min-p, repetition
  * penalty, allowed-token masks and their combinations; and through
  * kl_forward_sample on a batch of sequences with different settings.  Both
- * device samplers: the wide one (a cluster of blocks per row, the default)
- * and one block per row (KL_CUDA_SAMPLE_WIDE=0).
+ * device samplers: the wide one (a cluster of blocks per row, the default),
+ * one block per row (KL_CUDA_SAMPLE_WIDE=0) and the wide one's fast form
+ * (KL_CUDA_SAMPLE_WIDE=2).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE				/* dladdr: finding the CUDA library's test hook */
@@ -1663,23 +1664,26 @@ make_logits(float *l, int V, int r, uint64_t *rs)
 		l[7] = NAN;
 }
 
+/* variant: 1 the wide kernel (the default), 0 one block per row
+ * (KL_CUDA_SAMPLE_WIDE=0), 2 the wide kernel's fast form (=2) */
 static void
-check_sampler(bool wide)
+check_sampler(int variant)
 {
 	char		dir[1024];
 	kl_model   *m;
 	kl_backend *be;
 	static const int Vs[3] = {384, 1000, 163840};
-	const char *kind = wide ? "wide" : "one block per row";
+	static const char *kinds[3] = {"one block per row", "wide", "fast wide"};
+	const char *kind = kinds[variant];
 	kl_sampling set[16];
 	int			n_set = 0;
 	int32_t		recent[12] = {3, 5, 3, 7, 100, -4, 999999, 11, 5, 250, 2, 42};
 
 	snprintf(dir, sizeof(dir), "%s/golden/tiny_c", tap_fixture_dir());
-	if (!wide)
-		setenv("KL_CUDA_SAMPLE_WIDE", "0", 1);	/* read when the backend is made */
+	if (variant != 1)
+		setenv("KL_CUDA_SAMPLE_WIDE", variant == 0 ? "0" : "2", 1);	/* read when the backend is made */
 	m = load(dir, "cuda", "fp32");
-	if (!wide)
+	if (variant != 1)
 		unsetenv("KL_CUDA_SAMPLE_WIDE");
 	be = m->be;
 	if (!be->ops->sample)
@@ -6387,8 +6391,9 @@ main(void)
 	}
 	kl_model_free(m);
 
-	RUN(check_sampler(true));
-	RUN(check_sampler(false));
+	RUN(check_sampler(1));
+	RUN(check_sampler(0));
+	RUN(check_sampler(2));
 	RUN(check_route_warp());
 	RUN(check_route_rank());
 	RUN(check_moe_pad_group());
