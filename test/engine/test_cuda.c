@@ -1610,7 +1610,7 @@ unif(uint64_t *x)
 	return (double) (mix_rand(x) >> 11) * (1.0 / 9007199254740992.0);
 }
 
-#define SROWS 11
+#define SROWS 12
 
 /* row r of a family of logits: the shapes that stress a sampler */
 static void
@@ -1653,6 +1653,9 @@ make_logits(float *l, int V, int r, uint64_t *rs)
 			case 10:			/* signed zeros: -0 and +0 are equal values */
 				l[i] = (i & 1) ? 0.0f : -0.0f;
 				break;
+			case 11:			/* 1024 equal tops whose rounded probabilities add up to 1 (the head rule) */
+				l[i] = i < 1024 ? 0.0f : -30.0f;
+				break;
 			default:
 				l[i] = (float) (g - 5.0);
 				break;
@@ -1675,7 +1678,7 @@ check_sampler(int variant)
 	static const int Vs[3] = {384, 1000, 163840};
 	static const char *kinds[3] = {"one block per row", "wide", "fast wide"};
 	const char *kind = kinds[variant];
-	kl_sampling set[16];
+	kl_sampling set[17];
 	int			n_set = 0;
 	int32_t		recent[12] = {3, 5, 3, 7, 100, -4, 999999, 11, 5, 250, 2, 42};
 
@@ -1692,7 +1695,7 @@ check_sampler(int variant)
 		kl_model_free(m);
 		return;
 	}
-	for (int i = 0; i < 16; i++)
+	for (int i = 0; i < 17; i++)
 		kl_sampling_default(&set[i]);
 	n_set = 0;
 	n_set++;					/* greedy */
@@ -1711,6 +1714,7 @@ check_sampler(int variant)
 	set[n_set++].repetition_penalty = 1.5f;	/* greedy with a penalty */
 	set[n_set].temperature = 0.8f, set[n_set].top_k = 2000, set[n_set++].top_p = 0.3f;
 	set[n_set].temperature = 1.0f, set[n_set++].top_p = 0.01f;
+	set[n_set].temperature = 1.0f, set[n_set++].min_p = 1e-20f;	/* min-p beyond the head: the head rule decides */
 
 	for (int vi = 0; vi < 3; vi++)
 	{
@@ -1748,7 +1752,8 @@ check_sampler(int variant)
 				{
 					rows[r].row = r;
 					rows[r].s = &set[si];
-					rows[r].u0 = set[si].temperature == 0.0f ? 0.0 : r == 0 ? 0.0 : r == 1 ? 0.99999999999 : unif(&rs);
+					rows[r].u0 = set[si].temperature == 0.0f ? 0.0 : r == 0 ? 0.0 :
+						r == 1 || r == 11 ? 0.99999999999 : unif(&rs);
 					rows[r].recent = recent;
 					rows[r].n_recent = 12;
 					rows[r].allowed = mk < 0 ? NULL : masks + (size_t) mk * words;
