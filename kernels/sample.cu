@@ -919,6 +919,11 @@ struct wide_map
 	{
 		return ((li >> lch) << 10) + (r << lch) + (li & ((1 << lch) - 1));
 	}
+	/* the bits of 0xffffffff - id that are 1 for every id < V (those above V - 1's highest bit) */
+	__device__ uint64_t id_ones() const
+	{
+		return V > 1 ? (uint64_t) (0xffffffffu << (32 - __clz(V - 1))) : 0xffffffffu;
+	}
 };
 
 /* scaled values of the block's ids (top-k) */
@@ -1325,10 +1330,14 @@ wide_row(float *wv, const float *logits, int V, const kk_sample_row &p, const in
  *   - a descent (descend_fast) also returns the count and the weight of the
  *     keys at and above its result: the sums of the buckets it passed over plus
  *     its last bucket's (integers: exact), so no totals pass follows it;
- *   - a descent starts below the bits its keys all share (the common prefix of
- *     a lower and an upper bound of the keys): a pass there would find one
- *     bucket holding every key and choose it; the flat rows of a random model
- *     skip 1-2 passes a descent;
+ *   - a descent looks only at bits its keys do not all share (those above the
+ *     highest bit in which a lower and an upper bound of the keys differ, and
+ *     the high bits of 0xffffffff - id, 1 for every id < V): a pass over them
+ *     would find one bucket holding every key and choose it; the flat rows of
+ *     a random model skip 2-3 passes a descent;
+ *   - the top-p descent stops once the cut's probability is known: the keys
+ *     left in its bucket weigh the same, so the count and weight it needs are
+ *     one integer division away (pick_fast);
  *   - top-p never evaluates draw_sorted's head rule: it cannot change the kept
  *     prefix when top_p < 1 (fast_ranked says why); min-p evaluates it only when
  *     the min-p cut lies beyond the head;
@@ -1421,7 +1430,9 @@ fast_reduce(scope_cluster &sc, fast_smem *fs, uint64_t *v, int nv, unsigned maxe
 /*
  * The keys of the fast descents: key(li, &k) says whether local index li takes
  * part and its ranking key; weight(li) its fixed-point weight (asked only of
- * keys that take part in a pass, so passes over few keys convert few weights).
+ * keys that take part in a pass, so passes over few keys convert few weights);
+ * fixed_ones() the bits that are 1 in every key (ids are below V: the high
+ * bits of 0xffffffff - id), which no pass needs to look at.
  *   fkey_prob    positive probabilities, ranked (prob, lower id)
  *   fkey_scaled  scaled values of all ids (top-k; no weights)
  *   fkey_id      ids of positive weight, ascending as keys descending (the plain draw)
@@ -1445,6 +1456,10 @@ struct fkey_prob
 	{
 		return kl_sample_fix(p[li]);
 	}
+	__device__ uint64_t fixed_ones() const
+	{
+		return m.id_ones();
+	}
 };
 
 struct fkey_scaled
@@ -1465,6 +1480,10 @@ struct fkey_scaled
 	{
 		return 0;
 	}
+	__device__ uint64_t fixed_ones() const
+	{
+		return m.id_ones();
+	}
 };
 
 struct fkey_id
@@ -1484,6 +1503,10 @@ struct fkey_id
 	__device__ uint64_t weight(int li) const
 	{
 		return kl_sample_fix(p[li]);
+	}
+	__device__ uint64_t fixed_ones() const
+	{
+		return m.id_ones();
 	}
 };
 
@@ -1611,7 +1634,8 @@ static_assert(ST / 256 == 4, "fast_merge: four groups of ranks");
  * above d are added to fs->above_c / above_w, d's own to fs->last_c / last_w.
  */
 __device__ __noinline__ void
-pick_fast(sample_smem *sm, fast_smem *fs, bool by_sum, bool strict, uint64_t prefix, uint64_t mask, int shift)
+pick_fast(sample_smem *sm, fast_smem *fs, bool by_sum, bool strict, bool tie_ok, uint64_t prefix, uint64_t mask,
+		  int shift)
 {
 	int			lane = threadIdx.x & 31,
 				d = 0;
@@ -1681,9 +1705,39 @@ pick_fast(sample_smem *sm, fast_smem *fs, bool by_sum, bool strict, uint64_t pre
 		sm->done = by_sum ? sm->hist[d] == 1 : (uint64_t) sm->hist[d] == rem - acc;
 		fs->above_c += bc;
 		fs->above_w += bw;
-		fs->last_c = sm->hist[d];
+		fs->last_c = by_sum ? 1 : sm->hist[d];
 		fs->last_w = sm->hsum[d];
+		if (tie_ok && !sm->done && (sm->mask >> 32) == 0xffffffffu)
+		{
+			/*
+			 * every key of bucket d has the same probability (the upper half of
+			 * the key is chosen), so the same weight wd > 0 (the bucket was chosen
+			 * for its weight): in rank order the running weight inside it is
+			 * j wd after j keys, and the first j reaching rem - acc ends the
+			 * prefix (integers: exact)
+			 */
+			uint64_t	wd = sm->hsum[d] / sm->hist[d],
+						r = rem - acc,
+						j = strict ? r / wd + 1 : (r + wd - 1) / wd;
+
+			fs->last_c = j;
+			fs->last_w = j * wd;
+			sm->done = 1;
+		}
 	}
+}
+
+/* a descent's next pass: the bits shift .. shift + 7 ending at the highest bit below `below` not in known; -1: none */
+__device__ __forceinline__ int
+next_shift(uint64_t known, int below)
+{
+	uint64_t	open = ~known & (below >= 64 ? ~0ull : (1ull << below) - 1);
+	int			h;
+
+	if (open == 0)
+		return -1;
+	h = 63 - __clzll((long long) open);
+	return h > 7 ? h - 7 : 0;
 }
 
 /* how a descent uses the kept first pass (all descents over one key set and bounds) */
@@ -1696,14 +1750,16 @@ enum fast_cache
 
 /*
  * MSB-first radix descent over the taking-part keys, all within [lo, hi],
- * 8 bits a pass from the highest bit in which lo and hi differ (the bits
- * above are every key's); when fewer than 8 bits are left the last pass
- * covers bits 0-7 again: buckets that disagree with the bits already chosen
- * are empty and never chosen.
+ * 8 bits a pass, each pass's 8 bits ending at the highest bit not yet known:
+ * known are the bits above the highest in which lo and hi differ (every
+ * key's), the key set's fixed_ones() and the digits chosen.  A pass's bits
+ * may include known ones (the last pass covers bits 0-7): buckets that
+ * disagree with them are empty and never chosen.
  *   by_sum false: returns t with exactly `target` keys >= t
  *   by_sum true: returns the largest key X whose running weight (over keys
  *     >= X) reaches target (>= target, or > target when strict); with
- *     want_key false X itself is not looked up (0 is returned)
+ *     want_key false X itself is not looked up (0 is returned) and the
+ *     descent stops once X's probability is known (pick_fast's ties)
  * *cnt_ge / *w_ge: the count and the weight of the keys >= the result.
  * The caller guarantees such a key exists.
  */
@@ -1715,14 +1771,15 @@ descend_fast(const KEY &kf, int n, uint64_t lo, uint64_t hi, bool by_sum, uint64
 {
 	int			tid = threadIdx.x,
 				h = lo == hi ? 0 : 63 - __clzll((long long) (lo ^ hi)),
-				shift = h > 7 ? h - 7 : 0;
-	uint64_t	shared_bits = h >= 63 ? 0 : ~((2ull << h) - 1),
+				shift;
+	uint64_t	known = (h >= 63 ? 0 : ~((2ull << h) - 1)) | kf.fixed_ones(),
 				res = 0;
 
+	shift = next_shift(known, 64);
 	if (tid == 0)
 	{
-		sm->prefix = lo & shared_bits;
-		sm->mask = shared_bits;
+		sm->prefix = (lo & known) | kf.fixed_ones();
+		sm->mask = known;
 		sm->rem = target;
 		sm->done = 0;
 		fs->above_c = 0;
@@ -1757,14 +1814,14 @@ descend_fast(const KEY &kf, int n, uint64_t lo, uint64_t hi, bool by_sum, uint64
 				}
 		}
 		if (tid < 32)
-			pick_fast(sm, fs, by_sum, strict, prefix, mask, shift);
+			pick_fast(sm, fs, by_sum, strict, by_sum && !want_key, prefix, mask, shift);
 		__syncthreads();
-		/* (at shift 0 every key is known: the chosen bucket holds one key, done) */
-		if (sm->done || shift == 0)
+		/* (with every bit known the chosen bucket holds one key: done) */
+		shift = next_shift(sm->mask, shift);
+		if (sm->done || shift < 0)
 			break;
-		shift = shift > 8 ? shift - 8 : 0;
 	}
-	*cnt_ge = fs->above_c + (by_sum ? 1 : fs->last_c);
+	*cnt_ge = fs->above_c + fs->last_c;
 	*w_ge = fs->above_w + fs->last_w;
 	if (!by_sum)
 		res = sm->prefix;
