@@ -1756,17 +1756,18 @@ enum fast_cache
  * may include known ones (the last pass covers bits 0-7): buckets that
  * disagree with them are empty and never chosen.
  *   by_sum false: returns t with exactly `target` keys >= t
- *   by_sum true: returns the largest key X whose running weight (over keys
- *     >= X) reaches target (>= target, or > target when strict); with
- *     want_key false X itself is not looked up (0 is returned) and the
- *     descent stops once X's probability is known (pick_fast's ties)
+ *   by_sum true: the largest key X whose running weight (over keys >= X)
+ *     reaches target (>= target, or > target when strict): its id is written
+ *     to *id_out by the one thread that holds it (the draw's result: no
+ *     exchange needed); with id_out NULL X itself is not looked up and the
+ *     descent stops once X's probability is known (pick_fast's ties); returns 0
  * *cnt_ge / *w_ge: the count and the weight of the keys >= the result.
  * The caller guarantees such a key exists.
  */
 template <typename KEY>
 __device__ uint64_t
 descend_fast(const KEY &kf, int n, uint64_t lo, uint64_t hi, bool by_sum, uint64_t target, bool strict,
-			 bool want_key, fast_cache cache, sample_smem *sm, fast_smem *fs, scope_cluster &sc, uint64_t *cnt_ge,
+			 int32_t *id_out, fast_cache cache, sample_smem *sm, fast_smem *fs, scope_cluster &sc, uint64_t *cnt_ge,
 			 uint64_t *w_ge)
 {
 	int			tid = threadIdx.x,
@@ -1814,7 +1815,7 @@ descend_fast(const KEY &kf, int n, uint64_t lo, uint64_t hi, bool by_sum, uint64
 				}
 		}
 		if (tid < 32)
-			pick_fast(sm, fs, by_sum, strict, by_sum && !want_key, prefix, mask, shift);
+			pick_fast(sm, fs, by_sum, strict, by_sum && !id_out, prefix, mask, shift);
 		__syncthreads();
 		/* (with every bit known the chosen bucket holds one key: done) */
 		shift = next_shift(sm->mask, shift);
@@ -1825,9 +1826,9 @@ descend_fast(const KEY &kf, int n, uint64_t lo, uint64_t hi, bool by_sum, uint64
 	*w_ge = fs->above_w + fs->last_w;
 	if (!by_sum)
 		res = sm->prefix;
-	else if (want_key)
+	else if (id_out)
 	{
-		/* the one key of the chosen bucket (in one block; 0 in the others) */
+		/* the one key of the chosen bucket: its thread writes the id */
 		uint64_t	prefix = sm->prefix,
 					mask = sm->mask;
 
@@ -1836,9 +1837,8 @@ descend_fast(const KEY &kf, int n, uint64_t lo, uint64_t hi, bool by_sum, uint64
 			uint64_t	key;
 
 			if (kf.key(li, &key) && (key & mask) == prefix)
-				res = key;
+				*id_out = kl_sample_key_id(key);
 		}
-		fast_reduce(sc, fs, &res, 1, 1u);
 	}
 	__syncthreads();			/* (sm and fs are read above; the next descent writes them) */
 	return res;
@@ -1875,9 +1875,9 @@ fast_count_ge(const float *wv, int n, float fl, fast_smem *fs, scope_cluster &sc
  * lies in the kept prefix (whose running weight reaches z), so its descent
  * runs over all positive keys, the same set and bounds as the others here.
  */
-__device__ __forceinline__ int32_t
+__device__ __noinline__ void
 fast_ranked(const float *wv, int n, const wide_map &m, int n_pos, uint64_t W, uint64_t lo, uint64_t hi, float pmax,
-			int n_cand, const kk_sample_row &p, sample_smem *sm, fast_smem *fs, scope_cluster &sc)
+			int n_cand, const kk_sample_row &p, sample_smem *sm, fast_smem *fs, scope_cluster &sc, int32_t *out)
 {
 	fkey_prob	all = {wv, m};
 	int			head = n_cand < KL_SAMPLE_HEAD ? n_cand : KL_SAMPLE_HEAD,
@@ -1886,13 +1886,12 @@ fast_ranked(const float *wv, int n, const wide_map &m, int n_pos, uint64_t W, ui
 				keep = (uint64_t) n_pos,
 				z = W,
 				c,
-				w,
-				x;
+				w;
 	bool		kept = false;	/* the first pass over `all` is in fs */
 
 	if (p.top_p < 1.0f && W >= target)
 	{
-		descend_fast(all, n, lo, hi, true, target, false, false, FC_SAVE, sm, fs, sc, &keep, &z);
+		descend_fast(all, n, lo, hi, true, target, false, NULL, FC_SAVE, sm, fs, sc, &keep, &z);
 		kept = true;
 	}
 	if (p.min_p > 0.0f)
@@ -1903,8 +1902,8 @@ fast_ranked(const float *wv, int n, const wide_map &m, int n_pos, uint64_t W, ui
 		if (p.top_p >= 1.0f && cc > (uint64_t) k1 && head < n_cand)
 		{
 			/* the head rule: the first k1 (= head < n_pos here) alone when their mass reaches top_p */
-			descend_fast(all, n, lo, hi, false, (uint64_t) k1, false, false, kept ? FC_USE : FC_SAVE, sm, fs, sc,
-						 &c, &w);
+			descend_fast(all, n, lo, hi, false, (uint64_t) k1, false, NULL, kept ? FC_USE : FC_SAVE, sm, fs, sc, &c,
+						 &w);
 			kept = true;
 			if (w >= target)
 			{
@@ -1914,14 +1913,13 @@ fast_ranked(const float *wv, int n, const wide_map &m, int n_pos, uint64_t W, ui
 		}
 		if (cc < keep)
 		{
-			descend_fast(all, n, lo, hi, false, cc, false, false, kept ? FC_USE : FC_SAVE, sm, fs, sc, &c, &z);
+			descend_fast(all, n, lo, hi, false, cc, false, NULL, kept ? FC_USE : FC_SAVE, sm, fs, sc, &c, &z);
 			kept = true;
 			keep = cc;
 		}
 	}
-	x = descend_fast(all, n, lo, hi, true, kl_sample_fix_point(p.u0, z), true, true, kept ? FC_USE : FC_NONE, sm,
-					 fs, sc, &c, &w);
-	return kl_sample_key_id(x);
+	descend_fast(all, n, lo, hi, true, kl_sample_fix_point(p.u0, z), true, out, kept ? FC_USE : FC_NONE, sm, fs, sc,
+				 &c, &w);
 }
 
 /*
@@ -1981,10 +1979,8 @@ fast_row(float *wv, const float *logits, int V, const kk_sample_row &p, const in
 	uint64_t	kth = 0,
 				v[4] = {0, 0, 0, 0},
 				c,
-				w,
-				x;
+				w;
 	float		mx;
-	int32_t		res;
 
 	wide_load(wv, l, n, m, p, recent, allowed, tid);
 	if (p.temperature == 0.0f)
@@ -2018,23 +2014,21 @@ fast_row(float *wv, const float *logits, int V, const kk_sample_row &p, const in
 		fkey_scaled kf = {wv, m};
 
 		kth = descend_fast(kf, n, (uint64_t) (0xffffffffu - v[1]) << 32, (v[0] << 32) | 0xffffffffu, false,
-						   (uint64_t) p.top_k, false, false, FC_NONE, sm, fs, sc, &c, &w);
+						   (uint64_t) p.top_k, false, NULL, FC_NONE, sm, fs, sc, &c, &w);
 	}
 	fast_divide(wv, n, m, wide_exp_sum(wv, n, nj, m, topk, kth, mx, sm, ws, tid), ranked, fs, sc, v);
+	/* the draw's descent writes the chosen id (from the block that holds it) */
 	if (ranked)
-		res = fast_ranked(wv, n, m, (int) v[0], v[1], (0xffffffffu - v[3]) << 32, (v[2] << 32) | 0xffffffffu,
-						  ord_inv((uint32_t) v[2]), topk ? p.top_k : V, p, sm, fs, sc);
+		fast_ranked(wv, n, m, (int) v[0], v[1], (0xffffffffu - v[3]) << 32, (v[2] << 32) | 0xffffffffu,
+					ord_inv((uint32_t) v[2]), topk ? p.top_k : V, p, sm, fs, sc, out + row);
 	else
 	{
 		/* the draw over the candidates in id order (keys 0xffffffff - id) */
 		fkey_id		kf = {wv, m};
 
-		x = descend_fast(kf, n, 0xffffffffu - v[3], v[2], true, kl_sample_fix_point(p.u0, v[1]), true, true,
-						 FC_NONE, sm, fs, sc, &c, &w);
-		res = kl_sample_key_id(x);
+		descend_fast(kf, n, 0xffffffffu - v[3], v[2], true, kl_sample_fix_point(p.u0, v[1]), true, out + row,
+					 FC_NONE, sm, fs, sc, &c, &w);
 	}
-	if (lead)
-		out[row] = res;
 }
 #endif
 
