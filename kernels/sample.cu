@@ -23,7 +23,8 @@
  *
  * sample_wide_kernel (below; the default on Hopper, KL_CUDA_SAMPLE_WIDE=0
  * turns it off) runs the same stages on a cluster of blocks per row, each
- * block holding its share of the row in shared memory.
+ * block holding its share of the row in shared memory; sample_fast_kernel
+ * (KL_CUDA_SAMPLE_WIDE=2) is its form with fewer passes and cluster barriers.
  */
 #include "common.cuh"
 #include "../src/engine/sample_core.h"
