@@ -673,6 +673,10 @@ int			kk_sample(cudaStream_t s, float *logits, int V, int n, const kk_sample_row
  * memory: over 655360 where 16-block clusters run, else 327680), then use kk_sample */
 int			kk_sample_wide(cudaStream_t s, const float *logits, int V, int n, const kk_sample_row *rows,
 						   const int32_t *recent, const uint32_t *masks, int32_t *out);
+/* the same choices and contract as kk_sample_wide, in fewer passes over the row
+ * and fewer cluster barriers (KL_CUDA_SAMPLE_WIDE=2; sample.cu's "fast wide kernel") */
+int			kk_sample_fast(cudaStream_t s, const float *logits, int V, int n, const kk_sample_row *rows,
+						   const int32_t *recent, const uint32_t *masks, int32_t *out);
 
 #ifdef __cplusplus
 }

@@ -23,7 +23,8 @@
  *
  * sample_wide_kernel (below; the default on Hopper, KL_CUDA_SAMPLE_WIDE=0
  * turns it off) runs the same stages on a cluster of blocks per row, each
- * block holding its share of the row in shared memory.
+ * block holding its share of the row in shared memory; sample_fast_kernel
+ * (KL_CUDA_SAMPLE_WIDE=2) is its form with fewer passes and cluster barriers.
  */
 #include "common.cuh"
 #include "../src/engine/sample_core.h"
@@ -919,6 +920,11 @@ struct wide_map
 	{
 		return ((li >> lch) << 10) + (r << lch) + (li & ((1 << lch) - 1));
 	}
+	/* the bits of 0xffffffff - id that are 1 for every id < V (those above V - 1's highest bit) */
+	__device__ uint64_t id_ones() const
+	{
+		return V > 1 ? (uint64_t) (0xffffffffu << (32 - __clz(V - 1))) : 0xffffffffu;
+	}
 };
 
 /* scaled values of the block's ids (top-k) */
@@ -1147,9 +1153,9 @@ wide_load(float *wv, const float *l, int n, const wide_map &m, const kk_sample_r
 	__syncthreads();
 }
 
-/* 5. e for the candidates, chunk sums in id order, z over the chunks in order, prob = e / z */
-__device__ __forceinline__ void
-wide_softmax(float *wv, int n, int nj, const wide_map &m, bool topk, uint64_t kth, float mx, sample_smem *sm,
+/* 5a. e for the candidates (in wv), chunk sums in id order, z over the chunks in order: returns z */
+__device__ __forceinline__ double
+wide_exp_sum(float *wv, int n, int nj, const wide_map &m, bool topk, uint64_t kth, float mx, sample_smem *sm,
 			 wide_smem *ws, int tid)
 {
 	cg::cluster_group cl = cg::this_cluster();
@@ -1187,11 +1193,54 @@ wide_softmax(float *wv, int n, int nj, const wide_map &m, bool topk, uint64_t kt
 		sm->z = z;
 	}
 	__syncthreads();
-	z = sm->z;
+	return sm->z;
+}
+
+/* 5. the softmax: e for the candidates, z, prob = e / z */
+__device__ __forceinline__ void
+wide_softmax(float *wv, int n, int nj, const wide_map &m, bool topk, uint64_t kth, float mx, sample_smem *sm,
+			 wide_smem *ws, int tid)
+{
+	double		z = wide_exp_sum(wv, n, nj, m, topk, kth, mx, sm, ws, tid);
+
 	for (int li = tid; li < n; li += ST)
 		if (wv[li] > 0.0f)
 			wv[li] = KL_S_D2F(KL_S_DDIV((double) wv[li], z));
 	__syncthreads();
+}
+
+/* nothing is possible (every value -inf): the first allowed token */
+__device__ __forceinline__ int
+first_allowed(const uint32_t *allowed, int V)
+{
+	int			b = 0;
+
+	while (b < V - 1 && !kl_sample_allowed(allowed, b))
+		b++;
+	return b;
+}
+
+/* 2. greedy over the cluster: the largest (value, lower id); -0 as +0 (equal values); NaN never, but at id 0 it wins */
+__device__ __forceinline__ void
+wide_greedy(const float *wv, int n, const wide_map &m, sample_smem *sm, scope_cluster &sc, bool lead, int32_t *out)
+{
+	uint64_t	best = 0;
+
+	for (int li = threadIdx.x; li < n; li += ST)
+	{
+		int			id = m.id(li);
+		float		v = wv[li];
+
+		if (id < m.V && v == v)
+		{
+			uint64_t	k = kl_sample_key(v == 0.0f ? 0.0f : v, id);
+
+			best = k > best ? k : best;
+		}
+	}
+	best = sc.max_u(block_max_u64(best, sm->red_u));
+	if (lead)
+		*out = (wv[0] != wv[0] || best == 0) ? 0 : kl_sample_key_id(best);
 }
 
 /* one row on its cluster (block r of C): the one-block kernel's stages with cluster-wide combining */
@@ -1215,24 +1264,7 @@ wide_row(float *wv, const float *logits, int V, const kk_sample_row &p, const in
 	wide_load(wv, l, n, m, p, recent, allowed, tid);
 	if (p.temperature == 0.0f)
 	{
-		/* greedy: the largest (value, lower id); -0 as +0 (equal values); NaN never, but at id 0 it wins */
-		uint64_t	best = 0;
-
-		for (int li = tid; li < n; li += ST)
-		{
-			int			id = m.id(li);
-			float		v = wv[li];
-
-			if (id < m.V && v == v)
-			{
-				uint64_t	k = kl_sample_key(v == 0.0f ? 0.0f : v, id);
-
-				best = k > best ? k : best;
-			}
-		}
-		best = sc.max_u(block_max_u64(best, sm->red_u));
-		if (lead)
-			out[row] = (wv[0] != wv[0] || best == 0) ? 0 : kl_sample_key_id(best);
+		wide_greedy(wv, n, m, sm, sc, lead, out + row);
 		return;
 	}
 	for (int li = tid; li < n; li += ST)
@@ -1246,15 +1278,8 @@ wide_row(float *wv, const float *logits, int V, const kk_sample_row &p, const in
 	mx = ord_inv((uint32_t) sc.max_u(kl_sample_ord(mx)));
 	if (mx == -INFINITY)
 	{
-		/* nothing is possible: the first allowed token */
 		if (lead)
-		{
-			int			b = 0;
-
-			while (b < V - 1 && !kl_sample_allowed(allowed, b))
-				b++;
-			out[row] = b;
-		}
+			out[row] = first_allowed(allowed, V);
 		return;
 	}
 	if (topk)
@@ -1291,6 +1316,721 @@ wide_row(float *wv, const float *logits, int V, const kk_sample_row &p, const in
 			out[row] = kl_sample_key_id(x);
 	}
 }
+
+/* ================================================================== the fast wide kernel */
+
+/*
+ * sample_fast_kernel (KL_CUDA_SAMPLE_WIDE=2): the wide kernel's layout and
+ * stages, with fewer passes over the row and fewer cluster barriers, for the
+ * same choices.  What it does differently, and why each keeps the choice:
+ *   - several scalars are combined in one cluster exchange (fast_reduce): they
+ *     are integers or maxima, exact in any grouping;
+ *   - the softmax's division pass also counts the positive probabilities, adds
+ *     their fixed-point weights and takes their largest and smallest, so no
+ *     later pass is needed for them (the same integers the totals passes made);
+ *   - a descent (descend_fast) also returns the count and the weight of the
+ *     keys at and above its result: the sums of the buckets it passed over plus
+ *     its last bucket's (integers: exact), so no totals pass follows it;
+ *   - a descent looks only at bits its keys do not all share (those above the
+ *     highest bit in which a lower and an upper bound of the keys differ, and
+ *     the high bits of 0xffffffff - id, 1 for every id < V): a pass over them
+ *     would find one bucket holding every key and choose it; the flat rows of
+ *     a random model skip 2-3 passes a descent;
+ *   - the top-p descent stops once the cut's probability is known: the keys
+ *     left in its bucket weigh the same, so the count and weight it needs are
+ *     one integer division away (pick_fast);
+ *   - top-p never evaluates draw_sorted's head rule: it cannot change the kept
+ *     prefix when top_p < 1 (fast_ranked says why); min-p evaluates it only when
+ *     the min-p cut lies beyond the head;
+ *   - the top-p cut is needed only as the kept weight Z, not as a key: no search
+ *     pass; the draw's descent runs over all positive keys (the first key whose
+ *     running weight exceeds U < Z lies in the kept prefix), so its first pass
+ *     is the top-p descent's, kept in shared memory;
+ *   - a thread adds up its consecutive keys of one bucket before any atomic
+ *     (integers), so a pass whose keys crowd into few buckets makes few atomics;
+ *     a pass's histograms are merged over the cluster by all the block's threads.
+ * The greedy path is the wide kernel's (wide_greedy).
+ */
+
+/* a fast block's shared state beside sample_smem and wide_smem */
+struct fast_smem
+{
+	unsigned long long red[4][32];	/* per-warp values of a reduction */
+	unsigned long long xch[2][4],	/* this block's values of an exchange (by round parity) */
+				bc[2][4];		/* the combined values */
+	unsigned	mh[4][256];		/* a merge's partial counts / weights (4 groups of ranks) */
+	unsigned long long mhs[4][256];
+	unsigned	c_hist[256];	/* the first pass over all positive keys, kept for later descents */
+	unsigned long long c_hsum[256];
+	uint64_t	above_c,		/* count / weight of the keys above the chosen buckets */
+				above_w,
+				last_c,			/* count / weight of the last chosen bucket */
+				last_w;
+};
+
+/* a warp's sum (or max) of a 64-bit number, every lane gets it */
+__device__ __forceinline__ uint64_t
+warp_u64(uint64_t v, bool take_max)
+{
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1)
+	{
+		uint64_t	y = __shfl_xor_sync(0xffffffffu, v, o);
+
+		v = take_max ? (y > v ? y : v) : v + y;
+	}
+	return v;
+}
+
+/*
+ * v[0 .. nv) over the cluster, in place: the sum, or the max where bit j of
+ * maxes is set (values >= 0: 0 is the identity).  Every thread passes its
+ * own values and gets the cluster's: one block barrier, one cluster barrier
+ * (buffers by round parity, as scope_cluster::combine), one block barrier.
+ */
+__device__ void
+fast_reduce(scope_cluster &sc, fast_smem *fs, uint64_t *v, int nv, unsigned maxes)
+{
+	cg::cluster_group cl = cg::this_cluster();
+	int			lane = threadIdx.x & 31,
+				w = threadIdx.x >> 5,
+				par = sc.round & 1;
+
+	sc.round++;
+	for (int j = 0; j < nv; j++)
+	{
+		uint64_t	x = warp_u64(v[j], (maxes >> j) & 1);
+
+		if (lane == 0)
+			fs->red[j][w] = x;
+	}
+	__syncthreads();
+	if (w == 0)
+		for (int j = 0; j < nv; j++)
+		{
+			uint64_t	x = warp_u64(fs->red[j][lane], (maxes >> j) & 1);
+
+			if (lane == 0)
+				fs->xch[par][j] = x;
+		}
+	cl.sync();
+	if (w == 0)
+		for (int j = 0; j < nv; j++)
+		{
+			uint64_t	x = lane < sc.C ? *cl.map_shared_rank(&fs->xch[par][j], lane) : 0;
+
+			x = warp_u64(x, (maxes >> j) & 1);
+			if (lane == 0)
+				fs->bc[par][j] = x;
+		}
+	__syncthreads();
+	for (int j = 0; j < nv; j++)
+		v[j] = fs->bc[par][j];
+}
+
+/*
+ * The keys of the fast descents: key(li, &k) says whether local index li takes
+ * part and its ranking key; weight(li) its fixed-point weight (asked only of
+ * keys that take part in a pass, so passes over few keys convert few weights);
+ * fixed_ones() the bits that are 1 in every key (ids are below V: the high
+ * bits of 0xffffffff - id), which no pass needs to look at.
+ *   fkey_prob    positive probabilities, ranked (prob, lower id)
+ *   fkey_scaled  scaled values of all ids (top-k; no weights)
+ *   fkey_id      ids of positive weight, ascending as keys descending (the plain draw)
+ */
+struct fkey_prob
+{
+	const float *p;
+	wide_map	m;
+	static constexpr bool weights = true;
+	__device__ bool key(int li, uint64_t *k) const
+	{
+		int			id = m.id(li);
+		float		v = p[li];
+
+		if (id >= m.V || !(v > 0.0f))
+			return false;
+		*k = kl_sample_key(v, id);
+		return true;
+	}
+	__device__ uint64_t weight(int li) const
+	{
+		return kl_sample_fix(p[li]);
+	}
+	__device__ uint64_t fixed_ones() const
+	{
+		return m.id_ones();
+	}
+};
+
+struct fkey_scaled
+{
+	const float *p;
+	wide_map	m;
+	static constexpr bool weights = false;
+	__device__ bool key(int li, uint64_t *k) const
+	{
+		int			id = m.id(li);
+
+		if (id >= m.V)
+			return false;
+		*k = kl_sample_key(p[li], id);
+		return true;
+	}
+	__device__ uint64_t weight(int li) const
+	{
+		return 0;
+	}
+	__device__ uint64_t fixed_ones() const
+	{
+		return m.id_ones();
+	}
+};
+
+struct fkey_id
+{
+	const float *p;
+	wide_map	m;
+	static constexpr bool weights = true;
+	__device__ bool key(int li, uint64_t *k) const
+	{
+		int			id = m.id(li);
+
+		if (id >= m.V || kl_sample_fix(p[li]) == 0)
+			return false;
+		*k = (uint64_t) (0xffffffffu - (uint32_t) id);
+		return true;
+	}
+	__device__ uint64_t weight(int li) const
+	{
+		return kl_sample_fix(p[li]);
+	}
+	__device__ uint64_t fixed_ones() const
+	{
+		return m.id_ones();
+	}
+};
+
+/*
+ * A warp adds its lanes' runs to the block's histogram: lane l's run of c
+ * keys of weight w in bucket fb (-1: none).  Lanes of one bucket add theirs
+ * first (the count by one reduction, the weight by three of 21 bits each: a
+ * bucket's weight is below 2^64, as the whole row's), one atomic each after.
+ */
+template <bool WTS>
+__device__ __forceinline__ void
+fast_flush(int fb, unsigned c, uint64_t w, unsigned *h, unsigned long long *hs)
+{
+	unsigned	peers;
+
+	if (!__any_sync(0xffffffffu, fb >= 0))
+		return;
+	peers = __match_any_sync(0xffffffffu, fb);
+	c = __reduce_add_sync(peers, c);
+	if (WTS)
+	{
+		unsigned	s0 = __reduce_add_sync(peers, (unsigned) (w & 0x1fffff)),
+					s1 = __reduce_add_sync(peers, (unsigned) ((w >> 21) & 0x1fffff)),
+					s2 = __reduce_add_sync(peers, (unsigned) (w >> 42));
+
+		w = (uint64_t) s0 + ((uint64_t) s1 << 21) + ((uint64_t) s2 << 42);
+	}
+	if (fb >= 0 && (int) (threadIdx.x & 31) == __ffs(peers) - 1)
+	{
+		atomicAdd(&h[fb], c);
+		if (WTS)
+			atomicAdd(&hs[fb], (unsigned long long) w);
+	}
+}
+
+/*
+ * One descent pass over the block's part: the keys with (key & mask) ==
+ * prefix counted (and weighed) by bucket (key >> shift) & 255 into h / hs.
+ * A thread keeps a run of its keys of one bucket and adds it when a key of
+ * another bucket comes (or at the end): every lane runs the same iterations,
+ * so the warp-wide flush is reached by all lanes.
+ */
+template <typename KEY>
+__device__ __noinline__ void
+fast_pass(const KEY &kf, int n, uint64_t prefix, uint64_t mask, int shift, unsigned *h, unsigned long long *hs)
+{
+	int			tid = threadIdx.x,
+				cb = -1;
+	unsigned	cc = 0;
+	uint64_t	cw = 0;
+
+	for (int b = tid; b < 256; b += ST)
+	{
+		h[b] = 0;
+		hs[b] = 0;
+	}
+	__syncthreads();
+	for (int base = 0; base < n; base += ST)
+	{
+		int			li = base + tid,
+					b = -1;
+		uint64_t	key;
+		bool		other;
+
+		if (li < n && kf.key(li, &key) && (key & mask) == prefix)
+			b = (int) ((key >> shift) & 255);
+		other = b >= 0 && cb >= 0 && b != cb;
+		if (__any_sync(0xffffffffu, other))
+			fast_flush<KEY::weights>(other ? cb : -1, cc, cw, h, hs);
+		if (b >= 0)
+		{
+			if (b != cb)
+			{
+				cb = b;
+				cc = 0;
+				cw = 0;
+			}
+			cc++;
+			if (KEY::weights)
+				cw += kf.weight(li);
+		}
+	}
+	fast_flush<KEY::weights>(cb, cc, cw, h, hs);
+}
+
+/*
+ * After a pass: the cluster's histogram in sm->hist / hsum.  Thread t adds
+ * bucket t % 256 of the ranks t / 256, + 4, + 8, ... (integers), then 256
+ * threads add the four groups.
+ */
+__device__ void
+fast_merge(scope_cluster &sc, fast_smem *fs, sample_smem *sm)
+{
+	cg::cluster_group cl = cg::this_cluster();
+	int			par = sc.round & 1,
+				b = threadIdx.x & 255,
+				q = threadIdx.x >> 8;
+	unsigned	h = 0;
+	unsigned long long hs = 0;
+
+	sc.round++;
+	cl.sync();
+	for (int r = q; r < sc.C; r += ST / 256)
+	{
+		h += cl.map_shared_rank(sc.w->lh[par], r)[b];
+		hs += cl.map_shared_rank(sc.w->lhs[par], r)[b];
+	}
+	fs->mh[q][b] = h;
+	fs->mhs[q][b] = hs;
+	__syncthreads();
+	if (threadIdx.x < 256)
+	{
+		sm->hist[b] = fs->mh[0][b] + fs->mh[1][b] + fs->mh[2][b] + fs->mh[3][b];
+		sm->hsum[b] = fs->mhs[0][b] + fs->mhs[1][b] + fs->mhs[2][b] + fs->mhs[3][b];
+	}
+	__syncthreads();
+}
+
+static_assert(ST / 256 == 4, "fast_merge: four groups of ranks");
+
+/*
+ * A pass's bucket choice by one warp, as pick_bucket_warp (the first d from
+ * 255 down whose running total, counts or weights by_sum, reaches rem; else
+ * 0), keeping both running totals: the count and the weight of the buckets
+ * above d are added to fs->above_c / above_w, d's own to fs->last_c / last_w.
+ */
+__device__ __noinline__ void
+pick_fast(sample_smem *sm, fast_smem *fs, bool by_sum, bool strict, bool tie_ok, uint64_t prefix, uint64_t mask,
+		  int shift)
+{
+	int			lane = threadIdx.x & 31,
+				d = 0;
+	uint64_t	rem = sm->rem,
+				vc[8],
+				vw[8],
+				mc = 0,
+				mw = 0,
+				bc,
+				bw;
+	unsigned	hit;
+
+	for (int k = 0; k < 8; k++)
+	{
+		int			b = 255 - 8 * lane - k;
+
+		vc[k] = sm->hist[b];
+		vw[k] = sm->hsum[b];
+		mc += vc[k];
+		mw += vw[k];
+	}
+	bc = mc;
+	bw = mw;
+#pragma unroll
+	for (int o = 1; o < 32; o <<= 1)
+	{
+		uint64_t	yc = __shfl_up_sync(0xffffffffu, bc, o),
+					yw = __shfl_up_sync(0xffffffffu, bw, o);
+
+		if (lane >= o)
+		{
+			bc += yc;
+			bw += yw;
+		}
+	}
+	bc -= mc;
+	bw -= mw;
+	for (int k = 0; k < 8; k++)
+	{
+		int			b = 255 - 8 * lane - k;
+		uint64_t	acc = by_sum ? bw : bc,
+					v = by_sum ? vw[k] : vc[k];
+
+		if (b == 0 || (by_sum && strict ? acc + v > rem : acc + v >= rem))
+		{
+			d = b;
+			break;
+		}
+		bc += vc[k];
+		bw += vw[k];
+	}
+	hit = __ballot_sync(0xffffffffu, d > 0 || lane == 31);
+	{
+		int			src = __ffs(hit) - 1;
+
+		d = __shfl_sync(0xffffffffu, d, src);
+		bc = __shfl_sync(0xffffffffu, bc, src);
+		bw = __shfl_sync(0xffffffffu, bw, src);
+	}
+	if (lane == 0)
+	{
+		uint64_t	acc = by_sum ? bw : bc;
+
+		sm->rem = rem - acc;
+		sm->prefix = prefix | ((uint64_t) d << shift);
+		sm->mask = mask | ((uint64_t) 255 << shift);
+		sm->done = by_sum ? sm->hist[d] == 1 : (uint64_t) sm->hist[d] == rem - acc;
+		fs->above_c += bc;
+		fs->above_w += bw;
+		fs->last_c = by_sum ? 1 : sm->hist[d];
+		fs->last_w = sm->hsum[d];
+		if (tie_ok && !sm->done && (sm->mask >> 32) == 0xffffffffu)
+		{
+			/*
+			 * every key of bucket d has the same probability (the upper half of
+			 * the key is chosen), so the same weight wd > 0 (the bucket was chosen
+			 * for its weight): in rank order the running weight inside it is
+			 * j wd after j keys, and the first j reaching rem - acc ends the
+			 * prefix (integers: exact)
+			 */
+			uint64_t	wd = sm->hsum[d] / sm->hist[d],
+						r = rem - acc,
+						j = strict ? r / wd + 1 : (r + wd - 1) / wd;
+
+			fs->last_c = j;
+			fs->last_w = j * wd;
+			sm->done = 1;
+		}
+	}
+}
+
+/* a descent's next pass: the bits shift .. shift + 7 ending at the highest bit below `below` not in known; -1: none */
+__device__ __forceinline__ int
+next_shift(uint64_t known, int below)
+{
+	uint64_t	open = ~known & (below >= 64 ? ~0ull : (1ull << below) - 1);
+	int			h;
+
+	if (open == 0)
+		return -1;
+	h = 63 - __clzll((long long) open);
+	return h > 7 ? h - 7 : 0;
+}
+
+/* how a descent uses the kept first pass (all descents over one key set and bounds) */
+enum fast_cache
+{
+	FC_NONE,					/* neither */
+	FC_SAVE,					/* make it and keep it */
+	FC_USE						/* take the kept one instead of a pass */
+};
+
+/*
+ * MSB-first radix descent over the taking-part keys, all within [lo, hi],
+ * 8 bits a pass, each pass's 8 bits ending at the highest bit not yet known:
+ * known are the bits above the highest in which lo and hi differ (every
+ * key's), the key set's fixed_ones() and the digits chosen.  A pass's bits
+ * may include known ones (the last pass covers bits 0-7): buckets that
+ * disagree with them are empty and never chosen.
+ *   by_sum false: returns t with exactly `target` keys >= t
+ *   by_sum true: the largest key X whose running weight (over keys >= X)
+ *     reaches target (>= target, or > target when strict): its id is written
+ *     to *id_out by the one thread that holds it (the draw's result: no
+ *     exchange needed); with id_out NULL X itself is not looked up and the
+ *     descent stops once X's probability is known (pick_fast's ties); returns 0
+ * *cnt_ge / *w_ge: the count and the weight of the keys >= the result.
+ * The caller guarantees such a key exists.
+ */
+template <typename KEY>
+__device__ uint64_t
+descend_fast(const KEY &kf, int n, uint64_t lo, uint64_t hi, bool by_sum, uint64_t target, bool strict,
+			 int32_t *id_out, fast_cache cache, sample_smem *sm, fast_smem *fs, scope_cluster &sc, uint64_t *cnt_ge,
+			 uint64_t *w_ge)
+{
+	int			tid = threadIdx.x,
+				h = lo == hi ? 0 : 63 - __clzll((long long) (lo ^ hi)),
+				shift;
+	uint64_t	known = (h >= 63 ? 0 : ~((2ull << h) - 1)) | kf.fixed_ones(),
+				res = 0;
+
+	shift = next_shift(known, 64);
+	if (tid == 0)
+	{
+		sm->prefix = (lo & known) | kf.fixed_ones();
+		sm->mask = known;
+		sm->rem = target;
+		sm->done = 0;
+		fs->above_c = 0;
+		fs->above_w = 0;
+	}
+	__syncthreads();
+	for (bool first = true;; first = false)
+	{
+		uint64_t	prefix = sm->prefix,
+					mask = sm->mask;
+
+		if (first && cache == FC_USE)
+		{
+			for (int b = tid; b < 256; b += ST)
+			{
+				sm->hist[b] = fs->c_hist[b];
+				sm->hsum[b] = fs->c_hsum[b];
+			}
+			__syncthreads();
+		}
+		else
+		{
+			int			par = sc.round & 1;
+
+			fast_pass(kf, n, prefix, mask, shift, sc.w->lh[par], sc.w->lhs[par]);
+			fast_merge(sc, fs, sm);
+			if (first && cache == FC_SAVE)
+				for (int b = tid; b < 256; b += ST)
+				{
+					fs->c_hist[b] = sm->hist[b];
+					fs->c_hsum[b] = sm->hsum[b];
+				}
+		}
+		if (tid < 32)
+			pick_fast(sm, fs, by_sum, strict, by_sum && !id_out, prefix, mask, shift);
+		__syncthreads();
+		/* (with every bit known the chosen bucket holds one key: done) */
+		shift = next_shift(sm->mask, shift);
+		if (sm->done || shift < 0)
+			break;
+	}
+	*cnt_ge = fs->above_c + fs->last_c;
+	*w_ge = fs->above_w + fs->last_w;
+	if (!by_sum)
+		res = sm->prefix;
+	else if (id_out)
+	{
+		/* the one key of the chosen bucket: its thread writes the id */
+		uint64_t	prefix = sm->prefix,
+					mask = sm->mask;
+
+		for (int li = tid; li < n; li += ST)
+		{
+			uint64_t	key;
+
+			if (kf.key(li, &key) && (key & mask) == prefix)
+				*id_out = kl_sample_key_id(key);
+		}
+	}
+	__syncthreads();			/* (sm and fs are read above; the next descent writes them) */
+	return res;
+}
+
+/* the number of positive probabilities >= fl over the cluster */
+__device__ __forceinline__ int
+fast_count_ge(const float *wv, int n, float fl, fast_smem *fs, scope_cluster &sc)
+{
+	uint64_t	c = 0;
+
+	for (int li = threadIdx.x; li < n; li += ST)
+		c += wv[li] > 0.0f && wv[li] >= fl;
+	fast_reduce(sc, fs, &c, 1, 0u);
+	return (int) c;
+}
+
+/*
+ * Step 5a (draw_sorted's rule) over the positive probabilities of the row:
+ * n_pos of them, weight W, keys within [lo, hi].  The kept prefix is tracked
+ * as its count `keep` and its weight z (no key is needed: see the draw).
+ *
+ * Why the head rule (draw_sorted: when the first 1024 of the ranking reach
+ * top_p, only they take part) is skipped for top_p < 1: if the head's mass
+ * reaches top_p, the shortest prefix reaching it ends inside the head, so
+ * limiting to the head changes nothing; if not, nothing is limited.  Either
+ * way keep = the shortest prefix reaching top_p, or all n_pos when the whole
+ * weight W falls short (then the head's mass, <= W, falls short too).  With
+ * top_p = 1 (min-p alone) the rule decides the kept count m (the head or
+ * all), and min-p keeps min(m, cc) (cc: those >= min_p * the largest, a
+ * prefix of the ranking, at least 1); only when cc > the head does m matter.
+ *
+ * The draw: the first key of the ranking whose running weight exceeds U < z
+ * lies in the kept prefix (whose running weight reaches z), so its descent
+ * runs over all positive keys, the same set and bounds as the others here.
+ */
+__device__ __noinline__ void
+fast_ranked(const float *wv, int n, const wide_map &m, int n_pos, uint64_t W, uint64_t lo, uint64_t hi, float pmax,
+			int n_cand, const kk_sample_row &p, sample_smem *sm, fast_smem *fs, scope_cluster &sc, int32_t *out)
+{
+	fkey_prob	all = {wv, m};
+	int			head = n_cand < KL_SAMPLE_HEAD ? n_cand : KL_SAMPLE_HEAD,
+				k1 = n_pos < head ? n_pos : head;
+	uint64_t	target = kl_sample_fix_target(p.top_p),
+				keep = (uint64_t) n_pos,
+				z = W,
+				c,
+				w;
+	bool		kept = false;	/* the first pass over `all` is in fs */
+
+	if (p.top_p < 1.0f && W >= target)
+	{
+		descend_fast(all, n, lo, hi, true, target, false, NULL, FC_SAVE, sm, fs, sc, &keep, &z);
+		kept = true;
+	}
+	if (p.min_p > 0.0f)
+	{
+		float		fl = KL_S_FMUL(p.min_p, pmax);
+		uint64_t	cc = (uint64_t) fast_count_ge(wv, n, fl, fs, sc);
+
+		if (p.top_p >= 1.0f && cc > (uint64_t) k1 && head < n_cand)
+		{
+			/* the head rule: the first k1 (= head < n_pos here) alone when their mass reaches top_p */
+			descend_fast(all, n, lo, hi, false, (uint64_t) k1, false, NULL, kept ? FC_USE : FC_SAVE, sm, fs, sc, &c,
+						 &w);
+			kept = true;
+			if (w >= target)
+			{
+				keep = (uint64_t) k1;
+				z = w;
+			}
+		}
+		if (cc < keep)
+		{
+			descend_fast(all, n, lo, hi, false, cc, false, NULL, kept ? FC_USE : FC_SAVE, sm, fs, sc, &c, &z);
+			kept = true;
+			keep = cc;
+		}
+	}
+	descend_fast(all, n, lo, hi, true, kl_sample_fix_point(p.u0, z), true, out, kept ? FC_USE : FC_NONE, sm, fs, sc,
+				 &c, &w);
+}
+
+/*
+ * 5. the softmax's division (prob = e / z, as wide_softmax) and, over the
+ * cluster in one exchange, for the ranked rule (ranked): the count of
+ * positive probabilities, their weight, the largest and the smallest (as
+ * ord keys); for the plain draw: their weight and the bounds of their id keys
+ */
+__device__ __forceinline__ void
+fast_divide(float *wv, int n, const wide_map &m, double z, bool ranked, fast_smem *fs, scope_cluster &sc,
+			uint64_t *v)
+{
+	uint64_t	cnt = 0,
+				wt = 0,
+				hi = 0,
+				nlo = 0;
+
+	for (int li = threadIdx.x; li < n; li += ST)
+		if (wv[li] > 0.0f)
+		{
+			float		q = KL_S_D2F(KL_S_DDIV((double) wv[li], z));
+			uint64_t	fx = kl_sample_fix(q),
+						k;
+
+			wv[li] = q;
+			if (ranked ? !(q > 0.0f) : fx == 0)
+				continue;
+			k = ranked ? kl_sample_ord(q) : 0xffffffffu - (uint32_t) m.id(li);
+			cnt++;
+			wt += fx;
+			hi = k > hi ? k : hi;
+			nlo = (0xffffffffu - k) > nlo ? 0xffffffffu - k : nlo;
+		}
+	v[0] = cnt;
+	v[1] = wt;
+	v[2] = hi;
+	v[3] = nlo;
+	fast_reduce(sc, fs, v, 4, 4u | 8u);
+}
+
+/* the fast kernel's row on its cluster (block r of C): wide_row's rule, fast_* stages */
+__device__ __forceinline__ void
+fast_row(float *wv, const float *logits, int V, const kk_sample_row &p, const int32_t *recent, const uint32_t *masks,
+		 int32_t *out, int row, int r, int C, sample_smem *sm, wide_smem *ws, fast_smem *fs)
+{
+	const float *l = logits + (size_t) p.row * V;
+	const uint32_t *allowed = p.mask_off >= 0 ? masks + p.mask_off : NULL;
+	int			tid = threadIdx.x,
+				lch = __ffs(ST / C) - 1,
+				nj = (V + ST - 1) / ST,
+				n = nj << lch;
+	wide_map	m = {r, lch, V};
+	scope_cluster sc = {ws, C, 0};
+	bool		topk = p.top_k > 0 && p.top_k < V,
+				ranked = p.top_p < 1.0f || p.min_p > 0.0f,
+				lead = r == 0 && tid == 0;
+	uint64_t	kth = 0,
+				v[4] = {0, 0, 0, 0},
+				c,
+				w;
+	float		mx;
+
+	wide_load(wv, l, n, m, p, recent, allowed, tid);
+	if (p.temperature == 0.0f)
+	{
+		wide_greedy(wv, n, m, sm, sc, lead, out + row);
+		return;
+	}
+	/* the scaled values; their largest (and, for top-k, smallest) as ord keys in one exchange */
+	for (int li = tid; li < n; li += ST)
+	{
+		float		s = kl_sample_scaled(wv[li], p.temperature);
+		uint64_t	o = kl_sample_ord(s);
+
+		wv[li] = s;
+		if (m.id(li) < V)
+		{
+			v[0] = o > v[0] ? o : v[0];
+			v[1] = (0xffffffffu - o) > v[1] ? 0xffffffffu - o : v[1];
+		}
+	}
+	fast_reduce(sc, fs, v, 2, 3u);
+	mx = ord_inv((uint32_t) v[0]);
+	if (mx == -INFINITY)
+	{
+		if (lead)
+			out[row] = first_allowed(allowed, V);
+		return;
+	}
+	if (topk)
+	{
+		fkey_scaled kf = {wv, m};
+
+		kth = descend_fast(kf, n, (uint64_t) (0xffffffffu - v[1]) << 32, (v[0] << 32) | 0xffffffffu, false,
+						   (uint64_t) p.top_k, false, NULL, FC_NONE, sm, fs, sc, &c, &w);
+	}
+	fast_divide(wv, n, m, wide_exp_sum(wv, n, nj, m, topk, kth, mx, sm, ws, tid), ranked, fs, sc, v);
+	/* the draw's descent writes the chosen id (from the block that holds it) */
+	if (ranked)
+		fast_ranked(wv, n, m, (int) v[0], v[1], (0xffffffffu - v[3]) << 32, (v[2] << 32) | 0xffffffffu,
+					ord_inv((uint32_t) v[2]), topk ? p.top_k : V, p, sm, fs, sc, out + row);
+	else
+	{
+		/* the draw over the candidates in id order (keys 0xffffffff - id) */
+		fkey_id		kf = {wv, m};
+
+		descend_fast(kf, n, 0xffffffffu - v[3], v[2], true, kl_sample_fix_point(p.u0, v[1]), true, out + row,
+					 FC_NONE, sm, fs, sc, &c, &w);
+	}
+}
 #endif
 
 /* One cluster per row (launched with the cluster dimension by kk_sample_wide). */
@@ -1312,14 +2052,37 @@ sample_wide_kernel(const float *logits, int V, const kk_sample_row *P, const int
 #endif
 }
 
+/* One cluster per row (launched by kk_sample_fast): the fast stages, the same choices. */
+__global__ void __launch_bounds__(ST)
+sample_fast_kernel(const float *logits, int V, const kk_sample_row *P, const int32_t *recent, const uint32_t *masks,
+				   int32_t *out)
+{
+#ifdef KL_SAMPLE_CLUSTERS
+	extern __shared__ float wv[];
+	__shared__ sample_smem sm;
+	__shared__ wide_smem ws;
+	__shared__ fast_smem fs;
+	cg::cluster_group cl = cg::this_cluster();
+	int			C = (int) cl.num_blocks(),
+				row = blockIdx.x / C;
+	const kk_sample_row p = P[row];
+
+	fast_row(wv, logits, V, p, recent, masks, out, row, (int) cl.block_rank(), C, &sm, &ws, &fs);
+	cl.sync();					/* no block leaves while another may still read its shared memory */
+#endif
+}
+
 /*
  * the cluster size to use: 16 where one fits, else 8; -1 below Hopper, and
  * where the kernel the GPU runs was built from the compute_80 PTX (a GPU of
  * a later major version than the library's cubins JIT-compiles that PTX,
  * in which the kernel's body is empty: clusters need sm_90)
  */
+typedef void (*wide_kernel_fn)(const float *, int, const kk_sample_row *, const int32_t *, const uint32_t *,
+							   int32_t *);
+
 static int
-wide_cluster_size(void)
+wide_cluster_size(wide_kernel_fn kernel)
 {
 	int			dev = 0,
 				major = 0,
@@ -1330,8 +2093,8 @@ wide_cluster_size(void)
 
 	if (cudaGetDevice(&dev) != cudaSuccess ||
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9 ||
-		cudaFuncGetAttributes(&fa, sample_wide_kernel) != cudaSuccess || fa.ptxVersion < 90 ||
-		cudaFuncSetAttribute(sample_wide_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WIDE_SMEM_MAX) !=
+		cudaFuncGetAttributes(&fa, kernel) != cudaSuccess || fa.ptxVersion < 90 ||
+		cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WIDE_SMEM_MAX) !=
 		cudaSuccess)
 	{
 		cudaGetLastError();
@@ -1346,8 +2109,8 @@ wide_cluster_size(void)
 	at[0].val.clusterDim.z = 1;
 	cfg.attrs = at;
 	cfg.numAttrs = 1;
-	if (cudaFuncSetAttribute(sample_wide_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
-		cudaOccupancyMaxActiveClusters(&nc, sample_wide_kernel, &cfg) == cudaSuccess && nc >= 1)
+	if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
+		cudaOccupancyMaxActiveClusters(&nc, kernel, &cfg) == cudaSuccess && nc >= 1)
 		return 16;
 	cudaGetLastError();
 	return 8;
@@ -1360,11 +2123,12 @@ wide_smem_bytes(int V, int cluster)
 	return (size_t) ((V + ST - 1) / ST) * (ST / cluster) * sizeof(float);
 }
 
-extern "C" int
-kk_sample_wide(cudaStream_t s, const float *logits, int V, int n, const kk_sample_row *rows, const int32_t *recent,
-			   const uint32_t *masks, int32_t *out)
+/* kk_sample_wide / kk_sample_fast: `kernel` on clusters; *largest its cluster size (0: not known yet, -1: cannot run) */
+static int
+launch_wide(wide_kernel_fn kernel, int *largest_p, cudaStream_t s, const float *logits, int V, int n,
+			const kk_sample_row *rows, const int32_t *recent, const uint32_t *masks, int32_t *out)
 {
-	static int	largest = 0;	/* 0: not known yet; -1: the wide kernel cannot run here */
+	int		   &largest = *largest_p;
 	int			cluster;
 	cudaLaunchConfig_t cfg = {};
 	cudaLaunchAttribute at[1];
@@ -1373,7 +2137,7 @@ kk_sample_wide(cudaStream_t s, const float *logits, int V, int n, const kk_sampl
 	if (n <= 0)
 		return 0;
 	if (largest == 0)
-		largest = wide_cluster_size();
+		largest = wide_cluster_size(kernel);
 	if (largest < 0)
 		return -1;
 	/*
@@ -1397,7 +2161,7 @@ kk_sample_wide(cudaStream_t s, const float *logits, int V, int n, const kk_sampl
 	at[0].val.clusterDim.z = 1;
 	cfg.attrs = at;
 	cfg.numAttrs = 1;
-	if (cudaLaunchKernelEx(&cfg, sample_wide_kernel, logits, V, rows, recent, masks, out) != cudaSuccess)
+	if (cudaLaunchKernelEx(&cfg, kernel, logits, V, rows, recent, masks, out) != cudaSuccess)
 	{
 		/* not launched (a configuration this GPU refuses): the one-block kernel from now on */
 		cudaGetLastError();
@@ -1405,6 +2169,24 @@ kk_sample_wide(cudaStream_t s, const float *logits, int V, int n, const kk_sampl
 		return -1;
 	}
 	return 0;
+}
+
+extern "C" int
+kk_sample_wide(cudaStream_t s, const float *logits, int V, int n, const kk_sample_row *rows, const int32_t *recent,
+			   const uint32_t *masks, int32_t *out)
+{
+	static int	largest = 0;
+
+	return launch_wide(sample_wide_kernel, &largest, s, logits, V, n, rows, recent, masks, out);
+}
+
+extern "C" int
+kk_sample_fast(cudaStream_t s, const float *logits, int V, int n, const kk_sample_row *rows, const int32_t *recent,
+			   const uint32_t *masks, int32_t *out)
+{
+	static int	largest = 0;
+
+	return launch_wide(sample_fast_kernel, &largest, s, logits, V, n, rows, recent, masks, out);
 }
 
 extern "C" int

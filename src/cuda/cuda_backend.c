@@ -920,7 +920,10 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * outputs bit for bit; no group-limited routing): -0.05 ms a step at
 		 * batch 1, +0.06 at batch 8 (two rounds of 4 tokens) on the H200.
 		 * KL_CUDA_SAMPLE_WIDE=0 samples with one block per row (the wide
-		 * sampler spreads a row over a cluster of blocks; same choices).
+		 * sampler spreads a row over a cluster of blocks; same choices);
+		 * =2 runs the cluster sampler's fast form (fewer passes over the row
+		 * and fewer cluster barriers; same choices; to become the default
+		 * once timed on the GPU).
 		 * KL_CUDA_MLA_SMALL=0 keeps the older MLA absorb and output kernels
 		 * for decode steps (default: 16-byte weight loads up to 64 tokens).
 		 * KL_CUDA_PREFETCH=N: decode steps of N..16 tokens fetch the weight
@@ -1033,6 +1036,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->q_mma_min = qm && *qm ? (atoi(qm) > 0 ? atoi(qm) : INT_MAX) : 2;
 		cs->q_expert_mma_min = qem && *qem ? (atoi(qem) > 0 ? atoi(qem) : 0) : 4;
 		cs->sample_wide = !(sw && strcmp(sw, "0") == 0);
+		cs->sample_fast = sw && strcmp(sw, "2") == 0;
 		cs->mla_small = !(ms && strcmp(ms, "0") == 0);
 		cs->mla_merge_wide = !(mg && strcmp(mg, "0") == 0);
 		cs->prefetch_min = pf && *pf ? (atoi(pf) > 0 ? atoi(pf) : INT_MAX) : 8;

@@ -281,6 +281,8 @@ typedef struct cuda_state
 	/* KL_CUDA_SAMPLE_WIDE=0: one block per row (kk_sample) instead of a
 	 * cluster of blocks per row (kk_sample_wide); the same choices */
 	bool		sample_wide;
+	/* KL_CUDA_SAMPLE_WIDE=2: the fast cluster kernel (kk_sample_fast), the same choices */
+	bool		sample_fast;
 	/* KL_CUDA_PREFETCH: decode steps of at least this many tokens act on the
 	 * prefetch hint (cu_prefetch; INT_MAX never) */
 	int			prefetch_min;

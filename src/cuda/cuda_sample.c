@@ -8,7 +8,8 @@
  * optional allowed-token masks are staged in pinned memory and go to the
  * device in one copy; the kernel runs (a cluster of blocks per row where the
  * GPU has clusters, unless KL_CUDA_SAMPLE_WIDE=0; else one block per row);
- * the ids come back in one copy.
+ * the ids come back in one copy.  KL_CUDA_SAMPLE_WIDE=2 runs the cluster
+ * kernel's fast form (kk_sample_fast: fewer passes, the same choices).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -131,10 +132,11 @@ cuda_sample(kl_backend *be, float *logits, int vocab, const kl_sample_row *rows,
 				 "sampling inputs"))
 		goto fail;
 	if (!cs->sample_wide ||
-		kk_sample_wide(cs->stream, logits, vocab, n, (const kk_sample_row *) ((uint8_t *) cs->smp_dev + o_rows),
-					   (const int32_t *) ((uint8_t *) cs->smp_dev + o_recent),
-					   (const uint32_t *) ((uint8_t *) cs->smp_dev + o_mask),
-					   (int32_t *) ((uint8_t *) cs->smp_dev + o_out)) != 0)
+		(cs->sample_fast ? kk_sample_fast : kk_sample_wide) (cs->stream, logits, vocab, n,
+															 (const kk_sample_row *) ((uint8_t *) cs->smp_dev + o_rows),
+															 (const int32_t *) ((uint8_t *) cs->smp_dev + o_recent),
+															 (const uint32_t *) ((uint8_t *) cs->smp_dev + o_mask),
+															 (int32_t *) ((uint8_t *) cs->smp_dev + o_out)) != 0)
 	{
 		/* one block per row (also where the wide kernel cannot run: it launched nothing) */
 		scratch = cuda_buf(be, CB_SAMPLE_PROB, sizeof(float) * (size_t) n * vocab);

@@ -92,8 +92,9 @@
  * NaN/-inf logits, greedy, temperature, top-k, top-p, min-p, repetition
  * penalty, allowed-token masks and their combinations; and through
  * kl_forward_sample on a batch of sequences with different settings.  Both
- * device samplers: the wide one (a cluster of blocks per row, the default)
- * and one block per row (KL_CUDA_SAMPLE_WIDE=0).
+ * device samplers: the wide one (a cluster of blocks per row, the default),
+ * one block per row (KL_CUDA_SAMPLE_WIDE=0) and the wide one's fast form
+ * (KL_CUDA_SAMPLE_WIDE=2).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE				/* dladdr: finding the CUDA library's test hook */
@@ -1609,7 +1610,7 @@ unif(uint64_t *x)
 	return (double) (mix_rand(x) >> 11) * (1.0 / 9007199254740992.0);
 }
 
-#define SROWS 11
+#define SROWS 12
 
 /* row r of a family of logits: the shapes that stress a sampler */
 static void
@@ -1652,6 +1653,9 @@ make_logits(float *l, int V, int r, uint64_t *rs)
 			case 10:			/* signed zeros: -0 and +0 are equal values */
 				l[i] = (i & 1) ? 0.0f : -0.0f;
 				break;
+			case 11:			/* 1024 equal tops whose rounded probabilities add up to 1 (the head rule) */
+				l[i] = i < 1024 ? 0.0f : -30.0f;
+				break;
 			default:
 				l[i] = (float) (g - 5.0);
 				break;
@@ -1663,23 +1667,26 @@ make_logits(float *l, int V, int r, uint64_t *rs)
 		l[7] = NAN;
 }
 
+/* variant: 1 the wide kernel (the default), 0 one block per row
+ * (KL_CUDA_SAMPLE_WIDE=0), 2 the wide kernel's fast form (=2) */
 static void
-check_sampler(bool wide)
+check_sampler(int variant)
 {
 	char		dir[1024];
 	kl_model   *m;
 	kl_backend *be;
 	static const int Vs[3] = {384, 1000, 163840};
-	const char *kind = wide ? "wide" : "one block per row";
-	kl_sampling set[16];
+	static const char *kinds[3] = {"one block per row", "wide", "fast wide"};
+	const char *kind = kinds[variant];
+	kl_sampling set[17];
 	int			n_set = 0;
 	int32_t		recent[12] = {3, 5, 3, 7, 100, -4, 999999, 11, 5, 250, 2, 42};
 
 	snprintf(dir, sizeof(dir), "%s/golden/tiny_c", tap_fixture_dir());
-	if (!wide)
-		setenv("KL_CUDA_SAMPLE_WIDE", "0", 1);	/* read when the backend is made */
+	if (variant != 1)
+		setenv("KL_CUDA_SAMPLE_WIDE", variant == 0 ? "0" : "2", 1);	/* read when the backend is made */
 	m = load(dir, "cuda", "fp32");
-	if (!wide)
+	if (variant != 1)
 		unsetenv("KL_CUDA_SAMPLE_WIDE");
 	be = m->be;
 	if (!be->ops->sample)
@@ -1688,7 +1695,7 @@ check_sampler(bool wide)
 		kl_model_free(m);
 		return;
 	}
-	for (int i = 0; i < 16; i++)
+	for (int i = 0; i < 17; i++)
 		kl_sampling_default(&set[i]);
 	n_set = 0;
 	n_set++;					/* greedy */
@@ -1707,6 +1714,7 @@ check_sampler(bool wide)
 	set[n_set++].repetition_penalty = 1.5f;	/* greedy with a penalty */
 	set[n_set].temperature = 0.8f, set[n_set].top_k = 2000, set[n_set++].top_p = 0.3f;
 	set[n_set].temperature = 1.0f, set[n_set++].top_p = 0.01f;
+	set[n_set].temperature = 1.0f, set[n_set++].min_p = 1e-20f;	/* min-p beyond the head: the head rule decides */
 
 	for (int vi = 0; vi < 3; vi++)
 	{
@@ -1744,7 +1752,8 @@ check_sampler(bool wide)
 				{
 					rows[r].row = r;
 					rows[r].s = &set[si];
-					rows[r].u0 = set[si].temperature == 0.0f ? 0.0 : r == 0 ? 0.0 : r == 1 ? 0.99999999999 : unif(&rs);
+					rows[r].u0 = set[si].temperature == 0.0f ? 0.0 : r == 0 ? 0.0 :
+						r == 1 || r == 11 ? 0.99999999999 : unif(&rs);
 					rows[r].recent = recent;
 					rows[r].n_recent = 12;
 					rows[r].allowed = mk < 0 ? NULL : masks + (size_t) mk * words;
@@ -6491,8 +6500,9 @@ main(void)
 	}
 	kl_model_free(m);
 
-	RUN(check_sampler(true));
-	RUN(check_sampler(false));
+	RUN(check_sampler(1));
+	RUN(check_sampler(0));
+	RUN(check_sampler(2));
 	RUN(check_route_warp());
 	RUN(check_route_rank());
 	RUN(check_moe_pad_group());
