@@ -274,7 +274,7 @@ void		kk_expert_gemv_q(cudaStream_t s, float *y0, float *y1, int ldy, const floa
  * KL_CUDA_Q_DENSE, default 2, and KL_CUDA_Q_DENSE_ROWS): FP8 products with one scale a
  * row, cols % 64 == 0 and n <= max_rows (0: KK_GEMV_MMA_Q_ROWS) in the
  * dense kernel, up to mt (1 or 2) 16-row tiles a block, ahead of the direct
- * and staging ones (mt 3: the slab kernel, 64-row slabs bulk-copied into
+ * and staging ones (mt 3: the slab kernel, 64-row slabs copied (cp.async) into
  * shared memory, k split over a cluster; compute capability 9 only, where
  * the shapes fit it, else as 2; its sums differ from 2's in order): a conversion launch writes the batch's activations once
  * as bf16 x 2^64 into b->xq, which the caller provides

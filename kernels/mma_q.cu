@@ -11,8 +11,8 @@
  * chunk; KL_CUDA_Q_DIRECT), the dense kernel (the same FP8 products at
  * any row count, the batch's activations converted once by a launch of
  * their own into caller-given room; KL_CUDA_Q_DENSE, the backend's default)
- * and the slab kernel (the dense kernel's jobs with the weights
- * bulk-copied into shared memory, Hopper; KL_CUDA_Q_DENSE=3): each section
+ * and the slab kernel (the dense kernel's jobs with the weights copied
+ * into shared memory, Hopper; KL_CUDA_Q_DENSE=3, opt-in): each section
  * below says why it is shaped so.
  *
  * Decode is memory-bound: the point of FP8 / int4 weights is to stream half
@@ -73,7 +73,6 @@
  * fp32; against quant.h's reference (fl(q * scale) weights) the results
  * differ by fp32 rounding of the sums and of the scale multiplications.
  */
-#include <stdlib.h>
 #include <string.h>
 
 #include "common.cuh"
@@ -957,17 +956,23 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
 	}
 }
 
-/* ------------------------------------------------------------------ dense products from bulk-copied slabs */
+/* ------------------------------------------------------------------ dense products from shared-memory slabs */
 
 /*
- * gemv_mma_q_slab_kernel (KL_CUDA_Q_DENSE=3; Hopper only, else variant 2
- * runs): the dense kernel's jobs (FP8, one scale a row, cols % 64 == 0,
- * activations converted once by mx_convert_kernel) with the weights moved
- * by bulk asynchronous copies into shared memory instead of register loads.
- * Why: the dense kernel keeps ~2-4 KB of weights a warp in flight (its
- * register sets), too few bytes for DRAM latency under load, its 16-32-row
- * tiles re-read the activations (B) NB times the weight bytes, and its small
- * launches (o_proj: 72-144 blocks) are mostly ramp and tail.
+ * gemv_mma_q_slab_kernel (KL_CUDA_Q_DENSE=3, opt-in; Hopper only, else
+ * variant 2 runs): the dense kernel's jobs (FP8, one scale a row, cols % 64
+ * == 0, activations converted once by mx_convert_kernel) with the weights
+ * copied asynchronously into shared memory instead of register loads.
+ * Why it was built: the dense kernel keeps ~2-4 KB of weights a warp in
+ * flight (its register sets), its 16-32-row tiles re-read the activations
+ * (B) NB times the weight bytes, and its small launches are mostly ramp and
+ * tail.  Measured (H200, 2026-12-01, bench/notes-cuda.md "Issue 11, fourth
+ * GPU session"): faster than variant 2 only for o_proj at n <= 8 (6.8 vs
+ * 7.9 us) and at n = 64; slower for q/k/v at n <= 32 (16.3 vs 13.7 us at
+ * n = 1), and the decode step slower at batch 8 (5.74 vs 5.57 ms) and 32:
+ * kept as the base of the next attempt, not the default.  Bulk (TMA) copies
+ * of each row's piece were slower still (22.7 us at q/k/v n = 1): many
+ * small copies a block.
  *
  * A block owns a slab: MS_ROWS (64) rows of one job over a k-slice of its
  * chunks (64 columns each).  The CS blocks of a thread-block cluster take
@@ -975,11 +980,12 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
  * (r + 1) nch / CS)); the launcher picks CS in 1, 2, 4, 8 so that the
  * launch has at least two blocks an SM and a slab stays under MS_SLAB_MAX.
  * Thread 0 arms up to MS_STAGES mbarriers (one a stage: a run of at least
- * MS_STAGE_MIN of the slice's chunks, so that no copy is tiny) and warp 0
- * requests the whole slab, one bulk copy per row and stage, before
- * kk_dep_wait(): the weights do not depend on earlier kernels, so the
- * fetch overlaps the tail of the kernel before (and the conversion
- * launch).  The warps then compute stage by stage as stages land.
+ * MS_STAGE_MIN of the slice's chunks), then every thread requests its
+ * 16-byte pieces of each stage (cp.async) and arrives on the stage's
+ * mbarrier once they have landed, all before kk_dep_wait(): the weights do
+ * not depend on earlier kernels, so the fetch overlaps the tail of the
+ * kernel before (and the conversion launch).  The warps then compute stage
+ * by stage as stages land.
  *
  * Warps: WM x WK = 8 (WM = 1 for NB <= 2: a warp 4 tiles of 16 rows; WM = 2
  * for NB 4 and 8: 2 tiles), warp (wm, wk) takes the slice's chunks wk,
@@ -1001,7 +1007,7 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
 #define MS_WARPS 8
 #define MS_ROWS 64				/* rows a slab (4 tiles of 16) */
 #define MS_STAGES 8				/* mbarriers a block: the slab's arrival in up to 8 runs of chunks */
-#define MS_STAGE_MIN 4			/* chunks a stage at least: a bulk copy moves >= 256 bytes of a row */
+#define MS_STAGE_MIN 4			/* chunks a stage at least */
 #define MS_SLAB_MAX (100 * 1024)	/* slab bytes a block at most: two blocks an SM */
 #define MS_TOKS(NB) ((NB) * 8)
 #define MS_PLD (MS_ROWS + 4)	/* partial sums' token stride (floats): lanes t = 0..3 in banks 8t + g */
@@ -1033,7 +1039,7 @@ ms_smem(int nch)
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define MS_BULK 1
+#define MS_ASYNC 1
 
 __device__ __forceinline__ uint32_t
 ms_saddr(const void *p)
@@ -1047,13 +1053,6 @@ ms_bar_init(uint32_t bar, uint32_t count)
 	asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n"::"r"(bar), "r"(count):"memory");
 }
 
-/* the barrier's phase completes when bytes have arrived (and this one arrival is made) */
-__device__ __forceinline__ void
-ms_bar_expect(uint32_t bar, uint32_t bytes)
-{
-	asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"::"r"(bar), "r"(bytes):"memory");
-}
-
 __device__ __forceinline__ void
 ms_bar_wait(uint32_t bar)
 {
@@ -1061,14 +1060,6 @@ ms_bar_wait(uint32_t bar)
 				 "MS_WAIT:\n\t"
 				 "mbarrier.try_wait.parity.shared::cta.b64 P, [%0], 0;\n\t"
 				 "@!P bra MS_WAIT;\n}\n"::"r"(bar):"memory");
-}
-
-/* bytes (a multiple of 16) global -> shared, completing on bar */
-__device__ __forceinline__ void
-ms_bulk(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar)
-{
-	asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-				 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar):"memory");
 }
 
 /* 16 bytes global -> shared by this thread (cp.async, L2 only) */
@@ -1179,9 +1170,9 @@ ms_chunk(float (&acc)[MT][NB][4], const uint8_t *arow, int ld, const uint4 (&bf)
  */
 template <int NB>
 __global__ void __launch_bounds__(MS_WARPS * 32, NB >= 8 ? 1 : 2)
-gemv_mma_q_slab_kernel(kk_gemv_batch b, int CS, int cpa)
+gemv_mma_q_slab_kernel(kk_gemv_batch b, int CS)
 {
-#ifdef MS_BULK
+#ifdef MS_ASYNC
 	constexpr int WK = ms_shape<NB>::WK,
 				MT = ms_shape<NB>::MT;
 	extern __shared__ uint4 ms_smem_raw[];
@@ -1217,40 +1208,26 @@ gemv_mma_q_slab_kernel(kk_gemv_batch b, int CS, int cpa)
 	if (threadIdx.x == 0)
 	{
 		for (int s = 0; s < ns; s++)
-			ms_bar_init(ms_saddr(bars + s), cpa ? MS_WARPS * 32 : 1);
+			ms_bar_init(ms_saddr(bars + s), MS_WARPS * 32);
 		asm volatile("fence.mbarrier_init.release.cluster;\n":::"memory");
-		for (int s = 0; s < ns && !cpa; s++)
-			ms_bar_expect(ms_saddr(bars + s), (uint32_t) (vrows * 64 *
-						  (ms_stage_start(s + 1, nch, ns) - ms_stage_start(s, nch, ns))));
 	}
 	__syncthreads();
-	if (cpa)
-		for (int s = 0; s < ns; s++)
+	for (int s = 0; s < ns; s++)
+	{
+		/* every thread 16-byte pieces of the stage's rows, then one arrival once its own have landed */
+		int			a = ms_stage_start(s, nch, ns),
+					pr = 4 * (ms_stage_start(s + 1, nch, ns) - a);
+
+		for (int i = threadIdx.x; i < vrows * pr; i += MS_WARPS * 32)
 		{
-			/* every thread 16-byte pieces of the stage's rows, then one arrival once its own have landed */
-			int			a = ms_stage_start(s, nch, ns),
-						pr = 4 * (ms_stage_start(s + 1, nch, ns) - a);
+			int			r = i / pr,
+						p = i - r * pr;
 
-			for (int i = threadIdx.x; i < vrows * pr; i += MS_WARPS * 32)
-			{
-				int			r = i / pr,
-							p = i - r * pr;
-
-				ms_cp16(ms_saddr(slab + (size_t) r * ld + 64 * a + 16 * p),
-						W + (size_t) (r0 + r) * cols + 64 * (c0 + a) + 16 * p);
-			}
-			ms_cp_arrive(ms_saddr(bars + s));
+			ms_cp16(ms_saddr(slab + (size_t) r * ld + 64 * a + 16 * p),
+					W + (size_t) (r0 + r) * cols + 64 * (c0 + a) + 16 * p);
 		}
-	else if (warp == 0)
-		for (int s = 0; s < ns; s++)
-		{
-			int			a = ms_stage_start(s, nch, ns),
-						e = ms_stage_start(s + 1, nch, ns);
-
-			for (int r = lane; r < vrows; r += 32)
-				ms_bulk(ms_saddr(slab + (size_t) r * ld + 64 * a), W + (size_t) (r0 + r) * cols + 64 * (c0 + a),
-						(uint32_t) (64 * (e - a)), ms_saddr(bars + s));
-		}
+		ms_cp_arrive(ms_saddr(bars + s));
+	}
 #pragma unroll
 	for (int m = 0; m < MT; m++)
 #pragma unroll
@@ -1339,7 +1316,7 @@ gemv_mma_q_slab_kernel(kk_gemv_batch b, int CS, int cpa)
 #endif
 }
 
-/* does the current device run the bulk-copy slab kernel (compute capability 9 or later)? */
+/* does the current device run the slab kernel (compute capability 9 or later)? */
 static bool
 ms_device_ok(void)
 {
@@ -1350,19 +1327,6 @@ ms_device_ok(void)
 					  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess))
 		major = 0;
 	return major >= 9;
-}
-
-/* EXPERIMENT (session of 2026-12-01): an integer setting from the environment, read once */
-static int
-ms_knob(const char *name, int dflt)
-{
-	static int	cpa = -1,
-				fill = -1;
-	int		   *v = strcmp(name, "KL_CUDA_Q_SLAB_CPA") == 0 ? &cpa : &fill;
-
-	if (*v < 0)
-		*v = getenv(name) ? atoi(getenv(name)) : dflt;
-	return *v;
 }
 
 /* the slab kernel launched with cluster dimension CS (and PDL when on) */
@@ -1388,12 +1352,12 @@ ms_launch_nb(cudaStream_t s, kk_gemv_batch *b, int blocks, int CS, size_t smem)
 	at[1].val.programmaticStreamSerializationAllowed = 1;
 	cfg.attrs = at;
 	cfg.numAttrs = kk_pdl_on ? 2 : 1;
-	if (cudaLaunchKernelEx(&cfg, gemv_mma_q_slab_kernel<NB>, *b, CS, ms_knob("KL_CUDA_Q_SLAB_CPA", 0)) != cudaSuccess && cfg.numAttrs == 2)
+	if (cudaLaunchKernelEx(&cfg, gemv_mma_q_slab_kernel<NB>, *b, CS) != cudaSuccess && cfg.numAttrs == 2)
 	{
 		/* should a runtime refuse clusters with programmatic serialization: the cluster alone */
 		(void) cudaGetLastError();
 		cfg.numAttrs = 1;
-		cudaLaunchKernelEx(&cfg, gemv_mma_q_slab_kernel<NB>, *b, CS, ms_knob("KL_CUDA_Q_SLAB_CPA", 0));
+		cudaLaunchKernelEx(&cfg, gemv_mma_q_slab_kernel<NB>, *b, CS);
 	}
 }
 
@@ -1426,7 +1390,7 @@ ms_launch(cudaStream_t s, kk_gemv_batch *b)
 		maxch = ch > maxch ? ch : maxch;
 	}
 	while (CS < 8 && 2 * CS <= minch &&
-		   (slabs * CS < ms_knob("KL_CUDA_Q_SLAB_FILL", 2) * sms ||
+		   (slabs * CS < 2 * sms ||
 			(size_t) MS_ROWS * ms_ld((maxch + CS - 1) / CS) > MS_SLAB_MAX))
 		CS *= 2;
 	if ((size_t) MS_ROWS * ms_ld((maxch + CS - 1) / CS) > MS_SLAB_MAX)

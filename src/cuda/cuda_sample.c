@@ -9,7 +9,10 @@
  * device in one copy; the kernel runs (a cluster of blocks per row where the
  * GPU has clusters, unless KL_CUDA_SAMPLE_WIDE=0; else one block per row);
  * the ids come back in one copy.  KL_CUDA_SAMPLE_WIDE=2 runs the cluster
- * kernel's fast form (kk_sample_fast: fewer passes, the same choices).
+ * kernel's fast form (kk_sample_fast: fewer passes, the same choices), opt-in:
+ * on an H200 (2026-12-01, bench_cuda sample, V 163840) top-p and plain
+ * temperature ran 5-35 % faster, top-k and min-p on peaked logits 10-50 %
+ * slower (bench/notes-cuda.md, issue 11 fourth session).
  */
 #include <stdio.h>
 #include <stdlib.h>
