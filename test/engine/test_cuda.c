@@ -5845,6 +5845,34 @@ check_gemv_mma_q_dense(void)
 }
 
 /*
+ * Two random FP8 models of the 48B shapes (2 layers, seed 7), one at a time
+ * (the kernel choice is process-wide, set when a backend is made), with
+ * KL_CUDA_Q_DENSE set to dense[v] (NULL: left alone): lg[v][b] = the
+ * logits of nseqs[b] sequences decoding together for rounds steps
+ * (decode_together; the caller frees them).  Returns the vocabulary size.
+ */
+static int
+decode_fp8_pair(const char *const dense[2], const int nseqs[3], int rounds, float *lg[2][3])
+{
+	int32_t    *ids = malloc(sizeof(int32_t) * 100);
+	int			V = 0;
+
+	for (int v = 0; v < 2; v++)
+	{
+		kl_model   *m = random_gpu_model(q48_config, "fp8", dense[v] ? "KL_CUDA_Q_DENSE" : NULL, dense[v]);
+
+		V = kl_model_config(m)->vocab_size;
+		for (int i = 0; i < 100; i++)
+			ids[i] = (int32_t) ((i * 7919 + 13) % V);
+		for (int bi = 0; bi < 3; bi++)
+			lg[v][bi] = decode_together(m, ids, nseqs[bi], rounds);
+		kl_model_free(m);
+	}
+	free(ids);
+	return V;
+}
+
+/*
  * The whole model with the dense FP8 kernel on (KL_CUDA_Q_DENSE=2) and off
  * (the default: direct kernel up to 8 rows, staging above), same random
  * FP8 weights of the 48B shapes (2 layers, seed 7; one model at a time: the
@@ -5862,21 +5890,10 @@ check_dense_model(void)
 {
 	static const int nseqs[3] = {8, 32, 64};
 	const int	rounds = 2;
+	static const char *const dense[2] = {NULL, "2"};
 	float	   *lg[2][3];
-	int32_t    *ids = malloc(sizeof(int32_t) * 100);
-	int			V = 0;
+	int			V = decode_fp8_pair(dense, nseqs, rounds, lg);
 
-	for (int on = 1; on >= 0; on--)
-	{
-		kl_model   *m = random_gpu_model(q48_config, "fp8", on ? "KL_CUDA_Q_DENSE" : NULL, on ? "2" : NULL);
-
-		V = kl_model_config(m)->vocab_size;
-		for (int i = 0; i < 100; i++)
-			ids[i] = (int32_t) ((i * 7919 + 13) % V);
-		for (int bi = 0; bi < 3; bi++)
-			lg[on][bi] = decode_together(m, ids, nseqs[bi], rounds);
-		kl_model_free(m);
-	}
 	for (int bi = 0; bi < 3; bi++)
 	{
 		int			nseq = nseqs[bi],
@@ -5896,7 +5913,6 @@ check_dense_model(void)
 		free(lg[0][bi]);
 		free(lg[1][bi]);
 	}
-	free(ids);
 	setenv("KL_CUDA_Q_DENSE", "2", 1);	/* read when the backend is made */
 	check_quantized("tiny_a", "fp8", "bf16");
 	unsetenv("KL_CUDA_Q_DENSE");
@@ -5916,21 +5932,10 @@ check_dense_model_slab(void)
 {
 	static const int nseqs[3] = {8, 32, 64};
 	const int	rounds = 2;
+	static const char *const dense[2] = {"2", "3"};
 	float	   *lg[2][3];
-	int32_t    *ids = malloc(sizeof(int32_t) * 100);
-	int			V = 0;
+	int			V = decode_fp8_pair(dense, nseqs, rounds, lg);
 
-	for (int v = 0; v < 2; v++)
-	{
-		kl_model   *m = random_gpu_model(q48_config, "fp8", "KL_CUDA_Q_DENSE", v ? "3" : "2");
-
-		V = kl_model_config(m)->vocab_size;
-		for (int i = 0; i < 100; i++)
-			ids[i] = (int32_t) ((i * 7919 + 13) % V);
-		for (int bi = 0; bi < 3; bi++)
-			lg[v][bi] = decode_together(m, ids, nseqs[bi], rounds);
-		kl_model_free(m);
-	}
 	for (int bi = 0; bi < 3; bi++)
 	{
 		int			nseq = nseqs[bi],
@@ -5945,7 +5950,6 @@ check_dense_model_slab(void)
 		free(lg[0][bi]);
 		free(lg[1][bi]);
 	}
-	free(ids);
 	setenv("KL_CUDA_Q_DENSE", "3", 1);	/* read when the backend is made */
 	setenv("KL_CUDA_Q_MMA", "1", 1);
 	check_quantized("tiny_a", "fp8", "bf16");
