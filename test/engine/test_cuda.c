@@ -5847,7 +5847,7 @@ check_gemv_mma_q_dense(void)
 /*
  * Two random FP8 models of the 48B shapes (2 layers, seed 7), one at a time
  * (the kernel choice is process-wide, set when a backend is made), with
- * KL_CUDA_Q_DENSE set to dense[v] (NULL: left alone): lg[v][b] = the
+ * KL_CUDA_Q_DENSE set to dense[v] (NULL: the backend's default): lg[v][b] = the
  * logits of nseqs[b] sequences decoding together for rounds steps
  * (decode_together; the caller frees them).  Returns the vocabulary size.
  */
@@ -5890,7 +5890,7 @@ check_dense_model(void)
 {
 	static const int nseqs[3] = {8, 32, 64};
 	const int	rounds = 2;
-	static const char *const dense[2] = {NULL, "2"};
+	static const char *const dense[2] = {"0", "2"};	/* 0: the direct and staging kernels */
 	float	   *lg[2][3];
 	int			V = decode_fp8_pair(dense, nseqs, rounds, lg);
 
