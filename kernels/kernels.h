@@ -287,6 +287,15 @@ void		kk_expert_gemv_q(cudaStream_t s, float *y0, float *y1, int ldy, const floa
 #define KK_GEMV_MMA_Q_ROWS 64
 void		kk_set_mma_q_direct(int on);
 void		kk_set_mma_q_dense(int mt, int max_rows);
+/*
+ * kk_set_mma_q_tok(on) (default 0; the backend's KL_CUDA_Q_TOK, default 1):
+ * the dense kernel's jobs of 9-64 tokens (dense 1 or 2) in its tokens-as-M
+ * form (gemv_mma_q_tok_kernel: the activations as the mma's A operand, 8
+ * weight rows an n-tile, each activation fragment feeding 1-8 of them),
+ * where the batch has rows enough for every SM (mma_q.cu, mt_tok_r);
+ * returns the setting it replaces
+ */
+int			kk_set_mma_q_tok(int on);
 size_t		kk_gemv_mma_q_room(const kk_gemv_batch *b);
 size_t		kk_gemv_mma_q_room_as(const kk_gemv_batch *b, int dense);
 void		kk_gemv_multi_mma_q_as(cudaStream_t s, kk_gemv_batch *b, int direct, int dense);

@@ -956,6 +956,230 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
 	}
 }
 
+/* ------------------------------------------------------------------ dense products, tokens as the mma's M */
+
+/*
+ * gemv_mma_q_tok_kernel<NT, R>: the dense kernel's jobs from 9 tokens on
+ * (kk_set_mma_q_tok, the backend's KL_CUDA_Q_TOK, default on), with the
+ * mma operands swapped.  gemv_mma_q_dense_kernel puts 16 weight rows in the
+ * mma's M and the tokens in N, so each 16-row tile re-reads the batch's
+ * converted activations through L1: NB x the weight bytes, 4 KB for each
+ * 1 KB of weights at 32 tokens, and Nsight had it L1-bound (L1/TEX 78 %,
+ * DRAM 18 %: H200, 2026-12-01).  Here the tokens are M (NT tiles of 16 of
+ * the converted rows, which mx_convert_kernel pads to NB * 8 = 16 NT) and
+ * the weights B (8 rows an n-tile): a warp holds R n-tiles, so each
+ * activation fragment feeds R products and the activation bytes through L1
+ * are 2 NT / R x the weight bytes.
+ *
+ * k order inside one mma is free as long as A and B agree: lane (g, t) of a
+ * 64-column chunk takes columns 16 t .. 16 t + 15 (one 16-byte weight load a
+ * row, two 16-byte activation loads a token row), and step i of the chunk
+ * uses the lane's columns 16 t + 4 i .. + 3: as mma-k {2t, 2t+1} the first
+ * two, {2t+8, 2t+9} the other two (A: activation words 2i, 2i+1 of tokens g
+ * and g + 8 of the tile; B: the FP8 bytes 0-1 and 2-3 of weight word i of
+ * row g, decoded by mq_fp8_lo / hi).
+ *
+ * A block: 8 warps on the same 8 R rows, warp w taking chunks w, w + 8, ...
+ * (the next chunk's weights requested before this one's products; the first
+ * before the dependent-launch wait), the partial tiles summed in warp order
+ * through shared memory, times the row's scale and 2^56.  So every output
+ * is its chunks' mma steps summed in chunk order per warp, then the warps
+ * in order: the same bits every run.
+ * H200 (2026-12-01, a probe of this kernel: us a launch with the
+ * conversion, against the dense kernel; bench/results/raw/
+ * 2026-12-01-q11s4-call7-swap-probe.md): q/k/v 3 x 4096 x 2304 at 16 / 32 /
+ * 64 tokens 13.9 / 20.3 / 32.5 against 18.0 / 26.9 / 58.1; o_proj 2304 x
+ * 4096 at 32 / 64 11.9 / 16.3 against 12.6 / 25.2, at 16 slower (9.8
+ * against 8.5: 36-144 blocks) - hence mt_tok_r's rule.  The decode step
+ * (FP8, 4k, greedy): batch 16 / 32 / 64 8.42 / 12.47 / 18.99 -> 8.26 /
+ * 12.05 / 17.67 ms.
+ */
+__device__ __forceinline__ uint32_t
+mt_word(const uint4 (&v)[2], int j)
+{
+	const uint4 &h = v[j >> 2];
+
+	return (j & 3) == 0 ? h.x : (j & 3) == 1 ? h.y : (j & 3) == 2 ? h.z : h.w;
+}
+
+__device__ __forceinline__ uint32_t
+mt_comp(const uint4 &v, int i)
+{
+	return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+template <int NT, int R>
+__global__ void __launch_bounds__(MX_WARPS * 32, NT * R <= 8 ? 2 : 1)
+gemv_mma_q_tok_kernel(kk_gemv_batch b)
+{
+	extern __shared__ float mt_part[];	/* [8 warps][NT R 4][32 lanes] */
+	int			j = kk_batch_job(b);
+	const kk_gemv_job *jb = &b.job[j];
+	int			rows = jb->rows,
+				cols = jb->cols,
+				nchunk = cols >> 6,
+				warp = threadIdx.x >> 5,
+				lane = threadIdx.x & 31,
+				g = lane >> 2,
+				t = lane & 3,
+				r0 = ((int) blockIdx.x - b.first_block[j]) * 8 * R;
+	const uint8_t *W = (const uint8_t *) jb->W;
+	const float *sc = (const float *) (W + kk_q_scale_offset(rows, KK_WF_FP8, cols));
+	const uint8_t *wr[R];
+	float		acc[NT][R][4];
+	uint4		wc[R],
+				wn[R];
+
+#pragma unroll
+	for (int r = 0; r < R; r++)
+	{
+		/* rows past the matrix read its last row; their outputs are not stored */
+		int			row = r0 + 8 * r + g < rows ? r0 + 8 * r + g : rows - 1;
+
+		wr[r] = W + (size_t) row * cols + 16 * t;
+#pragma unroll
+		for (int m = 0; m < NT; m++)
+			acc[m][r][0] = acc[m][r][1] = acc[m][r][2] = acc[m][r][3] = 0;
+	}
+	if (warp < nchunk)
+#pragma unroll
+		for (int r = 0; r < R; r++)
+			wc[r] = __ldg((const uint4 *) (wr[r] + 64 * warp));
+	kk_dep_wait();
+	kk_dep_launch();
+	for (int c = warp; c < nchunk; c += MX_WARPS)
+	{
+		uint4		a[NT][2][2];
+
+		if (c + MX_WARPS < nchunk)
+#pragma unroll
+			for (int r = 0; r < R; r++)
+				wn[r] = __ldg((const uint4 *) (wr[r] + 64 * (c + MX_WARPS)));
+#pragma unroll
+		for (int m = 0; m < NT; m++)
+#pragma unroll
+			for (int h = 0; h < 2; h++)
+			{
+				const uint4 *p = (const uint4 *) (jb->x16 + (size_t) (16 * m + g + 8 * h) * cols + 64 * c + 16 * t);
+
+				a[m][h][0] = __ldg(p);
+				a[m][h][1] = __ldg(p + 1);
+			}
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+#pragma unroll
+			for (int r = 0; r < R; r++)
+			{
+				uint32_t	w = mt_comp(wc[r], i),
+							b0 = mq_fp8_lo(w),
+							b1 = mq_fp8_hi(w);
+
+#pragma unroll
+				for (int m = 0; m < NT; m++)
+					mma_bf16_16816(acc[m][r], mt_word(a[m][0], 2 * i), mt_word(a[m][1], 2 * i),
+								   mt_word(a[m][0], 2 * i + 1), mt_word(a[m][1], 2 * i + 1), b0, b1);
+			}
+#pragma unroll
+		for (int r = 0; r < R; r++)
+			wc[r] = wn[r];
+	}
+	/* D fragment: acc[m][r][i] is token 16 m + g (+ 8 for i >= 2), row r0 + 8 r + 2 t + (i & 1) */
+#pragma unroll
+	for (int m = 0; m < NT; m++)
+#pragma unroll
+		for (int r = 0; r < R; r++)
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+				mt_part[((size_t) warp * NT * R * 4 + (m * R + r) * 4 + i) * 32 + lane] = acc[m][r][i];
+	__syncthreads();
+	for (int e = threadIdx.x; e < NT * R * 4 * 32; e += MX_WARPS * 32)
+	{
+		int			l = e & 31,
+					q = e >> 5,
+					i = q & 3,
+					r = (q >> 2) % R,
+					m = (q >> 2) / R,
+					tok = 16 * m + (l >> 2) + (i >= 2 ? 8 : 0),
+					row = r0 + 8 * r + 2 * (l & 3) + (i & 1);
+		float		v = 0;
+
+		for (int w = 0; w < MX_WARPS; w++)
+			v += mt_part[((size_t) w * NT * R * 4 + q) * 32 + l];
+		if (tok < b.n && row < rows)
+			jb->y[(size_t) tok * jb->ldy + row] = v * __ldg(sc + row) * MQ_FP8_SCALE;
+	}
+}
+
+static int	mt_on = 0;			/* kk_set_mma_q_tok */
+
+extern "C" int
+kk_set_mma_q_tok(int on)
+{
+	int			was = mt_on;
+
+	mt_on = on != 0;
+	return was;
+}
+
+/*
+ * R (n-tiles a warp) for b at NT token tiles: the largest of 4, 2, 1 (8 at
+ * NT 1) that still gives every SM a block; 0 (the dense kernel instead)
+ * where NT is 1 and that takes fewer than 8 (o_proj at 16 tokens was
+ * slower this way).
+ */
+static int
+mt_tok_r(const kk_gemv_batch *b, int NT)
+{
+	int			sms = mq_sms(),
+				rows = 0;
+
+	for (int j = 0; j < b->count; j++)
+		rows += b->job[j].rows;
+	if (NT == 1)
+		return ceil_div(rows, 64) >= sms ? 8 : 0;
+	for (int R = 4; R > 1; R /= 2)
+		if (ceil_div(rows, 8 * R) >= sms)
+			return R;
+	return 1;
+}
+
+template <int NT, int R>
+static void
+mt_launch_r(cudaStream_t s, kk_gemv_batch *b)
+{
+	size_t		smem = (size_t) MX_WARPS * NT * R * 4 * 32 * sizeof(float);
+	int			blocks = 0;
+
+	for (int j = 0; j < b->count; j++)
+	{
+		b->first_block[j] = blocks;
+		blocks += ceil_div(b->job[j].rows, 8 * R);
+	}
+	b->first_block[b->count] = blocks;
+	if (smem > 48 * 1024)
+		cudaFuncSetAttribute(gemv_mma_q_tok_kernel<NT, R>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
+	kk_launch(gemv_mma_q_tok_kernel<NT, R>, dim3(blocks), dim3(MX_WARPS * 32), smem, s, *b);
+}
+
+/* the tokens-as-M kernel for the converted batch b (n >= 9); false where it does not take b */
+static bool
+mt_launch(cudaStream_t s, kk_gemv_batch *b)
+{
+	int			nb = mq_nb(b->n),
+				NT = nb / 2,
+				R;
+
+	if (!mt_on || nb < 2 || (R = mt_tok_r(b, NT)) == 0)
+		return false;
+	if (NT == 1)
+		mt_launch_r<1, 8>(s, b);
+	else if (NT == 2)
+		R == 4 ? mt_launch_r<2, 4>(s, b) : R == 2 ? mt_launch_r<2, 2>(s, b) : mt_launch_r<2, 1>(s, b);
+	else
+		R == 4 ? mt_launch_r<4, 4>(s, b) : R == 2 ? mt_launch_r<4, 2>(s, b) : mt_launch_r<4, 1>(s, b);
+	return true;
+}
+
 /* ------------------------------------------------------------------ dense products from shared-memory slabs */
 
 /*
@@ -1532,6 +1756,8 @@ mx_launch(cudaStream_t s, kk_gemv_batch *b, int dense, uint16_t *room, size_t ro
 		most = c.cols[e] * c.nrows / 8 > most ? c.cols[e] * c.nrows / 8 : most;
 	kk_launch(mx_convert_kernel, dim3(ceil_div(most, 256), c.count), dim3(256), 0, s, c);
 	if (dense >= 3 && ms_launch(s, b))
+		return true;
+	if (mt_launch(s, b))
 		return true;
 	while (mt > 1 && kk_tile_blocks(b, mt) < sms)
 		mt /= 2;

@@ -39,8 +39,10 @@ mq_upload(cudaStream_t s, void **d, const void *h, size_t n)
  * show).  path: -1 the settings in force
  * (no room for the dense kernel); 0 the staging kernel; 1 the direct kernel
  * (KL_CUDA_Q_DIRECT=2) where it takes the jobs; 2, 3 and 4 the dense kernel
- * (KL_CUDA_Q_DENSE=1, =2) and the slab kernel (=3) where they take them,
- * with their room (NaN before the launch), through kk_gemv_multi_mma_q_as.  Returns 0, -1 for
+ * (KL_CUDA_Q_DENSE=1, =2, its tokens-as-M form off) and the slab kernel
+ * (=3) where they take them, 5 the dense kernel (=2) with the tokens-as-M
+ * form on (kk_set_mma_q_tok: from 9 rows where it takes the batch), with
+ * their room (NaN before the launch), through kk_gemv_multi_mma_q_as.  Returns 0, -1 for
  * arguments the kernels do not take (kk_mma_q_ok), or a CUDA error code.
  */
 static int
@@ -54,10 +56,11 @@ mq_gemv_run(int path, int n, int count, const int *rows, const int *cols, const 
 			   *dy[KK_GEMV_JOBS] = {NULL},
 			   *room = NULL;
 	kk_gemv_batch b;
-	int			dense = path >= 2 ? path - 1 : 0;
+	int			dense = path == 5 ? 2 : path >= 2 ? path - 1 : 0,
+				tok_was = 0;
 
 	if (n <= 0 || n > KK_GEMV_MMA_Q_ROWS || count <= 0 || count > KK_GEMV_JOBS || xpad < 0 || path < -1 ||
-		path > 4)
+		path > 5)
 		return -1;
 	for (int j = 0; j < count; j++)
 		if (rows[j] <= 0 || !kk_mma_q_ok(fmt[j], group[j], cols[j]))
@@ -103,7 +106,9 @@ mq_gemv_run(int path, int n, int count, const int *rows, const int *cols, const 
 			 (e = cudaMemsetAsync(room, 0xff, b.xq_bytes, s)) != cudaSuccess))
 			goto out;
 		b.xq = room;
+		tok_was = kk_set_mma_q_tok(path == 5);
 		kk_gemv_multi_mma_q_as(s, &b, path == 1 ? 2 : 0, dense);
+		kk_set_mma_q_tok(tok_was);
 	}
 	else if (count == 1)
 		kk_gemv_mma_q(s, dy[0], rows[0], b.job[0].x, b.job[0].ldx, n, dW[0], fmt[0], group[0], rows[0], cols[0]);
@@ -136,7 +141,7 @@ kl_cuda_test_gemv_mma_q(int n, int count, const int *rows, const int *cols, cons
 	return mq_gemv_run(-1, n, count, rows, cols, fmt, group, W, x, xpad, y);
 }
 
-/* the same through a chosen kernel (path as mq_gemv_run's: 0 staging, 1 direct, 2 and 3 dense, 4 slab) */
+/* the same through a chosen kernel (path as mq_gemv_run's: 0 staging, 1 direct, 2 and 3 dense, 4 slab, 5 dense tokens-as-M) */
 __attribute__((visibility("default"))) int
 kl_cuda_test_gemv_mma_q_path(int path, int n, int count, const int *rows, const int *cols, const int *fmt,
 							 const int *group, const void *const *W, const float *const *x, int xpad,

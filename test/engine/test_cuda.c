@@ -5609,7 +5609,8 @@ check_gemv_mma_q(void)
 }
 
 /* kl_cuda_test_gemv_mma_q_path (src/cuda/cuda_mma_q_test.c): path 0 staging, 1 direct, 2 / 3 dense MT 1 / 2,
- * 4 the slab kernel (KL_CUDA_Q_DENSE=3; the dense kernel where the device has no bulk copies) */
+ * 4 the slab kernel (KL_CUDA_Q_DENSE=3; the dense kernel where the device has no bulk copies), 5 the dense
+ * kernel in its tokens-as-M form (KL_CUDA_Q_TOK: from 9 rows where the batch has rows for every SM) */
 typedef int (*gemv_mma_q_path_fn) (int path, int n, int count, const int *rows, const int *cols, const int *fmt,
 								   const int *group, const void *const *W, const float *const *x, int xpad,
 								   float *const *y);
@@ -5619,6 +5620,7 @@ typedef struct mq_dense_result
 {
 	double		dense,			/* worst rel err of the dense kernel (MT 1 and 2) against the reference */
 				slab,			/* ... of the slab kernel (path 4) */
+				tok,			/* ... of the dense kernel in its tokens-as-M form (path 5) */
 				staged;			/* ... of the staging kernel (path 0), for comparison */
 	int			mt_differ,		/* row counts where MT 1 and MT 2 differ in any bit */
 				direct_differ,	/* row counts n <= 8 where the dense kernel differs from the direct one */
@@ -5626,7 +5628,7 @@ typedef struct mq_dense_result
 } mq_dense_result;
 
 /*
- * One batch of FP8 (one scale a row) jobs through the four paths at each n
+ * One batch of FP8 (one scale a row) jobs through the six paths at each n
  * of ns: job j's activations are job share[j]'s (the same host array, so
  * the hook uploads them once and the dense kernel converts them once).
  */
@@ -5655,7 +5657,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 	{
 		int			n = ns[ni];
 		const float *x[8];
-		float	   *y[5][8];
+		float	   *y[6][8];
 
 		for (int j = 0; j < count; j++)
 		{
@@ -5664,10 +5666,10 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 			for (size_t i = 0; xx && i < (size_t) n * cols[j]; i++)
 				xx[i] = (float) ((unif(&seed) * 2 - 1) * (i % 13 == 0 ? 30.0 : 1.0));
 			x[j] = xx ? xx : x[share[j]];
-			for (int p = 0; p < 5; p++)
+			for (int p = 0; p < 6; p++)
 				y[p][j] = malloc(sizeof(float) * n * rows[j]);
 		}
-		for (int p = 0; p < 5 && res->rc == 0; p++)
+		for (int p = 0; p < 6 && res->rc == 0; p++)
 			res->rc = f(p, n, count, rows, cols, fmt, group, W, x, xpad, y[p]);
 		for (int j = 0; j < count; j++)
 		{
@@ -5677,7 +5679,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 			{
 				float	   *xb = malloc(sizeof(float) * n * cols[j]);
 				double	   *ref = malloc(sizeof(double) * ny),
-							e[4];
+							e[5];
 
 				mq_round_bf16(xb, x[j], (size_t) n * cols[j]);
 				mq_reference(ref, xb, wd[j], n, rows[j], cols[j]);
@@ -5685,7 +5687,9 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 				e[1] = mq_rel(y[3][j], ref, ny);
 				e[2] = mq_rel(y[0][j], ref, ny);
 				e[3] = mq_rel(y[4][j], ref, ny);
+				e[4] = mq_rel(y[5][j], ref, ny);
 				res->slab = e[3] > res->slab || isnan(e[3]) ? e[3] : res->slab;
+				res->tok = e[4] > res->tok || isnan(e[4]) ? e[4] : res->tok;
 				for (int k = 0; k < 2; k++)
 					res->dense = e[k] > res->dense || isnan(e[k]) ? e[k] : res->dense;
 				res->staged = e[2] > res->staged || isnan(e[2]) ? e[2] : res->staged;
@@ -5699,7 +5703,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 		{
 			if (share[j] == j)
 				free((void *) x[j]);
-			for (int p = 0; p < 5; p++)
+			for (int p = 0; p < 6; p++)
 				free(y[p][j]);
 		}
 	}
@@ -5710,11 +5714,12 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 static void
 mq_dense_report(const mq_dense_result *r, const char *what, const char *ns)
 {
-	tap_ok(r->rc == 0 && r->dense <= 1e-5 && r->slab <= 1e-5 && r->mt_differ == 0 && r->direct_differ == 0,
-		   "dense FP8 kernel (KL_CUDA_Q_DENSE), %s, n = %s: rel err %.2e against the double reference (slab "
-		   "kernel, =3: %.2e; staging kernel %.2e); MT 1 vs 2 differ in %d products, n <= 8 vs the direct kernel "
-		   "in %d (both must be 0: the same sums); hook returned %d", what, ns, r->dense, r->slab, r->staged,
-		   r->mt_differ, r->direct_differ, r->rc);
+	tap_ok(r->rc == 0 && r->dense <= 1e-5 && r->slab <= 1e-5 && r->tok <= 1e-5 && r->mt_differ == 0 &&
+		   r->direct_differ == 0,
+		   "dense FP8 kernel (KL_CUDA_Q_DENSE), %s, n = %s: rel err %.2e against the double reference (tokens-as-M "
+		   "form %.2e, slab kernel, =3: %.2e; staging kernel %.2e); MT 1 vs 2 differ in %d products, n <= 8 vs "
+		   "the direct kernel in %d (both must be 0: the same sums); hook returned %d", what, ns, r->dense, r->tok,
+		   r->slab, r->staged, r->mt_differ, r->direct_differ, r->rc);
 }
 
 /*
