@@ -56,7 +56,10 @@
  *       gated norm) for one sequence of T tokens, H heads of K: precision
  *       fp32 (path=fp32) and bf16 (path=bf16_mma, the tensor-core form;
  *       bf16_mma_4warps / bf16_mma_wide64 / bf16_mma_wide8w with
- *       KL_CUDA_KDA_MMA=1 / 3 / 4)
+ *       KL_CUDA_KDA_MMA=1 / 3 / 4).  In bf16 the inputs are recorded as
+ *       the products' bf16 results before each run, as prefill's products
+ *       keep them (KL_CUDA_KDA_IN16; kl_cuda_bench_kda_offer16, untimed):
+ *       in16=N says how many of q, k, v, f, gate the op found so
  *   bench_cuda mla_decode C1,C2,... B1,B2,... [V1,V2,...]
  *       the MLA decode attention alone (attend + merge; 48B head shapes, bf16
  *       cache) for B tokens at context C through each KL_CUDA_MLA_MMA variant
@@ -305,6 +308,11 @@ ceilings(void)
 
 /* ------------------------------------------------------------------ KDA alone */
 
+static void *cuda_lib_symbol(kl_backend *be, const char *name);
+
+/* kl_cuda_bench_kda_offer16 (cuda_kda.c): fp32 rows recorded as a product's bf16 result */
+typedef int (*kda_offer16_fn) (kl_backend *be, const float *y, int n, int cols, int role);
+
 static void
 kda_alone_prec(int H, int K, const long *Ts, int nT, const char *prec)
 {
@@ -347,6 +355,8 @@ kda_alone_prec(int H, int K, const long *Ts, int nT, const char *prec)
 				   *out;
 		kl_seq	   *seq;
 		const float scales[6] = {1.0f, 1.0f, 1.0f, 3.0f, 2.0f, 2.0f};	/* q, k, v, f, b, gate */
+		kda_offer16_fn offer16 = (kda_offer16_fn) cuda_lib_symbol(be, "kl_cuda_bench_kda_offer16");
+		int			kept = 0;
 
 		for (int i = 0; i < 6; i++)
 		{
@@ -390,6 +400,16 @@ kda_alone_prec(int H, int K, const long *Ts, int nT, const char *prec)
 				be->ops->copy(be, fcopy, in[3].dev, sizeof(float) * (size_t) T * HK);
 				if (be->ops->begin_step(be, &st, &err) != KL_OK)
 					fail("begin_step", &err);
+				/* as prefill's products leave them: q, k, v, f (and gate) kept in bf16 where the
+				 * backend keeps them (KL_CUDA_KDA_IN16; the conversion is not timed) */
+				kept = 0;
+				if (offer16)
+				{
+					const float *kin[5] = {a.q, a.k, a.v, a.f, a.gate};
+
+					for (int i = 0; i < 5; i++)
+						kept += offer16(be, kin[i], T, HK, i == 4 ? KL_R16_KDA_GATE : KL_R16_KDA_IN);
+				}
 				be->ops->sync(be);
 				t0 = kl_now();
 				be->ops->kda(be, &st, &a);
@@ -400,8 +420,8 @@ kda_alone_prec(int H, int K, const long *Ts, int nT, const char *prec)
 					fail("kda", &be->err);
 			}
 			qsort(times, reps, sizeof(double), cmp_double);
-			printf("RESULT kind=kda path=%s H=%d K=%d T=%d ms=%.3f tokens_per_s=%.0f gpu_GB=%.1f\n", path, H, K, T,
-				   times[reps / 2] * 1e3, T / times[reps / 2], gpu_used_gb());
+			printf("RESULT kind=kda path=%s H=%d K=%d T=%d ms=%.3f tokens_per_s=%.0f gpu_GB=%.1f in16=%d\n", path, H,
+				   K, T, times[reps / 2] * 1e3, T / times[reps / 2], gpu_used_gb(), kept);
 			fflush(stdout);
 		}
 		kl_seq_free(seq);

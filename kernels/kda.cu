@@ -277,16 +277,53 @@ struct kda_rw_row
 	float		b;
 };
 
+/*
+ * 4 consecutive channels as floats: one 16-byte load (fp32) or one 8-byte
+ * load (bf16, widened exactly); and the store of 4 as fp32 (16 bytes) or
+ * rounded to bf16 (8 bytes, nearest even: cvt_bf16x2).  (bf16 keeps 4
+ * channels a lane, not 8 in 16-byte accesses: the lane's work, registers and
+ * element math stay those of the fp32 form, so a bf16 input gives the
+ * outputs of its widened fp32 values bit for bit, and 32 lanes' 8-byte
+ * accesses still cover whole 32-byte sectors.)
+ */
+__device__ __forceinline__ float4
+kda_ld4(const float *p)
+{
+	return *(const float4 *) p;
+}
+
+__device__ __forceinline__ float4
+kda_ld4(const uint16_t *p)
+{
+	uint2		u = *(const uint2 *) p;
+
+	return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+					   __uint_as_float(u.y & 0xffff0000u));
+}
+
 __device__ __forceinline__ void
-kda_rw_load(kda_rw_row *r, const float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v,
-			const float *f, const float *__restrict__ b, int t, int H, int HK, int h, int ch0)
+kda_st4(float *p, float4 v)
+{
+	*(float4 *) p = v;
+}
+
+__device__ __forceinline__ void
+kda_st4(uint16_t *p, float4 v)
+{
+	*(uint2 *) p = make_uint2(cvt_bf16x2(v.x, v.y), cvt_bf16x2(v.z, v.w));
+}
+
+template <typename TI>
+__device__ __forceinline__ void
+kda_rw_load(kda_rw_row *r, const TI *__restrict__ q, const TI *__restrict__ k, const TI *__restrict__ v,
+			const TI *f, const float *__restrict__ b, int t, int H, int HK, int h, int ch0)
 {
 	size_t		off = (size_t) t * HK + ch0;
 
-	r->x[0] = *(const float4 *) (q + off);
-	r->x[1] = *(const float4 *) (k + off);
-	r->x[2] = *(const float4 *) (v + off);
-	r->f = *(const float4 *) (f + off);
+	r->x[0] = kda_ld4(q + off);
+	r->x[1] = kda_ld4(k + off);
+	r->x[2] = kda_ld4(v + off);
+	r->f = kda_ld4(f + off);
 	r->b = b[(size_t) t * H + h];
 }
 
@@ -309,11 +346,13 @@ kda_lds4(const float4 *p)
 	return r;
 }
 
-template <int K, int W, bool FAST>
+/* TI: the raw q, k, v, f (float, or uint16_t for bf16); TO: the prepared q,
+ * k, v (the same); the decay g goes to g, fp32 (g == f for fp32 f: in place) */
+template <int K, int W, bool FAST, typename TI, typename TO>
 __global__ void __launch_bounds__(KDA_RW_WARPS * 32, KDA_RW_MINB)
-kda_prep_rows_kernel(int n_tokens, int H, const float *__restrict__ q, const float *__restrict__ k,
-					 const float *__restrict__ v, float *f, const float *__restrict__ b,
-					 float *__restrict__ qo, float *__restrict__ ko, float *__restrict__ vo,
+kda_prep_rows_kernel(int n_tokens, int H, const TI *__restrict__ q, const TI *__restrict__ k,
+					 const TI *__restrict__ v, const TI *f, float *g, const float *__restrict__ b,
+					 TO *__restrict__ qo, TO *__restrict__ ko, TO *__restrict__ vo,
 					 float *__restrict__ beta, const float *__restrict__ conv_q, const float *__restrict__ conv_k,
 					 const float *__restrict__ conv_v, const float *__restrict__ A_log,
 					 const float *__restrict__ dt_bias, const int *__restrict__ row_seq,
@@ -381,7 +420,7 @@ kda_prep_rows_kernel(int n_tokens, int H, const float *__restrict__ q, const flo
 			float4		x4 = make_float4(0, 0, 0, 0);
 
 			if (r >= 0)
-				x4 = *(const float4 *) ((a == 0 ? q : a == 1 ? k : v) + (size_t) r * HK + ch0);
+				x4 = kda_ld4((a == 0 ? q : a == 1 ? k : v) + (size_t) r * HK + ch0);
 #pragma unroll
 			for (int e = 0; e < 4; e++)
 				xw[a][m][e] = kda_f4(x4, e);
@@ -464,16 +503,16 @@ kda_prep_rows_kernel(int n_tokens, int H, const float *__restrict__ q, const flo
 			{
 				size_t		off = (size_t) t * HK + ch0;
 
-				*(float4 *) (qo + off) = make_float4(kda_l2_scaled(y[0][0], ssq, qscale),
-													 kda_l2_scaled(y[0][1], ssq, qscale),
-													 kda_l2_scaled(y[0][2], ssq, qscale),
-													 kda_l2_scaled(y[0][3], ssq, qscale));
-				*(float4 *) (ko + off) = make_float4(kda_l2_scaled(y[1][0], ssk, 1.0f),
-													 kda_l2_scaled(y[1][1], ssk, 1.0f),
-													 kda_l2_scaled(y[1][2], ssk, 1.0f),
-													 kda_l2_scaled(y[1][3], ssk, 1.0f));
-				*(float4 *) (vo + off) = make_float4(y[2][0], y[2][1], y[2][2], y[2][3]);
-				*(float4 *) (f + off) = make_float4(kda_decay<FAST>(A, cur.f.x, dt.x),
+				kda_st4(qo + off, make_float4(kda_l2_scaled(y[0][0], ssq, qscale),
+											  kda_l2_scaled(y[0][1], ssq, qscale),
+											  kda_l2_scaled(y[0][2], ssq, qscale),
+											  kda_l2_scaled(y[0][3], ssq, qscale)));
+				kda_st4(ko + off, make_float4(kda_l2_scaled(y[1][0], ssk, 1.0f),
+											  kda_l2_scaled(y[1][1], ssk, 1.0f),
+											  kda_l2_scaled(y[1][2], ssk, 1.0f),
+											  kda_l2_scaled(y[1][3], ssk, 1.0f)));
+				kda_st4(vo + off, make_float4(y[2][0], y[2][1], y[2][2], y[2][3]));
+				*(float4 *) (g + off) = make_float4(kda_decay<FAST>(A, cur.f.x, dt.x),
 													kda_decay<FAST>(A, cur.f.y, dt.y),
 													kda_decay<FAST>(A, cur.f.z, dt.z),
 													kda_decay<FAST>(A, cur.f.w, dt.w));
@@ -504,51 +543,58 @@ kda_ew_grid(int n_tokens, int H, int K, int bit, dim3 *grid)
 	return true;
 }
 
-typedef void (*kda_prep_rows_fn) (int, int, const float *, const float *, const float *, float *, const float *,
-								  float *, float *, float *, float *, const float *, const float *, const float *,
-								  const float *, const float *, const int *, const int *, float *const *, float);
-
-/* kda_prep_rows_kernel<K, W, FAST> for conv widths 2 .. 4, else NULL */
-template <int K, bool FAST>
-static kda_prep_rows_fn
+/* kda_prep_rows_kernel<K, W, FAST, TI, TO> for conv widths 2 .. 4, else NULL */
+template <int K, bool FAST, typename TI, typename TO>
+static decltype(&kda_prep_rows_kernel<K, 2, FAST, TI, TO>)
 kda_prep_rows_for(int W)
 {
-	return W == 4 ? kda_prep_rows_kernel<K, 4, FAST> : W == 3 ? kda_prep_rows_kernel<K, 3, FAST> :
-		W == 2 ? kda_prep_rows_kernel<K, 2, FAST> : NULL;
+	return W == 4 ? kda_prep_rows_kernel<K, 4, FAST, TI, TO> : W == 3 ? kda_prep_rows_kernel<K, 3, FAST, TI, TO> :
+		W == 2 ? kda_prep_rows_kernel<K, 2, FAST, TI, TO> : NULL;
 }
 
-template <bool FAST>
-static kda_prep_rows_fn
+template <bool FAST, typename TI, typename TO>
+static decltype(&kda_prep_rows_kernel<32, 2, FAST, TI, TO>)
 kda_prep_rows_pick(int K, int W)
 {
-	return K == 32 ? kda_prep_rows_for<32, FAST>(W) : K == 64 ? kda_prep_rows_for<64, FAST>(W) :
-		K == 128 ? kda_prep_rows_for<128, FAST>(W) : NULL;
+	/* (the kernels of the three head sizes have the same type) */
+	typedef decltype(&kda_prep_rows_kernel<32, 2, FAST, TI, TO>) fn;
+
+	return K == 32 ? (fn) kda_prep_rows_for<32, FAST, TI, TO>(W) :
+		K == 64 ? (fn) kda_prep_rows_for<64, FAST, TI, TO>(W) :
+		K == 128 ? (fn) kda_prep_rows_for<128, FAST, TI, TO>(W) : NULL;
 }
 
 /* prefill with KK_KDA_EW_PREP_ROWS: kda_prep_rows_kernel where it covers
  * K, W and the alignment (fast and KK_KDA_EW_FAST: its FAST form); true
- * when launched */
+ * when launched.  TI / TO: the raw inputs' and the prepared q, k, v's type
+ * (bf16 as uint16_t: 8-byte aligned rows; fp32 16-byte) */
+template <typename TI, typename TO>
 static bool
-kda_prep_rows(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q, const float *k, const float *v,
-			  float *f, const float *b, float *qo, float *ko, float *vo, float *beta,
+kda_prep_rows(cudaStream_t s, int n_tokens, int H, int K, int W, const TI *q, const TI *k, const TI *v,
+			  const TI *f, float *g, const float *b, TO *qo, TO *ko, TO *vo, float *beta,
 			  const float *conv_q, const float *conv_k, const float *conv_v, const float *A_log,
 			  const float *dt_bias, const int *row_seq, const int *row0, float *const *conv_tab, float qscale,
 			  bool fast)
 {
-	const void *p[] = {q, k, v, f, qo, ko, vo, dt_bias, conv_q, conv_k, conv_v};
+	const void *pi[] = {q, k, v, f},
+			   *po[] = {qo, ko, vo},
+			   *p[] = {g, dt_bias, conv_q, conv_k, conv_v};
 	size_t		walks = ceil_div((size_t) n_tokens, KDA_RW_ROWS * KDA_RW_WARPS);
-	kda_prep_rows_fn kern;
+	decltype(&kda_prep_rows_kernel<32, 2, false, TI, TO>) kern;
 	dim3		grid;
 
-	if (!(kda_elem_mode & KK_KDA_EW_PREP_ROWS) || !kda_ew_aligned(p, 11) || walks > 65535)
+	if (!(kda_elem_mode & KK_KDA_EW_PREP_ROWS) || !kda_ew_aligned(p, 5) || walks > 65535)
 		return false;
-	kern = fast && (kda_elem_mode & KK_KDA_EW_FAST) ? kda_prep_rows_pick<true>(K, W) :
-		kda_prep_rows_pick<false>(K, W);
+	for (int i = 0; i < 4; i++)
+		if ((uintptr_t) pi[i] % (4 * sizeof(TI)) != 0 || (i < 3 && (uintptr_t) po[i] % (4 * sizeof(TO)) != 0))
+			return false;
+	kern = fast && (kda_elem_mode & KK_KDA_EW_FAST) ? kda_prep_rows_pick<true, TI, TO>(K, W) :
+		kda_prep_rows_pick<false, TI, TO>(K, W);
 	if (!kern)
 		return false;
 	/* heads fastest: the blocks running at once cover whole rows (16 KB runs at the 48B shape) */
 	grid = dim3((unsigned) ceil_div((size_t) H, 128 / K), (unsigned) walks);
-	kk_launch(kern, grid, dim3(KDA_RW_WARPS * 32), 0, s, n_tokens, H, q, k, v, f, b, qo, ko, vo, beta, conv_q,
+	kk_launch(kern, grid, dim3(KDA_RW_WARPS * 32), 0, s, n_tokens, H, q, k, v, f, g, b, qo, ko, vo, beta, conv_q,
 			  conv_k, conv_v, A_log, dt_bias, row_seq, row0, conv_tab, qscale);
 	return true;
 }
@@ -567,17 +613,57 @@ kk_kda_prep(cudaStream_t s, int n_tokens, int H, int K, int W, const float *q, c
 	float		qscale = 1.0f / sqrtf((float) K);
 
 	if (n_tokens > 0 && !write_tails &&
-		kda_prep_rows(s, n_tokens, H, K, W, q, k, v, f, b, qo, ko, vo, beta, conv_q, conv_k, conv_v, A_log, dt_bias,
-					  row_seq, row0, conv_tab, qscale, fast != 0))
+		kda_prep_rows(s, n_tokens, H, K, W, q, k, v, (const float *) f, f, b, qo, ko, vo, beta, conv_q, conv_k,
+					  conv_v, A_log, dt_bias, row_seq, row0, conv_tab, qscale, fast != 0))
 		return;
 	if (n_tokens > 0)
 		kk_launch(kda_prep_kernel, grid, dim3((K + 31) / 32 * 32), 0, s, H, K, W, q, k, v, f, b, qo, ko, vo, beta,
 				  conv_q, conv_k, conv_v, A_log, dt_bias, row_seq, row0, conv_tab, qscale, write_tails);
 }
 
-/* new tail = the last W raw inputs of (old tail ++ the sequence's rows) */
+/* prefill, kda_prep_rows_kernel only, raw inputs and prepared q, k, v in
+ * either type (KL_CUDA_KDA_IN16 / _OUT16: cuda_kda.c); 0 launched, -1 not
+ * covered (nothing launched) */
+extern "C" int
+kk_kda_prep_rows16(cudaStream_t s, int n_tokens, int H, int K, int W, int in16, const void *q, const void *k,
+				   const void *v, const void *f, float *g, const float *b, int out16, void *qo, void *ko, void *vo,
+				   float *beta, const float *conv_q, const float *conv_k, const float *conv_v, const float *A_log,
+				   const float *dt_bias, const int *row_seq, const int *row0, float *const *conv_tab, int fast)
+{
+	float		qscale = 1.0f / sqrtf((float) K);
+	bool		ok;
+
+	if (n_tokens <= 0)
+		return 0;
+#define KDA_ROWS16_CALL(TI, TO) \
+	kda_prep_rows(s, n_tokens, H, K, W, (const TI *) q, (const TI *) k, (const TI *) v, (const TI *) f, g, b, \
+				  (TO *) qo, (TO *) ko, (TO *) vo, beta, conv_q, conv_k, conv_v, A_log, dt_bias, row_seq, row0, \
+				  conv_tab, qscale, fast != 0)
+	if (in16)
+		ok = out16 ? KDA_ROWS16_CALL(uint16_t, uint16_t) : KDA_ROWS16_CALL(uint16_t, float);
+	else
+		ok = out16 ? KDA_ROWS16_CALL(float, uint16_t) : KDA_ROWS16_CALL(float, float);
+#undef KDA_ROWS16_CALL
+	return ok ? 0 : -1;
+}
+
+__device__ __forceinline__ float
+kda_to_f32(float x)
+{
+	return x;
+}
+
+__device__ __forceinline__ float
+kda_to_f32(uint16_t x)
+{
+	return bf16_to_f32(x);
+}
+
+/* new tail = the last W raw inputs of (old tail ++ the sequence's rows);
+ * T: the inputs' type (bf16 as uint16_t: widened, the values the conv read) */
+template <typename T>
 __global__ void
-kda_tails_kernel(int n_seqs, int HK, int W, const float *q, const float *k, const float *v,
+kda_tails_kernel(int n_seqs, int HK, int W, const T *q, const T *k, const T *v,
 				 const int *row0, float *const *conv_tab)
 {
 	size_t		gid = blockIdx.x * (size_t) blockDim.x + threadIdx.x;
@@ -586,7 +672,7 @@ kda_tails_kernel(int n_seqs, int HK, int W, const float *q, const float *k, cons
 				ch,
 				r0,
 				n;
-	const float *u;
+	const T    *u;
 	float	   *tail;
 	float		old[8];
 
@@ -605,13 +691,23 @@ kda_tails_kernel(int n_seqs, int HK, int W, const float *q, const float *k, cons
 	{
 		int			t = n - W + j;
 
-		tail[j] = t >= 0 ? u[(size_t) (r0 + t) * HK + ch] : old[W + t];
+		tail[j] = t >= 0 ? kda_to_f32(u[(size_t) (r0 + t) * HK + ch]) : old[W + t];
 	}
 }
 
 extern "C" void
 kk_kda_tails(cudaStream_t s, int n_seqs, int HK, int W, const float *q, const float *k, const float *v,
 			 const int *row0, float *const *conv_tab)
+{
+	size_t		n = (size_t) n_seqs * 3 * HK;
+
+	if (n > 0)
+		kda_tails_kernel<<<ceil_div(n, 256), 256, 0, s>>>(n_seqs, HK, W, q, k, v, row0, conv_tab);
+}
+
+extern "C" void
+kk_kda_tails16(cudaStream_t s, int n_seqs, int HK, int W, const uint16_t *q, const uint16_t *k, const uint16_t *v,
+			   const int *row0, float *const *conv_tab)
 {
 	size_t		n = (size_t) n_seqs * 3 * HK;
 

@@ -343,6 +343,26 @@ void		kk_kda_prep(cudaStream_t s, int n_tokens, int H, int K, int W, const float
 													 * are rounded to bf16 next (KK_KDA_EW_FAST) */
 void		kk_kda_tails(cudaStream_t s, int n_seqs, int HK, int W, const float *q, const float *k, const float *v,
 						 const int *row0, float *const *conv_tab);
+/*
+ * Prefill prep by kda_prep_rows_kernel only (no tails shifted), with the raw
+ * q, k, v, f in bf16 (in16: [n_tokens, H K] bf16 as uint16_t, 8-byte aligned
+ * rows; else fp32, 16-byte) and the prepared q, k, v in bf16 (out16, rounded
+ * to nearest even; else fp32); the decay g always fp32 into g (may be f when
+ * f is fp32: in place), beta fp32.  The element math is kk_kda_prep's rows
+ * kernel's, so a bf16 input gives the outputs of its widened values bit for
+ * bit, and out16's q, k, v are the fp32 outputs rounded.  Returns 0
+ * launched, -1 not covered (K 32 / 64 / 128, conv width 2 .. 4, alignment,
+ * KK_KDA_EW_PREP_ROWS clear, too many rows): nothing launched.
+ * kk_kda_tails16: kk_kda_tails reading bf16 raw inputs (the tails hold the
+ * widened values, those the conv read).
+ */
+int			kk_kda_prep_rows16(cudaStream_t s, int n_tokens, int H, int K, int W, int in16, const void *q,
+							   const void *k, const void *v, const void *f, float *g, const float *b, int out16,
+							   void *qo, void *ko, void *vo, float *beta, const float *conv_q, const float *conv_k,
+							   const float *conv_v, const float *A_log, const float *dt_bias, const int *row_seq,
+							   const int *row0, float *const *conv_tab, int fast);
+void		kk_kda_tails16(cudaStream_t s, int n_seqs, int HK, int W, const uint16_t *q, const uint16_t *k,
+						   const uint16_t *v, const int *row0, float *const *conv_tab);
 /* Which kernels kk_kda_prep and kk_kda_gated_norm run (KL_CUDA_KDA_ELEM_WARP,
  * a mask of these bits; 0: a block per (row, head) for both, the old path).
  * All give the same outputs bit for bit but FAST (within ~4e-6 relative:

@@ -229,6 +229,7 @@ cu_upload(kl_backend *be, void *dst, const void *src, size_t bytes)
 {
 	cuda_flush_add(be);
 	cuda_acts_invalid(CS(be));	/* (it may write over a bf16 twin's rows) */
+	cuda_r16_flush(be);			/* (or a kept bf16 result's: widened first, then written over) */
 	if (bytes)
 		cuda_upload_sync(be, dst, src, bytes);
 }
@@ -239,6 +240,7 @@ cu_download(kl_backend *be, void *dst, const void *src, size_t bytes)
 	cuda_state *cs = CS(be);
 
 	cuda_flush_add(be);
+	cuda_r16_flush(be);			/* (src may be a kept bf16 result's y) */
 	if (bytes == 0)
 		return;
 	if (!cuda_ok(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cs->stream), "download") ||
@@ -967,6 +969,16 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * Default 14; 0 a block per (row, head) for both, the old path.
 		 * Bit 1 (the prep as a warp per (row, head), 913 us) was removed
 		 * and is ignored.
+		 * KL_CUDA_KDA_IN16 (precision bf16, prefill): which of the KDA op's
+		 * input products keep their result in bf16 only (cuda_state.r16),
+		 * a mask: 1 (default) q, k, v and f, read by the rows prep and the
+		 * conv tails as bf16; 2 the gate (widened back to fp32 before the
+		 * gated norm until the norm reads bf16, so it costs bytes for now);
+		 * 0 none (the fp32 results of before).
+		 * KL_CUDA_KDA_OUT16=0: the rows prep writes the prepared q, k, v in
+		 * fp32 (default on in precision bf16: bf16 only, read by
+		 * kk_kda_chunked_mma16, in prefill steps whose every sequence takes
+		 * the chunkwise form on tensor cores, K = 128).
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
@@ -1008,7 +1020,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *kmma = getenv("KL_CUDA_KDA_MMA"),
 				   *mf = getenv("KL_CUDA_MLA_FLASH"),
 				   *kpm = getenv("KL_CUDA_KDA_PREP_MMA"),
-				   *kew = getenv("KL_CUDA_KDA_ELEM_WARP");
+				   *kew = getenv("KL_CUDA_KDA_ELEM_WARP"),
+				   *ki16 = getenv("KL_CUDA_KDA_IN16"),
+				   *ko16 = getenv("KL_CUDA_KDA_OUT16");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -1030,6 +1044,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : 8;
 		cs->kda_mma = cs->bf16 && major >= 8 && !(kmma && strcmp(kmma, "0") == 0) &&
 			(cfg->kda_head_dim == 32 || cfg->kda_head_dim == 64 || cfg->kda_head_dim == 128);
+		cs->kda_in16 = !cs->bf16 ? 0 : ki16 && *ki16 ? atoi(ki16) & (KL_R16_KDA_IN | KL_R16_KDA_GATE) : KL_R16_KDA_IN;
+		cs->kda_out16 = cs->bf16 && !(ko16 && strcmp(ko16, "0") == 0);
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
 		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
 		cs->route_warp = rw && *rw ? atoi(rw) : INT_MAX;

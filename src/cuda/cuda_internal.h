@@ -74,8 +74,11 @@ enum cuda_buf_id
 	CB_SAMPLE_PROB,
 	CB_TWIN,					/* bf16 twins written by their producers (cuda_twin_out) */
 	CB_X_FP8,					/* precision fp8: activations as E4M3 rows and their scales (cuda_fp8.c) */
+	CB_KDA_R16,					/* KL_CUDA_KDA_IN16: bf16 product results, CUDA_R16_MAX buffers from here */
+	CB_KDA_R16_LAST = CB_KDA_R16 + 4,
 	CB_COUNT
 };
+#define CUDA_R16_MAX 5			/* bf16 results kept at once: the KDA op's q, k, v, f and gate */
 
 /* device tables of one MoE layer's expert matrices */
 typedef struct cuda_moe_tables
@@ -381,6 +384,36 @@ typedef struct cuda_state
 					in_xbuf;
 	}			tw;
 
+	/*
+	 * KL_CUDA_KDA_IN16 (precision bf16, prefill steps): products whose job
+	 * says result16 (forward.c: the KDA op's q, k, v, f and gate) and that
+	 * run as GEMMs write their result as bf16 into a buffer of their own
+	 * (CB_KDA_R16 + i) and leave the fp32 y unwritten; r16 records them
+	 * (y [rows, cols] contiguous -> dst).  kda_in16: the KL_R16_* roles kept
+	 * (default KL_R16_KDA_IN; 0 none).  cuda_kda reads them (q, k, v, f by
+	 * the rows prep and the tails) and widens what a path cannot read; any
+	 * other op, a product over or from y's rows, an upload or download, and
+	 * end of step widen them back into y first (cuda_r16_flush), so no
+	 * reader ever sees a stale y.  kda_out16 (KL_CUDA_KDA_OUT16, default on
+	 * in precision bf16): in prefill steps whose every sequence takes the
+	 * chunkwise form on tensor cores (K = 128), the rows prep writes the
+	 * prepared q, k, v as bf16 only and kk_kda_chunked_mma16 reads them.
+	 * step_prefill: the step is not a decode step (n_tokens != n_seqs);
+	 * decode steps never keep bf16 results.
+	 */
+	int			kda_in16;
+	bool		kda_out16;
+	bool		step_prefill;
+	int			n_r16;
+	struct
+	{
+		const float *y;
+		int			rows,
+					cols;
+		const uint16_t *dst;
+		int			buf;		/* its cuda_buf id */
+	}			r16[CUDA_R16_MAX];
+
 	/* host staging for MoE grouping of prefill batches */
 	int		   *h_sel,
 			   *h_xrow,
@@ -504,6 +537,29 @@ void		cuda_twin_set(cuda_state *cs, const float *src, int ld, int rows, int cols
 						  bool in_xbuf);
 const uint16_t *cuda_x_bf16(kl_backend *be, const float *x, int ldx, int n, int cols, int *ld16);
 void		cuda_to_bf16(kl_backend *be, uint16_t *dst, int ldd, const float *src, int lds, int rows, int cols);
+/*
+ * bf16 product results (KL_CUDA_KDA_IN16; cuda_state.r16).
+ * cuda_r16_product: run job jb keeping its result in bf16 only where the
+ * backend takes its result16 (true: done, or the backend failed); false:
+ * run it as usual.  cuda_r16_offer: record fp32 rows y [n, cols] as if a
+ * product had kept them (converted to bf16 by the record's own path; for
+ * bench_cuda's KDA op, kl_cuda_bench_kda_offer16); false when not kept.
+ * cuda_r16_find: the bf16 rows kept for y [rows, cols], or NULL.
+ * cuda_r16_widen: y's record widened into y and dropped (none: nothing).
+ * cuda_r16_overlap: the same for every record whose rows overlap p [rows,
+ * cols] (row stride ld).  cuda_r16_flush: all of them.  cuda_r16_drop:
+ * y's record dropped without widening (its reader consumed it; the bf16
+ * rows stay readable in stream order until a later product takes the
+ * buffer).  cuda_r16_forget: all dropped so (a new step).
+ */
+bool		cuda_r16_product(kl_backend *be, const kl_matmul_job *jb);
+bool		cuda_r16_offer(kl_backend *be, const float *y, int n, int cols, int role);
+const uint16_t *cuda_r16_find(const cuda_state *cs, const float *y, int rows, int cols);
+void		cuda_r16_widen(kl_backend *be, const float *y);
+void		cuda_r16_overlap(kl_backend *be, const float *p, int ld, int rows, int cols);
+void		cuda_r16_flush(kl_backend *be);
+void		cuda_r16_drop(cuda_state *cs, const float *y);
+void		cuda_r16_forget(cuda_state *cs);
 /* C (bf16) [n, rows] = x16 [n, cols] (bf16, ldx) W^T, W bf16 */
 bool		cuda_gemm_bf16_out(kl_backend *be, uint16_t *y, int ldy, const uint16_t *x, int ldx, int n,
 							   const void *W, int rows, int cols);

@@ -12,9 +12,18 @@
  * A decode step (one row per sequence) runs all of it in one kernel,
  * kk_kda_decode, with the same outputs bit for bit (KL_CUDA_KDA_FUSED=0: the
  * three kernels; =N: one kernel for steps of up to N sequences).
+ * bf16 (precision bf16, prefill; cuda_state.r16): where the products kept
+ * q, k, v and f in bf16 only (KL_CUDA_KDA_IN16), the rows prep and the
+ * conv tails read those; where every sequence takes the chunkwise form on
+ * tensor cores, the rows prep writes the prepared q, k, v in bf16 only
+ * (KL_CUDA_KDA_OUT16) for kk_kda_chunked_mma16.  Every path that cannot
+ * read a kept result (decode, the fused prep =4, the block prep kernel)
+ * widens it back into its fp32 buffer first, and the gate is widened before
+ * the gated norm.
  */
 #include <limits.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cuda_internal.h"
 
@@ -54,6 +63,10 @@ cuda_kda_gated_norm(kl_backend *be, const kl_kda_args *a, int n, const float *o)
 
 	if (be->failed)
 		return;
+	/* TODO(norm16): the gate kept in bf16 (KL_CUDA_KDA_IN16 bit 2: cuda_r16_find(cs, a->gate, n, HK)) is
+	 * widened here until the gated norm takes a bf16 gate (branch i13s5-norm16); then pass that pointer
+	 * and cuda_r16_drop the record instead */
+	cuda_r16_widen(be, a->gate);
 	kk_kda_gated_norm_twin(cs->stream, n, H, K, o, a->gate, a->w->o_norm, cfg->rms_norm_eps, a->out, o16);
 	if (cuda_launched(be, "kda_gated_norm") && o16)
 		cuda_twin_set(cs, a->out, HK, n, HK, o16, false);
@@ -113,6 +126,24 @@ cuda_kda_fused(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 	cuda_kda_gated_norm(be, a, n, o);
 }
 
+/*
+ * The op's q, k, v, f kept in bf16 by their products (cuda_state.r16):
+ * read (true: the records are dropped, the op has consumed them; the fp32
+ * buffers are the op's to overwrite, as f is with g) or to be read in fp32
+ * (false: widened back first).  The gate's record is left to the norm.
+ */
+static void
+kda_r16_settle(kl_backend *be, const kl_kda_args *a, bool read16)
+{
+	const float *in[4] = {a->q, a->k, a->v, a->f};
+
+	for (int i = 0; i < 4; i++)
+		if (read16)
+			cuda_r16_drop(CS(be), in[i]);
+		else
+			cuda_r16_widen(be, in[i]);
+}
+
 void
 cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 {
@@ -135,15 +166,40 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 			   *scratch = NULL;
 	float	  **S_tab = cs->d_kda_S + (size_t) a->kda_index * ns;
 	float	  **conv_tab = cs->d_kda_conv + (size_t) a->kda_index * ns;
+	const uint16_t *q16,
+			   *k16,
+			   *v16,
+			   *f16;
+	bool		all_long = true,
+				in16,
+				out16;
 
 	if (cuda_step_skip(be, OP_KDA, (uintptr_t) a->q, (uintptr_t) a->out, (uintptr_t) w, (uintptr_t) a->kda_index))
 		return;
+	/* the products' bf16 results (KL_CUDA_KDA_IN16; NULL: in fp32 as usual) */
+	q16 = cuda_r16_find(cs, a->q, n, HK);
+	k16 = cuda_r16_find(cs, a->k, n, HK);
+	v16 = cuda_r16_find(cs, a->v, n, HK);
+	f16 = cuda_r16_find(cs, a->f, n, HK);
+	for (int s = 0; s < ns; s++)
+		if (st->row0[s + 1] - st->row0[s] <= max_rows)
+			all_long = false;
+	/* bf16 raw inputs: the rows prep (prefill) reads them; the decode
+	 * kernels and the fused prep (=4) widen them first */
+	in16 = q16 && k16 && v16 && f16 && n != ns && !(cs->kda_mma && kk_kda_prep_fused_ok(K, W) && all_long);
+	/* bf16 prepared q, k, v: only the tensor-core chunkwise form reads them
+	 * (kk_kda_chunked_mma16: K = 128), so every sequence must take it */
+	out16 = cs->kda_out16 && cs->kda_mma && K == 128 && all_long && n != ns;
+	if (!in16)
+		kda_r16_settle(be, a, false);
 	if (n == ns && ns <= cs->kda_fused_max)
 	{
-		int			rc = kk_kda_decode(cs->stream, ns, H, K, W, a->q, a->k, a->v, a->f, a->b, a->gate, w->conv_q,
-									   w->conv_k, w->conv_v, w->A_log, w->dt_bias, w->o_norm, cfg->rms_norm_eps,
-									   cs->d_row0, S_tab, conv_tab, cs->kda_round16, a->out);
+		int			rc;
 
+		cuda_r16_widen(be, a->gate);
+		rc = kk_kda_decode(cs->stream, ns, H, K, W, a->q, a->k, a->v, a->f, a->b, a->gate, w->conv_q,
+						   w->conv_k, w->conv_v, w->A_log, w->dt_bias, w->o_norm, cfg->rms_norm_eps,
+						   cs->d_row0, S_tab, conv_tab, cs->kda_round16, a->out);
 		if (rc == 0)
 		{
 			cuda_launched(be, "kda_decode");
@@ -153,18 +209,10 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 		cudaGetLastError();
 		cs->kda_fused_max = 0;
 	}
-	if (cs->kda_mma && kk_kda_prep_fused_ok(K, W))
+	if (cs->kda_mma && kk_kda_prep_fused_ok(K, W) && all_long)
 	{
-		bool		all_long = true;
-
-		for (int s = 0; s < ns; s++)
-			if (st->row0[s + 1] - st->row0[s] <= max_rows)
-				all_long = false;
-		if (all_long)
-		{
-			cuda_kda_fused(be, st, a);
-			return;
-		}
+		cuda_kda_fused(be, st, a);
+		return;
 	}
 	qo = cuda_buf(be, CB_KDA_Q, sizeof(float) * (size_t) n * HK);
 	ko = cuda_buf(be, CB_KDA_K, sizeof(float) * (size_t) n * HK);
@@ -180,24 +228,45 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 	if (!qo || !ko || !vo || !o || !beta || (longest > 0 && !scratch))
 		return;
 
+	/* prefill with a bf16 side: the rows prep of those types (g into f's
+	 * fp32 buffer; out16's q, k, v bf16 in the fp32 buffers' room) */
+	if ((in16 || out16) &&
+		kk_kda_prep_rows16(cs->stream, n, H, K, W, in16, in16 ? (const void *) q16 : a->q,
+						   in16 ? (const void *) k16 : a->k, in16 ? (const void *) v16 : a->v,
+						   in16 ? (const void *) f16 : a->f, a->f, a->b, out16, qo, ko, vo, beta, w->conv_q,
+						   w->conv_k, w->conv_v, w->A_log, w->dt_bias, cs->d_row_seq, cs->d_row0, conv_tab,
+						   cs->bf16) != 0)
+	{
+		/* not covered (head size, conv width, KL_CUDA_KDA_ELEM_WARP): the fp32 path */
+		if (in16)
+			kda_r16_settle(be, a, false);
+		in16 = out16 = false;
+	}
+	if (in16)
+		kda_r16_settle(be, a, true);	/* (q16 .. f16 stay readable: no product runs before the tails) */
 	/* decode (one row per sequence): the prep kernel shifts the tails itself */
-	kk_kda_prep(cs->stream, n, H, K, W, a->q, a->k, a->v, a->f, a->b, qo, ko, vo, beta, w->conv_q, w->conv_k,
-				w->conv_v, w->A_log, w->dt_bias, cs->d_row_seq, cs->d_row0, conv_tab, n == ns, cs->bf16);
+	if (!in16 && !out16)
+		kk_kda_prep(cs->stream, n, H, K, W, a->q, a->k, a->v, a->f, a->b, qo, ko, vo, beta, w->conv_q, w->conv_k,
+					w->conv_v, w->A_log, w->dt_bias, cs->d_row_seq, cs->d_row0, conv_tab, n == ns, cs->bf16);
 	if (!cuda_launched(be, "kda_prep"))
 		return;
 	if (n != ns)
 	{
-		kk_kda_tails(cs->stream, ns, HK, W, a->q, a->k, a->v, cs->d_row0, conv_tab);
+		if (in16)
+			kk_kda_tails16(cs->stream, ns, HK, W, q16, k16, v16, cs->d_row0, conv_tab);
+		else
+			kk_kda_tails(cs->stream, ns, HK, W, a->q, a->k, a->v, cs->d_row0, conv_tab);
 		if (!cuda_launched(be, "kda_tails"))
 			return;
 	}
-	if (kk_kda_recurrent(cs->stream, ns, H, K, qo, ko, vo, a->f, beta, o, cs->d_row0, S_tab, max_rows,
-						 cs->kda_round16) != 0)
+	/* (out16: no sequence takes the recurrence, which reads fp32 q, k, v) */
+	if (!out16 && kk_kda_recurrent(cs->stream, ns, H, K, qo, ko, vo, a->f, beta, o, cs->d_row0, S_tab, max_rows,
+								   cs->kda_round16) != 0)
 	{
 		cuda_fail(be, KL_E_UNSUPPORTED, "KDA head size %d is not supported on the GPU", K);
 		return;
 	}
-	if (!cuda_launched(be, "kda_recurrent"))
+	if (!out16 && !cuda_launched(be, "kda_recurrent"))
 		return;
 	for (int s = 0; s < ns; s++)
 	{
@@ -208,7 +277,13 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 		if (ni <= max_rows)
 			continue;
 		/* precision bf16: tensor cores (kda_chunk_mma.cu); else the fp32 kernels */
-		if (cs->kda_mma)
+		if (out16)
+			rc = kk_kda_chunked_mma16(cs->stream, ni, H, K, (const uint16_t *) qo + (size_t) r0 * HK,
+									  (const uint16_t *) ko + (size_t) r0 * HK,
+									  (const uint16_t *) vo + (size_t) r0 * HK, a->f + (size_t) r0 * HK,
+									  beta + (size_t) r0 * H, st->seqs[s]->kda_S[a->kda_index],
+									  o + (size_t) r0 * HK, scratch);
+		else if (cs->kda_mma)
 			rc = kk_kda_chunked_mma(cs->stream, ni, H, K, qo + (size_t) r0 * HK, ko + (size_t) r0 * HK,
 									vo + (size_t) r0 * HK, a->f + (size_t) r0 * HK, beta + (size_t) r0 * H,
 									st->seqs[s]->kda_S[a->kda_index], o + (size_t) r0 * HK, scratch);
@@ -609,5 +684,161 @@ kl_cuda_test_kda_elem(int warp, int ns, const int *row0, int H, int K, int W, fl
 	}
 	free(rseq);
 	free(ptrs);
+	return rc;
+}
+
+/*
+ * For bench/bench_cuda.c only (found with dlsym; the backend does not use
+ * it): fp32 rows y [n, cols] recorded as a product's bf16 result of role
+ * KL_R16_* (cuda_r16_offer: the record forward.c's q, k, v, f, gate
+ * products make under KL_CUDA_KDA_IN16), so that the next KDA op reads its
+ * inputs as prefill does.  Call after begin_step.  Returns 1 kept, 0 not
+ * (the switch or role off, precision fp32, a decode step, too few rows).
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_bench_kda_offer16(kl_backend *be, const float *y, int n, int cols, int role)
+{
+	return cuda_r16_offer(be, y, n, cols, role) ? 1 : 0;
+}
+
+/*
+ * For test/engine/test_cuda.c only (found with dlsym): a prefill step's
+ * prep of ns sequences (sequence s = rows row0[s] .. row0[s + 1] - 1; at
+ * least one of more than one row) through kk_kda_prep + kk_kda_tails on fp32
+ * inputs (the reference, *_ref) and through kk_kda_prep_rows16 with the raw
+ * q, k, v, f in bf16 (in16; converted here, so the host values should be
+ * bf16 values for a bit-for-bit comparison) and / or the prepared q, k, v
+ * in bf16 (out16; widened back here) + kk_kda_tails16 (in16) or
+ * kk_kda_tails, each on its own copy of f and of the tails, fast forms
+ * (precision bf16's).  Host inputs: q, k, v, f [n, H K], b [n, H], conv_*
+ * [H K, W], A_log [H], dt_bias [H K], tails [ns, 3 H K W].  Outputs, copied
+ * back: qo, ko, vo, g [n, H K], beta [n, H], tails_out [ns, 3 H K W], for
+ * each side.  Returns 0, -1 when kk_kda_prep_rows16 does not cover the
+ * shape, or a CUDA error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_kda_prep16(int ns, const int *row0, int H, int K, int W, int in16, int out16, const float *q,
+						const float *k, const float *v, const float *f, const float *b, const float *conv_q,
+						const float *conv_k, const float *conv_v, const float *A_log, const float *dt_bias,
+						const float *tails, float *qo_ref, float *ko_ref, float *vo_ref, float *g_ref,
+						float *beta_ref, float *tails_ref, float *qo, float *ko, float *vo, float *g, float *beta,
+						float *tails_out)
+{
+	enum
+	{
+		Q, K_, V_, F_R, B, CQ, CK, CV, ALOG, DT, T_R, T_N, QO_R, KO_R, VO_R, BETA_R, Q16, K16, V16, F16, G_N,
+		QO_N, KO_N, VO_N, BETA_N, ROW0, ROWSEQ, CTAB_R, CTAB_N, NBUF
+	};
+	int			n = row0[ns];
+	size_t		HK = (size_t) H * K,
+				nx = (size_t) n * HK,
+				nT = 3 * HK * W;
+	size_t		sz[NBUF];
+	const void *in[NBUF] = {NULL};
+	void	   *d[NBUF] = {NULL};
+	int		   *rseq = malloc(sizeof(int) * (size_t) (n > 0 ? n : 1));
+	float	  **ptrs = malloc(sizeof(float *) * (size_t) (2 * ns));
+	uint16_t   *h16 = malloc(sizeof(uint16_t) * 4 * (nx > 0 ? nx : 1));
+	cudaStream_t s = NULL;
+	cudaError_t e;
+	int			rc = 0;
+
+	if (!rseq || !ptrs || !h16)
+	{
+		free(rseq);
+		free(ptrs);
+		free(h16);
+		return (int) cudaErrorMemoryAllocation;
+	}
+	for (int si = 0; si < ns; si++)
+		for (int r = row0[si]; r < row0[si + 1]; r++)
+			rseq[r] = si;
+	{
+		const float *src[4] = {q, k, v, f};
+
+		for (int a = 0; a < 4; a++)
+			for (size_t i = 0; i < nx; i++)
+				h16[a * nx + i] = kl_f32_to_bf16(src[a][i]);
+	}
+	sz[Q] = sz[K_] = sz[V_] = sz[F_R] = sz[QO_R] = sz[KO_R] = sz[VO_R] = sz[G_N] = sizeof(float) * nx;
+	sz[QO_N] = sz[KO_N] = sz[VO_N] = out16 ? sizeof(uint16_t) * nx : sizeof(float) * nx;
+	sz[Q16] = sz[K16] = sz[V16] = sz[F16] = sizeof(uint16_t) * nx;
+	sz[B] = sz[BETA_R] = sz[BETA_N] = sizeof(float) * n * H;
+	sz[CQ] = sz[CK] = sz[CV] = sizeof(float) * HK * W;
+	sz[ALOG] = sizeof(float) * H;
+	sz[DT] = sizeof(float) * HK;
+	sz[T_R] = sz[T_N] = sizeof(float) * ns * nT;
+	sz[ROW0] = sizeof(int) * (ns + 1);
+	sz[ROWSEQ] = sizeof(int) * (n > 0 ? n : 1);
+	sz[CTAB_R] = sz[CTAB_N] = sizeof(float *) * ns;
+	in[Q] = q;
+	in[K_] = k;
+	in[V_] = v;
+	in[F_R] = f;
+	in[B] = b;
+	in[CQ] = conv_q;
+	in[CK] = conv_k;
+	in[CV] = conv_v;
+	in[ALOG] = A_log;
+	in[DT] = dt_bias;
+	in[T_R] = in[T_N] = tails;
+	in[Q16] = h16;
+	in[K16] = h16 + nx;
+	in[V16] = h16 + 2 * nx;
+	in[F16] = h16 + 3 * nx;
+	in[G_N] = f;				/* (fp32 f for !in16: g in place, as the backend does) */
+	in[ROW0] = row0;
+	in[ROWSEQ] = rseq;
+	rc = hook_open(&s, d, sz, in, NBUF);
+	if (rc == 0)
+	{
+		for (int i = 0; i < ns; i++)
+		{
+			ptrs[i] = (float *) d[T_R] + i * nT;
+			ptrs[ns + i] = (float *) d[T_N] + i * nT;
+		}
+		if ((e = cudaMemcpyAsync(d[CTAB_R], ptrs, sz[CTAB_R], cudaMemcpyHostToDevice, s)) != cudaSuccess ||
+			(e = cudaMemcpyAsync(d[CTAB_N], ptrs + ns, sz[CTAB_N], cudaMemcpyHostToDevice, s)) != cudaSuccess)
+			rc = (int) e;
+	}
+	if (rc == 0)
+	{
+		kk_kda_prep(s, n, H, K, W, d[Q], d[K_], d[V_], d[F_R], d[B], d[QO_R], d[KO_R], d[VO_R], d[BETA_R], d[CQ],
+					d[CK], d[CV], d[ALOG], d[DT], d[ROWSEQ], d[ROW0], d[CTAB_R], 0, 1);
+		kk_kda_tails(s, ns, (int) HK, W, d[Q], d[K_], d[V_], d[ROW0], d[CTAB_R]);
+		if (kk_kda_prep_rows16(s, n, H, K, W, in16, in16 ? d[Q16] : d[Q], in16 ? d[K16] : d[K_],
+							   in16 ? d[V16] : d[V_], in16 ? d[F16] : d[G_N], d[G_N], d[B], out16, d[QO_N],
+							   d[KO_N], d[VO_N], d[BETA_N], d[CQ], d[CK], d[CV], d[ALOG], d[DT], d[ROWSEQ],
+							   d[ROW0], d[CTAB_N], 1) != 0)
+			rc = -1;
+		if (in16)
+			kk_kda_tails16(s, ns, (int) HK, W, d[Q16], d[K16], d[V16], d[ROW0], d[CTAB_N]);
+		else
+			kk_kda_tails(s, ns, (int) HK, W, d[Q], d[K_], d[V_], d[ROW0], d[CTAB_N]);
+		if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
+			rc = (int) e;
+	}
+	{
+		void	   *host_out[12] = {qo_ref, ko_ref, vo_ref, g_ref, beta_ref, tails_ref, out16 ? (void *) h16 : qo,
+			out16 ? (void *) (h16 + nx) : ko, out16 ? (void *) (h16 + 2 * nx) : vo, g, beta, tails_out};
+		int			dev_of[12] = {QO_R, KO_R, VO_R, F_R, BETA_R, T_R, QO_N, KO_N, VO_N, G_N, BETA_N, T_N};
+
+		rc = hook_close(s, d, sz, NBUF, dev_of, host_out, 12, rc);
+	}
+	if (rc == 0 && out16)
+	{
+		float	   *dst[3] = {qo, ko, vo};
+
+		for (int a = 0; a < 3; a++)
+			for (size_t i = 0; i < nx; i++)
+			{
+				uint32_t	u = (uint32_t) h16[a * nx + i] << 16;
+
+				memcpy(&dst[a][i], &u, sizeof(float));
+			}
+	}
+	free(rseq);
+	free(ptrs);
+	free(h16);
 	return rc;
 }

@@ -23,6 +23,11 @@
  * fp32 mode, bf16 in bf16 mode) for cuBLAS, as the widened-bf16 path does.
  * Precision fp8 (bf16 mode plus FP8 activations) runs the many-row products
  * of FP8 per-channel weights on cuBLASLt instead (cuda_fp8.c).
+ *
+ * bf16 results (KL_CUDA_KDA_IN16, cuda_state.r16): a product whose only
+ * reader is the KDA op (kl_matmul_job.result16) and that runs as a bf16
+ * GEMM in a prefill step writes its result in bf16 only; the op looks it
+ * up, and everything else that could read y widens it back first.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -117,6 +122,174 @@ rows_overlap(const float *y, int ldy, int n, int rows, const float *src, int lds
 			   *se = src + (size_t) (srows - 1) * lds + scols;
 
 	return y < se && src < ye;
+}
+
+/* ------------------------------------------------------------------ bf16 results */
+
+static void twin_written(cuda_state *cs, const float *y, int ldy, int n, int rows);
+
+/* record i widened into its y (kk_bf16_to_f32: exact) and dropped */
+static void
+r16_widen_at(kl_backend *be, int i)
+{
+	cuda_state *cs = CS(be);
+
+	if (!be->failed)
+	{
+		kk_bf16_to_f32(cs->stream, (float *) cs->r16[i].y, cs->r16[i].dst,
+					   (size_t) cs->r16[i].rows * cs->r16[i].cols);
+		cuda_launched(be, "bf16_to_f32 (kept result)");
+	}
+	cs->r16[i] = cs->r16[--cs->n_r16];
+}
+
+void
+cuda_r16_widen(kl_backend *be, const float *y)
+{
+	cuda_state *cs = CS(be);
+
+	for (int i = 0; i < cs->n_r16; i++)
+		if (cs->r16[i].y == y)
+		{
+			r16_widen_at(be, i);
+			return;
+		}
+}
+
+void
+cuda_r16_overlap(kl_backend *be, const float *p, int ld, int rows, int cols)
+{
+	cuda_state *cs = CS(be);
+
+	if (rows <= 0 || cols <= 0)
+		return;
+	for (int i = cs->n_r16 - 1; i >= 0; i--)
+		if (rows_overlap(p, ld, rows, cols, cs->r16[i].y, cs->r16[i].cols, cs->r16[i].rows, cs->r16[i].cols))
+			r16_widen_at(be, i);
+}
+
+void
+cuda_r16_flush(kl_backend *be)
+{
+	while (CS(be)->n_r16 > 0)
+		r16_widen_at(be, CS(be)->n_r16 - 1);
+}
+
+void
+cuda_r16_forget(cuda_state *cs)
+{
+	cs->n_r16 = 0;
+}
+
+void
+cuda_r16_drop(cuda_state *cs, const float *y)
+{
+	for (int i = 0; i < cs->n_r16; i++)
+		if (cs->r16[i].y == y)
+		{
+			cs->r16[i] = cs->r16[--cs->n_r16];
+			return;
+		}
+}
+
+const uint16_t *
+cuda_r16_find(const cuda_state *cs, const float *y, int rows, int cols)
+{
+	for (int i = 0; i < cs->n_r16; i++)
+		if (cs->r16[i].y == y && cs->r16[i].rows == rows && cs->r16[i].cols == cols)
+			return cs->r16[i].dst;
+	return NULL;
+}
+
+/*
+ * A bf16 buffer of n x cols for a new record of y, or NULL (not kept: no
+ * free buffer, or the backend failed).  Records over y's rows go first
+ * (widened: a partial overlap keeps the rest right), and the bf16 twin and
+ * fp8 rows of y's rows, which the new record makes stale.
+ */
+static uint16_t *
+r16_slot(kl_backend *be, const float *y, int n, int cols, int *buf)
+{
+	cuda_state *cs = CS(be);
+
+	cuda_r16_overlap(be, y, cols, n, cols);
+	twin_written(cs, y, cols, n, cols);
+	if (cs->n_r16 >= CUDA_R16_MAX || be->failed)
+		return NULL;
+	for (int id = CB_KDA_R16; id < CB_KDA_R16 + CUDA_R16_MAX; id++)
+	{
+		bool		used = false;
+
+		for (int i = 0; i < cs->n_r16; i++)
+			used |= cs->r16[i].buf == id;
+		if (!used)
+		{
+			*buf = id;
+			return cuda_buf(be, id, (size_t) n * cols * sizeof(uint16_t));
+		}
+	}
+	return NULL;
+}
+
+static void
+r16_record(cuda_state *cs, const float *y, int n, int cols, const uint16_t *dst, int buf)
+{
+	cs->r16[cs->n_r16].y = y;
+	cs->r16[cs->n_r16].rows = n;
+	cs->r16[cs->n_r16].cols = cols;
+	cs->r16[cs->n_r16].dst = dst;
+	cs->r16[cs->n_r16].buf = buf;
+	cs->n_r16++;
+}
+
+/* does the backend keep this role's results now (precision bf16, a prefill step)? */
+static bool
+r16_takes(const cuda_state *cs, int role)
+{
+	return role != 0 && (cs->kda_in16 & role) && cs->bf16 && cs->step_prefill;
+}
+
+bool
+cuda_r16_product(kl_backend *be, const kl_matmul_job *jb)
+{
+	cuda_state *cs = CS(be);
+	const kl_weight *W = jb->W;
+	int			ld16,
+				buf = 0;
+	const uint16_t *x16;
+	uint16_t   *y16;
+
+	/* only where the product is a bf16 GEMM (few rows take the GEMV kernels, which write fp32) */
+	if (!r16_takes(cs, jb->result16) || cuda_weight_quantized(W) || W->dtype != KL_DT_BF16 ||
+		jb->n <= GEMV_MAX_ROWS || W->rows <= 0 || jb->ldy != W->rows || ((uintptr_t) jb->y) % 16 != 0 ||
+		W->rows % 8 != 0 || be->failed)
+		return false;
+	/* (x read as bf16 before the record: a product from y's own rows widens them first) */
+	cuda_r16_overlap(be, jb->x, jb->ldx, jb->n, W->cols);
+	if (!(x16 = cuda_x_bf16(be, jb->x, jb->ldx, jb->n, W->cols, &ld16)))
+		return true;			/* (failed) */
+	if (!(y16 = r16_slot(be, jb->y, jb->n, W->rows, &buf)))
+		return be->failed;
+	if (cuda_gemm_bf16_out(be, y16, W->rows, x16, ld16, jb->n, W->dev, W->rows, W->cols))
+		r16_record(cs, jb->y, jb->n, W->rows, y16, buf);
+	return true;
+}
+
+bool
+cuda_r16_offer(kl_backend *be, const float *y, int n, int cols, int role)
+{
+	cuda_state *cs = CS(be);
+	uint16_t   *y16;
+	int			buf = 0;
+
+	if (!r16_takes(cs, role) || n <= GEMV_MAX_ROWS || cols <= 0 || cols % 8 != 0 || ((uintptr_t) y) % 16 != 0 ||
+		be->failed || !(y16 = r16_slot(be, y, n, cols, &buf)))
+		return false;
+	cuda_to_bf16(be, y16, cols, y, cols, n, cols);
+	if (!cuda_launched(be, "f32_to_bf16 (offered result)"))
+		return false;
+	r16_record(cs, y, n, cols, y16, buf);
+	return true;
 }
 
 /* A product wrote y [n, rows] (ldy): the twin (and precision fp8's kept E4M3
@@ -227,7 +400,7 @@ matmul_quantized(kl_backend *be, float *y, int ldy, const float *x, int ldx, int
 
 	if (q_on_tensor_cores(cs, n, W))
 	{
-		kl_matmul_job one = {y, ldy, x, ldx, n, W};
+		kl_matmul_job one = {y, ldy, x, ldx, n, W, 0};
 		kk_gemv_batch b;
 
 		memset(&b, 0, sizeof(b));
@@ -255,6 +428,12 @@ static void matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ld
 void
 cuda_matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W)
 {
+	/* kept bf16 results of x's rows (read) or y's (written over) go back into fp32 first */
+	if (CS(be)->n_r16 > 0 && n > 0)
+	{
+		cuda_r16_overlap(be, x, ldx, n, W->cols);
+		cuda_r16_overlap(be, y, ldy, n, W->rows);
+	}
 	matmul_raw(be, y, ldy, x, ldx, n, W);
 	if (n > 0 && W->rows > 0)
 		twin_written(CS(be), y, ldy, n, W->rows);
@@ -488,6 +667,11 @@ cuda_matmul_batch_raw(kl_backend *be, const kl_matmul_job *jobs, int count)
 		return;
 	if (count > 1 && (q_mma || gemv_batchable(cs, jobs, count, &any_q)))
 	{
+		for (int i = 0; i < count && cs->n_r16 > 0; i++)
+		{
+			cuda_r16_overlap(be, jobs[i].x, jobs[i].ldx, jobs[i].n, jobs[i].W->cols);
+			cuda_r16_overlap(be, jobs[i].y, jobs[i].ldy, jobs[i].n, jobs[i].W->rows);
+		}
 		for (int i0 = 0; i0 < count; i0 += KK_GEMV_JOBS)
 		{
 			kk_gemv_batch b;
@@ -516,7 +700,8 @@ cuda_matmul_batch_raw(kl_backend *be, const kl_matmul_job *jobs, int count)
 		return;
 	}
 	for (int i = 0; i < count; i++)
-		cuda_matmul_raw(be, jobs[i].y, jobs[i].ldy, jobs[i].x, jobs[i].ldx, jobs[i].n, jobs[i].W);
+		if (!(jobs[i].result16 && cuda_r16_product(be, &jobs[i])))
+			cuda_matmul_raw(be, jobs[i].y, jobs[i].ldy, jobs[i].x, jobs[i].ldx, jobs[i].n, jobs[i].W);
 }
 
 void

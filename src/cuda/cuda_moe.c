@@ -262,7 +262,7 @@ moe_shared(kl_backend *be, const kl_moe_layer *w, const float *x, int n, int D, 
 	if (!sg || !su || !*sy)
 		return false;
 	{
-		kl_matmul_job gu[2] = {{sg, Fs, x, D, n, &w->shared.gate}, {su, Fs, x, D, n, &w->shared.up}};
+		kl_matmul_job gu[2] = {{sg, Fs, x, D, n, &w->shared.gate, 0}, {su, Fs, x, D, n, &w->shared.up, 0}};
 		uint16_t   *sg16;
 
 		/* x, the op's input (which it does not write), may have a bf16 twin from the norm before

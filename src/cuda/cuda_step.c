@@ -58,6 +58,11 @@ cuda_step_skip(kl_backend *be, int op, uintptr_t a, uintptr_t b, uintptr_t c, ui
 		return true;
 	if (op != OP_RMSNORM && op != OP_ADD)
 		cuda_flush_add(be);
+	/* bf16 product results (cuda_state.r16) are the KDA op's to read; any
+	 * other op but a product (which checks its own rows) or a hint gets
+	 * them back in fp32 first, so it never reads a stale y */
+	if (cs->n_r16 > 0 && op != OP_KDA && op != OP_MATMUL && op != OP_PREFETCH)
+		cuda_r16_flush(be);
 	return false;
 }
 
@@ -181,6 +186,8 @@ cuda_begin_step(kl_backend *be, const kl_step *st, kl_err *err)
 	cs->pend_moe = false;
 	cuda_acts_invalid(cs);		/* (and a bf16 twin) */
 	cs->tw_scope = false;
+	cuda_r16_forget(cs);		/* (and bf16 product results: end_step widened any left) */
+	cs->step_prefill = nt != ns;
 	cs->mode = GM_EAGER;
 	cudaSetDevice(cs->device);
 	for (int s = 0; s < ns; s++)
@@ -297,6 +304,7 @@ cuda_end_step(kl_backend *be, const kl_step *st)
 	(void) st;
 	cuda_flush_add(be);			/* the step's last residual add belongs to it */
 	cuda_acts_invalid(cs);
+	cuda_r16_flush(be);			/* (bf16 product results no op read: their y in fp32, as without them) */
 	cuda_prefetch_join(be);
 	mode = cs->mode;
 	cs->mode = GM_EAGER;

@@ -46,7 +46,17 @@ typedef struct kl_weight
 	kl_qmat		q;				/* the quantized form (q.type KL_Q_NONE: dtype above) */
 } kl_weight;
 
-/* One product of a batch: y[n, W.rows] (stride ldy) = x[n, W.cols] (stride ldx) W^T */
+/*
+ * One product of a batch: y[n, W.rows] (stride ldy) = x[n, W.cols] (stride ldx) W^T.
+ * result16 (KL_R16_*): 0, y as usual; else y's only reader is the next op
+ * of the layer, which takes the rows from the backend (kl_kda_args: q, k,
+ * v, f, gate), so a backend may keep the result in bf16 only and leave y
+ * unwritten until something else needs it (the CUDA backend in precision
+ * bf16; the CPU backend ignores it).  The value says which input it is, so
+ * that a backend can keep some only.
+ */
+#define KL_R16_KDA_IN 1			/* the KDA op's q, k, v or f */
+#define KL_R16_KDA_GATE 2		/* the KDA op's gate */
 typedef struct kl_matmul_job
 {
 	float	   *y;
@@ -55,6 +65,7 @@ typedef struct kl_matmul_job
 	int			ldx;
 	int			n;
 	const kl_weight *W;
+	int			result16;
 } kl_matmul_job;
 
 typedef struct kl_kda_layer

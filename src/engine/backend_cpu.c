@@ -440,7 +440,7 @@ cpu_matmul_batch(kl_backend *be, const kl_matmul_job *jobs, int count)
 void
 cpu_matmul(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W)
 {
-	kl_matmul_job j = {y, ldy, x, ldx, n, W};
+	kl_matmul_job j = {y, ldy, x, ldx, n, W, 0};
 
 	cpu_matmul_batch(be, &j, 1);
 }

@@ -72,8 +72,8 @@ cpu_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, c
 	nj = 0;
 	for (int e = 0; e < E; e++)
 	{
-		kl_matmul_job g = {gbuf + (size_t) start[e] * F, F, xe + (size_t) start[e] * D, D, count[e], &w->experts[e].gate};
-		kl_matmul_job u = {ubuf + (size_t) start[e] * F, F, xe + (size_t) start[e] * D, D, count[e], &w->experts[e].up};
+		kl_matmul_job g = {gbuf + (size_t) start[e] * F, F, xe + (size_t) start[e] * D, D, count[e], &w->experts[e].gate, 0};
+		kl_matmul_job u = {ubuf + (size_t) start[e] * F, F, xe + (size_t) start[e] * D, D, count[e], &w->experts[e].up, 0};
 
 		if (count[e] == 0)
 			continue;
@@ -82,8 +82,8 @@ cpu_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, c
 	}
 	if (w->has_shared)
 	{
-		kl_matmul_job g = {gbuf + nk * F, Fs, x, D, n, &w->shared.gate};
-		kl_matmul_job u = {ubuf + nk * F, Fs, x, D, n, &w->shared.up};
+		kl_matmul_job g = {gbuf + nk * F, Fs, x, D, n, &w->shared.gate, 0};
+		kl_matmul_job u = {ubuf + nk * F, Fs, x, D, n, &w->shared.up, 0};
 
 		jobs[nj++] = g;
 		jobs[nj++] = u;
@@ -95,14 +95,14 @@ cpu_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, c
 	nj = 0;
 	for (int e = 0; e < E; e++)
 	{
-		kl_matmul_job d = {ye + (size_t) start[e] * D, D, gbuf + (size_t) start[e] * F, F, count[e], &w->experts[e].down};
+		kl_matmul_job d = {ye + (size_t) start[e] * D, D, gbuf + (size_t) start[e] * F, F, count[e], &w->experts[e].down, 0};
 
 		if (count[e] > 0)
 			jobs[nj++] = d;
 	}
 	if (w->has_shared)
 	{
-		kl_matmul_job d = {ye + nk * D, D, gbuf + nk * F, Fs, n, &w->shared.down};
+		kl_matmul_job d = {ye + nk * D, D, gbuf + nk * F, Fs, n, &w->shared.down, 0};
 
 		jobs[nj++] = d;
 	}

@@ -131,17 +131,18 @@ kda_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
 	kl_kda_args a;
 
 	TIMED(c, KL_PROF_LINEAR, {
+		/* q, k, v, f and gate are read by the KDA op only: a backend may keep them in bf16 (result16) */
 		kl_matmul_job from_x[] = {
-			{c->q_gate, HK, c->xn, D, n, &w->q_proj},
-			{c->k_up, HK, c->xn, D, n, &w->k_proj},
-			{c->v_hidden, HK, c->xn, D, n, &w->v_proj},
-			{c->low_rank, K, c->xn, D, n, &w->f_a},
-			{c->gate_low_rank, K, c->xn, D, n, &w->g_a},
-			{c->beta, cfg->kda_heads, c->xn, D, n, &w->b_proj},
+			{c->q_gate, HK, c->xn, D, n, &w->q_proj, KL_R16_KDA_IN},
+			{c->k_up, HK, c->xn, D, n, &w->k_proj, KL_R16_KDA_IN},
+			{c->v_hidden, HK, c->xn, D, n, &w->v_proj, KL_R16_KDA_IN},
+			{c->low_rank, K, c->xn, D, n, &w->f_a, 0},
+			{c->gate_low_rank, K, c->xn, D, n, &w->g_a, 0},
+			{c->beta, cfg->kda_heads, c->xn, D, n, &w->b_proj, 0},
 		};
 		kl_matmul_job low_rank[] = {
-			{c->decay, HK, c->low_rank, K, n, &w->f_b},
-			{c->out_gate, HK, c->gate_low_rank, K, n, &w->g_b},
+			{c->decay, HK, c->low_rank, K, n, &w->f_b, KL_R16_KDA_IN},
+			{c->out_gate, HK, c->gate_low_rank, K, n, &w->g_b, KL_R16_KDA_GATE},
 		};
 
 		matmuls(c, from_x, 6);
@@ -185,13 +186,13 @@ mla_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
 
 	TIMED(c, KL_PROF_LINEAR, {
 		kl_matmul_job from_x[2] = {
-			{c->k_up, Wkv, c->xn, D, n, &w->kv_a},
-			{c->q_gate, Ha * Dq, c->xn, D, n, &w->q_proj},
+			{c->k_up, Wkv, c->xn, D, n, &w->kv_a, 0},
+			{c->q_gate, Ha * Dq, c->xn, D, n, &w->q_proj, 0},
 		};
 
 		if (cfg->q_lora_rank > 0)
 		{
-			kl_matmul_job qa = {c->low_rank, cfg->q_lora_rank, c->xn, D, n, &w->q_a};
+			kl_matmul_job qa = {c->low_rank, cfg->q_lora_rank, c->xn, D, n, &w->q_a, 0};
 
 			from_x[1] = qa;
 		}
@@ -229,8 +230,8 @@ dense_mlp(kl_ctx *c, int n, const kl_mlp *mlp, int I)
 	int			D = c->m->cfg.hidden_size;
 
 	kl_matmul_job gate_up[] = {
-		{c->q_gate, I, c->xn, D, n, &mlp->gate},
-		{c->k_up, I, c->xn, D, n, &mlp->up},
+		{c->q_gate, I, c->xn, D, n, &mlp->gate, 0},
+		{c->k_up, I, c->xn, D, n, &mlp->up, 0},
 	};
 
 	matmuls(c, gate_up, 2);
