@@ -4758,7 +4758,7 @@ kda_op_run(kl_model *m, const int *len, int nsteps, float *const *in, float *out
 	{
 		int			T = len[si];
 		int			row0[2] = {0, T};
-		int64_t		pos0[1] = {r0};
+		int64_t		pos0[1] = {0};	/* (as bench_cuda's KDA timing: the op reads no position) */
 		kl_seq	   *seqs[1] = {seq};
 		kl_step		st = {T, 1, seqs, row0, pos0, false, 0};
 		kl_kda_args a;
