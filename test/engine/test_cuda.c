@@ -64,6 +64,12 @@
  * and that half's bf16-input form must give the 63.5 KB kernel's (=3)
  * arrays, outputs and state bit for bit (check_kda_prep_split, through the
  * hook kl_cuda_test_kda_chunked_raw).
+ * KL_CUDA_KDA_O16 (o as bf16 from that form, the gated norm on bf16 inputs
+ * writing only o_proj's twin): the bf16 o is the fp32 o's rounding and the
+ * norm the fp32 kernel's on the same values, bit for bit
+ * (check_kda_chunked_o16, check_kda_norm16); the op and the logits of the
+ * random models within 1.5x of =0's error against precision fp32
+ * (check_kda_o16_op, check_kda_o16_model).
  *
  * The decode MLA products with 16-byte weight loads (KL_CUDA_MLA_SMALL)
  * must equal the older kernels within 1e-5 (check_mla_small, through the
