@@ -63,7 +63,8 @@
  * tokens) run it too.  Its two-kernel parallel half (KL_CUDA_KDA_PREP_MMA=6)
  * and that half's bf16-input form must give the 63.5 KB kernel's (=3)
  * arrays, outputs and state bit for bit (check_kda_prep_split, through the
- * hook kl_cuda_test_kda_chunked_raw).
+ * hook kl_cuda_test_kda_chunked_raw), with =6's wide forms
+ * (KL_CUDA_KDA_KP6_WIDE, default) and without.
  *
  * The decode MLA products with 16-byte weight loads (KL_CUDA_MLA_SMALL)
  * must equal the older kernels within 1e-5 (check_mla_small, through the
@@ -4009,7 +4010,10 @@ round_bf16(float x)
  * after, at 32 heads x 128 for lengths that end mid-chunk, a few chunks and
  * 8192, and at 4 heads.  Its bf16-input form (kk_kda_chunked_mma16, for q,
  * k, v written in bf16 by the rows prep) must give, on q, k, v rounded to
- * bf16, what =6 and =3 give on the same values in fp32, bit for bit.
+ * bf16, what =6 and =3 give on the same values in fp32, bit for bit.  Both
+ * input forms run twice: =6's wide forms (KL_CUDA_KDA_KP6_WIDE, default:
+ * q, k staged 16 bytes a thread, the solve's padded arrays and 16-byte W /
+ * U0 stores) and the forms before them, each against =3.
  */
 static void
 check_kda_prep_split(void)
@@ -4027,6 +4031,7 @@ check_kda_prep_split(void)
 	void	   *lib = NULL;
 	kda_chunked_raw_fn fn = NULL;
 	void		(*prep_mma) (int) = NULL;
+	void		(*kp6_wide) (int) = NULL;
 	size_t		(*scr_bytes) (int, int, int) = NULL;
 	uint64_t	rs = 1717;
 
@@ -4034,10 +4039,12 @@ check_kda_prep_split(void)
 	if (!fn)
 		return;
 	*(void **) &prep_mma = dlsym(lib, "kl_cuda_test_kda_prep_mma");
+	*(void **) &kp6_wide = dlsym(lib, "kl_cuda_test_kda_kp6_wide");
 	*(void **) &scr_bytes = dlsym(lib, "kl_cuda_test_kda_chunk_mma_scratch");
-	tap_ok(prep_mma != NULL && scr_bytes != NULL,
-		   "the CUDA library exports kl_cuda_test_kda_prep_mma and kl_cuda_test_kda_chunk_mma_scratch");
-	for (size_t ci = 0; prep_mma && scr_bytes && ci < sizeof(cases) / sizeof(cases[0]); ci++)
+	tap_ok(prep_mma != NULL && kp6_wide != NULL && scr_bytes != NULL,
+		   "the CUDA library exports kl_cuda_test_kda_prep_mma, kl_cuda_test_kda_kp6_wide and "
+		   "kl_cuda_test_kda_chunk_mma_scratch");
+	for (size_t ci = 0; prep_mma && kp6_wide && scr_bytes && ci < sizeof(cases) / sizeof(cases[0]); ci++)
 	{
 		int			H = cases[ci].H,
 					T = cases[ci].T;
@@ -4050,22 +4057,28 @@ check_kda_prep_split(void)
 				   *g = rand_floats(nx, -4, 4, &rs),
 				   *beta = rand_floats((size_t) T * H, -3, 3, &rs),
 				   *S = cases[ci].carry ? rand_floats(nS, -0.5, 0.5, &rs) : calloc(nS, sizeof(float));
-		/* [0] =3, [1] =6, on fp32 inputs, then on bf16 values: [2] =3,
-		 * [3] =6, [4] the bf16-input form */
-		float	   *o[5],
-				   *Sa[5];
-		char	   *scr[5];
-		int			rc[5];
-		static const int pm[5] = {3, 6, 3, 6, 6},
-					in16[5] = {0, 0, 0, 0, 1};
+		/* on fp32 inputs [0] =3, [1] =6, [2] =6 before its wide forms;
+		 * then on bf16 values [3] =3, [4] =6, [5] the bf16-input form, [6]
+		 * that form before the wide forms */
+		enum
+		{
+			NR = 7, BF = 3
+		};
+		float	   *o[NR],
+				   *Sa[NR];
+		char	   *scr[NR];
+		int			rc[NR];
+		static const int pm[NR] = {3, 6, 6, 3, 6, 6, 6},
+					in16[NR] = {0, 0, 0, 0, 0, 1, 1},
+					wide[NR] = {1, 1, 0, 1, 1, 1, 0};
 
 		kda_prepared_like(T, H, K, q, k, g, beta);
-		for (int r = 0; r < 5; r++)
+		for (int r = 0; r < NR; r++)
 		{
 			o[r] = malloc(sizeof(float) * nx);
 			Sa[r] = malloc(sizeof(float) * nS);
 			scr[r] = malloc(nscr);
-			if (r == 2)
+			if (r == BF)
 				for (size_t i = 0; i < nx; i++)
 				{
 					q[i] = round_bf16(q[i]);
@@ -4073,20 +4086,26 @@ check_kda_prep_split(void)
 					v[i] = round_bf16(v[i]);
 				}
 			prep_mma(pm[r]);
+			kp6_wide(wide[r]);
 			rc[r] = fn(T, H, K, in16[r], q, k, v, g, beta, S, o[r], Sa[r], scr[r]);
 		}
-		for (int r = 1; r < 5; r++)
+		kp6_wide(1);
+		for (int r = 1; r < NR; r++)
 		{
-			int			ref = r == 1 ? 0 : 2;
-			bool		same = rc[ref] == 0 && rc[r] == 0 && memcmp(scr[r], scr[ref], nscr) == 0 &&
-				memcmp(o[r], o[ref], sizeof(float) * nx) == 0 && memcmp(Sa[r], Sa[ref], sizeof(float) * nS) == 0;
+			int			ref = r < BF ? 0 : BF;
+			bool		same;
 
-			tap_ok(same, "KDA chunk prep in two kernels (=6%s) gives the 63.5 KB kernel's (=3) prep arrays, "
+			if (r == BF)
+				continue;
+			same = rc[ref] == 0 && rc[r] == 0 && memcmp(scr[r], scr[ref], nscr) == 0 &&
+				memcmp(o[r], o[ref], sizeof(float) * nx) == 0 && memcmp(Sa[r], Sa[ref], sizeof(float) * nS) == 0;
+			tap_ok(same, "KDA chunk prep in two kernels (=6%s%s) gives the 63.5 KB kernel's (=3) prep arrays, "
 				   "outputs and state bit for bit%s, %d heads x %d, %d rows, state %s (hooks returned %d, %d)",
-				   in16[r] ? ", q, k, v read as bf16" : "", r == 1 ? "" : " on bf16-valued q, k, v", H, K, T,
-				   cases[ci].carry ? "carried in" : "zero", rc[ref], rc[r]);
+				   in16[r] ? ", q, k, v read as bf16" : "", wide[r] ? "" : ", KL_CUDA_KDA_KP6_WIDE=0",
+				   r < BF ? "" : " on bf16-valued q, k, v", H, K, T, cases[ci].carry ? "carried in" : "zero",
+				   rc[ref], rc[r]);
 		}
-		for (int r = 0; r < 5; r++)
+		for (int r = 0; r < NR; r++)
 		{
 			free(o[r]);
 			free(Sa[r]);
