@@ -1245,6 +1245,20 @@ kp_in(const uint16_t *p, int i)
 	return bf16_to_f32(p[i]);
 }
 
+/* kp_in through the read-only path, said so (the wide forms: their
+ * cp.async waits clobber memory, and nvcc then no longer proves it) */
+__device__ __forceinline__ float
+kp_in_nc(const float *p, int i)
+{
+	return __ldg(p + i);
+}
+
+__device__ __forceinline__ float
+kp_in_nc(const uint16_t *p, int i)
+{
+	return bf16_to_f32(__ldg(p + i));
+}
+
 template <int K, bool KW>
 struct kp6_sub_layout
 {
@@ -1285,10 +1299,11 @@ kp6_pick(int b, float e0, float e1, float e2, float e3)
  * phase then reads q and k back from dq, dk instead of loading 4 or 2
  * bytes a channel from global memory (one load a channel a row a warp:
  * the bf16 form's 2-byte loads cost more than the bytes they saved,
- * 2026-11-30).  The same values (zeros past n), so the same outputs.  The
- * Kr loads of earlier sub-chunks' k stay one channel a thread (one load and
- * for bf16 one widening a value: staging them would add a store and a
- * shared load to each, and there is no room for them in fp32).
+ * 2026-11-30).  bf16 also copies the earlier sub-chunks' k rows (for Kr)
+ * raw into Kr by cp.async, 16 bytes a piece, where the Kr loop reads them
+ * (a shared load and a widening a value instead of a 2-byte global load,
+ * its address and the widening); fp32 keeps those loads (Kr is bf16: no
+ * room for fp32 rows).  The same values (zeros past n), so the same outputs.
  */
 template <int K, typename TIN, bool FULL, bool KW>
 __device__ __forceinline__ void
@@ -1382,9 +1397,23 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 
 			if (FULL || s0 + r < Cn)
 			{
-				wq = *(const uint4 *) (qb + (s0 + r) * HKi + c8);
-				wk = *(const uint4 *) (kb_ + (s0 + r) * HKi + c8);
+				wq = __ldg((const uint4 *) (qb + (s0 + r) * HKi + c8));
+				wk = __ldg((const uint4 *) (kb_ + (s0 + r) * HKi + c8));
 			}
+			/* the earlier sub-chunks' k rows 0 .. s0 - 1, raw bf16, into Kr
+			 * (the Kr loop turns each element into its operand in place,
+			 * the thread that reads it being the one that writes it) */
+			for (int f = tid; f < s0 * (K / 8); f += NTH)
+			{
+				int			r2 = f / (K / 8),
+							c82 = 8 * (f % (K / 8));
+
+				if (FULL || r2 < Cn)
+					cp_async16(Kr + r2 * L::LK + c82, kb_ + r2 * HKi + c82);
+				else
+					*(uint4 *) (Kr + r2 * L::LK + c82) = make_uint4(0, 0, 0, 0);
+			}
+			cp_async_commit();
 		}
 	}
 
@@ -1429,9 +1458,8 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 		}
 		if constexpr (KW)
 		{
-			if constexpr (sizeof(TIN) == 4)
-				cp_async_wait_all();
-			else
+			cp_async_wait_all();
+			if constexpr (sizeof(TIN) == 2)
 			{
 				int			r = tid >> 4,
 							c8 = 8 * (tid & 15);
@@ -1444,7 +1472,7 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 				*(float4 *) (dk + r * K + c8) = make_float4(w[0], w[1], w[2], w[3]);
 				*(float4 *) (dk + r * K + c8 + 4) = make_float4(w[4], w[5], w[6], w[7]);
 			}
-			__syncthreads();	/* dq, dk, Ge complete */
+			__syncthreads();	/* dq, dk, Ge (and bf16: Kr's k) complete */
 			if (i0 > 0)
 #pragma unroll
 				for (int s16 = 0; s16 < 4; s16++)
@@ -1509,7 +1537,8 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 				{
 					int			t = r0 + i0 + u;
 					float		gv = FULL || t < Cn ? gc[t * HKi] : 0.0f,
-								kv = FULL || t < Cn ? kp_in(kc, t * HKi) : 0.0f;
+								kv = KW && sizeof(TIN) == 2 ? bf16_to_f32(Kr[t * L::LK + c]) :
+						FULL || t < Cn ? (KW ? kp_in_nc(kc, t * HKi) : kp_in(kc, t * HKi)) : 0.0f;
 
 					G2 += gv;
 					Kr[t * L::LK + c] = kp3_bf16(kv * kp3_exp(Gs - G2));
@@ -1725,7 +1754,10 @@ kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict_
 		int			c = tid % K,
 					r0 = 32 * (tid / K),
 					r1 = r0 + 32;
-		float		G = r0 == 0 ? 0.0f : KW ? G31 : fold31(c);
+		float		G = 0;
+
+		if (r0 > 0)
+			G = KW ? G31 : fold31(c);
 
 		for (int t8 = r0; t8 < r1; t8 += 8)
 		{
