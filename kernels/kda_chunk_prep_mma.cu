@@ -1272,9 +1272,10 @@ struct kp6_sub_layout
 	static constexpr int XK = XQ + 2 * 16 * LK;
 	static constexpr int KR = XK + 2 * 16 * LK;	/* Kr [48][LK] bf16 */
 	static constexpr int KREND = KR + 2 * 48 * LK;
-	/* KW: G at the sub-chunk ends [4][K] fp32, from the threads of rows 0 .. 7 */
+	/* KW: G at the sub-chunk ends [4][K] and at their rows 7 [4][K] fp32,
+	 * from the threads of rows 0 .. 7 */
 	static constexpr int GE = KREND;
-	static constexpr int BYTES = KW ? GE + 4 * 4 * K : KREND;
+	static constexpr int BYTES = KW ? GE + 4 * 8 * K : KREND;
 };
 
 /* G at the sub-chunk ends, e0..e3, as a register choice (b in 0..3) */
@@ -1420,8 +1421,12 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 	/* A. G at the sub-chunk ends: =3's fold of g from the chunk start (16
 	 * loads in flight, then the adds in row order, rows past n adding +0),
 	 * by both threads of a channel; KW: by the thread of rows 0 .. 7 (warps
-	 * 0 .. 3), which leaves it in Ge for the other (warps 4 .. 7 skip 64
-	 * loads and adds: the same numbers) */
+	 * 0 .. 3), which leaves it in Ge for the other, with G at each sub-
+	 * chunk's row 7 (the fold passes through it: G at s0 - 1 plus rows s0 ..
+	 * s0 + 7 in order, what the other thread adds up before its rows).
+	 * Warps 4 .. 7 skip 64 + 8 loads and adds: the same numbers.  (The same
+	 * for the Kr loop's G at row 16 b2 + 7 made ptxas spill 16 bytes at the
+	 * 64 registers of 4 blocks an SM: not done.) */
 	{
 		int			c = tid & (K - 1),
 					i0 = 8 * (tid >> 7);	/* this thread's rows i0 .. i0 + 7 of the sub-chunk */
@@ -1446,7 +1451,11 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 					gl[u] = FULL || 16 * s16 + u < Cn ? gc[(16 * s16 + u) * HKi] : 0.0f;
 #pragma unroll
 				for (int u = 0; u < 16; u++)
+				{
 					G += gl[u];
+					if (KW && u == 7)	/* G at row 16 s16 + 7: where rows 8 .. 15 start */
+						Ge[(4 + s16) * K + c] = G;
+				}
 				e[s16] = G;
 			}
 			if (b == 0 && i0 == 0)
@@ -1488,7 +1497,9 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 						eT = kp3_exp(e[3] - Gb);
 			float		ktv[8];
 
-			if (i0 > 0)
+			if (KW && i0 > 0)
+				G = Ge[(4 + b) * K + c];	/* the fold's G at row s0 + 7: the sum below */
+			else if (i0 > 0)
 #pragma unroll
 				for (int ii = 0; ii < 8; ii++)
 					G += FULL || s0 + ii < Cn ? gc[(s0 + ii) * HKi] : 0.0f;
