@@ -1259,7 +1259,7 @@ kp_in_nc(const uint16_t *p, int i)
 	return bf16_to_f32(__ldg(p + i));
 }
 
-template <int K, bool KW>
+template <int K, int KW>
 struct kp6_sub_layout
 {
 	static constexpr int LK = K + 8;
@@ -1292,7 +1292,7 @@ kp6_pick(int b, float e0, float e1, float e2, float e3)
  * changes no floating-point operation or its order (only the bounds tests).
  * H at compile time (H = 32: the loads' offsets as immediates) was tried:
  * 20 % fewer instructions but 26 % slower on the H200 (2026-11-30).
- * KW (KL_CUDA_KDA_KP6_WIDE, default): the sub-chunk's q and k rows reach
+ * KW (KL_CUDA_KDA_KP6_WIDE 1 or 2): the sub-chunk's q and k rows reach
  * dq, dk (fp32 [16][K], which the row phase wrote before) as 16-byte
  * pieces, a warp a row, issued before the fold of g so that they are in
  * flight while it runs: fp32 by cp.async (4 pieces a thread), bf16 by one
@@ -1305,12 +1305,19 @@ kp6_pick(int b, float e0, float e1, float e2, float e3)
  * (a shared load and a widening a value instead of a 2-byte global load,
  * its address and the widening); fp32 keeps those loads (Kr is bf16: no
  * room for fp32 rows).  The same values (zeros past n), so the same outputs.
+ * KW = 2 (the default) also forms the solve's right-hand side Kb^T =
+ * (beta_t k_t Gam(t))^T for its rows -- it has k_t, beta_t and G_t (the
+ * fold from the chunk start: the solve's sum, in its order) at hand -- and
+ * leaves it in the tile's U16 room ([K][C] bf16, 16 KB: U0 is written
+ * there only after the solve has read it), so that the solve reads 16 KB
+ * of Kb^T instead of g and k (32 + 32 KB fp32: it is close to the DRAM
+ * rate, 2.4 GB at 32k tokens in 0.84 ms).
  */
-template <int K, typename TIN, bool FULL, bool KW>
+template <int K, typename TIN, bool FULL, int KW>
 __device__ __forceinline__ void
 kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k, const float *__restrict__ g,
-			 const float *__restrict__ beta, uint16_t *W16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16,
-			 float *glast)
+			 const float *__restrict__ beta, uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16,
+			 uint16_t *P16, float *glast)
 {
 	static_assert(K == 128, "the lane layout of the pairs assumes K = 128");
 	typedef kp6_sub_layout<K, KW> L;
@@ -1495,7 +1502,9 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 						G = Gs,
 						eS = kp3_exp(Gs),
 						eT = kp3_exp(e[3] - Gb);
-			float		ktv[8];
+			float		ktv[8],
+						xprev = 0;
+			uint32_t	xb[4];	/* KW: this thread's 8 values of Kb^T, bf16 pairs */
 
 			if (KW && i0 > 0)
 				G = Ge[(4 + b) * K + c];	/* the fold's G at row s0 + 7: the sum below */
@@ -1531,9 +1540,22 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 				}
 				Qc[t * K] = kp3_bf16(qv * (F * eS));
 				ktv[u] = kv * (R * eT);
+				if (KW >= 2)
+				{
+					/* the solve's right-hand side beta_t k_t Gam(t), its
+					 * expression on the same G (the fold from the chunk start) */
+					float		x = in ? sb[ii] * kv * kp3_exp(G) : 0.0f;
+
+					if (u & 1)
+						xb[u >> 1] = cvt_bf16x2(xprev, x);
+					else
+						xprev = x;
+				}
 			}
 			*(uint4 *) (Ktt + c * C + s0 + i0) = make_uint4(cvt_bf16x2(ktv[0], ktv[1]), cvt_bf16x2(ktv[2], ktv[3]),
 															cvt_bf16x2(ktv[4], ktv[5]), cvt_bf16x2(ktv[6], ktv[7]));
+			if (KW >= 2)		/* Kb^T [K][C] in the tile's U16 room (U0 is written after it is read) */
+				*(uint4 *) (U16 + tile * C * K + c * C + s0 + i0) = make_uint4(xb[0], xb[1], xb[2], xb[3]);
 			for (int b2 = 0; b2 < b; b2++)
 			{
 				int			r0 = 16 * b2;
@@ -1639,28 +1661,29 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 	}
 }
 
-/* one block per (16-row sub-chunk, chunk, head); KW: kp6_sub_body's */
-template <int K, typename TIN, bool KW>
+/* one block per (16-row sub-chunk, chunk, head); KW: kp6_sub_body's; U16:
+ * the tiles' U0 room (KW = 2 leaves Kb^T there for the solve) */
+template <int K, typename TIN, int KW>
 __global__ void __launch_bounds__(256, 4)
 kp6_sub_kernel(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k, const float *__restrict__ g,
-			   const float *__restrict__ beta, uint16_t *W16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16,
-			   float *glast)
+			   const float *__restrict__ beta, uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16,
+			   uint16_t *P16, float *glast)
 {
 	if (n - (int) (blockIdx.x >> 2) * KDA_CHUNK >= KDA_CHUNK)
-		kp6_sub_body<K, TIN, true, KW>(n, H, q, k, g, beta, W16, Q16, Kt16, P16, glast);
+		kp6_sub_body<K, TIN, true, KW>(n, H, q, k, g, beta, W16, U16, Q16, Kt16, P16, glast);
 	else
-		kp6_sub_body<K, TIN, false, KW>(n, H, q, k, g, beta, W16, Q16, Kt16, P16, glast);
+		kp6_sub_body<K, TIN, false, KW>(n, H, q, k, g, beta, W16, U16, Q16, Kt16, P16, glast);
 }
 
 /*
- * kp6_solve_kernel's shared memory.  KW (KL_CUDA_KDA_KP6_WIDE, default):
+ * kp6_solve_kernel's shared memory.  KW (KL_CUDA_KDA_KP6_WIDE 1 or 2):
  * A's and Li's rows padded to C + 4 floats (kp3_invert_below: its row reads
  * free of bank conflicts), and 8 warps' store tiles stw [16][KP_STW] bf16
  * (kp_wu_product's STG) past Kb^T, Vb^T (over Tb, dead by then): 55.3 KB,
  * still 4 blocks an SM (4 x 56.3 KB of the H200's 228 KB with the 1 KB a
  * block the runtime keeps); without KW 45.3 KB.
  */
-template <int K, bool KW>
+template <int K, int KW>
 struct kp6_solve_layout
 {
 	static constexpr int C = KDA_CHUNK;
@@ -1683,7 +1706,7 @@ struct kp6_solve_layout
 	static constexpr int BYTES = U12 > U3END ? U12 : U3END;
 };
 
-template <int K, typename TIN, bool KW>
+template <int K, typename TIN, int KW>
 __global__ void __launch_bounds__(256, 4)
 kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict__ v, const float *__restrict__ g,
 				 const float *__restrict__ beta, uint16_t *W16, uint16_t *U16)
@@ -1736,9 +1759,10 @@ kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict_
 	};
 	float		G31 = 0;
 
-	/* KW: that fold first, its loads in flight with A's (it needs nothing
-	 * from the inverse: one round trip to memory less between barriers) */
-	if (KW && tid >= K)
+	/* KW = 1: that fold first, its loads in flight with A's (it needs
+	 * nothing from the inverse: one round trip to memory less between
+	 * barriers); KW = 2 needs no g */
+	if (KW == 1 && tid >= K)
 		G31 = fold31(tid % K);
 
 	/* A. beta; A and the diagonal inverses from the scratch (the whole
@@ -1760,7 +1784,49 @@ kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict_
 	__syncthreads();			/* A, Li, Tb dead: Kb^T, Vb^T take their room */
 
 	/* C. the right-hand sides [beta k Gam | beta v] transposed, as =3 (the
-	 * second half first folds rows 0 .. 31 as =3's G at row 31) */
+	 * second half first folds rows 0 .. 31 as =3's G at row 31).  KW:
+	 * kp6_sub left Kb^T [K][C] in the tile's U16 room (the same values: its
+	 * expression on the same G); it comes in by cp.async while Vb^T is
+	 * formed, and g and k are not read here at all */
+	if constexpr (KW >= 2)
+	{
+		const uint16_t *kbg = U16 + tile * C * K;
+
+#pragma unroll 1				/* (unrolled, ptxas spills 8 bytes at 64 registers) */
+		for (int p = tid; p < K * C / 8; p += NTH)
+		{
+			int			c = p / (C / 8),
+						c8 = 8 * (p % (C / 8));
+
+			cp_async16(KbT + c * L::LC + c8, kbg + c * C + c8);
+		}
+		cp_async_commit();
+	}
+	if constexpr (KW >= 2)
+	{
+		int			c = tid % K,
+					r0 = 32 * (tid / K),
+					r1 = r0 + 32;
+
+		for (int t8 = r0; t8 < r1; t8 += 8)
+		{
+			float		ys[8];
+
+#pragma unroll
+			for (int u = 0; u < 8; u++)
+			{
+				int			t = t8 + u;
+				bool		in = t < Cn;
+				float		bt = sb[t];
+
+				ys[u] = in ? bt * kp_in_nc(vb_, t * HKi + c) : 0.0f;
+			}
+			*(uint4 *) (VbT + c * L::LC + t8) = make_uint4(cvt_bf16x2(ys[0], ys[1]), cvt_bf16x2(ys[2], ys[3]),
+														   cvt_bf16x2(ys[4], ys[5]), cvt_bf16x2(ys[6], ys[7]));
+		}
+		cp_async_wait_all();
+	}
+	else
 	{
 		int			c = tid % K,
 					r0 = 32 * (tid / K),
@@ -1768,7 +1834,7 @@ kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict_
 		float		G = 0;
 
 		if (r0 > 0)
-			G = KW ? G31 : fold31(c);
+			G = KW == 1 ? G31 : fold31(c);
 
 		for (int t8 = r0; t8 < r1; t8 += 8)
 		{
@@ -1796,12 +1862,13 @@ kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict_
 
 	/* D. [W | U0] = Li [Kb | Vb], as =3 (W over the scratch, read above);
 	 * KW: stored through the warp's tile, 16 bytes a lane */
-	kp_wu_product<K, NTH, L::LC, KW>(Lb, KbT, VbT, W16, U16, tile, warp, lane,
+	kp_wu_product<K, NTH, L::LC, (KW > 0)>(Lb, KbT, VbT, W16, U16, tile, warp, lane,
 									 KW ? (uint16_t *) (sm + L::STW) + warp * 16 * KP_STW : NULL);
 }
 
-/* =6's two kernels (K = 128); KW: their wide forms (kp6_sub_body, kp6_solve_layout) */
-template <typename TIN, bool KW>
+/* =6's two kernels (K = 128); KW: their wide forms (kp6_sub_body,
+ * kp6_solve_layout; 2: with the Kb^T hand-off) */
+template <typename TIN, int KW>
 static int
 kp6_launch_form(cudaStream_t s, int n, int H, const TIN *q, const TIN *k, const TIN *v, const float *g,
 				const float *beta, uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16,
@@ -1817,14 +1884,17 @@ kp6_launch_form(cudaStream_t s, int n, int H, const TIN *q, const TIN *k, const 
 		(e = cudaFuncSetAttribute(kp6_solve_kernel<128, TIN, KW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
 								  sm2)) != cudaSuccess)
 		return (int) e;
-	kp6_sub_kernel<128, TIN, KW><<<dim3(4 * nc, H), 256, sm1, s>>>(n, H, q, k, g, beta, W16, Q16, Kt16, P16, gl);
+	kp6_sub_kernel<128, TIN, KW><<<dim3(4 * nc, H), 256, sm1, s>>>(n, H, q, k, g, beta, W16, U16, Q16, Kt16, P16,
+																	gl);
 	kp6_solve_kernel<128, TIN, KW><<<dim3(nc, H), 256, sm2, s>>>(n, H, k, v, g, beta, W16, U16);
 	return 0;
 }
 
-/* set by kk_set_kda_kp6_wide (KL_CUDA_KDA_KP6_WIDE): =6's wide forms (1,
- * default) or the forms before them (0); the same outputs bit for bit */
-static int kda_kp6_wide = 1;
+/* set by kk_set_kda_kp6_wide (KL_CUDA_KDA_KP6_WIDE): =6's wide forms with
+ * Kb^T handed from the sub-chunk kernel to the solve (2, default), without
+ * that hand-off (1), or the forms before them (0); the same outputs bit
+ * for bit */
+static int kda_kp6_wide = 2;
 
 extern "C" void
 kk_set_kda_kp6_wide(int on)
@@ -1841,9 +1911,11 @@ kp6_launch(cudaStream_t s, int n, int H, const TIN *q, const TIN *k, const TIN *
 	 * 16-byte aligned when the arrays are: H K is a multiple of 128) */
 	bool		aligned = (((uintptr_t) q | (uintptr_t) k) & 15) == 0;
 
-	return kda_kp6_wide && aligned ?
-		kp6_launch_form<TIN, true>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl) :
-		kp6_launch_form<TIN, false>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
+	if (!aligned || kda_kp6_wide <= 0)
+		return kp6_launch_form<TIN, 0>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
+	if (kda_kp6_wide == 1)
+		return kp6_launch_form<TIN, 1>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
+	return kp6_launch_form<TIN, 2>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
 }
 
 /* set by kk_set_kda_prep_mma: kk_kda_chunked_mma's parallel half on tensor

@@ -362,9 +362,10 @@ kl_cuda_test_kda_prep_mma(int on)
 }
 
 /*
- * For test/engine/test_cuda.c only (found with dlsym): =6's wide forms (1,
- * KL_CUDA_KDA_KP6_WIDE's default) or the forms before them (0), for the
- * calls of kl_cuda_test_kda_chunked_raw that follow.
+ * For test/engine/test_cuda.c only (found with dlsym): =6's wide forms with
+ * the Kb^T hand-off (2, KL_CUDA_KDA_KP6_WIDE's default), without it (1) or
+ * the forms before them (0), for the calls of kl_cuda_test_kda_chunked_raw
+ * that follow.
  */
 __attribute__((visibility("default"))) void
 kl_cuda_test_kda_kp6_wide(int on)

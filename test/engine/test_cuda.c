@@ -63,8 +63,8 @@
  * tokens) run it too.  Its two-kernel parallel half (KL_CUDA_KDA_PREP_MMA=6)
  * and that half's bf16-input form must give the 63.5 KB kernel's (=3)
  * arrays, outputs and state bit for bit (check_kda_prep_split, through the
- * hook kl_cuda_test_kda_chunked_raw), with =6's wide forms
- * (KL_CUDA_KDA_KP6_WIDE, default) and without.
+ * hook kl_cuda_test_kda_chunked_raw), in each of =6's forms
+ * (KL_CUDA_KDA_KP6_WIDE 2, the default, 1 and 0).
  *
  * The decode MLA products with 16-byte weight loads (KL_CUDA_MLA_SMALL)
  * must equal the older kernels within 1e-5 (check_mla_small, through the
@@ -4011,9 +4011,10 @@ round_bf16(float x)
  * 8192, and at 4 heads.  Its bf16-input form (kk_kda_chunked_mma16, for q,
  * k, v written in bf16 by the rows prep) must give, on q, k, v rounded to
  * bf16, what =6 and =3 give on the same values in fp32, bit for bit.  Both
- * input forms run twice: =6's wide forms (KL_CUDA_KDA_KP6_WIDE, default:
- * q, k staged 16 bytes a thread, the solve's padded arrays and 16-byte W /
- * U0 stores) and the forms before them, each against =3.
+ * input forms run in the three KL_CUDA_KDA_KP6_WIDE forms: 2 (default: q, k
+ * staged 16 bytes a thread, the solve's padded arrays and 16-byte W / U0
+ * stores, Kb^T handed from the sub-chunk kernel to the solve), 1 (without
+ * the hand-off) and 0 (the forms before), each against =3.
  */
 static void
 check_kda_prep_split(void)
@@ -4057,20 +4058,21 @@ check_kda_prep_split(void)
 				   *g = rand_floats(nx, -4, 4, &rs),
 				   *beta = rand_floats((size_t) T * H, -3, 3, &rs),
 				   *S = cases[ci].carry ? rand_floats(nS, -0.5, 0.5, &rs) : calloc(nS, sizeof(float));
-		/* on fp32 inputs [0] =3, [1] =6, [2] =6 before its wide forms;
-		 * then on bf16 values [3] =3, [4] =6, [5] the bf16-input form, [6]
-		 * that form before the wide forms */
+		/* on fp32 inputs [0] =3, [1] =6, [2] =6's wide forms without the
+		 * Kb^T hand-off, [3] =6 before its wide forms; then on bf16 values
+		 * [4] =3, [5] =6, [6] the bf16-input form, [7] and [8] that form
+		 * with KL_CUDA_KDA_KP6_WIDE 1 and 0 */
 		enum
 		{
-			NR = 7, BF = 3
+			NR = 9, BF = 4
 		};
 		float	   *o[NR],
 				   *Sa[NR];
 		char	   *scr[NR];
 		int			rc[NR];
-		static const int pm[NR] = {3, 6, 6, 3, 6, 6, 6},
-					in16[NR] = {0, 0, 0, 0, 0, 1, 1},
-					wide[NR] = {1, 1, 0, 1, 1, 1, 0};
+		static const int pm[NR] = {3, 6, 6, 6, 3, 6, 6, 6, 6},
+					in16[NR] = {0, 0, 0, 0, 0, 0, 1, 1, 1},
+					wide[NR] = {2, 2, 1, 0, 2, 2, 2, 1, 0};
 
 		kda_prepared_like(T, H, K, q, k, g, beta);
 		for (int r = 0; r < NR; r++)
@@ -4089,7 +4091,7 @@ check_kda_prep_split(void)
 			kp6_wide(wide[r]);
 			rc[r] = fn(T, H, K, in16[r], q, k, v, g, beta, S, o[r], Sa[r], scr[r]);
 		}
-		kp6_wide(1);
+		kp6_wide(2);
 		for (int r = 1; r < NR; r++)
 		{
 			int			ref = r < BF ? 0 : BF;
@@ -4099,9 +4101,9 @@ check_kda_prep_split(void)
 				continue;
 			same = rc[ref] == 0 && rc[r] == 0 && memcmp(scr[r], scr[ref], nscr) == 0 &&
 				memcmp(o[r], o[ref], sizeof(float) * nx) == 0 && memcmp(Sa[r], Sa[ref], sizeof(float) * nS) == 0;
-			tap_ok(same, "KDA chunk prep in two kernels (=6%s%s) gives the 63.5 KB kernel's (=3) prep arrays, "
-				   "outputs and state bit for bit%s, %d heads x %d, %d rows, state %s (hooks returned %d, %d)",
-				   in16[r] ? ", q, k, v read as bf16" : "", wide[r] ? "" : ", KL_CUDA_KDA_KP6_WIDE=0",
+			tap_ok(same, "KDA chunk prep in two kernels (=6%s, KL_CUDA_KDA_KP6_WIDE=%d) gives the 63.5 KB kernel's "
+				   "(=3) prep arrays, outputs and state bit for bit%s, %d heads x %d, %d rows, state %s (hooks "
+				   "returned %d, %d)", in16[r] ? ", q, k, v read as bf16" : "", wide[r],
 				   r < BF ? "" : " on bf16-valued q, k, v", H, K, T, cases[ci].carry ? "carried in" : "zero",
 				   rc[ref], rc[r]);
 		}
