@@ -534,15 +534,18 @@ kp3_bf16(float x)
  * 4b of the inverse (chunk_prep_invert_below's sums in the same order per
  * element), a thread per (block pair, row, 4 columns): A's row and Tb's /
  * Li's rows read as float4, 5 shared loads per 16 FMA instead of 32.
+ * LDA: the row stride (floats) of A and Li.  At C = 64 a warp's 8 rows rr
+ * read the same column of 8 rows 256 bytes apart (one bank group: 8-way
+ * conflicts, Nsight's 2.6-way average in kp6_solve); C + 4 (=6's solve)
+ * puts the 8 rows in 8 different bank groups.  The sums do not change.
  */
+template <int LDA = KDA_CHUNK>
 __device__ __forceinline__ void
 kp3_invert_below(const float *sA, float *Li, float *Tb, int tid)
 {
-	constexpr int C = KDA_CHUNK;
-
-	for (int d = 1; d < C / KDA_SUB; d++)
+	for (int d = 1; d < KDA_CHUNK / KDA_SUB; d++)
 	{
-		int			np = C / KDA_SUB - d;
+		int			np = KDA_CHUNK / KDA_SUB - d;
 
 		if (tid < np * 64)
 		{
@@ -556,13 +559,13 @@ kp3_invert_below(const float *sA, float *Li, float *Tb, int tid)
 #pragma unroll
 				for (int m4 = 0; m4 < KDA_SUB; m4 += 4)
 				{
-					float4		a4 = *(const float4 *) (sA + (KDA_SUB * i + rr) * C + KDA_SUB * kb + m4);
+					float4		a4 = *(const float4 *) (sA + (KDA_SUB * i + rr) * LDA + KDA_SUB * kb + m4);
 					float		av[4] = {a4.x, a4.y, a4.z, a4.w};
 
 #pragma unroll
 					for (int mm = 0; mm < 4; mm++)
 					{
-						float4		l4 = *(const float4 *) (Li + (KDA_SUB * kb + m4 + mm) * C + KDA_SUB * j + c4);
+						float4		l4 = *(const float4 *) (Li + (KDA_SUB * kb + m4 + mm) * LDA + KDA_SUB * j + c4);
 
 						t[0] += av[mm] * l4.x;
 						t[1] += av[mm] * l4.y;
@@ -584,7 +587,7 @@ kp3_invert_below(const float *sA, float *Li, float *Tb, int tid)
 #pragma unroll
 			for (int m4 = 0; m4 < KDA_SUB; m4 += 4)
 			{
-				float4		a4 = *(const float4 *) (Li + (KDA_SUB * i + rr) * C + KDA_SUB * i + m4);
+				float4		a4 = *(const float4 *) (Li + (KDA_SUB * i + rr) * LDA + KDA_SUB * i + m4);
 				float		av[4] = {a4.x, a4.y, a4.z, a4.w};
 
 #pragma unroll
@@ -598,7 +601,7 @@ kp3_invert_below(const float *sA, float *Li, float *Tb, int tid)
 					t[3] += av[mm] * b4.w;
 				}
 			}
-			*(float4 *) (Li + (KDA_SUB * i + rr) * C + KDA_SUB * j + c4) = make_float4(-t[0], -t[1], -t[2], -t[3]);
+			*(float4 *) (Li + (KDA_SUB * i + rr) * LDA + KDA_SUB * j + c4) = make_float4(-t[0], -t[1], -t[2], -t[3]);
 		}
 		__syncthreads();
 	}
@@ -606,20 +609,21 @@ kp3_invert_below(const float *sA, float *Li, float *Tb, int tid)
 
 /*
  * kp3_invert_below, then the whole inverse Li as the bf16 operand Lb
- * [C][LC] with the blocks above the diagonal zero (=3 and =6's solve).
+ * [C][LC] with the blocks above the diagonal zero (=3 and =6's solve);
+ * LDA: A's and Li's row stride, as kp3_invert_below.
  */
-template <int NTH, int LC>
+template <int NTH, int LC, int LDA = KDA_CHUNK>
 __device__ __forceinline__ void
 kp3_invert_below_bf16(const float *sA, float *Li, float *Tb, uint16_t *Lb, int tid)
 {
 	constexpr int C = KDA_CHUNK;
 
-	kp3_invert_below(sA, Li, Tb, tid);
+	kp3_invert_below<LDA>(sA, Li, Tb, tid);
 	for (int e = tid; e < C * C / 2; e += NTH)
 	{
 		int			r = e / (C / 2),
 					c = 2 * (e % (C / 2));
-		float2		l2 = *(const float2 *) (Li + r * C + c);
+		float2		l2 = *(const float2 *) (Li + r * LDA + c);
 
 		*(uint32_t *) (Lb + r * LC + c) = c / 16 > r / 16 ? 0u : cvt_bf16x2(l2.x, l2.y);
 	}
@@ -714,11 +718,17 @@ kp_unit_lower_inverse_column(const float *a, int j, float x[16])
  * Li lower triangular, bf16 Lb [C][LC]; Kb^T, Vb^T [K][LC] bf16, all in
  * shared memory; warp w takes the column tiles w NT .. w NT + NT - 1 of the
  * 2 K / 8.  One copy for =3 (its step F) and =6's solve (its step D).
+ * STG (=6's solve, KL_CUDA_KDA_KP6_WIDE): the accumulators' 4-byte pieces
+ * (2 columns, rows 8 apart: 16 of a sector's 32 bytes a store, Nsight)
+ * go through the warp's stw [16][KP_STW] bf16 in shared memory first, and
+ * out as 16-byte stores of whole sectors (the same values).
  */
-template <int K, int NTH, int LC>
+constexpr int KP_STW = 40;		/* stw's row stride: 32 columns + 8 (fragment writes and 16-byte reads free of bank conflicts) */
+
+template <int K, int NTH, int LC, bool STG = false>
 __device__ __forceinline__ void
 kp_wu_product(const uint16_t *Lb, const uint16_t *KbT, const uint16_t *VbT, uint16_t *W16, uint16_t *U16,
-			  size_t tile, int warp, int lane)
+			  size_t tile, int warp, int lane, uint16_t *stw = NULL)
 {
 	constexpr int C = KDA_CHUNK;
 	constexpr int V = K;
@@ -750,16 +760,44 @@ kp_wu_product(const uint16_t *Lb, const uint16_t *KbT, const uint16_t *VbT, uint
 				mma_bf16_16816(acc[j], a, bb[0], bb[1]);
 			}
 		}
-#pragma unroll
-		for (int j = 0; j < NT; j++)
+		if constexpr (STG)
 		{
-			int			col = 8 * (warp * NT + j) + t2,
-						r = 16 * m + gq;
-			uint16_t   *dst = col < K ? W16 + tile * C * K + col : U16 + tile * C * V + col - K;
+			static_assert(NT == 4, "stw holds a warp's 32 columns");
+			/* rows 16 m .. 16 m + 15, columns 32 warp .. 32 warp + 31 of
+			 * [W | U0] (one of the two: K is a multiple of 32) */
+			int			col0 = 8 * warp * NT;
+			uint16_t   *dst = col0 < K ? W16 + tile * C * K + col0 : U16 + tile * C * V + col0 - K;
 
-			*(uint32_t *) (dst + r * K) = cvt_bf16x2(acc[j][0], acc[j][1]);
-			*(uint32_t *) (dst + (r + 8) * K) = cvt_bf16x2(acc[j][2], acc[j][3]);
+#pragma unroll
+			for (int j = 0; j < NT; j++)
+			{
+				*(uint32_t *) (stw + gq * KP_STW + 8 * j + t2) = cvt_bf16x2(acc[j][0], acc[j][1]);
+				*(uint32_t *) (stw + (gq + 8) * KP_STW + 8 * j + t2) = cvt_bf16x2(acc[j][2], acc[j][3]);
+			}
+			__syncwarp();
+			/* lane: row lane & 15, 16-byte pieces lane >> 4 and 2 + (lane >> 4):
+			 * a store writes the first or second 32 bytes of 16 rows */
+#pragma unroll
+			for (int p = 0; p < 2; p++)
+			{
+				int			rr = lane & 15,
+							cc = 8 * ((lane >> 4) + 2 * p);
+
+				*(uint4 *) (dst + (16 * m + rr) * K + cc) = *(const uint4 *) (stw + rr * KP_STW + cc);
+			}
+			__syncwarp();		/* stw free for the next m */
 		}
+		else
+#pragma unroll
+			for (int j = 0; j < NT; j++)
+			{
+				int			col = 8 * (warp * NT + j) + t2,
+							r = 16 * m + gq;
+				uint16_t   *dst = col < K ? W16 + tile * C * K + col : U16 + tile * C * V + col - K;
+
+				*(uint32_t *) (dst + r * K) = cvt_bf16x2(acc[j][0], acc[j][1]);
+				*(uint32_t *) (dst + (r + 8) * K) = cvt_bf16x2(acc[j][2], acc[j][3]);
+			}
 	}
 }
 
@@ -1207,7 +1245,21 @@ kp_in(const uint16_t *p, int i)
 	return bf16_to_f32(p[i]);
 }
 
-template <int K>
+/* kp_in through the read-only path, said so (the wide forms: their
+ * cp.async waits clobber memory, and nvcc then no longer proves it) */
+__device__ __forceinline__ float
+kp_in_nc(const float *p, int i)
+{
+	return __ldg(p + i);
+}
+
+__device__ __forceinline__ float
+kp_in_nc(const uint16_t *p, int i)
+{
+	return bf16_to_f32(__ldg(p + i));
+}
+
+template <int K, int KW>
 struct kp6_sub_layout
 {
 	static constexpr int LK = K + 8;
@@ -1219,7 +1271,11 @@ struct kp6_sub_layout
 	static constexpr int XQ = DA + 4 * 16 * K;	/* Xq, Xk [16][LK] bf16 */
 	static constexpr int XK = XQ + 2 * 16 * LK;
 	static constexpr int KR = XK + 2 * 16 * LK;	/* Kr [48][LK] bf16 */
-	static constexpr int BYTES = KR + 2 * 48 * LK;
+	static constexpr int KREND = KR + 2 * 48 * LK;
+	/* KW: G at the sub-chunk ends [4][K] and at their rows 7 [4][K] fp32,
+	 * from the threads of rows 0 .. 7 */
+	static constexpr int GE = KREND;
+	static constexpr int BYTES = KW ? GE + 4 * 8 * K : KREND;
 };
 
 /* G at the sub-chunk ends, e0..e3, as a register choice (b in 0..3) */
@@ -1236,15 +1292,35 @@ kp6_pick(int b, float e0, float e1, float e2, float e3)
  * changes no floating-point operation or its order (only the bounds tests).
  * H at compile time (H = 32: the loads' offsets as immediates) was tried:
  * 20 % fewer instructions but 26 % slower on the H200 (2026-11-30).
+ * KW (KL_CUDA_KDA_KP6_WIDE 1 or 2): the sub-chunk's q and k rows reach
+ * dq, dk (fp32 [16][K], which the row phase wrote before) as 16-byte
+ * pieces, a warp a row, issued before the fold of g so that they are in
+ * flight while it runs: fp32 by cp.async (4 pieces a thread), bf16 by one
+ * 16-byte load of 8 channels a tensor, widened after the fold.  The row
+ * phase then reads q and k back from dq, dk instead of loading 4 or 2
+ * bytes a channel from global memory (one load a channel a row a warp:
+ * the bf16 form's 2-byte loads cost more than the bytes they saved,
+ * 2026-11-30).  bf16 also copies the earlier sub-chunks' k rows (for Kr)
+ * raw into Kr by cp.async, 16 bytes a piece, where the Kr loop reads them
+ * (a shared load and a widening a value instead of a 2-byte global load,
+ * its address and the widening); fp32 keeps those loads (Kr is bf16: no
+ * room for fp32 rows).  The same values (zeros past n), so the same outputs.
+ * KW = 2 (the default) also forms the solve's right-hand side Kb^T =
+ * (beta_t k_t Gam(t))^T for its rows -- it has k_t, beta_t and G_t (the
+ * fold from the chunk start: the solve's sum, in its order) at hand -- and
+ * leaves it in the tile's U16 room ([K][C] bf16, 16 KB: U0 is written
+ * there only after the solve has read it), so that the solve reads 16 KB
+ * of Kb^T instead of g and k (32 + 32 KB fp32: it is close to the DRAM
+ * rate, 2.4 GB at 32k tokens in 0.84 ms).
  */
-template <int K, typename TIN, bool FULL>
+template <int K, typename TIN, bool FULL, int KW>
 __device__ __forceinline__ void
 kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k, const float *__restrict__ g,
-			 const float *__restrict__ beta, uint16_t *W16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16,
-			 float *glast)
+			 const float *__restrict__ beta, uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16,
+			 uint16_t *P16, float *glast)
 {
 	static_assert(K == 128, "the lane layout of the pairs assumes K = 128");
-	typedef kp6_sub_layout<K> L;
+	typedef kp6_sub_layout<K, KW> L;
 	constexpr int C = KDA_CHUNK;
 	constexpr int NTH = 256;
 	extern __shared__ uint4 kp_smem[];
@@ -1293,18 +1369,82 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 				P[r * C + c] = 0;
 	}
 
+	/* KW: the sub-chunk's q, k rows into dq, dk (fp32 by cp.async; bf16
+	 * loaded here, widened and stored after the fold) */
+	uint4		wq = make_uint4(0, 0, 0, 0),
+				wk = make_uint4(0, 0, 0, 0);
+
+	if constexpr (KW)
+	{
+		if constexpr (sizeof(TIN) == 4)
+		{
+#pragma unroll
+			for (int s2 = 0; s2 < 2; s2++)
+			{
+				int			f = tid + NTH * s2,
+							r = f >> 5,
+							c4 = 4 * (f & 31);
+
+				if (FULL || s0 + r < Cn)
+				{
+					cp_async16(dq + r * K + c4, qb + (s0 + r) * HKi + c4);
+					cp_async16(dk + r * K + c4, kb_ + (s0 + r) * HKi + c4);
+				}
+				else
+				{
+					*(float4 *) (dq + r * K + c4) = make_float4(0, 0, 0, 0);
+					*(float4 *) (dk + r * K + c4) = make_float4(0, 0, 0, 0);
+				}
+			}
+			cp_async_commit();
+		}
+		else
+		{
+			int			r = tid >> 4,
+						c8 = 8 * (tid & 15);
+
+			if (FULL || s0 + r < Cn)
+			{
+				wq = __ldg((const uint4 *) (qb + (s0 + r) * HKi + c8));
+				wk = __ldg((const uint4 *) (kb_ + (s0 + r) * HKi + c8));
+			}
+			/* the earlier sub-chunks' k rows 0 .. s0 - 1, raw bf16, into Kr
+			 * (the Kr loop turns each element into its operand in place,
+			 * the thread that reads it being the one that writes it) */
+			for (int f = tid; f < s0 * (K / 8); f += NTH)
+			{
+				int			r2 = f / (K / 8),
+							c82 = 8 * (f % (K / 8));
+
+				if (FULL || r2 < Cn)
+					cp_async16(Kr + r2 * L::LK + c82, kb_ + r2 * HKi + c82);
+				else
+					*(uint4 *) (Kr + r2 * L::LK + c82) = make_uint4(0, 0, 0, 0);
+			}
+			cp_async_commit();
+		}
+	}
+
 	/* A. G at the sub-chunk ends: =3's fold of g from the chunk start (16
 	 * loads in flight, then the adds in row order, rows past n adding +0),
-	 * by both threads of a channel */
+	 * by both threads of a channel; KW: by the thread of rows 0 .. 7 (warps
+	 * 0 .. 3), which leaves it in Ge for the other, with G at each sub-
+	 * chunk's row 7 (the fold passes through it: G at s0 - 1 plus rows s0 ..
+	 * s0 + 7 in order, what the other thread adds up before its rows).
+	 * Warps 4 .. 7 skip 64 + 8 loads and adds: the same numbers.  (The same
+	 * for the Kr loop's G at row 16 b2 + 7 made ptxas spill 16 bytes at the
+	 * 64 registers of 4 blocks an SM: not done.) */
 	{
 		int			c = tid & (K - 1),
 					i0 = 8 * (tid >> 7);	/* this thread's rows i0 .. i0 + 7 of the sub-chunk */
 		float		e[4];
+		float	   *Ge = (float *) (sm + L::GE);	/* KW only */
 		const float *gc = gb + c;	/* channel c's g, q, k at row t: [t * HKi] */
 		const TIN  *qc = qb + c,
 				   *kc = kb_ + c;
 		uint16_t   *Qc = Qt + c;
 
+		if (!KW || i0 == 0)
 		{
 			float		G = 0;
 
@@ -1318,11 +1458,41 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 					gl[u] = FULL || 16 * s16 + u < Cn ? gc[(16 * s16 + u) * HKi] : 0.0f;
 #pragma unroll
 				for (int u = 0; u < 16; u++)
+				{
 					G += gl[u];
+					if (KW && u == 7)	/* G at row 16 s16 + 7: where rows 8 .. 15 start */
+						Ge[(4 + s16) * K + c] = G;
+				}
 				e[s16] = G;
 			}
 			if (b == 0 && i0 == 0)
 				glast[tile * K + c] = __expf(G);
+			if (KW)
+#pragma unroll
+				for (int s16 = 0; s16 < 4; s16++)
+					Ge[s16 * K + c] = e[s16];
+		}
+		if constexpr (KW)
+		{
+			cp_async_wait_all();
+			if constexpr (sizeof(TIN) == 2)
+			{
+				int			r = tid >> 4,
+							c8 = 8 * (tid & 15);
+				float		w[8];
+
+				unpack8_bf16(wq, w);
+				*(float4 *) (dq + r * K + c8) = make_float4(w[0], w[1], w[2], w[3]);
+				*(float4 *) (dq + r * K + c8 + 4) = make_float4(w[4], w[5], w[6], w[7]);
+				unpack8_bf16(wk, w);
+				*(float4 *) (dk + r * K + c8) = make_float4(w[0], w[1], w[2], w[3]);
+				*(float4 *) (dk + r * K + c8 + 4) = make_float4(w[4], w[5], w[6], w[7]);
+			}
+			__syncthreads();	/* dq, dk, Ge (and bf16: Kr's k) complete */
+			if (i0 > 0)
+#pragma unroll
+				for (int s16 = 0; s16 < 4; s16++)
+					e[s16] = Ge[s16 * K + c];
 		}
 
 		/* B. this thread's rows' operands, then Kr as =3 */
@@ -1332,9 +1502,13 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 						G = Gs,
 						eS = kp3_exp(Gs),
 						eT = kp3_exp(e[3] - Gb);
-			float		ktv[8];
+			float		ktv[8],
+						xprev = 0;
+			uint32_t	xb[4];	/* KW: this thread's 8 values of Kb^T, bf16 pairs */
 
-			if (i0 > 0)
+			if (KW && i0 > 0)
+				G = Ge[(4 + b) * K + c];	/* the fold's G at row s0 + 7: the sum below */
+			else if (i0 > 0)
 #pragma unroll
 				for (int ii = 0; ii < 8; ii++)
 					G += FULL || s0 + ii < Cn ? gc[(s0 + ii) * HKi] : 0.0f;
@@ -1344,8 +1518,8 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 				int			ii = i0 + u;
 				int			t = s0 + ii;
 				bool		in = FULL || t < Cn;
-				float		qv = in ? kp_in(qc, t * HKi) : 0.0f,
-							kv = in ? kp_in(kc, t * HKi) : 0.0f,
+				float		qv = KW ? dq[ii * K + c] : in ? kp_in(qc, t * HKi) : 0.0f,
+							kv = KW ? dk[ii * K + c] : in ? kp_in(kc, t * HKi) : 0.0f,
 							gv = in ? gc[t * HKi] : 0.0f;
 				float		F,
 							R;
@@ -1353,8 +1527,11 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 				G += gv;
 				F = kp3_exp(G - Gs);
 				R = kp3_exp(Gb - G);
-				dq[ii * K + c] = qv;
-				dk[ii * K + c] = kv;
+				if (!KW)
+				{
+					dq[ii * K + c] = qv;
+					dk[ii * K + c] = kv;
+				}
 				da[ii * K + c] = kp3_exp(gv);
 				if (b > 0)
 				{
@@ -1363,9 +1540,22 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 				}
 				Qc[t * K] = kp3_bf16(qv * (F * eS));
 				ktv[u] = kv * (R * eT);
+				if (KW >= 2)
+				{
+					/* the solve's right-hand side beta_t k_t Gam(t), its
+					 * expression on the same G (the fold from the chunk start) */
+					float		x = in ? sb[ii] * kv * kp3_exp(G) : 0.0f;
+
+					if (u & 1)
+						xb[u >> 1] = cvt_bf16x2(xprev, x);
+					else
+						xprev = x;
+				}
 			}
 			*(uint4 *) (Ktt + c * C + s0 + i0) = make_uint4(cvt_bf16x2(ktv[0], ktv[1]), cvt_bf16x2(ktv[2], ktv[3]),
 															cvt_bf16x2(ktv[4], ktv[5]), cvt_bf16x2(ktv[6], ktv[7]));
+			if (KW >= 2)		/* Kb^T [K][C] in the tile's U16 room (U0 is written after it is read) */
+				*(uint4 *) (U16 + tile * C * K + c * C + s0 + i0) = make_uint4(xb[0], xb[1], xb[2], xb[3]);
 			for (int b2 = 0; b2 < b; b2++)
 			{
 				int			r0 = 16 * b2;
@@ -1380,7 +1570,8 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 				{
 					int			t = r0 + i0 + u;
 					float		gv = FULL || t < Cn ? gc[t * HKi] : 0.0f,
-								kv = FULL || t < Cn ? kp_in(kc, t * HKi) : 0.0f;
+								kv = KW && sizeof(TIN) == 2 ? bf16_to_f32(Kr[t * L::LK + c]) :
+						FULL || t < Cn ? (KW ? kp_in_nc(kc, t * HKi) : kp_in(kc, t * HKi)) : 0.0f;
 
 					G2 += gv;
 					Kr[t * L::LK + c] = kp3_bf16(kv * kp3_exp(Gs - G2));
@@ -1470,43 +1661,57 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 	}
 }
 
-/* one block per (16-row sub-chunk, chunk, head) */
-template <int K, typename TIN>
+/* one block per (16-row sub-chunk, chunk, head); KW: kp6_sub_body's; U16:
+ * the tiles' U0 room (KW = 2 leaves Kb^T there for the solve) */
+template <int K, typename TIN, int KW>
 __global__ void __launch_bounds__(256, 4)
 kp6_sub_kernel(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k, const float *__restrict__ g,
-			   const float *__restrict__ beta, uint16_t *W16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16,
-			   float *glast)
+			   const float *__restrict__ beta, uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16,
+			   uint16_t *P16, float *glast)
 {
 	if (n - (int) (blockIdx.x >> 2) * KDA_CHUNK >= KDA_CHUNK)
-		kp6_sub_body<K, TIN, true>(n, H, q, k, g, beta, W16, Q16, Kt16, P16, glast);
+		kp6_sub_body<K, TIN, true, KW>(n, H, q, k, g, beta, W16, U16, Q16, Kt16, P16, glast);
 	else
-		kp6_sub_body<K, TIN, false>(n, H, q, k, g, beta, W16, Q16, Kt16, P16, glast);
+		kp6_sub_body<K, TIN, false, KW>(n, H, q, k, g, beta, W16, U16, Q16, Kt16, P16, glast);
 }
 
-template <int K>
+/*
+ * kp6_solve_kernel's shared memory.  KW (KL_CUDA_KDA_KP6_WIDE 1 or 2):
+ * A's and Li's rows padded to C + 4 floats (kp3_invert_below: its row reads
+ * free of bank conflicts), and 8 warps' store tiles stw [16][KP_STW] bf16
+ * (kp_wu_product's STG) past Kb^T, Vb^T (over Tb, dead by then): 55.3 KB,
+ * still 4 blocks an SM (4 x 56.3 KB of the H200's 228 KB with the 1 KB a
+ * block the runtime keeps); without KW 45.3 KB.
+ */
+template <int K, int KW>
 struct kp6_solve_layout
 {
 	static constexpr int C = KDA_CHUNK;
 	static constexpr int LC = C + 8;
+	static constexpr int LA = KW ? C + 4 : C;	/* A's and Li's row stride (floats) */
 	static constexpr int SB = 0;		/* beta [C] fp32 */
 	static constexpr int LB = SB + 4 * C;	/* Lb [C][LC] bf16 */
-	static constexpr int SA = LB + 2 * C * LC;	/* A [C][C] fp32 (the blocks left of the diagonal) */
-	static constexpr int LI = SA + 4 * C * C;	/* Li [C][C] fp32 */
-	static constexpr int TB = LI + 4 * C * C;	/* Tb [3][16][16] fp32 */
+	static constexpr int SA = LB + 2 * C * LC;	/* A [C][LA] fp32 (the blocks left of the diagonal) */
+	static constexpr int LI = SA + 4 * C * LA;	/* Li [C][LA] fp32 */
+	static constexpr int TB = LI + 4 * C * LA;	/* Tb [3][16][16] fp32 */
 	static constexpr int U1END = TB + 4 * 3 * 256;
 	/* after the inverse: Kb^T, Vb^T [K][LC] bf16 over A, Li and Tb */
 	static constexpr int KBT = SA;
 	static constexpr int VBT = KBT + 2 * K * LC;
 	static constexpr int U2END = VBT + 2 * K * LC;
-	static constexpr int BYTES = U1END > U2END ? U1END : U2END;
+	/* KW, the products: the warps' store tiles */
+	static constexpr int STW = U2END;
+	static constexpr int U3END = KW ? STW + 8 * 2 * 16 * KP_STW : 0;
+	static constexpr int U12 = U1END > U2END ? U1END : U2END;
+	static constexpr int BYTES = U12 > U3END ? U12 : U3END;
 };
 
-template <int K, typename TIN>
+template <int K, typename TIN, int KW>
 __global__ void __launch_bounds__(256, 4)
 kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict__ v, const float *__restrict__ g,
 				 const float *__restrict__ beta, uint16_t *W16, uint16_t *U16)
 {
-	typedef kp6_solve_layout<K> L;
+	typedef kp6_solve_layout<K, KW> L;
 	constexpr int C = KDA_CHUNK;
 	constexpr int NTH = 256;
 	extern __shared__ uint4 kp_smem[];
@@ -1533,6 +1738,32 @@ kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict_
 	const float *gb = g + rowoff;
 	const int	HKi = H * K;
 	const float4 *Ag4 = (const float4 *) (W16 + tile * C * K);
+	/* the second half of C's threads (rows 32 ..) start from G at row 31:
+	 * =3's fold of rows 0 .. 31 of g, 16 loads in flight at a time */
+	auto		fold31 = [&](int c) -> float {
+		float		G = 0;
+
+#pragma unroll
+		for (int s16 = 0; s16 < 2; s16++)
+		{
+			float		gl[16];
+
+#pragma unroll
+			for (int u = 0; u < 16; u++)
+				gl[u] = 16 * s16 + u < Cn ? gb[(16 * s16 + u) * HKi + c] : 0.0f;
+#pragma unroll
+			for (int u = 0; u < 16; u++)
+				G += gl[u];
+		}
+		return G;
+	};
+	float		G31 = 0;
+
+	/* KW = 1: that fold first, its loads in flight with A's (it needs
+	 * nothing from the inverse: one round trip to memory less between
+	 * barriers); KW = 2 needs no g */
+	if (KW == 1 && tid >= K)
+		G31 = fold31(tid % K);
 
 	/* A. beta; A and the diagonal inverses from the scratch (the whole
 	 * matrix: only the blocks on and left of the diagonal are read after) */
@@ -1544,16 +1775,58 @@ kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict_
 		int			r = e / (C / 4),
 					c = 4 * (e % (C / 4));
 
-		*(float4 *) ((r >> 4) == (c >> 4) ? Li + r * C + c : sA + r * C + c) = a4;
+		*(float4 *) ((r >> 4) == (c >> 4) ? Li + r * L::LA + c : sA + r * L::LA + c) = a4;
 	}
 	__syncthreads();
 
 	/* B. the blocks below the diagonal of the inverse, as =3; Lb */
-	kp3_invert_below_bf16<NTH, L::LC>(sA, Li, Tb, Lb, tid);
+	kp3_invert_below_bf16<NTH, L::LC, L::LA>(sA, Li, Tb, Lb, tid);
 	__syncthreads();			/* A, Li, Tb dead: Kb^T, Vb^T take their room */
 
 	/* C. the right-hand sides [beta k Gam | beta v] transposed, as =3 (the
-	 * second half first folds rows 0 .. 31 as =3's G at row 31) */
+	 * second half first folds rows 0 .. 31 as =3's G at row 31).  KW:
+	 * kp6_sub left Kb^T [K][C] in the tile's U16 room (the same values: its
+	 * expression on the same G); it comes in by cp.async while Vb^T is
+	 * formed, and g and k are not read here at all */
+	if constexpr (KW >= 2)
+	{
+		const uint16_t *kbg = U16 + tile * C * K;
+
+#pragma unroll 1				/* (unrolled, ptxas spills 8 bytes at 64 registers) */
+		for (int p = tid; p < K * C / 8; p += NTH)
+		{
+			int			c = p / (C / 8),
+						c8 = 8 * (p % (C / 8));
+
+			cp_async16(KbT + c * L::LC + c8, kbg + c * C + c8);
+		}
+		cp_async_commit();
+	}
+	if constexpr (KW >= 2)
+	{
+		int			c = tid % K,
+					r0 = 32 * (tid / K),
+					r1 = r0 + 32;
+
+		for (int t8 = r0; t8 < r1; t8 += 8)
+		{
+			float		ys[8];
+
+#pragma unroll
+			for (int u = 0; u < 8; u++)
+			{
+				int			t = t8 + u;
+				bool		in = t < Cn;
+				float		bt = sb[t];
+
+				ys[u] = in ? bt * kp_in_nc(vb_, t * HKi + c) : 0.0f;
+			}
+			*(uint4 *) (VbT + c * L::LC + t8) = make_uint4(cvt_bf16x2(ys[0], ys[1]), cvt_bf16x2(ys[2], ys[3]),
+														   cvt_bf16x2(ys[4], ys[5]), cvt_bf16x2(ys[6], ys[7]));
+		}
+		cp_async_wait_all();
+	}
+	else
 	{
 		int			c = tid % K,
 					r0 = 32 * (tid / K),
@@ -1561,20 +1834,8 @@ kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict_
 		float		G = 0;
 
 		if (r0 > 0)
-		{
-#pragma unroll
-			for (int s16 = 0; s16 < 2; s16++)
-			{
-				float		gl[16];
+			G = KW == 1 ? G31 : fold31(c);
 
-#pragma unroll
-				for (int u = 0; u < 16; u++)
-					gl[u] = 16 * s16 + u < Cn ? gb[(16 * s16 + u) * HKi + c] : 0.0f;
-#pragma unroll
-				for (int u = 0; u < 16; u++)
-					G += gl[u];
-			}
-		}
 		for (int t8 = r0; t8 < r1; t8 += 8)
 		{
 			float		xs[8],
@@ -1599,29 +1860,62 @@ kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict_
 	}
 	__syncthreads();
 
-	/* D. [W | U0] = Li [Kb | Vb], as =3 (W over the scratch, read above) */
-	kp_wu_product<K, NTH, L::LC>(Lb, KbT, VbT, W16, U16, tile, warp, lane);
+	/* D. [W | U0] = Li [Kb | Vb], as =3 (W over the scratch, read above);
+	 * KW: stored through the warp's tile, 16 bytes a lane */
+	kp_wu_product<K, NTH, L::LC, (KW > 0)>(Lb, KbT, VbT, W16, U16, tile, warp, lane,
+									 KW ? (uint16_t *) (sm + L::STW) + warp * 16 * KP_STW : NULL);
 }
 
-/* =6's two kernels (K = 128) */
+/* =6's two kernels (K = 128); KW: their wide forms (kp6_sub_body,
+ * kp6_solve_layout; 2: with the Kb^T hand-off) */
+template <typename TIN, int KW>
+static int
+kp6_launch_form(cudaStream_t s, int n, int H, const TIN *q, const TIN *k, const TIN *v, const float *g,
+				const float *beta, uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16,
+				float *gl)
+{
+	unsigned	nc = (unsigned) ((n + KDA_CHUNK - 1) / KDA_CHUNK);
+	int			sm1 = kp6_sub_layout<128, KW>::BYTES,
+				sm2 = kp6_solve_layout<128, KW>::BYTES;
+	cudaError_t e;
+
+	if ((e = cudaFuncSetAttribute(kp6_sub_kernel<128, TIN, KW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+								  sm1)) != cudaSuccess ||
+		(e = cudaFuncSetAttribute(kp6_solve_kernel<128, TIN, KW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+								  sm2)) != cudaSuccess)
+		return (int) e;
+	kp6_sub_kernel<128, TIN, KW><<<dim3(4 * nc, H), 256, sm1, s>>>(n, H, q, k, g, beta, W16, U16, Q16, Kt16, P16,
+																	gl);
+	kp6_solve_kernel<128, TIN, KW><<<dim3(nc, H), 256, sm2, s>>>(n, H, k, v, g, beta, W16, U16);
+	return 0;
+}
+
+/* set by kk_set_kda_kp6_wide (KL_CUDA_KDA_KP6_WIDE): =6's wide forms with
+ * Kb^T handed from the sub-chunk kernel to the solve (2, default), without
+ * that hand-off (1), or the forms before them (0); the same outputs bit
+ * for bit */
+static int kda_kp6_wide = 2;
+
+extern "C" void
+kk_set_kda_kp6_wide(int on)
+{
+	kda_kp6_wide = on;
+}
+
 template <typename TIN>
 static int
 kp6_launch(cudaStream_t s, int n, int H, const TIN *q, const TIN *k, const TIN *v, const float *g,
 		   const float *beta, uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16, float *gl)
 {
-	unsigned	nc = (unsigned) ((n + KDA_CHUNK - 1) / KDA_CHUNK);
-	int			sm1 = kp6_sub_layout<128>::BYTES,
-				sm2 = kp6_solve_layout<128>::BYTES;
-	cudaError_t e;
+	/* the wide sub-chunk kernel reads q, k 16 bytes at a time (every row
+	 * 16-byte aligned when the arrays are: H K is a multiple of 128) */
+	bool		aligned = (((uintptr_t) q | (uintptr_t) k) & 15) == 0;
 
-	if ((e = cudaFuncSetAttribute(kp6_sub_kernel<128, TIN>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm1)) !=
-		cudaSuccess ||
-		(e = cudaFuncSetAttribute(kp6_solve_kernel<128, TIN>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm2)) !=
-		cudaSuccess)
-		return (int) e;
-	kp6_sub_kernel<128, TIN><<<dim3(4 * nc, H), 256, sm1, s>>>(n, H, q, k, g, beta, W16, Q16, Kt16, P16, gl);
-	kp6_solve_kernel<128, TIN><<<dim3(nc, H), 256, sm2, s>>>(n, H, k, v, g, beta, W16, U16);
-	return 0;
+	if (!aligned || kda_kp6_wide <= 0)
+		return kp6_launch_form<TIN, 0>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
+	if (kda_kp6_wide == 1)
+		return kp6_launch_form<TIN, 1>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
+	return kp6_launch_form<TIN, 2>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
 }
 
 /* set by kk_set_kda_prep_mma: kk_kda_chunked_mma's parallel half on tensor

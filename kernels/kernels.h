@@ -435,6 +435,14 @@ int			kk_kda_chunk_prep_bf16(cudaStream_t s, int n, int H, int K, const float *q
 int			kk_kda_chunk_prep_bf16_in16(cudaStream_t s, int n, int H, int K, const uint16_t *q, const uint16_t *k,
 										const uint16_t *v, const float *g, const float *beta, uint16_t *W16,
 										uint16_t *U16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16, float *gl);
+/* =6's kernels (both input types): 1 their wide forms -- the sub-chunk
+ * kernel reads its q, k rows as 16-byte pieces into shared memory and folds
+ * g once a channel, the solve pads its shared arrays against bank conflicts
+ * and stores W / U0 16 bytes a lane --, 2 (default) those with the
+ * right-hand side Kb^T formed by the sub-chunk kernel (left in the tile's
+ * U16 room; the solve then reads no g or k), or 0 the forms before; the
+ * same outputs bit for bit (q or k not 16-byte aligned: the forms before). */
+void		kk_set_kda_kp6_wide(int on);
 /*
  * KL_CUDA_KDA_PREP_MMA=4 (K = 128, conv width 1 .. 4: kk_kda_prep_fused_ok):
  * kk_kda_chunked_mma of one sequence computed from the op's raw inputs, the

@@ -965,6 +965,13 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * store its o as bf16, and the gated norm reads that and, where
 		 * o_proj reads a bf16 twin, writes only the twin (cuda_state.t16);
 		 * 1 the bf16 o only; 0 neither (fp32 o and out, as before).
+		 * KL_CUDA_KDA_KP6_WIDE=0: =6's kernels as before their wide forms;
+		 * =1 the wide forms (q, k read 16 bytes a thread into shared memory
+		 * and g folded once a channel by the sub-chunk kernel, the solve's
+		 * shared arrays padded and W / U0 stored 16 bytes a lane); =2
+		 * (default) those with the right-hand side Kb^T formed by the
+		 * sub-chunk kernel, so that the solve reads no g or k.  The same
+		 * outputs bit for bit.
 		 * KL_CUDA_KDA_ELEM_WARP: which kernels run the KDA prep (conv, norms,
 		 * decay) and the gated norm, a mask (kernels.h KK_KDA_EW_*), all with
 		 * the same outputs bit for bit: 2 the gated norm as a warp per
@@ -1030,6 +1037,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *mf = getenv("KL_CUDA_MLA_FLASH"),
 				   *kpm = getenv("KL_CUDA_KDA_PREP_MMA"),
 				   *kew = getenv("KL_CUDA_KDA_ELEM_WARP"),
+				   *kpw = getenv("KL_CUDA_KDA_KP6_WIDE"),
 				   *ki16 = getenv("KL_CUDA_KDA_IN16"),
 				   *ko16 = getenv("KL_CUDA_KDA_OUT16"),
 				   *kop16 = getenv("KL_CUDA_KDA_O16");
@@ -1046,6 +1054,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_mma_q_tok(!(qtk && strcmp(qtk, "0") == 0));
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
 		kk_set_kda_prep_mma(kpm && *kpm ? ((atoi(kpm) >= 0 && atoi(kpm) <= 4) || atoi(kpm) == 6 ? atoi(kpm) : 6) : 6);
+		kk_set_kda_kp6_wide(kpw && *kpw && atoi(kpw) >= 0 && atoi(kpw) <= 2 ? atoi(kpw) : 2);
 		kk_set_kda_elem_warp(kew && *kew ? atoi(kew) & (KK_KDA_EW_NORM_WARP | KK_KDA_EW_PREP_ROWS | KK_KDA_EW_FAST) :
 							 KK_KDA_EW_DEFAULT);
 		kk_set_kda_mma_form(kmma && atoi(kmma) >= 1 && atoi(kmma) <= 4 ? atoi(kmma) : 2);

@@ -511,6 +511,18 @@ kl_cuda_test_kda_prep_mma(int on)
 }
 
 /*
+ * For test/engine/test_cuda.c only (found with dlsym): =6's wide forms with
+ * the Kb^T hand-off (2, KL_CUDA_KDA_KP6_WIDE's default), without it (1) or
+ * the forms before them (0), for the calls of kl_cuda_test_kda_chunked_raw
+ * that follow.
+ */
+__attribute__((visibility("default"))) void
+kl_cuda_test_kda_kp6_wide(int on)
+{
+	kk_set_kda_kp6_wide(on);
+}
+
+/*
  * For test/engine/test_cuda.c only (found with dlsym): kk_kda_chunked_mma's
  * sequential part as the 4-warp kernel (1), the wide one with 32 columns a
  * block (2, KL_CUDA_KDA_MMA's default), with 64 (3) or with 8 warps (4),

@@ -63,7 +63,8 @@
  * tokens) run it too.  Its two-kernel parallel half (KL_CUDA_KDA_PREP_MMA=6)
  * and that half's bf16-input form must give the 63.5 KB kernel's (=3)
  * arrays, outputs and state bit for bit (check_kda_prep_split, through the
- * hook kl_cuda_test_kda_chunked_raw).
+ * hook kl_cuda_test_kda_chunked_raw), in each of =6's forms
+ * (KL_CUDA_KDA_KP6_WIDE 2, the default, 1 and 0).
  * KL_CUDA_KDA_O16 (o as bf16 from that form, the gated norm on bf16 inputs
  * writing only o_proj's twin): the bf16 o is the fp32 o's rounding and the
  * norm the fp32 kernel's on the same values, bit for bit
@@ -4151,7 +4152,11 @@ round_bf16(float x)
  * after, at 32 heads x 128 for lengths that end mid-chunk, a few chunks and
  * 8192, and at 4 heads.  Its bf16-input form (kk_kda_chunked_mma16, for q,
  * k, v written in bf16 by the rows prep) must give, on q, k, v rounded to
- * bf16, what =6 and =3 give on the same values in fp32, bit for bit.
+ * bf16, what =6 and =3 give on the same values in fp32, bit for bit.  Both
+ * input forms run in the three KL_CUDA_KDA_KP6_WIDE forms: 2 (default: q, k
+ * staged 16 bytes a thread, the solve's padded arrays and 16-byte W / U0
+ * stores, Kb^T handed from the sub-chunk kernel to the solve), 1 (without
+ * the hand-off) and 0 (the forms before), each against =3.
  */
 static void
 check_kda_prep_split(void)
@@ -4169,6 +4174,7 @@ check_kda_prep_split(void)
 	void	   *lib = NULL;
 	kda_chunked_raw_fn fn = NULL;
 	void		(*prep_mma) (int) = NULL;
+	void		(*kp6_wide) (int) = NULL;
 	size_t		(*scr_bytes) (int, int, int) = NULL;
 	uint64_t	rs = 1717;
 
@@ -4176,10 +4182,12 @@ check_kda_prep_split(void)
 	if (!fn)
 		return;
 	*(void **) &prep_mma = dlsym(lib, "kl_cuda_test_kda_prep_mma");
+	*(void **) &kp6_wide = dlsym(lib, "kl_cuda_test_kda_kp6_wide");
 	*(void **) &scr_bytes = dlsym(lib, "kl_cuda_test_kda_chunk_mma_scratch");
-	tap_ok(prep_mma != NULL && scr_bytes != NULL,
-		   "the CUDA library exports kl_cuda_test_kda_prep_mma and kl_cuda_test_kda_chunk_mma_scratch");
-	for (size_t ci = 0; prep_mma && scr_bytes && ci < sizeof(cases) / sizeof(cases[0]); ci++)
+	tap_ok(prep_mma != NULL && kp6_wide != NULL && scr_bytes != NULL,
+		   "the CUDA library exports kl_cuda_test_kda_prep_mma, kl_cuda_test_kda_kp6_wide and "
+		   "kl_cuda_test_kda_chunk_mma_scratch");
+	for (size_t ci = 0; prep_mma && kp6_wide && scr_bytes && ci < sizeof(cases) / sizeof(cases[0]); ci++)
 	{
 		int			H = cases[ci].H,
 					T = cases[ci].T;
@@ -4192,22 +4200,29 @@ check_kda_prep_split(void)
 				   *g = rand_floats(nx, -4, 4, &rs),
 				   *beta = rand_floats((size_t) T * H, -3, 3, &rs),
 				   *S = cases[ci].carry ? rand_floats(nS, -0.5, 0.5, &rs) : calloc(nS, sizeof(float));
-		/* [0] =3, [1] =6, on fp32 inputs, then on bf16 values: [2] =3,
-		 * [3] =6, [4] the bf16-input form */
-		float	   *o[5],
-				   *Sa[5];
-		char	   *scr[5];
-		int			rc[5];
-		static const int pm[5] = {3, 6, 3, 6, 6},
-					in16[5] = {0, 0, 0, 0, 1};
+		/* on fp32 inputs [0] =3, [1] =6, [2] =6's wide forms without the
+		 * Kb^T hand-off, [3] =6 before its wide forms; then on bf16 values
+		 * [4] =3, [5] =6, [6] the bf16-input form, [7] and [8] that form
+		 * with KL_CUDA_KDA_KP6_WIDE 1 and 0 */
+		enum
+		{
+			NR = 9, BF = 4
+		};
+		float	   *o[NR],
+				   *Sa[NR];
+		char	   *scr[NR];
+		int			rc[NR];
+		static const int pm[NR] = {3, 6, 6, 6, 3, 6, 6, 6, 6},
+					in16[NR] = {0, 0, 0, 0, 0, 0, 1, 1, 1},
+					wide[NR] = {2, 2, 1, 0, 2, 2, 2, 1, 0};
 
 		kda_prepared_like(T, H, K, q, k, g, beta);
-		for (int r = 0; r < 5; r++)
+		for (int r = 0; r < NR; r++)
 		{
 			o[r] = malloc(sizeof(float) * nx);
 			Sa[r] = malloc(sizeof(float) * nS);
 			scr[r] = malloc(nscr);
-			if (r == 2)
+			if (r == BF)
 				for (size_t i = 0; i < nx; i++)
 				{
 					q[i] = round_bf16(q[i]);
@@ -4215,20 +4230,26 @@ check_kda_prep_split(void)
 					v[i] = round_bf16(v[i]);
 				}
 			prep_mma(pm[r]);
+			kp6_wide(wide[r]);
 			rc[r] = fn(T, H, K, in16[r], q, k, v, g, beta, S, o[r], Sa[r], scr[r]);
 		}
-		for (int r = 1; r < 5; r++)
+		kp6_wide(2);
+		for (int r = 1; r < NR; r++)
 		{
-			int			ref = r == 1 ? 0 : 2;
-			bool		same = rc[ref] == 0 && rc[r] == 0 && memcmp(scr[r], scr[ref], nscr) == 0 &&
-				memcmp(o[r], o[ref], sizeof(float) * nx) == 0 && memcmp(Sa[r], Sa[ref], sizeof(float) * nS) == 0;
+			int			ref = r < BF ? 0 : BF;
+			bool		same;
 
-			tap_ok(same, "KDA chunk prep in two kernels (=6%s) gives the 63.5 KB kernel's (=3) prep arrays, "
-				   "outputs and state bit for bit%s, %d heads x %d, %d rows, state %s (hooks returned %d, %d)",
-				   in16[r] ? ", q, k, v read as bf16" : "", r == 1 ? "" : " on bf16-valued q, k, v", H, K, T,
-				   cases[ci].carry ? "carried in" : "zero", rc[ref], rc[r]);
+			if (r == BF)
+				continue;
+			same = rc[ref] == 0 && rc[r] == 0 && memcmp(scr[r], scr[ref], nscr) == 0 &&
+				memcmp(o[r], o[ref], sizeof(float) * nx) == 0 && memcmp(Sa[r], Sa[ref], sizeof(float) * nS) == 0;
+			tap_ok(same, "KDA chunk prep in two kernels (=6%s, KL_CUDA_KDA_KP6_WIDE=%d) gives the 63.5 KB kernel's "
+				   "(=3) prep arrays, outputs and state bit for bit%s, %d heads x %d, %d rows, state %s (hooks "
+				   "returned %d, %d)", in16[r] ? ", q, k, v read as bf16" : "", wide[r],
+				   r < BF ? "" : " on bf16-valued q, k, v", H, K, T, cases[ci].carry ? "carried in" : "zero",
+				   rc[ref], rc[r]);
 		}
-		for (int r = 0; r < 5; r++)
+		for (int r = 0; r < NR; r++)
 		{
 			free(o[r]);
 			free(Sa[r]);
