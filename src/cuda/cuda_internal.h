@@ -394,8 +394,8 @@ typedef struct cuda_state
 	 * the rows prep and the tails) and widens what a path cannot read; any
 	 * other op, a product over or from y's rows, an upload or download, and
 	 * end of step widen them back into y first (cuda_r16_flush), so no
-	 * reader ever sees a stale y.  kda_out16 (KL_CUDA_KDA_OUT16, default on
-	 * in precision bf16): in prefill steps whose every sequence takes the
+	 * reader ever sees a stale y.  kda_out16 (KL_CUDA_KDA_OUT16=1, opt-in,
+	 * precision bf16): in prefill steps whose every sequence takes the
 	 * chunkwise form on tensor cores (K = 128), the rows prep writes the
 	 * prepared q, k, v as bf16 only and kk_kda_chunked_mma16 reads them.
 	 * step_prefill: the step is not a decode step (n_tokens != n_seqs);

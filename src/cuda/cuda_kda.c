@@ -15,8 +15,8 @@
  * bf16 (precision bf16, prefill; cuda_state.r16): where the products kept
  * q, k, v and f in bf16 only (KL_CUDA_KDA_IN16), the rows prep and the
  * conv tails read those; where every sequence takes the chunkwise form on
- * tensor cores, the rows prep writes the prepared q, k, v in bf16 only
- * (KL_CUDA_KDA_OUT16) for kk_kda_chunked_mma16.  Every path that cannot
+ * tensor cores, the rows prep can write the prepared q, k, v in bf16 only
+ * (KL_CUDA_KDA_OUT16=1, opt-in) for kk_kda_chunked_mma16.  Every path that cannot
  * read a kept result (decode, the fused prep =4, the block prep kernel)
  * widens it back into its fp32 buffer first, and the gate is widened before
  * the gated norm.

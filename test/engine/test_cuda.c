@@ -63,25 +63,16 @@
  * tokens) run it too.  Its two-kernel parallel half (KL_CUDA_KDA_PREP_MMA=6)
  * and that half's bf16-input form must give the 63.5 KB kernel's (=3)
  * arrays, outputs and state bit for bit (check_kda_prep_split, through the
-<<<<<<< HEAD
  * hook kl_cuda_test_kda_chunked_raw), in each of =6's forms
  * (KL_CUDA_KDA_KP6_WIDE 2, the default, 1 and 0).
- * KL_CUDA_KDA_O16 (o as bf16 from that form, the gated norm on bf16 inputs
- * writing only o_proj's twin): the bf16 o is the fp32 o's rounding and the
- * norm the fp32 kernel's on the same values, bit for bit
- * (check_kda_chunked_o16, check_kda_norm16); the op and the logits of the
- * random models within 1.5x of =0's error against precision fp32
- * (check_kda_o16_op, check_kda_o16_model).
-=======
- * hook kl_cuda_test_kda_chunked_raw).
->>>>>>> parent of 60b3814 (merge i13s5-norm16 (KL_CUDA_KDA_O16: bf16 o from the recurrence, the gated norm reading bf16 and writing only o_proj's twin) onto i13s5-in16: the norm reads the gate kept in bf16 by its product)
  *
  * The KDA op's bf16 sides in precision bf16 (KL_CUDA_KDA_IN16: q, k, v, f
  * products keep bf16 results; KL_CUDA_KDA_OUT16: bf16 prepared q, k, v):
  * the rows prep of bf16 types must equal the fp32 prep on the same values
  * bit for bit (check_kda_prep16, hook kl_cuda_test_kda_prep16), and whole
  * random models' logits, measured against precision fp32, may be at most
- * 1.5 times as far off as the bf16 path without them (check_kda_in16_model).
+ * 1.5 times as far off as the bf16 path without them (check_kda_in16_model;
+ * IN16, the default, holds it; OUT16 is opt-in and only measured there).
  *
  * The decode MLA products with 16-byte weight loads (KL_CUDA_MLA_SMALL)
  * must equal the older kernels within 1e-5 (check_mla_small, through the
@@ -4691,9 +4682,10 @@ check_kda_prep_fused_model(const char *config, const char *name, int T, int piec
  * one's.  Prefill in one call (every sequence long: both switches), in
  * pieces of `piece` rows (tails and state carried), and in pieces of 13
  * (GEMM products but a sequence of <= 16 rows: the per-token recurrence on
- * the rows prep of bf16 inputs; OUT16 does not apply).  Each switch alone
- * and IN16=3 (the gate kept in bf16 too, widened before the norm) are
- * checked the same way.
+ * the rows prep of bf16 inputs; OUT16 does not apply).  IN16 (the default)
+ * is held to the bar; OUT16 (opt-in: above the bar on the K = 128 model,
+ * 2026-12-01) with and without IN16, and IN16=3 (the gate kept in bf16
+ * too, widened before the norm), are measured and printed only.
  */
 #define IN16_FACTOR 1.5
 
@@ -4735,11 +4727,12 @@ check_kda_in16_model(const char *config, const char *name, int T, int piece)
 		const char *in16,
 				   *out16,
 				   *what;
+		bool		held;		/* the bar holds (a default), else measured only */
 	}			var[] = {
-		{"1", "1", "IN16 + OUT16 (the defaults)"},
-		{"1", "0", "IN16 alone"},
-		{"0", "1", "OUT16 alone"},
-		{"3", "1", "IN16=3 (gate too) + OUT16"},
+		{"1", "0", "IN16 (the default)", true},
+		{"1", "1", "IN16 + OUT16 (opt-in)", false},
+		{"0", "1", "OUT16 alone (opt-in)", false},
+		{"3", "0", "IN16=3 (gate too; opt-in)", false},
 	};
 	kl_model   *ref = in16_model(config, "fp32", NULL, NULL, NULL, NULL),
 			   *old = in16_model(config, "bf16", "KL_CUDA_KDA_IN16", "0", "KL_CUDA_KDA_OUT16", "0");
@@ -4774,9 +4767,16 @@ check_kda_in16_model(const char *config, const char *name, int T, int piece)
 				snprintf(how, sizeof(how), "in one call");
 			else
 				snprintf(how, sizeof(how), "in pieces of %d", steps[si]);
-			tap_ok(e_new <= IN16_FACTOR * e_old, "%s, %d tokens %s: KDA %s, logits vs precision fp32 rel err %.3e, "
-				   "the bf16 path before (IN16=0 OUT16=0) %.3e: ratio %.3f (at most %.1f)", name, T, how,
-				   var[vi].what, e_new, e_old, e_old > 0 ? e_new / e_old : 0.0, IN16_FACTOR);
+			/* the opt-in forms are measured, not held to the bar (OUT16 went
+			 * above it on the K = 128 model: cuda_backend.c has the numbers) */
+			if (var[vi].held)
+				tap_ok(e_new <= IN16_FACTOR * e_old, "%s, %d tokens %s: KDA %s, logits vs precision fp32 rel err "
+					   "%.3e, the bf16 path before (IN16=0 OUT16=0) %.3e: ratio %.3f (at most %.1f)", name, T, how,
+					   var[vi].what, e_new, e_old, e_old > 0 ? e_new / e_old : 0.0, IN16_FACTOR);
+			else
+				tap_diag("%s, %d tokens %s: KDA %s, logits vs precision fp32 rel err %.3e, the bf16 path before "
+						 "%.3e: ratio %.3f (measured only; the bar for defaults is %.1f)", name, T, how,
+						 var[vi].what, e_new, e_old, e_old > 0 ? e_new / e_old : 0.0, IN16_FACTOR);
 			tap_diag("%s, %s, %s: vs the bf16 path before, rel err %.3e (%s)", name, how, var[vi].what,
 					 rel_err(l, lold[si], (size_t) T * V),
 					 memcmp(l, lold[si], sizeof(float) * (size_t) T * V) == 0 ? "bit-identical" : "differ");
