@@ -695,9 +695,10 @@ kda_tails_kernel(int n_seqs, int HK, int W, const T *q, const T *k, const T *v,
 	}
 }
 
-extern "C" void
-kk_kda_tails(cudaStream_t s, int n_seqs, int HK, int W, const float *q, const float *k, const float *v,
-			 const int *row0, float *const *conv_tab)
+template <typename T>
+static void
+kda_tails_launch(cudaStream_t s, int n_seqs, int HK, int W, const T *q, const T *k, const T *v, const int *row0,
+				 float *const *conv_tab)
 {
 	size_t		n = (size_t) n_seqs * 3 * HK;
 
@@ -706,13 +707,17 @@ kk_kda_tails(cudaStream_t s, int n_seqs, int HK, int W, const float *q, const fl
 }
 
 extern "C" void
+kk_kda_tails(cudaStream_t s, int n_seqs, int HK, int W, const float *q, const float *k, const float *v,
+			 const int *row0, float *const *conv_tab)
+{
+	kda_tails_launch(s, n_seqs, HK, W, q, k, v, row0, conv_tab);
+}
+
+extern "C" void
 kk_kda_tails16(cudaStream_t s, int n_seqs, int HK, int W, const uint16_t *q, const uint16_t *k, const uint16_t *v,
 			   const int *row0, float *const *conv_tab)
 {
-	size_t		n = (size_t) n_seqs * 3 * HK;
-
-	if (n > 0)
-		kda_tails_kernel<<<ceil_div(n, 256), 256, 0, s>>>(n_seqs, HK, W, q, k, v, row0, conv_tab);
+	kda_tails_launch(s, n_seqs, HK, W, q, k, v, row0, conv_tab);
 }
 
 /* ------------------------------------------------------------------ per-token recurrence */

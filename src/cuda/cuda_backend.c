@@ -987,7 +987,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * in prefill steps whose every sequence takes the chunkwise form on
 		 * tensor cores (K = 128); default fp32.  Opt-in because its second
 		 * bf16 rounding of q, k, v put the K = 128 random model's logits
-		 * 1.43-1.51x as far from precision fp32 as the bf16 path without it
+		 * 1.28-1.51x as far from precision fp32 as the bf16 path without it
 		 * (1.52-1.59x with IN16), above test_cuda's bar of 1.5x
 		 * (H200, 2026-12-01; the 48B shapes: 1.02-1.09x); -0.1 ms of the
 		 * op's 5.5 at 32768 tokens.

@@ -63,9 +63,8 @@ cuda_kda_gated_norm(kl_backend *be, const kl_kda_args *a, int n, const float *o)
 
 	if (be->failed)
 		return;
-	/* TODO(norm16): the gate kept in bf16 (KL_CUDA_KDA_IN16 bit 2: cuda_r16_find(cs, a->gate, n, HK)) is
-	 * widened here until the gated norm takes a bf16 gate (branch i13s5-norm16); then pass that pointer
-	 * and cuda_r16_drop the record instead */
+	/* the gate kept in bf16 (KL_CUDA_KDA_IN16 bit 2, opt-in) is widened here: the gated norm reads fp32
+	 * (a norm reading a bf16 gate was part of the reverted O16 work, commit 82fb674) */
 	cuda_r16_widen(be, a->gate);
 	kk_kda_gated_norm_twin(cs->stream, n, H, K, o, a->gate, a->w->o_norm, cfg->rms_norm_eps, a->out, o16);
 	if (cuda_launched(be, "kda_gated_norm") && o16)
