@@ -1853,7 +1853,8 @@ kda_decode_kernel(int H, int W, const float *__restrict__ q, const float *__rest
 				  const float *__restrict__ conv_k, const float *__restrict__ conv_v,
 				  const float *__restrict__ A_log, const float *__restrict__ dt_bias,
 				  const float *__restrict__ o_norm, float eps, const int *__restrict__ row0,
-				  float *const *S_tab, float *const *conv_tab, float qscale, int round16, float *out)
+				  float *const *S_tab, float *const *conv_tab, float qscale, int round16, float *out,
+				  uint16_t *out16)
 {
 #ifdef KL_KDA_CLUSTERS
 	constexpr int V = K;
@@ -1952,7 +1953,11 @@ kda_decode_kernel(int H, int W, const float *__restrict__ q, const float *__rest
 				float		ss = warp_sum(pv);
 				size_t		off = (size_t) t * HK + (size_t) h * K + x;
 
-				out[off] = kda_gated(ov, ss, V, eps, o_norm + x, gate + off);
+				float		y = kda_gated(ov, ss, V, eps, o_norm + x, gate + off);
+
+				out[off] = y;
+				if (out16)
+					out16[off] = f32_to_bf16(y);	/* (o_proj's bf16 twin: KL_CUDA_Q_TWIN) */
 			}
 			if (c >= z * KDA_SLICE && c < (z + 1) * KDA_SLICE)
 				kda_shift_tail(tail, q, k, v, HK, W, ch, t);
@@ -1969,7 +1974,7 @@ static int
 decode_launch(cudaStream_t s, int n_seqs, int H, int W, const float *q, const float *k, const float *v,
 			  const float *f, const float *b, const float *gate, const float *conv_q, const float *conv_k,
 			  const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm, float eps,
-			  const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out)
+			  const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out, uint16_t *out16)
 {
 	cudaLaunchConfig_t cfg = {};
 	cudaLaunchAttribute at[2];
@@ -1988,7 +1993,7 @@ decode_launch(cudaStream_t s, int n_seqs, int H, int W, const float *q, const fl
 	cfg.attrs = at;
 	cfg.numAttrs = kk_pdl_on ? 2 : 1;
 	e = cudaLaunchKernelEx(&cfg, kda_decode_kernel<K>, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log,
-						   dt_bias, o_norm, eps, row0, S_tab, conv_tab, 1.0f / sqrtf((float) K), round16, out);
+						   dt_bias, o_norm, eps, row0, S_tab, conv_tab, 1.0f / sqrtf((float) K), round16, out, out16);
 	return e == cudaSuccess ? 0 : (int) e;
 }
 
@@ -2021,10 +2026,11 @@ kk_kda_decode_supported(int K)
 }
 
 extern "C" int
-kk_kda_decode(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k, const float *v,
-			  const float *f, const float *b, const float *gate, const float *conv_q, const float *conv_k,
-			  const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm, float eps,
-			  const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out)
+kk_kda_decode_twin(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k, const float *v,
+				   const float *f, const float *b, const float *gate, const float *conv_q, const float *conv_k,
+				   const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm, float eps,
+				   const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out,
+				   uint16_t *out16)
 {
 	if (n_seqs <= 0)
 		return 0;
@@ -2032,13 +2038,23 @@ kk_kda_decode(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, c
 	{
 		case 32:
 			return decode_launch<32>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias,
-									 o_norm, eps, row0, S_tab, conv_tab, round16, out);
+									 o_norm, eps, row0, S_tab, conv_tab, round16, out, out16);
 		case 64:
 			return decode_launch<64>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias,
-									 o_norm, eps, row0, S_tab, conv_tab, round16, out);
+									 o_norm, eps, row0, S_tab, conv_tab, round16, out, out16);
 		case 128:
 			return decode_launch<128>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias,
-									  o_norm, eps, row0, S_tab, conv_tab, round16, out);
+									  o_norm, eps, row0, S_tab, conv_tab, round16, out, out16);
 	}
 	return -1;
+}
+
+extern "C" int
+kk_kda_decode(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k, const float *v,
+			  const float *f, const float *b, const float *gate, const float *conv_q, const float *conv_k,
+			  const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm, float eps,
+			  const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out)
+{
+	return kk_kda_decode_twin(s, n_seqs, H, K, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias, o_norm,
+							  eps, row0, S_tab, conv_tab, round16, out, NULL);
 }

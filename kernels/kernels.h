@@ -101,7 +101,15 @@ typedef struct kk_gemv_job
 				vec,			/* set by the launcher */
 				fmt,			/* KK_WF_*: read by the _q launchers (which ignore bf16) */
 				group;			/* quantized: columns per scale */
-	const uint16_t *x16;		/* set by mma_q.cu's launcher: the dense FP8 kernel's converted rows */
+	/*
+	 * The dense FP8 kernel's bf16 rows of x (kk_gemv_multi_mma_q): NULL
+	 * (memset) and the launcher converts x into b->xq and sets it; or
+	 * preset by the caller to a bf16 twin of x: f32_to_bf16 of every
+	 * value (unscaled), row-major with row stride cols (not ldx), at least
+	 * n rows, unchanged until the product kernel has run (stream order);
+	 * then that job needs no room and no conversion.  Other kernels ignore it.
+	 */
+	const uint16_t *x16;
 } kk_gemv_job;
 typedef struct kk_gemv_batch
 {
@@ -277,10 +285,12 @@ void		kk_expert_gemv_q(cudaStream_t s, float *y0, float *y1, int ldy, const floa
  * and staging ones (mt 3: the slab kernel, 64-row slabs copied (cp.async) into
  * shared memory, k split over a cluster; compute capability 9 only, where
  * the shapes fit it, else as 2; its sums differ from 2's in order): a conversion launch writes the batch's activations once
- * as bf16 x 2^64 into b->xq, which the caller provides
- * (kk_gemv_mma_q_room(b) bytes, 0 when no job takes the dense kernel;
- * without the room those jobs take the other kernels, as kk_gemv_mma_q's
- * always do).  At n <= 8 its results equal the direct kernel's bit for bit.
+ * as bf16 (n rows, unscaled; the kernels multiply by 2^64 as they load) into b->xq, which the caller provides
+ * (kk_gemv_mma_q_room(b) bytes, 0 when no job takes the dense kernel or
+ * every such job's x16 is preset (a twin: kk_gemv_job.x16; no conversion
+ * launch then); without the room those jobs take the other kernels, as
+ * kk_gemv_mma_q's always do).  At n <= 8 its results equal the direct
+ * kernel's bit for bit (but for fp32-subnormal activations: mma_q.cu, mx_x64).
  * kk_gemv_multi_mma_q_as / kk_gemv_mma_q_room_as: the same with the
  * settings given (direct, dense; dense at any n), for the test hook.
  */
@@ -478,6 +488,14 @@ int			kk_kda_decode(cudaStream_t s, int n_seqs, int H, int K, int W, const float
 						  const float *conv_k, const float *conv_v, const float *A_log, const float *dt_bias,
 						  const float *o_norm, float eps, const int *row0, float *const *S_tab,
 						  float *const *conv_tab, int round16, float *out);
+/* kk_kda_decode that also writes out16 [n rows, H K] = f32_to_bf16 of out
+ * (the bf16 twin o_proj reads: KL_CUDA_Q_TWIN; NULL: none, kk_decode's stores) */
+int			kk_kda_decode_twin(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k,
+							   const float *v, const float *f, const float *b, const float *gate,
+							   const float *conv_q, const float *conv_k, const float *conv_v, const float *A_log,
+							   const float *dt_bias, const float *o_norm, float eps, const int *row0,
+							   float *const *S_tab, float *const *conv_tab, int round16, float *out,
+							   uint16_t *out16);
 
 /* mla.cu (pages: for each sequence, page_cap page pointers of this layer;
  * c16: the cache rows are bf16, else fp32) */

@@ -730,12 +730,15 @@ mq_launch_direct(cudaStream_t s, kk_gemv_batch *b, int direct)
  * 16-row tile repeats (16 fp32 loads' worth of bytes, 16 multiplies by 2^64
  * and 16 roundings to bf16 per lane and 64 columns, ~100 instructions next
  * to the 4 mma), and the staging kernel stages all n rows for every block.
- * Here mx_convert_kernel writes each distinct activation matrix of the
- * batch once, as bf16 x 2^64 (md_x_pair's numbers), into the room: NB * 8
- * rows of cols (rows n .. NB * 8 - 1 zero), row-major.  A lane's B
- * fragments of a chunk and n-block are then two 16-byte loads (token
- * nb * 8 + g, its 16 columns: word 2i, 2i + 1 are step i's b0, b1), through
- * L1, shared by the MT tiles of the warp.  The rest is the direct kernel's:
+ * Here each distinct activation matrix of the batch is read as bf16 rows
+ * (x16: n rows of cols, row-major, f32_to_bf16 of x, unscaled): a producer's
+ * bf16 twin where the caller preset one (KL_CUDA_Q_TWIN, kernels.h), else
+ * written once by mx_convert_kernel into the room.  A lane's B fragments of
+ * a chunk and n-block are then two 16-byte loads (token nb * 8 + g, clamped
+ * to row n - 1: a clamped token's outputs are never stored; its 16 columns:
+ * word 2i, 2i + 1 are step i's b0, b1), through L1, shared by the MT tiles
+ * of the warp, each word times 2^64 in registers (mx_x64: md_x_pair's
+ * numbers).  The rest is the direct kernel's:
  * a block is MT 16-row tiles, its 8 warps split k (warp w takes chunks w,
  * w + 8, ...), each warp holds two register sets of U chunks of weights
  * (both requested before the dependent-launch wait), the partial tiles are
@@ -758,10 +761,47 @@ struct mx_conv
 				vec[KK_GEMV_JOBS];
 	int			count,			/* distinct matrices */
 				n,				/* token rows */
-				nrows;			/* rows written: NB * 8, zero from n */
+				nrows;			/* rows written: n (no padding: the kernels clamp) */
 };
 
-/* matrix blockIdx.y of c: 8 columns a thread, bf16 x 2^64 as md_x_pair rounds them */
+/*
+ * An activation pair (bf16x2, unscaled) times 2^64 (bf16 0x5f80), plus -0.0
+ * so that +0 stays +0: exact for a power of two, so bf16(x) * 2^64 ==
+ * bf16(x * 2^64) (md_x_pair) bit for bit for every x but fp32 subnormals
+ * (|x| < 2^-126: f32_to_bf16 rounds them at the subnormal's precision, x *
+ * 2^64 first would keep 8 bits) and NaN payloads; |x| < 2^64 assumed, as
+ * for the staged rows.
+ */
+__device__ __forceinline__ uint32_t
+mx_x64(uint32_t v)
+{
+	uint32_t	r;
+
+	asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(v), "r"(0x5f805f80u), "r"(0x80008000u));
+	return r;
+}
+
+__device__ __forceinline__ uint4
+mx_x64(uint4 v)
+{
+	return make_uint4(mx_x64(v.x), mx_x64(v.y), mx_x64(v.z), mx_x64(v.w));
+}
+
+/* the 16 bytes at p (a lane's bf16 activations of one row) times 2^64 */
+__device__ __forceinline__ uint4
+mx_ld16(const uint16_t *p)
+{
+	return mx_x64(__ldg((const uint4 *) p));
+}
+
+/* token row r of x16 rows 0 .. n - 1: rows past n read row n - 1 (outputs never stored) */
+__device__ __forceinline__ int
+mx_tok(int r, int n)
+{
+	return r < n ? r : n - 1;
+}
+
+/* matrix blockIdx.y of c: 8 columns a thread, unscaled bf16 as f32_to_bf16 rounds them (a twin's numbers) */
 __global__ void __launch_bounds__(256)
 mx_convert_kernel(mx_conv c)
 {
@@ -777,10 +817,9 @@ mx_convert_kernel(mx_conv c)
 	{
 		int			j = i / q,
 					k = (i - j * q) * 8;
-		float		v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+		float		v[8];
 		uint4		o;
 
-		if (j < c.n)
 		{
 			const float *xr = x + (size_t) j * c.ldx[e] + k;
 
@@ -799,10 +838,10 @@ mx_convert_kernel(mx_conv c)
 					v[u] = xr[u];
 			}
 		}
-		o.x = md_x_pair(v[0], v[1]);
-		o.y = md_x_pair(v[2], v[3]);
-		o.z = md_x_pair(v[4], v[5]);
-		o.w = md_x_pair(v[6], v[7]);
+		o.x = pack_bf16x2(v[0], v[1]);
+		o.y = pack_bf16x2(v[2], v[3]);
+		o.z = pack_bf16x2(v[4], v[5]);
+		o.w = pack_bf16x2(v[6], v[7]);
 		*(uint4 *) (d + (size_t) j * c.cols[e] + k) = o;
 	}
 }
@@ -824,14 +863,15 @@ struct mx_shape
 
 /*
  * acc[m][nb] += the chunks' steps (chunk c = warp + MX_WARPS i); xg: the
- * lane's converted row g + 16 t columns.  A chunk's A fragments are decoded
- * once (16 registers a tile), then each n-block's B fragments loaded and its
- * 4 steps run: every accumulator sees its steps in chunk and step order.
+ * lane's bf16 row g + 16 t columns (n rows: an n-block's rows past n read
+ * row n - 1).  A chunk's A fragments are decoded once (16 registers a
+ * tile), then each n-block's B fragments loaded and its 4 steps run: every
+ * accumulator sees its steps in chunk and step order.
  */
 template <int MT, int NB, int U>
 __device__ __forceinline__ void
 mx_compute(float (&acc)[MT][NB][4], const uint32_t (&w)[U][MT][2][4], const uint16_t *xg, int ld16, int warp,
-		   int i0, int nchunk)
+		   int i0, int nchunk, int n)
 {
 #pragma unroll
 	for (int u = 0; u < U; u++)
@@ -854,9 +894,10 @@ mx_compute(float (&acc)[MT][NB][4], const uint32_t (&w)[U][MT][2][4], const uint
 #pragma unroll
 		for (int nb = 0; nb < NB; nb++)
 		{
-			const uint4 *p = (const uint4 *) (xg + (size_t) nb * 8 * ld16 + 64 * (size_t) c);
-			uint4		lo = __ldg(p),
-						hi = __ldg(p + 1);
+			int			g = (threadIdx.x & 31) >> 2;
+			const uint16_t *p = xg + (size_t) (mx_tok(nb * 8 + g, n) - g) * ld16 + 64 * (size_t) c;
+			uint4		lo = mx_ld16(p),
+						hi = mx_ld16(p + 8);
 
 #pragma unroll
 			for (int i = 0; i < 4; i++)
@@ -896,7 +937,7 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
 	float		acc[MT][NB][4];
 	uint32_t	wa[U][MT][2][4],
 				wb[U][MT][2][4];
-	const uint16_t *xg = jb->x16 + (size_t) g * cols + 16 * t;
+	const uint16_t *xg = jb->x16 + (size_t) g * cols + 16 * t;	/* (row g: mx_compute clamps it) */
 
 	md_tile_rows<MT>(rg, W, r0, rows, cols, g, t);
 #pragma unroll
@@ -911,12 +952,12 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
 	kk_dep_launch();
 	for (int i = 0; i < per_warp; i += 2 * U)
 	{
-		mx_compute<MT, NB, U>(acc, wa, xg, cols, warp, i, nchunk);
+		mx_compute<MT, NB, U>(acc, wa, xg, cols, warp, i, nchunk, b.n);
 		if (i + U >= per_warp)
 			break;
 		if (i + 2 * U < per_warp)
 			md_load_w<MT, U>(wa, rg, warp, i + 2 * U, nchunk);
-		mx_compute<MT, NB, U>(acc, wb, xg, cols, warp, i + U, nchunk);
+		mx_compute<MT, NB, U>(acc, wb, xg, cols, warp, i + U, nchunk, b.n);
 		if (i + 3 * U < per_warp)
 			md_load_w<MT, U>(wb, rg, warp, i + 3 * U, nchunk);
 	}
@@ -966,7 +1007,8 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
  * converted activations through L1: NB x the weight bytes, 4 KB for each
  * 1 KB of weights at 32 tokens, and Nsight had it L1-bound (L1/TEX 78 %,
  * DRAM 18 %: H200, 2026-12-01).  Here the tokens are M (NT tiles of 16 of
- * the converted rows, which mx_convert_kernel pads to NB * 8 = 16 NT) and
+ * the bf16 rows, tokens past n reading row n - 1: their output rows are not
+ * stored; each word times 2^64 as loaded, mx_x64) and
  * the weights B (8 rows an n-tile): a warp holds R n-tiles, so each
  * activation fragment feeds R products and the activation bytes through L1
  * are 2 NT / R x the weight bytes.
@@ -1060,10 +1102,10 @@ gemv_mma_q_tok_kernel(kk_gemv_batch b)
 #pragma unroll
 			for (int h = 0; h < 2; h++)
 			{
-				const uint4 *p = (const uint4 *) (jb->x16 + (size_t) (16 * m + g + 8 * h) * cols + 64 * c + 16 * t);
+				const uint16_t *p = jb->x16 + (size_t) mx_tok(16 * m + g + 8 * h, b.n) * cols + 64 * c + 16 * t;
 
-				a[m][h][0] = __ldg(p);
-				a[m][h][1] = __ldg(p + 1);
+				a[m][h][0] = mx_ld16(p);
+				a[m][h][1] = mx_ld16(p + 8);
 			}
 #pragma unroll
 		for (int i = 0; i < 4; i++)
@@ -1336,18 +1378,20 @@ ms_stage_start(int s, int nch, int ns)
 	return s * nch / ns;
 }
 
-/* B fragments of chunk c (global chunk index) for the NB n-blocks: token nb * 8 + g, the lane's 16 columns */
+/* B fragments of chunk c (global chunk index) for the NB n-blocks: token nb * 8 + g (clamped to n - 1), the
+ * lane's 16 columns, times 2^64 */
 template <int NB>
 __device__ __forceinline__ void
-ms_load_b(uint4 (&bf)[NB][2], const uint16_t *xg, int ld16, int c)
+ms_load_b(uint4 (&bf)[NB][2], const uint16_t *xg, int ld16, int c, int n)
 {
 #pragma unroll
 	for (int nb = 0; nb < NB; nb++)
 	{
-		const uint4 *p = (const uint4 *) (xg + (size_t) nb * 8 * ld16 + 64 * (size_t) c);
+		int			g = (threadIdx.x & 31) >> 2;
+		const uint16_t *p = xg + (size_t) (mx_tok(nb * 8 + g, n) - g) * ld16 + 64 * (size_t) c;
 
-		bf[nb][0] = __ldg(p);
-		bf[nb][1] = __ldg(p + 1);
+		bf[nb][0] = mx_ld16(p);
+		bf[nb][1] = mx_ld16(p + 8);
 	}
 }
 
@@ -1466,7 +1510,7 @@ gemv_mma_q_slab_kernel(kk_gemv_batch b, int CS)
 		uint4		bf[NB][2];
 
 		if (wk < nch)
-			ms_load_b<NB>(bf, xg, cols, c0 + wk);
+			ms_load_b<NB>(bf, xg, cols, c0 + wk, b.n);
 		for (int c = wk; c < nch; c += WK)
 		{
 			uint4		bn[NB][2];
@@ -1474,7 +1518,7 @@ gemv_mma_q_slab_kernel(kk_gemv_batch b, int CS)
 			while (waited < ns && c >= ms_stage_start(waited, nch, ns))
 				ms_bar_wait(ms_saddr(bars + waited++));
 			if (c + WK < nch)
-				ms_load_b<NB>(bn, xg, cols, c0 + c + WK);
+				ms_load_b<NB>(bn, xg, cols, c0 + c + WK, b.n);
 			ms_chunk<NB, MT>(acc, arow + 64 * c, ld, bf);
 #pragma unroll
 			for (int nb = 0; nb < NB; nb++)
@@ -1663,15 +1707,16 @@ mx_ok(const mq_paths &p, const kk_gemv_job *jb, int n)
 
 /*
  * The conversion plan of the batch's jobs that the dense kernel takes (all
- * of b's jobs when take is NULL, else those marked): c's distinct
+ * of b's jobs when take is NULL, else those marked) and whose x16 the
+ * caller did not preset (a bf16 twin: kept as it is): c's distinct
  * activation matrices (same x, ldx and cols) with their offsets in room
  * (NULL: offsets from 0), each job's x16 set when room is given.  Returns
- * the bytes of room the plan needs.
+ * the bytes of room the plan needs (0: no conversion launch).
  */
 static size_t
 mx_plan(kk_gemv_batch *b, const bool *take, uint16_t *room, mx_conv *c)
 {
-	int			nrows = mq_nb(b->n) * 8;
+	int			nrows = b->n;
 	size_t		off = 0;
 
 	memset(c, 0, sizeof(*c));
@@ -1682,7 +1727,7 @@ mx_plan(kk_gemv_batch *b, const bool *take, uint16_t *room, mx_conv *c)
 		kk_gemv_job *jb = &b->job[j];
 		int			e = 0;
 
-		if (take && !take[j])
+		if ((take && !take[j]) || jb->x16)
 			continue;
 		while (e < c->count && !(c->x[e] == jb->x && c->ldx[e] == jb->ldx && c->cols[e] == jb->cols))
 			e++;
@@ -1701,7 +1746,7 @@ mx_plan(kk_gemv_batch *b, const bool *take, uint16_t *room, mx_conv *c)
 	return off;
 }
 
-/* the room the jobs of b that the dense kernel takes under p want */
+/* the room the jobs of b that the dense kernel takes under p want (those without a preset x16) */
 static size_t
 mx_room(const mq_paths &p, const kk_gemv_batch *b)
 {
@@ -1734,7 +1779,7 @@ mx_launch_nb(cudaStream_t s, kk_gemv_batch *b, int mt, int blocks)
 }
 
 /*
- * The conversion, then (dense 3) the slab kernel where it runs, else the
+ * The conversion (of the jobs without a preset twin; none: no launch), then (dense 3) the slab kernel where it runs, else the
  * dense kernel with the most tiles a block (up to dense: 1 or 2; 2 only up to 2 n-blocks: 16 rows) that still gives every
  * SM a block.  H200, 2026-12-01, FP8 step ms with 1 / 2 tiles: batch 8
  * 6.188 / 6.139, 16 9.41 / 9.42, 32 14.22 / 14.58, 64 22.33 / 22.33.
@@ -1748,13 +1793,16 @@ mx_launch(cudaStream_t s, kk_gemv_batch *b, int dense, uint16_t *room, size_t ro
 				mt = dense >= 2 && mq_nb(b->n) <= 2 ? 2 : 1,
 				most = 0,
 				blocks;
+	size_t		need = mx_plan(b, NULL, NULL, &c);
 
-	if (!room || mx_plan(b, NULL, NULL, &c) > room_bytes)
+	/* (jobs whose x16 came preset, twins, need no room; the conversion runs only for the rest) */
+	if (need > 0 && (!room || need > room_bytes))
 		return false;
 	mx_plan(b, NULL, room, &c);
 	for (int e = 0; e < c.count; e++)
 		most = c.cols[e] * c.nrows / 8 > most ? c.cols[e] * c.nrows / 8 : most;
-	kk_launch(mx_convert_kernel, dim3(ceil_div(most, 256), c.count), dim3(256), 0, s, c);
+	if (c.count > 0)
+		kk_launch(mx_convert_kernel, dim3(ceil_div(most, 256), c.count), dim3(256), 0, s, c);
 	if (dense >= 3 && ms_launch(s, b))
 		return true;
 	if (mt_launch(s, b))
