@@ -368,6 +368,9 @@ load_quantized(kl_backend *be, kl_weight *w, kl_err *err)
 		return errf(err, be->err.code, "loading onto the GPU: %s", be->err.msg);
 	}
 	w->dev = p;
+	/* (the dense FP8 decode products' shape, mma_q.cu's mx_ok: their inputs get bf16 twins, KL_CUDA_Q_TWIN) */
+	if (fmt == KK_WF_FP8 && q->group >= w->cols && w->cols % 64 == 0)
+		cs->q_fp8_dense = true;
 	return KL_OK;
 }
 
@@ -1022,6 +1025,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *qx = getenv("KL_CUDA_Q_DENSE"),
 				   *qxr = getenv("KL_CUDA_Q_DENSE_ROWS"),
 				   *qtk = getenv("KL_CUDA_Q_TOK"),
+				   *qtw = getenv("KL_CUDA_Q_TWIN"),
 				   *gs = getenv("KL_CUDA_GEMV_MMA_SLAB"),
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
 				   *ms = getenv("KL_CUDA_MLA_SMALL"),
@@ -1047,6 +1051,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_gemv_q_force_shape(qsh && *qsh && atoi(qsh) >= -1 && atoi(qsh) <= 3 ? atoi(qsh) : 3);
 		kk_set_mma_q_dense(qx && *qx ? atoi(qx) : 2, qxr && *qxr ? atoi(qxr) : 0);
 		kk_set_mma_q_tok(!(qtk && strcmp(qtk, "0") == 0));
+		/* (the rows the dense FP8 kernel takes, as kk_set_mma_q_dense reads the same two switches) */
+		cs->q_twin_rows = !cs->bf16_twin || (qtw && strcmp(qtw, "0") == 0) || (qx && *qx && atoi(qx) <= 0) ? 0 :
+			qxr && *qxr && atoi(qxr) > 0 && atoi(qxr) < KK_GEMV_MMA_Q_ROWS ? atoi(qxr) : KK_GEMV_MMA_Q_ROWS;
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
 		kk_set_kda_prep_mma(kpm && *kpm ? ((atoi(kpm) >= 0 && atoi(kpm) <= 4) || atoi(kpm) == 6 ? atoi(kpm) : 6) : 6);
 		kk_set_kda_kp6_wide(kpw && *kpw && atoi(kpw) >= 0 && atoi(kpw) <= 2 ? atoi(kpw) : 2);

@@ -252,6 +252,19 @@ typedef struct cuda_state
 	 * sets how the CUDA-core kernels choose their block shape:
 	 * kk_gemv_q_force_shape, default 3, by the heaviest job) */
 	int			q_mma_min;
+	/*
+	 * KL_CUDA_Q_TWIN (default on; =0 off): the dense FP8 decode products
+	 * (mma_q.cu's dense / tokens-as-M kernels) read their input's bf16 twin
+	 * (tw) where one is valid instead of converting it in a launch of their
+	 * own (q_mma_launch presets kk_gemv_job.x16), and the producers of
+	 * decode steps of q_mma_min .. q_twin_rows rows write twins
+	 * (cuda_twin_out) where the model has such products (q_fp8_dense: an
+	 * FP8 weight of one scale a row and cols % 64 == 0 was loaded).
+	 * q_twin_rows: 0 when off, else the rows the dense kernel takes
+	 * (KL_CUDA_Q_DENSE on: KL_CUDA_Q_DENSE_ROWS or KK_GEMV_MMA_Q_ROWS).
+	 */
+	int			q_twin_rows;
+	bool		q_fp8_dense;
 	/* KL_CUDA_Q_EXPERT_MMA: decode steps of at least this many tokens run
 	 * quantized experts on the tensor cores in bf16 precision (default 4:
 	 * FP8 at batch 4 4.22 ms a step against 5.30 on the CUDA cores, batch 2

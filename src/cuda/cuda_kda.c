@@ -194,14 +194,19 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 	if (n == ns && ns <= cs->kda_fused_max)
 	{
 		int			rc;
+		/* o_proj's bf16 twin, where its dense FP8 product reads one (KL_CUDA_Q_TWIN; cuda_twin_out) */
+		uint16_t   *o16 = cuda_twin_out(be, n, HK);
 
+		if (be->failed)
+			return;
 		cuda_r16_widen(be, a->gate);
-		rc = kk_kda_decode(cs->stream, ns, H, K, W, a->q, a->k, a->v, a->f, a->b, a->gate, w->conv_q,
-						   w->conv_k, w->conv_v, w->A_log, w->dt_bias, w->o_norm, cfg->rms_norm_eps,
-						   cs->d_row0, S_tab, conv_tab, cs->kda_round16, a->out);
+		rc = kk_kda_decode_twin(cs->stream, ns, H, K, W, a->q, a->k, a->v, a->f, a->b, a->gate, w->conv_q,
+								w->conv_k, w->conv_v, w->A_log, w->dt_bias, w->o_norm, cfg->rms_norm_eps,
+								cs->d_row0, S_tab, conv_tab, cs->kda_round16, a->out, o16);
 		if (rc == 0)
 		{
-			cuda_launched(be, "kda_decode");
+			if (cuda_launched(be, "kda_decode") && o16)
+				cuda_twin_set(cs, a->out, HK, n, HK, o16, false);
 			return;
 		}
 		/* refused (a launch configuration this GPU or driver does not take): the three kernels from now on */

@@ -58,13 +58,22 @@ q_on_tensor_cores(const cuda_state *cs, int n, const kl_weight *W)
 
 /* ------------------------------------------------------------------ bf16 twins */
 
+/* Do decode steps of rows tokens want twins for their dense FP8 products?  (KL_CUDA_Q_TWIN: cuda_state.q_twin_rows) */
+static bool
+q_twin_rows(const cuda_state *cs, int rows)
+{
+	return cs->q_fp8_dense && rows >= cs->q_mma_min && rows <= cs->q_twin_rows;
+}
+
 uint16_t   *
 cuda_twin_out(kl_backend *be, int rows, int cols)
 {
 	cuda_state *cs = CS(be);
 
-	/* (few rows take the GEMV kernels, which read the fp32 rows) */
-	if (!cs->bf16 || !cs->bf16_twin || rows <= GEMV_MAX_ROWS || cols <= 0 || be->failed)
+	/* (few rows take the GEMV kernels, which read the fp32 rows; but the dense FP8 products of
+	 * 2..8 rows read bf16 rows, KL_CUDA_Q_TWIN) */
+	if (!cs->bf16 || !cs->bf16_twin || (rows <= GEMV_MAX_ROWS && !q_twin_rows(cs, rows)) || rows <= 0 ||
+		cols <= 0 || be->failed)
 		return NULL;
 	if (cs->tw.valid && !cs->tw.in_xbuf)
 		cs->tw.valid = false;	/* CB_TWIN is about to be written */
@@ -371,12 +380,29 @@ gemv_job_of(kk_gemv_job *g, const kl_matmul_job *jb)
 /*
  * kk_gemv_multi_mma_q with the room its dense FP8 kernel asks for
  * (KL_CUDA_Q_DENSE: the batch's activations converted once, CB_Q_X16).
+ * KL_CUDA_Q_TWIN: a job whose x has a valid bf16 twin (cuda_x_bf16's test:
+ * the same rows, stride and columns, at least n rows, in tw_scope) reads
+ * it instead (its x16 preset: no room, no conversion for it).  The twin
+ * stays valid until a later op, which runs after the product in stream
+ * order; the choice depends only on the step's ops, shapes and pointers,
+ * so a captured graph's replays make the same one.
  * False when that room could not be had (the backend has failed).
  */
 static bool
 q_mma_launch(kl_backend *be, kk_gemv_batch *b)
 {
-	size_t		room = kk_gemv_mma_q_room(b);
+	cuda_state *cs = CS(be);
+	size_t		room;
+
+	for (int j = 0; j < b->count; j++)
+	{
+		kk_gemv_job *jb = &b->job[j];
+
+		if (cs->q_twin_rows > 0 && cs->bf16_twin && cs->tw_scope && cs->tw.valid && cs->tw.src == jb->x &&
+			cs->tw.ld == jb->ldx && cs->tw.cols == jb->cols && b->n <= cs->tw.rows)
+			jb->x16 = cs->tw.dst;
+	}
+	room = kk_gemv_mma_q_room(b);
 
 	if (room && !(b->xq = cuda_buf(be, CB_Q_X16, room)))
 		return false;
