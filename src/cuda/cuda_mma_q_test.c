@@ -42,7 +42,10 @@ mq_upload(cudaStream_t s, void **d, const void *h, size_t n)
  * (KL_CUDA_Q_DENSE=1, =2, its tokens-as-M form off) and the slab kernel
  * (=3) where they take them, 5 the dense kernel (=2) with the tokens-as-M
  * form on (kk_set_mma_q_tok: from 9 rows where it takes the batch), with
- * their room (NaN before the launch), through kk_gemv_multi_mma_q_as.  Returns 0, -1 for
+ * their room (NaN before the launch), through kk_gemv_multi_mma_q_as; 6, 7
+ * and 8: paths 3, 5 and 4 with the even-numbered jobs' x16 preset to a bf16
+ * twin of their x (kk_f32_to_bf16 into a buffer of exactly n rows, row
+ * stride cols: KL_CUDA_Q_TWIN's form), the others converted.  Returns 0, -1 for
  * arguments the kernels do not take (kk_mma_q_ok), or a CUDA error code.
  */
 static int
@@ -54,11 +57,16 @@ mq_gemv_run(int path, int n, int count, const int *rows, const int *cols, const 
 	void	   *dW[KK_GEMV_JOBS] = {NULL},
 			   *dx[KK_GEMV_JOBS] = {NULL},
 			   *dy[KK_GEMV_JOBS] = {NULL},
-			   *room = NULL;
+			   *room = NULL,
+			   *tw[KK_GEMV_JOBS] = {NULL};
 	kk_gemv_batch b;
-	int			dense = path == 5 ? 2 : path >= 2 ? path - 1 : 0,
+	int			twin = path >= 6,
+				dense,
 				tok_was = 0;
 
+	if (twin)
+		path = path == 6 ? 3 : path == 7 ? 5 : 4;
+	dense = path == 5 ? 2 : path >= 2 ? path - 1 : 0;
 	if (n <= 0 || n > KK_GEMV_MMA_Q_ROWS || count <= 0 || count > KK_GEMV_JOBS || xpad < 0 || path < -1 ||
 		path > 5)
 		return -1;
@@ -98,6 +106,14 @@ mq_gemv_run(int path, int n, int count, const int *rows, const int *cols, const 
 		b.job[j].cols = cols[j];
 		b.job[j].fmt = fmt[j];
 		b.job[j].group = group[j];
+		if (twin && j % 2 == 0)
+		{
+			/* (exactly n rows: the kernels must not read past them) */
+			if ((e = cudaMalloc(&tw[j], sizeof(uint16_t) * n * cols[j])) != cudaSuccess)
+				goto out;
+			kk_f32_to_bf16(s, tw[j], cols[j], b.job[j].x, (int) ldx, n, cols[j]);
+			b.job[j].x16 = tw[j];
+		}
 	}
 	if (path >= 0)
 	{
@@ -128,6 +144,7 @@ out:
 		cudaFree(dW[j]);
 		cudaFree(dx[j]);
 		cudaFree(dy[j]);
+		cudaFree(tw[j]);
 	}
 	cudaFree(room);
 	cudaStreamDestroy(s);
@@ -141,7 +158,8 @@ kl_cuda_test_gemv_mma_q(int n, int count, const int *rows, const int *cols, cons
 	return mq_gemv_run(-1, n, count, rows, cols, fmt, group, W, x, xpad, y);
 }
 
-/* the same through a chosen kernel (path as mq_gemv_run's: 0 staging, 1 direct, 2 and 3 dense, 4 slab, 5 dense tokens-as-M) */
+/* the same through a chosen kernel (path as mq_gemv_run's: 0 staging, 1 direct, 2 and 3 dense, 4 slab, 5 dense
+ * tokens-as-M; 6, 7, 8: 3, 5, 4 reading preset bf16 twins for the even-numbered jobs) */
 __attribute__((visibility("default"))) int
 kl_cuda_test_gemv_mma_q_path(int path, int n, int count, const int *rows, const int *cols, const int *fmt,
 							 const int *group, const void *const *W, const float *const *x, int xpad,

@@ -5897,7 +5897,8 @@ check_gemv_mma_q(void)
 
 /* kl_cuda_test_gemv_mma_q_path (src/cuda/cuda_mma_q_test.c): path 0 staging, 1 direct, 2 / 3 dense MT 1 / 2,
  * 4 the slab kernel (KL_CUDA_Q_DENSE=3; the dense kernel where the device has no bulk copies), 5 the dense
- * kernel in its tokens-as-M form (KL_CUDA_Q_TOK: from 9 rows where the batch has rows for every SM) */
+ * kernel in its tokens-as-M form (KL_CUDA_Q_TOK: from 9 rows where the batch has rows for every SM); 6, 7, 8:
+ * 3, 5, 4 with the even-numbered jobs reading preset bf16 twins of exactly n rows (KL_CUDA_Q_TWIN) */
 typedef int (*gemv_mma_q_path_fn) (int path, int n, int count, const int *rows, const int *cols, const int *fmt,
 								   const int *group, const void *const *W, const float *const *x, int xpad,
 								   float *const *y);
@@ -5910,12 +5911,13 @@ typedef struct mq_dense_result
 				tok,			/* ... of the dense kernel in its tokens-as-M form (path 5) */
 				staged;			/* ... of the staging kernel (path 0), for comparison */
 	int			mt_differ,		/* row counts where MT 1 and MT 2 differ in any bit */
+				twin_differ,	/* products where a path reading preset twins (6, 7, 8) differs from 3, 5, 4 */
 				direct_differ,	/* row counts n <= 8 where the dense kernel differs from the direct one */
 				rc;				/* the hook's first nonzero return */
 } mq_dense_result;
 
 /*
- * One batch of FP8 (one scale a row) jobs through the six paths at each n
+ * One batch of FP8 (one scale a row) jobs through the nine paths at each n
  * of ns: job j's activations are job share[j]'s (the same host array, so
  * the hook uploads them once and the dense kernel converts them once).
  */
@@ -5944,7 +5946,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 	{
 		int			n = ns[ni];
 		const float *x[8];
-		float	   *y[6][8];
+		float	   *y[9][8];
 
 		for (int j = 0; j < count; j++)
 		{
@@ -5953,10 +5955,10 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 			for (size_t i = 0; xx && i < (size_t) n * cols[j]; i++)
 				xx[i] = (float) ((unif(&seed) * 2 - 1) * (i % 13 == 0 ? 30.0 : 1.0));
 			x[j] = xx ? xx : x[share[j]];
-			for (int p = 0; p < 6; p++)
+			for (int p = 0; p < 9; p++)
 				y[p][j] = malloc(sizeof(float) * n * rows[j]);
 		}
-		for (int p = 0; p < 6 && res->rc == 0; p++)
+		for (int p = 0; p < 9 && res->rc == 0; p++)
 			res->rc = f(p, n, count, rows, cols, fmt, group, W, x, xpad, y[p]);
 		for (int j = 0; j < count; j++)
 		{
@@ -5982,6 +5984,10 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 				res->staged = e[2] > res->staged || isnan(e[2]) ? e[2] : res->staged;
 				res->mt_differ += memcmp(y[2][j], y[3][j], sizeof(float) * ny) != 0;
 				res->direct_differ += n <= 8 && memcmp(y[2][j], y[1][j], sizeof(float) * ny) != 0;
+				/* twins hold f32_to_bf16 of x, the conversion's numbers: the same bits */
+				res->twin_differ += (memcmp(y[6][j], y[3][j], sizeof(float) * ny) != 0) +
+					(memcmp(y[7][j], y[5][j], sizeof(float) * ny) != 0) +
+					(memcmp(y[8][j], y[4][j], sizeof(float) * ny) != 0);
 				free(xb);
 				free(ref);
 			}
@@ -5990,7 +5996,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 		{
 			if (share[j] == j)
 				free((void *) x[j]);
-			for (int p = 0; p < 6; p++)
+			for (int p = 0; p < 9; p++)
 				free(y[p][j]);
 		}
 	}
@@ -6002,11 +6008,12 @@ static void
 mq_dense_report(const mq_dense_result *r, const char *what, const char *ns)
 {
 	tap_ok(r->rc == 0 && r->dense <= 1e-5 && r->slab <= 1e-5 && r->tok <= 1e-5 && r->mt_differ == 0 &&
-		   r->direct_differ == 0,
+		   r->direct_differ == 0 && r->twin_differ == 0,
 		   "dense FP8 kernel (KL_CUDA_Q_DENSE), %s, n = %s: rel err %.2e against the double reference (tokens-as-M "
 		   "form %.2e, slab kernel, =3: %.2e; staging kernel %.2e); MT 1 vs 2 differ in %d products, n <= 8 vs "
-		   "the direct kernel in %d (both must be 0: the same sums); hook returned %d", what, ns, r->dense, r->tok,
-		   r->slab, r->staged, r->mt_differ, r->direct_differ, r->rc);
+		   "the direct kernel in %d, preset bf16 twins (KL_CUDA_Q_TWIN) vs converted in %d (all must be 0: the "
+		   "same sums); hook returned %d", what, ns, r->dense, r->tok, r->slab, r->staged, r->mt_differ,
+		   r->direct_differ, r->twin_differ, r->rc);
 }
 
 /*
@@ -6247,6 +6254,96 @@ check_dense_model_slab(void)
 	check_quantized("tiny_a", "fp8", "bf16");
 	unsetenv("KL_CUDA_Q_MMA");
 	unsetenv("KL_CUDA_Q_DENSE");
+}
+
+/*
+ * nseq sequences fed 3 tokens each, then 2 decode steps of all of them
+ * together and 2 of the first (nseq + 1) / 2 (a batch-size change: other
+ * graphs, twins of other row counts): the logits [4][nseq][V], the slots
+ * of the sequences a step left out zero.
+ */
+static float *
+decode_shrinking(kl_model *m, const int32_t *ids, int nseq)
+{
+	kl_err		err;
+	kl_ctx	   *ctx;
+	kl_seq	  **seq = calloc((size_t) nseq, sizeof(kl_seq *));
+	kl_batch_item *b = calloc((size_t) nseq, sizeof(kl_batch_item));
+	int			V = kl_model_config(m)->vocab_size;
+	float	   *out = calloc((size_t) 4 * nseq * V, sizeof(float));
+
+	if (kl_ctx_new(m, 0, &ctx, &err) != KL_OK)
+		die("context", &err);
+	for (int s = 0; s < nseq; s++)
+	{
+		if (kl_seq_new(m, &seq[s], &err) != KL_OK)
+			die("sequence", &err);
+		feed(ctx, seq[s], ids + s, 3, 0, V, NULL);
+	}
+	for (int r = 0; r < 4; r++)
+	{
+		int			nb = r < 2 ? nseq : (nseq + 1) / 2;
+
+		for (int s = 0; s < nb; s++)
+			b[s] = (kl_batch_item) {seq[s], ids + 20 + s + r, 1, out + ((size_t) r * nseq + s) * V, false};
+		if (kl_forward(ctx, b, nb, &err) != KL_OK)
+			die("batched forward", &err);
+	}
+	for (int s = 0; s < nseq; s++)
+		kl_seq_free(seq[s]);
+	kl_ctx_free(ctx);
+	free(seq);
+	free(b);
+	return out;
+}
+
+/*
+ * KL_CUDA_Q_TWIN: the dense FP8 decode products reading their producers'
+ * bf16 twins (the row norms, the fused KDA decode kernel's o, the KDA gated
+ * norm, SwiGLU; =1, the default) against converting their input in a
+ * launch of their own (=0), the whole model, same random FP8 weights of the
+ * 48B shapes (2 layers, seed 7; one model at a time: the switch is read when
+ * the backend is made): 1, 2, 8, 9 and 32 sequences decoding together,
+ * with a batch-size change after 2 steps (decode_shrinking), give the same
+ * logits bit for bit (a twin holds f32_to_bf16 of the fp32 rows the
+ * conversion reads, and the producers' fp32 outputs do not change); then
+ * tiny_a quantized to FP8 at load with KL_CUDA_Q_MMA=1 (every decode
+ * product on the tensor cores) against the CPU (check_quantized).
+ */
+static void
+check_q_twin_model(void)
+{
+	static const int nseqs[5] = {1, 2, 8, 9, 32};
+	static const char *const tw[2] = {"0", "1"};
+	int32_t    *ids = malloc(sizeof(int32_t) * 100);
+	float	   *lg[2][5];
+	int			V = 0;
+
+	for (int v = 0; v < 2; v++)
+	{
+		kl_model   *m = random_gpu_model(q48_config, "fp8", "KL_CUDA_Q_TWIN", tw[v]);
+
+		V = kl_model_config(m)->vocab_size;
+		for (int i = 0; i < 100; i++)
+			ids[i] = (int32_t) ((i * 7919 + 13) % V);
+		for (int bi = 0; bi < 5; bi++)
+			lg[v][bi] = decode_shrinking(m, ids, nseqs[bi]);
+		kl_model_free(m);
+	}
+	for (int bi = 0; bi < 5; bi++)
+	{
+		size_t		cnt = (size_t) 4 * nseqs[bi] * V;
+
+		tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * cnt) == 0, "48B shapes (2 layers), FP8, %d sequences "
+			   "decoding together (2 steps, then 2 of %d): KL_CUDA_Q_TWIN=1 (twins) equals =0 (conversions) bit for "
+			   "bit (rel err %.2e)", nseqs[bi], (nseqs[bi] + 1) / 2, rel_err(lg[1][bi], lg[0][bi], cnt));
+		free(lg[0][bi]);
+		free(lg[1][bi]);
+	}
+	free(ids);
+	setenv("KL_CUDA_Q_MMA", "1", 1);	/* read when the backend is made */
+	check_quantized("tiny_a", "fp8", "bf16");
+	unsetenv("KL_CUDA_Q_MMA");
 }
 
 /* kl_cuda_test_expert_mma_q (src/cuda/cuda_mma_q_test.c) */
@@ -6867,6 +6964,7 @@ main(void)
 	RUN(check_gemv_mma_q_dense());
 	RUN(check_dense_model());
 	RUN(check_dense_model_slab());
+	RUN(check_q_twin_model());
 	RUN(check_expert_mma_q());
 	RUN(check_fp8_quant());
 	RUN(check_fp8_matmul());
