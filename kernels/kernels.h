@@ -518,6 +518,12 @@ int			kk_mla_absorb_q_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int D
 								   const int *absorbed);
 int			kk_mla_out_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dv, int R, const float *olat,
 							  const void *kv_b, int bf16, float *out, const int *row_seq, const int *absorbed);
+/* kk_mla_out_stream that also writes out16 = f32_to_bf16 of every out value
+ * it writes (the rows of absorbed tokens: o_proj's bf16 twin when every
+ * token is absorbed; KL_CUDA_Q_TWIN) */
+int			kk_mla_out_stream_twin(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dv, int R, const float *olat,
+								   const void *kv_b, int bf16, float *out, const int *row_seq,
+								   const int *absorbed, uint16_t *out16);
 int			kk_mla_attend_supported(int Ha, int R, int Dr);
 int			kk_mla_attend(cudaStream_t s, int n_tokens, int max_splits, int split_keys, int Ha, int R, int Dr,
 						  const float *qabs, float scale, const int *row_seq, const int *row0, const int64_t *pos0,

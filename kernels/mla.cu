@@ -1348,7 +1348,7 @@ template <bool BF16, int NT>
 __global__ void __launch_bounds__(256)
 mla_out_stream_kernel(int n_tokens, int Ha, int Dn, int Dv, int R, const float *__restrict__ olat,
 					  const void *__restrict__ kv_b, float *out, const int *__restrict__ row_seq,
-					  const int *__restrict__ absorbed)
+					  const int *__restrict__ absorbed, uint16_t *out16)
 {
 	extern __shared__ __align__(16) float so_s[];	/* [NT][R] */
 	const int	NV = 4 * NT;	/* a lane's sums: [column][token] */
@@ -1429,7 +1429,13 @@ mla_out_stream_kernel(int n_tokens, int Ha, int Dn, int Dv, int R, const float *
 						r = idx % NT;
 
 			if (r < nr && x0 + j < Dv && absorbed[row_seq[t0 + r]])
-				out[(size_t) (t0 + r) * Ha * Dv + (size_t) h * Dv + x0 + j] = acc[0];
+			{
+				size_t		off = (size_t) (t0 + r) * Ha * Dv + (size_t) h * Dv + x0 + j;
+
+				out[off] = acc[0];
+				if (out16)
+					out16[off] = f32_to_bf16(acc[0]);	/* (o_proj's bf16 twin: KL_CUDA_Q_TWIN) */
+			}
 		}
 	}
 }
@@ -1437,7 +1443,7 @@ mla_out_stream_kernel(int n_tokens, int Ha, int Dn, int Dv, int R, const float *
 template <bool BF16>
 static void
 out_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dv, int R, const float *olat, const void *kv_b,
-		   float *out, const int *row_seq, const int *absorbed)
+		   float *out, const int *row_seq, const int *absorbed, uint16_t *out16)
 {
 	dim3		grid(Ha, ceil_div(Dv, SO_COLS));
 	int			nt = n_tokens == 1 ? 1 : n_tokens == 2 ? 2 : n_tokens <= 4 ? 4 : 8;
@@ -1445,30 +1451,38 @@ out_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dv, int R, const fl
 
 	if (nt == 1)
 		kk_launch(mla_out_stream_kernel<BF16, 1>, grid, dim3(256), sm, s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out,
-				  row_seq, absorbed);
+				  row_seq, absorbed, out16);
 	else if (nt == 2)
 		kk_launch(mla_out_stream_kernel<BF16, 2>, grid, dim3(256), sm, s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out,
-				  row_seq, absorbed);
+				  row_seq, absorbed, out16);
 	else if (nt == 4)
 		kk_launch(mla_out_stream_kernel<BF16, 4>, grid, dim3(256), sm, s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out,
-				  row_seq, absorbed);
+				  row_seq, absorbed, out16);
 	else
 		kk_launch(mla_out_stream_kernel<BF16, 8>, grid, dim3(256), sm, s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out,
-				  row_seq, absorbed);
+				  row_seq, absorbed, out16);
+}
+
+extern "C" int
+kk_mla_out_stream_twin(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dv, int R, const float *olat,
+					   const void *kv_b, int bf16, float *out, const int *row_seq, const int *absorbed,
+					   uint16_t *out16)
+{
+	if (n_tokens < 1 || n_tokens > KK_MLA_STREAM_MAX_TOKENS || R % 8 != 0 || R > 32 * 8 * SO_PIECES ||
+		((uintptr_t) kv_b & 15) != 0 || ((uintptr_t) olat & 15) != 0)
+		return -1;
+	if (bf16)
+		out_stream<true>(s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out, row_seq, absorbed, out16);
+	else
+		out_stream<false>(s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out, row_seq, absorbed, out16);
+	return 0;
 }
 
 extern "C" int
 kk_mla_out_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dv, int R, const float *olat, const void *kv_b,
 				  int bf16, float *out, const int *row_seq, const int *absorbed)
 {
-	if (n_tokens < 1 || n_tokens > KK_MLA_STREAM_MAX_TOKENS || R % 8 != 0 || R > 32 * 8 * SO_PIECES ||
-		((uintptr_t) kv_b & 15) != 0 || ((uintptr_t) olat & 15) != 0)
-		return -1;
-	if (bf16)
-		out_stream<true>(s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out, row_seq, absorbed);
-	else
-		out_stream<false>(s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, out, row_seq, absorbed);
-	return 0;
+	return kk_mla_out_stream_twin(s, n_tokens, Ha, Dn, Dv, R, olat, kv_b, bf16, out, row_seq, absorbed, NULL);
 }
 
 /* ------------------------------------------------------------------ prefill softmax */

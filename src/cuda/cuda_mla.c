@@ -276,11 +276,24 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 		cuda_ok(be, rc == -1 ? cudaErrorInvalidConfiguration : (cudaError_t) rc, "mla_attend");
 		return;
 	}
-	if (!cs->mla_small ||
-		kk_mla_out_stream(cs->stream, n, Ha, Dn, Dv, R, d.olat, p->kv_b, p->bf16, a->out, cs->d_row_seq,
-						  cs->d_absorbed) != 0)
-		kk_mla_out(cs->stream, n, Ha, Dn, Dv, R, d.olat, p->kv_b, p->bf16, a->out, cs->d_row_seq, cs->d_absorbed);
-	cuda_launched(be, "mla_out");
+	{
+		/* o_proj's bf16 twin, where every row is written here (no expanded sequence) and its dense FP8
+		 * product reads one (KL_CUDA_Q_TWIN; cuda_twin_out) */
+		uint16_t   *o16 = cs->mla_small && !cs->any_expanded ? cuda_twin_out(be, n, Ha * Dv) : NULL;
+
+		if (be->failed)
+			return;
+		if (!cs->mla_small ||
+			kk_mla_out_stream_twin(cs->stream, n, Ha, Dn, Dv, R, d.olat, p->kv_b, p->bf16, a->out, cs->d_row_seq,
+								   cs->d_absorbed, o16) != 0)
+		{
+			o16 = NULL;
+			kk_mla_out(cs->stream, n, Ha, Dn, Dv, R, d.olat, p->kv_b, p->bf16, a->out, cs->d_row_seq,
+					   cs->d_absorbed);
+		}
+		if (cuda_launched(be, "mla_out") && o16)
+			cuda_twin_set(cs, a->out, Ha * Dv, n, Ha * Dv, o16, false);
+	}
 }
 
 /* ------------------------------------------------------------------ test hook */
