@@ -6346,6 +6346,92 @@ check_q_twin_model(void)
 	unsetenv("KL_CUDA_Q_MMA");
 }
 
+/*
+ * KL_CUDA_Q_TWIN with a stale twin, the backend's ops alone (outside a
+ * step) on layer 0 of the FP8 48B-shape model (KDA: q_proj [4096, 2304],
+ * o_proj [2304, 4096]) at n = 2, 8 and 32 rows: y = rmsnorm(x) (which writes
+ * y's twin), z1 = y q_proj^T (reads it), then o_proj writes over y (the
+ * twin goes stale: twin_written) and z2 = y q_proj^T again must convert the
+ * new y.  z1 and z2 with the switch on equal the switch off's bit for bit
+ * (a stale twin would give z2 = z1, which the =0 run shows differs).
+ */
+static void
+check_q_twin_stale(void)
+{
+	static const int ns[3] = {2, 8, 32};
+	static const char *const tw[2] = {"0", "1"};
+	float	   *z[2][3][2];
+	int			HK = 0;
+
+	for (int v = 0; v < 2; v++)
+	{
+		kl_model   *m = random_gpu_model(q48_config, "fp8", "KL_CUDA_Q_TWIN", tw[v]);
+		const kl_config *c = kl_model_config(m);
+		kl_backend *be = m->be;
+		const kl_layer *L = &m->layers[0];
+		int			D = c->hidden_size;
+
+		HK = L->kda.q_proj.rows;
+
+		if (L->kind != KL_LAYER_KDA || L->kda.o_proj.rows != D || L->kda.q_proj.cols != D)
+			die("check_q_twin_stale: layer 0 is not the expected KDA layer", &be->err);
+		for (int i = 0; i < 3; i++)
+		{
+			int			n = ns[i];
+			uint64_t	seed = 4242 + (uint64_t) n;
+			size_t		sx = sizeof(float) * (size_t) n * D,
+						sq = sizeof(float) * (size_t) n * HK;
+			float	   *hx = malloc(sx),
+					   *hq = malloc(sq),
+					   *dx = be->ops->alloc(be, sx),
+					   *dy = be->ops->alloc(be, sx),
+					   *dq = be->ops->alloc(be, sq),
+					   *dz = be->ops->alloc(be, sq);
+
+			if (!hx || !hq || !dx || !dy || !dq || !dz)
+				die("memory for check_q_twin_stale", &be->err);
+			for (size_t k = 0; k < (size_t) n * D; k++)
+				hx[k] = (float) (unif(&seed) * 2 - 1);
+			for (size_t k = 0; k < (size_t) n * HK; k++)
+				hq[k] = (float) (unif(&seed) * 2 - 1);
+			be->ops->upload(be, dx, hx, sx);
+			be->ops->upload(be, dq, hq, sq);
+			z[v][i][0] = malloc(sq);
+			z[v][i][1] = malloc(sq);
+			be->ops->rmsnorm(be, dy, D, dx, D, L->input_norm, n, D, c->rms_norm_eps);
+			be->ops->matmul(be, dz, HK, dy, D, n, &L->kda.q_proj);
+			be->ops->download(be, z[v][i][0], dz, sq);
+			be->ops->matmul(be, dy, D, dq, HK, n, &L->kda.o_proj);	/* y written over: its twin is stale */
+			be->ops->matmul(be, dz, HK, dy, D, n, &L->kda.q_proj);
+			be->ops->download(be, z[v][i][1], dz, sq);
+			if (be->failed)
+				die("check_q_twin_stale", &be->err);
+			be->ops->release(be, dx);
+			be->ops->release(be, dy);
+			be->ops->release(be, dq);
+			be->ops->release(be, dz);
+			free(hx);
+			free(hq);
+		}
+		kl_model_free(m);
+	}
+	for (int i = 0; i < 3; i++)
+	{
+		size_t		sq = sizeof(float) * (size_t) ns[i] * HK;
+
+		tap_ok(memcmp(z[1][i][0], z[0][i][0], sq) == 0 && memcmp(z[1][i][1], z[0][i][1], sq) == 0 &&
+			   memcmp(z[0][i][0], z[0][i][1], sq) != 0,
+			   "KL_CUDA_Q_TWIN, %d rows: a product reading the norm's twin, then (its input written over by another "
+			   "product) the same product again: both equal the switch off's bit for bit (the stale twin not read)",
+			   ns[i]);
+		for (int k = 0; k < 2; k++)
+		{
+			free(z[0][i][k]);
+			free(z[1][i][k]);
+		}
+	}
+}
+
 /* kl_cuda_test_expert_mma_q (src/cuda/cuda_mma_q_test.c) */
 typedef int (*expert_mma_q_fn) (int n, int E, int k, int D, int F, int fmt, int group, int group_down,
 								const int *sel, const void *const *gate, const void *const *up,
@@ -6965,6 +7051,7 @@ main(void)
 	RUN(check_dense_model());
 	RUN(check_dense_model_slab());
 	RUN(check_q_twin_model());
+	RUN(check_q_twin_stale());
 	RUN(check_expert_mma_q());
 	RUN(check_fp8_quant());
 	RUN(check_fp8_matmul());
