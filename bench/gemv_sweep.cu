@@ -826,10 +826,12 @@ q_row_dense(const char *batch, double bytes, int n, const char *kernel, double u
  * batch of a 48B decode step (one scale a row) at n = 1 .. 64 through
  * gemv_q.cu (kk_gemv_multi_q, n <= 8; the batch-1 path), the dense kernel
  * (KL_CUDA_Q_DENSE=2) and the slab kernel (=3), each with its conversion
- * launch, 20 launches in a graph with PDL (q_time), a different copy of the
- * weights each launch where copies fit, against a plain read of the same
- * bytes; "vs 2": the max difference from the dense kernel's results over
- * its max |y| (sums in another order: ~1e-6).
+ * launch, and the dense kernel reading preset bf16 twins ("dense twin":
+ * KL_CUDA_Q_TWIN, no conversion launch), 20 launches in a graph with PDL
+ * (q_time), a different copy of the weights each launch where copies fit,
+ * against a plain read of the same bytes; "vs 2": the max difference from
+ * the dense kernel's results over its max |y| (sums in another order:
+ * ~1e-6; the twin rows: 0).
  */
 static void
 dense_fp8_table(void)
@@ -857,7 +859,8 @@ dense_fp8_table(void)
 	float	   *x,
 			   *y,
 			   *y2;
-	uint16_t   *room;
+	uint16_t   *room,
+			   *tw;
 	unsigned   *sink;
 	size_t		room_bytes = (size_t) 64 << 20;
 
@@ -867,8 +870,11 @@ dense_fp8_table(void)
 	CK(cudaMalloc(&y, sizeof(float) * 64 * 3 * 9216));
 	CK(cudaMalloc(&y2, sizeof(float) * 64 * 3 * 9216));
 	CK(cudaMalloc(&room, room_bytes));
+	CK(cudaMalloc(&tw, sizeof(uint16_t) * 2 * 64 * 9216));
 	CK(cudaMalloc(&sink, 64));
 	kk_fill_random(s, x, 0, 2 * 64 * 9216, 7, 1.0f);
+	/* the twins: element for element f32_to_bf16 of x, so any cols reads them with ld = cols as x */
+	kk_f32_to_bf16(s, tw, 9216, x, 9216, 2 * 64, 9216);
 	kk_gemv_q_force_shape(3);	/* the backend's default */
 	printf("\n### dense FP8 step batches\n\n| batch | MB | n | kernel | us | GB/s | of stream | vs 2 |\n"
 		   "|---|---:|---:|---|---:|---:|---:|---:|\n");
@@ -949,16 +955,19 @@ dense_fp8_table(void)
 
 				q_row_dense(batches[bi].name, per, n, "gemv_q", us, stream_us, -1);
 			}
-			for (int v = 2; v <= 3; v++)
+			for (int v = 2; v <= 4; v++)
 			{
 				double		us = q_time(s, [&](int r) {
 					kk_gemv_batch b = batch(r, v == 2 ? y2 : y);
 
-					kk_gemv_multi_mma_q_as(s, &b, 0, v);
+					if (v == 4)	/* twins preset: the dense kernel (=2) without its conversion launch */
+						for (int j = 0; j < b.count; j++)
+							b.job[j].x16 = tw + (size_t) batches[bi].xi[j] * 64 * 9216;
+					kk_gemv_multi_mma_q_as(s, &b, 0, v == 4 ? 2 : v);
 				});
 				double		diff = 0;
 
-				if (v == 3)
+				if (v >= 3)
 				{
 					float	   *a = (float *) malloc(ny * 4),
 							   *c = (float *) malloc(ny * 4);
@@ -976,7 +985,8 @@ dense_fp8_table(void)
 					free(a);
 					free(c);
 				}
-				q_row_dense(batches[bi].name, per, n, v == 2 ? "dense (=2)" : "slab (=3)", us, stream_us, diff);
+				q_row_dense(batches[bi].name, per, n, v == 2 ? "dense (=2)" : v == 3 ? "slab (=3)" : "dense twin",
+							us, stream_us, diff);
 			}
 		}
 	}
@@ -985,6 +995,7 @@ dense_fp8_table(void)
 	cudaFree(y);
 	cudaFree(y2);
 	cudaFree(room);
+	cudaFree(tw);
 	cudaFree(sink);
 	cudaStreamDestroy(s);
 }
