@@ -10,7 +10,9 @@
  * with one scale a row, up to 8 rows, activations read and converted per
  * chunk; KL_CUDA_Q_DIRECT), the dense kernel (the same FP8 products at
  * any row count, the batch's activations converted once by a launch of
- * their own into caller-given room; KL_CUDA_Q_DENSE, the backend's default)
+ * their own into caller-given room, or read from the producer's bf16 twin
+ * where the caller presets one (KL_CUDA_Q_TWIN); KL_CUDA_Q_DENSE, the
+ * backend's default)
  * and the slab kernel (the dense kernel's jobs with the weights copied
  * into shared memory, Hopper; KL_CUDA_Q_DENSE=3, opt-in): each section
  * below says why it is shaped so.
