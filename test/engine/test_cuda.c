@@ -6348,7 +6348,7 @@ check_q_twin_model(void)
 
 /*
  * KL_CUDA_Q_TWIN with a stale twin, the backend's ops alone (outside a
- * step) on layer 0 of the FP8 48B-shape model (KDA: q_proj [4096, 2304],
+ * step) on the KDA layer of the FP8 48B-shape model (q_proj [4096, 2304],
  * o_proj [2304, 4096]) at n = 2, 8 and 32 rows: y = rmsnorm(x) (which writes
  * y's twin), z1 = y q_proj^T (reads it), then o_proj writes over y (the
  * twin goes stale: twin_written) and z2 = y q_proj^T again must convert the
@@ -6371,10 +6371,11 @@ check_q_twin_stale(void)
 		const kl_layer *L = &m->layers[0];
 		int			D = c->hidden_size;
 
+		for (int l = 0; l < c->n_layers && L->kind != KL_LAYER_KDA; l++)
+			L = &m->layers[l];
 		HK = L->kda.q_proj.rows;
-
 		if (L->kind != KL_LAYER_KDA || L->kda.o_proj.rows != D || L->kda.q_proj.cols != D)
-			die("check_q_twin_stale: layer 0 is not the expected KDA layer", &be->err);
+			die("check_q_twin_stale: no KDA layer of the expected shapes", &be->err);
 		for (int i = 0; i < 3; i++)
 		{
 			int			n = ns[i];
