@@ -537,7 +537,8 @@ void		cuda_matmul_fp32(kl_backend *be, float *y, int ldy, const float *x, int ld
 /*
  * bf16 twins (KL_CUDA_BF16_TWIN; see cuda_state.tw).  cuda_twin_out: the
  * CB_TWIN buffer for a producer's twin of rows x cols, or NULL where none
- * is wanted (off, fp32 precision, rows the products take as GEMVs) or on
+ * is wanted (off, fp32 precision, rows the products take as GEMVs, unless
+ * dense FP8 products read twins at those rows: q_twin_rows) or on
  * failure (be->failed set); any twin held there is dropped.  The producer
  * then calls cuda_twin_set when it launched the writes.  cuda_x_bf16: the
  * bf16 rows of x [n, cols] (ldx) for a product, *ld16 their stride: the twin
