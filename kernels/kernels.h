@@ -489,7 +489,7 @@ int			kk_kda_decode(cudaStream_t s, int n_seqs, int H, int K, int W, const float
 						  const float *o_norm, float eps, const int *row0, float *const *S_tab,
 						  float *const *conv_tab, int round16, float *out);
 /* kk_kda_decode that also writes out16 [n rows, H K] = f32_to_bf16 of out
- * (the bf16 twin o_proj reads: KL_CUDA_Q_TWIN; NULL: none, kk_decode's stores) */
+ * (the bf16 twin o_proj reads: KL_CUDA_Q_TWIN; NULL: none, as kk_kda_decode) */
 int			kk_kda_decode_twin(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k,
 							   const float *v, const float *f, const float *b, const float *gate,
 							   const float *conv_q, const float *conv_k, const float *conv_v, const float *A_log,
