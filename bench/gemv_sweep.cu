@@ -829,7 +829,10 @@ q_row_dense(const char *batch, double bytes, int n, const char *kernel, double u
  * launch, 20 launches in a graph with PDL (q_time), a different copy of the
  * weights each launch where copies fit, against a plain read of the same
  * bytes; "vs 2": the max difference from the dense kernel's results over
- * its max |y| (sums in another order: ~1e-6).
+ * its max |y| (sums in another order: ~1e-6).  Then the balanced grid
+ * (KL_CUDA_Q_GRID=1) over the dense kernel and, from 9 rows, the
+ * tokens-as-M form (timed alone too), "vs 2" then against the same kernel
+ * off the grid (0: the same sums).
  */
 static void
 dense_fp8_table(void)
@@ -977,6 +980,46 @@ dense_fp8_table(void)
 					free(c);
 				}
 				q_row_dense(batches[bi].name, per, n, v == 2 ? "dense (=2)" : "slab (=3)", us, stream_us, diff);
+			}
+			/* from 9 rows the tokens-as-M form (KL_CUDA_Q_TOK, the backend's default), and the balanced grid
+			 * (KL_CUDA_Q_GRID=1) over the dense kernel and over it: its "vs 2" is against the same kernel off the
+			 * grid (must be 0: the same sums) */
+			for (int tok = 0; tok <= (n > 8); tok++)
+			{
+				int			tok_was = kk_set_mma_q_tok(tok),
+							grid_was = kk_set_mma_q_grid(0);
+				double		us0 = q_time(s, [&](int r) {
+					kk_gemv_batch b = batch(r, y2);
+
+					kk_gemv_multi_mma_q_as(s, &b, 0, 2);
+				}),
+							us1;
+				float	   *a = (float *) malloc(ny * 4),
+						   *c = (float *) malloc(ny * 4);
+
+				kk_set_mma_q_grid(1);
+				us1 = q_time(s, [&](int r) {
+					kk_gemv_batch b = batch(r, y);
+
+					kk_gemv_multi_mma_q_as(s, &b, 0, 2);
+				});
+				kk_set_mma_q_grid(grid_was);
+				kk_set_mma_q_tok(tok_was);
+				CK(cudaStreamSynchronize(s));
+				CK(cudaMemcpy(a, y, ny * 4, cudaMemcpyDeviceToHost));
+				CK(cudaMemcpy(c, y2, ny * 4, cudaMemcpyDeviceToHost));
+				ymax = dmax = 0;
+				for (size_t i = 0; i < ny; i++)
+				{
+					dmax = fmax(dmax, fabs((double) a[i] - c[i]));
+					ymax = fmax(ymax, fabs((double) c[i]));
+				}
+				free(a);
+				free(c);
+				if (tok)
+					q_row_dense(batches[bi].name, per, n, "tokens-as-M (=2, TOK)", us0, stream_us, -1);
+				q_row_dense(batches[bi].name, per, n, tok ? "tokens-as-M, GRID=1" : "dense, GRID=1", us1, stream_us,
+							dmax / (ymax > 0 ? ymax : 1));
 			}
 		}
 	}

@@ -871,15 +871,35 @@ mx_compute(float (&acc)[MT][NB][4], const uint32_t (&w)[U][MT][2][4], const uint
 	}
 }
 
-/* block b: MT 16-row tiles of the job (kk_tile_blocks(b, MT)), all b.n rows (NB n-blocks) */
+/* the job of unit u, a block of the one-unit-a-block grid (first_block): for the balanced-grid kernels */
+__device__ __forceinline__ int
+mq_unit_job(const kk_gemv_batch &b, int u)
+{
+	int			j = 0;
+
+	while (j + 1 < b.count && u >= b.first_block[j + 1])
+		j++;
+	return j;
+}
+
+/*
+ * One unit of the dense kernel: MT 16-row tiles of job j from row r0, all
+ * b.n rows (NB n-blocks), its first two weight sets already requested into
+ * wa and wb from the rows rg (md_tile_rows).  un >= 0 (the grid kernel):
+ * the unit the block takes next; once this unit's chunks are done its rows
+ * replace rg and its first two sets are requested into wa and wb, before
+ * this unit's partial tiles are added and stored, so that the block keeps
+ * weight loads in flight across its units.  The sums are the same whatever
+ * un is: one kernel's results are the other's bit for bit.
+ */
 template <int MT, int NB>
-__global__ void __launch_bounds__(MX_WARPS * 32, 2)
-gemv_mma_q_dense_kernel(kk_gemv_batch b)
+__device__ __forceinline__ void
+mx_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&rg)[MT][2],
+		uint32_t (&wa)[mx_shape<MT, NB>::U][MT][2][4], uint32_t (&wb)[mx_shape<MT, NB>::U][MT][2][4],
+		float (&part)[MX_WARPS][32][4 * MT * mx_shape<MT, NB>::NBR], int un)
 {
 	constexpr int U = mx_shape<MT, NB>::U,
 				NBR = mx_shape<MT, NB>::NBR;
-	__shared__ float part[MX_WARPS][32][4 * MT * NBR];
-	int			j = kk_batch_job(b);
 	const kk_gemv_job *jb = &b.job[j];
 	int			rows = jb->rows,
 				cols = jb->cols,
@@ -888,27 +908,17 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
 				lane = threadIdx.x & 31,
 				g = lane >> 2,
 				t = lane & 3;
-	int			r0 = ((int) blockIdx.x - b.first_block[j]) * 16 * MT;
-	const uint8_t *W = (const uint8_t *) jb->W,
-			   *rg[MT][2];
+	const uint8_t *W = (const uint8_t *) jb->W;
 	const float *sc = (const float *) (W + kk_q_scale_offset(rows, KK_WF_FP8, cols));
 	int			per_warp = (nchunk - warp + MX_WARPS - 1) / MX_WARPS;
 	float		acc[MT][NB][4];
-	uint32_t	wa[U][MT][2][4],
-				wb[U][MT][2][4];
 	const uint16_t *xg = jb->x16 + (size_t) g * cols + 16 * t;
 
-	md_tile_rows<MT>(rg, W, r0, rows, cols, g, t);
 #pragma unroll
 	for (int m = 0; m < MT; m++)
 #pragma unroll
 		for (int nb = 0; nb < NB; nb++)
 			acc[m][nb][0] = acc[m][nb][1] = acc[m][nb][2] = acc[m][nb][3] = 0;
-	/* the weights do not depend on earlier kernels: both sets requested before waiting */
-	md_load_w<MT, U>(wa, rg, warp, 0, nchunk);
-	md_load_w<MT, U>(wb, rg, warp, U, nchunk);
-	kk_dep_wait();
-	kk_dep_launch();
 	for (int i = 0; i < per_warp; i += 2 * U)
 	{
 		mx_compute<MT, NB, U>(acc, wa, xg, cols, warp, i, nchunk);
@@ -919,6 +929,17 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
 		mx_compute<MT, NB, U>(acc, wb, xg, cols, warp, i + U, nchunk);
 		if (i + 3 * U < per_warp)
 			md_load_w<MT, U>(wb, rg, warp, i + 3 * U, nchunk);
+	}
+
+	if (un >= 0)
+	{
+		/* the next unit's first weights, while this one's sums and stores run */
+		int			jn = mq_unit_job(b, un);
+		const kk_gemv_job *jq = &b.job[jn];
+
+		md_tile_rows<MT>(rg, (const uint8_t *) jq->W, (un - b.first_block[jn]) * 16 * MT, jq->rows, jq->cols, g, t);
+		md_load_w<MT, U>(wa, rg, warp, 0, jq->cols >> 6);
+		md_load_w<MT, U>(wb, rg, warp, U, jq->cols >> 6);
 	}
 
 	/* the 8 warps' partial tiles added in warp order, NBR n-blocks a round; warp e sums tile e / NBR's n-block */
@@ -953,6 +974,81 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
 					jb->y[(size_t) tok * jb->ldy + row] = v * __ldg(sc + row) * MQ_FP8_SCALE;
 			}
 		}
+	}
+}
+
+/* block b: MT 16-row tiles of the job (kk_tile_blocks(b, MT)), all b.n rows (NB n-blocks) */
+template <int MT, int NB>
+__global__ void __launch_bounds__(MX_WARPS * 32, 2)
+gemv_mma_q_dense_kernel(kk_gemv_batch b)
+{
+	constexpr int U = mx_shape<MT, NB>::U,
+				NBR = mx_shape<MT, NB>::NBR;
+	__shared__ float part[MX_WARPS][32][4 * MT * NBR];
+	int			j = kk_batch_job(b);
+	const kk_gemv_job *jb = &b.job[j];
+	int			warp = threadIdx.x >> 5,
+				lane = threadIdx.x & 31,
+				r0 = ((int) blockIdx.x - b.first_block[j]) * 16 * MT;
+	const uint8_t *rg[MT][2];
+	uint32_t	wa[U][MT][2][4],
+				wb[U][MT][2][4];
+
+	md_tile_rows<MT>(rg, (const uint8_t *) jb->W, r0, jb->rows, jb->cols, lane >> 2, lane & 3);
+	/* the weights do not depend on earlier kernels: both sets requested before waiting */
+	md_load_w<MT, U>(wa, rg, warp, 0, jb->cols >> 6);
+	md_load_w<MT, U>(wb, rg, warp, U, jb->cols >> 6);
+	kk_dep_wait();
+	kk_dep_launch();
+	mx_unit<MT, NB>(b, j, r0, rg, wa, wb, part, -1);
+}
+
+/*
+ * The balanced grid (KL_CUDA_Q_GRID=1, kk_set_mma_q_grid): the dense
+ * kernel's blocks become units, U = b.first_block[b.count] of them
+ * (kk_tile_blocks(b, MT)), and the gridDim.x blocks (G <= U, the launcher
+ * gives two an SM) take the contiguous units [b U / G, (b + 1) U / G) in
+ * order, consecutive rows of one job mostly: no second wave of a few
+ * blocks (384 units of q/k/v at 8 tokens were 1.45 waves of 264 blocks).
+ * Each unit is mx_unit, as in the kernel above: the same bits.
+ */
+template <int MT, int NB>
+__global__ void __launch_bounds__(MX_WARPS * 32, 2)
+gemv_mma_q_dense_grid_kernel(kk_gemv_batch b)
+{
+	constexpr int U = mx_shape<MT, NB>::U,
+				NBR = mx_shape<MT, NB>::NBR;
+	__shared__ float part[MX_WARPS][32][4 * MT * NBR];
+	int			units = b.first_block[b.count],
+				u = (int) ((long long) blockIdx.x * units / gridDim.x),
+				end = (int) ((long long) (blockIdx.x + 1) * units / gridDim.x),
+				j = mq_unit_job(b, u),
+				warp = threadIdx.x >> 5,
+				lane = threadIdx.x & 31,
+				r0 = (u - b.first_block[j]) * 16 * MT;
+	const kk_gemv_job *jb = &b.job[j];
+	const uint8_t *rg[MT][2];
+	uint32_t	wa[U][MT][2][4],
+				wb[U][MT][2][4];
+
+	if (u >= end)
+		return;					/* (not with G <= U) */
+	md_tile_rows<MT>(rg, (const uint8_t *) jb->W, r0, jb->rows, jb->cols, lane >> 2, lane & 3);
+	md_load_w<MT, U>(wa, rg, warp, 0, jb->cols >> 6);
+	md_load_w<MT, U>(wb, rg, warp, U, jb->cols >> 6);
+	kk_dep_wait();
+	kk_dep_launch();
+	for (;;)
+	{
+		int			next = u + 1 < end ? u + 1 : -1;
+
+		mx_unit<MT, NB>(b, j, r0, rg, wa, wb, part, next);
+		if (next < 0)
+			break;
+		u = next;
+		j = mq_unit_job(b, u);
+		r0 = (u - b.first_block[j]) * 16 * MT;
+		__syncthreads();		/* every warp has read part before the next unit writes it */
 	}
 }
 
@@ -1008,12 +1104,45 @@ mt_comp(const uint4 &v, int i)
 	return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-template <int NT, int R>
-__global__ void __launch_bounds__(MX_WARPS * 32, NT * R <= 8 ? 2 : 1)
-gemv_mma_q_tok_kernel(kk_gemv_batch b)
+/*
+ * The lane's weight rows of the n-tiles of job jb from row r0 (wr, at its
+ * 16 bytes t of a chunk; rows past the matrix read its last row, their
+ * outputs not stored) and its warp's first chunk of them requested (wc)
+ */
+template <int R>
+__device__ __forceinline__ void
+mt_first(const uint8_t *(&wr)[R], uint4 (&wc)[R], const kk_gemv_job *jb, int r0)
 {
-	extern __shared__ float mt_part[];	/* [8 warps][NT R 4][32 lanes] */
-	int			j = kk_batch_job(b);
+	int			rows = jb->rows,
+				cols = jb->cols,
+				warp = threadIdx.x >> 5,
+				g = (threadIdx.x & 31) >> 2,
+				t = threadIdx.x & 3;
+
+#pragma unroll
+	for (int r = 0; r < R; r++)
+	{
+		int			row = r0 + 8 * r + g < rows ? r0 + 8 * r + g : rows - 1;
+
+		wr[r] = (const uint8_t *) jb->W + (size_t) row * cols + 16 * t;
+	}
+	if (warp < cols >> 6)
+#pragma unroll
+		for (int r = 0; r < R; r++)
+			wc[r] = __ldg((const uint4 *) (wr[r] + 64 * warp));
+}
+
+/*
+ * One unit of the tokens-as-M kernel: R n-tiles (8 R rows) of job j from
+ * row r0, the warp's first chunk requested (mt_first into wr, wc).  un >= 0
+ * (the grid kernel): the unit the block takes next, whose first chunk is
+ * requested (into wr, wc) once this unit's chunks are done, before its
+ * partial tiles are summed and stored.  The sums do not depend on un.
+ */
+template <int NT, int R>
+__device__ __forceinline__ void
+mt_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&wr)[R], uint4 (&wc)[R], float *mt_part, int un)
+{
 	const kk_gemv_job *jb = &b.job[j];
 	int			rows = jb->rows,
 				cols = jb->cols,
@@ -1021,32 +1150,17 @@ gemv_mma_q_tok_kernel(kk_gemv_batch b)
 				warp = threadIdx.x >> 5,
 				lane = threadIdx.x & 31,
 				g = lane >> 2,
-				t = lane & 3,
-				r0 = ((int) blockIdx.x - b.first_block[j]) * 8 * R;
+				t = lane & 3;
 	const uint8_t *W = (const uint8_t *) jb->W;
 	const float *sc = (const float *) (W + kk_q_scale_offset(rows, KK_WF_FP8, cols));
-	const uint8_t *wr[R];
 	float		acc[NT][R][4];
-	uint4		wc[R],
-				wn[R];
+	uint4		wn[R];
 
 #pragma unroll
 	for (int r = 0; r < R; r++)
-	{
-		/* rows past the matrix read its last row; their outputs are not stored */
-		int			row = r0 + 8 * r + g < rows ? r0 + 8 * r + g : rows - 1;
-
-		wr[r] = W + (size_t) row * cols + 16 * t;
 #pragma unroll
 		for (int m = 0; m < NT; m++)
 			acc[m][r][0] = acc[m][r][1] = acc[m][r][2] = acc[m][r][3] = 0;
-	}
-	if (warp < nchunk)
-#pragma unroll
-		for (int r = 0; r < R; r++)
-			wc[r] = __ldg((const uint4 *) (wr[r] + 64 * warp));
-	kk_dep_wait();
-	kk_dep_launch();
 	for (int c = warp; c < nchunk; c += MX_WARPS)
 	{
 		uint4		a[NT][2][2];
@@ -1083,6 +1197,13 @@ gemv_mma_q_tok_kernel(kk_gemv_batch b)
 		for (int r = 0; r < R; r++)
 			wc[r] = wn[r];
 	}
+	if (un >= 0)
+	{
+		/* the next unit's first chunk, while this one's sums and stores run */
+		int			jn = mq_unit_job(b, un);
+
+		mt_first<R>(wr, wc, &b.job[jn], (un - b.first_block[jn]) * 8 * R);
+	}
 	/* D fragment: acc[m][r][i] is token 16 m + g (+ 8 for i >= 2), row r0 + 8 r + 2 t + (i & 1) */
 #pragma unroll
 	for (int m = 0; m < NT; m++)
@@ -1110,7 +1231,84 @@ gemv_mma_q_tok_kernel(kk_gemv_batch b)
 	}
 }
 
+/* block b: R n-tiles (8 R rows) of its job (first_block: mt_launch_r) */
+template <int NT, int R>
+__global__ void __launch_bounds__(MX_WARPS * 32, NT * R <= 8 ? 2 : 1)
+gemv_mma_q_tok_kernel(kk_gemv_batch b)
+{
+	extern __shared__ float mt_part[];	/* [8 warps][NT R 4][32 lanes] */
+	int			j = kk_batch_job(b),
+				r0 = ((int) blockIdx.x - b.first_block[j]) * 8 * R;
+	const uint8_t *wr[R];
+	uint4		wc[R];
+
+	mt_first<R>(wr, wc, &b.job[j], r0);
+	kk_dep_wait();
+	kk_dep_launch();
+	mt_unit<NT, R>(b, j, r0, wr, wc, mt_part, -1);
+}
+
+/*
+ * The balanced grid of the tokens-as-M kernel (KL_CUDA_Q_GRID=1): as
+ * gemv_mma_q_dense_grid_kernel, the blocks above become units and the
+ * gridDim.x blocks take [b U / G, (b + 1) U / G) of them in order, each
+ * unit mt_unit as above (the same bits).
+ */
+template <int NT, int R>
+__global__ void __launch_bounds__(MX_WARPS * 32, NT * R <= 8 ? 2 : 1)
+gemv_mma_q_tok_grid_kernel(kk_gemv_batch b)
+{
+	extern __shared__ float mt_part[];	/* [8 warps][NT R 4][32 lanes] */
+	int			units = b.first_block[b.count],
+				u = (int) ((long long) blockIdx.x * units / gridDim.x),
+				end = (int) ((long long) (blockIdx.x + 1) * units / gridDim.x),
+				j = mq_unit_job(b, u),
+				r0 = (u - b.first_block[j]) * 8 * R;
+	const uint8_t *wr[R];
+	uint4		wc[R];
+
+	if (u >= end)
+		return;					/* (not with G <= U) */
+	mt_first<R>(wr, wc, &b.job[j], r0);
+	kk_dep_wait();
+	kk_dep_launch();
+	for (;;)
+	{
+		int			next = u + 1 < end ? u + 1 : -1;
+
+		mt_unit<NT, R>(b, j, r0, wr, wc, mt_part, next);
+		if (next < 0)
+			break;
+		u = next;
+		j = mq_unit_job(b, u);
+		r0 = (u - b.first_block[j]) * 8 * R;
+		__syncthreads();		/* every thread has read mt_part before the next unit writes it */
+	}
+}
+
 static int	mt_on = 0;			/* kk_set_mma_q_tok */
+static int	mq_grid = 0;		/* kk_set_mma_q_grid */
+
+extern "C" int
+kk_set_mma_q_grid(int on)
+{
+	int			was = mq_grid;
+
+	mq_grid = on != 0;
+	return was;
+}
+
+/* blocks of 8 warps and smem bytes of dynamic shared memory that fit an SM together in kernel k (at least 1) */
+template <typename K>
+static int
+mq_occupancy(K k, size_t smem)
+{
+	int			n = 0;
+
+	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, MX_WARPS * 32, smem) != cudaSuccess || n < 1)
+		n = 1;
+	return n;
+}
 
 extern "C" int
 kk_set_mma_q_tok(int on)
@@ -1156,6 +1354,20 @@ mt_launch_r(cudaStream_t s, kk_gemv_batch *b)
 		blocks += ceil_div(b->job[j].rows, 8 * R);
 	}
 	b->first_block[b->count] = blocks;
+	if (mq_grid)
+	{
+		/* the balanced grid: units as the blocks above, as many blocks as fit the SMs at once */
+		static int	slots = 0;
+
+		if (smem > 48 * 1024)
+			cudaFuncSetAttribute(gemv_mma_q_tok_grid_kernel<NT, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+								 (int) smem);
+		if (!slots)
+			slots = mq_occupancy(gemv_mma_q_tok_grid_kernel<NT, R>, smem) * mq_sms();
+		kk_launch(gemv_mma_q_tok_grid_kernel<NT, R>, dim3(blocks < slots ? blocks : slots), dim3(MX_WARPS * 32), smem,
+				  s, *b);
+		return;
+	}
 	if (smem > 48 * 1024)
 		cudaFuncSetAttribute(gemv_mma_q_tok_kernel<NT, R>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
 	kk_launch(gemv_mma_q_tok_kernel<NT, R>, dim3(blocks), dim3(MX_WARPS * 32), smem, s, *b);
@@ -1733,6 +1945,59 @@ mx_launch_nb(cudaStream_t s, kk_gemv_batch *b, int mt, int blocks)
 		kk_launch(gemv_mma_q_dense_kernel<1, NB>, dim3(blocks), dim3(MX_WARPS * 32), 0, s, *b);
 }
 
+/* blocks of gemv_mma_q_dense_grid_kernel<MT, NB> that the SMs hold at once */
+template <int MT, int NB>
+static int
+mx_grid_slots(void)
+{
+	static int	slots = 0;
+
+	if (!slots)
+		slots = mq_occupancy(gemv_mma_q_dense_grid_kernel<MT, NB>, 0) * mq_sms();
+	return slots;
+}
+
+/*
+ * The balanced grid's cost of b at MT tiles a unit, in 16-row tile passes:
+ * the most units a block takes times MT (a warp keeps the same bytes in
+ * flight at MT 1 and 2, so a unit of 2 tiles takes about twice as long;
+ * the decode's products are latency-bound, Nsight: 8.4 cycles an issue)
+ */
+static int
+mx_grid_cost(kk_gemv_batch *b, int mt, int slots)
+{
+	int			units = kk_tile_blocks(b, mt);
+
+	return (int) ceil_div(units, units < slots ? units : slots) * mt;
+}
+
+/*
+ * The dense kernel's balanced grid (mq_grid) for b at NB n-blocks: MT 2
+ * (where mt allows it) or 1 tiles a unit, whichever costs less
+ * (mx_grid_cost; the same on a tie: 2, whose blocks read the activations
+ * half as often); the sums are the same either way (the check's MT 1 vs 2)
+ */
+template <int NB>
+static void
+mx_grid_launch(cudaStream_t s, kk_gemv_batch *b, int mt)
+{
+	constexpr int NB2 = NB <= 2 ? NB : 1;	/* (MT 2 only up to 2 n-blocks, as mx_launch_nb) */
+	int			slots2 = mx_grid_slots<2, NB2>(),
+				slots1 = mx_grid_slots<1, NB>(),
+				units;
+
+	if (NB <= 2 && mt == 2 && mx_grid_cost(b, 2, slots2) <= mx_grid_cost(b, 1, slots1))
+	{
+		units = kk_tile_blocks(b, 2);	/* (sets b->first_block for the kernel's copy) */
+		kk_launch(gemv_mma_q_dense_grid_kernel<2, NB2>, dim3(units < slots2 ? units : slots2), dim3(MX_WARPS * 32),
+				  0, s, *b);
+		return;
+	}
+	units = kk_tile_blocks(b, 1);
+	kk_launch(gemv_mma_q_dense_grid_kernel<1, NB>, dim3(units < slots1 ? units : slots1), dim3(MX_WARPS * 32), 0, s,
+			  *b);
+}
+
 /*
  * The conversion, then (dense 3) the slab kernel where it runs, else the
  * dense kernel with the most tiles a block (up to dense: 1 or 2; 2 only up to 2 n-blocks: 16 rows) that still gives every
@@ -1759,6 +2024,25 @@ mx_launch(cudaStream_t s, kk_gemv_batch *b, int dense, uint16_t *room, size_t ro
 		return true;
 	if (mt_launch(s, b))
 		return true;
+	if (mq_grid)
+	{
+		switch (mq_nb(b->n))
+		{
+			case 1:
+				mx_grid_launch<1>(s, b, mt);
+				break;
+			case 2:
+				mx_grid_launch<2>(s, b, mt);
+				break;
+			case 4:
+				mx_grid_launch<4>(s, b, mt);
+				break;
+			default:
+				mx_grid_launch<8>(s, b, mt);
+				break;
+		}
+		return true;
+	}
 	while (mt > 1 && kk_tile_blocks(b, mt) < sms)
 		mt /= 2;
 	blocks = kk_tile_blocks(b, mt);		/* (sets b->first_block for the kernel's copy) */
