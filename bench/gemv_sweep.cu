@@ -832,7 +832,8 @@ q_row_dense(const char *batch, double bytes, int n, const char *kernel, double u
  * its max |y| (sums in another order: ~1e-6).  Then the balanced grid
  * (KL_CUDA_Q_GRID=1) over the dense kernel and, from 9 rows, the
  * tokens-as-M form (timed alone too), "vs 2" then against the same kernel
- * off the grid (0: the same sums).
+ * off the grid (0: the same sums); at 32 tokens the tokens-as-M kernel at
+ * each R (n-tiles a block) forced, off and on the grid ("probe" rows).
  */
 static void
 dense_fp8_table(void)
@@ -1021,6 +1022,32 @@ dense_fp8_table(void)
 				q_row_dense(batches[bi].name, per, n, tok ? "tokens-as-M, GRID=1" : "dense, GRID=1", us1, stream_us,
 							dmax / (ymax > 0 ? ymax : 1));
 			}
+			/* probe for the next step (a k split for jobs of few units): at 32 tokens the tokens-as-M kernel at each
+			 * R (n-tiles a block; the launcher's rule picks one), off and on the grid, through mma_q.cu's own
+			 * launchers (this file includes it): does a block's time follow its k passes or the SMs' balance? */
+			if (n == 32)
+				for (int R = 1; R <= 4; R *= 2)
+					for (int grid = 0; grid <= 1; grid++)
+					{
+						int			grid_was = kk_set_mma_q_grid(grid);
+						char		what[48];
+						double		us = q_time(s, [&](int r) {
+							kk_gemv_batch b = batch(r, y);
+							mx_conv		c;
+							int			most = 0;
+
+							mx_plan(&b, NULL, room, &c);
+							for (int e = 0; e < c.count; e++)
+								most = c.cols[e] * c.nrows / 8 > most ? c.cols[e] * c.nrows / 8 : most;
+							kk_launch(mx_convert_kernel, dim3(ceil_div(most, 256), c.count), dim3(256), 0, s, c);
+							R == 1 ? mt_launch_r<2, 1>(s, &b) : R == 2 ? mt_launch_r<2, 2>(s, &b) :
+								mt_launch_r<2, 4>(s, &b);
+						});
+
+						kk_set_mma_q_grid(grid_was);
+						snprintf(what, sizeof(what), "probe: tokens-as-M R=%d%s", R, grid ? ", GRID=1" : "");
+						q_row_dense(batches[bi].name, per, n, what, us, stream_us, -1);
+					}
 		}
 	}
 	cudaFree(W);

@@ -13,7 +13,9 @@
  * their own into caller-given room; KL_CUDA_Q_DENSE, the backend's default)
  * and the slab kernel (the dense kernel's jobs with the weights copied
  * into shared memory, Hopper; KL_CUDA_Q_DENSE=3, opt-in): each section
- * below says why it is shaped so.
+ * below says why it is shaped so.  The dense kernel and its tokens-as-M
+ * form have balanced-grid twins (KL_CUDA_Q_GRID=1, opt-in): the same units
+ * of work, taken in contiguous runs by as many blocks as the SMs hold.
  *
  * Decode is memory-bound: the point of FP8 / int4 weights is to stream half
  * / a quarter of bf16's bytes, so the weights go from 16-byte (or 8 / 4
@@ -882,19 +884,31 @@ mq_unit_job(const kk_gemv_batch &b, int u)
 	return j;
 }
 
+/* acc = 0 */
+template <int MT, int NB>
+__device__ __forceinline__ void
+mx_zero(float (&acc)[MT][NB][4])
+{
+#pragma unroll
+	for (int m = 0; m < MT; m++)
+#pragma unroll
+		for (int nb = 0; nb < NB; nb++)
+			acc[m][nb][0] = acc[m][nb][1] = acc[m][nb][2] = acc[m][nb][3] = 0;
+}
+
 /*
  * One unit of the dense kernel: MT 16-row tiles of job j from row r0, all
- * b.n rows (NB n-blocks), its first two weight sets already requested into
- * wa and wb from the rows rg (md_tile_rows).  un >= 0 (the grid kernel):
- * the unit the block takes next; once this unit's chunks are done its rows
- * replace rg and its first two sets are requested into wa and wb, before
- * this unit's partial tiles are added and stored, so that the block keeps
- * weight loads in flight across its units.  The sums are the same whatever
+ * b.n rows (NB n-blocks), into acc (zero on entry), its first two weight
+ * sets already requested into wa and wb from the rows rg (md_tile_rows).
+ * un >= 0 (the grid kernel): the unit the block takes next; once this
+ * unit's chunks are done its rows replace rg and its first two sets are
+ * requested into wa and wb, before this unit's partial tiles are added and
+ * stored, so that the block keeps weight loads in flight across its units.  The sums are the same whatever
  * un is: one kernel's results are the other's bit for bit.
  */
 template <int MT, int NB>
 __device__ __forceinline__ void
-mx_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&rg)[MT][2],
+mx_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&rg)[MT][2], float (&acc)[MT][NB][4],
 		uint32_t (&wa)[mx_shape<MT, NB>::U][MT][2][4], uint32_t (&wb)[mx_shape<MT, NB>::U][MT][2][4],
 		float (&part)[MX_WARPS][32][4 * MT * mx_shape<MT, NB>::NBR], int un)
 {
@@ -911,14 +925,8 @@ mx_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&rg)[MT][2],
 	const uint8_t *W = (const uint8_t *) jb->W;
 	const float *sc = (const float *) (W + kk_q_scale_offset(rows, KK_WF_FP8, cols));
 	int			per_warp = (nchunk - warp + MX_WARPS - 1) / MX_WARPS;
-	float		acc[MT][NB][4];
 	const uint16_t *xg = jb->x16 + (size_t) g * cols + 16 * t;
 
-#pragma unroll
-	for (int m = 0; m < MT; m++)
-#pragma unroll
-		for (int nb = 0; nb < NB; nb++)
-			acc[m][nb][0] = acc[m][nb][1] = acc[m][nb][2] = acc[m][nb][3] = 0;
 	for (int i = 0; i < per_warp; i += 2 * U)
 	{
 		mx_compute<MT, NB, U>(acc, wa, xg, cols, warp, i, nchunk);
@@ -991,23 +999,25 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
 				lane = threadIdx.x & 31,
 				r0 = ((int) blockIdx.x - b.first_block[j]) * 16 * MT;
 	const uint8_t *rg[MT][2];
+	float		acc[MT][NB][4];
 	uint32_t	wa[U][MT][2][4],
 				wb[U][MT][2][4];
 
 	md_tile_rows<MT>(rg, (const uint8_t *) jb->W, r0, jb->rows, jb->cols, lane >> 2, lane & 3);
+	mx_zero<MT, NB>(acc);
 	/* the weights do not depend on earlier kernels: both sets requested before waiting */
 	md_load_w<MT, U>(wa, rg, warp, 0, jb->cols >> 6);
 	md_load_w<MT, U>(wb, rg, warp, U, jb->cols >> 6);
 	kk_dep_wait();
 	kk_dep_launch();
-	mx_unit<MT, NB>(b, j, r0, rg, wa, wb, part, -1);
+	mx_unit<MT, NB>(b, j, r0, rg, acc, wa, wb, part, -1);
 }
 
 /*
  * The balanced grid (KL_CUDA_Q_GRID=1, kk_set_mma_q_grid): the dense
  * kernel's blocks become units, U = b.first_block[b.count] of them
- * (kk_tile_blocks(b, MT)), and the gridDim.x blocks (G <= U, the launcher
- * gives two an SM) take the contiguous units [b U / G, (b + 1) U / G) in
+ * (kk_tile_blocks(b, MT)), and the gridDim.x blocks (G <= U, as many as
+ * the SMs hold at once) take the contiguous units [b U / G, (b + 1) U / G) in
  * order, consecutive rows of one job mostly: no second wave of a few
  * blocks (384 units of q/k/v at 8 tokens were 1.45 waves of 264 blocks).
  * Each unit is mx_unit, as in the kernel above: the same bits.
@@ -1028,21 +1038,23 @@ gemv_mma_q_dense_grid_kernel(kk_gemv_batch b)
 				r0 = (u - b.first_block[j]) * 16 * MT;
 	const kk_gemv_job *jb = &b.job[j];
 	const uint8_t *rg[MT][2];
+	float		acc[MT][NB][4];
 	uint32_t	wa[U][MT][2][4],
 				wb[U][MT][2][4];
 
-	if (u >= end)
-		return;					/* (not with G <= U) */
 	md_tile_rows<MT>(rg, (const uint8_t *) jb->W, r0, jb->rows, jb->cols, lane >> 2, lane & 3);
 	md_load_w<MT, U>(wa, rg, warp, 0, jb->cols >> 6);
 	md_load_w<MT, U>(wb, rg, warp, U, jb->cols >> 6);
 	kk_dep_wait();
 	kk_dep_launch();
+	if (u >= end)
+		return;					/* (not with G <= U; the rows read above are clamped to the matrix) */
 	for (;;)
 	{
 		int			next = u + 1 < end ? u + 1 : -1;
 
-		mx_unit<MT, NB>(b, j, r0, rg, wa, wb, part, next);
+		mx_zero<MT, NB>(acc);
+		mx_unit<MT, NB>(b, j, r0, rg, acc, wa, wb, part, next);
 		if (next < 0)
 			break;
 		u = next;
@@ -1132,16 +1144,29 @@ mt_first(const uint8_t *(&wr)[R], uint4 (&wc)[R], const kk_gemv_job *jb, int r0)
 			wc[r] = __ldg((const uint4 *) (wr[r] + 64 * warp));
 }
 
+/* acc = 0 */
+template <int NT, int R>
+__device__ __forceinline__ void
+mt_zero(float (&acc)[NT][R][4])
+{
+#pragma unroll
+	for (int r = 0; r < R; r++)
+#pragma unroll
+		for (int m = 0; m < NT; m++)
+			acc[m][r][0] = acc[m][r][1] = acc[m][r][2] = acc[m][r][3] = 0;
+}
+
 /*
  * One unit of the tokens-as-M kernel: R n-tiles (8 R rows) of job j from
- * row r0, the warp's first chunk requested (mt_first into wr, wc).  un >= 0
- * (the grid kernel): the unit the block takes next, whose first chunk is
- * requested (into wr, wc) once this unit's chunks are done, before its
- * partial tiles are summed and stored.  The sums do not depend on un.
+ * row r0 into acc (zero on entry), the warp's first chunk requested
+ * (mt_first into wr, wc).  un >= 0 (the grid kernel): the unit the block
+ * takes next, whose first chunk is requested (into wr, wc) once this
+ * unit's chunks are done, before its partial tiles are summed and stored.  The sums do not depend on un.
  */
 template <int NT, int R>
 __device__ __forceinline__ void
-mt_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&wr)[R], uint4 (&wc)[R], float *mt_part, int un)
+mt_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&wr)[R], uint4 (&wc)[R], float (&acc)[NT][R][4],
+		float *mt_part, int un)
 {
 	const kk_gemv_job *jb = &b.job[j];
 	int			rows = jb->rows,
@@ -1153,14 +1178,8 @@ mt_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&wr)[R], uint4 (&
 				t = lane & 3;
 	const uint8_t *W = (const uint8_t *) jb->W;
 	const float *sc = (const float *) (W + kk_q_scale_offset(rows, KK_WF_FP8, cols));
-	float		acc[NT][R][4];
 	uint4		wn[R];
 
-#pragma unroll
-	for (int r = 0; r < R; r++)
-#pragma unroll
-		for (int m = 0; m < NT; m++)
-			acc[m][r][0] = acc[m][r][1] = acc[m][r][2] = acc[m][r][3] = 0;
 	for (int c = warp; c < nchunk; c += MX_WARPS)
 	{
 		uint4		a[NT][2][2];
@@ -1240,12 +1259,14 @@ gemv_mma_q_tok_kernel(kk_gemv_batch b)
 	int			j = kk_batch_job(b),
 				r0 = ((int) blockIdx.x - b.first_block[j]) * 8 * R;
 	const uint8_t *wr[R];
+	float		acc[NT][R][4];
 	uint4		wc[R];
 
+	mt_zero<NT, R>(acc);
 	mt_first<R>(wr, wc, &b.job[j], r0);
 	kk_dep_wait();
 	kk_dep_launch();
-	mt_unit<NT, R>(b, j, r0, wr, wc, mt_part, -1);
+	mt_unit<NT, R>(b, j, r0, wr, wc, acc, mt_part, -1);
 }
 
 /*
@@ -1265,18 +1286,20 @@ gemv_mma_q_tok_grid_kernel(kk_gemv_batch b)
 				j = mq_unit_job(b, u),
 				r0 = (u - b.first_block[j]) * 8 * R;
 	const uint8_t *wr[R];
+	float		acc[NT][R][4];
 	uint4		wc[R];
 
-	if (u >= end)
-		return;					/* (not with G <= U) */
 	mt_first<R>(wr, wc, &b.job[j], r0);
 	kk_dep_wait();
 	kk_dep_launch();
+	if (u >= end)
+		return;					/* (not with G <= U; the rows read above are clamped to the matrix) */
 	for (;;)
 	{
 		int			next = u + 1 < end ? u + 1 : -1;
 
-		mt_unit<NT, R>(b, j, r0, wr, wc, mt_part, next);
+		mt_zero<NT, R>(acc);
+		mt_unit<NT, R>(b, j, r0, wr, wc, acc, mt_part, next);
 		if (next < 0)
 			break;
 		u = next;
@@ -1354,19 +1377,27 @@ mt_launch_r(cudaStream_t s, kk_gemv_batch *b)
 		blocks += ceil_div(b->job[j].rows, 8 * R);
 	}
 	b->first_block[b->count] = blocks;
-	if (mq_grid)
+	if constexpr (R < 8)		/* (at 8 n-tiles the grid kernel spills: 128 registers; its units rarely exceed the slots) */
 	{
-		/* the balanced grid: units as the blocks above, as many blocks as fit the SMs at once */
+		/*
+		 * The balanced grid: units as the blocks above, as many blocks as fit
+		 * the SMs at once; where the units fit at once anyway, the kernel
+		 * below (the same work a block)
+		 */
 		static int	slots = 0;
 
-		if (smem > 48 * 1024)
-			cudaFuncSetAttribute(gemv_mma_q_tok_grid_kernel<NT, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-								 (int) smem);
-		if (!slots)
+		if (mq_grid && !slots)
+		{
+			if (smem > 48 * 1024)
+				cudaFuncSetAttribute(gemv_mma_q_tok_grid_kernel<NT, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+									 (int) smem);
 			slots = mq_occupancy(gemv_mma_q_tok_grid_kernel<NT, R>, smem) * mq_sms();
-		kk_launch(gemv_mma_q_tok_grid_kernel<NT, R>, dim3(blocks < slots ? blocks : slots), dim3(MX_WARPS * 32), smem,
-				  s, *b);
-		return;
+		}
+		if (mq_grid && blocks > slots)
+		{
+			kk_launch(gemv_mma_q_tok_grid_kernel<NT, R>, dim3(slots), dim3(MX_WARPS * 32), smem, s, *b);
+			return;
+		}
 	}
 	if (smem > 48 * 1024)
 		cudaFuncSetAttribute(gemv_mma_q_tok_kernel<NT, R>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
@@ -1986,16 +2017,20 @@ mx_grid_launch(cudaStream_t s, kk_gemv_batch *b, int mt)
 				slots1 = mx_grid_slots<1, NB>(),
 				units;
 
+	/* (kk_tile_blocks sets b->first_block for the kernel's copy; where the units fit the SMs at once, the
+	 * plain kernel does the same work a block) */
 	if (NB <= 2 && mt == 2 && mx_grid_cost(b, 2, slots2) <= mx_grid_cost(b, 1, slots1))
 	{
-		units = kk_tile_blocks(b, 2);	/* (sets b->first_block for the kernel's copy) */
-		kk_launch(gemv_mma_q_dense_grid_kernel<2, NB2>, dim3(units < slots2 ? units : slots2), dim3(MX_WARPS * 32),
-				  0, s, *b);
+		if ((units = kk_tile_blocks(b, 2)) > slots2)
+			kk_launch(gemv_mma_q_dense_grid_kernel<2, NB2>, dim3(slots2), dim3(MX_WARPS * 32), 0, s, *b);
+		else
+			kk_launch(gemv_mma_q_dense_kernel<2, NB2>, dim3(units), dim3(MX_WARPS * 32), 0, s, *b);
 		return;
 	}
-	units = kk_tile_blocks(b, 1);
-	kk_launch(gemv_mma_q_dense_grid_kernel<1, NB>, dim3(units < slots1 ? units : slots1), dim3(MX_WARPS * 32), 0, s,
-			  *b);
+	if ((units = kk_tile_blocks(b, 1)) > slots1)
+		kk_launch(gemv_mma_q_dense_grid_kernel<1, NB>, dim3(slots1), dim3(MX_WARPS * 32), 0, s, *b);
+	else
+		kk_launch(gemv_mma_q_dense_kernel<1, NB>, dim3(units), dim3(MX_WARPS * 32), 0, s, *b);
 }
 
 /*
