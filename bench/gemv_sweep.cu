@@ -832,8 +832,9 @@ q_row_dense(const char *batch, double bytes, int n, const char *kernel, double u
  * its max |y| (sums in another order: ~1e-6).  Then the balanced grid
  * (KL_CUDA_Q_GRID=1) over the dense kernel and, from 9 rows, the
  * tokens-as-M form (timed alone too), "vs 2" then against the same kernel
- * off the grid (0: the same sums); at 32 tokens the tokens-as-M kernel at
- * each R (n-tiles a block) forced, off and on the grid ("probe" rows).
+ * off the grid (0: the same sums); from 17 rows the k split (GRID=2); at
+ * 32 tokens the tokens-as-M kernel at each R (n-tiles a block) forced, off
+ * and on the grid ("probe" rows).
  */
 static void
 dense_fp8_table(void)
@@ -1020,6 +1021,36 @@ dense_fp8_table(void)
 				if (tok)
 					q_row_dense(batches[bi].name, per, n, "tokens-as-M (=2, TOK)", us0, stream_us, -1);
 				q_row_dense(batches[bi].name, per, n, tok ? "tokens-as-M, GRID=1" : "dense, GRID=1", us1, stream_us,
+							dmax / (ymax > 0 ? ymax : 1));
+			}
+			/* the k split where units are few (KL_CUDA_Q_GRID=2, from 17 rows); "vs 2" against the tokens-as-M
+			 * kernel off the grid (y2, the loop's last run): two halves' sums added, ~1e-7 */
+			if (n > 16)
+			{
+				int			tok_was = kk_set_mma_q_tok(1),
+							grid_was = kk_set_mma_q_grid(2);
+				double		us = q_time(s, [&](int r) {
+					kk_gemv_batch b = batch(r, y);
+
+					kk_gemv_multi_mma_q_as(s, &b, 0, 2);
+				});
+				float	   *a = (float *) malloc(ny * 4),
+						   *c = (float *) malloc(ny * 4);
+
+				kk_set_mma_q_grid(grid_was);
+				kk_set_mma_q_tok(tok_was);
+				CK(cudaStreamSynchronize(s));
+				CK(cudaMemcpy(a, y, ny * 4, cudaMemcpyDeviceToHost));
+				CK(cudaMemcpy(c, y2, ny * 4, cudaMemcpyDeviceToHost));
+				ymax = dmax = 0;
+				for (size_t i = 0; i < ny; i++)
+				{
+					dmax = fmax(dmax, fabs((double) a[i] - c[i]));
+					ymax = fmax(ymax, fabs((double) c[i]));
+				}
+				free(a);
+				free(c);
+				q_row_dense(batches[bi].name, per, n, "tokens-as-M, GRID=2 (k split)", us, stream_us,
 							dmax / (ymax > 0 ? ymax : 1));
 			}
 			/* probe for the next step (a k split for jobs of few units): at 32 tokens the tokens-as-M kernel at each

@@ -304,6 +304,9 @@ int			kk_set_mma_q_tok(int on);
  * weights requested before the current unit's sums; the dense kernel's
  * unit then 1 or 2 tiles, whichever fewer passes take.  Every output's
  * sums are unchanged: results equal the off setting's bit for bit.
+ * on = 2: the same, and from 17 rows batches that the tokens-as-M form
+ * would leave SMs idle with split k in halves over clusters of two blocks
+ * (compute capability 9; the two halves' sums added: not the same bits).
  * Returns the setting it replaces.
  */
 int			kk_set_mma_q_grid(int on);

@@ -1119,11 +1119,12 @@ mt_comp(const uint4 &v, int i)
 /*
  * The lane's weight rows of the n-tiles of job jb from row r0 (wr, at its
  * 16 bytes t of a chunk; rows past the matrix read its last row, their
- * outputs not stored) and its warp's first chunk of them requested (wc)
+ * outputs not stored) and its warp's first chunk of them from chunk c0 on
+ * requested (wc; none where that is not below c1)
  */
 template <int R>
 __device__ __forceinline__ void
-mt_first(const uint8_t *(&wr)[R], uint4 (&wc)[R], const kk_gemv_job *jb, int r0)
+mt_first(const uint8_t *(&wr)[R], uint4 (&wc)[R], const kk_gemv_job *jb, int r0, int c0, int c1)
 {
 	int			rows = jb->rows,
 				cols = jb->cols,
@@ -1138,10 +1139,10 @@ mt_first(const uint8_t *(&wr)[R], uint4 (&wc)[R], const kk_gemv_job *jb, int r0)
 
 		wr[r] = (const uint8_t *) jb->W + (size_t) row * cols + 16 * t;
 	}
-	if (warp < cols >> 6)
+	if (c0 + warp < c1)
 #pragma unroll
 		for (int r = 0; r < R; r++)
-			wc[r] = __ldg((const uint4 *) (wr[r] + 64 * warp));
+			wc[r] = __ldg((const uint4 *) (wr[r] + 64 * (c0 + warp)));
 }
 
 /* acc = 0 */
@@ -1161,12 +1162,16 @@ mt_zero(float (&acc)[NT][R][4])
  * row r0 into acc (zero on entry), the warp's first chunk requested
  * (mt_first into wr, wc).  un >= 0 (the grid kernel): the unit the block
  * takes next, whose first chunk is requested (into wr, wc) once this
- * unit's chunks are done, before its partial tiles are summed and stored.  The sums do not depend on un.
+ * unit's chunks are done, before its partial tiles are summed and stored.
+ * The sums do not depend on un.  ks 0: all of k, the outputs stored; 1 /
+ * 2 (the k-split kernel): the first / second half of the chunks, the
+ * block's sums (before the scale) left in mt_part after the 8 warps' part
+ * ([NT R 4][32], as the partial tiles are indexed).
  */
 template <int NT, int R>
 __device__ __forceinline__ void
 mt_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&wr)[R], uint4 (&wc)[R], float (&acc)[NT][R][4],
-		float *mt_part, int un)
+		float *mt_part, int un, int ks)
 {
 	const kk_gemv_job *jb = &b.job[j];
 	int			rows = jb->rows,
@@ -1178,13 +1183,14 @@ mt_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&wr)[R], uint4 (&
 				t = lane & 3;
 	const uint8_t *W = (const uint8_t *) jb->W;
 	const float *sc = (const float *) (W + kk_q_scale_offset(rows, KK_WF_FP8, cols));
+	int			c1 = ks == 1 ? nchunk / 2 : nchunk;
 	uint4		wn[R];
 
-	for (int c = warp; c < nchunk; c += MX_WARPS)
+	for (int c = (ks == 2 ? nchunk / 2 : 0) + warp; c < c1; c += MX_WARPS)
 	{
 		uint4		a[NT][2][2];
 
-		if (c + MX_WARPS < nchunk)
+		if (c + MX_WARPS < c1)
 #pragma unroll
 			for (int r = 0; r < R; r++)
 				wn[r] = __ldg((const uint4 *) (wr[r] + 64 * (c + MX_WARPS)));
@@ -1221,7 +1227,7 @@ mt_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&wr)[R], uint4 (&
 		/* the next unit's first chunk, while this one's sums and stores run */
 		int			jn = mq_unit_job(b, un);
 
-		mt_first<R>(wr, wc, &b.job[jn], (un - b.first_block[jn]) * 8 * R);
+		mt_first<R>(wr, wc, &b.job[jn], (un - b.first_block[jn]) * 8 * R, 0, b.job[jn].cols >> 6);
 	}
 	/* D fragment: acc[m][r][i] is token 16 m + g (+ 8 for i >= 2), row r0 + 8 r + 2 t + (i & 1) */
 #pragma unroll
@@ -1245,7 +1251,9 @@ mt_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&wr)[R], uint4 (&
 
 		for (int w = 0; w < MX_WARPS; w++)
 			v += mt_part[((size_t) w * NT * R * 4 + q) * 32 + l];
-		if (tok < b.n && row < rows)
+		if (ks)
+			mt_part[MX_WARPS * NT * R * 4 * 32 + e] = v;
+		else if (tok < b.n && row < rows)
 			jb->y[(size_t) tok * jb->ldy + row] = v * __ldg(sc + row) * MQ_FP8_SCALE;
 	}
 }
@@ -1263,10 +1271,10 @@ gemv_mma_q_tok_kernel(kk_gemv_batch b)
 	uint4		wc[R];
 
 	mt_zero<NT, R>(acc);
-	mt_first<R>(wr, wc, &b.job[j], r0);
+	mt_first<R>(wr, wc, &b.job[j], r0, 0, b.job[j].cols >> 6);
 	kk_dep_wait();
 	kk_dep_launch();
-	mt_unit<NT, R>(b, j, r0, wr, wc, acc, mt_part, -1);
+	mt_unit<NT, R>(b, j, r0, wr, wc, acc, mt_part, -1, 0);
 }
 
 /*
@@ -1289,7 +1297,7 @@ gemv_mma_q_tok_grid_kernel(kk_gemv_batch b)
 	float		acc[NT][R][4];
 	uint4		wc[R];
 
-	mt_first<R>(wr, wc, &b.job[j], r0);
+	mt_first<R>(wr, wc, &b.job[j], r0, 0, b.job[j].cols >> 6);
 	kk_dep_wait();
 	kk_dep_launch();
 	if (u >= end)
@@ -1299,7 +1307,7 @@ gemv_mma_q_tok_grid_kernel(kk_gemv_batch b)
 		int			next = u + 1 < end ? u + 1 : -1;
 
 		mt_zero<NT, R>(acc);
-		mt_unit<NT, R>(b, j, r0, wr, wc, acc, mt_part, next);
+		mt_unit<NT, R>(b, j, r0, wr, wc, acc, mt_part, next, 0);
 		if (next < 0)
 			break;
 		u = next;
@@ -1317,7 +1325,7 @@ kk_set_mma_q_grid(int on)
 {
 	int			was = mq_grid;
 
-	mq_grid = on != 0;
+	mq_grid = on == 1 || on == 2 ? on : 0;
 	return was;
 }
 
@@ -1890,6 +1898,151 @@ ms_launch(cudaStream_t s, kk_gemv_batch *b)
 	return true;
 }
 
+/* ------------------------------------------------------------------ tokens-as-M products, k split over a cluster */
+
+/*
+ * gemv_mma_q_tok_split_kernel<NT, R> (KL_CUDA_Q_GRID=2, opt-in): for
+ * batches of the tokens-as-M kernel with too few units to fill the SMs
+ * (o_proj 2304 x 4096 at 32 tokens: 144 units of 2 n-tiles for 264 block
+ * slots), each unit of R n-tiles is taken by a cluster of two blocks, rank
+ * 0 the first half of the chunks, rank 1 the second (mt_unit, ks 1 / 2):
+ * half the k passes a warp.  Each block sums its 8 warps' partial tiles in
+ * warp order (mt_unit); after a cluster barrier rank 0 adds rank 1's sums
+ * to its own (that order: distributed shared memory, ms_ld_peer), times
+ * the row's scale and 2^56; a second barrier keeps rank 1's shared memory
+ * until it is read.  The same bits every run, but not the unsplit kernel's
+ * (two partial sums added): the checks compare against the double
+ * reference.  Clusters, mapa and ld.shared::cluster: compute capability 9
+ * (the compute_80 PTX gets an empty body; mt_split_launch refuses there).
+ */
+template <int NT, int R>
+__global__ void __launch_bounds__(MX_WARPS * 32, NT * R <= 8 ? 2 : 1)
+gemv_mma_q_tok_split_kernel(kk_gemv_batch b)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	extern __shared__ float mt_part[];	/* [8 warps][NT R 4][32 lanes], then the block's sums [NT R 4][32] */
+	int			unit = (int) blockIdx.x >> 1,
+				rank = (int) ms_cluster_rank(),
+				j = mq_unit_job(b, unit),
+				r0 = (unit - b.first_block[j]) * 8 * R;
+	const kk_gemv_job *jb = &b.job[j];
+	int			rows = jb->rows,
+				nchunk = jb->cols >> 6;
+	const float *sc = (const float *) ((const uint8_t *) jb->W + kk_q_scale_offset(rows, KK_WF_FP8, jb->cols)),
+			   *fin = mt_part + MX_WARPS * NT * R * 4 * 32;
+	const uint8_t *wr[R];
+	float		acc[NT][R][4];
+	uint4		wc[R];
+
+	mt_zero<NT, R>(acc);
+	mt_first<R>(wr, wc, jb, r0, rank ? nchunk / 2 : 0, rank ? nchunk : nchunk / 2);
+	kk_dep_wait();
+	kk_dep_launch();
+	mt_unit<NT, R>(b, j, r0, wr, wc, acc, mt_part, -1, 1 + rank);
+	ms_cluster_sync();			/* both blocks' sums are in their shared memory */
+	if (rank == 0)
+		for (int e = threadIdx.x; e < NT * R * 4 * 32; e += MX_WARPS * 32)
+		{
+			int			l = e & 31,
+						q = e >> 5,
+						i = q & 3,
+						r = (q >> 2) % R,
+						m = (q >> 2) / R,
+						tok = 16 * m + (l >> 2) + (i >= 2 ? 8 : 0),
+						row = r0 + 8 * r + 2 * (l & 3) + (i & 1);
+			float		v = fin[e] + ms_ld_peer(ms_saddr(fin + e), 1);
+
+			if (tok < b.n && row < rows)
+				jb->y[(size_t) tok * jb->ldy + row] = v * __ldg(sc + row) * MQ_FP8_SCALE;
+		}
+	ms_cluster_sync();			/* rank 1's sums stay until rank 0 has read them */
+#endif
+}
+
+/* the split kernel's launch: blocks (two a unit) in clusters of 2, PDL where on */
+template <int NT, int R>
+static void
+mt_split_launch_r(cudaStream_t s, kk_gemv_batch *b, int units)
+{
+	size_t		smem = (size_t) (MX_WARPS + 1) * NT * R * 4 * 32 * sizeof(float);
+	cudaLaunchConfig_t cfg;
+	cudaLaunchAttribute at[2];
+
+	if (smem > 48 * 1024)
+		cudaFuncSetAttribute(gemv_mma_q_tok_split_kernel<NT, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+							 (int) smem);
+	memset(&cfg, 0, sizeof(cfg));
+	cfg.gridDim = dim3(2 * units);
+	cfg.blockDim = dim3(MX_WARPS * 32);
+	cfg.dynamicSmemBytes = smem;
+	cfg.stream = s;
+	at[0].id = cudaLaunchAttributeClusterDimension;
+	at[0].val.clusterDim.x = 2;
+	at[0].val.clusterDim.y = 1;
+	at[0].val.clusterDim.z = 1;
+	at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+	at[1].val.programmaticStreamSerializationAllowed = 1;
+	cfg.attrs = at;
+	cfg.numAttrs = kk_pdl_on ? 2 : 1;
+	if (cudaLaunchKernelEx(&cfg, gemv_mma_q_tok_split_kernel<NT, R>, *b) != cudaSuccess && cfg.numAttrs == 2)
+	{
+		/* as ms_launch_nb: should a runtime refuse clusters with programmatic serialization, the cluster alone */
+		(void) cudaGetLastError();
+		cfg.numAttrs = 1;
+		cudaLaunchKernelEx(&cfg, gemv_mma_q_tok_split_kernel<NT, R>, *b);
+	}
+}
+
+/*
+ * The k-split form for the converted batch b (mq_grid 2, n >= 17 where the
+ * tokens-as-M kernel takes b): where that kernel's units (mt_tok_r's R)
+ * leave block slots of the SMs empty, the smallest R of 1, 2, 4 whose
+ * units, two blocks each, fit the slots at once (o_proj at 32 tokens: R 4,
+ * 72 units, 144 blocks of half of k each, against 144 blocks of R 2 over
+ * all of k); false (nothing launched) where it does not apply.
+ */
+static bool
+mt_split_launch(cudaStream_t s, kk_gemv_batch *b)
+{
+	int			nb = mq_nb(b->n),
+				NT = nb / 2,
+				sms = mq_sms(),
+				R0,
+				units[5] = {0, 0, 0, 0, 0};
+
+	if (mq_grid != 2 || !mt_on || nb < 4 || !ms_device_ok() || (R0 = mt_tok_r(b, NT)) == 0)
+		return false;
+	for (int R = 1; R <= 4; R *= 2)
+	{
+		units[R] = 0;
+		for (int j = 0; j < b->count; j++)
+			units[R] += ceil_div(b->job[j].rows, 8 * R);
+	}
+	/* block slots: 2 an SM (the launch bounds where NT R <= 8; 1 for <4, 4>) */
+	if (units[R0] >= (NT * R0 <= 8 ? 2 : 1) * sms)
+		return false;
+	for (int R = 1; R <= 4; R *= 2)
+		if (2 * units[R] <= (NT * R <= 8 ? 2 : 1) * sms)
+		{
+			int			blocks = 0;
+
+			for (int j = 0; j < b->count; j++)
+			{
+				b->first_block[j] = blocks;
+				blocks += ceil_div(b->job[j].rows, 8 * R);
+			}
+			b->first_block[b->count] = blocks;
+			if (NT == 2)
+				R == 1 ? mt_split_launch_r<2, 1>(s, b, blocks) : R == 2 ? mt_split_launch_r<2, 2>(s, b, blocks) :
+					mt_split_launch_r<2, 4>(s, b, blocks);
+			else
+				R == 1 ? mt_split_launch_r<4, 1>(s, b, blocks) : R == 2 ? mt_split_launch_r<4, 2>(s, b, blocks) :
+					mt_split_launch_r<4, 4>(s, b, blocks);
+			return true;
+		}
+	return false;
+}
+
 extern "C" void
 kk_set_mma_q_dense(int mt, int max_rows)
 {
@@ -2057,7 +2210,7 @@ mx_launch(cudaStream_t s, kk_gemv_batch *b, int dense, uint16_t *room, size_t ro
 	kk_launch(mx_convert_kernel, dim3(ceil_div(most, 256), c.count), dim3(256), 0, s, c);
 	if (dense >= 3 && ms_launch(s, b))
 		return true;
-	if (mt_launch(s, b))
+	if (mt_split_launch(s, b) || mt_launch(s, b))
 		return true;
 	if (mq_grid)
 	{

@@ -1048,7 +1048,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_gemv_q_force_shape(qsh && *qsh && atoi(qsh) >= -1 && atoi(qsh) <= 3 ? atoi(qsh) : 3);
 		kk_set_mma_q_dense(qx && *qx ? atoi(qx) : 2, qxr && *qxr ? atoi(qxr) : 0);
 		kk_set_mma_q_tok(!(qtk && strcmp(qtk, "0") == 0));
-		kk_set_mma_q_grid(qgr && strcmp(qgr, "1") == 0);	/* off until measured (issue 11) */
+		kk_set_mma_q_grid(qgr && *qgr ? atoi(qgr) : 0);	/* off until measured (issue 11) */
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
 		kk_set_kda_prep_mma(kpm && *kpm ? ((atoi(kpm) >= 0 && atoi(kpm) <= 4) || atoi(kpm) == 6 ? atoi(kpm) : 6) : 6);
 		kk_set_kda_kp6_wide(kpw && *kpw && atoi(kpw) >= 0 && atoi(kpw) <= 2 ? atoi(kpw) : 2);

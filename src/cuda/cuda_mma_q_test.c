@@ -42,7 +42,8 @@ mq_upload(cudaStream_t s, void **d, const void *h, size_t n)
  * (KL_CUDA_Q_DENSE=1, =2, its tokens-as-M form off) and the slab kernel
  * (=3) where they take them, 5 the dense kernel (=2) with the tokens-as-M
  * form on (kk_set_mma_q_tok: from 9 rows where it takes the batch), 6 and
- * 7 paths 3 and 5 on the balanced grid (kk_set_mma_q_grid), with
+ * 7 paths 3 and 5 on the balanced grid (kk_set_mma_q_grid(1)), 8 path 5
+ * with the grid's k split (kk_set_mma_q_grid(2)), with
  * their room (NaN before the launch), through kk_gemv_multi_mma_q_as.  Returns 0, -1 for
  * arguments the kernels do not take (kk_mma_q_ok), or a CUDA error code.
  */
@@ -57,13 +58,13 @@ mq_gemv_run(int path, int n, int count, const int *rows, const int *cols, const 
 			   *dy[KK_GEMV_JOBS] = {NULL},
 			   *room = NULL;
 	kk_gemv_batch b;
-	int			grid = path >= 6,
+	int			grid = path == 8 ? 2 : path >= 6,
 				dense = path >= 5 ? 2 : path >= 2 ? path - 1 : 0,
 				tok_was = 0,
 				grid_was = 0;
 
 	if (grid)
-		path -= 3;				/* 6, 7: 3, 5 on the balanced grid */
+		path = path == 6 ? 3 : path <= 8 ? 5 : 9;	/* 6, 7: 3, 5 on the balanced grid; 8: 5 with the k split */
 	if (n <= 0 || n > KK_GEMV_MMA_Q_ROWS || count <= 0 || count > KK_GEMV_JOBS || xpad < 0 || path < -1 ||
 		path > 5)
 		return -1;
@@ -149,7 +150,7 @@ kl_cuda_test_gemv_mma_q(int n, int count, const int *rows, const int *cols, cons
 }
 
 /* the same through a chosen kernel (path as mq_gemv_run's: 0 staging, 1 direct, 2 and 3 dense, 4 slab, 5 dense
- * tokens-as-M, 6 and 7: 3 and 5 on the balanced grid) */
+ * tokens-as-M, 6 and 7: 3 and 5 on the balanced grid, 8: 5 with its k split) */
 __attribute__((visibility("default"))) int
 kl_cuda_test_gemv_mma_q_path(int path, int n, int count, const int *rows, const int *cols, const int *fmt,
 							 const int *group, const void *const *W, const float *const *x, int xpad,

@@ -5898,7 +5898,7 @@ check_gemv_mma_q(void)
 /* kl_cuda_test_gemv_mma_q_path (src/cuda/cuda_mma_q_test.c): path 0 staging, 1 direct, 2 / 3 dense MT 1 / 2,
  * 4 the slab kernel (KL_CUDA_Q_DENSE=3; the dense kernel where the device has no bulk copies), 5 the dense
  * kernel in its tokens-as-M form (KL_CUDA_Q_TOK: from 9 rows where the batch has rows for every SM), 6 / 7
- * paths 3 / 5 on the balanced grid (KL_CUDA_Q_GRID=1) */
+ * paths 3 / 5 on the balanced grid (KL_CUDA_Q_GRID=1), 8 path 5 with the grid's k split (=2) */
 typedef int (*gemv_mma_q_path_fn) (int path, int n, int count, const int *rows, const int *cols, const int *fmt,
 								   const int *group, const void *const *W, const float *const *x, int xpad,
 								   float *const *y);
@@ -5909,6 +5909,7 @@ typedef struct mq_dense_result
 	double		dense,			/* worst rel err of the dense kernel (MT 1 and 2) against the reference */
 				slab,			/* ... of the slab kernel (path 4) */
 				tok,			/* ... of the dense kernel in its tokens-as-M form (path 5) */
+				split,			/* ... of that with the k split (path 8, KL_CUDA_Q_GRID=2) */
 				staged;			/* ... of the staging kernel (path 0), for comparison */
 	int			mt_differ,		/* row counts where MT 1 and MT 2 differ in any bit */
 				direct_differ,	/* row counts n <= 8 where the dense kernel differs from the direct one */
@@ -5917,7 +5918,7 @@ typedef struct mq_dense_result
 } mq_dense_result;
 
 /*
- * One batch of FP8 (one scale a row) jobs through the eight paths at each n
+ * One batch of FP8 (one scale a row) jobs through the nine paths at each n
  * of ns: job j's activations are job share[j]'s (the same host array, so
  * the hook uploads them once and the dense kernel converts them once).
  */
@@ -5946,7 +5947,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 	{
 		int			n = ns[ni];
 		const float *x[8];
-		float	   *y[8][8];
+		float	   *y[9][8];
 
 		for (int j = 0; j < count; j++)
 		{
@@ -5955,10 +5956,10 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 			for (size_t i = 0; xx && i < (size_t) n * cols[j]; i++)
 				xx[i] = (float) ((unif(&seed) * 2 - 1) * (i % 13 == 0 ? 30.0 : 1.0));
 			x[j] = xx ? xx : x[share[j]];
-			for (int p = 0; p < 8; p++)
+			for (int p = 0; p < 9; p++)
 				y[p][j] = malloc(sizeof(float) * n * rows[j]);
 		}
-		for (int p = 0; p < 8 && res->rc == 0; p++)
+		for (int p = 0; p < 9 && res->rc == 0; p++)
 			res->rc = f(p, n, count, rows, cols, fmt, group, W, x, xpad, y[p]);
 		for (int j = 0; j < count; j++)
 		{
@@ -5968,7 +5969,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 			{
 				float	   *xb = malloc(sizeof(float) * n * cols[j]);
 				double	   *ref = malloc(sizeof(double) * ny),
-							e[5];
+							e[6];
 
 				mq_round_bf16(xb, x[j], (size_t) n * cols[j]);
 				mq_reference(ref, xb, wd[j], n, rows[j], cols[j]);
@@ -5977,6 +5978,8 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 				e[2] = mq_rel(y[0][j], ref, ny);
 				e[3] = mq_rel(y[4][j], ref, ny);
 				e[4] = mq_rel(y[5][j], ref, ny);
+				e[5] = mq_rel(y[8][j], ref, ny);
+				res->split = e[5] > res->split || isnan(e[5]) ? e[5] : res->split;
 				res->slab = e[3] > res->slab || isnan(e[3]) ? e[3] : res->slab;
 				res->tok = e[4] > res->tok || isnan(e[4]) ? e[4] : res->tok;
 				for (int k = 0; k < 2; k++)
@@ -5994,7 +5997,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 		{
 			if (share[j] == j)
 				free((void *) x[j]);
-			for (int p = 0; p < 8; p++)
+			for (int p = 0; p < 9; p++)
 				free(y[p][j]);
 		}
 	}
@@ -6012,6 +6015,9 @@ mq_dense_report(const mq_dense_result *r, const char *what, const char *ns)
 		   "the direct kernel in %d, the balanced grid (KL_CUDA_Q_GRID=1, dense and tokens-as-M) vs off in %d "
 		   "(all must be 0: the same sums); hook returned %d", what, ns, r->dense, r->tok, r->slab, r->staged,
 		   r->mt_differ, r->direct_differ, r->grid_differ, r->rc);
+	tap_ok(r->rc == 0 && r->split <= 1e-5, "dense FP8 kernel, %s, n = %s: the tokens-as-M form with k split over "
+		   "clusters where units are few (KL_CUDA_Q_GRID=2) rel err %.2e against the double reference (bound 1e-5, "
+		   "as the other forms; the two halves' sums added: not the unsplit bits)", what, ns, r->split);
 }
 
 /*
@@ -6259,8 +6265,10 @@ check_dense_model_slab(void)
  * default), same random FP8 weights of the 48B shapes (2 layers, seed 7):
  * 8, 32 and 64 sequences decoding together give the same logits bit for bit
  * (the dense kernel and its tokens-as-M form only move their units between
- * blocks: every sum as before); then tiny_a quantized to FP8 at load in
- * bf16 with the grid on against the CPU (check_quantized).
+ * blocks: every sum as before); =2 (the k split over clusters where units
+ * are few) the same at 8 sequences, within q_tol's bound at 32 and 64;
+ * then tiny_a quantized to FP8 at load in bf16 with =1 and =2 against the
+ * CPU (check_quantized).
  */
 static void
 check_dense_model_grid(void)
@@ -6282,7 +6290,34 @@ check_dense_model_grid(void)
 		free(lg[0][bi]);
 		free(lg[1][bi]);
 	}
+	/* =2: the k split where units are few (n >= 17): other sums, so within q_tol's bound as the slab kernel */
+	{
+		static const char *const split[2] = {"0", "2"};
+
+		V = decode_fp8_pair("KL_CUDA_Q_GRID", split, nseqs, rounds, lg);
+		for (int bi = 0; bi < 3; bi++)
+		{
+			int			nseq = nseqs[bi],
+						same;
+			size_t		cnt = (size_t) rounds * nseq * V;
+			double		e = rel_err(lg[1][bi], lg[0][bi], cnt);
+
+			greedy_clear_differs(lg[1][bi], lg[0][bi], rounds * nseq, V, 0.25, &same);
+			if (nseq <= 16)
+				tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * cnt) == 0, "48B shapes (2 layers), FP8, %d "
+					   "sequences decoding together (%d steps): KL_CUDA_Q_GRID=2 equals =0 bit for bit (no k split "
+					   "up to 16 rows; rel err %.2e)", nseq, rounds, e);
+			else
+				tap_ok(e <= 0.25, "48B shapes (2 layers), FP8, %d sequences decoding together (%d steps): "
+					   "KL_CUDA_Q_GRID=2 (k split where units are few) vs =0, rel err %.2e (bounded by 0.25: see "
+					   "q_tol; greedy ids %d of %d equal)", nseq, rounds, e, same, rounds * nseq);
+			free(lg[0][bi]);
+			free(lg[1][bi]);
+		}
+	}
 	setenv("KL_CUDA_Q_GRID", "1", 1);	/* read when the backend is made */
+	check_quantized("tiny_a", "fp8", "bf16");
+	setenv("KL_CUDA_Q_GRID", "2", 1);
 	check_quantized("tiny_a", "fp8", "bf16");
 	unsetenv("KL_CUDA_Q_GRID");
 }
