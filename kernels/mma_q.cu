@@ -2191,6 +2191,8 @@ mx_grid_launch(cudaStream_t s, kk_gemv_batch *b, int mt)
  * dense kernel with the most tiles a block (up to dense: 1 or 2; 2 only up to 2 n-blocks: 16 rows) that still gives every
  * SM a block.  H200, 2026-12-01, FP8 step ms with 1 / 2 tiles: batch 8
  * 6.188 / 6.139, 16 9.41 / 9.42, 32 14.22 / 14.58, 64 22.33 / 22.33.
+ * With mq_grid the tokens-as-M form's k split (2, where it applies) or
+ * its balanced grid, else the dense kernel's (mx_grid_launch).
  * False (nothing launched) when the room is missing or too small.
  */
 static bool
