@@ -306,6 +306,20 @@ void		kk_set_mma_q_dense(int mt, int max_rows);
  * returns the setting it replaces
  */
 int			kk_set_mma_q_tok(int on);
+/*
+ * kk_set_mma_q_grid(on) (default 0; the backend's KL_CUDA_Q_GRID, default
+ * 0): the dense kernel (dense 1 or 2) and its tokens-as-M form on a
+ * balanced grid: as many blocks as the SMs hold at once, each taking a
+ * contiguous run of what were single blocks (units), the next unit's first
+ * weights requested before the current unit's sums; the dense kernel's
+ * unit then 1 or 2 tiles, whichever fewer passes take.  Every output's
+ * sums are unchanged: results equal the off setting's bit for bit.
+ * on = 2: the same, and from 17 rows batches that the tokens-as-M form
+ * would leave SMs idle with split k in halves over clusters of two blocks
+ * (compute capability 9; the two halves' sums added: not the same bits).
+ * Returns the setting it replaces.
+ */
+int			kk_set_mma_q_grid(int on);
 size_t		kk_gemv_mma_q_room(const kk_gemv_batch *b);
 size_t		kk_gemv_mma_q_room_as(const kk_gemv_batch *b, int dense);
 void		kk_gemv_multi_mma_q_as(cudaStream_t s, kk_gemv_batch *b, int direct, int dense);

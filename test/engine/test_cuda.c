@@ -5897,7 +5897,8 @@ check_gemv_mma_q(void)
 
 /* kl_cuda_test_gemv_mma_q_path (src/cuda/cuda_mma_q_test.c): path 0 staging, 1 direct, 2 / 3 dense MT 1 / 2,
  * 4 the slab kernel (KL_CUDA_Q_DENSE=3; the dense kernel where the device has no bulk copies), 5 the dense
- * kernel in its tokens-as-M form (KL_CUDA_Q_TOK: from 9 rows where the batch has rows for every SM); 6, 7, 8:
+ * kernel in its tokens-as-M form (KL_CUDA_Q_TOK: from 9 rows where the batch has rows for every SM), 6 / 7
+ * paths 3 / 5 on the balanced grid (KL_CUDA_Q_GRID=1), 8 path 5 with the grid's k split (=2); 9, 10, 11:
  * 3, 5, 4 with the even-numbered jobs reading preset bf16 twins of exactly n rows (KL_CUDA_Q_TWIN) */
 typedef int (*gemv_mma_q_path_fn) (int path, int n, int count, const int *rows, const int *cols, const int *fmt,
 								   const int *group, const void *const *W, const float *const *x, int xpad,
@@ -5909,15 +5910,17 @@ typedef struct mq_dense_result
 	double		dense,			/* worst rel err of the dense kernel (MT 1 and 2) against the reference */
 				slab,			/* ... of the slab kernel (path 4) */
 				tok,			/* ... of the dense kernel in its tokens-as-M form (path 5) */
+				split,			/* ... of that with the k split (path 8, KL_CUDA_Q_GRID=2) */
 				staged;			/* ... of the staging kernel (path 0), for comparison */
 	int			mt_differ,		/* row counts where MT 1 and MT 2 differ in any bit */
-				twin_differ,	/* products where a path reading preset twins (6, 7, 8) differs from 3, 5, 4 */
+				twin_differ,	/* products where a path reading preset twins (9, 10, 11) differs from 3, 5, 4 */
 				direct_differ,	/* row counts n <= 8 where the dense kernel differs from the direct one */
+				grid_differ,	/* row counts where the balanced grid (paths 6, 7) differs from paths 3, 5 */
 				rc;				/* the hook's first nonzero return */
 } mq_dense_result;
 
 /*
- * One batch of FP8 (one scale a row) jobs through the nine paths at each n
+ * One batch of FP8 (one scale a row) jobs through the twelve paths at each n
  * of ns: job j's activations are job share[j]'s (the same host array, so
  * the hook uploads them once and the dense kernel converts them once).
  */
@@ -5946,7 +5949,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 	{
 		int			n = ns[ni];
 		const float *x[8];
-		float	   *y[9][8];
+		float	   *y[12][8];
 
 		for (int j = 0; j < count; j++)
 		{
@@ -5955,10 +5958,10 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 			for (size_t i = 0; xx && i < (size_t) n * cols[j]; i++)
 				xx[i] = (float) ((unif(&seed) * 2 - 1) * (i % 13 == 0 ? 30.0 : 1.0));
 			x[j] = xx ? xx : x[share[j]];
-			for (int p = 0; p < 9; p++)
+			for (int p = 0; p < 12; p++)
 				y[p][j] = malloc(sizeof(float) * n * rows[j]);
 		}
-		for (int p = 0; p < 9 && res->rc == 0; p++)
+		for (int p = 0; p < 12 && res->rc == 0; p++)
 			res->rc = f(p, n, count, rows, cols, fmt, group, W, x, xpad, y[p]);
 		for (int j = 0; j < count; j++)
 		{
@@ -5968,7 +5971,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 			{
 				float	   *xb = malloc(sizeof(float) * n * cols[j]);
 				double	   *ref = malloc(sizeof(double) * ny),
-							e[5];
+							e[6];
 
 				mq_round_bf16(xb, x[j], (size_t) n * cols[j]);
 				mq_reference(ref, xb, wd[j], n, rows[j], cols[j]);
@@ -5977,6 +5980,8 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 				e[2] = mq_rel(y[0][j], ref, ny);
 				e[3] = mq_rel(y[4][j], ref, ny);
 				e[4] = mq_rel(y[5][j], ref, ny);
+				e[5] = mq_rel(y[8][j], ref, ny);
+				res->split = e[5] > res->split || isnan(e[5]) ? e[5] : res->split;
 				res->slab = e[3] > res->slab || isnan(e[3]) ? e[3] : res->slab;
 				res->tok = e[4] > res->tok || isnan(e[4]) ? e[4] : res->tok;
 				for (int k = 0; k < 2; k++)
@@ -5985,9 +5990,11 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 				res->mt_differ += memcmp(y[2][j], y[3][j], sizeof(float) * ny) != 0;
 				res->direct_differ += n <= 8 && memcmp(y[2][j], y[1][j], sizeof(float) * ny) != 0;
 				/* twins hold f32_to_bf16 of x, the conversion's numbers: the same bits */
-				res->twin_differ += (memcmp(y[6][j], y[3][j], sizeof(float) * ny) != 0) +
-					(memcmp(y[7][j], y[5][j], sizeof(float) * ny) != 0) +
-					(memcmp(y[8][j], y[4][j], sizeof(float) * ny) != 0);
+				res->twin_differ += (memcmp(y[9][j], y[3][j], sizeof(float) * ny) != 0) +
+					(memcmp(y[10][j], y[5][j], sizeof(float) * ny) != 0) +
+					(memcmp(y[11][j], y[4][j], sizeof(float) * ny) != 0);
+				res->grid_differ += memcmp(y[6][j], y[3][j], sizeof(float) * ny) != 0 ||
+					memcmp(y[7][j], y[5][j], sizeof(float) * ny) != 0;
 				free(xb);
 				free(ref);
 			}
@@ -5996,7 +6003,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 		{
 			if (share[j] == j)
 				free((void *) x[j]);
-			for (int p = 0; p < 9; p++)
+			for (int p = 0; p < 12; p++)
 				free(y[p][j]);
 		}
 	}
@@ -6008,12 +6015,16 @@ static void
 mq_dense_report(const mq_dense_result *r, const char *what, const char *ns)
 {
 	tap_ok(r->rc == 0 && r->dense <= 1e-5 && r->slab <= 1e-5 && r->tok <= 1e-5 && r->mt_differ == 0 &&
-		   r->direct_differ == 0 && r->twin_differ == 0,
+		   r->direct_differ == 0 && r->twin_differ == 0 && r->grid_differ == 0,
 		   "dense FP8 kernel (KL_CUDA_Q_DENSE), %s, n = %s: rel err %.2e against the double reference (tokens-as-M "
 		   "form %.2e, slab kernel, =3: %.2e; staging kernel %.2e); MT 1 vs 2 differ in %d products, n <= 8 vs "
-		   "the direct kernel in %d, preset bf16 twins (KL_CUDA_Q_TWIN) vs converted in %d (all must be 0: the "
-		   "same sums); hook returned %d", what, ns, r->dense, r->tok, r->slab, r->staged, r->mt_differ,
-		   r->direct_differ, r->twin_differ, r->rc);
+		   "the direct kernel in %d, preset bf16 twins (KL_CUDA_Q_TWIN) vs converted in %d, the balanced grid "
+		   "(KL_CUDA_Q_GRID=1, dense and tokens-as-M) vs off in %d (all must be 0: the same sums); hook returned %d",
+		   what, ns, r->dense, r->tok, r->slab, r->staged, r->mt_differ, r->direct_differ, r->twin_differ,
+		   r->grid_differ, r->rc);
+	tap_ok(r->rc == 0 && r->split <= 1e-5, "dense FP8 kernel, %s, n = %s: the tokens-as-M form with k split over "
+		   "clusters where units are few (KL_CUDA_Q_GRID=2) rel err %.2e against the double reference (bound 1e-5, "
+		   "as the other forms; the two halves' sums added: not the unsplit bits)", what, ns, r->split);
 }
 
 /*
@@ -6025,7 +6036,7 @@ mq_dense_report(const mq_dense_result *r, const char *what, const char *ns)
 static void
 check_mq_dense_step(gemv_mma_q_path_fn f)
 {
-	static const int ns_step[] = {1, 8, 9, 32, 33, 64},
+	static const int ns_step[] = {1, 2, 8, 9, 16, 32, 33, 64},
 				ns_mlp[] = {1, 9, 64};
 	static const struct
 	{
@@ -6056,8 +6067,8 @@ check_mq_dense_step(gemv_mma_q_path_fn f)
 			mq_random(&mats[j], MQ_FP8, step[c].cols[j], step[c].rows[j], step[c].cols[j], 2500 + 10 * c + j);
 			mp[j] = &mats[j];
 		}
-		mq_dense_case(f, step[c].count, mp, step[c].share, mlp ? ns_mlp : ns_step, mlp ? 3 : 6, 0, 600 + c, &r);
-		mq_dense_report(&r, step[c].what, mlp ? "1, 9, 64" : "1, 8, 9, 32, 33, 64");
+		mq_dense_case(f, step[c].count, mp, step[c].share, mlp ? ns_mlp : ns_step, mlp ? 3 : 8, 0, 600 + c, &r);
+		mq_dense_report(&r, step[c].what, mlp ? "1, 9, 64" : "1, 2, 8, 9, 16, 32, 33, 64");
 		for (int j = 0; j < step[c].count; j++)
 			free(mats[j].obj);
 	}
@@ -6083,8 +6094,8 @@ check_gemv_mma_q_dense(void)
 				all_rows[5] = {40, 23, 37, 20, 9},
 				all_share[5] = {0, 0, 2, 3, 4},
 				ns_some[] = {1, 5, 8, 13, 33, 64},
-				ns_48b[] = {1, 2, 8, 9, 17, 32, 33, 64},
-				ns_o[] = {1, 8, 9, 32, 33, 64},
+				ns_48b[] = {1, 2, 8, 9, 16, 17, 32, 33, 64},
+				ns_o[] = {1, 2, 8, 9, 16, 32, 33, 64},
 				ns_lm[] = {2},
 				ns_hand[] = {8, 64},
 				share3[3] = {0, 0, 0};
@@ -6118,13 +6129,13 @@ check_gemv_mma_q_dense(void)
 		mq_random(&mats[j], MQ_FP8, 2304, 4096, 2304, 2100 + j);
 		mp[j] = &mats[j];
 	}
-	mq_dense_case(f, 3, mp, share3, ns_48b, 8, 4, 503, &r);
-	mq_dense_report(&r, "48B KDA projections 3 x 4096 x 2304 sharing x", "1, 2, 8, 9, 17, 32, 33, 64");
+	mq_dense_case(f, 3, mp, share3, ns_48b, 9, 4, 503, &r);
+	mq_dense_report(&r, "48B KDA projections 3 x 4096 x 2304 sharing x", "1, 2, 8, 9, 16, 17, 32, 33, 64");
 	for (int j = 0; j < 3; j++)
 		free(mats[j].obj);
 	mq_random(&mats[0], MQ_FP8, 4096, 2304, 4096, 2200);
-	mq_dense_case(f, 1, mp, share3, ns_o, 6, 0, 504, &r);
-	mq_dense_report(&r, "48B o_proj 2304 x 4096", "1, 8, 9, 32, 33, 64");
+	mq_dense_case(f, 1, mp, share3, ns_o, 8, 0, 504, &r);
+	mq_dense_report(&r, "48B o_proj 2304 x 4096", "1, 2, 8, 9, 16, 32, 33, 64");
 	free(mats[0].obj);
 	check_mq_dense_step(f);
 	mq_random(&mats[0], MQ_FP8, 2304, 163840, 2304, 2300);
@@ -6146,19 +6157,19 @@ check_gemv_mma_q_dense(void)
 /*
  * Two random FP8 models of the 48B shapes (2 layers, seed 7), one at a time
  * (the kernel choice is process-wide, set when a backend is made), with
- * KL_CUDA_Q_DENSE set to dense[v] (NULL: the backend's default): lg[v][b] = the
+ * the environment variable var set to dense[v] (NULL: the backend's default): lg[v][b] = the
  * logits of nseqs[b] sequences decoding together for rounds steps
  * (decode_together; the caller frees them).  Returns the vocabulary size.
  */
 static int
-decode_fp8_pair(const char *const dense[2], const int nseqs[3], int rounds, float *lg[2][3])
+decode_fp8_pair(const char *var, const char *const dense[2], const int nseqs[3], int rounds, float *lg[2][3])
 {
 	int32_t    *ids = malloc(sizeof(int32_t) * 100);
 	int			V = 0;
 
 	for (int v = 0; v < 2; v++)
 	{
-		kl_model   *m = random_gpu_model(q48_config, "fp8", dense[v] ? "KL_CUDA_Q_DENSE" : NULL, dense[v]);
+		kl_model   *m = random_gpu_model(q48_config, "fp8", dense[v] ? var : NULL, dense[v]);
 
 		V = kl_model_config(m)->vocab_size;
 		for (int i = 0; i < 100; i++)
@@ -6191,7 +6202,7 @@ check_dense_model(void)
 	const int	rounds = 2;
 	static const char *const dense[2] = {"0", "2"};	/* 0: the direct and staging kernels */
 	float	   *lg[2][3];
-	int			V = decode_fp8_pair(dense, nseqs, rounds, lg);
+	int			V = decode_fp8_pair("KL_CUDA_Q_DENSE", dense, nseqs, rounds, lg);
 
 	for (int bi = 0; bi < 3; bi++)
 	{
@@ -6233,7 +6244,7 @@ check_dense_model_slab(void)
 	const int	rounds = 2;
 	static const char *const dense[2] = {"2", "3"};
 	float	   *lg[2][3];
-	int			V = decode_fp8_pair(dense, nseqs, rounds, lg);
+	int			V = decode_fp8_pair("KL_CUDA_Q_DENSE", dense, nseqs, rounds, lg);
 
 	for (int bi = 0; bi < 3; bi++)
 	{
@@ -6431,6 +6442,68 @@ check_q_twin_stale(void)
 			free(z[1][i][k]);
 		}
 	}
+}
+
+/*
+ * The whole model with the balanced grid (KL_CUDA_Q_GRID=1) against off (the
+ * default), same random FP8 weights of the 48B shapes (2 layers, seed 7):
+ * 8, 32 and 64 sequences decoding together give the same logits bit for bit
+ * (the dense kernel and its tokens-as-M form only move their units between
+ * blocks: every sum as before); =2 (the k split over clusters where units
+ * are few) the same at 8 sequences, within q_tol's bound at 32 and 64;
+ * then tiny_a quantized to FP8 at load in bf16 with =1 and =2 against the
+ * CPU (check_quantized).
+ */
+static void
+check_dense_model_grid(void)
+{
+	static const int nseqs[3] = {8, 32, 64};
+	const int	rounds = 2;
+	static const char *const grid[2] = {"0", "1"};
+	float	   *lg[2][3];
+	int			V = decode_fp8_pair("KL_CUDA_Q_GRID", grid, nseqs, rounds, lg);
+
+	for (int bi = 0; bi < 3; bi++)
+	{
+		int			nseq = nseqs[bi];
+		size_t		cnt = (size_t) rounds * nseq * V;
+
+		tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * cnt) == 0, "48B shapes (2 layers), FP8, %d sequences "
+			   "decoding together (%d steps): KL_CUDA_Q_GRID=1 (balanced grid) equals =0 bit for bit (rel err %.2e)",
+			   nseq, rounds, rel_err(lg[1][bi], lg[0][bi], cnt));
+		free(lg[0][bi]);
+		free(lg[1][bi]);
+	}
+	/* =2: the k split where units are few (n >= 17): other sums, so within q_tol's bound as the slab kernel */
+	{
+		static const char *const split[2] = {"0", "2"};
+
+		V = decode_fp8_pair("KL_CUDA_Q_GRID", split, nseqs, rounds, lg);
+		for (int bi = 0; bi < 3; bi++)
+		{
+			int			nseq = nseqs[bi],
+						same;
+			size_t		cnt = (size_t) rounds * nseq * V;
+			double		e = rel_err(lg[1][bi], lg[0][bi], cnt);
+
+			greedy_clear_differs(lg[1][bi], lg[0][bi], rounds * nseq, V, 0.25, &same);
+			if (nseq <= 16)
+				tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * cnt) == 0, "48B shapes (2 layers), FP8, %d "
+					   "sequences decoding together (%d steps): KL_CUDA_Q_GRID=2 equals =0 bit for bit (no k split "
+					   "up to 16 rows; rel err %.2e)", nseq, rounds, e);
+			else
+				tap_ok(e <= 0.25, "48B shapes (2 layers), FP8, %d sequences decoding together (%d steps): "
+					   "KL_CUDA_Q_GRID=2 (k split where units are few) vs =0, rel err %.2e (bounded by 0.25: see "
+					   "q_tol; greedy ids %d of %d equal)", nseq, rounds, e, same, rounds * nseq);
+			free(lg[0][bi]);
+			free(lg[1][bi]);
+		}
+	}
+	setenv("KL_CUDA_Q_GRID", "1", 1);	/* read when the backend is made */
+	check_quantized("tiny_a", "fp8", "bf16");
+	setenv("KL_CUDA_Q_GRID", "2", 1);
+	check_quantized("tiny_a", "fp8", "bf16");
+	unsetenv("KL_CUDA_Q_GRID");
 }
 
 /* kl_cuda_test_expert_mma_q (src/cuda/cuda_mma_q_test.c) */
@@ -7053,6 +7126,7 @@ main(void)
 	RUN(check_dense_model_slab());
 	RUN(check_q_twin_model());
 	RUN(check_q_twin_stale());
+	RUN(check_dense_model_grid());
 	RUN(check_expert_mma_q());
 	RUN(check_fp8_quant());
 	RUN(check_fp8_matmul());
