@@ -121,6 +121,9 @@ typedef struct kk_gemv_batch
 	 * activations (kk_gemv_mma_q_room bytes; NULL: that kernel is not used) */
 	uint16_t   *xq;
 	size_t		xq_bytes;
+	/* set by the launcher (kk_set_mma_q_l2): the dense FP8 kernels ask for a
+	 * block's weight rows in L2 with one bulk prefetch when it starts */
+	int			l2_rows;
 } kk_gemv_batch;
 void		kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b);
 /*
@@ -320,6 +323,20 @@ int			kk_set_mma_q_tok(int on);
  * Returns the setting it replaces.
  */
 int			kk_set_mma_q_grid(int on);
+/*
+ * kk_set_mma_q_l2(bits) (default 0; the backend's KL_CUDA_Q_L2, default 1):
+ * bit 1, in batches of 9-64 rows each block of the dense FP8 kernel's
+ * tokens-as-M form (or of the dense kernel where that form does not run;
+ * not their grid forms) first asks for all of its weight rows (a
+ * contiguous run of the row-major FP8 matrix) in L2 with one
+ * cp.async.bulk.prefetch.L2; bit 4, the same in batches of 2-8 rows; bit 2,
+ * each block of the quantized expert kernel (kk_expert_mma_q) for its 128
+ * rows (of gate and up in the SwiGLU mode) once it knows its expert
+ * (compute capability 9; a hint: the results are the same bits), so that a
+ * block's DRAM reads are in flight at once rather than as its warps'
+ * registers free up.  Returns the setting it replaces.
+ */
+int			kk_set_mma_q_l2(int on);
 size_t		kk_gemv_mma_q_room(const kk_gemv_batch *b);
 size_t		kk_gemv_mma_q_room_as(const kk_gemv_batch *b, int dense);
 void		kk_gemv_multi_mma_q_as(cudaStream_t s, kk_gemv_batch *b, int direct, int dense);

@@ -1028,6 +1028,29 @@ mx_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&rg)[MT][2], floa
 	}
 }
 
+/*
+ * Rows r0 .. r0 + nr - 1 of job jb's FP8 matrix (row-major, cols bytes a
+ * row: one contiguous run) asked for in L2 by one thread with a bulk
+ * prefetch (b.l2_rows, kk_set_mma_q_l2): the block's whole weight stream is
+ * in flight at once, and its warps' loads then find it in L2.  A hint
+ * only; cols % 16 == 0 here (the dense kernels take cols % 64 == 0).  The
+ * resident blocks' runs together (264 x ~74 KB on an H200) stay well
+ * inside L2.  H200, 2026-12-02, FP8 48B step at 4k: batch 32 (the
+ * tokens-as-M form) -0.06 ms; batch 8 (the dense kernel) +0.03 ms, hence
+ * only bit 1 by default.
+ */
+__device__ __forceinline__ void
+mq_l2_rows(const kk_gemv_batch &b, const kk_gemv_job *jb, int r0, int nr)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	int			n = jb->rows - r0 < nr ? jb->rows - r0 : nr;
+
+	if (b.l2_rows && threadIdx.x == 0 && n > 0)
+		asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"::"l"((const uint8_t *) jb->W + (size_t) r0 * jb->cols),
+					 "r"((unsigned) ((size_t) n * jb->cols)):"memory");
+#endif
+}
+
 /* block b: MT 16-row tiles of the job (kk_tile_blocks(b, MT)), all b.n rows (NB n-blocks) */
 template <int MT, int NB>
 __global__ void __launch_bounds__(MX_WARPS * 32, 2)
@@ -1046,6 +1069,7 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
 	uint32_t	wa[U][MT][2][4],
 				wb[U][MT][2][4];
 
+	mq_l2_rows(b, jb, r0, 16 * MT);
 	md_tile_rows<MT>(rg, (const uint8_t *) jb->W, r0, jb->rows, jb->cols, lane >> 2, lane & 3);
 	mx_zero<MT, NB>(acc);
 	/* the weights do not depend on earlier kernels: both sets requested before waiting */
@@ -1314,6 +1338,7 @@ gemv_mma_q_tok_kernel(kk_gemv_batch b)
 	float		acc[NT][R][4];
 	uint4		wc[R];
 
+	mq_l2_rows(b, &b.job[j], r0, 8 * R);
 	mt_zero<NT, R>(acc);
 	mt_first<R>(wr, wc, &b.job[j], r0, 0, b.job[j].cols >> 6);
 	kk_dep_wait();
@@ -1363,6 +1388,16 @@ gemv_mma_q_tok_grid_kernel(kk_gemv_batch b)
 
 static int	mt_on = 0;			/* kk_set_mma_q_tok */
 static int	mq_grid = 0;		/* kk_set_mma_q_grid */
+static int	mq_l2 = 0;			/* kk_set_mma_q_l2 */
+
+extern "C" int
+kk_set_mma_q_l2(int on)
+{
+	int			was = mq_l2;
+
+	mq_l2 = on & 7;
+	return was;
+}
 
 extern "C" int
 kk_set_mma_q_grid(int on)
@@ -2252,6 +2287,7 @@ mx_launch(cudaStream_t s, kk_gemv_batch *b, int dense, uint16_t *room, size_t ro
 				blocks;
 	size_t		need = mx_plan(b, NULL, NULL, &c);
 
+	b->l2_rows = (mq_l2 & (b->n > 8 ? 1 : 4)) != 0;	/* (the tokens-as-M form from 9 rows; bit 4 the dense kernel) */
 	/* (jobs whose x16 came preset, twins, need no room; the conversion runs only for the rest) */
 	if (need > 0 && (!room || need > room_bytes))
 		return false;
@@ -2509,6 +2545,27 @@ kk_gemv_mma_q(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n,
 /* ------------------------------------------------------------------ expert products */
 
 /*
+ * kk_set_mma_q_l2's bit 2: the expert block's 128 rows of W (and of W1, the
+ * up matrix, in the SwiGLU mode) asked for in L2 by one thread as soon as
+ * the block knows its expert, as mq_l2_rows does for the dense kernels.
+ */
+__device__ __forceinline__ void
+mq_l2_expert(const void *W, const void *W1, int r0, int rows, size_t rbytes)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	int			n = rows - r0 < MQ_XWARPS * 16 ? rows - r0 : MQ_XWARPS * 16;
+
+	if (threadIdx.x != 0 || n <= 0 || rbytes % 16 != 0)
+		return;
+	asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"::"l"((const uint8_t *) W + (size_t) r0 * rbytes),
+				 "r"((unsigned) (n * rbytes)):"memory");
+	if (W1)
+		asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"::"l"((const uint8_t *) W1 + (size_t) r0 * rbytes),
+					 "r"((unsigned) (n * rbytes)):"memory");
+#endif
+}
+
+/*
  * Item blockIdx.y of the work list, 128 rows blockIdx.x of its matrix (one
  * matrix: in the two-matrix mode the second half of the blocks takes W1 ->
  * y1; SWIGLU: gate W0 and up W1 of the same rows, silu(gate) * up -> y0).
@@ -2518,7 +2575,7 @@ template <int FMT, int LW, bool GROUPED, bool SWIGLU>
 __global__ void __launch_bounds__(MQ_XWARPS * 32)
 expert_mma_q_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
 					const void *const *W0, const void *const *W1, int group, int rows, int cols,
-					const int *__restrict__ start, const int *__restrict__ active, int P, bool vec)
+					const int *__restrict__ start, const int *__restrict__ active, int P, bool vec, bool l2)
 {
 	using St = mq_stream<FMT, LW, 1, GROUPED>;
 	constexpr int NM = SWIGLU ? 2 : 1;
@@ -2548,6 +2605,9 @@ expert_mma_q_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, 
 	if ((int) blockIdx.y >= active[0])
 		return;					/* the whole block: no barrier is skipped */
 	e = kk_expert_item(active, start, blockIdx.y, P, &first, &count);
+	if (l2)
+		mq_l2_expert(SWIGLU ? W0[e] : m1 ? W1[e] : W0[e], SWIGLU ? W1[e] : NULL,
+					 ((int) blockIdx.x - m1 * per) * MQ_XWARPS * 16, rows, rbytes);
 	{
 		int			ra = r0 + g < rows ? r0 + g : rows - 1,
 					rb = r0 + g + 8 < rows ? r0 + g + 8 : rows - 1;
@@ -2617,7 +2677,7 @@ mq_launch_expert(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, 
 			cudaFuncSetAttribute(expert_mma_q_kernel<FMT, LW, GROUPED, true>,
 								 cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
 		kk_launch(expert_mma_q_kernel<FMT, LW, GROUPED, true>, grid, dim3(MQ_XWARPS * 32), smem, s, y0, y1, ldy, x,
-				  ldx, xrow, W0, W1, group, rows, cols, start, active, P, vec);
+				  ldx, xrow, W0, W1, group, rows, cols, start, active, P, vec, (mq_l2 & 2) != 0);
 	}
 	else
 	{
@@ -2625,7 +2685,7 @@ mq_launch_expert(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, 
 			cudaFuncSetAttribute(expert_mma_q_kernel<FMT, LW, GROUPED, false>,
 								 cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
 		kk_launch(expert_mma_q_kernel<FMT, LW, GROUPED, false>, grid, dim3(MQ_XWARPS * 32), smem, s, y0, y1, ldy,
-				  x, ldx, xrow, W0, W1, group, rows, cols, start, active, P, vec);
+				  x, ldx, xrow, W0, W1, group, rows, cols, start, active, P, vec, (mq_l2 & 2) != 0);
 	}
 }
 

@@ -329,6 +329,15 @@ dtype_size(kl_dtype t)
 	return t == KL_DT_F32 ? 4 : 2;
 }
 
+/* a quantized weight was made on the device: of the dense FP8 decode products' shape (mma_q.cu's mx_ok), its
+ * products' inputs get bf16 twins from their producers (KL_CUDA_Q_TWIN, cuda_twin_out) */
+static void
+note_fp8_dense(cuda_state *cs, const kl_weight *w)
+{
+	if (cuda_weight_fmt(w) == KK_WF_FP8 && w->q.group >= w->cols && w->cols % 64 == 0)
+		cs->q_fp8_dense = true;
+}
+
 /*
  * A quantized weight (quant.h's forms) becomes one device object in
  * kernels.h's layout: the data rows as they are, then the fp32 scales at
@@ -368,9 +377,7 @@ load_quantized(kl_backend *be, kl_weight *w, kl_err *err)
 		return errf(err, be->err.code, "loading onto the GPU: %s", be->err.msg);
 	}
 	w->dev = p;
-	/* (the dense FP8 decode products' shape, mma_q.cu's mx_ok: their inputs get bf16 twins, KL_CUDA_Q_TWIN) */
-	if (fmt == KK_WF_FP8 && q->group >= w->cols && w->cols % 64 == 0)
-		cs->q_fp8_dense = true;
+	note_fp8_dense(cs, w);
 	return KL_OK;
 }
 
@@ -452,6 +459,7 @@ cu_init_random_weight(kl_backend *be, kl_weight *w, uint64_t seed, float scale, 
 			return errf(err, KL_E_RESOURCES, "out of GPU memory for a %d x %d quantized weight", w->rows, w->cols);
 		cudaMemsetAsync(p, 0, kk_q_bytes(w->rows, fmt, w->cols, w->q.group), cs->stream);
 		kk_q_fill_random(cs->stream, p, fmt, w->q.group, w->rows, w->cols, seed, scale);
+		note_fp8_dense(cs, w);
 	}
 	else
 	{
@@ -1027,6 +1035,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *qtk = getenv("KL_CUDA_Q_TOK"),
 				   *qtw = getenv("KL_CUDA_Q_TWIN"),
 				   *qgr = getenv("KL_CUDA_Q_GRID"),
+				   *ql2 = getenv("KL_CUDA_Q_L2"),
 				   *gs = getenv("KL_CUDA_GEMV_MMA_SLAB"),
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
 				   *ms = getenv("KL_CUDA_MLA_SMALL"),
@@ -1056,6 +1065,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->q_twin_rows = !cs->bf16_twin || (qtw && strcmp(qtw, "0") == 0) || (qx && *qx && atoi(qx) <= 0) ? 0 :
 			qxr && *qxr && atoi(qxr) > 0 && atoi(qxr) < KK_GEMV_MMA_Q_ROWS ? atoi(qxr) : KK_GEMV_MMA_Q_ROWS;
 		kk_set_mma_q_grid(qgr && *qgr ? atoi(qgr) : 0);	/* off until measured (issue 11) */
+		/* (bit 2, the expert blocks' rows: H200, 2026-12-02, +0.8 / +2.0 ms a step at batch 8 / 32: the resident
+		 * blocks' runs, 264 x 590 KB, do not fit in L2) */
+		kk_set_mma_q_l2(ql2 && *ql2 ? atoi(ql2) : 1);
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
 		kk_set_kda_prep_mma(kpm && *kpm ? ((atoi(kpm) >= 0 && atoi(kpm) <= 4) || atoi(kpm) == 6 ? atoi(kpm) : 6) : 6);
 		kk_set_kda_kp6_wide(kpw && *kpw && atoi(kpw) >= 0 && atoi(kpw) <= 2 ? atoi(kpw) : 2);

@@ -6506,6 +6506,40 @@ check_dense_model_grid(void)
 	unsetenv("KL_CUDA_Q_GRID");
 }
 
+/*
+ * The whole model with the L2 prefetches of KL_CUDA_Q_L2 (bits 1 and 4: each
+ * dense FP8 block's weight rows, bit 2: each quantized expert block's) against
+ * off, same random FP8 weights of the 48B shapes (2 layers, seed 7): 8, 32
+ * and 64 sequences decoding together give the same logits bit for bit (a
+ * prefetch is a hint: no result may change); then tiny_a quantized to FP8
+ * at load against the CPU with both bits on.
+ */
+static void
+check_dense_model_l2(void)
+{
+	static const int nseqs[3] = {8, 32, 64};
+	const int	rounds = 2;
+	static const char *const l2[2] = {"0", "7"};
+	float	   *lg[2][3];
+	int			V = decode_fp8_pair("KL_CUDA_Q_L2", l2, nseqs, rounds, lg);
+
+	for (int bi = 0; bi < 3; bi++)
+	{
+		size_t		cnt = (size_t) rounds * nseqs[bi] * V;
+
+		tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * cnt) == 0, "48B shapes (2 layers), FP8, %d sequences "
+			   "decoding together (%d steps): KL_CUDA_Q_L2=7 (L2 prefetch of the dense, tokens-as-M and expert blocks' weight "
+			   "rows) equals =0 bit for bit (rel err %.2e)", nseqs[bi], rounds, rel_err(lg[1][bi], lg[0][bi], cnt));
+		free(lg[0][bi]);
+		free(lg[1][bi]);
+	}
+	setenv("KL_CUDA_Q_L2", "7", 1);	/* read when the backend is made */
+	setenv("KL_CUDA_Q_MMA", "1", 1);
+	check_quantized("tiny_a", "fp8", "bf16");
+	unsetenv("KL_CUDA_Q_MMA");
+	unsetenv("KL_CUDA_Q_L2");
+}
+
 /* kl_cuda_test_expert_mma_q (src/cuda/cuda_mma_q_test.c) */
 typedef int (*expert_mma_q_fn) (int n, int E, int k, int D, int F, int fmt, int group, int group_down,
 								const int *sel, const void *const *gate, const void *const *up,
@@ -7127,6 +7161,7 @@ main(void)
 	RUN(check_q_twin_model());
 	RUN(check_q_twin_stale());
 	RUN(check_dense_model_grid());
+	RUN(check_dense_model_l2());
 	RUN(check_expert_mma_q());
 	RUN(check_fp8_quant());
 	RUN(check_fp8_matmul());
