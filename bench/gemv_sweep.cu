@@ -821,6 +821,28 @@ q_row_dense(const char *batch, double bytes, int n, const char *kernel, double u
 		   bytes / (us * 1e-6) / 1e9, 100.0 * stream_us / us, d);
 }
 
+/* max |y - ref| / max |ref| over n floats on the device, after s's work */
+static double
+dev_rel_diff(cudaStream_t s, const float *y, const float *ref, size_t n)
+{
+	float	   *a = (float *) malloc(n * 4),
+			   *c = (float *) malloc(n * 4);
+	double		dmax = 0,
+				ymax = 0;
+
+	CK(cudaStreamSynchronize(s));
+	CK(cudaMemcpy(a, y, n * 4, cudaMemcpyDeviceToHost));
+	CK(cudaMemcpy(c, ref, n * 4, cudaMemcpyDeviceToHost));
+	for (size_t i = 0; i < n; i++)
+	{
+		dmax = fmax(dmax, fabs((double) a[i] - c[i]));
+		ymax = fmax(ymax, fabs((double) c[i]));
+	}
+	free(a);
+	free(c);
+	return dmax / (ymax > 0 ? ymax : 1);
+}
+
 /*
  * "dense FP8 step batches" (`gemv-sweep dense_fp8`): each dense FP8 product
  * batch of a 48B decode step (one scale a row) at n = 1 .. 64 through
@@ -915,8 +937,6 @@ dense_fp8_table(void)
 		for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++)
 		{
 			int			n = ns[ni];
-			double		ymax = 0,
-						dmax = 0;
 			size_t		ny = 0;
 			/* the batch over copy r, results into out */
 			auto		batch = [&](int r, float *out) {
@@ -970,26 +990,8 @@ dense_fp8_table(void)
 							b.job[j].x16 = tw + (size_t) batches[bi].xi[j] * 64 * 9216;
 					kk_gemv_multi_mma_q_as(s, &b, 0, v == 4 ? 2 : v);
 				});
-				double		diff = 0;
+				double		diff = v >= 3 ? dev_rel_diff(s, y, y2, ny) : 0;
 
-				if (v >= 3)
-				{
-					float	   *a = (float *) malloc(ny * 4),
-							   *c = (float *) malloc(ny * 4);
-
-					CK(cudaStreamSynchronize(s));
-					CK(cudaMemcpy(a, y, ny * 4, cudaMemcpyDeviceToHost));
-					CK(cudaMemcpy(c, y2, ny * 4, cudaMemcpyDeviceToHost));
-					ymax = dmax = 0;
-					for (size_t i = 0; i < ny; i++)
-					{
-						dmax = fmax(dmax, fabs((double) a[i] - c[i]));
-						ymax = fmax(ymax, fabs((double) c[i]));
-					}
-					diff = dmax / (ymax > 0 ? ymax : 1);
-					free(a);
-					free(c);
-				}
 				q_row_dense(batches[bi].name, per, n, v == 2 ? "dense (=2)" : v == 3 ? "slab (=3)" : "dense twin",
 							us, stream_us, diff);
 			}
@@ -1006,8 +1008,6 @@ dense_fp8_table(void)
 					kk_gemv_multi_mma_q_as(s, &b, 0, 2);
 				}),
 							us1;
-				float	   *a = (float *) malloc(ny * 4),
-						   *c = (float *) malloc(ny * 4);
 
 				kk_set_mma_q_grid(1);
 				us1 = q_time(s, [&](int r) {
@@ -1017,21 +1017,10 @@ dense_fp8_table(void)
 				});
 				kk_set_mma_q_grid(grid_was);
 				kk_set_mma_q_tok(tok_was);
-				CK(cudaStreamSynchronize(s));
-				CK(cudaMemcpy(a, y, ny * 4, cudaMemcpyDeviceToHost));
-				CK(cudaMemcpy(c, y2, ny * 4, cudaMemcpyDeviceToHost));
-				ymax = dmax = 0;
-				for (size_t i = 0; i < ny; i++)
-				{
-					dmax = fmax(dmax, fabs((double) a[i] - c[i]));
-					ymax = fmax(ymax, fabs((double) c[i]));
-				}
-				free(a);
-				free(c);
 				if (tok)
 					q_row_dense(batches[bi].name, per, n, "tokens-as-M (=2, TOK)", us0, stream_us, -1);
 				q_row_dense(batches[bi].name, per, n, tok ? "tokens-as-M, GRID=1" : "dense, GRID=1", us1, stream_us,
-							dmax / (ymax > 0 ? ymax : 1));
+							dev_rel_diff(s, y, y2, ny));
 			}
 			/* the k split where units are few (KL_CUDA_Q_GRID=2, from 17 rows); "vs 2" against the tokens-as-M
 			 * kernel off the grid (y2, the loop's last run): two halves' sums added, ~1e-7 */
@@ -1044,24 +1033,11 @@ dense_fp8_table(void)
 
 					kk_gemv_multi_mma_q_as(s, &b, 0, 2);
 				});
-				float	   *a = (float *) malloc(ny * 4),
-						   *c = (float *) malloc(ny * 4);
 
 				kk_set_mma_q_grid(grid_was);
 				kk_set_mma_q_tok(tok_was);
-				CK(cudaStreamSynchronize(s));
-				CK(cudaMemcpy(a, y, ny * 4, cudaMemcpyDeviceToHost));
-				CK(cudaMemcpy(c, y2, ny * 4, cudaMemcpyDeviceToHost));
-				ymax = dmax = 0;
-				for (size_t i = 0; i < ny; i++)
-				{
-					dmax = fmax(dmax, fabs((double) a[i] - c[i]));
-					ymax = fmax(ymax, fabs((double) c[i]));
-				}
-				free(a);
-				free(c);
 				q_row_dense(batches[bi].name, per, n, "tokens-as-M, GRID=2 (k split)", us, stream_us,
-							dmax / (ymax > 0 ? ymax : 1));
+							dev_rel_diff(s, y, y2, ny));
 			}
 			/* probe for the next step (a k split for jobs of few units): at 32 tokens the tokens-as-M kernel at each
 			 * R (n-tiles a block; the launcher's rule picks one), off and on the grid, through mma_q.cu's own
@@ -1075,12 +1051,9 @@ dense_fp8_table(void)
 						double		us = q_time(s, [&](int r) {
 							kk_gemv_batch b = batch(r, y);
 							mx_conv		c;
-							int			most = 0;
 
 							mx_plan(&b, NULL, room, &c);
-							for (int e = 0; e < c.count; e++)
-								most = c.cols[e] * c.nrows / 8 > most ? c.cols[e] * c.nrows / 8 : most;
-							kk_launch(mx_convert_kernel, dim3(ceil_div(most, 256), c.count), dim3(256), 0, s, c);
+							mx_convert_launch(s, c);
 							R == 1 ? mt_launch_r<2, 1>(s, &b) : R == 2 ? mt_launch_r<2, 2>(s, &b) :
 								mt_launch_r<2, 4>(s, &b);
 						});

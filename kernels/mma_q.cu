@@ -927,16 +927,16 @@ mq_unit_job(const kk_gemv_batch &b, int u)
 	return j;
 }
 
-/* acc = 0 */
-template <int MT, int NB>
+/* acc = 0 (the dense kernel's [MT][NB] tiles, the tokens-as-M form's [NT][R]) */
+template <int A, int B>
 __device__ __forceinline__ void
-mx_zero(float (&acc)[MT][NB][4])
+mx_zero(float (&acc)[A][B][4])
 {
 #pragma unroll
-	for (int m = 0; m < MT; m++)
+	for (int a = 0; a < A; a++)
 #pragma unroll
-		for (int nb = 0; nb < NB; nb++)
-			acc[m][nb][0] = acc[m][nb][1] = acc[m][nb][2] = acc[m][nb][3] = 0;
+		for (int b = 0; b < B; b++)
+			acc[a][b][0] = acc[a][b][1] = acc[a][b][2] = acc[a][b][3] = 0;
 }
 
 /*
@@ -1213,18 +1213,6 @@ mt_first(const uint8_t *(&wr)[R], uint4 (&wc)[R], const kk_gemv_job *jb, int r0,
 			wc[r] = __ldg((const uint4 *) (wr[r] + 64 * (c0 + warp)));
 }
 
-/* acc = 0 */
-template <int NT, int R>
-__device__ __forceinline__ void
-mt_zero(float (&acc)[NT][R][4])
-{
-#pragma unroll
-	for (int r = 0; r < R; r++)
-#pragma unroll
-		for (int m = 0; m < NT; m++)
-			acc[m][r][0] = acc[m][r][1] = acc[m][r][2] = acc[m][r][3] = 0;
-}
-
 /*
  * One unit of the tokens-as-M kernel: R n-tiles (8 R rows) of job j from
  * row r0 into acc (zero on entry), the warp's first chunk requested
@@ -1339,7 +1327,7 @@ gemv_mma_q_tok_kernel(kk_gemv_batch b)
 	uint4		wc[R];
 
 	mq_l2_rows(b, &b.job[j], r0, 8 * R);
-	mt_zero<NT, R>(acc);
+	mx_zero<NT, R>(acc);
 	mt_first<R>(wr, wc, &b.job[j], r0, 0, b.job[j].cols >> 6);
 	kk_dep_wait();
 	kk_dep_launch();
@@ -1375,7 +1363,7 @@ gemv_mma_q_tok_grid_kernel(kk_gemv_batch b)
 	{
 		int			next = u + 1 < end ? u + 1 : -1;
 
-		mt_zero<NT, R>(acc);
+		mx_zero<NT, R>(acc);
 		mt_unit<NT, R>(b, j, r0, wr, wc, acc, mt_part, next, 0);
 		if (next < 0)
 			break;
@@ -2015,7 +2003,7 @@ gemv_mma_q_tok_split_kernel(kk_gemv_batch b)
 	float		acc[NT][R][4];
 	uint4		wc[R];
 
-	mt_zero<NT, R>(acc);
+	mx_zero<NT, R>(acc);
 	mt_first<R>(wr, wc, jb, r0, rank ? nchunk / 2 : 0, rank ? nchunk : nchunk / 2);
 	kk_dep_wait();
 	kk_dep_launch();
@@ -2268,6 +2256,18 @@ mx_grid_launch(cudaStream_t s, kk_gemv_batch *b, int mt)
 		kk_launch(gemv_mma_q_dense_kernel<1, NB>, dim3(units), dim3(MX_WARPS * 32), 0, s, *b);
 }
 
+/* the conversion launch of plan c (mx_plan with room): one block row a distinct matrix; none when c has none */
+static void
+mx_convert_launch(cudaStream_t s, const mx_conv &c)
+{
+	int			most = 0;
+
+	for (int e = 0; e < c.count; e++)
+		most = c.cols[e] * c.nrows / 8 > most ? c.cols[e] * c.nrows / 8 : most;
+	if (c.count > 0)
+		kk_launch(mx_convert_kernel, dim3(ceil_div(most, 256), c.count), dim3(256), 0, s, c);
+}
+
 /*
  * The conversion (of the jobs without a preset twin; none: no launch), then (dense 3) the slab kernel where it runs, else the
  * dense kernel with the most tiles a block (up to dense: 1 or 2; 2 only up to 2 n-blocks: 16 rows) that still gives every
@@ -2283,7 +2283,6 @@ mx_launch(cudaStream_t s, kk_gemv_batch *b, int dense, uint16_t *room, size_t ro
 	mx_conv		c;
 	int			sms = mq_sms(),
 				mt = dense >= 2 && mq_nb(b->n) <= 2 ? 2 : 1,
-				most = 0,
 				blocks;
 	size_t		need = mx_plan(b, NULL, NULL, &c);
 
@@ -2292,10 +2291,7 @@ mx_launch(cudaStream_t s, kk_gemv_batch *b, int dense, uint16_t *room, size_t ro
 	if (need > 0 && (!room || need > room_bytes))
 		return false;
 	mx_plan(b, NULL, room, &c);
-	for (int e = 0; e < c.count; e++)
-		most = c.cols[e] * c.nrows / 8 > most ? c.cols[e] * c.nrows / 8 : most;
-	if (c.count > 0)
-		kk_launch(mx_convert_kernel, dim3(ceil_div(most, 256), c.count), dim3(256), 0, s, c);
+	mx_convert_launch(s, c);
 	if (dense >= 3 && ms_launch(s, b))
 		return true;
 	if (mt_split_launch(s, b) || mt_launch(s, b))

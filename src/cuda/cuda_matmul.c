@@ -101,16 +101,24 @@ cuda_to_bf16(kl_backend *be, uint16_t *dst, int ldd, const float *src, int lds, 
 		kk_f32_to_bf16(CS(be)->stream, dst, ldd, src, lds, rows, cols);
 }
 
+/* the valid bf16 twin of x [n, cols] (ldx) for a product of forward.c's (tw_scope), else NULL */
+static const uint16_t *
+twin_of(const cuda_state *cs, const float *x, int ldx, int n, int cols)
+{
+	return cs->bf16_twin && cs->tw_scope && cs->tw.valid && cs->tw.src == x && cs->tw.ld == ldx &&
+		cs->tw.cols == cols && n <= cs->tw.rows ? cs->tw.dst : NULL;
+}
+
 const uint16_t *
 cuda_x_bf16(kl_backend *be, const float *x, int ldx, int n, int cols, int *ld16)
 {
 	cuda_state *cs = CS(be);
 	uint16_t   *x16;
+	const uint16_t *tw = twin_of(cs, x, ldx, n, cols);
 
 	*ld16 = cols;
-	if (cs->bf16_twin && cs->tw_scope && cs->tw.valid && cs->tw.src == x && cs->tw.ld == ldx && cs->tw.cols == cols &&
-		n <= cs->tw.rows)
-		return cs->tw.dst;
+	if (tw)
+		return tw;
 	if (cs->tw.valid && cs->tw.in_xbuf)
 		cs->tw.valid = false;	/* CB_X_BF16 is about to be written */
 	if (!(x16 = cuda_buf(be, CB_X_BF16, (size_t) n * cols * sizeof(uint16_t))))
@@ -398,9 +406,8 @@ q_mma_launch(kl_backend *be, kk_gemv_batch *b)
 	{
 		kk_gemv_job *jb = &b->job[j];
 
-		if (cs->q_twin_rows > 0 && cs->bf16_twin && cs->tw_scope && cs->tw.valid && cs->tw.src == jb->x &&
-			cs->tw.ld == jb->ldx && cs->tw.cols == jb->cols && b->n <= cs->tw.rows)
-			jb->x16 = cs->tw.dst;
+		if (cs->q_twin_rows > 0)
+			jb->x16 = twin_of(cs, jb->x, jb->ldx, b->n, jb->cols);
 	}
 	room = kk_gemv_mma_q_room(b);
 

@@ -1024,19 +1024,21 @@ check_mla_mma(kl_model *cpu)
 
 /*
  * nseq sequences, each fed 3 tokens of its own (one call each), then
- * `rounds` decode steps of all of them together: the logits of every step,
- * [rounds][nseq][V].  Steps of 8 or more sequences take the tensor-core
- * expert kernel in bf16 precision (unless KL_CUDA_EXPERT_MMA=0 at load).
+ * `rounds` decode steps: the first `full` of all of them together, the rest
+ * of the first (nseq + 1) / 2 (a batch-size change): the logits of every
+ * step, [rounds][nseq][V], the slots of the sequences a step left out zero.
+ * Steps of 8 or more sequences take the tensor-core expert kernel in bf16
+ * precision (unless KL_CUDA_EXPERT_MMA=0 at load).
  */
 static float *
-decode_together(kl_model *m, const int32_t *ids, int nseq, int rounds)
+decode_steps(kl_model *m, const int32_t *ids, int nseq, int rounds, int full)
 {
 	kl_err		err;
 	kl_ctx	   *ctx;
 	kl_seq	  **seq = calloc((size_t) nseq, sizeof(kl_seq *));
 	kl_batch_item *b = calloc((size_t) nseq, sizeof(kl_batch_item));
 	int			V = kl_model_config(m)->vocab_size;
-	float	   *out = malloc(sizeof(float) * (size_t) rounds * nseq * V);
+	float	   *out = calloc((size_t) rounds * nseq * V, sizeof(float));
 
 	if (kl_ctx_new(m, 0, &ctx, &err) != KL_OK)
 		die("context", &err);
@@ -1048,9 +1050,11 @@ decode_together(kl_model *m, const int32_t *ids, int nseq, int rounds)
 	}
 	for (int r = 0; r < rounds; r++)
 	{
-		for (int s = 0; s < nseq; s++)
+		int			nb = r < full ? nseq : (nseq + 1) / 2;
+
+		for (int s = 0; s < nb; s++)
 			b[s] = (kl_batch_item) {seq[s], ids + 20 + s + r, 1, out + ((size_t) r * nseq + s) * V, false};
-		if (kl_forward(ctx, b, nseq, &err) != KL_OK)
+		if (kl_forward(ctx, b, nb, &err) != KL_OK)
 			die("batched forward", &err);
 	}
 	for (int s = 0; s < nseq; s++)
@@ -1059,6 +1063,13 @@ decode_together(kl_model *m, const int32_t *ids, int nseq, int rounds)
 	free(seq);
 	free(b);
 	return out;
+}
+
+/* decode_steps with every step of all nseq sequences */
+static float *
+decode_together(kl_model *m, const int32_t *ids, int nseq, int rounds)
+{
+	return decode_steps(m, ids, nseq, rounds, rounds);
 }
 
 /*
@@ -6268,54 +6279,13 @@ check_dense_model_slab(void)
 }
 
 /*
- * nseq sequences fed 3 tokens each, then 2 decode steps of all of them
- * together and 2 of the first (nseq + 1) / 2 (a batch-size change: other
- * graphs, twins of other row counts): the logits [4][nseq][V], the slots
- * of the sequences a step left out zero.
- */
-static float *
-decode_shrinking(kl_model *m, const int32_t *ids, int nseq)
-{
-	kl_err		err;
-	kl_ctx	   *ctx;
-	kl_seq	  **seq = calloc((size_t) nseq, sizeof(kl_seq *));
-	kl_batch_item *b = calloc((size_t) nseq, sizeof(kl_batch_item));
-	int			V = kl_model_config(m)->vocab_size;
-	float	   *out = calloc((size_t) 4 * nseq * V, sizeof(float));
-
-	if (kl_ctx_new(m, 0, &ctx, &err) != KL_OK)
-		die("context", &err);
-	for (int s = 0; s < nseq; s++)
-	{
-		if (kl_seq_new(m, &seq[s], &err) != KL_OK)
-			die("sequence", &err);
-		feed(ctx, seq[s], ids + s, 3, 0, V, NULL);
-	}
-	for (int r = 0; r < 4; r++)
-	{
-		int			nb = r < 2 ? nseq : (nseq + 1) / 2;
-
-		for (int s = 0; s < nb; s++)
-			b[s] = (kl_batch_item) {seq[s], ids + 20 + s + r, 1, out + ((size_t) r * nseq + s) * V, false};
-		if (kl_forward(ctx, b, nb, &err) != KL_OK)
-			die("batched forward", &err);
-	}
-	for (int s = 0; s < nseq; s++)
-		kl_seq_free(seq[s]);
-	kl_ctx_free(ctx);
-	free(seq);
-	free(b);
-	return out;
-}
-
-/*
  * KL_CUDA_Q_TWIN: the dense FP8 decode products reading their producers'
  * bf16 twins (the row norms, the fused KDA decode kernel's o, the KDA gated
  * norm, SwiGLU; =1, the default) against converting their input in a
  * launch of their own (=0), the whole model, same random FP8 weights of the
  * 48B shapes (2 layers, seed 7; one model at a time: the switch is read when
  * the backend is made): 1, 2, 8, 9 and 32 sequences decoding together,
- * with a batch-size change after 2 steps (decode_shrinking), give the same
+ * with a batch-size change after 2 steps (decode_steps), give the same
  * logits bit for bit (a twin holds f32_to_bf16 of the fp32 rows the
  * conversion reads, and the producers' fp32 outputs do not change); then
  * tiny_a quantized to FP8 at load with KL_CUDA_Q_MMA=1 (every decode
@@ -6338,7 +6308,7 @@ check_q_twin_model(void)
 		for (int i = 0; i < 100; i++)
 			ids[i] = (int32_t) ((i * 7919 + 13) % V);
 		for (int bi = 0; bi < 5; bi++)
-			lg[v][bi] = decode_shrinking(m, ids, nseqs[bi]);
+			lg[v][bi] = decode_steps(m, ids, nseqs[bi], 4, 2);
 		kl_model_free(m);
 	}
 	for (int bi = 0; bi < 5; bi++)
