@@ -41,6 +41,19 @@
  * three kernels' bit for bit).
  */
 
+/* one tap of the short conv: weight wi of q, k and v times the inputs at
+ * that position, added to the running sums (kda_conv_silu's order; the
+ * early decode kernel adds the tails' taps before its wait and the row's
+ * after, through this) */
+__device__ __forceinline__ void
+kda_conv_tap(float *sq, float *sk, float *sv, const float *__restrict__ conv_q, const float *__restrict__ conv_k,
+			 const float *__restrict__ conv_v, size_t wi, float xq, float xk, float xv, bool with_v)
+{
+	*sq += conv_q[wi] * xq;
+	*sk += conv_k[wi] * xk;
+	*sv += (with_v ? conv_v[wi] : 0.0f) * xv;
+}
+
 /* short conv + silu of channel ch of row r0 + i on q, k and v; positions
  * before the step come from the conv tail.  !with_v: v's inputs and weights
  * are not read (*vv is silu(0)); the select, not a branch around the sum,
@@ -77,9 +90,7 @@ kda_conv_silu(const float *__restrict__ q, const float *__restrict__ k, const fl
 			xk = tail[(size_t) (HK + ch) * W + W + idx];
 			xv = with_v ? tail[(size_t) (2 * HK + ch) * W + W + idx] : 0.0f;
 		}
-		sq += conv_q[(size_t) ch * W + j] * xq;
-		sk += conv_k[(size_t) ch * W + j] * xk;
-		sv += (with_v ? conv_v[(size_t) ch * W + j] : 0.0f) * xv;
+		kda_conv_tap(&sq, &sk, &sv, conv_q, conv_k, conv_v, (size_t) ch * W + j, xq, xk, xv, with_v);
 	}
 	*qv = siluf_(sq);
 	*kv = siluf_(sk);
@@ -1692,13 +1703,20 @@ kda_chunk_prep_fp32_bf16(cudaStream_t s, int n, int H, int K, const float *q, co
 /* ------------------------------------------------------------------ gated norm */
 
 /* one output of the gated RMSNorm: ss is the head's sum of squares of o; w
- * and gate point at this output's weight and gate */
+ * is this output's weight, sig the sigmoid of its gate */
 __device__ __forceinline__ float
-kda_gated(float ov, float ss, int V, float eps, const float *w, const float *gate)
+kda_gated_sig(float ov, float ss, int V, float eps, float w, float sig)
 {
 	float		inv = 1.0f / sqrtf(ss / (float) V + eps);
 
-	return *w * (ov * inv) * sigmoidf_(*gate);
+	return w * (ov * inv) * sig;
+}
+
+/* kda_gated_sig with the weight and sigmoid(gate) read here */
+__device__ __forceinline__ float
+kda_gated(float ov, float ss, int V, float eps, const float *w, const float *gate)
+{
+	return kda_gated_sig(ov, ss, V, eps, *w, sigmoidf_(*gate));
 }
 
 __global__ void
@@ -1845,6 +1863,53 @@ kda_warps_sum(float v, float *red, int nw)
 	return warp_sum(v);
 }
 
+/* kda_warps_sum of two values in one pass, one barrier: red (2 x 8) must
+ * not have been read since the block started (the early kernel's only use) */
+__device__ __forceinline__ void
+kda_warps_sum2(float a, float b, float (*red)[8], int nw, float *suma, float *sumb)
+{
+	int			lane = threadIdx.x & 31,
+				warp = threadIdx.x >> 5;
+
+	a = warp_sum(a);
+	b = warp_sum(b);
+	if (lane == 0 && warp < nw)
+	{
+		red[0][warp] = a;
+		red[1][warp] = b;
+	}
+	__syncthreads();
+	*suma = warp_sum(lane < nw ? red[0][lane] : 0.0f);
+	*sumb = warp_sum(lane < nw ? red[1][lane] : 0.0f);
+}
+
+/*
+ * The fused kernels' recurrence (kda_recurrent_kernel's, one token) on the
+ * block's slice: the new state stored, o of column x returned.  sq, sk, sa,
+ * sv, *sbeta: the head's prepared vectors (shared memory, complete).
+ */
+template <int K>
+__device__ __forceinline__ float
+kda_decode_token(float (&st)[K / 8], const float *sq, const float *sk, const float *sa, const float *sv,
+				 const float *sbeta, float *S, int x, int cg, int lane, float (*pw)[32], float (*pz)[32],
+				 float *skq, int round16)
+{
+	constexpr int RPT = K / 8;
+	float		W_ = 0,
+				Z_ = 0,
+				u,
+				ov;
+
+	kda_wz<K, RPT>(st, sq, sk, sa, cg, lane, pw, pz, skq, &W_, &Z_);
+	u = *sbeta * (sv[x] - W_);
+	ov = Z_ + u * *skq;
+	kda_state_update<RPT>(st, sk, sa, cg, u);
+#pragma unroll
+	for (int i = 0; i < RPT; i++)
+		S[(size_t) (cg + 8 * i) * K + x] = kda_state_out(st[i], round16);
+	return ov;
+}
+
 template <int K>
 __global__ void __launch_bounds__(256, 5)
 kda_decode_kernel(int H, int W, const float *__restrict__ q, const float *__restrict__ k,
@@ -1922,18 +1987,7 @@ kda_decode_kernel(int H, int W, const float *__restrict__ q, const float *__rest
 
 	/* the recurrence (kda_recurrent_kernel, one token) */
 	{
-		float		W_ = 0,
-					Z_ = 0,
-					u,
-					ov;
-
-		kda_wz<K, RPT>(st, sq, sk, sa, cg, lane, pw, pz, &skq, &W_, &Z_);
-		u = sbeta * (sv[x] - W_);
-		ov = Z_ + u * skq;
-		kda_state_update<RPT>(st, sk, sa, cg, u);
-#pragma unroll
-		for (int i = 0; i < RPT; i++)
-			S[(size_t) (cg + 8 * i) * V + x] = kda_state_out(st[i], round16);
+		float		ov = kda_decode_token<K>(st, sq, sk, sa, sv, &sbeta, S, x, cg, lane, pw, pz, &skq, round16);
 
 		/* gated norm: this slice's warp of kda_gated_norm_kernel, then the cluster's sum */
 		if (cg == 0)
@@ -1967,18 +2021,243 @@ kda_decode_kernel(int H, int W, const float *__restrict__ q, const float *__rest
 #endif
 }
 
+/*
+ * KL_CUDA_KDA_DEC_EARLY (on by default): kda_decode_kernel's outputs bit for
+ * bit (the same device functions on the same values in the same order) on a
+ * shorter path after kk_dep_wait, for the conv width KDA_DEC_W.  At
+ * batch 1 the kernel is latency-bound (9.2 us a layer for ~4 MB of state):
+ * kda_decode_kernel waits, then reads row0, then the state pointer, then the
+ * state, meanwhile the tail pointer, then the tails, then after two sums the
+ * decay's inputs, and after the cluster barrier a remote npart and gate.
+ *
+ * Here what earlier steps wrote is read BEFORE the wait, while the product
+ * kernel before it (f_b, g_b) still runs: row0, the state and tail
+ * pointers, the block's slice of the state and the conv tails (their taps
+ * added into the conv sums there), and the weights.  Why that is safe (the
+ * rule of kernels/common.cuh; gemv.cu's PRE argues the same): this kernel
+ * starts only once every block of the kernel before it has called
+ * kk_dep_launch, which each does after its own kk_dep_wait, so every kernel
+ * two or more launches back has completed and its writes are in L2;
+ * copies in the stream (uploads, a forked sequence's state) are ordinary
+ * stream dependencies, complete before any later kernel starts.  The state
+ * and the tails were last written by this layer's KDA kernels of an earlier
+ * step (or by those copies); row0, S_tab and conv_tab by the step's metadata
+ * copy before the step's first kernel (cuda_step.c, every step, graph
+ * replays too), so a reused sequence slot's pointers are already there.
+ * They are read with __ldcg (L2, never an SM's stale L1 line).  Nothing is
+ * written before the wait.  q, k, v, f, b and gate come from the products
+ * right before and are read after it, all in one round of loads.
+ *
+ * The rest of the path: the decays and sigmoid(gate) are made while the
+ * norms are summed; both norms in one pass (kda_warps_sum2: one barrier,
+ * not four); the tails shifted from registers right after the loads; each
+ * slice pushes its sum of squares of o into every block of the cluster
+ * (a remote store before the barrier, not a remote load after it), so no
+ * block reads another's shared memory after the second cluster barrier
+ * and none waits for a third.
+ * Cluster barrier phases: 1. arrive (release) once the old tails are read,
+ * before kk_dep_wait; wait before the tails are written (every slice has
+ * read them) and before the pushes (every block of the cluster runs);
+ * 2. the pushes, arrive (release), wait (acquire), read.
+ */
+#define KDA_DEC_W 4			/* the conv width it takes (the models'; others: kda_decode_kernel) */
+
+/* a pointer from a device table, through L2 */
+__device__ __forceinline__ float *
+kda_ldcg_ptr(float *const *p)
+{
+	return (float *) __ldcg((const unsigned long long *) p);
+}
+
+/* the decode tail shift (kda_shift_tail) from values held: held[m (W - 1) +
+ * j][lane] is the old tail's entry j + 1 (j < W - 1) of q, k, v (m = 0, 1,
+ * 2), n* the row's raw inputs */
+template <int W>
+__device__ __forceinline__ void
+kda_shift_tail_held(float *tail, int HK, int ch, const float (*held)[32], int lane, float nq, float nk, float nv)
+{
+	constexpr int WT = W - 1;
+
+#pragma unroll
+	for (int j = 0; j < WT; j++)
+	{
+		tail[(size_t) ch * W + j] = held[j][lane];
+		tail[(size_t) (HK + ch) * W + j] = held[WT + j][lane];
+		tail[(size_t) (2 * HK + ch) * W + j] = held[2 * WT + j][lane];
+	}
+	tail[(size_t) ch * W + W - 1] = nq;
+	tail[(size_t) (HK + ch) * W + W - 1] = nk;
+	tail[(size_t) (2 * HK + ch) * W + W - 1] = nv;
+}
+
+template <int K, int W>
+__global__ void __launch_bounds__(256, 5)
+kda_decode_early_kernel(int H, int W_, const float *__restrict__ q, const float *__restrict__ k,
+						const float *__restrict__ v, const float *__restrict__ f, const float *__restrict__ b,
+						const float *__restrict__ gate, const float *__restrict__ conv_q,
+						const float *__restrict__ conv_k, const float *__restrict__ conv_v,
+						const float *__restrict__ A_log, const float *__restrict__ dt_bias,
+						const float *__restrict__ o_norm, float eps, const int *__restrict__ row0,
+						float *const *S_tab, float *const *conv_tab, float qscale, int round16, float *out,
+						uint16_t *out16)
+{
+#ifdef KL_KDA_CLUSTERS
+	constexpr int V = K;
+	constexpr int RPT = K / 8;
+	constexpr int NW = K / 32;	/* kda_prep_kernel's and kda_gated_norm_kernel's warps */
+	constexpr int WT = W - 1;	/* the tails' taps (W_ == W: the launcher's choice) */
+	__shared__ float sq[K],
+				sk[K],
+				sa[K],
+				sv[K];
+	__shared__ float pw[8][32],
+				pz[8][32];
+	__shared__ float red[2][8];
+	__shared__ float parts[NW];	/* slice r's sum of squares of o, pushed by slice r */
+	__shared__ float skq,
+				sbeta;
+	__shared__ float held[3 * WT][32];	/* the slice's old tails, each thread its own (no barrier) */
+	int			s = blockIdx.x,
+				h = blockIdx.y,
+				z = blockIdx.z,
+				x = z * KDA_SLICE + (threadIdx.x & 31);
+	int			lane = threadIdx.x & 31,
+				cg = threadIdx.x >> 5,
+				c = threadIdx.x;
+	int			HK = H * K;
+	bool		act = c < K,
+				mine = act && c >> 5 == z;	/* channel of this slice: v's conv, the tail shift */
+	int			ch = h * K + c;
+	int			t;
+	float	   *S,
+			   *tail;
+	float		st[RPT];
+	float		pq = 0,
+				pk = 0,
+				pv = 0,
+				xq = 0,
+				xk = 0,
+				xv = 0,
+				qv = 0,
+				kv = 0,
+				vv = 0,
+				dtb = 0,
+				sig = 0,
+				A,
+				onw,
+				ov;
+	coop::cluster_group cl = coop::this_cluster();
+
+	/* before the wait: what earlier steps wrote (the comment above), and weights */
+	t = __ldcg(row0 + s);		/* the sequence's one row */
+	tail = kda_ldcg_ptr(conv_tab + s);
+	S = kda_ldcg_ptr(S_tab + s) + (size_t) h * K * V;
+	if (act)
+	{
+		/* kda_conv_silu's taps before the row (idx < 0: the tail's entries 1 .. W - 1) */
+#pragma unroll
+		for (int j = 0; j < WT; j++)
+		{
+			float		oq = __ldcg(tail + (size_t) ch * W + j + 1),
+						ok = __ldcg(tail + (size_t) (HK + ch) * W + j + 1),
+						ov_ = mine ? __ldcg(tail + (size_t) (2 * HK + ch) * W + j + 1) : 0.0f;
+
+			kda_conv_tap(&pq, &pk, &pv, conv_q, conv_k, conv_v, (size_t) ch * W + j, oq, ok, ov_, mine);
+			if (mine)
+			{
+				held[j][lane] = oq;
+				held[WT + j][lane] = ok;
+				held[2 * WT + j][lane] = ov_;
+			}
+		}
+		dtb = dt_bias[ch];
+	}
+	__cluster_barrier_arrive();	/* phase 1 (release): this block has read the old tails */
+#pragma unroll
+	for (int i = 0; i < RPT; i++)
+		st[i] = __ldcg(S + (size_t) (cg + 8 * i) * V + x);
+	A = -expf(A_log[h]);
+	onw = o_norm[x];
+
+	kk_dep_wait();
+	kk_dep_launch();
+	/* this step's inputs, one round of loads; the row's tap, the decay, beta, sigmoid(gate) */
+	if (act)
+	{
+		size_t		off = (size_t) t * HK + ch;
+		float		fv = f[off];
+
+		xq = q[off];
+		xk = k[off];
+		xv = mine ? v[off] : 0.0f;
+		kda_conv_tap(&pq, &pk, &pv, conv_q, conv_k, conv_v, (size_t) ch * W + W - 1, xq, xk, xv, mine);
+		qv = siluf_(pq);
+		kv = siluf_(pk);
+		vv = siluf_(pv);
+		sa[c] = expf(kda_decay(A, fv, dtb));
+		sv[c] = vv;				/* (0 outside this slice: not read) */
+	}
+	if (c == 0)
+		sbeta = sigmoidf_(b[(size_t) t * H + h]);
+	if (cg == 0)
+		sig = sigmoidf_(gate[(size_t) t * HK + (size_t) h * K + x]);
+	__cluster_barrier_wait();	/* phase 1: every slice has read the old tails, every block runs */
+	if (mine)
+		kda_shift_tail_held<W>(tail, HK, ch, held, lane, xq, xk, xv);
+	{
+		float		ssq,
+					ssk;
+
+		kda_warps_sum2(act ? qv * qv : 0.0f, act ? kv * kv : 0.0f, red, NW, &ssq, &ssk);
+		if (act)
+		{
+			sq[c] = kda_l2_scaled(qv, ssq, qscale);
+			sk[c] = kda_l2_scaled(kv, ssk, 1.0f);
+		}
+	}
+	__syncthreads();
+
+	ov = kda_decode_token<K>(st, sq, sk, sa, sv, &sbeta, S, x, cg, lane, pw, pz, &skq, round16);
+
+	/* gated norm: slice z's sum (kda_gated_norm_kernel's warp z) into parts[z] of every block */
+	if (cg == 0)
+	{
+		float		part = warp_sum(ov * ov);	/* (the same bits in every lane) */
+
+		if (lane < NW)
+			*cl.map_shared_rank(&parts[z], lane) = part;
+	}
+	__cluster_barrier_arrive();	/* phase 2 (release): the pushes */
+	__cluster_barrier_wait();
+	if (cg == 0)
+	{
+		float		ss = warp_sum(lane < NW ? parts[lane] : 0.0f);
+		size_t		off = (size_t) t * HK + (size_t) h * K + x;
+		float		y = kda_gated_sig(ov, ss, V, eps, onw, sig);
+
+		out[off] = y;
+		if (out16)
+			out16[off] = f32_to_bf16(y);	/* (o_proj's bf16 twin: KL_CUDA_Q_TWIN) */
+	}
+#endif
+}
+
 /* 0: launched; -1: not on this GPU or head size (the three kernels then);
- * else the CUDA error of the launch */
+ * else the CUDA error of the launch.  early: kda_decode_early_kernel where
+ * it covers the conv width */
 template <int K>
 static int
 decode_launch(cudaStream_t s, int n_seqs, int H, int W, const float *q, const float *k, const float *v,
 			  const float *f, const float *b, const float *gate, const float *conv_q, const float *conv_k,
 			  const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm, float eps,
-			  const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out, uint16_t *out16)
+			  const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out, uint16_t *out16,
+			  int early)
 {
 	cudaLaunchConfig_t cfg = {};
 	cudaLaunchAttribute at[2];
 	cudaError_t e;
+	decltype(&kda_decode_kernel<K>) kern = early && W == KDA_DEC_W ? kda_decode_early_kernel<K, KDA_DEC_W> :
+		kda_decode_kernel<K>;
 
 	cfg.gridDim = dim3(n_seqs, H, K / KDA_SLICE);
 	cfg.blockDim = dim3(256);
@@ -1992,7 +2271,7 @@ decode_launch(cudaStream_t s, int n_seqs, int H, int W, const float *q, const fl
 	at[1].val.programmaticStreamSerializationAllowed = 1;
 	cfg.attrs = at;
 	cfg.numAttrs = kk_pdl_on ? 2 : 1;
-	e = cudaLaunchKernelEx(&cfg, kda_decode_kernel<K>, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log,
+	e = cudaLaunchKernelEx(&cfg, kern, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log,
 						   dt_bias, o_norm, eps, row0, S_tab, conv_tab, 1.0f / sqrtf((float) K), round16, out, out16);
 	return e == cudaSuccess ? 0 : (int) e;
 }
@@ -2030,7 +2309,7 @@ kk_kda_decode_twin(cudaStream_t s, int n_seqs, int H, int K, int W, const float 
 				   const float *f, const float *b, const float *gate, const float *conv_q, const float *conv_k,
 				   const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm, float eps,
 				   const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out,
-				   uint16_t *out16)
+				   uint16_t *out16, int early)
 {
 	if (n_seqs <= 0)
 		return 0;
@@ -2038,13 +2317,13 @@ kk_kda_decode_twin(cudaStream_t s, int n_seqs, int H, int K, int W, const float 
 	{
 		case 32:
 			return decode_launch<32>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias,
-									 o_norm, eps, row0, S_tab, conv_tab, round16, out, out16);
+									 o_norm, eps, row0, S_tab, conv_tab, round16, out, out16, early);
 		case 64:
 			return decode_launch<64>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias,
-									 o_norm, eps, row0, S_tab, conv_tab, round16, out, out16);
+									 o_norm, eps, row0, S_tab, conv_tab, round16, out, out16, early);
 		case 128:
 			return decode_launch<128>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias,
-									  o_norm, eps, row0, S_tab, conv_tab, round16, out, out16);
+									  o_norm, eps, row0, S_tab, conv_tab, round16, out, out16, early);
 	}
 	return -1;
 }
@@ -2053,8 +2332,8 @@ extern "C" int
 kk_kda_decode(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k, const float *v,
 			  const float *f, const float *b, const float *gate, const float *conv_q, const float *conv_k,
 			  const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm, float eps,
-			  const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out)
+			  const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out, int early)
 {
 	return kk_kda_decode_twin(s, n_seqs, H, K, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias, o_norm,
-							  eps, row0, S_tab, conv_tab, round16, out, NULL);
+							  eps, row0, S_tab, conv_tab, round16, out, NULL, early);
 }

@@ -512,13 +512,19 @@ void		kk_kda_gated_norm(cudaStream_t s, int n_tokens, int H, int V, const float 
  * only read (the three kernels leave g in it).  Needs thread-block clusters
  * (kk_kda_decode_supported: K 32, 64 or 128 on Hopper and later).  Returns
  * 0, -1 for a head size it does not cover, or the launch's CUDA error.
+ * early (KL_CUDA_KDA_DEC_EARLY; conv width 4, else ignored): the kernel that reads
+ * the state, the conv tails, row0, S_tab and conv_tab before waiting for
+ * the kernel launched before it, so none of them may be written by that
+ * kernel (the step's metadata, and the state and tails by this layer's KDA
+ * kernels of earlier steps, are at least two launches back); same outputs
+ * bit for bit.
  */
 int			kk_kda_decode_supported(int K);
 int			kk_kda_decode(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k,
 						  const float *v, const float *f, const float *b, const float *gate, const float *conv_q,
 						  const float *conv_k, const float *conv_v, const float *A_log, const float *dt_bias,
 						  const float *o_norm, float eps, const int *row0, float *const *S_tab,
-						  float *const *conv_tab, int round16, float *out);
+						  float *const *conv_tab, int round16, float *out, int early);
 /* kk_kda_decode that also writes out16 [n rows, H K] = f32_to_bf16 of out
  * (the bf16 twin o_proj reads: KL_CUDA_Q_TWIN; NULL: none, as kk_kda_decode) */
 int			kk_kda_decode_twin(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k,
@@ -526,7 +532,7 @@ int			kk_kda_decode_twin(cudaStream_t s, int n_seqs, int H, int K, int W, const 
 							   const float *conv_q, const float *conv_k, const float *conv_v, const float *A_log,
 							   const float *dt_bias, const float *o_norm, float eps, const int *row0,
 							   float *const *S_tab, float *const *conv_tab, int round16, float *out,
-							   uint16_t *out16);
+							   uint16_t *out16, int early);
 
 /* mla.cu (pages: for each sequence, page_cap page pointers of this layer;
  * c16: the cache rows are bf16, else fp32) */

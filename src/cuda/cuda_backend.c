@@ -946,6 +946,10 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_KDA_FUSED=0 runs a decode step's KDA mixer as three kernels
 		 * (default: one, kk_kda_decode, where the GPU has clusters; =N: one
 		 * for steps of up to N sequences).
+		 * KL_CUDA_KDA_DEC_EARLY=0: that kernel waits for the products
+		 * before it reads anything (default: it reads the state, the conv
+		 * tails and the step's metadata, which earlier steps wrote, while
+		 * the products finish; kernels/kda.cu, kda_decode_early_kernel).
 		 * KL_CUDA_KDA_MMA=0: prefill's chunkwise KDA form in precision bf16
 		 * runs the fp32 kernels (default: tensor cores from sm_80); =1 its
 		 * sequential part as the 4-warp kernel (kda_chunk_mma_kernel), =2
@@ -1042,6 +1046,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *pf = getenv("KL_CUDA_PREFETCH"),
 				   *pfmb = getenv("KL_CUDA_PREFETCH_MB"),
 				   *kf = getenv("KL_CUDA_KDA_FUSED"),
+				   *kde = getenv("KL_CUDA_KDA_DEC_EARLY"),
 				   *ep = getenv("KL_CUDA_EXPERT_PRELOAD"),
 				   *kmma = getenv("KL_CUDA_KDA_MMA"),
 				   *mf = getenv("KL_CUDA_MLA_FLASH"),
@@ -1078,6 +1083,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :
 			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : 8;
+		cs->kda_dec_early = !(kde && strcmp(kde, "0") == 0);
 		cs->kda_mma = cs->bf16 && major >= 8 && !(kmma && strcmp(kmma, "0") == 0) &&
 			(cfg->kda_head_dim == 32 || cfg->kda_head_dim == 64 || cfg->kda_head_dim == 128);
 		cs->kda_in16 = !cs->bf16 ? 0 : ki16 && *ki16 ? atoi(ki16) & (KL_R16_KDA_IN | KL_R16_KDA_GATE) : KL_R16_KDA_IN;

@@ -285,6 +285,11 @@ typedef struct cuda_state
 	 * the same outputs bit for bit.  KL_CUDA_KDA_FUSED: 0 never, N up to N,
 	 * default 8; 0 below Hopper and for head sizes it does not cover */
 	int			kda_fused_max;
+	/* that kernel in the form that reads the state, the conv tails and the
+	 * step's metadata before waiting for the kernel before it
+	 * (kda_decode_early_kernel; KL_CUDA_KDA_DEC_EARLY=0: kda_decode_kernel,
+	 * the order of before; the same outputs bit for bit) */
+	bool		kda_dec_early;
 	/* precision bf16: the chunkwise KDA form (prefill) on tensor cores,
 	 * kk_kda_chunked_mma (KL_CUDA_KDA_MMA=0: the fp32 kernels, as in
 	 * precision fp32; default on from sm_80 for head sizes 32, 64, 128) */
@@ -728,8 +733,8 @@ int			kl_cuda_bench_mla(kl_backend *be, int T, int Ha, int Dn, int Dr, int Dv, i
 int			kl_cuda_test_gemv_slab(int n, int count, const int *rows, const int *cols, int xpad,
 								   unsigned long long seed, float *out_old, float *out_new);
 /* test hook of cuda_kda.c: one KDA decode step through the three kernels
- * and through kk_kda_decode (KL_CUDA_KDA_FUSED) */
-int			kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float eps, const float *q,
+ * and through kk_kda_decode (KL_CUDA_KDA_FUSED; early: KL_CUDA_KDA_DEC_EARLY's form) */
+int			kl_cuda_test_kda_decode(int early, int ns, int H, int K, int W, int round16, float eps, const float *q,
 									const float *k, const float *v, const float *f, const float *b, const float *gate,
 									const float *conv_q, const float *conv_k, const float *conv_v,
 									const float *A_log, const float *dt_bias, const float *o_norm, const float *S,

@@ -11,7 +11,9 @@
  * (unless the step forces it for all).
  * A decode step (one row per sequence) runs all of it in one kernel,
  * kk_kda_decode, with the same outputs bit for bit (KL_CUDA_KDA_FUSED=0: the
- * three kernels; =N: one kernel for steps of up to N sequences).
+ * three kernels; =N: one kernel for steps of up to N sequences), by default
+ * in the form that reads the state and conv tails while the products before
+ * it finish (KL_CUDA_KDA_DEC_EARLY=0: after them; kernels/kda.cu).
  * bf16 (precision bf16, prefill; cuda_state.r16): where the products kept
  * q, k, v and f in bf16 only (KL_CUDA_KDA_IN16), the rows prep and the
  * conv tails read those; where every sequence takes the chunkwise form on
@@ -202,7 +204,7 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 		cuda_r16_widen(be, a->gate);
 		rc = kk_kda_decode_twin(cs->stream, ns, H, K, W, a->q, a->k, a->v, a->f, a->b, a->gate, w->conv_q,
 								w->conv_k, w->conv_v, w->A_log, w->dt_bias, w->o_norm, cfg->rms_norm_eps,
-								cs->d_row0, S_tab, conv_tab, cs->kda_round16, a->out, o16);
+								cs->d_row0, S_tab, conv_tab, cs->kda_round16, a->out, o16, cs->kda_dec_early);
 		if (rc == 0)
 		{
 			if (cuda_launched(be, "kda_decode") && o16)
@@ -310,18 +312,19 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
  * use it): one decode step of ns sequences (row s is sequence s) through the
  * three kernels (kk_kda_prep, kk_kda_recurrent, kk_kda_gated_norm) and
  * through kk_kda_decode, each on its own copy of the state and conv tails,
- * on the current device.  Host inputs: q, k, v, f, gate [ns, H K], b [ns, H],
+ * on the current device (early: kk_kda_decode's early form,
+ * KL_CUDA_KDA_DEC_EARLY).  Host inputs: q, k, v, f, gate [ns, H K], b [ns, H],
  * conv_* [H K, W], A_log [H], dt_bias [H K], o_norm [K], S [ns, H, K, K],
  * tails [ns, 3 H K W].  Outputs, copied back: out_* [ns, H K], S_* and
  * tails_* (the inputs' shapes).  Returns 0, -1 when kk_kda_decode does not
  * cover the shape or GPU, or a CUDA error code.
  */
 __attribute__((visibility("default"))) int
-kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float eps, const float *q, const float *k,
-						const float *v, const float *f, const float *b, const float *gate, const float *conv_q,
-						const float *conv_k, const float *conv_v, const float *A_log, const float *dt_bias,
-						const float *o_norm, const float *S, const float *tails, float *out_old, float *out_new,
-						float *S_old, float *S_new, float *tails_old, float *tails_new)
+kl_cuda_test_kda_decode(int early, int ns, int H, int K, int W, int round16, float eps, const float *q,
+						const float *k, const float *v, const float *f, const float *b, const float *gate,
+						const float *conv_q, const float *conv_k, const float *conv_v, const float *A_log,
+						const float *dt_bias, const float *o_norm, const float *S, const float *tails, float *out_old,
+						float *out_new, float *S_old, float *S_new, float *tails_old, float *tails_new)
 {
 	enum
 	{
@@ -411,7 +414,8 @@ kl_cuda_test_kda_decode(int ns, int H, int K, int W, int round16, float eps, con
 		{
 			kk_kda_gated_norm(s, ns, H, K, d[O], d[GATE], d[ONORM], eps, d[OUT_O]);
 			rc = kk_kda_decode(s, ns, H, K, W, d[Q], d[K_], d[V_], d[F_NEW], d[B], d[GATE], d[CQ], d[CK], d[CV],
-							   d[ALOG], d[DT], d[ONORM], eps, d[ROW0], d[STAB_N], d[CTAB_N], round16, d[OUT_N]);
+							   d[ALOG], d[DT], d[ONORM], eps, d[ROW0], d[STAB_N], d[CTAB_N], round16, d[OUT_N],
+							   early);
 			if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
 				rc = (int) e;
 		}

@@ -47,7 +47,11 @@
  * kl_cuda_test_kda_decode: the 48B and the golden models' KDA shapes, 1, 3
  * and 8 sequences, fp32 and bf16-rounded states), and the golden models must
  * decode to the same logits bit for bit either way, in fp32 and bf16
- * precision (check_kda_fused_model).
+ * precision (check_kda_fused_model).  Its early form (KL_CUDA_KDA_DEC_EARLY,
+ * the default: the state, tails and step metadata read before the PDL wait)
+ * must match the waiting form the same ways (check_kda_decode with both, and
+ * check_kda_dec_early_model: the golden models and a K = 128 random model,
+ * 1, 2 and 4 sequences, both precisions).
  *
  * The KDA gated norm as a warp per (row, head) and prefill's prep as a
  * warp walking rows (KL_CUDA_KDA_ELEM_WARP masks 2 and 6) must give the
@@ -3547,7 +3551,7 @@ check_mla_flash(void)
 /* ------------------------------------------------------------------ fused KDA decode */
 
 /* kl_cuda_test_kda_decode (cuda_kda.c): one decode step, three kernels and the fused one */
-typedef int (*kda_decode_test_fn) (int ns, int H, int K, int W, int round16, float eps, const float *q,
+typedef int (*kda_decode_test_fn) (int early, int ns, int H, int K, int W, int round16, float eps, const float *q,
 								   const float *k, const float *v, const float *f, const float *b,
 								   const float *gate, const float *conv_q, const float *conv_k,
 								   const float *conv_v, const float *A_log, const float *dt_bias,
@@ -3571,7 +3575,9 @@ rand_floats(size_t n, double lo, double hi, uint64_t *rs)
  * KL_CUDA_KDA_FUSED) against the three kernels (prep, recurrence, gated
  * norm) on the same inputs: output, state and conv tails bit for bit, at
  * the 48B shape and the golden models', 1 / 3 / 8 sequences, with the state
- * stored in fp32 and rounded to bf16 (KL_CUDA_KDA_STATE_ROUND).  The KDA
+ * stored in fp32 and rounded to bf16 (KL_CUDA_KDA_STATE_ROUND), in both
+ * forms of the kernel (KL_CUDA_KDA_DEC_EARLY 0 and 1; at conv width 3 the
+ * early form falls back to the other).  The KDA
  * kernels take fp32 inputs in both precisions; check_kda_fused_model runs
  * whole models both ways in each.
  */
@@ -3587,6 +3593,7 @@ check_kda_decode(void)
 	}			shapes[] = {
 		{32, 128, 4, "48B shape (32 heads x 128, conv 4)"},
 		{4, 32, 4, "golden models' shape (4 heads x 32, conv 4)"},
+		{6, 64, 3, "6 heads x 64, conv 3"},
 	};
 	static const int batches[] = {1, 3, 8};
 	kl_model   *m;
@@ -3600,79 +3607,81 @@ check_kda_decode(void)
 	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
 		for (size_t bi = 0; bi < sizeof(batches) / sizeof(batches[0]); bi++)
 			for (int round16 = 0; round16 < 2; round16++)
-			{
-				int			H = shapes[si].H,
-							K = shapes[si].K,
-							W = shapes[si].W,
-							ns = batches[bi],
-							rc;
-				size_t		HK = (size_t) H * K,
-							nx = (size_t) ns * HK,
-							nS = (size_t) ns * H * K * K,
-							nT = (size_t) ns * 3 * HK * W;
-				float	   *q = rand_floats(nx, -2, 2, &rs),
-						   *k = rand_floats(nx, -2, 2, &rs),
-						   *v = rand_floats(nx, -2, 2, &rs),
-						   *f = rand_floats(nx, -4, 4, &rs),
-						   *b = rand_floats((size_t) ns * H, -3, 3, &rs),
-						   *gate = rand_floats(nx, -3, 3, &rs),
-						   *cq = rand_floats(HK * W, -0.6, 0.6, &rs),
-						   *ck = rand_floats(HK * W, -0.6, 0.6, &rs),
-						   *cv = rand_floats(HK * W, -0.6, 0.6, &rs),
-						   *A_log = rand_floats((size_t) H, -1, 1.5, &rs),
-						   *dt = rand_floats(HK, -1, 1, &rs),
-						   *onorm = rand_floats((size_t) K, 0.5, 1.5, &rs),
-						   *S = rand_floats(nS, -1, 1, &rs),
-						   *tails = rand_floats(nT, -2, 2, &rs),
-						   *out_o = malloc(sizeof(float) * nx),
-						   *out_n = malloc(sizeof(float) * nx),
-						   *S_o = malloc(sizeof(float) * nS),
-						   *S_n = malloc(sizeof(float) * nS),
-						   *t_o = malloc(sizeof(float) * nT),
-						   *t_n = malloc(sizeof(float) * nT);
-				char		what[200];
-
-				/* a few decays past softplus's threshold (f + dt_bias > 20) */
-				for (size_t i = 0; i < nx; i += 97)
-					f[i] = 25.0f;
-				snprintf(what, sizeof(what), "%s, %d sequence%s, state %s", shapes[si].what, ns, ns == 1 ? "" : "s",
-						 round16 ? "rounded to bf16" : "fp32");
-				rc = fn(ns, H, K, W, round16, 1e-5f, q, k, v, f, b, gate, cq, ck, cv, A_log, dt, onorm, S, tails,
-						out_o, out_n, S_o, S_n, t_o, t_n);
-				if (rc == -1)
+				for (int early = 0; early < 2; early++)
 				{
-					char		why[300];
+					int			H = shapes[si].H,
+								K = shapes[si].K,
+								W = shapes[si].W,
+								ns = batches[bi],
+								rc;
+					size_t		HK = (size_t) H * K,
+								nx = (size_t) ns * HK,
+								nS = (size_t) ns * H * K * K,
+								nT = (size_t) ns * 3 * HK * W;
+					float	   *q = rand_floats(nx, -2, 2, &rs),
+							   *k = rand_floats(nx, -2, 2, &rs),
+							   *v = rand_floats(nx, -2, 2, &rs),
+							   *f = rand_floats(nx, -4, 4, &rs),
+							   *b = rand_floats((size_t) ns * H, -3, 3, &rs),
+							   *gate = rand_floats(nx, -3, 3, &rs),
+							   *cq = rand_floats(HK * W, -0.6, 0.6, &rs),
+							   *ck = rand_floats(HK * W, -0.6, 0.6, &rs),
+							   *cv = rand_floats(HK * W, -0.6, 0.6, &rs),
+							   *A_log = rand_floats((size_t) H, -1, 1.5, &rs),
+							   *dt = rand_floats(HK, -1, 1, &rs),
+							   *onorm = rand_floats((size_t) K, 0.5, 1.5, &rs),
+							   *S = rand_floats(nS, -1, 1, &rs),
+							   *tails = rand_floats(nT, -2, 2, &rs),
+							   *out_o = malloc(sizeof(float) * nx),
+							   *out_n = malloc(sizeof(float) * nx),
+							   *S_o = malloc(sizeof(float) * nS),
+							   *S_n = malloc(sizeof(float) * nS),
+							   *t_o = malloc(sizeof(float) * nT),
+							   *t_n = malloc(sizeof(float) * nT);
+					char		what[200];
 
-					snprintf(why, sizeof(why), "KDA decode in one kernel: this GPU has no clusters (%s)", what);
-					tap_skip(why);
+					/* a few decays past softplus's threshold (f + dt_bias > 20) */
+					for (size_t i = 0; i < nx; i += 97)
+						f[i] = 25.0f;
+					snprintf(what, sizeof(what), "%s, %d sequence%s, state %s, %s form", shapes[si].what, ns,
+							 ns == 1 ? "" : "s", round16 ? "rounded to bf16" : "fp32", early ? "early" : "waiting");
+					rc = fn(early, ns, H, K, W, round16, 1e-5f, q, k, v, f, b, gate, cq, ck, cv, A_log, dt, onorm, S,
+							tails, out_o, out_n, S_o, S_n, t_o, t_n);
+					if (rc == -1)
+					{
+						char		why[300];
+
+						snprintf(why, sizeof(why), "KDA decode in one kernel: this GPU has no clusters (%s)", what);
+						tap_skip(why);
+					}
+					else
+						tap_ok(rc == 0 && memcmp(out_o, out_n, sizeof(float) * nx) == 0 &&
+							   memcmp(S_o, S_n, sizeof(float) * nS) == 0 &&
+							   memcmp(t_o, t_n, sizeof(float) * nT) == 0,
+							   "KDA decode in one kernel = the three kernels bit for bit, %s (output rel err %.2e, state "
+							   "%.2e, conv tails %.2e; hook returned %d)", what, rel_err(out_n, out_o, nx),
+							   rel_err(S_n, S_o, nS), rel_err(t_n, t_o, nT), rc);
+					free(q);
+					free(k);
+					free(v);
+					free(f);
+					free(b);
+					free(gate);
+					free(cq);
+					free(ck);
+					free(cv);
+					free(A_log);
+					free(dt);
+					free(onorm);
+					free(S);
+					free(tails);
+					free(out_o);
+					free(out_n);
+					free(S_o);
+					free(S_n);
+					free(t_o);
+					free(t_n);
 				}
-				else
-					tap_ok(rc == 0 && memcmp(out_o, out_n, sizeof(float) * nx) == 0 &&
-						   memcmp(S_o, S_n, sizeof(float) * nS) == 0 && memcmp(t_o, t_n, sizeof(float) * nT) == 0,
-						   "KDA decode in one kernel = the three kernels bit for bit, %s (output rel err %.2e, state "
-						   "%.2e, conv tails %.2e; hook returned %d)", what, rel_err(out_n, out_o, nx),
-						   rel_err(S_n, S_o, nS), rel_err(t_n, t_o, nT), rc);
-				free(q);
-				free(k);
-				free(v);
-				free(f);
-				free(b);
-				free(gate);
-				free(cq);
-				free(ck);
-				free(cv);
-				free(A_log);
-				free(dt);
-				free(onorm);
-				free(S);
-				free(tails);
-				free(out_o);
-				free(out_n);
-				free(S_o);
-				free(S_n);
-				free(t_o);
-				free(t_n);
-			}
 	dlclose(lib);
 	kl_model_free(m);
 }
@@ -4275,53 +4284,131 @@ check_kda_prep_split(void)
 }
 
 /*
- * A golden model decoding nseq sequences together (decode_together: every
- * step one token per sequence) with the fused KDA decode kernel (the
- * default) and with the three kernels (KL_CUDA_KDA_FUSED=0): the logits of
- * every step bit for bit, so the states that feed them are too.
+ * model (a golden model's directory name, or NULL: big_config's random
+ * model, seed 7: K = 128, the 48B head shape) on the GPU in precision prec,
+ * made with env=val (env NULL: the environment as it is)
  */
+static kl_model *
+kda_test_model(const char *model, const char *prec, const char *env, const char *val)
+{
+	kl_model   *m;
+	kl_err		err;
+
+	if (env)
+		setenv(env, val, 1);	/* read when the backend is made */
+	if (model)
+	{
+		char		dir[1024];
+
+		snprintf(dir, sizeof(dir), "%s/golden/%s", tap_fixture_dir(), model);
+		m = load(dir, "cuda", prec);
+	}
+	else
+	{
+		char		path[] = "/tmp/kl_test_cuda_XXXXXX";
+		int			fd = mkstemp(path);
+		kl_load_opts o = {0};
+
+		if (fd < 0 || write(fd, big_config, strlen(big_config)) != (ssize_t) strlen(big_config))
+		{
+			snprintf(err.msg, sizeof(err.msg), "%s", path);
+			die("write a temporary config", &err);
+		}
+		close(fd);
+		o.device = "cuda";
+		o.precision = prec;
+		if (kl_model_create_random(path, &o, "bf16", 7, &m, &err) != KL_OK)
+			die("random model", &err);
+		unlink(path);
+	}
+	if (env)
+		unsetenv(env);
+	return m;
+}
+
+/*
+ * n token ids below V for kda_test_model's model: the golden prompt (*st
+ * open while they are used; NULL, a failed check, when it is shorter), or
+ * for the random model a fixed pattern
+ */
+static const int32_t *
+kda_test_ids(const char *model, int n, int V, kl_safetensors *st)
+{
+	static int32_t pattern[64];
+	const kl_st_tensor *t;
+	char		path[1200];
+	kl_err		err;
+
+	if (!model)
+	{
+		for (int i = 0; i < n && i < 64; i++)
+			pattern[i] = (int32_t) ((i * 7919 + 13) % V);
+		return n <= 64 ? pattern : NULL;
+	}
+	snprintf(path, sizeof(path), "%s/golden/%s/golden.safetensors", tap_fixture_dir(), model);
+	if (kl_st_open_file(path, st, &err) != KL_OK)
+		die("golden data", &err);
+	if (!(t = kl_st_find(st, "input_ids")) || (int) t->numel < n)
+	{
+		tap_ok(0, "%s: a golden prompt of at least %d tokens", model, n);
+		kl_st_close(st);
+		return NULL;
+	}
+	return t->data;
+}
+
+/*
+ * model (kda_test_model's) in precision prec made as the environment is and
+ * with env=val, nseq sequences decoding together (decode_together: every
+ * step one token per sequence): the logits of every step bit for bit, so
+ * the states and conv tails that feed them are too.  what: the two forms.
+ * (KL_CUDA_KDA_FUSED=0: the fused KDA decode kernel against the three
+ * kernels; KL_CUDA_KDA_DEC_EARLY=0: its early form against the waiting one.)
+ */
+static void
+check_kda_env_model(const char *model, const char *prec, int nseq, const char *env, const char *val,
+					const char *what)
+{
+	int			rounds = 4;
+	kl_safetensors st;
+	const int32_t *ids;
+	kl_model   *a = kda_test_model(model, prec, NULL, NULL),
+			   *b = kda_test_model(model, prec, env, val);
+	int			V = kl_model_config(a)->vocab_size;
+	size_t		nl = (size_t) rounds * nseq * V;
+
+	if ((ids = kda_test_ids(model, 20 + nseq + rounds, V, &st)) != NULL)
+	{
+		float	   *la = decode_together(a, ids, nseq, rounds),
+				   *lb = decode_together(b, ids, nseq, rounds);
+
+		tap_ok(memcmp(la, lb, sizeof(float) * nl) == 0, "%s %s: %d sequence%s decoding together (%d steps), %s bit "
+			   "for bit (logits rel err %.2e)", model ? model : "K=128 random model", prec, nseq,
+			   nseq == 1 ? "" : "s", rounds, what, rel_err(la, lb, nl));
+		free(la);
+		free(lb);
+		if (model)
+			kl_st_close(&st);
+	}
+	kl_model_free(a);
+	kl_model_free(b);
+}
+
+/* the fused KDA decode kernel (the default) against the three kernels
+ * (KL_CUDA_KDA_FUSED=0), a golden model */
 static void
 check_kda_fused_model(const char *model, const char *prec, int nseq)
 {
-	char		dir[1024],
-				path[1200];
-	kl_safetensors st;
-	kl_err		err;
-	const kl_st_tensor *t;
-	kl_model   *fused,
-			   *three;
-	int			rounds = 4,
-				V;
-	size_t		nl;
-	float	   *lf,
-			   *l3;
+	check_kda_env_model(model, prec, nseq, "KL_CUDA_KDA_FUSED", "0", "fused KDA decode kernel = the three kernels");
+}
 
-	snprintf(dir, sizeof(dir), "%s/golden/%s", tap_fixture_dir(), model);
-	snprintf(path, sizeof(path), "%s/golden.safetensors", dir);
-	if (kl_st_open_file(path, &st, &err) != KL_OK)
-		die("golden data", &err);
-	if (!(t = kl_st_find(&st, "input_ids")) || (int) t->numel < 20 + nseq + rounds)
-	{
-		tap_ok(0, "%s: a golden prompt of at least %d tokens", model, 20 + nseq + rounds);
-		kl_st_close(&st);
-		return;
-	}
-	fused = load(dir, "cuda", prec);
-	setenv("KL_CUDA_KDA_FUSED", "0", 1);	/* read when the backend is made */
-	three = load(dir, "cuda", prec);
-	unsetenv("KL_CUDA_KDA_FUSED");
-	V = kl_model_config(fused)->vocab_size;
-	nl = (size_t) rounds * nseq * V;
-	lf = decode_together(fused, t->data, nseq, rounds);
-	l3 = decode_together(three, t->data, nseq, rounds);
-	tap_ok(memcmp(lf, l3, sizeof(float) * nl) == 0, "%s %s: %d sequence%s decoding together (%d steps), fused KDA "
-		   "decode kernel = the three kernels bit for bit (logits rel err %.2e)", model, prec, nseq,
-		   nseq == 1 ? "" : "s", rounds, rel_err(lf, l3, nl));
-	free(lf);
-	free(l3);
-	kl_model_free(fused);
-	kl_model_free(three);
-	kl_st_close(&st);
+/* that kernel's early form (the default) against the one that waits before
+ * it reads (KL_CUDA_KDA_DEC_EARLY=0), a golden model or the K = 128 one */
+static void
+check_kda_dec_early_model(const char *model, const char *prec, int nseq)
+{
+	check_kda_env_model(model, prec, nseq, "KL_CUDA_KDA_DEC_EARLY", "0",
+						"KDA decode kernel's early form = the waiting form (KL_CUDA_KDA_DEC_EARLY=0)");
 }
 
 /*
@@ -7080,6 +7167,11 @@ main(void)
 		for (int pi = 0; pi < 2; pi++)
 			for (int bi = 0; bi < 3; bi++)
 				RUN(check_kda_fused_model(mi ? "tiny_c" : "tiny_a", pi ? "bf16" : "fp32", (int[]) {1, 3, 8}[bi]));
+	for (int mi = 0; mi < 3; mi++)
+		for (int pi = 0; pi < 2; pi++)
+			for (int bi = 0; bi < 3; bi++)
+				RUN(check_kda_dec_early_model((const char *[]) {"tiny_a", "tiny_c", NULL}[mi], pi ? "bf16" : "fp32",
+											  (int[]) {1, 2, 4}[bi]));
 	RUN(check_golden("tiny_a", "golden.safetensors", "fp32"));
 	RUN(check_golden("tiny_a", "golden_route_select.safetensors", "fp32"));
 	RUN(check_golden("tiny_c", "golden.safetensors", "fp32"));
