@@ -13,7 +13,8 @@
  *   mla_out         out[t, h] = W_uv_h olat[t, h]
  * (mla_absorb_q_stream and mla_out_stream: the same two products for decode
  * steps of up to 64 tokens, weights in 16-byte loads; KL_CUDA_MLA_SMALL=0
- * keeps the kernels above)
+ * keeps the kernels above; mla_absorb_q_stream also does mla_append's work
+ * where asked, KL_CUDA_MLA_FOLD: one launch fewer a layer)
  * Long prompts (the expanded form) use cuBLAS for the products, with these
  * helpers: mla_gather (the sequence's cache rows, contiguous) and
  * mla_softmax (causal softmax of one block of score rows).
@@ -36,23 +37,22 @@
 
 /* ------------------------------------------------------------------ append, gather */
 
+/*
+ * Token t's new latent row kv[t] (Wa floats) into its slot of the cache:
+ * its sequence's page of position pos0 + (t - row0), the block's threads
+ * striding over the columns (mla_append_kernel, and the append folded into
+ * mla_absorb_q_stream_kernel: the same bytes either way).
+ */
 template <bool C16>
-__global__ void
-mla_append_kernel(int Wa, const float *__restrict__ kv, const int *__restrict__ row_seq,
-				  const int *__restrict__ row0, const int64_t *__restrict__ pos0, float *const *pages, int page_cap)
+__device__ __forceinline__ void
+append_row(int t, int Wa, const float *__restrict__ kv, const int *__restrict__ row_seq,
+		   const int *__restrict__ row0, const int64_t *__restrict__ pos0, float *const *pages, int page_cap)
 {
-	int			t = blockIdx.x;
-	int			s;
-	int64_t		pos;
-	size_t		off;
-	void	   *page;
+	int			s = row_seq[t];
+	int64_t		pos = pos0[s] + (t - row0[s]);
+	void	   *page = pages[(size_t) s * page_cap + pos / KK_MLA_PAGE];
+	size_t		off = (size_t) (pos % KK_MLA_PAGE) * Wa;
 
-	kk_dep_wait();
-	kk_dep_launch();
-	s = row_seq[t];
-	pos = pos0[s] + (t - row0[s]);
-	page = pages[(size_t) s * page_cap + pos / KK_MLA_PAGE];
-	off = (size_t) (pos % KK_MLA_PAGE) * Wa;
 	for (int c = threadIdx.x; c < Wa; c += blockDim.x)
 	{
 		float		v = kv[(size_t) t * Wa + c];
@@ -62,6 +62,16 @@ mla_append_kernel(int Wa, const float *__restrict__ kv, const int *__restrict__ 
 		else
 			((float *) page)[off + c] = v;
 	}
+}
+
+template <bool C16>
+__global__ void
+mla_append_kernel(int Wa, const float *__restrict__ kv, const int *__restrict__ row_seq,
+				  const int *__restrict__ row0, const int64_t *__restrict__ pos0, float *const *pages, int page_cap)
+{
+	kk_dep_wait();
+	kk_dep_launch();
+	append_row<C16>(blockIdx.x, Wa, kv, row_seq, row0, pos0, pages, page_cap);
 }
 
 extern "C" void
@@ -297,11 +307,23 @@ halve_xor(float *v, int o, int lane)
 	}
 }
 
+/* the append folded into mla_absorb_q_stream_kernel (KL_CUDA_MLA_FOLD):
+ * kk_mla_append's arguments; kv NULL: none */
+struct mla_fold
+{
+	const float *kv;
+	const int  *row0;
+	const int64_t *pos0;
+	float	   *const *pages;
+	int			page_cap,
+				c16;
+};
+
 template <bool BF16, int NT>
 __global__ void __launch_bounds__(256)
 mla_absorb_q_stream_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *__restrict__ q,
 						   const void *__restrict__ kv_b, float *qabs, const int *__restrict__ row_seq,
-						   const int *__restrict__ absorbed)
+						   const int *__restrict__ absorbed, mla_fold ap)
 {
 	__shared__ __align__(16) float qs[SQ_ROWS * SQ_GROUPS * NT];	/* [d][NT] */
 	__shared__ float part[4 * NT * SQ_PIECES * 8];	/* [row quarter][token][column] */
@@ -330,6 +352,17 @@ mla_absorb_q_stream_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, 
 	}
 	kk_dep_wait();
 	kk_dep_launch();
+	/* the folded append: block b appends tokens b, b + blocks, ... (one
+	 * token a block at most in a decode step: 128 blocks at the 48B shape);
+	 * the attention that reads these rows waits for this kernel */
+	if (ap.kv)
+		for (int t = blockIdx.y * gridDim.x + blockIdx.x; t < n_tokens; t += gridDim.x * gridDim.y)
+		{
+			if (ap.c16)
+				append_row<true>(t, Wa, ap.kv, row_seq, ap.row0, ap.pos0, ap.pages, ap.page_cap);
+			else
+				append_row<false>(t, Wa, ap.kv, row_seq, ap.row0, ap.pos0, ap.pages, ap.page_cap);
+		}
 	for (int t0 = 0; t0 < n_tokens; t0 += NT)
 	{
 		int			nr = n_tokens - t0 < NT ? n_tokens - t0 : NT;
@@ -406,36 +439,57 @@ mla_absorb_q_stream_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, 
 template <bool BF16>
 static void
 absorb_q_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *q,
-				const void *kv_b, float *qabs, const int *row_seq, const int *absorbed)
+				const void *kv_b, float *qabs, const int *row_seq, const int *absorbed, const mla_fold &ap)
 {
 	dim3		grid(Ha, ceil_div(R, SQ_PIECES * 8));
 
 	if (n_tokens == 1)
 		kk_launch(mla_absorb_q_stream_kernel<BF16, 1>, grid, dim3(256), 0, s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b,
-				  qabs, row_seq, absorbed);
+				  qabs, row_seq, absorbed, ap);
 	else if (n_tokens == 2)
 		kk_launch(mla_absorb_q_stream_kernel<BF16, 2>, grid, dim3(256), 0, s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b,
-				  qabs, row_seq, absorbed);
+				  qabs, row_seq, absorbed, ap);
 	else if (n_tokens <= 4)
 		kk_launch(mla_absorb_q_stream_kernel<BF16, 4>, grid, dim3(256), 0, s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b,
-				  qabs, row_seq, absorbed);
+				  qabs, row_seq, absorbed, ap);
 	else
 		kk_launch(mla_absorb_q_stream_kernel<BF16, 8>, grid, dim3(256), 0, s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b,
-				  qabs, row_seq, absorbed);
+				  qabs, row_seq, absorbed, ap);
+}
+
+/* kk_mla_absorb_q_stream with the append `ap` folded in (ap.kv NULL: none) */
+static int
+absorb_q_fold(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *q,
+			  const void *kv_b, int bf16, float *qabs, const int *row_seq, const int *absorbed, const mla_fold &ap)
+{
+	if (n_tokens < 1 || n_tokens > KK_MLA_STREAM_MAX_TOKENS || Dn > SQ_ROWS * SQ_GROUPS || R % 8 != 0 ||
+		((uintptr_t) kv_b & 15) != 0)
+		return -1;
+	if (bf16)
+		absorb_q_stream<true>(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, qabs, row_seq, absorbed, ap);
+	else
+		absorb_q_stream<false>(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, qabs, row_seq, absorbed, ap);
+	return 0;
 }
 
 extern "C" int
 kk_mla_absorb_q_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *q,
 					   const void *kv_b, int bf16, float *qabs, const int *row_seq, const int *absorbed)
 {
-	if (n_tokens < 1 || n_tokens > KK_MLA_STREAM_MAX_TOKENS || Dn > SQ_ROWS * SQ_GROUPS || R % 8 != 0 ||
-		((uintptr_t) kv_b & 15) != 0)
-		return -1;
-	if (bf16)
-		absorb_q_stream<true>(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, qabs, row_seq, absorbed);
-	else
-		absorb_q_stream<false>(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, qabs, row_seq, absorbed);
-	return 0;
+	mla_fold	none = {NULL, NULL, NULL, NULL, 0, 0};
+
+	return absorb_q_fold(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, bf16, qabs, row_seq, absorbed, none);
+}
+
+extern "C" int
+kk_mla_absorb_q_append(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *q,
+					   const void *kv_b, int bf16, float *qabs, const int *row_seq, const int *absorbed,
+					   const float *kv, const int *row0, const int64_t *pos0, float *const *pages, int page_cap,
+					   int c16)
+{
+	mla_fold	ap = {kv, row0, pos0, pages, page_cap, c16};
+
+	return absorb_q_fold(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, bf16, qabs, row_seq, absorbed, ap);
 }
 
 /* ------------------------------------------------------------------ decode attention */

@@ -165,6 +165,9 @@ typedef struct cuda_state
 								 * kernels.h "MLA decode attention variants" */
 	bool		mla_merge_wide; /* decode: kk_mla_merge_wide (KL_CUDA_MLA_MERGE=0: kk_mla_merge) */
 	bool		mla_small;		/* decode steps: the 16-byte-load absorb and output products */
+	bool		mla_fold;		/* decode steps: the append folded into that absorb (KL_CUDA_MLA_FOLD) */
+	bool		mla_early;		/* the wgmma decode attention's first key tiles' older rows
+								 * requested before its wait (KL_CUDA_MLA_FOLD=1, the default) */
 	int			mla_flash;		/* bf16 prefill attention in one kernel: 0 no (cuBLAS), 1 mma.sync
 								 * (kernels/mla_flash.cu), 2 or 3 wgmma with that many warpgroups
 								 * (kernels/mla_flash_wgmma.cu) */
