@@ -307,8 +307,9 @@ halve_xor(float *v, int o, int lane)
 	}
 }
 
-/* the append folded into mla_absorb_q_stream_kernel (KL_CUDA_MLA_FOLD):
- * kk_mla_append's arguments; kv NULL: none */
+/* what KL_CUDA_MLA_FOLD adds to mla_absorb_q_stream_kernel: the append
+ * (kk_mla_append's arguments; kv NULL: none) and Qabs written as bf16
+ * instead of fp32 (qabs16 not NULL) */
 struct mla_fold
 {
 	const float *kv;
@@ -317,7 +318,18 @@ struct mla_fold
 	float	   *const *pages;
 	int			page_cap,
 				c16;
+	uint16_t   *qabs16;
 };
+
+/* qabs[i] = v, or its bf16 into qabs16[i] (cvt.rn: the rounding of the wgmma decode attention's Qabs) */
+__device__ __forceinline__ void
+put_qabs(float *qabs, uint16_t *qabs16, size_t i, float v)
+{
+	if (qabs16)
+		qabs16[i] = (uint16_t) cvt_bf16x2(v, 0.0f);
+	else
+		qabs[i] = v;
+}
 
 template <bool BF16, int NT>
 __global__ void __launch_bounds__(256)
@@ -420,8 +432,8 @@ mla_absorb_q_stream_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, 
 			const int	qstride = NT * SQ_PIECES * 8;
 
 			if (r < nr && c < R)
-				qabs[((size_t) (t0 + r) * Ha + h) * Wa + c] = (part[e] + part[qstride + e]) +
-					(part[2 * qstride + e] + part[3 * qstride + e]);
+				put_qabs(qabs, ap.qabs16, ((size_t) (t0 + r) * Ha + h) * Wa + c,
+						 (part[e] + part[qstride + e]) + (part[2 * qstride + e] + part[3 * qstride + e]));
 		}
 		if (blockIdx.y == 0)
 			for (int e = threadIdx.x; e < nr * Dr; e += blockDim.x)
@@ -429,8 +441,8 @@ mla_absorb_q_stream_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, 
 				int			r = e / Dr,
 							i = e % Dr;
 
-				qabs[((size_t) (t0 + r) * Ha + h) * Wa + R + i] =
-					q[(size_t) (t0 + r) * Ha * Dq + (size_t) h * Dq + Dn + i];
+				put_qabs(qabs, ap.qabs16, ((size_t) (t0 + r) * Ha + h) * Wa + R + i,
+						 q[(size_t) (t0 + r) * Ha * Dq + (size_t) h * Dq + Dn + i]);
 			}
 	}
 }
@@ -476,18 +488,18 @@ extern "C" int
 kk_mla_absorb_q_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *q,
 					   const void *kv_b, int bf16, float *qabs, const int *row_seq, const int *absorbed)
 {
-	mla_fold	none = {NULL, NULL, NULL, NULL, 0, 0};
+	mla_fold	none = {NULL, NULL, NULL, NULL, 0, 0, NULL};
 
 	return absorb_q_fold(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, bf16, qabs, row_seq, absorbed, none);
 }
 
 extern "C" int
 kk_mla_absorb_q_append(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *q,
-					   const void *kv_b, int bf16, float *qabs, const int *row_seq, const int *absorbed,
-					   const float *kv, const int *row0, const int64_t *pos0, float *const *pages, int page_cap,
-					   int c16)
+					   const void *kv_b, int bf16, float *qabs, uint16_t *qabs16, const int *row_seq,
+					   const int *absorbed, const float *kv, const int *row0, const int64_t *pos0,
+					   float *const *pages, int page_cap, int c16)
 {
-	mla_fold	ap = {kv, row0, pos0, pages, page_cap, c16};
+	mla_fold	ap = {kv, row0, pos0, pages, page_cap, c16, qabs16};
 
 	return absorb_q_fold(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, bf16, qabs, row_seq, absorbed, ap);
 }

@@ -141,6 +141,26 @@ mdw_load_tile(uint32_t buf, const uint8_t *src, uint32_t src0, uint32_t dst0, in
 	mdw_load_keys(buf, src, src0, dst0, key0, 0, nk, nk, true);
 }
 
+/* Qabs of token t already in bf16 ([32][576], kk_mla_decode_args' qabs16) into its slabs at shared address sq */
+__device__ __forceinline__ void
+mdw_load_q16(uint32_t sq, const uint16_t *__restrict__ qabs16, int t)
+{
+	constexpr int PER = MDW_HEADS * MDW_WA / 8 / MDW_THREADS;	/* 9 chunks of 8 a thread */
+	const uint4 *q = (const uint4 *) (qabs16 + (size_t) t * MDW_HEADS * MDW_WA);
+	uint4		v[PER];
+
+#pragma unroll
+	for (int u = 0; u < PER; u++)
+		v[u] = __ldg(q + threadIdx.x + u * MDW_THREADS);
+#pragma unroll
+	for (int u = 0; u < PER; u++)
+	{
+		int			e = threadIdx.x + u * MDW_THREADS;
+
+		mdw_st16(sq + mdw_q_chunk(e / (MDW_WA / 8), e % (MDW_WA / 8)), v[u].x, v[u].y, v[u].z, v[u].w);
+	}
+}
+
 /*
  * Block (token t, range from key k0): the token's sequence *s, the first
  * key of the step's new rows of that sequence *fresh (its pos0: rows from
@@ -356,7 +376,10 @@ mla_decode_wg_kernel(kk_mla_decode_args a, float scale_log2)
 		mdw_first_tiles(a, sk_a, src0, dst0, key0, s, k0, k1, nt, fresh, k1, false, false);
 		cp_async_commit();
 	}
-	mdw_load_q(sq_a, a.qabs, t);
+	if (a.qabs16)
+		mdw_load_q16(sq_a, a.qabs16, t);
+	else
+		mdw_load_q(sq_a, a.qabs, t);
 	if (tid < MDW_HEADS)
 	{
 		sm[tid] = -INFINITY;

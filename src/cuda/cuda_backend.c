@@ -919,10 +919,11 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_MLA_FOLD=0 appends the MLA layer's new latent rows in a
 		 * launch of its own and the wgmma attention loads its key tiles
 		 * after its wait (default 1: the append is folded into the
-		 * 16-byte-load absorb kernel, one launch fewer a layer, and the
-		 * attention's first two tiles' rows of earlier steps are requested
-		 * before its wait; same bytes, same logits bit for bit; =2 the fold
-		 * alone; cuda_mla.c).
+		 * 16-byte-load absorb kernel, one launch fewer a layer, which also
+		 * writes Qabs in bf16 for the wgmma attention (half its fixed
+		 * load), and the attention's first two tiles' rows of earlier
+		 * steps are requested before its wait; same bytes, same logits bit
+		 * for bit; =2 the fold alone; cuda_mla.c).
 		 * KL_CUDA_EXPERT_MMA=0 keeps the CUDA-core expert kernel for every
 		 * step (default: the tensor-core one from 8 tokens, bf16 precision
 		 * only; =N >= 2 moves that threshold; 1 means the default).

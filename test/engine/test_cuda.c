@@ -1961,11 +1961,12 @@ mla_decode_reference(int Ha, int R, int Dr, int ctx, const float *qabs, const ui
  * (mla_attend_mma measured first on the H200: see the diagnostics).  Each
  * variant with either merge (mla_merge, mla_merge_wide), and again after
  * three graph replays of the stage (partials and merge), with the same bound.
- * The wgmma variant (2) also with its early key loads (KL_CUDA_MLA_FOLD: the
- * first tiles' keys below the token's position requested before its wait,
- * the newest row after): olat bit for bit as without (the same bytes in
- * shared memory; the contexts put the newest row in a range's first tile,
- * its second (65, 1025), its third or fourth (2049, 5000) and alone (1)).
+ * The wgmma variant (2) also as KL_CUDA_MLA_FOLD runs it (the first tiles'
+ * keys below the token's position requested before its wait, the newest
+ * row after; Qabs given in bf16): olat bit for bit as without (the same
+ * bytes in shared memory; the contexts put the newest row in a range's
+ * first tile, its second (65, 1025), its third or fourth (2049, 5000) and
+ * alone (1)).
  */
 static void
 check_mla_decode(void)
@@ -6346,9 +6347,10 @@ check_q_twin_model(void)
 
 /*
  * KL_CUDA_MLA_FOLD: the MLA decode layer with the append folded into the
- * absorb kernel and the wgmma attention's first key tiles requested before
- * its wait (=1, the default), with the fold alone (=2) and with neither (=0,
- * the separate append launch), the whole model, the same random bf16
+ * absorb kernel, the wgmma attention's first key tiles requested before its
+ * wait and its Qabs made in bf16 by that absorb kernel (=1, the default),
+ * with the fold alone (=2) and with none of them (=0, the separate append
+ * launch), the whole model, the same random bf16
  * weights of the 48B shapes (2 layers, one MLA; seed 7; one model at a time:
  * the switch is read when the backend is made).  Sequences with prompts of
  * their own lengths (8500: ranges of two tiles; 1100 past a page; 5: a
@@ -6357,7 +6359,7 @@ check_q_twin_model(void)
  * the first sequence (several new rows in a decode step), 70 for the last
  * (a mixed step: the fold not taken, the early loads still on), single
  * tokens again.  Every round's logits equal =0's bit for bit (the same
- * cache bytes, the same qabs, the same tiles in shared memory).
+ * cache bytes, the same Qabs and tiles in shared memory).
  */
 static float *
 fold_rounds(kl_model *m, const int32_t *ids, int nseq, const int *lens)
