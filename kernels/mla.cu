@@ -38,30 +38,48 @@
 /* ------------------------------------------------------------------ append, gather */
 
 /*
- * Token t's new latent row kv[t] (Wa floats) into its slot of the cache:
- * its sequence's page of position pos0 + (t - row0), the block's threads
- * striding over the columns (mla_append_kernel, and the append folded into
- * mla_absorb_q_stream_kernel: the same bytes either way).
+ * The cache row (Wa values: bf16 where c16, else fp32) of token t's new
+ * latent row: its sequence's page of position pos0 + (t - row0).  The step
+ * metadata (row_seq, row0, pos0, the page table) is read through L2
+ * (__ldcg), so that the folded append may find its row before kk_dep_wait:
+ * the metadata is uploaded before the step's first kernel, and the SM's L1
+ * may still hold the previous step's lines.
  */
-template <bool C16>
-__device__ __forceinline__ void
-append_row(int t, int Wa, const float *__restrict__ kv, const int *__restrict__ row_seq,
-		   const int *__restrict__ row0, const int64_t *__restrict__ pos0, float *const *pages, int page_cap)
+__device__ __forceinline__ void *
+append_dst(int t, int Wa, int c16, const int *row_seq, const int *row0, const int64_t *pos0, float *const *pages,
+		   int page_cap)
 {
-	int			s = row_seq[t];
-	int64_t		pos = pos0[s] + (t - row0[s]);
-	void	   *page = pages[(size_t) s * page_cap + pos / KK_MLA_PAGE];
-	size_t		off = (size_t) (pos % KK_MLA_PAGE) * Wa;
+	int			s = __ldcg(row_seq + t);
+	int64_t		pos = __ldcg(pos0 + s) + (t - __ldcg(row0 + s));
+	uint8_t    *page = (uint8_t *) __ldcg((const unsigned long long *) (pages + (size_t) s * page_cap +
+																		pos / KK_MLA_PAGE));
+
+	return page + (size_t) (pos % KK_MLA_PAGE) * Wa * (c16 ? 2 : 4);
+}
+
+/* column c of a cache row: v (bf16 in a bf16 cache) */
+__device__ __forceinline__ void
+append_put(void *row, int c, float v, int c16)
+{
+	if (c16)
+		((uint16_t *) row)[c] = f32_to_bf16(v);
+	else
+		((float *) row)[c] = v;
+}
+
+/*
+ * Token t's new latent row kv[t] (Wa floats) into its cache row, the
+ * block's threads striding over the columns (mla_append_kernel, and the
+ * folded append's tokens beyond a block's first: the same bytes either way).
+ */
+__device__ __forceinline__ void
+append_row(int t, int Wa, int c16, const float *__restrict__ kv, const int *row_seq, const int *row0,
+		   const int64_t *pos0, float *const *pages, int page_cap)
+{
+	void	   *row = append_dst(t, Wa, c16, row_seq, row0, pos0, pages, page_cap);
 
 	for (int c = threadIdx.x; c < Wa; c += blockDim.x)
-	{
-		float		v = kv[(size_t) t * Wa + c];
-
-		if (C16)
-			((uint16_t *) page)[off + c] = f32_to_bf16(v);
-		else
-			((float *) page)[off + c] = v;
-	}
+		append_put(row, c, kv[(size_t) t * Wa + c], c16);
 }
 
 template <bool C16>
@@ -71,7 +89,7 @@ mla_append_kernel(int Wa, const float *__restrict__ kv, const int *__restrict__ 
 {
 	kk_dep_wait();
 	kk_dep_launch();
-	append_row<C16>(blockIdx.x, Wa, kv, row_seq, row0, pos0, pages, page_cap);
+	append_row(blockIdx.x, Wa, C16, kv, row_seq, row0, pos0, pages, page_cap);
 }
 
 extern "C" void
@@ -238,6 +256,7 @@ kk_mla_absorb_q(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, in
 #define SQ_PIECES 16			/* eight-column pieces per block: 128 columns */
 #define SQ_GROUPS 16			/* row groups */
 #define SQ_ROWS 8				/* rows per thread: Dn <= 128 */
+#define SQ_AV 3					/* the folded append's values a thread held across the absorb: Wa <= 768 */
 
 /* eight consecutive weights from 16-byte loads: bf16 (one load) or fp32 (two) */
 template <bool BF16>
@@ -362,18 +381,30 @@ mla_absorb_q_stream_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, 
 		else
 			wt[i].zero();
 	}
+	/*
+	 * The folded append: block b appends tokens b, b + blocks, ... (one
+	 * token a block at most at the 48B shape: 128 blocks).  Its first
+	 * token's row is found now (append_dst: metadata only) and up to
+	 * SQ_AV values a thread of its kv row are loaded right after the wait,
+	 * next to the absorb's own loads, and stored after the absorb work:
+	 * neither the metadata chain nor the kv load lengthens the block.  The
+	 * attention that reads these rows waits for this kernel.
+	 */
+	int			ab = blockIdx.y * gridDim.x + blockIdx.x,
+				an = gridDim.x * gridDim.y;
+	void	   *arow = ap.kv && ab < n_tokens ? append_dst(ab, Wa, ap.c16, row_seq, ap.row0, ap.pos0, ap.pages,
+														   ap.page_cap) : NULL;
+	float		av[SQ_AV];
+
 	kk_dep_wait();
 	kk_dep_launch();
-	/* the folded append: block b appends tokens b, b + blocks, ... (one
-	 * token a block at most in a decode step: 128 blocks at the 48B shape);
-	 * the attention that reads these rows waits for this kernel */
-	if (ap.kv)
-		for (int t = blockIdx.y * gridDim.x + blockIdx.x; t < n_tokens; t += gridDim.x * gridDim.y)
+	if (arow)
+#pragma unroll
+		for (int k = 0; k < SQ_AV; k++)
 		{
-			if (ap.c16)
-				append_row<true>(t, Wa, ap.kv, row_seq, ap.row0, ap.pos0, ap.pages, ap.page_cap);
-			else
-				append_row<false>(t, Wa, ap.kv, row_seq, ap.row0, ap.pos0, ap.pages, ap.page_cap);
+			int			c = threadIdx.x + k * blockDim.x;
+
+			av[k] = c < Wa ? ap.kv[(size_t) ab * Wa + c] : 0.0f;
 		}
 	for (int t0 = 0; t0 < n_tokens; t0 += NT)
 	{
@@ -444,6 +475,22 @@ mla_absorb_q_stream_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, 
 				put_qabs(qabs, ap.qabs16, ((size_t) (t0 + r) * Ha + h) * Wa + R + i,
 						 q[(size_t) (t0 + r) * Ha * Dq + (size_t) h * Dq + Dn + i]);
 			}
+	}
+	/* the folded append's stores: the first token's loaded values, its columns beyond them, further tokens */
+	if (arow)
+	{
+#pragma unroll
+		for (int k = 0; k < SQ_AV; k++)
+		{
+			int			c = threadIdx.x + k * blockDim.x;
+
+			if (c < Wa)
+				append_put(arow, c, av[k], ap.c16);
+		}
+		for (int c = threadIdx.x + SQ_AV * blockDim.x; c < Wa; c += blockDim.x)
+			append_put(arow, c, ap.kv[(size_t) ab * Wa + c], ap.c16);
+		for (int t = ab + an; t < n_tokens; t += an)
+			append_row(t, Wa, ap.c16, ap.kv, row_seq, ap.row0, ap.pos0, ap.pages, ap.page_cap);
 	}
 }
 
