@@ -256,7 +256,7 @@ kk_mla_absorb_q(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, in
 #define SQ_PIECES 16			/* eight-column pieces per block: 128 columns */
 #define SQ_GROUPS 16			/* row groups */
 #define SQ_ROWS 8				/* rows per thread: Dn <= 128 */
-#define SQ_AV 3					/* the folded append's values a thread held across the absorb: Wa <= 768 */
+#define SQ_AV 3					/* the folded append's values a thread held across the absorb (Wa <= 768; more: at the end) */
 
 /* eight consecutive weights from 16-byte loads: bf16 (one load) or fp32 (two) */
 template <bool BF16>
