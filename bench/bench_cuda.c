@@ -547,8 +547,9 @@ mla_alone(const long *Ts, int nT)
 
 /* ------------------------------------------------------------------ the MLA decode attention alone */
 
-typedef int (*mla_decode_fn) (int variant, int merge, int n, int Ha, int R, int Dr, const int *ctx, int page_cap,
-							  const float *qabs, const uint16_t *cache, float *olat, int reps, double *us);
+typedef int (*mla_decode_fn) (int variant, int merge, int early, int n, int Ha, int R, int Dr, const int *ctx,
+							  int page_cap, const float *qabs, const uint16_t *cache, float *olat, int reps,
+							  double *us);
 
 /*
  * bench_cuda mla_decode C1,C2,.. B1,B2,.. [V1,V2,..]: the decode attention
@@ -557,6 +558,9 @@ typedef int (*mla_decode_fn) (int variant, int merge, int n, int Ha, int R, int 
  * page table of C keys (rounded up to whole pages), 48B head
  * shapes, bf16 cache, through each variant V (KL_CUDA_MLA_MMA; default 0,1,2),
  * 20 launches in a CUDA graph; us per launch and the cache bytes' rate.
+ * The wgmma variant requests its first tiles' older keys before its wait
+ * as the backend does by default (KL_CUDA_MLA_FOLD=0 in the environment:
+ * after it).
  */
 static void
 mla_decode_alone(const long *cs, int nc, const long *bs, int nb, const long *vs, int nv)
@@ -567,6 +571,8 @@ mla_decode_alone(const long *cs, int nc, const long *bs, int nb, const long *vs,
 	void	   *lib;
 	mla_decode_fn f;
 	kl_model   *m = mla_hook_model("kl_cuda_test_mla_decode", &lib, (void **) &f);
+	const char *fo = getenv("KL_CUDA_MLA_FOLD");
+	int			early = !(fo && (strcmp(fo, "0") == 0 || strcmp(fo, "2") == 0));
 
 	for (int ci = 0; ci < nc; ci++)
 		for (int bi = 0; bi < nb; bi++)
@@ -582,7 +588,7 @@ mla_decode_alone(const long *cs, int nc, const long *bs, int nb, const long *vs,
 
 				for (int t = 0; t < n; t++)
 					ctx[t] = C;
-				rc = f((int) vs[vi], -1, n, Ha, R, Dr, ctx, page_cap, NULL, NULL, NULL, 20, &us);
+				rc = f((int) vs[vi], -1, early, n, Ha, R, Dr, ctx, page_cap, NULL, NULL, NULL, 20, &us);
 				if (rc != 0)
 					printf("RESULT kind=mla_decode variant=%ld ctx=%d batch=%d error=\"%s (%d)\"\n", vs[vi], C, n,
 						   rc == -1 ? "not covered on this device" : "hook failed", rc);

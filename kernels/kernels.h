@@ -553,6 +553,19 @@ void		kk_mla_absorb_q(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int 
 int			kk_mla_absorb_q_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R,
 								   const float *q, const void *kv_b, int bf16, float *qabs, const int *row_seq,
 								   const int *absorbed);
+/*
+ * kk_mla_absorb_q_stream that also appends the step's new latent rows to the
+ * cache (kk_mla_append's work and arguments, its bytes bit for bit: one
+ * launch fewer a layer; KL_CUDA_MLA_FOLD).  Every token's row is appended,
+ * absorbed or not; the cache rows are R + Dr wide.  qabs16 (not NULL):
+ * Qabs written there as bf16 (cvt.rn, as kk_mla_decode_wg rounds it),
+ * instead of qabs, for kk_mla_decode_args' qabs16.  -1 (nothing launched)
+ * where kk_mla_absorb_q_stream would not take the shape, else 0.
+ */
+int			kk_mla_absorb_q_append(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R,
+								   const float *q, const void *kv_b, int bf16, float *qabs, uint16_t *qabs16,
+								   const int *row_seq, const int *absorbed, const float *kv, const int *row0,
+								   const int64_t *pos0, float *const *pages, int page_cap, int c16);
 int			kk_mla_out_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dv, int R, const float *olat,
 							  const void *kv_b, int bf16, float *out, const int *row_seq, const int *absorbed);
 /* kk_mla_out_stream that also writes out16 = f32_to_bf16 of every out value
@@ -605,6 +618,20 @@ typedef struct kk_mla_decode_args
 	float	   *part_acc,
 			   *part_ml,
 			   *olat;
+	/*
+	 * kk_mla_decode_wg only (KL_CUDA_MLA_FOLD): nonzero: the block reads the
+	 * step metadata and its first two key tiles' rows of earlier steps
+	 * (keys below pos0 of the sequence) before kk_dep_wait, the step's new
+	 * rows and Qabs after it.  The caller guarantees that no kernel of
+	 * this step before the attention writes those older rows (only the
+	 * step's append writes the cache) and that the metadata and page table
+	 * were uploaded before the step's first kernel.
+	 */
+	int			early;
+	/* kk_mla_decode_wg only: not NULL: Qabs already rounded to bf16 (cvt.rn
+	 * of qabs, the same layout; kk_mla_absorb_q_append's qabs16), read
+	 * instead of qabs: half the bytes, the same numbers (KL_CUDA_MLA_FOLD) */
+	const uint16_t *qabs16;
 } kk_mla_decode_args;
 
 /* mla_decode_wg.cu: on Hopper's wgmma, sm_90a image only (KL_CUDA_MLA_MMA=2, the default where it runs) */

@@ -13,7 +13,8 @@
  *   mla_out         out[t, h] = W_uv_h olat[t, h]
  * (mla_absorb_q_stream and mla_out_stream: the same two products for decode
  * steps of up to 64 tokens, weights in 16-byte loads; KL_CUDA_MLA_SMALL=0
- * keeps the kernels above)
+ * keeps the kernels above; mla_absorb_q_stream also does mla_append's work
+ * where asked, KL_CUDA_MLA_FOLD: one launch fewer a layer)
  * Long prompts (the expanded form) use cuBLAS for the products, with these
  * helpers: mla_gather (the sequence's cache rows, contiguous) and
  * mla_softmax (causal softmax of one block of score rows).
@@ -36,32 +37,59 @@
 
 /* ------------------------------------------------------------------ append, gather */
 
+/*
+ * The cache row (Wa values: bf16 where c16, else fp32) of token t's new
+ * latent row: its sequence's page of position pos0 + (t - row0).  The step
+ * metadata (row_seq, row0, pos0, the page table) is read through L2
+ * (__ldcg), so that the folded append may find its row before kk_dep_wait:
+ * the metadata is uploaded before the step's first kernel, and the SM's L1
+ * may still hold the previous step's lines.
+ */
+__device__ __forceinline__ void *
+append_dst(int t, int Wa, int c16, const int *row_seq, const int *row0, const int64_t *pos0, float *const *pages,
+		   int page_cap)
+{
+	int			s = __ldcg(row_seq + t);
+	int64_t		pos = __ldcg(pos0 + s) + (t - __ldcg(row0 + s));
+	uint8_t    *page = (uint8_t *) __ldcg((const unsigned long long *) (pages + (size_t) s * page_cap +
+																		pos / KK_MLA_PAGE));
+
+	return page + (size_t) (pos % KK_MLA_PAGE) * Wa * (c16 ? 2 : 4);
+}
+
+/* column c of a cache row: v (bf16 in a bf16 cache) */
+__device__ __forceinline__ void
+append_put(void *row, int c, float v, int c16)
+{
+	if (c16)
+		((uint16_t *) row)[c] = f32_to_bf16(v);
+	else
+		((float *) row)[c] = v;
+}
+
+/*
+ * Token t's new latent row kv[t] (Wa floats) into its cache row, the
+ * block's threads striding over the columns (mla_append_kernel, and the
+ * folded append's tokens beyond a block's first: the same bytes either way).
+ */
+__device__ __forceinline__ void
+append_row(int t, int Wa, int c16, const float *__restrict__ kv, const int *row_seq, const int *row0,
+		   const int64_t *pos0, float *const *pages, int page_cap)
+{
+	void	   *row = append_dst(t, Wa, c16, row_seq, row0, pos0, pages, page_cap);
+
+	for (int c = threadIdx.x; c < Wa; c += blockDim.x)
+		append_put(row, c, kv[(size_t) t * Wa + c], c16);
+}
+
 template <bool C16>
 __global__ void
 mla_append_kernel(int Wa, const float *__restrict__ kv, const int *__restrict__ row_seq,
 				  const int *__restrict__ row0, const int64_t *__restrict__ pos0, float *const *pages, int page_cap)
 {
-	int			t = blockIdx.x;
-	int			s;
-	int64_t		pos;
-	size_t		off;
-	void	   *page;
-
 	kk_dep_wait();
 	kk_dep_launch();
-	s = row_seq[t];
-	pos = pos0[s] + (t - row0[s]);
-	page = pages[(size_t) s * page_cap + pos / KK_MLA_PAGE];
-	off = (size_t) (pos % KK_MLA_PAGE) * Wa;
-	for (int c = threadIdx.x; c < Wa; c += blockDim.x)
-	{
-		float		v = kv[(size_t) t * Wa + c];
-
-		if (C16)
-			((uint16_t *) page)[off + c] = f32_to_bf16(v);
-		else
-			((float *) page)[off + c] = v;
-	}
+	append_row(blockIdx.x, Wa, C16, kv, row_seq, row0, pos0, pages, page_cap);
 }
 
 extern "C" void
@@ -228,6 +256,7 @@ kk_mla_absorb_q(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, in
 #define SQ_PIECES 16			/* eight-column pieces per block: 128 columns */
 #define SQ_GROUPS 16			/* row groups */
 #define SQ_ROWS 8				/* rows per thread: Dn <= 128 */
+#define SQ_AV 3					/* the folded append's values a thread held across the absorb (Wa <= 768; more: at the end) */
 
 /* eight consecutive weights from 16-byte loads: bf16 (one load) or fp32 (two) */
 template <bool BF16>
@@ -297,11 +326,35 @@ halve_xor(float *v, int o, int lane)
 	}
 }
 
+/* what KL_CUDA_MLA_FOLD adds to mla_absorb_q_stream_kernel: the append
+ * (kk_mla_append's arguments; kv NULL: none) and Qabs written as bf16
+ * instead of fp32 (qabs16 not NULL) */
+struct mla_fold
+{
+	const float *kv;
+	const int  *row0;
+	const int64_t *pos0;
+	float	   *const *pages;
+	int			page_cap,
+				c16;
+	uint16_t   *qabs16;
+};
+
+/* qabs[i] = v, or its bf16 into qabs16[i] (cvt.rn: the rounding of the wgmma decode attention's Qabs) */
+__device__ __forceinline__ void
+put_qabs(float *qabs, uint16_t *qabs16, size_t i, float v)
+{
+	if (qabs16)
+		qabs16[i] = (uint16_t) cvt_bf16x2(v, 0.0f);
+	else
+		qabs[i] = v;
+}
+
 template <bool BF16, int NT>
 __global__ void __launch_bounds__(256)
 mla_absorb_q_stream_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *__restrict__ q,
 						   const void *__restrict__ kv_b, float *qabs, const int *__restrict__ row_seq,
-						   const int *__restrict__ absorbed)
+						   const int *__restrict__ absorbed, mla_fold ap)
 {
 	__shared__ __align__(16) float qs[SQ_ROWS * SQ_GROUPS * NT];	/* [d][NT] */
 	__shared__ float part[4 * NT * SQ_PIECES * 8];	/* [row quarter][token][column] */
@@ -328,8 +381,31 @@ mla_absorb_q_stream_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, 
 		else
 			wt[i].zero();
 	}
+	/*
+	 * The folded append: block b appends tokens b, b + blocks, ... (one
+	 * token a block at most at the 48B shape: 128 blocks).  Its first
+	 * token's row is found now (append_dst: metadata only) and up to
+	 * SQ_AV values a thread of its kv row are loaded right after the wait,
+	 * next to the absorb's own loads, and stored after the absorb work:
+	 * neither the metadata chain nor the kv load lengthens the block.  The
+	 * attention that reads these rows waits for this kernel.
+	 */
+	int			ab = blockIdx.y * gridDim.x + blockIdx.x,
+				an = gridDim.x * gridDim.y;
+	void	   *arow = ap.kv && ab < n_tokens ? append_dst(ab, Wa, ap.c16, row_seq, ap.row0, ap.pos0, ap.pages,
+														   ap.page_cap) : NULL;
+	float		av[SQ_AV];
+
 	kk_dep_wait();
 	kk_dep_launch();
+	if (arow)
+#pragma unroll
+		for (int k = 0; k < SQ_AV; k++)
+		{
+			int			c = threadIdx.x + k * blockDim.x;
+
+			av[k] = c < Wa ? ap.kv[(size_t) ab * Wa + c] : 0.0f;
+		}
 	for (int t0 = 0; t0 < n_tokens; t0 += NT)
 	{
 		int			nr = n_tokens - t0 < NT ? n_tokens - t0 : NT;
@@ -387,8 +463,8 @@ mla_absorb_q_stream_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, 
 			const int	qstride = NT * SQ_PIECES * 8;
 
 			if (r < nr && c < R)
-				qabs[((size_t) (t0 + r) * Ha + h) * Wa + c] = (part[e] + part[qstride + e]) +
-					(part[2 * qstride + e] + part[3 * qstride + e]);
+				put_qabs(qabs, ap.qabs16, ((size_t) (t0 + r) * Ha + h) * Wa + c,
+						 (part[e] + part[qstride + e]) + (part[2 * qstride + e] + part[3 * qstride + e]));
 		}
 		if (blockIdx.y == 0)
 			for (int e = threadIdx.x; e < nr * Dr; e += blockDim.x)
@@ -396,9 +472,25 @@ mla_absorb_q_stream_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, 
 				int			r = e / Dr,
 							i = e % Dr;
 
-				qabs[((size_t) (t0 + r) * Ha + h) * Wa + R + i] =
-					q[(size_t) (t0 + r) * Ha * Dq + (size_t) h * Dq + Dn + i];
+				put_qabs(qabs, ap.qabs16, ((size_t) (t0 + r) * Ha + h) * Wa + R + i,
+						 q[(size_t) (t0 + r) * Ha * Dq + (size_t) h * Dq + Dn + i]);
 			}
+	}
+	/* the folded append's stores: the first token's loaded values, its columns beyond them, further tokens */
+	if (arow)
+	{
+#pragma unroll
+		for (int k = 0; k < SQ_AV; k++)
+		{
+			int			c = threadIdx.x + k * blockDim.x;
+
+			if (c < Wa)
+				append_put(arow, c, av[k], ap.c16);
+		}
+		for (int c = threadIdx.x + SQ_AV * blockDim.x; c < Wa; c += blockDim.x)
+			append_put(arow, c, ap.kv[(size_t) ab * Wa + c], ap.c16);
+		for (int t = ab + an; t < n_tokens; t += an)
+			append_row(t, Wa, ap.c16, ap.kv, row_seq, ap.row0, ap.pos0, ap.pages, ap.page_cap);
 	}
 }
 
@@ -406,36 +498,57 @@ mla_absorb_q_stream_kernel(int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, 
 template <bool BF16>
 static void
 absorb_q_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *q,
-				const void *kv_b, float *qabs, const int *row_seq, const int *absorbed)
+				const void *kv_b, float *qabs, const int *row_seq, const int *absorbed, const mla_fold &ap)
 {
 	dim3		grid(Ha, ceil_div(R, SQ_PIECES * 8));
 
 	if (n_tokens == 1)
 		kk_launch(mla_absorb_q_stream_kernel<BF16, 1>, grid, dim3(256), 0, s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b,
-				  qabs, row_seq, absorbed);
+				  qabs, row_seq, absorbed, ap);
 	else if (n_tokens == 2)
 		kk_launch(mla_absorb_q_stream_kernel<BF16, 2>, grid, dim3(256), 0, s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b,
-				  qabs, row_seq, absorbed);
+				  qabs, row_seq, absorbed, ap);
 	else if (n_tokens <= 4)
 		kk_launch(mla_absorb_q_stream_kernel<BF16, 4>, grid, dim3(256), 0, s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b,
-				  qabs, row_seq, absorbed);
+				  qabs, row_seq, absorbed, ap);
 	else
 		kk_launch(mla_absorb_q_stream_kernel<BF16, 8>, grid, dim3(256), 0, s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b,
-				  qabs, row_seq, absorbed);
+				  qabs, row_seq, absorbed, ap);
+}
+
+/* kk_mla_absorb_q_stream with the append `ap` folded in (ap.kv NULL: none) */
+static int
+absorb_q_fold(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *q,
+			  const void *kv_b, int bf16, float *qabs, const int *row_seq, const int *absorbed, const mla_fold &ap)
+{
+	if (n_tokens < 1 || n_tokens > KK_MLA_STREAM_MAX_TOKENS || Dn > SQ_ROWS * SQ_GROUPS || R % 8 != 0 ||
+		((uintptr_t) kv_b & 15) != 0)
+		return -1;
+	if (bf16)
+		absorb_q_stream<true>(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, qabs, row_seq, absorbed, ap);
+	else
+		absorb_q_stream<false>(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, qabs, row_seq, absorbed, ap);
+	return 0;
 }
 
 extern "C" int
 kk_mla_absorb_q_stream(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *q,
 					   const void *kv_b, int bf16, float *qabs, const int *row_seq, const int *absorbed)
 {
-	if (n_tokens < 1 || n_tokens > KK_MLA_STREAM_MAX_TOKENS || Dn > SQ_ROWS * SQ_GROUPS || R % 8 != 0 ||
-		((uintptr_t) kv_b & 15) != 0)
-		return -1;
-	if (bf16)
-		absorb_q_stream<true>(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, qabs, row_seq, absorbed);
-	else
-		absorb_q_stream<false>(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, qabs, row_seq, absorbed);
-	return 0;
+	mla_fold	none = {NULL, NULL, NULL, NULL, 0, 0, NULL};
+
+	return absorb_q_fold(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, bf16, qabs, row_seq, absorbed, none);
+}
+
+extern "C" int
+kk_mla_absorb_q_append(cudaStream_t s, int n_tokens, int Ha, int Dn, int Dr, int Dv, int R, const float *q,
+					   const void *kv_b, int bf16, float *qabs, uint16_t *qabs16, const int *row_seq,
+					   const int *absorbed, const float *kv, const int *row0, const int64_t *pos0,
+					   float *const *pages, int page_cap, int c16)
+{
+	mla_fold	ap = {kv, row0, pos0, pages, page_cap, c16, qabs16};
+
+	return absorb_q_fold(s, n_tokens, Ha, Dn, Dr, Dv, R, q, kv_b, bf16, qabs, row_seq, absorbed, ap);
 }
 
 /* ------------------------------------------------------------------ decode attention */

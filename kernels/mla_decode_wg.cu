@@ -50,6 +50,13 @@
  * stored in kk_mla_merge's units (scale times the raw score).  exp is
  * ex2.approx on a base-2 argument (2 ulp; P is rounded to 8 bits next).
  *
+ * Early key loads (kk_mla_decode_args' early, KL_CUDA_MLA_FOLD): the block
+ * requests its first two tiles' rows of earlier steps before kk_dep_wait,
+ * so that at batch 1 they arrive while the absorb kernel before it runs
+ * (one 72 KB tile a block at 4k: the whole cache); the step's new rows
+ * (written by that kernel) and Qabs are read after the wait.  The same
+ * bytes land in the same places: the results do not change.
+ *
  * Key ranges: mla_attend_mma's rule (src/cuda/cuda_mla.c, mma_split: one
  * block an SM, a block's fixed cost — Qabs from L2 and its conversion, the
  * first tile's latency, its 64 KB of partials written and merged — about
@@ -104,23 +111,115 @@ mdw_mma(float *d, uint64_t da, uint64_t db, int accumulate)
 /* ---------------------------------------------------------------- pieces of the kernel */
 
 /*
- * Tile of nk keys (1 .. 64) starting at src (global, rows of MDW_WA bf16)
- * into the tile buffer at shared address buf: this thread's MDW_COPIES
- * copies (mla_decode_wg_layout.h); keys at nk and beyond zeroed (P is zero
- * there, but stale bits could be NaN, and 0 NaN is NaN).
+ * Keys lo .. hi - 1 of a tile of nk keys (1 .. 64) starting at src (global,
+ * rows of MDW_WA bf16) into the tile buffer at shared address buf: this
+ * thread's copies of MDW_COPIES (mla_decode_wg_layout.h) for those keys;
+ * zero: also zero keys nk and beyond (P is zero there, but stale bits could
+ * be NaN, and 0 NaN is NaN).  A whole tile: lo 0, hi nk, zero.
  */
 __device__ __forceinline__ void
-mdw_load_tile(uint32_t buf, const uint8_t *src, uint32_t src0, uint32_t dst0, int key0, int nk)
+mdw_load_keys(uint32_t buf, const uint8_t *src, uint32_t src0, uint32_t dst0, int key0, int lo, int hi, int nk,
+			  bool zero)
 {
 #pragma unroll
 	for (int i = 0; i < MDW_COPIES; i++)
 	{
 		uint32_t	d = buf + mdw_copy_dst(dst0, i);
+		int			key = key0 + 32 * (i / MDW_SLABS);
 
-		if (key0 + 32 * (i / MDW_SLABS) < nk)
+		if (key >= lo && key < hi)
 			kw_cp16(d, src + mdw_copy_src(src0, i));
-		else
+		else if (zero && key >= nk)
 			mdw_zero16(d);
+	}
+}
+
+/* the whole tile of nk keys (mdw_load_keys' lo 0, hi nk) */
+__device__ __forceinline__ void
+mdw_load_tile(uint32_t buf, const uint8_t *src, uint32_t src0, uint32_t dst0, int key0, int nk)
+{
+	mdw_load_keys(buf, src, src0, dst0, key0, 0, nk, nk, true);
+}
+
+/* Qabs of token t already in bf16 ([32][576], kk_mla_decode_args' qabs16) into its slabs at shared address sq */
+__device__ __forceinline__ void
+mdw_load_q16(uint32_t sq, const uint16_t *__restrict__ qabs16, int t)
+{
+	constexpr int PER = MDW_HEADS * MDW_WA / 8 / MDW_THREADS;	/* 9 chunks of 8 a thread */
+	const uint4 *q = (const uint4 *) (qabs16 + (size_t) t * MDW_HEADS * MDW_WA);
+	uint4		v[PER];
+
+#pragma unroll
+	for (int u = 0; u < PER; u++)
+		v[u] = __ldg(q + threadIdx.x + u * MDW_THREADS);
+#pragma unroll
+	for (int u = 0; u < PER; u++)
+	{
+		int			e = threadIdx.x + u * MDW_THREADS;
+
+		mdw_st16(sq + mdw_q_chunk(e / (MDW_WA / 8), e % (MDW_WA / 8)), v[u].x, v[u].y, v[u].z, v[u].w);
+	}
+}
+
+/*
+ * Block (token t, range from key k0): the token's sequence *s, the first
+ * key of the step's new rows of that sequence *fresh (its pos0: rows from
+ * there on are appended by this step's kernel before the attention), the
+ * range's end *k1 (past the token's position) and tiles *nt; false where
+ * the block has nothing to do (the token not absorbed, or the range past
+ * its position).  The step metadata is read through L2 (__ldcg): early
+ * (kk_mla_decode_args), this runs before kk_dep_wait, when the SM's L1
+ * may still hold the previous step's lines of these buffers.
+ */
+__device__ __forceinline__ bool
+mdw_range(const kk_mla_decode_args &a, int t, int64_t k0, int *s, int64_t *fresh, int64_t *k1, int *nt)
+{
+	int			sq = __ldcg(a.row_seq + t);
+	int64_t		f = __ldcg(a.pos0 + sq),
+				pos = f + (t - __ldcg(a.row0 + sq));
+
+	*s = sq;
+	*fresh = f;
+	if (!__ldcg(a.absorbed + sq) || k0 > pos)
+		return false;
+	*k1 = k0 + a.split_keys < pos + 1 ? k0 + a.split_keys : pos + 1;
+	*nt = (int) ((*k1 - k0 + MDW_KT - 1) / MDW_KT);
+	return true;
+}
+
+/* clamp(v, 0, MDW_KT) */
+__device__ __forceinline__ int
+mdw_in_tile(int64_t v)
+{
+	return v < 0 ? 0 : v > MDW_KT ? MDW_KT : (int) v;
+}
+
+/*
+ * Tiles 0 and 1 of the block's range (keys k0 .. k1 - 1 of sequence s, nt
+ * tiles) into the two tile buffers at sk_a: their keys from .. to - 1
+ * (absolute; to <= k1); zero: keys past the range's end zeroed; commit: one
+ * cp.async group a tile, else none.  The page table is read through L2 (as
+ * mdw_range).
+ */
+__device__ __forceinline__ void
+mdw_first_tiles(const kk_mla_decode_args &a, uint32_t sk_a, uint32_t src0, uint32_t dst0, int key0, int s,
+				int64_t k0, int64_t k1, int nt, int64_t from, int64_t to, bool zero, bool commit)
+{
+#pragma unroll
+	for (int j = 0; j < 2; j++)
+	{
+		if (j < nt)
+		{
+			int64_t		kb = k0 + (int64_t) j * MDW_KT;
+			const uint8_t *page = (const uint8_t *) __ldcg((const unsigned long long *)
+														   (a.pages + (size_t) s * a.page_cap + kb / KK_MLA_PAGE));
+
+			mdw_load_keys(sk_a + j * MDW_TILE, page + (size_t) (kb % KK_MLA_PAGE) * MDW_WA * 2, src0, dst0, key0,
+						  mdw_in_tile(from - kb), mdw_in_tile(to - kb), k1 - kb < MDW_KT ? (int) (k1 - kb) : MDW_KT,
+						  zero);
+		}
+		if (commit)
+			cp_async_commit();
 	}
 }
 
@@ -236,38 +335,51 @@ mla_decode_wg_kernel(kk_mla_decode_args a, float scale_log2)
 	int			key0 = mdw_copy_key(tid, 0);
 	uint32_t	src0 = (uint32_t) (key0 * MDW_WA * 2 + mdw_copy_chunk(tid, 0) * 16),
 				dst0 = mdw_tile_chunk(key0, mdw_copy_chunk(tid, 0));
-	int			s,
-				nt;
-	int64_t		pos,
-				k0 = (int64_t) p * a.split_keys,
-				k1;
+	int			s = 0,
+				nt = 0;
+	int64_t		k0 = (int64_t) p * a.split_keys,
+				k1 = 0,
+				fresh = 0;
+	bool		run = false,
+				late = false;	/* early, and some of the step's new rows in tiles 0 and 1 */
 	const uint8_t *const *pages = (const uint8_t *const *) a.pages;
 	float		o[4 * 16];		/* O^T: m-blocks 4 wg .. 4 wg + 3, 16 accumulators each */
 
+	/*
+	 * early (KL_CUDA_MLA_FOLD): tiles 0 and 1's rows of earlier steps go out
+	 * before the wait.  Why that is safe: the metadata and the page table
+	 * were uploaded (a copy in the stream) before the step's first kernel,
+	 * and the rows below the sequence's pos0 were appended by earlier steps,
+	 * all complete before this step began; in this step only the append
+	 * (the kernel before, folded into the absorb) writes the cache, and
+	 * only rows from pos0 on (kernels.h's contract for early).  Those rows,
+	 * and Qabs, are read after the wait.
+	 */
+	if (a.early && (run = mdw_range(a, t, k0, &s, &fresh, &k1, &nt)))
+	{
+		late = fresh < (k1 < k0 + 2 * MDW_KT ? k1 : k0 + 2 * MDW_KT);
+		mdw_first_tiles(a, sk_a, src0, dst0, key0, s, k0, k1, nt, k0, fresh < k1 ? fresh : k1, true, true);
+	}
 	kk_dep_wait();
 	kk_dep_launch();
-	s = a.row_seq[t];
-	pos = a.pos0[s] + (t - a.row0[s]);
-	if (!a.absorbed[s] || k0 > pos)
+	if (!a.early)
+		run = mdw_range(a, t, k0, &s, &fresh, &k1, &nt);
+	if (!run)
 		return;
-	k1 = k0 + a.split_keys < pos + 1 ? k0 + a.split_keys : pos + 1;
-	nt = (int) ((k1 - k0 + MDW_KT - 1) / MDW_KT);
 
-	/* tiles 0 and 1 go out first; Qabs is converted while they fly */
-#pragma unroll
-	for (int j = 0; j < 2; j++)
+	/* tiles 0 and 1 go out first (early: the step's new rows of them, one group after the two); Qabs is
+	 * converted while they fly */
+	if (!a.early)
+		mdw_first_tiles(a, sk_a, src0, dst0, key0, s, k0, k1, nt, k0, k1, true, true);
+	else if (late)
 	{
-		if (j < nt)
-		{
-			int64_t		kb = k0 + (int64_t) j * MDW_KT;
-			const uint8_t *src = pages[(size_t) s * a.page_cap + kb / KK_MLA_PAGE] +
-				(size_t) (kb % KK_MLA_PAGE) * MDW_WA * 2;
-
-			mdw_load_tile(sk_a + j * MDW_TILE, src, src0, dst0, key0, k1 - kb < MDW_KT ? (int) (k1 - kb) : MDW_KT);
-		}
+		mdw_first_tiles(a, sk_a, src0, dst0, key0, s, k0, k1, nt, fresh, k1, false, false);
 		cp_async_commit();
 	}
-	mdw_load_q(sq_a, a.qabs, t);
+	if (a.qabs16)
+		mdw_load_q16(sq_a, a.qabs16, t);
+	else
+		mdw_load_q(sq_a, a.qabs, t);
 	if (tid < MDW_HEADS)
 	{
 		sm[tid] = -INFINITY;
@@ -283,8 +395,12 @@ mla_decode_wg_kernel(kk_mla_decode_args a, float scale_log2)
 		int			nk = k1 - kb < MDW_KT ? (int) (k1 - kb) : MDW_KT;
 		uint32_t	buf = sk_a + (j & 1) * MDW_TILE;
 
-		/* tile j landed (this thread's copies; the barrier: everyone's; the fence: visible to wgmma) */
-		cp_async_wait_group<1>();
+		/* tile j landed (this thread's copies; the barrier: everyone's; the fence: visible to wgmma; late:
+		 * tile 0's new rows are in the third group) */
+		if (late && j == 0)
+			cp_async_wait_group<0>();
+		else
+			cp_async_wait_group<1>();
 		kw_fence_async_smem();
 		__syncthreads();
 

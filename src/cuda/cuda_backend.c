@@ -916,6 +916,14 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * kernels.h, "MLA decode attention variants", else 1);
 		 * KL_CUDA_MLA_MERGE=0 merges its key ranges with mla_merge (else
 		 * mla_merge_wide: more blocks a token).
+		 * KL_CUDA_MLA_FOLD=0 appends the MLA layer's new latent rows in a
+		 * launch of its own and the wgmma attention loads its key tiles
+		 * after its wait (default 1: the append is folded into the
+		 * 16-byte-load absorb kernel, one launch fewer a layer, which also
+		 * writes Qabs in bf16 for the wgmma attention (half its fixed
+		 * load), and the attention's first two tiles' rows of earlier
+		 * steps are requested before its wait; same bytes, same logits bit
+		 * for bit; =2 the fold alone; cuda_mla.c).
 		 * KL_CUDA_EXPERT_MMA=0 keeps the CUDA-core expert kernel for every
 		 * step (default: the tensor-core one from 8 tokens, bf16 precision
 		 * only; =N >= 2 moves that threshold; 1 means the default).
@@ -1043,6 +1051,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *gs = getenv("KL_CUDA_GEMV_MMA_SLAB"),
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
 				   *ms = getenv("KL_CUDA_MLA_SMALL"),
+				   *mfo = getenv("KL_CUDA_MLA_FOLD"),
 				   *pf = getenv("KL_CUDA_PREFETCH"),
 				   *pfmb = getenv("KL_CUDA_PREFETCH_MB"),
 				   *kf = getenv("KL_CUDA_KDA_FUSED"),
@@ -1098,6 +1107,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->sample_wide = !(sw && strcmp(sw, "0") == 0);
 		cs->sample_fast = sw && strcmp(sw, "2") == 0;
 		cs->mla_small = !(ms && strcmp(ms, "0") == 0);
+		cs->mla_fold = !(mfo && strcmp(mfo, "0") == 0);
+		cs->mla_early = cs->mla_fold && !(mfo && strcmp(mfo, "2") == 0);
 		cs->mla_merge_wide = !(mg && strcmp(mg, "0") == 0);
 		cs->prefetch_min = pf && *pf ? (atoi(pf) > 0 ? atoi(pf) : INT_MAX) : 8;
 		cs->prefetch_budget = (size_t) (pfmb && *pfmb ? atoi(pfmb) : 20) << 20;

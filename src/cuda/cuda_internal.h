@@ -42,6 +42,7 @@ enum cuda_buf_id
 	CB_KDA_O,
 	CB_KDA_CHUNK,
 	CB_MLA_QABS,
+	CB_MLA_QABS16,				/* decode: Qabs in bf16 for the wgmma attention (KL_CUDA_MLA_FOLD) */
 	CB_MLA_OLAT,
 	CB_MLA_PACC,
 	CB_MLA_PML,
@@ -165,6 +166,10 @@ typedef struct cuda_state
 								 * kernels.h "MLA decode attention variants" */
 	bool		mla_merge_wide; /* decode: kk_mla_merge_wide (KL_CUDA_MLA_MERGE=0: kk_mla_merge) */
 	bool		mla_small;		/* decode steps: the 16-byte-load absorb and output products */
+	bool		mla_fold;		/* decode steps: the append folded into that absorb (KL_CUDA_MLA_FOLD) */
+	bool		mla_early;		/* the wgmma decode attention's first key tiles' older rows
+								 * requested before its wait, its Qabs made in bf16 by the
+								 * folded absorb (KL_CUDA_MLA_FOLD=1, the default) */
 	int			mla_flash;		/* bf16 prefill attention in one kernel: 0 no (cuBLAS), 1 mma.sync
 								 * (kernels/mla_flash.cu), 2 or 3 wgmma with that many warpgroups
 								 * (kernels/mla_flash_wgmma.cu) */

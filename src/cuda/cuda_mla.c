@@ -220,6 +220,56 @@ merge_wide(bool on, int n, int Ha, int sm_count)
 	return on && n * Ha < sm_count;
 }
 
+/* the step's new latent rows into this layer's cache (pages), a launch of their own */
+static bool
+append_rows(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pages)
+{
+	cuda_state *cs = CS(be);
+
+	kk_mla_append(cs->stream, st->n_tokens, be->cfg->kv_lora_rank + be->cfg->qk_rope_dim, a->kv, cs->d_row_seq,
+				  cs->d_row0, cs->d_pos0, pages, cs->page_cap, cs->mla_c16);
+	return cuda_launched(be, "mla_append");
+}
+
+/*
+ * The step's new latent rows into the cache and the absorbed queries into
+ * qabs: in one launch where KL_CUDA_MLA_FOLD is on and the 16-byte-load
+ * absorb kernel takes the shape (kk_mla_absorb_q_append: the same bytes as
+ * the two launches; Qabs into *qabs16 as bf16 instead where that is not
+ * NULL), else the append and then an absorb kernel (*qabs16 = NULL: Qabs
+ * in qabs).  False (be->failed set) on an error.
+ */
+static bool
+append_absorb(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pages, float *qabs,
+			  uint16_t **qabs16)
+{
+	cuda_state *cs = CS(be);
+	const kl_config *c = be->cfg;
+	const cuda_mla_prep *p = a->w->prepared;
+	int			n = st->n_tokens,
+				Ha = c->mla_heads,
+				Dn = c->qk_nope_dim,
+				Dr = c->qk_rope_dim,
+				Dv = c->v_head_dim,
+				R = c->kv_lora_rank;
+
+	if (cs->mla_small && cs->mla_fold &&
+		kk_mla_absorb_q_append(cs->stream, n, Ha, Dn, Dr, Dv, R, a->q, p->kv_b, p->bf16, qabs, *qabs16,
+							   cs->d_row_seq, cs->d_absorbed, a->kv, cs->d_row0, cs->d_pos0, pages, cs->page_cap,
+							   cs->mla_c16) == 0)
+		return cuda_launched(be, "mla_absorb_q_append");
+	*qabs16 = NULL;
+	if (!append_rows(be, st, a, pages))
+		return false;
+	/* decode steps: the 16-byte-load kernel where it covers the shape (-1: not launched) */
+	if (!cs->mla_small ||
+		kk_mla_absorb_q_stream(cs->stream, n, Ha, Dn, Dr, Dv, R, a->q, p->kv_b, p->bf16, qabs, cs->d_row_seq,
+							   cs->d_absorbed) != 0)
+		kk_mla_absorb_q(cs->stream, n, Ha, Dn, Dr, Dv, R, a->q, p->kv_b, p->bf16, qabs, cs->d_row_seq, cs->d_absorbed);
+	return cuda_launched(be, "mla_absorb_q");
+}
+
+/* the absorbed form of the step's absorbed sequences, after the new rows are appended (append_absorb) */
 static void
 mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pages)
 {
@@ -241,6 +291,7 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 	int64_t		max_keys = (int64_t) cs->page_cap * KL_MLA_PAGE;
 	kk_mla_decode_args d = {0};
 	float	   *qabs = cuda_buf(be, CB_MLA_QABS, sizeof(float) * (size_t) n * Ha * Wa);
+	uint16_t   *qabs16 = NULL;
 	int			rc;
 
 	d.n_tokens = n;
@@ -262,14 +313,15 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 	d.absorbed = cs->d_absorbed;
 	d.pages = pages;
 	d.page_cap = cs->page_cap;
-
-	/* decode steps: the 16-byte-load kernel where it covers the shape (-1: not launched) */
-	if (!cs->mla_small ||
-		kk_mla_absorb_q_stream(cs->stream, n, Ha, Dn, Dr, Dv, R, a->q, p->kv_b, p->bf16, qabs, cs->d_row_seq,
-							   cs->d_absorbed) != 0)
-		kk_mla_absorb_q(cs->stream, n, Ha, Dn, Dr, Dv, R, a->q, p->kv_b, p->bf16, qabs, cs->d_row_seq, cs->d_absorbed);
-	if (!cuda_launched(be, "mla_absorb_q"))
+	/* (the rows of earlier steps before the wait: only append_absorb writes the cache before the attention) */
+	d.early = cs->mla_early;
+	/* Qabs in bf16 for the wgmma attention, which rounds it so anyway (where the fold is taken) */
+	if (cs->mla_early && cs->mla_mma == 2 &&
+		!(qabs16 = cuda_buf(be, CB_MLA_QABS16, sizeof(uint16_t) * (size_t) n * Ha * Wa)))
 		return;
+	if (!append_absorb(be, st, a, pages, qabs, &qabs16))
+		return;
+	d.qabs16 = qabs16;
 	rc = decode_attend(cs->stream, cs->mla_mma, cs->mla_c16, merge_wide(cs->mla_merge_wide, n, Ha, cs->sm_count), &d);
 	if (rc != 0)
 	{
@@ -638,8 +690,12 @@ kl_cuda_test_mla_flash(int kind, int nr, int64_t pos0, int Ha, int Dn, int Dr, i
  * `variant` (0 .. 2 as KL_CUDA_MLA_MMA, the bf16 cache) on a stream of its
  * own, the key ranges split as the backend splits them; merge 0 merges
  * them with kk_mla_merge, 1 with kk_mla_merge_wide, -1 as the backend's
- * default does (merge_wide).  Token t is sequence t at position ctx[t] - 1
- * over page_cap pages of its own.  Host inputs qabs [n][Ha][R + Dr] fp32 and
+ * default does (merge_wide); early: kk_mla_decode_args' early and qabs16
+ * as the backend sets them by default (variant 2: the keys below each
+ * token's position requested before the kernel's wait, the inputs complete
+ * before the first launch; Qabs rounded to bf16 on the device first).
+ * Token t is sequence t at position ctx[t] - 1 (its row the step's new
+ * one) over page_cap pages of its own.  Host inputs qabs [n][Ha][R + Dr] fp32 and
  * cache [n][page_cap KK_MLA_PAGE][R + Dr] bf16 (either NULL: random on the
  * device); olat [n][Ha][R] is copied back where not NULL.  reps > 0: then
  * reps launches of the stage (attend and merge) recorded as one CUDA graph,
@@ -648,12 +704,12 @@ kl_cuda_test_mla_flash(int kind, int nr, int64_t pos0, int Ha, int Dn, int Dr, i
  * variant does not take the shape, or a CUDA error.
  */
 __attribute__((visibility("default"))) int
-kl_cuda_test_mla_decode(int variant, int merge, int n, int Ha, int R, int Dr, const int *ctx, int page_cap,
-						const float *qabs, const uint16_t *cache, float *olat, int reps, double *us)
+kl_cuda_test_mla_decode(int variant, int merge, int early, int n, int Ha, int R, int Dr, const int *ctx,
+						int page_cap, const float *qabs, const uint16_t *cache, float *olat, int reps, double *us)
 {
 	enum
 	{
-		Q, CACHE, PAGES, ROWSEQ, ROW0, POS0, ABS, PACC, PML, OLAT, NBUF
+		Q, CACHE, PAGES, ROWSEQ, ROW0, POS0, ABS, PACC, PML, OLAT, Q16, NBUF
 	};
 	int			Wa = R + Dr,
 				sm_count = 0,
@@ -714,6 +770,8 @@ kl_cuda_test_mla_decode(int variant, int merge, int n, int Ha, int R, int Dr, co
 	sz[PACC] = sizeof(float) * (size_t) n * a.max_splits * Ha * R;
 	sz[PML] = sizeof(float) * 2 * (size_t) n * a.max_splits * Ha;
 	sz[OLAT] = sizeof(float) * (size_t) n * Ha * R;
+	sz[Q16] = sizeof(uint16_t) * (size_t) n * Ha * Wa;
+	in[Q16] = NULL;
 	in[Q] = qabs;
 	in[CACHE] = cache;
 	in[PAGES] = NULL;
@@ -742,6 +800,14 @@ kl_cuda_test_mla_decode(int variant, int merge, int n, int Ha, int R, int Dr, co
 	a.part_acc = d[PACC];
 	a.part_ml = d[PML];
 	a.olat = d[OLAT];
+	a.early = early;
+	a.qabs16 = early ? d[Q16] : NULL;
+	/* (early: the attention reads the cache before its wait, so the fill must be complete: kernels.h) */
+	if (rc == 0 && early)
+	{
+		kk_f32_to_bf16(s, d[Q16], Wa, d[Q], Wa, n * Ha, Wa);
+		rc = (int) cudaStreamSynchronize(s);
+	}
 	if (rc == 0)
 		rc = decode_attend(s, variant, 1, wide, &a);
 	if (rc == 0 && reps > 0)
@@ -883,19 +949,16 @@ void
 cuda_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a)
 {
 	cuda_state *cs = CS(be);
-	const kl_config *c = be->cfg;
-	int			Wa = c->kv_lora_rank + c->qk_rope_dim;
 	float	  **pages = cs->d_pages + (size_t) a->mla_index * cs->n_seqs * cs->page_cap;
 
 	if (cuda_step_skip(be, OP_MLA, (uintptr_t) a->q, (uintptr_t) a->kv, (uintptr_t) a->out,
 					   (uintptr_t) a->mla_index))
 		return;
-	kk_mla_append(cs->stream, st->n_tokens, Wa, a->kv, cs->d_row_seq, cs->d_row0, cs->d_pos0, pages, cs->page_cap,
-				  cs->mla_c16);
-	if (!cuda_launched(be, "mla_append"))
-		return;
+	/* (the new rows go into the cache first: in mla_absorbed, folded into its absorb kernel where it can) */
 	if (cs->any_absorbed)
 		mla_absorbed(be, st, a, pages);
+	else if (!append_rows(be, st, a, pages))
+		return;
 	if (cs->any_expanded)
 		for (int s = 0; s < st->n_seqs && !be->failed; s++)
 			if (!cs->h_absorbed[s])

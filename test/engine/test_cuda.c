@@ -1908,7 +1908,7 @@ load_test_hook(const char *name, void **lib, void **fn)
 }
 
 /* kl_cuda_test_mla_decode (cuda_mla.c): the decode attention variants on host arrays */
-typedef int (*mla_decode_test_fn) (int variant, int merge, int n, int Ha, int R, int Dr, const int *ctx,
+typedef int (*mla_decode_test_fn) (int variant, int merge, int early, int n, int Ha, int R, int Dr, const int *ctx,
 								   int page_cap, const float *qabs, const uint16_t *cache, float *olat, int reps,
 								   double *us);
 
@@ -1965,6 +1965,12 @@ mla_decode_reference(int Ha, int R, int Dr, int ctx, const float *qabs, const ui
  * (mla_attend_mma measured first on the H200: see the diagnostics).  Each
  * variant with either merge (mla_merge, mla_merge_wide), and again after
  * three graph replays of the stage (partials and merge), with the same bound.
+ * The wgmma variant (2) also as KL_CUDA_MLA_FOLD runs it (the first tiles'
+ * keys below the token's position requested before its wait, the newest
+ * row after; Qabs given in bf16): olat bit for bit as without (the same
+ * bytes in shared memory; the contexts put the newest row in a range's
+ * first tile, its second (65, 1025), its third or fourth (2049, 5000) and
+ * alone (1)).
  */
 static void
 check_mla_decode(void)
@@ -1980,7 +1986,8 @@ check_mla_decode(void)
 	uint16_t   *cache = malloc(sizeof(uint16_t) * (size_t) n * rows * Wa);
 	float	   *qabs = malloc(sizeof(float) * (size_t) n * 32 * Wa),
 			   *ref = malloc(sizeof(float) * (size_t) n * 32 * R),
-			   *got = malloc(sizeof(float) * (size_t) n * 32 * R);
+			   *got = malloc(sizeof(float) * (size_t) n * 32 * R),
+			   *late = malloc(sizeof(float) * (size_t) n * 32 * R);
 	uint64_t	rs = 6021;
 	kl_model   *m;
 	void	   *lib = NULL;
@@ -2011,7 +2018,7 @@ check_mla_decode(void)
 
 				for (size_t i = 0; i < (size_t) n * Ha * R; i++)
 					got[i] = NAN;
-				rc = f(variant, merge, n, Ha, R, Dr, ctx, page_cap, qabs, cache, got, reps, &us);
+				rc = f(variant, merge, 0, n, Ha, R, Dr, ctx, page_cap, qabs, cache, got, reps, &us);
 				if (rc == -1)
 				{
 					tap_diag("MLA decode attention variant %d: not taken for %d heads on this device (skipped)",
@@ -2023,12 +2030,23 @@ check_mla_decode(void)
 					   ".. %d%s: olat vs a double reference (rel err %.2e, rc %d)", variant,
 					   merge ? "mla_merge_wide" : "mla_merge", Ha, R, Dr, ctx[n - 1],
 					   reps ? ", after 3 graph replays" : "", e, rc);
+				if (variant != 2)
+					continue;
+				for (size_t i = 0; i < (size_t) n * Ha * R; i++)
+					late[i] = NAN;
+				rc = f(variant, merge, 1, n, Ha, R, Dr, ctx, page_cap, qabs, cache, late, reps, &us);
+				tap_ok(rc == 0 && memcmp(late, got, sizeof(float) * (size_t) n * Ha * R) == 0,
+					   "MLA decode attention variant 2 + %s, %d heads, contexts 1 .. %d%s: the early key loads "
+					   "(KL_CUDA_MLA_FOLD) give olat bit for bit (rel err %.2e, rc %d)",
+					   merge ? "mla_merge_wide" : "mla_merge", Ha, ctx[n - 1], reps ? ", after 3 graph replays" : "",
+					   rc == 0 ? rel_err(late, got, (size_t) n * Ha * R) : INFINITY, rc);
 			}
 	}
 	free(cache);
 	free(qabs);
 	free(ref);
 	free(got);
+	free(late);
 	dlclose(lib);
 	kl_model_free(m);
 }
@@ -6415,6 +6433,97 @@ check_q_twin_model(void)
 }
 
 /*
+ * KL_CUDA_MLA_FOLD: the MLA decode layer with the append folded into the
+ * absorb kernel, the wgmma attention's first key tiles requested before its
+ * wait and its Qabs made in bf16 by that absorb kernel (=1, the default),
+ * with the fold alone (=2) and with none of them (=0, the separate append
+ * launch), the whole model, the same random bf16
+ * weights of the 48B shapes (2 layers, one MLA; seed 7; one model at a time:
+ * the switch is read when the backend is made).  Sequences with prompts of
+ * their own lengths (8500: ranges of two tiles; 1100 past a page; 5: a
+ * prompt in the absorbed form, the fold with five new rows a sequence), then
+ * six rounds together: single tokens (decode steps, graphs), 3 tokens for
+ * the first sequence (several new rows in a decode step), 70 for the last
+ * (a mixed step: the fold not taken, the early loads still on), single
+ * tokens again.  Every round's logits equal =0's bit for bit (the same
+ * cache bytes, the same Qabs and tiles in shared memory).
+ */
+static float *
+fold_rounds(kl_model *m, const int32_t *ids, int nseq, const int *lens)
+{
+	static const int rounds = 6;
+	kl_err		err;
+	kl_ctx	   *ctx;
+	kl_seq	  **seq = calloc((size_t) nseq, sizeof(kl_seq *));
+	kl_batch_item *b = calloc((size_t) nseq, sizeof(kl_batch_item));
+	int			V = kl_model_config(m)->vocab_size;
+	float	   *out = calloc((size_t) rounds * nseq * V, sizeof(float));
+
+	if (kl_ctx_new(m, 0, &ctx, &err) != KL_OK)
+		die("context", &err);
+	for (int s = 0; s < nseq; s++)
+	{
+		if (kl_seq_new(m, &seq[s], &err) != KL_OK)
+			die("sequence", &err);
+		feed(ctx, seq[s], ids + s, lens[s], 0, V, NULL);
+	}
+	for (int r = 0; r < rounds; r++)
+	{
+		for (int s = 0; s < nseq; s++)
+		{
+			int			n = r == 1 && s == 0 ? 3 : r == 2 && s == nseq - 1 ? 70 : 1;
+
+			b[s] = (kl_batch_item) {seq[s], ids + 100 * r + s, n, out + ((size_t) r * nseq + s) * V, false};
+		}
+		if (kl_forward(ctx, b, nseq, &err) != KL_OK)
+			die("batched forward", &err);
+	}
+	for (int s = 0; s < nseq; s++)
+		kl_seq_free(seq[s]);
+	kl_ctx_free(ctx);
+	free(seq);
+	free(b);
+	return out;
+}
+
+static void
+check_mla_fold_model(void)
+{
+	static const int nseqs[3] = {1, 2, 4},
+				lens[3][4] = {{8500}, {1100, 5}, {300, 70, 5, 1100}};
+	static const char *const fold[3] = {"0", "1", "2"};
+	int			T = 9000;
+	int32_t    *ids = malloc(sizeof(int32_t) * (size_t) T);
+	float	   *lg[3][3];
+	int			V = 0;
+
+	for (int v = 0; v < 3; v++)
+	{
+		kl_model   *m = random_gpu_model(q48_config, NULL, "KL_CUDA_MLA_FOLD", fold[v]);
+
+		V = kl_model_config(m)->vocab_size;
+		for (int i = 0; i < T; i++)
+			ids[i] = (int32_t) ((i * 7919 + 13) % V);
+		for (int bi = 0; bi < 3; bi++)
+			lg[v][bi] = fold_rounds(m, ids, nseqs[bi], lens[bi]);
+		kl_model_free(m);
+	}
+	for (int bi = 0; bi < 3; bi++)
+	{
+		size_t		cnt = (size_t) 6 * nseqs[bi] * V;
+
+		for (int v = 1; v < 3; v++)
+			tap_ok(memcmp(lg[v][bi], lg[0][bi], sizeof(float) * cnt) == 0, "48B shapes (2 layers), bf16, %d "
+				   "sequences (prompts %d ..), 6 rounds (decode, 3 tokens, 70 tokens, decode): KL_CUDA_MLA_FOLD=%s "
+				   "equals =0 bit for bit (rel err %.2e)", nseqs[bi], lens[bi][0], fold[v],
+				   rel_err(lg[v][bi], lg[0][bi], cnt));
+		for (int v = 0; v < 3; v++)
+			free(lg[v][bi]);
+	}
+	free(ids);
+}
+
+/*
  * KL_CUDA_Q_TWIN with a stale twin, the backend's ops alone (outside a
  * step) on the KDA layer of the FP8 48B-shape model (q_proj [4096, 2304],
  * o_proj [2304, 4096]) at n = 2, 8 and 32 rows: y = rmsnorm(x) (which writes
@@ -7221,6 +7330,7 @@ main(void)
 	RUN(check_dense_model());
 	RUN(check_dense_model_slab());
 	RUN(check_q_twin_model());
+	RUN(check_mla_fold_model());
 	RUN(check_q_twin_stale());
 	RUN(check_dense_model_grid());
 	RUN(check_dense_model_l2());
