@@ -648,7 +648,7 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 	if (cs->pend && cs->pend_y == x && ldx == d && ldy == d && cs->pend_n == (size_t) rows * d && cs->pend_x != x)
 	{
 		cs->pend = false;
-		if (cs->moe_head && rows <= KK_MOE_HEAD_ROWS && kk_row_norm_add_ok(y, x, cs->pend_x, w, y16, d))
+		if (rows <= cs->moe_head_rows && kk_row_norm_add_ok(y, x, cs->pend_x, w, y16, d))
 		{
 			/* held back for the MoE op of input y (its head kernel, cuda_moe.c), else launched as below by
 			 * the next op (cuda_flush_add); the twin counts as made now, as it would be here: every reader
@@ -1076,7 +1076,10 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_MOE_HEAD=0: a decode step's MoE layer starts with three
 		 * kernels, the residual add + norm, the router product and the
 		 * routing; default: one (kk_moe_head, steps of up to 4 tokens, the
-		 * same numbers bit for bit; cuda_state.pend_norm).
+		 * same numbers bit for bit; cuda_state.pend_norm);
+		 * KL_CUDA_MOE_HEAD_ROWS=N (1-4): only for steps of up to N tokens
+		 * (at E = 256 the head routes one token at a time where the rank
+		 * kernel routed up to four: the bound to measure at batch 2-4).
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
@@ -1125,7 +1128,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *kpw = getenv("KL_CUDA_KDA_KP6_WIDE"),
 				   *ki16 = getenv("KL_CUDA_KDA_IN16"),
 				   *ko16 = getenv("KL_CUDA_KDA_OUT16"),
-				   *mh = getenv("KL_CUDA_MOE_HEAD");
+				   *mh = getenv("KL_CUDA_MOE_HEAD"),
+				   *mhr = getenv("KL_CUDA_MOE_HEAD_ROWS");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -1164,6 +1168,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 			cudaMalloc((void **) &cs->head_ticket, sizeof(int)) == cudaSuccess &&
 			cudaMemset(cs->head_ticket, 0, sizeof(int)) == cudaSuccess;
 		cudaGetLastError();
+		cs->moe_head_rows = !cs->moe_head ? 0 : mhr && atoi(mhr) >= 1 && atoi(mhr) <= KK_MOE_HEAD_ROWS ?
+			atoi(mhr) : KK_MOE_HEAD_ROWS;
 		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
 		cs->route_warp = rw && *rw ? atoi(rw) : INT_MAX;
 		cs->route_rank_max = rr && *rr ? (atoi(rr) > 0 ? atoi(rr) : 0) : 4;

@@ -255,10 +255,12 @@ typedef struct cuda_state
 	/* decode-step switches (KL_CUDA_MOE_FUSE=0, KL_CUDA_PDL=0 turn them off) */
 	bool		fuse_moe;
 	/* KL_CUDA_MOE_HEAD (default on; =0 off, and off with KL_CUDA_MOE_FUSE=0):
-	 * decode steps of up to KK_MOE_HEAD_ROWS tokens run the MoE layer's
+	 * decode steps of up to moe_head_rows tokens (KL_CUDA_MOE_HEAD_ROWS,
+	 * 1 .. KK_MOE_HEAD_ROWS, default KK_MOE_HEAD_ROWS) run the MoE layer's
 	 * add + norm, router product and routing as one kernel (kk_moe_head);
 	 * head_ticket: its device counter (0 between launches) */
 	bool		moe_head;
+	int			moe_head_rows;
 	int		   *head_ticket;
 	long		head_launches;	/* (for test_cuda: head kernels launched) */
 	/* KL_CUDA_EXPERT_MMA: decode steps of at least this many tokens run the
