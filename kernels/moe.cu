@@ -24,6 +24,9 @@
  *                 then one warp groups
  *   moe_combine_add_rmsnorm   (decode) the combine fused with the residual
  *                 add and the next layer's input norm: x += y, xn = norm(x)
+ *   moe_head      (decode, 1-4 tokens) the residual add and norm before the
+ *                 layer, the router product and the rank routing and
+ *                 grouping in one launch, blocks meeting at an atomic ticket
  *   moe_pad_*     (prefill, KL_CUDA_MOE_PREFILL=4) the pairs grouped into
  *                 variant 3's padded size-class slots: counts, layout and
  *                 inverse map on the device, only the counts go to the host

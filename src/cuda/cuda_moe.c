@@ -36,6 +36,9 @@
  * the gate and up products write silu(gate) * up directly, and the combine
  * is held back (cuda_defer_combine) to run inside the residual add and norm
  * that follow: router, route+group, gate/up, down — four launches a layer.
+ * Steps of up to 4 tokens (KL_CUDA_MOE_HEAD) fold the router and the routing
+ * into one launch with the add + norm before the op (kk_moe_head: moe_head
+ * below; the norm held back by cu_rmsnorm): head, gate/up, down.
  */
 #include <stdlib.h>
 #include <string.h>
