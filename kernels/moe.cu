@@ -1811,7 +1811,9 @@ template <int NR, int RB, int BT>
 static int
 head_launch(cudaStream_t s, const head_args &a, int groups)
 {
-	static size_t allowed = 48 * 1024;	/* the kernel's dynamic shared memory limit set so far */
+	/* the kernel's dynamic shared memory limit set so far: set before the first launch whatever the size,
+	 * since its static 17 KB count against the 48 KB a kernel gets without it */
+	static size_t allowed = 0;
 	size_t		smem = head_smem(NR, a.D);
 	int			rows = groups * RB;
 
