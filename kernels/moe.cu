@@ -1811,21 +1811,16 @@ template <int NR, int RB, int BT>
 static int
 head_launch(cudaStream_t s, const head_args &a, int groups)
 {
-	/* the kernel's dynamic shared memory limit set so far: set before the first launch whatever the size,
-	 * since its static 17 KB count against the 48 KB a kernel gets without it */
-	static size_t allowed = 0;
 	size_t		smem = head_smem(NR, a.D);
 	int			rows = groups * RB;
 
-	if (smem > allowed)
+	/* the dynamic shared memory limit, set at every launch (a host call; graphs replay without it): its
+	 * static 17 KB count against the 48 KB a kernel gets without it, and it is the current GPU's */
+	if (cudaFuncSetAttribute(moe_head_kernel<NR, RB, BT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem) !=
+		cudaSuccess)
 	{
-		if (cudaFuncSetAttribute(moe_head_kernel<NR, RB, BT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-								 (int) smem) != cudaSuccess)
-		{
-			cudaGetLastError();
-			return -1;
-		}
-		allowed = smem;
+		cudaGetLastError();
+		return -1;
 	}
 	kk_launch(moe_head_kernel<NR, RB, BT>, dim3(ceil_div(a.ra.E, rows)), dim3(groups * BT), smem, s, a);
 	return 0;
