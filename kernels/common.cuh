@@ -339,19 +339,112 @@ ceil_div(size_t a, size_t b)
 	return (unsigned) ((a + b - 1) / b);
 }
 
+#define ROWS_BT 96				/* threads of a block-rows block (288 pieces = 2304 columns: 3 each) */
+#define ROWS_RB 3				/* its weight rows */
+#define ROWS_BT_WIDE 128		/* for rows of 512 pieces or a multiple of 128 above (4096 columns) */
+#define ROWS_RB_WIDE 2
+
+/* the wide shape (512 pieces a row, or a multiple of 128 above): two rows of 128 threads */
+static inline bool
+rows_wide(int cols)
+{
+	int			nch = cols >> 3;
+
+	return nch >= 512 && nch % 128 == 0;
+}
+
+/* acc + w[0..8) . (a, b) (fused multiply-adds in index order): every GEMV's inner step */
+__device__ __forceinline__ float
+fma8_acc(const float *w, float4 a, float4 b, float acc)
+{
+	acc = fmaf(w[0], a.x, acc);
+	acc = fmaf(w[1], a.y, acc);
+	acc = fmaf(w[2], a.z, acc);
+	acc = fmaf(w[3], a.w, acc);
+	acc = fmaf(w[4], b.x, acc);
+	acc = fmaf(w[5], b.y, acc);
+	acc = fmaf(w[6], b.z, acc);
+	acc = fmaf(w[7], b.w, acc);
+	return acc;
+}
+
 /*
- * sums[w * NR + r] = the block's total of acc[w][r] (shared memory; every
+ * The block-rows GEMV's inner loop (gemv.cu's bf16 products, and the router
+ * rows of moe.cu's MoE head, which must give the same logits bit for bit):
+ * a group of BT threads (tid: the thread's place in it; the whole block in
+ * gemv.cu) takes RB weight rows.
+ *
+ * rows_first: the first pieces of the RB rows (Wr[w] NULL: past the matrix,
+ * zeros), loaded before kk_dep_wait, since the weights do not depend on
+ * earlier kernels, so the first memory latency overlaps the previous
+ * kernel's tail.
+ */
+template <int RB, int BT>
+__device__ __forceinline__ void
+rows_first(uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], int nch, int tid)
+{
+#pragma unroll
+	for (int w = 0; w < RB; w++)
+		raw[w] = Wr[w] && tid < nch ? __ldg((const uint4 *) Wr[w] + tid) : make_uint4(0, 0, 0, 0);
+}
+
+/*
+ * acc[w][r] += W_w . x_r over this thread's pieces tid, tid + BT, ... of the
+ * nch 16-byte pieces (8 columns each) of the rows; raw holds the first
+ * pieces (rows_first).  Each input piece is read once for all RB rows;
+ * XS: the input rows are in shared memory (plain loads; else through the
+ * read-only cache).  The same operations in the same order either way.
+ */
+template <int NR, int RB, int BT, bool XS>
+__device__ __forceinline__ void
+rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], const float *const (&xr)[NR],
+		 int nch, int tid)
+{
+	for (int ch = tid; ch < nch; ch += BT)
+	{
+		uint4		cur[RB];
+
+#pragma unroll
+		for (int w = 0; w < RB; w++)
+		{
+			cur[w] = raw[w];
+			/* the next pieces are in flight while these are used */
+			raw[w] = Wr[w] && ch + BT < nch ? __ldg((const uint4 *) Wr[w] + ch + BT) : make_uint4(0, 0, 0, 0);
+		}
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+		{
+			const float4 *xp = (const float4 *) xr[r] + 2 * ch;
+			float4		a = XS ? xp[0] : __ldg(xp),
+						b = XS ? xp[1] : __ldg(xp + 1);
+
+#pragma unroll
+			for (int w = 0; w < RB; w++)
+			{
+				float		f[8];
+
+				unpack8_bf16(cur[w], f);
+				acc[w][r] = fma8_acc(f, a, b, acc[w][r]);
+			}
+		}
+	}
+}
+
+/*
+ * sums[w * NR + r] = the group's total of acc[w][r] (shared memory; every
  * thread sees it on return).  Warp sums, then the warps' partials added in
  * warp order: the same result on every run.  (The block-rows GEMVs of
- * gemv.cu and gemv_q.cu.)
+ * gemv.cu and gemv_q.cu, whose group is the block: rows_block_sum; the MoE
+ * head's groups of BT threads, each with its own part, tid its place in the
+ * group: rows_group_sum.  Every thread of the block calls it: it has block
+ * barriers.)
  */
 template <int NR, int RB, int BT>
 __device__ __forceinline__ void
-rows_block_sum(float (&acc)[RB][NR], float *sums)
+rows_group_sum(float (&acc)[RB][NR], float *sums, float (*part)[BT / 32], int tid)
 {
-	__shared__ float part[RB * NR][BT / 32];
-	int			lane = threadIdx.x & 31,
-				warp = threadIdx.x >> 5;
+	int			lane = tid & 31,
+				warp = tid >> 5;
 
 #pragma unroll
 	for (int w = 0; w < RB; w++)
@@ -364,7 +457,7 @@ rows_block_sum(float (&acc)[RB][NR], float *sums)
 				part[w * NR + r][warp] = v;
 		}
 	__syncthreads();
-	for (int i = threadIdx.x; i < RB * NR; i += BT)
+	for (int i = tid; i < RB * NR; i += BT)
 	{
 		float		v = 0;
 
@@ -374,6 +467,66 @@ rows_block_sum(float (&acc)[RB][NR], float *sums)
 		sums[i] = v;
 	}
 	__syncthreads();
+}
+
+template <int NR, int RB, int BT>
+__device__ __forceinline__ void
+rows_block_sum(float (&acc)[RB][NR], float *sums)
+{
+	__shared__ float part[RB * NR][BT / 32];
+
+	rows_group_sum<NR, RB, BT>(acc, sums, part, threadIdx.x);
+}
+
+/*
+ * The decode row norm's arithmetic (elementwise.cu's row_norm_kernel, and
+ * the MoE head of moe.cu, which must give the same y bit for bit): a block
+ * of kk_row_threads(d) threads per row, thread t holding the float4 pieces
+ * t + j * threads (j < ROW_V4) and summing their squares (row_sq4) in that
+ * order; block_sum of the threads' sums; the inverse rms (row_inv_rms); each
+ * element w * (v * iv) (row_scale4).
+ */
+#define ROW_V4 4
+
+static inline unsigned
+kk_row_threads(int d)
+{
+	int			per = (d / 4 + ROW_V4 - 1) / ROW_V4;	/* threads if each takes ROW_V4 */
+	int			th = d / 4 <= 1024 ? d / 4 : per;
+
+	th = (th + 31) / 32 * 32;
+	return th < 32 ? 32 : th > 1024 ? 1024 : th;
+}
+
+__device__ __forceinline__ float
+row_sq4(float4 v)
+{
+	return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+}
+
+__device__ __forceinline__ float
+row_inv_rms(float ss, int d, float eps)
+{
+	return 1.0f / sqrtf(ss / (float) d + eps);
+}
+
+__device__ __forceinline__ float4
+row_scale4(float4 wv, float4 v, float iv)
+{
+	float4		o;
+
+	o.x = wv.x * (v.x * iv);
+	o.y = wv.y * (v.y * iv);
+	o.z = wv.z * (v.z * iv);
+	o.w = wv.w * (v.w * iv);
+	return o;
+}
+
+/* four bf16 roundings (f32_to_bf16) of o in 8 bytes, element 0 in the low half */
+__device__ __forceinline__ uint2
+row_bf16x4(float4 o)
+{
+	return make_uint2(pack_bf16x2(o.x, o.y), pack_bf16x2(o.z, o.w));
 }
 
 /* first_block of every job of a tensor-core GEMV batch whose blocks take T

@@ -37,21 +37,6 @@ kk_set_gemv_rows(int on)
 	kk_gemv_rows = on;
 }
 
-/* acc + w[0..8) . (a, b) (fused multiply-adds in index order): every GEMV's inner step */
-__device__ __forceinline__ float
-fma8_acc(const float *w, float4 a, float4 b, float acc)
-{
-	acc = fmaf(w[0], a.x, acc);
-	acc = fmaf(w[1], a.y, acc);
-	acc = fmaf(w[2], a.z, acc);
-	acc = fmaf(w[3], a.w, acc);
-	acc = fmaf(w[4], b.x, acc);
-	acc = fmaf(w[5], b.y, acc);
-	acc = fmaf(w[6], b.z, acc);
-	acc = fmaf(w[7], b.w, acc);
-	return acc;
-}
-
 /* acc + w[0..8) . x[0..8), x read as two float4 */
 __device__ __forceinline__ float
 dot8_acc(const float *w, const float4 *x, float acc)
@@ -149,63 +134,7 @@ dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int 
 
 /* ------------------------------------------------------------------ block rows (bf16) */
 
-#define ROWS_BT 96				/* threads of a block-rows block (288 pieces = 2304 columns: 3 each) */
-#define ROWS_RB 3				/* its weight rows */
-#define ROWS_BT_WIDE 128		/* for rows of 512 pieces or a multiple of 128 above (4096 columns) */
-#define ROWS_RB_WIDE 2
-
-/*
- * The first pieces of RB weight rows (Wr[w] NULL: past the matrix, zeros):
- * loaded before kk_dep_wait, since the weights do not depend on earlier
- * kernels, so the first memory latency overlaps the previous kernel's tail.
- */
-template <int RB, int BT>
-__device__ __forceinline__ void
-rows_first(uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], int nch)
-{
-#pragma unroll
-	for (int w = 0; w < RB; w++)
-		raw[w] = Wr[w] && (int) threadIdx.x < nch ? __ldg((const uint4 *) Wr[w] + threadIdx.x) : make_uint4(0, 0, 0, 0);
-}
-
-/*
- * acc[w][r] += W_w . x_r over this thread's pieces threadIdx.x, + BT, ...
- * of the nch 16-byte pieces (8 columns each) of the rows; raw holds the first
- * pieces (rows_first).  Each input piece is read once for all RB rows.
- */
-template <int NR, int RB, int BT>
-__device__ __forceinline__ void
-rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], const float *const (&xr)[NR],
-		 int nch)
-{
-	for (int ch = threadIdx.x; ch < nch; ch += BT)
-	{
-		uint4		cur[RB];
-
-#pragma unroll
-		for (int w = 0; w < RB; w++)
-		{
-			cur[w] = raw[w];
-			/* the next pieces are in flight while these are used */
-			raw[w] = Wr[w] && ch + BT < nch ? __ldg((const uint4 *) Wr[w] + ch + BT) : make_uint4(0, 0, 0, 0);
-		}
-#pragma unroll
-		for (int r = 0; r < NR; r++)
-		{
-			float4		a = __ldg((const float4 *) xr[r] + 2 * ch),
-						b = __ldg((const float4 *) xr[r] + 2 * ch + 1);
-
-#pragma unroll
-			for (int w = 0; w < RB; w++)
-			{
-				float		f[8];
-
-				unpack8_bf16(cur[w], f);
-				acc[w][r] = fma8_acc(f, a, b, acc[w][r]);
-			}
-		}
-	}
-}
+/* (the block shapes, ROWS_BT .. ROWS_RB_WIDE and rows_wide, are common.cuh's: moe.cu's MoE head takes the same) */
 
 /*
  * y[r, row0 + w] = W_w . x_r for the block's RB rows of W [rows, cols], NR
@@ -226,7 +155,7 @@ rows_product(float *y, int ldy, const float *x, int ldx, const uint16_t *W, int 
 #pragma unroll
 	for (int w = 0; w < RB; w++)
 		Wr[w] = row0 + w < rows ? W + (size_t) (row0 + w) * cols : NULL;
-	rows_first<RB, BT>(raw, Wr, nch);
+	rows_first<RB, BT>(raw, Wr, nch, threadIdx.x);
 	kk_dep_wait();
 	kk_dep_launch();
 #pragma unroll
@@ -237,7 +166,7 @@ rows_product(float *y, int ldy, const float *x, int ldx, const uint16_t *W, int 
 #pragma unroll
 		for (int r = 0; r < NR; r++)
 			acc[w][r] = 0;
-	rows_dot<NR, RB, BT>(acc, raw, Wr, xr, nch);
+	rows_dot<NR, RB, BT, false>(acc, raw, Wr, xr, nch, threadIdx.x);
 	rows_block_sum<NR, RB, BT>(acc, sums);
 	for (int i = threadIdx.x; i < RB * NR; i += BT)
 		if (row0 + i / NR < rows)
@@ -252,15 +181,6 @@ gemv_rows_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, in
 {
 	rows_product<NR, RB, BT>(y + (size_t) blockIdx.y * NR * ldy, ldy, x + (size_t) blockIdx.y * NR * ldx, ldx, W,
 							 rows, cols, blockIdx.x * RB);
-}
-
-/* the wide shape (512 pieces a row, or a multiple of 128 above): two rows of 128 threads */
-static bool
-rows_wide(int cols)
-{
-	int			nch = cols >> 3;
-
-	return nch >= 512 && nch % 128 == 0;
 }
 
 template <int NR>
@@ -668,8 +588,8 @@ expert_rows_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, co
 		for (int r = 0; r < NR; r++)
 			acc[w][r] = 0;
 	if (!LOADED)
-		rows_first<RT, BT>(raw, Wr, nch);
-	rows_dot<NR, RT, BT>(acc, raw, Wr, xr, nch);
+		rows_first<RT, BT>(raw, Wr, nch, threadIdx.x);
+	rows_dot<NR, RT, BT, false>(acc, raw, Wr, xr, nch, threadIdx.x);
 	rows_block_sum<NR, RT, BT>(acc, sums);
 	for (int i = threadIdx.x; i < out * NR; i += BT)
 	{
@@ -774,7 +694,7 @@ expert_rows_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, i
 		{
 			e = kk_expert_item_l2(active, start, blockIdx.y, MAXNR, &first, &count);
 			expert_rows_weights<MODE, RB, RT>(Wr, W0, W1, e, m, row0, rows, cols);
-			rows_first<RT, BT>(raw, Wr, cols >> 3);
+			rows_first<RT, BT>(raw, Wr, cols >> 3, threadIdx.x);
 		}
 		/* x (h) is written by the kernel before: wait for it now */
 		kk_dep_wait();

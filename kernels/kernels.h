@@ -61,6 +61,9 @@ void		kk_f32_to_bf16(cudaStream_t s, uint16_t *dst, int ldd, const float *src, i
 int			kk_row_norm_twin(cudaStream_t s, int mode, float *y, int ldy, uint16_t *y16, float *x, int ldx,
 							 const float *a, const float *w, int rows, int d, float eps, int k, const float *wts,
 							 const int *inv, const void *ye, const float *ys);
+/* does kk_row_norm_twin's mode 1 on contiguous rows of d (y16 NULL or not) take its row kernel?  (1 yes) */
+int			kk_row_norm_add_ok(const float *y, const float *x, const float *a, const float *w, const uint16_t *y16,
+							   int d);
 int			kk_swiglu_twin(cudaStream_t s, float *h, uint16_t *h16, const float *g, const float *u, int rows,
 						   int width, int ld);
 void		kk_f32_to_bf16_v4(cudaStream_t s, uint16_t *dst, int ldd, const float *src, int lds, int rows, int cols);
@@ -714,6 +717,23 @@ int			kk_moe_route_group_rank(cudaStream_t s, int n, int E, int k, int G, int Tg
 									int bias_in_w, float scaling, const float *logits, const float *bias, int *sel,
 									float *wts, int shared_rows, int P, int *start, int *xrow, int *inv,
 									int *active);
+/*
+ * The MoE head of a decode step of n <= KK_MOE_HEAD_ROWS tokens
+ * (KL_CUDA_MOE_HEAD): in one launch, bit for bit as the three kernels it
+ * replaces, (1) the residual add and norm h += a, y = rmsnorm(h) norm_w
+ * (and y16, its bf16 twin, where not NULL) as kk_row_norm_twin's mode 1 on
+ * contiguous rows of D, (2) the router product logits [n, E] = y R^T (R bf16
+ * [E, D]) as kk_gemv, (3) the routing and grouping as
+ * kk_moe_route_group_rank.  ticket: a device int that is 0 before the
+ * launch (the launch leaves it 0).  0 when launched, -1 when the shape is
+ * not one those three kernels take in that form (nothing launched: the
+ * caller launches them).
+ */
+#define KK_MOE_HEAD_ROWS 4
+int			kk_moe_head(cudaStream_t s, int n, int D, float *h, const float *a, const float *norm_w, float eps,
+						float *y, uint16_t *y16, const uint16_t *R, int E, int k, int G, int Tg, int use_softmax,
+						int renorm, int bias_in_w, float scaling, float *logits, const float *bias, int *sel,
+						float *wts, int shared_rows, int P, int *start, int *xrow, int *inv, int *active, int *ticket);
 /* kk_moe_combine with bf16 expert outputs (ye16 rows of D at the slots' inv positions) */
 void		kk_moe_combine16(cudaStream_t s, float *y, int n, int D, int k, const float *wts, const int *inv,
 							 const uint16_t *ye16, const float *ys);

@@ -490,6 +490,54 @@ cu_unload_weight(kl_backend *be, kl_weight *w)
 /* ------------------------------------------------------------------ element-wise */
 
 /*
+ * A held-back add + norm (cuda_state.pend_norm) launched as cu_rmsnorm would
+ * have launched it (kk_add_rmsnorm is kk_row_norm_twin's mode 1 without a
+ * twin; it was held only where that kernel takes it: kk_row_norm_add_ok).
+ */
+static void
+launch_held_norm(kl_backend *be)
+{
+	cuda_state *cs = CS(be);
+
+	cs->pend_norm = false;
+	if (be->failed)
+		return;
+	if (kk_row_norm_twin(cs->stream, 1, cs->pn_y, cs->pn_d, cs->pn_y16, cs->pn_h, cs->pn_d, cs->pn_a, cs->pn_w,
+						 cs->pn_rows, cs->pn_d, cs->pn_eps, 0, NULL, NULL, NULL, NULL) != 0)
+		kk_add_rmsnorm(cs->stream, cs->pn_y, cs->pn_h, cs->pn_a, cs->pn_w, cs->pn_rows, cs->pn_d, cs->pn_eps);
+	cuda_launched(be, "add_rmsnorm");
+}
+
+bool
+cuda_take_norm(kl_backend *be, const float *y, int rows, int d, cuda_held_norm *hn)
+{
+	cuda_state *cs = CS(be);
+
+	if (!cs->pend_norm || cs->pn_y != y || cs->pn_rows != rows || cs->pn_d != d || cs->pend || cs->pend_moe)
+		return false;
+	cs->pend_norm = false;
+	*hn = (cuda_held_norm) {cs->pn_y, cs->pn_h, cs->pn_a, cs->pn_w, cs->pn_y16, cs->pn_rows, cs->pn_d, cs->pn_eps};
+	return true;
+}
+
+void
+cuda_launch_norm(kl_backend *be, const cuda_held_norm *hn)
+{
+	cuda_state *cs = CS(be);
+
+	cs->pend_norm = true;
+	cs->pn_y = hn->y;
+	cs->pn_h = hn->h;
+	cs->pn_a = hn->a;
+	cs->pn_w = hn->w;
+	cs->pn_y16 = hn->y16;
+	cs->pn_rows = hn->rows;
+	cs->pn_d = hn->d;
+	cs->pn_eps = hn->eps;
+	launch_held_norm(be);
+}
+
+/*
  * The residual add h += x is held back: forward.c follows it with the
  * rmsnorm of h, and one kernel does both (a launch and a pass over h
  * saved per add).  Any other op launches a held-back add first.
@@ -499,6 +547,8 @@ cuda_flush_add(kl_backend *be)
 {
 	cuda_state *cs = CS(be);
 
+	if (cs->pend_norm)
+		launch_held_norm(be);
 	if (cs->pend_moe)
 	{
 		cs->pend_moe = false;
@@ -570,6 +620,8 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 		return;
 	/* the products of y that follow read its bf16 twin, written here (KL_CUDA_BF16_TWIN; not for a
 	 * part of the rows, as kv_a_layernorm's, which no product reads) */
+	if (cs->pend_norm)
+		cuda_flush_add(be);		/* (before cuda_twin_out: the held norm's twin may be in CB_TWIN) */
 	y16 = ldy == d ? cuda_twin_out(be, rows, d) : NULL;
 	if (be->failed)
 		return;
@@ -596,6 +648,24 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 	if (cs->pend && cs->pend_y == x && ldx == d && ldy == d && cs->pend_n == (size_t) rows * d && cs->pend_x != x)
 	{
 		cs->pend = false;
+		if (rows <= cs->moe_head_rows && kk_row_norm_add_ok(y, x, cs->pend_x, w, y16, d))
+		{
+			/* held back for the MoE op of input y (its head kernel, cuda_moe.c), else launched as below by
+			 * the next op (cuda_flush_add); the twin counts as made now, as it would be here: every reader
+			 * of it is an op that launches the held norm first */
+			cs->pend_norm = true;
+			cs->pn_y = y;
+			cs->pn_h = cs->pend_y;
+			cs->pn_a = cs->pend_x;
+			cs->pn_w = w;
+			cs->pn_y16 = y16;
+			cs->pn_rows = rows;
+			cs->pn_d = d;
+			cs->pn_eps = eps;
+			if (y16)
+				twin_made(be, y, rows, d, y16);
+			return;
+		}
 		if (y16 && kk_row_norm_twin(cs->stream, 1, y, d, y16, cs->pend_y, d, cs->pend_x, w, rows, d, eps, 0, NULL,
 									NULL, NULL, NULL) == 0)
 			twin_made(be, y, rows, d, y16);
@@ -725,6 +795,7 @@ cu_destroy(kl_backend *be)
 	cudaFree(cs->meta_dev);
 	cudaFreeHost(cs->ids_host);
 	cudaFree(cs->ids_dev);
+	cudaFree(cs->head_ticket);
 	cudaFreeHost(cs->smp_host);
 	cudaFree(cs->smp_dev);
 	cudaEventDestroy(cs->meta_done);
@@ -1014,6 +1085,13 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * (1.52-1.59x with IN16), above test_cuda's bar of 1.5x
 		 * (H200, 2026-12-01; the 48B shapes: 1.02-1.09x); -0.1 ms of the
 		 * op's 5.5 at 32768 tokens.
+		 * KL_CUDA_MOE_HEAD=0: a decode step's MoE layer starts with three
+		 * kernels, the residual add + norm, the router product and the
+		 * routing; default: one (kk_moe_head, steps of up to 4 tokens, the
+		 * same numbers bit for bit; cuda_state.pend_norm);
+		 * KL_CUDA_MOE_HEAD_ROWS=N (1-4): only for steps of up to N tokens
+		 * (at E = 256 the head routes one token at a time where the rank
+		 * kernel routed up to four: the bound to measure at batch 2-4).
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
@@ -1063,7 +1141,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *kew = getenv("KL_CUDA_KDA_ELEM_WARP"),
 				   *kpw = getenv("KL_CUDA_KDA_KP6_WIDE"),
 				   *ki16 = getenv("KL_CUDA_KDA_IN16"),
-				   *ko16 = getenv("KL_CUDA_KDA_OUT16");
+				   *ko16 = getenv("KL_CUDA_KDA_OUT16"),
+				   *mh = getenv("KL_CUDA_MOE_HEAD"),
+				   *mhr = getenv("KL_CUDA_MOE_HEAD_ROWS");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -1098,6 +1178,13 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->kda_in16 = !cs->bf16 ? 0 : ki16 && *ki16 ? atoi(ki16) & (KL_R16_KDA_IN | KL_R16_KDA_GATE) : KL_R16_KDA_IN;
 		cs->kda_out16 = cs->bf16 && ko16 && strcmp(ko16, "1") == 0;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
+		/* (its ticket zeroed once; a launch leaves it zero) */
+		cs->moe_head = cs->fuse_moe && !(mh && strcmp(mh, "0") == 0) &&
+			cudaMalloc((void **) &cs->head_ticket, sizeof(int)) == cudaSuccess &&
+			cudaMemset(cs->head_ticket, 0, sizeof(int)) == cudaSuccess;
+		cudaGetLastError();
+		cs->moe_head_rows = !cs->moe_head ? 0 : mhr && atoi(mhr) >= 1 && atoi(mhr) <= KK_MOE_HEAD_ROWS ?
+			atoi(mhr) : KK_MOE_HEAD_ROWS;
 		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
 		cs->route_warp = rw && *rw ? atoi(rw) : INT_MAX;
 		cs->route_rank_max = rr && *rr ? (atoi(rr) > 0 ? atoi(rr) : 0) : 4;
@@ -1165,6 +1252,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 	return KL_OK;
 fail:
 	cuda_fp8_free(cs);
+	cudaFree(cs->head_ticket);
 	if (cs->blas)
 		cublasDestroy(cs->blas);
 	cudaFree(cs->blas_ws);

@@ -240,8 +240,34 @@ typedef struct cuda_state
 	const uint16_t *pm_ye16;	/* bf16 expert outputs instead of pm_ye (cuda_defer_combine16) */
 	const int  *pm_inv;
 
+	/*
+	 * An add + norm held back for the MoE op (KL_CUDA_MOE_HEAD): cu_rmsnorm's
+	 * mode 1 (h += a; y = rmsnorm(h) w, y16 its bf16 twin or NULL) at steps
+	 * of up to KK_MOE_HEAD_ROWS rows waits here; the MoE op of input y takes
+	 * it into its head kernel (kk_moe_head: norm, router and routing in one
+	 * launch), and any other op launches it first (cuda_flush_add).
+	 */
+	bool		pend_norm;
+	float	   *pn_y,
+			   *pn_h;
+	const float *pn_a,
+			   *pn_w;
+	uint16_t   *pn_y16;
+	int			pn_rows,
+				pn_d;
+	float		pn_eps;
+
 	/* decode-step switches (KL_CUDA_MOE_FUSE=0, KL_CUDA_PDL=0 turn them off) */
 	bool		fuse_moe;
+	/* KL_CUDA_MOE_HEAD (default on; =0 off, and off with KL_CUDA_MOE_FUSE=0):
+	 * decode steps of up to moe_head_rows tokens (KL_CUDA_MOE_HEAD_ROWS,
+	 * 1 .. KK_MOE_HEAD_ROWS, default KK_MOE_HEAD_ROWS) run the MoE layer's
+	 * add + norm, router product and routing as one kernel (kk_moe_head);
+	 * head_ticket: its device counter (0 between launches) */
+	bool		moe_head;
+	int			moe_head_rows;
+	int		   *head_ticket;
+	long		head_launches;	/* (for test_cuda: head kernels launched) */
 	/* KL_CUDA_EXPERT_MMA: decode steps of at least this many tokens run the
 	 * experts on the tensor cores in bf16 precision (0: never) */
 	int			expert_mma_min;
@@ -522,6 +548,26 @@ bool		cuda_step_skip(kl_backend *be, int op, uintptr_t a, uintptr_t b, uintptr_t
 void		cuda_prefetch_join(kl_backend *be);
 /* launch a held-back residual add (any op but the fusing rmsnorm calls it first) */
 void		cuda_flush_add(kl_backend *be);
+/*
+ * A held-back add + norm (cuda_state.pend_norm) for the MoE head.
+ * cuda_take_norm: where one is held for rows x d whose y is y (and nothing
+ * else is held), it moves to *hn and true (the caller then launches it:
+ * kk_moe_head, or cuda_launch_norm); else false.  cuda_launch_norm: launch
+ * it as cu_rmsnorm would have.
+ */
+typedef struct cuda_held_norm
+{
+	float	   *y,
+			   *h;
+	const float *a,
+			   *w;
+	uint16_t   *y16;
+	int			rows,
+				d;
+	float		eps;
+} cuda_held_norm;
+bool		cuda_take_norm(kl_backend *be, const float *y, int rows, int d, cuda_held_norm *hn);
+void		cuda_launch_norm(kl_backend *be, const cuda_held_norm *hn);
 /* y = the MoE combine (kk_moe_combine), held back: the residual add that reads
  * y and the rmsnorm after it become one kernel (kk_moe_combine_add_rmsnorm);
  * any other op launches it first */

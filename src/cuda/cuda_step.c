@@ -56,7 +56,8 @@ cuda_step_skip(kl_backend *be, int op, uintptr_t a, uintptr_t b, uintptr_t c, ui
 		cs->trace = mix(mix(mix(mix(mix(cs->trace, (uint64_t) op), a), b), c), d);
 	if (cs->mode == GM_REPLAY || be->failed)
 		return true;
-	if (op != OP_RMSNORM && op != OP_ADD)
+	/* (the MoE op of a held-back norm's y takes that norm into its head kernel: cuda_moe.c) */
+	if (op != OP_RMSNORM && op != OP_ADD && !(op == OP_MOE && cs->pend_norm && (const float *) b == cs->pn_y))
 		cuda_flush_add(be);
 	/* bf16 product results (cuda_state.r16) are the KDA op's to read; any
 	 * other op but a product (which checks its own rows) or a hint gets

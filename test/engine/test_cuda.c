@@ -4909,6 +4909,90 @@ check_kda_in16_model(const char *config, const char *name, int T, int piece)
 }
 
 /*
+ * The MoE head (KL_CUDA_MOE_HEAD, the default: a decode step's residual add
+ * + norm, router product and routing in one kernel, kk_moe_head) against
+ * the three kernels it stands for (=0), on the same model loaded twice:
+ * 1, 3 and 4 sequences decoding together (steps of 1, 3 and 4 tokens; 4:
+ * the kernel's 73 KB of shared memory at the 48B shapes), graphs on, the
+ * logits of every step bit for bit, and the head kernel ran where it
+ * should (with the switch on: the router in bf16, counted by the backend,
+ * kl_cuda_moe_head_launches; never with it off).
+ */
+static void
+moe_head_pair(kl_model *on, kl_model *off, const char *name, const char *prec, bool must_run)
+{
+	void	   *lib;
+	long		(*launches) (kl_backend *) = (long (*)(kl_backend *)) backend_symbol(on, "kl_cuda_moe_head_launches",
+																			   &lib);
+	int			V = kl_model_config(on)->vocab_size,
+				rounds = 4,
+				sizes[3] = {1, 3, 4};
+	int32_t		ids[40];
+
+	for (int i = 0; i < 40; i++)
+		ids[i] = (int32_t) ((i * 7919 + 13) % V);
+	for (int si = 0; si < 3; si++)
+	{
+		int			nseq = sizes[si];
+		size_t		nl = (size_t) rounds * nseq * V;
+		long		ran0 = launches ? launches(on->be) : -1,
+					ran;
+		float	   *lon = decode_together(on, ids, nseq, rounds),
+				   *loff = decode_together(off, ids, nseq, rounds);
+
+		ran = launches ? launches(on->be) - ran0 : -1;
+		tap_ok(memcmp(lon, loff, sizeof(float) * nl) == 0 && (!must_run || ran > 0) &&
+			   (!launches || launches(off->be) == 0),
+			   "%s %s: %d sequence%s decoding together (%d steps): MoE head kernel (%ld launches) = add + norm, "
+			   "router, routing kernels (KL_CUDA_MOE_HEAD=0) bit for bit (logits rel err %.2e)", name, prec, nseq,
+			   nseq == 1 ? "" : "s", rounds, ran, rel_err(lon, loff, nl));
+		free(lon);
+		free(loff);
+	}
+}
+
+/* moe_head_pair on a random model of config (made on the GPU, seed 7, bf16 weights); softmax: its router's
+ * sigmoid scores made softmax ones */
+static void
+check_moe_head_model(const char *config, const char *name, const char *prec, bool softmax)
+{
+	char	   *cfg = malloc(strlen(config) + 8),
+			   *act,
+				what[128];
+	kl_model   *on,
+			   *off;
+
+	strcpy(cfg, config);
+	if (softmax && (act = strstr(cfg, "\"sigmoid\"")))
+		memcpy(act, "\"softmax\"", strlen("\"softmax\""));
+	snprintf(what, sizeof(what), "%s%s", name, softmax ? ", softmax router" : "");
+	on = in16_model(cfg, prec, NULL, NULL, NULL, NULL);
+	off = in16_model(cfg, prec, "KL_CUDA_MOE_HEAD", "0", NULL, NULL);
+	moe_head_pair(on, off, what, prec, true);
+	kl_model_free(on);
+	kl_model_free(off);
+	free(cfg);
+}
+
+/* moe_head_pair on a golden model (its router as stored: the head runs only for a bf16 one) */
+static void
+check_moe_head_golden(const char *model, const char *prec)
+{
+	char		dir[1024];
+	kl_model   *on,
+			   *off;
+
+	snprintf(dir, sizeof(dir), "%s/golden/%s", tap_fixture_dir(), model);
+	on = load(dir, "cuda", prec);
+	setenv("KL_CUDA_MOE_HEAD", "0", 1);	/* read when the backend is made */
+	off = load(dir, "cuda", prec);
+	unsetenv("KL_CUDA_MOE_HEAD");
+	moe_head_pair(on, off, model, prec, false);
+	kl_model_free(on);
+	kl_model_free(off);
+}
+
+/*
  * The prefetch hint (cu_prefetch: o_proj and the router fetched into L2 during
  * the mixer's small kernels) must not change a single number: decode with
  * and without it, graphs on, and compare the logits bit for bit.
@@ -7310,6 +7394,12 @@ main(void)
 	RUN(check_kda_prep_fused_model(q48_config, "48B shapes (2 layers)", 700, 300));
 	RUN(check_kda_in16_model(big_config, "K=128/R=512 shapes", 333, 100));
 	RUN(check_kda_in16_model(q48_config, "48B shapes (2 layers)", 700, 300));
+	RUN(check_moe_head_model(q48_config, "48B shapes (2 layers)", "bf16", false));
+	RUN(check_moe_head_model(q48_config, "48B shapes (2 layers)", "fp32", false));
+	RUN(check_moe_head_model(q48_config, "48B shapes (2 layers)", "bf16", true));
+	RUN(check_moe_head_model(big_config, "K=128/R=512 shapes", "bf16", false));
+	RUN(check_moe_head_golden("tiny_a", "bf16"));
+	RUN(check_moe_head_golden("tiny_a", "fp32"));
 	RUN(check_q_dequant());
 	RUN(check_q_fill());
 	for (int mi = 0; mi < 2; mi++)
