@@ -159,12 +159,12 @@ cuda_kda_folds(kl_backend *be, const kl_step *st, const kl_kda_layer *w)
 	int			K = cfg->kda_head_dim,
 				HK = cfg->kda_heads * K,
 				n = st->n_tokens;
-	static const float aligned[4];
 
+	/* (low_rank's alignment is cuda_kda's to check: NULL passes) */
 	return cs->kda_fold && cs->kda_dec_early && n == st->n_seqs && n <= cs->kda_fused_max &&
 		cuda_gemv_rows_batch(cs, n, &w->f_b) && cuda_gemv_rows_batch(cs, n, &w->g_b) &&
 		w->f_b.rows == HK && w->f_b.cols == K && w->g_b.rows == HK && w->g_b.cols == K &&
-		kk_kda_decode_fold_ok(K, cfg->conv_kernel, aligned, aligned, w->f_b.dev, w->g_b.dev);
+		kk_kda_decode_fold_ok(K, cfg->conv_kernel, NULL, NULL, w->f_b.dev, w->g_b.dev);
 }
 
 /*
