@@ -52,6 +52,11 @@
  * must match the waiting form the same ways (check_kda_decode with both, and
  * check_kda_dec_early_model: the golden models and a K = 128 random model,
  * 1, 2 and 4 sequences, both precisions).
+ * Its form that makes f and gate from their low-rank halves
+ * (KL_CUDA_KDA_FOLD, the default: no f_b, g_b product kernel at decode)
+ * must match the products + the kernel bit for bit (check_kda_fold, through
+ * the hook kl_cuda_test_kda_fold; check_kda_fold_model: whole models, the
+ * fold counted where it must run).
  *
  * The KDA gated norm as a warp per (row, head) and prefill's prep as a
  * warp walking rows (KL_CUDA_KDA_ELEM_WARP masks 2 and 6) must give the
