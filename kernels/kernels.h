@@ -536,6 +536,22 @@ int			kk_kda_decode_twin(cudaStream_t s, int n_seqs, int H, int K, int W, const 
 							   const float *dt_bias, const float *o_norm, float eps, const int *row0,
 							   float *const *S_tab, float *const *conv_tab, int round16, float *out,
 							   uint16_t *out16, int early);
+/*
+ * KL_CUDA_KDA_FOLD: kk_kda_decode_twin's early form that also makes f and
+ * gate itself, f = f_b . lr and gate = g_b . glr (lr, glr [n rows, K]: the
+ * low-rank halves, which the kernel launched right before may have
+ * written; f_b, g_b [H K, K] bf16), bit for bit as kk_gemv_multi's
+ * block-rows kernel computes them at 1-8 rows, f and gate neither read nor
+ * written.  kk_kda_decode_fold_ok: the head size, conv width and 16-byte
+ * alignment it takes (else kk_kda_decode_fold returns -1, nothing launched).
+ */
+int			kk_kda_decode_fold_ok(int K, int W, const float *lr, const float *glr, const void *f_b, const void *g_b);
+int			kk_kda_decode_fold(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k,
+							   const float *v, const float *lr, const float *glr, const void *f_b, const void *g_b,
+							   const float *b, const float *conv_q, const float *conv_k, const float *conv_v,
+							   const float *A_log, const float *dt_bias, const float *o_norm, float eps,
+							   const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out,
+							   uint16_t *out16);
 
 /* mla.cu (pages: for each sequence, page_cap page pointers of this layer;
  * c16: the cache rows are bf16, else fp32) */

@@ -840,6 +840,7 @@ static const kl_backend_ops cuda_ops = {
 	.read_mla_rows = cu_read_mla_rows,
 	.write_mla_rows = cu_write_mla_rows,
 	.kda = cuda_kda,
+	.kda_folds = cuda_kda_folds,
 	.mla = cuda_mla,
 	.moe = cuda_moe,
 	.sample = cuda_sample,
@@ -1029,6 +1030,11 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * before it reads anything (default: it reads the state, the conv
 		 * tails and the step's metadata, which earlier steps wrote, while
 		 * the products finish; kernels/kda.cu, kda_decode_early_kernel).
+		 * KL_CUDA_KDA_FOLD=0: f_b and g_b (f and the gate from their
+		 * low-rank halves) run as a product kernel before it (default: that
+		 * early kernel makes them itself at decode, one launch fewer a KDA
+		 * layer, where the products would run gemv.cu's block-rows kernel:
+		 * bf16 weights, not on the tensor cores; kk_kda_decode_fold).
 		 * KL_CUDA_KDA_MMA=0: prefill's chunkwise KDA form in precision bf16
 		 * runs the fp32 kernels (default: tensor cores from sm_80); =1 its
 		 * sequential part as the 4-warp kernel (kda_chunk_mma_kernel), =2
@@ -1134,6 +1140,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *pfmb = getenv("KL_CUDA_PREFETCH_MB"),
 				   *kf = getenv("KL_CUDA_KDA_FUSED"),
 				   *kde = getenv("KL_CUDA_KDA_DEC_EARLY"),
+				   *kfo = getenv("KL_CUDA_KDA_FOLD"),
 				   *ep = getenv("KL_CUDA_EXPERT_PRELOAD"),
 				   *kmma = getenv("KL_CUDA_KDA_MMA"),
 				   *mf = getenv("KL_CUDA_MLA_FLASH"),
@@ -1148,7 +1155,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
 		kk_set_pdl(major >= 9 && !(pdl && strcmp(pdl, "0") == 0));
-		kk_set_gemv_rows(!(gw && strcmp(gw, "0") == 0));
+		cs->gemv_rows = !(gw && strcmp(gw, "0") == 0);
+		kk_set_gemv_rows(cs->gemv_rows);
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_mma_q_direct(qd && *qd ? atoi(qd) : 2);
@@ -1173,6 +1181,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :
 			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : 8;
 		cs->kda_dec_early = !(kde && strcmp(kde, "0") == 0);
+		cs->kda_fold = !(kfo && strcmp(kfo, "0") == 0);
 		cs->kda_mma = cs->bf16 && major >= 8 && !(kmma && strcmp(kmma, "0") == 0) &&
 			(cfg->kda_head_dim == 32 || cfg->kda_head_dim == 64 || cfg->kda_head_dim == 128);
 		cs->kda_in16 = !cs->bf16 ? 0 : ki16 && *ki16 ? atoi(ki16) & (KL_R16_KDA_IN | KL_R16_KDA_GATE) : KL_R16_KDA_IN;

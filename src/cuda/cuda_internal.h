@@ -274,6 +274,8 @@ typedef struct cuda_state
 	/* KL_CUDA_GEMV_MMA: bf16-precision decode products of at least this many
 	 * rows (and at most 8) run on the tensor cores (0: never) */
 	int			gemv_mma_min;
+	/* KL_CUDA_GEMV_ROWS (kk_set_gemv_rows): bf16 GEMVs in the block-rows design */
+	bool		gemv_rows;
 	/* KL_CUDA_Q_MMA: bf16-precision decode products of quantized weights of
 	 * at least this many rows run on the tensor cores (default 2; 0: never;
 	 * KL_CUDA_Q_DIRECT=0 keeps FP8 ones of up to 8 rows out of mma_q.cu's
@@ -321,6 +323,12 @@ typedef struct cuda_state
 	 * (kda_decode_early_kernel; KL_CUDA_KDA_DEC_EARLY=0: kda_decode_kernel,
 	 * the order of before; the same outputs bit for bit) */
 	bool		kda_dec_early;
+	/* KL_CUDA_KDA_FOLD: that early form also makes f and gate from their
+	 * low-rank halves (kk_kda_decode_fold; kda_folds tells forward.c to skip
+	 * the f_b, g_b products) where those would run as gemv.cu's block-rows
+	 * kernel; =0: the products as before.  The same outputs bit for bit */
+	bool		kda_fold;
+	long		kda_fold_launches;	/* (for test_cuda: kk_kda_decode_fold launches) */
 	/* precision bf16: the chunkwise KDA form (prefill) on tensor cores,
 	 * kk_kda_chunked_mma (KL_CUDA_KDA_MMA=0: the fp32 kernels, as in
 	 * precision fp32; default on from sm_80 for head sizes 32, 64, 128) */
@@ -586,6 +594,8 @@ enum cuda_op
 void		cuda_matmul(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
 void		cuda_matmul_batch(kl_backend *be, const kl_matmul_job *jobs, int count);
 void		cuda_matmul_batch_raw(kl_backend *be, const kl_matmul_job *jobs, int count);
+/* would a batch of products of n rows with W (all alike) run gemv.cu's block-rows kernel? */
+bool		cuda_gemv_rows_batch(const cuda_state *cs, int n, const kl_weight *W);
 /* the product itself, without the step bookkeeping (for the mixers) */
 void		cuda_matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
 /* the same in fp32 arithmetic whatever the precision mode (MoE routing) */
@@ -644,6 +654,7 @@ void		cuda_abort_capture(kl_backend *be);
 
 /* cuda_kda.c, cuda_mla.c, cuda_moe.c */
 void		cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a);
+bool		cuda_kda_folds(kl_backend *be, const kl_step *st, const kl_kda_layer *w);
 void		cuda_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a);
 int			cuda_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err);
 void		cuda_release_mla(kl_backend *be, kl_mla_layer *w);
