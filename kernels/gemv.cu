@@ -817,9 +817,17 @@ moe_tail_end(const kk_moe_tail &a, const float *ye, int d, int RB, int T)
 	}
 }
 
+/*
+ * Blocks an SM the tail kernel must keep: the registers of the down kernel
+ * it stands for (sm_90a: 70 / 56 / 76 at passes of 1 / 2 / 4 rows, so 9 /
+ * 12 / 8 blocks of 96 threads), so that the tail does not cost the product
+ * occupancy (without the bound: 76 at 1 row, 8 blocks)
+ */
+#define TAIL_MIN_BLOCKS(MAXNR) ((MAXNR) == 1 ? 9 : (MAXNR) == 2 ? 12 : 8)
+
 /* expert_rows_kernel's down product (one matrix) with the tail after it */
 template <int MAXNR, int RB, int BT, bool PRE>
-__global__ void __launch_bounds__(BT)
+__global__ void __launch_bounds__(BT, TAIL_MIN_BLOCKS(MAXNR))
 expert_tail_kernel(float *y0, int ldy, const float *__restrict__ x, int ldx, const void *const *W0, int rows, int cols,
 				   const int *__restrict__ start, const int *__restrict__ active, kk_moe_tail tail, int T)
 {
