@@ -529,6 +529,158 @@ row_bf16x4(float4 o)
 	return make_uint2(pack_bf16x2(o.x, o.y), pack_bf16x2(o.z, o.w));
 }
 
+/* a load through L2 (CG: data another block of the same launch wrote) or a plain one */
+template <bool CG, typename T>
+__device__ __forceinline__ T
+row_ld(const T *p)
+{
+	if constexpr (CG)
+		return __ldcg(p);
+	else
+		return *p;
+}
+
+/*
+ * Row t's float4 piece c of the MoE combine added to val, as
+ * row_norm_kernel's MODE 2 (ye fp32) / 3 (ye bf16) makes it: the k slots'
+ * weighted expert rows (ye rows of d at inv) in slot order through fmaf,
+ * then the shared expert's row ys (or none), then val + that.
+ */
+template <int MODE>
+__device__ __forceinline__ float4
+row_combine4(float4 val, size_t t, int c, int d, int k, const float *wts, const int *inv, const void *ye,
+			 const float *ys)
+{
+	float4		acc = make_float4(0, 0, 0, 0);
+
+#pragma unroll 8
+	for (int r = 0; r < k; r++)
+	{
+		float		wr = wts[t * k + r];
+		int			q = inv[t * k + r];
+		float4		e;
+
+		if (MODE == 2)
+			e = ((const float4 *) ((const float *) ye + (size_t) q * d))[c];
+		else
+		{
+			/* four bf16 in 8 bytes: element 0 in the low half */
+			uint2		h = ((const uint2 *) ((const uint16_t *) ye + (size_t) q * d))[c];
+
+			e.x = __uint_as_float(h.x << 16);
+			e.y = __uint_as_float(h.x & 0xffff0000u);
+			e.z = __uint_as_float(h.y << 16);
+			e.w = __uint_as_float(h.y & 0xffff0000u);
+		}
+		acc.x = fmaf(wr, e.x, acc.x);
+		acc.y = fmaf(wr, e.y, acc.y);
+		acc.z = fmaf(wr, e.z, acc.z);
+		acc.w = fmaf(wr, e.w, acc.w);
+	}
+	if (ys)
+	{
+		float4		s = ((const float4 *) (ys + t * d))[c];
+
+		acc.x += s.x;
+		acc.y += s.y;
+		acc.z += s.z;
+		acc.w += s.w;
+	}
+	val.x += acc.x;
+	val.y += acc.y;
+	val.z += acc.z;
+	val.w += acc.w;
+	return val;
+}
+
+/*
+ * Element col of row t of row_combine4<2>'s sum, the same bits (everything
+ * read through L2: ye and ys written in this launch): each
+ * of the float4's four elements is its own chain of the same operations
+ * (fmaf over the slots in order, + ys, val + that).
+ */
+__device__ __forceinline__ float
+row_combine1(float val, size_t t, int col, int d, int k, const float *wts, const int *inv, const float *ye,
+			 const float *ys)
+{
+	float		acc = 0;
+
+#pragma unroll 8
+	for (int r = 0; r < k; r++)
+		acc = fmaf(__ldcg(wts + t * k + r), __ldcg(ye + (size_t) __ldcg(inv + t * k + r) * d + col), acc);
+	if (ys)
+		acc += __ldcg(ys + t * d + col);
+	return val + acc;
+}
+
+/*
+ * The sum of squares of virtual thread vt of row_norm_kernel's block of T
+ * threads (kk_row_threads) over the row v of nc float4 pieces, in its order
+ * (pieces vt + j T); CG: v is in global memory, written in this launch.
+ */
+template <bool CG>
+__device__ __forceinline__ float
+row_vt_sq(const float4 *v, int nc, int T, int vt)
+{
+	float		ss = 0;
+
+#pragma unroll
+	for (int j = 0; j < ROW_V4; j++)
+	{
+		int			c = vt + j * T;
+
+		if (c < nc)
+			ss += row_sq4(row_ld<CG>(v + c));
+	}
+	return ss;
+}
+
+/* row_norm_inv's second stage: red[r * 32 + i] holds virtual warp i's sum of row r (i < nw) */
+__device__ __forceinline__ void
+row_norm_ivs(int n, int nw, int d, float eps, float *red, float *ivs)
+{
+	int			lane = threadIdx.x & 31;
+
+	__syncthreads();
+	for (int r = threadIdx.x >> 5; r < n; r += (int) (blockDim.x >> 5))
+	{
+		float		ss = warp_sum(lane < nw ? red[r * 32 + lane] : 0.0f);
+
+		if (lane == 0)
+			ivs[r] = row_inv_rms(ss, d, eps);
+	}
+	__syncthreads();
+}
+
+/*
+ * The inverse rms of n rows of v (rows of nc = d / 4 float4 pieces, row r
+ * at v + r nc) as row_norm_kernel's block of T threads takes them, in a
+ * block of any multiple of 32 threads: each virtual warp's 32 sums
+ * (row_vt_sq) through warp_sum, then the <= 32 warp sums through warp_sum
+ * (block_sum's order).  red: n * 32 floats of shared memory; ivs[r] for the
+ * whole block on return (it ends with a barrier).  Where v was written in
+ * this block, a barrier must come between.
+ */
+template <bool CG>
+__device__ __forceinline__ void
+row_norm_inv(const float4 *v, int n, int nc, int T, int d, float eps, float *red, float *ivs)
+{
+	int			nw = T >> 5,
+				lane = threadIdx.x & 31,
+				nwb = blockDim.x >> 5;
+
+#pragma unroll 4
+	for (int i = threadIdx.x >> 5; i < n * nw; i += nwb)
+	{
+		int			r = i / nw;
+		float		ss = warp_sum(row_vt_sq<CG>(v + (size_t) r * nc, nc, T, (i - r * nw) * 32 + lane));
+
+		if (lane == 0)
+			red[r * 32 + i - r * nw] = ss;
+	}
+	row_norm_ivs(n, nw, d, eps, red, ivs);
+}
+
 /* first_block of every job of a tensor-core GEMV batch whose blocks take T
  * 16-row tiles each; returns the grid's blocks (expert_mma.cu, mma_q.cu) */
 static inline int

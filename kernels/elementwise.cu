@@ -86,47 +86,7 @@ row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const floa
 				val.w += b.w;
 			}
 			if (MODE >= 2)
-			{
-				float4		acc = make_float4(0, 0, 0, 0);
-
-#pragma unroll 8
-				for (int r = 0; r < k; r++)
-				{
-					float		wr = wts[t * k + r];
-					float4		e;
-
-					if (MODE == 2)
-						e = ((const float4 *) ((const float *) ye + (size_t) inv[t * k + r] * d))[c];
-					else
-					{
-						/* four bf16 in 8 bytes: element 0 in the low half */
-						uint2		h = ((const uint2 *) ((const uint16_t *) ye + (size_t) inv[t * k + r] * d))[c];
-
-						e.x = __uint_as_float(h.x << 16);
-						e.y = __uint_as_float(h.x & 0xffff0000u);
-						e.z = __uint_as_float(h.y << 16);
-						e.w = __uint_as_float(h.y & 0xffff0000u);
-					}
-
-					acc.x = fmaf(wr, e.x, acc.x);
-					acc.y = fmaf(wr, e.y, acc.y);
-					acc.z = fmaf(wr, e.z, acc.z);
-					acc.w = fmaf(wr, e.w, acc.w);
-				}
-				if (ys)
-				{
-					float4		s = ((const float4 *) (ys + t * d))[c];
-
-					acc.x += s.x;
-					acc.y += s.y;
-					acc.z += s.z;
-					acc.w += s.w;
-				}
-				val.x += acc.x;
-				val.y += acc.y;
-				val.z += acc.z;
-				val.w += acc.w;
-			}
+				val = row_combine4<MODE>(val, t, c, d, k, wts, inv, ye, ys);
 			v[j] = val;
 			ss += row_sq4(val);
 		}

@@ -670,10 +670,10 @@ expert_rows_weights(const uint16_t *(&Wr)[RT], const void *const *W0, const void
  * two-launch distance (kk_expert_gemv's contract, kernels.h).
  */
 template <int MAXNR, int MODE, int RB, int BT, bool PRE>
-__global__ void __launch_bounds__(BT)
-expert_rows_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
-				   const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
-				   const int *__restrict__ active)
+__device__ __forceinline__ void
+expert_rows_body(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
+				 const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
+				 const int *__restrict__ active)
 {
 	constexpr int RT = MODE == EXPERT_SWIGLU ? 2 * RB : RB;
 	__shared__ float sums[RT * MAXNR];
@@ -718,6 +718,122 @@ expert_rows_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, i
 			expert_rows_upto<MAXNR, MODE, RT, BT>(count, m ? y1 : y0, ldy, x, ldx, xrow, Wr, raw, row0, rows,
 												  cols >> 3, first, sums);
 	}
+}
+
+template <int MAXNR, int MODE, int RB, int BT, bool PRE>
+__global__ void __launch_bounds__(BT)
+expert_rows_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
+				   const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
+				   const int *__restrict__ active)
+{
+	expert_rows_body<MAXNR, MODE, RB, BT, PRE>(y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
+}
+
+/*
+ * The MoE tail (kk_expert_gemv_tail) after the down product, in two
+ * tickets; the same numbers as row_norm_kernel<2> bit for bit:
+ *   column  every block (those without work too), once its outputs are out
+ *           (__threadfence first), takes a ticket of its column (blockIdx.x:
+ *           the same RB output columns of every work item); the column's
+ *           last block, all of ye's columns in L2, makes them, for the n
+ *           rows, h + the combine (row_combine1: element by element, the
+ *           row kernel's chain of each element) into h
+ *   row     then takes a ticket of the launch; the last column's block runs
+ *           row_norm_kernel's sums of squares in its order (row_norm_inv),
+ *           and y = row_scale4(w, h, iv) and its twin, TAIL_BATCH pieces a
+ *           thread at a time
+ * (T: row_norm_kernel's threads a row, kk_row_threads(d).)  What this
+ * launch wrote (ye, h) is read through L2: the SM's L1 may hold another
+ * layer's lines of the same buffers.  Each ticket is reset by the block
+ * that took its last value.
+ */
+#define TAIL_BATCH 4			/* pieces of h a thread loads at once in the last pass */
+
+/* this block's ticket of *t (of `of` blocks): true in the block that took the last one, which resets it */
+__device__ __forceinline__ bool
+tail_ticket(int *t, int of)
+{
+	__shared__ bool last;
+
+	__threadfence();
+	__syncthreads();
+	if (threadIdx.x == 0)
+		last = atomicAdd(t, 1) == of - 1;
+	__syncthreads();
+	if (!last)
+		return false;
+	__threadfence();
+	if (threadIdx.x == 0)
+		*t = 0;
+	return true;
+}
+
+__device__ __forceinline__ void
+moe_tail_end(const kk_moe_tail &a, const float *ye, int d, int RB, int T)
+{
+	__shared__ float red[KK_MOE_TAIL_ROWS * 32],
+				ivs[KK_MOE_TAIL_ROWS];
+	int			nc = d >> 2,
+				col0 = (int) blockIdx.x * RB;
+	float4	   *h4 = (float4 *) a.h;
+
+	if (!tail_ticket(a.ticket + 1 + blockIdx.x, (int) gridDim.y))
+		return;
+	for (int i = threadIdx.x; i < a.n * RB; i += blockDim.x)
+	{
+		int			t = i / RB,
+					col = col0 + i - t * RB;
+
+		if (col < d)
+			a.h[(size_t) t * d + col] = row_combine1(__ldcg(a.h + (size_t) t * d + col), t, col, d, a.k, a.wts,
+													 a.inv, ye, a.ys);
+	}
+	if (!tail_ticket(a.ticket, (int) gridDim.x))
+		return;
+	row_norm_inv<true>(h4, a.n, nc, T, d, a.eps, red, ivs);
+	for (int i0 = threadIdx.x; i0 < a.n * nc; i0 += TAIL_BATCH * blockDim.x)
+	{
+		float4		v[TAIL_BATCH];
+
+#pragma unroll
+		for (int u = 0; u < TAIL_BATCH; u++)
+			if (i0 + u * (int) blockDim.x < a.n * nc)
+				v[u] = __ldcg(h4 + i0 + u * blockDim.x);
+#pragma unroll
+		for (int u = 0; u < TAIL_BATCH; u++)
+		{
+			int			i = i0 + u * blockDim.x,
+						r = i / nc;
+
+			if (i < a.n * nc)
+			{
+				float4		o = row_scale4(((const float4 *) a.w)[i - r * nc], v[u], ivs[r]);
+
+				((float4 *) a.y)[i] = o;
+				if (a.y16)
+					((uint2 *) a.y16)[i] = row_bf16x4(o);
+			}
+		}
+	}
+}
+
+/*
+ * Blocks an SM the tail kernel must keep: the registers of the down kernel
+ * it stands for (sm_90a: 70 / 56 / 76 at passes of 1 / 2 / 4 rows, so 9 /
+ * 12 / 8 blocks of 96 threads), so that the tail does not cost the product
+ * occupancy (without the bound: 76 at 1 row, 8 blocks)
+ */
+#define TAIL_MIN_BLOCKS(MAXNR) ((MAXNR) == 1 ? 9 : (MAXNR) == 2 ? 12 : 8)
+
+/* expert_rows_kernel's down product (one matrix) with the tail after it */
+template <int MAXNR, int RB, int BT, bool PRE>
+__global__ void __launch_bounds__(BT, TAIL_MIN_BLOCKS(MAXNR))
+expert_tail_kernel(float *y0, int ldy, const float *__restrict__ x, int ldx, const void *const *W0, int rows, int cols,
+				   const int *__restrict__ start, const int *__restrict__ active, kk_moe_tail tail, int T)
+{
+	expert_rows_body<MAXNR, EXPERT_ONE, RB, BT, PRE>(y0, NULL, ldy, x, ldx, NULL, W0, NULL, rows, cols, start,
+													 active);
+	moe_tail_end(tail, y0, rows, RB, T);
 }
 
 template <int MAXNR, int MODE, int RB, int BT, bool PRE>
@@ -855,4 +971,63 @@ kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, in
 	else
 		DISPATCH(EXPERT_SWIGLU);
 #undef DISPATCH
+}
+
+template <int MAXNR, bool PRE>
+static void
+expert_tail_launch(cudaStream_t s, int max_active, float *y0, int ldy, const float *x, int ldx, const void *const *W0,
+				   int rows, int cols, const int *start, const int *active, const kk_moe_tail &tail)
+{
+	constexpr int RB = EXPERT_RB(MAXNR, EXPERT_ONE);
+
+	kk_launch(expert_tail_kernel<MAXNR, RB, ROWS_BT, PRE>, dim3(ceil_div(rows, RB), max_active), dim3(ROWS_BT), 0, s,
+			  y0, ldy, x, ldx, W0, rows, cols, start, active, tail, (int) kk_row_threads(rows));
+}
+
+template <int MAXNR>
+static void
+expert_tail_pre(cudaStream_t s, bool pre, int max_active, float *y0, int ldy, const float *x, int ldx,
+				const void *const *W0, int rows, int cols, const int *start, const int *active,
+				const kk_moe_tail &tail)
+{
+	/* (the early read only at one token an item, as kk_expert_gemv) */
+	if constexpr (MAXNR == 1)
+		if (pre)
+		{
+			expert_tail_launch<MAXNR, true>(s, max_active, y0, ldy, x, ldx, W0, rows, cols, start, active, tail);
+			return;
+		}
+	expert_tail_launch<MAXNR, false>(s, max_active, y0, ldy, x, ldx, W0, rows, cols, start, active, tail);
+}
+
+/*
+ * The shapes the two kernels it replaces take as expert_tail_kernel does:
+ * kk_expert_gemv's block-rows down product (bf16, vector loads, passes of up
+ * to 4 rows: the same kernel body and block shape, the early read where
+ * kk_expert_gemv would), kk_row_norm_twin's mode 2 (row_norm_kernel<2>) on
+ * contiguous rows of d = rows (y16 may be NULL: row_norm_kernel<2> without
+ * a twin, as kk_moe_combine_add_rmsnorm takes it).
+ */
+extern "C" int
+kk_expert_gemv_tail(cudaStream_t s, float *y0, int ldy, const float *x, int ldx, const void *const *W0, int rows,
+					int cols, const int *start, const int *active, int max_active, int max_count,
+					const kk_moe_tail *tail)
+{
+	int			nr = kk_expert_pass_rows(max_count);
+	bool		pre = kk_expert_preload != 0 && nr == 1;
+
+	if (max_active <= 0 || !kk_gemv_rows || cols % 8 != 0 || ldx % 4 != 0 || ((uintptr_t) x & 15) != 0 || nr > 4 ||
+		!tail || tail->n < 1 || tail->n > KK_MOE_TAIL_ROWS || tail->k < 0 || !tail->ticket ||
+		ceil_div(rows, 3) > KK_MOE_TAIL_COLS ||
+		ldy != rows || rows % 4 != 0 || rows > 4 * ROW_V4 * 1024 ||
+		(((uintptr_t) tail->h | (uintptr_t) tail->y | (uintptr_t) tail->w | (uintptr_t) y0 | (uintptr_t) tail->ys) &
+		 15) != 0 || ((uintptr_t) tail->y16 & 7) != 0)
+		return -1;
+	if (nr <= 1)
+		expert_tail_pre<1>(s, pre, max_active, y0, ldy, x, ldx, W0, rows, cols, start, active, *tail);
+	else if (nr <= 2)
+		expert_tail_pre<2>(s, pre, max_active, y0, ldy, x, ldx, W0, rows, cols, start, active, *tail);
+	else
+		expert_tail_pre<4>(s, pre, max_active, y0, ldy, x, ldx, W0, rows, cols, start, active, *tail);
+	return 0;
 }

@@ -146,6 +146,36 @@ void		kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b);
 void		kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
 						   const void *const *W0, const void *const *W1, int bf16, int rows, int cols,
 						   const int *start, const int *active, int max_active, int max_count);
+/*
+ * The MoE tail of a decode step (KL_CUDA_MOE_TAIL): kk_expert_gemv's down
+ * product (one matrix, bf16, x of ldx = cols, ye = y0 rows of ldy = rows)
+ * that then does, bit for bit as kk_row_norm_twin's mode 2 on contiguous
+ * rows of d = rows, the combine, the residual add and the norm:
+ * h += sum_r wts[r] ye[inv[r]] (+ ys); y = rmsnorm(h) w; y16 its bf16 twin
+ * where not NULL.  ticket: 1 + KK_MOE_TAIL_COLS device ints, all 0 before
+ * the launch (the launch leaves them 0).  0 when launched, -1 when the
+ * shape is not one those two kernels take in that form (nothing launched:
+ * the caller launches them).
+ */
+typedef struct kk_moe_tail
+{
+	float	   *h,
+			   *y;
+	uint16_t   *y16;
+	const float *w;
+	float		eps;
+	int			n,
+				k;
+	const float *wts;
+	const int  *inv;
+	const float *ys;
+	int		   *ticket;
+} kk_moe_tail;
+#define KK_MOE_TAIL_ROWS 4
+#define KK_MOE_TAIL_COLS 8192
+int			kk_expert_gemv_tail(cudaStream_t s, float *y0, int ldy, const float *x, int ldx, const void *const *W0,
+								int rows, int cols, const int *start, const int *active, int max_active, int max_count,
+								const kk_moe_tail *tail);
 
 /*
  * expert_mma.cu: the same expert products on the tensor cores (bf16 weights;

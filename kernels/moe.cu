@@ -1676,10 +1676,7 @@ head_norm(const head_args &a, float4 *v4, float4 *y4)
 {
 	__shared__ float red[NR][32],
 				ivs[NR];
-	int			nc = a.D >> 2,
-				nw = a.T >> 5,
-				lane = threadIdx.x & 31,
-				nwb = blockDim.x >> 5;
+	int			nc = a.D >> 2;
 
 	for (int i = threadIdx.x; i < NR * nc; i += blockDim.x)
 	{
@@ -1695,34 +1692,8 @@ head_norm(const head_args &a, float4 *v4, float4 *y4)
 		v4[i] = val;
 	}
 	__syncthreads();
-	/* warp i of the row kernel's block (row r): its threads' sums, their warp sum */
-	for (int i = threadIdx.x >> 5; i < NR * nw; i += nwb)
-	{
-		int			r = i / nw,
-					vt = (i - r * nw) * 32 + lane;
-		float		ss = 0;
-
-#pragma unroll
-		for (int j = 0; j < ROW_V4; j++)
-		{
-			int			c = vt + j * a.T;
-
-			if (c < nc)
-				ss += row_sq4(v4[r * nc + c]);
-		}
-		ss = warp_sum(ss);
-		if (lane == 0)
-			red[r][i - r * nw] = ss;
-	}
-	__syncthreads();
-	for (int r = threadIdx.x >> 5; r < NR; r += nwb)
-	{
-		float		ss = warp_sum(lane < nw ? red[r][lane] : 0.0f);
-
-		if (lane == 0)
-			ivs[r] = row_inv_rms(ss, a.D, a.eps);
-	}
-	__syncthreads();
+	/* the row kernel's sums of squares, virtual warp by virtual warp (common.cuh) */
+	row_norm_inv<false>(v4, NR, nc, a.T, a.D, a.eps, &red[0][0], ivs);
 	for (int i = threadIdx.x; i < NR * nc; i += blockDim.x)
 	{
 		int			r = i / nc;

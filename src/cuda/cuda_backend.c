@@ -537,6 +537,60 @@ cuda_launch_norm(kl_backend *be, const cuda_held_norm *hn)
 	launch_held_norm(be);
 }
 
+/* the held-back down product (cuda_state.pend_down) launched as the MoE op would have */
+static void
+launch_held_down(kl_backend *be)
+{
+	cuda_state *cs = CS(be);
+
+	cs->pend_down = false;
+	if (be->failed)
+		return;
+	kk_expert_gemv(cs->stream, cs->pd_y, NULL, cs->pd_rows, cs->pd_x, cs->pd_cols, NULL, cs->pd_W, NULL, 1,
+				   cs->pd_rows, cs->pd_cols, cs->pd_start, cs->pd_active, cs->pd_max_active, cs->pd_max_count);
+	cuda_launched(be, "expert down");
+}
+
+bool
+cuda_defer_down(kl_backend *be, int n, float *y, const float *x, const void *const *W, int rows, int cols,
+				const int *start, const int *active, int max_active, int max_count)
+{
+	cuda_state *cs = CS(be);
+
+	/* (only behind the combine of its outputs, which the tail's norm branch takes with it) */
+	if (!cs->moe_tail || n > cs->moe_tail_rows || be->failed || !cs->pend_moe || cs->pm_ye != y || cs->pm_ye16 ||
+		cs->pend || cs->pend_norm)
+		return false;
+	cs->pend_down = true;
+	cs->pd_y = y;
+	cs->pd_x = x;
+	cs->pd_W = W;
+	cs->pd_rows = rows;
+	cs->pd_cols = cols;
+	cs->pd_start = start;
+	cs->pd_active = active;
+	cs->pd_max_active = max_active;
+	cs->pd_max_count = max_count;
+	return true;
+}
+
+/* the held-back down product with the combine + add + norm y = rmsnorm(h += combine) w in its last block (the
+ * combine held as cu_rmsnorm's branch checked); false where kk_expert_gemv_tail refuses (nothing launched) */
+static bool
+launch_tail(kl_backend *be, float *y, uint16_t *y16, const float *w, float eps)
+{
+	cuda_state *cs = CS(be);
+	kk_moe_tail t = {cs->pend_y, y, y16, w, eps, cs->pm_n, cs->pm_k, cs->pm_wts, cs->pm_inv, cs->pm_ys,
+	cs->tail_ticket};
+
+	if (kk_expert_gemv_tail(cs->stream, cs->pd_y, cs->pd_rows, cs->pd_x, cs->pd_cols, cs->pd_W, cs->pd_rows,
+							cs->pd_cols, cs->pd_start, cs->pd_active, cs->pd_max_active, cs->pd_max_count, &t) != 0)
+		return false;
+	cs->pend_down = false;
+	cs->tail_launches++;
+	return true;
+}
+
 /*
  * The residual add h += x is held back: forward.c follows it with the
  * rmsnorm of h, and one kernel does both (a launch and a pass over h
@@ -549,6 +603,8 @@ cuda_flush_add(kl_backend *be)
 
 	if (cs->pend_norm)
 		launch_held_norm(be);
+	if (cs->pend_down)
+		launch_held_down(be);	/* (before the combine that reads its outputs) */
 	if (cs->pend_moe)
 	{
 		cs->pend_moe = false;
@@ -628,7 +684,18 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 	if (cs->pend && cs->pend_moe && cs->pend_x == cs->pm_y && cs->pend_y == x && ldx == d && ldy == d &&
 		rows == cs->pm_n && d == cs->pm_D && cs->pend_n == (size_t) rows * d && y != cs->pm_y)
 	{
-		/* MoE combine + residual add + norm in one kernel */
+		/* MoE combine + residual add + norm in one kernel; with a held down product, in its last block
+		 * (KL_CUDA_MOE_TAIL), else after it */
+		if (cs->pend_down && launch_tail(be, y, y16, w, eps))
+		{
+			cs->pend = cs->pend_moe = false;
+			if (y16)
+				twin_made(be, y, rows, d, y16);
+			cuda_launched(be, "expert down + moe_combine_add_rmsnorm");
+			return;
+		}
+		if (cs->pend_down)
+			launch_held_down(be);
 		cs->pend = cs->pend_moe = false;
 		if (y16 && kk_row_norm_twin(cs->stream, cs->pm_ye16 ? 3 : 2, y, d, y16, cs->pend_y, d, NULL, w, rows, d, eps,
 									cs->pm_k, cs->pm_wts, cs->pm_inv,
@@ -796,6 +863,7 @@ cu_destroy(kl_backend *be)
 	cudaFreeHost(cs->ids_host);
 	cudaFree(cs->ids_dev);
 	cudaFree(cs->head_ticket);
+	cudaFree(cs->tail_ticket);
 	cudaFreeHost(cs->smp_host);
 	cudaFree(cs->smp_dev);
 	cudaEventDestroy(cs->meta_done);
@@ -1098,6 +1166,14 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_MOE_HEAD_ROWS=N (1-4): only for steps of up to N tokens
 		 * (at E = 256 the head routes one token at a time where the rank
 		 * kernel routed up to four: the bound to measure at batch 2-4).
+		 * KL_CUDA_MOE_TAIL=0: a decode step's MoE layer ends with two
+		 * kernels, the expert down product and the combine + residual add
+		 * + norm (row_norm_kernel<2>); default: one (kk_expert_gemv_tail:
+		 * the down product's last blocks do the second's work, the same
+		 * numbers bit for bit; cuda_state.pend_down), at steps of up to
+		 * KL_CUDA_MOE_TAIL_ROWS tokens (1-4, default 1: the norm of the n
+		 * rows in one block of 96 threads where row_norm_kernel<2> has n
+		 * blocks of up to 1024; measure 2-4).
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
@@ -1150,7 +1226,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *ki16 = getenv("KL_CUDA_KDA_IN16"),
 				   *ko16 = getenv("KL_CUDA_KDA_OUT16"),
 				   *mh = getenv("KL_CUDA_MOE_HEAD"),
-				   *mhr = getenv("KL_CUDA_MOE_HEAD_ROWS");
+				   *mhr = getenv("KL_CUDA_MOE_HEAD_ROWS"),
+				   *mt = getenv("KL_CUDA_MOE_TAIL"),
+				   *mtr = getenv("KL_CUDA_MOE_TAIL_ROWS");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -1194,6 +1272,13 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cudaGetLastError();
 		cs->moe_head_rows = !cs->moe_head ? 0 : mhr && atoi(mhr) >= 1 && atoi(mhr) <= KK_MOE_HEAD_ROWS ?
 			atoi(mhr) : KK_MOE_HEAD_ROWS;
+		/* (its tickets likewise) */
+		cs->moe_tail = cs->fuse_moe && !(mt && strcmp(mt, "0") == 0) &&
+			cudaMalloc((void **) &cs->tail_ticket, sizeof(int) * (1 + KK_MOE_TAIL_COLS)) == cudaSuccess &&
+			cudaMemset(cs->tail_ticket, 0, sizeof(int) * (1 + KK_MOE_TAIL_COLS)) == cudaSuccess;
+		cudaGetLastError();
+		cs->moe_tail_rows = !cs->moe_tail ? 0 : mtr && atoi(mtr) >= 1 && atoi(mtr) <= KK_MOE_TAIL_ROWS ?
+			atoi(mtr) : 1;
 		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
 		cs->route_warp = rw && *rw ? atoi(rw) : INT_MAX;
 		cs->route_rank_max = rr && *rr ? (atoi(rr) > 0 ? atoi(rr) : 0) : 4;
@@ -1262,6 +1347,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 fail:
 	cuda_fp8_free(cs);
 	cudaFree(cs->head_ticket);
+	cudaFree(cs->tail_ticket);
 	if (cs->blas)
 		cublasDestroy(cs->blas);
 	cudaFree(cs->blas_ws);

@@ -268,6 +268,31 @@ typedef struct cuda_state
 	int			moe_head_rows;
 	int		   *head_ticket;
 	long		head_launches;	/* (for test_cuda: head kernels launched) */
+	/*
+	 * KL_CUDA_MOE_TAIL (default on; =0 off, and off with KL_CUDA_MOE_FUSE=0):
+	 * at decode steps of up to moe_tail_rows tokens (KL_CUDA_MOE_TAIL_ROWS,
+	 * 1 .. KK_MOE_TAIL_ROWS, default 1) the MoE op's bf16 expert down product
+	 * is held back (pend_down, its kk_expert_gemv arguments; it always comes
+	 * with a held combine, pend_moe), and the rmsnorm that takes the combine
+	 * + add + norm branch launches it with that work in its last block
+	 * (kk_expert_gemv_tail); any other op launches it first (cuda_flush_add,
+	 * before the combine).  tail_ticket: its device counters (1 +
+	 * KK_MOE_TAIL_COLS, 0 between launches).
+	 */
+	bool		moe_tail;
+	int			moe_tail_rows;
+	int		   *tail_ticket;
+	long		tail_launches;	/* (for test_cuda: tail kernels launched) */
+	bool		pend_down;
+	float	   *pd_y;
+	const float *pd_x;
+	const void *const *pd_W;
+	const int  *pd_start,
+			   *pd_active;
+	int			pd_rows,
+				pd_cols,
+				pd_max_active,
+				pd_max_count;
 	/* KL_CUDA_EXPERT_MMA: decode steps of at least this many tokens run the
 	 * experts on the tensor cores in bf16 precision (0: never) */
 	int			expert_mma_min;
@@ -584,6 +609,15 @@ void		cuda_defer_combine(kl_backend *be, float *y, int n, int D, int k, const fl
 /* cuda_defer_combine with bf16 expert outputs ye16 (kk_moe_combine16) */
 void		cuda_defer_combine16(kl_backend *be, float *y, int n, int D, int k, const float *wts, const int *inv,
 								 const uint16_t *ye16, const float *ys);
+/*
+ * The MoE op's down product y [n tokens' items, rows] = the kk_expert_gemv
+ * (one matrix, bf16) of those arguments, held back after cuda_defer_combine
+ * for the rmsnorm that takes the combine (KL_CUDA_MOE_TAIL: cuda_state.
+ * pend_down): false where the switch is off for n or the shape is not the
+ * tail's (the caller launches it).
+ */
+bool		cuda_defer_down(kl_backend *be, int n, float *y, const float *x, const void *const *W, int rows, int cols,
+							const int *start, const int *active, int max_active, int max_count);
 
 enum cuda_op
 {

@@ -416,6 +416,7 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		int			P = mma ? KK_EXPERT_MMA_ROWS : kk_expert_pass_rows(n);
 		int			max_active = expert_item_slots((int) nk, E, fuse ? n : 0, P);
 		int			rc = -1;
+		bool		tail;
 
 		/*
 		 * the head kernel (norm, router and rank routing) where the norm was
@@ -500,9 +501,24 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		{
 			if (!cuda_launched(be, "expert gate/up"))
 				return;
-			expert_gemv_in(cs, tab, true, ye, NULL, D, g, F, NULL, (const void *const *) (tab->dev + 2 * (E + 1)), NULL,
-						D, F, start, active, max_active, n);
-			if (!cuda_launched(be, "expert down"))
+			/* bf16 experts of a fused step: the combine held back first, then the down product too where the
+			 * tail takes it (KL_CUDA_MOE_TAIL: the rmsnorm that takes the combine launches both as one kernel) */
+			tail = fuse && tab->fmt_down == KK_WF_BF16;
+			if (tail)
+			{
+				cuda_defer_combine(be, y, n, D, k, wts, inv, ye, ye + nk * D);
+				if (be->failed)
+					return;
+			}
+			if (!tail || !cuda_defer_down(be, n, ye, g, (const void *const *) (tab->dev + 2 * (E + 1)), D, F, start,
+										  active, max_active, n))
+			{
+				expert_gemv_in(cs, tab, true, ye, NULL, D, g, F, NULL, (const void *const *) (tab->dev + 2 * (E + 1)),
+							   NULL, D, F, start, active, max_active, n);
+				if (!cuda_launched(be, "expert down"))
+					return;
+			}
+			if (tail)
 				return;
 		}
 		if (fuse)
@@ -718,6 +734,13 @@ __attribute__((visibility("default"))) long
 kl_cuda_moe_head_launches(kl_backend *be)
 {
 	return CS(be)->head_launches;
+}
+
+/* the same for the MoE tail kernels (KL_CUDA_MOE_TAIL: kk_expert_gemv_tail) */
+__attribute__((visibility("default"))) long
+kl_cuda_moe_tail_launches(kl_backend *be)
+{
+	return CS(be)->tail_launches;
 }
 
 /* ------------------------------------------------------------------ test hook */

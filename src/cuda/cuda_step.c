@@ -185,6 +185,7 @@ cuda_begin_step(kl_backend *be, const kl_step *st, kl_err *err)
 	cs->pf_pending = false;
 	cs->pf_wait_for = NULL;
 	cs->pend_moe = false;
+	cs->pend_down = false;		/* (its down product with it) */
 	cuda_acts_invalid(cs);		/* (and a bf16 twin) */
 	cs->tw_scope = false;
 	cuda_r16_forget(cs);		/* (and bf16 product results: end_step widened any left) */

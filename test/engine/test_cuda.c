@@ -5056,19 +5056,19 @@ check_kda_in16_model(const char *config, const char *name, int T, int piece)
  * kl_cuda_moe_head_launches; never with it off).
  */
 static void
-moe_head_pair(kl_model *on, kl_model *off, const char *name, const char *prec, bool must_run)
+moe_pair(kl_model *on, kl_model *off, const char *name, const char *prec, bool must_run, const char *counter,
+		 const char *what, int nsizes)
 {
 	void	   *lib;
-	long		(*launches) (kl_backend *) = (long (*)(kl_backend *)) backend_symbol(on, "kl_cuda_moe_head_launches",
-																			   &lib);
+	long		(*launches) (kl_backend *) = (long (*)(kl_backend *)) backend_symbol(on, counter, &lib);
 	int			V = kl_model_config(on)->vocab_size,
 				rounds = 4,
-				sizes[3] = {1, 3, 4};
+				sizes[4] = {1, 3, 4, 2};
 	int32_t		ids[40];
 
 	for (int i = 0; i < 40; i++)
 		ids[i] = (int32_t) ((i * 7919 + 13) % V);
-	for (int si = 0; si < 3; si++)
+	for (int si = 0; si < nsizes; si++)
 	{
 		int			nseq = sizes[si];
 		size_t		nl = (size_t) rounds * nseq * V;
@@ -5080,12 +5080,19 @@ moe_head_pair(kl_model *on, kl_model *off, const char *name, const char *prec, b
 		ran = launches ? launches(on->be) - ran0 : -1;
 		tap_ok(memcmp(lon, loff, sizeof(float) * nl) == 0 && (!must_run || ran > 0) &&
 			   (!launches || launches(off->be) == 0),
-			   "%s %s: %d sequence%s decoding together (%d steps): MoE head kernel (%ld launches) = add + norm, "
-			   "router, routing kernels (KL_CUDA_MOE_HEAD=0) bit for bit (logits rel err %.2e)", name, prec, nseq,
-			   nseq == 1 ? "" : "s", rounds, ran, rel_err(lon, loff, nl));
+			   "%s %s: %d sequence%s decoding together (%d steps): %s bit for bit (logits rel err %.2e)", name,
+			   prec, nseq, nseq == 1 ? "" : "s", rounds, what, rel_err(lon, loff, nl));
+		tap_diag("(%ld launches)", ran);
 		free(lon);
 		free(loff);
 	}
+}
+
+static void
+moe_head_pair(kl_model *on, kl_model *off, const char *name, const char *prec, bool must_run)
+{
+	moe_pair(on, off, name, prec, must_run, "kl_cuda_moe_head_launches",
+			 "MoE head kernel = add + norm, router, routing kernels (KL_CUDA_MOE_HEAD=0)", 3);
 }
 
 /* moe_head_pair on a random model of config (made on the GPU, seed 7, bf16 weights); softmax: its router's
@@ -5125,6 +5132,61 @@ check_moe_head_golden(const char *model, const char *prec)
 	off = load(dir, "cuda", prec);
 	unsetenv("KL_CUDA_MOE_HEAD");
 	moe_head_pair(on, off, model, prec, false);
+	kl_model_free(on);
+	kl_model_free(off);
+}
+
+/*
+ * The MoE tail (KL_CUDA_MOE_TAIL, default on: a decode step's expert down
+ * product with the combine + residual add + norm in its last block,
+ * kk_expert_gemv_tail) against the two kernels it stands for (=0), on the
+ * same model loaded twice, as moe_head_pair: 1, 3, 4 and 2 sequences
+ * decoding together (KL_CUDA_MOE_TAIL_ROWS=4: every kernel form, the early
+ * read at 1), graphs on, the logits of every step bit for bit, and the tail
+ * ran (must_run: bf16 experts; counted by the backend,
+ * kl_cuda_moe_tail_launches; never with it off).
+ */
+static void
+moe_tail_pair(kl_model *on, kl_model *off, const char *name, const char *prec, bool must_run)
+{
+	moe_pair(on, off, name, prec, must_run, "kl_cuda_moe_tail_launches",
+			 "MoE tail kernel = down product, combine + add + norm kernels (KL_CUDA_MOE_TAIL=0)", 4);
+}
+
+/* moe_tail_pair on a random model of config (made on the GPU, seed 7, bf16 weights); n2/v2: one more switch for
+ * both models (NULL: none) */
+static void
+check_moe_tail_model(const char *config, const char *name, const char *prec, const char *n2, const char *v2)
+{
+	char		what[160];
+	kl_model   *on = in16_model(config, prec, "KL_CUDA_MOE_TAIL_ROWS", "4", n2, v2),
+			   *off = in16_model(config, prec, "KL_CUDA_MOE_TAIL", "0", n2, v2);
+
+	if (n2)
+		snprintf(what, sizeof(what), "%s, %s=%s", name, n2, v2);
+	else
+		snprintf(what, sizeof(what), "%s", name);
+	moe_tail_pair(on, off, what, prec, true);
+	kl_model_free(on);
+	kl_model_free(off);
+}
+
+/* moe_tail_pair on a golden model (its experts as stored: the tail runs only for bf16 ones) */
+static void
+check_moe_tail_golden(const char *model, const char *prec)
+{
+	char		dir[1024];
+	kl_model   *on,
+			   *off;
+
+	snprintf(dir, sizeof(dir), "%s/golden/%s", tap_fixture_dir(), model);
+	setenv("KL_CUDA_MOE_TAIL_ROWS", "4", 1);	/* read when the backend is made */
+	on = load(dir, "cuda", prec);
+	unsetenv("KL_CUDA_MOE_TAIL_ROWS");
+	setenv("KL_CUDA_MOE_TAIL", "0", 1);
+	off = load(dir, "cuda", prec);
+	unsetenv("KL_CUDA_MOE_TAIL");
+	moe_tail_pair(on, off, model, prec, false);
 	kl_model_free(on);
 	kl_model_free(off);
 }
@@ -7543,6 +7605,14 @@ main(void)
 	RUN(check_moe_head_model(big_config, "K=128/R=512 shapes", "bf16", false));
 	RUN(check_moe_head_golden("tiny_a", "bf16"));
 	RUN(check_moe_head_golden("tiny_a", "fp32"));
+	RUN(check_moe_tail_model(q48_config, "48B shapes (2 layers)", "bf16", NULL, NULL));
+	RUN(check_moe_tail_model(q48_config, "48B shapes (2 layers)", "fp32", NULL, NULL));
+	RUN(check_moe_tail_model(q48_config, "48B shapes (2 layers)", "bf16", "KL_CUDA_EXPERT_PRELOAD", "0"));
+	RUN(check_moe_tail_model(q48_config, "48B shapes (2 layers)", "bf16", "KL_CUDA_MOE_HEAD", "0"));
+	RUN(check_moe_tail_model(big_config, "K=128/R=512 shapes", "bf16", NULL, NULL));
+	RUN(check_moe_tail_golden("tiny_a", "bf16"));
+	RUN(check_moe_tail_golden("tiny_a", "fp32"));
+	RUN(check_moe_tail_golden("tiny_c", "bf16"));
 	RUN(check_q_dequant());
 	RUN(check_q_fill());
 	for (int mi = 0; mi < 2; mi++)
