@@ -339,112 +339,19 @@ ceil_div(size_t a, size_t b)
 	return (unsigned) ((a + b - 1) / b);
 }
 
-#define ROWS_BT 96				/* threads of a block-rows block (288 pieces = 2304 columns: 3 each) */
-#define ROWS_RB 3				/* its weight rows */
-#define ROWS_BT_WIDE 128		/* for rows of 512 pieces or a multiple of 128 above (4096 columns) */
-#define ROWS_RB_WIDE 2
-
-/* the wide shape (512 pieces a row, or a multiple of 128 above): two rows of 128 threads */
-static inline bool
-rows_wide(int cols)
-{
-	int			nch = cols >> 3;
-
-	return nch >= 512 && nch % 128 == 0;
-}
-
-/* acc + w[0..8) . (a, b) (fused multiply-adds in index order): every GEMV's inner step */
-__device__ __forceinline__ float
-fma8_acc(const float *w, float4 a, float4 b, float acc)
-{
-	acc = fmaf(w[0], a.x, acc);
-	acc = fmaf(w[1], a.y, acc);
-	acc = fmaf(w[2], a.z, acc);
-	acc = fmaf(w[3], a.w, acc);
-	acc = fmaf(w[4], b.x, acc);
-	acc = fmaf(w[5], b.y, acc);
-	acc = fmaf(w[6], b.z, acc);
-	acc = fmaf(w[7], b.w, acc);
-	return acc;
-}
-
 /*
- * The block-rows GEMV's inner loop (gemv.cu's bf16 products, and the router
- * rows of moe.cu's MoE head, which must give the same logits bit for bit):
- * a group of BT threads (tid: the thread's place in it; the whole block in
- * gemv.cu) takes RB weight rows.
- *
- * rows_first: the first pieces of the RB rows (Wr[w] NULL: past the matrix,
- * zeros), loaded before kk_dep_wait, since the weights do not depend on
- * earlier kernels, so the first memory latency overlaps the previous
- * kernel's tail.
- */
-template <int RB, int BT>
-__device__ __forceinline__ void
-rows_first(uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], int nch, int tid)
-{
-#pragma unroll
-	for (int w = 0; w < RB; w++)
-		raw[w] = Wr[w] && tid < nch ? __ldg((const uint4 *) Wr[w] + tid) : make_uint4(0, 0, 0, 0);
-}
-
-/*
- * acc[w][r] += W_w . x_r over this thread's pieces tid, tid + BT, ... of the
- * nch 16-byte pieces (8 columns each) of the rows; raw holds the first
- * pieces (rows_first).  Each input piece is read once for all RB rows;
- * XS: the input rows are in shared memory (plain loads; else through the
- * read-only cache).  The same operations in the same order either way.
- */
-template <int NR, int RB, int BT, bool XS>
-__device__ __forceinline__ void
-rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], const float *const (&xr)[NR],
-		 int nch, int tid)
-{
-	for (int ch = tid; ch < nch; ch += BT)
-	{
-		uint4		cur[RB];
-
-#pragma unroll
-		for (int w = 0; w < RB; w++)
-		{
-			cur[w] = raw[w];
-			/* the next pieces are in flight while these are used */
-			raw[w] = Wr[w] && ch + BT < nch ? __ldg((const uint4 *) Wr[w] + ch + BT) : make_uint4(0, 0, 0, 0);
-		}
-#pragma unroll
-		for (int r = 0; r < NR; r++)
-		{
-			const float4 *xp = (const float4 *) xr[r] + 2 * ch;
-			float4		a = XS ? xp[0] : __ldg(xp),
-						b = XS ? xp[1] : __ldg(xp + 1);
-
-#pragma unroll
-			for (int w = 0; w < RB; w++)
-			{
-				float		f[8];
-
-				unpack8_bf16(cur[w], f);
-				acc[w][r] = fma8_acc(f, a, b, acc[w][r]);
-			}
-		}
-	}
-}
-
-/*
- * sums[w * NR + r] = the group's total of acc[w][r] (shared memory; every
+ * sums[w * NR + r] = the block's total of acc[w][r] (shared memory; every
  * thread sees it on return).  Warp sums, then the warps' partials added in
  * warp order: the same result on every run.  (The block-rows GEMVs of
- * gemv.cu and gemv_q.cu, whose group is the block: rows_block_sum; the MoE
- * head's groups of BT threads, each with its own part, tid its place in the
- * group: rows_group_sum.  Every thread of the block calls it: it has block
- * barriers.)
+ * gemv.cu and gemv_q.cu.)
  */
 template <int NR, int RB, int BT>
 __device__ __forceinline__ void
-rows_group_sum(float (&acc)[RB][NR], float *sums, float (*part)[BT / 32], int tid)
+rows_block_sum(float (&acc)[RB][NR], float *sums)
 {
-	int			lane = tid & 31,
-				warp = tid >> 5;
+	__shared__ float part[RB * NR][BT / 32];
+	int			lane = threadIdx.x & 31,
+				warp = threadIdx.x >> 5;
 
 #pragma unroll
 	for (int w = 0; w < RB; w++)
@@ -457,7 +364,7 @@ rows_group_sum(float (&acc)[RB][NR], float *sums, float (*part)[BT / 32], int ti
 				part[w * NR + r][warp] = v;
 		}
 	__syncthreads();
-	for (int i = tid; i < RB * NR; i += BT)
+	for (int i = threadIdx.x; i < RB * NR; i += BT)
 	{
 		float		v = 0;
 
@@ -467,218 +374,6 @@ rows_group_sum(float (&acc)[RB][NR], float *sums, float (*part)[BT / 32], int ti
 		sums[i] = v;
 	}
 	__syncthreads();
-}
-
-template <int NR, int RB, int BT>
-__device__ __forceinline__ void
-rows_block_sum(float (&acc)[RB][NR], float *sums)
-{
-	__shared__ float part[RB * NR][BT / 32];
-
-	rows_group_sum<NR, RB, BT>(acc, sums, part, threadIdx.x);
-}
-
-/*
- * The decode row norm's arithmetic (elementwise.cu's row_norm_kernel, and
- * the MoE head of moe.cu, which must give the same y bit for bit): a block
- * of kk_row_threads(d) threads per row, thread t holding the float4 pieces
- * t + j * threads (j < ROW_V4) and summing their squares (row_sq4) in that
- * order; block_sum of the threads' sums; the inverse rms (row_inv_rms); each
- * element w * (v * iv) (row_scale4).
- */
-#define ROW_V4 4
-
-static inline unsigned
-kk_row_threads(int d)
-{
-	int			per = (d / 4 + ROW_V4 - 1) / ROW_V4;	/* threads if each takes ROW_V4 */
-	int			th = d / 4 <= 1024 ? d / 4 : per;
-
-	th = (th + 31) / 32 * 32;
-	return th < 32 ? 32 : th > 1024 ? 1024 : th;
-}
-
-__device__ __forceinline__ float
-row_sq4(float4 v)
-{
-	return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-}
-
-__device__ __forceinline__ float
-row_inv_rms(float ss, int d, float eps)
-{
-	return 1.0f / sqrtf(ss / (float) d + eps);
-}
-
-__device__ __forceinline__ float4
-row_scale4(float4 wv, float4 v, float iv)
-{
-	float4		o;
-
-	o.x = wv.x * (v.x * iv);
-	o.y = wv.y * (v.y * iv);
-	o.z = wv.z * (v.z * iv);
-	o.w = wv.w * (v.w * iv);
-	return o;
-}
-
-/* four bf16 roundings (f32_to_bf16) of o in 8 bytes, element 0 in the low half */
-__device__ __forceinline__ uint2
-row_bf16x4(float4 o)
-{
-	return make_uint2(pack_bf16x2(o.x, o.y), pack_bf16x2(o.z, o.w));
-}
-
-/* a load through L2 (CG: data another block of the same launch wrote) or a plain one */
-template <bool CG, typename T>
-__device__ __forceinline__ T
-row_ld(const T *p)
-{
-	if constexpr (CG)
-		return __ldcg(p);
-	else
-		return *p;
-}
-
-/*
- * Row t's float4 piece c of the MoE combine added to val, as
- * row_norm_kernel's MODE 2 (ye fp32) / 3 (ye bf16) makes it: the k slots'
- * weighted expert rows (ye rows of d at inv) in slot order through fmaf,
- * then the shared expert's row ys (or none), then val + that.
- */
-template <int MODE>
-__device__ __forceinline__ float4
-row_combine4(float4 val, size_t t, int c, int d, int k, const float *wts, const int *inv, const void *ye,
-			 const float *ys)
-{
-	float4		acc = make_float4(0, 0, 0, 0);
-
-#pragma unroll 8
-	for (int r = 0; r < k; r++)
-	{
-		float		wr = wts[t * k + r];
-		int			q = inv[t * k + r];
-		float4		e;
-
-		if (MODE == 2)
-			e = ((const float4 *) ((const float *) ye + (size_t) q * d))[c];
-		else
-		{
-			/* four bf16 in 8 bytes: element 0 in the low half */
-			uint2		h = ((const uint2 *) ((const uint16_t *) ye + (size_t) q * d))[c];
-
-			e.x = __uint_as_float(h.x << 16);
-			e.y = __uint_as_float(h.x & 0xffff0000u);
-			e.z = __uint_as_float(h.y << 16);
-			e.w = __uint_as_float(h.y & 0xffff0000u);
-		}
-		acc.x = fmaf(wr, e.x, acc.x);
-		acc.y = fmaf(wr, e.y, acc.y);
-		acc.z = fmaf(wr, e.z, acc.z);
-		acc.w = fmaf(wr, e.w, acc.w);
-	}
-	if (ys)
-	{
-		float4		s = ((const float4 *) (ys + t * d))[c];
-
-		acc.x += s.x;
-		acc.y += s.y;
-		acc.z += s.z;
-		acc.w += s.w;
-	}
-	val.x += acc.x;
-	val.y += acc.y;
-	val.z += acc.z;
-	val.w += acc.w;
-	return val;
-}
-
-/*
- * Element col of row t of row_combine4<2>'s sum, the same bits (everything
- * read through L2: ye and ys written in this launch): each
- * of the float4's four elements is its own chain of the same operations
- * (fmaf over the slots in order, + ys, val + that).
- */
-__device__ __forceinline__ float
-row_combine1(float val, size_t t, int col, int d, int k, const float *wts, const int *inv, const float *ye,
-			 const float *ys)
-{
-	float		acc = 0;
-
-#pragma unroll 8
-	for (int r = 0; r < k; r++)
-		acc = fmaf(__ldcg(wts + t * k + r), __ldcg(ye + (size_t) __ldcg(inv + t * k + r) * d + col), acc);
-	if (ys)
-		acc += __ldcg(ys + t * d + col);
-	return val + acc;
-}
-
-/*
- * The sum of squares of virtual thread vt of row_norm_kernel's block of T
- * threads (kk_row_threads) over the row v of nc float4 pieces, in its order
- * (pieces vt + j T); CG: v is in global memory, written in this launch.
- */
-template <bool CG>
-__device__ __forceinline__ float
-row_vt_sq(const float4 *v, int nc, int T, int vt)
-{
-	float		ss = 0;
-
-#pragma unroll
-	for (int j = 0; j < ROW_V4; j++)
-	{
-		int			c = vt + j * T;
-
-		if (c < nc)
-			ss += row_sq4(row_ld<CG>(v + c));
-	}
-	return ss;
-}
-
-/* row_norm_inv's second stage: red[r * 32 + i] holds virtual warp i's sum of row r (i < nw) */
-__device__ __forceinline__ void
-row_norm_ivs(int n, int nw, int d, float eps, float *red, float *ivs)
-{
-	int			lane = threadIdx.x & 31;
-
-	__syncthreads();
-	for (int r = threadIdx.x >> 5; r < n; r += (int) (blockDim.x >> 5))
-	{
-		float		ss = warp_sum(lane < nw ? red[r * 32 + lane] : 0.0f);
-
-		if (lane == 0)
-			ivs[r] = row_inv_rms(ss, d, eps);
-	}
-	__syncthreads();
-}
-
-/*
- * The inverse rms of n rows of v (rows of nc = d / 4 float4 pieces, row r
- * at v + r nc) as row_norm_kernel's block of T threads takes them, in a
- * block of any multiple of 32 threads: each virtual warp's 32 sums
- * (row_vt_sq) through warp_sum, then the <= 32 warp sums through warp_sum
- * (block_sum's order).  red: n * 32 floats of shared memory; ivs[r] for the
- * whole block on return (it ends with a barrier).  Where v was written in
- * this block, a barrier must come between.
- */
-template <bool CG>
-__device__ __forceinline__ void
-row_norm_inv(const float4 *v, int n, int nc, int T, int d, float eps, float *red, float *ivs)
-{
-	int			nw = T >> 5,
-				lane = threadIdx.x & 31,
-				nwb = blockDim.x >> 5;
-
-#pragma unroll 4
-	for (int i = threadIdx.x >> 5; i < n * nw; i += nwb)
-	{
-		int			r = i / nw;
-		float		ss = warp_sum(row_vt_sq<CG>(v + (size_t) r * nc, nc, T, (i - r * nw) * 32 + lane));
-
-		if (lane == 0)
-			red[r * 32 + i - r * nw] = ss;
-	}
-	row_norm_ivs(n, nw, d, eps, red, ivs);
 }
 
 /* first_block of every job of a tensor-core GEMV batch whose blocks take T

@@ -47,9 +47,9 @@ kk_embed(cudaStream_t s, float *x, const void *E, int bf16, int D, const int32_t
  *   MODE 1  x += a; y = rmsnorm(x)          (contiguous rows of d)
  *   MODE 2  x += sum_r wts[r] ye[inv[r]] (+ ys); y = rmsnorm(x)   (the MoE combine)
  *   MODE 3  the same with bf16 expert outputs ye (KL_CUDA_MOE_PREFILL=3)
- * Needs d % 4 == 0, d <= 4 * ROW_V4 * 1024, 16-byte aligned rows.  (The
- * arithmetic's pieces are common.cuh's, shared with moe.cu's MoE head.)
+ * Needs d % 4 == 0, d <= 4 * ROW_V4 * 1024, 16-byte aligned rows.
  */
+#define ROW_V4 4
 
 template <int MODE>
 __global__ void __launch_bounds__(1024)
@@ -86,13 +86,53 @@ row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const floa
 				val.w += b.w;
 			}
 			if (MODE >= 2)
-				val = row_combine4<MODE>(val, t, c, d, k, wts, inv, ye, ys);
+			{
+				float4		acc = make_float4(0, 0, 0, 0);
+
+#pragma unroll 8
+				for (int r = 0; r < k; r++)
+				{
+					float		wr = wts[t * k + r];
+					float4		e;
+
+					if (MODE == 2)
+						e = ((const float4 *) ((const float *) ye + (size_t) inv[t * k + r] * d))[c];
+					else
+					{
+						/* four bf16 in 8 bytes: element 0 in the low half */
+						uint2		h = ((const uint2 *) ((const uint16_t *) ye + (size_t) inv[t * k + r] * d))[c];
+
+						e.x = __uint_as_float(h.x << 16);
+						e.y = __uint_as_float(h.x & 0xffff0000u);
+						e.z = __uint_as_float(h.y << 16);
+						e.w = __uint_as_float(h.y & 0xffff0000u);
+					}
+
+					acc.x = fmaf(wr, e.x, acc.x);
+					acc.y = fmaf(wr, e.y, acc.y);
+					acc.z = fmaf(wr, e.z, acc.z);
+					acc.w = fmaf(wr, e.w, acc.w);
+				}
+				if (ys)
+				{
+					float4		s = ((const float4 *) (ys + t * d))[c];
+
+					acc.x += s.x;
+					acc.y += s.y;
+					acc.z += s.z;
+					acc.w += s.w;
+				}
+				val.x += acc.x;
+				val.y += acc.y;
+				val.z += acc.z;
+				val.w += acc.w;
+			}
 			v[j] = val;
-			ss += row_sq4(val);
+			ss += val.x * val.x + val.y * val.y + val.z * val.z + val.w * val.w;
 		}
 	}
 	ss = block_sum(ss, red);
-	iv = row_inv_rms(ss, d, eps);
+	iv = 1.0f / sqrtf(ss / (float) d + eps);
 #pragma unroll
 	for (int j = 0; j < ROW_V4; j++)
 	{
@@ -100,14 +140,21 @@ row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const floa
 
 		if (c < nc)
 		{
-			float4		o = row_scale4(((const float4 *) w)[c], v[j], iv);
+			float4		wv = ((const float4 *) w)[c],
+						o;
 
 			if (MODE >= 1)
 				xr[c] = v[j];
+			o.x = wv.x * (v[j].x * iv);
+			o.y = wv.y * (v[j].y * iv);
+			o.z = wv.z * (v[j].z * iv);
+			o.w = wv.w * (v[j].w * iv);
 			((float4 *) (y + t * ldy))[c] = o;
 			if (y16)
 				/* the bf16 twin: the same rounding as f32_to_bf16_kernel of y */
-				((uint2 *) (y16 + t * d))[c] = row_bf16x4(o);
+				((uint2 *) (y16 + t * d))[c] =
+					make_uint2((uint32_t) f32_to_bf16(o.x) | ((uint32_t) f32_to_bf16(o.y) << 16),
+							   (uint32_t) f32_to_bf16(o.z) | ((uint32_t) f32_to_bf16(o.w) << 16));
 		}
 	}
 }
@@ -119,12 +166,14 @@ row_ok(int d, int ld1, int ld2, const void *p1, const void *p2, const void *p3, 
 		(((uintptr_t) p1 | (uintptr_t) p2 | (uintptr_t) p3 | (uintptr_t) p4) & 15) == 0;
 }
 
-/* does kk_row_norm_twin's mode 1 on contiguous rows of d take row_norm_kernel<1>?  (moe.cu's MoE head
- * gives its numbers only where it would, and the backend defers the norm to it only then) */
-extern "C" int
-kk_row_norm_add_ok(const float *y, const float *x, const float *a, const float *w, const uint16_t *y16, int d)
+static unsigned
+row_threads(int d)
 {
-	return row_ok(d, d, d, y, x, w, a) && ((uintptr_t) y16 & 7) == 0;
+	int			per = (d / 4 + ROW_V4 - 1) / ROW_V4;	/* threads if each takes ROW_V4 */
+	int			th = d / 4 <= 1024 ? d / 4 : per;
+
+	th = (th + 31) / 32 * 32;
+	return th < 32 ? 32 : th > 1024 ? 1024 : th;
 }
 
 extern "C" int
@@ -139,16 +188,16 @@ kk_row_norm_twin(cudaStream_t s, int mode, float *y, int ldy, uint16_t *y16, flo
 		(mode == 3 && (!row_ok(d, d, d, y, x, w, ys) || ((uintptr_t) ye & 15) != 0)))
 		return -1;
 	if (mode == 0)
-		kk_launch(row_norm_kernel<0>, dim3(rows), dim3(kk_row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
+		kk_launch(row_norm_kernel<0>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
 				  inv, ye, ys, y16);
 	else if (mode == 1)
-		kk_launch(row_norm_kernel<1>, dim3(rows), dim3(kk_row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
+		kk_launch(row_norm_kernel<1>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
 				  inv, ye, ys, y16);
 	else if (mode == 2)
-		kk_launch(row_norm_kernel<2>, dim3(rows), dim3(kk_row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
+		kk_launch(row_norm_kernel<2>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
 				  inv, ye, ys, y16);
 	else
-		kk_launch(row_norm_kernel<3>, dim3(rows), dim3(kk_row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
+		kk_launch(row_norm_kernel<3>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
 				  inv, ye, ys, y16);
 	return 0;
 }

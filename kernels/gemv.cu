@@ -37,6 +37,21 @@ kk_set_gemv_rows(int on)
 	kk_gemv_rows = on;
 }
 
+/* acc + w[0..8) . (a, b) (fused multiply-adds in index order): every GEMV's inner step */
+__device__ __forceinline__ float
+fma8_acc(const float *w, float4 a, float4 b, float acc)
+{
+	acc = fmaf(w[0], a.x, acc);
+	acc = fmaf(w[1], a.y, acc);
+	acc = fmaf(w[2], a.z, acc);
+	acc = fmaf(w[3], a.w, acc);
+	acc = fmaf(w[4], b.x, acc);
+	acc = fmaf(w[5], b.y, acc);
+	acc = fmaf(w[6], b.z, acc);
+	acc = fmaf(w[7], b.w, acc);
+	return acc;
+}
+
 /* acc + w[0..8) . x[0..8), x read as two float4 */
 __device__ __forceinline__ float
 dot8_acc(const float *w, const float4 *x, float acc)
@@ -134,7 +149,63 @@ dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int 
 
 /* ------------------------------------------------------------------ block rows (bf16) */
 
-/* (the block shapes, ROWS_BT .. ROWS_RB_WIDE and rows_wide, are common.cuh's: moe.cu's MoE head takes the same) */
+#define ROWS_BT 96				/* threads of a block-rows block (288 pieces = 2304 columns: 3 each) */
+#define ROWS_RB 3				/* its weight rows */
+#define ROWS_BT_WIDE 128		/* for rows of 512 pieces or a multiple of 128 above (4096 columns) */
+#define ROWS_RB_WIDE 2
+
+/*
+ * The first pieces of RB weight rows (Wr[w] NULL: past the matrix, zeros):
+ * loaded before kk_dep_wait, since the weights do not depend on earlier
+ * kernels, so the first memory latency overlaps the previous kernel's tail.
+ */
+template <int RB, int BT>
+__device__ __forceinline__ void
+rows_first(uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], int nch)
+{
+#pragma unroll
+	for (int w = 0; w < RB; w++)
+		raw[w] = Wr[w] && (int) threadIdx.x < nch ? __ldg((const uint4 *) Wr[w] + threadIdx.x) : make_uint4(0, 0, 0, 0);
+}
+
+/*
+ * acc[w][r] += W_w . x_r over this thread's pieces threadIdx.x, + BT, ...
+ * of the nch 16-byte pieces (8 columns each) of the rows; raw holds the first
+ * pieces (rows_first).  Each input piece is read once for all RB rows.
+ */
+template <int NR, int RB, int BT>
+__device__ __forceinline__ void
+rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], const float *const (&xr)[NR],
+		 int nch)
+{
+	for (int ch = threadIdx.x; ch < nch; ch += BT)
+	{
+		uint4		cur[RB];
+
+#pragma unroll
+		for (int w = 0; w < RB; w++)
+		{
+			cur[w] = raw[w];
+			/* the next pieces are in flight while these are used */
+			raw[w] = Wr[w] && ch + BT < nch ? __ldg((const uint4 *) Wr[w] + ch + BT) : make_uint4(0, 0, 0, 0);
+		}
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+		{
+			float4		a = __ldg((const float4 *) xr[r] + 2 * ch),
+						b = __ldg((const float4 *) xr[r] + 2 * ch + 1);
+
+#pragma unroll
+			for (int w = 0; w < RB; w++)
+			{
+				float		f[8];
+
+				unpack8_bf16(cur[w], f);
+				acc[w][r] = fma8_acc(f, a, b, acc[w][r]);
+			}
+		}
+	}
+}
 
 /*
  * y[r, row0 + w] = W_w . x_r for the block's RB rows of W [rows, cols], NR
@@ -155,7 +226,7 @@ rows_product(float *y, int ldy, const float *x, int ldx, const uint16_t *W, int 
 #pragma unroll
 	for (int w = 0; w < RB; w++)
 		Wr[w] = row0 + w < rows ? W + (size_t) (row0 + w) * cols : NULL;
-	rows_first<RB, BT>(raw, Wr, nch, threadIdx.x);
+	rows_first<RB, BT>(raw, Wr, nch);
 	kk_dep_wait();
 	kk_dep_launch();
 #pragma unroll
@@ -166,7 +237,7 @@ rows_product(float *y, int ldy, const float *x, int ldx, const uint16_t *W, int 
 #pragma unroll
 		for (int r = 0; r < NR; r++)
 			acc[w][r] = 0;
-	rows_dot<NR, RB, BT, false>(acc, raw, Wr, xr, nch, threadIdx.x);
+	rows_dot<NR, RB, BT>(acc, raw, Wr, xr, nch);
 	rows_block_sum<NR, RB, BT>(acc, sums);
 	for (int i = threadIdx.x; i < RB * NR; i += BT)
 		if (row0 + i / NR < rows)
@@ -181,6 +252,15 @@ gemv_rows_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, in
 {
 	rows_product<NR, RB, BT>(y + (size_t) blockIdx.y * NR * ldy, ldy, x + (size_t) blockIdx.y * NR * ldx, ldx, W,
 							 rows, cols, blockIdx.x * RB);
+}
+
+/* the wide shape (512 pieces a row, or a multiple of 128 above): two rows of 128 threads */
+static bool
+rows_wide(int cols)
+{
+	int			nch = cols >> 3;
+
+	return nch >= 512 && nch % 128 == 0;
 }
 
 template <int NR>
@@ -588,8 +668,8 @@ expert_rows_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, co
 		for (int r = 0; r < NR; r++)
 			acc[w][r] = 0;
 	if (!LOADED)
-		rows_first<RT, BT>(raw, Wr, nch, threadIdx.x);
-	rows_dot<NR, RT, BT, false>(acc, raw, Wr, xr, nch, threadIdx.x);
+		rows_first<RT, BT>(raw, Wr, nch);
+	rows_dot<NR, RT, BT>(acc, raw, Wr, xr, nch);
 	rows_block_sum<NR, RT, BT>(acc, sums);
 	for (int i = threadIdx.x; i < out * NR; i += BT)
 	{
@@ -670,10 +750,10 @@ expert_rows_weights(const uint16_t *(&Wr)[RT], const void *const *W0, const void
  * two-launch distance (kk_expert_gemv's contract, kernels.h).
  */
 template <int MAXNR, int MODE, int RB, int BT, bool PRE>
-__device__ __forceinline__ void
-expert_rows_body(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
-				 const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
-				 const int *__restrict__ active)
+__global__ void __launch_bounds__(BT)
+expert_rows_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
+				   const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
+				   const int *__restrict__ active)
 {
 	constexpr int RT = MODE == EXPERT_SWIGLU ? 2 * RB : RB;
 	__shared__ float sums[RT * MAXNR];
@@ -694,7 +774,7 @@ expert_rows_body(float *y0, float *y1, int ldy, const float *__restrict__ x, int
 		{
 			e = kk_expert_item_l2(active, start, blockIdx.y, MAXNR, &first, &count);
 			expert_rows_weights<MODE, RB, RT>(Wr, W0, W1, e, m, row0, rows, cols);
-			rows_first<RT, BT>(raw, Wr, cols >> 3, threadIdx.x);
+			rows_first<RT, BT>(raw, Wr, cols >> 3);
 		}
 		/* x (h) is written by the kernel before: wait for it now */
 		kk_dep_wait();
@@ -718,122 +798,6 @@ expert_rows_body(float *y0, float *y1, int ldy, const float *__restrict__ x, int
 			expert_rows_upto<MAXNR, MODE, RT, BT>(count, m ? y1 : y0, ldy, x, ldx, xrow, Wr, raw, row0, rows,
 												  cols >> 3, first, sums);
 	}
-}
-
-template <int MAXNR, int MODE, int RB, int BT, bool PRE>
-__global__ void __launch_bounds__(BT)
-expert_rows_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
-				   const void *const *W0, const void *const *W1, int rows, int cols, const int *__restrict__ start,
-				   const int *__restrict__ active)
-{
-	expert_rows_body<MAXNR, MODE, RB, BT, PRE>(y0, y1, ldy, x, ldx, xrow, W0, W1, rows, cols, start, active);
-}
-
-/*
- * The MoE tail (kk_expert_gemv_tail) after the down product, in two
- * tickets; the same numbers as row_norm_kernel<2> bit for bit:
- *   column  every block (those without work too), once its outputs are out
- *           (__threadfence first), takes a ticket of its column (blockIdx.x:
- *           the same RB output columns of every work item); the column's
- *           last block, all of ye's columns in L2, makes them, for the n
- *           rows, h + the combine (row_combine1: element by element, the
- *           row kernel's chain of each element) into h
- *   row     then takes a ticket of the launch; the last column's block runs
- *           row_norm_kernel's sums of squares in its order (row_norm_inv),
- *           and y = row_scale4(w, h, iv) and its twin, TAIL_BATCH pieces a
- *           thread at a time
- * (T: row_norm_kernel's threads a row, kk_row_threads(d).)  What this
- * launch wrote (ye, h) is read through L2: the SM's L1 may hold another
- * layer's lines of the same buffers.  Each ticket is reset by the block
- * that took its last value.
- */
-#define TAIL_BATCH 4			/* pieces of h a thread loads at once in the last pass */
-
-/* this block's ticket of *t (of `of` blocks): true in the block that took the last one, which resets it */
-__device__ __forceinline__ bool
-tail_ticket(int *t, int of)
-{
-	__shared__ bool last;
-
-	__threadfence();
-	__syncthreads();
-	if (threadIdx.x == 0)
-		last = atomicAdd(t, 1) == of - 1;
-	__syncthreads();
-	if (!last)
-		return false;
-	__threadfence();
-	if (threadIdx.x == 0)
-		*t = 0;
-	return true;
-}
-
-__device__ __forceinline__ void
-moe_tail_end(const kk_moe_tail &a, const float *ye, int d, int RB, int T)
-{
-	__shared__ float red[KK_MOE_TAIL_ROWS * 32],
-				ivs[KK_MOE_TAIL_ROWS];
-	int			nc = d >> 2,
-				col0 = (int) blockIdx.x * RB;
-	float4	   *h4 = (float4 *) a.h;
-
-	if (!tail_ticket(a.ticket + 1 + blockIdx.x, (int) gridDim.y))
-		return;
-	for (int i = threadIdx.x; i < a.n * RB; i += blockDim.x)
-	{
-		int			t = i / RB,
-					col = col0 + i - t * RB;
-
-		if (col < d)
-			a.h[(size_t) t * d + col] = row_combine1(__ldcg(a.h + (size_t) t * d + col), t, col, d, a.k, a.wts,
-													 a.inv, ye, a.ys);
-	}
-	if (!tail_ticket(a.ticket, (int) gridDim.x))
-		return;
-	row_norm_inv<true>(h4, a.n, nc, T, d, a.eps, red, ivs);
-	for (int i0 = threadIdx.x; i0 < a.n * nc; i0 += TAIL_BATCH * blockDim.x)
-	{
-		float4		v[TAIL_BATCH];
-
-#pragma unroll
-		for (int u = 0; u < TAIL_BATCH; u++)
-			if (i0 + u * (int) blockDim.x < a.n * nc)
-				v[u] = __ldcg(h4 + i0 + u * blockDim.x);
-#pragma unroll
-		for (int u = 0; u < TAIL_BATCH; u++)
-		{
-			int			i = i0 + u * blockDim.x,
-						r = i / nc;
-
-			if (i < a.n * nc)
-			{
-				float4		o = row_scale4(((const float4 *) a.w)[i - r * nc], v[u], ivs[r]);
-
-				((float4 *) a.y)[i] = o;
-				if (a.y16)
-					((uint2 *) a.y16)[i] = row_bf16x4(o);
-			}
-		}
-	}
-}
-
-/*
- * Blocks an SM the tail kernel must keep: the registers of the down kernel
- * it stands for (sm_90a: 70 / 56 / 76 at passes of 1 / 2 / 4 rows, so 9 /
- * 12 / 8 blocks of 96 threads), so that the tail does not cost the product
- * occupancy (without the bound: 76 at 1 row, 8 blocks)
- */
-#define TAIL_MIN_BLOCKS(MAXNR) ((MAXNR) == 1 ? 9 : (MAXNR) == 2 ? 12 : 8)
-
-/* expert_rows_kernel's down product (one matrix) with the tail after it */
-template <int MAXNR, int RB, int BT, bool PRE>
-__global__ void __launch_bounds__(BT, TAIL_MIN_BLOCKS(MAXNR))
-expert_tail_kernel(float *y0, int ldy, const float *__restrict__ x, int ldx, const void *const *W0, int rows, int cols,
-				   const int *__restrict__ start, const int *__restrict__ active, kk_moe_tail tail, int T)
-{
-	expert_rows_body<MAXNR, EXPERT_ONE, RB, BT, PRE>(y0, NULL, ldy, x, ldx, NULL, W0, NULL, rows, cols, start,
-													 active);
-	moe_tail_end(tail, y0, rows, RB, T);
 }
 
 template <int MAXNR, int MODE, int RB, int BT, bool PRE>
@@ -971,63 +935,4 @@ kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, in
 	else
 		DISPATCH(EXPERT_SWIGLU);
 #undef DISPATCH
-}
-
-template <int MAXNR, bool PRE>
-static void
-expert_tail_launch(cudaStream_t s, int max_active, float *y0, int ldy, const float *x, int ldx, const void *const *W0,
-				   int rows, int cols, const int *start, const int *active, const kk_moe_tail &tail)
-{
-	constexpr int RB = EXPERT_RB(MAXNR, EXPERT_ONE);
-
-	kk_launch(expert_tail_kernel<MAXNR, RB, ROWS_BT, PRE>, dim3(ceil_div(rows, RB), max_active), dim3(ROWS_BT), 0, s,
-			  y0, ldy, x, ldx, W0, rows, cols, start, active, tail, (int) kk_row_threads(rows));
-}
-
-template <int MAXNR>
-static void
-expert_tail_pre(cudaStream_t s, bool pre, int max_active, float *y0, int ldy, const float *x, int ldx,
-				const void *const *W0, int rows, int cols, const int *start, const int *active,
-				const kk_moe_tail &tail)
-{
-	/* (the early read only at one token an item, as kk_expert_gemv) */
-	if constexpr (MAXNR == 1)
-		if (pre)
-		{
-			expert_tail_launch<MAXNR, true>(s, max_active, y0, ldy, x, ldx, W0, rows, cols, start, active, tail);
-			return;
-		}
-	expert_tail_launch<MAXNR, false>(s, max_active, y0, ldy, x, ldx, W0, rows, cols, start, active, tail);
-}
-
-/*
- * The shapes the two kernels it replaces take as expert_tail_kernel does:
- * kk_expert_gemv's block-rows down product (bf16, vector loads, passes of up
- * to 4 rows: the same kernel body and block shape, the early read where
- * kk_expert_gemv would), kk_row_norm_twin's mode 2 (row_norm_kernel<2>) on
- * contiguous rows of d = rows (y16 may be NULL: row_norm_kernel<2> without
- * a twin, as kk_moe_combine_add_rmsnorm takes it).
- */
-extern "C" int
-kk_expert_gemv_tail(cudaStream_t s, float *y0, int ldy, const float *x, int ldx, const void *const *W0, int rows,
-					int cols, const int *start, const int *active, int max_active, int max_count,
-					const kk_moe_tail *tail)
-{
-	int			nr = kk_expert_pass_rows(max_count);
-	bool		pre = kk_expert_preload != 0 && nr == 1;
-
-	if (max_active <= 0 || !kk_gemv_rows || cols % 8 != 0 || ldx % 4 != 0 || ((uintptr_t) x & 15) != 0 || nr > 4 ||
-		!tail || tail->n < 1 || tail->n > KK_MOE_TAIL_ROWS || tail->k < 0 || !tail->ticket ||
-		ceil_div(rows, 3) > KK_MOE_TAIL_COLS ||
-		ldy != rows || rows % 4 != 0 || rows > 4 * ROW_V4 * 1024 ||
-		(((uintptr_t) tail->h | (uintptr_t) tail->y | (uintptr_t) tail->w | (uintptr_t) y0 | (uintptr_t) tail->ys) &
-		 15) != 0 || ((uintptr_t) tail->y16 & 7) != 0)
-		return -1;
-	if (nr <= 1)
-		expert_tail_pre<1>(s, pre, max_active, y0, ldy, x, ldx, W0, rows, cols, start, active, *tail);
-	else if (nr <= 2)
-		expert_tail_pre<2>(s, pre, max_active, y0, ldy, x, ldx, W0, rows, cols, start, active, *tail);
-	else
-		expert_tail_pre<4>(s, pre, max_active, y0, ldy, x, ldx, W0, rows, cols, start, active, *tail);
-	return 0;
 }

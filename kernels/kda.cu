@@ -2090,117 +2090,8 @@ kda_shift_tail_held(float *tail, int HK, int ch, const float (*held)[32], int la
 	tail[(size_t) (2 * HK + ch) * W + W - 1] = nv;
 }
 
-/*
- * KL_CUDA_KDA_FOLD (on by default): the low-rank second halves of f and the
- * gate (f = f_b . low_rank, gate = g_b . gate_low_rank, bf16 weights of
- * [H K, K]) made inside kda_decode_early_kernel, not by a product kernel
- * before it: one dependent launch fewer a KDA layer at decode.
- *
- * Bit for bit what the batch GEMV computes at 1-8 rows (gemv.cu's block-rows
- * kernel, gemv_rows_batch_kernel, for rows of K columns: one 16-byte piece
- * of 8 columns a thread for the first K / 8 threads, rows_dot's fma8_acc
- * from 0; rows_group_sum's warp_sum, whose other 32 - K / 8 lanes add zeros,
- * then the other warps' zero partials): here a group of G = K / 8 lanes takes
- * a row, each lane its piece through the same fma8_acc from 0, and the
- * group's butterfly over offsets G / 2 .. 1 adds the same values in the same
- * pairs (an accumulation from +0 is never -0, so the zeros the GEMV adds
- * change no bit).
- *
- * Block (s, h, z) makes the K decays of head h (all of them: the recurrence
- * reads every key channel; the cluster's four blocks each make them, from L2
- * after the first) and the gate of its slice's 32 columns: K + 32 rows, RPG a
- * group.  The weight pieces (constant) are copied into shared memory with
- * cp.async before kk_dep_wait, each thread its own pieces (it alone reads
- * them: no barrier); low_rank and gate_low_rank (the product kernel right
- * before wrote them) are read after it, in the round of q, k, v.
- */
-template <int K>
-struct kda_fold_shape
-{
-	static constexpr int G = K / 8;				/* lanes a row (its 16-byte pieces) */
-	static constexpr int NG = 256 / G;			/* groups of the block */
-	static constexpr int ROWS = K + KDA_SLICE;	/* f's K rows, then the slice's gate rows */
-	static constexpr int RPG = ROWS / NG;
-	static_assert(ROWS % NG == 0, "every group takes RPG whole rows (K 32, 64, 128)");
-};
-
-/* the group's total of v (lanes of G, G a power of two <= 16): warp_sum's
- * last steps */
-template <int G>
-__device__ __forceinline__ float
-kda_group_sum(float v)
-{
-#pragma unroll
-	for (int o = G / 2; o > 0; o >>= 1)
-		v += __shfl_xor_sync(0xffffffffu, v, o);
-	return v;
-}
-
-/* before kk_dep_wait: this thread's weight pieces, row j = grp + NG i of
- * the block's rows (f_b's row h K + j, j < K; else g_b's h K + z 32 + j - K) */
-template <int K>
-__device__ __forceinline__ void
-kda_fold_issue(uint4 (*wsm)[256], const uint16_t *f_b, const uint16_t *g_b, int h, int z, int tid)
-{
-	using F = kda_fold_shape<K>;
-	int			grp = tid / F::G,
-				piece = tid % F::G;
-
-#pragma unroll
-	for (int i = 0; i < F::RPG; i++)
-	{
-		int			j = grp + F::NG * i;
-
-		if (j < K)
-			cp_async16(&wsm[i][tid], f_b + ((size_t) h * K + j) * K + 8 * piece);
-		else
-			cp_async16(&wsm[i][tid], g_b + ((size_t) h * K + z * KDA_SLICE + j - K) * K + 8 * piece);
-	}
-	cp_async_commit();
-}
-
-/*
- * after kk_dep_wait: the rows' products with low_rank / gate_low_rank row t
- * ([n, K]); the group's first lane writes each total: f into fs[j] (f rows),
- * sigmoid(gate) into sig[j - K] (gate rows)
- */
-template <int K>
-__device__ __forceinline__ void
-kda_fold_dots(const uint4 (*wsm)[256], const float *lr, const float *glr, int t, int tid, float *fs,
-			  float *sig)
-{
-	using F = kda_fold_shape<K>;
-	int			grp = tid / F::G,
-				piece = tid % F::G;
-	const float4 *xf = (const float4 *) (lr + (size_t) t * K) + 2 * piece,
-			   *xg = (const float4 *) (glr + (size_t) t * K) + 2 * piece;
-	float4		fa = __ldcg(xf),	/* (through L2: the kernel before wrote them) */
-				fb = __ldcg(xf + 1),
-				ga = __ldcg(xg),
-				gb = __ldcg(xg + 1);
-
-	cp_async_wait_all();
-#pragma unroll
-	for (int i = 0; i < F::RPG; i++)
-	{
-		int			j = grp + F::NG * i;
-		float		w[8],
-					acc;
-
-		unpack8_bf16(wsm[i][tid], w);
-		acc = kda_group_sum<F::G>(j < K ? fma8_acc(w, fa, fb, 0.0f) : fma8_acc(w, ga, gb, 0.0f));
-		if (piece == 0)
-		{
-			if (j < K)
-				fs[j] = acc;
-			else
-				sig[j - K] = sigmoidf_(acc);
-		}
-	}
-}
-
-template <int K, int W, bool FOLD>
-__global__ void __launch_bounds__(256, FOLD ? 4 : 5)
+template <int K, int W>
+__global__ void __launch_bounds__(256, 5)
 kda_decode_early_kernel(int H, int W_, const float *__restrict__ q, const float *__restrict__ k,
 						const float *__restrict__ v, const float *__restrict__ f, const float *__restrict__ b,
 						const float *__restrict__ gate, const float *__restrict__ conv_q,
@@ -2208,8 +2099,7 @@ kda_decode_early_kernel(int H, int W_, const float *__restrict__ q, const float 
 						const float *__restrict__ A_log, const float *__restrict__ dt_bias,
 						const float *__restrict__ o_norm, float eps, const int *__restrict__ row0,
 						float *const *S_tab, float *const *conv_tab, float qscale, int round16, float *out,
-						uint16_t *out16, const float *__restrict__ lr, const float *__restrict__ glr,
-						const uint16_t *__restrict__ f_b, const uint16_t *__restrict__ g_b)
+						uint16_t *out16)
 {
 #ifdef KL_KDA_CLUSTERS
 	constexpr int V = K;
@@ -2227,10 +2117,6 @@ kda_decode_early_kernel(int H, int W_, const float *__restrict__ q, const float 
 	__shared__ float skq,
 				sbeta;
 	__shared__ float held[3 * WT][32];	/* the slice's old tails, each thread its own (no barrier) */
-	/* FOLD: each thread's weight pieces (cp.async), dt_bias of the head, the slice's sigmoid(gate) */
-	__shared__ uint4 wsm[FOLD ? kda_fold_shape<K>::RPG : 1][256];
-	__shared__ float sdt[FOLD ? K : 1],
-				sgs[FOLD ? KDA_SLICE : 1];
 	int			s = blockIdx.x,
 				h = blockIdx.y,
 				z = blockIdx.z,
@@ -2263,8 +2149,6 @@ kda_decode_early_kernel(int H, int W_, const float *__restrict__ q, const float 
 	coop::cluster_group cl = coop::this_cluster();
 
 	/* before the wait: what earlier steps wrote (the comment above), and weights */
-	if (FOLD)
-		kda_fold_issue<K>(wsm, f_b, g_b, h, z, c);
 	t = __ldcg(row0 + s);		/* the sequence's one row */
 	tail = kda_ldcg_ptr(conv_tab + s);
 	S = kda_ldcg_ptr(S_tab + s) + (size_t) h * K * V;
@@ -2287,8 +2171,6 @@ kda_decode_early_kernel(int H, int W_, const float *__restrict__ q, const float 
 			}
 		}
 		dtb = dt_bias[ch];
-		if (FOLD)
-			sdt[c] = dtb;		/* (for the group that makes f of channel c: after the cluster barrier) */
 	}
 	__cluster_barrier_arrive();	/* phase 1 (release): this block has read the old tails */
 #pragma unroll
@@ -2303,7 +2185,7 @@ kda_decode_early_kernel(int H, int W_, const float *__restrict__ q, const float 
 	if (act)
 	{
 		size_t		off = (size_t) t * HK + ch;
-		float		fv = FOLD ? 0.0f : f[off];
+		float		fv = f[off];
 
 		xq = q[off];
 		xk = k[off];
@@ -2312,31 +2194,14 @@ kda_decode_early_kernel(int H, int W_, const float *__restrict__ q, const float 
 		qv = siluf_(pq);
 		kv = siluf_(pk);
 		vv = siluf_(pv);
-		if (!FOLD)
-			sa[c] = expf(kda_decay(A, fv, dtb));
+		sa[c] = expf(kda_decay(A, fv, dtb));
 		sv[c] = vv;				/* (0 outside this slice: not read) */
 	}
 	if (c == 0)
 		sbeta = sigmoidf_(b[(size_t) t * H + h]);
-	if (FOLD)
-		kda_fold_dots<K>(wsm, lr, glr, t, c, sa, sgs);	/* (sa: f, made the decay below) */
-	else if (cg == 0)
+	if (cg == 0)
 		sig = sigmoidf_(gate[(size_t) t * HK + (size_t) h * K + x]);
 	__cluster_barrier_wait();	/* phase 1: every slice has read the old tails, every block runs */
-	if (FOLD)
-	{
-		/* the decays of the f rows this thread wrote, as above (sdt: written before the cluster barrier) */
-		using F = kda_fold_shape<K>;
-
-#pragma unroll
-		for (int i = 0; i < F::RPG; i++)
-		{
-			int			j = c / F::G + F::NG * i;
-
-			if (j < K && c % F::G == 0)
-				sa[j] = expf(kda_decay(A, sa[j], sdt[j]));
-		}
-	}
 	if (mine)
 		kda_shift_tail_held<W>(tail, HK, ch, held, lane, xq, xk, xv);
 	{
@@ -2351,8 +2216,6 @@ kda_decode_early_kernel(int H, int W_, const float *__restrict__ q, const float 
 		}
 	}
 	__syncthreads();
-	if (FOLD && cg == 0)
-		sig = sgs[lane];
 
 	ov = kda_decode_token<K>(st, sq, sk, sa, sv, &sbeta, S, x, cg, lane, pw, pz, &skq, round16);
 
@@ -2381,21 +2244,20 @@ kda_decode_early_kernel(int H, int W_, const float *__restrict__ q, const float 
 
 /* 0: launched; -1: not on this GPU or head size (the three kernels then);
  * else the CUDA error of the launch.  early: kda_decode_early_kernel where
- * it covers the conv width; f_b non-NULL (only then, kk_kda_decode_fold):
- * its FOLD form, f and gate unused */
+ * it covers the conv width */
 template <int K>
 static int
 decode_launch(cudaStream_t s, int n_seqs, int H, int W, const float *q, const float *k, const float *v,
 			  const float *f, const float *b, const float *gate, const float *conv_q, const float *conv_k,
 			  const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm, float eps,
 			  const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out, uint16_t *out16,
-			  int early, const float *lr, const float *glr, const uint16_t *f_b, const uint16_t *g_b)
+			  int early)
 {
 	cudaLaunchConfig_t cfg = {};
 	cudaLaunchAttribute at[2];
 	cudaError_t e;
-	decltype(&kda_decode_early_kernel<K, KDA_DEC_W, false>) ek = f_b ? kda_decode_early_kernel<K, KDA_DEC_W, true> :
-		kda_decode_early_kernel<K, KDA_DEC_W, false>;
+	decltype(&kda_decode_kernel<K>) kern = early && W == KDA_DEC_W ? kda_decode_early_kernel<K, KDA_DEC_W> :
+		kda_decode_kernel<K>;
 
 	cfg.gridDim = dim3(n_seqs, H, K / KDA_SLICE);
 	cfg.blockDim = dim3(256);
@@ -2409,14 +2271,8 @@ decode_launch(cudaStream_t s, int n_seqs, int H, int W, const float *q, const fl
 	at[1].val.programmaticStreamSerializationAllowed = 1;
 	cfg.attrs = at;
 	cfg.numAttrs = kk_pdl_on ? 2 : 1;
-	if (f_b || (early && W == KDA_DEC_W))
-		e = cudaLaunchKernelEx(&cfg, ek, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias, o_norm,
-							   eps, row0, S_tab, conv_tab, 1.0f / sqrtf((float) K), round16, out, out16, lr, glr, f_b,
-							   g_b);
-	else
-		e = cudaLaunchKernelEx(&cfg, kda_decode_kernel<K>, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log,
-							   dt_bias, o_norm, eps, row0, S_tab, conv_tab, 1.0f / sqrtf((float) K), round16, out,
-							   out16);
+	e = cudaLaunchKernelEx(&cfg, kern, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log,
+						   dt_bias, o_norm, eps, row0, S_tab, conv_tab, 1.0f / sqrtf((float) K), round16, out, out16);
 	return e == cudaSuccess ? 0 : (int) e;
 }
 
@@ -2448,27 +2304,6 @@ kk_kda_decode_supported(int K)
 	return fa.ptxVersion >= 90;
 }
 
-/* kk_kda_decode_twin and kk_kda_decode_fold: the head size's launch */
-static int
-decode_any(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k, const float *v,
-		   const float *f, const float *b, const float *gate, const float *conv_q, const float *conv_k,
-		   const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm, float eps,
-		   const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out, uint16_t *out16,
-		   int early, const float *lr, const float *glr, const uint16_t *f_b, const uint16_t *g_b)
-{
-	if (n_seqs <= 0)
-		return 0;
-	switch (K)
-	{
-#define CASE(KK) case KK: \
-			return decode_launch<KK>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias, \
-									 o_norm, eps, row0, S_tab, conv_tab, round16, out, out16, early, lr, glr, f_b, g_b);
-			CASE(32) CASE(64) CASE(128)
-#undef CASE
-	}
-	return -1;
-}
-
 extern "C" int
 kk_kda_decode_twin(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k, const float *v,
 				   const float *f, const float *b, const float *gate, const float *conv_q, const float *conv_k,
@@ -2476,29 +2311,21 @@ kk_kda_decode_twin(cudaStream_t s, int n_seqs, int H, int K, int W, const float 
 				   const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out,
 				   uint16_t *out16, int early)
 {
-	return decode_any(s, n_seqs, H, K, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias, o_norm, eps,
-					  row0, S_tab, conv_tab, round16, out, out16, early, NULL, NULL, NULL, NULL);
-}
-
-extern "C" int
-kk_kda_decode_fold_ok(int K, int W, const float *lr, const float *glr, const void *f_b, const void *g_b)
-{
-	return (K == 32 || K == 64 || K == 128) && W == KDA_DEC_W && ((uintptr_t) lr & 15) == 0 &&
-		((uintptr_t) glr & 15) == 0 && ((uintptr_t) f_b & 15) == 0 && ((uintptr_t) g_b & 15) == 0;
-}
-
-extern "C" int
-kk_kda_decode_fold(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k, const float *v,
-				   const float *lr, const float *glr, const void *f_b, const void *g_b, const float *b,
-				   const float *conv_q, const float *conv_k, const float *conv_v, const float *A_log,
-				   const float *dt_bias, const float *o_norm, float eps, const int *row0, float *const *S_tab,
-				   float *const *conv_tab, int round16, float *out, uint16_t *out16)
-{
-	if (!kk_kda_decode_fold_ok(K, W, lr, glr, f_b, g_b))
-		return -1;
-	return decode_any(s, n_seqs, H, K, W, q, k, v, NULL, b, NULL, conv_q, conv_k, conv_v, A_log, dt_bias, o_norm, eps,
-					  row0, S_tab, conv_tab, round16, out, out16, 1, lr, glr, (const uint16_t *) f_b,
-					  (const uint16_t *) g_b);
+	if (n_seqs <= 0)
+		return 0;
+	switch (K)
+	{
+		case 32:
+			return decode_launch<32>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias,
+									 o_norm, eps, row0, S_tab, conv_tab, round16, out, out16, early);
+		case 64:
+			return decode_launch<64>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias,
+									 o_norm, eps, row0, S_tab, conv_tab, round16, out, out16, early);
+		case 128:
+			return decode_launch<128>(s, n_seqs, H, W, q, k, v, f, b, gate, conv_q, conv_k, conv_v, A_log, dt_bias,
+									  o_norm, eps, row0, S_tab, conv_tab, round16, out, out16, early);
+	}
+	return -1;
 }
 
 extern "C" int

@@ -61,9 +61,6 @@ void		kk_f32_to_bf16(cudaStream_t s, uint16_t *dst, int ldd, const float *src, i
 int			kk_row_norm_twin(cudaStream_t s, int mode, float *y, int ldy, uint16_t *y16, float *x, int ldx,
 							 const float *a, const float *w, int rows, int d, float eps, int k, const float *wts,
 							 const int *inv, const void *ye, const float *ys);
-/* does kk_row_norm_twin's mode 1 on contiguous rows of d (y16 NULL or not) take its row kernel?  (1 yes) */
-int			kk_row_norm_add_ok(const float *y, const float *x, const float *a, const float *w, const uint16_t *y16,
-							   int d);
 int			kk_swiglu_twin(cudaStream_t s, float *h, uint16_t *h16, const float *g, const float *u, int rows,
 						   int width, int ld);
 void		kk_f32_to_bf16_v4(cudaStream_t s, uint16_t *dst, int ldd, const float *src, int lds, int rows, int cols);
@@ -146,36 +143,6 @@ void		kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b);
 void		kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
 						   const void *const *W0, const void *const *W1, int bf16, int rows, int cols,
 						   const int *start, const int *active, int max_active, int max_count);
-/*
- * The MoE tail of a decode step (KL_CUDA_MOE_TAIL): kk_expert_gemv's down
- * product (one matrix, bf16, x of ldx = cols, ye = y0 rows of ldy = rows)
- * that then does, bit for bit as kk_row_norm_twin's mode 2 on contiguous
- * rows of d = rows, the combine, the residual add and the norm:
- * h += sum_r wts[r] ye[inv[r]] (+ ys); y = rmsnorm(h) w; y16 its bf16 twin
- * where not NULL.  ticket: 1 + KK_MOE_TAIL_COLS device ints, all 0 before
- * the launch (the launch leaves them 0).  0 when launched, -1 when the
- * shape is not one those two kernels take in that form (nothing launched:
- * the caller launches them).
- */
-typedef struct kk_moe_tail
-{
-	float	   *h,
-			   *y;
-	uint16_t   *y16;
-	const float *w;
-	float		eps;
-	int			n,
-				k;
-	const float *wts;
-	const int  *inv;
-	const float *ys;
-	int		   *ticket;
-} kk_moe_tail;
-#define KK_MOE_TAIL_ROWS 4
-#define KK_MOE_TAIL_COLS 8192
-int			kk_expert_gemv_tail(cudaStream_t s, float *y0, int ldy, const float *x, int ldx, const void *const *W0,
-								int rows, int cols, const int *start, const int *active, int max_active, int max_count,
-								const kk_moe_tail *tail);
 
 /*
  * expert_mma.cu: the same expert products on the tensor cores (bf16 weights;
@@ -566,22 +533,6 @@ int			kk_kda_decode_twin(cudaStream_t s, int n_seqs, int H, int K, int W, const 
 							   const float *dt_bias, const float *o_norm, float eps, const int *row0,
 							   float *const *S_tab, float *const *conv_tab, int round16, float *out,
 							   uint16_t *out16, int early);
-/*
- * KL_CUDA_KDA_FOLD: kk_kda_decode_twin's early form that also makes f and
- * gate itself, f = f_b . lr and gate = g_b . glr (lr, glr [n rows, K]: the
- * low-rank halves, which the kernel launched right before may have
- * written; f_b, g_b [H K, K] bf16), bit for bit as kk_gemv_multi's
- * block-rows kernel computes them at 1-8 rows, f and gate neither read nor
- * written.  kk_kda_decode_fold_ok: the head size, conv width and 16-byte
- * alignment it takes (else kk_kda_decode_fold returns -1, nothing launched).
- */
-int			kk_kda_decode_fold_ok(int K, int W, const float *lr, const float *glr, const void *f_b, const void *g_b);
-int			kk_kda_decode_fold(cudaStream_t s, int n_seqs, int H, int K, int W, const float *q, const float *k,
-							   const float *v, const float *lr, const float *glr, const void *f_b, const void *g_b,
-							   const float *b, const float *conv_q, const float *conv_k, const float *conv_v,
-							   const float *A_log, const float *dt_bias, const float *o_norm, float eps,
-							   const int *row0, float *const *S_tab, float *const *conv_tab, int round16, float *out,
-							   uint16_t *out16);
 
 /* mla.cu (pages: for each sequence, page_cap page pointers of this layer;
  * c16: the cache rows are bf16, else fp32) */
@@ -763,23 +714,6 @@ int			kk_moe_route_group_rank(cudaStream_t s, int n, int E, int k, int G, int Tg
 									int bias_in_w, float scaling, const float *logits, const float *bias, int *sel,
 									float *wts, int shared_rows, int P, int *start, int *xrow, int *inv,
 									int *active);
-/*
- * The MoE head of a decode step of n <= KK_MOE_HEAD_ROWS tokens
- * (KL_CUDA_MOE_HEAD): in one launch, bit for bit as the three kernels it
- * replaces, (1) the residual add and norm h += a, y = rmsnorm(h) norm_w
- * (and y16, its bf16 twin, where not NULL) as kk_row_norm_twin's mode 1 on
- * contiguous rows of D, (2) the router product logits [n, E] = y R^T (R bf16
- * [E, D]) as kk_gemv, (3) the routing and grouping as
- * kk_moe_route_group_rank.  ticket: a device int that is 0 before the
- * launch (the launch leaves it 0).  0 when launched, -1 when the shape is
- * not one those three kernels take in that form (nothing launched: the
- * caller launches them).
- */
-#define KK_MOE_HEAD_ROWS 4
-int			kk_moe_head(cudaStream_t s, int n, int D, float *h, const float *a, const float *norm_w, float eps,
-						float *y, uint16_t *y16, const uint16_t *R, int E, int k, int G, int Tg, int use_softmax,
-						int renorm, int bias_in_w, float scaling, float *logits, const float *bias, int *sel,
-						float *wts, int shared_rows, int P, int *start, int *xrow, int *inv, int *active, int *ticket);
 /* kk_moe_combine with bf16 expert outputs (ye16 rows of D at the slots' inv positions) */
 void		kk_moe_combine16(cudaStream_t s, float *y, int n, int D, int k, const float *wts, const int *inv,
 							 const uint16_t *ye16, const float *ys);

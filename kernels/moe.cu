@@ -24,9 +24,6 @@
  *                 then one warp groups
  *   moe_combine_add_rmsnorm   (decode) the combine fused with the residual
  *                 add and the next layer's input norm: x += y, xn = norm(x)
- *   moe_head      (decode, 1-4 tokens) the residual add and norm before the
- *                 layer, the router product and the rank routing and
- *                 grouping in one launch, blocks meeting at an atomic ticket
  *   moe_pad_*     (prefill, KL_CUDA_MOE_PREFILL=4) the pairs grouped into
  *                 variant 3's padded size-class slots: counts, layout and
  *                 inverse map on the device, only the counts go to the host
@@ -1331,97 +1328,52 @@ kk_moe_route_group_warp(cudaStream_t s, int n, int E, int k, int G, int Tg, int 
 #define RANK_GROUPS 4			/* tokens routed at a time (4 x 256 threads) */
 #define RANK_MAXE (32 * ROUTE_NPL)
 
-/* the rank routing's arguments (the launcher's) */
-struct rank_args
+__global__ void __launch_bounds__(1024)
+moe_route_group_rank_kernel(int n, int E, int k, int use_softmax, int renorm, int bias_in_w, float scaling,
+							const float *__restrict__ logits, const float *__restrict__ bias, int *sel, float *wts,
+							int shared_rows, int P, int *start, int *xrow, int *inv, int *active)
 {
-	int			n,
-				E,
-				k,
-				use_softmax,
-				renorm,
-				bias_in_w;
-	float		scaling;
-	const float *logits,
-			   *bias;
-	int		   *sel;
-	float	   *wts;
-	int			shared_rows,
-				P;
-	int		   *start,
-			   *xrow,
-			   *inv,
-			   *active;
-};
-
-/* its shared memory */
-struct rank_smem
-{
-	float		slg[RANK_GROUPS][RANK_MAXE],
+	__shared__ float slg[RANK_GROUPS][RANK_MAXE],
 				smz[RANK_GROUPS][2],
 				pickw[RANK_MAXN][32];
-	unsigned	ckey[RANK_GROUPS][RANK_MAXE],
+	__shared__ unsigned ckey[RANK_GROUPS][RANK_MAXE],
 				wtop[RANK_GROUPS][ROUTE_NPL];
-	int			cid[RANK_GROUPS][RANK_MAXE],
+	__shared__ int cid[RANK_GROUPS][RANK_MAXE],
 				ncand[RANK_GROUPS],
 				pick[RANK_MAXN][32],
 				wsum[2][ROUTE_NPL];
-	signed char slotof[RANK_MAXN][RANK_MAXE];	/* token's slot of the expert, -1 none */
-};
-
-/* what needs no earlier kernel (before kk_dep_wait): the slot table cleared,
- * and the thread's expert's bias (a weight), returned */
-__device__ __forceinline__ float
-rank_begin(rank_smem &s, const rank_args &a)
-{
-	int			tpt = ((a.E + 31) >> 5) << 5,
-				e = (int) threadIdx.x % tpt;
-
-	for (int i = threadIdx.x; i < a.n * RANK_MAXE; i += blockDim.x)
-		s.slotof[i / RANK_MAXE][i % RANK_MAXE] = -1;
-	return e < a.E ? a.bias[e] : 0.0f;
-}
-
-/*
- * The routing and grouping, every thread of the block (block barriers):
- * groups of tpt threads, ng of them route (ng * tpt <= blockDim.x; the
- * threads past them idle through the routing and join the grouping).  The
- * logits are read through L2 (__ldcg): the MoE head's blocks wrote them in
- * the same launch.
- */
-__device__ __forceinline__ void
-rank_route_group(rank_smem &s, const rank_args &a, float bz, int ng)
-{
-	int			n = a.n,
-				E = a.E,
-				k = a.k,
-				W = (E + 31) >> 5,
+	__shared__ signed char slotof[RANK_MAXN][RANK_MAXE];	/* token's slot of the expert, -1 none */
+	int			W = (E + 31) >> 5,
 				tpt = W << 5,
+				ng = blockDim.x / tpt,
 				tid = threadIdx.x,
 				g = tid / tpt,
-				gs = g < RANK_GROUPS ? g : RANK_GROUPS - 1,	/* (reads of the idle threads) */
 				e = tid - g * tpt,	/* this thread's expert */
 				lane = tid & 31,
 				wl = e >> 5;
-	bool		mine = g < ng;
+	float		bz = e < E ? bias[e] : 0.0f;	/* a weight: before the wait */
 
+	for (int i = tid; i < n * RANK_MAXE; i += blockDim.x)
+		slotof[i / RANK_MAXE][i % RANK_MAXE] = -1;
+	kk_dep_wait();
+	kk_dep_launch();
 	/* every group runs every round (block barriers); t >= n only idles */
 	for (int t0 = 0; t0 < n; t0 += ng)
 	{
 		int			t = t0 + g;
-		bool		valid = mine && t < n && e < E;
-		float		lg = valid ? __ldcg(a.logits + (size_t) t * E + e) : -INFINITY,
+		bool		valid = t < n && e < E;
+		float		lg = valid ? logits[(size_t) t * E + e] : -INFINITY,
 					sc,
 					c,
 					wv;
 		unsigned	key,
 					L = 0;
 
-		if (a.use_softmax)
+		if (use_softmax)
 		{
-			if (mine)
-				s.slg[g][e] = lg;
+			slg[g][e] = lg;
 			__syncthreads();
-			if (mine && wl == 0)
+			if (wl == 0)
 			{
 				float		l8[ROUTE_NPL],
 							mx,
@@ -1429,12 +1381,12 @@ rank_route_group(rank_smem &s, const rank_args &a, float bz, int ng)
 
 #pragma unroll
 				for (int i = 0; i < ROUTE_NPL; i++)
-					l8[i] = lane + 32 * i < E ? s.slg[g][lane + 32 * i] : -INFINITY;
+					l8[i] = lane + 32 * i < E ? slg[g][lane + 32 * i] : -INFINITY;
 				softmax_max_sum_warp(l8, &mx, &z);
 				if (lane == 0)
 				{
-					s.smz[g][0] = mx;
-					s.smz[g][1] = z;
+					smz[g][0] = mx;
+					smz[g][1] = z;
 				}
 			}
 			__syncthreads();
@@ -1443,64 +1395,63 @@ rank_route_group(rank_smem &s, const rank_args &a, float bz, int ng)
 
 				/* as route_token_warp's second expf */
 				asm volatile("" : "+f"(x));
-				sc = expf(x - s.smz[gs][0]) / s.smz[gs][1];
+				sc = expf(x - smz[g][0]) / smz[g][1];
 			}
 		}
 		else
 			sc = 1.0f / (1.0f + expf(-lg));
 		c = sc + bz;
-		wv = a.bias_in_w ? sc + bz : sc;
+		wv = bias_in_w ? sc + bz : sc;
 		key = order_key(c);
 		/* warp maxima of the keys (keys are >= 0: the lanes past E add nothing) */
 		{
 			unsigned	m = __reduce_max_sync(0xffffffffu, valid ? key : 0u);
 
-			if (mine && lane == 0)
-				s.wtop[g][wl] = m;
-			if (mine && e == 0)
-				s.ncand[g] = 0;
+			if (lane == 0)
+				wtop[g][wl] = m;
+			if (e == 0)
+				ncand[g] = 0;
 		}
 		__syncthreads();
 		if (k <= W)
 		{
 			L = 0xffffffffu;
 			for (int w = 0; w < W; w++)
-				L = min(L, s.wtop[gs][w]);
+				L = min(L, wtop[g][w]);
 		}
 		if (valid && key >= L)
 		{
-			int			p = atomicAdd(&s.ncand[g], 1);
+			int			p = atomicAdd(&ncand[g], 1);
 
-			s.ckey[g][p] = key;
-			s.cid[g][p] = e;
+			ckey[g][p] = key;
+			cid[g][p] = e;
 		}
 		__syncthreads();
 		if (valid && key >= L)
 		{
-			int			nc = s.ncand[g],
+			int			nc = ncand[g],
 						rank = 0;
 
 			for (int j = 0; j < nc; j++)
 			{
-				unsigned	kj = s.ckey[g][j];
+				unsigned	kj = ckey[g][j];
 
-				rank += kj > key || (kj == key && s.cid[g][j] < e);
+				rank += kj > key || (kj == key && cid[g][j] < e);
 			}
 			if (rank < k)
 			{
-				s.pick[t][rank] = e;
-				s.pickw[t][rank] = wv;
-				s.slotof[t][e] = (signed char) rank;
+				pick[t][rank] = e;
+				pickw[t][rank] = wv;
+				slotof[t][e] = (signed char) rank;
 			}
 		}
 		__syncthreads();
-		if (mine && wl == 0 && t < n)
+		if (wl == 0 && t < n)
 		{
 			/* weights: summed in slot order, as route_token_warp */
-			slot_weights_warp(lane < k ? s.pickw[t][lane] : 0.0f, k, a.renorm, a.scaling, a.wts + (size_t) t * k,
-							  lane);
+			slot_weights_warp(lane < k ? pickw[t][lane] : 0.0f, k, renorm, scaling, wts + (size_t) t * k, lane);
 			if (lane < k)
-				a.sel[(size_t) t * k + lane] = s.pick[t][lane];
+				sel[(size_t) t * k + lane] = pick[t][lane];
 		}
 	}
 	/* grouping: threads 0 .. E-1, one expert each (slotof is final) */
@@ -1512,95 +1463,69 @@ rank_route_group(rank_smem &s, const rank_args &a, float bz, int ng)
 					tot_c = 0,
 					tot_i = 0,
 					before_c = 0,
-					before_i = 0,
-					P = a.P,
-					shared_rows = a.shared_rows;
+					before_i = 0;
 
 		if (tid < E)
 			for (int t = 0; t < n; t++)
-				cnt += s.slotof[t][tid] >= 0;
+				cnt += slotof[t][tid] >= 0;
 		items = (cnt + P - 1) / P;
 		ic = cnt;
 		ii = items;
 		warp_scan_pair(ic, ii, lane);
 		if (tid < tpt && lane == 31)
 		{
-			s.wsum[0][tid >> 5] = ic;
-			s.wsum[1][tid >> 5] = ii;
+			wsum[0][tid >> 5] = ic;
+			wsum[1][tid >> 5] = ii;
 		}
 		__syncthreads();
 		for (int w = 0; w < W; w++)
 		{
-			int			wa = s.wsum[0][w],
-						wb = s.wsum[1][w];
+			int			a = wsum[0][w],
+						b = wsum[1][w];
 
 			if (w < (tid >> 5))
 			{
-				before_c += wa;
-				before_i += wb;
+				before_c += a;
+				before_i += b;
 			}
-			tot_c += wa;
-			tot_i += wb;
+			tot_c += a;
+			tot_i += b;
 		}
 		if (tid < E)
 		{
 			int			pos = before_c + ic - cnt,
 						item = before_i + ii - items;
 
-			a.start[tid] = pos;
+			start[tid] = pos;
 			for (int t = 0; t < n; t++)
 			{
-				int			r = s.slotof[t][tid];
+				int			r = slotof[t][tid];
 
 				if (r >= 0)
 				{
-					a.xrow[pos] = t;
-					a.inv[t * k + r] = pos;
+					xrow[pos] = t;
+					inv[t * k + r] = pos;
 					pos++;
 				}
 			}
 			for (int j = 0; j < items; j++)
-				a.active[1 + item + j] = tid * 64 + j;
+				active[1 + item + j] = tid * 64 + j;
 		}
 		if (tid == 0)
 		{
 			int			sitems = (shared_rows + P - 1) / P;
 
-			a.start[E] = tot_c;
-			a.active[0] = tot_i + sitems;
+			start[E] = tot_c;
+			active[0] = tot_i + sitems;
 			/* the shared expert as expert E, over every token */
 			if (shared_rows > 0)
-				a.start[E + 1] = tot_c + shared_rows;
+				start[E + 1] = tot_c + shared_rows;
 			for (int j = 0; j < sitems; j++)
-				a.active[1 + tot_i + j] = E * 64 + j;
+				active[1 + tot_i + j] = E * 64 + j;
 		}
 		for (int t = tid; t < shared_rows; t += blockDim.x)
-			a.xrow[n * k + t] = t;
+			xrow[n * k + t] = t;
 	}
-}
-
-__global__ void __launch_bounds__(1024)
-moe_route_group_rank_kernel(rank_args a)
-{
-	__shared__ rank_smem s;
-	float		bz = rank_begin(s, a);	/* (a weight: before the wait) */
-
-	kk_dep_wait();
-	kk_dep_launch();
-	rank_route_group(s, a, bz, blockDim.x / ((a.E + 31) / 32 * 32));
-}
-
-/* the launchers' arguments in one struct, or false where the rank kernel does not cover the shape */
-static bool
-rank_args_of(rank_args *ra, int n, int E, int k, int G, int Tg, int use_softmax, int renorm, int bias_in_w,
-			 float scaling, const float *logits, const float *bias, int *sel, float *wts, int shared_rows, int P,
-			 int *start, int *xrow, int *inv, int *active)
-{
-	if (n > RANK_MAXN || E < 1 || E > RANK_MAXE || k < 1 || k > 32 || k > E || (G > 1 && Tg < G) || P < 1)
-		return false;
-	*ra = rank_args {n, E, k, use_softmax, renorm, bias_in_w, scaling, logits, bias, sel, wts, shared_rows, P,
-		start, xrow, inv, active};
-	return true;
 }
 
 extern "C" int
@@ -1610,243 +1535,19 @@ kk_moe_route_group_rank(cudaStream_t s, int n, int E, int k, int G, int Tg, int 
 {
 	int			tpt = (E + 31) / 32 * 32,
 				ng;
-	rank_args	ra;
 
 	if (n <= 0)
 		return 0;
-	if (!rank_args_of(&ra, n, E, k, G, Tg, use_softmax, renorm, bias_in_w, scaling, logits, bias, sel, wts,
-					  shared_rows, P, start, xrow, inv, active))
+	if (n > RANK_MAXN || E < 1 || E > RANK_MAXE || k < 1 || k > 32 || k > E || (G > 1 && Tg < G) || P < 1)
 		return -1;
 	ng = 1024 / tpt;
 	if (ng > RANK_GROUPS)
 		ng = RANK_GROUPS;
 	if (ng > n)
 		ng = n;
-	kk_launch(moe_route_group_rank_kernel, dim3(1), dim3(ng * tpt), 0, s, ra);
+	kk_launch(moe_route_group_rank_kernel, dim3(1), dim3(ng * tpt), 0, s, n, E, k, use_softmax, renorm, bias_in_w,
+			  scaling, logits, bias, sel, wts, shared_rows, P, start, xrow, inv, active);
 	return 0;
-}
-
-/* ------------------------------------------------------------------ decode: the MoE head */
-
-/*
- * A decode step's first three MoE kernels in one launch (KL_CUDA_MOE_HEAD,
- * steps of up to KK_MOE_HEAD_ROWS tokens): the held-back residual add and
- * norm (h += a; y = rmsnorm(h) w; y16), the router product (logits = y R^T)
- * and the rank routing and grouping, each bit for bit as its own kernel:
- *   norm     every block: v = h + a and y for all n rows into shared memory
- *            (a few KB from L2), the sums of squares taken as
- *            row_norm_kernel<1>'s block of kk_row_norm_threads(D) threads
- *            takes them: each virtual warp's 32 sums (the same pieces in
- *            the same order, row_sq4) through warp_sum, then the warp sums
- *            through warp_sum (block_sum's order)
- *   router   groups of BT threads, RB router rows each, exactly the
- *            block-rows GEMV (gemv_rows_kernel: rows_first, rows_dot on the
- *            rows in shared memory, rows_group_sum); logits to global memory
- *   ticket   every block: its logits written, __threadfence, an atomic
- *            ticket; the block with the last one (every other block has
- *            read h and a and written its logits) writes h, y and y16,
- *            routes and groups (rank_route_group, reading the logits through
- *            L2) and sets the ticket back to 0 for the next launch
- * The block has ceil(tpt / BT) groups, so that the routing has its tpt
- * threads an expert.
- */
-#define HEAD_MAXG 3				/* router groups a block (tpt <= 256: ceil(256 / 96)) */
-
-struct head_args
-{
-	int			D,
-				T,				/* row_norm_kernel<1>'s threads a row (kk_row_threads) */
-				ng;				/* routing groups (rank_route_group) */
-	float		eps;
-	float	   *h;
-	const float *a,
-			   *w;
-	float	   *y;
-	uint16_t   *y16;
-	const uint16_t *R;
-	float	   *logits;
-	int		   *ticket;
-	rank_args	ra;
-};
-
-/* v = h + a and y = norm(v) of the NR rows into shared memory (v4, y4: NR rows of D / 4) */
-template <int NR>
-__device__ __forceinline__ void
-head_norm(const head_args &a, float4 *v4, float4 *y4)
-{
-	__shared__ float red[NR][32],
-				ivs[NR];
-	int			nc = a.D >> 2;
-
-	for (int i = threadIdx.x; i < NR * nc; i += blockDim.x)
-	{
-		int			r = i / nc,
-					c = i - r * nc;
-		float4		val = ((const float4 *) (a.h + (size_t) r * a.D))[c],
-					b = ((const float4 *) (a.a + (size_t) r * a.D))[c];
-
-		val.x += b.x;
-		val.y += b.y;
-		val.z += b.z;
-		val.w += b.w;
-		v4[i] = val;
-	}
-	__syncthreads();
-	/* the row kernel's sums of squares, virtual warp by virtual warp (common.cuh) */
-	row_norm_inv<false>(v4, NR, nc, a.T, a.D, a.eps, &red[0][0], ivs);
-	for (int i = threadIdx.x; i < NR * nc; i += blockDim.x)
-	{
-		int			r = i / nc;
-
-		y4[i] = row_scale4(((const float4 *) a.w)[i - r * nc], v4[i], ivs[r]);
-	}
-	__syncthreads();
-}
-
-template <int NR, int RB, int BT>
-__global__ void __launch_bounds__(HEAD_MAXG * 128)
-moe_head_kernel(head_args a)
-{
-	extern __shared__ float4 head_rows[];	/* v [NR][D / 4], then y likewise */
-	__shared__ rank_smem s;
-	__shared__ float part[HEAD_MAXG][RB * NR][BT / 32],
-				sums[HEAD_MAXG][RB * NR];
-	__shared__ bool last;
-	int			E = a.ra.E,
-				nc = a.D >> 2,
-				nch = a.D >> 3,
-				grp = threadIdx.x / BT,
-				gt = threadIdx.x - grp * BT,	/* the thread's place in its group */
-				row0 = ((int) blockIdx.x * ((int) blockDim.x / BT) + grp) * RB;
-	float4	   *v4 = head_rows,
-			   *y4 = head_rows + NR * nc;
-	const uint16_t *Wr[RB];
-	const float *xr[NR];
-	uint4		raw[RB];
-	float		acc[RB][NR];
-
-#pragma unroll
-	for (int w = 0; w < RB; w++)
-		Wr[w] = row0 + w < E ? a.R + (size_t) (row0 + w) * a.D : NULL;
-	rows_first<RB, BT>(raw, Wr, nch, gt);
-	kk_dep_wait();
-	kk_dep_launch();
-	head_norm<NR>(a, v4, y4);
-#pragma unroll
-	for (int r = 0; r < NR; r++)
-		xr[r] = (const float *) (y4 + r * nc);
-#pragma unroll
-	for (int w = 0; w < RB; w++)
-#pragma unroll
-		for (int r = 0; r < NR; r++)
-			acc[w][r] = 0;
-	rows_dot<NR, RB, BT, true>(acc, raw, Wr, xr, nch, gt);
-	rows_group_sum<NR, RB, BT>(acc, sums[grp], part[grp], gt);
-	for (int i = gt; i < RB * NR; i += BT)
-		if (row0 + i / NR < E)
-			a.logits[(size_t) (i % NR) * E + row0 + i / NR] = sums[grp][i];
-	/* the ticket: after this block's logits are out and it is done with h and a */
-	__threadfence();
-	__syncthreads();
-	if (threadIdx.x == 0)
-		last = atomicAdd(a.ticket, 1) == (int) gridDim.x - 1;
-	__syncthreads();
-	if (!last)
-		return;
-	__threadfence();
-	if (threadIdx.x == 0)
-		*a.ticket = 0;
-	/* h, y and y16 as row_norm_kernel<1> writes them (nothing reads them in this launch) */
-	for (int i = threadIdx.x; i < NR * nc; i += blockDim.x)
-	{
-		int			r = i / nc,
-					c = i - r * nc;
-		float4		o = y4[i];
-
-		((float4 *) (a.h + (size_t) r * a.D))[c] = v4[i];
-		((float4 *) (a.y + (size_t) r * a.D))[c] = o;
-		if (a.y16)
-			((uint2 *) (a.y16 + (size_t) r * a.D))[c] = row_bf16x4(o);
-	}
-	rank_route_group(s, a.ra, rank_begin(s, a.ra), a.ng);
-}
-
-/* dynamic shared memory a launch takes: v and y of n rows */
-static size_t
-head_smem(int n, int D)
-{
-	return 2 * sizeof(float) * (size_t) n * D;
-}
-
-template <int NR, int RB, int BT>
-static int
-head_launch(cudaStream_t s, const head_args &a, int groups)
-{
-	size_t		smem = head_smem(NR, a.D);
-	int			rows = groups * RB;
-
-	/* the dynamic shared memory limit, set at every launch (a host call; graphs replay without it): its
-	 * static 17 KB count against the 48 KB a kernel gets without it, and it is the current GPU's */
-	if (cudaFuncSetAttribute(moe_head_kernel<NR, RB, BT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem) !=
-		cudaSuccess)
-	{
-		cudaGetLastError();
-		return -1;
-	}
-	kk_launch(moe_head_kernel<NR, RB, BT>, dim3(ceil_div(a.ra.E, rows)), dim3(groups * BT), smem, s, a);
-	return 0;
-}
-
-/* set by kk_set_gemv_rows (gemv.cu): the router product's kernel is the block-rows one only when on */
-extern int	kk_gemv_rows;
-
-extern "C" int
-kk_moe_head(cudaStream_t s, int n, int D, float *h, const float *a, const float *norm_w, float eps, float *y,
-			uint16_t *y16, const uint16_t *R, int E, int k, int G, int Tg, int use_softmax, int renorm,
-			int bias_in_w, float scaling, float *logits, const float *bias, int *sel, float *wts, int shared_rows,
-			int P, int *start, int *xrow, int *inv, int *active, int *ticket)
-{
-	bool		wide = rows_wide(D);
-	int			tpt = (E + 31) / 32 * 32,
-				bt = wide ? ROWS_BT_WIDE : ROWS_BT,
-				groups = (tpt + bt - 1) / bt,
-				ng;
-	head_args	ha;
-
-	/* the shapes the three kernels it replaces take: row_norm_kernel<1>, gemv_rows_kernel (kk_gemv's block
-	 * rows: bf16 router, vector loads), the rank routing */
-	if (n < 1 || n > KK_MOE_HEAD_ROWS || !ticket || !kk_row_norm_add_ok(y, h, a, norm_w, y16, D) || !kk_gemv_rows ||
-		D % 8 != 0 || ((uintptr_t) R & 15) != 0 || groups > HEAD_MAXG ||
-		head_smem(n, D) + sizeof(rank_smem) > 200 * 1024 ||
-		!rank_args_of(&ha.ra, n, E, k, G, Tg, use_softmax, renorm, bias_in_w, scaling, logits, bias, sel, wts,
-					  shared_rows, P, start, xrow, inv, active))
-		return -1;
-	ng = groups * bt / tpt;
-	if (ng > RANK_GROUPS)
-		ng = RANK_GROUPS;
-	if (ng > n)
-		ng = n;
-	ha.D = D;
-	ha.T = (int) kk_row_threads(D);
-	ha.ng = ng;
-	ha.eps = eps;
-	ha.h = h;
-	ha.a = a;
-	ha.w = norm_w;
-	ha.y = y;
-	ha.y16 = y16;
-	ha.R = R;
-	ha.logits = logits;
-	ha.ticket = ticket;
-	switch (n * 2 + wide)
-	{
-#define CASE(N) \
-		case 2 * N: return head_launch<N, ROWS_RB, ROWS_BT>(s, ha, groups); \
-		case 2 * N + 1: return head_launch<N, ROWS_RB_WIDE, ROWS_BT_WIDE>(s, ha, groups);
-			CASE(1) CASE(2) CASE(3) CASE(4)
-#undef CASE
-	}
-	return -1;
 }
 
 /*

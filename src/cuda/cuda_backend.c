@@ -490,108 +490,6 @@ cu_unload_weight(kl_backend *be, kl_weight *w)
 /* ------------------------------------------------------------------ element-wise */
 
 /*
- * A held-back add + norm (cuda_state.pend_norm) launched as cu_rmsnorm would
- * have launched it (kk_add_rmsnorm is kk_row_norm_twin's mode 1 without a
- * twin; it was held only where that kernel takes it: kk_row_norm_add_ok).
- */
-static void
-launch_held_norm(kl_backend *be)
-{
-	cuda_state *cs = CS(be);
-
-	cs->pend_norm = false;
-	if (be->failed)
-		return;
-	if (kk_row_norm_twin(cs->stream, 1, cs->pn_y, cs->pn_d, cs->pn_y16, cs->pn_h, cs->pn_d, cs->pn_a, cs->pn_w,
-						 cs->pn_rows, cs->pn_d, cs->pn_eps, 0, NULL, NULL, NULL, NULL) != 0)
-		kk_add_rmsnorm(cs->stream, cs->pn_y, cs->pn_h, cs->pn_a, cs->pn_w, cs->pn_rows, cs->pn_d, cs->pn_eps);
-	cuda_launched(be, "add_rmsnorm");
-}
-
-bool
-cuda_take_norm(kl_backend *be, const float *y, int rows, int d, cuda_held_norm *hn)
-{
-	cuda_state *cs = CS(be);
-
-	if (!cs->pend_norm || cs->pn_y != y || cs->pn_rows != rows || cs->pn_d != d || cs->pend || cs->pend_moe)
-		return false;
-	cs->pend_norm = false;
-	*hn = (cuda_held_norm) {cs->pn_y, cs->pn_h, cs->pn_a, cs->pn_w, cs->pn_y16, cs->pn_rows, cs->pn_d, cs->pn_eps};
-	return true;
-}
-
-void
-cuda_launch_norm(kl_backend *be, const cuda_held_norm *hn)
-{
-	cuda_state *cs = CS(be);
-
-	cs->pend_norm = true;
-	cs->pn_y = hn->y;
-	cs->pn_h = hn->h;
-	cs->pn_a = hn->a;
-	cs->pn_w = hn->w;
-	cs->pn_y16 = hn->y16;
-	cs->pn_rows = hn->rows;
-	cs->pn_d = hn->d;
-	cs->pn_eps = hn->eps;
-	launch_held_norm(be);
-}
-
-/* the held-back down product (cuda_state.pend_down) launched as the MoE op would have */
-static void
-launch_held_down(kl_backend *be)
-{
-	cuda_state *cs = CS(be);
-
-	cs->pend_down = false;
-	if (be->failed)
-		return;
-	kk_expert_gemv(cs->stream, cs->pd_y, NULL, cs->pd_rows, cs->pd_x, cs->pd_cols, NULL, cs->pd_W, NULL, 1,
-				   cs->pd_rows, cs->pd_cols, cs->pd_start, cs->pd_active, cs->pd_max_active, cs->pd_max_count);
-	cuda_launched(be, "expert down");
-}
-
-bool
-cuda_defer_down(kl_backend *be, int n, float *y, const float *x, const void *const *W, int rows, int cols,
-				const int *start, const int *active, int max_active, int max_count)
-{
-	cuda_state *cs = CS(be);
-
-	/* (only behind the combine of its outputs, which the tail's norm branch takes with it) */
-	if (!cs->moe_tail || n > cs->moe_tail_rows || be->failed || !cs->pend_moe || cs->pm_ye != y || cs->pm_ye16 ||
-		cs->pend || cs->pend_norm)
-		return false;
-	cs->pend_down = true;
-	cs->pd_y = y;
-	cs->pd_x = x;
-	cs->pd_W = W;
-	cs->pd_rows = rows;
-	cs->pd_cols = cols;
-	cs->pd_start = start;
-	cs->pd_active = active;
-	cs->pd_max_active = max_active;
-	cs->pd_max_count = max_count;
-	return true;
-}
-
-/* the held-back down product with the combine + add + norm y = rmsnorm(h += combine) w in its last block (the
- * combine held as cu_rmsnorm's branch checked); false where kk_expert_gemv_tail refuses (nothing launched) */
-static bool
-launch_tail(kl_backend *be, float *y, uint16_t *y16, const float *w, float eps)
-{
-	cuda_state *cs = CS(be);
-	kk_moe_tail t = {cs->pend_y, y, y16, w, eps, cs->pm_n, cs->pm_k, cs->pm_wts, cs->pm_inv, cs->pm_ys,
-	cs->tail_ticket};
-
-	if (kk_expert_gemv_tail(cs->stream, cs->pd_y, cs->pd_rows, cs->pd_x, cs->pd_cols, cs->pd_W, cs->pd_rows,
-							cs->pd_cols, cs->pd_start, cs->pd_active, cs->pd_max_active, cs->pd_max_count, &t) != 0)
-		return false;
-	cs->pend_down = false;
-	cs->tail_launches++;
-	return true;
-}
-
-/*
  * The residual add h += x is held back: forward.c follows it with the
  * rmsnorm of h, and one kernel does both (a launch and a pass over h
  * saved per add).  Any other op launches a held-back add first.
@@ -601,10 +499,6 @@ cuda_flush_add(kl_backend *be)
 {
 	cuda_state *cs = CS(be);
 
-	if (cs->pend_norm)
-		launch_held_norm(be);
-	if (cs->pend_down)
-		launch_held_down(be);	/* (before the combine that reads its outputs) */
 	if (cs->pend_moe)
 	{
 		cs->pend_moe = false;
@@ -676,26 +570,13 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 		return;
 	/* the products of y that follow read its bf16 twin, written here (KL_CUDA_BF16_TWIN; not for a
 	 * part of the rows, as kv_a_layernorm's, which no product reads) */
-	if (cs->pend_norm)
-		cuda_flush_add(be);		/* (before cuda_twin_out: the held norm's twin may be in CB_TWIN) */
 	y16 = ldy == d ? cuda_twin_out(be, rows, d) : NULL;
 	if (be->failed)
 		return;
 	if (cs->pend && cs->pend_moe && cs->pend_x == cs->pm_y && cs->pend_y == x && ldx == d && ldy == d &&
 		rows == cs->pm_n && d == cs->pm_D && cs->pend_n == (size_t) rows * d && y != cs->pm_y)
 	{
-		/* MoE combine + residual add + norm in one kernel; with a held down product, in its last block
-		 * (KL_CUDA_MOE_TAIL), else after it */
-		if (cs->pend_down && launch_tail(be, y, y16, w, eps))
-		{
-			cs->pend = cs->pend_moe = false;
-			if (y16)
-				twin_made(be, y, rows, d, y16);
-			cuda_launched(be, "expert down + moe_combine_add_rmsnorm");
-			return;
-		}
-		if (cs->pend_down)
-			launch_held_down(be);
+		/* MoE combine + residual add + norm in one kernel */
 		cs->pend = cs->pend_moe = false;
 		if (y16 && kk_row_norm_twin(cs->stream, cs->pm_ye16 ? 3 : 2, y, d, y16, cs->pend_y, d, NULL, w, rows, d, eps,
 									cs->pm_k, cs->pm_wts, cs->pm_inv,
@@ -715,24 +596,6 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 	if (cs->pend && cs->pend_y == x && ldx == d && ldy == d && cs->pend_n == (size_t) rows * d && cs->pend_x != x)
 	{
 		cs->pend = false;
-		if (rows <= cs->moe_head_rows && kk_row_norm_add_ok(y, x, cs->pend_x, w, y16, d))
-		{
-			/* held back for the MoE op of input y (its head kernel, cuda_moe.c), else launched as below by
-			 * the next op (cuda_flush_add); the twin counts as made now, as it would be here: every reader
-			 * of it is an op that launches the held norm first */
-			cs->pend_norm = true;
-			cs->pn_y = y;
-			cs->pn_h = cs->pend_y;
-			cs->pn_a = cs->pend_x;
-			cs->pn_w = w;
-			cs->pn_y16 = y16;
-			cs->pn_rows = rows;
-			cs->pn_d = d;
-			cs->pn_eps = eps;
-			if (y16)
-				twin_made(be, y, rows, d, y16);
-			return;
-		}
 		if (y16 && kk_row_norm_twin(cs->stream, 1, y, d, y16, cs->pend_y, d, cs->pend_x, w, rows, d, eps, 0, NULL,
 									NULL, NULL, NULL) == 0)
 			twin_made(be, y, rows, d, y16);
@@ -862,8 +725,6 @@ cu_destroy(kl_backend *be)
 	cudaFree(cs->meta_dev);
 	cudaFreeHost(cs->ids_host);
 	cudaFree(cs->ids_dev);
-	cudaFree(cs->head_ticket);
-	cudaFree(cs->tail_ticket);
 	cudaFreeHost(cs->smp_host);
 	cudaFree(cs->smp_dev);
 	cudaEventDestroy(cs->meta_done);
@@ -908,7 +769,6 @@ static const kl_backend_ops cuda_ops = {
 	.read_mla_rows = cu_read_mla_rows,
 	.write_mla_rows = cu_write_mla_rows,
 	.kda = cuda_kda,
-	.kda_folds = cuda_kda_folds,
 	.mla = cuda_mla,
 	.moe = cuda_moe,
 	.sample = cuda_sample,
@@ -1098,11 +958,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * before it reads anything (default: it reads the state, the conv
 		 * tails and the step's metadata, which earlier steps wrote, while
 		 * the products finish; kernels/kda.cu, kda_decode_early_kernel).
-		 * KL_CUDA_KDA_FOLD=0: f_b and g_b (f and the gate from their
-		 * low-rank halves) run as a product kernel before it (default: that
-		 * early kernel makes them itself at decode, one launch fewer a KDA
-		 * layer, where the products would run gemv.cu's block-rows kernel:
-		 * bf16 weights, not on the tensor cores; kk_kda_decode_fold).
 		 * KL_CUDA_KDA_MMA=0: prefill's chunkwise KDA form in precision bf16
 		 * runs the fp32 kernels (default: tensor cores from sm_80); =1 its
 		 * sequential part as the 4-warp kernel (kda_chunk_mma_kernel), =2
@@ -1159,21 +1014,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * (1.52-1.59x with IN16), above test_cuda's bar of 1.5x
 		 * (H200, 2026-12-01; the 48B shapes: 1.02-1.09x); -0.1 ms of the
 		 * op's 5.5 at 32768 tokens.
-		 * KL_CUDA_MOE_HEAD=0: a decode step's MoE layer starts with three
-		 * kernels, the residual add + norm, the router product and the
-		 * routing; default: one (kk_moe_head, steps of up to 4 tokens, the
-		 * same numbers bit for bit; cuda_state.pend_norm);
-		 * KL_CUDA_MOE_HEAD_ROWS=N (1-4): only for steps of up to N tokens
-		 * (at E = 256 the head routes one token at a time where the rank
-		 * kernel routed up to four: the bound to measure at batch 2-4).
-		 * KL_CUDA_MOE_TAIL=0: a decode step's MoE layer ends with two
-		 * kernels, the expert down product and the combine + residual add
-		 * + norm (row_norm_kernel<2>); default: one (kk_expert_gemv_tail:
-		 * the down product's last blocks do the second's work, the same
-		 * numbers bit for bit; cuda_state.pend_down), at steps of up to
-		 * KL_CUDA_MOE_TAIL_ROWS tokens (1-4, default 1: the norm of the n
-		 * rows in one block of 96 threads where row_norm_kernel<2> has n
-		 * blocks of up to 1024; measure 2-4).
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
@@ -1216,7 +1056,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *pfmb = getenv("KL_CUDA_PREFETCH_MB"),
 				   *kf = getenv("KL_CUDA_KDA_FUSED"),
 				   *kde = getenv("KL_CUDA_KDA_DEC_EARLY"),
-				   *kfo = getenv("KL_CUDA_KDA_FOLD"),
 				   *ep = getenv("KL_CUDA_EXPERT_PRELOAD"),
 				   *kmma = getenv("KL_CUDA_KDA_MMA"),
 				   *mf = getenv("KL_CUDA_MLA_FLASH"),
@@ -1224,17 +1063,12 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *kew = getenv("KL_CUDA_KDA_ELEM_WARP"),
 				   *kpw = getenv("KL_CUDA_KDA_KP6_WIDE"),
 				   *ki16 = getenv("KL_CUDA_KDA_IN16"),
-				   *ko16 = getenv("KL_CUDA_KDA_OUT16"),
-				   *mh = getenv("KL_CUDA_MOE_HEAD"),
-				   *mhr = getenv("KL_CUDA_MOE_HEAD_ROWS"),
-				   *mt = getenv("KL_CUDA_MOE_TAIL"),
-				   *mtr = getenv("KL_CUDA_MOE_TAIL_ROWS");
+				   *ko16 = getenv("KL_CUDA_KDA_OUT16");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
 		kk_set_pdl(major >= 9 && !(pdl && strcmp(pdl, "0") == 0));
-		cs->gemv_rows = !(gw && strcmp(gw, "0") == 0);
-		kk_set_gemv_rows(cs->gemv_rows);
+		kk_set_gemv_rows(!(gw && strcmp(gw, "0") == 0));
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_mma_q_direct(qd && *qd ? atoi(qd) : 2);
@@ -1259,26 +1093,11 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :
 			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : 8;
 		cs->kda_dec_early = !(kde && strcmp(kde, "0") == 0);
-		cs->kda_fold = !(kfo && strcmp(kfo, "0") == 0);
 		cs->kda_mma = cs->bf16 && major >= 8 && !(kmma && strcmp(kmma, "0") == 0) &&
 			(cfg->kda_head_dim == 32 || cfg->kda_head_dim == 64 || cfg->kda_head_dim == 128);
 		cs->kda_in16 = !cs->bf16 ? 0 : ki16 && *ki16 ? atoi(ki16) & (KL_R16_KDA_IN | KL_R16_KDA_GATE) : KL_R16_KDA_IN;
 		cs->kda_out16 = cs->bf16 && ko16 && strcmp(ko16, "1") == 0;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
-		/* (its ticket zeroed once; a launch leaves it zero) */
-		cs->moe_head = cs->fuse_moe && !(mh && strcmp(mh, "0") == 0) &&
-			cudaMalloc((void **) &cs->head_ticket, sizeof(int)) == cudaSuccess &&
-			cudaMemset(cs->head_ticket, 0, sizeof(int)) == cudaSuccess;
-		cudaGetLastError();
-		cs->moe_head_rows = !cs->moe_head ? 0 : mhr && atoi(mhr) >= 1 && atoi(mhr) <= KK_MOE_HEAD_ROWS ?
-			atoi(mhr) : KK_MOE_HEAD_ROWS;
-		/* (its tickets likewise) */
-		cs->moe_tail = cs->fuse_moe && !(mt && strcmp(mt, "0") == 0) &&
-			cudaMalloc((void **) &cs->tail_ticket, sizeof(int) * (1 + KK_MOE_TAIL_COLS)) == cudaSuccess &&
-			cudaMemset(cs->tail_ticket, 0, sizeof(int) * (1 + KK_MOE_TAIL_COLS)) == cudaSuccess;
-		cudaGetLastError();
-		cs->moe_tail_rows = !cs->moe_tail ? 0 : mtr && atoi(mtr) >= 1 && atoi(mtr) <= KK_MOE_TAIL_ROWS ?
-			atoi(mtr) : 1;
 		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
 		cs->route_warp = rw && *rw ? atoi(rw) : INT_MAX;
 		cs->route_rank_max = rr && *rr ? (atoi(rr) > 0 ? atoi(rr) : 0) : 4;
@@ -1346,8 +1165,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 	return KL_OK;
 fail:
 	cuda_fp8_free(cs);
-	cudaFree(cs->head_ticket);
-	cudaFree(cs->tail_ticket);
 	if (cs->blas)
 		cublasDestroy(cs->blas);
 	cudaFree(cs->blas_ws);

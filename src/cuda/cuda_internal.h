@@ -240,67 +240,14 @@ typedef struct cuda_state
 	const uint16_t *pm_ye16;	/* bf16 expert outputs instead of pm_ye (cuda_defer_combine16) */
 	const int  *pm_inv;
 
-	/*
-	 * An add + norm held back for the MoE op (KL_CUDA_MOE_HEAD): cu_rmsnorm's
-	 * mode 1 (h += a; y = rmsnorm(h) w, y16 its bf16 twin or NULL) at steps
-	 * of up to KK_MOE_HEAD_ROWS rows waits here; the MoE op of input y takes
-	 * it into its head kernel (kk_moe_head: norm, router and routing in one
-	 * launch), and any other op launches it first (cuda_flush_add).
-	 */
-	bool		pend_norm;
-	float	   *pn_y,
-			   *pn_h;
-	const float *pn_a,
-			   *pn_w;
-	uint16_t   *pn_y16;
-	int			pn_rows,
-				pn_d;
-	float		pn_eps;
-
 	/* decode-step switches (KL_CUDA_MOE_FUSE=0, KL_CUDA_PDL=0 turn them off) */
 	bool		fuse_moe;
-	/* KL_CUDA_MOE_HEAD (default on; =0 off, and off with KL_CUDA_MOE_FUSE=0):
-	 * decode steps of up to moe_head_rows tokens (KL_CUDA_MOE_HEAD_ROWS,
-	 * 1 .. KK_MOE_HEAD_ROWS, default KK_MOE_HEAD_ROWS) run the MoE layer's
-	 * add + norm, router product and routing as one kernel (kk_moe_head);
-	 * head_ticket: its device counter (0 between launches) */
-	bool		moe_head;
-	int			moe_head_rows;
-	int		   *head_ticket;
-	long		head_launches;	/* (for test_cuda: head kernels launched) */
-	/*
-	 * KL_CUDA_MOE_TAIL (default on; =0 off, and off with KL_CUDA_MOE_FUSE=0):
-	 * at decode steps of up to moe_tail_rows tokens (KL_CUDA_MOE_TAIL_ROWS,
-	 * 1 .. KK_MOE_TAIL_ROWS, default 1) the MoE op's bf16 expert down product
-	 * is held back (pend_down, its kk_expert_gemv arguments; it always comes
-	 * with a held combine, pend_moe), and the rmsnorm that takes the combine
-	 * + add + norm branch launches it with that work in its last block
-	 * (kk_expert_gemv_tail); any other op launches it first (cuda_flush_add,
-	 * before the combine).  tail_ticket: its device counters (1 +
-	 * KK_MOE_TAIL_COLS, 0 between launches).
-	 */
-	bool		moe_tail;
-	int			moe_tail_rows;
-	int		   *tail_ticket;
-	long		tail_launches;	/* (for test_cuda: tail kernels launched) */
-	bool		pend_down;
-	float	   *pd_y;
-	const float *pd_x;
-	const void *const *pd_W;
-	const int  *pd_start,
-			   *pd_active;
-	int			pd_rows,
-				pd_cols,
-				pd_max_active,
-				pd_max_count;
 	/* KL_CUDA_EXPERT_MMA: decode steps of at least this many tokens run the
 	 * experts on the tensor cores in bf16 precision (0: never) */
 	int			expert_mma_min;
 	/* KL_CUDA_GEMV_MMA: bf16-precision decode products of at least this many
 	 * rows (and at most 8) run on the tensor cores (0: never) */
 	int			gemv_mma_min;
-	/* KL_CUDA_GEMV_ROWS (kk_set_gemv_rows): bf16 GEMVs in the block-rows design */
-	bool		gemv_rows;
 	/* KL_CUDA_Q_MMA: bf16-precision decode products of quantized weights of
 	 * at least this many rows run on the tensor cores (default 2; 0: never;
 	 * KL_CUDA_Q_DIRECT=0 keeps FP8 ones of up to 8 rows out of mma_q.cu's
@@ -348,12 +295,6 @@ typedef struct cuda_state
 	 * (kda_decode_early_kernel; KL_CUDA_KDA_DEC_EARLY=0: kda_decode_kernel,
 	 * the order of before; the same outputs bit for bit) */
 	bool		kda_dec_early;
-	/* KL_CUDA_KDA_FOLD: that early form also makes f and gate from their
-	 * low-rank halves (kk_kda_decode_fold; kda_folds tells forward.c to skip
-	 * the f_b, g_b products) where those would run as gemv.cu's block-rows
-	 * kernel; =0: the products as before.  The same outputs bit for bit */
-	bool		kda_fold;
-	long		kda_fold_launches;	/* (for test_cuda: kk_kda_decode_fold launches) */
 	/* precision bf16: the chunkwise KDA form (prefill) on tensor cores,
 	 * kk_kda_chunked_mma (KL_CUDA_KDA_MMA=0: the fp32 kernels, as in
 	 * precision fp32; default on from sm_80 for head sizes 32, 64, 128) */
@@ -581,26 +522,6 @@ bool		cuda_step_skip(kl_backend *be, int op, uintptr_t a, uintptr_t b, uintptr_t
 void		cuda_prefetch_join(kl_backend *be);
 /* launch a held-back residual add (any op but the fusing rmsnorm calls it first) */
 void		cuda_flush_add(kl_backend *be);
-/*
- * A held-back add + norm (cuda_state.pend_norm) for the MoE head.
- * cuda_take_norm: where one is held for rows x d whose y is y (and nothing
- * else is held), it moves to *hn and true (the caller then launches it:
- * kk_moe_head, or cuda_launch_norm); else false.  cuda_launch_norm: launch
- * it as cu_rmsnorm would have.
- */
-typedef struct cuda_held_norm
-{
-	float	   *y,
-			   *h;
-	const float *a,
-			   *w;
-	uint16_t   *y16;
-	int			rows,
-				d;
-	float		eps;
-} cuda_held_norm;
-bool		cuda_take_norm(kl_backend *be, const float *y, int rows, int d, cuda_held_norm *hn);
-void		cuda_launch_norm(kl_backend *be, const cuda_held_norm *hn);
 /* y = the MoE combine (kk_moe_combine), held back: the residual add that reads
  * y and the rmsnorm after it become one kernel (kk_moe_combine_add_rmsnorm);
  * any other op launches it first */
@@ -609,15 +530,6 @@ void		cuda_defer_combine(kl_backend *be, float *y, int n, int D, int k, const fl
 /* cuda_defer_combine with bf16 expert outputs ye16 (kk_moe_combine16) */
 void		cuda_defer_combine16(kl_backend *be, float *y, int n, int D, int k, const float *wts, const int *inv,
 								 const uint16_t *ye16, const float *ys);
-/*
- * The MoE op's down product y [n tokens' items, rows] = the kk_expert_gemv
- * (one matrix, bf16) of those arguments, held back after cuda_defer_combine
- * for the rmsnorm that takes the combine (KL_CUDA_MOE_TAIL: cuda_state.
- * pend_down): false where the switch is off for n or the shape is not the
- * tail's (the caller launches it).
- */
-bool		cuda_defer_down(kl_backend *be, int n, float *y, const float *x, const void *const *W, int rows, int cols,
-							const int *start, const int *active, int max_active, int max_count);
 
 enum cuda_op
 {
@@ -628,8 +540,6 @@ enum cuda_op
 void		cuda_matmul(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
 void		cuda_matmul_batch(kl_backend *be, const kl_matmul_job *jobs, int count);
 void		cuda_matmul_batch_raw(kl_backend *be, const kl_matmul_job *jobs, int count);
-/* would a batch of products of n rows with W (all alike) run gemv.cu's block-rows kernel? */
-bool		cuda_gemv_rows_batch(const cuda_state *cs, int n, const kl_weight *W);
 /* the product itself, without the step bookkeeping (for the mixers) */
 void		cuda_matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
 /* the same in fp32 arithmetic whatever the precision mode (MoE routing) */
@@ -688,7 +598,6 @@ void		cuda_abort_capture(kl_backend *be);
 
 /* cuda_kda.c, cuda_mla.c, cuda_moe.c */
 void		cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a);
-bool		cuda_kda_folds(kl_backend *be, const kl_step *st, const kl_kda_layer *w);
 void		cuda_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a);
 int			cuda_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err);
 void		cuda_release_mla(kl_backend *be, kl_mla_layer *w);

@@ -145,47 +145,6 @@ kda_r16_settle(kl_backend *be, const kl_kda_args *a, bool read16)
 			cuda_r16_widen(be, in[i]);
 }
 
-/*
- * kl_backend_ops.kda_folds (KL_CUDA_KDA_FOLD): a decode step the one-kernel
- * early form takes (cuda_kda's test below), whose f_b and g_b products would
- * run gemv.cu's block-rows kernel, whose sums kk_kda_decode_fold reproduces
- * (its shapes: [H K, K] bf16 weights, 16-byte aligned)
- */
-bool
-cuda_kda_folds(kl_backend *be, const kl_step *st, const kl_kda_layer *w)
-{
-	cuda_state *cs = CS(be);
-	const kl_config *cfg = be->cfg;
-	int			K = cfg->kda_head_dim,
-				HK = cfg->kda_heads * K,
-				n = st->n_tokens;
-
-	/* (low_rank's alignment is cuda_kda's to check: NULL passes) */
-	return cs->kda_fold && cs->kda_dec_early && n == st->n_seqs && n <= cs->kda_fused_max &&
-		cuda_gemv_rows_batch(cs, n, &w->f_b) && cuda_gemv_rows_batch(cs, n, &w->g_b) &&
-		w->f_b.rows == HK && w->f_b.cols == K && w->g_b.rows == HK && w->g_b.cols == K &&
-		kk_kda_decode_fold_ok(K, cfg->conv_kernel, NULL, NULL, w->f_b.dev, w->g_b.dev);
-}
-
-/*
- * f and gate from their low-rank halves (kl_kda_args.low_rank: kda_folds
- * said yes) where the kernel that would make them does not run: the f_b and
- * g_b products forward.c would have run, the same batch
- */
-static void
-kda_unfold(kl_backend *be, const kl_kda_args *a, int n)
-{
-	const kl_config *cfg = be->cfg;
-	int			K = cfg->kda_head_dim,
-				HK = cfg->kda_heads * K;
-	kl_matmul_job jobs[] = {
-		{a->f, HK, a->low_rank, K, n, &a->w->f_b, KL_R16_KDA_IN},
-		{(float *) a->gate, HK, a->gate_low_rank, K, n, &a->w->g_b, KL_R16_KDA_GATE},
-	};
-
-	cuda_matmul_batch_raw(be, jobs, 2);
-}
-
 void
 cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 {
@@ -213,17 +172,11 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 			   *v16,
 			   *f16;
 	bool		all_long = true,
-				fold,
 				in16,
 				out16;
 
 	if (cuda_step_skip(be, OP_KDA, (uintptr_t) a->q, (uintptr_t) a->out, (uintptr_t) w, (uintptr_t) a->kda_index))
 		return;
-	/* the low-rank halves given (kda_folds): the one-kernel form below makes f and gate, else the products now */
-	fold = a->low_rank && n == ns && ns <= cs->kda_fused_max &&
-		kk_kda_decode_fold_ok(K, W, a->low_rank, a->gate_low_rank, w->f_b.dev, w->g_b.dev);
-	if (a->low_rank && !fold)
-		kda_unfold(be, a, n);
 	/* the products' bf16 results (KL_CUDA_KDA_IN16; NULL: in fp32 as usual) */
 	q16 = cuda_r16_find(cs, a->q, n, HK);
 	k16 = cuda_r16_find(cs, a->k, n, HK);
@@ -248,21 +201,12 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 
 		if (be->failed)
 			return;
-		if (fold)
-			rc = kk_kda_decode_fold(cs->stream, ns, H, K, W, a->q, a->k, a->v, a->low_rank, a->gate_low_rank,
-									w->f_b.dev, w->g_b.dev, a->b, w->conv_q, w->conv_k, w->conv_v, w->A_log,
-									w->dt_bias, w->o_norm, cfg->rms_norm_eps, cs->d_row0, S_tab, conv_tab,
-									cs->kda_round16, a->out, o16);
-		else
-		{
-			cuda_r16_widen(be, a->gate);
-			rc = kk_kda_decode_twin(cs->stream, ns, H, K, W, a->q, a->k, a->v, a->f, a->b, a->gate, w->conv_q,
-									w->conv_k, w->conv_v, w->A_log, w->dt_bias, w->o_norm, cfg->rms_norm_eps,
-									cs->d_row0, S_tab, conv_tab, cs->kda_round16, a->out, o16, cs->kda_dec_early);
-		}
+		cuda_r16_widen(be, a->gate);
+		rc = kk_kda_decode_twin(cs->stream, ns, H, K, W, a->q, a->k, a->v, a->f, a->b, a->gate, w->conv_q,
+								w->conv_k, w->conv_v, w->A_log, w->dt_bias, w->o_norm, cfg->rms_norm_eps,
+								cs->d_row0, S_tab, conv_tab, cs->kda_round16, a->out, o16, cs->kda_dec_early);
 		if (rc == 0)
 		{
-			cs->kda_fold_launches += fold;
 			if (cuda_launched(be, "kda_decode") && o16)
 				cuda_twin_set(cs, a->out, HK, n, HK, o16, false);
 			return;
@@ -270,8 +214,6 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 		/* refused (a launch configuration this GPU or driver does not take): the three kernels from now on */
 		cudaGetLastError();
 		cs->kda_fused_max = 0;
-		if (fold)
-			kda_unfold(be, a, n);
 	}
 	if (cs->kda_mma && kk_kda_prep_fused_ok(K, W) && all_long)
 	{
@@ -364,17 +306,6 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 }
 
 /* ------------------------------------------------------------------ test hook */
-
-/*
- * For test/engine/test_cuda.c (found with dlsym): the decode kernels that
- * made f and gate themselves (KL_CUDA_KDA_FOLD) this backend has launched,
- * so that a check comparing the switch on and off knows the fold ran.
- */
-__attribute__((visibility("default"))) long
-kl_cuda_kda_fold_launches(kl_backend *be)
-{
-	return CS(be)->kda_fold_launches;
-}
 
 /*
  * For test/engine/test_cuda.c only (found with dlsym; the backend does not
@@ -488,137 +419,6 @@ kl_cuda_test_kda_decode(int early, int ns, int H, int K, int W, int round16, flo
 			if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
 				rc = (int) e;
 		}
-	}
-	{
-		void	   *host_out[6] = {out_old, out_new, S_old, S_new, tails_old, tails_new};
-		int			dev_of[6] = {OUT_O, OUT_N, S_O, S_N, T_O, T_N};
-
-		rc = hook_close(s, d, sz, NBUF, dev_of, host_out, 6, rc);
-	}
-	free(ints);
-	free(ptrs);
-	return rc;
-}
-
-/*
- * For test/engine/test_cuda.c only (found with dlsym): one decode step of
- * ns sequences (row s is sequence s) with f and gate from their low-rank
- * halves (KL_CUDA_KDA_FOLD): the f_b, g_b products as the backend batches
- * them (kk_gemv_multi) then kk_kda_decode's early form (old), and
- * kk_kda_decode_fold (new), each on its own copy of the state and conv
- * tails.  Host inputs as kl_cuda_test_kda_decode's, with lr, glr [ns, K]
- * and f_b, g_b [H K, K] bf16 for f and gate.  Returns 0, -1 when
- * kk_kda_decode_fold does not cover the shape or GPU, or a CUDA error code.
- */
-__attribute__((visibility("default"))) int
-kl_cuda_test_kda_fold(int ns, int H, int K, int W, int round16, float eps, const float *q, const float *k,
-					  const float *v, const float *lr, const float *glr, const uint16_t *f_b, const uint16_t *g_b,
-					  const float *b, const float *conv_q, const float *conv_k, const float *conv_v,
-					  const float *A_log, const float *dt_bias, const float *o_norm, const float *S,
-					  const float *tails, float *out_old, float *out_new, float *S_old, float *S_new,
-					  float *tails_old, float *tails_new)
-{
-	enum
-	{
-		Q, K_, V_, LR, GLR, FB, GB, F, G, B, CQ, CK, CV, ALOG, DT, ONORM, S_O, S_N, T_O, T_N, OUT_O, OUT_N, ROW0,
-		STAB_O, STAB_N, CTAB_O, CTAB_N, NBUF
-	};
-	size_t		HK = (size_t) H * K,
-				nS = (size_t) H * K * K,
-				nT = 3 * HK * W;
-	size_t		sz[NBUF];
-	const void *in[NBUF] = {NULL};
-	void	   *d[NBUF] = {NULL};
-	int		   *ints = malloc(sizeof(int) * (size_t) (ns + 1));
-	float	  **ptrs = malloc(sizeof(float *) * (size_t) (4 * ns));
-	cudaStream_t s = NULL;
-	cudaError_t e;
-	int			rc = 0;
-
-	if (!ints || !ptrs || !kk_kda_decode_supported(K) || !kk_kda_decode_fold_ok(K, W, NULL, NULL, NULL, NULL))
-	{
-		rc = !ints || !ptrs ? (int) cudaErrorMemoryAllocation : -1;
-		free(ints);
-		free(ptrs);
-		return rc;
-	}
-	sz[Q] = sz[K_] = sz[V_] = sz[F] = sz[G] = sz[OUT_O] = sz[OUT_N] = sizeof(float) * ns * HK;
-	sz[LR] = sz[GLR] = sizeof(float) * ns * K;
-	sz[FB] = sz[GB] = sizeof(uint16_t) * HK * K;
-	sz[B] = sizeof(float) * ns * H;
-	sz[CQ] = sz[CK] = sz[CV] = sizeof(float) * HK * W;
-	sz[ALOG] = sizeof(float) * H;
-	sz[DT] = sizeof(float) * HK;
-	sz[ONORM] = sizeof(float) * K;
-	sz[S_O] = sz[S_N] = sizeof(float) * ns * nS;
-	sz[T_O] = sz[T_N] = sizeof(float) * ns * nT;
-	sz[ROW0] = sizeof(int) * (ns + 1);
-	sz[STAB_O] = sz[STAB_N] = sz[CTAB_O] = sz[CTAB_N] = sizeof(float *) * ns;
-	in[Q] = q;
-	in[K_] = k;
-	in[V_] = v;
-	in[LR] = lr;
-	in[GLR] = glr;
-	in[FB] = f_b;
-	in[GB] = g_b;
-	in[B] = b;
-	in[CQ] = conv_q;
-	in[CK] = conv_k;
-	in[CV] = conv_v;
-	in[ALOG] = A_log;
-	in[DT] = dt_bias;
-	in[ONORM] = o_norm;
-	in[S_O] = in[S_N] = S;
-	in[T_O] = in[T_N] = tails;
-	rc = hook_open(&s, d, sz, in, NBUF);
-	if (rc == 0)
-	{
-		for (int i = 0; i <= ns; i++)
-			ints[i] = i;
-		for (int i = 0; i < ns; i++)
-		{
-			ptrs[i] = (float *) d[S_O] + i * nS;
-			ptrs[ns + i] = (float *) d[S_N] + i * nS;
-			ptrs[2 * ns + i] = (float *) d[T_O] + i * nT;
-			ptrs[3 * ns + i] = (float *) d[T_N] + i * nT;
-		}
-		if ((e = cudaMemcpyAsync(d[ROW0], ints, sz[ROW0], cudaMemcpyHostToDevice, s)) != cudaSuccess)
-			rc = (int) e;
-		for (int i = 0; i < 4 && rc == 0; i++)
-			if ((e = cudaMemcpyAsync(d[STAB_O + i], ptrs + (size_t) i * ns, sz[STAB_O], cudaMemcpyHostToDevice, s)) !=
-				cudaSuccess)
-				rc = (int) e;
-	}
-	if (rc == 0)
-	{
-		kk_gemv_batch gb;
-		kk_gemv_job *j = gb.job;
-
-		memset(&gb, 0, sizeof(gb));
-		gb.n = ns;
-		gb.count = 2;
-		for (int i = 0; i < 2; i++)
-		{
-			j[i].y = d[i ? G : F];
-			j[i].x = d[i ? GLR : LR];
-			j[i].W = d[i ? GB : FB];
-			j[i].ldy = (int) HK;
-			j[i].ldx = K;
-			j[i].rows = (int) HK;
-			j[i].cols = K;
-			j[i].bf16 = 1;
-			j[i].fmt = KK_WF_BF16;
-			j[i].group = K;
-		}
-		kk_gemv_multi(s, &gb);
-		rc = kk_kda_decode(s, ns, H, K, W, d[Q], d[K_], d[V_], d[F], d[B], d[G], d[CQ], d[CK], d[CV], d[ALOG], d[DT],
-						   d[ONORM], eps, d[ROW0], d[STAB_O], d[CTAB_O], round16, d[OUT_O], 1);
-		if (rc == 0)
-			rc = kk_kda_decode_fold(s, ns, H, K, W, d[Q], d[K_], d[V_], d[LR], d[GLR], d[FB], d[GB], d[B], d[CQ],
-									d[CK], d[CV], d[ALOG], d[DT], d[ONORM], eps, d[ROW0], d[STAB_N], d[CTAB_N],
-									round16, d[OUT_N], NULL);
-		if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
-			rc = (int) e;
 	}
 	{
 		void	   *host_out[6] = {out_old, out_new, S_old, S_new, tails_old, tails_new};

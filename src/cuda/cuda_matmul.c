@@ -612,17 +612,6 @@ cuda_matmul(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, c
 	CS(be)->tw_scope = false;
 }
 
-/* (cuda_internal.h) what cuda_matmul_batch_raw and kk_gemv_multi choose for
- * such a batch: the GEMV path (1-8 rows), bf16 weights not on the tensor
- * cores, the block-rows design (the alignment kk_gemv_multi checks too:
- * 16-byte rows of input and weights, the caller's part) */
-bool
-cuda_gemv_rows_batch(const cuda_state *cs, int n, const kl_weight *W)
-{
-	return n >= 1 && n <= GEMV_MAX_ROWS && cs->gemv_rows && !cuda_weight_quantized(W) && W->dtype == KL_DT_BF16 &&
-		W->rows > 0 && W->cols % 8 == 0 && !gemv_on_tensor_cores(cs, n, W);
-}
-
 /* Do these products all take the GEMV path with the same row count?  (any
  * quantized: *any_q set) */
 static bool

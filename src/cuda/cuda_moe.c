@@ -36,9 +36,6 @@
  * the gate and up products write silu(gate) * up directly, and the combine
  * is held back (cuda_defer_combine) to run inside the residual add and norm
  * that follow: router, route+group, gate/up, down — four launches a layer.
- * Steps of up to 4 tokens (KL_CUDA_MOE_HEAD) fold the router and the routing
- * into one launch with the add + norm before the op (kk_moe_head: moe_head
- * below; the norm held back by cu_rmsnorm): head, gate/up, down.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -290,34 +287,6 @@ moe_shared(kl_backend *be, const kl_moe_layer *w, const float *x, int n, int D, 
 	return !be->failed;
 }
 
-/*
- * The MoE head (KL_CUDA_MOE_HEAD): a decode step's held-back add + norm (hn,
- * deferred by cu_rmsnorm), the router product and the routing and grouping
- * in one launch (kk_moe_head), where those would run as the three kernels it
- * reproduces bit for bit: the routing by rank (its condition in cuda_moe),
- * and the router product through kk_gemv on bf16 weights, which is what
- * cuda_matmul_fp32 runs at a few rows in either precision (the launcher
- * checks the rest: the block-rows GEMV, the row norm kernel, the shapes).
- * 0 when launched, -1 when not (nothing launched).
- */
-static int
-moe_head(cuda_state *cs, const kl_config *cfg, const kl_moe_layer *w, const cuda_held_norm *hn, int n,
-		 int shared_rows, int P, float *logits, int *sel, float *wts, int *start, int *xrow, int *inv, int *active)
-{
-	const kl_weight *R = &w->router;
-	int			E = cfg->n_experts,
-				D = cfg->hidden_size;
-
-	if (!cs->moe_head || !cs->fuse_moe || n > cs->route_warp || n > cs->route_rank_max ||
-		cuda_weight_quantized(R) || R->dtype != KL_DT_BF16 || R->rows != E || R->cols != D || !R->dev)
-		return -1;
-	return kk_moe_head(cs->stream, n, D, hn->h, hn->a, hn->w, hn->eps, hn->y, hn->y16, (const uint16_t *) R->dev, E,
-					   cfg->experts_per_token, cfg->n_expert_groups > 0 ? cfg->n_expert_groups : 1,
-					   cfg->topk_groups, cfg->router_softmax, cfg->moe_renormalize, cfg->bias_in_weights,
-					   cfg->routed_scaling, logits, w->score_bias, sel, wts, shared_rows, P, start, xrow, inv, active,
-					   cs->head_ticket);
-}
-
 void
 cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n)
 {
@@ -344,9 +313,7 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			   *active;
 	bool		wbf,
 				wq,				/* the experts quantized (kernels.h's device form) */
-				shared_done = false,	/* variant 4 ran the shared experts before the routed ones */
-				held;			/* x is a held-back norm's y (KL_CUDA_MOE_HEAD), taken into hn */
-	cuda_held_norm hn;
+				shared_done = false;	/* variant 4 ran the shared experts before the routed ones */
 
 	if (cuda_step_skip(be, OP_MOE, (uintptr_t) y, (uintptr_t) x, (uintptr_t) w, (uintptr_t) n))
 		return;
@@ -376,14 +343,8 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 	if (!logits || !sel || !wts || !start || !xrow || !inv || !active || !g || !u || !ye)
 		return;
 
-	/* 1. route, in fp32 (logits included, in either precision mode); where x is a held-back norm's y (decode,
-	 * KL_CUDA_MOE_HEAD), with the norm and the routing below */
-	held = n <= MOE_DEVICE_MAX_TOKENS && cuda_take_norm(be, x, n, D, &hn);
-	if (!held)
-	{
-		cuda_flush_add(be);		/* (a held norm of other rows: cuda_step_skip left it) */
-		cuda_matmul_fp32(be, logits, E, x, D, n, &w->router);
-	}
+	/* 1. route, in fp32 (logits included, in either precision mode) */
+	cuda_matmul_fp32(be, logits, E, x, D, n, &w->router);
 	if (be->failed)
 		return;
 
@@ -416,29 +377,13 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		int			P = mma ? KK_EXPERT_MMA_ROWS : kk_expert_pass_rows(n);
 		int			max_active = expert_item_slots((int) nk, E, fuse ? n : 0, P);
 		int			rc = -1;
-		bool		tail;
 
 		/*
-		 * the head kernel (norm, router and rank routing) where the norm was
-		 * held for it and it covers the shape, else the norm and the router
-		 * product; then the rank kernel where it covers the shape (n <= 8,
-		 * E <= 256, no expert groups) and is on for n, else the warp kernel
-		 * (E <= 256), else the block one
+		 * the rank kernel where it covers the shape (n <= 8, E <= 256, no
+		 * expert groups) and is on for n, else the warp kernel (E <= 256),
+		 * else the block one
 		 */
-		if (held)
-		{
-			rc = moe_head(cs, cfg, w, &hn, n, fuse ? n : 0, P, logits, sel, wts, start, xrow, inv, active);
-			if (rc == 0)
-				cs->head_launches++;
-			else
-			{
-				cuda_launch_norm(be, &hn);
-				cuda_matmul_fp32(be, logits, E, x, D, n, &w->router);
-				if (be->failed)
-					return;
-			}
-		}
-		if (rc < 0 && cs->fuse_moe && n <= cs->route_warp && n <= cs->route_rank_max)
+		if (cs->fuse_moe && n <= cs->route_warp && n <= cs->route_rank_max)
 			rc = kk_moe_route_group_rank(cs->stream, n, E, k, G, cfg->topk_groups, cfg->router_softmax,
 										 cfg->moe_renormalize, cfg->bias_in_weights, cfg->routed_scaling, logits,
 										 w->score_bias, sel, wts, fuse ? n : 0, P, start, xrow, inv, active);
@@ -501,24 +446,9 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		{
 			if (!cuda_launched(be, "expert gate/up"))
 				return;
-			/* bf16 experts of a fused step: the combine held back first, then the down product too where the
-			 * tail takes it (KL_CUDA_MOE_TAIL: the rmsnorm that takes the combine launches both as one kernel) */
-			tail = fuse && tab->fmt_down == KK_WF_BF16;
-			if (tail)
-			{
-				cuda_defer_combine(be, y, n, D, k, wts, inv, ye, ye + nk * D);
-				if (be->failed)
-					return;
-			}
-			if (!tail || !cuda_defer_down(be, n, ye, g, (const void *const *) (tab->dev + 2 * (E + 1)), D, F, start,
-										  active, max_active, n))
-			{
-				expert_gemv_in(cs, tab, true, ye, NULL, D, g, F, NULL, (const void *const *) (tab->dev + 2 * (E + 1)),
-							   NULL, D, F, start, active, max_active, n);
-				if (!cuda_launched(be, "expert down"))
-					return;
-			}
-			if (tail)
+			expert_gemv_in(cs, tab, true, ye, NULL, D, g, F, NULL, (const void *const *) (tab->dev + 2 * (E + 1)), NULL,
+						D, F, start, active, max_active, n);
+			if (!cuda_launched(be, "expert down"))
 				return;
 		}
 		if (fuse)
@@ -723,24 +653,6 @@ kl_cuda_moe_prefill_path(kl_backend *be, int info[3])
 	info[1] = cs->moe_prefill_ran;
 	info[2] = cs->moe_batched_refused ? (cs->moe_batched_status ? cs->moe_batched_status : -1) : 0;
 	return info[1];
-}
-
-/*
- * For test/engine/test_cuda.c (found with dlsym): the MoE head kernels
- * (KL_CUDA_MOE_HEAD) this backend has launched, so that a check comparing
- * the switch on and off knows the head ran.
- */
-__attribute__((visibility("default"))) long
-kl_cuda_moe_head_launches(kl_backend *be)
-{
-	return CS(be)->head_launches;
-}
-
-/* the same for the MoE tail kernels (KL_CUDA_MOE_TAIL: kk_expert_gemv_tail) */
-__attribute__((visibility("default"))) long
-kl_cuda_moe_tail_launches(kl_backend *be)
-{
-	return CS(be)->tail_launches;
 }
 
 /* ------------------------------------------------------------------ test hook */

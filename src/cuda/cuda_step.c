@@ -56,8 +56,7 @@ cuda_step_skip(kl_backend *be, int op, uintptr_t a, uintptr_t b, uintptr_t c, ui
 		cs->trace = mix(mix(mix(mix(mix(cs->trace, (uint64_t) op), a), b), c), d);
 	if (cs->mode == GM_REPLAY || be->failed)
 		return true;
-	/* (the MoE op of a held-back norm's y takes that norm into its head kernel: cuda_moe.c) */
-	if (op != OP_RMSNORM && op != OP_ADD && !(op == OP_MOE && cs->pend_norm && (const float *) b == cs->pn_y))
+	if (op != OP_RMSNORM && op != OP_ADD)
 		cuda_flush_add(be);
 	/* bf16 product results (cuda_state.r16) are the KDA op's to read; any
 	 * other op but a product (which checks its own rows) or a hint gets
@@ -185,7 +184,6 @@ cuda_begin_step(kl_backend *be, const kl_step *st, kl_err *err)
 	cs->pf_pending = false;
 	cs->pf_wait_for = NULL;
 	cs->pend_moe = false;
-	cs->pend_down = false;		/* (its down product with it) */
 	cuda_acts_invalid(cs);		/* (and a bf16 twin) */
 	cs->tw_scope = false;
 	cuda_r16_forget(cs);		/* (and bf16 product results: end_step widened any left) */

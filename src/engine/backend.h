@@ -175,10 +175,6 @@ typedef struct kl_step
  * The op runs conv + silu, L2 norm, decay, beta, the delta rule (updating the
  * sequences' state) and the gated per-head RMSNorm, writing out [n, H*K]
  * ready for o_proj.  q, k, v, f may be overwritten.
- * low_rank, gate_low_rank: f_a(x), g_a(x) [n, K]; non-NULL only where the
- * backend's kda_folds said yes for the step: f and gate were then not
- * computed (f_b, g_b are in w), the op makes them itself (or, where it
- * cannot after all, runs those two products into f and gate first).
  */
 typedef struct kl_kda_args
 {
@@ -191,8 +187,6 @@ typedef struct kl_kda_args
 			   *b;
 	const float *gate;
 	float	   *out;
-	const float *low_rank,
-			   *gate_low_rank;
 } kl_kda_args;
 
 /*
@@ -274,13 +268,6 @@ typedef struct kl_backend_ops
 	void		(*write_mla_rows) (kl_backend *be, void *page, int row, const float *src, int n, int width);
 
 	void		(*kda) (kl_backend *be, const kl_step *step, const kl_kda_args *a);
-	/*
-	 * optional (NULL: never): does the KDA op of this step make f and gate
-	 * from their low-rank halves itself (kl_kda_args.low_rank)?  Then
-	 * forward.c skips the f_b and g_b products.  Depends only on the step's
-	 * shape and the layer's weights.
-	 */
-	bool		(*kda_folds) (kl_backend *be, const kl_step *step, const kl_kda_layer *w);
 	void		(*mla) (kl_backend *be, const kl_step *step, const kl_mla_args *a);
 	/* y[n, D] = MoE(x[n, D]) including the shared experts */
 	void		(*moe) (kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n);

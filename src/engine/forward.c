@@ -112,9 +112,7 @@ prefetch_after_mixer(kl_ctx *c, const kl_layer *L, const kl_weight *o_proj)
 
 /*
  * KDA: projections, then the backend's fused op (short conv, normalization,
- * decay, delta rule, gated norm), then o_proj.  Where the backend's KDA op
- * takes the low-rank halves itself (kda_folds: the GPU at decode), the f_b
- * and g_b products are left to it.
+ * decay, delta rule, gated norm), then o_proj.
  *   q_gate, k_up, v_hidden = q, k, v (pre-conv), decay = f (pre-softplus),
  *   out_gate = gate (pre-sigmoid), low_rank, gate_low_rank = the low-rank
  *   halves of f and gate, beta (pre-sigmoid), mixer_out = the mixer output
@@ -130,8 +128,6 @@ kda_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
 	int			D = cfg->hidden_size;
 	int			HK = cfg->kda_heads * cfg->kda_head_dim;
 	int			K = cfg->kda_head_dim;
-	/* the backend's KDA op makes f and gate from the low-rank halves: no f_b, g_b products */
-	bool		fold = be->ops->kda_folds && be->ops->kda_folds(be, st, w);
 	kl_kda_args a;
 
 	TIMED(c, KL_PROF_LINEAR, {
@@ -151,8 +147,7 @@ kda_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
 
 		matmuls(c, from_x, 6);
 		prefetch_after_mixer(c, L, &w->o_proj);
-		if (!fold)
-			matmuls(c, low_rank, 2);
+		matmuls(c, low_rank, 2);
 	});
 
 	a.w = w;
@@ -164,8 +159,6 @@ kda_mixer(kl_ctx *c, const kl_step *st, const kl_layer *L)
 	a.b = c->beta;
 	a.gate = c->out_gate;
 	a.out = c->mixer_out;
-	a.low_rank = fold ? c->low_rank : NULL;
-	a.gate_low_rank = fold ? c->gate_low_rank : NULL;
 	TIMED(c, KL_PROF_KDA, be->ops->kda(be, st, &a));
 
 	TIMED(c, KL_PROF_LINEAR, be->ops->matmul(be, c->xn, D, c->mixer_out, HK, n, &w->o_proj));

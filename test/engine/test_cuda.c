@@ -52,11 +52,6 @@
  * must match the waiting form the same ways (check_kda_decode with both, and
  * check_kda_dec_early_model: the golden models and a K = 128 random model,
  * 1, 2 and 4 sequences, both precisions).
- * Its form that makes f and gate from their low-rank halves
- * (KL_CUDA_KDA_FOLD, the default: no f_b, g_b product kernel at decode)
- * must match the products + the kernel bit for bit (check_kda_fold, through
- * the hook kl_cuda_test_kda_fold; check_kda_fold_model: whole models, the
- * fold counted where it must run).
  *
  * The KDA gated norm as a warp per (row, head) and prefill's prep as a
  * warp walking rows (KL_CUDA_KDA_ELEM_WARP masks 2 and 6) must give the
@@ -3709,96 +3704,6 @@ check_kda_decode(void)
 	kl_model_free(m);
 }
 
-typedef int (*kda_fold_test_fn) (int ns, int H, int K, int W, int round16, float eps, const float *q, const float *k,
-								 const float *v, const float *lr, const float *glr, const uint16_t *f_b,
-								 const uint16_t *g_b, const float *b, const float *conv_q, const float *conv_k,
-								 const float *conv_v, const float *A_log, const float *dt_bias, const float *o_norm,
-								 const float *S, const float *tails, float *out_old, float *out_new, float *S_old,
-								 float *S_new, float *tails_old, float *tails_new);
-
-/* n random bf16 weights (sd ~0.06 per unit of scale) */
-static uint16_t *
-rand_bf16(size_t n, double scale, uint64_t *rs)
-{
-	uint16_t   *w = malloc(sizeof(uint16_t) * n);
-
-	for (size_t i = 0; i < n; i++)
-		w[i] = kl_f32_to_bf16((float) ((unif(rs) + unif(rs) + unif(rs) - 1.5) * scale));
-	return w;
-}
-
-/*
- * KL_CUDA_KDA_FOLD: the decode kernel making f and gate from their low-rank
- * halves (kk_kda_decode_fold) against the backend's f_b, g_b batch
- * (kk_gemv_multi, the block-rows kernel) + the early kernel, through the
- * hook kl_cuda_test_kda_fold: output, state and conv tails bit for bit at
- * the 48B shape, the golden models' and K = 64, 1 / 3 / 8 sequences, state
- * fp32 and rounded to bf16.
- */
-static void
-check_kda_fold(void)
-{
-	static const int shapes[][2] = {{32, 128}, {4, 32}, {6, 64}};
-	static const int batches[] = {1, 3, 8};
-	kl_model   *m;
-	void	   *lib = NULL;
-	kda_fold_test_fn fn = NULL;
-	uint64_t	rs = 2020;
-
-	m = load_test_hook("kl_cuda_test_kda_fold", &lib, (void **) &fn);
-	if (!fn)
-		return;
-	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
-		for (size_t bi = 0; bi < sizeof(batches) / sizeof(batches[0]); bi++)
-			for (int round16 = 0; round16 < 2; round16++)
-			{
-				int			H = shapes[si][0],
-							K = shapes[si][1],
-							W = 4,
-							ns = batches[bi],
-							rc;
-				size_t		HK = (size_t) H * K,
-							nx = (size_t) ns * HK,
-							nS = (size_t) ns * H * K * K,
-							nT = (size_t) ns * 3 * HK * W;
-				float	   *in[14],
-						   *out[6];
-				uint16_t   *f_b = rand_bf16(HK * K, 0.3, &rs),
-						   *g_b = rand_bf16(HK * K, 0.3, &rs);
-				size_t		in_n[14] = {nx, nx, nx, (size_t) ns * K, (size_t) ns * K, (size_t) ns * H, HK * W,
-										HK * W, HK * W, (size_t) H, HK, (size_t) K, nS, nT},
-							out_n[6] = {nx, nx, nS, nS, nT, nT};
-				double		lo[14] = {-2, -2, -2, -3, -3, -3, -0.6, -0.6, -0.6, -1, -1, 0.5, -1, -2},
-							hi[14] = {2, 2, 2, 3, 3, 3, 0.6, 0.6, 0.6, 1.5, 1, 1.5, 1, 2};
-
-				/* q k v lr glr b cq ck cv A_log dt onorm S tails */
-				for (int i = 0; i < 14; i++)
-					in[i] = rand_floats(in_n[i], lo[i], hi[i], &rs);
-				for (int i = 0; i < 6; i++)
-					out[i] = malloc(sizeof(float) * out_n[i]);
-				rc = fn(ns, H, K, W, round16, 1e-5f, in[0], in[1], in[2], in[3], in[4], f_b, g_b, in[5], in[6], in[7],
-						in[8], in[9], in[10], in[11], in[12], in[13], out[0], out[1], out[2], out[3], out[4], out[5]);
-				if (rc == -1)
-					tap_skip("KDA decode with the f_b, g_b fold: this GPU has no clusters");
-				else
-					tap_ok(rc == 0 && memcmp(out[0], out[1], sizeof(float) * nx) == 0 &&
-						   memcmp(out[2], out[3], sizeof(float) * nS) == 0 &&
-						   memcmp(out[4], out[5], sizeof(float) * nT) == 0,
-						   "KDA decode making f and gate (KL_CUDA_KDA_FOLD) = f_b, g_b products + the kernel bit for "
-						   "bit, %d heads x %d, %d sequence%s, state %s (output rel err %.2e, state %.2e; hook "
-						   "returned %d)", H, K, ns, ns == 1 ? "" : "s", round16 ? "rounded to bf16" : "fp32",
-						   rel_err(out[1], out[0], nx), rel_err(out[3], out[2], nS), rc);
-				for (int i = 0; i < 14; i++)
-					free(in[i]);
-				for (int i = 0; i < 6; i++)
-					free(out[i]);
-				free(f_b);
-				free(g_b);
-			}
-	dlclose(lib);
-	kl_model_free(m);
-}
-
 /* kl_cuda_test_kda_elem (cuda_kda.c): prep, tails and gated norm of one step */
 typedef int (*kda_elem_test_fn) (int warp, int ns, const int *row0, int H, int K, int W, float eps,
 								 const float *q, const float *k, const float *v, const float *f, const float *b,
@@ -4479,24 +4384,8 @@ kda_test_ids(const char *model, int n, int V, kl_safetensors *st)
  * kernels; KL_CUDA_KDA_DEC_EARLY=0: its early form against the waiting one.)
  */
 static void
-check_kda_env_counted(const char *model, const char *prec, int nseq, const char *env, const char *val,
-					  const char *what, const char *counter, bool must_run);
-
-static void
 check_kda_env_model(const char *model, const char *prec, int nseq, const char *env, const char *val,
 					const char *what)
-{
-	check_kda_env_counted(model, prec, nseq, env, val, what, NULL, false);
-}
-
-/*
- * check_kda_env_model, and where counter names a backend hook counting a
- * kernel of the path the default takes (long (*)(kl_backend *)): it never
- * ran with env=val, and it ran with the default where must_run
- */
-static void
-check_kda_env_counted(const char *model, const char *prec, int nseq, const char *env, const char *val,
-					  const char *what, const char *counter, bool must_run)
 {
 	int			rounds = 4;
 	kl_safetensors st;
@@ -4505,23 +4394,15 @@ check_kda_env_counted(const char *model, const char *prec, int nseq, const char 
 			   *b = kda_test_model(model, prec, env, val);
 	int			V = kl_model_config(a)->vocab_size;
 	size_t		nl = (size_t) rounds * nseq * V;
-	void	   *lib = NULL;
-	long		(*ran) (kl_backend *) = counter ? (long (*)(kl_backend *)) backend_symbol(a, counter, &lib) : NULL;
 
 	if ((ids = kda_test_ids(model, 20 + nseq + rounds, V, &st)) != NULL)
 	{
-		long		ran0 = ran ? ran(a->be) : 0;
 		float	   *la = decode_together(a, ids, nseq, rounds),
 				   *lb = decode_together(b, ids, nseq, rounds);
-		long		ran_a = ran ? ran(a->be) - ran0 : 0;
-		char		runs[48] = "";
 
-		if (counter)
-			snprintf(runs, sizeof(runs), "; %ld launches%s", ran_a, ran ? "" : ", no counter");
-		tap_ok(memcmp(la, lb, sizeof(float) * nl) == 0 && (!counter || ran) && (!must_run || ran_a > 0) &&
-			   (!ran || ran(b->be) == 0), "%s %s: %d sequence%s decoding together (%d steps), %s bit for bit "
-			   "(logits rel err %.2e%s)", model ? model : "K=128 random model", prec, nseq, nseq == 1 ? "" : "s",
-			   rounds, what, rel_err(la, lb, nl), runs);
+		tap_ok(memcmp(la, lb, sizeof(float) * nl) == 0, "%s %s: %d sequence%s decoding together (%d steps), %s bit "
+			   "for bit (logits rel err %.2e)", model ? model : "K=128 random model", prec, nseq,
+			   nseq == 1 ? "" : "s", rounds, what, rel_err(la, lb, nl));
 		free(la);
 		free(lb);
 		if (model)
@@ -4537,24 +4418,6 @@ static void
 check_kda_fused_model(const char *model, const char *prec, int nseq)
 {
 	check_kda_env_model(model, prec, nseq, "KL_CUDA_KDA_FUSED", "0", "fused KDA decode kernel = the three kernels");
-}
-
-/*
- * KL_CUDA_KDA_FOLD (the default: the decode kernel makes f and gate from
- * their low-rank halves, kk_kda_decode_fold) against the f_b, g_b products
- * before it (=0), a golden model or the K = 128 one, and the fold ran
- * wherever it should: bf16 f_b / g_b (tiny_a's are fp32: never) on the
- * block-rows GEMV's path (in precision bf16, 8 rows take the tensor cores:
- * no fold)
- */
-static void
-check_kda_fold_model(const char *model, const char *prec, int nseq)
-{
-	bool		bf16_w = !model || strcmp(model, "tiny_a") != 0;
-
-	check_kda_env_counted(model, prec, nseq, "KL_CUDA_KDA_FOLD", "0",
-						  "KDA decode kernel making f and gate = the f_b, g_b products (KL_CUDA_KDA_FOLD=0)",
-						  "kl_cuda_kda_fold_launches", bf16_w && !(strcmp(prec, "bf16") == 0 && nseq >= 8));
 }
 
 /* that kernel's early form (the default) against the one that waits before
@@ -5043,152 +4906,6 @@ check_kda_in16_model(const char *config, const char *name, int T, int piece)
 		free(lold[si]);
 	}
 	free(ids);
-}
-
-/*
- * The MoE head (KL_CUDA_MOE_HEAD, the default: a decode step's residual add
- * + norm, router product and routing in one kernel, kk_moe_head) against
- * the three kernels it stands for (=0), on the same model loaded twice:
- * 1, 3 and 4 sequences decoding together (steps of 1, 3 and 4 tokens; 4:
- * the kernel's 73 KB of shared memory at the 48B shapes), graphs on, the
- * logits of every step bit for bit, and the head kernel ran where it
- * should (with the switch on: the router in bf16, counted by the backend,
- * kl_cuda_moe_head_launches; never with it off).
- */
-static void
-moe_pair(kl_model *on, kl_model *off, const char *name, const char *prec, bool must_run, const char *counter,
-		 const char *what, int nsizes)
-{
-	void	   *lib;
-	long		(*launches) (kl_backend *) = (long (*)(kl_backend *)) backend_symbol(on, counter, &lib);
-	int			V = kl_model_config(on)->vocab_size,
-				rounds = 4,
-				sizes[4] = {1, 3, 4, 2};
-	int32_t		ids[40];
-
-	for (int i = 0; i < 40; i++)
-		ids[i] = (int32_t) ((i * 7919 + 13) % V);
-	for (int si = 0; si < nsizes; si++)
-	{
-		int			nseq = sizes[si];
-		size_t		nl = (size_t) rounds * nseq * V;
-		long		ran0 = launches ? launches(on->be) : -1,
-					ran;
-		float	   *lon = decode_together(on, ids, nseq, rounds),
-				   *loff = decode_together(off, ids, nseq, rounds);
-
-		ran = launches ? launches(on->be) - ran0 : -1;
-		tap_ok(memcmp(lon, loff, sizeof(float) * nl) == 0 && (!must_run || ran > 0) &&
-			   (!launches || launches(off->be) == 0),
-			   "%s %s: %d sequence%s decoding together (%d steps): %s bit for bit (logits rel err %.2e)", name,
-			   prec, nseq, nseq == 1 ? "" : "s", rounds, what, rel_err(lon, loff, nl));
-		tap_diag("(%ld launches)", ran);
-		free(lon);
-		free(loff);
-	}
-}
-
-static void
-moe_head_pair(kl_model *on, kl_model *off, const char *name, const char *prec, bool must_run)
-{
-	moe_pair(on, off, name, prec, must_run, "kl_cuda_moe_head_launches",
-			 "MoE head kernel = add + norm, router, routing kernels (KL_CUDA_MOE_HEAD=0)", 3);
-}
-
-/* moe_head_pair on a random model of config (made on the GPU, seed 7, bf16 weights); softmax: its router's
- * sigmoid scores made softmax ones */
-static void
-check_moe_head_model(const char *config, const char *name, const char *prec, bool softmax)
-{
-	char	   *cfg = malloc(strlen(config) + 8),
-			   *act,
-				what[128];
-	kl_model   *on,
-			   *off;
-
-	strcpy(cfg, config);
-	if (softmax && (act = strstr(cfg, "\"sigmoid\"")))
-		memcpy(act, "\"softmax\"", strlen("\"softmax\""));
-	snprintf(what, sizeof(what), "%s%s", name, softmax ? ", softmax router" : "");
-	on = in16_model(cfg, prec, NULL, NULL, NULL, NULL);
-	off = in16_model(cfg, prec, "KL_CUDA_MOE_HEAD", "0", NULL, NULL);
-	moe_head_pair(on, off, what, prec, true);
-	kl_model_free(on);
-	kl_model_free(off);
-	free(cfg);
-}
-
-/* moe_head_pair on a golden model (its router as stored: the head runs only for a bf16 one) */
-static void
-check_moe_head_golden(const char *model, const char *prec)
-{
-	char		dir[1024];
-	kl_model   *on,
-			   *off;
-
-	snprintf(dir, sizeof(dir), "%s/golden/%s", tap_fixture_dir(), model);
-	on = load(dir, "cuda", prec);
-	setenv("KL_CUDA_MOE_HEAD", "0", 1);	/* read when the backend is made */
-	off = load(dir, "cuda", prec);
-	unsetenv("KL_CUDA_MOE_HEAD");
-	moe_head_pair(on, off, model, prec, false);
-	kl_model_free(on);
-	kl_model_free(off);
-}
-
-/*
- * The MoE tail (KL_CUDA_MOE_TAIL, default on: a decode step's expert down
- * product with the combine + residual add + norm in its last block,
- * kk_expert_gemv_tail) against the two kernels it stands for (=0), on the
- * same model loaded twice, as moe_head_pair: 1, 3, 4 and 2 sequences
- * decoding together (KL_CUDA_MOE_TAIL_ROWS=4: every kernel form, the early
- * read at 1), graphs on, the logits of every step bit for bit, and the tail
- * ran (must_run: bf16 experts; counted by the backend,
- * kl_cuda_moe_tail_launches; never with it off).
- */
-static void
-moe_tail_pair(kl_model *on, kl_model *off, const char *name, const char *prec, bool must_run)
-{
-	moe_pair(on, off, name, prec, must_run, "kl_cuda_moe_tail_launches",
-			 "MoE tail kernel = down product, combine + add + norm kernels (KL_CUDA_MOE_TAIL=0)", 4);
-}
-
-/* moe_tail_pair on a random model of config (made on the GPU, seed 7, bf16 weights); n2/v2: one more switch for
- * both models (NULL: none) */
-static void
-check_moe_tail_model(const char *config, const char *name, const char *prec, const char *n2, const char *v2)
-{
-	char		what[160];
-	kl_model   *on = in16_model(config, prec, "KL_CUDA_MOE_TAIL_ROWS", "4", n2, v2),
-			   *off = in16_model(config, prec, "KL_CUDA_MOE_TAIL", "0", n2, v2);
-
-	if (n2)
-		snprintf(what, sizeof(what), "%s, %s=%s", name, n2, v2);
-	else
-		snprintf(what, sizeof(what), "%s", name);
-	moe_tail_pair(on, off, what, prec, true);
-	kl_model_free(on);
-	kl_model_free(off);
-}
-
-/* moe_tail_pair on a golden model (its experts as stored: the tail runs only for bf16 ones) */
-static void
-check_moe_tail_golden(const char *model, const char *prec)
-{
-	char		dir[1024];
-	kl_model   *on,
-			   *off;
-
-	snprintf(dir, sizeof(dir), "%s/golden/%s", tap_fixture_dir(), model);
-	setenv("KL_CUDA_MOE_TAIL_ROWS", "4", 1);	/* read when the backend is made */
-	on = load(dir, "cuda", prec);
-	unsetenv("KL_CUDA_MOE_TAIL_ROWS");
-	setenv("KL_CUDA_MOE_TAIL", "0", 1);
-	off = load(dir, "cuda", prec);
-	unsetenv("KL_CUDA_MOE_TAIL");
-	moe_tail_pair(on, off, model, prec, false);
-	kl_model_free(on);
-	kl_model_free(off);
 }
 
 /*
@@ -7551,7 +7268,6 @@ main(void)
 	RUN(check_mla_decode());
 	RUN(check_mla_flash());
 	RUN(check_kda_decode());
-	RUN(check_kda_fold());
 	RUN(check_kda_elem_warp());
 	RUN(check_kda_prep16());
 	RUN(check_kda_chunked_mma());
@@ -7565,11 +7281,6 @@ main(void)
 			for (int bi = 0; bi < 3; bi++)
 				RUN(check_kda_dec_early_model((const char *[]) {"tiny_a", "tiny_c", NULL}[mi], pi ? "bf16" : "fp32",
 											  (int[]) {1, 2, 4}[bi]));
-	for (int mi = 0; mi < 3; mi++)
-		for (int pi = 0; pi < 2; pi++)
-			for (int bi = 0; bi < 3; bi++)
-				RUN(check_kda_fold_model((const char *[]) {"tiny_a", "tiny_c", NULL}[mi], pi ? "bf16" : "fp32",
-										 (int[]) {1, 3, 8}[bi]));
 	RUN(check_golden("tiny_a", "golden.safetensors", "fp32"));
 	RUN(check_golden("tiny_a", "golden_route_select.safetensors", "fp32"));
 	RUN(check_golden("tiny_c", "golden.safetensors", "fp32"));
@@ -7599,20 +7310,6 @@ main(void)
 	RUN(check_kda_prep_fused_model(q48_config, "48B shapes (2 layers)", 700, 300));
 	RUN(check_kda_in16_model(big_config, "K=128/R=512 shapes", 333, 100));
 	RUN(check_kda_in16_model(q48_config, "48B shapes (2 layers)", 700, 300));
-	RUN(check_moe_head_model(q48_config, "48B shapes (2 layers)", "bf16", false));
-	RUN(check_moe_head_model(q48_config, "48B shapes (2 layers)", "fp32", false));
-	RUN(check_moe_head_model(q48_config, "48B shapes (2 layers)", "bf16", true));
-	RUN(check_moe_head_model(big_config, "K=128/R=512 shapes", "bf16", false));
-	RUN(check_moe_head_golden("tiny_a", "bf16"));
-	RUN(check_moe_head_golden("tiny_a", "fp32"));
-	RUN(check_moe_tail_model(q48_config, "48B shapes (2 layers)", "bf16", NULL, NULL));
-	RUN(check_moe_tail_model(q48_config, "48B shapes (2 layers)", "fp32", NULL, NULL));
-	RUN(check_moe_tail_model(q48_config, "48B shapes (2 layers)", "bf16", "KL_CUDA_EXPERT_PRELOAD", "0"));
-	RUN(check_moe_tail_model(q48_config, "48B shapes (2 layers)", "bf16", "KL_CUDA_MOE_HEAD", "0"));
-	RUN(check_moe_tail_model(big_config, "K=128/R=512 shapes", "bf16", NULL, NULL));
-	RUN(check_moe_tail_golden("tiny_a", "bf16"));
-	RUN(check_moe_tail_golden("tiny_a", "fp32"));
-	RUN(check_moe_tail_golden("tiny_c", "bf16"));
 	RUN(check_q_dequant());
 	RUN(check_q_fill());
 	for (int mi = 0; mi < 2; mi++)
