@@ -161,11 +161,11 @@ dot_rows(float *acc, const void *__restrict__ Wrow, const float *const *xr, int 
  */
 template <int RB, int BT>
 __device__ __forceinline__ void
-rows_first(uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], int nch)
+rows_first(uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], int nch, int ch0 = threadIdx.x)
 {
 #pragma unroll
 	for (int w = 0; w < RB; w++)
-		raw[w] = Wr[w] && (int) threadIdx.x < nch ? __ldg((const uint4 *) Wr[w] + threadIdx.x) : make_uint4(0, 0, 0, 0);
+		raw[w] = Wr[w] && ch0 < nch ? __ldg((const uint4 *) Wr[w] + ch0) : make_uint4(0, 0, 0, 0);
 }
 
 /*
@@ -173,12 +173,40 @@ rows_first(uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], int nch)
  * of the nch 16-byte pieces (8 columns each) of the rows; raw holds the first
  * pieces (rows_first).  Each input piece is read once for all RB rows.
  */
+/* acc[w][r] += W_w . x_r over piece ch of the rows, held in cur (rows_dot's and rows_dot_held's step) */
+template <int NR, int RB>
+__device__ __forceinline__ void
+rows_piece(float (&acc)[RB][NR], const uint4 (&cur)[RB], const float *const (&xr)[NR], int ch)
+{
+#pragma unroll
+	for (int r = 0; r < NR; r++)
+	{
+		float4		a = __ldg((const float4 *) xr[r] + 2 * ch),
+					b = __ldg((const float4 *) xr[r] + 2 * ch + 1);
+
+#pragma unroll
+		for (int w = 0; w < RB; w++)
+		{
+			float		f[8];
+
+			unpack8_bf16(cur[w], f);
+			acc[w][r] = fma8_acc(f, a, b, acc[w][r]);
+		}
+	}
+}
+
+/*
+ * acc[w][r] += W_w . x_r over this thread's pieces ch0, ch0 + BT, ... (ch0:
+ * threadIdx.x unless rows_dot_held took the first ones) of the nch 16-byte
+ * pieces (8 columns each) of the rows; raw holds piece ch0 (rows_first).
+ * Each input piece is read once for all RB rows.
+ */
 template <int NR, int RB, int BT>
 __device__ __forceinline__ void
 rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB], const float *const (&xr)[NR],
-		 int nch)
+		 int nch, int ch0 = threadIdx.x)
 {
-	for (int ch = threadIdx.x; ch < nch; ch += BT)
+	for (int ch = ch0; ch < nch; ch += BT)
 	{
 		uint4		cur[RB];
 
@@ -189,21 +217,56 @@ rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB]
 			/* the next pieces are in flight while these are used */
 			raw[w] = Wr[w] && ch + BT < nch ? __ldg((const uint4 *) Wr[w] + ch + BT) : make_uint4(0, 0, 0, 0);
 		}
+		rows_piece<NR, RB>(acc, cur, xr, ch);
+	}
+}
+
+/*
+ * KL_CUDA_ROWS_EARLY (kk_set_rows_early, default on): the block-rows
+ * products of 1 or 2 input rows request up to ROWS_NP pieces a thread of each row before
+ * kk_dep_wait, not just the first: at 2304 columns (96 threads) and 4096
+ * (128) that is the whole row, so a block whose kernel starts under a
+ * latency-bound kernel (the KDA decode kernel before o_proj, the norms before
+ * the products of x) has its weights in registers when its input arrives.
+ * The sums are rows_dot's, piece by piece in the same order: the same bits.
+ */
+#define ROWS_NP 4
+
+int			kk_rows_early = 1;
+
+extern "C" void
+kk_set_rows_early(int on)
+{
+	kk_rows_early = on;
+}
+
+/* pieces threadIdx.x + p BT (p < ROWS_NP) of the RB rows (zeros past the rows or the matrix) */
+template <int RB, int BT>
+__device__ __forceinline__ void
+rows_first_held(uint4 (&held)[ROWS_NP][RB], const uint16_t *const (&Wr)[RB], int nch)
+{
 #pragma unroll
-		for (int r = 0; r < NR; r++)
-		{
-			float4		a = __ldg((const float4 *) xr[r] + 2 * ch),
-						b = __ldg((const float4 *) xr[r] + 2 * ch + 1);
+	for (int p = 0; p < ROWS_NP; p++)
+		rows_first<RB, BT>(held[p], Wr, nch, (int) threadIdx.x + p * BT);
+}
+
+/* rows_dot with this thread's first ROWS_NP pieces already in held (rows_first_held) */
+template <int NR, int RB, int BT>
+__device__ __forceinline__ void
+rows_dot_held(float (&acc)[RB][NR], const uint4 (&held)[ROWS_NP][RB], const uint16_t *const (&Wr)[RB],
+			  const float *const (&xr)[NR], int nch)
+{
+	int			ch0 = (int) threadIdx.x + ROWS_NP * BT;
+	uint4		raw[RB];
 
 #pragma unroll
-			for (int w = 0; w < RB; w++)
-			{
-				float		f[8];
-
-				unpack8_bf16(cur[w], f);
-				acc[w][r] = fma8_acc(f, a, b, acc[w][r]);
-			}
-		}
+	for (int p = 0; p < ROWS_NP; p++)
+		if ((int) threadIdx.x + p * BT < nch)
+			rows_piece<NR, RB>(acc, held[p], xr, (int) threadIdx.x + p * BT);
+	if (ch0 < nch)
+	{
+		rows_first<RB, BT>(raw, Wr, nch, ch0);
+		rows_dot<NR, RB, BT>(acc, raw, Wr, xr, nch, ch0);
 	}
 }
 
@@ -212,7 +275,7 @@ rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const uint16_t *const (&Wr)[RB]
  * input rows: the body of both block-rows kernels.  The first weight pieces
  * are requested before kk_dep_wait (weights do not depend on earlier kernels).
  */
-template <int NR, int RB, int BT>
+template <int NR, int RB, int BT, bool EARLY>
 __device__ __forceinline__ void
 rows_product(float *y, int ldy, const float *x, int ldx, const uint16_t *W, int rows, int cols, int row0)
 {
@@ -221,12 +284,16 @@ rows_product(float *y, int ldy, const float *x, int ldx, const uint16_t *W, int 
 	const uint16_t *Wr[RB];
 	const float *xr[NR];
 	uint4		raw[RB];
+	uint4		held[EARLY ? ROWS_NP : 1][RB];
 	float		acc[RB][NR];
 
 #pragma unroll
 	for (int w = 0; w < RB; w++)
 		Wr[w] = row0 + w < rows ? W + (size_t) (row0 + w) * cols : NULL;
-	rows_first<RB, BT>(raw, Wr, nch);
+	if constexpr (EARLY)
+		rows_first_held<RB, BT>(held, Wr, nch);
+	else
+		rows_first<RB, BT>(raw, Wr, nch);
 	kk_dep_wait();
 	kk_dep_launch();
 #pragma unroll
@@ -237,7 +304,10 @@ rows_product(float *y, int ldy, const float *x, int ldx, const uint16_t *W, int 
 #pragma unroll
 		for (int r = 0; r < NR; r++)
 			acc[w][r] = 0;
-	rows_dot<NR, RB, BT>(acc, raw, Wr, xr, nch);
+	if constexpr (EARLY)
+		rows_dot_held<NR, RB, BT>(acc, held, Wr, xr, nch);
+	else
+		rows_dot<NR, RB, BT>(acc, raw, Wr, xr, nch);
 	rows_block_sum<NR, RB, BT>(acc, sums);
 	for (int i = threadIdx.x; i < RB * NR; i += BT)
 		if (row0 + i / NR < rows)
@@ -245,12 +315,12 @@ rows_product(float *y, int ldy, const float *x, int ldx, const uint16_t *W, int 
 }
 
 /* rows_product for block (b, pass): rows b * RB.., input rows pass * NR.. (grid.y: passes of NR) */
-template <int NR, int RB, int BT>
+template <int NR, int RB, int BT, bool EARLY>
 __global__ void __launch_bounds__(BT)
 gemv_rows_kernel(float *__restrict__ y, int ldy, const float *__restrict__ x, int ldx,
 				 const uint16_t *__restrict__ W, int rows, int cols)
 {
-	rows_product<NR, RB, BT>(y + (size_t) blockIdx.y * NR * ldy, ldy, x + (size_t) blockIdx.y * NR * ldx, ldx, W,
+	rows_product<NR, RB, BT, EARLY>(y + (size_t) blockIdx.y * NR * ldy, ldy, x + (size_t) blockIdx.y * NR * ldx, ldx, W,
 							 rows, cols, blockIdx.x * RB);
 }
 
@@ -263,17 +333,33 @@ rows_wide(int cols)
 	return nch >= 512 && nch % 128 == 0;
 }
 
+template <int NR, bool EARLY>
+static void
+gemv_rows_launch_as(cudaStream_t s, float *y, int ldy, const float *x, int ldx, const void *W, int rows, int cols,
+					int passes)
+{
+	if (rows_wide(cols))
+		kk_launch(gemv_rows_kernel<NR, ROWS_RB_WIDE, ROWS_BT_WIDE, EARLY>, dim3(ceil_div(rows, ROWS_RB_WIDE), passes),
+				  dim3(ROWS_BT_WIDE), 0, s, y, ldy, x, ldx, (const uint16_t *) W, rows, cols);
+	else
+		kk_launch(gemv_rows_kernel<NR, ROWS_RB, ROWS_BT, EARLY>, dim3(ceil_div(rows, ROWS_RB), passes), dim3(ROWS_BT),
+				  0, s, y, ldy, x, ldx, (const uint16_t *) W, rows, cols);
+}
+
+/* the early form (kk_rows_early) for steps of 1 and 2 input rows: at 4 the held pieces' registers cost more
+ * than the early requests save (H200, 2026-12-02, 48B step at 4k: batch 1 / 2 / 4 -0.01 / -0.05 / +0.03 ms) */
 template <int NR>
 static void
 gemv_rows_launch(cudaStream_t s, float *y, int ldy, const float *x, int ldx, const void *W, int rows, int cols,
 				 int passes)
 {
-	if (rows_wide(cols))
-		kk_launch(gemv_rows_kernel<NR, ROWS_RB_WIDE, ROWS_BT_WIDE>, dim3(ceil_div(rows, ROWS_RB_WIDE), passes),
-				  dim3(ROWS_BT_WIDE), 0, s, y, ldy, x, ldx, (const uint16_t *) W, rows, cols);
-	else
-		kk_launch(gemv_rows_kernel<NR, ROWS_RB, ROWS_BT>, dim3(ceil_div(rows, ROWS_RB), passes), dim3(ROWS_BT), 0, s,
-				  y, ldy, x, ldx, (const uint16_t *) W, rows, cols);
+	if constexpr (NR <= 2)
+		if (kk_rows_early)
+		{
+			gemv_rows_launch_as<NR, true>(s, y, ldy, x, ldx, W, rows, cols, passes);
+			return;
+		}
+	gemv_rows_launch_as<NR, false>(s, y, ldy, x, ldx, W, rows, cols, passes);
 }
 
 static void
@@ -436,13 +522,13 @@ gemv_batch_kernel(kk_gemv_batch b)
 }
 
 /* kk_gemv_multi in the block-rows design: block b takes RB rows of the job whose range holds it */
-template <int NR, int RB, int BT>
+template <int NR, int RB, int BT, bool EARLY>
 __global__ void __launch_bounds__(BT)
 gemv_rows_batch_kernel(kk_gemv_batch b)
 {
 	int			j = kk_batch_job(b);
 
-	rows_product<NR, RB, BT>(b.job[j].y, b.job[j].ldy, b.job[j].x, b.job[j].ldx, (const uint16_t *) b.job[j].W,
+	rows_product<NR, RB, BT, EARLY>(b.job[j].y, b.job[j].ldy, b.job[j].x, b.job[j].ldx, (const uint16_t *) b.job[j].W,
 							 b.job[j].rows, b.job[j].cols, ((int) blockIdx.x - b.first_block[j]) * RB);
 }
 
@@ -459,10 +545,21 @@ gemv_rows_batch_launch(cudaStream_t s, kk_gemv_batch *b, bool wide)
 		blocks += ceil_div(b->job[j].rows, rb);
 	}
 	b->first_block[b->count] = blocks;
+	if constexpr (NR <= 2)
+		if (kk_rows_early)
+		{
+			if (wide)
+				kk_launch(gemv_rows_batch_kernel<NR, ROWS_RB_WIDE, ROWS_BT_WIDE, true>, dim3(blocks), dim3(ROWS_BT_WIDE),
+						  0, s, *b);
+			else
+				kk_launch(gemv_rows_batch_kernel<NR, ROWS_RB, ROWS_BT, true>, dim3(blocks), dim3(ROWS_BT), 0, s, *b);
+			return;
+		}
 	if (wide)
-		kk_launch(gemv_rows_batch_kernel<NR, ROWS_RB_WIDE, ROWS_BT_WIDE>, dim3(blocks), dim3(ROWS_BT_WIDE), 0, s, *b);
+		kk_launch(gemv_rows_batch_kernel<NR, ROWS_RB_WIDE, ROWS_BT_WIDE, false>, dim3(blocks), dim3(ROWS_BT_WIDE), 0, s,
+				  *b);
 	else
-		kk_launch(gemv_rows_batch_kernel<NR, ROWS_RB, ROWS_BT>, dim3(blocks), dim3(ROWS_BT), 0, s, *b);
+		kk_launch(gemv_rows_batch_kernel<NR, ROWS_RB, ROWS_BT, false>, dim3(blocks), dim3(ROWS_BT), 0, s, *b);
 }
 
 extern "C" void

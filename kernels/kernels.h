@@ -73,6 +73,9 @@ void		kk_fill_random(cudaStream_t s, void *dst, int bf16, size_t n, uint64_t see
 /* gemv.cu: y[n, rows] (ldy) = x[n, cols] (ldx) W^T for few rows n */
 /* bf16 GEMVs in the block-rows design (1, the default) or one warp per row (0) */
 void		kk_set_gemv_rows(int on);
+/* their products of 1 or 2 input rows request every weight piece a thread holds (up to 4 a row) before
+ * kk_dep_wait (1, the default) or only the first (0); the same bits either way */
+void		kk_set_rows_early(int on);
 /* the most input rows an expert GEMV pass takes (1, 2, 4 or 8; default 4) */
 void		kk_set_expert_nr(int nr);
 /* P: the rows of one expert work item for a step of max_count tokens */

@@ -909,6 +909,12 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * kernels,
 		 * KL_CUDA_MLA_CACHE=fp32 keeps an fp32 latent cache in bf16 mode,
 		 * KL_CUDA_GEMV_ROWS=0 runs bf16 GEMVs one warp per row (the older design),
+		 * KL_CUDA_ROWS_EARLY=0: those block-rows GEMVs request only their
+		 * first weight piece a row before the PDL wait (default, for 1 or 2
+		 * input rows: every piece a thread holds, up to 4 a row: the whole
+		 * row at 2304 and 4096 columns, so a GEMV that starts under a
+		 * latency-bound kernel has its weights on chip when its input
+		 * arrives; same bits; gemv.cu),
 		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass,
 		 * KL_CUDA_MLA_MMA=0 keeps the bf16 cache's decode attention on CUDA
 		 * cores (mla_attend; else tensor cores where the shape fits: 1
@@ -1030,6 +1036,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *fm = getenv("KL_CUDA_MOE_FUSE"),
 				   *mc = getenv("KL_CUDA_MLA_CACHE"),
 				   *gw = getenv("KL_CUDA_GEMV_ROWS"),
+				   *gre = getenv("KL_CUDA_ROWS_EARLY"),
 				   *enr = getenv("KL_CUDA_EXPERT_NR"),
 				   *emma = getenv("KL_CUDA_EXPERT_MMA"),
 				   *kr = getenv("KL_CUDA_KDA_STATE_ROUND"),
@@ -1069,6 +1076,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
 		kk_set_pdl(major >= 9 && !(pdl && strcmp(pdl, "0") == 0));
 		kk_set_gemv_rows(!(gw && strcmp(gw, "0") == 0));
+		kk_set_rows_early(!(gre && strcmp(gre, "0") == 0));
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_mma_q_direct(qd && *qd ? atoi(qd) : 2);

@@ -51,7 +51,11 @@
  * the default: the state, tails and step metadata read before the PDL wait)
  * must match the waiting form the same ways (check_kda_decode with both, and
  * check_kda_dec_early_model: the golden models and a K = 128 random model,
- * 1, 2 and 4 sequences, both precisions).
+ * 1, 2 and 4 sequences, both precisions).  The block-rows GEMVs' early
+ * weight requests (KL_CUDA_ROWS_EARLY, the default) must not change a bit
+ * either (check_rows_early_model: the K = 128 random model, 1, 2 and 4
+ * sequences, both precisions; check_rows_early_48b: the 48B shapes, whose
+ * 2304- and 4096-column rows are held whole).
  *
  * The KDA gated norm as a warp per (row, head) and prefill's prep as a
  * warp walking rows (KL_CUDA_KDA_ELEM_WARP masks 2 and 6) must give the
@@ -4429,6 +4433,16 @@ check_kda_dec_early_model(const char *model, const char *prec, int nseq)
 						"KDA decode kernel's early form = the waiting form (KL_CUDA_KDA_DEC_EARLY=0)");
 }
 
+/* the block-rows GEMVs requesting every weight piece before the PDL wait (KL_CUDA_ROWS_EARLY, the default)
+ * against only the first (=0): the K = 128 random model (bf16 weights, so its products of up to 4 rows take
+ * that kernel) */
+static void
+check_rows_early_model(const char *prec, int nseq)
+{
+	check_kda_env_model(NULL, prec, nseq, "KL_CUDA_ROWS_EARLY", "0",
+						"block-rows GEMVs' early weight requests = the first piece only (KL_CUDA_ROWS_EARLY=0)");
+}
+
 /*
  * The tensor-core MLA decode (bf16 cache) on a trained model over a long
  * context: pgdocs-kimi-18m (6 heads padded to 16, R = 128, Dr = 32) in bf16,
@@ -6432,6 +6446,42 @@ check_q_twin_model(void)
 	unsetenv("KL_CUDA_Q_MMA");
 }
 
+/* the same on the 48B shapes (2 layers, bf16 weights and precision): rows of 2304 and 4096 columns, so the
+ * early requests hold whole rows (3 and 4 pieces a thread); 1, 2 and 4 sequences decoding together */
+static void
+check_rows_early_48b(void)
+{
+	static const char *const early[2] = {"0", "1"};
+	int			rounds = 4;
+	int32_t		ids[40];
+	float	   *lg[2][3];
+	int			V = 0;
+
+	for (int v = 0; v < 2; v++)
+	{
+		kl_model   *m = random_gpu_model(q48_config, NULL, "KL_CUDA_ROWS_EARLY", early[v]);
+
+		V = kl_model_config(m)->vocab_size;
+		for (int i = 0; i < 40; i++)
+			ids[i] = (int32_t) ((i * 7919 + 13) % V);
+		for (int bi = 0; bi < 3; bi++)
+			lg[v][bi] = decode_together(m, ids, (int[]) {1, 2, 4}[bi], rounds);
+		kl_model_free(m);
+	}
+	for (int bi = 0; bi < 3; bi++)
+	{
+		int			nseq = (int[]) {1, 2, 4}[bi];
+		size_t		nl = (size_t) rounds * nseq * V;
+
+		tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * nl) == 0, "48B shapes (2 layers), bf16, %d sequence%s "
+			   "decoding together (%d steps): block-rows GEMVs' whole rows requested early = the first piece only "
+			   "(KL_CUDA_ROWS_EARLY=0) bit for bit (logits rel err %.2e)", nseq, nseq == 1 ? "" : "s", rounds,
+			   rel_err(lg[1][bi], lg[0][bi], nl));
+		free(lg[0][bi]);
+		free(lg[1][bi]);
+	}
+}
+
 /*
  * KL_CUDA_MLA_FOLD: the MLA decode layer with the append folded into the
  * absorb kernel, the wgmma attention's first key tiles requested before its
@@ -7281,6 +7331,10 @@ main(void)
 			for (int bi = 0; bi < 3; bi++)
 				RUN(check_kda_dec_early_model((const char *[]) {"tiny_a", "tiny_c", NULL}[mi], pi ? "bf16" : "fp32",
 											  (int[]) {1, 2, 4}[bi]));
+	for (int pi = 0; pi < 2; pi++)
+		for (int bi = 0; bi < 3; bi++)
+			RUN(check_rows_early_model(pi ? "bf16" : "fp32", (int[]) {1, 2, 4}[bi]));
+	RUN(check_rows_early_48b());
 	RUN(check_golden("tiny_a", "golden.safetensors", "fp32"));
 	RUN(check_golden("tiny_a", "golden_route_select.safetensors", "fp32"));
 	RUN(check_golden("tiny_c", "golden.safetensors", "fp32"));
