@@ -1030,6 +1030,35 @@ check_mla_mma(kl_model *cpu)
 	kl_model_free(old);
 }
 
+/* a context and nseq sequences of model m, sequence s fed ids + s: lens[s] tokens (lens NULL: 3 each) */
+static kl_seq **
+seqs_open(kl_model *m, kl_ctx **ctx, const int32_t *ids, int nseq, const int *lens)
+{
+	kl_err		err;
+	kl_seq	  **seq = calloc((size_t) nseq, sizeof(kl_seq *));
+	int			V = kl_model_config(m)->vocab_size;
+
+	if (kl_ctx_new(m, 0, ctx, &err) != KL_OK)
+		die("context", &err);
+	for (int s = 0; s < nseq; s++)
+	{
+		if (kl_seq_new(m, &seq[s], &err) != KL_OK)
+			die("sequence", &err);
+		feed(*ctx, seq[s], ids + s, lens ? lens[s] : 3, 0, V, NULL);
+	}
+	return seq;
+}
+
+/* frees what seqs_open made */
+static void
+seqs_close(kl_ctx *ctx, kl_seq **seq, int nseq)
+{
+	for (int s = 0; s < nseq; s++)
+		kl_seq_free(seq[s]);
+	kl_ctx_free(ctx);
+	free(seq);
+}
+
 /*
  * nseq sequences, each fed 3 tokens of its own (one call each), then
  * `rounds` decode steps: the first `full` of all of them together, the rest
@@ -1043,19 +1072,11 @@ decode_steps(kl_model *m, const int32_t *ids, int nseq, int rounds, int full)
 {
 	kl_err		err;
 	kl_ctx	   *ctx;
-	kl_seq	  **seq = calloc((size_t) nseq, sizeof(kl_seq *));
+	kl_seq	  **seq = seqs_open(m, &ctx, ids, nseq, NULL);
 	kl_batch_item *b = calloc((size_t) nseq, sizeof(kl_batch_item));
 	int			V = kl_model_config(m)->vocab_size;
 	float	   *out = calloc((size_t) rounds * nseq * V, sizeof(float));
 
-	if (kl_ctx_new(m, 0, &ctx, &err) != KL_OK)
-		die("context", &err);
-	for (int s = 0; s < nseq; s++)
-	{
-		if (kl_seq_new(m, &seq[s], &err) != KL_OK)
-			die("sequence", &err);
-		feed(ctx, seq[s], ids + s, 3, 0, V, NULL);
-	}
 	for (int r = 0; r < rounds; r++)
 	{
 		int			nb = r < full ? nseq : (nseq + 1) / 2;
@@ -1065,10 +1086,7 @@ decode_steps(kl_model *m, const int32_t *ids, int nseq, int rounds, int full)
 		if (kl_forward(ctx, b, nb, &err) != KL_OK)
 			die("batched forward", &err);
 	}
-	for (int s = 0; s < nseq; s++)
-		kl_seq_free(seq[s]);
-	kl_ctx_free(ctx);
-	free(seq);
+	seqs_close(ctx, seq, nseq);
 	free(b);
 	return out;
 }
@@ -6504,19 +6522,11 @@ fold_rounds(kl_model *m, const int32_t *ids, int nseq, const int *lens)
 	static const int rounds = 6;
 	kl_err		err;
 	kl_ctx	   *ctx;
-	kl_seq	  **seq = calloc((size_t) nseq, sizeof(kl_seq *));
+	kl_seq	  **seq = seqs_open(m, &ctx, ids, nseq, lens);
 	kl_batch_item *b = calloc((size_t) nseq, sizeof(kl_batch_item));
 	int			V = kl_model_config(m)->vocab_size;
 	float	   *out = calloc((size_t) rounds * nseq * V, sizeof(float));
 
-	if (kl_ctx_new(m, 0, &ctx, &err) != KL_OK)
-		die("context", &err);
-	for (int s = 0; s < nseq; s++)
-	{
-		if (kl_seq_new(m, &seq[s], &err) != KL_OK)
-			die("sequence", &err);
-		feed(ctx, seq[s], ids + s, lens[s], 0, V, NULL);
-	}
 	for (int r = 0; r < rounds; r++)
 	{
 		for (int s = 0; s < nseq; s++)
@@ -6528,10 +6538,7 @@ fold_rounds(kl_model *m, const int32_t *ids, int nseq, const int *lens)
 		if (kl_forward(ctx, b, nseq, &err) != KL_OK)
 			die("batched forward", &err);
 	}
-	for (int s = 0; s < nseq; s++)
-		kl_seq_free(seq[s]);
-	kl_ctx_free(ctx);
-	free(seq);
+	seqs_close(ctx, seq, nseq);
 	free(b);
 	return out;
 }
