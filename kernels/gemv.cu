@@ -347,13 +347,16 @@ gemv_rows_launch_as(cudaStream_t s, float *y, int ldy, const float *x, int ldx, 
 }
 
 /* the early form (kk_rows_early) for steps of 1 and 2 input rows: at 4 the held pieces' registers cost more
- * than the early requests save (H200, 2026-12-02, 48B step at 4k: batch 1 / 2 / 4 -0.01 / -0.05 / +0.03 ms) */
+ * than the early requests save (H200, 2026-12-02, 48B step at 4k: batch 1 / 2 / 4 -0.01 / -0.05 / +0.03 ms);
+ * both block-rows launchers take it where NR <= ROWS_EARLY_NR */
+#define ROWS_EARLY_NR 2
+
 template <int NR>
 static void
 gemv_rows_launch(cudaStream_t s, float *y, int ldy, const float *x, int ldx, const void *W, int rows, int cols,
 				 int passes)
 {
-	if constexpr (NR <= 2)
+	if constexpr (NR <= ROWS_EARLY_NR)
 		if (kk_rows_early)
 		{
 			gemv_rows_launch_as<NR, true>(s, y, ldy, x, ldx, W, rows, cols, passes);
@@ -532,6 +535,17 @@ gemv_rows_batch_kernel(kk_gemv_batch b)
 							 b.job[j].rows, b.job[j].cols, ((int) blockIdx.x - b.first_block[j]) * RB);
 }
 
+template <int NR, bool EARLY>
+static void
+gemv_rows_batch_launch_as(cudaStream_t s, kk_gemv_batch *b, int blocks, bool wide)
+{
+	if (wide)
+		kk_launch(gemv_rows_batch_kernel<NR, ROWS_RB_WIDE, ROWS_BT_WIDE, EARLY>, dim3(blocks), dim3(ROWS_BT_WIDE), 0, s,
+				  *b);
+	else
+		kk_launch(gemv_rows_batch_kernel<NR, ROWS_RB, ROWS_BT, EARLY>, dim3(blocks), dim3(ROWS_BT), 0, s, *b);
+}
+
 template <int NR>
 static void
 gemv_rows_batch_launch(cudaStream_t s, kk_gemv_batch *b, bool wide)
@@ -545,21 +559,13 @@ gemv_rows_batch_launch(cudaStream_t s, kk_gemv_batch *b, bool wide)
 		blocks += ceil_div(b->job[j].rows, rb);
 	}
 	b->first_block[b->count] = blocks;
-	if constexpr (NR <= 2)
+	if constexpr (NR <= ROWS_EARLY_NR)
 		if (kk_rows_early)
 		{
-			if (wide)
-				kk_launch(gemv_rows_batch_kernel<NR, ROWS_RB_WIDE, ROWS_BT_WIDE, true>, dim3(blocks), dim3(ROWS_BT_WIDE),
-						  0, s, *b);
-			else
-				kk_launch(gemv_rows_batch_kernel<NR, ROWS_RB, ROWS_BT, true>, dim3(blocks), dim3(ROWS_BT), 0, s, *b);
+			gemv_rows_batch_launch_as<NR, true>(s, b, blocks, wide);
 			return;
 		}
-	if (wide)
-		kk_launch(gemv_rows_batch_kernel<NR, ROWS_RB_WIDE, ROWS_BT_WIDE, false>, dim3(blocks), dim3(ROWS_BT_WIDE), 0, s,
-				  *b);
-	else
-		kk_launch(gemv_rows_batch_kernel<NR, ROWS_RB, ROWS_BT, false>, dim3(blocks), dim3(ROWS_BT), 0, s, *b);
+	gemv_rows_batch_launch_as<NR, false>(s, b, blocks, wide);
 }
 
 extern "C" void

@@ -797,10 +797,10 @@ check_moe_prefill(kl_model *cpu, kl_model *g16, const char *config, const kl_loa
 			kl_model_free(mv[v]);
 }
 
-/* a random model of config made on the GPU in bf16 precision (seed 7), quantized as asked (NULL: bf16), with
- * the environment variable name (NULL: none) set to val while the backend is made */
+/* a random model of config made on the GPU in precision prec (seed 7, bf16 weights), quantized as asked (NULL:
+ * bf16), with the environment variable name (NULL: none) set to val while the backend is made */
 static kl_model *
-random_gpu_model(const char *config, const char *quantize, const char *name, const char *val)
+random_gpu_model_in(const char *config, const char *prec, const char *quantize, const char *name, const char *val)
 {
 	char		path[] = "/tmp/kl_test_cuda_XXXXXX";
 	int			fd = mkstemp(path);
@@ -812,16 +812,23 @@ random_gpu_model(const char *config, const char *quantize, const char *name, con
 		die("write a temporary config", &err);
 	close(fd);
 	og.device = "cuda";
-	og.precision = "bf16";
+	og.precision = prec;
 	og.quantize = quantize;
 	if (name)
 		setenv(name, val, 1);	/* (read when the backend is made) */
 	if (kl_model_create_random(path, &og, "bf16", 7, &m, &err) != KL_OK)
-		die("random quantized model", &err);
+		die("random model", &err);
 	if (name)
 		unsetenv(name);
 	unlink(path);
 	return m;
+}
+
+/* random_gpu_model_in in precision bf16 */
+static kl_model *
+random_gpu_model(const char *config, const char *quantize, const char *name, const char *val)
+{
+	return random_gpu_model_in(config, "bf16", quantize, name, val);
 }
 
 /*
@@ -4332,7 +4339,6 @@ static kl_model *
 kda_test_model(const char *model, const char *prec, const char *env, const char *val)
 {
 	kl_model   *m;
-	kl_err		err;
 
 	if (env)
 		setenv(env, val, 1);	/* read when the backend is made */
@@ -4344,23 +4350,7 @@ kda_test_model(const char *model, const char *prec, const char *env, const char 
 		m = load(dir, "cuda", prec);
 	}
 	else
-	{
-		char		path[] = "/tmp/kl_test_cuda_XXXXXX";
-		int			fd = mkstemp(path);
-		kl_load_opts o = {0};
-
-		if (fd < 0 || write(fd, big_config, strlen(big_config)) != (ssize_t) strlen(big_config))
-		{
-			snprintf(err.msg, sizeof(err.msg), "%s", path);
-			die("write a temporary config", &err);
-		}
-		close(fd);
-		o.device = "cuda";
-		o.precision = prec;
-		if (kl_model_create_random(path, &o, "bf16", 7, &m, &err) != KL_OK)
-			die("random model", &err);
-		unlink(path);
-	}
+		m = random_gpu_model_in(big_config, prec, NULL, NULL, NULL);
 	if (env)
 		unsetenv(env);
 	return m;
