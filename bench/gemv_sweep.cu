@@ -1022,6 +1022,28 @@ dense_fp8_table(void)
 				q_row_dense(batches[bi].name, per, n, tok ? "tokens-as-M, GRID=1" : "dense, GRID=1", us1, stream_us,
 							dev_rel_diff(s, y, y2, ny));
 			}
+			/* with the producers' twins preset (as in the step), 2-8 rows: the dense kernel at 2 blocks an SM
+			 * (KL_CUDA_Q_DENSE_OCC=2) and at 3 (the default), "vs 2" against the first (must be 0: the same sums) */
+			if (n <= 8)
+			{
+				double		us[2];
+
+				for (int occ = 2; occ <= 3; occ++)
+				{
+					int			was = kk_set_mma_q_dense_occ(occ);
+
+					us[occ - 2] = q_time(s, [&](int r) {
+						kk_gemv_batch b = batch(r, occ == 2 ? y2 : y);
+
+						for (int j = 0; j < b.count; j++)
+							b.job[j].x16 = tw + (size_t) batches[bi].xi[j] * 64 * 9216;
+						kk_gemv_multi_mma_q_as(s, &b, 0, 2);
+					});
+					kk_set_mma_q_dense_occ(was);
+				}
+				q_row_dense(batches[bi].name, per, n, "dense twin, OCC=2", us[0], stream_us, -1);
+				q_row_dense(batches[bi].name, per, n, "dense twin, OCC=3", us[1], stream_us, dev_rel_diff(s, y, y2, ny));
+			}
 			/* the k split where units are few (KL_CUDA_Q_GRID=2, from 17 rows); "vs 2" against the tokens-as-M
 			 * kernel off the grid (y2, the loop's last run): two halves' sums added, ~1e-7 */
 			if (n > 16)

@@ -6658,6 +6658,62 @@ check_q_twin_stale(void)
 }
 
 /*
+ * var = on[0] and = on[1] give the same logits bit for bit: the whole model,
+ * same random FP8 weights of the 48B shapes (2 layers, seed 7), nseqs[b]
+ * sequences decoding together for 2 steps (decode_fp8_pair); what names the
+ * variant in the messages.
+ */
+static void
+check_fp8_same_bits(const char *var, const char *const on[2], const int nseqs[3], const char *what)
+{
+	const int	rounds = 2;
+	float	   *lg[2][3];
+	int			V = decode_fp8_pair(var, on, nseqs, rounds, lg);
+
+	for (int bi = 0; bi < 3; bi++)
+	{
+		size_t		cnt = (size_t) rounds * nseqs[bi] * V;
+
+		tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * cnt) == 0, "48B shapes (2 layers), FP8, %d sequences "
+			   "decoding together (%d steps): %s=%s (%s) equals =%s bit for bit (rel err %.2e)", nseqs[bi], rounds,
+			   var, on[1], what, on[0], rel_err(lg[1][bi], lg[0][bi], cnt));
+		free(lg[0][bi]);
+		free(lg[1][bi]);
+	}
+}
+
+/*
+ * KL_CUDA_Q_DENSE_OCC (the dense FP8 kernel at 2-8 tokens: 3 blocks an SM,
+ * the default, or 2 with twice the chunks a register set) and
+ * KL_CUDA_Q_EXPERT_OCC=3 (the FP8 SwiGLU expert kernel: 3 blocks an SM, one
+ * chunk a register set) and KL_CUDA_Q_TOK_RING=1 (the tokens-as-M kernel
+ * at 17-32 tokens with a cp.async ring of weights and activations): the
+ * same sums in the same order, so the same
+ * logits bit for bit (check_fp8_same_bits); then tiny_a quantized to FP8
+ * at load with both non-defaults against the CPU (check_quantized).
+ */
+static void
+check_dense_model_occ(void)
+{
+	static const char *const occ[2] = {"2", "3"},
+			   *const ring[2] = {"0", "1"};
+	static const int few[3] = {2, 5, 8},
+				experts[3] = {4, 8, 32},
+				toks[3] = {17, 24, 32};
+
+	check_fp8_same_bits("KL_CUDA_Q_DENSE_OCC", occ, few, "dense kernel, 3 blocks an SM");
+	check_fp8_same_bits("KL_CUDA_Q_EXPERT_OCC", occ, experts, "SwiGLU expert kernel, 3 blocks an SM");
+	check_fp8_same_bits("KL_CUDA_Q_TOK_RING", ring, toks, "tokens-as-M kernel with a cp.async ring");
+	setenv("KL_CUDA_Q_DENSE_OCC", "2", 1);	/* read when the backend is made */
+	setenv("KL_CUDA_Q_EXPERT_OCC", "3", 1);
+	setenv("KL_CUDA_Q_TOK_RING", "1", 1);
+	check_quantized("tiny_a", "fp8", "bf16");
+	unsetenv("KL_CUDA_Q_TOK_RING");
+	unsetenv("KL_CUDA_Q_EXPERT_OCC");
+	unsetenv("KL_CUDA_Q_DENSE_OCC");
+}
+
+/*
  * The whole model with the balanced grid (KL_CUDA_Q_GRID=1) against off (the
  * default), same random FP8 weights of the 48B shapes (2 layers, seed 7):
  * 8, 32 and 64 sequences decoding together give the same logits bit for bit
@@ -7384,6 +7440,7 @@ main(void)
 	RUN(check_mla_fold_model());
 	RUN(check_q_twin_stale());
 	RUN(check_dense_model_grid());
+	RUN(check_dense_model_occ());
 	RUN(check_dense_model_l2());
 	RUN(check_expert_mma_q());
 	RUN(check_fp8_quant());
