@@ -347,22 +347,6 @@ int			kk_set_mma_q_l2(int on);
  * order: the same bits).  Returns the setting it replaces.
  */
 int			kk_set_mma_q_dense_occ(int occ);
-/*
- * kk_set_mma_q_expert_occ(occ) (default 2; the backend's KL_CUDA_Q_EXPERT_OCC):
- * blocks an SM of the quantized expert kernel in its SwiGLU mode (gate and
- * up): 2, or 3 with one weight chunk a register set instead of two (the
- * same sums in the same order: the same bits).  Returns the setting it
- * replaces.
- */
-int			kk_set_mma_q_expert_occ(int occ);
-/*
- * kk_set_mma_q_tok_ring(on) (default 0; the backend's KL_CUDA_Q_TOK_RING):
- * the tokens-as-M kernel at 17-32 tokens requests each chunk's weights and
- * activations a chunk ahead into a two-stage ring of shared memory
- * (cp.async), not the weights alone in registers; the same bits.  Returns
- * the setting it replaces.
- */
-int			kk_set_mma_q_tok_ring(int on);
 size_t		kk_gemv_mma_q_room(const kk_gemv_batch *b);
 size_t		kk_gemv_mma_q_room_as(const kk_gemv_batch *b, int dense);
 void		kk_gemv_multi_mma_q_as(cudaStream_t s, kk_gemv_batch *b, int direct, int dense);

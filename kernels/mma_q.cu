@@ -147,13 +147,13 @@ mq_ld(uint32_t (&w)[LW / 4], const uint8_t *p)
  * for chunks [c0, c1), two register sets of U chunks alternating.
  * rg / rg8: the lane's rows, + t LW bytes; sg / sg8: their scales.
  */
-template <int FMT, int LW, int NB, bool GROUPED, int UC = 32 / LW>
+template <int FMT, int LW, int NB, bool GROUPED>
 struct mq_stream
 {
 	static constexpr int WPB = FMT == KK_WF_INT4 ? 2 : 1;	/* weights a byte */
 	static constexpr int NW = LW / 4;	/* 32-bit words a lane loads per row and chunk */
 	static constexpr int CK = 4 * LW * WPB;	/* columns of a chunk */
-	static constexpr int U = UC;	/* chunks a register set: by default 2 KB of weights a warp */
+	static constexpr int U = 32 / LW;	/* chunks a register set: 2 KB of weights a warp */
 
 	const uint8_t *rg,
 			   *rg8;
@@ -1221,74 +1221,78 @@ mt_first(const uint8_t *(&wr)[R], uint4 (&wc)[R], const kk_gemv_job *jb, int r0,
 }
 
 /*
- * acc += chunk c of the unit: the lane's activation words of the NT token
- * tiles (from x16, n rows, cols columns) and its weight pieces wc of the R
- * n-tiles, four mma steps a tile pair in step order (mt_unit's body)
- */
-/* the lane's activation piece q (16 bytes) of token tile m, half h (tokens + 8 h) of chunk c: x16's row and column */
-__device__ __forceinline__ const uint16_t *
-mt_x_piece(const uint16_t *x16, int n, int cols, int c, int m, int h, int q)
-{
-	int			g = (threadIdx.x & 31) >> 2,
-				t = threadIdx.x & 3;
-
-	return x16 + (size_t) mx_tok(16 * m + g + 8 * h, n) * cols + 64 * c + 16 * t + 8 * q;
-}
-
-/* acc += a chunk's products from its activation words a (times 2^64) and weight pieces wc (mt_chunk's order) */
-template <int NT, int R>
-__device__ __forceinline__ void
-mt_mma(float (&acc)[NT][R][4], const uint4 (&wc)[R], const uint4 (&a)[NT][2][2])
-{
-#pragma unroll
-	for (int i = 0; i < 4; i++)
-#pragma unroll
-		for (int r = 0; r < R; r++)
-		{
-			uint32_t	w = mt_comp(wc[r], i),
-						b0 = mq_fp8_lo(w),
-						b1 = mq_fp8_hi(w);
-
-#pragma unroll
-			for (int m = 0; m < NT; m++)
-				mma_bf16_16816(acc[m][r], mt_word(a[m][0], 2 * i), mt_word(a[m][1], 2 * i),
-							   mt_word(a[m][0], 2 * i + 1), mt_word(a[m][1], 2 * i + 1), b0, b1);
-		}
-}
-
-template <int NT, int R>
-__device__ __forceinline__ void
-mt_chunk(float (&acc)[NT][R][4], const uint4 (&wc)[R], const uint16_t *x16, int n, int cols, int c)
-{
-	uint4		a[NT][2][2];
-
-#pragma unroll
-	for (int m = 0; m < NT; m++)
-#pragma unroll
-		for (int h = 0; h < 2; h++)
-#pragma unroll
-			for (int q = 0; q < 2; q++)
-				a[m][h][q] = mx_ld16(mt_x_piece(x16, n, cols, c, m, h, q));
-	mt_mma<NT, R>(acc, wc, a);
-}
-
-/*
- * The unit's partial tiles (acc, one a warp) summed in warp order through
- * mt_part ([8 warps][NT R 4][32 lanes]), times the row's scale and 2^56,
- * stored (ks 0), else the block's sums left after the partial tiles (the
- * k-split kernel).  D fragment: acc[m][r][i] is token 16 m + g (+ 8 for
- * i >= 2), row r0 + 8 r + 2 t + (i & 1).
+ * One unit of the tokens-as-M kernel: R n-tiles (8 R rows) of job j from
+ * row r0 into acc (zero on entry), the warp's first chunk requested
+ * (mt_first into wr, wc).  un >= 0 (the grid kernel): the unit the block
+ * takes next, whose first chunk is requested (into wr, wc) once this
+ * unit's chunks are done, before its partial tiles are summed and stored.
+ * The sums do not depend on un.  ks 0: all of k, the outputs stored; 1 /
+ * 2 (the k-split kernel): the first / second half of the chunks, the
+ * block's sums (before the scale) left in mt_part after the 8 warps' part
+ * ([NT R 4][32], as the partial tiles are indexed).
  */
 template <int NT, int R>
 __device__ __forceinline__ void
-mt_sums(const kk_gemv_batch &b, int j, int r0, const float (&acc)[NT][R][4], float *mt_part, int ks)
+mt_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&wr)[R], uint4 (&wc)[R], float (&acc)[NT][R][4],
+		float *mt_part, int un, int ks)
 {
 	const kk_gemv_job *jb = &b.job[j];
 	int			rows = jb->rows,
+				cols = jb->cols,
+				nchunk = cols >> 6,
 				warp = threadIdx.x >> 5,
-				lane = threadIdx.x & 31;
-	const float *sc = (const float *) ((const uint8_t *) jb->W + kk_q_scale_offset(rows, KK_WF_FP8, jb->cols));
+				lane = threadIdx.x & 31,
+				g = lane >> 2,
+				t = lane & 3;
+	const uint8_t *W = (const uint8_t *) jb->W;
+	const float *sc = (const float *) (W + kk_q_scale_offset(rows, KK_WF_FP8, cols));
+	int			c1 = ks == 1 ? nchunk / 2 : nchunk;
+	uint4		wn[R];
 
+	for (int c = (ks == 2 ? nchunk / 2 : 0) + warp; c < c1; c += MX_WARPS)
+	{
+		uint4		a[NT][2][2];
+
+		if (c + MX_WARPS < c1)
+#pragma unroll
+			for (int r = 0; r < R; r++)
+				wn[r] = __ldg((const uint4 *) (wr[r] + 64 * (c + MX_WARPS)));
+#pragma unroll
+		for (int m = 0; m < NT; m++)
+#pragma unroll
+			for (int h = 0; h < 2; h++)
+			{
+				const uint16_t *p = jb->x16 + (size_t) mx_tok(16 * m + g + 8 * h, b.n) * cols + 64 * c + 16 * t;
+
+				a[m][h][0] = mx_ld16(p);
+				a[m][h][1] = mx_ld16(p + 8);
+			}
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+#pragma unroll
+			for (int r = 0; r < R; r++)
+			{
+				uint32_t	w = mt_comp(wc[r], i),
+							b0 = mq_fp8_lo(w),
+							b1 = mq_fp8_hi(w);
+
+#pragma unroll
+				for (int m = 0; m < NT; m++)
+					mma_bf16_16816(acc[m][r], mt_word(a[m][0], 2 * i), mt_word(a[m][1], 2 * i),
+								   mt_word(a[m][0], 2 * i + 1), mt_word(a[m][1], 2 * i + 1), b0, b1);
+			}
+#pragma unroll
+		for (int r = 0; r < R; r++)
+			wc[r] = wn[r];
+	}
+	if (un >= 0)
+	{
+		/* the next unit's first chunk, while this one's sums and stores run */
+		int			jn = mq_unit_job(b, un);
+
+		mt_first<R>(wr, wc, &b.job[jn], (un - b.first_block[jn]) * 8 * R, 0, b.job[jn].cols >> 6);
+	}
+	/* D fragment: acc[m][r][i] is token 16 m + g (+ 8 for i >= 2), row r0 + 8 r + 2 t + (i & 1) */
 #pragma unroll
 	for (int m = 0; m < NT; m++)
 #pragma unroll
@@ -1317,50 +1321,6 @@ mt_sums(const kk_gemv_batch &b, int j, int r0, const float (&acc)[NT][R][4], flo
 	}
 }
 
-/*
- * One unit of the tokens-as-M kernel: R n-tiles (8 R rows) of job j from
- * row r0 into acc (zero on entry), the warp's first chunk requested
- * (mt_first into wr, wc).  un >= 0 (the grid kernel): the unit the block
- * takes next, whose first chunk is requested (into wr, wc) once this
- * unit's chunks are done, before its partial tiles are summed and stored.
- * The sums do not depend on un.  ks 0: all of k, the outputs stored; 1 /
- * 2 (the k-split kernel): the first / second half of the chunks, the
- * block's sums (before the scale) left in mt_part after the 8 warps' part
- * ([NT R 4][32], as the partial tiles are indexed).
- */
-template <int NT, int R>
-__device__ __forceinline__ void
-mt_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&wr)[R], uint4 (&wc)[R], float (&acc)[NT][R][4],
-		float *mt_part, int un, int ks)
-{
-	const kk_gemv_job *jb = &b.job[j];
-	int			cols = jb->cols,
-				nchunk = cols >> 6,
-				warp = threadIdx.x >> 5,
-				c1 = ks == 1 ? nchunk / 2 : nchunk;
-	uint4		wn[R];
-
-	for (int c = (ks == 2 ? nchunk / 2 : 0) + warp; c < c1; c += MX_WARPS)
-	{
-		if (c + MX_WARPS < c1)
-#pragma unroll
-			for (int r = 0; r < R; r++)
-				wn[r] = __ldg((const uint4 *) (wr[r] + 64 * (c + MX_WARPS)));
-		mt_chunk<NT, R>(acc, wc, jb->x16, b.n, cols, c);
-#pragma unroll
-		for (int r = 0; r < R; r++)
-			wc[r] = wn[r];
-	}
-	if (un >= 0)
-	{
-		/* the next unit's first chunk, while this one's sums and stores run */
-		int			jn = mq_unit_job(b, un);
-
-		mt_first<R>(wr, wc, &b.job[jn], (un - b.first_block[jn]) * 8 * R, 0, b.job[jn].cols >> 6);
-	}
-	mt_sums<NT, R>(b, j, r0, acc, mt_part, ks);
-}
-
 /* block b: R n-tiles (8 R rows) of its job (first_block: mt_launch_r) */
 template <int NT, int R>
 __global__ void __launch_bounds__(MX_WARPS * 32, NT * R <= 8 ? 2 : 1)
@@ -1379,127 +1339,6 @@ gemv_mma_q_tok_kernel(kk_gemv_batch b)
 	kk_dep_wait();
 	kk_dep_launch();
 	mt_unit<NT, R>(b, j, r0, wr, wc, acc, mt_part, -1, 0);
-}
-
-/*
- * gemv_mma_q_tok_ring_kernel<NT, R> (kk_set_mma_q_tok_ring, the backend's
- * KL_CUDA_Q_TOK_RING): gemv_mma_q_tok_kernel at 2 token tiles (17-32
- * tokens) with each chunk's weight pieces AND activation words requested
- * a chunk ahead into a two-stage ring of shared memory (cp.async; each lane
- * its own 16-byte slots: no barrier), rather than the weights a chunk
- * ahead in registers and the activations loaded when the chunk starts.
- * Nsight (H200, 2026-12-02, FP8 step at batch 32): the q/k/v launch 25 us
- * for 28 MB (1.1 TB/s), and a ring of weights alone (2-4 chunks ahead)
- * gained nothing: each chunk waited on its activation loads (4 KB a warp
- * through L1 / L2, issued just before its products).  The first two
- * chunks are requested before the dependent-launch wait for the weights
- * and after it for the activations; the partial tiles then reuse the ring
- * (after a barrier).  Same chunks, same products (mt_mma), same sums
- * (mt_sums): the same bits as the kernel it replaces.
- */
-#define MT_RING 2				/* stages */
-
-/* 16-byte slots of a lane a stage: R weight pieces, then NT x 2 x 2 activation pieces */
-template <int NT, int R>
-__host__ __device__ constexpr int
-mt_ring_slots(void)
-{
-	return R + 4 * NT;
-}
-
-/* dynamic shared memory of the ring kernel: the ring or the partial tiles, whichever is larger */
-template <int NT, int R>
-constexpr size_t
-mt_ring_smem(void)
-{
-	return (size_t) MX_WARPS * 32 * 16 *
-		(MT_RING * mt_ring_slots<NT, R>() > NT * R ? MT_RING * mt_ring_slots<NT, R>() : NT * R);
-}
-
-/* request chunk c's weight pieces (W) or activation pieces (X) into the stage at slot (none past c1) */
-template <int NT, int R, bool W, bool X>
-__device__ __forceinline__ void
-mt_ring_issue(uint4 *slot, const uint8_t *const (&wr)[R], const kk_gemv_batch &b, const kk_gemv_job *jb, int c,
-			  int c1)
-{
-	if (c >= c1)
-		return;
-	if (W)
-#pragma unroll
-		for (int r = 0; r < R; r++)
-			cp_async16(slot + 32 * r, wr[r] + 64 * (size_t) c);
-	if (X)
-#pragma unroll
-		for (int m = 0; m < NT; m++)
-#pragma unroll
-			for (int h = 0; h < 2; h++)
-#pragma unroll
-				for (int q = 0; q < 2; q++)
-					cp_async16(slot + 32 * (R + (m * 2 + h) * 2 + q), mt_x_piece(jb->x16, b.n, jb->cols, c, m, h, q));
-}
-
-template <int NT, int R>
-__global__ void __launch_bounds__(MX_WARPS * 32, 2)
-gemv_mma_q_tok_ring_kernel(kk_gemv_batch b)
-{
-	constexpr int S = mt_ring_slots<NT, R>();
-	extern __shared__ float mt_part[];	/* the ring [8 warps][2 stages][S][32 lanes] of uint4, then the partial tiles */
-	int			j = kk_batch_job(b),
-				r0 = ((int) blockIdx.x - b.first_block[j]) * 8 * R,
-				warp = threadIdx.x >> 5,
-				lane = threadIdx.x & 31;
-	const kk_gemv_job *jb = &b.job[j];
-	int			nchunk = jb->cols >> 6;
-	uint4	   *ring = (uint4 *) mt_part + (size_t) warp * MT_RING * S * 32 + lane;
-	const uint8_t *wr[R];
-	float		acc[NT][R][4];
-
-	mq_l2_rows(b, jb, r0, 8 * R);
-#pragma unroll
-	for (int r = 0; r < R; r++)
-	{
-		int			row = r0 + 8 * r + (lane >> 2) < jb->rows ? r0 + 8 * r + (lane >> 2) : jb->rows - 1;
-
-		wr[r] = (const uint8_t *) jb->W + (size_t) row * jb->cols + 16 * (lane & 3);
-	}
-	/* the weights do not depend on earlier kernels: both stages' weights requested before waiting */
-#pragma unroll
-	for (int d = 0; d < MT_RING; d++)
-		mt_ring_issue<NT, R, true, false>(ring + d * S * 32, wr, b, jb, warp + MX_WARPS * d, nchunk);
-	mx_zero<NT, R>(acc);
-	kk_dep_wait();
-	kk_dep_launch();
-#pragma unroll
-	for (int d = 0; d < MT_RING; d++)
-	{
-		mt_ring_issue<NT, R, false, true>(ring + d * S * 32, wr, b, jb, warp + MX_WARPS * d, nchunk);
-		cp_async_commit();		/* group d: stage d's activations (and, in the first, every weight so far) */
-	}
-	for (int k = 0, c = warp; c < nchunk; k++, c += MX_WARPS)
-	{
-		uint4	   *slot = ring + (k % MT_RING) * S * 32;
-		uint4		wc[R],
-					a[NT][2][2];
-
-		cp_async_wait_group<MT_RING - 1>();	/* chunk k's group is complete */
-#pragma unroll
-		for (int r = 0; r < R; r++)
-			wc[r] = slot[32 * r];
-#pragma unroll
-		for (int m = 0; m < NT; m++)
-#pragma unroll
-			for (int h = 0; h < 2; h++)
-#pragma unroll
-				for (int q = 0; q < 2; q++)
-					a[m][h][q] = mx_x64(slot[32 * (R + (m * 2 + h) * 2 + q)]);
-		mt_mma<NT, R>(acc, wc, a);
-		/* (the slot's words were consumed by the products above: refill it) */
-		mt_ring_issue<NT, R, true, true>(slot, wr, b, jb, c + MX_WARPS * MT_RING, nchunk);
-		cp_async_commit();		/* (an empty group past the end: every iteration waits for the same count) */
-	}
-	cp_async_wait_all();
-	__syncthreads();			/* every warp is done with its ring before the partial tiles overwrite it */
-	mt_sums<NT, R>(b, j, r0, acc, mt_part, 0);
 }
 
 /*
@@ -1543,16 +1382,6 @@ gemv_mma_q_tok_grid_kernel(kk_gemv_batch b)
 }
 
 static int	mt_on = 0;			/* kk_set_mma_q_tok */
-static int	mt_ring = 0;		/* kk_set_mma_q_tok_ring */
-
-extern "C" int
-kk_set_mma_q_tok_ring(int on)
-{
-	int			was = mt_ring;
-
-	mt_ring = on != 0;
-	return was;
-}
 static int	mq_grid = 0;		/* kk_set_mma_q_grid */
 static int	mq_l2 = 0;			/* kk_set_mma_q_l2 */
 
@@ -1652,16 +1481,6 @@ mt_launch_r(cudaStream_t s, kk_gemv_batch *b)
 			return;
 		}
 	}
-	if constexpr (NT == 2)
-		if (mt_ring)
-		{
-			constexpr size_t rsmem = mt_ring_smem<NT, R>();
-
-			cudaFuncSetAttribute(gemv_mma_q_tok_ring_kernel<NT, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-								 (int) rsmem);
-			kk_launch(gemv_mma_q_tok_ring_kernel<NT, R>, dim3(blocks), dim3(MX_WARPS * 32), rsmem, s, *b);
-			return;
-		}
 	if (smem > 48 * 1024)
 		cudaFuncSetAttribute(gemv_mma_q_tok_kernel<NT, R>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
 	kk_launch(gemv_mma_q_tok_kernel<NT, R>, dim3(blocks), dim3(MX_WARPS * 32), smem, s, *b);
@@ -2780,14 +2599,13 @@ mq_l2_expert(const void *W, const void *W1, int r0, int rows, size_t rbytes)
  * y1; SWIGLU: gate W0 and up W1 of the same rows, silu(gate) * up -> y0).
  * Dynamic shared memory: 8 token rows of mq_ld_for(cols) bf16.
  */
-template <int FMT, int LW, bool GROUPED, bool SWIGLU, int OCC = 0>
-__global__ void __launch_bounds__(MQ_XWARPS * 32, OCC)
+template <int FMT, int LW, bool GROUPED, bool SWIGLU>
+__global__ void __launch_bounds__(MQ_XWARPS * 32)
 expert_mma_q_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
 					const void *const *W0, const void *const *W1, int group, int rows, int cols,
 					const int *__restrict__ start, const int *__restrict__ active, int P, bool vec, bool l2)
 {
-	/* OCC 3 (kk_set_mma_q_expert_occ): half the chunks a register set, so that 3 blocks fit an SM */
-	using St = mq_stream<FMT, LW, 1, GROUPED, (OCC >= 3 && 32 / LW > 1 ? 16 / LW : 32 / LW)>;
+	using St = mq_stream<FMT, LW, 1, GROUPED>;
 	constexpr int NM = SWIGLU ? 2 : 1;
 	extern __shared__ uint4 mq_smem[];
 	uint16_t   *xs = (uint16_t *) mq_smem;
@@ -2870,22 +2688,6 @@ expert_mma_q_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, 
 	}
 }
 
-/*
- * Blocks an SM of the FP8 SwiGLU expert kernel (kk_set_mma_q_expert_occ): 2
- * (103 registers), or 3 (one chunk a register set: at batch 8 the ~456
- * blocks of a layer's gate and up are 1.15 waves instead of 1.73)
- */
-static int	mq_xocc = 2;
-
-extern "C" int
-kk_set_mma_q_expert_occ(int occ)
-{
-	int			was = mq_xocc;
-
-	mq_xocc = occ == 3 ? 3 : 2;
-	return was;
-}
-
 template <int FMT, int LW, bool GROUPED>
 static void
 mq_launch_expert(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
@@ -2897,16 +2699,6 @@ mq_launch_expert(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, 
 	dim3		grid(ceil_div(rows, MQ_XWARPS * 16) * (W1 && y1 ? 2 : 1), max_active);
 	size_t		smem = (size_t) 8 * mq_ld_for(cols) * sizeof(uint16_t);
 
-	if constexpr (FMT == KK_WF_FP8)
-		if (swiglu && mq_xocc == 3)
-		{
-			if (smem > 48 * 1024)
-				cudaFuncSetAttribute(expert_mma_q_kernel<FMT, LW, GROUPED, true, 3>,
-									 cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
-			kk_launch(expert_mma_q_kernel<FMT, LW, GROUPED, true, 3>, grid, dim3(MQ_XWARPS * 32), smem, s, y0, y1, ldy,
-					  x, ldx, xrow, W0, W1, group, rows, cols, start, active, P, vec, (mq_l2 & 2) != 0);
-			return;
-		}
 	if (swiglu)
 	{
 		if (smem > 48 * 1024)

@@ -1056,8 +1056,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *qgr = getenv("KL_CUDA_Q_GRID"),
 				   *ql2 = getenv("KL_CUDA_Q_L2"),
 				   *qocc = getenv("KL_CUDA_Q_DENSE_OCC"),
-				   *qxocc = getenv("KL_CUDA_Q_EXPERT_OCC"),
-				   *qring = getenv("KL_CUDA_Q_TOK_RING"),
 				   *gs = getenv("KL_CUDA_GEMV_MMA_SLAB"),
 				   *sw = getenv("KL_CUDA_SAMPLE_WIDE"),
 				   *ms = getenv("KL_CUDA_MLA_SMALL"),
@@ -1095,12 +1093,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * blocks' runs, 264 x 590 KB, do not fit in L2) */
 		kk_set_mma_q_l2(ql2 && *ql2 ? atoi(ql2) : 1);
 		/* (KL_CUDA_Q_DENSE_OCC=2: the dense FP8 kernel at 2-8 tokens with 2 blocks an SM; default 3, the same bits:
-		 * H200, 2026-12-02, FP8 48B step at batch 8, 4k: q/k/v 18.1 -> 15.1 us a launch, the step -0.04 ms.
-		 * KL_CUDA_Q_EXPERT_OCC=3: the quantized SwiGLU expert kernel with 3 blocks an SM; KL_CUDA_Q_TOK_RING=1: the
-		 * tokens-as-M kernel at 17-32 tokens with a cp.async ring of weights and activations; the same bits) */
+		 * H200, 2026-12-02, FP8 48B step at batch 8, 4k: q/k/v 18.1 -> 15.1 us a launch, the step -0.04 .. -0.09 ms) */
 		kk_set_mma_q_dense_occ(qocc && *qocc ? atoi(qocc) : 3);
-		kk_set_mma_q_expert_occ(qxocc && *qxocc ? atoi(qxocc) : 2);
-		kk_set_mma_q_tok_ring(qring && *qring ? atoi(qring) : 0);
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
 		kk_set_kda_prep_mma(kpm && *kpm ? ((atoi(kpm) >= 0 && atoi(kpm) <= 4) || atoi(kpm) == 6 ? atoi(kpm) : 6) : 6);
 		kk_set_kda_kp6_wide(kpw && *kpw && atoi(kpw) >= 0 && atoi(kpw) <= 2 ? atoi(kpw) : 2);
