@@ -2950,6 +2950,64 @@ tq_name(int fmt)
 	return fmt == TQ_F32 ? "fp32" : fmt == TQ_BF16 ? "bf16" : kl_qtype_name((kl_qtype) (fmt - 1));
 }
 
+/* a case of the gemv_q checks: count jobs (matrix j: fmt[j], group[j] (0: cols), rows[j] x cols[j]) in one batch,
+ * inputs of up to maxn rows with row stride cols + xpad on the device */
+typedef struct tq_case
+{
+	int			count,
+				xpad,
+				fmt[4],
+				group[4],
+				rows[4],
+				cols[4],
+				maxn;
+	bool		handmade;
+	const char *what;
+} tq_case;
+
+/* a case's arrays as the hook takes them: matrices, formats, groups (cols for 0), data and scales, the inputs x
+ * of maxn rows for every job one after another; ytot: the floats of maxn rows of every job's outputs */
+typedef struct tq_jobs
+{
+	tq_mat		mat[4];
+	int			fmt[4],
+				grp[4];
+	const void *data[4];
+	const float *sc[4];
+	float	   *x;
+	size_t		ytot;
+} tq_jobs;
+
+/* case c's jobs: matrices by tq_make and random inputs, from tq_state; tq_case_close frees them */
+static void
+tq_case_open(const tq_case *c, tq_jobs *J)
+{
+	size_t		xtot = 0;
+
+	J->ytot = 0;
+	for (int j = 0; j < c->count; j++)
+	{
+		J->fmt[j] = c->fmt[j];
+		J->grp[j] = c->group[j] ? c->group[j] : c->cols[j];
+		tq_make(&J->mat[j], J->fmt[j], J->grp[j], c->rows[j], c->cols[j], c->handmade);
+		J->data[j] = J->mat[j].data;
+		J->sc[j] = J->mat[j].scales;
+		xtot += (size_t) c->maxn * c->cols[j];
+		J->ytot += (size_t) c->maxn * c->rows[j];
+	}
+	J->x = malloc(sizeof(float) * xtot);
+	for (size_t i = 0; i < xtot; i++)
+		J->x[i] = tq_normal(1.0f);
+}
+
+static void
+tq_case_close(const tq_case *c, tq_jobs *J)
+{
+	for (int j = 0; j < c->count; j++)
+		tq_free(&J->mat[j]);
+	free(J->x);
+}
+
 /*
  * kk_gemv_q and kk_gemv_multi_q (gemv_q.cu) against a double-precision
  * product of quant.h's weights (kl_q_dequant_row: fl(q * scale)) on random
@@ -2966,18 +3024,7 @@ tq_name(int fmt)
 static void
 check_gemv_q(void)
 {
-	static const struct
-	{
-		int			count,
-					xpad,
-					fmt[4],
-					group[4],		/* 0: cols */
-					rows[4],
-					cols[4],
-					maxn;
-		bool		handmade;
-		const char *what;
-	}			cases[] = {
+	static const tq_case cases[] = {
 		{3, 0, {2, 2, 2}, {0, 0, 0}, {4096, 4096, 4096}, {2304, 2304, 2304}, 17, false, "48B q/k/v"},
 		{1, 0, {2}, {128}, {2304}, {4096}, 8, false, "48B o_proj, groups of 128"},
 		{2, 0, {2, 2}, {32, 16}, {1024, 2304}, {2304, 1024}, 8, false, "48B expert gate and down, groups 32 / 16"},
@@ -3001,33 +3048,14 @@ check_gemv_q(void)
 	tq_state = 2026113001;
 	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++)
 	{
-		int			count = cases[ci].count,
-					grp[4],
-					fmt[4];
-		tq_mat		mat[4];
-		const void *data[4];
-		const float *sc[4];
-		size_t		xtot = 0,
-					ytot = 0;
-		float	   *x,
-				   *y,
+		int			count = cases[ci].count;
+		tq_jobs		J;
+		float	   *y,
 				   *ref;
 
-		for (int j = 0; j < count; j++)
-		{
-			fmt[j] = cases[ci].fmt[j];
-			grp[j] = cases[ci].group[j] ? cases[ci].group[j] : cases[ci].cols[j];
-			tq_make(&mat[j], fmt[j], grp[j], cases[ci].rows[j], cases[ci].cols[j], cases[ci].handmade);
-			data[j] = mat[j].data;
-			sc[j] = mat[j].scales;
-			xtot += (size_t) cases[ci].maxn * cases[ci].cols[j];
-			ytot += (size_t) cases[ci].maxn * cases[ci].rows[j];
-		}
-		x = malloc(sizeof(float) * xtot);
-		y = malloc(sizeof(float) * ytot);
-		ref = malloc(sizeof(float) * ytot);
-		for (size_t i = 0; i < xtot; i++)
-			x[i] = tq_normal(1.0f);
+		tq_case_open(&cases[ci], &J);
+		y = malloc(sizeof(float) * J.ytot);
+		ref = malloc(sizeof(float) * J.ytot);
 		for (int multi = 0; multi < 2; multi++)
 		{
 			double		worst = 0;
@@ -3043,16 +3071,17 @@ check_gemv_q(void)
 					continue;
 				if ((multi && n > 8) || (!multi && n > 1 && n < 8 && n % 3 != 1 && cases[ci].maxn > 8))
 					continue;
-				rc = f(multi, n, count, fmt, grp, cases[ci].rows, cases[ci].cols, data, sc, x, cases[ci].xpad, y);
+				rc = f(multi, n, count, J.fmt, J.grp, cases[ci].rows, cases[ci].cols, J.data, J.sc, J.x, cases[ci].xpad,
+					   y);
 				for (int j = 0; j < count && rc == 0; j++)
 				{
 					double		e;
 
-					tq_reference(&mat[j], n, x + xo, ref + yo);
+					tq_reference(&J.mat[j], n, J.x + xo, ref + yo);
 					e = rel_err_nan(y + yo, ref + yo, (size_t) n * cases[ci].rows[j]);
 					if (e > 1e-5 || isnan(e))
 						tap_diag("%s: job %d (%s, group %d, %d x %d), %d rows: rel err %.2e", cases[ci].what, j,
-								 tq_name(fmt[j]), grp[j], cases[ci].rows[j], cases[ci].cols[j], n, e);
+								 tq_name(J.fmt[j]), J.grp[j], cases[ci].rows[j], cases[ci].cols[j], n, e);
 					worst = e > worst || isnan(e) ? e : worst;
 					xo += (size_t) n * cases[ci].cols[j];
 					yo += (size_t) n * cases[ci].rows[j];
@@ -3063,9 +3092,7 @@ check_gemv_q(void)
 				   multi ? "kk_gemv_multi_q" : "kk_gemv_q", multi && cases[ci].maxn > 8 ? 8 : cases[ci].maxn, worst,
 				   rc);
 		}
-		for (int j = 0; j < count; j++)
-			tq_free(&mat[j]);
-		free(x);
+		tq_case_close(&cases[ci], &J);
 		free(y);
 		free(ref);
 	}
@@ -3091,26 +3118,16 @@ typedef int (*rows_early_test_fn) (int on);
 static void
 check_rows_early_gemv_q(void)
 {
-	static const struct
-	{
-		int			count,
-					xpad,
-					fmt[4],
-					group[4],		/* 0: cols */
-					rows[4],
-					cols[4];
-		bool		handmade;
-		const char *what;
-	}			cases[] = {
-		{3, 0, {2, 2, 2}, {0, 0, 0}, {301, 300, 299}, {2304, 2304, 2304}, false, "FP8 q/k/v width 2304"},
-		{1, 0, {2}, {128}, {301}, {4096}, false, "FP8 o_proj width 4096, groups of 128"},
-		{1, 0, {2}, {0}, {77}, {9216}, false, "FP8 dense down width 9216"},
-		{2, 0, {2, 2}, {16, 0}, {130, 33}, {2304, 2304}, true, "hand-made FP8 bytes, groups of 16 and a row"},
-		{3, 0, {4, 4, 4}, {32, 0, 128}, {301, 130, 77}, {2304, 4096, 9216}, false, "int4 widths 2304, 4096, 9216"},
-		{2, 0, {3, 3}, {16, 0}, {130, 301}, {2304, 4096}, false, "int8 widths 2304, 4096"},
-		{4, 0, {2, 4, 1, 0}, {0, 32, 0, 0}, {301, 130, 77, 33}, {2304, 2304, 2304, 2304}, false,
+	static const tq_case cases[] = {
+		{3, 0, {2, 2, 2}, {0, 0, 0}, {301, 300, 299}, {2304, 2304, 2304}, 9, false, "FP8 q/k/v width 2304"},
+		{1, 0, {2}, {128}, {301}, {4096}, 9, false, "FP8 o_proj width 4096, groups of 128"},
+		{1, 0, {2}, {0}, {77}, {9216}, 9, false, "FP8 dense down width 9216"},
+		{2, 0, {2, 2}, {16, 0}, {130, 33}, {2304, 2304}, 9, true, "hand-made FP8 bytes, groups of 16 and a row"},
+		{3, 0, {4, 4, 4}, {32, 0, 128}, {301, 130, 77}, {2304, 4096, 9216}, 9, false, "int4 widths 2304, 4096, 9216"},
+		{2, 0, {3, 3}, {16, 0}, {130, 301}, {2304, 4096}, 9, false, "int8 widths 2304, 4096"},
+		{4, 0, {2, 4, 1, 0}, {0, 32, 0, 0}, {301, 130, 77, 33}, {2304, 2304, 2304, 2304}, 9, false,
 		"FP8, int4, bf16 and fp32 jobs together"},
-		{2, 3, {2, 4}, {0, 32}, {130, 77}, {2304, 4096}, false, "unaligned activation rows (scalar path)"},
+		{2, 3, {2, 4}, {0, 32}, {130, 77}, {2304, 4096}, 9, false, "unaligned activation rows (scalar path)"},
 	};
 	static const int ns[] = {1, 2, 9};
 	kl_model   *m;
@@ -3133,32 +3150,13 @@ check_rows_early_gemv_q(void)
 	tq_state = 2026120201;
 	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++)
 	{
-		int			count = cases[ci].count,
-					grp[4],
-					fmt[4];
-		tq_mat		mat[4];
-		const void *data[4];
-		const float *sc[4];
-		size_t		xtot = 0,
-					ytot = 0;
-		float	   *x,
-				   *y[2];
+		int			count = cases[ci].count;
+		tq_jobs		J;
+		float	   *y[2];
 
-		for (int j = 0; j < count; j++)
-		{
-			fmt[j] = cases[ci].fmt[j];
-			grp[j] = cases[ci].group[j] ? cases[ci].group[j] : cases[ci].cols[j];
-			tq_make(&mat[j], fmt[j], grp[j], cases[ci].rows[j], cases[ci].cols[j], cases[ci].handmade);
-			data[j] = mat[j].data;
-			sc[j] = mat[j].scales;
-			xtot += (size_t) 9 * cases[ci].cols[j];
-			ytot += (size_t) 9 * cases[ci].rows[j];
-		}
-		x = malloc(sizeof(float) * xtot);
-		y[0] = malloc(sizeof(float) * ytot);
-		y[1] = malloc(sizeof(float) * ytot);
-		for (size_t i = 0; i < xtot; i++)
-			x[i] = tq_normal(1.0f);
+		tq_case_open(&cases[ci], &J);
+		y[0] = malloc(sizeof(float) * J.ytot);
+		y[1] = malloc(sizeof(float) * J.ytot);
 		for (int multi = 0; multi < 2; multi++)
 			for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++)
 			{
@@ -3173,7 +3171,7 @@ check_rows_early_gemv_q(void)
 				for (int e = 0; e < 2; e++)
 				{
 					set_early(e);
-					rc[e] = f(multi, n, count, fmt, grp, cases[ci].rows, cases[ci].cols, data, sc, x,
+					rc[e] = f(multi, n, count, J.fmt, J.grp, cases[ci].rows, cases[ci].cols, J.data, J.sc, J.x,
 							  cases[ci].xpad, y[e]);
 				}
 				tap_ok(rc[0] == 0 && rc[1] == 0 && memcmp(y[0], y[1], sizeof(float) * ny) == 0,
@@ -3182,9 +3180,7 @@ check_rows_early_gemv_q(void)
 					   multi ? "kk_gemv_multi_q" : "kk_gemv_q", n, n == 1 ? "" : "s", rel_err(y[1], y[0], ny),
 					   rc[0], rc[1]);
 			}
-		for (int j = 0; j < count; j++)
-			tq_free(&mat[j]);
-		free(x);
+		tq_case_close(&cases[ci], &J);
 		free(y[0]);
 		free(y[1]);
 	}
