@@ -20,12 +20,14 @@
  * quantized-weight kernels of kernels/gemv_q.cu (FP8, int8, int4: kk_gemv_q
  * and kk_expert_gemv_q) at batch 1 and 4 on the 48B shapes, each against
  * a plain read of the same bytes (the quantized objects: data and scales),
- * the plain products checked against a one-thread-an-output kernel.
+ * the plain products checked against a one-thread-an-output kernel; at
+ * batch 1 also with gemv_q's early form off ("not early": KL_CUDA_ROWS_EARLY=0).
  * A third table: the products of FP8 / int4 weights on the tensor cores (kernels/mma_q.cu; see
  * quant_sweep), alone with `gemv-sweep mma_q`.
  * A fourth: the dense FP8 product batches of a 48B decode step through
- * gemv_q, the dense kernel and the slab kernel (dense_fp8_table), alone with
- * `gemv-sweep dense_fp8` (not in the default run).
+ * gemv_q (at 1 and 2 rows also without its early form), the dense kernel and
+ * the slab kernel (dense_fp8_table), alone with `gemv-sweep dense_fp8` (not
+ * in the default run).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -205,8 +207,9 @@ template <int NR, int RB, int BT>
 static void
 run_blockrows(cudaStream_t s, float *y, const float *x, const uint16_t *W, int rows, int cols, int nr)
 {
-	kk_launch(gemv_rows_kernel<NR, RB, BT>, dim3((rows + RB - 1) / RB), dim3(BT), 0, s, y, rows, x, cols, W, rows,
-			  cols);
+	/* the waiting form (EARLY false): the shapes as they were swept */
+	kk_launch(gemv_rows_kernel<NR, RB, BT, false>, dim3((rows + RB - 1) / RB), dim3(BT), 0, s, y, rows, x, cols, W,
+			  rows, cols);
 }
 
 static void
@@ -298,6 +301,7 @@ typedef struct
 
 static const qshape_t qshapes[] = {
 	{"q/k/v 3x4096x2304", 0, 1, 12288, 2304},
+	{"o_proj 2304x4096", 0, 1, 2304, 4096},
 	{"down 2304x1024", 0, 1, 2304, 1024},
 	{"lm_head 163840x2304", 0, 1, 163840, 2304},
 	{"experts gate/up SwiGLU 1x1024x2304", 1, 1, 1024, 2304},
@@ -493,8 +497,17 @@ q_table(cudaStream_t s, uint8_t *buf, size_t bytes, float *x, float *y, float *y
 				mb = (double) c.mats * kk_q_bytes(sh->rows, c.fmt, sh->cols, group) / 1e6;
 				printf("| %s | %s | %d | %.1f | %.2f | %.0f | %.0f%% | %.1e |\n", sh->name, qfmts[fi].name, n, mb, us,
 					   mb * 1e6 / (us * 1e-6) / 1e9, 100.0 * stream_us / us, diff);
-				/* the other block shapes (kk_gemv_q_force_shape: 32, 64, 128 threads), for tuning */
 				c.stream = false;
+				/* plain products of 1-2 rows: the early form (KL_CUDA_ROWS_EARLY, the row above) off */
+				if (sh->kind == 0 && n <= 2)
+				{
+					kk_set_rows_early(0);
+					us = q_time(s, &c, copies, reps, tries);
+					kk_set_rows_early(1);
+					printf("| %s | %s, not early | %d | %.1f | %.2f | %.0f | %.0f%% | |\n", sh->name, qfmts[fi].name,
+						   n, mb, us, mb * 1e6 / (us * 1e-6) / 1e9, 100.0 * stream_us / us);
+				}
+				/* the other block shapes (kk_gemv_q_force_shape: 32, 64, 128 threads), for tuning */
 				for (int f = 0; f < 3; f++)
 				{
 					kk_gemv_q_force_shape(f);
@@ -979,6 +992,21 @@ dense_fp8_table(void)
 				});
 
 				q_row_dense(batches[bi].name, per, n, "gemv_q", us, stream_us, -1);
+			}
+			/* 1-2 rows: gemv_q without its early form (KL_CUDA_ROWS_EARLY=0); "vs 2" here: against gemv_q's
+			 * results above (must be 0: the same sums) */
+			if (n <= 2)
+			{
+				double		us;
+
+				kk_set_rows_early(0);
+				us = q_time(s, [&](int r) {
+					kk_gemv_batch b = batch(r, y2);
+
+					kk_gemv_multi_q(s, &b);
+				});
+				kk_set_rows_early(1);
+				q_row_dense(batches[bi].name, per, n, "gemv_q not early", us, stream_us, dev_rel_diff(s, y2, y, ny));
 			}
 			for (int v = 2; v <= 4; v++)
 			{

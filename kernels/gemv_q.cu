@@ -9,7 +9,9 @@
  * them (16 FP8 / int8 weights or 32 int4 weights a piece), so the block
  * reads its rows front to back as a copy does, and the next piece of every
  * row is in flight while the current ones are used.  The first pieces are
- * requested before kk_dep_wait (weights are never written by kernels).
+ * requested before kk_dep_wait (weights are never written by kernels): one
+ * a thread and row, or for products of 1 or 2 input rows (KL_CUDA_ROWS_EARLY)
+ * up to 3 (q_np: whole rows at the 48B model's 2304 and 4096 columns).
  * Each input piece (fp32, through the read-only cache) is loaded once for
  * all RB rows; partial sums are reduced over the block in a fixed order.
  *
@@ -277,81 +279,139 @@ q_rows_init(q_rows<RB> &R, const void *W, const void *W1, int half, int fmt, int
 	}
 }
 
-/* the first pieces of the rows (before kk_dep_wait: weights only) */
-template <int RB, int BT>
+/*
+ * This thread's pieces threadIdx.x + p BT (p < NP) of the rows, zeros past
+ * the rows or the matrix: the first NP pieces, requested before kk_dep_wait
+ * (weights only; NP > 1: gemv_q_kernel's early form, Q_EARLY_NR).
+ */
+template <int NP, int RB, int BT>
 __device__ __forceinline__ void
-q_rows_first(uint4 (&raw)[RB], const q_rows<RB> &R, int nch)
+q_rows_first(uint4 (&held)[NP][RB], const q_rows<RB> &R, int nch)
 {
 #pragma unroll
-	for (int w = 0; w < RB; w++)
-		raw[w] = R.Wr[w] && (int) threadIdx.x < nch ? __ldg((const uint4 *) R.Wr[w] + threadIdx.x)
-			: make_uint4(0, 0, 0, 0);
+	for (int p = 0; p < NP; p++)
+	{
+		int			ch = (int) threadIdx.x + p * BT;
+
+#pragma unroll
+		for (int w = 0; w < RB; w++)
+			held[p][w] = R.Wr[w] && ch < nch ? __ldg((const uint4 *) R.Wr[w] + (unsigned) ch) : make_uint4(0, 0, 0, 0);
+	}
 }
 
 /*
- * acc[w][r] += W_w . x_r over this thread's pieces threadIdx.x, + BT, ... of
- * the nch pieces of each row, raw holding the first ones.  Word k of every
- * row's piece is decoded once and used for all NR input rows; the input
- * words once for all RB weight rows.
+ * acc[w][r] += W_w . x_r over piece ch of the rows, held in raw (the step of
+ * q_rows_dot and q_rows_dot_held): the piece's dot product unscaled, then
+ * added times its group's scale.  NEXT: raw then takes piece ch + BT (zeros
+ * past the rows), in flight while this one is used.  Word k of every row's
+ * piece is decoded once and used for all NR input rows; the input words
+ * once for all RB weight rows.
  */
-template <int FMT, int NR, int RB, int BT>
+template <int FMT, int NR, int RB, int BT, bool NEXT>
 __device__ __forceinline__ void
-q_rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const q_rows<RB> &R, const float *const (&xr)[NR], int nch)
+q_rows_step(float (&acc)[RB][NR], uint4 (&raw)[RB], const q_rows<RB> &R, const float *const (&xr)[NR], int ch,
+			int nch)
 {
 	constexpr int PC = q_fmt<FMT>::cols,
 				WC = q_fmt<FMT>::wc;
 	float		sfac = q_scale_factor(FMT);
-
-	for (int ch = threadIdx.x; ch < nch; ch += BT)
-	{
-		uint4		cur[RB];
-		float		pd[RB][NR];
-		int			g = R.gone ? ch : (int) __umulhi((unsigned) ch, R.gmul);
+	uint4		cur[RB];
+	float		pd[RB][NR];
+	int			g = R.gone ? ch : (int) __umulhi((unsigned) ch, R.gmul);
 
 #pragma unroll
-		for (int w = 0; w < RB; w++)
-		{
-			cur[w] = raw[w];
-			/* the next pieces are in flight while these are used */
+	for (int w = 0; w < RB; w++)
+	{
+		cur[w] = raw[w];
+		if constexpr (NEXT)
 			raw[w] = R.Wr[w] && ch + BT < nch ? __ldg((const uint4 *) R.Wr[w] + ch + BT) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-			for (int r = 0; r < NR; r++)
-				pd[w][r] = 0;
-		}
+		for (int r = 0; r < NR; r++)
+			pd[w][r] = 0;
+	}
 #pragma unroll
-		for (int k = 0; k < 4; k++)
-		{
-			float		xa[NR][WC];
+	for (int k = 0; k < 4; k++)
+	{
+		float		xa[NR][WC];
 
 #pragma unroll
-			for (int r = 0; r < NR; r++)
-				q_load_x<WC>(xr[r], ch * PC + k * WC, xa[r]);
-#pragma unroll
-			for (int w = 0; w < RB; w++)
-			{
-				float		f[WC];
-				uint32_t	v = k == 0 ? cur[w].x : k == 1 ? cur[w].y : k == 2 ? cur[w].z : cur[w].w;
-
-				q_decode_word<FMT>(v, f);
-#pragma unroll
-				for (int r = 0; r < NR; r++)
-#pragma unroll
-					for (int i = 0; i < WC; i++)
-						pd[w][r] = fmaf(f[i], xa[r][i], pd[w][r]);
-			}
-		}
+		for (int r = 0; r < NR; r++)
+			q_load_x<WC>(xr[r], ch * PC + k * WC, xa[r]);
 #pragma unroll
 		for (int w = 0; w < RB; w++)
 		{
-			float		s = 1.0f;
+			float		f[WC];
+			uint32_t	v = k == 0 ? cur[w].x : k == 1 ? cur[w].y : k == 2 ? cur[w].z : cur[w].w;
 
-			if (q_fmt<FMT>::quant && R.Wr[w])
-				s = __ldg(R.sc[w] + g) * sfac;
+			q_decode_word<FMT>(v, f);
 #pragma unroll
 			for (int r = 0; r < NR; r++)
-				acc[w][r] = fmaf(pd[w][r], s, acc[w][r]);
+#pragma unroll
+				for (int i = 0; i < WC; i++)
+					pd[w][r] = fmaf(f[i], xa[r][i], pd[w][r]);
 		}
 	}
+#pragma unroll
+	for (int w = 0; w < RB; w++)
+	{
+		float		s = 1.0f;
+
+		if (q_fmt<FMT>::quant && R.Wr[w])
+			s = __ldg(R.sc[w] + g) * sfac;
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+			acc[w][r] = fmaf(pd[w][r], s, acc[w][r]);
+	}
+}
+
+/*
+ * acc[w][r] += W_w . x_r over this thread's pieces ch0, ch0 + BT, ... (ch0:
+ * threadIdx.x unless q_rows_dot_held took the first ones) of the nch pieces
+ * of each row, raw holding piece ch0.
+ */
+template <int FMT, int NR, int RB, int BT>
+__device__ __forceinline__ void
+q_rows_dot(float (&acc)[RB][NR], uint4 (&raw)[RB], const q_rows<RB> &R, const float *const (&xr)[NR], int nch,
+		   int ch0 = threadIdx.x)
+{
+	for (int ch = ch0; ch < nch; ch += BT)
+		q_rows_step<FMT, NR, RB, BT, true>(acc, raw, R, xr, ch, nch);
+}
+
+/*
+ * q_rows_dot with this thread's first NP pieces already in held
+ * (q_rows_first<NP>): the piece after them is requested first, so it is in
+ * flight while they are used; then they are summed and the rest streamed as
+ * q_rows_dot does.  Piece by piece in q_rows_dot's order: the same bits.
+ */
+template <int FMT, int NR, int RB, int BT, int NP>
+__device__ __forceinline__ void
+q_rows_dot_held(float (&acc)[RB][NR], uint4 (&held)[NP][RB], const q_rows<RB> &R,
+				const float *const (&xr)[NR], int nch)
+{
+	int			ch0 = (int) threadIdx.x + NP * BT;
+	uint4		raw[RB];
+
+#pragma unroll
+	for (int w = 0; w < RB; w++)
+		raw[w] = R.Wr[w] && ch0 < nch ? __ldg((const uint4 *) R.Wr[w] + ch0) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+	for (int p = 0; p < NP; p++)
+		if ((int) threadIdx.x + p * BT < nch)
+			q_rows_step<FMT, NR, RB, BT, false>(acc, held[p], R, xr, (int) threadIdx.x + p * BT, nch);
+	q_rows_dot<FMT, NR, RB, BT>(acc, raw, R, xr, nch, ch0);
+}
+
+/* the sums of the rows from the NP pieces in held: q_rows_dot (NP 1: held[0] is its raw) or q_rows_dot_held */
+template <int FMT, int NR, int RB, int BT, int NP>
+__device__ __forceinline__ void
+q_rows_dot_np(float (&acc)[RB][NR], uint4 (&held)[NP][RB], const q_rows<RB> &R, const float *const (&xr)[NR],
+			  int nch)
+{
+	if constexpr (NP == 1)
+		q_rows_dot<FMT, NR, RB, BT>(acc, held[0], R, xr, nch);
+	else
+		q_rows_dot_held<FMT, NR, RB, BT, NP>(acc, held, R, xr, nch);
 }
 
 /* the scalar path: any shape, any alignment (each weight fl(q * scale)) */
@@ -380,38 +440,41 @@ q_rows_scalar(float (&acc)[RB][NR], const q_rows<RB> &R, const float *const (&xr
 }
 
 /* the vector path of the format the block's rows have (fmt is uniform over the block) */
-template <int NR, int RB, int BT>
+template <int NR, int RB, int BT, int NP>
 __device__ __forceinline__ void
-q_rows_dot_any(float (&acc)[RB][NR], uint4 (&raw)[RB], const q_rows<RB> &R, const float *const (&xr)[NR], int nch)
+q_rows_dot_any(float (&acc)[RB][NR], uint4 (&held)[NP][RB], const q_rows<RB> &R, const float *const (&xr)[NR],
+			   int nch)
 {
 	switch (R.fmt)
 	{
 		case KK_WF_FP8:
-			q_rows_dot<KK_WF_FP8, NR, RB, BT>(acc, raw, R, xr, nch);
+			q_rows_dot_np<KK_WF_FP8, NR, RB, BT, NP>(acc, held, R, xr, nch);
 			break;
 		case KK_WF_INT8:
-			q_rows_dot<KK_WF_INT8, NR, RB, BT>(acc, raw, R, xr, nch);
+			q_rows_dot_np<KK_WF_INT8, NR, RB, BT, NP>(acc, held, R, xr, nch);
 			break;
 		case KK_WF_INT4:
-			q_rows_dot<KK_WF_INT4, NR, RB, BT>(acc, raw, R, xr, nch);
+			q_rows_dot_np<KK_WF_INT4, NR, RB, BT, NP>(acc, held, R, xr, nch);
 			break;
 		case KK_WF_BF16:
-			q_rows_dot<KK_WF_BF16, NR, RB, BT>(acc, raw, R, xr, nch);
+			q_rows_dot_np<KK_WF_BF16, NR, RB, BT, NP>(acc, held, R, xr, nch);
 			break;
 		default:
-			q_rows_dot<KK_WF_F32, NR, RB, BT>(acc, raw, R, xr, nch);
+			q_rows_dot_np<KK_WF_F32, NR, RB, BT, NP>(acc, held, R, xr, nch);
 			break;
 	}
 }
 
 /*
  * sums[w * NR + r] = W_w . x_r for the block's rows (x rows xr): the vector
- * path where vec (raw already holds the first pieces when LOADED), else the
- * scalar one.  FMT: the format, or -1 for the one R.fmt names.
+ * path where vec (held already holds this thread's first NP pieces when
+ * LOADED), else the scalar one.  FMT: the format, or -1 for the one R.fmt
+ * names.
  */
-template <int FMT, int NR, int RB, int BT>
+template <int FMT, int NR, int RB, int BT, int NP>
 __device__ __forceinline__ void
-q_rows_sums(const q_rows<RB> &R, uint4 (&raw)[RB], bool vec, bool loaded, const float *const (&xr)[NR], float *sums)
+q_rows_sums(const q_rows<RB> &R, uint4 (&held)[NP][RB], bool vec, bool loaded, const float *const (&xr)[NR],
+			float *sums)
 {
 	float		acc[RB][NR];
 	int			nch = vec ? R.cols / q_piece_cols(R.fmt) : 0;
@@ -424,11 +487,11 @@ q_rows_sums(const q_rows<RB> &R, uint4 (&raw)[RB], bool vec, bool loaded, const 
 	if (vec)
 	{
 		if (!loaded)
-			q_rows_first<RB, BT>(raw, R, nch);
+			q_rows_first<NP, RB, BT>(held, R, nch);
 		if constexpr (FMT < 0)
-			q_rows_dot_any<NR, RB, BT>(acc, raw, R, xr, nch);
+			q_rows_dot_any<NR, RB, BT, NP>(acc, held, R, xr, nch);
 		else
-			q_rows_dot<FMT, NR, RB, BT>(acc, raw, R, xr, nch);
+			q_rows_dot_np<FMT, NR, RB, BT, NP>(acc, held, R, xr, nch);
 	}
 	else
 		q_rows_scalar<NR, RB, BT>(acc, R, xr);
@@ -440,8 +503,10 @@ q_rows_sums(const q_rows<RB> &R, uint4 (&raw)[RB], bool vec, bool loaded, const 
 /*
  * Block (b, pass): RB rows of the job whose range of blocks holds b, input
  * rows pass * NR .. (grid.y: passes of NR rows, for kk_gemv_q's n > 8).
+ * The first NP pieces a thread of each row are requested before kk_dep_wait
+ * (NP > 1: the early form, Q_EARLY_NR; the same sums in the same order).
  */
-template <int NR, int RB, int BT>
+template <int NR, int RB, int BT, int NP>
 __global__ void __launch_bounds__(BT)
 gemv_q_kernel(kk_gemv_batch b)
 {
@@ -451,19 +516,19 @@ gemv_q_kernel(kk_gemv_batch b)
 	int			row0 = ((int) blockIdx.x - b.first_block[j]) * RB;
 	bool		vec = jb->vec != 0;
 	q_rows<RB>	R;
-	uint4		raw[RB];
+	uint4		held[NP][RB];
 	const float *xr[NR];
 	float	   *y = jb->y + (size_t) blockIdx.y * NR * jb->ldy;
 
 	q_rows_init<RB>(R, jb->W, NULL, RB, jb->fmt, jb->group, jb->rows, jb->cols, row0);
 	if (vec)
-		q_rows_first<RB, BT>(raw, R, jb->cols / q_piece_cols(jb->fmt));
+		q_rows_first<NP, RB, BT>(held, R, jb->cols / q_piece_cols(jb->fmt));
 	kk_dep_wait();
 	kk_dep_launch();
 #pragma unroll
 	for (int r = 0; r < NR; r++)
 		xr[r] = jb->x + (size_t) (blockIdx.y * NR + r) * jb->ldx;
-	q_rows_sums<-1, NR, RB, BT>(R, raw, vec, true, xr, sums);
+	q_rows_sums<-1, NR, RB, BT, NP>(R, held, vec, true, xr, sums);
 	for (int i = threadIdx.x; i < RB * NR; i += BT)
 		if (row0 + i / NR < jb->rows)
 			y[(size_t) (i % NR) * jb->ldy + row0 + i / NR] = sums[i];
@@ -502,6 +567,29 @@ q_rb(int shape, int nr, bool swiglu)
 }
 
 /*
+ * The early form (gemv.cu's kk_rows_early: KL_CUDA_ROWS_EARLY, default on,
+ * which covers these kernels too): products of up to Q_EARLY_NR input rows
+ * (gemv.cu's ROWS_EARLY_NR: at 4 the bf16 kernel's held pieces cost more
+ * registers than the early requests save) request q_np(shape) pieces a
+ * thread of each of the block's rows before kk_dep_wait, not one: the whole
+ * row for the 48B model's FP8 rows of 2304 columns (144 pieces, 64 threads:
+ * 3) and 4096 (256, 128 threads: 2), so a product that starts under a
+ * latency-bound kernel (the KDA decode kernel before o_proj, the norms before
+ * the products of x) has its weights on chip when its input arrives.  The
+ * short shape (32 threads, at most 48 pieces: int4 1024 columns, FP8 512)
+ * holds one piece, which is already the whole row at 32 pieces.
+ */
+#define Q_EARLY_NR 2
+
+extern int	kk_rows_early;
+
+__host__ __device__ constexpr int
+q_np(int shape)
+{
+	return shape == Q_SHAPE_WIDE ? 2 : shape == Q_SHAPE_MID ? 3 : 1;
+}
+
+/*
  * set by kk_gemv_q_force_shape (gemv_sweep, the backend's KL_CUDA_Q_SHAPE):
  * a block shape for every launch (0-2), -1: by the widest rows of a batch,
  * Q_SHAPE_BY_BYTES: by the rows of the job with the most weight bytes
@@ -520,15 +608,25 @@ static void
 gemv_q_launch_nr(cudaStream_t s, const kk_gemv_batch *b, int shape, int passes)
 {
 	int			blocks = b->first_block[b->count];
+	bool		early = NR <= Q_EARLY_NR && kk_rows_early;
 
-#define Q_GO(SH) kk_launch(gemv_q_kernel<NR, q_rb(SH, NR, false), q_bt(SH)>, dim3(blocks, passes), dim3(q_bt(SH)), 0, \
-						   s, *b)
+	/* NP: the early form's pieces where it applies (no extra instantiations for more rows) */
+#define Q_GO(SH, NP) kk_launch(gemv_q_kernel<NR, q_rb(SH, NR, false), q_bt(SH), NP>, dim3(blocks, passes), \
+							   dim3(q_bt(SH)), 0, s, *b)
+#define Q_GO_EARLY(SH) \
+	do { \
+		if (early) \
+			Q_GO(SH, NR <= Q_EARLY_NR ? q_np(SH) : 1); \
+		else \
+			Q_GO(SH, 1); \
+	} while (0)
 	if (shape == Q_SHAPE_WIDE)
-		Q_GO(Q_SHAPE_WIDE);
+		Q_GO_EARLY(Q_SHAPE_WIDE);
 	else if (shape == Q_SHAPE_MID)
-		Q_GO(Q_SHAPE_MID);
+		Q_GO_EARLY(Q_SHAPE_MID);
 	else
-		Q_GO(Q_SHAPE_SHORT);
+		Q_GO(Q_SHAPE_SHORT, 1);
+#undef Q_GO_EARLY
 #undef Q_GO
 }
 
@@ -634,7 +732,7 @@ kk_gemv_multi_q(cudaStream_t s, kk_gemv_batch *b)
  */
 template <int FMT, int NR, int MODE, int RT, int BT>
 __device__ __forceinline__ void
-q_expert_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const q_rows<RT> &R, uint4 (&raw)[RT],
+q_expert_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const q_rows<RT> &R, uint4 (&raw)[1][RT],
 			  bool vec, bool loaded, int row0, int rows, int i0, float *sums)
 {
 	constexpr int out = MODE == Q_EXPERT_SWIGLU ? RT / 2 : RT;
@@ -643,7 +741,7 @@ q_expert_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const
 #pragma unroll
 	for (int r = 0; r < NR; r++)
 		xr[r] = x + (size_t) (xrow ? xrow[i0 + r] : i0 + r) * ldx;
-	q_rows_sums<FMT, NR, RT, BT>(R, raw, vec, loaded, xr, sums);
+	q_rows_sums<FMT, NR, RT, BT, 1>(R, raw, vec, loaded, xr, sums);
 	for (int i = threadIdx.x; i < out * NR; i += BT)
 	{
 		int			w = i / NR,
@@ -664,7 +762,7 @@ q_expert_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const
 template <int FMT, int N, int MODE, int RT, int BT>
 __device__ __forceinline__ void
 q_expert_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *xrow, const q_rows<RT> &R,
-			  uint4 (&raw)[RT], bool vec, bool loaded, int row0, int rows, int i0, float *sums)
+			  uint4 (&raw)[1][RT], bool vec, bool loaded, int row0, int rows, int i0, float *sums)
 {
 	if constexpr (N > 1)
 	{
@@ -685,8 +783,11 @@ q_expert_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *xro
  * PRE: the work item and the first weight pieces are read before
  * kk_dep_wait, under gemv.cu's expert_rows_kernel argument (kernels.h: the
  * kernel that wrote start and active is at least two launches back; read
- * through L2).  vec: the vector path (every expert matrix 16-byte aligned,
- * whole pieces, aligned activations: the launcher checked).
+ * through L2).  One piece a thread and row: at the 48B down shape (1024
+ * columns: 64 FP8 pieces over 64 threads, 32 int4 over 32) that is already
+ * the whole row, so gemv_q_kernel's early form (q_np) has nothing to add.
+ * vec: the vector path (every expert matrix 16-byte aligned, whole pieces,
+ * aligned activations: the launcher checked).
  */
 template <int FMT, int MAXNR, int MODE, int RB, int BT, bool PRE>
 __global__ void __launch_bounds__(BT)
@@ -703,7 +804,7 @@ expert_q_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int 
 				first = 0,
 				count = 0;
 	q_rows<RT>	R;
-	uint4		raw[RT];
+	uint4		raw[1][RT];		/* the first piece of each row (q_rows_first) */
 
 	if constexpr (PRE)
 	{
@@ -714,7 +815,7 @@ expert_q_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int 
 			e = kk_expert_item_l2(active, start, blockIdx.y, MAXNR, &first, &count);
 			q_rows_init<RT>(R, W0[e], NULL, RT, FMT, group, rows, cols, row0);
 			if (vec)
-				q_rows_first<RT, BT>(raw, R, cols / q_fmt<FMT>::cols);
+				q_rows_first<1, RT, BT>(raw, R, cols / q_fmt<FMT>::cols);
 		}
 		/* x (h) is written by the kernel before: wait for it now */
 		kk_dep_wait();
@@ -950,6 +1051,16 @@ out:
 	if (s)
 		cudaStreamDestroy(s);
 	return e == cudaSuccess ? 0 : (int) e;
+}
+
+/* kk_set_rows_early for the checks of gemv_q_kernel's early form; returns the setting it replaces */
+extern "C" __attribute__((visibility("default"))) int
+kl_cuda_test_rows_early(int on)
+{
+	int			was = kk_rows_early;
+
+	kk_set_rows_early(on);
+	return was;
 }
 
 /*

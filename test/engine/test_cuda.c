@@ -55,7 +55,11 @@
  * weight requests (KL_CUDA_ROWS_EARLY, the default) must not change a bit
  * either (check_rows_early_model: the K = 128 random model, 1, 2 and 4
  * sequences, both precisions; check_rows_early_48b: the 48B shapes, whose
- * 2304- and 4096-column rows are held whole).
+ * 2304- and 4096-column rows are held whole), nor in the quantized
+ * CUDA-core GEMVs it also covers (check_rows_early_gemv_q: gemv_q.cu's
+ * products of 1, 2 and 9 rows on the 48B widths, FP8, int8, int4 and mixed
+ * batches, through the hook kl_cuda_test_gemv_q; check_rows_early_q48: the
+ * 48B shapes with FP8 and int4 weights, fp32 and bf16 precision).
  *
  * The KDA gated norm as a warp per (row, head) and prefill's prep as a
  * warp walking rows (KL_CUDA_KDA_ELEM_WARP masks 2 and 6) must give the
@@ -2946,6 +2950,64 @@ tq_name(int fmt)
 	return fmt == TQ_F32 ? "fp32" : fmt == TQ_BF16 ? "bf16" : kl_qtype_name((kl_qtype) (fmt - 1));
 }
 
+/* a case of the gemv_q checks: count jobs (matrix j: fmt[j], group[j] (0: cols), rows[j] x cols[j]) in one batch,
+ * inputs of up to maxn rows with row stride cols + xpad on the device */
+typedef struct tq_case
+{
+	int			count,
+				xpad,
+				fmt[4],
+				group[4],
+				rows[4],
+				cols[4],
+				maxn;
+	bool		handmade;
+	const char *what;
+} tq_case;
+
+/* a case's arrays as the hook takes them: matrices, formats, groups (cols for 0), data and scales, the inputs x
+ * of maxn rows for every job one after another; ytot: the floats of maxn rows of every job's outputs */
+typedef struct tq_jobs
+{
+	tq_mat		mat[4];
+	int			fmt[4],
+				grp[4];
+	const void *data[4];
+	const float *sc[4];
+	float	   *x;
+	size_t		ytot;
+} tq_jobs;
+
+/* case c's jobs: matrices by tq_make and random inputs, from tq_state; tq_case_close frees them */
+static void
+tq_case_open(const tq_case *c, tq_jobs *J)
+{
+	size_t		xtot = 0;
+
+	J->ytot = 0;
+	for (int j = 0; j < c->count; j++)
+	{
+		J->fmt[j] = c->fmt[j];
+		J->grp[j] = c->group[j] ? c->group[j] : c->cols[j];
+		tq_make(&J->mat[j], J->fmt[j], J->grp[j], c->rows[j], c->cols[j], c->handmade);
+		J->data[j] = J->mat[j].data;
+		J->sc[j] = J->mat[j].scales;
+		xtot += (size_t) c->maxn * c->cols[j];
+		J->ytot += (size_t) c->maxn * c->rows[j];
+	}
+	J->x = malloc(sizeof(float) * xtot);
+	for (size_t i = 0; i < xtot; i++)
+		J->x[i] = tq_normal(1.0f);
+}
+
+static void
+tq_case_close(const tq_case *c, tq_jobs *J)
+{
+	for (int j = 0; j < c->count; j++)
+		tq_free(&J->mat[j]);
+	free(J->x);
+}
+
 /*
  * kk_gemv_q and kk_gemv_multi_q (gemv_q.cu) against a double-precision
  * product of quant.h's weights (kl_q_dequant_row: fl(q * scale)) on random
@@ -2962,18 +3024,7 @@ tq_name(int fmt)
 static void
 check_gemv_q(void)
 {
-	static const struct
-	{
-		int			count,
-					xpad,
-					fmt[4],
-					group[4],		/* 0: cols */
-					rows[4],
-					cols[4],
-					maxn;
-		bool		handmade;
-		const char *what;
-	}			cases[] = {
+	static const tq_case cases[] = {
 		{3, 0, {2, 2, 2}, {0, 0, 0}, {4096, 4096, 4096}, {2304, 2304, 2304}, 17, false, "48B q/k/v"},
 		{1, 0, {2}, {128}, {2304}, {4096}, 8, false, "48B o_proj, groups of 128"},
 		{2, 0, {2, 2}, {32, 16}, {1024, 2304}, {2304, 1024}, 8, false, "48B expert gate and down, groups 32 / 16"},
@@ -2997,33 +3048,14 @@ check_gemv_q(void)
 	tq_state = 2026113001;
 	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++)
 	{
-		int			count = cases[ci].count,
-					grp[4],
-					fmt[4];
-		tq_mat		mat[4];
-		const void *data[4];
-		const float *sc[4];
-		size_t		xtot = 0,
-					ytot = 0;
-		float	   *x,
-				   *y,
+		int			count = cases[ci].count;
+		tq_jobs		J;
+		float	   *y,
 				   *ref;
 
-		for (int j = 0; j < count; j++)
-		{
-			fmt[j] = cases[ci].fmt[j];
-			grp[j] = cases[ci].group[j] ? cases[ci].group[j] : cases[ci].cols[j];
-			tq_make(&mat[j], fmt[j], grp[j], cases[ci].rows[j], cases[ci].cols[j], cases[ci].handmade);
-			data[j] = mat[j].data;
-			sc[j] = mat[j].scales;
-			xtot += (size_t) cases[ci].maxn * cases[ci].cols[j];
-			ytot += (size_t) cases[ci].maxn * cases[ci].rows[j];
-		}
-		x = malloc(sizeof(float) * xtot);
-		y = malloc(sizeof(float) * ytot);
-		ref = malloc(sizeof(float) * ytot);
-		for (size_t i = 0; i < xtot; i++)
-			x[i] = tq_normal(1.0f);
+		tq_case_open(&cases[ci], &J);
+		y = malloc(sizeof(float) * J.ytot);
+		ref = malloc(sizeof(float) * J.ytot);
 		for (int multi = 0; multi < 2; multi++)
 		{
 			double		worst = 0;
@@ -3039,16 +3071,17 @@ check_gemv_q(void)
 					continue;
 				if ((multi && n > 8) || (!multi && n > 1 && n < 8 && n % 3 != 1 && cases[ci].maxn > 8))
 					continue;
-				rc = f(multi, n, count, fmt, grp, cases[ci].rows, cases[ci].cols, data, sc, x, cases[ci].xpad, y);
+				rc = f(multi, n, count, J.fmt, J.grp, cases[ci].rows, cases[ci].cols, J.data, J.sc, J.x, cases[ci].xpad,
+					   y);
 				for (int j = 0; j < count && rc == 0; j++)
 				{
 					double		e;
 
-					tq_reference(&mat[j], n, x + xo, ref + yo);
+					tq_reference(&J.mat[j], n, J.x + xo, ref + yo);
 					e = rel_err_nan(y + yo, ref + yo, (size_t) n * cases[ci].rows[j]);
 					if (e > 1e-5 || isnan(e))
 						tap_diag("%s: job %d (%s, group %d, %d x %d), %d rows: rel err %.2e", cases[ci].what, j,
-								 tq_name(fmt[j]), grp[j], cases[ci].rows[j], cases[ci].cols[j], n, e);
+								 tq_name(J.fmt[j]), J.grp[j], cases[ci].rows[j], cases[ci].cols[j], n, e);
 					worst = e > worst || isnan(e) ? e : worst;
 					xo += (size_t) n * cases[ci].cols[j];
 					yo += (size_t) n * cases[ci].rows[j];
@@ -3059,12 +3092,99 @@ check_gemv_q(void)
 				   multi ? "kk_gemv_multi_q" : "kk_gemv_q", multi && cases[ci].maxn > 8 ? 8 : cases[ci].maxn, worst,
 				   rc);
 		}
-		for (int j = 0; j < count; j++)
-			tq_free(&mat[j]);
-		free(x);
+		tq_case_close(&cases[ci], &J);
 		free(y);
 		free(ref);
 	}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+typedef int (*rows_early_test_fn) (int on);
+
+/*
+ * gemv_q_kernel's early form (KL_CUDA_ROWS_EARLY, the default: products of
+ * 1 or 2 rows request up to 3 pieces a thread of each row before the PDL
+ * wait) against the first piece only (kl_cuda_test_rows_early(0)): the
+ * outputs bit for bit, kk_gemv_q and kk_gemv_multi_q, 1 and 2 rows (and 9
+ * for kk_gemv_q: a pass of 8, then one row).  The 48B widths in every form
+ * the early pieces take: 2304 columns (FP8 144 pieces: whole rows, the third
+ * piece only in some threads; int4 72), 4096 (FP8 256 in the wide shape:
+ * whole rows; int4 128), 9216 (FP8 576, int4 288: two pieces held, then the
+ * streamed rest); rows that leave the last block short; groups of a row and
+ * of 16 (one piece a group), 32, 128; hand-made FP8 bytes; a batch of FP8,
+ * int4, bf16 and fp32 jobs; unaligned activation rows (the scalar path).
+ */
+static void
+check_rows_early_gemv_q(void)
+{
+	static const tq_case cases[] = {
+		{3, 0, {2, 2, 2}, {0, 0, 0}, {301, 300, 299}, {2304, 2304, 2304}, 9, false, "FP8 q/k/v width 2304"},
+		{1, 0, {2}, {128}, {301}, {4096}, 9, false, "FP8 o_proj width 4096, groups of 128"},
+		{1, 0, {2}, {0}, {77}, {9216}, 9, false, "FP8 dense down width 9216"},
+		{2, 0, {2, 2}, {16, 0}, {130, 33}, {2304, 2304}, 9, true, "hand-made FP8 bytes, groups of 16 and a row"},
+		{3, 0, {4, 4, 4}, {32, 0, 128}, {301, 130, 77}, {2304, 4096, 9216}, 9, false, "int4 widths 2304, 4096, 9216"},
+		{2, 0, {3, 3}, {16, 0}, {130, 301}, {2304, 4096}, 9, false, "int8 widths 2304, 4096"},
+		{4, 0, {2, 4, 1, 0}, {0, 32, 0, 0}, {301, 130, 77, 33}, {2304, 2304, 2304, 2304}, 9, false,
+		"FP8, int4, bf16 and fp32 jobs together"},
+		{2, 3, {2, 4}, {0, 32}, {130, 77}, {2304, 4096}, 9, false, "unaligned activation rows (scalar path)"},
+	};
+	static const int ns[] = {1, 2, 9};
+	kl_model   *m;
+	void	   *lib = NULL;
+	gemv_q_test_fn f = NULL;
+	rows_early_test_fn set_early;
+	int			was;
+
+	m = load_test_hook("kl_cuda_test_gemv_q", &lib, (void **) &f);
+	if (!f)
+		return;
+	set_early = (rows_early_test_fn) dlsym(lib, "kl_cuda_test_rows_early");
+	if (!tap_ok(set_early != NULL, "the CUDA library exports kl_cuda_test_rows_early"))
+	{
+		dlclose(lib);
+		kl_model_free(m);
+		return;
+	}
+	was = set_early(1);
+	tq_state = 2026120201;
+	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++)
+	{
+		int			count = cases[ci].count;
+		tq_jobs		J;
+		float	   *y[2];
+
+		tq_case_open(&cases[ci], &J);
+		y[0] = malloc(sizeof(float) * J.ytot);
+		y[1] = malloc(sizeof(float) * J.ytot);
+		for (int multi = 0; multi < 2; multi++)
+			for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++)
+			{
+				int			n = ns[ni],
+							rc[2];
+				size_t		ny = 0;
+
+				if (multi && n > 8)
+					continue;
+				for (int j = 0; j < count; j++)
+					ny += (size_t) n * cases[ci].rows[j];
+				for (int e = 0; e < 2; e++)
+				{
+					set_early(e);
+					rc[e] = f(multi, n, count, J.fmt, J.grp, cases[ci].rows, cases[ci].cols, J.data, J.sc, J.x,
+							  cases[ci].xpad, y[e]);
+				}
+				tap_ok(rc[0] == 0 && rc[1] == 0 && memcmp(y[0], y[1], sizeof(float) * ny) == 0,
+					   "%s, %s, %d row%s: early weight requests (KL_CUDA_ROWS_EARLY) = the first piece only bit "
+					   "for bit (rel err %.2e; hook returned %d, %d)", cases[ci].what,
+					   multi ? "kk_gemv_multi_q" : "kk_gemv_q", n, n == 1 ? "" : "s", rel_err(y[1], y[0], ny),
+					   rc[0], rc[1]);
+			}
+		tq_case_close(&cases[ci], &J);
+		free(y[0]);
+		free(y[1]);
+	}
+	set_early(was);
 	dlclose(lib);
 	kl_model_free(m);
 }
@@ -6491,6 +6611,49 @@ check_rows_early_48b(void)
 }
 
 /*
+ * The same with quantized weights (48B shapes, 2 layers, seed 7): the FP8 /
+ * int4 products of 1 and 2 rows run gemv_q.cu's kernel, whose early form
+ * requests whole rows of 2304 and 4096 columns (and two pieces a thread of
+ * the dense layer's 9216) before the PDL wait.  Precision fp32 takes it at
+ * every small batch (1 and 2 sequences); bf16 at batch 1 only (from 2 rows
+ * the tensor-core GEMVs: KL_CUDA_Q_MMA_MIN).  Logits bit for bit against
+ * KL_CUDA_ROWS_EARLY=0, a few decode steps.
+ */
+static void
+check_rows_early_q48(const char *quantize, const char *prec)
+{
+	static const char *const early[2] = {"0", "1"};
+	int			rounds = 3,
+				nb = strcmp(prec, "fp32") == 0 ? 2 : 1;
+	int32_t		ids[40];
+	float	   *lg[2][2];
+	int			V = 0;
+
+	for (int v = 0; v < 2; v++)
+	{
+		kl_model   *m = random_gpu_model_in(q48_config, prec, quantize, "KL_CUDA_ROWS_EARLY", early[v]);
+
+		V = kl_model_config(m)->vocab_size;
+		for (int i = 0; i < 40; i++)
+			ids[i] = (int32_t) ((i * 7919 + 13) % V);
+		for (int bi = 0; bi < nb; bi++)
+			lg[v][bi] = decode_together(m, ids, bi + 1, rounds);
+		kl_model_free(m);
+	}
+	for (int bi = 0; bi < nb; bi++)
+	{
+		size_t		nl = (size_t) rounds * (bi + 1) * V;
+
+		tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * nl) == 0, "48B shapes (2 layers), %s weights, %s, %d "
+			   "sequence%s decoding together (%d steps): gemv_q's whole rows requested early = the first piece "
+			   "only (KL_CUDA_ROWS_EARLY=0) bit for bit (logits rel err %.2e)", quantize, prec, bi + 1,
+			   bi ? "s" : "", rounds, rel_err(lg[1][bi], lg[0][bi], nl));
+		free(lg[0][bi]);
+		free(lg[1][bi]);
+	}
+}
+
+/*
  * KL_CUDA_MLA_FOLD: the MLA decode layer with the append folded into the
  * absorb kernel, the wgmma attention's first key tiles requested before its
  * wait and its Qabs made in bf16 by that absorb kernel (=1, the default),
@@ -7353,6 +7516,7 @@ main(void)
 	RUN(check_expert_mma());
 	RUN(check_gemv_slab());
 	RUN(check_gemv_q());
+	RUN(check_rows_early_gemv_q());
 	RUN(check_expert_gemv_q());
 	RUN(check_expert_paths());
 	RUN(check_mla_small());
@@ -7376,6 +7540,9 @@ main(void)
 		for (int bi = 0; bi < 3; bi++)
 			RUN(check_rows_early_model(pi ? "bf16" : "fp32", (int[]) {1, 2, 4}[bi]));
 	RUN(check_rows_early_48b());
+	for (int qi = 0; qi < 2; qi++)
+		for (int pi = 0; pi < 2; pi++)
+			RUN(check_rows_early_q48(qi ? "int4" : "fp8", pi ? "bf16" : "fp32"));
 	RUN(check_golden("tiny_a", "golden.safetensors", "fp32"));
 	RUN(check_golden("tiny_a", "golden_route_select.safetensors", "fp32"));
 	RUN(check_golden("tiny_c", "golden.safetensors", "fp32"));
