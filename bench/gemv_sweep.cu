@@ -866,12 +866,8 @@ dev_rel_diff(cudaStream_t s, const float *y, const float *ref, size_t n)
  * (q_time), a different copy of the weights each launch where copies fit,
  * against a plain read of the same bytes; "vs 2": the max difference from
  * the dense kernel's results over its max |y| (sums in another order:
- * ~1e-6; the twin rows: 0).  Then the balanced grid
- * (KL_CUDA_Q_GRID=1) over the dense kernel and, from 9 rows, the
- * tokens-as-M form (timed alone too), "vs 2" then against the same kernel
- * off the grid (0: the same sums); from 17 rows the k split (GRID=2); at
- * 32 tokens the tokens-as-M kernel at each R (n-tiles a block) forced, off
- * and on the grid ("probe" rows).
+ * ~1e-6; the twin rows: 0).  Then from 9 rows the tokens-as-M form, and
+ * at 2-8 rows the dense kernel on twins at 2 and 3 blocks an SM.
  */
 static void
 dense_fp8_table(void)
@@ -1023,32 +1019,18 @@ dense_fp8_table(void)
 				q_row_dense(batches[bi].name, per, n, v == 2 ? "dense (=2)" : v == 3 ? "slab (=3)" : "dense twin",
 							us, stream_us, diff);
 			}
-			/* from 9 rows the tokens-as-M form (KL_CUDA_Q_TOK, the backend's default), and the balanced grid
-			 * (KL_CUDA_Q_GRID=1) over the dense kernel and over it: its "vs 2" is against the same kernel off the
-			 * grid (must be 0: the same sums) */
-			for (int tok = 0; tok <= (n > 8); tok++)
+			/* from 9 rows the tokens-as-M form (KL_CUDA_Q_TOK, the backend's default) */
+			if (n > 8)
 			{
-				int			tok_was = kk_set_mma_q_tok(tok),
-							grid_was = kk_set_mma_q_grid(0);
-				double		us0 = q_time(s, [&](int r) {
+				int			tok_was = kk_set_mma_q_tok(1);
+				double		us = q_time(s, [&](int r) {
 					kk_gemv_batch b = batch(r, y2);
 
 					kk_gemv_multi_mma_q_as(s, &b, 0, 2);
-				}),
-							us1;
-
-				kk_set_mma_q_grid(1);
-				us1 = q_time(s, [&](int r) {
-					kk_gemv_batch b = batch(r, y);
-
-					kk_gemv_multi_mma_q_as(s, &b, 0, 2);
 				});
-				kk_set_mma_q_grid(grid_was);
+
 				kk_set_mma_q_tok(tok_was);
-				if (tok)
-					q_row_dense(batches[bi].name, per, n, "tokens-as-M (=2, TOK)", us0, stream_us, -1);
-				q_row_dense(batches[bi].name, per, n, tok ? "tokens-as-M, GRID=1" : "dense, GRID=1", us1, stream_us,
-							dev_rel_diff(s, y, y2, ny));
+				q_row_dense(batches[bi].name, per, n, "tokens-as-M (=2, TOK)", us, stream_us, -1);
 			}
 			/* with the producers' twins preset (as in the step), 2-8 rows: the dense kernel at 2 blocks an SM
 			 * (KL_CUDA_Q_DENSE_OCC=2) and at 3 (the default), "vs 2" against the first (must be 0: the same sums) */
@@ -1072,46 +1054,6 @@ dense_fp8_table(void)
 				q_row_dense(batches[bi].name, per, n, "dense twin, OCC=2", us[0], stream_us, -1);
 				q_row_dense(batches[bi].name, per, n, "dense twin, OCC=3", us[1], stream_us, dev_rel_diff(s, y, y2, ny));
 			}
-			/* the k split where units are few (KL_CUDA_Q_GRID=2, from 17 rows); "vs 2" against the tokens-as-M
-			 * kernel off the grid (y2, the loop's last run): two halves' sums added, ~1e-7 */
-			if (n > 16)
-			{
-				int			tok_was = kk_set_mma_q_tok(1),
-							grid_was = kk_set_mma_q_grid(2);
-				double		us = q_time(s, [&](int r) {
-					kk_gemv_batch b = batch(r, y);
-
-					kk_gemv_multi_mma_q_as(s, &b, 0, 2);
-				});
-
-				kk_set_mma_q_grid(grid_was);
-				kk_set_mma_q_tok(tok_was);
-				q_row_dense(batches[bi].name, per, n, "tokens-as-M, GRID=2 (k split)", us, stream_us,
-							dev_rel_diff(s, y, y2, ny));
-			}
-			/* probe for the next step (a k split for jobs of few units): at 32 tokens the tokens-as-M kernel at each
-			 * R (n-tiles a block; the launcher's rule picks one), off and on the grid, through mma_q.cu's own
-			 * launchers (this file includes it): does a block's time follow its k passes or the SMs' balance? */
-			if (n == 32)
-				for (int R = 1; R <= 4; R *= 2)
-					for (int grid = 0; grid <= 1; grid++)
-					{
-						int			grid_was = kk_set_mma_q_grid(grid);
-						char		what[48];
-						double		us = q_time(s, [&](int r) {
-							kk_gemv_batch b = batch(r, y);
-							mx_conv		c;
-
-							mx_plan(&b, NULL, room, &c);
-							mx_convert_launch(s, c);
-							R == 1 ? mt_launch_r<2, 1>(s, &b) : R == 2 ? mt_launch_r<2, 2>(s, &b) :
-								mt_launch_r<2, 4>(s, &b);
-						});
-
-						kk_set_mma_q_grid(grid_was);
-						snprintf(what, sizeof(what), "probe: tokens-as-M R=%d%s", R, grid ? ", GRID=1" : "");
-						q_row_dense(batches[bi].name, per, n, what, us, stream_us, -1);
-					}
 		}
 	}
 	cudaFree(W);

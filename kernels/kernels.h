@@ -314,31 +314,15 @@ void		kk_set_mma_q_dense(int mt, int max_rows);
  */
 int			kk_set_mma_q_tok(int on);
 /*
- * kk_set_mma_q_grid(on) (default 0; the backend's KL_CUDA_Q_GRID, default
- * 0): the dense kernel (dense 1 or 2) and its tokens-as-M form on a
- * balanced grid: as many blocks as the SMs hold at once, each taking a
- * contiguous run of what were single blocks (units), the next unit's first
- * weights requested before the current unit's sums; the dense kernel's
- * unit then 1 or 2 tiles, whichever fewer passes take.  Every output's
- * sums are unchanged: results equal the off setting's bit for bit.
- * on = 2: the same, and from 17 rows batches that the tokens-as-M form
- * would leave SMs idle with split k in halves over clusters of two blocks
- * (compute capability 9; the two halves' sums added: not the same bits).
- * Returns the setting it replaces.
- */
-int			kk_set_mma_q_grid(int on);
-/*
- * kk_set_mma_q_l2(bits) (default 0; the backend's KL_CUDA_Q_L2, default 1):
- * bit 1, in batches of 9-64 rows each block of the dense FP8 kernel's
- * tokens-as-M form (or of the dense kernel where that form does not run;
- * not their grid forms) first asks for all of its weight rows (a
+ * kk_set_mma_q_l2(on) (default 0; the backend's KL_CUDA_Q_L2, default 1):
+ * bit 1 (on & 1; the other bits are ignored), in batches of 9-64 rows each
+ * block of the dense FP8 kernel's tokens-as-M form (or of the dense kernel
+ * where that form does not run) first asks for all of its weight rows (a
  * contiguous run of the row-major FP8 matrix) in L2 with one
- * cp.async.bulk.prefetch.L2; bit 4, the same in batches of 2-8 rows; bit 2,
- * each block of the quantized expert kernel (kk_expert_mma_q) for its 128
- * rows (of gate and up in the SwiGLU mode) once it knows its expert
- * (compute capability 9; a hint: the results are the same bits), so that a
- * block's DRAM reads are in flight at once rather than as its warps'
- * registers free up.  Returns the setting it replaces.
+ * cp.async.bulk.prefetch.L2 (compute capability 9; a hint: the results are
+ * the same bits), so that a block's DRAM reads are in flight at once
+ * rather than as its warps' registers free up.  Returns the setting it
+ * replaces.
  */
 int			kk_set_mma_q_l2(int on);
 /*

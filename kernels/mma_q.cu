@@ -15,9 +15,7 @@
  * backend's default)
  * and the slab kernel (the dense kernel's jobs with the weights copied
  * into shared memory, Hopper; KL_CUDA_Q_DENSE=3, opt-in): each section
- * below says why it is shaped so.  The dense kernel and its tokens-as-M
- * form have balanced-grid twins (KL_CUDA_Q_GRID=1, opt-in): the same units
- * of work, taken in contiguous runs by as many blocks as the SMs hold.
+ * below says why it is shaped so.
  *
  * Decode is memory-bound: the point of FP8 / int4 weights is to stream half
  * / a quarter of bf16's bytes, so the weights go from 16-byte (or 8 / 4
@@ -918,17 +916,6 @@ mx_compute(float (&acc)[MT][NB][4], const uint32_t (&w)[U][MT][2][4], const uint
 	}
 }
 
-/* the job of unit u, a block of the one-unit-a-block grid (first_block): for the balanced-grid kernels */
-__device__ __forceinline__ int
-mq_unit_job(const kk_gemv_batch &b, int u)
-{
-	int			j = 0;
-
-	while (j + 1 < b.count && u >= b.first_block[j + 1])
-		j++;
-	return j;
-}
-
 /* acc = 0 (the dense kernel's [MT][NB] tiles, the tokens-as-M form's [NT][R]) */
 template <int A, int B>
 __device__ __forceinline__ void
@@ -945,17 +932,12 @@ mx_zero(float (&acc)[A][B][4])
  * One unit of the dense kernel: MT 16-row tiles of job j from row r0, all
  * b.n rows (NB n-blocks), into acc (zero on entry), its first two weight
  * sets already requested into wa and wb from the rows rg (md_tile_rows).
- * un >= 0 (the grid kernel): the unit the block takes next; once this
- * unit's chunks are done its rows replace rg and its first two sets are
- * requested into wa and wb, before this unit's partial tiles are added and
- * stored, so that the block keeps weight loads in flight across its units.  The sums are the same whatever
- * un is: one kernel's results are the other's bit for bit.
  */
 template <int MT, int NB, int OCC = 2>
 __device__ __forceinline__ void
 mx_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&rg)[MT][2], float (&acc)[MT][NB][4],
 		uint32_t (&wa)[mx_shape<MT, NB, OCC>::U][MT][2][4], uint32_t (&wb)[mx_shape<MT, NB, OCC>::U][MT][2][4],
-		float (&part)[MX_WARPS][32][4 * MT * mx_shape<MT, NB>::NBR], int un)
+		float (&part)[MX_WARPS][32][4 * MT * mx_shape<MT, NB>::NBR])
 {
 	constexpr int U = mx_shape<MT, NB, OCC>::U,
 				NBR = mx_shape<MT, NB>::NBR;
@@ -982,17 +964,6 @@ mx_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&rg)[MT][2], floa
 		mx_compute<MT, NB, U>(acc, wb, xg, cols, warp, i + U, nchunk, b.n);
 		if (i + 3 * U < per_warp)
 			md_load_w<MT, U>(wb, rg, warp, i + 3 * U, nchunk);
-	}
-
-	if (un >= 0)
-	{
-		/* the next unit's first weights, while this one's sums and stores run */
-		int			jn = mq_unit_job(b, un);
-		const kk_gemv_job *jq = &b.job[jn];
-
-		md_tile_rows<MT>(rg, (const uint8_t *) jq->W, (un - b.first_block[jn]) * 16 * MT, jq->rows, jq->cols, g, t);
-		md_load_w<MT, U>(wa, rg, warp, 0, jq->cols >> 6);
-		md_load_w<MT, U>(wb, rg, warp, U, jq->cols >> 6);
 	}
 
 	/* the 8 warps' partial tiles added in warp order, NBR n-blocks a round; warp e sums tile e / NBR's n-block */
@@ -1039,7 +1010,7 @@ mx_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&rg)[MT][2], floa
  * resident blocks' runs together (264 x ~74 KB on an H200) stay well
  * inside L2.  H200, 2026-12-02, FP8 48B step at 4k: batch 32 (the
  * tokens-as-M form) -0.06 ms; batch 8 (the dense kernel) +0.03 ms, hence
- * only bit 1 by default.
+ * from 9 rows only (bit 1; the 2-8-row bit 4 was retired).
  */
 __device__ __forceinline__ void
 mq_l2_rows(const kk_gemv_batch &b, const kk_gemv_job *jb, int r0, int nr)
@@ -1084,58 +1055,7 @@ gemv_mma_q_dense_kernel(kk_gemv_batch b)
 	md_load_w<MT, U>(wb, rg, warp, U, jb->cols >> 6);
 	kk_dep_wait();
 	kk_dep_launch();
-	mx_unit<MT, NB, OCC>(b, j, r0, rg, acc, wa, wb, part, -1);
-}
-
-/*
- * The balanced grid (KL_CUDA_Q_GRID=1, kk_set_mma_q_grid): the dense
- * kernel's blocks become units, U = b.first_block[b.count] of them
- * (kk_tile_blocks(b, MT)), and the gridDim.x blocks (G <= U, as many as
- * the SMs hold at once) take the contiguous units [b U / G, (b + 1) U / G) in
- * order, consecutive rows of one job mostly: no second wave of a few
- * blocks (384 units of q/k/v at 8 tokens were 1.45 waves of 264 blocks).
- * Each unit is mx_unit, as in the kernel above: the same bits.
- */
-template <int MT, int NB>
-__global__ void __launch_bounds__(MX_WARPS * 32, 2)
-gemv_mma_q_dense_grid_kernel(kk_gemv_batch b)
-{
-	constexpr int U = mx_shape<MT, NB>::U,
-				NBR = mx_shape<MT, NB>::NBR;
-	__shared__ float part[MX_WARPS][32][4 * MT * NBR];
-	int			units = b.first_block[b.count],
-				u = (int) ((long long) blockIdx.x * units / gridDim.x),
-				end = (int) ((long long) (blockIdx.x + 1) * units / gridDim.x),
-				j = mq_unit_job(b, u),
-				warp = threadIdx.x >> 5,
-				lane = threadIdx.x & 31,
-				r0 = (u - b.first_block[j]) * 16 * MT;
-	const kk_gemv_job *jb = &b.job[j];
-	const uint8_t *rg[MT][2];
-	float		acc[MT][NB][4];
-	uint32_t	wa[U][MT][2][4],
-				wb[U][MT][2][4];
-
-	md_tile_rows<MT>(rg, (const uint8_t *) jb->W, r0, jb->rows, jb->cols, lane >> 2, lane & 3);
-	md_load_w<MT, U>(wa, rg, warp, 0, jb->cols >> 6);
-	md_load_w<MT, U>(wb, rg, warp, U, jb->cols >> 6);
-	kk_dep_wait();
-	kk_dep_launch();
-	if (u >= end)
-		return;					/* (not with G <= U; the rows read above are clamped to the matrix) */
-	for (;;)
-	{
-		int			next = u + 1 < end ? u + 1 : -1;
-
-		mx_zero<MT, NB>(acc);
-		mx_unit<MT, NB>(b, j, r0, rg, acc, wa, wb, part, next);
-		if (next < 0)
-			break;
-		u = next;
-		j = mq_unit_job(b, u);
-		r0 = (u - b.first_block[j]) * 16 * MT;
-		__syncthreads();		/* every warp has read part before the next unit writes it */
-	}
+	mx_unit<MT, NB, OCC>(b, j, r0, rg, acc, wa, wb, part);
 }
 
 /* ------------------------------------------------------------------ dense products, tokens as the mma's M */
@@ -1221,78 +1141,60 @@ mt_first(const uint8_t *(&wr)[R], uint4 (&wc)[R], const kk_gemv_job *jb, int r0,
 }
 
 /*
- * One unit of the tokens-as-M kernel: R n-tiles (8 R rows) of job j from
- * row r0 into acc (zero on entry), the warp's first chunk requested
- * (mt_first into wr, wc).  un >= 0 (the grid kernel): the unit the block
- * takes next, whose first chunk is requested (into wr, wc) once this
- * unit's chunks are done, before its partial tiles are summed and stored.
- * The sums do not depend on un.  ks 0: all of k, the outputs stored; 1 /
- * 2 (the k-split kernel): the first / second half of the chunks, the
- * block's sums (before the scale) left in mt_part after the 8 warps' part
- * ([NT R 4][32], as the partial tiles are indexed).
+ * acc += chunk c of the unit: the lane's activation words of the NT token
+ * tiles (from x16, n rows, cols columns) and its weight pieces wc of the R
+ * n-tiles, four mma steps a tile pair in step order (mt_unit's body)
  */
 template <int NT, int R>
 __device__ __forceinline__ void
-mt_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&wr)[R], uint4 (&wc)[R], float (&acc)[NT][R][4],
-		float *mt_part, int un, int ks)
+mt_chunk(float (&acc)[NT][R][4], const uint4 (&wc)[R], const uint16_t *x16, int n, int cols, int c)
+{
+	int			g = (threadIdx.x & 31) >> 2,
+				t = threadIdx.x & 3;
+	uint4		a[NT][2][2];
+
+#pragma unroll
+	for (int m = 0; m < NT; m++)
+#pragma unroll
+		for (int h = 0; h < 2; h++)
+		{
+			const uint16_t *p = x16 + (size_t) mx_tok(16 * m + g + 8 * h, n) * cols + 64 * c + 16 * t;
+
+			a[m][h][0] = mx_ld16(p);
+			a[m][h][1] = mx_ld16(p + 8);
+		}
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+#pragma unroll
+		for (int r = 0; r < R; r++)
+		{
+			uint32_t	w = mt_comp(wc[r], i),
+						b0 = mq_fp8_lo(w),
+						b1 = mq_fp8_hi(w);
+
+#pragma unroll
+			for (int m = 0; m < NT; m++)
+				mma_bf16_16816(acc[m][r], mt_word(a[m][0], 2 * i), mt_word(a[m][1], 2 * i),
+							   mt_word(a[m][0], 2 * i + 1), mt_word(a[m][1], 2 * i + 1), b0, b1);
+		}
+}
+
+/*
+ * The unit's partial tiles (acc, one a warp) summed in warp order through
+ * mt_part ([8 warps][NT R 4][32 lanes]), times the row's scale and 2^56,
+ * stored.  D fragment: acc[m][r][i] is token 16 m + g (+ 8 for i >= 2),
+ * row r0 + 8 r + 2 t + (i & 1).
+ */
+template <int NT, int R>
+__device__ __forceinline__ void
+mt_sums(const kk_gemv_batch &b, int j, int r0, const float (&acc)[NT][R][4], float *mt_part)
 {
 	const kk_gemv_job *jb = &b.job[j];
 	int			rows = jb->rows,
-				cols = jb->cols,
-				nchunk = cols >> 6,
 				warp = threadIdx.x >> 5,
-				lane = threadIdx.x & 31,
-				g = lane >> 2,
-				t = lane & 3;
-	const uint8_t *W = (const uint8_t *) jb->W;
-	const float *sc = (const float *) (W + kk_q_scale_offset(rows, KK_WF_FP8, cols));
-	int			c1 = ks == 1 ? nchunk / 2 : nchunk;
-	uint4		wn[R];
+				lane = threadIdx.x & 31;
+	const float *sc = (const float *) ((const uint8_t *) jb->W + kk_q_scale_offset(rows, KK_WF_FP8, jb->cols));
 
-	for (int c = (ks == 2 ? nchunk / 2 : 0) + warp; c < c1; c += MX_WARPS)
-	{
-		uint4		a[NT][2][2];
-
-		if (c + MX_WARPS < c1)
-#pragma unroll
-			for (int r = 0; r < R; r++)
-				wn[r] = __ldg((const uint4 *) (wr[r] + 64 * (c + MX_WARPS)));
-#pragma unroll
-		for (int m = 0; m < NT; m++)
-#pragma unroll
-			for (int h = 0; h < 2; h++)
-			{
-				const uint16_t *p = jb->x16 + (size_t) mx_tok(16 * m + g + 8 * h, b.n) * cols + 64 * c + 16 * t;
-
-				a[m][h][0] = mx_ld16(p);
-				a[m][h][1] = mx_ld16(p + 8);
-			}
-#pragma unroll
-		for (int i = 0; i < 4; i++)
-#pragma unroll
-			for (int r = 0; r < R; r++)
-			{
-				uint32_t	w = mt_comp(wc[r], i),
-							b0 = mq_fp8_lo(w),
-							b1 = mq_fp8_hi(w);
-
-#pragma unroll
-				for (int m = 0; m < NT; m++)
-					mma_bf16_16816(acc[m][r], mt_word(a[m][0], 2 * i), mt_word(a[m][1], 2 * i),
-								   mt_word(a[m][0], 2 * i + 1), mt_word(a[m][1], 2 * i + 1), b0, b1);
-			}
-#pragma unroll
-		for (int r = 0; r < R; r++)
-			wc[r] = wn[r];
-	}
-	if (un >= 0)
-	{
-		/* the next unit's first chunk, while this one's sums and stores run */
-		int			jn = mq_unit_job(b, un);
-
-		mt_first<R>(wr, wc, &b.job[jn], (un - b.first_block[jn]) * 8 * R, 0, b.job[jn].cols >> 6);
-	}
-	/* D fragment: acc[m][r][i] is token 16 m + g (+ 8 for i >= 2), row r0 + 8 r + 2 t + (i & 1) */
 #pragma unroll
 	for (int m = 0; m < NT; m++)
 #pragma unroll
@@ -1314,11 +1216,39 @@ mt_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&wr)[R], uint4 (&
 
 		for (int w = 0; w < MX_WARPS; w++)
 			v += mt_part[((size_t) w * NT * R * 4 + q) * 32 + l];
-		if (ks)
-			mt_part[MX_WARPS * NT * R * 4 * 32 + e] = v;
-		else if (tok < b.n && row < rows)
+		if (tok < b.n && row < rows)
 			jb->y[(size_t) tok * jb->ldy + row] = v * __ldg(sc + row) * MQ_FP8_SCALE;
 	}
+}
+
+/*
+ * One unit of the tokens-as-M kernel: R n-tiles (8 R rows) of job j from
+ * row r0 into acc (zero on entry), the warp's first chunk requested
+ * (mt_first into wr, wc), all of k, the outputs stored.
+ */
+template <int NT, int R>
+__device__ __forceinline__ void
+mt_unit(const kk_gemv_batch &b, int j, int r0, const uint8_t *(&wr)[R], uint4 (&wc)[R], float (&acc)[NT][R][4],
+		float *mt_part)
+{
+	const kk_gemv_job *jb = &b.job[j];
+	int			cols = jb->cols,
+				nchunk = cols >> 6,
+				warp = threadIdx.x >> 5;
+	uint4		wn[R];
+
+	for (int c = warp; c < nchunk; c += MX_WARPS)
+	{
+		if (c + MX_WARPS < nchunk)
+#pragma unroll
+			for (int r = 0; r < R; r++)
+				wn[r] = __ldg((const uint4 *) (wr[r] + 64 * (c + MX_WARPS)));
+		mt_chunk<NT, R>(acc, wc, jb->x16, b.n, cols, c);
+#pragma unroll
+		for (int r = 0; r < R; r++)
+			wc[r] = wn[r];
+	}
+	mt_sums<NT, R>(b, j, r0, acc, mt_part);
 }
 
 /* block b: R n-tiles (8 R rows) of its job (first_block: mt_launch_r) */
@@ -1338,51 +1268,10 @@ gemv_mma_q_tok_kernel(kk_gemv_batch b)
 	mt_first<R>(wr, wc, &b.job[j], r0, 0, b.job[j].cols >> 6);
 	kk_dep_wait();
 	kk_dep_launch();
-	mt_unit<NT, R>(b, j, r0, wr, wc, acc, mt_part, -1, 0);
-}
-
-/*
- * The balanced grid of the tokens-as-M kernel (KL_CUDA_Q_GRID=1): as
- * gemv_mma_q_dense_grid_kernel, the blocks above become units and the
- * gridDim.x blocks take [b U / G, (b + 1) U / G) of them in order, each
- * unit mt_unit as above (the same bits).
- */
-template <int NT, int R>
-__global__ void __launch_bounds__(MX_WARPS * 32, NT * R <= 8 ? 2 : 1)
-gemv_mma_q_tok_grid_kernel(kk_gemv_batch b)
-{
-	extern __shared__ float mt_part[];	/* [8 warps][NT R 4][32 lanes] */
-	int			units = b.first_block[b.count],
-				u = (int) ((long long) blockIdx.x * units / gridDim.x),
-				end = (int) ((long long) (blockIdx.x + 1) * units / gridDim.x),
-				j = mq_unit_job(b, u),
-				r0 = (u - b.first_block[j]) * 8 * R;
-	const uint8_t *wr[R];
-	float		acc[NT][R][4];
-	uint4		wc[R];
-
-	mt_first<R>(wr, wc, &b.job[j], r0, 0, b.job[j].cols >> 6);
-	kk_dep_wait();
-	kk_dep_launch();
-	if (u >= end)
-		return;					/* (not with G <= U; the rows read above are clamped to the matrix) */
-	for (;;)
-	{
-		int			next = u + 1 < end ? u + 1 : -1;
-
-		mx_zero<NT, R>(acc);
-		mt_unit<NT, R>(b, j, r0, wr, wc, acc, mt_part, next, 0);
-		if (next < 0)
-			break;
-		u = next;
-		j = mq_unit_job(b, u);
-		r0 = (u - b.first_block[j]) * 8 * R;
-		__syncthreads();		/* every thread has read mt_part before the next unit writes it */
-	}
+	mt_unit<NT, R>(b, j, r0, wr, wc, acc, mt_part);
 }
 
 static int	mt_on = 0;			/* kk_set_mma_q_tok */
-static int	mq_grid = 0;		/* kk_set_mma_q_grid */
 static int	mq_l2 = 0;			/* kk_set_mma_q_l2 */
 
 extern "C" int
@@ -1390,29 +1279,8 @@ kk_set_mma_q_l2(int on)
 {
 	int			was = mq_l2;
 
-	mq_l2 = on & 7;
+	mq_l2 = on & 1;
 	return was;
-}
-
-extern "C" int
-kk_set_mma_q_grid(int on)
-{
-	int			was = mq_grid;
-
-	mq_grid = on == 1 || on == 2 ? on : 0;
-	return was;
-}
-
-/* blocks of 8 warps and smem bytes of dynamic shared memory that fit an SM together in kernel k (at least 1) */
-template <typename K>
-static int
-mq_occupancy(K k, size_t smem)
-{
-	int			n = 0;
-
-	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, MX_WARPS * 32, smem) != cudaSuccess || n < 1)
-		n = 1;
-	return n;
 }
 
 extern "C" int
@@ -1459,28 +1327,6 @@ mt_launch_r(cudaStream_t s, kk_gemv_batch *b)
 		blocks += ceil_div(b->job[j].rows, 8 * R);
 	}
 	b->first_block[b->count] = blocks;
-	if constexpr (R < 8)		/* (at 8 n-tiles the grid kernel spills: 128 registers; its units rarely exceed the slots) */
-	{
-		/*
-		 * The balanced grid: units as the blocks above, as many blocks as fit
-		 * the SMs at once; where the units fit at once anyway, the kernel
-		 * below (the same work a block)
-		 */
-		static int	slots = 0;
-
-		if (mq_grid && !slots)
-		{
-			if (smem > 48 * 1024)
-				cudaFuncSetAttribute(gemv_mma_q_tok_grid_kernel<NT, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-									 (int) smem);
-			slots = mq_occupancy(gemv_mma_q_tok_grid_kernel<NT, R>, smem) * mq_sms();
-		}
-		if (mq_grid && blocks > slots)
-		{
-			kk_launch(gemv_mma_q_tok_grid_kernel<NT, R>, dim3(slots), dim3(MX_WARPS * 32), smem, s, *b);
-			return;
-		}
-	}
 	if (smem > 48 * 1024)
 		cudaFuncSetAttribute(gemv_mma_q_tok_kernel<NT, R>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
 	kk_launch(gemv_mma_q_tok_kernel<NT, R>, dim3(blocks), dim3(MX_WARPS * 32), smem, s, *b);
@@ -1974,151 +1820,6 @@ ms_launch(cudaStream_t s, kk_gemv_batch *b)
 	return true;
 }
 
-/* ------------------------------------------------------------------ tokens-as-M products, k split over a cluster */
-
-/*
- * gemv_mma_q_tok_split_kernel<NT, R> (KL_CUDA_Q_GRID=2, opt-in): for
- * batches of the tokens-as-M kernel with too few units to fill the SMs
- * (o_proj 2304 x 4096 at 32 tokens: 144 units of 2 n-tiles for 264 block
- * slots), each unit of R n-tiles is taken by a cluster of two blocks, rank
- * 0 the first half of the chunks, rank 1 the second (mt_unit, ks 1 / 2):
- * half the k passes a warp.  Each block sums its 8 warps' partial tiles in
- * warp order (mt_unit); after a cluster barrier rank 0 adds rank 1's sums
- * to its own (that order: distributed shared memory, ms_ld_peer), times
- * the row's scale and 2^56; a second barrier keeps rank 1's shared memory
- * until it is read.  The same bits every run, but not the unsplit kernel's
- * (two partial sums added): the checks compare against the double
- * reference.  Clusters, mapa and ld.shared::cluster: compute capability 9
- * (the compute_80 PTX gets an empty body; mt_split_launch refuses there).
- */
-template <int NT, int R>
-__global__ void __launch_bounds__(MX_WARPS * 32, NT * R <= 8 ? 2 : 1)
-gemv_mma_q_tok_split_kernel(kk_gemv_batch b)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-	extern __shared__ float mt_part[];	/* [8 warps][NT R 4][32 lanes], then the block's sums [NT R 4][32] */
-	int			unit = (int) blockIdx.x >> 1,
-				rank = (int) ms_cluster_rank(),
-				j = mq_unit_job(b, unit),
-				r0 = (unit - b.first_block[j]) * 8 * R;
-	const kk_gemv_job *jb = &b.job[j];
-	int			rows = jb->rows,
-				nchunk = jb->cols >> 6;
-	const float *sc = (const float *) ((const uint8_t *) jb->W + kk_q_scale_offset(rows, KK_WF_FP8, jb->cols)),
-			   *fin = mt_part + MX_WARPS * NT * R * 4 * 32;
-	const uint8_t *wr[R];
-	float		acc[NT][R][4];
-	uint4		wc[R];
-
-	mx_zero<NT, R>(acc);
-	mt_first<R>(wr, wc, jb, r0, rank ? nchunk / 2 : 0, rank ? nchunk : nchunk / 2);
-	kk_dep_wait();
-	kk_dep_launch();
-	mt_unit<NT, R>(b, j, r0, wr, wc, acc, mt_part, -1, 1 + rank);
-	ms_cluster_sync();			/* both blocks' sums are in their shared memory */
-	if (rank == 0)
-		for (int e = threadIdx.x; e < NT * R * 4 * 32; e += MX_WARPS * 32)
-		{
-			int			l = e & 31,
-						q = e >> 5,
-						i = q & 3,
-						r = (q >> 2) % R,
-						m = (q >> 2) / R,
-						tok = 16 * m + (l >> 2) + (i >= 2 ? 8 : 0),
-						row = r0 + 8 * r + 2 * (l & 3) + (i & 1);
-			float		v = fin[e] + ms_ld_peer(ms_saddr(fin + e), 1);
-
-			if (tok < b.n && row < rows)
-				jb->y[(size_t) tok * jb->ldy + row] = v * __ldg(sc + row) * MQ_FP8_SCALE;
-		}
-	ms_cluster_sync();			/* rank 1's sums stay until rank 0 has read them */
-#endif
-}
-
-/* the split kernel's launch: blocks (two a unit) in clusters of 2, PDL where on */
-template <int NT, int R>
-static void
-mt_split_launch_r(cudaStream_t s, kk_gemv_batch *b, int units)
-{
-	size_t		smem = (size_t) (MX_WARPS + 1) * NT * R * 4 * 32 * sizeof(float);
-	cudaLaunchConfig_t cfg;
-	cudaLaunchAttribute at[2];
-
-	if (smem > 48 * 1024)
-		cudaFuncSetAttribute(gemv_mma_q_tok_split_kernel<NT, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-							 (int) smem);
-	memset(&cfg, 0, sizeof(cfg));
-	cfg.gridDim = dim3(2 * units);
-	cfg.blockDim = dim3(MX_WARPS * 32);
-	cfg.dynamicSmemBytes = smem;
-	cfg.stream = s;
-	at[0].id = cudaLaunchAttributeClusterDimension;
-	at[0].val.clusterDim.x = 2;
-	at[0].val.clusterDim.y = 1;
-	at[0].val.clusterDim.z = 1;
-	at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-	at[1].val.programmaticStreamSerializationAllowed = 1;
-	cfg.attrs = at;
-	cfg.numAttrs = kk_pdl_on ? 2 : 1;
-	if (cudaLaunchKernelEx(&cfg, gemv_mma_q_tok_split_kernel<NT, R>, *b) != cudaSuccess && cfg.numAttrs == 2)
-	{
-		/* as ms_launch_nb: should a runtime refuse clusters with programmatic serialization, the cluster alone */
-		(void) cudaGetLastError();
-		cfg.numAttrs = 1;
-		cudaLaunchKernelEx(&cfg, gemv_mma_q_tok_split_kernel<NT, R>, *b);
-	}
-}
-
-/*
- * The k-split form for the converted batch b (mq_grid 2, n >= 17 where the
- * tokens-as-M kernel takes b): where that kernel's units (mt_tok_r's R)
- * leave block slots of the SMs empty, the smallest R of 1, 2, 4 whose
- * units, two blocks each, fit the slots at once (o_proj at 32 tokens: R 4,
- * 72 units, 144 blocks of half of k each, against 144 blocks of R 2 over
- * all of k); false (nothing launched) where it does not apply.
- */
-static bool
-mt_split_launch(cudaStream_t s, kk_gemv_batch *b)
-{
-	int			nb = mq_nb(b->n),
-				NT = nb / 2,
-				sms = mq_sms(),
-				R0,
-				units[5] = {0, 0, 0, 0, 0};
-
-	if (mq_grid != 2 || !mt_on || nb < 4 || !ms_device_ok() || (R0 = mt_tok_r(b, NT)) == 0)
-		return false;
-	for (int R = 1; R <= 4; R *= 2)
-	{
-		units[R] = 0;
-		for (int j = 0; j < b->count; j++)
-			units[R] += ceil_div(b->job[j].rows, 8 * R);
-	}
-	/* block slots: 2 an SM (the launch bounds where NT R <= 8; 1 for <4, 4>) */
-	if (units[R0] >= (NT * R0 <= 8 ? 2 : 1) * sms)
-		return false;
-	for (int R = 1; R <= 4; R *= 2)
-		if (2 * units[R] <= (NT * R <= 8 ? 2 : 1) * sms)
-		{
-			int			blocks = 0;
-
-			for (int j = 0; j < b->count; j++)
-			{
-				b->first_block[j] = blocks;
-				blocks += ceil_div(b->job[j].rows, 8 * R);
-			}
-			b->first_block[b->count] = blocks;
-			if (NT == 2)
-				R == 1 ? mt_split_launch_r<2, 1>(s, b, blocks) : R == 2 ? mt_split_launch_r<2, 2>(s, b, blocks) :
-					mt_split_launch_r<2, 4>(s, b, blocks);
-			else
-				R == 1 ? mt_split_launch_r<4, 1>(s, b, blocks) : R == 2 ? mt_split_launch_r<4, 2>(s, b, blocks) :
-					mt_split_launch_r<4, 4>(s, b, blocks);
-			return true;
-		}
-	return false;
-}
-
 extern "C" void
 kk_set_mma_q_dense(int mt, int max_rows)
 {
@@ -2231,63 +1932,6 @@ mx_launch_nb(cudaStream_t s, kk_gemv_batch *b, int mt, int blocks)
 		kk_launch(gemv_mma_q_dense_kernel<1, NB>, dim3(blocks), dim3(MX_WARPS * 32), 0, s, *b);
 }
 
-/* blocks of gemv_mma_q_dense_grid_kernel<MT, NB> that the SMs hold at once */
-template <int MT, int NB>
-static int
-mx_grid_slots(void)
-{
-	static int	slots = 0;
-
-	if (!slots)
-		slots = mq_occupancy(gemv_mma_q_dense_grid_kernel<MT, NB>, 0) * mq_sms();
-	return slots;
-}
-
-/*
- * The balanced grid's cost of b at MT tiles a unit, in 16-row tile passes:
- * the most units a block takes times MT (a warp keeps the same bytes in
- * flight at MT 1 and 2, so a unit of 2 tiles takes about twice as long;
- * the decode's products are latency-bound, Nsight: 8.4 cycles an issue)
- */
-static int
-mx_grid_cost(kk_gemv_batch *b, int mt, int slots)
-{
-	int			units = kk_tile_blocks(b, mt);
-
-	return (int) ceil_div(units, units < slots ? units : slots) * mt;
-}
-
-/*
- * The dense kernel's balanced grid (mq_grid) for b at NB n-blocks: MT 2
- * (where mt allows it) or 1 tiles a unit, whichever costs less
- * (mx_grid_cost; the same on a tie: 2, whose blocks read the activations
- * half as often); the sums are the same either way (the check's MT 1 vs 2)
- */
-template <int NB>
-static void
-mx_grid_launch(cudaStream_t s, kk_gemv_batch *b, int mt)
-{
-	constexpr int NB2 = NB <= 2 ? NB : 1;	/* (MT 2 only up to 2 n-blocks, as mx_launch_nb) */
-	int			slots2 = mx_grid_slots<2, NB2>(),
-				slots1 = mx_grid_slots<1, NB>(),
-				units;
-
-	/* (kk_tile_blocks sets b->first_block for the kernel's copy; where the units fit the SMs at once, the
-	 * plain kernel does the same work a block) */
-	if (NB <= 2 && mt == 2 && mx_grid_cost(b, 2, slots2) <= mx_grid_cost(b, 1, slots1))
-	{
-		if ((units = kk_tile_blocks(b, 2)) > slots2)
-			kk_launch(gemv_mma_q_dense_grid_kernel<2, NB2>, dim3(slots2), dim3(MX_WARPS * 32), 0, s, *b);
-		else
-			kk_launch(gemv_mma_q_dense_kernel<2, NB2>, dim3(units), dim3(MX_WARPS * 32), 0, s, *b);
-		return;
-	}
-	if ((units = kk_tile_blocks(b, 1)) > slots1)
-		kk_launch(gemv_mma_q_dense_grid_kernel<1, NB>, dim3(slots1), dim3(MX_WARPS * 32), 0, s, *b);
-	else
-		kk_launch(gemv_mma_q_dense_kernel<1, NB>, dim3(units), dim3(MX_WARPS * 32), 0, s, *b);
-}
-
 /* the conversion launch of plan c (mx_plan with room): one block row a distinct matrix; none when c has none */
 static void
 mx_convert_launch(cudaStream_t s, const mx_conv &c)
@@ -2305,8 +1949,6 @@ mx_convert_launch(cudaStream_t s, const mx_conv &c)
  * dense kernel with the most tiles a block (up to dense: 1 or 2; 2 only up to 2 n-blocks: 16 rows) that still gives every
  * SM a block.  H200, 2026-12-01, FP8 step ms with 1 / 2 tiles: batch 8
  * 6.188 / 6.139, 16 9.41 / 9.42, 32 14.22 / 14.58, 64 22.33 / 22.33.
- * With mq_grid the tokens-as-M form's k split (2, where it applies) or
- * its balanced grid, else the dense kernel's (mx_grid_launch).
  * False (nothing launched) when the room is missing or too small.
  */
 static bool
@@ -2318,7 +1960,7 @@ mx_launch(cudaStream_t s, kk_gemv_batch *b, int dense, uint16_t *room, size_t ro
 				blocks;
 	size_t		need = mx_plan(b, NULL, NULL, &c);
 
-	b->l2_rows = (mq_l2 & (b->n > 8 ? 1 : 4)) != 0;	/* (the tokens-as-M form from 9 rows; bit 4 the dense kernel) */
+	b->l2_rows = mq_l2 && b->n > 8;	/* (the tokens-as-M form from 9 rows, or the dense kernel where it does not run) */
 	/* (jobs whose x16 came preset, twins, need no room; the conversion runs only for the rest) */
 	if (need > 0 && (!room || need > room_bytes))
 		return false;
@@ -2326,27 +1968,8 @@ mx_launch(cudaStream_t s, kk_gemv_batch *b, int dense, uint16_t *room, size_t ro
 	mx_convert_launch(s, c);
 	if (dense >= 3 && ms_launch(s, b))
 		return true;
-	if (mt_split_launch(s, b) || mt_launch(s, b))
+	if (mt_launch(s, b))
 		return true;
-	if (mq_grid)
-	{
-		switch (mq_nb(b->n))
-		{
-			case 1:
-				mx_grid_launch<1>(s, b, mt);
-				break;
-			case 2:
-				mx_grid_launch<2>(s, b, mt);
-				break;
-			case 4:
-				mx_grid_launch<4>(s, b, mt);
-				break;
-			default:
-				mx_grid_launch<8>(s, b, mt);
-				break;
-		}
-		return true;
-	}
 	while (mt > 1 && kk_tile_blocks(b, mt) < sms)
 		mt /= 2;
 	blocks = kk_tile_blocks(b, mt);		/* (sets b->first_block for the kernel's copy) */
@@ -2573,27 +2196,6 @@ kk_gemv_mma_q(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n,
 /* ------------------------------------------------------------------ expert products */
 
 /*
- * kk_set_mma_q_l2's bit 2: the expert block's 128 rows of W (and of W1, the
- * up matrix, in the SwiGLU mode) asked for in L2 by one thread as soon as
- * the block knows its expert, as mq_l2_rows does for the dense kernels.
- */
-__device__ __forceinline__ void
-mq_l2_expert(const void *W, const void *W1, int r0, int rows, size_t rbytes)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-	int			n = rows - r0 < MQ_XWARPS * 16 ? rows - r0 : MQ_XWARPS * 16;
-
-	if (threadIdx.x != 0 || n <= 0 || rbytes % 16 != 0)
-		return;
-	asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"::"l"((const uint8_t *) W + (size_t) r0 * rbytes),
-				 "r"((unsigned) (n * rbytes)):"memory");
-	if (W1)
-		asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"::"l"((const uint8_t *) W1 + (size_t) r0 * rbytes),
-					 "r"((unsigned) (n * rbytes)):"memory");
-#endif
-}
-
-/*
  * Item blockIdx.y of the work list, 128 rows blockIdx.x of its matrix (one
  * matrix: in the two-matrix mode the second half of the blocks takes W1 ->
  * y1; SWIGLU: gate W0 and up W1 of the same rows, silu(gate) * up -> y0).
@@ -2603,7 +2205,7 @@ template <int FMT, int LW, bool GROUPED, bool SWIGLU>
 __global__ void __launch_bounds__(MQ_XWARPS * 32)
 expert_mma_q_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
 					const void *const *W0, const void *const *W1, int group, int rows, int cols,
-					const int *__restrict__ start, const int *__restrict__ active, int P, bool vec, bool l2)
+					const int *__restrict__ start, const int *__restrict__ active, int P, bool vec)
 {
 	using St = mq_stream<FMT, LW, 1, GROUPED>;
 	constexpr int NM = SWIGLU ? 2 : 1;
@@ -2633,9 +2235,6 @@ expert_mma_q_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, 
 	if ((int) blockIdx.y >= active[0])
 		return;					/* the whole block: no barrier is skipped */
 	e = kk_expert_item(active, start, blockIdx.y, P, &first, &count);
-	if (l2)
-		mq_l2_expert(SWIGLU ? W0[e] : m1 ? W1[e] : W0[e], SWIGLU ? W1[e] : NULL,
-					 ((int) blockIdx.x - m1 * per) * MQ_XWARPS * 16, rows, rbytes);
 	{
 		int			ra = r0 + g < rows ? r0 + g : rows - 1,
 					rb = r0 + g + 8 < rows ? r0 + g + 8 : rows - 1;
@@ -2705,7 +2304,7 @@ mq_launch_expert(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, 
 			cudaFuncSetAttribute(expert_mma_q_kernel<FMT, LW, GROUPED, true>,
 								 cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
 		kk_launch(expert_mma_q_kernel<FMT, LW, GROUPED, true>, grid, dim3(MQ_XWARPS * 32), smem, s, y0, y1, ldy, x,
-				  ldx, xrow, W0, W1, group, rows, cols, start, active, P, vec, (mq_l2 & 2) != 0);
+				  ldx, xrow, W0, W1, group, rows, cols, start, active, P, vec);
 	}
 	else
 	{
@@ -2713,7 +2312,7 @@ mq_launch_expert(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, 
 			cudaFuncSetAttribute(expert_mma_q_kernel<FMT, LW, GROUPED, false>,
 								 cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
 		kk_launch(expert_mma_q_kernel<FMT, LW, GROUPED, false>, grid, dim3(MQ_XWARPS * 32), smem, s, y0, y1, ldy,
-				  x, ldx, xrow, W0, W1, group, rows, cols, start, active, P, vec, (mq_l2 & 2) != 0);
+				  x, ldx, xrow, W0, W1, group, rows, cols, start, active, P, vec);
 	}
 }
 

@@ -1055,7 +1055,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *qxr = getenv("KL_CUDA_Q_DENSE_ROWS"),
 				   *qtk = getenv("KL_CUDA_Q_TOK"),
 				   *qtw = getenv("KL_CUDA_Q_TWIN"),
-				   *qgr = getenv("KL_CUDA_Q_GRID"),
 				   *ql2 = getenv("KL_CUDA_Q_L2"),
 				   *qocc = getenv("KL_CUDA_Q_DENSE_OCC"),
 				   *gs = getenv("KL_CUDA_GEMV_MMA_SLAB"),
@@ -1089,10 +1088,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		/* (the rows the dense FP8 kernel takes, as kk_set_mma_q_dense reads the same two switches) */
 		cs->q_twin_rows = !cs->bf16_twin || (qtw && strcmp(qtw, "0") == 0) || (qx && *qx && atoi(qx) <= 0) ? 0 :
 			qxr && *qxr && atoi(qxr) > 0 && atoi(qxr) < KK_GEMV_MMA_Q_ROWS ? atoi(qxr) : KK_GEMV_MMA_Q_ROWS;
-		/* (opt-in: H200, 2026-12-02, FP8 48B step at 4k: =1 +0.06 ms at batch 8, +0.05 at 32; =2 about even) */
-		kk_set_mma_q_grid(qgr && *qgr ? atoi(qgr) : 0);
-		/* (bit 2, the expert blocks' rows: H200, 2026-12-02, +0.8 / +2.0 ms a step at batch 8 / 32: the resident
-		 * blocks' runs, 264 x 590 KB, do not fit in L2) */
+		/* (KL_CUDA_Q_L2=0: no L2 prefetch of the FP8 tokens-as-M blocks' weight rows from 9 rows; default 1 (bit 1,
+		 * the only one: H200, 2026-12-02, -0.05 ms a step at batch 32).  Bits 2 and 4 (the expert blocks' rows, the
+		 * dense kernel's at 2-8 rows) lost there and were retired, as was KL_CUDA_Q_GRID: both are ignored now) */
 		kk_set_mma_q_l2(ql2 && *ql2 ? atoi(ql2) : 1);
 		/* (KL_CUDA_Q_DENSE_OCC=2: the dense FP8 kernel at 2-8 tokens with 2 blocks an SM; default 3, the same bits:
 		 * H200, 2026-12-02, FP8 48B step at batch 8, 4k: q/k/v 18.1 -> 15.1 us a launch, the step -0.04 .. -0.09 ms) */

@@ -41,10 +41,10 @@ mq_upload(cudaStream_t s, void **d, const void *h, size_t n)
  * (KL_CUDA_Q_DIRECT=2) where it takes the jobs; 2, 3 and 4 the dense kernel
  * (KL_CUDA_Q_DENSE=1, =2, its tokens-as-M form off) and the slab kernel
  * (=3) where they take them, 5 the dense kernel (=2) with the tokens-as-M
- * form on (kk_set_mma_q_tok: from 9 rows where it takes the batch), 6 and
- * 7 paths 3 and 5 on the balanced grid (kk_set_mma_q_grid(1)), 8 path 5
- * with the grid's k split (kk_set_mma_q_grid(2)); 9, 10 and 11: paths 3, 5
- * and 4 with the even-numbered jobs' x16 preset to a bf16 twin of their x
+ * form on (kk_set_mma_q_tok: from 9 rows where it takes the batch); 6, 7
+ * and 8 (the balanced grid and its k split, KL_CUDA_Q_GRID) were retired
+ * and return -1; 9, 10 and 11: paths 3, 5 and 4 with the even-numbered
+ * jobs' x16 preset to a bf16 twin of their x
  * (kk_f32_to_bf16 into a buffer of exactly n rows, row stride cols:
  * KL_CUDA_Q_TWIN's form), the others converted; with
  * their room (NaN before the launch), through kk_gemv_multi_mma_q_as.  Returns 0, -1 for
@@ -63,15 +63,11 @@ mq_gemv_run(int path, int n, int count, const int *rows, const int *cols, const 
 			   *tw[KK_GEMV_JOBS] = {NULL};
 	kk_gemv_batch b;
 	int			twin = path >= 9 && path <= 11,
-				grid = path == 8 ? 2 : path == 6 || path == 7,
 				dense,
-				tok_was = 0,
-				grid_was = 0;
+				tok_was = 0;
 
 	if (twin)
-		path = path == 9 ? 3 : path == 10 ? 5 : 4;
-	else if (grid)
-		path = path == 6 ? 3 : 5;	/* 6, 7: 3, 5 on the balanced grid; 8: 5 with the k split */
+		path = path == 9 ? 3 : path == 10 ? 5 : 4;	/* (6, 7, 8, retired, stay above 5: refused below) */
 	dense = path == 5 ? 2 : path >= 2 ? path - 1 : 0;
 	if (n <= 0 || n > KK_GEMV_MMA_Q_ROWS || count <= 0 || count > KK_GEMV_JOBS || xpad < 0 || path < -1 ||
 		path > 5)
@@ -129,9 +125,7 @@ mq_gemv_run(int path, int n, int count, const int *rows, const int *cols, const 
 			goto out;
 		b.xq = room;
 		tok_was = kk_set_mma_q_tok(path == 5);
-		grid_was = kk_set_mma_q_grid(grid);
 		kk_gemv_multi_mma_q_as(s, &b, path == 1 ? 2 : 0, dense);
-		kk_set_mma_q_grid(grid_was);
 		kk_set_mma_q_tok(tok_was);
 	}
 	else if (count == 1)
@@ -167,8 +161,7 @@ kl_cuda_test_gemv_mma_q(int n, int count, const int *rows, const int *cols, cons
 }
 
 /* the same through a chosen kernel (path as mq_gemv_run's: 0 staging, 1 direct, 2 and 3 dense, 4 slab, 5 dense
- * tokens-as-M, 6 and 7: 3 and 5 on the balanced grid, 8: 5 with its k split; 9, 10, 11: 3, 5, 4 reading preset
- * bf16 twins for the even-numbered jobs) */
+ * tokens-as-M; 6, 7, 8 retired (-1); 9, 10, 11: 3, 5, 4 reading preset bf16 twins for the even-numbered jobs) */
 __attribute__((visibility("default"))) int
 kl_cuda_test_gemv_mma_q_path(int path, int n, int count, const int *rows, const int *cols, const int *fmt,
 							 const int *group, const void *const *W, const float *const *x, int xpad,

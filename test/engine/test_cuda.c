@@ -6155,9 +6155,9 @@ check_gemv_mma_q(void)
 
 /* kl_cuda_test_gemv_mma_q_path (src/cuda/cuda_mma_q_test.c): path 0 staging, 1 direct, 2 / 3 dense MT 1 / 2,
  * 4 the slab kernel (KL_CUDA_Q_DENSE=3; the dense kernel where the device has no bulk copies), 5 the dense
- * kernel in its tokens-as-M form (KL_CUDA_Q_TOK: from 9 rows where the batch has rows for every SM), 6 / 7
- * paths 3 / 5 on the balanced grid (KL_CUDA_Q_GRID=1), 8 path 5 with the grid's k split (=2); 9, 10, 11:
- * 3, 5, 4 with the even-numbered jobs reading preset bf16 twins of exactly n rows (KL_CUDA_Q_TWIN) */
+ * kernel in its tokens-as-M form (KL_CUDA_Q_TOK: from 9 rows where the batch has rows for every SM); 6, 7, 8
+ * retired (the balanced grid, KL_CUDA_Q_GRID: the hook returns -1); 9, 10, 11: 3, 5, 4 with the
+ * even-numbered jobs reading preset bf16 twins of exactly n rows (KL_CUDA_Q_TWIN) */
 typedef int (*gemv_mma_q_path_fn) (int path, int n, int count, const int *rows, const int *cols, const int *fmt,
 								   const int *group, const void *const *W, const float *const *x, int xpad,
 								   float *const *y);
@@ -6168,19 +6168,18 @@ typedef struct mq_dense_result
 	double		dense,			/* worst rel err of the dense kernel (MT 1 and 2) against the reference */
 				slab,			/* ... of the slab kernel (path 4) */
 				tok,			/* ... of the dense kernel in its tokens-as-M form (path 5) */
-				split,			/* ... of that with the k split (path 8, KL_CUDA_Q_GRID=2) */
 				staged;			/* ... of the staging kernel (path 0), for comparison */
 	int			mt_differ,		/* row counts where MT 1 and MT 2 differ in any bit */
 				twin_differ,	/* products where a path reading preset twins (9, 10, 11) differs from 3, 5, 4 */
 				direct_differ,	/* row counts n <= 8 where the dense kernel differs from the direct one */
-				grid_differ,	/* row counts where the balanced grid (paths 6, 7) differs from paths 3, 5 */
 				rc;				/* the hook's first nonzero return */
 } mq_dense_result;
 
 /*
- * One batch of FP8 (one scale a row) jobs through the twelve paths at each n
- * of ns: job j's activations are job share[j]'s (the same host array, so
- * the hook uploads them once and the dense kernel converts them once).
+ * One batch of FP8 (one scale a row) jobs through the paths (0-5 and 9-11;
+ * 6-8 retired) at each n of ns: job j's activations are job share[j]'s (the
+ * same host array, so the hook uploads them once and the dense kernel
+ * converts them once).
  */
 static void
 mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *share, const int *ns, int nn,
@@ -6220,7 +6219,8 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 				y[p][j] = malloc(sizeof(float) * n * rows[j]);
 		}
 		for (int p = 0; p < 12 && res->rc == 0; p++)
-			res->rc = f(p, n, count, rows, cols, fmt, group, W, x, xpad, y[p]);
+			if (p < 6 || p > 8)	/* (6-8: the retired grid paths) */
+				res->rc = f(p, n, count, rows, cols, fmt, group, W, x, xpad, y[p]);
 		for (int j = 0; j < count; j++)
 		{
 			size_t		ny = (size_t) n * rows[j];
@@ -6229,7 +6229,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 			{
 				float	   *xb = malloc(sizeof(float) * n * cols[j]);
 				double	   *ref = malloc(sizeof(double) * ny),
-							e[6];
+							e[5];
 
 				mq_round_bf16(xb, x[j], (size_t) n * cols[j]);
 				mq_reference(ref, xb, wd[j], n, rows[j], cols[j]);
@@ -6238,8 +6238,6 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 				e[2] = mq_rel(y[0][j], ref, ny);
 				e[3] = mq_rel(y[4][j], ref, ny);
 				e[4] = mq_rel(y[5][j], ref, ny);
-				e[5] = mq_rel(y[8][j], ref, ny);
-				res->split = e[5] > res->split || isnan(e[5]) ? e[5] : res->split;
 				res->slab = e[3] > res->slab || isnan(e[3]) ? e[3] : res->slab;
 				res->tok = e[4] > res->tok || isnan(e[4]) ? e[4] : res->tok;
 				for (int k = 0; k < 2; k++)
@@ -6251,8 +6249,6 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 				res->twin_differ += (memcmp(y[9][j], y[3][j], sizeof(float) * ny) != 0) +
 					(memcmp(y[10][j], y[5][j], sizeof(float) * ny) != 0) +
 					(memcmp(y[11][j], y[4][j], sizeof(float) * ny) != 0);
-				res->grid_differ += memcmp(y[6][j], y[3][j], sizeof(float) * ny) != 0 ||
-					memcmp(y[7][j], y[5][j], sizeof(float) * ny) != 0;
 				free(xb);
 				free(ref);
 			}
@@ -6273,16 +6269,12 @@ static void
 mq_dense_report(const mq_dense_result *r, const char *what, const char *ns)
 {
 	tap_ok(r->rc == 0 && r->dense <= 1e-5 && r->slab <= 1e-5 && r->tok <= 1e-5 && r->mt_differ == 0 &&
-		   r->direct_differ == 0 && r->twin_differ == 0 && r->grid_differ == 0,
+		   r->direct_differ == 0 && r->twin_differ == 0,
 		   "dense FP8 kernel (KL_CUDA_Q_DENSE), %s, n = %s: rel err %.2e against the double reference (tokens-as-M "
 		   "form %.2e, slab kernel, =3: %.2e; staging kernel %.2e); MT 1 vs 2 differ in %d products, n <= 8 vs "
-		   "the direct kernel in %d, preset bf16 twins (KL_CUDA_Q_TWIN) vs converted in %d, the balanced grid "
-		   "(KL_CUDA_Q_GRID=1, dense and tokens-as-M) vs off in %d (all must be 0: the same sums); hook returned %d",
-		   what, ns, r->dense, r->tok, r->slab, r->staged, r->mt_differ, r->direct_differ, r->twin_differ,
-		   r->grid_differ, r->rc);
-	tap_ok(r->rc == 0 && r->split <= 1e-5, "dense FP8 kernel, %s, n = %s: the tokens-as-M form with k split over "
-		   "clusters where units are few (KL_CUDA_Q_GRID=2) rel err %.2e against the double reference (bound 1e-5, "
-		   "as the other forms; the two halves' sums added: not the unsplit bits)", what, ns, r->split);
+		   "the direct kernel in %d, preset bf16 twins (KL_CUDA_Q_TWIN) vs converted in %d (all must be 0: the "
+		   "same sums); hook returned %d",
+		   what, ns, r->dense, r->tok, r->slab, r->staged, r->mt_differ, r->direct_differ, r->twin_differ, r->rc);
 }
 
 /*
@@ -6865,81 +6857,19 @@ check_dense_model_occ(void)
 }
 
 /*
- * The whole model with the balanced grid (KL_CUDA_Q_GRID=1) against off (the
- * default), same random FP8 weights of the 48B shapes (2 layers, seed 7):
- * 8, 32 and 64 sequences decoding together give the same logits bit for bit
- * (the dense kernel and its tokens-as-M form only move their units between
- * blocks: every sum as before); =2 (the k split over clusters where units
- * are few) the same at 8 sequences, within q_tol's bound at 32 and 64;
- * then tiny_a quantized to FP8 at load in bf16 with =1 and =2 against the
- * CPU (check_quantized).
- */
-static void
-check_dense_model_grid(void)
-{
-	static const int nseqs[3] = {8, 32, 64};
-	const int	rounds = 2;
-	static const char *const grid[2] = {"0", "1"};
-	float	   *lg[2][3];
-	int			V = decode_fp8_pair("KL_CUDA_Q_GRID", grid, nseqs, rounds, lg);
-
-	for (int bi = 0; bi < 3; bi++)
-	{
-		int			nseq = nseqs[bi];
-		size_t		cnt = (size_t) rounds * nseq * V;
-
-		tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * cnt) == 0, "48B shapes (2 layers), FP8, %d sequences "
-			   "decoding together (%d steps): KL_CUDA_Q_GRID=1 (balanced grid) equals =0 bit for bit (rel err %.2e)",
-			   nseq, rounds, rel_err(lg[1][bi], lg[0][bi], cnt));
-		free(lg[0][bi]);
-		free(lg[1][bi]);
-	}
-	/* =2: the k split where units are few (n >= 17): other sums, so within q_tol's bound as the slab kernel */
-	{
-		static const char *const split[2] = {"0", "2"};
-
-		V = decode_fp8_pair("KL_CUDA_Q_GRID", split, nseqs, rounds, lg);
-		for (int bi = 0; bi < 3; bi++)
-		{
-			int			nseq = nseqs[bi],
-						same;
-			size_t		cnt = (size_t) rounds * nseq * V;
-			double		e = rel_err(lg[1][bi], lg[0][bi], cnt);
-
-			greedy_clear_differs(lg[1][bi], lg[0][bi], rounds * nseq, V, 0.25, &same);
-			if (nseq <= 16)
-				tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * cnt) == 0, "48B shapes (2 layers), FP8, %d "
-					   "sequences decoding together (%d steps): KL_CUDA_Q_GRID=2 equals =0 bit for bit (no k split "
-					   "up to 16 rows; rel err %.2e)", nseq, rounds, e);
-			else
-				tap_ok(e <= 0.25, "48B shapes (2 layers), FP8, %d sequences decoding together (%d steps): "
-					   "KL_CUDA_Q_GRID=2 (k split where units are few) vs =0, rel err %.2e (bounded by 0.25: see "
-					   "q_tol; greedy ids %d of %d equal)", nseq, rounds, e, same, rounds * nseq);
-			free(lg[0][bi]);
-			free(lg[1][bi]);
-		}
-	}
-	setenv("KL_CUDA_Q_GRID", "1", 1);	/* read when the backend is made */
-	check_quantized("tiny_a", "fp8", "bf16");
-	setenv("KL_CUDA_Q_GRID", "2", 1);
-	check_quantized("tiny_a", "fp8", "bf16");
-	unsetenv("KL_CUDA_Q_GRID");
-}
-
-/*
- * The whole model with the L2 prefetches of KL_CUDA_Q_L2 (bits 1 and 4: each
- * dense FP8 block's weight rows, bit 2: each quantized expert block's) against
- * off, same random FP8 weights of the 48B shapes (2 layers, seed 7): 8, 32
- * and 64 sequences decoding together give the same logits bit for bit (a
- * prefetch is a hint: no result may change); then tiny_a quantized to FP8
- * at load against the CPU with both bits on.
+ * The whole model with the L2 prefetch of KL_CUDA_Q_L2 (bit 1, the default:
+ * each dense FP8 block's weight rows from 9 rows) against off, same random
+ * FP8 weights of the 48B shapes (2 layers, seed 7): 8, 32 and 64 sequences
+ * decoding together give the same logits bit for bit (a prefetch is a
+ * hint: no result may change; 8 rows take no prefetch, a control); then
+ * tiny_a quantized to FP8 at load against the CPU with it on.
  */
 static void
 check_dense_model_l2(void)
 {
 	static const int nseqs[3] = {8, 32, 64};
 	const int	rounds = 2;
-	static const char *const l2[2] = {"0", "7"};
+	static const char *const l2[2] = {"0", "1"};
 	float	   *lg[2][3];
 	int			V = decode_fp8_pair("KL_CUDA_Q_L2", l2, nseqs, rounds, lg);
 
@@ -6948,12 +6878,12 @@ check_dense_model_l2(void)
 		size_t		cnt = (size_t) rounds * nseqs[bi] * V;
 
 		tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * cnt) == 0, "48B shapes (2 layers), FP8, %d sequences "
-			   "decoding together (%d steps): KL_CUDA_Q_L2=7 (L2 prefetch of the dense, tokens-as-M and expert blocks' weight "
+			   "decoding together (%d steps): KL_CUDA_Q_L2=1 (L2 prefetch of the dense and tokens-as-M blocks' weight "
 			   "rows) equals =0 bit for bit (rel err %.2e)", nseqs[bi], rounds, rel_err(lg[1][bi], lg[0][bi], cnt));
 		free(lg[0][bi]);
 		free(lg[1][bi]);
 	}
-	setenv("KL_CUDA_Q_L2", "7", 1);	/* read when the backend is made */
+	setenv("KL_CUDA_Q_L2", "1", 1);	/* read when the backend is made (the default, set all the same) */
 	setenv("KL_CUDA_Q_MMA", "1", 1);
 	check_quantized("tiny_a", "fp8", "bf16");
 	unsetenv("KL_CUDA_Q_MMA");
@@ -7594,7 +7524,6 @@ main(void)
 	RUN(check_q_twin_model());
 	RUN(check_mla_fold_model());
 	RUN(check_q_twin_stale());
-	RUN(check_dense_model_grid());
 	RUN(check_dense_model_occ());
 	RUN(check_dense_model_l2());
 	RUN(check_expert_mma_q());
