@@ -10,7 +10,7 @@
  * reads its rows front to back as a copy does, and the next piece of every
  * row is in flight while the current ones are used.  The first pieces are
  * requested before kk_dep_wait (weights are never written by kernels): one
- * a thread and row, or for products of 1 or 2 input rows (KL_CUDA_ROWS_EARLY)
+ * a thread and row, or for products of 2 input rows (KL_CUDA_ROWS_EARLY)
  * up to 3 (q_np: whole rows at the 48B model's 2304 and 4096 columns).
  * Each input piece (fp32, through the read-only cache) is loaded once for
  * all RB rows; partial sums are reduced over the block in a fixed order.
@@ -568,9 +568,11 @@ q_rb(int shape, int nr, bool swiglu)
 
 /*
  * The early form (gemv.cu's kk_rows_early: KL_CUDA_ROWS_EARLY, default on,
- * which covers these kernels too): products of up to Q_EARLY_NR input rows
- * (gemv.cu's ROWS_EARLY_NR: at 4 the bf16 kernel's held pieces cost more
- * registers than the early requests save) request q_np(shape) pieces a
+ * which covers these kernels too): products of Q_EARLY_NR = 2 input rows
+ * (not 1: there the 64-thread early kernel takes 128 registers instead of
+ * 64, half the blocks an SM, and the FP8 step at batch 1 lost 0.02 ms on
+ * the H200 while batch 2 gained 0.03, 2026-12-02; not 4: gemv.cu's
+ * ROWS_EARLY_NR, the held pieces cost more than they save) request q_np(shape) pieces a
  * thread of each of the block's rows before kk_dep_wait, not one: the whole
  * row for the 48B model's FP8 rows of 2304 columns (144 pieces, 64 threads:
  * 3) and 4096 (256, 128 threads: 2), so a product that starts under a
@@ -608,7 +610,7 @@ static void
 gemv_q_launch_nr(cudaStream_t s, const kk_gemv_batch *b, int shape, int passes)
 {
 	int			blocks = b->first_block[b->count];
-	bool		early = NR <= Q_EARLY_NR && kk_rows_early;
+	bool		early = NR == Q_EARLY_NR && kk_rows_early;
 
 	/* NP: the early form's pieces where it applies (no extra instantiations for more rows) */
 #define Q_GO(SH, NP) kk_launch(gemv_q_kernel<NR, q_rb(SH, NR, false), q_bt(SH), NP>, dim3(blocks, passes), \
@@ -616,7 +618,7 @@ gemv_q_launch_nr(cudaStream_t s, const kk_gemv_batch *b, int shape, int passes)
 #define Q_GO_EARLY(SH) \
 	do { \
 		if (early) \
-			Q_GO(SH, NR <= Q_EARLY_NR ? q_np(SH) : 1); \
+			Q_GO(SH, NR == Q_EARLY_NR ? q_np(SH) : 1); \
 		else \
 			Q_GO(SH, 1); \
 	} while (0)

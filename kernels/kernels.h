@@ -75,7 +75,8 @@ void		kk_fill_random(cudaStream_t s, void *dst, int bf16, size_t n, uint64_t see
 void		kk_set_gemv_rows(int on);
 /* their products of 1 or 2 input rows request every weight piece a thread holds (up to 4 a row) before
  * kk_dep_wait (1, the default) or only the first (0); the same bits either way.  It covers gemv_q.cu's
- * kk_gemv_q / kk_gemv_multi_q too (up to 3 pieces a row: whole FP8 rows of 2304 and 4096 columns) */
+ * kk_gemv_q / kk_gemv_multi_q too at 2 input rows (up to 3 pieces a row: whole FP8 rows of 2304 and 4096
+ * columns; not at 1, where the early kernel's registers cost more than it saved) */
 void		kk_set_rows_early(int on);
 /* the most input rows an expert GEMV pass takes (1, 2, 4 or 8; default 4) */
 void		kk_set_expert_nr(int nr);

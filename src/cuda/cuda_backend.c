@@ -915,8 +915,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * row at 2304 and 4096 columns, so a GEMV that starts under a
 		 * latency-bound kernel has its weights on chip when its input
 		 * arrives; same bits; gemv.cu); the same for the quantized
-		 * CUDA-core GEMVs (gemv_q.cu's kk_gemv_q / kk_gemv_multi_q: up to
-		 * 3 pieces a row, whole FP8 rows of 2304 and 4096 columns),
+		 * CUDA-core GEMVs of 2 input rows (gemv_q.cu's kk_gemv_q /
+		 * kk_gemv_multi_q: up to 3 pieces a row, whole FP8 rows of 2304 and
+		 * 4096 columns; not at 1 row, where it lost),
 		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass,
 		 * KL_CUDA_MLA_MMA=0 keeps the bf16 cache's decode attention on CUDA
 		 * cores (mla_attend; else tensor cores where the shape fits: 1
