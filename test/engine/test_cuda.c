@@ -3104,10 +3104,11 @@ typedef int (*rows_early_test_fn) (int on);
 
 /*
  * gemv_q_kernel's early form (KL_CUDA_ROWS_EARLY, the default: products of
- * 1 or 2 rows request up to 3 pieces a thread of each row before the PDL
- * wait) against the first piece only (kl_cuda_test_rows_early(0)): the
- * outputs bit for bit, kk_gemv_q and kk_gemv_multi_q, 1 and 2 rows (and 9
- * for kk_gemv_q: a pass of 8, then one row).  The 48B widths in every form
+ * 2 rows request up to 3 pieces a thread of each row before the PDL wait;
+ * 1 row keeps the plain kernel, where the early one lost on the H200)
+ * against the first piece only (kl_cuda_test_rows_early(0)): the outputs bit
+ * for bit, kk_gemv_q and kk_gemv_multi_q, 1 and 2 rows (and 9 for kk_gemv_q:
+ * a pass of 8, then one row).  The 48B widths in every form
  * the early pieces take: 2304 columns (FP8 144 pieces: whole rows, the third
  * piece only in some threads; int4 72), 4096 (FP8 256 in the wide shape:
  * whole rows; int4 128), 9216 (FP8 576, int4 288: two pieces held, then the
