@@ -1900,9 +1900,13 @@ kk_gemv_mma_q_room(const kk_gemv_batch *b)
 /*
  * Blocks an SM of the dense kernel at one n-block (2-8 tokens;
  * kk_set_mma_q_dense_occ): 2, or 3 (half the chunks a register set, 68-70
- * registers, so that q/k/v's 384 two-tile blocks are one wave that streams
- * rather than 1.45 waves of all-at-once requests; at 2 n-blocks it would
- * spill)
+ * registers) for launches of more blocks than 2 an SM hold, so that q/k/v's
+ * 384 two-tile blocks are one wave that streams rather than 1.45 waves of
+ * all-at-once requests.  Launches that fit in one wave of 2 an SM keep 2
+ * (twice the bytes in flight a warp).  H200, 2026-12-02, alone (gemv_sweep
+ * dense_fp8, 8 tokens): q/k/v (384 blocks) 12.9 -> 9.9 us with 3, but o_proj
+ * (144) 5.8 -> 6.8 and MLA q + kv_a (210) 6.7 -> 7.9.  At 2 n-blocks 3
+ * would spill.
  */
 static int	mx_occ = 2;
 
@@ -1919,7 +1923,7 @@ template <int NB>
 static void
 mx_launch_nb(cudaStream_t s, kk_gemv_batch *b, int mt, int blocks)
 {
-	if (NB == 1 && mx_occ == 3)
+	if (NB == 1 && mx_occ == 3 && blocks > 2 * mq_sms())
 	{
 		if (mt == 2)
 			kk_launch(gemv_mma_q_dense_kernel<2, 1, 3>, dim3(blocks), dim3(MX_WARPS * 32), 0, s, *b);

@@ -1093,8 +1093,9 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * the only one: H200, 2026-12-02, -0.05 ms a step at batch 32).  Bits 2 and 4 (the expert blocks' rows, the
 		 * dense kernel's at 2-8 rows) lost there and were retired, as was KL_CUDA_Q_GRID: both are ignored now) */
 		kk_set_mma_q_l2(ql2 && *ql2 ? atoi(ql2) : 1);
-		/* (KL_CUDA_Q_DENSE_OCC=2: the dense FP8 kernel at 2-8 tokens with 2 blocks an SM; default 3, the same bits:
-		 * H200, 2026-12-02, FP8 48B step at batch 8, 4k: q/k/v 18.1 -> 15.1 us a launch, the step -0.04 .. -0.09 ms) */
+		/* (KL_CUDA_Q_DENSE_OCC=2: the dense FP8 kernel at 2-8 tokens with 2 blocks an SM; default 3, for launches of
+		 * more than one wave at 2 an SM, the same bits: H200, 2026-12-02, FP8 48B step at batch 8, 4k: q/k/v 18.1 ->
+		 * 15.1 us a launch, the step 5.403 -> 5.339 ms) */
 		kk_set_mma_q_dense_occ(qocc && *qocc ? atoi(qocc) : 3);
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
 		kk_set_kda_prep_mma(kpm && *kpm ? ((atoi(kpm) >= 0 && atoi(kpm) <= 4) || atoi(kpm) == 6 ? atoi(kpm) : 6) : 6);
