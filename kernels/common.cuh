@@ -97,17 +97,6 @@ sigmoidf_(float x)
 	return 1.0f / (1.0f + expf(-x));
 }
 
-/* one output of the KDA op's gated RMSNorm: ss is the head's sum of squares
- * of o (V values), w this output's weight, sig the sigmoid of its gate
- * (kda.cu's norm kernels and kda_chunk_mma.cu's fused norm) */
-__device__ __forceinline__ float
-kda_gated_sig(float ov, float ss, int V, float eps, float w, float sig)
-{
-	float		inv = 1.0f / sqrtf(ss / (float) V + eps);
-
-	return w * (ov * inv) * sig;
-}
-
 __device__ __forceinline__ float
 siluf_(float x)
 {

@@ -1702,7 +1702,15 @@ kda_chunk_prep_fp32_bf16(cudaStream_t s, int n, int H, int K, const float *q, co
 
 /* ------------------------------------------------------------------ gated norm */
 
-/* (kda_gated_sig, one output of the norm: common.cuh, shared with the chunkwise form's fused norm) */
+/* one output of the gated RMSNorm: ss is the head's sum of squares of o; w
+ * is this output's weight, sig the sigmoid of its gate */
+__device__ __forceinline__ float
+kda_gated_sig(float ov, float ss, int V, float eps, float w, float sig)
+{
+	float		inv = 1.0f / sqrtf(ss / (float) V + eps);
+
+	return w * (ov * inv) * sig;
+}
 
 /* kda_gated_sig with the weight and sigmoid(gate) read here */
 __device__ __forceinline__ float

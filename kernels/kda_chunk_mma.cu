@@ -28,60 +28,6 @@
  */
 #include "common.cuh"
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#include <cooperative_groups.h>
-
-/* the fused norm's cluster barrier (release / acquire) and a pointer into
- * block `rank` of the cluster's shared memory */
-__device__ __forceinline__ void
-km_cluster_arrive(void)
-{
-	__cluster_barrier_arrive();
-}
-
-__device__ __forceinline__ void
-km_cluster_wait(void)
-{
-	__cluster_barrier_wait();
-}
-
-__device__ __forceinline__ const float *
-km_cluster_map(const float *p, int rank)
-{
-	return cooperative_groups::this_cluster().map_shared_rank(p, rank);
-}
-
-__device__ __forceinline__ int
-km_cluster_rank(void)
-{
-	return (int) cooperative_groups::this_cluster().block_rank();
-}
-#else
-/* before sm_90 there are no clusters: the fused-norm kernel is never
- * launched there (kk_kda_chunk_norm_ok asks for its sm_90 build) */
-__device__ __forceinline__ void
-km_cluster_arrive(void)
-{
-}
-
-__device__ __forceinline__ void
-km_cluster_wait(void)
-{
-}
-
-__device__ __forceinline__ const float *
-km_cluster_map(const float *p, int rank)
-{
-	return p;
-}
-
-__device__ __forceinline__ int
-km_cluster_rank(void)
-{
-	return 0;
-}
-#endif
-
 #define KM_C 64					/* chunk rows */
 #define KM_VS 32				/* columns of V per block */
 #define KM_THREADS 128			/* 4 warps */
@@ -429,25 +375,6 @@ kda_chunk_mma_kernel(int n, int H, const uint16_t *__restrict__ W16, const uint1
  * of a B fragment).  Two barriers a chunk: the next chunk's tiles are issued
  * after the first barrier of this one, when every warp is done with the
  * stage they overwrite (the previous chunk's).
- *
- * NORM (kk_kda_chunk_norm_ok; sm_90): the op's gated RMSNorm in the same
- * kernel, so o never goes to memory (kk_kda_gated_norm read it back, with
- * the gate, in a kernel of its own: 0.46 ms of the op's 5.4 at 32k tokens
- * on the H200).  The norm needs each row's sum of squares over all V
- * columns, which the K / VS blocks of a head share as a thread-block
- * cluster (grid y).  Chunk c: the o warps keep o in shared memory (Os,
- * two chunks) and their rows' partial sums over their column group (Ps,
- * quad shuffles), then arrive at the cluster barrier (release); in chunk
- * c + 1 the U warps, idle while the o warps add P U, wait for that phase
- * (acquire), add the cluster's partials in one fixed order (block rank,
- * then column group: every block gets the same total), and write
- * out = w o / sqrt(ss / V + eps) sigmoid(gate) (kda_gated_sig) and its bf16
- * twin.  The o warps wait for phase c - 1 before overwriting the partial
- * buffer the other blocks read in chunk c (their U warps arrive only after
- * those reads); the last chunk is finished after the loop, and a last
- * barrier keeps every block's shared memory alive until the cluster is
- * done reading it.  The sums of squares are added in another order than
- * kk_kda_gated_norm's: the outputs agree to fp32 rounding, not bit for bit.
  */
 template <int K, int VS>
 struct kw_layout
@@ -465,14 +392,6 @@ struct kw_layout
 	static constexpr int SB = VS * LK;
 	static constexpr int UT = VS * LC;
 	static constexpr size_t BYTES = sizeof(uint16_t) * (2 * (size_t) STAGE + SB + UT);
-	/* NORM (kw_norm): after those, 16-byte aligned, fp32: o of the last two
-	 * chunks [2][C][LO] and the row sums of squares of their column groups
-	 * [2][CG][C] (CG: the kernel's column groups of o, at most 4) */
-	static constexpr int LO = VS + 8;	/* float2 stores of a fragment's 8 rows x 4 lanes in 2 wavefronts */
-	static constexpr size_t OS = (BYTES + 15) / 16 * 16;
-	static constexpr size_t PS = OS + sizeof(float) * 2 * KM_C * LO;
-	static constexpr size_t TS = PS + sizeof(float) * 2 * 4 * KM_C;	/* the chunk's row totals [C] */
-	static constexpr size_t NBYTES = TS + sizeof(float) * KM_C;
 };
 
 /* A fragment (rows r0.., k0..k0+15) of a row-major bf16 matrix, one ldmatrix:
@@ -555,118 +474,11 @@ kw_load_chunk(uint16_t *st, int chunk, int H, int h, int x0, const uint16_t *__r
 	cp_async_commit();
 }
 
-/* the fused norm's arguments inside the kernel (kk_kda_norm, at the sequence's row 0) */
-struct kw_norm_args
-{
-	const float *gate;
-	const float *w;
-	float		eps;
-	float	   *out;
-	uint16_t   *out16;
-};
-
-/*
- * NORM: chunk cf's outputs of this block's VS columns, by the U warps (NU
- * threads; tid < NU): the cluster's row totals of the squares into Ts (rank,
- * then column group), then 8 columns a thread per unit of gt (the gate of
- * those 8, loaded before).  kda_gated_sig as kk_kda_gated_norm.
- */
-template <int VS, int CG, int CL, int NU, int UPT, int LO>
-__device__ __forceinline__ void
-kw_norm_finish(const float *Os, const float *Ps, float *Ts, int cf, int n, int H, int V, int h, int x0, int tid,
-			   const float (*gt)[8], const kw_norm_args &nm)
-{
-	constexpr int C = KM_C;
-	const float *os = Os + (size_t) (cf & 1) * C * LO;
-	const float *ps = Ps + (size_t) (cf & 1) * 4 * C;
-	int			c8 = 8 * (tid % (VS / 8));
-
-	if (tid < C)
-	{
-		float		tot = 0.0f;
-
-#pragma unroll
-		for (int b = 0; b < CL; b++)
-		{
-			const float *r = km_cluster_map(ps, b);
-			float		pb = 0.0f;
-
-#pragma unroll
-			for (int cg = 0; cg < CG; cg++)
-				pb += r[cg * C + tid];
-			tot += pb;
-		}
-		Ts[tid] = tot;
-	}
-	asm volatile("bar.sync 1, %0;\n"::"r"(NU));	/* the U warps only: Ts */
-#pragma unroll
-	for (int i = 0; i < UPT; i++)
-	{
-		int			row = (tid + i * NU) / (VS / 8);
-		int			t = cf * C + row;
-
-		if (t < n)
-		{
-			size_t		off = (size_t) t * H * V + (size_t) h * V + x0 + c8;
-			float		ss = Ts[row];
-			float4		o0 = *(const float4 *) (os + row * LO + c8),
-						o1 = *(const float4 *) (os + row * LO + c8 + 4),
-						w0 = __ldg((const float4 *) (nm.w + x0 + c8)),
-						w1 = __ldg((const float4 *) (nm.w + x0 + c8 + 4));
-			float		ov[8] = {o0.x, o0.y, o0.z, o0.w, o1.x, o1.y, o1.z, o1.w},
-						wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w},
-						y[8];
-
-#pragma unroll
-			for (int e = 0; e < 8; e++)
-				y[e] = kda_gated_sig(ov[e], ss, V, nm.eps, wv[e], sigmoidf_(gt[i][e]));
-			*(float4 *) (nm.out + off) = make_float4(y[0], y[1], y[2], y[3]);
-			*(float4 *) (nm.out + off + 4) = make_float4(y[4], y[5], y[6], y[7]);
-			if (nm.out16)
-				*(uint4 *) (nm.out16 + off) = make_uint4(cvt_bf16x2(y[0], y[1]), cvt_bf16x2(y[2], y[3]),
-														 cvt_bf16x2(y[4], y[5]), cvt_bf16x2(y[6], y[7]));
-		}
-	}
-}
-
-/* NORM: the gate of chunk cf's rows for kw_norm_finish (U thread tid) */
-template <int VS, int NU, int UPT>
-__device__ __forceinline__ void
-kw_norm_gate(float (*gt)[8], int cf, int n, int H, int V, int h, int x0, int tid, const float *gate)
-{
-	int			c8 = 8 * (tid % (VS / 8));
-
-#pragma unroll
-	for (int i = 0; i < UPT; i++)
-	{
-		int			t = cf * KM_C + (tid + i * NU) / (VS / 8);
-		float4		g0 = make_float4(0, 0, 0, 0),
-					g1 = g0;
-
-		if (t < n)
-		{
-			const float *p = gate + (size_t) t * H * V + (size_t) h * V + x0 + c8;
-
-			g0 = *(const float4 *) p;
-			g1 = *(const float4 *) (p + 4);
-		}
-		gt[i][0] = g0.x;
-		gt[i][1] = g0.y;
-		gt[i][2] = g0.z;
-		gt[i][3] = g0.w;
-		gt[i][4] = g1.x;
-		gt[i][5] = g1.y;
-		gt[i][6] = g1.z;
-		gt[i][7] = g1.w;
-	}
-}
-
-template <int K, int VS, int NW, bool NORM>
+template <int K, int VS, int NW>
 __global__ void __launch_bounds__(32 * NW)
 kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const uint16_t *__restrict__ U16,
 						  const uint16_t *__restrict__ Q16, const uint16_t *__restrict__ Kt16,
-						  const uint16_t *__restrict__ P16, const float *__restrict__ gl, float *S, float *o,
-						  kw_norm_args nm)
+						  const uint16_t *__restrict__ P16, const float *__restrict__ gl, float *S, float *o)
 {
 	typedef kw_layout<K, VS> L;
 	constexpr int C = KM_C;
@@ -679,14 +491,8 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 	constexpr int RP = NW / SC;	/* row parts of each */
 	constexpr int MS = K / 16 / RP;	/* state fragments per warp */
 
-	constexpr int CL = K / VS;	/* NORM: the head's blocks, one cluster */
-	constexpr int NU = 32 * HW;	/* NORM: the U warps' threads finish the outputs */
-	constexpr int UPT = C * VS / 8 / NU;	/* NORM: units of 8 columns a U thread */
-
 	static_assert(NW % 8 == 0 && JN >= 1 && JN * CG * 8 == VS, "U / o split");
 	static_assert(NW % SC == 0 && MS >= 1 && MS * RP * 16 == K, "state split");
-	static_assert(!NORM || (CG <= 4 && CL <= 4 && UPT >= 1 && UPT * NU * 8 == C * VS && NU % (VS / 8) == 0 &&
-							NU >= C), "norm split");
 	extern __shared__ uint4 km_smem[];
 	uint16_t   *base = (uint16_t *) km_smem;
 	uint16_t   *Sb = base + 2 * (size_t) L::STAGE;	/* S^T of the entering state, bf16 */
@@ -706,11 +512,6 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 	int			nc = (n + C - 1) / C;
 	float	   *Sh = S + (size_t) h * K * V;
 	float		s[MS][4];
-	/* NORM: o of the last two chunks, their partial sums of squares, the row totals */
-	float	   *Os = (float *) ((char *) km_smem + L::OS),
-			   *Ps = (float *) ((char *) km_smem + L::PS),
-			   *Ts = (float *) ((char *) km_smem + L::TS);
-	float		gt[UPT][8];		/* NORM, U threads: the gate of the chunk they finish */
 
 #pragma unroll
 	for (int m = 0; m < MS; m++)
@@ -743,8 +544,6 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 			Sb[x * L::LK + c + 8] = f32_to_bf16(s[m][2]);
 			Sb[(x + 1) * L::LK + c + 8] = f32_to_bf16(s[m][3]);
 		}
-		if (NORM && uwarp && chunk > 0)
-			kw_norm_gate<VS, NU, UPT>(gt, chunk - 1, n, H, V, h, x0, tid, nm.gate);
 		cp_async_wait_group<0>();	/* this chunk's tiles (the only group in flight) */
 		__syncthreads();		/* every thread's copies and S^T; the other stage is free */
 		if (chunk + 1 < nc)
@@ -857,42 +656,6 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 						mma_bf16_16816(oa[j], ap, b[j][2], b[j][3]);
 				}
 			}
-			if constexpr (NORM)
-			{
-				/* o and this column group's sums of squares of its rows to shared memory;
-				 * the partial buffer was last read by the cluster in chunk - 1 */
-				float	   *os = Os + (size_t) (chunk & 1) * C * L::LO;
-				float	   *ps = Ps + (size_t) (chunk & 1) * 4 * C + ((warp % HW) >> 2) * C;
-				float		p0 = 0.0f,
-							p1 = 0.0f;
-
-				if (chunk > 0)
-					km_cluster_wait();
-#pragma unroll
-				for (int j = 0; j < JN; j++)
-				{
-					int			x = 8 * (j0 + j) + t2,
-								t = 16 * rw + g;
-
-					p0 += oa[j][0] * oa[j][0];
-					p0 += oa[j][1] * oa[j][1];
-					p1 += oa[j][2] * oa[j][2];
-					p1 += oa[j][3] * oa[j][3];
-					*(float2 *) (os + t * L::LO + x) = make_float2(oa[j][0], oa[j][1]);
-					*(float2 *) (os + (t + 8) * L::LO + x) = make_float2(oa[j][2], oa[j][3]);
-				}
-				p0 += __shfl_xor_sync(0xffffffffu, p0, 1);
-				p0 += __shfl_xor_sync(0xffffffffu, p0, 2);
-				p1 += __shfl_xor_sync(0xffffffffu, p1, 1);
-				p1 += __shfl_xor_sync(0xffffffffu, p1, 2);
-				if ((lane & 3) == 0)
-				{
-					ps[16 * rw + g] = p0;
-					ps[16 * rw + g + 8] = p1;
-				}
-				km_cluster_arrive();	/* phase chunk (release): Os, Ps */
-			}
-			else
 			{
 				int			t = chunk * C + 16 * rw + g;
 				size_t		ld = (size_t) H * V;
@@ -910,17 +673,6 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 						__stwb((float2 *) (orow + 8 * ld + 8 * j), make_float2(oa[j][2], oa[j][3]));
 				}
 			}
-		}
-
-		else if constexpr (NORM)
-		{
-			/* the previous chunk's outputs while the o warps add P U */
-			if (chunk > 0)
-			{
-				km_cluster_wait();	/* phase chunk - 1 (acquire): the cluster's Os, Ps */
-				kw_norm_finish<VS, CG, CL, NU, UPT, L::LO>(Os, Ps, Ts, chunk - 1, n, H, V, h, x0, tid, gt, nm);
-			}
-			km_cluster_arrive();	/* phase chunk: done reading the cluster's partials of chunk - 1 */
 		}
 
 		/* S = Gam_end S + Kt^T U: columns xs.., row fragments m0.. */
@@ -954,21 +706,6 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 				}
 			}
 		}
-	}
-
-	if constexpr (NORM)
-	{
-		/* the last chunk's outputs (after a barrier: Ts may still be read for
-		 * the chunk before); then no block leaves while the cluster may read
-		 * its partials */
-		if (uwarp)
-			kw_norm_gate<VS, NU, UPT>(gt, nc - 1, n, H, V, h, x0, tid, nm.gate);
-		__syncthreads();
-		km_cluster_wait();
-		if (uwarp)
-			kw_norm_finish<VS, CG, CL, NU, UPT, L::LO>(Os, Ps, Ts, nc - 1, n, H, V, h, x0, tid, gt, nm);
-		km_cluster_arrive();
-		km_cluster_wait();
 	}
 
 #pragma unroll
@@ -1038,154 +775,34 @@ kk_set_kda_mma_form(int form)
 }
 
 /* the wide kernel <K, VS, NW> over (H, K / VS) blocks; 1 where its shared
- * memory does not fit (the caller falls back to the 4-warp kernel).  nm
- * (not NULL): the fused norm's form, the head's blocks one cluster */
+ * memory does not fit (the caller falls back to the 4-warp kernel) */
 template <int K, int VS, int NW>
 static int
 chunk_mma_wide_launch(cudaStream_t s, int n, int H, float *S, float *o, uint16_t *W16, uint16_t *U16,
-					  uint16_t *Q16, uint16_t *Kt16, uint16_t *P16, float *gl, const kk_kda_norm *nm)
+					  uint16_t *Q16, uint16_t *Kt16, uint16_t *P16, float *gl)
 {
-	typedef kw_layout<K, VS> L;
-	size_t		sm = nm ? L::NBYTES : L::BYTES;
+	constexpr size_t sm = kw_layout<K, VS>::BYTES;
 	int			dev,
 				optin = 0;
 	cudaError_t e;
-	kw_norm_args a = {};
 
 	if ((e = cudaGetDevice(&dev)) != cudaSuccess ||
 		(e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess)
 		return (int) e;
 	if (sm > (size_t) optin)
 		return 1;
-	if (!nm)
-	{
-		if ((e = cudaFuncSetAttribute(kda_chunk_mma_wide_kernel<K, VS, NW, false>,
-									  cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm)) != cudaSuccess)
-			return (int) e;
-		kda_chunk_mma_wide_kernel<K, VS, NW, false><<<dim3(H, K / VS), 32 * NW, sm, s>>>(n, H, W16, U16, Q16, Kt16,
-																						 P16, gl, S, o, a);
-		return 0;
-	}
-	{
-		cudaLaunchConfig_t cfg = {};
-		cudaLaunchAttribute at[1];
-
-		if ((e = cudaFuncSetAttribute(kda_chunk_mma_wide_kernel<K, VS, NW, true>,
-									  cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm)) != cudaSuccess)
-			return (int) e;
-		a.gate = nm->gate;
-		a.w = nm->w;
-		a.eps = nm->eps;
-		a.out = nm->out;
-		a.out16 = nm->out16;
-		cfg.gridDim = dim3(H, K / VS);
-		cfg.blockDim = dim3(32 * NW);
-		cfg.dynamicSmemBytes = sm;
-		cfg.stream = s;
-		at[0].id = cudaLaunchAttributeClusterDimension;
-		at[0].val.clusterDim.x = 1;
-		at[0].val.clusterDim.y = K / VS;
-		at[0].val.clusterDim.z = 1;
-		cfg.attrs = at;
-		cfg.numAttrs = 1;
-		e = cudaLaunchKernelEx(&cfg, kda_chunk_mma_wide_kernel<K, VS, NW, true>, n, H, (const uint16_t *) W16,
-							   (const uint16_t *) U16, (const uint16_t *) Q16, (const uint16_t *) Kt16,
-							   (const uint16_t *) P16, (const float *) gl, S, o, a);
+	if ((e = cudaFuncSetAttribute(kda_chunk_mma_wide_kernel<K, VS, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+								  (int) sm)) != cudaSuccess)
 		return (int) e;
-	}
+	kda_chunk_mma_wide_kernel<K, VS, NW><<<dim3(H, K / VS), 32 * NW, sm, s>>>(n, H, W16, U16, Q16, Kt16, P16, gl,
+																			 S, o);
+	return 0;
 }
 
-/*
- * Whether the fused-norm form of the wide kernel <K, VS, NW> runs here with
- * all H clusters resident at once (the kernel is a sequential walk per
- * block: a second wave would double its time): sm_90 code for it, shared
- * memory, and cudaOccupancyMaxActiveClusters.
- */
-template <int K, int VS, int NW>
-static bool
-chunk_norm_fits(int H)
-{
-	typedef kw_layout<K, VS> L;
-	int			dev = 0,
-				major = 0,
-				optin = 0,
-				clusters = 0;
-	cudaFuncAttributes fa;
-	cudaLaunchConfig_t cfg = {};
-	cudaLaunchAttribute at[1];
-	auto		kern = kda_chunk_mma_wide_kernel<K, VS, NW, true>;
-
-	if (cudaGetDevice(&dev) != cudaSuccess ||
-		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9 ||
-		cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-		L::NBYTES > (size_t) optin || cudaFuncGetAttributes(&fa, kern) != cudaSuccess || fa.ptxVersion < 90 ||
-		cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) L::NBYTES) != cudaSuccess)
-	{
-		cudaGetLastError();
-		return false;
-	}
-	cfg.gridDim = dim3(H, K / VS);
-	cfg.blockDim = dim3(32 * NW);
-	cfg.dynamicSmemBytes = L::NBYTES;
-	at[0].id = cudaLaunchAttributeClusterDimension;
-	at[0].val.clusterDim.x = 1;
-	at[0].val.clusterDim.y = K / VS;
-	at[0].val.clusterDim.z = 1;
-	cfg.attrs = at;
-	cfg.numAttrs = 1;
-	if (cudaOccupancyMaxActiveClusters(&clusters, kern, &cfg) != cudaSuccess)
-	{
-		cudaGetLastError();
-		return false;
-	}
-	return clusters >= H;
-}
-
-/* chunk_norm_fits for the wide form chunk_mma_launch picks for K */
-template <int K>
-static bool
-chunk_norm_fits_form(int H)
-{
-	if constexpr (K == 32)
-		return chunk_norm_fits<32, 32, 8>(H);
-	else
-		return kda_mma_form == 3 ? chunk_norm_fits<K, 64, 16>(H) : kda_mma_form == 4 ? chunk_norm_fits<K, 32, 8>(H) :
-			chunk_norm_fits<K, 32, 16>(H);
-}
-
-extern "C" int
-kk_kda_chunk_norm_ok(int K, int H)
-{
-	/* one answer per (device, K, H, form): the occupancy query is not free */
-	static int	memo_key[8],
-				memo_val[8],
-				memo_n;
-	int			dev = 0,
-				key,
-				ok;
-
-	if (kda_mma_form < 2 || (K != 32 && K != 64 && K != 128) || H <= 0 || H > 65535 ||
-		cudaGetDevice(&dev) != cudaSuccess)
-		return 0;
-	key = ((dev * 8 + kda_mma_form) * 256 + K) * 65536 + H;
-	for (int i = 0; i < memo_n; i++)
-		if (memo_key[i] == key)
-			return memo_val[i];
-	ok = K == 32 ? chunk_norm_fits_form<32>(H) : K == 64 ? chunk_norm_fits_form<64>(H) :
-		chunk_norm_fits_form<128>(H);
-	if (memo_n < 8)
-	{
-		memo_key[memo_n] = key;
-		memo_val[memo_n++] = ok;
-	}
-	return ok;
-}
-
-/* nm (not NULL, kk_kda_chunk_norm_ok said yes): the wide form with the fused norm or nothing (-2) */
 template <int K>
 static int
 chunk_mma_launch(cudaStream_t s, int n, int H, float *S, float *o, uint16_t *W16, uint16_t *U16, uint16_t *Q16,
-				 uint16_t *Kt16, uint16_t *P16, float *gl, const kk_kda_norm *nm)
+				 uint16_t *Kt16, uint16_t *P16, float *gl)
 {
 	int			dev,
 				optin = 0,
@@ -1200,18 +817,16 @@ chunk_mma_launch(cudaStream_t s, int n, int H, float *S, float *o, uint16_t *W16
 		/* 16 warps a block; K = 32 (8 state fragments of 8 x 16 in all)
 		 * splits over 8 and has only 32 columns */
 		if constexpr (K == 32)
-			rc = chunk_mma_wide_launch<K, 32, 8>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl, nm);
+			rc = chunk_mma_wide_launch<K, 32, 8>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
 		else if (kda_mma_form == 3)
-			rc = chunk_mma_wide_launch<K, 64, 16>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl, nm);
+			rc = chunk_mma_wide_launch<K, 64, 16>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
 		else if (kda_mma_form == 4)
-			rc = chunk_mma_wide_launch<K, 32, 8>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl, nm);
+			rc = chunk_mma_wide_launch<K, 32, 8>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
 		else
-			rc = chunk_mma_wide_launch<K, 32, 16>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl, nm);
+			rc = chunk_mma_wide_launch<K, 32, 16>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
 		if (rc != 1)
 			return rc;
 	}
-	if (nm)
-		return -2;
 	if ((e = cudaGetDevice(&dev)) != cudaSuccess ||
 		(e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess)
 		return (int) e;
@@ -1233,7 +848,7 @@ chunk_mma_launch(cudaStream_t s, int n, int H, float *S, float *o, uint16_t *W16
  */
 extern "C" int
 kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
-				   const float *g, const float *beta, float *S, float *o, void *scratch, const kk_kda_norm *nm)
+				   const float *g, const float *beta, float *S, float *o, void *scratch)
 {
 	km_scratch	x = km_scratch_arrays(scratch, n, H, K);
 	int			rc;
@@ -1247,11 +862,11 @@ kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const fl
 	switch (K)
 	{
 		case 32:
-			return chunk_mma_launch<32>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl, nm);
+			return chunk_mma_launch<32>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
 		case 64:
-			return chunk_mma_launch<64>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl, nm);
+			return chunk_mma_launch<64>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
 		default:
-			return chunk_mma_launch<128>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl, nm);
+			return chunk_mma_launch<128>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
 	}
 }
 
@@ -1260,7 +875,7 @@ kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const fl
  */
 extern "C" int
 kk_kda_chunked_mma16(cudaStream_t s, int n, int H, int K, const uint16_t *q, const uint16_t *k, const uint16_t *v,
-					 const float *g, const float *beta, float *S, float *o, void *scratch, const kk_kda_norm *nm)
+					 const float *g, const float *beta, float *S, float *o, void *scratch)
 {
 	km_scratch	x = km_scratch_arrays(scratch, n, H, K);
 	int			rc;
@@ -1272,7 +887,7 @@ kk_kda_chunked_mma16(cudaStream_t s, int n, int H, int K, const uint16_t *q, con
 	if ((rc = kk_kda_chunk_prep_bf16_in16(s, n, H, K, q, k, v, g, beta, x.W16, x.U16, x.Q16, x.Kt16, x.P16,
 										  x.gl)) != 0)
 		return rc;
-	return chunk_mma_launch<128>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl, nm);
+	return chunk_mma_launch<128>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
 }
 
 /*
@@ -1296,5 +911,5 @@ kk_kda_chunked_mma_fused(cudaStream_t s, int n, int H, int K, int W, const float
 	if ((rc = kk_kda_chunk_prep_bf16_fused(s, n, H, K, W, q, k, v, f, b, conv_q, conv_k, conv_v, A_log, dt_bias,
 										   tailp, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl)) != 0)
 		return rc;
-	return chunk_mma_launch<128>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl, NULL);
+	return chunk_mma_launch<128>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
 }

@@ -435,31 +435,8 @@ int			kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const 
  * parallel half.
  */
 size_t		kk_kda_chunk_mma_scratch(int n, int H, int K);
-/*
- * The KDA op's gated RMSNorm fused into the chunkwise form's sequential
- * part (KL_CUDA_KDA_NORM_FUSED, on by default): given one (not NULL), the
- * chunked calls below write, instead of o, out = w o / sqrt(mean of the
- * head's o^2 + eps) sigmoid(gate) per (row, head) -- kk_kda_gated_norm's
- * outputs, the squares added in another order (equal to fp32 rounding) --
- * and, where out16 is not NULL, its bf16 rounding (o_proj's twin).  gate,
- * out [n, H V] fp32 and out16 [n, H V] bf16 at the sequence's row 0 (16-byte
- * aligned rows), w [V].  Only where kk_kda_chunk_norm_ok(K, H) is 1: the
- * wide form (KL_CUDA_KDA_MMA 2..4), a GPU with thread-block clusters
- * (sm_90) that holds all H clusters of a head's K / 32 (or 64) blocks at
- * once; otherwise the calls return -2 without launching.
- */
-typedef struct kk_kda_norm
-{
-	const float *gate;
-	const float *w;
-	float		eps;
-	float	   *out;
-	uint16_t   *out16;
-} kk_kda_norm;
-int			kk_kda_chunk_norm_ok(int K, int H);
 int			kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
-							   const float *g, const float *beta, float *S, float *o, void *scratch,
-							   const kk_kda_norm *norm);
+							   const float *g, const float *beta, float *S, float *o, void *scratch);
 /* kk_kda_chunked_mma with q, k, v in bf16 ([n, H K] row-major; g, beta
  * fp32), K = 128 only (-1 otherwise): its parallel half is
  * kk_kda_chunk_prep_bf16_in16; outputs those of kk_kda_chunked_mma with
@@ -467,7 +444,7 @@ int			kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, co
  * bit for bit */
 int			kk_kda_chunked_mma16(cudaStream_t s, int n, int H, int K, const uint16_t *q, const uint16_t *k,
 								 const uint16_t *v, const float *g, const float *beta, float *S, float *o,
-								 void *scratch, const kk_kda_norm *norm);
+								 void *scratch);
 /* kk_kda_chunked_mma's sequential part (KL_CUDA_KDA_MMA): 1 the 4-warp
  * kernel (a block per head and 32 columns of V), 2 (default) the wide one,
  * 16 warps a block (8 at K = 32), 3 the wide one with 64 columns a block,

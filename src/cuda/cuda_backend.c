@@ -1073,8 +1073,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *kew = getenv("KL_CUDA_KDA_ELEM_WARP"),
 				   *kpw = getenv("KL_CUDA_KDA_KP6_WIDE"),
 				   *ki16 = getenv("KL_CUDA_KDA_IN16"),
-				   *ko16 = getenv("KL_CUDA_KDA_OUT16"),
-				   *knf = getenv("KL_CUDA_KDA_NORM_FUSED");
+				   *ko16 = getenv("KL_CUDA_KDA_OUT16");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -1104,9 +1103,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_kda_elem_warp(kew && *kew ? atoi(kew) & (KK_KDA_EW_NORM_WARP | KK_KDA_EW_PREP_ROWS | KK_KDA_EW_FAST) :
 							 KK_KDA_EW_DEFAULT);
 		kk_set_kda_mma_form(kmma && atoi(kmma) >= 1 && atoi(kmma) <= 4 ? atoi(kmma) : 2);
-		/* (KL_CUDA_KDA_NORM_FUSED=0: the KDA op's gated norm as a kernel of its own after the chunkwise form;
-		 * default 1, inside its last kernel where kk_kda_chunk_norm_ok says it fits: o stays on chip) */
-		cs->kda_norm_fused = !(knf && strcmp(knf, "0") == 0);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :
 			kf && *kf ? (atoi(kf) > 0 ? atoi(kf) : 0) : 8;

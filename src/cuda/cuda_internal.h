@@ -299,9 +299,6 @@ typedef struct cuda_state
 	 * kk_kda_chunked_mma (KL_CUDA_KDA_MMA=0: the fp32 kernels, as in
 	 * precision fp32; default on from sm_80 for head sizes 32, 64, 128) */
 	bool		kda_mma;
-	/* the KDA op's gated norm inside the chunkwise form's last kernel where
-	 * kk_kda_chunk_norm_ok (KL_CUDA_KDA_NORM_FUSED, default on) */
-	bool		kda_norm_fused;
 
 	/* sampling: staging (pinned) and its device copy (cuda_sample.c) */
 	void	   *smp_host;

@@ -173,9 +173,7 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 			   *f16;
 	bool		all_long = true,
 				in16,
-				out16,
-				norm_fused;
-	uint16_t   *o16 = NULL;
+				out16;
 
 	if (cuda_step_skip(be, OP_KDA, (uintptr_t) a->q, (uintptr_t) a->out, (uintptr_t) w, (uintptr_t) a->kda_index))
 		return;
@@ -252,16 +250,6 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 	}
 	if (in16)
 		kda_r16_settle(be, a, true);	/* (q16 .. f16 stay readable: no product runs before the tails) */
-	/* the gated norm inside the chunkwise form's last kernel where every
-	 * sequence takes it on tensor cores (kk_kda_chunk_norm_ok) */
-	norm_fused = all_long && n != ns && cs->kda_mma && cs->kda_norm_fused && kk_kda_chunk_norm_ok(K, H);
-	if (norm_fused)
-	{
-		cuda_r16_widen(be, a->gate);
-		o16 = cuda_twin_out(be, n, HK);
-		if (be->failed)
-			return;
-	}
 	/* decode (one row per sequence): the prep kernel shifts the tails itself */
 	if (!in16 && !out16)
 		kk_kda_prep(cs->stream, n, H, K, W, a->q, a->k, a->v, a->f, a->b, qo, ko, vo, beta, w->conv_q, w->conv_k,
@@ -290,21 +278,21 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 	{
 		int			r0 = st->row0[s],
 					ni = st->row0[s + 1] - r0;
-		size_t		ro = (size_t) r0 * HK;
-		kk_kda_norm nm = {a->gate + ro, w->o_norm, cfg->rms_norm_eps, a->out + ro, o16 ? o16 + ro : NULL};
 		int			rc;
 
 		if (ni <= max_rows)
 			continue;
 		/* precision bf16: tensor cores (kda_chunk_mma.cu); else the fp32 kernels */
 		if (out16)
-			rc = kk_kda_chunked_mma16(cs->stream, ni, H, K, (const uint16_t *) qo + ro, (const uint16_t *) ko + ro,
-									  (const uint16_t *) vo + ro, a->f + ro, beta + (size_t) r0 * H,
-									  st->seqs[s]->kda_S[a->kda_index], o + ro, scratch, norm_fused ? &nm : NULL);
+			rc = kk_kda_chunked_mma16(cs->stream, ni, H, K, (const uint16_t *) qo + (size_t) r0 * HK,
+									  (const uint16_t *) ko + (size_t) r0 * HK,
+									  (const uint16_t *) vo + (size_t) r0 * HK, a->f + (size_t) r0 * HK,
+									  beta + (size_t) r0 * H, st->seqs[s]->kda_S[a->kda_index],
+									  o + (size_t) r0 * HK, scratch);
 		else if (cs->kda_mma)
-			rc = kk_kda_chunked_mma(cs->stream, ni, H, K, qo + ro, ko + ro, vo + ro, a->f + ro,
-									beta + (size_t) r0 * H, st->seqs[s]->kda_S[a->kda_index], o + ro, scratch,
-									norm_fused ? &nm : NULL);
+			rc = kk_kda_chunked_mma(cs->stream, ni, H, K, qo + (size_t) r0 * HK, ko + (size_t) r0 * HK,
+									vo + (size_t) r0 * HK, a->f + (size_t) r0 * HK, beta + (size_t) r0 * H,
+									st->seqs[s]->kda_S[a->kda_index], o + (size_t) r0 * HK, scratch);
 		else
 			rc = kk_kda_chunked(cs->stream, ni, H, K, qo + (size_t) r0 * HK, ko + (size_t) r0 * HK,
 								vo + (size_t) r0 * HK, a->f + (size_t) r0 * HK, beta + (size_t) r0 * H,
@@ -313,12 +301,6 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 		 * sm_80 on: one stage of K = 128 takes 81 KB */
 		if (!chunked_launched(be, rc, K, "kda_chunked"))
 			return;
-	}
-	if (norm_fused)
-	{
-		if (o16)
-			cuda_twin_set(cs, a->out, HK, n, HK, o16, false);
-		return;
 	}
 	cuda_kda_gated_norm(be, a, n, o);
 }
@@ -475,19 +457,6 @@ kl_cuda_test_kda_kp6_wide(int on)
 }
 
 /*
- * For test/engine/test_cuda.c only (found with dlsym): whether the KDA op's
- * gated norm can run inside the chunkwise form (kk_kda_chunk_norm_ok) for
- * head size K and H heads on the current device, with the KL_CUDA_KDA_MMA
- * form of the last backend made (KL_CUDA_KDA_NORM_FUSED=0 turns it off per
- * backend).
- */
-__attribute__((visibility("default"))) int
-kl_cuda_test_kda_norm_ok(int K, int H)
-{
-	return kk_kda_chunk_norm_ok(K, H);
-}
-
-/*
  * For test/engine/test_cuda.c only (found with dlsym): kk_kda_chunked_mma's
  * sequential part as the 4-warp kernel (1), the wide one with 32 columns a
  * block (2, KL_CUDA_KDA_MMA's default), with 64 (3) or with 8 warps (4),
@@ -541,7 +510,7 @@ kl_cuda_test_kda_chunked(int n, int H, int K, const float *q, const float *k, co
 	if (rc == 0)
 		rc = kk_kda_chunked(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_O], d[O_O], d[SCR_O]);
 	if (rc == 0)
-		rc = kk_kda_chunked_mma(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], d[SCR_N], NULL);
+		rc = kk_kda_chunked_mma(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], d[SCR_N]);
 	if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
 		rc = (int) e;
 	{
@@ -620,8 +589,8 @@ kl_cuda_test_kda_chunked_raw(int n, int H, int K, int in16, const float *q, cons
 	in[S_N] = S;
 	rc = hook_open_fill(&s, d, sz, in, NBUF, 0);
 	if (rc == 0)
-		rc = in16 ? kk_kda_chunked_mma16(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], d[SCR], NULL) :
-			kk_kda_chunked_mma(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], d[SCR], NULL);
+		rc = in16 ? kk_kda_chunked_mma16(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], d[SCR]) :
+			kk_kda_chunked_mma(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], d[SCR]);
 	if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
 		rc = (int) e;
 	{
@@ -631,65 +600,6 @@ kl_cuda_test_kda_chunked_raw(int n, int H, int K, int in16, const float *q, cons
 		rc = hook_close(s, d, sz, NBUF, dev_of, host_out, 3, rc);
 	}
 	free(h16);
-	return rc;
-}
-
-/*
- * For test/engine/test_cuda.c only (found with dlsym): kk_kda_chunked_mma
- * of one sequence of n rows with the gated norm fused (kk_kda_norm), on the
- * current device.  Host inputs as kl_cuda_test_kda_chunked_raw (fp32 q, k,
- * v), plus gate [n, H K] and o_norm [K]; outputs, copied back: out [n, H K],
- * out16 [n, H K] (its bf16 twin) and S_out [H, K, K].  Returns 0, -3 where
- * kk_kda_chunk_norm_ok(K, H) says no (nothing run), or a CUDA error code.
- */
-__attribute__((visibility("default"))) int
-kl_cuda_test_kda_chunked_norm(int n, int H, int K, const float *q, const float *k, const float *v, const float *g,
-							  const float *beta, const float *S, const float *gate, const float *o_norm, float eps,
-							  float *out, uint16_t *out16, float *S_out)
-{
-	enum
-	{
-		Q, K_, V_, G, BETA, S_N, GATE, ONORM, OUT, OUT16, SCR, O_N, NBUF
-	};
-	size_t		nx = (size_t) n * H * K;
-	size_t		sz[NBUF];
-	const void *in[NBUF] = {NULL};
-	void	   *d[NBUF] = {NULL};
-	cudaStream_t s = NULL;
-	cudaError_t e;
-	int			rc;
-
-	if (!kk_kda_chunk_norm_ok(K, H))
-		return -3;
-	sz[Q] = sz[K_] = sz[V_] = sz[G] = sz[GATE] = sz[OUT] = sz[O_N] = sizeof(float) * nx;
-	sz[OUT16] = sizeof(uint16_t) * nx;
-	sz[BETA] = sizeof(float) * (size_t) n * H;
-	sz[S_N] = sizeof(float) * (size_t) H * K * K;
-	sz[ONORM] = sizeof(float) * K;
-	sz[SCR] = kk_kda_chunk_mma_scratch(n, H, K);
-	in[Q] = q;
-	in[K_] = k;
-	in[V_] = v;
-	in[G] = g;
-	in[BETA] = beta;
-	in[S_N] = S;
-	in[GATE] = gate;
-	in[ONORM] = o_norm;
-	rc = hook_open_fill(&s, d, sz, in, NBUF, 0);
-	if (rc == 0)
-	{
-		kk_kda_norm nm = {d[GATE], d[ONORM], eps, d[OUT], d[OUT16]};
-
-		rc = kk_kda_chunked_mma(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], d[SCR], &nm);
-	}
-	if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
-		rc = (int) e;
-	{
-		void	   *host_out[3] = {out, out16, S_out};
-		int			dev_of[3] = {OUT, OUT16, S_N};
-
-		rc = hook_close(s, d, sz, NBUF, dev_of, host_out, 3, rc);
-	}
 	return rc;
 }
 

@@ -4326,134 +4326,6 @@ round_bf16(float x)
 	return x;
 }
 
-/* kl_cuda_test_kda_chunked_norm (cuda_kda.c) */
-typedef int (*kda_chunked_norm_fn) (int n, int H, int K, const float *q, const float *k, const float *v,
-									const float *g, const float *beta, const float *S, const float *gate,
-									const float *o_norm, float eps, float *out, uint16_t *out16, float *S_out);
-
-/*
- * The chunkwise form with the gated norm fused (kk_kda_norm, KL_CUDA_KDA_NORM_FUSED)
- * against the same call without it (kl_cuda_test_kda_chunked_raw's o) and
- * the norm done here in double: the state after bit for bit (the fused form
- * changes only what happens to o), out within 1e-5 of the largest output
- * (fp32 roundings; the squares are added in another order), the bf16 twin
- * the rounding of out exactly.  Head sizes 32, 64, 128 in every wide form
- * (KL_CUDA_KDA_MMA 2, 3, 4: 16 warps on 32 columns, on 64, 8 warps), lengths
- * that end mid-chunk, one chunk, several, with a state carried in; 32 heads
- * and 4.  Where the GPU does not hold the fused form (before sm_90) the
- * hook says so and the check reports it skipped.
- */
-static void
-check_kda_chunked_norm(void)
-{
-	static const struct
-	{
-		int			K,
-					H,
-					T;
-	}			cases[] = {
-		{128, 32, 17}, {128, 32, 64}, {128, 32, 1000}, {128, 4, 300}, {64, 32, 200}, {32, 16, 130},
-	};
-	const float eps = 1e-5f;
-	kl_model   *m;
-	void	   *lib = NULL;
-	kda_chunked_raw_fn raw = NULL;
-	kda_chunked_norm_fn fn = NULL;
-	void		(*mma_form) (int) = NULL;
-	size_t		(*scr_bytes) (int, int, int) = NULL;
-	uint64_t	rs = 2727;
-
-	m = load_test_hook("kl_cuda_test_kda_chunked_raw", &lib, (void **) &raw);
-	if (!raw)
-		return;
-	*(void **) &fn = dlsym(lib, "kl_cuda_test_kda_chunked_norm");
-	*(void **) &mma_form = dlsym(lib, "kl_cuda_test_kda_mma_form");
-	*(void **) &scr_bytes = dlsym(lib, "kl_cuda_test_kda_chunk_mma_scratch");
-	tap_ok(fn != NULL && mma_form != NULL && scr_bytes != NULL, "the CUDA library exports "
-		   "kl_cuda_test_kda_chunked_norm, kl_cuda_test_kda_mma_form and kl_cuda_test_kda_chunk_mma_scratch");
-	for (size_t ci = 0; fn && mma_form && scr_bytes && ci < sizeof(cases) / sizeof(cases[0]); ci++)
-	{
-		int			K = cases[ci].K,
-					H = cases[ci].H,
-					T = cases[ci].T;
-		size_t		nx = (size_t) T * H * K,
-					nS = (size_t) H * K * K;
-		float	   *q = rand_floats(nx, -1, 1, &rs),
-				   *k = rand_floats(nx, -1, 1, &rs),
-				   *v = rand_floats(nx, -0.3, 2, &rs),
-				   *g = rand_floats(nx, -4, 4, &rs),
-				   *beta = rand_floats((size_t) T * H, -3, 3, &rs),
-				   *S = rand_floats(nS, -0.5, 0.5, &rs),
-				   *gate = rand_floats(nx, -4, 4, &rs),
-				   *w = rand_floats((size_t) K, 0.5, 1.5, &rs),
-				   *o = malloc(sizeof(float) * nx),
-				   *S0 = malloc(sizeof(float) * nS),
-				   *out = malloc(sizeof(float) * nx),
-				   *S1 = malloc(sizeof(float) * nS);
-		uint16_t   *out16 = malloc(sizeof(uint16_t) * nx);
-		void	   *scr = malloc(scr_bytes(T, H, K));
-
-		kda_prepared_like(T, H, K, q, k, g, beta);
-		for (int form = 2; form <= 4; form++)
-		{
-			int			rc0,
-						rc1;
-			double		worst = 0,
-						big = 0;
-			size_t		twin_bad = 0;
-
-			mma_form(form);
-			rc0 = raw(T, H, K, 0, q, k, v, g, beta, S, o, S0, scr);
-			rc1 = fn(T, H, K, q, k, v, g, beta, S, gate, w, eps, out, out16, S1);
-			if (rc1 == -3)
-			{
-				tap_skip("KDA chunkwise form with the fused gated norm: this GPU does not hold it "
-						 "(kk_kda_chunk_norm_ok)");
-				continue;
-			}
-			for (size_t r = 0; rc0 == 0 && rc1 == 0 && r < (size_t) T * H; r++)
-			{
-				double		ss = 0;
-
-				for (int c = 0; c < K; c++)
-					ss += (double) o[r * K + c] * o[r * K + c];
-				for (int c = 0; c < K; c++)
-				{
-					size_t		i = r * K + c;
-					double		y = w[c] * (o[i] / sqrt(ss / K + eps)) / (1.0 + exp(-(double) gate[i]));
-
-					worst = fabs(out[i] - y) > worst ? fabs(out[i] - y) : worst;
-					big = fabs(y) > big ? fabs(y) : big;
-					twin_bad += out16[i] != kl_f32_to_bf16(out[i]);
-				}
-			}
-			tap_ok(rc0 == 0 && rc1 == 0 && worst <= 1e-5 * big && twin_bad == 0 &&
-				   memcmp(S0, S1, sizeof(float) * nS) == 0,
-				   "KDA chunkwise form with the fused gated norm (KL_CUDA_KDA_MMA=%d), %d heads x %d, %d rows: out "
-				   "within %.1e of the largest (%.2e; bar 1e-5), bf16 twin = rounding of out (%zu differ), state "
-				   "as without the norm bit for bit (hooks returned %d, %d)", form, H, K, T,
-				   big > 0 ? worst / big : worst, big, twin_bad, rc0, rc1);
-		}
-		mma_form(2);
-		free(q);
-		free(k);
-		free(v);
-		free(g);
-		free(beta);
-		free(S);
-		free(gate);
-		free(w);
-		free(o);
-		free(S0);
-		free(out);
-		free(S1);
-		free(out16);
-		free(scr);
-	}
-	dlclose(lib);
-	kl_model_free(m);
-}
-
 /*
  * The two-kernel chunk prep (KL_CUDA_KDA_PREP_MMA=6: kp6_sub_kernel per
  * 16-row sub-chunk, kp6_solve_kernel per chunk) sums every value in the
@@ -4898,10 +4770,7 @@ check_bf16_twin_model(const char *config, const char *name, const char *quantize
 
 	/* KL_CUDA_KDA_ELEM_WARP=0: the block gated norm writes o_proj's twin instead of the warp one */
 	if (elem_block)
-	{
 		setenv("KL_CUDA_KDA_ELEM_WARP", "0", 1);
-		setenv("KL_CUDA_KDA_NORM_FUSED", "0", 1);	/* (the fused norm would take prefill's rows) */
-	}
 	a = twin_model(config, quantize, true);
 	b = twin_model(config, quantize, false);
 	unsetenv("KL_CUDA_KDA_ELEM_WARP");
@@ -4963,16 +4832,11 @@ prep_mma_model(const char *config, const char *pm)
  * step: per-sequence tails and states), then a step mixing a short sequence
  * (<= 16 rows: the per-token path, =4 falls back to kda_prep) with long ones.
  */
-/*
- * Models a and b (random bf16, the same seed, differing in one KDA switch
- * described by what) through prefill in one call, in pieces of `piece`
- * rows, and three sequences a step (after prefixes; then a step mixing a
- * short one): logits within TOL_KDA_MMA, bit-identity reported as a
- * diagnostic.  Frees a and b.
- */
 static void
-compare_kda_models(kl_model *a, kl_model *b, const char *name, int T, int piece, const char *what)
+check_kda_prep_fused_model(const char *config, const char *name, int T, int piece)
 {
+	kl_model   *a = prep_mma_model(config, "4"),
+			   *b = prep_mma_model(config, "3");
 	int			V = kl_model_config(a)->vocab_size;
 	int32_t    *ids = malloc(sizeof(int32_t) * (size_t) T);
 
@@ -4984,9 +4848,9 @@ compare_kda_models(kl_model *a, kl_model *b, const char *name, int T, int piece,
 				   *lb = logits_of(b, ids, T, si ? piece : 0, false, NULL);
 		double		e = rel_err(la, lb, (size_t) T * V);
 
-		tap_ok(e <= TOL_KDA_MMA, "%s, bf16, %d tokens %s: logits with %s, rel err %.2e", name, T,
-			   si ? "in pieces" : "in one call", what, e);
-		tap_diag("%s, %d tokens %s: %s: logits %s", name, T, si ? "in pieces" : "in one call", what,
+		tap_ok(e <= TOL_KDA_MMA, "%s, bf16, %d tokens %s: logits with the KDA prep fused into the chunk prep "
+			   "(KL_CUDA_KDA_PREP_MMA=4) vs =3, rel err %.2e", name, T, si ? "in pieces" : "in one call", e);
+		tap_diag("%s, %d tokens %s: KL_CUDA_KDA_PREP_MMA=4 vs =3 logits %s", name, T, si ? "in pieces" : "in one call",
 				 memcmp(la, lb, sizeof(float) * (size_t) T * V) == 0 ? "bit-identical" : "differ");
 		free(la);
 		free(lb);
@@ -5048,8 +4912,9 @@ compare_kda_models(kl_model *a, kl_model *b, const char *name, int T, int piece,
 			free(ob);
 		}
 		tap_ok(worst <= TOL_KDA_MMA, "%s, bf16: three sequences in one step (37, 150, %d rows after prefixes of 0, "
-			   "23, 70; then 5, 41, 100 rows), %s, worst rel err %.2e", name, T / 3, what, worst);
-		tap_diag("%s: three sequences a step, %s: logits %s", name, what, same ? "bit-identical" : "differ");
+			   "23, 70; then 5, 41, 100 rows), KL_CUDA_KDA_PREP_MMA=4 vs =3, worst rel err %.2e", name, T / 3, worst);
+		tap_diag("%s: three sequences a step, KL_CUDA_KDA_PREP_MMA=4 vs =3 logits %s", name,
+				 same ? "bit-identical" : "differ");
 		for (int s = 0; s < 3; s++)
 		{
 			kl_seq_free(sa[s]);
@@ -5061,13 +4926,6 @@ compare_kda_models(kl_model *a, kl_model *b, const char *name, int T, int piece,
 	free(ids);
 	kl_model_free(a);
 	kl_model_free(b);
-}
-
-static void
-check_kda_prep_fused_model(const char *config, const char *name, int T, int piece)
-{
-	compare_kda_models(prep_mma_model(config, "4"), prep_mma_model(config, "3"), name, T, piece,
-					   "the KDA prep fused into the chunk prep (KL_CUDA_KDA_PREP_MMA=4) vs =3");
 }
 
 /*
@@ -5191,67 +5049,6 @@ check_kda_in16_model(const char *config, const char *name, int T, int piece)
 		free(lold[si]);
 	}
 	free(ids);
-}
-
-/*
- * KL_CUDA_KDA_NORM_FUSED (default 1): the KDA op's gated RMSNorm inside the
- * chunkwise form's last kernel (a cluster per head adds the rows' squares
- * through distributed shared memory) instead of a kernel of its own.  The
- * same functions on the same o, the squares added in another order, so the
- * two agree to fp32 rounding (plus the bf16 roundings that follow in the
- * model): random models, bf16 and FP8 weights (o_proj reading the norm's
- * bf16 twin), through compare_kda_models (one call, pieces, three
- * sequences a step) within TOL_KDA_MMA; and against precision fp32 the
- * fused form's logits error at most NORM_FUSED_FACTOR times the other's.
- * Where the GPU holds the fused form (sm_90 and every head's cluster
- * resident: kl_cuda_test_kda_norm_ok), it is reported, since otherwise both
- * sides run the same kernels and the comparison proves nothing.
- */
-#define NORM_FUSED_FACTOR 1.1
-
-static void
-check_kda_norm_fused_model(const char *config, const char *name, int T, int piece)
-{
-	kl_model   *ref = in16_model(config, "fp32", NULL, NULL, NULL, NULL),
-			   *on = in16_model(config, "bf16", "KL_CUDA_KDA_NORM_FUSED", "1", NULL, NULL),
-			   *off = in16_model(config, "bf16", "KL_CUDA_KDA_NORM_FUSED", "0", NULL, NULL);
-	const kl_config *c = kl_model_config(ref);
-	int			V = c->vocab_size;
-	int32_t    *ids = malloc(sizeof(int32_t) * (size_t) T);
-	void	   *lib;
-	int			(*ok_fn) (int, int) = NULL;
-
-	for (int i = 0; i < T; i++)
-		ids[i] = (int32_t) ((i * 7919 + 13) % V);
-	*(void **) &ok_fn = backend_symbol(on, "kl_cuda_test_kda_norm_ok", &lib);
-	tap_ok(ok_fn != NULL, "the CUDA library exports kl_cuda_test_kda_norm_ok");
-	if (ok_fn)
-		tap_diag("%s: the gated norm inside the chunkwise form on this GPU (K %d, %d heads): %s", name,
-				 c->kda_head_dim, c->kda_heads, ok_fn(c->kda_head_dim, c->kda_heads) ? "yes" :
-				 "no (both sides below run the separate norm kernel)");
-	if (lib)
-		dlclose(lib);
-	{
-		float	   *lr = logits_of(ref, ids, T, 0, false, NULL),
-				   *l1 = logits_of(on, ids, T, 0, false, NULL),
-				   *l0 = logits_of(off, ids, T, 0, false, NULL);
-		double		e1 = rel_err(l1, lr, (size_t) T * V),
-					e0 = rel_err(l0, lr, (size_t) T * V);
-
-		tap_ok(e1 <= NORM_FUSED_FACTOR * e0, "%s, %d tokens in one call: logits vs precision fp32 rel err %.3e "
-			   "with the fused gated norm, %.3e without: ratio %.3f (at most %.1f)", name, T, e1, e0,
-			   e0 > 0 ? e1 / e0 : 0.0, NORM_FUSED_FACTOR);
-		free(lr);
-		free(l1);
-		free(l0);
-	}
-	kl_model_free(ref);
-	free(ids);
-	compare_kda_models(on, off, name, T, piece, "the gated norm fused into the chunkwise form "
-					   "(KL_CUDA_KDA_NORM_FUSED=1) vs its own kernel (=0)");
-	compare_kda_models(random_gpu_model_in(config, "bf16", "fp8", "KL_CUDA_KDA_NORM_FUSED", "1"),
-					   random_gpu_model_in(config, "bf16", "fp8", "KL_CUDA_KDA_NORM_FUSED", "0"), name, T, piece,
-					   "FP8 weights (o_proj reads the norm's bf16 twin), the fused gated norm vs its own kernel");
 }
 
 /*
@@ -7649,7 +7446,6 @@ main(void)
 	RUN(check_kda_prep16());
 	RUN(check_kda_chunked_mma());
 	RUN(check_kda_prep_split());
-	RUN(check_kda_chunked_norm());
 	for (int mi = 0; mi < 2; mi++)
 		for (int pi = 0; pi < 2; pi++)
 			for (int bi = 0; bi < 3; bi++)
@@ -7695,8 +7491,6 @@ main(void)
 	RUN(check_kda_prep_fused_model(q48_config, "48B shapes (2 layers)", 700, 300));
 	RUN(check_kda_in16_model(big_config, "K=128/R=512 shapes", 333, 100));
 	RUN(check_kda_in16_model(q48_config, "48B shapes (2 layers)", 700, 300));
-	RUN(check_kda_norm_fused_model(big_config, "K=128/R=512 shapes", 333, 100));
-	RUN(check_kda_norm_fused_model(q48_config, "48B shapes (2 layers)", 700, 300));
 	RUN(check_q_dequant());
 	RUN(check_q_fill());
 	for (int mi = 0; mi < 2; mi++)
