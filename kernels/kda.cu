@@ -554,9 +554,9 @@ kda_prep_rows_kernel(int n_tokens, int H, const TI *__restrict__ q, const TI *__
  * P = W - 1, the conv window's shift is register renaming too.  beta
  * (sigmoidf_ of b) is computed once a walk, a lane a row, not by lane 0 of
  * every row with the other 31 lanes idle.  Same functions in the same order
- * for every element, so the outputs are form 0's bit for bit, exceptions
- * none (every form's math is the same operations; test_cuda.c's
- * check_kda_prep_form compares each with form 0 by memcmp).  MATH bits:
+ * for every element, so the outputs are form 0's bit for bit (but form 8's
+ * q and k, below; test_cuda.c's check_kda_prep_form compares each form
+ * with form 0 by memcmp).  MATH bits:
  * KDA_PF_EX2FTZ, silu's exponential as ex2_ftz (one MUFU.EX2 where
  * __expf's ex2.approx.f32 adds three instructions to scale subnormal
  * results): the two differ only where 2^y < 2^-126, i.e. exp(-x) <
@@ -573,13 +573,19 @@ kda_prep_rows_kernel(int n_tokens, int H, const TI *__restrict__ q, const TI *__
  *                                            32k rows the outputs, 2.15 GB,
  *                                            do not fit the 50 MB L2 anyway)
  *   7     2  EX2FTZ | NB       5 (96 registers; ptxas spills ~100 bytes)
- * ptxas (CUDA 13, sm_90a, K = 128): forms 1-6 128 registers, no spills;
- * form 7 96 with 100 bytes spilled.  Only the fp32 q, k, v out
+ *   8     3  EX2FTZ | NB | RSQ 4             plain
+ * Form 8 alone changes numbers: KDA_PF_RSQ, the L2 norms' factors by
+ * rsqrt.approx (kda_l2_factor): q and k within 5.0e-7 relative an element
+ * of form 0's (v, g, beta the same bits), inside FAST's ~4e-6.
+ * ptxas (CUDA 13, sm_90a, K = 128): forms 1-6 and 8 at most 128
+ * registers, no spills; form 7 96 with 100 bytes spilled (K = 32 / 64:
+ * forms 1, 2 and 5 spill 4-12 bytes).  Only the fp32 q, k, v out
  * (KL_CUDA_KDA_OUT16 off, the default) have the forms.
  */
-#define KDA_PF_FORMS 8			/* forms 0 .. 7 */
+#define KDA_PF_FORMS 9			/* forms 0 .. 8 */
 #define KDA_PF_EX2FTZ 1			/* kda_prep_ring_kernel's MATH: silu through ex2_ftz */
 #define KDA_PF_NB 2				/* and softplus as kda_softplus_nb */
+#define KDA_PF_RSQ 4			/* and the norms' factors by rsqrt.approx (not the same bits) */
 
 /* set by kk_set_kda_prep_form: the form above that prefill's FAST rows prep runs */
 static int kda_prep_form = 0;
@@ -688,6 +694,29 @@ __device__ __forceinline__ float
 kda_decay_pf(float A, float f, float dt_bias)
 {
 	return NB ? A * kda_softplus_nb(f + dt_bias) : kda_decay<true>(A, f, dt_bias);
+}
+
+/*
+ * The L2 norm's factor scale / ||x|| (ss = the head's sum of squares):
+ * kda_l2_scaled's, scale / sqrtf(ss + 1e-6f) (sqrt.rn + div.rn, ~20
+ * instructions with their slow-path checks), or with RSQ scale *
+ * rsqrt.approx.ftz(ss + 1e-6f) (one MUFU.RSQ and a multiply; ss + 1e-6 is
+ * normal, so ftz changes nothing).  rsqrt.approx is within 2 ulp (CUDA's
+ * rsqrtf bound): a CPU emulation with its error at +-2 ulp (4e7 cases,
+ * sums of squares 1e-8 .. 1e6, bench/notes-cuda.md) put x * factor within
+ * 5.0e-7 relative of kda_l2_scaled's and 3.9e-7 of the exact value
+ * (kda_l2_scaled's own: 1.6e-7).
+ */
+template <bool RSQ>
+__device__ __forceinline__ float
+kda_l2_factor(float ss, float scale)
+{
+	float		r;
+
+	if (!RSQ)
+		return scale / sqrtf(ss + 1e-6f);
+	asm("rsqrt.approx.ftz.f32 %0, %1;\n":"=f"(r):"f"(ss + 1e-6f));
+	return scale * r;
 }
 
 /* a 16-byte store, optionally evict-first (st.global.cs) */
@@ -888,15 +917,14 @@ kda_prep_ring_kernel(int n_tokens, int H, const TI *__restrict__ q, const TI *__
 					if (live)
 					{
 						unsigned	off = (unsigned) t * HK + ch0;
+						/* (kda_l2_scaled's factor, once a row as nvcc computes it there) */
+						float		fq = kda_l2_factor<(MATH & KDA_PF_RSQ) != 0>(ssq, qscale),
+									fk = kda_l2_factor<(MATH & KDA_PF_RSQ) != 0>(ssk, 1.0f);
 
-						kda_st4o<false>(qo + off, make_float4(kda_l2_scaled(y[0][0], ssq, qscale),
-															  kda_l2_scaled(y[0][1], ssq, qscale),
-															  kda_l2_scaled(y[0][2], ssq, qscale),
-															  kda_l2_scaled(y[0][3], ssq, qscale)));
-						kda_st4o<false>(ko + off, make_float4(kda_l2_scaled(y[1][0], ssk, 1.0f),
-															  kda_l2_scaled(y[1][1], ssk, 1.0f),
-															  kda_l2_scaled(y[1][2], ssk, 1.0f),
-															  kda_l2_scaled(y[1][3], ssk, 1.0f)));
+						kda_st4o<false>(qo + off, make_float4(y[0][0] * fq, y[0][1] * fq, y[0][2] * fq,
+															  y[0][3] * fq));
+						kda_st4o<false>(ko + off, make_float4(y[1][0] * fk, y[1][1] * fk, y[1][2] * fk,
+															  y[1][3] * fk));
 						kda_st4o<CS>(vo + off, make_float4(y[2][0], y[2][1], y[2][2], y[2][3]));
 						kda_st4f<CS>(g + off, make_float4(kda_decay_pf<(MATH & KDA_PF_NB) != 0>(A, fc.x, dt.x),
 														  kda_decay_pf<(MATH & KDA_PF_NB) != 0>(A, fc.y, dt.y),
@@ -973,6 +1001,8 @@ kda_prep_ring_for(int form)
 			return kda_prep_ring_kernel<K, 4, TI, TO, 3, B, M, true>;
 		case 7:
 			return kda_prep_ring_kernel<K, 4, TI, TO, 2, B + 1, M, false>;
+		case 8:
+			return kda_prep_ring_kernel<K, 4, TI, TO, 3, B, M | KDA_PF_RSQ, false>;
 	}
 	return NULL;
 }

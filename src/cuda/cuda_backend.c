@@ -1011,13 +1011,15 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_KDA_PREP_FORM (precision bf16 prefill, the rows prep above
 		 * with bit 8, bf16 raw inputs, fp32 prepared q, k, v, K = 32 / 64 /
 		 * 128, conv width 4): which form of that kernel runs, all with the
-		 * same outputs bit for bit (kda.cu's KDA_PF_* table): 0 (default)
-		 * kda_prep_rows_kernel as before; 1-7 kda_prep_ring_kernel, which
-		 * keeps 2-4 rows of raw inputs in flight while it computes (form 0,
-		 * with bf16 inputs, waits for each next row's loads), computes beta
-		 * once a walk, and (forms 2-7) a branch-free softplus; 3-7 silu with
-		 * ex2.approx.ftz; 6 evict-first stores of g and v; 7 at 5 blocks an
-		 * SM.  Not yet measured on a GPU (issue 13, sixth session).
+		 * same outputs bit for bit but 8's q and k (kda.cu's KDA_PF_* table):
+		 * 0 (default) kda_prep_rows_kernel as before; 1-8
+		 * kda_prep_ring_kernel, which keeps 2-4 rows of raw inputs in flight
+		 * while it computes (form 0, with bf16 inputs, waits for each next
+		 * row's loads), computes beta once a walk, and (forms 2-8) a
+		 * branch-free softplus; 3-8 silu with ex2.approx.ftz; 6 evict-first
+		 * stores of g and v; 7 at 5 blocks an SM; 8 the L2 norms' factors by
+		 * rsqrt.approx (q, k within 5e-7 relative of form 0's).  Not yet
+		 * measured on a GPU (issue 13, sixth session).
 		 * KL_CUDA_KDA_IN16 (precision bf16, prefill): which of the KDA op's
 		 * input products keep their result in bf16 only (cuda_state.r16),
 		 * a mask: 1 (default) q, k, v and f, read by the rows prep and the

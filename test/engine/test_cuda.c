@@ -85,10 +85,11 @@
  * random models' logits, measured against precision fp32, may be at most
  * 1.5 times as far off as the bf16 path without them (check_kda_in16_model;
  * IN16, the default, holds it; OUT16 is opt-in and only measured there).
- * The rows prep's forms (KL_CUDA_KDA_PREP_FORM 1-7, kda.cu's
- * kda_prep_ring_kernel) must give form 0's outputs bit for bit
- * (check_kda_prep_form, hook kl_cuda_test_kda_prep_form), and form 0's
- * FAST math stays within TOL_KDA_FAST of the exact functions there.
+ * The rows prep's forms (KL_CUDA_KDA_PREP_FORM 1-8, kda.cu's
+ * kda_prep_ring_kernel) must give form 0's outputs bit for bit, but form
+ * 8's q and k within TOL_KDA_RSQ (check_kda_prep_form, hook
+ * kl_cuda_test_kda_prep_form), and form 0's FAST math stays within
+ * TOL_KDA_FAST of the exact functions there.
  *
  * The decode MLA products with 16-byte weight loads (KL_CUDA_MLA_SMALL)
  * must equal the older kernels within 1e-5 (check_mla_small, through the
@@ -4192,17 +4193,28 @@ typedef int (*kda_prep_form_test_fn) (int form, int fast, int ns, const int *row
 									   const float *tails, float *qo, float *ko, float *vo, float *g,
 									   float *beta);
 
-/* forms of KL_CUDA_KDA_PREP_FORM besides 0 (kda.cu's KDA_PF_* table) */
-#define KDA_PREP_FORMS 8
+/* forms of KL_CUDA_KDA_PREP_FORM (kda.cu's KDA_PF_* table), and the one whose
+ * q and k are not form 0's bits (the L2 norms' factors by rsqrt.approx) */
+#define KDA_PREP_FORMS 9
+#define KDA_PREP_FORM_RSQ 8
+/*
+ * That form's q and k against form 0's, rel_err: a CPU emulation with
+ * rsqrt.approx's error at its 2-ulp bound put every element within 5.0e-7
+ * relative of form 0's (kda.cu, kda_l2_factor); 1e-6 leaves a factor 2.
+ */
+#define TOL_KDA_RSQ 1e-6
 
 /*
- * The rows prep's forms (KL_CUDA_KDA_PREP_FORM 1 .. 7: kda.cu's
+ * The rows prep's forms (KL_CUDA_KDA_PREP_FORM 1 .. 8: kda.cu's
  * kda_prep_ring_kernel, rows in flight, occupancy, branch-free softplus,
- * ex2.approx.ftz in silu, evict-first stores) against form 0 (the kernel as
- * it was), precision bf16's FAST math, bf16 raw inputs and fp32 outputs,
- * through the hook kl_cuda_test_kda_prep_form: q, k, v, g and beta bit for
- * bit (every form does the same operations on every element; kda.cu argues
- * the two that are not literally the same instructions).  Also form 0
+ * ex2.approx.ftz in silu, evict-first stores, rsqrt norms) against form 0
+ * (the kernel as it was), precision bf16's FAST math, bf16 raw inputs and
+ * fp32 outputs, through the hook kl_cuda_test_kda_prep_form: q, k, v, g and
+ * beta bit for bit (every form but 8 does the same operations on every
+ * element; kda.cu argues the two that are not literally the same
+ * instructions); form 8 (the L2 norms' factors by rsqrt.approx): v, g, beta
+ * bit for bit, q and k within TOL_KDA_RSQ of form 0 and TOL_KDA_FAST of the
+ * exact functions.  Also form 0
  * itself against the exact functions (fast = 0) within TOL_KDA_FAST, so the
  * FAST bound stays checked on this path.  Shapes: 48B (32 x 128), golden
  * (4 x 32), 3 x 64 and 5 x 32 (a warp's last heads past H), conv 4; one
@@ -4308,13 +4320,34 @@ check_kda_prep_form(void)
 			{
 				int			rc = KDA_PREP_FORM_CALL(form, 1, got);
 				bool		same[5];
+				double		e0 = 0,
+							ex = 0;
 
 				for (int i = 0; i < 5; i++)
 					same[i] = rc == 0 && rc0 == 0 && memcmp(ref[i], got[i], sizeof(float) * nres[i]) == 0;
-				tap_ok(same[0] && same[1] && same[2] && same[3] && same[4],
-					   "KDA rows prep, bf16 in, KL_CUDA_KDA_PREP_FORM=%d = form 0 bit for bit, %d heads x %d, %s "
-					   "(q %d k %d v %d g %d beta %d; hooks returned %d, %d)", form, H, K, steps[ti].what, same[0],
-					   same[1], same[2], same[3], same[4], rc0, rc);
+				if (form != KDA_PREP_FORM_RSQ)
+				{
+					tap_ok(same[0] && same[1] && same[2] && same[3] && same[4],
+						   "KDA rows prep, bf16 in, KL_CUDA_KDA_PREP_FORM=%d = form 0 bit for bit, %d heads x %d, %s "
+						   "(q %d k %d v %d g %d beta %d; hooks returned %d, %d)", form, H, K, steps[ti].what,
+						   same[0], same[1], same[2], same[3], same[4], rc0, rc);
+					continue;
+				}
+				for (int i = 0; i < 2 && rc == 0 && rc0 == 0 && rcx == 0; i++)
+				{
+					double		a = rel_err(got[i], ref[i], nres[i]),
+								b = rel_err(got[i], exact[i], nres[i]);
+
+					e0 = a > e0 ? a : e0;
+					ex = b > ex ? b : ex;
+				}
+				tap_ok(rc == 0 && rc0 == 0 && rcx == 0 && same[2] && same[3] && same[4] && e0 <= TOL_KDA_RSQ &&
+					   ex <= TOL_KDA_FAST,
+					   "KDA rows prep, bf16 in, KL_CUDA_KDA_PREP_FORM=%d: v, g, beta = form 0 bit for bit, q and k "
+					   "within %.0e of form 0 and %.0e of the exact functions, %d heads x %d, %s (v %d g %d beta %d; "
+					   "q, k rel err %.2e against form 0, %.2e against exact; hooks returned %d, %d, %d)", form,
+					   TOL_KDA_RSQ, TOL_KDA_FAST, H, K, steps[ti].what, same[2], same[3], same[4], e0, ex, rc0, rcx,
+					   rc);
 			}
 #undef KDA_PREP_FORM_CALL
 			for (int i = 0; i < 5; i++)
