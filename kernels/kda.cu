@@ -542,11 +542,13 @@ kda_prep_rows_kernel(int n_tokens, int H, const TI *__restrict__ q, const TI *__
  * KL_CUDA_KDA_IN16's default; K = 32 / 64 / 128, conv width 4; elsewhere
  * form 0, the kernel above).  At 32768 tokens x 32 heads x 128 the kernel
  * above moves ~3.2 GB in 1.19 ms (2.7 TB/s of the ~4 the H200 streams),
- * and with bf16 inputs it has no row in flight while it computes: each
- * loaded value is widened to fp32 right after its load, in the same
- * conditional block, so the warp waits there for the next row's loads (its
- * 16 warps an SM then hold at most 16 rows, 16 KB, in flight, and only while
- * they wait).  kda_prep_ring_kernel keeps the prefetched rows raw (uint2
+ * and with bf16 inputs its PTX widens each loaded value to fp32 right
+ * after its load, in the same conditional block (`if (j + 1 < nr)`), so
+ * unless ptxas moves the widening out of that block (not checked: no SASS
+ * tools on the development machine) the warp waits there for the next
+ * row's loads and has no row in flight while it computes (16 warps an SM
+ * then hold at most 16 rows, 16 KB, and only while they wait).  Form 1
+ * measures that alone.  kda_prep_ring_kernel keeps the prefetched rows raw (uint2
  * per array, 8 registers a row) in a ring of P rows and widens a row only
  * when it is the current one, so P rows (P KB a warp) are in flight while
  * the warp computes; the row loop is unrolled by P, so the ring slots are
