@@ -583,6 +583,11 @@ kda_prep_rows_kernel(int n_tokens, int H, const TI *__restrict__ q, const TI *__
  * registers, no spills; form 7 96 with 100 bytes spilled (K = 32 / 64:
  * forms 1, 2 and 5 spill 4-12 bytes).  Only the fp32 q, k, v out
  * (KL_CUDA_KDA_OUT16 off, the default) have the forms.
+ * Measured (H200, 2026-12-02, bench_cuda kda 32 128, ncu at 32768 tokens):
+ * the kernel 1.17 ms (form 0), 1.10 (1), 1.02 (3), 1.04 (5), 0.98 (8); the
+ * whole op 5.30 / 5.23 / 5.14-5.15 (3, 4 and 6 alike) / 5.17 / 5.11-5.13 ms.
+ * Form 3 is the default: the same bits as form 0 and all but 0.02-0.04 ms
+ * of form 8's gain.
  */
 #define KDA_PF_FORMS 9			/* forms 0 .. 8 */
 #define KDA_PF_EX2FTZ 1			/* kda_prep_ring_kernel's MATH: silu through ex2_ftz */
@@ -590,7 +595,7 @@ kda_prep_rows_kernel(int n_tokens, int H, const TI *__restrict__ q, const TI *__
 #define KDA_PF_RSQ 4			/* and the norms' factors by rsqrt.approx (not the same bits) */
 
 /* set by kk_set_kda_prep_form: the form above that prefill's FAST rows prep runs */
-static int kda_prep_form = 0;
+static int kda_prep_form = 3;
 
 extern "C" int
 kk_set_kda_prep_form(int form)
