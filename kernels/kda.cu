@@ -28,6 +28,8 @@
  * reference point just before the later sub-chunk, Gamma(i, j) = F_i R_j
  * with both factors <= 1.
  */
+#include <type_traits>
+
 #include "kda_common.cuh"
 
 #define KDA_SLICE 32			/* columns of V per block in the state kernels */
@@ -534,6 +536,413 @@ kda_prep_rows_kernel(int n_tokens, int H, const TI *__restrict__ q, const TI *__
 	}
 }
 
+/*
+ * KL_CUDA_KDA_PREP_FORM (kk_set_kda_prep_form): forms of the rows prep above
+ * for prefill in precision bf16 (its FAST math, bf16 raw q, k, v, f:
+ * KL_CUDA_KDA_IN16's default; K = 32 / 64 / 128, conv width 4; elsewhere
+ * form 0, the kernel above).  At 32768 tokens x 32 heads x 128 the kernel
+ * above moves ~3.2 GB in 1.19 ms (2.7 TB/s of the ~4 the H200 streams),
+ * and with bf16 inputs its PTX widens each loaded value to fp32 right
+ * after its load, in the same conditional block (`if (j + 1 < nr)`), so
+ * unless ptxas moves the widening out of that block (not checked: no SASS
+ * tools on the development machine) the warp waits there for the next
+ * row's loads and has no row in flight while it computes (16 warps an SM
+ * then hold at most 16 rows, 16 KB, and only while they wait).  Form 1
+ * measures that alone.  kda_prep_ring_kernel keeps the prefetched rows raw (uint2
+ * per array, 8 registers a row) in a ring of P rows and widens a row only
+ * when it is the current one, so P rows (P KB a warp) are in flight while
+ * the warp computes; the row loop is unrolled by P, so the ring slots are
+ * fixed registers (no copies, which would wait for the loads) and, at
+ * P = W - 1, the conv window's shift is register renaming too.  beta
+ * (sigmoidf_ of b) is computed once a walk, a lane a row, not by lane 0 of
+ * every row with the other 31 lanes idle.  Same functions in the same order
+ * for every element, so the outputs are form 0's bit for bit (but form 8's
+ * q and k, below; test_cuda.c's check_kda_prep_form compares each form
+ * with form 0 by memcmp).  MATH bits:
+ * KDA_PF_EX2FTZ, silu's exponential as ex2_ftz (one MUFU.EX2 where
+ * __expf's ex2.approx.f32 adds three instructions to scale subnormal
+ * results): the two differ only where 2^y < 2^-126, i.e. exp(-x) <
+ * 1.2e-38, and there 1 + exp(-x) rounds to 1.0f either way (a subnormal y
+ * gives 1.0f either way too); KDA_PF_NB, softplus as kda_softplus_nb (the
+ * same bits without branches; without it ptxas spills at P = 3 and 4).
+ *   form  P  MATH              blocks an SM  stores of g, v
+ *   1     2  -                 4             plain
+ *   2     3  NB                4             plain
+ *   3     3  EX2FTZ | NB       4             plain
+ *   4     2  EX2FTZ | NB       4             plain
+ *   5     4  EX2FTZ | NB       4             plain
+ *   6     3  EX2FTZ | NB       4             st.global.cs (evict first: at
+ *                                            32k rows the outputs, 2.15 GB,
+ *                                            do not fit the 50 MB L2 anyway)
+ *   7     2  EX2FTZ | NB       5 (96 registers; ptxas spills ~100 bytes)
+ *   8     3  EX2FTZ | NB | RSQ 4             plain
+ * Form 8 alone changes numbers: KDA_PF_RSQ, the L2 norms' factors by
+ * rsqrt.approx (kda_l2_factor): q and k within 5.0e-7 relative an element
+ * of form 0's (v, g, beta the same bits), inside FAST's ~4e-6.
+ * ptxas (CUDA 13, sm_90a, K = 128): forms 1-6 and 8 at most 128
+ * registers, no spills; form 7 96 with 100 bytes spilled (K = 32 / 64:
+ * forms 1, 2 and 5 spill 4-12 bytes).  Only the fp32 q, k, v out
+ * (KL_CUDA_KDA_OUT16 off, the default) have the forms.
+ * Measured (H200, 2026-12-02, bench_cuda kda 32 128, ncu at 32768 tokens):
+ * the kernel 1.17 ms (form 0), 1.10 (1), 1.02 (3), 1.04 (5), 0.98 (8); the
+ * whole op 5.30 / 5.23 / 5.14-5.15 (3, 4 and 6 alike) / 5.17 / 5.11-5.13 ms.
+ * Form 3 is the default: the same bits as form 0 and all but 0.02-0.04 ms
+ * of form 8's gain.
+ */
+#define KDA_PF_FORMS 9			/* forms 0 .. 8 */
+#define KDA_PF_EX2FTZ 1			/* kda_prep_ring_kernel's MATH: silu through ex2_ftz */
+#define KDA_PF_NB 2				/* and softplus as kda_softplus_nb */
+#define KDA_PF_RSQ 4			/* and the norms' factors by rsqrt.approx (not the same bits) */
+
+/* set by kk_set_kda_prep_form: the form above that prefill's FAST rows prep runs */
+static int kda_prep_form = 3;
+
+extern "C" int
+kk_set_kda_prep_form(int form)
+{
+	int			was = kda_prep_form;
+
+	kda_prep_form = form >= 0 && form < KDA_PF_FORMS ? form : 0;
+	return was;
+}
+
+/* one row's raw q, k, v, f (4 channels a lane): as loaded, widened when used */
+template <typename TI>
+struct kda_raw_row
+{
+	typedef uint2 raw;
+	raw			x[4];
+};
+
+template <>
+struct kda_raw_row<float>
+{
+	typedef float4 raw;
+	raw			x[4];
+};
+
+__device__ __forceinline__ float4
+kda_widen4(uint2 u)
+{
+	return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+					   __uint_as_float(u.y & 0xffff0000u));
+}
+
+__device__ __forceinline__ float4
+kda_widen4(float4 u)
+{
+	return u;
+}
+
+/* the raw q, k, v, f at element offset `off` (no widening here: nothing
+ * waits for the loads; 32-bit offsets, which take no 64-bit registers for
+ * pointers advanced row by row: the launcher checks that they fit) */
+template <typename TI>
+__device__ __forceinline__ void
+kda_raw_load(kda_raw_row<TI> *r, const TI *__restrict__ q, const TI *__restrict__ k, const TI *__restrict__ v,
+			 const TI *f, unsigned off)
+{
+	typedef typename kda_raw_row<TI>::raw raw;
+
+	r->x[0] = *(const raw *) (q + off);
+	r->x[1] = *(const raw *) (k + off);
+	r->x[2] = *(const raw *) (v + off);
+	r->x[3] = *(const raw *) (f + off);
+}
+
+/* silu, FAST: siluf_fast, or the same with ex2_ftz (form 3's same-bits
+ * argument above); -log2(e) as __expf's multiply has it */
+template <bool EX2FTZ>
+__device__ __forceinline__ float
+kda_silu_pf(float x)
+{
+	return EX2FTZ ? __fdividef(x, 1.0f + ex2_ftz(x * __int_as_float(0xbfb8aa3bu))) : siluf_fast(x);
+}
+
+/*
+ * softplusf_fast without branches: x > 20 as a select, and log1pf's main
+ * path alone, the operations libdevice's log1pf compiles to (CUDA 13's PTX
+ * of kda_prep_rows_kernel), in the same order and rounding, so the result is
+ * log1pf's bit for bit for every e in [+0, +inf): its other branch only
+ * takes negative, infinite and NaN arguments, and __expf(x) is none of those
+ * where the select keeps it (x <= 20; a NaN x is kept, and A * x is the
+ * GPU's canonical NaN as A * log1pf(NaN) is).  Branch-free, the four elements a
+ * lane no longer split the row into blocks (fewer instructions, and fewer
+ * registers held across the branches).  (A later libdevice with another
+ * log1pf would differ from form 0: check_kda_prep_form's memcmp says so.)
+ */
+__device__ __forceinline__ float
+kda_softplus_nb(float x)
+{
+	float		e = __expf(x);
+	float		u = __fadd_rz(e, 1.0f);
+	int			kb = (__float_as_int(u) - 0x3f400000) & (int) 0xff800000u;
+	float		m = __int_as_float(__float_as_int(e) - kb);
+	float		s4 = __int_as_float(0x40800000 - kb);
+	float		t = __fadd_rn(__fmaf_rn(0.25f, s4, -1.0f), m);
+	float		kf = __fmul_rn(__int2float_rn(kb), __int_as_float(0x34000000));
+	float		p = __fmaf_rn(__int_as_float(0xbd39bf78), t, __int_as_float(0x3dd80012));
+
+	p = __fmaf_rn(p, t, __int_as_float(0xbe0778e0));
+	p = __fmaf_rn(p, t, __int_as_float(0x3e146475));
+	p = __fmaf_rn(p, t, __int_as_float(0xbe2a68dd));
+	p = __fmaf_rn(p, t, __int_as_float(0x3e4caf9e));
+	p = __fmaf_rn(p, t, __int_as_float(0xbe800042));
+	p = __fmaf_rn(p, t, __int_as_float(0x3eaaaae6));
+	p = __fmaf_rn(p, t, __int_as_float(0xbf000000));
+	p = __fmaf_rn(__fmul_rn(t, p), t, t);
+	p = __fmaf_rn(kf, __int_as_float(0x3f317218), p);
+	return x <= 20.0f ? p : x;	/* (NaN x: x, where log1pf gives NaN: the same once A * multiplies it) */
+}
+
+/* kda_decay<true> (NB: its softplus as kda_softplus_nb, the same bits) */
+template <bool NB>
+__device__ __forceinline__ float
+kda_decay_pf(float A, float f, float dt_bias)
+{
+	return NB ? A * kda_softplus_nb(f + dt_bias) : kda_decay<true>(A, f, dt_bias);
+}
+
+/*
+ * The L2 norm's factor scale / ||x|| (ss = the head's sum of squares):
+ * kda_l2_scaled's, scale / sqrtf(ss + 1e-6f) (sqrt.rn + div.rn, ~20
+ * instructions with their slow-path checks), or with RSQ scale *
+ * rsqrt.approx.ftz(ss + 1e-6f) (one MUFU.RSQ and a multiply; ss + 1e-6 is
+ * normal, so ftz changes nothing).  rsqrt.approx is within 2 ulp (CUDA's
+ * rsqrtf bound): a CPU emulation with its error at +-2 ulp (4e7 cases,
+ * sums of squares 1e-8 .. 1e6, bench/notes-cuda.md) put x * factor within
+ * 5.0e-7 relative of kda_l2_scaled's and 3.9e-7 of the exact value
+ * (kda_l2_scaled's own: 1.6e-7).
+ */
+template <bool RSQ>
+__device__ __forceinline__ float
+kda_l2_factor(float ss, float scale)
+{
+	float		r;
+
+	if (!RSQ)
+		return scale / sqrtf(ss + 1e-6f);
+	asm("rsqrt.approx.ftz.f32 %0, %1;\n":"=f"(r):"f"(ss + 1e-6f));
+	return scale * r;
+}
+
+/* a 16-byte store, optionally evict-first (st.global.cs) */
+template <bool CS>
+__device__ __forceinline__ void
+kda_st4f(float *p, float4 v)
+{
+	if (CS)
+		__stcs((float4 *) p, v);
+	else
+		*(float4 *) p = v;
+}
+
+template <bool CS>
+__device__ __forceinline__ void
+kda_st4o(float *p, float4 v)
+{
+	kda_st4f<CS>(p, v);
+}
+
+template <bool CS>
+__device__ __forceinline__ void
+kda_st4o(uint16_t *p, float4 v)
+{
+	uint2		u = make_uint2(cvt_bf16x2(v.x, v.y), cvt_bf16x2(v.z, v.w));
+
+	if (CS)
+		__stcs((uint2 *) p, u);
+	else
+		*(uint2 *) p = u;
+}
+
+/*
+ * kda_prep_rows_kernel's walk (same grid, same rows a warp, FAST math) with
+ * P rows in flight (the comment above).  MINB: blocks an SM for the launch
+ * bounds; MATH: KDA_PF_* bits; CS: g and v stored evict-first.
+ */
+template <int K, int W, typename TI, typename TO, int P, int MINB, int MATH, bool CS>
+__global__ void __launch_bounds__(KDA_RW_WARPS * 32, MINB)
+kda_prep_ring_kernel(int n_tokens, int H, const TI *__restrict__ q, const TI *__restrict__ k,
+					 const TI *__restrict__ v, const TI *f, float *g, const float *__restrict__ b,
+					 TO *__restrict__ qo, TO *__restrict__ ko, TO *__restrict__ vo,
+					 float *__restrict__ beta, const float *__restrict__ conv_q, const float *__restrict__ conv_k,
+					 const float *__restrict__ conv_v, const float *__restrict__ A_log,
+					 const float *__restrict__ dt_bias, const int *__restrict__ row_seq,
+					 const int *__restrict__ row0, float *const *conv_tab, float qscale)
+{
+	constexpr int LPH = K / 4;	/* lanes per head */
+	constexpr int HPW = 32 / LPH;	/* heads per warp */
+	constexpr int R = KDA_RW_ROWS;
+	static_assert(W == 4, "the ring forms read the conv weights a channel at a time: W = 4");
+	__shared__ float4 sw[3][W][32];	/* as kda_prep_rows_kernel's */
+	int			lane = threadIdx.x & 31;
+	int			t0 = (blockIdx.y * KDA_RW_WARPS + (threadIdx.x >> 5)) * R;
+	int			h = blockIdx.x * HPW + lane / LPH,
+				c0 = 4 * (lane % LPH);
+	bool		live = h < H;
+	int			HK = H * K;
+	int			hr = live ? h : 0;	/* lanes past the last head read head 0 and store nothing */
+	int			ch0 = hr * K + c0;
+	float		xw[3][W - 1][4];	/* the W - 1 raw rows before the current one, oldest first */
+	float4		dt;
+	float		A;
+	int			nr,
+				my_i = 0,
+				my_s = 0;
+	kda_raw_row<TI> ring[P];	/* rows j .. j + P - 1 of the walk, slot j % P */
+
+	for (int x = threadIdx.x; x < 3 * W * 32; x += KDA_RW_WARPS * 32)
+	{
+		int			a = x / (W * 32),
+					u = x / 32 % W,
+					L = x % 32,
+					hL = blockIdx.x * HPW + L / LPH;
+		const float *cw = a == 0 ? conv_q : a == 1 ? conv_k : conv_v;
+
+		sw[a][u][L] = *(const float4 *) (cw + (size_t) ((hL < H ? hL : 0) * K + 4 * (L % LPH)) * W + 4 * u);
+	}
+	dt = *(const float4 *) (dt_bias + ch0);
+	A = -expf(A_log[hr]);
+	__syncthreads();
+
+	kk_dep_wait();
+	kk_dep_launch();
+	if (t0 >= n_tokens)
+		return;
+	nr = min(R, n_tokens - t0);
+	/* the ring's first P rows, then the W - 1 rows before t0, then the row
+	 * indices (their loads wait for one another) */
+#pragma unroll
+	for (int d = 0; d < P; d++)
+		if (d < nr)
+			kda_raw_load(&ring[d], q, k, v, f, (unsigned) (t0 + d) * HK + ch0);
+#pragma unroll
+	for (int m = 0; m < W - 1; m++)
+	{
+		int			r = t0 - (W - 1) + m;
+
+#pragma unroll
+		for (int a = 0; a < 3; a++)
+		{
+			float4		x4 = make_float4(0, 0, 0, 0);
+
+			if (r >= 0)
+				x4 = kda_ld4((a == 0 ? q : a == 1 ? k : v) + (size_t) r * HK + ch0);
+#pragma unroll
+			for (int e = 0; e < 4; e++)
+				xw[a][m][e] = kda_f4(x4, e);
+		}
+	}
+	if (lane < nr)
+	{
+		my_s = row_seq[t0 + lane];
+		my_i = t0 + lane - row0[my_s];
+	}
+	/* beta of the walk's rows and the warp's heads, a lane a (row, head) */
+	for (int x = lane; x < HPW * R; x += 32)
+	{
+		int			hh = blockIdx.x * HPW + x / R,
+					r = x % R;
+
+		if (r < nr && hh < H)
+			beta[(size_t) (t0 + r) * H + hh] = sigmoidf_(b[(size_t) (t0 + r) * H + hh]);
+	}
+
+	for (int j0 = 0; j0 < nr; j0 += P)
+#pragma unroll
+		for (int d = 0; d < P; d++)
+		{
+			int			j = j0 + d;
+
+			if (j < nr)
+			{
+				int			t = t0 + j,
+							i = __shfl_sync(0xffffffffu, my_i, j),
+							s = __shfl_sync(0xffffffffu, my_s, j);
+				float4		xc[3],
+							fc;
+				float		y[3][4];
+
+#pragma unroll
+				for (int a = 0; a < 3; a++)
+					xc[a] = kda_widen4(ring[d].x[a]);
+				fc = kda_widen4(ring[d].x[3]);
+				if (j + P < nr)
+					kda_raw_load(&ring[d], q, k, v, f, (unsigned) (t + P) * HK + ch0);
+
+				/* kda_prep_rows_kernel's taps from the tails */
+				if (i < W - 1 && (j == 0 || i == 0))
+				{
+					const float *tail = conv_tab[s];
+
+#pragma unroll
+					for (int m = 0; m < W - 1; m++)
+					{
+						int			idx = i - (W - 1) + m;
+
+						if (idx < 0)
+#pragma unroll
+							for (int a = 0; a < 3; a++)
+#pragma unroll
+								for (int e = 0; e < 4; e++)
+									xw[a][m][e] = tail[(size_t) (a * HK + ch0 + e) * W + W + idx];
+					}
+				}
+
+				/* kda_conv_silu: taps oldest first, summed from 0 (at W = 4,
+				 * sw[a][e] is channel e's 4 taps: one 16-byte load a channel,
+				 * so 4 weights live at a time, not 16) */
+#pragma unroll
+				for (int a = 0; a < 3; a++)
+				{
+#pragma unroll
+					for (int e = 0; e < 4; e++)
+					{
+						float4		w4 = kda_lds4(&sw[a][e][lane]);
+						float		sum = 0;
+						float		x = kda_f4(xc[a], e);
+
+						sum += w4.x * xw[a][0][e];
+						sum += w4.y * xw[a][1][e];
+						sum += w4.z * xw[a][2][e];
+						sum += w4.w * x;
+						y[a][e] = kda_silu_pf<(MATH & KDA_PF_EX2FTZ) != 0>(sum);
+#pragma unroll
+						for (int m = 0; m + 1 < W - 1; m++)
+							xw[a][m][e] = xw[a][m + 1][e];
+						xw[a][W - 2][e] = x;
+					}
+				}
+
+				{
+					float		ssq = kda_head_sum<K>(y[0][0] * y[0][0], y[0][1] * y[0][1], y[0][2] * y[0][2],
+													  y[0][3] * y[0][3]);
+					float		ssk = kda_head_sum<K>(y[1][0] * y[1][0], y[1][1] * y[1][1], y[1][2] * y[1][2],
+													  y[1][3] * y[1][3]);
+
+					if (live)
+					{
+						unsigned	off = (unsigned) t * HK + ch0;
+						/* (kda_l2_scaled's factor, once a row as nvcc computes it there) */
+						float		fq = kda_l2_factor<(MATH & KDA_PF_RSQ) != 0>(ssq, qscale),
+									fk = kda_l2_factor<(MATH & KDA_PF_RSQ) != 0>(ssk, 1.0f);
+
+						kda_st4o<false>(qo + off, make_float4(y[0][0] * fq, y[0][1] * fq, y[0][2] * fq,
+															  y[0][3] * fq));
+						kda_st4o<false>(ko + off, make_float4(y[1][0] * fk, y[1][1] * fk, y[1][2] * fk,
+															  y[1][3] * fk));
+						kda_st4o<CS>(vo + off, make_float4(y[2][0], y[2][1], y[2][2], y[2][3]));
+						kda_st4f<CS>(g + off, make_float4(kda_decay_pf<(MATH & KDA_PF_NB) != 0>(A, fc.x, dt.x),
+														  kda_decay_pf<(MATH & KDA_PF_NB) != 0>(A, fc.y, dt.y),
+														  kda_decay_pf<(MATH & KDA_PF_NB) != 0>(A, fc.z, dt.z),
+														  kda_decay_pf<(MATH & KDA_PF_NB) != 0>(A, fc.w, dt.w)));
+					}
+				}
+			}
+		}
+}
+
 /* the warp kernels take these pointers as float4 */
 static bool
 kda_ew_aligned(const void *const *p, int n)
@@ -575,6 +984,52 @@ kda_prep_rows_pick(int K, int W)
 		K == 128 ? (fn) kda_prep_rows_for<128, FAST, TI, TO>(W) : NULL;
 }
 
+/* kda_prep_ring_kernel for form 1 .. KDA_PF_FORMS - 1 (the KDA_PF_* comment's table), else NULL */
+template <int K, typename TI, typename TO>
+static decltype(&kda_prep_ring_kernel<K, 4, TI, TO, 2, KDA_RW_MINB, 0, false>)
+kda_prep_ring_for(int form)
+{
+	constexpr int B = KDA_RW_MINB,
+				M = KDA_PF_EX2FTZ | KDA_PF_NB;
+
+	switch (form)
+	{
+		case 1:
+			return kda_prep_ring_kernel<K, 4, TI, TO, 2, B, 0, false>;
+		case 2:
+			return kda_prep_ring_kernel<K, 4, TI, TO, 3, B, KDA_PF_NB, false>;
+		case 3:
+			return kda_prep_ring_kernel<K, 4, TI, TO, 3, B, M, false>;
+		case 4:
+			return kda_prep_ring_kernel<K, 4, TI, TO, 2, B, M, false>;
+		case 5:
+			return kda_prep_ring_kernel<K, 4, TI, TO, 4, B, M, false>;
+		case 6:
+			return kda_prep_ring_kernel<K, 4, TI, TO, 3, B, M, true>;
+		case 7:
+			return kda_prep_ring_kernel<K, 4, TI, TO, 2, B + 1, M, false>;
+		case 8:
+			return kda_prep_ring_kernel<K, 4, TI, TO, 3, B, M | KDA_PF_RSQ, false>;
+	}
+	return NULL;
+}
+
+/* the form's kernel where it covers the shape (bf16 raw inputs, conv width 4;
+ * the caller asks for FAST), else NULL (form 0: kda_prep_rows_kernel) */
+template <typename TI, typename TO>
+static decltype(&kda_prep_rows_kernel<32, 2, true, TI, TO>)
+kda_prep_ring_pick(int K, int W, int form)
+{
+	if constexpr (std::is_same<TI, uint16_t>::value && std::is_same<TO, float>::value)
+	{
+		if (W != 4 || form <= 0 || form >= KDA_PF_FORMS)
+			return NULL;
+		return K == 32 ? kda_prep_ring_for<32, TI, TO>(form) : K == 64 ? kda_prep_ring_for<64, TI, TO>(form) :
+			K == 128 ? kda_prep_ring_for<128, TI, TO>(form) : NULL;
+	}
+	return NULL;
+}
+
 /* prefill with KK_KDA_EW_PREP_ROWS: kda_prep_rows_kernel where it covers
  * K, W and the alignment (fast and KK_KDA_EW_FAST: its FAST form); true
  * when launched.  TI / TO: the raw inputs' and the prepared q, k, v's type
@@ -601,6 +1056,10 @@ kda_prep_rows(cudaStream_t s, int n_tokens, int H, int K, int W, const TI *q, co
 			return false;
 	kern = fast && (kda_elem_mode & KK_KDA_EW_FAST) ? kda_prep_rows_pick<true, TI, TO>(K, W) :
 		kda_prep_rows_pick<false, TI, TO>(K, W);
+	/* KL_CUDA_KDA_PREP_FORM: the ring forms, FAST only */
+	if (kern && fast && (kda_elem_mode & KK_KDA_EW_FAST) && (size_t) n_tokens * H * K <= 0xffffffffu &&
+		kda_prep_ring_pick<TI, TO>(K, W, kda_prep_form))
+		kern = kda_prep_ring_pick<TI, TO>(K, W, kda_prep_form);	/* (32-bit element offsets) */
 	if (!kern)
 		return false;
 	/* heads fastest: the blocks running at once cover whole rows (16 KB runs at the 48B shape) */

@@ -413,6 +413,17 @@ void		kk_kda_tails16(cudaStream_t s, int n_seqs, int HK, int W, const uint16_t *
 #define KK_KDA_EW_DEFAULT (KK_KDA_EW_NORM_WARP | KK_KDA_EW_PREP_ROWS | KK_KDA_EW_FAST)
 /* sets the mask; returns the one it replaces */
 int			kk_set_kda_elem_warp(int mode);
+/*
+ * Which form of prefill's rows prep (KK_KDA_EW_PREP_ROWS: kda.cu's
+ * kda_prep_rows_kernel) runs (KL_CUDA_KDA_PREP_FORM): 0 the kernel as it
+ * was; 1 and up the variants kda.cu's KDA_PF_* comment lists (how many rows
+ * a warp has in flight, its occupancy, fewer instructions in the FAST
+ * math).  Every form gives form 0's outputs bit for bit except where that
+ * comment says otherwise, and then only in the FAST form (precision bf16),
+ * within a bound it documents.  Out of range: 0.  Returns the one it
+ * replaces.
+ */
+int			kk_set_kda_prep_form(int form);
 /* sequences with more than max_rows rows are left to kk_kda_chunked */
 /* round16: store the state rounded to bf16 (measuring a bf16 state; KL_CUDA_KDA_STATE_ROUND=bf16) */
 int			kk_kda_recurrent(cudaStream_t s, int n_seqs, int H, int K, const float *q, const float *k,

@@ -862,3 +862,114 @@ kl_cuda_test_kda_prep16(int ns, const int *row0, int H, int K, int W, int in16, 
 	free(h16);
 	return rc;
 }
+
+/*
+ * For test/engine/test_cuda.c only (found with dlsym): a prefill step's
+ * rows prep of ns sequences (as kl_cuda_test_kda_prep16's) through
+ * kk_kda_prep_rows16 with the raw q, k, v, f in bf16 (converted here: the
+ * host values should be bf16 values) and fp32 prepared q, k, v, in form
+ * `form` of kk_set_kda_prep_form (KL_CUDA_KDA_PREP_FORM), fast or not
+ * (fast: precision bf16's math, the only one the forms change), with
+ * KL_CUDA_KDA_ELEM_WARP's default kernels; the backend's settings are
+ * restored after.  Host inputs: q, k, v, f [n, H K], b [n, H], conv_*
+ * [H K, W], A_log [H], dt_bias [H K], tails [ns, 3 H K W] (read only).
+ * Outputs, copied back: qo, ko, vo, g [n, H K], beta [n, H].  Returns 0,
+ * -1 when kk_kda_prep_rows16 does not cover the shape, or a CUDA error code.
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_kda_prep_form(int form, int fast, int ns, const int *row0, int H, int K, int W, const float *q,
+						   const float *k, const float *v, const float *f, const float *b, const float *conv_q,
+						   const float *conv_k, const float *conv_v, const float *A_log, const float *dt_bias,
+						   const float *tails, float *qo, float *ko, float *vo, float *g, float *beta)
+{
+	enum
+	{
+		Q16, K16, V16, F16, B, CQ, CK, CV, ALOG, DT, T, G, QO, KO, VO, BETA, ROW0, ROWSEQ, CTAB, NBUF
+	};
+	int			n = row0[ns];
+	size_t		HK = (size_t) H * K,
+				nx = (size_t) n * HK,
+				nT = 3 * HK * W;
+	size_t		sz[NBUF];
+	const void *in[NBUF] = {NULL};
+	void	   *d[NBUF] = {NULL};
+	int		   *rseq = malloc(sizeof(int) * (size_t) (n > 0 ? n : 1));
+	float	  **ptrs = malloc(sizeof(float *) * (size_t) (ns > 0 ? ns : 1));
+	uint16_t   *h16 = malloc(sizeof(uint16_t) * 4 * (nx > 0 ? nx : 1));
+	cudaStream_t s = NULL;
+	cudaError_t e;
+	int			rc = 0;
+
+	if (!rseq || !ptrs || !h16)
+	{
+		free(rseq);
+		free(ptrs);
+		free(h16);
+		return (int) cudaErrorMemoryAllocation;
+	}
+	for (int si = 0; si < ns; si++)
+		for (int r = row0[si]; r < row0[si + 1]; r++)
+			rseq[r] = si;
+	{
+		const float *src[4] = {q, k, v, f};
+
+		for (int a = 0; a < 4; a++)
+			for (size_t i = 0; i < nx; i++)
+				h16[a * nx + i] = kl_f32_to_bf16(src[a][i]);
+	}
+	sz[Q16] = sz[K16] = sz[V16] = sz[F16] = sizeof(uint16_t) * nx;
+	sz[G] = sz[QO] = sz[KO] = sz[VO] = sizeof(float) * nx;
+	sz[B] = sz[BETA] = sizeof(float) * n * H;
+	sz[CQ] = sz[CK] = sz[CV] = sizeof(float) * HK * W;
+	sz[ALOG] = sizeof(float) * H;
+	sz[DT] = sizeof(float) * HK;
+	sz[T] = sizeof(float) * ns * nT;
+	sz[ROW0] = sizeof(int) * (ns + 1);
+	sz[ROWSEQ] = sizeof(int) * (n > 0 ? n : 1);
+	sz[CTAB] = sizeof(float *) * ns;
+	in[Q16] = h16;
+	in[K16] = h16 + nx;
+	in[V16] = h16 + 2 * nx;
+	in[F16] = h16 + 3 * nx;
+	in[B] = b;
+	in[CQ] = conv_q;
+	in[CK] = conv_k;
+	in[CV] = conv_v;
+	in[ALOG] = A_log;
+	in[DT] = dt_bias;
+	in[T] = tails;
+	in[ROW0] = row0;
+	in[ROWSEQ] = rseq;
+	rc = hook_open(&s, d, sz, in, NBUF);
+	if (rc == 0)
+	{
+		for (int i = 0; i < ns; i++)
+			ptrs[i] = (float *) d[T] + i * nT;
+		if ((e = cudaMemcpyAsync(d[CTAB], ptrs, sz[CTAB], cudaMemcpyHostToDevice, s)) != cudaSuccess)
+			rc = (int) e;
+	}
+	if (rc == 0)
+	{
+		int			was_form = kk_set_kda_prep_form(form),
+					was_ew = kk_set_kda_elem_warp(KK_KDA_EW_DEFAULT);
+
+		if (kk_kda_prep_rows16(s, n, H, K, W, 1, d[Q16], d[K16], d[V16], d[F16], d[G], d[B], 0, d[QO], d[KO],
+							   d[VO], d[BETA], d[CQ], d[CK], d[CV], d[ALOG], d[DT], d[ROWSEQ], d[ROW0], d[CTAB],
+							   fast) != 0)
+			rc = -1;
+		kk_set_kda_elem_warp(was_ew);
+		kk_set_kda_prep_form(was_form);
+		if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
+			rc = (int) e;
+	}
+	{
+		void	   *host_out[5] = {qo, ko, vo, g, beta};
+		int			dev_of[5] = {QO, KO, VO, G, BETA};
+
+		rc = hook_close(s, d, sz, NBUF, dev_of, host_out, 5, rc);
+	}
+	free(rseq);
+	free(ptrs);
+	free(h16);
+	return rc;
+}

@@ -85,6 +85,11 @@
  * random models' logits, measured against precision fp32, may be at most
  * 1.5 times as far off as the bf16 path without them (check_kda_in16_model;
  * IN16, the default, holds it; OUT16 is opt-in and only measured there).
+ * The rows prep's forms (KL_CUDA_KDA_PREP_FORM 1-8, kda.cu's
+ * kda_prep_ring_kernel) must give form 0's outputs bit for bit, but form
+ * 8's q and k within TOL_KDA_RSQ (check_kda_prep_form, hook
+ * kl_cuda_test_kda_prep_form), and form 0's FAST math stays within
+ * TOL_KDA_FAST of the exact functions there.
  *
  * The decode MLA products with 16-byte weight loads (KL_CUDA_MLA_SMALL)
  * must equal the older kernels within 1e-5 (check_mla_small, through the
@@ -4181,6 +4186,183 @@ check_kda_prep16(void)
 	kl_model_free(m);
 }
 
+typedef int (*kda_prep_form_test_fn) (int form, int fast, int ns, const int *row0, int H, int K, int W,
+									   const float *q, const float *k, const float *v, const float *f,
+									   const float *b, const float *conv_q, const float *conv_k,
+									   const float *conv_v, const float *A_log, const float *dt_bias,
+									   const float *tails, float *qo, float *ko, float *vo, float *g,
+									   float *beta);
+
+/* forms of KL_CUDA_KDA_PREP_FORM (kda.cu's KDA_PF_* table), and the one whose
+ * q and k are not form 0's bits (the L2 norms' factors by rsqrt.approx) */
+#define KDA_PREP_FORMS 9
+#define KDA_PREP_FORM_RSQ 8
+/*
+ * That form's q and k against form 0's, rel_err: a CPU emulation with
+ * rsqrt.approx's error at its 2-ulp bound put every element within 5.0e-7
+ * relative of form 0's (kda.cu, kda_l2_factor); 1e-6 leaves a factor 2.
+ */
+#define TOL_KDA_RSQ 1e-6
+
+/*
+ * The rows prep's forms (KL_CUDA_KDA_PREP_FORM 1 .. 8: kda.cu's
+ * kda_prep_ring_kernel, rows in flight, occupancy, branch-free softplus,
+ * ex2.approx.ftz in silu, evict-first stores, rsqrt norms) against form 0
+ * (the kernel as it was), precision bf16's FAST math, bf16 raw inputs and
+ * fp32 outputs, through the hook kl_cuda_test_kda_prep_form: q, k, v, g and
+ * beta bit for bit (every form but 8 does the same operations on every
+ * element; kda.cu argues the two that are not literally the same
+ * instructions); form 8 (the L2 norms' factors by rsqrt.approx): v, g, beta
+ * bit for bit, q and k within TOL_KDA_RSQ of form 0 and TOL_KDA_FAST of the
+ * exact functions.  Also form 0
+ * itself against the exact functions (fast = 0) within TOL_KDA_FAST, so the
+ * FAST bound stays checked on this path.  Shapes: 48B (32 x 128), golden
+ * (4 x 32), 3 x 64 and 5 x 32 (a warp's last heads past H), conv 4; one
+ * long sequence (a last walk of 41 rows: ring slots past the end), steps
+ * mixing short and long sequences (tails read at sequence starts and at
+ * warp starts), single-row sequences, and f past softplus's threshold
+ * and far below it (exp(f) subnormal).
+ */
+static void
+check_kda_prep_form(void)
+{
+	static const struct
+	{
+		int			H,
+					K;
+	}			shapes[] = {{32, 128}, {4, 32}, {3, 64}, {5, 32}};
+	static const struct
+	{
+		int			ns;
+		int			len[4];
+		const char *what;
+	}			steps[] = {
+		{1, {1001}, "one sequence of 1001 rows"},
+		{4, {1, 2, 37, 5}, "4 sequences of 1, 2, 37, 5 rows"},
+		{4, {15, 17, 2, 30}, "4 sequences of 15, 17, 2, 30 rows"},
+		{3, {1, 1, 1}, "3 sequences of 1 row"},
+	};
+	const int	W = 4;
+	kl_model   *m;
+	void	   *lib = NULL;
+	kda_prep_form_test_fn fn = NULL;
+	uint64_t	rs = 5151;
+
+	m = load_test_hook("kl_cuda_test_kda_prep_form", &lib, (void **) &fn);
+	if (!fn)
+		return;
+	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+		for (size_t ti = 0; ti < sizeof(steps) / sizeof(steps[0]); ti++)
+		{
+			int			H = shapes[si].H,
+						K = shapes[si].K,
+						ns = steps[ti].ns,
+						row0[5] = {0},
+						n,
+						rc0,
+						rcx;
+			size_t		HK,
+						nx,
+						nres[5];
+			float	   *in[11],
+					   *ref[5],
+					   *got[5],
+					   *exact[5];
+			double		worst = 0;
+
+			for (int i = 0; i < ns; i++)
+				row0[i + 1] = row0[i] + steps[ti].len[i];
+			n = row0[ns];
+			HK = (size_t) H * K;
+			nx = (size_t) n * HK;
+			in[0] = rand_floats(nx, -2, 2, &rs);	/* q */
+			in[1] = rand_floats(nx, -2, 2, &rs);	/* k */
+			in[2] = rand_floats(nx, -2, 2, &rs);	/* v */
+			in[3] = rand_floats(nx, -4, 4, &rs);	/* f */
+			in[4] = rand_floats((size_t) n * H, -3, 3, &rs);	/* b */
+			in[5] = rand_floats(HK * W, -0.6, 0.6, &rs);
+			in[6] = rand_floats(HK * W, -0.6, 0.6, &rs);
+			in[7] = rand_floats(HK * W, -0.6, 0.6, &rs);
+			in[8] = rand_floats((size_t) H, -1, 1.5, &rs);	/* A_log */
+			in[9] = rand_floats(HK, -1, 1, &rs);	/* dt_bias */
+			in[10] = rand_floats((size_t) ns * 3 * HK * W, -2, 2, &rs);	/* tails */
+			for (size_t i = 0; i < nx; i += 97)
+				in[3][i] = 25.0f;	/* past softplus's threshold */
+			for (size_t i = 50; i < nx; i += 101)
+				in[3][i] = -100.0f;	/* exp(f + dt_bias) subnormal or 0 */
+			for (int a = 0; a < 4; a++)
+				for (size_t i = 0; i < nx; i++)
+					in[a][i] = kl_bf16_to_f32(kl_f32_to_bf16(in[a][i]));
+			nres[0] = nres[1] = nres[2] = nres[3] = nx;
+			nres[4] = (size_t) n * H;
+			for (int i = 0; i < 5; i++)
+			{
+				ref[i] = malloc(sizeof(float) * nres[i]);
+				got[i] = malloc(sizeof(float) * nres[i]);
+				exact[i] = malloc(sizeof(float) * nres[i]);
+			}
+#define KDA_PREP_FORM_CALL(form, fast, out) \
+	fn(form, fast, ns, row0, H, K, W, in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7], in[8], in[9], \
+	   in[10], out[0], out[1], out[2], out[3], out[4])
+			rc0 = KDA_PREP_FORM_CALL(0, 1, ref);
+			rcx = KDA_PREP_FORM_CALL(0, 0, exact);
+			for (int i = 0; i < 5 && rc0 == 0 && rcx == 0; i++)
+			{
+				double		e = rel_err(ref[i], exact[i], nres[i]);
+
+				worst = e > worst ? e : worst;
+			}
+			tap_ok(rc0 == 0 && rcx == 0 && worst <= TOL_KDA_FAST,
+				   "KDA rows prep, bf16 in, KL_CUDA_KDA_PREP_FORM=0 fast within %.0e of the exact functions, %d heads "
+				   "x %d, %s (worst rel err %.2e; hooks returned %d, %d)", TOL_KDA_FAST, H, K, steps[ti].what, worst,
+				   rc0, rcx);
+			for (int form = 1; form < KDA_PREP_FORMS; form++)
+			{
+				int			rc = KDA_PREP_FORM_CALL(form, 1, got);
+				bool		same[5];
+				double		e0 = 0,
+							ex = 0;
+
+				for (int i = 0; i < 5; i++)
+					same[i] = rc == 0 && rc0 == 0 && memcmp(ref[i], got[i], sizeof(float) * nres[i]) == 0;
+				if (form != KDA_PREP_FORM_RSQ)
+				{
+					tap_ok(same[0] && same[1] && same[2] && same[3] && same[4],
+						   "KDA rows prep, bf16 in, KL_CUDA_KDA_PREP_FORM=%d = form 0 bit for bit, %d heads x %d, %s "
+						   "(q %d k %d v %d g %d beta %d; hooks returned %d, %d)", form, H, K, steps[ti].what,
+						   same[0], same[1], same[2], same[3], same[4], rc0, rc);
+					continue;
+				}
+				for (int i = 0; i < 2 && rc == 0 && rc0 == 0 && rcx == 0; i++)
+				{
+					double		a = rel_err(got[i], ref[i], nres[i]),
+								b = rel_err(got[i], exact[i], nres[i]);
+
+					e0 = a > e0 ? a : e0;
+					ex = b > ex ? b : ex;
+				}
+				tap_ok(rc == 0 && rc0 == 0 && rcx == 0 && same[2] && same[3] && same[4] && e0 <= TOL_KDA_RSQ &&
+					   ex <= TOL_KDA_FAST,
+					   "KDA rows prep, bf16 in, KL_CUDA_KDA_PREP_FORM=%d: v, g, beta = form 0 bit for bit, q and k "
+					   "within %.0e of form 0 and %.0e of the exact functions, %d heads x %d, %s (v %d g %d beta %d; "
+					   "q, k rel err %.2e against form 0, %.2e against exact; hooks returned %d, %d, %d)", form,
+					   TOL_KDA_RSQ, TOL_KDA_FAST, H, K, steps[ti].what, same[2], same[3], same[4], e0, ex, rc0, rcx,
+					   rc);
+			}
+#undef KDA_PREP_FORM_CALL
+			for (int i = 0; i < 5; i++)
+			{
+				free(ref[i]);
+				free(got[i]);
+				free(exact[i]);
+			}
+			for (int i = 0; i < 11; i++)
+				free(in[i]);
+		}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
 /*
  * The chunkwise KDA form on tensor cores (kk_kda_chunked_mma, what prefill
  * runs in precision bf16) against the fp32 kernels (kk_kda_chunked) on the
@@ -7444,6 +7626,7 @@ main(void)
 	RUN(check_kda_decode());
 	RUN(check_kda_elem_warp());
 	RUN(check_kda_prep16());
+	RUN(check_kda_prep_form());
 	RUN(check_kda_chunked_mma());
 	RUN(check_kda_prep_split());
 	for (int mi = 0; mi < 2; mi++)
