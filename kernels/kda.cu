@@ -556,46 +556,45 @@ kda_prep_rows_kernel(int n_tokens, int H, const TI *__restrict__ q, const TI *__
  * P = W - 1, the conv window's shift is register renaming too.  beta
  * (sigmoidf_ of b) is computed once a walk, a lane a row, not by lane 0 of
  * every row with the other 31 lanes idle.  Same functions in the same order
- * for every element, so the outputs are form 0's bit for bit (but form 8's
- * q and k, below; test_cuda.c's check_kda_prep_form compares each form
+ * for every element, so the outputs are form 0's bit for bit (but forms
+ * 4-6's q, k or g, below; test_cuda.c's check_kda_prep_form compares each form
  * with form 0 by memcmp).  MATH bits:
  * KDA_PF_EX2FTZ, silu's exponential as ex2_ftz (one MUFU.EX2 where
  * __expf's ex2.approx.f32 adds three instructions to scale subnormal
  * results): the two differ only where 2^y < 2^-126, i.e. exp(-x) <
  * 1.2e-38, and there 1 + exp(-x) rounds to 1.0f either way (a subnormal y
- * gives 1.0f either way too); KDA_PF_NB, softplus as kda_softplus_nb (the
- * same bits without branches; without it ptxas spills at P = 3 and 4).
- *   form  P  MATH              blocks an SM  stores of g, v
- *   1     2  -                 4             plain
- *   2     3  NB                4             plain
- *   3     3  EX2FTZ | NB       4             plain
- *   4     2  EX2FTZ | NB       4             plain
- *   5     4  EX2FTZ | NB       4             plain
- *   6     3  EX2FTZ | NB       4             st.global.cs (evict first: at
- *                                            32k rows the outputs, 2.15 GB,
- *                                            do not fit the 50 MB L2 anyway)
- *   7     2  EX2FTZ | NB       5 (96 registers; ptxas spills ~100 bytes)
- *   8     3  EX2FTZ | NB | RSQ 4             plain
- * Form 8 alone changes numbers: KDA_PF_RSQ, the L2 norms' factors by
+ * gives 1.0f either way too); KDA_PF_RSQ, the L2 norms' factors by
  * rsqrt.approx (kda_l2_factor): q and k within 5.0e-7 relative an element
  * of form 0's (v, g, beta the same bits), inside FAST's ~4e-6.
- * ptxas (CUDA 13, sm_90a, K = 128): forms 1-6 and 8 at most 128
- * registers, no spills; form 7 96 with 100 bytes spilled (K = 32 / 64:
- * forms 1, 2 and 5 spill 4-12 bytes).  Only the fp32 q, k, v out
- * (KL_CUDA_KDA_OUT16 off, the default) have the forms.
- * Measured (H200, 2026-12-02, bench_cuda kda 32 128, ncu at 32768 tokens):
- * the kernel 1.17 ms (form 0), 1.10 (1), 1.02 (3), 1.04 (5), 0.98 (8); the
- * whole op 5.30 / 5.23 / 5.14-5.15 (3, 4 and 6 alike) / 5.17 / 5.11-5.13 ms.
- * Form 3 is the default: the same bits as form 0 and all but 0.02-0.04 ms
- * of form 8's gain.
+ * KDA_PF_SPL, softplus without branches by kda_softplus_series (g within
+ * ~3e-7 relative of form 0's; q, k, v, beta the same bits).
+ *   form  P  MATH                ptxas (CUDA 13,     kernel, ms     op, ms
+ *                                  sm_90a, K = 128,    (ncu, 32768    (8192 / 32768 /
+ *                                  128 registers)      tokens)        131072 tokens)
+ *   0     1  -                   no spills           1.17           1.373 / 5.290 / 20.85
+ *   1     2  -                   no spills           1.10           1.356 / 5.226 / 20.59
+ *   2     3  EX2FTZ              36 / 48 B spilled   1.14           1.368 / 5.256 / 20.74
+ *   3     2  EX2FTZ              no spills           1.09           1.353 / 5.219 / 20.57
+ *   4     3  EX2FTZ | RSQ        12 B spilled        1.06           1.345 / 5.185 / 20.45
+ *   5     3  EX2FTZ | SPL        no spills           1.01           1.331 / 5.134 / 20.25
+ *   6     3  EX2FTZ | SPL | RSQ  no spills           0.97           1.321 / 5.090 / 20.10
+ * (H200, 2026-12-02, bench_cuda kda 32 128 with KL_BENCH_KDA_PREC=bf16, two
+ * rounds within 0.01 ms.)  Form 6 is the default: its q, k and g move by
+ * at most 5e-7 relative (FAST's bound is ~4e-6), the op 3.8 % faster than
+ * form 0 at 32k.  Only the fp32 q, k, v out (KL_CUDA_KDA_OUT16 off, the
+ * default) have the forms.  A first sweep (same day) had softplus in a
+ * branch-free transcription of libdevice's log1pf (same bits; it left before
+ * landing: NVIDIA's code, not ours), 4 rows in flight (no faster), evict-first
+ * stores of g and v (as plain; CS stays a template switch no form sets) and
+ * 5 blocks an SM (96 registers, spills: slower than 4).
  */
-#define KDA_PF_FORMS 9			/* forms 0 .. 8 */
+#define KDA_PF_FORMS 7			/* forms 0 .. 6 */
 #define KDA_PF_EX2FTZ 1			/* kda_prep_ring_kernel's MATH: silu through ex2_ftz */
-#define KDA_PF_NB 2				/* and softplus as kda_softplus_nb */
-#define KDA_PF_RSQ 4			/* and the norms' factors by rsqrt.approx (not the same bits) */
+#define KDA_PF_RSQ 2			/* the norms' factors by rsqrt.approx (not the same bits) */
+#define KDA_PF_SPL 4			/* softplus by kda_softplus_series (not the same bits) */
 
 /* set by kk_set_kda_prep_form: the form above that prefill's FAST rows prep runs */
-static int kda_prep_form = 3;
+static int kda_prep_form = 6;
 
 extern "C" int
 kk_set_kda_prep_form(int form)
@@ -659,48 +658,44 @@ kda_silu_pf(float x)
 	return EX2FTZ ? __fdividef(x, 1.0f + ex2_ftz(x * __int_as_float(0xbfb8aa3bu))) : siluf_fast(x);
 }
 
+
 /*
- * softplusf_fast without branches: x > 20 as a select, and log1pf's main
- * path alone, the operations libdevice's log1pf compiles to (CUDA 13's PTX
- * of kda_prep_rows_kernel), in the same order and rounding, so the result is
- * log1pf's bit for bit for every e in [+0, +inf): its other branch only
- * takes negative, infinite and NaN arguments, and __expf(x) is none of those
- * where the select keeps it (x <= 20; a NaN x is kept, and A * x is the
- * GPU's canonical NaN as A * log1pf(NaN) is).  Branch-free, the four elements a
- * lane no longer split the row into blocks (fewer instructions, and fewer
- * registers held across the branches).  (A later libdevice with another
- * log1pf would differ from form 0: check_kda_prep_form's memcmp says so.)
+ * softplus for the FAST rows prep without branches (KDA_PF_SPL; ours, not
+ * libdevice's log1pf): softplus(x) = max(x, 0) + log1p(t), t = exp(-|x|)
+ * in (0, 1], and log1p(t) = 2 atanh(s) = 2 (s + s^3 / 3 + s^5 / 5 + ...),
+ * s = t / (2 + t) in (0, 1/3], summed to s^13 (the next term is below
+ * 1.5e-8 of s).  t is ex2.approx.ftz of -|x| log2(e), as __expf forms
+ * exp(x), so the argument's rounding costs what softplusf_fast's costs; a
+ * CPU emulation (exp2f for ex2, x in [-87, 40] by 1e-5) put it within
+ * 2.6e-7 relative of softplusf_fast's value and within 1.0e-6 of the exact
+ * softplus for x >= -20 (where decays matter: g = A softplus).  Past
+ * x = 20 max(x, 0) + 2e-9 rounds to x, which is softplusf_'s threshold
+ * without the branch; +-inf and NaN give softplusf_'s inf, 0 and NaN; an
+ * exp(-|x|) below 2^-126 is flushed to 0 (softplus then 1.2e-38 too small).
  */
 __device__ __forceinline__ float
-kda_softplus_nb(float x)
+kda_softplus_series(float x)
 {
-	float		e = __expf(x);
-	float		u = __fadd_rz(e, 1.0f);
-	int			kb = (__float_as_int(u) - 0x3f400000) & (int) 0xff800000u;
-	float		m = __int_as_float(__float_as_int(e) - kb);
-	float		s4 = __int_as_float(0x40800000 - kb);
-	float		t = __fadd_rn(__fmaf_rn(0.25f, s4, -1.0f), m);
-	float		kf = __fmul_rn(__int2float_rn(kb), __int_as_float(0x34000000));
-	float		p = __fmaf_rn(__int_as_float(0xbd39bf78), t, __int_as_float(0x3dd80012));
+	float		t = ex2_ftz(-fabsf(x) * 1.44269504088896341f);
+	float		s = __fdividef(t, 2.0f + t),
+				s2 = s * s,
+				p = 1.0f / 13.0f;
 
-	p = __fmaf_rn(p, t, __int_as_float(0xbe0778e0));
-	p = __fmaf_rn(p, t, __int_as_float(0x3e146475));
-	p = __fmaf_rn(p, t, __int_as_float(0xbe2a68dd));
-	p = __fmaf_rn(p, t, __int_as_float(0x3e4caf9e));
-	p = __fmaf_rn(p, t, __int_as_float(0xbe800042));
-	p = __fmaf_rn(p, t, __int_as_float(0x3eaaaae6));
-	p = __fmaf_rn(p, t, __int_as_float(0xbf000000));
-	p = __fmaf_rn(__fmul_rn(t, p), t, t);
-	p = __fmaf_rn(kf, __int_as_float(0x3f317218), p);
-	return x <= 20.0f ? p : x;	/* (NaN x: x, where log1pf gives NaN: the same once A * multiplies it) */
+	p = fmaf(p, s2, 1.0f / 11.0f);
+	p = fmaf(p, s2, 1.0f / 9.0f);
+	p = fmaf(p, s2, 1.0f / 7.0f);
+	p = fmaf(p, s2, 1.0f / 5.0f);
+	p = fmaf(p, s2, 1.0f / 3.0f);
+	p = fmaf(p, s2, 1.0f);
+	return fmaxf(x, 0.0f) + 2.0f * s * p;
 }
 
-/* kda_decay<true> (NB: its softplus as kda_softplus_nb, the same bits) */
-template <bool NB>
+/* kda_decay<true>, or with kda_softplus_series (SPL) */
+template <bool SPL>
 __device__ __forceinline__ float
 kda_decay_pf(float A, float f, float dt_bias)
 {
-	return NB ? A * kda_softplus_nb(f + dt_bias) : kda_decay<true>(A, f, dt_bias);
+	return SPL ? A * kda_softplus_series(f + dt_bias) : kda_decay<true>(A, f, dt_bias);
 }
 
 /*
@@ -933,10 +928,10 @@ kda_prep_ring_kernel(int n_tokens, int H, const TI *__restrict__ q, const TI *__
 						kda_st4o<false>(ko + off, make_float4(y[1][0] * fk, y[1][1] * fk, y[1][2] * fk,
 															  y[1][3] * fk));
 						kda_st4o<CS>(vo + off, make_float4(y[2][0], y[2][1], y[2][2], y[2][3]));
-						kda_st4f<CS>(g + off, make_float4(kda_decay_pf<(MATH & KDA_PF_NB) != 0>(A, fc.x, dt.x),
-														  kda_decay_pf<(MATH & KDA_PF_NB) != 0>(A, fc.y, dt.y),
-														  kda_decay_pf<(MATH & KDA_PF_NB) != 0>(A, fc.z, dt.z),
-														  kda_decay_pf<(MATH & KDA_PF_NB) != 0>(A, fc.w, dt.w)));
+						kda_st4f<CS>(g + off, make_float4(kda_decay_pf<(MATH & KDA_PF_SPL) != 0>(A, fc.x, dt.x),
+														  kda_decay_pf<(MATH & KDA_PF_SPL) != 0>(A, fc.y, dt.y),
+														  kda_decay_pf<(MATH & KDA_PF_SPL) != 0>(A, fc.z, dt.z),
+														  kda_decay_pf<(MATH & KDA_PF_SPL) != 0>(A, fc.w, dt.w)));
 					}
 				}
 			}
@@ -989,27 +984,22 @@ template <int K, typename TI, typename TO>
 static decltype(&kda_prep_ring_kernel<K, 4, TI, TO, 2, KDA_RW_MINB, 0, false>)
 kda_prep_ring_for(int form)
 {
-	constexpr int B = KDA_RW_MINB,
-				M = KDA_PF_EX2FTZ | KDA_PF_NB;
+	constexpr int B = KDA_RW_MINB;
 
 	switch (form)
 	{
 		case 1:
 			return kda_prep_ring_kernel<K, 4, TI, TO, 2, B, 0, false>;
 		case 2:
-			return kda_prep_ring_kernel<K, 4, TI, TO, 3, B, KDA_PF_NB, false>;
+			return kda_prep_ring_kernel<K, 4, TI, TO, 3, B, KDA_PF_EX2FTZ, false>;
 		case 3:
-			return kda_prep_ring_kernel<K, 4, TI, TO, 3, B, M, false>;
+			return kda_prep_ring_kernel<K, 4, TI, TO, 2, B, KDA_PF_EX2FTZ, false>;
 		case 4:
-			return kda_prep_ring_kernel<K, 4, TI, TO, 2, B, M, false>;
+			return kda_prep_ring_kernel<K, 4, TI, TO, 3, B, KDA_PF_EX2FTZ | KDA_PF_RSQ, false>;
 		case 5:
-			return kda_prep_ring_kernel<K, 4, TI, TO, 4, B, M, false>;
+			return kda_prep_ring_kernel<K, 4, TI, TO, 3, B, KDA_PF_EX2FTZ | KDA_PF_SPL, false>;
 		case 6:
-			return kda_prep_ring_kernel<K, 4, TI, TO, 3, B, M, true>;
-		case 7:
-			return kda_prep_ring_kernel<K, 4, TI, TO, 2, B + 1, M, false>;
-		case 8:
-			return kda_prep_ring_kernel<K, 4, TI, TO, 3, B, M | KDA_PF_RSQ, false>;
+			return kda_prep_ring_kernel<K, 4, TI, TO, 3, B, KDA_PF_EX2FTZ | KDA_PF_SPL | KDA_PF_RSQ, false>;
 	}
 	return NULL;
 }

@@ -1011,15 +1011,15 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_KDA_PREP_FORM (precision bf16 prefill, the rows prep above
 		 * with bit 8, bf16 raw inputs, fp32 prepared q, k, v, K = 32 / 64 /
 		 * 128, conv width 4): which form of that kernel runs, all with the
-		 * same outputs bit for bit but 8's q and k (kda.cu's KDA_PF_* table):
-		 * 0 kda_prep_rows_kernel as before; 1-8 kda_prep_ring_kernel, which
-		 * keeps 2-4 rows of raw inputs in flight while it computes (form 0,
-		 * with bf16 inputs, waits for each next row's loads), computes beta
-		 * once a walk, and (forms 2-8) a branch-free softplus; 3-8 silu with
-		 * ex2.approx.ftz; 6 evict-first stores of g and v; 7 at 5 blocks an
-		 * SM; 8 the L2 norms' factors by rsqrt.approx (q, k within 5e-7
-		 * relative of form 0's).  Default 3 (H200, 2026-12-02, 32768 tokens:
-		 * the kernel 1.17 -> 1.02 ms, the KDA op 5.30 -> 5.15 ms).
+		 * same outputs bit for bit but 4-6's q and k or g (kda.cu's KDA_PF_*
+		 * table): 0 kda_prep_rows_kernel as before; 1-6 kda_prep_ring_kernel,
+		 * which keeps 2 or 3 rows of raw inputs in flight while it computes
+		 * (form 0, with bf16 inputs, waits for each next row's loads) and
+		 * computes beta once a walk; 2-6 silu with ex2.approx.ftz; 4 and 6
+		 * the L2 norms' factors by rsqrt.approx (q, k within 5e-7 relative of
+		 * form 0's); 5 and 6 softplus by a branch-free series (g within
+		 * 3e-7).  Default 6 (H200, 2026-12-02, 32768 tokens: the kernel 1.17
+		 * -> 0.97 ms, the KDA op 5.29 -> 5.09 ms; kda.cu has the table).
 		 * KL_CUDA_KDA_IN16 (precision bf16, prefill): which of the KDA op's
 		 * input products keep their result in bf16 only (cuda_state.r16),
 		 * a mask: 1 (default) q, k, v and f, read by the rows prep and the
@@ -1115,7 +1115,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_kda_kp6_wide(kpw && *kpw && atoi(kpw) >= 0 && atoi(kpw) <= 2 ? atoi(kpw) : 2);
 		kk_set_kda_elem_warp(kew && *kew ? atoi(kew) & (KK_KDA_EW_NORM_WARP | KK_KDA_EW_PREP_ROWS | KK_KDA_EW_FAST) :
 							 KK_KDA_EW_DEFAULT);
-		kk_set_kda_prep_form(kpf && *kpf ? atoi(kpf) : 3);
+		kk_set_kda_prep_form(kpf && *kpf ? atoi(kpf) : 6);
 		kk_set_kda_mma_form(kmma && atoi(kmma) >= 1 && atoi(kmma) <= 4 ? atoi(kmma) : 2);
 		cs->kda_round16 = kr && strcmp(kr, "bf16") == 0;
 		cs->kda_fused_max = !kk_kda_decode_supported(cfg->kda_head_dim) ? 0 :

@@ -730,7 +730,8 @@ kl_cuda_bench_kda_offer16(kl_backend *be, const float *y, int n, int cols, int r
  * bf16 values for a bit-for-bit comparison) and / or the prepared q, k, v
  * in bf16 (out16; widened back here) + kk_kda_tails16 (in16) or
  * kk_kda_tails, each on its own copy of f and of the tails, fast forms
- * (precision bf16's).  Host inputs: q, k, v, f [n, H K], b [n, H], conv_*
+ * (precision bf16's), the rows prep in its form 0 (KL_CUDA_KDA_PREP_FORM:
+ * the backend's form is restored after).  Host inputs: q, k, v, f [n, H K], b [n, H], conv_*
  * [H K, W], A_log [H], dt_bias [H K], tails [ns, 3 H K W].  Outputs, copied
  * back: qo, ko, vo, g [n, H K], beta [n, H], tails_out [ns, 3 H K W], for
  * each side.  Returns 0, -1 when kk_kda_prep_rows16 does not cover the
@@ -823,6 +824,10 @@ kl_cuda_test_kda_prep16(int ns, const int *row0, int H, int K, int W, int in16, 
 	}
 	if (rc == 0)
 	{
+		/* form 0 of the rows prep (KL_CUDA_KDA_PREP_FORM): this compares types, the same math on both sides;
+		 * the forms against form 0 are check_kda_prep_form's (kl_cuda_test_kda_prep_form) */
+		int			was_form = kk_set_kda_prep_form(0);
+
 		kk_kda_prep(s, n, H, K, W, d[Q], d[K_], d[V_], d[F_R], d[B], d[QO_R], d[KO_R], d[VO_R], d[BETA_R], d[CQ],
 					d[CK], d[CV], d[ALOG], d[DT], d[ROWSEQ], d[ROW0], d[CTAB_R], 0, 1);
 		kk_kda_tails(s, ns, (int) HK, W, d[Q], d[K_], d[V_], d[ROW0], d[CTAB_R]);
@@ -831,6 +836,7 @@ kl_cuda_test_kda_prep16(int ns, const int *row0, int H, int K, int W, int in16, 
 							   d[KO_N], d[VO_N], d[BETA_N], d[CQ], d[CK], d[CV], d[ALOG], d[DT], d[ROWSEQ],
 							   d[ROW0], d[CTAB_N], 1) != 0)
 			rc = -1;
+		kk_set_kda_prep_form(was_form);
 		if (in16)
 			kk_kda_tails16(s, ns, (int) HK, W, d[Q16], d[K16], d[V16], d[ROW0], d[CTAB_N]);
 		else
