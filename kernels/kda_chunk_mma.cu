@@ -493,8 +493,10 @@ kw_load_chunk(uint16_t *st, int chunk, int H, int h, int x0, const uint16_t *__r
 /*
  * The o warp's tile (rows r = 16 rw + g and r + 8, fragments j0 .. j0 + JN
  * - 1) stored as bf16 (KL_CUDA_KDA_O16), each value f32_to_bf16 of its
- * accumulator.  orow: row r's first column of fragment j0 (row r + 8 is ld
- * further); ok0 / ok1: rows r / r + 8 exist.  Lane t (lane % 4) holds
+ * accumulator.  orow: row r's first column of fragment j0; ld: o's row
+ * stride (one row, as in the fp32 store: row r + 8 is 8 ld further; passing
+ * one row as that distance put row r + 8's values on row r + 1); ok0 / ok1:
+ * rows r / r + 8 exist.  Lane t (lane % 4) holds
  * columns 2 t, 2 t + 1 of each fragment: a 4-byte store per fragment and row
  * would write half of each 32-byte sector per instruction (the pattern the
  * fp32 store's __stwb fixed, below).  With JN = 2 (the default form: a row's
@@ -541,7 +543,7 @@ kw_store_o16(uint16_t *orow, size_t ld, const float (*oa)[4], bool ok0, bool ok1
 			if (ok0)
 				*(uint2 *) p = make_uint2(f1 ? lo0[1] : lo0[0], f1 ? hi0[1] : hi0[0]);
 			if (ok1)
-				*(uint2 *) (p + ld) = make_uint2(f1 ? lo1[1] : lo1[0], f1 ? hi1[1] : hi1[0]);
+				*(uint2 *) (p + 8 * ld) = make_uint2(f1 ? lo1[1] : lo1[0], f1 ? hi1[1] : hi1[0]);
 		}
 	}
 	else
@@ -554,7 +556,7 @@ kw_store_o16(uint16_t *orow, size_t ld, const float (*oa)[4], bool ok0, bool ok1
 			if (ok0)
 				*(uint32_t *) p = pack_bf16x2(oa[j][0], oa[j][1]);
 			if (ok1)
-				*(uint32_t *) (p + ld) = pack_bf16x2(oa[j][2], oa[j][3]);
+				*(uint32_t *) (p + 8 * ld) = pack_bf16x2(oa[j][2], oa[j][3]);
 		}
 	}
 }
