@@ -33,7 +33,6 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
-#include <string.h>
 
 #include "cuda_internal.h"
 
