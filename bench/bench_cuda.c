@@ -349,10 +349,6 @@ kda_alone_prec(int H, int K, const long *Ts, int nT, const char *prec)
 		const char *path = strcmp(prec, "bf16") != 0 ? "fp32" : kmma && strcmp(kmma, "0") == 0 ? "bf16_fp32kernels" :
 			kmma && strcmp(kmma, "1") == 0 ? "bf16_mma_4warps" : kmma && strcmp(kmma, "3") == 0 ? "bf16_mma_wide64" :
 			kmma && strcmp(kmma, "4") == 0 ? "bf16_mma_wide8w" : "bf16_mma";
-		/* KL_CUDA_KDA_O16 set (default 2: o as bf16 and the twin-only norm, the label unchanged) */
-		const char *ko16 = getenv("KL_CUDA_KDA_O16");
-		const char *o16tag = strcmp(prec, "bf16") != 0 || !ko16 || !*ko16 || strcmp(ko16, "2") == 0 ? "" :
-			strcmp(ko16, "0") == 0 ? "_o32" : strcmp(ko16, "1") == 0 ? "_o16rec" : "";
 		/* inputs: random fp32 [Tmax, HK] made on the device by the random-weight op */
 		kl_weight	in[6];
 		float	   *fcopy,
@@ -424,8 +420,8 @@ kda_alone_prec(int H, int K, const long *Ts, int nT, const char *prec)
 					fail("kda", &be->err);
 			}
 			qsort(times, reps, sizeof(double), cmp_double);
-			printf("RESULT kind=kda path=%s%s H=%d K=%d T=%d ms=%.3f tokens_per_s=%.0f gpu_GB=%.1f in16=%d\n", path, o16tag,
-				   H, K, T, times[reps / 2] * 1e3, T / times[reps / 2], gpu_used_gb(), kept);
+			printf("RESULT kind=kda path=%s H=%d K=%d T=%d ms=%.3f tokens_per_s=%.0f gpu_GB=%.1f in16=%d\n", path, H,
+				   K, T, times[reps / 2] * 1e3, T / times[reps / 2], gpu_used_gb(), kept);
 			fflush(stdout);
 		}
 		kl_seq_free(seq);

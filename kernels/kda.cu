@@ -2168,31 +2168,8 @@ kda_gated(float ov, float ss, int V, float eps, const float *w, const float *gat
 	return kda_gated_sig(ov, ss, V, eps, *w, sigmoidf_(*gate));
 }
 
-/*
- * The gated norm's inputs o and gate are fp32 or bf16 (KL_CUDA_KDA_O16: o
- * from the recurrence as bf16, gate as a bf16 product result); a bf16 value
- * widens exactly, so from there the arithmetic is the fp32 inputs' bit for
- * bit.  kda_ld1 / kda_ld4: one value, or 4 adjacent ones (16-byte aligned
- * fp32, 8-byte aligned bf16).
- */
-__device__ __forceinline__ float
-kda_ld1(const float *p)
-{
-	return *p;
-}
-
-__device__ __forceinline__ float
-kda_ld1(const uint16_t *p)
-{
-	return bf16_to_f32(*p);
-}
-
-/* (kda_ld4: above, with the rows prep) */
-
-/* out NULL: only the twin out16 (KL_CUDA_KDA_O16; kk_kda_gated_norm16) */
-template <typename OT, typename GT>
 __global__ void
-kda_gated_norm_kernel(int H, int V, const OT *o, const GT *gate, const float *w, float eps, float *out,
+kda_gated_norm_kernel(int H, int V, const float *o, const float *gate, const float *w, float eps, float *out,
 					  uint16_t *out16)
 {
 	__shared__ float red[32];
@@ -2205,16 +2182,14 @@ kda_gated_norm_kernel(int H, int V, const OT *o, const GT *gate, const float *w,
 
 	kk_dep_wait();
 	kk_dep_launch();
-	ov = x < V ? kda_ld1(o + off) : 0.0f;
+	ov = x < V ? o[off] : 0.0f;
 	ss = block_sum(ov * ov, red);
 
 	if (x < V)
 	{
-		float		gv = kda_ld1(gate + off);
-		float		y = kda_gated(ov, ss, V, eps, w + x, &gv);
+		float		y = kda_gated(ov, ss, V, eps, w + x, gate + off);
 
-		if (out)
-			out[off] = y;
+		out[off] = y;
 		if (out16)
 			out16[off] = f32_to_bf16(y);	/* (the bf16 twin for o_proj: KL_CUDA_BF16_TWIN) */
 	}
@@ -2224,9 +2199,9 @@ kda_gated_norm_kernel(int H, int V, const OT *o, const GT *gate, const float *w,
 /* kda_gated_norm_kernel, warp per (row, head) (the warp kernels' comment
  * under kda_prep); V = K, passed as the block kernel gets it so the
  * division by V compiles the same way */
-template <int K, typename OT, typename GT>
+template <int K>
 __global__ void __launch_bounds__(KDA_EW_WARPS * 32)
-kda_gated_norm_warp_kernel(int n_tokens, int H, int V, const OT *o, const GT *gate, const float *w,
+kda_gated_norm_warp_kernel(int n_tokens, int H, int V, const float *o, const float *gate, const float *w,
 						   float eps, float *out, uint16_t *out16)
 {
 	int			t,
@@ -2240,82 +2215,45 @@ kda_gated_norm_warp_kernel(int n_tokens, int H, int V, const OT *o, const GT *ga
 	kk_dep_wait();
 	kk_dep_launch();
 	if (live)
-		ov = kda_ld4(o + off);
+		ov = *(const float4 *) (o + off);
 	ss = kda_head_sum<K>(ov.x * ov.x, ov.y * ov.y, ov.z * ov.z, ov.w * ov.w);
 	if (live)
 	{
-		float4		gv = kda_ld4(gate + off),
+		float4		gv = *(const float4 *) (gate + off),
 					wv = *(const float4 *) (w + c0);
 
 		float4		y = make_float4(kda_gated(ov.x, ss, V, eps, &wv.x, &gv.x), kda_gated(ov.y, ss, V, eps, &wv.y, &gv.y),
 									kda_gated(ov.z, ss, V, eps, &wv.z, &gv.z), kda_gated(ov.w, ss, V, eps, &wv.w, &gv.w));
 
-		if (out)
-			*(float4 *) (out + off) = y;
+		*(float4 *) (out + off) = y;
 		if (out16)
 			*(uint2 *) (out16 + off) = make_uint2((uint32_t) f32_to_bf16(y.x) | ((uint32_t) f32_to_bf16(y.y) << 16),
 												  (uint32_t) f32_to_bf16(y.z) | ((uint32_t) f32_to_bf16(y.w) << 16));
 	}
 }
 
-/* an input's alignment for the warp kernel's 4-value loads */
-template <typename T>
-static bool
-kda_ld4_aligned(const T *p)
-{
-	return ((uintptr_t) p) % (4 * sizeof(T)) == 0;
-}
-
-/* the warp kernel for V = 32, 64, 128 (KK_KDA_EW_NORM_WARP) where the
- * pointers are aligned for it, else kda_gated_norm_kernel */
-template <typename OT, typename GT>
-static void
-kda_gated_norm_launch(cudaStream_t s, int n_tokens, int H, int V, const OT *o, const GT *gate, const float *w,
-					  float eps, float *out, uint16_t *out16)
-{
-	dim3		wgrid;
-	const void *p[] = {w, out};
-
-	if (n_tokens <= 0)
-		return;
-	if (kda_ew_grid(n_tokens, H, V, KK_KDA_EW_NORM_WARP, &wgrid) && kda_ew_aligned(p, 2) && kda_ld4_aligned(o) &&
-		kda_ld4_aligned(gate) && ((uintptr_t) out16 & 7) == 0)
-	{
-		void		(*kern) (int, int, int, const OT *, const GT *, const float *, float, float *, uint16_t *) =
-			V == 32 ? kda_gated_norm_warp_kernel<32, OT, GT> :
-			V == 64 ? kda_gated_norm_warp_kernel<64, OT, GT> : kda_gated_norm_warp_kernel<128, OT, GT>;
-
-		kk_launch(kern, wgrid, dim3(KDA_EW_WARPS * 32), 0, s, n_tokens, H, V, o, gate, w, eps, out, out16);
-		return;
-	}
-	kk_launch(kda_gated_norm_kernel<OT, GT>, dim3(n_tokens, H), dim3((V + 31) / 32 * 32), 0, s, H, V, o, gate, w, eps,
-			  out, out16);
-}
-
-/* out16 (NULL: none): also the bf16 rounding of out, same layout (8-byte aligned) */
+/* the warp kernel for V = 32, 64, 128 (KK_KDA_EW_NORM_WARP), else kda_gated_norm_kernel;
+ * out16 (NULL: none): also the bf16 rounding of out, same layout (8-byte aligned) */
 extern "C" void
 kk_kda_gated_norm_twin(cudaStream_t s, int n_tokens, int H, int V, const float *o, const float *gate, const float *w,
 					   float eps, float *out, uint16_t *out16)
 {
-	kda_gated_norm_launch<float, float>(s, n_tokens, H, V, o, gate, w, eps, out, out16);
-}
+	dim3		wgrid;
+	const void *p[] = {o, gate, w, out};
 
-/* kernels.h has the contract (KL_CUDA_KDA_O16) */
-extern "C" void
-kk_kda_gated_norm16(cudaStream_t s, int n_tokens, int H, int V, const float *o, const uint16_t *o16,
-					const float *gate, const uint16_t *gate16, const float *w, float eps, float *out,
-					uint16_t *out16)
-{
-	if (!out && !out16)
+	if (n_tokens > 0 && kda_ew_grid(n_tokens, H, V, KK_KDA_EW_NORM_WARP, &wgrid) && kda_ew_aligned(p, 4) &&
+		((uintptr_t) out16 & 7) == 0)
+	{
+		void		(*kern) (int, int, int, const float *, const float *, const float *, float, float *, uint16_t *) =
+			V == 32 ? kda_gated_norm_warp_kernel<32> :
+			V == 64 ? kda_gated_norm_warp_kernel<64> : kda_gated_norm_warp_kernel<128>;
+
+		kk_launch(kern, wgrid, dim3(KDA_EW_WARPS * 32), 0, s, n_tokens, H, V, o, gate, w, eps, out, out16);
 		return;
-	if (o16 && gate16)
-		kda_gated_norm_launch<uint16_t, uint16_t>(s, n_tokens, H, V, o16, gate16, w, eps, out, out16);
-	else if (o16)
-		kda_gated_norm_launch<uint16_t, float>(s, n_tokens, H, V, o16, gate, w, eps, out, out16);
-	else if (gate16)
-		kda_gated_norm_launch<float, uint16_t>(s, n_tokens, H, V, o, gate16, w, eps, out, out16);
-	else
-		kda_gated_norm_launch<float, float>(s, n_tokens, H, V, o, gate, w, eps, out, out16);
+	}
+	if (n_tokens > 0)
+		kk_launch(kda_gated_norm_kernel, dim3(n_tokens, H), dim3((V + 31) / 32 * 32), 0, s, H, V, o, gate, w, eps, out,
+				  out16);
 }
 
 extern "C" void

@@ -25,11 +25,6 @@
  * The decay factors never leave fp32 until they are folded into the bf16
  * operands (each factor <= 1), so no exponential of a cumulative sum is
  * ever formed: bf16 costs relative 2^-9 per operand, not range.
- *
- * o is stored fp32, or (KL_CUDA_KDA_O16: the launchers' o16) as bf16, the
- * same accumulators rounded once by f32_to_bf16 at the store: the op's next
- * reader is the gated norm, which reads half the bytes then (0.27 GB instead
- * of 0.54 at 32768 tokens x 32 heads x 128, and as much less written here).
  */
 #include "common.cuh"
 
@@ -168,11 +163,11 @@ km_load_chunk(uint16_t *st, int chunk, int H, int h, int x0, const uint16_t *__r
  * in registers across chunks).  stages 2: the next chunk's tiles load while
  * this one computes (1 where shared memory is too small for two).
  */
-template <int K, typename OT>
+template <int K>
 __global__ void __launch_bounds__(KM_THREADS)
 kda_chunk_mma_kernel(int n, int H, const uint16_t *__restrict__ W16, const uint16_t *__restrict__ U16,
 					 const uint16_t *__restrict__ Q16, const uint16_t *__restrict__ Kt16,
-					 const uint16_t *__restrict__ P16, const float *__restrict__ gl, float *S, OT *o, int stages)
+					 const uint16_t *__restrict__ P16, const float *__restrict__ gl, float *S, float *o, int stages)
 {
 	typedef km_layout<K> L;
 	constexpr int C = KM_C;
@@ -304,26 +299,15 @@ kda_chunk_mma_kernel(int n, int H, const uint16_t *__restrict__ W16, const uint1
 		{
 			int			t = chunk * C + 16 * warp + g;
 			size_t		ld = (size_t) H * V;
-			OT		   *orow = o + (size_t) t * ld + (size_t) h * V + x0 + t2;
+			float	   *orow = o + (size_t) t * ld + (size_t) h * V + x0 + t2;
 
 #pragma unroll
 			for (int j = 0; j < 4; j++)
 			{
-				if constexpr (sizeof(OT) == sizeof(float))
-				{
-					if (t < n)
-						*(float2 *) (orow + 8 * j) = make_float2(oa[j][0], oa[j][1]);
-					if (t + 8 < n)
-						*(float2 *) (orow + 8 * ld + 8 * j) = make_float2(oa[j][2], oa[j][3]);
-				}
-				else
-				{
-					/* bf16 (KL_CUDA_KDA_O16): the pair as one 4-byte store */
-					if (t < n)
-						*(uint32_t *) (orow + 8 * j) = pack_bf16x2(oa[j][0], oa[j][1]);
-					if (t + 8 < n)
-						*(uint32_t *) (orow + 8 * ld + 8 * j) = pack_bf16x2(oa[j][2], oa[j][3]);
-				}
+				if (t < n)
+					*(float2 *) (orow + 8 * j) = make_float2(oa[j][0], oa[j][1]);
+				if (t + 8 < n)
+					*(float2 *) (orow + 8 * ld + 8 * j) = make_float2(oa[j][2], oa[j][3]);
 			}
 		}
 
@@ -490,82 +474,11 @@ kw_load_chunk(uint16_t *st, int chunk, int H, int h, int x0, const uint16_t *__r
 	cp_async_commit();
 }
 
-/*
- * The o warp's tile (rows r = 16 rw + g and r + 8, fragments j0 .. j0 + JN
- * - 1) stored as bf16 (KL_CUDA_KDA_O16), each value f32_to_bf16 of its
- * accumulator.  orow: row r's first column of fragment j0; ld: o's row
- * stride (one row, as in the fp32 store: row r + 8 is 8 ld further; passing
- * one row as that distance put row r + 8's values on row r + 1); ok0 / ok1:
- * rows r / r + 8 exist.  Lane t (lane % 4) holds
- * columns 2 t, 2 t + 1 of each fragment: a 4-byte store per fragment and row
- * would write half of each 32-byte sector per instruction (the pattern the
- * fp32 store's __stwb fixed, below).  With JN = 2 (the default form: a row's
- * 16 columns are one sector) the quad trades pairs so that lane t stores
- * columns 4 t .. 4 t + 3 with one 8-byte store: lane t takes fragment
- * t / 2's pairs from lanes 2 (t % 2) and 2 (t % 2) + 1.  Other JN store a
- * 4-byte pair per fragment.
- */
-template <int JN>
-__device__ __forceinline__ void
-kw_store_o16(uint16_t *orow, size_t ld, const float (*oa)[4], bool ok0, bool ok1, int lane)
-{
-	int			t = lane & 3;
-
-	if constexpr (JN == 2)
-	{
-		int			src = (lane & ~3) + 2 * (t & 1);
-		uint32_t	r0[2],
-					r1[2],
-					lo0[2],
-					hi0[2],
-					lo1[2],
-					hi1[2];
-
-#pragma unroll
-		for (int j = 0; j < 2; j++)
-		{
-			r0[j] = pack_bf16x2(oa[j][0], oa[j][1]);
-			r1[j] = pack_bf16x2(oa[j][2], oa[j][3]);
-		}
-		/* all 32 lanes shuffle; only the stores depend on the rows */
-#pragma unroll
-		for (int j = 0; j < 2; j++)
-		{
-			lo0[j] = __shfl_sync(0xffffffffu, r0[j], src);
-			hi0[j] = __shfl_sync(0xffffffffu, r0[j], src + 1);
-			lo1[j] = __shfl_sync(0xffffffffu, r1[j], src);
-			hi1[j] = __shfl_sync(0xffffffffu, r1[j], src + 1);
-		}
-		{
-			bool		f1 = t >= 2;	/* fragment 1's columns, else fragment 0's */
-			uint16_t   *p = orow + 4 * t;
-
-			if (ok0)
-				*(uint2 *) p = make_uint2(f1 ? lo0[1] : lo0[0], f1 ? hi0[1] : hi0[0]);
-			if (ok1)
-				*(uint2 *) (p + 8 * ld) = make_uint2(f1 ? lo1[1] : lo1[0], f1 ? hi1[1] : hi1[0]);
-		}
-	}
-	else
-	{
-#pragma unroll
-		for (int j = 0; j < JN; j++)
-		{
-			uint16_t   *p = orow + 8 * j + 2 * t;
-
-			if (ok0)
-				*(uint32_t *) p = pack_bf16x2(oa[j][0], oa[j][1]);
-			if (ok1)
-				*(uint32_t *) (p + 8 * ld) = pack_bf16x2(oa[j][2], oa[j][3]);
-		}
-	}
-}
-
-template <int K, int VS, int NW, typename OT>
+template <int K, int VS, int NW>
 __global__ void __launch_bounds__(32 * NW)
 kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const uint16_t *__restrict__ U16,
 						  const uint16_t *__restrict__ Q16, const uint16_t *__restrict__ Kt16,
-						  const uint16_t *__restrict__ P16, const float *__restrict__ gl, float *S, OT *o)
+						  const uint16_t *__restrict__ P16, const float *__restrict__ gl, float *S, float *o)
 {
 	typedef kw_layout<K, VS> L;
 	constexpr int C = KM_C;
@@ -743,7 +656,6 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 						mma_bf16_16816(oa[j], ap, b[j][2], b[j][3]);
 				}
 			}
-			if constexpr (sizeof(OT) == sizeof(float))
 			{
 				int			t = chunk * C + 16 * rw + g;
 				size_t		ld = (size_t) H * V;
@@ -760,13 +672,6 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 					if (t + 8 < n)
 						__stwb((float2 *) (orow + 8 * ld + 8 * j), make_float2(oa[j][2], oa[j][3]));
 				}
-			}
-			else
-			{
-				int			t = chunk * C + 16 * rw + g;
-				size_t		ld = (size_t) H * V;
-
-				kw_store_o16<JN>(o + (size_t) t * ld + (size_t) h * V + x0 + 8 * j0, ld, oa, t < n, t + 8 < n, lane);
 			}
 		}
 
@@ -871,9 +776,9 @@ kk_set_kda_mma_form(int form)
 
 /* the wide kernel <K, VS, NW> over (H, K / VS) blocks; 1 where its shared
  * memory does not fit (the caller falls back to the 4-warp kernel) */
-template <int K, int VS, int NW, typename OT>
+template <int K, int VS, int NW>
 static int
-chunk_mma_wide_launch(cudaStream_t s, int n, int H, float *S, OT *o, uint16_t *W16, uint16_t *U16,
+chunk_mma_wide_launch(cudaStream_t s, int n, int H, float *S, float *o, uint16_t *W16, uint16_t *U16,
 					  uint16_t *Q16, uint16_t *Kt16, uint16_t *P16, float *gl)
 {
 	constexpr size_t sm = kw_layout<K, VS>::BYTES;
@@ -886,17 +791,17 @@ chunk_mma_wide_launch(cudaStream_t s, int n, int H, float *S, OT *o, uint16_t *W
 		return (int) e;
 	if (sm > (size_t) optin)
 		return 1;
-	if ((e = cudaFuncSetAttribute(kda_chunk_mma_wide_kernel<K, VS, NW, OT>,
-								  cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm)) != cudaSuccess)
+	if ((e = cudaFuncSetAttribute(kda_chunk_mma_wide_kernel<K, VS, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+								  (int) sm)) != cudaSuccess)
 		return (int) e;
-	kda_chunk_mma_wide_kernel<K, VS, NW, OT><<<dim3(H, K / VS), 32 * NW, sm, s>>>(n, H, W16, U16, Q16, Kt16, P16,
-																				 gl, S, o);
+	kda_chunk_mma_wide_kernel<K, VS, NW><<<dim3(H, K / VS), 32 * NW, sm, s>>>(n, H, W16, U16, Q16, Kt16, P16, gl,
+																			 S, o);
 	return 0;
 }
 
-template <int K, typename OT>
+template <int K>
 static int
-chunk_mma_launch(cudaStream_t s, int n, int H, float *S, OT *o, uint16_t *W16, uint16_t *U16, uint16_t *Q16,
+chunk_mma_launch(cudaStream_t s, int n, int H, float *S, float *o, uint16_t *W16, uint16_t *U16, uint16_t *Q16,
 				 uint16_t *Kt16, uint16_t *P16, float *gl)
 {
 	int			dev,
@@ -912,13 +817,13 @@ chunk_mma_launch(cudaStream_t s, int n, int H, float *S, OT *o, uint16_t *W16, u
 		/* 16 warps a block; K = 32 (8 state fragments of 8 x 16 in all)
 		 * splits over 8 and has only 32 columns */
 		if constexpr (K == 32)
-			rc = chunk_mma_wide_launch<K, 32, 8, OT>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+			rc = chunk_mma_wide_launch<K, 32, 8>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
 		else if (kda_mma_form == 3)
-			rc = chunk_mma_wide_launch<K, 64, 16, OT>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+			rc = chunk_mma_wide_launch<K, 64, 16>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
 		else if (kda_mma_form == 4)
-			rc = chunk_mma_wide_launch<K, 32, 8, OT>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+			rc = chunk_mma_wide_launch<K, 32, 8>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
 		else
-			rc = chunk_mma_wide_launch<K, 32, 16, OT>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
+			rc = chunk_mma_wide_launch<K, 32, 16>(s, n, H, S, o, W16, U16, Q16, Kt16, P16, gl);
 		if (rc != 1)
 			return rc;
 	}
@@ -930,22 +835,12 @@ chunk_mma_launch(cudaStream_t s, int n, int H, float *S, OT *o, uint16_t *W16, u
 	sm = chunk_mma_smem(K, stages);
 	if (sm > (size_t) optin)
 		return -2;
-	if ((e = cudaFuncSetAttribute(kda_chunk_mma_kernel<K, OT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-								  (int) sm)) != cudaSuccess)
+	if ((e = cudaFuncSetAttribute(kda_chunk_mma_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm)) !=
+		cudaSuccess)
 		return (int) e;
-	kda_chunk_mma_kernel<K, OT><<<dim3(H, K / KM_VS), KM_THREADS, sm, s>>>(n, H, W16, U16, Q16, Kt16, P16, gl, S,
-																		  o, stages);
+	kda_chunk_mma_kernel<K><<<dim3(H, K / KM_VS), KM_THREADS, sm, s>>>(n, H, W16, U16, Q16, Kt16, P16, gl, S, o,
+																	  stages);
 	return 0;
-}
-
-/* the sequential part into o (fp32) or, where o16 is given, into o16 (bf16) */
-template <int K>
-static int
-chunk_mma_out(cudaStream_t s, int n, int H, float *S, float *o, uint16_t *o16, const km_scratch &x)
-{
-	if (o16)
-		return chunk_mma_launch<K, uint16_t>(s, n, H, S, o16, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
-	return chunk_mma_launch<K, float>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
 }
 
 /*
@@ -953,7 +848,7 @@ chunk_mma_out(cudaStream_t s, int n, int H, float *S, float *o, uint16_t *o16, c
  */
 extern "C" int
 kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
-				   const float *g, const float *beta, float *S, float *o, uint16_t *o16, void *scratch)
+				   const float *g, const float *beta, float *S, float *o, void *scratch)
 {
 	km_scratch	x = km_scratch_arrays(scratch, n, H, K);
 	int			rc;
@@ -967,11 +862,11 @@ kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const fl
 	switch (K)
 	{
 		case 32:
-			return chunk_mma_out<32>(s, n, H, S, o, o16, x);
+			return chunk_mma_launch<32>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
 		case 64:
-			return chunk_mma_out<64>(s, n, H, S, o, o16, x);
+			return chunk_mma_launch<64>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
 		default:
-			return chunk_mma_out<128>(s, n, H, S, o, o16, x);
+			return chunk_mma_launch<128>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
 	}
 }
 
@@ -980,7 +875,7 @@ kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const fl
  */
 extern "C" int
 kk_kda_chunked_mma16(cudaStream_t s, int n, int H, int K, const uint16_t *q, const uint16_t *k, const uint16_t *v,
-					 const float *g, const float *beta, float *S, float *o, uint16_t *o16, void *scratch)
+					 const float *g, const float *beta, float *S, float *o, void *scratch)
 {
 	km_scratch	x = km_scratch_arrays(scratch, n, H, K);
 	int			rc;
@@ -992,7 +887,7 @@ kk_kda_chunked_mma16(cudaStream_t s, int n, int H, int K, const uint16_t *q, con
 	if ((rc = kk_kda_chunk_prep_bf16_in16(s, n, H, K, q, k, v, g, beta, x.W16, x.U16, x.Q16, x.Kt16, x.P16,
 										  x.gl)) != 0)
 		return rc;
-	return chunk_mma_out<128>(s, n, H, S, o, o16, x);
+	return chunk_mma_launch<128>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
 }
 
 /*
@@ -1004,7 +899,7 @@ extern "C" int
 kk_kda_chunked_mma_fused(cudaStream_t s, int n, int H, int K, int W, const float *q, const float *k,
 						 const float *v, const float *f, const float *b, const float *conv_q, const float *conv_k,
 						 const float *conv_v, const float *A_log, const float *dt_bias, float *const *tailp,
-						 float *S, float *o, uint16_t *o16, void *scratch)
+						 float *S, float *o, void *scratch)
 {
 	km_scratch	x = km_scratch_arrays(scratch, n, H, K);
 	int			rc;
@@ -1016,5 +911,5 @@ kk_kda_chunked_mma_fused(cudaStream_t s, int n, int H, int K, int W, const float
 	if ((rc = kk_kda_chunk_prep_bf16_fused(s, n, H, K, W, q, k, v, f, b, conv_q, conv_k, conv_v, A_log, dt_bias,
 										   tailp, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl)) != 0)
 		return rc;
-	return chunk_mma_out<128>(s, n, H, S, o, o16, x);
+	return chunk_mma_launch<128>(s, n, H, S, o, x.W16, x.U16, x.Q16, x.Kt16, x.P16, x.gl);
 }

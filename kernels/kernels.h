@@ -443,22 +443,19 @@ int			kk_kda_chunked(cudaStream_t s, int n, int H, int K, const float *q, const 
  * size (32, 64, 128 only), -2 when the GPU's shared memory is too small,
  * or a CUDA error code; on a nonzero return nothing was launched that
  * changes S or o.  kk_kda_chunk_prep_bf16 (kda_chunk_prep_mma.cu) is its
- * parallel half.  o16 (NULL: none; KL_CUDA_KDA_O16): o is not written, its
- * values go to o16 [n, H K] instead, each the f32_to_bf16 rounding of the
- * fp32 value o would have held (the same bits kk_f32_to_bf16 would make of
- * o), 8-byte aligned; S is the same either way.
+ * parallel half.
  */
 size_t		kk_kda_chunk_mma_scratch(int n, int H, int K);
 int			kk_kda_chunked_mma(cudaStream_t s, int n, int H, int K, const float *q, const float *k, const float *v,
-							   const float *g, const float *beta, float *S, float *o, uint16_t *o16, void *scratch);
+							   const float *g, const float *beta, float *S, float *o, void *scratch);
 /* kk_kda_chunked_mma with q, k, v in bf16 ([n, H K] row-major; g, beta
  * fp32), K = 128 only (-1 otherwise): its parallel half is
  * kk_kda_chunk_prep_bf16_in16; outputs those of kk_kda_chunked_mma with
  * KL_CUDA_KDA_PREP_MMA=6 (or 3) on fp32 q, k, v holding the same values,
- * bit for bit; o16 as kk_kda_chunked_mma's */
+ * bit for bit */
 int			kk_kda_chunked_mma16(cudaStream_t s, int n, int H, int K, const uint16_t *q, const uint16_t *k,
 								 const uint16_t *v, const float *g, const float *beta, float *S, float *o,
-								 uint16_t *o16, void *scratch);
+								 void *scratch);
 /* kk_kda_chunked_mma's sequential part (KL_CUDA_KDA_MMA): 1 the 4-warp
  * kernel (a block per head and 32 columns of V), 2 (default) the wide one,
  * 16 warps a block (8 at K = 32), 3 the wide one with 64 columns a block,
@@ -497,7 +494,7 @@ void		kk_set_kda_kp6_wide(int on);
  * elementwise prep (kk_kda_prep's conv + silu, L2 norms, decay, beta) fused
  * into the 63.5 KB prep kernel: q, k, v, f, b the projections at the
  * sequence's row 0 (f is not changed), *tailp its conv tails before the step
- * (read, not updated: kk_kda_tails must run after), S, o, o16, scratch as
+ * (read, not updated: kk_kda_tails must run after), S, o, scratch as
  * kk_kda_chunked_mma.  kda_prep's q, k, v, g, beta are computed in the same
  * order (so the outputs are those of kk_kda_prep + kk_kda_chunked_mma with
  * 3, bit for bit as far as the compiler contracts alike).  Returns 0, -1
@@ -512,21 +509,9 @@ int			kk_kda_chunk_prep_bf16_fused(cudaStream_t s, int n, int H, int K, int W, c
 int			kk_kda_chunked_mma_fused(cudaStream_t s, int n, int H, int K, int W, const float *q, const float *k,
 									 const float *v, const float *f, const float *b, const float *conv_q,
 									 const float *conv_k, const float *conv_v, const float *A_log,
-									 const float *dt_bias, float *const *tailp, float *S, float *o, uint16_t *o16,
-									 void *scratch);
+									 const float *dt_bias, float *const *tailp, float *S, float *o, void *scratch);
 void		kk_kda_gated_norm(cudaStream_t s, int n_tokens, int H, int V, const float *o, const float *gate,
 							  const float *w, float eps, float *out);
-/*
- * kk_kda_gated_norm_twin with bf16 inputs and an optional fp32 output
- * (KL_CUDA_KDA_O16): o16 (NULL: o, fp32) and gate16 (NULL: gate, fp32) are
- * [n_tokens, H V] bf16, 8-byte aligned; out NULL: only out16 is written (one
- * of the two must be given).  Each output is computed from the inputs'
- * values exactly as kk_kda_gated_norm_twin computes it from fp32 inputs
- * holding the same values (bf16 widens exactly): the same bits.
- */
-void		kk_kda_gated_norm16(cudaStream_t s, int n_tokens, int H, int V, const float *o, const uint16_t *o16,
-								const float *gate, const uint16_t *gate16, const float *w, float eps, float *out,
-								uint16_t *out16);
 /*
  * A decode step (every sequence exactly one row, row0[s] its row) in one
  * kernel: prep, recurrence and gated norm, outputs bit for bit those of

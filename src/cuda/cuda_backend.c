@@ -211,7 +211,6 @@ cu_release(kl_backend *be, void *p)
 	if (!p)
 		return;
 	cuda_flush_add(be);
-	cuda_t16_resolve(be, false);	/* (before its rows may go; in stream order before any reuse) */
 	cuda_graphs_forget_buffer(be, p);
 	cuda_pool_free(be, p);
 }
@@ -231,7 +230,6 @@ cu_upload(kl_backend *be, void *dst, const void *src, size_t bytes)
 	cuda_flush_add(be);
 	cuda_acts_invalid(CS(be));	/* (it may write over a bf16 twin's rows) */
 	cuda_r16_flush(be);			/* (or a kept bf16 result's: widened first, then written over) */
-	cuda_t16_resolve(be, false);	/* (or over a twin-only output's) */
 	if (bytes)
 		cuda_upload_sync(be, dst, src, bytes);
 }
@@ -245,8 +243,6 @@ cu_download(kl_backend *be, void *dst, const void *src, size_t bytes)
 	cuda_r16_flush(be);			/* (src may be a kept bf16 result's y) */
 	if (bytes == 0)
 		return;
-	if (cuda_t16_overlaps(cs, src, bytes))
-		cuda_t16_resolve(be, true);	/* fp32 rows of a twin-only output: widened first */
 	if (!cuda_ok(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cs->stream), "download") ||
 		!cuda_ok(be, cudaStreamSynchronize(cs->stream), "download"))
 		memset(dst, 0, bytes);	/* never hand out uninitialized host memory */
@@ -992,11 +988,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * for bit from two kernels of independent blocks (kp6_sub_kernel per
 		 * 16-row sub-chunk, kp6_solve_kernel per chunk; K = 128), 1.0 to
 		 * 1.3 % faster at 8k-128k tokens.
-		 * KL_CUDA_KDA_O16 (precision bf16, not fp8): 2 (default) prefill
-		 * steps whose every sequence takes the tensor-core chunkwise form
-		 * store its o as bf16, and the gated norm reads that and, where
-		 * o_proj reads a bf16 twin, writes only the twin (cuda_state.t16);
-		 * 1 the bf16 o only; 0 neither (fp32 o and out, as before).
 		 * KL_CUDA_KDA_KP6_WIDE=0: =6's kernels as before their wide forms;
 		 * =1 the wide forms (q, k read 16 bytes a thread into shared memory
 		 * and g folded once a channel by the sub-chunk kernel, the solve's
@@ -1095,8 +1086,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *kpf = getenv("KL_CUDA_KDA_PREP_FORM"),
 				   *kpw = getenv("KL_CUDA_KDA_KP6_WIDE"),
 				   *ki16 = getenv("KL_CUDA_KDA_IN16"),
-				   *ko16 = getenv("KL_CUDA_KDA_OUT16"),
-				   *kop16 = getenv("KL_CUDA_KDA_O16");
+				   *ko16 = getenv("KL_CUDA_KDA_OUT16");
 		int			major = 0;
 
 		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx);
@@ -1135,7 +1125,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 			(cfg->kda_head_dim == 32 || cfg->kda_head_dim == 64 || cfg->kda_head_dim == 128);
 		cs->kda_in16 = !cs->bf16 ? 0 : ki16 && *ki16 ? atoi(ki16) & (KL_R16_KDA_IN | KL_R16_KDA_GATE) : KL_R16_KDA_IN;
 		cs->kda_out16 = cs->bf16 && ko16 && strcmp(ko16, "1") == 0;
-		cs->kda_o16 = !cs->kda_mma ? 0 : kop16 && *kop16 ? (atoi(kop16) >= 0 && atoi(kop16) <= 2 ? atoi(kop16) : 2) : 2;
 		cs->fuse_moe = !(fm && strcmp(fm, "0") == 0);
 		cs->expert_mma_min = !emma || atoi(emma) == 1 ? 8 : atoi(emma) <= 0 ? 0 : atoi(emma);
 		cs->route_warp = rw && *rw ? atoi(rw) : INT_MAX;

@@ -299,15 +299,6 @@ typedef struct cuda_state
 	 * kk_kda_chunked_mma (KL_CUDA_KDA_MMA=0: the fp32 kernels, as in
 	 * precision fp32; default on from sm_80 for head sizes 32, 64, 128) */
 	bool		kda_mma;
-	/*
-	 * KL_CUDA_KDA_O16 (precision bf16 only; default 2): 1 prefill steps
-	 * whose every sequence takes kk_kda_chunked_mma* store o as bf16 and
-	 * the gated norm reads it (kk_kda_gated_norm16); 2 also, where the
-	 * norm writes o_proj's bf16 twin (cuda_twin_out), it writes only the
-	 * twin and not the fp32 out (cuda_state.t16); 0 neither (the fp32
-	 * path, bit for bit as before).
-	 */
-	int			kda_o16;
 
 	/* sampling: staging (pinned) and its device copy (cuda_sample.c) */
 	void	   *smp_host;
@@ -445,28 +436,6 @@ typedef struct cuda_state
 		const uint16_t *dst;
 		int			buf;		/* its cuda_buf id */
 	}			r16[CUDA_R16_MAX];
-
-	/*
-	 * KL_CUDA_KDA_O16=2: the KDA op wrote the bf16 twin src of its output
-	 * dst [rows, cols] (contiguous) but not dst itself, whose fp32 rows are
-	 * stale while pending.  o_proj's product reads the twin (taken: a
-	 * product read src in dst's place; kl_kda_args: out is read by that
-	 * product only).  Anything else that may read dst widens src into it
-	 * first (cuda_t16_resolve(be, true): a product that does not take the
-	 * twin, a download or copy); the record ends at any other op, a step's
-	 * start, an upload or release, or when CB_TWIN is written again
-	 * (cuda_t16_resolve(be, false): widened unless a product took it).
-	 * Set only in eager steps (no graph records the widening's decision).
-	 */
-	struct
-	{
-		float	   *dst;
-		const uint16_t *src;
-		int			rows,
-					cols;
-		bool		pending,
-					taken;
-	}			t16;
 
 	/* host staging for MoE grouping of prefill batches */
 	int		   *h_sel,
@@ -629,14 +598,6 @@ void		cuda_abort_capture(kl_backend *be);
 
 /* cuda_kda.c, cuda_mla.c, cuda_moe.c */
 void		cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a);
-/*
- * Ends cuda_state.t16's record if pending: need (something may read its
- * fp32 rows now) widens the twin into them always, otherwise only when no
- * product took the twin; then not pending.  cuda_t16_overlaps: does
- * [p, p + bytes) meet a pending record's fp32 rows?
- */
-void		cuda_t16_resolve(kl_backend *be, bool need);
-bool		cuda_t16_overlaps(const cuda_state *cs, const void *p, size_t bytes);
 void		cuda_mla(kl_backend *be, const kl_step *st, const kl_mla_args *a);
 int			cuda_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err);
 void		cuda_release_mla(kl_backend *be, kl_mla_layer *w);
@@ -784,14 +745,6 @@ int			kl_cuda_test_kda_decode(int early, int ns, int H, int K, int W, int round1
 									const float *A_log, const float *dt_bias, const float *o_norm, const float *S,
 									const float *tails, float *out_old, float *out_new, float *S_old, float *S_new,
 									float *tails_old, float *tails_new);
-/* test hooks of cuda_kda.c (KL_CUDA_KDA_O16): the chunkwise form with o as
- * bf16; the gated norm on bf16 inputs and twin-only against the fp32 one */
-int			kl_cuda_test_kda_chunked_o16(int n, int H, int K, int in16, const float *q, const float *k,
-										 const float *v, const float *g, const float *beta, const float *S,
-										 uint16_t *o16, float *S_out);
-int			kl_cuda_test_kda_norm16(int warp, int n, int H, int K, float eps, int o16, int g16, const float *o,
-									const float *gate, const float *w, float *out_old, uint16_t *tw_old,
-									float *out_new, uint16_t *tw_new, uint16_t *tw_only);
 /* test and bench hook of cuda_moe.c: the KL_CUDA_MOE_PREFILL variant asked,
  * the one the last prefill MoE op ran (-1 none), the cuBLAS status that made
  * variant 3 or 4 fall back to 0 (0 none) */

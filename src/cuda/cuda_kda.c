@@ -22,13 +22,6 @@
  * read a kept result (decode, the fused prep =4, the block prep kernel)
  * widens it back into its fp32 buffer first, and the gate is widened before
  * the gated norm.
- * KL_CUDA_KDA_O16 (precision bf16): in a step whose every sequence takes
- * the tensor-core chunkwise form, o goes from the recurrence to the gated
- * norm as bf16, and the norm writes only o_proj's bf16 twin where one is
- * wanted (the fp32 out is made from it only if something else reads it:
- * cuda_state.t16, cuda_t16_resolve below).  At 32768 tokens x 32 heads x
- * 128 that is 1.9 -> 1.07 GB through the norm (0.81 once the gate comes as
- * bf16) and 0.27 GB less written by the recurrence.
  */
 #include <limits.h>
 #include <stdlib.h>
@@ -56,79 +49,28 @@ chunked_launched(kl_backend *be, int rc, int K, const char *what)
 	return cuda_launched(be, what);
 }
 
-/* ------------------------------------------------------------------ twin-only output */
-
-bool
-cuda_t16_overlaps(const cuda_state *cs, const void *p, size_t bytes)
-{
-	const char *a = (const char *) p,
-			   *d = (const char *) cs->t16.dst;
-
-	return cs->t16.pending && a < d + sizeof(float) * (size_t) cs->t16.rows * cs->t16.cols && d < a + bytes;
-}
-
-void
-cuda_t16_resolve(kl_backend *be, bool need)
-{
-	cuda_state *cs = CS(be);
-
-	if (!cs->t16.pending)
-		return;
-	cs->t16.pending = false;	/* (first: the widening's own bookkeeping must not come back here) */
-	if ((need || !cs->t16.taken) && !be->failed)
-	{
-		kk_bf16_to_f32(cs->stream, cs->t16.dst, cs->t16.src, (size_t) cs->t16.rows * cs->t16.cols);
-		cuda_launched(be, "kda_o16_widen");
-	}
-}
-
-/* KL_CUDA_KDA_O16's level for this backend (precision bf16 only: fp8's products of out may not take a twin) */
-static int
-kda_o16(const cuda_state *cs)
-{
-	return cs->fp8 ? 0 : cs->kda_o16;
-}
-
 /*
- * The op's last stage: the gated RMSNorm of o (n rows; o16 non-NULL: o as
- * bf16, KL_CUDA_KDA_O16) into a->out, with the bf16 twin o_proj reads
- * (KL_CUDA_BF16_TWIN) where one is kept.  KL_CUDA_KDA_O16=2 in an eager
- * step: the twin only, a->out left stale and recorded as such
- * (cuda_state.t16).
+ * The op's last stage: the gated RMSNorm of o (n rows) into a->out, with
+ * the bf16 twin o_proj reads (KL_CUDA_BF16_TWIN) where one is kept.
  */
 static void
-cuda_kda_gated_norm(kl_backend *be, const kl_kda_args *a, int n, const float *o, const uint16_t *o16)
+cuda_kda_gated_norm(kl_backend *be, const kl_kda_args *a, int n, const float *o)
 {
 	cuda_state *cs = CS(be);
 	const kl_config *cfg = be->cfg;
 	int			H = cfg->kda_heads,
 				K = cfg->kda_head_dim,
 				HK = H * K;
-	uint16_t   *tw16 = cuda_twin_out(be, n, HK);
-	bool		only = tw16 && kda_o16(cs) >= 2 && cs->mode == GM_EAGER;
+	uint16_t   *o16 = cuda_twin_out(be, n, HK);
 
 	if (be->failed)
 		return;
-	/* the gate kept in bf16 by its product (KL_CUDA_KDA_IN16 bit 2), read as such and then dropped */
-	const uint16_t *gate16 = cuda_r16_find(cs, a->gate, n, HK);
-
-	kk_kda_gated_norm16(cs->stream, n, H, K, o, o16, a->gate, gate16, a->w->o_norm, cfg->rms_norm_eps,
-						only ? NULL : a->out, tw16);
-	if (gate16)
-		cuda_r16_drop(cs, a->gate);
-	if (cuda_launched(be, "kda_gated_norm") && tw16)
-	{
-		cuda_twin_set(cs, a->out, HK, n, HK, tw16, false);
-		if (only)
-		{
-			cs->t16.dst = a->out;
-			cs->t16.src = tw16;
-			cs->t16.rows = n;
-			cs->t16.cols = HK;
-			cs->t16.taken = false;
-			cs->t16.pending = true;
-		}
-	}
+	/* the gate kept in bf16 (KL_CUDA_KDA_IN16 bit 2, opt-in) is widened here: the gated norm reads fp32
+	 * (a norm reading a bf16 gate was part of the reverted O16 work, commit 82fb674) */
+	cuda_r16_widen(be, a->gate);
+	kk_kda_gated_norm_twin(cs->stream, n, H, K, o, a->gate, a->w->o_norm, cfg->rms_norm_eps, a->out, o16);
+	if (cuda_launched(be, "kda_gated_norm") && o16)
+		cuda_twin_set(cs, a->out, HK, n, HK, o16, false);
 }
 
 /*
@@ -157,15 +99,12 @@ cuda_kda_fused(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 	int			longest = 0;
 	float	   *o,
 			   *scratch;
-	uint16_t   *o16;
 	float	  **conv_tab = cs->d_kda_conv + (size_t) a->kda_index * ns;
 
 	for (int s = 0; s < ns; s++)
 		if (st->row0[s + 1] - st->row0[s] > longest)
 			longest = st->row0[s + 1] - st->row0[s];
-	/* KL_CUDA_KDA_O16: o as bf16 in the same buffer (half of it) */
-	o = cuda_buf(be, CB_KDA_O, (kda_o16(cs) ? sizeof(uint16_t) : sizeof(float)) * (size_t) n * HK);
-	o16 = kda_o16(cs) ? (uint16_t *) o : NULL;
+	o = cuda_buf(be, CB_KDA_O, sizeof(float) * (size_t) n * HK);
 	scratch = cuda_buf(be, CB_KDA_CHUNK, kk_kda_chunk_mma_scratch(longest, H, K));
 	if (!o || !scratch)
 		return;
@@ -177,8 +116,7 @@ cuda_kda_fused(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 		int			rc = kk_kda_chunked_mma_fused(cs->stream, ni, H, K, W, a->q + ro, a->k + ro, a->v + ro,
 												  a->f + ro, a->b + (size_t) r0 * H, w->conv_q, w->conv_k,
 												  w->conv_v, w->A_log, w->dt_bias, conv_tab + s,
-												  st->seqs[s]->kda_S[a->kda_index], o16 ? NULL : o + ro,
-												  o16 ? o16 + ro : NULL, scratch);
+												  st->seqs[s]->kda_S[a->kda_index], o + ro, scratch);
 
 		if (!chunked_launched(be, rc, K, "kda_chunked_fused"))
 			return;
@@ -186,7 +124,7 @@ cuda_kda_fused(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 	kk_kda_tails(cs->stream, ns, HK, W, a->q, a->k, a->v, cs->d_row0, conv_tab);
 	if (!cuda_launched(be, "kda_tails"))
 		return;
-	cuda_kda_gated_norm(be, a, n, o16 ? NULL : o, o16);
+	cuda_kda_gated_norm(be, a, n, o);
 }
 
 /*
@@ -227,7 +165,6 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 			   *beta,
 			   *o,
 			   *scratch = NULL;
-	uint16_t   *o16 = NULL;
 	float	  **S_tab = cs->d_kda_S + (size_t) a->kda_index * ns;
 	float	  **conv_tab = cs->d_kda_conv + (size_t) a->kda_index * ns;
 	const uint16_t *q16,
@@ -286,16 +223,7 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 	qo = cuda_buf(be, CB_KDA_Q, sizeof(float) * (size_t) n * HK);
 	ko = cuda_buf(be, CB_KDA_K, sizeof(float) * (size_t) n * HK);
 	vo = cuda_buf(be, CB_KDA_V, sizeof(float) * (size_t) n * HK);
-	/* KL_CUDA_KDA_O16: where every sequence takes the tensor-core chunkwise
-	 * form (the per-token recurrence writes fp32 o), o as bf16 in the same
-	 * buffer (half of it; kk_kda_recurrent writes no row of it then) */
-	if (cs->kda_mma && kda_o16(cs) && all_long)
-	{
-		o = cuda_buf(be, CB_KDA_O, sizeof(uint16_t) * (size_t) n * HK);
-		o16 = (uint16_t *) o;
-	}
-	else
-		o = cuda_buf(be, CB_KDA_O, sizeof(float) * (size_t) n * HK);
+	o = cuda_buf(be, CB_KDA_O, sizeof(float) * (size_t) n * HK);
 	beta = cuda_buf(be, CB_KDA_BETA, sizeof(float) * (size_t) n * H);
 	for (int s = 0; s < ns; s++)
 		if (st->row0[s + 1] - st->row0[s] > max_rows && st->row0[s + 1] - st->row0[s] > longest)
@@ -360,13 +288,11 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 									  (const uint16_t *) ko + (size_t) r0 * HK,
 									  (const uint16_t *) vo + (size_t) r0 * HK, a->f + (size_t) r0 * HK,
 									  beta + (size_t) r0 * H, st->seqs[s]->kda_S[a->kda_index],
-									  o16 ? NULL : o + (size_t) r0 * HK, o16 ? o16 + (size_t) r0 * HK : NULL,
-									  scratch);
+									  o + (size_t) r0 * HK, scratch);
 		else if (cs->kda_mma)
 			rc = kk_kda_chunked_mma(cs->stream, ni, H, K, qo + (size_t) r0 * HK, ko + (size_t) r0 * HK,
 									vo + (size_t) r0 * HK, a->f + (size_t) r0 * HK, beta + (size_t) r0 * H,
-									st->seqs[s]->kda_S[a->kda_index], o16 ? NULL : o + (size_t) r0 * HK,
-									o16 ? o16 + (size_t) r0 * HK : NULL, scratch);
+									st->seqs[s]->kda_S[a->kda_index], o + (size_t) r0 * HK, scratch);
 		else
 			rc = kk_kda_chunked(cs->stream, ni, H, K, qo + (size_t) r0 * HK, ko + (size_t) r0 * HK,
 								vo + (size_t) r0 * HK, a->f + (size_t) r0 * HK, beta + (size_t) r0 * H,
@@ -376,7 +302,7 @@ cuda_kda(kl_backend *be, const kl_step *st, const kl_kda_args *a)
 		if (!chunked_launched(be, rc, K, "kda_chunked"))
 			return;
 	}
-	cuda_kda_gated_norm(be, a, n, o16 ? NULL : o, o16);
+	cuda_kda_gated_norm(be, a, n, o);
 }
 
 /* ------------------------------------------------------------------ test hook */
@@ -584,7 +510,7 @@ kl_cuda_test_kda_chunked(int n, int H, int K, const float *q, const float *k, co
 	if (rc == 0)
 		rc = kk_kda_chunked(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_O], d[O_O], d[SCR_O]);
 	if (rc == 0)
-		rc = kk_kda_chunked_mma(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], NULL, d[SCR_N]);
+		rc = kk_kda_chunked_mma(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], d[SCR_N]);
 	if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
 		rc = (int) e;
 	{
@@ -663,9 +589,8 @@ kl_cuda_test_kda_chunked_raw(int n, int H, int K, int in16, const float *q, cons
 	in[S_N] = S;
 	rc = hook_open_fill(&s, d, sz, in, NBUF, 0);
 	if (rc == 0)
-		rc = in16 ? kk_kda_chunked_mma16(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], NULL,
-										 d[SCR]) :
-			kk_kda_chunked_mma(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], NULL, d[SCR]);
+		rc = in16 ? kk_kda_chunked_mma16(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], d[SCR]) :
+			kk_kda_chunked_mma(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], d[O_N], d[SCR]);
 	if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
 		rc = (int) e;
 	{
@@ -1051,151 +976,6 @@ kl_cuda_test_kda_prep_form(int form, int fast, int ns, const int *row0, int H, i
 	}
 	free(rseq);
 	free(ptrs);
-	free(h16);
-	return rc;
-}
-
-/*
- * For test/engine/test_cuda.c only (found with dlsym): as
- * kl_cuda_test_kda_chunked_raw (same inputs, in16 the same), but o as bf16
- * (kk_kda_chunked_mma* with o16, KL_CUDA_KDA_O16): o16 [n, H K] and S_out
- * [H, K, K] copied back.  o16's buffer is set to 0xff bytes first (NaN), so
- * that rows the kernels leave unwritten show; the scratch to zero.  Returns 0, -1 for a head size
- * the form does not cover, or a CUDA error code.
- */
-__attribute__((visibility("default"))) int
-kl_cuda_test_kda_chunked_o16(int n, int H, int K, int in16, const float *q, const float *k, const float *v,
-							 const float *g, const float *beta, const float *S, uint16_t *o16, float *S_out)
-{
-	enum
-	{
-		Q, K_, V_, G, BETA, S_N, SCR, O16, NBUF
-	};
-	size_t		nx = (size_t) n * H * K,
-				nS = (size_t) H * K * K;
-	size_t		sz[NBUF];
-	const void *in[NBUF] = {NULL};
-	void	   *d[NBUF] = {NULL};
-	uint16_t   *h16 = NULL,
-			   *nan16 = malloc(sizeof(uint16_t) * (nx > 0 ? nx : 1));
-	cudaStream_t s = NULL;
-	cudaError_t e;
-	int			rc = 0;
-
-	if (!nan16)
-		return (int) cudaErrorMemoryAllocation;
-	memset(nan16, 0xff, sizeof(uint16_t) * nx);
-	sz[Q] = sz[K_] = sz[V_] = in16 ? sizeof(uint16_t) * nx : sizeof(float) * nx;
-	sz[G] = sizeof(float) * nx;
-	sz[BETA] = sizeof(float) * (size_t) n * H;
-	sz[S_N] = sizeof(float) * nS;
-	sz[SCR] = kk_kda_chunk_mma_scratch(n, H, K);
-	sz[O16] = sizeof(uint16_t) * nx;
-	in[Q] = q;
-	in[K_] = k;
-	in[V_] = v;
-	if (in16)
-	{
-		const float *src[3] = {q, k, v};
-
-		if (!(h16 = malloc(sizeof(uint16_t) * 3 * nx)))
-		{
-			free(nan16);
-			return (int) cudaErrorMemoryAllocation;
-		}
-		for (int a = 0; a < 3; a++)
-		{
-			for (size_t i = 0; i < nx; i++)
-				h16[a * nx + i] = kl_f32_to_bf16(src[a][i]);
-			in[Q + a] = h16 + a * nx;
-		}
-	}
-	in[G] = g;
-	in[BETA] = beta;
-	in[S_N] = S;
-	in[O16] = nan16;
-	rc = hook_open_fill(&s, d, sz, in, NBUF, 0);	/* (the scratch zeroed, as kl_cuda_test_kda_chunked_raw's) */
-	if (rc == 0)
-		rc = in16 ? kk_kda_chunked_mma16(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], NULL, d[O16],
-										 d[SCR]) :
-			kk_kda_chunked_mma(s, n, H, K, d[Q], d[K_], d[V_], d[G], d[BETA], d[S_N], NULL, d[O16], d[SCR]);
-	if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
-		rc = (int) e;
-	{
-		void	   *host_out[2] = {o16, S_out};
-		int			dev_of[2] = {O16, S_N};
-
-		rc = hook_close(s, d, sz, NBUF, dev_of, host_out, 2, rc);
-	}
-	free(h16);
-	free(nan16);
-	return rc;
-}
-
-/*
- * For test/engine/test_cuda.c only (found with dlsym): the gated norm of
- * n rows (H heads of K) through kk_kda_gated_norm_twin on fp32 o, gate
- * (out_old, tw_old: fp32 out and its twin) and through kk_kda_gated_norm16
- * on the same values as bf16 (o16 / g16: o / gate as bf16; the caller gives
- * bf16 values there, which convert exactly), once with an fp32 out (out_new,
- * tw_new) and once twin-only (tw_only), with the kernels of
- * KL_CUDA_KDA_ELEM_WARP mask `warp` (restored after).  Host inputs o, gate
- * [n, H K], w [K].  Output buffers are set to 0xff bytes first.  Returns 0
- * or a CUDA error code.
- */
-__attribute__((visibility("default"))) int
-kl_cuda_test_kda_norm16(int warp, int n, int H, int K, float eps, int o16, int g16, const float *o,
-						const float *gate, const float *w, float *out_old, uint16_t *tw_old, float *out_new,
-						uint16_t *tw_new, uint16_t *tw_only)
-{
-	enum
-	{
-		O, GATE, O16, G16, WN, OUT_O, TW_O, OUT_N, TW_N, TW_1, NBUF
-	};
-	size_t		nx = (size_t) n * H * K;
-	size_t		sz[NBUF];
-	const void *in[NBUF] = {NULL};
-	void	   *d[NBUF] = {NULL};
-	uint16_t   *h16 = malloc(sizeof(uint16_t) * 2 * (nx > 0 ? nx : 1));
-	cudaStream_t s = NULL;
-	cudaError_t e;
-	int			rc,
-				was;
-
-	if (!h16)
-		return (int) cudaErrorMemoryAllocation;
-	for (size_t i = 0; i < nx; i++)
-	{
-		h16[i] = kl_f32_to_bf16(o[i]);
-		h16[nx + i] = kl_f32_to_bf16(gate[i]);
-	}
-	sz[O] = sz[GATE] = sz[OUT_O] = sz[OUT_N] = sizeof(float) * nx;
-	sz[O16] = sz[G16] = sz[TW_O] = sz[TW_N] = sz[TW_1] = sizeof(uint16_t) * nx;
-	sz[WN] = sizeof(float) * (size_t) K;
-	in[O] = o;
-	in[GATE] = gate;
-	in[O16] = h16;
-	in[G16] = h16 + nx;
-	in[WN] = w;
-	rc = hook_open_fill(&s, d, sz, in, NBUF, 0xff);
-	if (rc == 0)
-	{
-		was = kk_set_kda_elem_warp(warp);
-		kk_kda_gated_norm_twin(s, n, H, K, d[O], d[GATE], d[WN], eps, d[OUT_O], d[TW_O]);
-		kk_kda_gated_norm16(s, n, H, K, d[O], o16 ? d[O16] : NULL, d[GATE], g16 ? d[G16] : NULL, d[WN], eps,
-							d[OUT_N], d[TW_N]);
-		kk_kda_gated_norm16(s, n, H, K, d[O], o16 ? d[O16] : NULL, d[GATE], g16 ? d[G16] : NULL, d[WN], eps, NULL,
-							d[TW_1]);
-		kk_set_kda_elem_warp(was);
-		if ((e = cudaGetLastError()) != cudaSuccess)
-			rc = (int) e;
-	}
-	{
-		void	   *host_out[5] = {out_old, tw_old, out_new, tw_new, tw_only};
-		int			dev_of[5] = {OUT_O, TW_O, OUT_N, TW_N, TW_1};
-
-		rc = hook_close(s, d, sz, NBUF, dev_of, host_out, 5, rc);
-	}
 	free(h16);
 	return rc;
 }

@@ -75,7 +75,6 @@ cuda_twin_out(kl_backend *be, int rows, int cols)
 	if (!cs->bf16 || !cs->bf16_twin || (rows <= GEMV_MAX_ROWS && !q_twin_rows(cs, rows)) || rows <= 0 ||
 		cols <= 0 || be->failed)
 		return NULL;
-	cuda_t16_resolve(be, false);	/* (a twin-only KDA output's values are in CB_TWIN) */
 	if (cs->tw.valid && !cs->tw.in_xbuf)
 		cs->tw.valid = false;	/* CB_TWIN is about to be written */
 	return cuda_buf(be, CB_TWIN, (size_t) rows * cols * sizeof(uint16_t));
@@ -102,13 +101,6 @@ cuda_to_bf16(kl_backend *be, uint16_t *dst, int ldd, const float *src, int lds, 
 		kk_f32_to_bf16(CS(be)->stream, dst, ldd, src, lds, rows, cols);
 }
 
-/* Do rows p [n, cols] (row stride ld) meet a pending twin-only KDA output's (cuda_state.t16)? */
-static bool
-t16_rows(const cuda_state *cs, const float *p, int ld, int n, int cols)
-{
-	return cs->t16.pending && n > 0 && cuda_t16_overlaps(cs, p, sizeof(float) * ((size_t) (n - 1) * ld + cols));
-}
-
 /* the valid bf16 twin of x [n, cols] (ldx) for a product of forward.c's (tw_scope), else NULL */
 static const uint16_t *
 twin_of(const cuda_state *cs, const float *x, int ldx, int n, int cols)
@@ -127,10 +119,6 @@ cuda_x_bf16(kl_backend *be, const float *x, int ldx, int n, int cols, int *ld16)
 	*ld16 = cols;
 	if (tw)
 		return tw;
-	/* x's fp32 rows are read below: a twin-only KDA output's are made first
-	 * (matmul_raw decided so already; this is the backstop) */
-	if (t16_rows(cs, x, ldx, n, cols))
-		cuda_t16_resolve(be, true);
 	if (cs->tw.valid && cs->tw.in_xbuf)
 		cs->tw.valid = false;	/* CB_X_BF16 is about to be written */
 	if (!(x16 = cuda_buf(be, CB_X_BF16, (size_t) n * cols * sizeof(uint16_t))))
@@ -293,9 +281,6 @@ cuda_r16_product(kl_backend *be, const kl_matmul_job *jb)
 		jb->n <= GEMV_MAX_ROWS || W->rows <= 0 || jb->ldy != W->rows || ((uintptr_t) jb->y) % 16 != 0 ||
 		W->rows % 8 != 0 || be->failed)
 		return false;
-	/* (a twin-only KDA output under y's rows is written over: ended unwidened) */
-	if (t16_rows(cs, jb->y, jb->ldy, jb->n, W->rows))
-		cuda_t16_resolve(be, false);
 	/* (x read as bf16 before the record: a product from y's own rows widens them first) */
 	cuda_r16_overlap(be, jb->x, jb->ldx, jb->n, W->cols);
 	if (!(x16 = cuda_x_bf16(be, jb->x, jb->ldx, jb->n, W->cols, &ld16)))
@@ -473,49 +458,6 @@ matmul_quantized(kl_backend *be, float *y, int ldy, const float *x, int ldx, int
 
 static void matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W);
 
-/*
- * Does matmul_raw read x through cuda_x_bf16, and does that find x's twin
- * there?  (Its bf16 branch and matmul_q_panels do; the GEMV kernels, the
- * quantized tensor-core and FP8 paths and SGEMM read the fp32 rows.)  Errs
- * towards no: then a twin-only output is widened first, costing bytes, not
- * results.
- */
-static bool
-product_takes_twin(const cuda_state *cs, const float *x, int ldx, int n, const kl_weight *W)
-{
-	bool		via_x16;
-
-	if (!cs->bf16 || n <= GEMV_MAX_ROWS)
-		return false;
-	if (cuda_weight_quantized(W))
-		via_x16 = !q_on_tensor_cores(cs, n, W) && !cuda_fp8_dense_takes(cs, n, W);
-	else
-		via_x16 = W->dtype == KL_DT_BF16;
-	return via_x16 && twin_of(cs, x, ldx, n, W->cols);
-}
-
-/*
- * A product of x into y while a twin-only KDA output (cuda_state.t16) is
- * pending: o_proj's product takes the twin (taken); another that reads its
- * rows makes them first; one that writes over them ends the record (after
- * making them, unless taken).
- */
-static void
-t16_before_product(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W)
-{
-	cuda_state *cs = CS(be);
-
-	if (t16_rows(cs, x, ldx, n, W->cols))
-	{
-		if (product_takes_twin(cs, x, ldx, n, W))
-			cs->t16.taken = true;
-		else
-			cuda_t16_resolve(be, true);
-	}
-	else if (t16_rows(cs, y, ldy, n, W->rows))
-		cuda_t16_resolve(be, false);
-}
-
 void
 cuda_matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int n, const kl_weight *W)
 {
@@ -525,7 +467,6 @@ cuda_matmul_raw(kl_backend *be, float *y, int ldy, const float *x, int ldx, int 
 		cuda_r16_overlap(be, x, ldx, n, W->cols);
 		cuda_r16_overlap(be, y, ldy, n, W->rows);
 	}
-	t16_before_product(be, y, ldy, x, ldx, n, W);
 	matmul_raw(be, y, ldy, x, ldx, n, W);
 	if (n > 0 && W->rows > 0)
 		twin_written(CS(be), y, ldy, n, W->rows);
@@ -607,9 +548,6 @@ cuda_matmul_fp32(kl_backend *be, float *y, int ldy, const float *x, int ldx, int
 {
 	cuda_state *cs = CS(be);
 
-	/* (reads x's fp32 rows whatever the path: a twin-only KDA output's are made first) */
-	if (t16_rows(cs, x, ldx, n, W->cols))
-		cuda_t16_resolve(be, true);
 	if (cs->bf16 && cuda_weight_quantized(W))
 	{
 		/* (the router is never quantized; should a quantized W come, the fp32 mode's path) */
@@ -755,12 +693,6 @@ cuda_matmul_batch_raw(kl_backend *be, const kl_matmul_job *jobs, int count)
 
 	if (be->failed)
 		return;
-	/* a twin-only KDA output (cuda_state.t16) that a job reads or writes is
-	 * made first: batches read fp32 rows (forward.c's o_proj is no batch) */
-	for (int i = 0; i < count; i++)
-		if (t16_rows(cs, jobs[i].x, jobs[i].ldx, jobs[i].n, jobs[i].W->cols) ||
-			t16_rows(cs, jobs[i].y, jobs[i].ldy, jobs[i].n, jobs[i].W->rows))
-			cuda_t16_resolve(be, true);
 	/* quantized, every job on the tensor cores: up to KK_GEMV_MMA_Q_ROWS rows */
 	if (count > 1 && (q_mma = q_batch_mma(cs, jobs, count)))
 		any_q = true;

@@ -49,11 +49,6 @@ cuda_step_skip(kl_backend *be, int op, uintptr_t a, uintptr_t b, uintptr_t c, ui
 	 * may write its rows, or is a norm or SwiGLU that writes a new one */
 	if (op == OP_MOE ? (const float *) b != cs->tw.src : op != OP_MATMUL && op != OP_PREFETCH)
 		cs->tw.valid = false;
-	/* a twin-only KDA output (KL_CUDA_KDA_O16): products decide for
-	 * themselves (cuda_matmul.c); a copy may read its rows; any other op
-	 * ends the record (the op's contract: o_proj's product is its reader) */
-	if (cs->t16.pending && op != OP_MATMUL && op != OP_PREFETCH)
-		cuda_t16_resolve(be, op == OP_COPY);
 	/* (precision fp8's kept E4M3 rows of one input: the same rule) */
 	if (op == OP_MOE ? (const float *) b != cs->f8.src : op != OP_MATMUL && op != OP_PREFETCH)
 		cs->f8.valid = false;
@@ -189,7 +184,6 @@ cuda_begin_step(kl_backend *be, const kl_step *st, kl_err *err)
 	cs->pf_pending = false;
 	cs->pf_wait_for = NULL;
 	cs->pend_moe = false;
-	cuda_t16_resolve(be, false);	/* (a twin-only KDA output of the step before) */
 	cuda_acts_invalid(cs);		/* (and a bf16 twin) */
 	cs->tw_scope = false;
 	cuda_r16_forget(cs);		/* (and bf16 product results: end_step widened any left) */

@@ -174,12 +174,7 @@ typedef struct kl_step
  * gate: g_b(g_a(x)) before sigmoid, [n, H*K].
  * The op runs conv + silu, L2 norm, decay, beta, the delta rule (updating the
  * sequences' state) and the gated per-head RMSNorm, writing out [n, H*K]
- * ready for o_proj.  q, k, v, f may be overwritten.  out is the input of
- * o_proj's product and nothing else: a backend may hand that product out in
- * another form (the CUDA backend's bf16 twin, KL_CUDA_KDA_O16) and leave
- * the fp32 rows unwritten; it makes them before any other read it sees
- * (another product, a copy, a download), but after o_proj's product and the
- * next op their contents are not defined.
+ * ready for o_proj.  q, k, v, f may be overwritten.
  */
 typedef struct kl_kda_args
 {
