@@ -1032,49 +1032,6 @@ dense_fp8_table(void)
 				kk_set_mma_q_tok(tok_was);
 				q_row_dense(batches[bi].name, per, n, "tokens-as-M (=2, TOK)", us, stream_us, -1);
 			}
-			/* from 8 rows, twins preset (as in the step): the tokens-as-M form 1 (n > 8) and form 2
-			 * (KL_CUDA_Q_TOK=2) by its rule and at forced shapes (R, WR, CS, NA); "vs 2": against form 1 (n > 8:
-			 * WR = CS = 1 must be 0) or the dense kernel on twins (n = 8) */
-			if (n >= 8)
-			{
-				static const int shp[][4] = {{0, 0, 0, 1}, {0, 0, 0, 0}, {4, 1, 1, 1}, {4, 2, 1, 1}, {4, 2, 1, 0},
-				{4, 2, 2, 1}, {4, 2, 4, 1}, {2, 2, 1, 1}, {2, 2, 2, 1}, {2, 2, 4, 1}, {2, 1, 2, 1}, {1, 2, 4, 1},
-				{1, 2, 8, 1}, {4, 1, 2, 1}};
-				char		name[96];
-				double		us;
-				int			tok_was;
-
-				tok_was = kk_set_mma_q_tok(n > 8 ? 1 : 0);
-				us = q_time(s, [&](int r) {
-					kk_gemv_batch b = batch(r, y2);
-
-					for (int j = 0; j < b.count; j++)
-						b.job[j].x16 = tw + (size_t) batches[bi].xi[j] * 64 * 9216;
-					kk_gemv_multi_mma_q_as(s, &b, 0, 2);
-				});
-				q_row_dense(batches[bi].name, per, n, n > 8 ? "tokens-as-M twin (TOK=1)" : "dense twin (ref)", us,
-							stream_us, -1);
-				kk_set_mma_q_tok(2);
-				for (size_t si = 0; si < sizeof(shp) / sizeof(shp[0]); si++)
-				{
-					kk_set_mma_q_tok_shape(shp[si][0], shp[si][1], shp[si][2], shp[si][3], 2);
-					us = q_time(s, [&](int r) {
-						kk_gemv_batch b = batch(r, y);
-
-						for (int j = 0; j < b.count; j++)
-							b.job[j].x16 = tw + (size_t) batches[bi].xi[j] * 64 * 9216;
-						kk_gemv_multi_mma_q_as(s, &b, 0, 2);
-					});
-					if (shp[si][0])
-						snprintf(name, sizeof(name), "TOK=2 R %d WR %d CS %d NA %d", shp[si][0], shp[si][1],
-								 shp[si][2], shp[si][3]);
-					else
-						snprintf(name, sizeof(name), "TOK=2 by rule, NA %d", shp[si][3]);
-					q_row_dense(batches[bi].name, per, n, name, us, stream_us, dev_rel_diff(s, y, y2, ny));
-				}
-				kk_set_mma_q_tok_shape(0, 0, 0, 1, 9);
-				kk_set_mma_q_tok(tok_was);
-			}
 			/* with the producers' twins preset (as in the step), 2-8 rows: the dense kernel at 2 blocks an SM
 			 * (KL_CUDA_Q_DENSE_OCC=2) and at 3 (the default), "vs 2" against the first (must be 0: the same sums) */
 			if (n <= 8)

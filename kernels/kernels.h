@@ -315,25 +315,6 @@ void		kk_set_mma_q_dense(int mt, int max_rows);
  */
 int			kk_set_mma_q_tok(int on);
 /*
- * on = 2 (KL_CUDA_Q_TOK=2): gemv_mma_q_tokw_kernel instead, the same
- * products with 8 R WR rows a cluster of CS blocks that split k (mma_q.cu,
- * "row groups and k-split clusters"), from min_n tokens.
- * kk_set_mma_q_tok_shape(R, WR, CS, NA, min_n) (the backend's
- * KL_CUDA_Q_TOK_SHAPE=R,WR,CS,NA,MIN_N; default 0,0,0,1,9): R (1, 2, 4),
- * WR (1, 2) and CS (1, 2, 4, 8) forced, 0 = by mtw_pick's rule; NA the
- * weights loaded with L1::no_allocate; min_n (1-64) the smallest batch it
- * takes (from 2 it also takes the dense kernel's 2-8 rows).
- */
-void		kk_set_mma_q_tok_shape(int R, int WR, int CS, int NA, int min_n);
-/*
- * kk_set_expert_q_ks(ks) (default 1; the backend's KL_CUDA_Q_EXPERT_KS):
- * kk_expert_mma_q's tiles in ks (1, 2, 4) k-slices over ks warps, 128 / ks
- * rows a block (more, smaller blocks: less of the last wave idle); 0 picks
- * by rule (mma_q.cu, mq_expert_ks).  Sums in another order for ks > 1.
- * Returns the setting it replaces.
- */
-int			kk_set_expert_q_ks(int ks);
-/*
  * kk_set_mma_q_l2(on) (default 0; the backend's KL_CUDA_Q_L2, default 1):
  * bit 1 (on & 1; the other bits are ignored), in batches of 9-64 rows each
  * block of the dense FP8 kernel's tokens-as-M form (or of the dense kernel

@@ -1288,7 +1288,7 @@ kk_set_mma_q_tok(int on)
 {
 	int			was = mt_on;
 
-	mt_on = on >= 0 && on <= 2 ? on : 1;
+	mt_on = on != 0;
 	return was;
 }
 
@@ -1332,10 +1332,7 @@ mt_launch_r(cudaStream_t s, kk_gemv_batch *b)
 	kk_launch(gemv_mma_q_tok_kernel<NT, R>, dim3(blocks), dim3(MX_WARPS * 32), smem, s, *b);
 }
 
-static bool mtw_launch(cudaStream_t s, kk_gemv_batch *b);
-
-/* the tokens-as-M kernel for the converted batch b (n >= 9; KL_CUDA_Q_TOK=2: mtw_launch's n); false where it
- * does not take b */
+/* the tokens-as-M kernel for the converted batch b (n >= 9); false where it does not take b */
 static bool
 mt_launch(cudaStream_t s, kk_gemv_batch *b)
 {
@@ -1343,8 +1340,6 @@ mt_launch(cudaStream_t s, kk_gemv_batch *b)
 				NT = nb / 2,
 				R;
 
-	if (mt_on == 2)
-		return mtw_launch(s, b);
 	if (!mt_on || nb < 2 || (R = mt_tok_r(b, NT)) == 0)
 		return false;
 	if (NT == 1)
@@ -1825,340 +1820,6 @@ ms_launch(cudaStream_t s, kk_gemv_batch *b)
 	return true;
 }
 
-/* ------------------------------------------------------------------ tokens as M: row groups and k-split clusters */
-
-/*
- * gemv_mma_q_tokw_kernel<NT, R, WR, NA> (KL_CUDA_Q_TOK=2): the
- * tokens-as-M products with more weight rows sharing one read of the
- * activations.  Why: the tokens-as-M kernel (=1) gives each block 8 R
- * rows (32 at most) and all of k, so every block reads the batch's whole
- * activations: at 32 tokens 147 KB (q/k/v) or 262 KB (o_proj) through L2
- * for 74 / 64 KB of weights, the activation traffic 2-4x the weights';
- * Nsight had q/k/v at 26 % and o_proj at 18 % of the copy rate in the step,
- * and taking the activations past L1 (cp.async.cg) made it 2.5x slower
- * (H200, 2026-12-02): the activation path bounds it, not the weights.
- * Here a cluster of CS blocks owns 8 R WR rows of one job:
- *   - in a block, WR groups of WK = 8 / WR warps take the same chunks for
- *     different rows (the first warp's L2 read of a chunk's activations
- *     serves the other groups' warps from L1), so a block reads the
- *     activations once for 8 R WR rows;
- *   - the CS blocks split k (block rank q: chunks [q nch / CS, (q + 1) nch /
- *     CS)), each reading only its slice of the activations, so that few
- *     tall row groups still give every SM blocks;
- *   - NA: the weights (read once) are loaded with L1::no_allocate, so that
- *     they do not push the activations out of L1.
- * Sums: warp (wr, wk) sums its chunks in order (as =1's warps), the WK
- * warps of a row group are added in wk order in shared memory, then (CS >
- * 1) after a cluster barrier block rank q adds the CS blocks' sums of its
- * share of the outputs through distributed shared memory in rank order.
- * With WR = CS = 1 that is =1's order: the same bits as gemv_mma_q_tok_kernel.
- * The launcher (mtw_pick) picks the tallest row group and then the fewest
- * k-slices that still give every SM a block.
- */
-template <bool NA>
-__device__ __forceinline__ uint4
-mtw_ldw(const uint8_t *p)
-{
-	uint4		v;
-
-	if (!NA)
-		return __ldg((const uint4 *) p);
-	asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-		: "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-	return v;
-}
-
-/* output q of a row group's tile (mt_sums' numbering) times its row's scale and 2^56 into y (rbase: the group's first row) */
-template <int NT, int R>
-__device__ __forceinline__ void
-mtw_store(const kk_gemv_batch &b, const kk_gemv_job *jb, const float *sc, int rbase, int q, float v)
-{
-	int			l = q & 31,
-				e = q >> 5,
-				i = e & 3,
-				r = (e >> 2) % R,
-				m = (e >> 2) / R,
-				tok = 16 * m + (l >> 2) + (i >= 2 ? 8 : 0),
-				row = rbase + 8 * r + 2 * (l & 3) + (i & 1);
-
-	if (tok < b.n && row < jb->rows)
-		jb->y[(size_t) tok * jb->ldy + row] = v * __ldg(sc + row) * MQ_FP8_SCALE;
-}
-
-template <int NT, int R, int WR, bool NA>
-__global__ void __launch_bounds__(MX_WARPS * 32, NT * R <= 8 ? 2 : 1)
-gemv_mma_q_tokw_kernel(kk_gemv_batch b, int CS)
-{
-	constexpr int WK = MX_WARPS / WR,
-				E = NT * R * 4 * 32;	/* outputs of a row group, as [NT R 4][32 lanes] */
-	extern __shared__ float mt_part[];	/* [8 warps][E], then (CS > 1) the block's sums [WR][E] */
-	int			j = kk_batch_job(b);
-	const kk_gemv_job *jb = &b.job[j];
-	int			warp = threadIdx.x >> 5,
-				lane = threadIdx.x & 31,
-				g = lane >> 2,
-				t = lane & 3,
-				wr = warp / WK,
-				wk = warp % WK,
-				rows = jb->rows,
-				cols = jb->cols,
-				nchunk = cols >> 6,
-#ifdef MS_ASYNC
-				rank = CS > 1 ? (int) ms_cluster_rank() : 0,
-#else
-				rank = 0,
-#endif
-				c0 = rank * nchunk / CS,
-				c1 = (rank + 1) * nchunk / CS,
-				r0 = ((int) blockIdx.x - b.first_block[j]) / CS * 8 * R * WR + 8 * R * wr;
-	const uint8_t *wrow[R];
-	float		acc[NT][R][4];
-	uint4		wc[R],
-				wn[R];
-
-	if (CS == 1 && wr == 0)
-		mq_l2_rows(b, jb, r0, 8 * R * WR);
-	mx_zero<NT, R>(acc);
-#pragma unroll
-	for (int r = 0; r < R; r++)
-	{
-		int			row = r0 + 8 * r + g < rows ? r0 + 8 * r + g : rows - 1;
-
-		wrow[r] = (const uint8_t *) jb->W + (size_t) row * cols + 16 * t;
-		if (c0 + wk < c1)
-			wc[r] = mtw_ldw<NA>(wrow[r] + 64 * (c0 + wk));
-	}
-	kk_dep_wait();
-	kk_dep_launch();
-	for (int c = c0 + wk; c < c1; c += WK)
-	{
-		if (c + WK < c1)
-#pragma unroll
-			for (int r = 0; r < R; r++)
-				wn[r] = mtw_ldw<NA>(wrow[r] + 64 * (c + WK));
-		mt_chunk<NT, R>(acc, wc, jb->x16, b.n, cols, c);
-#pragma unroll
-		for (int r = 0; r < R; r++)
-			wc[r] = wn[r];
-	}
-#pragma unroll
-	for (int m = 0; m < NT; m++)
-#pragma unroll
-		for (int r = 0; r < R; r++)
-#pragma unroll
-			for (int i = 0; i < 4; i++)
-				mt_part[((size_t) warp * NT * R * 4 + (m * R + r) * 4 + i) * 32 + lane] = acc[m][r][i];
-	__syncthreads();
-	/* each row group's WK warps added in wk order (the scales and the first row recomputed here: fewer
-	 * registers live through the loop, which the <2, 4> shapes need to stay within 128 without spilling) */
-	const float *sc = (const float *) ((const uint8_t *) jb->W + kk_q_scale_offset(rows, KK_WF_FP8, cols));
-	int			rbase = ((int) blockIdx.x - b.first_block[j]) / CS * 8 * R * WR;
-
-	for (int e = threadIdx.x; e < WR * E; e += MX_WARPS * 32)
-	{
-		int			grp = e / E,
-					q = e - grp * E;
-		float		v = 0;
-
-		for (int w = 0; w < WK; w++)
-			v += mt_part[(size_t) (grp * WK + w) * E + q];
-		if (CS == 1)
-			mtw_store<NT, R>(b, jb, sc, rbase + 8 * R * grp, q, v);
-		else
-			mt_part[(size_t) MX_WARPS * E + e] = v;
-	}
-#ifdef MS_ASYNC
-	if (CS > 1)
-	{
-		ms_cluster_sync();		/* every block's sums complete and visible to the cluster */
-		for (int e = rank * WR * E / CS + (int) threadIdx.x; e < (rank + 1) * WR * E / CS; e += MX_WARPS * 32)
-		{
-			uint32_t	a = ms_saddr(mt_part + (size_t) MX_WARPS * E + e);
-			int			grp = e / E;
-			float		v = 0;
-
-			for (int q = 0; q < CS; q++)
-				v += ms_ld_peer(a, (uint32_t) q);
-			mtw_store<NT, R>(b, jb, sc, rbase + 8 * R * grp, e - grp * E, v);
-		}
-		ms_cluster_sync();		/* no block leaves while a peer reads its shared memory */
-	}
-#endif
-}
-
-/* KL_CUDA_Q_TOK=2's shape: forced (kk_set_mma_q_tok_shape; 0 = by rule) and the smallest n it takes */
-static struct
-{
-	int			R,
-				WR,
-				CS,
-				NA,
-				min_n;
-}			mtw_set = {0, 0, 0, 1, 9};
-
-extern "C" void
-kk_set_mma_q_tok_shape(int R, int WR, int CS, int NA, int min_n)
-{
-	mtw_set.R = R == 1 || R == 2 || R == 4 ? R : 0;
-	mtw_set.WR = WR == 1 || WR == 2 ? WR : 0;
-	mtw_set.CS = CS == 1 || CS == 2 || CS == 4 || CS == 8 ? CS : 0;
-	mtw_set.NA = NA != 0;
-	mtw_set.min_n = min_n >= 1 && min_n <= KK_GEMV_MMA_Q_ROWS ? min_n : 9;
-}
-
-template <int NT, int R, int WR, bool NA>
-static void
-mtw_launch_as(cudaStream_t s, kk_gemv_batch *b, int blocks, int CS)
-{
-	size_t		smem = (size_t) (MX_WARPS + (CS > 1 ? WR : 0)) * NT * R * 4 * 32 * sizeof(float);
-	cudaLaunchConfig_t cfg;
-	cudaLaunchAttribute at[2];
-	int			na = 0;
-
-	if (smem > 48 * 1024)
-		cudaFuncSetAttribute(gemv_mma_q_tokw_kernel<NT, R, WR, NA>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-							 (int) smem);
-	memset(&cfg, 0, sizeof(cfg));
-	cfg.gridDim = dim3(blocks);
-	cfg.blockDim = dim3(MX_WARPS * 32);
-	cfg.dynamicSmemBytes = smem;
-	cfg.stream = s;
-	if (CS > 1)
-	{
-		at[na].id = cudaLaunchAttributeClusterDimension;
-		at[na].val.clusterDim.x = CS;
-		at[na].val.clusterDim.y = 1;
-		at[na].val.clusterDim.z = 1;
-		na++;
-	}
-	if (kk_pdl_on)
-	{
-		at[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-		at[na].val.programmaticStreamSerializationAllowed = 1;
-		na++;
-	}
-	cfg.attrs = at;
-	cfg.numAttrs = na;
-	if (cudaLaunchKernelEx(&cfg, gemv_mma_q_tokw_kernel<NT, R, WR, NA>, *b, CS) != cudaSuccess && na == 2)
-	{
-		/* should a runtime refuse clusters with programmatic serialization: the cluster alone */
-		(void) cudaGetLastError();
-		cfg.numAttrs = 1;
-		cudaLaunchKernelEx(&cfg, gemv_mma_q_tokw_kernel<NT, R, WR, NA>, *b, CS);
-	}
-}
-
-/*
- * (R, WR, CS) for batch b at NT token tiles: the tallest row group 8 R WR
- * (64, 32, 16, 8 rows; R <= 2 at NT 4 for two blocks an SM), then the
- * fewest k-slices CS (1, 2, 4, 8; each slice at least a chunk a warp of the
- * narrowest job) that give the launch a block an SM; the smallest shape
- * where none does.  Forced values (kk_set_mma_q_tok_shape) win.
- */
-static void
-mtw_pick(const kk_gemv_batch *b, int NT, int *R, int *WR, int *CS)
-{
-	static const int shapes[][2] = {{4, 2}, {2, 2}, {2, 1}, {1, 1}};	/* (R, WR): 64, 32, 16, 8 rows */
-	int			sms = mq_sms(),
-				minch = 1 << 30;
-	bool		clusters = ms_device_ok();
-
-	for (int j = 0; j < b->count; j++)
-		minch = (b->job[j].cols >> 6) < minch ? b->job[j].cols >> 6 : minch;
-	*R = 1, *WR = 1, *CS = 1;
-	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
-	{
-		int			r = NT == 4 && shapes[si][0] > 2 ? 2 : shapes[si][0],
-					wr = shapes[si][1],
-					groups = 0;
-
-		if (mtw_set.R && r != mtw_set.R)
-			continue;
-		if (mtw_set.WR && wr != mtw_set.WR)
-			continue;
-		for (int j = 0; j < b->count; j++)
-			groups += ceil_div(b->job[j].rows, 8 * r * wr);
-		for (int cs = 1; cs <= (clusters ? 8 : 1); cs *= 2)
-		{
-			if (mtw_set.CS && cs != mtw_set.CS)
-				continue;
-			if (cs > 1 && minch / cs < MX_WARPS / wr)
-				break;
-			*R = r, *WR = wr, *CS = cs;
-			if (groups * cs >= sms || mtw_set.CS)
-				return;
-		}
-	}
-}
-
-static bool
-mtw_forced(void)
-{
-	return mtw_set.R || mtw_set.WR || mtw_set.CS;
-}
-
-/*
- * Does form 2 (by mtw_pick's rule) beat form 1 on b?  Measured alone
- * (bench/gemv_sweep.cu, H200 2026-12-03, bf16 twins, us a launch, form 1 ->
- * 2): at 17-32 tokens the KDA q/k/v batch (3 x 4096 x 2304: 64-row groups
- * enough for every SM) 17.6 -> 16.0 and o_proj (2304 x 4096: k-split
- * clusters of 4) 10.0 -> 9.4; every narrower or shorter batch lost there
- * (MLA q + kv_a 9.6 -> 11.5, kv_b 4.5 -> 6.4, the shared expert's 6.0 ->
- * 10.9), as did q/k/v and o_proj at 16 and 64 tokens.  So: 17-32 tokens,
- * and rows for a 64-row group an SM or columns of 4096 and more.
- */
-static bool
-mtw_wins(const kk_gemv_batch *b, int NT)
-{
-	int			rows = 0,
-				mincols = 1 << 30;
-
-	for (int j = 0; j < b->count; j++)
-	{
-		rows += b->job[j].rows;
-		mincols = b->job[j].cols < mincols ? b->job[j].cols : mincols;
-	}
-	return NT == 2 && (rows >= 64 * mq_sms() || mincols >= 4096);
-}
-
-#define MTW_NA(NT, R, WR) (mtw_set.NA ? mtw_launch_as<NT, R, WR, true>(s, b, blocks, CS) : \
-						   mtw_launch_as<NT, R, WR, false>(s, b, blocks, CS))
-#define MTW_RW(NT) (R == 4 ? (WR == 2 ? MTW_NA(NT, 4, 2) : MTW_NA(NT, 4, 1)) : \
-					R == 2 ? (WR == 2 ? MTW_NA(NT, 2, 2) : MTW_NA(NT, 2, 1)) : \
-					(WR == 2 ? MTW_NA(NT, 1, 2) : MTW_NA(NT, 1, 1)))
-
-/* KL_CUDA_Q_TOK=2 for the converted batch b (n >= mtw_set.min_n); false where it does not take b */
-static bool
-mtw_launch(cudaStream_t s, kk_gemv_batch *b)
-{
-	int			NT = b->n <= 16 ? 1 : b->n <= 32 ? 2 : 4,
-				R,
-				WR,
-				CS,
-				blocks = 0;
-
-	if (b->n < mtw_set.min_n || (!mtw_forced() && !mtw_wins(b, NT)))
-		return false;
-	mtw_pick(b, NT, &R, &WR, &CS);
-	if (NT == 4 && R == 4)
-		R = 2;
-	for (int j = 0; j < b->count; j++)
-	{
-		b->first_block[j] = blocks;
-		blocks += ceil_div(b->job[j].rows, 8 * R * WR) * CS;
-	}
-	b->first_block[b->count] = blocks;
-	if (NT == 1)
-		MTW_RW(1);
-	else if (NT == 2)
-		MTW_RW(2);
-	else
-		(R == 2 ? (WR == 2 ? MTW_NA(4, 2, 2) : MTW_NA(4, 2, 1)) : (WR == 2 ? MTW_NA(4, 1, 2) : MTW_NA(4, 1, 1)));
-	return true;
-}
-#undef MTW_RW
-#undef MTW_NA
-
 extern "C" void
 kk_set_mma_q_dense(int mt, int max_rows)
 {
@@ -2539,44 +2200,30 @@ kk_gemv_mma_q(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n,
 /* ------------------------------------------------------------------ expert products */
 
 /*
- * Item blockIdx.y of the work list, 128 / KS rows blockIdx.x of its matrix
- * (one matrix: in the two-matrix mode the second half of the blocks takes
- * W1 -> y1; SWIGLU: gate W0 and up W1 of the same rows, silu(gate) * up ->
- * y0).  KS (1, 2, 4; kk_set_expert_q_ks): the KS warps of a 16-row tile
- * take k-slices (warp w: tile w / KS, chunks [ks nchunk / KS, (ks + 1)
- * nchunk / KS) for ks = w % KS), their partial tiles added in ks order
- * through shared memory.  Why: at 8 decode tokens a layer's gate/up
- * launch is ~58 items x 8 blocks of 590 KB of weights on 264 block slots
- * (1.8 waves, each block ~37 us), and Nsight had it at 75 % of the copy
- * rate, 87 % at 32 tokens (~4.9 waves): the last wave's idle slots.  KS
- * blocks a tile-row make KS x the blocks of 1 / KS the bytes.  Dynamic
- * shared memory: 8 token rows of mq_ld_for(cols) bf16, and at least
- * MQ_XWARPS NM 4 32 floats (the partial tiles, after the staged rows are
- * read).
+ * Item blockIdx.y of the work list, 128 rows blockIdx.x of its matrix (one
+ * matrix: in the two-matrix mode the second half of the blocks takes W1 ->
+ * y1; SWIGLU: gate W0 and up W1 of the same rows, silu(gate) * up -> y0).
+ * Dynamic shared memory: 8 token rows of mq_ld_for(cols) bf16.
  */
 template <int FMT, int LW, bool GROUPED, bool SWIGLU>
 __global__ void __launch_bounds__(MQ_XWARPS * 32)
 expert_mma_q_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
 					const void *const *W0, const void *const *W1, int group, int rows, int cols,
-					const int *__restrict__ start, const int *__restrict__ active, int P, bool vec, int KS)
+					const int *__restrict__ start, const int *__restrict__ active, int P, bool vec)
 {
 	using St = mq_stream<FMT, LW, 1, GROUPED>;
 	constexpr int NM = SWIGLU ? 2 : 1;
 	extern __shared__ uint4 mq_smem[];
 	uint16_t   *xs = (uint16_t *) mq_smem;
 	int			ld = mq_ld_for(cols),
-				brows = MQ_XWARPS * 16 / KS,
-				per = (rows + brows - 1) / brows,
+				per = (rows + MQ_XWARPS * 16 - 1) / (MQ_XWARPS * 16),
 				m1 = !SWIGLU && W1 && (int) blockIdx.x >= per;
 	int			warp = threadIdx.x >> 5,
 				lane = threadIdx.x & 31,
 				g = lane >> 2,
-				t = lane & 3,
-				ks = warp % KS;
-	int			r0 = ((int) blockIdx.x - m1 * per) * brows + warp / KS * 16;
+				t = lane & 3;
+	int			r0 = ((int) blockIdx.x - m1 * per) * MQ_XWARPS * 16 + warp * 16;
 	int			nchunk = cols / St::CK,
-				c0 = ks * nchunk / KS,
-				c1 = (ks + 1) * nchunk / KS,
 				ngroups = (cols + group - 1) / group,
 				e,
 				first,
@@ -2609,44 +2256,17 @@ expert_mma_q_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, 
 			st[m].cpg = (GROUPED ? group : cols) / St::CK;
 			tot[m][0][0] = tot[m][0][1] = tot[m][0][2] = tot[m][0][3] = 0;
 			if (r0 < rows)
-				st[m].prime(c0, c1);	/* travels while the tokens are staged */
+				st[m].prime(0, nchunk);	/* travels while the tokens are staged */
 		}
 	}
 	mq_stage<FMT>(xs, ld, 8, count,
 				  [&](int r) { return x + (size_t) (xrow ? xrow[first + r] : first + r) * ldx; }, vec, 0, cols);
 	__syncthreads();
-	if (KS == 1 && r0 >= rows)
+	if (r0 >= rows)
 		return;					/* no barrier follows */
-	if (r0 < rows)
 #pragma unroll
-		for (int m = 0; m < NM; m++)
-			st[m].run(tot[m], xs + (size_t) g * ld + t * LW * St::WPB, ld, 0, c0, c1);
-	if (KS > 1)
-	{
-		/* the tile's KS partial tiles added in ks order, by its ks = 0 warp */
-		float	   *part = (float *) mq_smem;	/* [warp][NM 4][32 lanes] */
-
-		__syncthreads();		/* the staged rows are read: their room takes the partial tiles */
-#pragma unroll
-		for (int m = 0; m < NM; m++)
-#pragma unroll
-			for (int i = 0; i < 4; i++)
-				part[((size_t) warp * NM * 4 + m * 4 + i) * 32 + lane] = tot[m][0][i];
-		__syncthreads();
-		if (ks > 0 || r0 >= rows)
-			return;
-#pragma unroll
-		for (int m = 0; m < NM; m++)
-#pragma unroll
-			for (int i = 0; i < 4; i++)
-			{
-				float		v = tot[m][0][i];
-
-				for (int q = 1; q < KS; q++)
-					v += part[((size_t) (warp + q) * NM * 4 + m * 4 + i) * 32 + lane];
-				tot[m][0][i] = v;
-			}
-	}
+	for (int m = 0; m < NM; m++)
+		st[m].run(tot[m], xs + (size_t) g * ld + t * LW * St::WPB, ld, 0, 0, nchunk);
 
 	/* D fragment: tot[.][0][i] is row g (i < 2) or g + 8, token 2t + (i & 1) */
 	{
@@ -2671,38 +2291,6 @@ expert_mma_q_kernel(float *y0, float *y1, int ldy, const float *__restrict__ x, 
 	}
 }
 
-/* KL_CUDA_Q_EXPERT_KS (kk_set_expert_q_ks): 1, 2, 4 forced; 0 by mq_expert_ks's rule */
-static int	mq_expert_ks_set = 1;
-
-extern "C" int
-kk_set_expert_q_ks(int ks)
-{
-	int			was = mq_expert_ks_set;
-
-	mq_expert_ks_set = ks == 0 || ks == 1 || ks == 2 || ks == 4 ? ks : 1;
-	return was;
-}
-
-/*
- * k-slices a tile of the expert kernel for a launch of rows x nchunk chunks
- * and up to max_active items: forced, or the fewest of 1, 2, 4 that make the
- * launch at least MQ_EXPERT_WAVES waves of two blocks an SM (each slice at
- * least 2 chunks)
- */
-#define MQ_EXPERT_WAVES 6
-static int
-mq_expert_ks(int rows, int nchunk, int max_active)
-{
-	int			ks = 1;
-
-	if (mq_expert_ks_set > 0)
-		return nchunk / mq_expert_ks_set >= 1 ? mq_expert_ks_set : 1;
-	while (ks < 4 && nchunk / (2 * ks) >= 2 &&
-		   (size_t) ceil_div(rows, MQ_XWARPS * 16 / ks) * max_active < (size_t) MQ_EXPERT_WAVES * 2 * mq_sms())
-		ks *= 2;
-	return ks;
-}
-
 template <int FMT, int LW, bool GROUPED>
 static void
 mq_launch_expert(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
@@ -2711,13 +2299,8 @@ mq_launch_expert(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, 
 {
 	bool		vec = ldx % 4 == 0 && ((uintptr_t) x & 15) == 0,
 				swiglu = W1 && !y1;
-	int			KS = mq_expert_ks(rows, cols / (4 * LW * (FMT == KK_WF_INT4 ? 2 : 1)), max_active);
-	dim3		grid(ceil_div(rows, MQ_XWARPS * 16 / KS) * (W1 && y1 ? 2 : 1), max_active);
-	size_t		smem = (size_t) 8 * mq_ld_for(cols) * sizeof(uint16_t),
-				part = (size_t) MQ_XWARPS * (swiglu ? 2 : 1) * 4 * 32 * sizeof(float);
-
-	if (KS > 1 && smem < part)
-		smem = part;
+	dim3		grid(ceil_div(rows, MQ_XWARPS * 16) * (W1 && y1 ? 2 : 1), max_active);
+	size_t		smem = (size_t) 8 * mq_ld_for(cols) * sizeof(uint16_t);
 
 	if (swiglu)
 	{
@@ -2725,7 +2308,7 @@ mq_launch_expert(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, 
 			cudaFuncSetAttribute(expert_mma_q_kernel<FMT, LW, GROUPED, true>,
 								 cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
 		kk_launch(expert_mma_q_kernel<FMT, LW, GROUPED, true>, grid, dim3(MQ_XWARPS * 32), smem, s, y0, y1, ldy, x,
-				  ldx, xrow, W0, W1, group, rows, cols, start, active, P, vec, KS);
+				  ldx, xrow, W0, W1, group, rows, cols, start, active, P, vec);
 	}
 	else
 	{
@@ -2733,7 +2316,7 @@ mq_launch_expert(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, 
 			cudaFuncSetAttribute(expert_mma_q_kernel<FMT, LW, GROUPED, false>,
 								 cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
 		kk_launch(expert_mma_q_kernel<FMT, LW, GROUPED, false>, grid, dim3(MQ_XWARPS * 32), smem, s, y0, y1, ldy,
-				  x, ldx, xrow, W0, W1, group, rows, cols, start, active, P, vec, KS);
+				  x, ldx, xrow, W0, W1, group, rows, cols, start, active, P, vec);
 	}
 }
 

@@ -1067,8 +1067,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *qx = getenv("KL_CUDA_Q_DENSE"),
 				   *qxr = getenv("KL_CUDA_Q_DENSE_ROWS"),
 				   *qtk = getenv("KL_CUDA_Q_TOK"),
-				   *qts = getenv("KL_CUDA_Q_TOK_SHAPE"),
-				   *qks = getenv("KL_CUDA_Q_EXPERT_KS"),
 				   *qtw = getenv("KL_CUDA_Q_TWIN"),
 				   *ql2 = getenv("KL_CUDA_Q_L2"),
 				   *qocc = getenv("KL_CUDA_Q_DENSE_OCC"),
@@ -1100,16 +1098,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_mma_q_direct(qd && *qd ? atoi(qd) : 2);
 		kk_gemv_q_force_shape(qsh && *qsh && atoi(qsh) >= -1 && atoi(qsh) <= 3 ? atoi(qsh) : 3);
 		kk_set_mma_q_dense(qx && *qx ? atoi(qx) : 2, qxr && *qxr ? atoi(qxr) : 0);
-		kk_set_mma_q_tok(qtk && *qtk && atoi(qtk) >= 0 && atoi(qtk) <= 2 ? atoi(qtk) : 1);
-		{
-			/* (KL_CUDA_Q_TOK_SHAPE=R,WR,CS,NA,MIN_N: =2's shape forced, 0 = by rule; MIN_N its smallest batch) */
-			int			v[5] = {0, 0, 0, 1, 9};
-
-			if (qts)
-				sscanf(qts, "%d,%d,%d,%d,%d", &v[0], &v[1], &v[2], &v[3], &v[4]);
-			kk_set_mma_q_tok_shape(v[0], v[1], v[2], v[3], v[4]);
-		}
-		kk_set_expert_q_ks(qks && *qks ? atoi(qks) : 1);
+		kk_set_mma_q_tok(!(qtk && strcmp(qtk, "0") == 0));
 		/* (the rows the dense FP8 kernel takes, as kk_set_mma_q_dense reads the same two switches) */
 		cs->q_twin_rows = !cs->bf16_twin || (qtw && strcmp(qtw, "0") == 0) || (qx && *qx && atoi(qx) <= 0) ? 0 :
 			qxr && *qxr && atoi(qxr) > 0 && atoi(qxr) < KK_GEMV_MMA_Q_ROWS ? atoi(qxr) : KK_GEMV_MMA_Q_ROWS;

@@ -46,10 +46,7 @@ mq_upload(cudaStream_t s, void **d, const void *h, size_t n)
  * and return -1; 9, 10 and 11: paths 3, 5 and 4 with the even-numbered
  * jobs' x16 preset to a bf16 twin of their x
  * (kk_f32_to_bf16 into a buffer of exactly n rows, row stride cols:
- * KL_CUDA_Q_TWIN's form), the others converted; 12 the tokens-as-M form 2
- * (KL_CUDA_Q_TOK=2: row groups and k-split clusters, its shape and smallest
- * n as kl_cuda_test_mma_q_tok_shape last set them), 13 path 12 with the
- * twins of 9-11; with
+ * KL_CUDA_Q_TWIN's form), the others converted; with
  * their room (NaN before the launch), through kk_gemv_multi_mma_q_as.  Returns 0, -1 for
  * arguments the kernels do not take (kk_mma_q_ok), or a CUDA error code.
  */
@@ -65,15 +62,15 @@ mq_gemv_run(int path, int n, int count, const int *rows, const int *cols, const 
 			   *room = NULL,
 			   *tw[KK_GEMV_JOBS] = {NULL};
 	kk_gemv_batch b;
-	int			twin = (path >= 9 && path <= 11) || path == 13,
+	int			twin = path >= 9 && path <= 11,
 				dense,
 				tok_was = 0;
 
 	if (twin)
-		path = path == 9 ? 3 : path == 10 ? 5 : path == 13 ? 12 : 4;	/* (6, 7, 8, retired: refused below) */
-	dense = path == 5 || path == 12 ? 2 : path >= 2 ? path - 1 : 0;
+		path = path == 9 ? 3 : path == 10 ? 5 : 4;	/* (6, 7, 8, retired, stay above 5: refused below) */
+	dense = path == 5 ? 2 : path >= 2 ? path - 1 : 0;
 	if (n <= 0 || n > KK_GEMV_MMA_Q_ROWS || count <= 0 || count > KK_GEMV_JOBS || xpad < 0 || path < -1 ||
-		(path > 5 && path != 12))
+		path > 5)
 		return -1;
 	for (int j = 0; j < count; j++)
 		if (rows[j] <= 0 || !kk_mma_q_ok(fmt[j], group[j], cols[j]))
@@ -127,7 +124,7 @@ mq_gemv_run(int path, int n, int count, const int *rows, const int *cols, const 
 			 (e = cudaMemsetAsync(room, 0xff, b.xq_bytes, s)) != cudaSuccess))
 			goto out;
 		b.xq = room;
-		tok_was = kk_set_mma_q_tok(path == 5 ? 1 : path == 12 ? 2 : 0);
+		tok_was = kk_set_mma_q_tok(path == 5);
 		kk_gemv_multi_mma_q_as(s, &b, path == 1 ? 2 : 0, dense);
 		kk_set_mma_q_tok(tok_was);
 	}
@@ -164,28 +161,13 @@ kl_cuda_test_gemv_mma_q(int n, int count, const int *rows, const int *cols, cons
 }
 
 /* the same through a chosen kernel (path as mq_gemv_run's: 0 staging, 1 direct, 2 and 3 dense, 4 slab, 5 dense
- * tokens-as-M; 6, 7, 8 retired (-1); 9, 10, 11: 3, 5, 4 reading preset bf16 twins for the even-numbered jobs; 12
- * the tokens-as-M form 2, 13 the same with twins) */
+ * tokens-as-M; 6, 7, 8 retired (-1); 9, 10, 11: 3, 5, 4 reading preset bf16 twins for the even-numbered jobs) */
 __attribute__((visibility("default"))) int
 kl_cuda_test_gemv_mma_q_path(int path, int n, int count, const int *rows, const int *cols, const int *fmt,
 							 const int *group, const void *const *W, const float *const *x, int xpad,
 							 float *const *y)
 {
 	return mq_gemv_run(path, n, count, rows, cols, fmt, group, W, x, xpad, y);
-}
-
-/* KL_CUDA_Q_TOK=2's shape for path 12 and 13 (kk_set_mma_q_tok_shape: R, WR, CS forced or 0, NA, min_n) */
-__attribute__((visibility("default"))) void
-kl_cuda_test_mma_q_tok_shape(int R, int WR, int CS, int NA, int min_n)
-{
-	kk_set_mma_q_tok_shape(R, WR, CS, NA, min_n);
-}
-
-/* kk_expert_mma_q's k-slices a tile for kl_cuda_test_expert_mma_q (kk_set_expert_q_ks); returns the old setting */
-__attribute__((visibility("default"))) int
-kl_cuda_test_expert_q_ks(int ks)
-{
-	return kk_set_expert_q_ks(ks);
 }
 
 /* work items of at most P rows for nk routed pairs over E experts and shared_rows rows (cuda_moe.c's bound) */

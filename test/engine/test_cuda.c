@@ -6356,10 +6356,9 @@ typedef struct mq_dense_result
 	double		dense,			/* worst rel err of the dense kernel (MT 1 and 2) against the reference */
 				slab,			/* ... of the slab kernel (path 4) */
 				tok,			/* ... of the dense kernel in its tokens-as-M form (path 5) */
-				tokw,			/* ... in its tokens-as-M form 2 (path 12, KL_CUDA_Q_TOK=2) */
 				staged;			/* ... of the staging kernel (path 0), for comparison */
 	int			mt_differ,		/* row counts where MT 1 and MT 2 differ in any bit */
-				twin_differ,	/* products where a path reading preset twins (9, 10, 11, 13) differs from 3, 5, 4, 12 */
+				twin_differ,	/* products where a path reading preset twins (9, 10, 11) differs from 3, 5, 4 */
 				direct_differ,	/* row counts n <= 8 where the dense kernel differs from the direct one */
 				rc;				/* the hook's first nonzero return */
 } mq_dense_result;
@@ -6395,7 +6394,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 	{
 		int			n = ns[ni];
 		const float *x[8];
-		float	   *y[14][8];
+		float	   *y[12][8];
 
 		for (int j = 0; j < count; j++)
 		{
@@ -6404,10 +6403,10 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 			for (size_t i = 0; xx && i < (size_t) n * cols[j]; i++)
 				xx[i] = (float) ((unif(&seed) * 2 - 1) * (i % 13 == 0 ? 30.0 : 1.0));
 			x[j] = xx ? xx : x[share[j]];
-			for (int p = 0; p < 14; p++)
+			for (int p = 0; p < 12; p++)
 				y[p][j] = malloc(sizeof(float) * n * rows[j]);
 		}
-		for (int p = 0; p < 14 && res->rc == 0; p++)
+		for (int p = 0; p < 12 && res->rc == 0; p++)
 			if (p < 6 || p > 8)	/* (6-8: the retired grid paths) */
 				res->rc = f(p, n, count, rows, cols, fmt, group, W, x, xpad, y[p]);
 		for (int j = 0; j < count; j++)
@@ -6418,7 +6417,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 			{
 				float	   *xb = malloc(sizeof(float) * n * cols[j]);
 				double	   *ref = malloc(sizeof(double) * ny),
-							e[6];
+							e[5];
 
 				mq_round_bf16(xb, x[j], (size_t) n * cols[j]);
 				mq_reference(ref, xb, wd[j], n, rows[j], cols[j]);
@@ -6427,8 +6426,6 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 				e[2] = mq_rel(y[0][j], ref, ny);
 				e[3] = mq_rel(y[4][j], ref, ny);
 				e[4] = mq_rel(y[5][j], ref, ny);
-				e[5] = mq_rel(y[12][j], ref, ny);
-				res->tokw = e[5] > res->tokw || isnan(e[5]) ? e[5] : res->tokw;
 				res->slab = e[3] > res->slab || isnan(e[3]) ? e[3] : res->slab;
 				res->tok = e[4] > res->tok || isnan(e[4]) ? e[4] : res->tok;
 				for (int k = 0; k < 2; k++)
@@ -6439,8 +6436,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 				/* twins hold f32_to_bf16 of x, the conversion's numbers: the same bits */
 				res->twin_differ += (memcmp(y[9][j], y[3][j], sizeof(float) * ny) != 0) +
 					(memcmp(y[10][j], y[5][j], sizeof(float) * ny) != 0) +
-					(memcmp(y[11][j], y[4][j], sizeof(float) * ny) != 0) +
-					(memcmp(y[13][j], y[12][j], sizeof(float) * ny) != 0);
+					(memcmp(y[11][j], y[4][j], sizeof(float) * ny) != 0);
 				free(xb);
 				free(ref);
 			}
@@ -6449,7 +6445,7 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 		{
 			if (share[j] == j)
 				free((void *) x[j]);
-			for (int p = 0; p < 14; p++)
+			for (int p = 0; p < 12; p++)
 				free(y[p][j]);
 		}
 	}
@@ -6460,13 +6456,13 @@ mq_dense_case(gemv_mma_q_path_fn f, int count, mq_mat *const *mats, const int *s
 static void
 mq_dense_report(const mq_dense_result *r, const char *what, const char *ns)
 {
-	tap_ok(r->rc == 0 && r->dense <= 1e-5 && r->slab <= 1e-5 && r->tok <= 1e-5 && r->tokw <= 1e-5 && r->mt_differ == 0 &&
+	tap_ok(r->rc == 0 && r->dense <= 1e-5 && r->slab <= 1e-5 && r->tok <= 1e-5 && r->mt_differ == 0 &&
 		   r->direct_differ == 0 && r->twin_differ == 0,
 		   "dense FP8 kernel (KL_CUDA_Q_DENSE), %s, n = %s: rel err %.2e against the double reference (tokens-as-M "
-		   "form %.2e, its form 2 %.2e, slab kernel, =3: %.2e; staging kernel %.2e); MT 1 vs 2 differ in %d products, n <= 8 vs "
+		   "form %.2e, slab kernel, =3: %.2e; staging kernel %.2e); MT 1 vs 2 differ in %d products, n <= 8 vs "
 		   "the direct kernel in %d, preset bf16 twins (KL_CUDA_Q_TWIN) vs converted in %d (all must be 0: the "
 		   "same sums); hook returned %d",
-		   what, ns, r->dense, r->tok, r->tokw, r->slab, r->staged, r->mt_differ, r->direct_differ, r->twin_differ, r->rc);
+		   what, ns, r->dense, r->tok, r->slab, r->staged, r->mt_differ, r->direct_differ, r->twin_differ, r->rc);
 }
 
 /*
@@ -6514,119 +6510,6 @@ check_mq_dense_step(gemv_mma_q_path_fn f)
 		for (int j = 0; j < step[c].count; j++)
 			free(mats[j].obj);
 	}
-}
-
-/*
- * KL_CUDA_Q_TOK=2 (kernels/mma_q.cu, gemv_mma_q_tokw_kernel) at forced
- * shapes (kl_cuda_test_mma_q_tok_shape: R n-tiles a warp, WR row groups a
- * block, CS blocks a cluster splitting k, NA the weights past L1; from 2
- * tokens), path 12 of kl_cuda_test_gemv_mma_q_path, on the 48B KDA
- * projections (3 x 4096 x 2304 sharing x), o_proj (2304 x 4096) and odd
- * rows over 10 chunks (1001 + 77 x 640): rel err against the double
- * reference <= 1e-5 (as the other dense kernels), and with WR = CS = 1 the
- * same bits as the tokens-as-M form 1 (path 5) from 9 tokens (the same
- * sums in the same order).
- */
-static void
-check_mq_tokw_shapes(gemv_mma_q_path_fn f, void *lib)
-{
-	static const int shapes[][4] = {{4, 2, 1, 1}, {4, 2, 4, 1}, {2, 2, 2, 0}, {1, 1, 8, 1}, {4, 1, 1, 0}, {2, 1, 2, 1},
-	{1, 2, 1, 1}},
-				ns[] = {2, 9, 17, 33, 64};
-	static const struct
-	{
-		const char *what;
-		int			count,
-					rows[3],
-					cols[3];
-	}			mats_of[] = {
-		{"48B KDA q/k/v 3 x 4096 x 2304", 3, {4096, 4096, 4096}, {2304, 2304, 2304}},
-		{"48B o_proj 2304 x 4096", 1, {2304}, {4096}},
-		{"odd rows 1001 and 77 x 640", 2, {1001, 77}, {640, 640}},
-	};
-	void		(*set_shape) (int, int, int, int, int) = (void (*) (int, int, int, int, int)) dlsym(lib,
-																									"kl_cuda_test_mma_q_tok_shape");
-	int			fmt[3] = {MQ_FP8, MQ_FP8, MQ_FP8};
-
-	tap_ok(set_shape != NULL, "the test hook kl_cuda_test_mma_q_tok_shape is exported");
-	if (!set_shape)
-		return;
-	for (int c = 0; c < (int) (sizeof(mats_of) / sizeof(mats_of[0])); c++)
-	{
-		mq_mat		mats[3];
-		float	   *wd[3];
-		const void *W[3];
-		int			group[3];
-		uint64_t	seed = 700 + c;
-
-		for (int j = 0; j < mats_of[c].count; j++)
-		{
-			mq_random(&mats[j], MQ_FP8, mats_of[c].cols[j], mats_of[c].rows[j], mats_of[c].cols[j], 2600 + 10 * c + j);
-			W[j] = mats[j].obj;
-			wd[j] = mq_dequant(&mats[j]);
-			group[j] = mats_of[c].cols[j];
-		}
-		for (int si = 0; si < (int) (sizeof(shapes) / sizeof(shapes[0])); si++)
-		{
-			double		worst = 0;
-			int			rc = 0,
-						differ = 0;
-
-			set_shape(shapes[si][0], shapes[si][1], shapes[si][2], shapes[si][3], 2);
-			for (int ni = 0; ni < (int) (sizeof(ns) / sizeof(ns[0])) && rc == 0; ni++)
-			{
-				int			n = ns[ni],
-							cols = mats_of[c].cols[0];
-				float	   *x = malloc(sizeof(float) * n * cols),
-						   *xb = malloc(sizeof(float) * n * cols),
-						   *y[2][3];
-				const float *xs[3] = {x, x, x};
-
-				for (size_t i = 0; i < (size_t) n * cols; i++)
-					x[i] = (float) ((unif(&seed) * 2 - 1) * (i % 13 == 0 ? 30.0 : 1.0));
-				mq_round_bf16(xb, x, (size_t) n * cols);
-				for (int j = 0; j < mats_of[c].count; j++)
-				{
-					y[0][j] = malloc(sizeof(float) * n * mats_of[c].rows[j]);
-					y[1][j] = malloc(sizeof(float) * n * mats_of[c].rows[j]);
-				}
-				rc = f(12, n, mats_of[c].count, mats_of[c].rows, mats_of[c].cols, fmt, group, W, xs, 0, y[0]);
-				if (rc == 0 && n >= 9 && shapes[si][1] == 1 && shapes[si][2] == 1)
-					rc = f(5, n, mats_of[c].count, mats_of[c].rows, mats_of[c].cols, fmt, group, W, xs, 0, y[1]);
-				for (int j = 0; j < mats_of[c].count && rc == 0; j++)
-				{
-					size_t		ny = (size_t) n * mats_of[c].rows[j];
-					double	   *ref = malloc(sizeof(double) * ny),
-								e;
-
-					mq_reference(ref, xb, wd[j], n, mats_of[c].rows[j], cols);
-					e = mq_rel(y[0][j], ref, ny);
-					worst = e > worst || isnan(e) ? e : worst;
-					if (n >= 9 && shapes[si][1] == 1 && shapes[si][2] == 1)
-						differ += memcmp(y[0][j], y[1][j], sizeof(float) * ny) != 0;
-					free(ref);
-				}
-				for (int j = 0; j < mats_of[c].count; j++)
-				{
-					free(y[0][j]);
-					free(y[1][j]);
-				}
-				free(x);
-				free(xb);
-			}
-			tap_ok(rc == 0 && worst <= 1e-5 && differ == 0,
-				   "tokens-as-M form 2 (KL_CUDA_Q_TOK=2) forced to R %d, WR %d, CS %d, NA %d, %s, n = 2, 9, 17, 33, "
-				   "64: rel err %.2e against the double reference; with WR = CS = 1 differs from form 1 in %d "
-				   "products (must be 0); hook returned %d",
-				   shapes[si][0], shapes[si][1], shapes[si][2], shapes[si][3], mats_of[c].what, worst, differ, rc);
-		}
-		for (int j = 0; j < mats_of[c].count; j++)
-		{
-			free(mats[j].obj);
-			free(wd[j]);
-		}
-	}
-	set_shape(0, 0, 0, 1, 9);	/* the backend's default */
 }
 
 /*
@@ -6693,7 +6576,6 @@ check_gemv_mma_q_dense(void)
 	mq_dense_report(&r, "48B o_proj 2304 x 4096", "1, 2, 8, 9, 16, 32, 33, 64");
 	free(mats[0].obj);
 	check_mq_dense_step(f);
-	check_mq_tokw_shapes(f, lib);
 	mq_random(&mats[0], MQ_FP8, 2304, 163840, 2304, 2300);
 	mq_dense_case(f, 1, mp, share3, ns_lm, 1, 0, 505, &r);
 	mq_dense_report(&r, "48B lm_head 163840 x 2304", "2");
@@ -7236,21 +7118,12 @@ check_expert_mma_q(void)
 	void	   *lib = NULL;
 	expert_mma_q_fn f = NULL;
 
-	int			(*set_ks) (int);
-
 	m = load_test_hook("kl_cuda_test_expert_mma_q", &lib, (void **) &f);
 	if (!f)
 		return;
-	set_ks = (int (*) (int)) dlsym(lib, "kl_cuda_test_expert_q_ks");
-	tap_ok(set_ks != NULL, "the test hook kl_cuda_test_expert_q_ks is exported");
-	for (int ks = 1; ks <= 4; ks *= 2)
 	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
 		for (size_t fi = 0; fi < sizeof(forms) / sizeof(forms[0]); fi++)
 		{
-			if (ks > 1 && (!set_ks || fi == 3 || si == 3))
-				continue;		/* (k-slices: the first three forms on the first three shapes) */
-			if (set_ks)
-				set_ks(ks);
 			int			n = shapes[si].n,
 						E = shapes[si].E,
 						k = shapes[si].k,
@@ -7354,10 +7227,9 @@ check_expert_mma_q(void)
 				}
 			}
 			tap_ok(rc == 0 && start[E + 1] == R && worst[0] <= 1e-5 && worst[1] <= 1e-5 && worst[2] <= 1e-5 &&
-				   worst[3] <= 1e-5, "tensor-core expert products of quantized weights, %s, %s, %d k-slice%s a tile "
-				   "(KL_CUDA_Q_EXPERT_KS): rel err SwiGLU %.2e, gate %.2e, up %.2e, down %.2e against the double "
-				   "reference (hook returned %d)", forms[fi].what, shapes[si].what, ks, ks > 1 ? "s" : "", worst[0],
-				   worst[1], worst[2], worst[3], rc);
+				   worst[3] <= 1e-5, "tensor-core expert products of quantized weights, %s, %s: rel err SwiGLU "
+				   "%.2e, gate %.2e, up %.2e, down %.2e against the double reference (hook returned %d)",
+				   forms[fi].what, shapes[si].what, worst[0], worst[1], worst[2], worst[3], rc);
 			for (int i = 0; i < 3 * (E + 1); i++)
 				free(mats[i].obj);
 			free(mats);
@@ -7373,8 +7245,6 @@ check_expert_mma_q(void)
 			free(wrow);
 			free(ref);
 		}
-	if (set_ks)
-		set_ks(1);				/* the backend's default */
 	dlclose(lib);
 	kl_model_free(m);
 }
