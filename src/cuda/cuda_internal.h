@@ -315,6 +315,8 @@ typedef struct cuda_state
 	/* KL_CUDA_PREFETCH_MB: bytes one window of hints may fetch; used so far */
 	size_t		prefetch_budget,
 				prefetch_used;
+	/* KL_CUDA_PREFETCH_Q: quantized weights take the hints too (default off) */
+	bool		prefetch_q;
 	/* the prefetches run on a side stream forked off the step's stream, so
 	 * they never delay it; the product of pf_wait_for joins it back */
 	cudaStream_t pf_stream;
