@@ -964,7 +964,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * at a time (default 20: a mixer's o_proj and the router).
 		 * KL_CUDA_PREFETCH_Q=1: quantized weights take those hints too
 		 * (default: not: H200, 2026-12-03, FP8 48B step at batch 8, greedy,
-		 * three rounds: 5.448 ms with them, 5.380 without any prefetch).
+		 * three rounds: 5.324 ms with them, 5.279 without).
 		 * KL_CUDA_KDA_FUSED=0 runs a decode step's KDA mixer as three kernels
 		 * (default: one, kk_kda_decode, where the GPU has clusters; =N: one
 		 * for steps of up to N sequences).

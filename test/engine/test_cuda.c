@@ -5241,7 +5241,9 @@ check_kda_in16_model(const char *config, const char *name, int T, int piece)
 /*
  * The prefetch hint (cu_prefetch: o_proj and the router fetched into L2 during
  * the mixer's small kernels) must not change a single number: decode with
- * and without it, graphs on, and compare the logits bit for bit.
+ * and without it, graphs on, and compare the logits bit for bit.  The hints
+ * act from KL_CUDA_PREFETCH tokens a step (default 8); this decodes one
+ * token a step, so the model with hints sets it to 1.
  */
 static void
 check_prefetch_neutral(const char *precision)
@@ -5258,6 +5260,7 @@ check_prefetch_neutral(const char *precision)
 	snprintf(dir, sizeof(dir), "%s/pgdocs-kimi-18m", tap_models_dir());
 	if (access(dir, R_OK) != 0)
 		snprintf(dir, sizeof(dir), "models/pgdocs-kimi-18m");
+	setenv("KL_CUDA_PREFETCH", "1", 1);	/* read when the backend is made */
 	a = load(dir, "cuda", precision);
 	setenv("KL_CUDA_PREFETCH", "0", 1);
 	b = load(dir, "cuda", precision);
@@ -7066,6 +7069,22 @@ check_dense_model_l2(void)
 	unsetenv("KL_CUDA_Q_L2");
 }
 
+/*
+ * KL_CUDA_PREFETCH_Q=1 (quantized weights take the decode step's L2 prefetch
+ * hints, which act at 8-16 tokens; the default skips them) against the
+ * default, same random FP8 weights of the 48B shapes (2 layers, seed 7): 8,
+ * 12 and 16 sequences decoding together give the same logits bit for bit (a
+ * prefetch is a hint: no result may change).
+ */
+static void
+check_prefetch_quantized(void)
+{
+	static const int nseqs[3] = {8, 12, 16};
+	static const char *const pq[2] = {"0", "1"};
+
+	check_fp8_same_bits("KL_CUDA_PREFETCH_Q", pq, nseqs, "L2 prefetch hints for quantized weights");
+}
+
 /* kl_cuda_test_expert_mma_q (src/cuda/cuda_mma_q_test.c) */
 typedef int (*expert_mma_q_fn) (int n, int E, int k, int D, int F, int fmt, int group, int group_down,
 								const int *sel, const void *const *gate, const void *const *up,
@@ -7703,6 +7722,7 @@ main(void)
 	RUN(check_q_twin_stale());
 	RUN(check_dense_model_occ());
 	RUN(check_dense_model_l2());
+	RUN(check_prefetch_quantized());
 	RUN(check_expert_mma_q());
 	RUN(check_fp8_quant());
 	RUN(check_fp8_matmul());
