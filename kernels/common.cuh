@@ -376,6 +376,34 @@ rows_block_sum(float (&acc)[RB][NR], float *sums)
 	__syncthreads();
 }
 
+/*
+ * y[i0 + r, row0 + w] (r < NR, w < the block's rows out, row0 + w < rows)
+ * from an expert block's sums (rows_block_sum of RT weight rows): the sum
+ * itself, or with SWIGLU (RT = 2 out: the gate rows, then the same rows of
+ * up) silu(gate) * up.  (gemv.cu's and gemv_q.cu's expert kernels.)
+ */
+template <int NR, bool SWIGLU, int RT, int BT>
+__device__ __forceinline__ void
+expert_rows_store(float *y, int ldy, const float *sums, int row0, int rows, int i0)
+{
+	constexpr int out = SWIGLU ? RT / 2 : RT;
+
+	for (int i = threadIdx.x; i < out * NR; i += BT)
+	{
+		int			w = i / NR,
+					r = i % NR;
+
+		if (row0 + w < rows)
+		{
+			float		v = sums[i];
+
+			if (SWIGLU)
+				v = siluf_(v) * sums[(out + w) * NR + r];
+			y[(size_t) (i0 + r) * ldy + row0 + w] = v;
+		}
+	}
+}
+
 /* first_block of every job of a tensor-core GEMV batch whose blocks take T
  * 16-row tiles each; returns the grid's blocks (expert_mma.cu, mma_q.cu) */
 static inline int
@@ -443,11 +471,11 @@ kk_dep_launch(void)
 #endif
 }
 
-/* prefetch the 128-byte lines of [p, p + bytes) into L2, the warp's lanes striding */
+/* prefetch the 128-byte lines of [p, p + bytes) into L2, the warp's lanes (or lane 0 .. threads - 1) striding */
 __device__ __forceinline__ void
-kk_prefetch_l2(const void *p, size_t bytes, int lane)
+kk_prefetch_l2(const void *p, size_t bytes, int lane, int threads = 32)
 {
-	for (size_t o = (size_t) lane * 128; o < bytes; o += 32 * 128)
+	for (size_t o = (size_t) lane * 128; o < bytes; o += (size_t) threads * 128)
 		asm volatile("prefetch.global.L2 [%0];\n"::"l"((const char *) p + o));
 }
 

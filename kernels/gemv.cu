@@ -240,14 +240,25 @@ kk_set_rows_early(int on)
 	kk_rows_early = on;
 }
 
-/* pieces threadIdx.x + p BT (p < ROWS_NP) of the RB rows (zeros past the rows or the matrix) */
-template <int RB, int BT>
+/* pieces threadIdx.x + p BT (p < NP) of the RB rows (zeros past the rows or the matrix) */
+template <int RB, int BT, int NP = ROWS_NP>
 __device__ __forceinline__ void
-rows_first_held(uint4 (&held)[ROWS_NP][RB], const uint16_t *const (&Wr)[RB], int nch)
+rows_first_held(uint4 (&held)[NP][RB], const uint16_t *const (&Wr)[RB], int nch)
 {
 #pragma unroll
-	for (int p = 0; p < ROWS_NP; p++)
+	for (int p = 0; p < NP; p++)
 		rows_first<RB, BT>(held[p], Wr, nch, (int) threadIdx.x + p * BT);
+}
+
+/* acc[w][r] += W_w . x_r over the pieces in held (rows_first_held), in rows_dot's order */
+template <int NR, int RB, int BT, int NP = ROWS_NP>
+__device__ __forceinline__ void
+rows_dot_pieces(float (&acc)[RB][NR], const uint4 (&held)[NP][RB], const float *const (&xr)[NR], int nch)
+{
+#pragma unroll
+	for (int p = 0; p < NP; p++)
+		if ((int) threadIdx.x + p * BT < nch)
+			rows_piece<NR, RB>(acc, held[p], xr, (int) threadIdx.x + p * BT);
 }
 
 /* rows_dot with this thread's first ROWS_NP pieces already in held (rows_first_held) */
@@ -259,10 +270,7 @@ rows_dot_held(float (&acc)[RB][NR], const uint4 (&held)[ROWS_NP][RB], const uint
 	int			ch0 = (int) threadIdx.x + ROWS_NP * BT;
 	uint4		raw[RB];
 
-#pragma unroll
-	for (int p = 0; p < ROWS_NP; p++)
-		if ((int) threadIdx.x + p * BT < nch)
-			rows_piece<NR, RB>(acc, held[p], xr, (int) threadIdx.x + p * BT);
+	rows_dot_pieces<NR, RB, BT>(acc, held, xr, nch);
 	if (ch0 < nch)
 	{
 		rows_first<RB, BT>(raw, Wr, nch, ch0);
@@ -758,7 +766,6 @@ __device__ __forceinline__ void
 expert_rows_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const uint16_t *const (&Wr)[RT],
 				 uint4 (&raw)[RT], int row0, int rows, int nch, int i0, float *sums)
 {
-	constexpr int out = MODE == EXPERT_SWIGLU ? RT / 2 : RT;
 	float		acc[RT][NR];
 	const float *xr[NR];
 
@@ -774,20 +781,7 @@ expert_rows_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, co
 		rows_first<RT, BT>(raw, Wr, nch);
 	rows_dot<NR, RT, BT>(acc, raw, Wr, xr, nch);
 	rows_block_sum<NR, RT, BT>(acc, sums);
-	for (int i = threadIdx.x; i < out * NR; i += BT)
-	{
-		int			w = i / NR,
-					r = i % NR;
-
-		if (row0 + w < rows)
-		{
-			float		v = sums[i];
-
-			if (MODE == EXPERT_SWIGLU)
-				v = siluf_(v) * sums[(out + w) * NR + r];
-			y[(size_t) (i0 + r) * ldy + row0 + w] = v;
-		}
-	}
+	expert_rows_store<NR, MODE == EXPERT_SWIGLU, RT, BT>(y, ldy, sums, row0, rows, i0);
 }
 
 /* expert_rows_pass for nr (1..N) input rows: instantiates only the sizes up to N */
@@ -808,6 +802,21 @@ expert_rows_upto(int nr, float *y, int ldy, const float *x, int ldx, const int *
 	expert_rows_pass<N, MODE, RT, BT, LOADED>(y, ldy, x, ldx, xrow, Wr, raw, row0, rows, nch, i0, sums);
 }
 
+/* Wr[w]: RB rows of matrix A from row0, then (RT = 2 RB) the same rows of B; NULL past the matrix */
+template <int RB, int RT>
+__device__ __forceinline__ void
+expert_rows_from(const uint16_t *(&Wr)[RT], const uint16_t *A, const uint16_t *B, int row0, int rows, int cols)
+{
+#pragma unroll
+	for (int w = 0; w < RT; w++)
+	{
+		const uint16_t *Wm = w < RB ? A : B;
+		int			row = row0 + w % RB;
+
+		Wr[w] = row < rows ? Wm + (size_t) row * cols : NULL;
+	}
+}
+
 /*
  * Wr[w]: the RT weight rows of expert e a block-rows expert block takes from
  * row0 (NULL past the matrix): for SwiGLU RB rows of W0 then the same rows of
@@ -818,14 +827,9 @@ __device__ __forceinline__ void
 expert_rows_weights(const uint16_t *(&Wr)[RT], const void *const *W0, const void *const *W1, int e, int m, int row0,
 					int rows, int cols)
 {
-#pragma unroll
-	for (int w = 0; w < RT; w++)
-	{
-		const uint16_t *Wm = (const uint16_t *) (MODE == EXPERT_SWIGLU ? (w < RB ? W0[e] : W1[e]) : m ? W1[e] : W0[e]);
-		int			row = row0 + w % RB;
+	const uint16_t *A = (const uint16_t *) (MODE == EXPERT_SWIGLU ? W0[e] : m ? W1[e] : W0[e]);
 
-		Wr[w] = row < rows ? Wm + (size_t) row * cols : NULL;
-	}
+	expert_rows_from<RB, RT>(Wr, A, MODE == EXPERT_SWIGLU ? (const uint16_t *) W1[e] : A, row0, rows, cols);
 }
 
 /*
@@ -959,6 +963,219 @@ expert_rows_dispatch(cudaStream_t s, bool pre, int max_count, int max_active, fl
 											  start, active);
 }
 
+/*
+ * Blocks an SM (the register bound) for a tile of RT rows, NP pieces a thread
+ * and row: 5 where the held pieces take 64 registers or more (gate/up at
+ * 2304 columns: 128 registers, 5 x 132 = 660 places for T = 4's 576
+ * blocks), else 7 (down at 1024 columns: 80 registers, 8 an SM, for 864
+ * blocks); no spills in either (ptxas, sm_90a)
+ */
+#define EXPERT_TILES_MINB(RT, NP) (4 * (NP) * (RT) >= 64 ? 5 : 7)
+
+/* requests the pieces (rows_first_held) of the tile of RB rows of A (and of B, SwiGLU) from row0 */
+template <int RB, int RT, int NP>
+__device__ __forceinline__ void
+expert_tile_request(uint4 (&held)[NP][RT], const uint16_t *A, const uint16_t *B, int row0, int rows, int cols)
+{
+	const uint16_t *Wr[RT];
+
+	expert_rows_from<RB, RT>(Wr, A, B, row0, rows, cols);
+	rows_first_held<RT, ROWS_BT, NP>(held, Wr, cols >> 3);
+}
+
+/* the L2 prefetch of rows [row0 + RB, row0 + T RB) of A (and B, SwiGLU): a block's tiles after its first */
+template <int MODE, int RB, int T>
+__device__ __forceinline__ void
+expert_tiles_prefetch(const uint16_t *A, const uint16_t *B, int row0, int rows, int cols)
+{
+	int			r1 = min(rows, row0 + T * RB);
+
+	if (row0 + RB < r1)
+	{
+		size_t		off = (size_t) (row0 + RB) * cols,
+					bytes = (size_t) (r1 - row0 - RB) * cols * sizeof(uint16_t);
+
+		kk_prefetch_l2(A + off, bytes, threadIdx.x, ROWS_BT);
+		if (MODE == EXPERT_SWIGLU)
+			kk_prefetch_l2(B + off, bytes, threadIdx.x, ROWS_BT);
+	}
+}
+
+/*
+ * KL_CUDA_EXPERT_B1 (kk_set_expert_b1): the SwiGLU gate/up and the down
+ * products at one row a work item (P = 1: batch 1, or KL_CUDA_EXPERT_NR=1)
+ * in tiles of RB weight rows (EXPERT_RB at one row), for the 48B model's
+ * batch-1 decode, where expert_rows_kernel streams gate/up at ~74 % and down
+ * at ~61 % of the H200's copy rate (Nsight, bench/results/cuda.md): each of
+ * its blocks pays a start (the wait, the work item, the pointer table) and
+ * an end (block sum, stores) with no weight bytes in flight, and rows_dot
+ * requests a row's third piece only once the first has arrived.  Here:
+ *  - every piece a thread takes of its tile's rows (NP of them: the whole
+ *    row up to NP x ROWS_BT pieces) is requested at once, so a tile costs
+ *    one memory latency;
+ *  - a block takes T consecutive tiles of its item: its start is paid once,
+ *    and tile t + 1's pieces are requested as soon as tile t's are summed
+ *    into registers, before tile t's block sum and stores.  At T = 4 a batch-1
+ *    launch is about one wave (gate/up 64 x 9 blocks, down 96 x 9;
+ *    EXPERT_TILES_MINB);
+ *  - the work list's last shared_n slots are, in the grouping's layout at one
+ *    row an item (kk_moe_group: the routed pairs' items, then the shared
+ *    rows'), the fused shared expert's (expert shared_e), whose weights do not
+ *    depend on the routing kernel that runs just before gate/up.  The grid
+ *    takes those slots first (blockIdx.y < shared_n), so they are in the
+ *    first wave, and their first tile is requested before kk_dep_wait (with
+ *    shared_l2, their later tiles too, into L2: 9.4 MB of gate/up's 85 at
+ *    batch 1, while the routing kernel runs and memory is idle).  After the
+ *    wait every block reads its item from the list as expert_rows_kernel
+ *    does and requests its rows again if the expert is not the one guessed:
+ *    the layout is a guess that is checked, not a contract;
+ *  - PRE (the down product, KL_CUDA_EXPERT_PRELOAD): the work item and the
+ *    first tile before the wait, as expert_rows_kernel's PRE (the argument
+ *    there).
+ * Every row's dot product is expert_rows_kernel<1, MODE, RB, ROWS_BT>'s: the
+ * same pieces a thread in the same order (rows_dot_pieces), the same block
+ * sum (rows_block_sum) and store (expert_rows_store): the same bits.
+ */
+template <int MODE, int RB, int NP, int T, bool PRE>
+__global__ void __launch_bounds__(ROWS_BT, EXPERT_TILES_MINB(MODE == EXPERT_SWIGLU ? 2 * RB : RB, NP))
+expert_tiles_kernel(float *y, int ldy, const float *__restrict__ x, int ldx, const int *__restrict__ xrow,
+					const void *const *W0, const void *const *W1, int rows, int cols,
+					const int *__restrict__ start, const int *__restrict__ active, int shared_e, int shared_n,
+					int shared_l2)
+{
+	constexpr int RT = MODE == EXPERT_SWIGLU ? 2 * RB : RB;
+	__shared__ float sums[RT];
+	int			by = (int) blockIdx.y,
+				slot = by < shared_n ? (int) gridDim.y - shared_n + by : by - shared_n,
+				row0 = (int) blockIdx.x * T * RB,
+				e = -1,
+				have = -1,		/* the expert whose rows are requested into held */
+				first = 0,
+				count = 0;
+	bool		run = false;
+	const uint16_t *A = NULL,
+			   *B = NULL;
+	uint4		held[NP][RT];
+	const float *xr[1];
+
+	if constexpr (PRE)
+	{
+		run = slot < __ldcg(active) && row0 < rows;
+		if (run)
+			have = kk_expert_item_l2(active, start, slot, 1, &first, &count);
+	}
+	else if (by < shared_n && row0 < rows)
+		have = shared_e;
+	if (have >= 0)
+	{
+		A = (const uint16_t *) W0[have];
+		B = MODE == EXPERT_SWIGLU ? (const uint16_t *) W1[have] : A;
+		expert_tile_request<RB, RT, NP>(held, A, B, row0, rows, cols);
+		if (!PRE && T > 1 && shared_l2)
+			expert_tiles_prefetch<MODE, RB, T>(A, B, row0, rows, cols);
+	}
+	kk_dep_wait();
+	kk_dep_launch();
+	if constexpr (PRE)
+		e = have;
+	else
+	{
+		/* which expert this slot has depends on the routing kernel before: read it now */
+		run = slot < active[0] && row0 < rows;
+		if (run)
+			e = kk_expert_item(active, start, slot, 1, &first, &count);
+	}
+	if (!run || count <= 0)
+		return;
+	if (e != have)
+	{
+		A = (const uint16_t *) W0[e];
+		B = MODE == EXPERT_SWIGLU ? (const uint16_t *) W1[e] : A;
+		expert_tile_request<RB, RT, NP>(held, A, B, row0, rows, cols);
+	}
+	xr[0] = x + (size_t) (xrow ? xrow[first] : first) * ldx;
+#pragma unroll 1
+	for (int t = 1;; t++, row0 += RB)
+	{
+		float		acc[RT][1];
+		bool		next = t < T && row0 + RB < rows;
+
+#pragma unroll
+		for (int w = 0; w < RT; w++)
+			acc[w][0] = 0;
+		rows_dot_pieces<1, RT, ROWS_BT, NP>(acc, held, xr, cols >> 3);
+		/* the next tile's pieces are in flight while this one is summed and stored */
+		if (next)
+			expert_tile_request<RB, RT, NP>(held, A, B, row0 + RB, rows, cols);
+		rows_block_sum<1, RT, ROWS_BT>(acc, sums);
+		expert_rows_store<1, MODE == EXPERT_SWIGLU, RT, ROWS_BT>(y, ldy, sums, row0, rows, first);
+		if (!next)
+			break;
+	}
+}
+
+/* the tiled kernel for T tiles a block and NP pieces a thread and row (PRE: the down product only) */
+template <int MODE, int NP, int T>
+static void
+expert_tiles_launch_as(cudaStream_t s, bool pre, int max_active, float *y, int ldy, const float *x, int ldx,
+					   const int *xrow, const void *const *W0, const void *const *W1, int rows, int cols,
+					   const int *start, const int *active, int shared_e, int shared_n, int shared_l2)
+{
+	constexpr int RB = EXPERT_RB(1, MODE);
+	dim3		grid(ceil_div(ceil_div(rows, RB), T), max_active);
+
+	if constexpr (MODE == EXPERT_ONE)
+		if (pre)
+		{
+			kk_launch(expert_tiles_kernel<MODE, RB, NP, T, true>, grid, dim3(ROWS_BT), 0, s, y, ldy, x, ldx, xrow, W0,
+					  W1, rows, cols, start, active, shared_e, shared_n, shared_l2);
+			return;
+		}
+	kk_launch(expert_tiles_kernel<MODE, RB, NP, T, false>, grid, dim3(ROWS_BT), 0, s, y, ldy, x, ldx, xrow, W0, W1,
+			  rows, cols, start, active, shared_e, shared_n, shared_l2);
+}
+
+/* tiles: 1, 2 or 4 a block */
+template <int MODE, int NP>
+static void
+expert_tiles_launch_np(cudaStream_t s, int tiles, bool pre, int max_active, float *y, int ldy, const float *x,
+					   int ldx, const int *xrow, const void *const *W0, const void *const *W1, int rows, int cols,
+					   const int *start, const int *active, int shared_e, int shared_n, int shared_l2)
+{
+#define TILES_GO(T) expert_tiles_launch_as<MODE, NP, T>(s, pre, max_active, y, ldy, x, ldx, xrow, W0, W1, rows, cols, \
+														start, active, shared_e, shared_n, shared_l2)
+	if (tiles >= 4)
+		TILES_GO(4);
+	else if (tiles == 2)
+		TILES_GO(2);
+	else
+		TILES_GO(1);
+#undef TILES_GO
+}
+
+/* the most pieces a thread and row the tiled kernel holds (3 x 96 pieces: rows of up to 2304 columns) */
+#define EXPERT_TILES_NP 3
+
+/* the tiled kernel for rows of cols columns: NP = the pieces a thread takes of a row */
+template <int MODE>
+static void
+expert_tiles_launch(cudaStream_t s, int tiles, bool pre, int max_active, float *y, int ldy, const float *x, int ldx,
+					const int *xrow, const void *const *W0, const void *const *W1, int rows, int cols,
+					const int *start, const int *active, int shared_e, int shared_n, int shared_l2)
+{
+	int			np = (int) ceil_div(cols >> 3, ROWS_BT);
+
+#define NP_GO(NP) expert_tiles_launch_np<MODE, NP>(s, tiles, pre, max_active, y, ldy, x, ldx, xrow, W0, W1, rows, \
+												   cols, start, active, shared_e, shared_n, shared_l2)
+	if (np <= 1)
+		NP_GO(1);
+	else if (np == 2)
+		NP_GO(2);
+	else
+		NP_GO(EXPERT_TILES_NP);
+#undef NP_GO
+}
+
 /* the most input rows of one expert pass (KL_CUDA_EXPERT_NR: 1, 2, 4 or 8) */
 int			kk_expert_nr = 4;
 
@@ -989,10 +1206,45 @@ kk_set_expert_preload(int on)
 	return was;
 }
 
+/* KL_CUDA_EXPERT_B1 (kk_set_expert_b1): the tiled kernel's tiles a block at one row an item, [0] gate/up
+ * (SwiGLU), [1] down (one matrix), 0: expert_rows_kernel; [2] the shared expert's slots guessed: 0 no, 1 their
+ * first tile requested before the PDL wait, 2 (with more than one tile a block) their later tiles into L2 too */
+int			kk_expert_tiles[3] = {4, 4, 2};
+
+/* 0, 1, 2 or 4 (other values: the next of those below) */
+static int
+expert_tiles_of(int v)
+{
+	return v >= 4 ? 4 : v >= 2 ? 2 : v >= 1 ? 1 : 0;
+}
+
+extern "C" void
+kk_set_expert_b1(int gate_up, int down, int shared)
+{
+	kk_expert_tiles[0] = expert_tiles_of(gate_up);
+	kk_expert_tiles[1] = expert_tiles_of(down);
+	kk_expert_tiles[2] = shared < 0 ? 0 : shared > 2 ? 2 : shared;
+}
+
+extern "C" int
+kk_expert_b1(int which)
+{
+	return kk_expert_tiles[which < 0 ? 0 : which > 2 ? 2 : which];
+}
+
 extern "C" void
 kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
 			   const void *const *W0, const void *const *W1, int bf16, int rows, int cols, const int *start,
 			   const int *active, int max_active, int max_count)
+{
+	kk_expert_gemv_shared(s, y0, y1, ldy, x, ldx, xrow, W0, W1, bf16, rows, cols, start, active, max_active, max_count,
+						  -1, 0);
+}
+
+extern "C" void
+kk_expert_gemv_shared(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
+					  const void *const *W0, const void *const *W1, int bf16, int rows, int cols, const int *start,
+					  const int *active, int max_active, int max_count, int shared_e, int shared_n)
 {
 	/* expert matrices are separate allocations (256-byte aligned) */
 	bool		vec = cols % 8 == 0 && ldx % 4 == 0 && ((uintptr_t) x & 15) == 0;
@@ -1011,6 +1263,23 @@ kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, in
 	max_count = kk_expert_pass_rows(max_count);
 	if (bf16 && vec && kk_gemv_rows)
 	{
+		int			tiles = kk_expert_tiles[mode == EXPERT_ONE];
+
+		if (max_count == 1 && tiles > 0 && mode != EXPERT_TWO && (cols >> 3) <= EXPERT_TILES_NP * ROWS_BT)
+		{
+			int			l2 = kk_expert_tiles[2] == 2;
+
+			/* (no guess without a shared expert's slots in the list) */
+			if (kk_expert_tiles[2] == 0 || shared_e < 0 || shared_n <= 0 || shared_n > max_active)
+				shared_n = 0;
+			if (mode == EXPERT_ONE)
+				expert_tiles_launch<EXPERT_ONE>(s, tiles, kk_expert_preload != 0, max_active, y0, ldy, x, ldx, xrow,
+												W0, W1, rows, cols, start, active, shared_e, shared_n, l2);
+			else
+				expert_tiles_launch<EXPERT_SWIGLU>(s, tiles, false, max_active, y0, ldy, x, ldx, xrow, W0, W1, rows,
+												   cols, start, active, shared_e, shared_n, l2);
+			return;
+		}
 		if (mode == EXPERT_ONE)
 			/* the early read only at one token an item: it won 0.04 ms a step at
 			 * batch 1 and lost 0.12 ms at batch 4 on the H200 (bench/notes-cuda.md) */

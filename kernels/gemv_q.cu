@@ -737,27 +737,13 @@ __device__ __forceinline__ void
 q_expert_pass(float *y, int ldy, const float *x, int ldx, const int *xrow, const q_rows<RT> &R, uint4 (&raw)[1][RT],
 			  bool vec, bool loaded, int row0, int rows, int i0, float *sums)
 {
-	constexpr int out = MODE == Q_EXPERT_SWIGLU ? RT / 2 : RT;
 	const float *xr[NR];
 
 #pragma unroll
 	for (int r = 0; r < NR; r++)
 		xr[r] = x + (size_t) (xrow ? xrow[i0 + r] : i0 + r) * ldx;
 	q_rows_sums<FMT, NR, RT, BT, 1>(R, raw, vec, loaded, xr, sums);
-	for (int i = threadIdx.x; i < out * NR; i += BT)
-	{
-		int			w = i / NR,
-					r = i % NR;
-
-		if (row0 + w < rows)
-		{
-			float		v = sums[i];
-
-			if (MODE == Q_EXPERT_SWIGLU)
-				v = siluf_(v) * sums[(out + w) * NR + r];
-			y[(size_t) (i0 + r) * ldy + row0 + w] = v;
-		}
-	}
+	expert_rows_store<NR, MODE == Q_EXPERT_SWIGLU, RT, BT>(y, ldy, sums, row0, rows, i0);
 }
 
 /* q_expert_pass for nr (1..N) rows: instantiates only the sizes up to N */

@@ -89,6 +89,19 @@ int			kk_expert_pass_rows(int max_count);
  * returns the setting it replaces
  */
 int			kk_set_expert_preload(int on);
+/*
+ * KL_CUDA_EXPERT_B1: the SwiGLU gate/up and the one-matrix (down) expert
+ * products at one row a work item (P = 1: batch 1) in gemv.cu's tiled kernel,
+ * gate_up / down tiles of rows a block: 1, 2 or 4 (4 the default for both:
+ * about one wave at batch 1), 0 expert_rows_kernel as before; every piece a
+ * thread takes of a tile requested at once, the next tile's while the last is
+ * summed.  shared (kk_expert_gemv_shared's guess): 0 none, 1 the shared
+ * expert's blocks request their first tile before the PDL wait, 2 (default)
+ * and their later tiles into L2.  The same bits in every form.
+ * kk_expert_b1(which): the setting of gate_up (0), down (1) or shared (2).
+ */
+void		kk_set_expert_b1(int gate_up, int down, int shared);
+int			kk_expert_b1(int which);
 void		kk_gemv(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int bf16,
 					int rows, int cols);
 /* up to KK_GEMV_JOBS products of the same n <= 8 rows in one launch */
@@ -148,6 +161,19 @@ void		kk_gemv_multi(cudaStream_t s, kk_gemv_batch *b);
 void		kk_expert_gemv(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx, const int *xrow,
 						   const void *const *W0, const void *const *W1, int bf16, int rows, int cols,
 						   const int *start, const int *active, int max_active, int max_count);
+/*
+ * kk_expert_gemv where the work list holds a fused shared expert: expert
+ * shared_e (an index of W0 / W1) over shared_n rows, its items the list's
+ * last (kk_moe_group's layout).  At one row an item the tiled kernel
+ * (kk_set_expert_b1) takes those slots first and requests their weights
+ * before the PDL wait, since they do not depend on the routing kernel; it
+ * checks each slot's expert after the wait, so a wrong guess costs time, not
+ * results.  shared_n 0: none (kk_expert_gemv).
+ */
+void		kk_expert_gemv_shared(cudaStream_t s, float *y0, float *y1, int ldy, const float *x, int ldx,
+								  const int *xrow, const void *const *W0, const void *const *W1, int bf16, int rows,
+								  int cols, const int *start, const int *active, int max_active, int max_count,
+								  int shared_e, int shared_n);
 
 /*
  * expert_mma.cu: the same expert products on the tensor cores (bf16 weights;

@@ -1043,6 +1043,16 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * KL_CUDA_EXPERT_PRELOAD=0: the expert down product waits for the
 		 * gate/up kernel before it reads its work list and first weights
 		 * (default: it reads them while gate/up finishes; gemv.cu).
+		 * KL_CUDA_EXPERT_B1=G[,D[,S]]: the expert products at one row a
+		 * work item (batch 1) in gemv.cu's tiled kernel, G tiles of rows a
+		 * block for the SwiGLU gate/up product and D (default: G) for down,
+		 * each 1, 2 or 4; 0 expert_rows_kernel as before.  Every piece a
+		 * thread takes of a tile is requested at once and the next tile's
+		 * while the last is summed.  S: the fused shared expert's gate/up
+		 * blocks go first and request their first tile before the PDL wait
+		 * (1), and their later tiles into L2 (2, the default), or not (0).
+		 * Default 4,4,2 (about one wave a launch at batch 1); the same
+		 * logits bit for bit in every form.
 		 * KL_CUDA_MLA_FLASH=0: bf16 prefill attention (the expanded MLA form)
 		 * through cuBLAS score products, a softmax kernel and an output
 		 * product over a score buffer; =1: one flash-attention kernel on
@@ -1085,6 +1095,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *kf = getenv("KL_CUDA_KDA_FUSED"),
 				   *kde = getenv("KL_CUDA_KDA_DEC_EARLY"),
 				   *ep = getenv("KL_CUDA_EXPERT_PRELOAD"),
+				   *eb1 = getenv("KL_CUDA_EXPERT_B1"),
 				   *kmma = getenv("KL_CUDA_KDA_MMA"),
 				   *mf = getenv("KL_CUDA_MLA_FLASH"),
 				   *kpm = getenv("KL_CUDA_KDA_PREP_MMA"),
@@ -1117,6 +1128,13 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * 15.1 us a launch, the step 5.403 -> 5.339 ms) */
 		kk_set_mma_q_dense_occ(qocc && *qocc ? atoi(qocc) : 3);
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
+		{
+			const char *d = eb1 && *eb1 ? strchr(eb1, ',') : NULL,
+					   *sh = d ? strchr(d + 1, ',') : NULL;
+
+			kk_set_expert_b1(eb1 && *eb1 ? atoi(eb1) : 4, d ? atoi(d + 1) : eb1 && *eb1 ? atoi(eb1) : 4,
+							 sh ? atoi(sh + 1) : 2);
+		}
 		kk_set_kda_prep_mma(kpm && *kpm ? ((atoi(kpm) >= 0 && atoi(kpm) <= 4) || atoi(kpm) == 6 ? atoi(kpm) : 6) : 6);
 		kk_set_kda_kp6_wide(kpw && *kpw && atoi(kpw) >= 0 && atoi(kpw) <= 2 ? atoi(kpw) : 2);
 		kk_set_kda_elem_warp(kew && *kew ? atoi(kew) & (KK_KDA_EW_NORM_WARP | KK_KDA_EW_PREP_ROWS | KK_KDA_EW_FAST) :

@@ -208,12 +208,13 @@ cuda_moe_free(kl_backend *be)
  * The decode expert products in the experts' form (tab; down: the down
  * matrices, else gate/up): bf16 / fp32 through kk_expert_gemv /
  * kk_expert_mma, quantized through their _q twins (kernels/gemv_q.cu,
- * kernels/mma_q.cu).
+ * kernels/mma_q.cu).  shared_n: the rows of the fused shared expert (table
+ * entry E, the work list's last items), 0 none (kk_expert_gemv_shared).
  */
 static void
 expert_gemv_in(cuda_state *cs, const cuda_moe_tables *tab, bool down, float *y0, float *y1, int ldy,
 			   const float *x, int ldx, const int *xrow, const void *const *W0, const void *const *W1, int rows,
-			   int cols, const int *start, const int *active, int max_active, int max_count)
+			   int cols, const int *start, const int *active, int max_active, int max_count, int E, int shared_n)
 {
 	int			fmt = down ? tab->fmt_down : tab->fmt_gu,
 				group = down ? tab->group_down : tab->group_gu;
@@ -222,8 +223,8 @@ expert_gemv_in(cuda_state *cs, const cuda_moe_tables *tab, bool down, float *y0,
 		kk_expert_gemv_q(cs->stream, y0, y1, ldy, x, ldx, xrow, W0, W1, fmt, group, rows, cols, start, active,
 						 max_active, max_count);
 	else
-		kk_expert_gemv(cs->stream, y0, y1, ldy, x, ldx, xrow, W0, W1, fmt == KK_WF_BF16, rows, cols, start, active,
-					   max_active, max_count);
+		kk_expert_gemv_shared(cs->stream, y0, y1, ldy, x, ldx, xrow, W0, W1, fmt == KK_WF_BF16, rows, cols, start,
+							  active, max_active, max_count, E, shared_n);
 }
 
 static void
@@ -435,11 +436,13 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			 * tokens: with more, the warp's registers for both products cost occupancy,
 			 * 3.4 ms a step at batch 64) */
 			expert_gemv_in(cs, tab, false, g, NULL, F, x, D, xrow, (const void *const *) tab->dev,
-						(const void *const *) (tab->dev + (E + 1)), F, D, start, active, max_active, n);
+						(const void *const *) (tab->dev + (E + 1)), F, D, start, active, max_active, n, E,
+						fuse ? n : 0);
 		else
 		{
 			expert_gemv_in(cs, tab, false, g, u, F, x, D, xrow, (const void *const *) tab->dev,
-						(const void *const *) (tab->dev + (E + 1)), F, D, start, active, max_active, n);
+						(const void *const *) (tab->dev + (E + 1)), F, D, start, active, max_active, n, E,
+						fuse ? n : 0);
 			kk_swiglu(cs->stream, g, g, u, rows, F, F);
 		}
 		if (!mma)
@@ -447,7 +450,7 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			if (!cuda_launched(be, "expert gate/up"))
 				return;
 			expert_gemv_in(cs, tab, true, ye, NULL, D, g, F, NULL, (const void *const *) (tab->dev + 2 * (E + 1)), NULL,
-						D, F, start, active, max_active, n);
+						D, F, start, active, max_active, n, E, fuse ? n : 0);
 			if (!cuda_launched(be, "expert down"))
 				return;
 		}
