@@ -883,39 +883,79 @@ out:
 }
 
 /*
+ * kl_cuda_test_expert_paths' paths: the down kernel's early read
+ * (KL_CUDA_EXPERT_PRELOAD), the tiled kernel's tiles a block at one row an
+ * item and its shared-expert form (KL_CUDA_EXPERT_B1's G = D and S; tiles
+ * 0: off), the rows of an item (KL_CUDA_EXPERT_NR; 0: as set) and the shared
+ * expert's guessed table index (1: E, the right one; 0: expert 0, a wrong
+ * one; -1: none).  Path 0 is today's two kernels.
+ */
+static const struct
+{
+	int			preload,
+				tiles,
+				shared,
+				nr,
+				guess;
+}			test_expert_path[] = {
+	{0, 0, 0, 0, -1},
+	{1, 0, 0, 0, -1},
+	{1, 1, 1, 0, 1},
+	{1, 2, 2, 0, 1},
+	{1, 4, 2, 0, 1},
+	{0, 4, 2, 0, 1},
+	{1, 4, 2, 1, 1},
+	{1, 4, 2, 0, 0},
+	{1, 4, 1, 0, 1},
+};
+
+/*
  * The new launches of kl_cuda_test_expert_paths on stream s: route and group
  * n tokens (the warp launcher where it covers the shape), then the SwiGLU
- * gate/up products into h [R, F] and the down products of h into y [R, D]:
- * path 0 today's two kernels (KL_CUDA_EXPERT_PRELOAD=0), path 1 the same with
- * the down kernel's early read of its work list.  Returns 0, -1 (shape not
- * covered) or a CUDA error.
+ * gate/up products into h [R, F] and the down products of h into y [R, D],
+ * in the form of test_expert_path[path].  Returns 0, -1 (shape not covered)
+ * or a CUDA error.
  */
 static int
 test_expert_path_launches(cudaStream_t s, int path, int n, int E, int k, int D, int F, const float *dlog,
 						  const float *bias, int *sel, float *wts, int *start, int *xrow, int *inv, int *active,
 						  void *const *tab, const float *x, float *h, float *y)
 {
-	int			nk = n * k,
-				P = kk_expert_pass_rows(n),
-				slots = expert_item_slots(nk, E, n, P),
+	int			nr_was = kk_expert_pass_rows(8),	/* (the setting itself: at most 8) */
+				b1_was[3] = {kk_expert_b1(0), kk_expert_b1(1), kk_expert_b1(2)},
 				was,
 				rc;
+	int			nk = n * k,
+				P,
+				slots,
+				guess = test_expert_path[path].guess > 0 ? E : test_expert_path[path].guess;
 	const void *const *gate = (const void *const *) tab,
 			   *const *up = (const void *const *) (tab + (E + 1)),
 			   *const *down = (const void *const *) (tab + 2 * (E + 1));
 
+	if (test_expert_path[path].nr)
+		kk_set_expert_nr(test_expert_path[path].nr);
+	P = kk_expert_pass_rows(n);
+	slots = expert_item_slots(nk, E, n, P);
 	rc = kk_moe_route_group_warp(s, n, E, k, 1, 1, 0, 1, 0, 1.0f, dlog, bias, sel, wts, n, P, start, xrow, inv,
 								 active);
 	if (rc < 0)
 		rc = kk_moe_route_group(s, n, E, k, 1, 1, 0, 1, 0, 1.0f, dlog, bias, sel, wts, n, P, start, xrow, inv,
 								active);
-	if (rc != 0)
-		return rc;
-	was = kk_set_expert_preload(path == 1);
-	kk_expert_gemv(s, h, NULL, F, x, D, xrow, gate, up, 1, F, D, start, active, slots, n);
-	kk_expert_gemv(s, y, NULL, D, h, F, NULL, down, NULL, 1, D, F, start, active, slots, n);
-	kk_set_expert_preload(was);
-	return (int) cudaGetLastError();
+	if (rc == 0)
+	{
+		was = kk_set_expert_preload(test_expert_path[path].preload);
+		kk_set_expert_b1(test_expert_path[path].tiles, test_expert_path[path].tiles, test_expert_path[path].shared);
+		kk_expert_gemv_shared(s, h, NULL, F, x, D, xrow, gate, up, 1, F, D, start, active, slots, n, guess,
+							  guess >= 0 ? n : 0);
+		kk_expert_gemv_shared(s, y, NULL, D, h, F, NULL, down, NULL, 1, D, F, start, active, slots, n, guess,
+							  guess >= 0 ? n : 0);
+		kk_set_expert_preload(was);
+		kk_set_expert_b1(b1_was[0], b1_was[1], b1_was[2]);
+		rc = (int) cudaGetLastError();
+	}
+	kk_set_expert_nr(nr_was);
+	return rc;
 }
 
 /*
@@ -923,7 +963,8 @@ test_expert_path_launches(cudaStream_t s, int path, int n, int E, int k, int D, 
  * use it): one decode step's expert products (SwiGLU gate/up into h, then
  * down) through today's two kernels and through a new path on the same data,
  * on the current device.  path 1: the down kernel reads its work list before
- * waiting (KL_CUDA_EXPERT_PRELOAD).
+ * waiting (KL_CUDA_EXPERT_PRELOAD); 2-8: gemv.cu's tiled kernel at one row
+ * an item (KL_CUDA_EXPERT_B1), test_expert_path[path]'s form.
  *
  * Experts: E routed ones and a shared one (expert E, over every token), each
  * with gate and up [F, D] and down [D, F] in bf16, random on the device
@@ -960,7 +1001,8 @@ kl_cuda_test_expert_paths(int path, int n, int E, int k, int D, int F, const flo
 	void	   *host_tab[3 * 1025];
 	int			rc = 0;
 
-	if (E + 1 > 1025 || n <= 0 || k <= 0 || path != 1)
+	if (E + 1 > 1025 || n <= 0 || k <= 0 || path < 1 ||
+		path >= (int) (sizeof(test_expert_path) / sizeof(test_expert_path[0])))
 		return -1;
 	direct = malloc(sizeof(float) * osz);
 	if (!direct)

@@ -59,7 +59,12 @@
  * CUDA-core GEMVs it also covers (check_rows_early_gemv_q: gemv_q.cu's
  * products of 1, 2 and 9 rows on the 48B widths, FP8, int8, int4 and mixed
  * batches, through the hook kl_cuda_test_gemv_q; check_rows_early_q48: the
- * 48B shapes with FP8 and int4 weights, fp32 and bf16 precision).
+ * 48B shapes with FP8 and int4 weights, fp32 and bf16 precision).  Nor
+ * must the batch-1 expert products in the tiled kernel (KL_CUDA_EXPERT_B1,
+ * the default; check_expert_paths' paths 2-8 through the hook
+ * kl_cuda_test_expert_paths, check_expert_b1_model: the K = 128 random model,
+ * 1 and 2 sequences, both precisions; check_expert_b1_48b: the 48B shapes,
+ * every form).
  *
  * The KDA gated norm as a warp per (row, head) and prefill's prep as a
  * warp walking rows (KL_CUDA_KDA_ELEM_WARP masks 2 and 6) must give the
@@ -3368,9 +3373,16 @@ typedef int (*expert_paths_fn) (int path, int n, int E, int k, int D, int F, con
  * left).  The hook runs the new path directly and as a replayed graph
  * (programmatic launch edges as in a decode step) and checks the two agree.
  * Path 1: the down kernel reads its work list and first weights before the
- * gate/up kernel completes (KL_CUDA_EXPERT_PRELOAD).  Shapes: the 48B
- * model's experts (D 2304, F 1024, 256 top 8 + shared) at 1, 3 and 4 tokens,
- * and D 352, F 224, 16 top 4 (slabs past the matrices' last rows).
+ * gate/up kernel completes (KL_CUDA_EXPERT_PRELOAD).  Paths 2-8: gemv.cu's
+ * tiled kernel at one row an item (KL_CUDA_EXPERT_B1; cuda_moe.c's
+ * test_expert_path has each form): 1, 2 and 4 tiles a block (the shared
+ * expert's later tiles prefetched into L2 from 2), 4 with the down kernel
+ * waiting first, 4 with items of one row at 3 and 4 tokens (several
+ * shared-expert slots), 4 with the shared expert's slots guessed wrong (the
+ * weights requested again after the wait), 4 without the L2 prefetch.  Shapes: the 48B model's experts
+ * (D 2304, F 1024, 256 top 8 + shared: 3 and 2 pieces a thread and row) at
+ * 1, 3 and 4 tokens, and D 352, F 224, 16 top 4 (1 piece; tiles and blocks
+ * past the matrices' last rows) at 3 and 1.
  */
 static void
 check_expert_paths(void)
@@ -3387,8 +3399,17 @@ check_expert_paths(void)
 		{256, 8, 2304, 1024, 3},
 		{256, 8, 2304, 1024, 4},
 		{16, 4, 352, 224, 3},
+		{16, 4, 352, 224, 1},
 	};
-	static const char *paths[] = {NULL, "down kernel's early work-list read (KL_CUDA_EXPERT_PRELOAD)"};
+	static const char *paths[] = {
+		NULL, "down kernel's early work-list read (KL_CUDA_EXPERT_PRELOAD)",
+		"tiled kernel, 1 tile a block (KL_CUDA_EXPERT_B1=1)", "tiled kernel, 2 tiles a block (KL_CUDA_EXPERT_B1=2)",
+		"tiled kernel, 4 tiles a block (KL_CUDA_EXPERT_B1=4)",
+		"tiled kernel, 4 tiles, down waiting first (KL_CUDA_EXPERT_PRELOAD=0)",
+		"tiled kernel, 4 tiles, items of one row (KL_CUDA_EXPERT_NR=1)",
+		"tiled kernel, 4 tiles, shared expert guessed wrong",
+		"tiled kernel, 4 tiles, shared expert's first tile only (KL_CUDA_EXPERT_B1=4,4,1)"
+	};
 	kl_model   *m;
 	void	   *lib = NULL;
 	expert_paths_fn f = NULL;
@@ -6757,31 +6778,47 @@ check_q_twin_model(void)
 	unsetenv("KL_CUDA_Q_MMA");
 }
 
+/*
+ * The 48B shapes (2 layers, bf16 weights and precision) made with env set to
+ * each of vals[0 .. nv) (one model at a time: a switch is read when the
+ * backend is made): the logits of rounds decode steps of nseq[b] sequences
+ * together (b < nb), in lg[v][b] (the caller frees them); returns V.
+ */
+static int
+decode_48b_env(const char *env, const char *const *vals, int nv, const int *nseq, int nb, int rounds,
+			   float *lg[][3])
+{
+	int32_t		ids[40];
+	int			V = 0;
+
+	for (int v = 0; v < nv; v++)
+	{
+		kl_model   *m = random_gpu_model(q48_config, NULL, env, vals[v]);
+
+		V = kl_model_config(m)->vocab_size;
+		for (int i = 0; i < 40; i++)
+			ids[i] = (int32_t) ((i * 7919 + 13) % V);
+		for (int bi = 0; bi < nb; bi++)
+			lg[v][bi] = decode_together(m, ids, nseq[bi], rounds);
+		kl_model_free(m);
+	}
+	return V;
+}
+
 /* the same on the 48B shapes (2 layers, bf16 weights and precision): rows of 2304 and 4096 columns, so the
  * early requests hold whole rows (3 and 4 pieces a thread); 1, 2 and 4 sequences decoding together */
 static void
 check_rows_early_48b(void)
 {
 	static const char *const early[2] = {"0", "1"};
+	static const int nseqs[3] = {1, 2, 4};
 	int			rounds = 4;
-	int32_t		ids[40];
 	float	   *lg[2][3];
-	int			V = 0;
+	int			V = decode_48b_env("KL_CUDA_ROWS_EARLY", early, 2, nseqs, 3, rounds, lg);
 
-	for (int v = 0; v < 2; v++)
-	{
-		kl_model   *m = random_gpu_model(q48_config, NULL, "KL_CUDA_ROWS_EARLY", early[v]);
-
-		V = kl_model_config(m)->vocab_size;
-		for (int i = 0; i < 40; i++)
-			ids[i] = (int32_t) ((i * 7919 + 13) % V);
-		for (int bi = 0; bi < 3; bi++)
-			lg[v][bi] = decode_together(m, ids, (int[]) {1, 2, 4}[bi], rounds);
-		kl_model_free(m);
-	}
 	for (int bi = 0; bi < 3; bi++)
 	{
-		int			nseq = (int[]) {1, 2, 4}[bi];
+		int			nseq = nseqs[bi];
 		size_t		nl = (size_t) rounds * nseq * V;
 
 		tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * nl) == 0, "48B shapes (2 layers), bf16, %d sequence%s "
@@ -6791,6 +6828,52 @@ check_rows_early_48b(void)
 		free(lg[0][bi]);
 		free(lg[1][bi]);
 	}
+}
+
+/*
+ * KL_CUDA_EXPERT_B1: the expert products at batch 1 in gemv.cu's tiled
+ * kernel against expert_rows_kernel (=0), the whole model: the K = 128
+ * random model (bf16 weights, F 128 and D 256: one piece a thread and row,
+ * the down tiles past the last row), 1 and 2 sequences (at 2 the switch
+ * changes nothing), the default form (4 tiles a block) against =0, logits
+ * bit for bit.
+ */
+static void
+check_expert_b1_model(const char *prec, int nseq)
+{
+	check_kda_env_model(NULL, prec, nseq, "KL_CUDA_EXPERT_B1", "0",
+						"batch-1 expert products in the tiled kernel = expert_rows_kernel (KL_CUDA_EXPERT_B1=0)");
+}
+
+/*
+ * The same on the 48B shapes (decode_48b_env): gate/up rows of 2304
+ * columns (3 pieces a thread and row), down rows of 1024 (2), 256 experts
+ * top 8 + the fused shared one; every form (1, 2, 4 tiles a block, gate/up
+ * 4 with down 1, and 2 with down 4 without the shared expert's guess)
+ * against =0, 1 and 2 sequences decoding together, logits bit for bit.
+ */
+static void
+check_expert_b1_48b(void)
+{
+	static const char *const form[6] = {"0", "1", "2", "4", "4,1", "2,4,0"};
+	static const int nseqs[2] = {1, 2};
+	int			rounds = 4;
+	float	   *lg[6][3];
+	int			V = decode_48b_env("KL_CUDA_EXPERT_B1", form, 6, nseqs, 2, rounds, lg);
+
+	for (int v = 1; v < 6; v++)
+		for (int bi = 0; bi < 2; bi++)
+		{
+			size_t		nl = (size_t) rounds * nseqs[bi] * V;
+
+			tap_ok(memcmp(lg[v][bi], lg[0][bi], sizeof(float) * nl) == 0, "48B shapes (2 layers), bf16, %d "
+				   "sequence%s decoding together (%d steps): expert products with KL_CUDA_EXPERT_B1=%s = "
+				   "expert_rows_kernel (=0) bit for bit (logits rel err %.2e)", nseqs[bi], bi ? "s" : "", rounds,
+				   form[v], rel_err(lg[v][bi], lg[0][bi], nl));
+		}
+	for (int v = 0; v < 6; v++)
+		for (int bi = 0; bi < 2; bi++)
+			free(lg[v][bi]);
 }
 
 /*
@@ -7666,6 +7749,10 @@ main(void)
 		for (int bi = 0; bi < 3; bi++)
 			RUN(check_rows_early_model(pi ? "bf16" : "fp32", (int[]) {1, 2, 4}[bi]));
 	RUN(check_rows_early_48b());
+	for (int pi = 0; pi < 2; pi++)
+		for (int bi = 0; bi < 2; bi++)
+			RUN(check_expert_b1_model(pi ? "bf16" : "fp32", bi + 1));
+	RUN(check_expert_b1_48b());
 	for (int qi = 0; qi < 2; qi++)
 		for (int pi = 0; pi < 2; pi++)
 			RUN(check_rows_early_q48(qi ? "int4" : "fp8", pi ? "bf16" : "fp32"));
