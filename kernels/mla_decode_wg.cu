@@ -192,13 +192,19 @@ mdw_opaque(uint32_t v)
 	return v;
 }
 
-/* a barrier of the threads that share a key range: the block's (one range), or warpgroup wg's (DUAL) */
+/* a barrier of the threads that share a key range: the block's (one range), or warpgroup wg's (DUAL: barrier
+ * 1 + wg, ids as immediates so that ptxas reserves 3 barriers, not all 16) */
 template <bool DUAL>
 __device__ __forceinline__ void
 mdw_bar(int wg)
 {
 	if constexpr (DUAL)
-		asm volatile("bar.sync %0, %1;\n"::"r"(1 + wg), "n"(MDW_THREADS / 2):"memory");
+	{
+		if (wg == 0)
+			asm volatile("bar.sync 1, %0;\n"::"n"(MDW_THREADS / 2):"memory");
+		else
+			asm volatile("bar.sync 2, %0;\n"::"n"(MDW_THREADS / 2):"memory");
+	}
 	else
 		__syncthreads();
 }
