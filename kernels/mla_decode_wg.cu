@@ -697,13 +697,15 @@ kk_mla_decode_wg_supported(int Ha, int R, int Dr)
 extern "C" int
 kk_mla_decode_wg(cudaStream_t s, const kk_mla_decode_args *a)
 {
-	/* (wg_dual: two ranges a block, so half the blocks a token; the instantiation picked here, not a branch in
-	 * the tile loop) */
+	/* (the instantiation picked here, not a branch in the tile loop; wg_dual: two ranges a block, so half the
+	 * blocks a token; the prefetch only where a range has tiles past the first NB, 2 or 1: at one tile a range,
+	 * 4k batch 1, the kernel without it) */
 	static void (*const kerns[2][2]) (kk_mla_decode_args, float) = {
 		{mla_decode_wg_kernel<false, false>, mla_decode_wg_kernel<false, true>},
 		{mla_decode_wg_kernel<true, false>, mla_decode_wg_kernel<true, true>}
 	};
-	void		(*kern) (kk_mla_decode_args, float) = kerns[a->wg_dual != 0][a->wg_pf > 0];
+	int			pf = a->wg_pf > 0 && a->split_keys > (a->wg_dual ? 1 : 2) * MDW_KT;
+	void		(*kern) (kk_mla_decode_args, float) = kerns[a->wg_dual != 0][pf];
 	size_t		smem = MDW_SMEM(a->wg_dual);
 	int			blocks = a->wg_dual ? (a->max_splits + 1) / 2 : a->max_splits;
 	cudaError_t e;
