@@ -560,7 +560,9 @@ typedef int (*mla_decode_fn) (int variant, int merge, int early, int n, int Ha, 
  * 20 launches in a CUDA graph; us per launch and the cache bytes' rate.
  * The wgmma variant requests its first tiles' older keys before its wait
  * as the backend does by default (KL_CUDA_MLA_FOLD=0 in the environment:
- * after it).
+ * after it); its split, L2 prefetch and dual form follow
+ * KL_CUDA_MLA_WG_SPLIT, _PF and _DUAL in the environment as the backend's
+ * do (cuda_mla.c, cuda_mla_wg_read).
  */
 static void
 mla_decode_alone(const long *cs, int nc, const long *bs, int nb, const long *vs, int nv)

@@ -5,8 +5,11 @@
  * blocks x 4 k-steps), the byte that the hardware reads through the kernel's
  * descriptor (a model of the PTX ISA's canonical layouts with 128-byte
  * swizzle, written here independently of the kernel) must be the byte where
- * the kernel's loaders put that logical element (both tile buffers).  The loaders' and the
- * descriptors' address math is the kernel's own (mla_decode_wg_layout.h).
+ * the kernel's loaders put that logical element (both tile buffers; both
+ * loaders: the block's 256 threads and a warpgroup's 128, which fill a tile
+ * when each warpgroup streams a key range of its own; P^T at both
+ * warpgroups' places).  The loaders' and the descriptors' address math is
+ * the kernel's own (mla_decode_wg_layout.h).
  *
  *   cc -O1 -o /tmp/mla_wg_layout_check bench/mla_wg_layout_check.c -Ikernels && /tmp/mla_wg_layout_check
  *
@@ -24,12 +27,12 @@
 
 #include "mla_decode_wg_layout.h"
 
-/* the kernel's shared buffers (offsets from a 1024-aligned base): two tiles, Qabs, P^T */
+/* the kernel's shared buffers (offsets from a 1024-aligned base): two tiles, Qabs, P^T (a warpgroup's each) */
 #define BASE 0x400u
 #define TILE0 (BASE)
 #define QOFF (BASE + 2 * MDW_TILE)
 #define POFF (QOFF + MDW_QBYTES)
-#define END (POFF + MDW_PBYTES)
+#define END (POFF + 2 * MDW_PBYTES)
 
 static int	failures;
 
@@ -79,8 +82,9 @@ hw_addr(uint64_t d, int mn_major, int mn, int k)
 /* tile_at[key][col]: where the tile loader put each bf16 of a key tile (bytes from the tile's start) */
 static unsigned tile_at[MDW_KT][MDW_WA];
 
+/* the loader of lt threads (256 or 128): each copy's source and destination, every chunk of the tile once */
 static void
-build_tile_map(void)
+build_tile_map(int lt)
 {
 	static unsigned char seen[MDW_TILE / 16];
 
@@ -88,17 +92,17 @@ build_tile_map(void)
 	for (int k = 0; k < MDW_KT; k++)
 		for (int c = 0; c < MDW_WA; c++)
 			tile_at[k][c] = 0xffffffffu;
-	for (int tid = 0; tid < MDW_THREADS; tid++)
+	for (int tid = 0; tid < lt; tid++)
 	{
-		uint32_t	dst0 = mdw_tile_chunk(mdw_copy_key(tid, 0), mdw_copy_chunk(tid, 0)),
-					src0 = (uint32_t) (mdw_copy_key(tid, 0) * MDW_WA * 2 + mdw_copy_chunk(tid, 0) * 16);
+		uint32_t	dst0 = mdw_tile_chunk(mdw_copy_key(lt, tid, 0), mdw_copy_chunk(tid, 0)),
+					src0 = (uint32_t) (mdw_copy_key(lt, tid, 0) * MDW_WA * 2 + mdw_copy_chunk(tid, 0) * 16);
 
-		for (int i = 0; i < MDW_COPIES; i++)
+		for (int i = 0; i < MDW_COPIES(lt); i++)
 		{
-			int			key = mdw_copy_key(tid, i),
+			int			key = mdw_copy_key(lt, tid, i),
 						chunk = mdw_copy_chunk(tid, i);
-			uint32_t	dst = mdw_copy_dst(dst0, i),
-						src = mdw_copy_src(src0, i);
+			uint32_t	dst = mdw_copy_dst(lt, dst0, i),
+						src = mdw_copy_src(lt, src0, i);
 
 			if (key >= MDW_KT || chunk >= MDW_WA / 8)
 			{
@@ -126,9 +130,11 @@ main(void)
 {
 	long		checked = 0;
 
-	if (BASE % 1024 || QOFF % 1024 || POFF % 1024 || END - BASE > 227 * 1024)
+	if (BASE % 1024 || QOFF % 1024 || POFF % 1024 || MDW_PBYTES % 1024 || END - BASE > 227 * 1024)
 		fail("buffer alignment or size", BASE, QOFF, POFF, END, 0);
-	build_tile_map();
+	/* (the warpgroup's loader first: the block's, whose map the operands are checked against, must agree) */
+	build_tile_map(MDW_THREADS / 2);
+	build_tile_map(MDW_THREADS);
 
 	/* S^T = K Qabs^T: A(m = key, k) = tile[key][16 ks + k], B(n = head, k) = Qabs[head][16 ks + k] */
 	for (int b = 0; b < 2; b++)
@@ -173,14 +179,17 @@ main(void)
 			}
 	}
 
-	/* O^T = V^T P^T: A(m = value column 64 mb + m, k) = tile[16 kk + k][64 mb + m], B(n = head, k) = P[head][16 kk + k] */
+	/* O^T = V^T P^T: A(m = value column 64 mb + m, k) = tile[16 kk + k][64 mb + m], B(n = head, k) = P[head][16 kk + k]
+	 * (tile buffer b with warpgroup b's P^T, or both warpgroups' halves of the m-blocks with the first P^T) */
 	for (int b = 0; b < 2; b++)
+	for (int pb = 0; pb < 2; pb++)
 	for (int mb = 0; mb < MDW_R / 64; mb++)
 		for (int kk = 0; kk < MDW_KT / 16; kk++)
 		{
-			unsigned	tb = TILE0 + b * MDW_TILE;
+			unsigned	tb = TILE0 + b * MDW_TILE,
+						pt = POFF + pb * MDW_PBYTES;
 			uint64_t	da = mdw_desc_at(tb >> 4, mdw_o_a_off(mb, kk), MDW_LBO_MN),
-						db = mdw_desc_at(POFF >> 4, mdw_o_b_off(kk), MDW_LBO_K);
+						db = mdw_desc_at(pt >> 4, mdw_o_b_off(kk), MDW_LBO_K);
 
 			for (int k = 0; k < 16; k++)
 			{
@@ -192,7 +201,7 @@ main(void)
 							 tb + tile_at[key][64 * mb + m]);
 				for (int n = 0; n < MDW_HEADS; n++, checked++)
 				{
-					unsigned	want = POFF + mdw_p_chunk(n, key / 8) + 2 * (key % 8);
+					unsigned	want = pt + mdw_p_chunk(n, key / 8) + 2 * (key % 8);
 
 					if (hw_addr(db, 0, n, k) != want)
 						fail("O^T B (P^T)", kk, n, k, hw_addr(db, 0, n, k), want);

@@ -665,6 +665,18 @@ typedef struct kk_mla_decode_args
 	 * of qabs, the same layout; kk_mla_absorb_q_append's qabs16), read
 	 * instead of qabs: half the bytes, the same numbers (KL_CUDA_MLA_FOLD) */
 	const uint16_t *qabs16;
+	/*
+	 * kk_mla_decode_wg only (KL_CUDA_MLA_WG_DUAL): nonzero: each of a
+	 * block's two warpgroups streams a key range of its own (ranges 2 b and
+	 * 2 b + 1 of block b, one tile buffer each): the grid holds
+	 * ceil(max_splits / 2) blocks a token; split_keys and max_splits are
+	 * still the ranges' (the merge's).  The partials equal the one-range
+	 * kernel's for the same split_keys bit for bit.
+	 */
+	int			wg_dual;
+	/* kk_mla_decode_wg only (KL_CUDA_MLA_WG_PF): each range requests its tiles into L2 this many tiles ahead of
+	 * their copies to shared memory (0: none; a hint: the same results) */
+	int			wg_pf;
 } kk_mla_decode_args;
 
 /* mla_decode_wg.cu: on Hopper's wgmma, sm_90a image only (KL_CUDA_MLA_MMA=2, the default where it runs) */

@@ -12,7 +12,8 @@
  *   key tile  9 slabs of [64 keys][128 bytes] (columns 64 s .. 64 s + 63 of
  *             the cache row [c (512) | k_pe (64)]): 72 KB
  *   Qabs      9 slabs of [32 heads][128 bytes] (bf16): 36 KB
- *   P^T       one slab [32 heads][128 bytes] (64 keys, bf16): 4 KB
+ *   P^T       one slab [32 heads][128 bytes] (64 keys, bf16): 4 KB (one a
+ *             warpgroup where each warpgroup takes a key range of its own)
  * Products (m64n32k16, bf16 in, fp32 out):
  *   S^T = K Qabs^T   A = key tile, K-major (k-step k: slab k / 4, + 32 bytes
  *                    (k % 4)); B = Qabs, K-major, the same way
@@ -50,7 +51,8 @@
 #define MDW_QBYTES (MDW_SLABS * MDW_QSLAB)	/* 36864 */
 #define MDW_PBYTES (MDW_HEADS * 128)	/* 4096 */
 #define MDW_THREADS 256			/* two warpgroups */
-#define MDW_COPIES (MDW_KT * MDW_SLABS * 8 / MDW_THREADS)	/* 16-byte copies a thread a tile: 18 */
+/* 16-byte copies a thread a tile when lt threads load it: 18 for the block's 256, 36 for a warpgroup's 128 */
+#define MDW_COPIES(lt) (MDW_KT * MDW_SLABS * 8 / (lt))
 #define MDW_SBO 1024u
 #define MDW_LBO_K 16u			/* leading offsets: K-major operands */
 #define MDW_LBO_MN 8192u		/* the MN-major one (O^T's A) */
@@ -84,15 +86,17 @@ mdw_p_chunk(int h, int c)
 }
 
 /*
- * The tile loader: copy i (0 .. 17) of thread tid is key (tid / 8) + 32 (i / 9),
- * chunk 8 (i % 9) + tid % 8 — a warp reads 4 keys' 128 contiguous bytes of one
- * slab.  Keys 32 apart share the swizzle phase, so copy i lands at the thread's
- * first chunk's offset plus a constant.
+ * The tile loader of lt threads (256: the block; 128: a warpgroup): copy i
+ * (0 .. MDW_COPIES(lt) - 1) of thread tid (0 .. lt - 1) is key (tid / 8) +
+ * (lt / 8) (i / 9), chunk 8 (i % 9) + tid % 8 — a warp reads 4 keys' 128
+ * contiguous bytes of one slab.  Keys lt / 8 apart (32 or 16: a multiple of
+ * 8) share the swizzle phase, so copy i lands at the thread's first chunk's
+ * offset plus a constant.
  */
 MDW_FN int
-mdw_copy_key(int tid, int i)
+mdw_copy_key(int lt, int tid, int i)
 {
-	return (tid >> 3) + 32 * (i / MDW_SLABS);
+	return (tid >> 3) + (lt / 8) * (i / MDW_SLABS);
 }
 
 MDW_FN int
@@ -102,16 +106,16 @@ mdw_copy_chunk(int tid, int i)
 }
 
 MDW_FN uint32_t
-mdw_copy_dst(uint32_t dst0, int i)
+mdw_copy_dst(int lt, uint32_t dst0, int i)
 {
-	return dst0 + (uint32_t) (i % MDW_SLABS) * MDW_KSLAB + (uint32_t) (i / MDW_SLABS) * (32 * 128);
+	return dst0 + (uint32_t) (i % MDW_SLABS) * MDW_KSLAB + (uint32_t) (i / MDW_SLABS) * (uint32_t) (lt / 8 * 128);
 }
 
 /* its source, in bytes from the tile's first row */
 MDW_FN uint32_t
-mdw_copy_src(uint32_t src0, int i)
+mdw_copy_src(int lt, uint32_t src0, int i)
 {
-	return src0 + (uint32_t) (i % MDW_SLABS) * 128 + (uint32_t) (i / MDW_SLABS) * (32 * MDW_WA * 2);
+	return src0 + (uint32_t) (i % MDW_SLABS) * 128 + (uint32_t) (i / MDW_SLABS) * (uint32_t) (lt / 8 * MDW_WA * 2);
 }
 
 /* descriptor start offsets (bytes from the operand's base) of each wgmma */

@@ -927,6 +927,12 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * kernels.h, "MLA decode attention variants", else 1);
 		 * KL_CUDA_MLA_MERGE=0 merges its key ranges with mla_merge (else
 		 * mla_merge_wide: more blocks a token).
+		 * KL_CUDA_MLA_WG_SPLIT=K (keys a block of the wgmma attention;
+		 * default: the rule), KL_CUDA_MLA_WG_PF=W (its ranges request their
+		 * tiles into L2 W tiles ahead; default 2, 0 none; same bits) and
+		 * KL_CUDA_MLA_WG_DUAL=1 (each warpgroup a key range of its own where
+		 * a block has 2 tiles or more; default 0): cuda_mla.c,
+		 * cuda_mla_wg_read.
 		 * KL_CUDA_MLA_FOLD=0 appends the MLA layer's new latent rows in a
 		 * launch of its own and the wgmma attention loads its key tiles
 		 * after its wait (default 1: the append is folded into the
@@ -1162,6 +1168,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		cs->mla_fold = !(mfo && strcmp(mfo, "0") == 0);
 		cs->mla_early = cs->mla_fold && !(mfo && strcmp(mfo, "2") == 0);
 		cs->mla_merge_wide = !(mg && strcmp(mg, "0") == 0);
+		cuda_mla_wg_read(&cs->mla_wg);
 		cs->prefetch_min = pf && *pf ? (atoi(pf) > 0 ? atoi(pf) : INT_MAX) : 8;
 		cs->prefetch_budget = (size_t) (pfmb && *pfmb ? atoi(pfmb) : 20) << 20;
 		cs->prefetch_q = pfq && strcmp(pfq, "1") == 0;

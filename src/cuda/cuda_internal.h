@@ -104,6 +104,18 @@ typedef struct cuda_mla_prep
 	void	   *owned;			/* our fp32 copy, when the weight is bf16 in fp32 mode */
 } cuda_mla_prep;
 
+/*
+ * The wgmma decode attention's forms (kernels.h, kk_mla_decode_args; read
+ * from the environment by cuda_mla_wg_read, once a backend): its keys a
+ * block, its L2 prefetch, and each warpgroup a range of its own.
+ */
+typedef struct cuda_mla_wg
+{
+	int			split;			/* KL_CUDA_MLA_WG_SPLIT: keys a block (a multiple of 64); 0: mma_split's */
+	int			pf;				/* KL_CUDA_MLA_WG_PF: tiles a range requests into L2 ahead of its copies */
+	bool		dual;			/* KL_CUDA_MLA_WG_DUAL: a range a warpgroup where a block holds 2 tiles or more */
+} cuda_mla_wg;
+
 typedef enum cuda_graph_mode
 {
 	GM_EAGER,					/* ops run as called */
@@ -170,6 +182,7 @@ typedef struct cuda_state
 	bool		mla_early;		/* the wgmma decode attention's first key tiles' older rows
 								 * requested before its wait, its Qabs made in bf16 by the
 								 * folded absorb (KL_CUDA_MLA_FOLD=1, the default) */
+	cuda_mla_wg mla_wg;			/* the wgmma decode attention's split, L2 prefetch and dual form */
 	int			mla_flash;		/* bf16 prefill attention in one kernel: 0 no (cuBLAS), 1 mma.sync
 								 * (kernels/mla_flash.cu), 2 or 3 wgmma with that many warpgroups
 								 * (kernels/mla_flash_wgmma.cu) */
@@ -605,6 +618,7 @@ int			cuda_prepare_mla(kl_backend *be, kl_mla_layer *w, kl_err *err);
 void		cuda_release_mla(kl_backend *be, kl_mla_layer *w);
 int			cuda_mla_decode_variant(int asked, bool c16, int Ha, int R, int Dr);
 int			cuda_mla_decode_variant(int asked, bool c16, int Ha, int R, int Dr);
+void		cuda_mla_wg_read(cuda_mla_wg *o);
 void		cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n);
 void		cuda_moe_free(kl_backend *be);
 

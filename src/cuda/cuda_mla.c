@@ -20,6 +20,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cuda_internal.h"
 
@@ -134,16 +135,58 @@ mma_split(int64_t max_keys, int n, int sm_count)
 }
 
 /*
+ * The wgmma decode attention's forms from the environment (the backend
+ * reads them once, when it is made; the test hook at each call):
+ *   KL_CUDA_MLA_WG_SPLIT=K  keys a block, K a multiple of 64 (rounded down;
+ *                           below 64 or unset: mma_split's rule)
+ *   KL_CUDA_MLA_WG_PF=W     each key range requests its tiles into L2 W
+ *                           tiles ahead of their copies to shared memory
+ *                           (cp.async.bulk.prefetch.L2, one a tile: a hint,
+ *                           the same bits; 0 none; default 2, at most 16)
+ *   KL_CUDA_MLA_WG_DUAL=1   where a block holds 2 tiles or more, each of its
+ *                           two warpgroups streams half of them as a range
+ *                           of its own (kk_mla_decode_args.wg_dual; default
+ *                           0: the ranges, so the merge's order, change)
+ * Why (bench/notes-cuda.md, "Issue 10, sixth session: MLA decode attention
+ * at 32k"): a block walks its tiles at ~2.6 us a 72 KB tile whether 4 or
+ * 128 blocks run (~28 GB/s an SM; DRAM's share is ~32), bound by its own
+ * serial chain (copies of tile j + 2 wait for tile j's products; S^T,
+ * softmax and O^T one after another behind barriers), not by DRAM.
+ */
+void
+cuda_mla_wg_read(cuda_mla_wg *o)
+{
+	const char *sp = getenv("KL_CUDA_MLA_WG_SPLIT"),
+			   *pf = getenv("KL_CUDA_MLA_WG_PF"),
+			   *du = getenv("KL_CUDA_MLA_WG_DUAL");
+
+	o->split = sp && atoi(sp) >= MMA_TILE ? atoi(sp) / MMA_TILE * MMA_TILE : 0;
+	o->pf = !pf || !*pf ? 2 : atoi(pf) < 0 ? 0 : atoi(pf) > 16 ? 16 : atoi(pf);
+	o->dual = du && strcmp(du, "1") == 0;
+}
+
+/*
  * Keys per range of the decode attention `variant` (cs->mla_mma: 0 the
  * CUDA-core kernel, 1 mla_attend_mma, 2 the wgmma variant of kernels.h) for
- * page tables of max_keys keys and n tokens.
+ * page tables of max_keys keys and n tokens; *dual (variant 2 with
+ * wg->dual, where a block's keys, wg->split or the rule's, are 2 tiles or
+ * more): each warpgroup takes a range of half of them (rounded up to a
+ * tile), and the result is that range.
  */
 static int64_t
-decode_split(int variant, int64_t max_keys, int n, int sm_count)
+decode_split(int variant, const cuda_mla_wg *wg, int64_t max_keys, int n, int sm_count, int *dual)
 {
 	int			want;
 	int64_t		split;
 
+	*dual = 0;
+	if (variant == 2)
+	{
+		int64_t		tiles = (wg->split > 0 ? wg->split : mma_split(max_keys, n, sm_count)) / MMA_TILE;
+
+		*dual = wg->dual && tiles >= 2;
+		return (*dual ? (tiles + 1) / 2 : tiles) * MMA_TILE;
+	}
 	if (variant >= 1)
 		return mma_split(max_keys, n, sm_count);
 	want = (4 * sm_count + n - 1) / n;	/* CUDA-core kernel: fill the GPU four times */
@@ -299,8 +342,9 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 	d.R = R;
 	d.Dr = Dr;
 	d.scale = 1.0f / sqrtf((float) (Dn + Dr));
-	d.split_keys = decode_split(cs->mla_mma, max_keys, n, cs->sm_count);
+	d.split_keys = decode_split(cs->mla_mma, &cs->mla_wg, max_keys, n, cs->sm_count, &d.wg_dual);
 	d.max_splits = (int) ((max_keys + d.split_keys - 1) / d.split_keys);
+	d.wg_pf = cs->mla_wg.pf;
 	d.qabs = qabs;
 	d.olat = cuda_buf(be, CB_MLA_OLAT, sizeof(float) * (size_t) n * Ha * R);
 	d.part_acc = cuda_buf(be, CB_MLA_PACC, sizeof(float) * (size_t) n * d.max_splits * Ha * R);
@@ -688,7 +732,9 @@ kl_cuda_test_mla_flash(int kind, int nr, int64_t pos0, int Ha, int Dn, int Dr, i
  * For test/engine/test_cuda.c and bench/bench_cuda.c (found with dlsym; the
  * backend does not use it): the decode attention of n tokens through
  * `variant` (0 .. 2 as KL_CUDA_MLA_MMA, the bf16 cache) on a stream of its
- * own, the key ranges split as the backend splits them; merge 0 merges
+ * own, the key ranges split as the backend splits them (with the
+ * environment's KL_CUDA_MLA_WG_SPLIT, _PF and _DUAL, read at each call:
+ * cuda_mla_wg_read); merge 0 merges
  * them with kk_mla_merge, 1 with kk_mla_merge_wide, -1 as the backend's
  * default does (merge_wide); early: kk_mla_decode_args' early and qabs16
  * as the backend sets them by default (variant 2: the keys below each
@@ -730,6 +776,7 @@ kl_cuda_test_mla_decode(int variant, int merge, int early, int n, int Ha, int R,
 	cudaGraphExec_t ge = NULL;
 	cudaEvent_t e0 = NULL,
 				e1 = NULL;
+	cuda_mla_wg wo;
 	bool		wide;
 	int			rc;
 
@@ -749,8 +796,11 @@ kl_cuda_test_mla_decode(int variant, int merge, int early, int n, int Ha, int R,
 	a.R = R;
 	a.Dr = Dr;
 	a.scale = 1.0f / sqrtf(192.0f);
-	a.split_keys = decode_split(variant, max_keys, n, sm_count);
-	/* (sweeps: KL_TEST_MLA_RANGE_KEYS=N keys a range, a multiple of 64) */
+	cuda_mla_wg_read(&wo);
+	a.split_keys = decode_split(variant, &wo, max_keys, n, sm_count, &a.wg_dual);
+	a.wg_pf = wo.pf;
+	/* (sweeps: KL_TEST_MLA_RANGE_KEYS=N keys a range, a multiple of 64: under KL_CUDA_MLA_WG_DUAL a warpgroup's
+	 * where the rule's block has 2 tiles or more) */
 	if (getenv("KL_TEST_MLA_RANGE_KEYS") && atoi(getenv("KL_TEST_MLA_RANGE_KEYS")) >= 64)
 		a.split_keys = atoi(getenv("KL_TEST_MLA_RANGE_KEYS")) / 64 * 64;
 	a.max_splits = (int) ((max_keys + a.split_keys - 1) / a.split_keys);

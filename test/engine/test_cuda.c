@@ -96,6 +96,16 @@
  * kl_cuda_test_kda_prep_form), and form 0's FAST math stays within
  * TOL_KDA_FAST of the exact functions there.
  *
+ * The wgmma MLA decode attention's forms (cuda_mla.c, cuda_mla_wg_read):
+ * each warpgroup streaming a key range of its own (KL_CUDA_MLA_WG_DUAL=1)
+ * must give the one-range kernel's olat for the same ranges bit for bit,
+ * and the tiles' L2 prefetch (KL_CUDA_MLA_WG_PF) and the keys a block
+ * (KL_CUDA_MLA_WG_SPLIT) may change no bit for the same ranges
+ * (check_mla_wg_forms, through the hook kl_cuda_test_mla_decode on
+ * check_mla_decode's tokens; check_mla_wg_model, the 48B shapes' random
+ * model: bit for bit where the ranges agree, within 1e-2 and the clear
+ * greedy ids equal where DUAL halves them).
+ *
  * The decode MLA products with 16-byte weight loads (KL_CUDA_MLA_SMALL)
  * must equal the older kernels within 1e-5 (check_mla_small, through the
  * hook kl_cuda_test_mla_small: 48B head shapes, 1 to 64 tokens, bf16 and
@@ -2015,34 +2025,62 @@ mla_decode_reference(int Ha, int R, int Dr, int ctx, const float *qabs, const ui
  * first tile, its second (65, 1025), its third or fourth (2049, 5000) and
  * alone (1)).
  */
+/* check_mla_decode's tokens: their contexts (each token its own sequence, MLA_DEC_PAGES pages of cache each) */
+static const int mla_dec_ctx[] = {1, 64, 65, 1000, 1024, 1025, 2049, 5000};
+
+#define MLA_DEC_N ((int) (sizeof(mla_dec_ctx) / sizeof(mla_dec_ctx[0])))
+#define MLA_DEC_PAGES 5
+
+/*
+ * The hook kl_cuda_test_mla_decode (*f; its model and library: the result
+ * and *lib, for kl_model_free and dlclose; NULL where the hook is not there)
+ * and those tokens' random inputs (seed 6021): *cache [MLA_DEC_N]
+ * [MLA_DEC_PAGES pages][Wa] bf16, *qabs [MLA_DEC_N][32][Wa].
+ */
+static kl_model *
+mla_decode_open(void **lib, mla_decode_test_fn *f, int Wa, uint16_t **cache, float **qabs)
+{
+	size_t		nc = (size_t) MLA_DEC_N * MLA_DEC_PAGES * KL_MLA_PAGE * Wa,
+				nq = (size_t) MLA_DEC_N * 32 * Wa;
+	uint64_t	rs = 6021;
+	kl_model   *m = load_test_hook("kl_cuda_test_mla_decode", lib, (void **) f);
+
+	if (!*f)
+		return NULL;
+	*cache = malloc(sizeof(uint16_t) * nc);
+	*qabs = malloc(sizeof(float) * nq);
+	for (size_t i = 0; i < nc; i++)
+		(*cache)[i] = kl_f32_to_bf16((float) ((unif(&rs) + unif(&rs) + unif(&rs) - 1.5) * 2.0));
+	for (size_t i = 0; i < nq; i++)
+		(*qabs)[i] = (float) ((unif(&rs) + unif(&rs) + unif(&rs) - 1.5) * 2.0);
+	return m;
+}
+
 static void
 check_mla_decode(void)
 {
-	static const int ctx[] = {1, 64, 65, 1000, 1024, 1025, 2049, 5000};
+	const int  *ctx = mla_dec_ctx;
 	static const int heads[] = {32, 4};
-	int			n = (int) (sizeof(ctx) / sizeof(ctx[0])),
+	int			n = MLA_DEC_N,
 				R = 512,
 				Dr = 64,
 				Wa = R + Dr,
-				page_cap = 5;
+				page_cap = MLA_DEC_PAGES;
 	size_t		rows = (size_t) page_cap * KL_MLA_PAGE;
-	uint16_t   *cache = malloc(sizeof(uint16_t) * (size_t) n * rows * Wa);
-	float	   *qabs = malloc(sizeof(float) * (size_t) n * 32 * Wa),
-			   *ref = malloc(sizeof(float) * (size_t) n * 32 * R),
-			   *got = malloc(sizeof(float) * (size_t) n * 32 * R),
-			   *late = malloc(sizeof(float) * (size_t) n * 32 * R);
-	uint64_t	rs = 6021;
-	kl_model   *m;
+	uint16_t   *cache;
+	float	   *qabs,
+			   *ref,
+			   *got,
+			   *late;
 	void	   *lib = NULL;
 	mla_decode_test_fn f = NULL;
+	kl_model   *m = mla_decode_open(&lib, &f, Wa, &cache, &qabs);
 
-	m = load_test_hook("kl_cuda_test_mla_decode", &lib, (void **) &f);
 	if (!f)
 		return;
-	for (size_t i = 0; i < (size_t) n * rows * Wa; i++)
-		cache[i] = kl_f32_to_bf16((float) ((unif(&rs) + unif(&rs) + unif(&rs) - 1.5) * 2.0));
-	for (size_t i = 0; i < (size_t) n * 32 * Wa; i++)
-		qabs[i] = (float) ((unif(&rs) + unif(&rs) + unif(&rs) - 1.5) * 2.0);
+	ref = malloc(sizeof(float) * (size_t) n * 32 * R);
+	got = malloc(sizeof(float) * (size_t) n * 32 * R);
+	late = malloc(sizeof(float) * (size_t) n * 32 * R);
 	for (size_t hi = 0; hi < sizeof(heads) / sizeof(heads[0]); hi++)
 	{
 		int			Ha = heads[hi];
@@ -2090,6 +2128,152 @@ check_mla_decode(void)
 	free(ref);
 	free(got);
 	free(late);
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+/* name=val in the environment, or name unset where val is NULL */
+static void
+env_put(const char *name, const char *val)
+{
+	if (val)
+		setenv(name, val, 1);
+	else
+		unsetenv(name);
+}
+
+/*
+ * check_mla_decode's tokens, 32 heads, through the wgmma variant with the
+ * switches KL_CUDA_MLA_WG_SPLIT, _PF and _DUAL set to split, pf and dual
+ * (NULL: unset, the default) while the hook runs (it reads them at each
+ * call): olat (NaN first), the hook's return code.
+ */
+static int
+mla_wg_run(mla_decode_test_fn f, const char *split, const char *pf, const char *dual, int merge, int early, int reps,
+		   const float *qabs, const uint16_t *cache, float *olat)
+{
+	double		us = 0;
+	int			rc;
+
+	env_put("KL_CUDA_MLA_WG_SPLIT", split);
+	env_put("KL_CUDA_MLA_WG_PF", pf);
+	env_put("KL_CUDA_MLA_WG_DUAL", dual);
+	for (size_t i = 0; i < (size_t) MLA_DEC_N * 32 * 512; i++)
+		olat[i] = NAN;
+	rc = f(2, merge, early, MLA_DEC_N, 32, 512, 64, mla_dec_ctx, MLA_DEC_PAGES, qabs, cache, olat, reps, &us);
+	env_put("KL_CUDA_MLA_WG_SPLIT", NULL);
+	env_put("KL_CUDA_MLA_WG_PF", NULL);
+	env_put("KL_CUDA_MLA_WG_DUAL", NULL);
+	return rc;
+}
+
+/*
+ * The wgmma decode attention's forms (cuda_mla.c, cuda_mla_wg_read) on
+ * check_mla_decode's tokens (contexts 1 .. 5000, five pages each), 32 heads,
+ * early loads and the backend's merge unless stated:
+ *  - KL_CUDA_MLA_WG_DUAL=1 with blocks of 2 R keys (KL_CUDA_MLA_WG_SPLIT)
+ *    gives the one-range kernel's olat with ranges of R keys bit for bit
+ *    (each warpgroup's range does the one-range kernel's operations in the
+ *    same order), R = 64, 128, 192 (27 ranges: the last block's second
+ *    warpgroup has no keys, and the blocks of the short contexts have one
+ *    working warpgroup) and 320, each within check_mla_decode's bound of
+ *    the double reference; at R = 192 also with mla_merge, mla_merge_wide,
+ *    the early loads off and after 3 graph replays;
+ *  - DUAL at the rule's split (blocks of 320 keys, 5 tiles: ranges of 192)
+ *    equals the one-range kernel at 192 bit for bit (decode_split's
+ *    halving rounds up to whole tiles);
+ *  - KL_CUDA_MLA_WG_PF=0, 1 and 5 give the default's (2) olat bit for bit,
+ *    one range a block and DUAL, blocks of 640 keys (10 tiles: prefetches
+ *    from the start and in the tile loop) and of the rule's 320.
+ */
+static void
+check_mla_wg_forms(void)
+{
+	static const int keys[] = {64, 128, 192, 320};
+	static const struct
+	{
+		int			merge,
+					early,
+					reps;
+		const char *what;
+	}			runs[] = {{-1, 1, 0, ""}, {0, 1, 0, ", mla_merge"}, {1, 1, 0, ", mla_merge_wide"},
+	{-1, 0, 0, ", early loads off"}, {-1, 1, 3, ", after 3 graph replays"}};
+	int			Wa = 576;
+	size_t		no = (size_t) MLA_DEC_N * 32 * 512;
+	uint16_t   *cache;
+	float	   *qabs,
+			   *ref,
+			   *one,
+			   *two;
+	void	   *lib = NULL;
+	mla_decode_test_fn f = NULL;
+	kl_model   *m = mla_decode_open(&lib, &f, Wa, &cache, &qabs);
+	char		a[16],
+				b[16];
+	int			ra,
+				rb;
+
+	if (!f)
+		return;
+	ref = malloc(sizeof(float) * no);
+	one = malloc(sizeof(float) * no);
+	two = malloc(sizeof(float) * no);
+	for (int t = 0; t < MLA_DEC_N; t++)
+		mla_decode_reference(32, 512, 64, mla_dec_ctx[t], qabs + (size_t) t * 32 * Wa,
+							 cache + (size_t) t * MLA_DEC_PAGES * KL_MLA_PAGE * Wa, ref + (size_t) t * 32 * 512);
+	if ((ra = mla_wg_run(f, NULL, NULL, NULL, -1, 1, 0, qabs, cache, one)) == -1)
+	{
+		tap_diag("MLA decode attention variant 2: not taken on this device (wgmma forms skipped)");
+		goto done;
+	}
+	for (size_t ki = 0; ki < sizeof(keys) / sizeof(keys[0]); ki++)
+		for (size_t ri = 0; ri < sizeof(runs) / sizeof(runs[0]); ri++)
+		{
+			if (ri > 0 && keys[ki] != 192)
+				continue;
+			snprintf(a, sizeof(a), "%d", keys[ki]);
+			snprintf(b, sizeof(b), "%d", 2 * keys[ki]);
+			ra = mla_wg_run(f, a, NULL, "0", runs[ri].merge, runs[ri].early, runs[ri].reps, qabs, cache, one);
+			rb = mla_wg_run(f, b, NULL, "1", runs[ri].merge, runs[ri].early, runs[ri].reps, qabs, cache, two);
+			tap_ok(ra == 0 && rb == 0 && memcmp(one, two, sizeof(float) * no) == 0 && rel_err(two, ref, no) <= 4e-3,
+				   "MLA decode attention variant 2, 32 heads, contexts 1 .. 5000%s: KL_CUDA_MLA_WG_DUAL=1 with "
+				   "blocks of %d keys equals one range a block of %d bit for bit (rel err %.2e; vs a double "
+				   "reference %.2e; rc %d, %d)", runs[ri].what, 2 * keys[ki], keys[ki],
+				   ra == 0 && rb == 0 ? rel_err(two, one, no) : INFINITY, rb == 0 ? rel_err(two, ref, no) : INFINITY,
+				   ra, rb);
+		}
+	ra = mla_wg_run(f, "192", NULL, "0", -1, 1, 0, qabs, cache, one);
+	rb = mla_wg_run(f, NULL, NULL, "1", -1, 1, 0, qabs, cache, two);
+	tap_ok(ra == 0 && rb == 0 && memcmp(one, two, sizeof(float) * no) == 0 && rel_err(two, ref, no) <= 4e-3,
+		   "MLA decode attention variant 2, 32 heads, contexts 1 .. 5000: KL_CUDA_MLA_WG_DUAL=1 at the rule's split "
+		   "(blocks of 320 keys) equals one range a block of 192 keys bit for bit (rel err %.2e; vs a double "
+		   "reference %.2e; rc %d, %d)", ra == 0 && rb == 0 ? rel_err(two, one, no) : INFINITY,
+		   rb == 0 ? rel_err(two, ref, no) : INFINITY, ra, rb);
+	for (int di = 0; di < 2; di++)
+		for (int si = 0; si < 2; si++)
+		{
+			const char *dual = di ? "1" : "0",
+					   *split = si ? "640" : NULL;
+
+			ra = mla_wg_run(f, split, NULL, dual, -1, 1, 0, qabs, cache, one);
+			for (int pi = 0; pi < 3; pi++)
+			{
+				const char *pf = (const char *[]) {"0", "1", "5"}[pi];
+
+				rb = mla_wg_run(f, split, pf, dual, -1, 1, 0, qabs, cache, two);
+				tap_ok(ra == 0 && rb == 0 && memcmp(one, two, sizeof(float) * no) == 0,
+					   "MLA decode attention variant 2, 32 heads, contexts 1 .. 5000, %s, blocks of %s keys: "
+					   "KL_CUDA_MLA_WG_PF=%s equals the default (2) bit for bit (rel err %.2e; rc %d, %d)",
+					   di ? "a range a warpgroup (DUAL)" : "one range a block", si ? "640" : "the rule's 320", pf,
+					   ra == 0 && rb == 0 ? rel_err(two, one, no) : INFINITY, ra, rb);
+			}
+		}
+done:
+	free(cache);
+	free(qabs);
+	free(ref);
+	free(one);
+	free(two);
 	dlclose(lib);
 	kl_model_free(m);
 }
@@ -6962,28 +7146,38 @@ fold_rounds(kl_model *m, const int32_t *ids, int nseq, const int *lens)
 	return out;
 }
 
+/* fold_rounds' three cases: 1, 2 and 4 sequences with prompts of these lengths, token ids from FOLD_T made */
+static const int fold_nseqs[3] = {1, 2, 4},
+			fold_lens[3][4] = {{8500}, {1100, 5}, {300, 70, 5, 1100}};
+
+#define FOLD_T 9000
+
+/* the three cases' logits on model m (freed here) into lg[0 .. 2], with ids (FOLD_T) made for its vocabulary;
+ * returns the vocabulary's size */
+static int
+fold_cases(kl_model *m, int32_t *ids, float **lg)
+{
+	int			V = kl_model_config(m)->vocab_size;
+
+	for (int i = 0; i < FOLD_T; i++)
+		ids[i] = (int32_t) ((i * 7919 + 13) % V);
+	for (int bi = 0; bi < 3; bi++)
+		lg[bi] = fold_rounds(m, ids, fold_nseqs[bi], fold_lens[bi]);
+	kl_model_free(m);
+	return V;
+}
+
 static void
 check_mla_fold_model(void)
 {
-	static const int nseqs[3] = {1, 2, 4},
-				lens[3][4] = {{8500}, {1100, 5}, {300, 70, 5, 1100}};
+	const int  *nseqs = fold_nseqs;
 	static const char *const fold[3] = {"0", "1", "2"};
-	int			T = 9000;
-	int32_t    *ids = malloc(sizeof(int32_t) * (size_t) T);
+	int32_t    *ids = malloc(sizeof(int32_t) * (size_t) FOLD_T);
 	float	   *lg[3][3];
 	int			V = 0;
 
 	for (int v = 0; v < 3; v++)
-	{
-		kl_model   *m = random_gpu_model(q48_config, NULL, "KL_CUDA_MLA_FOLD", fold[v]);
-
-		V = kl_model_config(m)->vocab_size;
-		for (int i = 0; i < T; i++)
-			ids[i] = (int32_t) ((i * 7919 + 13) % V);
-		for (int bi = 0; bi < 3; bi++)
-			lg[v][bi] = fold_rounds(m, ids, nseqs[bi], lens[bi]);
-		kl_model_free(m);
-	}
+		V = fold_cases(random_gpu_model(q48_config, NULL, "KL_CUDA_MLA_FOLD", fold[v]), ids, lg[v]);
 	for (int bi = 0; bi < 3; bi++)
 	{
 		size_t		cnt = (size_t) 6 * nseqs[bi] * V;
@@ -6991,9 +7185,68 @@ check_mla_fold_model(void)
 		for (int v = 1; v < 3; v++)
 			tap_ok(memcmp(lg[v][bi], lg[0][bi], sizeof(float) * cnt) == 0, "48B shapes (2 layers), bf16, %d "
 				   "sequences (prompts %d ..), 6 rounds (decode, 3 tokens, 70 tokens, decode): KL_CUDA_MLA_FOLD=%s "
-				   "equals =0 bit for bit (rel err %.2e)", nseqs[bi], lens[bi][0], fold[v],
+				   "equals =0 bit for bit (rel err %.2e)", nseqs[bi], fold_lens[bi][0], fold[v],
 				   rel_err(lg[v][bi], lg[0][bi], cnt));
 		for (int v = 0; v < 3; v++)
+			free(lg[v][bi]);
+	}
+	free(ids);
+}
+
+/*
+ * The wgmma decode attention's forms through the whole model (48B shapes,
+ * 2 layers, one MLA; fold_rounds' sequences and rounds: decode steps, a
+ * 3-token step, a mixed step; one model at a time, the switches being read
+ * when the backend is made): KL_CUDA_MLA_WG_PF=0 equals the default (2)
+ * bit for bit; KL_CUDA_MLA_WG_DUAL=1 with blocks of 384 keys equals one
+ * range a block of 192 keys (KL_CUDA_MLA_WG_PF=0 there) bit for bit; DUAL
+ * at the rule's split (ranges of half the rule's keys: the merge's order
+ * changes) against the default within 1e-2, with the greedy ids equal
+ * wherever the default's choice is clear of that (greedy_clear_differs).
+ */
+static void
+check_mla_wg_model(void)
+{
+	const int  *nseqs = fold_nseqs;
+	/* the models' switches: KL_CUDA_MLA_WG_SPLIT, _PF, _DUAL (NULL: unset) */
+	static const char *const sw[5][3] = {{NULL, NULL, NULL}, {NULL, "0", NULL}, {NULL, NULL, "1"},
+	{"384", NULL, "1"}, {"192", "0", "0"}};
+	int32_t    *ids = malloc(sizeof(int32_t) * (size_t) FOLD_T);
+	float	   *lg[5][3];
+	int			V = 0;
+
+	for (int v = 0; v < 5; v++)
+	{
+		kl_model   *m;
+
+		env_put("KL_CUDA_MLA_WG_SPLIT", sw[v][0]);
+		env_put("KL_CUDA_MLA_WG_PF", sw[v][1]);
+		env_put("KL_CUDA_MLA_WG_DUAL", sw[v][2]);
+		m = random_gpu_model(q48_config, NULL, NULL, NULL);
+		env_put("KL_CUDA_MLA_WG_SPLIT", NULL);
+		env_put("KL_CUDA_MLA_WG_PF", NULL);
+		env_put("KL_CUDA_MLA_WG_DUAL", NULL);
+		V = fold_cases(m, ids, lg[v]);
+	}
+	for (int bi = 0; bi < 3; bi++)
+	{
+		int			rows = 6 * nseqs[bi],
+					same = 0,
+					bad = greedy_clear_differs(lg[2][bi], lg[0][bi], rows, V, 1e-2, &same);
+		size_t		cnt = (size_t) rows * V;
+		double		e = rel_err(lg[2][bi], lg[0][bi], cnt);
+
+		tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * cnt) == 0, "48B shapes (2 layers), bf16, %d sequences "
+			   "(prompts %d ..), 6 rounds: KL_CUDA_MLA_WG_PF=0 equals the default bit for bit (rel err %.2e)",
+			   nseqs[bi], fold_lens[bi][0], rel_err(lg[1][bi], lg[0][bi], cnt));
+		tap_ok(memcmp(lg[3][bi], lg[4][bi], sizeof(float) * cnt) == 0, "48B shapes (2 layers), bf16, %d sequences "
+			   "(prompts %d ..), 6 rounds: KL_CUDA_MLA_WG_DUAL=1 with blocks of 384 keys equals one range a block "
+			   "of 192 bit for bit (rel err %.2e)", nseqs[bi], fold_lens[bi][0], rel_err(lg[3][bi], lg[4][bi], cnt));
+		tap_ok(e <= 1e-2 && bad == 0, "48B shapes (2 layers), bf16, %d sequences (prompts %d ..), 6 rounds: "
+			   "KL_CUDA_MLA_WG_DUAL=1 at the rule's split against the default (rel err %.2e; greedy ids %d of %d "
+			   "equal, %d differ where the default's choice is clear)", nseqs[bi], fold_lens[bi][0], e, same, rows,
+			   bad);
+		for (int v = 0; v < 5; v++)
 			free(lg[v][bi]);
 	}
 	free(ids);
@@ -7729,6 +7982,7 @@ main(void)
 	RUN(check_expert_paths());
 	RUN(check_mla_small());
 	RUN(check_mla_decode());
+	RUN(check_mla_wg_forms());
 	RUN(check_mla_flash());
 	RUN(check_kda_decode());
 	RUN(check_kda_elem_warp());
@@ -7806,6 +8060,7 @@ main(void)
 	RUN(check_dense_model_slab());
 	RUN(check_q_twin_model());
 	RUN(check_mla_fold_model());
+	RUN(check_mla_wg_model());
 	RUN(check_q_twin_stale());
 	RUN(check_dense_model_occ());
 	RUN(check_dense_model_l2());
