@@ -54,13 +54,19 @@ void		kk_f32_to_bf16(cudaStream_t s, uint16_t *dst, int ldd, const float *src, i
  * that the products reading it need no conversion pass.  0 when launched,
  * -1 when the shape or alignment is not covered (nothing launched).
  * kk_row_norm_twin: kk_row_norm's modes 0, 1, 2 and 3 (3: the bf16 expert
- * outputs of kk_row_norm_combine16 in ye) with y16 [rows, d] (NULL: none).
+ * outputs of kk_row_norm_combine16 in ye) with y16 [rows, d] (NULL: none);
+ * early (KL_CUDA_NORM_EARLY; the same bits in every form): what the kernel
+ * reads before waiting for the kernel launched before it (elementwise.cu's
+ * row kernels): 0 nothing, 1 the norm weight w, 2 (modes 2 and 3; k <= 8,
+ * else 1) also x, wts and inv, which the caller guarantees no kernel wrote
+ * within the last launch (routing, gate/up, down, this: three launches), as
+ * kk_expert_gemv's early read of start and active.
  * kk_swiglu_twin: kk_swiglu with h16 [rows, width].
  * kk_f32_to_bf16_v4: kk_f32_to_bf16 (the same numbers) four columns a thread.
  */
 int			kk_row_norm_twin(cudaStream_t s, int mode, float *y, int ldy, uint16_t *y16, float *x, int ldx,
 							 const float *a, const float *w, int rows, int d, float eps, int k, const float *wts,
-							 const int *inv, const void *ye, const float *ys);
+							 const int *inv, const void *ye, const float *ys, int early);
 int			kk_swiglu_twin(cudaStream_t s, float *h, uint16_t *h16, const float *g, const float *u, int rows,
 						   int width, int ld);
 void		kk_f32_to_bf16_v4(cudaStream_t s, uint16_t *dst, int ldd, const float *src, int lds, int rows, int cols);

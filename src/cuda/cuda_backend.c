@@ -543,6 +543,7 @@ cuda_defer_combine(kl_backend *be, float *y, int n, int D, int k, const float *w
 	cs->pm_ye = ye;
 	cs->pm_ye16 = NULL;
 	cs->pm_ys = ys;
+	cs->pm_route_early = false;	/* (cuda_moe sets it where it routed on the device) */
 }
 
 void
@@ -576,11 +577,21 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 	if (cs->pend && cs->pend_moe && cs->pend_x == cs->pm_y && cs->pend_y == x && ldx == d && ldy == d &&
 		rows == cs->pm_n && d == cs->pm_D && cs->pend_n == (size_t) rows * d && y != cs->pm_y)
 	{
-		/* MoE combine + residual add + norm in one kernel */
+		/*
+		 * MoE combine + residual add + norm in one kernel.  Its early form
+		 * (KL_CUDA_NORM_EARLY) may read the residual before its PDL wait: the
+		 * kernel right before is the MoE op's last (every other op launches
+		 * the held combine first), and the MoE op's kernels write only the
+		 * backend's scratch (the combine's output is this kernel's); and the
+		 * routing weights and indices where cuda_moe routed on the device.
+		 */
+		int			early = !cs->norm_early ? 0 : cs->pm_route_early ? 2 : 1;
+
 		cs->pend = cs->pend_moe = false;
 		if (y16 && kk_row_norm_twin(cs->stream, cs->pm_ye16 ? 3 : 2, y, d, y16, cs->pend_y, d, NULL, w, rows, d, eps,
 									cs->pm_k, cs->pm_wts, cs->pm_inv,
-									cs->pm_ye16 ? (const void *) cs->pm_ye16 : (const void *) cs->pm_ye, cs->pm_ys) == 0)
+									cs->pm_ye16 ? (const void *) cs->pm_ye16 : (const void *) cs->pm_ye, cs->pm_ys,
+									early) == 0)
 			twin_made(be, y, rows, d, y16);
 		else if (cs->pm_ye16)
 			kk_moe_combine16_add_rmsnorm(cs->stream, y, cs->pend_y, rows, d, cs->pm_k, cs->pm_wts, cs->pm_inv,
@@ -597,7 +608,7 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 	{
 		cs->pend = false;
 		if (y16 && kk_row_norm_twin(cs->stream, 1, y, d, y16, cs->pend_y, d, cs->pend_x, w, rows, d, eps, 0, NULL,
-									NULL, NULL, NULL) == 0)
+									NULL, NULL, NULL, cs->norm_early) == 0)
 			twin_made(be, y, rows, d, y16);
 		else
 			kk_add_rmsnorm(cs->stream, y, cs->pend_y, cs->pend_x, w, rows, d, eps);
@@ -606,7 +617,7 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 	}
 	cuda_flush_add(be);
 	if (y16 && kk_row_norm_twin(cs->stream, 0, y, ldy, y16, (float *) x, ldx, NULL, w, rows, d, eps, 0, NULL, NULL,
-								NULL, NULL) == 0)
+								NULL, NULL, cs->norm_early) == 0)
 		twin_made(be, y, rows, d, y16);
 	else
 		kk_rmsnorm(cs->stream, y, ldy, x, ldx, w, rows, d, eps);

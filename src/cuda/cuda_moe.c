@@ -313,7 +313,8 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			   *active;
 	bool		wbf,
 				wq,				/* the experts quantized (kernels.h's device form) */
-				shared_done = false;	/* variant 4 ran the shared experts before the routed ones */
+				shared_done = false,	/* variant 4 ran the shared experts before the routed ones */
+				routed_on_device = false;	/* routing, then at least the gate/up and down launches */
 
 	if (cuda_step_skip(be, OP_MOE, (uintptr_t) y, (uintptr_t) x, (uintptr_t) w, (uintptr_t) n))
 		return;
@@ -451,9 +452,11 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			if (!cuda_launched(be, "expert down"))
 				return;
 		}
+		routed_on_device = true;
 		if (fuse)
 		{
 			cuda_defer_combine(be, y, n, D, k, wts, inv, ye, ye + nk * D);
+			cs->pm_route_early = true;
 			return;
 		}
 	}
@@ -570,6 +573,7 @@ combine:
 		cuda_defer_combine16(be, y, n, D, k, wts, inv, ye16, sy);
 	else
 		cuda_defer_combine(be, y, n, D, k, wts, inv, ye, sy);
+	cs->pm_route_early = routed_on_device;
 }
 
 /* ------------------------------------------------------------------ benchmark hook */
