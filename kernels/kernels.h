@@ -82,7 +82,7 @@ void		kk_set_gemv_rows(int on);
 /* their products of 1 or 2 input rows request every weight piece a thread holds (up to 4 a row) before
  * kk_dep_wait (1, the default) or only the first (0); the same bits either way.  It covers gemv_q.cu's
  * kk_gemv_q / kk_gemv_multi_q too at 2 input rows (up to 3 pieces a row: whole FP8 rows of 2304 and 4096
- * columns; not at 1, where the early kernel's registers cost more than it saved) */
+ * columns; at 1 as kk_set_q_early1 says: in every launch the early kernel's registers cost more than it saved) */
 void		kk_set_rows_early(int on);
 /* the most input rows an expert GEMV pass takes (1, 2, 4 or 8; default 4) */
 void		kk_set_expert_nr(int nr);
@@ -269,6 +269,11 @@ kk_q_bytes(int rows, int fmt, int cols, int group)
  * 59-78 % in 64 / 32 (H200, FP8 batch 1 2.42 -> 2.34 ms a step with 3).
  */
 void		kk_gemv_q_force_shape(int shape);
+/* KL_CUDA_Q_EARLY1: their products of one input row in the early form too (kk_set_rows_early's, which must be
+ * on): 0 never, 1 (default) in launches of at most one wave of the early kernel, 2 in every launch of the 64-
+ * and 128-thread shapes; the same bits in every form.  Call it on the device the products will run on (it asks
+ * the occupancy calculator there), before any capture */
+void		kk_set_q_early1(int mode);
 void		kk_gemv_q(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int fmt,
 					  int group, int rows, int cols);
 void		kk_gemv_multi_q(cudaStream_t s, kk_gemv_batch *b);
