@@ -732,6 +732,9 @@ int			kk_moe_route_group_rank(cudaStream_t s, int n, int E, int k, int G, int Tg
 									int bias_in_w, float scaling, const float *logits, const float *bias, int *sel,
 									float *wts, int shared_rows, int P, int *start, int *xrow, int *inv,
 									int *active);
+/* kk_moe_route_group_rank at one token with the grouping read from ballots, no block scan (1, the default) or
+ * by counts as at other n (0); the same outputs (KL_CUDA_ROUTE_RANK1).  Returns the setting it replaces */
+int			kk_set_route_rank1(int on);
 /* kk_moe_combine with bf16 expert outputs (ye16 rows of D at the slots' inv positions) */
 void		kk_moe_combine16(cudaStream_t s, float *y, int n, int D, int k, const float *wts, const int *inv,
 							 const uint16_t *ye16, const float *ys);
