@@ -84,6 +84,9 @@ void		kk_set_gemv_rows(int on);
  * kk_gemv_q / kk_gemv_multi_q too at 2 input rows (up to 3 pieces a row: whole FP8 rows of 2304 and 4096
  * columns; at 1 as kk_set_q_early1 says: in every launch the early kernel's registers cost more than it saved) */
 void		kk_set_rows_early(int on);
+/* rows a block of the wide block-rows GEMV (128 threads; rows of 512+ pieces) for one input row in the early
+ * form: 2 (the shape of the other row counts), 3 or 4 (KL_CUDA_ROWS_WIDE1; the same bits at any) */
+void		kk_set_rows_wide1(int rb);
 /* the most input rows an expert GEMV pass takes (1, 2, 4 or 8; default 4) */
 void		kk_set_expert_nr(int nr);
 /* P: the rows of one expert work item for a step of max_count tokens */
