@@ -930,7 +930,29 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * arrives; same bits; gemv.cu); the same for the quantized
 		 * CUDA-core GEMVs of 2 input rows (gemv_q.cu's kk_gemv_q /
 		 * kk_gemv_multi_q: up to 3 pieces a row, whole FP8 rows of 2304 and
-		 * 4096 columns; not at 1 row, where it lost),
+		 * 4096 columns; at 1 row as KL_CUDA_Q_EARLY1 says),
+		 * KL_CUDA_Q_EARLY1: the quantized GEMVs' early form at 1 input row:
+		 * 0 never (before), 1 (default) in launches that one wave of the
+		 * early kernel covers (at the 48B shapes o_proj and the dense down
+		 * product: their whole FP8 rows requested before the wait; not
+		 * lm_head, q/k/v or MLA's q + kv_a, many-wave launches where every
+		 * one-row launch in that form lost 0.02 ms a step), 2 every one-row
+		 * launch of the 64- and 128-thread shapes (gemv_q.cu),
+		 * KL_CUDA_ROWS_WIDE1=2, 3 or 4: weight rows a block of the wide
+		 * (4096-column) block-rows GEMV at 1 input row in the early form
+		 * (default 3: o_proj's 768 blocks of 64 registers a thread fit
+		 * one wave beside the KDA decode kernel its blocks start under,
+		 * where 2 rows' 1152 blocks of 48 do not by the register count;
+		 * same bits; gemv.cu),
+		 * KL_CUDA_NORM_EARLY=0: the row norms wait before reading anything
+		 * (default: they read their weight before the PDL wait, and the
+		 * combine + add + norm after a device-routed MoE op also the
+		 * residual and the routing weights and indices, written three or
+		 * more launches back; same bits; elementwise.cu),
+		 * KL_CUDA_ROUTE_RANK1=0: the rank routing groups a one-token step
+		 * by counts and a block scan as at other sizes (default: from the
+		 * warps' ballots of the choices, a barrier and a scan fewer; same
+		 * outputs; moe.cu),
 		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass,
 		 * KL_CUDA_MLA_MMA=0 keeps the bf16 cache's decode attention on CUDA
 		 * cores (mla_attend; else tensor cores where the shape fits: 1
@@ -1068,6 +1090,10 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *mc = getenv("KL_CUDA_MLA_CACHE"),
 				   *gw = getenv("KL_CUDA_GEMV_ROWS"),
 				   *gre = getenv("KL_CUDA_ROWS_EARLY"),
+				   *qe1 = getenv("KL_CUDA_Q_EARLY1"),
+				   *rw1 = getenv("KL_CUDA_ROWS_WIDE1"),
+				   *ne = getenv("KL_CUDA_NORM_EARLY"),
+				   *rr1 = getenv("KL_CUDA_ROUTE_RANK1"),
 				   *enr = getenv("KL_CUDA_EXPERT_NR"),
 				   *emma = getenv("KL_CUDA_EXPERT_MMA"),
 				   *kr = getenv("KL_CUDA_KDA_STATE_ROUND"),
@@ -1110,6 +1136,10 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_pdl(major >= 9 && !(pdl && strcmp(pdl, "0") == 0));
 		kk_set_gemv_rows(!(gw && strcmp(gw, "0") == 0));
 		kk_set_rows_early(!(gre && strcmp(gre, "0") == 0));
+		kk_set_q_early1(qe1 && *qe1 ? atoi(qe1) : 1);
+		kk_set_rows_wide1(rw1 && *rw1 ? atoi(rw1) : 3);
+		kk_set_route_rank1(!(rr1 && strcmp(rr1, "0") == 0));
+		cs->norm_early = !(ne && strcmp(ne, "0") == 0);
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_mma_q_direct(qd && *qd ? atoi(qd) : 2);
