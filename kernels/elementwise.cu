@@ -48,10 +48,66 @@ kk_embed(cudaStream_t s, float *x, const void *E, int bf16, int D, const int32_t
  *   MODE 2  x += sum_r wts[r] ye[inv[r]] (+ ys); y = rmsnorm(x)   (the MoE combine)
  *   MODE 3  the same with bf16 expert outputs ye (KL_CUDA_MOE_PREFILL=3)
  * Needs d % 4 == 0, d <= 4 * ROW_V4 * 1024, 16-byte aligned rows.
+ *
+ * EARLY (KL_CUDA_NORM_EARLY; kk_row_norm_twin's `early`, kernels.h): what a
+ * block requests before kk_dep_wait, so that it is on chip when the kernel
+ * before completes instead of a dependent round trip on the path after it:
+ *   0  nothing (the waiting form);
+ *   1  the norm weight w, a model weight that no kernel writes (without it the
+ *      block asks for w after its block-wide sum: one round trip at the end);
+ *   2  modes 2 and 3 only: also the residual x and the routing weights and
+ *      indices wts, inv (k <= ROW_EARLY_K a row), so that after the wait the
+ *      combine has one round trip (the expert rows) where it had two (wts and
+ *      inv, then the rows they index).  Why that is safe: this kernel starts
+ *      only once every block of the kernel before it has called kk_dep_launch
+ *      or exited, and every kk_launch kernel calls kk_dep_wait before either
+ *      (common.cuh; mma_q.cu's mx_convert_kernel, which launches first, is
+ *      always followed by its product, and prefetch_l2_kernel runs on a stream
+ *      of its own), so the kernel two launches back and everything before it
+ *      have completed and their writes have reached L2 (gemv.cu's PRE comment
+ *      has the same argument).  At decode the routing kernel that wrote wts
+ *      and inv is three launches back (routing, gate/up, down, this) and the
+ *      norm that last wrote x five (norm, router, routing, gate/up, down);
+ *      the caller guarantees it in general (kernels.h).  They are read with
+ *      __ldcg: the SM's L1 may still hold another layer's lines of the same
+ *      buffers.  ye and ys (the down product's output: the launch right
+ *      before) are read after the wait; so are x in modes 0 and 1 (mode 0: the
+ *      embedding or the kv_a product writes it right before; mode 1: its
+ *      loads would go out with a's, which the kernel right before writes, so
+ *      an early x saves no round trip).
+ * The early forms take rows of d <= 4096 only (a float4 a thread, held in
+ * registers: with ROW_V4 of them the combine's form spilled); the sums are
+ * the same operations in the same order in every form: the same bits.
  */
 #define ROW_V4 4
+#define ROW_EARLY_K 8			/* the most routing weights a row that EARLY 2 holds (the 48B model's k) */
 
+/* acc += wr * (expert output row `row`, float4 c): the combine's step, ye fp32 (MODE 2) or bf16 (MODE 3) */
 template <int MODE>
+__device__ __forceinline__ void
+row_expert_term(float4 &acc, float wr, const void *__restrict__ ye, int row, int d, int c)
+{
+	float4		e;
+
+	if constexpr (MODE == 2)
+		e = ((const float4 *) ((const float *) ye + (size_t) row * d))[c];
+	else
+	{
+		/* four bf16 in 8 bytes: element 0 in the low half */
+		uint2		h = ((const uint2 *) ((const uint16_t *) ye + (size_t) row * d))[c];
+
+		e.x = __uint_as_float(h.x << 16);
+		e.y = __uint_as_float(h.x & 0xffff0000u);
+		e.z = __uint_as_float(h.y << 16);
+		e.w = __uint_as_float(h.y & 0xffff0000u);
+	}
+	acc.x = fmaf(wr, e.x, acc.x);
+	acc.y = fmaf(wr, e.y, acc.y);
+	acc.z = fmaf(wr, e.z, acc.z);
+	acc.w = fmaf(wr, e.w, acc.w);
+}
+
+template <int MODE, int EARLY>
 __global__ void __launch_bounds__(1024)
 row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const float *__restrict__ w, int d, float eps,
 				int k, const float *__restrict__ wts, const int *__restrict__ inv, const void *__restrict__ ye,
@@ -61,21 +117,57 @@ row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const floa
 	size_t		t = blockIdx.x;
 	int			nc = d >> 2;
 	float4	   *xr = (float4 *) (x + t * ldx);
-	float4		v[ROW_V4];
+	/* the early forms take rows of at most 4096 (a float4 a thread: the held values fit the registers) */
+	constexpr int NV = EARLY >= 1 ? 1 : ROW_V4;
+	float4		v[NV],
+				wv[NV];
+	float		ew[ROW_EARLY_K];
+	int			ei[ROW_EARLY_K];
 	float		ss = 0,
 				iv;
 
+	if constexpr (EARLY >= 1)
+#pragma unroll
+		for (int j = 0; j < NV; j++)
+		{
+			int			c = threadIdx.x + j * blockDim.x;
+
+			if (c < nc)
+				wv[j] = ((const float4 *) w)[c];
+		}
+	if constexpr (EARLY >= 2)
+	{
+#pragma unroll
+		for (int j = 0; j < NV; j++)
+		{
+			int			c = threadIdx.x + j * blockDim.x;
+
+			if (c < nc)
+				v[j] = __ldcg(xr + c);
+		}
+#pragma unroll
+		for (int r = 0; r < ROW_EARLY_K; r++)
+			if (r < k)
+			{
+				ew[r] = __ldcg(wts + t * k + r);
+				ei[r] = __ldcg(inv + t * k + r);
+			}
+	}
 	kk_dep_wait();
 	kk_dep_launch();
 #pragma unroll
-	for (int j = 0; j < ROW_V4; j++)
+	for (int j = 0; j < NV; j++)
 	{
 		int			c = threadIdx.x + j * blockDim.x;
 
 		if (c < nc)
 		{
-			float4		val = xr[c];
+			float4		val;
 
+			if constexpr (EARLY >= 2)
+				val = v[j];
+			else
+				val = xr[c];
 			if (MODE == 1)
 			{
 				float4		b = ((const float4 *) (a + t * d))[c];
@@ -85,33 +177,22 @@ row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const floa
 				val.z += b.z;
 				val.w += b.w;
 			}
-			if (MODE >= 2)
+			if constexpr (MODE >= 2)
 			{
 				float4		acc = make_float4(0, 0, 0, 0);
 
-#pragma unroll 8
-				for (int r = 0; r < k; r++)
+				if constexpr (EARLY >= 2)
 				{
-					float		wr = wts[t * k + r];
-					float4		e;
-
-					if (MODE == 2)
-						e = ((const float4 *) ((const float *) ye + (size_t) inv[t * k + r] * d))[c];
-					else
-					{
-						/* four bf16 in 8 bytes: element 0 in the low half */
-						uint2		h = ((const uint2 *) ((const uint16_t *) ye + (size_t) inv[t * k + r] * d))[c];
-
-						e.x = __uint_as_float(h.x << 16);
-						e.y = __uint_as_float(h.x & 0xffff0000u);
-						e.z = __uint_as_float(h.y << 16);
-						e.w = __uint_as_float(h.y & 0xffff0000u);
-					}
-
-					acc.x = fmaf(wr, e.x, acc.x);
-					acc.y = fmaf(wr, e.y, acc.y);
-					acc.z = fmaf(wr, e.z, acc.z);
-					acc.w = fmaf(wr, e.w, acc.w);
+#pragma unroll
+					for (int r = 0; r < ROW_EARLY_K; r++)
+						if (r < k)
+							row_expert_term<MODE>(acc, ew[r], ye, ei[r], d, c);
+				}
+				else
+				{
+#pragma unroll 8
+					for (int r = 0; r < k; r++)
+						row_expert_term<MODE>(acc, wts[t * k + r], ye, inv[t * k + r], d, c);
 				}
 				if (ys)
 				{
@@ -134,21 +215,22 @@ row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const floa
 	ss = block_sum(ss, red);
 	iv = 1.0f / sqrtf(ss / (float) d + eps);
 #pragma unroll
-	for (int j = 0; j < ROW_V4; j++)
+	for (int j = 0; j < NV; j++)
 	{
 		int			c = threadIdx.x + j * blockDim.x;
 
 		if (c < nc)
 		{
-			float4		wv = ((const float4 *) w)[c],
-						o;
+			float4		o;
 
+			if constexpr (EARLY < 1)
+				wv[j] = ((const float4 *) w)[c];
 			if (MODE >= 1)
 				xr[c] = v[j];
-			o.x = wv.x * (v[j].x * iv);
-			o.y = wv.y * (v[j].y * iv);
-			o.z = wv.z * (v[j].z * iv);
-			o.w = wv.w * (v[j].w * iv);
+			o.x = wv[j].x * (v[j].x * iv);
+			o.y = wv[j].y * (v[j].y * iv);
+			o.z = wv[j].z * (v[j].z * iv);
+			o.w = wv[j].w * (v[j].w * iv);
 			((float4 *) (y + t * ldy))[c] = o;
 			if (y16)
 				/* the bf16 twin: the same rounding as f32_to_bf16_kernel of y */
@@ -176,10 +258,30 @@ row_threads(int d)
 	return th < 32 ? 32 : th > 1024 ? 1024 : th;
 }
 
+/* row_norm_kernel<MODE, early> over rows rows of d (early 2 only in modes 2 and 3: else 1) */
+template <int MODE, typename... A>
+static void
+row_norm_launch(cudaStream_t s, int early, int rows, int d, A... args)
+{
+	dim3		grid(rows),
+				block(row_threads(d));
+
+	if constexpr (MODE >= 2)
+		if (early >= 2)
+		{
+			kk_launch(row_norm_kernel<MODE, 2>, grid, block, 0, s, args...);
+			return;
+		}
+	if (early >= 1)
+		kk_launch(row_norm_kernel<MODE, 1>, grid, block, 0, s, args...);
+	else
+		kk_launch(row_norm_kernel<MODE, 0>, grid, block, 0, s, args...);
+}
+
 extern "C" int
 kk_row_norm_twin(cudaStream_t s, int mode, float *y, int ldy, uint16_t *y16, float *x, int ldx, const float *a,
 				 const float *w, int rows, int d, float eps, int k, const float *wts, const int *inv, const void *ye,
-				 const float *ys)
+				 const float *ys, int early)
 {
 	if (rows <= 0)
 		return 0;
@@ -187,18 +289,20 @@ kk_row_norm_twin(cudaStream_t s, int mode, float *y, int ldy, uint16_t *y16, flo
 		(mode == 2 && !row_ok(d, 4, 4, ye, ys, NULL, NULL)) ||
 		(mode == 3 && (!row_ok(d, d, d, y, x, w, ys) || ((uintptr_t) ye & 15) != 0)))
 		return -1;
+	if (early >= 2 && k > ROW_EARLY_K)
+		early = 1;				/* (the held routing weights: at most ROW_EARLY_K a row) */
+	if (d / 4 > 1024)
+		early = 0;				/* (the early forms hold a float4 a thread) */
+#define ROW_ARGS y, ldy, x, ldx, a, w, d, eps, k, wts, inv, ye, ys, y16
 	if (mode == 0)
-		kk_launch(row_norm_kernel<0>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
-				  inv, ye, ys, y16);
+		row_norm_launch<0>(s, early, rows, d, ROW_ARGS);
 	else if (mode == 1)
-		kk_launch(row_norm_kernel<1>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
-				  inv, ye, ys, y16);
+		row_norm_launch<1>(s, early, rows, d, ROW_ARGS);
 	else if (mode == 2)
-		kk_launch(row_norm_kernel<2>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
-				  inv, ye, ys, y16);
+		row_norm_launch<2>(s, early, rows, d, ROW_ARGS);
 	else
-		kk_launch(row_norm_kernel<3>, dim3(rows), dim3(row_threads(d)), 0, s, y, ldy, x, ldx, a, w, d, eps, k, wts,
-				  inv, ye, ys, y16);
+		row_norm_launch<3>(s, early, rows, d, ROW_ARGS);
+#undef ROW_ARGS
 	return 0;
 }
 
@@ -207,7 +311,7 @@ kk_row_norm(cudaStream_t s, int mode, float *y, int ldy, float *x, int ldx, cons
 			int d, float eps, int k, const float *wts, const int *inv, const float *ye, const float *ys)
 {
 	return kk_row_norm_twin(s, mode ? (mode == 1 ? 1 : 2) : 0, y, ldy, NULL, x, ldx, a, w, rows, d, eps, k, wts, inv,
-							ye, ys);
+							ye, ys, 0);
 }
 
 extern "C" int
@@ -215,7 +319,7 @@ kk_row_norm_combine16(cudaStream_t s, float *y, float *x, const float *w, int ro
 					  const float *wts, const int *inv, const uint16_t *ye16, const float *ys)
 {
 	/* (bf16 rows of d % 4 == 0 are 8-byte aligned when ye16 is) */
-	return kk_row_norm_twin(s, 3, y, d, NULL, x, d, NULL, w, rows, d, eps, k, wts, inv, ye16, ys);
+	return kk_row_norm_twin(s, 3, y, d, NULL, x, d, NULL, w, rows, d, eps, k, wts, inv, ye16, ys, 0);
 }
 
 /* One block per row.  In place is safe: each element is read, then written,

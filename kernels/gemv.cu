@@ -341,17 +341,54 @@ rows_wide(int cols)
 	return nch >= 512 && nch % 128 == 0;
 }
 
+/*
+ * KL_CUDA_ROWS_WIDE1 (kk_set_rows_wide1): weight rows a block of the wide
+ * shape takes in products of one input row in the early form: o_proj at
+ * batch 1 (2304 rows of 4096 columns, 18.9 MB) and the dense layer's down
+ * product (9216 columns).  ROWS_RB_WIDE (2) gives 1152 blocks of 48
+ * registers a thread (sm_90a), 10 an SM alone but 8 beside the KDA decode
+ * kernel (128 blocks of 256 threads at 48 registers: about one an SM),
+ * which o_proj's blocks start under: ~1064 slots, so ~90 blocks start only
+ * when that kernel's blocks leave and request their rows after the wait,
+ * a second memory round trip on the path.  3 or 4 rows a block hold more
+ * of the matrix a register (the held pieces against the per-thread
+ * overhead): 3 rows take 64 registers, 6 blocks an SM beside that kernel,
+ * ~800 slots for 768 blocks; 4 rows 80, 5 an SM, ~660 for 576: the whole
+ * matrix requested in one wave (bench/notes-cuda.md, issue 10's sixth
+ * session).  Each row's sum is made as before (thread t its pieces t, t +
+ * 128, ..., then rows_block_sum's warp and warp-order sums): the same bits
+ * at any rows a block.
+ */
+int			kk_rows_wide1 = ROWS_RB_WIDE;
+
+extern "C" void
+kk_set_rows_wide1(int rb)
+{
+	kk_rows_wide1 = rb == 3 || rb == 4 ? rb : ROWS_RB_WIDE;
+}
+
+template <int NR, int RB, int BT, bool EARLY>
+static void
+gemv_rows_launch_rb(cudaStream_t s, float *y, int ldy, const float *x, int ldx, const void *W, int rows, int cols,
+					int passes)
+{
+	kk_launch(gemv_rows_kernel<NR, RB, BT, EARLY>, dim3(ceil_div(rows, RB), passes), dim3(BT), 0, s, y, ldy, x, ldx,
+			  (const uint16_t *) W, rows, cols);
+}
+
 template <int NR, bool EARLY>
 static void
 gemv_rows_launch_as(cudaStream_t s, float *y, int ldy, const float *x, int ldx, const void *W, int rows, int cols,
 					int passes)
 {
-	if (rows_wide(cols))
-		kk_launch(gemv_rows_kernel<NR, ROWS_RB_WIDE, ROWS_BT_WIDE, EARLY>, dim3(ceil_div(rows, ROWS_RB_WIDE), passes),
-				  dim3(ROWS_BT_WIDE), 0, s, y, ldy, x, ldx, (const uint16_t *) W, rows, cols);
+	if (!rows_wide(cols))
+		gemv_rows_launch_rb<NR, ROWS_RB, ROWS_BT, EARLY>(s, y, ldy, x, ldx, W, rows, cols, passes);
+	else if (NR == 1 && EARLY && kk_rows_wide1 == 3)
+		gemv_rows_launch_rb<1, 3, ROWS_BT_WIDE, true>(s, y, ldy, x, ldx, W, rows, cols, passes);
+	else if (NR == 1 && EARLY && kk_rows_wide1 == 4)
+		gemv_rows_launch_rb<1, 4, ROWS_BT_WIDE, true>(s, y, ldy, x, ldx, W, rows, cols, passes);
 	else
-		kk_launch(gemv_rows_kernel<NR, ROWS_RB, ROWS_BT, EARLY>, dim3(ceil_div(rows, ROWS_RB), passes), dim3(ROWS_BT),
-				  0, s, y, ldy, x, ldx, (const uint16_t *) W, rows, cols);
+		gemv_rows_launch_rb<NR, ROWS_RB_WIDE, ROWS_BT_WIDE, EARLY>(s, y, ldy, x, ldx, W, rows, cols, passes);
 }
 
 /* the early form (kk_rows_early) for steps of 1 and 2 input rows: at 4 the held pieces' registers cost more
@@ -1307,4 +1344,58 @@ kk_expert_gemv_shared(cudaStream_t s, float *y0, float *y1, int ldy, const float
 	else
 		DISPATCH(EXPERT_SWIGLU);
 #undef DISPATCH
+}
+
+/* ------------------------------------------------------------------ test hook */
+
+/*
+ * For test/engine/test_cuda.c only (found with dlsym; the backend does not
+ * use it): kk_gemv of one input row in the block-rows design, early form,
+ * with rb weight rows a block of the wide shape (kk_set_rows_wide1(rb)), on
+ * the current device with a stream of its own: W [rows, cols] bf16 random
+ * (seed; standard deviation 0.02), x [cols] fp32 random (seed + 1); y
+ * [rows] comes back (set to NaN before the launch, so that rows no block
+ * wrote show).  The switches it sets are put back.  Returns 0, -1 for bad
+ * arguments, or a CUDA error code.
+ */
+extern "C" __attribute__((visibility("default"))) int
+kl_cuda_test_rows_wide1(int rows, int cols, int rb, unsigned long long seed, float *y)
+{
+	cudaStream_t s = NULL;
+	cudaError_t e;
+	uint16_t   *W = NULL;
+	float	   *x = NULL;
+	int			was_rb = kk_rows_wide1,
+				was_early = kk_rows_early,
+				was_rows = kk_gemv_rows;
+
+	if (rows <= 0 || cols <= 0 || cols % 8 != 0)
+		return -1;
+	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &W, sizeof(uint16_t) * (size_t) rows * cols)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &x, sizeof(float) * ((size_t) cols + rows))) != cudaSuccess)
+		goto out;
+	kk_fill_random(s, W, 1, (size_t) rows * cols, seed, 0.02f);
+	kk_fill_random(s, x, 0, cols, seed + 1, 1.0f);
+	if ((e = cudaMemsetAsync(x + cols, 0xff, sizeof(float) * rows, s)) != cudaSuccess)
+		goto out;
+	kk_set_rows_wide1(rb);
+	kk_rows_early = 1;
+	kk_gemv_rows = 1;
+	kk_gemv(s, x + cols, rows, x, cols, 1, W, 1, rows, cols);
+	kk_rows_wide1 = was_rb;
+	kk_rows_early = was_early;
+	kk_gemv_rows = was_rows;
+	if ((e = cudaGetLastError()) != cudaSuccess ||
+		(e = cudaMemcpyAsync(y, x + cols, sizeof(float) * rows, cudaMemcpyDeviceToHost, s)) != cudaSuccess)
+		goto out;
+	e = cudaStreamSynchronize(s);
+out:
+	if (s)
+		cudaStreamSynchronize(s);
+	cudaFree(W);
+	cudaFree(x);
+	if (s)
+		cudaStreamDestroy(s);
+	return (int) e;
 }

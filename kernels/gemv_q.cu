@@ -11,7 +11,8 @@
  * row is in flight while the current ones are used.  The first pieces are
  * requested before kk_dep_wait (weights are never written by kernels): one
  * a thread and row, or for products of 2 input rows (KL_CUDA_ROWS_EARLY)
- * up to 3 (q_np: whole rows at the 48B model's 2304 and 4096 columns).
+ * up to 3 (q_np: whole rows at the 48B model's 2304 and 4096 columns), and
+ * of 1 in the launches KL_CUDA_Q_EARLY1 picks.
  * Each input piece (fp32, through the read-only cache) is loaded once for
  * all RB rows; partial sums are reduced over the block in a fixed order.
  *
@@ -569,9 +570,10 @@ q_rb(int shape, int nr, bool swiglu)
 /*
  * The early form (gemv.cu's kk_rows_early: KL_CUDA_ROWS_EARLY, default on,
  * which covers these kernels too): products of Q_EARLY_NR = 2 input rows
- * (not 1: there the 64-thread early kernel takes 128 registers instead of
- * 64, half the blocks an SM, and the FP8 step at batch 1 lost 0.02 ms on
- * the H200 while batch 2 gained 0.03, 2026-12-02; not 4: gemv.cu's
+ * (at 1 only as KL_CUDA_Q_EARLY1 says, below: there the 64-thread early
+ * kernel takes 128 registers instead of 64, half the blocks an SM, and the
+ * FP8 step at batch 1 lost 0.02 ms on the H200 with it in every launch
+ * while batch 2 gained 0.03, 2026-12-02; not 4: gemv.cu's
  * ROWS_EARLY_NR, the held pieces cost more than they save) request q_np(shape) pieces a
  * thread of each of the block's rows before kk_dep_wait, not one: the whole
  * row for the 48B model's FP8 rows of 2304 columns (144 pieces, 64 threads:
@@ -605,31 +607,95 @@ kk_gemv_q_force_shape(int shape)
 	q_forced_shape = shape;
 }
 
+/*
+ * KL_CUDA_Q_EARLY1 (kk_set_q_early1; only with kk_rows_early on): the early
+ * form at one input row too, in the launches its first wave covers.  0: never
+ * (the rule above); 1 (the default): where the launch's blocks fit one wave of
+ * the early kernel (the GPU's SMs times its blocks an SM, from the occupancy
+ * calculator): at the 48B shapes the wide shape's products (o_proj: 1152
+ * blocks of 128 threads at 48 registers, 10 an SM; the dense down product),
+ * whose whole matrix is then requested before the wait as the bf16 o_proj's
+ * is, while lm_head (40960 blocks), q/k/v (3144) and MLA's q + kv_a (1680) of
+ * the 64-thread shape (128 registers early: 8 an SM) keep the plain kernel,
+ * where the early one's halved residency over several waves cost more than
+ * its first wave's early rows saved; 2: every one-row launch of the wide and
+ * 64-thread shapes (the form that lost 0.02 ms a step in 2026-12-02's
+ * measurement).  The same sums in the same order either way.
+ */
+int			kk_q_early1 = 1;
+
+/* the early kernels' first waves at one row, by shape (q_wave_blocks; set with kk_q_early1, before any launch
+ * or capture: 0 where not known, which keeps the plain kernel) */
+static int	q_wave1[3];
+
+/* blocks of kern (bt threads) that the GPU holds at once: one wave; 0 when not known */
+template <typename K>
+static int
+q_wave_blocks(K kern, int bt)
+{
+	int			dev = 0,
+				sms = 0,
+				per = 0;
+
+	if (cudaGetDevice(&dev) != cudaSuccess ||
+		cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+		cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, kern, bt, 0) != cudaSuccess)
+	{
+		cudaGetLastError();
+		return 0;
+	}
+	return sms * per;
+}
+
+/* (the backend calls it when it is made, on its device) */
+extern "C" void
+kk_set_q_early1(int mode)
+{
+	kk_q_early1 = mode < 0 ? 0 : mode > 2 ? 2 : mode;
+	q_wave1[Q_SHAPE_WIDE] =
+		q_wave_blocks(gemv_q_kernel<1, q_rb(Q_SHAPE_WIDE, 1, false), q_bt(Q_SHAPE_WIDE), q_np(Q_SHAPE_WIDE)>,
+					  q_bt(Q_SHAPE_WIDE));
+	q_wave1[Q_SHAPE_MID] =
+		q_wave_blocks(gemv_q_kernel<1, q_rb(Q_SHAPE_MID, 1, false), q_bt(Q_SHAPE_MID), q_np(Q_SHAPE_MID)>,
+					  q_bt(Q_SHAPE_MID));
+}
+
+/* whether a one-row launch of `blocks` blocks in shape takes the early form (kk_q_early1) */
+static bool
+q_early1_takes(int shape, int blocks)
+{
+	return kk_q_early1 >= 2 || (kk_q_early1 == 1 && blocks <= q_wave1[shape]);
+}
+
+/* gemv_q_kernel in shape SH for passes of NR rows: the early form (q_np(SH) pieces) where early and NR <= 2 */
+template <int NR, int SH>
+static void
+gemv_q_go(cudaStream_t s, const kk_gemv_batch *b, int passes, bool early)
+{
+	dim3		grid(b->first_block[b->count], passes);
+
+	if constexpr (NR <= Q_EARLY_NR && q_np(SH) > 1)
+		if (early)
+		{
+			kk_launch(gemv_q_kernel<NR, q_rb(SH, NR, false), q_bt(SH), q_np(SH)>, grid, dim3(q_bt(SH)), 0, s, *b);
+			return;
+		}
+	kk_launch(gemv_q_kernel<NR, q_rb(SH, NR, false), q_bt(SH), 1>, grid, dim3(q_bt(SH)), 0, s, *b);
+}
+
 template <int NR>
 static void
 gemv_q_launch_nr(cudaStream_t s, const kk_gemv_batch *b, int shape, int passes)
 {
-	int			blocks = b->first_block[b->count];
-	bool		early = NR == Q_EARLY_NR && kk_rows_early;
+	bool		early = kk_rows_early &&
+		(NR == Q_EARLY_NR || (NR == 1 && q_early1_takes(shape, b->first_block[b->count])));
 
-	/* NP: the early form's pieces where it applies (no extra instantiations for more rows) */
-#define Q_GO(SH, NP) kk_launch(gemv_q_kernel<NR, q_rb(SH, NR, false), q_bt(SH), NP>, dim3(blocks, passes), \
-							   dim3(q_bt(SH)), 0, s, *b)
-#define Q_GO_EARLY(SH) \
-	do { \
-		if (early) \
-			Q_GO(SH, NR == Q_EARLY_NR ? q_np(SH) : 1); \
-		else \
-			Q_GO(SH, 1); \
-	} while (0)
 	if (shape == Q_SHAPE_WIDE)
-		Q_GO_EARLY(Q_SHAPE_WIDE);
+		gemv_q_go<NR, Q_SHAPE_WIDE>(s, b, passes, early);
 	else if (shape == Q_SHAPE_MID)
-		Q_GO_EARLY(Q_SHAPE_MID);
+		gemv_q_go<NR, Q_SHAPE_MID>(s, b, passes, early);
 	else
-		Q_GO(Q_SHAPE_SHORT, 1);
-#undef Q_GO_EARLY
-#undef Q_GO
+		gemv_q_go<NR, Q_SHAPE_SHORT>(s, b, passes, false);
 }
 
 /* the vector path's conditions for a job: whole pieces, 16-byte aligned weights and activation rows */
@@ -1048,6 +1114,16 @@ kl_cuda_test_rows_early(int on)
 	int			was = kk_rows_early;
 
 	kk_set_rows_early(on);
+	return was;
+}
+
+/* kk_set_q_early1 for the checks of the one-row early form; returns the setting it replaces */
+extern "C" __attribute__((visibility("default"))) int
+kl_cuda_test_q_early1(int mode)
+{
+	int			was = kk_q_early1;
+
+	kk_set_q_early1(mode);
 	return was;
 }
 

@@ -54,13 +54,19 @@ void		kk_f32_to_bf16(cudaStream_t s, uint16_t *dst, int ldd, const float *src, i
  * that the products reading it need no conversion pass.  0 when launched,
  * -1 when the shape or alignment is not covered (nothing launched).
  * kk_row_norm_twin: kk_row_norm's modes 0, 1, 2 and 3 (3: the bf16 expert
- * outputs of kk_row_norm_combine16 in ye) with y16 [rows, d] (NULL: none).
+ * outputs of kk_row_norm_combine16 in ye) with y16 [rows, d] (NULL: none);
+ * early (KL_CUDA_NORM_EARLY; the same bits in every form): what the kernel
+ * reads before waiting for the kernel launched before it (elementwise.cu's
+ * row kernels): 0 nothing, 1 the norm weight w, 2 (modes 2 and 3; k <= 8,
+ * else 1) also x, wts and inv, which the caller guarantees no kernel wrote
+ * within the last launch (routing, gate/up, down, this: three launches), as
+ * kk_expert_gemv's early read of start and active.
  * kk_swiglu_twin: kk_swiglu with h16 [rows, width].
  * kk_f32_to_bf16_v4: kk_f32_to_bf16 (the same numbers) four columns a thread.
  */
 int			kk_row_norm_twin(cudaStream_t s, int mode, float *y, int ldy, uint16_t *y16, float *x, int ldx,
 							 const float *a, const float *w, int rows, int d, float eps, int k, const float *wts,
-							 const int *inv, const void *ye, const float *ys);
+							 const int *inv, const void *ye, const float *ys, int early);
 int			kk_swiglu_twin(cudaStream_t s, float *h, uint16_t *h16, const float *g, const float *u, int rows,
 						   int width, int ld);
 void		kk_f32_to_bf16_v4(cudaStream_t s, uint16_t *dst, int ldd, const float *src, int lds, int rows, int cols);
@@ -76,8 +82,11 @@ void		kk_set_gemv_rows(int on);
 /* their products of 1 or 2 input rows request every weight piece a thread holds (up to 4 a row) before
  * kk_dep_wait (1, the default) or only the first (0); the same bits either way.  It covers gemv_q.cu's
  * kk_gemv_q / kk_gemv_multi_q too at 2 input rows (up to 3 pieces a row: whole FP8 rows of 2304 and 4096
- * columns; not at 1, where the early kernel's registers cost more than it saved) */
+ * columns; at 1 as kk_set_q_early1 says: in every launch the early kernel's registers cost more than it saved) */
 void		kk_set_rows_early(int on);
+/* rows a block of the wide block-rows GEMV (128 threads; rows of 512+ pieces) for one input row in the early
+ * form: 2 (the shape of the other row counts), 3 or 4 (KL_CUDA_ROWS_WIDE1; the same bits at any) */
+void		kk_set_rows_wide1(int rb);
 /* the most input rows an expert GEMV pass takes (1, 2, 4 or 8; default 4) */
 void		kk_set_expert_nr(int nr);
 /* P: the rows of one expert work item for a step of max_count tokens */
@@ -289,6 +298,11 @@ kk_q_bytes(int rows, int fmt, int cols, int group)
  * 59-78 % in 64 / 32 (H200, FP8 batch 1 2.42 -> 2.34 ms a step with 3).
  */
 void		kk_gemv_q_force_shape(int shape);
+/* KL_CUDA_Q_EARLY1: their products of one input row in the early form too (kk_set_rows_early's, which must be
+ * on): 0 never, 1 (default) in launches of at most one wave of the early kernel, 2 in every launch of the 64-
+ * and 128-thread shapes; the same bits in every form.  Call it on the device the products will run on (it asks
+ * the occupancy calculator there), before any capture */
+void		kk_set_q_early1(int mode);
 void		kk_gemv_q(cudaStream_t s, float *y, int ldy, const float *x, int ldx, int n, const void *W, int fmt,
 					  int group, int rows, int cols);
 void		kk_gemv_multi_q(cudaStream_t s, kk_gemv_batch *b);
@@ -759,6 +773,9 @@ int			kk_moe_route_group_rank(cudaStream_t s, int n, int E, int k, int G, int Tg
 									int bias_in_w, float scaling, const float *logits, const float *bias, int *sel,
 									float *wts, int shared_rows, int P, int *start, int *xrow, int *inv,
 									int *active);
+/* kk_moe_route_group_rank at one token with the grouping read from ballots, no block scan (1, the default) or
+ * by counts as at other n (0); the same outputs (KL_CUDA_ROUTE_RANK1).  Returns the setting it replaces */
+int			kk_set_route_rank1(int on);
 /* kk_moe_combine with bf16 expert outputs (ye16 rows of D at the slots' inv positions) */
 void		kk_moe_combine16(cudaStream_t s, float *y, int n, int D, int k, const float *wts, const int *inv,
 							 const uint16_t *ye16, const float *ys);

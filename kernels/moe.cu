@@ -250,6 +250,32 @@ kk_moe_route(cudaStream_t s, int n, int E, int k, int G, int Tg, int use_softmax
 }
 
 /*
+ * The grouping's last entries (every grouping kernel's): start[E] = tot_c,
+ * the routed pairs (and start[E + 1] with the shared expert's rows: expert
+ * E, over every token), active[0] = the tot_i routed work items plus the
+ * shared expert's, which follow them; the shared rows' x rows (pairs nk ..).
+ * Called by threads me = 0 .. nthreads - 1 (me 0 writes the entries).
+ */
+__device__ __forceinline__ void
+group_tail(int E, int nk, int tot_c, int tot_i, int shared_rows, int P, int *start, int *xrow, int *active, int me,
+		   int nthreads)
+{
+	if (me == 0)
+	{
+		int			items = (shared_rows + P - 1) / P;
+
+		start[E] = tot_c;
+		active[0] = tot_i + items;
+		if (shared_rows > 0)
+			start[E + 1] = tot_c + shared_rows;
+		for (int j = 0; j < items; j++)
+			active[1 + tot_i + j] = E * 64 + j;
+	}
+	for (int t = me; t < shared_rows; t += nthreads)
+		xrow[nk + t] = t;
+}
+
+/*
  * One block of 1024 threads, E <= 1024.  Pair i (token i / k, slot i % k)
  * goes to position start[e] + (pairs before i with the same expert): the
  * CPU backend's stable order (cpu_moe.c).
@@ -291,20 +317,7 @@ group_pairs(int nk, int E, int k, int shared_rows, int P, const int *sel, int *s
 		for (int j = 0; j < items; j++)
 			active[1 + first + j] = tid * 64 + j;
 	}
-	if (tid == 0)
-	{
-		int			items = (shared_rows + P - 1) / P;
-
-		start[E] = cnt[E - 1];
-		active[0] = act[E - 1] + items;
-		/* the shared expert as expert E, over every token */
-		if (shared_rows > 0)
-			start[E + 1] = cnt[E - 1] + shared_rows;
-		for (int j = 0; j < items; j++)
-			active[1 + act[E - 1] + j] = E * 64 + j;
-	}
-	for (int t = tid; t < shared_rows; t += blockDim.x)
-		xrow[nk + t] = t;
+	group_tail(E, nk, cnt[E - 1], act[E - 1], shared_rows, P, start, xrow, active, tid, blockDim.x);
 	for (int i = tid; i < nk; i += blockDim.x)
 	{
 		int			e = sel[i];
@@ -1212,20 +1225,7 @@ group_pairs_warp(int nk, int E, int k, int shared_rows, int P, const int *ssel, 
 			item += items;
 		}
 	}
-	if (lane == 0)
-	{
-		int			items = (shared_rows + P - 1) / P;
-
-		start[E] = tot_c;
-		active[0] = tot_i + items;
-		/* the shared expert as expert E, over every token */
-		if (shared_rows > 0)
-			start[E + 1] = tot_c + shared_rows;
-		for (int j = 0; j < items; j++)
-			active[1 + tot_i + j] = E * 64 + j;
-	}
-	for (int t = lane; t < shared_rows; t += 32)
-		xrow[nk + t] = t;
+	group_tail(E, nk, tot_c, tot_i, shared_rows, P, start, xrow, active, lane, 32);
 	__syncwarp();
 	for (int i = lane; i < nk; i += 32)
 	{
@@ -1328,6 +1328,31 @@ kk_moe_route_group_warp(cudaStream_t s, int n, int E, int k, int G, int Tg, int 
 #define RANK_GROUPS 4			/* tokens routed at a time (4 x 256 threads) */
 #define RANK_MAXE (32 * ROUTE_NPL)
 
+/*
+ * KL_CUDA_ROUTE_RANK1 (kk_set_route_rank1): steps of one token take ONE, the
+ * same kernel with a grouping that needs no block scan: with one token each
+ * chosen expert has exactly one pair and one work item (P >= 1), so an
+ * expert's first position and first item are both the number of chosen
+ * experts below it, read from the warps' ballots of the choices (made before
+ * the ranking's barrier) instead of a scan of per-expert counts behind a
+ * barrier of its own: one block-wide barrier, a warp scan and the slots'
+ * table fewer on the path of a layer's routing at batch 1 (26 launches a
+ * step).  The same outputs bit for bit (the same choices, weights and
+ * positions; kk_moe_route_group_rank's check).  Default on; 0: the grouping
+ * by counts at every n.
+ */
+int			kk_route_rank1 = 1;
+
+extern "C" int
+kk_set_route_rank1(int on)
+{
+	int			was = kk_route_rank1;
+
+	kk_route_rank1 = on;
+	return was;
+}
+
+template <bool ONE>
 __global__ void __launch_bounds__(1024)
 moe_route_group_rank_kernel(int n, int E, int k, int use_softmax, int renorm, int bias_in_w, float scaling,
 							const float *__restrict__ logits, const float *__restrict__ bias, int *sel, float *wts,
@@ -1337,7 +1362,8 @@ moe_route_group_rank_kernel(int n, int E, int k, int use_softmax, int renorm, in
 				smz[RANK_GROUPS][2],
 				pickw[RANK_MAXN][32];
 	__shared__ unsigned ckey[RANK_GROUPS][RANK_MAXE],
-				wtop[RANK_GROUPS][ROUTE_NPL];
+				wtop[RANK_GROUPS][ROUTE_NPL],
+				wmask[ROUTE_NPL];	/* ONE: warp w's ballot of its chosen experts */
 	__shared__ int cid[RANK_GROUPS][RANK_MAXE],
 				ncand[RANK_GROUPS],
 				pick[RANK_MAXN][32],
@@ -1350,15 +1376,17 @@ moe_route_group_rank_kernel(int n, int E, int k, int use_softmax, int renorm, in
 				g = tid / tpt,
 				e = tid - g * tpt,	/* this thread's expert */
 				lane = tid & 31,
-				wl = e >> 5;
+				wl = e >> 5,
+				myrank = -1;	/* ONE: this thread's expert's slot, -1 none */
 	float		bz = e < E ? bias[e] : 0.0f;	/* a weight: before the wait */
 
-	for (int i = tid; i < n * RANK_MAXE; i += blockDim.x)
-		slotof[i / RANK_MAXE][i % RANK_MAXE] = -1;
+	if constexpr (!ONE)
+		for (int i = tid; i < n * RANK_MAXE; i += blockDim.x)
+			slotof[i / RANK_MAXE][i % RANK_MAXE] = -1;
 	kk_dep_wait();
 	kk_dep_launch();
 	/* every group runs every round (block barriers); t >= n only idles */
-	for (int t0 = 0; t0 < n; t0 += ng)
+	for (int t0 = 0; t0 < (ONE ? 1 : n); t0 += ng)
 	{
 		int			t = t0 + g;
 		bool		valid = t < n && e < E;
@@ -1442,8 +1470,18 @@ moe_route_group_rank_kernel(int n, int E, int k, int use_softmax, int renorm, in
 			{
 				pick[t][rank] = e;
 				pickw[t][rank] = wv;
-				slotof[t][e] = (signed char) rank;
+				if constexpr (ONE)
+					myrank = rank;
+				else
+					slotof[t][e] = (signed char) rank;
 			}
+		}
+		if constexpr (ONE)
+		{
+			unsigned	chosen = __ballot_sync(0xffffffffu, myrank >= 0);
+
+			if (lane == 0)
+				wmask[wl] = chosen;
 		}
 		__syncthreads();
 		if (wl == 0 && t < n)
@@ -1454,8 +1492,36 @@ moe_route_group_rank_kernel(int n, int E, int k, int use_softmax, int renorm, in
 				sel[(size_t) t * k + lane] = pick[t][lane];
 		}
 	}
-	/* grouping: threads 0 .. E-1, one expert each (slotof is final) */
+	if constexpr (ONE)
 	{
+		/* grouping, one token: an expert's first position and first item are
+		 * the chosen experts below it (wmask is final: the barrier above) */
+		int			below = 0,
+					tot = 0;
+
+		for (int w = 0; w < W; w++)
+		{
+			int			cw = __popc(wmask[w]);
+
+			below += w < wl ? cw : 0;
+			tot += cw;
+		}
+		below += __popc(wmask[wl] & ((1u << lane) - 1u));
+		if (tid < E)
+		{
+			start[tid] = below;
+			if (myrank >= 0)
+			{
+				xrow[below] = 0;
+				inv[myrank] = below;
+				active[1 + below] = tid * 64;
+			}
+		}
+		group_tail(E, k, tot, tot, shared_rows, P, start, xrow, active, tid, blockDim.x);
+	}
+	else
+	{
+		/* grouping: threads 0 .. E-1, one expert each (slotof is final) */
 		int			cnt = 0,
 					items,
 					ic,
@@ -1511,20 +1577,7 @@ moe_route_group_rank_kernel(int n, int E, int k, int use_softmax, int renorm, in
 			for (int j = 0; j < items; j++)
 				active[1 + item + j] = tid * 64 + j;
 		}
-		if (tid == 0)
-		{
-			int			sitems = (shared_rows + P - 1) / P;
-
-			start[E] = tot_c;
-			active[0] = tot_i + sitems;
-			/* the shared expert as expert E, over every token */
-			if (shared_rows > 0)
-				start[E + 1] = tot_c + shared_rows;
-			for (int j = 0; j < sitems; j++)
-				active[1 + tot_i + j] = E * 64 + j;
-		}
-		for (int t = tid; t < shared_rows; t += blockDim.x)
-			xrow[n * k + t] = t;
+		group_tail(E, n * k, tot_c, tot_i, shared_rows, P, start, xrow, active, tid, blockDim.x);
 	}
 }
 
@@ -1545,8 +1598,9 @@ kk_moe_route_group_rank(cudaStream_t s, int n, int E, int k, int G, int Tg, int 
 		ng = RANK_GROUPS;
 	if (ng > n)
 		ng = n;
-	kk_launch(moe_route_group_rank_kernel, dim3(1), dim3(ng * tpt), 0, s, n, E, k, use_softmax, renorm, bias_in_w,
-			  scaling, logits, bias, sel, wts, shared_rows, P, start, xrow, inv, active);
+	kk_launch(n == 1 && kk_route_rank1 ? moe_route_group_rank_kernel<true> : moe_route_group_rank_kernel<false>,
+			  dim3(1), dim3(ng * tpt), 0, s, n, E, k, use_softmax, renorm, bias_in_w, scaling, logits, bias, sel, wts,
+			  shared_rows, P, start, xrow, inv, active);
 	return 0;
 }
 

@@ -543,6 +543,7 @@ cuda_defer_combine(kl_backend *be, float *y, int n, int D, int k, const float *w
 	cs->pm_ye = ye;
 	cs->pm_ye16 = NULL;
 	cs->pm_ys = ys;
+	cs->pm_route_early = false;	/* (cuda_moe sets it where it routed on the device) */
 }
 
 void
@@ -576,11 +577,21 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 	if (cs->pend && cs->pend_moe && cs->pend_x == cs->pm_y && cs->pend_y == x && ldx == d && ldy == d &&
 		rows == cs->pm_n && d == cs->pm_D && cs->pend_n == (size_t) rows * d && y != cs->pm_y)
 	{
-		/* MoE combine + residual add + norm in one kernel */
+		/*
+		 * MoE combine + residual add + norm in one kernel.  Its early form
+		 * (KL_CUDA_NORM_EARLY) may read the residual before its PDL wait: the
+		 * kernel right before is the MoE op's last (every other op launches
+		 * the held combine first), and the MoE op's kernels write only the
+		 * backend's scratch (the combine's output is this kernel's); and the
+		 * routing weights and indices where cuda_moe routed on the device.
+		 */
+		int			early = !cs->norm_early ? 0 : cs->pm_route_early ? 2 : 1;
+
 		cs->pend = cs->pend_moe = false;
 		if (y16 && kk_row_norm_twin(cs->stream, cs->pm_ye16 ? 3 : 2, y, d, y16, cs->pend_y, d, NULL, w, rows, d, eps,
 									cs->pm_k, cs->pm_wts, cs->pm_inv,
-									cs->pm_ye16 ? (const void *) cs->pm_ye16 : (const void *) cs->pm_ye, cs->pm_ys) == 0)
+									cs->pm_ye16 ? (const void *) cs->pm_ye16 : (const void *) cs->pm_ye, cs->pm_ys,
+									early) == 0)
 			twin_made(be, y, rows, d, y16);
 		else if (cs->pm_ye16)
 			kk_moe_combine16_add_rmsnorm(cs->stream, y, cs->pend_y, rows, d, cs->pm_k, cs->pm_wts, cs->pm_inv,
@@ -597,7 +608,7 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 	{
 		cs->pend = false;
 		if (y16 && kk_row_norm_twin(cs->stream, 1, y, d, y16, cs->pend_y, d, cs->pend_x, w, rows, d, eps, 0, NULL,
-									NULL, NULL, NULL) == 0)
+									NULL, NULL, NULL, cs->norm_early) == 0)
 			twin_made(be, y, rows, d, y16);
 		else
 			kk_add_rmsnorm(cs->stream, y, cs->pend_y, cs->pend_x, w, rows, d, eps);
@@ -606,7 +617,7 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 	}
 	cuda_flush_add(be);
 	if (y16 && kk_row_norm_twin(cs->stream, 0, y, ldy, y16, (float *) x, ldx, NULL, w, rows, d, eps, 0, NULL, NULL,
-								NULL, NULL) == 0)
+								NULL, NULL, cs->norm_early) == 0)
 		twin_made(be, y, rows, d, y16);
 	else
 		kk_rmsnorm(cs->stream, y, ldy, x, ldx, w, rows, d, eps);
@@ -919,7 +930,29 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * arrives; same bits; gemv.cu); the same for the quantized
 		 * CUDA-core GEMVs of 2 input rows (gemv_q.cu's kk_gemv_q /
 		 * kk_gemv_multi_q: up to 3 pieces a row, whole FP8 rows of 2304 and
-		 * 4096 columns; not at 1 row, where it lost),
+		 * 4096 columns; at 1 row as KL_CUDA_Q_EARLY1 says),
+		 * KL_CUDA_Q_EARLY1: the quantized GEMVs' early form at 1 input row:
+		 * 0 never (before), 1 (default) in launches that one wave of the
+		 * early kernel covers (at the 48B shapes o_proj and the dense down
+		 * product: their whole FP8 rows requested before the wait; not
+		 * lm_head, q/k/v or MLA's q + kv_a, many-wave launches where every
+		 * one-row launch in that form lost 0.02 ms a step), 2 every one-row
+		 * launch of the 64- and 128-thread shapes (gemv_q.cu),
+		 * KL_CUDA_ROWS_WIDE1=2, 3 or 4: weight rows a block of the wide
+		 * (4096-column) block-rows GEMV at 1 input row in the early form
+		 * (default 3: o_proj's 768 blocks of 64 registers a thread fit
+		 * one wave beside the KDA decode kernel its blocks start under,
+		 * where 2 rows' 1152 blocks of 48 do not by the register count;
+		 * same bits; gemv.cu),
+		 * KL_CUDA_NORM_EARLY=0: the row norms wait before reading anything
+		 * (default: they read their weight before the PDL wait, and the
+		 * combine + add + norm after a device-routed MoE op also the
+		 * residual and the routing weights and indices, written three or
+		 * more launches back; same bits; elementwise.cu),
+		 * KL_CUDA_ROUTE_RANK1=0: the rank routing groups a one-token step
+		 * by counts and a block scan as at other sizes (default: from the
+		 * warps' ballots of the choices, a barrier and a scan fewer; same
+		 * outputs; moe.cu),
 		 * KL_CUDA_EXPERT_NR=N (1, 2, 4, 8) caps the rows of an expert pass,
 		 * KL_CUDA_MLA_MMA=0 keeps the bf16 cache's decode attention on CUDA
 		 * cores (mla_attend; else tensor cores where the shape fits: 1
@@ -1073,6 +1106,10 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *mc = getenv("KL_CUDA_MLA_CACHE"),
 				   *gw = getenv("KL_CUDA_GEMV_ROWS"),
 				   *gre = getenv("KL_CUDA_ROWS_EARLY"),
+				   *qe1 = getenv("KL_CUDA_Q_EARLY1"),
+				   *rw1 = getenv("KL_CUDA_ROWS_WIDE1"),
+				   *ne = getenv("KL_CUDA_NORM_EARLY"),
+				   *rr1 = getenv("KL_CUDA_ROUTE_RANK1"),
 				   *enr = getenv("KL_CUDA_EXPERT_NR"),
 				   *emma = getenv("KL_CUDA_EXPERT_MMA"),
 				   *kr = getenv("KL_CUDA_KDA_STATE_ROUND"),
@@ -1116,6 +1153,10 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_pdl(major >= 9 && !(pdl && strcmp(pdl, "0") == 0));
 		kk_set_gemv_rows(!(gw && strcmp(gw, "0") == 0));
 		kk_set_rows_early(!(gre && strcmp(gre, "0") == 0));
+		kk_set_q_early1(qe1 && *qe1 ? atoi(qe1) : 1);
+		kk_set_rows_wide1(rw1 && *rw1 ? atoi(rw1) : 3);
+		kk_set_route_rank1(!(rr1 && strcmp(rr1, "0") == 0));
+		cs->norm_early = !(ne && strcmp(ne, "0") == 0);
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_mma_q_direct(qd && *qd ? atoi(qd) : 2);

@@ -252,6 +252,16 @@ typedef struct cuda_state
 			   *pm_ys;
 	const uint16_t *pm_ye16;	/* bf16 expert outputs instead of pm_ye (cuda_defer_combine16) */
 	const int  *pm_inv;
+	/* the MoE op that held it routed on the device (cuda_moe: routing, then at
+	 * least the gate/up and down launches), so the kernel that wrote pm_wts and
+	 * pm_inv is at least three launches before the combine's (row_norm_kernel's
+	 * early form may read them before its PDL wait) */
+	bool		pm_route_early;
+	/* KL_CUDA_NORM_EARLY (default on; =0 off): the row norms read what is safe
+	 * before their PDL wait (kk_row_norm_twin's early: the norm weight; with a
+	 * combine held back as above, also the residual and the routing weights
+	 * and indices); the same outputs bit for bit */
+	bool		norm_early;
 
 	/* decode-step switches (KL_CUDA_MOE_FUSE=0, KL_CUDA_PDL=0 turn them off) */
 	bool		fuse_moe;

@@ -933,8 +933,9 @@ out:
  * the same host inputs, on the current device with a stream of its own.
  * which 0: kk_f32_to_bf16_v4 vs kk_f32_to_bf16 of x [rows, cols] (row
  * stride ld); 1: kk_swiglu_twin vs kk_swiglu + kk_f32_to_bf16 with g = x, u
- * = w (both [rows, cols], stride ld); 2: kk_row_norm_twin mode 0 vs
- * kk_rmsnorm + kk_f32_to_bf16 of x (stride ld) with weights w [cols].
+ * = w (both [rows, cols], stride ld); 2: kk_row_norm_twin mode 0 (in the
+ * form that reads the norm weight before its PDL wait, KL_CUDA_NORM_EARLY's)
+ * vs kk_rmsnorm + kk_f32_to_bf16 of x (stride ld) with weights w [cols].
  * Outputs [rows, cols], contiguous: h16_old / h16_new the bf16 rows, f_old
  * / f_new the fp32 ones (which 1, 2; may be NULL for 0).  Returns 0, -1 for
  * bad arguments, -2 when the new launcher does not cover the shape, or a
@@ -996,7 +997,7 @@ kl_cuda_test_bf16_twin(int which, int rows, int cols, int ld, const float *x, co
 				kk_f32_to_bf16(s, d16, cols, dy, cols, rows, cols);
 			}
 			else if (kk_row_norm_twin(s, 0, dy, cols, d16, dx, ld, NULL, dw, rows, cols, 1e-5f, 0, NULL, NULL, NULL,
-									  NULL) != 0)
+									  NULL, 1) != 0)
 				rc = -2;
 		}
 		if (rc != 0)

@@ -314,7 +314,8 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			   *active;
 	bool		wbf,
 				wq,				/* the experts quantized (kernels.h's device form) */
-				shared_done = false;	/* variant 4 ran the shared experts before the routed ones */
+				shared_done = false,	/* variant 4 ran the shared experts before the routed ones */
+				routed_on_device = false;	/* routing, then at least the gate/up and down launches */
 
 	if (cuda_step_skip(be, OP_MOE, (uintptr_t) y, (uintptr_t) x, (uintptr_t) w, (uintptr_t) n))
 		return;
@@ -454,9 +455,11 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			if (!cuda_launched(be, "expert down"))
 				return;
 		}
+		routed_on_device = true;
 		if (fuse)
 		{
 			cuda_defer_combine(be, y, n, D, k, wts, inv, ye, ye + nk * D);
+			cs->pm_route_early = true;
 			return;
 		}
 	}
@@ -573,6 +576,7 @@ combine:
 		cuda_defer_combine16(be, y, n, D, k, wts, inv, ye16, sy);
 	else
 		cuda_defer_combine(be, y, n, D, k, wts, inv, ye, sy);
+	cs->pm_route_early = routed_on_device;
 }
 
 /* ------------------------------------------------------------------ benchmark hook */
@@ -664,8 +668,11 @@ kl_cuda_moe_prefill_path(kl_backend *be, int info[3])
  * For test/engine/test_cuda.c only (found with dlsym; the backend does not
  * use it): route and group n tokens' router logits (host memory) through
  * one of the fused decode launchers — warp 0: kk_moe_route_group, 1:
- * kk_moe_route_group_warp, 2: kk_moe_route_group_rank — on the current
- * device, and copy every output back.  The output arrays' contents go to the device first, so that the
+ * kk_moe_route_group_warp, 2: kk_moe_route_group_rank (as the backend has
+ * it: at one token the ballot grouping unless KL_CUDA_ROUTE_RANK1=0), 3:
+ * kk_moe_route_group_rank with the grouping by counts at every n
+ * (kk_set_route_rank1(0)) — on the current device, and copy every output
+ * back.  The output arrays' contents go to the device first, so that the
  * entries a kernel leaves alone compare too.  Sizes: logits [n E], bias [E];
  * sel, wts, inv [n k]; start [E + 2]; xrow [n k + n]; active [E + n k + n + 4].
  * Returns the launcher's result (-1: shape not covered), else 0 or a CUDA
@@ -696,9 +703,13 @@ kl_cuda_test_route_group(int warp, int n, int E, int k, int G, int Tg, int use_s
 			rc = (int) e;
 	if (rc == 0)
 	{
-		rc = (warp == 2 ? kk_moe_route_group_rank : warp ? kk_moe_route_group_warp : kk_moe_route_group)
+		int			was = warp == 3 ? kk_set_route_rank1(0) : 0;
+
+		rc = (warp >= 2 ? kk_moe_route_group_rank : warp ? kk_moe_route_group_warp : kk_moe_route_group)
 			(s, n, E, k, G, Tg, use_softmax, renorm, bias_in_w, scaling, d[0], d[1], d[2], d[3], shared_rows, P, d[4],
 			 d[5], d[6], d[7]);
+		if (warp == 3)
+			kk_set_route_rank1(was);
 		if (rc == 0 && (e = cudaGetLastError()) != cudaSuccess)
 			rc = (int) e;
 	}

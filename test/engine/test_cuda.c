@@ -59,7 +59,16 @@
  * CUDA-core GEMVs it also covers (check_rows_early_gemv_q: gemv_q.cu's
  * products of 1, 2 and 9 rows on the 48B widths, FP8, int8, int4 and mixed
  * batches, through the hook kl_cuda_test_gemv_q; check_rows_early_q48: the
- * 48B shapes with FP8 and int4 weights, fp32 and bf16 precision).  Nor
+ * 48B shapes with FP8 and int4 weights, fp32 and bf16 precision), also at
+ * one row (KL_CUDA_Q_EARLY1 0, 1 and 2: check_rows_early_gemv_q,
+ * check_q_early1_q48).  The same holds for the wide block-rows GEMV with 3
+ * and 4 rows a block at one row (KL_CUDA_ROWS_WIDE1: check_rows_wide1,
+ * through the hook kl_cuda_test_rows_wide1, and check_rows_wide1_48b), the
+ * row norms' early reads (KL_CUDA_NORM_EARLY: check_norm_early_model, the
+ * K = 128 random model, and check_norm_early_48b) and the one-token rank
+ * routing's ballot grouping (KL_CUDA_ROUTE_RANK1: check_route_rank1 through
+ * the routing hook, check_route_rank1_48b); the 48B ones through
+ * check_env_48b (each value's model made in turn, logits memcmp).  Nor
  * must the batch-1 expert products in the tiled kernel (KL_CUDA_EXPERT_B1,
  * the default; check_expert_paths' paths 2-8 through the hook
  * kl_cuda_test_expert_paths, check_expert_b1_model: the K = 128 random model,
@@ -2510,18 +2519,16 @@ check_route_warp(void)
 }
 
 /*
- * kk_moe_route_group_rank (a thread per expert, choices by rank; on unless
- * KL_CUDA_ROUTE_RANK=0) against kk_moe_route_group_warp: identical sel,
- * wts, start, xrow, inv and active at the 48B shape (E 256, k 8), E 64
- * k 6 (lanes past E), E 20 k 5 (k > the warps: no candidate filter) and 8
- * groups that all stay (Tg = G: covered); both weight rules; sigmoid and
- * softmax; with and without the shared expert's rows; n = 1 to 8; router
- * logits normal, few levels (ties), all equal, wide, and with NaN and
- * infinities (the two kernels order them the same way: by key).  Shapes it
- * does not cover (groups that drop, n > 8) must answer -1.
+ * The rank routing's cases through the hook's paths pa and pb (route_pair),
+ * one line a shape and weight rule (label: what is compared): the 48B shape
+ * (E 256, k 8), E 64 k 6 (lanes past E), E 20 k 5 (k > the warps: no
+ * candidate filter) and 8 groups that all stay (Tg = G: covered); sigmoid
+ * and softmax; with and without the shared expert's rows; the ns[] token
+ * counts; router logits normal, few levels (ties), all equal, wide, and
+ * with NaN and infinities.
  */
 static void
-check_route_rank(void)
+route_rank_cases(route_test_fn f, int pa, int pb, const int *ns, int nn, uint64_t *rs, const char *label)
 {
 	static const struct
 	{
@@ -2536,15 +2543,7 @@ check_route_rank(void)
 		{20, 5, 1, 1, "E 20, k 5"},
 		{256, 8, 8, 8, "E 256, k 8, 8 groups keep 8"},
 	};
-	static const int ns[] = {1, 2, 3, 4, 5, 8};
-	kl_model   *m;
-	void	   *lib = NULL;
-	route_test_fn f = NULL;
-	uint64_t	rs = 777;
 
-	m = load_test_hook("kl_cuda_test_route_group", &lib, (void **) &f);
-	if (!f)
-		return;
 	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
 		for (int rule = 0; rule < 2; rule++)
 		{
@@ -2554,7 +2553,7 @@ check_route_rank(void)
 						wrong = 0,
 						failed = 0;
 
-			for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++)
+			for (int ni = 0; ni < nn; ni++)
 				for (int kind = 0; kind < 5; kind++)
 					for (int variant = 0; variant < 5; variant++)
 					{
@@ -2569,23 +2568,23 @@ check_route_rank(void)
 									rb;
 						const char *d;
 
-						make_router(lg, bias, n, E, kind < 4 ? kind : 0, &rs);
+						make_router(lg, bias, n, E, kind < 4 ? kind : 0, rs);
 						if (kind == 4)	/* NaN, +-inf, +-0 and ties among the normal ones */
 							for (int i = 0; i < n * E; i++)
 							{
-								int			r = (int) (16.0 * unif(&rs));
+								int			r = (int) (16.0 * unif(rs));
 
 								lg[i] = r == 0 ? NAN : r == 1 ? -NAN : r == 2 ? INFINITY : r == 3 ? -INFINITY :
 									r == 4 ? 0.0f : r == 5 ? -0.0f : r == 6 ? 1.0f : lg[i];
 							}
-						d = route_pair(f, 1, 2, n, E, k, shapes[si].G, shapes[si].Tg, softmax, renorm, rule,
+						d = route_pair(f, pa, pb, n, E, k, shapes[si].G, shapes[si].Tg, softmax, renorm, rule,
 									   shared_rows, P, lg, bias, &ra, &rb);
 						cases++;
 						if (ra != 0 || rb != 0)
 						{
 							if (failed++ < 4)
-								tap_diag("%s n %d kind %d variant %d: warp kernel %d, rank kernel %d",
-										 shapes[si].what, n, kind, variant, ra, rb);
+								tap_diag("%s n %d kind %d variant %d: path %d returned %d, path %d %d",
+										 shapes[si].what, n, kind, variant, pa, ra, pb, rb);
 						}
 						else if (d != NULL && wrong++ < 8)
 							tap_diag("%s, %s rule, n %d, logits kind %d, variant %d: %s differs", shapes[si].what,
@@ -2594,10 +2593,31 @@ check_route_rank(void)
 						free(bias);
 					}
 			tap_ok(wrong == 0 && failed == 0,
-				   "routing by rank = the warp kernel, bit for bit (sel, wts, start, xrow, inv, active), %s, %s "
-				   "rule: %d of %d cases differ, %d not run", shapes[si].what, rule ? "reference" : "select", wrong,
-				   cases, failed);
+				   "%s, bit for bit (sel, wts, start, xrow, inv, active), %s, %s rule: %d of %d cases differ, %d not "
+				   "run", label, shapes[si].what, rule ? "reference" : "select", wrong, cases, failed);
 		}
+}
+
+/*
+ * kk_moe_route_group_rank (a thread per expert, choices by rank; on unless
+ * KL_CUDA_ROUTE_RANK=0; at one token with the ballot grouping,
+ * KL_CUDA_ROUTE_RANK1) against kk_moe_route_group_warp: identical sel, wts,
+ * start, xrow, inv and active in route_rank_cases' cases, n = 1 to 8.
+ * Shapes it does not cover (groups that drop, n > 8) must answer -1.
+ */
+static void
+check_route_rank(void)
+{
+	static const int ns[] = {1, 2, 3, 4, 5, 8};
+	kl_model   *m;
+	void	   *lib = NULL;
+	route_test_fn f = NULL;
+	uint64_t	rs = 777;
+
+	m = load_test_hook("kl_cuda_test_route_group", &lib, (void **) &f);
+	if (!f)
+		return;
+	route_rank_cases(f, 1, 2, ns, 6, &rs, "routing by rank = the warp kernel");
 	/* outside its shapes the launcher declines (the caller takes the warp kernel) */
 	{
 		int			n = 9,
@@ -2617,6 +2637,30 @@ check_route_rank(void)
 		route_out_free(&o);
 		free(lg);
 	}
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+/*
+ * The rank routing at one token with its grouping read from the warps'
+ * ballots of the choices (KL_CUDA_ROUTE_RANK1, the default: hook path 2)
+ * against the grouping by counts and a block scan it has at other n (path
+ * 3): identical outputs in route_rank_cases' cases at n = 1.
+ */
+static void
+check_route_rank1(void)
+{
+	static const int ns[] = {1};
+	kl_model   *m;
+	void	   *lib = NULL;
+	route_test_fn f = NULL;
+	uint64_t	rs = 2026120301;
+
+	m = load_test_hook("kl_cuda_test_route_group", &lib, (void **) &f);
+	if (!f)
+		return;
+	route_rank_cases(f, 3, 2, ns, 1, &rs, "routing by rank at one token, grouping from ballots (KL_CUDA_ROUTE_RANK1) "
+					 "= by counts");
 	dlclose(lib);
 	kl_model_free(m);
 }
@@ -3299,10 +3343,12 @@ typedef int (*rows_early_test_fn) (int on);
 /*
  * gemv_q_kernel's early form (KL_CUDA_ROWS_EARLY, the default: products of
  * 2 rows request up to 3 pieces a thread of each row before the PDL wait;
- * 1 row keeps the plain kernel, where the early one lost on the H200)
- * against the first piece only (kl_cuda_test_rows_early(0)): the outputs bit
- * for bit, kk_gemv_q and kk_gemv_multi_q, 1 and 2 rows (and 9 for kk_gemv_q:
- * a pass of 8, then one row).  The 48B widths in every form
+ * 1 row as KL_CUDA_Q_EARLY1 says: by default in launches of one wave of
+ * the early kernel, which all of these are, and with =2 in every one,
+ * kl_cuda_test_q_early1(2)) against the first piece only
+ * (kl_cuda_test_rows_early(0)): the outputs bit for bit, kk_gemv_q and
+ * kk_gemv_multi_q, 1 and 2 rows (and 9 for kk_gemv_q: a pass of 8, then one
+ * row).  The 48B widths in every form
  * the early pieces take: 2304 columns (FP8 144 pieces: whole rows, the third
  * piece only in some threads; int4 72), 4096 (FP8 256 in the wide shape:
  * whole rows; int4 128), 9216 (FP8 576, int4 288: two pieces held, then the
@@ -3328,58 +3374,117 @@ check_rows_early_gemv_q(void)
 	kl_model   *m;
 	void	   *lib = NULL;
 	gemv_q_test_fn f = NULL;
-	rows_early_test_fn set_early;
-	int			was;
+	rows_early_test_fn set_early,
+				set_early1;
+	int			was,
+				was1;
 
 	m = load_test_hook("kl_cuda_test_gemv_q", &lib, (void **) &f);
 	if (!f)
 		return;
 	set_early = (rows_early_test_fn) dlsym(lib, "kl_cuda_test_rows_early");
-	if (!tap_ok(set_early != NULL, "the CUDA library exports kl_cuda_test_rows_early"))
+	set_early1 = (rows_early_test_fn) dlsym(lib, "kl_cuda_test_q_early1");
+	if (!tap_ok(set_early != NULL && set_early1 != NULL,
+				"the CUDA library exports kl_cuda_test_rows_early and kl_cuda_test_q_early1"))
 	{
 		dlclose(lib);
 		kl_model_free(m);
 		return;
 	}
 	was = set_early(1);
+	was1 = set_early1(1);
 	tq_state = 2026120201;
 	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++)
 	{
 		int			count = cases[ci].count;
 		tq_jobs		J;
-		float	   *y[2];
+		float	   *y[3];
 
 		tq_case_open(&cases[ci], &J);
-		y[0] = malloc(sizeof(float) * J.ytot);
-		y[1] = malloc(sizeof(float) * J.ytot);
+		for (int e = 0; e < 3; e++)
+			y[e] = malloc(sizeof(float) * J.ytot);
 		for (int multi = 0; multi < 2; multi++)
 			for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++)
 			{
+				/* forms: the first piece only; early (at 1 row KL_CUDA_Q_EARLY1's default); at 1 row its =2 */
 				int			n = ns[ni],
-							rc[2];
+							forms = n == 1 ? 3 : 2,
+							rc[3];
 				size_t		ny = 0;
 
 				if (multi && n > 8)
 					continue;
 				for (int j = 0; j < count; j++)
 					ny += (size_t) n * cases[ci].rows[j];
-				for (int e = 0; e < 2; e++)
+				for (int e = 0; e < forms; e++)
 				{
-					set_early(e);
+					set_early(e > 0);
+					set_early1(e == 2 ? 2 : 1);
 					rc[e] = f(multi, n, count, J.fmt, J.grp, cases[ci].rows, cases[ci].cols, J.data, J.sc, J.x,
 							  cases[ci].xpad, y[e]);
 				}
-				tap_ok(rc[0] == 0 && rc[1] == 0 && memcmp(y[0], y[1], sizeof(float) * ny) == 0,
-					   "%s, %s, %d row%s: early weight requests (KL_CUDA_ROWS_EARLY) = the first piece only bit "
-					   "for bit (rel err %.2e; hook returned %d, %d)", cases[ci].what,
-					   multi ? "kk_gemv_multi_q" : "kk_gemv_q", n, n == 1 ? "" : "s", rel_err(y[1], y[0], ny),
-					   rc[0], rc[1]);
+				for (int e = 1; e < forms; e++)
+					tap_ok(rc[0] == 0 && rc[e] == 0 && memcmp(y[0], y[e], sizeof(float) * ny) == 0,
+						   "%s, %s, %d row%s: early weight requests (KL_CUDA_ROWS_EARLY%s) = the first piece only "
+						   "bit for bit (rel err %.2e; hook returned %d, %d)", cases[ci].what,
+						   multi ? "kk_gemv_multi_q" : "kk_gemv_q", n, n == 1 ? "" : "s",
+						   e == 2 ? ", KL_CUDA_Q_EARLY1=2" : "", rel_err(y[e], y[0], ny), rc[0], rc[e]);
 			}
 		tq_case_close(&cases[ci], &J);
-		free(y[0]);
-		free(y[1]);
+		for (int e = 0; e < 3; e++)
+			free(y[e]);
 	}
 	set_early(was);
+	set_early1(was1);
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+/* kl_cuda_test_rows_wide1 (gemv.cu): one input row through the wide block-rows GEMV with rb rows a block */
+typedef int (*rows_wide1_fn) (int rows, int cols, int rb, unsigned long long seed, float *y);
+
+/*
+ * The wide block-rows GEMV (bf16, 128 threads) at one input row in the early
+ * form with 3 and 4 weight rows a block (KL_CUDA_ROWS_WIDE1) against 2 (the
+ * shape of before): the outputs bit for bit and every row written, rows of
+ * 4096 columns (o_proj: four pieces a thread, the whole row held), 5120 and
+ * 9216 (held pieces, then the streamed rest); 2304 rows (the 48B o_proj),
+ * 301 (a short last block at 2, 3 and 4), 2 and 1 (fewer rows than a block).
+ */
+static void
+check_rows_wide1(void)
+{
+	static const int shapes[][2] = {{2304, 4096}, {301, 4096}, {2, 4096}, {77, 5120}, {301, 9216}, {1, 9216}};
+	kl_model   *m;
+	void	   *lib = NULL;
+	rows_wide1_fn f = NULL;
+
+	m = load_test_hook("kl_cuda_test_rows_wide1", &lib, (void **) &f);
+	if (!f)
+		return;
+	for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+	{
+		int			rows = shapes[si][0],
+					cols = shapes[si][1],
+					rc[3],
+					nan = 0;
+		float	   *y[3];
+
+		for (int v = 0; v < 3; v++)
+		{
+			y[v] = malloc(sizeof(float) * (size_t) rows);
+			rc[v] = f(rows, cols, 2 + v, 2026120302ull + si, y[v]);
+		}
+		for (int r = 0; r < rows; r++)
+			nan += isnan(y[0][r]) != 0;
+		for (int v = 1; v < 3; v++)
+			tap_ok(rc[0] == 0 && rc[v] == 0 && nan == 0 && memcmp(y[v], y[0], sizeof(float) * rows) == 0,
+				   "wide block-rows GEMV, %d x %d bf16, one row: %d rows a block (KL_CUDA_ROWS_WIDE1) = 2 bit for bit "
+				   "(rel err %.2e, %d rows unwritten; hook returned %d, %d)", rows, cols, 2 + v,
+				   rel_err(y[v], y[0], rows), nan, rc[0], rc[v]);
+		for (int v = 0; v < 3; v++)
+			free(y[v]);
+	}
 	dlclose(lib);
 	kl_model_free(m);
 }
@@ -4962,6 +5067,13 @@ check_rows_early_model(const char *prec, int nseq)
 {
 	check_kda_env_model(NULL, prec, nseq, "KL_CUDA_ROWS_EARLY", "0",
 						"block-rows GEMVs' early weight requests = the first piece only (KL_CUDA_ROWS_EARLY=0)");
+}
+
+static void
+check_norm_early_model(const char *prec, int nseq)
+{
+	check_kda_env_model(NULL, prec, nseq, "KL_CUDA_NORM_EARLY", "0",
+						"row norms' early reads = the waiting form (KL_CUDA_NORM_EARLY=0)");
 }
 
 /*
@@ -6963,55 +7075,56 @@ check_q_twin_model(void)
 }
 
 /*
- * The 48B shapes (2 layers, bf16 weights and precision) made with env set to
- * each of vals[0 .. nv) (one model at a time: a switch is read when the
- * backend is made): the logits of rounds decode steps of nseq[b] sequences
- * together (b < nb), in lg[v][b] (the caller frees them); returns V.
+ * The 48B shapes (q48_config: a dense KDA layer, an MoE MLA layer; 2
+ * layers, seed 7) in precision prec with quantize'd weights (NULL: bf16),
+ * made once for each of the nv values vals[v] of the environment variable
+ * env (one model at a time: the switch is read when the backend is made),
+ * nseqs[b] sequences (nb <= 3 counts) decoding together for `rounds` steps:
+ * the logits with every value bit for bit those with vals[0].  what: the
+ * forms' subject, for the lines.
  */
-static int
-decode_48b_env(const char *env, const char *const *vals, int nv, const int *nseq, int nb, int rounds,
-			   float *lg[][3])
+static void
+check_env_48b(const char *prec, const char *quantize, const char *env, const char *const *vals, int nv,
+			  const int *nseqs, int nb, int rounds, const char *what)
 {
 	int32_t		ids[40];
+	float	   *lg[3][3];
 	int			V = 0;
 
-	for (int v = 0; v < nv; v++)
+	for (int v = 0; v < nv && v < 3; v++)
 	{
-		kl_model   *m = random_gpu_model(q48_config, NULL, env, vals[v]);
+		kl_model   *m = random_gpu_model_in(q48_config, prec, quantize, env, vals[v]);
 
 		V = kl_model_config(m)->vocab_size;
 		for (int i = 0; i < 40; i++)
 			ids[i] = (int32_t) ((i * 7919 + 13) % V);
-		for (int bi = 0; bi < nb; bi++)
-			lg[v][bi] = decode_together(m, ids, nseq[bi], rounds);
+		for (int bi = 0; bi < nb && bi < 3; bi++)
+			lg[v][bi] = decode_together(m, ids, nseqs[bi], rounds);
 		kl_model_free(m);
 	}
-	return V;
+	for (int bi = 0; bi < nb && bi < 3; bi++)
+	{
+		size_t		nl = (size_t) rounds * nseqs[bi] * V;
+
+		for (int v = 1; v < nv && v < 3; v++)
+			tap_ok(memcmp(lg[v][bi], lg[0][bi], sizeof(float) * nl) == 0, "48B shapes (2 layers), %s weights, %s, "
+				   "%d sequence%s decoding together (%d steps): %s, %s=%s = %s=%s bit for bit (logits rel err %.2e)",
+				   quantize ? quantize : "bf16", prec, nseqs[bi], nseqs[bi] == 1 ? "" : "s", rounds, what, env,
+				   vals[v], env, vals[0], rel_err(lg[v][bi], lg[0][bi], nl));
+		for (int v = 0; v < nv && v < 3; v++)
+			free(lg[v][bi]);
+	}
 }
 
-/* the same on the 48B shapes (2 layers, bf16 weights and precision): rows of 2304 and 4096 columns, so the
- * early requests hold whole rows (3 and 4 pieces a thread); 1, 2 and 4 sequences decoding together */
+static const char *const env_off_on[2] = {"0", "1"};
+
+/* the block-rows GEMVs' early requests on the 48B shapes (bf16): rows of 2304 and 4096 columns, so the early
+ * requests hold whole rows (3 and 4 pieces a thread); 1, 2 and 4 sequences decoding together */
 static void
 check_rows_early_48b(void)
 {
-	static const char *const early[2] = {"0", "1"};
-	static const int nseqs[3] = {1, 2, 4};
-	int			rounds = 4;
-	float	   *lg[2][3];
-	int			V = decode_48b_env("KL_CUDA_ROWS_EARLY", early, 2, nseqs, 3, rounds, lg);
-
-	for (int bi = 0; bi < 3; bi++)
-	{
-		int			nseq = nseqs[bi];
-		size_t		nl = (size_t) rounds * nseq * V;
-
-		tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * nl) == 0, "48B shapes (2 layers), bf16, %d sequence%s "
-			   "decoding together (%d steps): block-rows GEMVs' whole rows requested early = the first piece only "
-			   "(KL_CUDA_ROWS_EARLY=0) bit for bit (logits rel err %.2e)", nseq, nseq == 1 ? "" : "s", rounds,
-			   rel_err(lg[1][bi], lg[0][bi], nl));
-		free(lg[0][bi]);
-		free(lg[1][bi]);
-	}
+	check_env_48b("bf16", NULL, "KL_CUDA_ROWS_EARLY", env_off_on, 2, (const int[]) {1, 2, 4}, 3, 4,
+				  "block-rows GEMVs' whole rows requested early against the first piece only");
 }
 
 /*
@@ -7030,7 +7143,7 @@ check_expert_b1_model(const char *prec, int nseq)
 }
 
 /*
- * The same on the 48B shapes (decode_48b_env): gate/up rows of 2304
+ * The same on the 48B shapes (check_env_48b): gate/up rows of 2304
  * columns (3 pieces a thread and row), down rows of 1024 (2), 256 experts
  * top 8 + the fused shared one; every form (1, 2, 4 tiles a block, gate/up
  * 4 with down 1, and 2 with down 4 without the shared expert's guess)
@@ -7039,68 +7152,77 @@ check_expert_b1_model(const char *prec, int nseq)
 static void
 check_expert_b1_48b(void)
 {
-	static const char *const form[6] = {"0", "1", "2", "4", "4,1", "2,4,0"};
-	static const int nseqs[2] = {1, 2};
-	int			rounds = 4;
-	float	   *lg[6][3];
-	int			V = decode_48b_env("KL_CUDA_EXPERT_B1", form, 6, nseqs, 2, rounds, lg);
+	static const char *const forms[3][3] = {{"0", "1", "2"}, {"0", "4", "4,1"}, {"0", "2,4,0", NULL}};
 
-	for (int v = 1; v < 6; v++)
-		for (int bi = 0; bi < 2; bi++)
-		{
-			size_t		nl = (size_t) rounds * nseqs[bi] * V;
-
-			tap_ok(memcmp(lg[v][bi], lg[0][bi], sizeof(float) * nl) == 0, "48B shapes (2 layers), bf16, %d "
-				   "sequence%s decoding together (%d steps): expert products with KL_CUDA_EXPERT_B1=%s = "
-				   "expert_rows_kernel (=0) bit for bit (logits rel err %.2e)", nseqs[bi], bi ? "s" : "", rounds,
-				   form[v], rel_err(lg[v][bi], lg[0][bi], nl));
-		}
-	for (int v = 0; v < 6; v++)
-		for (int bi = 0; bi < 2; bi++)
-			free(lg[v][bi]);
+	for (int f = 0; f < 3; f++)
+		check_env_48b("bf16", NULL, "KL_CUDA_EXPERT_B1", forms[f], forms[f][2] ? 3 : 2, (const int[]) {1, 2}, 2, 4,
+					  "batch-1 expert products in the tiled kernel against expert_rows_kernel (=0)");
 }
 
-/*
- * The same with quantized weights (48B shapes, 2 layers, seed 7): the FP8 /
- * int4 products of 1 and 2 rows run gemv_q.cu's kernel, whose early form
+ * The same with quantized weights: the FP8 / int4 products of 2 rows (of 1
+ * as KL_CUDA_Q_EARLY1 says) run gemv_q.cu's kernel, whose early form
  * requests whole rows of 2304 and 4096 columns (and two pieces a thread of
  * the dense layer's 9216) before the PDL wait.  Precision fp32 takes it at
  * every small batch (1 and 2 sequences); bf16 at batch 1 only (from 2 rows
- * the tensor-core GEMVs: KL_CUDA_Q_MMA_MIN).  Logits bit for bit against
- * KL_CUDA_ROWS_EARLY=0, a few decode steps.
+ * the tensor-core GEMVs: KL_CUDA_Q_MMA_MIN).
  */
 static void
 check_rows_early_q48(const char *quantize, const char *prec)
 {
-	static const char *const early[2] = {"0", "1"};
-	int			rounds = 3,
-				nb = strcmp(prec, "fp32") == 0 ? 2 : 1;
-	int32_t		ids[40];
-	float	   *lg[2][2];
-	int			V = 0;
+	check_env_48b(prec, quantize, "KL_CUDA_ROWS_EARLY", env_off_on, 2, (const int[]) {1, 2},
+				  strcmp(prec, "fp32") == 0 ? 2 : 1, 3, "gemv_q's whole rows requested early against the first "
+				  "piece only");
+}
 
-	for (int v = 0; v < 2; v++)
-	{
-		kl_model   *m = random_gpu_model_in(q48_config, prec, quantize, "KL_CUDA_ROWS_EARLY", early[v]);
+/*
+ * KL_CUDA_Q_EARLY1: gemv_q's early form at one input row in the launches of
+ * one wave (the default: o_proj and the dense down product, 128-thread
+ * blocks) and in every launch (=2: lm_head, q/k/v, MLA's q + kv_a too)
+ * against none (=0), FP8 weights of the 48B shapes, one sequence.
+ */
+static void
+check_q_early1_q48(const char *prec)
+{
+	static const char *const vals[3] = {"0", "1", "2"};
 
-		V = kl_model_config(m)->vocab_size;
-		for (int i = 0; i < 40; i++)
-			ids[i] = (int32_t) ((i * 7919 + 13) % V);
-		for (int bi = 0; bi < nb; bi++)
-			lg[v][bi] = decode_together(m, ids, bi + 1, rounds);
-		kl_model_free(m);
-	}
-	for (int bi = 0; bi < nb; bi++)
-	{
-		size_t		nl = (size_t) rounds * (bi + 1) * V;
+	check_env_48b(prec, "fp8", "KL_CUDA_Q_EARLY1", vals, 3, (const int[]) {1}, 1, 4,
+				  "gemv_q's one-row early form against the plain kernel");
+}
 
-		tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * nl) == 0, "48B shapes (2 layers), %s weights, %s, %d "
-			   "sequence%s decoding together (%d steps): gemv_q's whole rows requested early = the first piece "
-			   "only (KL_CUDA_ROWS_EARLY=0) bit for bit (logits rel err %.2e)", quantize, prec, bi + 1,
-			   bi ? "s" : "", rounds, rel_err(lg[1][bi], lg[0][bi], nl));
-		free(lg[0][bi]);
-		free(lg[1][bi]);
-	}
+/*
+ * KL_CUDA_NORM_EARLY: the row norms reading their weight (and after a
+ * device-routed MoE op the residual, the routing weights and indices)
+ * before their PDL wait against the waiting form (=0); 1, 2 and 4
+ * sequences.  check_norm_early_model: the same on the K = 128 random model
+ * (k = 4, group-limited routing: the warp routing kernel), both precisions.
+ */
+static void
+check_norm_early_48b(void)
+{
+	check_env_48b("bf16", NULL, "KL_CUDA_NORM_EARLY", env_off_on, 2, (const int[]) {1, 2, 4}, 3, 4,
+				  "row norms' early reads against the waiting form");
+}
+
+/* KL_CUDA_ROUTE_RANK1: one-token steps' routing grouped from ballots against by counts (=0), bf16, one sequence */
+static void
+check_route_rank1_48b(void)
+{
+	check_env_48b("bf16", NULL, "KL_CUDA_ROUTE_RANK1", env_off_on, 2, (const int[]) {1}, 1, 4,
+				  "one-token routing's grouping from ballots against by counts");
+}
+
+/*
+ * KL_CUDA_ROWS_WIDE1: o_proj (2304 x 4096) and the dense down product (2304
+ * x 9216) at one sequence with 3 (the default) and 4 weight rows a block
+ * against 2, bf16.
+ */
+static void
+check_rows_wide1_48b(void)
+{
+	static const char *const vals[3] = {"2", "3", "4"};
+
+	check_env_48b("bf16", NULL, "KL_CUDA_ROWS_WIDE1", vals, 3, (const int[]) {1}, 1, 4,
+				  "wide block-rows GEMV at one row, rows a block");
 }
 
 /*
@@ -7973,11 +8095,13 @@ main(void)
 	RUN(check_sampler(2));
 	RUN(check_route_warp());
 	RUN(check_route_rank());
+	RUN(check_route_rank1());
 	RUN(check_moe_pad_group());
 	RUN(check_expert_mma());
 	RUN(check_gemv_slab());
 	RUN(check_gemv_q());
 	RUN(check_rows_early_gemv_q());
+	RUN(check_rows_wide1());
 	RUN(check_expert_gemv_q());
 	RUN(check_expert_paths());
 	RUN(check_mla_small());
@@ -8010,6 +8134,14 @@ main(void)
 	for (int qi = 0; qi < 2; qi++)
 		for (int pi = 0; pi < 2; pi++)
 			RUN(check_rows_early_q48(qi ? "int4" : "fp8", pi ? "bf16" : "fp32"));
+	for (int pi = 0; pi < 2; pi++)
+		RUN(check_q_early1_q48(pi ? "bf16" : "fp32"));
+	for (int pi = 0; pi < 2; pi++)
+		for (int bi = 0; bi < 3; bi++)
+			RUN(check_norm_early_model(pi ? "bf16" : "fp32", (int[]) {1, 2, 4}[bi]));
+	RUN(check_norm_early_48b());
+	RUN(check_route_rank1_48b());
+	RUN(check_rows_wide1_48b());
 	RUN(check_golden("tiny_a", "golden.safetensors", "fp32"));
 	RUN(check_golden("tiny_a", "golden_route_select.safetensors", "fp32"));
 	RUN(check_golden("tiny_c", "golden.safetensors", "fp32"));
