@@ -7159,6 +7159,7 @@ check_expert_b1_48b(void)
 					  "batch-1 expert products in the tiled kernel against expert_rows_kernel (=0)");
 }
 
+/*
  * The same with quantized weights: the FP8 / int4 products of 2 rows (of 1
  * as KL_CUDA_Q_EARLY1 says) run gemv_q.cu's kernel, whose early form
  * requests whole rows of 2304 and 4096 columns (and two pieces a thread of
