@@ -609,8 +609,9 @@ kk_gemv_q_force_shape(int shape)
 
 /*
  * KL_CUDA_Q_EARLY1 (kk_set_q_early1; only with kk_rows_early on): the early
- * form at one input row too, in the launches its first wave covers.  0: never
- * (the rule above); 1 (the default): where the launch's blocks fit one wave of
+ * form at one input row too, in the launches its first wave covers.  0 (the
+ * default): never (the rule above; FP8 48B batch 1 on the H200, 2026-12-03:
+ * 2.034 ms a step against 2.055 with 1 and 2.079 with 2, one round); 1: where the launch's blocks fit one wave of
  * the early kernel (the GPU's SMs times its blocks an SM, from the occupancy
  * calculator): at the 48B shapes the wide shape's products (o_proj: 1152
  * blocks of 128 threads at 48 registers, 10 an SM; the dense down product),
@@ -622,7 +623,7 @@ kk_gemv_q_force_shape(int shape)
  * 64-thread shapes (the form that lost 0.02 ms a step in 2026-12-02's
  * measurement).  The same sums in the same order either way.
  */
-int			kk_q_early1 = 1;
+int			kk_q_early1 = 0;
 
 /* the early kernels' first waves at one row, by shape (q_wave_blocks; set with kk_q_early1, before any launch
  * or capture: 0 where not known, which keeps the plain kernel) */

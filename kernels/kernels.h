@@ -299,7 +299,7 @@ kk_q_bytes(int rows, int fmt, int cols, int group)
  */
 void		kk_gemv_q_force_shape(int shape);
 /* KL_CUDA_Q_EARLY1: their products of one input row in the early form too (kk_set_rows_early's, which must be
- * on): 0 never, 1 (default) in launches of at most one wave of the early kernel, 2 in every launch of the 64-
+ * on): 0 (default) never, 1 in launches of at most one wave of the early kernel, 2 in every launch of the 64-
  * and 128-thread shapes; the same bits in every form.  Call it on the device the products will run on (it asks
  * the occupancy calculator there), before any capture */
 void		kk_set_q_early1(int mode);

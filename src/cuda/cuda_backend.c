@@ -932,7 +932,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * kk_gemv_multi_q: up to 3 pieces a row, whole FP8 rows of 2304 and
 		 * 4096 columns; at 1 row as KL_CUDA_Q_EARLY1 says),
 		 * KL_CUDA_Q_EARLY1: the quantized GEMVs' early form at 1 input row:
-		 * 0 never (before), 1 (default) in launches that one wave of the
+		 * 0 (default: no gain measured, 2026-12-03) never, 1 in launches that one wave of the
 		 * early kernel covers (at the 48B shapes o_proj and the dense down
 		 * product: their whole FP8 rows requested before the wait; not
 		 * lm_head, q/k/v or MLA's q + kv_a, many-wave launches where every
@@ -962,7 +962,8 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * mla_merge_wide: more blocks a token).
 		 * KL_CUDA_MLA_WG_SPLIT=K (keys a block of the wgmma attention;
 		 * default: the rule), KL_CUDA_MLA_WG_PF=W (its ranges request their
-		 * tiles into L2 W tiles ahead; default 2, 0 none; same bits) and
+		 * tiles into L2 W tiles ahead; default 0, none: no gain measured at
+		 * 4k or 32k, 2026-12-03; same bits) and
 		 * KL_CUDA_MLA_WG_DUAL=1 (each warpgroup a key range of its own where
 		 * a block has 2 tiles or more; default 0): cuda_mla.c,
 		 * cuda_mla_wg_read.
@@ -1153,7 +1154,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_pdl(major >= 9 && !(pdl && strcmp(pdl, "0") == 0));
 		kk_set_gemv_rows(!(gw && strcmp(gw, "0") == 0));
 		kk_set_rows_early(!(gre && strcmp(gre, "0") == 0));
-		kk_set_q_early1(qe1 && *qe1 ? atoi(qe1) : 1);
+		kk_set_q_early1(qe1 && *qe1 ? atoi(qe1) : 0);
 		kk_set_rows_wide1(rw1 && *rw1 ? atoi(rw1) : 3);
 		kk_set_route_rank1(!(rr1 && strcmp(rr1, "0") == 0));
 		cs->norm_early = !(ne && strcmp(ne, "0") == 0);

@@ -142,7 +142,8 @@ mma_split(int64_t max_keys, int n, int sm_count)
  *   KL_CUDA_MLA_WG_PF=W     each key range requests its tiles into L2 W
  *                           tiles ahead of their copies to shared memory
  *                           (cp.async.bulk.prefetch.L2, one a tile: a hint,
- *                           the same bits; 0 none; default 2, at most 16)
+ *                           the same bits; 0 none, the default: 2 and 4
+ *                           measured no faster, 2026-12-03; at most 16)
  *   KL_CUDA_MLA_WG_DUAL=1   where a block holds 2 tiles or more, each of its
  *                           two warpgroups streams half of them as a range
  *                           of its own (kk_mla_decode_args.wg_dual; default
@@ -161,7 +162,7 @@ cuda_mla_wg_read(cuda_mla_wg *o)
 			   *du = getenv("KL_CUDA_MLA_WG_DUAL");
 
 	o->split = sp && atoi(sp) >= MMA_TILE ? atoi(sp) / MMA_TILE * MMA_TILE : 0;
-	o->pf = !pf || !*pf ? 2 : atoi(pf) < 0 ? 0 : atoi(pf) > 16 ? 16 : atoi(pf);
+	o->pf = !pf || !*pf ? 0 : atoi(pf) < 0 ? 0 : atoi(pf) > 16 ? 16 : atoi(pf);
 	o->dual = du && strcmp(du, "1") == 0;
 }
 

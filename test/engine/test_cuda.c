@@ -2191,7 +2191,7 @@ mla_wg_run(mla_decode_test_fn f, const char *split, const char *pf, const char *
  *  - DUAL at the rule's split (blocks of 320 keys, 5 tiles: ranges of 192)
  *    equals the one-range kernel at 192 bit for bit (decode_split's
  *    halving rounds up to whole tiles);
- *  - KL_CUDA_MLA_WG_PF=0, 1 and 5 give the default's (2) olat bit for bit,
+ *  - KL_CUDA_MLA_WG_PF=1, 2 and 5 give the default's (0: none) olat bit for bit,
  *    one range a block and DUAL, blocks of 640 keys (10 tiles: prefetches
  *    from the start and in the tile loop) and of the rule's 320.
  */
@@ -2267,12 +2267,12 @@ check_mla_wg_forms(void)
 			ra = mla_wg_run(f, split, NULL, dual, -1, 1, 0, qabs, cache, one);
 			for (int pi = 0; pi < 3; pi++)
 			{
-				const char *pf = (const char *[]) {"0", "1", "5"}[pi];
+				const char *pf = (const char *[]) {"1", "2", "5"}[pi];
 
 				rb = mla_wg_run(f, split, pf, dual, -1, 1, 0, qabs, cache, two);
 				tap_ok(ra == 0 && rb == 0 && memcmp(one, two, sizeof(float) * no) == 0,
 					   "MLA decode attention variant 2, 32 heads, contexts 1 .. 5000, %s, blocks of %s keys: "
-					   "KL_CUDA_MLA_WG_PF=%s equals the default (2) bit for bit (rel err %.2e; rc %d, %d)",
+					   "KL_CUDA_MLA_WG_PF=%s equals the default (0) bit for bit (rel err %.2e; rc %d, %d)",
 					   di ? "a range a warpgroup (DUAL)" : "one range a block", si ? "640" : "the rule's 320", pf,
 					   ra == 0 && rb == 0 ? rel_err(two, one, no) : INFINITY, ra, rb);
 			}
@@ -3343,7 +3343,7 @@ typedef int (*rows_early_test_fn) (int on);
 /*
  * gemv_q_kernel's early form (KL_CUDA_ROWS_EARLY, the default: products of
  * 2 rows request up to 3 pieces a thread of each row before the PDL wait;
- * 1 row as KL_CUDA_Q_EARLY1 says: by default in launches of one wave of
+ * 1 row as KL_CUDA_Q_EARLY1 says: with =1 in launches of one wave of
  * the early kernel, which all of these are, and with =2 in every one,
  * kl_cuda_test_q_early1(2)) against the first piece only
  * (kl_cuda_test_rows_early(0)): the outputs bit for bit, kk_gemv_q and
@@ -3406,7 +3406,7 @@ check_rows_early_gemv_q(void)
 		for (int multi = 0; multi < 2; multi++)
 			for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++)
 			{
-				/* forms: the first piece only; early (at 1 row KL_CUDA_Q_EARLY1's default); at 1 row its =2 */
+				/* forms: the first piece only; early (at 1 row KL_CUDA_Q_EARLY1=1); at 1 row its =2 */
 				int			n = ns[ni],
 							forms = n == 1 ? 3 : 2,
 							rc[3];
@@ -7177,9 +7177,9 @@ check_rows_early_q48(const char *quantize, const char *prec)
 
 /*
  * KL_CUDA_Q_EARLY1: gemv_q's early form at one input row in the launches of
- * one wave (the default: o_proj and the dense down product, 128-thread
+ * one wave (=1: o_proj and the dense down product, 128-thread
  * blocks) and in every launch (=2: lm_head, q/k/v, MLA's q + kv_a too)
- * against none (=0), FP8 weights of the 48B shapes, one sequence.
+ * against none (=0, the default), FP8 weights of the 48B shapes, one sequence.
  */
 static void
 check_q_early1_q48(const char *prec)
@@ -7320,7 +7320,7 @@ check_mla_fold_model(void)
  * The wgmma decode attention's forms through the whole model (48B shapes,
  * 2 layers, one MLA; fold_rounds' sequences and rounds: decode steps, a
  * 3-token step, a mixed step; one model at a time, the switches being read
- * when the backend is made): KL_CUDA_MLA_WG_PF=0 equals the default (2)
+ * when the backend is made): KL_CUDA_MLA_WG_PF=2 equals the default (0)
  * bit for bit; KL_CUDA_MLA_WG_DUAL=1 with blocks of 384 keys equals one
  * range a block of 192 keys (KL_CUDA_MLA_WG_PF=0 there) bit for bit; DUAL
  * at the rule's split (ranges of half the rule's keys: the merge's order
@@ -7332,7 +7332,7 @@ check_mla_wg_model(void)
 {
 	const int  *nseqs = fold_nseqs;
 	/* the models' switches: KL_CUDA_MLA_WG_SPLIT, _PF, _DUAL (NULL: unset) */
-	static const char *const sw[5][3] = {{NULL, NULL, NULL}, {NULL, "0", NULL}, {NULL, NULL, "1"},
+	static const char *const sw[5][3] = {{NULL, NULL, NULL}, {NULL, "2", NULL}, {NULL, NULL, "1"},
 	{"384", NULL, "1"}, {"192", "0", "0"}};
 	int32_t    *ids = malloc(sizeof(int32_t) * (size_t) FOLD_T);
 	float	   *lg[5][3];
@@ -7360,7 +7360,7 @@ check_mla_wg_model(void)
 		double		e = rel_err(lg[2][bi], lg[0][bi], cnt);
 
 		tap_ok(memcmp(lg[1][bi], lg[0][bi], sizeof(float) * cnt) == 0, "48B shapes (2 layers), bf16, %d sequences "
-			   "(prompts %d ..), 6 rounds: KL_CUDA_MLA_WG_PF=0 equals the default bit for bit (rel err %.2e)",
+			   "(prompts %d ..), 6 rounds: KL_CUDA_MLA_WG_PF=2 equals the default (0) bit for bit (rel err %.2e)",
 			   nseqs[bi], fold_lens[bi][0], rel_err(lg[1][bi], lg[0][bi], cnt));
 		tap_ok(memcmp(lg[3][bi], lg[4][bi], sizeof(float) * cnt) == 0, "48B shapes (2 layers), bf16, %d sequences "
 			   "(prompts %d ..), 6 rounds: KL_CUDA_MLA_WG_DUAL=1 with blocks of 384 keys equals one range a block "
