@@ -261,7 +261,7 @@ typedef struct cuda_state
 	 * before their PDL wait (kk_row_norm_twin's early: the norm weight; with a
 	 * combine held back as above, also the residual and the routing weights
 	 * and indices); the same outputs bit for bit */
-	bool		norm_early;
+	int			norm_early;
 
 	/* decode-step switches (KL_CUDA_MOE_FUSE=0, KL_CUDA_PDL=0 turn them off) */
 	bool		fuse_moe;

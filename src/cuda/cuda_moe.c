@@ -314,8 +314,7 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			   *active;
 	bool		wbf,
 				wq,				/* the experts quantized (kernels.h's device form) */
-				shared_done = false,	/* variant 4 ran the shared experts before the routed ones */
-				routed_on_device = false;	/* routing, then at least the gate/up and down launches */
+				shared_done = false;	/* variant 4 ran the shared experts before the routed ones */
 
 	if (cuda_step_skip(be, OP_MOE, (uintptr_t) y, (uintptr_t) x, (uintptr_t) w, (uintptr_t) n))
 		return;
@@ -455,7 +454,6 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 			if (!cuda_launched(be, "expert down"))
 				return;
 		}
-		routed_on_device = true;
 		if (fuse)
 		{
 			cuda_defer_combine(be, y, n, D, k, wts, inv, ye, ye + nk * D);
@@ -576,7 +574,14 @@ combine:
 		cuda_defer_combine16(be, y, n, D, k, wts, inv, ye16, sy);
 	else
 		cuda_defer_combine(be, y, n, D, k, wts, inv, ye, sy);
-	cs->pm_route_early = routed_on_device;
+	/*
+	 * Not here: the early residual and routing reads (KL_CUDA_NORM_EARLY=2)
+	 * are argued for the fused decode path above only; in this path (int4
+	 * experts, 150 tokens in one call) they changed the logits (test_cuda
+	 * check_bf16_twin_model, H200 2026-12-03), so its combine takes the
+	 * weight-only early form.
+	 */
+	cs->pm_route_early = false;
 }
 
 /* ------------------------------------------------------------------ benchmark hook */

@@ -5072,8 +5072,8 @@ check_rows_early_model(const char *prec, int nseq)
 static void
 check_norm_early_model(const char *prec, int nseq)
 {
-	check_kda_env_model(NULL, prec, nseq, "KL_CUDA_NORM_EARLY", "0",
-						"row norms' early reads = the waiting form (KL_CUDA_NORM_EARLY=0)");
+	check_kda_env_model(NULL, prec, nseq, "KL_CUDA_NORM_EARLY", "2",
+						"row norms' early reads (KL_CUDA_NORM_EARLY=2) = the waiting form (the default)");
 }
 
 /*
@@ -7193,14 +7193,17 @@ check_q_early1_q48(const char *prec)
 /*
  * KL_CUDA_NORM_EARLY: the row norms reading their weight (and after a
  * device-routed MoE op the residual, the routing weights and indices)
- * before their PDL wait against the waiting form (=0); 1, 2 and 4
+ * before their PDL wait (=1: the weight; =2: also the residual and routing
+ * after the fused decode MoE op) against the waiting form (=0, the default); 1, 2 and 4
  * sequences.  check_norm_early_model: the same on the K = 128 random model
  * (k = 4, group-limited routing: the warp routing kernel), both precisions.
  */
 static void
 check_norm_early_48b(void)
 {
-	check_env_48b("bf16", NULL, "KL_CUDA_NORM_EARLY", env_off_on, 2, (const int[]) {1, 2, 4}, 3, 4,
+	static const char *const vals[3] = {"0", "1", "2"};
+
+	check_env_48b("bf16", NULL, "KL_CUDA_NORM_EARLY", vals, 3, (const int[]) {1, 2, 4}, 3, 4,
 				  "row norms' early reads against the waiting form");
 }
 
