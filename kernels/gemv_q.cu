@@ -653,6 +653,8 @@ extern "C" void
 kk_set_q_early1(int mode)
 {
 	kk_q_early1 = mode < 0 ? 0 : mode > 2 ? 2 : mode;
+	if (kk_q_early1 != 1)
+		return;					/* (the waves matter only to form 1) */
 	q_wave1[Q_SHAPE_WIDE] =
 		q_wave_blocks(gemv_q_kernel<1, q_rb(Q_SHAPE_WIDE, 1, false), q_bt(Q_SHAPE_WIDE), q_np(Q_SHAPE_WIDE)>,
 					  q_bt(Q_SHAPE_WIDE));

@@ -543,7 +543,7 @@ cuda_defer_combine(kl_backend *be, float *y, int n, int D, int k, const float *w
 	cs->pm_ye = ye;
 	cs->pm_ye16 = NULL;
 	cs->pm_ys = ys;
-	cs->pm_route_early = false;	/* (cuda_moe sets it where it routed on the device) */
+	cs->pm_route_early = false;	/* (cuda_moe's fused decode path sets it) */
 }
 
 void
@@ -583,7 +583,7 @@ cu_rmsnorm(kl_backend *be, float *y, int ldy, const float *x, int ldx, const flo
 		 * kernel right before is the MoE op's last (every other op launches
 		 * the held combine first), and the MoE op's kernels write only the
 		 * backend's scratch (the combine's output is this kernel's); and the
-		 * routing weights and indices where cuda_moe routed on the device.
+		 * routing weights and indices after cuda_moe's fused decode path.
 		 */
 		int			early = !cs->norm_early ? 0 : cs->norm_early >= 2 && cs->pm_route_early ? 2 : 1;
 
@@ -948,13 +948,13 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * anything; =1: they read their weight before the PDL wait; =2: and
 		 * the combine + add + norm after the fused decode MoE op
 		 * (cuda_moe.c) also the residual and the routing weights and
-		 * indices, written three or more launches back (not after the
-		 * other MoE paths: after int4 experts' 150-token one-call path the
-		 * logits changed, H200 2026-12-03); elementwise.cu.  Off by default:
-		 * with it (=1 or =2) test_cuda's int4 twin check (K=128/R=512, 150
-		 * tokens in one call) differs from the twin-less kernels (rel err
-		 * 2.35e-3, H200 2026-12-03; not yet explained, bench/notes-cuda.md),
-		 * for ~0.02 ms a step at batch 1,
+		 * indices, written three launches back; elementwise.cu.  Off by
+		 * default: with it (=1 or =2) test_cuda's int4 twin check
+		 * (K=128/R=512, 150 tokens in one call) differs from the twin-less
+		 * kernels (rel err 2.35e-3, H200 2026-12-03): the sum of squares
+		 * contracts into fma in a different order per instantiation (PTX;
+		 * fix on branch i10s7-sumsq, bench/notes-cuda.md); ~0.02 ms a step
+		 * at batch 1,
 		 * KL_CUDA_ROUTE_RANK1=0: the rank routing groups a one-token step
 		 * by counts and a block scan as at other sizes (default: from the
 		 * warps' ballots of the choices, a barrier and a scan fewer; same
@@ -1183,11 +1183,11 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_mma_q_dense_occ(qocc && *qocc ? atoi(qocc) : 3);
 		kk_set_expert_preload(!(ep && strcmp(ep, "0") == 0));
 		{
+			int			gu = eb1 && *eb1 ? atoi(eb1) : 4;
 			const char *d = eb1 && *eb1 ? strchr(eb1, ',') : NULL,
 					   *sh = d ? strchr(d + 1, ',') : NULL;
 
-			kk_set_expert_b1(eb1 && *eb1 ? atoi(eb1) : 4, d ? atoi(d + 1) : eb1 && *eb1 ? atoi(eb1) : 4,
-							 sh ? atoi(sh + 1) : 2);
+			kk_set_expert_b1(gu, d ? atoi(d + 1) : gu, sh ? atoi(sh + 1) : 2);
 		}
 		kk_set_kda_prep_mma(kpm && *kpm ? ((atoi(kpm) >= 0 && atoi(kpm) <= 4) || atoi(kpm) == 6 ? atoi(kpm) : 6) : 6);
 		kk_set_kda_kp6_wide(kpw && *kpw && atoi(kpw) >= 0 && atoi(kpw) <= 2 ? atoi(kpw) : 2);

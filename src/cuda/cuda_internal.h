@@ -252,15 +252,15 @@ typedef struct cuda_state
 			   *pm_ys;
 	const uint16_t *pm_ye16;	/* bf16 expert outputs instead of pm_ye (cuda_defer_combine16) */
 	const int  *pm_inv;
-	/* the MoE op that held it routed on the device (cuda_moe: routing, then at
-	 * least the gate/up and down launches), so the kernel that wrote pm_wts and
-	 * pm_inv is at least three launches before the combine's (row_norm_kernel's
-	 * early form may read them before its PDL wait) */
+	/* the MoE op that held it was cuda_moe's fused decode path (routing, gate/up,
+	 * down), so the kernel that wrote pm_wts and pm_inv is three launches before
+	 * the combine's (row_norm_kernel's early form 2 may read them before its PDL
+	 * wait) */
 	bool		pm_route_early;
-	/* KL_CUDA_NORM_EARLY (default on; =0 off): the row norms read what is safe
-	 * before their PDL wait (kk_row_norm_twin's early: the norm weight; with a
-	 * combine held back as above, also the residual and the routing weights
-	 * and indices); the same outputs bit for bit */
+	/* KL_CUDA_NORM_EARLY (0, the default: off): the row norms read before their
+	 * PDL wait the norm weight (1), and with a combine held back as above also
+	 * the residual and the routing weights and indices (2); kk_row_norm_twin's
+	 * early, whose forms do not yet give the same bits (kernels.h) */
 	int			norm_early;
 
 	/* decode-step switches (KL_CUDA_MOE_FUSE=0, KL_CUDA_PDL=0 turn them off) */

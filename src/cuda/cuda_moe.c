@@ -457,6 +457,7 @@ cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, 
 		if (fuse)
 		{
 			cuda_defer_combine(be, y, n, D, k, wts, inv, ye, ye + nk * D);
+			/* routing, gate/up, down, then the combine: pm_wts and pm_inv are three launches back */
 			cs->pm_route_early = true;
 			return;
 		}
@@ -574,14 +575,8 @@ combine:
 		cuda_defer_combine16(be, y, n, D, k, wts, inv, ye16, sy);
 	else
 		cuda_defer_combine(be, y, n, D, k, wts, inv, ye, sy);
-	/*
-	 * Not here: the early residual and routing reads (KL_CUDA_NORM_EARLY=2)
-	 * are argued for the fused decode path above only; in this path (int4
-	 * experts, 150 tokens in one call) they changed the logits (test_cuda
-	 * check_bf16_twin_model, H200 2026-12-03), so its combine takes the
-	 * weight-only early form.
-	 */
-	cs->pm_route_early = false;
+	/* (pm_route_early stays false, as cuda_defer_combine set it: the early residual and routing reads of
+	 * KL_CUDA_NORM_EARLY=2 are argued for the fused decode path above only) */
 }
 
 /* ------------------------------------------------------------------ benchmark hook */
