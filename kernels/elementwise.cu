@@ -85,6 +85,20 @@ kk_embed(cudaStream_t s, float *x, const void *E, int bf16, int D, const int32_t
 #define ROW_V4 4
 #define ROW_EARLY_K 8			/* the most routing weights a row that EARLY 2 holds (the 48B model's k) */
 
+/*
+ * x^2 + y^2 + z^2 + w^2 of four values in a fixed order (x first, then fmaf
+ * of y, z, w).  Written as a + b * b the chain contracts into fma in an order
+ * the compiler picks per instantiation: CUDA 13.0 made row_norm_kernel<3, 0>
+ * fma(x, x, y * y) and <3, 1> fma(y, y, x * x) (PTX), so the early forms
+ * changed the bits of the norm (test_cuda's int4 twin check, H200
+ * 2026-12-03, bench/notes-cuda.md).
+ */
+__device__ __forceinline__ float
+row_sumsq4(float4 v)
+{
+	return fmaf(v.w, v.w, fmaf(v.z, v.z, fmaf(v.y, v.y, __fmul_rn(v.x, v.x))));
+}
+
 /* acc += wr * (expert output row `row`, float4 c): the combine's step, ye fp32 (MODE 2) or bf16 (MODE 3) */
 template <int MODE>
 __device__ __forceinline__ void
@@ -212,7 +226,7 @@ row_norm_kernel(float *y, int ldy, float *x, int ldx, const float *a, const floa
 				val.w += acc.w;
 			}
 			v[j] = val;
-			ss += val.x * val.x + val.y * val.y + val.z * val.z + val.w * val.w;
+			ss = __fadd_rn(ss, row_sumsq4(val));
 		}
 	}
 	ss = block_sum(ss, red);
