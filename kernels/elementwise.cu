@@ -77,10 +77,9 @@ kk_embed(cudaStream_t s, float *x, const void *E, int bf16, int D, const int32_t
  *      an early x saves no round trip).
  * The early forms take rows of d <= 4096 only (a float4 a thread, held in
  * registers: with ROW_V4 of them the combine's form spilled); the sums are
- * the same operations in the same order in every form, but the sum of
- * squares below is left to the compiler's fma contraction, whose order
- * differed between <3, 0> and <3, 1> (PTX, CUDA 13.0): not yet the same bits,
- * hence KL_CUDA_NORM_EARLY off by default (fix on branch i10s7-sumsq).
+ * the same operations in the same order in every form, the sum of squares
+ * written out (row_sumsq4) so that no fma contraction can reorder it: the
+ * same bits (to be confirmed on a GPU before KL_CUDA_NORM_EARLY goes on).
  */
 #define ROW_V4 4
 #define ROW_EARLY_K 8			/* the most routing weights a row that EARLY 2 holds (the 48B model's k) */
