@@ -279,57 +279,6 @@ rows_dot_held(float (&acc)[RB][NR], const uint4 (&held)[ROWS_NP][RB], const uint
 }
 
 /*
- * The loop of the tiled one-row kernels (rows_tiles_kernel, expert_tiles_kernel):
- * a block's tiles of RT weight rows from row0, RB rows apart (RT = 2 RB for
- * SwiGLU's gate and up rows), up to T of them below rows; the first tile's
- * pieces are already requested.  dot(acc) sums the current tile's pieces into
- * acc; request(row0) requests the tile at row0; store(sums, row0) writes a
- * tile's results from its block sum.  The next tile is requested as soon as
- * this one is summed into registers, so its bytes are in flight during this
- * tile's block sum and stores.  No barrier of its own: rows_block_sum writes
- * sums only after a barrier that every thread reaches after its stores of
- * the tile before.
- */
-template <int RT, int BT, typename Dot, typename Request, typename Store>
-__device__ __forceinline__ void
-rows_tiles_run(int T, int RB, int row0, int rows, float *sums, Dot dot, Request request, Store store)
-{
-#pragma unroll 1
-	for (int t = 1;; t++, row0 += RB)
-	{
-		float		acc[RT][1];
-		bool		next = t < T && row0 + RB < rows;
-
-#pragma unroll
-		for (int w = 0; w < RT; w++)
-			acc[w][0] = 0;
-		dot(acc);
-		/* the next tile's pieces are in flight while this one is summed and stored */
-		if (next)
-			request(row0 + RB);
-		rows_block_sum<1, RT, BT>(acc, sums);
-		store(sums, row0);
-		if (!next)
-			break;
-	}
-}
-
-/* the L2 prefetch of a tiled block's later tiles: rows [row0 + RB, row0 + T RB) of A below rows, at most cap bytes */
-template <int BT>
-__device__ __forceinline__ void
-rows_tiles_prefetch(const uint16_t *A, int T, int RB, int row0, int rows, int cols, size_t cap)
-{
-	int			r1 = min(rows, row0 + T * RB);
-
-	if (row0 + RB < r1)
-	{
-		size_t		bytes = (size_t) (r1 - row0 - RB) * cols * sizeof(uint16_t);
-
-		kk_prefetch_l2(A + (size_t) (row0 + RB) * cols, bytes < cap ? bytes : cap, threadIdx.x, BT);
-	}
-}
-
-/*
  * y[r, row0 + w] = W_w . x_r for the block's RB rows of W [rows, cols], NR
  * input rows: the body of both block-rows kernels.  The first weight pieces
  * are requested before kk_dep_wait (weights do not depend on earlier kernels).
@@ -418,268 +367,6 @@ kk_set_rows_wide1(int rb)
 	kk_rows_wide1 = rb == 3 || rb == 4 ? rb : ROWS_RB_WIDE;
 }
 
-/*
- * KL_CUDA_ROWS_TILES (kk_set_rows_tiles): the block-rows products of one
- * input row in the early form in tiles, as expert_tiles_kernel does for the
- * batch-1 experts.  At batch 1 the 48B model's projection batches (q/k/v,
- * f_a, g_a, b of a KDA layer: 4195 blocks of 3 rows; MLA's q + kv_a: 2240)
- * and lm_head (54614) run several waves of short blocks, each paying a
- * start (scheduling, the PDL wait, the first memory latency) and an end (the
- * block sum and stores with no bytes in flight), and the launches' last
- * waves are partial (Nsight: the batches at ~63 % of the copy rate,
- * bench/results/cuda.md).  Here a block takes T consecutive tiles of its
- * shape's rows (the narrow shape's 3 rows of 96 threads, the wide shape's
- * kk_rows_wide1 rows of 128), requests all NP pieces a thread of a tile's
- * rows at once (rows_first_held, the first tile before kk_dep_wait as the
- * early form does) and the next tile's as soon as the last is summed into
- * registers (rows_tiles_run).  A batch job's blocks are ceil(tiles / T); a
- * block never spans two jobs.  Every row's sum is gemv_rows_kernel<1, RB,
- * BT, true>'s: thread t its pieces t, t + BT, ... in order (rows_dot_pieces:
- * the kernel takes only rows it holds whole, which rows_dot_held sums the
- * same way), then rows_block_sum and the same store: the same bits at any T.
- */
-int			kk_rows_tiles = 1;	/* tiles a block; 0: one wave a launch; 1: gemv_rows_kernel as before */
-int			kk_rows_tiles_l2 = 0;	/* later tiles into L2 before the wait */
-
-/* the bytes all blocks of a launch may prefetch into L2 (about half the H200's 50 MB, which the next kernels'
- * weights and the KDA states also pass through) */
-#define ROWS_TILES_L2_BUDGET (24u << 20)
-
-/*
- * Blocks an SM the tiled kernel's registers must allow (__launch_bounds__),
- * the most without spills (ptxas, sm_90a): the narrow shape (96 threads, 3
- * rows) 10 up to 3 pieces a thread and row (63 registers at 2 and 3 pieces:
- * 36 held at 2304 columns; 47 at 1: 14 an SM), 9 at 4 (72); the wide shape
- * (128 threads, 4 pieces) 10 at 2 rows (48), 7 at 3 (71), 5 at 4 (92): at
- * 8 and 6 those spill.  Today's early kernel: 64 registers narrow (10 an
- * SM), 48 / 64 / 80 wide (10 / 8 / 6).
- */
-#define ROWS_TILES_MINB(RB, BT, NP) \
-	((BT) == ROWS_BT ? ((RB) * (NP) <= 9 ? 10 : 9) : (RB) * (NP) <= 8 ? 10 : (RB) * (NP) <= 12 ? 7 : 5)
-
-/* requests the pieces (rows_first_held) of the tile of RB rows of W [rows, cols] from row0 */
-template <int RB, int BT, int NP>
-__device__ __forceinline__ void
-rows_tile_request(uint4 (&held)[NP][RB], const uint16_t *W, int row0, int rows, int cols)
-{
-	const uint16_t *Wr[RB];
-
-#pragma unroll
-	for (int w = 0; w < RB; w++)
-		Wr[w] = row0 + w < rows ? W + (size_t) (row0 + w) * cols : NULL;
-	rows_first_held<RB, BT, NP>(held, Wr, cols >> 3);
-}
-
-/*
- * Block b of a batch in tiles: T tiles of RB rows of the job whose range
- * holds b (kk_batch_job), the whole of each row held (NP pieces a thread and
- * row, NP BT pieces at most: rows_tiles_form); pf: bytes of its later tiles
- * to prefetch into L2 before the wait (0: none).
- */
-template <int RB, int BT, int NP>
-__global__ void __launch_bounds__(BT, ROWS_TILES_MINB(RB, BT, NP))
-rows_tiles_kernel(kk_gemv_batch b, int T, int pf)
-{
-	__shared__ float sums[RB];
-	int			j = kk_batch_job(b);
-	const kk_gemv_job *jb = &b.job[j];
-	const uint16_t *W = (const uint16_t *) jb->W;
-	int			rows = jb->rows,
-				cols = jb->cols,
-				row0 = ((int) blockIdx.x - b.first_block[j]) * T * RB;
-	uint4		held[NP][RB];
-	const float *xr[1];
-	float	   *y;
-
-	rows_tile_request<RB, BT, NP>(held, W, row0, rows, cols);
-	if (pf > 0)
-		rows_tiles_prefetch<BT>(W, T, RB, row0, rows, cols, (size_t) pf);
-	kk_dep_wait();
-	kk_dep_launch();
-	xr[0] = jb->x;
-	y = jb->y;
-	rows_tiles_run<RB, BT>(T, RB, row0, rows, sums,
-						   [&](float (&acc)[RB][1]) {
-							   rows_dot_pieces<1, RB, BT, NP>(acc, held, xr, cols >> 3);
-						   },
-						   [&](int r0) {
-							   rows_tile_request<RB, BT, NP>(held, W, r0, rows, cols);
-						   },
-						   [&](const float *sm, int r0) {
-							   expert_rows_store<1, false, RB, BT>(y, 0, sm, r0, rows, 0);
-						   });
-}
-
-/* the tiled kernel's forms: the narrow shape at NP = 1..4 pieces a thread and row, the wide at 2, 3, 4 rows */
-#define ROWS_TILES_FORMS 7
-
-/* a form's blocks the GPU holds at once (the occupancy calculator; 0: not known), set by kk_set_rows_tiles */
-static int	rows_tiles_wave[ROWS_TILES_FORMS];
-
-/*
- * The form of a batch: wide (kk_rows_wide1's rows) or narrow with the most
- * pieces a thread any job's rows take; -1 where a row is longer than the
- * form holds (ROWS_NP pieces a thread: 3072 columns narrow, 4096 wide; the
- * dense down product's 9216), which keeps the kernel as before: the rest of
- * such rows streamed after the held pieces (rows_dot_held) would keep the
- * row pointers and rows_dot's two buffers live across the tile loop, past
- * the registers one wave needs (ptxas: spills at 10 blocks an SM).
- */
-static int
-rows_tiles_form(const kk_gemv_batch *b, bool wide)
-{
-	int			np = 1;
-
-	for (int j = 0; j < b->count; j++)
-	{
-		int			p = (int) ceil_div(b->job[j].cols >> 3, wide ? ROWS_BT_WIDE : ROWS_BT);
-
-		np = p > np ? p : np;
-	}
-	if (np > ROWS_NP)
-		return -1;
-	return wide ? 4 + kk_rows_wide1 - 2 : np - 1;
-}
-
-/* first_block of every job at T tiles of rb rows a block; returns the grid's blocks */
-static int
-rows_tiles_blocks(kk_gemv_batch *b, int rb, int T)
-{
-	int			blocks = 0;
-
-	for (int j = 0; j < b->count; j++)
-	{
-		b->first_block[j] = blocks;
-		blocks += ceil_div(ceil_div(b->job[j].rows, rb), T);
-	}
-	b->first_block[b->count] = blocks;
-	return blocks;
-}
-
-/* the tiles a block for a launch of tiles tiles in form f: kk_rows_tiles, or with 0 the fewest for one wave */
-static int
-rows_tiles_of(const kk_gemv_batch *b, int f, int rb, int tiles)
-{
-	int			wave = rows_tiles_wave[f],
-				T;
-
-	if (kk_rows_tiles > 0)
-		return kk_rows_tiles;
-	if (wave <= 0)
-		return 1;
-	/* the per-job rounding adds at most a block a job: a few steps up from the even share */
-	for (T = (int) ceil_div(tiles, wave); ; T++)
-	{
-		int			blocks = 0;
-
-		for (int j = 0; j < b->count; j++)
-			blocks += ceil_div(ceil_div(b->job[j].rows, rb), T);
-		if (blocks <= wave)
-			return T;
-	}
-}
-
-template <int RB, int BT, int NP>
-static void
-rows_tiles_go(cudaStream_t s, kk_gemv_batch *b, int T)
-{
-	int			blocks = rows_tiles_blocks(b, RB, T),
-				pf = kk_rows_tiles_l2 && T > 1 ? (int) (ROWS_TILES_L2_BUDGET / blocks) : 0;
-
-	kk_launch(rows_tiles_kernel<RB, BT, NP>, dim3(blocks), dim3(BT), 0, s, *b, T, pf);
-}
-
-/*
- * A one-row product batch (n = 1, the early form, kk_rows_tiles != 1) in the
- * tiled kernel; false where that does not take it (a launch of one tile a
- * block: the kernel as before), b untouched then.
- */
-static bool
-rows_tiles_launch(cudaStream_t s, kk_gemv_batch *b, bool wide)
-{
-	int			f = rows_tiles_form(b, wide),
-				rb = wide ? kk_rows_wide1 : ROWS_RB,
-				tiles = 0,
-				T;
-
-	if (kk_rows_tiles == 1 || !kk_rows_early || f < 0)
-		return false;
-	for (int j = 0; j < b->count; j++)
-		tiles += ceil_div(b->job[j].rows, rb);
-	if ((T = rows_tiles_of(b, f, rb, tiles)) <= 1)
-		return false;
-	switch (f)
-	{
-		case 0: rows_tiles_go<ROWS_RB, ROWS_BT, 1>(s, b, T); break;
-		case 1: rows_tiles_go<ROWS_RB, ROWS_BT, 2>(s, b, T); break;
-		case 2: rows_tiles_go<ROWS_RB, ROWS_BT, 3>(s, b, T); break;
-		case 3: rows_tiles_go<ROWS_RB, ROWS_BT, 4>(s, b, T); break;
-		case 4: rows_tiles_go<2, ROWS_BT_WIDE, 4>(s, b, T); break;
-		case 5: rows_tiles_go<3, ROWS_BT_WIDE, 4>(s, b, T); break;
-		default: rows_tiles_go<4, ROWS_BT_WIDE, 4>(s, b, T); break;
-	}
-	return true;
-}
-
-/* blocks of a tiled form the GPU holds at once (0: not known) */
-template <int RB, int BT, int NP>
-static int
-rows_tiles_wave_of(int sms)
-{
-	int			per = 0;
-
-	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, rows_tiles_kernel<RB, BT, NP>, BT, 0) != cudaSuccess)
-	{
-		cudaGetLastError();
-		return 0;
-	}
-	return sms * per;
-}
-
-extern "C" void
-kk_set_rows_tiles(int tiles, int l2)
-{
-	int			dev = 0,
-				sms = 0;
-
-	kk_rows_tiles = tiles < 0 ? 1 : tiles;
-	kk_rows_tiles_l2 = l2 != 0;
-	if (kk_rows_tiles != 0 || rows_tiles_wave[0] > 0)
-		return;					/* (the waves matter only to form 0; asked once) */
-	if (cudaGetDevice(&dev) != cudaSuccess ||
-		cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-	{
-		cudaGetLastError();
-		return;
-	}
-	rows_tiles_wave[0] = rows_tiles_wave_of<ROWS_RB, ROWS_BT, 1>(sms);
-	rows_tiles_wave[1] = rows_tiles_wave_of<ROWS_RB, ROWS_BT, 2>(sms);
-	rows_tiles_wave[2] = rows_tiles_wave_of<ROWS_RB, ROWS_BT, 3>(sms);
-	rows_tiles_wave[3] = rows_tiles_wave_of<ROWS_RB, ROWS_BT, 4>(sms);
-	rows_tiles_wave[4] = rows_tiles_wave_of<2, ROWS_BT_WIDE, 4>(sms);
-	rows_tiles_wave[5] = rows_tiles_wave_of<3, ROWS_BT_WIDE, 4>(sms);
-	rows_tiles_wave[6] = rows_tiles_wave_of<4, ROWS_BT_WIDE, 4>(sms);
-}
-
-/* a one-row product (kk_gemv) in the tiled kernel, as a batch of one job; false as rows_tiles_launch */
-static bool
-rows_tiles_one(cudaStream_t s, float *y, const float *x, const void *W, int rows, int cols)
-{
-	kk_gemv_batch b;
-
-	memset(&b, 0, sizeof(b));
-	b.job[0].y = y;
-	b.job[0].x = x;
-	b.job[0].W = W;
-	b.job[0].rows = rows;
-	b.job[0].cols = cols;
-	b.job[0].bf16 = 1;
-	b.job[0].vec = 1;
-	b.count = 1;
-	b.n = 1;
-	return rows_tiles_launch(s, &b, rows_wide(cols));
-}
-
 template <int NR, int RB, int BT, bool EARLY>
 static void
 gemv_rows_launch_rb(cudaStream_t s, float *y, int ldy, const float *x, int ldx, const void *W, int rows, int cols,
@@ -714,9 +401,6 @@ static void
 gemv_rows_launch(cudaStream_t s, float *y, int ldy, const float *x, int ldx, const void *W, int rows, int cols,
 				 int passes)
 {
-	if constexpr (NR == 1)
-		if (passes == 1 && kk_rows_tiles != 1 && rows_tiles_one(s, y, x, W, rows, cols))
-			return;
 	if constexpr (NR <= ROWS_EARLY_NR)
 		if (kk_rows_early)
 		{
@@ -914,9 +598,6 @@ gemv_rows_batch_launch(cudaStream_t s, kk_gemv_batch *b, bool wide)
 	int			rb = wide ? ROWS_RB_WIDE : ROWS_RB,
 				blocks = 0;
 
-	if constexpr (NR == 1)
-		if (kk_rows_tiles != 1 && rows_tiles_launch(s, b, wide))
-			return;
 	for (int j = 0; j < b->count; j++)
 	{
 		b->first_block[j] = blocks;
@@ -1344,9 +1025,17 @@ template <int MODE, int RB, int T>
 __device__ __forceinline__ void
 expert_tiles_prefetch(const uint16_t *A, const uint16_t *B, int row0, int rows, int cols)
 {
-	rows_tiles_prefetch<ROWS_BT>(A, T, RB, row0, rows, cols, SIZE_MAX);
-	if (MODE == EXPERT_SWIGLU)
-		rows_tiles_prefetch<ROWS_BT>(B, T, RB, row0, rows, cols, SIZE_MAX);
+	int			r1 = min(rows, row0 + T * RB);
+
+	if (row0 + RB < r1)
+	{
+		size_t		off = (size_t) (row0 + RB) * cols,
+					bytes = (size_t) (r1 - row0 - RB) * cols * sizeof(uint16_t);
+
+		kk_prefetch_l2(A + off, bytes, threadIdx.x, ROWS_BT);
+		if (MODE == EXPERT_SWIGLU)
+			kk_prefetch_l2(B + off, bytes, threadIdx.x, ROWS_BT);
+	}
 }
 
 /*
@@ -1442,17 +1131,24 @@ expert_tiles_kernel(float *y, int ldy, const float *__restrict__ x, int ldx, con
 		expert_tile_request<RB, RT, NP>(held, A, B, row0, rows, cols);
 	}
 	xr[0] = x + (size_t) (xrow ? xrow[first] : first) * ldx;
-	rows_tiles_run<RT, ROWS_BT>(T, RB, row0, rows, sums,
-								[&](float (&acc)[RT][1]) {
-									rows_dot_pieces<1, RT, ROWS_BT, NP>(acc, held, xr, cols >> 3);
-								},
-								[&](int r0) {
-									expert_tile_request<RB, RT, NP>(held, A, B, r0, rows, cols);
-								},
-								[&](const float *sm, int r0) {
-									expert_rows_store<1, MODE == EXPERT_SWIGLU, RT, ROWS_BT>(y, ldy, sm, r0, rows,
-																							 first);
-								});
+#pragma unroll 1
+	for (int t = 1;; t++, row0 += RB)
+	{
+		float		acc[RT][1];
+		bool		next = t < T && row0 + RB < rows;
+
+#pragma unroll
+		for (int w = 0; w < RT; w++)
+			acc[w][0] = 0;
+		rows_dot_pieces<1, RT, ROWS_BT, NP>(acc, held, xr, cols >> 3);
+		/* the next tile's pieces are in flight while this one is summed and stored */
+		if (next)
+			expert_tile_request<RB, RT, NP>(held, A, B, row0 + RB, rows, cols);
+		rows_block_sum<1, RT, ROWS_BT>(acc, sums);
+		expert_rows_store<1, MODE == EXPERT_SWIGLU, RT, ROWS_BT>(y, ldy, sums, row0, rows, first);
+		if (!next)
+			break;
+	}
 }
 
 /* the tiled kernel for T tiles a block and NP pieces a thread and row (PRE: the down product only) */
@@ -1650,83 +1346,48 @@ kk_expert_gemv_shared(cudaStream_t s, float *y0, float *y1, int ldy, const float
 #undef DISPATCH
 }
 
-/* ------------------------------------------------------------------ test hooks */
+/* ------------------------------------------------------------------ test hook */
 
 /*
  * For test/engine/test_cuda.c only (found with dlsym; the backend does not
- * use them): one input row through the block-rows GEMV in the early form,
- * with rb weight rows a block of the wide shape (kk_set_rows_wide1(rb)) and
- * KL_CUDA_ROWS_TILES = tiles, l2 (kk_set_rows_tiles), on the current device
- * with a stream of its own: count = 0 one product (kk_gemv) of rows[0] rows,
- * else a batch (kk_gemv_multi) of count jobs of rows[j] rows, all of cols
- * columns and the same input.  W: the jobs' matrices one after another, bf16
- * random (seed; standard deviation 0.02), x [cols] fp32 random (seed + 1); y:
- * the jobs' outputs one after another (set to NaN before the launch, so that
- * rows no block wrote show).  The switches it sets are put back.  Returns 0,
- * -1 for bad arguments, or a CUDA error code.
+ * use it): kk_gemv of one input row in the block-rows design, early form,
+ * with rb weight rows a block of the wide shape (kk_set_rows_wide1(rb)), on
+ * the current device with a stream of its own: W [rows, cols] bf16 random
+ * (seed; standard deviation 0.02), x [cols] fp32 random (seed + 1); y
+ * [rows] comes back (set to NaN before the launch, so that rows no block
+ * wrote show).  The switches it sets are put back.  Returns 0, -1 for bad
+ * arguments, or a CUDA error code.
  */
 extern "C" __attribute__((visibility("default"))) int
-kl_cuda_test_rows_tiles(int count, const int *rows, int cols, int rb, int tiles, int l2, unsigned long long seed,
-						float *y)
+kl_cuda_test_rows_wide1(int rows, int cols, int rb, unsigned long long seed, float *y)
 {
 	cudaStream_t s = NULL;
 	cudaError_t e;
 	uint16_t   *W = NULL;
 	float	   *x = NULL;
-	kk_gemv_batch b;
-	int			jobs = count > 0 ? count : 1,
-				was_rb = kk_rows_wide1,
+	int			was_rb = kk_rows_wide1,
 				was_early = kk_rows_early,
-				was_rows = kk_gemv_rows,
-				was_tiles = kk_rows_tiles,
-				was_l2 = kk_rows_tiles_l2;
-	size_t		total = 0;
+				was_rows = kk_gemv_rows;
 
-	if (count < 0 || count > KK_GEMV_JOBS || cols <= 0 || cols % 8 != 0)
+	if (rows <= 0 || cols <= 0 || cols % 8 != 0)
 		return -1;
-	for (int j = 0; j < jobs; j++)
-	{
-		if (rows[j] <= 0)
-			return -1;
-		total += (size_t) rows[j];
-	}
 	if ((e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) != cudaSuccess ||
-		(e = cudaMalloc((void **) &W, sizeof(uint16_t) * total * cols)) != cudaSuccess ||
-		(e = cudaMalloc((void **) &x, sizeof(float) * ((size_t) cols + total))) != cudaSuccess)
+		(e = cudaMalloc((void **) &W, sizeof(uint16_t) * (size_t) rows * cols)) != cudaSuccess ||
+		(e = cudaMalloc((void **) &x, sizeof(float) * ((size_t) cols + rows))) != cudaSuccess)
 		goto out;
-	kk_fill_random(s, W, 1, total * cols, seed, 0.02f);
+	kk_fill_random(s, W, 1, (size_t) rows * cols, seed, 0.02f);
 	kk_fill_random(s, x, 0, cols, seed + 1, 1.0f);
-	if ((e = cudaMemsetAsync(x + cols, 0xff, sizeof(float) * total, s)) != cudaSuccess)
+	if ((e = cudaMemsetAsync(x + cols, 0xff, sizeof(float) * rows, s)) != cudaSuccess)
 		goto out;
-	memset(&b, 0, sizeof(b));
-	b.count = jobs;
-	b.n = 1;
-	for (size_t j = 0, r0 = 0; j < (size_t) jobs; r0 += rows[j], j++)
-	{
-		b.job[j].y = x + cols + r0;
-		b.job[j].x = x;
-		b.job[j].W = W + r0 * cols;
-		b.job[j].ldy = rows[j];
-		b.job[j].ldx = cols;
-		b.job[j].rows = rows[j];
-		b.job[j].cols = cols;
-		b.job[j].bf16 = 1;
-	}
 	kk_set_rows_wide1(rb);
-	kk_set_rows_tiles(tiles, l2);
 	kk_rows_early = 1;
 	kk_gemv_rows = 1;
-	if (count == 0)
-		kk_gemv(s, x + cols, rows[0], x, cols, 1, W, 1, rows[0], cols);
-	else
-		kk_gemv_multi(s, &b);
+	kk_gemv(s, x + cols, rows, x, cols, 1, W, 1, rows, cols);
 	kk_rows_wide1 = was_rb;
 	kk_rows_early = was_early;
 	kk_gemv_rows = was_rows;
-	kk_rows_tiles = was_tiles;
-	kk_rows_tiles_l2 = was_l2;
 	if ((e = cudaGetLastError()) != cudaSuccess ||
-		(e = cudaMemcpyAsync(y, x + cols, sizeof(float) * total, cudaMemcpyDeviceToHost, s)) != cudaSuccess)
+		(e = cudaMemcpyAsync(y, x + cols, sizeof(float) * rows, cudaMemcpyDeviceToHost, s)) != cudaSuccess)
 		goto out;
 	e = cudaStreamSynchronize(s);
 out:
@@ -1737,11 +1398,4 @@ out:
 	if (s)
 		cudaStreamDestroy(s);
 	return (int) e;
-}
-
-/* kl_cuda_test_rows_tiles's one product with rb rows a block of the wide shape, not in tiles (check_rows_wide1) */
-extern "C" __attribute__((visibility("default"))) int
-kl_cuda_test_rows_wide1(int rows, int cols, int rb, unsigned long long seed, float *y)
-{
-	return kl_cuda_test_rows_tiles(0, &rows, cols, rb, 1, 0, seed, y);
 }

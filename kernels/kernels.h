@@ -89,16 +89,6 @@ void		kk_set_rows_early(int on);
 /* rows a block of the wide block-rows GEMV (128 threads; rows of 512+ pieces) for one input row in the early
  * form: 2 (the shape of the other row counts), 3 or 4 (KL_CUDA_ROWS_WIDE1; the same bits at any) */
 void		kk_set_rows_wide1(int rb);
-/*
- * KL_CUDA_ROWS_TILES: those products of one input row in the early form (kk_gemv and kk_gemv_multi) in tiles:
- * a block takes `tiles` consecutive tiles of its shape's rows (1: one, the kernel as before, the default; 2 or
- * more: that many; 0: per launch the fewest that make the launch one wave of the tiled kernel), every piece a
- * thread takes of a tile requested at once and the next tile's while the last is summed; l2 (1): a block's
- * later tiles prefetched into L2 before the PDL wait (within an L2 budget a launch).  The same bits in every
- * form.  Called when the backend is made, on its device, before any launch or capture (it asks the occupancy
- * calculator for form 0).
- */
-void		kk_set_rows_tiles(int tiles, int l2);
 /* the most input rows an expert GEMV pass takes (1, 2, 4 or 8; default 4) */
 void		kk_set_expert_nr(int nr);
 /* P: the rows of one expert work item for a step of max_count tokens */

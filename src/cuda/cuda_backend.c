@@ -944,20 +944,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * one wave beside the KDA decode kernel its blocks start under,
 		 * where 2 rows' 1152 blocks of 48 do not by the register count;
 		 * same bits; gemv.cu),
-		 * KL_CUDA_ROWS_TILES=T[,L]: those block-rows GEMVs at 1 input row
-		 * in the early form (kk_gemv, kk_gemv_multi) in tiles: a block
-		 * takes T consecutive tiles of its shape's rows (3 of 96 threads,
-		 * or KL_CUDA_ROWS_WIDE1's of 128), every piece a thread takes of a
-		 * tile requested at once and the next tile's while the last is
-		 * summed, as KL_CUDA_EXPERT_B1 does for the experts; T = 1 (the
-		 * default until measured on a GPU) the kernel as before, 0 per
-		 * launch the fewest tiles a block that make it one wave of the
-		 * tiled kernel (occupancy calculator; at the 48B shapes lm_head 42,
-		 * a KDA layer's q/k/v batch 4, MLA's q + kv_a 2, o_proj and the
-		 * router 1); L = 1: a block's later tiles prefetched into L2
-		 * before the PDL wait (24 MB a launch at most).  Rows longer than
-		 * a thread's 4 held pieces (the dense down product's 9216 columns)
-		 * keep the kernel as before.  Same bits; gemv.cu,
 		 * KL_CUDA_NORM_EARLY=0 (default): the row norms wait before reading
 		 * anything; =1: they read their weight before the PDL wait; =2: and
 		 * the combine + add + norm after the fused decode MoE op
@@ -1129,7 +1115,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *gre = getenv("KL_CUDA_ROWS_EARLY"),
 				   *qe1 = getenv("KL_CUDA_Q_EARLY1"),
 				   *rw1 = getenv("KL_CUDA_ROWS_WIDE1"),
-				   *rti = getenv("KL_CUDA_ROWS_TILES"),
 				   *ne = getenv("KL_CUDA_NORM_EARLY"),
 				   *rr1 = getenv("KL_CUDA_ROUTE_RANK1"),
 				   *enr = getenv("KL_CUDA_EXPERT_NR"),
@@ -1177,11 +1162,6 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_rows_early(!(gre && strcmp(gre, "0") == 0));
 		kk_set_q_early1(qe1 && *qe1 ? atoi(qe1) : 0);
 		kk_set_rows_wide1(rw1 && *rw1 ? atoi(rw1) : 3);
-		{
-			const char *l2 = rti && *rti ? strchr(rti, ',') : NULL;
-
-			kk_set_rows_tiles(rti && *rti ? atoi(rti) : 1, l2 ? atoi(l2 + 1) : 0);
-		}
 		kk_set_route_rank1(!(rr1 && strcmp(rr1, "0") == 0));
 		cs->norm_early = ne && *ne ? (atoi(ne) < 0 ? 0 : atoi(ne) > 2 ? 2 : atoi(ne)) : 0;
 		kk_set_expert_nr(enr ? atoi(enr) : 4);

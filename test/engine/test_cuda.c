@@ -73,9 +73,7 @@
  * the default; check_expert_paths' paths 2-8 through the hook
  * kl_cuda_test_expert_paths, check_expert_b1_model: the K = 128 random model,
  * 1 and 2 sequences, both precisions; check_expert_b1_48b: the 48B shapes,
- * every form), nor the one-row block-rows GEMVs in tiles (KL_CUDA_ROWS_TILES:
- * check_rows_tiles through the hook kl_cuda_test_rows_tiles, single products
- * and batches; check_rows_tiles_model, check_rows_tiles_48b).
+ * every form).
  *
  * The KDA gated norm as a warp per (row, head) and prefill's prep as a
  * warp walking rows (KL_CUDA_KDA_ELEM_WARP masks 2 and 6) must give the
@@ -3487,80 +3485,6 @@ check_rows_wide1(void)
 		for (int v = 0; v < 3; v++)
 			free(y[v]);
 	}
-	dlclose(lib);
-	kl_model_free(m);
-}
-
-/* kl_cuda_test_rows_tiles (gemv.cu): one input row through one block-rows product (count 0) or a batch */
-typedef int (*rows_tiles_fn) (int count, const int *rows, int cols, int rb, int tiles, int l2,
-							  unsigned long long seed, float *y);
-
-/*
- * The block-rows GEMVs of one input row in tiles (KL_CUDA_ROWS_TILES: 2, 4,
- * 8 tiles a block, 0 one wave a launch, with and without the L2 prefetch of
- * the later tiles) against the kernel as before (=1): the outputs bit for bit
- * and every row written.  Single products (kk_gemv) and batches
- * (kk_gemv_multi): 2304 columns (3 pieces a thread) with 12288 rows, lm_head's
- * 163840 (42 tiles a block at 0), rows not a multiple of a block's tiles
- * (1000, 7, 1); the KDA layer's batch (q, k, v, f_a, g_a, b) and MLA's
- * (q, kv_a), one with jobs of 1000, 7 and 1 rows; 128, 1024 and 3072
- * columns (1, 2 and 4 pieces); 4096 columns (the wide shape: o_proj's 2304
- * rows, 301, and a batch) at 2, 3 and 4 rows a block (KL_CUDA_ROWS_WIDE1);
- * 9216 columns (rows longer than the held pieces: the kernel as before).
- */
-static void
-check_rows_tiles(void)
-{
-	static const struct
-	{
-		int			count,			/* 0: one product (kk_gemv) */
-					rows[6],
-					cols;
-	}			cases[] = {
-		{0, {12288}, 2304}, {0, {163840}, 2304}, {0, {1000}, 2304}, {0, {7}, 2304}, {0, {1}, 2304},
-		{6, {4096, 4096, 4096, 128, 128, 32}, 2304}, {2, {6144, 576}, 2304}, {3, {1000, 7, 1}, 2304},
-		{0, {1000}, 128}, {2, {4096, 4096}, 128}, {0, {1000}, 1024}, {0, {77}, 3072},
-		{0, {2304}, 4096}, {0, {301}, 4096}, {2, {2304, 301}, 4096}, {0, {301}, 9216},
-	};
-	static const int forms[][2] = {{2, 0}, {4, 0}, {8, 0}, {0, 0}, {0, 1}, {4, 1}};
-	kl_model   *m;
-	void	   *lib = NULL;
-	rows_tiles_fn f = NULL;
-
-	m = load_test_hook("kl_cuda_test_rows_tiles", &lib, (void **) &f);
-	if (!f)
-		return;
-	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++)
-		for (int rb = 2; rb <= (cases[ci].cols >= 4096 ? 4 : 2); rb++)
-		{
-			int			n = 0,
-						rc0,
-						nan = 0;
-			float	   *y0,
-					   *y;
-
-			for (int j = 0; j < (cases[ci].count ? cases[ci].count : 1); j++)
-				n += cases[ci].rows[j];
-			y0 = malloc(sizeof(float) * (size_t) n);
-			y = malloc(sizeof(float) * (size_t) n);
-			rc0 = f(cases[ci].count, cases[ci].rows, cases[ci].cols, rb, 1, 0, 2026120401ull + ci, y0);
-			for (int r = 0; r < n; r++)
-				nan += isnan(y0[r]) != 0;
-			for (size_t fi = 0; fi < sizeof(forms) / sizeof(forms[0]); fi++)
-			{
-				int			rc = f(cases[ci].count, cases[ci].rows, cases[ci].cols, rb, forms[fi][0], forms[fi][1],
-								   2026120401ull + ci, y);
-
-				tap_ok(rc0 == 0 && rc == 0 && nan == 0 && memcmp(y, y0, sizeof(float) * n) == 0,
-					   "block-rows GEMV at one row, %s of %d job%s (%d rows, first %d) x %d bf16, %d rows a wide "
-					   "block: KL_CUDA_ROWS_TILES=%d%s = 1 bit for bit (rel err %.2e, %d rows unwritten; hook "
-					   "returned %d, %d)", cases[ci].count ? "batch" : "product",
-					   cases[ci].count ? cases[ci].count : 1, cases[ci].count > 1 ? "s" : "", n, cases[ci].rows[0],
-					   cases[ci].cols, rb, forms[fi][0], forms[fi][1] ? ",1" : "", rel_err(y, y0, n), nan, rc0, rc);
-			}
-			free(y0);
-			free(y);
-		}
 	dlclose(lib);
 	kl_model_free(m);
 }
@@ -7306,36 +7230,6 @@ check_rows_wide1_48b(void)
 }
 
 /*
- * KL_CUDA_ROWS_TILES: the block-rows GEMVs at one row in tiles against the
- * kernel as before (=1, the default), the whole model, logits bit for bit:
- * the 48B shapes (q/k/v and MLA's q + kv_a batches, o_proj at 3 rows a
- * block, the router, lm_head; the dense down product's 9216 columns keep
- * the kernel as before) at 0 (one wave a launch), 0 with the L2 prefetch,
- * 2, 4, 8 and 4 with the prefetch, one sequence; check_rows_tiles_model:
- * the K = 128 random model (bf16 weights), 2 with the prefetch and 8, both
- * precisions, 1 and 2 sequences (at 2 the switch changes nothing).
- */
-static void
-check_rows_tiles_48b(void)
-{
-	static const char *const forms[3][3] = {{"1", "0", "0,1"}, {"1", "2", "4"}, {"1", "8", "4,1"}};
-
-	for (int f = 0; f < 3; f++)
-		check_env_48b("bf16", NULL, "KL_CUDA_ROWS_TILES", forms[f], 3, (const int[]) {1}, 1, 4,
-					  "one-row block-rows GEMVs in tiles against the kernel as before (=1)");
-}
-
-static void
-check_rows_tiles_model(const char *prec, int nseq)
-{
-	check_kda_env_model(NULL, prec, nseq, "KL_CUDA_ROWS_TILES", "2,1",
-						"one-row block-rows GEMVs, 2 tiles a block with the L2 prefetch (KL_CUDA_ROWS_TILES=2,1) = "
-						"the kernel as before");
-	check_kda_env_model(NULL, prec, nseq, "KL_CUDA_ROWS_TILES", "8",
-						"one-row block-rows GEMVs, 8 tiles a block (KL_CUDA_ROWS_TILES=8) = the kernel as before");
-}
-
-/*
  * KL_CUDA_MLA_FOLD: the MLA decode layer with the append folded into the
  * absorb kernel, the wgmma attention's first key tiles requested before its
  * wait and its Qabs made in bf16 by that absorb kernel (=1, the default),
@@ -8212,7 +8106,6 @@ main(void)
 	RUN(check_gemv_q());
 	RUN(check_rows_early_gemv_q());
 	RUN(check_rows_wide1());
-	RUN(check_rows_tiles());
 	RUN(check_expert_gemv_q());
 	RUN(check_expert_paths());
 	RUN(check_mla_small());
@@ -8253,10 +8146,6 @@ main(void)
 	RUN(check_norm_early_48b());
 	RUN(check_route_rank1_48b());
 	RUN(check_rows_wide1_48b());
-	for (int pi = 0; pi < 2; pi++)
-		for (int bi = 0; bi < 2; bi++)
-			RUN(check_rows_tiles_model(pi ? "bf16" : "fp32", bi + 1));
-	RUN(check_rows_tiles_48b());
 	RUN(check_golden("tiny_a", "golden.safetensors", "fp32"));
 	RUN(check_golden("tiny_a", "golden_route_select.safetensors", "fp32"));
 	RUN(check_golden("tiny_c", "golden.safetensors", "fp32"));
