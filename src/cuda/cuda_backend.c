@@ -948,13 +948,12 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * anything; =1: they read their weight before the PDL wait; =2: and
 		 * the combine + add + norm after the fused decode MoE op
 		 * (cuda_moe.c) also the residual and the routing weights and
-		 * indices, written three launches back; elementwise.cu.  Off by
-		 * default: with it (=1 or =2) test_cuda's int4 twin check
-		 * (K=128/R=512, 150 tokens in one call) differs from the twin-less
-		 * kernels (rel err 2.35e-3, H200 2026-12-03): the sum of squares
-		 * contracts into fma in a different order per instantiation (PTX;
-		 * fix on branch i10s7-sumsq, bench/notes-cuda.md); ~0.02 ms a step
-		 * at batch 1,
+		 * indices, written three launches back; elementwise.cu.  Same bits
+		 * since the sum of squares is written out (row_sumsq4; before, its
+		 * fma contraction differed per instantiation and test_cuda's int4
+		 * twin check failed with it); off by default: no gain measured at
+		 * batch 1 (H200 2026-12-03, three interleaved rounds: 4k 2.296
+		 * against 2.297 ms, 32k 2.480 against 2.483; bench/notes-cuda.md),
 		 * KL_CUDA_ROUTE_RANK1=0: the rank routing groups a one-token step
 		 * by counts and a block scan as at other sizes (default: from the
 		 * warps' ballots of the choices, a barrier and a scan fewer; same
@@ -972,7 +971,10 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * 4k or 32k, 2026-12-03; same bits) and
 		 * KL_CUDA_MLA_WG_DUAL=1 (each warpgroup a key range of its own where
 		 * a block has 2 tiles or more; default 0): cuda_mla.c,
-		 * cuda_mla_wg_read.
+		 * cuda_mla_wg_read.  KL_CUDA_MLA_PLAN_CAP=1 plans the key ranges
+		 * for the page table's capacity (a power of two) as before
+		 * 2026-12-03, not for the pages in use (cuda_mla_plan; for
+		 * measurements).
 		 * KL_CUDA_MLA_FOLD=0 appends the MLA layer's new latent rows in a
 		 * launch of its own and the wgmma attention loads its key tiles
 		 * after its wait (default 1: the append is folded into the

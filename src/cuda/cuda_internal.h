@@ -114,6 +114,7 @@ typedef struct cuda_mla_wg
 	int			split;			/* KL_CUDA_MLA_WG_SPLIT: keys a block (a multiple of 64); 0: mma_split's */
 	int			pf;				/* KL_CUDA_MLA_WG_PF: tiles a range requests into L2 ahead of its copies */
 	bool		dual;			/* KL_CUDA_MLA_WG_DUAL: a range a warpgroup where a block holds 2 tiles or more */
+	bool		plan_cap;		/* KL_CUDA_MLA_PLAN_CAP=1: ranges planned for the page table's capacity (before 2026-12-03) */
 } cuda_mla_wg;
 
 typedef enum cuda_graph_mode
@@ -130,7 +131,9 @@ typedef struct cuda_graph
 {
 	int			n_tokens,
 				n_seqs,
-				page_cap;
+				page_cap,
+				mla_split,		/* the step's MLA decode key ranges (cuda_mla_plan) */
+				mla_max_splits;
 	const float *x;				/* the context's residual buffer: identifies the kl_ctx */
 	uint64_t	logit_key;		/* kl_step.logit_key: the rows whose logits end the step */
 	uint64_t	trace;			/* hash of the ops and their arguments */
@@ -205,6 +208,9 @@ typedef struct cuda_state
 	int			n_seqs,
 				n_tokens,
 				page_cap;
+	int			mla_split,		/* cuda_mla_plan: keys a range of the MLA decode attention, */
+				mla_max_splits;	/* ranges a token (for the step's longest sequence) */
+	int			mla_dual;		/* and each warpgroup a range of its own (KL_CUDA_MLA_WG_DUAL) */
 	uint64_t	logit_key;
 	int		   *d_row0,
 			   *d_row_seq,
@@ -629,6 +635,7 @@ void		cuda_release_mla(kl_backend *be, kl_mla_layer *w);
 int			cuda_mla_decode_variant(int asked, bool c16, int Ha, int R, int Dr);
 int			cuda_mla_decode_variant(int asked, bool c16, int Ha, int R, int Dr);
 void		cuda_mla_wg_read(cuda_mla_wg *o);
+void		cuda_mla_plan(cuda_state *cs, int64_t keys, int64_t cap_keys, int n);
 void		cuda_moe(kl_backend *be, const kl_config *cfg, const kl_moe_layer *w, float *y, const float *x, int n);
 void		cuda_moe_free(kl_backend *be);
 

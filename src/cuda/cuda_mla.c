@@ -106,10 +106,11 @@ cuda_release_mla(kl_backend *be, kl_mla_layer *w)
  * shapes), and a block pays a fixed cost besides its tiles (Qabs, about one
  * tile's bytes; its partials, about one tile's bytes written and read by
  * mla_merge), so: the range count that minimizes waves x (tiles per range +
- * 1), the smaller count on ties.  Decided by the page-table capacity and
- * the token count alone, as for mla_attend (a recorded graph stays valid).
- * 4k keys: batch 1 -> 64 ranges of 64 keys, batch 8 -> 16 of 256, batch 64
- * -> 2 of 2048; 32k keys, batch 1 -> 128 ranges of 256.
+ * 1), the smaller count on ties.  Decided by the keys of the step's longest
+ * sequence's pages and the token count alone (cuda_mla_plan; a graph is
+ * recorded again when the result changes).  4k keys: batch 1 -> 64 ranges
+ * of 64 keys, batch 8 -> 16 of 256, batch 64 -> 2 of 2048; 32k keys, batch
+ * 1 -> 128 ranges of 256; 33 pages (33792 keys), batch 1 -> 132 of 256.
  */
 static int64_t
 mma_split(int64_t max_keys, int n, int sm_count)
@@ -148,6 +149,9 @@ mma_split(int64_t max_keys, int n, int sm_count)
  *                           two warpgroups streams half of them as a range
  *                           of its own (kk_mla_decode_args.wg_dual; default
  *                           0: the ranges, so the merge's order, change)
+ *   KL_CUDA_MLA_PLAN_CAP=1  the key ranges planned for the page table's
+ *                           capacity, as before 2026-12-03 (cuda_mla_plan;
+ *                           for measurements; every variant)
  * Why (bench/notes-cuda.md, "Issue 10, sixth session: MLA decode attention
  * at 32k"): a block walks its tiles at ~2.6 us a 72 KB tile whether 4 or
  * 128 blocks run (~28 GB/s an SM; DRAM's share is ~32), bound by its own
@@ -159,17 +163,19 @@ cuda_mla_wg_read(cuda_mla_wg *o)
 {
 	const char *sp = getenv("KL_CUDA_MLA_WG_SPLIT"),
 			   *pf = getenv("KL_CUDA_MLA_WG_PF"),
-			   *du = getenv("KL_CUDA_MLA_WG_DUAL");
+			   *du = getenv("KL_CUDA_MLA_WG_DUAL"),
+			   *pc = getenv("KL_CUDA_MLA_PLAN_CAP");
 
 	o->split = sp && atoi(sp) >= MMA_TILE ? atoi(sp) / MMA_TILE * MMA_TILE : 0;
 	o->pf = !pf || !*pf ? 0 : atoi(pf) < 0 ? 0 : atoi(pf) > 16 ? 16 : atoi(pf);
 	o->dual = du && strcmp(du, "1") == 0;
+	o->plan_cap = pc && strcmp(pc, "1") == 0;
 }
 
 /*
  * Keys per range of the decode attention `variant` (cs->mla_mma: 0 the
  * CUDA-core kernel, 1 mla_attend_mma, 2 the wgmma variant of kernels.h) for
- * page tables of max_keys keys and n tokens; *dual (variant 2 with
+ * sequences of at most max_keys keys and n tokens; *dual (variant 2 with
  * wg->dual, where a block's keys, wg->split or the rule's, are 2 tiles or
  * more): each warpgroup takes a range of half of them (rounded up to a
  * tile), and the result is that range.
@@ -194,6 +200,32 @@ decode_split(int variant, const cuda_mla_wg *wg, int64_t max_keys, int n, int sm
 	split = (max_keys + want - 1) / want;
 	split = (split + 31) / 32 * 32;
 	return split < SPLIT_MIN_KEYS ? SPLIT_MIN_KEYS : split;
+}
+
+/*
+ * The decode attention's key ranges for a step of n tokens whose longest
+ * sequence has `keys` keys of cache pages (its pages, this step's rows
+ * included) in page tables of cap_keys: cs->mla_split keys a range,
+ * cs->mla_max_splits ranges a token (the grid, for the capacity: ranges past
+ * a sequence's end exit at once) and cs->mla_dual.  The keys a range are
+ * planned for the pages in use, not the capacity: that is a power of two,
+ * so a sequence just past 32k keys (33 pages) had ranges planned for 64k,
+ * 64 blocks of 8 tiles working where 129 of 4 could (H200, 2026-12-03: 32k
+ * batch 1 ~2.49 against ~2.42 ms a step with 4-tile ranges;
+ * bench/notes-cuda.md).  begin_step calls it; the plan is part of a graph's
+ * key (cuda_step.c), so a graph is recorded again when it changes: when the
+ * keys a range do (at batch 1 every ~8k keys: 132 ranges of one more tile)
+ * or the capacity doubles, not at every page.
+ */
+void
+cuda_mla_plan(cuda_state *cs, int64_t keys, int64_t cap_keys, int n)
+{
+	int			dual = 0;
+
+	cs->mla_split = (int) decode_split(cs->mla_mma, &cs->mla_wg, cs->mla_wg.plan_cap ? cap_keys : keys, n,
+									   cs->sm_count, &dual);
+	cs->mla_max_splits = (int) ((cap_keys + cs->mla_split - 1) / cs->mla_split);
+	cs->mla_dual = dual;
 }
 
 /*
@@ -327,12 +359,6 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 				R = c->kv_lora_rank,
 				Wa = R + Dr;
 	int			n = st->n_tokens;
-	/*
-	 * Key ranges per token: decided by the page-table capacity and the token
-	 * count alone (a recorded graph stays valid as positions grow within
-	 * that capacity).
-	 */
-	int64_t		max_keys = (int64_t) cs->page_cap * KL_MLA_PAGE;
 	kk_mla_decode_args d = {0};
 	float	   *qabs = cuda_buf(be, CB_MLA_QABS, sizeof(float) * (size_t) n * Ha * Wa);
 	uint16_t   *qabs16 = NULL;
@@ -343,8 +369,10 @@ mla_absorbed(kl_backend *be, const kl_step *st, const kl_mla_args *a, float **pa
 	d.R = R;
 	d.Dr = Dr;
 	d.scale = 1.0f / sqrtf((float) (Dn + Dr));
-	d.split_keys = decode_split(cs->mla_mma, &cs->mla_wg, max_keys, n, cs->sm_count, &d.wg_dual);
-	d.max_splits = (int) ((max_keys + d.split_keys - 1) / d.split_keys);
+	/* key ranges a token: the step's plan (begin_step, cuda_mla_plan), part of its graph's key */
+	d.split_keys = cs->mla_split;
+	d.max_splits = cs->mla_max_splits;
+	d.wg_dual = cs->mla_dual;
 	d.wg_pf = cs->mla_wg.pf;
 	d.qabs = qabs;
 	d.olat = cuda_buf(be, CB_MLA_OLAT, sizeof(float) * (size_t) n * Ha * R);

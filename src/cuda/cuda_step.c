@@ -10,8 +10,9 @@
  * whichever sequences take part.
  *
  * Graphs: a decode step (every sequence feeding one token) of a given shape
- * (tokens, sequences, page-table capacity, the rows it computes logits of,
- * and the kl_ctx, known by its residual buffer) runs eagerly the first time, is captured into a graph the
+ * (tokens, sequences, page-table capacity, the MLA attention's key ranges
+ * (cuda_mla_plan), the rows it computes logits of, and the kl_ctx, known by
+ * its residual buffer) runs eagerly the first time, is captured into a graph the
  * second time, and from then on its ops are only traced while the graph is
  * launched once at end_step: hundreds of small launches become one.  The
  * trace (a hash of every op and its arguments) must equal the captured one,
@@ -104,7 +105,7 @@ find_graph(cuda_state *cs, const float *x)
 		cuda_graph *g = &cs->graphs[i];
 
 		if (g->n_tokens == cs->n_tokens && g->n_seqs == cs->n_seqs && g->page_cap == cs->page_cap && g->x == x &&
-			g->logit_key == cs->logit_key)
+			g->logit_key == cs->logit_key && g->mla_split == cs->mla_split && g->mla_max_splits == cs->mla_max_splits)
 			return i;
 	}
 	return -1;
@@ -129,6 +130,8 @@ new_graph_slot(cuda_state *cs, const float *x)
 	cs->graphs[best].n_tokens = cs->n_tokens;
 	cs->graphs[best].n_seqs = cs->n_seqs;
 	cs->graphs[best].page_cap = cs->page_cap;
+	cs->graphs[best].mla_split = cs->mla_split;
+	cs->graphs[best].mla_max_splits = cs->mla_max_splits;
 	cs->graphs[best].x = x;
 	cs->graphs[best].logit_key = cs->logit_key;
 	cs->graphs[best].last_use = ++cs->clock;
@@ -278,6 +281,7 @@ cuda_begin_step(kl_backend *be, const kl_step *st, kl_err *err)
 	cs->n_seqs = ns;
 	cs->n_tokens = nt;
 	cs->page_cap = cap;
+	cuda_mla_plan(cs, (int64_t) maxp * KL_MLA_PAGE, (int64_t) cap * KL_MLA_PAGE, nt);
 	cs->logit_key = st->logit_key;
 	cs->d_row0 = (int *) ((uint8_t *) cs->meta_dev + o_row0);
 	cs->d_pos0 = (int64_t *) ((uint8_t *) cs->meta_dev + o_pos0);
