@@ -79,7 +79,8 @@ kk_embed(cudaStream_t s, float *x, const void *E, int bf16, int D, const int32_t
  * registers: with ROW_V4 of them the combine's form spilled); the sums are
  * the same operations in the same order in every form, the sum of squares
  * written out (row_sumsq4) so that no fma contraction can reorder it: the
- * same bits (to be confirmed on a GPU before KL_CUDA_NORM_EARLY goes on).
+ * same bits (test_cuda's memcmp checks and its int4 twin check, H200
+ * 2026-12-03; the default is 2).
  */
 #define ROW_V4 4
 #define ROW_EARLY_K 8			/* the most routing weights a row that EARLY 2 holds (the 48B model's k) */

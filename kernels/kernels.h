@@ -55,9 +55,8 @@ void		kk_f32_to_bf16(cudaStream_t s, uint16_t *dst, int ldd, const float *src, i
  * -1 when the shape or alignment is not covered (nothing launched).
  * kk_row_norm_twin: kk_row_norm's modes 0, 1, 2 and 3 (3: the bf16 expert
  * outputs of kk_row_norm_combine16 in ye) with y16 [rows, d] (NULL: none);
- * early (KL_CUDA_NORM_EARLY, off by default until the GPU confirms the same
- * bits in every form: before the sum of squares was written out, the
- * compiler's fma contraction made mode 3 differ, H200 2026-12-03): what the kernel
+ * early (KL_CUDA_NORM_EARLY, 2 by default; the same bits in every form since
+ * the sum of squares is written out, elementwise.cu): what the kernel
  * reads before waiting for the kernel launched before it (elementwise.cu's
  * row kernels): 0 nothing, 1 the norm weight w, 2 (modes 2 and 3; k <= 8,
  * else 1) also x, wts and inv, which the caller guarantees no kernel wrote

@@ -944,16 +944,16 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * one wave beside the KDA decode kernel its blocks start under,
 		 * where 2 rows' 1152 blocks of 48 do not by the register count;
 		 * same bits; gemv.cu),
-		 * KL_CUDA_NORM_EARLY=0 (default): the row norms wait before reading
-		 * anything; =1: they read their weight before the PDL wait; =2: and
+		 * KL_CUDA_NORM_EARLY=0: the row norms wait before reading anything;
+		 * =1: they read their weight before the PDL wait; =2 (default): and
 		 * the combine + add + norm after the fused decode MoE op
 		 * (cuda_moe.c) also the residual and the routing weights and
 		 * indices, written three launches back; elementwise.cu.  Same bits
-		 * since the sum of squares is written out (row_sumsq4; before, its
-		 * fma contraction differed per instantiation and test_cuda's int4
-		 * twin check failed with it); off by default: no gain measured at
-		 * batch 1 (H200 2026-12-03, three interleaved rounds: 4k 2.296
-		 * against 2.297 ms, 32k 2.480 against 2.483; bench/notes-cuda.md),
+		 * in every form since the sum of squares is written out
+		 * (row_sumsq4; before, its fma contraction differed per
+		 * instantiation and test_cuda's int4 twin check failed with it);
+		 * batch 1, H200 2026-12-03, five interleaved rounds: 4k 2.293 ->
+		 * 2.282 ms, 32k 2.413 -> 2.410 (bench/notes-cuda.md),
 		 * KL_CUDA_ROUTE_RANK1=0: the rank routing groups a one-token step
 		 * by counts and a block scan as at other sizes (default: from the
 		 * warps' ballots of the choices, a barrier and a scan fewer; same
@@ -1165,7 +1165,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		kk_set_q_early1(qe1 && *qe1 ? atoi(qe1) : 0);
 		kk_set_rows_wide1(rw1 && *rw1 ? atoi(rw1) : 3);
 		kk_set_route_rank1(!(rr1 && strcmp(rr1, "0") == 0));
-		cs->norm_early = ne && *ne ? (atoi(ne) < 0 ? 0 : atoi(ne) > 2 ? 2 : atoi(ne)) : 0;
+		cs->norm_early = ne && *ne ? (atoi(ne) < 0 ? 0 : atoi(ne) > 2 ? 2 : atoi(ne)) : 2;
 		kk_set_expert_nr(enr ? atoi(enr) : 4);
 		kk_set_gemv_mma_slab(!(gs && strcmp(gs, "0") == 0));
 		kk_set_mma_q_direct(qd && *qd ? atoi(qd) : 2);

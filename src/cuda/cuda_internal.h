@@ -263,10 +263,10 @@ typedef struct cuda_state
 	 * the combine's (row_norm_kernel's early form 2 may read them before its PDL
 	 * wait) */
 	bool		pm_route_early;
-	/* KL_CUDA_NORM_EARLY (0, the default: off): the row norms read before their
-	 * PDL wait the norm weight (1), and with a combine held back as above also
-	 * the residual and the routing weights and indices (2); kk_row_norm_twin's
-	 * early, whose forms do not yet give the same bits (kernels.h) */
+	/* KL_CUDA_NORM_EARLY (2, the default; 0: off): the row norms read before
+	 * their PDL wait the norm weight (1), and with a combine held back as above
+	 * also the residual and the routing weights and indices (2);
+	 * kk_row_norm_twin's early, the same bits in every form (kernels.h) */
 	int			norm_early;
 
 	/* decode-step switches (KL_CUDA_MOE_FUSE=0, KL_CUDA_PDL=0 turn them off) */

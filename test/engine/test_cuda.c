@@ -5072,8 +5072,8 @@ check_rows_early_model(const char *prec, int nseq)
 static void
 check_norm_early_model(const char *prec, int nseq)
 {
-	check_kda_env_model(NULL, prec, nseq, "KL_CUDA_NORM_EARLY", "2",
-						"row norms' early reads (KL_CUDA_NORM_EARLY=2) = the waiting form (the default)");
+	check_kda_env_model(NULL, prec, nseq, "KL_CUDA_NORM_EARLY", "0",
+						"row norms' waiting form (KL_CUDA_NORM_EARLY=0) = the early reads (=2, the default)");
 }
 
 /*
@@ -7194,7 +7194,7 @@ check_q_early1_q48(const char *prec)
  * KL_CUDA_NORM_EARLY: the row norms reading their weight (and after a
  * device-routed MoE op the residual, the routing weights and indices)
  * before their PDL wait (=1: the weight; =2: also the residual and routing
- * after the fused decode MoE op) against the waiting form (=0, the default); 1, 2 and 4
+ * after the fused decode MoE op; the default) against the waiting form (=0); 1, 2 and 4
  * sequences.  check_norm_early_model: the same on the K = 128 random model
  * (k = 4, group-limited routing: the warp routing kernel), both precisions.
  */
