@@ -132,8 +132,7 @@ typedef struct cuda_graph
 	int			n_tokens,
 				n_seqs,
 				page_cap,
-				mla_split,		/* the step's MLA decode key ranges (cuda_mla_plan) */
-				mla_max_splits;
+				mla_split;		/* the step's MLA decode keys a range (cuda_mla_plan; page_cap gives the rest) */
 	const float *x;				/* the context's residual buffer: identifies the kl_ctx */
 	uint64_t	logit_key;		/* kl_step.logit_key: the rows whose logits end the step */
 	uint64_t	trace;			/* hash of the ops and their arguments */
@@ -209,7 +208,7 @@ typedef struct cuda_state
 				n_tokens,
 				page_cap;
 	int			mla_split,		/* cuda_mla_plan: keys a range of the MLA decode attention, */
-				mla_max_splits;	/* ranges a token (for the step's longest sequence) */
+				mla_max_splits;	/* ranges a token (the grid, for the page table's capacity) */
 	int			mla_dual;		/* and each warpgroup a range of its own (KL_CUDA_MLA_WG_DUAL) */
 	uint64_t	logit_key;
 	int		   *d_row0,

@@ -105,7 +105,7 @@ find_graph(cuda_state *cs, const float *x)
 		cuda_graph *g = &cs->graphs[i];
 
 		if (g->n_tokens == cs->n_tokens && g->n_seqs == cs->n_seqs && g->page_cap == cs->page_cap && g->x == x &&
-			g->logit_key == cs->logit_key && g->mla_split == cs->mla_split && g->mla_max_splits == cs->mla_max_splits)
+			g->logit_key == cs->logit_key && g->mla_split == cs->mla_split)
 			return i;
 	}
 	return -1;
@@ -131,7 +131,6 @@ new_graph_slot(cuda_state *cs, const float *x)
 	cs->graphs[best].n_seqs = cs->n_seqs;
 	cs->graphs[best].page_cap = cs->page_cap;
 	cs->graphs[best].mla_split = cs->mla_split;
-	cs->graphs[best].mla_max_splits = cs->mla_max_splits;
 	cs->graphs[best].x = x;
 	cs->graphs[best].logit_key = cs->logit_key;
 	cs->graphs[best].last_use = ++cs->clock;
