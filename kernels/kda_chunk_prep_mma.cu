@@ -96,6 +96,8 @@ struct kp_layout
 	static constexpr int VBT = KBT + 2 * K * LC;
 	static constexpr int U2END = VBT + 2 * K * LC;
 	static constexpr int BYTES = U1END > U2END ? U1END : U2END;
+	static_assert(XQ % 16 == 0 && XK % 16 == 0 && KR % 16 == 0 && LB % 16 == 0 && KBT % 16 == 0 &&
+				  VBT % 16 == 0 && (2 * LK) % 16 == 0 && (2 * LC) % 16 == 0, "ldmatrix rows 16-byte aligned");
 };
 
 /*
@@ -653,15 +655,22 @@ kp_pairs_before(const uint16_t *Xq, const uint16_t *Xk, const uint16_t *Kr, int 
 		const uint16_t *X = which ? Xk : Xq;
 		float		acc[4] = {0, 0, 0, 0};
 
+		static_assert(K % 32 == 0 && (2 * LK) % 16 == 0, "ldmatrix: two k steps a pass, 16-byte rows");
+		/* the fragments by ldmatrix: 3 instructions for two k steps where
+		 * kp_frag_a / kp_frag_b took 12 shared loads (the same registers,
+		 * so the same products in the same k order) */
 #pragma unroll
-		for (int kk = 0; kk < K; kk += 16)
+		for (int kk = 0; kk < K; kk += 32)
 		{
-			uint32_t	a[4],
-						bb[2];
+			uint32_t	a0[4],
+						a1[4],
+						bb[4];
 
-			kp_frag_a(a, X, LK, 0, kk, lane);
-			kp_frag_b(bb, Kr, LK, n0, kk, lane);
-			mma_bf16_16816(acc, a, bb[0], bb[1]);
+			ldsm_x4(a0, X + (lane & 15) * LK + kk + ((lane >> 4) << 3));
+			ldsm_x4(a1, X + (lane & 15) * LK + kk + 16 + ((lane >> 4) << 3));
+			ldsm_x4(bb, Kr + (n0 + (lane & 7)) * LK + kk + ((lane >> 3) << 3));
+			mma_bf16_16816(acc, a0, bb[0], bb[1]);
+			mma_bf16_16816(acc, a1, bb[2], bb[3]);
 		}
 		{
 			int			r = s0 + gq,
@@ -748,17 +757,37 @@ kp_wu_product(const uint16_t *Lb, const uint16_t *KbT, const uint16_t *VbT, uint
 		{
 			uint32_t	a[4];
 
-			kp_frag_a(a, Lb, LC, 16 * m, kk, lane);
-#pragma unroll
-			for (int j = 0; j < NT; j++)
+			/* fragments by ldmatrix (the registers kp_frag_a / kp_frag_b
+			 * load, one instruction for A and one for two column tiles'
+			 * B where there were 4 + 2 NT shared loads) */
+			ldsm_x4(a, Lb + (16 * m + (lane & 15)) * LC + kk + ((lane >> 4) << 3));
+			if constexpr (NT % 2 == 0)
 			{
-				int			col = 8 * (warp * NT + j);
-				const uint16_t *bt = col < K ? KbT + col * LC : VbT + (col - K) * LC;
-				uint32_t	bb[2];
+				/* a warp's NT tiles are adjacent columns of one of Kb^T, Vb^T */
+				static_assert(K % (8 * NT) == 0, "a warp's tiles in one matrix");
+#pragma unroll
+				for (int j = 0; j < NT; j += 2)
+				{
+					int			col = 8 * (warp * NT + j);
+					const uint16_t *bt = col < K ? KbT + col * LC : VbT + (col - K) * LC;
+					uint32_t	bb[4];
 
-				kp_frag_b(bb, bt, LC, 0, kk, lane);
-				mma_bf16_16816(acc[j], a, bb[0], bb[1]);
+					ldsm_x4(bb, bt + (((lane >> 4) << 3) + (lane & 7)) * LC + kk + (((lane >> 3) & 1) << 3));
+					mma_bf16_16816(acc[j], a, bb[0], bb[1]);
+					mma_bf16_16816(acc[j + 1], a, bb[2], bb[3]);
+				}
 			}
+			else
+#pragma unroll
+				for (int j = 0; j < NT; j++)
+				{
+					int			col = 8 * (warp * NT + j);
+					const uint16_t *bt = col < K ? KbT + col * LC : VbT + (col - K) * LC;
+					uint32_t	bb[2];
+
+					kp_frag_b(bb, bt, LC, 0, kk, lane);
+					mma_bf16_16816(acc[j], a, bb[0], bb[1]);
+				}
 		}
 		if constexpr (STG)
 		{
@@ -1289,6 +1318,8 @@ struct kp6_sub_layout
 	static constexpr int BYTES = IN ? CC + 2 * 8 * LK : KW ? GEEND : KREND;
 	static_assert(!IN || (KW && K == 128), "the cross-half form is for the wide forms at K = 128");
 	static_assert(!IN || 4 * (BYTES + 1024) <= 233472, "4 blocks an SM");
+	static_assert(XQ % 16 == 0 && XK % 16 == 0 && KR % 16 == 0 && (2 * LK) % 16 == 0,
+				  "ldmatrix rows 16-byte aligned");
 };
 
 /* G at the sub-chunk ends, e0..e3, as a register choice (b in 0..3) */
@@ -1796,6 +1827,8 @@ struct kp6_solve_layout
 	static constexpr int U3END = KW ? STW + 8 * 2 * 16 * KP_STW : 0;
 	static constexpr int U12 = U1END > U2END ? U1END : U2END;
 	static constexpr int BYTES = U12 > U3END ? U12 : U3END;
+	static_assert(LB % 16 == 0 && KBT % 16 == 0 && VBT % 16 == 0 && (2 * LC) % 16 == 0,
+				  "ldmatrix rows 16-byte aligned");
 };
 
 template <int K, typename TIN, int KW>
