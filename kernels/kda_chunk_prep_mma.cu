@@ -2030,9 +2030,9 @@ kk_set_kda_kp6_wide(int on)
 
 /* set by kk_set_kda_kp6_intra (KL_CUDA_KDA_KP6_INTRA): the sub-chunk
  * kernel's pairs of rows 8 .. 15 with columns 0 .. 7 on tensor cores from
- * fp16 operands (1; the wide forms only), or all its pairs inside the
- * sub-chunk on CUDA cores (0, default: the outputs as before, bit for bit) */
-static int kda_kp6_intra = 0;
+ * fp16 operands (1, default; the wide forms only), or all its pairs inside
+ * the sub-chunk on CUDA cores (0: the outputs as before, bit for bit) */
+static int kda_kp6_intra = 1;
 
 extern "C" int
 kk_set_kda_kp6_intra(int on)

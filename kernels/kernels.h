@@ -533,8 +533,8 @@ void		kk_set_kda_kp6_wide(int on);
  * with columns 0 .. 7 of each 16-row sub-chunk on tensor cores (mma with
  * fp16 operands through the reference point row 7: P's and A's entries
  * there within ~2^-10 of their terms' magnitudes, the rest bit for bit;
- * wide forms only), 0 (default) = all on CUDA cores as before.  Returns
- * the value it replaces. */
+ * wide forms only; the default), 0 = all on CUDA cores as before.
+ * Returns the value it replaces. */
 int			kk_set_kda_kp6_intra(int on);
 /*
  * KL_CUDA_KDA_PREP_MMA=4 (K = 128, conv width 1 .. 4: kk_kda_prep_fused_ok):
