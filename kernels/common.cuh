@@ -226,6 +226,29 @@ mma_bf16_16816(float *d, const uint32_t *a, uint32_t b0, uint32_t b1)
 	mma_bf16_16816(d, a[0], a[1], a[2], a[3], b0, b1);
 }
 
+/* d += a b for an m16n8k16 tile of fp16 operands (IEEE binary16: 2^-11
+ * relative rounding against bf16's 2^-8, for operands known to lie in
+ * [-1, 1]), fp32 accumulation; registers as mma_bf16_16816's */
+__device__ __forceinline__ void
+mma_f16_16816(float *d, const uint32_t *a, uint32_t b0, uint32_t b1)
+{
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+				 "{%0, %1, %2, %3};\n"
+				 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+				 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* x as IEEE fp16 bits, rounded to nearest even (values below fp16's range
+ * become subnormals or 0) */
+__device__ __forceinline__ uint16_t
+cvt_f16(float x)
+{
+	uint16_t	r;
+
+	asm("cvt.rn.f16.f32 %0, %1;\n":"=h"(r):"f"(x));
+	return r;
+}
+
 /* a float over the 4 lanes of an mma fragment row's quad (lanes 4g .. 4g + 3): max, sum */
 __device__ __forceinline__ float
 quad_max(float v)

@@ -96,6 +96,8 @@ struct kp_layout
 	static constexpr int VBT = KBT + 2 * K * LC;
 	static constexpr int U2END = VBT + 2 * K * LC;
 	static constexpr int BYTES = U1END > U2END ? U1END : U2END;
+	static_assert(XQ % 16 == 0 && XK % 16 == 0 && KR % 16 == 0 && LB % 16 == 0 && KBT % 16 == 0 &&
+				  VBT % 16 == 0 && (2 * LK) % 16 == 0 && (2 * LC) % 16 == 0, "ldmatrix rows 16-byte aligned");
 };
 
 /*
@@ -653,15 +655,22 @@ kp_pairs_before(const uint16_t *Xq, const uint16_t *Xk, const uint16_t *Kr, int 
 		const uint16_t *X = which ? Xk : Xq;
 		float		acc[4] = {0, 0, 0, 0};
 
+		static_assert(K % 32 == 0 && (2 * LK) % 16 == 0, "ldmatrix: two k steps a pass, 16-byte rows");
+		/* the fragments by ldmatrix: 3 instructions for two k steps where
+		 * kp_frag_a / kp_frag_b took 12 shared loads (the same registers,
+		 * so the same products in the same k order) */
 #pragma unroll
-		for (int kk = 0; kk < K; kk += 16)
+		for (int kk = 0; kk < K; kk += 32)
 		{
-			uint32_t	a[4],
-						bb[2];
+			uint32_t	a0[4],
+						a1[4],
+						bb[4];
 
-			kp_frag_a(a, X, LK, 0, kk, lane);
-			kp_frag_b(bb, Kr, LK, n0, kk, lane);
-			mma_bf16_16816(acc, a, bb[0], bb[1]);
+			ldsm_x4(a0, X + (lane & 15) * LK + kk + ((lane >> 4) << 3));
+			ldsm_x4(a1, X + (lane & 15) * LK + kk + 16 + ((lane >> 4) << 3));
+			ldsm_x4(bb, Kr + (n0 + (lane & 7)) * LK + kk + ((lane >> 3) << 3));
+			mma_bf16_16816(acc, a0, bb[0], bb[1]);
+			mma_bf16_16816(acc, a1, bb[2], bb[3]);
 		}
 		{
 			int			r = s0 + gq,
@@ -748,17 +757,37 @@ kp_wu_product(const uint16_t *Lb, const uint16_t *KbT, const uint16_t *VbT, uint
 		{
 			uint32_t	a[4];
 
-			kp_frag_a(a, Lb, LC, 16 * m, kk, lane);
-#pragma unroll
-			for (int j = 0; j < NT; j++)
+			/* fragments by ldmatrix (the registers kp_frag_a / kp_frag_b
+			 * load, one instruction for A and one for two column tiles'
+			 * B where there were 4 + 2 NT shared loads) */
+			ldsm_x4(a, Lb + (16 * m + (lane & 15)) * LC + kk + ((lane >> 4) << 3));
+			if constexpr (NT % 2 == 0)
 			{
-				int			col = 8 * (warp * NT + j);
-				const uint16_t *bt = col < K ? KbT + col * LC : VbT + (col - K) * LC;
-				uint32_t	bb[2];
+				/* a warp's NT tiles are adjacent columns of one of Kb^T, Vb^T */
+				static_assert(K % (8 * NT) == 0, "a warp's tiles in one matrix");
+#pragma unroll
+				for (int j = 0; j < NT; j += 2)
+				{
+					int			col = 8 * (warp * NT + j);
+					const uint16_t *bt = col < K ? KbT + col * LC : VbT + (col - K) * LC;
+					uint32_t	bb[4];
 
-				kp_frag_b(bb, bt, LC, 0, kk, lane);
-				mma_bf16_16816(acc[j], a, bb[0], bb[1]);
+					ldsm_x4(bb, bt + (((lane >> 4) << 3) + (lane & 7)) * LC + kk + (((lane >> 3) & 1) << 3));
+					mma_bf16_16816(acc[j], a, bb[0], bb[1]);
+					mma_bf16_16816(acc[j + 1], a, bb[2], bb[3]);
+				}
 			}
+			else
+#pragma unroll
+				for (int j = 0; j < NT; j++)
+				{
+					int			col = 8 * (warp * NT + j);
+					const uint16_t *bt = col < K ? KbT + col * LC : VbT + (col - K) * LC;
+					uint32_t	bb[2];
+
+					kp_frag_b(bb, bt, LC, 0, kk, lane);
+					mma_bf16_16816(acc[j], a, bb[0], bb[1]);
+				}
 		}
 		if constexpr (STG)
 		{
@@ -1259,7 +1288,7 @@ kp_in_nc(const uint16_t *p, int i)
 	return bf16_to_f32(__ldg(p + i));
 }
 
-template <int K, int KW>
+template <int K, int KW, int IN = 0>
 struct kp6_sub_layout
 {
 	static constexpr int LK = K + 8;
@@ -1273,9 +1302,24 @@ struct kp6_sub_layout
 	static constexpr int KR = XK + 2 * 16 * LK;	/* Kr [48][LK] bf16 */
 	static constexpr int KREND = KR + 2 * 48 * LK;
 	/* KW: G at the sub-chunk ends [4][K] and at their rows 7 [4][K] fp32,
-	 * from the threads of rows 0 .. 7 */
+	 * from the threads of rows 0 .. 7.  IN (KL_CUDA_KDA_KP6_INTRA=1): only
+	 * this block's row 7 is kept, Ge [5][K] (the block reads no other) */
 	static constexpr int GE = KREND;
-	static constexpr int BYTES = KW ? GE + 4 * 8 * K : KREND;
+	static constexpr int GEEND = GE + 4 * (IN ? 5 : 8) * K;
+	/* IN: the cross-half operands, fp16 [LK] rows: CQK rows 0 .. 7 q_i
+	 * exp(G_i - G_r), rows 8 .. 15 k_i exp(G_i - G_r) (i = 8 .. 15: one
+	 * mma A operand whose upper half gives P, its lower half A), CC k_j
+	 * exp(G_r - G_j) (j = 0 .. 7), r the sub-chunk's row 7.  K = 128:
+	 * 47,424 + 2,560 (Ge) + 4,352 + 2,176 = 56,512 bytes; 4 blocks an SM
+	 * take 4 (56,512 + 1,024 reserved) = 230,144 <= the H200's 233,472
+	 * (without the trim of Ge: 58,048, 236,288: 3 blocks) */
+	static constexpr int CQK = GEEND;
+	static constexpr int CC = CQK + 2 * 16 * LK;
+	static constexpr int BYTES = IN ? CC + 2 * 8 * LK : KW ? GEEND : KREND;
+	static_assert(!IN || (KW && K == 128), "the cross-half form is for the wide forms at K = 128");
+	static_assert(!IN || 4 * (BYTES + 1024) <= 233472, "4 blocks an SM");
+	static_assert(XQ % 16 == 0 && XK % 16 == 0 && KR % 16 == 0 && (2 * LK) % 16 == 0,
+				  "ldmatrix rows 16-byte aligned");
 };
 
 /* G at the sub-chunk ends, e0..e3, as a register choice (b in 0..3) */
@@ -1283,6 +1327,37 @@ __device__ __forceinline__ float
 kp6_pick(int b, float e0, float e1, float e2, float e3)
 {
 	return b == 0 ? e0 : b == 1 ? e1 : b == 2 ? e2 : e3;
+}
+
+/*
+ * KL_CUDA_KDA_KP6_INTRA=1: the cross-half pairs of sub-chunk s0 (rows
+ * 8 .. 15 against columns 0 .. 7), one warp: 8 k steps of m16n8k16 on
+ * fp16 operands, CQK's rows 0 .. 7 (q side) and 8 .. 15 (k side) against
+ * CC, so that one accumulator tile holds P's block (its upper half) and
+ * A's (its lower half, scaled here by beta_i as the chain's entries).
+ * P's bf16 entries go to P [C][C], A's to the diagonal block sAd [16][16].
+ */
+template <int K, int LK>
+__device__ __forceinline__ void
+kp6_cross(const uint16_t *CQK, const uint16_t *CC, int s0, int lane, uint16_t *P, float *sAd, const float *sb)
+{
+	constexpr int C = KDA_CHUNK;
+	int			gq = lane >> 2,
+				t2 = 2 * (lane & 3);
+	float		acc[4] = {0, 0, 0, 0};
+
+#pragma unroll
+	for (int kk = 0; kk < K; kk += 16)
+	{
+		uint32_t	a[4],
+					bb[2];
+
+		kp_frag_a(a, CQK, LK, 0, kk, lane);
+		kp_frag_b(bb, CC, LK, 0, kk, lane);
+		mma_f16_16816(acc, a, bb[0], bb[1]);
+	}
+	*(uint32_t *) (P + (s0 + 8 + gq) * C + s0 + t2) = cvt_bf16x2(acc[0], acc[1]);
+	*(float2 *) (sAd + (8 + gq) * 16 + t2) = make_float2(sb[8 + gq] * acc[2], sb[8 + gq] * acc[3]);
 }
 
 /*
@@ -1312,15 +1387,20 @@ kp6_pick(int b, float e0, float e1, float e2, float e3)
  * there only after the solve has read it), so that the solve reads 16 KB
  * of Kb^T instead of g and k (32 + 32 KB fp32: it is close to the DRAM
  * rate, 2.4 GB at 32k tokens in 0.84 ms).
+ * IN (KL_CUDA_KDA_KP6_INTRA=1, KW only): the pairs inside the sub-chunk
+ * whose row is in rows 8 .. 15 and column in 0 .. 7 (64 of the 136) on
+ * tensor cores through the reference point r = row 7 (kp6_cross), the two
+ * 8-row triangles left to the chain (phase C's comment); those entries
+ * keep their bits, the 64 others change by the fp16 operands' rounding.
  */
-template <int K, typename TIN, bool FULL, int KW>
+template <int K, typename TIN, bool FULL, int KW, int IN>
 __device__ __forceinline__ void
 kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k, const float *__restrict__ g,
 			 const float *__restrict__ beta, uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16,
 			 uint16_t *P16, float *glast)
 {
 	static_assert(K == 128, "the lane layout of the pairs assumes K = 128");
-	typedef kp6_sub_layout<K, KW> L;
+	typedef kp6_sub_layout<K, KW, IN> L;
 	constexpr int C = KDA_CHUNK;
 	constexpr int NTH = 256;
 	extern __shared__ uint4 kp_smem[];
@@ -1433,7 +1513,8 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 	 * s0 + 7 in order, what the other thread adds up before its rows).
 	 * Warps 4 .. 7 skip 64 + 8 loads and adds: the same numbers.  (The same
 	 * for the Kr loop's G at row 16 b2 + 7 made ptxas spill 16 bytes at the
-	 * 64 registers of 4 blocks an SM: not done.) */
+	 * 64 registers of 4 blocks an SM: not done.)  IN: only this block's
+	 * row 7 goes to Ge, at Ge[4 K + c]. */
 	{
 		int			c = tid & (K - 1),
 					i0 = 8 * (tid >> 7);	/* this thread's rows i0 .. i0 + 7 of the sub-chunk */
@@ -1460,8 +1541,8 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 				for (int u = 0; u < 16; u++)
 				{
 					G += gl[u];
-					if (KW && u == 7)	/* G at row 16 s16 + 7: where rows 8 .. 15 start */
-						Ge[(4 + s16) * K + c] = G;
+					if (KW && u == 7 && (!IN || s16 == b))	/* G at row 16 s16 + 7: where rows 8 .. 15 start */
+						Ge[(IN ? 4 : 4 + s16) * K + c] = G;
 				}
 				e[s16] = G;
 			}
@@ -1505,9 +1586,16 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 			float		ktv[8],
 						xprev = 0;
 			uint32_t	xb[4];	/* KW: this thread's 8 values of Kb^T, bf16 pairs */
+			/* IN: G at row s0 + 7, the reference point of the cross-half
+			 * operands: the i0 = 0 thread's own fold passes through the
+			 * same bits (G at s0 - 1 plus rows s0 .. s0 + 7 in row order,
+			 * rows past n adding +0, the adds of phase A), so its rows'
+			 * exponents G_r - G_j are <= 0, as the others' G_i - G_r */
+			float		Gr = IN ? Ge[4 * K + c] : 0.0f;
+			uint16_t   *Cx = (uint16_t *) (sm + (i0 ? L::CQK : L::CC)) + c;	/* IN: this thread's operand column */
 
 			if (KW && i0 > 0)
-				G = Ge[(4 + b) * K + c];	/* the fold's G at row s0 + 7: the sum below */
+				G = IN ? Gr : Ge[(4 + b) * K + c];	/* the fold's G at row s0 + 7: the sum below */
 			else if (i0 > 0)
 #pragma unroll
 				for (int ii = 0; ii < 8; ii++)
@@ -1532,7 +1620,23 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 					dq[ii * K + c] = qv;
 					dk[ii * K + c] = kv;
 				}
-				da[ii * K + c] = kp3_exp(gv);
+				if (!IN || u > 0)	/* IN: rows 0 and 8 start the chains, no decay read */
+					da[ii * K + c] = kp3_exp(gv);
+				if constexpr (IN)
+				{
+					/* the cross-half operands: every factor in (0, 1], the
+					 * values in [-1, 1] (q, k L2-normalized): no fp16 overflow */
+					float		d = G - Gr,
+								x = kp3_exp(i0 ? d : -d);
+
+					if (i0)
+					{
+						Cx[u * L::LK] = cvt_f16(qv * x);
+						Cx[(8 + u) * L::LK] = cvt_f16(kv * x);
+					}
+					else
+						Cx[u * L::LK] = cvt_f16(kv * x);
+				}
 				if (b > 0)
 				{
 					Xq[ii * L::LK + c] = kp3_bf16(qv * F);
@@ -1584,10 +1688,16 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 	/* C. the pairs inside the sub-chunk (=3's lanes and tree).  Row ii
 	 * decays kd (ii > jj) and is stored (ii >= jj): rows 2 warp and
 	 * 2 warp + 1 are peeled, where that depends on the lane's jj; every row
-	 * after has ii > jj */
+	 * after has ii > jj.  IN: only the triangles of rows and columns 0 .. 7
+	 * and 8 .. 15 (kp6_cross has the rest): half-warp 0 walks column w,
+	 * half-warp 1 column w + 8, both 8 - w rows from their diagonal, the
+	 * same trip count (w = warp for warps 0 .. 3, 11 - warp for 4 .. 7, so
+	 * that the warps sharing a scheduler, warp and warp + 4, walk 9 rows
+	 * together); then warp 4, with one row, takes the cross block */
 	{
 		int			hw = lane >> 4,
-					jj = 2 * warp + hw,
+					w8 = warp < 4 ? warp : 11 - warp,
+					jj = IN ? w8 + 8 * hw : 2 * warp + hw,
 					sl = lane & 15;
 		const float4 *dq4 = (const float4 *) dq + sl,
 				   *dk4 = (const float4 *) dk + sl,
@@ -1637,11 +1747,24 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 				Aj[ii * 16] = sb[ii] * keep;
 		};
 
-		row(2 * warp, false, hw == 0, false);
-		row(2 * warp + 1, hw == 0, true, hw == 0);
+		if constexpr (IN)
+		{
+			row(jj, false, true, false);
 #pragma unroll 1
-		for (int ii = 2 * warp + 2; ii < 16; ii++)
-			row(ii, true, true, true);
+			for (int ii = jj + 1; ii < jj + 8 - w8; ii++)	/* 7 - w8 rows in either half: no divergence */
+				row(ii, true, true, true);
+			if (warp == 4)
+				kp6_cross<K, L::LK>((const uint16_t *) (sm + L::CQK), (const uint16_t *) (sm + L::CC), s0, lane,
+									P, sAd, sb);
+		}
+		else
+		{
+			row(2 * warp, false, hw == 0, false);
+			row(2 * warp + 1, hw == 0, true, hw == 0);
+#pragma unroll 1
+			for (int ii = 2 * warp + 2; ii < 16; ii++)
+				row(ii, true, true, true);
+		}
 	}
 	/* pairs with the sub-chunks before (mma): P to its rows, A (beta-scaled)
 	 * to the scratch rows */
@@ -1661,18 +1784,18 @@ kp6_sub_body(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k,
 	}
 }
 
-/* one block per (16-row sub-chunk, chunk, head); KW: kp6_sub_body's; U16:
- * the tiles' U0 room (KW = 2 leaves Kb^T there for the solve) */
-template <int K, typename TIN, int KW>
+/* one block per (16-row sub-chunk, chunk, head); KW, IN: kp6_sub_body's;
+ * U16: the tiles' U0 room (KW = 2 leaves Kb^T there for the solve) */
+template <int K, typename TIN, int KW, int IN = 0>
 __global__ void __launch_bounds__(256, 4)
 kp6_sub_kernel(int n, int H, const TIN *__restrict__ q, const TIN *__restrict__ k, const float *__restrict__ g,
 			   const float *__restrict__ beta, uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16,
 			   uint16_t *P16, float *glast)
 {
 	if (n - (int) (blockIdx.x >> 2) * KDA_CHUNK >= KDA_CHUNK)
-		kp6_sub_body<K, TIN, true, KW>(n, H, q, k, g, beta, W16, U16, Q16, Kt16, P16, glast);
+		kp6_sub_body<K, TIN, true, KW, IN>(n, H, q, k, g, beta, W16, U16, Q16, Kt16, P16, glast);
 	else
-		kp6_sub_body<K, TIN, false, KW>(n, H, q, k, g, beta, W16, U16, Q16, Kt16, P16, glast);
+		kp6_sub_body<K, TIN, false, KW, IN>(n, H, q, k, g, beta, W16, U16, Q16, Kt16, P16, glast);
 }
 
 /*
@@ -1704,6 +1827,8 @@ struct kp6_solve_layout
 	static constexpr int U3END = KW ? STW + 8 * 2 * 16 * KP_STW : 0;
 	static constexpr int U12 = U1END > U2END ? U1END : U2END;
 	static constexpr int BYTES = U12 > U3END ? U12 : U3END;
+	static_assert(LB % 16 == 0 && KBT % 16 == 0 && VBT % 16 == 0 && (2 * LC) % 16 == 0,
+				  "ldmatrix rows 16-byte aligned");
 };
 
 template <int K, typename TIN, int KW>
@@ -1867,25 +1992,26 @@ kp6_solve_kernel(int n, int H, const TIN *__restrict__ k, const TIN *__restrict_
 }
 
 /* =6's two kernels (K = 128); KW: their wide forms (kp6_sub_body,
- * kp6_solve_layout; 2: with the Kb^T hand-off) */
-template <typename TIN, int KW>
+ * kp6_solve_layout; 2: with the Kb^T hand-off); IN: the sub-chunk kernel's
+ * cross-half pairs on tensor cores (KW only) */
+template <typename TIN, int KW, int IN = 0>
 static int
 kp6_launch_form(cudaStream_t s, int n, int H, const TIN *q, const TIN *k, const TIN *v, const float *g,
 				const float *beta, uint16_t *W16, uint16_t *U16, uint16_t *Q16, uint16_t *Kt16, uint16_t *P16,
 				float *gl)
 {
 	unsigned	nc = (unsigned) ((n + KDA_CHUNK - 1) / KDA_CHUNK);
-	int			sm1 = kp6_sub_layout<128, KW>::BYTES,
+	int			sm1 = kp6_sub_layout<128, KW, IN>::BYTES,
 				sm2 = kp6_solve_layout<128, KW>::BYTES;
 	cudaError_t e;
 
-	if ((e = cudaFuncSetAttribute(kp6_sub_kernel<128, TIN, KW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+	if ((e = cudaFuncSetAttribute(kp6_sub_kernel<128, TIN, KW, IN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
 								  sm1)) != cudaSuccess ||
 		(e = cudaFuncSetAttribute(kp6_solve_kernel<128, TIN, KW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
 								  sm2)) != cudaSuccess)
 		return (int) e;
-	kp6_sub_kernel<128, TIN, KW><<<dim3(4 * nc, H), 256, sm1, s>>>(n, H, q, k, g, beta, W16, U16, Q16, Kt16, P16,
-																	gl);
+	kp6_sub_kernel<128, TIN, KW, IN><<<dim3(4 * nc, H), 256, sm1, s>>>(n, H, q, k, g, beta, W16, U16, Q16, Kt16,
+																		P16, gl);
 	kp6_solve_kernel<128, TIN, KW><<<dim3(nc, H), 256, sm2, s>>>(n, H, k, v, g, beta, W16, U16);
 	return 0;
 }
@@ -1902,6 +2028,21 @@ kk_set_kda_kp6_wide(int on)
 	kda_kp6_wide = on;
 }
 
+/* set by kk_set_kda_kp6_intra (KL_CUDA_KDA_KP6_INTRA): the sub-chunk
+ * kernel's pairs of rows 8 .. 15 with columns 0 .. 7 on tensor cores from
+ * fp16 operands (1, default; the wide forms only), or all its pairs inside
+ * the sub-chunk on CUDA cores (0: the outputs as before, bit for bit) */
+static int kda_kp6_intra = 1;
+
+extern "C" int
+kk_set_kda_kp6_intra(int on)
+{
+	int			was = kda_kp6_intra;
+
+	kda_kp6_intra = on;
+	return was;
+}
+
 template <typename TIN>
 static int
 kp6_launch(cudaStream_t s, int n, int H, const TIN *q, const TIN *k, const TIN *v, const float *g,
@@ -1914,8 +2055,12 @@ kp6_launch(cudaStream_t s, int n, int H, const TIN *q, const TIN *k, const TIN *
 	if (!aligned || kda_kp6_wide <= 0)
 		return kp6_launch_form<TIN, 0>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
 	if (kda_kp6_wide == 1)
-		return kp6_launch_form<TIN, 1>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
-	return kp6_launch_form<TIN, 2>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
+		return kda_kp6_intra == 1 ?
+			kp6_launch_form<TIN, 1, 1>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl) :
+			kp6_launch_form<TIN, 1>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
+	return kda_kp6_intra == 1 ?
+		kp6_launch_form<TIN, 2, 1>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl) :
+		kp6_launch_form<TIN, 2>(s, n, H, q, k, v, g, beta, W16, U16, Q16, Kt16, P16, gl);
 }
 
 /* set by kk_set_kda_prep_mma: kk_kda_chunked_mma's parallel half on tensor

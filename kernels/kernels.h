@@ -529,6 +529,13 @@ int			kk_kda_chunk_prep_bf16_in16(cudaStream_t s, int n, int H, int K, const uin
  * U16 room; the solve then reads no g or k), or 0 the forms before; the
  * same outputs bit for bit (q or k not 16-byte aligned: the forms before). */
 void		kk_set_kda_kp6_wide(int on);
+/* KL_CUDA_KDA_KP6_INTRA: 1 = the sub-chunk kernel's pairs of rows 8 .. 15
+ * with columns 0 .. 7 of each 16-row sub-chunk on tensor cores (mma with
+ * fp16 operands through the reference point row 7: P's and A's entries
+ * there within ~2^-10 of their terms' magnitudes, the rest bit for bit;
+ * wide forms only; the default), 0 = all on CUDA cores as before.
+ * Returns the value it replaces. */
+int			kk_set_kda_kp6_intra(int on);
 /*
  * KL_CUDA_KDA_PREP_MMA=4 (K = 128, conv width 1 .. 4: kk_kda_prep_fused_ok):
  * kk_kda_chunked_mma of one sequence computed from the op's raw inputs, the

@@ -1048,6 +1048,16 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		 * (default) those with the right-hand side Kb^T formed by the
 		 * sub-chunk kernel, so that the solve reads no g or k.  The same
 		 * outputs bit for bit.
+		 * KL_CUDA_KDA_KP6_INTRA=1 (default): in =6's wide forms the sub-chunk
+		 * kernel's pairs of rows 8 .. 15 with columns 0 .. 7 (64 of a 16-row
+		 * sub-chunk's 136) as one mma tile from fp16 operands through the
+		 * reference point row 7 (factors exp(G_i - G_r), exp(G_r - G_j) <= 1
+		 * whatever the gate), the two 8-row triangles on CUDA cores as
+		 * before; those 64 entries of P and A change by the operands'
+		 * rounding (check_kda_kp6_intra: W and U as far from fp64 as with
+		 * 0), the rest keep their bits.  H200 2026-12-03: kp6_sub 1.74 ->
+		 * 1.53 ms at 32k tokens x 32 heads, the KDA op -4 % at 8k-128k.  0:
+		 * all pairs on CUDA cores, the outputs as before.
 		 * KL_CUDA_KDA_ELEM_WARP: which kernels run the KDA prep (conv, norms,
 		 * decay) and the gated norm, a mask (kernels.h KK_KDA_EW_*), all with
 		 * the same outputs bit for bit: 2 the gated norm as a warp per
@@ -1154,6 +1164,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 				   *kew = getenv("KL_CUDA_KDA_ELEM_WARP"),
 				   *kpf = getenv("KL_CUDA_KDA_PREP_FORM"),
 				   *kpw = getenv("KL_CUDA_KDA_KP6_WIDE"),
+				   *kpi = getenv("KL_CUDA_KDA_KP6_INTRA"),
 				   *ki16 = getenv("KL_CUDA_KDA_IN16"),
 				   *ko16 = getenv("KL_CUDA_KDA_OUT16");
 		int			major = 0;
@@ -1193,6 +1204,7 @@ kl_cuda_backend_create(const kl_config *cfg, const kl_backend_opts *opts, kl_bac
 		}
 		kk_set_kda_prep_mma(kpm && *kpm ? ((atoi(kpm) >= 0 && atoi(kpm) <= 4) || atoi(kpm) == 6 ? atoi(kpm) : 6) : 6);
 		kk_set_kda_kp6_wide(kpw && *kpw && atoi(kpw) >= 0 && atoi(kpw) <= 2 ? atoi(kpw) : 2);
+		kk_set_kda_kp6_intra(kpi && *kpi && atoi(kpi) == 0 ? 0 : 1);
 		kk_set_kda_elem_warp(kew && *kew ? atoi(kew) & (KK_KDA_EW_NORM_WARP | KK_KDA_EW_PREP_ROWS | KK_KDA_EW_FAST) :
 							 KK_KDA_EW_DEFAULT);
 		kk_set_kda_prep_form(kpf && *kpf ? atoi(kpf) : 6);

@@ -457,6 +457,19 @@ kl_cuda_test_kda_kp6_wide(int on)
 }
 
 /*
+ * For test/engine/test_cuda.c only (found with dlsym): the sub-chunk
+ * kernel's cross-half pairs on tensor cores (1, KL_CUDA_KDA_KP6_INTRA) or
+ * on CUDA cores (0, default), for the calls of kl_cuda_test_kda_chunked_raw
+ * that follow.  Returns the value it replaces (so checks can pin a form and
+ * give the environment's back).
+ */
+__attribute__((visibility("default"))) int
+kl_cuda_test_kda_kp6_intra(int on)
+{
+	return kk_set_kda_kp6_intra(on);
+}
+
+/*
  * For test/engine/test_cuda.c only (found with dlsym): kk_kda_chunked_mma's
  * sequential part as the 4-warp kernel (1), the wide one with 32 columns a
  * block (2, KL_CUDA_KDA_MMA's default), with 64 (3) or with 8 warps (4),

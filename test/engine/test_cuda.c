@@ -90,7 +90,12 @@
  * and that half's bf16-input form must give the 63.5 KB kernel's (=3)
  * arrays, outputs and state bit for bit (check_kda_prep_split, through the
  * hook kl_cuda_test_kda_chunked_raw), in each of =6's forms
- * (KL_CUDA_KDA_KP6_WIDE 2, the default, 1 and 0).
+ * (KL_CUDA_KDA_KP6_WIDE 2, the default, 1 and 0), with the pairs inside its
+ * sub-chunks on CUDA cores (KL_CUDA_KDA_KP6_INTRA=0, pinned there).  With
+ * KL_CUDA_KDA_KP6_INTRA=1 (64 of a sub-chunk's 136 pairs from fp16 operands
+ * on tensor cores) the prep's other arrays keep their bits and P, W, U stay
+ * within bounds of an fp64 reference derived from the operands' rounding
+ * (check_kda_kp6_intra).
  *
  * The KDA op's bf16 sides in precision bf16 (KL_CUDA_KDA_IN16: q, k, v, f
  * products keep bf16 results; KL_CUDA_KDA_OUT16: bf16 prepared q, k, v):
@@ -4855,6 +4860,8 @@ check_kda_prep_split(void)
 	kda_chunked_raw_fn fn = NULL;
 	void		(*prep_mma) (int) = NULL;
 	void		(*kp6_wide) (int) = NULL;
+	int			(*intra) (int) = NULL;
+	int			intra_was = 0;
 	size_t		(*scr_bytes) (int, int, int) = NULL;
 	uint64_t	rs = 1717;
 
@@ -4864,6 +4871,9 @@ check_kda_prep_split(void)
 	*(void **) &prep_mma = dlsym(lib, "kl_cuda_test_kda_prep_mma");
 	*(void **) &kp6_wide = dlsym(lib, "kl_cuda_test_kda_kp6_wide");
 	*(void **) &scr_bytes = dlsym(lib, "kl_cuda_test_kda_chunk_mma_scratch");
+	*(void **) &intra = dlsym(lib, "kl_cuda_test_kda_kp6_intra");
+	if (intra)					/* bit for bit holds for the CUDA-core pairs only (the environment's back after) */
+		intra_was = intra(0);
 	tap_ok(prep_mma != NULL && kp6_wide != NULL && scr_bytes != NULL,
 		   "the CUDA library exports kl_cuda_test_kda_prep_mma, kl_cuda_test_kda_kp6_wide and "
 		   "kl_cuda_test_kda_chunk_mma_scratch");
@@ -4944,6 +4954,332 @@ check_kda_prep_split(void)
 	}
 	if (prep_mma)
 		prep_mma(6);			/* the default again */
+	if (intra)
+		intra(intra_was);
+	dlclose(lib);
+	kl_model_free(m);
+}
+
+/*
+ * KL_CUDA_KDA_KP6_INTRA=1 (kp6_sub_kernel's cross-half pairs on tensor
+ * cores) against =0 on the same inputs, through kl_cuda_test_kda_chunked_raw:
+ * Q16, Kt16, gl and P16 outside the cross blocks (rows 8 .. 15 x columns
+ * 0 .. 7 of each 16-row sub-chunk's diagonal block) bit for bit; P16's cross
+ * entries, W16 and U16 against an fp64 reference (from the same fp32 inputs;
+ * G the exact sums of g from the chunk start).  The cross entry P_ij =
+ * sum_c t_c, t_c = q_ic k_jc exp(G_ic - G_jc), becomes sum_c fp16(q_ic
+ * e_ic) fp16(k_jc f_jc) with e, f <= 1: each operand rounded to 2^-11
+ * relative (or 2^-25 absolute below fp16's normal range), so a term is off
+ * by <= (2 2^-11 + 2^-22) |t_c| + 2 2^-25 (|q|, |k| <= 1); the fp32 sum of
+ * 128 exact products adds <= 128 2^-24 sum |t_c| < 2^-16 sum |t_c|; G_i - G_r
+ * and G_r - G_j come from the fp32 fold (<= 15 adds between the rows, each
+ * rounded to 2^-24 |G|) and ex2's argument: <= 2^-20 |G_ic| relative a term;
+ * then bf16 (2^-8 relative).  So |P - P_ref| <= 2^-8 |P_ref| + (1 + 2^-8)
+ * (sum_c |t_c| (2^-10 + 2^-15 + 2^-20 |G_ic|) + 2^-17), checked per entry
+ * (a CPU emulation of this arithmetic on 2.5M entries, gates down to -50 a
+ * row, stays within 0.43 of the bound before bf16).  W16 and U16 are
+ * (I + A)^-1 [Kb | Vb] with 64 of each sub-chunk's 136 A entries so
+ * perturbed (~1e-5 rms), far below the bf16 rounding of Li, Kb^T and the
+ * outputs that makes form 0's own error: form 1's max and rms errors
+ * against fp64 may be at most 1.5 times form 0's.  o and the state after
+ * (which read P, W, U) must stay within TOL_KDA_MMA of form 0's.  Gates:
+ * kda_prepared_like's, with channels at g = -50 a row (c % 16 == 3), at
+ * g = 0 (c % 16 == 7), and rows at -50 in every fourth channel, so that
+ * factors underflow and others stay 1: no NaN or overflow.  Both input
+ * types; lengths within one chunk, one full chunk, a partial last chunk.
+ */
+typedef struct
+{
+	double		max_err,
+				max_ref,
+				sq_err,
+				sq_ref;
+} kp6i_err;
+
+static void
+kp6i_err_add(kp6i_err *e, double x, double ref)
+{
+	double		d = fabs(x - ref);
+
+	if (d > e->max_err || isnan(x))
+		e->max_err = isnan(x) ? INFINITY : d;
+	if (fabs(ref) > e->max_ref)
+		e->max_ref = fabs(ref);
+	e->sq_err += d * d;
+	e->sq_ref += ref * ref;
+}
+
+/* the gates of check_kda_kp6_intra's comment, after kda_prepared_like's */
+static void
+kp6i_extreme_gates(int T, int H, int K, float *g)
+{
+	for (int t = 0; t < T; t++)
+		for (int h = 0; h < H; h++)
+			for (int c = 0; c < K; c++)
+			{
+				float	   *x = g + ((size_t) t * H + h) * K + c;
+
+				if (c % 16 == 3 || (t % 37 == 5 && c % 4 == 1))
+					*x = -50.0f;
+				else if (c % 16 == 7)
+					*x = 0.0f;
+			}
+}
+
+/* tile (chunk ch, head h), rows 0 .. cn - 1: G (fp64 fold of g) [64][K] */
+static void
+kp6i_fold(int ch, int h, int cn, int H, int K, const float *g, double *G)
+{
+	for (int c = 0; c < K; c++)
+	{
+		double		s = 0;
+
+		for (int i = 0; i < 64; i++)
+		{
+			if (i < cn)
+				s += g[((size_t) (64 * ch + i) * H + h) * K + c];
+			G[i * K + c] = s;
+		}
+	}
+}
+
+/* whether P16's entry (i, j) of a tile is in a cross block */
+static bool
+kp6i_cross(int i, int j)
+{
+	return i / 16 == j / 16 && i % 16 >= 8 && j % 16 < 8;
+}
+
+/*
+ * One tile's reference: P's cross entries checked against the bound of
+ * check_kda_kp6_intra's comment (*bad counts misses; ep[f] errors of P16
+ * form f), W and U = (I + A)^-1 [Kb | Vb] in fp64 into ew, eu for both forms
+ * (x[f]: form f's scratch).  q, k, v as the kernel read them.
+ */
+static void
+kp6i_tile(int ch, int h, int T, int H, int K, const float *q, const float *k, const float *v, const float *g,
+		  const float *beta, char *const x[2], size_t tiles, kp6i_err ep[2], kp6i_err ew[2], kp6i_err eu[2],
+		  int *bad)
+{
+	enum
+	{
+		C = 64
+	};
+	int			cn = T - 64 * ch < C ? T - 64 * ch : C;
+	size_t		tile = (size_t) ch * H + h,
+				row0 = (size_t) 64 * ch;
+	double	   *G = malloc(sizeof(double) * C * K),
+			   *A = calloc((size_t) C * C, sizeof(double)),
+			   *X = calloc((size_t) C * 2 * K, sizeof(double));
+
+#define KP6I_AT(a, i, c) ((a)[((row0 + (i)) * H + h) * K + (c)])
+	kp6i_fold(ch, h, cn, H, K, g, G);
+	for (int i = 0; i < cn; i++)
+		for (int j = 0; j <= i; j++)
+		{
+			double		p = 0, a = 0, sp = 0, b = beta[(row0 + i) * H + h];
+
+			for (int c = 0; c < K; c++)
+			{
+				double		e = exp(G[i * K + c] - G[j * K + c]),
+							tp = (double) KP6I_AT(q, i, c) * KP6I_AT(k, j, c) * e;
+
+				p += tp;
+				a += (double) KP6I_AT(k, i, c) * KP6I_AT(k, j, c) * e;
+				sp += fabs(tp) * (0x1p-10 + 0x1p-15 + 0x1p-20 * fabs(G[i * K + c]));
+			}
+			if (j < i)
+				A[i * C + j] = b * a;
+			if (kp6i_cross(i, j))
+				for (int f = 0; f < 2; f++)
+				{
+					const uint16_t *P = (const uint16_t *) (x[f] + sizeof(uint16_t) * 4 * tiles * C * K) +
+						tile * C * C;
+					double		pv = kl_bf16_to_f32(P[i * C + j]);
+
+					kp6i_err_add(&ep[f], pv, p);
+					if (f == 1 && !(fabs(pv - p) <= 0x1p-8 * fabs(p) + (1 + 0x1p-8) * (sp + 0x1p-17)))
+						(*bad)++;
+				}
+		}
+	/* (I + A) X = [Kb | Vb], rows past n zero (beta = 0 there) */
+	for (int i = 0; i < cn; i++)
+	{
+		double		b = beta[(row0 + i) * H + h];
+
+		for (int c = 0; c < 2 * K; c++)
+		{
+			double		s = c < K ? b * KP6I_AT(k, i, c) * exp(G[i * K + c]) : b * KP6I_AT(v, i, c - K);
+
+			for (int m = 0; m < i; m++)
+				s -= A[i * C + m] * X[m * 2 * K + c];
+			X[i * 2 * K + c] = s;
+		}
+	}
+#undef KP6I_AT
+	for (int f = 0; f < 2; f++)
+	{
+		const uint16_t *W = (const uint16_t *) x[f] + tile * C * K,
+				   *U = (const uint16_t *) x[f] + (tiles + tile) * C * K;
+
+		for (int i = 0; i < C; i++)
+			for (int c = 0; c < K; c++)
+			{
+				kp6i_err_add(&ew[f], kl_bf16_to_f32(W[i * K + c]), X[i * 2 * K + c]);
+				kp6i_err_add(&eu[f], kl_bf16_to_f32(U[i * K + c]), X[i * 2 * K + K + c]);
+			}
+	}
+	free(G);
+	free(A);
+	free(X);
+}
+
+/* form 1's errors (e[1]) at most 1.5 times form 0's, max and rms */
+static bool
+kp6i_err_ok(const kp6i_err e[2])
+{
+	return e[1].max_err <= 1.5 * e[0].max_err && e[1].sq_err <= 1.5 * 1.5 * e[0].sq_err;
+}
+
+/* Q16, Kt16, gl and P16 outside the cross blocks of scratches a, b: the same bits */
+static bool
+kp6i_same_outside(const char *a, const char *b, size_t tiles, int K)
+{
+	enum
+	{
+		C = 64
+	};
+	size_t		p16 = sizeof(uint16_t) * 4 * tiles * C * K,
+				nscr = p16 + sizeof(uint16_t) * tiles * C * C + sizeof(float) * tiles * K;
+	const uint16_t *pa = (const uint16_t *) (a + p16),
+			   *pb = (const uint16_t *) (b + p16);
+
+	if (memcmp(a + p16 / 2, b + p16 / 2, p16 / 2) != 0 ||	/* Q16, Kt16 */
+		memcmp(a + nscr - sizeof(float) * tiles * K, b + nscr - sizeof(float) * tiles * K,
+			   sizeof(float) * tiles * K) != 0)
+		return false;
+	for (size_t tl = 0; tl < tiles; tl++)
+		for (int i = 0; i < C; i++)
+			for (int j = 0; j < C; j++)
+				if (!kp6i_cross(i, j) && pa[(tl * C + i) * C + j] != pb[(tl * C + i) * C + j])
+					return false;
+	return true;
+}
+
+static void
+check_kda_kp6_intra(void)
+{
+	static const struct
+	{
+		int			H,
+					T;
+	}			cases[] = {
+		{32, 17}, {32, 64}, {32, 100}, {8, 1000}, {4, 4096},
+	};
+	const int	K = 128;
+	kl_model   *m;
+	void	   *lib = NULL;
+	kda_chunked_raw_fn fn = NULL;
+	int			(*intra) (int) = NULL;
+	void		(*prep_mma) (int) = NULL;
+	size_t		(*scr_bytes) (int, int, int) = NULL;
+	uint64_t	rs = 1313;
+	int			was = 0;
+
+	m = load_test_hook("kl_cuda_test_kda_chunked_raw", &lib, (void **) &fn);
+	if (!fn)
+		return;
+	*(void **) &intra = dlsym(lib, "kl_cuda_test_kda_kp6_intra");
+	*(void **) &prep_mma = dlsym(lib, "kl_cuda_test_kda_prep_mma");
+	*(void **) &scr_bytes = dlsym(lib, "kl_cuda_test_kda_chunk_mma_scratch");
+	tap_ok(intra != NULL && prep_mma != NULL && scr_bytes != NULL,
+		   "the CUDA library exports kl_cuda_test_kda_kp6_intra, kl_cuda_test_kda_prep_mma and "
+		   "kl_cuda_test_kda_chunk_mma_scratch");
+	if (intra)
+		was = intra(0);
+	for (size_t ci = 0; intra && prep_mma && scr_bytes && ci < sizeof(cases) / sizeof(cases[0]); ci++)
+		for (int in16 = 0; in16 < 2; in16++)
+		{
+			int			H = cases[ci].H,
+						T = cases[ci].T,
+						nc = (T + 63) / 64,
+						bad = 0;
+			size_t		nx = (size_t) T * H * K,
+						nS = (size_t) H * K * K,
+						nscr = scr_bytes(T, H, K),
+						tiles = (size_t) nc * H;
+			float	   *q = rand_floats(nx, -1, 1, &rs),
+					   *k = rand_floats(nx, -1, 1, &rs),
+					   *v = rand_floats(nx, -0.3, 2, &rs),
+					   *g = rand_floats(nx, -4, 4, &rs),
+					   *beta = rand_floats((size_t) T * H, -3, 3, &rs),
+					   *S = rand_floats(nS, -0.5, 0.5, &rs),
+					   *o[2],
+					   *Sa[2];
+			char	   *scr[2];
+			int			rc[2];
+			kp6i_err	ep[2] = {{0}}, ew[2] = {{0}}, eu[2] = {{0}};
+			bool		same;
+
+			kda_prepared_like(T, H, K, q, k, g, beta);
+			kp6i_extreme_gates(T, H, K, g);
+			if (in16)			/* the values the hook hands the bf16-input form */
+				for (size_t i = 0; i < nx; i++)
+				{
+					q[i] = round_bf16(q[i]);
+					k[i] = round_bf16(k[i]);
+					v[i] = round_bf16(v[i]);
+				}
+			prep_mma(6);
+			for (int f = 0; f < 2; f++)
+			{
+				o[f] = malloc(sizeof(float) * nx);
+				Sa[f] = malloc(sizeof(float) * nS);
+				scr[f] = malloc(nscr);
+				intra(f);
+				rc[f] = fn(T, H, K, in16, q, k, v, g, beta, S, o[f], Sa[f], scr[f]);
+			}
+			intra(0);
+			same = rc[0] == 0 && rc[1] == 0 && kp6i_same_outside(scr[0], scr[1], tiles, K);
+			tap_ok(same, "KL_CUDA_KDA_KP6_INTRA=1 keeps Q16, Kt16, gl and P16 outside the cross-half blocks bit for "
+				   "bit%s, %d heads x %d, %d rows (hooks returned %d, %d)", in16 ? " (bf16 inputs)" : "", H, K, T,
+				   rc[0], rc[1]);
+			if (rc[0] == 0 && rc[1] == 0)
+			{
+				for (int ch = 0; ch < nc; ch++)
+					for (int h = 0; h < H; h++)
+						kp6i_tile(ch, h, T, H, K, q, k, v, g, beta, scr, tiles, ep, ew, eu, &bad);
+				tap_ok(bad == 0 && isfinite(ep[1].max_err),
+					   "KL_CUDA_KDA_KP6_INTRA=1: P16's cross-half entries within the fp16 operands' bound of fp64%s, "
+					   "%d heads, %d rows (%d outside; max err %.3e, form 0 %.3e, max |P| %.3e)",
+					   in16 ? " (bf16 inputs)" : "", H, T, bad, ep[1].max_err, ep[0].max_err, ep[0].max_ref);
+				tap_ok(kp6i_err_ok(ew) && kp6i_err_ok(eu),
+					   "KL_CUDA_KDA_KP6_INTRA=1: W16, U16 at most 1.5x form 0's error against fp64%s, %d heads, "
+					   "%d rows (W max %.3e vs %.3e, rms %.3e vs %.3e; U max %.3e vs %.3e, rms %.3e vs %.3e; "
+					   "max |W| %.3e, |U| %.3e)", in16 ? " (bf16 inputs)" : "", H, T, ew[1].max_err,
+					   ew[0].max_err, sqrt(ew[1].sq_err / ew[1].sq_ref), sqrt(ew[0].sq_err / ew[0].sq_ref),
+					   eu[1].max_err, eu[0].max_err, sqrt(eu[1].sq_err / eu[1].sq_ref),
+					   sqrt(eu[0].sq_err / eu[0].sq_ref), ew[0].max_ref, eu[0].max_ref);
+				tap_ok(rel_err(o[1], o[0], nx) <= TOL_KDA_MMA && rel_err(Sa[1], Sa[0], nS) <= TOL_KDA_MMA,
+					   "KL_CUDA_KDA_KP6_INTRA=1: output and state within %.0e of form 0's%s, %d heads, %d rows "
+					   "(%.2e, %.2e)", TOL_KDA_MMA, in16 ? " (bf16 inputs)" : "", H, T, rel_err(o[1], o[0], nx),
+					   rel_err(Sa[1], Sa[0], nS));
+			}
+			for (int f = 0; f < 2; f++)
+			{
+				free(o[f]);
+				free(Sa[f]);
+				free(scr[f]);
+			}
+			free(q);
+			free(k);
+			free(v);
+			free(g);
+			free(beta);
+			free(S);
+		}
+	if (intra)
+		intra(was);
 	dlclose(lib);
 	kl_model_free(m);
 }
@@ -8118,6 +8454,7 @@ main(void)
 	RUN(check_kda_prep_form());
 	RUN(check_kda_chunked_mma());
 	RUN(check_kda_prep_split());
+	RUN(check_kda_kp6_intra());
 	for (int mi = 0; mi < 2; mi++)
 		for (int pi = 0; pi < 2; pi++)
 			for (int bi = 0; bi < 3; bi++)
