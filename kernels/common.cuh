@@ -206,6 +206,35 @@ ldsm_x4_trans(uint32_t *r, const void *p)
 }
 
 /*
+ * mma fragments of bf16 (or fp16) matrices in shared memory by ldmatrix,
+ * the registers the m16n8k16 layouts below take (16-byte aligned rows).
+ * ldsm_frag_a: A, rows r0 .. r0 + 15, columns k0 .. k0 + 15 of a row-major
+ * matrix of row stride ld (lanes 0-15 give the rows at k0, 16-31 at k0 + 8).
+ * ldsm_frag_b_k32: B stored transposed (bt[n][k], row stride ld), columns
+ * n0 .. n0 + 7: b[0], b[1] for k0 .. k0 + 15 and b[2], b[3] for the next 16
+ * (matrix i: rows n0.., columns k0 + 8 i.., addresses from lanes 8 i..).
+ * ldsm_frag_b_n16: the same for one k step and two column tiles: b[0],
+ * b[1] columns n0 .. n0 + 7 and b[2], b[3] n0 + 8 .. n0 + 15.
+ */
+__device__ __forceinline__ void
+ldsm_frag_a(uint32_t *a, const uint16_t *m, int ld, int r0, int k0, int lane)
+{
+	ldsm_x4(a, m + (r0 + (lane & 15)) * ld + k0 + ((lane >> 4) << 3));
+}
+
+__device__ __forceinline__ void
+ldsm_frag_b_k32(uint32_t *b, const uint16_t *bt, int ld, int n0, int k0, int lane)
+{
+	ldsm_x4(b, bt + (n0 + (lane & 7)) * ld + k0 + ((lane >> 3) << 3));
+}
+
+__device__ __forceinline__ void
+ldsm_frag_b_n16(uint32_t *b, const uint16_t *bt, int ld, int n0, int k0, int lane)
+{
+	ldsm_x4(b, bt + (n0 + ((lane >> 4) << 3) + (lane & 7)) * ld + k0 + (((lane >> 3) & 1) << 3));
+}
+
+/*
  * d += A B for one m16n8k16 step (mma.sync, sm_80+): A 16x16 bf16 row-major
  * in a0..a3, B 16x8 bf16 column-major in b0, b1, fp32 accumulators d[0..3],
  * all in the standard fragment layouts.

@@ -394,23 +394,6 @@ struct kw_layout
 	static constexpr size_t BYTES = sizeof(uint16_t) * (2 * (size_t) STAGE + SB + UT);
 };
 
-/* A fragment (rows r0.., k0..k0+15) of a row-major bf16 matrix, one ldmatrix:
- * lanes 0-15 give rows r0 + lane at k0, lanes 16-31 the same rows at k0 + 8 */
-__device__ __forceinline__ void
-kw_lda(uint32_t *a, const uint16_t *m, int ld, int r0, int k0, int lane)
-{
-	ldsm_x4(a, m + (r0 + (lane & 15)) * ld + k0 + ((lane >> 4) << 3));
-}
-
-/* B fragments of columns n0..n0+7 for k0..k0+15 (b[0], b[1]) and
- * k0+16..k0+31 (b[2], b[3]) from B stored transposed (bt[n][k]): matrix i
- * is rows n0.., columns k0 + 8 i.., its row addresses from lanes 8 i.. */
-__device__ __forceinline__ void
-kw_ldb32(uint32_t *b, const uint16_t *bt, int ld, int n0, int k0, int lane)
-{
-	ldsm_x4(b, bt + (n0 + (lane & 7)) * ld + k0 + ((lane >> 3) << 3));
-}
-
 /* chunk `chunk`'s tiles of head h (V columns x0..x0+VS-1 of U0) into stage
  * st, NT threads; one commit group */
 template <int K, int VS, int NT>
@@ -577,13 +560,13 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 
 #pragma unroll
 				for (int j = 0; j < JN; j++)
-					kw_ldb32(b[j], Sb, L::LK, 8 * (j0 + j), kk, lane);
+					ldsm_frag_b_k32(b[j], Sb, L::LK, 8 * (j0 + j), kk, lane);
 #pragma unroll
 				for (int hk = 0; hk < 2; hk++)
 				{
 					uint32_t	aw[4];
 
-					kw_lda(aw, st + L::W, L::LK, 16 * rw, kk + 16 * hk, lane);
+					ldsm_frag_a(aw, st + L::W, L::LK, 16 * rw, kk + 16 * hk, lane);
 #pragma unroll
 					for (int i = 0; i < 4; i++)
 						aw[i] ^= 0x80008000u;	/* -W: the sign bits, exact */
@@ -619,13 +602,13 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 
 #pragma unroll
 				for (int j = 0; j < JN; j++)
-					kw_ldb32(b[j], Sb, L::LK, 8 * (j0 + j), kk, lane);
+					ldsm_frag_b_k32(b[j], Sb, L::LK, 8 * (j0 + j), kk, lane);
 #pragma unroll
 				for (int hk = 0; hk < 2; hk++)
 				{
 					uint32_t	aq[4];
 
-					kw_lda(aq, st + L::Q, L::LK, 16 * rw, kk + 16 * hk, lane);
+					ldsm_frag_a(aq, st + L::Q, L::LK, 16 * rw, kk + 16 * hk, lane);
 #pragma unroll
 					for (int j = 0; j < JN; j++)
 						mma_bf16_16816(oa[j], aq, b[j][2 * hk], b[j][2 * hk + 1]);
@@ -643,14 +626,14 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 
 #pragma unroll
 				for (int j = 0; j < JN; j++)
-					kw_ldb32(b[j], Ut, L::LC, 8 * (j0 + j), kk, lane);
-				kw_lda(ap, st + L::P, L::LC, 16 * rw, kk, lane);
+					ldsm_frag_b_k32(b[j], Ut, L::LC, 8 * (j0 + j), kk, lane);
+				ldsm_frag_a(ap, st + L::P, L::LC, 16 * rw, kk, lane);
 #pragma unroll
 				for (int j = 0; j < JN; j++)
 					mma_bf16_16816(oa[j], ap, b[j][0], b[j][1]);
 				if (kk + 16 <= 16 * rw)
 				{
-					kw_lda(ap, st + L::P, L::LC, 16 * rw, kk + 16, lane);
+					ldsm_frag_a(ap, st + L::P, L::LC, 16 * rw, kk + 16, lane);
 #pragma unroll
 					for (int j = 0; j < JN; j++)
 						mma_bf16_16816(oa[j], ap, b[j][2], b[j][3]);
@@ -692,7 +675,7 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 		{
 			uint32_t	b[4];
 
-			kw_ldb32(b, Ut, L::LC, xs, kk, lane);
+			ldsm_frag_b_k32(b, Ut, L::LC, xs, kk, lane);
 #pragma unroll
 			for (int hk = 0; hk < 2; hk++)
 			{
@@ -701,7 +684,7 @@ kda_chunk_mma_wide_kernel(int n, int H, const uint16_t *__restrict__ W16, const 
 				{
 					uint32_t	a[4];
 
-					kw_lda(a, st + L::KT, L::LC, 16 * (m0 + m), kk + 16 * hk, lane);
+					ldsm_frag_a(a, st + L::KT, L::LC, 16 * (m0 + m), kk + 16 * hk, lane);
 					mma_bf16_16816(s[m], a, b[2 * hk], b[2 * hk + 1]);
 				}
 			}

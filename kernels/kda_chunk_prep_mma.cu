@@ -666,9 +666,9 @@ kp_pairs_before(const uint16_t *Xq, const uint16_t *Xk, const uint16_t *Kr, int 
 						a1[4],
 						bb[4];
 
-			ldsm_x4(a0, X + (lane & 15) * LK + kk + ((lane >> 4) << 3));
-			ldsm_x4(a1, X + (lane & 15) * LK + kk + 16 + ((lane >> 4) << 3));
-			ldsm_x4(bb, Kr + (n0 + (lane & 7)) * LK + kk + ((lane >> 3) << 3));
+			ldsm_frag_a(a0, X, LK, 0, kk, lane);
+			ldsm_frag_a(a1, X, LK, 0, kk + 16, lane);
+			ldsm_frag_b_k32(bb, Kr, LK, n0, kk, lane);
 			mma_bf16_16816(acc, a0, bb[0], bb[1]);
 			mma_bf16_16816(acc, a1, bb[2], bb[3]);
 		}
@@ -760,7 +760,7 @@ kp_wu_product(const uint16_t *Lb, const uint16_t *KbT, const uint16_t *VbT, uint
 			/* fragments by ldmatrix (the registers kp_frag_a / kp_frag_b
 			 * load, one instruction for A and one for two column tiles'
 			 * B where there were 4 + 2 NT shared loads) */
-			ldsm_x4(a, Lb + (16 * m + (lane & 15)) * LC + kk + ((lane >> 4) << 3));
+			ldsm_frag_a(a, Lb, LC, 16 * m, kk, lane);
 			if constexpr (NT % 2 == 0)
 			{
 				/* a warp's NT tiles are adjacent columns of one of Kb^T, Vb^T */
@@ -772,7 +772,7 @@ kp_wu_product(const uint16_t *Lb, const uint16_t *KbT, const uint16_t *VbT, uint
 					const uint16_t *bt = col < K ? KbT + col * LC : VbT + (col - K) * LC;
 					uint32_t	bb[4];
 
-					ldsm_x4(bb, bt + (((lane >> 4) << 3) + (lane & 7)) * LC + kk + (((lane >> 3) & 1) << 3));
+					ldsm_frag_b_n16(bb, bt, LC, 0, kk, lane);
 					mma_bf16_16816(acc[j], a, bb[0], bb[1]);
 					mma_bf16_16816(acc[j + 1], a, bb[2], bb[3]);
 				}

@@ -211,7 +211,7 @@ mla_flash_kernel(int nr, int pos0, int Ha, int R, int Wa, const uint16_t *__rest
 				/* matrices (keys 16 n2 + 0..7 | 8..15) x (cols col + 0..7 | 8..15):
 				 * lanes 0-7 keys 0-7 cols 0-7, 8-15 keys 0-7 cols 8-15,
 				 * 16-23 keys 8-15 cols 0-7, 24-31 keys 8-15 cols 8-15 */
-				ldsm_x4(b, kt + (16 * n2 + (lane & 7) + ((lane >> 4) << 3)) * KP + col + ((lane >> 3) & 1) * 8);
+				ldsm_frag_b_n16(b, kt, KP, 16 * n2, col, lane);
 				mma_bf16_16816(s[2 * n2], qa[k], b[0], b[1]);
 				mma_bf16_16816(s[2 * n2 + 1], qa[k], b[2], b[3]);
 			}
