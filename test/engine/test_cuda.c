@@ -4372,6 +4372,49 @@ kda_prepared_like(int T, int H, int K, float *q, float *k, float *g, float *beta
 	}
 }
 
+/*
+ * The raw inputs of the chunk-prep checks (kl_cuda_test_kda_chunked_raw):
+ * q, k, v, g, beta random, then shaped as the prep leaves them
+ * (kda_prepared_like); S random (carry) or zero.
+ */
+typedef struct
+{
+	float	   *q,
+			   *k,
+			   *v,
+			   *g,
+			   *beta,
+			   *S;
+} kda_raw_inputs;
+
+static kda_raw_inputs
+kda_raw_inputs_new(int T, int H, int K, bool carry, uint64_t *rs)
+{
+	size_t		nx = (size_t) T * H * K,
+				nS = (size_t) H * K * K;
+	kda_raw_inputs in;
+
+	in.q = rand_floats(nx, -1, 1, rs);
+	in.k = rand_floats(nx, -1, 1, rs);
+	in.v = rand_floats(nx, -0.3, 2, rs);	/* silu's range, roughly */
+	in.g = rand_floats(nx, -4, 4, rs);
+	in.beta = rand_floats((size_t) T * H, -3, 3, rs);
+	in.S = carry ? rand_floats(nS, -0.5, 0.5, rs) : calloc(nS, sizeof(float));
+	kda_prepared_like(T, H, K, in.q, in.k, in.g, in.beta);
+	return in;
+}
+
+static void
+kda_raw_inputs_free(kda_raw_inputs *in)
+{
+	free(in->q);
+	free(in->k);
+	free(in->v);
+	free(in->g);
+	free(in->beta);
+	free(in->S);
+}
+
 typedef int (*kda_prep16_test_fn) (int ns, const int *row0, int H, int K, int W, int in16, int out16,
 								   const float *q, const float *k, const float *v, const float *f, const float *b,
 								   const float *conv_q, const float *conv_k, const float *conv_v,
@@ -4745,23 +4788,17 @@ check_kda_chunked_mma(void)
 					rc;
 		size_t		nx = (size_t) T * H * K,
 					nS = (size_t) H * K * K;
-		float	   *q = rand_floats(nx, -1, 1, &rs),
-				   *k = rand_floats(nx, -1, 1, &rs),
-				   *v = rand_floats(nx, -0.3, 2, &rs),	/* silu's range, roughly */
-				   *g = rand_floats(nx, -4, 4, &rs),
-				   *beta = rand_floats((size_t) T * H, -3, 3, &rs),
-				   *S = cases[ci].carry ? rand_floats(nS, -0.5, 0.5, &rs) : calloc(nS, sizeof(float)),
-				   *o_o = malloc(sizeof(float) * nx),
+		kda_raw_inputs in = kda_raw_inputs_new(T, H, K, cases[ci].carry, &rs);
+		float	   *o_o = malloc(sizeof(float) * nx),
 				   *o_n = malloc(sizeof(float) * nx),
 				   *S_o = malloc(sizeof(float) * nS),
 				   *S_n = malloc(sizeof(float) * nS);
 
-		kda_prepared_like(T, H, K, q, k, g, beta);
 		if (prep_mma)
 			prep_mma(pm);
 		if (mma_form)
 			mma_form(form);
-		rc = fn(T, H, K, q, k, v, g, beta, S, o_o, o_n, S_o, S_n);
+		rc = fn(T, H, K, in.q, in.k, in.v, in.g, in.beta, in.S, o_o, o_n, S_o, S_n);
 		{
 			double		eo = rc == 0 ? rel_err(o_n, o_o, nx) : INFINITY,
 						es = rc == 0 ? rel_err(S_n, S_o, nS) : INFINITY;
@@ -4785,7 +4822,7 @@ check_kda_chunked_mma(void)
 			int			rc2;
 
 			mma_form(2);
-			rc2 = fn(T, H, K, q, k, v, g, beta, S, o_o, o_w, S_o, S_w);
+			rc2 = fn(T, H, K, in.q, in.k, in.v, in.g, in.beta, in.S, o_o, o_w, S_o, S_w);
 			tap_ok(rc2 == 0 && memcmp(o_w, o_n, sizeof(float) * nx) == 0 &&
 				   memcmp(S_w, S_n, sizeof(float) * nS) == 0,
 				   "KDA chunkwise form on tensor cores: the wide sequential kernel gives the 4-warp kernel's "
@@ -4793,12 +4830,7 @@ check_kda_chunked_mma(void)
 			free(o_w);
 			free(S_w);
 		}
-		free(q);
-		free(k);
-		free(v);
-		free(g);
-		free(beta);
-		free(S);
+		kda_raw_inputs_free(&in);
 		free(o_o);
 		free(o_n);
 		free(S_o);
@@ -4826,6 +4858,19 @@ round_bf16(float x)
 	u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
 	memcpy(&x, &u, sizeof(x));
 	return x;
+}
+
+/* q, k and v of the chunk-prep checks' inputs rounded to bf16 values in place:
+ * what kl_cuda_test_kda_chunked_raw hands the bf16-input forms */
+static void
+kda_raw_to_bf16(const kda_raw_inputs *in, size_t nx)
+{
+	for (size_t i = 0; i < nx; i++)
+	{
+		in->q[i] = round_bf16(in->q[i]);
+		in->k[i] = round_bf16(in->k[i]);
+		in->v[i] = round_bf16(in->v[i]);
+	}
 }
 
 /*
@@ -4884,12 +4929,7 @@ check_kda_prep_split(void)
 		size_t		nx = (size_t) T * H * K,
 					nS = (size_t) H * K * K,
 					nscr = scr_bytes(T, H, K);
-		float	   *q = rand_floats(nx, -1, 1, &rs),
-				   *k = rand_floats(nx, -1, 1, &rs),
-				   *v = rand_floats(nx, -0.3, 2, &rs),
-				   *g = rand_floats(nx, -4, 4, &rs),
-				   *beta = rand_floats((size_t) T * H, -3, 3, &rs),
-				   *S = cases[ci].carry ? rand_floats(nS, -0.5, 0.5, &rs) : calloc(nS, sizeof(float));
+		kda_raw_inputs in = kda_raw_inputs_new(T, H, K, cases[ci].carry, &rs);
 		/* on fp32 inputs [0] =3, [1] =6, [2] =6's wide forms without the
 		 * Kb^T hand-off, [3] =6 before its wide forms; then on bf16 values
 		 * [4] =3, [5] =6, [6] the bf16-input form, [7] and [8] that form
@@ -4906,22 +4946,16 @@ check_kda_prep_split(void)
 					in16[NR] = {0, 0, 0, 0, 0, 0, 1, 1, 1},
 					wide[NR] = {2, 2, 1, 0, 2, 2, 2, 1, 0};
 
-		kda_prepared_like(T, H, K, q, k, g, beta);
 		for (int r = 0; r < NR; r++)
 		{
 			o[r] = malloc(sizeof(float) * nx);
 			Sa[r] = malloc(sizeof(float) * nS);
 			scr[r] = malloc(nscr);
 			if (r == BF)
-				for (size_t i = 0; i < nx; i++)
-				{
-					q[i] = round_bf16(q[i]);
-					k[i] = round_bf16(k[i]);
-					v[i] = round_bf16(v[i]);
-				}
+				kda_raw_to_bf16(&in, nx);
 			prep_mma(pm[r]);
 			kp6_wide(wide[r]);
-			rc[r] = fn(T, H, K, in16[r], q, k, v, g, beta, S, o[r], Sa[r], scr[r]);
+			rc[r] = fn(T, H, K, in16[r], in.q, in.k, in.v, in.g, in.beta, in.S, o[r], Sa[r], scr[r]);
 		}
 		kp6_wide(2);
 		for (int r = 1; r < NR; r++)
@@ -4945,12 +4979,7 @@ check_kda_prep_split(void)
 			free(Sa[r]);
 			free(scr[r]);
 		}
-		free(q);
-		free(k);
-		free(v);
-		free(g);
-		free(beta);
-		free(S);
+		kda_raw_inputs_free(&in);
 	}
 	if (prep_mma)
 		prep_mma(6);			/* the default again */
@@ -5208,28 +5237,17 @@ check_kda_kp6_intra(void)
 						nS = (size_t) H * K * K,
 						nscr = scr_bytes(T, H, K),
 						tiles = (size_t) nc * H;
-			float	   *q = rand_floats(nx, -1, 1, &rs),
-					   *k = rand_floats(nx, -1, 1, &rs),
-					   *v = rand_floats(nx, -0.3, 2, &rs),
-					   *g = rand_floats(nx, -4, 4, &rs),
-					   *beta = rand_floats((size_t) T * H, -3, 3, &rs),
-					   *S = rand_floats(nS, -0.5, 0.5, &rs),
-					   *o[2],
+			kda_raw_inputs in = kda_raw_inputs_new(T, H, K, true, &rs);
+			float	   *o[2],
 					   *Sa[2];
 			char	   *scr[2];
 			int			rc[2];
 			kp6i_err	ep[2] = {{0}}, ew[2] = {{0}}, eu[2] = {{0}};
 			bool		same;
 
-			kda_prepared_like(T, H, K, q, k, g, beta);
-			kp6i_extreme_gates(T, H, K, g);
-			if (in16)			/* the values the hook hands the bf16-input form */
-				for (size_t i = 0; i < nx; i++)
-				{
-					q[i] = round_bf16(q[i]);
-					k[i] = round_bf16(k[i]);
-					v[i] = round_bf16(v[i]);
-				}
+			kp6i_extreme_gates(T, H, K, in.g);
+			if (in16)
+				kda_raw_to_bf16(&in, nx);
 			prep_mma(6);
 			for (int f = 0; f < 2; f++)
 			{
@@ -5237,7 +5255,7 @@ check_kda_kp6_intra(void)
 				Sa[f] = malloc(sizeof(float) * nS);
 				scr[f] = malloc(nscr);
 				intra(f);
-				rc[f] = fn(T, H, K, in16, q, k, v, g, beta, S, o[f], Sa[f], scr[f]);
+				rc[f] = fn(T, H, K, in16, in.q, in.k, in.v, in.g, in.beta, in.S, o[f], Sa[f], scr[f]);
 			}
 			intra(0);
 			same = rc[0] == 0 && rc[1] == 0 && kp6i_same_outside(scr[0], scr[1], tiles, K);
@@ -5248,7 +5266,7 @@ check_kda_kp6_intra(void)
 			{
 				for (int ch = 0; ch < nc; ch++)
 					for (int h = 0; h < H; h++)
-						kp6i_tile(ch, h, T, H, K, q, k, v, g, beta, scr, tiles, ep, ew, eu, &bad);
+						kp6i_tile(ch, h, T, H, K, in.q, in.k, in.v, in.g, in.beta, scr, tiles, ep, ew, eu, &bad);
 				tap_ok(bad == 0 && isfinite(ep[1].max_err),
 					   "KL_CUDA_KDA_KP6_INTRA=1: P16's cross-half entries within the fp16 operands' bound of fp64%s, "
 					   "%d heads, %d rows (%d outside; max err %.3e, form 0 %.3e, max |P| %.3e)",
@@ -5271,12 +5289,7 @@ check_kda_kp6_intra(void)
 				free(Sa[f]);
 				free(scr[f]);
 			}
-			free(q);
-			free(k);
-			free(v);
-			free(g);
-			free(beta);
-			free(S);
+			kda_raw_inputs_free(&in);
 		}
 	if (intra)
 		intra(was);
